@@ -1,0 +1,163 @@
+"""Provenance in every PNG: A1111's ``parameters`` text chunk and a ``pictor`` JSON chunk.
+
+The ``parameters`` text is what the A1111 web UI writes (and what Civitai, sd-parsers, ComfyUI loaders and
+image viewers read)::
+
+    a red circle
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler, Schedule type: flux, CFG scale: 4, Seed: 7, Size: 64x64, Model hash: ...
+
+The ``pictor`` chunk is the full generation record as JSON: with it, `pictor reproduce` regenerates the
+same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_KEY = "parameters"
+RECORD_KEY = "pictor"
+
+SAMPLER_DISPLAY = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
+
+
+class ProvenanceError(ValueError):
+    """An image without readable pictor provenance."""
+
+
+def quote(value: Any) -> str:
+    """A1111's quoting: values holding a comma, colon or newline become JSON strings."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _fmt_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def parameters_text(record: dict[str, Any]) -> str:
+    """The A1111 ``parameters`` text for a generation record."""
+    lines = [record["prompt"]]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", record["steps"]),
+        ("Sampler", SAMPLER_DISPLAY.get(record["sampler"], record["sampler"])),
+        ("Schedule type", record.get("schedule", "")),
+    ]
+    mode = record.get("guidance_mode", "cfg")
+    if mode == "distilled":
+        # Forge's name for FLUX.1-dev's embedded guidance; CFG scale 1 says no real CFG ran.
+        fields += [("CFG scale", 1), ("Distilled CFG Scale", _fmt_number(record["guidance"]))]
+    else:
+        fields.append(("CFG scale", _fmt_number(record["guidance"])))
+    fields += [
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+    ]
+    model = record.get("model", {})
+    if model.get("hash"):
+        fields.append(("Model hash", model["hash"][:10]))
+    if model.get("name"):
+        fields.append(("Model", model["name"]))
+    if record.get("strength") is not None:
+        fields.append(("Denoising strength", _fmt_number(record["strength"])))
+    loras = record.get("loras") or []
+    if loras:
+        fields.append(("Lora hashes", ", ".join(f"{lo['name']}: {lo['hash'][:12]}" for lo in loras)))
+    if record.get("batch_size", 1) > 1:
+        fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
+    fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields if v != ""))
+    return "\n".join(lines)
+
+
+def png_info(record: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    # iTXt is UTF-8; tEXt is Latin-1 only, and prompts are often not.
+    info.add_itxt(PARAMETERS_KEY, parameters_text(record))
+    info.add_itxt(RECORD_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def save_png(image: Image.Image, record: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the PNG with both chunks, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(record))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_text_chunks(path: str | os.PathLike[str]) -> dict[str, str]:
+    try:
+        with Image.open(path) as im:
+            im.load()  # text chunks after the image data are only read with the pixels
+            return {k: v for k, v in (getattr(im, "text", {}) or {}).items() if isinstance(v, str)}
+    except FileNotFoundError:
+        raise ProvenanceError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ProvenanceError(f"{path}: not a readable image ({exc})") from exc
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The pictor JSON record of an image pictor wrote."""
+    chunks = read_text_chunks(path)
+    if RECORD_KEY not in chunks:
+        hint = " It has A1111 parameters, which `pictor info` shows." if PARAMETERS_KEY in chunks else ""
+        raise ProvenanceError(f"{path}: no pictor record in this image, so it cannot be reproduced.{hint}")
+    try:
+        return json.loads(chunks[RECORD_KEY])
+    except json.JSONDecodeError as exc:
+        raise ProvenanceError(f"{path}: the pictor record is not valid JSON ({exc})") from exc
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse A1111 ``parameters`` text (from any tool) into prompt, negative prompt and settings."""
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(lines) > 1 and ": " in lines[-1] and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if settings_line else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    return {
+        "prompt": "\n".join(prompt_lines),
+        "negative_prompt": "\n".join(negative_lines),
+        "settings": _parse_settings(settings_line),
+    }
+
+
+def _parse_settings(line: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        colon = line.find(": ", i)
+        if colon < 0:
+            break
+        key = line[i:colon].strip()
+        j = colon + 2
+        if j < n and line[j] == '"':
+            value, end = json.JSONDecoder().raw_decode(line, j)
+            j = end
+        else:
+            end = line.find(", ", j)
+            end = n if end < 0 else end
+            value, j = line[j:end], end
+        out[key] = value
+        i = j + 2 if line.startswith(", ", j) else n
+    return out
