@@ -1,0 +1,246 @@
+"""Samplers on analytic flows, schedules, CFG and the small contracts around them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from pictor import sampling as S
+from pictor.flow import interpolate
+
+NAMES = ("euler", "heun", "dpmpp_2m")
+
+
+# Gaussian data x0 ~ N(MU, SD^2) per coordinate, noise ~ N(0, 1). x_t is Gaussian with mean (1 - t) MU and
+# variance V(t) = (1 - t)^2 SD^2 + t^2, and the rectified-flow velocity E[noise - x0 | x_t = x] is
+#   v(x, t) = (t - (1 - t) SD^2) / V(t) * (x - (1 - t) MU) - MU.
+# Its ODE moves quantiles: x_t = (1 - t) MU + sqrt(V(t)) z with z = x_1, so x_0 = MU + SD * z exactly.
+MU, SD = 0.5, 2.0
+
+
+def gaussian_velocity(x: Tensor, t: Tensor) -> Tensor:
+    tb = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    var = (1 - tb) ** 2 * SD**2 + tb**2
+    return (tb - (1 - tb) * SD**2) / var * (x - (1 - tb) * MU) - MU
+
+
+def _z(n: int = 64, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def _observed_order(name: str, schedule: str, steps: tuple[int, ...] = (16, 32, 64, 128)) -> float:
+    z = _z()
+    exact = MU + SD * z
+    errors = []
+    for n in steps:
+        out = S.get_sampler(name)(gaussian_velocity, z.clone(), S.get_schedule(schedule, n, 1024))
+        errors.append((out - exact).pow(2).mean().sqrt().item())
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    return -float(slope)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("euler", 0.8, 1.3), ("heun", 1.7, 2.4), ("dpmpp_2m", 1.6, 2.4)]
+)
+def test_observed_convergence_order_on_gaussian_flow(name: str, low: float, high: float) -> None:
+    # Measured (linear schedule): euler 0.98, heun 2.05, dpmpp_2m 1.73. DPM++(2M) sits below 2 at these
+    # step counts: near t = 1 and t = 0 its log-SNR steps stay O(1) long, costing a log(steps) factor.
+    order = _observed_order(name, "linear")
+    assert low < order < high, order
+
+
+def test_second_order_samplers_beat_euler_on_flux_schedule() -> None:
+    z = _z()
+    exact = MU + SD * z
+    ts = S.schedule_flux(32, 1024)
+    err = {n: (S.get_sampler(n)(gaussian_velocity, z.clone(), ts) - exact).abs().max().item() for n in NAMES}
+    assert err["heun"] < err["euler"] / 10 and err["dpmpp_2m"] < err["euler"] / 10, err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_straight_line_flow_is_integrated_exactly(name: str) -> None:
+    # One data point x0: v(x, t) = (x - x0) / t is the straight path from the noise to x0; every sampler's
+    # update is exact on it (Euler along a constant velocity; DPM++ sees a constant data prediction).
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+
+    def v(x: Tensor, t: Tensor) -> Tensor:
+        return (x - x0) / t.to(x.dtype).reshape(-1, 1, 1, 1)
+
+    seen: list[Tensor] = []
+    out = S.get_sampler(name)(v, noise.clone(), S.schedule_flux(5, 4096), lambda d: seen.append(d["x"]))
+    torch.testing.assert_close(out, x0)
+    ts = S.schedule_flux(5, 4096)
+    for i, x in enumerate(seen):  # on the path at every step, not only at the end
+        torch.testing.assert_close(x, interpolate(x0, noise, ts[i].double().expand(2)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_img2img_start_below_one(name: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    ts = S.schedule_flux(4, 256, start=0.6)
+    xs = interpolate(x0, noise, 0.6)
+    out = S.get_sampler(name)(lambda x, t: noise - x0, xs, ts)
+    torch.testing.assert_close(out, x0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_callback_once_per_step_and_can_cancel(name: str) -> None:
+    ts = S.schedule_linear(6)
+    calls: list[dict] = []
+    evals = 0
+
+    def v(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal evals
+        evals += 1
+        assert t.shape == (x.shape[0],) and t.dtype == torch.float32
+        return torch.ones_like(x)
+
+    x = torch.zeros(2, 3)
+    S.get_sampler(name)(v, x, ts, calls.append)
+    assert [c["i"] for c in calls] == list(range(6))
+    assert [c["t"] for c in calls] == pytest.approx(ts[:-1].tolist())
+    assert [c["t_next"] for c in calls] == pytest.approx(ts[1:].tolist())
+    assert all(c["denoised"].shape == x.shape for c in calls)
+    assert evals == S.model_evals(name, 6)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_2(d: dict) -> None:
+        if d["i"] == 2:
+            raise Cancelled
+
+    evals = 0
+    with pytest.raises(Cancelled):
+        S.get_sampler(name)(v, x, ts, cancel_at_2)
+    assert evals <= 3 * S.model_evals_per_step(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samplers_keep_dtype_and_grad_mode(name: str) -> None:
+    def v_fp32(x: Tensor, t: Tensor) -> Tensor:
+        return (x.float() * 0.5 + t[:, None]).float()
+
+    out = S.get_sampler(name)(v_fp32, torch.randn(2, 3).bfloat16(), S.schedule_linear(3))
+    assert out.dtype == torch.bfloat16
+
+    w = torch.tensor(0.3, requires_grad=True)
+    out = S.get_sampler(name)(lambda x, t: w * x, torch.randn(2, 3), S.schedule_linear(3))
+    assert out.requires_grad
+    with torch.no_grad():
+        assert not S.get_sampler(name)(
+            lambda x, t: w * x, torch.randn(2, 3), S.schedule_linear(3)
+        ).requires_grad
+
+
+def test_dpmpp_2m_has_no_nan_at_t_one() -> None:
+    # A field whose first step starts at exactly t = 1 where alpha = 0 and the log-SNR is -inf.
+    z = _z(8, torch.float32)
+    out = S.sample_dpmpp_2m(gaussian_velocity, z, S.schedule_linear(2))
+    assert torch.isfinite(out).all()
+    one_step = S.sample_dpmpp_2m(gaussian_velocity, z, S.schedule_linear(1))
+    torch.testing.assert_close(one_step, z - gaussian_velocity(z, torch.ones(8)))  # x0 = x - t v at t = 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers
+def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=3.0,
+        final_sigmas_type="zero",
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+    )
+    sched.set_timesteps(10)
+    z = _z(4)
+    x = z.clone()
+    for i, timestep in enumerate(sched.timesteps):
+        v = gaussian_velocity(x, torch.full((4,), float(sched.sigmas[i]), dtype=torch.float64))
+        x = sched.step(v, timestep, x).prev_sample
+    ts = sched.sigmas.double()  # starts just below 1, so the second step is second order too
+    ours = S.sample_dpmpp_2m(gaussian_velocity, z.clone(), ts)
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=0)
+    assert (S.sample_euler(gaussian_velocity, z.clone(), ts) - x).abs().max() > 1e-3
+
+
+def test_registry_and_unknown_names() -> None:
+    assert set(S.SAMPLERS) == set(NAMES)
+    assert S.get_sampler("heun") is S.sample_heun
+    with pytest.raises(ValueError, match=r"dpmpp_2m, euler, heun"):
+        S.get_sampler("ddim")
+    assert {n: S.model_evals_per_step(n) for n in NAMES} == {"euler": 1, "heun": 2, "dpmpp_2m": 1}
+    assert S.model_evals("heun", 10) == 19
+    with pytest.raises(ValueError, match="flux"):
+        S.get_schedule("karras", 10, 256)
+
+
+@pytest.mark.parametrize("name", S.SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_schedules_start_end_and_decrease(name: str, steps: int) -> None:
+    ts = S.get_schedule(name, steps, 4096)
+    assert ts.dtype == torch.float32 and ts.shape == (steps + 1,)
+    assert ts[0].item() == 1.0 and ts[-1].item() == 0.0
+    assert bool((ts.diff() < 0).all())
+    part = S.get_schedule(name, steps, 4096, start=0.35)
+    assert part.shape == (steps + 1,) and part[0].item() == pytest.approx(0.35) and part[-1].item() == 0.0
+    assert bool((part.diff() < 0).all())
+
+
+def test_flux_schedule_matches_reference_and_shifts_with_resolution() -> None:
+    steps, seq = 8, 1024
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq - 256)
+    ref = [
+        math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if t > 0 else 0.0 for t in np.linspace(1, 0, steps + 1)
+    ]
+    torch.testing.assert_close(S.schedule_flux(steps, seq), torch.tensor(ref, dtype=torch.float32))
+    small, large = S.schedule_flux(steps, 256), S.schedule_flux(steps, 4096)
+    assert bool((large[1:-1] > small[1:-1]).all())
+    assert bool((small[1:-1] > S.schedule_linear(steps)[1:-1]).all())
+    torch.testing.assert_close(S.schedule_flux(steps, 4096, shift=False), S.schedule_linear(steps))
+
+
+def test_flux_img2img_schedule_is_the_tail_of_the_same_spacing() -> None:
+    # With start < 1 the steps keep the full schedule's shape below start: shifting back gives a linspace.
+    part = S.schedule_flux(6, 1024, start=0.5).double()
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)
+    unshifted = math.exp(-mu) * part / (math.exp(-mu) * part + 1 - part)
+    torch.testing.assert_close(
+        unshifted.diff(), torch.full((6,), unshifted.diff()[0].item(), dtype=torch.float64)
+    )
+
+
+def test_shifted_schedule_is_sd3_formula() -> None:
+    s, t = 3.0, S.schedule_linear(10).double()
+    torch.testing.assert_close(
+        S.schedule_shifted(10, s).double(), s * t / (1 + (s - 1) * t), atol=1e-7, rtol=0
+    )
+    torch.testing.assert_close(S.schedule_shifted(10, 1.0), S.schedule_linear(10))
+
+
+def test_cfg_batches_once_and_mixes() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, generator=g), torch.rand(2, generator=g)
+    cond_bias, uncond_bias = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    batch_sizes: list[int] = []
+
+    def batched(x2: Tensor, t2: Tensor) -> Tensor:
+        batch_sizes.append(x2.shape[0])
+        torch.testing.assert_close(t2, torch.cat([t, t]))
+        return x2 + torch.cat([cond_bias.expand(2, 4), uncond_bias.expand(2, 4)])
+
+    v_cond, v_uncond = x + cond_bias, x + uncond_bias
+    torch.testing.assert_close(S.cfg(batched, 1.0)(x, t), v_cond)
+    torch.testing.assert_close(S.cfg(batched, 0.0)(x, t), v_uncond)
+    torch.testing.assert_close(S.cfg(batched, 4.0)(x, t), v_uncond + 4.0 * (v_cond - v_uncond))
+    assert batch_sizes == [4, 4, 4]
