@@ -1,0 +1,306 @@
+"""Images with captions from a folder, the layout kohya's scripts and Hugging Face's `imagefolder` use.
+
+    root/
+      metadata.jsonl        optional: {"file_name": "a/b.png", "text": "..."} per line ("caption" works too)
+      a/b.png
+      a/c.jpg  a/c.txt      a caption file beside the image, same stem
+
+A caption comes from metadata.jsonl when it names the file, else from the .txt beside it, else it is ""
+(counted and reported once). metadata.jsonl files in subfolders also count; their file names are relative
+to their own folder, as in `imagefolder`. Hidden files and folders (".cache", ...) are not scanned.
+
+The folder is scanned once, up front, reading headers only (size, EXIF orientation) plus a cheap
+integrity check, so broken files are reported at construction rather than mid-epoch. Pixels are decoded
+in `__getitem__`. Pillow's decompression-bomb guard stays on: a bomb is a skipped file, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pictor.data.buckets import Bucket, assign_bucket, make_buckets, resize_to_bucket
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+CAPTION_KEYS = ("text", "caption")
+_EXIF_ORIENTATION = 0x0112
+_SHOWN = 5  # paths quoted in a summary warning
+
+
+class DatasetWarning(UserWarning):
+    """Problems found while scanning a dataset folder (skipped images, missing captions)."""
+
+
+def _summary(what: str, entries: Sequence[tuple[str, str]]) -> str:
+    lines = [f"  {p}: {r}" if r else f"  {p}" for p, r in entries[:_SHOWN]]
+    more = f"\n  ... and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else ""
+    return f"{len(entries)} {what}:\n" + "\n".join(lines) + more
+
+
+def _check_image(path: Path, check: str) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after EXIF orientation. Raises on a file that will not decode.
+
+    "fast" never decodes a whole PNG or JPEG: PNG verify() walks every chunk's CRC (catches truncation
+    and corruption), and a JPEG is fully decoded only when it lacks the end-of-image marker, the usual
+    sign of truncation. Other formats are small in practice and have no cheap check, so they are decoded.
+    """
+    with Image.open(path) as im:
+        w, h = im.size
+        fmt = im.format
+        if check == "decode" or (check == "fast" and fmt not in ("PNG", "JPEG")):
+            im.load()
+        if fmt == "PNG" and check != "decode":
+            # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the pixels;
+            # the header's (the usual place) is enough here.
+            exif = Image.Exif()
+            if "exif" in im.info:
+                exif.load(im.info["exif"])
+        else:
+            exif = im.getexif()
+        if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # 90-degree turns swap the sides
+            w, h = h, w
+    if check == "fast" and fmt == "PNG":
+        with Image.open(path) as im:  # verify() leaves the image unusable, hence a second open
+            im.verify()
+    elif check == "fast" and fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")
+        if not tail.endswith(b"\xff\xd9"):
+            with Image.open(path) as im:
+                im.load()
+    return w, h
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb: {exc}"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "unreadable: not an image Pillow can identify"
+    text = str(exc) or type(exc).__name__
+    return f"truncated: {text}" if "truncated" in text.lower() else f"unreadable: {text}"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white (not dropped to black)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode.startswith("I"):
+        # 16-bit greyscale: Pillow's own conversion clips at 255, which turns most of the image white.
+        arr = np.asarray(image).astype(np.float64)
+        if arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    arr = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # [H, W, 3]
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def _splitmix64(x: int) -> int:
+    # A tiny stateless hash: the flip of item i in epoch e is a pure function of (seed, e, i).
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Captioned images under `root`, recursively, resized onto aspect-ratio buckets.
+
+    size: side of the target area; with buckets=True every image goes to the closest-aspect bucket of
+    `make_buckets(size, multiple, max_ratio)`, with buckets=False to size x size. Either way the image is
+    resized to cover its target and centre-cropped. Items with min(w, h) < min_side are skipped.
+    check: "fast" (default, see `_check_image`), "decode" (decode everything while scanning: slow but
+    certain) or "header" (size only; a broken file then fails in __getitem__ with its path in the error).
+    hflip: mirror about half of the items, chosen per (seed, epoch, index); call `set_epoch` each epoch.
+
+    After construction: `paths`, `captions`, `sizes` (displayed w, h), `item_buckets` (one per item, for
+    `BucketBatchSampler`), `available_buckets`, `skipped` [(path, reason)] and `missing_captions`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int = 64,
+        buckets: bool = True,
+        *,
+        multiple: int = 16,
+        max_ratio: float = 2.0,
+        min_side: int = 16,
+        check: Literal["fast", "decode", "header"] = "fast",
+        caption_ext: str = ".txt",
+        caption_keys: Sequence[str] = CAPTION_KEYS,
+        hflip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        if check not in ("fast", "decode", "header"):
+            raise ValueError(f"check must be 'fast', 'decode' or 'header', got {check!r}")
+        self.size, self.min_side, self.hflip, self.seed, self.epoch = size, min_side, hflip, seed, 0
+        self.available_buckets: list[Bucket] = (
+            make_buckets(size, multiple, max_ratio) if buckets else [(size, size)]
+        )
+        self.paths: list[Path] = []
+        self.captions: list[str] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.item_buckets: list[Bucket] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.missing_captions: list[str] = []
+        self._scan(check, caption_ext, tuple(caption_keys))
+
+    # -- scanning ------------------------------------------------------------------------------------
+
+    def _walk(self) -> tuple[list[Path], list[Path]]:
+        images, metas = [], []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                p = Path(dirpath, name)
+                if name == "metadata.jsonl":
+                    metas.append(p)
+                elif p.suffix.lower() in IMAGE_EXTENSIONS:
+                    images.append(p)
+        return images, metas
+
+    def _read_metadata(self, metas: list[Path], keys: tuple[str, ...]) -> dict[Path, str]:
+        captions: dict[Path, str] = {}
+        bad: list[tuple[str, str]] = []
+        for meta in metas:
+            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    name = rec["file_name"]
+                    text = next((rec[k] for k in keys if k in rec), None)
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    bad.append((f"{meta}:{n}", f"bad line ({type(exc).__name__})"))
+                    continue
+                if text is not None:
+                    captions[(meta.parent / name).resolve()] = str(text).strip()
+        if bad:
+            warnings.warn(_summary("metadata.jsonl lines ignored", bad), DatasetWarning, stacklevel=4)
+        return captions
+
+    def _scan(self, check: str, caption_ext: str, keys: tuple[str, ...]) -> None:
+        images, metas = self._walk()
+        meta_captions = self._read_metadata(metas, keys)
+        for path in images:
+            try:
+                w, h = _check_image(path, check)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                # SyntaxError and ValueError are what some Pillow plugins raise on malformed headers.
+                self.skipped.append((str(path), _reason(exc)))
+                continue
+            if min(w, h) < self.min_side:
+                self.skipped.append((str(path), f"too small: {w}x{h} < {self.min_side} px"))
+                continue
+            caption = meta_captions.get(path.resolve())
+            txt = path.with_suffix(caption_ext)
+            if caption is None and txt.is_file():
+                caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            if caption is None:
+                self.missing_captions.append(str(path))
+                caption = ""
+            self.paths.append(path)
+            self.captions.append(caption)
+            self.sizes.append((w, h))
+            self.item_buckets.append(assign_bucket(w, h, self.available_buckets))
+        if self.skipped:
+            warnings.warn(
+                _summary(f"images skipped in {self.root}", self.skipped), DatasetWarning, stacklevel=3
+            )
+        if self.missing_captions:
+            entries = [(p, "") for p in self.missing_captions]
+            msg = _summary(f"images in {self.root} have no caption (using '')", entries)
+            warnings.warn(msg, DatasetWarning, stacklevel=3)
+        log.info("%s: %d images, %d skipped", self.root, len(self.paths), len(self.skipped))
+        if not self.paths:
+            # Fail here, naming the folder, rather than as an empty DataLoader deep inside a trainer.
+            raise ValueError(
+                f"no usable images under {self.root} ({len(self.skipped)} skipped; "
+                f"extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+
+    # -- items ---------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def flip_for(self, index: int) -> bool:
+        """Whether item `index` is mirrored this epoch; known without touching pixels (for caches)."""
+        if not self.hflip:
+            return False
+        return bool(_splitmix64(_splitmix64(_splitmix64(self.seed) ^ self.epoch) ^ index) & 1)
+
+    def rel_path(self, index: int) -> str:
+        return self.paths[index].relative_to(self.root).as_posix()
+
+    def load_image(self, index: int, flip: bool = False) -> torch.Tensor:
+        """Item `index` as float32 [3, H, W] in [-1, 1], on its bucket, mirrored if `flip`."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im = to_rgb(im)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise RuntimeError(f"cannot load {path} ({_reason(exc)}); it changed after the scan?") from exc
+        im = resize_to_bucket(im, self.item_buckets[index])
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image_to_tensor(im)
+
+    def item_info(self, index: int) -> dict[str, Any]:
+        """Everything about an item except its pixels."""
+        return {
+            "caption": self.captions[index],
+            "path": str(self.paths[index]),
+            "rel_path": self.rel_path(index),
+            "bucket": self.item_buckets[index],
+            "flip": self.flip_for(index),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.item_info(index)
+        item["image"] = self.load_image(index, item["flip"])
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a one-bucket batch: tensors are stacked, everything else becomes a list; `bucket` stays a
+    single (w, h) tuple (torch's default_collate would turn it into two tensors)."""
+    buckets = {tuple(it["bucket"]) for it in items}
+    if len(buckets) != 1:
+        raise ValueError(f"a batch must hold one bucket, got {sorted(buckets)}; use BucketBatchSampler")
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    out["bucket"] = buckets.pop()
+    return out
