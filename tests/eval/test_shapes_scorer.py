@@ -1,0 +1,197 @@
+"""Shapes benchmark scorer: it must prove itself on ground truth (>= 0.98) and on noise (<= 0.02), and
+each rule of SHAPES.md must hold on hand-built detections."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pictor.data.shapes import BACKGROUNDS, PALETTE, TAGS, Scene, ShapeObject, render, sample_scene
+from pictor.eval.shapes import (
+    Detection,
+    contact_sheet,
+    detect_objects,
+    ground_truth_images,
+    judge,
+    load_prompts,
+    score_image,
+    score_images,
+)
+from pictor.eval.shapes_detect import assign_colors, label_components
+
+
+@pytest.fixture(scope="module")
+def specs() -> list[dict]:
+    return load_prompts()
+
+
+def test_packaged_dev_split(specs):
+    assert len(specs) == 300
+    assert Counter(s["tag"] for s in specs) == {t: 50 for t in TAGS}
+    assert specs[0]["id"] == "single_object-000" and specs[0]["prompt"] == "a red circle"
+
+
+@pytest.mark.parametrize("size", [64, 128, (96, 64)])
+def test_ground_truth_renders_score_high(specs, size):
+    report = score_images(specs, ground_truth_images(specs, k=1, seed=0, size=size))
+    assert set(report["per_tag"]) == set(TAGS)
+    assert report["n_images"] == 300 and len(report["per_prompt"]) == 300
+    assert report["overall"] >= 0.98, report["per_tag"]
+    assert report["overall"] == pytest.approx(np.mean(list(report["per_tag"].values())))
+
+
+def test_noise_and_blank_images_score_low(specs):
+    rng = np.random.default_rng(0)
+    noise = [[rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] for _ in specs]
+    assert score_images(specs, noise)["overall"] <= 0.02
+    blank = np.full((64, 64, 3), BACKGROUNDS["white"], dtype=np.uint8)
+    report = score_images(specs, [[blank] for _ in specs])
+    assert report["overall"] == 0.0 and set(report["per_tag"]) == set(TAGS)
+
+
+def test_ground_truth_images_are_deterministic(specs):
+    a = ground_truth_images(specs[:5], k=2, seed=3)
+    b = ground_truth_images(specs[:5], k=2, seed=3)
+    assert all(np.array_equal(x, y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+    assert not np.array_equal(a[0][0], a[0][1])
+
+
+def _scene_matches(scene: Scene, dets: list[Detection], w: int, h: int) -> bool:
+    if Counter((o.shape, o.color) for o in scene.objects) != Counter((d.shape, d.color) for d in dets):
+        return False
+    # every object's centroid is found within a pixel of where the scene put it
+    return all(min(np.hypot(d.x - o.cx * w, d.y - o.cy * h) for d in dets) < 1.0 for o in scene.objects)
+
+
+@pytest.mark.parametrize(
+    ("size", "supersample", "blur"), [(64, 1, 0.0), (128, 1, 0.0), (64, 4, 0.0), (64, 4, 0.7)]
+)
+def test_detection_on_random_scenes(size, supersample, blur):
+    rng = np.random.default_rng(5)
+    ok = 0
+    for _ in range(200):
+        scene, _ = sample_scene(rng)
+        img = render(scene, size, supersample)
+        if blur:  # a soft, model-like image
+            img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(blur)))
+        ok += _scene_matches(scene, detect_objects(img), size, size)
+    assert ok / 200 >= 0.98
+
+
+def test_blended_edges_keep_their_colour():
+    # 75% red over white is nearer to orange than to red in plain RGB distance; it must still be red.
+    bg, red = np.array(BACKGROUNDS["white"], float), np.array(PALETTE["red"], float)
+    img = np.full((8, 8, 3), 255, dtype=np.uint8)
+    img[3:5, 3:5] = np.rint(0.75 * red + 0.25 * bg)
+    img[0, 0] = np.rint(0.3 * red + 0.7 * bg)  # mostly background
+    idx = assign_colors(img)
+    assert (idx[3:5, 3:5] == 1).all() and idx[0, 0] == 0 and idx.sum() == 4
+
+
+def _bfs_labels(index: np.ndarray) -> np.ndarray:
+    h, w = index.shape
+    out = -np.ones((h, w), dtype=np.int64)
+    for y0 in range(h):
+        for x0 in range(w):
+            if index[y0, x0] == 0 or out[y0, x0] >= 0:
+                continue
+            root = y0 * w + x0
+            out[y0, x0] = root
+            queue = deque([(y0, x0)])
+            while queue:
+                y, x = queue.popleft()
+                for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                    if 0 <= yy < h and 0 <= xx < w and out[yy, xx] < 0 and index[yy, xx] == index[y, x]:
+                        out[yy, xx] = root
+                        queue.append((yy, xx))
+    return out
+
+
+def test_label_components_matches_bfs():
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.6, 0.9):
+        index = np.where(rng.random((40, 50)) < density, rng.integers(1, 3, (40, 50)), 0).astype(np.int8)
+        assert np.array_equal(label_components(index), _bfs_labels(index))
+    snake = np.zeros((21, 30), dtype=np.int8)  # one long serpentine path: the slowest case to propagate
+    snake[::2] = 1
+    snake[1::4, -1] = 1
+    snake[3::4, 0] = 1
+    assert len(np.unique(label_components(snake)[snake > 0])) == 1
+    assert np.array_equal(label_components(snake), _bfs_labels(snake))
+
+
+def _det(shape: str, color: str, x: float, y: float) -> Detection:
+    return Detection(shape, color, x, y, 50, (0, 0, 1, 1), 1.0, (0.0, 0.0, 0.0))
+
+
+def test_judging_rules():
+    W = H = 100
+    red_star, blue_sq = (
+        {"shape": "star", "color": "red", "count": 1},
+        {"shape": "square", "color": "blue", "count": 1},
+    )
+    # counting: exactly; other objects do not matter
+    count3 = {"tag": "counting", "objects": [{**red_star, "count": 3}], "relation": None}
+    stars = [_det("star", "red", 10 * i, 10) for i in range(1, 5)]
+    assert judge([*stars[:3], _det("circle", "red", 50, 50)], count3, W, H)
+    assert not judge(stars, count3, W, H) and not judge(stars[:2], count3, W, H)
+    # two objects: both, with the right colour binding
+    two = {"tag": "color_attr", "objects": [red_star, blue_sq], "relation": None}
+    assert judge([_det("star", "red", 10, 10), _det("square", "blue", 80, 80)], two, W, H)
+    assert not judge([_det("star", "blue", 10, 10), _det("square", "red", 80, 80)], two, W, H)
+    single = {"tag": "single_object", "objects": [red_star], "relation": None}
+    assert judge([_det("circle", "green", 5, 5), _det("star", "red", 50, 50)], single, W, H)
+    assert not judge([_det(None, "red", 50, 50)], single, W, H)  # unclassified blobs match nothing
+    # position: 5% margin, y grows downward
+    left = {"tag": "position", "objects": [red_star, blue_sq], "relation": {"a": 0, "b": 1, "rel": "left of"}}
+    above = {**left, "relation": {"a": 0, "b": 1, "rel": "above"}}
+    below = {**left, "relation": {"a": 0, "b": 1, "rel": "below"}}
+    assert judge([_det("star", "red", 20, 50), _det("square", "blue", 25.5, 50)], left, W, H)
+    assert not judge([_det("star", "red", 20, 50), _det("square", "blue", 24.5, 50)], left, W, H)
+    assert judge([_det("star", "red", 50, 10), _det("square", "blue", 50, 90)], above, W, H)
+    assert not judge([_det("star", "red", 50, 10), _det("square", "blue", 50, 90)], below, W, H)
+    assert not judge([_det("star", "red", 20, 50)], left, W, H)  # b missing
+    with pytest.raises(ValueError):
+        judge([], {"tag": "nonsense", "objects": [], "relation": None}, W, H)
+
+
+def test_score_image_on_hand_built_scenes():
+    scene = Scene(
+        [
+            ShapeObject("circle", "green", 0.25, 0.5, 0.3),
+            ShapeObject("triangle", "purple", 0.75, 0.5, 0.3, 10.0),
+        ],
+        BACKGROUNDS["pale blue"],
+    )
+    img = render(scene, 64)
+    g, p = (
+        {"shape": "circle", "color": "green", "count": 1},
+        {"shape": "triangle", "color": "purple", "count": 1},
+    )
+    assert score_image(
+        img, {"tag": "position", "objects": [g, p], "relation": {"a": 0, "b": 1, "rel": "left of"}}
+    )
+    assert not score_image(
+        img, {"tag": "position", "objects": [g, p], "relation": {"a": 0, "b": 1, "rel": "right of"}}
+    )
+    assert not score_image(img, {"tag": "colors", "objects": [{**g, "color": "red"}], "relation": None})
+    assert not score_image(img, {"tag": "counting", "objects": [{**g, "count": 2}], "relation": None})
+
+
+def test_contact_sheet_frames_verdicts():
+    imgs = [np.full((64, 64, 3), 255, dtype=np.uint8)] * 3
+    sheet = contact_sheet(
+        imgs, ["a red circle", "a long prompt " * 5, "x"], [True, False, None], columns=2, cell=96
+    )
+    assert isinstance(sheet, Image.Image)
+    arr = np.asarray(sheet)
+    pad, border = 4, 4
+    tile_w = 96 + 2 * border
+    assert arr.shape[1] == 2 * (tile_w + pad) + pad
+    assert tuple(arr[pad + 1, pad + 1]) == (30, 160, 60)  # green frame: correct
+    assert tuple(arr[pad + 1, 2 * pad + tile_w + 1]) == (210, 40, 40)  # red frame: wrong
+    text_rows = arr[pad + 96 + 2 * border :, pad : pad + tile_w]
+    assert (text_rows < 100).any()  # the label is written under the image
