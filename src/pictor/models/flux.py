@@ -1,0 +1,323 @@
+"""The FLUX.1 rectified-flow transformer (black-forest-labs/flux ``src/flux/model.py``), plus latent packing.
+
+Module names match FLUX.1 so official weights load key for key. Time convention: ``timesteps`` in [0, 1]
+with t=1 pure noise; the 1000x scaling lives only inside :func:`~pictor.models.layers.timestep_embedding`.
+The model returns the velocity for the packed latent tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from pictor.models.layers import (
+    DoubleStreamBlock,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    SingleStreamBlock,
+    timestep_embedding,
+)
+
+__all__ = [
+    "Flux",
+    "FluxParams",
+    "make_img_ids",
+    "make_txt_ids",
+    "pack_latents",
+    "unpack_latents",
+]
+
+TIME_EMBED_DIM = 256  # width of the sinusoidal time/guidance features fed to time_in / guidance_in
+
+
+@dataclass
+class FluxParams:
+    in_channels: int
+    out_channels: int
+    vec_in_dim: int
+    context_in_dim: int
+    hidden_size: int
+    mlp_ratio: float
+    num_heads: int
+    depth: int
+    depth_single_blocks: int
+    axes_dim: list[int] = field(default_factory=lambda: [16, 56, 56])
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = False
+
+    def __post_init__(self) -> None:
+        self.axes_dim = [int(a) for a in self.axes_dim]
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"FluxParams: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(
+                f"FluxParams: sum(axes_dim)={sum(self.axes_dim)} (axes_dim={self.axes_dim}) must equal "
+                f"the head dim hidden_size/num_heads={head_dim}"
+            )
+        if any(a % 2 for a in self.axes_dim):
+            raise ValueError(
+                f"FluxParams: every axes_dim entry must be even (RoPE pairs), got {self.axes_dim}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (lists, ints, floats, bools only)."""
+        d = asdict(self)
+        d["axes_dim"] = list(self.axes_dim)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FluxParams:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not fall back to a default)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"FluxParams.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+class Flux(nn.Module):
+    """FLUX.1 transformer: ``depth`` double-stream then ``depth_single_blocks`` single-stream blocks."""
+
+    def __init__(self, params: FluxParams) -> None:
+        super().__init__()
+        self.params = params
+        self.in_channels = params.in_channels
+        self.out_channels = params.out_channels
+        self.hidden_size = params.hidden_size
+        self.num_heads = params.num_heads
+        self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self.time_in = MLPEmbedder(in_dim=TIME_EMBED_DIM, hidden_dim=params.hidden_size)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
+        self.guidance_in: nn.Module = (
+            MLPEmbedder(in_dim=TIME_EMBED_DIM, hidden_dim=params.hidden_size)
+            if params.guidance_embed
+            else nn.Identity()
+        )
+        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
+        self.double_blocks = nn.ModuleList(
+            [
+                DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
+                for _ in range(params.depth)
+            ]
+        )
+        self.single_blocks = nn.ModuleList(
+            [
+                SingleStreamBlock(params.hidden_size, params.num_heads, mlp_ratio=params.mlp_ratio)
+                for _ in range(params.depth_single_blocks)
+            ]
+        )
+        self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
+
+        img_ids ``[B, N, 3]`` or ``[N, 3]``; txt ``[B, L, context_in_dim]``; txt_ids ``[B, L, 3]`` or
+        ``[L, 3]``; timesteps ``[B]`` in [0, 1] (t=1 noise); y ``[B, vec_in_dim]`` pooled text vector;
+        guidance ``[B]`` distilled-guidance scale, required iff ``params.guidance_embed``.
+        """
+        img_ids, txt_ids, timesteps, guidance = self._check_inputs(
+            img, img_ids, txt, txt_ids, timesteps, y, guidance
+        )
+
+        # The sinusoids are computed in float32 whatever the dtype of t, then cast to the activations' dtype.
+        vec = self.time_in(timestep_embedding(timesteps.float(), TIME_EMBED_DIM).to(img.dtype))
+        if self.params.guidance_embed:
+            vec = vec + self.guidance_in(timestep_embedding(guidance.float(), TIME_EMBED_DIM).to(img.dtype))
+        img = self.img_in(img)
+        vec = vec + self.vector_in(y)
+        txt = self.txt_in(txt)
+
+        # RoPE angles once per forward, shared by every block; batch 1 when the ids are shared by the batch.
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec=vec, pe=pe)
+        img = x[:, txt.shape[1] :, ...]
+        return self.final_layer(img, vec)  # [B, N, out_channels]
+
+    def _check_inputs(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Validate shapes (errors name the argument) and bring ids / t / guidance to batched form."""
+        p = self.params
+        if img.ndim != 3 or img.shape[-1] != p.in_channels:
+            raise ValueError(
+                f"Flux: img must be [B, N, {p.in_channels}] (packed latent tokens), got {_shape(img)}"
+            )
+        batch, n_img = img.shape[:2]
+        if txt.ndim != 3 or txt.shape[0] != batch or txt.shape[-1] != p.context_in_dim:
+            raise ValueError(f"Flux: txt must be [{batch}, L, {p.context_in_dim}], got {_shape(txt)}")
+        n_txt = txt.shape[1]
+        img_ids = _batched_ids("img_ids", img_ids, batch, n_img)
+        txt_ids = _batched_ids("txt_ids", txt_ids, batch, n_txt)
+        if img_ids.shape[0] != txt_ids.shape[0]:  # one shared, one per-sample: broadcast the shared one
+            img_ids = img_ids.expand(batch, -1, -1)
+            txt_ids = txt_ids.expand(batch, -1, -1)
+        if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != p.vec_in_dim:
+            raise ValueError(
+                f"Flux: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {_shape(y)}"
+            )
+        timesteps = _batched_scalar("timesteps", timesteps, batch)
+        if p.guidance_embed:
+            if guidance is None:
+                raise ValueError(
+                    "Flux: this model has guidance_embed=True (guidance-distilled, like FLUX.1-dev); "
+                    "pass guidance=[B] tensor of guidance scales"
+                )
+            guidance = _batched_scalar("guidance", guidance, batch)
+        return img_ids, txt_ids, timesteps, guidance
+
+    # -------------------------------------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def init_weights(self) -> Flux:
+        """Training init: xavier linears, N(0, 0.02) embedder MLPs, adaLN-Zero, zero final layer.
+
+        With every modulation zero, each block starts as the identity (gates are 0) and the zeroed final
+        layer makes a fresh model output exactly 0 (facebookresearch/DiT ``initialize_weights``).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embedder in (self.time_in, self.vector_in, self.guidance_in):
+            if isinstance(embedder, MLPEmbedder):
+                nn.init.normal_(embedder.in_layer.weight, std=0.02)
+                nn.init.normal_(embedder.out_layer.weight, std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith(".scale"):  # QK RMSNorm gains
+                nn.init.ones_(param)
+        zero: list[nn.Linear] = [self.final_layer.linear, self.final_layer.adaLN_modulation[1]]
+        for double in self.double_blocks:
+            zero += [double.img_mod.lin, double.txt_mod.lin]
+        for single in self.single_blocks:
+            zero.append(single.modulation.lin)
+        for lin in zero:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        return self
+
+    # ----------------------------------------------------------------------------------------- compile
+
+    def compile(self, **kwargs: Any) -> Flux:  # type: ignore[override]
+        """Opt-in ``torch.compile`` of each block in place (regional compilation).
+
+        Blocks of one kind share a compiled graph, so compile time is about two blocks' worth instead of
+        the whole model's, and the elementwise work between matmuls (norms, modulation, RoPE, gating, GELU)
+        is fused. ``kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        The first call with a new input shape pays the compile time.
+        """
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.compile(**kwargs)
+        return self
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _batched_ids(name: str, ids: Tensor, batch: int, length: int) -> Tensor:
+    """[L, 3] or [1|B, L, 3] -> [1|B, L, 3] (a leading 1 is broadcast later, never copied)."""
+    if not isinstance(ids, Tensor):
+        raise ValueError(
+            f"Flux: {name} must be a tensor [B, {length}, 3] or [{length}, 3], got {_shape(ids)}"
+        )
+    if ids.ndim == 2:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 3 or ids.shape[1] != length or ids.shape[2] != 3 or ids.shape[0] not in (1, batch):
+        raise ValueError(f"Flux: {name} must be [{batch}, {length}, 3] or [{length}, 3], got {_shape(ids)}")
+    return ids
+
+
+def _batched_scalar(name: str, value: Tensor, batch: int) -> Tensor:
+    """[B] (or a scalar / [1], broadcast to the batch) -> [B]."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"Flux: {name} must be a tensor of shape [{batch}], got {_shape(value)}")
+    if value.ndim == 0 or (value.ndim == 1 and value.shape[0] == 1):
+        return value.reshape(1).expand(batch)
+    if value.ndim != 1 or value.shape[0] != batch:
+        raise ValueError(f"Flux: {name} must be [{batch}] (one value per sample), got {_shape(value)}")
+    return value
+
+
+def _check_even(height: int, width: int) -> None:
+    if height % 2 or width % 2:
+        raise ValueError(
+            f"latent height and width must be even for FLUX's 2x2 packing, got {height}x{width} "
+            "(choose an image size that is a multiple of 2 * the autoencoder's downsampling factor)"
+        )
+
+
+def pack_latents(z: Tensor) -> Tensor:
+    """2x2 patchify: ``z [B, C, H, W]`` -> tokens ``[B, (H/2)(W/2), 4C]`` (row-major over patches)."""
+    if z.ndim != 4:
+        raise ValueError(f"pack_latents: z must be [B, C, H, W], got {_shape(z)}")
+    _check_even(z.shape[2], z.shape[3])
+    return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of :func:`pack_latents`; ``height``/``width`` are the latent (not packed) size."""
+    _check_even(height, width)
+    n = (height // 2) * (width // 2)
+    if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % 4:
+        raise ValueError(
+            f"unpack_latents: tokens must be [B, {n}, 4C] for a {height}x{width} latent, got {_shape(tokens)}"
+        )
+    return rearrange(
+        tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, w=width // 2, ph=2, pw=2
+    )
+
+
+def make_img_ids(batch: int, lat_h: int, lat_w: int, device: torch.device | str | None = None) -> Tensor:
+    """Position ids ``[B, (H/2)(W/2), 3]`` for packed tokens: axis 0 = 0, axis 1 = row, axis 2 = column."""
+    _check_even(lat_h, lat_w)
+    h, w = lat_h // 2, lat_w // 2
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(1, h * w, 3).repeat(batch, 1, 1)
+
+
+def make_txt_ids(batch: int, length: int, device: torch.device | str | None = None) -> Tensor:
+    """Text tokens all sit at position 0 on every axis (FLUX.1): ``zeros [B, L, 3]``."""
+    return torch.zeros(batch, length, 3, device=device)
