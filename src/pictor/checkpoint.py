@@ -1,0 +1,384 @@
+"""Model bundles and weight files: safetensors + JSON only, strict keys, hashes, atomic writes.
+
+A bundle is a folder::
+
+    config.json                   model / autoencoder / text-encoder configs, preset, defaults, hashes
+    transformer.safetensors       Flux weights, FLUX.1 key names
+    autoencoder.safetensors       AutoEncoder weights, LDM/FLUX key names
+
+Nothing here ever unpickles: ``.ckpt``/``.pt``/``.bin`` files are refused before they are opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pictor import __version__
+
+CONFIG_NAME = "config.json"
+TRANSFORMER_FILE = "transformer.safetensors"
+AUTOENCODER_FILE = "autoencoder.safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Prefixes that other tools put in front of FLUX.1 transformer keys (ComfyUI / original checkpoints).
+FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+AE_PREFIXES = ("first_stage_model.", "vae.", "ae.")
+
+
+class CheckpointError(ValueError):
+    """A weight file or bundle that cannot be used as it is; the message says why and what to do."""
+
+
+def refuse_pickle(path: str | os.PathLike[str]) -> None:
+    """Raise for pickle-based formats: loading them can run arbitrary code, so pictor never opens them."""
+    suffix = Path(path).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: '{suffix}' files are Python pickles, which can run arbitrary code when loaded; pictor "
+            "never unpickles. Convert it to safetensors with a tool you trust (e.g. load it in an isolated "
+            "environment and call safetensors.torch.save_file), then pass the .safetensors file."
+        )
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short_hash(full: str) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256."""
+    return full[:10]
+
+
+def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a .safetensors file, refusing pickles and naming the file in every error."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weight file")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: expected a .safetensors file")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    refuse_pickle(path)
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> str:
+    """Write atomically (temp file + rename) and return the file's SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=metadata)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha256_file(path)
+
+
+def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def strip_prefixes(
+    state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Remove the first prefix that every key carries (all keys must agree, so mixed files stay visible)."""
+    keys = list(state_dict)
+    for prefix in prefixes:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _key_list(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict key and shape check with a message that names what is missing, unexpected or mis-shaped."""
+    expected = module.state_dict()
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    wrong = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_key_list(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
+    if problems:
+        raise CheckpointError(
+            f"{what}: the weights do not fit the configured model — "
+            + " | ".join(problems)
+            + ". Check that the config matches the weights (preset, depth, hidden size)."
+        )
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """Strictly load weights into a module (which may live on the meta device) without copying twice."""
+    check_keys(module, state_dict, what)
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module
+
+
+@dataclass
+class BundleConfig:
+    """Everything needed to rebuild a model bundle, stored as config.json."""
+
+    name: str
+    model: dict[str, Any]
+    autoencoder: dict[str, Any]
+    text_encoder: dict[str, Any]
+    preset: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    trained: bool = True
+    description: str = ""
+    hashes: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    pictor_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "preset": self.preset,
+            "pictor_version": self.pictor_version,
+            "trained": self.trained,
+            "description": self.description,
+            "model": self.model,
+            "autoencoder": self.autoencoder,
+            "text_encoder": self.text_encoder,
+            "defaults": self.defaults,
+            "hashes": self.hashes,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> BundleConfig:
+        for key in ("name", "model", "autoencoder", "text_encoder"):
+            if key not in d:
+                raise CheckpointError(f"{where}: missing '{key}' — not a pictor bundle config")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Bundle:
+    config: BundleConfig
+    transformer: dict[str, torch.Tensor]
+    autoencoder: dict[str, torch.Tensor]
+    path: Path | None = None
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def read_bundle_config(path: str | os.PathLike[str]) -> BundleConfig:
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{path}: not a pictor model bundle (no {CONFIG_NAME}). Give a bundle folder, a preset name "
+            "(see `pictor models`), or convert FLUX.1 files with `pictor convert`."
+        )
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    return BundleConfig.from_dict(raw, where=str(cfg_path))
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str = "cpu") -> Bundle:
+    """Read a bundle; with ``verify`` the files' SHA-256 must match the hashes in config.json."""
+    path = Path(path)
+    config = read_bundle_config(path)
+    tensors = {}
+    for part, fname in (("transformer", TRANSFORMER_FILE), ("autoencoder", AUTOENCODER_FILE)):
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{path}: bundle is missing {fname}")
+        if verify and fname in config.hashes:
+            actual = sha256_file(fpath)
+            if actual != config.hashes[fname]:
+                raise CheckpointError(
+                    f"{fpath}: SHA-256 {actual[:12]}… does not match config.json "
+                    f"({config.hashes[fname][:12]}…); the file is corrupt or was replaced. "
+                    "Restore it or re-save the bundle."
+                )
+        tensors[part] = read_safetensors(fpath, device=device)
+    return Bundle(config, tensors["transformer"], tensors["autoencoder"], path)
+
+
+def save_bundle(
+    path: str | os.PathLike[str],
+    config: BundleConfig,
+    transformer: Mapping[str, torch.Tensor],
+    autoencoder: Mapping[str, torch.Tensor],
+) -> BundleConfig:
+    """Write a bundle atomically: a reader sees the old bundle or the new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        hashes = {
+            TRANSFORMER_FILE: write_safetensors(transformer, tmp / TRANSFORMER_FILE, {"format": "pt"}),
+            AUTOENCODER_FILE: write_safetensors(autoencoder, tmp / AUTOENCODER_FILE, {"format": "pt"}),
+        }
+        config = BundleConfig(**{**config.__dict__, "hashes": hashes})
+        write_json(config.to_dict(), tmp / CONFIG_NAME)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing one is moved aside first, then removed."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def model_hash(config: BundleConfig) -> str | None:
+    """The bundle's identity: the SHA-256 of its transformer weights (what A1111 calls the model hash)."""
+    return config.hashes.get(TRANSFORMER_FILE)
+
+
+def import_flux_transformer(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """FLUX.1 transformer single file (official, or ComfyUI's with ``model.diffusion_model.``)."""
+    sd = read_safetensors(path)
+    sd = strip_prefixes(sd, FLUX_PREFIXES)
+    if "img_in.weight" not in sd:
+        raise CheckpointError(
+            f"{path}: no 'img_in.weight' key — not a FLUX.1 transformer in the original layout. "
+            "(A diffusers-format folder has keys like 'x_embedder.weight'; give the original single file.)"
+        )
+    return sd
+
+
+def import_flux_autoencoder(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """FLUX.1 ``ae.safetensors`` (LDM key layout, optionally with a ``first_stage_model.`` prefix)."""
+    sd = strip_prefixes(read_safetensors(path), AE_PREFIXES)
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        raise CheckpointError(
+            f"{path}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out keys)"
+        )
+    return sd
+
+
+def infer_flux_params(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """FluxParams fields read off a FLUX.1 state dict's shapes, so a bare single file needs no config."""
+    hidden, in_channels = sd["img_in.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
+    depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0] if depth else 128
+    mlp_hidden = sd["double_blocks.0.img_mlp.0.weight"].shape[0] if depth else 4 * hidden
+    # FLUX.1 splits each head's rotary dims 1:7:7 over (index, row, column); 128 -> [16, 56, 56].
+    axis0 = head_dim // 8
+    rest = head_dim - axis0
+    return {
+        "in_channels": int(in_channels),
+        "out_channels": int(sd["final_layer.linear.weight"].shape[0]),
+        "vec_in_dim": int(sd["vector_in.in_layer.weight"].shape[1]),
+        "context_in_dim": int(sd["txt_in.weight"].shape[1]),
+        "hidden_size": int(hidden),
+        "mlp_ratio": float(mlp_hidden / hidden),
+        "num_heads": int(hidden // head_dim),
+        "depth": depth,
+        "depth_single_blocks": depth_single,
+        "axes_dim": [axis0, rest // 2, rest - rest // 2],
+        "theta": 10_000,
+        "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in sd,
+        "guidance_embed": "guidance_in.in_layer.weight" in sd,
+    }
+
+
+def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: an identity for weights that live in no file."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def infer_autoencoder_params(
+    sd: Mapping[str, torch.Tensor], scale_factor: float, shift_factor: float
+) -> dict[str, Any]:
+    """AutoEncoderParams fields read off an LDM/FLUX autoencoder state dict (scale/shift are not in it)."""
+    ch = int(sd["encoder.conv_in.weight"].shape[0])
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    ch_mult = [int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // ch for i in levels]
+    blocks = {k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")}
+    return {
+        "resolution": 256,
+        "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
+        "ch": ch,
+        "out_ch": int(sd["decoder.conv_out.weight"].shape[0]),
+        "ch_mult": ch_mult,
+        "num_res_blocks": len(blocks),
+        "z_channels": int(sd["decoder.conv_in.weight"].shape[1]),
+        "scale_factor": scale_factor,
+        "shift_factor": shift_factor,
+        "use_quant_conv": "quant_conv.weight" in sd,
+    }

@@ -1,0 +1,120 @@
+"""Turn weights made by other tools into pictor bundles (FLUX.1's original single files)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pictor.checkpoint import (
+    AE_PREFIXES,
+    AUTOENCODER_FILE,
+    CONFIG_NAME,
+    FLUX_PREFIXES,
+    TRANSFORMER_FILE,
+    BundleConfig,
+    CheckpointError,
+    check_keys,
+    import_flux_autoencoder,
+    import_flux_transformer,
+    infer_autoencoder_params,
+    infer_flux_params,
+    refuse_pickle,
+    replace_dir,
+    sha256_file,
+    write_json,
+    write_safetensors,
+)
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams
+from pictor.presets import get_preset
+
+
+def _keys(path: Path) -> list[str]:
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _shapes(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Meta tensors with the file's key names (prefix stripped) and shapes, read from the header only."""
+    keys = _keys(path)
+    prefix = next((p for p in prefixes if keys and all(k.startswith(p) for k in keys)), "")
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(prefix) :]: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys}
+
+
+def _place(src: Path, dst: Path, prefixes: tuple[str, ...], load) -> str:  # type: ignore[no-untyped-def]
+    """Copy the file as is when its keys need no change (no 24 GB in memory); else rewrite it."""
+    keys = _keys(src)
+    if not any(all(k.startswith(p) for k in keys) for p in prefixes):
+        shutil.copyfile(src, dst)
+        return sha256_file(dst)
+    return write_safetensors(load(src), dst, {"format": "pt"})
+
+
+def convert_flux(
+    transformer: str | os.PathLike[str],
+    ae: str | os.PathLike[str],
+    t5: str | os.PathLike[str],
+    clip: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    name: str | None = None,
+) -> Path:
+    """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder."""
+    transformer, ae, out = Path(transformer), Path(ae), Path(out)
+    for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(
+                f"{folder}: not a {what} model folder (no config.json); give a local folder"
+            )
+    # Shapes first, from the headers only, then a strict key check against the model built on meta.
+    shapes = _shapes(transformer, FLUX_PREFIXES)
+    if "img_in.weight" not in shapes:
+        raise CheckpointError(f"{transformer}: not a FLUX.1 transformer in the original layout (no img_in)")
+    params = infer_flux_params(shapes)
+    with torch.device("meta"):
+        check_keys(Flux(FluxParams.from_dict(params)), shapes, f"{transformer}")
+    preset = get_preset("flux-dev" if params["guidance_embed"] else "flux-schnell")
+    ae_shapes = _shapes(ae, AE_PREFIXES)
+    if "encoder.conv_in.weight" not in ae_shapes or "decoder.conv_out.weight" not in ae_shapes:
+        raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
+    flux_ae = preset["autoencoder"]
+    ae_params = infer_autoencoder_params(ae_shapes, flux_ae["scale_factor"], flux_ae["shift_factor"])
+    with torch.device("meta"):
+        check_keys(AutoEncoder(AutoEncoderParams.from_dict(ae_params)), ae_shapes, f"{ae}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        hashes = {
+            TRANSFORMER_FILE: _place(
+                transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer
+            ),
+            AUTOENCODER_FILE: _place(ae, tmp / AUTOENCODER_FILE, AE_PREFIXES, import_flux_autoencoder),
+        }
+        text = preset["text_encoder"]
+        text["t5"]["path"] = str(Path(t5).resolve())
+        text["clip"]["path"] = str(Path(clip).resolve())
+        config = BundleConfig(
+            name=name or transformer.stem,
+            preset="flux-dev" if params["guidance_embed"] else "flux-schnell",
+            model=params,
+            autoencoder=ae_params,
+            text_encoder=text,
+            defaults=preset["defaults"],
+            description=f"converted from {transformer.name} and {ae.name}",
+            hashes=hashes,
+        )
+        write_json(config.to_dict(), tmp / CONFIG_NAME)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

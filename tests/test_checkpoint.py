@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pictor.checkpoint as ckpt
+from pictor.checkpoint import (
+    BundleConfig,
+    CheckpointError,
+    import_flux_autoencoder,
+    import_flux_transformer,
+    infer_autoencoder_params,
+    infer_flux_params,
+    load_bundle,
+    load_into,
+    read_safetensors,
+    save_bundle,
+)
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams
+from pictor.presets import get_preset
+
+
+def _models() -> tuple[BundleConfig, Flux, AutoEncoder]:
+    p = get_preset("tiny")
+    torch.manual_seed(0)
+    cfg = BundleConfig(
+        name="t",
+        preset="tiny",
+        model=p["model"],
+        autoencoder=p["autoencoder"],
+        text_encoder=p["text_encoder"],
+        defaults=p["defaults"],
+    )
+    return (
+        cfg,
+        Flux(FluxParams.from_dict(p["model"])),
+        AutoEncoder(AutoEncoderParams.from_dict(p["autoencoder"])),
+    )
+
+
+def test_bundle_round_trip_with_hashes(tmp_path: Path) -> None:
+    cfg, flux, ae = _models()
+    saved = save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
+    assert set(saved.hashes) == {"transformer.safetensors", "autoencoder.safetensors"}
+    on_disk = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert on_disk["hashes"] == saved.hashes and on_disk["model"] == cfg.model
+    bundle = load_bundle(tmp_path / "b")
+    for k, v in flux.state_dict().items():
+        assert torch.equal(bundle.transformer[k], v)
+    with torch.device("meta"):
+        fresh = Flux(FluxParams.from_dict(cfg.model))
+    load_into(fresh, bundle.transformer, "t")
+    assert torch.equal(fresh.img_in.weight, flux.img_in.weight)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_corrupt_file_fails_hash_check(tmp_path: Path) -> None:
+    cfg, flux, ae = _models()
+    save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
+    f = tmp_path / "b" / "autoencoder.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not match config\.json"):
+        load_bundle(tmp_path / "b")
+
+
+def test_failed_save_leaves_old_bundle_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, flux, ae = _models()
+    save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def dying_save(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the autoencoder file, after the transformer was written
+            raise OSError("disk full")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    with torch.no_grad():
+        flux.img_in.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
+    after = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_pickles_are_refused_without_opening(tmp_path: Path) -> None:
+    for suffix in (".ckpt", ".pt", ".bin", ".pth"):
+        path = tmp_path / f"model{suffix}"
+        path.write_bytes(b"\x80\x04this would be a pickle")
+        with pytest.raises(CheckpointError, match="never unpickles"):
+            read_safetensors(path)
+        with pytest.raises(CheckpointError, match="never unpickles"):
+            import_flux_transformer(path)
+
+
+def test_strict_keys_name_missing_unexpected_and_shapes() -> None:
+    _, flux, _ = _models()
+    sd = flux.state_dict()
+    sd.pop("img_in.weight")
+    sd["img_in.extra"] = torch.zeros(1)
+    sd["txt_in.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_into(Flux(FluxParams.from_dict(get_preset("tiny")["model"])), sd, "file.safetensors")
+    msg = str(err.value)
+    assert "missing key(s): img_in.weight" in msg
+    assert "unexpected key(s): img_in.extra" in msg
+    assert "txt_in.weight: file (3, 3)" in msg
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
+def test_flux_single_file_import(tmp_path: Path, prefix: str) -> None:
+    _, flux, ae = _models()
+    path = tmp_path / "flux1.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in flux.state_dict().items()}, str(path))
+    sd = import_flux_transformer(path)
+    params = infer_flux_params(sd)
+    tiny = get_preset("tiny")["model"]
+    for key in (
+        "in_channels",
+        "hidden_size",
+        "num_heads",
+        "depth",
+        "depth_single_blocks",
+        "guidance_embed",
+        "context_in_dim",
+        "vec_in_dim",
+        "mlp_ratio",
+        "qkv_bias",
+    ):
+        assert params[key] == tiny[key], key
+    model = Flux(FluxParams.from_dict({**params, "axes_dim": tiny["axes_dim"]}))
+    load_into(model, sd, str(path))
+    assert torch.equal(model.final_layer.linear.weight, flux.final_layer.linear.weight)
+
+    ae_path = tmp_path / "ae.safetensors"
+    save_file(
+        {("first_stage_model." if prefix else "") + k: v.contiguous() for k, v in ae.state_dict().items()},
+        str(ae_path),
+    )
+    ae_sd = import_flux_autoencoder(ae_path)
+    inferred = infer_autoencoder_params(ae_sd, 1.0, 0.0)
+    expected = get_preset("tiny")["autoencoder"]
+    for key in ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch"):
+        assert inferred[key] == expected[key], key
+    load_into(AutoEncoder(AutoEncoderParams.from_dict(inferred)), ae_sd, str(ae_path))
+
+
+def test_not_a_flux_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"x_embedder.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(CheckpointError, match=r"not a FLUX\.1 transformer"):
+        import_flux_transformer(path)
+    bad = tmp_path / "y.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_safetensors(bad)
