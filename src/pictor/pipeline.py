@@ -1,0 +1,373 @@
+"""Pipeline: GenerationRequest -> images. The one place that wires text encoder, transformer, sampler and
+autoencoder together.
+
+Reproducibility rules:
+- noise is drawn on the CPU from a per-image seed (image i of a request uses seed + i), so an image does not
+  depend on the device or on how many images share its sampler run;
+- text is padded to the encoder's fixed length, so a prompt's conditioning never depends on its batch-mates;
+- the record of each image names the seeds of the sampler run it came from, so `reproduce` reruns exactly
+  that run and gets the same pixels on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pictor import __version__
+from pictor.checkpoint import (
+    Bundle,
+    BundleConfig,
+    CheckpointError,
+    load_bundle,
+    load_into,
+    model_hash,
+    state_dict_hash,
+)
+from pictor.locate import resolve
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
+from pictor.presets import get_preset
+from pictor.sampling import SAMPLERS, cfg, get_sampler, get_schedule
+
+# (step, total) -> None; raising from it cancels the generation.
+ProgressFn = Callable[[int, int], None]
+
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+GUIDANCE_MODES = ("cfg", "distilled", "none")
+
+
+class GenerationError(ValueError):
+    """A request the model cannot run; the message says what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    schedule: str | None = None
+    seed: int | None = None
+    num_images: int = 1
+    # Images per sampler run; None runs all images of the request together.
+    batch_size: int | None = None
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    def __init__(
+        self,
+        transformer: Flux,
+        autoencoder: AutoEncoder,
+        text_encoder: TextEncoder,
+        config: BundleConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        model_id_hash: str | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else _default_device()
+        # bf16 on accelerators (FLUX.1 is trained in it); fp32 on the CPU where bf16 matmuls are slow.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.transformer = transformer.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.autoencoder = autoencoder.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        self.config = config
+        self.hash = model_id_hash or model_hash(config) or ""
+        self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
+        mode = self.defaults.get("guidance_mode", "cfg")
+        if mode not in GUIDANCE_MODES:
+            raise CheckpointError(f"config defaults: guidance_mode '{mode}' is not one of {GUIDANCE_MODES}")
+        self.guidance_mode: str = mode
+        self.patch = 2 * autoencoder.params.downsample_factor
+        if not config.trained:
+            warnings.warn(
+                f"model '{config.name}' is UNTRAINED (random weights from preset '{config.preset}'): "
+                "its images are noise-like. Train one with `pictor train` or pass --model.",
+                stacklevel=2,
+            )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- request handling -------------------------------------------------------------------------
+
+    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill defaults and validate; every error says what to change."""
+        d = self.defaults
+        r = replace(
+            request,
+            width=request.width if request.width is not None else d["width"],
+            height=request.height if request.height is not None else d["height"],
+            steps=request.steps if request.steps is not None else d["steps"],
+            guidance=request.guidance if request.guidance is not None else d["guidance"],
+            sampler=request.sampler or d["sampler"],
+            schedule=request.schedule or d["schedule"],
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
+        )
+        if not isinstance(r.prompt, str):
+            raise GenerationError("prompt must be a string")
+        for name in ("width", "height"):
+            value = getattr(r, name)
+            if value <= 0 or value % self.patch:
+                lo, hi = (value // self.patch) * self.patch, (value // self.patch + 1) * self.patch
+                near = f"{lo} or {hi}" if lo > 0 else str(hi)
+                raise GenerationError(
+                    f"{name} {value} does not fit the latent packing: it must be a positive multiple of "
+                    f"{self.patch} (autoencoder factor {self.patch // 2} x 2x2 patches); try {near}"
+                )
+        if not 1 <= r.steps <= MAX_STEPS:
+            raise GenerationError(f"steps must be between 1 and {MAX_STEPS}, got {r.steps}")
+        if r.guidance < 0:
+            raise GenerationError(f"guidance must be >= 0, got {r.guidance}")
+        if r.sampler not in SAMPLERS:
+            raise GenerationError(f"unknown sampler '{r.sampler}'; choose one of {', '.join(SAMPLERS)}")
+        if r.num_images < 1:
+            raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
+        if r.batch_size is not None and r.batch_size < 1:
+            raise GenerationError(f"batch size must be >= 1, got {r.batch_size}")
+        if not 0 <= r.seed <= MAX_SEED - r.num_images:
+            raise GenerationError(f"seed must be between 0 and {MAX_SEED - r.num_images}, got {r.seed}")
+        if r.negative_prompt and self.guidance_mode != "cfg":
+            raise GenerationError(
+                f"model '{self.name}' uses {self.guidance_mode} guidance, which has no negative prompt; "
+                "drop the negative prompt"
+            )
+        return r
+
+    def generate(
+        self, request: GenerationRequest, progress: ProgressFn | None = None
+    ) -> list[GeneratedImage]:
+        r = self.resolve_request(request)
+        assert r.seed is not None
+        seeds = [r.seed + i for i in range(r.num_images)]
+        size = r.batch_size or len(seeds)
+        runs = [seeds[i : i + size] for i in range(0, len(seeds), size)]
+        total = len(runs) * int(r.steps or 0)
+        done = 0
+        out: list[GeneratedImage] = []
+        for run_seeds in runs:
+
+            def step_progress(step: int, _steps: int, _offset: int = done) -> None:
+                if progress is not None:
+                    progress(_offset + step, total)
+
+            out += self._run(r, run_seeds, step_progress)
+            done += int(r.steps or 0)
+        return out
+
+    # -- the sampler run --------------------------------------------------------------------------
+
+    def initial_noise(self, seeds: list[int], lat_h: int, lat_w: int) -> torch.Tensor:
+        """Per-image noise from CPU generators: identical on every device and at every batch size."""
+        channels = self.autoencoder.params.z_channels
+        noise = [
+            torch.randn(1, channels, lat_h, lat_w, generator=torch.Generator("cpu").manual_seed(s))
+            for s in seeds
+        ]
+        return torch.cat(noise).to(self.device, self.dtype)
+
+    def encode_text(self, prompts: list[str]) -> TextEmbeddings:
+        emb = self.text_encoder.encode(prompts)
+        return TextEmbeddings(
+            tokens=emb.tokens.to(self.device, self.dtype),
+            mask=emb.mask.to(self.device),
+            pooled=emb.pooled.to(self.device, self.dtype),
+        )
+
+    def velocity_fn(
+        self, r: GenerationRequest, batch: int, lat_h: int, lat_w: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The velocity callable the sampler integrates, with guidance folded in."""
+        cond = self.encode_text([r.prompt])
+        img_ids = make_img_ids(batch, lat_h, lat_w).to(self.device, self.dtype)
+        guidance = float(r.guidance or 0.0)
+        use_cfg = self.guidance_mode == "cfg" and guidance != 1.0
+
+        def model(x: torch.Tensor, t: torch.Tensor, emb: TextEmbeddings, ids: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
+            vec = emb.pooled.expand(n, -1) if emb.pooled.shape[0] == 1 else emb.pooled
+            g = None
+            if self.guidance_mode == "distilled":
+                g = torch.full((n,), guidance, device=self.device, dtype=self.dtype)
+            txt_ids = make_txt_ids(n, txt.shape[1]).to(self.device, self.dtype)
+            return self.transformer(x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g)
+
+        if not use_cfg:
+            return lambda x, t: model(x, t, cond, img_ids)
+        uncond = self.encode_text([r.negative_prompt])
+        both = TextEmbeddings(
+            tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
+            mask=torch.cat([cond.mask.expand(batch, -1), uncond.mask.expand(batch, -1)]),
+            pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
+        )
+        ids2 = torch.cat([img_ids, img_ids])
+        return cfg(lambda x2, t2: model(x2, t2, both, ids2), guidance)
+
+    def _run(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+        assert r.width and r.height and r.steps and r.sampler and r.schedule
+        f = self.autoencoder.params.downsample_factor
+        lat_h, lat_w = r.height // f, r.width // f
+        with torch.inference_mode():
+            noise = self.initial_noise(seeds, lat_h, lat_w)
+            x = pack_latents(noise)
+            ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1]).to(self.device)
+            fn = self.velocity_fn(r, len(seeds), lat_h, lat_w)
+            sampler = get_sampler(r.sampler)
+            x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps))
+            latents = unpack_latents(x, lat_h, lat_w)
+            pixels = self.autoencoder.decode(latents)
+        images = to_pil(pixels)
+        return [
+            GeneratedImage(image, seed, self.record(r, seed, seeds, j))
+            for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
+        ]
+
+    # -- provenance ----------------------------------------------------------------------------------
+
+    def record(self, r: GenerationRequest, seed: int, run_seeds: list[int], index: int) -> dict[str, Any]:
+        return {
+            "pictor_version": __version__,
+            "model": {
+                "name": self.config.name,
+                "hash": self.hash,
+                "preset": self.config.preset,
+                "trained": self.config.trained,
+            },
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "width": r.width,
+            "height": r.height,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "guidance_mode": self.guidance_mode,
+            "sampler": r.sampler,
+            "schedule": r.schedule,
+            "seed": seed,
+            "batch_seeds": run_seeds,
+            "batch_index": index,
+            "batch_size": len(run_seeds),
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "loras": [],
+        }
+
+    def reproduce(self, record: dict[str, Any], progress: ProgressFn | None = None) -> GeneratedImage:
+        """Regenerate one image from its record: the same sampler run, the same pixels."""
+        want = record.get("model", {}).get("hash", "")
+        if want and self.hash and want != self.hash:
+            raise GenerationError(
+                f"the image was made by model '{record['model'].get('name')}' (hash {want[:10]}), but the "
+                f"loaded model '{self.name}' has hash {self.hash[:10]}; pass that model with --model"
+            )
+        if record.get("device") not in (None, self.device.type) or record.get("dtype") not in (
+            None,
+            str(self.dtype).removeprefix("torch."),
+        ):
+            warnings.warn(
+                f"the image was made on {record.get('device')}/{record.get('dtype')}, this run is on "
+                f"{self.device.type}/{self.dtype}: pixels may differ slightly",
+                stacklevel=2,
+            )
+        seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
+        request = GenerationRequest(
+            prompt=record["prompt"],
+            negative_prompt=record.get("negative_prompt", ""),
+            width=record["width"],
+            height=record["height"],
+            steps=record["steps"],
+            guidance=record["guidance"],
+            sampler=record["sampler"],
+            schedule=record.get("schedule"),
+            seed=seeds[0],
+            num_images=len(seeds),
+        )
+        images = self._run(self.resolve_request(request), seeds, progress or (lambda i, n: None))
+        return images[int(record.get("batch_index", 0))]
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] float images [B, 3, H, W] -> 8-bit PIL images."""
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:
+    return Flux(FluxParams.from_dict(config.model)), AutoEncoder(
+        AutoEncoderParams.from_dict(config.autoencoder)
+    )
+
+
+def pipeline_from_bundle(
+    bundle: Bundle, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Pipeline:
+    config = bundle.config
+    with torch.device("meta"):
+        transformer, autoencoder = build_models(config)
+    where = str(bundle.path) if bundle.path else config.name
+    load_into(transformer, bundle.transformer, f"{where}: transformer")
+    load_into(autoencoder, bundle.autoencoder, f"{where}: autoencoder")
+    text = build_text_encoder(config.text_encoder)
+    return Pipeline(transformer, autoencoder, text, config, device, dtype)
+
+
+def pipeline_from_preset(
+    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, seed: int = 0
+) -> Pipeline:
+    """An untrained model with a preset's architecture; seeded, so the same every time."""
+    preset = get_preset(name)
+    config = BundleConfig(
+        name=f"{name} (untrained)",
+        preset=name,
+        model=preset["model"],
+        autoencoder=preset["autoencoder"],
+        text_encoder=preset["text_encoder"],
+        defaults=preset["defaults"],
+        trained=False,
+        description=preset.get("description", ""),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, autoencoder = build_models(config)
+    digest = state_dict_hash({**transformer.state_dict(), **autoencoder.state_dict()})
+    text = build_text_encoder(config.text_encoder)
+    return Pipeline(transformer, autoencoder, text, config, device, dtype, model_id_hash=digest)
+
+
+def load(
+    model: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Pipeline:
+    """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name."""
+    ref = resolve(model)
+    if ref.kind == "preset":
+        return pipeline_from_preset(ref.name, device, dtype)
+    assert ref.path is not None
+    return pipeline_from_bundle(load_bundle(ref.path), device, dtype)

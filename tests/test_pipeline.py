@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pictor
+from pictor.checkpoint import save_bundle
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline, pipeline_from_preset
+from pictor.provenance import read_record, save_png
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        return pictor.load("tiny", device="cpu")
+
+
+def _px(g) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.asarray(g.image).astype(np.int16)
+
+
+def _same_up_to_rounding(a: np.ndarray, b: np.ndarray) -> None:
+    """Same noise and conditioning; only float rounding may differ between batch shapes.
+
+    BLAS picks kernels by matrix size, so a batch of 4 can round differently in the last bit than a batch
+    of 1; after 8-bit quantisation that flips at most a handful of values by one level. A seeding or
+    conditioning mistake changes nearly every pixel, which this still catches.
+    """
+    diff = np.abs(a - b)
+    assert diff.max() <= 1, diff.max()
+    assert (diff == 0).mean() >= 0.995
+
+
+def test_image_i_is_the_same_at_batch_size_1_and_4(pipe: Pipeline) -> None:
+    req = GenerationRequest("a red circle", negative_prompt="a blue square", seed=10, num_images=4, steps=3)
+    batched = pipe.generate(req)
+    assert [g.seed for g in batched] == [10, 11, 12, 13]
+    singles = [
+        pipe.generate(
+            GenerationRequest(
+                "a red circle", negative_prompt="a blue square", seed=10 + i, num_images=1, steps=3
+            )
+        )[0]
+        for i in range(4)
+    ]
+    for g, single in zip(batched, singles, strict=True):
+        _same_up_to_rounding(_px(g), _px(single))
+    assert np.abs(_px(singles[0]) - _px(singles[1])).mean() > 5  # different seeds, different images
+    # The same batch shape is bit-exact: that is what `reproduce` relies on.
+    again = pipe.generate(req)
+    for a, b in zip(batched, again, strict=True):
+        np.testing.assert_array_equal(_px(a), _px(b))
+
+
+def test_outputs_depend_on_seed_prompt_guidance_and_sampler(pipe: Pipeline) -> None:
+    base = dict(prompt="a red circle", seed=1, steps=3)
+    ref = _px(pipe.generate(GenerationRequest(**base))[0])  # type: ignore[arg-type]
+    for change in (
+        {"seed": 2},
+        {"prompt": "four green stars"},
+        {"guidance": 1.0},
+        {"sampler": "heun"},
+        {"negative_prompt": "blurry"},
+    ):
+        other = _px(pipe.generate(GenerationRequest(**{**base, **change}))[0])  # type: ignore[arg-type]
+        assert np.abs(other - ref).max() > 0, change
+
+
+def test_reproduce_from_png_is_bit_exact(pipe: Pipeline, tmp_path: Path) -> None:
+    images = pipe.generate(
+        GenerationRequest("two yellow stars", seed=5, num_images=3, steps=2, sampler="dpmpp_2m")
+    )
+    path = save_png(images[2].image, images[2].record, tmp_path / "x.png")
+    record = read_record(path)
+    assert record["seed"] == 7 and record["batch_seeds"] == [5, 6, 7] and record["batch_index"] == 2
+    again = pipe.reproduce(record)
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(again.image))
+
+
+def test_reproduce_refuses_another_model(pipe: Pipeline) -> None:
+    rec = pipe.generate(GenerationRequest("x", seed=1, steps=1))[0].record
+    rec["model"]["hash"] = "f" * 64
+    with pytest.raises(GenerationError, match="pass that model"):
+        pipe.reproduce(rec)
+
+
+def test_bundle_gives_the_same_pixels_as_its_weights(pipe: Pipeline, tmp_path: Path) -> None:
+    cfg = pipe.config
+    cfg.trained = True
+    try:
+        save_bundle(tmp_path / "m", cfg, pipe.transformer.state_dict(), pipe.autoencoder.state_dict())
+    finally:
+        cfg.trained = False
+    loaded = pictor.load(tmp_path / "m", device="cpu")
+    req = GenerationRequest("a black square", seed=3, steps=2)
+    np.testing.assert_array_equal(_px(loaded.generate(req)[0]), _px(pipe.generate(req)[0]))
+    assert loaded.generate(req)[0].record["model"]["hash"] == loaded.config.hashes["transformer.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 30}, "multiple of 4.*try 28 or 32"),
+        ({"height": 0}, "positive multiple"),
+        ({"steps": 0}, "steps must be between"),
+        ({"steps": -3}, "steps must be between"),
+        ({"sampler": "ddim"}, "unknown sampler 'ddim'"),
+        ({"num_images": 0}, "number of images"),
+        ({"guidance": -1.0}, "guidance must be >= 0"),
+        ({"seed": -1}, "seed must be between"),
+    ],
+)
+def test_bad_requests_are_clear_errors(pipe: Pipeline, change: dict, message: str) -> None:
+    with pytest.raises(GenerationError, match=message):
+        pipe.generate(GenerationRequest(**{"prompt": "x", **change}))  # type: ignore[arg-type]
+
+
+def test_progress_is_reported_and_can_cancel(pipe: Pipeline) -> None:
+    seen: list[tuple[int, int]] = []
+    pipe.generate(
+        GenerationRequest("x", seed=1, steps=3, num_images=2, batch_size=1),
+        progress=lambda i, n: seen.append((i, n)),
+    )
+    assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i: int, n: int) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        pipe.generate(GenerationRequest("x", seed=1, steps=3), progress=cancel)
+
+
+def test_distilled_guidance_model_takes_guidance_and_refuses_negative() -> None:
+    with pytest.warns(UserWarning):
+        p = pipeline_from_preset("tiny", device="cpu")
+    p.transformer = type(p.transformer)(
+        type(p.transformer.params)(**{**p.transformer.params.__dict__, "guidance_embed": True})
+    ).eval()
+    p.guidance_mode = "distilled"
+    a = _px(p.generate(GenerationRequest("x", seed=1, steps=2, guidance=1.0))[0])
+    b = _px(p.generate(GenerationRequest("x", seed=1, steps=2, guidance=8.0))[0])
+    assert np.abs(a - b).max() > 0
+    with pytest.raises(GenerationError, match="no negative prompt"):
+        p.generate(GenerationRequest("x", negative_prompt="y", steps=1))
+    assert torch.get_default_dtype() == torch.float32
