@@ -1,0 +1,129 @@
+"""`pictor train autoencoder|t2i ...`: arguments -> TrainConfig -> `train()`.
+
+Precedence: command-line flags > --config FILE > --preset and the stage defaults. With --resume the
+config stored in the newest checkpoint takes the place of --config, so `pictor train t2i --out DIR
+--resume` needs nothing else; flags given with it still win (e.g. a larger --max-steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pictor.train.config import STAGES, TRAJECTORY_KEYS, ConfigError, TrainConfig
+
+# flag dest -> TrainConfig field (flags whose value is None were not given)
+_FIELDS = {
+    "data": "data",
+    "preset": "preset",
+    "autoencoder": "autoencoder_path",
+    "image_size": "image_size",
+    "seed": "seed",
+    "max_steps": "max_steps",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "lr": "lr",
+    "lr_schedule": "lr_schedule",
+    "warmup_steps": "warmup_steps",
+    "grad_clip": "grad_clip",
+    "ema_decay": "ema_decay",
+    "caption_dropout": "caption_dropout",
+    "kl_weight": "kl_weight",
+    "save_every": "save_every",
+    "keep": "keep",
+    "sample_every": "sample_every",
+    "eval_every": "eval_every",
+    "device": "device",
+    "num_workers": "num_workers",
+    "mixed_precision": "mixed_precision",
+}
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    t = subparsers.add_parser(
+        "train",
+        help="train an autoencoder or a text-to-image model from scratch",
+        description="Train in two stages: first `autoencoder`, then `t2i --autoencoder AE_RUN`. Runs under "
+        "torchrun for several processes (DDP). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, OUT/eval.jsonl, "
+        "OUT/checkpoints/step-N (+ OUT/latest), OUT/final (the bundle).",
+    )
+    t.add_argument("stage", choices=STAGES)
+    t.add_argument("--out", required=True, help="run folder (logs, samples, checkpoints, final/)")
+    t.add_argument("--data", default=None, help="'shapes' (default) or an image folder with captions")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="architecture preset (default: shapes-small)")
+    src.add_argument("--config", default=None, help="JSON file of TrainConfig settings")
+    t.add_argument("--autoencoder", default=None, help="t2i: AE run folder, AE checkpoint or bundle")
+    t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="per process; x grad-accum x ranks per step")
+    t.add_argument("--grad-accum", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (stage default)")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None)
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
+    t.add_argument("--ema-decay", type=float, default=None)
+    t.add_argument("--caption-dropout", type=float, default=None, help="t2i: P(caption -> '') (0.1)")
+    t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")
+    t.add_argument("--image-size", type=int, default=None, help="square training size (preset's)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--save-every", type=int, default=None, help="checkpoint cadence in steps (0: end only)")
+    t.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")
+    t.add_argument("--sample-every", type=int, default=None, help="sample-grid cadence (0: off)")
+    t.add_argument("--eval-every", type=int, default=None, help="shapes-score cadence (0: off)")
+    t.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
+    t.add_argument("--num-workers", type=int, default=None, help="data loader processes")
+    t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)
+    t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return t
+
+
+def _note(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pictor train: {message}", file=sys.stderr)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides: dict[str, Any] = {
+        field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None
+    }
+    if args.compile:
+        overrides["compile"] = True
+    if args.no_progress:
+        overrides["progress"] = False
+    from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily
+
+    latest = find_latest(Path(args.out)) if args.resume else None
+    if latest is not None:
+        saved = TrainConfig.from_dict(json.loads((latest / STATE_FILE).read_text())["config"], str(latest))
+        if saved.stage != args.stage:
+            raise ConfigError(f"{args.out} holds a '{saved.stage}' run; cannot resume it as '{args.stage}'")
+        changed = [k for k in TRAJECTORY_KEYS if k in overrides and overrides[k] != getattr(saved, k)]
+        if changed:
+            _note(
+                f"warning: resuming with changed {changed}: the loss curve will differ from the original run"
+            )
+        cfg = dataclasses.replace(saved, out=args.out, **overrides)
+        _note(f"resuming from {latest}")
+        return cfg
+    if args.resume:
+        _note(f"--resume: no checkpoint in {args.out} yet, starting a new run")
+    if args.config:
+        return TrainConfig.from_json(args.config, stage=args.stage, out=args.out, **overrides)
+    return TrainConfig(stage=args.stage, out=args.out, **overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pictor.train.loop import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.final)
+    return 0

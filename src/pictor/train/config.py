@@ -1,0 +1,210 @@
+"""TrainConfig: every setting of a training run, JSON-able, stored in each checkpoint.
+
+A run is fully described by its TrainConfig: the stage, the data, the model architecture (from a preset,
+optionally overridden), the optimizer and schedule, and the cadence of logs, samples, evals and
+checkpoints. `--resume` reads the config back from the checkpoint, so a resumed run needs no flags again.
+
+Batch convention (as in diffusers' and kohya's scripts): ``batch_size`` is the micro-batch of ONE process;
+one optimizer step sees ``batch_size * grad_accum * world_size`` images (`global_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pictor.presets import get_preset
+
+STAGES = ("autoencoder", "t2i")
+LR_SCHEDULES = ("constant", "cosine")
+RECON_LOSSES = ("l1", "l2", "l1+l2")
+MIXED_PRECISION = ("auto", "bf16", "no")
+
+# Stage defaults for what differs between the two stages; everything else is shared.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "autoencoder": {"lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.99], "ema_decay": 0.999},
+    "t2i": {"lr": 3e-4, "weight_decay": 0.0, "betas": [0.9, 0.99], "ema_decay": 0.999},
+}
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work; the message names the setting and what to change."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    out: str
+    data: str = "shapes"
+    preset: str = "shapes-small"
+    # Architecture overrides (None: take the preset's); filled in by `resolve()`.
+    model: dict[str, Any] | None = None
+    autoencoder: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None
+    defaults: dict[str, Any] | None = None
+    # t2i: where the trained autoencoder comes from (a bundle, an AE checkpoint, or an AE training run).
+    autoencoder_path: str | None = None
+    image_size: int | None = None  # None: the preset's default width
+    seed: int = 0
+    # Optimization.
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float | None = None  # None: STAGE_DEFAULTS
+    weight_decay: float | None = None
+    betas: list[float] | None = None
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    ema_decay: float | None = None
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA tracks the weights
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the transformer blocks (CUDA runs)
+    # Autoencoder stage.
+    recon_loss: str = "l1"
+    kl_weight: float = 1e-6  # LDM's weight: KL summed over the latent, recon summed over the pixels
+    # t2i stage.
+    caption_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
+    timestep_sampling: str = "logit_normal"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
+    # Cadence (0 disables); checkpoints also at the end of the run.
+    save_every: int = 500
+    keep: int = 3
+    sample_every: int = 500
+    eval_every: int = 1000
+    num_samples: int = 8  # images in a sample grid
+    sample_steps: int = 20
+    sample_guidance: float = 4.0
+    eval_prompts: int = 24  # dev prompts scored (spread over the six tags)
+    eval_images_per_prompt: int = 2
+    # Runtime (not part of the trajectory).
+    device: str | None = None
+    num_workers: int | None = None  # data loader processes; None: 0 on CPU, up to 8 on CUDA
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived ------------------------------------------------------------------------------------
+
+    def global_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "training config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known settings: {sorted(known)}")
+        missing = [k for k in ("stage", "out") if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: missing {missing}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a training config is a JSON object of settings")
+        return cls.from_dict({**raw, **overrides}, where=str(path))
+
+    def resolve(self) -> TrainConfig:
+        """Fill every None from the preset and the stage defaults, and validate. Returns a new config."""
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        try:
+            preset = get_preset(self.preset)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from exc
+        stage = STAGE_DEFAULTS[self.stage]
+        c = dataclasses.replace(
+            self,
+            model=self.model if self.model is not None else preset["model"],
+            autoencoder=self.autoencoder if self.autoencoder is not None else preset["autoencoder"],
+            text_encoder=self.text_encoder if self.text_encoder is not None else preset["text_encoder"],
+            defaults=self.defaults if self.defaults is not None else preset["defaults"],
+            image_size=self.image_size or int(preset["defaults"]["width"]),
+            lr=self.lr if self.lr is not None else stage["lr"],
+            weight_decay=self.weight_decay if self.weight_decay is not None else stage["weight_decay"],
+            betas=list(self.betas) if self.betas is not None else list(stage["betas"]),
+            ema_decay=self.ema_decay if self.ema_decay is not None else stage["ema_decay"],
+        )
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr is not None and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must lie in [0, 1]")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        need(
+            self.ema_decay is not None and 0.0 <= self.ema_decay < 1.0,
+            f"ema_decay must lie in [0, 1), got {self.ema_decay}",
+        )
+        need(self.betas is not None and len(self.betas) == 2, "betas must be two numbers")
+        need(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
+        need(self.recon_loss in RECON_LOSSES, f"recon_loss must be one of {RECON_LOSSES}")
+        need(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        need(
+            0.0 <= self.caption_dropout <= 1.0,
+            f"caption_dropout must lie in [0, 1], got {self.caption_dropout}",
+        )
+        need(
+            self.timestep_sampling in ("logit_normal", "uniform"),
+            "timestep_sampling must be 'logit_normal' or 'uniform'",
+        )
+        need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        for name in ("save_every", "sample_every", "eval_every"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        need(self.latent_stats_images >= 1, "latent_stats_images must be >= 1")
+        if self.autoencoder is not None and self.image_size is not None:
+            factor = 2 ** (len(self.autoencoder["ch_mult"]) - 1)
+            # t2i packs 2x2 latent patches; the AE stage only needs the AE's own factor.
+            multiple = factor * (2 if self.stage == "t2i" else 1)
+            need(
+                self.image_size % multiple == 0,
+                f"image_size {self.image_size} must be a multiple of {multiple} "
+                f"(autoencoder factor {factor}{' x 2x2 latent patches' if self.stage == 't2i' else ''})",
+            )
+
+
+# Settings that change the loss curve; changing them on --resume is allowed but warned about.
+TRAJECTORY_KEYS = (
+    "data",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "lr_schedule",
+    "grad_clip",
+    "ema_decay",
+    "caption_dropout",
+    "recon_loss",
+    "kl_weight",
+    "image_size",
+)

@@ -1,0 +1,226 @@
+"""Training data: an index-addressable stream of (image, caption) pairs, sharded over ranks, plus the
+per-sample random numbers the stages draw.
+
+Determinism is built on one integer, the data position: the number of samples the run has consumed.
+Sample k of the stream is always the same image and caption, and every random number that belongs to it
+(noise, timestep, caption dropout) comes from a generator seeded by (run seed, k). So the loss of a step
+depends only on the model state and the data position, never on wall time, worker timing, or how the
+global batch is split over ranks: a resumed run, or one on another number of processes, sees the same
+samples with the same noise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pictor.flow import sample_t
+
+# Separate seed streams, so that e.g. the noise of sample k is unrelated to its caption-dropout draw.
+STREAM_TRAIN = 1
+STREAM_HOLDOUT = 2
+# Held-out items of an infinite dataset (previews, latent statistics) come from far beyond any run.
+HOLDOUT_OFFSET = 10**12
+
+
+class ImageCaptionDataset(Protocol):
+    """What the trainer needs: ``ds[i] -> (uint8 [H, W, 3], caption, spec_or_metadata)``.
+
+    Infinite datasets (the shapes world) define no ``__len__``; finite ones (image folders) do, and the
+    stream walks them epoch by epoch in a seeded order.
+    """
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str, Any]: ...
+
+
+def make_dataset(spec: str, size: int, seed: int) -> ImageCaptionDataset:
+    """``"shapes"`` (the procedural world) or an image folder with captions."""
+    if spec == "shapes":
+        from pictor.data.shapes import ShapesDataset
+
+        return ShapesDataset(seed=seed, size=size)
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {spec!r}: give 'shapes' or a folder of images with captions")
+    from pictor.data.folder import ImageFolderDataset
+
+    # One square size (no aspect buckets): every image is resized to cover size x size and centre-cropped.
+    return _FolderImages(ImageFolderDataset(path, size=size, buckets=False, seed=seed))
+
+
+class _FolderImages:
+    """ImageFolderDataset items (float [-1, 1] tensors in dicts) as (uint8 [H, W, 3], caption, info)."""
+
+    def __init__(self, folder: Any) -> None:
+        if len(folder) == 0:
+            raise ValueError(f"{folder.root}: no usable images found")
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str, Any]:
+        item = self.folder[index]
+        pixels = ((item.pop("image") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact inverse
+        return pixels.permute(1, 2, 0).numpy(), item["caption"], item
+
+
+def dataset_length(ds: ImageCaptionDataset) -> int | None:
+    try:
+        return len(ds)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def stream_index(ds_len: int | None, k: int, seed: int) -> int:
+    """Dataset index of stream sample k: identity for infinite data, a seeded permutation per epoch else."""
+    if ds_len is None:
+        return k
+    epoch, offset = divmod(k, ds_len)
+    perm = np.random.default_rng([seed, STREAM_TRAIN, epoch]).permutation(ds_len)
+    return int(perm[offset])
+
+
+def holdout_index(ds_len: int | None, i: int) -> int:
+    """Items for previews and statistics: far outside the training stream, or the first of a folder."""
+    return HOLDOUT_OFFSET + i if ds_len is None else i % ds_len
+
+
+def sample_generator(seed: int, k: int, stream: int = STREAM_TRAIN) -> torch.Generator:
+    """A CPU generator for the random numbers of stream sample k (well mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def rank_indices(position: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Stream indices of this rank's micro-batch at data position `position`.
+
+    The global micro-batch is position .. position + batch_size * world_size - 1; rank r takes every
+    world_size-th of them starting at r, so ranks never share a sample and together cover all.
+    """
+    return [position + rank + world_size * j for j in range(batch_size)]
+
+
+def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> uint8 [B, 3, H, W] (converted to float on the device, 4x less copying)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 [-1, 1] on `device`."""
+    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class SampleDraws:
+    """The random numbers of one sample, drawn from its own generator in a fixed order: caption dropout
+    (t2i), timestep (t2i), then Gaussian noise of `noise_shape`. A pure function of (seed, k), evaluated
+    in the data loader's workers so the training process does not spend time on it."""
+
+    seed: int
+    noise_shape: tuple[int, ...]
+    timesteps: bool = False
+    caption_dropout: float = 0.0
+    t_kind: str = "logit_normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+
+    def __call__(self, k: int) -> dict[str, torch.Tensor]:
+        g = sample_generator(self.seed, k)
+        out = {}
+        if self.timesteps:
+            out["drop"] = torch.rand(1, generator=g) < self.caption_dropout
+            out["t"] = sample_t(1, self.t_kind, generator=g, mean=self.t_mean, std=self.t_std)  # type: ignore[arg-type]
+        out["noise"] = torch.randn(self.noise_shape, generator=g)
+        return out
+
+
+class Batch:
+    """One rank's micro-batch: images uint8 [B, 3, H, W], captions, the stream index of each sample, and
+    its random numbers stacked (e.g. draws["noise"] [B, ...], draws["t"] [B], draws["drop"] [B] bool)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        indices: list[int],
+        draws: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.images = images
+        self.captions = captions
+        self.indices = indices
+        self.draws = draws or {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _StreamItems(Dataset):
+    """Map-style view of the stream for DataLoader workers: item k is stream sample k."""
+
+    def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None) -> None:
+        self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, str, int, dict[str, torch.Tensor]]:
+        image, caption, _ = self.ds[stream_index(self.len, k, self.seed)]
+        return image, caption, k, self.draws(k) if self.draws is not None else {}
+
+
+def _collate(items: list[tuple[np.ndarray, str, int, dict[str, torch.Tensor]]]) -> Batch:
+    draws = {key: torch.cat([i[3][key].unsqueeze(0) for i in items]) for key in items[0][3]}
+    if "t" in draws:
+        draws["t"], draws["drop"] = draws["t"].reshape(-1), draws["drop"].reshape(-1)
+    return Batch(to_tensor([i[0] for i in items]), [i[1] for i in items], [i[2] for i in items], draws)
+
+
+class _MicroBatches:
+    """Batch sampler: this rank's index lists from a data position on, forever (order is fixed)."""
+
+    def __init__(self, position: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.position, self.batch_size, self.rank, self.world_size = position, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos = self.position
+        while True:
+            yield rank_indices(pos, self.batch_size, self.rank, self.world_size)
+            pos += self.batch_size * self.world_size
+
+
+def micro_batches(
+    ds: ImageCaptionDataset,
+    seed: int,
+    position: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    draws: SampleDraws | None = None,
+) -> Iterator[Batch]:
+    """This rank's micro-batches from `position` on. Workers prefetch, but DataLoader keeps the order, so
+    the stream is the same with any number of workers."""
+    loader = DataLoader(
+        _StreamItems(ds, seed, draws),
+        batch_sampler=_MicroBatches(position, batch_size, rank, world_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=False,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return iter(loader)
+
+
+def default_workers(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # CPU training: rendering in-process is cheap next to the model, and cores are scarce
+    # A small model on a GPU eats thousands of images per second: give the loaders the cores, shared
+    # between the ranks of this machine, keeping one per rank for the training process itself.
+    per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, per_rank - 1))

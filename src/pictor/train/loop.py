@@ -1,0 +1,267 @@
+"""The training loop shared by both stages: accumulation, clipping, AMP, EMA, logs, checkpoints, resume.
+
+One optimizer step:
+    reseed every RNG from (seed, step)        nothing depends on what ran before or on wall time
+    lr <- schedule(step)
+    grad_accum micro-batches: loss / grad_accum, backward (DDP syncs on the last one only)
+    clip the gradient norm, AdamW step, EMA update
+    log (rank 0), then checkpoint / sample grid / eval at their cadence
+
+Resuming restores the raw weights, the EMA, the optimizer, the RNG states, the step and the data
+position, so a run killed at any moment continues with bit-identical losses (on the same device and
+number of threads).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pictor.checkpoint import replace_dir, state_dict_hash, write_json
+from pictor.train import distributed
+from pictor.train.config import TrainConfig
+from pictor.train.data import default_workers, make_dataset, micro_batches
+from pictor.train.logs import RunLog
+from pictor.train.optim import EMA, build_optimizer, lr_at, schedule_state, set_lr
+from pictor.train.stages import Stage, build_stage
+from pictor.train.state import (
+    clean_leftovers,
+    find_latest,
+    read_checkpoint,
+    restore,
+    step_name,
+    write_checkpoint,
+)
+
+FINAL = "final"
+SUMMARY = "summary.json"
+
+
+class TrainingError(ValueError):
+    """The run cannot go on (a non-finite loss, an output folder in use); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    final: Path
+    loss: float
+    resumed_from: int
+
+
+def seed_everything(seed: int, step: int) -> None:
+    """Per-step seeds: whatever draws from a global RNG (dropout, a library) is a function of the step."""
+    s = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint32)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool = False) -> None:
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.out = Path(cfg.out)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.out)
+        distributed.barrier(info)
+        latest = find_latest(self.out)
+        if latest is not None and not resume:
+            raise TrainingError(
+                f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue that "
+                "run, or choose another --out"
+            )
+        ckpt = read_checkpoint(latest) if latest is not None else None
+
+        assert cfg.image_size is not None
+        self.ds = make_dataset(cfg.data, cfg.image_size, cfg.seed)
+        self.stage: Stage = build_stage(cfg, self.ds, info, ckpt.path if ckpt else None)
+        self.model = self.stage.module
+        assert cfg.ema_decay is not None
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.step, self.position, self.elapsed = 0, 0, 0.0
+        if ckpt is not None:
+            restore(ckpt, self.model, self.optimizer)
+            self.ema.module.load_state_dict(self.stage.ema_weights(ckpt.path), strict=True)
+            self.step = ckpt.step
+            self.position = int(ckpt.state["data_position"])
+            self.elapsed = float(ckpt.state.get("elapsed", 0.0))
+        self.resumed_from = self.step
+        if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
+            self.model.compile()  # after the EMA copy: the shadow module stays a plain one
+        self.forward = distributed.wrap(self.stage.forward_module, info)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
+        batches = micro_batches(
+            self.ds,
+            cfg.seed,
+            self.position,
+            cfg.batch_size,
+            info.rank,
+            info.world_size,
+            workers,
+            self.stage.draws(),
+        )
+        global_batch = cfg.global_batch(info.world_size)
+        log = (
+            RunLog(self.out, self.step, cfg.max_steps, cfg.progress, f"train {cfg.stage}")
+            if info.is_main
+            else None
+        )
+        started = time.perf_counter() - self.elapsed
+        loss_value = math.nan
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                self.step += 1
+                seed_everything(cfg.seed, self.step)
+                lr = lr_at(self.step, cfg)
+                set_lr(self.optimizer, lr)
+                sums: dict[str, torch.Tensor] = {}
+                for micro in range(cfg.grad_accum):
+                    batch = next(batches)
+                    with distributed.no_sync(self.forward, skip=micro < cfg.grad_accum - 1):
+                        loss, extras = self.stage.loss(self.forward, batch)
+                        (loss / cfg.grad_accum).backward()
+                    for key, value in {"loss": loss.detach(), **extras}.items():
+                        sums[key] = sums.get(key, 0) + value.float() / cfg.grad_accum
+                self.position += global_batch
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.ema.update(self.model, self.step)
+                means = distributed.mean(torch.stack(list(sums.values())), info).tolist()
+                values = dict(zip(sums, means, strict=True))
+                loss_value = values["loss"]
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"step {self.step}: loss is {loss_value}; lower --lr or raise warmup_steps, and "
+                        "resume from the last checkpoint"
+                    )
+                now = time.perf_counter()
+                if log is not None:
+                    record = {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "images_per_s": global_batch / max(now - t0, 1e-9),
+                        "time": now - started,
+                        **{k: v for k, v in values.items() if k != "loss"},
+                    }
+                    log.step(record)
+                self.elapsed = now - started
+                self._periodic(log)
+            self.save()  # the end of the run is always a checkpoint (a no-op if this step has one)
+            final = self._write_final()
+            self._write_summary(loss_value)
+        finally:
+            if log is not None:
+                log.close()
+        return TrainResult(self.out, self.step, final, loss_value, self.resumed_from)
+
+    def _periodic(self, log: RunLog | None) -> None:
+        cfg, step = self.cfg, self.step
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.save()
+        if log is not None and cfg.sample_every and step % cfg.sample_every == 0:
+            self.samples()
+        if log is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            result = self.stage.evaluate(self.ema.module)
+            if result is not None:
+                log.eval({"step": step, **result})
+
+    # -- outputs ----------------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Checkpoint this step (rank 0 writes; every rank waits so none runs ahead of a half-written one)."""
+        path = self.out / "checkpoints" / step_name(self.step)
+        distributed.barrier(self.info)
+        if self.info.is_main and not path.is_dir():
+            cfg = self.cfg
+            state: dict[str, Any] = {
+                "step": self.step,
+                "data_position": self.position,
+                "world_size": self.info.world_size,
+                "elapsed": self.elapsed,
+                "config": cfg.to_dict(),
+                "scheduler": schedule_state(self.step, cfg),
+                "ema": {"decay": self.ema.decay, "warmup": self.ema.warmup},
+                "stage": self.stage.state(),
+            }
+            write_checkpoint(
+                self.out,
+                self.step,
+                lambda folder: self.stage.write_weights(folder, self.ema.module, self.step),
+                self.model,
+                self.optimizer,
+                state,
+                cfg.keep,
+            )
+        distributed.barrier(self.info)
+        return path if self.info.is_main else None
+
+    def samples(self) -> Path:
+        folder = self.out / "samples"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{step_name(self.step)}.png"
+        self.stage.sample_grid(self.ema.module).save(path)
+        return path
+
+    def _write_final(self) -> Path:
+        final = self.out / FINAL
+        distributed.barrier(self.info)
+        if self.info.is_main:
+            tmp = self.out / f".{FINAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.stage.write_weights(tmp, self.ema.module, self.step)
+            replace_dir(tmp, final)
+        distributed.barrier(self.info)
+        return final
+
+    def _write_summary(self, loss: float) -> None:
+        """Per-rank checksums of the raw weights: DDP ranks must hold identical models."""
+        digest = state_dict_hash(self.model.state_dict())
+        local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
+        sums = [bytes(t.cpu().tolist()).hex() for t in distributed.gather(local, self.info)]
+        if self.info.is_main:
+            write_json(
+                {
+                    "step": self.step,
+                    "stage": self.cfg.stage,
+                    "loss": loss if math.isfinite(loss) else None,  # None: a resume with no steps left
+                    "world_size": self.info.world_size,
+                    "global_batch": self.cfg.global_batch(self.info.world_size),
+                    "resumed_from": self.resumed_from,
+                    "final": FINAL,
+                    "weights_sha256_per_rank": sums,
+                    "ema_sha256": state_dict_hash(self.ema.state_dict()),
+                },
+                self.out / SUMMARY,
+            )
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run (or, with resume, continue) a training run described by `cfg` (resolved here if needed)."""
+    cfg = cfg.resolve()
+    info = distributed.setup(cfg.device)
+    try:
+        return Trainer(cfg, info, resume).run()
+    finally:
+        distributed.teardown(info)

@@ -1,0 +1,100 @@
+"""Optimizer, learning-rate schedule and EMA weights.
+
+The schedule is a pure function of the step (no stateful scheduler object to save and restore): linear
+warm-up from 0 to the peak over `warmup_steps`, then constant, or a cosine decay to `min_lr_ratio * lr`
+at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pictor.train.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (1-based: the first update uses lr_at(1))."""
+    assert cfg.lr is not None
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warm
+    # Cosine over the steps after warm-up, so the peak is reached and then decays to the floor.
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    floor = cfg.min_lr_ratio
+    return cfg.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_state(step: int, cfg: TrainConfig) -> dict[str, float | int | str]:
+    """What a scheduler object would save; the schedule itself is recomputed from the config."""
+    return {
+        "kind": cfg.lr_schedule,
+        "base_lr": float(cfg.lr or 0.0),
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": cfg.max_steps,
+        "min_lr_ratio": cfg.min_lr_ratio,
+        "last_step": step,
+        "last_lr": lr_at(step, cfg) if step > 0 else 0.0,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm gains and 1-D parameters keep their scale (nanoGPT's split)."""
+    decay, no_decay = [], []
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    assert cfg.betas is not None and cfg.weight_decay is not None
+    # foreach is deterministic and fast on both CPU and CUDA; fused would differ between devices.
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=lr_at(1, cfg),
+        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+        eps=cfg.eps,
+        foreach=True,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, kept in fp32 in a shadow copy of the module.
+
+    The shadow module is what sample grids are drawn with and what bundles store as the model's weights.
+    Buffers (none in pictor's models today) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        # The warm-up lets a short run's EMA follow the fast early changes instead of the random init.
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        ema = [p for _, p in sorted(self.module.named_parameters(), key=lambda kv: kv[0])]
+        live = [p.detach().float() for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])]
+        torch._foreach_lerp_(ema, live, weight)
+        for (_, b_ema), (_, b) in zip(self.module.named_buffers(), model.named_buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()

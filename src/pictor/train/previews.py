@@ -1,0 +1,149 @@
+"""What a run shows while it trains: sample grids drawn with the EMA weights, and shapes scores.
+
+Generation here goes through `pictor.sampling` directly (not through a Pipeline, which would move the
+live EMA module to another dtype in place). It follows the pipeline's conventions: noise per image from a
+CPU generator seeded with the image's seed, fixed-length text, CFG against the empty prompt (what caption
+dropout trains for), Euler on FLUX's shifted schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pictor.models.autoencoder import AutoEncoder
+from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from pictor.models.text import TextEncoder
+from pictor.sampling import cfg, get_sampler, get_schedule
+
+
+def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (fp32 on the CPU)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [B, 3, H, W] -> uint8 [B, H, W, 3]."""
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray | Sequence[np.ndarray], columns: int) -> Image.Image:
+    """Tile uint8 [H, W, 3] images into rows of `columns` with a 2-pixel white gutter."""
+    images = list(images)
+    h, w = images[0].shape[:2]
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    pad = 2
+    sheet = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        sheet[y : y + h, x : x + w] = img
+    return Image.fromarray(sheet)
+
+
+@torch.no_grad()
+def generate(
+    transformer: Flux,
+    autoencoder: AutoEncoder,
+    text_encoder: TextEncoder,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    size: int,
+    steps: int,
+    guidance: float,
+    device: torch.device,
+    amp: bool,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Text-to-image for prompt i with seed i: uint8 [N, size, size, 3]."""
+    was_training = transformer.training
+    transformer.eval()
+    f = autoencoder.params.downsample_factor
+    lat = size // f
+    out = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            chunk_seeds = list(seeds[start : start + batch_size])
+            n = len(chunk)
+            noise = torch.cat(
+                [
+                    torch.randn(
+                        1, autoencoder.params.z_channels, lat, lat, generator=torch.Generator().manual_seed(s)
+                    )
+                    for s in chunk_seeds
+                ]
+            ).to(device)
+            x = pack_latents(noise)
+            cond = text_encoder.encode(chunk)
+            uncond = text_encoder.encode([""] * n)
+            txt = torch.cat([cond.tokens, uncond.tokens]).to(device)
+            vec = torch.cat([cond.pooled, uncond.pooled]).to(device)
+            img_ids = make_img_ids(2 * n, lat, lat, device=device)
+            txt_ids = make_txt_ids(2 * n, txt.shape[1], device=device)
+
+            def both(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+                with autocast(device, amp):
+                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec)  # noqa: B023 - used at once
+                return v.float()
+
+            ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)
+            x = get_sampler("euler")(cfg(both, guidance), x, ts, None)
+            with autocast(device, amp):
+                pixels = autoencoder.decode(unpack_latents(x, lat, lat))
+            out.append(to_uint8(pixels))
+    finally:
+        transformer.train(was_training)
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def reconstruct(
+    autoencoder: AutoEncoder, images: torch.Tensor, device: torch.device, amp: bool, batch_size: int = 64
+) -> np.ndarray:
+    """uint8 [B, 3, H, W] -> their encode/decode round trip (posterior mean), uint8 [B, H, W, 3]."""
+    was_training = autoencoder.training
+    autoencoder.eval()
+    out = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device).float() / 127.5 - 1.0
+            with autocast(device, amp):
+                pixels = autoencoder.decode(autoencoder.encode(x))
+            out.append(to_uint8(pixels))
+    finally:
+        autoencoder.train(was_training)
+    return np.concatenate(out)
+
+
+def eval_specs(n: int) -> list[dict]:
+    """n dev prompts spread evenly over the six tags (the first of each tag, then the second, ...)."""
+    from pictor.eval.shapes import TAGS, load_prompts
+
+    by_tag: dict[str, list[dict]] = {tag: [] for tag in TAGS}
+    for spec in load_prompts():
+        by_tag.setdefault(spec["tag"], []).append(spec)
+    picked: list[dict] = []
+    rank = 0
+    while len(picked) < n and any(rank < len(v) for v in by_tag.values()):
+        for tag in TAGS:
+            if rank < len(by_tag[tag]) and len(picked) < n:
+                picked.append(by_tag[tag][rank])
+        rank += 1
+    return picked
+
+
+def score(specs: list[dict], images: np.ndarray, per_spec: int) -> dict:
+    """Shapes scores of images laid out spec by spec (`per_spec` consecutive images each)."""
+    from pictor.eval.shapes import score_images
+
+    grouped = [list(images[i * per_spec : (i + 1) * per_spec]) for i in range(len(specs))]
+    report = score_images(specs, grouped)
+    return {"overall": report["overall"], "per_tag": report["per_tag"], "n_images": report["n_images"]}

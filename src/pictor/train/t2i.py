@@ -1,0 +1,214 @@
+"""The text-to-image stage: the Flux transformer on latents of the frozen autoencoder, conditioned on the
+frozen text encoder, trained with the rectified-flow loss of `pictor.flow`. Its checkpoints are bundles.
+
+Latent scale (FLUX.1 does the same with its fixed 0.3611 / 0.1159): a fresh t2i run encodes
+`latent_stats_images` held-out images and sets the autoencoder's shift_factor = mean and
+scale_factor = 1 / std of the raw latents (posterior means, over every element), so the transformer sees
+roughly zero-mean, unit-variance latents whatever KL weight the AE was trained with. The two numbers are
+stored in the bundle's autoencoder config, which `AutoEncoder.encode/decode` apply; a resumed run keeps
+the numbers of its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pictor.checkpoint import (
+    TRANSFORMER_FILE,
+    BundleConfig,
+    CheckpointError,
+    load_into,
+    read_bundle_config,
+    read_safetensors,
+    save_bundle,
+)
+from pictor.flow import flow_loss, interpolate
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
+from pictor.models.text import build_text_encoder
+from pictor.train import previews
+from pictor.train.config import TrainConfig
+from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float
+from pictor.train.distributed import DistInfo, broadcast
+from pictor.train.stages import Stage, holdout_images, load_autoencoder, seeded
+
+
+class T2IStage(Stage):
+    name = "t2i"
+
+    def __init__(
+        self, cfg: TrainConfig, ds: ImageCaptionDataset, info: DistInfo, resume: Path | None = None
+    ) -> None:
+        super().__init__(cfg, ds, info)
+        assert cfg.model is not None and cfg.text_encoder is not None
+        if resume is not None:  # the checkpoint's own AE, with the latent stats of the original start
+            ae_params, ae_sd, _ = load_autoencoder(resume)
+            self.ae_source = Path(read_bundle_config(resume).training.get("autoencoder_source", resume))
+        elif cfg.autoencoder_path:
+            ae_params, ae_sd, self.ae_source = load_autoencoder(cfg.autoencoder_path)
+        else:
+            raise CheckpointError(
+                "t2i training needs a trained autoencoder: pass --autoencoder DIR (the --out of "
+                "`pictor train autoencoder`, an AE checkpoint, or a bundle)"
+            )
+        with torch.device("meta"):
+            ae = AutoEncoder(AutoEncoderParams.from_dict(dict(ae_params)))
+        self.ae = (
+            load_into(ae, ae_sd, f"{self.ae_source}: autoencoder")
+            .to(self.device)
+            .eval()
+            .requires_grad_(False)
+        )
+        self.text = build_text_encoder(cfg.text_encoder).to(self.device)
+        multiple = 2 * self.ae.params.downsample_factor
+        if int(cfg.image_size or 0) % multiple:
+            raise CheckpointError(
+                f"image_size {cfg.image_size} must be a multiple of {multiple} for this autoencoder "
+                f"(factor {multiple // 2} x 2x2 latent patches)"
+            )
+        params = FluxParams.from_dict(cfg.model)
+        self._check_dims(params)
+        self.module = seeded(cfg.seed, lambda: Flux(params).init_weights()).to(self.device)
+        self.forward_module = self.module
+        if resume is None:
+            self._set_latent_stats()
+
+    def _check_dims(self, p: FluxParams) -> None:
+        z, ctx, pooled = self.ae.params.z_channels, self.text.context_dim, self.text.pooled_dim
+        problems = []
+        if p.in_channels != 4 * z or p.out_channels != 4 * z:
+            problems.append(
+                f"in/out_channels {p.in_channels}/{p.out_channels} != 4 x AE z_channels ({4 * z})"
+            )
+        if p.context_in_dim != ctx:
+            problems.append(f"context_in_dim {p.context_in_dim} != text encoder width {ctx}")
+        if p.vec_in_dim != pooled:
+            problems.append(f"vec_in_dim {p.vec_in_dim} != text encoder pooled width {pooled}")
+        if problems:
+            raise CheckpointError("transformer config does not fit its inputs: " + "; ".join(problems))
+
+    @torch.no_grad()
+    def _set_latent_stats(self) -> None:
+        n = self.cfg.latent_stats_images
+        total = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares
+        images, _ = holdout_images(self.ds, n)
+        for start in range(0, n, 64):
+            x = to_float(images[start : start + 64], self.device)
+            mean, _ = self.ae.encode_moments(x)  # fp32: statistics deserve full precision
+            m = mean.double().cpu()
+            total += torch.stack(
+                [torch.tensor(float(m.numel()), dtype=torch.float64), m.sum(), m.square().sum()]
+            )
+        count, s, sq = total.tolist()
+        mu = s / count
+        std = math.sqrt(max(sq / count - mu * mu, 1e-12))
+        stats = broadcast(torch.tensor([mu, 1.0 / std], dtype=torch.float64, device=self.device), self.info)
+        self.ae.params.shift_factor, self.ae.params.scale_factor = (float(v) for v in stats.cpu().tolist())
+
+    def draws(self) -> SampleDraws:
+        c = self.cfg
+        return SampleDraws(
+            c.seed,
+            self._latent_shape(self.ae),
+            timesteps=True,
+            caption_dropout=c.caption_dropout,
+            t_kind=c.timestep_sampling,
+            t_mean=c.timestep_mean,
+            t_std=c.timestep_std,
+        )
+
+    def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        drops = batch.draws["drop"].tolist()
+        captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
+        x = to_float(batch.images, self.device)
+        with torch.no_grad(), previews.autocast(self.device, self.amp):
+            z = self.ae.encode(x).float()  # [B, C, h, w], scaled and shifted
+        noise = batch.draws["noise"].to(self.device, non_blocking=True)
+        t = batch.draws["t"].to(self.device, non_blocking=True)
+        emb = self.text.encode(captions)
+        x0, eps = pack_latents(z), pack_latents(noise)  # [B, N, 4C]
+        x_t = interpolate(x0, eps, t)
+        b, h, w = z.shape[0], z.shape[2], z.shape[3]
+        img_ids = make_img_ids(b, h, w, device=self.device)
+        txt_ids = make_txt_ids(b, emb.tokens.shape[1], device=self.device)
+        with previews.autocast(self.device, self.amp):
+            pred = fwd(x_t, img_ids, emb.tokens.to(self.device), txt_ids, t, emb.pooled.to(self.device))
+        return flow_loss(pred, x0, eps), {}
+
+    def bundle_config(self, step: int) -> BundleConfig:
+        c = self.cfg
+        defaults = {**(c.defaults or {}), "width": c.image_size, "height": c.image_size}
+        return BundleConfig(
+            name=Path(c.out).resolve().name,
+            preset=c.preset,
+            model=self.module.params.to_dict(),
+            autoencoder=self.ae.params.to_dict(),
+            text_encoder=self.text.config(),
+            defaults=defaults,
+            trained=True,
+            description=f"trained by pictor train t2i on {c.data}, {step} steps",
+            training={**self.training_info(step), "autoencoder_source": str(self.ae_source)},
+        )
+
+    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
+        save_bundle(folder, self.bundle_config(step), ema.state_dict(), self.ae.state_dict())
+
+    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
+        return read_safetensors(checkpoint / TRANSFORMER_FILE)
+
+    def _prompts(self, n: int) -> list[str]:
+        if self.cfg.data == "shapes":
+            return [s["prompt"] for s in previews.eval_specs(n)]
+        return holdout_images(self.ds, n)[1]
+
+    def sample_grid(self, ema: nn.Module) -> Any:
+        c = self.cfg
+        prompts = self._prompts(c.num_samples)
+        images = previews.generate(
+            ema,
+            self.ae,
+            self.text,
+            prompts,
+            list(range(len(prompts))),
+            int(c.image_size or 64),
+            c.sample_steps,
+            c.sample_guidance,
+            self.device,
+            self.amp,
+        )
+        return previews.grid(images, columns=min(8, len(images)))
+
+    def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
+        c = self.cfg
+        if c.data != "shapes":
+            return None
+        specs = previews.eval_specs(c.eval_prompts)
+        k = c.eval_images_per_prompt
+        prompts = [s["prompt"] for s in specs for _ in range(k)]
+        seeds = [1000 + i for i in range(len(prompts))]
+        images = previews.generate(
+            ema,
+            self.ae,
+            self.text,
+            prompts,
+            seeds,
+            int(c.image_size or 64),
+            c.sample_steps,
+            c.sample_guidance,
+            self.device,
+            self.amp,
+            batch_size=64,
+        )
+        return previews.score(specs, images, k)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "scale_factor": self.ae.params.scale_factor,
+            "shift_factor": self.ae.params.shift_factor,
+            "autoencoder_source": str(self.ae_source),
+        }

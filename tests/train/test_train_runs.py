@@ -1,0 +1,253 @@
+"""Whole training runs on the tiny preset (32x32, f=2 AE): outputs, SIGKILL + resume, torchrun DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import read_safetensors
+from pictor.train.config import TrainConfig
+from pictor.train.logs import read_jsonl
+from pictor.train.loop import TrainingError, train
+
+QUIET = {"sample_every": 0, "eval_every": 0, "progress": False}
+# Everything that shapes the loss curve, shared by the subprocess runs that are compared.
+T2I_FLAGS = ["--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "3"]
+T2I_FLAGS += ["--sample-every", "0", "--eval-every", "0", "--no-progress", "--device", "cpu"]
+STEPS = 8
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: the same in every compared run (CPU kernels are deterministic for a fixed
+    # thread count), and two DDP ranks fill two cores without oversubscribing them.
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """In-process runs on one thread too: tiny models gain nothing from two, and a busy machine makes
+    two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pictor.cli", "train", *args]
+
+
+def _run(cmd: list[str], timeout: float = 120) -> None:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step tiny autoencoder run: good enough to feed the t2i stage."""
+    out = tmp_path_factory.mktemp("ae")
+    train(TrainConfig(stage="autoencoder", out=str(out), preset="tiny", max_steps=2, batch_size=4, **QUIET))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory: pytest.TempPathFactory, ae_run: Path) -> Path:
+    """The uninterrupted reference run (a subprocess, like the runs it is compared with)."""
+    out = tmp_path_factory.mktemp("a")
+    _run(_cli("t2i", *T2I_FLAGS, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)))
+    return out
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(out / "log.jsonl")]
+
+
+def test_autoencoder_run_writes_an_ae_checkpoint_and_learns(tmp_path: Path) -> None:
+    result = train(
+        TrainConfig(
+            stage="autoencoder",
+            out=str(tmp_path),
+            preset="tiny",
+            max_steps=30,
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=5,
+            save_every=10,
+            keep=2,
+            **QUIET,
+        )
+    )
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "log.jsonl")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    record = json.loads((result.final / "autoencoder.json").read_text())
+    assert record["format"] == "pictor-autoencoder" and record["autoencoder"]["ch_mult"] == [1, 2]
+    raw = read_safetensors(tmp_path / "checkpoints" / "step-000030" / "model.safetensors")
+    ema = read_safetensors(result.final / "autoencoder.safetensors")
+    assert raw.keys() == ema.keys()
+    assert not torch.equal(raw["encoder.conv_in.weight"], ema["encoder.conv_in.weight"])  # EMA != raw
+
+
+def test_autoencoder_on_an_image_folder(tmp_path: Path) -> None:
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+        Image.new("RGB", (40, 40), color).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a plain picture number {i}")
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        stage="autoencoder",
+        out=str(out),
+        preset="tiny",
+        data=str(data),
+        max_steps=3,
+        batch_size=2,
+        sample_every=3,
+        eval_every=3,
+        progress=False,
+    )
+    train(cfg)
+    assert len(read_jsonl(out / "log.jsonl")) == 3
+    (evaluation,) = read_jsonl(out / "eval.jsonl")
+    assert "psnr" in evaluation and "overall" not in evaluation  # no shapes scores on other data
+    assert (out / "samples" / "step-000003.png").is_file()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
+    def run(name: str, batch: int, accum: int) -> list[float]:
+        out = tmp_path / name
+        cfg = TrainConfig(
+            stage="autoencoder",
+            out=str(out),
+            preset="tiny",
+            max_steps=3,
+            batch_size=batch,
+            grad_accum=accum,
+            lr=1e-3,
+            warmup_steps=1,
+            save_every=0,
+            **QUIET,
+        )
+        train(cfg)
+        return [v for r in read_jsonl(out / "log.jsonl") for v in (r["loss"], r["grad_norm"])]
+
+    # Same samples, same noise: losses and gradient norms agree up to summation order. (Weights are not
+    # compared: Adam turns rounding-level differences of near-zero gradients into +-lr steps.)
+    assert run("full", 4, 1) == pytest.approx(run("accum", 2, 2), rel=1e-4)
+
+
+def test_t2i_outputs_bundle_samples_eval_and_logs(tmp_path: Path, ae_run: Path) -> None:
+    cfg = TrainConfig(
+        stage="t2i",
+        out=str(tmp_path),
+        preset="tiny",
+        autoencoder_path=str(ae_run),
+        max_steps=4,
+        batch_size=4,
+        save_every=2,
+        keep=1,
+        sample_every=2,
+        eval_every=4,
+        num_samples=2,
+        sample_steps=2,
+        eval_prompts=6,
+        eval_images_per_prompt=1,
+        latent_stats_images=16,
+        progress=False,
+    )
+    train(cfg)
+    log = read_jsonl(tmp_path / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "images_per_s", "time"} <= set(log[0])
+    # Zero-init output layer predicts v = 0, so the first loss is E|noise - x0|^2 = 1 + 1 for unit latents.
+    assert 1.6 < log[0]["loss"] < 2.4
+    assert (tmp_path / "samples" / "step-000002.png").is_file()
+    (evaluation,) = read_jsonl(tmp_path / "eval.jsonl")
+    assert evaluation["step"] == 4 and 0.0 <= evaluation["overall"] <= 1.0 and len(evaluation["per_tag"]) == 6
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step-000004"
+    try:
+        import tensorboard  # noqa: F401
+
+        assert any((tmp_path / "tb").iterdir())
+    except ImportError:
+        assert not (tmp_path / "tb").exists()
+
+    import pictor
+    from pictor.pipeline import GenerationRequest
+
+    pipe = pictor.load(tmp_path / "final", device="cpu")
+    ae = pipe.config.autoencoder
+    assert ae["scale_factor"] != 1.0 and ae["shift_factor"] != 0.0  # set from the data
+    assert pipe.config.trained and pipe.config.training["stage"] == "t2i"
+    (image,) = pipe.generate(GenerationRequest("a red circle", steps=2, seed=0))
+    assert image.image.size == (32, 32)
+
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg)  # the folder holds a run: refuse to start over it
+
+
+def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path: Path, ae_run: Path, run_a: Path) -> None:
+    out = tmp_path / "b"
+    base = [*T2I_FLAGS, "--autoencoder", str(ae_run), "--out", str(out), "--save-every", "2"]
+    proc = subprocess.Popen(
+        _cli("t2i", *base, "--max-steps", "1000"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "latest").exists():
+            assert proc.poll() is None, "run B ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _run(_cli("t2i", *base, "--resume", "--max-steps", str(STEPS)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["resumed_from"] < STEPS
+    assert _losses(out) == _losses(run_a)  # bitwise: floats compared exactly
+    assert len(_losses(out)) == STEPS
+    ref = json.loads((run_a / "summary.json").read_text())
+    assert summary["weights_sha256_per_rank"] == ref["weights_sha256_per_rank"]
+    assert summary["ema_sha256"] == ref["ema_sha256"]
+
+
+def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, run_a: Path) -> None:
+    out = tmp_path / "ddp"
+    flags = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's batch 4
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*flags, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)]
+    cmd = [*torchrun, "-m", "pictor.cli", "train", "t2i", *args]
+    _run(cmd, timeout=240)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4
+    a, b = summary["weights_sha256_per_rank"]
+    assert a == b  # DDP kept the ranks' models identical
+    ddp, single = _losses(out), _losses(run_a)
+    assert [s for s, _, _ in ddp] == list(range(1, STEPS + 1))  # one log, one line per step
+    assert [loss for _, loss, _ in ddp] == pytest.approx([loss for _, loss, _ in single], rel=1e-3)
+    w_ddp = read_safetensors(out / "final" / "transformer.safetensors")
+    w_one = read_safetensors(run_a / "final" / "transformer.safetensors")
+    for key in w_one:
+        assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
