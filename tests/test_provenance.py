@@ -19,7 +19,12 @@ from pictor.provenance import (
 def _record(**over: object) -> dict:
     rec = {
         "pictor_version": "0.1.0",
-        "model": {"name": "shapes", "hash": "0123456789abcdef" * 4, "preset": "shapes-small", "trained": True},
+        "model": {
+            "name": "shapes",
+            "hash": "0123456789abcdef" * 4,
+            "preset": "shapes-small",
+            "trained": True,
+        },
         "prompt": "a red circle, left of a blue square",
         "negative_prompt": "blurry",
         "width": 64,
