@@ -149,9 +149,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
 
     record = read_record(args.image)
-    model = args.model
-    if model is None:
-        model = record["model"].get("preset") if not record["model"].get("trained", True) else "default"
+    model = args.model or record["model"].get("ref") or "default"
     pipe = pl.load(model, device=args.device)
     image = pipe.reproduce(record, progress=_progress_bar("reproduce"))
     for path in _save([image], args.out):

@@ -97,6 +97,9 @@ class Pipeline:
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.config = config
         self.hash = model_id_hash or model_hash(config) or ""
+        # How this model was asked for (bundle path, bundle name or preset); recorded so `reproduce`
+        # can find the same model again. The hash in the record guards against a changed one.
+        self.ref: str | None = None
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -257,6 +260,7 @@ class Pipeline:
                 "name": self.config.name,
                 "hash": self.hash,
                 "preset": self.config.preset,
+                "ref": self.ref,
                 "trained": self.config.trained,
             },
             "prompt": r.prompt,
@@ -368,6 +372,10 @@ def load(
     """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name."""
     ref = resolve(model)
     if ref.kind == "preset":
-        return pipeline_from_preset(ref.name, device, dtype)
-    assert ref.path is not None
-    return pipeline_from_bundle(load_bundle(ref.path), device, dtype)
+        pipe = pipeline_from_preset(ref.name, device, dtype)
+        pipe.ref = ref.name
+    else:
+        assert ref.path is not None
+        pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype)
+        pipe.ref = str(ref.path.resolve()) if model not in (None, "default") else "default"
+    return pipe
