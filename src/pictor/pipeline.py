@@ -15,7 +15,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,17 @@ from pictor.checkpoint import (
     model_hash,
     state_dict_hash,
 )
+from pictor.editing import (
+    EditInputs,
+    EditRequest,
+    ImageSource,
+    LatentInit,
+    composite,
+    feather_weights,
+    latent_mask,
+    prepare_edit,
+    to_model_pixels,
+)
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents, unpack_latents
@@ -45,6 +56,8 @@ ProgressFn = Callable[[int, int], None]
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 GUIDANCE_MODES = ("cfg", "distilled", "none")
+# An edit's size comes from its image (and expand), never from the request.
+_SIZE = ("width", "height")
 
 
 class GenerationError(ValueError):
@@ -166,6 +179,15 @@ class Pipeline:
         self, request: GenerationRequest, progress: ProgressFn | None = None
     ) -> list[GeneratedImage]:
         r = self.resolve_request(request)
+        return self._in_runs(r, progress, lambda seeds, step: self._run(r, seeds, step))
+
+    def _in_runs(
+        self,
+        r: GenerationRequest,
+        progress: ProgressFn | None,
+        run: Callable[[list[int], ProgressFn], list[GeneratedImage]],
+    ) -> list[GeneratedImage]:
+        """Split a request's seeds into sampler runs of batch_size and report progress over all of them."""
         assert r.seed is not None
         seeds = [r.seed + i for i in range(r.num_images)]
         size = r.batch_size or len(seeds)
@@ -179,9 +201,54 @@ class Pipeline:
                 if progress is not None:
                     progress(_offset + step, total)
 
-            out += self._run(r, run_seeds, step_progress)
+            out += run(run_seeds, step_progress)
             done += int(r.steps or 0)
         return out
+
+    # -- editing --------------------------------------------------------------------------------------
+
+    def edit(self, request: EditRequest, progress: ProgressFn | None = None) -> list[GeneratedImage]:
+        """img2img, inpainting or outpainting (see `pictor.editing`); image i uses seed + i."""
+        r, inputs = self.resolve_edit(request)
+        return self._in_runs(r, progress, lambda seeds, step: self._run_edit(r, inputs, seeds, step))
+
+    def resolve_edit(self, request: EditRequest) -> tuple[GenerationRequest, EditInputs]:
+        """Validate an edit: its image and mask, and the generation settings at the canvas size."""
+        try:
+            shared = {
+                f.name: getattr(request, f.name) for f in fields(GenerationRequest) if f.name not in _SIZE
+            }
+        except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
+            raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
+        inputs = prepare_edit(request, self.patch)
+        height, width = inputs.canvas.shape[:2]
+        r = self.resolve_request(GenerationRequest(**{**shared, "width": width, "height": height}))
+        return r, inputs
+
+    def _run_edit(
+        self, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
+    ) -> list[GeneratedImage]:
+        if inputs.strength == 0.0:
+            # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
+            images = [Image.fromarray(inputs.canvas) for _ in seeds]
+        else:
+            f = self.autoencoder.params.downsample_factor
+            with torch.inference_mode():
+                z0 = self.autoencoder.encode(to_model_pixels(inputs.canvas, self.device, self.dtype))
+                z0 = pack_latents(z0)
+            mask = None
+            if inputs.mask is not None:
+                mask = latent_mask(inputs.mask, f, self.autoencoder.params.z_channels).to(self.device)
+            init = LatentInit(z0=z0, strength=inputs.strength, mask=mask)
+            images = to_pil(self._sample(r, seeds, progress, init))
+            if inputs.mask is not None:
+                weights = feather_weights(inputs.mask, inputs.feather)
+                images = [Image.fromarray(composite(np.asarray(im), inputs.canvas, weights)) for im in images]
+        edit_fields = inputs.record_fields()
+        return [
+            GeneratedImage(image, seed, {**self.record(r, seed, seeds, j), **edit_fields})
+            for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
+        ]
 
     # -- the sampler run --------------------------------------------------------------------------
 
@@ -232,20 +299,32 @@ class Pipeline:
         ids2 = torch.cat([img_ids, img_ids])
         return cfg(lambda x2, t2: model(x2, t2, both, ids2), guidance)
 
-    def _run(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+    def _sample(
+        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, init: LatentInit | None = None
+    ) -> torch.Tensor:
+        """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
+        t = strength and keeps its known region; without it this is plain generation from t = 1."""
         assert r.width and r.height and r.steps and r.sampler and r.schedule
         f = self.autoencoder.params.downsample_factor
         lat_h, lat_w = r.height // f, r.width // f
         with torch.inference_mode():
             noise = self.initial_noise(seeds, lat_h, lat_w)
             x = pack_latents(noise)
-            ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1]).to(self.device)
+            start = 1.0 if init is None else init.strength
+            ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
             fn = self.velocity_fn(r, len(seeds), lat_h, lat_w)
+            if init is not None:
+                fn = init.velocity(fn, x)
+                x = init.start(x)
             sampler = get_sampler(r.sampler)
             x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps))
+            if init is not None:
+                x = init.finish(x)
             latents = unpack_latents(x, lat_h, lat_w)
-            pixels = self.autoencoder.decode(latents)
-        images = to_pil(pixels)
+            return self.autoencoder.decode(latents)
+
+    def _run(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+        images = to_pil(self._sample(r, seeds, progress))
         return [
             GeneratedImage(image, seed, self.record(r, seed, seeds, j))
             for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
@@ -281,8 +360,18 @@ class Pipeline:
             "loras": [],
         }
 
-    def reproduce(self, record: dict[str, Any], progress: ProgressFn | None = None) -> GeneratedImage:
-        """Regenerate one image from its record: the same sampler run, the same pixels."""
+    def reproduce(
+        self,
+        record: dict[str, Any],
+        progress: ProgressFn | None = None,
+        source: ImageSource | None = None,
+        mask: ImageSource | None = None,
+    ) -> GeneratedImage:
+        """Regenerate one image from its record: the same sampler run, the same pixels.
+
+        An edit's record holds only hashes of its source image and mask; pass those files as `source` and
+        `mask`, and they are checked against the hashes before anything runs.
+        """
         want = record.get("model", {}).get("hash", "")
         if want and self.hash and want != self.hash:
             raise GenerationError(
@@ -299,6 +388,8 @@ class Pipeline:
                 stacklevel=2,
             )
         seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
+        if "mode" in record:
+            return self._reproduce_edit(record, seeds, progress, source, mask)
         request = GenerationRequest(
             prompt=record["prompt"],
             negative_prompt=record.get("negative_prompt", ""),
@@ -312,6 +403,55 @@ class Pipeline:
             num_images=len(seeds),
         )
         images = self._run(self.resolve_request(request), seeds, progress or (lambda i, n: None))
+        return images[int(record.get("batch_index", 0))]
+
+    def _reproduce_edit(
+        self,
+        record: dict[str, Any],
+        seeds: list[int],
+        progress: ProgressFn | None,
+        source: ImageSource | None,
+        mask: ImageSource | None,
+    ) -> GeneratedImage:
+        mode = record["mode"]
+        if source is None:
+            raise GenerationError(
+                f"this image is an edit ({mode}) of another image; pass that source image "
+                "(--source SRC" + (" --mask MASK" if record.get("mask") else "") + ")"
+            )
+        if record.get("mask") and mask is None:
+            raise GenerationError(f"this {mode} used a mask; pass it too (--mask MASK)")
+        if mask is not None and not record.get("mask"):
+            raise GenerationError(f"this {mode} used no mask; drop --mask")
+        expand = record.get("expand")
+        request = EditRequest(
+            image=source,
+            prompt=record["prompt"],
+            mask=mask,
+            strength=record["strength"],
+            expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
+            fill=record.get("fill", "edge"),
+            feather=int(record.get("feather", 0)),
+            negative_prompt=record.get("negative_prompt", ""),
+            steps=record["steps"],
+            guidance=record["guidance"],
+            sampler=record["sampler"],
+            schedule=record.get("schedule"),
+            seed=seeds[0],
+            num_images=len(seeds),
+        )
+        r, inputs = self.resolve_edit(request)
+        want, got = record["source_image"]["sha256"], inputs.source["sha256"]
+        if want != got:
+            raise GenerationError(
+                f"the source image is not the one this edit was made from (its pixels hash to {got[:10]}, "
+                f"the record says {want[:10]}); pass the original source image"
+            )
+        if record.get("mask") and inputs.mask_info and record["mask"]["sha256"] != inputs.mask_info["sha256"]:
+            raise GenerationError(
+                "the mask is not the one this edit was made with (hash mismatch); pass the original mask"
+            )
+        images = self._run_edit(r, inputs, seeds, progress or (lambda i, n: None))
         return images[int(record.get("batch_index", 0))]
 
 

@@ -1,0 +1,412 @@
+"""Image editing: img2img, inpainting and outpainting, as pure functions the Pipeline wires in.
+
+The three modes are one operation: start the sampler from the source latents noised to t = strength, and
+keep a "known" region on its exact noising path while the rest is repainted.
+
+- img2img: no mask; x = interpolate(z0, noise, strength), sample from t = strength to 0. strength 0 keeps
+  the image (no sampling at all), strength 1 ignores it (the same pixels as plain generation).
+- inpaint: a mask, white = repaint, black = keep. The latent mask is the pixel mask max-pooled onto the
+  latent grid (a latent that touches any repainted pixel is repainted) and packed like the latents.
+- outpaint: the canvas is extended by (left, top, right, bottom) pixels, pre-filled from the edge pixels
+  (or noise); the new area is the mask, together with any mask given for the original image.
+
+Keeping the known region: the "blended latent" rule re-imposes x = m * x + (1 - m) * interpolate(z0,
+noise, t_next) after every step. For a binary mask that is the same as replacing the velocity in the known
+region by the velocity of the straight noising path, noise - z0 (`blend_velocity`): every sampler here
+(Euler, Heun, DPM++ 2M) maps a point on that straight line to the point at t_next exactly, so the known
+region stays on the path; and because the replacement happens inside the velocity callable, Heun's
+corrector and DPM++'s multistep history see consistent values too, which a post-step hook could not give.
+After decoding, the pixels are composited with the source so that everything outside the mask is
+byte-identical to the input (feathered only *inside* the mask).
+
+Layering: this module sits beside flow/sampling (numpy, torch, PIL, pictor.flow, pictor.models.flux);
+`pictor.pipeline` imports it, never the other way round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from pictor.flow import interpolate
+from pictor.models.flux import pack_latents
+from pictor.sampling import VelocityFn
+
+ImageSource = Image.Image | str | os.PathLike[str]
+
+EDIT_MODES = ("img2img", "inpaint", "outpaint")
+FILLS = ("edge", "noise")
+# A1111's default denoising strength for img2img; inpainting and outpainting repaint fully by default.
+DEFAULT_IMG2IMG_STRENGTH = 0.75
+DEFAULT_FEATHER = 2
+MASK_THRESHOLD = 128
+# The noise fill is part of the input, not of the sample: a fixed seed keeps it reproducible from the record.
+NOISE_FILL_SEED = 0
+
+__all__ = [
+    "DEFAULT_IMG2IMG_STRENGTH",
+    "EDIT_MODES",
+    "FILLS",
+    "EditError",
+    "EditInputs",
+    "EditRequest",
+    "LatentInit",
+    "blend_velocity",
+    "composite",
+    "expand_canvas",
+    "feather_weights",
+    "image_info",
+    "latent_mask",
+    "load_image",
+    "load_mask",
+    "mask_sha256",
+    "pixel_sha256",
+    "prepare_edit",
+    "to_model_pixels",
+]
+
+
+class EditError(ValueError):
+    """An edit that cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class EditRequest:
+    """An edit of `image` towards `prompt`.
+
+    The generation fields (negative_prompt ... batch_size) mean what they mean in
+    `pictor.pipeline.GenerationRequest` and carry the same names: `Pipeline.edit` copies them over by name,
+    so a field added there must be added here too (tests/test_editing.py checks). Width and height are not
+    among them: an edit keeps the image's size (plus `expand`).
+    """
+
+    image: ImageSource
+    prompt: str
+    # White (>= 128 after conversion to grey) = repaint, black = keep; same size as `image` (or a scaled
+    # copy with the same aspect ratio, resized with nearest).
+    mask: ImageSource | None = None
+    # None: 1.0 for inpainting/outpainting, DEFAULT_IMG2IMG_STRENGTH for img2img.
+    strength: float | None = None
+    # Pixels added on the (left, top, right, bottom); each a multiple of the model's pixel multiple.
+    expand: tuple[int, int, int, int] | None = None
+    fill: str = "edge"  # how the expanded area starts: "edge" (replicated border pixels) or "noise"
+    feather: int = DEFAULT_FEATHER  # pixels of blending inside the mask edge; 0 = hard edge
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    schedule: str | None = None
+    seed: int | None = None
+    num_images: int = 1
+    batch_size: int | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.expand is not None and any(self.expand):
+            return "outpaint"
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass
+class EditInputs:
+    """A validated edit: the canvas the sampler starts from and what to keep of it."""
+
+    mode: str
+    strength: float
+    canvas: np.ndarray  # uint8 [H, W, 3], the source (expanded and pre-filled for outpainting)
+    mask: np.ndarray | None  # bool [H, W] on the canvas, True = repaint; None for img2img
+    expand: tuple[int, int, int, int] | None
+    fill: str
+    feather: int
+    source: dict[str, Any]  # {"sha256", "width", "height"} of the original image
+    mask_info: dict[str, Any] | None  # {"sha256"} of the thresholded mask at the original size
+
+    def record_fields(self) -> dict[str, Any]:
+        """What an edit adds to a generation record."""
+        fields: dict[str, Any] = {
+            "mode": self.mode,
+            "strength": self.strength,
+            "source_image": dict(self.source),
+            "expand": list(self.expand) if self.expand else None,
+        }
+        if self.mask_info is not None:
+            fields["mask"] = dict(self.mask_info)
+        if self.mask is not None:
+            fields["feather"] = self.feather
+        if self.mode == "outpaint":
+            fields["fill"] = self.fill
+        return fields
+
+
+# ------------------------------------------------------------------------------------- loading and hashes
+
+
+def load_image(source: ImageSource, what: str = "image") -> Image.Image:
+    """A PIL image from a path or an image; errors name the file and what is wrong with it."""
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise EditError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # Camera JPEGs store rotation as a tag; edit the image as viewers show it.
+            return ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise EditError(
+            f"{what} {path}: not a readable image ({exc}); give a PNG, JPEG or WebP file"
+        ) from exc
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3]; an alpha channel is dropped (the visible colours are what gets edited)."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """SHA-256 of the pixel values and shape, so re-encoding or re-tagging a file does not change it."""
+    arr = np.ascontiguousarray(pixels)
+    h = hashlib.sha256(f"{arr.dtype.str}{list(arr.shape)}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def image_info(pixels: np.ndarray) -> dict[str, Any]:
+    return {"sha256": pixel_sha256(pixels), "width": int(pixels.shape[1]), "height": int(pixels.shape[0])}
+
+
+def mask_sha256(mask: np.ndarray) -> str:
+    """Hash of the thresholded mask (bool [H, W]): equivalent masks (any mode, any grey >= 128) agree."""
+    return pixel_sha256(mask.astype(np.uint8))
+
+
+def load_mask(source: ImageSource, width: int, height: int) -> np.ndarray:
+    """bool [height, width], True = repaint: any mode, converted to grey, thresholded at 128.
+
+    A mask of another resolution but the same aspect ratio is resized with nearest; any other size is an
+    error (it was most likely drawn for a different image).
+    """
+    image = load_image(source, "mask")
+    mw, mh = image.size
+    if (mw, mh) != (width, height):
+        if mw * height != mh * width:
+            raise EditError(
+                f"the mask is {mw}x{mh} but the image is {width}x{height}; the mask must have the image's "
+                "size (with --expand: the size of the ORIGINAL image, before expanding)"
+            )
+        image = image.resize((width, height), Image.Resampling.NEAREST)
+    grey = np.asarray(image.convert("L"))
+    return grey >= MASK_THRESHOLD
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _check_multiple(width: int, height: int, multiple: int) -> None:
+    bad = [n for n in (width, height) if n % multiple]
+    if not bad:
+        return
+
+    def near(n: int) -> str:
+        lo, hi = n // multiple * multiple, (n // multiple + 1) * multiple
+        return f"{lo} or {hi}" if lo > 0 else str(hi)
+
+    raise EditError(
+        f"the image is {width}x{height}, but this model needs both sides to be multiples of {multiple} "
+        f"(its pixel multiple); crop or resize it to a width of {near(width)} and a height of {near(height)}"
+    )
+
+
+def _check_strength(strength: float) -> float:
+    s = float(strength)
+    if not 0.0 <= s <= 1.0:  # also false for NaN
+        raise EditError(f"strength must lie in [0, 1] (0 keeps the image, 1 ignores it), got {strength}")
+    return s
+
+
+def _check_expand(expand: tuple[int, int, int, int], multiple: int) -> tuple[int, int, int, int]:
+    values = tuple(int(v) for v in expand)
+    if len(values) != 4:
+        raise EditError(f"expand takes 4 values (left, top, right, bottom), got {len(values)}")
+    names = ("left", "top", "right", "bottom")
+    for name, v in zip(names, values, strict=True):
+        if v < 0:
+            raise EditError(f"expand {name} must be >= 0 pixels, got {v}")
+        if v % multiple:
+            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
+            raise EditError(
+                f"expand {name} = {v} is not a multiple of {multiple} (this model's pixel multiple); "
+                f"use {lo} or {hi}"
+            )
+    return values  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------------- canvas
+
+
+def expand_canvas(
+    pixels: np.ndarray, expand: tuple[int, int, int, int], fill: str = "edge"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(canvas uint8 [H', W', 3], new-area mask bool [H', W']) for a canvas grown by (l, t, r, b).
+
+    "edge" replicates the border pixels outward, so the sampler starts from colours that continue the
+    image; "noise" starts from uniform noise (fixed seed), for when the border should not be continued.
+    """
+    if fill not in FILLS:
+        raise EditError(f"unknown fill '{fill}'; choose one of {', '.join(FILLS)}")
+    left, top, right, bottom = expand
+    pad = ((top, bottom), (left, right), (0, 0))
+    canvas = np.pad(pixels, pad, mode="edge")
+    h, w = pixels.shape[:2]
+    new = np.ones(canvas.shape[:2], dtype=bool)
+    new[top : top + h, left : left + w] = False
+    if fill == "noise":
+        rng = np.random.default_rng(NOISE_FILL_SEED)
+        noise = rng.integers(0, 256, size=canvas.shape, dtype=np.uint8)
+        canvas = np.where(new[..., None], noise, canvas)
+    return canvas, new
+
+
+def prepare_edit(request: EditRequest, multiple: int) -> EditInputs:
+    """Load and validate an edit's image and mask; errors say what to change."""
+    mode = request.mode
+    strength = _check_strength(
+        request.strength
+        if request.strength is not None
+        else (DEFAULT_IMG2IMG_STRENGTH if mode == "img2img" else 1.0)
+    )
+    if request.feather < 0:
+        raise EditError(f"feather must be >= 0 pixels, got {request.feather}")
+    if request.fill not in FILLS:
+        raise EditError(f"unknown fill '{request.fill}'; choose one of {', '.join(FILLS)}")
+    expand = _check_expand(request.expand, multiple) if mode == "outpaint" and request.expand else None
+    pixels = to_rgb(load_image(request.image))
+    height, width = pixels.shape[:2]
+    _check_multiple(width, height, multiple)
+    source = image_info(pixels)
+
+    mask = load_mask(request.mask, width, height) if request.mask is not None else None
+    mask_info = {"sha256": mask_sha256(mask)} if mask is not None else None
+    if mode == "inpaint" and mask is not None and not mask.any():
+        raise EditError(
+            "the mask is all black (below 128 after conversion to grey): nothing to repaint; "
+            "paint the area to repaint white"
+        )
+    canvas = pixels
+    if expand is not None:
+        canvas, new = expand_canvas(pixels, expand, request.fill)
+        if mask is not None:
+            left, top = expand[0], expand[1]
+            new[top : top + height, left : left + width] |= mask
+        mask = new
+    return EditInputs(
+        mode=mode,
+        strength=strength,
+        canvas=canvas,
+        mask=mask,
+        expand=expand,
+        fill=request.fill,
+        feather=int(request.feather),
+        source=source,
+        mask_info=mask_info,
+    )
+
+
+# ------------------------------------------------------------------------------------------- latents
+
+
+def to_model_pixels(pixels: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """uint8 [H, W, 3] -> [1, 3, H, W] in [-1, 1], the autoencoder's input range."""
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return x.to(device, dtype)
+
+
+def latent_mask(mask: np.ndarray, factor: int, channels: int) -> Tensor:
+    """Pixel mask bool [H, W] -> packed latent mask bool [1, (H/2f)(W/2f), 4C], laid out like the tokens.
+
+    Max-pooling over each latent's f x f pixels repaints every latent that touches the mask: the decoder
+    spreads each latent over its neighbours anyway, and the pixel composite restores what lies outside.
+    """
+    m = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]  # [1, 1, H, W]
+    m = F.max_pool2d(m, kernel_size=factor, stride=factor)  # [1, 1, H/f, W/f]
+    return pack_latents(m.expand(-1, channels, -1, -1).contiguous()) > 0.5
+
+
+@dataclass
+class LatentInit:
+    """Where an edit's sampler run starts: packed clean latents, their mask and the start time."""
+
+    z0: Tensor  # packed source latents [1, N, 4C]
+    strength: float  # the start time t, in (0, 1]
+    mask: Tensor | None  # packed bool [1, N, 4C], True = repaint; None = repaint everything (img2img)
+
+    def start(self, noise: Tensor) -> Tensor:
+        """The sampler's first x: the source noised to t = strength (exactly the noise at strength 1)."""
+        return interpolate(self.z0.expand_as(noise), noise, self.strength)
+
+    def velocity(self, fn: VelocityFn, noise: Tensor) -> VelocityFn:
+        return fn if self.mask is None else blend_velocity(fn, self.z0, noise, self.mask)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """Put the known region exactly at z0 (t = 0), undoing float drift along the path."""
+        if self.mask is None:
+            return x
+        return torch.where(self.mask, x, self.z0.to(x.dtype))
+
+
+def blend_velocity(fn: VelocityFn, z0: Tensor, noise: Tensor, mask: Tensor) -> VelocityFn:
+    """Keep the region where mask is False on its noising path interpolate(z0, noise, t).
+
+    The straight path's velocity is noise - z0 at every t; any of our samplers started on the path and fed
+    that velocity lands on the path at t_next, which is the blended-latent re-imposition without a hook.
+    """
+    path_v = (noise - z0.to(noise.dtype)).to(noise.dtype)
+
+    def blended(x: Tensor, t: Tensor) -> Tensor:
+        v = fn(x, t)
+        return torch.where(mask, v, path_v.to(v.dtype))
+
+    return blended
+
+
+# ------------------------------------------------------------------------------------------- pixels
+
+
+def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:
+    """float32 [H, W] blend weights of the generated pixels: 0 outside the mask, ramping up inside it.
+
+    A pixel at chessboard distance d (1 = touching a kept pixel) from the kept region gets
+    min(d / (feather + 1), 1); the image border does not count as kept, so a full mask stays all ones.
+    """
+    weights = mask.astype(np.float32)
+    if feather <= 0 or not mask.any():
+        return weights
+    depth = mask.astype(np.int32)
+    inside = mask.copy()
+    h, w = mask.shape
+    for _ in range(feather):
+        padded = np.pad(inside, 1, constant_values=True)
+        eroded = np.ones_like(inside)
+        for dy in range(3):
+            for dx in range(3):
+                eroded &= padded[dy : dy + h, dx : dx + w]
+        inside = eroded
+        depth += inside
+    return np.minimum(depth / (feather + 1), 1.0).astype(np.float32)
+
+
+def composite(generated: np.ndarray, source: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Blend uint8 [H, W, 3] images; where a weight is 0 the source pixel is kept byte for byte."""
+    w = weights[..., None]
+    blended = np.rint(w * generated.astype(np.float32) + (1 - w) * source.astype(np.float32))
+    return np.where(w > 0, blended.clip(0, 255).astype(np.uint8), source)
