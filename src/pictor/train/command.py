@@ -1,4 +1,4 @@
-"""`pictor train autoencoder|t2i ...`: arguments -> TrainConfig -> `train()`.
+"""`pictor train autoencoder|t2i|lora ...`: arguments -> TrainConfig -> `train()`.
 
 Precedence: command-line flags > --config FILE > --preset and the stage defaults. With --resume the
 config stored in the newest checkpoint takes the place of --config, so `pictor train t2i --out DIR
@@ -41,16 +41,22 @@ _FIELDS = {
     "device": "device",
     "num_workers": "num_workers",
     "mixed_precision": "mixed_precision",
+    "base": "base",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "targets": "lora_targets",
+    "lora_dropout": "lora_dropout",
 }
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t = subparsers.add_parser(
         "train",
-        help="train an autoencoder or a text-to-image model from scratch",
-        description="Train in two stages: first `autoencoder`, then `t2i --autoencoder AE_RUN`. Runs under "
-        "torchrun for several processes (DDP). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, OUT/eval.jsonl, "
-        "OUT/checkpoints/step-N (+ OUT/latest), OUT/final (the bundle).",
+        help="train an autoencoder or a text-to-image model from scratch, or a LoRA on a model",
+        description="Train in two stages: first `autoencoder`, then `t2i --autoencoder AE_RUN`; or adapt a "
+        "trained model with `lora --base BUNDLE --data FOLDER`. Runs under torchrun for several processes "
+        "(DDP). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, OUT/eval.jsonl, OUT/checkpoints/step-N "
+        "(+ OUT/latest), OUT/final (the bundle; for lora the adapter, also copied to OUT/lora.safetensors).",
     )
     t.add_argument("stage", choices=STAGES)
     t.add_argument("--out", required=True, help="run folder (logs, samples, checkpoints, final/)")
@@ -59,6 +65,16 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--preset", default=None, help="architecture preset (default: shapes-small)")
     src.add_argument("--config", default=None, help="JSON file of TrainConfig settings")
     t.add_argument("--autoencoder", default=None, help="t2i: AE run folder, AE checkpoint or bundle")
+    t.add_argument("--base", default=None, help="lora: the model bundle to adapt (frozen)")
+    t.add_argument("--rank", type=int, default=None, help="lora: adapter rank (16)")
+    t.add_argument("--alpha", type=float, default=None, help="lora: alpha; scale = alpha / rank (= rank)")
+    t.add_argument(
+        "--targets",
+        default=None,
+        help="lora: layers to adapt, comma-separated groups (attn, mlp, mod, blocks, all), globs over "
+        "FLUX module names (*.img_attn.qkv) or re:REGEX (default: blocks)",
+    )
+    t.add_argument("--lora-dropout", type=float, default=None, help="lora: dropout on the adapter input (0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None, help="per process; x grad-accum x ranks per step")

@@ -18,7 +18,7 @@ from typing import Any
 
 from pictor.presets import get_preset
 
-STAGES = ("autoencoder", "t2i")
+STAGES = ("autoencoder", "t2i", "lora")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -27,6 +27,8 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "autoencoder": {"lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.99], "ema_decay": 0.999},
     "t2i": {"lr": 3e-4, "weight_decay": 0.0, "betas": [0.9, 0.99], "ema_decay": 0.999},
+    # As kohya's and diffusers' FLUX LoRA scripts: lr 1e-4, no EMA (decay 0: the "EMA" is the weights).
+    "lora": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.0},
 }
 
 
@@ -74,6 +76,12 @@ class TrainConfig:
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
+    # LoRA stage: adapters on a frozen base bundle (architecture, autoencoder, text encoder: the base's).
+    base: str | None = None
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: = rank (scale 1)
+    lora_targets: str = "blocks"  # groups / globs / re:regex over FLUX module names, comma-separated
+    lora_dropout: float = 0.0
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
     keep: int = 3
@@ -131,6 +139,8 @@ class TrainConfig:
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from exc
         stage = STAGE_DEFAULTS[self.stage]
+        if self.stage == "lora":
+            preset = self._base_preset()
         c = dataclasses.replace(
             self,
             model=self.model if self.model is not None else preset["model"],
@@ -145,6 +155,30 @@ class TrainConfig:
         )
         c.validate()
         return c
+
+    def _base_preset(self) -> dict[str, Any]:
+        """The LoRA stage's architecture: the base bundle's configs, in the shape of a preset."""
+        if not self.base:
+            raise ConfigError("LoRA training needs a base model: pass --base BUNDLE (a trained model bundle)")
+        from pictor.checkpoint import CheckpointError, read_bundle_config  # torch-importing: only here
+        from pictor.locate import resolve
+
+        try:
+            ref = resolve(self.base)
+            if ref.path is None:
+                raise ConfigError(
+                    f"--base {self.base}: '{ref.name}' is a preset (an untrained architecture); a LoRA needs "
+                    "a trained model bundle to adapt"
+                )
+            config = read_bundle_config(ref.path)
+        except CheckpointError as exc:
+            raise ConfigError(f"--base {self.base}: {exc}") from exc
+        return {
+            "model": config.model,
+            "autoencoder": config.autoencoder,
+            "text_encoder": config.text_encoder,
+            "defaults": config.defaults,
+        }
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -179,14 +213,18 @@ class TrainConfig:
         for name in ("save_every", "sample_every", "eval_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
         need(self.latent_stats_images >= 1, "latent_stats_images must be >= 1")
+        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.autoencoder is not None and self.image_size is not None:
             factor = 2 ** (len(self.autoencoder["ch_mult"]) - 1)
-            # t2i packs 2x2 latent patches; the AE stage only needs the AE's own factor.
-            multiple = factor * (2 if self.stage == "t2i" else 1)
+            # t2i and lora pack 2x2 latent patches; the AE stage only needs the AE's own factor.
+            packed = self.stage != "autoencoder"
+            multiple = factor * (2 if packed else 1)
             need(
                 self.image_size % multiple == 0,
                 f"image_size {self.image_size} must be a multiple of {multiple} "
-                f"(autoencoder factor {factor}{' x 2x2 latent patches' if self.stage == 't2i' else ''})",
+                f"(autoencoder factor {factor}{' x 2x2 latent patches' if packed else ''})",
             )
 
 
@@ -207,4 +245,9 @@ TRAJECTORY_KEYS = (
     "recon_loss",
     "kl_weight",
     "image_size",
+    "base",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "lora_dropout",
 )

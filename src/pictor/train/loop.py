@@ -84,7 +84,13 @@ class Trainer:
 
         assert cfg.image_size is not None
         self.ds = make_dataset(cfg.data, cfg.image_size, cfg.seed)
-        self.stage: Stage = build_stage(cfg, self.ds, info, ckpt.path if ckpt else None)
+        resume_path = ckpt.path if ckpt else None
+        if cfg.stage == "lora":
+            from pictor.train.lora import LoRAStage  # builds on the t2i stage
+
+            self.stage: Stage = LoRAStage(cfg, self.ds, info, resume_path)
+        else:
+            self.stage = build_stage(cfg, self.ds, info, resume_path)
         self.model = self.stage.module
         assert cfg.ema_decay is not None
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
@@ -232,6 +238,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             self.stage.write_weights(tmp, self.ema.module, self.step)
             replace_dir(tmp, final)
+            # A stage may hand out one file instead of the folder (lora: OUT/lora.safetensors).
+            publish = getattr(self.stage, "publish", None)
+            if publish is not None:
+                final = publish(final)
         distributed.barrier(self.info)
         return final
 

@@ -1,0 +1,471 @@
+"""LoRA adapters on the linear layers of a model: inject, train, merge / unmerge, remove, load, save.
+
+A targeted ``nn.Linear`` is replaced by a :class:`LoRALinear` that holds the Linear's own ``weight`` and
+``bias`` Parameters under the same names, plus any number of named adapters, each with its own scale::
+
+    y = x W^T + b + sum over adapters of  scale * alpha / rank * B (A dropout(x))
+
+so ``model.state_dict()`` keeps exactly the base model's keys (adapters are left out of it and are not
+expected by ``load_state_dict``), and base checkpoints still load. Adapters are ordinary registered
+modules otherwise: ``.to()``, ``named_parameters()``, DDP and optimizers see them. A starts
+kaiming-uniform, B at zero, so a fresh adapter changes nothing (microsoft/LoRA, PEFT, kohya).
+
+Merging writes ``W + scale * alpha / rank * B @ A`` (computed in float64) into the weight and keeps the
+weight from before the first merge (on the CPU), so unmerging restores it bit for bit.
+
+Files: see :mod:`pictor.models.lora_formats` for the native, diffusers/PEFT and kohya layouts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pictor.checkpoint import write_safetensors
+from pictor.models.lora_formats import (
+    LoRAError,
+    LoRAUpdate,
+    a1111_lora_hash,
+    load_lora_file,
+    lora_file_hash,
+    lora_metadata,
+    to_flux_updates,
+)
+
+__all__ = [
+    "TARGET_GROUPS",
+    "LoRAAdapter",
+    "LoRAError",
+    "LoRALinear",
+    "a1111_lora_hash",
+    "adapter_tree",
+    "add_lora",
+    "apply_lora",
+    "list_loras",
+    "load_lora_file",
+    "lora_file_hash",
+    "lora_state_dict",
+    "merge_lora",
+    "remove_lora",
+    "save_adapters",
+    "save_lora",
+    "select_targets",
+    "set_lora_scale",
+    "unmerge_lora",
+]
+
+# Named target groups (FLUX.1 module names). "blocks" is kohya's default: every linear in the blocks.
+_ATTN = [
+    "double_blocks.*.img_attn.qkv",
+    "double_blocks.*.img_attn.proj",
+    "double_blocks.*.txt_attn.qkv",
+    "double_blocks.*.txt_attn.proj",
+    "single_blocks.*.linear1",  # fused q, k, v (+ MLP input)
+    "single_blocks.*.linear2",  # attention output (+ MLP output)
+]
+_MLP = [
+    "double_blocks.*.img_mlp.0",
+    "double_blocks.*.img_mlp.2",
+    "double_blocks.*.txt_mlp.0",
+    "double_blocks.*.txt_mlp.2",
+]
+_MOD = ["double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin"]
+TARGET_GROUPS: dict[str, list[str]] = {
+    "attn": _ATTN,
+    "mlp": _MLP,
+    "mod": _MOD,
+    "blocks": _ATTN + _MLP + _MOD,
+    "all": ["*"],
+}
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+class _Factor(nn.Module):
+    """One LoRA matrix as ``.weight``, so keys read ``lora_A.weight``; deliberately not an ``nn.Linear``
+    (target selection and init code that look for Linears must not find the adapters' matrices)."""
+
+    def __init__(self, rows: int, cols: int, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
+
+
+class LoRAAdapter(nn.Module):
+    """``scale * alpha / rank * B (A dropout(x))`` with A ``[rank, in]`` and B ``[out, rank]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha else float(rank)
+        self.scale = float(scale)
+        self.lora_A = _Factor(rank, in_features, device, dtype)
+        self.lora_B = _Factor(out_features, rank, device, dtype)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def factor(self) -> float:
+        return self.scale * self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Adapters may be kept in float32 on a bf16 base (training); the casts are no-ops otherwise.
+        # The factor multiplies the rank-wide intermediate: the cheapest place for it.
+        h = F.linear(self.dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight) * self.factor
+        return F.linear(h, self.lora_B.weight).to(x.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """The update to the base weight, in float64: ``factor * B @ A`` ``[out, in]``."""
+        return self.factor * (self.lora_B.weight.detach().double() @ self.lora_A.weight.detach().double())
+
+
+class _HiddenAdapters(nn.ModuleDict):
+    """Adapters by name; they take no part in the owner's state_dict (the base keys stay unchanged)."""
+
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:
+        return destination if destination is not None else OrderedDict()
+
+
+def _keep_adapters(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # A base state dict has no adapter keys: offer the adapters' own tensors, so loading leaves them as
+    # they are and strict loading does not report them missing.
+    for name, param in module.adapters.named_parameters():  # type: ignore[union-attr]
+        state_dict.setdefault(f"{prefix}adapters.{name}", param)
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` (same ``weight``/``bias`` Parameters, same keys) plus named LoRA adapters."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
+        self.adapters = _HiddenAdapters()
+        self.merged: set[str] = set()
+        self._original: Tensor | None = None  # the weight before the first merge, on the CPU
+        self.register_load_state_dict_pre_hook(_keep_adapters)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        for name, adapter in self.adapters.items():
+            if name not in self.merged and adapter.scale != 0.0:
+                out = out + adapter(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, merged={sorted(self.merged)}"
+        )
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding this layer's Parameters (adapters must be gone or unmerged)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    @torch.no_grad()
+    def _rewrite(self) -> None:
+        """weight = original + sum of the merged adapters' updates (float64), or the exact original."""
+        if self._original is None:
+            if not self.merged:
+                return
+            self._original = self.weight.detach().to("cpu", copy=True)
+        original = self._original.to(self.weight.device)
+        if not self.merged:
+            self.weight.copy_(original)
+            self._original = None
+            return
+        total = original.double()
+        for name in sorted(self.merged):
+            total = total + self.adapters[name].delta_weight().to(total.device)
+        self.weight.copy_(total.to(self.weight.dtype))
+
+    def merge(self, name: str) -> None:
+        if name not in self.merged:
+            self.merged.add(name)
+            self._rewrite()
+
+    def unmerge(self, name: str) -> None:
+        if name in self.merged:
+            self.merged.discard(name)
+            self._rewrite()
+
+
+# ------------------------------------------------------------------------------------ model surgery
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield path, module
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer (plain or already wrapped) by path; adapters' own matrices are not Linears."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+
+
+def _wrap(model: nn.Module, path: str) -> LoRALinear:
+    module = model.get_submodule(path)
+    if isinstance(module, LoRALinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise LoRAError(f"'{path}' is a {type(module).__name__}, not a linear layer")
+    wrapper = LoRALinear(module)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    return wrapper
+
+
+def select_targets(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Paths of the linear layers matched by ``patterns``: group names (:data:`TARGET_GROUPS`), fnmatch
+    globs over module paths (``*.img_attn.qkv``) or ``re:REGEX`` (full match). Comma-separated in a string.
+
+    A pattern that matches no linear layer is an error (a typo must not train nothing).
+    """
+    items = [p.strip() for p in patterns.split(",")] if isinstance(patterns, str) else list(patterns)
+    items = [p for p in items if p]
+    if not items:
+        raise LoRAError("no LoRA target patterns given")
+    paths = list(_linears(model))
+    chosen: set[str] = set()
+    for item in items:
+        globs = TARGET_GROUPS.get(item, [item])
+        if item.startswith("re:"):
+            regex = re.compile(item[3:])
+            hits = {p for p in paths if regex.fullmatch(p)}
+        else:
+            hits = {p for p in paths if any(fnmatchcase(p, g) for g in globs)}
+        if not hits:
+            raise LoRAError(
+                f"LoRA target '{item}' matches no linear layer; groups are {sorted(TARGET_GROUPS)}, and "
+                f"layer names look like {', '.join(paths[:4])}"
+            )
+        chosen |= hits
+    return [p for p in paths if p in chosen]  # model order
+
+
+def add_lora(
+    model: nn.Module,
+    name: str = "default",
+    targets: str | Sequence[str] = "blocks",
+    rank: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add a fresh, trainable adapter to the targeted layers; returns its :func:`adapter_tree`.
+
+    The new matrices live on the base weights' device, in ``dtype`` (default: the base weights'; train
+    in float32 on a bf16 base). A is drawn from torch's global RNG.
+    """
+    _check_new_name(model, name)
+    for path in select_targets(model, targets):
+        wrapper = _wrap(model, path)
+        w = wrapper.weight
+        wrapper.adapters[name] = LoRAAdapter(
+            wrapper.in_features, wrapper.out_features, rank, alpha, scale, dropout, w.device, dtype or w.dtype
+        )
+    return adapter_tree(model, name)
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not name or "." in name or hasattr(nn.ModuleDict, name):
+        raise LoRAError(
+            f"adapter name must be non-empty, contain no '.' and not be a torch Module attribute "
+            f"(train, to, ...), got {name!r}"
+        )
+    if name in list_loras(model):
+        raise LoRAError(
+            f"the model already has a LoRA adapter named '{name}'; remove it or pick another name"
+        )
+
+
+def adapter_tree(model: nn.Module, name: str) -> nn.Module:
+    """A module holding adapter ``name``'s adapters at their layers' paths (no other state).
+
+    Its ``state_dict()`` keys are the native file keys (``double_blocks.0.img_attn.qkv.lora_A.weight``)
+    and its parameters ARE the live adapter parameters: train, checkpoint or EMA it like a model.
+    """
+    root = nn.Module()
+    found = False
+    for path, wrapper in _wrappers(model):
+        if name in wrapper.adapters:
+            node = root
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if part not in node._modules:
+                    node.add_module(part, nn.Module())
+                node = node._modules[part]  # type: ignore[assignment]
+            node.add_module(leaf, wrapper.adapters[name])
+            found = True
+    if not found:
+        raise LoRAError(f"the model has no LoRA adapter named '{name}' (it has {sorted(list_loras(model))})")
+    return root
+
+
+def list_loras(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Adapters on the model: name -> {layers, scale, merged}."""
+    info: dict[str, dict[str, Any]] = {}
+    for _, wrapper in _wrappers(model):
+        for name, adapter in wrapper.adapters.items():
+            entry = info.setdefault(name, {"layers": 0, "scale": adapter.scale, "merged": False})
+            entry["layers"] += 1
+            entry["merged"] = entry["merged"] or name in wrapper.merged
+    return info
+
+
+def _layers_of(model: nn.Module, name: str | None) -> Iterator[tuple[str, LoRALinear, str]]:
+    """(path, layer, adapter name) for every layer carrying adapter ``name`` (every adapter when None)."""
+    have = list_loras(model)
+    if name is not None and name not in have:
+        raise LoRAError(f"the model has no LoRA adapter named '{name}' (it has {sorted(have)})")
+    for path, wrapper in list(_wrappers(model)):
+        for n in [n for n in wrapper.adapters if name in (None, n)]:
+            yield path, wrapper, n
+
+
+def merge_lora(model: nn.Module, name: str | None = None) -> None:
+    """Fold adapter ``name`` (all when None) into the base weights; forward then skips it."""
+    for _, wrapper, n in _layers_of(model, name):
+        wrapper.merge(n)
+
+
+def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
+    """Undo :func:`merge_lora`; with nothing left merged a layer gets its original weight back exactly."""
+    for _, wrapper, n in _layers_of(model, name):
+        wrapper.unmerge(n)
+
+
+def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Change an adapter's strength (a merged adapter is re-merged at the new scale)."""
+    for _, wrapper, n in _layers_of(model, name):
+        wrapper.adapters[n].scale = float(scale)
+        if n in wrapper.merged:
+            wrapper._rewrite()
+
+
+def remove_lora(model: nn.Module, name: str | None = None) -> None:
+    """Remove adapter ``name`` (all when None); layers left without adapters become plain Linears again."""
+    for path, wrapper, n in _layers_of(model, name):
+        wrapper.unmerge(n)
+        del wrapper.adapters[n]
+        if not len(wrapper.adapters):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, wrapper.to_linear())
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def apply_lora(
+    model: nn.Module,
+    lora: str | os.PathLike[str] | Mapping[str, Tensor],
+    scale: float = 1.0,
+    name: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> str:
+    """Load a LoRA (a file path or a state dict; native, diffusers/PEFT or kohya layout, detected) onto
+    ``model`` as a new adapter at ``scale``; returns the adapter's name (default: the file's stem).
+
+    Every key must land on a layer of the model; otherwise a :class:`LoRAError` names the key. With
+    ``strict=False`` such keys (e.g. a text encoder's) are skipped with a warning that lists them.
+    """
+    if isinstance(lora, (str, os.PathLike)):
+        sd, file_meta = load_lora_file(lora)
+        metadata = {**file_meta, **(metadata or {})}
+        default = re.sub(r"[^\w-]", "_", Path(lora).stem) or "lora"
+        default = f"lora_{default}" if hasattr(nn.ModuleDict, default) else default
+    else:
+        sd, metadata, default = dict(lora), dict(metadata or {}), "lora"
+    linears = {p: (m.in_features, m.out_features) for p, m in _linears(model).items()}
+    updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
+    if skipped:
+        warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
+    if name is None:
+        taken = set(list_loras(model))
+        name = default
+        i = 2
+        while name in taken:
+            name, i = f"{default}_{i}", i + 1
+    _check_new_name(model, name)
+    for path, update in updates.items():
+        _install(_wrap(model, path), name, update, scale)
+    return name
+
+
+@torch.no_grad()
+def _install(wrapper: LoRALinear, name: str, update: LoRAUpdate, scale: float) -> None:
+    w = wrapper.weight
+    adapter = LoRAAdapter(
+        wrapper.in_features, wrapper.out_features, update.rank, update.alpha, scale, 0.0, w.device, w.dtype
+    )
+    adapter.lora_A.weight.copy_(update.A)
+    adapter.lora_B.weight.copy_(update.B)
+    wrapper.adapters[name] = adapter.requires_grad_(False)
+
+
+def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
+    """Adapter ``adapter`` as native-layout tensors (``<layer>.lora_A.weight`` / ``.lora_B.weight``)."""
+    return {k: v.detach() for k, v in adapter_tree(model, adapter).state_dict().items()}
+
+
+def save_adapters(
+    tree: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write an :func:`adapter_tree` (or a copy of one, e.g. EMA weights) as a native LoRA file with its
+    rank and alpha in the header; returns the file's SHA-256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+    adapters = {p: m for p, m in tree.named_modules() if isinstance(m, LoRAAdapter)}
+    if not adapters:
+        raise LoRAError("nothing to save: no LoRA adapters")
+    tensors = {k: v.detach() for k, v in tree.state_dict().items()}
+    meta = lora_metadata({p: a.rank for p, a in adapters.items()}, {p: a.alpha for p, a in adapters.items()})
+    return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
+
+
+def save_lora(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter: str = "default",
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Save one adapter of ``model`` as a native LoRA file; returns its SHA-256."""
+    return save_adapters(adapter_tree(model, adapter), path, metadata)

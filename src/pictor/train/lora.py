@@ -1,0 +1,225 @@
+"""The LoRA stage: the t2i flow loss on a frozen base bundle, training only low-rank adapters.
+
+The trained module is the adapter tree (`pictor.models.lora.adapter_tree`): its state dict is the native
+LoRA file layout, so optimizer state, EMA, checkpoints and resume work on the adapters alone and the
+base weights are never written. Sample grids and evals run the base model with the EMA adapters swapped
+in. Outputs: OUT/checkpoints/step-N/lora.safetensors (+ optimizer, RNG and raw adapter weights for
+resume), OUT/final/lora.safetensors and a copy at OUT/lora.safetensors.
+
+A resumed run checks that the base is the same model (SHA-256 of its transformer weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pictor import __version__
+from pictor.checkpoint import (
+    CheckpointError,
+    load_bundle,
+    load_into,
+    model_hash,
+    read_safetensors,
+    state_dict_hash,
+)
+from pictor.locate import resolve
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams
+from pictor.models.lora import add_lora, save_adapters
+from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
+from pictor.train.config import TrainConfig
+from pictor.train.data import ImageCaptionDataset
+from pictor.train.distributed import DistInfo
+from pictor.train.stages import Stage, seeded
+from pictor.train.state import STATE_FILE
+from pictor.train.t2i import T2IStage
+
+LORA_FILE = "lora.safetensors"
+ADAPTER = "default"
+TEXT_CACHE_BYTES = 1 << 30
+
+
+class CachedText:
+    """The frozen text encoder with a per-caption cache (kohya's --cache_text_encoder_outputs): a LoRA
+    set repeats a few captions every epoch, and encoding them again is most of a small model's step.
+
+    Each caption is encoded on its own, so an entry never depends on which batch first needed it and a
+    resumed run sees the same numbers. Past ``max_bytes`` new captions are encoded without caching.
+    """
+
+    def __init__(self, encoder: TextEncoder, max_bytes: int = TEXT_CACHE_BYTES) -> None:
+        self.encoder = encoder
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.cache: dict[str, TextEmbeddings] = {}
+
+    def __getattr__(self, name: str) -> Any:  # context_dim, pooled_dim, config(), ... of the encoder
+        if name == "encoder":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+    def _one(self, prompt: str) -> TextEmbeddings:
+        if prompt in self.cache:
+            return self.cache[prompt]
+        emb = self.encoder.encode([prompt])
+        size = sum(t.numel() * t.element_size() for t in (emb.tokens, emb.mask, emb.pooled))
+        if self.bytes + size <= self.max_bytes:
+            self.cache[prompt] = emb
+            self.bytes += size
+        return emb
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        if not prompts:
+            return self.encoder.encode([])
+        rows = [self._one(p) for p in prompts]
+        return TextEmbeddings(
+            tokens=torch.cat([r.tokens for r in rows]),
+            mask=torch.cat([r.mask for r in rows]),
+            pooled=torch.cat([r.pooled for r in rows]),
+        )
+
+
+class LoRAStage(T2IStage):
+    """T2IStage's loss, draws, previews and evals; its own model setup and outputs."""
+
+    name = "lora"
+
+    def __init__(
+        self, cfg: TrainConfig, ds: ImageCaptionDataset, info: DistInfo, resume: Path | None = None
+    ) -> None:
+        Stage.__init__(self, cfg, ds, info)  # not T2IStage's: nothing is built from scratch here
+        if not cfg.base:
+            raise CheckpointError("LoRA training needs --base BUNDLE (the trained model to adapt)")
+        ref = resolve(cfg.base)
+        if ref.path is None:
+            raise CheckpointError(f"--base {cfg.base}: a preset is untrained; give a trained model bundle")
+        bundle = load_bundle(ref.path)
+        self.base_path = ref.path.resolve()
+        self.base_name = bundle.config.name
+        self.base_hash = model_hash(bundle.config) or state_dict_hash(bundle.transformer)
+        if resume is not None:
+            self._check_same_base(resume)
+
+        with torch.device("meta"):
+            ae = AutoEncoder(AutoEncoderParams.from_dict(dict(bundle.config.autoencoder)))
+            flux = Flux(FluxParams.from_dict(dict(bundle.config.model)))
+        self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder").to(self.device)
+        self.ae.eval().requires_grad_(False)
+        self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer").to(self.device)
+        self.flux.requires_grad_(False)
+        self.text = CachedText(build_text_encoder(bundle.config.text_encoder).to(self.device))  # type: ignore[assignment]
+        self.ae_source = self.base_path
+        multiple = 2 * self.ae.params.downsample_factor
+        if int(cfg.image_size or 0) % multiple:
+            raise CheckpointError(
+                f"image_size {cfg.image_size} must be a multiple of {multiple} for this autoencoder "
+                f"(factor {multiple // 2} x 2x2 latent patches)"
+            )
+        self._check_dims(self.flux.params)
+
+        # A is drawn under the run's seed; B starts at zero, so step 0 is exactly the base model. The
+        # adapters are float32 whatever the base's dtype (AdamW on bf16 weights loses small updates).
+        self.module = seeded(
+            cfg.seed,
+            lambda: add_lora(
+                self.flux,
+                ADAPTER,
+                cfg.lora_targets,
+                cfg.lora_rank,
+                cfg.lora_alpha,
+                cfg.lora_dropout,
+                dtype=torch.float32,
+            ),
+        )
+        self.forward_module = self.flux
+        if cfg.compile and self.device.type == "cuda":
+            self.flux.compile()
+
+    def _check_same_base(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("stage", {})
+        if saved.get("base_hash") not in (None, self.base_hash):
+            raise CheckpointError(
+                f"{checkpoint}: this LoRA run was trained on base {saved.get('base')} "
+                f"(transformer {saved['base_hash'][:12]}), but --base {self.cfg.base} has transformer "
+                f"{self.base_hash[:12]}; resume with the same base"
+            )
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    def metadata(self, step: int) -> dict[str, str]:
+        c = self.cfg
+        return {
+            "lora_targets": c.lora_targets,
+            "base_model": self.base_name,
+            "base_model_hash": self.base_hash,
+            "pictor_version": __version__,
+            "pictor_training": json.dumps(
+                {**self.training_info(step), "base": str(self.base_path), "lora_dropout": c.lora_dropout}
+            ),
+        }
+
+    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapters(ema, folder / LORA_FILE, self.metadata(step))
+
+    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
+        return read_safetensors(checkpoint / LORA_FILE)
+
+    def publish(self, final: Path) -> Path:
+        """Copy final/lora.safetensors to OUT/lora.safetensors (atomically) and return that path."""
+        out = Path(self.cfg.out) / LORA_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{LORA_FILE}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(final / LORA_FILE, tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"base": str(self.base_path), "base_hash": self.base_hash}
+
+    def training_info(self, step: int) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            **super().training_info(step),
+            "rank": c.lora_rank,
+            "alpha": c.lora_alpha or c.lora_rank,
+            "targets": c.lora_targets,
+        }
+
+    # -- previews with the EMA adapters ------------------------------------------------------------------
+
+    @contextmanager
+    def _with(self, ema: nn.Module) -> Iterator[Flux]:
+        """The base model carrying the EMA adapters for the duration (the live weights are put back)."""
+        live = [p.detach().clone() for p in self.module.parameters()]
+        with torch.no_grad():
+            for p, e in zip(self.module.parameters(), ema.parameters(), strict=True):
+                p.copy_(e)
+        try:
+            yield self.flux
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.module.parameters(), live, strict=True):
+                    p.copy_(saved)
+
+    def sample_grid(self, ema: nn.Module) -> Any:
+        with self._with(ema) as flux:
+            return super().sample_grid(flux)
+
+    def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
+        with self._with(ema) as flux:
+            return super().evaluate(flux)
