@@ -16,6 +16,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,8 @@ class Pipeline:
         # How this model was asked for (bundle path, bundle name or preset); recorded so `reproduce`
         # can find the same model again. The hash in the record guards against a changed one.
         self.ref: str | None = None
+        # LoRAs applied to the transformer, in order; each entry goes into every record.
+        self.loras: list[dict[str, Any]] = []
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -357,8 +360,37 @@ class Pipeline:
             "batch_size": len(run_seeds),
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "loras": [],
+            "loras": [dict(lo) for lo in self.loras],
         }
+
+    def add_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:
+        """Apply a LoRA file (pictor, diffusers/PEFT or kohya format) to the transformer."""
+        from pictor.models.lora import a1111_lora_hash, apply_lora, lora_file_hash
+
+        name = apply_lora(self.transformer, path, scale=scale)
+        self.transformer.to(self.device, self.dtype).requires_grad_(False)
+        entry = {
+            "name": name,
+            "path": str(Path(path).resolve()),
+            "sha256": lora_file_hash(path),
+            "hash": a1111_lora_hash(path),
+            "scale": float(scale),
+        }
+        self.loras.append(entry)
+        return entry
+
+    def _check_loras(self, record: dict[str, Any]) -> None:
+        want = [(lo["sha256"], float(lo["scale"])) for lo in record.get("loras") or []]
+        have = [(lo["sha256"], lo["scale"]) for lo in self.loras]
+        if want != have:
+
+            def names(loras: list[dict[str, Any]]) -> str:
+                return ", ".join(f"{lo['name']}:{lo['scale']:g}" for lo in loras) or "none"
+
+            raise GenerationError(
+                f"the image was made with LoRAs [{names(record.get('loras') or [])}] but the loaded model "
+                f"has [{names(self.loras)}]; pass the same files and scales with --lora FILE:SCALE"
+            )
 
     def reproduce(
         self,
@@ -387,6 +419,7 @@ class Pipeline:
                 f"{self.device.type}/{self.dtype}: pixels may differ slightly",
                 stacklevel=2,
             )
+        self._check_loras(record)
         seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
         if "mode" in record:
             return self._reproduce_edit(record, seeds, progress, source, mask)
