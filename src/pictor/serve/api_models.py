@@ -1,0 +1,145 @@
+"""Request and response schemas. The generation request is OpenAI's Images API shape plus pictor's fields;
+the OpenAPI document at /openapi.json is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pictor.pipeline import MAX_SEED
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's ``POST /v1/images/generations`` body; ``seed`` ... ``schedule`` are pictor's."""
+
+    # Unknown fields are refused so a typo ("step") is a 400 that names it, not a silently ignored value;
+    # strict, so "n": "2" or "stream": 0 are errors as the schema says, not quietly converted.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    n: int | None = Field(1, ge=1, description="Number of images (the server's limit applies).")
+    size: str | None = Field(
+        None,
+        pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+        description="WIDTHxHEIGHT, e.g. 64x64; 'auto' or absent: the model's default.",
+    )
+    response_format: Literal["url", "b64_json"] | None = Field("url", description="How images are returned.")
+    model: str | None = Field(None, description="Checked against the served model when given.")
+    user: str | None = Field(None, max_length=256, description="End-user id, stored with the job.")
+    # pictor's fields, sent by the openai client through extra_body
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i gets seed+i; absent: random.")
+    steps: int | None = Field(None, ge=1, description="Sampler steps (the server's limit applies).")
+    guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Guidance scale.")
+    negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")
+    sampler: str | None = Field(None, description="euler, heun or dpmpp_2m.")
+    schedule: str | None = Field(None, description="Timestep schedule: flux, linear or shifted.")
+    # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged, otherwise ignored.
+    quality: str | None = Field(None, description="Accepted and ignored.")
+    style: str | None = Field(None, description="Accepted and ignored.")
+    background: str | None = Field(None, description="Accepted and ignored.")
+    moderation: str | None = Field(None, description="Accepted and ignored; see the server's prompt policy.")
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    output_format: Literal["png"] | None = Field(None, description="Only png.")
+    stream: Literal[False] | None = Field(None, description="Only false: follow a job with /v1/jobs events.")
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_streaming(cls, value: Any) -> Any:
+        # Literal[False] alone would take 0 (0 == False in Python)
+        if value is not None and value is not False:
+            raise ValueError("streaming is not offered; use POST /v1/jobs and GET /v1/jobs/{id}/events")
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    job_id: str = Field(description="pictor: the history entry of this request (GET /v1/jobs/{id}).")
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+    fraction: float
+
+
+class JobResult(BaseModel):
+    image_id: str
+    seed: int
+    url: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    created: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    request: dict[str, Any] = Field(description="The normalized request (prompt, size, steps, seed...).")
+    user: str | None = None
+    progress: JobProgress
+    queue_position: int | None = Field(None, description="0 = next to run; only while queued.")
+    attempts: int
+    results: list[JobResult]
+    error: ErrorBody | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    total: int
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class ImageMetadata(BaseModel):
+    id: str
+    job_id: str
+    seed: int
+    url: str
+    parameters: str = Field(description="The A1111 'parameters' text stored in the PNG.")
+    record: dict[str, Any] = Field(description="The pictor JSON record stored in the PNG.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "pictor"
+    ready: bool
+    trained: bool | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, int] = Field(default_factory=dict)
+    samplers: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    detail: str | None = None

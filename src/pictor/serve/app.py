@@ -1,0 +1,236 @@
+"""``create_app(settings, pipeline=None)``: the FastAPI app of ``pictor serve``.
+
+One process, one model: the job manager's worker thread owns the pipeline (given, or loaded from
+``settings.model`` at start-up, while /healthz already answers and /readyz says "loading").
+Every error is OpenAI-shaped JSON; bad input is a 4xx, and nothing a client sends makes a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from pictor import __version__
+from pictor.pipeline import Pipeline
+from pictor.serve import edits
+from pictor.serve.api_models import Health
+from pictor.serve.errors import APIError, error_body
+from pictor.serve.jobs import JobManager
+from pictor.serve.metrics import CONTENT_TYPE, Metrics
+from pictor.serve.routes import router
+from pictor.serve.security import BlockList, Guard, PromptPolicy
+from pictor.serve.service import Service
+from pictor.serve.settings import ServeSettings
+from pictor.serve.store import Store
+
+log = logging.getLogger("pictor.serve")
+STATIC = Path(__file__).parent / "static"
+
+DESCRIPTION = """Text-to-image generation with pictor.
+
+* `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
+  `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule` go in `extra_body`).
+* `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
+  server-sent events of `GET /v1/jobs/{id}/events`.
+* With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.
+"""
+
+ID_FIELDS = ("job_id", "image_id")
+
+
+def create_app(
+    settings: ServeSettings, pipeline: Pipeline | None = None, policy: PromptPolicy | None = None
+) -> FastAPI:
+    store = Store(settings.data_dir)
+    metrics = Metrics()
+
+    def load_model() -> Pipeline:
+        from pictor.pipeline import load
+
+        return load(settings.model, device=settings.device)
+
+    manager = JobManager(store, settings, metrics, pipeline=pipeline, loader=None if pipeline else load_model)
+    if policy is None and settings.block_words:
+        policy = BlockList(settings.block_words)
+    svc = Service(settings, store, manager, metrics, policy)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            # The running batch finishes (bounded by the job timeout); queued jobs stay queued on disk.
+            await run_in_threadpool(manager.stop, settings.job_timeout + 5)
+            if manager._thread is None or not manager._thread.is_alive():
+                store.close()
+
+    app = FastAPI(title="pictor", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = svc
+    app.add_middleware(Guard, settings=settings)
+    _add_error_handlers(app)
+    app.include_router(router)
+    app.include_router(edits.router)
+    _add_ops_routes(app, svc)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_ops_routes(app: FastAPI, svc: Service) -> None:
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="The process is up")
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["ops"],
+        responses={503: {"model": Health, "description": "Model loading, failed, or shutting down"}},
+        summary="The model is loaded and jobs are taken",
+    )
+    def readyz() -> Any:
+        manager = svc.manager
+        if manager.load_error:
+            health = Health(status="error", detail=f"the model failed to load: {manager.load_error}")
+        elif manager.draining:
+            health = Health(status="draining", detail="shutting down; no new jobs")
+        elif manager.pipeline is None:
+            health = Health(status="loading", model=svc.settings.model)
+        else:
+            return Health(status="ready", model=manager.pipeline.ref or manager.pipeline.name)
+        return JSONResponse(health.model_dump(), status_code=503)
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        tags=["ops"],
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics",
+    )
+    def metrics() -> PlainTextResponse:
+        text = svc.metrics.render(svc.manager.queue_depth(), svc.store.counts_by_status(), svc.manager.ready)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in errors[:3]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        where = ".".join(loc)
+        kind = e.get("type", "")
+        if kind == "json_invalid":
+            text = f"malformed JSON ({e.get('ctx', {}).get('error', 'cannot parse')}); send a JSON object"
+            loc, where = [], ""
+        elif kind == "missing" and not loc:
+            text = "the request body is missing; send a JSON object"
+        elif kind == "missing":
+            text = f"'{where}' is required"
+        elif kind == "extra_forbidden":
+            text = f"unknown field '{where}'"
+        elif kind == "string_pattern_mismatch" and loc and loc[-1] in ID_FIELDS:
+            text = f"{where} must be 32 lowercase hex characters (a uuid without dashes)"
+        elif kind == "string_pattern_mismatch" and loc == ["size"]:
+            text = "size must be WIDTHxHEIGHT (e.g. 64x64) or 'auto'"
+        else:
+            text = f"{where or 'request body'}: {e.get('msg', 'invalid value')}"
+        parts.append(text)
+        param = param or (where or None)
+    if len(errors) > 3:
+        parts.append(f"and {len(errors) - 3} more problems")
+    return "; ".join(parts), param
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, code="invalid_request", param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = str(exc.detail)
+        if status == 404 and exc.detail == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+            headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+            return JSONResponse(
+                error_body(message, code="method_not_allowed"), status_code=405, headers=headers
+            )
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(status)
+        return JSONResponse(error_body(message, code=code), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal server error", "server_error", "internal"), status_code=500)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with 422 replaced by the 400 this server really sends for invalid input."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            for status, response in responses.items():
+                # FastAPI files error models under the route's media type (image/png, text/event-stream);
+                # errors are always JSON.
+                if int(status) >= 400 and "ErrorResponse" in json.dumps(response):
+                    response["content"] = error_content
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    # This server's limits, so the document says what it accepts (pixels and size multiples stay prose).
+    limits = app.state.service.settings.limits
+    fields = components.get("ImageGenerationRequest", {}).get("properties", {})
+    for name, key, value in (
+        ("n", "maximum", limits.max_images),
+        ("steps", "maximum", limits.max_steps),
+        ("prompt", "maxLength", limits.max_prompt_chars),
+    ):
+        for option in fields.get(name, {}).get("anyOf", [fields.get(name, {})]):
+            if option.get("type") in ("integer", "string"):
+                option[key] = value
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,199 @@
+"""``POST /v1/images/edits``: OpenAI's image edit endpoint (multipart upload) on ``Pipeline.edit``.
+
+Uploads are untrusted bytes: size-capped (413), opened only as PNG, JPEG or WebP, with Pillow's
+decompression-bomb guard on (its warning is an error here too), and checked against the pixel limit
+before any pixel is decoded. Accepted images are kept under the data dir so the job can run again after
+a restart.
+
+Masks follow OpenAI: where the mask is fully transparent (alpha 0) the image is repainted. A mask without
+an alpha channel follows pictor's convention instead: white repaints, black keeps. Without a mask, an
+image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pictor.editing import EditError, EditRequest
+from pictor.pipeline import GenerationError
+from pictor.serve.api_models import ImagesResponse
+from pictor.serve.errors import APIError
+from pictor.serve.routes import COMMON_ERRORS, SYNC_ERRORS, V1_DEPENDENCIES, finished_images
+from pictor.serve.security import check_limits, check_policy
+from pictor.serve.service import Service, param_of, service
+from pictor.serve.settings import Limits
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
+
+
+def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
+    """Bytes -> a loaded PIL image, or a 4xx that says what is wrong with them."""
+    if len(data) > limits.max_upload_bytes:
+        raise APIError(
+            413,
+            f"{what} is too large: the upload limit is {limits.max_upload_bytes} bytes",
+            param=what,
+            code="upload_too_large",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+                width, height = im.size  # from the header: nothing decoded yet
+                if width * height > limits.max_pixels:
+                    raise APIError(
+                        400,
+                        f"{what} is {width}x{height} = {width * height} pixels; "
+                        f"the limit is {limits.max_pixels}",
+                        param=what,
+                        code="image_too_large",
+                    )
+                im.load()
+                return ImageOps.exif_transpose(im)  # as viewers show it; a loaded copy
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise APIError(
+                400,
+                f"{what} declares too many pixels (decompression bomb guard: {exc})",
+                param=what,
+                code="image_too_large",
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise APIError(
+                400,
+                f"{what} is not a readable PNG, JPEG or WebP image ({exc})",
+                param=what,
+                code="invalid_image",
+            ) from None
+
+
+def _transparent(image: Image.Image) -> Image.Image | None:
+    """White where the image is fully transparent (OpenAI's "edit here"), or None without alpha."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def edit_params(
+    svc: Service, source: Image.Image, mask: Image.Image | None, form: dict[str, Any]
+) -> dict[str, Any]:
+    """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings."""
+    limits = svc.settings.limits
+    prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
+    svc.check_model(form["model"])
+    check_limits(limits, prompt, n, source.width, source.height, form["steps"])
+    check_policy(svc.policy, prompt, negative)
+    if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
+        raise APIError(
+            400,
+            f"an edit keeps the image's size ({source.width}x{source.height}); omit size",
+            param="size",
+            code="invalid_parameters",
+        )
+    if mask is not None:
+        mask = _transparent(mask) or mask.convert("L")
+    else:
+        mask = _transparent(source)
+        if mask is not None and not mask.getbbox():
+            mask = None  # alpha channel, but nothing transparent: plain img2img
+    source = source.convert("RGB")
+    settings = {k: form[k] for k in ("steps", "guidance", "sampler", "schedule", "seed", "strength")}
+    pipe = svc.manager.pipeline
+    if pipe is not None:
+        request = EditRequest(
+            image=source, prompt=prompt, mask=mask, negative_prompt=negative, num_images=n, **settings
+        )
+        try:
+            r, inputs = pipe.resolve_edit(request)
+        except (EditError, GenerationError) as exc:
+            raise APIError(400, str(exc), param=param_of(str(exc)), code="invalid_parameters") from None
+        settings.update(
+            steps=r.steps,
+            guidance=r.guidance,
+            sampler=r.sampler,
+            schedule=r.schedule,
+            strength=inputs.strength,
+        )
+    return {
+        "kind": "edit",
+        "image": svc.store.write_upload(source),
+        "mask": svc.store.write_upload(mask) if mask is not None else None,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": source.width,
+        "height": source.height,
+        "n": n,
+        **settings,
+    }
+
+
+Number = Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)]
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=SYNC_ERRORS,
+    summary="Edit an image (OpenAI Images API): img2img, or inpainting with a mask; waits for the job",
+)
+async def create_edit(
+    request: Request,
+    image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; transparent pixels are repainted")],
+    prompt: Annotated[str, Form(min_length=1)],
+    mask: Annotated[
+        UploadFile | None, File(description="alpha 0 (or white, without alpha) = repaint")
+    ] = None,
+    n: Annotated[int, Form(ge=1)] = 1,
+    size: Annotated[str | None, Form(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] = None,
+    response_format: Annotated[Literal["url", "b64_json"], Form()] = "url",
+    model: Annotated[str | None, Form()] = None,
+    user: Annotated[str | None, Form(max_length=256)] = None,
+    strength: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
+    seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
+    steps: Annotated[int | None, Form(ge=1)] = None,
+    guidance: Number = None,
+    negative_prompt: Annotated[str | None, Form()] = None,
+    sampler: Annotated[str | None, Form()] = None,
+    schedule: Annotated[str | None, Form()] = None,
+) -> ImagesResponse:
+    svc = service(request)
+    limits = svc.settings.limits
+    source = await run_in_threadpool(
+        decode_upload, await image.read(limits.max_upload_bytes + 1), "image", limits
+    )
+    mask_image = None
+    if mask is not None:
+        mask_image = await run_in_threadpool(
+            decode_upload, await mask.read(limits.max_upload_bytes + 1), "mask", limits
+        )
+    form = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "n": n,
+        "size": size,
+        "model": model,
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": sampler,
+        "schedule": schedule,
+        "seed": seed,
+        "strength": strength,
+    }
+    params = await run_in_threadpool(edit_params, svc, source, mask_image, form)
+    try:
+        job = await run_in_threadpool(svc.manager.submit, params, user)
+    except APIError:
+        for upload in (params["image"], params["mask"]):
+            if upload:
+                svc.store.upload_path(upload).unlink(missing_ok=True)
+        raise
+    return await finished_images(svc, request, job.id, response_format)

@@ -1,0 +1,400 @@
+"""The job queue and the one worker thread that runs the model.
+
+- Bounded: at most ``queue_size`` jobs wait; more are refused (429) rather than piling up.
+- One worker thread owns the pipeline, so the model is loaded once and the event loop never waits on it.
+- Batching: jobs with the same prompt and settings are merged into one ``generate()`` call of up to
+  ``max_batch`` images. The pipeline gives image i of a request the seed ``seed + i``, so merged jobs must
+  have consecutive seeds: a job without a seed gets the next free one (only behind another job without a
+  seed, whose start seed is random), a job with a seed joins only when its seed is the next one.
+- Cancellation and timeouts stop a running sampler at the next step: the progress callback raises.
+- Durability: every state change is committed to the store before it is announced. On start, queued jobs
+  and jobs that were running when the process died are queued again; a job that was running during
+  ``max_attempts`` deaths is failed instead, so one poisonous job cannot crash-loop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pictor.editing import EditError, EditRequest
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
+from pictor.serve.errors import APIError, not_found
+from pictor.serve.events import Hub
+from pictor.serve.metrics import Metrics
+from pictor.serve.settings import ServeSettings
+from pictor.serve.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    ImageRow,
+    JobRow,
+    Store,
+    new_id,
+)
+
+log = logging.getLogger("pictor.serve")
+
+# Settings that must be equal for two jobs to share one sampler run.
+BATCH_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "schedule")
+
+
+# Edits also need the same source image: upload ids are new for every request, so edits never merge.
+MERGE_KEYS = (*BATCH_KEYS, "kind", "image", "mask", "strength")
+
+
+def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(params.get(k) for k in MERGE_KEYS)
+
+
+def generation_request(params: dict[str, Any], **overrides: Any) -> GenerationRequest:
+    """A job's settings as the pipeline's request (``seed``, ``num_images``... may be overridden)."""
+    fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
+    fields["negative_prompt"] = fields["negative_prompt"] or ""
+    fields.update(seed=params.get("seed"), num_images=int(params.get("n", 1)))
+    return GenerationRequest(**{**fields, **overrides})
+
+
+def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> EditRequest:
+    """An edit job's settings as the pipeline's EditRequest; the images come from the store's uploads."""
+    fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height")}
+    fields["negative_prompt"] = fields["negative_prompt"] or ""
+    fields.update(
+        seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
+    )
+    mask = store.upload_path(params["mask"]) if params.get("mask") else None
+    return EditRequest(image=store.upload_path(params["image"]), mask=mask, **{**fields, **overrides})
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _TimedOut(Exception):
+    pass
+
+
+@dataclass
+class Live:
+    """A job in the running batch: its in-memory progress and cancel flag."""
+
+    job: JobRow
+    seed: int
+    step: int = 0
+    total: int = 0
+    cancelled: bool = False
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: Store,
+        settings: ServeSettings,
+        metrics: Metrics,
+        pipeline: Pipeline | None = None,
+        loader: Callable[[], Pipeline] | None = None,
+    ) -> None:
+        if pipeline is None and loader is None:
+            raise ValueError("JobManager needs a pipeline or a loader")
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.pipeline = pipeline
+        self.load_error: str | None = None
+        self.hub = Hub()
+        self._loader = loader
+        self._cond = threading.Condition()
+        self._queue: deque[JobRow] = deque()
+        self._running: dict[str, Live] = {}
+        self._draining = False
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start(self) -> None:
+        self._recover()
+        # A daemon thread: if a sampler run hangs past the shutdown grace, the process still exits and
+        # the job is resumed on the next start.
+        self._thread = threading.Thread(target=self._work, name="pictor-worker", daemon=True)
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Stop taking work: new jobs get 503, the running batch finishes, queued jobs stay queued."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        self.hub.broadcast({"event": "draining"})
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.begin_drain()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _recover(self) -> None:
+        for job in self.store.unfinished():
+            if job.status == RUNNING:
+                if job.attempts >= self.settings.max_attempts:
+                    self.store.finish(
+                        job.id,
+                        FAILED,
+                        error={
+                            "message": f"the server stopped {job.attempts} times while running this job; "
+                            "giving up on it so that it cannot stop the server again",
+                            "type": "server_error",
+                            "code": "crash_loop",
+                        },
+                    )
+                    log.warning("job %s failed after %d interrupted attempts", job.id, job.attempts)
+                    continue
+                self.store.requeue(job.id)
+                job.status = QUEUED
+            self._queue.append(job)
+        if self._queue:
+            log.info("resuming %d unfinished jobs from %s", len(self._queue), self.store.data_dir)
+
+    # -- requests from the API -----------------------------------------------------------------------
+
+    def submit(self, params: dict[str, Any], user: str | None = None) -> JobRow:
+        retry = {"Retry-After": str(self.settings.retry_after)}
+        with self._cond:
+            if self._draining:
+                self.metrics.reject("shutting_down")
+                raise APIError(
+                    503,
+                    "the server is shutting down and takes no new jobs; retry shortly",
+                    "server_error",
+                    "shutting_down",
+                    headers=retry,
+                )
+            if self.load_error:
+                raise APIError(
+                    503, f"the model failed to load: {self.load_error}", "server_error", "model_unavailable"
+                )
+            if len(self._queue) >= self.settings.queue_size:
+                self.metrics.reject("queue_full")
+                raise APIError(
+                    429,
+                    f"the queue is full ({len(self._queue)} jobs waiting); "
+                    f"retry after {self.settings.retry_after} s",
+                    "rate_limit_error",
+                    "queue_full",
+                    headers=retry,
+                )
+            job = JobRow(new_id(), time.time(), QUEUED, params, user)
+            self.store.add_job(job)  # committed before the caller answers 202
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job_id: str) -> JobRow:
+        with self._cond:
+            queued = next((j for j in self._queue if j.id == job_id), None)
+            if queued is not None:
+                self._queue.remove(queued)
+                self._finish(queued, CANCELLED)
+            elif job_id in self._running and not self._running[job_id].cancelled:
+                # The sampler stops at its next step if no other job shares the run; either way this job's
+                # images are dropped and its state is final now.
+                self._running[job_id].cancelled = True
+                self._finish(self._running[job_id].job, CANCELLED)
+            else:
+                job = self.store.get_job(job_id)
+                if job is None:
+                    raise not_found("job", job_id)
+                if job.status in TERMINAL:
+                    raise APIError(
+                        409, f"job '{job_id}' already {job.status}; nothing to cancel", code="job_finished"
+                    )
+        job = self.store.get_job(job_id)
+        assert job is not None
+        return job
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        with self._cond:
+            live = self._running.get(job_id)
+            return (live.step, live.total) if live else None
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self._cond:
+            return next((i for i, j in enumerate(self._queue) if j.id == job_id), None)
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    async def wait(self, job_id: str) -> JobRow:
+        """Wait for a job's final state without blocking the event loop."""
+        events = self.hub.subscribe(job_id)
+        try:
+            while True:
+                job = self.store.get_job(job_id)
+                if job is None:
+                    raise not_found("job", job_id)
+                if job.status in TERMINAL:
+                    return job
+                if self._draining and job.status == QUEUED:
+                    raise APIError(
+                        503,
+                        f"the server is shutting down; job '{job_id}' stays queued and runs after "
+                        f"the restart (GET /v1/jobs/{job_id})",
+                        "server_error",
+                        "shutting_down",
+                        headers={"Retry-After": str(self.settings.retry_after)},
+                    )
+                while (await events.get())["event"] == "progress":
+                    pass
+        finally:
+            self.hub.unsubscribe(job_id, events)
+
+    # -- the worker ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        if self.pipeline is None:
+            assert self._loader is not None
+            try:
+                self.pipeline = self._loader()
+            except Exception as exc:  # the server stays up to say why (readyz, 503s)
+                log.exception("loading the model failed")
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                return
+            log.info("model '%s' loaded", self.pipeline.name)
+        while True:
+            with self._cond:
+                while not self._queue and not self._draining:
+                    self._cond.wait()
+                if self._draining:
+                    return
+                batch = self._take_batch()
+                self._running = {live.job.id: live for live in batch}
+            try:
+                self._run_batch(batch)
+            except Exception:  # a bug here must not kill the worker and strand the queue
+                log.exception("worker error")
+                for live in batch:
+                    error = {
+                        "message": "internal error in the worker",
+                        "type": "server_error",
+                        "code": "internal",
+                    }
+                    self._finish(live.job, FAILED, error=error)
+            finally:
+                with self._cond:
+                    self._running = {}
+
+    def _take_batch(self) -> list[Live]:
+        head = self._queue.popleft()
+        fixed = head.params.get("seed") is not None
+        start = int(head.params["seed"]) if fixed else secrets.randbelow(2**32)
+        batch = [Live(head, start)]
+        cursor, total = start + head.n, head.n
+        key = batch_key(head.params)
+        for job in list(self._queue):
+            if total >= self.settings.max_batch:
+                break
+            seed = job.params.get("seed")
+            fits = batch_key(job.params) == key and total + job.n <= self.settings.max_batch
+            if fits and (seed == cursor if fixed else seed is None):
+                self._queue.remove(job)
+                batch.append(Live(job, cursor))
+                cursor, total = cursor + job.n, total + job.n
+        return batch
+
+    def _run_batch(self, batch: list[Live]) -> None:
+        assert self.pipeline is not None
+        started = time.time()
+        self.store.mark_running([live.job.id for live in batch], started)
+        for live in batch:
+            live.job.status, live.job.started = RUNNING, started
+            self.hub.publish(live.job.id, {"event": "status", "status": RUNNING})
+        total_images = sum(live.job.n for live in batch)
+        runs = {
+            "seed": batch[0].seed,
+            "num_images": total_images,
+            "batch_size": min(total_images, self.settings.max_batch),
+        }
+        params = batch[0].job.params
+        if params.get("kind") == "edit":
+            run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
+        else:
+            run, request = self.pipeline.generate, generation_request(params, **runs)
+        deadline = time.monotonic() + self.settings.job_timeout
+
+        def progress(step: int, total: int) -> None:
+            with self._cond:
+                alive = [live for live in batch if not live.cancelled]
+                for live in alive:
+                    live.step, live.total = step, total
+            if not alive:
+                raise _Cancelled
+            for live in alive:
+                self.hub.publish(live.job.id, {"event": "progress", "step": step, "total": total})
+            if time.monotonic() > deadline:
+                raise _TimedOut
+
+        try:
+            images = run(request, progress)
+        except _Cancelled:
+            return  # every job of the run was cancelled, and is already final
+        except Exception as exc:
+            error = self._error_of(exc)
+            for live in batch:
+                if not live.cancelled:
+                    self._finish(live.job, FAILED, error=error)
+            return
+        self.metrics.batch_done(len(images), time.time() - started)
+        offset = 0
+        for live in batch:
+            mine, offset = images[offset : offset + live.job.n], offset + live.job.n
+            if live.cancelled:
+                continue
+            rows = [
+                ImageRow(
+                    self.store.write_image(g.image, g.record), live.job.id, i, g.seed, time.time(), g.record
+                )
+                for i, g in enumerate(mine)
+            ]
+            if not self._finish(live.job, SUCCEEDED, images=rows):  # cancelled while saving
+                for row in rows:
+                    self.store.image_path(row.id).unlink(missing_ok=True)
+
+    def _error_of(self, exc: Exception) -> dict[str, Any]:
+        """The job error for what stopped a run: a timeout, a request the model refused, or a fault."""
+        if isinstance(exc, _TimedOut):
+            message = f"the job ran past its {self.settings.job_timeout:g} s limit and was stopped"
+            return {"message": message, "type": "timeout_error", "code": "job_timeout"}
+        if isinstance(exc, GenerationError | EditError):
+            return {"message": str(exc), "type": "invalid_request_error", "code": "invalid_parameters"}
+        log.error("generation failed", exc_info=exc)
+        message = f"generation failed: {type(exc).__name__}: {exc}"
+        return {"message": message, "type": "server_error", "code": "generation_failed"}
+
+    def _finish(
+        self,
+        job: JobRow,
+        status: str,
+        error: dict[str, Any] | None = None,
+        images: list[ImageRow] | None = None,
+    ) -> bool:
+        finished = time.time()
+        if not self.store.finish(job.id, status, error=error, images=images, finished=finished):
+            return False
+        self.metrics.job_finished(status, finished - job.created)
+        self.hub.publish(job.id, {"event": "done", "status": status})
+        return True

@@ -1,0 +1,297 @@
+"""The /v1 API: OpenAI-compatible image generation, the job API, images and their provenance."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+
+from pictor.provenance import PARAMETERS_KEY, RECORD_KEY, ProvenanceError, read_text_chunks
+from pictor.sampling import SAMPLERS
+from pictor.serve.api_models import (
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImageMetadata,
+    ImagesResponse,
+    Job,
+    JobList,
+    ModelCard,
+    ModelList,
+)
+from pictor.serve.errors import APIError, not_found
+from pictor.serve.service import Service, failure, job_or_404, service
+from pictor.serve.store import QUEUED, SUCCEEDED, TERMINAL
+
+ID_PATTERN = r"^[0-9a-f]{32}$"
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 lowercase hex characters")]
+ImageId = Annotated[str, Path(pattern=ID_PATTERN, description="32 lowercase hex characters")]
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# Declared on every /v1 operation so the OpenAPI document lists what the server really answers.
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _err("Bad input: the message says what to change"),
+    401: _err("Missing or wrong API key (when the server has one)"),
+    403: _err("Cross-site request refused"),
+    404: _err("No such job or image"),
+    413: _err("Request body too large"),
+}
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    429: _err("Queue full; retry after the Retry-After header's seconds"),
+    503: _err("Shutting down or model unavailable; retry later"),
+}
+SYNC_ERRORS: dict[int | str, dict[str, Any]] = {
+    **SUBMIT_ERRORS,
+    409: _err("The job was cancelled (DELETE /v1/jobs/{id}) before it finished"),
+    500: _err("The model failed on this job (not bad input: a server-side fault)"),
+    504: _err("The job ran past the server's per-job time limit"),
+}
+
+# Documentation only: the Guard middleware checks the key before routing, so bad input from an
+# unauthenticated client is a 401, never a validation report.
+bearer = HTTPBearer(auto_error=False, description="The server's API key, when it was started with one.")
+
+
+def known_query_only(request: Request) -> None:
+    """Unknown query parameters are a 400, like unknown body fields: ``?query=red`` is a typo for ``?q=``."""
+    route = request.scope.get("route")
+    known = {p.alias for p in getattr(getattr(route, "dependant", None), "query_params", [])}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        hint = f"; this endpoint takes {', '.join(sorted(known))}" if known else ""
+        raise APIError(
+            400, f"unknown query parameter '{unknown[0]}'{hint}", param=unknown[0], code="unknown_parameter"
+        )
+
+
+V1_DEPENDENCIES = [Depends(bearer), Depends(known_query_only)]
+router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
+
+
+OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE"]
+
+# -- OpenAI Images ---------------------------------------------------------------------------------
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=SYNC_ERRORS,
+    summary="Create images (OpenAI Images API); waits for the job",
+)
+async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+    svc = service(request)
+    params = svc.params(body)
+    job = await run_in_threadpool(svc.manager.submit, params, body.user)
+    return await finished_images(svc, request, job.id, body.response_format or "url")
+
+
+async def finished_images(
+    svc: Service, request: Request, job_id: str, response_format: str
+) -> ImagesResponse:
+    """Wait for a job and answer as OpenAI does: its images as URLs or base64 PNGs."""
+    job = await svc.manager.wait(job_id)
+    if job.status != SUCCEEDED:
+        raise failure(job)
+    data = []
+    for r in job.results:
+        if response_format == "b64_json":
+            raw = await run_in_threadpool(svc.store.image_path(r["image_id"]).read_bytes)
+            data.append(ImageData(b64_json=base64.b64encode(raw).decode("ascii")))
+        else:
+            data.append(ImageData(url=svc.image_url(request, r["image_id"])))
+    return ImagesResponse(created=int(job.created), data=data, job_id=job.id)
+
+
+@router.api_route("/images/generations", methods=OTHER_METHODS, include_in_schema=False)
+@router.api_route("/images/edits", methods=OTHER_METHODS, include_in_schema=False)
+def post_only(request: Request) -> None:
+    # Without this, GET /v1/images/generations would reach GET /v1/images/{image_id} and be a 400.
+    raise APIError(
+        405,
+        f"method {request.method} is not allowed on {request.url.path}; use POST",
+        code="method_not_allowed",
+        headers={"Allow": "POST"},
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="The served model, its defaults and limits")
+def list_models(request: Request) -> ModelList:
+    svc = service(request)
+    pipe = svc.manager.pipeline
+    limits = svc.settings.limits
+    card = ModelCard(
+        id=(pipe.ref or pipe.name) if pipe is not None else (svc.settings.model or "default"),
+        ready=pipe is not None,
+        trained=pipe.config.trained if pipe is not None else None,
+        defaults={k: v for k, v in pipe.defaults.items()} if pipe is not None else {},
+        limits={
+            "max_pixels": limits.max_pixels,
+            "max_steps": limits.max_steps,
+            "max_images": limits.max_images,
+            "max_prompt_chars": limits.max_prompt_chars,
+            "size_multiple": pipe.patch if pipe is not None else 1,
+        },
+        samplers=list(SAMPLERS),
+    )
+    return ModelList(data=[card])
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+
+@router.post(
+    "/jobs",
+    response_model=Job,
+    status_code=202,
+    responses=SUBMIT_ERRORS,
+    summary="Queue a generation job; returns at once",
+)
+def create_job(body: ImageGenerationRequest, request: Request, response: Response) -> Job:
+    svc = service(request)
+    job = svc.manager.submit(svc.params(body), body.user)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    return svc.view(request, job)
+
+
+@router.get("/jobs", response_model=JobList, summary="History, newest first; q searches prompts")
+def list_jobs(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    q: Annotated[str, Query(max_length=200, description="substring of the prompt")] = "",
+) -> JobList:
+    svc = service(request)
+    jobs, total = svc.store.list_jobs(limit, offset, q)
+    return JobList(
+        data=[svc.view(request, j) for j in jobs],
+        total=total,
+        limit=limit,
+        offset=offset,
+        has_more=offset + len(jobs) < total,
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=Job, summary="A job's status, progress, results or error")
+def get_job(job_id: JobId, request: Request) -> Job:
+    svc = service(request)
+    return svc.view(request, job_or_404(svc, job_id))
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=Job,
+    responses={409: _err("The job had already finished")},
+    summary="Cancel a job (queued: removed; running: stopped at the next step)",
+)
+def cancel_job(job_id: JobId, request: Request) -> Job:
+    svc = service(request)
+    return svc.view(request, svc.manager.cancel(job_id))
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=EventStreamResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    summary="Server-sent events: status, progress ... done (the final job)",
+)
+async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
+    svc = service(request)
+    job_or_404(svc, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        events = svc.manager.hub.subscribe(job_id)  # before reading the state, so nothing is missed
+        try:
+            job = job_or_404(svc, job_id)
+            yield _sse("status", svc.view(request, job).model_dump())
+            while job.status not in TERMINAL:
+                if svc.manager.draining and job.status == QUEUED:
+                    yield _sse(
+                        "draining", {"id": job_id, "message": "server shutting down; the job stays queued"}
+                    )
+                    return
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=15)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"  # keeps proxies from closing a quiet stream
+                    continue
+                if event["event"] == "progress":
+                    step, total = event["step"], event["total"]
+                    progress = {"id": job_id, "step": step, "total": total, "fraction": step / total}
+                    yield _sse("progress", progress)
+                    continue
+                job = job_or_404(svc, job_id)
+                if job.status not in TERMINAL:
+                    yield _sse("status", svc.view(request, job).model_dump())
+            yield _sse("done", svc.view(request, job).model_dump())
+        finally:
+            svc.manager.hub.unsubscribe(job_id, events)
+
+    return EventStreamResponse(stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/images/{image_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "The PNG with its provenance chunks"}},
+    summary="An image as stored, with its provenance (A1111 parameters + pictor record)",
+)
+def get_image(
+    image_id: ImageId,
+    request: Request,
+    exp: Annotated[int | None, Query(description="Signed URLs: expiry (unix time)")] = None,
+    sig: Annotated[str | None, Query(max_length=64, description="Signed URLs: signature")] = None,
+) -> FileResponse:
+    svc = service(request)
+    path = svc.store.image_path(image_id)
+    if svc.store.get_image(image_id) is None or not path.is_file():
+        raise not_found("image", image_id)
+    return FileResponse(
+        path,
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=31536000, immutable"},
+    )
+
+
+@router.get("/images/{image_id}/metadata", response_model=ImageMetadata, summary="An image's provenance")
+def get_image_metadata(image_id: ImageId, request: Request) -> ImageMetadata:
+    svc = service(request)
+    row = svc.store.get_image(image_id)
+    if row is None:
+        raise not_found("image", image_id)
+    try:
+        chunks = read_text_chunks(svc.store.image_path(image_id))
+    except ProvenanceError:
+        raise not_found("image", image_id) from None
+    record = json.loads(chunks[RECORD_KEY]) if RECORD_KEY in chunks else row.record
+    return ImageMetadata(
+        id=image_id,
+        job_id=row.job_id,
+        seed=row.seed,
+        url=svc.image_url(request, image_id),
+        parameters=chunks.get(PARAMETERS_KEY, ""),
+        record=record,
+    )

@@ -1,0 +1,256 @@
+"""What keeps the server safe to expose: API key, cross-site check, body caps, request limits, prompt policy.
+
+The guard is plain ASGI middleware, so it runs before routing and body parsing: an unauthenticated or
+cross-site request learns nothing about the API and costs no JSON parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+from starlette.exceptions import HTTPException
+
+from pictor.serve.errors import APIError
+from pictor.serve.settings import Limits, ServeSettings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SIGNED_IMAGE = re.compile(r"^/v1/images/([0-9a-f]{32})$")
+
+# The web page loads only its own files; images may be blob: URLs fetched with the API key.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+# -- signed image URLs ------------------------------------------------------------------------------
+
+
+def sign_image(api_key: str, image_id: str, expires: int) -> str:
+    msg = f"{image_id}:{expires}".encode()
+    return hmac.new(api_key.encode(), msg, hashlib.sha256).hexdigest()[:32]
+
+
+def signed_query(api_key: str | None, image_id: str, ttl: int) -> str:
+    """Query string that lets a URL fetch one image without the Authorization header (``<img src>``)."""
+    if api_key is None:
+        return ""
+    expires = int(time.time()) + ttl
+    return f"?exp={expires}&sig={sign_image(api_key, image_id, expires)}"
+
+
+def valid_signature(api_key: str, image_id: str, query: bytes) -> bool:
+    args = parse_qs(query.decode("latin-1"))
+    exp, sig = args.get("exp", [""])[0], args.get("sig", [""])[0]
+    if not exp.isdigit() or int(exp) < time.time():
+        return False
+    return hmac.compare_digest(sig, sign_image(api_key, image_id, int(exp)))
+
+
+# -- the guard middleware ---------------------------------------------------------------------------
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body reader passes it on instead of turning it into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large: the limit is {limit} bytes")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _own_origin(scope: Scope) -> str:
+    scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+    return f"{scheme}://{_header(scope, b'host') or ''}".lower()
+
+
+class Guard:
+    """API key on /v1, same-origin check for state changes, body size caps, security headers."""
+
+    def __init__(self, app: ASGIApp, settings: ServeSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _send_error(send, refusal)
+            return
+        limit = self._body_limit(scope)
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _send_error(
+                send,
+                APIError(413, f"request body too large: the limit is {limit} bytes", code="body_too_large"),
+            )
+            return
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # a chunked body without Content-Length
+                raise BodyTooLarge(limit)
+            return message
+
+        path = scope["path"]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),  # signed image URLs stay on this page
+                    (b"x-frame-options", b"DENY"),
+                ]
+                if path == "/" or path.startswith("/static/"):
+                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, capped_receive, send_with_headers)
+
+    def _body_limit(self, scope: Scope) -> int:
+        limits = self.settings.limits
+        ctype = (_header(scope, b"content-type") or "").lower()
+        # multipart carries an image; allow its cap plus room for the form fields
+        return (
+            limits.max_upload_bytes + 64 * 1024 if ctype.startswith("multipart/") else limits.max_body_bytes
+        )
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        method, path = scope["method"], scope["path"]
+        origin = _header(scope, b"origin")
+        # Browsers send Origin on cross-site POST/DELETE; a form or fetch from another site must not be able
+        # to run or cancel jobs with the user's ambient access to a loopback server.
+        if method not in SAFE_METHODS and origin is not None and origin.lower() != _own_origin(scope):
+            return APIError(
+                403,
+                f"cross-site request refused: Origin '{origin}' is not this server's origin",
+                code="cross_origin",
+            )
+        key = self.settings.api_key
+        if key is None or not (path == "/v1" or path.startswith("/v1/")):
+            return None
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return None
+        m = SIGNED_IMAGE.match(path)
+        if (
+            method in ("GET", "HEAD")
+            and m
+            and valid_signature(key, m.group(1), scope.get("query_string", b""))
+        ):
+            return None
+        message = (
+            "invalid API key" if auth else "missing API key: send the header 'Authorization: Bearer YOUR_KEY'"
+        )
+        return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- request limits and prompt policy ---------------------------------------------------------------
+
+
+def check_limits(
+    limits: Limits, prompt: str, n: int, width: int | None, height: int | None, steps: int | None
+) -> None:
+    """Raise a 400 naming the limit; the pipeline checks the rest (multiples of the patch, samplers...)."""
+    if len(prompt) > limits.max_prompt_chars:
+        raise APIError(
+            400,
+            f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
+            param="prompt",
+            code="prompt_too_long",
+        )
+    if n > limits.max_images:
+        raise APIError(
+            400,
+            f"n is {n}; this server makes at most {limits.max_images} images per request",
+            param="n",
+            code="too_many_images",
+        )
+    if width is not None and height is not None and width * height > limits.max_pixels:
+        raise APIError(
+            400,
+            f"size {width}x{height} is {width * height} pixels; the limit is {limits.max_pixels} "
+            f"(e.g. {int(limits.max_pixels**0.5)}x{int(limits.max_pixels**0.5)})",
+            param="size",
+            code="size_too_large",
+        )
+    if steps is not None and steps > limits.max_steps:
+        raise APIError(
+            400, f"steps is {steps}; the limit is {limits.max_steps}", param="steps", code="too_many_steps"
+        )
+
+
+class PromptPolicy(Protocol):
+    """A hook deciding whether a prompt may run: None to allow, or the reason to refuse."""
+
+    def __call__(self, prompt: str, negative_prompt: str) -> str | None: ...
+
+
+class BlockList:
+    """Refuses prompts holding a listed word or phrase (whole words, case-insensitive)."""
+
+    def __init__(self, words: tuple[str, ...] | list[str]) -> None:
+        self.words = tuple(w.strip().lower() for w in words if w.strip())
+        self._pattern = (
+            re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE)
+            if self.words
+            else None
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BlockList:
+        """One word or phrase per line; blank lines and lines starting with # are skipped."""
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return cls([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+
+    def __call__(self, prompt: str, negative_prompt: str) -> str | None:
+        if self._pattern is None:
+            return None
+        m = self._pattern.search(prompt)
+        return f"the prompt contains the blocked term '{m.group(1).lower()}'" if m else None
+
+
+def check_policy(policy: PromptPolicy | None, prompt: str, negative_prompt: str) -> None:
+    reason = policy(prompt, negative_prompt) if policy is not None else None
+    if reason:
+        raise APIError(
+            400,
+            f"request refused by this server's prompt policy: {reason}",
+            param="prompt",
+            code="content_policy_violation",
+        )

@@ -1,0 +1,153 @@
+"""The service behind the routes: request validation against limits, policy and model; job views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from pictor.pipeline import GenerationError
+from pictor.sampling import SCHEDULES
+from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
+from pictor.serve.errors import APIError, not_found
+from pictor.serve.jobs import JobManager, generation_request
+from pictor.serve.metrics import Metrics
+from pictor.serve.security import PromptPolicy, check_limits, check_policy, signed_query
+from pictor.serve.settings import ServeSettings
+from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
+
+
+@dataclass
+class Service:
+    settings: ServeSettings
+    store: Store
+    manager: JobManager
+    metrics: Metrics
+    policy: PromptPolicy | None = None
+
+    def model_names(self) -> set[str]:
+        pipe = self.manager.pipeline
+        names = {"pictor"}
+        if pipe is not None:
+            names |= {n for n in (pipe.name, pipe.ref, pipe.config.preset) if n}
+        if self.settings.model:
+            names.add(self.settings.model)
+        return names
+
+    def check_model(self, model: str | None) -> None:
+        if model and model not in self.model_names():
+            served = ", ".join(sorted(self.model_names()))
+            raise APIError(
+                400,
+                f"model '{model}' is not served here; use one of: {served} (or omit it)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def params(self, body: ImageGenerationRequest) -> dict[str, Any]:
+        """Validate a request against the limits, the policy and the model; return the job's settings."""
+        self.check_model(body.model)
+        width = height = None
+        if body.size and body.size != "auto":
+            width, height = (int(v) for v in body.size.split("x"))
+        n = body.n or 1
+        negative = body.negative_prompt or ""
+        check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
+        check_policy(self.policy, body.prompt, negative)
+        params: dict[str, Any] = {
+            "prompt": body.prompt,
+            "negative_prompt": negative,
+            "width": width,
+            "height": height,
+            "steps": body.steps,
+            "guidance": body.guidance,
+            "sampler": body.sampler,
+            "schedule": body.schedule,
+            "seed": body.seed,
+            "n": n,
+        }
+        pipe = self.manager.pipeline
+        if pipe is None:  # still loading: the worker checks the rest when the job runs
+            return params
+        request = generation_request(params)
+        try:
+            r = pipe.resolve_request(request)
+        except GenerationError as exc:
+            raise APIError(400, str(exc), code="invalid_parameters", param=param_of(str(exc))) from None
+        assert r.width is not None and r.height is not None
+        if r.schedule not in SCHEDULES:  # the pipeline only finds out mid-run
+            raise APIError(
+                400,
+                f"unknown schedule '{r.schedule}'; choose one of {', '.join(SCHEDULES)}",
+                param="schedule",
+                code="invalid_parameters",
+            )
+        check_limits(self.settings.limits, body.prompt, n, r.width, r.height, r.steps)
+        # Defaults filled in, so equal requests batch together whether or not they spelled them out.
+        params.update(
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance=r.guidance,
+            sampler=r.sampler,
+            schedule=r.schedule,
+        )
+        return params
+
+    def image_url(self, request: Request, image_id: str) -> str:
+        url = str(request.url_for("get_image", image_id=image_id))
+        return url + signed_query(self.settings.api_key, image_id, self.settings.url_ttl)
+
+    def view(self, request: Request, job: JobRow) -> Job:
+        step, total = (0, 0)
+        if job.status == RUNNING:
+            step, total = self.manager.progress(job.id) or (0, 0)
+        elif job.status == SUCCEEDED:
+            total = step = int(job.params.get("steps") or 0)
+        return Job(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            created=job.created,
+            started_at=job.started,
+            finished_at=job.finished,
+            request=job.params,
+            user=job.user,
+            progress=JobProgress(step=step, total=total, fraction=step / total if total else 0.0),
+            queue_position=self.manager.queue_position(job.id) if job.status == QUEUED else None,
+            attempts=job.attempts,
+            results=[
+                JobResult(image_id=r["image_id"], seed=r["seed"], url=self.image_url(request, r["image_id"]))
+                for r in job.results
+            ],
+            error=job.error,  # type: ignore[arg-type]
+        )
+
+
+def param_of(message: str) -> str | None:
+    """The request field a pipeline error names (its messages start with the setting)."""
+    first = message.split(" ", 1)[0]
+    fields = {"width": "size", "height": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
+    if first in fields:
+        return fields[first]
+    return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def job_or_404(svc: Service, job_id: str) -> JobRow:
+    job = svc.store.get_job(job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def failure(job: JobRow) -> APIError:
+    if job.status == CANCELLED:
+        return APIError(409, f"job '{job.id}' was cancelled", code="job_cancelled")
+    error = job.error or {}
+    kind = error.get("type", "server_error")
+    status = {"invalid_request_error": 400, "timeout_error": 504}.get(kind, 500)
+    return APIError(status, error.get("message", "generation failed"), kind, error.get("code"))

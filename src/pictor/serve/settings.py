@@ -1,0 +1,68 @@
+"""Server settings: one frozen dataclass, filled by `pictor serve` or by a test."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".pictor" / "serve"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Bad input past these is a 400 that names the limit."""
+
+    max_pixels: int = 1024 * 1024  # width * height of one image
+    max_steps: int = 100
+    max_images: int = 10  # n per request (OpenAI's own cap)
+    max_prompt_chars: int = 4000  # OpenAI's dall-e-3 limit
+    max_body_bytes: int = 1 << 20  # a JSON body; uploads have their own cap
+    max_upload_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model: str | None = None
+    device: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    queue_size: int = 32  # jobs waiting (not counting the running batch); more get 429
+    max_batch: int = 4  # images per sampler run, across merged jobs
+    job_timeout: float = 600.0  # seconds of running time per job
+    max_attempts: int = 3  # runs a job may start before a crash loop fails it
+    block_words: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    url_ttl: int = 24 * 3600  # lifetime of signed image URLs (only used with an API key)
+    retry_after: int = 5  # seconds, sent with 429 and 503
+
+    def __post_init__(self) -> None:
+        for name in ("queue_size", "max_batch", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.job_timeout <= 0:
+            raise ValueError(f"job-timeout must be > 0 seconds, got {self.job_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty; pass a non-empty --api-key or none")
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond this machine without an API key."""
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without an API key: anyone who can reach it could run "
+                "jobs and read the history. Pass --api-key KEY (or set PICTOR_API_KEY), or use "
+                "--host 127.0.0.1"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything

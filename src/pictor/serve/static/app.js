@@ -1,0 +1,331 @@
+// pictor's web page: plain DOM, no build step. Text from the server is only ever set as textContent.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "pictor-api-key";
+const PAGE_SIZE = 24;
+
+let galleryOffset = 0;
+let currentJob = null;
+let viewed = null; // {meta} of the image open in the viewer
+
+// -- API calls with the key ------------------------------------------------------------------------
+
+function askForKey() {
+  return new Promise((resolve) => {
+    const dialog = $("key-dialog");
+    const form = $("key-form");
+    const done = (event) => {
+      event.preventDefault();
+      const key = $("api-key").value.trim();
+      if (!key) return;
+      sessionStorage.setItem(KEY_STORAGE, key);
+      form.removeEventListener("submit", done);
+      dialog.close();
+      resolve();
+    };
+    form.addEventListener("submit", done);
+    dialog.showModal();
+    $("api-key").focus();
+  });
+}
+
+async function api(path, options = {}) {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const headers = { ...(options.headers || {}) };
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401) return response;
+    sessionStorage.removeItem(KEY_STORAGE);
+    await askForKey();
+  }
+  throw new Error("the API key was refused");
+}
+
+async function apiJSON(path, options = {}) {
+  const response = await api(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const message = (body.error && body.error.message) || `${response.status} ${response.statusText}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+// -- the form ---------------------------------------------------------------------------------------
+
+function requestFromForm() {
+  const body = { prompt: $("prompt").value };
+  const number = (id, parse) => {
+    const text = $(id).value.trim();
+    return text === "" ? undefined : parse(text);
+  };
+  const width = number("width", Number);
+  const height = number("height", Number);
+  if (width !== undefined && height !== undefined) body.size = `${width}x${height}`;
+  const values = {
+    negative_prompt: $("negative_prompt").value || undefined,
+    steps: number("steps", Number),
+    guidance: number("guidance", Number),
+    sampler: $("sampler").value || undefined,
+    seed: number("seed", Number),
+    n: number("n", Number),
+  };
+  for (const [name, value] of Object.entries(values)) if (value !== undefined) body[name] = value;
+  return body;
+}
+
+function fillForm(record) {
+  $("prompt").value = record.prompt || "";
+  $("negative_prompt").value = record.negative_prompt || "";
+  $("width").value = record.width ?? "";
+  $("height").value = record.height ?? "";
+  $("steps").value = record.steps ?? "";
+  $("guidance").value = record.guidance ?? "";
+  $("sampler").value = record.sampler || "";
+  $("seed").value = record.seed ?? "";
+  $("n").value = 1;
+  $("settings").open = true;
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+}
+
+function setError(text) {
+  $("error").textContent = text || "";
+}
+
+function setBusy(busy) {
+  $("generate-button").disabled = busy;
+  $("cancel-button").hidden = !busy;
+  $("progress").hidden = !busy;
+  if (busy) $("progress").value = 0;
+}
+
+async function submit(body) {
+  setError("");
+  setBusy(true);
+  setStatus("Queued…");
+  try {
+    const job = await apiJSON("/v1/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    currentJob = job.id;
+    const final = await follow(job.id);
+    if (final.status === "succeeded") {
+      setStatus(`Done: ${final.results.length} image${final.results.length === 1 ? "" : "s"}.`);
+    } else if (final.status === "cancelled") {
+      setStatus("Cancelled.");
+    } else {
+      setStatus("");
+      setError(final.error ? final.error.message : `job ${final.status}`);
+    }
+    await loadGallery(true);
+  } catch (err) {
+    setStatus("");
+    setError(err.message);
+  } finally {
+    currentJob = null;
+    setBusy(false);
+  }
+}
+
+// Server-sent events over fetch (EventSource cannot send the Authorization header).
+async function follow(jobId) {
+  const response = await api(`/v1/jobs/${jobId}/events`);
+  if (!response.ok) throw new Error(`events: ${response.status}`);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let last = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = parseEvent(block);
+      if (!event) continue;
+      if (event.name === "progress") {
+        $("progress").value = event.data.fraction;
+        setStatus(`Step ${event.data.step} of ${event.data.total}`);
+      } else if (event.name === "status") {
+        last = event.data;
+        if (last.status === "queued") setStatus(`Queued (position ${(last.queue_position ?? 0) + 1})`);
+        if (last.status === "running") setStatus("Running…");
+      } else if (event.name === "done") {
+        return event.data;
+      } else if (event.name === "draining") {
+        throw new Error("The server is restarting; the job stays queued and will run after it.");
+      }
+    }
+  }
+  if (last) return apiJSON(`/v1/jobs/${jobId}`);
+  throw new Error("the event stream ended early");
+}
+
+function parseEvent(block) {
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue;
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+  }
+  if (!data.length) return null;
+  return { name, data: JSON.parse(data.join("\n")) };
+}
+
+// -- the gallery ---------------------------------------------------------------------------------
+
+async function loadGallery(reset) {
+  if (reset) {
+    galleryOffset = 0;
+    $("gallery").replaceChildren();
+  }
+  const q = encodeURIComponent($("search").value.trim());
+  const list = await apiJSON(`/v1/jobs?limit=${PAGE_SIZE}&offset=${galleryOffset}&q=${q}`);
+  galleryOffset += list.data.length;
+  for (const job of list.data) {
+    for (const result of job.results) $("gallery").append(galleryItem(job, result));
+    if (!job.results.length && job.status !== "succeeded") $("gallery").append(statusItem(job));
+  }
+  $("more-button").hidden = !list.has_more;
+  $("gallery-empty").hidden = $("gallery").children.length > 0;
+}
+
+function galleryItem(job, result) {
+  const item = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "thumb";
+  button.title = job.request.prompt;
+  const img = document.createElement("img");
+  img.src = result.url;
+  img.alt = `${job.request.prompt} (seed ${result.seed})`;
+  img.loading = "lazy";
+  img.width = job.request.width || 64;
+  img.height = job.request.height || 64;
+  const caption = document.createElement("span");
+  caption.className = "caption";
+  caption.textContent = job.request.prompt;
+  button.append(img, caption);
+  button.addEventListener("click", () => openViewer(result.image_id));
+  item.append(button);
+  return item;
+}
+
+function statusItem(job) {
+  const item = document.createElement("li");
+  item.className = `placeholder ${job.status}`;
+  const text = document.createElement("span");
+  text.textContent = `${job.status}: ${job.request.prompt}`;
+  if (job.error) text.title = job.error.message;
+  item.append(text);
+  return item;
+}
+
+// -- the viewer ------------------------------------------------------------------------------------
+
+async function openViewer(imageId) {
+  try {
+    const meta = await apiJSON(`/v1/images/${imageId}/metadata`);
+    viewed = meta;
+    $("viewer-image").src = meta.url;
+    $("viewer-image").alt = meta.record.prompt || "generated image";
+    $("viewer-title").textContent = meta.record.prompt || "Image";
+    $("viewer-parameters").textContent = meta.parameters;
+    $("viewer-record").textContent = JSON.stringify(meta.record, null, 2);
+    // An edit is reproduced from its source image, which this page does not keep: no button for it.
+    $("reproduce-button").hidden = Boolean(meta.record.source_image);
+    $("download-link").href = meta.url;
+    $("download-link").download = `pictor-${meta.seed}.png`;
+    $("viewer").showModal();
+  } catch (err) {
+    setError(err.message);
+  }
+}
+
+function recordRequest(record) {
+  const body = {
+    prompt: record.prompt,
+    size: `${record.width}x${record.height}`,
+    steps: record.steps,
+    guidance: record.guidance,
+    sampler: record.sampler,
+    seed: record.seed,
+    n: 1,
+  };
+  if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
+  if (record.schedule) body.schedule = record.schedule;
+  return body;
+}
+
+// -- start -----------------------------------------------------------------------------------------
+
+async function loadModel() {
+  try {
+    const models = await apiJSON("/v1/models");
+    const card = models.data[0];
+    const select = $("sampler");
+    const placeholder = new Option("model default", "");
+    select.replaceChildren(placeholder, ...card.samplers.map((s) => new Option(s, s)));
+    const d = card.defaults || {};
+    $("model-info").textContent =
+      `Model ${card.id}${card.trained === false && !card.id.includes("untrained") ? " (untrained)" : ""}` +
+      (card.trained === false ? ": random weights, expect noise" : "") +
+      (d.width ? `, default ${d.width}x${d.height}, ${d.steps} steps` : "") +
+      (card.ready ? "" : " (loading…)");
+    for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
+      if (d[key] !== undefined) $(id).placeholder = String(d[key]);
+    }
+    const multiple = card.limits.size_multiple || 1;
+    $("width").step = multiple;
+    $("height").step = multiple;
+    $("n").max = card.limits.max_images;
+    $("steps").max = card.limits.max_steps;
+  } catch (err) {
+    setError(err.message);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("generate-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit(requestFromForm());
+  });
+  $("cancel-button").addEventListener("click", async () => {
+    if (!currentJob) return;
+    try {
+      await apiJSON(`/v1/jobs/${currentJob}`, { method: "DELETE" });
+    } catch (err) {
+      setError(err.message);
+    }
+  });
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadGallery(true).catch((err) => setError(err.message));
+  });
+  $("more-button").addEventListener("click", () => loadGallery(false).catch((err) => setError(err.message)));
+  $("close-button").addEventListener("click", () => $("viewer").close());
+  $("reuse-button").addEventListener("click", () => {
+    if (!viewed) return;
+    fillForm(viewed.record);
+    $("viewer").close();
+    $("prompt").focus();
+  });
+  $("reproduce-button").addEventListener("click", () => {
+    if (!viewed) return;
+    $("viewer").close();
+    submit(recordRequest(viewed.record));
+  });
+  await loadModel();
+  await loadGallery(true).catch((err) => setError(err.message));
+});
+

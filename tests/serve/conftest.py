@@ -1,0 +1,290 @@
+"""Fixtures for the server tests: the tiny model, in-process apps, a live uvicorn thread, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from pictor.pipeline import Pipeline, pipeline_from_preset
+from pictor.serve.app import create_app
+from pictor.serve.settings import Limits, ServeSettings
+
+# Limits for tests: long jobs are possible (cancel, timeout), huge ones are not.
+TEST_LIMITS = Limits(max_pixels=64 * 64, max_steps=2000, max_images=8)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Pipeline:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "untrained" is the point of the tiny preset
+        return pipeline_from_preset("tiny", device="cpu")
+
+
+class Gate:
+    """Holds a running job at its first step until released: a job that is certainly running."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.reached = threading.Event()
+        self.armed = True
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.armed:
+            self.reached.set()
+            assert self.release.wait(30), "gate never released"
+
+
+class GatedPipeline:
+    """The tiny pipeline, with a gate in the progress callback. Everything else is the real pipeline."""
+
+    def __init__(self, inner: Pipeline) -> None:
+        self._inner = inner
+        self.gate = Gate()
+        self.calls: list[Any] = []
+        self.steps: list[list[int]] = []  # per generate() call, the steps the server's callback let through
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate(self, request: Any, progress: Any = None) -> Any:
+        self.calls.append(request)
+        steps: list[int] = []
+        self.steps.append(steps)
+
+        def gated(step: int, total: int) -> None:
+            if progress is not None:
+                progress(step, total)  # the server's callback first: cancel/timeout raise from it
+            steps.append(step)
+            self.gate(step, total)
+
+        return self._inner.generate(request, gated)
+
+
+@pytest.fixture
+def gated(tiny: Pipeline) -> Iterator[GatedPipeline]:
+    pipe = GatedPipeline(tiny)
+    yield pipe
+    pipe.gate.release.set()
+
+
+class ClientFactory:
+    """make_client(pipeline, **settings) -> a started TestClient (lifespan run); all closed at teardown."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.open: list[TestClient] = []
+
+    def __call__(self, pipeline: Any, policy: Any = None, **overrides: Any) -> TestClient:
+        settings = ServeSettings(**{"data_dir": self.data_dir, "limits": TEST_LIMITS, **overrides})
+        client = TestClient(create_app(settings, pipeline=pipeline, policy=policy))
+        client.__enter__()
+        self.open.append(client)
+        return client
+
+    def close(self, client: TestClient) -> None:
+        """Shut the app down as the server would (lifespan end: drain, wait for the running batch)."""
+        gate = getattr(client.app.state.service.manager.pipeline, "gate", None)
+        if gate is not None:
+            gate.armed = False
+            gate.release.set()
+        self.open.remove(client)
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[ClientFactory]:
+    factory = ClientFactory(tmp_path / "data")
+    yield factory
+    for client in reversed(factory.open[:]):
+        factory.close(client)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient], tiny: Pipeline) -> TestClient:
+    return make_client(tiny)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- a live server in a thread (for schemathesis and the browser) -----------------------------------------
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: ServeSettings
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(
+    tiny: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., LiveServer]]:
+    """live_server(**settings) -> a uvicorn thread serving the tiny model on a free loopback port."""
+    started: list[LiveServer] = []
+
+    def start(**overrides: Any) -> LiveServer:
+        port = _free_port()
+        settings = ServeSettings(
+            **{"data_dir": tmp_path_factory.mktemp("live"), "port": port, "limits": TEST_LIMITS, **overrides}
+        )
+        app = create_app(settings, pipeline=tiny)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url), what="live server readiness")
+        live = LiveServer(url, settings, server, thread)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.server.should_exit = True
+        live.thread.join(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- `pictor serve` as a real process ----------------------------------------------------------------------
+
+SERVE_COMMAND = (
+    sys.executable,
+    "-m",
+    "pictor.cli",
+    "serve",
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--port",
+    "0",
+)
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class ServerStarter:
+    """start(data_dir, *extra_args) -> `pictor serve --model tiny --port 0 ...`, ready; killed at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[ServerProcess] = []
+
+    def __call__(self, data_dir: Path, *args: str) -> ServerProcess:
+        log = self.log_dir / f"server-{len(self.procs)}.log"
+        # Output to a file: a pipe nobody reads would fill up and block the server.
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*SERVE_COMMAND, "--data-dir", str(data_dir), "--log-level", "warning", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        server = ServerProcess(proc, "", log)
+        self.procs.append(server)
+
+        def address() -> str | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"pictor serve exited with {proc.returncode}:\n{server.output()}")
+            m = re.search(r"listening on (http://\S+?)/? ", server.output())
+            return m.group(1) if m else None
+
+        server.url = wait_for(address, timeout=60, what="the server's address line")
+        wait_for(lambda: _ready(server.url), timeout=60, what="readiness")
+        return server
+
+    def kill_all(self) -> None:
+        for server in self.procs:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[ServerStarter]:
+    starter = ServerStarter(tmp_path)
+    yield starter
+    starter.kill_all()
+
+
+@pytest.fixture(scope="module")
+def module_serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStarter]:
+    starter = ServerStarter(tmp_path_factory.mktemp("server-logs"))
+    yield starter
+    starter.kill_all()
+
+
+def _wait_job(
+    client: Any,
+    job_id: str,
+    states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Poll GET /v1/jobs/{id} (TestClient or httpx.Client) until the job is in one of ``states``."""
+    last: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal last
+        response = client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        last = response.json()
+        return last["status"] in states
+
+    wait_for(check, timeout=timeout, what=f"job {job_id} to reach {states} (last: {last.get('status')})")
+    return last
+
+
+@pytest.fixture
+def wait_job() -> Callable[..., dict[str, Any]]:
+    return _wait_job

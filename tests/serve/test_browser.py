@@ -1,0 +1,123 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright (no browser download).
+
+CI installs chromium with `apt-get install -y chromium`. Without /usr/bin/chromium this test skips and says
+so; every other failure (Playwright missing, the page broken) fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+KEY = "browser-key"
+PROMPT = "a red circle in the browser"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "serve.png"
+
+
+def save_small_screenshot(png: bytes, path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        small = im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.quantize(colors=96).save(path, optimize=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run this test"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # --no-sandbox: chromium refuses to start as root (CI containers) with its sandbox on
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    live = live_server(api_key=KEY)
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    problems: list[str] = []
+    page.on(
+        "console", lambda m: problems.append(m.text) if m.type == "error" and "401" not in m.text else None
+    )
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on(
+        "response",
+        lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 and r.status != 401 else None,
+    )
+    page.goto(live.url + "/")
+
+    # The server has a key: the page asks for it once, keeps it in sessionStorage and sends it.
+    expect(page.locator("#key-dialog")).to_be_visible()
+    page.get_by_role("textbox", name="API key").fill(KEY)
+    page.get_by_role("button", name="Use key").click()
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    assert page.evaluate("sessionStorage.getItem('pictor-api-key')") == KEY
+
+    # Every form control has a label, and the progress region is announced.
+    unlabeled = page.evaluate(
+        """[...document.querySelectorAll('input, textarea, select')]
+             .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+             .map(el => el.id)"""
+    )
+    assert unlabeled == []
+    assert page.get_attribute("#status", "aria-live") == "polite"
+
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill("42")
+    page.get_by_label("Steps", exact=True).fill("6")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+
+    thumb = page.get_by_role("img", name=f"{PROMPT} (seed 42)")
+    expect(thumb).to_be_visible()
+    # the <img> really loaded (a signed URL: no header needed)
+    page.wait_for_function("img => img.complete && img.naturalWidth === 32", arg=thumb.element_handle())
+
+    thumb.click()
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    expect(page.locator("#viewer-parameters")).to_contain_text("Steps: 6")
+    expect(page.locator("#viewer-parameters")).to_contain_text("Seed: 42")
+    page.get_by_text("Full record (JSON)").click()
+    expect(page.locator("#viewer-record")).to_contain_text(f'"prompt": "{PROMPT}"')
+    assert page.get_attribute("#download-link", "download") == "pictor-42.png"
+    if os.environ.get("PICTOR_UPDATE_SCREENSHOT"):  # refreshes the README's picture of the page
+        save_small_screenshot(page.screenshot(), SCREENSHOT)
+
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(viewer).to_be_hidden()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value(PROMPT)
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("42")
+    expect(page.get_by_label("Steps", exact=True)).to_have_value("6")
+
+    page.get_by_label("Prompt", exact=True).fill("something else")
+    thumb.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.get_by_role("img", name=f"{PROMPT} (seed 42)")).to_have_count(2, timeout=30_000)
+    jobs = httpx.get(f"{live.url}/v1/jobs", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+    assert [j["request"]["seed"] for j in jobs] == [42, 42] and jobs[0]["request"]["steps"] == 6
+    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
+    assert a == b  # reproduce: the same image, provenance included
+
+    page.get_by_label("Search prompts").fill("no such prompt")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("#gallery-empty")).to_be_visible()
+    page.get_by_label("Search prompts").fill("RED CIRCLE")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("#gallery img")).to_have_count(2)
+    assert problems == [], problems

@@ -1,0 +1,218 @@
+"""The queue and worker: batching, bounds, timeouts, drain, crash recovery, durable history."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.provenance import read_record
+from pictor.serve.store import QUEUED, RUNNING, JobRow, Store
+
+
+def submit(client: TestClient, **body: Any) -> dict[str, Any]:
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 2, **body})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_equal_requests_share_one_sampler_run(
+    make_client: Callable[..., TestClient], gated: Any, tiny: Pipeline, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(gated, max_batch=4)
+    submit(client, prompt="hold the worker")
+    assert gated.gate.reached.wait(10)
+    merged = [submit(client), submit(client, n=2), submit(client)]  # 4 images, seeds chosen by the server
+    other_prompt = submit(client, prompt="a blue square")
+    chain = [submit(client, seed=10, n=2), submit(client, seed=12), submit(client, seed=20)]
+    gated.gate.release.set()
+    jobs = {j["id"]: wait_job(client, j["id"]) for j in [*merged, other_prompt, *chain]}
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+
+    runs = [(r.prompt, r.seed, r.num_images) for r in gated.calls[1:]]
+    assert len(runs) == 4, runs  # merged, other prompt, seeds 10..12, seed 20
+    start = runs[0][1]
+    assert runs[0][2] == 4 and runs[1][0] == "a blue square"
+    assert runs[2] == ("a red circle", 10, 3) and runs[3] == ("a red circle", 20, 1)
+    seeds = [r["seed"] for j in merged for r in jobs[j["id"]]["results"]]
+    assert seeds == [start, start + 1, start + 2, start + 3]
+    assert [r["seed"] for r in jobs[chain[1]["id"]]["results"]] == [12]
+
+    # A merged image is the image the request alone would give, and reproduces bit-exactly from its record.
+    store = client.app.state.service.store
+    result = jobs[merged[1]["id"]]["results"][1]
+    path = store.image_path(result["image_id"])
+    record = read_record(path)
+    assert record["batch_seeds"] == [start, start + 1, start + 2, start + 3]
+    served = np.asarray(read_png(path))
+    alone = tiny.generate(GenerationRequest(prompt="a red circle", steps=2, seed=result["seed"]))[0]
+    assert np.abs(served.astype(int) - np.asarray(alone.image).astype(int)).max() <= 1
+    assert np.array_equal(served, np.asarray(tiny.reproduce(record).image))
+
+
+def read_png(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB").copy()
+
+
+def test_max_batch_one_never_merges(
+    make_client: Callable[..., TestClient], gated: Any, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(gated, max_batch=1)
+    submit(client)
+    assert gated.gate.reached.wait(10)
+    jobs = [submit(client) for _ in range(3)] + [submit(client, n=3)]
+    gated.gate.release.set()
+    for j in jobs:
+        assert wait_job(client, j["id"])["status"] == "succeeded"
+    assert [r.num_images for r in gated.calls] == [1, 1, 1, 1, 3]
+    assert [r.batch_size for r in gated.calls] == [1, 1, 1, 1, 1]  # n=3 runs one image at a time
+
+
+def test_full_queue_answers_429_and_keeps_no_trace(
+    make_client: Callable[..., TestClient], gated: Any
+) -> None:
+    client = make_client(gated, queue_size=2, retry_after=7)
+    submit(client, prompt="running")
+    assert gated.gate.reached.wait(10)
+    submit(client, prompt="q1")
+    submit(client, prompt="q2")
+    r = client.post("/v1/jobs", json={"prompt": "one too many"})
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "7"
+    assert r.json()["error"]["type"] == "rate_limit_error" and "queue is full" in r.json()["error"]["message"]
+    sync = client.post("/v1/images/generations", json={"prompt": "sync too"})
+    assert sync.status_code == 429
+    assert client.get("/v1/jobs").json()["total"] == 3
+    assert 'pictor_requests_rejected_total{reason="queue_full"} 2' in client.get("/metrics").text
+    assert "pictor_queue_depth 2" in client.get("/metrics").text
+
+
+def test_job_timeout_stops_the_run(
+    make_client: Callable[..., TestClient], gated: Any, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(gated, job_timeout=0.2)
+    threading.Timer(0.5, gated.gate.release.set).start()  # hold step 1 past the limit
+    r = client.post("/v1/images/generations", json={"prompt": "slow", "steps": 50})
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "job_timeout"
+    job = client.get("/v1/jobs").json()["data"][0]
+    assert job["status"] == "failed" and job["error"]["type"] == "timeout_error"
+    assert gated.steps[0] == [1]  # stopped at the first step after the deadline
+    assert wait_job(client, submit(client)["id"])["status"] == "succeeded"  # the worker carries on
+
+
+def test_drain_refuses_new_work_and_keeps_queued_jobs(
+    make_client: Any, gated: Any, tiny: Pipeline, wait_job: Any
+) -> None:
+    client = make_client(gated, retry_after=3)
+    running = submit(client, prompt="finishing")
+    assert gated.gate.reached.wait(10)
+    queued = submit(client, prompt="left for later")
+    waiting: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: waiting.update(r=client.post("/v1/images/generations", json={"prompt": "sync waiter"}))
+    )
+    thread.start()
+    manager = client.app.state.service.manager
+    while manager.queue_depth() < 2:
+        time.sleep(0.01)
+
+    manager.begin_drain()
+    thread.join(10)
+    assert waiting["r"].status_code == 503 and waiting["r"].headers["retry-after"] == "3"
+    assert "stays queued" in waiting["r"].json()["error"]["message"]
+    refused = client.post("/v1/jobs", json={"prompt": "new"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert client.get("/readyz").status_code == 503
+    gated.gate.release.set()
+    assert wait_job(client, running["id"])["status"] == "succeeded"  # the running job finishes
+    make_client.close(client)
+
+    # queued jobs were kept: a new server on the same data dir runs them
+    again = make_client(tiny)
+    for job_id in (queued["id"],):
+        assert wait_job(again, job_id)["status"] == "succeeded"
+    sync_job = again.get("/v1/jobs", params={"q": "sync waiter"}).json()["data"][0]
+    assert wait_job(again, sync_job["id"])["status"] == "succeeded"
+
+
+def test_restart_resumes_unfinished_and_fails_crash_loops(
+    make_client: Callable[..., TestClient], tiny: Pipeline, tmp_path: Path, wait_job: Callable[..., Any]
+) -> None:
+    store = Store(tmp_path / "data")
+    params = {"prompt": "survivor", "negative_prompt": "", "seed": 5, "n": 1}
+    rows = {
+        "queued": JobRow("a" * 32, time.time(), QUEUED, params),
+        "crashed_once": JobRow("b" * 32, time.time(), RUNNING, params, attempts=1),
+        "crash_loop": JobRow("c" * 32, time.time(), RUNNING, params, attempts=3),
+    }
+    for row in rows.values():
+        store.add_job(row)
+    store.close()
+
+    client = make_client(tiny, max_attempts=3)
+    queued = wait_job(client, rows["queued"].id)
+    resumed = wait_job(client, rows["crashed_once"].id)
+    failed = wait_job(client, rows["crash_loop"].id)
+    assert queued["status"] == "succeeded" and queued["attempts"] == 1
+    assert resumed["status"] == "succeeded" and resumed["attempts"] == 2
+    assert failed["status"] == "failed" and failed["error"]["code"] == "crash_loop"
+    assert "3 times" in failed["error"]["message"]
+
+
+def test_store_history_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = JobRow("d" * 32, 1.0, QUEUED, {"prompt": "kept", "n": 1})
+    store.add_job(job)
+    store.mark_running([job.id], 2.0)
+    store.close()
+    again = Store(tmp_path)
+    (row,) = again.unfinished()
+    assert row.status == RUNNING and row.attempts == 1 and row.params["prompt"] == "kept"
+    assert again.counts_by_status()["running"] == 1
+    with pytest.raises(ValueError, match="32 lowercase hex"):
+        again.image_path("../../etc/passwd")
+    assert again.get_job("../x") is None
+    again.close()
+    with sqlite3.connect(tmp_path / "pictor.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+class ExplodingPipeline:
+    """The tiny pipeline, except that a prompt containing "boom" makes the model fail (a server fault)."""
+
+    def __init__(self, inner: Pipeline) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate(self, request: Any, progress: Any = None) -> Any:
+        if "boom" in request.prompt:
+            raise RuntimeError("CUDA error: device-side assert (simulated)")
+        return self._inner.generate(request, progress)
+
+
+def test_a_model_fault_fails_the_job_not_the_server(
+    make_client: Callable[..., TestClient], tiny: Pipeline, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(ExplodingPipeline(tiny))
+    r = client.post("/v1/images/generations", json={"prompt": "boom"})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "simulated" in error["message"]
+    failed = client.get("/v1/jobs").json()["data"][0]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+    assert wait_job(client, submit(client)["id"])["status"] == "succeeded"
+    assert 'pictor_jobs_finished_total{state="failed"} 1' in client.get("/metrics").text
