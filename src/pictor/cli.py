@@ -24,11 +24,68 @@ def _size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _expand(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(
+            f"expand must be four pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,16,0; got '{text}'"
+        )
+    return values  # type: ignore[return-value]
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """The settings generate and edit share."""
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
+    p.add_argument("--sampler", default=None, help="euler, heun, dpmpp_2m")
+    p.add_argument("--schedule", default=None, help="flux, linear, shifted")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", "-m", default=None, help="bundle folder, local bundle name, preset, or 'default' (default)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+
+def _lora_spec(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_spec,
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (pictor, diffusers/PEFT or kohya .safetensors); repeatable",
+    )
+
+
+def _load(args: argparse.Namespace, model: str | None = None, loras: list[tuple[str, float]] | None = None):  # type: ignore[no-untyped-def]
+    """The pipeline for a command: the model, then its LoRAs in order."""
+    import pictor.pipeline as pl
+
+    pipe = pl.load(model if model is not None else args.model, device=args.device)
+    for path, scale in args.lora if loras is None else loras:
+        pipe.add_lora(path, scale)
+    return pipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,20 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("prompt")
     _add_model(g)
-    g.add_argument("-n", "--num-images", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default: all)")
-    g.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
-    g.add_argument("--sampler", default=None, help="euler, heun, dpmpp_2m")
-    g.add_argument("--schedule", default=None, help="flux, linear, shifted")
+    _add_lora(g)
+    _add_sampling(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
+    g.add_argument(
+        "--best-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate N candidates (seeds seed..seed+N-1), save all best first with their scores",
+    )
+    g.add_argument("--scorer", default="shapes", help="scorer for --best-of (default: shapes)")
+
+    ed = sub.add_parser("edit", help="img2img, inpainting (--mask) or outpainting (--expand) of an image")
+    ed.add_argument("image", help="the source image")
+    ed.add_argument("prompt")
+    _add_model(ed)
+    _add_lora(ed)
+    _add_sampling(ed)
+    ed.add_argument("--mask", default=None, help="white = repaint, black = keep; the image's size")
+    ed.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="0 keeps the image, 1 ignores it (default: 0.75 for img2img, 1 with a mask or --expand)",
+    )
+    ed.add_argument(
+        "--expand", type=_expand, default=None, metavar="L,T,R,B", help="grow the canvas by these pixels"
+    )
+    ed.add_argument("--fill", default="edge", help="how --expand's new area starts: edge (default), noise")
+    ed.add_argument(
+        "--feather", type=int, default=None, help="pixels of blending inside the mask edge (default: 2)"
+    )
 
     r = sub.add_parser("reproduce", help="regenerate an image from its own metadata")
     r.add_argument("image")
     _add_model(r)
+    _add_lora(r)
+    r.add_argument("--source", default=None, help="for an edit: the image it was made from")
+    r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
 
     i = sub.add_parser("info", help="show an image's provenance or a model's config")
@@ -65,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="suite", required=True)
     es = esub.add_parser("shapes", help="exact prompt adherence on the shapes world (SHAPES.md)")
     _add_model(es)
+    _add_lora(es)
     es.add_argument("--prompts", default=None, help="JSONL benchmark file (default: packaged shapes-dev)")
     es.add_argument("--images-per-prompt", "-k", type=int, default=4)
     es.add_argument("--seed", type=int, default=0)
@@ -85,7 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--out", required=True)
     cf.add_argument("--name", default=None)
     train_command.add_train_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from pictor.serve.settings import Limits
+
+    s = sub.add_parser("serve", help="HTTP API (OpenAI Images compatible), job queue, history and web page")
+    _add_model(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    s.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (env: PICTOR_API_KEY)"
+    )
+    s.add_argument("--data-dir", default=None, help="history and images (default: ~/.pictor/serve)")
+    s.add_argument("--queue-size", type=int, default=32, help="jobs that may wait; more get 429")
+    s.add_argument("--max-batch", type=int, default=4, help="images per sampler run, merging equal requests")
+    s.add_argument("--job-timeout", type=float, default=600.0, help="seconds a job may run")
+    s.add_argument("--max-attempts", type=int, default=3, help="runs cut short by crashes before a job fails")
+    s.add_argument("--block-words", default=None, help="file of blocked prompt words, one per line")
+    s.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="width*height limit")
+    s.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    s.add_argument("--max-images", type=int, default=Limits.max_images, help="n limit per request")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _progress_bar(total_hint: str):  # type: ignore[no-untyped-def]
@@ -109,19 +215,30 @@ def _next_index(out: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def _save(images: list[Any], out_dir: str) -> list[Path]:
+def _save(images: list[Any], out_dir: str, labels: list[str] | None = None) -> list[Path]:
+    """NNNNN-SEED.png, or NNNNN-LABEL-SEED.png with labels (e.g. best-of ranks)."""
     from pictor.provenance import save_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = _next_index(out)
-    return [save_png(g.image, g.record, out / f"{start + k:05d}-{g.seed}.png") for k, g in enumerate(images)]
+    tags = [f"{label}-" for label in labels] if labels else [""] * len(images)
+    return [
+        save_png(g.image, g.record, out / f"{start + k:05d}-{tag}{g.seed}.png")
+        for k, (g, tag) in enumerate(zip(images, tags, strict=True))
+    ]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import pictor.pipeline as pl
 
-    pipe = pl.load(args.model, device=args.device)
+    if args.best_of is not None:
+        from pictor.rerank import get_scorer
+
+        get_scorer(args.scorer)  # a wrong name fails before the model loads
+        if args.num_images != 1:
+            raise ValueError("--best-of N sets the number of images; drop -n")
+    pipe = _load(args)
     if not pipe.config.trained:
         print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     width, height = args.size or (None, None)
@@ -138,20 +255,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         batch_size=args.batch_size,
     )
+    if args.best_of is not None:
+        from pictor.rerank import generate_best_of
+
+        ranked = generate_best_of(pipe, request, args.best_of, args.scorer, progress=_progress_bar("best-of"))
+        labels = [f"rank{g.record['best_of']['rank']}" for g in ranked]
+        for path, g in zip(_save(ranked, args.out, labels), ranked, strict=True):
+            print(f"{path}\tscore {g.record['best_of']['score']:g}")
+        return 0
     images = pipe.generate(request, progress=_progress_bar("generate"))
     for path in _save(images, args.out):
         print(path)
     return 0
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from pictor.editing import DEFAULT_FEATHER, EditRequest
+
+    pipe = _load(args)
+    if not pipe.config.trained:
+        print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
+    request = EditRequest(
+        image=args.image,
+        prompt=args.prompt,
+        mask=args.mask,
+        strength=args.strength,
+        expand=args.expand,
+        fill=args.fill,
+        feather=DEFAULT_FEATHER if args.feather is None else args.feather,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        schedule=args.schedule,
+        seed=args.seed,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+    )
+    images = pipe.edit(request, progress=_progress_bar(request.mode))
+    for path in _save(images, args.out):
+        print(path)
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import pictor.pipeline as pl
     from pictor.provenance import read_record
 
     record = read_record(args.image)
     model = args.model or record["model"].get("ref") or "default"
-    pipe = pl.load(model, device=args.device)
-    image = pipe.reproduce(record, progress=_progress_bar("reproduce"))
+    # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
+    loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
+    pipe = _load(args, model, loras)
+    image = pipe.reproduce(record, progress=_progress_bar("reproduce"), source=args.source, mask=args.mask)
     for path in _save([image], args.out):
         print(path)
     return 0
@@ -215,9 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     pipe = None
     if not args.ground_truth:
-        import pictor.pipeline as pl
-
-        pipe = pl.load(args.model, device=args.device)
+        pipe = _load(args)
     report = run_shapes_eval(
         pipe,
         args.prompts,
@@ -247,14 +400,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from pictor.serve.security import BlockList
+    from pictor.serve.server import serve
+    from pictor.serve.settings import Limits, ServeSettings, default_data_dir
+
+    block = BlockList.from_file(args.block_words).words if args.block_words else ()
+    settings = ServeSettings(
+        model=args.model,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("PICTOR_API_KEY") or None,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        queue_size=args.queue_size,
+        max_batch=args.max_batch,
+        job_timeout=args.job_timeout,
+        max_attempts=args.max_attempts,
+        block_words=block,
+        limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images),
+    )
+    return serve(settings, log_level=args.log_level)
+
+
 COMMANDS = {
     "generate": cmd_generate,
+    "edit": cmd_edit,
     "reproduce": cmd_reproduce,
     "info": cmd_info,
     "models": cmd_models,
     "convert": cmd_convert,
     "eval": cmd_eval,
     "train": train_command.run_train,
+    "serve": cmd_serve,
 }
 
 
