@@ -85,7 +85,23 @@ def _load(args: argparse.Namespace, model: str | None = None, loras: list[tuple[
     pipe = pl.load(model if model is not None else args.model, device=args.device)
     for path, scale in args.lora if loras is None else loras:
         pipe.add_lora(path, scale)
+    if not pipe.config.trained:
+        print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     return pipe
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings that generate and edit share."""
+    return {
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "batch_size": args.batch_size,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,22 +255,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_images != 1:
             raise ValueError("--best-of N sets the number of images; drop -n")
     pipe = _load(args)
-    if not pipe.config.trained:
-        print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     width, height = args.size or (None, None)
-    request = pl.GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        width=width,
-        height=height,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        schedule=args.schedule,
-        seed=args.seed,
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-    )
+    request = pl.GenerationRequest(prompt=args.prompt, width=width, height=height, **_settings(args))
     if args.best_of is not None:
         from pictor.rerank import generate_best_of
 
@@ -273,8 +275,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from pictor.editing import DEFAULT_FEATHER, EditRequest
 
     pipe = _load(args)
-    if not pipe.config.trained:
-        print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     request = EditRequest(
         image=args.image,
         prompt=args.prompt,
@@ -283,14 +283,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         expand=args.expand,
         fill=args.fill,
         feather=DEFAULT_FEATHER if args.feather is None else args.feather,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        schedule=args.schedule,
-        seed=args.seed,
-        num_images=args.num_images,
-        batch_size=args.batch_size,
+        **_settings(args),
     )
     images = pipe.edit(request, progress=_progress_bar(request.mode))
     for path in _save(images, args.out):
