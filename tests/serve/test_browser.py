@@ -32,6 +32,9 @@ def save_small_screenshot(png: bytes, path: Path) -> None:
 @pytest.fixture(scope="module")
 def browser() -> Any:
     if not CHROMIUM.exists():
+        # CI installs chromium (.ci/run), so there a missing browser is a failure, never a quiet skip.
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} not found, but CI must run the browser test (see .ci/run)")
         pytest.skip(
             f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run this test"
         )
