@@ -1,0 +1,78 @@
+"""benchmarks/bench_adherence.py: joins a run's evals with its step times into a table, a plot and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adherence.py"
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_table_plot_and_json_from_a_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000020").mkdir(parents=True)
+    config = {"stage": "t2i", "batch_size": 16, "grad_accum": 2, "lr": 3e-4}
+    (run / "checkpoints" / "step-000020" / "trainer_state.json").write_text(json.dumps({"config": config}))
+    _write_jsonl(run / "log.jsonl", [{"step": s, "loss": 1.0, "time": 36.0 * s} for s in range(1, 21)])
+    evals = [
+        {"step": 10, "overall": 0.25, "per_tag": dict.fromkeys(TAGS, 0.25), "n_images": 48},
+        {
+            "step": 20,
+            "overall": 0.5,
+            "per_tag": {**dict.fromkeys(TAGS, 0.5), "counting": 0.125},
+            "n_images": 48,
+        },
+    ]
+    _write_jsonl(run / "eval.jsonl", evals)
+    final = tmp_path / "report.json"
+    final.write_text(json.dumps({"overall": 0.625, "per_tag": dict.fromkeys(TAGS, 0.625), "n_images": 1200}))
+    out = tmp_path / "results"
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--run", str(run), "--out", str(out), "--final", str(final)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    rows = printed["rows"]
+    assert [r["step"] for r in rows] == [10, 20, 20]
+    assert [r["images_seen"] for r in rows] == [320, 640, 640]  # step x batch x accumulation
+    assert [r["hours"] for r in rows] == [0.1, 0.2, 0.2]  # 36 s a step
+    assert [r["overall"] for r in rows] == [0.25, 0.5, 0.625]
+    assert rows[1]["per_tag"]["counting"] == 0.125 and rows[2]["n_images"] == 1200
+    assert json.loads((out / "adherence.json").read_text())["rows"] == rows
+
+    table = (out / "adherence.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| 10 ") or line.startswith("| 20 ")]
+    assert len(body) == 3
+    assert "**0.500**" in body[1] and "0.125" in body[1] and "640" in body[1]
+
+    plot = np.asarray(Image.open(out / "adherence.png").convert("RGB"))
+    assert plot.shape == (520, 900, 3)
+    black = (plot.sum(axis=2) == 0).sum()  # the overall line and the text are drawn in black
+    counting_green = (np.abs(plot.astype(int) - (44, 160, 44)).sum(axis=2) == 0).sum()
+    assert black > 500 and counting_green > 50
+
+
+def test_a_run_without_evals_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "eval.jsonl").write_text("")
+    (tmp_path / "log.jsonl").write_text("")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--run", str(tmp_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "no evals yet" in done.stderr
