@@ -57,6 +57,8 @@ def test_resolve_fills_preset_and_stage_defaults() -> None:
         ({"image_size": 30}, "multiple of 4"),
         ({"preset": "nope"}, "unknown preset"),
         ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"eval_prompts": 0}, "eval_prompts"),
+        ({"eval_images_per_prompt": 0}, "eval_images_per_prompt"),
     ],
 )
 def test_resolve_rejects_bad_settings(changes: dict, words: str) -> None:
@@ -84,6 +86,11 @@ def test_flags_override_config_file(tmp_path) -> None:
     args = _parse("t2i", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.json"), "--lr", "5e-4")
     cfg = config_from_args(args)
     assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.stage) == ("tiny", 5e-4, 7, "t2i")
+
+
+def test_eval_size_flags() -> None:
+    cfg = config_from_args(_parse("t2i", "--out", "o", "--eval-prompts", "48", "--eval-images", "3"))
+    assert (cfg.eval_prompts, cfg.eval_images_per_prompt) == (48, 3)
 
 
 # -- schedule and EMA ------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ _FIELDS = {
     "keep": "keep",
     "sample_every": "sample_every",
     "eval_every": "eval_every",
+    "eval_prompts": "eval_prompts",
+    "eval_images": "eval_images_per_prompt",
     "device": "device",
     "num_workers": "num_workers",
     "mixed_precision": "mixed_precision",
@@ -92,6 +94,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")
     t.add_argument("--sample-every", type=int, default=None, help="sample-grid cadence (0: off)")
     t.add_argument("--eval-every", type=int, default=None, help="shapes-score cadence (0: off)")
+    t.add_argument(
+        "--eval-prompts", type=int, default=None, help="dev prompts per eval, spread over tags (24)"
+    )
+    t.add_argument("--eval-images", type=int, default=None, help="images per prompt in each eval (2)")
     t.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     t.add_argument("--num-workers", type=int, default=None, help="data loader processes")
     t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)

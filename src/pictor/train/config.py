@@ -213,6 +213,14 @@ class TrainConfig:
         for name in ("save_every", "sample_every", "eval_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
         need(self.latent_stats_images >= 1, "latent_stats_images must be >= 1")
+        need(
+            self.eval_prompts >= 1,
+            f"eval_prompts must be >= 1 (--eval-every 0 turns evals off), got {self.eval_prompts}",
+        )
+        need(
+            self.eval_images_per_prompt >= 1,
+            f"eval_images_per_prompt must be >= 1, got {self.eval_images_per_prompt}",
+        )
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
