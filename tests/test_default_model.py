@@ -1,0 +1,35 @@
+"""The shipped default model: a trained shapes-small bundle inside the package, within the size budget,
+its files matching their recorded hashes, and what `pictor.load()` gives when no model is named."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import pictor
+from pictor.checkpoint import load_bundle, read_bundle_config
+from pictor.locate import resolve, shipped_default_path
+from pictor.pipeline import GenerationRequest
+
+
+def test_default_is_the_shipped_trained_bundle() -> None:
+    folder = shipped_default_path()
+    ref = resolve(None)
+    assert ref.kind == "bundle" and ref.path == folder
+    config = read_bundle_config(folder)
+    assert config.trained and config.preset == "shapes-small"
+    assert config.text_encoder["kind"] == "minilm"
+    assert config.training["stage"] == "t2i" and config.training["step"] >= 1
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size <= 50 * 2**20, f"the shipped bundle is {size / 2**20:.1f} MiB; the budget is 50 MiB"
+    load_bundle(folder, verify=True)  # raises when a file does not match its SHA-256 in config.json
+
+
+def test_default_generates_non_constant_images() -> None:
+    pipe = pictor.load(device="cpu")
+    assert pipe.ref == "default"
+    (result,) = pipe.generate(GenerationRequest("a red circle", steps=4, seed=3, num_images=1))
+    model = result.record["model"]
+    assert model["trained"] and model["ref"] == "default" and len(model["hash"]) >= 10
+    pixels = np.asarray(result.image)
+    assert pixels.shape == (64, 64, 3)
+    assert pixels.std() > 5  # a trained model draws something on its background
