@@ -22,7 +22,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+from pictor.data.shapes import TAGS
+from pictor.train.logs import read_jsonl
+from pictor.train.state import STATE_FILE, find_latest
+
 TAG_COLORS = {
     "single_object": (31, 119, 180),
     "two_object": (255, 127, 14),
@@ -33,19 +36,18 @@ TAG_COLORS = {
 }
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: give --run the --out folder of a `pictor train t2i` run")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_config(run: Path) -> dict[str, Any]:
     """The run's TrainConfig, as its newest checkpoint recorded it ({} when it has none yet)."""
-    states = sorted(run.glob("checkpoints/*/trainer_state.json"))
-    return json.loads(states[-1].read_text()).get("config", {}) if states else {}
+    latest = find_latest(run)
+    return json.loads((latest / STATE_FILE).read_text()).get("config", {}) if latest else {}
 
 
 def rows_of(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    for name in ("eval.jsonl", "log.jsonl"):
+        if not (run / name).is_file():
+            raise SystemExit(
+                f"{run / name} not found: give --run the --out folder of a `pictor train t2i` run"
+            )
     evals = read_jsonl(run / "eval.jsonl")
     if not evals:
         raise SystemExit(f"{run}/eval.jsonl has no evals yet (the run scores every --eval-every steps)")
