@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pictor.loading import pipeline_from_preset
 from pictor.models.lora import add_lora, save_lora
-from pictor.pipeline import pipeline_from_preset
 from pictor.provenance import read_record, read_text_chunks
 
 PICTOR = shutil.which("pictor")

@@ -25,9 +25,11 @@ from pictor.editing import (
     to_model_pixels,
 )
 from pictor.flow import interpolate
+from pictor.loading import pipeline_from_preset
 from pictor.models.flux import pack_latents
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline, pipeline_from_preset
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record, save_png
+from pictor.reproduce import reproduce
 from pictor.sampling import SAMPLERS, get_schedule
 
 
@@ -324,25 +326,25 @@ def test_edit_records_round_trip_and_reproduce(pipe: Pipeline, tmp_path: Path) -
     assert "Denoising strength: 0.8" in parameters_text(record)
 
     with pytest.raises(GenerationError, match=r"edit \(inpaint\).*--source SRC --mask MASK"):
-        pipe.reproduce(record)
+        reproduce(pipe, record)
     with pytest.raises(GenerationError, match="used a mask"):
-        pipe.reproduce(record, source=src_path)
+        reproduce(pipe, record, source=src_path)
     with pytest.raises(GenerationError, match="not the one this edit was made from"):
-        pipe.reproduce(record, source=_source(seed=9), mask=mask_path)
+        reproduce(pipe, record, source=_source(seed=9), mask=mask_path)
     with pytest.raises(GenerationError, match="mask is not the one"):
-        pipe.reproduce(record, source=src_path, mask=_box_mask(4, 4, 20, 24))
+        reproduce(pipe, record, source=src_path, mask=_box_mask(4, 4, 20, 24))
     # The same pixels from any equivalent copy of the source (here: re-saved as RGBA).
     _source().convert("RGBA").save(tmp_path / "src-rgba.png")
-    again = pipe.reproduce(record, source=tmp_path / "src-rgba.png", mask=mask_path)
+    again = reproduce(pipe, record, source=tmp_path / "src-rgba.png", mask=mask_path)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(again.image))
 
 
 def test_outpaint_reproduces_and_generation_records_have_no_edit_fields(pipe: Pipeline) -> None:
     src = _source()
     out = pipe.edit(EditRequest(src, "x", expand=(4, 4, 4, 4), seed=1, steps=2))[0]
-    again = pipe.reproduce(out.record, source=src)
+    again = reproduce(pipe, out.record, source=src)
     np.testing.assert_array_equal(np.asarray(out.image), np.asarray(again.image))
     with pytest.raises(GenerationError, match="used no mask"):
-        pipe.reproduce(out.record, source=src, mask=_box_mask(0, 0, 4, 4))
+        reproduce(pipe, out.record, source=src, mask=_box_mask(0, 0, 4, 4))
     record = pipe.generate(GenerationRequest("x", seed=1, steps=1))[0].record
     assert not {"mode", "strength", "source_image", "mask", "expand"} & set(record)

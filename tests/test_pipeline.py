@@ -8,8 +8,10 @@ import torch
 
 import pictor
 from pictor.checkpoint import save_bundle
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline, pipeline_from_preset
+from pictor.loading import pipeline_from_preset
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import read_record, save_png
+from pictor.reproduce import reproduce
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_reproduce_from_png_is_bit_exact(pipe: Pipeline, tmp_path: Path) -> None
     path = save_png(images[2].image, images[2].record, tmp_path / "x.png")
     record = read_record(path)
     assert record["seed"] == 7 and record["batch_seeds"] == [5, 6, 7] and record["batch_index"] == 2
-    again = pipe.reproduce(record)
+    again = reproduce(pipe, record)
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(again.image))
@@ -86,7 +88,7 @@ def test_reproduce_refuses_another_model(pipe: Pipeline) -> None:
     rec = pipe.generate(GenerationRequest("x", seed=1, steps=1))[0].record
     rec["model"]["hash"] = "f" * 64
     with pytest.raises(GenerationError, match="pass that model"):
-        pipe.reproduce(rec)
+        reproduce(pipe, rec)
 
 
 def test_bundle_gives_the_same_pixels_as_its_weights(pipe: Pipeline, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pictor.data.shapes import Scene, ShapeObject, render
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline, pipeline_from_preset
+from pictor.loading import pipeline_from_preset
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.rerank import SCORERS, generate_best_of, get_scorer, prompt_pairs, shapes_scorer
 
 

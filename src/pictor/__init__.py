@@ -11,13 +11,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pictor.pipeline import GenerationRequest, Pipeline, load
+    from pictor.loading import load
+    from pictor.pipeline import GenerationRequest, Pipeline
 
 __all__ = ["GenerationRequest", "Pipeline", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "Pipeline", "GenerationRequest"):
+    if name == "load":
+        from pictor.loading import load
+
+        return load
+    if name in ("Pipeline", "GenerationRequest"):
         from pictor import pipeline
 
         return getattr(pipeline, name)

@@ -80,9 +80,9 @@ def _add_lora(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, model: str | None = None, loras: list[tuple[str, float]] | None = None):  # type: ignore[no-untyped-def]
     """The pipeline for a command: the model, then its LoRAs in order."""
-    import pictor.pipeline as pl
+    from pictor.loading import load
 
-    pipe = pl.load(model if model is not None else args.model, device=args.device)
+    pipe = load(model if model is not None else args.model, device=args.device)
     for path, scale in args.lora if loras is None else loras:
         pipe.add_lora(path, scale)
     if not pipe.config.trained:
@@ -293,13 +293,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
+    from pictor.reproduce import reproduce
 
     record = read_record(args.image)
     model = args.model or record["model"].get("ref") or "default"
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
     pipe = _load(args, model, loras)
-    image = pipe.reproduce(record, progress=_progress_bar("reproduce"), source=args.source, mask=args.mask)
+    image = reproduce(pipe, record, progress=_progress_bar("reproduce"), source=args.source, mask=args.mask)
     for path in _save([image], args.out):
         print(path)
     return 0

@@ -25,18 +25,13 @@ from PIL import Image
 
 from pictor import __version__
 from pictor.checkpoint import (
-    Bundle,
     BundleConfig,
     CheckpointError,
-    load_bundle,
-    load_into,
     model_hash,
-    state_dict_hash,
 )
 from pictor.editing import (
     EditInputs,
     EditRequest,
-    ImageSource,
     LatentInit,
     composite,
     feather_weights,
@@ -44,10 +39,9 @@ from pictor.editing import (
     prepare_edit,
     to_model_pixels,
 )
-from pictor.locate import resolve
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
-from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents, unpack_latents
-from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
+from pictor.models.autoencoder import AutoEncoder
+from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.sampling import SAMPLERS, cfg, get_sampler, get_schedule
 
@@ -182,7 +176,7 @@ class Pipeline:
         self, request: GenerationRequest, progress: ProgressFn | None = None
     ) -> list[GeneratedImage]:
         r = self.resolve_request(request)
-        return self._in_runs(r, progress, lambda seeds, step: self._run(r, seeds, step))
+        return self._in_runs(r, progress, lambda seeds, step: self.run_seeds(r, seeds, step))
 
     def _in_runs(
         self,
@@ -213,7 +207,7 @@ class Pipeline:
     def edit(self, request: EditRequest, progress: ProgressFn | None = None) -> list[GeneratedImage]:
         """img2img, inpainting or outpainting (see `pictor.editing`); image i uses seed + i."""
         r, inputs = self.resolve_edit(request)
-        return self._in_runs(r, progress, lambda seeds, step: self._run_edit(r, inputs, seeds, step))
+        return self._in_runs(r, progress, lambda seeds, step: self.run_edit_seeds(r, inputs, seeds, step))
 
     def resolve_edit(self, request: EditRequest) -> tuple[GenerationRequest, EditInputs]:
         """Validate an edit: its image and mask, and the generation settings at the canvas size."""
@@ -228,9 +222,10 @@ class Pipeline:
         r = self.resolve_request(GenerationRequest(**{**shared, "width": width, "height": height}))
         return r, inputs
 
-    def _run_edit(
+    def run_edit_seeds(
         self, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
     ) -> list[GeneratedImage]:
+        """One edit sampler run over exactly these seeds (what `reproduce` reruns)."""
         if inputs.strength == 0.0:
             # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
             images = [Image.fromarray(inputs.canvas) for _ in seeds]
@@ -326,7 +321,8 @@ class Pipeline:
             latents = unpack_latents(x, lat_h, lat_w)
             return self.autoencoder.decode(latents)
 
-    def _run(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+    def run_seeds(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+        """One sampler run over exactly these seeds (what `reproduce` reruns)."""
         images = to_pil(self._sample(r, seeds, progress))
         return [
             GeneratedImage(image, seed, self.record(r, seed, seeds, j))
@@ -379,176 +375,9 @@ class Pipeline:
         self.loras.append(entry)
         return entry
 
-    def _check_loras(self, record: dict[str, Any]) -> None:
-        want = [(lo["sha256"], float(lo["scale"])) for lo in record.get("loras") or []]
-        have = [(lo["sha256"], lo["scale"]) for lo in self.loras]
-        if want != have:
-
-            def names(loras: list[dict[str, Any]]) -> str:
-                return ", ".join(f"{lo['name']}:{lo['scale']:g}" for lo in loras) or "none"
-
-            raise GenerationError(
-                f"the image was made with LoRAs [{names(record.get('loras') or [])}] but the loaded model "
-                f"has [{names(self.loras)}]; pass the same files and scales with --lora FILE:SCALE"
-            )
-
-    def reproduce(
-        self,
-        record: dict[str, Any],
-        progress: ProgressFn | None = None,
-        source: ImageSource | None = None,
-        mask: ImageSource | None = None,
-    ) -> GeneratedImage:
-        """Regenerate one image from its record: the same sampler run, the same pixels.
-
-        An edit's record holds only hashes of its source image and mask; pass those files as `source` and
-        `mask`, and they are checked against the hashes before anything runs.
-        """
-        want = record.get("model", {}).get("hash", "")
-        if want and self.hash and want != self.hash:
-            raise GenerationError(
-                f"the image was made by model '{record['model'].get('name')}' (hash {want[:10]}), but the "
-                f"loaded model '{self.name}' has hash {self.hash[:10]}; pass that model with --model"
-            )
-        if record.get("device") not in (None, self.device.type) or record.get("dtype") not in (
-            None,
-            str(self.dtype).removeprefix("torch."),
-        ):
-            warnings.warn(
-                f"the image was made on {record.get('device')}/{record.get('dtype')}, this run is on "
-                f"{self.device.type}/{self.dtype}: pixels may differ slightly",
-                stacklevel=2,
-            )
-        self._check_loras(record)
-        seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
-        if "mode" in record:
-            return self._reproduce_edit(record, seeds, progress, source, mask)
-        request = GenerationRequest(
-            prompt=record["prompt"],
-            negative_prompt=record.get("negative_prompt", ""),
-            width=record["width"],
-            height=record["height"],
-            steps=record["steps"],
-            guidance=record["guidance"],
-            sampler=record["sampler"],
-            schedule=record.get("schedule"),
-            seed=seeds[0],
-            num_images=len(seeds),
-        )
-        images = self._run(self.resolve_request(request), seeds, progress or (lambda i, n: None))
-        return images[int(record.get("batch_index", 0))]
-
-    def _reproduce_edit(
-        self,
-        record: dict[str, Any],
-        seeds: list[int],
-        progress: ProgressFn | None,
-        source: ImageSource | None,
-        mask: ImageSource | None,
-    ) -> GeneratedImage:
-        mode = record["mode"]
-        if source is None:
-            raise GenerationError(
-                f"this image is an edit ({mode}) of another image; pass that source image "
-                "(--source SRC" + (" --mask MASK" if record.get("mask") else "") + ")"
-            )
-        if record.get("mask") and mask is None:
-            raise GenerationError(f"this {mode} used a mask; pass it too (--mask MASK)")
-        if mask is not None and not record.get("mask"):
-            raise GenerationError(f"this {mode} used no mask; drop --mask")
-        expand = record.get("expand")
-        request = EditRequest(
-            image=source,
-            prompt=record["prompt"],
-            mask=mask,
-            strength=record["strength"],
-            expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
-            fill=record.get("fill", "edge"),
-            feather=int(record.get("feather", 0)),
-            negative_prompt=record.get("negative_prompt", ""),
-            steps=record["steps"],
-            guidance=record["guidance"],
-            sampler=record["sampler"],
-            schedule=record.get("schedule"),
-            seed=seeds[0],
-            num_images=len(seeds),
-        )
-        r, inputs = self.resolve_edit(request)
-        want, got = record["source_image"]["sha256"], inputs.source["sha256"]
-        if want != got:
-            raise GenerationError(
-                f"the source image is not the one this edit was made from (its pixels hash to {got[:10]}, "
-                f"the record says {want[:10]}); pass the original source image"
-            )
-        if record.get("mask") and inputs.mask_info and record["mask"]["sha256"] != inputs.mask_info["sha256"]:
-            raise GenerationError(
-                "the mask is not the one this edit was made with (hash mismatch); pass the original mask"
-            )
-        images = self._run_edit(r, inputs, seeds, progress or (lambda i, n: None))
-        return images[int(record.get("batch_index", 0))]
-
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] float images [B, 3, H, W] -> 8-bit PIL images."""
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-
-
-def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:
-    return Flux(FluxParams.from_dict(config.model)), AutoEncoder(
-        AutoEncoderParams.from_dict(config.autoencoder)
-    )
-
-
-def pipeline_from_bundle(
-    bundle: Bundle, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Pipeline:
-    config = bundle.config
-    with torch.device("meta"):
-        transformer, autoencoder = build_models(config)
-    where = str(bundle.path) if bundle.path else config.name
-    load_into(transformer, bundle.transformer, f"{where}: transformer")
-    load_into(autoencoder, bundle.autoencoder, f"{where}: autoencoder")
-    text = build_text_encoder(config.text_encoder)
-    return Pipeline(transformer, autoencoder, text, config, device, dtype)
-
-
-def pipeline_from_preset(
-    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, seed: int = 0
-) -> Pipeline:
-    """An untrained model with a preset's architecture; seeded, so the same every time."""
-    preset = get_preset(name)
-    config = BundleConfig(
-        name=f"{name} (untrained)",
-        preset=name,
-        model=preset["model"],
-        autoencoder=preset["autoencoder"],
-        text_encoder=preset["text_encoder"],
-        defaults=preset["defaults"],
-        trained=False,
-        description=preset.get("description", ""),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer, autoencoder = build_models(config)
-    digest = state_dict_hash({**transformer.state_dict(), **autoencoder.state_dict()})
-    text = build_text_encoder(config.text_encoder)
-    return Pipeline(transformer, autoencoder, text, config, device, dtype, model_id_hash=digest)
-
-
-def load(
-    model: str | os.PathLike[str] | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Pipeline:
-    """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name."""
-    ref = resolve(model)
-    if ref.kind == "preset":
-        pipe = pipeline_from_preset(ref.name, device, dtype)
-        pipe.ref = ref.name
-    else:
-        assert ref.path is not None
-        pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype)
-        pipe.ref = str(ref.path.resolve()) if model not in (None, "default") else "default"
-    return pipe

@@ -37,7 +37,7 @@ def test_eval_shapes_ground_truth_through_cli(tmp_path: Path) -> None:
 
 def test_eval_shapes_runs_a_model(tmp_path: Path) -> None:
     from pictor.eval.shapes_run import run_shapes_eval
-    from pictor.pipeline import pipeline_from_preset
+    from pictor.loading import pipeline_from_preset
 
     pipe = pipeline_from_preset("tiny", device="cpu")
     report = run_shapes_eval(pipe, None, 2, 5, str(tmp_path / "m.json"), limit=3, steps=1)

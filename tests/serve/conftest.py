@@ -21,7 +21,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from pictor.pipeline import Pipeline, pipeline_from_preset
+from pictor.loading import pipeline_from_preset
+from pictor.pipeline import Pipeline
 from pictor.serve.app import create_app
 from pictor.serve.settings import Limits, ServeSettings
 

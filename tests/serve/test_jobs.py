@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.provenance import read_record
+from pictor.reproduce import reproduce
 from pictor.serve.store import QUEUED, RUNNING, JobRow, Store
 
 
@@ -55,7 +56,7 @@ def test_equal_requests_share_one_sampler_run(
     served = np.asarray(read_png(path))
     alone = tiny.generate(GenerationRequest(prompt="a red circle", steps=2, seed=result["seed"]))[0]
     assert np.abs(served.astype(int) - np.asarray(alone.image).astype(int)).max() <= 1
-    assert np.array_equal(served, np.asarray(tiny.reproduce(record).image))
+    assert np.array_equal(served, np.asarray(reproduce(tiny, record).image))
 
 
 def read_png(path: Path) -> Any:

@@ -30,8 +30,9 @@ from pictor.checkpoint import (
     read_safetensors_metadata,
     save_bundle,
 )
+from pictor.loading import load
 from pictor.models.lora import apply_lora, remove_lora
-from pictor.pipeline import GenerationRequest, load
+from pictor.pipeline import GenerationRequest
 from pictor.train.command import add_train_parser, config_from_args
 from pictor.train.config import TrainConfig
 from pictor.train.logs import read_jsonl

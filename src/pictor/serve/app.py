@@ -58,7 +58,7 @@ def create_app(
     metrics = Metrics()
 
     def load_model() -> Pipeline:
-        from pictor.pipeline import load
+        from pictor.loading import load
 
         return load(settings.model, device=settings.device)
 

@@ -1,0 +1,76 @@
+"""Loading: a ready `Pipeline` from a bundle folder, a local bundle name, ``default`` or a preset name.
+`pictor.load` is `load` here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pictor.checkpoint import Bundle, BundleConfig, load_bundle, load_into, state_dict_hash
+from pictor.locate import resolve
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams
+from pictor.models.text import build_text_encoder
+from pictor.pipeline import Pipeline
+from pictor.presets import get_preset
+
+
+def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:
+    return Flux(FluxParams.from_dict(config.model)), AutoEncoder(
+        AutoEncoderParams.from_dict(config.autoencoder)
+    )
+
+
+def pipeline_from_bundle(
+    bundle: Bundle, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Pipeline:
+    config = bundle.config
+    with torch.device("meta"):
+        transformer, autoencoder = build_models(config)
+    where = str(bundle.path) if bundle.path else config.name
+    load_into(transformer, bundle.transformer, f"{where}: transformer")
+    load_into(autoencoder, bundle.autoencoder, f"{where}: autoencoder")
+    text = build_text_encoder(config.text_encoder)
+    return Pipeline(transformer, autoencoder, text, config, device, dtype)
+
+
+def pipeline_from_preset(
+    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, seed: int = 0
+) -> Pipeline:
+    """An untrained model with a preset's architecture; seeded, so the same every time."""
+    preset = get_preset(name)
+    config = BundleConfig(
+        name=f"{name} (untrained)",
+        preset=name,
+        model=preset["model"],
+        autoencoder=preset["autoencoder"],
+        text_encoder=preset["text_encoder"],
+        defaults=preset["defaults"],
+        trained=False,
+        description=preset.get("description", ""),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, autoencoder = build_models(config)
+    digest = state_dict_hash({**transformer.state_dict(), **autoencoder.state_dict()})
+    text = build_text_encoder(config.text_encoder)
+    return Pipeline(transformer, autoencoder, text, config, device, dtype, model_id_hash=digest)
+
+
+def load(
+    model: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Pipeline:
+    """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name."""
+    ref = resolve(model)
+    if ref.kind == "preset":
+        pipe = pipeline_from_preset(ref.name, device, dtype)
+        pipe.ref = ref.name
+    else:
+        assert ref.path is not None
+        pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype)
+        pipe.ref = str(ref.path.resolve()) if model not in (None, "default") else "default"
+    return pipe

@@ -1,0 +1,123 @@
+"""Reproduce an image from its own provenance record: the same model (checked by hash), the same LoRAs,
+the same sampler run (all the seeds that shared it), hence the same pixels on the same device and dtype.
+An edit's record holds only hashes of its source image and mask; the files are checked against them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from pictor.editing import EditRequest, ImageSource
+from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
+
+
+def check_loras(pipe: Pipeline, record: dict[str, Any]) -> None:
+    want = [(lo["sha256"], float(lo["scale"])) for lo in record.get("loras") or []]
+    have = [(lo["sha256"], lo["scale"]) for lo in pipe.loras]
+    if want != have:
+
+        def names(loras: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{lo['name']}:{lo['scale']:g}" for lo in loras) or "none"
+
+        raise GenerationError(
+            f"the image was made with LoRAs [{names(record.get('loras') or [])}] but the loaded model "
+            f"has [{names(pipe.loras)}]; pass the same files and scales with --lora FILE:SCALE"
+        )
+
+
+def reproduce(
+    pipe: Pipeline,
+    record: dict[str, Any],
+    progress: ProgressFn | None = None,
+    source: ImageSource | None = None,
+    mask: ImageSource | None = None,
+) -> GeneratedImage:
+    """Regenerate one image from its record: the same sampler run, the same pixels.
+
+    An edit's record holds only hashes of its source image and mask; pass those files as `source` and
+    `mask`, and they are checked against the hashes before anything runs.
+    """
+    want = record.get("model", {}).get("hash", "")
+    if want and pipe.hash and want != pipe.hash:
+        raise GenerationError(
+            f"the image was made by model '{record['model'].get('name')}' (hash {want[:10]}), but the "
+            f"loaded model '{pipe.name}' has hash {pipe.hash[:10]}; pass that model with --model"
+        )
+    if record.get("device") not in (None, pipe.device.type) or record.get("dtype") not in (
+        None,
+        str(pipe.dtype).removeprefix("torch."),
+    ):
+        warnings.warn(
+            f"the image was made on {record.get('device')}/{record.get('dtype')}, this run is on "
+            f"{pipe.device.type}/{pipe.dtype}: pixels may differ slightly",
+            stacklevel=2,
+        )
+    check_loras(pipe, record)
+    seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
+    if "mode" in record:
+        return _reproduce_edit(pipe, record, seeds, progress, source, mask)
+    request = GenerationRequest(
+        prompt=record["prompt"],
+        negative_prompt=record.get("negative_prompt", ""),
+        width=record["width"],
+        height=record["height"],
+        steps=record["steps"],
+        guidance=record["guidance"],
+        sampler=record["sampler"],
+        schedule=record.get("schedule"),
+        seed=seeds[0],
+        num_images=len(seeds),
+    )
+    images = pipe.run_seeds(pipe.resolve_request(request), seeds, progress or (lambda i, n: None))
+    return images[int(record.get("batch_index", 0))]
+
+
+def _reproduce_edit(
+    pipe: Pipeline,
+    record: dict[str, Any],
+    seeds: list[int],
+    progress: ProgressFn | None,
+    source: ImageSource | None,
+    mask: ImageSource | None,
+) -> GeneratedImage:
+    mode = record["mode"]
+    if source is None:
+        raise GenerationError(
+            f"this image is an edit ({mode}) of another image; pass that source image "
+            "(--source SRC" + (" --mask MASK" if record.get("mask") else "") + ")"
+        )
+    if record.get("mask") and mask is None:
+        raise GenerationError(f"this {mode} used a mask; pass it too (--mask MASK)")
+    if mask is not None and not record.get("mask"):
+        raise GenerationError(f"this {mode} used no mask; drop --mask")
+    expand = record.get("expand")
+    request = EditRequest(
+        image=source,
+        prompt=record["prompt"],
+        mask=mask,
+        strength=record["strength"],
+        expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
+        fill=record.get("fill", "edge"),
+        feather=int(record.get("feather", 0)),
+        negative_prompt=record.get("negative_prompt", ""),
+        steps=record["steps"],
+        guidance=record["guidance"],
+        sampler=record["sampler"],
+        schedule=record.get("schedule"),
+        seed=seeds[0],
+        num_images=len(seeds),
+    )
+    r, inputs = pipe.resolve_edit(request)
+    want, got = record["source_image"]["sha256"], inputs.source["sha256"]
+    if want != got:
+        raise GenerationError(
+            f"the source image is not the one this edit was made from (its pixels hash to {got[:10]}, "
+            f"the record says {want[:10]}); pass the original source image"
+        )
+    if record.get("mask") and inputs.mask_info and record["mask"]["sha256"] != inputs.mask_info["sha256"]:
+        raise GenerationError(
+            "the mask is not the one this edit was made with (hash mismatch); pass the original mask"
+        )
+    images = pipe.run_edit_seeds(r, inputs, seeds, progress or (lambda i, n: None))
+    return images[int(record.get("batch_index", 0))]
