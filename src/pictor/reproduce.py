@@ -12,6 +12,19 @@ from pictor.editing import EditRequest, ImageSource
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 
 
+def _settings(record: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The sampler settings a generation record and an edit record share: one run over all its seeds."""
+    return {
+        "negative_prompt": record.get("negative_prompt", ""),
+        "steps": record["steps"],
+        "guidance": record["guidance"],
+        "sampler": record["sampler"],
+        "schedule": record.get("schedule"),
+        "seed": seeds[0],
+        "num_images": len(seeds),
+    }
+
+
 def check_loras(pipe: Pipeline, record: dict[str, Any]) -> None:
     want = [(lo["sha256"], float(lo["scale"])) for lo in record.get("loras") or []]
     have = [(lo["sha256"], lo["scale"]) for lo in pipe.loras]
@@ -59,15 +72,9 @@ def reproduce(
         return _reproduce_edit(pipe, record, seeds, progress, source, mask)
     request = GenerationRequest(
         prompt=record["prompt"],
-        negative_prompt=record.get("negative_prompt", ""),
         width=record["width"],
         height=record["height"],
-        steps=record["steps"],
-        guidance=record["guidance"],
-        sampler=record["sampler"],
-        schedule=record.get("schedule"),
-        seed=seeds[0],
-        num_images=len(seeds),
+        **_settings(record, seeds),
     )
     images = pipe.run_seeds(pipe.resolve_request(request), seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
@@ -100,13 +107,7 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        negative_prompt=record.get("negative_prompt", ""),
-        steps=record["steps"],
-        guidance=record["guidance"],
-        sampler=record["sampler"],
-        schedule=record.get("schedule"),
-        seed=seeds[0],
-        num_images=len(seeds),
+        **_settings(record, seeds),
     )
     r, inputs = pipe.resolve_edit(request)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
