@@ -20,20 +20,22 @@ from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pac
 from pictor.models.lora import (
     LoRAError,
     LoRALinear,
-    a1111_lora_hash,
     adapter_tree,
     add_lora,
-    apply_lora,
     list_loras,
-    load_lora_file,
-    lora_file_hash,
-    lora_state_dict,
     merge_lora,
     remove_lora,
-    save_lora,
     select_targets,
     set_lora_scale,
     unmerge_lora,
+)
+from pictor.models.lora_files import (
+    a1111_lora_hash,
+    apply_lora,
+    load_lora_file,
+    lora_file_hash,
+    lora_state_dict,
+    save_lora,
 )
 
 LAT_C, LAT_H, LAT_W = 4, 4, 6

@@ -13,56 +13,41 @@ kaiming-uniform, B at zero, so a fresh adapter changes nothing (microsoft/LoRA, 
 Merging writes ``W + scale * alpha / rank * B @ A`` (computed in float64) into the weight and keeps the
 weight from before the first merge (on the CPU), so unmerging restores it bit for bit.
 
-Files: see :mod:`pictor.models.lora_formats` for the native, diffusers/PEFT and kohya layouts.
+Files (apply, save, hashes): :mod:`pictor.models.lora_files`; the native, diffusers/PEFT and kohya key
+layouts: :mod:`pictor.models.lora_formats`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pictor.checkpoint import write_safetensors
-from pictor.models.lora_formats import (
-    LoRAError,
-    LoRAUpdate,
-    a1111_lora_hash,
-    load_lora_file,
-    lora_file_hash,
-    lora_metadata,
-    to_flux_updates,
-)
+from pictor.models.lora_formats import LoRAError
 
 __all__ = [
     "TARGET_GROUPS",
     "LoRAAdapter",
     "LoRAError",
     "LoRALinear",
-    "a1111_lora_hash",
     "adapter_tree",
     "add_lora",
-    "apply_lora",
+    "check_adapter_name",
+    "linear_layers",
     "list_loras",
-    "load_lora_file",
-    "lora_file_hash",
-    "lora_state_dict",
     "merge_lora",
     "remove_lora",
-    "save_adapters",
-    "save_lora",
     "select_targets",
     "set_lora_scale",
     "unmerge_lora",
+    "wrap_linear",
 ]
 
 # Named target groups (FLUX.1 module names). "blocks" is kohya's default: every linear in the blocks.
@@ -233,12 +218,12 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield path, module
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Module]:
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer (plain or already wrapped) by path; adapters' own matrices are not Linears."""
     return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
 
 
-def _wrap(model: nn.Module, path: str) -> LoRALinear:
+def wrap_linear(model: nn.Module, path: str) -> LoRALinear:
     module = model.get_submodule(path)
     if isinstance(module, LoRALinear):
         return module
@@ -260,7 +245,7 @@ def select_targets(model: nn.Module, patterns: str | Sequence[str]) -> list[str]
     items = [p for p in items if p]
     if not items:
         raise LoRAError("no LoRA target patterns given")
-    paths = list(_linears(model))
+    paths = list(linear_layers(model))
     chosen: set[str] = set()
     for item in items:
         globs = TARGET_GROUPS.get(item, [item])
@@ -293,9 +278,9 @@ def add_lora(
     The new matrices live on the base weights' device, in ``dtype`` (default: the base weights'; train
     in float32 on a bf16 base). A is drawn from torch's global RNG.
     """
-    _check_new_name(model, name)
+    check_adapter_name(model, name)
     for path in select_targets(model, targets):
-        wrapper = _wrap(model, path)
+        wrapper = wrap_linear(model, path)
         w = wrapper.weight
         wrapper.adapters[name] = LoRAAdapter(
             wrapper.in_features, wrapper.out_features, rank, alpha, scale, dropout, w.device, dtype or w.dtype
@@ -303,7 +288,7 @@ def add_lora(
     return adapter_tree(model, name)
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
+def check_adapter_name(model: nn.Module, name: str) -> None:
     if not name or "." in name or hasattr(nn.ModuleDict, name):
         raise LoRAError(
             f"adapter name must be non-empty, contain no '.' and not be a torch Module attribute "
@@ -387,85 +372,3 @@ def remove_lora(model: nn.Module, name: str | None = None) -> None:
         if not len(wrapper.adapters):
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, wrapper.to_linear())
-
-
-# ------------------------------------------------------------------------------------------- files
-
-
-def apply_lora(
-    model: nn.Module,
-    lora: str | os.PathLike[str] | Mapping[str, Tensor],
-    scale: float = 1.0,
-    name: str | None = None,
-    metadata: Mapping[str, str] | None = None,
-    strict: bool = True,
-) -> str:
-    """Load a LoRA (a file path or a state dict; native, diffusers/PEFT or kohya layout, detected) onto
-    ``model`` as a new adapter at ``scale``; returns the adapter's name (default: the file's stem).
-
-    Every key must land on a layer of the model; otherwise a :class:`LoRAError` names the key. With
-    ``strict=False`` such keys (e.g. a text encoder's) are skipped with a warning that lists them.
-    """
-    if isinstance(lora, (str, os.PathLike)):
-        sd, file_meta = load_lora_file(lora)
-        metadata = {**file_meta, **(metadata or {})}
-        default = re.sub(r"[^\w-]", "_", Path(lora).stem) or "lora"
-        default = f"lora_{default}" if hasattr(nn.ModuleDict, default) else default
-    else:
-        sd, metadata, default = dict(lora), dict(metadata or {}), "lora"
-    linears = {p: (m.in_features, m.out_features) for p, m in _linears(model).items()}
-    updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
-    if skipped:
-        warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
-    if name is None:
-        taken = set(list_loras(model))
-        name = default
-        i = 2
-        while name in taken:
-            name, i = f"{default}_{i}", i + 1
-    _check_new_name(model, name)
-    for path, update in updates.items():
-        _install(_wrap(model, path), name, update, scale)
-    return name
-
-
-@torch.no_grad()
-def _install(wrapper: LoRALinear, name: str, update: LoRAUpdate, scale: float) -> None:
-    w = wrapper.weight
-    adapter = LoRAAdapter(
-        wrapper.in_features, wrapper.out_features, update.rank, update.alpha, scale, 0.0, w.device, w.dtype
-    )
-    adapter.lora_A.weight.copy_(update.A)
-    adapter.lora_B.weight.copy_(update.B)
-    wrapper.adapters[name] = adapter.requires_grad_(False)
-
-
-def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
-    """Adapter ``adapter`` as native-layout tensors (``<layer>.lora_A.weight`` / ``.lora_B.weight``)."""
-    return {k: v.detach() for k, v in adapter_tree(model, adapter).state_dict().items()}
-
-
-def save_adapters(
-    tree: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
-) -> str:
-    """Write an :func:`adapter_tree` (or a copy of one, e.g. EMA weights) as a native LoRA file with its
-    rank and alpha in the header; returns the file's SHA-256."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
-    adapters = {p: m for p, m in tree.named_modules() if isinstance(m, LoRAAdapter)}
-    if not adapters:
-        raise LoRAError("nothing to save: no LoRA adapters")
-    tensors = {k: v.detach() for k, v in tree.state_dict().items()}
-    meta = lora_metadata({p: a.rank for p, a in adapters.items()}, {p: a.alpha for p, a in adapters.items()})
-    return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
-
-
-def save_lora(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    adapter: str = "default",
-    metadata: Mapping[str, str] | None = None,
-) -> str:
-    """Save one adapter of ``model`` as a native LoRA file; returns its SHA-256."""
-    return save_adapters(adapter_tree(model, adapter), path, metadata)

@@ -1,4 +1,4 @@
-"""LoRA files: reading (no pickles), hashes, header metadata, and key layouts -> updates on FLUX.1 names.
+"""LoRA key layouts -> updates on FLUX.1 names (reading, hashing and saving files: :mod:`.lora_files`).
 
 Three kinds of FLUX LoRA files are read:
 
@@ -23,10 +23,8 @@ Every key must be used: one that names no module of the model is an error that q
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,16 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refuse_pickle
-
 __all__ = [
     "LoRAError",
     "LoRAUpdate",
-    "a1111_lora_hash",
     "detect_format",
-    "load_lora_file",
-    "lora_file_hash",
-    "lora_metadata",
     "to_flux_updates",
 ]
 
@@ -392,57 +384,3 @@ def to_flux_updates(
     for path, update in updates.items():
         _check(update, path, linears[path])
     return updates, skipped
-
-
-# ------------------------------------------------------------------------------------------- files
-
-
-def load_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a ``.safetensors`` LoRA; pickles (.pt, .ckpt, .bin ...) are refused."""
-    refuse_pickle(path)
-    tensors = read_safetensors(path)
-    return tensors, read_safetensors_metadata(path)
-
-
-def lora_file_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of the whole file (hex): the file's identity."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def a1111_lora_hash(path: str | os.PathLike[str]) -> str:
-    """The 12 hex digits A1111 writes under "Lora hashes": for a .safetensors file its ``shorthash`` is
-    the SHA-256 of the bytes after the JSON header (sd-webui-additional-networks' "addnet hash", which
-    civitai lists as AutoV3), so editing the metadata does not change it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        f.seek(8 + header_len)
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-def lora_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, str]:
-    """Header metadata of a native file: the common rank and alpha, and per-module alphas if they differ.
-
-    ``ss_network_dim`` / ``ss_network_alpha`` repeat them under kohya's names, which LoRA browsers show.
-    """
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    meta = {
-        "format": "pt",
-        "lora_format": "pictor",
-        "lora_rank": str(rank),
-        "lora_alpha": repr(float(alpha)),
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": repr(float(alpha)),
-    }
-    if len(set(alphas.values())) > 1:
-        meta["lora_alphas"] = json.dumps({k: float(v) for k, v in sorted(alphas.items())})
-    if len(set(ranks.values())) > 1:
-        meta["lora_ranks"] = json.dumps(dict(sorted(ranks.items())))
-    return meta

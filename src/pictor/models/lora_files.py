@@ -1,0 +1,173 @@
+"""LoRA files: reading (no pickles), hashes, header metadata, applying a file to a model, and saving.
+
+Reading a file gives its tensors and header; :func:`pictor.models.lora_formats.to_flux_updates` maps their
+keys (native, diffusers/PEFT or kohya layout) onto the model's FLUX.1 layer names, and :func:`apply_lora`
+installs them as a new, frozen adapter of :mod:`pictor.models.lora`. Saving writes the native layout with
+rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refuse_pickle, write_safetensors
+from pictor.models.lora import (
+    LoRAAdapter,
+    LoRALinear,
+    adapter_tree,
+    check_adapter_name,
+    linear_layers,
+    list_loras,
+    wrap_linear,
+)
+from pictor.models.lora_formats import LoRAError, LoRAUpdate, to_flux_updates
+
+__all__ = [
+    "a1111_lora_hash",
+    "apply_lora",
+    "load_lora_file",
+    "lora_file_hash",
+    "lora_metadata",
+    "lora_state_dict",
+    "save_adapters",
+    "save_lora",
+]
+
+
+def load_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a ``.safetensors`` LoRA; pickles (.pt, .ckpt, .bin ...) are refused."""
+    refuse_pickle(path)
+    tensors = read_safetensors(path)
+    return tensors, read_safetensors_metadata(path)
+
+
+def lora_file_hash(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the whole file (hex): the file's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def a1111_lora_hash(path: str | os.PathLike[str]) -> str:
+    """The 12 hex digits A1111 writes under "Lora hashes": for a .safetensors file its ``shorthash`` is
+    the SHA-256 of the bytes after the JSON header (sd-webui-additional-networks' "addnet hash", which
+    civitai lists as AutoV3), so editing the metadata does not change it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def lora_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, str]:
+    """Header metadata of a native file: the common rank and alpha, and per-module alphas if they differ.
+
+    ``ss_network_dim`` / ``ss_network_alpha`` repeat them under kohya's names, which LoRA browsers show.
+    """
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    meta = {
+        "format": "pt",
+        "lora_format": "pictor",
+        "lora_rank": str(rank),
+        "lora_alpha": repr(float(alpha)),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": repr(float(alpha)),
+    }
+    if len(set(alphas.values())) > 1:
+        meta["lora_alphas"] = json.dumps({k: float(v) for k, v in sorted(alphas.items())})
+    if len(set(ranks.values())) > 1:
+        meta["lora_ranks"] = json.dumps(dict(sorted(ranks.items())))
+    return meta
+
+
+def apply_lora(
+    model: nn.Module,
+    lora: str | os.PathLike[str] | Mapping[str, Tensor],
+    scale: float = 1.0,
+    name: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> str:
+    """Load a LoRA (a file path or a state dict; native, diffusers/PEFT or kohya layout, detected) onto
+    ``model`` as a new adapter at ``scale``; returns the adapter's name (default: the file's stem).
+
+    Every key must land on a layer of the model; otherwise a :class:`LoRAError` names the key. With
+    ``strict=False`` such keys (e.g. a text encoder's) are skipped with a warning that lists them.
+    """
+    if isinstance(lora, (str, os.PathLike)):
+        sd, file_meta = load_lora_file(lora)
+        metadata = {**file_meta, **(metadata or {})}
+        default = re.sub(r"[^\w-]", "_", Path(lora).stem) or "lora"
+        default = f"lora_{default}" if hasattr(nn.ModuleDict, default) else default
+    else:
+        sd, metadata, default = dict(lora), dict(metadata or {}), "lora"
+    linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
+    updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
+    if skipped:
+        warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
+    if name is None:
+        taken = set(list_loras(model))
+        name = default
+        i = 2
+        while name in taken:
+            name, i = f"{default}_{i}", i + 1
+    check_adapter_name(model, name)
+    for path, update in updates.items():
+        _install(wrap_linear(model, path), name, update, scale)
+    return name
+
+
+@torch.no_grad()
+def _install(wrapper: LoRALinear, name: str, update: LoRAUpdate, scale: float) -> None:
+    w = wrapper.weight
+    adapter = LoRAAdapter(
+        wrapper.in_features, wrapper.out_features, update.rank, update.alpha, scale, 0.0, w.device, w.dtype
+    )
+    adapter.lora_A.weight.copy_(update.A)
+    adapter.lora_B.weight.copy_(update.B)
+    wrapper.adapters[name] = adapter.requires_grad_(False)
+
+
+def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
+    """Adapter ``adapter`` as native-layout tensors (``<layer>.lora_A.weight`` / ``.lora_B.weight``)."""
+    return {k: v.detach() for k, v in adapter_tree(model, adapter).state_dict().items()}
+
+
+def save_adapters(
+    tree: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write an :func:`adapter_tree` (or a copy of one, e.g. EMA weights) as a native LoRA file with its
+    rank and alpha in the header; returns the file's SHA-256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+    adapters = {p: m for p, m in tree.named_modules() if isinstance(m, LoRAAdapter)}
+    if not adapters:
+        raise LoRAError("nothing to save: no LoRA adapters")
+    tensors = {k: v.detach() for k, v in tree.state_dict().items()}
+    meta = lora_metadata({p: a.rank for p, a in adapters.items()}, {p: a.alpha for p, a in adapters.items()})
+    return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
+
+
+def save_lora(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter: str = "default",
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Save one adapter of ``model`` as a native LoRA file; returns its SHA-256."""
+    return save_adapters(adapter_tree(model, adapter), path, metadata)
