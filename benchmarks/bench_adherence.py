@@ -6,11 +6,13 @@ This joins the two and writes, into --out:
 - adherence.json: one row per eval (step, images seen, hours, overall, per-tag, images scored);
 - adherence.md: the same as a Markdown table;
 - adherence.png: overall and per-tag accuracy against training hours.
-`--final REPORT` adds the full `pictor eval shapes --out REPORT` of the finished model as a last row.
+`--final [STEP=]REPORT` (repeatable) adds a full `pictor eval shapes --out REPORT` of the model at STEP
+(default: the run's last eval) as a row after that step's training eval; the plot marks these full evals
+with squares, apart from the training evals' lines, since they score far more images (less noise).
 Prints the JSON.
 
     python benchmarks/bench_adherence.py --run runs/shapes-small [--out benchmarks/results]
-        [--final report.json] [--hardware "2-core CPU"]
+        [--final [STEP=]report.json ...] [--hardware "2-core CPU"]
 """
 
 from __future__ import annotations
@@ -71,10 +73,26 @@ def rows_of(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, config
 
 
-def final_row(report_path: Path, last: dict[str, Any]) -> dict[str, Any]:
+def final_spec(text: str) -> tuple[int | None, Path]:
+    """`STEP=REPORT` or `REPORT` -> (step or None, path)."""
+    step, sep, path = text.partition("=")
+    if not sep:
+        return None, Path(text)
+    if not step.isdigit():
+        raise argparse.ArgumentTypeError(f"--final {text!r}: write STEP=REPORT with a whole step number")
+    return int(step), Path(path)
+
+
+def final_row(report_path: Path, step: int | None, evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """A full eval's row; images seen and hours come from the training eval at the same step."""
     report = json.loads(report_path.read_text())
+    step = evals[-1]["step"] if step is None else step
+    same = [r for r in evals if r["step"] == step]
+    if not same:
+        known = ", ".join(str(r["step"]) for r in evals)
+        raise SystemExit(f"--final {step}={report_path}: the run has no eval at step {step} (it has {known})")
     return {
-        **{k: last[k] for k in ("step", "images_seen", "hours")},
+        **{k: same[0][k] for k in ("step", "images_seen", "hours")},
         "overall": report["overall"],
         "per_tag": report["per_tag"],
         "n_images": report.get("n_images"),
@@ -141,10 +159,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     )
     draw.text((left + pw / 2, 20), title, fill="black", font=font, anchor="mm")
 
-    series = [(tag, TAG_COLORS[tag], 2, [r["per_tag"].get(tag, 0.0) for r in rows]) for tag in TAGS]
-    series.append(("overall", (0, 0, 0), 4, [r["overall"] for r in rows]))
-    for n, (name, color, line_width, ys) in enumerate(series):
-        points = [at(x, y) for x, y in zip(xs, ys, strict=True)]
+    training = [(x, r) for x, r in zip(xs, rows, strict=True) if r["source"] == "training eval"]
+    series = [
+        (tag, TAG_COLORS[tag], 2, [(x, r["per_tag"].get(tag, 0.0)) for x, r in training]) for tag in TAGS
+    ]
+    series.append(("overall", (0, 0, 0), 4, [(x, r["overall"]) for x, r in training]))
+    for n, (name, color, line_width, xy) in enumerate(series):
+        points = [at(x, y) for x, y in xy]
         if len(points) > 1:
             draw.line(points, fill=color, width=line_width)
         for px, py in points:
@@ -152,6 +173,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ly = top + 10 + 22 * n
         draw.line([(left + pw + 15, ly), (left + pw + 40, ly)], fill=color, width=line_width)
         draw.text((left + pw + 48, ly), name, fill="black", font=font, anchor="lm")
+    full = [(x, r) for x, r in zip(xs, rows, strict=True) if r["source"] != "training eval"]
+    if full:
+        for x, r in full:  # a full eval's overall: a hollow black square, not joined to the noisier line
+            px, py = at(x, r["overall"])
+            draw.rectangle([px - 6, py - 6, px + 6, py + 6], outline=(0, 0, 0), width=3)
+        ly = top + 10 + 22 * len(series)
+        draw.rectangle([left + pw + 22, ly - 6, left + pw + 34, ly + 6], outline=(0, 0, 0), width=3)
+        draw.text((left + pw + 48, ly), "overall, full eval", fill="black", font=font, anchor="lm")
     img.save(path)
 
 
@@ -159,13 +188,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="the --out folder of a t2i run")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--final", type=Path, default=None, help="a `pictor eval shapes --out` report")
+    parser.add_argument(
+        "--final",
+        type=final_spec,
+        action="append",
+        default=[],
+        metavar="[STEP=]REPORT",
+        help="a `pictor eval shapes --out` report of the model at STEP (default: the last eval); repeatable",
+    )
     parser.add_argument("--hardware", default="unspecified hardware", help="where the run trained")
     args = parser.parse_args()
 
-    rows, config = rows_of(args.run)
-    if args.final is not None:
-        rows.append(final_row(args.final, rows[-1]))
+    evals, config = rows_of(args.run)
+    finals = [final_row(path, step, evals) for step, path in args.final]
+    # each full eval right after the training eval of its step (sorted() keeps that order for equal steps)
+    rows = sorted(evals + finals, key=lambda r: r["step"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adherence.md").write_text(markdown(rows, args.hardware))
     plot(rows, args.out / "adherence.png", f"shapes-dev adherence, {args.hardware}")

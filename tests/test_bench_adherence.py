@@ -66,6 +66,77 @@ def test_table_plot_and_json_from_a_run(tmp_path: Path) -> None:
     assert black > 500 and counting_green > 50
 
 
+def _run_with_two_evals(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000020").mkdir(parents=True)
+    config = {"stage": "t2i", "batch_size": 8, "lr": 3e-4}
+    (run / "checkpoints" / "step-000020" / "trainer_state.json").write_text(json.dumps({"config": config}))
+    _write_jsonl(run / "log.jsonl", [{"step": s, "loss": 1.0, "time": 36.0 * s} for s in range(1, 21)])
+    evals = [
+        {"step": s, "overall": s / 40, "per_tag": dict.fromkeys(TAGS, s / 40), "n_images": 48}
+        for s in (10, 20)
+    ]
+    _write_jsonl(run / "eval.jsonl", evals)
+    return run
+
+
+def test_full_evals_at_several_steps(tmp_path: Path) -> None:
+    run = _run_with_two_evals(tmp_path)
+    reports = {}
+    for step, score in ((10, 0.375), (20, 0.75)):
+        reports[step] = tmp_path / f"report-{step}.json"
+        reports[step].write_text(json.dumps({"overall": score, "per_tag": dict.fromkeys(TAGS, score)}))
+    out = tmp_path / "results"
+    args = ["--final", f"10={reports[10]}", "--final", str(reports[20])]  # no STEP: the last eval's
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--run", str(run), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert [(r["step"], r["overall"]) for r in rows] == [(10, 0.25), (10, 0.375), (20, 0.5), (20, 0.75)]
+    assert [r["source"] for r in rows] == [
+        "training eval",
+        "pictor eval shapes (report-10.json)",
+        "training eval",
+        "pictor eval shapes (report-20.json)",
+    ]
+    assert [r["hours"] for r in rows] == [0.1, 0.1, 0.2, 0.2] and rows[1]["images_seen"] == 80
+
+    # each full eval is a hollow square at (hours, overall): its outline is black, inside it is not (the
+    # inside point is off the centre because the last point's centre lies on the plot's black frame)
+    plot = np.asarray(Image.open(out / "adherence.png").convert("RGB")).astype(int)
+    left, top, pw, ph = 70, 50, 900 - 70 - 200, 520 - 50 - 60
+    for hours, score in ((0.1, 0.375), (0.2, 0.75)):
+        px, py = round(left + pw * hours / 0.2), round(top + ph * (1 - score))
+        assert plot[py - 6 : py + 7, px - 6 : px + 7].sum(axis=2).min() == 0
+        assert plot[py - 3, px - 3].sum() > 0
+
+
+def test_a_full_eval_at_a_step_without_an_eval_is_a_clear_error(tmp_path: Path) -> None:
+    run = _run_with_two_evals(tmp_path)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"overall": 0.5, "per_tag": dict.fromkeys(TAGS, 0.5)}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "o"),
+            "--final",
+            f"15={report}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "no eval at step 15 (it has 10, 20)" in done.stderr
+
+
 def test_a_run_without_evals_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "eval.jsonl").write_text("")
     (tmp_path / "log.jsonl").write_text("")
