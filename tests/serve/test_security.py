@@ -149,9 +149,11 @@ def test_api_key_on_every_v1_request(keyed: TestClient) -> None:
     for path in ("/v1/jobs", "/v1/models", "/v1/jobs/" + "0" * 32, "/v1/images/" + "0" * 32):
         error_of(keyed.get(path), 401)
     error_of(keyed.delete("/v1/jobs/" + "0" * 32), 401)
-    # ops endpoints and the page stay open
-    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.json"):
+    # probes and the page stay open; the metrics need the key
+    for path in ("/healthz", "/readyz", "/", "/openapi.json"):
         assert keyed.get(path).status_code == 200, path
+    error_of(keyed.get("/metrics"), 401)
+    assert "pictor_queue_depth 0" in keyed.get("/metrics", headers=AUTH).text
 
     ok = keyed.post("/v1/images/generations", json={"prompt": "x"}, headers=AUTH)
     assert ok.status_code == 200, ok.text

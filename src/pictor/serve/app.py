@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -30,7 +30,7 @@ from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.jobs import JobManager
 from pictor.serve.metrics import CONTENT_TYPE, Metrics
-from pictor.serve.routes import router
+from pictor.serve.routes import COMMON_ERRORS, bearer, router
 from pictor.serve.security import BlockList, Guard, PromptPolicy
 from pictor.serve.service import Service
 from pictor.serve.settings import ServeSettings
@@ -123,8 +123,9 @@ def _add_ops_routes(app: FastAPI, svc: Service) -> None:
         "/metrics",
         response_class=PlainTextResponse,
         tags=["ops"],
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
-        summary="Prometheus metrics",
+        dependencies=[Depends(bearer)],  # documentation: the Guard asks for the key when there is one
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: COMMON_ERRORS[401]},
+        summary="Prometheus metrics (with the API key when the server has one)",
     )
     def metrics() -> PlainTextResponse:
         text = svc.metrics.render(svc.manager.queue_depth(), svc.store.counts_by_status(), svc.manager.ready)

@@ -153,7 +153,9 @@ class Guard:
                 code="cross_origin",
             )
         key = self.settings.api_key
-        if key is None or not (path == "/v1" or path.startswith("/v1/")):
+        # /metrics tells job counts and rejections to whoever asks, so with a key it needs the key too
+        # (Prometheus sends it with `authorization: {credentials: KEY}`); probes and the page stay open.
+        if key is None or not (path in ("/v1", "/metrics") or path.startswith("/v1/")):
             return None
         auth = _header(scope, b"authorization") or ""
         scheme, _, token = auth.partition(" ")
