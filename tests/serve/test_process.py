@@ -184,6 +184,11 @@ def test_sigterm_finishes_running_job_and_keeps_queued(serve_process: Any, tmp_p
     response = waiting.get("response")
     assert response is not None and response.status_code == 503, waiting
     assert response.json()["error"]["code"] == "shutting_down"
+    # the running job is still going, and the server still answers new connections: 503, not refused
+    assert job(first.url, running)["status"] == "running"
+    late = httpx.post(f"{first.url}/v1/jobs", json={"prompt": "too late"}, timeout=30)
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+    assert httpx.get(f"{first.url}/readyz").json()["status"] == "draining"
     assert first.proc.wait(90) in (0, -signal.SIGTERM)
     assert "Traceback" not in first.output()
 

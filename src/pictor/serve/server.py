@@ -15,15 +15,33 @@ from pictor.serve.settings import ServeSettings
 
 
 class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, stop taking jobs at once (503), then let uvicorn finish what is in flight."""
+    """On SIGTERM/SIGINT, stop taking jobs at once, finish the running batch, then stop uvicorn.
 
-    def __init__(self, config: uvicorn.Config, manager: JobManager) -> None:
+    uvicorn closes its listening socket as soon as it is told to exit, so a client that connects during
+    the drain would get "connection refused" and could not tell a stopping server from a dead one. The
+    socket stays open until the running batch is done: meanwhile new jobs get a 503 that says the server
+    is shutting down and /readyz says "draining". A second signal skips the wait and goes straight to
+    uvicorn's own shutdown.
+    """
+
+    def __init__(self, config: uvicorn.Config, manager: JobManager, grace: float) -> None:
         super().__init__(config)
         self.manager = manager
+        self.grace = grace
+        self._signalled = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # From another thread: a signal handler must not take locks the interrupted code may hold.
-        threading.Thread(target=self.manager.begin_drain, name="pictor-drain").start()
+        if self._signalled:
+            super().handle_exit(sig, frame)
+            return
+        self._signalled = True
+        # From another thread: a signal handler must not take locks the interrupted code may hold, and
+        # must not block the event loop that answers the 503s.
+        threading.Thread(target=self._drain_then_exit, args=(sig, frame), name="pictor-drain").start()
+
+    def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        # While the model is still loading there is no batch to wait for.
+        self.manager.stop(self.grace if self.manager.ready else 0)
         super().handle_exit(sig, frame)
 
 
@@ -56,13 +74,14 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
     print(f"pictor serve: listening on http://{host}:{port}/ (data dir {settings.data_dir})", flush=True)
     if settings.api_key is None:
         print("pictor serve: no API key: anyone on this machine can use the server", file=sys.stderr)
+    grace = max(5, int(settings.job_timeout) + 5)
     config = uvicorn.Config(
         app,
         log_level=log_level,
-        # In-flight requests get this long after SIGTERM; the running job is awaited by the lifespan.
-        timeout_graceful_shutdown=max(5, int(settings.job_timeout) + 5),
+        # Requests still in flight once the running batch is done get this long to be answered.
+        timeout_graceful_shutdown=grace,
         lifespan="on",
     )
-    server = _DrainingServer(config, app.state.service.manager)
+    server = _DrainingServer(config, app.state.service.manager, grace)
     server.run(sockets=[sock])
     return 0
