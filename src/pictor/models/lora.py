@@ -224,6 +224,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def wrap_linear(model: nn.Module, path: str) -> LoRALinear:
+    """The :class:`LoRALinear` at ``path``, replacing the plain Linear there on first use."""
     module = model.get_submodule(path)
     if isinstance(module, LoRALinear):
         return module
@@ -289,6 +290,7 @@ def add_lora(
 
 
 def check_adapter_name(model: nn.Module, name: str) -> None:
+    """Raise :class:`LoRAError` unless ``name`` can name a new adapter of ``model``."""
     if not name or "." in name or hasattr(nn.ModuleDict, name):
         raise LoRAError(
             f"adapter name must be non-empty, contain no '.' and not be a torch Module attribute "
