@@ -1,0 +1,143 @@
+"""The text encoder interface: prompts -> token states, their mask, and one pooled vector per prompt.
+
+:class:`TextEncoder` is what the pipeline and the trainers hold; the kinds (packaged MiniLM, CLIP, T5, FLUX.1)
+live in :mod:`pictor.models.minilm` and :mod:`pictor.models.text_folders`, and :mod:`pictor.models.text`
+builds one from a config. The helpers here are the checks every kind shares.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TextEmbeddings:
+    tokens: Tensor  # [B, L, context_dim] float32, L == encoder.max_length
+    mask: Tensor  # [B, L] bool, True = real token (special tokens such as BOS/EOS count as real)
+    pooled: Tensor  # [B, pooled_dim] float32
+
+
+class TextEncoder(nn.Module):
+    """Base class. Encoders are frozen: no grads, and `train()` keeps them in eval mode (no dropout)."""
+
+    kind: ClassVar[str] = ""
+    context_dim: int
+    pooled_dim: int
+    max_length: int
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        # no_grad rather than inference_mode: the outputs feed a transformer that is being trained, and
+        # inference tensors cannot be saved for its backward pass.
+        prompts = check_prompts(prompts)
+        device = self._device()
+        if not prompts:
+            return TextEmbeddings(
+                tokens=torch.zeros(0, self.max_length, self.context_dim, device=device),
+                mask=torch.zeros(0, self.max_length, dtype=torch.bool, device=device),
+                pooled=torch.zeros(0, self.pooled_dim, device=device),
+            )
+        with torch.no_grad():
+            return self._encode(prompts)
+
+    def forward(self, prompts: Sequence[str]) -> TextEmbeddings:
+        return self.encode(prompts)
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TextEncoder:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        # Frozen encoders: a surrounding model.train() must not switch dropout on in here.
+        return super().train(False)
+
+    def _encode(self, prompts: list[str]) -> TextEmbeddings:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+# --- checks every kind shares --------------------------------------------------------------------------
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list of str; one bare str is an error (it would be encoded letter by letter)."""
+    if isinstance(prompts, str):
+        raise TypeError("encode() takes a sequence of prompts, got one str: wrap it, encode([prompt])")
+    prompts = list(prompts)
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be str, got {sorted(set(bad))}")
+    return prompts
+
+
+def check_config_keys(kind: str, config: dict[str, Any], required: set[str], optional: set[str]) -> None:
+    """A config with a missing or unknown key is an error that lists the known keys."""
+    keys = set(config) - {"kind"}
+    missing, unknown = required - keys, keys - required - optional
+    if missing:
+        raise ValueError(f"text encoder '{kind}' config lacks {sorted(missing)}")
+    if unknown:
+        raise ValueError(
+            f"text encoder '{kind}' config has unknown keys {sorted(unknown)}; "
+            f"known: {sorted(required | optional)}"
+        )
+
+
+def check_max_length(kind: str, max_length: Any, limit: int | None) -> int:
+    """A positive int within the model's positions (``limit``; None: no limit)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"text encoder '{kind}': max_length must be a positive int, got {max_length!r}")
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"text encoder '{kind}': max_length {max_length} exceeds the model's {limit} positions"
+        )
+    return max_length
+
+
+def model_folder_config(path: Path, model_types: set[str], what: str) -> dict[str, Any]:
+    """Check `path` holds a transformers model of one of `model_types`; return its config.json."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} folder {path} does not exist: give the folder saved by save_pretrained() "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    if not (path / "config.json").is_file():
+        hint = ""
+        if (path / "model_index.json").is_file():
+            hint = " (this is a diffusers pipeline folder: give its text_encoder/ or text_encoder_2/ as path "
+            "and tokenizer/ or tokenizer_2/ as tokenizer_path)"
+        raise FileNotFoundError(f"no config.json in {path}: give the folder saved by save_pretrained(){hint}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        extra = (
+            f"; found {pickles}, but pictor never loads pickles: re-save with safetensors" if pickles else ""
+        )
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {path}: {what} needs safetensors weights{extra}"
+        )
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in model_types:
+        raise ValueError(
+            f"{path}/config.json has model_type {model_type!r}, "
+            f"but {what} expects one of {sorted(model_types)}"
+        )
+    return config
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the real tokens' states: [B, L, D], [B, L] -> [B, D]."""
+    # The clamp keeps an all-padding row at zero instead of NaN.
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
