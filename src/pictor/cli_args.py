@@ -1,0 +1,180 @@
+"""The command line's grammar: every `pictor` subcommand and its arguments (`pictor train` adds its own,
+from :mod:`pictor.train.command`). :mod:`pictor.cli` runs what is parsed here."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from pictor import __version__
+from pictor.train import command as train_command
+
+SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 64x64; got '{text}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _expand(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(
+            f"expand must be four pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,16,0; got '{text}'"
+        )
+    return values  # type: ignore[return-value]
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """The settings generate and edit share."""
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
+    p.add_argument("--sampler", default=None, help="euler, heun, dpmpp_2m")
+    p.add_argument("--schedule", default=None, help="flux, linear, shifted")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "-m", default=None, help="bundle folder, local bundle name, preset, or 'default' (default)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+
+def _lora_spec(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_spec,
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (pictor, diffusers/PEFT or kohya .safetensors); repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
+    parser.add_argument("--version", action="version", version=f"pictor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    g.add_argument("prompt")
+    _add_model(g)
+    _add_lora(g)
+    _add_sampling(g)
+    g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
+    g.add_argument(
+        "--best-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate N candidates (seeds seed..seed+N-1), save all best first with their scores",
+    )
+    g.add_argument("--scorer", default="shapes", help="scorer for --best-of (default: shapes)")
+
+    ed = sub.add_parser("edit", help="img2img, inpainting (--mask) or outpainting (--expand) of an image")
+    ed.add_argument("image", help="the source image")
+    ed.add_argument("prompt")
+    _add_model(ed)
+    _add_lora(ed)
+    _add_sampling(ed)
+    ed.add_argument("--mask", default=None, help="white = repaint, black = keep; the image's size")
+    ed.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="0 keeps the image, 1 ignores it (default: 0.75 for img2img, 1 with a mask or --expand)",
+    )
+    ed.add_argument(
+        "--expand", type=_expand, default=None, metavar="L,T,R,B", help="grow the canvas by these pixels"
+    )
+    ed.add_argument("--fill", default="edge", help="how --expand's new area starts: edge (default), noise")
+    ed.add_argument(
+        "--feather", type=int, default=None, help="pixels of blending inside the mask edge (default: 2)"
+    )
+
+    r = sub.add_parser("reproduce", help="regenerate an image from its own metadata")
+    r.add_argument("image")
+    _add_model(r)
+    _add_lora(r)
+    r.add_argument("--source", default=None, help="for an edit: the image it was made from")
+    r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
+    r.add_argument("-o", "--out", default="outputs")
+
+    i = sub.add_parser("info", help="show an image's provenance or a model's config")
+    i.add_argument("target", help="a PNG, a bundle folder, or a preset name")
+    i.add_argument("--json", action="store_true", help="print JSON only")
+
+    sub.add_parser("models", help="list presets and local bundles")
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="suite", required=True)
+    es = esub.add_parser("shapes", help="exact prompt adherence on the shapes world (SHAPES.md)")
+    _add_model(es)
+    _add_lora(es)
+    es.add_argument("--prompts", default=None, help="JSONL benchmark file (default: packaged shapes-dev)")
+    es.add_argument("--images-per-prompt", "-k", type=int, default=4)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--steps", type=int, default=None)
+    es.add_argument("--guidance", type=float, default=None)
+    es.add_argument("--sampler", default=None)
+    es.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    es.add_argument("--out", default=None, help="report.json (a contact sheet .png is written beside it)")
+    es.add_argument("--ground-truth", action="store_true", help="score renders of the specs themselves")
+
+    c = sub.add_parser("convert", help="make a pictor bundle from other formats")
+    csub = c.add_subparsers(dest="format", required=True)
+    cf = csub.add_parser("flux", help="FLUX.1 original single files -> bundle")
+    cf.add_argument("--transformer", required=True, help="flux1-dev.safetensors or flux1-schnell.safetensors")
+    cf.add_argument("--ae", required=True, help="ae.safetensors")
+    cf.add_argument("--t5", required=True, help="local folder of a T5 encoder (save_pretrained layout)")
+    cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
+    cf.add_argument("--out", required=True)
+    cf.add_argument("--name", default=None)
+    train_command.add_train_parser(sub)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from pictor.serve.settings import Limits
+
+    s = sub.add_parser("serve", help="HTTP API (OpenAI Images compatible), job queue, history and web page")
+    _add_model(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    s.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (env: PICTOR_API_KEY)"
+    )
+    s.add_argument("--data-dir", default=None, help="history and images (default: ~/.pictor/serve)")
+    s.add_argument("--queue-size", type=int, default=32, help="jobs that may wait; more get 429")
+    s.add_argument("--max-batch", type=int, default=4, help="images per sampler run, merging equal requests")
+    s.add_argument("--job-timeout", type=float, default=600.0, help="seconds a job may run")
+    s.add_argument("--max-attempts", type=int, default=3, help="runs cut short by crashes before a job fails")
+    s.add_argument("--block-words", default=None, help="file of blocked prompt words, one per line")
+    s.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="width*height limit")
+    s.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    s.add_argument("--max-images", type=int, default=Limits.max_images, help="n limit per request")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
