@@ -124,3 +124,59 @@ def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any
     page.get_by_role("button", name="Search").click()
     expect(page.locator("#gallery img")).to_have_count(2)
     assert problems == [], problems
+
+
+def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    live = live_server()
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(live.url + "/")
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+
+    page.get_by_label("Prompt", exact=True).fill("a source to edit")
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill("5")
+    page.get_by_label("Steps", exact=True).fill("3")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+
+    # The viewer hands its PNG to the edit form; a mask file from disk says where to repaint.
+    page.get_by_role("img", name="a source to edit (seed 5)").click()
+    page.get_by_role("button", name="Edit this image").click()
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.get_by_role("button", name="Edit image")).to_be_visible()
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # white = repaint: the left half
+    mask.save(tmp_path / "mask.png")
+    page.get_by_label("Mask", exact=True).set_input_files(str(tmp_path / "mask.png"))
+    page.get_by_label("Prompt", exact=True).fill("a blue square on the left")
+    page.get_by_label("Seed", exact=True).fill("9")
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.get_by_role("img", name="a blue square on the left (seed 9)")).to_be_visible()
+
+    edit_job, source_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][:2]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["mask"]
+    assert edit_job["status"] == "succeeded"
+
+    def png(job: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+            return np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+
+    (edited, record), (source, _) = png(edit_job), png(source_job)
+    assert record["mode"] == "inpaint" and record["seed"] == 9
+    assert np.array_equal(edited[:, 18:], source[:, 18:])  # the black half of the mask is kept
+    assert not np.array_equal(edited[:, :14], source[:, :14])
+
+    # Clearing the images goes back to plain generation.
+    page.get_by_role("button", name="Clear images").click()
+    expect(page.get_by_role("button", name="Generate")).to_be_visible()
+    assert problems == [], problems

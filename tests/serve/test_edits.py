@@ -1,4 +1,4 @@
-"""POST /v1/images/edits: uploads on Pipeline.edit, and every way an upload can be bad."""
+"""POST /v1/images/edits and /v1/jobs/edits: uploads on Pipeline.edit, and every way an upload can be bad."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def decode(response: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
 
 
 def edit(client: TestClient, image: bytes | None, prompt: str = "a red circle", mask: bytes | None = None,
-         **fields: Any) -> Any:  # fmt: skip
+         path: str = "/v1/images/edits", **fields: Any) -> Any:  # fmt: skip
     files = {}
     if image is not None:
         files["image"] = ("source.png", image, "image/png")
     if mask is not None:
         files["mask"] = ("mask.png", mask, "image/png")
     data = {"prompt": prompt, "response_format": "b64_json", **{k: str(v) for k, v in fields.items()}}
-    return client.post("/v1/images/edits", files=files, data=data)
+    return client.post(path, files=files, data=data)
 
 
 def test_img2img_records_its_source(client: TestClient) -> None:
@@ -64,6 +64,50 @@ def test_img2img_records_its_source(client: TestClient) -> None:
     assert job["request"]["kind"] == "edit" and job["status"] == "succeeded"
     kept = decode(edit(client, png_bytes(source), strength=0))[0][0]
     assert np.array_equal(kept, np.asarray(source))  # strength 0 keeps the image exactly
+
+
+def test_queued_edit_answers_at_once_and_runs_like_the_synchronous_one(
+    make_client: Callable[..., TestClient], gated: Any, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(gated, queue_size=1)
+    store = client.app.state.service.store
+    source = png_bytes(source_image())
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    busy = client.post("/v1/jobs", json={"prompt": "keeps the worker busy", "steps": 2}).json()
+    assert gated.gate.reached.wait(10)
+
+    r = edit(client, source, mask=png_bytes(mask), path="/v1/jobs/edits", seed=3, steps=3)
+    assert r.status_code == 202, r.text  # answered while the worker is still held on another job
+    job = r.json()
+    assert job["status"] == "queued" and job["request"]["kind"] == "edit"
+    assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
+    kept = sorted(p.name for p in store.uploads_dir.iterdir())
+    assert len(kept) == 2  # the source and the mask, kept so the job survives a restart
+
+    full = edit(client, source, path="/v1/jobs/edits")
+    assert full.status_code == 429, full.text  # queue_size=1: refused, and its upload is not kept
+    assert sorted(p.name for p in store.uploads_dir.iterdir()) == kept
+    bad = edit(client, source, path="/v1/jobs/edits", strength=2)
+    assert bad.status_code == 400 and "less than or equal to 1" in bad.json()["error"]["message"]
+    assert client.get("/v1/jobs/edits").status_code == 405
+
+    gated.gate.armed = False
+    gated.gate.release.set()
+    assert wait_job(client, busy["id"])["status"] == "succeeded"
+    done = wait_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    (result,) = done["results"]
+    queued = client.get(result["url"])
+    assert queued.status_code == 200
+    with Image.open(io.BytesIO(queued.content)) as im:
+        queued_pixels = np.asarray(im.convert("RGB"))
+        record = json.loads(im.text["pictor"])
+    assert record["mode"] == "inpaint" and record["seed"] == 3 and record["steps"] == 3
+
+    ((sync_pixels, sync_record),) = decode(edit(client, source, mask=png_bytes(mask), seed=3, steps=3))
+    assert np.array_equal(queued_pixels, sync_pixels)  # one grammar, one pipeline: the same image
+    assert sync_record["source_image"] == record["source_image"]
 
 
 def test_transparent_mask_repaints_only_there(client: TestClient) -> None:

@@ -1,4 +1,5 @@
-"""``POST /v1/images/edits``: OpenAI's image edit endpoint (multipart upload) on ``Pipeline.edit``.
+"""``POST /v1/images/edits``: OpenAI's image edit endpoint (multipart upload) on ``Pipeline.edit``, and
+``POST /v1/jobs/edits``: the same form queued as a job that answers at once (202), as ``POST /v1/jobs``.
 
 Uploads are untrusted bytes: size-capped (413), opened only as PNG, JPEG or WebP, with Pillow's
 decompression-bomb guard on (its warning is an error here too), and checked against the pixel limit
@@ -14,20 +15,28 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictor.editing import EditError, EditRequest
 from pictor.pipeline import GenerationError
-from pictor.serve.api_models import ImagesResponse
+from pictor.serve.api_models import ImagesResponse, Job
 from pictor.serve.errors import APIError
-from pictor.serve.routes import COMMON_ERRORS, SYNC_ERRORS, V1_DEPENDENCIES, finished_images
+from pictor.serve.routes import (
+    COMMON_ERRORS,
+    SUBMIT_ERRORS,
+    SYNC_ERRORS,
+    V1_DEPENDENCIES,
+    finished_images,
+)
 from pictor.serve.security import check_limits, check_policy
 from pictor.serve.service import Service, param_of, service
 from pictor.serve.settings import Limits
+from pictor.serve.store import JobRow
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -138,14 +147,18 @@ def edit_params(
 Number = Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)]
 
 
-@router.post(
-    "/images/edits",
-    response_model=ImagesResponse,
-    response_model_exclude_none=True,
-    responses=SYNC_ERRORS,
-    summary="Edit an image (OpenAI Images API): img2img, or inpainting with a mask; waits for the job",
-)
-async def create_edit(
+@dataclass
+class EditForm:
+    """A decoded multipart edit request: the images, the job's form fields and how to answer."""
+
+    source: Image.Image
+    mask: Image.Image | None
+    fields: dict[str, Any]
+    user: str | None
+    response_format: str
+
+
+async def edit_form(
     request: Request,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; transparent pixels are repainted")],
     prompt: Annotated[str, Form(min_length=1)],
@@ -164,9 +177,9 @@ async def create_edit(
     negative_prompt: Annotated[str | None, Form()] = None,
     sampler: Annotated[str | None, Form()] = None,
     schedule: Annotated[str | None, Form()] = None,
-) -> ImagesResponse:
-    svc = service(request)
-    limits = svc.settings.limits
+) -> EditForm:
+    """The one multipart grammar of both edit endpoints (synchronous and queued)."""
+    limits = service(request).settings.limits
     source = await run_in_threadpool(
         decode_upload, await image.read(limits.max_upload_bytes + 1), "image", limits
     )
@@ -175,7 +188,7 @@ async def create_edit(
         mask_image = await run_in_threadpool(
             decode_upload, await mask.read(limits.max_upload_bytes + 1), "mask", limits
         )
-    form = {
+    fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "n": n,
@@ -188,12 +201,45 @@ async def create_edit(
         "seed": seed,
         "strength": strength,
     }
-    params = await run_in_threadpool(edit_params, svc, source, mask_image, form)
+    return EditForm(source, mask_image, fields, user, response_format)
+
+
+async def submit_edit(svc: Service, form: EditForm) -> JobRow:
+    """Validate, keep the uploads and queue the job; a refused job leaves no upload behind."""
+    params = await run_in_threadpool(edit_params, svc, form.source, form.mask, form.fields)
     try:
-        job = await run_in_threadpool(svc.manager.submit, params, user)
+        return await run_in_threadpool(svc.manager.submit, params, form.user)
     except APIError:
         for upload in (params["image"], params["mask"]):
             if upload:
                 svc.store.upload_path(upload).unlink(missing_ok=True)
         raise
-    return await finished_images(svc, request, job.id, response_format)
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=SYNC_ERRORS,
+    summary="Edit an image (OpenAI Images API): img2img, or inpainting with a mask; waits for the job",
+)
+async def create_edit(request: Request, form: Annotated[EditForm, Depends(edit_form)]) -> ImagesResponse:
+    svc = service(request)
+    job = await submit_edit(svc, form)
+    return await finished_images(svc, request, job.id, form.response_format)
+
+
+@router.post(
+    "/jobs/edits",
+    response_model=Job,
+    status_code=202,
+    responses=SUBMIT_ERRORS,
+    summary="Queue an edit job (the same multipart form as /v1/images/edits); returns at once",
+)
+async def create_edit_job(
+    request: Request, response: Response, form: Annotated[EditForm, Depends(edit_form)]
+) -> Job:
+    svc = service(request)
+    job = await submit_edit(svc, form)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    return svc.view(request, job)

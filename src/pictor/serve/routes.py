@@ -117,8 +117,10 @@ async def finished_images(
 
 @router.api_route("/images/generations", methods=OTHER_METHODS, include_in_schema=False)
 @router.api_route("/images/edits", methods=OTHER_METHODS, include_in_schema=False)
+@router.api_route("/jobs/edits", methods=OTHER_METHODS, include_in_schema=False)
 def post_only(request: Request) -> None:
-    # Without this, GET /v1/images/generations would reach GET /v1/images/{image_id} and be a 400.
+    # Without this, GET /v1/images/generations would reach GET /v1/images/{image_id} (and GET
+    # /v1/jobs/edits GET /v1/jobs/{job_id}) and be a 400.
     raise APIError(
         405,
         f"method {request.method} is not allowed on {request.url.path}; use POST",

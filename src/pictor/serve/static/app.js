@@ -104,16 +104,39 @@ function setBusy(busy) {
   if (busy) $("progress").value = 0;
 }
 
+// An edit is the same request as multipart form data with the images, for POST /v1/jobs/edits.
+// The edit keeps the source's size, so width and height are not sent.
+function editFromForm(body) {
+  const form = new FormData();
+  form.append("image", $("edit-image").files[0]);
+  if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  const strength = $("strength").value.trim();
+  if (strength !== "") form.append("strength", strength);
+  for (const [name, value] of Object.entries(body)) if (name !== "size") form.append(name, String(value));
+  return form;
+}
+
+function editing() {
+  return $("edit-image").files.length > 0;
+}
+
+function showMode() {
+  $("generate-button").textContent = editing() ? "Edit image" : "Generate";
+}
+
 async function submit(body) {
   setError("");
   setBusy(true);
   setStatus("Queued…");
   try {
-    const job = await apiJSON("/v1/jobs", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
+    const request =
+      body instanceof FormData
+        ? { path: "/v1/jobs/edits", options: { method: "POST", body } }
+        : {
+            path: "/v1/jobs",
+            options: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
+          };
+    const job = await apiJSON(request.path, request.options);
     currentJob = job.id;
     const final = await follow(job.id);
     if (final.status === "succeeded") {
@@ -252,6 +275,19 @@ async function openViewer(imageId) {
   }
 }
 
+// The viewed PNG becomes the edit's source: a File in the file input, as if the user had picked it.
+async function editViewed() {
+  const response = await api(viewed.url);
+  if (!response.ok) throw new Error(`image: ${response.status}`);
+  const file = new File([await response.blob()], `pictor-${viewed.seed}.png`, { type: "image/png" });
+  const files = new DataTransfer();
+  files.items.add(file);
+  $("edit-image").files = files.files;
+  $("edit-mask").value = "";
+  $("edit-settings").open = true;
+  showMode();
+}
+
 function recordRequest(record) {
   const body = {
     prompt: record.prompt,
@@ -298,7 +334,24 @@ async function loadModel() {
 document.addEventListener("DOMContentLoaded", async () => {
   $("generate-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    submit(requestFromForm());
+    const body = requestFromForm();
+    submit(editing() ? editFromForm(body) : body);
+  });
+  $("edit-image").addEventListener("change", showMode);
+  $("clear-edit-button").addEventListener("click", () => {
+    $("edit-image").value = "";
+    $("edit-mask").value = "";
+    showMode();
+  });
+  $("edit-this-button").addEventListener("click", async () => {
+    if (!viewed) return;
+    try {
+      await editViewed();
+      $("viewer").close();
+      $("prompt").focus();
+    } catch (err) {
+      setError(err.message);
+    }
   });
   $("cancel-button").addEventListener("click", async () => {
     if (!currentJob) return;
