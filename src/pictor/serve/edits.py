@@ -31,6 +31,7 @@ from pictor.serve.routes import (
     SUBMIT_ERRORS,
     SYNC_ERRORS,
     V1_DEPENDENCIES,
+    accepted,
     finished_images,
 )
 from pictor.serve.security import check_limits, check_policy
@@ -240,6 +241,4 @@ async def create_edit_job(
     request: Request, response: Response, form: Annotated[EditForm, Depends(edit_form)]
 ) -> Job:
     svc = service(request)
-    job = await submit_edit(svc, form)
-    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
-    return svc.view(request, job)
+    return accepted(svc, request, response, await submit_edit(svc, form))

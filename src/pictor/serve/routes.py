@@ -28,7 +28,7 @@ from pictor.serve.api_models import (
 )
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.service import Service, failure, job_or_404, service
-from pictor.serve.store import QUEUED, SUCCEEDED, TERMINAL
+from pictor.serve.store import QUEUED, SUCCEEDED, TERMINAL, JobRow
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 lowercase hex characters")]
@@ -119,8 +119,8 @@ async def finished_images(
 @router.api_route("/images/edits", methods=OTHER_METHODS, include_in_schema=False)
 @router.api_route("/jobs/edits", methods=OTHER_METHODS, include_in_schema=False)
 def post_only(request: Request) -> None:
-    # Without this, GET /v1/images/generations would reach GET /v1/images/{image_id} (and GET
-    # /v1/jobs/edits GET /v1/jobs/{job_id}) and be a 400.
+    # Without this, GET /v1/images/generations would reach GET /v1/images/{image_id}, and GET
+    # /v1/jobs/edits would reach GET /v1/jobs/{job_id}: a 400 instead of a 405.
     raise APIError(
         405,
         f"method {request.method} is not allowed on {request.url.path}; use POST",
@@ -164,6 +164,11 @@ def list_models(request: Request) -> ModelList:
 def create_job(body: ImageGenerationRequest, request: Request, response: Response) -> Job:
     svc = service(request)
     job = svc.manager.submit(svc.params(body), body.user)
+    return accepted(svc, request, response, job)
+
+
+def accepted(svc: Service, request: Request, response: Response, job: JobRow) -> Job:
+    """A queued job's 202 answer: its view, and where to poll it (the Location header)."""
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
     return svc.view(request, job)
 
