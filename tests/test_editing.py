@@ -12,18 +12,15 @@ import torch
 from PIL import Image
 
 import pictor.pipeline
-from pictor.editing import (
-    EditError,
-    EditRequest,
+from pictor.edit_blending import (
     LatentInit,
     blend_velocity,
     composite,
     feather_weights,
     latent_mask,
-    load_mask,
-    mask_sha256,
     to_model_pixels,
 )
+from pictor.editing import EditError, EditRequest, load_mask, mask_sha256
 from pictor.flow import interpolate
 from pictor.loading import pipeline_from_preset
 from pictor.models.flux import pack_latents

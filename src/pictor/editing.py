@@ -10,17 +10,10 @@ keep a "known" region on its exact noising path while the rest is repainted.
 - outpaint: the canvas is extended by (left, top, right, bottom) pixels, pre-filled from the edge pixels
   (or noise); the new area is the mask, together with any mask given for the original image.
 
-Keeping the known region: the "blended latent" rule re-imposes x = m * x + (1 - m) * interpolate(z0,
-noise, t_next) after every step. For a binary mask that is the same as replacing the velocity in the known
-region by the velocity of the straight noising path, noise - z0 (`blend_velocity`): every sampler here
-(Euler, Heun, DPM++ 2M) maps a point on that straight line to the point at t_next exactly, so the known
-region stays on the path; and because the replacement happens inside the velocity callable, Heun's
-corrector and DPM++'s multistep history see consistent values too, which a post-step hook could not give.
-After decoding, the pixels are composited with the source so that everything outside the mask is
-byte-identical to the input (feathered only *inside* the mask).
+How the known region is kept while sampling and after decoding is `pictor.edit_blending`.
 
-Layering: this module sits beside flow/sampling (numpy, torch, PIL, pictor.flow, pictor.models.flux);
-`pictor.pipeline` imports it, never the other way round.
+Layering: this module checks and prepares the inputs with numpy and PIL only (no torch); `pictor.pipeline`
+imports it, never the other way round.
 """
 
 from __future__ import annotations
@@ -32,14 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
-
-from pictor.flow import interpolate
-from pictor.models.flux import pack_latents
-from pictor.sampling import VelocityFn
 
 ImageSource = Image.Image | str | os.PathLike[str]
 
@@ -59,19 +45,13 @@ __all__ = [
     "EditError",
     "EditInputs",
     "EditRequest",
-    "LatentInit",
-    "blend_velocity",
-    "composite",
     "expand_canvas",
-    "feather_weights",
     "image_info",
-    "latent_mask",
     "load_image",
     "load_mask",
     "mask_sha256",
     "pixel_sha256",
     "prepare_edit",
-    "to_model_pixels",
 ]
 
 
@@ -320,93 +300,3 @@ def prepare_edit(request: EditRequest, multiple: int) -> EditInputs:
         source=source,
         mask_info=mask_info,
     )
-
-
-# ------------------------------------------------------------------------------------------- latents
-
-
-def to_model_pixels(pixels: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """uint8 [H, W, 3] -> [1, 3, H, W] in [-1, 1], the autoencoder's input range."""
-    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    return x.to(device, dtype)
-
-
-def latent_mask(mask: np.ndarray, factor: int, channels: int) -> Tensor:
-    """Pixel mask bool [H, W] -> packed latent mask bool [1, (H/2f)(W/2f), 4C], laid out like the tokens.
-
-    Max-pooling over each latent's f x f pixels repaints every latent that touches the mask: the decoder
-    spreads each latent over its neighbours anyway, and the pixel composite restores what lies outside.
-    """
-    m = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]  # [1, 1, H, W]
-    m = F.max_pool2d(m, kernel_size=factor, stride=factor)  # [1, 1, H/f, W/f]
-    return pack_latents(m.expand(-1, channels, -1, -1).contiguous()) > 0.5
-
-
-@dataclass
-class LatentInit:
-    """Where an edit's sampler run starts: packed clean latents, their mask and the start time."""
-
-    z0: Tensor  # packed source latents [1, N, 4C]
-    strength: float  # the start time t, in (0, 1]
-    mask: Tensor | None  # packed bool [1, N, 4C], True = repaint; None = repaint everything (img2img)
-
-    def start(self, noise: Tensor) -> Tensor:
-        """The sampler's first x: the source noised to t = strength (exactly the noise at strength 1)."""
-        return interpolate(self.z0.expand_as(noise), noise, self.strength)
-
-    def velocity(self, fn: VelocityFn, noise: Tensor) -> VelocityFn:
-        return fn if self.mask is None else blend_velocity(fn, self.z0, noise, self.mask)
-
-    def finish(self, x: Tensor) -> Tensor:
-        """Put the known region exactly at z0 (t = 0), undoing float drift along the path."""
-        if self.mask is None:
-            return x
-        return torch.where(self.mask, x, self.z0.to(x.dtype))
-
-
-def blend_velocity(fn: VelocityFn, z0: Tensor, noise: Tensor, mask: Tensor) -> VelocityFn:
-    """Keep the region where mask is False on its noising path interpolate(z0, noise, t).
-
-    The straight path's velocity is noise - z0 at every t; any of our samplers started on the path and fed
-    that velocity lands on the path at t_next, which is the blended-latent re-imposition without a hook.
-    """
-    path_v = (noise - z0.to(noise.dtype)).to(noise.dtype)
-
-    def blended(x: Tensor, t: Tensor) -> Tensor:
-        v = fn(x, t)
-        return torch.where(mask, v, path_v.to(v.dtype))
-
-    return blended
-
-
-# ------------------------------------------------------------------------------------------- pixels
-
-
-def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:
-    """float32 [H, W] blend weights of the generated pixels: 0 outside the mask, ramping up inside it.
-
-    A pixel at chessboard distance d (1 = touching a kept pixel) from the kept region gets
-    min(d / (feather + 1), 1); the image border does not count as kept, so a full mask stays all ones.
-    """
-    weights = mask.astype(np.float32)
-    if feather <= 0 or not mask.any():
-        return weights
-    depth = mask.astype(np.int32)
-    inside = mask.copy()
-    h, w = mask.shape
-    for _ in range(feather):
-        padded = np.pad(inside, 1, constant_values=True)
-        eroded = np.ones_like(inside)
-        for dy in range(3):
-            for dx in range(3):
-                eroded &= padded[dy : dy + h, dx : dx + w]
-        inside = eroded
-        depth += inside
-    return np.minimum(depth / (feather + 1), 1.0).astype(np.float32)
-
-
-def composite(generated: np.ndarray, source: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Blend uint8 [H, W, 3] images; where a weight is 0 the source pixel is kept byte for byte."""
-    w = weights[..., None]
-    blended = np.rint(w * generated.astype(np.float32) + (1 - w) * source.astype(np.float32))
-    return np.where(w > 0, blended.clip(0, 255).astype(np.uint8), source)

@@ -29,16 +29,8 @@ from pictor.checkpoint import (
     CheckpointError,
     model_hash,
 )
-from pictor.editing import (
-    EditInputs,
-    EditRequest,
-    LatentInit,
-    composite,
-    feather_weights,
-    latent_mask,
-    prepare_edit,
-    to_model_pixels,
-)
+from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
+from pictor.editing import EditInputs, EditRequest, prepare_edit
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.text import TextEmbeddings, TextEncoder
