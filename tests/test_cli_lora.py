@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pictor.loading import pipeline_from_preset
+from pictor.lora_files import save_lora
 from pictor.models.lora import add_lora
-from pictor.models.lora_files import save_lora
 from pictor.provenance import read_record, read_text_chunks
 
 PICTOR = shutil.which("pictor")

@@ -353,7 +353,7 @@ class Pipeline:
 
     def add_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:
         """Apply a LoRA file (pictor, diffusers/PEFT or kohya format) to the transformer."""
-        from pictor.models.lora_files import a1111_lora_hash, apply_lora, lora_file_hash
+        from pictor.lora_files import a1111_lora_hash, apply_lora, lora_file_hash
 
         name = apply_lora(self.transformer, path, scale=scale)
         self.transformer.to(self.device, self.dtype).requires_grad_(False)

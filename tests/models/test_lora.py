@@ -16,6 +16,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError, read_safetensors_metadata
+from pictor.lora_files import (
+    a1111_lora_hash,
+    apply_lora,
+    load_lora_file,
+    lora_file_hash,
+    lora_state_dict,
+    save_lora,
+)
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 from pictor.models.lora import (
     LoRAError,
@@ -28,14 +36,6 @@ from pictor.models.lora import (
     select_targets,
     set_lora_scale,
     unmerge_lora,
-)
-from pictor.models.lora_files import (
-    a1111_lora_hash,
-    apply_lora,
-    load_lora_file,
-    lora_file_hash,
-    lora_state_dict,
-    save_lora,
 )
 
 LAT_C, LAT_H, LAT_W = 4, 4, 6

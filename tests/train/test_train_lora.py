@@ -31,8 +31,8 @@ from pictor.checkpoint import (
     save_bundle,
 )
 from pictor.loading import load
+from pictor.lora_files import apply_lora
 from pictor.models.lora import remove_lora
-from pictor.models.lora_files import apply_lora
 from pictor.pipeline import GenerationRequest
 from pictor.train.command import add_train_parser, config_from_args
 from pictor.train.config import TrainConfig

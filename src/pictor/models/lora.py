@@ -13,7 +13,7 @@ kaiming-uniform, B at zero, so a fresh adapter changes nothing (microsoft/LoRA, 
 Merging writes ``W + scale * alpha / rank * B @ A`` (computed in float64) into the weight and keeps the
 weight from before the first merge (on the CPU), so unmerging restores it bit for bit.
 
-Files (apply, save, hashes): :mod:`pictor.models.lora_files`; the native, diffusers/PEFT and kohya key
+Files (apply, save, hashes): :mod:`pictor.lora_files`; the native, diffusers/PEFT and kohya key
 layouts: :mod:`pictor.models.lora_formats`.
 """
 

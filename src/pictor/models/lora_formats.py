@@ -1,4 +1,4 @@
-"""LoRA key layouts -> updates on FLUX.1 names (reading, hashing and saving files: :mod:`.lora_files`).
+"""LoRA key layouts -> updates on FLUX.1 names (reading, hashing and saving files: :mod:`pictor.lora_files`).
 
 Three kinds of FLUX LoRA files are read:
 

@@ -33,10 +33,10 @@ from pictor.checkpoint import (
     state_dict_hash,
 )
 from pictor.locate import resolve
+from pictor.lora_files import save_adapters
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora
-from pictor.models.lora_files import save_adapters
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
 from pictor.train.config import TrainConfig
 from pictor.train.data import ImageCaptionDataset
