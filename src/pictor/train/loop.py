@@ -28,10 +28,10 @@ import torch
 from pictor.checkpoint import replace_dir, state_dict_hash, write_json
 from pictor.train import distributed
 from pictor.train.config import TrainConfig
-from pictor.train.data import default_workers, make_dataset, micro_batches
+from pictor.train.data import ImageCaptionDataset, default_workers, make_dataset, micro_batches
 from pictor.train.logs import RunLog
 from pictor.train.optim import EMA, build_optimizer, lr_at, schedule_state, set_lr
-from pictor.train.stages import Stage, build_stage
+from pictor.train.stages import AutoencoderStage, Stage
 from pictor.train.state import (
     clean_leftovers,
     find_latest,
@@ -40,9 +40,18 @@ from pictor.train.state import (
     step_name,
     write_checkpoint,
 )
+from pictor.train.t2i import T2IStage
 
 FINAL = "final"
 SUMMARY = "summary.json"
+
+
+def build_stage(
+    cfg: TrainConfig, ds: ImageCaptionDataset, info: distributed.DistInfo, resume: Path | None
+) -> Stage:
+    if cfg.stage == "autoencoder":
+        return AutoencoderStage(cfg, ds, info)
+    return T2IStage(cfg, ds, info, resume)
 
 
 class TrainingError(ValueError):

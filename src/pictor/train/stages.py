@@ -218,11 +218,3 @@ def load_autoencoder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
         f"--autoencoder {p}: no autoencoder found (expected {AE_CONFIG} or config.json with "
         f"{AUTOENCODER_FILE}, or an autoencoder run's final/ or checkpoints/)"
     )
-
-
-def build_stage(cfg: TrainConfig, ds: ImageCaptionDataset, info: DistInfo, resume: Path | None) -> Stage:
-    if cfg.stage == "autoencoder":
-        return AutoencoderStage(cfg, ds, info)
-    from pictor.train.t2i import T2IStage  # the t2i stage builds on this module's parts
-
-    return T2IStage(cfg, ds, info, resume)

@@ -1,0 +1,175 @@
+"""The import rules of DESIGN.md, checked on the source: arrows point down (or sideways), and no cycles.
+
+Every `import pictor...` counts, also those inside functions: a lazy import still ties the two modules
+together, and only `if TYPE_CHECKING:` blocks are left out because they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# DESIGN.md's layers, top first: `cli`, `serve` -> `pipeline`, `train`, `eval` -> `models`, `flow`,
+# `sampling`, `checkpoint`, `provenance`, `data` -> torch. A module may import its own layer or lower ones.
+LAYERS: dict[str, int] = {
+    # the entry points
+    "cli": 3,
+    "cli_args": 3,
+    "serve": 3,
+    # what wires the parts together
+    "pipeline": 2,
+    "loading": 2,
+    "reproduce": 2,
+    "rerank": 2,
+    "train": 2,
+    "eval": 2,
+    # the parts
+    "flow": 1,
+    "sampling": 1,
+    "checkpoint": 1,
+    "convert": 1,
+    "locate": 1,
+    "presets": 1,
+    "provenance": 1,
+    "editing": 1,
+    "edit_blending": 1,
+    "lora_files": 1,
+    "data": 1,
+    # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/
+    "models": 0,
+    # The package root holds `__version__`, which every layer may read, and `pictor.load`, a door whose
+    # imports run on first use from the caller's side; so it sits below everything and its own lazy
+    # imports are not edges (see `module_graph`).
+    "pictor": -1,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def group(module: str) -> str:
+    """`pictor.models.flux` -> "models", `pictor.cli` -> "cli", `pictor` -> "pictor"."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "pictor"
+
+
+def is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def pictor_imports(path: Path) -> set[str]:
+    """Modules of pictor that `path` imports, resolved to the longest existing module name."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            # `from pictor import pipeline` names a module; `from pictor.x import f` names an attribute.
+            found.update(f"{target}.{a.name}" for a in node.names)
+            found.add(target)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return {m for m in found if m.split(".")[0] == "pictor"}
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in (SRC / "pictor").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets: set[str] = set()
+        if name == "pictor":
+            graph[name] = targets
+            continue
+        for imported in pictor_imports(path):
+            # the longest prefix that is a module of ours: `pictor.flow.interpolate` -> `pictor.flow`
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in files:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                targets.add(".".join(parts))
+        graph[name] = targets
+    return graph
+
+
+GRAPH = module_graph()
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted({group(m) for m in GRAPH} - set(LAYERS))
+    assert not unplaced, f"give these a layer in LAYERS: {unplaced}"
+
+
+def upward_imports(graph: dict[str, set[str]], module: str) -> list[str]:
+    return sorted(t for t in graph[module] if LAYERS[group(t)] > LAYERS[group(module)])
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_down(module: str) -> None:
+    # models/ is layer 0, so this is also "models import nothing of pictor's outside models/"
+    upward = upward_imports(GRAPH, module)
+    assert not upward, f"{module} (layer {LAYERS[group(module)]}) imports from a higher layer: {upward}"
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None (iterative DFS, white/grey/black)."""
+    state: dict[str, int] = {}
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        stack: list[tuple[str, list[str]]] = [(root, sorted(graph[root]))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+                continue
+            nxt = todo.pop()
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, sorted(graph.get(nxt, ()))))
+                path.append(nxt)
+    return None
+
+
+def test_no_import_cycles() -> None:
+    assert find_cycle(GRAPH) is None, f"import cycle: {' -> '.join(find_cycle(GRAPH) or [])}"
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
+    # The rules above pass on a clean tree; these graphs show they would fail on a broken one.
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    broken = {"pictor.models.flux": {"pictor.checkpoint"}, "pictor.checkpoint": set()}
+    assert upward_imports(broken, "pictor.models.flux") == ["pictor.checkpoint"]
+    # and the graph is read from the source: the CLI's lazy imports of the pipeline are edges
+    assert "pictor.pipeline" in GRAPH["pictor.cli"]
