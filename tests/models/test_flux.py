@@ -2,55 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 
-LAT_C, LAT_H, LAT_W = 4, 6, 10  # non-square latent -> 3x5 packed tokens
+import tiny_flux
+from tiny_flux import LAT_C, load_reference, random_flux
+
+LAT_H, LAT_W = 6, 10  # non-square latent -> 3x5 packed tokens
 N_TXT, BATCH = 7, 2
 
 
-def _load_reference() -> ModuleType:
-    # The diffusers converter lives beside the benchmarks (diffusers is a test-only dependency).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_flux_reference.py"
-    spec = importlib.util.spec_from_file_location("_flux_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_params(guidance_embed: bool = False) -> FluxParams:
-    return FluxParams(
-        in_channels=4 * LAT_C,
-        out_channels=4 * LAT_C,
-        vec_in_dim=24,
-        context_in_dim=20,
-        hidden_size=32,
-        mlp_ratio=4.0,
-        num_heads=2,
-        depth=1,
-        depth_single_blocks=1,
-        axes_dim=[4, 6, 6],
-        theta=10_000,
-        qkv_bias=True,
-        guidance_embed=guidance_embed,
-    )
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random (norm gains around 1, everything else N(0, 0.1)): no zero-init shortcuts."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        p.copy_(1 + 0.1 * noise if name.endswith(".scale") else 0.1 * noise)
+    return tiny_flux.tiny_params(depth=1, guidance_embed=guidance_embed)
 
 
 def make_inputs(params: FluxParams, seed: int = 1) -> dict[str, torch.Tensor | None]:
@@ -67,20 +34,14 @@ def make_inputs(params: FluxParams, seed: int = 1) -> dict[str, torch.Tensor | N
     }
 
 
-def random_model(params: FluxParams) -> Flux:
-    model = Flux(params).eval()
-    randomize_(model)
-    return model
-
-
 # ------------------------------------------------------------------------------------- diffusers parity
 
 
 @pytest.mark.parametrize("guidance_embed", [False, True])
 def test_matches_diffusers(guidance_embed: bool) -> None:
-    ref_mod = _load_reference()
+    ref_mod = load_reference()
     params = tiny_params(guidance_embed)
-    model = random_model(params)
+    model = random_flux(params)
     ref = ref_mod.build_reference(params, {k: v.clone() for k, v in model.state_dict().items()})
     inputs = make_inputs(params)
 
@@ -97,9 +58,9 @@ def test_matches_diffusers(guidance_embed: bool) -> None:
 
 def test_compile_code_paths_match_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The branches taken under torch.compile (real-valued RoPE, fused-form GELU, cat) run eagerly here."""
-    ref_mod = _load_reference()
+    ref_mod = load_reference()
     params = tiny_params(guidance_embed=True)
-    model = random_model(params)
+    model = random_flux(params)
     ref = ref_mod.build_reference(params, {k: v.clone() for k, v in model.state_dict().items()})
     inputs = make_inputs(params)
     with torch.no_grad():
@@ -113,7 +74,7 @@ def test_compile_code_paths_match_diffusers(monkeypatch: pytest.MonkeyPatch) -> 
 def test_torch_compile_matches_eager() -> None:
     """The real thing: Flux.compile() (inductor) against the eager model. ~20 s of compile on 2 cores."""
     params = tiny_params(guidance_embed=True)
-    model = random_model(params)
+    model = random_flux(params)
     inputs = make_inputs(params)
     with torch.no_grad():
         eager = model(**inputs)
@@ -123,7 +84,7 @@ def test_torch_compile_matches_eager() -> None:
 
 
 def test_converter_uses_every_key_and_loads_strict() -> None:
-    ref_mod = _load_reference()
+    ref_mod = load_reference()
     params = tiny_params(guidance_embed=True)
     sd = Flux(params).state_dict()
     converted = ref_mod.to_diffusers_state_dict(sd, params)
@@ -170,7 +131,7 @@ def test_official_flux_key_names() -> None:
 
 def test_init_weights_gives_zero_output_and_adaln_zero() -> None:
     params = tiny_params(guidance_embed=True)
-    model = random_model(params).init_weights()
+    model = random_flux(params).init_weights()
     out = model(**make_inputs(params))
     assert torch.equal(out, torch.zeros_like(out))
     block = model.double_blocks[0]
@@ -186,7 +147,7 @@ def test_init_weights_gives_zero_output_and_adaln_zero() -> None:
 
 def test_ids_2d_and_3d_agree_and_inputs_untouched() -> None:
     params = tiny_params(guidance_embed=True)
-    model = random_model(params)
+    model = random_flux(params)
     inputs = make_inputs(params)
     before = {k: v.clone() for k, v in inputs.items() if v is not None}
     with torch.no_grad():
@@ -199,7 +160,7 @@ def test_ids_2d_and_3d_agree_and_inputs_untouched() -> None:
 
 def test_missing_guidance_and_bad_shapes_raise() -> None:
     params = tiny_params(guidance_embed=True)
-    model = random_model(params)
+    model = random_flux(params)
     inputs = make_inputs(params)
     with pytest.raises(ValueError, match="guidance"):
         model(**{**inputs, "guidance": None})
@@ -255,7 +216,7 @@ def test_params_json_round_trip_and_validation() -> None:
 
 def test_bfloat16_runs_close_to_float32() -> None:
     params = tiny_params(guidance_embed=True)
-    model = random_model(params)
+    model = random_flux(params)
     inputs = make_inputs(params)
     with torch.no_grad():
         ref = model(**inputs)
@@ -272,7 +233,7 @@ def test_bfloat16_runs_close_to_float32() -> None:
 
 def test_backward_reaches_every_parameter() -> None:
     params = tiny_params(guidance_embed=True)
-    model = random_model(params).train()
+    model = random_flux(params).train()
     model(**make_inputs(params)).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing

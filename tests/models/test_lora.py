@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -38,7 +36,10 @@ from pictor.models.lora import (
     unmerge_lora,
 )
 
-LAT_C, LAT_H, LAT_W = 4, 4, 6
+import tiny_flux
+from tiny_flux import LAT_C, load_reference, random_flux
+
+LAT_H, LAT_W = 4, 6
 N_TXT, BATCH = 5, 2
 TOL = 1e-4
 
@@ -53,43 +54,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _load_reference() -> ModuleType:
-    # The diffusers converter lives beside the benchmarks (diffusers is a test-only dependency).
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_flux_reference.py"
-    spec = importlib.util.spec_from_file_location("_flux_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_params() -> FluxParams:
-    # Two blocks of each kind (so block indices are exercised), guidance embedder on, diffusers' mlp_ratio 4.
-    return FluxParams(
-        in_channels=4 * LAT_C,
-        out_channels=4 * LAT_C,
-        vec_in_dim=24,
-        context_in_dim=20,
-        hidden_size=32,
-        mlp_ratio=4.0,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=[4, 6, 6],
-        qkv_bias=True,
-        guidance_embed=True,
-    )
+    # Two blocks of each kind (so block indices are exercised), guidance embedder on.
+    return tiny_flux.tiny_params(depth=2, guidance_embed=True)
 
 
-@torch.no_grad()
 def random_model(seed: int = 0) -> Flux:
-    """Every parameter random (norm gains around 1): no zero-init shortcut hides a wrong update."""
-    model = Flux(tiny_params()).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        p.copy_(1 + 0.1 * noise if name.endswith(".scale") else 0.1 * noise)
-    return model
+    return random_flux(tiny_params(), seed)
 
 
 def inputs(seed: int = 1) -> dict[str, Tensor]:
@@ -195,7 +166,7 @@ def test_diffusers_file_matches_diffusers_model_with_merged_weights(tmp_path: Pa
     """A random LoRA on EVERY linear of diffusers' FluxTransformer2DModel (split q/k/v, proj_mlp,
     norm_out with its swapped halves, embedders), merged by hand into the diffusers model's weights,
     gives the output our Flux gives with the same file applied by apply_lora."""
-    ref_mod = _load_reference()
+    ref_mod = load_reference()
     base = random_model()
     params = tiny_params()
     reference = ref_mod.build_reference(params, {k: v.clone() for k, v in base.state_dict().items()})
