@@ -7,12 +7,16 @@ This joins the two and writes, into --out:
 - adherence.md: the same as a Markdown table;
 - adherence.png: overall and per-tag accuracy against training hours.
 `--final [STEP=]REPORT` (repeatable) adds a full `pictor eval shapes --out REPORT` of the model at STEP
-(default: the run's last eval) as a row after that step's training eval; the plot marks these full evals
-with squares, apart from the training evals' lines, since they score far more images (less noise).
+(the run's own step; default: its last eval) as a row after that step's training eval; the plot marks
+these full evals with squares, apart from the training evals' lines, since they score far more images
+(less noise).
+`--previous ADHERENCE_JSON`: the run was warm-started (`pictor train t2i --init BUNDLE`) from the model
+whose curve that file holds (an earlier output of this script); its rows come first, and this run's
+steps, images and hours continue from its last row, so the table reads as one training history.
 Prints the JSON.
 
     python benchmarks/bench_adherence.py --run runs/shapes-small [--out benchmarks/results]
-        [--final [STEP=]report.json ...] [--hardware "2-core CPU"]
+        [--final [STEP=]report.json ...] [--previous adherence.json] [--hardware "2-core CPU"]
 """
 
 from __future__ import annotations
@@ -98,6 +102,31 @@ def final_row(report_path: Path, step: int | None, evals: list[dict[str, Any]]) 
         "n_images": report.get("n_images"),
         "source": f"pictor eval shapes ({report_path.name})",
     }
+
+
+def continue_from(previous: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rows` of a warm-started run, shifted to follow the last row of an earlier curve (`previous`)."""
+    try:
+        earlier = json.loads(previous.read_text())["rows"]
+        last = earlier[-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise SystemExit(f"--previous {previous}: not an adherence.json with rows ({exc})") from exc
+    if not config.get("init"):
+        raise SystemExit(
+            "--previous: this run did not start from a bundle (no --init in its config), so it does not "
+            "continue another curve"
+        )
+    step0, images0, hours0 = int(last["step"]), last.get("images_seen"), last.get("hours")
+    shifted = [
+        {
+            **r,
+            "step": step0 + r["step"],
+            "images_seen": images0 + r["images_seen"] if images0 is not None and r["images_seen"] else None,
+            "hours": round(hours0 + r["hours"], 3) if hours0 is not None and r["hours"] is not None else None,
+        }
+        for r in rows
+    ]
+    return earlier + shifted
 
 
 def markdown(rows: list[dict[str, Any]], hardware: str) -> str:
@@ -196,6 +225,13 @@ def main() -> None:
         metavar="[STEP=]REPORT",
         help="a `pictor eval shapes --out` report of the model at STEP (default: the last eval); repeatable",
     )
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        metavar="ADHERENCE_JSON",
+        help="the curve of the bundle this run was --init'ed from (this script's earlier JSON)",
+    )
     parser.add_argument("--hardware", default="unspecified hardware", help="where the run trained")
     args = parser.parse_args()
 
@@ -203,11 +239,14 @@ def main() -> None:
     finals = [final_row(path, step, evals) for step, path in args.final]
     # each full eval right after the training eval of its step (sorted() keeps that order for equal steps)
     rows = sorted(evals + finals, key=lambda r: r["step"])
+    if args.previous is not None:
+        rows = continue_from(args.previous, rows, config)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adherence.md").write_text(markdown(rows, args.hardware))
     plot(rows, args.out / "adherence.png", f"shapes-dev adherence, {args.hardware}")
     result = {
         "run": str(args.run),
+        "previous": str(args.previous) if args.previous else None,
         "hardware": args.hardware,
         "batch_size": config.get("batch_size"),
         "lr": config.get("lr"),

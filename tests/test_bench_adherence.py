@@ -147,3 +147,32 @@ def test_a_run_without_evals_is_a_clear_error(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode != 0 and "no evals yet" in done.stderr
+
+
+def test_a_warm_started_run_continues_the_curve_it_started_from(tmp_path: Path) -> None:
+    run = _run_with_two_evals(tmp_path)
+    state = run / "checkpoints" / "step-000020" / "trainer_state.json"
+    previous = tmp_path / "earlier.json"
+    row = {"step": 100, "images_seen": 800, "hours": 1.0, "per_tag": {}, "n_images": 96}
+    earlier = [{**row, "overall": 0.2, "source": "training eval"}, {**row, "overall": 0.3, "source": "full"}]
+    previous.write_text(json.dumps({"rows": earlier}))
+
+    def bench() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(SCRIPT), "--run", str(run), "--out", str(tmp_path / "o")]
+        return subprocess.run(
+            [*cmd, "--previous", str(previous)], capture_output=True, text=True, timeout=120
+        )
+
+    done = bench()  # the run's config names no --init bundle: it continues nothing
+    assert done.returncode != 0 and "did not start from a bundle" in done.stderr
+
+    state.write_text(json.dumps({"config": {"stage": "t2i", "batch_size": 8, "init": "runs/a/final"}}))
+    done = bench()
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert rows[:2] == earlier
+    # this run's steps 10 and 20 (batch 8, 36 s a step) follow step 100, 800 images, 1 hour
+    assert [(r["step"], r["images_seen"], r["hours"]) for r in rows[2:]] == [(110, 880, 1.1), (120, 960, 1.2)]
+    assert [r["overall"] for r in rows[2:]] == [0.25, 0.5]
+    table = (tmp_path / "o" / "adherence.md").read_text()
+    assert "| 100 | 800 | 1.00 | **0.300**" in table and "| 120 | 960 | 1.20 | **0.500**" in table

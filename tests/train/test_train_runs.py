@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pictor.checkpoint import read_safetensors
-from pictor.train.config import TrainConfig
+from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import TrainingError, train
 
@@ -251,3 +251,63 @@ def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, 
     w_one = read_safetensors(run_a / "final" / "transformer.safetensors")
     for key in w_one:
         assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
+
+
+def test_init_warm_starts_from_a_bundle_and_keeps_its_lineage(tmp_path: Path, run_a: Path) -> None:
+    """--init: the transformer, EMA, autoencoder and latent scale start as the bundle's; a fresh schedule."""
+    bundle = run_a / "final"
+    out = tmp_path / "warm"
+    # lr so small that one AdamW step cannot move fp32 weights: the run's weights must be the bundle's.
+    cfg = TrainConfig(
+        stage="t2i",
+        out=str(out),
+        init=str(bundle),
+        max_steps=2,
+        batch_size=4,
+        lr=1e-30,
+        save_every=1,
+        **QUIET,
+    )
+    train(cfg)
+    start = read_safetensors(bundle / "transformer.safetensors")
+    warm = read_safetensors(out / "final" / "transformer.safetensors")
+    assert start.keys() == warm.keys()
+    for key in start:
+        assert torch.allclose(warm[key], start[key], atol=1e-6), key
+    ae_start = read_safetensors(bundle / "autoencoder.safetensors")
+    ae_warm = read_safetensors(out / "final" / "autoencoder.safetensors")
+    assert all(torch.equal(ae_warm[k], ae_start[k]) for k in ae_start)
+    mine = json.loads((out / "final" / "config.json").read_text())
+    theirs = json.loads((bundle / "config.json").read_text())
+    assert mine["autoencoder"] == theirs["autoencoder"]  # scale/shift kept, not re-measured
+    assert mine["model"] == theirs["model"] and mine["text_encoder"] == theirs["text_encoder"]
+    assert mine["training"]["step"] == 2
+    assert mine["training"]["init"] == {"path": str(bundle), "training": theirs["training"]}
+    assert f"from {bundle} (after its {STEPS} steps)" in mine["description"]
+    # A fresh schedule: warm-up from step 1, not the bundle's step.
+    assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2]
+
+    # Resumed, the run keeps its lineage even when the bundle it began from is gone.
+    moved = tmp_path / "moved"
+    bundle.rename(moved)
+    try:
+        _run(_cli("t2i", "--out", str(out), "--resume", "--max-steps", "3", "--device", "cpu"))
+    finally:
+        moved.rename(bundle)
+    resumed = json.loads((out / "final" / "config.json").read_text())
+    assert resumed["training"]["step"] == 3 and resumed["training"]["init"] == mine["training"]["init"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"autoencoder_path": "somewhere"}, "drop --autoencoder"),
+        ({"stage": "autoencoder"}, "t2i training only"),
+        ({"init": "tiny"}, "is a preset"),
+        ({"init": "/nonexistent/bundle"}, "/nonexistent/bundle"),
+    ],
+)
+def test_init_refuses_what_cannot_warm_start(tmp_path: Path, run_a: Path, changes: dict, words: str) -> None:
+    fields = {"stage": "t2i", "out": str(tmp_path / "x"), "init": str(run_a / "final"), **changes}
+    with pytest.raises(ConfigError, match=words):
+        TrainConfig(**fields).resolve()

@@ -22,6 +22,7 @@ _FIELDS = {
     "data": "data",
     "preset": "preset",
     "autoencoder": "autoencoder_path",
+    "init": "init",
     "image_size": "image_size",
     "seed": "seed",
     "max_steps": "max_steps",
@@ -67,6 +68,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--preset", default=None, help="architecture preset (default: shapes-small)")
     src.add_argument("--config", default=None, help="JSON file of TrainConfig settings")
     t.add_argument("--autoencoder", default=None, help="t2i: AE run folder, AE checkpoint or bundle")
+    t.add_argument(
+        "--init",
+        default=None,
+        help="t2i: start from a trained bundle's weights (its architecture, autoencoder and text encoder) "
+        "with a fresh optimizer and schedule, instead of at random",
+    )
     t.add_argument("--base", default=None, help="lora: the model bundle to adapt (frozen)")
     t.add_argument("--rank", type=int, default=None, help="lora: adapter rank (16)")
     t.add_argument("--alpha", type=float, default=None, help="lora: alpha; scale = alpha / rank (= rank)")

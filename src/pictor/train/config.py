@@ -49,6 +49,9 @@ class TrainConfig:
     defaults: dict[str, Any] | None = None
     # t2i: where the trained autoencoder comes from (a bundle, an AE checkpoint, or an AE training run).
     autoencoder_path: str | None = None
+    # t2i: start the transformer (and its EMA) from a trained bundle's weights instead of at random, with a
+    # fresh optimizer and schedule; architecture, autoencoder and text encoder are the bundle's.
+    init: str | None = None
     image_size: int | None = None  # None: the preset's default width
     seed: int = 0
     # Optimization.
@@ -141,6 +144,9 @@ class TrainConfig:
         stage = STAGE_DEFAULTS[self.stage]
         if self.stage == "lora":
             preset = self._base_preset()
+        elif self.init is not None and self.model is None:
+            # (a resumed run's stored config is already resolved: its bundle may be gone by now)
+            preset = self._init_preset()
         c = dataclasses.replace(
             self,
             model=self.model if self.model is not None else preset["model"],
@@ -160,25 +166,19 @@ class TrainConfig:
         """The LoRA stage's architecture: the base bundle's configs, in the shape of a preset."""
         if not self.base:
             raise ConfigError("LoRA training needs a base model: pass --base BUNDLE (a trained model bundle)")
-        from pictor.checkpoint import CheckpointError, read_bundle_config  # torch-importing: only here
-        from pictor.locate import resolve
+        return _bundle_preset(self.base, "--base", "a LoRA needs a trained model bundle to adapt")
 
-        try:
-            ref = resolve(self.base)
-            if ref.path is None:
-                raise ConfigError(
-                    f"--base {self.base}: '{ref.name}' is a preset (an untrained architecture); a LoRA needs "
-                    "a trained model bundle to adapt"
-                )
-            config = read_bundle_config(ref.path)
-        except CheckpointError as exc:
-            raise ConfigError(f"--base {self.base}: {exc}") from exc
-        return {
-            "model": config.model,
-            "autoencoder": config.autoencoder,
-            "text_encoder": config.text_encoder,
-            "defaults": config.defaults,
-        }
+    def _init_preset(self) -> dict[str, Any]:
+        """A warm-started t2i run's architecture: the --init bundle's, whatever --preset says."""
+        assert self.init is not None
+        if self.stage != "t2i":
+            raise ConfigError(f"--init applies to t2i training only, not to '{self.stage}'")
+        if self.autoencoder_path:
+            raise ConfigError(
+                "--init takes the autoencoder (and its latent scale) from the bundle it starts from; "
+                "drop --autoencoder"
+            )
+        return _bundle_preset(self.init, "--init", "a warm start needs a trained model bundle's weights")
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -234,6 +234,26 @@ class TrainConfig:
                 f"image_size {self.image_size} must be a multiple of {multiple} "
                 f"(autoencoder factor {factor}{' x 2x2 latent patches' if packed else ''})",
             )
+
+
+def _bundle_preset(name: str, flag: str, why: str) -> dict[str, Any]:
+    """A trained bundle's configs (by folder or local name), in the shape of a preset."""
+    from pictor.checkpoint import CheckpointError, read_bundle_config  # torch-importing: only here
+    from pictor.locate import resolve
+
+    try:
+        ref = resolve(name)
+        if ref.path is None:
+            raise ConfigError(f"{flag} {name}: '{ref.name}' is a preset (an untrained architecture); {why}")
+        config = read_bundle_config(ref.path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{flag} {name}: {exc}") from exc
+    return {
+        "model": config.model,
+        "autoencoder": config.autoencoder,
+        "text_encoder": config.text_encoder,
+        "defaults": config.defaults,
+    }
 
 
 # Settings that change the loss curve; changing them on --resume is allowed but warned about.

@@ -28,6 +28,7 @@ from pictor.checkpoint import (
     save_bundle,
 )
 from pictor.flow import flow_loss, interpolate
+from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 from pictor.models.text import build_text_encoder
@@ -46,9 +47,16 @@ class T2IStage(Stage):
     ) -> None:
         super().__init__(cfg, ds, info)
         assert cfg.model is not None and cfg.text_encoder is not None
+        self.init = self._init_bundle() if resume is None and cfg.init is not None else None
+        self.resumed_init: dict[str, Any] | None = None
         if resume is not None:  # the checkpoint's own AE, with the latent stats of the original start
             ae_params, ae_sd, _ = load_autoencoder(resume)
-            self.ae_source = Path(read_bundle_config(resume).training.get("autoencoder_source", resume))
+            training = read_bundle_config(resume).training
+            self.ae_source = Path(training.get("autoencoder_source", resume))
+            self.resumed_init = training.get("init")
+        elif self.init is not None:  # the bundle's AE and latent stats: the weights were trained on them
+            ae_params, ae_sd, _ = load_autoencoder(self.init)
+            self.ae_source = Path(read_bundle_config(self.init).training.get("autoencoder_source", self.init))
         elif cfg.autoencoder_path:
             ae_params, ae_sd, self.ae_source = load_autoencoder(cfg.autoencoder_path)
         else:
@@ -75,8 +83,29 @@ class T2IStage(Stage):
         self._check_dims(params)
         self.module = seeded(cfg.seed, lambda: Flux(params).init_weights()).to(self.device)
         self.forward_module = self.module
-        if resume is None:
+        if self.init is not None:
+            load_into(self.module, read_safetensors(self.init / TRANSFORMER_FILE), f"--init {self.init}")
+        elif resume is None:
             self._set_latent_stats()
+
+    def _init_bundle(self) -> Path:
+        """The --init bundle's folder, checked against this run's architecture and text encoder."""
+        c = self.cfg
+        assert c.init is not None
+        ref = resolve(c.init)
+        if ref.path is None:
+            raise CheckpointError(f"--init {c.init}: '{ref.name}' is a preset, not a trained bundle")
+        bundle = read_bundle_config(ref.path)
+        for name, ours, theirs in (
+            ("model", c.model, bundle.model),
+            ("text_encoder", c.text_encoder, bundle.text_encoder),
+        ):
+            if ours != theirs:
+                raise CheckpointError(
+                    f"--init {c.init}: the run's {name} config differs from the bundle's; a warm start keeps "
+                    f"the bundle's architecture (drop '{name}' from the training config)"
+                )
+        return ref.path
 
     def _check_dims(self, p: FluxParams) -> None:
         z, ctx, pooled = self.ae.params.z_channels, self.text.context_dim, self.text.pooled_dim
@@ -143,6 +172,13 @@ class T2IStage(Stage):
     def bundle_config(self, step: int) -> BundleConfig:
         c = self.cfg
         defaults = {**(c.defaults or {}), "width": c.image_size, "height": c.image_size}
+        lineage = self._lineage()
+        description = f"trained by pictor train t2i on {c.data}, {step} steps"
+        if lineage:
+            before = lineage["init"].get("training", {}).get("step")
+            description += f" from {lineage['init']['path']}" + (
+                f" (after its {before} steps)" if before else ""
+            )
         return BundleConfig(
             name=Path(c.out).resolve().name,
             preset=c.preset,
@@ -151,9 +187,20 @@ class T2IStage(Stage):
             text_encoder=self.text.config(),
             defaults=defaults,
             trained=True,
-            description=f"trained by pictor train t2i on {c.data}, {step} steps",
-            training={**self.training_info(step), "autoencoder_source": str(self.ae_source)},
+            description=description,
+            training={
+                **self.training_info(step),
+                "autoencoder_source": str(self.ae_source),
+                **lineage,
+            },
         )
+
+    def _lineage(self) -> dict[str, Any]:
+        """Where a warm-started run's weights began: the --init bundle and the training it had had (a
+        resumed run repeats what its checkpoint recorded; the bundle may be gone by then)."""
+        if self.init is not None:
+            return {"init": {"path": str(self.cfg.init), "training": read_bundle_config(self.init).training}}
+        return {"init": self.resumed_init} if self.resumed_init else {}
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         save_bundle(folder, self.bundle_config(step), ema.state_dict(), self.ae.state_dict())
