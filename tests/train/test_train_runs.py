@@ -303,6 +303,7 @@ def test_init_warm_starts_from_a_bundle_and_keeps_its_lineage(tmp_path: Path, ru
     [
         ({"autoencoder_path": "somewhere"}, "drop --autoencoder"),
         ({"stage": "autoencoder"}, "t2i training only"),
+        ({"stage": "lora", "base": "default"}, "t2i training only"),
         ({"init": "tiny"}, "is a preset"),
         ({"init": "/nonexistent/bundle"}, "/nonexistent/bundle"),
     ],

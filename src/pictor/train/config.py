@@ -142,6 +142,8 @@ class TrainConfig:
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from exc
         stage = STAGE_DEFAULTS[self.stage]
+        if self.init is not None and self.stage != "t2i":
+            raise ConfigError(f"--init applies to t2i training only, not to '{self.stage}'")
         if self.stage == "lora":
             preset = self._base_preset()
         elif self.init is not None and self.model is None:
@@ -171,8 +173,6 @@ class TrainConfig:
     def _init_preset(self) -> dict[str, Any]:
         """A warm-started t2i run's architecture: the --init bundle's, whatever --preset says."""
         assert self.init is not None
-        if self.stage != "t2i":
-            raise ConfigError(f"--init applies to t2i training only, not to '{self.stage}'")
         if self.autoencoder_path:
             raise ConfigError(
                 "--init takes the autoencoder (and its latent scale) from the bundle it starts from; "
