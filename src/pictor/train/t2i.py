@@ -48,15 +48,19 @@ class T2IStage(Stage):
         super().__init__(cfg, ds, info)
         assert cfg.model is not None and cfg.text_encoder is not None
         self.init = self._init_bundle() if resume is None and cfg.init is not None else None
-        self.resumed_init: dict[str, Any] | None = None
+        # Where a warm-started run's weights began (the --init path and that bundle's training record),
+        # read once: a resumed run repeats what its checkpoint recorded, as the bundle may be gone by then.
+        self.lineage: dict[str, Any] | None = None
         if resume is not None:  # the checkpoint's own AE, with the latent stats of the original start
             ae_params, ae_sd, _ = load_autoencoder(resume)
             training = read_bundle_config(resume).training
             self.ae_source = Path(training.get("autoencoder_source", resume))
-            self.resumed_init = training.get("init")
+            self.lineage = training.get("init")
         elif self.init is not None:  # the bundle's AE and latent stats: the weights were trained on them
             ae_params, ae_sd, _ = load_autoencoder(self.init)
-            self.ae_source = Path(read_bundle_config(self.init).training.get("autoencoder_source", self.init))
+            training = read_bundle_config(self.init).training
+            self.ae_source = Path(training.get("autoencoder_source", self.init))
+            self.lineage = {"path": str(cfg.init), "training": training}
         elif cfg.autoencoder_path:
             ae_params, ae_sd, self.ae_source = load_autoencoder(cfg.autoencoder_path)
         else:
@@ -172,13 +176,11 @@ class T2IStage(Stage):
     def bundle_config(self, step: int) -> BundleConfig:
         c = self.cfg
         defaults = {**(c.defaults or {}), "width": c.image_size, "height": c.image_size}
-        lineage = self._lineage()
         description = f"trained by pictor train t2i on {c.data}, {step} steps"
-        if lineage:
-            before = lineage["init"].get("training", {}).get("step")
-            description += f" from {lineage['init']['path']}" + (
-                f" (after its {before} steps)" if before else ""
-            )
+        if self.lineage:
+            before = self.lineage.get("training", {}).get("step")
+            description += f" from {self.lineage['path']}"
+            description += f" (after its {before} steps)" if before else ""
         return BundleConfig(
             name=Path(c.out).resolve().name,
             preset=c.preset,
@@ -191,16 +193,9 @@ class T2IStage(Stage):
             training={
                 **self.training_info(step),
                 "autoencoder_source": str(self.ae_source),
-                **lineage,
+                **({"init": self.lineage} if self.lineage else {}),
             },
         )
-
-    def _lineage(self) -> dict[str, Any]:
-        """Where a warm-started run's weights began: the --init bundle and the training it had had (a
-        resumed run repeats what its checkpoint recorded; the bundle may be gone by then)."""
-        if self.init is not None:
-            return {"init": {"path": str(self.cfg.init), "training": read_bundle_config(self.init).training}}
-        return {"init": self.resumed_init} if self.resumed_init else {}
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         save_bundle(folder, self.bundle_config(step), ema.state_dict(), self.ae.state_dict())
