@@ -167,11 +167,27 @@ def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
         )
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """Strictly load weights into a module (which may live on the meta device) without copying twice."""
+def load_into(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Strictly load weights into a module (which may live on the meta device) without copying twice.
+
+    The module takes the file's dtypes unless ``dtype`` is given: training passes float32, because a bundle
+    may store half-precision weights (`pictor convert dtype`) and AdamW on those would lose small updates.
+    """
     check_keys(module, state_dict, what)
+    if dtype is not None:
+        state_dict = cast_floats(state_dict, dtype)
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module
+
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast_floats(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in ``dtype``; integer tensors (none in pictor's models today) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 @dataclass

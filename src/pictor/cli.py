@@ -219,11 +219,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pictor.convert import convert_flux
+    from pictor.convert import cast_bundle, convert_flux
 
+    if args.format == "dtype":
+        src = Path(args.bundle)
+        before = _folder_bytes(src) if src.is_dir() else 0  # cast_bundle says what is wrong with src
+        path = cast_bundle(args.bundle, args.out, args.dtype)
+        print(f"{path}  ({args.dtype}: {before / 2**20:.1f} MiB -> {_folder_bytes(path) / 2**20:.1f} MiB)")
+        return 0
     path = convert_flux(args.transformer, args.ae, args.t5, args.clip, args.out, name=args.name)
     print(path)
     return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
     cf.add_argument("--out", required=True)
     cf.add_argument("--name", default=None)
+    cd = csub.add_parser(
+        "dtype", help="a bundle with its weights stored in another dtype (fp16 halves an fp32 bundle)"
+    )
+    cd.add_argument("bundle", help="the bundle folder to read")
+    cd.add_argument("--dtype", required=True, choices=("fp16", "bf16", "fp32"), help="storage dtype")
+    cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
     train_command.add_train_parser(sub)
     _add_serve_parser(sub)
     return parser

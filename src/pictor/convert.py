@@ -1,4 +1,5 @@
-"""Turn weights made by other tools into pictor bundles (FLUX.1's original single files)."""
+"""Turn weights made by other tools into pictor bundles (FLUX.1's original single files), and rewrite a
+bundle's weights in another storage dtype."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from pictor.checkpoint import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
     FLUX_PREFIXES,
+    STORAGE_DTYPES,
     TRANSFORMER_FILE,
     BundleConfig,
     CheckpointError,
+    cast_floats,
     check_keys,
     import_flux_autoencoder,
     import_flux_transformer,
     infer_autoencoder_params,
     infer_flux_params,
+    load_bundle,
     refuse_pickle,
     replace_dir,
+    save_bundle,
     sha256_file,
     write_json,
     write_safetensors,
@@ -118,3 +123,37 @@ def convert_flux(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_representable(
+    state_dict: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], where: str
+) -> None:
+    """Refuse a cast that turns finite weights into inf (fp16 ends at 65504; bf16 has fp32's range)."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        if bool((torch.isfinite(tensor) & ~torch.isfinite(cast[key])).any()):
+            biggest = float(tensor[torch.isfinite(tensor)].abs().max())
+            raise CheckpointError(
+                f"{where}: {key} holds {biggest:.4g}, beyond the range of the chosen dtype; "
+                "store this bundle as bf16 (fp32's range) or keep fp32"
+            )
+
+
+def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
+    """Rewrite a bundle's transformer and autoencoder weights in ``dtype`` (fp32, fp16 or bf16).
+
+    Config, defaults and training record stay; the hashes are the new files'. Pictor computes in the
+    device's dtype whatever the storage (float32 on the CPU), so fp16 storage halves an fp32 bundle on disk
+    at the cost of rounding each weight to 11 significant bits. Written atomically, so ``out`` may be ``src``.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+    bundle = load_bundle(src, verify=True)
+    parts = {}
+    for part, sd in (("transformer", bundle.transformer), ("autoencoder", bundle.autoencoder)):
+        cast = cast_floats(sd, STORAGE_DTYPES[dtype])
+        _check_representable(sd, cast, f"{src}: {part}")
+        parts[part] = cast
+    save_bundle(out, bundle.config, parts["transformer"], parts["autoencoder"])
+    return Path(out)

@@ -30,6 +30,7 @@ from pictor.checkpoint import (
     read_safetensors_metadata,
     save_bundle,
 )
+from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.lora_files import apply_lora
 from pictor.models.lora import remove_lora
@@ -253,6 +254,19 @@ def test_resume_refuses_another_base(world: dict[str, Path], tmp_path: Path) -> 
     save_bundle(other, bundle.config, changed, bundle.autoencoder)
     with pytest.raises(CheckpointError, match="resume with the same base"):
         train(_lora_config(world, tmp_path / "run", base=str(other), max_steps=2), resume=True)
+
+
+def test_an_fp16_base_trains_like_the_fp32_one(world: dict[str, Path], tmp_path: Path) -> None:
+    """On the CPU the base computes in float32 whatever it stores: its fp16 copy gives nearly its losses."""
+    half = cast_bundle(world["base"], tmp_path / "half", "fp16")
+    train(_lora_config(world, tmp_path / "full", max_steps=2))
+    fp16 = train(_lora_config(world, tmp_path / "fp16", base=str(half), max_steps=2))
+    a = [r["loss"] for r in read_jsonl(tmp_path / "full" / "log.jsonl")]
+    b = [r["loss"] for r in read_jsonl(tmp_path / "fp16" / "log.jsonl")]
+    assert len(a) == len(b) == 2 and a != b  # a different base (its weights rounded) ...
+    assert all(abs(x - y) <= 0.02 * x for x, y in zip(a, b, strict=True)), (a, b)  # ... of the same model
+    adapters = read_safetensors(fp16.final)
+    assert adapters and all(t.dtype == torch.float32 for t in adapters.values())
 
 
 def test_cli_flags_reach_the_config() -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from pictor.checkpoint import read_safetensors
+from pictor.convert import cast_bundle
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import TrainingError, train
@@ -296,6 +297,22 @@ def test_init_warm_starts_from_a_bundle_and_keeps_its_lineage(tmp_path: Path, ru
         moved.rename(bundle)
     resumed = json.loads((out / "final" / "config.json").read_text())
     assert resumed["training"]["step"] == 3 and resumed["training"]["init"] == mine["training"]["init"]
+
+
+def test_init_from_an_fp16_bundle_trains_in_float32(tmp_path: Path, run_a: Path) -> None:
+    """A bundle stored in fp16 (`pictor convert dtype`) warm-starts float32 master weights on the CPU."""
+    half = cast_bundle(run_a / "final", tmp_path / "half", "fp16")
+    out = tmp_path / "warm"
+    cfg = TrainConfig(
+        stage="t2i", out=str(out), init=str(half), max_steps=1, batch_size=4, lr=1e-30, save_every=1, **QUIET
+    )
+    train(cfg)
+    for name in ("transformer.safetensors", "autoencoder.safetensors"):
+        start = read_safetensors(half / name)
+        warm = read_safetensors(out / "final" / name)
+        for key in start:
+            assert start[key].dtype == torch.float16 and warm[key].dtype == torch.float32, key
+            assert torch.allclose(warm[key], start[key].float(), atol=1e-6), key
 
 
 @pytest.mark.parametrize(

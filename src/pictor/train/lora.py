@@ -114,9 +114,15 @@ class LoRAStage(T2IStage):
         with torch.device("meta"):
             ae = AutoEncoder(AutoEncoderParams.from_dict(dict(bundle.config.autoencoder)))
             flux = Flux(FluxParams.from_dict(dict(bundle.config.model)))
-        self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder").to(self.device)
+        # The CPU computes in float32 whatever the bundle stores (fp16 weights would meet float32 adapters
+        # and inputs); on CUDA the transformer keeps its stored dtype and bf16 autocast computes. The
+        # autoencoder, small and fed float32 pixels, is float32 everywhere.
+        base_dtype = None if self.device.type == "cuda" else torch.float32
+        self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder", torch.float32)
+        self.ae.to(self.device)
         self.ae.eval().requires_grad_(False)
-        self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer").to(self.device)
+        self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer", base_dtype)
+        self.flux.to(self.device)
         self.flux.requires_grad_(False)
         self.text = CachedText(build_text_encoder(bundle.config.text_encoder).to(self.device))  # type: ignore[assignment]
         self.ae_source = self.base_path

@@ -71,7 +71,7 @@ class T2IStage(Stage):
         with torch.device("meta"):
             ae = AutoEncoder(AutoEncoderParams.from_dict(dict(ae_params)))
         self.ae = (
-            load_into(ae, ae_sd, f"{self.ae_source}: autoencoder")
+            load_into(ae, ae_sd, f"{self.ae_source}: autoencoder", dtype=torch.float32)
             .to(self.device)
             .eval()
             .requires_grad_(False)
@@ -88,7 +88,8 @@ class T2IStage(Stage):
         self.module = seeded(cfg.seed, lambda: Flux(params).init_weights()).to(self.device)
         self.forward_module = self.module
         if self.init is not None:
-            load_into(self.module, read_safetensors(self.init / TRANSFORMER_FILE), f"--init {self.init}")
+            init_sd = read_safetensors(self.init / TRANSFORMER_FILE)  # fp16 or bf16 in a cast bundle
+            load_into(self.module, init_sd, f"--init {self.init}", dtype=torch.float32)
         elif resume is None:
             self._set_latent_stats()
 
