@@ -152,21 +152,25 @@ def _free_port() -> int:
 def live_server(
     tiny: Pipeline, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., LiveServer]]:
-    """live_server(**settings) -> a uvicorn thread serving the tiny model on a free loopback port."""
+    """live_server(**settings) -> a uvicorn thread serving the tiny model on a free loopback port.
+
+    With ``lazy=True`` the server loads ``settings.model`` itself, as `pictor serve` does, and is returned
+    as soon as it answers /healthz, while its model may still be loading.
+    """
     started: list[LiveServer] = []
 
-    def start(**overrides: Any) -> LiveServer:
+    def start(lazy: bool = False, **overrides: Any) -> LiveServer:
         port = _free_port()
         settings = ServeSettings(
             **{"data_dir": tmp_path_factory.mktemp("live"), "port": port, "limits": TEST_LIMITS, **overrides}
         )
-        app = create_app(settings, pipeline=tiny)
+        app = create_app(settings, pipeline=None if lazy else tiny)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ready(url), what="live server readiness")
+        wait_for(lambda: _up(url) if lazy else _ready(url), what="live server readiness")
         live = LiveServer(url, settings, server, thread)
         started.append(live)
         return live
@@ -175,6 +179,13 @@ def live_server(
     for live in started:
         live.server.should_exit = True
         live.thread.join(30)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _ready(url: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,50 @@ def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any
     page.get_by_role("button", name="Search").click()
     expect(page.locator("#gallery img")).to_have_count(2)
     assert problems == [], problems
+
+
+def test_the_page_waits_for_a_loading_model(
+    browser: Any, live_server: Any, tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page opened while the server loads its model says so, then shows the model once it is ready."""
+    from playwright.sync_api import expect
+
+    loaded = threading.Event()
+
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        assert loaded.wait(60), "the test never let the model load"
+        return tiny
+
+    monkeypatch.setattr("pictor.loading.load", slow_load)  # the server's loader imports it when it runs
+    live = live_server(lazy=True, model="tiny")
+    page = browser.new_page()
+    page.goto(live.url + "/")
+    info = page.locator("#model-info")
+    expect(info).to_contain_text("(loading…)")
+    page.wait_for_timeout(1500)  # the page asks again meanwhile; still loading
+    expect(info).to_contain_text("(loading…)")
+    loaded.set()
+    expect(info).to_contain_text("default 32x32", timeout=15_000)
+    expect(info).not_to_contain_text("loading")
+    expect(page.locator("#error")).to_be_empty()
+
+
+def test_the_page_says_why_the_model_failed_to_load(
+    browser: Any, live_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from playwright.sync_api import expect
+
+    def broken_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        raise ValueError("weights.safetensors: not a readable safetensors file")
+
+    monkeypatch.setattr("pictor.loading.load", broken_load)
+    live = live_server(lazy=True, model="tiny")
+    page = browser.new_page()
+    page.goto(live.url + "/")
+    expect(page.locator("#error")).to_contain_text(
+        "the model failed to load: ValueError: weights.safetensors: not a readable safetensors file",
+        timeout=15_000,
+    )
 
 
 def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: Any, tmp_path: Path) -> None:

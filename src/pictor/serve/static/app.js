@@ -326,6 +326,12 @@ async function loadModel() {
     $("height").step = multiple;
     $("n").max = card.limits.max_images;
     $("steps").max = card.limits.max_steps;
+    if (!card.ready) {
+      // The server answers while its model loads: ask again until it is ready, or say why it never will be.
+      const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
+      if (health.status === "error") setError(health.detail);
+      else setTimeout(loadModel, 1000);
+    }
   } catch (err) {
     setError(err.message);
   }
