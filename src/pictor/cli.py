@@ -195,7 +195,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pictor.eval.shapes_run import run_shapes_eval
 
     pipe = None
-    if not args.ground_truth:
+    if args.through_autoencoder and not args.ground_truth:
+        raise ValueError("--through-autoencoder scores ground-truth renders: add --ground-truth")
+    if not args.ground_truth or args.through_autoencoder:
         pipe = _load(args)
     report = run_shapes_eval(
         pipe,
@@ -204,6 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.seed,
         args.out,
         ground_truth=args.ground_truth,
+        through_autoencoder=args.through_autoencoder,
         limit=args.limit,
         progress=_progress_bar("prompts"),
         steps=args.steps,

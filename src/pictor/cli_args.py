@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     es.add_argument("--out", default=None, help="report.json (a contact sheet .png is written beside it)")
     es.add_argument("--ground-truth", action="store_true", help="score renders of the specs themselves")
+    es.add_argument(
+        "--through-autoencoder",
+        action="store_true",
+        help="with --ground-truth: score the renders after an encode/decode by the model's autoencoder",
+    )
 
     c = sub.add_parser("convert", help="make a pictor bundle from other formats")
     csub = c.add_subparsers(dest="format", required=True)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 PICTOR = shutil.which("pictor")
@@ -47,3 +48,28 @@ def test_eval_shapes_runs_a_model(tmp_path: Path) -> None:
     again = run_shapes_eval(pipe, None, 2, 5, None, limit=3, steps=1)
     assert again["per_prompt"] == report["per_prompt"]
     assert (tmp_path / "m.png").is_file()
+
+
+def test_ground_truth_through_an_autoencoder(tmp_path: Path) -> None:
+    """The shipped model's autoencoder keeps the renders scorable; an untrained one destroys them."""
+    from pictor.eval.shapes_run import run_shapes_eval
+    from pictor.loading import load, pipeline_from_preset
+
+    shipped = load(None, device="cpu")
+    report = run_shapes_eval(
+        shipped, None, 1, 0, str(tmp_path / "ae.json"), ground_truth=True, through_autoencoder=True
+    )
+    assert report["n_images"] == 300 and report["model"]["hash"] == shipped.hash
+    assert report["source"] == "ground-truth renders through the model's autoencoder"
+    assert report["overall"] >= 0.9, report["per_tag"]
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        untrained = pipeline_from_preset("tiny", device="cpu")
+    noise = run_shapes_eval(untrained, None, 1, 0, None, ground_truth=True, through_autoencoder=True)
+    assert noise["overall"] <= 0.1, noise["per_tag"]
+
+
+def test_through_autoencoder_needs_ground_truth(capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.cli import main
+
+    assert main(["eval", "shapes", "--through-autoencoder", "--model", "tiny"]) == 2
+    assert "add --ground-truth" in capsys.readouterr().err

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from pictor.edit_blending import to_model_pixels
 from pictor.eval.shapes import contact_sheet, ground_truth_images, load_prompts, score_images
-from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.pipeline import GenerationRequest, Pipeline, to_pil
 
 ProgressFn = Callable[[int, int], None]
 
@@ -44,6 +46,18 @@ def generate_for_specs(
         if progress is not None:
             progress(i + 1, len(specs))
     return images
+
+
+def autoencoder_roundtrip(pipe: Pipeline, images: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """Each image encoded to latents and decoded again by the model's autoencoder (latent means, no
+    sampling): what the transformer would have to produce exactly to score as the renders do."""
+    out = []
+    with torch.inference_mode():
+        for row in images:
+            x = torch.cat([to_model_pixels(img, pipe.device, pipe.dtype) for img in row])
+            decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x))
+            out.append([np.asarray(im) for im in to_pil(decoded)])
+    return out
 
 
 def evaluate(
@@ -79,14 +93,27 @@ def run_shapes_eval(
     ground_truth: bool = False,
     limit: int | None = None,
     progress: ProgressFn | None = None,
+    through_autoencoder: bool = False,
     **generation: Any,
 ) -> dict[str, Any]:
+    """Score `pipe`'s images, or with ``ground_truth`` renders of the specs; ``through_autoencoder`` (with
+    ``ground_truth``) scores the renders after a round trip through `pipe`'s autoencoder: the ceiling that
+    the autoencoder sets for any transformer trained on its latents."""
+    if through_autoencoder and not (ground_truth and pipe is not None):
+        raise ValueError("--through-autoencoder needs --ground-truth and a model whose autoencoder to use")
     specs = load_prompts(prompts)
     if limit is not None:
         specs = specs[:limit]
     if ground_truth:
         images = ground_truth_images(specs, k, seed)
         meta: dict[str, Any] = {"source": "ground-truth renders"}
+        if through_autoencoder:
+            assert pipe is not None
+            images = autoencoder_roundtrip(pipe, images)
+            meta = {
+                "source": "ground-truth renders through the model's autoencoder",
+                "model": {"name": pipe.name, "hash": pipe.hash},
+            }
     else:
         assert pipe is not None
         images = generate_for_specs(pipe, specs, k, seed, progress=progress, **generation)
