@@ -4,6 +4,7 @@ its files matching their recorded hashes, and what `pictor.load()` gives when no
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import pictor
 from pictor.checkpoint import load_bundle, read_bundle_config
@@ -21,7 +22,11 @@ def test_default_is_the_shipped_trained_bundle() -> None:
     assert config.training["stage"] == "t2i" and config.training["step"] >= 1
     size = sum(p.stat().st_size for p in folder.iterdir())
     assert size <= 50 * 2**20, f"the shipped bundle is {size / 2**20:.1f} MiB; the budget is 50 MiB"
-    load_bundle(folder, verify=True)  # raises when a file does not match its SHA-256 in config.json
+    bundle = load_bundle(folder, verify=True)  # raises when a file does not match its SHA-256 in config.json
+    # Stored in fp16 (`pictor convert dtype`): half the bytes of fp32 in the repository and in each ship's git
+    # history; pictor computes in float32 on the CPU all the same.
+    stored = {t.dtype for t in [*bundle.transformer.values(), *bundle.autoencoder.values()]}
+    assert stored == {torch.float16}, stored
 
 
 def test_default_generates_non_constant_images() -> None:
