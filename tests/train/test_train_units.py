@@ -286,3 +286,11 @@ def test_truncate_jsonl_cuts_back_and_drops_torn_lines(tmp_path) -> None:
     truncate_jsonl(path, 3)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
     assert math.isclose(read_jsonl(path)[2]["loss"], 1 / 3)
+
+
+def test_lineage_steps_add_up_a_chain_of_warm_starts() -> None:
+    from pictor.train.t2i import lineage_steps
+
+    chain = {"step": 3, "init": {"path": "b", "training": {"step": 5, "init": {"training": {"step": 7}}}}}
+    assert lineage_steps(chain) == 15
+    assert lineage_steps({"step": 7}) == 7 and lineage_steps({}) == 0

@@ -39,6 +39,13 @@ from pictor.train.distributed import DistInfo, broadcast
 from pictor.train.stages import Stage, holdout_images, load_autoencoder, seeded
 
 
+def lineage_steps(training: dict[str, Any]) -> int:
+    """A bundle's training steps with those of every bundle it was warm-started from (--init chains)."""
+    init = training.get("init")
+    before = lineage_steps(init.get("training") or {}) if init else 0
+    return int(training.get("step") or 0) + before
+
+
 class T2IStage(Stage):
     name = "t2i"
 
@@ -179,7 +186,7 @@ class T2IStage(Stage):
         defaults = {**(c.defaults or {}), "width": c.image_size, "height": c.image_size}
         description = f"trained by pictor train t2i on {c.data}, {step} steps"
         if self.lineage:
-            before = self.lineage.get("training", {}).get("step")
+            before = lineage_steps(self.lineage.get("training", {}))
             description += f" from {self.lineage['path']}"
             description += f" (after its {before} steps)" if before else ""
         return BundleConfig(
