@@ -111,3 +111,18 @@ def test_cli_casts_in_place_and_back(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exc:
         main(["convert", "dtype", str(src), "--dtype", "fp8", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
+
+
+def test_an_out_folder_that_is_not_just_a_bundle_is_refused_and_kept(tmp_path: Path) -> None:
+    src = _bundle(tmp_path / "b")
+    models = tmp_path / "models"
+    (models / "other").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is not a model bundle"):
+        cast_bundle(src, models, "fp16")  # replacing it would delete every model in it
+    assert (models / "other").is_dir()
+    (src / "notes.txt").write_text("kept")
+    with pytest.raises(CheckpointError, match=r"notes\.txt"):
+        cast_bundle(src, src, "fp16")  # in place, the notes would be lost
+    assert (src / "notes.txt").read_text() == "kept"
+    assert read_safetensors(src / TRANSFORMER_FILE)["img_in.weight"].dtype == torch.float32
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -257,25 +257,31 @@ def read_bundle_config(path: str | os.PathLike[str]) -> BundleConfig:
     return BundleConfig.from_dict(raw, where=str(cfg_path))
 
 
+def read_bundle_file(
+    path: Path, fname: str, config: BundleConfig, verify: bool = True, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """One weight file of a bundle; with ``verify`` its SHA-256 must match the hash in config.json."""
+    fpath = path / fname
+    if not fpath.is_file():
+        raise CheckpointError(f"{path}: bundle is missing {fname}")
+    if verify and fname in config.hashes:
+        actual = sha256_file(fpath)
+        if actual != config.hashes[fname]:
+            raise CheckpointError(
+                f"{fpath}: SHA-256 {actual[:12]}… does not match config.json "
+                f"({config.hashes[fname][:12]}…); the file is corrupt or was replaced. "
+                "Restore it or re-save the bundle."
+            )
+    return read_safetensors(fpath, device=device)
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str = "cpu") -> Bundle:
     """Read a bundle; with ``verify`` the files' SHA-256 must match the hashes in config.json."""
     path = Path(path)
     config = read_bundle_config(path)
-    tensors = {}
-    for part, fname in (("transformer", TRANSFORMER_FILE), ("autoencoder", AUTOENCODER_FILE)):
-        fpath = path / fname
-        if not fpath.is_file():
-            raise CheckpointError(f"{path}: bundle is missing {fname}")
-        if verify and fname in config.hashes:
-            actual = sha256_file(fpath)
-            if actual != config.hashes[fname]:
-                raise CheckpointError(
-                    f"{fpath}: SHA-256 {actual[:12]}… does not match config.json "
-                    f"({config.hashes[fname][:12]}…); the file is corrupt or was replaced. "
-                    "Restore it or re-save the bundle."
-                )
-        tensors[part] = read_safetensors(fpath, device=device)
-    return Bundle(config, tensors["transformer"], tensors["autoencoder"], path)
+    transformer = read_bundle_file(path, TRANSFORMER_FILE, config, verify, device)
+    autoencoder = read_bundle_file(path, AUTOENCODER_FILE, config, verify, device)
+    return Bundle(config, transformer, autoencoder, path)
 
 
 def save_bundle(

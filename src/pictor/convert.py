@@ -20,16 +20,16 @@ from pictor.checkpoint import (
     TRANSFORMER_FILE,
     BundleConfig,
     CheckpointError,
-    cast_floats,
     check_keys,
     import_flux_autoencoder,
     import_flux_transformer,
     infer_autoencoder_params,
     infer_flux_params,
-    load_bundle,
+    is_bundle,
+    read_bundle_config,
+    read_bundle_file,
     refuse_pickle,
     replace_dir,
-    save_bundle,
     sha256_file,
     write_json,
     write_safetensors,
@@ -37,6 +37,8 @@ from pictor.checkpoint import (
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
+
+BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
 
 
 def _keys(path: Path) -> list[str]:
@@ -125,19 +127,41 @@ def convert_flux(
     return out
 
 
-def _check_representable(
-    state_dict: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], where: str
-) -> None:
-    """Refuse a cast that turns finite weights into inf (fp16 ends at 65504; bf16 has fp32's range)."""
-    for key, tensor in state_dict.items():
+def _cast_in_place(sd: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> None:
+    """Cast floating tensors one by one (a part is never held twice over), refusing any cast that turns
+    finite weights into inf: fp16 ends at 65,504, bf16 has fp32's range."""
+    for key, tensor in sd.items():
         if not tensor.is_floating_point():
             continue
-        if bool((torch.isfinite(tensor) & ~torch.isfinite(cast[key])).any()):
+        cast = tensor.to(dtype)
+        if bool((torch.isfinite(tensor) & ~torch.isfinite(cast)).any()):
             biggest = float(tensor[torch.isfinite(tensor)].abs().max())
             raise CheckpointError(
                 f"{where}: {key} holds {biggest:.4g}, beyond the range of the chosen dtype; "
                 "store this bundle as bf16 (fp32's range) or keep fp32"
             )
+        sd[key] = cast
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out whose replacement would delete anything but a bundle's own files (the source's
+    own, when converting in place)."""
+    if not out.exists():
+        return
+    if not (out.is_dir() and is_bundle(out)):
+        raise CheckpointError(
+            f"--out {out}: exists and is not a model bundle, and it would be replaced; give a new folder"
+        )
+    others = _foreign_files(out)
+    if others:
+        raise CheckpointError(
+            f"--out {out}: holds files that are not a bundle's ({', '.join(others[:5])}), and they would be "
+            "lost when it is replaced; give a new folder"
+        )
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES)
 
 
 def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
@@ -145,15 +169,26 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
 
     Config, defaults and training record stay; the hashes are the new files'. Pictor computes in the
     device's dtype whatever the storage (float32 on the CPU), so fp16 storage halves an fp32 bundle on disk
-    at the cost of rounding each weight to 11 significant bits. Written atomically, so ``out`` may be ``src``.
+    at the cost of rounding each weight to 11 significant bits. Written atomically, so ``out`` may be ``src``;
+    an ``out`` that holds anything but a bundle is refused, never replaced.
     """
     if dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
-    bundle = load_bundle(src, verify=True)
-    parts = {}
-    for part, sd in (("transformer", bundle.transformer), ("autoencoder", bundle.autoencoder)):
-        cast = cast_floats(sd, STORAGE_DTYPES[dtype])
-        _check_representable(sd, cast, f"{src}: {part}")
-        parts[part] = cast
-    save_bundle(out, bundle.config, parts["transformer"], parts["autoencoder"])
-    return Path(out)
+    src, out = Path(src), Path(out)
+    config = read_bundle_config(src)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        hashes = {}
+        for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time
+            sd = read_bundle_file(src, fname, config, verify=True)
+            _cast_in_place(sd, STORAGE_DTYPES[dtype], f"{src / fname}")
+            hashes[fname] = write_safetensors(sd, tmp / fname, {"format": "pt"})
+            del sd
+        write_json(BundleConfig(**{**config.__dict__, "hashes": hashes}).to_dict(), tmp / CONFIG_NAME)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -142,13 +142,19 @@ def test_the_page_waits_for_a_loading_model(
     monkeypatch.setattr("pictor.loading.load", slow_load)  # the server's loader imports it when it runs
     live = live_server(lazy=True, model="tiny")
     page = browser.new_page()
-    page.goto(live.url + "/")
-    info = page.locator("#model-info")
-    expect(info).to_contain_text("(loading…)")
-    page.wait_for_timeout(1500)  # the page asks again meanwhile; still loading
-    expect(info).to_contain_text("(loading…)")
-    loaded.set()
+    try:
+        page.goto(live.url + "/")
+        info = page.locator("#model-info")
+        expect(info).to_contain_text("(loading…)")
+        page.get_by_text("Settings", exact=True).click()
+        page.get_by_label("Sampler", exact=True).select_option("heun")
+        page.wait_for_timeout(1500)  # the page asks again meanwhile; still loading, the choice kept
+        expect(info).to_contain_text("(loading…)")
+        expect(page.get_by_label("Sampler", exact=True)).to_have_value("heun")
+    finally:
+        loaded.set()  # a failure above must not leave the server's loader blocked
     expect(info).to_contain_text("default 32x32", timeout=15_000)
+    expect(page.get_by_label("Sampler", exact=True)).to_have_value("heun")
     expect(info).not_to_contain_text("loading")
     expect(page.locator("#error")).to_be_empty()
 
@@ -169,6 +175,7 @@ def test_the_page_says_why_the_model_failed_to_load(
         "the model failed to load: ValueError: weights.safetensors: not a readable safetensors file",
         timeout=15_000,
     )
+    expect(page.locator("#model-info")).to_have_text("Model tiny (failed to load)")
 
 
 def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: Any, tmp_path: Path) -> None:

@@ -97,6 +97,7 @@ class T2IStage(Stage):
         if self.init is not None:
             init_sd = read_safetensors(self.init / TRANSFORMER_FILE)  # fp16 or bf16 in a cast bundle
             load_into(self.module, init_sd, f"--init {self.init}", dtype=torch.float32)
+            self.module.to(self.device)  # assign=True left the parameters where the file was read: the CPU
         elif resume is None:
             self._set_latent_stats()
 

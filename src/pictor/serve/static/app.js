@@ -310,8 +310,10 @@ async function loadModel() {
     const models = await apiJSON("/v1/models");
     const card = models.data[0];
     const select = $("sampler");
+    const chosen = select.value; // kept when the card is read again while the model loads
     const placeholder = new Option("model default", "");
     select.replaceChildren(placeholder, ...card.samplers.map((s) => new Option(s, s)));
+    select.value = chosen;
     const d = card.defaults || {};
     $("model-info").textContent =
       `Model ${card.id}${card.trained === false && !card.id.includes("untrained") ? " (untrained)" : ""}` +
@@ -329,8 +331,12 @@ async function loadModel() {
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
-      if (health.status === "error") setError(health.detail);
-      else setTimeout(loadModel, 1000);
+      if (health.status === "error") {
+        $("model-info").textContent = `Model ${card.id} (failed to load)`;
+        setError(health.detail);
+      } else {
+        setTimeout(loadModel, 1000);
+      }
     }
   } catch (err) {
     setError(err.message);
