@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,17 @@ def test_not_a_flux_file(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         read_safetensors(bad)
+
+
+@pytest.mark.parametrize(("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_a_bundle_gets_the_modes_of_the_umask(tmp_path: Path, umask: int, folder: int, file: int) -> None:
+    """Temp files and folders are private (0600 / 0700) until renamed; a saved bundle must not stay so."""
+    cfg, flux, ae = _models()
+    old = os.umask(umask)
+    try:
+        save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == folder
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "b").iterdir()}
+    assert modes == dict.fromkeys(modes, file) and len(modes) == 3

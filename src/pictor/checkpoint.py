@@ -85,6 +85,26 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it back would
+    race with threads that create files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Give a temp file or folder the mode that open() / mkdir() would have given it: mkstemp and mkdtemp
+    make them private (0600 / 0700), but weights and bundles are for whoever may read their folder."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> str:
@@ -98,6 +118,7 @@ def write_safetensors(
     try:
         save_file(clean, tmp, metadata=metadata)
         _fsync(tmp)
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,6 +135,7 @@ def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -294,6 +316,7 @@ def save_bundle(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    as_if_created(tmp, directory=True)
     try:
         hashes = {
             TRANSFORMER_FILE: write_safetensors(transformer, tmp / TRANSFORMER_FILE, {"format": "pt"}),

@@ -20,6 +20,7 @@ from pictor.checkpoint import (
     TRANSFORMER_FILE,
     BundleConfig,
     CheckpointError,
+    as_if_created,
     check_keys,
     import_flux_autoencoder,
     import_flux_transformer,
@@ -99,6 +100,7 @@ def convert_flux(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    as_if_created(tmp, directory=True)
     try:
         hashes = {
             TRANSFORMER_FILE: _place(
@@ -179,6 +181,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    as_if_created(tmp, directory=True)
     try:
         hashes = {}
         for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time

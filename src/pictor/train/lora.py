@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pictor import __version__
 from pictor.checkpoint import (
     CheckpointError,
+    as_if_created,
     load_bundle,
     load_into,
     model_hash,
@@ -190,6 +191,7 @@ class LoRAStage(T2IStage):
         os.close(fd)
         try:
             shutil.copyfile(final / LORA_FILE, tmp)
+            as_if_created(tmp)
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

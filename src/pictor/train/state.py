@@ -35,7 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pictor.checkpoint import CheckpointError, read_safetensors, replace_dir, write_json, write_safetensors
+from pictor.checkpoint import (
+    CheckpointError,
+    as_if_created,
+    read_safetensors,
+    replace_dir,
+    write_json,
+    write_safetensors,
+)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -205,6 +212,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
