@@ -90,6 +90,7 @@ def test_fp16_refuses_weights_beyond_its_range_and_bf16_keeps_them(tmp_path: Pat
     with pytest.raises(CheckpointError, match=r"img_in\.bias holds 1e\+06.*bf16"):
         cast_bundle(src, tmp_path / "fp16", "fp16")
     assert not (tmp_path / "fp16").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staged folder is gone
     out = cast_bundle(src, tmp_path / "bf16", "bf16")
     assert read_safetensors(out / TRANSFORMER_FILE)["img_in.bias"][0].item() == 999424.0  # bf16's nearest
 

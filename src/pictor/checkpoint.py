@@ -16,7 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,22 +314,29 @@ def save_bundle(
     autoencoder: Mapping[str, torch.Tensor],
 ) -> BundleConfig:
     """Write a bundle atomically: a reader sees the old bundle or the new one, never half of either."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    as_if_created(tmp, directory=True)
-    try:
+    with staged_dir(Path(path)) as tmp:
         hashes = {
             TRANSFORMER_FILE: write_safetensors(transformer, tmp / TRANSFORMER_FILE, {"format": "pt"}),
             AUTOENCODER_FILE: write_safetensors(autoencoder, tmp / AUTOENCODER_FILE, {"format": "pt"}),
         }
         config = BundleConfig(**{**config.__dict__, "hashes": hashes})
         write_json(config.to_dict(), tmp / CONFIG_NAME)
+    return config
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """A temp folder beside ``path`` to assemble a bundle in: moved into place when the block ends, removed
+    when it raises, so a reader sees the old folder or the new one, never half of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    as_if_created(tmp, directory=True)
+    try:
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return config
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from pictor.checkpoint import (
     TRANSFORMER_FILE,
     BundleConfig,
     CheckpointError,
-    as_if_created,
     check_keys,
     import_flux_autoencoder,
     import_flux_transformer,
@@ -30,8 +28,8 @@ from pictor.checkpoint import (
     read_bundle_config,
     read_bundle_file,
     refuse_pickle,
-    replace_dir,
     sha256_file,
+    staged_dir,
     write_json,
     write_safetensors,
 )
@@ -98,10 +96,7 @@ def convert_flux(
     with torch.device("meta"):
         check_keys(AutoEncoder(AutoEncoderParams.from_dict(ae_params)), ae_shapes, f"{ae}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    as_if_created(tmp, directory=True)
-    try:
+    with staged_dir(out) as tmp:
         hashes = {
             TRANSFORMER_FILE: _place(
                 transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer
@@ -122,10 +117,6 @@ def convert_flux(
             hashes=hashes,
         )
         write_json(config.to_dict(), tmp / CONFIG_NAME)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -179,10 +170,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     src, out = Path(src), Path(out)
     config = read_bundle_config(src)
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    as_if_created(tmp, directory=True)
-    try:
+    with staged_dir(out) as tmp:
         hashes = {}
         for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time
             sd = read_bundle_file(src, fname, config, verify=True)
@@ -190,8 +178,4 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
             hashes[fname] = write_safetensors(sd, tmp / fname, {"format": "pt"})
             del sd
         write_json(BundleConfig(**{**config.__dict__, "hashes": hashes}).to_dict(), tmp / CONFIG_NAME)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

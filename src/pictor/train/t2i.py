@@ -92,13 +92,13 @@ class T2IStage(Stage):
             )
         params = FluxParams.from_dict(cfg.model)
         self._check_dims(params)
-        self.module = seeded(cfg.seed, lambda: Flux(params).init_weights()).to(self.device)
-        self.forward_module = self.module
-        if self.init is not None:
+        self.module = seeded(cfg.seed, lambda: Flux(params).init_weights())
+        if self.init is not None:  # loaded before the move: assign=True puts weights where they were read
             init_sd = read_safetensors(self.init / TRANSFORMER_FILE)  # fp16 or bf16 in a cast bundle
             load_into(self.module, init_sd, f"--init {self.init}", dtype=torch.float32)
-            self.module.to(self.device)  # assign=True left the parameters where the file was read: the CPU
-        elif resume is None:
+        self.module.to(self.device)
+        self.forward_module = self.module
+        if self.init is None and resume is None:
             self._set_latent_stats()
 
     def _init_bundle(self) -> Path:

@@ -1,0 +1,57 @@
+"""`pictor convert flux`: FLUX.1 original single files (ComfyUI's prefix included) become a bundle."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pictor.checkpoint import CheckpointError, load_bundle
+from pictor.convert import convert_flux
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import Flux, FluxParams
+from pictor.presets import get_preset
+
+# Head size 32 split 1:7:7 as FLUX.1 does (axes 4, 14, 14): the architecture is read off the shapes.
+PARAMS = {**get_preset("tiny")["model"], "hidden_size": 64, "num_heads": 2, "axes_dim": [4, 14, 14]}
+
+
+def _files(root: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    flux = Flux(FluxParams.from_dict(PARAMS))
+    ae = AutoEncoder(AutoEncoderParams.from_dict(get_preset("tiny")["autoencoder"]))
+    paths = {"transformer": root / "flux1-dev.safetensors", "ae": root / "ae.safetensors"}
+    comfy = {f"model.diffusion_model.{k}": v.contiguous() for k, v in flux.state_dict().items()}
+    save_file(comfy, paths["transformer"])
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, paths["ae"])
+    for name in ("t5", "clip"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+        paths[name] = root / name
+    return paths
+
+
+def test_single_files_become_a_bundle(tmp_path: Path) -> None:
+    f = _files(tmp_path)
+    out = convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "bundle")
+    bundle = load_bundle(out, verify=True)
+    original = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(f["transformer"]).items()}
+    assert bundle.transformer.keys() == original.keys()
+    assert all(torch.equal(bundle.transformer[k], original[k]) for k in original)
+    assert bundle.config.model["axes_dim"] == [4, 14, 14] and bundle.config.name == "flux1-dev"
+    assert bundle.config.text_encoder["t5"]["path"] == str(f["t5"].resolve())
+    assert stat.S_IMODE(out.stat().st_mode) & 0o044  # readable by others under the usual umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_wrong_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    f = _files(tmp_path)
+    with pytest.raises(CheckpointError, match="not a T5 model folder"):
+        convert_flux(f["transformer"], f["ae"], tmp_path / "nowhere", f["clip"], tmp_path / "bundle")
+    with pytest.raises(CheckpointError, match="not an LDM/FLUX autoencoder"):
+        convert_flux(f["transformer"], f["transformer"], f["t5"], f["clip"], tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
