@@ -11,19 +11,13 @@ import torch
 from safetensors import safe_open
 
 from pictor.checkpoint import (
-    AE_PREFIXES,
     AUTOENCODER_FILE,
     CONFIG_NAME,
-    FLUX_PREFIXES,
     STORAGE_DTYPES,
     TRANSFORMER_FILE,
     BundleConfig,
     CheckpointError,
     check_keys,
-    import_flux_autoencoder,
-    import_flux_transformer,
-    infer_autoencoder_params,
-    infer_flux_params,
     is_bundle,
     read_bundle_config,
     read_bundle_file,
@@ -32,6 +26,14 @@ from pictor.checkpoint import (
     staged_dir,
     write_json,
     write_safetensors,
+)
+from pictor.flux_files import (
+    AE_PREFIXES,
+    FLUX_PREFIXES,
+    import_flux_autoencoder,
+    import_flux_transformer,
+    infer_autoencoder_params,
+    infer_flux_params,
 )
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
