@@ -234,6 +234,30 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path: Path, ae_ru
     assert summary["ema_sha256"] == ref["ema_sha256"]
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes_the_curve(
+    tmp_path: Path, ae_run: Path, run_a: Path
+) -> None:
+    out = tmp_path / "timed"
+    base = [*T2I_FLAGS, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)]
+    # A budget far shorter than any step: the run stops after its first one, whatever the machine.
+    proc = subprocess.run(
+        _cli("t2i", *base, "--max-minutes", "1e-7"), env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"stopped at step 1 of {STEPS}" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["step"], summary["stopped_by"]) == (1, "max_minutes")
+    assert (out / "final" / "config.json").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    # The budget belonged to that invocation: resuming without one runs to --max-steps, on run A's curve.
+    _run(_cli("t2i", *base, "--resume"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["step"], summary["stopped_by"], summary["resumed_from"]) == (STEPS, "max_steps", 1)
+    assert _losses(out) == _losses(run_a)
+    with pytest.raises(ConfigError, match="max_minutes must be > 0"):
+        TrainConfig(stage="t2i", out=str(tmp_path / "x"), preset="tiny", max_minutes=0).resolve()
+
+
 def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, run_a: Path) -> None:
     out = tmp_path / "ddp"
     flags = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's batch 4

@@ -42,6 +42,7 @@ _FIELDS = {
     "eval_prompts": "eval_prompts",
     "eval_images": "eval_images_per_prompt",
     "device": "device",
+    "max_minutes": "max_minutes",
     "num_workers": "num_workers",
     "mixed_precision": "mixed_precision",
     "base": "base",
@@ -109,6 +110,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int, default=None, help="data loader processes")
     t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
+    t.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes of this run (checkpoint + final/, as at --max-steps); "
+        "--resume continues. The LR schedule still spans --max-steps",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return t
 
@@ -138,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             _note(
                 f"warning: resuming with changed {changed}: the loss curve will differ from the original run"
             )
-        cfg = dataclasses.replace(saved, out=args.out, **overrides)
+        # A time budget belongs to one invocation: a resumed run does not inherit the last one's.
+        cfg = dataclasses.replace(saved, out=args.out, **{"max_minutes": None, **overrides})
         _note(f"resuming from {latest}")
         return cfg
     if args.resume:

@@ -97,6 +97,9 @@ class TrainConfig:
     eval_images_per_prompt: int = 2
     # Runtime (not part of the trajectory).
     device: str | None = None
+    # Wall-clock budget of this invocation (None: none): at the first step past it the run stops as if
+    # max_steps were reached (checkpoint + final), so a time-limited job never loses its work.
+    max_minutes: float | None = None
     num_workers: int | None = None  # data loader processes; None: 0 on CPU, up to 8 on CUDA
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +189,10 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"max_minutes must be > 0 (or unset), got {self.max_minutes}",
+        )
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr is not None and self.lr > 0, f"lr must be > 0, got {self.lr}")

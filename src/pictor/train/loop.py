@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,9 @@ class Trainer:
             else None
         )
         started = time.perf_counter() - self.elapsed
+        deadline = None if cfg.max_minutes is None else time.perf_counter() + 60.0 * cfg.max_minutes
         loss_value = math.nan
+        stopped_by = "max_steps"
         self.model.train()
         try:
             while self.step < cfg.max_steps:
@@ -183,13 +186,27 @@ class Trainer:
                     log.step(record)
                 self.elapsed = now - started
                 self._periodic(log)
+                if deadline is not None and self._out_of_time(deadline):
+                    if info.is_main:
+                        print(
+                            f"pictor train: stopped at step {self.step} of {cfg.max_steps}: "
+                            f"--max-minutes {cfg.max_minutes:g} reached; --resume continues",
+                            file=sys.stderr,
+                        )
+                    stopped_by = "max_minutes"
+                    break
             self.save()  # the end of the run is always a checkpoint (a no-op if this step has one)
             final = self._write_final()
-            self._write_summary(loss_value)
+            self._write_summary(loss_value, stopped_by)
         finally:
             if log is not None:
                 log.close()
         return TrainResult(self.out, self.step, final, loss_value, self.resumed_from)
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether any rank is past the deadline: all ranks must stop at the same step or DDP hangs."""
+        late = torch.tensor([1.0 if time.perf_counter() >= deadline else 0.0], device=self.device)
+        return bool(distributed.mean(late, self.info).item() > 0)
 
     def _periodic(self, log: RunLog | None) -> None:
         cfg, step = self.cfg, self.step
@@ -254,7 +271,7 @@ class Trainer:
         distributed.barrier(self.info)
         return final
 
-    def _write_summary(self, loss: float) -> None:
+    def _write_summary(self, loss: float, stopped_by: str) -> None:
         """Per-rank checksums of the raw weights: DDP ranks must hold identical models."""
         digest = state_dict_hash(self.model.state_dict())
         local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
@@ -268,6 +285,7 @@ class Trainer:
                     "world_size": self.info.world_size,
                     "global_batch": self.cfg.global_batch(self.info.world_size),
                     "resumed_from": self.resumed_from,
+                    "stopped_by": stopped_by,  # max_steps, or max_minutes (then --resume continues)
                     "final": FINAL,
                     "weights_sha256_per_rank": sums,
                     "ema_sha256": state_dict_hash(self.ema.state_dict()),
