@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "sampling": 1,
     "checkpoint": 1,
     "convert": 1,
+    "bundle_defaults": 1,
     "flux_files": 1,
     "locate": 1,
     "presets": 1,

@@ -224,6 +224,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pictor.convert import cast_bundle, convert_flux
 
+    if args.format == "defaults":
+        from pictor.bundle_defaults import SETTABLE, set_defaults
+
+        before, after = set_defaults(args.bundle, **{k: getattr(args, k) for k in SETTABLE})
+        for key in sorted(set(before) | set(after)):
+            old, new = before.get(key), after.get(key)
+            print(f"{key:<14} {old}" + (f" -> {new}" if new != old else ""))
+        return 0
     if args.format == "dtype":
         src = Path(args.bundle)
         before = _folder_bytes(src) if src.is_dir() else 0  # cast_bundle says what is wrong with src

@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("bundle", help="the bundle folder to read")
     cd.add_argument("--dtype", required=True, choices=("fp16", "bf16", "fp32"), help="storage dtype")
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
+    cg = csub.add_parser(
+        "defaults",
+        help="show or set a bundle's generation defaults (config.json only; weights and hashes untouched)",
+    )
+    cg.add_argument("bundle", help="the bundle folder (changed in place)")
+    cg.add_argument("--width", type=int, default=None)
+    cg.add_argument("--height", type=int, default=None)
+    cg.add_argument("--steps", type=int, default=None)
+    cg.add_argument("--guidance", type=float, default=None)
+    cg.add_argument("--sampler", default=None)
+    cg.add_argument("--schedule", default=None)
     train_command.add_train_parser(sub)
     _add_serve_parser(sub)
     return parser
