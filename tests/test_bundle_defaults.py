@@ -6,33 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_bundle import tiny_models
 
 from pictor.bundle_defaults import set_defaults
-from pictor.checkpoint import BundleConfig, CheckpointError, load_bundle, read_bundle_config, save_bundle
+from pictor.checkpoint import CheckpointError, load_bundle, read_bundle_config, save_bundle
 from pictor.cli import main
 from pictor.loading import load
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
-from pictor.models.flux import Flux, FluxParams
 from pictor.pipeline import GenerationRequest
-from pictor.presets import get_preset
 
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
-    p = get_preset("tiny")
-    torch.manual_seed(0)
-    cfg = BundleConfig(
-        name="tiny-random",
-        preset="tiny",
-        model=p["model"],
-        autoencoder=p["autoencoder"],
-        text_encoder=p["text_encoder"],
-        defaults=p["defaults"],
-        training={"stage": "t2i", "step": 7},
-    )
-    flux = Flux(FluxParams.from_dict(p["model"]))
-    ae = AutoEncoder(AutoEncoderParams.from_dict(p["autoencoder"]))
+    cfg, flux, ae = tiny_models(training={"stage": "t2i", "step": 7})
     save_bundle(tmp_path / "b", cfg, flux.state_dict(), ae.state_dict())
     return tmp_path / "b"
 

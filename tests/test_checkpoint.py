@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_bundle import tiny_models
 
 import pictor.checkpoint as ckpt
 from pictor.checkpoint import (
@@ -17,27 +18,13 @@ from pictor.checkpoint import (
     read_safetensors,
     save_bundle,
 )
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
 
 
 def _models() -> tuple[BundleConfig, Flux, AutoEncoder]:
-    p = get_preset("tiny")
-    torch.manual_seed(0)
-    cfg = BundleConfig(
-        name="t",
-        preset="tiny",
-        model=p["model"],
-        autoencoder=p["autoencoder"],
-        text_encoder=p["text_encoder"],
-        defaults=p["defaults"],
-    )
-    return (
-        cfg,
-        Flux(FluxParams.from_dict(p["model"])),
-        AutoEncoder(AutoEncoderParams.from_dict(p["autoencoder"])),
-    )
+    return tiny_models("t")
 
 
 def test_bundle_round_trip_with_hashes(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_bundle import tiny_models
 
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     TRANSFORMER_FILE,
-    BundleConfig,
     CheckpointError,
     load_bundle,
     read_safetensors,
@@ -22,31 +22,15 @@ from pictor.checkpoint import (
 from pictor.cli import main
 from pictor.convert import cast_bundle
 from pictor.loading import load
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
-from pictor.models.flux import Flux, FluxParams
 from pictor.pipeline import GenerationRequest
-from pictor.presets import get_preset
 
 
 def _bundle(path: Path, big: float | None = None) -> Path:
     """A tiny bundle with random (seeded) weights; ``big`` puts that value into one transformer weight."""
-    p = get_preset("tiny")
-    torch.manual_seed(0)
-    flux = Flux(FluxParams.from_dict(p["model"]))  # default init: no zeroed layers, every weight matters
-    ae = AutoEncoder(AutoEncoderParams.from_dict(p["autoencoder"]))
+    cfg, flux, ae = tiny_models(description="random weights for a test", training={"stage": "t2i", "step": 7})
     sd = flux.state_dict()
     if big is not None:
         sd = {**sd, "img_in.bias": sd["img_in.bias"].clone().index_fill_(0, torch.tensor([0]), big)}
-    cfg = BundleConfig(
-        name="tiny-random",
-        preset="tiny",
-        model=p["model"],
-        autoencoder=p["autoencoder"],
-        text_encoder=p["text_encoder"],
-        defaults=p["defaults"],
-        description="random weights for a test",
-        training={"stage": "t2i", "step": 7},
-    )
     save_bundle(path, cfg, sd, ae.state_dict())
     return path
 

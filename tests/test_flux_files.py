@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_bundle import tiny_models
 
 from pictor.checkpoint import CheckpointError, load_into
 from pictor.flux_files import (
@@ -19,9 +20,8 @@ from pictor.presets import get_preset
 
 
 def _models() -> tuple[Flux, AutoEncoder]:
-    p = get_preset("tiny")
-    torch.manual_seed(0)
-    return Flux(FluxParams.from_dict(p["model"])), AutoEncoder(AutoEncoderParams.from_dict(p["autoencoder"]))
+    _, flux, ae = tiny_models()
+    return flux, ae
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
