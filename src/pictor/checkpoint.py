@@ -103,6 +103,23 @@ def as_if_created(path: str | os.PathLike[str], directory: bool = False) -> None
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` for the block to write: synced, given the umask's mode and renamed over
+    ``path`` when the block ends, removed when it raises, so a reader sees the old file or the new one."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        as_if_created(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> str:
@@ -111,36 +128,17 @@ def write_safetensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=metadata)
-        _fsync(tmp)
-        as_if_created(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
     return sha256_file(path)
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        as_if_created(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(Path(path)) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _fsync(path: str) -> None:
+def _fsync(path: str | os.PathLike[str]) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

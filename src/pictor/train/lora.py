@@ -12,9 +12,7 @@ A resumed run checks that the base is the same model (SHA-256 of its transformer
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +24,11 @@ from torch import Tensor, nn
 from pictor import __version__
 from pictor.checkpoint import (
     CheckpointError,
-    as_if_created,
     load_bundle,
     load_into,
     model_hash,
     read_safetensors,
+    staged_file,
     state_dict_hash,
 )
 from pictor.locate import resolve
@@ -187,15 +185,8 @@ class LoRAStage(T2IStage):
     def publish(self, final: Path) -> Path:
         """Copy final/lora.safetensors to OUT/lora.safetensors (atomically) and return that path."""
         out = Path(self.cfg.out) / LORA_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{LORA_FILE}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
+        with staged_file(out) as tmp:
             shutil.copyfile(final / LORA_FILE, tmp)
-            as_if_created(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return out
 
     def state(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ from torch import nn
 
 from pictor.checkpoint import (
     CheckpointError,
-    as_if_created,
     read_safetensors,
     replace_dir,
+    staged_file,
     write_json,
     write_safetensors,
 )
@@ -206,17 +205,8 @@ def write_checkpoint(
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        as_if_created(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
