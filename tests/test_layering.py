@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "checkpoint": 1,
     "convert": 1,
     "bundle_defaults": 1,
+    "generation_settings": 1,
     "flux_files": 1,
     "locate": 1,
     "presets": 1,

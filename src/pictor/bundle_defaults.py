@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pictor.checkpoint import CONFIG_NAME, CheckpointError, is_bundle, read_bundle_config, write_json
+from pictor.generation_settings import settings_problem
 from pictor.models.autoencoder import AutoEncoderParams
-from pictor.sampling import SAMPLERS, SCHEDULES
 
 SETTABLE = ("width", "height", "steps", "guidance", "sampler", "schedule")
 
@@ -27,19 +27,9 @@ def _check(changes: dict[str, Any], multiple: int) -> None:
     unknown = sorted(set(changes) - set(SETTABLE))
     if unknown:
         raise CheckpointError(f"cannot set default(s) {unknown}; settable: {', '.join(SETTABLE)}")
-    for name in ("width", "height"):
-        if name in changes and (changes[name] <= 0 or changes[name] % multiple):
-            raise CheckpointError(f"default {name} {changes[name]} must be a positive multiple of {multiple}")
-    if "steps" in changes and changes["steps"] < 1:
-        raise CheckpointError(f"default steps must be >= 1, got {changes['steps']}")
-    if "guidance" in changes and changes["guidance"] < 0:
-        raise CheckpointError(f"default guidance must be >= 0, got {changes['guidance']}")
-    if "sampler" in changes and changes["sampler"] not in SAMPLERS:
-        raise CheckpointError(f"unknown sampler '{changes['sampler']}'; choose one of {', '.join(SAMPLERS)}")
-    if "schedule" in changes and changes["schedule"] not in SCHEDULES:
-        raise CheckpointError(
-            f"unknown schedule '{changes['schedule']}'; choose one of {', '.join(SCHEDULES)}"
-        )
+    problem = settings_problem(multiple, **changes)
+    if problem:
+        raise CheckpointError(f"default {problem}")
 
 
 def set_defaults(bundle: str | os.PathLike[str], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:

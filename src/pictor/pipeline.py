@@ -31,16 +31,16 @@ from pictor.checkpoint import (
 )
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
 from pictor.editing import EditInputs, EditRequest, prepare_edit
+from pictor.generation_settings import settings_problem
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
-from pictor.sampling import SAMPLERS, cfg, get_sampler, get_schedule
+from pictor.sampling import cfg, get_sampler, get_schedule
 
 # (step, total) -> None; raising from it cancels the generation.
 ProgressFn = Callable[[int, int], None]
 
-MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 GUIDANCE_MODES = ("cfg", "distilled", "none")
 # An edit's size comes from its image (and expand), never from the request.
@@ -136,21 +136,11 @@ class Pipeline:
         )
         if not isinstance(r.prompt, str):
             raise GenerationError("prompt must be a string")
-        for name in ("width", "height"):
-            value = getattr(r, name)
-            if value <= 0 or value % self.patch:
-                lo, hi = (value // self.patch) * self.patch, (value // self.patch + 1) * self.patch
-                near = f"{lo} or {hi}" if lo > 0 else str(hi)
-                raise GenerationError(
-                    f"{name} {value} does not fit the latent packing: it must be a positive multiple of "
-                    f"{self.patch} (autoencoder factor {self.patch // 2} x 2x2 patches); try {near}"
-                )
-        if not 1 <= r.steps <= MAX_STEPS:
-            raise GenerationError(f"steps must be between 1 and {MAX_STEPS}, got {r.steps}")
-        if r.guidance < 0:
-            raise GenerationError(f"guidance must be >= 0, got {r.guidance}")
-        if r.sampler not in SAMPLERS:
-            raise GenerationError(f"unknown sampler '{r.sampler}'; choose one of {', '.join(SAMPLERS)}")
+        problem = settings_problem(
+            self.patch, width=r.width, height=r.height, steps=r.steps, guidance=r.guidance, sampler=r.sampler
+        )
+        if problem:
+            raise GenerationError(problem)
         if r.num_images < 1:
             raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
         if r.batch_size is not None and r.batch_size < 1:
