@@ -20,7 +20,6 @@ other text would meet zero rows.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -58,10 +57,9 @@ def _captions(first_seed: int, n: int) -> list[str]:
 
 
 def _dev_prompts() -> list[str]:
-    from importlib.resources import files
+    from pictor.eval.shapes import load_prompts
 
-    text = (files("pictor.eval") / "shapes-dev.jsonl").read_text()
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    return [spec["prompt"] for spec in load_prompts()]
 
 
 def _token_ids(folder: Path, texts: list[str]) -> set[int]:
