@@ -141,7 +141,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from pictor.checkpoint import is_bundle, read_bundle_config
     from pictor.presets import PRESETS
-    from pictor.provenance import parse_parameters, read_text_chunks
+    from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
 
     target = Path(args.target)
     if target.is_file():
@@ -151,6 +151,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["pictor"] = json.loads(chunks["pictor"])
         if "parameters" in chunks:
             info["parameters"] = parse_parameters(chunks["parameters"])
+        if RENDER_KEY in chunks:
+            info["render"] = json.loads(chunks[RENDER_KEY])
         if not info:
             print(f"{target}: no generation metadata found", file=sys.stderr)
             return 1
@@ -159,8 +161,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             if "parameters" in chunks:
                 print(chunks["parameters"])
-            if "pictor" in info:
-                print(json.dumps(info["pictor"], indent=2, ensure_ascii=False))
+            for key in ("pictor", "render"):
+                if key in info:
+                    print(json.dumps(info[key], indent=2, ensure_ascii=False))
         return 0
     if target.is_dir() and is_bundle(target):
         print(json.dumps(read_bundle_config(target).to_dict(), indent=2))
@@ -192,6 +195,8 @@ def cmd_models(_args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.suite == "distribution":
+        return _eval_distribution(args)
     from pictor.eval.shapes_run import run_shapes_eval
 
     pipe = None
@@ -207,6 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.out,
         ground_truth=args.ground_truth,
         through_autoencoder=args.through_autoencoder,
+        save_images=args.save_images,
         limit=args.limit,
         progress=_progress_bar("prompts"),
         steps=args.steps,
@@ -218,6 +224,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'overall':<14} {report['overall']:.3f}  ({report['n_images']} images)")
     if args.out:
         print(f"report: {args.out}  contact sheet: {report['contact_sheet']}")
+    return 0
+
+
+def _eval_distribution(args: argparse.Namespace) -> int:
+    from pictor.eval.distribution_run import run_distribution_eval
+
+    report = run_distribution_eval(
+        args.real,
+        args.fake,
+        features=args.features,
+        device=args.device,
+        batch_size=args.batch_size,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+        nearest_k=args.nearest_k,
+        seed=args.seed,
+        out=args.out,
+        progress=_progress_bar,
+    )
+    for name in ("real", "fake"):
+        for entry in report["skipped"][name]:
+            print(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    print(f"features   {report['features']} ({report['dim']} dimensions)")
+    print(f"images     real {report['n_real']}, fake {report['n_fake']}")
+    print(f"FD         {report['fd']:.4f}")
+    kid, std, size = report["kid"], report["kid_std"], report["kid_subset_size"]
+    print(f"KID        {kid:.5f} +- {std:.5f} (subsets of {size})")
+    print(f"precision  {report['precision']:.3f}")
+    print(f"recall     {report['recall']:.3f}  (k={report['nearest_k']})")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        print(f"report: {args.out}")
     return 0
 
 

@@ -148,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --ground-truth: score the renders after an encode/decode by the model's autoencoder",
     )
+    es.add_argument(
+        "--save-images",
+        default=None,
+        metavar="DIR",
+        help="also write every image to DIR (new or image-free), e.g. for `pictor eval distribution`",
+    )
+
+    ed = esub.add_parser(
+        "distribution",
+        help="FD, KID, precision and recall between two image folders (generated vs real)",
+    )
+    ed.add_argument("real", help="folder of reference images (searched recursively)")
+    ed.add_argument("fake", help="folder of generated images")
+    ed.add_argument(
+        "--features",
+        default="shapes",
+        help="shapes (no weights; the shapes world), clip:PATH or dinov2:PATH (local model folder)",
+    )
+    ed.add_argument("--device", default="cpu", help="where the feature model runs (cpu, cuda, ...)")
+    ed.add_argument("--batch-size", type=int, default=32)
+    ed.add_argument("--kid-subsets", type=int, default=100)
+    ed.add_argument("--kid-subset-size", type=int, default=1000)
+    ed.add_argument("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    ed.add_argument("--out", default=None, help="report.json")
 
     c = sub.add_parser("convert", help="make a pictor bundle from other formats")
     csub = c.add_subparsers(dest="format", required=True)

@@ -8,7 +8,8 @@ image viewers read)::
     Steps: 20, Sampler: Euler, Schedule type: flux, CFG scale: 4, Seed: 7, Size: 64x64, Model hash: ...
 
 The ``pictor`` chunk is the full generation record as JSON: with it, `pictor reproduce` regenerates the
-same pixels.
+same pixels. Images that no model made (the shapes world's ground-truth renders that `pictor eval shapes
+--save-images` writes) carry a ``pictor-render`` JSON chunk instead: what was drawn, from which seed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image, PngImagePlugin
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "pictor"
+RENDER_KEY = "pictor-render"
 
 SAMPLER_DISPLAY = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
 
@@ -87,18 +89,29 @@ def png_info(record: dict[str, Any]) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, record: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write the PNG with both chunks, atomically (temp name, then rename)."""
+def _save_atomic(image: Image.Image, info: PngImagePlugin.PngInfo, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=png_info(record))
+        image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_png(image: Image.Image, record: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the PNG with both chunks, atomically (temp name, then rename)."""
+    return _save_atomic(image, png_info(record), path)
+
+
+def save_render_png(image: Image.Image, render: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a rendered (not generated) PNG with its ``pictor-render`` chunk, atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(RENDER_KEY, json.dumps(render, ensure_ascii=False, sort_keys=True))
+    return _save_atomic(image, info, path)
 
 
 def read_text_chunks(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -117,6 +130,8 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     chunks = read_text_chunks(path)
     if RECORD_KEY not in chunks:
         hint = " It has A1111 parameters, which `pictor info` shows." if PARAMETERS_KEY in chunks else ""
+        if RENDER_KEY in chunks:
+            hint = " It is a shapes-world render, not a generated image; `pictor info` shows what it draws."
         raise ProvenanceError(f"{path}: no pictor record in this image, so it cannot be reproduced.{hint}")
     try:
         return json.loads(chunks[RECORD_KEY])

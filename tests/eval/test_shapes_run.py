@@ -73,3 +73,38 @@ def test_through_autoencoder_needs_ground_truth(capsys: pytest.CaptureFixture[st
 
     assert main(["eval", "shapes", "--through-autoencoder", "--model", "tiny"]) == 2
     assert "add --ground-truth" in capsys.readouterr().err
+
+
+def test_save_images_writes_both_sets_for_the_distribution_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--save-images: a model's images keep their provenance (reproducible), renders say what they draw,
+    a folder that already holds images is refused, and the two folders feed `pictor eval distribution`."""
+    from pictor.cli import main
+    from pictor.eval.shapes_run import run_shapes_eval
+    from pictor.loading import pipeline_from_preset
+    from pictor.provenance import ProvenanceError, read_record, read_text_chunks
+
+    pipe = pipeline_from_preset("tiny", device="cpu")
+    run_shapes_eval(pipe, None, 2, 5, None, limit=3, steps=1, save_images=tmp_path / "model")
+    made = sorted((tmp_path / "model").glob("*.png"))
+    assert [p.name for p in made][:2] == ["0000-single_object-000-0.png", "0000-single_object-000-1.png"]
+    assert len(made) == 6
+    assert read_record(made[3])["seed"] == 5 + 1 * 2 + 1  # prompt 1, image 1: seed + i * k + j
+
+    report = run_shapes_eval(None, None, 2, 0, None, ground_truth=True, limit=3, save_images=tmp_path / "gt")
+    assert report["images"] == str(tmp_path / "gt")
+    renders = sorted((tmp_path / "gt").glob("*.png"))
+    assert len(renders) == 6
+    render = json.loads(read_text_chunks(renders[1])["pictor-render"])
+    assert render["rng_seed"] == [0, 0, 1] and render["source"] == "ground-truth renders"
+    with pytest.raises(ProvenanceError, match="shapes-world render"):
+        read_record(renders[1])
+    assert main(["info", str(renders[1])]) == 0
+    assert '"rng_seed"' in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="already holds 6 images"):
+        run_shapes_eval(None, None, 1, 0, None, ground_truth=True, limit=1, save_images=tmp_path / "gt")
+    args = ["eval", "distribution", str(tmp_path / "gt"), str(tmp_path / "model"), "--kid-subset-size", "6"]
+    assert main(args) == 0
+    assert "FD " in capsys.readouterr().out

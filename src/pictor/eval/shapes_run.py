@@ -1,23 +1,29 @@
 """`pictor eval shapes`: generate K images per benchmark prompt with a model, score them exactly, report.
 
 Image j of prompt i uses seed + i * K + j, so a report is reproducible and any single image can be
-regenerated from its seed.
+regenerated from its seed. With a save folder every image is also written there as NNNN-ID-J.png (prompt
+index, prompt id, image index): generated ones with their provenance, renders with their `pictor-render`
+chunk; two such folders (a model's and --ground-truth's) are what `pictor eval distribution` compares.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pictor.data.folder import IMAGE_EXTENSIONS
 from pictor.edit_blending import to_model_pixels
 from pictor.eval.shapes import contact_sheet, ground_truth_images, load_prompts, score_images
 from pictor.pipeline import GenerationRequest, Pipeline, to_pil
+from pictor.provenance import save_png, save_render_png
 
 ProgressFn = Callable[[int, int], None]
 
@@ -31,6 +37,7 @@ def generate_for_specs(
     guidance: float | None = None,
     sampler: str | None = None,
     progress: ProgressFn | None = None,
+    save_dir: Path | None = None,
 ) -> list[list[np.ndarray]]:
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
@@ -42,10 +49,44 @@ def generate_for_specs(
             guidance=guidance,
             sampler=sampler,
         )
-        images.append([np.asarray(g.image) for g in pipe.generate(request)])
+        generated = pipe.generate(request)
+        if save_dir is not None:
+            for j, g in enumerate(generated):
+                save_png(g.image, g.record, save_dir / image_name(i, spec, j))
+        images.append([np.asarray(g.image) for g in generated])
         if progress is not None:
             progress(i + 1, len(specs))
     return images
+
+
+def image_name(i: int, spec: dict, j: int) -> str:
+    """NNNN-ID-J.png; characters of the id that a file name should not hold become '_'."""
+    return f"{i:04d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', str(spec.get('id', '')))}-{j}.png"
+
+
+def save_folder(path: str | os.PathLike[str]) -> Path:
+    """A new or image-free folder: adding to one that already holds images would mix two sets."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--save-images {folder} is a file; give a folder")
+    old = [p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+    if old:
+        raise ValueError(
+            f"--save-images {folder} already holds {len(old)} images (e.g. {old[0].name}); give a new or "
+            "empty folder, so that it holds exactly one evaluation's images"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_renders(
+    specs: list[dict], images: list[list[np.ndarray]], seed: int, folder: Path, meta: dict[str, Any]
+) -> None:
+    for i, (spec, row) in enumerate(zip(specs, images, strict=True)):
+        for j, img in enumerate(row):
+            # ground_truth_images draws image j of spec i from default_rng([seed, i, j])
+            render = {**meta, "spec": spec, "rng_seed": [seed, i, j]}
+            save_render_png(Image.fromarray(img), render, folder / image_name(i, spec, j))
 
 
 def autoencoder_roundtrip(pipe: Pipeline, images: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
@@ -94,6 +135,7 @@ def run_shapes_eval(
     limit: int | None = None,
     progress: ProgressFn | None = None,
     through_autoencoder: bool = False,
+    save_images: str | os.PathLike[str] | None = None,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score `pipe`'s images, or with ``ground_truth`` renders of the specs; ``through_autoencoder`` (with
@@ -104,6 +146,7 @@ def run_shapes_eval(
     specs = load_prompts(prompts)
     if limit is not None:
         specs = specs[:limit]
+    folder = save_folder(save_images) if save_images is not None else None
     if ground_truth:
         images = ground_truth_images(specs, k, seed)
         meta: dict[str, Any] = {"source": "ground-truth renders"}
@@ -114,9 +157,13 @@ def run_shapes_eval(
                 "source": "ground-truth renders through the model's autoencoder",
                 "model": {"name": pipe.name, "hash": pipe.hash},
             }
+        if folder is not None:
+            save_renders(specs, images, seed, folder, meta)
     else:
         assert pipe is not None
-        images = generate_for_specs(pipe, specs, k, seed, progress=progress, **generation)
+        images = generate_for_specs(pipe, specs, k, seed, progress=progress, save_dir=folder, **generation)
         meta = {"source": "model", "model": {"name": pipe.name, "hash": pipe.hash}}
     meta.update({"prompts": prompts or "shapes-dev (packaged)", "images_per_prompt": k, "seed": seed})
+    if folder is not None:
+        meta["images"] = str(folder)
     return evaluate(specs, images, out, meta)

@@ -1,0 +1,46 @@
+"""`pictor eval distribution`: featurize two image folders with one extractor and compare the sets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pictor.checkpoint import write_json
+from pictor.eval.distribution import KID_SUBSET_SIZE, KID_SUBSETS, NEAREST_K, compare
+from pictor.eval.image_features import build_extractor, featurize_folder
+
+
+def run_distribution_eval(
+    real: str | Path,
+    fake: str | Path,
+    features: str = "shapes",
+    device: str = "cpu",
+    batch_size: int = 32,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    nearest_k: int = NEAREST_K,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+) -> dict:
+    """The report of `compare` plus where the features came from and which files were skipped; written to
+    out (atomically) when given. progress(set_name) returns the (done, total) callback for one folder."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    extractor = build_extractor(features, device)
+    feats, skipped = {}, {}
+    for name, folder in (("real", real), ("fake", fake)):
+        feats[name], skipped[name] = featurize_folder(
+            folder, extractor, batch_size, progress(name) if progress else None
+        )
+    report = {
+        "real": str(real),
+        "fake": str(fake),
+        "features": extractor.name,
+        **compare(feats["real"], feats["fake"], kid_subsets, kid_subset_size, nearest_k, seed),
+        "seed": seed,
+        "skipped": {name: [{"path": p, "reason": r} for p, r in s] for name, s in skipped.items()},
+    }
+    if out is not None:
+        write_json(report, out)
+    return report
