@@ -105,6 +105,10 @@ def test_save_images_writes_both_sets_for_the_distribution_eval(
 
     with pytest.raises(ValueError, match="already holds 6 images"):
         run_shapes_eval(None, None, 1, 0, None, ground_truth=True, limit=1, save_images=tmp_path / "gt")
+    (tmp_path / "nested" / "old").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "nested" / "old" / "x.png")  # distribution reads subfolders too
+    with pytest.raises(ValueError, match="already holds 1 images"):
+        run_shapes_eval(None, None, 1, 0, None, ground_truth=True, limit=1, save_images=tmp_path / "nested")
     args = ["eval", "distribution", str(tmp_path / "gt"), str(tmp_path / "model"), "--kid-subset-size", "6"]
     assert main(args) == 0
     assert "FD " in capsys.readouterr().out

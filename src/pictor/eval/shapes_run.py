@@ -69,7 +69,8 @@ def save_folder(path: str | os.PathLike[str]) -> Path:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--save-images {folder} is a file; give a folder")
-    old = [p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+    # Recursive, as `pictor eval distribution` reads folders.
+    old = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
     if old:
         raise ValueError(
             f"--save-images {folder} already holds {len(old)} images (e.g. {old[0].name}); give a new or "
