@@ -30,6 +30,7 @@ from torch import Tensor
 from pictor.data.folder import IMAGE_EXTENSIONS, to_rgb
 from pictor.data.shapes_render import COLORS, SHAPES
 from pictor.eval.shapes_detect import detect_objects
+from pictor.models.text_encoder import model_folder_config
 
 SHAPES_FEATURE_NAMES: tuple[str, ...] = (
     *(f"n_{s}" for s in SHAPES),
@@ -108,16 +109,8 @@ class VisionModelFeatures:
 
     def __init__(self, kind: str, path: str | Path, device: str = "cpu") -> None:
         folder = Path(path)
-        config = _read_json(folder / "config.json")
-        if not config:
-            raise FileNotFoundError(
-                f"{kind} features: {folder} has no config.json; give a folder written by save_pretrained()"
-            )
-        if config.get("model_type") not in _MODEL_TYPES[kind]:
-            raise ValueError(
-                f"{kind} features: {folder} holds a '{config.get('model_type')}' model, expected one of "
-                f"{list(_MODEL_TYPES[kind])}"
-            )
+        # The same folder checks as the text encoders': config.json, safetensors only, the model type.
+        config = model_folder_config(folder, set(_MODEL_TYPES[kind]), f"{kind} features")
         self.name = f"{kind}:{folder}"
         self.kind = kind
         self.device = torch.device(device)
@@ -144,11 +137,6 @@ class VisionModelFeatures:
         from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
         cls = CLIPVisionModelWithProjection if kind == "clip" else Dinov2Model
-        if not any(folder.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"{kind} features: no .safetensors weights in {folder} (pictor does not load pickled "
-                ".bin/.pt files; re-save the model with save_pretrained(safe_serialization=True))"
-            )
         try:
             model = cls.from_pretrained(
                 str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
