@@ -7,6 +7,7 @@ The model returns the velocity for the packed latent tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -133,12 +134,16 @@ class Flux(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        img_residuals: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
         img_ids ``[B, N, 3]`` or ``[N, 3]``; txt ``[B, L, context_in_dim]``; txt_ids ``[B, L, 3]`` or
         ``[L, 3]``; timesteps ``[B]`` in [0, 1] (t=1 noise); y ``[B, vec_in_dim]`` pooled text vector;
         guidance ``[B]`` distilled-guidance scale, required iff ``params.guidance_embed``.
+        img_residuals: one ``[B, N, hidden_size]`` tensor per block (double blocks, then single blocks),
+        added to the image stream before that block: how adapters such as `LayoutAdapter` condition a
+        frozen model. None (FLUX.1's forward) adds nothing.
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -155,13 +160,35 @@ class Flux(nn.Module):
         # RoPE angles once per forward, shared by every block; batch 1 when the ids are shared by the batch.
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
-        for block in self.double_blocks:
+        res = self._check_residuals(img_residuals, img)
+        for i, block in enumerate(self.double_blocks):
+            if res is not None:
+                img = img + res[i]
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        n_txt = txt.shape[1]
+        for j, block in enumerate(self.single_blocks):
+            if res is not None:
+                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[len(self.double_blocks) + j]), dim=1)
             x = block(x, vec=vec, pe=pe)
-        img = x[:, txt.shape[1] :, ...]
+        img = x[:, n_txt:, ...]
         return self.final_layer(img, vec)  # [B, N, out_channels]
+
+    def _check_residuals(self, residuals: Sequence[Tensor] | None, img: Tensor) -> Sequence[Tensor] | None:
+        if residuals is None:
+            return None
+        n = len(self.double_blocks) + len(self.single_blocks)
+        if len(residuals) != n:
+            raise ValueError(
+                f"Flux: img_residuals must hold one tensor per block ({n}), got {len(residuals)}"
+            )
+        for r in residuals:
+            if not isinstance(r, Tensor) or r.shape != img.shape:
+                raise ValueError(
+                    f"Flux: each img_residuals tensor must be {list(img.shape)} (the embedded image tokens), "
+                    f"got {_shape(r)}"
+                )
+        return residuals
 
     def _check_inputs(
         self,
