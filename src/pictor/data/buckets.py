@@ -52,17 +52,23 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - target))
 
 
-def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
-    """Resize so the image covers the bucket (keeping its aspect), then crop the centre to exactly it."""
+def cover_crop(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where `resize_to_bucket` takes an image of `size` (w, h): the resized size and the crop box in it."""
     bw, bh = bucket
-    w, h = image.size
+    w, h = size
     scale = max(bw / w, bh / h)
     # ceil, so rounding never leaves the resized image a pixel short of the bucket.
     nw, nh = max(bw, math.ceil(w * scale - 1e-6)), max(bh, math.ceil(h * scale - 1e-6))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
-    return image.crop((left, top, left + bw, top + bh))
+    return (nw, nh), (left, top, left + bw, top + bh)
+
+
+def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
+    """Resize so the image covers the bucket (keeping its aspect), then crop the centre to exactly it."""
+    resized, crop = cover_crop(image.size, bucket)
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+    return image.crop(crop)
 
 
 class BucketBatchSampler:

@@ -8,6 +8,8 @@
 A caption comes from metadata.jsonl when it names the file, else from the .txt beside it, else it is ""
 (counted and reported once). metadata.jsonl files in subfolders also count; their file names are relative
 to their own folder, as in `imagefolder`. Hidden files and folders (".cache", ...) are not scanned.
+A metadata line may also give a "layout", boxes with phrases in fractions of the image (see
+`pictor.data.layouts`), for `pictor train layout`; items carry it moved with their crop and flip.
 
 The folder is scanned once, up front, reading headers only (size, EXIF orientation) plus a cheap
 integrity check, so broken files are reported at construction rather than mid-epoch. Pixels are decoded
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pictor.data.buckets import Bucket, assign_bucket, make_buckets, resize_to_bucket
+from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
+from pictor.data.layouts import LayoutError, crop_layout, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         )
         self.paths: list[Path] = []
         self.captions: list[str] = []
+        # Per image: its layout from metadata.jsonl ("layout": [{"box", "phrase"}]), in fractions of the
+        # original image, or None.
+        self.layouts: list[list[dict[str, Any]] | None] = []
         self.sizes: list[tuple[int, int]] = []
         self.item_buckets: list[Bucket] = []
         self.skipped: list[tuple[str, str]] = []
@@ -187,6 +193,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _read_metadata(self, metas: list[Path], keys: tuple[str, ...]) -> dict[Path, str]:
         captions: dict[Path, str] = {}
+        self._meta_layouts: dict[Path, list[dict[str, Any]]] = {}
         bad: list[tuple[str, str]] = []
         for meta in metas:
             for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
@@ -201,6 +208,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     continue
                 if text is not None:
                     captions[(meta.parent / name).resolve()] = str(text).strip()
+                if "layout" in rec:  # boxes with phrases, for layout training (pictor.data.layouts)
+                    try:
+                        self._meta_layouts[(meta.parent / name).resolve()] = parse_layout(rec["layout"])
+                    except LayoutError as exc:
+                        bad.append((f"{meta}:{n}", f"layout ignored: {exc}"))
         if bad:
             warnings.warn(_summary("metadata.jsonl lines ignored", bad), DatasetWarning, stacklevel=4)
         return captions
@@ -227,6 +239,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 caption = ""
             self.paths.append(path)
             self.captions.append(caption)
+            self.layouts.append(self._meta_layouts.get(path.resolve()))
             self.sizes.append((w, h))
             self.item_buckets.append(assign_bucket(w, h, self.available_buckets))
         if self.skipped:
@@ -277,14 +290,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return image_to_tensor(im)
 
     def item_info(self, index: int) -> dict[str, Any]:
-        """Everything about an item except its pixels."""
-        return {
+        """Everything about an item except its pixels; a layout is moved with the item's crop and flip."""
+        info = {
             "caption": self.captions[index],
             "path": str(self.paths[index]),
             "rel_path": self.rel_path(index),
             "bucket": self.item_buckets[index],
             "flip": self.flip_for(index),
         }
+        layout = self.layouts[index]
+        if layout is not None:
+            resized, crop = cover_crop(self.sizes[index], self.item_buckets[index])
+            info["layout"] = crop_layout(layout, resized, crop, info["flip"])
+        return info
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.item_info(index)

@@ -23,6 +23,7 @@ from pictor.data.shapes_render import (
     ShapeObject,
     half_extent,
     render,
+    unit_vertices,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "render",
     "sample_scene",
     "scene_from_spec",
+    "scene_layout",
 ]
 
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -196,6 +198,25 @@ def sample_scene(rng: np.random.Generator, tag: str | None = None) -> tuple[Scen
     return scene_from_spec(spec, rng), spec
 
 
+def scene_layout(scene: Scene, size: int | tuple[int, int] = 64) -> list[dict]:
+    """Each object's bounding box (fractions of the canvas, y down) with its phrase ("a red circle"): the
+    exact layout of the scene, in the form layout conditioning takes (`pictor.layout_files`)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    short = min(width, height)
+    out = []
+    for obj in scene.objects:
+        if obj.shape == "circle":
+            lo, hi = np.full(2, -obj.size / 2), np.full(2, obj.size / 2)
+        else:  # a triangle or star is not centred on its centroid: the extent of its rotated vertices
+            verts = unit_vertices(obj.shape, obj.angle) * obj.size
+            lo, hi = verts.min(axis=0), verts.max(axis=0)
+        sx, sy = short / width, short / height
+        box = [obj.cx + lo[0] * sx, obj.cy + lo[1] * sy, obj.cx + hi[0] * sx, obj.cy + hi[1] * sy]
+        box = [round(min(max(float(v), 0.0), 1.0), 6) for v in box]
+        out.append({"box": box, "phrase": f"a {obj.color} {obj.shape}"})
+    return out
+
+
 class ShapesDataset:
     """Infinite (image, caption, spec) stream; item i depends only on (seed, i), so a trainer can resume
     at any data position and any worker can produce any item."""
@@ -212,6 +233,7 @@ class ShapesDataset:
         scene, spec = sample_scene(rng)
         text = caption(spec, rng)
         spec["prompt"] = text
+        spec["layout"] = scene_layout(scene, self.size)
         return render(scene, self.size, self.supersample), text, spec
 
     def batch(self, start: int, n: int) -> tuple[np.ndarray, list[str], list[dict]]:

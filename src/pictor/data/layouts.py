@@ -1,0 +1,79 @@
+"""Layouts as data: checking a list of boxes with phrases, and moving it with its image's crop and flip.
+
+A layout is a list of ``{"box": [x0, y0, x1, y1], "phrase": "a red circle"}``: the box in fractions of the
+image's width and height (0 to 1, y grows downward), the phrase what is (or should be) drawn in it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_BOXES = 32
+LAYOUT_EXAMPLE = '[{"box": [0.05, 0.3, 0.45, 0.7], "phrase": "a red circle"}]'
+
+
+class LayoutError(ValueError):
+    """A layout or layout adapter that cannot be used; the message says what to change."""
+
+
+def parse_layout(value: Any) -> list[dict[str, Any]]:
+    """A checked, normalised layout from a list of ``{"box", "phrase"}`` objects (or its JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise LayoutError(f"layout: not valid JSON ({exc}); write it like {LAYOUT_EXAMPLE}") from exc
+    if not isinstance(value, list) or not value:
+        raise LayoutError(f"layout: give a non-empty list of boxes, like {LAYOUT_EXAMPLE}")
+    if len(value) > MAX_BOXES:
+        raise LayoutError(f"layout: at most {MAX_BOXES} boxes, got {len(value)}")
+    return [_box(i, item) for i, item in enumerate(value)]
+
+
+def _box(i: int, item: Any) -> dict[str, Any]:
+    where = f"layout box {i}"
+    if not isinstance(item, dict) or set(item) - {"box", "phrase"} or "box" not in item:
+        raise LayoutError(f"{where}: each box is an object with 'box' and 'phrase', like {LAYOUT_EXAMPLE}")
+    box, phrase = item["box"], item.get("phrase")
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise LayoutError(f"{where}: 'phrase' must be a non-empty string (what to draw in the box)")
+    if (
+        not isinstance(box, list | tuple)
+        or len(box) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+        or not all(math.isfinite(v) for v in box)
+    ):
+        raise LayoutError(f"{where}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise LayoutError(
+            f"{where}: 'box' {list(box)} must be fractions of the image with 0 <= x0 < x1 <= 1 and "
+            "0 <= y0 < y1 <= 1 (y grows downward); divide pixel coordinates by the width and height"
+        )
+    return {"box": [x0, y0, x1, y1], "phrase": phrase.strip()}
+
+
+def crop_layout(
+    layout: list[dict[str, Any]],
+    resized: tuple[int, int],
+    crop: tuple[int, int, int, int],
+    flip: bool = False,
+) -> list[dict[str, Any]]:
+    """The layout of an image resized to ``resized`` (w, h) and cropped to ``crop`` (left, top, right,
+    bottom, in resized pixels), then mirrored if ``flip``; boxes cut off entirely are dropped."""
+    nw, nh = resized
+    left, top, right, bottom = crop
+    cw, ch = right - left, bottom - top
+    out = []
+    for item in layout:
+        x0, y0, x1, y1 = item["box"]
+        bx = [min(max((x * nw - left) / cw, 0.0), 1.0) for x in (x0, x1)]
+        by = [min(max((y * nh - top) / ch, 0.0), 1.0) for y in (y0, y1)]
+        if bx[1] <= bx[0] or by[1] <= by[0]:
+            continue
+        if flip:
+            bx = [1.0 - bx[1], 1.0 - bx[0]]
+        out.append({"box": [bx[0], by[0], bx[1], by[1]], "phrase": item["phrase"]})
+    return out
