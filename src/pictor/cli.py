@@ -16,13 +16,21 @@ from pictor.cli_args import build_parser
 from pictor.train import command as train_command
 
 
-def _load(args: argparse.Namespace, model: str | None = None, loras: list[tuple[str, float]] | None = None):  # type: ignore[no-untyped-def]
-    """The pipeline for a command: the model, then its LoRAs in order."""
+def _load(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace,
+    model: str | None = None,
+    loras: list[tuple[str, float]] | None = None,
+    layout_adapter: str | None = None,
+):
+    """The pipeline for a command: the model, then its LoRAs in order, then a layout adapter if given."""
     from pictor.loading import load
 
     pipe = load(model if model is not None else args.model, device=args.device)
     for path, scale in args.lora if loras is None else loras:
         pipe.add_lora(path, scale)
+    adapter = layout_adapter or getattr(args, "layout_adapter", None)
+    if adapter:
+        pipe.set_layout_adapter(adapter)
     if not pipe.config.trained:
         print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     return pipe
@@ -30,6 +38,8 @@ def _load(args: argparse.Namespace, model: str | None = None, loras: list[tuple[
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings that generate and edit share."""
+    from pictor.layout_files import read_layout_arg
+
     return {
         "negative_prompt": args.negative,
         "steps": args.steps,
@@ -39,6 +49,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "num_images": args.num_images,
         "batch_size": args.batch_size,
+        "layout": read_layout_arg(args.layout) if args.layout is not None else None,
     }
 
 
@@ -131,7 +142,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     model = args.model or record["model"].get("ref") or "default"
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
-    pipe = _load(args, model, loras)
+    # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
+    recorded = (record.get("layout_adapter") or {}).get("path")
+    adapter = args.layout_adapter or (recorded if recorded and Path(recorded).is_file() else None)
+    pipe = _load(args, model, loras, adapter)
     image = reproduce(pipe, record, progress=_progress_bar("reproduce"), source=args.source, mask=args.mask)
     for path in _save([image], args.out):
         print(path)
@@ -213,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ground_truth=args.ground_truth,
         through_autoencoder=args.through_autoencoder,
         save_images=args.save_images,
+        layouts=args.layouts,
         limit=args.limit,
         progress=_progress_bar("prompts"),
         steps=args.steps,
@@ -222,6 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for tag, acc in report["per_tag"].items():
         print(f"{tag:<14} {acc:.3f}")
     print(f"{'overall':<14} {report['overall']:.3f}  ({report['n_images']} images)")
+    if "layout" in report:
+        held = report["layout"]
+        print(f"{'boxes held':<14} {held['box_accuracy']:.3f}  ({held['boxes']} boxes)")
     if args.out:
         print(f"report: {args.out}  contact sheet: {report['contact_sheet']}")
     return 0

@@ -74,6 +74,27 @@ def _add_lora(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_layout_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layout-adapter",
+        default=None,
+        metavar="FILE",
+        help="layout adapter (.safetensors from `pictor train layout`); "
+        "default: the bundle's layout.safetensors",
+    )
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layout",
+        default=None,
+        metavar="FILE|JSON",
+        help='boxes with phrases, e.g. \'[{"box": [0.05, 0.3, 0.45, 0.7], "phrase": "a red circle"}]\' '
+        "(fractions of the image; y grows downward); needs a layout adapter",
+    )
+    _add_layout_adapter(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
@@ -84,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g)
     _add_lora(g)
     _add_sampling(g)
+    _add_layout(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--best-of",
@@ -100,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(ed)
     _add_lora(ed)
     _add_sampling(ed)
+    _add_layout(ed)
     ed.add_argument("--mask", default=None, help="white = repaint, black = keep; the image's size")
     ed.add_argument(
         "--strength",
@@ -119,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image")
     _add_model(r)
     _add_lora(r)
+    _add_layout_adapter(r)
     r.add_argument("--source", default=None, help="for an edit: the image it was made from")
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
@@ -154,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write every image to DIR (new or image-free), e.g. for `pictor eval distribution`",
     )
+    es.add_argument(
+        "--layouts",
+        action="store_true",
+        help="condition each image on the boxes of a ground-truth scene of its prompt (needs a layout "
+        "adapter); the report adds the fraction of boxes that hold their object",
+    )
+    _add_layout_adapter(es)
 
     ed = esub.add_parser(
         "distribution",

@@ -88,6 +88,7 @@ class EditRequest:
     seed: int | None = None
     num_images: int = 1
     batch_size: int | None = None
+    layout: list[dict[str, Any]] | None = None
 
     @property
     def mode(self) -> str:

@@ -9,6 +9,7 @@ import os
 import torch
 
 from pictor.checkpoint import Bundle, BundleConfig, load_bundle, load_into, state_dict_hash
+from pictor.layout_files import LAYOUT_FILE
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
@@ -73,4 +74,7 @@ def load(
         assert ref.path is not None
         pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype)
         pipe.ref = str(ref.path.resolve()) if model not in (None, "default") else "default"
+        # A bundle may carry its layout adapter (`pictor train layout` output copied beside its weights).
+        if (ref.path / LAYOUT_FILE).is_file():
+            pipe.set_layout_adapter(ref.path / LAYOUT_FILE)
     return pipe

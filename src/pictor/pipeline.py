@@ -32,8 +32,10 @@ from pictor.checkpoint import (
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
 from pictor.editing import EditInputs, EditRequest, prepare_edit
 from pictor.generation_settings import settings_problem
+from pictor.layout_files import LayoutError, layout_tensors, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from pictor.models.layout import LayoutAdapter
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.sampling import cfg, get_sampler, get_schedule
@@ -65,6 +67,8 @@ class GenerationRequest:
     num_images: int = 1
     # Images per sampler run; None runs all images of the request together.
     batch_size: int | None = None
+    # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.
+    layout: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -102,6 +106,9 @@ class Pipeline:
         self.ref: str | None = None
         # LoRAs applied to the transformer, in order; each entry goes into every record.
         self.loras: list[dict[str, Any]] = []
+        # The layout adapter (boxes with phrases), if one is loaded, and its entry for the records.
+        self.layout_adapter: LayoutAdapter | None = None
+        self.layout_info: dict[str, Any] | None = None
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -147,6 +154,17 @@ class Pipeline:
             raise GenerationError(f"batch size must be >= 1, got {r.batch_size}")
         if not 0 <= r.seed <= MAX_SEED - r.num_images:
             raise GenerationError(f"seed must be between 0 and {MAX_SEED - r.num_images}, got {r.seed}")
+        if r.layout is not None:
+            try:
+                r = replace(r, layout=parse_layout(r.layout))
+            except LayoutError as exc:
+                raise GenerationError(str(exc)) from exc
+            if self.layout_adapter is None:
+                raise GenerationError(
+                    f"model '{self.name}' has no layout adapter, so it cannot follow a layout: pass one "
+                    "with --layout-adapter FILE (train it with `pictor train layout --base MODEL`), or drop "
+                    "the layout"
+                )
         if r.negative_prompt and self.guidance_mode != "cfg":
             raise GenerationError(
                 f"model '{self.name}' uses {self.guidance_mode} guidance, which has no negative prompt; "
@@ -258,7 +276,13 @@ class Pipeline:
         guidance = float(r.guidance or 0.0)
         use_cfg = self.guidance_mode == "cfg" and guidance != 1.0
 
-        def model(x: torch.Tensor, t: torch.Tensor, emb: TextEmbeddings, ids: torch.Tensor) -> torch.Tensor:
+        def model(
+            x: torch.Tensor,
+            t: torch.Tensor,
+            emb: TextEmbeddings,
+            ids: torch.Tensor,
+            residuals: list[torch.Tensor] | None,
+        ) -> torch.Tensor:
             n = x.shape[0]
             txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
             vec = emb.pooled.expand(n, -1) if emb.pooled.shape[0] == 1 else emb.pooled
@@ -266,10 +290,16 @@ class Pipeline:
             if self.guidance_mode == "distilled":
                 g = torch.full((n,), guidance, device=self.device, dtype=self.dtype)
             txt_ids = make_txt_ids(n, txt.shape[1]).to(self.device, self.dtype)
-            return self.transformer(x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g)
+            return self.transformer(
+                x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g, img_residuals=residuals
+            )
 
+        # The layout's residuals depend on neither x nor t: computed once per sampler run. Under CFG both
+        # halves get them (as GLIGEN), so guidance amplifies the prompt, not the layout.
+        res = self.layout_residuals(r.layout, batch, lat_h, lat_w) if r.layout else None
         if not use_cfg:
-            return lambda x, t: model(x, t, cond, img_ids)
+            return lambda x, t: model(x, t, cond, img_ids, res)
+        res2 = [torch.cat([v, v]) for v in res] if res is not None else None
         uncond = self.encode_text([r.negative_prompt])
         both = TextEmbeddings(
             tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
@@ -277,7 +307,38 @@ class Pipeline:
             pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
         )
         ids2 = torch.cat([img_ids, img_ids])
-        return cfg(lambda x2, t2: model(x2, t2, both, ids2), guidance)
+        return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2), guidance)
+
+    def layout_residuals(
+        self, layout: list[dict[str, Any]], batch: int, lat_h: int, lat_w: int
+    ) -> list[torch.Tensor]:
+        """The layout adapter's per-block residuals for a batch of images with the same layout."""
+        assert self.layout_adapter is not None
+        phrases, boxes = layout_tensors(self.text_encoder, [layout])  # [1, N, D], [1, N, 4]
+        with torch.inference_mode():
+            res = self.layout_adapter(phrases.to(self.device), boxes.to(self.device), lat_h // 2, lat_w // 2)
+        return [v.to(self.dtype).expand(batch, -1, -1) for v in res]
+
+    def set_layout_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load a layout adapter file (made by `pictor train layout`) for requests with a layout."""
+        from pictor.layout_files import check_adapter_fits, layout_file_hash, load_layout_adapter
+
+        try:
+            adapter, header = load_layout_adapter(path)
+            dim = self.text_encoder.pooled_dim
+            check_adapter_fits(adapter.params, self.transformer.params, dim, str(path))
+        except LayoutError as exc:
+            raise GenerationError(str(exc)) from exc
+        base = header.get("base_model_hash", "")
+        if base and self.hash and base != self.hash:
+            warnings.warn(
+                f"{path}: this layout adapter was trained on model {header.get('base_model', '?')} "
+                f"(hash {base[:10]}), not on '{self.name}' ({self.hash[:10]}); it may follow layouts poorly",
+                stacklevel=2,
+            )
+        self.layout_adapter = adapter.to(self.device)
+        self.layout_info = {"path": str(Path(path).resolve()), "sha256": layout_file_hash(path)}
+        return self.layout_info
 
     def _sample(
         self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, init: LatentInit | None = None
@@ -339,6 +400,7 @@ class Pipeline:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": [dict(lo) for lo in self.loras],
+            **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
         }
 
     def add_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:

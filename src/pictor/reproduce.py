@@ -22,7 +22,24 @@ def _settings(record: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         "schedule": record.get("schedule"),
         "seed": seeds[0],
         "num_images": len(seeds),
+        "layout": record.get("layout"),
     }
+
+
+def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
+    if not record.get("layout"):
+        return
+    want = (record.get("layout_adapter") or {}).get("sha256")
+    have = (pipe.layout_info or {}).get("sha256")
+    if have is None:
+        raise GenerationError(
+            "the image was made with a layout; load its layout adapter with --layout-adapter FILE"
+        )
+    if want and want != have:
+        raise GenerationError(
+            f"the image was made with layout adapter {want[:10]}, but the loaded one is {have[:10]}; "
+            "pass the same file with --layout-adapter"
+        )
 
 
 def check_loras(pipe: Pipeline, record: dict[str, Any]) -> None:
@@ -67,6 +84,7 @@ def reproduce(
             stacklevel=2,
         )
     check_loras(pipe, record)
+    check_layout_adapter(pipe, record)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
         return _reproduce_edit(pipe, record, seeds, progress, source, mask)

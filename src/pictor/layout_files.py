@@ -1,0 +1,138 @@
+"""Layout-adapter files and layouts from the command line: saving and loading adapters (no pickles),
+turning layouts into the tensors an adapter takes.
+
+A layout (checked by :func:`pictor.data.layouts.parse_layout`) is a list of
+``{"box": [x0, y0, x1, y1], "phrase": "a red circle"}`` in fractions of the image. An adapter file is a
+``.safetensors`` of :class:`pictor.models.layout.LayoutAdapter` weights whose header names its params and
+the model it was trained on, so a mismatched pair is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pictor.checkpoint import (
+    CheckpointError,
+    check_keys,
+    read_safetensors,
+    read_safetensors_metadata,
+    sha256_file,
+    write_safetensors,
+)
+from pictor.data.layouts import LAYOUT_EXAMPLE, LayoutError, parse_layout
+from pictor.models.flux import FluxParams
+from pictor.models.layout import LayoutAdapter, LayoutParams
+
+__all__ = [
+    "LAYOUT_FILE",
+    "LayoutError",
+    "check_adapter_fits",
+    "layout_file_hash",
+    "layout_params_for",
+    "layout_tensors",
+    "load_layout_adapter",
+    "parse_layout",
+    "read_layout_arg",
+    "save_layout_adapter",
+]
+
+LAYOUT_FILE = "layout.safetensors"
+LAYOUT_FORMAT = "pictor-layout"
+
+
+def read_layout_arg(text: str) -> list[dict[str, Any]]:
+    """A layout from the command line: a path to a JSON file, or the JSON itself."""
+    stripped = text.strip()
+    if not stripped.startswith("["):
+        path = Path(text)
+        if not path.is_file():
+            raise LayoutError(
+                f"--layout {text!r}: no such file; give a JSON file or JSON like {LAYOUT_EXAMPLE}"
+            )
+        stripped = path.read_text()
+    return parse_layout(stripped)
+
+
+def layout_tensors(
+    text_encoder: Any, layouts: Sequence[Sequence[Mapping[str, Any]]]
+) -> tuple[Tensor, Tensor]:
+    """Phrase embeddings ``[B, N, D]`` (the encoder's pooled vectors) and boxes ``[B, N, 4]`` for a batch of
+    layouts, padded to the longest with zero-area boxes, which cover nothing."""
+    n = max((len(layout) for layout in layouts), default=0)
+    phrases = [box["phrase"] for layout in layouts for box in layout]
+    pooled = text_encoder.encode(phrases).pooled.float().cpu()  # [M, D]
+    out_p = torch.zeros(len(layouts), max(n, 1), pooled.shape[-1])
+    out_b = torch.zeros(len(layouts), max(n, 1), 4)
+    k = 0
+    for i, layout in enumerate(layouts):
+        for j, box in enumerate(layout):
+            out_p[i, j] = pooled[k]
+            out_b[i, j] = torch.tensor(box["box"], dtype=torch.float32)
+            k += 1
+    return out_p, out_b
+
+
+# -- adapter files ----------------------------------------------------------------------------------------
+
+
+def layout_params_for(model: FluxParams, phrase_dim: int) -> LayoutParams:
+    return LayoutParams(phrase_dim, model.hidden_size, model.depth + model.depth_single_blocks)
+
+
+def save_layout_adapter(
+    adapter: nn.Module, params: LayoutParams, path: str | os.PathLike[str], metadata: Mapping[str, str]
+) -> str:
+    """Write adapter weights (the module or an EMA copy of it) with their params; returns the SHA-256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LayoutError(f"{path}: layout adapters are written as .safetensors")
+    header = {"format": LAYOUT_FORMAT, "layout_params": json.dumps(params.to_dict()), **dict(metadata)}
+    return write_safetensors({k: v.detach() for k, v in adapter.state_dict().items()}, path, header)
+
+
+def load_layout_adapter(path: str | os.PathLike[str]) -> tuple[LayoutAdapter, dict[str, str]]:
+    """(adapter in float32, header) from a layout adapter file; other files are refused with the reason."""
+    path = Path(path)
+    tensors = read_safetensors(path)
+    header = read_safetensors_metadata(path)
+    if header.get("format") != LAYOUT_FORMAT:
+        raise LayoutError(
+            f"{path}: not a pictor layout adapter (header format {header.get('format')!r}); train one with "
+            "`pictor train layout --base MODEL --out DIR`"
+        )
+    try:
+        params = LayoutParams.from_dict(json.loads(header["layout_params"]))
+    except (KeyError, ValueError) as exc:
+        raise LayoutError(f"{path}: unreadable layout_params in the header ({exc})") from exc
+    with torch.device("meta"):
+        adapter = LayoutAdapter(params)
+    try:
+        check_keys(adapter, tensors, str(path))
+        adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    except (CheckpointError, RuntimeError) as exc:
+        raise LayoutError(
+            f"{path}: weights do not fit the layout adapter its header describes ({exc})"
+        ) from exc
+    return adapter.eval().requires_grad_(False), header
+
+
+def check_adapter_fits(params: LayoutParams, model: FluxParams, phrase_dim: int, where: str) -> None:
+    want = layout_params_for(model, phrase_dim)
+    if params != want:
+        raise LayoutError(
+            f"{where}: this layout adapter was made for a model with hidden size {params.hidden_size}, "
+            f"{params.num_blocks} blocks and {params.phrase_dim}-dim phrases, but the model has "
+            f"{want.hidden_size}, {want.num_blocks} and {want.phrase_dim}; use an adapter trained on this "
+            "model (`pictor train layout --base MODEL`)"
+        )
+
+
+def layout_file_hash(path: str | os.PathLike[str]) -> str:
+    return sha256_file(path)
