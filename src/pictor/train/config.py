@@ -18,7 +18,7 @@ from typing import Any
 
 from pictor.presets import get_preset
 
-STAGES = ("autoencoder", "t2i", "lora")
+STAGES = ("autoencoder", "t2i", "lora", "layout")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -29,6 +29,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "t2i": {"lr": 3e-4, "weight_decay": 0.0, "betas": [0.9, 0.99], "ema_decay": 0.999},
     # As kohya's and diffusers' FLUX LoRA scripts: lr 1e-4, no EMA (decay 0: the "EMA" is the weights).
     "lora": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.0},
+    # A small adapter from zero on a frozen base (as GLIGEN's gated layers): a t2i-like lr, with EMA.
+    "layout": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
 }
 
 
@@ -147,7 +149,7 @@ class TrainConfig:
         stage = STAGE_DEFAULTS[self.stage]
         if self.init is not None and self.stage != "t2i":
             raise ConfigError(f"--init applies to t2i training only, not to '{self.stage}'")
-        if self.stage == "lora":
+        if self.stage in ("lora", "layout"):
             preset = self._base_preset()
         elif self.init is not None and self.model is None:
             # (a resumed run's stored config is already resolved: its bundle may be gone by now)
@@ -168,10 +170,13 @@ class TrainConfig:
         return c
 
     def _base_preset(self) -> dict[str, Any]:
-        """The LoRA stage's architecture: the base bundle's configs, in the shape of a preset."""
+        """An adapter stage's architecture (lora, layout): the base bundle's configs, as a preset."""
         if not self.base:
-            raise ConfigError("LoRA training needs a base model: pass --base BUNDLE (a trained model bundle)")
-        return _bundle_preset(self.base, "--base", "a LoRA needs a trained model bundle to adapt")
+            raise ConfigError(
+                f"{self.stage} training needs a base model: pass --base BUNDLE (a trained model bundle)"
+            )
+        why = f"{self.stage} training needs a trained model bundle to adapt"
+        return _bundle_preset(self.base, "--base", why)
 
     def _init_preset(self) -> dict[str, Any]:
         """A warm-started t2i run's architecture: the --init bundle's, whatever --preset says."""

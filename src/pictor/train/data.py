@@ -152,14 +152,21 @@ class Batch:
         captions: list[str],
         indices: list[int],
         draws: dict[str, torch.Tensor] | None = None,
+        layouts: list[list[dict[str, Any]] | None] | None = None,
     ) -> None:
         self.images = images
         self.captions = captions
         self.indices = indices
         self.draws = draws or {}
+        # Per sample: the image's boxes with phrases where the data knows them (the shapes world), else None.
+        self.layouts = layouts if layouts is not None else [None] * len(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+# (image, caption, stream index, random draws, layout or None)
+_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None]
 
 
 class _StreamItems(Dataset):
@@ -168,16 +175,23 @@ class _StreamItems(Dataset):
     def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, str, int, dict[str, torch.Tensor]]:
-        image, caption, _ = self.ds[stream_index(self.len, k, self.seed)]
-        return image, caption, k, self.draws(k) if self.draws is not None else {}
+    def __getitem__(self, k: int) -> _Item:
+        image, caption, meta = self.ds[stream_index(self.len, k, self.seed)]
+        layout = meta.get("layout") if isinstance(meta, dict) else None
+        return image, caption, k, self.draws(k) if self.draws is not None else {}, layout
 
 
-def _collate(items: list[tuple[np.ndarray, str, int, dict[str, torch.Tensor]]]) -> Batch:
+def _collate(items: list[_Item]) -> Batch:
     draws = {key: torch.cat([i[3][key].unsqueeze(0) for i in items]) for key in items[0][3]}
     if "t" in draws:
         draws["t"], draws["drop"] = draws["t"].reshape(-1), draws["drop"].reshape(-1)
-    return Batch(to_tensor([i[0] for i in items]), [i[1] for i in items], [i[2] for i in items], draws)
+    return Batch(
+        to_tensor([i[0] for i in items]),
+        [i[1] for i in items],
+        [i[2] for i in items],
+        draws,
+        [i[4] for i in items],
+    )
 
 
 class _MicroBatches:

@@ -99,6 +99,10 @@ class Trainer:
             from pictor.train.lora import LoRAStage  # builds on the t2i stage
 
             self.stage: Stage = LoRAStage(cfg, self.ds, info, resume_path)
+        elif cfg.stage == "layout":
+            from pictor.train.layout import LayoutStage  # builds on the LoRA stage's frozen base
+
+            self.stage = LayoutStage(cfg, self.ds, info, resume_path)
         else:
             self.stage = build_stage(cfg, self.ds, info, resume_path)
         self.model = self.stage.module
@@ -264,7 +268,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             self.stage.write_weights(tmp, self.ema.module, self.step)
             replace_dir(tmp, final)
-            # A stage may hand out one file instead of the folder (lora: OUT/lora.safetensors).
+            # A stage may hand out one file instead of the folder (OUT/lora.safetensors, OUT/layout...).
             publish = getattr(self.stage, "publish", None)
             if publish is not None:
                 final = publish(final)

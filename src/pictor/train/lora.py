@@ -99,7 +99,7 @@ class LoRAStage(T2IStage):
     ) -> None:
         Stage.__init__(self, cfg, ds, info)  # not T2IStage's: nothing is built from scratch here
         if not cfg.base:
-            raise CheckpointError("LoRA training needs --base BUNDLE (the trained model to adapt)")
+            raise CheckpointError(f"{self.name} training needs --base BUNDLE (the trained model to adapt)")
         ref = resolve(cfg.base)
         if ref.path is None:
             raise CheckpointError(f"--base {cfg.base}: a preset is untrained; give a trained model bundle")
@@ -134,9 +134,17 @@ class LoRAStage(T2IStage):
             )
         self._check_dims(self.flux.params)
 
+        self.module = self.build_trainable()
+        self.forward_module = self.flux
+        if cfg.compile and self.device.type == "cuda":
+            self.flux.compile()
+
+    def build_trainable(self) -> nn.Module:
+        """The trained module beside the frozen base: here the LoRA adapter tree."""
+        cfg = self.cfg
         # A is drawn under the run's seed; B starts at zero, so step 0 is exactly the base model. The
         # adapters are float32 whatever the base's dtype (AdamW on bf16 weights loses small updates).
-        self.module = seeded(
+        return seeded(
             cfg.seed,
             lambda: add_lora(
                 self.flux,
@@ -148,9 +156,6 @@ class LoRAStage(T2IStage):
                 dtype=torch.float32,
             ),
         )
-        self.forward_module = self.flux
-        if cfg.compile and self.device.type == "cuda":
-            self.flux.compile()
 
     def _check_same_base(self, checkpoint: Path) -> None:
         saved = json.loads((checkpoint / STATE_FILE).read_text()).get("stage", {})

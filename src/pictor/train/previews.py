@@ -8,7 +8,7 @@ dropout trains for), Euler on FLUX's shifted schedule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -61,8 +61,13 @@ def generate(
     device: torch.device,
     amp: bool,
     batch_size: int = 32,
+    residual_fn: Callable[[slice], list[torch.Tensor]] | None = None,
 ) -> np.ndarray:
-    """Text-to-image for prompt i with seed i: uint8 [N, size, size, 3]."""
+    """Text-to-image for prompt i with seed i: uint8 [N, size, size, 3].
+
+    ``residual_fn(slice of prompts)`` gives an adapter's per-block image residuals for those prompts (a
+    layout adapter's); both CFG halves get them, as in the pipeline.
+    """
     was_training = transformer.training
     transformer.eval()
     f = autoencoder.params.downsample_factor
@@ -88,10 +93,13 @@ def generate(
             vec = torch.cat([cond.pooled, uncond.pooled]).to(device)
             img_ids = make_img_ids(2 * n, lat, lat, device=device)
             txt_ids = make_txt_ids(2 * n, txt.shape[1], device=device)
+            res = None
+            if residual_fn is not None:
+                res = [torch.cat([r, r]) for r in residual_fn(slice(start, start + n))]
 
             def both(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
                 with autocast(device, amp):
-                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec)  # noqa: B023 - used at once
+                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec, img_residuals=res)  # noqa: B023
                 return v.float()
 
             ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)

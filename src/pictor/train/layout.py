@@ -1,0 +1,179 @@
+"""The layout stage: a LayoutAdapter (boxes with phrases) trained on a frozen base bundle.
+
+The base model's flow loss with the adapter's residuals added to its image stream; only the adapter
+learns (as GLIGEN freezes its base). The data must know where things are: the shapes world gives every
+object's exact box, and an image folder can give them in metadata.jsonl. Outputs:
+OUT/checkpoints/step-N/layout.safetensors (+ optimizer, RNG state for resume),
+OUT/final/layout.safetensors and a copy at OUT/layout.safetensors. Copied into the base bundle's
+folder as ``layout.safetensors``, it is loaded with the model and `pictor generate --layout` works.
+
+Periodic evals score the shapes dev prompts with layouts taken from ground-truth scenes of their specs,
+so the numbers say how well the model follows a layout that fits the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pictor import __version__
+from pictor.checkpoint import CheckpointError, read_safetensors, staged_file
+from pictor.data.layouts import LAYOUT_EXAMPLE
+from pictor.flow import flow_loss, interpolate
+from pictor.layout_files import LAYOUT_FILE, layout_params_for, layout_tensors, save_layout_adapter
+from pictor.models.flux import make_img_ids, make_txt_ids, pack_latents
+from pictor.models.layout import LayoutAdapter
+from pictor.train import previews
+from pictor.train.data import Batch, dataset_length, holdout_index, to_float
+from pictor.train.lora import LoRAStage
+from pictor.train.stages import seeded
+
+EVAL_LAYOUT_SEED = 7  # ground-truth scenes of the eval specs, whose boxes the evals ask for
+
+
+class LayoutStage(LoRAStage):
+    """LoRAStage's frozen base, text cache, base-hash check and EMA swapping; a layout adapter to train."""
+
+    name = "layout"
+
+    def build_trainable(self) -> nn.Module:
+        self._check_data_has_layouts()
+        params = layout_params_for(self.flux.params, self.text.pooled_dim)
+        return seeded(self.cfg.seed, lambda: LayoutAdapter(params).init_weights()).to(self.device)
+
+    def _check_data_has_layouts(self) -> None:
+        """Every training image needs its boxes: the shapes world has them, a folder's metadata.jsonl must."""
+        folder = getattr(self.ds, "folder", None)
+        if folder is None:
+            return
+        missing = [str(p) for p, layout in zip(folder.paths, folder.layouts, strict=True) if layout is None]
+        if missing:
+            raise CheckpointError(
+                f"layout training: {len(missing)} of {len(folder.paths)} images in {self.cfg.data} have no "
+                f"layout (first: {missing[0]}); give each a line in metadata.jsonl like "
+                f'{{"file_name": "a.png", "text": "...", "layout": {LAYOUT_EXAMPLE}}}, or use --data shapes'
+            )
+
+    def _residuals(self, adapter: nn.Module, layouts: list[Any], grid: int) -> list[Tensor]:
+        phrases, boxes = layout_tensors(self.text, layouts)
+        return adapter(phrases.to(self.device), boxes.to(self.device), grid, grid)
+
+    def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if any(layout is None for layout in batch.layouts):
+            raise CheckpointError("layout training: a sample without a layout reached the loss")
+        drops = batch.draws["drop"].tolist()
+        captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
+        x = to_float(batch.images, self.device)
+        with torch.no_grad(), previews.autocast(self.device, self.amp):
+            z = self.ae.encode(x).float()
+        noise = batch.draws["noise"].to(self.device, non_blocking=True)
+        t = batch.draws["t"].to(self.device, non_blocking=True)
+        emb = self.text.encode(captions)
+        x0, eps = pack_latents(z), pack_latents(noise)
+        x_t = interpolate(x0, eps, t)
+        b, h, w = z.shape[0], z.shape[2], z.shape[3]
+        img_ids = make_img_ids(b, h, w, device=self.device)
+        txt_ids = make_txt_ids(b, emb.tokens.shape[1], device=self.device)
+        with previews.autocast(self.device, self.amp):
+            # The layout stays when the caption is dropped: CFG then contrasts prompts under one layout.
+            res = self._residuals(self.module, batch.layouts, h // 2)
+            txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
+            pred = fwd(x_t, img_ids, txt, txt_ids, t, vec, img_residuals=res)
+        return flow_loss(pred, x0, eps), {}
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    def metadata(self, step: int) -> dict[str, str]:
+        return {
+            "base_model": self.base_name,
+            "base_model_hash": self.base_hash,
+            "pictor_version": __version__,
+            "pictor_training": json.dumps({**self.training_info(step), "base": str(self.base_path)}),
+        }
+
+    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        assert isinstance(self.module, LayoutAdapter)
+        save_layout_adapter(ema, self.module.params, folder / LAYOUT_FILE, self.metadata(step))
+
+    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
+        return read_safetensors(checkpoint / LAYOUT_FILE)
+
+    def publish(self, final: Path) -> Path:
+        """Copy final/layout.safetensors to OUT/layout.safetensors (atomically) and return that path."""
+        out = Path(self.cfg.out) / LAYOUT_FILE
+        with staged_file(out) as tmp:
+            shutil.copyfile(final / LAYOUT_FILE, tmp)
+        return out
+
+    def training_info(self, step: int) -> dict[str, Any]:
+        info = super(LoRAStage, self).training_info(step)  # the t2i fields, not LoRA's rank and targets
+        return {**info, "stage": "layout"}
+
+    # -- previews with the EMA adapter -----------------------------------------------------------------
+
+    def _eval_layouts(self, specs: list[dict], per_spec: int) -> list[list[dict]]:
+        from pictor.data.shapes import scene_from_spec, scene_layout
+
+        size = int(self.cfg.image_size or 64)
+        out = []
+        for i, spec in enumerate(specs):
+            for j in range(per_spec):
+                rng = np.random.default_rng([EVAL_LAYOUT_SEED, i, j])
+                out.append(scene_layout(scene_from_spec(spec, rng), size))
+        return out
+
+    def _generate_with_layouts(
+        self, ema: nn.Module, prompts: list[str], layouts: list[list[dict]], seeds: list[int]
+    ) -> np.ndarray:
+        c = self.cfg
+        size = int(c.image_size or 64)
+        grid = size // self.ae.params.downsample_factor // 2
+
+        def residual_fn(part: slice) -> list[Tensor]:
+            return self._residuals(ema, layouts[part], grid)
+
+        return previews.generate(
+            self.flux,
+            self.ae,
+            self.text,
+            prompts,
+            seeds,
+            size,
+            c.sample_steps,
+            c.sample_guidance,
+            self.device,
+            self.amp,
+            batch_size=64,
+            residual_fn=residual_fn,
+        )
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module) -> Any:
+        n = self.cfg.num_samples
+        if self.cfg.data == "shapes":
+            specs = previews.eval_specs(n)
+            prompts, layouts = [s["prompt"] for s in specs], self._eval_layouts(specs, 1)
+        else:  # the first images of the folder, with their captions and layouts
+            items = [self.ds[holdout_index(dataset_length(self.ds), i)] for i in range(n)]
+            prompts, layouts = [it[1] for it in items], [it[2]["layout"] for it in items]
+        images = self._generate_with_layouts(ema, prompts, layouts, list(range(len(prompts))))
+        return previews.grid(images, columns=min(8, len(images)))
+
+    @torch.no_grad()
+    def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
+        c = self.cfg
+        if c.data != "shapes":
+            return None
+        specs = previews.eval_specs(c.eval_prompts)
+        k = c.eval_images_per_prompt
+        prompts = [s["prompt"] for s in specs for _ in range(k)]
+        seeds = [1000 + i for i in range(len(prompts))]
+        images = self._generate_with_layouts(ema, prompts, self._eval_layouts(specs, k), seeds)
+        return previews.score(specs, images, k)

@@ -1,0 +1,197 @@
+"""`pictor train layout`: an adapter teaches a frozen base model WHERE to draw; adapter-only outputs;
+identical losses after a resume; data without boxes refused.
+
+The world (16x16 images, tiny preset): "a blue square", on the left half in some images and on the right
+half in others, the caption the same. The base model learns to draw a blue square, on either side; the
+layout adapter, trained from the boxes in metadata.jsonl, must put it in the box that a layout names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import CheckpointError, read_safetensors, read_safetensors_metadata
+from pictor.loading import load
+from pictor.pipeline import GenerationRequest
+from pictor.train.config import TrainConfig
+from pictor.train.logs import read_jsonl
+from pictor.train.loop import train
+
+SIZE = 16
+COMMON = {"preset": "tiny", "image_size": SIZE, "sample_every": 0, "eval_every": 0, "progress": False}
+LEFT, RIGHT = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _square(rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    img = np.full((SIZE, SIZE, 3), (230, 230, 230), np.uint8)
+    side = 5
+    x0 = int(rng.integers(0, SIZE // 2 - side + 1)) + (SIZE // 2 if rng.random() < 0.5 else 0)
+    y0 = int(rng.integers(1, SIZE - side - 1))
+    img[y0 : y0 + side, x0 : x0 + side] = (40, 80, 230)
+    return img, [x0 / SIZE, y0 / SIZE, (x0 + side) / SIZE, (y0 + side) / SIZE]
+
+
+def blue_x(img: np.ndarray) -> float | None:
+    """The blue pixels' mean x as a fraction of the width; None when there is no blue."""
+    a = img.astype(int)
+    blue = (a[..., 2] - a[..., 0] > 80) & (a[..., 2] - a[..., 1] > 60)
+    if blue.sum() < 3:
+        return None
+    return float((np.nonzero(blue)[1].mean() + 0.5) / SIZE)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layout-world")
+    folder = root / "squares"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(32):
+        img, box = _square(rng)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+        lines.append(
+            {
+                "file_name": f"{i:03d}.png",
+                "text": "a blue square",
+                "layout": [{"box": box, "phrase": "a blue square"}],
+            }
+        )
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    ae = train(
+        TrainConfig(
+            stage="autoencoder",
+            out=str(root / "ae"),
+            data=str(folder),
+            max_steps=100,
+            batch_size=4,
+            lr=4e-3,
+            warmup_steps=5,
+            save_every=0,
+            **COMMON,
+        )
+    )
+    base = train(
+        TrainConfig(
+            stage="t2i",
+            out=str(root / "base"),
+            data=str(folder),
+            autoencoder_path=str(ae.out),
+            max_steps=80,
+            batch_size=8,
+            lr=2e-3,
+            warmup_steps=5,
+            latent_stats_images=16,
+            save_every=0,
+            **COMMON,
+        )
+    )
+    return {"folder": folder, "base": base.final, "root": root}
+
+
+def _sides(pipe, box: list[float] | None, n: int = 16) -> list[float | None]:  # type: ignore[no-untyped-def]
+    layout = [{"box": box, "phrase": "a blue square"}] if box else None
+    request = GenerationRequest("a blue square", seed=0, num_images=n, steps=12, layout=layout)
+    return [blue_x(np.asarray(g.image)) for g in pipe.generate(request)]
+
+
+def test_a_layout_adapter_puts_things_where_the_boxes_say(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "layout"
+    result = train(
+        TrainConfig(
+            stage="layout",
+            out=str(out),
+            base=str(world["base"]),
+            data=str(world["folder"]),
+            max_steps=200,
+            batch_size=8,
+            lr=3e-3,
+            warmup_steps=5,
+            lr_schedule="cosine",
+            save_every=100,
+            **COMMON,
+        )
+    )
+    adapter = out / "layout.safetensors"
+    assert result.final == adapter
+    assert sorted(p.name for p in (out / "final").iterdir()) == ["layout.safetensors"]
+    assert not (out / "checkpoints" / "step-000200" / "transformer.safetensors").exists()
+    meta = read_safetensors_metadata(adapter)
+    assert meta["format"] == "pictor-layout" and json.loads(meta["pictor_training"])["step"] == 200
+    assert set(read_safetensors(adapter)) >= {
+        "phrase_in.0.weight",
+        "block_out.0.weight",
+        "block_out.1.weight",
+    }
+
+    pipe = load(str(world["base"]), device="cpu")
+    free = [x for x in _sides(pipe, None) if x is not None]
+    # The base draws its square on either side: without a layout, both sides show up.
+    assert len(free) >= 12 and 0.15 < np.mean([x < 0.5 for x in free]) < 0.85, free
+    pipe.set_layout_adapter(adapter)
+    left, right = _sides(pipe, LEFT), _sides(pipe, RIGHT)
+    hits = [x is not None and x < 0.5 for x in left] + [x is not None and x > 0.5 for x in right]
+    assert np.mean(hits) >= 0.85, (left, right)
+
+
+def _layout_config(world: dict[str, Path], out: Path, **changes: object) -> TrainConfig:
+    settings: dict = {
+        "stage": "layout",
+        "out": str(out),
+        "base": str(world["base"]),
+        "data": str(world["folder"]),
+        "max_steps": 6,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "save_every": 3,
+        **COMMON,
+    }
+    return TrainConfig(**{**settings, **changes})  # type: ignore[arg-type]
+
+
+def test_layout_runs_resume_bit_identically(world: dict[str, Path], tmp_path: Path) -> None:
+    whole = train(_layout_config(world, tmp_path / "whole"))
+    train(_layout_config(world, tmp_path / "split", max_steps=3))
+    resumed = train(_layout_config(world, tmp_path / "split"), resume=True)
+    assert resumed.resumed_from == 3
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "whole" / "log.jsonl")]
+    assert len(losses) == 6 and losses == [r["loss"] for r in read_jsonl(tmp_path / "split" / "log.jsonl")]
+    a, b = read_safetensors(whole.final), read_safetensors(resumed.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_without_boxes_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(_square(np.random.default_rng(i))[0]).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a blue square")
+    with pytest.raises(CheckpointError, match=r"2 of 2 images .* have no layout"):
+        train(
+            TrainConfig(
+                stage="layout",
+                out=str(tmp_path / "x"),
+                base=str(world["base"]),
+                data=str(folder),
+                max_steps=1,
+                **COMMON,
+            )
+        )
+    with pytest.raises(Exception, match="needs a base model"):
+        train(TrainConfig(stage="layout", out=str(tmp_path / "y"), data="shapes", max_steps=1, **COMMON))
