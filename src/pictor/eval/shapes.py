@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pictor.data.shapes import TAGS, render, scene_from_spec
+from pictor.data.shapes import COLORS, SHAPES, TAGS, render, scene_from_spec, scene_layout
 from pictor.eval.shapes_detect import Detection, detect_objects
 
 __all__ = [
@@ -127,6 +127,37 @@ def ground_truth_images(
             imgs.append(render(scene_from_spec(spec, rng), size))
         out.append(imgs)
     return out
+
+
+def ground_truth_layouts(
+    specs: list[dict], k: int, seed: int, size: int | tuple[int, int] = 64
+) -> list[list[list[dict]]]:
+    """The layouts (boxes with phrases) of the scenes that `ground_truth_images` renders with the same
+    arguments: layout j of spec i is that of the scene drawn from (seed, i, j)."""
+    return [
+        [scene_layout(scene_from_spec(spec, np.random.default_rng([seed, i, j])), size) for j in range(k)]
+        for i, spec in enumerate(specs)
+    ]
+
+
+def box_hits(image: np.ndarray, layout: list[dict]) -> list[bool]:
+    """Per box: whether a detected object of the phrase's colour and shape has its centroid inside it.
+    Phrases name a colour and a shape of the world ("a red circle"), as shapes layouts do."""
+    found = detect_objects(image)
+    h, w = np.asarray(image).shape[:2]
+    hits = []
+    for item in layout:
+        words = item["phrase"].lower().split()
+        color = next((c for c in COLORS if c in words), None)
+        shape = next((s for s in SHAPES if s in words or f"{s}s" in words), None)
+        x0, y0, x1, y1 = item["box"]
+        hits.append(
+            any(
+                d.color == color and d.shape == shape and x0 <= d.x / w <= x1 and y0 <= d.y / h <= y1
+                for d in found
+            )
+        )
+    return hits
 
 
 _VERDICT_COLORS = {True: (30, 160, 60), False: (210, 40, 40), None: (150, 150, 150)}

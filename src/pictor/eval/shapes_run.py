@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from PIL import Image
 
 from pictor.data.folder import IMAGE_EXTENSIONS
 from pictor.edit_blending import to_model_pixels
-from pictor.eval.shapes import contact_sheet, ground_truth_images, load_prompts, score_images
+from pictor.eval.shapes import (
+    box_hits,
+    contact_sheet,
+    ground_truth_images,
+    ground_truth_layouts,
+    load_prompts,
+    score_images,
+)
 from pictor.pipeline import GenerationRequest, Pipeline, to_pil
 from pictor.provenance import save_png, save_render_png
 
@@ -38,18 +46,19 @@ def generate_for_specs(
     sampler: str | None = None,
     progress: ProgressFn | None = None,
     save_dir: Path | None = None,
+    layouts: list[list[list[dict]]] | None = None,
 ) -> list[list[np.ndarray]]:
+    """K images per spec; with `layouts`, image j of spec i follows layouts[i][j] (one sampler run each,
+    on the same seed as without)."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
-        request = GenerationRequest(
-            prompt=spec["prompt"],
-            seed=seed + i * k,
-            num_images=k,
-            steps=steps,
-            guidance=guidance,
-            sampler=sampler,
-        )
-        generated = pipe.generate(request)
+        base = GenerationRequest(spec["prompt"], steps=steps, guidance=guidance, sampler=sampler)
+        if layouts is None:
+            generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
+        else:
+            generated = [
+                pipe.generate(replace(base, seed=seed + i * k + j, layout=layouts[i][j]))[0] for j in range(k)
+            ]
         if save_dir is not None:
             for j, g in enumerate(generated):
                 save_png(g.image, g.record, save_dir / image_name(i, spec, j))
@@ -57,6 +66,22 @@ def generate_for_specs(
         if progress is not None:
             progress(i + 1, len(specs))
     return images
+
+
+def layout_scores(
+    specs: list[dict], images: list[list[np.ndarray]], layouts: list[list[list[dict]]]
+) -> dict[str, Any]:
+    """The fraction of layout boxes that hold their object, over all boxes and per tag."""
+    per_tag: dict[str, list[bool]] = {}
+    for spec, row, row_layouts in zip(specs, images, layouts, strict=True):
+        for img, layout in zip(row, row_layouts, strict=True):
+            per_tag.setdefault(spec["tag"], []).extend(box_hits(img, layout))
+    every = [hit for hits in per_tag.values() for hit in hits]
+    return {
+        "box_accuracy": float(np.mean(every)) if every else 0.0,
+        "per_tag_box_accuracy": {tag: float(np.mean(v)) for tag, v in per_tag.items()},
+        "boxes": len(every),
+    }
 
 
 def image_name(i: int, spec: dict, j: int) -> str:
@@ -137,13 +162,23 @@ def run_shapes_eval(
     progress: ProgressFn | None = None,
     through_autoencoder: bool = False,
     save_images: str | os.PathLike[str] | None = None,
+    layouts: bool = False,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score `pipe`'s images, or with ``ground_truth`` renders of the specs; ``through_autoencoder`` (with
     ``ground_truth``) scores the renders after a round trip through `pipe`'s autoencoder: the ceiling that
-    the autoencoder sets for any transformer trained on its latents."""
+    the autoencoder sets for any transformer trained on its latents. With ``layouts`` each image is
+    conditioned on the boxes of the ground-truth scene that --ground-truth would render in its place, and
+    the report adds how many boxes hold their object (`box_hits`)."""
     if through_autoencoder and not (ground_truth and pipe is not None):
         raise ValueError("--through-autoencoder needs --ground-truth and a model whose autoencoder to use")
+    if layouts and (ground_truth or pipe is None):
+        raise ValueError("--layouts conditions a model's images on boxes; drop --ground-truth")
+    if layouts and pipe is not None and pipe.layout_adapter is None:
+        raise ValueError(
+            f"--layouts: model '{pipe.name}' has no layout adapter; pass --layout-adapter FILE "
+            "(made by `pictor train layout`)"
+        )
     specs = load_prompts(prompts)
     if limit is not None:
         specs = specs[:limit]
@@ -162,8 +197,13 @@ def run_shapes_eval(
             save_renders(specs, images, seed, folder, meta)
     else:
         assert pipe is not None
-        images = generate_for_specs(pipe, specs, k, seed, progress=progress, save_dir=folder, **generation)
+        boxes = ground_truth_layouts(specs, k, seed) if layouts else None
+        images = generate_for_specs(
+            pipe, specs, k, seed, progress=progress, save_dir=folder, layouts=boxes, **generation
+        )
         meta = {"source": "model", "model": {"name": pipe.name, "hash": pipe.hash}}
+        if boxes is not None:
+            meta["layout"] = {"adapter": pipe.layout_info, **layout_scores(specs, images, boxes)}
     meta.update({"prompts": prompts or "shapes-dev (packaged)", "images_per_prompt": k, "seed": seed})
     if folder is not None:
         meta["images"] = str(folder)
