@@ -23,6 +23,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class LayoutBox(BaseModel):
+    """One box of a layout: where (fractions of the image, y down) and what (a phrase)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    box: list[float] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1], fractions 0..1.")
+    phrase: str = Field(min_length=1, description="What to draw in the box, e.g. 'a red circle'.")
+
+
 class ImageGenerationRequest(BaseModel):
     """OpenAI's ``POST /v1/images/generations`` body; ``seed`` ... ``schedule`` are pictor's."""
 
@@ -47,6 +56,9 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")
     sampler: str | None = Field(None, description="euler, heun or dpmpp_2m.")
     schedule: str | None = Field(None, description="Timestep schedule: flux, linear or shifted.")
+    layout: list[LayoutBox] | None = Field(
+        None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."
+    )
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged, otherwise ignored.
     quality: str | None = Field(None, description="Accepted and ignored.")
     style: str | None = Field(None, description="Accepted and ignored.")

@@ -45,7 +45,17 @@ from pictor.serve.store import (
 log = logging.getLogger("pictor.serve")
 
 # Settings that must be equal for two jobs to share one sampler run.
-BATCH_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "schedule")
+BATCH_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "sampler",
+    "schedule",
+    "layout",
+)
 
 
 # Edits also need the same source image: upload ids are new for every request, so edits never merge.

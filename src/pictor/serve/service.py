@@ -66,6 +66,7 @@ class Service:
             "schedule": body.schedule,
             "seed": body.seed,
             "n": n,
+            "layout": [b.model_dump() for b in body.layout] if body.layout is not None else None,
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
@@ -92,6 +93,7 @@ class Service:
             guidance=r.guidance,
             sampler=r.sampler,
             schedule=r.schedule,
+            layout=r.layout,
         )
         return params
 
@@ -130,6 +132,8 @@ def param_of(message: str) -> str | None:
     fields = {"width": "size", "height": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
     if first in fields:
         return fields[first]
+    if message.startswith("layout") or "layout adapter" in message:
+        return "layout"
     return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
 
 

@@ -1,0 +1,93 @@
+"""Layouts through the HTTP API: the `layout` field (extra_body for the openai client) reaches the pipeline,
+the PNG records it, and bad layouts or a model without an adapter are 400s that name the field."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pictor.layout_files import layout_params_for, save_layout_adapter
+from pictor.loading import pipeline_from_preset
+from pictor.models.layout import LayoutAdapter
+from pictor.pipeline import GenerationRequest, Pipeline
+
+LAYOUT = [{"box": [0.0, 0.25, 0.5, 0.75], "phrase": "a red circle"}]
+
+
+@pytest.fixture
+def laid_out(tmp_path: Path) -> Pipeline:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline_from_preset("tiny", device="cpu")
+    params = layout_params_for(pipe.transformer.params, pipe.text_encoder.pooled_dim)
+    torch.manual_seed(0)
+    adapter = LayoutAdapter(params).init_weights()
+    with torch.no_grad():
+        for lin in adapter.block_out:
+            lin.weight.normal_(0, 0.3)
+    save_layout_adapter(adapter, params, tmp_path / "layout.safetensors", {"base_model_hash": pipe.hash})
+    pipe.set_layout_adapter(tmp_path / "layout.safetensors")
+    return pipe
+
+
+def _body(**extra: object) -> dict[str, object]:
+    return {
+        "prompt": "a red circle",
+        "size": "32x32",
+        "response_format": "b64_json",
+        "seed": 3,
+        "steps": 2,
+        **extra,
+    }
+
+
+def test_a_layout_reaches_the_pipeline_and_the_record(
+    make_client: Callable[..., TestClient], laid_out: Pipeline
+) -> None:
+    client = make_client(laid_out)
+    r = client.post("/v1/images/generations", json=_body(layout=LAYOUT))
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))) as im:
+        im.load()
+        pixels, record = np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+    assert record["layout"] == LAYOUT and len(record["layout_adapter"]["sha256"]) == 64
+    direct = laid_out.generate(
+        GenerationRequest("a red circle", width=32, height=32, seed=3, steps=2, layout=LAYOUT)
+    )
+    assert np.array_equal(pixels, np.asarray(direct[0].image))
+    plain = client.post("/v1/images/generations", json=_body()).json()["data"][0]["b64_json"]
+    assert plain != r.json()["data"][0]["b64_json"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ([{"box": [0, 0, 2, 1], "phrase": "x"}], "0 <= x0 < x1 <= 1"),
+        ([{"box": [0, 0, 1], "phrase": "x"}], "layout"),
+        ([{"box": [0, 0, 1, 1], "phrase": "x", "where": 1}], "where"),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_layouts_are_400s_that_name_the_field(
+    make_client: Callable[..., TestClient], laid_out: Pipeline, layout: object, message: str
+) -> None:
+    r = make_client(laid_out).post("/v1/images/generations", json=_body(layout=layout))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] is not None and "layout" in error["param"]
+
+
+def test_a_model_without_an_adapter_refuses_layouts(client: TestClient) -> None:
+    r = client.post("/v1/images/generations", json=_body(layout=LAYOUT))
+    assert r.status_code == 400
+    assert "no layout adapter" in r.json()["error"]["message"] and r.json()["error"]["param"] == "layout"
