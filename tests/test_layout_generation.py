@@ -212,6 +212,14 @@ def test_cli_generate_with_a_bundles_layout_adapter_and_reproduce(tmp_path: Path
         np.asarray(Image.open(tmp_path / again.stdout.split()[0])), np.asarray(Image.open(png))
     )
 
+    # `pictor convert dtype` keeps the bundle's adapter.
+    from pictor.convert import cast_bundle
+
+    cast_bundle(bundle, tmp_path / "fp16", "fp16")
+    assert (tmp_path / "fp16" / "layout.safetensors").read_bytes() == (
+        bundle / "layout.safetensors"
+    ).read_bytes()
+
     bad = _run("generate", "x", *common, "--layout", '[{"box": [0, 0, 64, 64], "phrase": "x"}]', cwd=tmp_path)
     assert bad.returncode == 2 and "divide pixel coordinates" in bad.stderr
     no_adapter = _run("generate", "x", "--model", "tiny", "--layout", json.dumps(LAYOUT), cwd=tmp_path)

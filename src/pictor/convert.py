@@ -35,6 +35,7 @@ from pictor.flux_files import (
     infer_autoencoder_params,
     infer_flux_params,
 )
+from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
@@ -162,7 +163,8 @@ def _foreign_files(folder: Path) -> list[str]:
 def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
     """Rewrite a bundle's transformer and autoencoder weights in ``dtype`` (fp32, fp16 or bf16).
 
-    Config, defaults and training record stay; the hashes are the new files'. Pictor computes in the
+    Config, defaults and training record stay; the hashes are the new files'. A layout adapter in the
+    bundle (layout.safetensors) is copied unchanged. Pictor computes in the
     device's dtype whatever the storage (float32 on the CPU), so fp16 storage halves an fp32 bundle on disk
     at the cost of rounding each weight to 11 significant bits. Written atomically, so ``out`` may be ``src``;
     an ``out`` that holds anything but a bundle is refused, never replaced.
@@ -179,5 +181,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
             _cast_in_place(sd, STORAGE_DTYPES[dtype], f"{src / fname}")
             hashes[fname] = write_safetensors(sd, tmp / fname, {"format": "pt"})
             del sd
+        if (src / LAYOUT_FILE).is_file():  # the bundle's layout adapter goes along, as it is
+            shutil.copyfile(src / LAYOUT_FILE, tmp / LAYOUT_FILE)
         write_json(BundleConfig(**{**config.__dict__, "hashes": hashes}).to_dict(), tmp / CONFIG_NAME)
     return out
