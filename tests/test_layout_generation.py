@@ -175,7 +175,7 @@ def test_edits_take_a_layout_too(pipe: Pipeline, adapter_file: Path) -> None:
 
 def test_adapters_trained_on_another_model_are_loaded_with_a_warning(pipe: Pipeline, tmp_path: Path) -> None:
     path = _save(_adapter(pipe), tmp_path / "other.safetensors", "0" * 64)
-    with pytest.warns(UserWarning, match="not on 'tiny"):
+    with pytest.warns(UserWarning, match="not on this one"):
         pipe.set_layout_adapter(path)
 
 
@@ -212,6 +212,14 @@ def test_cli_generate_with_a_bundles_layout_adapter_and_reproduce(tmp_path: Path
         np.asarray(Image.open(tmp_path / again.stdout.split()[0])), np.asarray(Image.open(png))
     )
 
+    shown = _run("info", str(bundle), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)["layout_adapter"]
+    assert info["format"] == "pictor-layout" and info["layout_params"]["num_blocks"] == 2
+    shown = _run("info", str(bundle), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)["layout_adapter"]
+    assert info["format"] == "pictor-layout" and info["layout_params"]["num_blocks"] == 2
     # `pictor convert dtype` keeps the bundle's adapter.
     from pictor.convert import cast_bundle
 

@@ -180,7 +180,20 @@ def cmd_info(args: argparse.Namespace) -> int:
                     print(json.dumps(info[key], indent=2, ensure_ascii=False))
         return 0
     if target.is_dir() and is_bundle(target):
-        print(json.dumps(read_bundle_config(target).to_dict(), indent=2))
+        shown = read_bundle_config(target).to_dict()
+        if (target / "layout.safetensors").is_file():  # the bundle's layout adapter: its header
+            from pictor.checkpoint import read_safetensors_metadata, sha256_file
+
+            header = read_safetensors_metadata(target / "layout.safetensors")
+            shown["layout_adapter"] = {
+                "file": "layout.safetensors",
+                "sha256": sha256_file(target / "layout.safetensors"),
+                **{
+                    k: json.loads(v) if k in ("layout_params", "pictor_training") else v
+                    for k, v in header.items()
+                },
+            }
+        print(json.dumps(shown, indent=2))
         return 0
     if args.target in PRESETS:
         print(json.dumps(PRESETS[args.target], indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ __all__ = [
     "check_adapter_fits",
     "layout_file_hash",
     "layout_params_for",
+    "layout_residuals",
     "layout_tensors",
     "load_layout_adapter",
+    "open_layout_adapter",
     "parse_layout",
     "read_layout_arg",
     "save_layout_adapter",
@@ -136,3 +139,36 @@ def check_adapter_fits(params: LayoutParams, model: FluxParams, phrase_dim: int,
 
 def layout_file_hash(path: str | os.PathLike[str]) -> str:
     return sha256_file(path)
+
+
+def open_layout_adapter(
+    path: str | os.PathLike[str], model: FluxParams, text_encoder: Any, model_hash: str
+) -> tuple[LayoutAdapter, dict[str, Any]]:
+    """An adapter file checked against the model it is to steer: (adapter, its entry for the records).
+    One trained on another model with the same shapes loads with a warning."""
+    adapter, header = load_layout_adapter(path)
+    check_adapter_fits(adapter.params, model, text_encoder.pooled_dim, str(path))
+    base = header.get("base_model_hash", "")
+    if base and model_hash and base != model_hash:
+        warnings.warn(
+            f"{path}: this layout adapter was trained on model {header.get('base_model', '?')} "
+            f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow layouts poorly",
+            stacklevel=3,
+        )
+    return adapter, {"path": str(Path(path).resolve()), "sha256": layout_file_hash(path)}
+
+
+def layout_residuals(
+    adapter: LayoutAdapter,
+    text_encoder: Any,
+    layout: Sequence[Mapping[str, Any]],
+    batch: int,
+    grid: tuple[int, int],
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """The adapter's per-block residuals for `batch` images with the same layout on a token `grid` (h, w)."""
+    device = next(adapter.parameters()).device
+    phrases, boxes = layout_tensors(text_encoder, [layout])  # [1, N, D], [1, N, 4]
+    with torch.inference_mode():
+        res = adapter(phrases.to(device), boxes.to(device), grid[0], grid[1])
+    return [v.to(dtype).expand(batch, -1, -1) for v in res]

@@ -32,7 +32,7 @@ from pictor.checkpoint import (
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
 from pictor.editing import EditInputs, EditRequest, prepare_edit
 from pictor.generation_settings import settings_problem
-from pictor.layout_files import LayoutError, layout_tensors, parse_layout
+from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
@@ -296,7 +296,11 @@ class Pipeline:
 
         # The layout's residuals depend on neither x nor t: computed once per sampler run. Under CFG both
         # halves get them (as GLIGEN), so guidance amplifies the prompt, not the layout.
-        res = self.layout_residuals(r.layout, batch, lat_h, lat_w) if r.layout else None
+        res = None
+        if r.layout:
+            assert self.layout_adapter is not None
+            grid = (lat_h // 2, lat_w // 2)
+            res = layout_residuals(self.layout_adapter, self.text_encoder, r.layout, batch, grid, self.dtype)
         if not use_cfg:
             return lambda x, t: model(x, t, cond, img_ids, res)
         res2 = [torch.cat([v, v]) for v in res] if res is not None else None
@@ -309,36 +313,14 @@ class Pipeline:
         ids2 = torch.cat([img_ids, img_ids])
         return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2), guidance)
 
-    def layout_residuals(
-        self, layout: list[dict[str, Any]], batch: int, lat_h: int, lat_w: int
-    ) -> list[torch.Tensor]:
-        """The layout adapter's per-block residuals for a batch of images with the same layout."""
-        assert self.layout_adapter is not None
-        phrases, boxes = layout_tensors(self.text_encoder, [layout])  # [1, N, D], [1, N, 4]
-        with torch.inference_mode():
-            res = self.layout_adapter(phrases.to(self.device), boxes.to(self.device), lat_h // 2, lat_w // 2)
-        return [v.to(self.dtype).expand(batch, -1, -1) for v in res]
-
     def set_layout_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a layout adapter file (made by `pictor train layout`) for requests with a layout."""
-        from pictor.layout_files import check_adapter_fits, layout_file_hash, load_layout_adapter
-
         try:
-            adapter, header = load_layout_adapter(path)
-            dim = self.text_encoder.pooled_dim
-            check_adapter_fits(adapter.params, self.transformer.params, dim, str(path))
+            adapter, info = open_layout_adapter(path, self.transformer.params, self.text_encoder, self.hash)
         except LayoutError as exc:
             raise GenerationError(str(exc)) from exc
-        base = header.get("base_model_hash", "")
-        if base and self.hash and base != self.hash:
-            warnings.warn(
-                f"{path}: this layout adapter was trained on model {header.get('base_model', '?')} "
-                f"(hash {base[:10]}), not on '{self.name}' ({self.hash[:10]}); it may follow layouts poorly",
-                stacklevel=2,
-            )
-        self.layout_adapter = adapter.to(self.device)
-        self.layout_info = {"path": str(Path(path).resolve()), "sha256": layout_file_hash(path)}
-        return self.layout_info
+        self.layout_adapter, self.layout_info = adapter.to(self.device), info
+        return info
 
     def _sample(
         self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, init: LatentInit | None = None
