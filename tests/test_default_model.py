@@ -38,3 +38,27 @@ def test_default_generates_non_constant_images() -> None:
     pixels = np.asarray(result.image)
     assert pixels.shape == (64, 64, 3)
     assert pixels.std() > 5  # a trained model draws something on its background
+
+
+def test_default_carries_a_layout_adapter_made_for_it_that_moves_things() -> None:
+    import warnings
+
+    from pictor.eval.shapes_detect import detect_objects
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an adapter trained on another model would warn here
+        pipe = pictor.load(device="cpu")
+    assert pipe.layout_adapter is not None
+
+    def red_circle_x(box: list[float]) -> list[float | None]:
+        layout = [{"box": box, "phrase": "a red circle"}]
+        request = GenerationRequest("a red circle", seed=0, num_images=6, layout=layout)
+        out = []
+        for g in pipe.generate(request):
+            found = [d for d in detect_objects(np.asarray(g.image)) if (d.color, d.shape) == ("red", "circle")]
+            out.append(found[0].x / 64 if found else None)
+        return out
+
+    left, right = red_circle_x([0.05, 0.3, 0.45, 0.7]), red_circle_x([0.55, 0.3, 0.95, 0.7])
+    held = [x is not None and x < 0.45 for x in left] + [x is not None and x > 0.55 for x in right]
+    assert sum(held) >= 10, (left, right)
