@@ -11,6 +11,8 @@ from pictor.checkpoint import load_bundle, read_bundle_config
 from pictor.locate import resolve, shipped_default_path
 from pictor.pipeline import GenerationRequest
 
+RED_CIRCLE = ("red", "circle")
+
 
 def test_default_is_the_shipped_trained_bundle() -> None:
     folder = shipped_default_path()
@@ -55,7 +57,7 @@ def test_default_carries_a_layout_adapter_made_for_it_that_moves_things() -> Non
         request = GenerationRequest("a red circle", seed=0, num_images=6, layout=layout)
         out = []
         for g in pipe.generate(request):
-            found = [d for d in detect_objects(np.asarray(g.image)) if (d.color, d.shape) == ("red", "circle")]
+            found = [d for d in detect_objects(np.asarray(g.image)) if (d.color, d.shape) == RED_CIRCLE]
             out.append(found[0].x / 64 if found else None)
         return out
 
