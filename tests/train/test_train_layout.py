@@ -9,6 +9,9 @@ layout adapter, trained from the boxes in metadata.jsonl, must put it in the box
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,6 +177,53 @@ def test_layout_runs_resume_bit_identically(world: dict[str, Path], tmp_path: Pa
     assert len(losses) == 6 and losses == [r["loss"] for r in read_jsonl(tmp_path / "split" / "log.jsonl")]
     a, b = read_safetensors(whole.final), read_safetensors(resumed.final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_ranks_train_the_adapter_as_one_process(world: dict[str, Path], tmp_path: Path) -> None:
+    """DDP wraps the frozen model and the adapter together, so the ranks' adapter gradients are averaged:
+    2 ranks x batch 2 follow the loss curve of 1 process x batch 4 and end with identical weights."""
+    single = train(_layout_config(world, tmp_path / "one", save_every=0))
+    out = tmp_path / "ddp"
+    flags = ["--base", str(world["base"]), "--data", str(world["folder"]), "--out", str(out)]
+    flags += [
+        "--image-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "0",
+    ]
+    flags += ["--sample-every", "0", "--eval-every", "0", "--no-progress", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [*torchrun, "-m", "pictor.cli", "train", "layout", *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4
+    a, b = summary["weights_sha256_per_rank"]
+    assert a == b  # the ranks' adapters stayed identical
+    ddp = [r["loss"] for r in read_jsonl(out / "log.jsonl")]
+    assert ddp == pytest.approx([r["loss"] for r in read_jsonl(single.out / "log.jsonl")], rel=1e-3)
+    w_ddp, w_one = read_safetensors(out / "layout.safetensors"), read_safetensors(single.final)
+    for key in w_one:
+        assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
 
 
 def test_data_without_boxes_is_refused(world: dict[str, Path], tmp_path: Path) -> None:

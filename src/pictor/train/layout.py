@@ -25,22 +25,37 @@ from torch import Tensor, nn
 from pictor import __version__
 from pictor.checkpoint import CheckpointError, read_safetensors, staged_file
 from pictor.data.layouts import LAYOUT_EXAMPLE
-from pictor.flow import flow_loss, interpolate
 from pictor.layout_files import LAYOUT_FILE, layout_params_for, layout_tensors, save_layout_adapter
-from pictor.models.flux import make_img_ids, make_txt_ids, pack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.train import previews
-from pictor.train.data import Batch, dataset_length, holdout_index, to_float
+from pictor.train.data import Batch, dataset_length, holdout_index
 from pictor.train.lora import LoRAStage
 from pictor.train.stages import seeded
 
 EVAL_LAYOUT_SEED = 7  # ground-truth scenes of the eval specs, whose boxes the evals ask for
 
 
+class LayoutForward(nn.Module):
+    """The frozen transformer and the trained adapter in one forward: DDP wraps this module, so the
+    adapter's gradients are averaged over the ranks like any model's."""
+
+    def __init__(self, flux: nn.Module, adapter: nn.Module) -> None:
+        super().__init__()
+        self.flux, self.adapter = flux, adapter
+
+    def forward(self, *inputs: Tensor, layout: tuple[Tensor, Tensor, tuple[int, int]]) -> Tensor:
+        phrases, boxes, (grid_h, grid_w) = layout
+        return self.flux(*inputs, img_residuals=self.adapter(phrases, boxes, grid_h, grid_w))
+
+
 class LayoutStage(LoRAStage):
     """LoRAStage's frozen base, text cache, base-hash check and EMA swapping; a layout adapter to train."""
 
     name = "layout"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.forward_module = LayoutForward(self.flux, self.module)
 
     def build_trainable(self) -> nn.Module:
         self._check_data_has_layouts()
@@ -60,32 +75,13 @@ class LayoutStage(LoRAStage):
                 f'{{"file_name": "a.png", "text": "...", "layout": {LAYOUT_EXAMPLE}}}, or use --data shapes'
             )
 
-    def _residuals(self, adapter: nn.Module, layouts: list[Any], grid: int) -> list[Tensor]:
-        phrases, boxes = layout_tensors(self.text, layouts)
-        return adapter(phrases.to(self.device), boxes.to(self.device), grid, grid)
-
-    def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
+        """The batch's layouts for the forward module, which runs the adapter. The layout stays when the
+        caption is dropped, so CFG contrasts prompts under one layout."""
         if any(layout is None for layout in batch.layouts):
             raise CheckpointError("layout training: a sample without a layout reached the loss")
-        drops = batch.draws["drop"].tolist()
-        captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
-        x = to_float(batch.images, self.device)
-        with torch.no_grad(), previews.autocast(self.device, self.amp):
-            z = self.ae.encode(x).float()
-        noise = batch.draws["noise"].to(self.device, non_blocking=True)
-        t = batch.draws["t"].to(self.device, non_blocking=True)
-        emb = self.text.encode(captions)
-        x0, eps = pack_latents(z), pack_latents(noise)
-        x_t = interpolate(x0, eps, t)
-        b, h, w = z.shape[0], z.shape[2], z.shape[3]
-        img_ids = make_img_ids(b, h, w, device=self.device)
-        txt_ids = make_txt_ids(b, emb.tokens.shape[1], device=self.device)
-        with previews.autocast(self.device, self.amp):
-            # The layout stays when the caption is dropped: CFG then contrasts prompts under one layout.
-            res = self._residuals(self.module, batch.layouts, h // 2)
-            txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
-            pred = fwd(x_t, img_ids, txt, txt_ids, t, vec, img_residuals=res)
-        return flow_loss(pred, x0, eps), {}
+        phrases, boxes = layout_tensors(self.text, batch.layouts)
+        return {"layout": (phrases.to(self.device), boxes.to(self.device), grid)}
 
     # -- outputs ---------------------------------------------------------------------------------------
 
@@ -137,7 +133,8 @@ class LayoutStage(LoRAStage):
         grid = size // self.ae.params.downsample_factor // 2
 
         def residual_fn(part: slice) -> list[Tensor]:
-            return self._residuals(ema, layouts[part], grid)
+            phrases, boxes = layout_tensors(self.text, layouts[part])
+            return ema(phrases.to(self.device), boxes.to(self.device), grid, grid)
 
         return previews.generate(
             self.flux,

@@ -178,9 +178,15 @@ class T2IStage(Stage):
         b, h, w = z.shape[0], z.shape[2], z.shape[3]
         img_ids = make_img_ids(b, h, w, device=self.device)
         txt_ids = make_txt_ids(b, emb.tokens.shape[1], device=self.device)
+        extra = self.forward_extras(batch, (h // 2, w // 2))
         with previews.autocast(self.device, self.amp):
-            pred = fwd(x_t, img_ids, emb.tokens.to(self.device), txt_ids, t, emb.pooled.to(self.device))
+            txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
+            pred = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
         return flow_loss(pred, x0, eps), {}
+
+    def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
+        """More keyword inputs of the forward module for this batch (the layout stage's boxes); none here."""
+        return {}
 
     def bundle_config(self, step: int) -> BundleConfig:
         c = self.cfg
