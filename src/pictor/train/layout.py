@@ -31,6 +31,7 @@ from pictor.train import previews
 from pictor.train.data import Batch, dataset_length, holdout_index
 from pictor.train.lora import LoRAStage
 from pictor.train.stages import seeded
+from pictor.train.t2i import T2IStage
 
 EVAL_LAYOUT_SEED = 7  # ground-truth scenes of the eval specs, whose boxes the evals ask for
 
@@ -115,15 +116,11 @@ class LayoutStage(LoRAStage):
     # -- previews with the EMA adapter -----------------------------------------------------------------
 
     def _eval_layouts(self, specs: list[dict], per_spec: int) -> list[list[dict]]:
-        from pictor.data.shapes import scene_from_spec, scene_layout
+        """Image j of spec i gets the boxes of the ground-truth scene drawn from (EVAL_LAYOUT_SEED, i, j)."""
+        from pictor.eval.shapes import ground_truth_layouts
 
-        size = int(self.cfg.image_size or 64)
-        out = []
-        for i, spec in enumerate(specs):
-            for j in range(per_spec):
-                rng = np.random.default_rng([EVAL_LAYOUT_SEED, i, j])
-                out.append(scene_layout(scene_from_spec(spec, rng), size))
-        return out
+        rows = ground_truth_layouts(specs, per_spec, EVAL_LAYOUT_SEED, int(self.cfg.image_size or 64))
+        return [layout for row in rows for layout in row]
 
     def _generate_with_layouts(
         self, ema: nn.Module, prompts: list[str], layouts: list[list[dict]], seeds: list[int]
@@ -163,14 +160,11 @@ class LayoutStage(LoRAStage):
         images = self._generate_with_layouts(ema, prompts, layouts, list(range(len(prompts))))
         return previews.grid(images, columns=min(8, len(images)))
 
+    # T2IStage's eval with the EMA adapter passed along, not LoRAStage's (which swaps adapters into the base).
+    evaluate = T2IStage.evaluate
+
     @torch.no_grad()
-    def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
-        c = self.cfg
-        if c.data != "shapes":
-            return None
-        specs = previews.eval_specs(c.eval_prompts)
-        k = c.eval_images_per_prompt
-        prompts = [s["prompt"] for s in specs for _ in range(k)]
-        seeds = [1000 + i for i in range(len(prompts))]
-        images = self._generate_with_layouts(ema, prompts, self._eval_layouts(specs, k), seeds)
-        return previews.score(specs, images, k)
+    def eval_images(
+        self, ema: nn.Module, specs: list[dict], k: int, prompts: list[str], seeds: list[int]
+    ) -> Any:
+        return self._generate_with_layouts(ema, prompts, self._eval_layouts(specs, k), seeds)

@@ -248,7 +248,14 @@ class T2IStage(Stage):
         k = c.eval_images_per_prompt
         prompts = [s["prompt"] for s in specs for _ in range(k)]
         seeds = [1000 + i for i in range(len(prompts))]
-        images = previews.generate(
+        return previews.score(specs, self.eval_images(ema, specs, k, prompts, seeds), k)
+
+    def eval_images(
+        self, ema: nn.Module, specs: list[dict], k: int, prompts: list[str], seeds: list[int]
+    ) -> Any:
+        """The images an eval scores: k per spec, prompt i with seed i (the layout stage adds layouts)."""
+        c = self.cfg
+        return previews.generate(
             ema,
             self.ae,
             self.text,
@@ -261,7 +268,6 @@ class T2IStage(Stage):
             self.amp,
             batch_size=64,
         )
-        return previews.score(specs, images, k)
 
     def state(self) -> dict[str, Any]:
         return {
