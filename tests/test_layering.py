@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "edit_blending": 1,
     "lora_files": 1,
     "layout_files": 1,
+    "reference_files": 1,
     "data": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/
     "models": 0,

@@ -1,4 +1,4 @@
-"""`pictor train autoencoder|t2i|lora|layout ...`: arguments -> TrainConfig -> `train()`.
+"""`pictor train autoencoder|t2i|lora|layout|reference ...`: arguments -> TrainConfig -> `train()`.
 
 Precedence: command-line flags > --config FILE > --preset and the stage defaults. With --resume the
 config stored in the newest checkpoint takes the place of --config, so `pictor train t2i --out DIR
@@ -56,13 +56,15 @@ _FIELDS = {
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t = subparsers.add_parser(
         "train",
-        help="train an autoencoder or a text-to-image model from scratch, or a LoRA or a layout adapter",
+        help="train an autoencoder or a text-to-image model from scratch, or a LoRA, a layout or a "
+        "reference adapter",
         description="Train in two stages: first `autoencoder`, then `t2i --autoencoder AE_RUN`; or adapt a "
         "trained model with `lora --base BUNDLE --data FOLDER`, or teach it layouts (boxes with phrases) "
-        "with `layout --base BUNDLE --data shapes`. Runs under torchrun for several processes "
+        "with `layout --base BUNDLE --data shapes`, or image prompts with `reference --base BUNDLE --data "
+        "shapes`. Runs under torchrun for several processes "
         "(DDP). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, OUT/eval.jsonl, OUT/checkpoints/step-N "
-        "(+ OUT/latest), OUT/final (the bundle; for lora and layout the adapter, also copied to "
-        "OUT/lora.safetensors or OUT/layout.safetensors).",
+        "(+ OUT/latest), OUT/final (the bundle; for lora, layout and reference the adapter, also copied "
+        "to OUT/lora.safetensors, OUT/layout.safetensors or OUT/reference.safetensors).",
     )
     t.add_argument("stage", choices=STAGES)
     t.add_argument("--out", required=True, help="run folder (logs, samples, checkpoints, final/)")
@@ -77,7 +79,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="t2i: start from a trained bundle's weights (its architecture, autoencoder and text encoder) "
         "with a fresh optimizer and schedule, instead of at random",
     )
-    t.add_argument("--base", default=None, help="lora, layout: the model bundle to adapt (frozen)")
+    t.add_argument("--base", default=None, help="lora, layout, reference: the model bundle to adapt (frozen)")
     t.add_argument("--rank", type=int, default=None, help="lora: adapter rank (16)")
     t.add_argument("--alpha", type=float, default=None, help="lora: alpha; scale = alpha / rank (= rank)")
     t.add_argument(

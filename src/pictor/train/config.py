@@ -18,7 +18,9 @@ from typing import Any
 
 from pictor.presets import get_preset
 
-STAGES = ("autoencoder", "t2i", "lora", "layout")
+STAGES = ("autoencoder", "t2i", "lora", "layout", "reference")
+# Stages that train something beside a frozen base bundle (--base).
+ADAPTER_STAGES = ("lora", "layout", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -31,6 +33,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.0},
     # A small adapter from zero on a frozen base (as GLIGEN's gated layers): a t2i-like lr, with EMA.
     "layout": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
+    # Likewise a small image encoder from scratch beside a frozen base (as FLUX.1 Redux's).
+    "reference": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
 }
 
 
@@ -149,7 +153,7 @@ class TrainConfig:
         stage = STAGE_DEFAULTS[self.stage]
         if self.init is not None and self.stage != "t2i":
             raise ConfigError(f"--init applies to t2i training only, not to '{self.stage}'")
-        if self.stage in ("lora", "layout"):
+        if self.stage in ADAPTER_STAGES:
             preset = self._base_preset()
         elif self.init is not None and self.model is None:
             # (a resumed run's stored config is already resolved: its bundle may be gone by now)
@@ -170,7 +174,7 @@ class TrainConfig:
         return c
 
     def _base_preset(self) -> dict[str, Any]:
-        """An adapter stage's architecture (lora, layout): the base bundle's configs, as a preset."""
+        """An adapter stage's architecture (lora, layout, reference): the base bundle's, as a preset."""
         if not self.base:
             raise ConfigError(
                 f"{self.stage} training needs a base model: pass --base BUNDLE (a trained model bundle)"

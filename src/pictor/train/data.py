@@ -153,6 +153,7 @@ class Batch:
         indices: list[int],
         draws: dict[str, torch.Tensor] | None = None,
         layouts: list[list[dict[str, Any]] | None] | None = None,
+        references: torch.Tensor | None = None,
     ) -> None:
         self.images = images
         self.captions = captions
@@ -160,13 +161,16 @@ class Batch:
         self.draws = draws or {}
         # Per sample: the image's boxes with phrases where the data knows them (the shapes world), else None.
         self.layouts = layouts if layouts is not None else [None] * len(indices)
+        # uint8 [B, 3, H, W]: each sample's reference picture, where the data pairs one with each image
+        # (the reference stage's data); else None.
+        self.references = references
 
     def __len__(self) -> int:
         return len(self.indices)
 
 
-# (image, caption, stream index, random draws, layout or None)
-_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None]
+# (image, caption, stream index, random draws, layout or None, reference picture or None)
+_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, np.ndarray | None]
 
 
 class _StreamItems(Dataset):
@@ -178,7 +182,8 @@ class _StreamItems(Dataset):
     def __getitem__(self, k: int) -> _Item:
         image, caption, meta = self.ds[stream_index(self.len, k, self.seed)]
         layout = meta.get("layout") if isinstance(meta, dict) else None
-        return image, caption, k, self.draws(k) if self.draws is not None else {}, layout
+        reference = meta.get("reference") if isinstance(meta, dict) else None
+        return image, caption, k, self.draws(k) if self.draws is not None else {}, layout, reference
 
 
 def _collate(items: list[_Item]) -> Batch:
@@ -191,6 +196,7 @@ def _collate(items: list[_Item]) -> Batch:
         [i[2] for i in items],
         draws,
         [i[4] for i in items],
+        to_tensor([i[5] for i in items]) if all(i[5] is not None for i in items) else None,
     )
 
 

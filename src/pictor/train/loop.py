@@ -103,8 +103,13 @@ class Trainer:
             from pictor.train.layout import LayoutStage  # builds on the LoRA stage's frozen base
 
             self.stage = LayoutStage(cfg, self.ds, info, resume_path)
+        elif cfg.stage == "reference":
+            from pictor.train.reference import ReferenceStage  # likewise, with image prompts
+
+            self.stage = ReferenceStage(cfg, self.ds, info, resume_path)
         else:
             self.stage = build_stage(cfg, self.ds, info, resume_path)
+        self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
         self.model = self.stage.module
         assert cfg.ema_decay is not None
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)

@@ -1,0 +1,165 @@
+"""Reference-adapter files and reference images: saving and loading adapters (no pickles), and turning a
+reference picture into the context tokens that `pictor.models.reference.ReferenceAdapter` makes.
+
+An adapter file is a ``.safetensors`` of adapter weights whose header names its params and the model it
+was trained on, so a mismatched pair is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from pictor.checkpoint import (
+    CheckpointError,
+    check_keys,
+    read_safetensors,
+    read_safetensors_metadata,
+    sha256_file,
+    write_safetensors,
+)
+from pictor.editing import EditError, ImageSource, image_info, load_image
+from pictor.models.autoencoder import AutoEncoder
+from pictor.models.flux import FluxParams, pack_latents
+from pictor.models.reference import ReferenceAdapter, ReferenceParams
+
+__all__ = [
+    "REFERENCE_FILE",
+    "ReferenceError",
+    "load_reference_adapter",
+    "open_reference_adapter",
+    "reference_context",
+    "reference_params_for",
+    "reference_pixels",
+    "save_reference_adapter",
+]
+
+REFERENCE_FILE = "reference.safetensors"
+REFERENCE_FORMAT = "pictor-reference"
+
+
+class ReferenceError(ValueError):
+    """A reference image or adapter that cannot be used; the message says what to change."""
+
+
+def reference_params_for(model: FluxParams) -> ReferenceParams:
+    return ReferenceParams(latent_dim=model.in_channels, context_dim=model.context_in_dim)
+
+
+def reference_pixels(source: ImageSource | np.ndarray, width: int, height: int) -> np.ndarray:
+    """The reference as uint8 [height, width, 3]: any mode made RGB (transparency on white), scaled to
+    cover the canvas and centre-cropped, as training saw it (reference and image the same size)."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ReferenceError(
+                f"a reference array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
+            )
+        im = Image.fromarray(source)
+    else:
+        try:
+            im = load_image(source, "reference image")
+        except EditError as exc:
+            raise ReferenceError(str(exc)) from exc
+    if min(im.size) < 8:
+        raise ReferenceError(f"reference image is {im.size[0]}x{im.size[1]} pixels; give one at least 8x8")
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(flat, im)
+    im = ImageOps.fit(im.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def reference_record(pixels: np.ndarray) -> dict[str, Any]:
+    """What a generation record says of its reference: the hash and size of the pixels the model saw."""
+    return image_info(pixels)
+
+
+@torch.inference_mode()
+def reference_context(
+    adapter: ReferenceAdapter, autoencoder: AutoEncoder, pixels: np.ndarray, dtype: torch.dtype
+) -> Tensor:
+    """Context tokens [1, N, context_dim] for a reference (uint8 [H, W, 3]) on the latent token grid."""
+    device = next(adapter.parameters()).device
+    ae_dtype = next(autoencoder.parameters()).dtype
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    z = autoencoder.encode(x.to(device, ae_dtype))  # [1, C, h, w], scaled and shifted
+    grid_h, grid_w = z.shape[2] // 2, z.shape[3] // 2
+    return adapter(pack_latents(z).float(), grid_h, grid_w).to(dtype)
+
+
+# -- adapter files ----------------------------------------------------------------------------------------
+
+
+def save_reference_adapter(
+    adapter: nn.Module, params: ReferenceParams, path: str | os.PathLike[str], metadata: Mapping[str, str]
+) -> str:
+    """Write adapter weights (the module or an EMA copy of it) with their params; returns the SHA-256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ReferenceError(f"{path}: reference adapters are written as .safetensors")
+    header = {"format": REFERENCE_FORMAT, "reference_params": json.dumps(params.to_dict()), **dict(metadata)}
+    return write_safetensors({k: v.detach() for k, v in adapter.state_dict().items()}, path, header)
+
+
+def load_reference_adapter(path: str | os.PathLike[str]) -> tuple[ReferenceAdapter, dict[str, str]]:
+    """(adapter in float32, header) from a reference adapter file; other files are refused with the reason."""
+    path = Path(path)
+    try:
+        tensors = read_safetensors(path)
+        header = read_safetensors_metadata(path)
+    except CheckpointError as exc:
+        raise ReferenceError(str(exc)) from exc
+    if header.get("format") != REFERENCE_FORMAT:
+        raise ReferenceError(
+            f"{path}: not a pictor reference adapter (header format {header.get('format')!r}); train one "
+            "with `pictor train reference --base MODEL --out DIR`"
+        )
+    try:
+        params = ReferenceParams.from_dict(json.loads(header["reference_params"]))
+    except (KeyError, ValueError) as exc:
+        raise ReferenceError(f"{path}: unreadable reference_params in the header ({exc})") from exc
+    with torch.device("meta"):
+        adapter = ReferenceAdapter(params)
+    try:
+        check_keys(adapter, tensors, str(path))
+        adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    except (CheckpointError, RuntimeError) as exc:
+        raise ReferenceError(
+            f"{path}: weights do not fit the reference adapter its header describes ({exc})"
+        ) from exc
+    return adapter.eval().requires_grad_(False), header
+
+
+def open_reference_adapter(
+    path: str | os.PathLike[str], model: FluxParams, model_hash: str
+) -> tuple[ReferenceAdapter, dict[str, Any]]:
+    """An adapter file checked against the model it is to steer: (adapter, its entry for the records).
+    One trained on another model with the same shapes loads with a warning."""
+    adapter, header = load_reference_adapter(path)
+    want = reference_params_for(model)
+    have = adapter.params
+    if (have.latent_dim, have.context_dim) != (want.latent_dim, want.context_dim):
+        raise ReferenceError(
+            f"{path}: this reference adapter makes {have.context_dim}-dim tokens from "
+            f"{have.latent_dim}-channel latents, but the model reads {want.context_dim}-dim tokens and has "
+            f"{want.latent_dim}-channel latents; use an adapter trained on this model "
+            "(`pictor train reference --base MODEL`)"
+        )
+    base = header.get("base_model_hash", "")
+    if base and model_hash and base != model_hash:
+        warnings.warn(
+            f"{path}: this reference adapter was trained on model {header.get('base_model', '?')} "
+            f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow references poorly",
+            stacklevel=3,
+        )
+    return adapter, {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}

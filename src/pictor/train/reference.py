@@ -1,0 +1,179 @@
+"""The reference stage: a ReferenceAdapter (image prompts) trained on a frozen base bundle.
+
+The base model's flow loss with the adapter's tokens appended to the prompt's token states; only the
+adapter learns (as FLUX.1 Redux freezes its base). Each training image comes with a reference picture
+(`pictor.data.reference_pairs`: in the shapes world another scene of the same spec, in a folder the image
+itself). The caption is dropped with --caption-dropout as usual; a high rate (0.5 in the README's recipe)
+makes the reference carry the content on its own. Outputs: OUT/checkpoints/step-N/reference.safetensors
+(+ optimizer, RNG state for resume), OUT/final/reference.safetensors and a copy at
+OUT/reference.safetensors. Copied into the base bundle's folder, it is loaded with the model and
+`pictor generate --reference IMAGE` works.
+
+Periodic evals generate from an empty prompt and a reference (a ground-truth render of each dev spec),
+and score the image against the spec: how much of the reference's content the model carries over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pictor import __version__
+from pictor.checkpoint import CheckpointError, read_safetensors, staged_file
+from pictor.data.reference_pairs import ReferencePairs
+from pictor.models.flux import pack_latents
+from pictor.models.reference import ReferenceAdapter, append_reference
+from pictor.reference_files import REFERENCE_FILE, reference_params_for, save_reference_adapter
+from pictor.train import previews
+from pictor.train.config import TrainConfig
+from pictor.train.data import Batch, ImageCaptionDataset, dataset_length, holdout_index, to_float, to_tensor
+from pictor.train.distributed import DistInfo
+from pictor.train.lora import LoRAStage
+from pictor.train.stages import seeded
+from pictor.train.t2i import T2IStage
+
+EVAL_REFERENCE_SEED = 11  # ground-truth scenes of the eval specs, rendered as the evals' references
+
+
+class ReferenceForward(nn.Module):
+    """The frozen transformer and the trained adapter in one forward: DDP wraps this module, so the
+    adapter's gradients are averaged over the ranks like any model's."""
+
+    def __init__(self, flux: nn.Module, adapter: nn.Module) -> None:
+        super().__init__()
+        self.flux, self.adapter = flux, adapter
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        reference: tuple[Tensor, tuple[int, int]],
+    ) -> Tensor:
+        tokens, (grid_h, grid_w) = reference
+        txt, txt_ids = append_reference(txt, txt_ids, self.adapter(tokens, grid_h, grid_w))
+        return self.flux(img, img_ids, txt, txt_ids, t, y)
+
+
+class ReferenceStage(LoRAStage):
+    """LoRAStage's frozen base, text cache, base-hash check and EMA swapping; a reference adapter to train."""
+
+    name = "reference"
+
+    def __init__(
+        self, cfg: TrainConfig, ds: ImageCaptionDataset, info: DistInfo, resume: Path | None = None
+    ) -> None:
+        super().__init__(cfg, ReferencePairs(ds), info, resume)
+        self.forward_module = ReferenceForward(self.flux, self.module)
+
+    def build_trainable(self) -> nn.Module:
+        params = reference_params_for(self.flux.params)
+        return seeded(self.cfg.seed, lambda: ReferenceAdapter(params).init_weights()).to(self.device)
+
+    @torch.no_grad()
+    def _reference_tokens(self, pictures: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """uint8 [B, 3, H, W] -> packed latents of the frozen autoencoder [B, N, 4C] and their token grid."""
+        with previews.autocast(self.device, self.amp):
+            z = self.ae.encode(to_float(pictures, self.device)).float()
+        return pack_latents(z), (z.shape[2] // 2, z.shape[3] // 2)
+
+    def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
+        """The batch's reference pictures as latent tokens for the forward module, which runs the adapter.
+        The reference stays when the caption is dropped: then it is all the model has to go on."""
+        if batch.references is None:
+            raise CheckpointError("reference training: a batch without reference pictures reached the loss")
+        return {"reference": self._reference_tokens(batch.references)}
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    def metadata(self, step: int) -> dict[str, str]:
+        return {
+            "base_model": self.base_name,
+            "base_model_hash": self.base_hash,
+            "pictor_version": __version__,
+            "pictor_training": json.dumps({**self.training_info(step), "base": str(self.base_path)}),
+        }
+
+    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        assert isinstance(self.module, ReferenceAdapter)
+        save_reference_adapter(ema, self.module.params, folder / REFERENCE_FILE, self.metadata(step))
+
+    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
+        return read_safetensors(checkpoint / REFERENCE_FILE)
+
+    def publish(self, final: Path) -> Path:
+        """Copy final/reference.safetensors to OUT/reference.safetensors (atomically) and return that path."""
+        out = Path(self.cfg.out) / REFERENCE_FILE
+        with staged_file(out) as tmp:
+            shutil.copyfile(final / REFERENCE_FILE, tmp)
+        return out
+
+    def training_info(self, step: int) -> dict[str, Any]:
+        info = super(LoRAStage, self).training_info(step)  # the t2i fields, not LoRA's rank and targets
+        return {**info, "stage": "reference"}
+
+    # -- previews and evals with the EMA adapter ---------------------------------------------------------
+
+    def _generate_with_references(
+        self, ema: nn.Module, prompts: list[str], pictures: np.ndarray, seeds: list[int]
+    ) -> np.ndarray:
+        c = self.cfg
+
+        def context_fn(part: slice) -> Tensor:
+            tokens, (gh, gw) = self._reference_tokens(to_tensor(list(pictures[part])))
+            return ema(tokens, gh, gw)
+
+        return previews.generate(
+            self.flux,
+            self.ae,
+            self.text,
+            prompts,
+            seeds,
+            int(c.image_size or 64),
+            c.sample_steps,
+            c.sample_guidance,
+            self.device,
+            self.amp,
+            batch_size=64,
+            context_fn=context_fn,
+        )
+
+    def _eval_references(self, specs: list[dict], per_spec: int) -> np.ndarray:
+        """Reference j of spec i: the ground-truth scene drawn from (EVAL_REFERENCE_SEED, i, j)."""
+        from pictor.eval.shapes import ground_truth_images
+
+        rows = ground_truth_images(specs, per_spec, EVAL_REFERENCE_SEED, int(self.cfg.image_size or 64))
+        return np.stack([im for row in rows for im in row])
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module) -> Any:
+        """Top row: the references; below: images from them with an empty prompt."""
+        n = self.cfg.num_samples
+        if self.cfg.data == "shapes":
+            refs = self._eval_references(previews.eval_specs(n), 1)
+        else:  # the first images of the folder
+            refs = np.stack([self.ds[holdout_index(dataset_length(self.ds), i)][0] for i in range(n)])
+        images = self._generate_with_references(ema, [""] * len(refs), refs, list(range(len(refs))))
+        return previews.grid(np.concatenate([refs, images]), columns=len(refs))
+
+    # T2IStage's eval with the EMA adapter passed along, not LoRAStage's (which swaps adapters into the base).
+    evaluate = T2IStage.evaluate
+
+    @torch.no_grad()
+    def eval_images(
+        self, ema: nn.Module, specs: list[dict], k: int, prompts: list[str], seeds: list[int]
+    ) -> Any:
+        """An empty prompt and a reference render of the spec: the score says what the reference carried."""
+        refs = self._eval_references(specs, k)
+        return self._generate_with_references(ema, [""] * len(prompts), refs, seeds)
