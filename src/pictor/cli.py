@@ -21,8 +21,9 @@ def _load(  # type: ignore[no-untyped-def]
     model: str | None = None,
     loras: list[tuple[str, float]] | None = None,
     layout_adapter: str | None = None,
+    reference_adapter: str | None = None,
 ):
-    """The pipeline for a command: the model, then its LoRAs in order, then a layout adapter if given."""
+    """The pipeline for a command: the model, then its LoRAs in order, then the adapters given."""
     from pictor.loading import load
 
     pipe = load(model if model is not None else args.model, device=args.device)
@@ -31,6 +32,9 @@ def _load(  # type: ignore[no-untyped-def]
     adapter = layout_adapter or getattr(args, "layout_adapter", None)
     if adapter:
         pipe.set_layout_adapter(adapter)
+    reference = reference_adapter or getattr(args, "reference_adapter", None)
+    if reference:
+        pipe.set_reference_adapter(reference)
     if not pipe.config.trained:
         print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     return pipe
@@ -50,6 +54,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "batch_size": args.batch_size,
         "layout": read_layout_arg(args.layout) if args.layout is not None else None,
+        "reference": args.reference,
     }
 
 
@@ -145,11 +150,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
     recorded = (record.get("layout_adapter") or {}).get("path")
     adapter = args.layout_adapter or (recorded if recorded and Path(recorded).is_file() else None)
-    pipe = _load(args, model, loras, adapter)
-    image = reproduce(pipe, record, progress=_progress_bar("reproduce"), source=args.source, mask=args.mask)
+    recorded = (record.get("reference_adapter") or {}).get("path")
+    reference = args.reference_adapter or (recorded if recorded and Path(recorded).is_file() else None)
+    pipe = _load(args, model, loras, adapter, reference)
+    image = reproduce(
+        pipe,
+        record,
+        progress=_progress_bar("reproduce"),
+        source=args.source,
+        mask=args.mask,
+        reference=args.reference,
+    )
     for path in _save([image], args.out):
         print(path)
     return 0
+
+
+def _adapter_header(path: Path) -> dict[str, Any]:
+    from pictor.checkpoint import read_safetensors_metadata, sha256_file
+
+    header = read_safetensors_metadata(path)
+    decoded = {
+        k: json.loads(v) if k.endswith("_params") or k == "pictor_training" else v for k, v in header.items()
+    }
+    return {"file": path.name, "sha256": sha256_file(path), **decoded}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -181,18 +205,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if target.is_dir() and is_bundle(target):
         shown = read_bundle_config(target).to_dict()
-        if (target / "layout.safetensors").is_file():  # the bundle's layout adapter: its header
-            from pictor.checkpoint import read_safetensors_metadata, sha256_file
-
-            header = read_safetensors_metadata(target / "layout.safetensors")
-            shown["layout_adapter"] = {
-                "file": "layout.safetensors",
-                "sha256": sha256_file(target / "layout.safetensors"),
-                **{
-                    k: json.loads(v) if k in ("layout_params", "pictor_training") else v
-                    for k, v in header.items()
-                },
-            }
+        for kind in ("layout", "reference"):  # the bundle's adapters: their headers
+            if (target / f"{kind}.safetensors").is_file():
+                shown[f"{kind}_adapter"] = _adapter_header(target / f"{kind}.safetensors")
         print(json.dumps(shown, indent=2))
         return 0
     if args.target in PRESETS:
@@ -241,6 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         through_autoencoder=args.through_autoencoder,
         save_images=args.save_images,
         layouts=args.layouts,
+        references=args.references,
+        empty_prompts=args.empty_prompts,
         limit=args.limit,
         progress=_progress_bar("prompts"),
         steps=args.steps,

@@ -95,6 +95,27 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     _add_layout_adapter(p)
 
 
+def _add_reference_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference-adapter",
+        default=None,
+        metavar="FILE",
+        help="reference adapter (.safetensors from `pictor train reference`); "
+        "default: the bundle's reference.safetensors",
+    )
+
+
+def _add_reference(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="IMAGE",
+        help="an image prompt: a picture whose content the images take (fitted to the image size; an "
+        "empty prompt leaves it all to the picture); needs a reference adapter",
+    )
+    _add_reference_adapter(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
@@ -106,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora(g)
     _add_sampling(g)
     _add_layout(g)
+    _add_reference(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--best-of",
@@ -123,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora(ed)
     _add_sampling(ed)
     _add_layout(ed)
+    _add_reference(ed)
     ed.add_argument("--mask", default=None, help="white = repaint, black = keep; the image's size")
     ed.add_argument(
         "--strength",
@@ -143,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(r)
     _add_lora(r)
     _add_layout_adapter(r)
+    r.add_argument("--reference", default=None, help="for an image made from a reference: that picture")
+    _add_reference_adapter(r)
     r.add_argument("--source", default=None, help="for an edit: the image it was made from")
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
@@ -185,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter); the report adds the fraction of boxes that hold their object",
     )
     _add_layout_adapter(es)
+    es.add_argument(
+        "--references",
+        action="store_true",
+        help="give each image the ground-truth render of its prompt that --ground-truth would score as "
+        "its reference picture (needs a reference adapter)",
+    )
+    es.add_argument(
+        "--empty-prompts",
+        action="store_true",
+        help='generate from the prompt "" (the specs still score the images): with --references, what '
+        "the pictures alone carry",
+    )
+    _add_reference_adapter(es)
 
     ed = esub.add_parser(
         "distribution",

@@ -39,8 +39,11 @@ from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
+from pictor.reference_files import REFERENCE_FILE
 
 BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
+# Adapters a bundle may carry beside its weights; a cast copies them, so they are the bundle's own too.
+ADAPTER_FILES = (LAYOUT_FILE, REFERENCE_FILE)
 
 
 def _keys(path: Path) -> list[str]:
@@ -157,17 +160,17 @@ def _check_out(out: Path) -> None:
 
 
 def _foreign_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES)
+    return sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES + ADAPTER_FILES)
 
 
 def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
     """Rewrite a bundle's transformer and autoencoder weights in ``dtype`` (fp32, fp16 or bf16).
 
-    Config, defaults and training record stay; the hashes are the new files'. A layout adapter in the
-    bundle (layout.safetensors) is copied unchanged. Pictor computes in the
-    device's dtype whatever the storage (float32 on the CPU), so fp16 storage halves an fp32 bundle on disk
-    at the cost of rounding each weight to 11 significant bits. Written atomically, so ``out`` may be ``src``;
-    an ``out`` that holds anything but a bundle is refused, never replaced.
+    Config, defaults and training record stay; the hashes are the new files'. The bundle's layout and
+    reference adapters (layout.safetensors, reference.safetensors) are copied unchanged. Pictor computes
+    in the device's dtype whatever the storage (float32 on the CPU), so fp16 storage halves an fp32
+    bundle on disk at the cost of rounding each weight to 11 significant bits. Written atomically, so
+    ``out`` may be ``src``; an ``out`` that holds anything but a bundle is refused, never replaced.
     """
     if dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
@@ -181,7 +184,8 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
             _cast_in_place(sd, STORAGE_DTYPES[dtype], f"{src / fname}")
             hashes[fname] = write_safetensors(sd, tmp / fname, {"format": "pt"})
             del sd
-        if (src / LAYOUT_FILE).is_file():  # the bundle's layout adapter goes along, as it is
-            shutil.copyfile(src / LAYOUT_FILE, tmp / LAYOUT_FILE)
+        for adapter in ADAPTER_FILES:  # the bundle's adapters go along, as they are
+            if (src / adapter).is_file():
+                shutil.copyfile(src / adapter, tmp / adapter)
         write_json(BundleConfig(**{**config.__dict__, "hashes": hashes}).to_dict(), tmp / CONFIG_NAME)
     return out

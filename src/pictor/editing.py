@@ -89,6 +89,7 @@ class EditRequest:
     num_images: int = 1
     batch_size: int | None = None
     layout: list[dict[str, Any]] | None = None
+    reference: ImageSource | np.ndarray | None = None
 
     @property
     def mode(self) -> str:

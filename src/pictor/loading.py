@@ -16,6 +16,7 @@ from pictor.models.flux import Flux, FluxParams
 from pictor.models.text import build_text_encoder
 from pictor.pipeline import Pipeline
 from pictor.presets import get_preset
+from pictor.reference_files import REFERENCE_FILE
 
 
 def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:
@@ -77,4 +78,6 @@ def load(
         # A bundle may carry its layout adapter (`pictor train layout` output copied beside its weights).
         if (ref.path / LAYOUT_FILE).is_file():
             pipe.set_layout_adapter(ref.path / LAYOUT_FILE)
+        if (ref.path / REFERENCE_FILE).is_file():  # likewise `pictor train reference` output
+            pipe.set_reference_adapter(ref.path / REFERENCE_FILE)
     return pipe

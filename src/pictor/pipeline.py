@@ -30,14 +30,22 @@ from pictor.checkpoint import (
     model_hash,
 )
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
-from pictor.editing import EditInputs, EditRequest, prepare_edit
+from pictor.editing import EditInputs, EditRequest, ImageSource, prepare_edit
 from pictor.generation_settings import settings_problem
 from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
+from pictor.models.reference import ReferenceAdapter, append_reference
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
+from pictor.reference_files import (
+    ReferenceError,
+    open_reference_adapter,
+    reference_context,
+    reference_pixels,
+    reference_record,
+)
 from pictor.sampling import cfg, get_sampler, get_schedule
 
 # (step, total) -> None; raising from it cancels the generation.
@@ -69,6 +77,9 @@ class GenerationRequest:
     batch_size: int | None = None
     # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.
     layout: list[dict[str, Any]] | None = None
+    # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
+    # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
+    reference: ImageSource | np.ndarray | None = None
 
 
 @dataclass
@@ -109,6 +120,9 @@ class Pipeline:
         # The layout adapter (boxes with phrases), if one is loaded, and its entry for the records.
         self.layout_adapter: LayoutAdapter | None = None
         self.layout_info: dict[str, Any] | None = None
+        # Likewise the reference adapter (image prompts).
+        self.reference_adapter: ReferenceAdapter | None = None
+        self.reference_info: dict[str, Any] | None = None
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -165,6 +179,17 @@ class Pipeline:
                     "with --layout-adapter FILE (train it with `pictor train layout --base MODEL`), or drop "
                     "the layout"
                 )
+        if r.reference is not None:
+            if self.reference_adapter is None:
+                raise GenerationError(
+                    f"model '{self.name}' has no reference adapter, so it cannot take a reference image: "
+                    "pass one with --reference-adapter FILE (train it with `pictor train reference --base "
+                    "MODEL`), or drop the reference"
+                )
+            try:
+                r = replace(r, reference=reference_pixels(r.reference, r.width, r.height))
+            except ReferenceError as exc:
+                raise GenerationError(str(exc)) from exc
         if r.negative_prompt and self.guidance_mode != "cfg":
             raise GenerationError(
                 f"model '{self.name}' uses {self.guidance_mode} guidance, which has no negative prompt; "
@@ -290,12 +315,19 @@ class Pipeline:
             if self.guidance_mode == "distilled":
                 g = torch.full((n,), guidance, device=self.device, dtype=self.dtype)
             txt_ids = make_txt_ids(n, txt.shape[1]).to(self.device, self.dtype)
+            if context is not None:
+                txt, txt_ids = append_reference(txt, txt_ids, context)
             return self.transformer(
                 x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g, img_residuals=residuals
             )
 
-        # The layout's residuals depend on neither x nor t: computed once per sampler run. Under CFG both
-        # halves get them (as GLIGEN), so guidance amplifies the prompt, not the layout.
+        # The layout's residuals and the reference's tokens depend on neither x nor t: computed once per
+        # sampler run. Under CFG both halves get them (as GLIGEN), so guidance amplifies the prompt, not the
+        # layout or the reference; with an empty prompt the reference alone decides.
+        context = None
+        if r.reference is not None:
+            assert self.reference_adapter is not None and isinstance(r.reference, np.ndarray)
+            context = reference_context(self.reference_adapter, self.autoencoder, r.reference, self.dtype)
         res = None
         if r.layout:
             assert self.layout_adapter is not None
@@ -320,6 +352,15 @@ class Pipeline:
         except LayoutError as exc:
             raise GenerationError(str(exc)) from exc
         self.layout_adapter, self.layout_info = adapter.to(self.device), info
+        return info
+
+    def set_reference_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load a reference adapter file (made by `pictor train reference`) for requests with a reference."""
+        try:
+            adapter, info = open_reference_adapter(path, self.transformer.params, self.hash)
+        except ReferenceError as exc:
+            raise GenerationError(str(exc)) from exc
+        self.reference_adapter, self.reference_info = adapter.to(self.device), info
         return info
 
     def _sample(
@@ -383,6 +424,15 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": [dict(lo) for lo in self.loras],
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
+            **(self._reference_fields(r) if r.reference is not None else {}),
+        }
+
+    def _reference_fields(self, r: GenerationRequest) -> dict[str, Any]:
+        """A record holds the hash of the reference's fitted pixels, not the picture, and the adapter."""
+        assert isinstance(r.reference, np.ndarray)
+        return {
+            "reference_image": reference_record(r.reference),
+            "reference_adapter": dict(self.reference_info or {}),
         }
 
     def add_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:

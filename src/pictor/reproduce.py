@@ -8,11 +8,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from pictor.editing import EditRequest, ImageSource
+import numpy as np
+
+from pictor.editing import EditRequest, ImageSource, pixel_sha256
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 
 
-def _settings(record: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource | None) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
         "negative_prompt": record.get("negative_prompt", ""),
@@ -23,7 +25,41 @@ def _settings(record: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         "seed": seeds[0],
         "num_images": len(seeds),
         "layout": record.get("layout"),
+        "reference": reference,
     }
+
+
+def check_reference(pipe: Pipeline, record: dict[str, Any], reference: ImageSource | None) -> None:
+    """The reference adapter and picture the image was made with, before anything runs."""
+    if not record.get("reference_image"):
+        if reference is not None:
+            raise GenerationError("this image was made without a reference image; drop --reference")
+        return
+    if reference is None:
+        raise GenerationError("this image was made from a reference image; pass it with --reference IMAGE")
+    want = (record.get("reference_adapter") or {}).get("sha256")
+    have = (pipe.reference_info or {}).get("sha256")
+    if have is None:
+        raise GenerationError(
+            "the image was made with a reference; load its reference adapter with --reference-adapter FILE"
+        )
+    if want and want != have:
+        raise GenerationError(
+            f"the image was made with reference adapter {want[:10]}, but the loaded one is {have[:10]}; "
+            "pass the same file with --reference-adapter"
+        )
+
+
+def check_reference_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
+    if not record.get("reference_image"):
+        return
+    want = record["reference_image"]["sha256"]
+    got = pixel_sha256(r.reference) if isinstance(r.reference, np.ndarray) else ""
+    if want != got:
+        raise GenerationError(
+            f"the reference image is not the one this image was made from (its fitted pixels hash to "
+            f"{got[:10]}, the record says {want[:10]}); pass the original reference image"
+        )
 
 
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
@@ -62,11 +98,13 @@ def reproduce(
     progress: ProgressFn | None = None,
     source: ImageSource | None = None,
     mask: ImageSource | None = None,
+    reference: ImageSource | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
-    An edit's record holds only hashes of its source image and mask; pass those files as `source` and
-    `mask`, and they are checked against the hashes before anything runs.
+    An edit's record holds only hashes of its source image and mask, and a record with a reference only
+    the hash of that picture; pass those files as `source`, `mask` and `reference`, and they are checked
+    against the hashes before anything runs.
     """
     want = record.get("model", {}).get("hash", "")
     if want and pipe.hash and want != pipe.hash:
@@ -85,16 +123,19 @@ def reproduce(
         )
     check_loras(pipe, record)
     check_layout_adapter(pipe, record)
+    check_reference(pipe, record, reference)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
-        return _reproduce_edit(pipe, record, seeds, progress, source, mask)
+        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference)
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds),
+        **_settings(record, seeds, reference),
     )
-    images = pipe.run_seeds(pipe.resolve_request(request), seeds, progress or (lambda i, n: None))
+    r = pipe.resolve_request(request)
+    check_reference_pixels(record, r)
+    images = pipe.run_seeds(r, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
 
 
@@ -105,6 +146,7 @@ def _reproduce_edit(
     progress: ProgressFn | None,
     source: ImageSource | None,
     mask: ImageSource | None,
+    reference: ImageSource | None,
 ) -> GeneratedImage:
     mode = record["mode"]
     if source is None:
@@ -125,9 +167,10 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds),
+        **_settings(record, seeds, reference),
     )
     r, inputs = pipe.resolve_edit(request)
+    check_reference_pixels(record, r)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
     if want != got:
         raise GenerationError(

@@ -47,17 +47,29 @@ def generate_for_specs(
     progress: ProgressFn | None = None,
     save_dir: Path | None = None,
     layouts: list[list[list[dict]]] | None = None,
+    references: list[list[np.ndarray]] | None = None,
+    empty_prompts: bool = False,
 ) -> list[list[np.ndarray]]:
-    """K images per spec; with `layouts`, image j of spec i follows layouts[i][j] (one sampler run each,
-    on the same seed as without)."""
+    """K images per spec; with `layouts` or `references`, image j of spec i follows layouts[i][j] and takes
+    references[i][j] (one sampler run each, on the same seed as without). With `empty_prompts` the prompt
+    is "" (the spec still scores the image): what a reference alone carries, or the unconditional model."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
-        base = GenerationRequest(spec["prompt"], steps=steps, guidance=guidance, sampler=sampler)
-        if layouts is None:
+        prompt = "" if empty_prompts else spec["prompt"]
+        base = GenerationRequest(prompt, steps=steps, guidance=guidance, sampler=sampler)
+        if layouts is None and references is None:
             generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
         else:
             generated = [
-                pipe.generate(replace(base, seed=seed + i * k + j, layout=layouts[i][j]))[0] for j in range(k)
+                pipe.generate(
+                    replace(
+                        base,
+                        seed=seed + i * k + j,
+                        layout=layouts[i][j] if layouts is not None else None,
+                        reference=references[i][j] if references is not None else None,
+                    )
+                )[0]
+                for j in range(k)
             ]
         if save_dir is not None:
             for j, g in enumerate(generated):
@@ -163,13 +175,17 @@ def run_shapes_eval(
     through_autoencoder: bool = False,
     save_images: str | os.PathLike[str] | None = None,
     layouts: bool = False,
+    references: bool = False,
+    empty_prompts: bool = False,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score `pipe`'s images, or with ``ground_truth`` renders of the specs; ``through_autoencoder`` (with
     ``ground_truth``) scores the renders after a round trip through `pipe`'s autoencoder: the ceiling that
     the autoencoder sets for any transformer trained on its latents. With ``layouts`` each image is
     conditioned on the boxes of the ground-truth scene that --ground-truth would render in its place, and
-    the report adds how many boxes hold their object (`box_hits`)."""
+    the report adds how many boxes hold their object (`box_hits`). With ``references`` each image takes
+    that ground-truth render as its reference picture, and with ``empty_prompts`` its prompt is "": the
+    score then says how much of each spec the picture alone carried into the image."""
     if through_autoencoder and not (ground_truth and pipe is not None):
         raise ValueError("--through-autoencoder needs --ground-truth and a model whose autoencoder to use")
     if layouts and (ground_truth or pipe is None):
@@ -178,6 +194,13 @@ def run_shapes_eval(
         raise ValueError(
             f"--layouts: model '{pipe.name}' has no layout adapter; pass --layout-adapter FILE "
             "(made by `pictor train layout`)"
+        )
+    if (references or empty_prompts) and (ground_truth or pipe is None):
+        raise ValueError("--references and --empty-prompts change a model's images; drop --ground-truth")
+    if references and pipe is not None and pipe.reference_adapter is None:
+        raise ValueError(
+            f"--references: model '{pipe.name}' has no reference adapter; pass --reference-adapter FILE "
+            "(made by `pictor train reference`)"
         )
     specs = load_prompts(prompts)
     if limit is not None:
@@ -198,10 +221,24 @@ def run_shapes_eval(
     else:
         assert pipe is not None
         boxes = ground_truth_layouts(specs, k, seed) if layouts else None
+        pictures = ground_truth_images(specs, k, seed) if references else None
         images = generate_for_specs(
-            pipe, specs, k, seed, progress=progress, save_dir=folder, layouts=boxes, **generation
+            pipe,
+            specs,
+            k,
+            seed,
+            progress=progress,
+            save_dir=folder,
+            layouts=boxes,
+            references=pictures,
+            empty_prompts=empty_prompts,
+            **generation,
         )
         meta = {"source": "model", "model": {"name": pipe.name, "hash": pipe.hash}}
+        if empty_prompts:
+            meta["empty_prompts"] = True
+        if pictures is not None:
+            meta["reference"] = {"adapter": pipe.reference_info, "pictures": "ground-truth renders, --seed"}
         if boxes is not None:
             meta["layout"] = {"adapter": pipe.layout_info, **layout_scores(specs, images, boxes)}
     meta.update({"prompts": prompts or "shapes-dev (packaged)", "images_per_prompt": k, "seed": seed})
