@@ -59,6 +59,11 @@ class ImageGenerationRequest(BaseModel):
     layout: list[LayoutBox] | None = Field(
         None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."
     )
+    reference_image: str | None = Field(
+        None,
+        description="A reference picture whose content the images take: a PNG, JPEG or WebP file, base64 "
+        "(or a data:image/...;base64, URL); needs a model with a reference adapter.",
+    )
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged, otherwise ignored.
     quality: str | None = Field(None, description="Accepted and ignored.")
     style: str | None = Field(None, description="Accepted and ignored.")

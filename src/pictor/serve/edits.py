@@ -13,14 +13,12 @@ image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); other
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from pictor.editing import EditError, EditRequest
 from pictor.pipeline import GenerationError
@@ -36,52 +34,10 @@ from pictor.serve.routes import (
 )
 from pictor.serve.security import check_limits, check_policy
 from pictor.serve.service import Service, param_of, service
-from pictor.serve.settings import Limits
 from pictor.serve.store import JobRow
-
-FORMATS = ("PNG", "JPEG", "WEBP")
+from pictor.serve.uploads import decode_upload
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
-
-
-def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
-    """Bytes -> a loaded PIL image, or a 4xx that says what is wrong with them."""
-    if len(data) > limits.max_upload_bytes:
-        raise APIError(
-            413,
-            f"{what} is too large: the upload limit is {limits.max_upload_bytes} bytes",
-            param=what,
-            code="upload_too_large",
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-                width, height = im.size  # from the header: nothing decoded yet
-                if width * height > limits.max_pixels:
-                    raise APIError(
-                        400,
-                        f"{what} is {width}x{height} = {width * height} pixels; "
-                        f"the limit is {limits.max_pixels}",
-                        param=what,
-                        code="image_too_large",
-                    )
-                im.load()
-                return ImageOps.exif_transpose(im)  # as viewers show it; a loaded copy
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise APIError(
-                400,
-                f"{what} declares too many pixels (decompression bomb guard: {exc})",
-                param=what,
-                code="image_too_large",
-            ) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise APIError(
-                400,
-                f"{what} is not a readable PNG, JPEG or WebP image ({exc})",
-                param=what,
-                code="invalid_image",
-            ) from None
 
 
 def _transparent(image: Image.Image) -> Image.Image | None:

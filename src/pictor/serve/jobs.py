@@ -55,6 +55,7 @@ BATCH_KEYS = (
     "sampler",
     "schedule",
     "layout",
+    "reference",  # an upload id: new for every request, so jobs with a reference never merge
 )
 
 
@@ -66,11 +67,22 @@ def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(params.get(k) for k in MERGE_KEYS)
 
 
-def generation_request(params: dict[str, Any], **overrides: Any) -> GenerationRequest:
-    """A job's settings as the pipeline's request (``seed``, ``num_images``... may be overridden)."""
+def _reference(params: dict[str, Any], store: Store | None) -> Any:
+    """A job's reference picture: the kept upload's path (None without one, or without a store to ask)."""
+    upload = params.get("reference")
+    return store.upload_path(upload) if upload and store is not None else None
+
+
+def generation_request(
+    params: dict[str, Any], store: Store | None = None, **overrides: Any
+) -> GenerationRequest:
+    """A job's settings as the pipeline's request (``seed``, ``num_images``... may be overridden); its
+    reference picture comes from the store's uploads."""
     fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
-    fields.update(seed=params.get("seed"), num_images=int(params.get("n", 1)))
+    fields.update(
+        seed=params.get("seed"), num_images=int(params.get("n", 1)), reference=_reference(params, store)
+    )
     return GenerationRequest(**{**fields, **overrides})
 
 
@@ -78,6 +90,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     """An edit job's settings as the pipeline's EditRequest; the images come from the store's uploads."""
     fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height")}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
+    fields["reference"] = _reference(params, store)
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
     )
@@ -343,7 +356,7 @@ class JobManager:
         if params.get("kind") == "edit":
             run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
         else:
-            run, request = self.pipeline.generate, generation_request(params, **runs)
+            run, request = self.pipeline.generate, generation_request(params, self.store, **runs)
         deadline = time.monotonic() + self.settings.job_timeout
 
         def progress(step: int, total: int) -> None:

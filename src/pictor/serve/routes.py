@@ -93,8 +93,8 @@ OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE"]
 )
 async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
     svc = service(request)
-    params = svc.params(body)
-    job = await run_in_threadpool(svc.manager.submit, params, body.user)
+    params = await run_in_threadpool(svc.params, body)  # may decode a reference picture
+    job = await run_in_threadpool(svc.submit, params, body.user)
     return await finished_images(svc, request, job.id, body.response_format or "url")
 
 
@@ -163,7 +163,7 @@ def list_models(request: Request) -> ModelList:
 )
 def create_job(body: ImageGenerationRequest, request: Request, response: Response) -> Job:
     svc = service(request)
-    job = svc.manager.submit(svc.params(body), body.user)
+    job = svc.submit(svc.params(body), body.user)
     return accepted(svc, request, response, job)
 
 

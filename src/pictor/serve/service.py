@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from PIL import Image
 
 from pictor.pipeline import GenerationError
 from pictor.sampling import SCHEDULES
@@ -16,6 +17,7 @@ from pictor.serve.metrics import Metrics
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, signed_query
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
+from pictor.serve.uploads import decode_base64_image
 
 
 @dataclass
@@ -55,6 +57,10 @@ class Service:
         negative = body.negative_prompt or ""
         check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
         check_policy(self.policy, body.prompt, negative)
+        reference = None
+        if body.reference_image is not None:
+            picture = decode_base64_image(body.reference_image, "reference_image", self.settings.limits)
+            reference = picture.convert("RGB")
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -70,8 +76,8 @@ class Service:
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
-            return params
-        request = generation_request(params)
+            return self._keep_reference(params, reference)
+        request = generation_request(params, reference=reference)
         try:
             r = pipe.resolve_request(request)
         except GenerationError as exc:
@@ -95,7 +101,21 @@ class Service:
             schedule=r.schedule,
             layout=r.layout,
         )
+        return self._keep_reference(params, reference)
+
+    def _keep_reference(self, params: dict[str, Any], reference: Image.Image | None) -> dict[str, Any]:
+        """The reference picture, once the request is valid, kept as an upload the job names."""
+        params["reference"] = self.store.write_upload(reference) if reference is not None else None
         return params
+
+    def submit(self, params: dict[str, Any], user: str | None) -> JobRow:
+        """Queue a job; a refused one (queue full, draining) leaves no upload behind."""
+        try:
+            return self.manager.submit(params, user)
+        except APIError:
+            if params.get("reference"):
+                self.store.upload_path(params["reference"]).unlink(missing_ok=True)
+            raise
 
     def image_url(self, request: Request, image_id: str) -> str:
         url = str(request.url_for("get_image", image_id=image_id))
@@ -134,6 +154,8 @@ def param_of(message: str) -> str | None:
         return fields[first]
     if message.startswith("layout") or "layout adapter" in message:
         return "layout"
+    if message.startswith("reference") or "reference adapter" in message:
+        return "reference_image"
     return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
 
 

@@ -1,0 +1,122 @@
+"""Reference pictures through the HTTP API: the `reference_image` field (base64, extra_body for the openai
+client) reaches the pipeline and the PNG's record, the picture is kept for the job, and bad pictures or a
+model without an adapter are 400s that name the field."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pictor.loading import pipeline_from_preset
+from pictor.models.reference import ReferenceAdapter
+from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.reference_files import reference_params_for, save_reference_adapter
+from tests.serve.conftest import wait_for
+
+
+def _png(seed: int = 0, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture
+def referenced(tmp_path: Path) -> Pipeline:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline_from_preset("tiny", device="cpu")
+    torch.manual_seed(0)
+    adapter = ReferenceAdapter(reference_params_for(pipe.transformer.params)).init_weights()
+    path = tmp_path / "reference.safetensors"
+    save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
+    pipe.set_reference_adapter(path)
+    return pipe
+
+
+def _body(**extra: object) -> dict[str, object]:
+    return {
+        "prompt": "a red circle",
+        "size": "32x32",
+        "response_format": "b64_json",
+        "seed": 3,
+        "steps": 2,
+        **extra,
+    }
+
+
+def _decoded(response_b64: str) -> tuple[np.ndarray, dict]:
+    with Image.open(io.BytesIO(base64.b64decode(response_b64))) as im:
+        im.load()
+        return np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+
+
+def test_a_reference_reaches_the_pipeline_and_the_record(
+    make_client: Callable[..., TestClient], referenced: Pipeline, tmp_path: Path
+) -> None:
+    client = make_client(referenced)
+    r = client.post("/v1/images/generations", json=_body(reference_image=_b64(_png())))
+    assert r.status_code == 200, r.text
+    pixels, record = _decoded(r.json()["data"][0]["b64_json"])
+    assert len(record["reference_adapter"]["sha256"]) == 64 and record["reference_image"]["width"] == 32
+    direct = referenced.generate(
+        GenerationRequest(
+            "a red circle", width=32, height=32, seed=3, steps=2, reference=Image.open(io.BytesIO(_png()))
+        )
+    )
+    assert np.array_equal(pixels, np.asarray(direct[0].image))
+    assert record["reference_image"] == direct[0].record["reference_image"]
+    # a data: URL is the same picture; the job names its kept upload
+    again = client.post(
+        "/v1/jobs", json=_body(reference_image="data:image/png;base64," + _b64(_png()), response_format=None)
+    )
+    assert again.status_code == 202, again.text
+    job = again.json()
+    upload = job["request"]["reference"]
+    assert (tmp_path / "data" / "uploads" / f"{upload}.png").is_file()
+    done = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job['id']}").json())["status"] == "succeeded" and j,
+        what="the job",
+    )
+    image = client.get(done["results"][0]["url"])
+    assert image.status_code == 200
+    with Image.open(io.BytesIO(image.content)) as im:
+        assert json.loads(im.text["pictor"])["reference_image"] == record["reference_image"]
+
+
+@pytest.mark.parametrize(
+    ("picture", "status", "message"),
+    [
+        ("not base64!", 400, "is not base64"),
+        (_b64(b"GIF89a not an image"), 400, "not a readable PNG, JPEG or WebP image"),
+        (_b64(_png(size=4)), 400, "at least 8x8"),
+    ],
+)
+def test_bad_pictures_are_4xx_that_name_the_field(
+    make_client: Callable[..., TestClient], referenced: Pipeline, picture: str, status: int, message: str
+) -> None:
+    r = make_client(referenced).post("/v1/images/generations", json=_body(reference_image=picture))
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] == "reference_image"
+
+
+def test_a_model_without_an_adapter_refuses_references(client: TestClient) -> None:
+    r = client.post("/v1/images/generations", json=_body(reference_image=_b64(_png())))
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "no reference adapter" in error["message"] and error["param"] == "reference_image"
