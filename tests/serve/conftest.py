@@ -152,19 +152,20 @@ def _free_port() -> int:
 def live_server(
     tiny: Pipeline, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., LiveServer]]:
-    """live_server(**settings) -> a uvicorn thread serving the tiny model on a free loopback port.
+    """live_server(**settings) -> a uvicorn thread serving the tiny model (or ``pipeline=``) on a free
+    loopback port.
 
     With ``lazy=True`` the server loads ``settings.model`` itself, as `pictor serve` does, and is returned
     as soon as it answers /healthz, while its model may still be loading.
     """
     started: list[LiveServer] = []
 
-    def start(lazy: bool = False, **overrides: Any) -> LiveServer:
+    def start(lazy: bool = False, pipeline: Pipeline | None = None, **overrides: Any) -> LiveServer:
         port = _free_port()
         settings = ServeSettings(
             **{"data_dir": tmp_path_factory.mktemp("live"), "port": port, "limits": TEST_LIMITS, **overrides}
         )
-        app = create_app(settings, pipeline=None if lazy else tiny)
+        app = create_app(settings, pipeline=None if lazy else (pipeline or tiny))
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)

@@ -80,6 +80,10 @@ def test_a_reference_reaches_the_pipeline_and_the_record(
     )
     assert np.array_equal(pixels, np.asarray(direct[0].image))
     assert record["reference_image"] == direct[0].record["reference_image"]
+    # the prompt may be empty: the picture alone says what to draw
+    alone = client.post("/v1/images/generations", json=_body(prompt="", reference_image=_b64(_png())))
+    assert alone.status_code == 200, alone.text
+    assert _decoded(alone.json()["data"][0]["b64_json"])[1]["prompt"] == ""
     # a data: URL is the same picture; the job names its kept upload
     again = client.post(
         "/v1/jobs", json=_body(reference_image="data:image/png;base64," + _b64(_png()), response_format=None)

@@ -38,7 +38,7 @@ BAD_BODIES: list[tuple[str, str, str]] = [
     ("", "body is missing", ""),
     ("[1, 2]", "request body", ""),
     ('{"n": 1}', "'prompt' is required", "prompt"),
-    ('{"prompt": ""}', "at least 1 character", "prompt"),
+    ('{"prompt": ""}', "prompt is empty", "prompt"),
     ('{"prompt": "x", "n": 0}', "greater than or equal to 1", "n"),
     ('{"prompt": "x", "n": 500}', "at most 8 images", "n"),
     ('{"prompt": "x", "n": "two"}', "valid integer", "n"),

@@ -39,7 +39,7 @@ class ImageGenerationRequest(BaseModel):
     # strict, so "n": "2" or "stream": 0 are errors as the schema says, not quietly converted.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, description="What to draw.")
+    prompt: str = Field(description="What to draw; may be empty only with a reference_image.")
     n: int | None = Field(1, ge=1, description="Number of images (the server's limit applies).")
     size: str | None = Field(
         None,

@@ -57,6 +57,14 @@ class Service:
         negative = body.negative_prompt or ""
         check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
         check_policy(self.policy, body.prompt, negative)
+        if not body.prompt and body.reference_image is None:
+            raise APIError(
+                400,
+                "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, "
+                "whose content the images then take)",
+                param="prompt",
+                code="invalid_parameters",
+            )
         reference = None
         if body.reference_image is not None:
             picture = decode_base64_image(body.reference_image, "reference_image", self.settings.limits)

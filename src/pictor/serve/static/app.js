@@ -116,6 +116,22 @@ function editFromForm(body) {
   return form;
 }
 
+// A reference picture travels in the JSON request as a data: URL (base64), which the server decodes.
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`could not read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function withReference(body) {
+  const files = $("reference-image").files;
+  if (files.length) body.reference_image = await readAsDataURL(files[0]);
+  return body;
+}
+
 function editing() {
   return $("edit-image").files.length > 0;
 }
@@ -344,10 +360,26 @@ async function loadModel() {
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
-  $("generate-form").addEventListener("submit", (event) => {
+  $("generate-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = requestFromForm();
-    submit(editing() ? editFromForm(body) : body);
+    const reference = $("reference-image").files.length > 0;
+    if (!body.prompt.trim() && (editing() || !reference)) {
+      setError("Write a prompt (or choose a reference picture).");
+      return;
+    }
+    if (editing() && reference) {
+      setError("A reference picture goes with Generate, not with an edit: clear one of them.");
+      return;
+    }
+    try {
+      submit(editing() ? editFromForm(body) : await withReference(body));
+    } catch (err) {
+      setError(err.message);
+    }
+  });
+  $("clear-reference-button").addEventListener("click", () => {
+    $("reference-image").value = "";
   });
   $("edit-image").addEventListener("change", showMode);
   $("clear-edit-button").addEventListener("click", () => {
@@ -388,6 +420,12 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("reproduce-button").addEventListener("click", () => {
     if (!viewed) return;
     $("viewer").close();
+    if (viewed.record.reference_image) {
+      // The record keeps only the picture's hash; `pictor reproduce IMAGE --reference PICTURE` checks it.
+      setError("This image was made from a reference picture, which the page does not keep: use Reuse " +
+        "settings and choose the same picture under Reference picture.");
+      return;
+    }
     submit(recordRequest(viewed.record));
   });
   await loadModel();
