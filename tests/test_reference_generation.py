@@ -35,9 +35,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:model 'tiny:UserWarning")
 
 def _adapter(pipe: Pipeline, seed: int = 1) -> ReferenceAdapter:
     torch.manual_seed(seed)
-    adapter = ReferenceAdapter(reference_params_for(pipe.transformer.params)).init_weights()
-    with torch.no_grad():  # the picture, not the grid positions, dominates this untrained adapter's tokens
-        adapter.img_in.weight.mul_(30)
+    params = reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
+    adapter = ReferenceAdapter(params).init_weights()
+    with torch.no_grad():  # open, as once trained (a new adapter adds nothing)
+        adapter.gate.fill_(1.0)
+        adapter.vec_out.weight.normal_(0, 0.3)
+        adapter.img_in.weight.mul_(30)  # the picture, not the grid positions, dominates its features
     return adapter
 
 
@@ -101,9 +104,12 @@ def test_other_files_are_refused_with_the_reason(pipe: Pipeline, tmp_path: Path)
         load_reference_adapter(tmp_path / "reference.pt")
     with pytest.raises(ReferenceError, match="no such weight file"):
         load_reference_adapter(tmp_path / "missing.safetensors")
-    wrong = ReferenceAdapter(ReferenceParams(pipe.transformer.params.in_channels, 48)).init_weights()
+    fits = reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
+    wrong = ReferenceAdapter(
+        ReferenceParams(fits.latent_dim, 48, fits.pooled_dim, fits.num_tokens)
+    ).init_weights()
     path = _save(wrong, tmp_path / "wide.safetensors")
-    with pytest.raises(GenerationError, match="makes 48-dim tokens"):
+    with pytest.raises(GenerationError, match=r"makes \d+ 48-dim tokens"):
         pipe.set_reference_adapter(path)
     with pytest.raises(ReferenceError, match=r"written as \.safetensors"):
         save_reference_adapter(wrong, wrong.params, tmp_path / "x.bin", {})

@@ -36,7 +36,7 @@ from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapt
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
-from pictor.models.reference import ReferenceAdapter, append_reference
+from pictor.models.reference import ReferenceAdapter, apply_reference
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.reference_files import (
@@ -316,7 +316,7 @@ class Pipeline:
                 g = torch.full((n,), guidance, device=self.device, dtype=self.dtype)
             txt_ids = make_txt_ids(n, txt.shape[1]).to(self.device, self.dtype)
             if context is not None:
-                txt, txt_ids = append_reference(txt, txt_ids, context)
+                txt, vec = apply_reference(txt, vec, context)
             return self.transformer(
                 x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g, img_residuals=residuals
             )
@@ -357,7 +357,9 @@ class Pipeline:
     def set_reference_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a reference adapter file (made by `pictor train reference`) for requests with a reference."""
         try:
-            adapter, info = open_reference_adapter(path, self.transformer.params, self.hash)
+            adapter, info = open_reference_adapter(
+                path, self.transformer.params, self.text_encoder.max_length, self.hash
+            )
         except ReferenceError as exc:
             raise GenerationError(str(exc)) from exc
         self.reference_adapter, self.reference_info = adapter.to(self.device), info

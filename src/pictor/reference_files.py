@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch import Tensor, nn
+from torch import nn
 
 from pictor.checkpoint import (
     CheckpointError,
@@ -30,7 +30,7 @@ from pictor.checkpoint import (
 from pictor.editing import EditError, ImageSource, image_info, load_image
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import FluxParams, pack_latents
-from pictor.models.reference import ReferenceAdapter, ReferenceParams
+from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, ReferenceParams
 
 __all__ = [
     "REFERENCE_FILE",
@@ -51,8 +51,14 @@ class ReferenceError(ValueError):
     """A reference image or adapter that cannot be used; the message says what to change."""
 
 
-def reference_params_for(model: FluxParams) -> ReferenceParams:
-    return ReferenceParams(latent_dim=model.in_channels, context_dim=model.context_in_dim)
+def reference_params_for(model: FluxParams, num_tokens: int) -> ReferenceParams:
+    """An adapter for this transformer and a text encoder that pads prompts to `num_tokens` tokens."""
+    return ReferenceParams(
+        latent_dim=model.in_channels,
+        context_dim=model.context_in_dim,
+        pooled_dim=model.vec_in_dim,
+        num_tokens=num_tokens,
+    )
 
 
 def reference_pixels(source: ImageSource | np.ndarray, width: int, height: int) -> np.ndarray:
@@ -87,14 +93,16 @@ def reference_record(pixels: np.ndarray) -> dict[str, Any]:
 @torch.inference_mode()
 def reference_context(
     adapter: ReferenceAdapter, autoencoder: AutoEncoder, pixels: np.ndarray, dtype: torch.dtype
-) -> Tensor:
-    """Context tokens [1, N, context_dim] for a reference (uint8 [H, W, 3]) on the latent token grid."""
+) -> ReferenceConditioning:
+    """What a reference (uint8 [H, W, 3]) adds to the prompt's tokens [1, num_tokens, context_dim] and to
+    its pooled vector [1, pooled_dim]."""
     device = next(adapter.parameters()).device
     ae_dtype = next(autoencoder.parameters()).dtype
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
     z = autoencoder.encode(x.to(device, ae_dtype))  # [1, C, h, w], scaled and shifted
     grid_h, grid_w = z.shape[2] // 2, z.shape[3] // 2
-    return adapter(pack_latents(z).float(), grid_h, grid_w).to(dtype)
+    out = adapter(pack_latents(z).float(), grid_h, grid_w)
+    return ReferenceConditioning(out.tokens.to(dtype), out.pooled.to(dtype))
 
 
 # -- adapter files ----------------------------------------------------------------------------------------
@@ -141,17 +149,19 @@ def load_reference_adapter(path: str | os.PathLike[str]) -> tuple[ReferenceAdapt
 
 
 def open_reference_adapter(
-    path: str | os.PathLike[str], model: FluxParams, model_hash: str
+    path: str | os.PathLike[str], model: FluxParams, num_tokens: int, model_hash: str
 ) -> tuple[ReferenceAdapter, dict[str, Any]]:
     """An adapter file checked against the model it is to steer: (adapter, its entry for the records).
     One trained on another model with the same shapes loads with a warning."""
     adapter, header = load_reference_adapter(path)
-    want = reference_params_for(model)
+    want = reference_params_for(model, num_tokens)
     have = adapter.params
-    if (have.latent_dim, have.context_dim) != (want.latent_dim, want.context_dim):
+    fields = ("latent_dim", "context_dim", "pooled_dim", "num_tokens")
+    if [getattr(have, f) for f in fields] != [getattr(want, f) for f in fields]:
         raise ReferenceError(
-            f"{path}: this reference adapter makes {have.context_dim}-dim tokens from "
-            f"{have.latent_dim}-channel latents, but the model reads {want.context_dim}-dim tokens and has "
+            f"{path}: this reference adapter makes {have.num_tokens} {have.context_dim}-dim tokens and a "
+            f"{have.pooled_dim}-dim vector from {have.latent_dim}-channel latents, but the model reads "
+            f"{want.num_tokens} {want.context_dim}-dim tokens and a {want.pooled_dim}-dim vector and has "
             f"{want.latent_dim}-channel latents; use an adapter trained on this model "
             "(`pictor train reference --base MODEL`)"
         )

@@ -253,7 +253,9 @@ def test_generate_from_a_reference_picture(browser: Any, live_server: Any, tmp_p
         warnings.simplefilter("ignore")
         pipe = pipeline_from_preset("tiny", device="cpu")
     torch.manual_seed(0)
-    adapter = ReferenceAdapter(reference_params_for(pipe.transformer.params)).init_weights()
+    adapter = ReferenceAdapter(
+        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
+    ).init_weights()
     save_reference_adapter(adapter, adapter.params, tmp_path / "reference.safetensors", {})
     pipe.set_reference_adapter(tmp_path / "reference.safetensors")
     live = live_server(pipeline=pipe)

@@ -41,7 +41,9 @@ def referenced(tmp_path: Path) -> Pipeline:
         warnings.simplefilter("ignore")
         pipe = pipeline_from_preset("tiny", device="cpu")
     torch.manual_seed(0)
-    adapter = ReferenceAdapter(reference_params_for(pipe.transformer.params)).init_weights()
+    adapter = ReferenceAdapter(
+        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
+    ).init_weights()
     path = tmp_path / "reference.safetensors"
     save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
     pipe.set_reference_adapter(path)

@@ -1,19 +1,31 @@
 """Reference (image-prompt) conditioning: a picture says what to draw, the prompt may add the rest.
 
-In the manner of FLUX.1 Redux: features of the reference image become extra tokens after the prompt's
-token states, which the frozen transformer reads through its text stream; only the small encoder that
-makes them is trained. The features here are the model's own autoencoder latents (no separate image
-encoder ships offline): the packed 2x2 latent patches of the reference, mixed by a few pre-norm
-self-attention layers with fixed 2-D sin-cos positions (one patch alone cannot say "circle"), then
-projected to the text encoder's width. In the transformer the tokens get position id 0, like text, so
-they tell it *what* is in the reference, not where: the new image may arrange it anew.
+A small trained adapter beside a frozen Flux transformer, in the manner of IP-Adapter and FLUX.1 Redux
+(features of the picture reach the model where the text does). The features here are the model's own
+autoencoder latents (no separate image encoder ships offline): the packed 2x2 latent patches of the
+reference, mixed by a few pre-norm self-attention layers with fixed 2-D sin-cos positions (one patch
+alone cannot say "circle"). Then two ways into the model, both zero at the start, so a new adapter
+leaves the model exactly as it was:
+
+- a residual on the prompt's token states: one learned query per text position reads the features
+  (cross-attention, as Flamingo's Perceiver resampler), projected to the text encoder's width by a
+  zero-initialised linear map (as ControlNet's zero convolutions: unlike a zero gate, it gets gradients
+  from the first step). Adding to the prompt's tokens rather than appending new ones
+  matters: extra tokens, even zero ones, change the frozen model's attention at once (measured: the flow
+  loss of the shipped model went from about 0.17 to 0.36 with 64 appended zero tokens), and a new adapter
+  then spends its first hundreds of steps undoing that;
+- a vector added to the pooled text vector (FLUX.1's CLIP vector, which modulates every block): the mean
+  of the features through a zero-initialised linear map.
+
+Text tokens carry no image positions, so what the picture gives is *what* is in it, not where: the new
+image may arrange it anew.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +36,8 @@ from torch import Tensor, nn
 class ReferenceParams:
     latent_dim: int  # channels of a packed latent token (4 x the autoencoder's z_channels)
     context_dim: int  # the text encoder's token width, which the transformer's txt_in reads
+    pooled_dim: int  # the text encoder's pooled vector, which the transformer's vector_in reads
+    num_tokens: int  # the text encoder's (padded) token count: one query per prompt token
     width: int = 128
     depth: int = 2
     num_heads: int = 4
@@ -34,12 +48,20 @@ class ReferenceParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReferenceParams:
         try:
-            return cls(**{k: int(d[k]) for k in ("latent_dim", "context_dim", "width", "depth", "num_heads")})
+            return cls(**{k: int(d[k]) for k in _FIELDS})
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                "reference adapter params need integer latent_dim, context_dim, width, depth and num_heads, "
-                f"got {d}"
-            ) from exc
+            raise ValueError(f"reference adapter params need integers {', '.join(_FIELDS)}, got {d}") from exc
+
+
+_FIELDS = ("latent_dim", "context_dim", "pooled_dim", "num_tokens", "width", "depth", "num_heads")
+
+
+class ReferenceConditioning(NamedTuple):
+    """What a reference adds: to the prompt's token states [B, num_tokens, context_dim], and to the pooled
+    text vector [B, pooled_dim]."""
+
+    tokens: Tensor
+    pooled: Tensor
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -58,6 +80,42 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, device: torch.device | None = 
         parts += [angles.sin(), angles.cos()]
     out = torch.cat(parts, dim=-1)
     return F.pad(out, (0, dim - out.shape[-1]))
+
+
+def _attend(q: Tensor, kv: Tensor, num_heads: int) -> Tensor:
+    """Multi-head attention of q [B, M, D] over kv = [B, N, 2D] (keys then values) -> [B, M, D]."""
+    b, m, d = q.shape
+    k, v = kv.chunk(2, dim=-1)
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(b, t.shape[1], num_heads, d // num_heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # [B, heads, M, head_dim]
+    return out.transpose(1, 2).reshape(b, m, d)
+
+
+class _Resampler(nn.Module):
+    """Learned queries, one per text position, read the picture's features (pre-norm cross-attention
+    and MLP)."""
+
+    def __init__(self, num_tokens: int, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.queries = nn.Parameter(torch.zeros(num_tokens, width))
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = self.queries.expand(features.shape[0], -1, -1)
+        x = x + self.proj(_attend(self.q(self.norm_q(x)), self.kv(self.norm_kv(features)), self.num_heads))
+        return x + self.mlp(self.norm2(x))
 
 
 class _Block(nn.Module):
@@ -84,8 +142,8 @@ class _Block(nn.Module):
 
 
 class ReferenceAdapter(nn.Module):
-    """Packed reference latents [B, N, latent_dim] on a (grid_h, grid_w) token grid -> context tokens
-    [B, N, context_dim] to append to the prompt's token states."""
+    """Packed reference latents [B, N, latent_dim] on a (grid_h, grid_w) token grid -> what to add to the
+    prompt's token states [B, num_tokens, context_dim] and to its pooled vector [B, pooled_dim]."""
 
     def __init__(self, params: ReferenceParams) -> None:
         super().__init__()
@@ -95,27 +153,37 @@ class ReferenceAdapter(nn.Module):
         self.img_in = nn.Linear(params.latent_dim, params.width)
         self.blocks = nn.ModuleList(_Block(params.width, params.num_heads) for _ in range(params.depth))
         self.norm = nn.LayerNorm(params.width)
+        self.resampler = _Resampler(params.num_tokens, params.width, params.num_heads)
         self.out = nn.Linear(params.width, params.context_dim)
+        self.vec_out = nn.Linear(params.width, params.pooled_dim)
 
     def init_weights(self) -> ReferenceAdapter:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        nn.init.normal_(self.resampler.queries, std=0.02)
+        nn.init.zeros_(self.out.weight)  # the prompt's tokens start unchanged
+        nn.init.zeros_(self.vec_out.weight)  # and so does its pooled vector
         return self
 
-    def forward(self, ref: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    def forward(self, ref: Tensor, grid_h: int, grid_w: int) -> ReferenceConditioning:
         if ref.shape[1] != grid_h * grid_w:
             raise ValueError(f"{ref.shape[1]} reference tokens do not fill a {grid_h}x{grid_w} grid")
         x = self.img_in(ref) + sincos_2d(grid_h, grid_w, self.params.width, ref.device).to(ref.dtype)
         for block in self.blocks:
             x = block(x)
-        return self.out(self.norm(x))
+        x = self.norm(x)
+        return ReferenceConditioning(self.out(self.resampler(x)), self.vec_out(x.mean(dim=1)))
 
 
-def append_reference(txt: Tensor, txt_ids: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-    """The prompt's token states followed by the reference's tokens, all at position id 0 (as text)."""
-    b = txt.shape[0]
-    ctx = context.to(txt.dtype).expand(b, -1, -1) if context.shape[0] == 1 else context.to(txt.dtype)
-    ids = torch.zeros(b, ctx.shape[1], txt_ids.shape[-1], device=txt_ids.device, dtype=txt_ids.dtype)
-    return torch.cat([txt, ctx], dim=1), torch.cat([txt_ids, ids], dim=1)
+def apply_reference(txt: Tensor, y: Tensor, reference: ReferenceConditioning) -> tuple[Tensor, Tensor]:
+    """(txt, y) with the reference's residuals added: to the prompt's token states [B, L, D] and to the
+    pooled text vector [B, P]. A reference of batch 1 applies to every row."""
+    tokens, pooled = reference.tokens.to(txt.dtype), reference.pooled.to(y.dtype)
+    if tokens.shape[1] != txt.shape[1]:
+        raise ValueError(
+            f"the reference adapter makes {tokens.shape[1]} token residuals, but the prompt has "
+            f"{txt.shape[1]} tokens: it was made for a text encoder with another max_length"
+        )
+    return txt + tokens, y + pooled

@@ -181,8 +181,13 @@ class T2IStage(Stage):
         extra = self.forward_extras(batch, (h // 2, w // 2))
         with previews.autocast(self.device, self.amp):
             txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
-            pred = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
-        return flow_loss(pred, x0, eps), {}
+            out = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
+        if isinstance(out, Tensor):
+            return flow_loss(out, x0, eps), {}
+        # (velocity, auxiliary loss): a forward module that trains an adapter with a loss of its own too
+        pred, aux = out
+        flow = flow_loss(pred, x0, eps)
+        return flow + aux, {"flow_loss": flow.detach(), "aux_loss": aux.detach()}
 
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """More keyword inputs of the forward module for this batch (the layout stage's boxes); none here."""
