@@ -38,7 +38,7 @@ def _adapter(pipe: Pipeline, seed: int = 1) -> ReferenceAdapter:
     params = reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
     adapter = ReferenceAdapter(params).init_weights()
     with torch.no_grad():  # open, as once trained (a new adapter adds nothing)
-        adapter.gate.fill_(1.0)
+        adapter.out.weight.normal_(0, 0.2)
         adapter.vec_out.weight.normal_(0, 0.3)
         adapter.img_in.weight.mul_(30)  # the picture, not the grid positions, dominates its features
     return adapter

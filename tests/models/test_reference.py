@@ -16,12 +16,12 @@ from pictor.presets import get_preset
 
 
 def _adapter(latent_dim: int = 16, context_dim: int = 32, pooled_dim: int = 24) -> ReferenceAdapter:
-    """An adapter with its gate open and a live pooled map (a new one's residuals are zero)."""
+    """An adapter with live output maps (a new one's residuals are zero)."""
     torch.manual_seed(0)
     params = ReferenceParams(latent_dim, context_dim, pooled_dim, 7, width=32, depth=2, num_heads=4)
     adapter = ReferenceAdapter(params).init_weights()
     with torch.no_grad():
-        adapter.gate.fill_(1.0)
+        adapter.out.weight.normal_(0, 0.2)
         adapter.vec_out.weight.normal_()
     return adapter
 
@@ -78,9 +78,9 @@ def test_a_new_adapter_changes_nothing_and_a_trained_one_reaches_the_image() -> 
     ref = adapter(torch.randn(1, 6, flux.params.in_channels), 2, 3)
     assert ref.tokens.shape == (1, 5, flux.params.context_in_dim)
     txt2, y2 = apply_reference(txt, y, ref)
-    assert torch.equal(txt2, txt) and torch.equal(y2, y)  # the gate and the vector start at zero
+    assert torch.equal(txt2, txt) and torch.equal(y2, y)  # both output maps start at zero
     with torch.no_grad():
-        adapter.gate.fill_(0.5)
+        adapter.out.weight.normal_(0, 0.2)
         adapter.vec_out.weight.normal_(0, 0.3)
     ref = adapter(torch.randn(1, 6, flux.params.in_channels), 2, 3)
     txt2, y2 = apply_reference(txt, y, ref)
