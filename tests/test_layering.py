@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "editing": 1,
     "edit_blending": 1,
     "lora_files": 1,
+    "adapter_files": 1,
     "layout_files": 1,
     "reference_files": 1,
     "data": 1,

@@ -9,7 +9,6 @@ the model it was trained on, so a mismatched pair is refused with the reason.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,13 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pictor.adapter_files import AdapterKind
 from pictor.checkpoint import (
-    CheckpointError,
-    check_keys,
-    read_safetensors,
-    read_safetensors_metadata,
     sha256_file,
-    write_safetensors,
 )
 from pictor.data.layouts import LAYOUT_EXAMPLE, LayoutError, parse_layout
 from pictor.models.flux import FluxParams
@@ -47,7 +42,6 @@ __all__ = [
 ]
 
 LAYOUT_FILE = "layout.safetensors"
-LAYOUT_FORMAT = "pictor-layout"
 
 
 def read_layout_arg(text: str) -> list[dict[str, Any]]:
@@ -89,41 +83,19 @@ def layout_params_for(model: FluxParams, phrase_dim: int) -> LayoutParams:
     return LayoutParams(phrase_dim, model.hidden_size, model.depth + model.depth_single_blocks)
 
 
+LAYOUT_KIND = AdapterKind("layout", lambda d: LayoutAdapter(LayoutParams.from_dict(d)), LayoutError)
+
+
 def save_layout_adapter(
     adapter: nn.Module, params: LayoutParams, path: str | os.PathLike[str], metadata: Mapping[str, str]
 ) -> str:
     """Write adapter weights (the module or an EMA copy of it) with their params; returns the SHA-256."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise LayoutError(f"{path}: layout adapters are written as .safetensors")
-    header = {"format": LAYOUT_FORMAT, "layout_params": json.dumps(params.to_dict()), **dict(metadata)}
-    return write_safetensors({k: v.detach() for k, v in adapter.state_dict().items()}, path, header)
+    return LAYOUT_KIND.save(adapter, params.to_dict(), path, metadata)
 
 
 def load_layout_adapter(path: str | os.PathLike[str]) -> tuple[LayoutAdapter, dict[str, str]]:
     """(adapter in float32, header) from a layout adapter file; other files are refused with the reason."""
-    path = Path(path)
-    tensors = read_safetensors(path)
-    header = read_safetensors_metadata(path)
-    if header.get("format") != LAYOUT_FORMAT:
-        raise LayoutError(
-            f"{path}: not a pictor layout adapter (header format {header.get('format')!r}); train one with "
-            "`pictor train layout --base MODEL --out DIR`"
-        )
-    try:
-        params = LayoutParams.from_dict(json.loads(header["layout_params"]))
-    except (KeyError, ValueError) as exc:
-        raise LayoutError(f"{path}: unreadable layout_params in the header ({exc})") from exc
-    with torch.device("meta"):
-        adapter = LayoutAdapter(params)
-    try:
-        check_keys(adapter, tensors, str(path))
-        adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
-    except (CheckpointError, RuntimeError) as exc:
-        raise LayoutError(
-            f"{path}: weights do not fit the layout adapter its header describes ({exc})"
-        ) from exc
-    return adapter.eval().requires_grad_(False), header
+    return LAYOUT_KIND.load(path)
 
 
 def check_adapter_fits(params: LayoutParams, model: FluxParams, phrase_dim: int, where: str) -> None:

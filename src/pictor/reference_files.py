@@ -7,7 +7,6 @@ was trained on, so a mismatched pair is refused with the reason.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -19,13 +18,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from pictor.adapter_files import AdapterKind
 from pictor.checkpoint import (
-    CheckpointError,
-    check_keys,
-    read_safetensors,
-    read_safetensors_metadata,
     sha256_file,
-    write_safetensors,
 )
 from pictor.editing import EditError, ImageSource, image_info, load_image
 from pictor.models.autoencoder import AutoEncoder
@@ -44,7 +39,6 @@ __all__ = [
 ]
 
 REFERENCE_FILE = "reference.safetensors"
-REFERENCE_FORMAT = "pictor-reference"
 
 
 class ReferenceError(ValueError):
@@ -108,44 +102,21 @@ def reference_context(
 # -- adapter files ----------------------------------------------------------------------------------------
 
 
+REFERENCE_KIND = AdapterKind(
+    "reference", lambda d: ReferenceAdapter(ReferenceParams.from_dict(d)), ReferenceError
+)
+
+
 def save_reference_adapter(
     adapter: nn.Module, params: ReferenceParams, path: str | os.PathLike[str], metadata: Mapping[str, str]
 ) -> str:
     """Write adapter weights (the module or an EMA copy of it) with their params; returns the SHA-256."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ReferenceError(f"{path}: reference adapters are written as .safetensors")
-    header = {"format": REFERENCE_FORMAT, "reference_params": json.dumps(params.to_dict()), **dict(metadata)}
-    return write_safetensors({k: v.detach() for k, v in adapter.state_dict().items()}, path, header)
+    return REFERENCE_KIND.save(adapter, params.to_dict(), path, metadata)
 
 
 def load_reference_adapter(path: str | os.PathLike[str]) -> tuple[ReferenceAdapter, dict[str, str]]:
     """(adapter in float32, header) from a reference adapter file; other files are refused with the reason."""
-    path = Path(path)
-    try:
-        tensors = read_safetensors(path)
-        header = read_safetensors_metadata(path)
-    except CheckpointError as exc:
-        raise ReferenceError(str(exc)) from exc
-    if header.get("format") != REFERENCE_FORMAT:
-        raise ReferenceError(
-            f"{path}: not a pictor reference adapter (header format {header.get('format')!r}); train one "
-            "with `pictor train reference --base MODEL --out DIR`"
-        )
-    try:
-        params = ReferenceParams.from_dict(json.loads(header["reference_params"]))
-    except (KeyError, ValueError) as exc:
-        raise ReferenceError(f"{path}: unreadable reference_params in the header ({exc})") from exc
-    with torch.device("meta"):
-        adapter = ReferenceAdapter(params)
-    try:
-        check_keys(adapter, tensors, str(path))
-        adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
-    except (CheckpointError, RuntimeError) as exc:
-        raise ReferenceError(
-            f"{path}: weights do not fit the reference adapter its header describes ({exc})"
-        ) from exc
-    return adapter.eval().requires_grad_(False), header
+    return REFERENCE_KIND.load(path)
 
 
 def open_reference_adapter(

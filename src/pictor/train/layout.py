@@ -13,8 +13,6 @@ so the numbers say how well the model follows a layout that fits the prompt.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pictor import __version__
-from pictor.checkpoint import CheckpointError, read_safetensors, staged_file
+from pictor.checkpoint import CheckpointError
 from pictor.data.layouts import LAYOUT_EXAMPLE
 from pictor.layout_files import LAYOUT_FILE, layout_params_for, layout_tensors, save_layout_adapter
 from pictor.models.layout import LayoutAdapter
 from pictor.train import previews
+from pictor.train.adapter_stage import FileAdapterStage
 from pictor.train.data import Batch, dataset_length, holdout_index
-from pictor.train.lora import LoRAStage
 from pictor.train.stages import seeded
-from pictor.train.t2i import T2IStage
 
 EVAL_LAYOUT_SEED = 7  # ground-truth scenes of the eval specs, whose boxes the evals ask for
 
@@ -49,8 +45,8 @@ class LayoutForward(nn.Module):
         return self.flux(*inputs, img_residuals=self.adapter(phrases, boxes, grid_h, grid_w))
 
 
-class LayoutStage(LoRAStage):
-    """LoRAStage's frozen base, text cache, base-hash check and EMA swapping; a layout adapter to train."""
+class LayoutStage(FileAdapterStage):
+    """A FileAdapterStage whose adapter is a layout adapter."""
 
     name = "layout"
 
@@ -86,32 +82,11 @@ class LayoutStage(LoRAStage):
 
     # -- outputs ---------------------------------------------------------------------------------------
 
-    def metadata(self, step: int) -> dict[str, str]:
-        return {
-            "base_model": self.base_name,
-            "base_model_hash": self.base_hash,
-            "pictor_version": __version__,
-            "pictor_training": json.dumps({**self.training_info(step), "base": str(self.base_path)}),
-        }
+    adapter_file = LAYOUT_FILE
 
-    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def save_adapter(self, ema: nn.Module, path: Path, metadata: dict[str, str]) -> None:
         assert isinstance(self.module, LayoutAdapter)
-        save_layout_adapter(ema, self.module.params, folder / LAYOUT_FILE, self.metadata(step))
-
-    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
-        return read_safetensors(checkpoint / LAYOUT_FILE)
-
-    def publish(self, final: Path) -> Path:
-        """Copy final/layout.safetensors to OUT/layout.safetensors (atomically) and return that path."""
-        out = Path(self.cfg.out) / LAYOUT_FILE
-        with staged_file(out) as tmp:
-            shutil.copyfile(final / LAYOUT_FILE, tmp)
-        return out
-
-    def training_info(self, step: int) -> dict[str, Any]:
-        info = super(LoRAStage, self).training_info(step)  # the t2i fields, not LoRA's rank and targets
-        return {**info, "stage": "layout"}
+        save_layout_adapter(ema, self.module.params, path, metadata)
 
     # -- previews with the EMA adapter -----------------------------------------------------------------
 
@@ -159,9 +134,6 @@ class LayoutStage(LoRAStage):
             prompts, layouts = [it[1] for it in items], [it[2]["layout"] for it in items]
         images = self._generate_with_layouts(ema, prompts, layouts, list(range(len(prompts))))
         return previews.grid(images, columns=min(8, len(images)))
-
-    # T2IStage's eval with the EMA adapter passed along, not LoRAStage's (which swaps adapters into the base).
-    evaluate = T2IStage.evaluate
 
     @torch.no_grad()
     def eval_images(

@@ -16,8 +16,6 @@ and score the image against the spec: how much of the reference's content the mo
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pictor import __version__
-from pictor.checkpoint import CheckpointError, read_safetensors, staged_file
+from pictor.checkpoint import CheckpointError
 from pictor.data.reference_pairs import ReferencePairs
 from pictor.models.flux import pack_latents
 from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, apply_reference
 from pictor.reference_files import REFERENCE_FILE, reference_params_for, save_reference_adapter
 from pictor.train import previews
+from pictor.train.adapter_stage import FileAdapterStage
 from pictor.train.config import TrainConfig
 from pictor.train.data import Batch, ImageCaptionDataset, dataset_length, holdout_index, to_float, to_tensor
 from pictor.train.distributed import DistInfo
-from pictor.train.lora import LoRAStage
 from pictor.train.stages import seeded
-from pictor.train.t2i import T2IStage
 
 EVAL_REFERENCE_SEED = 11  # ground-truth scenes of the eval specs, rendered as the evals' references
 
@@ -82,8 +78,8 @@ class ReferenceForward(nn.Module):
         return self.flux(img, img_ids, txt, txt_ids, t, y), POOLED_LOSS_WEIGHT * aux
 
 
-class ReferenceStage(LoRAStage):
-    """LoRAStage's frozen base, text cache, base-hash check and EMA swapping; a reference adapter to train."""
+class ReferenceStage(FileAdapterStage):
+    """A FileAdapterStage whose adapter is a reference adapter."""
 
     name = "reference"
 
@@ -116,32 +112,11 @@ class ReferenceStage(LoRAStage):
 
     # -- outputs ---------------------------------------------------------------------------------------
 
-    def metadata(self, step: int) -> dict[str, str]:
-        return {
-            "base_model": self.base_name,
-            "base_model_hash": self.base_hash,
-            "pictor_version": __version__,
-            "pictor_training": json.dumps({**self.training_info(step), "base": str(self.base_path)}),
-        }
+    adapter_file = REFERENCE_FILE
 
-    def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def save_adapter(self, ema: nn.Module, path: Path, metadata: dict[str, str]) -> None:
         assert isinstance(self.module, ReferenceAdapter)
-        save_reference_adapter(ema, self.module.params, folder / REFERENCE_FILE, self.metadata(step))
-
-    def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
-        return read_safetensors(checkpoint / REFERENCE_FILE)
-
-    def publish(self, final: Path) -> Path:
-        """Copy final/reference.safetensors to OUT/reference.safetensors (atomically) and return that path."""
-        out = Path(self.cfg.out) / REFERENCE_FILE
-        with staged_file(out) as tmp:
-            shutil.copyfile(final / REFERENCE_FILE, tmp)
-        return out
-
-    def training_info(self, step: int) -> dict[str, Any]:
-        info = super(LoRAStage, self).training_info(step)  # the t2i fields, not LoRA's rank and targets
-        return {**info, "stage": "reference"}
+        save_reference_adapter(ema, self.module.params, path, metadata)
 
     # -- previews and evals with the EMA adapter ---------------------------------------------------------
 
@@ -186,9 +161,6 @@ class ReferenceStage(LoRAStage):
             refs = np.stack([self.ds[holdout_index(dataset_length(self.ds), i)][0] for i in range(n)])
         images = self._generate_with_references(ema, [""] * len(refs), refs, list(range(len(refs))))
         return previews.grid(np.concatenate([refs, images]), columns=len(refs))
-
-    # T2IStage's eval with the EMA adapter passed along, not LoRAStage's (which swaps adapters into the base).
-    evaluate = T2IStage.evaluate
 
     @torch.no_grad()
     def eval_images(
