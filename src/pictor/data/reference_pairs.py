@@ -1,11 +1,12 @@
 """Training pairs for reference conditioning: each image of a dataset with a reference picture of the
-same content, in the item's info dict under "reference" (uint8 [H, W, 3]).
+same content, in the item's info dict under "reference": (uint8 [H, W, 3], a caption of the picture).
 
 - The shapes world: another scene drawn from the same spec (the same objects, counts, relation and
   background, placed, sized and turned anew), so what carries over from the reference is *what* is in it,
-  not where. Item i's reference depends only on (seed, i), like the image.
+  not where. Item i's reference depends only on (seed, i), like the image. Its caption is the spec's
+  caption drawn with a fixed seed: one wording per content, where the image's own caption is one of many.
 - An image folder: the image itself (an image-variation adapter, as FLUX.1 Redux is trained), since a
-  folder does not say which other pictures show the same thing.
+  folder does not say which other pictures show the same thing, with its own caption.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from pictor.data.shapes import ShapesDataset, render, scene_from_spec
+from pictor.data.shapes import caption as shapes_caption
 
 REFERENCE_STREAM = 1  # the random stream of the reference scenes, apart from the images' own
+CAPTION_SEED = 0  # the one wording of each spec that reference captions use
 
 
 class ReferencePairs:
@@ -35,7 +38,8 @@ class ReferencePairs:
         if isinstance(self.ds, ShapesDataset):
             rng = np.random.default_rng([self.ds.seed, int(index), REFERENCE_STREAM])
             scene = scene_from_spec(info, rng)
-            info["reference"] = render(scene, self.ds.size, self.ds.supersample)
+            picture = render(scene, self.ds.size, self.ds.supersample)
+            info["reference"] = (picture, shapes_caption(info, np.random.default_rng(CAPTION_SEED)))
         else:
-            info["reference"] = image
+            info["reference"] = (image, caption)
         return image, caption, info

@@ -154,6 +154,7 @@ class Batch:
         draws: dict[str, torch.Tensor] | None = None,
         layouts: list[list[dict[str, Any]] | None] | None = None,
         references: torch.Tensor | None = None,
+        reference_captions: list[str] | None = None,
     ) -> None:
         self.images = images
         self.captions = captions
@@ -162,15 +163,17 @@ class Batch:
         # Per sample: the image's boxes with phrases where the data knows them (the shapes world), else None.
         self.layouts = layouts if layouts is not None else [None] * len(indices)
         # uint8 [B, 3, H, W]: each sample's reference picture, where the data pairs one with each image
-        # (the reference stage's data); else None.
+        # (the reference stage's data), and a caption of each; else None.
         self.references = references
+        self.reference_captions = reference_captions
 
     def __len__(self) -> int:
         return len(self.indices)
 
 
-# (image, caption, stream index, random draws, layout or None, reference picture or None)
-_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, np.ndarray | None]
+# (image, caption, stream index, random draws, layout or None, (reference picture, its caption) or None)
+_Reference = tuple[np.ndarray, str]
+_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, _Reference | None]
 
 
 class _StreamItems(Dataset):
@@ -196,8 +199,14 @@ def _collate(items: list[_Item]) -> Batch:
         [i[2] for i in items],
         draws,
         [i[4] for i in items],
-        to_tensor([i[5] for i in items]) if all(i[5] is not None for i in items) else None,
+        *_references([i[5] for i in items]),
     )
+
+
+def _references(refs: list[_Reference | None]) -> tuple[torch.Tensor | None, list[str] | None]:
+    if any(r is None for r in refs):
+        return None, None
+    return to_tensor([r[0] for r in refs if r is not None]), [r[1] for r in refs if r is not None]
 
 
 class _MicroBatches:
