@@ -36,7 +36,12 @@ from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapt
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
-from pictor.models.reference import ReferenceAdapter, apply_reference
+from pictor.models.reference import (
+    ReferenceAdapter,
+    ReferenceConditioning,
+    apply_reference,
+    conditional_only,
+)
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.reference_files import (
@@ -307,6 +312,7 @@ class Pipeline:
             emb: TextEmbeddings,
             ids: torch.Tensor,
             residuals: list[torch.Tensor] | None,
+            context: ReferenceConditioning | None,
         ) -> torch.Tensor:
             n = x.shape[0]
             txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
@@ -321,9 +327,9 @@ class Pipeline:
                 x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g, img_residuals=residuals
             )
 
-        # The layout's residuals and the reference's tokens depend on neither x nor t: computed once per
-        # sampler run. Under CFG both halves get them (as GLIGEN), so guidance amplifies the prompt, not the
-        # layout or the reference; with an empty prompt the reference alone decides.
+        # The layout's residuals and the reference's depend on neither x nor t: computed once per sampler
+        # run. Under CFG both halves get the layout (as GLIGEN), so guidance amplifies the prompt, not the
+        # layout; the reference goes with the conditional half only (as IP-Adapter), amplified like a prompt.
         context = None
         if r.reference is not None:
             assert self.reference_adapter is not None and isinstance(r.reference, np.ndarray)
@@ -334,7 +340,7 @@ class Pipeline:
             grid = (lat_h // 2, lat_w // 2)
             res = layout_residuals(self.layout_adapter, self.text_encoder, r.layout, batch, grid, self.dtype)
         if not use_cfg:
-            return lambda x, t: model(x, t, cond, img_ids, res)
+            return lambda x, t: model(x, t, cond, img_ids, res, context)
         res2 = [torch.cat([v, v]) for v in res] if res is not None else None
         uncond = self.encode_text([r.negative_prompt])
         both = TextEmbeddings(
@@ -343,7 +349,8 @@ class Pipeline:
             pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
         )
         ids2 = torch.cat([img_ids, img_ids])
-        return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2), guidance)
+        context2 = conditional_only(context, batch) if context is not None else None
+        return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2), guidance)
 
     def set_layout_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a layout adapter file (made by `pictor train layout`) for requests with a layout."""

@@ -8,8 +8,10 @@ import torch
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.models.reference import (
     ReferenceAdapter,
+    ReferenceConditioning,
     ReferenceParams,
     apply_reference,
+    conditional_only,
     sincos_2d,
 )
 from pictor.presets import get_preset
@@ -92,3 +94,13 @@ def test_a_new_adapter_changes_nothing_and_a_trained_one_reaches_the_image() -> 
     assert (steered - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match="another max_length"):
         apply_reference(txt[:, :4], y, ref)
+
+
+def test_under_cfg_only_the_conditional_half_gets_the_picture() -> None:
+    ref = ReferenceConditioning(torch.randn(1, 5, 8), torch.randn(1, 3))
+    both = conditional_only(ref, 2)
+    assert both.tokens.shape == (4, 5, 8) and both.pooled.shape == (4, 3)
+    assert torch.equal(both.tokens[1], ref.tokens[0]) and torch.equal(both.pooled[0], ref.pooled[0])
+    assert both.tokens[2:].abs().max() == 0 and both.pooled[2:].abs().max() == 0
+    rows = ReferenceConditioning(torch.randn(2, 5, 8), torch.randn(2, 3))  # one picture per row
+    assert torch.equal(conditional_only(rows, 2).tokens[1], rows.tokens[1])

@@ -177,6 +177,18 @@ class ReferenceAdapter(nn.Module):
         return ReferenceConditioning(self.out(self.resampler(x)), self.vec_out(x.mean(dim=1)))
 
 
+def conditional_only(reference: ReferenceConditioning, batch: int) -> ReferenceConditioning:
+    """The reference (batch 1, or `batch` rows) for a CFG batch of `batch` conditional rows then `batch`
+    unconditional ones: the
+    picture goes with the conditional half only (as IP-Adapter), so guidance amplifies it as it does the
+    prompt; with an empty prompt and no negative prompt, the picture is then all that guidance amplifies."""
+    tokens = reference.tokens.expand(batch, -1, -1)
+    pooled = reference.pooled.expand(batch, -1)
+    return ReferenceConditioning(
+        torch.cat([tokens, torch.zeros_like(tokens)]), torch.cat([pooled, torch.zeros_like(pooled)])
+    )
+
+
 def apply_reference(txt: Tensor, y: Tensor, reference: ReferenceConditioning) -> tuple[Tensor, Tensor]:
     """(txt, y) with the reference's residuals added: to the prompt's token states [B, L, D] and to the
     pooled text vector [B, P]. A reference of batch 1 applies to every row."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
-from pictor.models.reference import ReferenceConditioning, apply_reference
+from pictor.models.reference import ReferenceConditioning, apply_reference, conditional_only
 from pictor.models.text import TextEncoder
 from pictor.sampling import cfg, get_sampler, get_schedule
 
@@ -69,7 +69,8 @@ def generate(
 
     ``residual_fn(slice of prompts)`` gives an adapter's per-block image residuals for those prompts (a
     layout adapter's); both CFG halves get them, as in the pipeline. ``context_fn(slice)`` gives what a
-    reference adapter adds to those prompts (to their tokens and pooled vectors), also in both halves.
+    reference adapter adds to those prompts (to their tokens and pooled vectors); as in the pipeline, the
+    conditional half only.
     """
     was_training = transformer.training
     transformer.eval()
@@ -97,11 +98,8 @@ def generate(
             img_ids = make_img_ids(2 * n, lat, lat, device=device)
             txt_ids = make_txt_ids(2 * n, txt.shape[1], device=device)
             if context_fn is not None:
-                ctx = context_fn(slice(start, start + n))
-                both_ctx = ReferenceConditioning(
-                    torch.cat([ctx.tokens, ctx.tokens]), torch.cat([ctx.pooled, ctx.pooled])
-                )
-                txt, vec = apply_reference(txt, vec, both_ctx)
+                ctx = context_fn(slice(start, start + n))  # [n, ...]: one picture per prompt
+                txt, vec = apply_reference(txt, vec, conditional_only(ctx, n))
             res = None
             if residual_fn is not None:
                 res = [torch.cat([r, r]) for r in residual_fn(slice(start, start + n))]
