@@ -64,3 +64,27 @@ def test_default_carries_a_layout_adapter_made_for_it_that_moves_things() -> Non
     left, right = red_circle_x([0.05, 0.3, 0.45, 0.7]), red_circle_x([0.55, 0.3, 0.95, 0.7])
     held = [x is not None and x < 0.45 for x in left] + [x is not None and x > 0.55 for x in right]
     assert sum(held) >= 10, (left, right)
+
+
+def test_default_carries_a_reference_adapter_made_for_it_that_passes_on_colours() -> None:
+    """From an empty prompt the model draws whatever it likes; with a picture of one coloured shape, the
+    images take the picture's colour (its shapes it carries less well, see README: Reference images)."""
+    import warnings
+
+    from pictor.data.shapes import render, scene_from_spec
+    from pictor.eval.shapes_detect import detect_objects
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an adapter trained on another model would warn here
+        pipe = pictor.load(device="cpu")
+    assert pipe.reference_adapter is not None
+    with_picture = without = 0
+    for color, shape in (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")):
+        spec = {"objects": [{"shape": shape, "color": color, "count": 1}], "relation": None}
+        picture = render(scene_from_spec(spec, np.random.default_rng(3)), 64)
+        for reference in (None, picture):
+            for g in pipe.generate(GenerationRequest("", seed=0, num_images=6, reference=reference)):
+                hit = any(d.color == color for d in detect_objects(np.asarray(g.image)))
+                with_picture += hit and reference is not None
+                without += hit and reference is None
+    assert with_picture >= 20 and without <= 12, (with_picture, without)
