@@ -77,8 +77,9 @@ class ReferenceForward(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         latents, (grid_h, grid_w), target_tokens, target_pooled = reference
         out = self.adapter(latents, grid_h, grid_w)
-        tokens_error = (self.empty_tokens + out.tokens.float() - target_tokens).square().sum(-1).mean()
-        tokens_error = tokens_error / target_tokens.square().sum(-1).mean()
+        # per sample, so that the mean over ranks is the mean over the global batch (DDP)
+        tokens_error = (self.empty_tokens + out.tokens.float() - target_tokens).square().sum((1, 2))
+        tokens_error = (tokens_error / target_tokens.square().sum((1, 2))).mean()
         pooled_error = (self.empty_pooled + out.pooled.float() - target_pooled).square().sum(-1).mean()
         txt, y = apply_reference(txt, y, out)
         return self.flux(img, img_ids, txt, txt_ids, t, y), DIRECT_LOSS_WEIGHT * (tokens_error + pooled_error)
