@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pictor.checkpoint import (
     check_keys,
     read_safetensors,
     read_safetensors_metadata,
+    sha256_file,
     write_safetensors,
 )
 
@@ -84,3 +86,17 @@ class AdapterKind(Generic[M]):
                 f"{path}: weights do not fit the {self.name} adapter its header describes ({exc})"
             ) from exc
         return module.eval().requires_grad_(False), header
+
+    def opened(
+        self, path: str | os.PathLike[str], header: Mapping[str, str], model_hash: str
+    ) -> dict[str, Any]:
+        """A loaded adapter's entry for the records; one trained on another model (same shapes, or it
+        would not have loaded) gets a warning."""
+        base = header.get("base_model_hash", "")
+        if base and model_hash and base != model_hash:
+            warnings.warn(
+                f"{path}: this {self.name} adapter was trained on model {header.get('base_model', '?')} "
+                f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow {self.name}s poorly",
+                stacklevel=4,
+            )
+        return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}

@@ -139,6 +139,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_file(record: dict[str, Any], key: str) -> str | None:
+    """The path of the adapter a record names, where that file still is."""
+    path = (record.get(key) or {}).get("path")
+    return path if path and Path(path).is_file() else None
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
     from pictor.reproduce import reproduce
@@ -148,10 +154,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
     # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
-    recorded = (record.get("layout_adapter") or {}).get("path")
-    adapter = args.layout_adapter or (recorded if recorded and Path(recorded).is_file() else None)
-    recorded = (record.get("reference_adapter") or {}).get("path")
-    reference = args.reference_adapter or (recorded if recorded and Path(recorded).is_file() else None)
+    adapter = args.layout_adapter or _recorded_file(record, "layout_adapter")
+    reference = args.reference_adapter or _recorded_file(record, "reference_adapter")
     pipe = _load(args, model, loras, adapter, reference)
     image = reproduce(
         pipe,

@@ -10,7 +10,6 @@ the model it was trained on, so a mismatched pair is refused with the reason.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,14 +119,7 @@ def open_layout_adapter(
     One trained on another model with the same shapes loads with a warning."""
     adapter, header = load_layout_adapter(path)
     check_adapter_fits(adapter.params, model, text_encoder.pooled_dim, str(path))
-    base = header.get("base_model_hash", "")
-    if base and model_hash and base != model_hash:
-        warnings.warn(
-            f"{path}: this layout adapter was trained on model {header.get('base_model', '?')} "
-            f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow layouts poorly",
-            stacklevel=3,
-        )
-    return adapter, {"path": str(Path(path).resolve()), "sha256": layout_file_hash(path)}
+    return adapter, LAYOUT_KIND.opened(path, header, model_hash)
 
 
 def layout_residuals(

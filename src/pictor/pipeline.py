@@ -30,7 +30,7 @@ from pictor.checkpoint import (
     model_hash,
 )
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
-from pictor.editing import EditInputs, EditRequest, ImageSource, prepare_edit
+from pictor.editing import EditInputs, EditRequest, ImageSource, image_info, prepare_edit
 from pictor.generation_settings import settings_problem
 from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
@@ -49,7 +49,6 @@ from pictor.reference_files import (
     open_reference_adapter,
     reference_context,
     reference_pixels,
-    reference_record,
 )
 from pictor.sampling import cfg, get_sampler, get_schedule
 
@@ -440,7 +439,7 @@ class Pipeline:
         """A record holds the hash of the reference's fitted pixels, not the picture, and the adapter."""
         assert isinstance(r.reference, np.ndarray)
         return {
-            "reference_image": reference_record(r.reference),
+            "reference_image": image_info(r.reference),  # the fitted pixels' hash and size
             "reference_adapter": dict(self.reference_info or {}),
         }
 

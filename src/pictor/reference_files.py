@@ -1,5 +1,5 @@
 """Reference-adapter files and reference images: saving and loading adapters (no pickles), and turning a
-reference picture into the context tokens that `pictor.models.reference.ReferenceAdapter` makes.
+reference picture into what `pictor.models.reference.ReferenceAdapter` adds to a prompt.
 
 An adapter file is a ``.safetensors`` of adapter weights whose header names its params and the model it
 was trained on, so a mismatched pair is refused with the reason.
@@ -8,9 +8,7 @@ was trained on, so a mismatched pair is refused with the reason.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +17,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from pictor.adapter_files import AdapterKind
-from pictor.checkpoint import (
-    sha256_file,
-)
-from pictor.editing import EditError, ImageSource, image_info, load_image
+from pictor.editing import EditError, ImageSource, load_image
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, ReferenceParams
@@ -79,11 +74,6 @@ def reference_pixels(source: ImageSource | np.ndarray, width: int, height: int) 
     return np.asarray(im, dtype=np.uint8).copy()
 
 
-def reference_record(pixels: np.ndarray) -> dict[str, Any]:
-    """What a generation record says of its reference: the hash and size of the pixels the model saw."""
-    return image_info(pixels)
-
-
 @torch.inference_mode()
 def reference_context(
     adapter: ReferenceAdapter, autoencoder: AutoEncoder, pixels: np.ndarray, dtype: torch.dtype
@@ -136,11 +126,4 @@ def open_reference_adapter(
             f"{want.latent_dim}-channel latents; use an adapter trained on this model "
             "(`pictor train reference --base MODEL`)"
         )
-    base = header.get("base_model_hash", "")
-    if base and model_hash and base != model_hash:
-        warnings.warn(
-            f"{path}: this reference adapter was trained on model {header.get('base_model', '?')} "
-            f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow references poorly",
-            stacklevel=3,
-        )
-    return adapter, {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+    return adapter, REFERENCE_KIND.opened(path, header, model_hash)

@@ -133,11 +133,8 @@ class _Block(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, heads, N, head_dim]
-        attn = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        q, kv = self.qkv(self.norm1(x)).split([x.shape[-1], 2 * x.shape[-1]], dim=-1)
+        x = x + self.proj(_attend(q, kv, self.num_heads))
         return x + self.mlp(self.norm2(x))
 
 
@@ -179,9 +176,9 @@ class ReferenceAdapter(nn.Module):
 
 def conditional_only(reference: ReferenceConditioning, batch: int) -> ReferenceConditioning:
     """The reference (batch 1, or `batch` rows) for a CFG batch of `batch` conditional rows then `batch`
-    unconditional ones: the
-    picture goes with the conditional half only (as IP-Adapter), so guidance amplifies it as it does the
-    prompt; with an empty prompt and no negative prompt, the picture is then all that guidance amplifies."""
+    unconditional ones: the picture goes with the conditional half only (as IP-Adapter), so guidance
+    amplifies it as it does the prompt; with an empty prompt and no negative prompt, the picture is then
+    all that guidance amplifies."""
     tokens = reference.tokens.expand(batch, -1, -1)
     pooled = reference.pooled.expand(batch, -1)
     return ReferenceConditioning(

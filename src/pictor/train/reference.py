@@ -1,7 +1,7 @@
 """The reference stage: a ReferenceAdapter (image prompts) trained on a frozen base bundle.
 
 The base model's flow loss with the adapter's residuals added to the prompt's token states and pooled
-vector, plus a direct loss on the pooled vector (see ReferenceForward); only the adapter learns (as
+vector, plus a direct loss on both (see ReferenceForward); only the adapter learns (as
 IP-Adapter and FLUX.1 Redux freeze their base). Each training image comes with a reference picture
 (`pictor.data.reference_pairs`: in the shapes world another scene of the same spec, in a folder the
 image itself). The caption is dropped with --caption-dropout as usual; a high rate (0.5 in the README's
