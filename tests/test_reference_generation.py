@@ -21,7 +21,7 @@ from pictor.models.reference import ReferenceAdapter, ReferenceParams
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import read_record
 from pictor.reference_files import (
-    ReferenceError,
+    ReferenceImageError,
     load_reference_adapter,
     reference_params_for,
     reference_pixels,
@@ -97,12 +97,12 @@ def test_other_files_are_refused_with_the_reason(pipe: Pipeline, tmp_path: Path)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
-    with pytest.raises(ReferenceError, match="not a pictor reference adapter"):
+    with pytest.raises(ReferenceImageError, match="not a pictor reference adapter"):
         load_reference_adapter(tmp_path / "lora.safetensors")
     (tmp_path / "reference.pt").write_bytes(b"not opened")
-    with pytest.raises(ReferenceError, match="pickles"):
+    with pytest.raises(ReferenceImageError, match="pickles"):
         load_reference_adapter(tmp_path / "reference.pt")
-    with pytest.raises(ReferenceError, match="no such weight file"):
+    with pytest.raises(ReferenceImageError, match="no such weight file"):
         load_reference_adapter(tmp_path / "missing.safetensors")
     fits = reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
     wrong = ReferenceAdapter(
@@ -111,7 +111,7 @@ def test_other_files_are_refused_with_the_reason(pipe: Pipeline, tmp_path: Path)
     path = _save(wrong, tmp_path / "wide.safetensors")
     with pytest.raises(GenerationError, match=r"makes \d+ 48-dim tokens"):
         pipe.set_reference_adapter(path)
-    with pytest.raises(ReferenceError, match=r"written as \.safetensors"):
+    with pytest.raises(ReferenceImageError, match=r"written as \.safetensors"):
         save_reference_adapter(wrong, wrong.params, tmp_path / "x.bin", {})
 
 
@@ -124,14 +124,14 @@ def test_pictures_are_fitted_to_the_image_and_bad_ones_named(tmp_path: Path) -> 
     rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # fully transparent: white, as on a page
     assert reference_pixels(rgba, 16, 16).min() == 255
     np.testing.assert_array_equal(reference_pixels(np.asarray(_picture()), 32, 32), np.asarray(_picture()))
-    with pytest.raises(ReferenceError, match="no such file"):
+    with pytest.raises(ReferenceImageError, match="no such file"):
         reference_pixels(tmp_path / "missing.png", 32, 32)
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ReferenceError, match="not a readable image"):
+    with pytest.raises(ReferenceImageError, match="not a readable image"):
         reference_pixels(tmp_path / "bad.png", 32, 32)
-    with pytest.raises(ReferenceError, match="at least 8x8"):
+    with pytest.raises(ReferenceImageError, match="at least 8x8"):
         reference_pixels(Image.new("RGB", (4, 30)), 32, 32)
-    with pytest.raises(ReferenceError, match=r"uint8 \[H, W, 3\]"):
+    with pytest.raises(ReferenceImageError, match=r"uint8 \[H, W, 3\]"):
         reference_pixels(np.zeros((8, 8), np.float32), 32, 32)
 
 

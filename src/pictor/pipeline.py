@@ -45,7 +45,7 @@ from pictor.models.reference import (
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.reference_files import (
-    ReferenceError,
+    ReferenceImageError,
     open_reference_adapter,
     reference_context,
     reference_pixels,
@@ -192,7 +192,7 @@ class Pipeline:
                 )
             try:
                 r = replace(r, reference=reference_pixels(r.reference, r.width, r.height))
-            except ReferenceError as exc:
+            except ReferenceImageError as exc:
                 raise GenerationError(str(exc)) from exc
         if r.negative_prompt and self.guidance_mode != "cfg":
             raise GenerationError(
@@ -366,7 +366,7 @@ class Pipeline:
             adapter, info = open_reference_adapter(
                 path, self.transformer.params, self.text_encoder.max_length, self.hash
             )
-        except ReferenceError as exc:
+        except ReferenceImageError as exc:
             raise GenerationError(str(exc)) from exc
         self.reference_adapter, self.reference_info = adapter.to(self.device), info
         return info

@@ -24,7 +24,7 @@ from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, Ref
 
 __all__ = [
     "REFERENCE_FILE",
-    "ReferenceError",
+    "ReferenceImageError",
     "load_reference_adapter",
     "open_reference_adapter",
     "reference_context",
@@ -36,7 +36,7 @@ __all__ = [
 REFERENCE_FILE = "reference.safetensors"
 
 
-class ReferenceError(ValueError):
+class ReferenceImageError(ValueError):
     """A reference image or adapter that cannot be used; the message says what to change."""
 
 
@@ -55,7 +55,7 @@ def reference_pixels(source: ImageSource | np.ndarray, width: int, height: int) 
     cover the canvas and centre-cropped, as training saw it (reference and image the same size)."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ReferenceError(
+            raise ReferenceImageError(
                 f"a reference array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
             )
         im = Image.fromarray(source)
@@ -63,9 +63,11 @@ def reference_pixels(source: ImageSource | np.ndarray, width: int, height: int) 
         try:
             im = load_image(source, "reference image")
         except EditError as exc:
-            raise ReferenceError(str(exc)) from exc
+            raise ReferenceImageError(str(exc)) from exc
     if min(im.size) < 8:
-        raise ReferenceError(f"reference image is {im.size[0]}x{im.size[1]} pixels; give one at least 8x8")
+        raise ReferenceImageError(
+            f"reference image is {im.size[0]}x{im.size[1]} pixels; give one at least 8x8"
+        )
     if im.mode in ("RGBA", "LA", "P"):
         im = im.convert("RGBA")
         flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -93,7 +95,7 @@ def reference_context(
 
 
 REFERENCE_KIND = AdapterKind(
-    "reference", lambda d: ReferenceAdapter(ReferenceParams.from_dict(d)), ReferenceError
+    "reference", lambda d: ReferenceAdapter(ReferenceParams.from_dict(d)), ReferenceImageError
 )
 
 
@@ -119,7 +121,7 @@ def open_reference_adapter(
     have = adapter.params
     fields = ("latent_dim", "context_dim", "pooled_dim", "num_tokens")
     if [getattr(have, f) for f in fields] != [getattr(want, f) for f in fields]:
-        raise ReferenceError(
+        raise ReferenceImageError(
             f"{path}: this reference adapter makes {have.num_tokens} {have.context_dim}-dim tokens and a "
             f"{have.pooled_dim}-dim vector from {have.latent_dim}-channel latents, but the model reads "
             f"{want.num_tokens} {want.context_dim}-dim tokens and a {want.pooled_dim}-dim vector and has "

@@ -10,6 +10,7 @@ import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pictor.editing import EditRequest
 from pictor.loading import pipeline_from_preset
 from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import GenerationRequest, Pipeline
@@ -126,3 +128,63 @@ def test_a_model_without_an_adapter_refuses_references(client: TestClient) -> No
     assert r.status_code == 400
     error = r.json()["error"]
     assert "no reference adapter" in error["message"] and error["param"] == "reference_image"
+
+
+def _edit(client: TestClient, path: str = "/v1/images/edits", **data: object) -> Any:
+    files = {"image": ("source.png", _png(seed=1), "image/png")}
+    reference = data.pop("reference", None)
+    if reference is not None:
+        files["reference_image"] = ("reference.png", reference, "image/png")
+    form = {
+        "prompt": "a red circle",
+        "response_format": "b64_json",
+        "seed": "3",
+        "steps": "2",
+        "strength": "0.8",
+    }
+    return client.post(path, files=files, data={**form, **{k: str(v) for k, v in data.items()}})
+
+
+def test_an_edit_takes_a_reference_file(
+    make_client: Callable[..., TestClient], referenced: Pipeline, tmp_path: Path
+) -> None:
+    client = make_client(referenced)
+    r = _edit(client, reference=_png())
+    assert r.status_code == 200, r.text
+    pixels, record = _decoded(r.json()["data"][0]["b64_json"])
+    assert record["mode"] == "img2img" and record["reference_image"]["width"] == 32
+    direct = referenced.edit(
+        EditRequest(
+            image=Image.open(io.BytesIO(_png(seed=1))),
+            prompt="a red circle",
+            strength=0.8,
+            seed=3,
+            steps=2,
+            reference=Image.open(io.BytesIO(_png())),
+        )
+    )
+    assert np.array_equal(pixels, np.asarray(direct[0].image))
+    assert record["reference_image"] == direct[0].record["reference_image"]
+    alone = _edit(client, prompt="", reference=_png())  # the picture alone says what to draw
+    assert alone.status_code == 200, alone.text
+    # the queued form keeps the picture as an upload its job names
+    job = _edit(client, path="/v1/jobs/edits", reference=_png()).json()
+    assert (tmp_path / "data" / "uploads" / f"{job['request']['reference']}.png").is_file()
+
+
+def test_bad_edit_references_are_400s_and_keep_nothing(
+    make_client: Callable[..., TestClient], referenced: Pipeline, client: TestClient
+) -> None:
+    ours = make_client(referenced)
+    for response, message, param in [
+        (_edit(ours, reference=b"GIF89a not an image"), "not a readable", "reference_image"),
+        (_edit(ours, reference=_png(size=4)), "at least 8x8", "reference_image"),
+        (_edit(ours, prompt=""), "prompt is empty", "prompt"),
+        (_edit(client, reference=_png()), "no reference adapter", "reference_image"),
+    ]:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert message in error["message"] and error["param"] == param, error
+    for c in (ours, client):
+        assert c.get("/v1/jobs").json()["total"] == 0
+        assert not any(c.app.state.service.store.uploads_dir.iterdir())

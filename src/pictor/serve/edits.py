@@ -9,6 +9,9 @@ a restart.
 Masks follow OpenAI: where the mask is fully transparent (alpha 0) the image is repainted. A mask without
 an alpha channel follows pictor's convention instead: white repaints, black keeps. Without a mask, an
 image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
+
+pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON text, as a form field) and
+``reference_image`` (a third file, checked like the others); the prompt may be empty only with a reference.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from pictor.editing import EditError, EditRequest
+from pictor.layout_files import LayoutError, parse_layout
 from pictor.pipeline import GenerationError
 from pictor.serve.api_models import ImagesResponse, Job
 from pictor.serve.errors import APIError
@@ -33,7 +37,7 @@ from pictor.serve.routes import (
     finished_images,
 )
 from pictor.serve.security import check_limits, check_policy
-from pictor.serve.service import Service, param_of, service
+from pictor.serve.service import Service, param_of, require_prompt, service
 from pictor.serve.store import JobRow
 from pictor.serve.uploads import decode_upload
 
@@ -48,8 +52,22 @@ def _transparent(image: Image.Image) -> Image.Image | None:
     return alpha.point(lambda a: 255 if a == 0 else 0)
 
 
+def _layout(text: str | None) -> list[dict[str, Any]] | None:
+    """The layout form field (JSON text) checked, or None when absent."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return parse_layout(text)
+    except LayoutError as exc:
+        raise APIError(400, str(exc), param="layout", code="invalid_parameters") from None
+
+
 def edit_params(
-    svc: Service, source: Image.Image, mask: Image.Image | None, form: dict[str, Any]
+    svc: Service,
+    source: Image.Image,
+    mask: Image.Image | None,
+    form: dict[str, Any],
+    reference: Image.Image | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings."""
     limits = svc.settings.limits
@@ -57,6 +75,8 @@ def edit_params(
     svc.check_model(form["model"])
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
     check_policy(svc.policy, prompt, negative)
+    require_prompt(prompt, reference is not None)
+    layout = _layout(form.get("layout"))
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
         raise APIError(
             400,
@@ -71,11 +91,19 @@ def edit_params(
         if mask is not None and not mask.getbbox():
             mask = None  # alpha channel, but nothing transparent: plain img2img
     source = source.convert("RGB")
+    reference = reference.convert("RGB") if reference is not None else None
     settings = {k: form[k] for k in ("steps", "guidance", "sampler", "schedule", "seed", "strength")}
+    settings["layout"] = layout
     pipe = svc.manager.pipeline
     if pipe is not None:
         request = EditRequest(
-            image=source, prompt=prompt, mask=mask, negative_prompt=negative, num_images=n, **settings
+            image=source,
+            prompt=prompt,
+            mask=mask,
+            negative_prompt=negative,
+            num_images=n,
+            reference=reference,
+            **settings,
         )
         try:
             r, inputs = pipe.resolve_edit(request)
@@ -87,11 +115,13 @@ def edit_params(
             sampler=r.sampler,
             schedule=r.schedule,
             strength=inputs.strength,
+            layout=r.layout,
         )
     return {
         "kind": "edit",
         "image": svc.store.write_upload(source),
         "mask": svc.store.write_upload(mask) if mask is not None else None,
+        "reference": svc.store.write_upload(reference) if reference is not None else None,
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -110,6 +140,7 @@ class EditForm:
 
     source: Image.Image
     mask: Image.Image | None
+    reference: Image.Image | None
     fields: dict[str, Any]
     user: str | None
     response_format: str
@@ -118,9 +149,21 @@ class EditForm:
 async def edit_form(
     request: Request,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; transparent pixels are repainted")],
-    prompt: Annotated[str, Form(min_length=1)],
+    # Optional to FastAPI, which reads an empty form field as a missing one; require_prompt refuses an
+    # empty prompt unless a reference picture says what to draw.
+    prompt: Annotated[str, Form(description="What to draw; may be empty only with a reference_image")] = "",
     mask: Annotated[
         UploadFile | None, File(description="alpha 0 (or white, without alpha) = repaint")
+    ] = None,
+    reference_image: Annotated[
+        UploadFile | None,
+        File(description="a picture whose content the images take; needs a model with a reference adapter"),
+    ] = None,
+    layout: Annotated[
+        str | None,
+        Form(
+            description='boxes with phrases as JSON, e.g. [{"box": [0, 0, 0.5, 1], "phrase": "a red circle"}]'
+        ),
     ] = None,
     n: Annotated[int, Form(ge=1)] = 1,
     size: Annotated[str | None, Form(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] = None,
@@ -140,10 +183,14 @@ async def edit_form(
     source = await run_in_threadpool(
         decode_upload, await image.read(limits.max_upload_bytes + 1), "image", limits
     )
-    mask_image = None
+    mask_image = reference = None
     if mask is not None:
         mask_image = await run_in_threadpool(
             decode_upload, await mask.read(limits.max_upload_bytes + 1), "mask", limits
+        )
+    if reference_image is not None:
+        reference = await run_in_threadpool(
+            decode_upload, await reference_image.read(limits.max_upload_bytes + 1), "reference_image", limits
         )
     fields = {
         "prompt": prompt,
@@ -157,20 +204,15 @@ async def edit_form(
         "schedule": schedule,
         "seed": seed,
         "strength": strength,
+        "layout": layout,
     }
-    return EditForm(source, mask_image, fields, user, response_format)
+    return EditForm(source, mask_image, reference, fields, user, response_format)
 
 
 async def submit_edit(svc: Service, form: EditForm) -> JobRow:
     """Validate, keep the uploads and queue the job; a refused job leaves no upload behind."""
-    params = await run_in_threadpool(edit_params, svc, form.source, form.mask, form.fields)
-    try:
-        return await run_in_threadpool(svc.manager.submit, params, form.user)
-    except APIError:
-        for upload in (params["image"], params["mask"]):
-            if upload:
-                svc.store.upload_path(upload).unlink(missing_ok=True)
-        raise
+    params = await run_in_threadpool(edit_params, svc, form.source, form.mask, form.fields, form.reference)
+    return await run_in_threadpool(svc.submit, params, form.user)
 
 
 @router.post(

@@ -19,6 +19,9 @@ from pictor.serve.settings import ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
 from pictor.serve.uploads import decode_base64_image
 
+# The job settings that name kept uploads (edit sources, masks, reference pictures).
+UPLOAD_KEYS = ("image", "mask", "reference")
+
 
 @dataclass
 class Service:
@@ -57,14 +60,7 @@ class Service:
         negative = body.negative_prompt or ""
         check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
         check_policy(self.policy, body.prompt, negative)
-        if not body.prompt and body.reference_image is None:
-            raise APIError(
-                400,
-                "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, "
-                "whose content the images then take)",
-                param="prompt",
-                code="invalid_parameters",
-            )
+        require_prompt(body.prompt, body.reference_image is not None)
         reference = None
         if body.reference_image is not None:
             picture = decode_base64_image(body.reference_image, "reference_image", self.settings.limits)
@@ -121,8 +117,9 @@ class Service:
         try:
             return self.manager.submit(params, user)
         except APIError:
-            if params.get("reference"):
-                self.store.upload_path(params["reference"]).unlink(missing_ok=True)
+            for key in UPLOAD_KEYS:
+                if params.get(key):
+                    self.store.upload_path(params[key]).unlink(missing_ok=True)
             raise
 
     def image_url(self, request: Request, image_id: str) -> str:
@@ -151,6 +148,18 @@ class Service:
                 for r in job.results
             ],
             error=job.error,  # type: ignore[arg-type]
+        )
+
+
+def require_prompt(prompt: str, has_reference: bool) -> None:
+    """An empty prompt is an error unless a reference picture says what to draw."""
+    if not prompt and not has_reference:
+        raise APIError(
+            400,
+            "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, "
+            "whose content the images then take)",
+            param="prompt",
+            code="invalid_parameters",
         )
 
 
