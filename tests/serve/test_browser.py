@@ -291,4 +291,97 @@ def test_generate_from_a_reference_picture(browser: Any, live_server: Any, tmp_p
     page.locator("#gallery img").first.click()
     page.get_by_role("button", name="Reproduce").click()
     expect(page.locator("#error")).to_contain_text("does not keep")
+
+    # The picture goes with an edit too (a third file in the multipart form), the prompt still empty.
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["reference"]
+    with Image.open(io.BytesIO(httpx.get(edit_job["results"][0]["url"]).content)) as im:
+        assert json.loads(im.text["pictor"])["reference_image"]["sha256"] == pixel_sha256(want)
+    assert problems == [], problems
+
+
+def test_generate_with_a_layout(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    """Boxes from the layout editor go with the request (refused on the page when a box is incomplete),
+    the record keeps them, Reuse settings puts them back and Reproduce makes the same image."""
+    import json
+    import warnings
+
+    import torch
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.layout_files import layout_params_for, save_layout_adapter
+    from pictor.loading import pipeline_from_preset
+    from pictor.models.layout import LayoutAdapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline_from_preset("tiny", device="cpu")
+    params = layout_params_for(pipe.transformer.params, pipe.text_encoder.pooled_dim)
+    torch.manual_seed(0)
+    adapter = LayoutAdapter(params).init_weights()
+    save_layout_adapter(adapter, params, tmp_path / "layout.safetensors", {})
+    pipe.set_layout_adapter(tmp_path / "layout.safetensors")
+    live = live_server(pipeline=pipe)
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(live.url + "/")
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+
+    page.get_by_label("Prompt", exact=True).fill("two shapes")
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill("7")
+    page.get_by_label("Steps", exact=True).fill("3")
+    page.get_by_text("Layout", exact=True).click()
+    page.get_by_role("button", name="Add box").click()
+    page.get_by_label("Box 1 phrase").fill("a red circle")
+    for edge, value in zip(("left", "top", "right", "bottom"), ("0", "0.25", "0.5", "0.75"), strict=True):
+        page.get_by_label(f"Box 1 {edge}").fill(value)
+    page.get_by_role("button", name="Add box").click()
+    page.get_by_role("button", name="Generate").click()  # box 2 has no phrase: said, not sent
+    expect(page.locator("#error")).to_contain_text("Box 2: write what to draw")
+    page.get_by_label("Box 2 phrase").fill("a blue square")
+    page.get_by_label("Box 2 right").fill("0.05")  # left of the box's left edge (0.1)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Box 2: left must be less than right")
+    page.get_by_label("Box 2 right").fill("0.9")
+    page.get_by_label("Box 2 left").fill("0.6")
+    expect(page.locator("#layout-preview rect")).to_have_count(2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+
+    want = [
+        {"box": [0.0, 0.25, 0.5, 0.75], "phrase": "a red circle"},
+        {"box": [0.6, 0.1, 0.9, 0.5], "phrase": "a blue square"},
+    ]
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["status"] == "succeeded" and job["request"]["layout"] == want
+    first = httpx.get(job["results"][0]["url"]).content
+    with Image.open(io.BytesIO(first)) as im:
+        assert json.loads(im.text["pictor"])["layout"] == want
+
+    # Reuse settings puts the boxes back (and only those); Reproduce sends them again: the same PNG.
+    page.get_by_role("button", name="Remove box 2").click()
+    expect(page.locator("#layout-boxes li")).to_have_count(1)
+    page.get_by_role("img", name="two shapes (seed 7)").click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.locator("#layout-boxes li")).to_have_count(2)
+    expect(page.get_by_label("Box 2 phrase")).to_have_value("a blue square")
+    expect(page.get_by_label("Box 2 left")).to_have_value("0.6")
+    page.get_by_role("img", name="two shapes (seed 7)").click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.get_by_role("img", name="two shapes (seed 7)")).to_have_count(2, timeout=30_000)
+    again = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert again["request"]["layout"] == want
+    assert httpx.get(again["results"][0]["url"]).content == first
+    page.get_by_role("button", name="Clear boxes").click()
+    expect(page.locator("#layout-preview rect")).to_have_count(0)
     assert problems == [], problems

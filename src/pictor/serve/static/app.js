@@ -78,6 +78,10 @@ function requestFromForm() {
 
 function fillForm(record) {
   $("prompt").value = record.prompt || "";
+  $("layout-boxes").replaceChildren();
+  for (const item of record.layout || []) addBox(item.box, item.phrase);
+  drawLayout();
+  if (record.layout) $("layout-settings").open = true;
   $("negative_prompt").value = record.negative_prompt || "";
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
@@ -105,15 +109,107 @@ function setBusy(busy) {
 }
 
 // An edit is the same request as multipart form data with the images, for POST /v1/jobs/edits.
-// The edit keeps the source's size, so width and height are not sent.
+// The edit keeps the source's size, so width and height are not sent; a layout goes as its JSON text.
 function editFromForm(body) {
   const form = new FormData();
   form.append("image", $("edit-image").files[0]);
   if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  if ($("reference-image").files.length) form.append("reference_image", $("reference-image").files[0]);
   const strength = $("strength").value.trim();
   if (strength !== "") form.append("strength", strength);
-  for (const [name, value] of Object.entries(body)) if (name !== "size") form.append(name, String(value));
+  for (const [name, value] of Object.entries(body)) {
+    if (name === "size") continue;
+    form.append(name, name === "layout" ? JSON.stringify(value) : String(value));
+  }
   return form;
+}
+
+// -- the layout editor: one list item per box, a phrase over its four edges ----------------------
+
+const EDGES = ["left", "top", "right", "bottom"];
+
+function addBox(box = [0.1, 0.1, 0.5, 0.5], phrase = "") {
+  const item = document.createElement("li");
+  const row = document.createElement("div");
+  row.className = "layout-box";
+  const phraseLabel = document.createElement("label");
+  phraseLabel.className = "phrase";
+  phraseLabel.textContent = "Phrase";
+  const phraseInput = document.createElement("input");
+  phraseInput.type = "text";
+  phraseInput.className = "box-phrase";
+  phraseInput.placeholder = "a red circle";
+  phraseInput.value = phrase;
+  phraseLabel.append(phraseInput);
+  row.append(phraseLabel);
+  EDGES.forEach((edge, i) => {
+    const label = document.createElement("label");
+    label.textContent = edge[0].toUpperCase() + edge.slice(1);
+    const input = document.createElement("input");
+    Object.assign(input, { type: "number", min: "0", max: "1", step: "0.05", inputMode: "decimal" });
+    input.className = `box-${edge}`;
+    input.value = String(box[i]);
+    label.append(input);
+    row.append(label);
+  });
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "box-remove";
+  remove.textContent = "Remove";
+  remove.addEventListener("click", () => {
+    item.remove();
+    nameBoxes();
+    drawLayout();
+  });
+  row.append(remove);
+  row.addEventListener("input", drawLayout);
+  item.append(row);
+  $("layout-boxes").append(item);
+  nameBoxes();
+  drawLayout();
+}
+
+// Each box's inputs are named by its number ("Box 2 left"), so screen readers and tests can tell them apart.
+function nameBoxes() {
+  [...$("layout-boxes").children].forEach((item, i) => {
+    item.querySelector(".box-phrase").setAttribute("aria-label", `Box ${i + 1} phrase`);
+    for (const edge of EDGES) item.querySelector(`.box-${edge}`).setAttribute("aria-label", `Box ${i + 1} ${edge}`);
+    item.querySelector(".box-remove").setAttribute("aria-label", `Remove box ${i + 1}`);
+  });
+}
+
+// The boxes as the API's layout ([{box: [x0, y0, x1, y1], phrase}]), or an error that names the box.
+function layoutFromForm() {
+  const layout = [];
+  for (const [i, item] of [...$("layout-boxes").children].entries()) {
+    const phrase = item.querySelector(".box-phrase").value.trim();
+    const box = EDGES.map((edge) => Number(item.querySelector(`.box-${edge}`).value.trim() || NaN));
+    if (!phrase) return { error: `Box ${i + 1}: write what to draw in it.` };
+    const [x0, y0, x1, y1] = box;
+    if (!box.every(Number.isFinite) || !(0 <= x0 && x0 < x1 && x1 <= 1 && 0 <= y0 && y0 < y1 && y1 <= 1)) {
+      return { error: `Box ${i + 1}: left must be less than right and top less than bottom, all from 0 to 1.` };
+    }
+    layout.push({ box, phrase });
+  }
+  return { layout: layout.length ? layout : undefined };
+}
+
+function drawLayout() {
+  const svg = $("layout-preview");
+  const ns = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  for (const item of $("layout-boxes").children) {
+    const [x0, y0, x1, y1] = EDGES.map((edge) => Number(item.querySelector(`.box-${edge}`).value));
+    if (![x0, y0, x1, y1].every(Number.isFinite) || x1 <= x0 || y1 <= y0) continue;
+    const rect = document.createElementNS(ns, "rect");
+    const attrs = { x: x0 * 100, y: y0 * 100, width: (x1 - x0) * 100, height: (y1 - y0) * 100 };
+    for (const [name, value] of Object.entries(attrs)) rect.setAttribute(name, String(value));
+    const text = document.createElementNS(ns, "text");
+    text.setAttribute("x", String(x0 * 100 + 1.5));
+    text.setAttribute("y", String(y0 * 100 + 7));
+    text.textContent = item.querySelector(".box-phrase").value;
+    svg.append(rect, text);
+  }
 }
 
 // A reference picture travels in the JSON request as a data: URL (base64), which the server decodes.
@@ -316,6 +412,7 @@ function recordRequest(record) {
   };
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
   if (record.schedule) body.schedule = record.schedule;
+  if (record.layout) body.layout = record.layout;
   return body;
 }
 
@@ -364,19 +461,26 @@ document.addEventListener("DOMContentLoaded", async () => {
     event.preventDefault();
     const body = requestFromForm();
     const reference = $("reference-image").files.length > 0;
-    if (!body.prompt.trim() && (editing() || !reference)) {
+    if (!body.prompt.trim() && !reference) {
       setError("Write a prompt (or choose a reference picture).");
       return;
     }
-    if (editing() && reference) {
-      setError("A reference picture goes with Generate, not with an edit: clear one of them.");
+    const { layout, error } = layoutFromForm();
+    if (error) {
+      setError(error);
       return;
     }
+    if (layout) body.layout = layout;
     try {
       submit(editing() ? editFromForm(body) : await withReference(body));
     } catch (err) {
       setError(err.message);
     }
+  });
+  $("add-box-button").addEventListener("click", () => addBox());
+  $("clear-layout-button").addEventListener("click", () => {
+    $("layout-boxes").replaceChildren();
+    drawLayout();
   });
   $("clear-reference-button").addEventListener("click", () => {
     $("reference-image").value = "";
