@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,55 @@ def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, 
     w_one = read_safetensors(run_a / "final" / "transformer.safetensors")
     for key in w_one:
         assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
+
+
+def test_torchrun_fsdp_matches_one_process_and_resumes_with_or_without_it(
+    tmp_path: Path, ae_run: Path, run_a: Path
+) -> None:
+    """--fsdp: sharded weights, gradients and AdamW state train as one process does; checkpoints are whole,
+    so a sharded run resumes sharded (bit-identical losses) or in one process."""
+    out = tmp_path / "fsdp"
+    flags = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's batch 4
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*flags, "--autoencoder", str(ae_run), "--max-steps", str(STEPS), "--save-every", "4"]
+    _run([*torchrun, "-m", "pictor.cli", "train", "t2i", *args, "--out", str(out), "--fsdp"], timeout=240)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4
+    a, b = summary["weights_sha256_per_rank"]
+    assert a == b  # the gathered model is the same on both ranks
+    sharded, single = _losses(out), _losses(run_a)
+    assert [s for s, _, _ in sharded] == list(range(1, STEPS + 1))
+    assert [loss for _, loss, _ in sharded] == pytest.approx([loss for _, loss, _ in single], rel=1e-3)
+    w_fsdp = read_safetensors(out / "final" / "transformer.safetensors")
+    w_one = read_safetensors(run_a / "final" / "transformer.safetensors")
+    for key in w_one:
+        assert torch.allclose(w_fsdp[key], w_one[key], atol=1e-4), key
+    # The checkpoint holds whole tensors, as a one-process run's does.
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        mine = read_safetensors(out / "checkpoints" / "step-000004" / name)
+        theirs = read_safetensors(run_a / "checkpoints" / f"step-{STEPS:06d}" / name)
+        assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+
+    def resumed(name: str, extra: list[str]) -> list[tuple[int, float, float]]:
+        again = tmp_path / name
+        (again / "checkpoints").mkdir(parents=True)
+        shutil.copytree(out / "checkpoints" / "step-000004", again / "checkpoints" / "step-000004")
+        (again / "latest").write_text("checkpoints/step-000004\n")
+        _run([*extra, "--out", str(again), "--resume", "--max-steps", str(STEPS)], timeout=240)
+        return _losses(again)
+
+    tail = sharded[4:]
+    assert resumed("again-fsdp", [*torchrun, "-m", "pictor.cli", "train", "t2i", "--fsdp"]) == tail
+    alone = resumed("again-one", _cli("t2i", "--batch-size", "4"))  # the same global batch, one process
+    assert [s for s, _, _ in alone] == [s for s, _, _ in tail]
+    assert [loss for _, loss, _ in alone] == pytest.approx([loss for _, loss, _ in tail], rel=1e-4)
+
+
+def test_fsdp_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="applies to 't2i' training, not to 'autoencoder'"):
+        TrainConfig(stage="autoencoder", out=str(tmp_path / "a"), preset="tiny", fsdp=True).resolve()
+    with pytest.raises(TrainingError, match="run under torchrun --nproc_per_node N"):
+        train(TrainConfig(stage="t2i", out=str(tmp_path / "b"), preset="tiny", fsdp=True, **QUIET))
 
 
 def test_init_warm_starts_from_a_bundle_and_keeps_its_lineage(tmp_path: Path, run_a: Path) -> None:

@@ -253,9 +253,9 @@ def _write(tmp_path, step: int, keep: int = 2):  # type: ignore[no-untyped-def]
         folder.mkdir()
         (folder / "w.txt").write_text(str(step))
 
-    return write_checkpoint(
-        tmp_path, step, weights, model, opt, {"step": step, "data_position": 4 * step}, keep
-    )
+    state = {"step": step, "data_position": 4 * step}
+    flat = optimizer_to_flat(opt, model)
+    return write_checkpoint(tmp_path, step, weights, model.state_dict(), flat, state, keep)
 
 
 def test_checkpoints_keep_the_newest_and_point_latest(tmp_path) -> None:

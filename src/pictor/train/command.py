@@ -115,6 +115,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="t2i under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2), "
+        "for a transformer that does not fit one device; checkpoints stay whole",
+    )
+    t.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -136,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if args.compile:
         overrides["compile"] = True
+    if args.fsdp:
+        overrides["fsdp"] = True
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily
@@ -151,7 +159,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 f"warning: resuming with changed {changed}: the loss curve will differ from the original run"
             )
         # A time budget belongs to one invocation: a resumed run does not inherit the last one's.
-        cfg = dataclasses.replace(saved, out=args.out, **{"max_minutes": None, **overrides})
+        # Nor sharding: a checkpoint is whole, so it resumes with or without --fsdp.
+        cfg = dataclasses.replace(saved, out=args.out, **{"max_minutes": None, "fsdp": False, **overrides})
         _note(f"resuming from {latest}")
         return cfg
     if args.resume:

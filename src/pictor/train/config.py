@@ -76,6 +76,9 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA tracks the weights
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the transformer blocks (CUDA runs)
+    # FSDP2 under torchrun: shard the transformer's weights, gradients and AdamW state over the ranks (t2i).
+    # Like the device, it belongs to one invocation: a resumed run shards only when asked again.
+    fsdp: bool = False
     # Autoencoder stage.
     recon_loss: str = "l1"
     kl_weight: float = 1e-6  # LDM's weight: KL summed over the latent, recon summed over the pixels
@@ -202,6 +205,12 @@ class TrainConfig:
             self.max_minutes is None or self.max_minutes > 0,
             f"max_minutes must be > 0 (or unset), got {self.max_minutes}",
         )
+        need(
+            not self.fsdp or self.stage == "t2i",
+            f"--fsdp shards the text-to-image transformer: it applies to 't2i' training, not to "
+            f"'{self.stage}' (drop --fsdp; under torchrun that stage trains with DDP)",
+        )
+        need(not (self.fsdp and self.compile), "--fsdp and --compile together are not supported yet")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr is not None and self.lr > 0, f"lr must be > 0, got {self.lr}")

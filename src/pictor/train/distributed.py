@@ -1,20 +1,26 @@
-"""torchrun / DistributedDataParallel set-up.
+"""torchrun set-up: DistributedDataParallel, or FSDP2 for a model that does not fit one device.
 
 `pictor train ...` under `torchrun --nproc_per_node N` finds RANK / WORLD_SIZE / LOCAL_RANK in the
 environment and joins a process group: NCCL when each rank has a GPU, gloo on the CPU. Without those
 variables it is a single process and every helper here is a no-op.
+
+With `--fsdp` the transformer's parameters, gradients and AdamW state are sharded over the ranks
+(`fully_shard`, one unit per transformer block, then the root). Checkpoints stay in the one full format:
+`full_state` and `full_tensor` gather the shards (collectives: every rank calls them, in the same order),
+rank 0 writes, and `load_full_state` shards a full state again, so a run may resume with or without FSDP.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass
@@ -81,9 +87,59 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
+def shard(model: nn.Module, units: Iterable[nn.Module]) -> nn.Module:
+    """FSDP2 in place: each unit (a transformer block) gathers its weights only while it runs, then the
+    root takes the rest (embedders, final layer). Build the optimizer after this: it must see the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("--fsdp shards over torchrun's processes: run under torchrun --nproc_per_node N")
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    return model
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from a shard (a collective), or the tensor itself when it is not sharded."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with every shard gathered (the same on every rank)."""
+    return {name: full_tensor(value.detach()) for name, value in model.state_dict().items()}
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A full state dict into a module, sharding it where the module is sharded."""
+    own = model.state_dict()
+    if set(own) != set(state):
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise RuntimeError(
+            f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, target in own.items():
+            value = state[name].to(target.device, target.dtype)
+            if isinstance(target, DTensor):
+                value = distribute_tensor(value, target.device_mesh, target.placements)
+            target.copy_(value)
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full optimizer-state tensor cut to its sharded parameter's shard (unchanged when not sharded)."""
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value
+
+
 @contextmanager
 def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the last."""
+    """Skip the gradient reduction on accumulation micro-steps that are not the last (DDP or FSDP)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(not skip)
+        yield
+        return
     ctx = model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
     with ctx:
         yield

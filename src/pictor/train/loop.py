@@ -36,6 +36,7 @@ from pictor.train.stages import AutoencoderStage, Stage
 from pictor.train.state import (
     clean_leftovers,
     find_latest,
+    optimizer_to_flat,
     read_checkpoint,
     restore,
     step_name,
@@ -79,6 +80,11 @@ def seed_everything(seed: int, step: int) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool = False) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
+        if cfg.fsdp and not info.distributed:
+            raise TrainingError(
+                "--fsdp shards the model over torchrun's processes: run under torchrun --nproc_per_node N "
+                "(N >= 2), or drop --fsdp"
+            )
         self.out = Path(cfg.out)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +118,10 @@ class Trainer:
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
         self.model = self.stage.module
         assert cfg.ema_decay is not None
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)  # a whole copy, also under FSDP
+        if cfg.fsdp:
+            assert isinstance(self.stage, T2IStage)  # TrainConfig.resolve allows --fsdp for t2i only
+            distributed.shard(self.model, self.stage.shard_units())
         self.optimizer = build_optimizer(self.model, cfg)
         self.step, self.position, self.elapsed = 0, 0, 0.0
         if ckpt is not None:
@@ -124,7 +133,10 @@ class Trainer:
         self.resumed_from = self.step
         if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
             self.model.compile()  # after the EMA copy: the shadow module stays a plain one
-        self.forward = distributed.wrap(self.stage.forward_module, info)
+        # FSDP already reduces gradients in its hooks; otherwise DDP (or nothing, on one process).
+        self.forward = (
+            self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
+        )
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -170,6 +182,7 @@ class Trainer:
                 self.position += global_batch
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+                grad_norm = distributed.full_tensor(grad_norm)  # a DTensor under FSDP
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model, self.step)
@@ -234,7 +247,13 @@ class Trainer:
         """Checkpoint this step (rank 0 writes; every rank waits so none runs ahead of a half-written one)."""
         path = self.out / "checkpoints" / step_name(self.step)
         distributed.barrier(self.info)
-        if self.info.is_main and not path.is_dir():
+        # Rank 0's answer for all: ranks on other machines may not see its folders.
+        here = torch.tensor([float(path.is_dir())], device=self.device)
+        exists = bool(distributed.broadcast(here, self.info).item())
+        if not exists:  # every rank gathers (FSDP shards are collectives); rank 0 writes
+            weights = distributed.full_state(self.model)
+            optimizer_state = optimizer_to_flat(self.optimizer, self.model)
+        if self.info.is_main and not exists:
             cfg = self.cfg
             state: dict[str, Any] = {
                 "step": self.step,
@@ -250,8 +269,8 @@ class Trainer:
                 self.out,
                 self.step,
                 lambda folder: self.stage.write_weights(folder, self.ema.module, self.step),
-                self.model,
-                self.optimizer,
+                weights,
+                optimizer_state,
                 state,
                 cfg.keep,
             )
@@ -281,8 +300,9 @@ class Trainer:
         return final
 
     def _write_summary(self, loss: float, stopped_by: str) -> None:
-        """Per-rank checksums of the raw weights: DDP ranks must hold identical models."""
-        digest = state_dict_hash(self.model.state_dict())
+        """Per-rank checksums of the raw weights: DDP ranks must hold identical models (FSDP ranks: the
+        same gathered model)."""
+        digest = state_dict_hash(distributed.full_state(self.model))
         local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
         sums = [bytes(t.cpu().tolist()).hex() for t in distributed.gather(local, self.info)]
         if self.info.is_main:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from pictor.train import distributed
 from pictor.train.config import TrainConfig
 
 
@@ -91,7 +92,9 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
         ema = [p for _, p in sorted(self.module.named_parameters(), key=lambda kv: kv[0])]
-        live = [p.detach().float() for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])]
+        # Under FSDP the live weights are shards: gathered whole (a collective, the same order on every rank).
+        named = sorted(model.named_parameters(), key=lambda kv: kv[0])
+        live = [distributed.full_tensor(p.detach()).float() for _, p in named]
         torch._foreach_lerp_(ema, live, weight)
         for (_, b_ema), (_, b) in zip(self.module.named_buffers(), model.named_buffers(), strict=True):
             b_ema.copy_(b)

@@ -10,7 +10,9 @@ Layout of ``OUT/checkpoints/step-000100/``::
     trainer_state.json      step, data position, config, param-group hyperparameters, schedule state,
                             the scalar parts of the RNG states; written last
 
-The EMA weights are not stored twice: the bundle's weights ARE the EMA. Nothing is pickled.
+The EMA weights are not stored twice: the bundle's weights ARE the EMA. Nothing is pickled. Weights and
+optimizer state are always stored whole: a run sharded with FSDP gathers them first (`distributed.full_state`
+on every rank; rank 0 writes) and shards them again on resume, so the format does not depend on sharding.
 
 Crash safety (SIGKILL at any moment): a checkpoint is assembled in ``.step-000100.tmp`` and renamed into
 place, so a folder named ``step-*`` is always complete; ``latest`` (a file naming the newest checkpoint)
@@ -42,6 +44,7 @@ from pictor.checkpoint import (
     write_json,
     write_safetensors,
 )
+from pictor.train.distributed import full_tensor, load_full_state, shard_like
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -67,7 +70,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 def optimizer_to_flat(
     optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """AdamW state keyed by parameter name (robust to re-ordering), and the groups' hyperparameters."""
+    """AdamW state keyed by parameter name (robust to re-ordering), and the groups' hyperparameters.
+
+    Sharded (FSDP) state is gathered whole, a collective: every rank calls this, in the same order."""
     names = _param_names(model)
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -76,7 +81,7 @@ def optimizer_to_flat(
         group_names = [names[id(p)] for p in group["params"]]
         for index, name in zip(sd_group["params"], group_names, strict=True):
             for key, value in sd["state"].get(index, {}).items():
-                t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                t = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
                 tensors[f"{name}.{key}"] = t
         hyper = {k: _jsonable(v) for k, v in sd_group.items() if k != "params"}
         groups.append({**hyper, "params": group_names})
@@ -110,10 +115,11 @@ def optimizer_from_flat(
         group_names = [names[id(p)] for p in group["params"]]
         if group_names != saved["params"]:
             raise CheckpointError("optimizer: the checkpoint's parameters do not match the model's")
-        for index, name in zip(sd_group["params"], group_names, strict=True):
+        for index, name, param in zip(sd_group["params"], group_names, group["params"], strict=True):
             prefix = f"{name}."
             entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            entry = {k: v for k, v in entry.items() if "." not in k}  # not a deeper parameter's state
+            # not a deeper parameter's state; cut to the parameter's shard under FSDP
+            entry = {k: shard_like(v, param) for k, v in entry.items() if "." not in k}
             if entry:
                 state[index] = entry
         hyper = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}
@@ -170,15 +176,16 @@ def write_checkpoint(
     out: Path,
     step: int,
     write_weights: Callable[[Path], None],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]],
     state: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write OUT/checkpoints/step-N atomically, point OUT/latest at it, and keep the newest `keep`.
 
     `write_weights(folder)` writes the bundle part (EMA weights + config) into a folder that does not
-    exist yet; `state` is the JSON-able trainer state (step, data position, config, ...).
+    exist yet; `weights` are the raw weights (`distributed.full_state`), `optimizer_state` is
+    `optimizer_to_flat`'s; `state` is the JSON-able trainer state (step, data position, config, ...).
     """
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -188,8 +195,8 @@ def write_checkpoint(
     try:
         write_weights(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        write_safetensors(model.state_dict(), tmp / MODEL_FILE)
-        opt_tensors, groups = optimizer_to_flat(optimizer, model)
+        write_safetensors(weights, tmp / MODEL_FILE)
+        opt_tensors, groups = optimizer_state
         write_safetensors(opt_tensors, tmp / OPTIMIZER_FILE)
         rng_tensors, rng_scalars = rng_to_flat()
         write_safetensors(rng_tensors, tmp / RNG_FILE)
@@ -285,7 +292,7 @@ def restore(
     ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, restore_rng: bool = True
 ) -> None:
     """Raw weights, optimizer state and RNG states back into live objects (EMA is the stage's part)."""
-    model.load_state_dict(ckpt.model, strict=True)
+    load_full_state(model, ckpt.model)
     optimizer_from_flat(optimizer, model, ckpt.optimizer, ckpt.state["optimizer"]["param_groups"])
     if restore_rng:
         rng_from_flat(ckpt.rng, ckpt.state["rng"])

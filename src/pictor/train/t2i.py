@@ -152,6 +152,12 @@ class T2IStage(Stage):
         stats = broadcast(torch.tensor([mu, 1.0 / std], dtype=torch.float64, device=self.device), self.info)
         self.ae.params.shift_factor, self.ae.params.scale_factor = (float(v) for v in stats.cpu().tolist())
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP's units: each transformer block gathers its weights only while it runs (as FLUX.1 is
+        sharded in practice); the root keeps the embedders and the final layer."""
+        assert isinstance(self.module, Flux)
+        return [*self.module.double_blocks, *self.module.single_blocks]
+
     def draws(self) -> SampleDraws:
         c = self.cfg
         return SampleDraws(
