@@ -62,7 +62,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "trained model with `lora --base BUNDLE --data FOLDER`, or teach it layouts (boxes with phrases) "
         "with `layout --base BUNDLE --data shapes`, or image prompts with `reference --base BUNDLE --data "
         "shapes`. Runs under torchrun for several processes "
-        "(DDP). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, OUT/eval.jsonl, OUT/checkpoints/step-N "
+        "(DDP; or, for t2i, --fsdp to shard the model). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, "
+        "OUT/eval.jsonl, OUT/checkpoints/step-N "
         "(+ OUT/latest), OUT/final (the bundle; for lora, layout and reference the adapter, also copied "
         "to OUT/lora.safetensors, OUT/layout.safetensors or OUT/reference.safetensors).",
     )
