@@ -23,13 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def _bytes(tensors: Any) -> int:
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
     total = 0
     for t in tensors:
         local = t.to_local() if hasattr(t, "to_local") else t
@@ -99,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     if info.device.type == "cuda":
         report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(info.device)
-    reports = [None] * info.world_size
+    reports: list[Any] = [None] * info.world_size
     if info.distributed:
         torch.distributed.all_gather_object(reports, report)
     else:
@@ -118,7 +119,9 @@ def run_mode(mode: str, args: argparse.Namespace, folder: Path) -> list[dict[str
     if args.device:
         cmd += ["--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {mode} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(result.read_text())
 
 

@@ -351,8 +351,12 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, tmp_path: Path) 
     page.get_by_label("Box 2 right").fill("0.05")  # left of the box's left edge (0.1)
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#error")).to_contain_text("Box 2: left must be less than right")
+    page.get_by_label("Box 2 right").fill("1.5")  # outside the image: the page says so, not the browser
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Box 2: left must be less than right")
     page.get_by_label("Box 2 right").fill("0.9")
     page.get_by_label("Box 2 left").fill("0.6")
+    page.get_by_label("Box 2 bottom").fill("0.33")  # any fraction, not only the arrows' steps
     expect(page.locator("#layout-preview rect")).to_have_count(2)
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
@@ -360,7 +364,7 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, tmp_path: Path) 
 
     want = [
         {"box": [0.0, 0.25, 0.5, 0.75], "phrase": "a red circle"},
-        {"box": [0.6, 0.1, 0.9, 0.5], "phrase": "a blue square"},
+        {"box": [0.6, 0.1, 0.9, 0.33], "phrase": "a blue square"},
     ]
     job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
     assert job["status"] == "succeeded" and job["request"]["layout"] == want

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,6 +205,27 @@ def test_prompt_policy_block_list(
         assert error["code"] == "content_policy_violation" and "prompt policy" in error["message"]
     assert client.post("/v1/jobs", json={"prompt": "unforbiddenness is fine"}).status_code == 202
     assert client.get("/v1/jobs").json()["total"] == 1
+    # A layout's phrases steer the image as the prompt does: the policy reads them too, on edits as well.
+    boxes = [{"box": [0, 0, 0.5, 1], "phrase": "a circle"}, {"box": [0.5, 0, 1, 1], "phrase": "forbidden"}]
+    body = {"prompt": "two shapes", "layout": boxes}
+    error = error_of(client.post("/v1/images/generations", json=body), 400)
+    assert error["code"] == "content_policy_violation" and error["param"] == "layout"
+    assert "layout box 1: the prompt contains the blocked term 'forbidden'" in error["message"]
+    source = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(source, "PNG")
+    edit = client.post(
+        "/v1/images/edits",
+        files={"image": ("s.png", source.getvalue(), "image/png")},
+        data={"prompt": "two shapes", "layout": json.dumps(boxes)},
+    )
+    assert error_of(edit, 400)["param"] == "layout"
+    assert client.get("/v1/jobs").json()["total"] == 1
+
+
+def test_a_blank_prompt_is_refused(client: TestClient) -> None:
+    for path in ("/v1/images/generations", "/v1/jobs"):
+        error = error_of(client.post(path, json={"prompt": "  \n "}), 400)
+        assert "prompt is empty" in error["message"] and error["param"] == "prompt"
 
 
 def test_block_words_from_settings(make_client: Callable[..., TestClient], tiny: Pipeline) -> None:

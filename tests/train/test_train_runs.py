@@ -259,13 +259,20 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes_the_curve(
         TrainConfig(stage="t2i", out=str(tmp_path / "x"), preset="tiny", max_minutes=0).resolve()
 
 
-def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, run_a: Path) -> None:
-    out = tmp_path / "ddp"
-    flags = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's batch 4
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = [*flags, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)]
-    cmd = [*torchrun, "-m", "pictor.cli", "train", "t2i", *args]
-    _run(cmd, timeout=240)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TWO_RANK_FLAGS = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's 4
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory, ae_run: Path) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    args = [*TWO_RANK_FLAGS, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)]
+    _run([*TORCHRUN, "-m", "pictor.cli", "train", "t2i", *args], timeout=240)
+    return out
+
+
+def test_torchrun_ddp_two_ranks_match_one_process(ddp_run: Path, run_a: Path) -> None:
+    out = ddp_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
     a, b = summary["weights_sha256_per_rank"]
@@ -280,26 +287,27 @@ def test_torchrun_ddp_two_ranks_match_one_process(tmp_path: Path, ae_run: Path, 
 
 
 def test_torchrun_fsdp_matches_one_process_and_resumes_with_or_without_it(
-    tmp_path: Path, ae_run: Path, run_a: Path
+    tmp_path: Path, ae_run: Path, run_a: Path, ddp_run: Path
 ) -> None:
     """--fsdp: sharded weights, gradients and AdamW state train as one process does; checkpoints are whole,
     so a sharded run resumes sharded (bit-identical losses) or in one process."""
     out = tmp_path / "fsdp"
-    flags = [f if f != "4" else "2" for f in T2I_FLAGS]  # batch 2 per rank x 2 ranks = run A's batch 4
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = [*flags, "--autoencoder", str(ae_run), "--max-steps", str(STEPS), "--save-every", "4"]
+    torchrun = TORCHRUN
+    args = [*TWO_RANK_FLAGS, "--autoencoder", str(ae_run), "--max-steps", str(STEPS), "--save-every", "4"]
     _run([*torchrun, "-m", "pictor.cli", "train", "t2i", *args, "--out", str(out), "--fsdp"], timeout=240)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["fsdp"] is True
     a, b = summary["weights_sha256_per_rank"]
-    assert a == b  # the gathered model is the same on both ranks
+    assert a != b  # each rank held its own shard, not a whole copy
     sharded, single = _losses(out), _losses(run_a)
     assert [s for s, _, _ in sharded] == list(range(1, STEPS + 1))
     assert [loss for _, loss, _ in sharded] == pytest.approx([loss for _, loss, _ in single], rel=1e-3)
     w_fsdp = read_safetensors(out / "final" / "transformer.safetensors")
     w_one = read_safetensors(run_a / "final" / "transformer.safetensors")
+    w_ddp = read_safetensors(ddp_run / "final" / "transformer.safetensors")
     for key in w_one:
         assert torch.allclose(w_fsdp[key], w_one[key], atol=1e-4), key
+        assert torch.allclose(w_fsdp[key], w_ddp[key], atol=1e-6), key  # the same sums, other order
     # The checkpoint holds whole tensors, as a one-process run's does.
     for name in ("model.safetensors", "optimizer.safetensors"):
         mine = read_safetensors(out / "checkpoints" / "step-000004" / name)

@@ -294,3 +294,17 @@ def test_lineage_steps_add_up_a_chain_of_warm_starts() -> None:
     chain = {"step": 3, "init": {"path": "b", "training": {"step": 5, "init": {"training": {"step": 7}}}}}
     assert lineage_steps(chain) == 15
     assert lineage_steps({"step": 7}) == 7 and lineage_steps({}) == 0
+
+
+def test_a_resume_refuses_tensors_of_another_shape() -> None:
+    """load_full_state checks shapes itself: copy_ would broadcast a [D] tensor into [K, D] silently."""
+    from pictor.train.distributed import load_full_state
+
+    model = torch.nn.Linear(3, 2)
+    state = {"weight": torch.zeros(3), "bias": torch.zeros(2)}
+    with pytest.raises(RuntimeError, match=r"weight is \(3,\), the model's is \(2, 3\)"):
+        load_full_state(model, state)
+    with pytest.raises(RuntimeError, match="missing"):
+        load_full_state(model, {"weight": torch.zeros(2, 3)})
+    load_full_state(model, {"weight": torch.ones(2, 3), "bias": torch.ones(2)})
+    assert torch.equal(model.weight.detach(), torch.ones(2, 3))

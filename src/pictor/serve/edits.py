@@ -74,9 +74,9 @@ def edit_params(
     prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
     svc.check_model(form["model"])
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
-    check_policy(svc.policy, prompt, negative)
     require_prompt(prompt, reference is not None)
     layout = _layout(form.get("layout"))
+    check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
         raise APIError(
             400,

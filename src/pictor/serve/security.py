@@ -11,7 +11,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -247,12 +247,21 @@ class BlockList:
         return f"the prompt contains the blocked term '{m.group(1).lower()}'" if m else None
 
 
-def check_policy(policy: PromptPolicy | None, prompt: str, negative_prompt: str) -> None:
-    reason = policy(prompt, negative_prompt) if policy is not None else None
-    if reason:
-        raise APIError(
-            400,
-            f"request refused by this server's prompt policy: {reason}",
-            param="prompt",
-            code="content_policy_violation",
-        )
+def check_policy(
+    policy: PromptPolicy | None, prompt: str, negative_prompt: str, phrases: Sequence[str] = ()
+) -> None:
+    """Refuse a request the policy refuses: its prompt, or any layout phrase (a phrase steers the image
+    through the layout adapter as the prompt does)."""
+    if policy is None:
+        return
+    checks = [("prompt", "", prompt, negative_prompt)]
+    checks += [("layout", f"layout box {i}: ", phrase, "") for i, phrase in enumerate(phrases)]
+    for param, where, text, negative in checks:
+        reason = policy(text, negative)
+        if reason:
+            raise APIError(
+                400,
+                f"request refused by this server's prompt policy: {where}{reason}",
+                param=param,
+                code="content_policy_violation",
+            )

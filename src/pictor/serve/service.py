@@ -59,7 +59,7 @@ class Service:
         n = body.n or 1
         negative = body.negative_prompt or ""
         check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
-        check_policy(self.policy, body.prompt, negative)
+        check_policy(self.policy, body.prompt, negative, [box.phrase for box in body.layout or []])
         require_prompt(body.prompt, body.reference_image is not None)
         reference = None
         if body.reference_image is not None:
@@ -153,7 +153,7 @@ class Service:
 
 def require_prompt(prompt: str, has_reference: bool) -> None:
     """An empty prompt is an error unless a reference picture says what to draw."""
-    if not prompt and not has_reference:
+    if not prompt.strip() and not has_reference:
         raise APIError(
             400,
             "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, "

@@ -105,9 +105,22 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every shard gathered (the same on every rank)."""
-    return {name: full_tensor(value.detach()) for name, value in model.state_dict().items()}
+def full_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The module's state dict with every shard gathered, on the CPU; empty where `keep` is False.
+
+    Every rank must call it (the gathers are collectives); one whole tensor at a time is on the device, so
+    a sharded model never needs its whole size there."""
+    state = {}
+    for name, value in model.state_dict().items():
+        whole = full_tensor(value.detach())
+        if keep:
+            state[name] = whole.cpu()
+    return state
+
+
+def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's own tensors: its shards under FSDP, the whole tensors otherwise."""
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -120,6 +133,11 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, target in own.items():
+            if state[name].shape != target.shape:  # copy_ would broadcast a smaller tensor silently
+                raise RuntimeError(
+                    f"state dict does not match the model: {name} is {tuple(state[name].shape)}, "
+                    f"the model's is {tuple(target.shape)}"
+                )
             value = state[name].to(target.device, target.dtype)
             if isinstance(target, DTensor):
                 value = distribute_tensor(value, target.device_mesh, target.placements)
@@ -135,11 +153,8 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
-    """Skip the gradient reduction on accumulation micro-steps that are not the last (DDP or FSDP)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(not skip)
-        yield
-        return
+    """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the last. FSDP reduces on
+    every micro-step: skipping would keep each block's whole gradient between them, unsharded."""
     ctx = model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
     with ctx:
         yield

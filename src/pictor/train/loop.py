@@ -118,7 +118,8 @@ class Trainer:
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
         self.model = self.stage.module
         assert cfg.ema_decay is not None
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)  # a whole copy, also under FSDP
+        # A whole copy, also under FSDP: rank 0 samples, evaluates and writes bundles from it alone.
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
         if cfg.fsdp:
             assert isinstance(self.stage, T2IStage)  # TrainConfig.resolve allows --fsdp for t2i only
             distributed.shard(self.model, self.stage.shard_units())
@@ -250,9 +251,10 @@ class Trainer:
         # Rank 0's answer for all: ranks on other machines may not see its folders.
         here = torch.tensor([float(path.is_dir())], device=self.device)
         exists = bool(distributed.broadcast(here, self.info).item())
-        if not exists:  # every rank gathers (FSDP shards are collectives); rank 0 writes
-            weights = distributed.full_state(self.model)
-            optimizer_state = optimizer_to_flat(self.optimizer, self.model)
+        if not exists:  # every rank gathers (FSDP shards: collectives); rank 0 keeps and writes
+            main = self.info.is_main
+            weights = distributed.full_state(self.model, keep=main)
+            optimizer_state = optimizer_to_flat(self.optimizer, self.model, keep=main)
         if self.info.is_main and not exists:
             cfg = self.cfg
             state: dict[str, Any] = {
@@ -300,9 +302,9 @@ class Trainer:
         return final
 
     def _write_summary(self, loss: float, stopped_by: str) -> None:
-        """Per-rank checksums of the raw weights: DDP ranks must hold identical models (FSDP ranks: the
-        same gathered model)."""
-        digest = state_dict_hash(distributed.full_state(self.model))
+        """Per-rank checksums of the raw weights: DDP ranks must hold identical models; FSDP ranks hold
+        their own shards."""
+        digest = state_dict_hash(distributed.local_state(self.model))
         local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
         sums = [bytes(t.cpu().tolist()).hex() for t in distributed.gather(local, self.info)]
         if self.info.is_main:
@@ -312,6 +314,7 @@ class Trainer:
                     "stage": self.cfg.stage,
                     "loss": loss if math.isfinite(loss) else None,  # None: a resume with no steps left
                     "world_size": self.info.world_size,
+                    "fsdp": self.cfg.fsdp,
                     "global_batch": self.cfg.global_batch(self.info.world_size),
                     "resumed_from": self.resumed_from,
                     "stopped_by": stopped_by,  # max_steps, or max_minutes (then --resume continues)

@@ -68,11 +68,12 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 
 def optimizer_to_flat(
-    optimizer: torch.optim.Optimizer, model: nn.Module
+    optimizer: torch.optim.Optimizer, model: nn.Module, keep: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """AdamW state keyed by parameter name (robust to re-ordering), and the groups' hyperparameters.
 
-    Sharded (FSDP) state is gathered whole, a collective: every rank calls this, in the same order."""
+    Sharded (FSDP) state is gathered whole, one tensor at a time, to the CPU: a collective, so every rank
+    calls this in the same order; ranks with `keep` False drop what they gathered."""
     names = _param_names(model)
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -81,8 +82,9 @@ def optimizer_to_flat(
         group_names = [names[id(p)] for p in group["params"]]
         for index, name in zip(sd_group["params"], group_names, strict=True):
             for key, value in sd["state"].get(index, {}).items():
-                t = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"{name}.{key}"] = t
+                t = full_tensor(value).cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
+                if keep:
+                    tensors[f"{name}.{key}"] = t
         hyper = {k: _jsonable(v) for k, v in sd_group.items() if k != "params"}
         groups.append({**hyper, "params": group_names})
     return tensors, groups

@@ -146,7 +146,9 @@ function addBox(box = [0.1, 0.1, 0.5, 0.5], phrase = "") {
     const label = document.createElement("label");
     label.textContent = edge[0].toUpperCase() + edge.slice(1);
     const input = document.createElement("input");
-    Object.assign(input, { type: "number", min: "0", max: "1", step: "0.05", inputMode: "decimal" });
+    // No min/max and step "any": a layout from the API or CLI may hold any fraction, and the page's own
+    // check (layoutFromForm) names the box that is wrong, where the browser's bubble would not.
+    Object.assign(input, { type: "number", step: "any", inputMode: "decimal" });
     input.className = `box-${edge}`;
     input.value = String(box[i]);
     label.append(input);
