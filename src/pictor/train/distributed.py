@@ -112,7 +112,7 @@ def full_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     a sharded model never needs its whole size there."""
     state = {}
     for name, value in model.state_dict().items():
-        whole = full_tensor(value.detach())
+        whole = full_tensor(value.detach())  # gathered on every rank alike, kept (and copied) on some
         if keep:
             state[name] = whole.cpu()
     return state

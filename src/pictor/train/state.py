@@ -82,9 +82,9 @@ def optimizer_to_flat(
         group_names = [names[id(p)] for p in group["params"]]
         for index, name in zip(sd_group["params"], group_names, strict=True):
             for key, value in sd["state"].get(index, {}).items():
-                t = full_tensor(value).cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
-                if keep:
-                    tensors[f"{name}.{key}"] = t
+                whole = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
+                if keep:  # no copy to the CPU on ranks that only took part in the gathers
+                    tensors[f"{name}.{key}"] = whole.cpu()
         hyper = {k: _jsonable(v) for k, v in sd_group.items() if k != "params"}
         groups.append({**hyper, "params": group_names})
     return tensors, groups
