@@ -18,11 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
+from pictor.layout_files import layout_params_for, save_layout_adapter
 from pictor.loading import pipeline_from_preset
+from pictor.models.layout import LayoutAdapter
+from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import Pipeline
+from pictor.reference_files import reference_params_for, save_reference_adapter
 from pictor.serve.app import create_app
 from pictor.serve.settings import Limits, ServeSettings
 
@@ -114,6 +119,39 @@ def make_client(tmp_path: Path) -> Iterator[ClientFactory]:
     yield factory
     for client in reversed(factory.open[:]):
         factory.close(client)
+
+
+@pytest.fixture
+def laid_out(tmp_path: Path) -> Pipeline:
+    """The tiny model with a layout adapter whose output maps are not zero, so a layout changes images."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline_from_preset("tiny", device="cpu")
+    params = layout_params_for(pipe.transformer.params, pipe.text_encoder.pooled_dim)
+    torch.manual_seed(0)
+    adapter = LayoutAdapter(params).init_weights()
+    with torch.no_grad():
+        for lin in adapter.block_out:
+            lin.weight.normal_(0, 0.3)
+    save_layout_adapter(adapter, params, tmp_path / "layout.safetensors", {"base_model_hash": pipe.hash})
+    pipe.set_layout_adapter(tmp_path / "layout.safetensors")
+    return pipe
+
+
+@pytest.fixture
+def referenced(tmp_path: Path) -> Pipeline:
+    """The tiny model with a (zero-initialised) reference adapter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline_from_preset("tiny", device="cpu")
+    torch.manual_seed(0)
+    adapter = ReferenceAdapter(
+        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
+    ).init_weights()
+    path = tmp_path / "reference.safetensors"
+    save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
+    pipe.set_reference_adapter(path)
+    return pipe
 
 
 @pytest.fixture

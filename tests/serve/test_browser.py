@@ -234,31 +234,20 @@ def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: An
     assert problems == [], problems
 
 
-def test_generate_from_a_reference_picture(browser: Any, live_server: Any, tmp_path: Path) -> None:
+def test_generate_from_a_reference_picture(
+    browser: Any, live_server: Any, referenced: Any, tmp_path: Path
+) -> None:
     """The picture goes up with the JSON request (a data: URL); the prompt may stay empty with it, not
     without; the image's record names the picture's hash; Reproduce says why it cannot."""
     import json
-    import warnings
 
     import numpy as np
-    import torch
     from PIL import Image
     from playwright.sync_api import expect
 
-    from pictor.loading import pipeline_from_preset
-    from pictor.models.reference import ReferenceAdapter
-    from pictor.reference_files import reference_params_for, reference_pixels, save_reference_adapter
+    from pictor.reference_files import reference_pixels
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_from_preset("tiny", device="cpu")
-    torch.manual_seed(0)
-    adapter = ReferenceAdapter(
-        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
-    ).init_weights()
-    save_reference_adapter(adapter, adapter.params, tmp_path / "reference.safetensors", {})
-    pipe.set_reference_adapter(tmp_path / "reference.safetensors")
-    live = live_server(pipeline=pipe)
+    live = live_server(pipeline=referenced)
     page = browser.new_page(viewport={"width": 1000, "height": 700})
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(str(e)))
@@ -305,29 +294,15 @@ def test_generate_from_a_reference_picture(browser: Any, live_server: Any, tmp_p
     assert problems == [], problems
 
 
-def test_generate_with_a_layout(browser: Any, live_server: Any, tmp_path: Path) -> None:
+def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -> None:
     """Boxes from the layout editor go with the request (refused on the page when a box is incomplete),
     the record keeps them, Reuse settings puts them back and Reproduce makes the same image."""
     import json
-    import warnings
 
-    import torch
     from PIL import Image
     from playwright.sync_api import expect
 
-    from pictor.layout_files import layout_params_for, save_layout_adapter
-    from pictor.loading import pipeline_from_preset
-    from pictor.models.layout import LayoutAdapter
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_from_preset("tiny", device="cpu")
-    params = layout_params_for(pipe.transformer.params, pipe.text_encoder.pooled_dim)
-    torch.manual_seed(0)
-    adapter = LayoutAdapter(params).init_weights()
-    save_layout_adapter(adapter, params, tmp_path / "layout.safetensors", {})
-    pipe.set_layout_adapter(tmp_path / "layout.safetensors")
-    live = live_server(pipeline=pipe)
+    live = live_server(pipeline=laid_out)
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(str(e)))

@@ -6,40 +6,18 @@ from __future__ import annotations
 import base64
 import io
 import json
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from pictor.editing import EditRequest
-from pictor.layout_files import layout_params_for, save_layout_adapter
-from pictor.loading import pipeline_from_preset
-from pictor.models.layout import LayoutAdapter
 from pictor.pipeline import GenerationRequest, Pipeline
 
 LAYOUT = [{"box": [0.0, 0.25, 0.5, 0.75], "phrase": "a red circle"}]
-
-
-@pytest.fixture
-def laid_out(tmp_path: Path) -> Pipeline:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_from_preset("tiny", device="cpu")
-    params = layout_params_for(pipe.transformer.params, pipe.text_encoder.pooled_dim)
-    torch.manual_seed(0)
-    adapter = LayoutAdapter(params).init_weights()
-    with torch.no_grad():
-        for lin in adapter.block_out:
-            lin.weight.normal_(0, 0.3)
-    save_layout_adapter(adapter, params, tmp_path / "layout.safetensors", {"base_model_hash": pipe.hash})
-    pipe.set_layout_adapter(tmp_path / "layout.safetensors")
-    return pipe
 
 
 def _body(**extra: object) -> dict[str, object]:

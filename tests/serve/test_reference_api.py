@@ -7,22 +7,17 @@ from __future__ import annotations
 import base64
 import io
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from pictor.editing import EditRequest
-from pictor.loading import pipeline_from_preset
-from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import GenerationRequest, Pipeline
-from pictor.reference_files import reference_params_for, save_reference_adapter
 from tests.serve.conftest import wait_for
 
 
@@ -35,21 +30,6 @@ def _png(seed: int = 0, size: int = 32) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-@pytest.fixture
-def referenced(tmp_path: Path) -> Pipeline:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_from_preset("tiny", device="cpu")
-    torch.manual_seed(0)
-    adapter = ReferenceAdapter(
-        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
-    ).init_weights()
-    path = tmp_path / "reference.safetensors"
-    save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
-    pipe.set_reference_adapter(path)
-    return pipe
 
 
 def _body(**extra: object) -> dict[str, object]:

@@ -180,18 +180,19 @@ async def edit_form(
 ) -> EditForm:
     """The one multipart grammar of both edit endpoints (synchronous and queued)."""
     limits = service(request).settings.limits
-    source = await run_in_threadpool(
-        decode_upload, await image.read(limits.max_upload_bytes + 1), "image", limits
-    )
-    mask_image = reference = None
-    if mask is not None:
-        mask_image = await run_in_threadpool(
-            decode_upload, await mask.read(limits.max_upload_bytes + 1), "mask", limits
+
+    async def decoded(upload: UploadFile | None, what: str) -> Image.Image | None:
+        # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.
+        if upload is None:
+            return None
+        return await run_in_threadpool(
+            decode_upload, await upload.read(limits.max_upload_bytes + 1), what, limits
         )
-    if reference_image is not None:
-        reference = await run_in_threadpool(
-            decode_upload, await reference_image.read(limits.max_upload_bytes + 1), "reference_image", limits
-        )
+
+    source = await decoded(image, "image")
+    assert source is not None
+    mask_image = await decoded(mask, "mask")
+    reference = await decoded(reference_image, "reference_image")
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
