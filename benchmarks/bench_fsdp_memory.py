@@ -2,11 +2,14 @@
 side in one run. Prints one JSON object.
 
 Each mode runs under `torchrun --nproc_per_node N` (gloo on the CPU, NCCL on GPUs): a FLUX-layout
-transformer of the given size, wrapped as the trainer wraps it (`distributed.wrap` for DDP,
-`distributed.shard` with one unit per double/single block for FSDP), takes `--steps` AdamW steps on
-random tokens. Each rank then counts the bytes it holds, exactly: parameters, gradients and AdamW state
-(local shards under FSDP), plus its peak resident memory (ru_maxrss, which also holds Python, torch and
-activations, so it shrinks less than the counted bytes do) and the median step time.
+transformer of the given size, built and wrapped as the trainer does it, takes `--steps` AdamW steps on
+random tokens with an EMA update after each. DDP: every rank builds the whole model, `distributed.wrap`,
+a whole EMA copy (`EMA`). FSDP: rank 0 builds the whole model, the other ranks only its meta-device
+architecture, `distributed.shard` (one unit per double/single block) sends each rank its shards, and the
+EMA is sharded too (`ShardedEMA`). Each rank then counts the bytes it holds, exactly: parameters,
+gradients, AdamW state and EMA (local shards under FSDP), plus its peak resident memory while building
+and wrapping the model and over the whole run (ru_maxrss, which also holds Python, torch and activations,
+so it shrinks less than the counted bytes do) and the median step time.
 
     python benchmarks/bench_fsdp_memory.py [--nproc 2] [--hidden 768] [--heads 12] [--depth 4]
         [--single 8] [--steps 3] [--device cpu|cuda] [--out FILE]
@@ -41,6 +44,7 @@ def _bytes(tensors: Iterable[torch.Tensor]) -> int:
 def worker(args: argparse.Namespace) -> None:
     from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
     from pictor.train import distributed
+    from pictor.train.ema import EMA, ShardedEMA, meta_copy
 
     info = distributed.setup(args.device)
     torch.manual_seed(0)
@@ -61,13 +65,23 @@ def worker(args: argparse.Namespace) -> None:
         qkv_bias=True,
         guidance_embed=False,
     )
-    model = Flux(params).init_weights().to(info.device)
-    n_params = sum(p.numel() for p in model.parameters())
+    ema: EMA | ShardedEMA
     if args.mode == "fsdp":
-        distributed.shard(model, [*model.double_blocks, *model.single_blocks])
+        if info.is_main:
+            model = Flux(params).init_weights()
+        else:
+            with torch.device("meta"):
+                model = Flux(params)
+        skeleton = meta_copy(model)
+        distributed.shard(model, [*model.double_blocks, *model.single_blocks], info.device)
+        ema = ShardedEMA(model, skeleton, 0.999)
         forward = model
     else:
+        model = Flux(params).init_weights().to(info.device)
+        ema = EMA(model, 0.999)
         forward = distributed.wrap(model, info)
+    n_params = sum(p.numel() for p in model.parameters())
+    built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak while building
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch, side, length = 1, 16, 32
     gen = torch.Generator().manual_seed(info.rank)
@@ -83,6 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         loss = forward(img, img_ids, txt, txt_ids, t, vec).pow(2).mean()
         loss.backward()
         optimizer.step()
+        ema.update(model, i + 1)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -95,6 +110,10 @@ def worker(args: argparse.Namespace) -> None:
         "param_bytes": _bytes(model.parameters()),
         "grad_bytes": _bytes(p.grad for p in model.parameters() if p.grad is not None),
         "optimizer_bytes": _bytes(state),
+        "ema_bytes": _bytes(ema.shards.values())
+        if isinstance(ema, ShardedEMA)
+        else _bytes(ema.module.parameters()),
+        "build_peak_rss_bytes": built_rss,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_s_median": statistics.median(times[1:] or times),
     }
@@ -148,14 +167,14 @@ def main() -> None:
     def per_rank(mode: str, key: str) -> int:
         return max(r[key] for r in modes[mode])
 
-    counted = ("param_bytes", "grad_bytes", "optimizer_bytes")
+    counted = ("param_bytes", "grad_bytes", "optimizer_bytes", "ema_bytes")
     summary = {
         mode: {
             "parameters": modes[mode][0]["parameters"],
-            "counted_bytes_per_rank": per_rank(mode, "param_bytes")
-            + per_rank(mode, "grad_bytes")
-            + per_rank(mode, "optimizer_bytes"),
+            "counted_bytes_per_rank": sum(per_rank(mode, key) for key in counted),
             **{key: per_rank(mode, key) for key in (*counted, "peak_rss_bytes")},
+            # FSDP: rank 0 alone builds the whole model; the others hold only their shards
+            "build_peak_rss_bytes_by_rank": [r["build_peak_rss_bytes"] for r in modes[mode]],
             "step_s_median": max(r["step_s_median"] for r in modes[mode]),
             "ranks": modes[mode],
         }

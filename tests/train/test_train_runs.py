@@ -289,12 +289,20 @@ def test_torchrun_ddp_two_ranks_match_one_process(ddp_run: Path, run_a: Path) ->
 def test_torchrun_fsdp_matches_one_process_and_resumes_with_or_without_it(
     tmp_path: Path, ae_run: Path, run_a: Path, ddp_run: Path
 ) -> None:
-    """--fsdp: sharded weights, gradients and AdamW state train as one process does; checkpoints are whole,
-    so a sharded run resumes sharded (bit-identical losses) or in one process."""
+    """--fsdp: sharded weights, gradients, AdamW state and EMA train as one process does (rank 1 builds the
+    model on the meta device and gets rank 0's values); sample grids and evals gather the EMA; checkpoints
+    are whole, so a sharded run resumes sharded (bit-identical losses) or in one process."""
     out = tmp_path / "fsdp"
     torchrun = TORCHRUN
     args = [*TWO_RANK_FLAGS, "--autoencoder", str(ae_run), "--max-steps", str(STEPS), "--save-every", "4"]
-    _run([*torchrun, "-m", "pictor.cli", "train", "t2i", *args, "--out", str(out), "--fsdp"], timeout=240)
+    previews = ["--sample-every", "4", "--eval-every", "8", "--eval-prompts", "6", "--eval-images", "1"]
+    _run(
+        [*torchrun, "-m", "pictor.cli", "train", "t2i", *args, *previews, "--out", str(out), "--fsdp"],
+        timeout=240,
+    )
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000004.png", "step-000008.png"]
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [8] and 0.0 <= evals[0]["overall"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["fsdp"] is True
     a, b = summary["weights_sha256_per_rank"]

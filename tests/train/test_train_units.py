@@ -24,8 +24,9 @@ from pictor.train.data import (
     sample_generator,
     stream_index,
 )
+from pictor.train.ema import EMA
 from pictor.train.logs import read_jsonl, truncate_jsonl
-from pictor.train.optim import EMA, build_optimizer, lr_at, param_groups
+from pictor.train.optim import build_optimizer, lr_at, param_groups
 from pictor.train.state import (
     clean_leftovers,
     find_latest,

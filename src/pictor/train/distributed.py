@@ -5,9 +5,11 @@ environment and joins a process group: NCCL when each rank has a GPU, gloo on th
 variables it is a single process and every helper here is a no-op.
 
 With `--fsdp` the transformer's parameters, gradients and AdamW state are sharded over the ranks
-(`fully_shard`, one unit per transformer block, then the root). Checkpoints stay in the one full format:
-`full_state` and `full_tensor` gather the shards (collectives: every rank calls them, in the same order),
-rank 0 writes, and `load_full_state` shards a full state again, so a run may resume with or without FSDP.
+(`fully_shard`, one unit per transformer block, then the root), built from rank 0's whole model while the
+other ranks hold only its meta-device architecture (the EMA is sharded too: `pictor.train.ema`).
+Checkpoints stay in the one full format: `full_state` and `full_tensor` gather the shards (collectives:
+every rank calls them, in the same order), rank 0 writes, and `load_full_state` shards a full state again,
+so a run may resume with or without FSDP.
 """
 
 from __future__ import annotations
@@ -87,17 +89,42 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
-def shard(model: nn.Module, units: Iterable[nn.Module]) -> nn.Module:
+def shard(model: nn.Module, units: Iterable[nn.Module], device: torch.device) -> nn.Module:
     """FSDP2 in place: each unit (a transformer block) gathers its weights only while it runs, then the
-    root takes the rest (embedders, final layer). Build the optimizer after this: it must see the shards."""
+    root takes the rest (embedders, final layer). Build the optimizer after this: it must see the shards.
+
+    Rank 0 holds the whole model, initialized or loaded (on the CPU or any device); the other ranks may hold
+    it on the meta device, taking no memory. The module is sharded on the meta device, each rank allocates
+    only its shards on `device`, and rank 0 sends their values one tensor at a time: no rank ever holds the
+    whole model on `device`, and only rank 0 holds it at all (in host memory, until this returns)."""
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
         raise ValueError("--fsdp shards over torchrun's processes: run under torchrun --nproc_per_node N")
+    # Rank 0's values stay referenced here while its module's parameters move to the meta device.
+    source = model.state_dict() if dist.get_rank() == 0 else None
+    model.to("meta")
     for unit in units:
         fully_shard(unit)
     fully_shard(model)
+    model.to_empty(device=device)
+    _fill_from_rank0(model, source)
     return model
+
+
+def _fill_from_rank0(model: nn.Module, source: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's whole state (`source`; None on the other ranks) scattered into a sharded module."""
+    with torch.no_grad():
+        for name, target in model.state_dict().items():
+            if source is not None:
+                value = source[name].to(target.device, target.dtype)
+            else:  # only the shape matters here: distribute_tensor sends rank 0's data
+                value = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+            if isinstance(target, DTensor):
+                target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=0))
+            else:
+                dist.broadcast(value, src=0)
+                target.copy_(value)
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

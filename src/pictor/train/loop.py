@@ -25,13 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pictor.checkpoint import replace_dir, state_dict_hash, write_json
 from pictor.train import distributed
 from pictor.train.config import TrainConfig
 from pictor.train.data import ImageCaptionDataset, default_workers, make_dataset, micro_batches
+from pictor.train.ema import EMA, ShardedEMA, meta_copy
 from pictor.train.logs import RunLog
-from pictor.train.optim import EMA, build_optimizer, lr_at, schedule_state, set_lr
+from pictor.train.optim import build_optimizer, lr_at, schedule_state, set_lr
 from pictor.train.stages import AutoencoderStage, Stage
 from pictor.train.state import (
     clean_leftovers,
@@ -118,16 +120,19 @@ class Trainer:
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
         self.model = self.stage.module
         assert cfg.ema_decay is not None
-        # A whole copy, also under FSDP: rank 0 samples, evaluates and writes bundles from it alone.
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
-        if cfg.fsdp:
+        self.ema: EMA | ShardedEMA
+        if cfg.fsdp:  # the EMA is sharded as the weights are; rank 0 gathers it to sample, eval and write
             assert isinstance(self.stage, T2IStage)  # TrainConfig.resolve allows --fsdp for t2i only
-            distributed.shard(self.model, self.stage.shard_units())
+            skeleton = meta_copy(self.model)
+            distributed.shard(self.model, self.stage.shard_units(), self.device)
+            self.ema = ShardedEMA(self.model, skeleton, cfg.ema_decay, cfg.ema_warmup)
+        else:
+            self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
         self.optimizer = build_optimizer(self.model, cfg)
         self.step, self.position, self.elapsed = 0, 0, 0.0
         if ckpt is not None:
             restore(ckpt, self.model, self.optimizer)
-            self.ema.module.load_state_dict(self.stage.ema_weights(ckpt.path), strict=True)
+            self.ema.load(self.stage.ema_weights(ckpt.path))
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
             self.elapsed = float(ckpt.state.get("elapsed", 0.0))
@@ -219,8 +224,9 @@ class Trainer:
                     stopped_by = "max_minutes"
                     break
             self.save()  # the end of the run is always a checkpoint (a no-op if this step has one)
-            final = self._write_final()
-            self._write_summary(loss_value, stopped_by)
+            with self.ema.whole(keep=info.is_main) as ema:  # every rank: under FSDP a gather
+                final = self._write_final(ema)
+                self._write_summary(loss_value, stopped_by, ema)
         finally:
             if log is not None:
                 log.close()
@@ -235,12 +241,20 @@ class Trainer:
         cfg, step = self.cfg, self.step
         if cfg.save_every and step % cfg.save_every == 0:
             self.save()
-        if log is not None and cfg.sample_every and step % cfg.sample_every == 0:
-            self.samples()
-        if log is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            result = self.stage.evaluate(self.ema.module)
-            if result is not None:
-                log.eval({"step": step, **result})
+        sample = bool(cfg.sample_every) and step % cfg.sample_every == 0
+        evaluate = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        if not (sample or evaluate):
+            return
+        # Rank 0 samples and evaluates; every rank enters whole() (under FSDP it gathers the EMA's shards).
+        with self.ema.whole(keep=log is not None, device=self.device) as ema:
+            if ema is None or log is None:
+                return
+            if sample:
+                self.samples(ema)
+            if evaluate:
+                result = self.stage.evaluate(ema)
+                if result is not None:
+                    log.eval({"step": step, **result})
 
     # -- outputs ----------------------------------------------------------------------------------------
 
@@ -255,44 +269,50 @@ class Trainer:
             main = self.info.is_main
             weights = distributed.full_state(self.model, keep=main)
             optimizer_state = optimizer_to_flat(self.optimizer, self.model, keep=main)
-        if self.info.is_main and not exists:
-            cfg = self.cfg
-            state: dict[str, Any] = {
-                "step": self.step,
-                "data_position": self.position,
-                "world_size": self.info.world_size,
-                "elapsed": self.elapsed,
-                "config": cfg.to_dict(),
-                "scheduler": schedule_state(self.step, cfg),
-                "ema": {"decay": self.ema.decay, "warmup": self.ema.warmup},
-                "stage": self.stage.state(),
-            }
-            write_checkpoint(
-                self.out,
-                self.step,
-                lambda folder: self.stage.write_weights(folder, self.ema.module, self.step),
-                weights,
-                optimizer_state,
-                state,
-                cfg.keep,
-            )
+            with self.ema.whole(keep=main) as ema:
+                if ema is not None:
+                    self._write_checkpoint(ema, weights, optimizer_state)
         distributed.barrier(self.info)
         return path if self.info.is_main else None
 
-    def samples(self) -> Path:
+    def _write_checkpoint(
+        self, ema: nn.Module, weights: dict[str, Any], optimizer_state: dict[str, Any]
+    ) -> None:
+        cfg = self.cfg
+        state: dict[str, Any] = {
+            "step": self.step,
+            "data_position": self.position,
+            "world_size": self.info.world_size,
+            "elapsed": self.elapsed,
+            "config": cfg.to_dict(),
+            "scheduler": schedule_state(self.step, cfg),
+            "ema": {"decay": self.ema.decay, "warmup": self.ema.warmup},
+            "stage": self.stage.state(),
+        }
+        write_checkpoint(
+            self.out,
+            self.step,
+            lambda folder: self.stage.write_weights(folder, ema, self.step),
+            weights,
+            optimizer_state,
+            state,
+            cfg.keep,
+        )
+
+    def samples(self, ema: nn.Module) -> Path:
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
         path = folder / f"{step_name(self.step)}.png"
-        self.stage.sample_grid(self.ema.module).save(path)
+        self.stage.sample_grid(ema).save(path)
         return path
 
-    def _write_final(self) -> Path:
+    def _write_final(self, ema: nn.Module | None) -> Path:
         final = self.out / FINAL
         distributed.barrier(self.info)
-        if self.info.is_main:
+        if ema is not None:  # rank 0
             tmp = self.out / f".{FINAL}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.stage.write_weights(tmp, self.ema.module, self.step)
+            self.stage.write_weights(tmp, ema, self.step)
             replace_dir(tmp, final)
             # A stage may hand out one file instead of the folder (OUT/lora.safetensors, OUT/layout...).
             publish = getattr(self.stage, "publish", None)
@@ -301,13 +321,13 @@ class Trainer:
         distributed.barrier(self.info)
         return final
 
-    def _write_summary(self, loss: float, stopped_by: str) -> None:
+    def _write_summary(self, loss: float, stopped_by: str, ema: nn.Module | None) -> None:
         """Per-rank checksums of the raw weights: DDP ranks must hold identical models; FSDP ranks hold
         their own shards."""
         digest = state_dict_hash(distributed.local_state(self.model))
         local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
         sums = [bytes(t.cpu().tolist()).hex() for t in distributed.gather(local, self.info)]
-        if self.info.is_main:
+        if ema is not None:  # rank 0
             write_json(
                 {
                     "step": self.step,
@@ -320,7 +340,7 @@ class Trainer:
                     "stopped_by": stopped_by,  # max_steps, or max_minutes (then --resume continues)
                     "final": FINAL,
                     "weights_sha256_per_rank": sums,
-                    "ema_sha256": state_dict_hash(self.ema.state_dict()),
+                    "ema_sha256": state_dict_hash(ema.state_dict()),
                 },
                 self.out / SUMMARY,
             )

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and EMA weights.
+"""Optimizer and learning-rate schedule (the EMA weights are `pictor.train.ema`).
 
 The schedule is a pure function of the step (no stateful scheduler object to save and restore): linear
 warm-up from 0 to the peak over `warmup_steps`, then constant, or a cosine decay to `min_lr_ratio * lr`
@@ -7,13 +7,11 @@ at `max_steps`.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
-from pictor.train import distributed
 from pictor.train.config import TrainConfig
 
 
@@ -71,33 +69,3 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, kept in fp32 in a shadow copy of the module.
-
-    The shadow module is what sample grids are drawn with and what bundles store as the model's weights.
-    Buffers (none in pictor's models today) are copied, not averaged.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
-        self.decay, self.warmup = decay, warmup
-        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-
-    def decay_at(self, step: int) -> float:
-        # The warm-up lets a short run's EMA follow the fast early changes instead of the random init.
-        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        ema = [p for _, p in sorted(self.module.named_parameters(), key=lambda kv: kv[0])]
-        # Under FSDP the live weights are shards: gathered whole (a collective, the same order on every rank).
-        named = sorted(model.named_parameters(), key=lambda kv: kv[0])
-        live = [distributed.full_tensor(p.detach()).float() for _, p in named]
-        torch._foreach_lerp_(ema, live, weight)
-        for (_, b_ema), (_, b) in zip(self.module.named_buffers(), model.named_buffers(), strict=True):
-            b_ema.copy_(b)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()

@@ -92,11 +92,19 @@ class T2IStage(Stage):
             )
         params = FluxParams.from_dict(cfg.model)
         self._check_dims(params)
-        self.module = seeded(cfg.seed, lambda: Flux(params).init_weights())
-        if self.init is not None:  # loaded before the move: assign=True puts weights where they were read
+        whole_here = info.is_main or not cfg.fsdp
+        if whole_here:
+            self.module = seeded(cfg.seed, lambda: Flux(params).init_weights())
+        else:
+            # FSDP: rank 0 alone builds (or loads) the whole model; `distributed.shard` sends each rank its
+            # shards, so the others need only the architecture, which the meta device holds for free.
+            with torch.device("meta"):
+                self.module = Flux(params)
+        if self.init is not None and whole_here:  # before the move: assign=True puts weights where read
             init_sd = read_safetensors(self.init / TRANSFORMER_FILE)  # fp16 or bf16 in a cast bundle
             load_into(self.module, init_sd, f"--init {self.init}", dtype=torch.float32)
-        self.module.to(self.device)
+        if not cfg.fsdp:  # sharding puts each rank's shards on the device
+            self.module.to(self.device)
         self.forward_module = self.module
         if self.init is None and resume is None:
             self._set_latent_stats()
