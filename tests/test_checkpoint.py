@@ -13,10 +13,12 @@ import pictor.checkpoint as ckpt
 from pictor.checkpoint import (
     BundleConfig,
     CheckpointError,
+    LazySafetensors,
     load_bundle,
     load_into,
     read_safetensors,
     save_bundle,
+    write_safetensors,
 )
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, FluxParams
@@ -105,6 +107,32 @@ def test_unreadable_safetensors(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         read_safetensors(bad)
+
+
+def test_lazy_reads_give_the_same_tensors_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b.c": torch.ones(4, dtype=torch.float16)}
+    write_safetensors(tensors, path)
+    lazy = LazySafetensors(path)
+    assert sorted(lazy) == ["a", "b.c"] and len(lazy) == 2 and "b.c" in lazy
+    for key, value in tensors.items():
+        assert torch.equal(lazy[key], value) and lazy[key].dtype == value.dtype
+    with pytest.raises(KeyError):
+        lazy["missing"]
+    # A file cut short is refused when it is opened (the header promises bytes it lacks), not at a tensor.
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: not a readable safetensors"):
+        LazySafetensors(cut)
+    for bad, match in ((tmp_path / "m.pt", "never unpickles"), (tmp_path / "none.safetensors", "no such")):
+        if bad.suffix == ".pt":
+            bad.write_bytes(b"\x80\x04pickle")
+        with pytest.raises(CheckpointError, match=match):
+            LazySafetensors(bad)
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        LazySafetensors(garbage)
 
 
 @pytest.mark.parametrize(("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])

@@ -77,6 +77,38 @@ def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """A .safetensors file as a read-only mapping that reads each tensor when it is asked for, not before:
+    resuming a large model tensor by tensor (FSDP cuts each to a shard at once) never holds the whole file in
+    memory, and processes on one machine share the file's pages. Each access reads the tensor anew."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        refuse_pickle(self.path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such weight file")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self._keys = list(f.keys())
+        except Exception as exc:  # as read_safetensors: several types for truncated/corrupt headers
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as exc:  # a file cut short after its header was read
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({exc})") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     refuse_pickle(path)
     with safe_open(str(path), framework="pt") as f:

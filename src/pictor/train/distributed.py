@@ -15,7 +15,7 @@ so a run may resume with or without FSDP.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -150,8 +150,9 @@ def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
 
-def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """A full state dict into a module, sharding it where the module is sharded."""
+def load_full_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """A full state dict into a module, sharding it where the module is sharded; each tensor is read
+    from `state` once (it may be a file read lazily) and is whole only until its shard is cut."""
     own = model.state_dict()
     if set(own) != set(state):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -160,12 +161,13 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, target in own.items():
-            if state[name].shape != target.shape:  # copy_ would broadcast a smaller tensor silently
+            value = state[name]
+            if value.shape != target.shape:  # copy_ would broadcast a smaller tensor silently
                 raise RuntimeError(
-                    f"state dict does not match the model: {name} is {tuple(state[name].shape)}, "
+                    f"state dict does not match the model: {name} is {tuple(value.shape)}, "
                     f"the model's is {tuple(target.shape)}"
                 )
-            value = state[name].to(target.device, target.dtype)
+            value = value.to(target.device, target.dtype)
             if isinstance(target, DTensor):
                 value = distribute_tensor(value, target.device_mesh, target.placements)
             target.copy_(value)

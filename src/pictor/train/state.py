@@ -27,7 +27,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import nn
 
 from pictor.checkpoint import (
     CheckpointError,
+    LazySafetensors,
     read_safetensors,
     replace_dir,
     staged_file,
@@ -101,10 +102,13 @@ def _jsonable(v: Any) -> Any:
 def optimizer_from_flat(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     groups: list[dict[str, Any]],
 ) -> None:
     names = _param_names(model)
+    keys_of: dict[str, list[str]] = {}  # "<param name>.<state key>", each tensor read once, when used
+    for key in tensors:
+        keys_of.setdefault(key.rpartition(".")[0], []).append(key)
     current = optimizer.state_dict()
     if len(groups) != len(current["param_groups"]):
         raise CheckpointError(
@@ -118,10 +122,8 @@ def optimizer_from_flat(
         if group_names != saved["params"]:
             raise CheckpointError("optimizer: the checkpoint's parameters do not match the model's")
         for index, name, param in zip(sd_group["params"], group_names, group["params"], strict=True):
-            prefix = f"{name}."
-            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            # not a deeper parameter's state; cut to the parameter's shard under FSDP
-            entry = {k: shard_like(v, param) for k, v in entry.items() if "." not in k}
+            # cut to the parameter's shard under FSDP
+            entry = {k.rpartition(".")[2]: shard_like(tensors[k], param) for k in keys_of.get(name, [])}
             if entry:
                 state[index] = entry
         hyper = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}
@@ -258,8 +260,8 @@ def clean_leftovers(out: Path) -> None:
 class Checkpoint:
     path: Path
     state: dict[str, Any]
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, torch.Tensor]
+    model: Mapping[str, torch.Tensor]  # read tensor by tensor (LazySafetensors)
+    optimizer: Mapping[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
 
     @property
@@ -284,8 +286,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         state=state,
-        model=read_safetensors(path / MODEL_FILE),
-        optimizer=read_safetensors(path / OPTIMIZER_FILE),
+        model=LazySafetensors(path / MODEL_FILE),
+        optimizer=LazySafetensors(path / OPTIMIZER_FILE),
         rng=read_safetensors(path / RNG_FILE),
     )
 
