@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
+    "guided_velocity": 2,
     "loading": 2,
     "reproduce": 2,
     "rerank": 2,
@@ -34,6 +35,7 @@ LAYERS: dict[str, int] = {
     "convert": 1,
     "bundle_defaults": 1,
     "generation_settings": 1,
+    "generation_request": 1,
     "flux_files": 1,
     "locate": 1,
     "presets": 1,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pictor.checkpoint import save_bundle
 from pictor.editing import EditRequest
+from pictor.guided_velocity import guided_velocity
 from pictor.loading import load, pipeline_from_preset
 from pictor.models.reference import ReferenceAdapter, ReferenceParams
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
@@ -160,7 +161,7 @@ def test_the_reference_steers_and_is_recorded(pipe: Pipeline, adapter_file: Path
     # In the velocity the sampler integrates, the picture itself matters, not just its presence.
     x, t = torch.randn(1, 16, 16), torch.full((1,), 0.5)
     velocity = {
-        name: pipe.velocity_fn(pipe.resolve_request(_request(reference=ref)), 1, 8, 8)(x, t)
+        name: guided_velocity(pipe, pipe.resolve_request(_request(reference=ref)), 1, 8, 8)(x, t)
         for name, ref in (("none", None), ("a", _picture(0)), ("b", _picture(1)))
     }
     scale = velocity["none"].abs().mean()

@@ -1,5 +1,6 @@
 """Pipeline: GenerationRequest -> images. The one place that wires text encoder, transformer, sampler and
-autoencoder together.
+autoencoder together (the request types are `pictor.generation_request`'s, the conditioned and guided
+velocity `pictor.guided_velocity`'s).
 
 Reproducibility rules:
 - noise is drawn on the CPU from a per-image seed (image i of a request uses seed + i), so an image does not
@@ -15,7 +16,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,67 +31,46 @@ from pictor.checkpoint import (
     model_hash,
 )
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
-from pictor.editing import EditInputs, EditRequest, ImageSource, image_info, prepare_edit
+from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
+from pictor.generation_request import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerationError,
+    GenerationRequest,
+    ProgressFn,
+)
 from pictor.generation_settings import settings_problem
-from pictor.layout_files import LayoutError, layout_residuals, open_layout_adapter, parse_layout
+from pictor.guided_velocity import guided_velocity
+from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
-from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
+from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
     ReferenceAdapter,
-    ReferenceConditioning,
-    apply_reference,
-    conditional_only,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.presets import get_preset
 from pictor.reference_files import (
     ReferenceImageError,
     open_reference_adapter,
-    reference_context,
     reference_pixels,
 )
-from pictor.sampling import cfg, get_sampler, get_schedule
+from pictor.sampling import get_sampler, get_schedule
 
-# (step, total) -> None; raising from it cancels the generation.
-ProgressFn = Callable[[int, int], None]
+# Re-exported: callers import the request types from here, with the pipeline that runs them.
+__all__ = [
+    "MAX_SEED",
+    "GeneratedImage",
+    "GenerationError",
+    "GenerationRequest",
+    "Pipeline",
+    "ProgressFn",
+    "to_pil",
+]
 
-MAX_SEED = 2**63 - 1
 GUIDANCE_MODES = ("cfg", "distilled", "none")
 # An edit's size comes from its image (and expand), never from the request.
 _SIZE = ("width", "height")
-
-
-class GenerationError(ValueError):
-    """A request the model cannot run; the message says what to change."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    sampler: str | None = None
-    schedule: str | None = None
-    seed: int | None = None
-    num_images: int = 1
-    # Images per sampler run; None runs all images of the request together.
-    batch_size: int | None = None
-    # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.
-    layout: list[dict[str, Any]] | None = None
-    # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
-    # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
-    reference: ImageSource | np.ndarray | None = None
-
-
-@dataclass
-class GeneratedImage:
-    image: Image.Image
-    seed: int
-    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _default_device() -> torch.device:
@@ -296,61 +276,6 @@ class Pipeline:
             pooled=emb.pooled.to(self.device, self.dtype),
         )
 
-    def velocity_fn(
-        self, r: GenerationRequest, batch: int, lat_h: int, lat_w: int
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The velocity callable the sampler integrates, with guidance folded in."""
-        cond = self.encode_text([r.prompt])
-        img_ids = make_img_ids(batch, lat_h, lat_w).to(self.device, self.dtype)
-        guidance = float(r.guidance or 0.0)
-        use_cfg = self.guidance_mode == "cfg" and guidance != 1.0
-
-        def model(
-            x: torch.Tensor,
-            t: torch.Tensor,
-            emb: TextEmbeddings,
-            ids: torch.Tensor,
-            residuals: list[torch.Tensor] | None,
-            context: ReferenceConditioning | None,
-        ) -> torch.Tensor:
-            n = x.shape[0]
-            txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
-            vec = emb.pooled.expand(n, -1) if emb.pooled.shape[0] == 1 else emb.pooled
-            g = None
-            if self.guidance_mode == "distilled":
-                g = torch.full((n,), guidance, device=self.device, dtype=self.dtype)
-            txt_ids = make_txt_ids(n, txt.shape[1]).to(self.device, self.dtype)
-            if context is not None:
-                txt, vec = apply_reference(txt, vec, context)
-            return self.transformer(
-                x, ids, txt, txt_ids, t.to(self.dtype), vec, guidance=g, img_residuals=residuals
-            )
-
-        # The layout's residuals and the reference's depend on neither x nor t: computed once per sampler
-        # run. Under CFG both halves get the layout (as GLIGEN), so guidance amplifies the prompt, not the
-        # layout; the reference goes with the conditional half only (as IP-Adapter), amplified like a prompt.
-        context = None
-        if r.reference is not None:
-            assert self.reference_adapter is not None and isinstance(r.reference, np.ndarray)
-            context = reference_context(self.reference_adapter, self.autoencoder, r.reference, self.dtype)
-        res = None
-        if r.layout:
-            assert self.layout_adapter is not None
-            grid = (lat_h // 2, lat_w // 2)
-            res = layout_residuals(self.layout_adapter, self.text_encoder, r.layout, batch, grid, self.dtype)
-        if not use_cfg:
-            return lambda x, t: model(x, t, cond, img_ids, res, context)
-        res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-        uncond = self.encode_text([r.negative_prompt])
-        both = TextEmbeddings(
-            tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
-            mask=torch.cat([cond.mask.expand(batch, -1), uncond.mask.expand(batch, -1)]),
-            pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
-        )
-        ids2 = torch.cat([img_ids, img_ids])
-        context2 = conditional_only(context, batch) if context is not None else None
-        return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2), guidance)
-
     def set_layout_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a layout adapter file (made by `pictor train layout`) for requests with a layout."""
         try:
@@ -384,7 +309,7 @@ class Pipeline:
             x = pack_latents(noise)
             start = 1.0 if init is None else init.strength
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
-            fn = self.velocity_fn(r, len(seeds), lat_h, lat_w)
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w)
             if init is not None:
                 fn = init.velocity(fn, x)
                 x = init.start(x)

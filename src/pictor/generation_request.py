@@ -1,0 +1,51 @@
+"""What a generation asks for (`GenerationRequest`), what it gives back (`GeneratedImage`), and the error
+of a request a model cannot run (`GenerationError`). The pipeline fills a request's defaults and checks
+it against its model (`Pipeline.resolve_request`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pictor.editing import ImageSource
+
+# (step, total) -> None; raising from it cancels the generation.
+ProgressFn = Callable[[int, int], None]
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerationError(ValueError):
+    """A request the model cannot run; the message says what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    schedule: str | None = None
+    seed: int | None = None
+    num_images: int = 1
+    # Images per sampler run; None runs all images of the request together.
+    batch_size: int | None = None
+    # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.
+    layout: list[dict[str, Any]] | None = None
+    # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
+    # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
+    reference: ImageSource | np.ndarray | None = None
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    record: dict[str, Any] = field(default_factory=dict)

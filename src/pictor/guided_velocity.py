@@ -1,0 +1,106 @@
+"""The velocity that a sampler integrates: the transformer under all of a request's conditioning (prompt,
+negative prompt, layout boxes, reference picture) with its guidance folded in.
+
+Classifier-free guidance batches the conditional and unconditional halves in one forward pass. The
+layout's residuals and the reference's conditioning depend on neither x nor t, so they are computed once
+per sampler run. Under CFG both halves get the layout (as GLIGEN), so guidance amplifies the prompt, not
+the layout; the reference goes with the conditional half only (as IP-Adapter), amplified like a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pictor.layout_files import layout_residuals
+from pictor.models.autoencoder import AutoEncoder
+from pictor.models.flux import Flux, make_img_ids, make_txt_ids
+from pictor.models.layout import LayoutAdapter
+from pictor.models.reference import (
+    ReferenceAdapter,
+    ReferenceConditioning,
+    apply_reference,
+    conditional_only,
+)
+from pictor.models.text import TextEmbeddings, TextEncoder
+from pictor.reference_files import reference_context
+from pictor.sampling import cfg
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Conditioned(Protocol):
+    """What of a request the velocity reads (a resolved `GenerationRequest`)."""
+
+    prompt: str
+    negative_prompt: str
+    guidance: float | None
+    layout: list[dict[str, Any]] | None
+    reference: Any
+
+
+class Models(Protocol):
+    """What of a pipeline the velocity calls (`pictor.pipeline.Pipeline`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    guidance_mode: str
+    transformer: Flux
+    autoencoder: AutoEncoder
+    text_encoder: TextEncoder
+    layout_adapter: LayoutAdapter | None
+    reference_adapter: ReferenceAdapter | None
+
+    def encode_text(self, prompts: list[str]) -> TextEmbeddings: ...
+
+
+def guided_velocity(m: Models, r: Conditioned, batch: int, lat_h: int, lat_w: int) -> Velocity:
+    """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid."""
+    cond = m.encode_text([r.prompt])
+    img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
+    guidance = float(r.guidance or 0.0)
+    use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
+
+    def model(
+        x: torch.Tensor,
+        t: torch.Tensor,
+        emb: TextEmbeddings,
+        ids: torch.Tensor,
+        residuals: list[torch.Tensor] | None,
+        context: ReferenceConditioning | None,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
+        vec = emb.pooled.expand(n, -1) if emb.pooled.shape[0] == 1 else emb.pooled
+        g = None
+        if m.guidance_mode == "distilled":
+            g = torch.full((n,), guidance, device=m.device, dtype=m.dtype)
+        txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
+        if context is not None:
+            txt, vec = apply_reference(txt, vec, context)
+        return m.transformer(x, ids, txt, txt_ids, t.to(m.dtype), vec, guidance=g, img_residuals=residuals)
+
+    context = None
+    if r.reference is not None:
+        assert m.reference_adapter is not None and isinstance(r.reference, np.ndarray)
+        context = reference_context(m.reference_adapter, m.autoencoder, r.reference, m.dtype)
+    res = None
+    if r.layout:
+        assert m.layout_adapter is not None
+        grid = (lat_h // 2, lat_w // 2)
+        res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
+    if not use_cfg:
+        return lambda x, t: model(x, t, cond, img_ids, res, context)
+    res2 = [torch.cat([v, v]) for v in res] if res is not None else None
+    uncond = m.encode_text([r.negative_prompt])
+    both = TextEmbeddings(
+        tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
+        mask=torch.cat([cond.mask.expand(batch, -1), uncond.mask.expand(batch, -1)]),
+        pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
+    )
+    ids2 = torch.cat([img_ids, img_ids])
+    context2 = conditional_only(context, batch) if context is not None else None
+    return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2), guidance)
