@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pictor.editing import EditError, EditRequest
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
+from pictor.editing import EditError
+from pictor.pipeline import GenerationError, Pipeline
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
+from pictor.serve.job_requests import batch_key, edit_request, generation_request
 from pictor.serve.metrics import Metrics
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
@@ -43,59 +44,6 @@ from pictor.serve.store import (
 )
 
 log = logging.getLogger("pictor.serve")
-
-# Settings that must be equal for two jobs to share one sampler run.
-BATCH_KEYS = (
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "sampler",
-    "schedule",
-    "layout",
-    "reference",  # an upload id: new for every request, so jobs with a reference never merge
-)
-
-
-# Edits also need the same source image: upload ids are new for every request, so edits never merge.
-MERGE_KEYS = (*BATCH_KEYS, "kind", "image", "mask", "strength")
-
-
-def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(params.get(k) for k in MERGE_KEYS)
-
-
-def _reference(params: dict[str, Any], store: Store | None) -> Any:
-    """A job's reference picture: the kept upload's path (None without one, or without a store to ask)."""
-    upload = params.get("reference")
-    return store.upload_path(upload) if upload and store is not None else None
-
-
-def generation_request(
-    params: dict[str, Any], store: Store | None = None, **overrides: Any
-) -> GenerationRequest:
-    """A job's settings as the pipeline's request (``seed``, ``num_images``... may be overridden); its
-    reference picture comes from the store's uploads."""
-    fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
-    fields["negative_prompt"] = fields["negative_prompt"] or ""
-    fields.update(
-        seed=params.get("seed"), num_images=int(params.get("n", 1)), reference=_reference(params, store)
-    )
-    return GenerationRequest(**{**fields, **overrides})
-
-
-def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> EditRequest:
-    """An edit job's settings as the pipeline's EditRequest; the images come from the store's uploads."""
-    fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height")}
-    fields["negative_prompt"] = fields["negative_prompt"] or ""
-    fields["reference"] = _reference(params, store)
-    fields.update(
-        seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
-    )
-    mask = store.upload_path(params["mask"]) if params.get("mask") else None
-    return EditRequest(image=store.upload_path(params["image"]), mask=mask, **{**fields, **overrides})
 
 
 class _Cancelled(Exception):

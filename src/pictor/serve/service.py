@@ -12,7 +12,8 @@ from pictor.pipeline import GenerationError
 from pictor.sampling import SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
 from pictor.serve.errors import APIError, not_found
-from pictor.serve.jobs import JobManager, generation_request
+from pictor.serve.job_requests import generation_request
+from pictor.serve.jobs import JobManager
 from pictor.serve.metrics import Metrics
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, signed_query
 from pictor.serve.settings import ServeSettings
