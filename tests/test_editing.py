@@ -272,7 +272,7 @@ def _bad_file(tmp_path: Path) -> Path:
         ({"image": "BROKEN"}, "not a readable image"),
         ({"mask": "BROKEN"}, "mask .*not a readable image"),
         ({"mask": _box_mask(0, 0, 4, 4, (30, 32))}, "mask is 30x32 but the image is 32x32"),
-        ({"mask": _box_mask(0, 0, 4, 4, (40, 32)), "expand": (8, 0, 0, 0)}, "size of the ORIGINAL image"),
+        ({"mask": _box_mask(0, 0, 4, 4, (40, 32)), "expand": (8, 0, 0, 0)}, "size of the original image"),
         ({"image": _source(size=(30, 32))}, "multiples of 4.*width of 28 or 32"),
         ({"image": _source(size=(32, 34)), "strength": 0.0}, "height of 32 or 36"),
         ({"expand": (0, 6, 0, 0)}, "expand top = 6 is not a multiple of 4.*use 4 or 8"),

@@ -184,7 +184,7 @@ def load_mask(source: ImageSource, width: int, height: int) -> np.ndarray:
         if mw * height != mh * width:
             raise EditError(
                 f"the mask is {mw}x{mh} but the image is {width}x{height}; the mask must have the image's "
-                "size (with --expand: the size of the ORIGINAL image, before expanding)"
+                "size (when the canvas is expanded for outpainting: the size of the original image)"
             )
         image = image.resize((width, height), Image.Resampling.NEAREST)
     grey = np.asarray(image.convert("L"))

@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+MAX_PHRASE_CHARS = 1000  # the text encoder reads far fewer tokens; longer is a mistake or an attack
 MAX_BOXES = 32
 LAYOUT_EXAMPLE = '[{"box": [0.05, 0.3, 0.45, 0.7], "phrase": "a red circle"}]'
 
@@ -25,6 +26,8 @@ def parse_layout(value: Any) -> list[dict[str, Any]]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise LayoutError(f"layout: not valid JSON ({exc}); write it like {LAYOUT_EXAMPLE}") from exc
+        except RecursionError:  # "[[[[...]]]]" thousands deep: not a layout, and not a server fault
+            raise LayoutError(f"layout: JSON nested too deeply; write it like {LAYOUT_EXAMPLE}") from None
     if not isinstance(value, list) or not value:
         raise LayoutError(f"layout: give a non-empty list of boxes, like {LAYOUT_EXAMPLE}")
     if len(value) > MAX_BOXES:
@@ -39,6 +42,15 @@ def _box(i: int, item: Any) -> dict[str, Any]:
     box, phrase = item["box"], item.get("phrase")
     if not isinstance(phrase, str) or not phrase.strip():
         raise LayoutError(f"{where}: 'phrase' must be a non-empty string (what to draw in the box)")
+    if len(phrase) > MAX_PHRASE_CHARS:
+        raise LayoutError(f"{where}: 'phrase' is {len(phrase)} characters; the limit is {MAX_PHRASE_CHARS}")
+    if not phrase.isascii():
+        try:
+            phrase.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, which JSON escapes can carry ("\ud800")
+            raise LayoutError(
+                f"{where}: 'phrase' is not valid Unicode text (a lone surrogate at character {exc.start})"
+            ) from None
     if (
         not isinstance(box, list | tuple)
         or len(box) != 4

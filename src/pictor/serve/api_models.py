@@ -143,6 +143,7 @@ class ImageMetadata(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(0, description="When this server started serving it (Unix seconds).")
     owned_by: str = "pictor"
     ready: bool
     trained: bool | None = None

@@ -28,6 +28,7 @@ from pictor.pipeline import Pipeline
 from pictor.serve import edits
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
+from pictor.serve.head import HeadAsGet
 from pictor.serve.jobs import JobManager
 from pictor.serve.metrics import CONTENT_TYPE, Metrics
 from pictor.serve.routes import COMMON_ERRORS, bearer, router
@@ -82,6 +83,7 @@ def create_app(
     app = FastAPI(title="pictor", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = svc
     app.add_middleware(Guard, settings=settings)
+    app.add_middleware(HeadAsGet)  # outermost: the guard and the routes see a GET
     _add_error_handlers(app)
     app.include_router(router)
     app.include_router(edits.router)
@@ -147,6 +149,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             loc, where = [], ""
         elif kind == "missing" and not loc:
             text = "the request body is missing; send a JSON object"
+        elif kind in ("dict_type", "model_attributes_type") and not loc:
+            text = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
         elif kind == "missing":
             text = f"'{where}' is required"
         elif kind == "extra_forbidden":
@@ -170,16 +174,40 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(list(exc.errors()))
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if await _image_list_sent(request, errors):
+            return JSONResponse(
+                error_body(
+                    "an edit takes one image, as the field 'image'; lists of images (image[]) are not "
+                    "supported",
+                    code="invalid_request",
+                    param="image",
+                ),
+                status_code=400,
+            )
+        message, param = _validation_message(errors)
         return JSONResponse(error_body(message, code="invalid_request", param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         message = str(exc.detail)
-        if status == 404 and exc.detail == "Not Found":
+        if (status == 404 and exc.detail == "Not Found") or (
+            # POST /v1/images/variations & co. meet GET /v1/images/{image_id}: an endpoint that is not here
+            status == 405 and request.method == "POST" and request.url.path.startswith("/v1/images/")
+        ):
             message = f"no such endpoint: {request.method} {request.url.path}"
+            if request.url.path.startswith("/v1/images/"):
+                message += "; the image endpoints are POST /v1/images/generations and POST /v1/images/edits"
+            return JSONResponse(error_body(message, code="not_found"), status_code=404)
+        if status == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's words for a body json cannot read: bytes that are not UTF-8, an integer of more
+            # than 4,300 digits (Python's limit)
+            message = (
+                "the request body could not be read as JSON: send a JSON object in UTF-8, with numbers "
+                "of at most 4,300 digits"
+            )
         elif status == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
             headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed_methods(request))}
@@ -193,6 +221,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body("internal server error", "server_error", "internal"), status_code=500)
+
+
+async def _image_list_sent(request: Request, errors: list[Any]) -> bool:
+    """Whether a multipart edit lacks 'image' because it sent 'image[]' (the openai client's list form)."""
+    missing_image = any(
+        e.get("type") == "missing" and list(e.get("loc", ()))[-1:] == ["image"] for e in errors
+    )
+    if not missing_image or not (request.headers.get("content-type") or "").startswith("multipart/"):
+        return False
+    return "image[]" in (await request.form())
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -24,7 +24,6 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from pictor.editing import EditError, EditRequest
-from pictor.layout_files import LayoutError, parse_layout
 from pictor.pipeline import GenerationError
 from pictor.serve.api_models import ImagesResponse, Job
 from pictor.serve.errors import APIError
@@ -36,8 +35,8 @@ from pictor.serve.routes import (
     accepted,
     finished_images,
 )
-from pictor.serve.security import check_limits, check_policy
-from pictor.serve.service import Service, param_of, require_prompt, service
+from pictor.serve.security import check_limits, check_policy, check_text
+from pictor.serve.service import Service, check_names, checked_layout, param_of, require_prompt, service
 from pictor.serve.store import JobRow
 from pictor.serve.uploads import decode_upload
 
@@ -52,16 +51,6 @@ def _transparent(image: Image.Image) -> Image.Image | None:
     return alpha.point(lambda a: 255 if a == 0 else 0)
 
 
-def _layout(text: str | None) -> list[dict[str, Any]] | None:
-    """The layout form field (JSON text) checked, or None when absent."""
-    if text is None or not text.strip():
-        return None
-    try:
-        return parse_layout(text)
-    except LayoutError as exc:
-        raise APIError(400, str(exc), param="layout", code="invalid_parameters") from None
-
-
 def edit_params(
     svc: Service,
     source: Image.Image,
@@ -74,8 +63,10 @@ def edit_params(
     prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
     svc.check_model(form["model"])
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
+    check_text(limits, prompt=prompt, negative_prompt=negative)
+    check_names(form["sampler"], form["schedule"])
     require_prompt(prompt, reference is not None)
-    layout = _layout(form.get("layout"))
+    layout = checked_layout(form.get("layout"))
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
         raise APIError(
@@ -133,6 +124,50 @@ def edit_params(
 
 Number = Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)]
 
+# The form's fields: the parameters of `edit_form`, and OpenAI's that are accepted and ignored.
+FORM_FIELDS = {
+    "image",
+    "prompt",
+    "mask",
+    "reference_image",
+    "layout",
+    "n",
+    "size",
+    "response_format",
+    "model",
+    "user",
+    "strength",
+    "seed",
+    "steps",
+    "guidance",
+    "negative_prompt",
+    "sampler",
+    "schedule",
+    "output_format",
+    "stream",
+}
+IGNORED_FIELDS = {"quality", "background", "moderation", "safety_identifier", "input_fidelity", "style"}
+
+
+def check_fields(names: set[str]) -> None:
+    """Unknown form fields are refused, as in the JSON endpoints: a typo ("step") must not be ignored."""
+    if "image[]" in names:
+        raise APIError(
+            400,
+            "an edit takes one image, as the field 'image'; lists of images (image[]) are not supported",
+            param="image",
+            code="invalid_parameters",
+        )
+    unknown = sorted(names - FORM_FIELDS - IGNORED_FIELDS)
+    if unknown:
+        raise APIError(
+            400,
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)}; "
+            f"the edit form takes {', '.join(sorted(FORM_FIELDS))}",
+            param=unknown[0],
+            code="invalid_request",
+        )
+
 
 @dataclass
 class EditForm:
@@ -177,9 +212,23 @@ async def edit_form(
     negative_prompt: Annotated[str | None, Form()] = None,
     sampler: Annotated[str | None, Form()] = None,
     schedule: Annotated[str | None, Form()] = None,
+    # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
+    output_format: Annotated[str | None, Form(description="Only png.")] = None,
+    stream: Annotated[str | None, Form(description="Only false.")] = None,
 ) -> EditForm:
     """The one multipart grammar of both edit endpoints (synchronous and queued)."""
     limits = service(request).settings.limits
+    check_fields(set((await request.form()).keys()))
+    check_text(limits, user=user)
+    if output_format not in (None, "", "png"):
+        raise APIError(400, "output_format: only png", param="output_format", code="invalid_parameters")
+    if stream not in (None, "", "false"):
+        raise APIError(
+            400,
+            "streaming is not offered; use POST /v1/jobs/edits and GET /v1/jobs/{id}/events",
+            param="stream",
+            code="invalid_parameters",
+        )
 
     async def decoded(upload: UploadFile | None, what: str) -> Image.Image | None:
         # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.

@@ -129,13 +129,12 @@ def post_only(request: Request) -> None:
     )
 
 
-@router.get("/models", response_model=ModelList, summary="The served model, its defaults and limits")
-def list_models(request: Request) -> ModelList:
-    svc = service(request)
+def model_card(svc: Service) -> ModelCard:
     pipe = svc.manager.pipeline
     limits = svc.settings.limits
-    card = ModelCard(
+    return ModelCard(
         id=(pipe.ref or pipe.name) if pipe is not None else (svc.settings.model or "default"),
+        created=int(svc.started),
         ready=pipe is not None,
         trained=pipe.config.trained if pipe is not None else None,
         defaults={k: v for k, v in pipe.defaults.items()} if pipe is not None else {},
@@ -148,7 +147,29 @@ def list_models(request: Request) -> ModelList:
         },
         samplers=list(SAMPLERS),
     )
-    return ModelList(data=[card])
+
+
+@router.get("/models", response_model=ModelList, summary="The served model, its defaults and limits")
+def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(service(request))])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    summary="The served model under any of its names (OpenAI's models.retrieve)",
+)
+def get_model(model_id: str, request: Request) -> ModelCard:
+    svc = service(request)
+    if model_id not in svc.model_names():
+        served = ", ".join(sorted(svc.model_names()))
+        raise APIError(
+            404,
+            f"no model '{model_id}' is served here; this server answers to: {served}",
+            code="model_not_found",
+            param="model",
+        )
+    return model_card(svc)
 
 
 # -- jobs --------------------------------------------------------------------------------------------
@@ -181,6 +202,10 @@ def list_jobs(
     q: Annotated[str, Query(max_length=200, description="substring of the prompt")] = "",
 ) -> JobList:
     svc = service(request)
+    if "\x00" in q:  # SQLite would end the pattern there and match every job
+        raise APIError(
+            400, "q: NUL characters are not allowed in a search", param="q", code="invalid_request"
+        )
     jobs, total = svc.store.list_jobs(limit, offset, q)
     return JobList(
         data=[svc.view(request, j) for j in jobs],

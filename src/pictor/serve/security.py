@@ -83,6 +83,10 @@ def _own_origin(scope: Scope) -> str:
     return f"{scheme}://{_header(scope, b'host') or ''}".lower()
 
 
+def multipart_limit(limits: Limits) -> int:
+    return 3 * limits.max_upload_bytes + 64 * 1024
+
+
 class Guard:
     """API key on /v1, same-origin check for state changes, body size caps, security headers."""
 
@@ -101,10 +105,7 @@ class Guard:
         limit = self._body_limit(scope)
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await _send_error(
-                send,
-                APIError(413, f"request body too large: the limit is {limit} bytes", code="body_too_large"),
-            )
+            await _send_error(send, APIError(413, self._too_large(scope, limit), code="body_too_large"))
             return
         received = 0
 
@@ -133,13 +134,21 @@ class Guard:
 
         await self.app(scope, capped_receive, send_with_headers)
 
+    def _too_large(self, scope: Scope, limit: int) -> str:
+        if (_header(scope, b"content-type") or "").lower().startswith("multipart/"):
+            each = self.settings.limits.max_upload_bytes
+            return (
+                f"request body too large: a multipart request may hold up to {limit} bytes in all "
+                f"(three images of at most {each} bytes each, and the form fields)"
+            )
+        return f"request body too large: the limit is {limit} bytes"
+
     def _body_limit(self, scope: Scope) -> int:
         limits = self.settings.limits
         ctype = (_header(scope, b"content-type") or "").lower()
-        # multipart carries an image; allow its cap plus room for the form fields
-        return (
-            limits.max_upload_bytes + 64 * 1024 if ctype.startswith("multipart/") else limits.max_body_bytes
-        )
+        # multipart carries up to three images (an edit's source, mask and reference picture), each under
+        # the upload cap, plus room for the form fields
+        return multipart_limit(limits) if ctype.startswith("multipart/") else limits.max_body_bytes
 
     def _refusal(self, scope: Scope) -> APIError | None:
         method, path = scope["method"], scope["path"]
@@ -171,6 +180,11 @@ class Guard:
         message = (
             "invalid API key" if auth else "missing API key: send the header 'Authorization: Bearer YOUR_KEY'"
         )
+        if m and not auth and b"sig=" in scope.get("query_string", b""):
+            message = (
+                "this image URL's signature is invalid or has expired: fetch the job again "
+                "(GET /v1/jobs/{id}) for fresh URLs, or send the header 'Authorization: Bearer YOUR_KEY'"
+            )
         return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -215,6 +229,31 @@ def check_limits(
         raise APIError(
             400, f"steps is {steps}; the limit is {limits.max_steps}", param="steps", code="too_many_steps"
         )
+
+
+def check_text(limits: Limits, **texts: str | None) -> None:
+    """A 400 for a text field longer than the prompt limit, or not valid Unicode: a lone surrogate, which a
+    JSON escape ("\\ud800") can carry but UTF-8 cannot, so the job could be neither stored nor sent back."""
+    for name, text in texts.items():
+        if text is None:
+            continue
+        if len(text) > limits.max_prompt_chars:
+            raise APIError(
+                400,
+                f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}",
+                param=name,
+                code="prompt_too_long" if "prompt" in name else "text_too_long",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(
+                400,
+                f"{name} is not valid Unicode text: it holds a lone surrogate (U+{ord(text[exc.start]):04X}) "
+                f"at character {exc.start}; send UTF-8 text",
+                param=name,
+                code="invalid_text",
+            ) from None
 
 
 class PromptPolicy(Protocol):

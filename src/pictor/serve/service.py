@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from PIL import Image
 
+from pictor.layout_files import LayoutError, parse_layout
 from pictor.pipeline import GenerationError
-from pictor.sampling import SCHEDULES
+from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
 from pictor.serve.metrics import Metrics
-from pictor.serve.security import PromptPolicy, check_limits, check_policy, signed_query
+from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
 from pictor.serve.uploads import decode_base64_image
@@ -31,6 +33,7 @@ class Service:
     manager: JobManager
     metrics: Metrics
     policy: PromptPolicy | None = None
+    started: float = field(default_factory=time.time)
 
     def model_names(self) -> set[str]:
         pipe = self.manager.pipeline
@@ -59,8 +62,12 @@ class Service:
             width, height = (int(v) for v in body.size.split("x"))
         n = body.n or 1
         negative = body.negative_prompt or ""
-        check_limits(self.settings.limits, body.prompt, n, width, height, body.steps)
-        check_policy(self.policy, body.prompt, negative, [box.phrase for box in body.layout or []])
+        limits = self.settings.limits
+        check_limits(limits, body.prompt, n, width, height, body.steps)
+        check_text(limits, prompt=body.prompt, negative_prompt=negative, user=body.user)
+        check_names(body.sampler, body.schedule)
+        layout = checked_layout([b.model_dump() for b in body.layout] if body.layout is not None else None)
+        check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
         require_prompt(body.prompt, body.reference_image is not None)
         reference = None
         if body.reference_image is not None:
@@ -77,7 +84,7 @@ class Service:
             "schedule": body.schedule,
             "seed": body.seed,
             "n": n,
-            "layout": [b.model_dump() for b in body.layout] if body.layout is not None else None,
+            "layout": layout,
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
@@ -152,6 +159,29 @@ class Service:
         )
 
 
+def check_names(sampler: str | None, schedule: str | None) -> None:
+    """Sampler and schedule names, known without the model (so also while it loads): a 400, not a job that
+    fails when it runs."""
+    for param, name, known in (("sampler", sampler, sorted(SAMPLERS)), ("schedule", schedule, SCHEDULES)):
+        if name and name not in known:
+            raise APIError(
+                400,
+                f"unknown {param} {name!r}; choose one of {', '.join(known)}",
+                param=param,
+                code="invalid_parameters",
+            )
+
+
+def checked_layout(layout: Any) -> list[dict[str, Any]] | None:
+    """A layout (boxes with phrases, or its JSON text) checked and normalised; None when absent."""
+    if layout is None or (isinstance(layout, str) and not layout.strip()):
+        return None
+    try:
+        return parse_layout(layout)
+    except LayoutError as exc:
+        raise APIError(400, str(exc), param="layout", code="invalid_parameters") from None
+
+
 def require_prompt(prompt: str, has_reference: bool) -> None:
     """An empty prompt is an error unless a reference picture says what to draw."""
     if not prompt.strip() and not has_reference:
@@ -170,6 +200,12 @@ def param_of(message: str) -> str | None:
     fields = {"width": "size", "height": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
     if first in fields:
         return fields[first]
+    if message.startswith("the mask"):
+        return "mask"
+    if message.startswith("the image"):
+        return "image"
+    if message.startswith("strength"):
+        return "strength"
     if message.startswith("layout") or "layout adapter" in message:
         return "layout"
     if message.startswith("reference") or "reference adapter" in message:

@@ -53,7 +53,14 @@ def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
                 param=what,
                 code="image_too_large",
             ) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        except UnidentifiedImageError:  # its message names an in-memory file object, of no use to a client
+            raise APIError(
+                400,
+                f"{what} is not a readable PNG, JPEG or WebP image (its format was not recognised)",
+                param=what,
+                code="invalid_image",
+            ) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise APIError(
                 400,
                 f"{what} is not a readable PNG, JPEG or WebP image ({exc})",
@@ -64,7 +71,8 @@ def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
 
 def decode_base64_image(text: str, what: str, limits: Limits) -> Image.Image:
     """A base64 image (plain, or a ``data:image/...;base64,`` URL) -> a loaded PIL image, or a 4xx."""
-    body = _DATA_URL.sub("", text.strip(), count=1)
+    # Whitespace is dropped: `base64` and many encoders wrap lines at 76 characters.
+    body = "".join(_DATA_URL.sub("", text.strip(), count=1).split())
     if len(body) > 4 * (limits.max_upload_bytes // 3 + 1):
         raise APIError(
             413,
