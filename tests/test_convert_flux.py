@@ -55,3 +55,16 @@ def test_wrong_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> 
         convert_flux(f["transformer"], f["transformer"], f["t5"], f["clip"], tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_out_folder_that_is_not_a_bundle_is_never_replaced(tmp_path: Path) -> None:
+    f = _files(tmp_path)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "important.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="exists and is not a model bundle"):
+        convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], photos)
+    assert (photos / "important.txt").read_text() == "precious" and (photos / "sub").is_dir()
+    # A bundle may be converted over (the same command run again).
+    out = convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "bundle")
+    assert convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], out) == out

@@ -81,6 +81,7 @@ def convert_flux(
 ) -> Path:
     """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder."""
     transformer, ae, out = Path(transformer), Path(ae), Path(out)
+    _check_out(out)  # never replace a folder that holds anything but a bundle
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
         if not (folder / "config.json").is_file():
             raise CheckpointError(
