@@ -44,7 +44,8 @@ def test_set_defaults_changes_what_generation_uses_and_nothing_else(bundle: Path
         ({"width": 30}, "multiple of 4"),
         ({"steps": 0}, "steps must be between 1 and"),
         ({"steps": 5000}, "steps must be between 1 and 1000"),  # no default that every request refuses
-        ({"guidance": -1.0}, "guidance must be >= 0"),
+        ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
+        ({"guidance": float("nan")}, "cannot store this default: guidance must be a finite number"),
         ({"seed": 3}, "cannot set default"),
     ],
 )

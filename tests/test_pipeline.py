@@ -113,7 +113,7 @@ def test_bundle_gives_the_same_pixels_as_its_weights(pipe: Pipeline, tmp_path: P
         ({"steps": -3}, "steps must be between"),
         ({"sampler": "ddim"}, "unknown sampler 'ddim'"),
         ({"num_images": 0}, "number of images"),
-        ({"guidance": -1.0}, "guidance must be >= 0"),
+        ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
         ({"seed": -1}, "seed must be between"),
     ],
 )

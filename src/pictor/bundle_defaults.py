@@ -29,7 +29,7 @@ def _check(changes: dict[str, Any], multiple: int) -> None:
         raise CheckpointError(f"cannot set default(s) {unknown}; settable: {', '.join(SETTABLE)}")
     problem = settings_problem(multiple, **changes)
     if problem:
-        raise CheckpointError(f"default {problem}")
+        raise CheckpointError(f"cannot store this default: {problem}")
 
 
 def set_defaults(bundle: str | os.PathLike[str], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -115,6 +116,16 @@ def apply_lora(
         default = f"lora_{default}" if hasattr(nn.ModuleDict, default) else default
     else:
         sd, metadata, default = dict(lora), dict(metadata or {}), "lora"
+    if not math.isfinite(scale):
+        raise LoRAError(f"LoRA scale must be a finite number, got {scale}")
+    bad = next(
+        (k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None
+    )
+    if bad is not None:  # it would turn every image black (NaN), not fail
+        where = f"{lora}" if isinstance(lora, (str, os.PathLike)) else "the LoRA"
+        raise LoRAError(
+            f"{where}: {bad} holds NaN or infinite values; the file is broken, retrain or re-export it"
+        )
     linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
     updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
     if skipped:

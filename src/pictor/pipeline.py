@@ -113,6 +113,15 @@ class Pipeline:
             raise CheckpointError(f"config defaults: guidance_mode '{mode}' is not one of {GUIDANCE_MODES}")
         self.guidance_mode: str = mode
         self.patch = 2 * autoencoder.params.downsample_factor
+        stored = {
+            k: self.defaults.get(k) for k in ("width", "height", "steps", "guidance", "sampler", "schedule")
+        }
+        problem = settings_problem(self.patch, **stored)
+        if problem:  # else every request that leaves the setting out would fail, naming no cause
+            raise CheckpointError(
+                f"model '{config.name}': a stored default is unusable ({problem}); set it with "
+                "`pictor convert defaults BUNDLE`"
+            )
         if not config.trained:
             warnings.warn(
                 f"model '{config.name}' is UNTRAINED (random weights from preset '{config.preset}'): "
@@ -317,6 +326,11 @@ class Pipeline:
             x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps))
             if init is not None:
                 x = init.finish(x)
+            if not bool(torch.isfinite(x).all()):  # else a black image would be saved as a success
+                raise GenerationError(
+                    "the sampler's result holds NaN or infinite values: the model's weights or a LoRA are "
+                    "broken, or the settings overflow it; no image was made"
+                )
             latents = unpack_latents(x, lat_h, lat_w)
             return self.autoencoder.decode(latents)
 
