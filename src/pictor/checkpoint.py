@@ -295,6 +295,8 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
 def read_bundle_config(path: str | os.PathLike[str]) -> BundleConfig:
     path = Path(path)
     cfg_path = path / CONFIG_NAME
+    if path.is_file():
+        refuse_pickle(path)  # a .ckpt/.pt given as a model: say why it is refused, not only "no config"
     if not cfg_path.is_file():
         raise CheckpointError(
             f"{path}: not a pictor model bundle (no {CONFIG_NAME}). Give a bundle folder, a preset name "

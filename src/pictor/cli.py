@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from pictor.cli_args import build_parser
+from pictor.data.folder import DatasetWarning
 from pictor.train import command as train_command
 
 
@@ -147,9 +150,10 @@ def _recorded_file(record: dict[str, Any], key: str) -> str | None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
-    from pictor.reproduce import reproduce
+    from pictor.reproduce import check_record, reproduce
 
     record = read_record(args.image)
+    check_record(record)
     model = args.model or record["model"].get("ref") or "default"
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
@@ -167,7 +171,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     )
     for path in _save([image], args.out):
         print(path)
+    print(f"pictor reproduce: {_compare(args.image, image.image)}", file=sys.stderr)
     return 0
+
+
+def _compare(original: str, image: Any) -> str:
+    """Whether a reproduction's pixels are the original's, in words."""
+    import numpy as np
+
+    with Image.open(original) as im:
+        want = np.asarray(im.convert("RGB"), dtype=np.int16)
+    got = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if want.shape != got.shape:
+        size, was = f"{got.shape[1]}x{got.shape[0]}", f"{want.shape[1]}x{want.shape[0]}"
+        return f"the pixels differ from {original}'s: the image is {size}, the original {was}"
+    diff = np.abs(want - got)
+    if not diff.any():
+        return f"the pixels are identical to {original}'s"
+    return (
+        f"the pixels differ from {original}'s: max {int(diff.max())}, mean {float(diff.mean()):.3f} "
+        f"(of 255), in {float((diff.max(axis=-1) > 0).mean()):.1%} of the pixels; another device, dtype or "
+        "pictor version changes results slightly, a changed record more"
+    )
 
 
 def _adapter_header(path: Path) -> dict[str, Any]:
@@ -379,6 +404,11 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)  # the CLI prints its own notes; keep stderr readable
+    # ...except what a user must see: images of a training folder that were skipped, and why.
+    warnings.simplefilter("default", DatasetWarning)
+    warnings.showwarning = lambda message, *_rest, **_kw: print(
+        f"pictor {args.command}: warning: {message}", file=sys.stderr
+    )
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, KeyError) as exc:
@@ -386,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"pictor {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Image.DecompressionBombError as exc:
+        print(f"pictor {args.command}: error: an image declares too many pixels ({exc})", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a file where a folder should be...
+        print(f"pictor {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,8 @@ def _expand(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(
             f"expand must be four pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,16,0; got '{text}'"
         )
+    if not any(values):  # else the "outpainting" would quietly be an img2img of the whole picture
+        raise argparse.ArgumentTypeError("expand 0,0,0,0 adds nothing; give the pixels to add, e.g. 0,0,16,0")
     return values  # type: ignore[return-value]
 
 
@@ -146,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(ed)
     _add_layout(ed)
     _add_reference(ed)
-    ed.add_argument("--mask", default=None, help="white = repaint, black = keep; the image's size")
+    ed.add_argument(
+        "--mask",
+        default=None,
+        help="white = repaint, black = keep; the image's size or its aspect ratio (resized to fit)",
+    )
     ed.add_argument(
         "--strength",
         type=float,

@@ -46,13 +46,16 @@ LAYOUT_FILE = "layout.safetensors"
 def read_layout_arg(text: str) -> list[dict[str, Any]]:
     """A layout from the command line: a path to a JSON file, or the JSON itself."""
     stripped = text.strip()
-    if not stripped.startswith("["):
+    if not stripped.startswith(("[", "{")):  # JSON (parse_layout explains a lone object), else a file
         path = Path(text)
         if not path.is_file():
             raise LayoutError(
                 f"--layout {text!r}: no such file; give a JSON file or JSON like {LAYOUT_EXAMPLE}"
             )
-        stripped = path.read_text()
+        try:
+            stripped = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LayoutError(f"--layout {path}: not UTF-8 text ({exc.reason}); give a JSON file") from None
     return parse_layout(stripped)
 
 

@@ -10,8 +10,88 @@ from typing import Any
 
 import numpy as np
 
-from pictor.editing import EditRequest, ImageSource, pixel_sha256
+from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
+from pictor.provenance import ProvenanceError
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _hashed(v: Any) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("sha256"), str)
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+# name -> (check, what it must be); the first group every record has, the second only edits'
+_COMMON: dict[str, tuple[Any, str]] = {
+    "prompt": (lambda v: isinstance(v, str), "a string"),
+    "steps": (_int, "an integer"),
+    "guidance": (_optional(_number), "a number"),
+    "sampler": (lambda v: isinstance(v, str), "a sampler name"),
+    "seed": (_int, "an integer"),
+    "model": (lambda v: isinstance(v, dict), "an object with the model's name and hash"),
+}
+_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "negative_prompt": (lambda v: isinstance(v, str), "a string"),
+    "schedule": (_optional(lambda v: isinstance(v, str)), "a schedule name"),
+    "width": (_int, "an integer"),
+    "height": (_int, "an integer"),
+    "batch_seeds": (lambda v: isinstance(v, list) and v and all(_int(s) for s in v), "a list of seeds"),
+    "batch_index": (_int, "an integer"),
+    "loras": (
+        lambda v: (
+            isinstance(v, list)
+            and all(_hashed(lo) and _number(lo.get("scale")) and isinstance(lo.get("path"), str) for lo in v)
+        ),
+        "a list of LoRA entries with path, sha256 and scale",
+    ),
+    "layout": (_optional(lambda v: isinstance(v, list)), "a list of boxes"),
+    "layout_adapter": (_optional(lambda v: isinstance(v, dict)), "an object"),
+    "reference_image": (_optional(_hashed), "an object with the picture's sha256"),
+    "reference_adapter": (_optional(lambda v: isinstance(v, dict)), "an object"),
+    "mode": (lambda v: v in EDIT_MODES, f"one of {', '.join(EDIT_MODES)}"),
+    "strength": (_number, "a number"),
+    "source_image": (_hashed, "an object with the source's sha256"),
+    "mask": (_optional(_hashed), "an object with the mask's sha256"),
+    "expand": (_optional(lambda v: isinstance(v, list) and len(v) == 4 and all(map(_int, v))), "4 integers"),
+    "feather": (_int, "an integer"),
+}
+
+
+def check_record(record: Any) -> None:
+    """A record read back from an image, checked before anything runs: each field a reproduction uses has
+    the type it was written with (a damaged or hand-edited record is an error that names the field)."""
+    if not isinstance(record, dict):
+        raise ProvenanceError("the pictor record is not a JSON object; the image's metadata is damaged")
+    needed = dict(_COMMON)
+    if "mode" in record:
+        needed.update({k: _OPTIONAL[k] for k in ("strength", "source_image")})
+    else:
+        needed.update({k: _OPTIONAL[k] for k in ("width", "height")})
+    for name in needed:
+        if name not in record:
+            raise ProvenanceError(f"the pictor record has no '{name}'; the image's metadata is incomplete")
+    for name, (check, what) in {**_OPTIONAL, **needed}.items():
+        if name in record and not check(record[name]):
+            raise ProvenanceError(
+                f"the pictor record's '{name}' is {record[name]!r}, not {what}; the image's metadata was "
+                "edited or is damaged"
+            )
+    seeds = record.get("batch_seeds", [record["seed"]])
+    if not 0 <= record.get("batch_index", 0) < len(seeds):
+        raise ProvenanceError(
+            f"the pictor record's batch_index {record['batch_index']} is not a place in its batch_seeds "
+            f"({len(seeds)} seeds); the image's metadata was edited or is damaged"
+        )
 
 
 def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource | None) -> dict[str, Any]:
@@ -106,6 +186,9 @@ def reproduce(
     the hash of that picture; pass those files as `source`, `mask` and `reference`, and they are checked
     against the hashes before anything runs.
     """
+    check_record(record)
+    if "mode" not in record and (source is not None or mask is not None):
+        raise GenerationError("this image is not an edit of another image; drop --source and --mask")
     want = record.get("model", {}).get("hash", "")
     if want and pipe.hash and want != pipe.hash:
         raise GenerationError(

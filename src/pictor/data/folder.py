@@ -253,9 +253,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         log.info("%s: %d images, %d skipped", self.root, len(self.paths), len(self.skipped))
         if not self.paths:
             # Fail here, naming the folder, rather than as an empty DataLoader deep inside a trainer.
+            why = "; ".join(f"{Path(p).name}: {reason}" for p, reason in self.skipped[:3])
             raise ValueError(
-                f"no usable images under {self.root} ({len(self.skipped)} skipped; "
-                f"extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                f"no usable images under {self.root} ({len(self.skipped)} skipped"
+                + (f": {why}{' ...' if len(self.skipped) > 3 else ''}" if why else "")
+                + f"; extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
 
     # -- items ---------------------------------------------------------------------------------------

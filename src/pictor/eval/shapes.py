@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pictor.data.shapes import COLORS, SHAPES, TAGS, render, scene_from_spec, scene_layout
+from pictor.data.shapes import COLORS, RELATIONS, SHAPES, TAGS, render, scene_from_spec, scene_layout
 from pictor.eval.shapes_detect import Detection, detect_objects
 
 __all__ = [
@@ -38,12 +38,70 @@ POSITION_MARGIN = 0.05  # of the canvas side along the relation's axis (SHAPES.m
 
 
 def load_prompts(path: str | Path | None = None) -> list[dict]:
-    """Benchmark specs from a JSON-lines file; by default the dev split shipped with pictor."""
+    """Benchmark specs from a JSON-lines file; by default the dev split shipped with pictor. Each line is
+    checked against SHAPES.md's format; an error names the file, the line and what is wrong."""
     if path is None:
-        text = resources.files("pictor.eval").joinpath("shapes-dev.jsonl").read_text(encoding="utf-8")
+        where = "shapes-dev.jsonl"
+        text = resources.files("pictor.eval").joinpath(where).read_text(encoding="utf-8")
     else:
-        text = Path(path).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        where = str(path)
+        if not Path(path).is_file():
+            raise ValueError(
+                f"--prompts {path}: no such file (a JSON-lines file of specs, as SHAPES.md says)"
+            )
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompts {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    specs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            spec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: line {number}: not valid JSON ({exc.msg})") from None
+        problem = spec_problem(spec)
+        if problem:
+            raise ValueError(f"{where}: line {number}: {problem}")
+        specs.append(spec)
+    if not specs:
+        raise ValueError(f"{where}: no prompts in it; write one JSON spec per line, as SHAPES.md says")
+    return specs
+
+
+def spec_problem(spec: object) -> str | None:
+    """What makes `spec` not a benchmark spec of SHAPES.md, or None."""
+    if not isinstance(spec, dict):
+        return "a spec is a JSON object with tag, prompt, objects and relation"
+    if spec.get("tag") not in TAGS:
+        return f"tag {spec.get('tag')!r} is not one of {', '.join(TAGS)}"
+    if not isinstance(spec.get("prompt"), str):
+        return "prompt must be a string"
+    objects = spec.get("objects")
+    if not isinstance(objects, list) or not objects:
+        return "objects must be a non-empty list of {shape, color, count}"
+    for i, o in enumerate(objects):
+        if not isinstance(o, dict) or o.get("shape") not in SHAPES or o.get("color") not in COLORS:
+            shapes, colors = ", ".join(SHAPES), ", ".join(COLORS)
+            return f"object {i} must have a shape among {shapes} and a colour among {colors}"
+        count = o.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 4:
+            return f"object {i}: count must be an integer from 1 to 4, got {count!r}"
+    relation = spec.get("relation")
+    if relation is not None:
+        indices = range(len(objects))
+        if (
+            not isinstance(relation, dict)
+            or relation.get("a") not in indices
+            or relation.get("b") not in indices
+            or relation.get("rel") not in RELATIONS
+        ):
+            return (
+                f"relation must be null or {{a, b, rel}} with a and b indices into objects and rel one of "
+                f"{', '.join(RELATIONS)}"
+            )
+    return None
 
 
 def _relation_ok(a: Detection, b: Detection, rel: str, width: int, height: int) -> bool:

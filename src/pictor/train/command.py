@@ -151,7 +151,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     latest = find_latest(Path(args.out)) if args.resume else None
     if latest is not None:
-        saved = TrainConfig.from_dict(json.loads((latest / STATE_FILE).read_text())["config"], str(latest))
+        try:
+            state = json.loads((latest / STATE_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{latest / STATE_FILE}: not valid JSON ({exc.msg}); the checkpoint is damaged: move it "
+                "away to resume from the one before"
+            ) from None
+        saved = TrainConfig.from_dict(state["config"], str(latest))
         if saved.stage != args.stage:
             raise ConfigError(f"{args.out} holds a '{saved.stage}' run; cannot resume it as '{args.stage}'")
         changed = [k for k in TRAJECTORY_KEYS if k in overrides and overrides[k] != getattr(saved, k)]
@@ -163,6 +170,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # Nor sharding: a checkpoint is whole, so it resumes with or without --fsdp.
         cfg = dataclasses.replace(saved, out=args.out, **{"max_minutes": None, "fsdp": False, **overrides})
         _note(f"resuming from {latest}")
+        if int(state.get("step", 0)) >= cfg.max_steps:
+            _note(
+                f"{args.out} is already at step {state.get('step')} of --max-steps {cfg.max_steps}: nothing "
+                "to train (raise --max-steps to go on); final/ is written from the last checkpoint"
+            )
         return cfg
     if args.resume:
         _note(f"--resume: no checkpoint in {args.out} yet, starting a new run")

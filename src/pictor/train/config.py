@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,29 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """A training setting that cannot work; the message names the setting and what to change."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type (int for float too; bool for neither number)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if (option is type(None) and value is None) or option is Any:
+            return True
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return True
+    return False
+
+
+def _describe(hint: Any) -> str:
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", list: "a list",
+             dict: "an object", type(None): "null"}  # fmt: skip
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join(names.get(typing.get_origin(o) or o, str(o)) for o in options)
 
 
 @dataclass
@@ -133,10 +158,16 @@ class TrainConfig:
         missing = [k for k in ("stage", "out") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {missing}")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if not _fits(value, hints[key]):
+                raise ConfigError(f"{where}: {key} is {value!r}, not {_describe(hints[key])}")
         return cls(**d)
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file; give a JSON file of settings")
         try:
             raw = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
@@ -149,6 +180,8 @@ class TrainConfig:
         """Fill every None from the preset and the stage defaults, and validate. Returns a new config."""
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.image_size is not None and self.image_size <= 0:  # before 0 could mean "the preset's"
+            raise ConfigError(f"image_size must be > 0 (omit it for the preset's), got {self.image_size}")
         try:
             preset = get_preset(self.preset)
         except KeyError as exc:
@@ -235,6 +268,7 @@ class TrainConfig:
             "timestep_sampling must be 'logit_normal' or 'uniform'",
         )
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         for name in ("save_every", "sample_every", "eval_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
         need(self.latent_stats_images >= 1, "latent_stats_images must be >= 1")
