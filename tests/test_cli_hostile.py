@@ -202,3 +202,16 @@ def test_skipped_training_images_are_reported(capsys: pytest.CaptureFixture[str]
     code, err = cli(capsys, *args, "--sample-every", "0", "--eval-every", "0")
     assert code == 0, err
     assert "pictor train: warning: 1 images skipped in" in err and "bad.png: unreadable" in err
+
+
+def test_info_names_an_image_whose_metadata_is_damaged(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("pictor", "{not json")
+    path = tmp_path / "damaged.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=meta)
+    code, err = cli(capsys, "info", str(path))
+    assert code == 2 and f"{path}: its 'pictor' metadata is not valid JSON" in err

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     # the entry points
     "cli": 3,
     "cli_args": 3,
+    "cli_inspect": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,

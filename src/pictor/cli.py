@@ -4,7 +4,6 @@ beyond presentation."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import warnings
@@ -15,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from pictor.cli_args import build_parser
+from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.data.folder import DatasetWarning
 from pictor.train import command as train_command
 
@@ -150,7 +150,7 @@ def _recorded_file(record: dict[str, Any], key: str) -> str | None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
-    from pictor.reproduce import check_record, reproduce
+    from pictor.reproduce import check_record, pixel_report, reproduce
 
     record = read_record(args.image)
     check_record(record)
@@ -171,97 +171,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     )
     for path in _save([image], args.out):
         print(path)
-    print(f"pictor reproduce: {_compare(args.image, image.image)}", file=sys.stderr)
-    return 0
-
-
-def _compare(original: str, image: Any) -> str:
-    """Whether a reproduction's pixels are the original's, in words."""
-    import numpy as np
-
-    with Image.open(original) as im:
-        want = np.asarray(im.convert("RGB"), dtype=np.int16)
-    got = np.asarray(image.convert("RGB"), dtype=np.int16)
-    if want.shape != got.shape:
-        size, was = f"{got.shape[1]}x{got.shape[0]}", f"{want.shape[1]}x{want.shape[0]}"
-        return f"the pixels differ from {original}'s: the image is {size}, the original {was}"
-    diff = np.abs(want - got)
-    if not diff.any():
-        return f"the pixels are identical to {original}'s"
-    return (
-        f"the pixels differ from {original}'s: max {int(diff.max())}, mean {float(diff.mean()):.3f} "
-        f"(of 255), in {float((diff.max(axis=-1) > 0).mean()):.1%} of the pixels; another device, dtype or "
-        "pictor version changes results slightly, a changed record more"
-    )
-
-
-def _adapter_header(path: Path) -> dict[str, Any]:
-    from pictor.checkpoint import read_safetensors_metadata, sha256_file
-
-    header = read_safetensors_metadata(path)
-    decoded = {
-        k: json.loads(v) if k.endswith("_params") or k == "pictor_training" else v for k, v in header.items()
-    }
-    return {"file": path.name, "sha256": sha256_file(path), **decoded}
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from pictor.checkpoint import is_bundle, read_bundle_config
-    from pictor.presets import PRESETS
-    from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
-
-    target = Path(args.target)
-    if target.is_file():
-        chunks = read_text_chunks(target)
-        info: dict[str, Any] = {}
-        if "pictor" in chunks:
-            info["pictor"] = json.loads(chunks["pictor"])
-        if "parameters" in chunks:
-            info["parameters"] = parse_parameters(chunks["parameters"])
-        if RENDER_KEY in chunks:
-            info["render"] = json.loads(chunks[RENDER_KEY])
-        if not info:
-            print(f"{target}: no generation metadata found", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(info, indent=2, ensure_ascii=False))
-        else:
-            if "parameters" in chunks:
-                print(chunks["parameters"])
-            for key in ("pictor", "render"):
-                if key in info:
-                    print(json.dumps(info[key], indent=2, ensure_ascii=False))
-        return 0
-    if target.is_dir() and is_bundle(target):
-        shown = read_bundle_config(target).to_dict()
-        for kind in ("layout", "reference"):  # the bundle's adapters: their headers
-            if (target / f"{kind}.safetensors").is_file():
-                shown[f"{kind}_adapter"] = _adapter_header(target / f"{kind}.safetensors")
-        print(json.dumps(shown, indent=2))
-        return 0
-    if args.target in PRESETS:
-        print(json.dumps(PRESETS[args.target], indent=2))
-        return 0
-    print(f"{args.target}: not an image, a bundle folder or a preset name", file=sys.stderr)
-    return 2
-
-
-def cmd_models(_args: argparse.Namespace) -> int:
-    from pictor.checkpoint import read_bundle_config
-    from pictor.locate import FALLBACK_PRESET, list_bundles, models_dir
-    from pictor.presets import PRESETS
-
-    bundles = list_bundles()
-    print("bundles:")
-    for name, path in bundles:
-        cfg = read_bundle_config(path)
-        print(f"  {name:<16} {path}  ({cfg.preset or 'custom'}, {'trained' if cfg.trained else 'untrained'})")
-    if not bundles:
-        print(f"  (none; put bundles in {models_dir()} or set PICTOR_MODELS)")
-        print(f"  'default' falls back to the untrained preset '{FALLBACK_PRESET}'")
-    print("presets (architectures; untrained unless you load weights):")
-    for name, preset in PRESETS.items():
-        print(f"  {name:<16} {preset['description']}")
+    print(f"pictor reproduce: {pixel_report(args.image, image.image)}", file=sys.stderr)
     return 0
 
 

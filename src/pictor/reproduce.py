@@ -5,10 +5,12 @@ An edit's record holds only hashes of its source image and mask; the files are c
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
@@ -266,3 +268,21 @@ def _reproduce_edit(
         )
     images = pipe.run_edit_seeds(r, inputs, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
+
+
+def pixel_report(original: str | os.PathLike[str], image: Image.Image) -> str:
+    """Whether a reproduction's pixels are the original's, in words."""
+    with Image.open(original) as im:
+        want = np.asarray(im.convert("RGB"), dtype=np.int16)
+    got = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if want.shape != got.shape:
+        size, was = f"{got.shape[1]}x{got.shape[0]}", f"{want.shape[1]}x{want.shape[0]}"
+        return f"the pixels differ from {original}'s: the image is {size}, the original {was}"
+    diff = np.abs(want - got)
+    if not diff.any():
+        return f"the pixels are identical to {original}'s"
+    return (
+        f"the pixels differ from {original}'s: max {int(diff.max())}, mean {float(diff.mean()):.3f} "
+        f"(of 255), in {float((diff.max(axis=-1) > 0).mean()):.1%} of the pixels; another device, dtype or "
+        "pictor version changes results slightly, a changed record more"
+    )

@@ -1,0 +1,89 @@
+"""`pictor info` and `pictor models`: what an image, a bundle or a preset says about itself, and which
+models there are. Presentation only, as the rest of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _json_chunk(path: Path, key: str, text: str) -> Any:
+    from pictor.provenance import ProvenanceError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProvenanceError(f"{path}: its '{key}' metadata is not valid JSON ({exc.msg})") from None
+
+
+def _adapter_header(path: Path) -> dict[str, Any]:
+    from pictor.checkpoint import read_safetensors_metadata, sha256_file
+
+    header = read_safetensors_metadata(path)
+    decoded = {
+        k: json.loads(v) if k.endswith("_params") or k == "pictor_training" else v for k, v in header.items()
+    }
+    return {"file": path.name, "sha256": sha256_file(path), **decoded}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pictor.checkpoint import is_bundle, read_bundle_config
+    from pictor.presets import PRESETS
+    from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
+
+    target = Path(args.target)
+    if target.is_file():
+        chunks = read_text_chunks(target)
+        info: dict[str, Any] = {}
+        if "pictor" in chunks:
+            info["pictor"] = _json_chunk(target, "pictor", chunks["pictor"])
+        if "parameters" in chunks:
+            info["parameters"] = parse_parameters(chunks["parameters"])
+        if RENDER_KEY in chunks:
+            info["render"] = _json_chunk(target, RENDER_KEY, chunks[RENDER_KEY])
+        if not info:
+            print(f"{target}: no generation metadata found", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(info, indent=2, ensure_ascii=False))
+        else:
+            if "parameters" in chunks:
+                print(chunks["parameters"])
+            for key in ("pictor", "render"):
+                if key in info:
+                    print(json.dumps(info[key], indent=2, ensure_ascii=False))
+        return 0
+    if target.is_dir() and is_bundle(target):
+        shown = read_bundle_config(target).to_dict()
+        for kind in ("layout", "reference"):  # the bundle's adapters: their headers
+            if (target / f"{kind}.safetensors").is_file():
+                shown[f"{kind}_adapter"] = _adapter_header(target / f"{kind}.safetensors")
+        print(json.dumps(shown, indent=2))
+        return 0
+    if args.target in PRESETS:
+        print(json.dumps(PRESETS[args.target], indent=2))
+        return 0
+    print(f"{args.target}: not an image, a bundle folder or a preset name", file=sys.stderr)
+    return 2
+
+
+def cmd_models(_args: argparse.Namespace) -> int:
+    from pictor.checkpoint import read_bundle_config
+    from pictor.locate import FALLBACK_PRESET, list_bundles, models_dir
+    from pictor.presets import PRESETS
+
+    bundles = list_bundles()
+    print("bundles:")
+    for name, path in bundles:
+        cfg = read_bundle_config(path)
+        print(f"  {name:<16} {path}  ({cfg.preset or 'custom'}, {'trained' if cfg.trained else 'untrained'})")
+    if not bundles:
+        print(f"  (none; put bundles in {models_dir()} or set PICTOR_MODELS)")
+        print(f"  'default' falls back to the untrained preset '{FALLBACK_PRESET}'")
+    print("presets (architectures; untrained unless you load weights):")
+    for name, preset in PRESETS.items():
+        print(f"  {name:<16} {preset['description']}")
+    return 0
