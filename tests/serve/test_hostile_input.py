@@ -161,3 +161,19 @@ def test_wrapped_base64_is_accepted() -> None:
     b64 = base64.encodebytes(png_bytes(source_image())).decode()  # lines of 76 characters
     assert "\n" in b64
     assert decode_base64_image(b64, "reference_image", Limits()).size == (32, 32)
+
+
+def test_a_stored_job_with_a_lone_surrogate_does_not_break_the_history(client: TestClient) -> None:
+    """Jobs stored before requests were checked may hold one: they are listed, with U+FFFD in its place."""
+    from pictor.serve.store import JobRow, new_id
+
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    job = JobRow(
+        id=new_id(), created=1.0, status="failed", params={"prompt": "red", "negative_prompt": "\ud800"}
+    )
+    store.add_job(job)
+    listing = client.get("/v1/jobs")
+    assert listing.status_code == 200, listing.text
+    (shown,) = listing.json()["data"]
+    assert shown["request"]["negative_prompt"] == "\ufffd"
+    assert client.get(f"/v1/jobs/{job.id}").status_code == 200

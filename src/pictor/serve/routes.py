@@ -162,10 +162,9 @@ def list_models(request: Request) -> ModelList:
 def get_model(model_id: str, request: Request) -> ModelCard:
     svc = service(request)
     if model_id not in svc.model_names():
-        served = ", ".join(sorted(svc.model_names()))
         raise APIError(
             404,
-            f"no model '{model_id}' is served here; this server answers to: {served}",
+            f"no model '{model_id}' is served here; this server answers to: {svc.served()}",
             code="model_not_found",
             param="model",
         )

@@ -44,9 +44,12 @@ class Service:
             names.add(self.settings.model)
         return names
 
+    def served(self) -> str:
+        return ", ".join(sorted(self.model_names()))
+
     def check_model(self, model: str | None) -> None:
         if model and model not in self.model_names():
-            served = ", ".join(sorted(self.model_names()))
+            served = self.served()
             raise APIError(
                 400,
                 f"model '{model}' is not served here; use one of: {served} (or omit it)",

@@ -287,16 +287,32 @@ class Store:
         )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _sendable(value: Any) -> Any:
+    """Lone surrogates (U+D800..U+DFFF, which a JSON escape could carry into the params of jobs stored
+    before requests were checked for them) replaced by U+FFFD: such a string cannot be sent as UTF-8, and
+    one stored job would make every history page that holds it fail."""
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_sendable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _sendable(v) for k, v in value.items()}
+    return value
+
+
 def _job(row: sqlite3.Row) -> JobRow:
     return JobRow(
         id=row["id"],
         created=row["created"],
         status=row["status"],
-        params=json.loads(row["params"]),
+        params=_sendable(json.loads(row["params"])),
         user=row["user"],
         started=row["started"],
         finished=row["finished"],
         attempts=row["attempts"],
-        error=json.loads(row["error"]) if row["error"] else None,
+        error=_sendable(json.loads(row["error"])) if row["error"] else None,
         results=json.loads(row["results"] or "[]"),
     )
