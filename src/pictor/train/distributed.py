@@ -108,23 +108,8 @@ def shard(model: nn.Module, units: Iterable[nn.Module], device: torch.device) ->
         fully_shard(unit)
     fully_shard(model)
     model.to_empty(device=device)
-    _fill_from_rank0(model, source)
+    load_full_state(model, source, from_rank0=True)
     return model
-
-
-def _fill_from_rank0(model: nn.Module, source: dict[str, torch.Tensor] | None) -> None:
-    """Rank 0's whole state (`source`; None on the other ranks) scattered into a sharded module."""
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            if source is not None:
-                value = source[name].to(target.device, target.dtype)
-            else:  # only the shape matters here: distribute_tensor sends rank 0's data
-                value = torch.empty(target.shape, dtype=target.dtype, device=target.device)
-            if isinstance(target, DTensor):
-                target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=0))
-            else:
-                dist.broadcast(value, src=0)
-                target.copy_(value)
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
@@ -150,26 +135,37 @@ def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
 
-def load_full_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def load_full_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor] | None, from_rank0: bool = False
+) -> None:
     """A full state dict into a module, sharding it where the module is sharded; each tensor is read
-    from `state` once (it may be a file read lazily) and is whole only until its shard is cut."""
+    from `state` once (it may be a file read lazily) and is whole only until its shard is cut.
+
+    Sharded tensors take rank 0's values (distribute_tensor scatters them). `from_rank0` (every rank calls
+    together): unsharded ones are broadcast from rank 0 too, and ranks other than 0 may pass `state` None,
+    holding no values of their own (a meta-built model in `shard`)."""
     own = model.state_dict()
-    if set(own) != set(state):
+    if state is not None and set(own) != set(state):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise RuntimeError(
             f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for name, target in own.items():
-            value = state[name]
-            if value.shape != target.shape:  # copy_ would broadcast a smaller tensor silently
-                raise RuntimeError(
-                    f"state dict does not match the model: {name} is {tuple(value.shape)}, "
-                    f"the model's is {tuple(target.shape)}"
-                )
-            value = value.to(target.device, target.dtype)
-            if isinstance(target, DTensor):
+            if state is None:  # only the shape matters: rank 0's data is what arrives
+                value = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+            else:
+                value = state[name]
+                if value.shape != target.shape:  # copy_ would broadcast a smaller tensor silently
+                    raise RuntimeError(
+                        f"state dict does not match the model: {name} is {tuple(value.shape)}, "
+                        f"the model's is {tuple(target.shape)}"
+                    )
+                value = value.to(target.device, target.dtype)
+            if isinstance(target, DTensor):  # scattered from rank 0 (distribute_tensor's src_data_rank)
                 value = distribute_tensor(value, target.device_mesh, target.placements)
+            elif from_rank0:
+                dist.broadcast(value, src=0)
             target.copy_(value)
 
 
