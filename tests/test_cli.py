@@ -75,6 +75,11 @@ def test_models_lists_presets(tmp_path: Path) -> None:
         (("generate", "x", "--model", "tiny", "--size", "30x32"), "width 30 does not fit"),
         (("generate", "x", "--model", "no-such-model"), "unknown model 'no-such-model'"),
         (("reproduce", "missing.png"), "no such file"),
+        (
+            ("generate", "x", "--model", "tiny", "--vae-tile", "9"),
+            "VAE tile 9 must be a multiple of 2 pixels",
+        ),
+        (("generate", "x", "--model", "tiny", "--vae-tile-overlap", "4"), "needs a tile size"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -82,3 +87,21 @@ def test_errors_are_one_clear_line(tmp_path: Path, args: tuple[str, ...], messag
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_generate_and_edit_with_a_tiled_autoencoder(tmp_path: Path) -> None:
+    """--vae-tile reaches the pipeline for generate and edit, is recorded, and reproduce follows it."""
+    common = ("--model", "tiny", "--steps", "2", "--size", "32x32", "--seed", "4", "--vae-tile", "16")
+    out = run("generate", "a red circle", *common, "-o", "gen", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    made = tmp_path / out.stdout.split()[0]
+    record = read_record(made)
+    assert (record["vae_tile"], record["vae_tile_overlap"]) == (16, 4)
+    again = run("reproduce", str(made), "-o", "repro", cwd=tmp_path)
+    assert again.returncode == 0 and "identical" in again.stdout + again.stderr, again.stderr
+
+    tiling = ("--vae-tile", "16", "--vae-tile-overlap", "6")
+    edit = run("edit", str(made), "a blue square", *common[:4], *tiling, "-o", "edit", cwd=tmp_path)
+    assert edit.returncode == 0, edit.stderr
+    record = read_record(tmp_path / edit.stdout.split()[0])
+    assert (record["vae_tile"], record["vae_tile_overlap"], record["mode"]) == (16, 6, "img2img")

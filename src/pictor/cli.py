@@ -58,6 +58,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "layout": read_layout_arg(args.layout) if args.layout is not None else None,
         "reference": args.reference,
+        "vae_tile": args.vae_tile,
+        "vae_tile_overlap": args.vae_tile_overlap,
     }
 
 
@@ -294,6 +296,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         block_words=block,
         limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images),
+        vae_tile=args.vae_tile,
+        vae_tile_overlap=args.vae_tile_overlap,
     )
     return serve(settings, log_level=args.log_level)
 

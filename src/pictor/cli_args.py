@@ -46,6 +46,26 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="flux, linear, shifted")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
+    _add_vae_tiling(p)
+
+
+def _add_vae_tiling(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vae-tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="decode (and encode) through the autoencoder in tiles of PX pixels: less memory for large "
+        "images; each tile is normalized on its own, so colours can shift a little between tiles "
+        "(default: whole)",
+    )
+    p.add_argument(
+        "--vae-tile-overlap",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels tiles blend over (default: tile/4)",
+    )
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -299,4 +319,5 @@ def _add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="width*height limit")
     s.add_argument("--max-steps", type=int, default=Limits.max_steps)
     s.add_argument("--max-images", type=int, default=Limits.max_images, help="n limit per request")
+    _add_vae_tiling(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -17,6 +17,8 @@ from pictor.editing import ImageSource
 ProgressFn = Callable[[int, int], None]
 
 MAX_SEED = 2**63 - 1
+# How the autoencoder is run in tiles: set together, recorded together (all absent when it runs whole).
+TILING_FIELDS = ("vae_tile", "vae_tile_overlap")
 
 
 class GenerationError(ValueError):
@@ -42,6 +44,12 @@ class GenerationRequest:
     # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
     # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
     reference: ImageSource | np.ndarray | None = None
+    # Decode (and, for edits, encode) through the autoencoder in tiles of this many image pixels, which
+    # bounds its memory at large sizes; the result is close to, not equal to, the whole pass, so records
+    # keep it. None: one pass over the whole image.
+    vae_tile: int | None = None
+    # Pixels neighbouring tiles share and blend over; None: a quarter of the tile.
+    vae_tile_overlap: int | None = None
 
 
 @dataclass

@@ -47,3 +47,39 @@ def settings_problem(
     if schedule is not None and schedule not in SCHEDULES:
         return f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}"
     return None
+
+
+def default_tile_overlap(tile: int, factor: int) -> int:
+    """A quarter of the tile (what diffusers and ComfyUI blend over), on the autoencoder's latent grid."""
+    return tile // 4 // factor * factor
+
+
+def resolve_tiling(factor: int, tile: int | None, overlap: int | None) -> tuple[int | None, int | None]:
+    """A request's VAE tile and overlap with the default overlap filled in (both None without a tile);
+    ValueError says what is wrong with them."""
+    problem = tiling_problem(factor, tile, overlap)
+    if problem:
+        raise ValueError(problem)
+    if tile is None:
+        return None, None
+    return tile, default_tile_overlap(tile, factor) if overlap is None else overlap
+
+
+def tiling_problem(factor: int, tile: int | None, overlap: int | None) -> str | None:
+    """What is wrong with a VAE tile size and overlap in image pixels (`pictor.models.autoencoder_tiling`)
+    for an autoencoder with downsample `factor`; None when they are fine or not given."""
+    if tile is None:
+        return "a VAE tile overlap needs a tile size: give the tile too" if overlap is not None else None
+    least = 4 * factor
+    if tile < least or tile % factor:
+        near = max(least, tile // factor * factor)
+        return (
+            f"VAE tile {tile} must be a multiple of {factor} pixels (the autoencoder's factor) and at least "
+            f"{least}; try {near}"
+        )
+    if overlap is not None and (overlap < 0 or overlap % factor or overlap > tile // 2):
+        return (
+            f"VAE tile overlap {overlap} must be a multiple of {factor} pixels from 0 to half the tile "
+            f"({tile // 2 // factor * factor}); the default is {default_tile_overlap(tile, factor)}"
+        )
+    return None

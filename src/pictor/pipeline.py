@@ -34,15 +34,17 @@ from pictor.edit_blending import LatentInit, composite, feather_weights, latent_
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.generation_request import (
     MAX_SEED,
+    TILING_FIELDS,
     GeneratedImage,
     GenerationError,
     GenerationRequest,
     ProgressFn,
 )
-from pictor.generation_settings import settings_problem
+from pictor.generation_settings import resolve_tiling, settings_problem
 from pictor.guided_velocity import guided_velocity
 from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
+from pictor.models.autoencoder_tiling import autoencoder_decode, autoencoder_encode
 from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
@@ -155,6 +157,12 @@ class Pipeline:
         )
         if problem:
             raise GenerationError(problem)
+        factor = self.autoencoder.params.downsample_factor
+        try:
+            tiling = resolve_tiling(factor, r.vae_tile, r.vae_tile_overlap)
+        except ValueError as exc:
+            raise GenerationError(str(exc)) from exc
+        r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
         if r.num_images < 1:
             raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
         if r.batch_size is not None and r.batch_size < 1:
@@ -250,8 +258,10 @@ class Pipeline:
         else:
             f = self.autoencoder.params.downsample_factor
             with torch.inference_mode():
-                z0 = self.autoencoder.encode(to_model_pixels(inputs.canvas, self.device, self.dtype))
-                z0 = pack_latents(z0)
+                pixels = to_model_pixels(inputs.canvas, self.device, self.dtype)
+                z0 = pack_latents(
+                    autoencoder_encode(self.autoencoder, pixels, r.vae_tile, r.vae_tile_overlap)
+                )
             mask = None
             if inputs.mask is not None:
                 mask = latent_mask(inputs.mask, f, self.autoencoder.params.z_channels).to(self.device)
@@ -332,7 +342,11 @@ class Pipeline:
                     "broken, or the settings overflow it; no image was made"
                 )
             latents = unpack_latents(x, lat_h, lat_w)
-            return self.autoencoder.decode(latents)
+
+            def on_tile() -> None:  # a job can be cancelled between tiles too, not only between steps
+                progress(r.steps, r.steps)
+
+            return autoencoder_decode(self.autoencoder, latents, r.vae_tile, r.vae_tile_overlap, on_tile)
 
     def run_seeds(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
         """One sampler run over exactly these seeds (what `reproduce` reruns)."""
@@ -372,6 +386,7 @@ class Pipeline:
             "loras": [dict(lo) for lo in self.loras],
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
             **(self._reference_fields(r) if r.reference is not None else {}),
+            **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
         }
 
     def _reference_fields(self, r: GenerationRequest) -> dict[str, Any]:

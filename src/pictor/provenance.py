@@ -74,6 +74,11 @@ def parameters_text(record: dict[str, Any]) -> str:
     loras = record.get("loras") or []
     if loras:
         fields.append(("Lora hashes", ", ".join(f"{lo['name']}: {lo['hash'][:12]}" for lo in loras)))
+    if record.get("vae_tile"):
+        fields += [
+            ("VAE tile", record["vae_tile"]),
+            ("VAE tile overlap", record.get("vae_tile_overlap", "")),
+        ]
     if record.get("batch_size", 1) > 1:
         fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))

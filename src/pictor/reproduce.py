@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
+from pictor.generation_request import TILING_FIELDS
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
 
@@ -66,6 +67,8 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "mask": (_optional(_hashed), "an object with the mask's sha256"),
     "expand": (_optional(lambda v: isinstance(v, list) and len(v) == 4 and all(map(_int, v))), "4 integers"),
     "feather": (_int, "an integer"),
+    "vae_tile": (_optional(_int), "an integer"),
+    "vae_tile_overlap": (_optional(_int), "an integer"),
 }
 
 
@@ -108,6 +111,7 @@ def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource |
         "num_images": len(seeds),
         "layout": record.get("layout"),
         "reference": reference,
+        **{name: record.get(name) for name in TILING_FIELDS},
     }
 
 

@@ -217,3 +217,38 @@ def test_a_model_fault_fails_the_job_not_the_server(
     assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
     assert wait_job(client, submit(client)["id"])["status"] == "succeeded"
     assert 'pictor_jobs_finished_total{state="failed"} 1' in client.get("/metrics").text
+
+
+def test_vae_tiling_setting_reaches_every_run_and_reproduces(
+    make_client: Callable[..., TestClient], tiny: Pipeline, wait_job: Callable[..., Any]
+) -> None:
+    """`pictor serve --vae-tile`: the server's runs decode in tiles, and the images' records say so."""
+    client = make_client(tiny, vae_tile=16, vae_tile_overlap=4)
+    job = wait_job(client, submit(client, n=2, seed=3)["id"])
+    assert job["status"] == "succeeded", job
+    store = client.app.state.service.store
+    path = store.image_path(job["results"][1]["image_id"])
+    record = read_record(path)
+    assert (record["vae_tile"], record["vae_tile_overlap"]) == (16, 4)
+    assert np.array_equal(np.asarray(read_png(path)), np.asarray(reproduce(tiny, record).image))
+
+
+def test_vae_tiling_that_does_not_fit_the_model_is_a_load_error(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(None, model="tiny", vae_tile=9)  # tiny's autoencoder works in steps of 2 pixels
+    deadline = time.monotonic() + 30
+    while client.get("/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "error"
+    assert "--vae-tile does not fit model" in ready["detail"] and "multiple of 2 pixels" in ready["detail"]
+
+
+def test_vae_tiling_settings_are_checked_at_start(tmp_path: Path) -> None:
+    from pictor.serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="vae-tile-overlap needs vae-tile"):
+        ServeSettings(data_dir=tmp_path, vae_tile_overlap=8)
+    with pytest.raises(ValueError, match="vae-tile must be a positive number of pixels, got 0"):
+        ServeSettings(data_dir=tmp_path, vae_tile=0)

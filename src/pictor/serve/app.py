@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from pictor import __version__
+from pictor.generation_settings import tiling_problem
 from pictor.pipeline import Pipeline
 from pictor.serve import edits
 from pictor.serve.api_models import Health
@@ -62,7 +63,12 @@ def create_app(
     def load_model() -> Pipeline:
         from pictor.loading import load
 
-        return load(settings.model, device=settings.device)
+        pipe = load(settings.model, device=settings.device)
+        factor = pipe.autoencoder.params.downsample_factor
+        problem = tiling_problem(factor, settings.vae_tile, settings.vae_tile_overlap)
+        if problem:  # refused at load: the health check and every request say why
+            raise ValueError(f"--vae-tile does not fit model '{pipe.name}': {problem}")
+        return pipe
 
     manager = JobManager(store, settings, metrics, pipeline=pipeline, loader=None if pipeline else load_model)
     if policy is None and settings.block_words:

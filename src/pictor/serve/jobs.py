@@ -299,6 +299,8 @@ class JobManager:
             "seed": batch[0].seed,
             "num_images": total_images,
             "batch_size": min(total_images, self.settings.max_batch),
+            "vae_tile": self.settings.vae_tile,
+            "vae_tile_overlap": self.settings.vae_tile_overlap,
         }
         params = batch[0].job.params
         if params.get("kind") == "edit":

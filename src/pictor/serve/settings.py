@@ -39,6 +39,10 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     url_ttl: int = 24 * 3600  # lifetime of signed image URLs (only used with an API key)
     retry_after: int = 5  # seconds, sent with 429 and 503
+    # Decode through the autoencoder in tiles of this many pixels (bounds its memory on large images; the
+    # images' records keep it); None: whole. The overlap None: a quarter of the tile.
+    vae_tile: int | None = None
+    vae_tile_overlap: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):
@@ -46,6 +50,10 @@ class ServeSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.job_timeout <= 0:
             raise ValueError(f"job-timeout must be > 0 seconds, got {self.job_timeout}")
+        if self.vae_tile is not None and self.vae_tile <= 0:
+            raise ValueError(f"vae-tile must be a positive number of pixels, got {self.vae_tile}")
+        if self.vae_tile_overlap is not None and self.vae_tile is None:
+            raise ValueError("vae-tile-overlap needs vae-tile: give the tile size too")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; pass a non-empty --api-key or none")
 
