@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_bundle import tiny_models
 
 from pictor.bundle_defaults import set_defaults
 from pictor.checkpoint import CheckpointError, load_bundle, read_bundle_config, save_bundle
 from pictor.cli import main
 from pictor.loading import load
 from pictor.pipeline import GenerationRequest
+
+from tiny_bundle import tiny_models
 
 
 @pytest.fixture

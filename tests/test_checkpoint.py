@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_bundle import tiny_models
 
 import pictor.checkpoint as ckpt
 from pictor.checkpoint import (
@@ -23,6 +22,8 @@ from pictor.checkpoint import (
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
+
+from tiny_bundle import tiny_models
 
 
 def _models() -> tuple[BundleConfig, Flux, AutoEncoder]:

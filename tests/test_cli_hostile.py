@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_bundle import tiny_models
 
 from pictor.checkpoint import CheckpointError, save_bundle
 from pictor.cli import main
@@ -25,6 +24,8 @@ from pictor.models.lora_formats import LoRAError
 from pictor.provenance import ProvenanceError
 from pictor.reproduce import check_record
 from pictor.train.config import ConfigError, TrainConfig
+
+from tiny_bundle import tiny_models
 
 TINY = ["--model", "tiny", "--steps", "2", "--size", "32x32"]
 

@@ -1,4 +1,5 @@
-"""--lora through the console script: applied, recorded like A1111's "Lora hashes", honoured by reproduce."""
+"""LoRAs through the console script: --lora applied, recorded like A1111's "Lora hashes", honoured by
+reproduce; `pictor lora extract | convert | resize`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pictor.checkpoint import save_bundle
 from pictor.loading import pipeline_from_preset
 from pictor.lora_files import save_lora
 from pictor.models.lora import add_lora
 from pictor.provenance import read_record, read_text_chunks
+
+from tiny_bundle import tiny_models
 
 PICTOR = shutil.which("pictor")
 
@@ -56,3 +60,131 @@ def test_generate_with_lora_records_and_reproduces(tmp_path: Path) -> None:
 
     wrong = _run("reproduce", str(lora_png), "--lora", f"{lora}:0.5", "-o", "x", cwd=tmp_path)
     assert wrong.returncode == 2 and "pass the same files and scales" in wrong.stderr
+
+
+def _bundles(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny base bundle and a "fine-tuned" copy whose linear layers moved by rank-2 changes."""
+    config, flux, ae = tiny_models(trained=True)
+    base_sd = {k: v.clone() for k, v in flux.state_dict().items()}
+    tuned_sd = dict(base_sd)
+    gen = torch.Generator().manual_seed(4)
+    for key in sorted(base_sd)[::3]:
+        w = base_sd[key]
+        if key.endswith(".weight") and w.ndim == 2:
+            tuned_sd[key] = w + 0.3 * torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(
+                2, w.shape[1], generator=gen
+            )
+    save_bundle(tmp_path / "base", config, base_sd, ae.state_dict())
+    save_bundle(tmp_path / "tuned", config, tuned_sd, ae.state_dict())
+    return tmp_path / "base", tmp_path / "tuned"
+
+
+def test_lora_extract_convert_resize(tmp_path: Path) -> None:
+    """`pictor lora extract` turns the base into the tuned model: images through the base plus the LoRA
+    are the tuned model's images; convert keeps them; resize says what a lower rank loses."""
+    base, tuned = _bundles(tmp_path)
+    out = _run(
+        "lora",
+        "extract",
+        "--base",
+        str(base),
+        "--tuned",
+        str(tuned),
+        "--rank",
+        "2",
+        "--out",
+        "x.safetensors",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["x.safetensors"]
+    assert "rank 2; energy kept: mean 1.0000" in out.stderr
+
+    common = ("a red circle", "--seed", "3", "--steps", "2", "--size", "32x32")
+    want = _run("generate", *common, "--model", str(tuned), "-o", "tuned", cwd=tmp_path)
+    got = _run(
+        "generate", *common, "--model", str(base), "--lora", "x.safetensors", "-o", "lora", cwd=tmp_path
+    )
+    plain = _run("generate", *common, "--model", str(base), "-o", "base", cwd=tmp_path)
+    assert want.returncode == got.returncode == plain.returncode == 0, got.stderr
+
+    def pixels(run: subprocess.CompletedProcess[str]) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / run.stdout.split()[0])).astype(int)
+
+    assert np.abs(pixels(got) - pixels(want)).max() <= 1  # float rounding of W + BA vs W'
+    assert np.abs(pixels(plain) - pixels(want)).max() > 10
+
+    conv = _run(
+        "lora",
+        "convert",
+        "x.safetensors",
+        "--model",
+        str(base),
+        "--format",
+        "kohya",
+        "--out",
+        "k.safetensors",
+        cwd=tmp_path,
+    )
+    assert conv.returncode == 0, conv.stderr
+    kohya = _run(
+        "generate", *common, "--model", str(base), "--lora", "k.safetensors", "-o", "kohya", cwd=tmp_path
+    )
+    assert kohya.returncode == 0 and np.array_equal(pixels(kohya), pixels(got)), kohya.stderr
+
+    cut = _run(
+        "lora",
+        "resize",
+        "k.safetensors",
+        "--model",
+        str(base),
+        "--rank",
+        "1",
+        "--out",
+        "r.safetensors",
+        cwd=tmp_path,
+    )
+    assert cut.returncode == 0, cut.stderr
+    assert "rank 1; energy kept: mean 0." in cut.stderr
+
+
+def test_lora_tool_errors_are_one_clear_line(tmp_path: Path) -> None:
+    base, _ = _bundles(tmp_path)
+    cases = [
+        (
+            ("extract", "--base", "tiny", "--tuned", str(base), "--rank", "2", "--out", "x.safetensors"),
+            "is a preset",
+        ),
+        (
+            (
+                "extract",
+                "--base",
+                str(base),
+                "--tuned",
+                str(base),
+                "--rank",
+                "2",
+                "--energy",
+                "2",
+                "--out",
+                "x.safetensors",
+            ),
+            "energy must be a fraction",
+        ),
+        (
+            ("extract", "--base", str(base), "--tuned", str(base), "--rank", "2", "--out", "x.safetensors"),
+            "nothing to write",
+        ),
+        (
+            ("convert", "missing.safetensors", "--model", "tiny", "--out", "y.safetensors"),
+            "missing.safetensors",
+        ),
+        (("resize", "x.pt", "--rank", "1", "--out", "y.safetensors"), "pickle"),
+    ]
+    for args, message in cases:
+        out = _run("lora", *args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (
+            args,
+            out.stderr,
+        )
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

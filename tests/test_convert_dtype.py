@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_bundle import tiny_models
 
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
@@ -23,6 +22,8 @@ from pictor.cli import main
 from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.pipeline import GenerationRequest
+
+from tiny_bundle import tiny_models
 
 
 def _bundle(path: Path, big: float | None = None) -> Path:

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_bundle import tiny_models
 
 from pictor.checkpoint import CheckpointError, load_into
 from pictor.flux_files import (
@@ -17,6 +16,8 @@ from pictor.flux_files import (
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.presets import get_preset
+
+from tiny_bundle import tiny_models
 
 
 def _models() -> tuple[Flux, AutoEncoder]:

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "cli": 3,
     "cli_args": 3,
     "cli_inspect": 3,
+    "cli_lora": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
@@ -44,6 +45,7 @@ LAYERS: dict[str, int] = {
     "editing": 1,
     "edit_blending": 1,
     "lora_files": 1,
+    "lora_tools": 1,
     "adapter_files": 1,
     "layout_files": 1,
     "reference_files": 1,

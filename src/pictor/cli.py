@@ -15,6 +15,7 @@ from PIL import Image
 
 from pictor.cli_args import build_parser
 from pictor.cli_inspect import cmd_info, cmd_models
+from pictor.cli_lora import cmd_lora
 from pictor.data.folder import DatasetWarning
 from pictor.train import command as train_command
 
@@ -311,6 +312,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "eval": cmd_eval,
     "train": train_command.run_train,
+    "lora": cmd_lora,
     "serve": cmd_serve,
 }
 

@@ -296,8 +296,55 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--sampler", default=None)
     cg.add_argument("--schedule", default=None)
     train_command.add_train_parser(sub)
+    _add_lora_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _add_lora_parser(sub: Any) -> None:
+    lo = sub.add_parser(
+        "lora", help="extract a LoRA from two models, resize one, or write it for other tools"
+    )
+    lsub = lo.add_subparsers(dest="lora_cmd", required=True)
+
+    def outputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--format",
+            choices=["pictor", "kohya", "diffusers"],
+            default="pictor",
+            help="key layout: pictor's, kohya's (ComfyUI, Forge, A1111) or diffusers' (default: pictor)",
+        )
+        p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+
+    def ranks(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rank", type=int, required=True, help="the rank of each layer (at most)")
+        p.add_argument(
+            "--energy",
+            type=float,
+            default=None,
+            help="per layer, the fewest singular values that keep this fraction of the update's squared "
+            "norm, e.g. 0.99 (at most --rank)",
+        )
+
+    ex = lsub.add_parser("extract", help="a LoRA that turns --base into --tuned (SVD of what changed)")
+    ex.add_argument("--base", required=True, help="the model before fine-tuning (bundle or name)")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model (bundle or name)")
+    ex.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster at FLUX.1 size)")
+    ranks(ex)
+    outputs(ex)
+    rs = lsub.add_parser("resize", help="a LoRA cut to a lower rank (the best one, by SVD)")
+    rs.add_argument("lora", help="a LoRA file in any layout pictor reads")
+    rs.add_argument(
+        "--model", "-m", default=None, help="the model it is for (default: default); presets work"
+    )
+    ranks(rs)
+    outputs(rs)
+    cv = lsub.add_parser("convert", help="a LoRA file in another key layout")
+    cv.add_argument("lora", help="a LoRA file in any layout pictor reads")
+    cv.add_argument(
+        "--model", "-m", default=None, help="the model it is for (default: default); presets work"
+    )
+    outputs(cv)
 
 
 def _add_serve_parser(sub: Any) -> None:

@@ -77,7 +77,7 @@ KOHYA_PREFIX = "lora_unet_"
 KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 
 # diffusers module (inside a block) -> (FLUX module inside the block, part index of a fused layer or None)
-_DOUBLE = {
+DIFFUSERS_DOUBLE = {
     "attn.to_q": ("img_attn.qkv", 0),
     "attn.to_k": ("img_attn.qkv", 1),
     "attn.to_v": ("img_attn.qkv", 2),
@@ -93,7 +93,7 @@ _DOUBLE = {
     "norm1.linear": ("img_mod.lin", None),
     "norm1_context.linear": ("txt_mod.lin", None),
 }
-_SINGLE = {
+DIFFUSERS_SINGLE = {
     "attn.to_q": ("linear1", 0),
     "attn.to_k": ("linear1", 1),
     "attn.to_v": ("linear1", 2),
@@ -101,7 +101,7 @@ _SINGLE = {
     "proj_out": ("linear2", None),
     "norm.linear": ("modulation.lin", None),
 }
-_TOP = {
+DIFFUSERS_TOP = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -113,9 +113,7 @@ _TOP = {
     "norm_out.linear": "final_layer.adaLN_modulation.1",
     "proj_out": "final_layer.linear",
 }
-_SWAP_HALVES = frozenset(
-    {"final_layer.adaLN_modulation.1"}
-)  # diffusers (scale, shift) vs FLUX (shift, scale)
+SWAP_HALVES = frozenset({"final_layer.adaLN_modulation.1"})  # diffusers (scale, shift) vs FLUX (shift, scale)
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
@@ -284,20 +282,24 @@ def _fuse(parts: dict[int, tuple[str, Tensor, Tensor, float]], sizes: list[int],
 
 def _diffusers_target(module: str) -> tuple[str, int | None] | None:
     name = _strip(module, ("transformer.",))
-    if name in _TOP:
-        return _TOP[name], None
+    if name in DIFFUSERS_TOP:
+        return DIFFUSERS_TOP[name], None
     m = _BLOCK.match(name)
     if m is None:
         return None
     kind, index, rest = m.groups()
-    table, ours = (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
+    table, ours = (
+        (DIFFUSERS_DOUBLE, "double_blocks")
+        if kind == "transformer_blocks"
+        else (DIFFUSERS_SINGLE, "single_blocks")
+    )
     if rest not in table:
         return None
     inner, part = table[rest]
     return f"{ours}.{index}.{inner}", part
 
 
-def _split_sizes(path: str, shape: tuple[int, int]) -> list[int]:
+def fused_split_sizes(path: str, shape: tuple[int, int]) -> list[int]:
     in_f, out_f = shape
     if path.endswith(".linear1"):  # [q | k | v | mlp_in], q/k/v as wide as the hidden size (= in)
         return [in_f, in_f, in_f, out_f - 3 * in_f]
@@ -372,14 +374,14 @@ def to_flux_updates(
             alpha = _tensor_alpha(pair) or _diffusers_alpha(name, rank, metadata)
             if part is None:
                 b = pair.B[1]
-                if path in _SWAP_HALVES:
+                if path in SWAP_HALVES:
                     scale, shift = b.chunk(2, dim=0)
                     b = torch.cat([shift, scale])
                 updates[path] = LoRAUpdate(pair.A[1], b, alpha, pair.A[0])
             else:
                 fused.setdefault(path, {})[part] = (pair.A[0], pair.A[1], pair.B[1], alpha)
         for path, parts in fused.items():
-            sizes = _split_sizes(path, linears[path])
+            sizes = fused_split_sizes(path, linears[path])
             updates[path] = _fuse(dict(sorted(parts.items())), sizes, path)
     for path, update in updates.items():
         _check(update, path, linears[path])

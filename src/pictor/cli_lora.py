@@ -1,0 +1,51 @@
+"""`pictor lora extract | resize | convert`: :mod:`pictor.lora_tools` on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pictor.lora_tools import LowRankReport, extract_lora, model_linears, read_lora, resize_lora, write_lora
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    if args.lora_cmd == "extract":
+        updates, report = _extract(args)
+    else:
+        updates = read_lora(args.lora, model_linears(args.model))
+        report = None
+        if args.lora_cmd == "resize":
+            updates, report = resize_lora(updates, args.rank, args.energy)
+    if report is not None:
+        _print_report(report)
+    write_lora(updates, args.out, args.format)
+    print(args.out)
+    return 0
+
+
+def _extract(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pictor.checkpoint import CheckpointError, load_bundle
+    from pictor.locate import resolve
+
+    weights = []
+    for flag, model in (("--base", args.base), ("--tuned", args.tuned)):
+        ref = resolve(model)
+        if ref.path is None:
+            raise CheckpointError(
+                f"{flag} '{model}' is a preset: an untrained architecture with random weights, not a model "
+                "to extract from; pass a bundle folder or name"
+            )
+        weights.append({k: v.to(args.device) for k, v in load_bundle(ref.path).transformer.items()})
+    return extract_lora(weights[0], weights[1], args.rank, args.energy)
+
+
+def _print_report(report: LowRankReport) -> None:
+    print(report.summary(), file=sys.stderr)
+    if report.not_carried:
+        worst = max(report.not_carried, key=report.not_carried.__getitem__)
+        print(
+            f"warning: {len(report.not_carried)} changed tensors are not linear weights, which a LoRA cannot "
+            f"carry (biases, norm scales); they keep the base's values (largest change "
+            f"{report.not_carried[worst]:.3g} in {worst})",
+            file=sys.stderr,
+        )

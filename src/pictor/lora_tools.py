@@ -1,0 +1,210 @@
+"""LoRA tools that people reach for kohya's scripts for: extract a LoRA from what fine-tuning changed in a
+model (kohya's ``extract_lora_from_models``), resize a LoRA to another rank (``resize_lora``), and write a
+LoRA in pictor's, kohya's or diffusers' layout so that ComfyUI, Forge, A1111 or diffusers load it.
+
+All three are low-rank algebra on per-layer updates ``W += alpha / rank * B @ A``: the best rank-r
+approximation of a matrix (Eckart-Young) is its truncated SVD, so extraction keeps the top singular values
+of ``W_tuned - W_base`` and resizing keeps the top ones of ``alpha / rank * B @ A`` (computed from two QR
+factorizations and an r x r SVD, never the full matrix). Each update keeps the whole scale in its factors
+(alpha = rank), split evenly: ``B = U sqrt(S)``, ``A = sqrt(S) V^T``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pictor.checkpoint import BundleConfig, read_bundle_config, write_safetensors
+from pictor.locate import resolve
+from pictor.lora_files import load_lora_file, lora_metadata
+from pictor.models.flux import Flux, FluxParams
+from pictor.models.lora import linear_layers
+from pictor.models.lora_export import diffusers_keys, kohya_keys
+from pictor.models.lora_formats import LoRAError, LoRAUpdate, to_flux_updates
+from pictor.presets import get_preset
+
+FORMATS = ("pictor", "kohya", "diffusers")
+
+
+@dataclass
+class LowRankReport:
+    """What a rank cut kept: per layer its rank and the fraction of the update's squared Frobenius norm
+    (its "energy") that the kept singular values carry."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, float] = field(default_factory=dict)
+    # tensors that changed but that a LoRA cannot carry (biases, norm scales): name -> largest |change|
+    not_carried: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if not self.ranks:
+            return "no layer changed"
+        kept = list(self.kept.values())
+        worst = min(self.kept, key=self.kept.__getitem__)
+        ranks = sorted(set(self.ranks.values()))
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        return (
+            f"{len(self.ranks)} layers, rank {rank}; energy kept: mean {sum(kept) / len(kept):.4f}, "
+            f"lowest {self.kept[worst]:.4f} ({worst})"
+        )
+
+
+def _truncate(
+    u: Tensor, s: Tensor, vh: Tensor, rank: int, energy: float | None
+) -> tuple[Tensor, Tensor, float]:
+    """(A, B, kept) from an SVD: the top singular values, as many as ``rank`` or, with ``energy``, the
+    fewest that carry that fraction of the squared norm (never more than ``rank``)."""
+    power = s.double() ** 2
+    total = float(power.sum())
+    r = min(rank, s.numel())
+    if energy is not None and total > 0:
+        needed = int(torch.searchsorted(torch.cumsum(power, 0) / total, energy - 1e-12).item()) + 1
+        r = max(1, min(r, needed))
+    root = s[:r].sqrt()
+    kept = float(power[:r].sum()) / total if total > 0 else 1.0
+    return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root[None, :]).contiguous(), kept
+
+
+def low_rank(delta: Tensor, rank: int, energy: float | None = None) -> tuple[Tensor, Tensor, float]:
+    """The best rank-``rank`` factors of ``delta`` [out, in]: (A [r, in], B [out, r], fraction of its
+    energy kept), B @ A closest to delta in Frobenius norm."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return _truncate(u, s, vh, rank, energy)
+
+
+def resized(update: LoRAUpdate, rank: int, energy: float | None = None) -> tuple[LoRAUpdate, float]:
+    """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank."""
+    a, b = update.A.float(), update.B.float() * (update.alpha / update.rank)
+    qb, rb = torch.linalg.qr(b)  # B = Qb Rb: [out, r] [r, r]
+    qa, ra = torch.linalg.qr(a.T)  # A^T = Qa Ra: [in, r] [r, r]
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # B A = Qb (Rb Ra^T) Qa^T, whose SVD is r x r
+    new_a, new_b, kept = _truncate(qb @ u, s, vh @ qa.T, rank, energy)
+    return LoRAUpdate(new_a, new_b, float(new_a.shape[0]), update.source), kept
+
+
+def extract_lora(
+    base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], rank: int, energy: float | None = None
+) -> tuple[dict[str, LoRAUpdate], LowRankReport]:
+    """A LoRA that turns ``base`` into (nearly) ``tuned``: both transformer state dicts of one architecture.
+    Every 2-D weight (FLUX's linear layers) that changed gets its best low-rank update; other tensors that
+    changed are listed in the report, since a LoRA cannot carry them."""
+    check_rank(rank, energy)
+    if set(base) != set(tuned):
+        only = sorted(set(base) ^ set(tuned))
+        raise LoRAError(
+            f"the two models have different layers (e.g. '{only[0]}'): extract needs one architecture"
+        )
+    updates: dict[str, LoRAUpdate] = {}
+    report = LowRankReport()
+    for key in sorted(base):
+        if base[key].shape != tuned[key].shape:
+            raise LoRAError(
+                f"'{key}' is {list(base[key].shape)} in the base and {list(tuned[key].shape)} in the tuned "
+                "model: extract needs one architecture"
+            )
+        delta = tuned[key].float() - base[key].float()
+        change = float(delta.abs().max()) if delta.numel() else 0.0
+        if change == 0.0:
+            continue
+        if delta.ndim != 2 or not key.endswith(".weight"):
+            report.not_carried[key] = change
+            continue
+        path = key.removesuffix(".weight")
+        a, b, kept = low_rank(delta, rank, energy)
+        updates[path] = LoRAUpdate(a, b, float(a.shape[0]), key)
+        report.ranks[path], report.kept[path] = a.shape[0], kept
+    return updates, report
+
+
+def resize_lora(
+    updates: Mapping[str, LoRAUpdate], rank: int, energy: float | None = None
+) -> tuple[dict[str, LoRAUpdate], LowRankReport]:
+    check_rank(rank, energy)
+    out: dict[str, LoRAUpdate] = {}
+    report = LowRankReport()
+    for path, update in sorted(updates.items()):
+        out[path], kept = resized(update, rank, energy)
+        report.ranks[path], report.kept[path] = out[path].rank, kept
+    return out, report
+
+
+def check_rank(rank: int, energy: float | None) -> None:
+    if rank < 1:
+        raise LoRAError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not (math.isfinite(energy) and 0 < energy <= 1):
+        raise LoRAError(f"energy must be a fraction in (0, 1], e.g. 0.99, got {energy}")
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def lora_tensors(updates: Mapping[str, LoRAUpdate], fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of ``updates`` in layout ``fmt``."""
+    if fmt not in FORMATS:
+        raise LoRAError(f"unknown LoRA layout '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if not updates:
+        raise LoRAError("nothing to write: the LoRA has no layers")
+    ranks = {p: u.rank for p, u in updates.items()}
+    alphas = {p: float(u.alpha) for p, u in updates.items()}
+    meta = lora_metadata(ranks, alphas)
+    tensors: dict[str, Tensor] = {}
+    for path, u in sorted(updates.items()):
+        if fmt == "pictor":
+            tensors[f"{path}.lora_A.weight"] = u.A.float().contiguous()
+            tensors[f"{path}.lora_B.weight"] = u.B.float().contiguous()
+        elif fmt == "kohya":
+            tensors.update(kohya_keys(path, u))
+        else:
+            tensors.update(diffusers_keys(path, u, (u.A.shape[1], u.B.shape[0])))
+    if fmt == "kohya":
+        meta = {k: v for k, v in meta.items() if k.startswith("ss_") or k == "format"}
+        meta.update(ss_network_module="networks.lora_flux", ss_base_model_version="flux1")
+    elif fmt == "diffusers":
+        meta = {"format": "pt"}  # the scale is folded into B, so there is no alpha to carry
+    return tensors, meta
+
+
+def write_lora(
+    updates: Mapping[str, LoRAUpdate],
+    path: str | os.PathLike[str],
+    fmt: str = "pictor",
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write ``updates`` as a LoRA file in layout ``fmt`` (atomically); returns its SHA-256."""
+    if not str(path).lower().endswith(".safetensors"):
+        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+    tensors, meta = lora_tensors(updates, fmt)
+    return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def model_config(model: str | os.PathLike[str] | None) -> BundleConfig | dict:
+    ref = resolve(model)
+    if ref.kind == "preset":
+        return get_preset(ref.name)
+    assert ref.path is not None
+    return read_bundle_config(ref.path)
+
+
+def model_linears(model: str | os.PathLike[str] | None) -> dict[str, tuple[int, int]]:
+    """Every linear layer of a model's transformer: path -> (in, out), from its config alone (built on the
+    meta device: no weights are read)."""
+    config = model_config(model)
+    params = config["model"] if isinstance(config, dict) else config.model
+    with torch.device("meta"):
+        flux = Flux(FluxParams.from_dict(params))
+    return {p: (m.in_features, m.out_features) for p, m in linear_layers(flux).items()}
+
+
+def read_lora(path: str | os.PathLike[str], linears: Mapping[str, tuple[int, int]]) -> dict[str, LoRAUpdate]:
+    """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``."""
+    sd, meta = load_lora_file(path)
+    updates, _ = to_flux_updates(sd, meta, linears)
+    return updates
