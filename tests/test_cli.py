@@ -105,3 +105,20 @@ def test_generate_and_edit_with_a_tiled_autoencoder(tmp_path: Path) -> None:
     assert edit.returncode == 0, edit.stderr
     record = read_record(tmp_path / edit.stdout.split()[0])
     assert (record["vae_tile"], record["vae_tile_overlap"], record["mode"]) == (16, 6, "img2img")
+
+
+def test_generate_with_the_hires_fix(tmp_path: Path) -> None:
+    hires = ("--hires", "2", "--hires-strength", "0.4", "--hires-steps", "3")
+    out = run(
+        "generate", "a red circle", "--model", "tiny", "--steps", "2", "--size", "16x16", *hires, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    made = tmp_path / out.stdout.split()[0]
+    assert Image.open(made).size == (32, 32)
+    record = read_record(made)
+    assert (record["width"], record["hires"]["width"], record["hires"]["steps"]) == (16, 32, 3)
+    assert record["hires"]["strength"] == 0.4
+    again = run("reproduce", str(made), "-o", "r", cwd=tmp_path)
+    assert again.returncode == 0 and "identical" in again.stdout + again.stderr, again.stderr
+    refused = run("generate", "x", "--model", "tiny", "--hires", "0.5", cwd=tmp_path)
+    assert refused.returncode == 2 and "hires scale must be a number above 1" in refused.stderr

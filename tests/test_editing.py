@@ -22,6 +22,7 @@ from pictor.edit_blending import (
 )
 from pictor.editing import EditError, EditRequest, load_mask, mask_sha256
 from pictor.flow import interpolate
+from pictor.hires import HIRES_FIELDS
 from pictor.loading import pipeline_from_preset
 from pictor.models.flux import pack_latents
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
@@ -298,9 +299,10 @@ def test_generation_errors_apply_to_edits(pipe: Pipeline) -> None:
 
 
 def test_edit_request_carries_every_generation_field() -> None:
-    """Pipeline.edit copies the generation settings by name; a field added to one must reach the other."""
+    """Pipeline.edit copies the generation settings by name; a field added to one must reach the other
+    (the hires fix's are the exception: an edit has no second pass)."""
     edit_fields = {f.name for f in fields(EditRequest)}
-    missing = {f.name for f in fields(GenerationRequest)} - {"width", "height"} - edit_fields
+    missing = {f.name for f in fields(GenerationRequest)} - {"width", "height", *HIRES_FIELDS} - edit_fields
     assert not missing, f"EditRequest lacks {missing}"
 
 

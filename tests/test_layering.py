@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     # what wires the parts together
     "pipeline": 2,
     "guided_velocity": 2,
+    "picture_runs": 2,
     "loading": 2,
     "reproduce": 2,
     "rerank": 2,
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     "bundle_defaults": 1,
     "generation_settings": 1,
     "generation_request": 1,
+    "hires": 1,
     "flux_files": 1,
     "locate": 1,
     "presets": 1,

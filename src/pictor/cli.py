@@ -110,7 +110,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("--best-of N sets the number of images; drop -n")
     pipe = _load(args)
     width, height = args.size or (None, None)
-    request = pl.GenerationRequest(prompt=args.prompt, width=width, height=height, **_settings(args))
+    hires = {
+        "hires_scale": args.hires,
+        "hires_strength": args.hires_strength,
+        "hires_steps": args.hires_steps,
+    }
+    request = pl.GenerationRequest(prompt=args.prompt, width=width, height=height, **_settings(args), **hires)
     if args.best_of is not None:
         from pictor.rerank import generate_best_of
 

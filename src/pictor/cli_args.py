@@ -152,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
+        "--hires",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="hires fix: generate at --size, upscale by SCALE (e.g. 2) and redraw details at that size",
+    )
+    g.add_argument(
+        "--hires-strength",
+        type=float,
+        default=None,
+        help="share of the upscaled picture redrawn (default 0.3)",
+    )
+    g.add_argument(
+        "--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)"
+    )
+    g.add_argument(
         "--best-of",
         type=int,
         default=None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from pictor.flow import interpolate
@@ -124,3 +125,10 @@ def composite(generated: np.ndarray, source: np.ndarray, weights: np.ndarray) ->
     w = weights[..., None]
     blended = np.rint(w * generated.astype(np.float32) + (1 - w) * source.astype(np.float32))
     return np.where(w > 0, blended.clip(0, 255).astype(np.uint8), source)
+
+
+def to_pil(pixels: Tensor) -> list[Image.Image]:
+    """[-1, 1] float images [B, 3, H, W] -> 8-bit PIL images (the inverse of `to_model_pixels`)."""
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]

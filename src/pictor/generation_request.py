@@ -50,6 +50,12 @@ class GenerationRequest:
     vae_tile: int | None = None
     # Pixels neighbouring tiles share and blend over; None: a quarter of the tile.
     vae_tile_overlap: int | None = None
+    # Hires fix (`pictor.hires`): after the first pass at width x height, upscale by this factor and redraw
+    # that share (strength) of each picture in hires_steps steps. None: one pass. Defaults: strength 0.3,
+    # the request's steps.
+    hires_scale: float | None = None
+    hires_strength: float | None = None
+    hires_steps: int | None = None
 
 
 @dataclass

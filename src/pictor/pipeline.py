@@ -22,15 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pictor import __version__
+from pictor import __version__, picture_runs
 from pictor.checkpoint import (
     BundleConfig,
     CheckpointError,
     model_hash,
 )
-from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels
+from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.generation_request import (
     MAX_SEED,
@@ -40,11 +39,12 @@ from pictor.generation_request import (
     GenerationRequest,
     ProgressFn,
 )
-from pictor.generation_settings import resolve_tiling, settings_problem
+from pictor.generation_settings import MAX_STEPS, resolve_tiling, settings_problem
 from pictor.guided_velocity import guided_velocity
+from pictor.hires import DEFAULT_STRENGTH, HIRES_FIELDS, hires_problem, hires_size
 from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
-from pictor.models.autoencoder_tiling import autoencoder_decode, autoencoder_encode
+from pictor.models.autoencoder_tiling import autoencoder_decode
 from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
@@ -163,6 +163,7 @@ class Pipeline:
         except ValueError as exc:
             raise GenerationError(str(exc)) from exc
         r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
+        r = self._resolve_hires(r)
         if r.num_images < 1:
             raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
         if r.batch_size is not None and r.batch_size < 1:
@@ -198,11 +199,31 @@ class Pipeline:
             )
         return r
 
+    def _resolve_hires(self, r: GenerationRequest) -> GenerationRequest:
+        problem = hires_problem(r.hires_scale, r.hires_strength, r.hires_steps, MAX_STEPS)
+        if problem:
+            raise GenerationError(problem)
+        if r.hires_scale is None:
+            return r
+        if r.reference is not None:
+            raise GenerationError("the hires fix does not take a reference image yet; drop one of them")
+        assert r.width and r.height
+        width, height = hires_size(r.width, r.height, r.hires_scale, self.patch)
+        problem = settings_problem(self.patch, width=width, height=height)
+        if problem:
+            raise GenerationError(f"the hires size: {problem}")
+        return replace(
+            r,
+            hires_strength=DEFAULT_STRENGTH if r.hires_strength is None else r.hires_strength,
+            hires_steps=r.hires_steps or r.steps,
+        )
+
     def generate(
         self, request: GenerationRequest, progress: ProgressFn | None = None
     ) -> list[GeneratedImage]:
         r = self.resolve_request(request)
-        return self._in_runs(r, progress, lambda seeds, step: self.run_seeds(r, seeds, step))
+        run = self.run_hires_seeds if r.hires_scale else self.run_seeds
+        return self._in_runs(r, progress, lambda seeds, step: run(r, seeds, step))
 
     def _in_runs(
         self,
@@ -215,7 +236,8 @@ class Pipeline:
         seeds = [r.seed + i for i in range(r.num_images)]
         size = r.batch_size or len(seeds)
         runs = [seeds[i : i + size] for i in range(0, len(seeds), size)]
-        total = len(runs) * int(r.steps or 0)
+        per_run = int(r.steps or 0) + int(r.hires_steps or 0)  # a hires run has two sampler passes
+        total = len(runs) * per_run
         done = 0
         out: list[GeneratedImage] = []
         for run_seeds in runs:
@@ -225,7 +247,7 @@ class Pipeline:
                     progress(_offset + step, total)
 
             out += run(run_seeds, step_progress)
-            done += int(r.steps or 0)
+            done += per_run
         return out
 
     # -- editing --------------------------------------------------------------------------------------
@@ -239,7 +261,9 @@ class Pipeline:
         """Validate an edit: its image and mask, and the generation settings at the canvas size."""
         try:
             shared = {
-                f.name: getattr(request, f.name) for f in fields(GenerationRequest) if f.name not in _SIZE
+                f.name: getattr(request, f.name)
+                for f in fields(GenerationRequest)
+                if f.name not in _SIZE and f.name not in HIRES_FIELDS
             }
         except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
             raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
@@ -252,29 +276,7 @@ class Pipeline:
         self, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
     ) -> list[GeneratedImage]:
         """One edit sampler run over exactly these seeds (what `reproduce` reruns)."""
-        if inputs.strength == 0.0:
-            # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
-            images = [Image.fromarray(inputs.canvas) for _ in seeds]
-        else:
-            f = self.autoencoder.params.downsample_factor
-            with torch.inference_mode():
-                pixels = to_model_pixels(inputs.canvas, self.device, self.dtype)
-                z0 = pack_latents(
-                    autoencoder_encode(self.autoencoder, pixels, r.vae_tile, r.vae_tile_overlap)
-                )
-            mask = None
-            if inputs.mask is not None:
-                mask = latent_mask(inputs.mask, f, self.autoencoder.params.z_channels).to(self.device)
-            init = LatentInit(z0=z0, strength=inputs.strength, mask=mask)
-            images = to_pil(self._sample(r, seeds, progress, init))
-            if inputs.mask is not None:
-                weights = feather_weights(inputs.mask, inputs.feather)
-                images = [Image.fromarray(composite(np.asarray(im), inputs.canvas, weights)) for im in images]
-        edit_fields = inputs.record_fields()
-        return [
-            GeneratedImage(image, seed, {**self.record(r, seed, seeds, j), **edit_fields})
-            for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
-        ]
+        return picture_runs.run_edit_seeds(self, r, inputs, seeds, progress)
 
     # -- the sampler run --------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class Pipeline:
         self.reference_adapter, self.reference_info = adapter.to(self.device), info
         return info
 
-    def _sample(
+    def sample(
         self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, init: LatentInit | None = None
     ) -> torch.Tensor:
         """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
@@ -350,11 +352,17 @@ class Pipeline:
 
     def run_seeds(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
         """One sampler run over exactly these seeds (what `reproduce` reruns)."""
-        images = to_pil(self._sample(r, seeds, progress))
+        images = to_pil(self.sample(r, seeds, progress))
         return [
             GeneratedImage(image, seed, self.record(r, seed, seeds, j))
             for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
         ]
+
+    def run_hires_seeds(
+        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn
+    ) -> list[GeneratedImage]:
+        """A hires-fix run over exactly these seeds (what `reproduce` reruns)."""
+        return picture_runs.run_hires_seeds(self, r, seeds, progress)
 
     # -- provenance ----------------------------------------------------------------------------------
 
@@ -412,10 +420,3 @@ class Pipeline:
         }
         self.loras.append(entry)
         return entry
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] float images [B, 3, H, W] -> 8-bit PIL images."""
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]

@@ -74,6 +74,14 @@ def parameters_text(record: dict[str, Any]) -> str:
     loras = record.get("loras") or []
     if loras:
         fields.append(("Lora hashes", ", ".join(f"{lo['name']}: {lo['hash'][:12]}" for lo in loras)))
+    hires = record.get("hires")
+    if isinstance(hires, dict):  # A1111's names; its "Denoising strength" is the second pass's
+        fields += [
+            ("Hires upscale", _fmt_number(hires["scale"])),
+            ("Hires steps", hires["steps"]),
+            ("Hires upscaler", str(hires.get("upscaler", "")).capitalize()),
+            ("Denoising strength", _fmt_number(hires["strength"])),
+        ]
     if record.get("vae_tile"):
         fields += [
             ("VAE tile", record["vae_tile"]),

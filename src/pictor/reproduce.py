@@ -69,6 +69,15 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "feather": (_int, "an integer"),
     "vae_tile": (_optional(_int), "an integer"),
     "vae_tile_overlap": (_optional(_int), "an integer"),
+    "hires": (
+        lambda v: (
+            isinstance(v, dict)
+            and _number(v.get("scale"))
+            and _number(v.get("strength"))
+            and _int(v.get("steps"))
+        ),
+        "an object with the hires fix's scale, strength and steps",
+    ),
 }
 
 
@@ -113,6 +122,14 @@ def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource |
         "reference": reference,
         **{name: record.get(name) for name in TILING_FIELDS},
     }
+
+
+def _hires(record: dict[str, Any]) -> dict[str, Any]:
+    """A hires-fix record's second pass as request fields (none for other records)."""
+    hires = record.get("hires")
+    if not hires:
+        return {}
+    return {"hires_scale": hires["scale"], "hires_strength": hires["strength"], "hires_steps": hires["steps"]}
 
 
 def check_reference(pipe: Pipeline, record: dict[str, Any], reference: ImageSource | None) -> None:
@@ -221,10 +238,12 @@ def reproduce(
         width=record["width"],
         height=record["height"],
         **_settings(record, seeds, reference),
+        **_hires(record),
     )
     r = pipe.resolve_request(request)
     check_reference_pixels(record, r)
-    images = pipe.run_seeds(r, seeds, progress or (lambda i, n: None))
+    run = pipe.run_hires_seeds if r.hires_scale else pipe.run_seeds
+    images = run(r, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
 
 

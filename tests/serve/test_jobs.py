@@ -252,3 +252,21 @@ def test_vae_tiling_settings_are_checked_at_start(tmp_path: Path) -> None:
         ServeSettings(data_dir=tmp_path, vae_tile_overlap=8)
     with pytest.raises(ValueError, match="vae-tile must be a positive number of pixels, got 0"):
         ServeSettings(data_dir=tmp_path, vae_tile=0)
+
+
+def test_hires_fix_through_the_api(
+    make_client: Callable[..., TestClient], tiny: Pipeline, wait_job: Callable[..., Any]
+) -> None:
+    client = make_client(tiny)
+    job = wait_job(client, submit(client, size="32x32", seed=2, hires_scale=2.0, hires_steps=3)["id"])
+    assert job["status"] == "succeeded", job
+    path = client.app.state.service.store.image_path(job["results"][0]["image_id"])
+    assert read_png(path).size == (64, 64)
+    record = read_record(path)
+    assert record["hires"]["steps"] == 3 and record["hires"]["strength"] == 0.3
+    assert np.array_equal(np.asarray(read_png(path)), np.asarray(reproduce(tiny, record).image))
+    # the larger size is what the pixel limit applies to (the tests' limit: 64x64)
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "size": "32x32", "hires_scale": 4.0})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "size_too_large", r.text
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "hires_scale": 1.0})
+    assert r.status_code == 400 and "hires_scale" in r.text, r.text

@@ -64,6 +64,18 @@ class ImageGenerationRequest(BaseModel):
         description="A reference picture whose content the images take: a PNG, JPEG or WebP file, base64 "
         "(or a data:image/...;base64, URL); needs a model with a reference adapter.",
     )
+    hires_scale: float | None = Field(
+        None,
+        gt=1,
+        le=4,
+        allow_inf_nan=False,
+        description="Hires fix: generate at size, upscale by this factor and redraw details at that size "
+        "(the larger size is what the server's pixel limit applies to).",
+    )
+    hires_strength: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="Share of the upscaled picture redrawn (0.3)."
+    )
+    hires_steps: int | None = Field(None, ge=1, description="Steps of the second pass (default: steps).")
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged, otherwise ignored.
     quality: str | None = Field(None, description="Accepted and ignored.")
     style: str | None = Field(None, description="Accepted and ignored.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pictor.editing import EditRequest
+from pictor.hires import HIRES_FIELDS
 from pictor.pipeline import GenerationRequest
 from pictor.serve.store import Store
 
@@ -22,6 +23,7 @@ BATCH_KEYS = (
     "schedule",
     "layout",
     "reference",  # an upload id: new for every request, so jobs with a reference never merge
+    *HIRES_FIELDS,
 )
 
 
@@ -54,7 +56,7 @@ def generation_request(
 
 def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> EditRequest:
     """An edit job's settings as the pipeline's EditRequest; the images come from the store's uploads."""
-    fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height")}
+    fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height", *HIRES_FIELDS)}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields["reference"] = _reference(params, store)
     fields.update(

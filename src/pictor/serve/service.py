@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
+from pictor.hires import hires_size
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.pipeline import GenerationError
 from pictor.sampling import SAMPLERS, SCHEDULES
@@ -88,6 +89,9 @@ class Service:
             "seed": body.seed,
             "n": n,
             "layout": layout,
+            "hires_scale": body.hires_scale,
+            "hires_strength": body.hires_strength,
+            "hires_steps": body.hires_steps,
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
@@ -106,6 +110,9 @@ class Service:
                 code="invalid_parameters",
             )
         check_limits(self.settings.limits, body.prompt, n, r.width, r.height, r.steps)
+        if r.hires_scale is not None:  # the second pass is the larger and may take more steps
+            width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
+            check_limits(self.settings.limits, body.prompt, n, width, height, r.hires_steps)
         # Defaults filled in, so equal requests batch together whether or not they spelled them out.
         params.update(
             width=r.width,
@@ -115,6 +122,8 @@ class Service:
             sampler=r.sampler,
             schedule=r.schedule,
             layout=r.layout,
+            hires_strength=r.hires_strength,
+            hires_steps=r.hires_steps,
         )
         return self._keep_reference(params, reference)
 

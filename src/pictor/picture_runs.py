@@ -1,0 +1,78 @@
+"""Sampler runs that start from pictures instead of pure noise: an edit (img2img, inpainting, outpainting)
+and the hires fix's second pass. `Pipeline.run_edit_seeds` / `run_hires_seeds` are these, so `reproduce`
+reruns them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels, to_pil
+from pictor.editing import EditInputs
+from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
+from pictor.hires import hires_record, hires_size, upscale
+from pictor.models.autoencoder_tiling import autoencoder_encode
+from pictor.models.flux import pack_latents
+
+if TYPE_CHECKING:
+    from pictor.pipeline import Pipeline
+
+
+def _encode(pipe: Pipeline, r: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] -> packed latents, whole or in the request's VAE tiles."""
+    with torch.inference_mode():
+        z = autoencoder_encode(
+            pipe.autoencoder, pixels.to(pipe.device, pipe.dtype), r.vae_tile, r.vae_tile_overlap
+        )
+        return pack_latents(z)
+
+
+def run_edit_seeds(
+    pipe: Pipeline, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
+) -> list[GeneratedImage]:
+    """One edit sampler run over exactly these seeds: the source noised to t = strength, the known region
+    (outside the mask) kept on its path and composited back."""
+    if inputs.strength == 0.0:
+        # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
+        images = [Image.fromarray(inputs.canvas) for _ in seeds]
+    else:
+        z0 = _encode(pipe, r, to_model_pixels(inputs.canvas, pipe.device, pipe.dtype))
+        mask = None
+        if inputs.mask is not None:
+            ae = pipe.autoencoder.params
+            mask = latent_mask(inputs.mask, ae.downsample_factor, ae.z_channels).to(pipe.device)
+        images = to_pil(
+            pipe.sample(r, seeds, progress, LatentInit(z0=z0, strength=inputs.strength, mask=mask))
+        )
+        if inputs.mask is not None:
+            weights = feather_weights(inputs.mask, inputs.feather)
+            images = [Image.fromarray(composite(np.asarray(im), inputs.canvas, weights)) for im in images]
+    edit_fields = inputs.record_fields()
+    return [
+        GeneratedImage(image, seed, {**pipe.record(r, seed, seeds, j), **edit_fields})
+        for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
+    ]
+
+
+def run_hires_seeds(
+    pipe: Pipeline, r: GenerationRequest, seeds: list[int], progress: ProgressFn
+) -> list[GeneratedImage]:
+    """A hires-fix run over exactly these seeds: the first pass at the request's size, Lanczos-upscaled,
+    then image-to-image at the larger size from t = hires_strength with the same seeds."""
+    assert r.width and r.height and r.steps and r.hires_scale and r.hires_strength and r.hires_steps
+    first = to_pil(pipe.sample(r, seeds, progress))
+    width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
+    pixels = torch.from_numpy(upscale(first, width, height)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    init = LatentInit(z0=_encode(pipe, r, pixels), strength=r.hires_strength, mask=None)
+    second = replace(r, width=width, height=height, steps=r.hires_steps)
+    steps = r.steps
+    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, steps), init))
+    extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
+    return [
+        GeneratedImage(image, seed, {**pipe.record(r, seed, seeds, j), **extra})
+        for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
+    ]
