@@ -38,7 +38,7 @@ def main() -> None:
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             sheet.paste(im, (c * (side + gap) + (c // args.seeds) * 2 * gap, r * (side + gap)))
-    sheet.save(args.out)
+    sheet.save(args.out, optimize=True)
     print(args.out)
 
 
