@@ -180,6 +180,15 @@ def test_lora_tool_errors_are_one_clear_line(tmp_path: Path) -> None:
             "missing.safetensors",
         ),
         (("resize", "x.pt", "--rank", "1", "--out", "y.safetensors"), "pickle"),
+        # the output is checked before two models are read and their SVDs run
+        (
+            ("extract", "--base", "nowhere", "--tuned", "nowhere", "--rank", "2", "--out", "x.pt"),
+            "x.pt: LoRA files",
+        ),
+        (
+            ("extract", "--base", "nowhere", "--tuned", "nowhere", "--rank", "0", "--out", "x.safetensors"),
+            "rank must",
+        ),
     ]
     for args, message in cases:
         out = _run("lora", *args, cwd=tmp_path)

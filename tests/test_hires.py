@@ -96,6 +96,7 @@ def test_progress_counts_both_passes(pipe: Pipeline) -> None:
         ({"hires_scale": 2.0, "hires_strength": 1.5}, "hires strength must be in"),
         ({"hires_scale": 2.0, "hires_steps": 0}, "hires steps must be between 1"),
         ({"hires_strength": 0.3}, "need a hires scale"),
+        ({"hires_scale": 1.05}, "hires scale 1.05 rounds 64x64 to the same size"),
         ({"hires_scale": 2.0, "width": 4096, "height": 4096}, "the hires size: size 8192x8192 is"),
     ],
 )

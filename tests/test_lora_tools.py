@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pictor.lora_files import apply_lora
@@ -138,7 +138,8 @@ def test_written_layouts_read_back_the_same(fmt: str, tmp_path: Path) -> None:
     updates = random_updates(model, seed=7, rank=3)
     path = tmp_path / f"{fmt}.safetensors"
     write_lora(updates, path, fmt)
-    back = read_lora(path, shapes(model))
+    back, skipped = read_lora(path, shapes(model))
+    assert skipped == []
     assert sorted(back) == sorted(updates)
     for name, u in updates.items():
         torch.testing.assert_close(delta(back[name]), delta(u), atol=1e-6, rtol=1e-6)
@@ -208,3 +209,40 @@ def test_bad_outputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(LoRAError, match="nothing to write"):
         write_lora({}, tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_diffusers_layout_keeps_split_parts_as_they_were(tmp_path: Path) -> None:
+    """A diffusers LoRA on to_q (rank 4) and to_v (rank 2) only, fused on reading, is written back as just
+    those two with their own ranks: no to_k of zeros, no A shared at rank 6."""
+    model = random_flux(PARAMS)
+    gen = torch.Generator().manual_seed(2)
+    block = "transformer.transformer_blocks.0.attn"
+    sd = {
+        f"{block}.to_q.lora_A.weight": torch.randn(4, 32, generator=gen),
+        f"{block}.to_q.lora_B.weight": torch.randn(32, 4, generator=gen),
+        f"{block}.to_v.lora_A.weight": torch.randn(2, 32, generator=gen),
+        f"{block}.to_v.lora_B.weight": torch.randn(32, 2, generator=gen),
+    }
+    save_file(sd, str(tmp_path / "qv.safetensors"))
+    updates, _ = read_lora(tmp_path / "qv.safetensors", shapes(model))
+    write_lora(updates, tmp_path / "back.safetensors", "diffusers")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    for key, value in sd.items():
+        torch.testing.assert_close(back[key], value)
+
+
+def test_text_encoder_keys_are_left_out_and_named(tmp_path: Path) -> None:
+    model = random_flux(PARAMS)
+    updates = random_updates(model, seed=3, rank=2)
+    write_lora(updates, tmp_path / "k.safetensors", "kohya")
+    sd = load_file(str(tmp_path / "k.safetensors"))
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 2)
+    save_file(sd, str(tmp_path / "with_te.safetensors"))
+    read, skipped = read_lora(tmp_path / "with_te.safetensors", shapes(model))
+    assert sorted(read) == sorted(updates)
+    assert skipped == [
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+    ]

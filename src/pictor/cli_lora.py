@@ -5,14 +5,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pictor.lora_tools import LowRankReport, extract_lora, model_linears, read_lora, resize_lora, write_lora
+from pictor.lora_tools import (
+    LowRankReport,
+    check_out,
+    check_rank,
+    extract_lora,
+    model_linears,
+    read_lora,
+    resize_lora,
+    write_lora,
+)
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
+    check_out(args.out)  # before anything is read or computed: an extract at FLUX.1 size takes long
+    if args.lora_cmd != "convert":
+        check_rank(args.rank, args.energy)
     if args.lora_cmd == "extract":
         updates, report = _extract(args)
     else:
-        updates = read_lora(args.lora, model_linears(args.model))
+        updates, skipped = read_lora(args.lora, model_linears(args.model))
+        if skipped:
+            print(
+                f"warning: {len(skipped)} keys of {args.lora} are for a text encoder and are not kept "
+                f"(pictor applies LoRAs to the transformer only): {', '.join(skipped[:4])}"
+                + (", ..." if len(skipped) > 4 else ""),
+                file=sys.stderr,
+            )
         report = None
         if args.lora_cmd == "resize":
             updates, report = resize_lora(updates, args.rank, args.energy)

@@ -25,7 +25,7 @@ from pictor.lora_files import load_lora_file, lora_metadata
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
-from pictor.models.lora_formats import LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora_formats import KOHYA_TEXT_PREFIXES, LoRAError, LoRAUpdate, to_flux_updates
 from pictor.presets import get_preset
 
 FORMATS = ("pictor", "kohya", "diffusers")
@@ -169,6 +169,11 @@ def lora_tensors(updates: Mapping[str, LoRAUpdate], fmt: str) -> tuple[dict[str,
     return tensors, meta
 
 
+def check_out(path: str | os.PathLike[str]) -> None:
+    if not str(path).lower().endswith(".safetensors"):
+        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+
+
 def write_lora(
     updates: Mapping[str, LoRAUpdate],
     path: str | os.PathLike[str],
@@ -176,8 +181,7 @@ def write_lora(
     metadata: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``updates`` as a LoRA file in layout ``fmt`` (atomically); returns its SHA-256."""
-    if not str(path).lower().endswith(".safetensors"):
-        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+    check_out(path)
     tensors, meta = lora_tensors(updates, fmt)
     return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
 
@@ -203,8 +207,12 @@ def model_linears(model: str | os.PathLike[str] | None) -> dict[str, tuple[int, 
     return {p: (m.in_features, m.out_features) for p, m in linear_layers(flux).items()}
 
 
-def read_lora(path: str | os.PathLike[str], linears: Mapping[str, tuple[int, int]]) -> dict[str, LoRAUpdate]:
-    """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``."""
+def read_lora(
+    path: str | os.PathLike[str], linears: Mapping[str, tuple[int, int]]
+) -> tuple[dict[str, LoRAUpdate], list[str]]:
+    """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``, and the keys left
+    out: a text encoder's (kohya files often carry CLIP's). A key that names no layer at all is an error."""
     sd, meta = load_lora_file(path)
-    updates, _ = to_flux_updates(sd, meta, linears)
-    return updates
+    text = [k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES)]
+    updates, _ = to_flux_updates({k: v for k, v in sd.items() if k not in text}, meta, linears)
+    return updates, sorted(text)

@@ -209,6 +209,11 @@ class Pipeline:
             raise GenerationError("the hires fix does not take a reference image yet; drop one of them")
         assert r.width and r.height
         width, height = hires_size(r.width, r.height, r.hires_scale, self.patch)
+        if (width, height) == (r.width, r.height):
+            raise GenerationError(
+                f"hires scale {r.hires_scale:g} rounds {r.width}x{r.height} to the same size (sizes are "
+                f"multiples of {self.patch}); use a larger scale"
+            )
         problem = settings_problem(self.patch, width=width, height=height)
         if problem:
             raise GenerationError(f"the hires size: {problem}")

@@ -270,3 +270,63 @@ def test_hires_fix_through_the_api(
     assert r.status_code == 400 and r.json()["error"]["code"] == "size_too_large", r.text
     r = client.post("/v1/jobs", json={"prompt": "a red circle", "hires_scale": 1.0})
     assert r.status_code == 400 and "hires_scale" in r.text, r.text
+
+
+def test_hires_limits_hold_while_the_model_loads(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the model is there the second pass is bounded from above; a hires request with no size
+    cannot be bounded and is asked to come back."""
+    loaded = threading.Event()
+
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        loaded.wait(30)
+        raise ValueError("not needed")
+
+    monkeypatch.setattr("pictor.loading.load", slow_load)
+    client = make_client(None, model="tiny")
+    try:
+        r = client.post("/v1/jobs", json={"prompt": "x", "hires_scale": 2.0})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading", r.text
+        assert "Retry-After" in r.headers
+        r = client.post("/v1/jobs", json={"prompt": "x", "size": "64x64", "hires_scale": 2.0})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "size_too_large" and error["param"] == "hires_scale"
+        assert error["message"].startswith("the hires pass: size 128x128")
+        r = client.post(
+            "/v1/jobs", json={"prompt": "x", "size": "32x32", "hires_scale": 2.0, "hires_steps": 5000}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "hires_steps", r.text
+    finally:
+        loaded.set()
+
+
+def test_hires_limit_errors_name_the_hires_pass(
+    make_client: Callable[..., TestClient], tiny: Pipeline
+) -> None:
+    from pictor.serve.settings import Limits
+
+    client = make_client(tiny, limits=Limits(max_pixels=64 * 64, max_steps=50))
+    r = client.post("/v1/jobs", json={"prompt": "x", "size": "32x32", "hires_scale": 2.0, "hires_steps": 60})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "hires_steps", r.text
+    assert error["message"] == "the hires pass: steps is 60; the limit is 50"
+    # the pipeline's own checks name the field too
+    r = client.post("/v1/jobs", json={"prompt": "x", "hires_strength": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hires_strength", r.text
+
+
+def test_serve_refuses_a_tile_its_model_cannot_use(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    pictor = shutil.which("pictor")
+    assert pictor
+    out = subprocess.run(
+        [pictor, "serve", "--model", "tiny", "--vae-tile", "9", "--port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--vae-tile: VAE tile 9 must be a multiple of 2 pixels" in out.stderr
+    assert "Traceback" not in out.stderr

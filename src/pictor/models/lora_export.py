@@ -44,9 +44,9 @@ def kohya_keys(path: str, update: LoRAUpdate) -> dict[str, Tensor]:
 
 def diffusers_keys(path: str, update: LoRAUpdate, shape: tuple[int, int]) -> dict[str, Tensor]:
     """One FLUX layer's update (layer ``shape`` = (in, out)) as diffusers keys: a fused q/k/v (or the single
-    blocks' q/k/v/MLP input) split into its parts, each with the whole A and its rows of B; the scale
-    alpha / rank folded into B, since diffusers reads no alpha by default; final_layer's (shift, scale)
-    rows swapped into diffusers' (scale, shift)."""
+    blocks' q/k/v/MLP input) split into its parts, each with its rows of B and the rows of A they use; the
+    scale alpha / rank folded into B, since diffusers reads no alpha by default; final_layer's (shift,
+    scale) rows swapped into diffusers' (scale, shift)."""
     a = update.A.float().contiguous()
     b = update.B.float() * (update.alpha / update.rank)
     kind, _, rest = path.partition(".")
@@ -56,11 +56,19 @@ def diffusers_keys(path: str, update: LoRAUpdate, shape: tuple[int, int]) -> dic
         if targets is None:
             raise LoRAError(f"layer '{path}' has no diffusers name")
         prefix = f"transformer.{_BLOCKS[kind]}.{index}."
-        rows = b.split(fused_split_sizes(path, shape), dim=0) if len(targets) > 1 else (b,)
+        if len(targets) == 1:
+            name = targets[0][0]
+            return {f"{prefix}{name}.lora_A.weight": a, f"{prefix}{name}.lora_B.weight": b.contiguous()}
         out: dict[str, Tensor] = {}
+        rows = b.split(fused_split_sizes(path, shape), dim=0)
         for name, part in targets:
-            out[f"{prefix}{name}.lora_A.weight"] = a
-            out[f"{prefix}{name}.lora_B.weight"] = rows[part or 0].contiguous()
+            # Only the ranks this part uses: a LoRA fused from split parts has a block-diagonal B, so each
+            # part gets back its own A and B, and a part it never had is left out (no zero update).
+            assert part is not None
+            used = rows[part].abs().sum(0) > 0
+            if bool(used.any()):
+                out[f"{prefix}{name}.lora_A.weight"] = a[used].contiguous()
+                out[f"{prefix}{name}.lora_B.weight"] = rows[part][:, used].contiguous()
         return out
     if path not in _TOP_LEVEL:
         raise LoRAError(f"layer '{path}' has no diffusers name")

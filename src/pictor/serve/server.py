@@ -62,10 +62,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(settings: ServeSettings, log_level: str = "info") -> int:
     """Blocks until the server is stopped. Bad settings raise ValueError with the reason."""
+    from pictor.checkpoint import read_bundle_config
+    from pictor.generation_settings import tiling_problem
     from pictor.locate import resolve
+    from pictor.presets import get_preset
 
     settings.check_exposure()
-    resolve(settings.model)  # an unknown model fails here, before anything listens
+    ref = resolve(settings.model)  # an unknown model fails here, before anything listens
+    if settings.vae_tile is not None:  # so does a tile size its autoencoder cannot use
+        ae = (
+            get_preset(ref.name)["autoencoder"]
+            if ref.path is None
+            else read_bundle_config(ref.path).autoencoder
+        )
+        factor = 2 ** (len(ae["ch_mult"]) - 1)
+        problem = tiling_problem(factor, settings.vae_tile, settings.vae_tile_overlap)
+        if problem:
+            raise ValueError(f"--vae-tile: {problem}")
     app = create_app(settings)
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]

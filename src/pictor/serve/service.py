@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,8 @@ class Service:
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
+            if body.hires_scale is not None:
+                self._check_hires_while_loading(body, n, width, height)
             return self._keep_reference(params, reference)
         request = generation_request(params, reference=reference)
         try:
@@ -111,8 +114,10 @@ class Service:
             )
         check_limits(self.settings.limits, body.prompt, n, r.width, r.height, r.steps)
         if r.hires_scale is not None:  # the second pass is the larger and may take more steps
-            width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
-            check_limits(self.settings.limits, body.prompt, n, width, height, r.hires_steps)
+            assert r.hires_steps is not None
+            self._check_hires(
+                body, n, *hires_size(r.width, r.height, r.hires_scale, pipe.patch), r.hires_steps
+            )
         # Defaults filled in, so equal requests batch together whether or not they spelled them out.
         params.update(
             width=r.width,
@@ -126,6 +131,32 @@ class Service:
             hires_steps=r.hires_steps,
         )
         return self._keep_reference(params, reference)
+
+    def _check_hires(self, body: ImageGenerationRequest, n: int, width: int, height: int, steps: int) -> None:
+        """The server's limits on the hires fix's second pass, named as such."""
+        try:
+            check_limits(self.settings.limits, body.prompt, n, width, height, steps)
+        except APIError as exc:
+            param = "hires_steps" if exc.param == "steps" else "hires_scale"
+            raise APIError(400, f"the hires pass: {exc.message}", code=exc.code, param=param) from None
+
+    def _check_hires_while_loading(
+        self, body: ImageGenerationRequest, n: int, width: int | None, height: int | None
+    ) -> None:
+        """Before the model is there, its pixel multiple and default size are not known: bound the second
+        pass from above (every model rounds to a multiple of 16 or a divisor of it), or ask to come back."""
+        assert body.hires_scale is not None
+        if width is None or height is None:
+            raise APIError(
+                503,
+                "the model is still loading, and a hires request without a size can only be checked against "
+                f"the limits once it has; retry after {self.settings.retry_after} s or give a size",
+                "server_error",
+                "model_loading",
+                headers={"Retry-After": str(self.settings.retry_after)},
+            )
+        bound = [math.ceil(side * body.hires_scale / 16) * 16 for side in (width, height)]
+        self._check_hires(body, n, bound[0], bound[1], body.hires_steps or body.steps or 1)
 
     def _keep_reference(self, params: dict[str, Any], reference: Image.Image | None) -> dict[str, Any]:
         """The reference picture, once the request is valid, kept as an upload the job names."""
@@ -218,6 +249,11 @@ def param_of(message: str) -> str | None:
         return "image"
     if message.startswith("strength"):
         return "strength"
+    for name in ("hires scale", "hires strength", "hires steps"):
+        if message.startswith(name):
+            return name.replace(" ", "_")
+    if message.startswith("the hires size"):
+        return "hires_scale"
     if message.startswith("layout") or "layout adapter" in message:
         return "layout"
     if message.startswith("reference") or "reference adapter" in message:
