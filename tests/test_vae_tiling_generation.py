@@ -115,3 +115,23 @@ def test_a_job_can_be_cancelled_between_tiles(pipe: Pipeline) -> None:
 def test_tiles_that_cannot_fit_are_refused(pipe: Pipeline, tiling: dict, message: str) -> None:
     with pytest.raises(GenerationError, match=message):
         pipe.generate(GenerationRequest("a red circle", steps=1, seed=0, **tiling))
+
+
+def test_a_tiled_edit_can_be_cancelled_while_it_encodes(pipe: Pipeline, tmp_path: Path) -> None:
+    (source,) = pipe.generate(GenerationRequest("a yellow star", seed=1, steps=2))
+    source.image.save(tmp_path / "src.png")
+    calls: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(step: int, total: int) -> None:
+        calls.append(step)
+        raise Stop  # at the first report: the first encoded tile, before any sampler step
+
+    edit = EditRequest(
+        image=tmp_path / "src.png", prompt="a red star", strength=0.6, seed=3, steps=4, vae_tile=32
+    )
+    with pytest.raises(Stop):
+        pipe.edit(edit, progress)
+    assert calls == [0]

@@ -4,6 +4,7 @@ reruns them the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,14 @@ if TYPE_CHECKING:
     from pictor.pipeline import Pipeline
 
 
-def _encode(pipe: Pipeline, r: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1] -> packed latents, whole or in the request's VAE tiles."""
+def _encode(
+    pipe: Pipeline, r: GenerationRequest, pixels: torch.Tensor, on_tile: Callable[[], None]
+) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] -> packed latents, whole or in the request's VAE tiles (``on_tile``,
+    which may cancel, after each)."""
     with torch.inference_mode():
         z = autoencoder_encode(
-            pipe.autoencoder, pixels.to(pipe.device, pipe.dtype), r.vae_tile, r.vae_tile_overlap
+            pipe.autoencoder, pixels.to(pipe.device, pipe.dtype), r.vae_tile, r.vae_tile_overlap, on_tile
         )
         return pack_latents(z)
 
@@ -40,7 +44,8 @@ def run_edit_seeds(
         # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
         images = [Image.fromarray(inputs.canvas) for _ in seeds]
     else:
-        z0 = _encode(pipe, r, to_model_pixels(inputs.canvas, pipe.device, pipe.dtype))
+        pixels = to_model_pixels(inputs.canvas, pipe.device, pipe.dtype)
+        z0 = _encode(pipe, r, pixels, lambda: progress(0, int(r.steps or 0)))
         mask = None
         if inputs.mask is not None:
             ae = pipe.autoencoder.params
@@ -67,9 +72,10 @@ def run_hires_seeds(
     first = to_pil(pipe.sample(r, seeds, progress))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     pixels = torch.from_numpy(upscale(first, width, height)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    init = LatentInit(z0=_encode(pipe, r, pixels), strength=r.hires_strength, mask=None)
-    second = replace(r, width=width, height=height, steps=r.hires_steps)
     steps = r.steps
+    z0 = _encode(pipe, r, pixels, lambda: progress(steps, steps))  # a tile of the upscaled first pass
+    init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)
+    second = replace(r, width=width, height=height, steps=r.hires_steps)
     images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, steps), init))
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
     return [

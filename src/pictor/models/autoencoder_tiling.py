@@ -141,9 +141,15 @@ def autoencoder_decode(
     return tiled_decode(ae.decode, z, tile // f, (overlap or 0) // f, f, on_tile)
 
 
-def autoencoder_encode(ae: AutoEncoder, x: Tensor, tile: int | None, overlap: int | None) -> Tensor:
+def autoencoder_encode(
+    ae: AutoEncoder,
+    x: Tensor,
+    tile: int | None,
+    overlap: int | None,
+    on_tile: Callable[[], None] | None = None,
+) -> Tensor:
     """``ae.encode(x)`` (the mean, scaled), or the same in tiles of ``tile`` image pixels."""
     if tile is None:
         return ae.encode(x)
     f = ae.params.downsample_factor
-    return tiled_encode(ae.encode, x, tile // f, (overlap or 0) // f, f)
+    return tiled_encode(ae.encode, x, tile // f, (overlap or 0) // f, f, on_tile)
