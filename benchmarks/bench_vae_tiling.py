@@ -32,31 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _ae_reference import diffusers_config
 from safetensors.torch import load_file, save_file
 
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams, flux1_ae_params
+from pictor.models.autoencoder import AutoEncoder, flux1_ae_params
 from pictor.models.autoencoder_tiling import autoencoder_decode
 
 MEMORY_RUNS = [("pictor", "whole"), ("pictor", "tiled"), ("diffusers", "whole"), ("diffusers", "tiled")]
-
-
-def diffusers_config(p: AutoEncoderParams) -> dict[str, Any]:
-    n = len(p.ch_mult)
-    return {
-        "in_channels": p.in_channels,
-        "out_channels": p.out_ch,
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [p.ch * m for m in p.ch_mult],
-        "layers_per_block": p.num_res_blocks,
-        "latent_channels": p.z_channels,
-        "norm_num_groups": 32,
-        "sample_size": p.resolution,
-        "scaling_factor": p.scale_factor,
-        "shift_factor": p.shift_factor,
-        "use_quant_conv": p.use_quant_conv,
-        "use_post_quant_conv": p.use_quant_conv,
-    }
 
 
 def to_diffusers(ours: AutoEncoder) -> Any:

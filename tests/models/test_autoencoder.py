@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -32,23 +35,17 @@ def tiny_params(use_quant_conv: bool) -> AutoEncoderParams:
     )
 
 
-def diffusers_config(p: AutoEncoderParams) -> dict:
-    n = len(p.ch_mult)
-    return {
-        "in_channels": p.in_channels,
-        "out_channels": p.out_ch,
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [p.ch * m for m in p.ch_mult],
-        "layers_per_block": p.num_res_blocks,
-        "latent_channels": p.z_channels,
-        "norm_num_groups": 32,
-        "sample_size": p.resolution,
-        "scaling_factor": p.scale_factor,
-        "shift_factor": p.shift_factor,
-        "use_quant_conv": p.use_quant_conv,
-        "use_post_quant_conv": p.use_quant_conv,
-    }
+def _load_ae_reference() -> ModuleType:
+    """benchmarks/_ae_reference.py (diffusers is test-only, so it lives beside the benchmarks too)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_ae_reference.py"
+    spec = importlib.util.spec_from_file_location("_ae_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+diffusers_config = _load_ae_reference().diffusers_config
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
