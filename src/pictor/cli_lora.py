@@ -15,6 +15,7 @@ from pictor.lora_tools import (
     resize_lora,
     write_lora,
 )
+from pictor.models.lora_formats import LoRAUpdate
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extract(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _extract(args: argparse.Namespace) -> tuple[dict[str, LoRAUpdate], LowRankReport]:
     from pictor.checkpoint import CheckpointError, load_bundle
     from pictor.locate import resolve
 
