@@ -3,6 +3,7 @@ reproduce; `pictor lora extract | convert | resize`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from pictor.checkpoint import save_bundle
 from pictor.loading import pipeline_from_preset
 from pictor.lora_files import save_lora
-from pictor.models.lora import add_lora
+from pictor.models.lora import add_lora, linear_layers
 from pictor.provenance import read_record, read_text_chunks
 
 from tiny_bundle import tiny_models
@@ -197,3 +199,39 @@ def test_lora_tool_errors_are_one_clear_line(tmp_path: Path) -> None:
             out.stderr,
         )
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_info_shows_what_a_lora_file_holds(tmp_path: Path) -> None:
+    """`pictor info FILE.safetensors` on a LoRA: its layout, layers, ranks, hashes and header; a weight file
+    that is no LoRA is one clear line."""
+    lora = tmp_path / "style.safetensors"
+    _make_lora(lora)  # every linear layer of the tiny preset
+    layers = len(linear_layers(pipeline_from_preset("tiny", device="cpu").transformer))
+    conv = _run(
+        "lora",
+        "convert",
+        str(lora),
+        "--model",
+        "tiny",
+        "--format",
+        "kohya",
+        "--out",
+        "k.safetensors",
+        cwd=tmp_path,
+    )
+    assert conv.returncode == 0, conv.stderr
+    for path, layout in ((lora, "pictor"), (tmp_path / "k.safetensors", "kohya")):
+        out = _run("info", str(path), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        info = json.loads(out.stdout)
+        assert (info["kind"], info["layout"], info["ranks"], info["text_encoder_layers"]) == (
+            "LoRA",
+            layout,
+            [4],
+            0,
+        )
+        assert info["layers"] == layers and len(info["sha256"]) == 64 and len(info["a1111_hash"]) == 12
+        assert info["metadata"]["ss_network_dim"] == "4"
+    save_file({"img_in.weight": torch.zeros(2, 2)}, str(tmp_path / "weights.safetensors"))
+    bad = _run("info", "weights.safetensors", cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a LoRA weight" in bad.stderr and "Traceback" not in bad.stderr

@@ -35,6 +35,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
 
     target = Path(args.target)
+    if target.is_file() and target.suffix.lower() == ".safetensors":  # a LoRA file: what it holds
+        from pictor.lora_tools import lora_summary
+
+        print(json.dumps(lora_summary(target), indent=2, ensure_ascii=False))
+        return 0
     if target.is_file():
         chunks = read_text_chunks(target)
         info: dict[str, Any] = {}

@@ -15,17 +15,24 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pictor.checkpoint import BundleConfig, read_bundle_config, write_safetensors
 from pictor.locate import resolve
-from pictor.lora_files import load_lora_file, lora_metadata
+from pictor.lora_files import a1111_lora_hash, load_lora_file, lora_file_hash, lora_metadata
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
-from pictor.models.lora_formats import KOHYA_TEXT_PREFIXES, LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora_formats import (
+    KOHYA_TEXT_PREFIXES,
+    LoRAError,
+    LoRAUpdate,
+    detect_format,
+    to_flux_updates,
+)
 from pictor.presets import get_preset
 
 FORMATS = ("pictor", "kohya", "diffusers")
@@ -216,3 +223,26 @@ def read_lora(
     text = [k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES)]
     updates, _ = to_flux_updates({k: v for k, v in sd.items() if k not in text}, meta, linears)
     return updates, sorted(text)
+
+
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+
+
+def lora_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a LoRA file holds, read without a model: its key layout, how many layers (and how many of them
+    a text encoder's), their ranks, dtypes, hashes and header (kohya's ``ss_*`` training notes included)."""
+    sd, meta = load_lora_file(path)
+    layout = detect_format(sd)  # a file that is no LoRA is an error naming a key
+    downs = {k: v for k, v in sd.items() if k.endswith(_DOWN_SUFFIXES)}
+    return {
+        "file": str(path),
+        "kind": "LoRA",
+        "layout": {"native": "pictor"}.get(layout, layout),
+        "layers": len(downs),
+        "text_encoder_layers": sum(k.startswith(KOHYA_TEXT_PREFIXES) for k in downs),
+        "ranks": sorted({int(v.shape[0]) for v in downs.values()}),
+        "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
+        "sha256": lora_file_hash(path),
+        "a1111_hash": a1111_lora_hash(path),
+        "metadata": dict(sorted(meta.items())),
+    }
