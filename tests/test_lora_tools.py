@@ -155,24 +155,32 @@ def _merged_into_reference(reference: nn.Module, sd: dict[str, Tensor]) -> None:
                 reference.get_submodule(module).weight += sd[key.replace("lora_A", "lora_B")] @ a
 
 
-def test_diffusers_layout_drives_diffusers_model_like_ours(tmp_path: Path) -> None:
-    """Written in diffusers' layout, merged by hand into diffusers' FluxTransformer2DModel, the LoRA gives
-    what our Flux gives with it: names, the split of fused q/k/v and linear1, final_layer's swapped halves
-    and the folded scale are all right."""
+def _assert_reference_agrees(
+    base: Flux, updates: dict[str, LoRAUpdate], diffusers_sd: dict[str, Tensor]
+) -> None:
+    """diffusers' model with ``diffusers_sd`` merged by hand gives what our model gives with ``updates``
+    themselves (not a file) applied, and the LoRA changes the output."""
     ref_mod = load_reference()
-    base = random_flux(PARAMS)
-    updates = random_updates(base, seed=9, rank=3)
-    path = tmp_path / "diffusers.safetensors"
-    write_lora(updates, path, "diffusers")
     reference = ref_mod.build_reference(PARAMS, {k: v.clone() for k, v in base.state_dict().items()})
-    _merged_into_reference(reference, load_file(str(path)))
-    ours = copy.deepcopy(base)  # the updates themselves, not the file, on our model
+    _merged_into_reference(reference, diffusers_sd)
+    ours = copy.deepcopy(base)
     apply_lora(ours, native(updates), metadata=alphas(updates))
     x = inputs()
     with torch.no_grad():
         expected, out = ref_mod.reference_forward(reference, **x), ours(**x)
         assert (out - base(**x)).abs().max() > 0.05
     assert (out - expected).abs().max() <= 1e-4
+
+
+def test_diffusers_layout_drives_diffusers_model_like_ours(tmp_path: Path) -> None:
+    """Written in diffusers' layout, merged by hand into diffusers' FluxTransformer2DModel, the LoRA gives
+    what our Flux gives with it: names, the split of fused q/k/v and linear1, final_layer's swapped halves
+    and the folded scale are all right."""
+    base = random_flux(PARAMS)
+    updates = random_updates(base, seed=9, rank=3)
+    path = tmp_path / "diffusers.safetensors"
+    write_lora(updates, path, "diffusers")
+    _assert_reference_agrees(base, updates, load_file(str(path)))
 
 
 def test_kohya_layout_is_what_diffusers_converter_expects(tmp_path: Path) -> None:
@@ -181,23 +189,13 @@ def test_kohya_layout_is_what_diffusers_converter_expects(tmp_path: Path) -> Non
     the same model output."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    ref_mod = load_reference()
     base = random_flux(PARAMS)
     updates = {
         p: u for p, u in random_updates(base, seed=11, rank=2).items() if p.startswith("double_blocks")
     }
     path = tmp_path / "kohya.safetensors"
     write_lora(updates, path, "kohya")
-    converted = _convert_kohya_flux_lora_to_diffusers(load_file(str(path)))
-    reference = ref_mod.build_reference(PARAMS, {k: v.clone() for k, v in base.state_dict().items()})
-    _merged_into_reference(reference, converted)
-    ours = copy.deepcopy(base)
-    apply_lora(ours, native(updates), metadata=alphas(updates))
-    x = inputs()
-    with torch.no_grad():
-        expected, out = ref_mod.reference_forward(reference, **x), ours(**x)
-        assert (out - base(**x)).abs().max() > 0.05
-    assert (out - expected).abs().max() <= 1e-4
+    _assert_reference_agrees(base, updates, _convert_kohya_flux_lora_to_diffusers(load_file(str(path))))
 
 
 def test_bad_outputs_are_refused(tmp_path: Path) -> None:

@@ -19,8 +19,13 @@ LAT_C = 4  # latent channels; the transformer sees 2x2 patches of them
 def load_reference() -> ModuleType:
     """benchmarks/_flux_reference.py: diffusers' FluxTransformer2DModel built from our weights via diffusers'
     own key converter (diffusers is a test-only dependency, so it lives beside the benchmarks)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_flux_reference.py"
-    spec = importlib.util.spec_from_file_location("_flux_reference", path)
+    return load_benchmark_module("_flux_reference")
+
+
+def load_benchmark_module(name: str) -> ModuleType:
+    """A helper module of benchmarks/ (not a package), shared by the tests and the benchmarks."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

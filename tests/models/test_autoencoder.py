@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams, flux1_ae_params, kl_loss
+
+from tiny_flux import load_benchmark_module
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
@@ -35,17 +34,8 @@ def tiny_params(use_quant_conv: bool) -> AutoEncoderParams:
     )
 
 
-def _load_ae_reference() -> ModuleType:
-    """benchmarks/_ae_reference.py (diffusers is test-only, so it lives beside the benchmarks too)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_ae_reference.py"
-    spec = importlib.util.spec_from_file_location("_ae_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-diffusers_config = _load_ae_reference().diffusers_config
+# benchmarks/_ae_reference.py, shared with bench_vae_tiling.py
+diffusers_config = load_benchmark_module("_ae_reference").diffusers_config
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
