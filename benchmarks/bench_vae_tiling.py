@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from _ae_reference import diffusers_config
+from _memory import RssSampler, rss_now
 from safetensors.torch import load_file, save_file
 
 from pictor.models.autoencoder import AutoEncoder, flux1_ae_params
@@ -68,32 +67,6 @@ def diffusers_decode(
     return ref.decode(z / ae.scale_factor + ae.shift_factor).sample
 
 
-def _rss_now() -> int:
-    """Resident set size of this process now, in bytes."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
-
-
-class RssSampler:
-    """The highest resident set size seen while it runs, polled every millisecond from a thread (ru_maxrss
-    would also count the model's build and conversion, which can peak above a small decode)."""
-
-    def __enter__(self) -> RssSampler:
-        self.peak, self._stop = _rss_now(), threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_now())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_now())
-
-
 def worker(args: argparse.Namespace) -> None:
     """One decode in this fresh process; prints its numbers as JSON and saves the image for comparison."""
     torch.set_num_threads(args.threads)
@@ -114,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = _rss_now()
+        before = rss_now()
     with torch.inference_mode(), RssSampler() as rss:
         t = time.perf_counter()
         if ref is None:

@@ -11,9 +11,11 @@ from types import ModuleType
 
 import torch
 
-from pictor.models.flux import Flux, FluxParams
+from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 
 LAT_C = 4  # latent channels; the transformer sees 2x2 patches of them
+LAT_H, LAT_W = 6, 10  # non-square latent -> 3x5 packed tokens
+N_TXT, BATCH = 7, 2
 
 
 def load_reference() -> ModuleType:
@@ -64,3 +66,18 @@ def random_flux(params: FluxParams, seed: int = 0) -> Flux:
     model = Flux(params).eval()
     randomize_(model, seed)
     return model
+
+
+def make_inputs(params: FluxParams, seed: int = 1) -> dict[str, torch.Tensor | None]:
+    """A batch of 2 with every input random (guidance only for a guidance-embedding model)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(BATCH, LAT_C, LAT_H, LAT_W, generator=gen)
+    return {
+        "img": pack_latents(z),
+        "img_ids": make_img_ids(BATCH, LAT_H, LAT_W),
+        "txt": torch.randn(BATCH, N_TXT, params.context_in_dim, generator=gen),
+        "txt_ids": make_txt_ids(BATCH, N_TXT),
+        "timesteps": torch.tensor([0.3, 0.85]),
+        "y": torch.randn(BATCH, params.vec_in_dim, generator=gen),
+        "guidance": torch.tensor([3.5, 1.0]) if params.guidance_embed else None,
+    }

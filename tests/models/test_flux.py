@@ -10,28 +10,11 @@ import torch
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 
 import tiny_flux
-from tiny_flux import LAT_C, load_reference, random_flux
-
-LAT_H, LAT_W = 6, 10  # non-square latent -> 3x5 packed tokens
-N_TXT, BATCH = 7, 2
+from tiny_flux import BATCH, LAT_C, LAT_H, LAT_W, N_TXT, load_reference, make_inputs, random_flux
 
 
 def tiny_params(guidance_embed: bool = False) -> FluxParams:
     return tiny_flux.tiny_params(depth=1, guidance_embed=guidance_embed)
-
-
-def make_inputs(params: FluxParams, seed: int = 1) -> dict[str, torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(BATCH, LAT_C, LAT_H, LAT_W, generator=gen)
-    return {
-        "img": pack_latents(z),
-        "img_ids": make_img_ids(BATCH, LAT_H, LAT_W),
-        "txt": torch.randn(BATCH, N_TXT, params.context_in_dim, generator=gen),
-        "txt_ids": make_txt_ids(BATCH, N_TXT),
-        "timesteps": torch.tensor([0.3, 0.85]),
-        "y": torch.randn(BATCH, params.vec_in_dim, generator=gen),
-        "guidance": torch.tensor([3.5, 1.0]) if params.guidance_embed else None,
-    }
 
 
 # ------------------------------------------------------------------------------------- diffusers parity
