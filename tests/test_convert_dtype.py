@@ -95,7 +95,7 @@ def test_cli_casts_in_place_and_back(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["convert", "dtype", str(tmp_path / "nothing"), "--dtype", "fp16", "--out", "x"]) == 2
     assert "not a pictor model bundle" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["convert", "dtype", str(src), "--dtype", "fp8", "--out", str(tmp_path / "x")])
+        main(["convert", "dtype", str(src), "--dtype", "int8", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
 
 

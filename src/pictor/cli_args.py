@@ -298,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         "dtype", help="a bundle with its weights stored in another dtype (fp16 halves an fp32 bundle)"
     )
     cd.add_argument("bundle", help="the bundle folder to read")
-    cd.add_argument("--dtype", required=True, choices=("fp16", "bf16", "fp32"), help="storage dtype")
+    cd.add_argument(
+        "--dtype",
+        required=True,
+        choices=("fp16", "bf16", "fp32", "fp8"),
+        help="storage dtype; fp8: the transformer blocks' linear weights in float8 e4m3fn, kept FP8 in "
+        "memory and cast per layer as it runs (half of bf16's memory), the rest as stored",
+    )
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
     cg = csub.add_parser(
         "defaults",

@@ -14,6 +14,7 @@ from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.text import build_text_encoder
+from pictor.models.weight_storage import store_fp8
 from pictor.pipeline import Pipeline
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
@@ -33,6 +34,7 @@ def pipeline_from_bundle(
         transformer, autoencoder = build_models(config)
     where = str(bundle.path) if bundle.path else config.name
     load_into(transformer, bundle.transformer, f"{where}: transformer")
+    store_fp8(transformer)  # an FP8 bundle's block weights stay FP8 in memory, cast per layer
     load_into(autoencoder, bundle.autoencoder, f"{where}: autoencoder")
     text = build_text_encoder(config.text_encoder)
     return Pipeline(transformer, autoencoder, text, config, device, dtype)

@@ -24,6 +24,7 @@ from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refus
 from pictor.models.lora import (
     LoRAAdapter,
     LoRALinear,
+    adapter_dtype,
     adapter_tree,
     check_adapter_name,
     linear_layers,
@@ -146,7 +147,14 @@ def apply_lora(
 def _install(wrapper: LoRALinear, name: str, update: LoRAUpdate, scale: float) -> None:
     w = wrapper.weight
     adapter = LoRAAdapter(
-        wrapper.in_features, wrapper.out_features, update.rank, update.alpha, scale, 0.0, w.device, w.dtype
+        wrapper.in_features,
+        wrapper.out_features,
+        update.rank,
+        update.alpha,
+        scale,
+        0.0,
+        w.device,
+        adapter_dtype(w),  # never FP8 beside an FP8-stored base weight
     )
     adapter.lora_A.weight.copy_(update.A)
     adapter.lora_B.weight.copy_(update.B)

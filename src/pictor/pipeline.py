@@ -51,6 +51,7 @@ from pictor.models.reference import (
     ReferenceAdapter,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
+from pictor.models.weight_storage import place, stored_dtype
 from pictor.presets import get_preset
 from pictor.reference_files import (
     ReferenceImageError,
@@ -93,8 +94,11 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else _default_device()
         # bf16 on accelerators (FLUX.1 is trained in it); fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.transformer = transformer.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.autoencoder = autoencoder.to(self.device, self.dtype).eval().requires_grad_(False)
+        # FP8-stored block weights stay FP8 (cast per layer as it runs); everything else takes the dtype.
+        self.transformer = place(transformer, self.device, self.dtype).eval().requires_grad_(False)
+        self.autoencoder = place(autoencoder, self.device, self.dtype).eval().requires_grad_(False)
+        narrow = stored_dtype(self.transformer)
+        self.weight_dtype = str(narrow).removeprefix("torch.") if narrow else None
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.config = config
         self.hash = model_id_hash or model_hash(config) or ""
@@ -396,6 +400,7 @@ class Pipeline:
             "batch_size": len(run_seeds),
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
+            **({"weight_dtype": self.weight_dtype} if self.weight_dtype else {}),
             "loras": [dict(lo) for lo in self.loras],
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
             **(self._reference_fields(r) if r.reference is not None else {}),
@@ -415,7 +420,7 @@ class Pipeline:
         from pictor.lora_files import a1111_lora_hash, apply_lora, lora_file_hash
 
         name = apply_lora(self.transformer, path, scale=scale)
-        self.transformer.to(self.device, self.dtype).requires_grad_(False)
+        place(self.transformer, self.device, self.dtype).requires_grad_(False)
         entry = {
             "name": name,
             "path": str(Path(path).resolve()),

@@ -31,12 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pictor.models.lora_formats import LoRAError
+from pictor.models.weight_storage import StoredLinear, is_fp8
 
 __all__ = [
     "TARGET_GROUPS",
     "LoRAAdapter",
     "LoRAError",
     "LoRALinear",
+    "adapter_dtype",
     "adapter_tree",
     "add_lora",
     "check_adapter_name",
@@ -148,8 +150,15 @@ def _keep_adapters(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
         state_dict.setdefault(f"{prefix}adapters.{name}", param)
 
 
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype new adapter matrices take beside ``weight``: its own, but never FP8 (a stored format)."""
+    return torch.float32 if is_fp8(weight) else weight.dtype
+
+
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` (same ``weight``/``bias`` Parameters, same keys) plus named LoRA adapters."""
+
+    casts_weight = True  # an FP8-stored weight stays FP8 (weight_storage.place) and is cast per call
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -162,7 +171,8 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_pre_hook(_keep_adapters)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = F.linear(x, self.weight.to(x.dtype), bias)  # no-op casts unless the weight is stored FP8
         for name, adapter in self.adapters.items():
             if name not in self.merged and adapter.scale != 0.0:
                 out = out + adapter(x)
@@ -174,9 +184,11 @@ class LoRALinear(nn.Module):
         )
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding this layer's Parameters (adapters must be gone or unmerged)."""
+        """A plain ``nn.Linear`` holding this layer's Parameters (adapters must be gone or unmerged); a
+        :class:`StoredLinear` when the weight is stored FP8, so it is still cast per call."""
+        kind = StoredLinear if is_fp8(self.weight) else nn.Linear
         with torch.device("meta"):
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            linear = kind(self.in_features, self.out_features, bias=self.bias is not None)
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
@@ -284,7 +296,14 @@ def add_lora(
         wrapper = wrap_linear(model, path)
         w = wrapper.weight
         wrapper.adapters[name] = LoRAAdapter(
-            wrapper.in_features, wrapper.out_features, rank, alpha, scale, dropout, w.device, dtype or w.dtype
+            wrapper.in_features,
+            wrapper.out_features,
+            rank,
+            alpha,
+            scale,
+            dropout,
+            w.device,
+            dtype or adapter_dtype(w),
         )
     return adapter_tree(model, name)
 

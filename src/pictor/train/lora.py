@@ -37,6 +37,7 @@ from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
+from pictor.models.weight_storage import is_fp8
 from pictor.train.config import TrainConfig
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
@@ -118,6 +119,8 @@ class LoRAStage(T2IStage):
         # transformer keeps its stored dtype (half the memory of a FLUX.1-size base). The autoencoder,
         # small and fed float32 pixels, is float32 everywhere.
         base_dtype = None if self.amp and self.device.type == "cuda" else torch.float32  # autocast: CUDA only
+        if base_dtype is None and any(is_fp8(t) for t in bundle.transformer.values()):
+            base_dtype = torch.bfloat16  # FP8 storage is for inference; training widens it (no FP8 autocast)
         self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder", torch.float32)
         self.ae.to(self.device)
         self.ae.eval().requires_grad_(False)

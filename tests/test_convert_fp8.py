@@ -1,0 +1,161 @@
+"""FP8 bundles: `pictor convert dtype --dtype fp8`, FP8 FLUX.1 single files, and generation from them with the
+block weights kept FP8 in memory: the pictures are the float32 model's with the weights rounded to FP8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pictor.checkpoint import (
+    AUTOENCODER_FILE,
+    TRANSFORMER_FILE,
+    CheckpointError,
+    read_safetensors,
+    save_bundle,
+)
+from pictor.cli import main
+from pictor.convert import cast_bundle, convert_flux
+from pictor.loading import load
+from pictor.lora_files import save_lora
+from pictor.models.flux import Flux, FluxParams
+from pictor.models.lora import add_lora
+from pictor.models.weight_storage import FP8_STORAGE, STORED_PREFIXES
+from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.presets import get_preset
+
+from tiny_bundle import tiny_models
+
+REQUEST = GenerationRequest("a red circle", steps=3, seed=5, width=32, height=32)
+
+
+def _is_stored(key: str, t: torch.Tensor) -> bool:
+    return key.startswith(STORED_PREFIXES) and key.endswith(".weight") and t.ndim == 2
+
+
+def _bundle(path: Path, round_to_fp8: bool = False, big: float | None = None) -> Path:
+    cfg, flux, ae = tiny_models(description="random weights for a test")
+    sd = {k: v.clone() for k, v in flux.state_dict().items()}
+    for k, v in sd.items():
+        if round_to_fp8 and _is_stored(k, v):
+            sd[k] = v.to(FP8_STORAGE).float()
+    if big is not None:
+        sd["double_blocks.0.img_mlp.2.weight"][0, 0] = big
+    save_bundle(path, cfg, sd, ae.state_dict())
+    return path
+
+
+def _pixels(pipe: Pipeline, request: GenerationRequest = REQUEST) -> np.ndarray:
+    (result,) = pipe.generate(request)
+    return np.asarray(result.image)
+
+
+def test_fp8_bundle_stays_fp8_in_memory_and_draws_the_rounded_models_pictures(tmp_path: Path) -> None:
+    src = _bundle(tmp_path / "fp32")
+    out = cast_bundle(src, tmp_path / "fp8", "fp8")
+    before, after = read_safetensors(src / TRANSFORMER_FILE), read_safetensors(out / TRANSFORMER_FILE)
+    assert after.keys() == before.keys()
+    for key, tensor in after.items():
+        if _is_stored(key, tensor):
+            assert tensor.dtype == FP8_STORAGE and torch.equal(tensor, before[key].to(FP8_STORAGE)), key
+        else:  # embedders, norms, biases, the final layer: as stored
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, before[key]), key
+    assert (out / AUTOENCODER_FILE).read_bytes() == (src / AUTOENCODER_FILE).read_bytes()
+    stored_bytes = sum(t.numel() for k, t in before.items() if _is_stored(k, t))
+    shrink = (src / TRANSFORMER_FILE).stat().st_size - (out / TRANSFORMER_FILE).stat().st_size
+    assert shrink > 2.95 * stored_bytes  # 4 bytes -> 1 per stored weight (headers differ a little)
+
+    pipe = load(out, device="cpu")
+    weights = dict(pipe.transformer.named_parameters())
+    assert sum(t.dtype == FP8_STORAGE for t in weights.values()) == sum(
+        _is_stored(k, t) for k, t in before.items()
+    )
+    assert all(t.dtype in (FP8_STORAGE, torch.float32) for t in weights.values())
+    (result,) = pipe.generate(REQUEST)
+    assert result.record["weight_dtype"] == "float8_e4m3fn"
+    rounded = load(_bundle(tmp_path / "rounded", round_to_fp8=True), device="cpu")
+    assert "weight_dtype" not in rounded.generate(REQUEST)[0].record
+    want = _pixels(rounded)
+    assert want.std() > 5  # a non-constant picture to compare
+    assert np.array_equal(np.asarray(result.image), want)  # per-layer casting is exact
+
+
+def test_loras_apply_to_an_fp8_bundle_as_to_the_rounded_float32_one(tmp_path: Path) -> None:
+    _, flux, _ = tiny_models()
+    torch.manual_seed(1)
+    add_lora(flux, "style", rank=2)
+    with torch.no_grad():
+        for name, p in flux.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    lora = tmp_path / "style.safetensors"
+    save_lora(flux, lora, "style")
+    fp8 = load(cast_bundle(_bundle(tmp_path / "fp32"), tmp_path / "fp8", "fp8"), device="cpu")
+    rounded = load(_bundle(tmp_path / "rounded", round_to_fp8=True), device="cpu")
+    plain = _pixels(fp8)
+    for pipe in (fp8, rounded):
+        pipe.add_lora(lora, 1.0)
+    assert fp8.transformer.double_blocks[0].img_attn.qkv.weight.dtype == FP8_STORAGE  # still FP8 after
+    got, want = _pixels(fp8), _pixels(rounded)
+    assert np.abs(got.astype(int) - plain).max() > 10  # the LoRA changes the picture
+    assert np.abs(got.astype(int) - want).max() <= 1  # the same picture, up to one 8-bit level
+
+
+def test_fp8_refuses_weights_beyond_its_range_reproduces_and_casts_back(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    big = _bundle(tmp_path / "big", big=500.0)
+    with pytest.raises(CheckpointError, match=r"double_blocks\.0\.img_mlp\.2\.weight holds 500.*bf16"):
+        cast_bundle(big, tmp_path / "fp8", "fp8")
+    assert not (tmp_path / "fp8").exists()
+    src = _bundle(tmp_path / "src")
+    assert main(["convert", "dtype", str(src), "--dtype", "fp8", "--out", str(tmp_path / "f8")]) == 0
+    assert "fp8:" in capsys.readouterr().out
+    args = ["--model", str(tmp_path / "f8"), "--steps", "2", "--size", "32x32", "--seed", "4"]
+    assert main(["generate", "a red circle", *args, "-o", str(tmp_path / "gen")]) == 0
+    (made,) = sorted((tmp_path / "gen").glob("*.png"))
+    capsys.readouterr()
+    assert main(["reproduce", str(made), "-o", str(tmp_path / "again")]) == 0
+    assert "identical" in "".join(capsys.readouterr())
+    assert (
+        main(["convert", "dtype", str(tmp_path / "f8"), "--dtype", "bf16", "--out", str(tmp_path / "b")]) == 0
+    )
+    back = read_safetensors(tmp_path / "b" / TRANSFORMER_FILE)
+    assert all(t.dtype == torch.bfloat16 for t in back.values())
+
+
+def test_an_fp8_flux_single_file_converts_and_generates(tmp_path: Path) -> None:
+    """ComfyUI-style flux1-dev-fp8 files hold every tensor in FP8: the blocks stay FP8, the rest widens."""
+    _, _, ae = tiny_models()
+    # Head size 32 split 1:7:7 as FLUX.1 does: the architecture is read off the shapes.
+    flux = Flux(
+        FluxParams.from_dict({**get_preset("tiny")["model"], "hidden_size": 64, "axes_dim": [4, 14, 14]})
+    )
+    transformer = tmp_path / "flux1-fp8.safetensors"
+    save_file(
+        {f"model.diffusion_model.{k}": v.to(FP8_STORAGE).contiguous() for k, v in flux.state_dict().items()},
+        transformer,
+    )
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, tmp_path / "ae.safetensors")
+    for name in ("t5", "clip"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    out = convert_flux(
+        transformer, tmp_path / "ae.safetensors", tmp_path / "t5", tmp_path / "clip", tmp_path / "b"
+    )
+    assert all(t.dtype == FP8_STORAGE for t in read_safetensors(out / TRANSFORMER_FILE).values())
+    # The tiny files are no FLUX.1: generate with their weights under the tiny preset's text encoder.
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_encoder"] = tiny_models()[0].text_encoder
+    cfg["defaults"] = {**cfg["defaults"], "guidance_mode": "cfg"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    pipe = load(out, device="cpu")
+    dtypes = {k: t.dtype for k, t in pipe.transformer.named_parameters()}
+    assert dtypes["double_blocks.0.img_attn.qkv.weight"] == FP8_STORAGE
+    assert (
+        dtypes["img_in.weight"] == dtypes["double_blocks.0.img_attn.norm.query_norm.scale"] == torch.float32
+    )
+    image = _pixels(pipe, GenerationRequest("a red circle", steps=2, seed=1, width=32, height=32))
+    assert np.isfinite(image).all() and image.std() > 0
