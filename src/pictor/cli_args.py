@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_lora_parser(sub: Any) -> None:
     lo = sub.add_parser(
-        "lora", help="extract a LoRA from two models, resize one, or write it for other tools"
+        "lora",
+        help="extract a LoRA from two models, resize one, write it for other tools, or merge it into a model",
     )
     lsub = lo.add_subparsers(dest="lora_cmd", required=True)
 
@@ -367,6 +368,13 @@ def _add_lora_parser(sub: Any) -> None:
         "--model", "-m", default=None, help="the model it is for (default: default); presets work"
     )
     outputs(cv)
+    mg = lsub.add_parser(
+        "merge", help="a model bundle with LoRAs merged into its weights (no LoRA needed to generate)"
+    )
+    mg.add_argument("--model", "-m", default=None, help="the trained bundle to merge into (default: default)")
+    _add_lora(mg)
+    mg.add_argument("--name", default=None, help="the new bundle's name (default: model+lora names)")
+    mg.add_argument("--out", required=True, help="the new bundle folder (may be the model's own)")
 
 
 def _add_serve_parser(sub: Any) -> None:

@@ -1,4 +1,5 @@
-"""`pictor lora extract | resize | convert`: :mod:`pictor.lora_tools` on the command line."""
+"""`pictor lora extract | resize | convert | merge`: :mod:`pictor.lora_tools` and :mod:`pictor.lora_merge` on
+the command line."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pictor.models.lora_formats import LoRAUpdate
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
+    if args.lora_cmd == "merge":
+        return _merge(args)
     check_out(args.out)  # before anything is read or computed: an extract at FLUX.1 size takes long
     if args.lora_cmd != "convert":
         check_rank(args.rank, args.energy)
@@ -26,13 +29,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
         updates, report = _extract(args)
     else:
         updates, skipped = read_lora(args.lora, model_linears(args.model))
-        if skipped:
-            print(
-                f"warning: {len(skipped)} keys of {args.lora} are for a text encoder and are not kept "
-                f"(pictor applies LoRAs to the transformer only): {', '.join(skipped[:4])}"
-                + (", ..." if len(skipped) > 4 else ""),
-                file=sys.stderr,
-            )
+        _warn_text_keys(f"keys of {args.lora}", "kept", skipped)
         report = None
         if args.lora_cmd == "resize":
             updates, report = resize_lora(updates, args.rank, args.energy)
@@ -67,5 +64,23 @@ def _print_report(report: LowRankReport) -> None:
             f"warning: {len(report.not_carried)} changed tensors are not linear weights, which a LoRA cannot "
             f"carry (biases, norm scales); they keep the base's values (largest change "
             f"{report.not_carried[worst]:.3g} in {worst})",
+            file=sys.stderr,
+        )
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pictor.lora_merge import merge_loras
+
+    out, left_out = merge_loras(args.model, args.lora, args.out, args.name)
+    _warn_text_keys("LoRA keys", "merged", left_out)
+    print(out)
+    return 0
+
+
+def _warn_text_keys(what: str, done: str, keys: list[str]) -> None:
+    if keys:
+        print(
+            f"warning: {len(keys)} {what} are for a text encoder and are not {done} (pictor applies LoRAs "
+            f"to the transformer only): {', '.join(keys[:4])}" + (", ..." if len(keys) > 4 else ""),
             file=sys.stderr,
         )

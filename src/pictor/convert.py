@@ -82,7 +82,7 @@ def convert_flux(
 ) -> Path:
     """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder."""
     transformer, ae, out = Path(transformer), Path(ae), Path(out)
-    _check_out(out)  # never replace a folder that holds anything but a bundle
+    check_bundle_out(out)  # never replace a folder that holds anything but a bundle
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
         if not (folder / "config.json").is_file():
             raise CheckpointError(
@@ -161,7 +161,7 @@ def _store_fp8_in_place(sd: dict[str, torch.Tensor], where: str) -> None:
         sd[key] = tensor.to(FP8_STORAGE)
 
 
-def _check_out(out: Path) -> None:
+def check_bundle_out(out: Path) -> None:
     """Refuse an --out whose replacement would delete anything but a bundle's own files (the source's
     own, when converting in place)."""
     if not out.exists():
@@ -196,7 +196,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}, fp8")
     src, out = Path(src), Path(out)
     config = read_bundle_config(src)
-    _check_out(out)
+    check_bundle_out(out)
     with staged_dir(out) as tmp:
         hashes = {}
         for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time

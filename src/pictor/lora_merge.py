@@ -1,0 +1,133 @@
+"""Merge LoRAs into a model for good: a new bundle whose transformer weights are ``W + sum of scale * alpha /
+rank * B @ A`` (kohya's ``merge_lora.py``, ComfyUI's "save checkpoint" after a LoRA loader).
+
+The merged bundle needs no LoRA at generation time (no extra work per step, one file to share) and draws
+what the base model with the same LoRAs at the same scales draws. Each changed weight is computed in float64
+from the stored one and written back in its stored dtype (fp32, fp16, bf16 or FP8; a value past the dtype's
+range is refused by name), one tensor at a time. The autoencoder and the bundle's layout/reference adapters
+are copied unchanged; the config keeps the base's architecture and defaults, and its training record names
+the base and every LoRA (file hashes and scales), so the merged model's history is in the bundle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pictor.checkpoint import (
+    AUTOENCODER_FILE,
+    CONFIG_NAME,
+    TRANSFORMER_FILE,
+    BundleConfig,
+    CheckpointError,
+    model_hash,
+    read_bundle_config,
+    read_bundle_file,
+    sha256_file,
+    staged_dir,
+    write_json,
+    write_safetensors,
+)
+from pictor.convert import ADAPTER_FILES, check_bundle_out
+from pictor.locate import resolve
+from pictor.lora_files import a1111_lora_hash, lora_file_hash
+from pictor.lora_tools import model_linears, read_lora
+from pictor.models.lora_formats import LoRAError, LoRAUpdate
+from pictor.models.weight_storage import fp8_problem, is_fp8
+
+
+def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LoRAUpdate, float]]) -> torch.Tensor:
+    total = weight.double()
+    for update, scale in updates:
+        total += (scale * update.alpha / update.rank) * (update.B.double() @ update.A.double())
+    problem = fp8_problem(key, total) if is_fp8(weight) else None
+    if problem:
+        raise CheckpointError(f"{problem} once the LoRAs are merged; merge into a bf16 copy of the model")
+    merged = total.to(weight.dtype)
+    if not bool(torch.isfinite(merged.float()).all()):
+        raise CheckpointError(
+            f"{key}: the merged weight overflows {str(weight.dtype).removeprefix('torch.')}; merge into a "
+            "bf16 or fp32 copy of the model (`pictor convert dtype`)"
+        )
+    return merged
+
+
+def merge_loras(
+    model: str | os.PathLike[str],
+    loras: Sequence[tuple[str | os.PathLike[str], float]],
+    out: str | os.PathLike[str],
+    name: str | None = None,
+) -> tuple[Path, list[str]]:
+    """Write a bundle at ``out``: ``model`` with each (LoRA file, scale) merged into its weights.
+
+    Returns the bundle's path and the LoRA keys left out (a text encoder's: pictor's LoRAs act on the
+    transformer only). Everything is checked (model, LoRA keys and shapes, scales, ``out``) before any
+    weight is read; written atomically, so ``out`` may be ``model`` itself.
+    """
+    ref = resolve(model)
+    if ref.path is None:
+        raise CheckpointError(
+            f"--model '{model}' is a preset: an untrained architecture; merge into a trained bundle"
+        )
+    if not loras:
+        raise LoRAError("nothing to merge: give at least one --lora FILE[:SCALE]")
+    src, out = ref.path, Path(out)
+    config = read_bundle_config(src)
+    check_bundle_out(out)
+    linears = model_linears(src)
+    per_layer: dict[str, list[tuple[LoRAUpdate, float]]] = {}
+    entries: list[dict[str, Any]] = []
+    left_out: list[str] = []
+    for path, scale in loras:
+        if not math.isfinite(scale):
+            raise LoRAError(f"{path}: LoRA scale must be a finite number, got {scale}")
+        updates, text_keys = read_lora(path, linears)
+        left_out += text_keys
+        for layer, update in updates.items():
+            per_layer.setdefault(layer, []).append((update, float(scale)))
+        entries.append(
+            {
+                "name": Path(path).stem,
+                "path": str(Path(path).resolve()),
+                "sha256": lora_file_hash(path),
+                "hash": a1111_lora_hash(path),
+                "scale": float(scale),
+            }
+        )
+    with staged_dir(out) as tmp:
+        sd = read_bundle_file(src, TRANSFORMER_FILE, config, verify=True)
+        for layer, updates in per_layer.items():
+            key = f"{layer}.weight"
+            sd[key] = _merged(key, sd[key], updates)
+        hashes = {TRANSFORMER_FILE: write_safetensors(sd, tmp / TRANSFORMER_FILE, {"format": "pt"})}
+        del sd
+        shutil.copyfile(src / AUTOENCODER_FILE, tmp / AUTOENCODER_FILE)
+        hashes[AUTOENCODER_FILE] = sha256_file(tmp / AUTOENCODER_FILE)
+        if config.hashes.get(AUTOENCODER_FILE) not in (None, hashes[AUTOENCODER_FILE]):
+            raise CheckpointError(f"{src / AUTOENCODER_FILE}: not the file config.json's hash names")
+        for adapter in ADAPTER_FILES:  # trained on the base; they load on the merged model as they did
+            if (src / adapter).is_file():
+                shutil.copyfile(src / adapter, tmp / adapter)
+        merged_names = ", ".join(f"{e['name']} ({e['scale']:g})" for e in entries)
+        merged = BundleConfig(
+            **{
+                **config.__dict__,
+                "name": name or f"{config.name}+{'+'.join(e['name'] for e in entries)}",
+                "description": f"{config.name} with LoRAs merged: {merged_names}",
+                "hashes": hashes,
+                "training": {
+                    "stage": "lora-merge",
+                    "base": {"name": config.name, "hash": model_hash(config), "path": str(src.resolve())},
+                    "loras": entries,
+                    "base_training": config.training,
+                },
+            }
+        )
+        write_json(merged.to_dict(), tmp / CONFIG_NAME)
+    return out, sorted(set(left_out))
