@@ -1,0 +1,215 @@
+"""FP8 weight storage, pictor's against diffusers' layerwise casting (`enable_layerwise_casting`), in one run.
+
+A FLUX.1-width transformer (hidden 3072, 24 heads of 128, context 4096, guidance embedding) with --double
+double and --single single blocks of FLUX.1's 19 + 38, random weights (std 0.02, like a trained FLUX.1's),
+one forward of batch 1 with --tokens image tokens and 128 text tokens, four ways, each in a fresh process:
+
+- `pictor_full` / `diffusers_full`: every weight in the compute dtype (float32 on the CPU, bf16 on CUDA);
+- `pictor_fp8`: pictor's block linears stored float8 e4m3fn, cast per layer as it runs (what an FP8 bundle,
+  `pictor convert dtype --dtype fp8`, loads as);
+- `diffusers_fp8`: diffusers' FluxTransformer2DModel with the same weights (mapped by
+  benchmarks/_flux_reference.py) and `enable_layerwise_casting(storage_dtype=float8_e4m3fn)`.
+
+Per run: bytes held by the weights, the highest memory while the forward runs (CPU: resident set polled every
+millisecond; CUDA: max_memory_allocated) and its rise over the moment before, seconds per forward (median of
+--repeats after one warm-up), and the output's distance from pictor_full's. `full_size` gives the same
+weight bytes for the whole FLUX.1 [dev] transformer (counted on the meta device, nothing allocated).
+
+Usage: python benchmarks/bench_fp8.py [--double 1] [--single 2] [--tokens 1024] [--device cpu] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _flux_reference import build_reference, reference_forward
+from _memory import RssSampler, rss_now
+from safetensors.torch import load_file, save_file
+
+from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
+from pictor.models.weight_storage import FP8_STORAGE, store_fp8, stored_linear_paths
+from pictor.presets import get_preset
+
+RUNS = ("pictor_full", "pictor_fp8", "diffusers_full", "diffusers_fp8")
+N_TXT = 128
+
+
+def flux_width_params(double: int, single: int) -> FluxParams:
+    return FluxParams.from_dict(
+        {**get_preset("flux-dev")["model"], "depth": double, "depth_single_blocks": single}
+    )
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def random_state(params: FluxParams, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded weights built tensor by tensor on the meta-device model's shapes (no second full copy)."""
+    with torch.device("meta"):
+        shapes = Flux(params).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    return {
+        k: (
+            1 + 0.1 * torch.randn(v.shape, generator=gen)
+            if k.endswith(".scale")
+            else 0.02 * torch.randn(v.shape, generator=gen)
+        ).to(dtype)
+        for k, v in shapes.items()
+    }
+
+
+def inputs(params: FluxParams, tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    side = round(tokens**0.5) * 2  # latent side: tokens are 2x2 patches
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "img": torch.randn(1, (side // 2) ** 2, params.in_channels, generator=gen).to(device, dtype),
+        "img_ids": make_img_ids(1, side, side).to(device),
+        "txt": torch.randn(1, N_TXT, params.context_in_dim, generator=gen).to(device, dtype),
+        "txt_ids": make_txt_ids(1, N_TXT).to(device),
+        "timesteps": torch.tensor([0.6], device=device, dtype=dtype),
+        "y": torch.randn(1, params.vec_in_dim, generator=gen).to(device, dtype),
+        "guidance": torch.tensor([3.5], device=device, dtype=dtype),
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One model, one way, in this fresh process; prints its numbers as JSON and saves its output."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    params = flux_width_params(args.double, args.single)
+    sd = random_state(params, dtype)
+    model: torch.nn.Module
+    if args.run.startswith("pictor"):
+        with torch.device("meta"):
+            flux = Flux(params)
+        flux.load_state_dict(sd, strict=True, assign=True)
+        del sd
+        if args.run == "pictor_fp8":
+            store_fp8(flux, FP8_STORAGE)  # layer by layer: the wide copy of each goes as it is cast
+        model = flux.to(device) if args.run == "pictor_fp8" else flux.to(device, dtype)
+        forward = model
+    else:
+        model = build_reference(params, sd).to(device)
+        del sd
+        if args.run == "diffusers_fp8":
+            model.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=dtype)
+
+        def forward(**kw: Any) -> torch.Tensor:
+            return reference_forward(model, **kw)
+
+    model.eval().requires_grad_(False)
+    x = inputs(params, args.tokens, device, dtype)
+    seconds = []
+    with torch.inference_mode():
+        forward(**x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before = rss_now()
+        with RssSampler() as rss:
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                out = forward(**x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - t)
+    if device.type == "cuda":
+        peak, rise = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - before
+    else:
+        peak, rise = rss.peak, rss.peak - before
+    save_file({"out": out.float().cpu().contiguous()}, args.save)
+    result = {
+        "weights_gb": round(weight_bytes(model) / 1e9, 3),
+        "peak_gb": round(peak / 1e9, 3),
+        "rise_gb": round(rise / 1e9, 3),
+        "seconds": round(statistics.median(seconds), 2),
+    }
+    print(json.dumps(result))
+
+
+def full_size() -> dict[str, Any]:
+    """FLUX.1 [dev]'s transformer weights in bf16 and as pictor's FP8 bundle holds them, from the shapes."""
+    with torch.device("meta"):
+        flux = Flux(FluxParams.from_dict(get_preset("flux-dev")["model"]))
+    total = sum(p.numel() for p in flux.parameters())
+    stored = sum(flux.get_submodule(path).weight.numel() for path in stored_linear_paths(flux))
+    return {
+        "parameters": total,
+        "stored_fp8_share": round(stored / total, 4),
+        "bf16_gb": round(2 * total / 1e9, 2),
+        "fp8_gb": round((stored + 2 * (total - stored)) / 1e9, 2),
+        "note": "fp8_gb: block linears' weights 1 byte each, everything else bf16 (2 bytes)",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    runs: dict[str, Any] = {}
+    outs: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in RUNS:
+            save = str(Path(tmp) / f"{run}.safetensors")
+            cmd = [sys.executable, __file__, "--worker", "--run", run, "--save", save]
+            cmd += ["--device", args.device]
+            for flag in ("double", "single", "tokens", "repeats", "threads"):
+                cmd += [f"--{flag}", str(getattr(args, flag))]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[run] = json.loads(done.stdout.strip().splitlines()[-1])
+            outs[run] = load_file(save)["out"]
+            print(f"{run}: {runs[run]}", file=sys.stderr)
+    base = outs["pictor_full"]
+    for run, numbers in runs.items():
+        numbers["rel_err_vs_pictor_full"] = float(f"{float((outs[run] - base).norm() / base.norm()):.3g}")
+    params = flux_width_params(args.double, args.single)
+    result = {
+        "config": {
+            "hidden_size": params.hidden_size,
+            "double_blocks": params.depth,
+            "single_blocks": params.depth_single_blocks,
+            "image_tokens": args.tokens,
+            "text_tokens": N_TXT,
+            "device": args.device,
+            "threads": args.threads,
+            "compute_dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+            "weights": "random, std 0.02 (norm scales around 1)",
+        },
+        "runs": runs,
+        "full_size": full_size(),
+        "torch": torch.__version__,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
