@@ -16,6 +16,7 @@ from PIL import Image
 from pictor.cli_args import build_parser
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
+from pictor.cli_merge import cmd_merge
 from pictor.data.folder import DatasetWarning
 from pictor.train import command as train_command
 
@@ -318,6 +319,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "train": train_command.run_train,
     "lora": cmd_lora,
+    "merge": cmd_merge,
     "serve": cmd_serve,
 }
 

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from pictor import __version__
+from pictor.cli_merge import add_merge_parser
 from pictor.train import command as train_command
 
 SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--schedule", default=None)
     train_command.add_train_parser(sub)
     _add_lora_parser(sub)
+    add_merge_parser(sub)
     _add_serve_parser(sub)
     return parser
 
