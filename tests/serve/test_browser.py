@@ -364,3 +364,61 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -
     page.get_by_role("button", name="Clear boxes").click()
     expect(page.locator("#layout-preview rect")).to_have_count(0)
     assert problems == [], problems
+
+
+def test_generate_with_the_hires_fix(browser: Any, live_server: Any) -> None:
+    """The hires fields go with the request, the picture comes at the larger size, Reuse settings puts the
+    fields back and Reproduce sends them again (the same PNG)."""
+    from playwright.sync_api import expect
+
+    live = live_server()
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(live.url + "/")
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+
+    page.get_by_label("Prompt", exact=True).fill("a sharp star")
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill("9")
+    page.get_by_label("Steps", exact=True).fill("3")
+    page.get_by_text("Hires fix", exact=True).click()
+    page.get_by_label("Upscale by").fill("2")
+    page.get_by_label("Hires strength").fill("0.45")
+    page.get_by_label("Hires steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+
+    thumb = page.get_by_role("img", name="a sharp star (seed 9)")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=thumb.element_handle())
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert (
+        job["request"]["hires_scale"],
+        job["request"]["hires_strength"],
+        job["request"]["hires_steps"],
+    ) == (
+        2,
+        0.45,
+        2,
+    )
+    thumb.click()
+    expect(page.locator("#viewer-parameters")).to_contain_text("Hires upscale: 2")
+
+    # Reuse settings on a cleared form puts the hires fields back; Reproduce makes the same PNG.
+    page.get_by_role("button", name="Close").click()
+    for field in ("Upscale by", "Hires strength", "Hires steps"):
+        page.get_by_label(field).fill("")
+    thumb.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("Upscale by")).to_have_value("2")
+    expect(page.get_by_label("Hires strength")).to_have_value("0.45")
+    expect(page.get_by_label("Hires steps")).to_have_value("2")
+    thumb.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.get_by_role("img", name="a sharp star (seed 9)")).to_have_count(2, timeout=30_000)
+    jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
+    assert jobs[0]["request"]["hires_scale"] == 2
+    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
+    assert a == b
+    assert problems == [], problems

@@ -72,6 +72,12 @@ function requestFromForm() {
     seed: number("seed", Number),
     n: number("n", Number),
   };
+  const hiresScale = number("hires_scale", Number);
+  if (hiresScale !== undefined) {  // the strength and steps belong to the hires fix: sent only with it
+    values.hires_scale = hiresScale;
+    values.hires_strength = number("hires_strength", Number);
+    values.hires_steps = number("hires_steps", Number);
+  }
   for (const [name, value] of Object.entries(values)) if (value !== undefined) body[name] = value;
   return body;
 }
@@ -91,6 +97,11 @@ function fillForm(record) {
   $("seed").value = record.seed ?? "";
   $("n").value = 1;
   $("settings").open = true;
+  const hires = record.hires || {};
+  $("hires_scale").value = hires.scale ?? "";
+  $("hires_strength").value = hires.strength ?? "";
+  $("hires_steps").value = hires.steps ?? "";
+  if (record.hires) $("hires-settings").open = true;
 }
 
 function setStatus(text) {
@@ -415,6 +426,11 @@ function recordRequest(record) {
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
+  if (record.hires) {  // the record's size is the first pass's; the hires fix is its own part
+    body.hires_scale = record.hires.scale;
+    body.hires_strength = record.hires.strength;
+    body.hires_steps = record.hires.steps;
+  }
   return body;
 }
 
