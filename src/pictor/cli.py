@@ -305,6 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images),
         vae_tile=args.vae_tile,
         vae_tile_overlap=args.vae_tile_overlap,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
     )
     return serve(settings, log_level=args.log_level)
 

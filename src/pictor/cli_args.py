@@ -399,4 +399,7 @@ def _add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-steps", type=int, default=Limits.max_steps)
     s.add_argument("--max-images", type=int, default=Limits.max_images, help="n limit per request")
     _add_vae_tiling(s)
+    s.add_argument(
+        "--lora-dir", default=None, help="folder of LoRA files requests may choose by name (loras)"
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -21,10 +21,14 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 
 from pictor.layout_files import layout_params_for, save_layout_adapter
 from pictor.loading import pipeline_from_preset
+from pictor.lora_files import save_lora
+from pictor.lora_tools import model_linears, read_lora, write_lora
 from pictor.models.layout import LayoutAdapter
+from pictor.models.lora import add_lora
 from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import Pipeline
 from pictor.reference_files import reference_params_for, save_reference_adapter
@@ -339,3 +343,40 @@ def _wait_job(
 @pytest.fixture
 def wait_job() -> Callable[..., dict[str, Any]]:
     return _wait_job
+
+
+def new_tiny() -> Pipeline:
+    """A tiny pipeline of its own (LoRAs get added to it; the session's `tiny` stays as it is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny preset is untrained on purpose
+        return pipeline_from_preset("tiny", device="cpu")
+
+
+@pytest.fixture
+def fresh_tiny() -> Callable[[], Pipeline]:
+    return new_tiny
+
+
+@pytest.fixture
+def lora_dir(tmp_path: Path) -> Path:
+    """style.safetensors (pictor's layout), detail.safetensors (kohya's), wide.safetensors (fits no layer of
+    the tiny model) and a file that is no LoRA."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    pipe = new_tiny()
+    tree = add_lora(pipe.transformer, name="style", targets="all", rank=4)
+    with torch.no_grad():
+        for name, p in tree.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    save_lora(pipe.transformer, folder / "style.safetensors", adapter="style")
+    # the same kind of file in kohya's layout, under another name
+    updates, _ = read_lora(folder / "style.safetensors", model_linears("tiny"))
+    write_lora({k: v for k, v in updates.items() if "single" in k}, folder / "detail.safetensors", "kohya")
+    wide = {k: torch.zeros(4, 999) for k in ("double_blocks.0.img_attn.qkv.lora_A.weight",)}
+    save_file(
+        {**wide, "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(999, 4)},
+        folder / "wide.safetensors",
+    )
+    (folder / "notes.txt").write_text("not a LoRA")
+    return folder

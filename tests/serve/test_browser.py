@@ -422,3 +422,50 @@ def test_generate_with_the_hires_fix(browser: Any, live_server: Any) -> None:
     a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
     assert a == b
     assert problems == [], problems
+
+
+def test_generate_with_a_lora_of_the_server(
+    browser: Any, live_server: Any, lora_dir: Path, fresh_tiny: Any
+) -> None:
+    """The page lists the server's LoRAs; a scale sends one with the request, the record names it, Reuse
+    settings puts the scale back and Reproduce sends it again (the same PNG)."""
+    import json
+
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    live = live_server(pipeline=fresh_tiny(), lora_dir=lora_dir)
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(live.url + "/")
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+
+    page.get_by_text("LoRAs", exact=True).click()
+    expect(page.get_by_label("LoRA detail")).to_be_visible()
+    page.get_by_label("Prompt", exact=True).fill("a styled circle")
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill("5")
+    page.get_by_label("Steps", exact=True).fill("3")
+    page.get_by_label("LoRA style").fill("0.8")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+        record = json.loads(im.text["pictor"])
+    assert [(e["name"], e["scale"]) for e in record["loras"]] == [("style", 0.8)]
+
+    page.get_by_label("LoRA style").fill("")
+    thumb = page.get_by_role("img", name="a styled circle (seed 5)")
+    thumb.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("LoRA style")).to_have_value("0.8")
+    expect(page.get_by_label("LoRA detail")).to_have_value("")
+    thumb.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.get_by_role("img", name="a styled circle (seed 5)")).to_have_count(2, timeout=30_000)
+    jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
+    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
+    assert a == b
+    assert problems == [], problems

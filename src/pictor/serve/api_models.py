@@ -32,6 +32,15 @@ class LayoutBox(BaseModel):
     phrase: str = Field(min_length=1, description="What to draw in the box, e.g. 'a red circle'.")
 
 
+class LoraChoice(BaseModel):
+    """One LoRA of the server's folder (GET /v1/loras), by name, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, description="A name from GET /v1/loras.")
+    scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="Its weight (1: as trained).")
+
+
 class ImageGenerationRequest(BaseModel):
     """OpenAI's ``POST /v1/images/generations`` body; ``seed`` ... ``schedule`` are pictor's."""
 
@@ -76,6 +85,9 @@ class ImageGenerationRequest(BaseModel):
         None, gt=0, le=1, allow_inf_nan=False, description="Share of the upscaled picture redrawn (0.3)."
     )
     hires_steps: int | None = Field(None, ge=1, description="Steps of the second pass (default: steps).")
+    loras: list[LoraChoice] | None = Field(
+        None, max_length=8, description="LoRAs of the server's folder (GET /v1/loras) with their scales."
+    )
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged, otherwise ignored.
     quality: str | None = Field(None, description="Accepted and ignored.")
     style: str | None = Field(None, description="Accepted and ignored.")

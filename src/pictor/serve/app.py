@@ -25,12 +25,15 @@ from starlette.routing import Match
 
 from pictor import __version__
 from pictor.generation_settings import tiling_problem
+from pictor.lora_tools import model_linears
+from pictor.models.lora import linear_layers
 from pictor.pipeline import Pipeline
 from pictor.serve import edits
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.head import HeadAsGet
 from pictor.serve.jobs import JobManager
+from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import CONTENT_TYPE, Metrics
 from pictor.serve.routes import COMMON_ERRORS, bearer, router
 from pictor.serve.security import BlockList, Guard, PromptPolicy
@@ -70,10 +73,13 @@ def create_app(
             raise ValueError(f"--vae-tile does not fit model '{pipe.name}': {problem}")
         return pipe
 
-    manager = JobManager(store, settings, metrics, pipeline=pipeline, loader=None if pipeline else load_model)
+    library = lora_library(settings, pipeline)
+    manager = JobManager(
+        store, settings, metrics, pipeline=pipeline, loader=None if pipeline else load_model, library=library
+    )
     if policy is None and settings.block_words:
         policy = BlockList(settings.block_words)
-    svc = Service(settings, store, manager, metrics, policy)
+    svc = Service(settings, store, manager, metrics, policy, library)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +108,19 @@ def create_app(
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def lora_library(settings: ServeSettings, pipeline: Pipeline | None) -> LoraLibrary:
+    """The LoRAs of --lora-dir, checked against the served model's layers (read off its config when the
+    model is still to be loaded, so a bad folder is named before the server listens)."""
+    if settings.lora_dir is None:
+        return LoraLibrary()
+    if pipeline is not None:
+        layers = linear_layers(pipeline.transformer)
+        linears = {p: (m.in_features, m.out_features) for p, m in layers.items()}
+    else:
+        linears = model_linears(settings.model)
+    return LoraLibrary(Path(settings.lora_dir), linears)
 
 
 def _add_ops_routes(app: FastAPI, svc: Service) -> None:

@@ -85,6 +85,7 @@ def edit_params(
     reference = reference.convert("RGB") if reference is not None else None
     settings = {k: form[k] for k in ("steps", "guidance", "sampler", "schedule", "seed", "strength")}
     settings["layout"] = layout
+    loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
     if pipe is not None:
         request = EditRequest(
@@ -118,6 +119,7 @@ def edit_params(
         "width": source.width,
         "height": source.height,
         "n": n,
+        "loras": loras,
         **settings,
     }
 
@@ -131,6 +133,7 @@ FORM_FIELDS = {
     "mask",
     "reference_image",
     "layout",
+    "loras",
     "n",
     "size",
     "response_format",
@@ -200,6 +203,10 @@ async def edit_form(
             description='boxes with phrases as JSON, e.g. [{"box": [0, 0, 0.5, 1], "phrase": "a red circle"}]'
         ),
     ] = None,
+    loras: Annotated[
+        str | None,
+        Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
+    ] = None,
     n: Annotated[int, Form(ge=1)] = 1,
     size: Annotated[str | None, Form(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] = None,
     response_format: Annotated[Literal["url", "b64_json"], Form()] = "url",
@@ -255,6 +262,7 @@ async def edit_form(
         "seed": seed,
         "strength": strength,
         "layout": layout,
+        "loras": loras,
     }
     return EditForm(source, mask_image, reference, fields, user, response_format)
 

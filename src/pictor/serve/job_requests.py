@@ -28,7 +28,8 @@ BATCH_KEYS = (
 
 
 # Edits also need the same source image: upload ids are new for every request, so edits never merge.
-MERGE_KEYS = (*BATCH_KEYS, "kind", "image", "mask", "strength")
+# The chosen LoRAs (not a request field: the worker applies them to the model before the run) likewise.
+MERGE_KEYS = (*BATCH_KEYS, "kind", "image", "mask", "strength", "loras")
 
 
 def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pictor.editing import EditError
+from pictor.models.lora_formats import LoRAError
 from pictor.pipeline import GenerationError, Pipeline
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
 from pictor.serve.job_requests import batch_key, edit_request, generation_request
+from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
@@ -73,9 +75,11 @@ class JobManager:
         metrics: Metrics,
         pipeline: Pipeline | None = None,
         loader: Callable[[], Pipeline] | None = None,
+        library: LoraLibrary | None = None,
     ) -> None:
         if pipeline is None and loader is None:
             raise ValueError("JobManager needs a pipeline or a loader")
+        self.library = library or LoraLibrary()
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -308,6 +312,13 @@ class JobManager:
         else:
             run, request = self.pipeline.generate, generation_request(params, self.store, **runs)
         deadline = time.monotonic() + self.settings.job_timeout
+        try:
+            self.library.activate(self.pipeline, params.get("loras"))
+        except (GenerationError, LoRAError) as exc:  # a file changed or broke since the server started
+            error = self._error_of(GenerationError(str(exc)))
+            for live in batch:
+                self._finish(live.job, FAILED, error=error)
+            return
 
         def progress(step: int, total: int) -> None:
             with self._cond:

@@ -149,6 +149,11 @@ def model_card(svc: Service) -> ModelCard:
     )
 
 
+@router.get("/loras", summary="The LoRAs requests may choose (`loras`), and files left out with why")
+def list_loras(request: Request) -> dict[str, Any]:
+    return service(request).library.listing()
+
+
 @router.get("/models", response_model=ModelList, summary="The served model, its defaults and limits")
 def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(service(request))])

@@ -80,6 +80,11 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
         if problem:
             raise ValueError(f"--vae-tile: {problem}")
     app = create_app(settings)
+    library = app.state.service.library
+    for name, why in library.unusable.items():
+        print(f"pictor serve: LoRA {name} left out: {why}", file=sys.stderr)
+    if settings.lora_dir is not None:
+        print(f"pictor serve: LoRAs offered: {', '.join(library.files) or 'none'}", file=sys.stderr)
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -18,6 +18,7 @@ from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, Jo
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
+from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
 from pictor.serve.settings import ServeSettings
@@ -35,6 +36,7 @@ class Service:
     manager: JobManager
     metrics: Metrics
     policy: PromptPolicy | None = None
+    library: LoraLibrary = field(default_factory=LoraLibrary)
     started: float = field(default_factory=time.time)
 
     def model_names(self) -> set[str]:
@@ -93,6 +95,7 @@ class Service:
             "hires_scale": body.hires_scale,
             "hires_strength": body.hires_strength,
             "hires_steps": body.hires_steps,
+            "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs

@@ -43,6 +43,8 @@ class ServeSettings:
     # images' records keep it); None: whole. The overlap None: a quarter of the tile.
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
+    # The folder of LoRA files requests may choose from by name (`loras`); None: no LoRAs offered.
+    lora_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):

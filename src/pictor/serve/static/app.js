@@ -78,8 +78,38 @@ function requestFromForm() {
     values.hires_strength = number("hires_strength", Number);
     values.hires_steps = number("hires_steps", Number);
   }
+  const loras = lorasFromForm();
+  if (loras.length) values.loras = loras;
   for (const [name, value] of Object.entries(values)) if (value !== undefined) body[name] = value;
   return body;
+}
+
+// -- LoRAs: one scale field per LoRA the server offers (GET /v1/loras); empty is off ----------------
+
+function loraInputs() {
+  return [...document.querySelectorAll("#lora-list input")];
+}
+
+function lorasFromForm() {
+  return loraInputs()
+    .filter((input) => input.value.trim() !== "")
+    .map((input) => ({ name: input.dataset.name, scale: Number(input.value) }));
+}
+
+async function loadLoras() {
+  const listing = await apiJSON("/v1/loras");
+  const rows = listing.data.flatMap((lora, i) => {
+    const label = document.createElement("label");
+    label.htmlFor = `lora-${i}`;
+    label.textContent = `LoRA ${lora.name}`;
+    const input = document.createElement("input");
+    Object.assign(input, { id: `lora-${i}`, type: "number", step: "0.05", min: "-10", max: "10" });
+    Object.assign(input, { placeholder: "off", inputMode: "decimal" });
+    input.dataset.name = lora.name;
+    return [label, input];
+  });
+  $("lora-list").replaceChildren(...rows);
+  $("lora-settings").hidden = rows.length === 0;
 }
 
 function fillForm(record) {
@@ -102,6 +132,9 @@ function fillForm(record) {
   $("hires_strength").value = hires.strength ?? "";
   $("hires_steps").value = hires.steps ?? "";
   if (record.hires) $("hires-settings").open = true;
+  const scales = new Map((record.loras || []).map((entry) => [entry.name, entry.scale]));
+  for (const input of loraInputs()) input.value = scales.get(input.dataset.name) ?? "";
+  if (scales.size) $("lora-settings").open = true;
 }
 
 function setStatus(text) {
@@ -130,7 +163,7 @@ function editFromForm(body) {
   if (strength !== "") form.append("strength", strength);
   for (const [name, value] of Object.entries(body)) {
     if (name === "size") continue;
-    form.append(name, name === "layout" ? JSON.stringify(value) : String(value));
+    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));  // layout, loras
   }
   return form;
 }
@@ -431,6 +464,9 @@ function recordRequest(record) {
     body.hires_strength = record.hires.strength;
     body.hires_steps = record.hires.steps;
   }
+  if (record.loras && record.loras.length) {
+    body.loras = record.loras.map((entry) => ({ name: entry.name, scale: entry.scale }));
+  }
   return body;
 }
 
@@ -551,6 +587,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     submit(recordRequest(viewed.record));
   });
   await loadModel();
+  await loadLoras().catch((err) => setError(err.message));
   await loadGallery(true).catch((err) => setError(err.message));
 });
 

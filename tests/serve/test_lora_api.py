@@ -1,0 +1,125 @@
+"""LoRAs chosen per request from the server's folder (`pictor serve --lora-dir`): listed, checked, applied for
+exactly the jobs that ask, recorded in the images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pictor.lora_files import lora_file_hash
+from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.serve.job_requests import batch_key
+
+BODY = {"prompt": "a red circle", "size": "32x32", "seed": 7, "response_format": "b64_json"}
+
+
+def _image(client: TestClient, **extra: object) -> tuple[np.ndarray, dict]:
+    r = client.post("/v1/images/generations", json={**BODY, **extra})
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))) as im:
+        return np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+
+
+def test_chosen_loras_apply_to_their_jobs_only(
+    make_client: Callable[..., TestClient], lora_dir: Path, fresh_tiny: Callable[[], Pipeline]
+) -> None:
+    client = make_client(fresh_tiny(), lora_dir=lora_dir)
+    listing = client.get("/v1/loras").json()
+    assert [(x["name"], x["rank"]) for x in listing["data"]] == [("detail", 4), ("style", 4)]
+    assert listing["data"][1]["sha256"] == lora_file_hash(lora_dir / "style.safetensors")
+    (unusable,) = listing["unusable"]
+    assert unusable["file"] == "wide.safetensors" and "double_blocks.0.img_attn.qkv" in unusable["reason"]
+
+    plain, record = _image(client)
+    assert record["loras"] == []
+    styled, record = _image(client, loras=[{"name": "style", "scale": 0.8}])
+    (entry,) = record["loras"]
+    assert (entry["name"], entry["scale"]) == ("style", 0.8)
+    assert entry["sha256"] == lora_file_hash(lora_dir / "style.safetensors")
+    assert np.abs(styled.astype(int) - plain).max() > 10
+    again, record = _image(client)  # the LoRA stays loaded, at scale 0: the base model's picture exactly
+    assert record["loras"] == [] and np.array_equal(again, plain)
+
+    # The same picture as the library gives with that LoRA applied by hand.
+    direct = fresh_tiny()
+    direct.add_lora(lora_dir / "style.safetensors", 0.8)
+    (want,) = direct.generate(GenerationRequest("a red circle", width=32, height=32, seed=7))
+    assert np.array_equal(styled, np.asarray(want.image))
+
+    both, record = _image(client, loras=[{"name": "detail", "scale": 1.0}, {"name": "style", "scale": -0.5}])
+    assert [(e["name"], e["scale"]) for e in record["loras"]] == [("detail", 1.0), ("style", -0.5)]
+    assert not np.array_equal(both, plain) and not np.array_equal(both, styled)
+
+
+def test_jobs_with_other_loras_never_share_a_run() -> None:
+    params = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 4}
+    assert batch_key({**params, "loras": [["style", 0.8]]}) != batch_key(params)
+    assert batch_key({**params, "loras": [["style", 0.8]]}) != batch_key(
+        {**params, "loras": [["style", 0.5]]}
+    )
+    assert batch_key({**params, "loras": [["style", 0.8]]}) == batch_key(
+        {**params, "loras": [["style", 0.8]]}
+    )
+
+
+def test_bad_choices_are_400s_that_say_why(
+    make_client: Callable[..., TestClient], lora_dir: Path, fresh_tiny: Callable[[], Pipeline]
+) -> None:
+    client = make_client(fresh_tiny(), lora_dir=lora_dir)
+    cases = [
+        ([{"name": "nope"}], "unknown LoRA 'nope'; this server offers detail, style"),
+        ([{"name": "wide"}], "unknown LoRA 'wide'"),  # left out at start: not offered
+        ([{"name": "style"}, {"name": "style", "scale": 0.5}], "named twice"),
+        ([{"name": "style", "scale": 100}], "loras.0.scale"),
+        ([{"name": "style", "weight": 1}], "unknown field 'loras.0.weight'"),
+        ([{"name": f"x{i}"} for i in range(9)], "loras"),
+    ]
+    for loras, message in cases:
+        r = client.post("/v1/images/generations", json={**BODY, "loras": loras})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (loras, r.text)
+    no_folder = make_client(fresh_tiny())
+    r = no_folder.post("/v1/images/generations", json={**BODY, "loras": [{"name": "style"}]})
+    assert r.status_code == 400 and "offers no LoRAs (start it with --lora-dir DIR)" in r.text
+    assert no_folder.get("/v1/loras").json() == {"data": [], "unusable": []}
+
+
+def test_edits_take_loras_as_json_text(
+    make_client: Callable[..., TestClient], lora_dir: Path, fresh_tiny: Callable[[], Pipeline]
+) -> None:
+    client = make_client(fresh_tiny(), lora_dir=lora_dir)
+    source = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(source, format="PNG")
+    files = {"image": ("s.png", source.getvalue(), "image/png")}
+    form = {"prompt": "a blue square", "seed": "3", "steps": "2", "response_format": "b64_json"}
+    r = client.post(
+        "/v1/images/edits", files=files, data={**form, "loras": '[{"name": "style", "scale": 0.7}]'}
+    )
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))) as im:
+        record = json.loads(im.text["pictor"])
+    assert [(e["name"], e["scale"]) for e in record["loras"]] == [("style", 0.7)]
+    r = client.post("/v1/images/edits", files=files, data={**form, "loras": "style"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loras", r.text
+    assert "loras must be JSON like" in r.json()["error"]["message"]
+
+
+def test_serve_refuses_a_missing_lora_folder_before_listening(tmp_path: Path) -> None:
+    pictor = shutil.which("pictor")
+    assert pictor
+    done = subprocess.run(
+        [pictor, "serve", "--model", "tiny", "--port", "0", "--lora-dir", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--lora-dir" in done.stderr and "no such folder" in done.stderr and "listening" not in done.stdout
