@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pictor.models.layers import (
     DoubleStreamBlock,
@@ -122,6 +123,9 @@ class Flux(nn.Module):
             ]
         )
         self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels)
+        # Training only: keep each block's input, not its activations, and run the block again during the
+        # backward pass (less memory for one more forward's time). Off: FLUX.1's forward as it is.
+        self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -164,15 +168,25 @@ class Flux(nn.Module):
         for i, block in enumerate(self.double_blocks):
             if res is not None:
                 img = img + res[i]
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = self._run(block, img=img, txt=txt, vec=vec, pe=pe)
         x = torch.cat((txt, img), dim=1)
         n_txt = txt.shape[1]
         for j, block in enumerate(self.single_blocks):
             if res is not None:
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[len(self.double_blocks) + j]), dim=1)
-            x = block(x, vec=vec, pe=pe)
+            x = self._run(block, x, vec=vec, pe=pe)
         img = x[:, n_txt:, ...]
         return self.final_layer(img, vec)  # [B, N, out_channels]
+
+    def _run(self, block: nn.Module, *args: Tensor, **kwargs: Tensor) -> Any:
+        """A block, under activation checkpointing when it is on and gradients are being recorded.
+
+        Non-reentrant checkpointing (use_reentrant=False): gradients reach parameters inside the block
+        (LoRA adapters on a frozen base) even when no input requires grad, and keyword arguments pass.
+        """
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def _check_residuals(self, residuals: Sequence[Tensor] | None, img: Tensor) -> Sequence[Tensor] | None:
         if residuals is None:

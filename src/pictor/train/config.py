@@ -101,6 +101,9 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA tracks the weights
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the transformer blocks (CUDA runs)
+    # Recompute each transformer block in the backward pass instead of keeping its activations: the same
+    # gradients, less memory, about one more forward pass of time (t2i, lora, layout, reference).
+    gradient_checkpointing: bool = False
     # FSDP2 under torchrun: shard the transformer's weights, gradients and AdamW state over the ranks (t2i).
     # Like the device, it belongs to one invocation: a resumed run shards only when asked again.
     fsdp: bool = False

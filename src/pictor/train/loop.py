@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pictor.checkpoint import replace_dir, state_dict_hash, write_json
+from pictor.models.flux import Flux
 from pictor.train import distributed
 from pictor.train.config import TrainConfig
 from pictor.train.data import ImageCaptionDataset, default_workers, make_dataset, micro_batches
@@ -139,6 +140,9 @@ class Trainer:
         self.resumed_from = self.step
         if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
             self.model.compile()  # after the EMA copy: the shadow module stays a plain one
+        for module in self.stage.forward_module.modules():  # the trained model or the frozen base
+            if isinstance(module, Flux):
+                module.gradient_checkpointing = cfg.gradient_checkpointing
         # FSDP already reduces gradients in its hooks; otherwise DDP (or nothing, on one process).
         self.forward = (
             self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
