@@ -120,3 +120,36 @@ def test_loras_on_a_stored_base_compute_as_on_the_float32_base() -> None:
     assert all(torch.equal(after[k].float(), before[k].float()) for k in before)
     assert isinstance(stored.double_blocks[0].img_attn.qkv, StoredLinear)
     assert stored.double_blocks[0].img_attn.qkv.weight.dtype == FP8_STORAGE
+
+
+def test_the_backward_pass_keeps_the_fp8_weight_not_a_wide_copy() -> None:
+    """Gradients as through the widened weight, while autograd keeps only the FP8 parameter."""
+    gen = torch.Generator().manual_seed(0)
+    layer = StoredLinear(24, 16)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(torch.randn(16, 24, generator=gen).to(FP8_STORAGE), requires_grad=False)
+        layer.bias = nn.Parameter(torch.randn(16, generator=gen))
+    x = torch.randn(3, 5, 24, generator=gen, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    (out**2).sum().backward()
+    assert not any(t.dtype == torch.float32 and t.shape == (16, 24) for t in saved)  # no wide weight kept
+    assert any(t.dtype == FP8_STORAGE for t in saved)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.linear(x2, layer.weight.float(), bias)
+    (want**2).sum().backward()
+    assert torch.allclose(out, want)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(layer.bias.grad, bias.grad, rtol=1e-5, atol=1e-6)
+
+    layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="are frozen"):
+        layer(x)

@@ -35,6 +35,7 @@ from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.lora_files import apply_lora
 from pictor.models.lora import remove_lora
+from pictor.models.weight_storage import FP8_STORAGE, STORED_PREFIXES, _NarrowWeightLinear
 from pictor.pipeline import GenerationRequest
 from pictor.train.command import add_train_parser, config_from_args
 from pictor.train.config import TrainConfig
@@ -284,12 +285,42 @@ def test_gradient_checkpointing_trains_the_same_lora(world: dict[str, Path], tmp
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-7) for k in x)
 
 
+def test_an_fp8_base_trains_like_its_rounded_copy(world: dict[str, Path], tmp_path: Path) -> None:
+    """--fp8-base keeps the base's block weights FP8 (widened per layer, forward and backward): the same
+    losses as the float32 base with those weights rounded to FP8; an FP8 bundle as base is the same run."""
+    bundle = load_bundle(world["base"])
+    rounded = {
+        k: v.to(FP8_STORAGE).float() if k.startswith(STORED_PREFIXES) and v.ndim == 2 else v
+        for k, v in bundle.transformer.items()
+    }
+    save_bundle(tmp_path / "rounded", bundle.config, rounded, bundle.autoencoder)
+    fp8_bundle = cast_bundle(world["base"], tmp_path / "fp8-bundle", "fp8")
+    runs = {
+        "rounded": _lora_config(world, tmp_path / "r", base=str(tmp_path / "rounded"), max_steps=3),
+        "fp8_base": _lora_config(world, tmp_path / "f", max_steps=3, fp8_base=True),
+        "fp8_bundle": _lora_config(world, tmp_path / "b", base=str(fp8_bundle), max_steps=3),
+    }
+    original = _NarrowWeightLinear.apply
+    with mock.patch.object(_NarrowWeightLinear, "apply", side_effect=original) as narrow:
+        losses = {}
+        for name, cfg in runs.items():
+            before = narrow.call_count
+            train(cfg)
+            losses[name] = [r["loss"] for r in read_jsonl(Path(cfg.out) / "log.jsonl")]
+            assert (narrow.call_count > before) == (name != "rounded")  # FP8 weights only where asked
+    assert losses["fp8_base"] == losses["fp8_bundle"]
+    assert losses["rounded"][0] == losses["fp8_base"][0]
+    assert all(abs(a - b) <= 1e-6 * a for a, b in zip(losses["rounded"], losses["fp8_base"], strict=True))
+    with pytest.raises(ValueError, match="--fp8-base is for lora"):
+        TrainConfig(stage="t2i", out="O", fp8_base=True).resolve()
+
+
 def test_cli_flags_reach_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))
     line = (
         "train lora --base B --data D --out O --rank 4 --alpha 2 --targets attn,*.img_mlp.0 --lora-dropout .1"
-        " --gradient-checkpointing"
+        " --gradient-checkpointing --fp8-base"
     )
     args = parser.parse_args(line.split())
     cfg = config_from_args(args)
@@ -300,6 +331,6 @@ def test_cli_flags_reach_the_config() -> None:
         "attn,*.img_mlp.0",
         0.1,
     )
-    assert cfg.gradient_checkpointing
+    assert cfg.gradient_checkpointing and cfg.fp8_base
     with pytest.raises(ValueError, match="--base"):
         TrainConfig(stage="lora", out="O").resolve()

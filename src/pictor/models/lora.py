@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pictor.models.lora_formats import LoRAError
-from pictor.models.weight_storage import StoredLinear, is_fp8
+from pictor.models.weight_storage import StoredLinear, is_fp8, narrow_linear
 
 __all__ = [
     "TARGET_GROUPS",
@@ -171,8 +171,7 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_pre_hook(_keep_adapters)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, self.weight.to(x.dtype), bias)  # no-op casts unless the weight is stored FP8
+        out = narrow_linear(x, self.weight, self.bias)  # F.linear, unless the weight is stored FP8
         for name, adapter in self.adapters.items():
             if name not in self.merged and adapter.scale != 0.0:
                 out = out + adapter(x)

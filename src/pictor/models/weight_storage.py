@@ -13,6 +13,8 @@ device and compute dtype while leaving stored weights in their storage dtype.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,14 +25,57 @@ FP8_MAX = float(torch.finfo(FP8_STORAGE).max)  # 448: torch saturates larger val
 STORED_PREFIXES = ("double_blocks.", "single_blocks.")
 
 
+class _NarrowWeightLinear(torch.autograd.Function):
+    """``x W^T + b`` with a frozen narrow (FP8) ``W``, widened for the product only.
+
+    Plain autograd would keep each layer's widened copy for the backward pass (the input gradient needs
+    ``W``), so a LoRA trained on an FP8 base would hold the whole base in the wide dtype again. Here the
+    backward pass keeps the FP8 parameter itself (no extra memory) and widens it once more.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = F.linear(x, weight.to(_compute_dtype(x)), None if bias is None else bias.to(_compute_dtype(x)))
+        ctx.save_for_backward(weight)
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_b
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """What the product runs in: autocast's dtype under autocast (no wide float32 detour), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def narrow_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, with an FP8-stored weight cast per call (and kept narrow for the backward pass)."""
+    if not is_fp8(weight):
+        return F.linear(x, weight, bias)  # autocast handles mixed dtypes, as for any nn.Linear
+    if torch.is_grad_enabled():
+        if weight.requires_grad:
+            raise RuntimeError(
+                "weights stored in FP8 are frozen: train a LoRA on them, or widen the model first"
+            )
+        return _NarrowWeightLinear.apply(x, weight, bias)
+    dtype = _compute_dtype(x)
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 class StoredLinear(nn.Linear):
     """An ``nn.Linear`` (same keys) whose weight may be stored in FP8 and is cast per call."""
 
     casts_weight = True  # `place` keeps this module's `weight` in its storage dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return narrow_linear(x, self.weight, self.bias)
 
 
 def is_fp8(t: Tensor) -> bool:
@@ -72,7 +117,7 @@ def store_fp8(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         assert isinstance(module, nn.Linear)
         if dtype is None and not is_fp8(module.weight):
             continue
-        weight = module.weight
+        weight = module.weight.requires_grad_(False)  # FP8 weights are never trained
         if dtype is not None and weight.dtype != dtype:
             problem = fp8_problem(path + ".weight", weight.detach())
             if problem:

@@ -116,6 +116,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     t.add_argument(
+        "--fp8-base",
+        action="store_true",
+        help="lora: hold the base's block weights in FP8 (half of bf16's memory; each layer widened as it "
+        "runs); an FP8 bundle as --base is kept FP8 anyway",
+    )
+    t.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each transformer block in the backward pass: the same gradients with less memory, "
@@ -151,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["compile"] = True
     if args.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
+    if args.fp8_base:
+        overrides["fp8_base"] = True
     if args.fsdp:
         overrides["fsdp"] = True
     if args.no_progress:

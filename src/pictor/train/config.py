@@ -104,6 +104,9 @@ class TrainConfig:
     # Recompute each transformer block in the backward pass instead of keeping its activations: the same
     # gradients, less memory, about one more forward pass of time (t2i, lora, layout, reference).
     gradient_checkpointing: bool = False
+    # lora: keep the base's block weights in FP8 (cast per layer, also in the backward pass): half of a
+    # bf16 base's memory, for its rounding (an FP8 bundle as base is kept FP8 without it).
+    fp8_base: bool = False
     # FSDP2 under torchrun: shard the transformer's weights, gradients and AdamW state over the ranks (t2i).
     # Like the device, it belongs to one invocation: a resumed run shards only when asked again.
     fsdp: bool = False
@@ -247,6 +250,7 @@ class TrainConfig:
             f"'{self.stage}' (drop --fsdp; under torchrun that stage trains with DDP)",
         )
         need(not (self.fsdp and self.compile), "--fsdp and --compile together are not supported yet")
+        need(not self.fp8_base or self.stage == "lora", "--fp8-base is for lora training (a frozen base)")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr is not None and self.lr > 0, f"lr must be > 0, got {self.lr}")

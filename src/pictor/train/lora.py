@@ -37,7 +37,7 @@ from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
-from pictor.models.weight_storage import is_fp8
+from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, store_fp8
 from pictor.train.config import TrainConfig
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
@@ -119,13 +119,21 @@ class LoRAStage(T2IStage):
         # transformer keeps its stored dtype (half the memory of a FLUX.1-size base). The autoencoder,
         # small and fed float32 pixels, is float32 everywhere.
         base_dtype = None if self.amp and self.device.type == "cuda" else torch.float32  # autocast: CUDA only
-        if base_dtype is None and any(is_fp8(t) for t in bundle.transformer.values()):
-            base_dtype = torch.bfloat16  # FP8 storage is for inference; training widens it (no FP8 autocast)
         self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder", torch.float32)
         self.ae.to(self.device)
         self.ae.eval().requires_grad_(False)
-        self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer", base_dtype)
-        self.flux.to(self.device)
+        if cfg.fp8_base or any(is_fp8(t) for t in bundle.transformer.values()):
+            # The blocks' weights stay (or become) FP8 and are widened one layer at a time, also for the
+            # backward pass (kohya's --fp8_base): half of a bf16 base's memory; the rest computes wide.
+            self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer")
+            try:
+                store_fp8(self.flux, FP8_STORAGE if cfg.fp8_base else None)
+            except ValueError as exc:
+                raise CheckpointError(f"--fp8-base: {exc}") from None
+            place(self.flux, self.device, base_dtype or torch.bfloat16)
+        else:
+            self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer", base_dtype)
+            self.flux.to(self.device)
         self.flux.requires_grad_(False)
         self.text = CachedText(build_text_encoder(bundle.config.text_encoder).to(self.device))  # type: ignore[assignment]
         self.ae_source = self.base_path
