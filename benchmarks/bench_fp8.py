@@ -10,10 +10,11 @@ one forward of batch 1 with --tokens image tokens and 128 text tokens, four ways
 - `diffusers_fp8`: diffusers' FluxTransformer2DModel with the same weights (mapped by
   benchmarks/_flux_reference.py) and `enable_layerwise_casting(storage_dtype=float8_e4m3fn)`.
 
-Per run: bytes held by the weights, the highest memory while the forward runs (CPU: resident set polled every
-millisecond; CUDA: max_memory_allocated) and its rise over the moment before, seconds per forward (median of
---repeats after one warm-up), and the output's distance from pictor_full's. `full_size` gives the same
-weight bytes for the whole FLUX.1 [dev] transformer (counted on the meta device, nothing allocated).
+Per run: bytes held by the weights, the highest memory while the forwards run (CPU: resident set polled every
+millisecond; CUDA: max_memory_allocated) and its rise over the moment before the first one (the built model),
+seconds per forward (median of --repeats after one warm-up), and the output's distance from pictor_full's.
+`full_size` gives the same weight bytes for the whole FLUX.1 [dev] transformer (counted on the meta device,
+nothing allocated).
 
 Usage: python benchmarks/bench_fp8.py [--double 1] [--single 2] [--tokens 1024] [--device cpu] [--out F]
 """
@@ -113,7 +114,8 @@ def worker(args: argparse.Namespace) -> None:
     x = inputs(params, args.tokens, device, dtype)
     seconds = []
     with torch.inference_mode():
-        forward(**x)  # warm-up
+        # Memory from before the first forward (a warm-up's freed memory would stay in the allocator's pool
+        # and hide the forward's own rise); seconds from the forwards after it.
         if device.type == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -121,6 +123,7 @@ def worker(args: argparse.Namespace) -> None:
         else:
             before = rss_now()
         with RssSampler() as rss:
+            forward(**x)  # warm-up
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 out = forward(**x)
