@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "cli_args": 3,
     "cli_inspect": 3,
     "cli_lora": 3,
+    "cli_merge": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
@@ -48,6 +49,8 @@ LAYERS: dict[str, int] = {
     "edit_blending": 1,
     "lora_files": 1,
     "lora_tools": 1,
+    "lora_merge": 1,
+    "model_merge": 1,
     "adapter_files": 1,
     "layout_files": 1,
     "reference_files": 1,
