@@ -113,6 +113,11 @@ def test_fp8_refuses_weights_beyond_its_range_reproduces_and_casts_back(tmp_path
     src = _bundle(tmp_path / "src")
     assert main(["convert", "dtype", str(src), "--dtype", "fp8", "--out", str(tmp_path / "f8")]) == 0
     assert "fp8:" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "f8")]) == 0
+    storage = json.loads(capsys.readouterr().out)["storage"]
+    n_stored = sum(_is_stored(k, t) for k, t in read_safetensors(src / TRANSFORMER_FILE).items())
+    assert storage["transformer.safetensors"]["F8_E4M3"] == n_stored
+    assert set(storage["autoencoder.safetensors"]) == {"F32"}
     args = ["--model", str(tmp_path / "f8"), "--steps", "2", "--size", "32x32", "--seed", "4"]
     assert main(["generate", "a red circle", *args, "-o", str(tmp_path / "gen")]) == 0
     (made,) = sorted((tmp_path / "gen").glob("*.png"))

@@ -26,7 +26,6 @@ from pictor.lora_merge import merge_loras
 from pictor.lora_tools import model_linears, read_lora, write_lora
 from pictor.models.lora import add_lora
 from pictor.models.lora_formats import LoRAError
-from pictor.models.weight_storage import FP8_STORAGE
 from pictor.pipeline import GenerationRequest, Pipeline
 
 from tiny_bundle import tiny_models
@@ -107,18 +106,24 @@ def test_merged_bundle_draws_what_the_base_with_its_loras_draws(tmp_path: Path) 
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_merging_into_an_fp8_bundle_keeps_it_fp8(tmp_path: Path) -> None:
-    fp8 = cast_bundle(_bundle(tmp_path / "base"), tmp_path / "fp8", "fp8")
+def test_fp8_bundles_and_broken_loras_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """FP8 would round most of a LoRA's changes back to the weights they started from: refused, pointing to
+    the wide bundle or to --lora. A LoRA holding NaN is named as broken, whatever the model's dtype."""
+    base = _bundle(tmp_path / "base")
+    fp8 = cast_bundle(base, tmp_path / "fp8", "fp8")
     lora = _lora(tmp_path / "l.safetensors", 3, "attn")
-    out, _ = merge_loras(fp8, [(lora, 1.0)], tmp_path / "merged")
-    layer = "single_blocks.0.linear1"
-    merged = read_safetensors(out / TRANSFORMER_FILE)[f"{layer}.weight"]
-    a = load_file(lora)
-    delta = (2.0 / 3) * a[f"{layer}.lora_B.weight"].double() @ a[f"{layer}.lora_A.weight"].double()
-    w = read_safetensors(fp8 / TRANSFORMER_FILE)[f"{layer}.weight"].double()
-    assert merged.dtype == FP8_STORAGE
-    assert torch.equal(merged, (w + delta).to(FP8_STORAGE))
-    assert load(out, device="cpu").weight_dtype == "float8_e4m3fn"
+    with pytest.raises(CheckpointError, match=r"stored in FP8.*bf16/fp16 bundle it came from.*--lora"):
+        merge_loras(fp8, [(lora, 1.0)], tmp_path / "merged")
+    broken = tmp_path / "nan.safetensors"
+    tensors = load_file(lora)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, broken)
+    with pytest.raises(
+        LoRAError, match=r"nan.safetensors: .* holds NaN or infinite values; the file is broken"
+    ):
+        merge_loras(base, [(broken, 1.0)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_bad_merges_are_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -158,3 +163,7 @@ def test_cli_merges_and_explains_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["lora", "merge", "--model", "tiny", "--lora", str(lora), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "preset" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:  # a scale that is no number is said so, not "no such file"
+        main(["lora", "merge", "--model", str(base), "--lora", f"{lora}:abc", "--out", str(tmp_path / "y")])
+    assert exc.value.code == 2
+    assert "the scale after ':' must be a number, got 'abc'" in capsys.readouterr().err

@@ -128,3 +128,35 @@ def test_cli_merges_and_explains_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["merge", str(a), str(b), "--alpha", "0.3", "--method", "add-difference", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "needs a third model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shapes_nan_and_history(tmp_path: Path) -> None:
+    """Another shape is named before anything is merged; a broken input is named as such; alpha 0 keeps A's
+    bytes (-0.0 included); A's history and C's name are kept."""
+    a, b, c = (_bundle(tmp_path / n, seed, n) for n, seed in (("a", 1), ("b", 2), ("c", 3)))
+    cfg, flux, ae = tiny_models(name="odd")
+    sd = {**flux.state_dict(), "double_blocks.0.img_attn.qkv.bias": torch.zeros(10)}
+    save_bundle(tmp_path / "odd", cfg, sd, ae.state_dict())
+    with pytest.raises(CheckpointError, match=r"model B .*qkv.bias is \[10\], in model A \[\d+\]"):
+        merge_models(a, tmp_path / "odd", tmp_path / "x", 0.5)
+
+    cfg, flux, ae = tiny_models(name="broken")
+    sd = {k: v.clone() for k, v in flux.state_dict().items()}
+    sd["img_in.weight"][0, 0] = float("nan")
+    save_bundle(tmp_path / "broken", cfg, sd, ae.state_dict())
+    with pytest.raises(CheckpointError, match=r"model broken: img_in.weight holds NaN.*that model is broken"):
+        merge_models(a, tmp_path / "broken", tmp_path / "x", 0.5)
+    with pytest.raises(CheckpointError, match=r"does not fit float32 \(it overflows\); alpha 1e\+39 is far"):
+        merge_models(a, b, tmp_path / "x", 1e39)
+    assert not (tmp_path / "x").exists()
+
+    wa = read_safetensors(a / TRANSFORMER_FILE)
+    wa["img_in.bias"][0] = -0.0
+    save_bundle(a, load(a, device="cpu").config, wa, read_safetensors(a / AUTOENCODER_FILE))
+    zero = merge_models(a, b, tmp_path / "zero", 0.0)
+    assert (zero / TRANSFORMER_FILE).read_bytes() == (a / TRANSFORMER_FILE).read_bytes()
+
+    diff = merge_models(a, b, tmp_path / "d", 0.5, "add-difference", c)
+    config = json.loads((diff / "config.json").read_text())
+    assert config["name"] == "a-b-minus-c-add-difference-0.5"
+    assert config["training"]["base_training"] == json.loads((a / "config.json").read_text())["training"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import Any
 
 from pictor import __version__
@@ -82,7 +83,10 @@ def _lora_spec(text: str) -> tuple[str, float]:
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if not Path(text).exists():  # else a file whose name holds a colon
+                raise argparse.ArgumentTypeError(
+                    f"{text}: the scale after ':' must be a number, got '{scale}' (FILE or FILE:SCALE)"
+                ) from None
     return text, 1.0
 
 

@@ -63,6 +63,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if target.is_dir() and is_bundle(target):
         shown = read_bundle_config(target).to_dict()
+        shown["storage"] = _storage(target)
         for kind in ("layout", "reference"):  # the bundle's adapters: their headers
             if (target / f"{kind}.safetensors").is_file():
                 shown[f"{kind}_adapter"] = _adapter_header(target / f"{kind}.safetensors")
@@ -92,3 +93,16 @@ def cmd_models(_args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         print(f"  {name:<16} {preset['description']}")
     return 0
+
+
+def _storage(bundle: Path) -> dict[str, dict[str, int]]:
+    """How many tensors of each dtype each weight file holds, from the headers (shows an FP8 bundle)."""
+    from safetensors import safe_open
+
+    counts: dict[str, dict[str, int]] = {}
+    for fname in ("transformer.safetensors", "autoencoder.safetensors"):
+        if (bundle / fname).is_file():
+            with safe_open(str(bundle / fname), framework="pt") as f:
+                dtypes = [f.get_slice(k).get_dtype() for k in f.keys()]  # noqa: SIM118
+            counts[fname] = {d: dtypes.count(d) for d in sorted(set(dtypes))}
+    return counts

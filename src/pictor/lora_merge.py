@@ -3,10 +3,12 @@ rank * B @ A`` (kohya's ``merge_lora.py``, ComfyUI's "save checkpoint" after a L
 
 The merged bundle needs no LoRA at generation time (no extra work per step, one file to share) and draws
 what the base model with the same LoRAs at the same scales draws. Each changed weight is computed in float64
-from the stored one and written back in its stored dtype (fp32, fp16, bf16 or FP8; a value past the dtype's
-range is refused by name), one tensor at a time. The autoencoder and the bundle's layout/reference adapters
-are copied unchanged; the config keeps the base's architecture and defaults, and its training record names
-the base and every LoRA (file hashes and scales), so the merged model's history is in the bundle.
+from the stored one and written back in its stored dtype (fp32, fp16 or bf16; a value past the dtype's range
+is refused by name), one tensor at a time. FP8 bundles are refused: FP8 rounds most of a LoRA's small changes
+back to the weight they started from (applied at generation, the LoRA is exact there). The autoencoder and the
+bundle's layout/reference adapters are copied unchanged; the config keeps the base's architecture and
+defaults, and its training record names the base and every LoRA (file hashes and scales), so the merged
+model's history is in the bundle.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
@@ -37,25 +40,29 @@ from pictor.checkpoint import (
 from pictor.convert import ADAPTER_FILES, check_bundle_out
 from pictor.locate import resolve
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
-from pictor.lora_tools import model_linears, read_lora
+from pictor.lora_tools import finite_update, model_linears, read_lora
 from pictor.models.lora_formats import LoRAError, LoRAUpdate
-from pictor.models.weight_storage import fp8_problem, is_fp8
 
 
 def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LoRAUpdate, float]]) -> torch.Tensor:
     total = weight.double()
     for update, scale in updates:
         total += (scale * update.alpha / update.rank) * (update.B.double() @ update.A.double())
-    problem = fp8_problem(key, total) if is_fp8(weight) else None
-    if problem:
-        raise CheckpointError(f"{problem} once the LoRAs are merged; merge into a bf16 copy of the model")
     merged = total.to(weight.dtype)
     if not bool(torch.isfinite(merged.float()).all()):
+        dtype = str(weight.dtype).removeprefix("torch.")
+        wider = "merge into a bf16 or fp32 copy of the model (`pictor convert dtype`)"
         raise CheckpointError(
-            f"{key}: the merged weight overflows {str(weight.dtype).removeprefix('torch.')}; merge into a "
-            "bf16 or fp32 copy of the model (`pictor convert dtype`)"
+            f"{key}: the merged weight overflows {dtype}; "
+            + (wider if weight.dtype == torch.float16 else "the LoRA scale is far too large")
         )
     return merged
+
+
+def _header_dtypes(path: Path) -> set[str]:
+    """The dtypes a safetensors file's header names (nothing else is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
 
 
 def merge_loras(
@@ -80,6 +87,15 @@ def merge_loras(
     src, out = ref.path, Path(out)
     config = read_bundle_config(src)
     check_bundle_out(out)
+    for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):
+        if not (src / fname).is_file():
+            raise CheckpointError(f"{src}: bundle is missing {fname}")
+    if any(dtype.startswith("F8") for dtype in _header_dtypes(src / TRANSFORMER_FILE)):
+        raise CheckpointError(
+            f"--model {model}: its weights are stored in FP8, which cannot hold a LoRA's small changes (most "
+            "round back to the same FP8 value); merge into the bf16/fp16 bundle it came from (then `pictor "
+            "convert dtype --dtype fp8` if you like), or apply the LoRA at generation (--lora): exact there"
+        )
     linears = model_linears(src)
     per_layer: dict[str, list[tuple[LoRAUpdate, float]]] = {}
     entries: list[dict[str, Any]] = []
@@ -88,6 +104,9 @@ def merge_loras(
         if not math.isfinite(scale):
             raise LoRAError(f"{path}: LoRA scale must be a finite number, got {scale}")
         updates, text_keys = read_lora(path, linears)
+        broken = next((u.source for u in updates.values() if not finite_update(u)), None)
+        if broken is not None:
+            raise LoRAError(f"{path}: {broken} holds NaN or infinite values; the file is broken")
         left_out += text_keys
         for layer, update in updates.items():
             per_layer.setdefault(layer, []).append((update, float(scale)))

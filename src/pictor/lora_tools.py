@@ -221,8 +221,19 @@ def read_lora(
     out: a text encoder's (kohya files often carry CLIP's). A key that names no layer at all is an error."""
     sd, meta = load_lora_file(path)
     text = [k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES)]
+    if text and len(text) == len(sd):
+        raise LoRAError(
+            f"{path}: holds only text-encoder weights ({len(text)} keys), and pictor applies LoRAs to the "
+            "transformer; there is nothing here for it"
+        )
     updates, _ = to_flux_updates({k: v for k, v in sd.items() if k not in text}, meta, linears)
     return updates, sorted(text)
+
+
+def finite_update(update: LoRAUpdate) -> bool:
+    """Whether a layer's update holds only finite numbers (a NaN would turn every image black)."""
+    factors = bool(torch.isfinite(update.A).all() and torch.isfinite(update.B).all())
+    return factors and math.isfinite(update.alpha)
 
 
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
@@ -73,20 +74,38 @@ def _weights(path: Path, config: BundleConfig) -> Mapping[str, torch.Tensor]:
     return LazySafetensors(fpath)
 
 
-def _merged(key: str, tensors: list[torch.Tensor], method: str, alpha: float) -> torch.Tensor:
+def _headers(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Each tensor's shape and dtype, from the file's header alone."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+
+
+def _merged(
+    key: str, tensors: list[torch.Tensor], method: str, alpha: float, names: list[str]
+) -> torch.Tensor:
     a = tensors[0]
     if not a.is_floating_point():
         if any(not torch.equal(a, t) for t in tensors[1:]):
             raise CheckpointError(f"{key}: integer tensors differ between the models and cannot be blended")
         return a
+    if method == "weighted" and alpha in (0.0, 1.0):  # exactly one model's tensor (-0.0 stays -0.0)
+        return tensors[int(alpha)].to(a.dtype)
     x = [t.float() for t in tensors]
+    for name, t in zip(names, x, strict=True):
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"model {name}: {key} holds NaN or infinite values; that model is broken")
     out = (1 - alpha) * x[0] + alpha * x[1] if method == "weighted" else x[0] + alpha * (x[1] - x[2])
     problem = fp8_problem(key, out) if is_fp8(a) else None
     merged = out.to(a.dtype)
     if problem or not bool(torch.isfinite(merged.float()).all()):
+        dtype = str(a.dtype).removeprefix("torch.")
+        fix = (
+            f"alpha {alpha:g} is far too large"
+            if a.dtype in (torch.float32, torch.bfloat16)
+            else "merge a bf16 or fp32 copy of model A (`pictor convert dtype`)"
+        )
         raise CheckpointError(
-            f"{key}: the merged weight does not fit {str(a.dtype).removeprefix('torch.')} "
-            f"({problem or 'it overflows'}); merge a bf16 or fp32 copy of model A (`pictor convert dtype`)"
+            f"{key}: the merged weight does not fit {dtype} ({problem or 'it overflows'}); {fix}"
         )
     return merged
 
@@ -117,14 +136,24 @@ def merge_models(
         _same_architecture(config_a, config, flag)
     out = Path(out)
     check_bundle_out(out)
+    if not (path_a / AUTOENCODER_FILE).is_file():
+        raise CheckpointError(f"{path_a}: bundle is missing {AUTOENCODER_FILE} (the merge takes model A's)")
     weights = [_weights(path, config) for path, config in inputs]
+    shapes = [{k: shape for k, (shape, _) in _headers(path / TRANSFORMER_FILE).items()} for path, _ in inputs]
     keys = list(weights[0])
-    for (path, _), w in zip(others, weights[1:], strict=True):
-        if set(w) != set(keys):
-            odd = sorted(set(w) ^ set(keys))
+    for (path, _), theirs, flag in zip(others, shapes[1:], ("B", "--c"), strict=False):
+        if set(theirs) != set(keys):
+            odd = sorted(set(theirs) ^ set(keys))
             raise CheckpointError(f"{path}: its transformer keys differ from A's ({', '.join(odd[:4])})")
+        key = next((k for k in keys if theirs[k] != shapes[0][k]), None)
+        if key is not None:
+            raise CheckpointError(
+                f"model {flag} ({path}): {key} is {theirs[key]}, in model A {shapes[0][key]}; only models of "
+                "one architecture merge"
+            )
+    names = [config.name for _, config in inputs]
     with staged_dir(out) as tmp:
-        sd = {key: _merged(key, [w[key] for w in weights], method, alpha) for key in keys}
+        sd = {key: _merged(key, [w[key] for w in weights], method, alpha, names) for key in keys}
         hashes = {TRANSFORMER_FILE: write_safetensors(sd, tmp / TRANSFORMER_FILE, {"format": "pt"})}
         del sd
         shutil.copyfile(path_a / AUTOENCODER_FILE, tmp / AUTOENCODER_FILE)
@@ -134,7 +163,7 @@ def merge_models(
         for adapter in ADAPTER_FILES:  # A's adapters go along (they will say they were trained on A)
             if (path_a / adapter).is_file():
                 shutil.copyfile(path_a / adapter, tmp / adapter)
-        names = [config.name for _, config in inputs]
+        default_name = "-".join([*names[:2], *(f"minus-{n}" for n in names[2:]), method, f"{alpha:g}"])
         formula = (
             f"{1 - alpha:g} * {names[0]} + {alpha:g} * {names[1]}"
             if method == "weighted"
@@ -147,10 +176,16 @@ def merge_models(
         merged = BundleConfig(
             **{
                 **config_a.__dict__,
-                "name": name or f"{names[0]}-{names[1]}-{method}-{alpha:g}",
+                "name": name or default_name,
                 "description": f"merged: {formula}",
                 "hashes": hashes,
-                "training": {"stage": "model-merge", "method": method, "alpha": alpha, "models": models},
+                "training": {
+                    "stage": "model-merge",
+                    "method": method,
+                    "alpha": alpha,
+                    "models": models,
+                    "base_training": config_a.training,  # model A's own history
+                },
             }
         )
         write_json(merged.to_dict(), tmp / CONFIG_NAME)

@@ -10,14 +10,18 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from pictor.lora_files import lora_file_hash
 from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.serve.job_requests import batch_key
+from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
 
 BODY = {"prompt": "a red circle", "size": "32x32", "seed": 7, "response_format": "b64_json"}
 
@@ -123,3 +127,48 @@ def test_serve_refuses_a_missing_lora_folder_before_listening(tmp_path: Path) ->
     )
     assert done.returncode == 2, done.stderr
     assert "--lora-dir" in done.stderr and "no such folder" in done.stderr and "listening" not in done.stdout
+
+
+def test_the_folder_is_read_carefully_and_failures_later_are_the_servers(
+    make_client: Callable[..., TestClient],
+    lora_dir: Path,
+    fresh_tiny: Callable[[], Pipeline],
+    wait_job: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "more"
+    folder.mkdir()
+    shutil.copy(lora_dir / "style.safetensors", folder / "my style.safetensors")
+    shutil.copy(lora_dir / "style.safetensors", folder / "Upper.SAFETENSORS")  # any case of the suffix
+    shutil.copy(lora_dir / "style.safetensors", folder / "gone.safetensors")
+    tensors = load_file(lora_dir / "style.safetensors")
+    tensors[next(k for k in tensors if "lora_B" in k)][0, 0] = float("nan")
+    save_file(tensors, folder / "nan.safetensors")
+    client = make_client(fresh_tiny(), lora_dir=folder)
+    listing = client.get("/v1/loras").json()
+    assert [x["name"] for x in listing["data"]] == ["Upper", "gone", "my style"]
+    (unusable,) = listing["unusable"]
+    assert unusable["file"] == "nan.safetensors" and "holds NaN or infinite values" in unusable["reason"]
+
+    # Records name the LoRA as the request did (the adapter inside is called my_style).
+    _, record = _image(client, loras=[{"name": "my style", "scale": 0.5}])
+    assert [(e["name"], e["scale"]) for e in record["loras"]] == [("my style", 0.5)]
+
+    # A file deleted after the start fails its job as the server's fault, saying which and why.
+    (folder / "gone.safetensors").unlink()
+    r = client.post("/v1/jobs", json={**BODY, "loras": [{"name": "gone"}]})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "lora_unavailable" and job["error"]["type"] == "server_error"
+    assert "LoRA 'gone'" in job["error"]["message"] and "cannot be read" in job["error"]["message"]
+    _, record = _image(client)  # the server goes on, without it
+    assert record["loras"] == []
+
+
+def test_a_job_queued_before_a_restart_without_its_lora_fails_clearly(
+    fresh_tiny: Callable[[], Pipeline],
+) -> None:
+    library = LoraLibrary()
+    with pytest.raises(LoraUnavailable, match="LoRA 'style' is not offered by this server now"):
+        library.activate(fresh_tiny(), [["style", 1.0]])

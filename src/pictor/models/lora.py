@@ -210,6 +210,11 @@ class LoRALinear(nn.Module):
         self.weight.copy_(total.to(self.weight.dtype))
 
     def merge(self, name: str) -> None:
+        if is_fp8(self.weight):
+            raise LoRAError(
+                "a LoRA cannot be merged into FP8-stored weights (FP8 rounds most of its changes away); "
+                "keep it unmerged, which is exact, or widen the model first"
+            )
         if name not in self.merged:
             self.merged.add(name)
             self._rewrite()

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pictor.editing import EditError
-from pictor.models.lora_formats import LoRAError
 from pictor.pipeline import GenerationError, Pipeline
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
 from pictor.serve.job_requests import batch_key, edit_request, generation_request
-from pictor.serve.lora_library import LoraLibrary
+from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
 from pictor.serve.metrics import Metrics
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
@@ -314,8 +313,8 @@ class JobManager:
         deadline = time.monotonic() + self.settings.job_timeout
         try:
             self.library.activate(self.pipeline, params.get("loras"))
-        except (GenerationError, LoRAError) as exc:  # a file changed or broke since the server started
-            error = self._error_of(GenerationError(str(exc)))
+        except LoraUnavailable as exc:  # gone, changed or broken since the server started: not the client's
+            error = {"message": str(exc), "type": "server_error", "code": "lora_unavailable"}
             for live in batch:
                 self._finish(live.job, FAILED, error=error)
             return

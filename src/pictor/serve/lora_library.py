@@ -20,9 +20,8 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from pictor.checkpoint import CheckpointError
-from pictor.generation_request import GenerationError
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
-from pictor.lora_tools import read_lora
+from pictor.lora_tools import finite_update, read_lora
 from pictor.models.lora import set_lora_scale
 from pictor.models.lora_formats import LoRAError
 from pictor.pipeline import Pipeline
@@ -31,6 +30,13 @@ from pictor.serve.errors import APIError
 
 log = logging.getLogger("pictor.serve")
 _CHOICES = TypeAdapter(Annotated[list[LoraChoice], Field(max_length=8)])
+
+
+MAX_NAME = 200  # what a request's name may be (api_models.LoraChoice)
+
+
+class LoraUnavailable(Exception):
+    """A chosen LoRA the server cannot apply now: the server's fault, not the request's."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,17 @@ class LoraLibrary:
         if not folder.is_dir():
             raise ValueError(f"--lora-dir {folder}: no such folder; give the folder of the LoRA files")
         assert linears is not None
-        for path in sorted(folder.glob("*.safetensors")):
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".safetensors"):
             try:
                 updates, _text_keys = read_lora(path, linears)
+                broken = next((u.source for u in updates.values() if not finite_update(u)), None)
+                if broken is not None:
+                    raise LoRAError(f"{broken} holds NaN or infinite values; the file is broken")
+                if len(path.stem) > MAX_NAME:
+                    raise LoRAError(f"its name is longer than {MAX_NAME} characters; rename the file")
             except (LoRAError, CheckpointError, OSError) as exc:
                 self.unusable[path.name] = str(exc)
-                log.warning("LoRA %s left out: %s", path.name, exc)
+                log.info("LoRA %s left out: %s", path.name, exc)  # `pictor serve` prints it too
                 continue
             rank = max((u.rank for u in updates.values()), default=0)
             self.files[path.stem] = LoraFile(
@@ -96,22 +107,42 @@ class LoraLibrary:
         return chosen
 
     def activate(self, pipe: Pipeline, chosen: list[list[Any]] | None) -> None:
-        """Exactly ``chosen`` at their scales for the next run; other loaded LoRAs at scale 0."""
+        """Exactly ``chosen`` at their scales for the next run; other loaded LoRAs at scale 0.
+
+        Raises :class:`LoraUnavailable` when a chosen LoRA's file is gone, changed or broken since the server
+        started, or (a job queued before a restart) is no longer offered.
+        """
         if self._base is None:
             self._base = list(pipe.loras)
         chosen = chosen or []
         for name, scale in chosen:
             if name not in self._loaded:
-                lora = self.files[name]
-                if lora_file_hash(lora.path) != lora.sha256:
-                    raise GenerationError(
-                        f"LoRA '{name}' ({lora.path}) changed since the server started; restart the server"
-                    )
-                self._loaded[name] = pipe.add_lora(lora.path, scale)
+                self._loaded[name] = self._load(pipe, name, scale)
         scales = {name: float(scale) for name, scale in chosen}
         for name, entry in self._loaded.items():
             set_lora_scale(pipe.transformer, entry["name"], scales.get(name, 0.0))
-        pipe.loras = [*self._base, *({**self._loaded[n], "scale": s} for n, s in scales.items())]
+        # Records name each LoRA as requests do (the adapter's own name may be a cleaned-up one).
+        pipe.loras = [*self._base, *({**self._loaded[n], "name": n, "scale": s} for n, s in scales.items())]
+
+    def _load(self, pipe: Pipeline, name: str, scale: float) -> dict[str, Any]:
+        lora = self.files.get(name)
+        if lora is None:
+            raise LoraUnavailable(
+                f"LoRA '{name}' is not offered by this server now (the job was queued before a restart "
+                f"without it); it offers {', '.join(sorted(self.files)) or 'none'}"
+            )
+        try:
+            if lora_file_hash(lora.path) != lora.sha256:
+                raise LoraUnavailable(
+                    f"LoRA '{name}' ({lora.path}) changed since the server started; restart the server"
+                )
+            return pipe.add_lora(lora.path, scale)
+        except OSError as exc:
+            raise LoraUnavailable(
+                f"LoRA '{name}' ({lora.path}) cannot be read: {exc.strerror or exc}"
+            ) from None
+        except (LoRAError, CheckpointError) as exc:
+            raise LoraUnavailable(f"LoRA '{name}' cannot be applied: {exc}") from None
 
     def choose_text(self, text: str | None) -> list[list[Any]] | None:
         """``choose`` for an edit form's ``loras`` field: its JSON text, checked as the JSON body's is."""
