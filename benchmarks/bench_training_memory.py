@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the JSON here")
