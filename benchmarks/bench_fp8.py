@@ -22,19 +22,11 @@ Usage: python benchmarks/bench_fp8.py [--double 1] [--single 2] [--tokens 1024] 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from _flux_reference import build_reference, reference_forward
-from _memory import RssSampler, rss_now
-from safetensors.torch import load_file, save_file
+from _fresh_runs import emit, measure, rel_err, run_each, worker_flags
 
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.models.weight_storage import FP8_STORAGE, store_fp8, stored_linear_paths
@@ -112,36 +104,12 @@ def worker(args: argparse.Namespace) -> None:
 
     model.eval().requires_grad_(False)
     x = inputs(params, args.tokens, device, dtype)
-    seconds = []
-    with torch.inference_mode():
-        # Memory from before the first forward (a warm-up's freed memory would stay in the allocator's pool
-        # and hide the forward's own rise); seconds from the forwards after it.
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            before = rss_now()
-        with RssSampler() as rss:
-            forward(**x)  # warm-up
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                out = forward(**x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - t)
-    if device.type == "cuda":
-        peak, rise = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - before
-    else:
-        peak, rise = rss.peak, rss.peak - before
-    save_file({"out": out.float().cpu().contiguous()}, args.save)
-    result = {
-        "weights_gb": round(weight_bytes(model) / 1e9, 3),
-        "peak_gb": round(peak / 1e9, 3),
-        "rise_gb": round(rise / 1e9, 3),
-        "seconds": round(statistics.median(seconds), 2),
-    }
-    print(json.dumps(result))
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            return forward(**x)
+
+    measure(step, args.repeats, device, args.save, model)
 
 
 def full_size() -> dict[str, Any]:
@@ -168,29 +136,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
-    ap.add_argument("--save", help=argparse.SUPPRESS)
+    worker_flags(ap, RUNS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    runs: dict[str, Any] = {}
-    outs: dict[str, torch.Tensor] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in RUNS:
-            save = str(Path(tmp) / f"{run}.safetensors")
-            cmd = [sys.executable, __file__, "--worker", "--run", run, "--save", save]
-            cmd += ["--device", args.device]
-            for flag in ("double", "single", "tokens", "repeats", "threads"):
-                cmd += [f"--{flag}", str(getattr(args, flag))]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[run] = json.loads(done.stdout.strip().splitlines()[-1])
-            outs[run] = load_file(save)["out"]
-            print(f"{run}: {runs[run]}", file=sys.stderr)
-    base = outs["pictor_full"]
+    runs, outs = run_each(__file__, RUNS, args)
     for run, numbers in runs.items():
-        numbers["rel_err_vs_pictor_full"] = float(f"{float((outs[run] - base).norm() / base.norm()):.3g}")
+        numbers["rel_err_vs_pictor_full"] = rel_err(outs[run], outs["pictor_full"])
     params = flux_width_params(args.double, args.single)
     result = {
         "config": {
@@ -208,10 +161,7 @@ def main() -> None:
         "full_size": full_size(),
         "torch": torch.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,12 @@ Usage: python benchmarks/bench_training_memory.py [--double 1] [--single 2] [--t
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from _flux_reference import build_reference, reference_forward
-from _memory import RssSampler, rss_now
+from _fresh_runs import emit, measure, rel_err, run_each, worker_flags
 from bench_fp8 import N_TXT, flux_width_params, inputs, random_state
-from safetensors.torch import load_file, save_file
 
 from pictor.models.flux import Flux
 from pictor.models.weight_storage import FP8_STORAGE, store_fp8
@@ -83,38 +75,7 @@ def worker(args: argparse.Namespace) -> None:
         assert img.grad is not None
         return img.grad
 
-    # Memory from before the first step (a warm-up step's freed memory would stay in the allocator's pool
-    # and hide the step's own rise); seconds from the steps after it.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = rss_now()
-    seconds = []
-    with RssSampler() as rss:
-        step()  # warm-up
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            grad = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t)
-    if device.type == "cuda":
-        peak, rise = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - before
-    else:
-        peak, rise = rss.peak, rss.peak - before
-    save_file({"grad": grad.float().cpu().contiguous()}, args.save)
-    print(
-        json.dumps(
-            {
-                "weights_gb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 3),
-                "peak_gb": round(peak / 1e9, 3),
-                "rise_gb": round(rise / 1e9, 3),
-                "seconds": round(statistics.median(seconds), 2),
-            }
-        )
-    )
+    measure(step, args.repeats, device, args.save, model)
 
 
 def main() -> None:
@@ -126,29 +87,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
-    ap.add_argument("--save", help=argparse.SUPPRESS)
+    worker_flags(ap, RUNS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    runs: dict[str, Any] = {}
-    grads: dict[str, torch.Tensor] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in RUNS:
-            save = str(Path(tmp) / f"{run}.safetensors")
-            cmd = [sys.executable, __file__, "--worker", "--run", run, "--save", save]
-            cmd += ["--device", args.device]
-            for flag in ("double", "single", "tokens", "repeats", "threads"):
-                cmd += [f"--{flag}", str(getattr(args, flag))]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[run] = json.loads(done.stdout.strip().splitlines()[-1])
-            grads[run] = load_file(save)["grad"]
-            print(f"{run}: {runs[run]}", file=sys.stderr)
-    base = grads["pictor"]
+    runs, grads = run_each(__file__, RUNS, args)
     for run, numbers in runs.items():
-        numbers["grad_rel_err_vs_pictor"] = float(f"{float((grads[run] - base).norm() / base.norm()):.3g}")
+        numbers["grad_rel_err_vs_pictor"] = rel_err(grads[run], grads["pictor"])
     for impl in ("pictor", "diffusers", "pictor_fp8"):
         plain, ckpt = runs[impl], runs[f"{impl}_checkpointed"]
         plain["checkpointing_saves_gb"] = round(plain["rise_gb"] - ckpt["rise_gb"], 3)
@@ -170,10 +116,7 @@ def main() -> None:
         "runs": runs,
         "torch": torch.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ def browser() -> Any:
         browser.close()
 
 
+def open_page(browser: Any, url: str, height: int) -> tuple[Any, list[str]]:
+    """The page of a server whose model is loaded, and the list that collects its script errors and every
+    HTTP error it meets (a test ends by asserting it is empty)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1000, "height": height})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(url + "/")
+    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    return page, problems
+
+
 def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
@@ -186,12 +200,7 @@ def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: An
     from playwright.sync_api import expect
 
     live = live_server()
-    page = browser.new_page(viewport={"width": 1000, "height": 700})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(live.url + "/")
-    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    page, problems = open_page(browser, live.url, height=700)
 
     page.get_by_label("Prompt", exact=True).fill("a source to edit")
     page.get_by_text("Settings", exact=True).click()
@@ -248,12 +257,7 @@ def test_generate_from_a_reference_picture(
     from pictor.reference_files import reference_pixels
 
     live = live_server(pipeline=referenced)
-    page = browser.new_page(viewport={"width": 1000, "height": 700})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(live.url + "/")
-    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    page, problems = open_page(browser, live.url, height=700)
 
     page.get_by_role("button", name="Generate").click()  # nothing to go on: said on the page, not sent
     expect(page.locator("#error")).to_contain_text("Write a prompt")
@@ -303,12 +307,7 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -
     from playwright.sync_api import expect
 
     live = live_server(pipeline=laid_out)
-    page = browser.new_page(viewport={"width": 1000, "height": 900})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(live.url + "/")
-    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    page, problems = open_page(browser, live.url, height=900)
 
     page.get_by_label("Prompt", exact=True).fill("two shapes")
     page.get_by_text("Settings", exact=True).click()
@@ -372,12 +371,7 @@ def test_generate_with_the_hires_fix(browser: Any, live_server: Any) -> None:
     from playwright.sync_api import expect
 
     live = live_server()
-    page = browser.new_page(viewport={"width": 1000, "height": 900})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(live.url + "/")
-    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    page, problems = open_page(browser, live.url, height=900)
 
     page.get_by_label("Prompt", exact=True).fill("a sharp star")
     page.get_by_text("Settings", exact=True).click()
@@ -435,12 +429,7 @@ def test_generate_with_a_lora_of_the_server(
     from playwright.sync_api import expect
 
     live = live_server(pipeline=fresh_tiny(), lora_dir=lora_dir)
-    page = browser.new_page(viewport={"width": 1000, "height": 900})
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(live.url + "/")
-    expect(page.locator("#model-info")).to_contain_text("Model tiny")
+    page, problems = open_page(browser, live.url, height=900)
 
     page.get_by_text("LoRAs", exact=True).click()
     expect(page.get_by_label("LoRA detail")).to_be_visible()
