@@ -316,7 +316,8 @@ class JobManager:
         except LoraUnavailable as exc:  # gone, changed or broken since the server started: not the client's
             error = {"message": str(exc), "type": "server_error", "code": "lora_unavailable"}
             for live in batch:
-                self._finish(live.job, FAILED, error=error)
+                if not live.cancelled:
+                    self._finish(live.job, FAILED, error=error)
             return
 
         def progress(step: int, total: int) -> None:
