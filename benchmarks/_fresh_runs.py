@@ -20,11 +20,21 @@ from _memory import RssSampler, rss_now
 from safetensors.torch import load_file, save_file
 
 
-def worker_flags(ap: argparse.ArgumentParser, runs: Sequence[str]) -> None:
-    """The hidden flags the parent passes to each worker."""
+def parse_args(doc: str, runs: Sequence[str], repeats: int) -> argparse.Namespace:
+    """The flags of these benchmarks (a FLUX.1-width model of --double + --single blocks), and the hidden
+    ones the parent passes to each worker."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run", choices=runs, help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
+    return ap.parse_args()
 
 
 # The settings every worker of these benchmarks gets from the parent.

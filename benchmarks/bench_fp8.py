@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from _flux_reference import build_reference, reference_forward
-from _fresh_runs import emit, measure, rel_err, run_each, worker_flags
+from _fresh_runs import emit, measure, parse_args, rel_err, run_each
 
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.models.weight_storage import FP8_STORAGE, store_fp8, stored_linear_paths
@@ -128,16 +128,7 @@ def full_size() -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    worker_flags(ap, RUNS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, RUNS, repeats=2)
     if args.worker:
         worker(args)
         return

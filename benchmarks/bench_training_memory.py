@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from _flux_reference import build_reference, reference_forward
-from _fresh_runs import emit, measure, rel_err, run_each, worker_flags
+from _fresh_runs import emit, measure, parse_args, rel_err, run_each
 from bench_fp8 import N_TXT, flux_width_params, inputs, random_state
 
 from pictor.models.flux import Flux
@@ -79,16 +79,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    worker_flags(ap, RUNS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, RUNS, repeats=3)
     if args.worker:
         worker(args)
         return

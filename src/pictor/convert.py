@@ -182,6 +182,22 @@ def _foreign_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES + ADAPTER_FILES)
 
 
+def copy_adapters(src: Path, dst: Path) -> None:
+    """The bundle's layout and reference adapters, copied as they are (they go with its weights)."""
+    for adapter in ADAPTER_FILES:
+        if (src / adapter).is_file():
+            shutil.copyfile(src / adapter, dst / adapter)
+
+
+def copy_autoencoder(src: Path, dst: Path, config: BundleConfig) -> str:
+    """The bundle's autoencoder file, copied unchanged and checked against config.json; its SHA-256."""
+    shutil.copyfile(src / AUTOENCODER_FILE, dst / AUTOENCODER_FILE)
+    digest = sha256_file(dst / AUTOENCODER_FILE)
+    if config.hashes.get(AUTOENCODER_FILE) not in (None, digest):
+        raise CheckpointError(f"{src / AUTOENCODER_FILE}: not the file config.json's hash names")
+    return digest
+
+
 def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
     """Rewrite a bundle's transformer and autoencoder weights in ``dtype`` (fp32, fp16 or bf16), or with
     ``fp8`` only the transformer blocks' linear weights in float8 e4m3fn (kept FP8 in memory when loaded).
@@ -207,8 +223,6 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
                 _store_fp8_in_place(sd, f"{src / fname}")
             hashes[fname] = write_safetensors(sd, tmp / fname, {"format": "pt"})
             del sd
-        for adapter in ADAPTER_FILES:  # the bundle's adapters go along, as they are
-            if (src / adapter).is_file():
-                shutil.copyfile(src / adapter, tmp / adapter)
+        copy_adapters(src, tmp)
         write_json(BundleConfig(**{**config.__dict__, "hashes": hashes}).to_dict(), tmp / CONFIG_NAME)
     return out

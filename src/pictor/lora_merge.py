@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from pictor.checkpoint import (
     model_hash,
     read_bundle_config,
     read_bundle_file,
-    sha256_file,
     staged_dir,
     write_json,
     write_safetensors,
 )
-from pictor.convert import ADAPTER_FILES, check_bundle_out
+from pictor.convert import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
 from pictor.lora_tools import finite_update, model_linears, read_lora
@@ -126,13 +124,8 @@ def merge_loras(
             sd[key] = _merged(key, sd[key], updates)
         hashes = {TRANSFORMER_FILE: write_safetensors(sd, tmp / TRANSFORMER_FILE, {"format": "pt"})}
         del sd
-        shutil.copyfile(src / AUTOENCODER_FILE, tmp / AUTOENCODER_FILE)
-        hashes[AUTOENCODER_FILE] = sha256_file(tmp / AUTOENCODER_FILE)
-        if config.hashes.get(AUTOENCODER_FILE) not in (None, hashes[AUTOENCODER_FILE]):
-            raise CheckpointError(f"{src / AUTOENCODER_FILE}: not the file config.json's hash names")
-        for adapter in ADAPTER_FILES:  # trained on the base; they load on the merged model as they did
-            if (src / adapter).is_file():
-                shutil.copyfile(src / adapter, tmp / adapter)
+        hashes[AUTOENCODER_FILE] = copy_autoencoder(src, tmp, config)
+        copy_adapters(src, tmp)  # trained on the base; they load on the merged model as they did
         merged_names = ", ".join(f"{e['name']} ({e['scale']:g})" for e in entries)
         merged = BundleConfig(
             **{

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from pictor.checkpoint import (
     write_json,
     write_safetensors,
 )
-from pictor.convert import ADAPTER_FILES, check_bundle_out
+from pictor.convert import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.models.weight_storage import fp8_problem, is_fp8
 
@@ -156,13 +155,8 @@ def merge_models(
         sd = {key: _merged(key, [w[key] for w in weights], method, alpha, names) for key in keys}
         hashes = {TRANSFORMER_FILE: write_safetensors(sd, tmp / TRANSFORMER_FILE, {"format": "pt"})}
         del sd
-        shutil.copyfile(path_a / AUTOENCODER_FILE, tmp / AUTOENCODER_FILE)
-        hashes[AUTOENCODER_FILE] = sha256_file(tmp / AUTOENCODER_FILE)
-        if config_a.hashes.get(AUTOENCODER_FILE) not in (None, hashes[AUTOENCODER_FILE]):
-            raise CheckpointError(f"{path_a / AUTOENCODER_FILE}: not the file config.json's hash names")
-        for adapter in ADAPTER_FILES:  # A's adapters go along (they will say they were trained on A)
-            if (path_a / adapter).is_file():
-                shutil.copyfile(path_a / adapter, tmp / adapter)
+        hashes[AUTOENCODER_FILE] = copy_autoencoder(path_a, tmp, config_a)
+        copy_adapters(path_a, tmp)  # A's adapters go along (they will say they were trained on A)
         default_name = "-".join([*names[:2], *(f"minus-{n}" for n in names[2:]), method, f"{alpha:g}"])
         formula = (
             f"{1 - alpha:g} * {names[0]} + {alpha:g} * {names[1]}"
