@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pictor.models.block_cache import FirstBlockCache
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -139,6 +140,7 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         img_residuals: Sequence[Tensor] | None = None,
+        block_cache: FirstBlockCache | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -148,6 +150,8 @@ class Flux(nn.Module):
         img_residuals: one ``[B, N, hidden_size]`` tensor per block (double blocks, then single blocks),
         added to the image stream before that block: how adapters such as `LayoutAdapter` condition a
         frozen model. None (FLUX.1's forward) adds nothing.
+        block_cache: a sampler run's `FirstBlockCache`; rows whose first block changed little since their
+        last full pass skip the remaining blocks (see `pictor.models.block_cache`). None: every block runs.
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -165,18 +169,59 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         res = self._check_residuals(img_residuals, img)
-        for i, block in enumerate(self.double_blocks):
+        if block_cache is None:
+            img = self._blocks(img, txt, vec, pe, res, first=0)
+        else:
+            img = self._cached_blocks(block_cache, img, txt, vec, pe, res)
+        return self.final_layer(img, vec)  # [B, N, out_channels]
+
+    def _blocks(
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, res: Sequence[Tensor] | None, first: int
+    ) -> Tensor:
+        """The blocks from double block `first` on (then every single block) -> the image stream."""
+        for i in range(first, len(self.double_blocks)):
             if res is not None:
                 img = img + res[i]
-            img, txt = self._run(block, img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe)
         x = torch.cat((txt, img), dim=1)
         n_txt = txt.shape[1]
         for j, block in enumerate(self.single_blocks):
             if res is not None:
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[len(self.double_blocks) + j]), dim=1)
             x = self._run(block, x, vec=vec, pe=pe)
-        img = x[:, n_txt:, ...]
-        return self.final_layer(img, vec)  # [B, N, out_channels]
+        return x[:, n_txt:, ...]
+
+    def _cached_blocks(
+        self,
+        cache: FirstBlockCache,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        res: Sequence[Tensor] | None,
+    ) -> Tensor:
+        """:meth:`_blocks` under a first-block cache: double block 0 always runs; the rest run only for the
+        rows whose block-0 residual moved more than the cache's threshold, the others reuse theirs."""
+        if not self.double_blocks:
+            raise ValueError("Flux: the first-block cache needs a model with at least one double block")
+        if res is not None:
+            img = img + res[0]
+        head_in = img
+        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe)
+        head_residual = img - head_in
+        full = cache.needs_full(head_residual)
+        if bool(full.all()):
+            out = self._blocks(img, txt, vec, pe, res, first=1)
+        else:
+            assert cache.tail_residual is not None  # a row is only skipped after a full pass
+            out = img + cache.tail_residual
+            if bool(full.any()):
+                rows = full.nonzero().squeeze(1).to(img.device)
+                sub_pe = pe[rows] if pe.shape[0] > 1 else pe  # RoPE angles shared by the batch: [1, ...]
+                sub_res = [r[rows] for r in res] if res is not None else None
+                out[rows] = self._blocks(img[rows], txt[rows], vec[rows], sub_pe, sub_res, first=1)
+        cache.update(full, head_residual, out - img)
+        return out
 
     def _run(self, block: nn.Module, *args: Tensor, **kwargs: Tensor) -> Any:
         """A block, under activation checkpointing when it is on and gradients are being recorded.
