@@ -122,3 +122,35 @@ def test_generate_with_the_hires_fix(tmp_path: Path) -> None:
     assert again.returncode == 0 and "identical" in again.stdout + again.stderr, again.stderr
     refused = run("generate", "x", "--model", "tiny", "--hires", "0.5", cwd=tmp_path)
     assert refused.returncode == 2 and "hires scale must be a number above 1" in refused.stderr
+
+
+def test_generate_reproduce_and_eval_with_the_first_block_cache(tmp_path: Path) -> None:
+    common = ("--steps", "6", "--seed", "4", "--cache-threshold", "0.3")
+    out = run("generate", "a red circle left of a blue square", *common, "-o", "gen", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    made = tmp_path / out.stdout.split()[0]
+    assert read_record(made)["cache_threshold"] == 0.3
+    again = run("reproduce", str(made), "-o", "repro", cwd=tmp_path)
+    assert again.returncode == 0 and "identical" in again.stdout + again.stderr, again.stderr
+
+    report = tmp_path / "report.json"
+    scored = run(
+        "eval",
+        "shapes",
+        "--limit",
+        "2",
+        "-k",
+        "1",
+        *common[:2],
+        "--cache-threshold",
+        "0.3",
+        "--out",
+        str(report),
+        cwd=tmp_path,
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert '"cache_threshold": 0.3' in report.read_text()
+
+    refused = run("generate", "x", "--cache-threshold", "2", cwd=tmp_path)
+    assert refused.returncode == 2 and "cache threshold must be between 0 (off) and 1" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -62,6 +62,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "reference": args.reference,
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
+        "cache_threshold": args.cache_threshold,
     }
 
 
@@ -211,6 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         sampler=args.sampler,
+        cache_threshold=args.cache_threshold,
     )
     for tag, acc in report["per_tag"].items():
         print(f"{tag:<14} {acc:.3f}")

@@ -48,7 +48,19 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="flux, linear, shifted")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
+    _add_cache_threshold(p)
     _add_vae_tiling(p)
+
+
+def _add_cache_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=None,
+        metavar="X",
+        help="first-block cache: skip the transformer's later blocks on steps where its first block changed "
+        "by at most X (0.05-0.2: fewer full passes, small changes to the picture; default: off)",
+    )
 
 
 def _add_vae_tiling(p: argparse.ArgumentParser) -> None:
@@ -236,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--steps", type=int, default=None)
     es.add_argument("--guidance", type=float, default=None)
     es.add_argument("--sampler", default=None)
+    _add_cache_threshold(es)
     es.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     es.add_argument("--out", default=None, help="report.json (a contact sheet .png is written beside it)")
     es.add_argument("--ground-truth", action="store_true", help="score renders of the specs themselves")

@@ -92,6 +92,7 @@ class EditRequest:
     reference: ImageSource | np.ndarray | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
+    cache_threshold: float | None = None
 
     @property
     def mode(self) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
+from pictor.models.block_cache import FirstBlockCache
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
@@ -40,6 +41,7 @@ class Conditioned(Protocol):
     guidance: float | None
     layout: list[dict[str, Any]] | None
     reference: Any
+    cache_threshold: float | None
 
 
 class Models(Protocol):
@@ -63,6 +65,8 @@ def guided_velocity(m: Models, r: Conditioned, batch: int, lat_h: int, lat_w: in
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
+    # One cache per sampler run: it compares each call with this run's earlier ones.
+    cache = FirstBlockCache(r.cache_threshold) if r.cache_threshold else None
 
     def model(
         x: torch.Tensor,
@@ -81,7 +85,9 @@ def guided_velocity(m: Models, r: Conditioned, batch: int, lat_h: int, lat_w: in
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
-        return m.transformer(x, ids, txt, txt_ids, t.to(m.dtype), vec, guidance=g, img_residuals=residuals)
+        return m.transformer(
+            x, ids, txt, txt_ids, t.to(m.dtype), vec, guidance=g, img_residuals=residuals, block_cache=cache
+        )
 
     context = None
     if r.reference is not None:

@@ -45,6 +45,7 @@ from pictor.hires import DEFAULT_STRENGTH, HIRES_FIELDS, hires_problem, hires_si
 from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_decode
+from pictor.models.block_cache import cache_threshold_problem
 from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
@@ -167,6 +168,7 @@ class Pipeline:
         except ValueError as exc:
             raise GenerationError(str(exc)) from exc
         r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
+        r = self._resolve_cache(r)
         r = self._resolve_hires(r)
         if r.num_images < 1:
             raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
@@ -202,6 +204,19 @@ class Pipeline:
                 "drop the negative prompt"
             )
         return r
+
+    def _resolve_cache(self, r: GenerationRequest) -> GenerationRequest:
+        problem = cache_threshold_problem(r.cache_threshold)
+        if problem:
+            raise GenerationError(problem)
+        if not r.cache_threshold:
+            return replace(r, cache_threshold=None)  # 0 is off: recorded like a request without one
+        if not self.transformer.double_blocks:
+            raise GenerationError(
+                f"model '{self.name}' has no double blocks, which the first-block cache needs; drop "
+                "the cache threshold"
+            )
+        return replace(r, cache_threshold=float(r.cache_threshold))
 
     def _resolve_hires(self, r: GenerationRequest) -> GenerationRequest:
         problem = hires_problem(r.hires_scale, r.hires_strength, r.hires_steps, MAX_STEPS)
@@ -405,6 +420,7 @@ class Pipeline:
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
             **(self._reference_fields(r) if r.reference is not None else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
+            **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }
 
     def _reference_fields(self, r: GenerationRequest) -> dict[str, Any]:

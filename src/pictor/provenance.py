@@ -87,6 +87,8 @@ def parameters_text(record: dict[str, Any]) -> str:
             ("VAE tile", record["vae_tile"]),
             ("VAE tile overlap", record.get("vae_tile_overlap", "")),
         ]
+    if record.get("cache_threshold"):
+        fields.append(("First block cache", _fmt_number(record["cache_threshold"])))
     if record.get("batch_size", 1) > 1:
         fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))

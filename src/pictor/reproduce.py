@@ -69,6 +69,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "feather": (_int, "an integer"),
     "vae_tile": (_optional(_int), "an integer"),
     "vae_tile_overlap": (_optional(_int), "an integer"),
+    "cache_threshold": (_optional(_number), "a number"),
     "hires": (
         lambda v: (
             isinstance(v, dict)
@@ -121,6 +122,7 @@ def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource |
         "layout": record.get("layout"),
         "reference": reference,
         **{name: record.get(name) for name in TILING_FIELDS},
+        "cache_threshold": record.get("cache_threshold"),
     }
 
 

@@ -44,6 +44,7 @@ def generate_for_specs(
     steps: int | None = None,
     guidance: float | None = None,
     sampler: str | None = None,
+    cache_threshold: float | None = None,
     progress: ProgressFn | None = None,
     save_dir: Path | None = None,
     layouts: list[list[list[dict]]] | None = None,
@@ -56,7 +57,9 @@ def generate_for_specs(
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
         prompt = "" if empty_prompts else spec["prompt"]
-        base = GenerationRequest(prompt, steps=steps, guidance=guidance, sampler=sampler)
+        base = GenerationRequest(
+            prompt, steps=steps, guidance=guidance, sampler=sampler, cache_threshold=cache_threshold
+        )
         if layouts is None and references is None:
             generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
         else:
@@ -237,6 +240,8 @@ def run_shapes_eval(
             **generation,
         )
         meta = {"source": "model", "model": {"name": pipe.name, "hash": pipe.hash}}
+        if generation.get("cache_threshold"):
+            meta["cache_threshold"] = generation["cache_threshold"]
         if empty_prompts:
             meta["empty_prompts"] = True
         if pictures is not None:
