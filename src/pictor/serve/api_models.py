@@ -85,6 +85,14 @@ class ImageGenerationRequest(BaseModel):
         None, gt=0, le=1, allow_inf_nan=False, description="Share of the upscaled picture redrawn (0.3)."
     )
     hires_steps: int | None = Field(None, ge=1, description="Steps of the second pass (default: steps).")
+    cache_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="First-block cache: skip the model's later blocks on steps where its first block changed "
+        "by at most this share (0.05-0.2: fewer full passes, small changes; 0 or absent: off).",
+    )
     loras: list[LoraChoice] | None = Field(
         None, max_length=8, description="LoRAs of the server's folder (GET /v1/loras) with their scales."
     )

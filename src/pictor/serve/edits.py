@@ -83,7 +83,9 @@ def edit_params(
             mask = None  # alpha channel, but nothing transparent: plain img2img
     source = source.convert("RGB")
     reference = reference.convert("RGB") if reference is not None else None
-    settings = {k: form[k] for k in ("steps", "guidance", "sampler", "schedule", "seed", "strength")}
+    keys = ("steps", "guidance", "sampler", "schedule", "seed", "strength", "cache_threshold")
+    settings = {k: form[k] for k in keys}
+    settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["layout"] = layout
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
@@ -146,6 +148,7 @@ FORM_FIELDS = {
     "negative_prompt",
     "sampler",
     "schedule",
+    "cache_threshold",
     "output_format",
     "stream",
 }
@@ -219,6 +222,7 @@ async def edit_form(
     negative_prompt: Annotated[str | None, Form()] = None,
     sampler: Annotated[str | None, Form()] = None,
     schedule: Annotated[str | None, Form()] = None,
+    cache_threshold: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
     output_format: Annotated[str | None, Form(description="Only png.")] = None,
     stream: Annotated[str | None, Form(description="Only false.")] = None,
@@ -259,6 +263,7 @@ async def edit_form(
         "guidance": guidance,
         "sampler": sampler,
         "schedule": schedule,
+        "cache_threshold": cache_threshold,
         "seed": seed,
         "strength": strength,
         "layout": layout,

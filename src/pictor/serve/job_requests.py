@@ -24,6 +24,7 @@ BATCH_KEYS = (
     "layout",
     "reference",  # an upload id: new for every request, so jobs with a reference never merge
     *HIRES_FIELDS,
+    "cache_threshold",
 )
 
 

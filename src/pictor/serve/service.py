@@ -95,6 +95,7 @@ class Service:
             "hires_scale": body.hires_scale,
             "hires_strength": body.hires_strength,
             "hires_steps": body.hires_steps,
+            "cache_threshold": body.cache_threshold or None,
             "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
         }
         pipe = self.manager.pipeline

@@ -71,6 +71,7 @@ function requestFromForm() {
     sampler: $("sampler").value || undefined,
     seed: number("seed", Number),
     n: number("n", Number),
+    cache_threshold: number("cache_threshold", Number),
   };
   const hiresScale = number("hires_scale", Number);
   if (hiresScale !== undefined) {  // the strength and steps belong to the hires fix: sent only with it
@@ -126,6 +127,7 @@ function fillForm(record) {
   $("sampler").value = record.sampler || "";
   $("seed").value = record.seed ?? "";
   $("n").value = 1;
+  $("cache_threshold").value = record.cache_threshold ?? "";
   $("settings").open = true;
   const hires = record.hires || {};
   $("hires_scale").value = hires.scale ?? "";
@@ -459,6 +461,7 @@ function recordRequest(record) {
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
+  if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
   if (record.hires) {  // the record's size is the first pass's; the hires fix is its own part
     body.hires_scale = record.hires.scale;
     body.hires_strength = record.hires.strength;
