@@ -457,6 +457,14 @@ def test_generate_with_a_lora_of_the_server(
     jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
     a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
     assert a == b
+
+    # A file added to the folder is offered after "Reread LoRA folder"; scales typed in stay.
+    (lora_dir / "extra.safetensors").write_bytes((lora_dir / "style.safetensors").read_bytes())
+    page.get_by_label("LoRA detail").fill("0.5")
+    expect(page.get_by_label("LoRA extra")).to_have_count(0)
+    page.get_by_role("button", name="Reread LoRA folder").click()
+    expect(page.get_by_label("LoRA extra")).to_be_visible()
+    expect(page.get_by_label("LoRA detail")).to_have_value("0.5")
     assert problems == [], problems
 
 

@@ -93,7 +93,7 @@ def test_bad_choices_are_400s_that_say_why(
     no_folder = make_client(fresh_tiny())
     r = no_folder.post("/v1/images/generations", json={**BODY, "loras": [{"name": "style"}]})
     assert r.status_code == 400 and "offers no LoRAs (start it with --lora-dir DIR)" in r.text
-    assert no_folder.get("/v1/loras").json() == {"data": [], "unusable": []}
+    assert no_folder.get("/v1/loras").json() == {"refreshable": False, "data": [], "unusable": []}
 
 
 def test_edits_take_loras_as_json_text(
@@ -172,3 +172,55 @@ def test_a_job_queued_before_a_restart_without_its_lora_fails_clearly(
     library = LoraLibrary()
     with pytest.raises(LoraUnavailable, match="LoRA 'style' is not offered by this server now"):
         library.activate(fresh_tiny(), [["style", 1.0]])
+
+
+def test_refresh_reads_the_folder_again(
+    make_client: Callable[..., TestClient],
+    lora_dir: Path,
+    fresh_tiny: Callable[[], Pipeline],
+    wait_job: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """New files are offered, removed ones not, a changed one is checked anew and the worker drops the old
+    version it had loaded: the next job draws with the new file, as a server started now would."""
+    folder = tmp_path / "live"
+    folder.mkdir()
+    shutil.copy(lora_dir / "style.safetensors", folder / "look.safetensors")
+    shutil.copy(lora_dir / "detail.safetensors", folder / "gone.safetensors")
+    client = make_client(fresh_tiny(), lora_dir=folder)
+    old, _ = _image(client, loras=[{"name": "look", "scale": 1.0}])  # loaded by the worker
+
+    shutil.copy(lora_dir / "detail.safetensors", folder / "look.safetensors")  # changed
+    shutil.copy(lora_dir / "style.safetensors", folder / "new.safetensors")  # added
+    (folder / "gone.safetensors").unlink()  # removed
+    shutil.copy(lora_dir / "wide.safetensors", folder / "wide.safetensors")  # fits no layer
+    r = client.post("/v1/loras/refresh")
+    assert r.status_code == 200, r.text
+    listing = r.json()
+    assert [x["name"] for x in listing["data"]] == ["look", "new"]
+    assert listing["data"][0]["sha256"] == lora_file_hash(lora_dir / "detail.safetensors")
+    assert [x["file"] for x in listing["unusable"]] == ["wide.safetensors"]
+    assert client.get("/v1/loras").json() == listing
+
+    now, record = _image(client, loras=[{"name": "look", "scale": 1.0}])
+    assert record["loras"][0]["sha256"] == lora_file_hash(lora_dir / "detail.safetensors")
+    fresh = make_client(fresh_tiny(), lora_dir=folder, data_dir=tmp_path / "other")  # a server started now
+    want, _ = _image(fresh, loras=[{"name": "look", "scale": 1.0}])
+    assert np.array_equal(now, want) and not np.array_equal(now, old)
+    plain, record = _image(client)  # the dropped version left nothing behind in the model
+    base, _ = _image(fresh)
+    assert record["loras"] == [] and np.array_equal(plain, base)
+    r = client.post("/v1/images/generations", json={**BODY, "loras": [{"name": "gone"}]})
+    assert r.status_code == 400 and "unknown LoRA 'gone'" in r.text, r.text
+
+
+def test_refresh_without_a_folder_and_an_empty_folder_say_so(
+    make_client: Callable[..., TestClient], tiny: Pipeline, tmp_path: Path
+) -> None:
+    r = make_client(tiny).post("/v1/loras/refresh")
+    assert r.status_code == 400 and "started without --lora-dir" in r.text, r.text
+    (tmp_path / "empty").mkdir()
+    client = make_client(tiny, lora_dir=tmp_path / "empty", data_dir=tmp_path / "other")
+    assert client.get("/v1/loras").json() == {"refreshable": True, "data": [], "unusable": []}
+    r = client.post("/v1/images/generations", json={**BODY, "loras": [{"name": "style"}]})
+    assert r.status_code == 400 and "holds no usable LoRA now" in r.text, r.text

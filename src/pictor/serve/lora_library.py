@@ -1,18 +1,21 @@
 """The LoRAs a request may choose (``pictor serve --lora-dir DIR``): checked at start, applied per run.
 
-Every ``*.safetensors`` in the folder is read once when the server starts and checked against the served
-model's layers (any layout pictor reads: its own, diffusers/PEFT, kohya); one that does not fit is left out
-and named (in the log and in ``GET /v1/loras``), the server still starts. A request names LoRAs and scales
-(``"loras": [{"name": "style", "scale": 0.8}]``). The worker loads a LoRA the first time a job asks for it
-and keeps it; before each sampler run exactly the chosen ones get their scales and every other loaded one
-scale 0, which the LoRA layers skip, so a job without LoRAs draws the base model's picture exactly. Jobs
-with different choices never share a run (their choice is part of the batching key), and each image's
-record names its LoRAs with file hashes and scales, so ``pictor reproduce`` finds them.
+Every ``*.safetensors`` in the folder is read when the server starts and checked against the served model's
+layers (any layout pictor reads: its own, diffusers/PEFT, kohya); one that does not fit is left out and
+named (in the log and in ``GET /v1/loras``), the server still starts. ``POST /v1/loras/refresh`` reads the
+folder again: new files are checked and offered, removed ones no longer offered, changed ones checked anew
+(and, if the worker holds the old version, dropped from the model before its next run). A request names
+LoRAs and scales (``"loras": [{"name": "style", "scale": 0.8}]``). The worker loads a LoRA the first time a
+job asks for it and keeps it; before each sampler run exactly the chosen ones get their scales and every
+other loaded one scale 0, which the LoRA layers skip, so a job without LoRAs draws the base model's picture
+exactly. Jobs with different choices never share a run (their choice is part of the batching key), and each
+image's record names its LoRAs with file hashes and scales, so ``pictor reproduce`` finds them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +25,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pictor.checkpoint import CheckpointError
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
 from pictor.lora_tools import finite_update, read_lora
-from pictor.models.lora import set_lora_scale
+from pictor.models.lora import remove_lora, set_lora_scale
 from pictor.models.lora_formats import LoRAError
 from pictor.pipeline import Pipeline
 from pictor.serve.api_models import LoraChoice
@@ -54,39 +57,94 @@ class LoraLibrary:
         self.folder = folder
         self.files: dict[str, LoraFile] = {}
         self.unusable: dict[str, str] = {}  # file name -> why it was left out
+        self._linears = linears or {}
         self._loaded: dict[str, dict[str, Any]] = {}  # name -> the pipeline's entry for it
+        self._stale: set[str] = set()  # loaded, but their file changed or went: the worker drops them
         self._base: list[dict[str, Any]] | None = None  # LoRAs the pipeline came with, kept on
+        # The worker thread applies LoRAs while requests choose them and a refresh rereads the folder.
+        self._lock = threading.RLock()
         if folder is None:
             return
         if not folder.is_dir():
             raise ValueError(f"--lora-dir {folder}: no such folder; give the folder of the LoRA files")
         assert linears is not None
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".safetensors"):
+        self._scan()
+
+    def _scan(self) -> None:
+        """(Re)read the folder; files already checked and unchanged (same SHA-256) are kept as they are."""
+        assert self.folder is not None
+        files: dict[str, LoraFile] = {}
+        unusable: dict[str, str] = {}
+        for path in sorted(p for p in self.folder.iterdir() if p.suffix.lower() == ".safetensors"):
+            known = self.files.get(path.stem)
             try:
-                updates, _text_keys = read_lora(path, linears)
-                broken = next((u.source for u in updates.values() if not finite_update(u)), None)
-                if broken is not None:
-                    raise LoRAError(f"{broken} holds NaN or infinite values; the file is broken")
-                if len(path.stem) > MAX_NAME:
-                    raise LoRAError(f"its name is longer than {MAX_NAME} characters; rename the file")
+                if (
+                    known is not None
+                    and known.path == path.resolve()
+                    and lora_file_hash(path) == known.sha256
+                ):
+                    files[path.stem] = known
+                    continue
+                files[path.stem] = self._check(path)
             except (LoRAError, CheckpointError, OSError) as exc:
-                self.unusable[path.name] = str(exc)
-                log.info("LoRA %s left out: %s", path.name, exc)  # `pictor serve` prints it too
-                continue
-            rank = max((u.rank for u in updates.values()), default=0)
-            self.files[path.stem] = LoraFile(
-                path.stem, path.resolve(), lora_file_hash(path), a1111_lora_hash(path), len(updates), rank
-            )
+                unusable[path.name] = str(exc)
+                if self.unusable.get(path.name) != str(exc):
+                    log.info("LoRA %s left out: %s", path.name, exc)  # `pictor serve` prints it too
+        self._stale |= {name for name in self._loaded if files.get(name) != self.files.get(name)}
+        self.files, self.unusable = files, unusable
         log.info("LoRAs offered: %s", ", ".join(self.files) or "none")
+
+    def _check(self, path: Path) -> LoraFile:
+        updates, _text_keys = read_lora(path, self._linears)
+        broken = next((u.source for u in updates.values() if not finite_update(u)), None)
+        if broken is not None:
+            raise LoRAError(f"{broken} holds NaN or infinite values; the file is broken")
+        if len(path.stem) > MAX_NAME:
+            raise LoRAError(f"its name is longer than {MAX_NAME} characters; rename the file")
+        rank = max((u.rank for u in updates.values()), default=0)
+        return LoraFile(
+            path.stem, path.resolve(), lora_file_hash(path), a1111_lora_hash(path), len(updates), rank
+        )
+
+    def refresh(self) -> dict[str, Any]:
+        """Read the folder again (``POST /v1/loras/refresh``); the new listing."""
+        if self.folder is None:
+            raise APIError(
+                400,
+                "this server was started without --lora-dir, so it has no LoRA folder to read again",
+                code="invalid_parameters",
+            )
+        with self._lock:
+            try:
+                self._scan()
+            except OSError as exc:  # the folder itself is gone or unreadable: keep offering what was there
+                raise APIError(
+                    503,
+                    f"--lora-dir {self.folder} cannot be read: {exc.strerror or exc}; the LoRAs offered "
+                    "before stay offered",
+                    type="server_error",
+                    code="lora_dir_unreadable",
+                ) from None
+            return self.listing()
 
     def choose(self, choices: list[dict[str, Any]] | None) -> list[list[Any]] | None:
         """A request's ``loras`` as the job keeps them (``[[name, scale], ...]``), or a 400 saying why not."""
         if not choices:
             return None
+        with self._lock:
+            return self._choose(choices)
+
+    def _choose(self, choices: list[dict[str, Any]]) -> list[list[Any]]:
         if not self.files:
+            where = (
+                "its LoRA folder holds no usable LoRA now (GET /v1/loras says why; add files and POST "
+                "/v1/loras/refresh)"
+                if self.folder is not None
+                else "start it with --lora-dir DIR"
+            )
             raise APIError(
                 400,
-                "this server offers no LoRAs (start it with --lora-dir DIR); omit loras",
+                f"this server offers no LoRAs ({where}); omit loras",
                 param="loras",
                 code="invalid_parameters",
             )
@@ -112,9 +170,15 @@ class LoraLibrary:
         Raises :class:`LoraUnavailable` when a chosen LoRA's file is gone, changed or broken since the server
         started, or (a job queued before a restart) is no longer offered.
         """
+        with self._lock:
+            self._activate(pipe, chosen or [])
+
+    def _activate(self, pipe: Pipeline, chosen: list[list[Any]]) -> None:
         if self._base is None:
             self._base = list(pipe.loras)
-        chosen = chosen or []
+        for name in self._stale & set(self._loaded):  # an older version of a file the folder now holds
+            remove_lora(pipe.transformer, self._loaded.pop(name)["name"])
+        self._stale.clear()
         for name, scale in chosen:
             if name not in self._loaded:
                 self._loaded[name] = self._load(pipe, name, scale)
@@ -134,7 +198,8 @@ class LoraLibrary:
         try:
             if lora_file_hash(lora.path) != lora.sha256:
                 raise LoraUnavailable(
-                    f"LoRA '{name}' ({lora.path}) changed since the server started; restart the server"
+                    f"LoRA '{name}' ({lora.path}) changed since the server last read the folder; POST "
+                    "/v1/loras/refresh (or restart the server) and submit the job again"
                 )
             return pipe.add_lora(lora.path, scale)
         except OSError as exc:
@@ -163,7 +228,12 @@ class LoraLibrary:
         return self.choose([c.model_dump() for c in choices])
 
     def listing(self) -> dict[str, Any]:
+        with self._lock:
+            return self._listing()
+
+    def _listing(self) -> dict[str, Any]:
         return {
+            "refreshable": self.folder is not None,
             "data": [
                 {"name": f.name, "sha256": f.sha256, "hash": f.hash, "layers": f.layers, "rank": f.rank}
                 for f in self.files.values()

@@ -154,6 +154,14 @@ def list_loras(request: Request) -> dict[str, Any]:
     return service(request).library.listing()
 
 
+@router.post(
+    "/loras/refresh",
+    summary="Read --lora-dir again: new files offered, removed ones not, changed ones checked anew",
+)
+def refresh_loras(request: Request) -> dict[str, Any]:
+    return service(request).library.refresh()
+
+
 @router.get("/models", response_model=ModelList, summary="The served model, its defaults and limits")
 def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(service(request))])

@@ -97,8 +97,9 @@ function lorasFromForm() {
     .map((input) => ({ name: input.dataset.name, scale: Number(input.value) }));
 }
 
-async function loadLoras() {
-  const listing = await apiJSON("/v1/loras");
+async function loadLoras(listing) {
+  listing = listing || (await apiJSON("/v1/loras"));
+  const scales = new Map(loraInputs().map((input) => [input.dataset.name, input.value]));  // kept by name
   const rows = listing.data.flatMap((lora, i) => {
     const label = document.createElement("label");
     label.htmlFor = `lora-${i}`;
@@ -107,10 +108,11 @@ async function loadLoras() {
     Object.assign(input, { id: `lora-${i}`, type: "number", step: "0.05", min: "-10", max: "10" });
     Object.assign(input, { placeholder: "off", inputMode: "decimal" });
     input.dataset.name = lora.name;
+    input.value = scales.get(lora.name) ?? "";
     return [label, input];
   });
   $("lora-list").replaceChildren(...rows);
-  $("lora-settings").hidden = rows.length === 0;
+  $("lora-settings").hidden = !listing.refreshable;  // a server with a LoRA folder, even an empty one
 }
 
 function fillForm(record) {
@@ -535,6 +537,14 @@ document.addEventListener("DOMContentLoaded", async () => {
     }
   });
   $("add-box-button").addEventListener("click", () => addBox());
+  $("reread-loras-button").addEventListener("click", async () => {
+    setError("");
+    try {
+      await loadLoras(await apiJSON("/v1/loras/refresh", { method: "POST" }));
+    } catch (err) {
+      setError(err.message);
+    }
+  });
   $("clear-layout-button").addEventListener("click", () => {
     $("layout-boxes").replaceChildren();
     drawLayout();
