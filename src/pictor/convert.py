@@ -34,6 +34,8 @@ from pictor.flux_files import (
     import_flux_transformer,
     infer_autoencoder_params,
     infer_flux_params,
+    is_scaled_fp8,
+    without_scales,
 )
 from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
@@ -63,10 +65,10 @@ def _shapes(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys}
 
 
-def _place(src: Path, dst: Path, prefixes: tuple[str, ...], load) -> str:  # type: ignore[no-untyped-def]
+def _place(src: Path, dst: Path, prefixes: tuple[str, ...], load, rewrite: bool = False) -> str:  # type: ignore[no-untyped-def]
     """Copy the file as is when its keys need no change (no 24 GB in memory); else rewrite it."""
     keys = _keys(src)
-    if not any(all(k.startswith(p) for k in keys) for p in prefixes):
+    if not rewrite and not any(all(k.startswith(p) for k in keys) for p in prefixes):
         shutil.copyfile(src, dst)
         return sha256_file(dst)
     return write_safetensors(load(src), dst, {"format": "pt"})
@@ -90,6 +92,8 @@ def convert_flux(
             )
     # Shapes first, from the headers only, then a strict key check against the model built on meta.
     shapes = _shapes(transformer, FLUX_PREFIXES)
+    scaled = is_scaled_fp8(shapes)  # ComfyUI's scaled FP8: widened to bf16 on the way in
+    shapes = without_scales(shapes)
     if "img_in.weight" not in shapes:
         raise CheckpointError(f"{transformer}: not a FLUX.1 transformer in the original layout (no img_in)")
     params = infer_flux_params(shapes)
@@ -107,7 +111,7 @@ def convert_flux(
     with staged_dir(out) as tmp:
         hashes = {
             TRANSFORMER_FILE: _place(
-                transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer
+                transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer, rewrite=scaled
             ),
             AUTOENCODER_FILE: _place(ae, tmp / AUTOENCODER_FILE, AE_PREFIXES, import_flux_autoencoder),
         }
@@ -121,7 +125,8 @@ def convert_flux(
             autoencoder=ae_params,
             text_encoder=text,
             defaults=preset["defaults"],
-            description=f"converted from {transformer.name} and {ae.name}",
+            description=f"converted from {transformer.name} and {ae.name}"
+            + (" (scaled FP8 widened to bf16)" if scaled else ""),
             hashes=hashes,
         )
         write_json(config.to_dict(), tmp / CONFIG_NAME)
