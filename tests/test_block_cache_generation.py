@@ -89,3 +89,10 @@ def test_cached_edit_and_hires_reproduce(pipe: Pipeline, tmp_path: Path) -> None
 def test_bad_thresholds_are_refused(pipe: Pipeline, bad: float) -> None:
     with pytest.raises(GenerationError, match="cache threshold must be"):
         pipe.generate(GenerationRequest(PROMPT, cache_threshold=bad))
+
+
+def test_ground_truth_scores_refuse_a_cache_threshold() -> None:
+    from pictor.eval.shapes_run import run_shapes_eval
+
+    with pytest.raises(ValueError, match="drop --ground-truth"):
+        run_shapes_eval(None, None, 1, 0, None, ground_truth=True, cache_threshold=0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,10 +125,11 @@ def test_needs_inference_mode_and_a_double_block() -> None:
         no_double(**inputs, block_cache=FirstBlockCache(0.1))
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.1"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.1", True])
 def test_bad_thresholds_are_refused_with_the_range(bad: Any) -> None:
     problem = cache_threshold_problem(bad)
     assert problem is not None and "between 0" in problem
     with pytest.raises(ValueError, match="cache threshold"):
         FirstBlockCache(bad)
-    assert cache_threshold_problem(None) is None and cache_threshold_problem(0.1) is None
+    for fine in (None, 0.1, 1, np.float32(0.1)):
+        assert cache_threshold_problem(fine) is None

@@ -8,17 +8,20 @@ import io
 import json
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pictor.lora_files import lora_file_hash
+from pictor.models.lora import linear_layers
 from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.serve.job_requests import batch_key
 from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
@@ -170,7 +173,7 @@ def test_a_job_queued_before_a_restart_without_its_lora_fails_clearly(
     fresh_tiny: Callable[[], Pipeline],
 ) -> None:
     library = LoraLibrary()
-    with pytest.raises(LoraUnavailable, match="LoRA 'style' is not offered by this server now"):
+    with pytest.raises(LoraUnavailable, match="LoRA 'style' is no longer offered by this server"):
         library.activate(fresh_tiny(), [["style", 1.0]])
 
 
@@ -224,3 +227,59 @@ def test_refresh_without_a_folder_and_an_empty_folder_say_so(
     assert client.get("/v1/loras").json() == {"refreshable": True, "data": [], "unusable": []}
     r = client.post("/v1/images/generations", json={**BODY, "loras": [{"name": "style"}]})
     assert r.status_code == 400 and "holds no usable LoRA now" in r.text, r.text
+
+
+def test_odd_files_are_left_out_and_a_refresh_reads_outside_the_lock(
+    lora_dir: Path, fresh_tiny: Callable[[], Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kohya alpha of several numbers, a rank-0 pair and any unforeseen failure of one file leave that file
+    out and the others offered; a refresh reads files without holding the lock that the worker's runs take."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(lora_dir / "detail.safetensors", folder / "good.safetensors")
+    kohya = load_file(lora_dir / "detail.safetensors")
+    alpha = next(k for k in kohya if k.endswith(".alpha"))
+    save_file({**kohya, alpha: torch.ones(2)}, folder / "vector_alpha.safetensors")
+    native = load_file(lora_dir / "style.safetensors")
+    save_file(
+        {k: v[:0] if "lora_A" in k else v[:, :0] for k, v in native.items()}, folder / "rank0.safetensors"
+    )
+    pipe = fresh_tiny()
+    linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(pipe.transformer).items()}
+    library = LoraLibrary(folder, linears)
+    listing = library.listing()
+    assert [x["name"] for x in listing["data"]] == ["good"]
+    reasons = {x["file"]: x["reason"] for x in listing["unusable"]}
+    assert "holds 2 numbers; a LoRA's alpha is one number" in reasons["vector_alpha.safetensors"]
+    assert "has rank 0" in reasons["rank0.safetensors"]
+
+    shutil.copy(lora_dir / "style.safetensors", folder / "slow.safetensors")
+    shutil.copy(lora_dir / "style.safetensors", folder / "weird.safetensors")
+    reading, release = threading.Event(), threading.Event()
+    check = LoraLibrary._check
+
+    def slow_check(self: LoraLibrary, path: Path) -> Any:
+        if path.stem == "weird":
+            raise RuntimeError("an unforeseen failure")
+        if path.stem == "slow":
+            reading.set()
+            assert release.wait(30)
+        return check(self, path)
+
+    monkeypatch.setattr(LoraLibrary, "_check", slow_check)
+    refresh = threading.Thread(target=library.refresh)
+    refresh.start()
+    assert reading.wait(30)
+    runs = threading.Thread(target=library.activate, args=(pipe, [["good", 1.0]]))
+    runs.start()
+    runs.join(30)
+    ran_during_refresh = not runs.is_alive()
+    release.set()
+    refresh.join(30)
+    assert ran_during_refresh  # the worker applied its LoRAs while the refresh was still reading a file
+    listing = library.listing()
+    assert [x["name"] for x in listing["data"]] == ["good", "slow"]
+    assert (
+        "RuntimeError('an unforeseen failure')"
+        in {x["file"]: x["reason"] for x in listing["unusable"]}["weird.safetensors"]
+    )

@@ -205,6 +205,8 @@ def run_shapes_eval(
             f"--references: model '{pipe.name}' has no reference adapter; pass --reference-adapter FILE "
             "(made by `pictor train reference`)"
         )
+    if ground_truth and generation.get("cache_threshold"):
+        raise ValueError("--cache-threshold changes a model's images; drop --ground-truth")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1 (the number of prompts to score), got {limit}")
     specs = load_prompts(prompts)

@@ -20,6 +20,7 @@ between runs or used where autograd records (it keeps tensors between calls).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -33,12 +34,12 @@ def cache_threshold_problem(threshold: float | None) -> str | None:
     """What is wrong with a first-block-cache threshold (None: fine or not given)."""
     if threshold is None:
         return None
-    if not (isinstance(threshold, int | float) and math.isfinite(threshold)):
+    if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and math.isfinite(threshold)):
         return f"cache threshold must be a number between 0 and {MAX_THRESHOLD:g}, got {threshold!r}"
     if not 0 <= threshold <= MAX_THRESHOLD:
         return (
-            f"cache threshold must be between 0 (off) and {MAX_THRESHOLD:g}, got {threshold:g}; 0.05 to 0.2 "
-            "trades a little fidelity for fewer full passes"
+            f"cache threshold must be between 0 (off) and {MAX_THRESHOLD:g}, got {float(threshold):g}; 0.05 "
+            "to 0.2 trades a little fidelity for fewer full passes"
         )
     return None
 

@@ -165,6 +165,8 @@ def _group(sd: Mapping[str, Tensor]) -> dict[str, _Pair]:
                 f"LoRA key '{pair.A[0]}': A {tuple(pair.A[1].shape)} and B {tuple(pair.B[1].shape)} are not "
                 "a rank-r pair (A [r, in], B [out, r]); convolutional LoRAs do not apply to FLUX"
             )
+        if pair.A[1].shape[0] < 1:
+            raise LoRAError(f"LoRA key '{pair.A[0]}' has rank 0: it changes nothing; the file is broken")
     return groups
 
 
@@ -212,7 +214,12 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
 
 
 def _tensor_alpha(pair: _Pair) -> float | None:
-    return float(pair.alpha[1].float().item()) if pair.alpha is not None else None
+    if pair.alpha is None:
+        return None
+    key, alpha = pair.alpha
+    if alpha.numel() != 1:
+        raise LoRAError(f"{key} holds {alpha.numel()} numbers; a LoRA's alpha is one number per layer")
+    return float(alpha.float().item())
 
 
 def _native_alpha(module: str, rank: int, meta: Mapping[str, str]) -> float:

@@ -38,6 +38,15 @@ _CHOICES = TypeAdapter(Annotated[list[LoraChoice], Field(max_length=8)])
 MAX_NAME = 200  # what a request's name may be (api_models.LoraChoice)
 
 
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _content(lora: LoraFile | None) -> tuple[Path, str] | None:
+    return (lora.path, lora.sha256) if lora is not None else None
+
+
 class LoraUnavailable(Exception):
     """A chosen LoRA the server cannot apply now: the server's fault, not the request's."""
 
@@ -50,6 +59,7 @@ class LoraFile:
     hash: str  # A1111's short LoRA hash, as in the images' "Lora hashes"
     layers: int
     rank: int
+    stat: tuple[int, int, int]  # size, modification time (ns), inode when it was read: a refresh's shortcut
 
 
 class LoraLibrary:
@@ -71,28 +81,41 @@ class LoraLibrary:
         self._scan()
 
     def _scan(self) -> None:
-        """(Re)read the folder; files already checked and unchanged (same SHA-256) are kept as they are."""
+        """Read the folder and offer what it holds (under the lock: the reading itself is done outside it)."""
+        with self._lock:
+            known, reported = dict(self.files), dict(self.unusable)
+        files, unusable = self._read_folder(known, reported)
+        with self._lock:
+            # A loaded LoRA whose file went or changed is taken out of the model before the next run.
+            self._stale |= {
+                name
+                for name, old in self.files.items()
+                if name in self._loaded and _content(files.get(name)) != _content(old)
+            }
+            self.files, self.unusable = files, unusable
+        log.info("LoRAs offered: %s", ", ".join(files) or "none")
+
+    def _read_folder(
+        self, known: dict[str, LoraFile], reported: dict[str, str]
+    ) -> tuple[dict[str, LoraFile], dict[str, str]]:
+        """The folder's LoRAs and the files left out with why. A file known and untouched since (same size,
+        modification time and inode) is not read again, so a refresh of a large folder costs little."""
         assert self.folder is not None
         files: dict[str, LoraFile] = {}
         unusable: dict[str, str] = {}
         for path in sorted(p for p in self.folder.iterdir() if p.suffix.lower() == ".safetensors"):
-            known = self.files.get(path.stem)
+            old = known.get(path.stem)
             try:
-                if (
-                    known is not None
-                    and known.path == path.resolve()
-                    and lora_file_hash(path) == known.sha256
-                ):
-                    files[path.stem] = known
+                if old is not None and old.path == path.resolve() and old.stat == _stat(path):
+                    files[path.stem] = old
                     continue
                 files[path.stem] = self._check(path)
-            except (LoRAError, CheckpointError, OSError) as exc:
-                unusable[path.name] = str(exc)
-                if self.unusable.get(path.name) != str(exc):
-                    log.info("LoRA %s left out: %s", path.name, exc)  # `pictor serve` prints it too
-        self._stale |= {name for name in self._loaded if files.get(name) != self.files.get(name)}
-        self.files, self.unusable = files, unusable
-        log.info("LoRAs offered: %s", ", ".join(self.files) or "none")
+            except Exception as exc:  # any failure of one file leaves that file out, not the rest
+                why = str(exc) if isinstance(exc, LoRAError | CheckpointError | OSError) else f"{exc!r}"
+                unusable[path.name] = why
+                if reported.get(path.name) != why:
+                    log.info("LoRA %s left out: %s", path.name, why)  # `pictor serve` prints it too
+        return files, unusable
 
     def _check(self, path: Path) -> LoraFile:
         updates, _text_keys = read_lora(path, self._linears)
@@ -102,8 +125,9 @@ class LoraLibrary:
         if len(path.stem) > MAX_NAME:
             raise LoRAError(f"its name is longer than {MAX_NAME} characters; rename the file")
         rank = max((u.rank for u in updates.values()), default=0)
+        stat = _stat(path)
         return LoraFile(
-            path.stem, path.resolve(), lora_file_hash(path), a1111_lora_hash(path), len(updates), rank
+            path.stem, path.resolve(), lora_file_hash(path), a1111_lora_hash(path), len(updates), rank, stat
         )
 
     def refresh(self) -> dict[str, Any]:
@@ -114,18 +138,17 @@ class LoraLibrary:
                 "this server was started without --lora-dir, so it has no LoRA folder to read again",
                 code="invalid_parameters",
             )
-        with self._lock:
-            try:
-                self._scan()
-            except OSError as exc:  # the folder itself is gone or unreadable: keep offering what was there
-                raise APIError(
-                    503,
-                    f"--lora-dir {self.folder} cannot be read: {exc.strerror or exc}; the LoRAs offered "
-                    "before stay offered",
-                    type="server_error",
-                    code="lora_dir_unreadable",
-                ) from None
-            return self.listing()
+        try:
+            self._scan()
+        except OSError as exc:  # the folder itself is gone or unreadable: keep offering what was there
+            raise APIError(
+                503,
+                f"--lora-dir {self.folder} cannot be read: {exc.strerror or exc}; the LoRAs offered "
+                "before stay offered",
+                type="server_error",
+                code="lora_dir_unreadable",
+            ) from None
+        return self.listing()
 
     def choose(self, choices: list[dict[str, Any]] | None) -> list[list[Any]] | None:
         """A request's ``loras`` as the job keeps them (``[[name, scale], ...]``), or a 400 saying why not."""
@@ -192,8 +215,9 @@ class LoraLibrary:
         lora = self.files.get(name)
         if lora is None:
             raise LoraUnavailable(
-                f"LoRA '{name}' is not offered by this server now (the job was queued before a restart "
-                f"without it); it offers {', '.join(sorted(self.files)) or 'none'}"
+                f"LoRA '{name}' is no longer offered by this server (its file left --lora-dir before a "
+                f"refresh or a restart after the job was queued); it offers "
+                f"{', '.join(sorted(self.files)) or 'none'}"
             )
         try:
             if lora_file_hash(lora.path) != lora.sha256:

@@ -105,7 +105,7 @@ async function loadLoras(listing) {
     label.htmlFor = `lora-${i}`;
     label.textContent = `LoRA ${lora.name}`;
     const input = document.createElement("input");
-    Object.assign(input, { id: `lora-${i}`, type: "number", step: "0.05", min: "-10", max: "10" });
+    Object.assign(input, { id: `lora-${i}`, type: "number", step: "any", min: "-10", max: "10" });
     Object.assign(input, { placeholder: "off", inputMode: "decimal" });
     input.dataset.name = lora.name;
     input.value = scales.get(lora.name) ?? "";
