@@ -4,10 +4,12 @@ recorded like A1111's, reproduced bit-exactly, refused where it cannot run."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pictor
 from pictor.edit_blending import to_model_pixels, to_pil
@@ -105,7 +107,28 @@ def test_bad_hires_settings_are_clear_errors(pipe: Pipeline, settings: dict, mes
         pipe.generate(GenerationRequest("a red star", seed=0, steps=1, **settings))
 
 
-def test_hires_with_a_reference_is_refused(pipe: Pipeline) -> None:
+def test_hires_with_a_reference_carries_it_into_both_passes_and_reproduces(
+    pipe: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference is fitted to the first pass's size (as the adapter was trained) and conditions both
+    passes; the record names its hash, and reproduce with the same picture gives the same pixels."""
     picture = np.zeros((64, 64, 3), np.uint8)
-    with pytest.raises(GenerationError, match="does not take a reference image"):
-        pipe.generate(GenerationRequest("a red star", seed=0, steps=1, hires_scale=2.0, reference=picture))
+    picture[16:48, 16:48] = (220, 30, 30)  # a red square
+    request = GenerationRequest("", seed=3, steps=6, hires_scale=2.0, hires_steps=4, reference=picture)
+    passes: list[tuple[int | None, bool]] = []
+    real = pictor.pipeline.guided_velocity
+
+    def spy(m: Any, r: GenerationRequest, *args: Any) -> Any:
+        passes.append((r.width, r.reference is not None))
+        return real(m, r, *args)
+
+    monkeypatch.setattr(pictor.pipeline, "guided_velocity", spy)
+    (big,) = pipe.generate(request)
+    monkeypatch.undo()
+    assert passes == [(64, True), (128, True)]
+    assert big.image.size == (128, 128) and big.record["hires"]["width"] == 128
+    assert big.record["reference_image"]["width"] == 64  # fitted to the first pass
+    path = save_png(big.image, big.record, tmp_path / "big.png")
+    Image.fromarray(picture).save(tmp_path / "ref.png")
+    again = reproduce(pipe, read_record(path), reference=tmp_path / "ref.png")
+    np.testing.assert_array_equal(_px(again.image), _px(big.image))

@@ -224,8 +224,6 @@ class Pipeline:
             raise GenerationError(problem)
         if r.hires_scale is None:
             return r
-        if r.reference is not None:
-            raise GenerationError("the hires fix does not take a reference image yet; drop one of them")
         assert r.width and r.height
         width, height = hires_size(r.width, r.height, r.hires_scale, self.patch)
         if (width, height) == (r.width, r.height):
