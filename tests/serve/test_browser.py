@@ -62,6 +62,20 @@ def open_page(browser: Any, url: str, height: int) -> tuple[Any, list[str]]:
     return page, problems
 
 
+def reproduce_twice(page: Any, url: str, thumb: Any, name: str) -> list[dict[str, Any]]:
+    """Reproduce the image `thumb` shows from the viewer; the two jobs (newest first), whose PNGs must be
+    the same bytes."""
+    from playwright.sync_api import expect
+
+    thumb.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.get_by_role("img", name=name)).to_have_count(2, timeout=30_000)
+    jobs: list[dict[str, Any]] = httpx.get(f"{url}/v1/jobs").json()["data"]
+    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
+    assert a == b
+    return jobs
+
+
 def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
@@ -408,13 +422,8 @@ def test_generate_with_the_hires_fix(browser: Any, live_server: Any) -> None:
     expect(page.get_by_label("Upscale by")).to_have_value("2")
     expect(page.get_by_label("Hires strength")).to_have_value("0.45")
     expect(page.get_by_label("Hires steps")).to_have_value("2")
-    thumb.click()
-    page.get_by_role("button", name="Reproduce").click()
-    expect(page.get_by_role("img", name="a sharp star (seed 9)")).to_have_count(2, timeout=30_000)
-    jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
+    jobs = reproduce_twice(page, live.url, thumb, "a sharp star (seed 9)")
     assert jobs[0]["request"]["hires_scale"] == 2
-    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
-    assert a == b
     assert problems == [], problems
 
 
@@ -451,12 +460,7 @@ def test_generate_with_a_lora_of_the_server(
     page.get_by_role("button", name="Reuse settings").click()
     expect(page.get_by_label("LoRA style")).to_have_value("0.8")
     expect(page.get_by_label("LoRA detail")).to_have_value("")
-    thumb.click()
-    page.get_by_role("button", name="Reproduce").click()
-    expect(page.get_by_role("img", name="a styled circle (seed 5)")).to_have_count(2, timeout=30_000)
-    jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
-    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
-    assert a == b
+    reproduce_twice(page, live.url, thumb, "a styled circle (seed 5)")
 
     # A file added to the folder is offered after "Reread LoRA folder"; scales typed in stay.
     (lora_dir / "extra.safetensors").write_bytes((lora_dir / "style.safetensors").read_bytes())
@@ -492,11 +496,6 @@ def test_generate_with_the_block_cache(browser: Any, live_server: Any) -> None:
     thumb.click()
     page.get_by_role("button", name="Reuse settings").click()
     expect(page.get_by_label("Block cache")).to_have_value("0.12")
-    thumb.click()
-    page.get_by_role("button", name="Reproduce").click()
-    expect(page.get_by_role("img", name="a cached star (seed 5)")).to_have_count(2, timeout=30_000)
-    jobs = httpx.get(f"{live.url}/v1/jobs").json()["data"]
+    jobs = reproduce_twice(page, live.url, thumb, "a cached star (seed 5)")
     assert jobs[0]["request"]["cache_threshold"] == 0.12
-    a, b = (httpx.get(j["results"][0]["url"]).content for j in jobs)
-    assert a == b
     assert problems == [], problems
