@@ -178,11 +178,7 @@ def test_a_job_queued_before_a_restart_without_its_lora_fails_clearly(
 
 
 def test_refresh_reads_the_folder_again(
-    make_client: Callable[..., TestClient],
-    lora_dir: Path,
-    fresh_tiny: Callable[[], Pipeline],
-    wait_job: Callable[..., Any],
-    tmp_path: Path,
+    make_client: Callable[..., TestClient], lora_dir: Path, fresh_tiny: Callable[[], Pipeline], tmp_path: Path
 ) -> None:
     """New files are offered, removed ones not, a changed one is checked anew and the worker drops the old
     version it had loaded: the next job draws with the new file, as a server started now would."""
