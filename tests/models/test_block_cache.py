@@ -43,7 +43,7 @@ class RecordingCache(FirstBlockCache):
         super().__init__(threshold)
         self.decisions: list[list[bool]] = []
 
-    def update(self, full: torch.Tensor, head: torch.Tensor, tail: torch.Tensor) -> None:
+    def update(self, full: torch.Tensor, head: torch.Tensor, tail: torch.Tensor | None) -> None:
         self.decisions.append(full.tolist())
         super().update(full, head, tail)
 

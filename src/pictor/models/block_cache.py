@@ -75,10 +75,13 @@ class FirstBlockCache:
         # Not "<= threshold": a change of NaN (a zero residual) must run the blocks, never reuse them.
         return ~(change <= self.threshold).cpu()
 
-    def update(self, full: Tensor, head_residual: Tensor, tail_residual: Tensor) -> None:
-        """Keep the residuals of the rows that ran in full (`full`, from :meth:`needs_full`)."""
+    def update(self, full: Tensor, head_residual: Tensor, tail_residual: Tensor | None) -> None:
+        """Keep the residuals of the rows that ran in full (`full`, from :meth:`needs_full`); with no row
+        run in full there is nothing to keep (and no tail residual was computed)."""
         self.calls += int(full.numel())
         self.full += int(full.sum())
+        if tail_residual is None:
+            return
         if self.head_residual is None or self.head_residual.shape != head_residual.shape:
             self.head_residual, self.tail_residual = head_residual, tail_residual
             return

@@ -220,7 +220,7 @@ class Flux(nn.Module):
                 sub_pe = pe[rows] if pe.shape[0] > 1 else pe  # RoPE angles shared by the batch: [1, ...]
                 sub_res = [r[rows] for r in res] if res is not None else None
                 out[rows] = self._blocks(img[rows], txt[rows], vec[rows], sub_pe, sub_res, first=1)
-        cache.update(full, head_residual, out - img)
+        cache.update(full, head_residual, out - img if bool(full.any()) else None)
         return out
 
     def _run(self, block: nn.Module, *args: Tensor, **kwargs: Tensor) -> Any:
