@@ -218,6 +218,8 @@ def test_a_scaled_fp8_flux_file_is_widened_to_its_true_weights(tmp_path: Path, p
         ("orphan", "scales no 2-D weight"),
         ("nan", "holds NaN or infinite values"),
         ("shape", "a scale is one number or one per output channel"),
+        ("overflow", "qkv.weight times double_blocks.0.img_attn.qkv.scale_weight holds NaN or infinite"),
+        ("nan byte", "qkv.weight times double_blocks.0.img_attn.qkv.scale_weight holds NaN or infinite"),
     ],
 )
 def test_a_damaged_scaled_fp8_file_is_refused_by_name(tmp_path: Path, damage: str, message: str) -> None:
@@ -227,8 +229,23 @@ def test_a_damaged_scaled_fp8_file_is_refused_by_name(tmp_path: Path, damage: st
         scaled["double_blocks.0.nothing.scale_weight"] = torch.ones(())
     elif damage == "nan":
         scaled[scale] = torch.tensor(float("nan"))
+    elif damage == "overflow":  # finite, but W8 * scale is past bf16's range
+        scaled[scale] = torch.tensor(1e36)
+    elif damage == "nan byte":
+        weight = scaled["double_blocks.0.img_attn.qkv.weight"]
+        weight.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn's NaN
     else:
         scaled[scale] = torch.ones(3)
     with pytest.raises(CheckpointError, match=message):
         _flux_file_bundle(tmp_path, scaled)
     assert not (tmp_path / "b").exists()
+
+
+def test_input_scales_alone_mark_a_scaled_file_and_are_dropped(tmp_path: Path) -> None:
+    """A file with `scale_input` keys but no weight scales and no marker: nothing to widen, and the keys
+    (which FLUX.1 has no place for) do not reach the bundle."""
+    sd = {k: v.to(torch.bfloat16) for k, v in _flux_width_64().state_dict().items()}
+    sd["double_blocks.0.img_attn.qkv.scale_input"] = torch.ones(())
+    out = _flux_file_bundle(tmp_path, sd)
+    assert not any(k.endswith(".scale_input") for k in read_safetensors(out / TRANSFORMER_FILE))
+    load(out, device="cpu")  # strict keys: loads

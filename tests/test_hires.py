@@ -88,6 +88,11 @@ def test_progress_counts_both_passes(pipe: Pipeline) -> None:
     )
     # two sampler runs (batch size 1) of 2 + 3 steps each
     assert seen[-1] == (10, 10) and [s for s, _ in seen] == sorted(s for s, _ in seen)
+    # reproduce reruns one run directly: its progress covers both passes too (it ended at 2/2 before)
+    (image,) = pipe.generate(GenerationRequest("a red star", seed=0, steps=2, hires_scale=1.5, hires_steps=3))
+    seen.clear()
+    reproduce(pipe, image.record, lambda step, total: seen.append((step, total)))
+    assert seen[-1] == (5, 5) and {t for _, t in seen} == {5}
 
 
 @pytest.mark.parametrize(

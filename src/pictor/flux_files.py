@@ -27,7 +27,7 @@ SCALED_WIDE_DTYPE = torch.bfloat16
 
 
 def is_scaled_fp8(keys: Iterable[str]) -> bool:
-    return any(k == SCALED_FP8_MARKER or k.endswith(SCALE_WEIGHT) for k in keys)
+    return any(k == SCALED_FP8_MARKER or k.endswith((SCALE_WEIGHT, SCALE_INPUT)) for k in keys)
 
 
 def without_scales(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,6 +68,10 @@ def widen_scaled_fp8(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch
         if not bool(torch.isfinite(scale).all()):
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the file is broken")
         out[name] = (weight.float() * scale).to(SCALED_WIDE_DTYPE)
+        if not bool(torch.isfinite(out[name]).all()):  # a NaN FP8 byte, or a scale past bf16's range
+            raise CheckpointError(
+                f"{where}: {name} times {key} holds NaN or infinite values; the file is broken"
+            )
     return out
 
 

@@ -69,14 +69,14 @@ def run_hires_seeds(
     """A hires-fix run over exactly these seeds: the first pass at the request's size, Lanczos-upscaled,
     then image-to-image at the larger size from t = hires_strength with the same seeds."""
     assert r.width and r.height and r.steps and r.hires_scale and r.hires_strength and r.hires_steps
-    first = to_pil(pipe.sample(r, seeds, progress))
+    steps, total = r.steps, r.steps + r.hires_steps  # progress runs over both passes
+    first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total)))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     pixels = torch.from_numpy(upscale(first, width, height)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    steps = r.steps
-    z0 = _encode(pipe, r, pixels, lambda: progress(steps, steps))  # a tile of the upscaled first pass
+    z0 = _encode(pipe, r, pixels, lambda: progress(steps, total))  # a tile of the upscaled first pass
     init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)
     second = replace(r, width=width, height=height, steps=r.hires_steps)
-    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, steps), init))
+    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, total), init))
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
     return [
         GeneratedImage(image, seed, {**pipe.record(r, seed, seeds, j), **extra})

@@ -264,6 +264,7 @@ def test_hires_fix_through_the_api(
     assert read_png(path).size == (64, 64)
     record = read_record(path)
     assert record["hires"]["steps"] == 3 and record["hires"]["strength"] == 0.3
+    assert job["progress"]["step"] == job["progress"]["total"] == 2 + 3  # both passes, as while it ran
     assert np.array_equal(np.asarray(read_png(path)), np.asarray(reproduce(tiny, record).image))
     # the larger size is what the pixel limit applies to (the tests' limit: 64x64)
     r = client.post("/v1/jobs", json={"prompt": "a red circle", "size": "32x32", "hires_scale": 4.0})

@@ -186,7 +186,9 @@ class Service:
         if job.status == RUNNING:
             step, total = self.manager.progress(job.id) or (0, 0)
         elif job.status == SUCCEEDED:
-            total = step = int(job.params.get("steps") or 0)
+            steps = int(job.params.get("steps") or 0)
+            hires = int(job.params.get("hires_steps") or steps) if job.params.get("hires_scale") else 0
+            total = step = steps + hires  # a hires job's second pass counts too, as while it runs
         return Job(
             id=job.id,
             status=job.status,  # type: ignore[arg-type]
