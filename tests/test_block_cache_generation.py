@@ -46,6 +46,12 @@ def test_cached_generation_skips_passes_is_recorded_and_reproduces(
     (cache,) = CountingCache.made
     # 20 steps x 2 images x (cond, uncond) rows; the default model's first block moves 7-15% a step
     assert cache.calls == 80 and 0 < cache.full < 60, cache.stats()
+    # each record counts its image's own passes (its conditional and unconditional rows)
+    assert cache.row_full is not None
+    for j, g in enumerate(cached):
+        want = int(cache.row_full[j] + cache.row_full[j + 2])
+        assert g.record["cache_passes"] == {"full": want, "total": 40}
+    assert sum(g.record["cache_passes"]["full"] for g in cached) == cache.full
 
     full = pipe.generate(GenerationRequest(PROMPT, seed=1, num_images=2))
     diff = np.abs(_px(cached[1].image) - _px(full[1].image))
@@ -63,7 +69,7 @@ def test_cached_generation_skips_passes_is_recorded_and_reproduces(
 def test_threshold_zero_is_off(pipe: Pipeline) -> None:
     (off,) = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=6, cache_threshold=0))
     (plain,) = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=6))
-    assert "cache_threshold" not in off.record
+    assert "cache_threshold" not in off.record and "cache_passes" not in off.record
     np.testing.assert_array_equal(_px(off.image), _px(plain.image))
 
 
@@ -75,12 +81,14 @@ def test_cached_edit_and_hires_reproduce(pipe: Pipeline, tmp_path: Path) -> None
     )
     (edited,) = pipe.edit(edit)
     assert edited.record["cache_threshold"] == 0.3
+    assert edited.record["cache_passes"]["total"] == 2 * 20  # the default model's 20 steps, both halves
     path = save_png(edited.image, edited.record, tmp_path / "edited.png")
     again = reproduce(pipe, read_record(path), source=tmp_path / "src.png")
     np.testing.assert_array_equal(_px(again.image), _px(edited.image))
 
     hires = GenerationRequest(PROMPT, seed=2, steps=6, hires_scale=2, hires_steps=4, cache_threshold=0.3)
     (big,) = pipe.generate(hires)
+    assert big.record["cache_passes"]["total"] == 2 * (6 + 4)  # both passes counted
     path = save_png(big.image, big.record, tmp_path / "big.png")
     np.testing.assert_array_equal(_px(reproduce(pipe, read_record(path)).image), _px(big.image))
 

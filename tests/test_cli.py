@@ -130,6 +130,9 @@ def test_generate_reproduce_and_eval_with_the_first_block_cache(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     made = tmp_path / out.stdout.split()[0]
     assert read_record(made)["cache_threshold"] == 0.3
+    assert (
+        "first-block cache 0.3: " in out.stderr and " of 12 transformer passes ran every block" in out.stderr
+    )
     again = run("reproduce", str(made), "-o", "repro", cwd=tmp_path)
     assert again.returncode == 0 and "identical" in again.stdout + again.stderr, again.stderr
 

@@ -95,10 +95,26 @@ def _save(images: list[Any], out_dir: str, labels: list[str] | None = None) -> l
     out.mkdir(parents=True, exist_ok=True)
     start = _next_index(out)
     tags = [f"{label}-" for label in labels] if labels else [""] * len(images)
-    return [
+    paths = [
         save_png(g.image, g.record, out / f"{start + k:05d}-{tag}{g.seed}.png")
         for k, (g, tag) in enumerate(zip(images, tags, strict=True))
     ]
+    _cache_summary(images)
+    return paths
+
+
+def _cache_summary(images: list[Any]) -> None:
+    """How much the first-block cache skipped, so a threshold can be tuned (stderr: stdout lists files)."""
+    counts = [g.record["cache_passes"] for g in images if "cache_passes" in g.record]
+    total = sum(c["total"] for c in counts)
+    if total:
+        full = sum(c["full"] for c in counts)
+        threshold = images[0].record.get("cache_threshold")
+        print(
+            f"first-block cache {threshold:g}: {full} of {total} transformer passes ran every block "
+            f"({full / total:.0%})",
+            file=sys.stderr,
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

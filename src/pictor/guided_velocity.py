@@ -59,14 +59,19 @@ class Models(Protocol):
     def encode_text(self, prompts: list[str]) -> TextEmbeddings: ...
 
 
-def guided_velocity(m: Models, r: Conditioned, batch: int, lat_h: int, lat_w: int) -> Velocity:
-    """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid."""
+def guided_velocity(
+    m: Models, r: Conditioned, batch: int, lat_h: int, lat_w: int, caches: list[FirstBlockCache] | None = None
+) -> Velocity:
+    """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
+    cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts."""
     cond = m.encode_text([r.prompt])
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
     # One cache per sampler run: it compares each call with this run's earlier ones.
     cache = FirstBlockCache(r.cache_threshold) if r.cache_threshold else None
+    if cache is not None and caches is not None:
+        caches.append(cache)
 
     def model(
         x: torch.Tensor,

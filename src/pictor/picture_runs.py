@@ -17,6 +17,7 @@ from pictor.editing import EditInputs
 from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
 from pictor.hires import hires_record, hires_size, upscale
 from pictor.models.autoencoder_tiling import autoencoder_encode
+from pictor.models.block_cache import FirstBlockCache, cache_passes
 from pictor.models.flux import pack_latents
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def run_edit_seeds(
 ) -> list[GeneratedImage]:
     """One edit sampler run over exactly these seeds: the source noised to t = strength, the known region
     (outside the mask) kept on its path and composited back."""
+    caches: list[FirstBlockCache] = []
     if inputs.strength == 0.0:
         # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
         images = [Image.fromarray(inputs.canvas) for _ in seeds]
@@ -51,14 +53,18 @@ def run_edit_seeds(
             ae = pipe.autoencoder.params
             mask = latent_mask(inputs.mask, ae.downsample_factor, ae.z_channels).to(pipe.device)
         images = to_pil(
-            pipe.sample(r, seeds, progress, LatentInit(z0=z0, strength=inputs.strength, mask=mask))
+            pipe.sample(r, seeds, progress, LatentInit(z0=z0, strength=inputs.strength, mask=mask), caches)
         )
         if inputs.mask is not None:
             weights = feather_weights(inputs.mask, inputs.feather)
             images = [Image.fromarray(composite(np.asarray(im), inputs.canvas, weights)) for im in images]
     edit_fields = inputs.record_fields()
     return [
-        GeneratedImage(image, seed, {**pipe.record(r, seed, seeds, j), **edit_fields})
+        GeneratedImage(
+            image,
+            seed,
+            {**pipe.record(r, seed, seeds, j), **edit_fields, **cache_passes(caches, j, len(seeds))},
+        )
         for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
     ]
 
@@ -70,15 +76,18 @@ def run_hires_seeds(
     then image-to-image at the larger size from t = hires_strength with the same seeds."""
     assert r.width and r.height and r.steps and r.hires_scale and r.hires_strength and r.hires_steps
     steps, total = r.steps, r.steps + r.hires_steps  # progress runs over both passes
-    first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total)))
+    caches: list[FirstBlockCache] = []
+    first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total), caches=caches))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     pixels = torch.from_numpy(upscale(first, width, height)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     z0 = _encode(pipe, r, pixels, lambda: progress(steps, total))  # a tile of the upscaled first pass
     init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)
     second = replace(r, width=width, height=height, steps=r.hires_steps)
-    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, total), init))
+    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, total), init, caches))
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
     return [
-        GeneratedImage(image, seed, {**pipe.record(r, seed, seeds, j), **extra})
+        GeneratedImage(
+            image, seed, {**pipe.record(r, seed, seeds, j), **extra, **cache_passes(caches, j, len(seeds))}
+        )
         for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
     ]

@@ -45,7 +45,7 @@ from pictor.hires import DEFAULT_STRENGTH, HIRES_FIELDS, hires_problem, hires_si
 from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_decode
-from pictor.models.block_cache import cache_threshold_problem
+from pictor.models.block_cache import FirstBlockCache, cache_passes, cache_threshold_problem
 from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
@@ -340,10 +340,16 @@ class Pipeline:
         return info
 
     def sample(
-        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, init: LatentInit | None = None
+        self,
+        r: GenerationRequest,
+        seeds: list[int],
+        progress: ProgressFn,
+        init: LatentInit | None = None,
+        caches: list[FirstBlockCache] | None = None,
     ) -> torch.Tensor:
         """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
-        t = strength and keeps its known region; without it this is plain generation from t = 1."""
+        t = strength and keeps its known region; without it this is plain generation from t = 1. The run's
+        first-block cache, if it has one, is appended to `caches` (for the records' counts)."""
         assert r.width and r.height and r.steps and r.sampler and r.schedule
         f = self.autoencoder.params.downsample_factor
         lat_h, lat_w = r.height // f, r.width // f
@@ -352,7 +358,7 @@ class Pipeline:
             x = pack_latents(noise)
             start = 1.0 if init is None else init.strength
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w)
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches)
             if init is not None:
                 fn = init.velocity(fn, x)
                 x = init.start(x)
@@ -374,9 +380,12 @@ class Pipeline:
 
     def run_seeds(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
         """One sampler run over exactly these seeds (what `reproduce` reruns)."""
-        images = to_pil(self.sample(r, seeds, progress))
+        caches: list[FirstBlockCache] = []
+        images = to_pil(self.sample(r, seeds, progress, caches=caches))
         return [
-            GeneratedImage(image, seed, self.record(r, seed, seeds, j))
+            GeneratedImage(
+                image, seed, {**self.record(r, seed, seeds, j), **cache_passes(caches, j, len(seeds))}
+            )
             for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
         ]
 

@@ -25,7 +25,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["FirstBlockCache", "cache_threshold_problem"]
+__all__ = ["FirstBlockCache", "cache_passes", "cache_threshold_problem"]
 
 MAX_THRESHOLD = 1.0
 
@@ -57,6 +57,8 @@ class FirstBlockCache:
         self.tail_residual: Tensor | None = None  # [B, N, hidden]: what the other blocks added to it
         self.calls = 0  # rows seen (one per sample per transformer call)
         self.full = 0  # rows that ran every block
+        self.row_full: Tensor | None = None  # [B] long, per row: calls that ran every block
+        self.row_calls = 0  # calls made (each row takes part in each)
 
     @property
     def skipped(self) -> int:
@@ -80,6 +82,10 @@ class FirstBlockCache:
         run in full there is nothing to keep (and no tail residual was computed)."""
         self.calls += int(full.numel())
         self.full += int(full.sum())
+        if self.row_full is None or self.row_full.shape != full.shape:
+            self.row_full, self.row_calls = torch.zeros(full.shape, dtype=torch.long), 0
+        self.row_full += full.long()
+        self.row_calls += 1
         if tail_residual is None:
             return
         if self.head_residual is None or self.head_residual.shape != head_residual.shape:
@@ -90,6 +96,23 @@ class FirstBlockCache:
         self.head_residual[rows] = head_residual[rows]
         self.tail_residual[rows] = tail_residual[rows]
 
+    def image_passes(self, index: int, batch: int) -> tuple[int, int]:
+        """(passes that ran every block, passes) for image `index` of a run of `batch` images: its row, and
+        under classifier-free guidance (twice the rows) its unconditional row too."""
+        if self.row_full is None:
+            return 0, 0
+        rows = [index] if self.row_full.shape[0] == batch else [index, index + batch]
+        return int(self.row_full[rows].sum()), self.row_calls * len(rows)
+
     def stats(self) -> dict[str, int | float]:
         """For records and logs: threshold, rows run in full and rows seen."""
         return {"threshold": self.threshold, "full_passes": self.full, "passes": self.calls}
+
+
+def cache_passes(caches: list[FirstBlockCache], index: int, batch: int) -> dict[str, dict[str, int]]:
+    """A record's ``cache_passes`` for image `index` of its run (summed over the run's sampler passes, two
+    for the hires fix): how many transformer passes ran every block, out of how many. {} without a cache."""
+    if not caches:
+        return {}
+    counts = [cache.image_passes(index, batch) for cache in caches]
+    return {"cache_passes": {"full": sum(c[0] for c in counts), "total": sum(c[1] for c in counts)}}
