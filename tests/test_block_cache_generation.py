@@ -61,7 +61,9 @@ def test_cached_generation_skips_passes_is_recorded_and_reproduces(
     record = cached[1].record
     assert record["cache_threshold"] == 0.2 and "cache_threshold" not in full[1].record
     path = save_png(cached[1].image, record, tmp_path / "cached.png")
-    assert "First block cache: 0.2" in read_text_chunks(path)["parameters"]
+    parameters = read_text_chunks(path)["parameters"]
+    passes = record["cache_passes"]
+    assert f"First block cache: 0.2, First block cache full passes: {passes['full']}/40" in parameters
     again = reproduce(pipe, read_record(path))
     np.testing.assert_array_equal(_px(again.image), _px(cached[1].image))
 

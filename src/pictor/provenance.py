@@ -89,6 +89,9 @@ def parameters_text(record: dict[str, Any]) -> str:
         ]
     if record.get("cache_threshold"):
         fields.append(("First block cache", _fmt_number(record["cache_threshold"])))
+        passes = record.get("cache_passes")
+        if isinstance(passes, dict) and passes.get("total"):  # how many of its passes ran every block
+            fields.append(("First block cache full passes", f"{passes.get('full')}/{passes['total']}"))
     if record.get("batch_size", 1) > 1:
         fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))
