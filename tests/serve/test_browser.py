@@ -62,6 +62,23 @@ def open_page(browser: Any, url: str, height: int) -> tuple[Any, list[str]]:
     return page, problems
 
 
+def fill_settings(page: Any, prompt: str | None, seed: int, steps: int) -> None:
+    """The prompt (unless None: left as it is), and the seed and steps under Settings."""
+    if prompt is not None:
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_text("Settings", exact=True).click()
+    page.get_by_label("Seed", exact=True).fill(str(seed))
+    page.get_by_label("Steps", exact=True).fill(str(steps))
+
+
+def generate_one(page: Any) -> None:
+    """Press Generate and wait until the page says its one image is done."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+
+
 def reproduce_twice(page: Any, url: str, thumb: Any, name: str) -> list[dict[str, Any]]:
     """Reproduce the image `thumb` shows from the viewer; the two jobs (newest first), whose PNGs must be
     the same bytes."""
@@ -108,12 +125,8 @@ def test_generate_view_provenance_reuse_reproduce(browser: Any, live_server: Any
     assert unlabeled == []
     assert page.get_attribute("#status", "aria-live") == "polite"
 
-    page.get_by_label("Prompt", exact=True).fill(PROMPT)
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("42")
-    page.get_by_label("Steps", exact=True).fill("6")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    fill_settings(page, PROMPT, 42, 6)
+    generate_one(page)
 
     thumb = page.get_by_role("img", name=f"{PROMPT} (seed 42)")
     expect(thumb).to_be_visible()
@@ -216,12 +229,8 @@ def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: An
     live = live_server()
     page, problems = open_page(browser, live.url, height=700)
 
-    page.get_by_label("Prompt", exact=True).fill("a source to edit")
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("5")
-    page.get_by_label("Steps", exact=True).fill("3")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    fill_settings(page, "a source to edit", 5, 3)
+    generate_one(page)
 
     # The viewer hands its PNG to the edit form; a mask file from disk says where to repaint.
     page.get_by_role("img", name="a source to edit (seed 5)").click()
@@ -279,11 +288,8 @@ def test_generate_from_a_reference_picture(
     Image.fromarray(picture).save(tmp_path / "picture.png")
     page.get_by_text("Reference picture", exact=True).first.click()
     page.get_by_label("Reference picture", exact=True).set_input_files(str(tmp_path / "picture.png"))
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("5")
-    page.get_by_label("Steps", exact=True).fill("3")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    fill_settings(page, None, 5, 3)
+    generate_one(page)
     expect(page.locator("#error")).to_be_empty()
 
     job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
@@ -323,10 +329,7 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -
     live = live_server(pipeline=laid_out)
     page, problems = open_page(browser, live.url, height=900)
 
-    page.get_by_label("Prompt", exact=True).fill("two shapes")
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("7")
-    page.get_by_label("Steps", exact=True).fill("3")
+    fill_settings(page, "two shapes", 7, 3)
     page.get_by_text("Layout", exact=True).click()
     page.get_by_role("button", name="Add box").click()
     page.get_by_label("Box 1 phrase").fill("a red circle")
@@ -346,8 +349,7 @@ def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -
     page.get_by_label("Box 2 left").fill("0.6")
     page.get_by_label("Box 2 bottom").fill("0.33")  # any fraction, not only the arrows' steps
     expect(page.locator("#layout-preview rect")).to_have_count(2)
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    generate_one(page)
     expect(page.locator("#error")).to_be_empty()
 
     want = [
@@ -387,16 +389,12 @@ def test_generate_with_the_hires_fix(browser: Any, live_server: Any) -> None:
     live = live_server()
     page, problems = open_page(browser, live.url, height=900)
 
-    page.get_by_label("Prompt", exact=True).fill("a sharp star")
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("9")
-    page.get_by_label("Steps", exact=True).fill("3")
+    fill_settings(page, "a sharp star", 9, 3)
     page.get_by_text("Hires fix", exact=True).click()
     page.get_by_label("Upscale by").fill("2")
     page.get_by_label("Hires strength").fill("0.45")
     page.get_by_label("Hires steps").fill("2")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    generate_one(page)
 
     thumb = page.get_by_role("img", name="a sharp star (seed 9)")
     page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=thumb.element_handle())
@@ -442,13 +440,9 @@ def test_generate_with_a_lora_of_the_server(
 
     page.get_by_text("LoRAs", exact=True).click()
     expect(page.get_by_label("LoRA detail")).to_be_visible()
-    page.get_by_label("Prompt", exact=True).fill("a styled circle")
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("5")
-    page.get_by_label("Steps", exact=True).fill("3")
+    fill_settings(page, "a styled circle", 5, 3)
     page.get_by_label("LoRA style").fill("0.8")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    generate_one(page)
     job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
     with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
         record = json.loads(im.text["pictor"])
@@ -479,13 +473,9 @@ def test_generate_with_the_block_cache(browser: Any, live_server: Any) -> None:
 
     live = live_server()
     page, problems = open_page(browser, live.url, height=900)
-    page.get_by_label("Prompt", exact=True).fill("a cached star")
-    page.get_by_text("Settings", exact=True).click()
-    page.get_by_label("Seed", exact=True).fill("5")
-    page.get_by_label("Steps", exact=True).fill("4")
+    fill_settings(page, "a cached star", 5, 4)
     page.get_by_label("Block cache").fill("0.12")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    generate_one(page)
     assert httpx.get(f"{live.url}/v1/jobs").json()["data"][0]["request"]["cache_threshold"] == 0.12
 
     thumb = page.get_by_role("img", name="a cached star (seed 5)")
