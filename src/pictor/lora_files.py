@@ -1,8 +1,9 @@
 """LoRA files: reading (no pickles), hashes, header metadata, applying a file to a model, and saving.
 
 Reading a file gives its tensors and header; :func:`pictor.models.lora_formats.to_flux_updates` maps their
-keys (native, diffusers/PEFT or kohya layout) onto the model's FLUX.1 layer names, and :func:`apply_lora`
-installs them as a new, frozen adapter of :mod:`pictor.models.lora`. Saving writes the native layout with
+keys (native, diffusers/PEFT, kohya or LyCORIS layout; LoRA, LoHa or LoKr) onto the model's FLUX.1 layer
+names, and :func:`apply_lora` installs them as a new, frozen adapter of :mod:`pictor.models.lora` (a
+:class:`~pictor.models.kron_adapter.KronAdapter` for LoKr). Saving writes the native layout with
 rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refuse_pickle, write_safetensors
+from pictor.models.kron_adapter import KronAdapter
 from pictor.models.lora import (
     LoRAAdapter,
     LoRALinear,
@@ -31,7 +33,7 @@ from pictor.models.lora import (
     list_loras,
     wrap_linear,
 )
-from pictor.models.lora_formats import LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora_formats import KronUpdate, LayerUpdate, LoRAError, to_flux_updates
 
 __all__ = [
     "a1111_lora_hash",
@@ -104,8 +106,9 @@ def apply_lora(
     metadata: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> str:
-    """Load a LoRA (a file path or a state dict; native, diffusers/PEFT or kohya layout, detected) onto
-    ``model`` as a new adapter at ``scale``; returns the adapter's name (default: the file's stem).
+    """Load a LoRA (a file path or a state dict; native, diffusers/PEFT, kohya or LyCORIS layout; LoRA, LoHa
+    or LoKr, detected) onto ``model`` as a new adapter at ``scale``; returns the adapter's name (default:
+    the file's stem).
 
     Every key must land on a layer of the model; otherwise a :class:`LoRAError` names the key. With
     ``strict=False`` such keys (e.g. a text encoder's) are skipped with a warning that lists them.
@@ -144,8 +147,12 @@ def apply_lora(
 
 
 @torch.no_grad()
-def _install(wrapper: LoRALinear, name: str, update: LoRAUpdate, scale: float) -> None:
+def _install(wrapper: LoRALinear, name: str, update: LayerUpdate, scale: float) -> None:
     w = wrapper.weight
+    if isinstance(update, KronUpdate):
+        kron = KronAdapter(update, scale, w.device, adapter_dtype(w))
+        wrapper.adapters[name] = kron.requires_grad_(False)
+        return
     adapter = LoRAAdapter(
         wrapper.in_features,
         wrapper.out_features,

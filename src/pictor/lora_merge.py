@@ -39,13 +39,13 @@ from pictor.convert import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
 from pictor.lora_tools import finite_update, model_linears, read_lora
-from pictor.models.lora_formats import LoRAError, LoRAUpdate
+from pictor.models.lora_formats import LayerUpdate, LoRAError
 
 
-def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LoRAUpdate, float]]) -> torch.Tensor:
+def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LayerUpdate, float]]) -> torch.Tensor:
     total = weight.double()
     for update, scale in updates:
-        total += (scale * update.alpha / update.rank) * (update.B.double() @ update.A.double())
+        total += scale * update.delta().to(total.device)
     merged = total.to(weight.dtype)
     if not bool(torch.isfinite(merged.float()).all()):
         dtype = str(weight.dtype).removeprefix("torch.")
@@ -95,7 +95,7 @@ def merge_loras(
             "convert dtype --dtype fp8` if you like), or apply the LoRA at generation (--lora): exact there"
         )
     linears = model_linears(src)
-    per_layer: dict[str, list[tuple[LoRAUpdate, float]]] = {}
+    per_layer: dict[str, list[tuple[LayerUpdate, float]]] = {}
     entries: list[dict[str, Any]] = []
     left_out: list[str] = []
     for path, scale in loras:

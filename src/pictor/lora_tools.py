@@ -28,9 +28,12 @@ from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
 from pictor.models.lora_formats import (
     KOHYA_TEXT_PREFIXES,
+    KronUpdate,
+    LayerUpdate,
     LoRAError,
     LoRAUpdate,
     detect_format,
+    module_kinds,
     to_flux_updates,
 )
 from pictor.presets import get_preset
@@ -84,8 +87,12 @@ def low_rank(delta: Tensor, rank: int, energy: float | None = None) -> tuple[Ten
     return _truncate(u, s, vh, rank, energy)
 
 
-def resized(update: LoRAUpdate, rank: int, energy: float | None = None) -> tuple[LoRAUpdate, float]:
-    """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank."""
+def resized(update: LayerUpdate, rank: int, energy: float | None = None) -> tuple[LoRAUpdate, float]:
+    """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank. A LoKr
+    update is cut from its dense product: the best rank-r LoRA there is for it."""
+    if isinstance(update, KronUpdate):
+        a, b, kept = low_rank(update.delta(), rank, energy)
+        return LoRAUpdate(a, b, float(a.shape[0]), update.source), kept
     a, b = update.A.float(), update.B.float() * (update.alpha / update.rank)
     qb, rb = torch.linalg.qr(b)  # B = Qb Rb: [out, r] [r, r]
     qa, ra = torch.linalg.qr(a.T)  # A^T = Qa Ra: [in, r] [r, r]
@@ -129,7 +136,7 @@ def extract_lora(
 
 
 def resize_lora(
-    updates: Mapping[str, LoRAUpdate], rank: int, energy: float | None = None
+    updates: Mapping[str, LayerUpdate], rank: int, energy: float | None = None
 ) -> tuple[dict[str, LoRAUpdate], LowRankReport]:
     check_rank(rank, energy)
     out: dict[str, LoRAUpdate] = {}
@@ -150,17 +157,25 @@ def check_rank(rank: int, energy: float | None) -> None:
 # ------------------------------------------------------------------------------------------ layouts
 
 
-def lora_tensors(updates: Mapping[str, LoRAUpdate], fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+def lora_tensors(updates: Mapping[str, LayerUpdate], fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, header metadata) of ``updates`` in layout ``fmt``."""
     if fmt not in FORMATS:
         raise LoRAError(f"unknown LoRA layout '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not updates:
         raise LoRAError("nothing to write: the LoRA has no layers")
+    kron = next((u.source for u in updates.values() if isinstance(u, KronUpdate)), None)
+    if kron is not None:
+        raise LoRAError(
+            f"'{kron}' is a LoKr update (a Kronecker product, usually of full rank), which no LoRA layout "
+            "holds exactly; `pictor lora resize --rank R` writes its best rank-R LoRA (and reports the "
+            "energy kept)"
+        )
     ranks = {p: u.rank for p, u in updates.items()}
     alphas = {p: float(u.alpha) for p, u in updates.items()}
     meta = lora_metadata(ranks, alphas)
     tensors: dict[str, Tensor] = {}
     for path, u in sorted(updates.items()):
+        assert isinstance(u, LoRAUpdate)
         if fmt == "pictor":
             tensors[f"{path}.lora_A.weight"] = u.A.float().contiguous()
             tensors[f"{path}.lora_B.weight"] = u.B.float().contiguous()
@@ -182,7 +197,7 @@ def check_out(path: str | os.PathLike[str]) -> None:
 
 
 def write_lora(
-    updates: Mapping[str, LoRAUpdate],
+    updates: Mapping[str, LayerUpdate],
     path: str | os.PathLike[str],
     fmt: str = "pictor",
     metadata: Mapping[str, str] | None = None,
@@ -216,7 +231,7 @@ def model_linears(model: str | os.PathLike[str] | None) -> dict[str, tuple[int, 
 
 def read_lora(
     path: str | os.PathLike[str], linears: Mapping[str, tuple[int, int]]
-) -> tuple[dict[str, LoRAUpdate], list[str]]:
+) -> tuple[dict[str, LayerUpdate], list[str]]:
     """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``, and the keys left
     out: a text encoder's (kohya files often carry CLIP's). A key that names no layer at all is an error."""
     sd, meta = load_lora_file(path)
@@ -230,28 +245,26 @@ def read_lora(
     return updates, sorted(text)
 
 
-def finite_update(update: LoRAUpdate) -> bool:
+def finite_update(update: LayerUpdate) -> bool:
     """Whether a layer's update holds only finite numbers (a NaN would turn every image black)."""
-    factors = bool(torch.isfinite(update.A).all() and torch.isfinite(update.B).all())
-    return factors and math.isfinite(update.alpha)
-
-
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+    return update.finite()
 
 
 def lora_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a LoRA file holds, read without a model: its key layout, how many layers (and how many of them
-    a text encoder's), their ranks, dtypes, hashes and header (kohya's ``ss_*`` training notes included)."""
+    a text encoder's), their kinds (LoRA, LoHa, LoKr) and ranks, dtypes, hashes and header (kohya's
+    ``ss_*`` training notes included). A LoKr of two whole factors has no rank to list."""
     sd, meta = load_lora_file(path)
     layout = detect_format(sd)  # a file that is no LoRA is an error naming a key
-    downs = {k: v for k, v in sd.items() if k.endswith(_DOWN_SUFFIXES)}
+    modules = module_kinds(sd)
     return {
         "file": str(path),
         "kind": "LoRA",
-        "layout": {"native": "pictor"}.get(layout, layout),
-        "layers": len(downs),
-        "text_encoder_layers": sum(k.startswith(KOHYA_TEXT_PREFIXES) for k in downs),
-        "ranks": sorted({int(v.shape[0]) for v in downs.values()}),
+        "layout": {"native": "pictor", "flat": "lycoris"}.get(layout, layout),
+        "algorithms": sorted({algo for algo, _rank in modules.values()}),
+        "layers": len(modules),
+        "text_encoder_layers": sum(m.startswith(KOHYA_TEXT_PREFIXES) for m in modules),
+        "ranks": sorted({rank for _algo, rank in modules.values() if rank is not None}),
         "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
         "sha256": lora_file_hash(path),
         "a1111_hash": a1111_lora_hash(path),

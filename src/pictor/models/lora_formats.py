@@ -18,6 +18,11 @@ Three kinds of FLUX LoRA files are read:
   B block-diagonal, one alpha), so those files are ordinary fused LoRAs; like ComfyUI and diffusers we
   read their scale as alpha / (total rank).
 
+LyCORIS' LoHa and LoKr modules (``.hada_w1_a`` ..., ``.lokr_w1`` ...; :mod:`pictor.models.lycoris`) are read
+in each of these layouts, and in the flattened names LyCORIS gives any module it wraps: ``lycoris_`` (LyCORIS
+itself, SimpleTuner) or ``lora_transformer_`` (OneTrainer) + a diffusers name with dots as underscores
+(``lycoris_transformer_blocks_0_attn_to_q``), or a FLUX.1 one (``lycoris_double_blocks_0_img_attn_qkv``).
+
 Every key must be used: one that names no module of the model is an error that quotes it.
 """
 
@@ -32,10 +37,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pictor.models.lora_updates import KronPiece, KronUpdate, LayerUpdate, LoRAError, LoRAUpdate
+from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_update, lokr_piece
+
 __all__ = [
+    "KronUpdate",
+    "LayerUpdate",
     "LoRAError",
     "LoRAUpdate",
     "detect_format",
+    "module_kinds",
     "to_flux_updates",
 ]
 
@@ -48,6 +59,21 @@ _SUFFIXES = {
     ".lora.down.weight": "A",  # diffusers' older LoRACompatibleLinear layout
     ".lora.up.weight": "B",
     ".alpha": "alpha",
+    **{f".{role}": role for role in LOHA_ROLES + LOKR_ROLES},
+}
+# variants pictor cannot apply, named so the error says what the file is
+_UNSUPPORTED = {
+    ".dora_scale": "DoRA (weight-decomposed LoRA)",
+    ".lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
+    ".hada_t1": "LoHa with Tucker factors (a convolution LyCORIS)",
+    ".hada_t2": "LoHa with Tucker factors (a convolution LyCORIS)",
+    ".lokr_t2": "LoKr with Tucker factors (a convolution LyCORIS)",
+    ".lora_mid.weight": "LoCon with Tucker factors (a convolution LyCORIS)",
+    ".diff": "LyCORIS 'full' (whole weight differences)",
+    ".diff_b": "LyCORIS 'full' (whole bias differences)",
+    ".oft_blocks": "OFT",
+    ".oft_diag": "OFT",
+    ".weight_bias": "IA3",
 }
 NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 FLUX_ROOTS = frozenset(
@@ -74,6 +100,7 @@ DIFFUSERS_ROOTS = frozenset(
     }
 )
 KOHYA_PREFIX = "lora_unet_"
+FLAT_PREFIXES = ("lycoris_", "lora_transformer_")  # LyCORIS / SimpleTuner, OneTrainer
 KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 
 # diffusers module (inside a block) -> (FLUX module inside the block, part index of a fused layer or None)
@@ -117,57 +144,96 @@ SWAP_HALVES = frozenset({"final_layer.adaLN_modulation.1"})  # diffusers (scale,
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-class LoRAError(ValueError):
-    """A LoRA that does not fit the model or cannot be read; the message names the offending key."""
-
-
 @dataclass
-class LoRAUpdate:
-    """One layer's update: ``W += scale * alpha / rank * B @ A`` with A ``[rank, in]``, B ``[out, rank]``."""
+class _Module:
+    """One module's tensors in a file: role (A, B, alpha, hada_w1_a, lokr_w1 ...) -> (key, tensor)."""
 
-    A: Tensor
-    B: Tensor
-    alpha: float
-    source: str  # a file key it came from, for messages
+    entries: dict[str, tuple[str, Tensor]]
 
     @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
+    def algo(self) -> str:
+        roles = set(self.entries) - {"alpha"}
+        if roles & set(LOHA_ROLES):
+            return "loha"
+        if roles & set(LOKR_ROLES):
+            return "lokr"
+        return "lora"
+
+    @property
+    def key(self) -> str:
+        """A key of the module to quote in messages (a weight's, not its alpha's)."""
+        return next((k for role, (k, _t) in self.entries.items() if role != "alpha"), self.keys()[0])
+
+    def keys(self) -> list[str]:
+        return [k for k, _t in self.entries.values()]
+
+    def tensor(self, role: str) -> Tensor:
+        return self.entries[role][1]
+
+    @property
+    def rank(self) -> int | None:
+        """A LoRA's rank, a LoHa's or a decomposed LoKr's inner size; None for a LoKr of two whole factors."""
+        for role in ("A", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+            if role in self.entries:
+                return int(self.tensor(role).shape[0])
+        return None
 
 
-@dataclass
-class _Pair:
-    A: tuple[str, Tensor] | None = None
-    B: tuple[str, Tensor] | None = None
-    alpha: tuple[str, Tensor] | None = None
+def _unsupported(key: str) -> LoRAError:
+    for suffix, what in _UNSUPPORTED.items():
+        if key.endswith(suffix) or f"{suffix}." in key:
+            return LoRAError(
+                f"LoRA key '{key}' belongs to a {what} file, which pictor cannot apply; LoRA, LoHa and LoKr "
+                "files are read"
+            )
+    return LoRAError(
+        f"LoRA key '{key}' is not a LoRA weight (expected names ending in .lora_A.weight / .lora_B.weight, "
+        ".lora_down.weight / .lora_up.weight or .alpha, or LyCORIS' .hada_w1_a ... / .lokr_w1 ...)"
+    )
 
 
-def _group(sd: Mapping[str, Tensor]) -> dict[str, _Pair]:
-    """Keys -> {module name: its A, B and alpha}. A key with another suffix, or half a pair, is an error."""
-    groups: dict[str, _Pair] = {}
+def _group(sd: Mapping[str, Tensor]) -> dict[str, _Module]:
+    """Keys -> {module name: its tensors by role}. A key with another suffix, half a LoRA pair, or a module
+    mixing LoRA, LoHa and LoKr tensors is an error that names a key."""
+    groups: dict[str, _Module] = {}
     for key, value in sd.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None:
+            raise _unsupported(key)
+        groups.setdefault(key[: -len(suffix)], _Module({})).entries[_SUFFIXES[suffix]] = (key, value)
+    for module, mod in groups.items():
+        roles = set(mod.entries) - {"alpha"}
+        if not roles:
+            raise LoRAError(f"LoRA key '{mod.key}': module '{module}' has an alpha but no weights")
+        kinds = {"lora" if r in ("A", "B") else "loha" if r in LOHA_ROLES else "lokr" for r in roles}
+        if len(kinds) > 1:
             raise LoRAError(
-                f"LoRA key '{key}' is not a LoRA weight (expected names ending in .lora_A.weight / "
-                ".lora_B.weight, .lora_down.weight / .lora_up.weight or .alpha); DoRA, LoKr and other "
-                "variants are not supported"
+                f"LoRA key '{mod.key}': module '{module}' mixes {' and '.join(sorted(kinds))} tensors"
             )
-        setattr(groups.setdefault(key[: -len(suffix)], _Pair()), _SUFFIXES[suffix], (key, value))
-    for module, pair in groups.items():
-        if pair.A is None or pair.B is None:
-            present = next(p for p in (pair.A, pair.B, pair.alpha) if p is not None)[0]
-            raise LoRAError(
-                f"LoRA key '{present}': module '{module}' has no matching {'B' if pair.B is None else 'A'}"
-            )
-        if pair.A[1].ndim != 2 or pair.B[1].ndim != 2 or pair.A[1].shape[0] != pair.B[1].shape[1]:
-            raise LoRAError(
-                f"LoRA key '{pair.A[0]}': A {tuple(pair.A[1].shape)} and B {tuple(pair.B[1].shape)} are not "
-                "a rank-r pair (A [r, in], B [out, r]); convolutional LoRAs do not apply to FLUX"
-            )
-        if pair.A[1].shape[0] < 1:
-            raise LoRAError(f"LoRA key '{pair.A[0]}' has rank 0: it changes nothing; the file is broken")
+        if mod.algo == "lora":
+            _check_pair(module, mod)
     return groups
+
+
+def _check_pair(module: str, mod: _Module) -> None:
+    if "A" not in mod.entries or "B" not in mod.entries:
+        raise LoRAError(
+            f"LoRA key '{mod.key}': module '{module}' has no matching "
+            f"{'B' if 'B' not in mod.entries else 'A'}"
+        )
+    (key_a, a), (_key_b, b) = mod.entries["A"], mod.entries["B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise LoRAError(
+            f"LoRA key '{key_a}': A {tuple(a.shape)} and B {tuple(b.shape)} are not "
+            "a rank-r pair (A [r, in], B [out, r]); convolutional LoRAs do not apply to FLUX"
+        )
+    if a.shape[0] < 1:
+        raise LoRAError(f"LoRA key '{key_a}' has rank 0: it changes nothing; the file is broken")
+
+
+def module_kinds(sd: Mapping[str, Tensor]) -> dict[str, tuple[str, int | None]]:
+    """What a file holds, read without a model: module name -> (algorithm, rank), see ``_Module.rank``."""
+    return {module: (mod.algo, mod.rank) for module, mod in _group(sd).items()}
 
 
 def _strip(name: str, prefixes: tuple[str, ...]) -> str:
@@ -180,6 +246,8 @@ def _strip(name: str, prefixes: tuple[str, ...]) -> str:
 def _kind(module: str) -> str:
     if module.startswith(KOHYA_PREFIX) or module.startswith(KOHYA_TEXT_PREFIXES):
         return "kohya"
+    if module.startswith(FLAT_PREFIXES):
+        return "flat"
     root = _strip(module, NATIVE_PREFIXES).split(".")[0]
     if root in FLUX_ROOTS:
         return "native"
@@ -189,19 +257,19 @@ def _kind(module: str) -> str:
 
 
 def detect_format(sd: Mapping[str, Tensor]) -> str:
-    """``"native"``, ``"diffusers"`` or ``"kohya"``; a key of no known layout, or a mix, is an error."""
+    """``"native"``, ``"diffusers"``, ``"kohya"`` or ``"flat"`` (LyCORIS' flattened names); a key of no known
+    layout, or a mix, is an error."""
     groups = _group(sd)
     if not groups:
         raise LoRAError("the LoRA has no weights")
     kinds: dict[str, str] = {}
-    for module, pair in groups.items():
+    for module, mod in groups.items():
         kind = _kind(module)
         if kind == "unknown":
-            assert pair.A is not None  # _group checked the pairs
             raise LoRAError(
-                f"LoRA key '{pair.A[0]}' names no FLUX module in a known layout "
+                f"LoRA key '{mod.key}' names no FLUX module in a known layout "
                 "(FLUX.1 names such as double_blocks.N.img_attn.qkv, diffusers names such as "
-                "transformer_blocks.N.attn.to_q, or kohya's lora_unet_...)"
+                "transformer_blocks.N.attn.to_q, kohya's lora_unet_..., or LyCORIS' lycoris_...)"
             )
         kinds.setdefault(kind, module)
     if len(kinds) > 1:
@@ -213,10 +281,10 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
 # ------------------------------------------------------------------------------------------ alphas
 
 
-def _tensor_alpha(pair: _Pair) -> float | None:
-    if pair.alpha is None:
+def _tensor_alpha(mod: _Module) -> float | None:
+    if "alpha" not in mod.entries:
         return None
-    key, alpha = pair.alpha
+    key, alpha = mod.entries["alpha"]
     if alpha.numel() != 1:
         raise LoRAError(f"{key} holds {alpha.numel()} numbers; a LoRA's alpha is one number per layer")
     return float(alpha.float().item())
@@ -251,11 +319,12 @@ def _diffusers_alpha(module: str, rank: int, meta: Mapping[str, str]) -> float:
 # ------------------------------------------------------------------------------------- conversion
 
 
-def _check(update: LoRAUpdate, path: str, shape: tuple[int, int]) -> None:
+def _check(update: LayerUpdate, path: str, shape: tuple[int, int]) -> None:
     in_f, out_f = shape
-    if update.A.shape[1] != in_f or update.B.shape[0] != out_f:
+    out, inputs = update.shape
+    if inputs != in_f or out != out_f:
         raise LoRAError(
-            f"LoRA key '{update.source}': update for '{path}' is [{update.B.shape[0]} x {update.A.shape[1]}] "
+            f"LoRA key '{update.source}': update for '{path}' is [{out} x {inputs}] "
             f"but the layer is [{out_f} x {in_f}] (out x in): the LoRA was made for another model size"
         )
 
@@ -317,79 +386,143 @@ def _unmatched(key: str, where: str) -> LoRAError:
     return LoRAError(f"LoRA key '{key}' matches no layer of the model ({where})")
 
 
+def _flat_names(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, str]]:
+    """LyCORIS' flattened module names -> ("native", FLUX path) or ("diffusers", diffusers name), for every
+    layer of the model under both namings (dots as underscores, as LyCORIS writes them)."""
+    table = {path.replace(".", "_"): ("native", path) for path in linears}
+    names = list(DIFFUSERS_TOP)
+    for path in linears:
+        kind, index = path.split(".")[:2] if "." in path else (path, "")
+        if kind in ("double_blocks", "single_blocks"):
+            inner = DIFFUSERS_DOUBLE if kind == "double_blocks" else DIFFUSERS_SINGLE
+            block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
+            names += [f"{block}.{index}.{name}" for name in inner]
+    for name in names:
+        table.setdefault(name.replace(".", "_"), ("diffusers", name))
+    return table
+
+
+def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
+    """The module's update: LoRA and LoHa as A/B factors, LoKr as its Kronecker factors. ``lora_alpha`` is
+    a plain LoRA's alpha when the file has no alpha tensor (the layout's default)."""
+    alpha = _tensor_alpha(mod)
+    if mod.algo == "loha":
+        return loha_update(mod.entries, alpha)
+    if mod.algo == "lokr":
+        piece = lokr_piece(mod.entries, alpha)
+        return KronUpdate([piece], piece.rows, mod.key)
+    a, b = mod.tensor("A"), mod.tensor("B")
+    return LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
+
+
+def _swapped(update: LayerUpdate) -> LayerUpdate:
+    """diffusers' (scale, shift) output rows -> FLUX's (shift, scale)."""
+    if isinstance(update, LoRAUpdate):
+        scale, shift = update.B.chunk(2, dim=0)
+        return LoRAUpdate(update.A, torch.cat([shift, scale]), update.alpha, update.source)
+    half = update.out_features // 2
+    perm = torch.cat([torch.arange(half, update.out_features), torch.arange(half)])
+    return KronUpdate(update.pieces, update.out_features, update.source, perm)
+
+
+def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> LayerUpdate:
+    """Updates of parts of a fused layer (q, k, v ...) -> one update of the layer."""
+    kinds = {type(u) for u in parts.values()}
+    if len(kinds) > 1:
+        raise LoRAError(
+            f"LoRA key '{next(iter(parts.values())).source}': the parts of '{path}' mix LoRA and LoKr updates"
+        )
+    if kinds == {LoRAUpdate}:
+        lora = {i: u for i, u in parts.items() if isinstance(u, LoRAUpdate)}
+        return _fuse({i: (u.source, u.A, u.B, u.alpha) for i, u in lora.items()}, sizes, path)
+    pieces: list[KronPiece] = []
+    for i, u in parts.items():
+        assert isinstance(u, KronUpdate) and len(u.pieces) == 1 and u.perm is None
+        piece = u.pieces[0]
+        if piece.rows != sizes[i]:
+            raise LoRAError(
+                f"LoRA key '{u.source}': has {piece.rows} output rows, but part {i} of '{path}' has "
+                f"{sizes[i]}"
+            )
+        piece.offset = sum(sizes[:i])
+        pieces.append(piece)
+    return KronUpdate(pieces, sum(sizes), next(iter(parts.values())).source)
+
+
 def to_flux_updates(
     sd: Mapping[str, Tensor],
     metadata: Mapping[str, str],
     linears: Mapping[str, tuple[int, int]],
     strict: bool = True,
-) -> tuple[dict[str, LoRAUpdate], list[str]]:
-    """Any supported LoRA -> ({FLUX module path: update}, skipped keys).
+) -> tuple[dict[str, LayerUpdate], list[str]]:
+    """Any supported file -> ({FLUX module path: update}, skipped keys).
 
     ``linears`` maps each linear layer of the model to ``(in_features, out_features)``. With ``strict``
     every key must land on a layer; otherwise keys that do not are returned as skipped (never silently).
     """
     fmt = detect_format(sd)
     groups = _group(sd)
-    updates: dict[str, LoRAUpdate] = {}
+    kohya = {KOHYA_PREFIX + path.replace(".", "_"): path for path in linears}
+    flat = _flat_names(linears) if fmt == "flat" else {}
+    whole: dict[str, LayerUpdate] = {}
+    parts: dict[str, dict[int, LayerUpdate]] = {}
+    sources: dict[tuple[str, int | None], str] = {}
     skipped: list[str] = []
 
-    def miss(pair: _Pair, where: str) -> None:
-        assert pair.A is not None
+    def miss(mod: _Module, where: str) -> None:
         if strict:
-            raise _unmatched(pair.A[0], where)
-        skipped.extend(entry[0] for entry in (pair.A, pair.B, pair.alpha) if entry is not None)
+            raise _unmatched(mod.key, where)
+        skipped.extend(mod.keys())
 
-    if fmt == "kohya":
-        by_name = {KOHYA_PREFIX + path.replace(".", "_"): path for path in linears}
-        for module, pair in groups.items():
-            assert pair.A is not None and pair.B is not None
+    for module, mod in groups.items():
+        rank = mod.rank or 0
+        kind, name = fmt, module
+        if fmt == "flat":
+            found = flat.get(_strip(module, FLAT_PREFIXES))
+            if found is None:
+                miss(mod, "no FLUX or diffusers layer of the model has this flattened name")
+                continue
+            kind, name = found
+        if kind == "kohya":
             if module.startswith(KOHYA_TEXT_PREFIXES):
                 if strict:
                     raise LoRAError(
-                        f"LoRA key '{pair.A[0]}' is for a text encoder; pictor applies LoRAs to the "
+                        f"LoRA key '{mod.key}' is for a text encoder; pictor applies LoRAs to the "
                         "transformer only (load with strict=False to skip text-encoder keys)"
                     )
-                miss(pair, "text encoder")
+                miss(mod, "text encoder")
                 continue
-            if module not in by_name:
-                miss(pair, "no FLUX linear has this kohya name")
+            if module not in kohya:
+                miss(mod, "no FLUX linear has this kohya name")
                 continue
-            alpha = _tensor_alpha(pair)
-            rank = pair.A[1].shape[0]
-            updates[by_name[module]] = LoRAUpdate(pair.A[1], pair.B[1], alpha if alpha else rank, pair.A[0])
-    elif fmt == "native":
-        for module, pair in groups.items():
-            assert pair.A is not None and pair.B is not None
-            path = _strip(module, NATIVE_PREFIXES)
+            path, part, default = kohya[module], None, None
+        elif kind == "native":
+            path, part = _strip(name, NATIVE_PREFIXES), None
             if path not in linears:
-                miss(pair, f"the model has no linear layer '{path}'")
+                miss(mod, f"the model has no linear layer '{path}'")
                 continue
-            rank = pair.A[1].shape[0]
-            alpha = _tensor_alpha(pair) or _native_alpha(path, rank, metadata)
-            updates[path] = LoRAUpdate(pair.A[1], pair.B[1], alpha, pair.A[0])
-    else:
-        fused: dict[str, dict[int, tuple[str, Tensor, Tensor, float]]] = {}
-        for module, pair in groups.items():
-            assert pair.A is not None and pair.B is not None
-            target = _diffusers_target(module)
+            default = _native_alpha(path, rank, metadata) if fmt == "native" else None
+        else:
+            target = _diffusers_target(name)
             if target is None or target[0] not in linears:
-                miss(pair, "no FLUX layer corresponds to this diffusers module")
+                miss(mod, "no FLUX layer corresponds to this diffusers module")
                 continue
             path, part = target
-            rank = pair.A[1].shape[0]
-            name = _strip(module, ("transformer.",))
-            alpha = _tensor_alpha(pair) or _diffusers_alpha(name, rank, metadata)
-            if part is None:
-                b = pair.B[1]
-                if path in SWAP_HALVES:
-                    scale, shift = b.chunk(2, dim=0)
-                    b = torch.cat([shift, scale])
-                updates[path] = LoRAUpdate(pair.A[1], b, alpha, pair.A[0])
-            else:
-                fused.setdefault(path, {})[part] = (pair.A[0], pair.A[1], pair.B[1], alpha)
-        for path, parts in fused.items():
-            sizes = fused_split_sizes(path, linears[path])
-            updates[path] = _fuse(dict(sorted(parts.items())), sizes, path)
-    for path, update in updates.items():
+            dotted = _strip(name, ("transformer.",))
+            default = _diffusers_alpha(dotted, rank, metadata) if fmt == "diffusers" else None
+        clash = [k for (p, q), k in sources.items() if p == path and (q == part or None in (q, part))]
+        if clash:
+            raise LoRAError(
+                f"LoRA keys '{clash[0]}' and '{mod.key}' both update '{path}'; the file is broken"
+            )
+        sources[(path, part)] = mod.key
+        update = _layer_update(mod, default)
+        if part is None:
+            whole[path] = _swapped(update) if kind == "diffusers" and path in SWAP_HALVES else update
+        else:
+            parts.setdefault(path, {})[part] = update
+    for path, fused in parts.items():
+        whole[path] = _fuse_parts(dict(sorted(fused.items())), fused_split_sizes(path, linears[path]), path)
+    for path, update in whole.items():
         _check(update, path, linears[path])
-    return updates, skipped
+    return whole, skipped

@@ -1,0 +1,127 @@
+"""What a LoRA-like file does to one linear layer, independent of its key layout.
+
+Two kinds of update:
+
+- :class:`LoRAUpdate`: ``W += alpha / rank * B @ A`` (LoRA, and LoHa, which is one exactly, see
+  :mod:`pictor.models.lycoris`);
+- :class:`KronUpdate`: ``W += factor * kron(w1, w2)`` (LyCORIS LoKr), kept as its Kronecker factors because
+  the product is usually full rank: written as a LoRA it would be as large as the weight itself.
+
+Both give their dense ``delta()`` (float64, for merging into weights) and hold only finite numbers or say
+not (:meth:`finite`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["KronPiece", "KronUpdate", "LayerUpdate", "LoRAError", "LoRAUpdate"]
+
+
+class LoRAError(ValueError):
+    """A LoRA that does not fit the model or cannot be read; the message names the offending key."""
+
+
+@dataclass
+class LoRAUpdate:
+    """One layer's update: ``W += scale * alpha / rank * B @ A`` with A ``[rank, in]``, B ``[out, rank]``."""
+
+    A: Tensor
+    B: Tensor
+    alpha: float
+    source: str  # a file key it came from, for messages
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the layer it fits."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self) -> Tensor:
+        """The update at scale 1, ``[out, in]`` in float64."""
+        return (self.alpha / self.rank) * (self.B.double() @ self.A.double())
+
+    def finite(self) -> bool:
+        factors = bool(torch.isfinite(self.A).all() and torch.isfinite(self.B).all())
+        return factors and bool(torch.isfinite(torch.tensor(self.alpha)))
+
+
+@dataclass
+class KronPiece:
+    """``factor * kron(w1, w2)`` on output rows ``offset`` .. ``offset + rows``, w2 given whole ``[c, d]`` or
+    as ``w2_a [c, r] @ w2_b [r, d]``. w1 is ``[a, b]``: the piece has a*c rows and b*d inputs."""
+
+    offset: int
+    w1: Tensor
+    w2: Tensor | None
+    w2_a: Tensor | None
+    w2_b: Tensor | None
+    factor: float
+
+    @property
+    def rows(self) -> int:
+        c = self.w2.shape[0] if self.w2 is not None else self.w2_a.shape[0]  # type: ignore[union-attr]
+        return int(self.w1.shape[0] * c)
+
+    @property
+    def inputs(self) -> int:
+        d = self.w2.shape[1] if self.w2 is not None else self.w2_b.shape[1]  # type: ignore[union-attr]
+        return int(self.w1.shape[1] * d)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.w1, self.w2, self.w2_a, self.w2_b) if t is not None]
+
+    def dense(self) -> Tensor:
+        """``factor * kron(w1, w2)`` in float64."""
+        w2 = self.w2.double() if self.w2 is not None else self.w2_a.double() @ self.w2_b.double()  # type: ignore[union-attr]
+        return self.factor * torch.kron(self.w1.double(), w2)
+
+    def rank_bound(self) -> int:
+        """rank(kron(w1, w2)) = rank(w1) rank(w2), bounded by the factors' smaller sides."""
+        r2 = min(self.w2.shape) if self.w2 is not None else self.w2_a.shape[1]  # type: ignore[union-attr]
+        return int(min(self.w1.shape) * r2)
+
+
+@dataclass
+class KronUpdate:
+    """One layer's LoKr update: pieces on row ranges of its output (one piece for a layer named whole; one
+    per part for q/k/v trained apart and fused here), then the output rows reordered by ``perm`` when the
+    file's layer orders them differently (diffusers' final layer: (scale, shift) against FLUX's (shift,
+    scale))."""
+
+    pieces: list[KronPiece]
+    out_features: int
+    source: str
+    perm: Tensor | None = field(default=None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.pieces[0].inputs
+
+    @property
+    def rank(self) -> int:
+        """An upper bound of the update's rank (what listings show as a LoKr's rank)."""
+        out, inputs = self.shape
+        return min(out, inputs, sum(p.rank_bound() for p in self.pieces))
+
+    def delta(self) -> Tensor:
+        out, inputs = self.shape
+        total = torch.zeros(out, inputs, dtype=torch.float64, device=self.pieces[0].w1.device)
+        for p in self.pieces:
+            total[p.offset : p.offset + p.rows] = p.dense()
+        return total if self.perm is None else total[self.perm]
+
+    def finite(self) -> bool:
+        tensors = [t for p in self.pieces for t in p.tensors()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors) and all(
+            bool(torch.isfinite(torch.tensor(p.factor))) for p in self.pieces
+        )
+
+
+LayerUpdate = LoRAUpdate | KronUpdate

@@ -1,0 +1,329 @@
+"""LyCORIS files (LoKr, LoHa): made by the LyCORIS library itself on diffusers' FluxTransformer2DModel and on
+our Flux, they drive our Flux like LyCORIS drives the model it wrapped; merging, scales, tools, bad files."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lycoris import LycorisNetwork, create_lycoris
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pictor.checkpoint import save_bundle
+from pictor.loading import load
+from pictor.lora_files import apply_lora
+from pictor.lora_merge import merge_loras
+from pictor.lora_tools import lora_summary, read_lora, resize_lora, write_lora
+from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
+from pictor.models.kron_adapter import KronAdapter
+from pictor.models.lora import LoRAAdapter, LoRALinear, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from pictor.models.lora_formats import KronUpdate, LoRAError, LoRAUpdate, to_flux_updates
+from pictor.pipeline import GenerationRequest
+
+import tiny_flux
+from tiny_bundle import tiny_models
+
+TOL = 1e-5
+LAT_H, LAT_W, N_TXT = 4, 6, 5
+# (algorithm, LyCORIS options): LoKr with w1 whole and w2 split into rank-r factors where LyCORIS splits it
+# (whole on the small layers), LoKr with both factors split, LoKr in "full matrix" mode (scale 1, whatever
+# alpha says), and LoHa.
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lokr": ("lokr", {"linear_dim": 4, "linear_alpha": 2.0, "factor": 4}),
+    "lokr-both-split": ("lokr", {"linear_dim": 2, "linear_alpha": 1.0, "factor": 8, "decompose_both": True}),
+    "lokr-full": ("lokr", {"linear_dim": 4, "linear_alpha": 3.0, "factor": 4, "full_matrix": True}),
+    "loha": ("loha", {"linear_dim": 4, "linear_alpha": 2.0}),
+}
+
+
+def tiny_params() -> FluxParams:
+    return tiny_flux.tiny_params(depth=2, guidance_embed=True)  # block indices and every embedder exercised
+
+
+def random_model(seed: int = 0) -> Flux:
+    return tiny_flux.random_flux(tiny_params(), seed)
+
+
+def inputs(seed: int = 1) -> dict[str, Tensor]:
+    p = tiny_params()
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "img": pack_latents(torch.randn(2, tiny_flux.LAT_C, LAT_H, LAT_W, generator=gen)),
+        "img_ids": make_img_ids(2, LAT_H, LAT_W),
+        "txt": torch.randn(2, N_TXT, p.context_in_dim, generator=gen),
+        "txt_ids": make_txt_ids(2, N_TXT),
+        "timesteps": torch.tensor([0.3, 0.8]),
+        "y": torch.randn(2, p.vec_in_dim, generator=gen),
+        "guidance": torch.tensor([3.5, 1.0]),
+    }
+
+
+@pytest.fixture(autouse=True)
+def quiet_lycoris() -> Iterator[None]:
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def wrap(model: nn.Module, config: str, multiplier: float, seed: int = 3) -> dict[str, Tensor]:
+    """Wrap every linear layer of ``model`` with LyCORIS (``config``), give every factor random values
+    (LyCORIS starts one at zero) and return the file's tensors, as LyCORIS saves them."""
+    algo, options = CONFIGS[config]
+    net = create_lycoris(model, multiplier, algo=algo, **options)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def save(sd: dict[str, Tensor], path: Path) -> Path:
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_file_made_on_diffusers_flux_drives_ours_like_lycoris_drives_diffusers(
+    config: str, tmp_path: Path
+) -> None:
+    """SimpleTuner's layout: LyCORIS on diffusers' model names every linear by its diffusers name
+    (``lycoris_transformer_blocks_0_attn_to_q``), q/k/v and the single blocks' MLP input apart, norm_out's
+    rows in diffusers' (scale, shift) order; pictor fuses them onto FLUX's layers."""
+    ref_mod = tiny_flux.load_reference()
+    base = random_model()
+    reference = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
+    sd = wrap(reference, config, multiplier=0.7)
+    assert any(k.startswith("lycoris_transformer_blocks_0_attn_to_q.") for k in sd)
+    assert any(k.startswith("lycoris_norm_out_linear.") for k in sd)
+    x = inputs()
+    model = copy.deepcopy(base)
+    apply_lora(model, save(sd, tmp_path / f"{config}.safetensors"), scale=0.7)
+    with torch.no_grad():
+        expected = ref_mod.reference_forward(reference, **x)
+        out, plain = model(**x), base(**x)
+    assert (expected - plain).abs().max() > 0.05  # the file changes the output
+    assert (out - expected).abs().max().item() <= TOL
+    kind = KronAdapter if CONFIGS[config][0] == "lokr" else LoRAAdapter
+    qkv = model.get_submodule("single_blocks.0.linear1")
+    assert isinstance(qkv, LoRALinear) and isinstance(qkv.adapters[config], kind)
+
+
+@pytest.mark.parametrize(
+    ("config", "prefix"), [("lokr", "lora_unet"), ("loha", "lora_unet"), ("lokr-full", "lycoris")]
+)
+def test_file_made_on_our_flux_names_flux_layers(
+    config: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kohya's sd-scripts with LyCORIS names FLUX.1's own layers (``lora_unet_double_blocks_0_img_attn_qkv``);
+    LyCORIS alone writes ``lycoris_`` + the same flattened name."""
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", prefix)
+    base = random_model()
+    wrapped = copy.deepcopy(base)
+    sd = wrap(wrapped, config, multiplier=-0.6, seed=5)
+    assert any(k.startswith(f"{prefix}_double_blocks_1_img_attn_qkv.") for k in sd)
+    model = copy.deepcopy(base)
+    apply_lora(model, save(sd, tmp_path / "f.safetensors"), scale=-0.6)
+    x = inputs()
+    with torch.no_grad():
+        expected, out, plain = wrapped(**x), model(**x), base(**x)
+    assert (expected - plain).abs().max() > 0.05
+    assert (out - expected).abs().max().item() <= TOL
+
+
+def test_lokr_merges_unmerges_and_scales_exactly(tmp_path: Path) -> None:
+    ref_mod = tiny_flux.load_reference()
+    base = random_model()
+    reference = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
+    path = save(wrap(reference, "lokr", 1.0), tmp_path / "style.safetensors")
+    model = copy.deepcopy(base)
+    apply_lora(model, path, scale=0.5)
+    x = inputs()
+    with torch.no_grad():
+        plain, unmerged = base(**x), model(**x)
+        merge_lora(model, "style")
+        merged = model(**x)
+        set_lora_scale(model, "style", 0.0)  # re-merged at scale 0: the base weights again
+        zero = model(**x)
+        set_lora_scale(model, "style", 0.5)
+        unmerge_lora(model, "style")
+        again = model(**x)
+    assert (merged - unmerged).abs().max().item() <= TOL
+    assert (zero - plain).abs().max().item() <= TOL
+    assert torch.equal(again, unmerged)
+    remove_lora(model)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True)
+    )
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_loha_is_an_exact_lora_of_rank_r_squared_and_lokr_resizes(tmp_path: Path) -> None:
+    """LoHa converts to kohya's LoRA layout exactly (rank 4 x 4 = 16); LoKr cannot be written as a LoRA, so
+    convert refuses it by name and resize gives its best low-rank LoRA, whose energy it reports."""
+    base = random_model()
+    linears = {
+        p: (m.in_features, m.out_features) for p, m in base.named_modules() if isinstance(m, nn.Linear)
+    }
+    loha = save(wrap(copy.deepcopy(base), "loha", 1.0), tmp_path / "loha.safetensors")
+    updates, _ = read_lora(loha, linears)
+    assert {u.rank for u in updates.values() if isinstance(u, LoRAUpdate)} == {16}
+    write_lora(updates, tmp_path / "loha-kohya.safetensors", "kohya")
+    one, two = copy.deepcopy(base), copy.deepcopy(base)
+    apply_lora(one, loha)
+    apply_lora(two, tmp_path / "loha-kohya.safetensors")
+    x = inputs()
+    with torch.no_grad():
+        assert (one(**x) - two(**x)).abs().max().item() <= TOL
+
+    lokr = save(wrap(copy.deepcopy(base), "lokr-full", 1.0), tmp_path / "lokr.safetensors")
+    updates, _ = read_lora(lokr, linears)
+    assert all(isinstance(u, KronUpdate) for u in updates.values())
+    with pytest.raises(LoRAError, match=r"LoKr update .* `pictor lora resize --rank R`"):
+        write_lora(updates, tmp_path / "no.safetensors", "kohya")
+    full, report = resize_lora(updates, rank=32)  # every layer is at most 32 wide: the cut keeps it all
+    assert min(report.kept.values()) > 1 - 1e-6
+    for path, update in updates.items():
+        assert torch.allclose(full[path].delta(), update.delta(), atol=1e-4)
+    _, cut = resize_lora(updates, rank=2)
+    assert max(cut.kept.values()) < 0.99  # a full-rank LoKr loses energy at rank 2, and says how much
+
+
+def test_lokr_merged_into_a_bundle_draws_what_the_adapter_draws(tmp_path: Path) -> None:
+    cfg, flux, ae = tiny_models(description="random weights for a test", training={"stage": "t2i", "step": 1})
+    tiny_flux.randomize_(flux, seed=2)
+    base = tmp_path / "base"
+    save_bundle(base, cfg, flux.state_dict(), ae.state_dict())
+    lokr = save(wrap(copy.deepcopy(flux), "lokr", 1.0, seed=8), tmp_path / "lokr.safetensors")
+    out, left_out = merge_loras(base, [(lokr, 0.8)], tmp_path / "merged")
+    assert left_out == []
+    request = GenerationRequest("a red circle", steps=3, seed=5, width=32, height=32)
+    pipe = load(base, device="cpu")
+    plain = np.asarray(pipe.generate(request)[0].image).astype(int)
+    pipe.add_lora(lokr, 0.8)
+    want = np.asarray(pipe.generate(request)[0].image).astype(int)
+    got = np.asarray(load(out, device="cpu").generate(request)[0].image).astype(int)
+    assert np.abs(want - plain).max() > 10
+    assert np.abs(got - want).max() <= 1
+
+
+def test_summary_names_the_algorithm_and_ranks(tmp_path: Path) -> None:
+    base = random_model()
+    summary = lora_summary(save(wrap(copy.deepcopy(base), "lokr", 1.0), tmp_path / "a.safetensors"))
+    assert summary["layout"] == "lycoris" and summary["algorithms"] == ["lokr"]
+    assert summary["layers"] == sum(isinstance(m, nn.Linear) for m in base.modules())
+    assert summary["ranks"] == [4]  # the split factors' inner size; whole-factor layers list none
+    summary = lora_summary(save(wrap(copy.deepcopy(base), "loha", 1.0), tmp_path / "b.safetensors"))
+    assert summary["algorithms"] == ["loha"] and summary["ranks"] == [4]
+
+
+def _lokr_file(**extra: Tensor) -> dict[str, Tensor]:
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {
+        f"{name}.lokr_w1": torch.randn(4, 4),
+        f"{name}.lokr_w2": torch.randn(24, 8),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+    return {**sd, **extra}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"drop": ".lokr_w2"}, "has no lokr_w2 .nor lokr_w2_a and lokr_w2_b."),
+        (
+            {"set": (".lokr_w2", torch.randn(24, 4))},
+            r"update for 'double_blocks.0.img_attn.qkv' is \[96 x 16\] but the layer is \[96 x 32\]",
+        ),
+        ({"set": (".lokr_w2", torch.randn(24, 8, 3, 3))}, "is 4-D .* must be a matrix"),
+        ({"set": (".lokr_t2", torch.randn(4, 4, 3, 3))}, "LoKr with Tucker factors"),
+        ({"set": (".dora_scale", torch.randn(1, 32))}, "DoRA"),
+        ({"set": (".lora_up.weight", torch.randn(96, 4))}, "mixes lokr and lora tensors"),
+        ({"set": (".hada_w1_a", torch.randn(96, 4))}, "mixes loha and lokr tensors"),
+    ],
+)
+def test_broken_lycoris_files_name_the_key(change: dict[str, Any], message: str) -> None:
+    sd = _lokr_file()
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    if "drop" in change:
+        del sd[name + change["drop"]]
+    else:
+        suffix, value = change["set"]
+        sd[name + suffix] = value
+    with pytest.raises(LoRAError, match=message) as err:
+        apply_lora(random_model(), sd)
+    assert name in str(err.value)
+
+
+def test_loha_parts_that_do_not_multiply_and_two_names_for_one_layer_are_refused() -> None:
+    name = "lycoris_transformer_blocks_0_attn_to_q"
+    loha = {
+        f"{name}.hada_w1_a": torch.randn(32, 2),
+        f"{name}.hada_w1_b": torch.randn(3, 32),
+        f"{name}.hada_w2_a": torch.randn(32, 2),
+        f"{name}.hada_w2_b": torch.randn(2, 32),
+    }
+    with pytest.raises(LoRAError, match=r"hada_w1_a.*hada_w1_b.*do not multiply"):
+        apply_lora(random_model(), loha)
+    twice = {
+        "lycoris_double_blocks_0_img_attn_qkv.lokr_w1": torch.randn(4, 4),
+        "lycoris_double_blocks_0_img_attn_qkv.lokr_w2": torch.randn(24, 8),
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.randn(4, 4),
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.randn(8, 8),
+    }
+    with pytest.raises(LoRAError, match=r"both update 'double_blocks\.0\.img_attn\.qkv'"):
+        apply_lora(random_model(), twice)
+
+
+def test_unknown_flattened_name_is_refused_or_skipped_when_asked() -> None:
+    text = "lycoris_text_model_encoder_layers_0_mlp_fc1"
+    sd = {**_lokr_file(), f"{text}.lokr_w1": torch.randn(2, 2), f"{text}.lokr_w2": torch.randn(2, 2)}
+    sd = {k.replace("lora_unet_", "lycoris_"): v for k, v in sd.items()}
+    with pytest.raises(LoRAError, match=f"'{text}.lokr_w1' matches no layer .*no FLUX or diffusers layer"):
+        apply_lora(random_model(), sd)
+    model = random_model()
+    with pytest.warns(UserWarning, match=f"LoRA keys not applied .2.: {text}"):
+        apply_lora(model, sd, strict=False)
+    assert isinstance(model.get_submodule("double_blocks.0.img_attn.qkv"), LoRALinear)
+
+
+def test_lokr_and_loha_scales_by_hand() -> None:
+    """The scales LyCORIS trains with and ComfyUI applies: alpha / r with r the split factor's inner size
+    (w2's when both are split), 1 for two whole factors whatever the alpha tensor says; LoHa alpha / r."""
+    linears = {"double_blocks.0.img_attn.qkv": (32, 96)}
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    w1, w2 = torch.randn(4, 4, dtype=torch.float64), torch.randn(24, 8, dtype=torch.float64)
+    w1_a, w1_b = torch.randn(4, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    w2_a, w2_b = torch.randn(24, 3, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    cases = [
+        ({"lokr_w1": w1, "lokr_w2": w2, "alpha": 8.0}, torch.kron(w1, w2)),
+        (
+            {"lokr_w1": w1, "lokr_w2_a": w2_a, "lokr_w2_b": w2_b, "alpha": 6.0},
+            2.0 * torch.kron(w1, w2_a @ w2_b),
+        ),
+        (
+            {"lokr_w1_a": w1_a, "lokr_w1_b": w1_b, "lokr_w2": w2, "alpha": 1.0},
+            0.5 * torch.kron(w1_a @ w1_b, w2),
+        ),
+        ({"lokr_w1": w1, "lokr_w2_a": w2_a, "lokr_w2_b": w2_b}, torch.kron(w1, w2_a @ w2_b)),  # no alpha: r
+    ]
+    a1, b1, a2, b2 = (torch.randn(96, 2), torch.randn(2, 32), torch.randn(96, 2), torch.randn(2, 32))
+    loha = {"hada_w1_a": a1, "hada_w1_b": b1, "hada_w2_a": a2, "hada_w2_b": b2, "alpha": 1.0}
+    cases.append((loha, 0.5 * (a1 @ b1).double() * (a2 @ b2).double()))
+    for tensors, expected in cases:
+        sd = {
+            f"{name}.{role}": torch.tensor(v) if isinstance(v, float) else v.float()
+            for role, v in tensors.items()
+        }
+        update = to_flux_updates(sd, {}, linears)[0]["double_blocks.0.img_attn.qkv"]
+        assert torch.allclose(update.delta(), expected, rtol=1e-5, atol=1e-5), sorted(tensors)
