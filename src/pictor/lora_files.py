@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refuse_pickle, write_safetensors
+from pictor.models.dora_adapter import DoRAAdapter
 from pictor.models.kron_adapter import KronAdapter
 from pictor.models.lora import (
     LoRAAdapter,
@@ -33,7 +34,8 @@ from pictor.models.lora import (
     list_loras,
     wrap_linear,
 )
-from pictor.models.lora_formats import KronUpdate, LayerUpdate, LoRAError, to_flux_updates
+from pictor.models.lora_formats import KronUpdate, LayerUpdate, LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora_updates import DoRAUpdate, dora_ratio
 
 __all__ = [
     "a1111_lora_hash",
@@ -148,11 +150,22 @@ def apply_lora(
 
 @torch.no_grad()
 def _install(wrapper: LoRALinear, name: str, update: LayerUpdate, scale: float) -> None:
+    if isinstance(update, DoRAUpdate):
+        inner = _adapter(wrapper, update.inner, 1.0)
+        # The ratio against the weight the layer has now (float64: the norm of a wide row in bf16 would
+        # be off in its third digit).
+        ratio = dora_ratio(update.magnitude, wrapper.weight.detach(), inner.delta_weight(), update.on_out)
+        dora = DoRAAdapter(inner, ratio.to(wrapper.weight.device), update.on_out, wrapper, scale)
+        wrapper.adapters[name] = dora.requires_grad_(False)
+    else:
+        wrapper.adapters[name] = _adapter(wrapper, update, scale)
+
+
+@torch.no_grad()
+def _adapter(wrapper: LoRALinear, update: LoRAUpdate | KronUpdate, scale: float) -> nn.Module:
     w = wrapper.weight
     if isinstance(update, KronUpdate):
-        kron = KronAdapter(update, scale, w.device, adapter_dtype(w))
-        wrapper.adapters[name] = kron.requires_grad_(False)
-        return
+        return KronAdapter(update, scale, w.device, adapter_dtype(w)).requires_grad_(False)
     adapter = LoRAAdapter(
         wrapper.in_features,
         wrapper.out_features,
@@ -165,7 +178,7 @@ def _install(wrapper: LoRALinear, name: str, update: LayerUpdate, scale: float) 
     )
     adapter.lora_A.weight.copy_(update.A)
     adapter.lora_B.weight.copy_(update.B)
-    wrapper.adapters[name] = adapter.requires_grad_(False)
+    return adapter.requires_grad_(False)
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:

@@ -39,13 +39,15 @@ from pictor.convert import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.lora_files import a1111_lora_hash, lora_file_hash
 from pictor.lora_tools import finite_update, model_linears, read_lora
-from pictor.models.lora_formats import LayerUpdate, LoRAError
+from pictor.models.lora_formats import DoRAUpdate, LayerUpdate, LoRAError
 
 
 def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LayerUpdate, float]]) -> torch.Tensor:
     total = weight.double()
     for update, scale in updates:
-        total += scale * update.delta().to(total.device)
+        # A DoRA's change depends on the weight: on the LoRAs before it too, as ComfyUI applies them in turn.
+        change = update.merged_delta(total) if isinstance(update, DoRAUpdate) else update.delta()
+        total += scale * change.to(total.device)
     merged = total.to(weight.dtype)
     if not bool(torch.isfinite(merged.float()).all()):
         dtype = str(weight.dtype).removeprefix("torch.")

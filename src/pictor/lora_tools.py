@@ -28,6 +28,7 @@ from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
 from pictor.models.lora_formats import (
     KOHYA_TEXT_PREFIXES,
+    DoRAUpdate,
     KronUpdate,
     LayerUpdate,
     LoRAError,
@@ -39,6 +40,10 @@ from pictor.models.lora_formats import (
 from pictor.presets import get_preset
 
 FORMATS = ("pictor", "kohya", "diffusers")
+_DORA = (
+    "'{}' is a DoRA update, whose change depends on the weights it is applied to, so it cannot be resized or "
+    "written as a plain LoRA; apply it with --lora, or bake it into a model with `pictor lora merge`"
+)
 
 
 @dataclass
@@ -90,6 +95,8 @@ def low_rank(delta: Tensor, rank: int, energy: float | None = None) -> tuple[Ten
 def resized(update: LayerUpdate, rank: int, energy: float | None = None) -> tuple[LoRAUpdate, float]:
     """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank. A LoKr
     update is cut from its dense product: the best rank-r LoRA there is for it."""
+    if isinstance(update, DoRAUpdate):
+        raise LoRAError(_DORA.format(update.source))
     if isinstance(update, KronUpdate):
         a, b, kept = low_rank(update.delta(), rank, energy)
         return LoRAUpdate(a, b, float(a.shape[0]), update.source), kept
@@ -163,6 +170,9 @@ def lora_tensors(updates: Mapping[str, LayerUpdate], fmt: str) -> tuple[dict[str
         raise LoRAError(f"unknown LoRA layout '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not updates:
         raise LoRAError("nothing to write: the LoRA has no layers")
+    dora = next((u.source for u in updates.values() if isinstance(u, DoRAUpdate)), None)
+    if dora is not None:
+        raise LoRAError(_DORA.format(dora))
     kron = next((u.source for u in updates.values() if isinstance(u, KronUpdate)), None)
     if kron is not None:
         raise LoRAError(

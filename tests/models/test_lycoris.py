@@ -247,7 +247,11 @@ def _lokr_file(**extra: Tensor) -> dict[str, Tensor]:
         ),
         ({"set": (".lokr_w2", torch.randn(24, 8, 3, 3))}, "is 4-D .* must be a matrix"),
         ({"set": (".lokr_t2", torch.randn(4, 4, 3, 3))}, "LoKr with Tucker factors"),
-        ({"set": (".dora_scale", torch.randn(1, 32))}, "DoRA"),
+        (
+            {"set": (".dora_scale", torch.randn(3, 3))},
+            r"\(3, 3\), but a DoRA scale .* is \[96, 1\] .* or \[1, 32\]",
+        ),
+        ({"set": (".lora_magnitude_vector", torch.randn(96))}, "PEFT DoRA"),
         ({"set": (".lora_up.weight", torch.randn(96, 4))}, "mixes lokr and lora tensors"),
         ({"set": (".hada_w1_a", torch.randn(96, 4))}, "mixes loha and lokr tensors"),
     ],
@@ -327,3 +331,149 @@ def test_lokr_and_loha_scales_by_hand() -> None:
         }
         update = to_flux_updates(sd, {}, linears)[0]["double_blocks.0.img_attn.qkv"]
         assert torch.allclose(update.delta(), expected, rtol=1e-5, atol=1e-5), sorted(tensors)
+
+
+# ------------------------------------------------------------------------------------------------ DoRA
+
+DORA = {
+    "lora-dora-rows": ("lora", {"linear_dim": 4, "linear_alpha": 2.0, "dora_wd": True}),
+    "lora-dora-columns": (
+        "lora",
+        {"linear_dim": 4, "linear_alpha": 2.0, "dora_wd": True, "wd_on_output": False},
+    ),
+    "lokr-dora-rows": ("lokr", {"linear_dim": 4, "linear_alpha": 2.0, "factor": 4, "dora_wd": True}),
+    "loha-dora-columns": (
+        "loha",
+        {"linear_dim": 4, "linear_alpha": 2.0, "dora_wd": True, "wd_on_output": False},
+    ),
+}
+
+
+def dora_net(model: nn.Module, config: str, seed: int = 3) -> Any:
+    """LyCORIS with weight decomposition on every linear of ``model``: random factors, and magnitudes
+    (LyCORIS starts them at the weights' norms, which would change nothing) moved 30% at random."""
+    algo, options = DORA[config]
+    net = create_lycoris(model, 1.0, algo=algo, **options)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("dora_scale"):
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def state(net: Any) -> dict[str, Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("config", list(DORA))
+def test_dora_file_drives_our_flux_like_lycoris(
+    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kohya's names on FLUX.1's layers, ``dora_scale`` per output row ([out, 1], LyCORIS' default) or per
+    input column ([1, in]); at strength 1 both LyCORIS and ComfyUI give ``m / |W + dW| * (W + dW)``."""
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    base = random_model()
+    wrapped = copy.deepcopy(base)
+    sd = state(dora_net(wrapped, config))
+    assert any(k.endswith(".dora_scale") for k in sd)
+    model = copy.deepcopy(base)
+    apply_lora(model, save(sd, tmp_path / "dora.safetensors"))
+    x = inputs()
+    with torch.no_grad():
+        expected, out, plain = wrapped(**x), model(**x), base(**x)
+    assert (expected - plain).abs().max() > 0.05
+    assert (out - expected).abs().max().item() <= TOL
+
+
+def test_dora_on_diffusers_split_parts_keeps_each_rows_scale(tmp_path: Path) -> None:
+    """LyCORIS on diffusers' model: DoRA per output row on to_q / to_k / to_v fuses onto FLUX's qkv row by
+    row; per input column it spans one part's rows only, which a fused layer cannot hold: refused by key."""
+    ref_mod = tiny_flux.load_reference()
+    base = random_model()
+    reference = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
+    sd = state(dora_net(reference, "lora-dora-rows"))
+    model = copy.deepcopy(base)
+    apply_lora(model, save(sd, tmp_path / "rows.safetensors"))
+    x = inputs()
+    with torch.no_grad():
+        expected, out = ref_mod.reference_forward(reference, **x), model(**x)
+        assert (expected - base(**x)).abs().max() > 0.05
+    assert (out - expected).abs().max().item() <= TOL
+
+    again = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
+    columns = save(state(dora_net(again, "lora-dora-columns")), tmp_path / "columns.safetensors")
+    with pytest.raises(LoRAError, match=r"lycoris_.*attn_(to|add)_.*per input column on a part of"):
+        apply_lora(copy.deepcopy(base), columns)
+
+
+def test_dora_strength_scales_from_the_base_to_the_decomposed_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At strength s a layer is ``W + s * (W_dora - W)`` (ComfyUI's rule; 0 is the base model), W_dora taken
+    from LyCORIS' own merged weight; merged and unmerged agree, and unmerging restores the base exactly."""
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    base = random_model()
+    wrapped = copy.deepcopy(base)
+    net = dora_net(wrapped, "lora-dora-rows")
+    s = 0.6
+    by_hand = copy.deepcopy(base)
+    layers = {"lora_unet_" + p.replace(".", "_"): p for p, _m in base.named_modules()}
+    with torch.no_grad():
+        for lora in net.loras:
+            w_dora = lora.get_merged_weight(multiplier=1)[0]
+            layer = by_hand.get_submodule(layers[lora.lora_name])
+            layer.weight.copy_(layer.weight + s * (w_dora - layer.weight))
+    model = copy.deepcopy(base)
+    apply_lora(model, save(state(net), tmp_path / "dora.safetensors"), scale=s)
+    x = inputs()
+    with torch.no_grad():
+        want, unmerged = by_hand(**x), model(**x)
+        merge_lora(model)
+        merged = model(**x)
+        set_lora_scale(model, "dora", 0.0)
+        zero = model(**x)
+        unmerge_lora(model)
+        plain = base(**x)
+    assert (want - plain).abs().max() > 0.05
+    assert (unmerged - want).abs().max().item() <= TOL
+    assert (merged - want).abs().max().item() <= TOL
+    assert (zero - plain).abs().max().item() <= TOL
+    remove_lora(model)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True)
+    )
+
+
+def test_dora_merges_into_a_bundle_and_refuses_resize_and_convert(tmp_path: Path) -> None:
+    cfg, flux, ae = tiny_models(description="random weights for a test", training={"stage": "t2i", "step": 1})
+    tiny_flux.randomize_(flux, seed=2)
+    base = tmp_path / "base"
+    save_bundle(base, cfg, flux.state_dict(), ae.state_dict())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+        dora = save(
+            state(dora_net(copy.deepcopy(flux), "lora-dora-columns", seed=4)), tmp_path / "d.safetensors"
+        )
+    out, _ = merge_loras(base, [(dora, 0.7)], tmp_path / "merged")
+    request = GenerationRequest("a red circle", steps=3, seed=5, width=32, height=32)
+    pipe = load(base, device="cpu")
+    plain = np.asarray(pipe.generate(request)[0].image).astype(int)
+    pipe.add_lora(dora, 0.7)
+    want = np.asarray(pipe.generate(request)[0].image).astype(int)
+    got = np.asarray(load(out, device="cpu").generate(request)[0].image).astype(int)
+    assert np.abs(want - plain).max() > 10
+    assert np.abs(got - want).max() <= 1
+    linears = {
+        p: (m.in_features, m.out_features) for p, m in flux.named_modules() if isinstance(m, nn.Linear)
+    }
+    updates, _ = read_lora(dora, linears)
+    with pytest.raises(LoRAError, match="is a DoRA update, whose change depends on the weights"):
+        resize_lora(updates, rank=2)
+    with pytest.raises(LoRAError, match="is a DoRA update"):
+        write_lora(updates, tmp_path / "no.safetensors", "kohya")
+    assert lora_summary(dora)["algorithms"] == ["lora+dora"]

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pictor.lora_files import lora_file_hash
+from pictor.lora_tools import model_linears
 from pictor.models.lora import linear_layers
 from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.serve.job_requests import batch_key
@@ -279,3 +280,36 @@ def test_odd_files_are_left_out_and_a_refresh_reads_outside_the_lock(
         "RuntimeError('an unforeseen failure')"
         in {x["file"]: x["reason"] for x in listing["unusable"]}["weird.safetensors"]
     )
+
+
+def _lokr_file(path: Path, seed: int = 0) -> Path:
+    """A LyCORIS LoKr in kohya's names on every linear layer of the tiny model: two whole factors (scale 1),
+    w1 2 x 2 where both sides are even."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for layer, (n_in, n_out) in model_linears("tiny").items():
+        a, b = (2 if n_out % 2 == 0 else 1), (2 if n_in % 2 == 0 else 1)
+        name = "lora_unet_" + layer.replace(".", "_")
+        sd[f"{name}.lokr_w1"] = torch.randn(a, b, generator=gen)
+        sd[f"{name}.lokr_w2"] = 0.05 * torch.randn(n_out // a, n_in // b, generator=gen)
+    save_file(sd, path)
+    return path
+
+
+def test_a_lokr_file_is_listed_and_drawn_like_the_library_draws_it(
+    make_client: Callable[..., TestClient], tmp_path: Path, fresh_tiny: Callable[[], Pipeline]
+) -> None:
+    folder = tmp_path / "lycoris"
+    folder.mkdir()
+    path = _lokr_file(folder / "kron.safetensors")
+    client = make_client(fresh_tiny(), lora_dir=folder)
+    (entry,) = client.get("/v1/loras").json()["data"]
+    assert entry["name"] == "kron" and entry["sha256"] == lora_file_hash(path)
+    plain, _ = _image(client)
+    drawn, record = _image(client, loras=[{"name": "kron", "scale": 0.7}])
+    assert record["loras"][0]["sha256"] == lora_file_hash(path)
+    assert np.abs(drawn.astype(int) - plain).max() > 10
+    direct = fresh_tiny()
+    direct.add_lora(path, 0.7)
+    (want,) = direct.generate(GenerationRequest("a red circle", width=32, height=32, seed=7))
+    assert np.array_equal(drawn, np.asarray(want.image))

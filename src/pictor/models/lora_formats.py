@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pictor.models.lora_updates import KronPiece, KronUpdate, LayerUpdate, LoRAError, LoRAUpdate
+from pictor.models.lora_updates import DoRAUpdate, KronPiece, KronUpdate, LayerUpdate, LoRAError, LoRAUpdate
 from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_update, lokr_piece
 
 __all__ = [
+    "DoRAUpdate",
     "KronUpdate",
     "LayerUpdate",
     "LoRAError",
@@ -59,12 +60,13 @@ _SUFFIXES = {
     ".lora.down.weight": "A",  # diffusers' older LoRACompatibleLinear layout
     ".lora.up.weight": "B",
     ".alpha": "alpha",
+    ".dora_scale": "dora_scale",  # DoRA's magnitude (kohya, LyCORIS)
     **{f".{role}": role for role in LOHA_ROLES + LOKR_ROLES},
 }
+_SCALARS = frozenset({"alpha", "dora_scale"})  # roles that scale a module's weights, not weights
 # variants pictor cannot apply, named so the error says what the file is
 _UNSUPPORTED = {
-    ".dora_scale": "DoRA (weight-decomposed LoRA)",
-    ".lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
+    ".lora_magnitude_vector": "PEFT DoRA (diffusers' layout; kohya's and LyCORIS' dora_scale is read)",
     ".hada_t1": "LoHa with Tucker factors (a convolution LyCORIS)",
     ".hada_t2": "LoHa with Tucker factors (a convolution LyCORIS)",
     ".lokr_t2": "LoKr with Tucker factors (a convolution LyCORIS)",
@@ -152,7 +154,7 @@ class _Module:
 
     @property
     def algo(self) -> str:
-        roles = set(self.entries) - {"alpha"}
+        roles = set(self.entries) - _SCALARS
         if roles & set(LOHA_ROLES):
             return "loha"
         if roles & set(LOKR_ROLES):
@@ -162,7 +164,7 @@ class _Module:
     @property
     def key(self) -> str:
         """A key of the module to quote in messages (a weight's, not its alpha's)."""
-        return next((k for role, (k, _t) in self.entries.items() if role != "alpha"), self.keys()[0])
+        return next((k for role, (k, _t) in self.entries.items() if role not in _SCALARS), self.keys()[0])
 
     def keys(self) -> list[str]:
         return [k for k, _t in self.entries.values()]
@@ -202,9 +204,11 @@ def _group(sd: Mapping[str, Tensor]) -> dict[str, _Module]:
             raise _unsupported(key)
         groups.setdefault(key[: -len(suffix)], _Module({})).entries[_SUFFIXES[suffix]] = (key, value)
     for module, mod in groups.items():
-        roles = set(mod.entries) - {"alpha"}
+        roles = set(mod.entries) - _SCALARS
         if not roles:
-            raise LoRAError(f"LoRA key '{mod.key}': module '{module}' has an alpha but no weights")
+            raise LoRAError(
+                f"LoRA key '{mod.key}': module '{module}' has an alpha or a DoRA scale but no weights"
+            )
         kinds = {"lora" if r in ("A", "B") else "loha" if r in LOHA_ROLES else "lokr" for r in roles}
         if len(kinds) > 1:
             raise LoRAError(
@@ -232,8 +236,12 @@ def _check_pair(module: str, mod: _Module) -> None:
 
 
 def module_kinds(sd: Mapping[str, Tensor]) -> dict[str, tuple[str, int | None]]:
-    """What a file holds, read without a model: module name -> (algorithm, rank), see ``_Module.rank``."""
-    return {module: (mod.algo, mod.rank) for module, mod in _group(sd).items()}
+    """What a file holds, read without a model: module name -> (algorithm, rank), see ``_Module.rank``; a
+    weight-decomposed module's algorithm reads ``lora+dora`` (``lokr+dora`` ...)."""
+    return {
+        module: (mod.algo + ("+dora" if "dora_scale" in mod.entries else ""), mod.rank)
+        for module, mod in _group(sd).items()
+    }
 
 
 def _strip(name: str, prefixes: tuple[str, ...]) -> str:
@@ -403,20 +411,43 @@ def _flat_names(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, 
 
 
 def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
-    """The module's update: LoRA and LoHa as A/B factors, LoKr as its Kronecker factors. ``lora_alpha`` is
-    a plain LoRA's alpha when the file has no alpha tensor (the layout's default)."""
+    """The module's update: LoRA and LoHa as A/B factors, LoKr as its Kronecker factors, either inside a
+    :class:`DoRAUpdate` when the module has a DoRA scale. ``lora_alpha`` is a plain LoRA's alpha when the
+    file has no alpha tensor (the layout's default)."""
     alpha = _tensor_alpha(mod)
+    inner: LoRAUpdate | KronUpdate
     if mod.algo == "loha":
-        return loha_update(mod.entries, alpha)
-    if mod.algo == "lokr":
+        inner = loha_update(mod.entries, alpha)
+    elif mod.algo == "lokr":
         piece = lokr_piece(mod.entries, alpha)
-        return KronUpdate([piece], piece.rows, mod.key)
-    a, b = mod.tensor("A"), mod.tensor("B")
-    return LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
+        inner = KronUpdate([piece], piece.rows, mod.key)
+    else:
+        a, b = mod.tensor("A"), mod.tensor("B")
+        inner = LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
+    if "dora_scale" not in mod.entries:
+        return inner
+    key, scale = mod.entries["dora_scale"]
+    out, inputs = inner.shape
+    if scale.ndim == 2 and tuple(scale.shape) == (out, 1):
+        return DoRAUpdate(inner, scale.float(), on_out=True)
+    if scale.ndim == 2 and tuple(scale.shape) == (1, inputs):
+        return DoRAUpdate(inner, scale.float(), on_out=False)
+    raise LoRAError(
+        f"LoRA key '{key}' is {tuple(scale.shape)}, but a DoRA scale for this [{out} x {inputs}] update is "
+        f"[{out}, 1] (per output row) or [1, {inputs}] (per input column)"
+    )
 
 
 def _swapped(update: LayerUpdate) -> LayerUpdate:
     """diffusers' (scale, shift) output rows -> FLUX's (shift, scale)."""
+    if isinstance(update, DoRAUpdate):
+        magnitude = update.magnitude
+        if update.on_out:
+            scale, shift = magnitude.chunk(2, dim=0)
+            magnitude = torch.cat([shift, scale])
+        inner = _swapped(update.inner)
+        assert not isinstance(inner, DoRAUpdate)
+        return DoRAUpdate(inner, magnitude, update.on_out)
     if isinstance(update, LoRAUpdate):
         scale, shift = update.B.chunk(2, dim=0)
         return LoRAUpdate(update.A, torch.cat([shift, scale]), update.alpha, update.source)
@@ -426,7 +457,26 @@ def _swapped(update: LayerUpdate) -> LayerUpdate:
 
 
 def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> LayerUpdate:
-    """Updates of parts of a fused layer (q, k, v ...) -> one update of the layer."""
+    """Updates of parts of a fused layer (q, k, v ...) -> one update of the layer. Parts with DoRA scales
+    per output row keep them on their rows (the norm of a row is the row's alone); a part's DoRA per input
+    column spans only that part's rows, which the fused layer cannot express, so it is refused."""
+    dora = {i: u for i, u in parts.items() if isinstance(u, DoRAUpdate)}
+    if dora:
+        column = next((u for u in dora.values() if not u.on_out), None)
+        if column is not None:
+            raise LoRAError(
+                f"LoRA key '{column.source}': a DoRA scale per input column on a part of '{path}' (diffusers "
+                "splits q/k/v) cannot be applied to FLUX's fused layer; only per-output-row DoRA scales can"
+            )
+        inner = _fuse_parts(
+            {i: u.inner if isinstance(u, DoRAUpdate) else u for i, u in parts.items()}, sizes, path
+        )
+        assert not isinstance(inner, DoRAUpdate)
+        magnitude = torch.full((sum(sizes), 1), float("nan"))
+        for i, u in dora.items():
+            row = sum(sizes[:i])
+            magnitude[row : row + sizes[i]] = u.magnitude
+        return DoRAUpdate(inner, magnitude, on_out=True)
     kinds = {type(u) for u in parts.values()}
     if len(kinds) > 1:
         raise LoRAError(

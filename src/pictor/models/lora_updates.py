@@ -8,7 +8,8 @@ Two kinds of update:
   the product is usually full rank: written as a LoRA it would be as large as the weight itself.
 
 Both give their dense ``delta()`` (float64, for merging into weights) and hold only finite numbers or say
-not (:meth:`finite`).
+not (:meth:`finite`). Either may be weight-decomposed (:class:`DoRAUpdate`), whose change depends on the
+weight it is applied to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["KronPiece", "KronUpdate", "LayerUpdate", "LoRAError", "LoRAUpdate"]
+__all__ = ["DoRAUpdate", "KronPiece", "KronUpdate", "LayerUpdate", "LoRAError", "LoRAUpdate", "dora_ratio"]
 
 
 class LoRAError(ValueError):
@@ -124,4 +125,46 @@ class KronUpdate:
         )
 
 
-LayerUpdate = LoRAUpdate | KronUpdate
+@dataclass
+class DoRAUpdate:
+    """A weight-decomposed update (DoRA, LyCORIS' ``dora_scale``): the layer becomes ``W + s * (m / |W + dW| *
+    (W + dW) - W)`` at strength s, ``dW`` the inner LoRA/LoHa/LoKr update and the norm taken per output row
+    (``on_out``, magnitude ``[out, 1]``) or per input column (``[1, in]``). Rows whose magnitude is NaN take
+    no decomposition (parts of a fused layer the file left without one): there the update is plain ``dW``."""
+
+    inner: LoRAUpdate | KronUpdate
+    magnitude: Tensor
+    on_out: bool
+
+    @property
+    def source(self) -> str:
+        return self.inner.source
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.inner.shape
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    def merged_delta(self, weight: Tensor) -> Tensor:
+        """The update at strength 1 on base weight ``weight``: ``ratio * (W + dW) - W`` (float64)."""
+        w, delta = weight.double(), self.inner.delta().to(weight.device)
+        r = dora_ratio(self.magnitude, w, delta, self.on_out)
+        return (r[:, None] if self.on_out else r[None, :]) * (w + delta) - w
+
+    def finite(self) -> bool:
+        return self.inner.finite() and not bool(torch.isinf(self.magnitude).any())
+
+
+LayerUpdate = LoRAUpdate | KronUpdate | DoRAUpdate
+
+
+def dora_ratio(magnitude: Tensor, weight: Tensor, delta: Tensor, on_out: bool) -> Tensor:
+    """DoRA's ``m / (|W + dW| + eps)`` as a float64 vector (per output row, or per input column), eps being
+    float32's as LyCORIS adds it; NaN magnitudes (rows without DoRA) give 1."""
+    merged = weight.double() + delta.double().to(weight.device)
+    norm = merged.norm(dim=1) if on_out else merged.norm(dim=0)
+    ratio = magnitude.double().to(weight.device).reshape(-1) / (norm + torch.finfo(torch.float32).eps)
+    return torch.where(torch.isnan(ratio), torch.ones_like(ratio), ratio)
