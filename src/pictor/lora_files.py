@@ -3,7 +3,7 @@
 Reading a file gives its tensors and header; :func:`pictor.models.lora_formats.to_flux_updates` maps their
 keys (native, diffusers/PEFT, kohya or LyCORIS layout; LoRA, LoHa or LoKr) onto the model's FLUX.1 layer
 names, and :func:`apply_lora` installs them as a new, frozen adapter of :mod:`pictor.models.lora` (a
-:class:`~pictor.models.kron_adapter.KronAdapter` for LoKr). Saving writes the native layout with
+:class:`~pictor.models.kron_adapter.FactoredAdapter` for LoKr). Saving writes the native layout with
 rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refuse_pickle, write_safetensors
 from pictor.models.dora_adapter import DoRAAdapter
-from pictor.models.kron_adapter import KronAdapter
+from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.lora import (
     LoRAAdapter,
     LoRALinear,
@@ -34,7 +34,7 @@ from pictor.models.lora import (
     list_loras,
     wrap_linear,
 )
-from pictor.models.lora_formats import KronUpdate, LayerUpdate, LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora_formats import FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate, to_flux_updates
 from pictor.models.lora_updates import DoRAUpdate, dora_ratio
 
 __all__ = [
@@ -162,10 +162,10 @@ def _install(wrapper: LoRALinear, name: str, update: LayerUpdate, scale: float) 
 
 
 @torch.no_grad()
-def _adapter(wrapper: LoRALinear, update: LoRAUpdate | KronUpdate, scale: float) -> nn.Module:
+def _adapter(wrapper: LoRALinear, update: LoRAUpdate | FactoredUpdate, scale: float) -> nn.Module:
     w = wrapper.weight
-    if isinstance(update, KronUpdate):
-        return KronAdapter(update, scale, w.device, adapter_dtype(w)).requires_grad_(False)
+    if isinstance(update, FactoredUpdate):
+        return FactoredAdapter(update, scale, w.device, adapter_dtype(w)).requires_grad_(False)
     adapter = LoRAAdapter(
         wrapper.in_features,
         wrapper.out_features,

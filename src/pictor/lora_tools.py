@@ -29,7 +29,7 @@ from pictor.models.lora_export import diffusers_keys, kohya_keys
 from pictor.models.lora_formats import (
     KOHYA_TEXT_PREFIXES,
     DoRAUpdate,
-    KronUpdate,
+    FactoredUpdate,
     LayerUpdate,
     LoRAError,
     LoRAUpdate,
@@ -93,13 +93,16 @@ def low_rank(delta: Tensor, rank: int, energy: float | None = None) -> tuple[Ten
 
 
 def resized(update: LayerUpdate, rank: int, energy: float | None = None) -> tuple[LoRAUpdate, float]:
-    """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank. A LoKr
-    update is cut from its dense product: the best rank-r LoRA there is for it."""
+    """``update`` cut to ``rank`` (or the fewest singular values keeping ``energy``), alpha = rank. A LoHa is
+    cut as the LoRA it is; a LoKr from its dense product: the best rank-r LoRA there is for it."""
     if isinstance(update, DoRAUpdate):
         raise LoRAError(_DORA.format(update.source))
-    if isinstance(update, KronUpdate):
-        a, b, kept = low_rank(update.delta(), rank, energy)
-        return LoRAUpdate(a, b, float(a.shape[0]), update.source), kept
+    if isinstance(update, FactoredUpdate):
+        lora = update.as_lora()
+        if lora is None:
+            a, b, kept = low_rank(update.delta(), rank, energy)
+            return LoRAUpdate(a, b, float(a.shape[0]), update.source), kept
+        update = lora
     a, b = update.A.float(), update.B.float() * (update.alpha / update.rank)
     qb, rb = torch.linalg.qr(b)  # B = Qb Rb: [out, r] [r, r]
     qa, ra = torch.linalg.qr(a.T)  # A^T = Qa Ra: [in, r] [r, r]
@@ -173,7 +176,9 @@ def lora_tensors(updates: Mapping[str, LayerUpdate], fmt: str) -> tuple[dict[str
     dora = next((u.source for u in updates.values() if isinstance(u, DoRAUpdate)), None)
     if dora is not None:
         raise LoRAError(_DORA.format(dora))
-    kron = next((u.source for u in updates.values() if isinstance(u, KronUpdate)), None)
+    # LoHa is a LoRA exactly (of rank r1 r2); LoKr is not
+    updates = {p: u.as_lora() or u if isinstance(u, FactoredUpdate) else u for p, u in updates.items()}
+    kron = next((u.source for u in updates.values() if isinstance(u, FactoredUpdate)), None)
     if kron is not None:
         raise LoRAError(
             f"'{kron}' is a LoKr update (a Kronecker product, usually of full rank), which no LoRA layout "

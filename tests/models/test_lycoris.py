@@ -21,10 +21,10 @@ from pictor.loading import load
 from pictor.lora_files import apply_lora
 from pictor.lora_merge import merge_loras
 from pictor.lora_tools import lora_summary, read_lora, resize_lora, write_lora
+from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
-from pictor.models.kron_adapter import KronAdapter
-from pictor.models.lora import LoRAAdapter, LoRALinear, merge_lora, remove_lora, set_lora_scale, unmerge_lora
-from pictor.models.lora_formats import KronUpdate, LoRAError, LoRAUpdate, to_flux_updates
+from pictor.models.lora import LoRALinear, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from pictor.models.lora_formats import FactoredUpdate, LoRAError, to_flux_updates
 from pictor.pipeline import GenerationRequest
 
 import tiny_flux
@@ -113,9 +113,10 @@ def test_file_made_on_diffusers_flux_drives_ours_like_lycoris_drives_diffusers(
         out, plain = model(**x), base(**x)
     assert (expected - plain).abs().max() > 0.05  # the file changes the output
     assert (out - expected).abs().max().item() <= TOL
-    kind = KronAdapter if CONFIGS[config][0] == "lokr" else LoRAAdapter
-    qkv = model.get_submodule("single_blocks.0.linear1")
-    assert isinstance(qkv, LoRALinear) and isinstance(qkv.adapters[config], kind)
+    # run from the factors: q, k, v and the MLP input as four pieces of single_blocks.0.linear1
+    adapter = model.get_submodule("single_blocks.0.linear1").adapters[config]
+    assert isinstance(adapter, FactoredAdapter) and adapter.kind == CONFIGS[config][0]
+    assert len(adapter.holders) == 4
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,8 @@ def test_loha_is_an_exact_lora_of_rank_r_squared_and_lokr_resizes(tmp_path: Path
     }
     loha = save(wrap(copy.deepcopy(base), "loha", 1.0), tmp_path / "loha.safetensors")
     updates, _ = read_lora(loha, linears)
-    assert {u.rank for u in updates.values() if isinstance(u, LoRAUpdate)} == {16}
+    assert all(isinstance(u, FactoredUpdate) and u.kind == "loha" for u in updates.values())
+    assert {u.rank for u in updates.values()} == {16}
     write_lora(updates, tmp_path / "loha-kohya.safetensors", "kohya")
     one, two = copy.deepcopy(base), copy.deepcopy(base)
     apply_lora(one, loha)
@@ -188,7 +190,7 @@ def test_loha_is_an_exact_lora_of_rank_r_squared_and_lokr_resizes(tmp_path: Path
 
     lokr = save(wrap(copy.deepcopy(base), "lokr-full", 1.0), tmp_path / "lokr.safetensors")
     updates, _ = read_lora(lokr, linears)
-    assert all(isinstance(u, KronUpdate) for u in updates.values())
+    assert all(isinstance(u, FactoredUpdate) for u in updates.values())
     with pytest.raises(LoRAError, match=r"LoKr update .* `pictor lora resize --rank R`"):
         write_lora(updates, tmp_path / "no.safetensors", "kohya")
     full, report = resize_lora(updates, rank=32)  # every layer is at most 32 wide: the cut keeps it all

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pictor.models.lora_updates import DoRAUpdate, KronPiece, KronUpdate, LayerUpdate, LoRAError, LoRAUpdate
-from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_update, lokr_piece
+from pictor.models.lora_updates import DoRAUpdate, FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate, Piece
+from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_piece, lokr_piece
 
 __all__ = [
     "DoRAUpdate",
-    "KronUpdate",
+    "FactoredUpdate",
     "LayerUpdate",
     "LoRAError",
     "LoRAUpdate",
@@ -415,12 +415,10 @@ def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
     :class:`DoRAUpdate` when the module has a DoRA scale. ``lora_alpha`` is a plain LoRA's alpha when the
     file has no alpha tensor (the layout's default)."""
     alpha = _tensor_alpha(mod)
-    inner: LoRAUpdate | KronUpdate
-    if mod.algo == "loha":
-        inner = loha_update(mod.entries, alpha)
-    elif mod.algo == "lokr":
-        piece = lokr_piece(mod.entries, alpha)
-        inner = KronUpdate([piece], piece.rows, mod.key)
+    inner: LoRAUpdate | FactoredUpdate
+    if mod.algo in ("loha", "lokr"):
+        piece = loha_piece(mod.entries, alpha) if mod.algo == "loha" else lokr_piece(mod.entries, alpha)
+        inner = FactoredUpdate([piece], piece.rows, mod.key)
     else:
         a, b = mod.tensor("A"), mod.tensor("B")
         inner = LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
@@ -453,7 +451,7 @@ def _swapped(update: LayerUpdate) -> LayerUpdate:
         return LoRAUpdate(update.A, torch.cat([shift, scale]), update.alpha, update.source)
     half = update.out_features // 2
     perm = torch.cat([torch.arange(half, update.out_features), torch.arange(half)])
-    return KronUpdate(update.pieces, update.out_features, update.source, perm)
+    return FactoredUpdate(update.pieces, update.out_features, update.source, perm)
 
 
 def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> LayerUpdate:
@@ -477,17 +475,18 @@ def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> L
             row = sum(sizes[:i])
             magnitude[row : row + sizes[i]] = u.magnitude
         return DoRAUpdate(inner, magnitude, on_out=True)
-    kinds = {type(u) for u in parts.values()}
+    kinds = {u.kind if isinstance(u, FactoredUpdate) else "lora" for u in parts.values()}
     if len(kinds) > 1:
         raise LoRAError(
-            f"LoRA key '{next(iter(parts.values())).source}': the parts of '{path}' mix LoRA and LoKr updates"
+            f"LoRA key '{next(iter(parts.values())).source}': the parts of '{path}' mix "
+            f"{' and '.join(sorted(kinds))} updates"
         )
-    if kinds == {LoRAUpdate}:
+    if kinds == {"lora"}:
         lora = {i: u for i, u in parts.items() if isinstance(u, LoRAUpdate)}
         return _fuse({i: (u.source, u.A, u.B, u.alpha) for i, u in lora.items()}, sizes, path)
-    pieces: list[KronPiece] = []
+    pieces: list[Piece] = []
     for i, u in parts.items():
-        assert isinstance(u, KronUpdate) and len(u.pieces) == 1 and u.perm is None
+        assert isinstance(u, FactoredUpdate) and len(u.pieces) == 1 and u.perm is None
         piece = u.pieces[0]
         if piece.rows != sizes[i]:
             raise LoRAError(
@@ -496,7 +495,7 @@ def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> L
             )
         piece.offset = sum(sizes[:i])
         pieces.append(piece)
-    return KronUpdate(pieces, sum(sizes), next(iter(parts.values())).source)
+    return FactoredUpdate(pieces, sum(sizes), next(iter(parts.values())).source)
 
 
 def to_flux_updates(

@@ -2,10 +2,10 @@
 
 Two kinds of update:
 
-- :class:`LoRAUpdate`: ``W += alpha / rank * B @ A`` (LoRA, and LoHa, which is one exactly, see
-  :mod:`pictor.models.lycoris`);
-- :class:`KronUpdate`: ``W += factor * kron(w1, w2)`` (LyCORIS LoKr), kept as its Kronecker factors because
-  the product is usually full rank: written as a LoRA it would be as large as the weight itself.
+- :class:`LoRAUpdate`: ``W += alpha / rank * B @ A``;
+- :class:`FactoredUpdate`: LyCORIS' LoKr (``factor * kron(w1, w2)``, usually of full rank: as a LoRA it
+  would be as large as the weight itself) or LoHa (a LoRA of rank r1 r2 exactly, but r1 r2 / (r1 + r2)
+  times larger as one than its factors), kept as their factors.
 
 Both give their dense ``delta()`` (float64, for merging into weights) and hold only finite numbers or say
 not (:meth:`finite`). Either may be weight-decomposed (:class:`DoRAUpdate`), whose change depends on the
@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["DoRAUpdate", "KronPiece", "KronUpdate", "LayerUpdate", "LoRAError", "LoRAUpdate", "dora_ratio"]
+__all__ = [
+    "PIECE_KINDS",
+    "DoRAUpdate",
+    "FactoredUpdate",
+    "HadaPiece",
+    "KronPiece",
+    "LayerUpdate",
+    "LoRAError",
+    "LoRAUpdate",
+    "Piece",
+    "dora_ratio",
+]
 
 
 class LoRAError(ValueError):
@@ -55,8 +66,8 @@ class LoRAUpdate:
 
 @dataclass
 class KronPiece:
-    """``factor * kron(w1, w2)`` on output rows ``offset`` .. ``offset + rows``, w2 given whole ``[c, d]`` or
-    as ``w2_a [c, r] @ w2_b [r, d]``. w1 is ``[a, b]``: the piece has a*c rows and b*d inputs."""
+    """LoKr: ``factor * kron(w1, w2)`` on output rows ``offset`` .. ``offset + rows``, w2 given whole
+    ``[c, d]`` or as ``w2_a [c, r] @ w2_b [r, d]``. w1 is ``[a, b]``: the piece has a*c rows, b*d inputs."""
 
     offset: int
     w1: Tensor
@@ -64,6 +75,8 @@ class KronPiece:
     w2_a: Tensor | None
     w2_b: Tensor | None
     factor: float
+    kind = "lokr"
+    fields = ("w1", "w2", "w2_a", "w2_b")
 
     @property
     def rows(self) -> int:
@@ -88,18 +101,91 @@ class KronPiece:
         r2 = min(self.w2.shape) if self.w2 is not None else self.w2_a.shape[1]  # type: ignore[union-attr]
         return int(min(self.w1.shape) * r2)
 
+    def apply(self, x: Tensor) -> Tensor:
+        """``x [N, in] -> [N, rows]`` without the product: with x's rows viewed as ``X [b, d]``, the output
+        viewed as ``[a, c]`` is ``w1 X w2^T``."""
+        xr = x.reshape(x.shape[0], self.w1.shape[1], -1)  # [N, b, d]
+        # [N, b, c]: w2 applied to each of the b rows of X (through its rank-r factors when split)
+        z = xr @ self.w2.T if self.w2 is not None else (xr @ self.w2_b.T) @ self.w2_a.T  # type: ignore[union-attr]
+        return torch.matmul(self.w1, z).reshape(x.shape[0], -1) * self.factor
+
 
 @dataclass
-class KronUpdate:
-    """One layer's LoKr update: pieces on row ranges of its output (one piece for a layer named whole; one
-    per part for q/k/v trained apart and fused here), then the output rows reordered by ``perm`` when the
-    file's layer orders them differently (diffusers' final layer: (scale, shift) against FLUX's (shift,
-    scale))."""
+class HadaPiece:
+    """LoHa: ``factor * (w1_a @ w1_b) * (w2_a @ w2_b)`` (elementwise) on output rows ``offset`` ..
 
-    pieces: list[KronPiece]
+    It is a LoRA of rank r1 r2 exactly (:meth:`as_lora`), but one that holds r1 r2 (out + in) numbers where
+    the factors hold (r1 + r2) (out + in): 16 times more at rank 16, so runs keep the factors (:meth:`apply`).
+    """
+
+    offset: int
+    w1_a: Tensor
+    w1_b: Tensor
+    w2_a: Tensor
+    w2_b: Tensor
+    factor: float
+    kind = "loha"
+    fields = ("w1_a", "w1_b", "w2_a", "w2_b")
+
+    @property
+    def rows(self) -> int:
+        return int(self.w1_a.shape[0])
+
+    @property
+    def inputs(self) -> int:
+        return int(self.w1_b.shape[1])
+
+    def tensors(self) -> list[Tensor]:
+        return [self.w1_a, self.w1_b, self.w2_a, self.w2_b]
+
+    def dense(self) -> Tensor:
+        return (
+            self.factor
+            * (self.w1_a.double() @ self.w1_b.double())
+            * (self.w2_a.double() @ self.w2_b.double())
+        )
+
+    def rank_bound(self) -> int:
+        return int(self.w1_b.shape[0] * self.w2_b.shape[0])
+
+    def as_lora(self) -> tuple[Tensor, Tensor]:
+        """(A [r1 r2, in], B [out, r1 r2]) with ``B @ A`` this piece (factor folded into B): entry (i, j) is
+        ``sum_{p,q} w1_a[i,p] w2_a[i,q] w1_b[p,j] w2_b[q,j]``, so B and A are the row- and column-wise
+        Khatri-Rao products of the factors."""
+        r1, r2 = self.w1_b.shape[0], self.w2_b.shape[0]
+        b = (self.w1_a[:, :, None] * self.w2_a[:, None, :]).reshape(self.rows, r1 * r2) * self.factor
+        a = (self.w1_b[:, None, :] * self.w2_b[None, :, :]).reshape(r1 * r2, self.inputs)
+        return a, b
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x [N, in] -> [N, rows]`` as the rank-r1 r2 LoRA, one of w1's r1 ranks at a time (never more
+        than an input- or output-sized intermediate per token)."""
+        out = x.new_zeros(x.shape[0], self.rows)
+        for p in range(self.w1_b.shape[0]):
+            h = (x * self.w1_b[p]) @ self.w2_b.T  # [N, r2]: sum_j x_j w1_b[p,j] w2_b[q,j]
+            out += (h @ self.w2_a.T) * self.w1_a[:, p]  # sum_q w2_a[i,q] h_q, times w1_a[i,p]
+        return out * self.factor
+
+
+Piece = KronPiece | HadaPiece
+PIECE_KINDS: dict[str, type[KronPiece] | type[HadaPiece]] = {"lokr": KronPiece, "loha": HadaPiece}
+
+
+@dataclass
+class FactoredUpdate:
+    """One layer's LoKr or LoHa update, kept as its factors: pieces on row ranges of the output (one piece
+    for a layer named whole; one per part for q/k/v trained apart and fused here), then the output rows
+    reordered by ``perm`` when the file's layer orders them differently (diffusers' final layer: (scale,
+    shift) against FLUX's (shift, scale))."""
+
+    pieces: list[Piece]
     out_features: int
     source: str
     perm: Tensor | None = field(default=None)
+
+    @property
+    def kind(self) -> str:
+        return self.pieces[0].kind
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,16 +193,32 @@ class KronUpdate:
 
     @property
     def rank(self) -> int:
-        """An upper bound of the update's rank (what listings show as a LoKr's rank)."""
+        """An upper bound of the update's rank (what listings show as a LoKr's or LoHa's rank)."""
         out, inputs = self.shape
         return min(out, inputs, sum(p.rank_bound() for p in self.pieces))
 
     def delta(self) -> Tensor:
         out, inputs = self.shape
-        total = torch.zeros(out, inputs, dtype=torch.float64, device=self.pieces[0].w1.device)
+        total = torch.zeros(out, inputs, dtype=torch.float64, device=self.pieces[0].tensors()[0].device)
         for p in self.pieces:
             total[p.offset : p.offset + p.rows] = p.dense()
-        return total if self.perm is None else total[self.perm]
+        return total if self.perm is None else total[self.perm.to(total.device)]
+
+    def as_lora(self) -> LoRAUpdate | None:
+        """The same update as a LoRA, exactly (LoHa: rank r1 r2 per piece); None for LoKr, whose product is
+        usually of full rank."""
+        if not all(isinstance(p, HadaPiece) for p in self.pieces):
+            return None
+        factors = [p.as_lora() for p in self.pieces if isinstance(p, HadaPiece)]
+        a = torch.cat([f[0] for f in factors])
+        b = a.new_zeros(self.out_features, a.shape[0])
+        col = 0
+        for p, (pa, pb) in zip(self.pieces, factors, strict=True):
+            b[p.offset : p.offset + p.rows, col : col + pa.shape[0]] = pb
+            col += pa.shape[0]
+        if self.perm is not None:
+            b = b[self.perm]
+        return LoRAUpdate(a, b, float(a.shape[0]), self.source)
 
     def finite(self) -> bool:
         tensors = [t for p in self.pieces for t in p.tensors()]
@@ -132,7 +234,7 @@ class DoRAUpdate:
     (``on_out``, magnitude ``[out, 1]``) or per input column (``[1, in]``). Rows whose magnitude is NaN take
     no decomposition (parts of a fused layer the file left without one): there the update is plain ``dW``."""
 
-    inner: LoRAUpdate | KronUpdate
+    inner: LoRAUpdate | FactoredUpdate
     magnitude: Tensor
     on_out: bool
 
@@ -158,7 +260,7 @@ class DoRAUpdate:
         return self.inner.finite() and not bool(torch.isinf(self.magnitude).any())
 
 
-LayerUpdate = LoRAUpdate | KronUpdate | DoRAUpdate
+LayerUpdate = LoRAUpdate | FactoredUpdate | DoRAUpdate
 
 
 def dora_ratio(magnitude: Tensor, weight: Tensor, delta: Tensor, on_out: bool) -> Tensor:

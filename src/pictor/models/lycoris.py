@@ -2,9 +2,7 @@
 Forge and A1111 apply them with).
 
 - LoHa (``hada_w1_a/_b``, ``hada_w2_a/_b``): ``dW = alpha / r1 * (w1_a @ w1_b) * (w2_a @ w2_b)`` (elementwise
-  product). It is a LoRA exactly, of rank r1 * r2: entry (i, j) is ``sum_{p,q} w1_a[i,p] w2_a[i,q] w1_b[p,j]
-  w2_b[q,j]``, so ``B[i, (p,q)] = w1_a[i,p] w2_a[i,q]`` and ``A[(p,q), j] = w1_b[p,j] w2_b[q,j]`` (the row-
-  and column-wise Khatri-Rao products). Every LoRA path (unmerged, merged, resize, convert) then takes it.
+  product), a LoRA of rank r1 * r2 exactly (:meth:`~pictor.models.lora_updates.HadaPiece.as_lora`).
 - LoKr (``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b``): ``dW = factor * kron(w1, w2)``;
   factor = alpha / r, r the inner size of the decomposed factor (w2's if both are), and 1 when neither is
   decomposed (LyCORIS' "full matrix" mode trains them at scale 1 whatever alpha says).
@@ -19,9 +17,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from pictor.models.lora_updates import KronPiece, LoRAError, LoRAUpdate
+from pictor.models.lora_updates import HadaPiece, KronPiece, LoRAError
 
-__all__ = ["LOHA_ROLES", "LOKR_ROLES", "loha_update", "lokr_piece"]
+__all__ = ["LOHA_ROLES", "LOKR_ROLES", "loha_piece", "lokr_piece"]
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -53,8 +51,8 @@ def _alpha(alpha: float | None, rank: int) -> float:
     return float(alpha) if alpha else float(rank)
 
 
-def loha_update(entries: Entries, alpha: float | None) -> LoRAUpdate:
-    """A LoHa module's update as the exact LoRA of rank r1 * r2 (scale folded into B, alpha = rank)."""
+def loha_piece(entries: Entries, alpha: float | None) -> HadaPiece:
+    """A LoHa module as one piece, its factors as they are."""
     missing = [r for r in LOHA_ROLES if r not in entries]
     if missing:
         key = next(iter(entries.values()))[0]
@@ -66,11 +64,8 @@ def loha_update(entries: Entries, alpha: float | None) -> LoRAUpdate:
             f"LoRA key '{entries['hada_w1_a'][0]}': the LoHa's two products are "
             f"[{w1_a.shape[0]} x {w1_b.shape[1]}] and [{w2_a.shape[0]} x {w2_b.shape[1]}]; they must match"
         )
-    r1, r2 = w1_b.shape[0], w2_b.shape[0]
-    factor = _alpha(alpha, r1) / r1
-    b = (w1_a[:, :, None] * w2_a[:, None, :]).reshape(w1_a.shape[0], r1 * r2) * factor
-    a = (w1_b[:, None, :] * w2_b[None, :, :]).reshape(r1 * r2, w1_b.shape[1])
-    return LoRAUpdate(a.contiguous(), b.contiguous(), float(r1 * r2), entries["hada_w1_a"][0])
+    r1 = w1_b.shape[0]
+    return HadaPiece(0, w1_a, w1_b, w2_a, w2_b, _alpha(alpha, r1) / r1)
 
 
 def lokr_piece(entries: Entries, alpha: float | None, offset: int = 0) -> KronPiece:
