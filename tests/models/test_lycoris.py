@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pictor.checkpoint import save_bundle
 from pictor.loading import load
-from pictor.lora_files import apply_lora
+from pictor.lora_files import apply_lora, load_lora_file
 from pictor.lora_merge import merge_loras
 from pictor.lora_tools import lora_summary, read_lora, resize_lora, write_lora
 from pictor.models.factored_adapter import FactoredAdapter
@@ -253,7 +253,10 @@ def _lokr_file(**extra: Tensor) -> dict[str, Tensor]:
             {"set": (".dora_scale", torch.randn(3, 3))},
             r"\(3, 3\), but a DoRA scale .* is \[96, 1\] .* or \[1, 32\]",
         ),
-        ({"set": (".lora_magnitude_vector", torch.randn(96))}, "PEFT DoRA"),
+        (
+            {"set": (".lora_magnitude_vector", torch.randn(95))},
+            r"is \(95,\); a DoRA magnitude here is \[96\]",
+        ),
         ({"set": (".lora_up.weight", torch.randn(96, 4))}, "mixes lokr and lora tensors"),
         ({"set": (".hada_w1_a", torch.randn(96, 4))}, "mixes loha and lokr tensors"),
     ],
@@ -410,6 +413,50 @@ def test_dora_on_diffusers_split_parts_keeps_each_rows_scale(tmp_path: Path) -> 
     columns = save(state(dora_net(again, "lora-dora-columns")), tmp_path / "columns.safetensors")
     with pytest.raises(LoRAError, match=r"lycoris_.*attn_(to|add)_.*per input column on a part of"):
         apply_lora(copy.deepcopy(base), columns)
+
+
+PEFT_TARGETS = [  # every linear of diffusers' FluxTransformer2DModel, by PEFT's suffix match
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+    "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+    "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder", "context_embedder", "linear_1",
+    "linear_2",
+]  # fmt: skip
+
+
+def test_peft_dora_file_in_diffusers_layout_drives_ours_like_peft(tmp_path: Path) -> None:
+    """diffusers' DoRA training (PEFT ``use_dora``) saves ``transformer.<module>.lora_magnitude_vector`` [out]
+    beside lora_A / lora_B: per-row DoRA, split q/k/v fused row by row, norm_out's rows swapped."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    ref_mod = tiny_flux.load_reference()
+    base = random_model()
+    reference = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=2, use_dora=True, target_modules=PEFT_TARGETS))
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    # saved as diffusers' training scripts save it: alpha 2 at rank 4 only in the header's PEFT config
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(reference),
+        transformer_lora_adapter_metadata=reference.peft_config["default"].to_dict(),
+        weight_name="peft-dora.safetensors",
+    )
+    sd, _meta = load_lora_file(tmp_path / "peft-dora.safetensors")
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector" in sd
+    model = copy.deepcopy(base)
+    apply_lora(model, tmp_path / "peft-dora.safetensors")
+    x = inputs()
+    with torch.no_grad():
+        expected, out = ref_mod.reference_forward(reference, **x), model(**x)
+        assert (expected - base(**x)).abs().max() > 0.05
+    assert (out - expected).abs().max().item() <= TOL
+    assert lora_summary(tmp_path / "peft-dora.safetensors")["algorithms"] == ["lora+dora"]
 
 
 def test_dora_strength_scales_from_the_base_to_the_decomposed_weight(

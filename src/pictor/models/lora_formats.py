@@ -60,13 +60,14 @@ _SUFFIXES = {
     ".lora.down.weight": "A",  # diffusers' older LoRACompatibleLinear layout
     ".lora.up.weight": "B",
     ".alpha": "alpha",
-    ".dora_scale": "dora_scale",  # DoRA's magnitude (kohya, LyCORIS)
+    ".dora_scale": "dora_scale",  # DoRA's magnitude (kohya, LyCORIS): [out, 1] or [1, in]
+    ".lora_magnitude_vector": "magnitude",  # DoRA's magnitude (PEFT, diffusers): [out]
+    ".lora_magnitude_vector.weight": "magnitude",
     **{f".{role}": role for role in LOHA_ROLES + LOKR_ROLES},
 }
-_SCALARS = frozenset({"alpha", "dora_scale"})  # roles that scale a module's weights, not weights
+_SCALARS = frozenset({"alpha", "dora_scale", "magnitude"})  # roles that scale a module's weights, not weights
 # variants pictor cannot apply, named so the error says what the file is
 _UNSUPPORTED = {
-    ".lora_magnitude_vector": "PEFT DoRA (diffusers' layout; kohya's and LyCORIS' dora_scale is read)",
     ".hada_t1": "LoHa with Tucker factors (a convolution LyCORIS)",
     ".hada_t2": "LoHa with Tucker factors (a convolution LyCORIS)",
     ".lokr_t2": "LoKr with Tucker factors (a convolution LyCORIS)",
@@ -239,7 +240,7 @@ def module_kinds(sd: Mapping[str, Tensor]) -> dict[str, tuple[str, int | None]]:
     """What a file holds, read without a model: module name -> (algorithm, rank), see ``_Module.rank``; a
     weight-decomposed module's algorithm reads ``lora+dora`` (``lokr+dora`` ...)."""
     return {
-        module: (mod.algo + ("+dora" if "dora_scale" in mod.entries else ""), mod.rank)
+        module: (mod.algo + ("+dora" if {"dora_scale", "magnitude"} & set(mod.entries) else ""), mod.rank)
         for module, mod in _group(sd).items()
     }
 
@@ -422,10 +423,15 @@ def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
     else:
         a, b = mod.tensor("A"), mod.tensor("B")
         inner = LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
+    out, inputs = inner.shape
+    if "magnitude" in mod.entries:  # PEFT: one magnitude per output row
+        key, magnitude = mod.entries["magnitude"]
+        if tuple(magnitude.shape) != (out,):
+            raise LoRAError(f"LoRA key '{key}' is {tuple(magnitude.shape)}; a DoRA magnitude here is [{out}]")
+        return DoRAUpdate(inner, magnitude.float().reshape(out, 1), on_out=True)
     if "dora_scale" not in mod.entries:
         return inner
     key, scale = mod.entries["dora_scale"]
-    out, inputs = inner.shape
     if scale.ndim == 2 and tuple(scale.shape) == (out, 1):
         return DoRAUpdate(inner, scale.float(), on_out=True)
     if scale.ndim == 2 and tuple(scale.shape) == (1, inputs):

@@ -229,10 +229,11 @@ class FactoredUpdate:
 
 @dataclass
 class DoRAUpdate:
-    """A weight-decomposed update (DoRA, LyCORIS' ``dora_scale``): the layer becomes ``W + s * (m / |W + dW| *
-    (W + dW) - W)`` at strength s, ``dW`` the inner LoRA/LoHa/LoKr update and the norm taken per output row
-    (``on_out``, magnitude ``[out, 1]``) or per input column (``[1, in]``). Rows whose magnitude is NaN take
-    no decomposition (parts of a fused layer the file left without one): there the update is plain ``dW``."""
+    """A weight-decomposed update (DoRA: LyCORIS' ``dora_scale``, PEFT's ``lora_magnitude_vector``): the
+    layer becomes ``W + s * (m / |W + dW| * (W + dW) - W)`` at strength s, ``dW`` the inner LoRA/LoHa/LoKr
+    update and the norm taken per output row (``on_out``, magnitude ``[out, 1]``) or per input column
+    (``[1, in]``). Rows whose magnitude is NaN take no decomposition (parts of a fused layer the file left
+    without one): there the update is plain ``dW``."""
 
     inner: LoRAUpdate | FactoredUpdate
     magnitude: Tensor
