@@ -3,7 +3,8 @@
 Reading a file gives its tensors and header; :func:`pictor.models.lora_formats.to_flux_updates` maps their
 keys (native, diffusers/PEFT, kohya or LyCORIS layout; LoRA, LoHa or LoKr) onto the model's FLUX.1 layer
 names, and :func:`apply_lora` installs them as a new, frozen adapter of :mod:`pictor.models.lora` (a
-:class:`~pictor.models.kron_adapter.FactoredAdapter` for LoKr). Saving writes the native layout with
+:class:`~pictor.models.factored_adapter.FactoredAdapter` for LoKr and LoHa, a
+:class:`~pictor.models.dora_adapter.DoRAAdapter` for DoRA). Saving writes the native layout with
 rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them.
 """
 
@@ -32,6 +33,7 @@ from pictor.models.lora import (
     check_adapter_name,
     linear_layers,
     list_loras,
+    remove_lora,
     wrap_linear,
 )
 from pictor.models.lora_formats import FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate, to_flux_updates
@@ -144,7 +146,19 @@ def apply_lora(
             name, i = f"{default}_{i}", i + 1
     check_adapter_name(model, name)
     for path, update in updates.items():
-        _install(wrap_linear(model, path), name, update, scale)
+        merged = getattr(model.get_submodule(path), "merged", None)
+        if isinstance(update, DoRAUpdate) and merged:
+            raise LoRAError(
+                f"LoRA key '{update.source}': a DoRA is decomposed against the layer's base weight, but "
+                f"adapters {sorted(merged)} are merged into '{path}'; unmerge them first"
+            )
+    try:
+        for path, update in updates.items():
+            _install(wrap_linear(model, path), name, update, scale)
+    except BaseException:
+        if name in list_loras(model):  # no half-applied file is left behind (e.g. out of memory)
+            remove_lora(model, name)
+        raise
     return name
 
 

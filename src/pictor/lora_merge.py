@@ -45,8 +45,9 @@ from pictor.models.lora_formats import DoRAUpdate, LayerUpdate, LoRAError
 def _merged(key: str, weight: torch.Tensor, updates: Sequence[tuple[LayerUpdate, float]]) -> torch.Tensor:
     total = weight.double()
     for update, scale in updates:
-        # A DoRA's change depends on the weight: on the LoRAs before it too, as ComfyUI applies them in turn.
-        change = update.merged_delta(total) if isinstance(update, DoRAUpdate) else update.delta()
+        # A DoRA is decomposed against the stored weight, not the weight plus the LoRAs before it: what
+        # --lora does at run time, so a merged bundle draws what the base with the same files draws.
+        change = update.merged_delta(weight) if isinstance(update, DoRAUpdate) else update.delta()
         total += scale * change.to(total.device)
     merged = total.to(weight.dtype)
     if not bool(torch.isfinite(merged.float()).all()):

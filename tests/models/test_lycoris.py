@@ -23,7 +23,7 @@ from pictor.lora_merge import merge_loras
 from pictor.lora_tools import lora_summary, read_lora, resize_lora, write_lora
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
-from pictor.models.lora import LoRALinear, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from pictor.models.lora import LoRALinear, list_loras, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from pictor.models.lora_formats import FactoredUpdate, LoRAError, to_flux_updates
 from pictor.pipeline import GenerationRequest
 
@@ -526,3 +526,139 @@ def test_dora_merges_into_a_bundle_and_refuses_resize_and_convert(tmp_path: Path
     with pytest.raises(LoRAError, match="is a DoRA update"):
         write_lora(updates, tmp_path / "no.safetensors", "kohya")
     assert lora_summary(dora)["algorithms"] == ["lora+dora"]
+
+
+# ------------------------------------------------------------------------- what a review found, kept fixed
+
+
+def _magnitude_only_dora(model: nn.Module, layer: str, change: Tensor) -> dict[str, Tensor]:
+    """A kohya DoRA on one layer whose LoRA is zero: it only scales each output row's norm by 1 + change."""
+    weight = model.get_submodule(layer).weight.detach()
+    name = "lora_unet_" + layer.replace(".", "_")
+    return {
+        f"{name}.lora_down.weight": torch.randn(2, weight.shape[1]),
+        f"{name}.lora_up.weight": torch.zeros(weight.shape[0], 2),
+        f"{name}.dora_scale": (weight.norm(dim=1, keepdim=True) * (1 + change[:, None])).float(),
+    }
+
+
+def test_dora_in_bf16_keeps_norm_changes_smaller_than_bf16_steps() -> None:
+    """A DoRA's typical change of a row's norm (a few thousandths) is below bf16's step near 1 (0.004): the
+    adapter keeps r - 1 in float32 through the model's cast to bf16, so the change survives."""
+    from pictor.models.weight_storage import place
+
+    model = random_model()
+    layer = "double_blocks.0.img_attn.qkv"
+    change = torch.linspace(-0.003, 0.003, 96)
+    apply_lora(model, _magnitude_only_dora(model, layer, change), scale=0.8, name="dora")
+    weight = model.get_submodule(layer).weight.detach().double().clone()
+    place(model, "cpu", torch.bfloat16)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    adapter = model.get_submodule(layer).adapters["dora"]
+    assert adapter.d.dtype == torch.float32
+    with torch.no_grad():
+        got = adapter(x.bfloat16()).double()
+    want = 0.8 * change[None, :].double() * (x.double() @ weight.T)  # s (r - 1) (x W^T), up to the eps
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_dora_beside_other_adapters_merges_with_them_or_not_at_all(tmp_path: Path) -> None:
+    """Each DoRA is decomposed against the base weight: on a layer with a DoRA, merging one adapter alone is
+    refused (the DoRA's forward would read a weight that is no longer the base); all together it is exact;
+    a DoRA is not applied over merged adapters, and a refused file leaves nothing behind."""
+    model = random_model()
+    layer = "double_blocks.0.img_attn.qkv"
+    apply_lora(model, _lokr_file(), scale=0.5, name="kron")
+    apply_lora(model, _magnitude_only_dora(model, layer, torch.linspace(-0.3, 0.3, 96)), scale=0.7, name="d")
+    x = inputs()
+    with torch.no_grad():
+        unmerged = model(**x)
+        with pytest.raises(LoRAError, match=r"carries the DoRA adapter 'd'.*merge all"):
+            merge_lora(model, "kron")
+        merge_lora(model)
+        assert (model(**x) - unmerged).abs().max().item() <= TOL
+        with pytest.raises(LoRAError, match="carries the DoRA adapter 'd'"):
+            unmerge_lora(model, "d")
+        unmerge_lora(model)
+        assert torch.equal(model(**x), unmerged)
+
+    other = random_model()
+    apply_lora(other, _lokr_file(), name="kron")
+    merge_lora(other)
+    with pytest.raises(LoRAError, match=r"merged into 'double_blocks\.0\.img_attn\.qkv'; unmerge them first"):
+        apply_lora(other, _magnitude_only_dora(other, layer, torch.zeros(96)), name="d")
+    assert list(list_loras(other)) == ["kron"]
+
+
+def test_lora_then_dora_merged_into_a_bundle_draws_what_both_adapters_draw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, flux, ae = tiny_models(description="random weights for a test", training={"stage": "t2i", "step": 1})
+    tiny_flux.randomize_(flux, seed=2)
+    base = tmp_path / "base"
+    save_bundle(base, cfg, flux.state_dict(), ae.state_dict())
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    kron = save(wrap(copy.deepcopy(flux), "lokr", 1.0, seed=8), tmp_path / "kron.safetensors")
+    dora = save(state(dora_net(copy.deepcopy(flux), "lora-dora-rows", seed=4)), tmp_path / "d.safetensors")
+    out, _ = merge_loras(base, [(kron, 0.5), (dora, 0.7)], tmp_path / "merged")
+    request = GenerationRequest("a red circle", steps=3, seed=5, width=32, height=32)
+    pipe = load(base, device="cpu")
+    pipe.add_lora(kron, 0.5)
+    pipe.add_lora(dora, 0.7)
+    want = np.asarray(pipe.generate(request)[0].image).astype(int)
+    got = np.asarray(load(out, device="cpu").generate(request)[0].image).astype(int)
+    assert np.abs(got - want).max() <= 1
+
+
+def test_parts_of_one_layer_with_other_widths_are_refused_when_read() -> None:
+    sd = {
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.randn(4, 4),
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.randn(8, 8),
+        "lycoris_transformer_blocks_0_attn_to_k.lokr_w1": torch.randn(4, 4),
+        "lycoris_transformer_blocks_0_attn_to_k.lokr_w2": torch.randn(8, 16),
+    }
+    linears = {
+        p: (m.in_features, m.out_features)
+        for p, m in random_model().named_modules()
+        if isinstance(m, nn.Linear)
+    }
+    with pytest.raises(
+        LoRAError, match=r"parts of 'double_blocks\.0\.img_attn\.qkv' take inputs of different"
+    ):
+        to_flux_updates(sd, {}, linears)
+    sd["lycoris_transformer_blocks_0_attn_to_q.lokr_w2"] = torch.randn(8, 16)
+    with pytest.raises(LoRAError, match=r"is \[96 x 64\] but the layer is \[96 x 32\]"):
+        to_flux_updates(sd, {}, linears)
+
+
+def test_a_model_carrying_lycoris_adapters_still_loads_base_weights_strictly(tmp_path: Path) -> None:
+    base = random_model()
+    model = copy.deepcopy(base)
+    apply_lora(model, _lokr_file(), name="kron")
+    layer = "double_blocks.0.img_attn.qkv"
+    apply_lora(model, _magnitude_only_dora(model, layer, torch.zeros(96)), name="d")
+    model.load_state_dict(base.state_dict(), strict=True)
+    assert set(model.state_dict()) == set(base.state_dict())
+
+
+def test_a_nan_dora_scale_is_refused_when_read_and_text_encoder_keys_do_not_decide_the_layout() -> None:
+    linears = {
+        p: (m.in_features, m.out_features)
+        for p, m in random_model().named_modules()
+        if isinstance(m, nn.Linear)
+    }
+    sd = _magnitude_only_dora(random_model(), "double_blocks.0.img_attn.qkv", torch.zeros(96))
+    sd["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"][3] = float("nan")
+    with pytest.raises(LoRAError, match="dora_scale' holds NaN"):
+        to_flux_updates(sd, {}, linears)
+    # OneTrainer: flattened diffusers names for the transformer, kohya's lora_te1_ for CLIP
+    sd = {
+        "lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight": torch.randn(2, 32),
+        "lora_transformer_transformer_blocks_0_attn_to_q.lora_up.weight": torch.randn(32, 2),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
+    }
+    with pytest.raises(LoRAError, match=r"lora_te1_.* is for a text encoder"):
+        to_flux_updates(sd, {}, linears)
+    updates, skipped = to_flux_updates(sd, {}, linears, strict=False)
+    assert list(updates) == ["double_blocks.0.img_attn.qkv"] and len(skipped) == 2

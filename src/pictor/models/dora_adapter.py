@@ -8,11 +8,16 @@ decomposed weight, as ComfyUI applies ``dora_scale``). Unmerged, the change of t
 - per input column: ``s * ((x * (r - 1)) W^T + dW(x * r))``;
 
 so it costs one more product with the layer's weight (merge it for full speed). ``r`` is computed once, when
-the file is applied, against the weight the layer had then.
+the file is applied, against the layer's base weight: each DoRA is decomposed against the base, whatever other
+adapters the layer carries. Hence on a layer with a DoRA the adapters are merged all together or not at all
+(:meth:`pictor.models.lora.LoRALinear.merge` says so), so that the weight the forward reads is the base.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from pictor.models.weight_storage import narrow_linear
@@ -21,37 +26,49 @@ __all__ = ["DoRAAdapter"]
 
 
 class DoRAAdapter(nn.Module):
-    """``inner`` (a LoRA or LoKr adapter at scale 1) with the decomposition's ratio ``r`` (float32)."""
+    """``inner`` (a LoRA, LoKr or LoHa adapter at scale 1) with ``d = r - 1``, the decomposition's ratio less
+    one, kept in float32 whatever the model's dtype: near 1, bf16's steps (0.004) are as large as a DoRA's
+    typical change of a row's norm, so ``r`` itself in bf16 would round most of it away. Every product with
+    ``d`` is therefore taken in float32, and nothing is multiplied by ``r`` in the model's dtype."""
+
+    decomposed = True  # LoRALinear keeps it from being unmerged beside merged adapters
 
     def __init__(self, inner: nn.Module, ratio: Tensor, on_out: bool, layer: nn.Module, scale: float) -> None:
         super().__init__()
         self.inner = inner
         self.on_out = on_out
         self.scale = float(scale)
-        self.register_buffer("ratio", ratio.float().reshape(-1))
+        # not in state dicts: base checkpoints load into a model carrying it (like a LoRA's)
+        self.register_buffer("d", (ratio.double() - 1).float().reshape(-1), persistent=False)
         self._layer = [layer]  # the LoRALinear it belongs to (a list: not registered as a submodule)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DoRAAdapter:
+        d = self.d
+        super()._apply(fn, recurse)
+        self.d = d.to(device=self.d.device, dtype=torch.float32)  # moves with the model, stays float32
+        return self
 
     @property
     def rank(self) -> int:
         return int(getattr(self.inner, "rank", 0))
 
-    def _weight(self) -> Tensor:
-        return self._layer[0].weight
-
     def forward(self, x: Tensor) -> Tensor:
-        r = self.ratio.to(x.dtype)
+        # r = 1 + d: rows   (r - 1) (x W^T) + r dW(x)    = d (x W^T + dW(x)) + dW(x)
+        #            columns ((x (r - 1)) W^T + dW(x r)) = (x d) W^T + dW(x) + dW(x d)
+        weight = self._layer[0].weight
+        inner = self.inner(x)
         if self.on_out:
-            base = narrow_linear(x, self._weight(), None)
-            out = (r - 1) * base + r * self.inner(x)
+            out = (narrow_linear(x, weight, None) + inner).float() * self.d + inner.float()
         else:
-            out = narrow_linear(x * (r - 1), self._weight(), None) + self.inner(x * r)
-        return out * self.scale
+            xd = (x.float() * self.d).to(x.dtype)  # small numbers: bf16 holds them to its relative precision
+            out = narrow_linear(xd, weight, None).float() + inner.float() + self.inner(xd).float()
+        return (out * self.scale).to(x.dtype)
 
     def delta_weight(self) -> Tensor:
-        """The update to the layer's weight before any merge, at this strength (float64)."""
+        """The update to the layer's base weight (before any merge) at this strength, in float64."""
         layer = self._layer[0]
         original = layer._original if layer._original is not None else layer.weight.detach()
-        w = original.to(self.ratio.device).double()
-        r = self.ratio.double()
+        w = original.to(self.d.device).double()
+        r = 1 + self.d.double()
         r = r[:, None] if self.on_out else r[None, :]
         return self.scale * (r * (w + self.inner.delta_weight()) - w)

@@ -38,9 +38,13 @@ class FactoredAdapter(nn.Module):
             holder = nn.Module()
             for name in p.fields:
                 t = getattr(p, name)
-                holder.register_buffer(name, None if t is None else t.to(device=device, dtype=dtype))
+                value = None if t is None else t.to(device=device, dtype=dtype)
+                # not in state dicts: base checkpoints load into a model carrying it (like a LoRA's)
+                holder.register_buffer(name, value, persistent=False)
             self.holders.append(holder)
-        self.register_buffer("perm", None if update.perm is None else update.perm.to(device))
+        self.register_buffer(
+            "perm", None if update.perm is None else update.perm.to(device), persistent=False
+        )
 
     def _pieces(self) -> list[Piece]:
         kind = PIECE_KINDS[self.kind]

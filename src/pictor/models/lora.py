@@ -209,19 +209,34 @@ class LoRALinear(nn.Module):
             total = total + self.adapters[name].delta_weight().to(total.device)
         self.weight.copy_(total.to(self.weight.dtype))
 
-    def merge(self, name: str) -> None:
+    def _check_merged(self, merged: set[str]) -> None:
+        """An unmerged DoRA adapter reads the layer's weight as its base: nothing else may be merged then."""
+        dora = sorted(
+            n for n, a in self.adapters.items() if getattr(a, "decomposed", False) and n not in merged
+        )
+        if dora and merged:
+            raise LoRAError(
+                f"this layer carries the DoRA adapter '{dora[0]}', which is decomposed against the base "
+                "weight: merge all of the layer's adapters together (merge_lora(model)) or none of them"
+            )
+
+    def merge(self, names: str | set[str]) -> None:
         if is_fp8(self.weight):
             raise LoRAError(
                 "a LoRA cannot be merged into FP8-stored weights (FP8 rounds most of its changes away); "
                 "keep it unmerged, which is exact, or widen the model first"
             )
-        if name not in self.merged:
-            self.merged.add(name)
+        names = {names} if isinstance(names, str) else names
+        if not names <= self.merged:
+            self._check_merged(self.merged | names)
+            self.merged |= names
             self._rewrite()
 
-    def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.merged.discard(name)
+    def unmerge(self, names: str | set[str]) -> None:
+        names = {names} if isinstance(names, str) else names
+        if names & self.merged:
+            self._check_merged(self.merged - names)
+            self.merged -= names
             self._rewrite()
 
 
@@ -369,16 +384,23 @@ def _layers_of(model: nn.Module, name: str | None) -> Iterator[tuple[str, LoRALi
             yield path, wrapper, n
 
 
+def _by_layer(model: nn.Module, name: str | None) -> dict[int, tuple[LoRALinear, set[str]]]:
+    layers: dict[int, tuple[LoRALinear, set[str]]] = {}
+    for _, wrapper, n in _layers_of(model, name):
+        layers.setdefault(id(wrapper), (wrapper, set()))[1].add(n)
+    return layers
+
+
 def merge_lora(model: nn.Module, name: str | None = None) -> None:
     """Fold adapter ``name`` (all when None) into the base weights; forward then skips it."""
-    for _, wrapper, n in _layers_of(model, name):
-        wrapper.merge(n)
+    for wrapper, names in _by_layer(model, name).values():
+        wrapper.merge(names)  # a layer's adapters at once: with a DoRA among them, one at a time is refused
 
 
 def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
     """Undo :func:`merge_lora`; with nothing left merged a layer gets its original weight back exactly."""
-    for _, wrapper, n in _layers_of(model, name):
-        wrapper.unmerge(n)
+    for wrapper, names in _by_layer(model, name).values():
+        wrapper.unmerge(names)
 
 
 def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
@@ -391,8 +413,9 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
 
 def remove_lora(model: nn.Module, name: str | None = None) -> None:
     """Remove adapter ``name`` (all when None); layers left without adapters become plain Linears again."""
+    for wrapper, names in _by_layer(model, name).values():
+        wrapper.unmerge(names)
     for path, wrapper, n in _layers_of(model, name):
-        wrapper.unmerge(n)
         del wrapper.adapters[n]
         if not len(wrapper.adapters):
             parent, _, child = path.rpartition(".")

@@ -272,7 +272,10 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
     if not groups:
         raise LoRAError("the LoRA has no weights")
     kinds: dict[str, str] = {}
+    text = [m for m in groups if m.startswith(KOHYA_TEXT_PREFIXES)]
     for module, mod in groups.items():
+        if module in text and len(text) < len(groups):
+            continue  # a text encoder's keys (kohya, OneTrainer): the transformer's decide the layout
         kind = _kind(module)
         if kind == "unknown":
             raise LoRAError(
@@ -331,6 +334,10 @@ def _diffusers_alpha(module: str, rank: int, meta: Mapping[str, str]) -> float:
 def _check(update: LayerUpdate, path: str, shape: tuple[int, int]) -> None:
     in_f, out_f = shape
     out, inputs = update.shape
+    inner = update.inner if isinstance(update, DoRAUpdate) else update
+    if isinstance(inner, FactoredUpdate):  # every piece: q, k and v of one layer may disagree
+        piece = next((p for p in inner.pieces if p.inputs != in_f), None)
+        inputs = inputs if piece is None else piece.inputs
     if inputs != in_f or out != out_f:
         raise LoRAError(
             f"LoRA key '{update.source}': update for '{path}' is [{out} x {inputs}] "
@@ -424,6 +431,11 @@ def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
         a, b = mod.tensor("A"), mod.tensor("B")
         inner = LoRAUpdate(a, b, alpha or lora_alpha or float(a.shape[0]), mod.key)
     out, inputs = inner.shape
+    for role in ("magnitude", "dora_scale"):  # NaN means "no DoRA on this row" once parts are fused
+        if role in mod.entries and not bool(torch.isfinite(mod.tensor(role)).all()):
+            raise LoRAError(
+                f"LoRA key '{mod.entries[role][0]}' holds NaN or infinite values; the file is broken"
+            )
     if "magnitude" in mod.entries:  # PEFT: one magnitude per output row
         key, magnitude = mod.entries["magnitude"]
         if tuple(magnitude.shape) != (out,):
@@ -487,6 +499,10 @@ def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> L
             f"LoRA key '{next(iter(parts.values())).source}': the parts of '{path}' mix "
             f"{' and '.join(sorted(kinds))} updates"
         )
+    widths = {u.shape[1] for u in parts.values()}
+    if len(widths) > 1:
+        keys = ", ".join(f"'{u.source}' ({u.shape[1]})" for u in parts.values())
+        raise LoRAError(f"the parts of '{path}' take inputs of different widths: {keys}; the file is broken")
     if kinds == {"lora"}:
         lora = {i: u for i, u in parts.items() if isinstance(u, LoRAUpdate)}
         return _fuse({i: (u.source, u.A, u.B, u.alpha) for i, u in lora.items()}, sizes, path)
@@ -532,6 +548,14 @@ def to_flux_updates(
     for module, mod in groups.items():
         rank = mod.rank or 0
         kind, name = fmt, module
+        if module.startswith(KOHYA_TEXT_PREFIXES):
+            if strict:
+                raise LoRAError(
+                    f"LoRA key '{mod.key}' is for a text encoder; pictor applies LoRAs to the "
+                    "transformer only (load with strict=False to skip text-encoder keys)"
+                )
+            miss(mod, "text encoder")
+            continue
         if fmt == "flat":
             found = flat.get(_strip(module, FLAT_PREFIXES))
             if found is None:
@@ -539,14 +563,6 @@ def to_flux_updates(
                 continue
             kind, name = found
         if kind == "kohya":
-            if module.startswith(KOHYA_TEXT_PREFIXES):
-                if strict:
-                    raise LoRAError(
-                        f"LoRA key '{mod.key}' is for a text encoder; pictor applies LoRAs to the "
-                        "transformer only (load with strict=False to skip text-encoder keys)"
-                    )
-                miss(mod, "text encoder")
-                continue
             if module not in kohya:
                 miss(mod, "no FLUX linear has this kohya name")
                 continue

@@ -258,6 +258,7 @@ class DoRAUpdate:
         return (r[:, None] if self.on_out else r[None, :]) * (w + delta) - w
 
     def finite(self) -> bool:
+        # NaN rows are the fused parts without DoRA (file values were checked finite when read)
         return self.inner.finite() and not bool(torch.isinf(self.magnitude).any())
 
 
@@ -267,7 +268,9 @@ LayerUpdate = LoRAUpdate | FactoredUpdate | DoRAUpdate
 def dora_ratio(magnitude: Tensor, weight: Tensor, delta: Tensor, on_out: bool) -> Tensor:
     """DoRA's ``m / (|W + dW| + eps)`` as a float64 vector (per output row, or per input column), eps being
     float32's as LyCORIS adds it; NaN magnitudes (rows without DoRA) give 1."""
-    merged = weight.double() + delta.double().to(weight.device)
+    merged = weight.to(torch.float64, copy=True)  # a copy even of a float64 weight: it is added to in place
+    merged += delta.to(merged.device)  # in place: a FLUX.1 layer in float64 is half a gigabyte
     norm = merged.norm(dim=1) if on_out else merged.norm(dim=0)
+    del merged
     ratio = magnitude.double().to(weight.device).reshape(-1) / (norm + torch.finfo(torch.float32).eps)
     return torch.where(torch.isnan(ratio), torch.ones_like(ratio), ratio)
