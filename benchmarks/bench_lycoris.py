@@ -5,7 +5,7 @@ Prints one JSON object. Model: FLUX.1's width (hidden 3072, 24 heads, MLP 4x, co
 embedding), 1 double + 1 single block, random fp32 weights; batch 1, 256 image + 64 text tokens, CPU.
 Files: what LyCORIS itself makes for every linear layer of diffusers' model (SimpleTuner's layout), with
 random factors: LoKr factor 16 in "full matrix" mode (a common FLUX.1 LoKr recipe), LoKr factor 16 with
-rank-16 factors, LoHa rank 16.
+rank-16 factors, LoHa rank 16, and a rank-16 LoRA with DoRA (magnitudes moved 5% at random).
 
 For each file: the adapter memory pictor holds (the factors) against the dense update the same layers would
 take; seconds per forward (median), each base model alone and with the file,
@@ -36,6 +36,7 @@ from _flux_reference import build_reference, reference_forward
 from bench_flux_cpu import randomize_, time_interleaved
 
 from pictor.lora_files import apply_lora
+from pictor.models.dora_adapter import DoRAAdapter
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.models.lora import LoRAAdapter, LoRALinear, merge_lora, remove_lora
@@ -59,6 +60,9 @@ FILES: dict[str, tuple[str, dict[str, Any]]] = {
     "lokr factor 16, full matrix": ("lokr", {"linear_dim": 10_000, "linear_alpha": 1.0, "factor": 16}),
     "lokr factor 16, rank 16": ("lokr", {"linear_dim": 16, "linear_alpha": 16.0, "factor": 16}),
     "loha rank 16": ("loha", {"linear_dim": 16, "linear_alpha": 16.0}),
+    # at strength 1: LyCORIS scales a DoRA's multiplier otherwise than ComfyUI (and pictor), and its own
+    # two modes disagree at other strengths
+    "lora rank 16 + DoRA": ("lora", {"linear_dim": 16, "linear_alpha": 16.0, "dora_wd": True}),
 }
 
 
@@ -71,8 +75,12 @@ def lycoris_file(
     net.apply_to()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen))  # an update a few percent of the weights
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("dora_scale"):  # DoRA's magnitudes start at the weights' norms: move them
+                p.mul_(1 + 0.05 * noise)
+            else:
+                p.copy_(0.05 * noise)  # an update a few percent of the weights
     return net
 
 
@@ -81,7 +89,7 @@ def adapter_bytes(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             for a in m.adapters.values():
-                assert isinstance(a, (FactoredAdapter, LoRAAdapter))
+                assert isinstance(a, (FactoredAdapter, LoRAAdapter, DoRAAdapter))
                 total += sum(t.numel() * t.element_size() for t in [*a.parameters(), *a.buffers()])
     return total
 
@@ -95,6 +103,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--files", help="only the files whose label contains this (others kept from --out)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -113,7 +122,6 @@ def main() -> None:
         torch.randn(1, WIDE.vec_in_dim, generator=gen),
         torch.tensor([3.5]),
     )
-    scale = 0.8
     result: dict[str, Any] = {
         "config": {
             **WIDE.to_dict(),
@@ -122,7 +130,6 @@ def main() -> None:
             "dtype": "float32",
             "threads": args.threads,
             "rounds": args.rounds,
-            "lora_scale": scale,
         },
         "torch": torch.__version__,
         "files": {},
@@ -135,7 +142,14 @@ def main() -> None:
         ref_times = time_interleaved({"ref": lambda r=plain_ref: reference_forward(r, *inputs)}, args.rounds)
     result["diffusers_base_s"] = statistics.median(ref_times["ref"])
     del plain_ref
+    if args.files and args.out and args.out.exists():  # a rerun of some files: keep the others' entries
+        result["files"] = json.loads(args.out.read_text())["files"]
+        for entry in result["files"].values():
+            entry.setdefault("scale", 0.8)  # runs before the scale was recorded used 0.8 for every file
     for label, (algo, options) in FILES.items():
+        if args.files and args.files not in label:
+            continue
+        scale = 1.0 if options.get("dora_wd") else 0.8
         reference = build_reference(WIDE, {k: v.clone() for k, v in base.state_dict().items()})
         net = lycoris_file(reference, algo, options, scale, bypass=False)
         bypassed = build_reference(WIDE, {k: v.clone() for k, v in base.state_dict().items()})
@@ -162,6 +176,7 @@ def main() -> None:
                 args.rounds,
             )
         entry = {
+            "scale": scale,
             "file_mb": round(file_mb, 1),
             "pictor_adapter_mb": round(adapter_bytes(model) / 1e6, 1),
             "dense_update_mb": round(dense_bytes(model) / 1e6, 1),
