@@ -34,10 +34,18 @@ from pictor.models.lora import (
     linear_layers,
     list_loras,
     remove_lora,
+    unwrap_if_empty,
     wrap_linear,
 )
-from pictor.models.lora_formats import FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate, to_flux_updates
-from pictor.models.lora_updates import DoRAUpdate, dora_ratio
+from pictor.models.lora_formats import (
+    KOHYA_TEXT_PREFIXES,
+    FactoredUpdate,
+    LayerUpdate,
+    LoRAError,
+    LoRAUpdate,
+    to_flux_updates,
+)
+from pictor.models.lora_updates import DoRAUpdate
 
 __all__ = [
     "a1111_lora_hash",
@@ -135,6 +143,18 @@ def apply_lora(
             f"{where}: {bad} holds NaN or infinite values; the file is broken, retrain or re-export it"
         )
     linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
+    # A text encoder's keys (kohya and OneTrainer files carry CLIP's) are left out with a warning, as
+    # `read_lora` leaves them out: pictor applies LoRAs to the transformer.
+    text = sorted(k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES))
+    if text and len(text) == len(sd):
+        where = lora if isinstance(lora, (str, os.PathLike)) else "the LoRA"
+        raise LoRAError(
+            f"{where}: holds only text-encoder weights ({len(text)} keys), and pictor applies LoRAs to the "
+            "transformer; there is nothing here for it"
+        )
+    if text:
+        warnings.warn(f"text-encoder keys not applied ({len(text)}): {', '.join(text[:4])}", stacklevel=2)
+        sd = {k: v for k, v in sd.items() if k not in text}
     updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
     if skipped:
         warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
@@ -152,12 +172,15 @@ def apply_lora(
                 f"LoRA key '{update.source}': a DoRA is decomposed against the layer's base weight, but "
                 f"adapters {sorted(merged)} are merged into '{path}'; unmerge them first"
             )
+    plain = [path for path in updates if not isinstance(model.get_submodule(path), LoRALinear)]
     try:
         for path, update in updates.items():
             _install(wrap_linear(model, path), name, update, scale)
-    except BaseException:
-        if name in list_loras(model):  # no half-applied file is left behind (e.g. out of memory)
+    except BaseException:  # no half-applied file is left behind (e.g. out of memory)
+        if name in list_loras(model):
             remove_lora(model, name)
+        for path in plain:  # and the layers wrapped for it are plain Linears again
+            unwrap_if_empty(model, path)
         raise
     return name
 
@@ -168,8 +191,7 @@ def _install(wrapper: LoRALinear, name: str, update: LayerUpdate, scale: float) 
         inner = _adapter(wrapper, update.inner, 1.0)
         # The ratio against the weight the layer has now (float64: the norm of a wide row in bf16 would
         # be off in its third digit).
-        ratio = dora_ratio(update.magnitude, wrapper.weight.detach(), inner.delta_weight(), update.on_out)
-        dora = DoRAAdapter(inner, ratio.to(wrapper.weight.device), update.on_out, wrapper, scale)
+        dora = DoRAAdapter(inner, update.magnitude, update.on_out, wrapper, scale)
         wrapper.adapters[name] = dora.requires_grad_(False)
     else:
         wrapper.adapters[name] = _adapter(wrapper, update, scale)

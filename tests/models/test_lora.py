@@ -266,7 +266,9 @@ def test_wrong_shape_and_unknown_suffix_name_the_key() -> None:
         apply_lora(base, dora)
 
 
-def test_text_encoder_keys_are_refused_or_skipped_out_loud() -> None:
+def test_text_encoder_keys_are_skipped_out_loud_and_a_text_encoder_only_file_refused() -> None:
+    """Like `read_lora` (the server's folder, `pictor lora merge`): a kohya file's CLIP keys are left out with
+    a warning that names them, so a file the server offers also applies; one with nothing else is an error."""
     base = random_model()
     sd = {
         "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, 32),
@@ -274,11 +276,11 @@ def test_text_encoder_keys_are_refused_or_skipped_out_loud() -> None:
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
     }
-    with pytest.raises(LoRAError, match="lora_te1_text_model_encoder_layers_0_mlp_fc1"):
+    with pytest.warns(UserWarning, match="text-encoder keys not applied .2.: lora_te1_text_model_encoder"):
         apply_lora(base, sd)
-    with pytest.warns(UserWarning, match="lora_te1_text_model_encoder_layers_0_mlp_fc1"):
-        apply_lora(base, sd, strict=False)
     assert list_loras(base)["lora"]["layers"] == 1
+    with pytest.raises(LoRAError, match="holds only text-encoder weights"):
+        apply_lora(base, {k: v for k, v in sd.items() if k.startswith("lora_te1_")})
 
 
 def test_pickles_are_refused_unopened(tmp_path: Path) -> None:

@@ -631,14 +631,68 @@ def test_parts_of_one_layer_with_other_widths_are_refused_when_read() -> None:
         to_flux_updates(sd, {}, linears)
 
 
-def test_a_model_carrying_lycoris_adapters_still_loads_base_weights_strictly(tmp_path: Path) -> None:
-    base = random_model()
-    model = copy.deepcopy(base)
-    apply_lora(model, _lokr_file(), name="kron")
-    layer = "double_blocks.0.img_attn.qkv"
-    apply_lora(model, _magnitude_only_dora(model, layer, torch.zeros(96)), name="d")
-    model.load_state_dict(base.state_dict(), strict=True)
-    assert set(model.state_dict()) == set(base.state_dict())
+def test_a_model_carrying_lycoris_adapters_loads_other_base_weights_and_its_dora_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base weights load strictly into a model carrying LoKr and DoRA adapters, and the DoRA's ratio is
+    computed again for them: the same output as the file applied to a model made with those weights."""
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    first, second = random_model(seed=0), random_model(seed=1)
+    dora = state(dora_net(copy.deepcopy(first), "lora-dora-rows"))
+    lokr = _lokr_file()
+    model = copy.deepcopy(first)
+    apply_lora(model, lokr, name="kron")
+    apply_lora(model, dora, name="d")
+    model.load_state_dict(second.state_dict(), strict=True)
+    assert set(model.state_dict()) == set(second.state_dict())
+    want = copy.deepcopy(second)
+    apply_lora(want, lokr, name="kron")
+    apply_lora(want, dora, name="d")
+    x = inputs()
+    with torch.no_grad():
+        assert (model(**x) - want(**x)).abs().max().item() <= TOL
+    on_meta = copy.deepcopy(model).to("meta")  # FSDP's sharding goes through the meta device
+    on_meta.to_empty(device="cpu")
+
+
+def test_refusals_leave_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge refused on one layer changes no layer; a file that fails halfway through (here: out of memory
+    on its second DoRA layer) leaves no adapter and no wrapped layer behind."""
+    model = random_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lokr = {  # on two layers; the DoRA only on the second
+        **_lokr_file(),
+        "lora_unet_double_blocks_1_img_attn_qkv.lokr_w1": torch.randn(4, 4),
+        "lora_unet_double_blocks_1_img_attn_qkv.lokr_w2": torch.randn(24, 8),
+    }
+    apply_lora(model, lokr, name="kron")
+    apply_lora(model, _magnitude_only_dora(model, "double_blocks.1.img_attn.qkv", torch.zeros(96)), name="d")
+    with pytest.raises(LoRAError, match="carries the DoRA adapter 'd'"):
+        merge_lora(model, "kron")
+    assert list_loras(model)["kron"]["merged"] is False
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    import pictor.models.dora_adapter as dora_module
+
+    calls = {"n": 0}
+    real = dora_module.dora_ratio
+
+    def fails_second_time(*args: Any) -> Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated")
+        return real(*args)
+
+    monkeypatch.setattr(dora_module, "dora_ratio", fails_second_time)
+    fresh = random_model()
+    two = {
+        **_magnitude_only_dora(fresh, "double_blocks.0.img_attn.qkv", torch.zeros(96)),
+        **_magnitude_only_dora(fresh, "double_blocks.1.img_attn.qkv", torch.zeros(96)),
+    }
+    with pytest.raises(MemoryError):
+        apply_lora(fresh, two, name="d")
+    assert list_loras(fresh) == {}
+    assert not any(isinstance(m, LoRALinear) for m in fresh.modules())
 
 
 def test_a_nan_dora_scale_is_refused_when_read_and_text_encoder_keys_do_not_decide_the_layout() -> None:
@@ -662,3 +716,7 @@ def test_a_nan_dora_scale_is_refused_when_read_and_text_encoder_keys_do_not_deci
         to_flux_updates(sd, {}, linears)
     updates, skipped = to_flux_updates(sd, {}, linears, strict=False)
     assert list(updates) == ["double_blocks.0.img_attn.qkv"] and len(skipped) == 2
+    model = random_model()  # as --lora and the server apply it: the CLIP keys left out, out loud
+    with pytest.warns(UserWarning, match="text-encoder keys not applied .2."):
+        apply_lora(model, sd, name="ot")
+    assert list_loras(model)["ot"]["layers"] == 1

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pictor.models.lora_updates import dora_ratio
 from pictor.models.weight_storage import narrow_linear
 
 __all__ = ["DoRAAdapter"]
@@ -33,19 +34,37 @@ class DoRAAdapter(nn.Module):
 
     decomposed = True  # LoRALinear keeps it from being unmerged beside merged adapters
 
-    def __init__(self, inner: nn.Module, ratio: Tensor, on_out: bool, layer: nn.Module, scale: float) -> None:
+    def __init__(
+        self, inner: nn.Module, magnitude: Tensor, on_out: bool, layer: nn.Module, scale: float
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.on_out = on_out
         self.scale = float(scale)
-        # not in state dicts: base checkpoints load into a model carrying it (like a LoRA's)
-        self.register_buffer("d", (ratio.double() - 1).float().reshape(-1), persistent=False)
         self._layer = [layer]  # the LoRALinear it belongs to (a list: not registered as a submodule)
+        # Not in state dicts (base checkpoints load into a model carrying it, like a LoRA's); the magnitude
+        # stays so that d can be computed again for new base weights (LoRALinear's load hook: refresh).
+        weight = layer.weight
+        self.register_buffer("magnitude", magnitude.float().reshape(-1).to(weight.device), persistent=False)
+        self.register_buffer("d", torch.zeros_like(self.magnitude), persistent=False)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """``d = m / |W + dW| - 1`` against the layer's base weight now (float64, kept in float32)."""
+        layer = self._layer[0]
+        if layer.merged or self.magnitude.is_meta or layer.weight.is_meta:
+            return  # a merged layer's weight is not its base; a meta one has no numbers yet
+        ratio = dora_ratio(self.magnitude, layer.weight.detach(), self.inner.delta_weight(), self.on_out)
+        self.d = (ratio - 1).float().to(self.d.device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DoRAAdapter:
-        d = self.d
+        kept = {name: getattr(self, name) for name in ("magnitude", "d")}
         super()._apply(fn, recurse)
-        self.d = d.to(device=self.d.device, dtype=torch.float32)  # moves with the model, stays float32
+        for name, before in kept.items():  # they move with the model but stay float32
+            after = getattr(self, name)
+            source = after if before.is_meta or after.is_meta else before
+            setattr(self, name, source.to(device=after.device, dtype=torch.float32))
         return self
 
     @property

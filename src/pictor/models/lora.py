@@ -49,6 +49,7 @@ __all__ = [
     "select_targets",
     "set_lora_scale",
     "unmerge_lora",
+    "unwrap_if_empty",
     "wrap_linear",
 ]
 
@@ -150,6 +151,14 @@ def _keep_adapters(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
         state_dict.setdefault(f"{prefix}adapters.{name}", param)
 
 
+def _refresh_adapters(module: nn.Module, incompatible: Any) -> None:
+    # New base weights: adapters computed from the old ones (a DoRA's ratio) are computed again.
+    for adapter in module.adapters.values():  # type: ignore[union-attr]
+        refresh = getattr(adapter, "refresh", None)
+        if refresh is not None:
+            refresh()
+
+
 def adapter_dtype(weight: Tensor) -> torch.dtype:
     """The dtype new adapter matrices take beside ``weight``: its own, but never FP8 (a stored format)."""
     return torch.float32 if is_fp8(weight) else weight.dtype
@@ -169,6 +178,7 @@ class LoRALinear(nn.Module):
         self.merged: set[str] = set()
         self._original: Tensor | None = None  # the weight before the first merge, on the CPU
         self.register_load_state_dict_pre_hook(_keep_adapters)
+        self.register_load_state_dict_post_hook(_refresh_adapters)
 
     def forward(self, x: Tensor) -> Tensor:
         out = narrow_linear(x, self.weight, self.bias)  # F.linear, unless the weight is stored FP8
@@ -220,15 +230,19 @@ class LoRALinear(nn.Module):
                 "weight: merge all of the layer's adapters together (merge_lora(model)) or none of them"
             )
 
-    def merge(self, names: str | set[str]) -> None:
-        if is_fp8(self.weight):
+    def check_merge(self, merged: set[str]) -> None:
+        """Raise :class:`LoRAError` unless the adapters ``merged`` can be the merged ones."""
+        if merged - self.merged and is_fp8(self.weight):
             raise LoRAError(
                 "a LoRA cannot be merged into FP8-stored weights (FP8 rounds most of its changes away); "
                 "keep it unmerged, which is exact, or widen the model first"
             )
+        self._check_merged(merged)
+
+    def merge(self, names: str | set[str]) -> None:
         names = {names} if isinstance(names, str) else names
         if not names <= self.merged:
-            self._check_merged(self.merged | names)
+            self.check_merge(self.merged | names)
             self.merged |= names
             self._rewrite()
 
@@ -265,6 +279,14 @@ def wrap_linear(model: nn.Module, path: str) -> LoRALinear:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, wrapper)
     return wrapper
+
+
+def unwrap_if_empty(model: nn.Module, path: str) -> None:
+    """Turn the :class:`LoRALinear` at ``path`` back into a plain Linear if it carries no adapters."""
+    module = model.get_submodule(path)
+    if isinstance(module, LoRALinear) and not len(module.adapters):
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module.to_linear())
 
 
 def select_targets(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
@@ -392,14 +414,22 @@ def _by_layer(model: nn.Module, name: str | None) -> dict[int, tuple[LoRALinear,
 
 
 def merge_lora(model: nn.Module, name: str | None = None) -> None:
-    """Fold adapter ``name`` (all when None) into the base weights; forward then skips it."""
-    for wrapper, names in _by_layer(model, name).values():
+    """Fold adapter ``name`` (all when None) into the base weights; forward then skips it. A refusal (a
+    DoRA beside it, FP8 weights) comes before any layer changes."""
+    layers = _by_layer(model, name).values()
+    for wrapper, names in layers:
+        wrapper.check_merge(wrapper.merged | names)
+    for wrapper, names in layers:
         wrapper.merge(names)  # a layer's adapters at once: with a DoRA among them, one at a time is refused
 
 
 def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
     """Undo :func:`merge_lora`; with nothing left merged a layer gets its original weight back exactly."""
-    for wrapper, names in _by_layer(model, name).values():
+    layers = _by_layer(model, name).values()
+    for wrapper, names in layers:
+        if names & wrapper.merged:
+            wrapper._check_merged(wrapper.merged - names)
+    for wrapper, names in layers:
         wrapper.unmerge(names)
 
 

@@ -160,11 +160,11 @@ class HadaPiece:
     def apply(self, x: Tensor) -> Tensor:
         """``x [N, in] -> [N, rows]`` as the rank-r1 r2 LoRA, one of w1's r1 ranks at a time (never more
         than an input- or output-sized intermediate per token)."""
-        out = x.new_zeros(x.shape[0], self.rows)
+        out = x.new_zeros(x.shape[0], self.rows, dtype=torch.float32)  # r1 terms: summed in float32
         for p in range(self.w1_b.shape[0]):
             h = (x * self.w1_b[p]) @ self.w2_b.T  # [N, r2]: sum_j x_j w1_b[p,j] w2_b[q,j]
-            out += (h @ self.w2_a.T) * self.w1_a[:, p]  # sum_q w2_a[i,q] h_q, times w1_a[i,p]
-        return out * self.factor
+            out += ((h @ self.w2_a.T) * self.w1_a[:, p]).float()  # sum_q w2_a[i,q] h_q, times w1_a[i,p]
+        return (out * self.factor).to(x.dtype)
 
 
 Piece = KronPiece | HadaPiece
