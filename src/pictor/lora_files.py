@@ -123,7 +123,8 @@ def apply_lora(
     the file's stem).
 
     Every key must land on a layer of the model; otherwise a :class:`LoRAError` names the key. With
-    ``strict=False`` such keys (e.g. a text encoder's) are skipped with a warning that lists them.
+    ``strict=False`` such keys are skipped with a warning that lists them. A text encoder's keys (kohya's
+    ``lora_te*``) are always left out with such a warning: pictor applies LoRAs to the transformer.
     """
     if isinstance(lora, (str, os.PathLike)):
         sd, file_meta = load_lora_file(lora)
