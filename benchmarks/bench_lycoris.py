@@ -40,22 +40,9 @@ from pictor.models.dora_adapter import DoRAAdapter
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.models.lora import LoRAAdapter, LoRALinear, merge_lora, remove_lora
+from pictor.presets import get_preset
 
-WIDE = FluxParams(
-    in_channels=64,
-    out_channels=64,
-    vec_in_dim=768,
-    context_in_dim=4096,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=1,
-    depth_single_blocks=1,
-    axes_dim=[16, 56, 56],
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
-)
+WIDE = FluxParams.from_dict({**get_preset("flux-dev")["model"], "depth": 1, "depth_single_blocks": 1})
 FILES: dict[str, tuple[str, dict[str, Any]]] = {
     "lokr factor 16, full matrix": ("lokr", {"linear_dim": 10_000, "linear_alpha": 1.0, "factor": 16}),
     "lokr factor 16, rank 16": ("lokr", {"linear_dim": 16, "linear_alpha": 16.0, "factor": 16}),

@@ -56,6 +56,7 @@ __all__ = [
     "lora_state_dict",
     "save_adapters",
     "save_lora",
+    "without_text_encoder",
 ]
 
 
@@ -144,18 +145,9 @@ def apply_lora(
             f"{where}: {bad} holds NaN or infinite values; the file is broken, retrain or re-export it"
         )
     linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
-    # A text encoder's keys (kohya and OneTrainer files carry CLIP's) are left out with a warning, as
-    # `read_lora` leaves them out: pictor applies LoRAs to the transformer.
-    text = sorted(k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES))
-    if text and len(text) == len(sd):
-        where = lora if isinstance(lora, (str, os.PathLike)) else "the LoRA"
-        raise LoRAError(
-            f"{where}: holds only text-encoder weights ({len(text)} keys), and pictor applies LoRAs to the "
-            "transformer; there is nothing here for it"
-        )
+    sd, text = without_text_encoder(sd, lora if isinstance(lora, (str, os.PathLike)) else "the LoRA")
     if text:
         warnings.warn(f"text-encoder keys not applied ({len(text)}): {', '.join(text[:4])}", stacklevel=2)
-        sd = {k: v for k, v in sd.items() if k not in text}
     updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
     if skipped:
         warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
@@ -184,6 +176,18 @@ def apply_lora(
             unwrap_if_empty(model, path)
         raise
     return name
+
+
+def without_text_encoder(sd: Mapping[str, Tensor], where: object) -> tuple[dict[str, Tensor], list[str]]:
+    """(the tensors but a text encoder's, the text encoder's keys): kohya and OneTrainer files carry CLIP's
+    (``lora_te*``), and pictor applies LoRAs to the transformer. A file of nothing else is an error."""
+    text = sorted(k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES))
+    if text and len(text) == len(sd):
+        raise LoRAError(
+            f"{where}: holds only text-encoder weights ({len(text)} keys), and pictor applies LoRAs to the "
+            "transformer; there is nothing here for it"
+        )
+    return {k: v for k, v in sd.items() if k not in text}, text
 
 
 @torch.no_grad()

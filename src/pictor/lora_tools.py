@@ -22,7 +22,13 @@ from torch import Tensor
 
 from pictor.checkpoint import BundleConfig, read_bundle_config, write_safetensors
 from pictor.locate import resolve
-from pictor.lora_files import a1111_lora_hash, load_lora_file, lora_file_hash, lora_metadata
+from pictor.lora_files import (
+    a1111_lora_hash,
+    load_lora_file,
+    lora_file_hash,
+    lora_metadata,
+    without_text_encoder,
+)
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
@@ -250,14 +256,9 @@ def read_lora(
     """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``, and the keys left
     out: a text encoder's (kohya files often carry CLIP's). A key that names no layer at all is an error."""
     sd, meta = load_lora_file(path)
-    text = [k for k in sd if k.startswith(KOHYA_TEXT_PREFIXES)]
-    if text and len(text) == len(sd):
-        raise LoRAError(
-            f"{path}: holds only text-encoder weights ({len(text)} keys), and pictor applies LoRAs to the "
-            "transformer; there is nothing here for it"
-        )
-    updates, _ = to_flux_updates({k: v for k, v in sd.items() if k not in text}, meta, linears)
-    return updates, sorted(text)
+    sd, text = without_text_encoder(sd, path)
+    updates, _ = to_flux_updates(sd, meta, linears)
+    return updates, text
 
 
 def finite_update(update: LayerUpdate) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,18 @@ def wrap(model: nn.Module, config: str, multiplier: float, seed: int = 3) -> dic
     return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
 
 
+def assert_drives_like(
+    expected: Callable[[dict[str, Tensor]], Tensor], model: nn.Module, base: nn.Module
+) -> None:
+    """``model`` (with a file applied) gives what ``expected`` gives (a reference with the same file), and
+    the file changes the output: no match by both doing nothing."""
+    x = inputs()
+    with torch.no_grad():
+        want, out, plain = expected(x), model(**x), base(**x)
+    assert (want - plain).abs().max() > 0.05
+    assert (out - want).abs().max().item() <= TOL
+
+
 def save(sd: dict[str, Tensor], path: Path) -> Path:
     save_file(sd, str(path))
     return path
@@ -105,14 +117,9 @@ def test_file_made_on_diffusers_flux_drives_ours_like_lycoris_drives_diffusers(
     sd = wrap(reference, config, multiplier=0.7)
     assert any(k.startswith("lycoris_transformer_blocks_0_attn_to_q.") for k in sd)
     assert any(k.startswith("lycoris_norm_out_linear.") for k in sd)
-    x = inputs()
     model = copy.deepcopy(base)
     apply_lora(model, save(sd, tmp_path / f"{config}.safetensors"), scale=0.7)
-    with torch.no_grad():
-        expected = ref_mod.reference_forward(reference, **x)
-        out, plain = model(**x), base(**x)
-    assert (expected - plain).abs().max() > 0.05  # the file changes the output
-    assert (out - expected).abs().max().item() <= TOL
+    assert_drives_like(lambda x: ref_mod.reference_forward(reference, **x), model, base)
     # run from the factors: q, k, v and the MLP input as four pieces of single_blocks.0.linear1
     adapter = model.get_submodule("single_blocks.0.linear1").adapters[config]
     assert isinstance(adapter, FactoredAdapter) and adapter.kind == CONFIGS[config][0]
@@ -134,11 +141,7 @@ def test_file_made_on_our_flux_names_flux_layers(
     assert any(k.startswith(f"{prefix}_double_blocks_1_img_attn_qkv.") for k in sd)
     model = copy.deepcopy(base)
     apply_lora(model, save(sd, tmp_path / "f.safetensors"), scale=-0.6)
-    x = inputs()
-    with torch.no_grad():
-        expected, out, plain = wrapped(**x), model(**x), base(**x)
-    assert (expected - plain).abs().max() > 0.05
-    assert (out - expected).abs().max().item() <= TOL
+    assert_drives_like(lambda x: wrapped(**x), model, base)
 
 
 def test_lokr_merges_unmerges_and_scales_exactly(tmp_path: Path) -> None:
@@ -387,11 +390,7 @@ def test_dora_file_drives_our_flux_like_lycoris(
     assert any(k.endswith(".dora_scale") for k in sd)
     model = copy.deepcopy(base)
     apply_lora(model, save(sd, tmp_path / "dora.safetensors"))
-    x = inputs()
-    with torch.no_grad():
-        expected, out, plain = wrapped(**x), model(**x), base(**x)
-    assert (expected - plain).abs().max() > 0.05
-    assert (out - expected).abs().max().item() <= TOL
+    assert_drives_like(lambda x: wrapped(**x), model, base)
 
 
 def test_dora_on_diffusers_split_parts_keeps_each_rows_scale(tmp_path: Path) -> None:
@@ -403,11 +402,7 @@ def test_dora_on_diffusers_split_parts_keeps_each_rows_scale(tmp_path: Path) -> 
     sd = state(dora_net(reference, "lora-dora-rows"))
     model = copy.deepcopy(base)
     apply_lora(model, save(sd, tmp_path / "rows.safetensors"))
-    x = inputs()
-    with torch.no_grad():
-        expected, out = ref_mod.reference_forward(reference, **x), model(**x)
-        assert (expected - base(**x)).abs().max() > 0.05
-    assert (out - expected).abs().max().item() <= TOL
+    assert_drives_like(lambda x: ref_mod.reference_forward(reference, **x), model, base)
 
     again = ref_mod.build_reference(tiny_params(), {k: v.clone() for k, v in base.state_dict().items()})
     columns = save(state(dora_net(again, "lora-dora-columns")), tmp_path / "columns.safetensors")
@@ -451,11 +446,7 @@ def test_peft_dora_file_in_diffusers_layout_drives_ours_like_peft(tmp_path: Path
     assert "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector" in sd
     model = copy.deepcopy(base)
     apply_lora(model, tmp_path / "peft-dora.safetensors")
-    x = inputs()
-    with torch.no_grad():
-        expected, out = ref_mod.reference_forward(reference, **x), model(**x)
-        assert (expected - base(**x)).abs().max() > 0.05
-    assert (out - expected).abs().max().item() <= TOL
+    assert_drives_like(lambda x: ref_mod.reference_forward(reference, **x), model, base)
     assert lora_summary(tmp_path / "peft-dora.safetensors")["algorithms"] == ["lora+dora"]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pictor.models.lora_updates import dora_ratio
+from pictor.models.lora_updates import dora_delta, dora_ratio
 from pictor.models.weight_storage import narrow_linear
 
 __all__ = ["DoRAAdapter"]
@@ -87,7 +87,5 @@ class DoRAAdapter(nn.Module):
         """The update to the layer's base weight (before any merge) at this strength, in float64."""
         layer = self._layer[0]
         original = layer._original if layer._original is not None else layer.weight.detach()
-        w = original.to(self.d.device).double()
-        r = 1 + self.d.double()
-        r = r[:, None] if self.on_out else r[None, :]
-        return self.scale * (r * (w + self.inner.delta_weight()) - w)
+        w = original.to(self.d.device)
+        return self.scale * dora_delta(1 + self.d.double(), w, self.inner.delta_weight(), self.on_out)

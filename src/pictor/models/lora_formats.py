@@ -333,11 +333,7 @@ def _diffusers_alpha(module: str, rank: int, meta: Mapping[str, str]) -> float:
 
 def _check(update: LayerUpdate, path: str, shape: tuple[int, int]) -> None:
     in_f, out_f = shape
-    out, inputs = update.shape
-    inner = update.inner if isinstance(update, DoRAUpdate) else update
-    if isinstance(inner, FactoredUpdate):  # every piece: q, k and v of one layer may disagree
-        piece = next((p for p in inner.pieces if p.inputs != in_f), None)
-        inputs = inputs if piece is None else piece.inputs
+    out, inputs = update.shape  # one width for all parts of a fused layer: _fuse_parts checked it
     if inputs != in_f or out != out_f:
         raise LoRAError(
             f"LoRA key '{update.source}': update for '{path}' is [{out} x {inputs}] "

@@ -29,6 +29,7 @@ __all__ = [
     "LoRAError",
     "LoRAUpdate",
     "Piece",
+    "dora_delta",
     "dora_ratio",
 ]
 
@@ -254,8 +255,7 @@ class DoRAUpdate:
     def merged_delta(self, weight: Tensor) -> Tensor:
         """The update at strength 1 on base weight ``weight``: ``ratio * (W + dW) - W`` (float64)."""
         w, delta = weight.double(), self.inner.delta().to(weight.device)
-        r = dora_ratio(self.magnitude, w, delta, self.on_out)
-        return (r[:, None] if self.on_out else r[None, :]) * (w + delta) - w
+        return dora_delta(dora_ratio(self.magnitude, w, delta, self.on_out), w, delta, self.on_out)
 
     def finite(self) -> bool:
         # NaN rows are the fused parts without DoRA (file values were checked finite when read)
@@ -263,6 +263,14 @@ class DoRAUpdate:
 
 
 LayerUpdate = LoRAUpdate | FactoredUpdate | DoRAUpdate
+
+
+def dora_delta(ratio: Tensor, weight: Tensor, delta: Tensor, on_out: bool) -> Tensor:
+    """DoRA's change of the weight at strength 1, ``ratio * (W + dW) - W`` (float64), the ratio per output row
+    or per input column."""
+    w = weight.double()
+    r = ratio.double()
+    return (r[:, None] if on_out else r[None, :]) * (w + delta.double()) - w
 
 
 def dora_ratio(magnitude: Tensor, weight: Tensor, delta: Tensor, on_out: bool) -> Tensor:
