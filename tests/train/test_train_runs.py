@@ -286,6 +286,44 @@ def test_torchrun_ddp_two_ranks_match_one_process(ddp_run: Path, run_a: Path) ->
         assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
 
 
+# Loaded by every torchrun worker (sitecustomize, first on PYTHONPATH): rank 1 fails after its third step.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from pictor.train import loop
+    periodic = loop.Trainer._periodic
+    def failing(self, log):
+        if self.step == 3:
+            raise RuntimeError("injected failure on rank 1 at step 3")
+        periodic(self, log)
+    loop.Trainer._periodic = failing
+"""
+
+
+def test_torchrun_a_rank_that_fails_stops_the_run_at_once(tmp_path: Path, ae_run: Path) -> None:
+    """A rank that fails leaves without waiting for the others: rank 0 is inside its next step's all-reduce,
+    where a barrier on rank 1 would hold both until the group's 30-minute timeout. Instead torchrun sees
+    rank 1 exit, stops rank 0 and reports rank 1's error; nothing final is written."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    out = tmp_path / "failed"
+    args = [*TWO_RANK_FLAGS, "--autoencoder", str(ae_run), "--out", str(out), "--max-steps", str(STEPS)]
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "pictor.cli", "train", "t2i", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,  # the old barrier held the ranks for 30 minutes
+    )
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 3" in proc.stderr
+    # Rank 0 logged step 3 (or was stopped just before) and no step after it: it cannot pass step 4 alone.
+    assert [s for s, _, _ in _losses(out)] in ([1, 2], [1, 2, 3])
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+
 def test_torchrun_fsdp_matches_one_process_and_resumes_with_or_without_it(
     tmp_path: Path, ae_run: Path, run_a: Path, ddp_run: Path
 ) -> None:

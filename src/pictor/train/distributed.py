@@ -68,6 +68,12 @@ def setup(requested_device: str | None = None) -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group together, after a finished run only.
+
+    A rank that failed must leave without it: the other ranks are inside some other collective (the next
+    step's all-reduce), where this barrier would hold them all until the group's timeout (30 minutes)
+    before the error surfaced; exiting lets torchrun see the failure and stop them within seconds. Nor
+    may it destroy the group, which can wait on a peer's pending work (NCCL)."""
     if info.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -354,7 +354,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Run (or, with resume, continue) a training run described by `cfg` (resolved here if needed)."""
     cfg = cfg.resolve()
     info = distributed.setup(cfg.device)
-    try:
-        return Trainer(cfg, info, resume).run()
-    finally:
-        distributed.teardown(info)
+    result = Trainer(cfg, info, resume).run()  # a failure leaves without teardown (see there)
+    distributed.teardown(info)
+    return result
