@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from pictor.data.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
-from pictor.data.folder import DatasetWarning, ImageFolderDataset, collate
+from pictor.data.folder import DatasetWarning, ImageFolderDataset, UnreadableImageError, collate, to_rgb
+
+from broken_images import undecodable_png
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -109,8 +111,15 @@ def test_check_modes(folder: Path) -> None:
     lax = _load(folder, check="header")
     names = _by_name(lax)
     assert "cut.jpg" in names and "cut.png" in names and "corrupt.jpg" not in names
-    with pytest.raises(RuntimeError, match=r"cut\.png"):
-        lax[names["cut.png"]]
+    with pytest.raises(UnreadableImageError, match=r"cannot decode .*cut\.png"):
+        lax.load_image(names["cut.png"])
+    # As an item it is not fatal: the next decodable image of its bucket stands in, reported once.
+    with pytest.warns(DatasetWarning, match=r"cut\.png.*stands in") as rec:
+        item = lax[names["cut.png"]]
+        again = lax[names["cut.png"]]
+    assert len(rec) == 1
+    assert item["path"] == again["path"] != str(folder / "cut.png")
+    assert item["bucket"] == lax.item_buckets[names["cut.png"]]
 
 
 def test_empty_folder_and_bad_metadata_lines(tmp_path: Path) -> None:
@@ -377,3 +386,102 @@ def test_dataloader_with_bucket_sampler(folder: Path) -> None:
         assert batch["image"].shape == (len(batch["caption"]), 3, h, w)
         n += len(batch["path"])
     assert n == len(ds)
+
+
+def test_an_image_that_passes_the_scan_but_not_decoding_costs_one_item(tmp_path: Path) -> None:
+    for i in range(3):
+        _noise(32, 32, seed=i).save(tmp_path / f"ok{i}.png")
+    undecodable_png(tmp_path / "bad.png")
+    ds = _load(tmp_path, buckets=False)  # warns: no captions
+    bad = _by_name(ds)["bad.png"]  # the fast scan let it through
+    with pytest.warns(DatasetWarning, match=r"cannot decode .*bad\.png.*stands in"):
+        item = ds[bad]
+    assert item["path"] == str(ds.paths[(bad + 1) % len(ds)])  # the next one in the folder's order
+    # Another reader of the same folder (a resumed run, another rank) picks the same stand-in.
+    other = _load(tmp_path, buckets=False)
+    with pytest.warns(DatasetWarning):
+        assert other[bad]["path"] == item["path"]
+    assert torch.equal(other[bad]["image"], item["image"])
+    # The other items are untouched.
+    for i in range(len(ds)):
+        if i != bad:
+            assert ds[i]["path"] == str(ds.paths[i])
+
+
+def test_metadata_problems_are_reported_by_line(tmp_path: Path) -> None:
+    for name in ("a", "b", "c", "d"):
+        _noise(20, 20).save(tmp_path / f"{name}.png")
+    (tmp_path / "sub").mkdir()
+    _noise(20, 20).save(tmp_path / "sub" / "e.png")
+    lines = [
+        b'\xef\xbb\xbf{"file_name": "a.png", "text": "first line after a BOM"}',
+        b'{"file_name": "b.png", "text": "caf\xe9 in Latin-1"}',
+        b'{"file_name": 5, "text": "a number"}',
+        b'{"file_name": null, "text": "nothing"}',
+        b'{"file_name": "c.png", "text": "ok"}',
+        b'{"file_name": "sub/e.png", "text": "from the root"}',
+    ]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "sub" / "metadata.jsonl").write_text('{"file_name": "e.png", "text": "from sub"}\n')
+    with pytest.warns(DatasetWarning) as rec:
+        ds = ImageFolderDataset(tmp_path, min_side=4)
+    messages = "\n".join(str(w.message) for w in rec)
+    assert "3 metadata.jsonl lines ignored" in messages
+    assert "metadata.jsonl:2: not UTF-8 (byte 0xe9)" in messages
+    assert "metadata.jsonl:3: file_name must be a path string, got 5" in messages
+    assert "metadata.jsonl:4: file_name must be a path string, got None" in messages
+    assert "1 images captioned twice in metadata.jsonl (the later line wins)" in messages
+    assert "sub/metadata.jsonl:1: e.png: used instead of" in messages and "metadata.jsonl:6's" in messages
+    captions = {p.name: c for p, c in zip(ds.paths, ds.captions, strict=True)}
+    assert captions == {
+        "a.png": "first line after a BOM",
+        "b.png": "",  # its line was not UTF-8: reported, and the image has no caption
+        "c.png": "ok",
+        "d.png": "",
+        "e.png": "from sub",
+    }
+
+
+def test_sixteen_bit_grey_scales_by_its_depth_and_colour_keys_are_transparent() -> None:
+    def grey16(values: list[int]) -> Image.Image:
+        return Image.fromarray(np.array([values], dtype=np.uint16)).convert("I;16")
+
+    # The same stored value gives the same 8-bit value, whatever else the frame holds.
+    dark, brighter = to_rgb(grey16([200, 200])), to_rgb(grey16([200, 300]))
+    assert np.asarray(dark)[0, 0].tolist() == np.asarray(brighter)[0, 0].tolist() == [1, 1, 1]
+    assert np.asarray(to_rgb(grey16([65535])))[0, 0].tolist() == [255, 255, 255]
+    # A PNG colour key (RGB or L) marks transparent pixels, composited on white like alpha.
+    for image in (Image.new("RGB", (2, 2), (0, 0, 0)), Image.new("L", (2, 2), 0)):
+        image.info["transparency"] = (0, 0, 0) if image.mode == "RGB" else 0
+        assert np.asarray(to_rgb(image))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_symlinked_folders_are_scanned_once_without_looping(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        _noise(20, 20, seed=i).save(real / f"im{i}.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "set1").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(root, target_is_directory=True)  # a link back up
+    ds = _load(root)
+    assert sorted(p.name for p in ds.paths) == ["im0.png", "im1.png", "im2.png"]
+
+
+def test_a_long_strip_is_resized_only_where_the_crop_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def recording(self: Image.Image, size, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    strip = Image.new("RGB", (16, 20000), (10, 200, 30))
+    out = resize_to_bucket(strip, (256, 256))
+    assert out.size == (256, 256) and sizes == [(256, 256)]  # not 256 x 320000 first (330 MB)
+    assert np.asarray(out).reshape(-1, 3).tolist()[0] == [10, 200, 30]
+    # An ordinary image still takes the whole resize and the crop.
+    sizes.clear()
+    assert resize_to_bucket(_halves(96, 48), (64, 64)).size == (64, 64) and sizes == [(128, 64)]

@@ -324,7 +324,8 @@ def test_cli_flags_reach_the_config() -> None:
     )
     args = parser.parse_args(line.split())
     cfg = config_from_args(args)
-    assert (cfg.stage, cfg.base, cfg.data, cfg.out) == ("lora", "B", "D", "O")
+    assert (cfg.stage, cfg.base, cfg.out) == ("lora", "B", "O")
+    assert cfg.data == str(Path("D").resolve())  # stored whole: a resume from elsewhere reads the same folder
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout) == (
         4,
         2.0,

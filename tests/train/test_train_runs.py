@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +20,12 @@ from PIL import Image
 
 from pictor.checkpoint import read_safetensors
 from pictor.convert import cast_bundle
+from pictor.data.folder import DatasetWarning
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import TrainingError, train
+
+from broken_images import undecodable_png
 
 QUIET = {"sample_every": 0, "eval_every": 0, "progress": False}
 # Everything that shapes the loss curve, shared by the subprocess runs that are compared.
@@ -129,6 +134,39 @@ def test_autoencoder_on_an_image_folder(tmp_path: Path) -> None:
     (evaluation,) = read_jsonl(out / "eval.jsonl")
     assert "psnr" in evaluation and "overall" not in evaluation  # no shapes scores on other data
     assert (out / "samples" / "step-000003.png").is_file()
+
+
+def test_a_folder_run_outlives_an_undecodable_image_and_a_resume_names_a_changed_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image that passes the scan but does not decode costs one item, not the run; the checkpoint
+    records the folder, so a resume on a folder that changed since says so."""
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+        Image.new("RGB", (40, 40), color).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a plain picture number {i}")
+    undecodable_png(data / "3.png", size=40)
+    (data / "3.txt").write_text("a picture that does not decode")
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # a relative --data, stored as the folder's absolute path
+    cfg = TrainConfig(stage="autoencoder", out=str(out), preset="tiny", data="images", batch_size=2, **QUIET)
+    with pytest.warns(DatasetWarning, match=r"cannot decode .*3\.png.*stands in"):
+        train(dataclasses.replace(cfg, max_steps=4))  # 8 samples: every image at least once
+    assert len(read_jsonl(out / "log.jsonl")) == 4
+    state = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["config"]["data"] == str(data) and state["data"]["images"] == 4
+    monkeypatch.chdir(out)  # elsewhere: the stored path still names the folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # the same folder: no warning about it
+        train(TrainConfig.from_dict({**state["config"], "max_steps": 5}), resume=True)
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(data / "4.png")
+    (data / "4.txt").write_text("a grey picture")
+    with pytest.warns(
+        DatasetWarning, match=r"data folder changed since this checkpoint \(4 images then, 5 now"
+    ):
+        train(TrainConfig.from_dict({**state["config"], "max_steps": 6}), resume=True)
+    assert len(read_jsonl(out / "log.jsonl")) == 6
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:

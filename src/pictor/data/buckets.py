@@ -63,9 +63,18 @@ def cover_crop(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], 
     return (nw, nh), (left, top, left + bw, top + bh)
 
 
+# Past this many times the bucket's area, the cover resize is not made whole (a 16x20000 strip would grow
+# to 256x320000, 330 MB, for one 256x256 item): only the part the crop keeps is resized.
+_WHOLE_RESIZE_LIMIT = 4
+
+
 def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Resize so the image covers the bucket (keeping its aspect), then crop the centre to exactly it."""
     resized, crop = cover_crop(image.size, bucket)
+    if resized[0] * resized[1] > _WHOLE_RESIZE_LIMIT * bucket[0] * bucket[1]:
+        sx, sy = image.width / resized[0], image.height / resized[1]
+        box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+        return image.resize(bucket, Image.Resampling.LANCZOS, box=box)
     if resized != image.size:
         image = image.resize(resized, Image.Resampling.LANCZOS)
     return image.crop(crop)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,10 @@ _SHOWN = 5  # paths quoted in a summary warning
 
 class DatasetWarning(UserWarning):
     """Problems found while scanning a dataset folder (skipped images, missing captions)."""
+
+
+class UnreadableImageError(ValueError):
+    """An image that passed the scan but does not decode (the fast scan reads headers, not every pixel)."""
 
 
 def _summary(what: str, entries: Sequence[tuple[str, str]]) -> str:
@@ -97,17 +101,16 @@ def _reason(exc: BaseException) -> str:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white (not dropped to black)."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA")  # a palette entry or a colour key that means "transparent"
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     if image.mode.startswith("I"):
-        # 16-bit greyscale: Pillow's own conversion clips at 255, which turns most of the image white.
-        arr = np.asarray(image).astype(np.float64)
-        if arr.max(initial=0) > 255:
-            arr = arr / 257.0
+        # 16-bit greyscale (the only "I" images of the formats read here): Pillow's own conversion clips
+        # at 255, which turns most of the image white. Always 65535 -> 255, whatever the frame holds.
+        arr = np.asarray(image).astype(np.float64) / 257.0
         return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
 
@@ -173,13 +176,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.item_buckets: list[Bucket] = []
         self.skipped: list[tuple[str, str]] = []
         self.missing_captions: list[str] = []
+        self._broken: set[int] = set()  # items found not to decode after the scan
         self._scan(check, caption_ext, tuple(caption_keys))
 
     # -- scanning ------------------------------------------------------------------------------------
 
     def _walk(self) -> tuple[list[Path], list[Path]]:
         images, metas = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        seen: set[str] = set()  # real paths of folders walked: a link back up must not loop
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith("."):
@@ -193,11 +203,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _read_metadata(self, metas: list[Path], keys: tuple[str, ...]) -> dict[Path, str]:
         captions: dict[Path, str] = {}
+        where: dict[Path, str] = {}  # the line each caption came from, to name both sides of a conflict
         self._meta_layouts: dict[Path, list[dict[str, Any]]] = {}
         bad: list[tuple[str, str]] = []
+        twice: list[tuple[str, str]] = []
         for meta in metas:
-            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
+            raw = meta.read_bytes()
+            for n, data in enumerate(raw.splitlines(), 1):
+                if n == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors)
+                    data = data[3:]
+                if not data.strip():
+                    continue
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    byte = exc.object[exc.start]
+                    bad.append((f"{meta}:{n}", f"not UTF-8 (byte {byte:#x}); save the file as UTF-8"))
                     continue
                 try:
                     rec = json.loads(line)
@@ -206,15 +227,25 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     bad.append((f"{meta}:{n}", f"bad line ({type(exc).__name__})"))
                     continue
+                if not isinstance(name, str) or not name:
+                    bad.append((f"{meta}:{n}", f"file_name must be a path string, got {name!r}"))
+                    continue
+                target = (meta.parent / name).resolve()
                 if text is not None:
-                    captions[(meta.parent / name).resolve()] = str(text).strip()
+                    text = str(text).strip()
+                    if target in captions and captions[target] != text:
+                        twice.append((f"{meta}:{n}", f"{name}: used instead of {where[target]}'s"))
+                    captions[target], where[target] = text, f"{meta}:{n}"
                 if "layout" in rec:  # boxes with phrases, for layout training (pictor.data.layouts)
                     try:
-                        self._meta_layouts[(meta.parent / name).resolve()] = parse_layout(rec["layout"])
+                        self._meta_layouts[target] = parse_layout(rec["layout"])
                     except LayoutError as exc:
                         bad.append((f"{meta}:{n}", f"layout ignored: {exc}"))
         if bad:
             warnings.warn(_summary("metadata.jsonl lines ignored", bad), DatasetWarning, stacklevel=4)
+        if twice:
+            what = "images captioned twice in metadata.jsonl (the later line wins)"
+            warnings.warn(_summary(what, twice), DatasetWarning, stacklevel=4)
         return captions
 
     def _scan(self, check: str, caption_ext: str, keys: tuple[str, ...]) -> None:
@@ -285,7 +316,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 im = ImageOps.exif_transpose(im)
                 im = to_rgb(im)
         except (OSError, SyntaxError, ValueError) as exc:
-            raise RuntimeError(f"cannot load {path} ({_reason(exc)}); it changed after the scan?") from exc
+            raise UnreadableImageError(
+                f"cannot decode {path} ({_reason(exc)}): re-save or remove it (check='decode' finds such "
+                "files while scanning)"
+            ) from exc
         im = resize_to_bucket(im, self.item_buckets[index])
         if flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -307,9 +341,29 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return info
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.item_info(index)
-        item["image"] = self.load_image(index, item["flip"])
-        return item
+        """Item `index`; if its file does not decode, the next item of its bucket that does (reported once
+        per file). The stand-in depends only on which files are broken, so a resumed run, or another rank,
+        makes the same choice, and one bad file costs one item, not the run."""
+        for candidate in self._stand_ins(index):
+            item = self.item_info(candidate)
+            try:
+                item["image"] = self.load_image(candidate, item["flip"])
+            except UnreadableImageError as exc:
+                self._broken.add(candidate)
+                note = f"{exc}; the next image of its bucket stands in for it"
+                warnings.warn(note, DatasetWarning, stacklevel=2)
+                continue
+            return item
+        raise UnreadableImageError(f"no image of bucket {self.item_buckets[index]} in {self.root} decodes")
+
+    def _stand_ins(self, index: int) -> Iterator[int]:
+        if index not in self._broken:
+            yield index
+        bucket, n = self.item_buckets[index], len(self.paths)
+        for step in range(1, n):
+            j = (index + step) % n
+            if j not in self._broken and self.item_buckets[j] == bucket:
+                yield j
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

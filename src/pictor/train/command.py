@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pictor.train.config import STAGES, TRAJECTORY_KEYS, ConfigError, TrainConfig
+from pictor.train.config import STAGES, TRAJECTORY_KEYS, ConfigError, TrainConfig, data_path
 
 # flag dest -> TrainConfig field (flags whose value is None were not given)
 _FIELDS = {
@@ -153,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides: dict[str, Any] = {
         field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None
     }
+    if "data" in overrides:
+        overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
     if args.compile:
         overrides["compile"] = True
     if args.gradient_checkpointing:

@@ -67,6 +67,13 @@ def _describe(hint: Any) -> str:
     return " or ".join(names.get(typing.get_origin(o) or o, str(o)) for o in options)
 
 
+def data_path(data: str) -> str:
+    """`--data` as stored: "shapes", or the folder's absolute path, so that a run resumed from another
+    working directory reads the same folder (or says it is gone) rather than whatever the relative path
+    names there."""
+    return data if data == "shapes" else str(Path(data).resolve())
+
+
 @dataclass
 class TrainConfig:
     stage: str
@@ -202,6 +209,7 @@ class TrainConfig:
             preset = self._init_preset()
         c = dataclasses.replace(
             self,
+            data=data_path(self.data),
             model=self.model if self.model is not None else preset["model"],
             autoencoder=self.autoencoder if self.autoencoder is not None else preset["autoencoder"],
             text_encoder=self.text_encoder if self.text_encoder is not None else preset["text_encoder"],

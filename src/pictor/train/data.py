@@ -11,6 +11,7 @@ samples with the same noise.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,29 @@ class _FolderImages:
         item = self.folder[index]
         pixels = ((item.pop("image") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact inverse
         return pixels.permute(1, 2, 0).numpy(), item["caption"], item
+
+
+def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
+    """What a resume compares: an image folder's items (paths, file sizes, captions) as a count and a
+    SHA-256, since sample k of the stream depends on them all; None for the shapes world (always alike)."""
+    folder = getattr(ds, "folder", None)
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for i, (path, caption) in enumerate(zip(folder.paths, folder.captions, strict=True)):
+        digest.update(f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}\n".encode())
+    return {"images": len(folder), "sha256": digest.hexdigest()}
+
+
+def data_change(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+    """A warning when a resumed run's data differs from its checkpoint's, else None."""
+    if saved is None or now is None or saved == now:
+        return None
+    return (
+        f"the data folder changed since this checkpoint ({saved['images']} images then, {now['images']} "
+        "now, or their names, sizes or captions differ): the run goes on with the folder as it is, so its "
+        "loss curve will differ from an uninterrupted run's"
+    )
 
 
 def dataset_length(ds: ImageCaptionDataset) -> int | None:

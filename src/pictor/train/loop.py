@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,18 @@ import torch
 from torch import nn
 
 from pictor.checkpoint import replace_dir, state_dict_hash, write_json
+from pictor.data.folder import DatasetWarning
 from pictor.models.flux import Flux
 from pictor.train import distributed
 from pictor.train.config import TrainConfig
-from pictor.train.data import ImageCaptionDataset, default_workers, make_dataset, micro_batches
+from pictor.train.data import (
+    ImageCaptionDataset,
+    data_change,
+    data_fingerprint,
+    default_workers,
+    make_dataset,
+    micro_batches,
+)
 from pictor.train.ema import EMA, ShardedEMA, meta_copy
 from pictor.train.logs import RunLog
 from pictor.train.optim import build_optimizer, lr_at, schedule_state, set_lr
@@ -103,6 +112,7 @@ class Trainer:
 
         assert cfg.image_size is not None
         self.ds = make_dataset(cfg.data, cfg.image_size, cfg.seed)
+        self.data_print = data_fingerprint(self.ds)
         resume_path = ckpt.path if ckpt else None
         if cfg.stage == "lora":
             from pictor.train.lora import LoRAStage  # builds on the t2i stage
@@ -136,6 +146,9 @@ class Trainer:
             self.ema.load(self.stage.ema_weights(ckpt.path))
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
+            change = data_change(ckpt.state.get("data"), self.data_print)
+            if change and info.is_main:
+                warnings.warn(change, DatasetWarning, stacklevel=2)
             self.elapsed = float(ckpt.state.get("elapsed", 0.0))
         self.resumed_from = self.step
         if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
@@ -286,6 +299,7 @@ class Trainer:
         state: dict[str, Any] = {
             "step": self.step,
             "data_position": self.position,
+            "data": self.data_print,
             "world_size": self.info.world_size,
             "elapsed": self.elapsed,
             "config": cfg.to_dict(),
