@@ -74,6 +74,12 @@ def test_outpaint(files: Path) -> None:
         (("edit", "src.png", "x", "--mask", "small-mask.png"), "the mask is 28x32 but the image is 32x32"),
         (("edit", "src.png", "x", "--expand", "4,4"), "expand must be four pixel counts"),
         (("generate", "x", "--best-of", "2", "--scorer", "nope"), "unknown scorer 'nope'"),
+        # Options that would change nothing without the one they serve are refused, not dropped.
+        (("generate", "x", "--scorer", "shapes"), "--scorer ranks the images of --best-of N"),
+        (("edit", "src.png", "x", "--fill", "noise"), "--fill sets how --expand's new area starts"),
+        (("edit", "src.png", "x", "--feather", "4"), "--feather blends the edge of a --mask or --expand"),
+        (("edit", "src.png", "x", "--expand", "0,0,4,0", "--strength", "0"), "would stay its raw fill"),
+        (("generate", "x", "--negative", "y", "--guidance", "1"), "off at guidance 1"),
     ],
 )
 def test_edit_errors_are_one_clear_line(files: Path, args: tuple[str, ...], message: str) -> None:

@@ -106,7 +106,7 @@ def test_an_unusable_stored_default_is_named_at_load(tmp_path: Path) -> None:
 
 
 def _record(**changes: Any) -> dict[str, Any]:
-    base = {"prompt": "x", "steps": 2, "guidance": 4.0, "sampler": "euler", "seed": 1, "width": 32,
+    base = {"prompt": "x", "steps": 2, "guidance": 4.0, "sampler": "euler", "seed": 2, "width": 32,
             "height": 32, "model": {"name": "m", "hash": "h"}, "batch_seeds": [1, 2],
             "batch_index": 1}  # fmt: skip
     return {**base, **changes}
@@ -124,6 +124,8 @@ def _record(**changes: Any) -> dict[str, Any]:
         (_record(batch_index=5), "batch_index 5 is not a place in its batch_seeds (2 seeds)"),
         (_record(loras=["garbage"]), "'loras' is ['garbage']"),
         (_record(reference_adapter="x"), "'reference_adapter' is 'x', not an object"),
+        (_record(seed=1), "seed 1 is not its batch_seeds' entry for this image (2)"),
+        (_record(model={"name": "m", "hash": 5}), "'model' is {'name': 'm', 'hash': 5}, not an object"),
         (
             _record(mode="bogus", strength=1.0, source_image={"sha256": "s"}),
             "'mode' is 'bogus', not one of img2img, inpaint, outpaint",

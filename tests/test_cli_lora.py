@@ -64,6 +64,23 @@ def test_generate_with_lora_records_and_reproduces(tmp_path: Path) -> None:
     assert wrong.returncode == 2 and "pass the same files and scales" in wrong.stderr
 
 
+def test_generate_says_which_keys_of_a_lora_it_left_out(tmp_path: Path) -> None:
+    """The CLI hides other libraries' UserWarnings but shows pictor's: a kohya-style file's text-encoder
+    keys are left out with a warning on the terminal, as the README says."""
+    from safetensors.torch import load_file
+
+    lora = tmp_path / "style.safetensors"
+    _make_lora(lora)
+    sd = load_file(lora)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(2, 8)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(8, 2)
+    save_file(sd, tmp_path / "with_te.safetensors")
+    common = ("--model", "tiny", "--seed", "3", "--steps", "1", "--size", "32x32")
+    run = _run("generate", "a red circle", *common, "--lora", "with_te.safetensors", "-o", "te", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "pictor generate: warning: text-encoder keys not applied (2): lora_te1_text_model" in run.stderr
+
+
 def _bundles(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny base bundle and a "fine-tuned" copy whose linear layers moved by rank-2 changes."""
     config, flux, ae = tiny_models(trained=True)

@@ -3,12 +3,15 @@ its files matching their recorded hashes, and what `pictor.load()` gives when no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 import pictor
-from pictor.checkpoint import load_bundle, read_bundle_config
-from pictor.locate import resolve, shipped_default_path
+from pictor.checkpoint import CheckpointError, load_bundle, read_bundle_config
+from pictor.locate import ModelRef, resolve, shipped_default_path
 from pictor.pipeline import GenerationRequest
 
 RED_CIRCLE = ("red", "circle")
@@ -88,3 +91,18 @@ def test_default_carries_a_reference_adapter_made_for_it_that_passes_on_colours(
                 with_picture += hit and reference is not None
                 without += hit and reference is None
     assert with_picture >= 20 and without <= 12, (with_picture, without)
+
+
+def test_a_folder_named_like_a_model_does_not_hide_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pictor generate ... -o default` makes a folder ./default; the next command (and every record's
+    model.ref "default") must still mean the shipped model, not refuse that folder as a broken bundle."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("default", "tiny"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "00000-1.png").write_bytes(b"")
+    assert resolve("default") == resolve(None) == ModelRef("bundle", "default", shipped_default_path())
+    assert resolve("tiny") == ModelRef("preset", "tiny")
+    with pytest.raises(CheckpointError, match="not a pictor model bundle"):
+        resolve("./tiny")  # written as a path: the folder is meant, and it is no bundle

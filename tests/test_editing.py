@@ -21,6 +21,7 @@ from pictor.edit_blending import (
     to_model_pixels,
 )
 from pictor.editing import EditError, EditRequest, load_mask, mask_sha256
+from pictor.editing import to_rgb as editing_to_rgb
 from pictor.flow import interpolate
 from pictor.hires import HIRES_FIELDS
 from pictor.loading import pipeline_from_preset
@@ -213,6 +214,22 @@ def test_feather_stays_inside_the_mask() -> None:
     assert (out[5, 5] == 250).all() and 7 < out[2, 5, 0] < 250
 
 
+def test_a_huge_feather_stops_once_the_mask_is_eroded() -> None:
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2:10, 2:10] = True
+    # 10^9 rounds would take hours; past the mask's depth they change nothing, so they are not run.
+    np.testing.assert_array_equal(feather_weights(mask, 10**9), feather_weights(mask, 4) * 5 / (10**9 + 1))
+
+
+def test_sixteen_bit_masks_and_sources_scale_by_their_depth() -> None:
+    def grey16(value: int) -> Image.Image:
+        return Image.fromarray(np.full((16, 16), value, np.uint16)).convert("I;16")
+
+    # 30000 / 65535 is 46 % grey: kept; 40000 is 61 %: repainted (Pillow's own conversion clips both to 255).
+    assert not load_mask(grey16(30000), 16, 16).any() and load_mask(grey16(40000), 16, 16).all()
+    assert editing_to_rgb(grey16(8000))[0, 0].tolist() == [31, 31, 31]
+
+
 def test_masks_of_any_mode_threshold_alike() -> None:
     grey = np.zeros((16, 16), np.uint8)
     grey[4:12, 4:12] = 200
@@ -246,6 +263,17 @@ def test_outpaint_grows_the_canvas_and_keeps_the_original(pipe: Pipeline) -> Non
     assert rec["mode"] == "outpaint" and rec["expand"] == [8, 0, 4, 12] and rec["fill"] == "edge"
     assert (rec["width"], rec["height"]) == (44, 44)
     assert rec["source_image"]["width"] == 32 and rec["source_image"]["height"] == 32 and "mask" not in rec
+
+
+def test_outpaint_new_area_is_the_generated_picture_not_blended_with_its_fill(pipe: Pipeline) -> None:
+    """The feather blends toward the original's own pixels only: the expanded area has none, so its
+    starting fill (noise here) must not show through next to the seam."""
+    src = _source()
+    common = {"image": src, "prompt": "x", "expand": (0, 0, 8, 0), "fill": "noise", "seed": 2, "steps": 2}
+    soft = _px(pipe.edit(EditRequest(**common, feather=3))[0].image)  # type: ignore[arg-type]
+    hard = _px(pipe.edit(EditRequest(**common, feather=0))[0].image)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(soft[:, 32:], hard[:, 32:])  # the same generated pixels, feather or not
+    np.testing.assert_array_equal(soft[:, :32], _px(src))
 
 
 def test_outpaint_with_a_mask_on_the_original_and_noise_fill(pipe: Pipeline) -> None:
@@ -284,6 +312,8 @@ def _bad_file(tmp_path: Path) -> Path:
         ({"mask": _box_mask(0, 0, 0, 0)}, "mask is all black.*nothing to repaint"),
         ({"fill": "blur", "expand": (4, 0, 0, 0)}, "unknown fill 'blur'"),
         ({"feather": -1, "mask": _box_mask(0, 0, 4, 4)}, "feather must be >= 0"),
+        ({"expand": (0, 0, 4, 0), "strength": 0.0}, "the expanded area would stay its raw fill"),
+        ({"expand": (0, 0, 4 * 10**14, 0)}, "expanded canvas would be 400000000000032x32.*expand by less"),
     ],
 )
 def test_bad_edits_are_clear_errors(pipe: Pipeline, tmp_path: Path, change: dict, message: str) -> None:

@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "layout_files": 1,
     "reference_files": 1,
     "data": 1,
+    "notices": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/
     "models": 0,
     # The package root holds `__version__`, which every layer may read, and `pictor.load`, a door whose

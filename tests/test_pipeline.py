@@ -9,8 +9,8 @@ import torch
 import pictor
 from pictor.checkpoint import save_bundle
 from pictor.loading import pipeline_from_preset
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
-from pictor.provenance import read_record, save_png
+from pictor.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline
+from pictor.provenance import ProvenanceError, read_record, save_png
 from pictor.reproduce import reproduce
 
 
@@ -115,11 +115,33 @@ def test_bundle_gives_the_same_pixels_as_its_weights(pipe: Pipeline, tmp_path: P
         ({"num_images": 0}, "number of images"),
         ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
         ({"seed": -1}, "seed must be between"),
+        ({"seed": MAX_SEED, "num_images": 2}, f"seed must be between 0 and {MAX_SEED - 1}"),
+        ({"num_images": 10**9}, "number of images must be between 1 and 10000"),
+        ({"schedule": "bogus"}, "unknown schedule 'bogus'"),
+        ({"prompt": "a red\udcff circle"}, "the prompt is not valid text"),
+        ({"negative_prompt": "\udcff"}, "the negative prompt is not valid text"),
+        ({"negative_prompt": "blue", "guidance": 1.0}, "off at guidance 1: raise the guidance"),
     ],
 )
 def test_bad_requests_are_clear_errors(pipe: Pipeline, change: dict, message: str) -> None:
     with pytest.raises(GenerationError, match=message):
         pipe.generate(GenerationRequest(**{"prompt": "x", **change}))  # type: ignore[arg-type]
+
+
+def test_the_last_seed_is_usable_and_records_must_keep_seed_and_batch_seeds_together(pipe: Pipeline) -> None:
+    (image,) = pipe.generate(GenerationRequest("x", seed=MAX_SEED, steps=1))
+    assert image.seed == MAX_SEED
+    rec = pipe.generate(GenerationRequest("x", seed=4, steps=1, num_images=2))[1].record
+    for field, value, words in [
+        ("seed", 4, "seed 4 is not its batch_seeds' entry for this image .5."),  # only the seed edited
+        ("model", {"name": "m", "hash": 5}, "'model' is .*not an object with the model's name and hash"),
+        ("layout_adapter", {"sha256": 7}, "'layout_adapter' is .*not an object with the adapter's sha256"),
+        ("guidance_mode", 3, "'guidance_mode' is 3, not a guidance mode"),
+    ]:
+        with pytest.raises(ProvenanceError, match=words):
+            reproduce(pipe, {**rec, field: value})
+    with pytest.raises(GenerationError, match=r"made with none guidance, but the loaded model .* uses cfg"):
+        reproduce(pipe, {**rec, "guidance_mode": "none"})
 
 
 def test_progress_is_reported_and_can_cancel(pipe: Pipeline) -> None:
@@ -153,3 +175,13 @@ def test_distilled_guidance_model_takes_guidance_and_refuses_negative() -> None:
     with pytest.raises(GenerationError, match="no negative prompt"):
         p.generate(GenerationRequest("x", negative_prompt="y", steps=1))
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_model_without_guidance_refuses_a_guidance_it_would_ignore() -> None:
+    with pytest.warns(UserWarning):
+        p = pipeline_from_preset("tiny", device="cpu")
+    p.guidance_mode = "none"  # as FLUX.1 [schnell]: guidance changes nothing, so asking for it is an error
+    (image,) = p.generate(GenerationRequest("x", seed=1, steps=1, guidance=0.0))
+    assert image.record["guidance"] == 0.0
+    with pytest.raises(GenerationError, match=r"takes no guidance .*guidance 9 would change nothing"):
+        p.generate(GenerationRequest("x", seed=1, steps=1, guidance=9.0))

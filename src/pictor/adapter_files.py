@@ -24,6 +24,7 @@ from pictor.checkpoint import (
     sha256_file,
     write_safetensors,
 )
+from pictor.notices import PictorWarning
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -97,6 +98,7 @@ class AdapterKind(Generic[M]):
             warnings.warn(
                 f"{path}: this {self.name} adapter was trained on model {header.get('base_model', '?')} "
                 f"(hash {base[:10]}), not on this one ({model_hash[:10]}); it may follow {self.name}s poorly",
+                PictorWarning,
                 stacklevel=4,
             )
         return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}

@@ -17,7 +17,7 @@ from pictor.cli_args import build_parser
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
-from pictor.data.folder import DatasetWarning
+from pictor.notices import PictorWarning
 from pictor.train import command as train_command
 
 
@@ -120,6 +120,9 @@ def _cache_summary(images: list[Any]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import pictor.pipeline as pl
 
+    if args.scorer is not None and args.best_of is None:
+        raise ValueError("--scorer ranks the images of --best-of N; add --best-of or drop --scorer")
+    args.scorer = args.scorer or "shapes"
     if args.best_of is not None:
         from pictor.rerank import get_scorer
 
@@ -151,6 +154,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     from pictor.editing import DEFAULT_FEATHER, EditRequest
 
+    # Options that shape only an expanded or masked area: without one they would change nothing.
+    if args.fill is not None and args.expand is None:
+        raise ValueError("--fill sets how --expand's new area starts; add --expand L,T,R,B or drop --fill")
+    if args.feather is not None and args.expand is None and args.mask is None:
+        raise ValueError("--feather blends the edge of a --mask or --expand area; add one or drop --feather")
     pipe = _load(args)
     request = EditRequest(
         image=args.image,
@@ -158,7 +166,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         mask=args.mask,
         strength=args.strength,
         expand=args.expand,
-        fill=args.fill,
+        fill=args.fill or "edge",
         feather=DEFAULT_FEATHER if args.feather is None else args.feather,
         **_settings(args),
     )
@@ -345,9 +353,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.simplefilter("ignore", UserWarning)  # the CLI prints its own notes; keep stderr readable
-    # ...except what a user must see: images of a training folder that were skipped, and why.
-    warnings.simplefilter("default", DatasetWarning)
+    warnings.simplefilter("ignore", UserWarning)  # other libraries' notices: keep stderr readable
+    # ...except pictor's own, which a user must see: skipped images, LoRA keys left out, and the like.
+    warnings.simplefilter("default", PictorWarning)
     warnings.showwarning = lambda message, *_rest, **_kw: print(
         f"pictor {args.command}: warning: {message}", file=sys.stderr
     )

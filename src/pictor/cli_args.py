@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="generate N candidates (seeds seed..seed+N-1), save all best first with their scores",
     )
-    g.add_argument("--scorer", default="shapes", help="scorer for --best-of (default: shapes)")
+    g.add_argument("--scorer", default=None, help="scorer for --best-of (default: shapes)")
 
     ed = sub.add_parser("edit", help="img2img, inpainting (--mask) or outpainting (--expand) of an image")
     ed.add_argument("image", help="the source image")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument(
         "--expand", type=_expand, default=None, metavar="L,T,R,B", help="grow the canvas by these pixels"
     )
-    ed.add_argument("--fill", default="edge", help="how --expand's new area starts: edge (default), noise")
+    ed.add_argument("--fill", default=None, help="how --expand's new area starts: edge (default), noise")
     ed.add_argument(
         "--feather", type=int, default=None, help="pixels of blending inside the mask edge (default: 2)"
     )

@@ -110,6 +110,8 @@ def feather_weights(mask: np.ndarray, feather: int) -> np.ndarray:
     inside = mask.copy()
     h, w = mask.shape
     for _ in range(feather):
+        if not inside.any():  # eroded away: more rounds add nothing (and a huge feather would take hours)
+            break
         padded = np.pad(inside, 1, constant_values=True)
         eroded = np.ones_like(inside)
         for dy in range(3):

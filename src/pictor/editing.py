@@ -153,9 +153,18 @@ def load_image(source: ImageSource, what: str = "image") -> Image.Image:
         ) from exc
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale ("I;16", "I") as 8-bit "L", 65535 -> 255: Pillow's own conversion clips at 255,
+    which turns a 16-bit image (or mask) almost all white."""
+    if not image.mode.startswith("I"):
+        return image
+    grey = np.asarray(image).astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3]; an alpha channel is dropped (the visible colours are what gets edited)."""
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(_eight_bit(image).convert("RGB"), dtype=np.uint8).copy()
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:
@@ -190,7 +199,7 @@ def load_mask(source: ImageSource, width: int, height: int) -> np.ndarray:
                 "size (when the canvas is expanded for outpainting: the size of the original image)"
             )
         image = image.resize((width, height), Image.Resampling.NEAREST)
-    grey = np.asarray(image.convert("L"))
+    grey = np.asarray(_eight_bit(image).convert("L"))
     return grey >= MASK_THRESHOLD
 
 
@@ -239,6 +248,15 @@ def _check_expand(expand: tuple[int, int, int, int], multiple: int) -> tuple[int
 # -------------------------------------------------------------------------------------------- canvas
 
 
+def new_area(shape: tuple[int, ...], expand: tuple[int, int, int, int]) -> np.ndarray:
+    """bool [H', W']: the part of an expanded canvas of `shape` (H', W') that the expansion added."""
+    left, top, right, bottom = expand
+    h, w = shape[0], shape[1]
+    new = np.ones((h, w), dtype=bool)
+    new[top : h - bottom, left : w - right] = False
+    return new
+
+
 def expand_canvas(
     pixels: np.ndarray, expand: tuple[int, int, int, int], fill: str = "edge"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -252,9 +270,7 @@ def expand_canvas(
     left, top, right, bottom = expand
     pad = ((top, bottom), (left, right), (0, 0))
     canvas = np.pad(pixels, pad, mode="edge")
-    h, w = pixels.shape[:2]
-    new = np.ones(canvas.shape[:2], dtype=bool)
-    new[top : top + h, left : left + w] = False
+    new = new_area(canvas.shape[:2], expand)
     if fill == "noise":
         rng = np.random.default_rng(NOISE_FILL_SEED)
         noise = rng.integers(0, 256, size=canvas.shape, dtype=np.uint8)
@@ -262,8 +278,9 @@ def expand_canvas(
     return canvas, new
 
 
-def prepare_edit(request: EditRequest, multiple: int) -> EditInputs:
-    """Load and validate an edit's image and mask; errors say what to change."""
+def prepare_edit(request: EditRequest, multiple: int, max_pixels: int) -> EditInputs:
+    """Load and validate an edit's image and mask; errors say what to change. `max_pixels` bounds an
+    expanded canvas, checked before it is allocated."""
     mode = request.mode
     strength = _check_strength(
         request.strength
@@ -275,9 +292,21 @@ def prepare_edit(request: EditRequest, multiple: int) -> EditInputs:
     if request.fill not in FILLS:
         raise EditError(f"unknown fill '{request.fill}'; choose one of {', '.join(FILLS)}")
     expand = _check_expand(request.expand, multiple) if mode == "outpaint" and request.expand else None
+    if expand is not None and strength == 0:
+        raise EditError(
+            "strength 0 keeps the image as it is, so the expanded area would stay its raw fill; give a "
+            "strength above 0 (outpainting's default is 1)"
+        )
     pixels = to_rgb(load_image(request.image))
     height, width = pixels.shape[:2]
     _check_multiple(width, height, multiple)
+    if expand is not None:  # before the canvas is allocated: a huge expand must not fill memory first
+        grown_w, grown_h = width + expand[0] + expand[2], height + expand[1] + expand[3]
+        if grown_w * grown_h > max_pixels:
+            raise EditError(
+                f"the expanded canvas would be {grown_w}x{grown_h}, {grown_w * grown_h:,} pixels; the most "
+                f"pictor makes is {max_pixels:,}: expand by less"
+            )
     source = image_info(pixels)
 
     mask = load_mask(request.mask, width, height) if request.mask is not None else None

@@ -17,6 +17,8 @@ from pictor.editing import ImageSource
 ProgressFn = Callable[[int, int], None]
 
 MAX_SEED = 2**63 - 1
+# Images per request: far beyond any batch, short of lists of seeds that fill memory by themselves.
+MAX_IMAGES = 10_000
 # How the autoencoder is run in tiles: set together, recorded together (all absent when it runs whole).
 TILING_FIELDS = ("vae_tile", "vae_tile_overlap")
 

@@ -1,7 +1,9 @@
 """Where models live: the shipped default bundle, named presets, and local bundle folders.
 
 Resolution order for a model reference (``--model`` / ``pictor.load``):
-1. an existing folder path holding a bundle;
+1. an existing folder path holding a bundle (an existing folder that is not one, named like the default,
+   a named bundle or a preset and written without path syntax, means that model: `-o default` makes
+   such folders);
 2. ``default`` -> the bundle shipped inside the package (``pictor/weights/default``);
 3. a bundle name under the models directory (``$PICTOR_MODELS``, else ``~/.pictor/models``);
 4. a preset name -> an untrained model with that architecture.
@@ -43,12 +45,26 @@ def resolve(reference: str | os.PathLike[str] | None) -> ModelRef:
     if path.exists():
         if path.is_dir() and is_bundle(path):
             return ModelRef("bundle", path.name, path)
+        if _names_a_model(ref):
+            # A bare name that is also some folder here (`-o default` makes one): the name is meant.
+            return _by_name(ref)
         if path.suffix.lower() == ".safetensors":
             raise CheckpointError(
                 f"{path}: a single weight file is not a model. For FLUX.1 files run "
                 "`pictor convert flux --transformer FILE --ae AE_FILE --t5 DIR --clip DIR --out BUNDLE`."
             )
         read_bundle_config(path)  # raises with the reason
+    return _by_name(ref)
+
+
+def _names_a_model(ref: str) -> bool:
+    """Whether `ref`, written without any path syntax, is the default, a named bundle or a preset."""
+    if "/" in ref or os.sep in ref or ref.startswith((".", "~")):
+        return False
+    return ref == DEFAULT_MODEL or is_bundle(models_dir() / ref) or ref in PRESETS
+
+
+def _by_name(ref: str) -> ModelRef:
     if ref == DEFAULT_MODEL:
         if is_bundle(shipped_default_path()):
             return ModelRef("bundle", DEFAULT_MODEL, shipped_default_path())

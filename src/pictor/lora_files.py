@@ -46,6 +46,7 @@ from pictor.models.lora_formats import (
     to_flux_updates,
 )
 from pictor.models.lora_updates import DoRAUpdate
+from pictor.notices import PictorWarning
 
 __all__ = [
     "a1111_lora_hash",
@@ -147,10 +148,14 @@ def apply_lora(
     linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
     sd, text = without_text_encoder(sd, lora if isinstance(lora, (str, os.PathLike)) else "the LoRA")
     if text:
-        warnings.warn(f"text-encoder keys not applied ({len(text)}): {', '.join(text[:4])}", stacklevel=2)
+        warnings.warn(
+            f"text-encoder keys not applied ({len(text)}): {', '.join(text[:4])}", PictorWarning, stacklevel=2
+        )
     updates, skipped = to_flux_updates(sd, metadata, linears, strict=strict)
     if skipped:
-        warnings.warn(f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", stacklevel=2)
+        warnings.warn(
+            f"LoRA keys not applied ({len(skipped)}): {', '.join(skipped[:8])}", PictorWarning, stacklevel=2
+        )
     if name is None:
         taken = set(list_loras(model))
         name = default

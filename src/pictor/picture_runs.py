@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels, to_pil
-from pictor.editing import EditInputs
+from pictor.editing import EditInputs, new_area
 from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
 from pictor.hires import hires_record, hires_size, upscale
 from pictor.models.autoencoder_tiling import autoencoder_encode
@@ -57,6 +57,8 @@ def run_edit_seeds(
         )
         if inputs.mask is not None:
             weights = feather_weights(inputs.mask, inputs.feather)
+            if inputs.expand is not None:  # the new area has no pixels of its own to blend with
+                weights = np.maximum(weights, new_area(inputs.canvas.shape[:2], inputs.expand))
             images = [Image.fromarray(composite(np.asarray(im), inputs.canvas, weights)) for im in images]
     edit_fields = inputs.record_fields()
     return [

@@ -32,6 +32,7 @@ from pictor.checkpoint import (
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.generation_request import (
+    MAX_IMAGES,
     MAX_SEED,
     TILING_FIELDS,
     GeneratedImage,
@@ -39,7 +40,7 @@ from pictor.generation_request import (
     GenerationRequest,
     ProgressFn,
 )
-from pictor.generation_settings import MAX_STEPS, resolve_tiling, settings_problem
+from pictor.generation_settings import MAX_PIXELS, MAX_STEPS, resolve_tiling, settings_problem
 from pictor.guided_velocity import guided_velocity
 from pictor.hires import DEFAULT_STRENGTH, HIRES_FIELDS, hires_problem, hires_size
 from pictor.layout_files import LayoutError, open_layout_adapter, parse_layout
@@ -157,11 +158,26 @@ class Pipeline:
         )
         if not isinstance(r.prompt, str):
             raise GenerationError("prompt must be a string")
+        for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: what Python makes of bytes that are not UTF-8
+                raise GenerationError(
+                    f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
+                    "save the file that holds it as UTF-8"
+                ) from None
         problem = settings_problem(
-            self.patch, width=r.width, height=r.height, steps=r.steps, guidance=r.guidance, sampler=r.sampler
+            self.patch,
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance=r.guidance,
+            sampler=r.sampler,
+            schedule=r.schedule,
         )
         if problem:
             raise GenerationError(problem)
+        self._check_guidance(r)
         factor = self.autoencoder.params.downsample_factor
         try:
             tiling = resolve_tiling(factor, r.vae_tile, r.vae_tile_overlap)
@@ -170,12 +186,16 @@ class Pipeline:
         r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
         r = self._resolve_cache(r)
         r = self._resolve_hires(r)
-        if r.num_images < 1:
-            raise GenerationError(f"number of images must be >= 1, got {r.num_images}")
+        if not 1 <= r.num_images <= MAX_IMAGES:
+            raise GenerationError(
+                f"number of images must be between 1 and {MAX_IMAGES}, got {r.num_images}; for more, run "
+                "again with the next --seed"
+            )
         if r.batch_size is not None and r.batch_size < 1:
             raise GenerationError(f"batch size must be >= 1, got {r.batch_size}")
-        if not 0 <= r.seed <= MAX_SEED - r.num_images:
-            raise GenerationError(f"seed must be between 0 and {MAX_SEED - r.num_images}, got {r.seed}")
+        last = MAX_SEED - r.num_images + 1  # image i takes seed + i, up to MAX_SEED
+        if not 0 <= r.seed <= last:
+            raise GenerationError(f"seed must be between 0 and {last}, got {r.seed}")
         if r.layout is not None:
             try:
                 r = replace(r, layout=parse_layout(r.layout))
@@ -204,6 +224,19 @@ class Pipeline:
                 "drop the negative prompt"
             )
         return r
+
+    def _check_guidance(self, r: GenerationRequest) -> None:
+        """Refuse guidance settings the model would not use: nothing asked for is silently dropped."""
+        if self.guidance_mode == "none" and r.guidance:
+            raise GenerationError(
+                f"model '{self.name}' takes no guidance (guidance_mode none, as FLUX.1 [schnell]): "
+                f"guidance {r.guidance:g} would change nothing; drop it or give 0"
+            )
+        if self.guidance_mode == "cfg" and r.negative_prompt and r.guidance == 1:
+            raise GenerationError(
+                "a negative prompt acts through classifier-free guidance, which is off at guidance 1: "
+                "raise the guidance (e.g. 4) or drop the negative prompt"
+            )
 
     def _resolve_cache(self, r: GenerationRequest) -> GenerationRequest:
         problem = cache_threshold_problem(r.cache_threshold)
@@ -289,7 +322,7 @@ class Pipeline:
             }
         except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
             raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
-        inputs = prepare_edit(request, self.patch)
+        inputs = prepare_edit(request, self.patch, MAX_PIXELS)
         height, width = inputs.canvas.shape[:2]
         r = self.resolve_request(GenerationRequest(**{**shared, "width": width, "height": height}))
         return r, inputs

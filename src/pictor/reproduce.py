@@ -14,6 +14,7 @@ from PIL import Image
 
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.generation_request import TILING_FIELDS
+from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
 
@@ -30,6 +31,11 @@ def _hashed(v: Any) -> bool:
     return isinstance(v, dict) and isinstance(v.get("sha256"), str)
 
 
+def _strings(v: Any, *keys: str) -> bool:
+    """An object whose `keys`, where present, are strings (or null)."""
+    return isinstance(v, dict) and all(isinstance(v.get(k), (str, type(None))) for k in keys)
+
+
 def _optional(check: Any) -> Any:
     return lambda v: v is None or check(v)
 
@@ -41,7 +47,7 @@ _COMMON: dict[str, tuple[Any, str]] = {
     "guidance": (_optional(_number), "a number"),
     "sampler": (lambda v: isinstance(v, str), "a sampler name"),
     "seed": (_int, "an integer"),
-    "model": (lambda v: isinstance(v, dict), "an object with the model's name and hash"),
+    "model": (lambda v: _strings(v, "name", "hash", "ref"), "an object with the model's name and hash"),
 }
 _OPTIONAL: dict[str, tuple[Any, str]] = {
     "negative_prompt": (lambda v: isinstance(v, str), "a string"),
@@ -58,9 +64,10 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         "a list of LoRA entries with path, sha256 and scale",
     ),
     "layout": (_optional(lambda v: isinstance(v, list)), "a list of boxes"),
-    "layout_adapter": (_optional(lambda v: isinstance(v, dict)), "an object"),
+    "layout_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
     "reference_image": (_optional(_hashed), "an object with the picture's sha256"),
-    "reference_adapter": (_optional(lambda v: isinstance(v, dict)), "an object"),
+    "reference_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
+    "guidance_mode": (lambda v: isinstance(v, str), "a guidance mode"),
     "mode": (lambda v: v in EDIT_MODES, f"one of {', '.join(EDIT_MODES)}"),
     "strength": (_number, "a number"),
     "source_image": (_hashed, "an object with the source's sha256"),
@@ -106,6 +113,11 @@ def check_record(record: Any) -> None:
         raise ProvenanceError(
             f"the pictor record's batch_index {record['batch_index']} is not a place in its batch_seeds "
             f"({len(seeds)} seeds); the image's metadata was edited or is damaged"
+        )
+    if seeds[record.get("batch_index", 0)] != record["seed"]:  # the run follows batch_seeds: they must agree
+        raise ProvenanceError(
+            f"the pictor record's seed {record['seed']} is not its batch_seeds' entry for this image "
+            f"({seeds[record.get('batch_index', 0)]}); the image's metadata was edited or is damaged"
         )
 
 
@@ -227,7 +239,14 @@ def reproduce(
         warnings.warn(
             f"the image was made on {record.get('device')}/{record.get('dtype')}, this run is on "
             f"{pipe.device.type}/{pipe.dtype}: pixels may differ slightly",
+            PictorWarning,
             stacklevel=2,
+        )
+    mode = record.get("guidance_mode", "cfg")
+    if mode != pipe.guidance_mode:  # the model hash covers the weights, not this setting of its config
+        raise GenerationError(
+            f"the image was made with {mode} guidance, but the loaded model '{pipe.name}' uses "
+            f"{pipe.guidance_mode} guidance; pass the model it was made with"
         )
     check_loras(pipe, record)
     check_layout_adapter(pipe, record)

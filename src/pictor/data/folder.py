@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 
 from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
 from pictor.data.layouts import LayoutError, crop_layout, parse_layout
+from pictor.notices import PictorWarning
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _EXIF_ORIENTATION = 0x0112
 _SHOWN = 5  # paths quoted in a summary warning
 
 
-class DatasetWarning(UserWarning):
+class DatasetWarning(PictorWarning):
     """Problems found while scanning a dataset folder (skipped images, missing captions)."""
 
 
