@@ -313,6 +313,9 @@ def test_sampler_drop_last() -> None:
     s = BucketBatchSampler(ITEM_BUCKETS, batch_size=4, seed=0, drop_last=True)
     batches = _epoch(s)
     assert len(batches) == 3 + 1 + 1 and all(len(b) == 4 for b in batches)
+    # A bucket smaller than a batch would never train: said when the sampler is made.
+    with pytest.warns(UserWarning, match=r"3 items never train: .*batch size 4: 48x80 \(3\)"):
+        BucketBatchSampler([(64, 64)] * 8 + [(48, 80)] * 3, batch_size=4, drop_last=True)
 
 
 def test_sampler_exact_resume() -> None:
@@ -340,7 +343,28 @@ def test_sampler_finished_epoch_state_points_to_next() -> None:
     for _ in range(len(s)):
         next(it)
     assert (s.state_dict()["epoch"], s.state_dict()["position"]) == (1, 0)
-    assert s.state_dict(position=2)["position"] == 2  # what a prefetching loader's consumer passes
+    # The loop's own count, when a prefetching loader has taken the sampler past the end of the epoch.
+    assert (s.state_dict(consumed=2)["epoch"], s.state_dict(consumed=2)["position"]) == (0, 2)
+
+
+def test_sampler_state_behind_a_prefetching_loader_resumes_where_the_loop_is() -> None:
+    items = [(64, 64)] * 6  # 3 batches of 2 per epoch
+    s = BucketBatchSampler(items, batch_size=2, seed=3)
+    loader = torch.utils.data.DataLoader(
+        list(range(6)), batch_sampler=s, num_workers=1, prefetch_factor=4, persistent_workers=False
+    )
+    it = iter(loader)
+    taken = [next(it).tolist() for _ in range(2)]  # the worker has fetched further, into epoch 1
+    state = s.state_dict(consumed=2)
+    assert (state["epoch"], state["position"]) == (0, 2)
+    resumed = BucketBatchSampler(items, batch_size=2, seed=3)
+    resumed.load_state_dict(state)
+    whole = s.rank_batches(0) + s.rank_batches(1)
+    assert taken + _epoch(resumed) == whole[:3]  # the rest of epoch 0, nothing skipped
+    more = [b for _, b in zip(range(2), iter(resumed), strict=False)]
+    assert more == whole[3:5]
+    assert resumed.state_dict(consumed=3)["epoch"] == 1 and resumed.state_dict(consumed=3)["position"] == 2
+    del it
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -485,3 +509,24 @@ def test_a_long_strip_is_resized_only_where_the_crop_keeps_it(monkeypatch: pytes
     # An ordinary image still takes the whole resize and the crop.
     sizes.clear()
     assert resize_to_bucket(_halves(96, 48), (64, 64)).size == (64, 64) and sizes == [(128, 64)]
+
+
+def test_exif_orientation_after_a_pngs_pixels_sets_the_bucket(tmp_path: Path) -> None:
+    """PNG allows the eXIf chunk after the image data; the fast scan must find it there too, or a 96x48
+    image shown as 48x96 gets a wide bucket and loses most of its height to the crop."""
+    import struct
+    import zlib
+
+    _halves(96, 48).save(tmp_path / "turned.png")
+    data = (tmp_path / "turned.png").read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    chunk = struct.pack(">I", len(raw)) + b"eXIf" + raw + struct.pack(">I", zlib.crc32(b"eXIf" + raw))
+    end = data.index(b"IEND") - 4
+    (tmp_path / "turned.png").write_bytes(data[:end] + chunk + data[end:])
+    with Image.open(tmp_path / "turned.png") as im:
+        assert "exif" not in im.info  # not in the header: only after the pixels
+    ds = _load(tmp_path)  # warns: no caption
+    assert ds.sizes == [(48, 96)] and ds.item_buckets[0][0] < ds.item_buckets[0][1]  # a tall bucket
+    assert ds[0]["image"].shape[1] > ds[0]["image"].shape[2]

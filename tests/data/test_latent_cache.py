@@ -168,6 +168,17 @@ def test_logvar_is_stored(folder: Path, tmp_path: Path, kind: str) -> None:
     assert torch.all(item["logvar"] == -2.0) and inner.images == len(ds)
 
 
+def test_a_batch_of_entries_stored_in_other_dtypes_comes_back_in_one(folder: Path, tmp_path: Path) -> None:
+    ds = ImageFolderDataset(folder, size=64)
+    items = [{**ds.item_info(i), "image": ds.load_image(i)} for i in range(4)]
+    LatentCache(tmp_path / "c", FakeEncoder(), key="k", store_dtype=torch.float16).get_entries(items[:2])
+    full = LatentCache(tmp_path / "c", FakeEncoder(), key="k")  # reads the fp16 two, encodes two in fp32
+    entries = full.get_entries(items)
+    assert full.hits == 2 and {e["mean"].dtype for e in entries} == {torch.float32}
+    half = LatentCache(tmp_path / "c", FakeEncoder(), key="k", store_dtype=torch.float16)
+    assert {e["mean"].dtype for e in half.get_entries(items)} == {torch.float16}
+
+
 def test_shards_are_safetensors_written_atomically(folder: Path, tmp_path: Path) -> None:
     ds = ImageFolderDataset(folder, size=64)
     cache = LatentCache(tmp_path / "c", FakeEncoder(), key="weights-sha256:abc")

@@ -169,6 +169,22 @@ def test_a_folder_run_outlives_an_undecodable_image_and_a_resume_names_a_changed
     assert len(read_jsonl(out / "log.jsonl")) == 6
 
 
+def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = TrainConfig(stage="autoencoder", out=str(out), preset="tiny", batch_size=2, save_every=1, **QUIET)
+    train(dataclasses.replace(cfg, max_steps=2))
+    optimizer = out / "checkpoints" / "step-000002" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short, as a full disk leaves a copy
+    again = dataclasses.replace(cfg, max_steps=3)
+    with pytest.raises(TrainingError, match=r"optimizer\.safetensors.*move its folder away to resume"):
+        train(again, resume=True)
+    (out / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(TrainingError, match=r"trainer_state\.json: not valid JSON.*move its folder away"):
+        train(again, resume=True)
+    shutil.move(out / "checkpoints" / "step-000002", tmp_path / "damaged")
+    assert train(again, resume=True).resumed_from == 1
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     def run(name: str, batch: int, accum: int) -> list[float]:
         out = tmp_path / name

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pictor.notices import PictorWarning
+
 Bucket = tuple[int, int]  # (width, height) in pixels
 
 
@@ -95,8 +97,9 @@ class BucketBatchSampler:
     Iterating yields the rest of the current epoch from `position`, then moves to the next epoch, so a
     trainer that never calls `set_epoch` still gets a fresh order each epoch. `state_dict()` taken after
     consuming k batches and loaded into a new sampler resumes at batch k+1 of the same order. With a
-    prefetching DataLoader (num_workers > 0) the sampler runs ahead of the training loop: pass the count
-    the loop actually consumed, `state_dict(position=k)`.
+    prefetching DataLoader (num_workers > 0) the sampler runs ahead of the training loop, maybe into the
+    next epoch: pass how many batches the loop actually took since this sampler was made, loaded or moved
+    to another epoch by `set_epoch`, `state_dict(consumed=k)`.
     """
 
     def __init__(
@@ -122,12 +125,27 @@ class BucketBatchSampler:
         self.shuffle = shuffle
         self.epoch = 0
         self.position = 0  # batches of this rank's current epoch already handed out
+        if drop_last:
+            counts: dict[tuple[int, ...], int] = {}
+            for b in self.item_buckets:
+                counts[b] = counts.get(b, 0) + 1
+            small = {b: n for b, n in sorted(counts.items()) if n < batch_size}
+            if small:
+                names = ", ".join(f"{'x'.join(map(str, b))} ({n})" for b, n in small.items())
+                warnings.warn(
+                    f"{sum(small.values())} items never train: with drop_last their buckets hold fewer "
+                    f"than batch size {batch_size}: {names}; lower the batch size or use drop_last=False",
+                    PictorWarning,
+                    stacklevel=2,
+                )
+        self._start = (0, 0)  # (epoch, position) that `state_dict(consumed=k)` counts from
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate. Re-selecting the current epoch keeps the position, so a resumed
         trainer that calls set_epoch(e) at the top of its loop does not lose its place."""
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
+            self._start = (epoch, 0)
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches for `epoch`, before sharding and padding."""
@@ -172,9 +190,14 @@ class BucketBatchSampler:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def state_dict(self, position: int | None = None) -> dict[str, Any]:
-        epoch, pos = self.epoch, self.position if position is None else position
-        if pos >= len(self.rank_batches(epoch)):
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where to resume: after the batches handed out so far, or after `consumed` batches counted from
+        where this sampler was made, loaded or set (the loop's own count, behind a prefetching loader)."""
+        epoch, pos = self.epoch, self.position
+        per_epoch = len(self.rank_batches(epoch))  # the same for every epoch
+        if consumed is not None and per_epoch:
+            epoch, pos = divmod(self._start[0] * per_epoch + self._start[1] + consumed, per_epoch)
+        if pos >= per_epoch:
             epoch, pos = epoch + 1, 0  # a finished epoch resumes at the start of the next
         return {
             "epoch": epoch,
@@ -203,3 +226,4 @@ class BucketBatchSampler:
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._start = (self.epoch, self.position)

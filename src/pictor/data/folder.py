@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -70,10 +71,11 @@ def _check_image(path: Path, check: str) -> tuple[int, int]:
             im.load()
         if fmt == "PNG" and check != "decode":
             # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the pixels;
-            # the header's (the usual place) is enough here.
+            # walking the chunk headers finds one there without decoding anything.
             exif = Image.Exif()
-            if "exif" in im.info:
-                exif.load(im.info["exif"])
+            raw = im.info.get("exif") or _png_exif_chunk(path)
+            if raw:
+                exif.load(raw)
         else:
             exif = im.getexif()
         if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # 90-degree turns swap the sides
@@ -89,6 +91,21 @@ def _check_image(path: Path, check: str) -> tuple[int, int]:
             with Image.open(path) as im:
                 im.load()
     return w, h
+
+
+def _png_exif_chunk(path: Path) -> bytes | None:
+    """The data of a PNG's eXIf chunk wherever it sits (the standard allows it after the image data),
+    reading only chunk headers; None when there is none."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return None
 
 
 def _reason(exc: BaseException) -> str:

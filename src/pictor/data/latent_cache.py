@@ -21,6 +21,7 @@ before training): the autoencoder should not run inside DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -201,7 +202,12 @@ class LatentCache:
             self._write(new)
         found = self._read([eid for eid in dict.fromkeys(ids) if eid not in new])
         found.update(new)
-        return [found[eid] for eid in ids]
+        entries = [found[eid] for eid in ids]
+        dtypes = {t.dtype for e in entries for t in e.values()}
+        if len(dtypes) > 1:  # entries written by caches that stored other dtypes: one batch, one dtype
+            common = self.store_dtype or functools.reduce(torch.promote_types, dtypes)
+            entries = [{k: t.to(common) for k, t in e.items()} for e in entries]
+        return entries
 
     def get_or_encode(self, items: Sequence[Mapping[str, Any]]) -> Tensor:
         """Latent means for a one-bucket batch, stacked to [B, C, h, w]."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pictor.checkpoint import replace_dir, state_dict_hash, write_json
+from pictor.checkpoint import CheckpointError, replace_dir, state_dict_hash, write_json
 from pictor.data.folder import DatasetWarning
 from pictor.models.flux import Flux
 from pictor.train import distributed
@@ -66,6 +66,9 @@ def build_stage(
     if cfg.stage == "autoencoder":
         return AutoencoderStage(cfg, ds, info)
     return T2IStage(cfg, ds, info, resume)
+
+
+_DAMAGED = "the newest checkpoint is damaged: move its folder away to resume from the one before"
 
 
 class TrainingError(ValueError):
@@ -108,7 +111,10 @@ class Trainer:
                 f"{self.out} already holds checkpoints ({latest.name}); pass --resume to continue that "
                 "run, or choose another --out"
             )
-        ckpt = read_checkpoint(latest) if latest is not None else None
+        try:
+            ckpt = read_checkpoint(latest) if latest is not None else None
+        except CheckpointError as exc:
+            raise TrainingError(f"{exc}; {_DAMAGED}") from exc
 
         assert cfg.image_size is not None
         self.ds = make_dataset(cfg.data, cfg.image_size, cfg.seed)
@@ -142,8 +148,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.step, self.position, self.elapsed = 0, 0, 0.0
         if ckpt is not None:
-            restore(ckpt, self.model, self.optimizer)
-            self.ema.load(self.stage.ema_weights(ckpt.path))
+            try:
+                restore(ckpt, self.model, self.optimizer)
+                self.ema.load(self.stage.ema_weights(ckpt.path))
+            except CheckpointError as exc:  # a file cut short or corrupt (not a config mismatch)
+                raise TrainingError(f"{exc}; {_DAMAGED}") from exc
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
             change = data_change(ckpt.state.get("data"), self.data_print)

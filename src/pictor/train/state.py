@@ -280,7 +280,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_FILE})")
-    state = json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{state_path}: not valid JSON ({exc.msg})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
     return Checkpoint(
