@@ -23,7 +23,7 @@ from pictor.convert import cast_bundle
 from pictor.data.folder import DatasetWarning
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
-from pictor.train.loop import TrainingError, train
+from pictor.train.loop import LOCK_FILE, TrainingError, train
 
 from broken_images import undecodable_png
 
@@ -183,6 +183,26 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
         train(again, resume=True)
     shutil.move(out / "checkpoints" / "step-000002", tmp_path / "damaged")
     assert train(again, resume=True).resumed_from == 1
+
+
+def test_a_run_folder_in_use_is_refused_until_its_run_ends(tmp_path: Path) -> None:
+    """A second `--resume` while the run still goes would write the same checkpoints (and delete the
+    first one's half-written ones): refused, naming the holder. The lock is an flock: gone with its run."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = TrainConfig(stage="autoencoder", out=str(out), preset="tiny", batch_size=2, max_steps=1, **QUIET)
+    (out / ".step-000005.tmp").mkdir()  # what the running one is writing
+    with open(out / LOCK_FILE, "a+") as held:  # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        with pytest.raises(TrainingError, match=r"in use by a training run still going \(pid 4242\)"):
+            train(cfg)
+        assert (out / ".step-000005.tmp").is_dir()  # untouched
+    train(cfg)  # the lock went with its holder
+    assert len(read_jsonl(out / "log.jsonl")) == 1
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:

@@ -14,12 +14,16 @@ number of threads).
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import random
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,7 @@ def build_stage(
     return T2IStage(cfg, ds, info, resume)
 
 
+LOCK_FILE = ".lock"  # kept: an flock on it marks the run folder in use
 _DAMAGED = "the newest checkpoint is damaged: move its folder away to resume from the one before"
 
 
@@ -373,10 +378,37 @@ class Trainer:
             )
 
 
+@contextmanager
+def run_lock(out: Path, hold: bool) -> Iterator[None]:
+    """One training process per run folder (rank 0's): a second `--resume` of a run still going would
+    write the same checkpoints, and its clean-up would delete the first one's half-written ones. An flock,
+    so a run killed even by SIGKILL leaves no stale lock behind."""
+    if not hold:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise TrainingError(
+                f"{out} is in use by a training run still going ({holder}); wait for it to end, or "
+                "choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Run (or, with resume, continue) a training run described by `cfg` (resolved here if needed)."""
     cfg = cfg.resolve()
     info = distributed.setup(cfg.device)
-    result = Trainer(cfg, info, resume).run()  # a failure leaves without teardown (see there)
+    with run_lock(Path(cfg.out), info.is_main):
+        result = Trainer(cfg, info, resume).run()  # a failure leaves without teardown (see there)
     distributed.teardown(info)
     return result
