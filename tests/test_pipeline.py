@@ -9,6 +9,7 @@ import torch
 import pictor
 from pictor.checkpoint import save_bundle
 from pictor.loading import pipeline_from_preset
+from pictor.notices import PictorWarning
 from pictor.pipeline import MAX_SEED, GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import ProvenanceError, read_record, save_png
 from pictor.reproduce import reproduce
@@ -142,6 +143,14 @@ def test_the_last_seed_is_usable_and_records_must_keep_seed_and_batch_seeds_toge
             reproduce(pipe, {**rec, field: value})
     with pytest.raises(GenerationError, match=r"made with none guidance, but the loaded model .* uses cfg"):
         reproduce(pipe, {**rec, "guidance_mode": "none"})
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_says_what_is_left_out(pipe: Pipeline) -> None:
+    length = pipe.text_encoder.max_length
+    prompt = " ".join(["a red circle"] * length) + " and a green star"
+    with pytest.warns(PictorWarning, match=rf"prompt is longer than the text encoder's {length} tokens; .*"
+                      r"not read: '.*and a green star'"):  # fmt: skip
+        pipe.generate(GenerationRequest(prompt, seed=1, steps=1))
 
 
 def test_progress_is_reported_and_can_cancel(pipe: Pipeline) -> None:

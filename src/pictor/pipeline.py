@@ -54,6 +54,7 @@ from pictor.models.reference import (
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, stored_dtype
+from pictor.notices import PictorWarning
 from pictor.presets import get_preset
 from pictor.reference_files import (
     ReferenceImageError,
@@ -166,6 +167,15 @@ class Pipeline:
                     f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
                     "save the file that holds it as UTF-8"
                 ) from None
+        for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+            dropped = self.text_encoder.cut_off(text) if text else ""
+            if dropped:  # as diffusers does: the image is made, but the user learns what was not read
+                warnings.warn(
+                    f"the {what} is longer than the text encoder's {self.text_encoder.max_length} tokens; "
+                    f"this end of it is not read: '{dropped}'",
+                    PictorWarning,
+                    stacklevel=3,
+                )
         problem = settings_problem(
             self.patch,
             width=r.width,

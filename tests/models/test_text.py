@@ -388,3 +388,23 @@ def test_config_value_errors(clip_dir: Path) -> None:
         build_text_encoder({"kind": "t5"})
     with pytest.raises(ValueError, match="dtype must be one of"):
         build_text_encoder(_clip_config(clip_dir, dtype="fp8"))
+
+
+def test_every_kind_says_what_its_length_cuts_off(minilm: TextEncoder, clip_dir: Path, t5_dir: Path) -> None:
+    """`cut_off` is the end of a prompt that is not encoded: the prompt without it encodes the same."""
+    encoders = {
+        "minilm": minilm,
+        "clip": build_text_encoder(_clip_config(clip_dir)),
+        "t5": build_text_encoder(_t5_config(t5_dir)),
+        "flux": build_text_encoder(
+            {"kind": "flux", "t5": _t5_config(t5_dir), "clip": _clip_config(clip_dir)}
+        ),
+    }
+    for kind, encoder in encoders.items():
+        assert encoder.cut_off("a b c") == "", kind
+        words = " ".join("abcdefgh"[i % 8] for i in range(3 * encoder.max_length))
+        cut = encoder.cut_off(words)
+        assert cut and words.endswith(cut), (kind, cut)
+        kept = words[: len(words) - len(cut)].rstrip()
+        assert encoder.cut_off(kept) == "", kind
+        torch.testing.assert_close(encoder.encode([kept]).tokens, encoder.encode([words]).tokens)

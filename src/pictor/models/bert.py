@@ -168,9 +168,20 @@ class WordPieceTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
         self.tokenizer = Tokenizer.from_file(str(path))
+        self.whole = Tokenizer.from_file(str(path))  # no truncation: to see what the other one cuts
+        self.whole.no_truncation()
+        self.whole.no_padding()
+        self.max_length = max_length
         pad_id = self.tokenizer.token_to_id("[PAD]")
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.enable_padding(length=max_length, pad_id=0 if pad_id is None else pad_id)
+
+    def cut_off(self, prompt: str) -> str:
+        """The text past max_length tokens ([CLS] and [SEP] take one place each)."""
+        ids = self.whole.encode(prompt).ids  # [CLS] ... [SEP]
+        if len(ids) <= self.max_length:
+            return ""
+        return self.whole.decode(ids[self.max_length - 1 : -1])
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         enc = self.tokenizer.encode_batch(prompts)

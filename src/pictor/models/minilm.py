@@ -72,6 +72,9 @@ class MiniLMTextEncoder(TextEncoder):
         self.pooling, self.normalize = _sentence_transformers_head(folder)
         self.context_dim = self.pooled_dim = int(model_config["hidden_size"])
 
+    def cut_off(self, prompt: str) -> str:
+        return self.tokenizer.cut_off(prompt)
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         if not prompts:
             ids = torch.zeros(0, self.max_length, dtype=torch.long)

@@ -49,6 +49,11 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> TextEmbeddings:
         return self.encode(prompts)
 
+    def cut_off(self, prompt: str) -> str:
+        """The end of `prompt` that does not fit in `max_length` tokens, and so is not encoded ("" when
+        it all fits), so that callers can say so instead of dropping it silently."""
+        raise NotImplementedError
+
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 

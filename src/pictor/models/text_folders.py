@@ -64,6 +64,14 @@ def _tokenize(
     return ids, mask
 
 
+def _cut_off(tokenizer: Any, prompt: str, max_length: int) -> str:
+    """What `_tokenize` truncates away: the tokens past max_length, less the closing special token."""
+    ids = tokenizer(prompt, truncation=False)["input_ids"]
+    if len(ids) <= max_length:
+        return ""
+    return str(tokenizer.decode(ids[max_length - 1 :], skip_special_tokens=True)).strip()
+
+
 def _folders(path: str | PathLike[str], tokenizer_path: str | PathLike[str] | None) -> tuple[Path, Path]:
     # The tokenizer usually sits beside the weights; diffusers layouts keep it in a sibling folder.
     return Path(path), Path(path if tokenizer_path is None else tokenizer_path)
@@ -110,6 +118,9 @@ class CLIPTextEncoder(TextEncoder):
         self.tokenizer = _load_tokenizer(tok_folder, "CLIP")
         self.model = _load_model(CLIPTextModel, folder, _dtype(self.kind, dtype))
         self.context_dim = self.pooled_dim = int(self.model.config.hidden_size)
+
+    def cut_off(self, prompt: str) -> str:
+        return _cut_off(self.tokenizer, prompt, self.max_length)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = _tokenize(self.tokenizer, prompts, self.max_length, self._device())
@@ -164,6 +175,9 @@ class T5TextEncoder(TextEncoder):
         self.model = _load_model(T5EncoderModel, folder, _dtype(self.kind, dtype))
         self.context_dim = self.pooled_dim = int(self.model.config.d_model)
 
+    def cut_off(self, prompt: str) -> str:
+        return _cut_off(self.tokenizer, prompt, self.max_length)
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = _tokenize(self.tokenizer, prompts, self.max_length, self._device())
         attention_mask = mask.long() if self.mask_padding else None
@@ -202,6 +216,10 @@ class FluxTextEncoder(TextEncoder):
         super().__init__()
         self.t5, self.clip = t5, clip
         self.context_dim, self.pooled_dim, self.max_length = t5.context_dim, clip.pooled_dim, t5.max_length
+
+    def cut_off(self, prompt: str) -> str:
+        # T5 carries the tokens; CLIP's 77 only bound the pooled vector (a summary), as in FLUX.1 itself.
+        return self.t5.cut_off(prompt)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         t5 = self.t5._encode(prompts)
