@@ -80,6 +80,8 @@ def test_outpaint(files: Path) -> None:
         (("edit", "src.png", "x", "--feather", "4"), "--feather blends the edge of a --mask or --expand"),
         (("edit", "src.png", "x", "--expand", "0,0,4,0", "--strength", "0"), "would stay its raw fill"),
         (("generate", "x", "--negative", "y", "--guidance", "1"), "off at guidance 1"),
+        (("generate", "x", "-o", "src.png"), "-o src.png: this is a file; give a folder"),  # before sampling
+        (("edit", "src.png", "x", "-o", "src.png"), "-o src.png: this is a file; give a folder"),
     ],
 )
 def test_edit_errors_are_one_clear_line(files: Path, args: tuple[str, ...], message: str) -> None:

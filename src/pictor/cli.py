@@ -87,6 +87,15 @@ def _next_index(out: Path) -> int:
     return max(nums, default=-1) + 1
 
 
+def _output_folder(out_dir: str) -> None:
+    """Make -o's folder before any work, so a path that cannot be one fails in a second, not after the
+    sampling it would have held."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out_dir}: this is a file; give a folder for the images")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def _save(images: list[Any], out_dir: str, labels: list[str] | None = None) -> list[Path]:
     """NNNNN-SEED.png, or NNNNN-LABEL-SEED.png with labels (e.g. best-of ranks)."""
     from pictor.provenance import save_png
@@ -129,6 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         get_scorer(args.scorer)  # a wrong name fails before the model loads
         if args.num_images != 1:
             raise ValueError("--best-of N sets the number of images; drop -n")
+    _output_folder(args.out)
     pipe = _load(args)
     width, height = args.size or (None, None)
     hires = {
@@ -159,6 +169,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--fill sets how --expand's new area starts; add --expand L,T,R,B or drop --fill")
     if args.feather is not None and args.expand is None and args.mask is None:
         raise ValueError("--feather blends the edge of a --mask or --expand area; add one or drop --feather")
+    _output_folder(args.out)
     pipe = _load(args)
     request = EditRequest(
         image=args.image,
@@ -188,6 +199,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     record = read_record(args.image)
     check_record(record)
+    _output_folder(args.out)
     model = args.model or record["model"].get("ref") or "default"
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
