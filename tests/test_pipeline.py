@@ -194,3 +194,5 @@ def test_a_model_without_guidance_refuses_a_guidance_it_would_ignore() -> None:
     assert image.record["guidance"] == 0.0
     with pytest.raises(GenerationError, match=r"takes no guidance .*guidance 9 would change nothing"):
         p.generate(GenerationRequest("x", seed=1, steps=1, guidance=9.0))
+    p.defaults["guidance"] = 3.5  # a stored default it ignores is not the user's request: no refusal
+    assert p.generate(GenerationRequest("x", seed=1, steps=1))[0].record["guidance"] == 3.5

@@ -187,7 +187,7 @@ class Pipeline:
         )
         if problem:
             raise GenerationError(problem)
-        self._check_guidance(r)
+        self._check_guidance(r, asked=request.guidance)
         factor = self.autoencoder.params.downsample_factor
         try:
             tiling = resolve_tiling(factor, r.vae_tile, r.vae_tile_overlap)
@@ -235,12 +235,13 @@ class Pipeline:
             )
         return r
 
-    def _check_guidance(self, r: GenerationRequest) -> None:
-        """Refuse guidance settings the model would not use: nothing asked for is silently dropped."""
-        if self.guidance_mode == "none" and r.guidance:
+    def _check_guidance(self, r: GenerationRequest, asked: float | None) -> None:
+        """Refuse guidance settings the model would not use: nothing asked for is silently dropped. (A
+        stored default the model ignores is no request: only a guidance asked for is refused.)"""
+        if self.guidance_mode == "none" and asked:
             raise GenerationError(
                 f"model '{self.name}' takes no guidance (guidance_mode none, as FLUX.1 [schnell]): "
-                f"guidance {r.guidance:g} would change nothing; drop it or give 0"
+                f"guidance {asked:g} would change nothing; drop it or give 0"
             )
         if self.guidance_mode == "cfg" and r.negative_prompt and r.guidance == 1:
             raise GenerationError(
