@@ -150,6 +150,13 @@ def test_reproduce_says_whether_the_pixels_match(capsys: pytest.CaptureFixture[s
     assert code == 2 and "not an edit of another image; drop --source" in err
 
 
+def _with(line: str, **changes: object) -> list[str]:
+    """One spec line with fields replaced (objects given twice so that a relation has two indices)."""
+    spec = json.loads(line)
+    spec["objects"] = spec["objects"] * 2 if "objects" not in changes else changes.pop("objects")
+    return [json.dumps({**spec, **changes})]
+
+
 def test_prompt_files_are_checked_line_by_line(tmp_path: Path) -> None:
     good = json.dumps(load_prompts()[0])
     for lines, words in (
@@ -159,6 +166,9 @@ def test_prompt_files_are_checked_line_by_line(tmp_path: Path) -> None:
         ([good.replace('"count": 1', '"count": -1')], "count must be an integer from 1 to 4"),
         ([json.dumps({**json.loads(good), "relation": "left of"})], "relation must be null or {a, b, rel}"),
         ([json.dumps({**json.loads(good), "prompt": 5})], "prompt must be a string"),
+        (_with(good, relation={"a": 0, "b": 1.0, "rel": "left of"}), "relation must be null or {a, b, rel}"),
+        (_with(good, relation={"a": 0, "b": 0, "rel": "left of"}), "a and b must be two different objects"),
+        (_with(good, objects=[{"shape": "circle", "color": "red", "count": 4}] * 2), "this spec asks for 8"),
     ):
         path = tmp_path / "p.jsonl"
         path.write_text("\n".join(lines) + "\n")
@@ -170,6 +180,38 @@ def test_prompt_files_are_checked_line_by_line(tmp_path: Path) -> None:
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="not UTF-8 text"):
         load_prompts(tmp_path / "bin.jsonl")
+    # A byte-order mark and line separators inside JSON strings (valid JSON) are read, not refused.
+    spec = {**json.loads(good), "prompt": "a red\u2028circle\x85"}
+    (tmp_path / "odd.jsonl").write_text(
+        "\ufeff" + json.dumps(spec, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    assert load_prompts(tmp_path / "odd.jsonl") == [spec]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["-k", "0"], "--images-per-prompt must be between 1 and 10000, got 0"),
+        (["--seed", "-1"], "--seed must be between 0 and"),
+        (["--seed", str(2**63 - 2), "--limit", "2", "-k", "2"], "--seed must be between 0 and"),
+        (["--out", "r.png"], "the JSON report; its contact sheet is the .png beside it"),
+        (["--out", "."], "a folder; give the report's file"),
+        (["--save-images", "imgs", "--out", "imgs/r.json"], "is inside --save-images imgs"),
+        (["--steps", "3", "--sampler", "heun"], "--sampler, --steps: these change a model's images"),
+        (["--model", "tiny"], "--model: --ground-truth scores renders of the specs, no model's images"),
+    ],
+)
+def test_eval_arguments_are_checked_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    words: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "eval", "shapes", "--ground-truth", *args)
+    assert code == 2 and words in err, err
+    assert not (tmp_path / "imgs").exists()  # refused before anything was written
 
 
 def test_eval_limit_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:

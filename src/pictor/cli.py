@@ -221,14 +221,47 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options that choose the model whose images are scored (flag -> argparse dest).
+_MODEL_FLAGS = {
+    "--model": "model",
+    "--lora": "lora",
+    "--layout-adapter": "layout_adapter",
+    "--reference-adapter": "reference_adapter",
+}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.suite == "distribution":
         return _eval_distribution(args)
-    from pictor.eval.shapes_run import run_shapes_eval
+    from pictor.eval.shapes_run import check_shapes_eval, run_shapes_eval
 
     pipe = None
     if args.through_autoencoder and not args.ground_truth:
         raise ValueError("--through-autoencoder scores ground-truth renders: add --ground-truth")
+    if args.ground_truth and not args.through_autoencoder:
+        chosen = [f for f, v in _MODEL_FLAGS.items() if getattr(args, v, None)]
+        if chosen:
+            raise ValueError(
+                f"{', '.join(chosen)}: --ground-truth scores renders of the specs, no model's images; drop "
+                "them (or add --through-autoencoder to score the renders through the model's autoencoder)"
+            )
+    generation = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "sampler": args.sampler,
+        "cache_threshold": args.cache_threshold,
+    }
+    # Before the model loads: a bad --out or seed found after the sampling would waste all of it.
+    check_shapes_eval(
+        args.prompts,
+        args.images_per_prompt,
+        args.seed,
+        args.out,
+        args.save_images,
+        args.ground_truth,
+        args.limit,
+        **generation,
+    )
     if not args.ground_truth or args.through_autoencoder:
         pipe = _load(args)
     report = run_shapes_eval(
@@ -245,10 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         empty_prompts=args.empty_prompts,
         limit=args.limit,
         progress=_progress_bar("prompts"),
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        cache_threshold=args.cache_threshold,
+        **generation,
     )
     for tag, acc in report["per_tag"].items():
         print(f"{tag:<14} {acc:.3f}")

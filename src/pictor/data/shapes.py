@@ -57,6 +57,7 @@ _TAG_WEIGHTS = {
 # Layout constants, in units of the shorter canvas side.
 GAP = 0.04  # minimum empty space between two objects' bounding boxes (>= 2 px at 64x64)
 BORDER = 0.03  # objects keep off the canvas edge, so the border is pure background
+MAX_OBJECTS = 4  # objects in one scene (SHAPES.md)
 MIN_SIZE = 0.2  # unrotated width; a triangle's height is 0.866 of it, so every bbox side >= 0.17 > 0.15
 MAX_ANGLE = 20.0  # degrees; small tilts keep "square" and "triangle" reading as such
 REL_MARGIN = 0.15  # centroid separation along a relation's axis (the scorer needs only 0.05)
@@ -129,8 +130,8 @@ def scene_from_spec(
             raise ValueError(f"spec object {o} is outside the vocabulary")
         first.append(len(items))
         items.extend([(o["shape"], o["color"])] * int(o.get("count", 1)))
-    if not 1 <= len(items) <= 4:
-        raise ValueError(f"a scene holds 1 to 4 objects, spec asks for {len(items)}")
+    if not 1 <= len(items) <= MAX_OBJECTS:
+        raise ValueError(f"a scene holds 1 to {MAX_OBJECTS} objects, spec asks for {len(items)}")
     rel = spec.get("relation")
     relation = None
     if rel:

@@ -25,8 +25,21 @@ def run_distribution_eval(
 ) -> dict:
     """The report of `compare` plus where the features came from and which files were skipped; written to
     out (atomically) when given. progress(set_name) returns the (done, total) callback for one folder."""
+    # What can be checked before featurizing (minutes on large folders), is.
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if kid_subsets < 1 or kid_subset_size < 2:
+        raise ValueError(
+            f"KID needs --kid-subsets >= 1 and --kid-subset-size >= 2, got {kid_subsets} and "
+            f"{kid_subset_size}"
+        )
+    if nearest_k < 1:
+        raise ValueError(f"--nearest-k must be >= 1, got {nearest_k}")
+    for name, folder in (("real", real), ("fake", fake)):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"the {name} image folder {folder} does not exist or is not a folder")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out {out}: a folder; give the report's file, e.g. {Path(out) / 'report.json'}")
     extractor = build_extractor(features, device)
     feats, skipped = {}, {}
     for name, folder in (("real", real), ("fake", fake)):

@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pictor.data.shapes import COLORS, RELATIONS, SHAPES, TAGS, render, scene_from_spec, scene_layout
+from pictor.data.shapes import (
+    COLORS,
+    MAX_OBJECTS,
+    RELATIONS,
+    SHAPES,
+    TAGS,
+    render,
+    scene_from_spec,
+    scene_layout,
+)
 from pictor.eval.shapes_detect import Detection, detect_objects
 
 __all__ = [
@@ -54,7 +63,9 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
         except UnicodeDecodeError as exc:
             raise ValueError(f"--prompts {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     specs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors)
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 or U+0085, which splitlines() breaks at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -88,19 +99,27 @@ def spec_problem(spec: object) -> str | None:
         count = o.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 4:
             return f"object {i}: count must be an integer from 1 to 4, got {count!r}"
+    total = sum(o.get("count", 1) for o in objects)
+    if total > MAX_OBJECTS:
+        return f"a scene holds 1 to {MAX_OBJECTS} objects (SHAPES.md), this spec asks for {total}"
     relation = spec.get("relation")
     if relation is not None:
-        indices = range(len(objects))
+
+        def index(v: object) -> bool:  # an int, not 1.0 or True (both pass `in range(n)`)
+            return type(v) is int and 0 <= v < len(objects)
+
         if (
             not isinstance(relation, dict)
-            or relation.get("a") not in indices
-            or relation.get("b") not in indices
+            or not index(relation.get("a"))
+            or not index(relation.get("b"))
             or relation.get("rel") not in RELATIONS
         ):
             return (
                 f"relation must be null or {{a, b, rel}} with a and b indices into objects and rel one of "
                 f"{', '.join(RELATIONS)}"
             )
+        if relation["a"] == relation["b"]:
+            return "relation: a and b must be two different objects"
     return None
 
 

@@ -30,6 +30,7 @@ from pictor.eval.shapes import (
     load_prompts,
     score_images,
 )
+from pictor.generation_request import MAX_IMAGES, MAX_SEED
 from pictor.pipeline import GenerationRequest, Pipeline, to_pil
 from pictor.provenance import save_png, save_render_png
 
@@ -166,6 +167,51 @@ def evaluate(
     return report
 
 
+def check_shapes_eval(
+    prompts: str | None,
+    k: int,
+    seed: int,
+    out: str | os.PathLike[str] | None,
+    save_images: str | os.PathLike[str] | None,
+    ground_truth: bool,
+    limit: int | None,
+    **generation: Any,
+) -> list[dict]:
+    """Everything about a shapes eval that can be wrong, checked before a model loads or an image is
+    made (a bad --out found after an hour of sampling loses that hour); returns the specs to score."""
+    if not 1 <= k <= MAX_IMAGES:
+        raise ValueError(f"--images-per-prompt must be between 1 and {MAX_IMAGES}, got {k}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1 (the number of prompts to score), got {limit}")
+    asked = sorted(name for name, value in generation.items() if value is not None)
+    if ground_truth and asked:
+        flags = ", ".join("--" + name.replace("_", "-") for name in asked)
+        raise ValueError(f"{flags}: these change a model's images; --ground-truth scores renders, drop them")
+    specs = load_prompts(prompts)[:limit]
+    last = seed + len(specs) * k - 1  # image j of prompt i takes seed + i * k + j
+    if seed < 0 or last > MAX_SEED:
+        raise ValueError(
+            f"--seed must be between 0 and {MAX_SEED - len(specs) * k + 1} for {len(specs)} prompts x {k} "
+            f"images, got {seed}"
+        )
+    if out is not None:
+        report = Path(out)
+        if report.suffix.lower() == ".png":
+            raise ValueError(
+                f"--out {out}: the JSON report; its contact sheet is the .png beside it: give .json"
+            )
+        if report.is_dir():
+            raise ValueError(
+                f"--out {out}: a folder; give the report's file name, e.g. {report / 'report.json'}"
+            )
+        if save_images is not None and Path(save_images).resolve() in report.resolve().parents:
+            raise ValueError(
+                f"--out {out} is inside --save-images {save_images}: its contact sheet would join the "
+                "images there (and any folder comparison of them); write the report elsewhere"
+            )
+    return specs
+
+
 def run_shapes_eval(
     pipe: Pipeline | None,
     prompts: str | None,
@@ -205,13 +251,7 @@ def run_shapes_eval(
             f"--references: model '{pipe.name}' has no reference adapter; pass --reference-adapter FILE "
             "(made by `pictor train reference`)"
         )
-    if ground_truth and generation.get("cache_threshold"):
-        raise ValueError("--cache-threshold changes a model's images; drop --ground-truth")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1 (the number of prompts to score), got {limit}")
-    specs = load_prompts(prompts)
-    if limit is not None:
-        specs = specs[:limit]
+    specs = check_shapes_eval(prompts, k, seed, out, save_images, ground_truth, limit, **generation)
     folder = save_folder(save_images) if save_images is not None else None
     if ground_truth:
         images = ground_truth_images(specs, k, seed)
