@@ -77,7 +77,8 @@ def test_outpaint(files: Path) -> None:
         # Options that would change nothing without the one they serve are refused, not dropped.
         (("generate", "x", "--scorer", "shapes"), "--scorer ranks the images of --best-of N"),
         (("edit", "src.png", "x", "--fill", "noise"), "--fill sets how --expand's new area starts"),
-        (("edit", "src.png", "x", "--feather", "4"), "--feather blends the edge of a --mask or --expand"),
+        (("edit", "src.png", "x", "--feather", "4"), "--feather blends the edge of a --mask"),
+        (("edit", "src.png", "x", "--expand", "0,0,4,0", "--feather", "4"), "blends the edge of a --mask"),
         (("edit", "src.png", "x", "--expand", "0,0,4,0", "--strength", "0"), "would stay its raw fill"),
         (("generate", "x", "--negative", "y", "--guidance", "1"), "off at guidance 1"),
         (("generate", "x", "-o", "src.png"), "-o src.png: this is a file; give a folder"),  # before sampling

@@ -145,6 +145,25 @@ def test_the_last_seed_is_usable_and_records_must_keep_seed_and_batch_seeds_toge
         reproduce(pipe, {**rec, "guidance_mode": "none"})
 
 
+def test_images_made_with_settings_now_refused_still_reproduce(pipe: Pipeline) -> None:
+    """Earlier versions made images with a negative prompt at guidance 1 (and outpaints at strength 0):
+    new requests like that are refused, but those images' records must still reproduce, bit for bit."""
+    from pictor.editing import EditRequest
+
+    old = GenerationRequest("x", negative_prompt="y", guidance=1.0, seed=3, steps=1)
+    with pytest.raises(GenerationError, match="off at guidance 1"):
+        pipe.generate(old)
+    r = pipe.resolve_request(old, reproducing=True)  # what the earlier version ran
+    (made,) = pipe.run_seeds(r, [3], lambda i, n: None)
+    np.testing.assert_array_equal(_px(reproduce(pipe, made.record)), _px(made))
+    source = made.image
+    edit = EditRequest(source, "x", expand=(0, 0, 4, 0), strength=0.0, seed=1, steps=1)
+    r, inputs = pipe.resolve_edit(edit, reproducing=True)
+    (outpaint,) = pipe.run_edit_seeds(r, inputs, [1], lambda i, n: None)
+    again = reproduce(pipe, outpaint.record, source=source)
+    np.testing.assert_array_equal(_px(again), _px(outpaint))
+
+
 def test_a_prompt_longer_than_the_text_encoder_reads_says_what_is_left_out(pipe: Pipeline) -> None:
     length = pipe.text_encoder.max_length
     prompt = " ".join(["a red circle"] * length) + " and a green star"
@@ -196,3 +215,6 @@ def test_a_model_without_guidance_refuses_a_guidance_it_would_ignore() -> None:
         p.generate(GenerationRequest("x", seed=1, steps=1, guidance=9.0))
     p.defaults["guidance"] = 3.5  # a stored default it ignores is not the user's request: no refusal
     assert p.generate(GenerationRequest("x", seed=1, steps=1))[0].record["guidance"] == 3.5
+    # ...nor is that default filled in and resolved again (the server's job queue does so).
+    filled = p.resolve_request(GenerationRequest("x", seed=1, steps=1))
+    assert p.resolve_request(filled).guidance == 3.5

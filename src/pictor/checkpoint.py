@@ -39,6 +39,10 @@ class CheckpointError(ValueError):
     """A weight file or bundle that cannot be used as it is; the message says why and what to do."""
 
 
+class UnreadableFileError(CheckpointError):
+    """A file cut short or corrupt (as a full disk or a killed copy leaves it), not merely a mismatch."""
+
+
 def refuse_pickle(path: str | os.PathLike[str]) -> None:
     """Raise for pickle-based formats: loading them can run arbitrary code, so pictor never opens them."""
     suffix = Path(path).suffix.lower()
@@ -74,7 +78,7 @@ def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[
     try:
         return load_file(str(path), device=device)
     except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise UnreadableFileError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
 class LazySafetensors(Mapping[str, torch.Tensor]):
@@ -91,7 +95,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             with safe_open(str(self.path), framework="pt") as f:
                 self._keys = list(f.keys())
         except Exception as exc:  # as read_safetensors: several types for truncated/corrupt headers
-            raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+            raise UnreadableFileError(f"{self.path}: not a readable safetensors file ({exc})") from exc
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -100,7 +104,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             with safe_open(str(self.path), framework="pt") as f:
                 return f.get_tensor(key)
         except Exception as exc:  # a file cut short after its header was read
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({exc})") from exc
+            raise UnreadableFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

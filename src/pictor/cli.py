@@ -167,8 +167,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     # Options that shape only an expanded or masked area: without one they would change nothing.
     if args.fill is not None and args.expand is None:
         raise ValueError("--fill sets how --expand's new area starts; add --expand L,T,R,B or drop --fill")
-    if args.feather is not None and args.expand is None and args.mask is None:
-        raise ValueError("--feather blends the edge of a --mask or --expand area; add one or drop --feather")
+    if args.feather is not None and args.mask is None:  # an expanded area is always wholly new
+        raise ValueError("--feather blends the edge of a --mask; add --mask or drop --feather")
     _output_folder(args.out)
     pipe = _load(args)
     request = EditRequest(

@@ -153,7 +153,7 @@ def load_image(source: ImageSource, what: str = "image") -> Image.Image:
         ) from exc
 
 
-def _eight_bit(image: Image.Image) -> Image.Image:
+def eight_bit(image: Image.Image) -> Image.Image:
     """16-bit greyscale ("I;16", "I") as 8-bit "L", 65535 -> 255: Pillow's own conversion clips at 255,
     which turns a 16-bit image (or mask) almost all white."""
     if not image.mode.startswith("I"):
@@ -164,7 +164,7 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3]; an alpha channel is dropped (the visible colours are what gets edited)."""
-    return np.asarray(_eight_bit(image).convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(eight_bit(image).convert("RGB"), dtype=np.uint8).copy()
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:
@@ -199,7 +199,7 @@ def load_mask(source: ImageSource, width: int, height: int) -> np.ndarray:
                 "size (when the canvas is expanded for outpainting: the size of the original image)"
             )
         image = image.resize((width, height), Image.Resampling.NEAREST)
-    grey = np.asarray(_eight_bit(image).convert("L"))
+    grey = np.asarray(eight_bit(image).convert("L"))
     return grey >= MASK_THRESHOLD
 
 
@@ -278,9 +278,12 @@ def expand_canvas(
     return canvas, new
 
 
-def prepare_edit(request: EditRequest, multiple: int, max_pixels: int) -> EditInputs:
+def prepare_edit(
+    request: EditRequest, multiple: int, max_pixels: int = 4096 * 4096, reproducing: bool = False
+) -> EditInputs:
     """Load and validate an edit's image and mask; errors say what to change. `max_pixels` bounds an
-    expanded canvas, checked before it is allocated."""
+    expanded canvas, checked before it is allocated (the pipeline passes its MAX_PIXELS). `reproducing`:
+    an existing image's record, so a setting that changes nothing is not refused."""
     mode = request.mode
     strength = _check_strength(
         request.strength
@@ -292,7 +295,7 @@ def prepare_edit(request: EditRequest, multiple: int, max_pixels: int) -> EditIn
     if request.fill not in FILLS:
         raise EditError(f"unknown fill '{request.fill}'; choose one of {', '.join(FILLS)}")
     expand = _check_expand(request.expand, multiple) if mode == "outpaint" and request.expand else None
-    if expand is not None and strength == 0:
+    if expand is not None and strength == 0 and not reproducing:
         raise EditError(
             "strength 0 keeps the image as it is, so the expanded area would stay its raw fill; give a "
             "strength above 0 (outpainting's default is 1)"

@@ -144,8 +144,10 @@ class Pipeline:
 
     # -- request handling -------------------------------------------------------------------------
 
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill defaults and validate; every error says what to change."""
+    def resolve_request(self, request: GenerationRequest, reproducing: bool = False) -> GenerationRequest:
+        """Fill defaults and validate; every error says what to change. `reproducing`: the request is an
+        existing image's record, so settings that would change nothing are not refused (the image was
+        made with them, perhaps by a version that allowed them)."""
         d = self.defaults
         r = replace(
             request,
@@ -159,6 +161,8 @@ class Pipeline:
         )
         if not isinstance(r.prompt, str):
             raise GenerationError("prompt must be a string")
+        if not isinstance(r.negative_prompt or "", str):
+            raise GenerationError("negative prompt must be a string")
         for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
             try:
                 (text or "").encode("utf-8")
@@ -187,7 +191,8 @@ class Pipeline:
         )
         if problem:
             raise GenerationError(problem)
-        self._check_guidance(r, asked=request.guidance)
+        if not reproducing:
+            self._check_guidance(r, asked=request.guidance)
         factor = self.autoencoder.params.downsample_factor
         try:
             tiling = resolve_tiling(factor, r.vae_tile, r.vae_tile_overlap)
@@ -238,7 +243,8 @@ class Pipeline:
     def _check_guidance(self, r: GenerationRequest, asked: float | None) -> None:
         """Refuse guidance settings the model would not use: nothing asked for is silently dropped. (A
         stored default the model ignores is no request: only a guidance asked for is refused.)"""
-        if self.guidance_mode == "none" and asked:
+        # A value equal to the model's default is no request either: the server fills defaults in.
+        if self.guidance_mode == "none" and asked and asked != self.defaults.get("guidance"):
             raise GenerationError(
                 f"model '{self.name}' takes no guidance (guidance_mode none, as FLUX.1 [schnell]): "
                 f"guidance {asked:g} would change nothing; drop it or give 0"
@@ -323,8 +329,11 @@ class Pipeline:
         r, inputs = self.resolve_edit(request)
         return self._in_runs(r, progress, lambda seeds, step: self.run_edit_seeds(r, inputs, seeds, step))
 
-    def resolve_edit(self, request: EditRequest) -> tuple[GenerationRequest, EditInputs]:
-        """Validate an edit: its image and mask, and the generation settings at the canvas size."""
+    def resolve_edit(
+        self, request: EditRequest, reproducing: bool = False
+    ) -> tuple[GenerationRequest, EditInputs]:
+        """Validate an edit: its image and mask, and the generation settings at the canvas size
+        (`reproducing` as for `resolve_request`)."""
         try:
             shared = {
                 f.name: getattr(request, f.name)
@@ -333,9 +342,10 @@ class Pipeline:
             }
         except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
             raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
-        inputs = prepare_edit(request, self.patch, MAX_PIXELS)
+        inputs = prepare_edit(request, self.patch, MAX_PIXELS, reproducing)
         height, width = inputs.canvas.shape[:2]
-        r = self.resolve_request(GenerationRequest(**{**shared, "width": width, "height": height}))
+        shared_request = GenerationRequest(**{**shared, "width": width, "height": height})
+        r = self.resolve_request(shared_request, reproducing)
         return r, inputs
 
     def run_edit_seeds(

@@ -261,7 +261,7 @@ def reproduce(
         **_settings(record, seeds, reference),
         **_hires(record),
     )
-    r = pipe.resolve_request(request)
+    r = pipe.resolve_request(request, reproducing=True)
     check_reference_pixels(record, r)
     run = pipe.run_hires_seeds if r.hires_scale else pipe.run_seeds
     images = run(r, seeds, progress or (lambda i, n: None))
@@ -298,7 +298,7 @@ def _reproduce_edit(
         feather=int(record.get("feather", 0)),
         **_settings(record, seeds, reference),
     )
-    r, inputs = pipe.resolve_edit(request)
+    r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_reference_pixels(record, r)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
     if want != got:

@@ -365,6 +365,15 @@ def test_sampler_state_behind_a_prefetching_loader_resumes_where_the_loop_is() -
     assert more == whole[3:5]
     assert resumed.state_dict(consumed=3)["epoch"] == 1 and resumed.state_dict(consumed=3)["position"] == 2
     del it
+    # A loop that sets each epoch and counts within it: the count is taken from that epoch's start, even
+    # when the sampler had already run into it ahead of the loop.
+    per_epoch = BucketBatchSampler(items, batch_size=2, seed=3)
+    list(per_epoch)  # epoch 0 consumed (the sampler moves on to epoch 1 by itself)
+    per_epoch.set_epoch(1)
+    next(iter(per_epoch))
+    state = per_epoch.state_dict(consumed=1)
+    assert (state["epoch"], state["position"]) == (1, 1)
+    assert per_epoch.state_dict(position=1)["position"] == 1  # the older form still works
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -66,6 +66,15 @@ def test_img2img_records_its_source(client: TestClient) -> None:
     assert np.array_equal(kept, np.asarray(source))  # strength 0 keeps the image exactly
 
 
+def test_sixteen_bit_sources_and_masks_read_as_the_cli_reads_them(client: TestClient) -> None:
+    grey = Image.fromarray(np.full((32, 32), 8000, np.uint16)).convert("I;16")  # 12 % grey
+    kept = decode(edit(client, png_bytes(grey), strength=0))[0][0]
+    assert kept[0, 0].tolist() == [31, 31, 31]  # scaled by its depth, not clipped to white
+    dark_mask = Image.fromarray(np.full((32, 32), 30000, np.uint16)).convert("I;16")  # 46 %: keep all
+    r = edit(client, png_bytes(source_image()), mask=png_bytes(dark_mask), steps=1)
+    assert r.status_code == 400 and "the mask is all black" in r.text
+
+
 def test_queued_edit_answers_at_once_and_runs_like_the_synchronous_one(
     make_client: Callable[..., TestClient], gated: Any, wait_job: Callable[..., Any]
 ) -> None:

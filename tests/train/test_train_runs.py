@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.checkpoint import read_safetensors
+from pictor.checkpoint import CheckpointError, read_safetensors
 from pictor.convert import cast_bundle
 from pictor.data.folder import DatasetWarning
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
-from pictor.train.loop import LOCK_FILE, TrainingError, train
+from pictor.train.loop import LOCK_FILE, TrainingError, run_lock, train
 
 from broken_images import undecodable_png
 
@@ -169,6 +169,33 @@ def test_a_folder_run_outlives_an_undecodable_image_and_a_resume_names_a_changed
     assert len(read_jsonl(out / "log.jsonl")) == 6
 
 
+def test_a_run_that_stored_its_data_folder_as_typed_resumes_without_a_false_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs started before --data was stored whole hold the path as typed ("images"): resuming with the
+    same --data must not warn that the data changed."""
+    import argparse
+
+    from pictor.train.command import add_train_parser, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "images" / f"{i}.txt").write_text(f"picture {i}")
+    cfg = TrainConfig(stage="autoencoder", out="run", preset="tiny", data="images", batch_size=2, **QUIET)
+    train(dataclasses.replace(cfg, max_steps=1))
+    state_file = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["data"] = "images"  # as an earlier version stored it
+    state_file.write_text(json.dumps(state))
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "autoencoder", "--data", "images", "--out", "run", "--resume"])
+    assert config_from_args(args).data == str(tmp_path / "images")
+    assert "changed" not in capsys.readouterr().err
+
+
 def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = TrainConfig(stage="autoencoder", out=str(out), preset="tiny", batch_size=2, save_every=1, **QUIET)
@@ -183,6 +210,12 @@ def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_
         train(again, resume=True)
     shutil.move(out / "checkpoints" / "step-000002", tmp_path / "damaged")
     assert train(again, resume=True).resumed_from == 1
+    # A checkpoint of another format is no damage: moving it away would not help, so no such advice.
+    state = out / "checkpoints" / "step-000003" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"format": 1', '"format": 0', 1))
+    with pytest.raises(CheckpointError, match="checkpoint format 0 is not 1") as err:
+        train(dataclasses.replace(cfg, max_steps=4), resume=True)
+    assert "move its folder away" not in str(err.value)
 
 
 def test_a_run_folder_in_use_is_refused_until_its_run_ends(tmp_path: Path) -> None:
@@ -203,6 +236,17 @@ def test_a_run_folder_in_use_is_refused_until_its_run_ends(tmp_path: Path) -> No
         assert (out / ".step-000005.tmp").is_dir()  # untouched
     train(cfg)  # the lock went with its holder
     assert len(read_jsonl(out / "log.jsonl")) == 1
+    # A run that fails while a forked child (a DataLoader worker) still shares the lock file's handle
+    # leaves the folder free: the lock is released, not merely closed.
+    with pytest.raises(RuntimeError, match="fails"), run_lock(out, hold=True):
+        child = os.fork()
+        if child == 0:  # the worker: outlives the failure for a moment
+            time.sleep(3)
+            os._exit(0)
+        raise RuntimeError("the run fails")
+    with run_lock(out, hold=True):
+        pass  # taken at once, while the child still holds its copy
+    assert os.waitpid(child, 0)[1] == 0
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:

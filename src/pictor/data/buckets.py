@@ -145,6 +145,7 @@ class BucketBatchSampler:
         trainer that calls set_epoch(e) at the top of its loop does not lose its place."""
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
+        if epoch != self._start[0]:  # a loop that sets each epoch counts `consumed` within it
             self._start = (epoch, 0)
 
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -190,10 +191,12 @@ class BucketBatchSampler:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+    def state_dict(self, consumed: int | None = None, position: int | None = None) -> dict[str, Any]:
         """Where to resume: after the batches handed out so far, or after `consumed` batches counted from
-        where this sampler was made, loaded or set (the loop's own count, behind a prefetching loader)."""
-        epoch, pos = self.epoch, self.position
+        where this sampler was made, loaded or set (the loop's own count, behind a prefetching loader).
+        `position` (the older form) is a count within the sampler's current epoch: wrong once a
+        prefetching loader has run the sampler into the next one, which `consumed` allows for."""
+        epoch, pos = self.epoch, self.position if position is None else position
         per_epoch = len(self.rank_batches(epoch))  # the same for every epoch
         if consumed is not None and per_epoch:
             epoch, pos = divmod(self._start[0] * per_epoch + self._start[1] + consumed, per_epoch)

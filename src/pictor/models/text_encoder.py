@@ -51,8 +51,9 @@ class TextEncoder(nn.Module):
 
     def cut_off(self, prompt: str) -> str:
         """The end of `prompt` that does not fit in `max_length` tokens, and so is not encoded ("" when
-        it all fits), so that callers can say so instead of dropping it silently."""
-        raise NotImplementedError
+        it all fits), so that callers can say so instead of dropping it silently. Every kind here says;
+        an encoder written elsewhere that does not override this reports nothing cut."""
+        return ""
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError

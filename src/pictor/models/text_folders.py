@@ -66,7 +66,7 @@ def _tokenize(
 
 def _cut_off(tokenizer: Any, prompt: str, max_length: int) -> str:
     """What `_tokenize` truncates away: the tokens past max_length, less the closing special token."""
-    ids = tokenizer(prompt, truncation=False)["input_ids"]
+    ids = tokenizer(prompt, truncation=False, verbose=False)["input_ids"]  # no "sequence too long" notice
     if len(ids) <= max_length:
         return ""
     return str(tokenizer.decode(ids[max_length - 1 :], skip_special_tokens=True)).strip()

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from pictor.editing import EditError, EditRequest
+from pictor.editing import EditError, EditRequest, eight_bit
 from pictor.pipeline import GenerationError
 from pictor.serve.api_models import ImagesResponse, Job
 from pictor.serve.errors import APIError
@@ -75,6 +75,9 @@ def edit_params(
             param="size",
             code="invalid_parameters",
         )
+    # 16-bit greyscale scaled by its depth first, as the CLI and library do (Pillow's conversions clip).
+    source, mask = eight_bit(source), eight_bit(mask) if mask is not None else None
+    reference = eight_bit(reference) if reference is not None else None
     if mask is not None:
         mask = _transparent(mask) or mask.convert("L")
     else:

@@ -179,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = TrainConfig.from_dict(state["config"], str(latest))
         if saved.stage != args.stage:
             raise ConfigError(f"{args.out} holds a '{saved.stage}' run; cannot resume it as '{args.stage}'")
+        # A run from before --data was stored whole holds it as typed: compare the folders named.
+        saved = dataclasses.replace(saved, data=data_path(saved.data))
         changed = [k for k in TRAJECTORY_KEYS if k in overrides and overrides[k] != getattr(saved, k)]
         if changed:
             _note(

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pictor.checkpoint import CheckpointError, replace_dir, state_dict_hash, write_json
+from pictor.checkpoint import UnreadableFileError, replace_dir, state_dict_hash, write_json
 from pictor.data.folder import DatasetWarning
 from pictor.models.flux import Flux
 from pictor.train import distributed
@@ -118,7 +118,7 @@ class Trainer:
             )
         try:
             ckpt = read_checkpoint(latest) if latest is not None else None
-        except CheckpointError as exc:
+        except UnreadableFileError as exc:
             raise TrainingError(f"{exc}; {_DAMAGED}") from exc
 
         assert cfg.image_size is not None
@@ -156,7 +156,7 @@ class Trainer:
             try:
                 restore(ckpt, self.model, self.optimizer)
                 self.ema.load(self.stage.ema_weights(ckpt.path))
-            except CheckpointError as exc:  # a file cut short or corrupt (not a config mismatch)
+            except UnreadableFileError as exc:  # a file cut short or corrupt (not a config mismatch)
                 raise TrainingError(f"{exc}; {_DAMAGED}") from exc
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
@@ -397,11 +397,16 @@ def run_lock(out: Path, hold: bool) -> Iterator[None]:
                 f"{out} is in use by a training run still going ({holder}); wait for it to end, or "
                 "choose another --out"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        yield
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            # Explicitly: DataLoader workers forked during the run share this open file, and would
+            # otherwise keep the folder locked after a failure until they exit.
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:

@@ -39,6 +39,7 @@ from torch import nn
 from pictor.checkpoint import (
     CheckpointError,
     LazySafetensors,
+    UnreadableFileError,
     read_safetensors,
     replace_dir,
     staged_file,
@@ -283,7 +284,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         state = json.loads(state_path.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{state_path}: not valid JSON ({exc.msg})") from None
+        raise UnreadableFileError(f"{state_path}: not valid JSON ({exc.msg})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
     return Checkpoint(
