@@ -99,6 +99,21 @@ def test_clip_features_equal_transformers_processor_and_model(tmp_path: Path) ->
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_clip_legacy_integer_size_is_the_shorter_side_as_in_transformers(tmp_path: Path) -> None:
+    from transformers import CLIPImageProcessorPil
+
+    _tiny_clip(tmp_path / "clip", with_processor=True)
+    config = tmp_path / "clip" / "preprocessor_config.json"
+    pre = json.loads(config.read_text())
+    config.write_text(json.dumps({**pre, "size": 40, "crop_size": 32}))  # OpenAI's configs: plain ints
+    images = _images(2, 3, size=(48, 64))
+    processor = CLIPImageProcessorPil.from_pretrained(tmp_path / "clip")
+    pixels = torch.as_tensor(np.stack(processor(images=images, return_tensors="np")["pixel_values"]))
+    ours = build_extractor(f"clip:{tmp_path / 'clip'}")
+    assert isinstance(ours, VisionModelFeatures)
+    assert torch.allclose(torch.stack([ours.preprocess(im) for im in images]), pixels, atol=1e-6)
+
+
 def test_clip_without_preprocessor_config_uses_the_towers_input_size(tmp_path: Path) -> None:
     _tiny_clip(tmp_path / "clip", with_processor=False)
     ours = build_extractor(f"clip:{tmp_path / 'clip'}")

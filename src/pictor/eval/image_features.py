@@ -124,6 +124,8 @@ class VisionModelFeatures:
         else:
             short, crop, mean, std = 256, (224, 224), _IMAGENET_MEAN, _IMAGENET_STD
         size = pre.get("size")
+        if isinstance(size, int):  # the legacy form (OpenAI's CLIP configs): both processors read it
+            size = {"shortest_edge": size}  # as the shorter side, not a square (default_to_square=False)
         short = int(size["shortest_edge"]) if isinstance(size, dict) and "shortest_edge" in size else short
         self.resize_to: tuple[int, int] | None = _side(size)  # a fixed (h, w) resize instead of shortest
         self.short = short
