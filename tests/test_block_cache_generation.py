@@ -104,5 +104,5 @@ def test_bad_thresholds_are_refused(pipe: Pipeline, bad: float) -> None:
 def test_ground_truth_scores_refuse_a_cache_threshold() -> None:
     from pictor.eval.shapes_run import run_shapes_eval
 
-    with pytest.raises(ValueError, match="drop --ground-truth"):
+    with pytest.raises(ValueError, match=r"--cache-threshold: these change a model.s images; --ground-truth"):
         run_shapes_eval(None, None, 1, 0, None, ground_truth=True, cache_threshold=0.1)
