@@ -360,8 +360,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Item `index`; if its file does not decode, the next item of its bucket that does (reported once
-        per file). The stand-in depends only on which files are broken, so a resumed run, or another rank,
-        makes the same choice, and one bad file costs one item, not the run."""
+        per file in each loading process). The stand-in depends only on which files are broken, so a
+        resumed run, or another rank, makes the same choice, and one bad file costs one item, not the run."""
         for candidate in self._stand_ins(index):
             item = self.item_info(candidate)
             try:
