@@ -67,7 +67,9 @@ def test_os_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
     code, err = cli(capsys, "generate", "a red circle", *TINY, "-o", str(taken))
-    assert code == 1 and "pictor generate: error:" in err and "Traceback" not in err
+    assert code == 2 and f"-o {taken}: this is a file; give a folder" in err  # found before sampling
+    code, err = cli(capsys, "generate", "a red circle", *TINY, "-o", str(taken / "sub"))
+    assert code == 1 and "pictor generate: error:" in err and "Traceback" not in err  # the OS says why
     assert str(taken) in err
 
 
