@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from pictor.data.buckets import BucketBatchSampler
-from pictor.data.folder import ImageFolderDataset, collate
+from pictor.data.folder import DatasetWarning, ImageFolderDataset, collate
 from pictor.data.latent_cache import CachedLatentDataset, LatentCache
+
+from broken_images import undecodable_png
 
 SIZES = [(64, 64), (40, 40), (96, 48), (100, 50), (48, 96), (50, 90), (70, 70)]
 
@@ -231,3 +234,31 @@ def test_two_processes_share_a_cache(folder: Path, tmp_path: Path) -> None:
     rank0.precompute()
     rank1.precompute()
     assert a.images == len(ds) and b.images == 0
+
+
+def test_an_undecodable_image_takes_a_stand_in_as_in_the_dataset(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 40, 200)).save(root / f"ok{i}.png")
+    undecodable_png(root / "bad.png")  # first in the folder's order; passes the fast scan
+    with pytest.warns(DatasetWarning):  # no captions
+        ds = ImageFolderDataset(root, size=32, buckets=False)
+    bad = [p.name for p in ds.paths].index("bad.png")
+    cds = CachedLatentDataset(ds, LatentCache(tmp_path / "c", FakeEncoder(), key="k"))
+    with pytest.warns(DatasetWarning, match=r"cannot decode .*bad\.png.*stands in"):
+        item = cds[bad]
+    with pytest.warns(DatasetWarning):
+        plain = ImageFolderDataset(root, size=32, buckets=False)
+    with pytest.warns(DatasetWarning):
+        assert item["path"] == plain[bad]["path"] != str(root / "bad.png")  # the dataset's own choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # reported once: the file is known broken now
+        cds.precompute()  # the whole folder, the bad file included, without stopping
+    assert len(cds.cache) == 3
+    with pytest.warns(DatasetWarning):
+        unseen = ImageFolderDataset(root, size=32, buckets=False)  # has not met the bad file yet
+    fresh = CachedLatentDataset(unseen, LatentCache(tmp_path / "d", FakeEncoder(), key="k"))
+    with pytest.warns(DatasetWarning, match=r"bad\.png"):
+        fresh.precompute()  # meeting the file first while precomputing
+    assert len(fresh.cache) == 3

@@ -362,19 +362,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """Item `index`; if its file does not decode, the next item of its bucket that does (reported once
         per file in each loading process). The stand-in depends only on which files are broken, so a
         resumed run, or another rank, makes the same choice, and one bad file costs one item, not the run."""
-        for candidate in self._stand_ins(index):
+        for candidate in self.stand_ins(index):
             item = self.item_info(candidate)
             try:
                 item["image"] = self.load_image(candidate, item["flip"])
             except UnreadableImageError as exc:
-                self._broken.add(candidate)
-                note = f"{exc}; the next image of its bucket stands in for it"
-                warnings.warn(note, DatasetWarning, stacklevel=2)
+                self.mark_broken(candidate, exc)
                 continue
             return item
         raise UnreadableImageError(f"no image of bucket {self.item_buckets[index]} in {self.root} decodes")
 
-    def _stand_ins(self, index: int) -> Iterator[int]:
+    def mark_broken(self, index: int, error: UnreadableImageError) -> None:
+        """Item `index` does not decode: report it, and let `stand_ins` pass over it from now on."""
+        self._broken.add(index)
+        warnings.warn(f"{error}; the next image of its bucket stands in for it", DatasetWarning, stacklevel=3)
+
+    def stand_ins(self, index: int) -> Iterator[int]:
+        """`index` unless known broken, then the following items of its bucket (wrapping round) that are
+        not: the candidates for item `index`, in the order every reader tries them."""
         if index not in self._broken:
             yield index
         bucket, n = self.item_buckets[index], len(self.paths)

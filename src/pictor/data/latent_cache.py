@@ -37,6 +37,8 @@ from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
+from pictor.data.folder import UnreadableImageError
+
 FORMAT = "pictor-latent-cache-v1"
 Entry = dict[str, Tensor]  # {"mean": [C, h, w]} and, when the encoder gives it, "logvar"
 
@@ -241,19 +243,48 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             self.dataset.set_epoch(epoch)
 
     def _items(self, indices: Iterable[int], flips: Sequence[bool] | None = None) -> list[dict[str, Any]]:
-        items = []
-        for n, i in enumerate(indices):
-            info = self.dataset.item_info(i)
-            if flips is not None:
-                info["flip"] = flips[n]
-            info["image"] = lambda i=i, f=info["flip"]: self.dataset.load_image(i, f)
-            items.append(info)
-        return items
+        return [self._item(i, None if flips is None else flips[n]) for n, i in enumerate(indices)]
+
+    def _item(self, i: int, flip: bool | None) -> dict[str, Any]:
+        if hasattr(self.dataset, "stand_ins"):  # a file already known not to decode: its stand-in at once
+            i = next(iter(self.dataset.stand_ins(i)), i)
+        info = self.dataset.item_info(i)
+        if flip is not None:
+            info["flip"] = flip
+        failed: list[UnreadableImageError] = []
+
+        def load(i: int = i, f: bool = info["flip"]) -> Tensor:
+            try:
+                return self.dataset.load_image(i, f)
+            except UnreadableImageError as exc:
+                failed.append(exc)  # the item learns which file failed, for `_entries`
+                raise
+
+        info["image"], info["_index"], info["_failed"] = load, i, failed
+        return info
+
+    def _entries(self, items: list[dict[str, Any]]) -> list[Entry]:
+        """The cache's entries for `items`; an item whose file does not decode takes the next decodable
+        item of its bucket instead (`ImageFolderDataset.stand_ins`), as the dataset itself does."""
+        while True:
+            try:
+                return self.cache.get_entries(items)
+            except UnreadableImageError:
+                if not hasattr(self.dataset, "stand_ins"):
+                    raise
+                for n, info in enumerate(items):
+                    if info["_failed"]:
+                        self.dataset.mark_broken(info["_index"], info["_failed"][0])
+                        stand_in = next(iter(self.dataset.stand_ins(info["_index"])), None)
+                        if stand_in is None:
+                            raise
+                        items[n] = self._item(stand_in, info["flip"])
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         items = self._items(indices)
         out = []
-        for info, entry in zip(items, self.cache.get_entries(items), strict=True):
+        for info, entry in zip(items, self._entries(items), strict=True):
+            del info["_index"], info["_failed"]
             del info["image"]
             info["latent"] = entry["mean"]
             if "logvar" in entry:
@@ -284,4 +315,4 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         if progress:
             jobs = tqdm(jobs, desc="encoding latents", unit="batch")
         for idx, flip in jobs:
-            self.cache.get_entries(self._items(idx, [flip] * len(idx)))
+            self._entries(self._items(idx, [flip] * len(idx)))
