@@ -171,7 +171,6 @@ class Pipeline:
                     f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
                     "save the file that holds it as UTF-8"
                 ) from None
-        for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
             dropped = self.text_encoder.cut_off(text) if text else ""
             if dropped:  # as diffusers does: the image is made, but the user learns what was not read
                 warnings.warn(

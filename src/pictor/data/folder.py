@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 
 from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
 from pictor.data.layouts import LayoutError, crop_layout, parse_layout
+from pictor.editing import eight_bit
 from pictor.notices import PictorWarning
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if image.mode.startswith("I"):
-        # 16-bit greyscale (the only "I" images of the formats read here): Pillow's own conversion clips
-        # at 255, which turns most of the image white. Always 65535 -> 255, whatever the frame holds.
-        arr = np.asarray(image).astype(np.float64) / 257.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode.startswith("I"):  # 16-bit greyscale, the only "I" images of the formats read here
+        return eight_bit(image).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
 
 

@@ -109,13 +109,6 @@ class Service:
         except GenerationError as exc:
             raise APIError(400, str(exc), code="invalid_parameters", param=param_of(str(exc))) from None
         assert r.width is not None and r.height is not None
-        if r.schedule not in SCHEDULES:  # the pipeline only finds out mid-run
-            raise APIError(
-                400,
-                f"unknown schedule '{r.schedule}'; choose one of {', '.join(SCHEDULES)}",
-                param="schedule",
-                code="invalid_parameters",
-            )
         check_limits(self.settings.limits, body.prompt, n, r.width, r.height, r.steps)
         if r.hires_scale is not None:  # the second pass is the larger and may take more steps
             assert r.hires_steps is not None
@@ -249,6 +242,9 @@ def param_of(message: str) -> str | None:
     fields = {"width": "size", "height": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
     if first in fields:
         return fields[first]
+    for name in ("sampler", "schedule"):  # "unknown sampler 'x'; choose one of ..."
+        if message.startswith(f"unknown {name}"):
+            return name
     if message.startswith("the mask"):
         return "mask"
     if message.startswith("the image"):
