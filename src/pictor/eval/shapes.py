@@ -4,7 +4,7 @@ Typical use:
 
     specs = load_prompts()                                  # the packaged 300-prompt dev split
     images = [[generate(s["prompt"], seed) for seed in seeds] for s in specs]
-    report = score_images(specs, images)                    # {"overall", "per_tag", "n_images", "per_prompt"}
+    report = score_images(specs, images)  # {"overall", "per_tag", "n_images", "per_prompt", ...}
 
 Detection (background, colour assignment, components, shape classes) lives in shapes_detect.py.
 """
@@ -29,7 +29,7 @@ from pictor.data.shapes import (
     scene_from_spec,
     scene_layout,
 )
-from pictor.eval.shapes_detect import Detection, detect_objects
+from pictor.eval.shapes_detect import SCORER_REVISION, Detection, detect_objects
 
 __all__ = [
     "TAGS",
@@ -171,7 +171,8 @@ def score_image(image: np.ndarray, spec: dict) -> bool:
 
 def score_images(specs: list[dict], images_per_spec: list[list[np.ndarray]]) -> dict:
     """Score several images per prompt -> {"overall": mean of the tag accuracies, "per_tag": {tag: acc},
-    "n_images": int, "per_prompt": [{"id", "prompt", "tag", "correct": [bool, ...]}]}.
+    "n_images": int, "per_prompt": [{"id", "prompt", "tag", "correct": [bool, ...]}], "scorer_revision":
+    SCORER_REVISION}.
 
     per_tag holds the tags present in `specs` (all six for the dev split); each tag's accuracy is over
     all of its images, so every prompt of a tag weighs the same when they have equally many images.
@@ -189,7 +190,13 @@ def score_images(specs: list[dict], images_per_spec: list[list[np.ndarray]]) -> 
     per_tag = {tag: float(np.mean(v)) for tag in TAGS if (v := hits.get(tag))}
     overall = float(np.mean(list(per_tag.values()))) if per_tag else 0.0
     n_images = sum(len(v) for v in hits.values())
-    return {"overall": overall, "per_tag": per_tag, "n_images": n_images, "per_prompt": per_prompt}
+    return {
+        "overall": overall,
+        "per_tag": per_tag,
+        "n_images": n_images,
+        "per_prompt": per_prompt,
+        "scorer_revision": SCORER_REVISION,
+    }
 
 
 def ground_truth_images(
