@@ -160,6 +160,7 @@ def adherence(pipe: Pipeline, k: int, thresholds: list[float]) -> list[dict[str,
             {
                 "threshold": threshold,
                 "overall": round(report["overall"], 4),
+                "scorer_revision": report["scorer_revision"],
                 "per_tag": {tag: round(v, 4) for tag, v in report["per_tag"].items()},
                 "images": report["n_images"],
                 "seconds_per_image": round(seconds / report["n_images"], 4),

@@ -58,6 +58,7 @@ def main() -> None:
         report = score_images(specs, images)
         rows[name] = {
             "overall": round(report["overall"], 3),
+            "scorer_revision": report["scorer_revision"],
             "per_tag": {k: round(v, 3) for k, v in report["per_tag"].items()},
             "seconds_per_image": None if seconds is None else round(seconds, 2),
         }

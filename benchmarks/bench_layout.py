@@ -55,6 +55,7 @@ def main() -> None:
         held = layout_scores(specs, images, layouts)
         result[name] = {
             "overall": round(report["overall"], 4),
+            "scorer_revision": report["scorer_revision"],
             "per_tag": {t: round(v, 4) for t, v in report["per_tag"].items()},
             "boxes_held": round(held["box_accuracy"], 4),
             "per_tag_boxes_held": {t: round(v, 4) for t, v in held["per_tag_box_accuracy"].items()},

@@ -69,6 +69,7 @@ def main() -> None:
         report = score_images(specs, images)
         result[name] = {
             "overall": round(report["overall"], 4),
+            "scorer_revision": report["scorer_revision"],
             "per_tag": {t: round(v, 4) for t, v in report["per_tag"].items()},
             "images": report["n_images"],
             "seconds": round(seconds, 1),

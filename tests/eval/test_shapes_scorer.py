@@ -98,7 +98,7 @@ def test_the_smallest_legal_shapes_keep_their_class():
             n += 1
             found = detect_objects(render(Scene([obj], list(BACKGROUNDS.values())[n % 6]), 64))
             right += len(found) == 1 and found[0].shape == shape
-        assert right >= 99, (shape, right)
+        assert right == 100, (shape, right)
 
 
 def _polygon(points: list[tuple[float, float]], size: int = 64, ss: int = 8) -> np.ndarray:
@@ -134,7 +134,11 @@ def _concave_triangle(cx: float, cy: float, r: float, depth: float) -> list[tupl
         ([(20, 22), (46, 22), (46, 42), (20, 42)], "square"),
         ([(16, 24), (48, 24), (48, 40), (16, 40)], None),  # a 2:1 bar
         (_ellipse(0, 32, 14, 14), None),  # a disc cut in half by the canvas edge
-        (_concave_triangle(32, 36, 20, 0.25), "triangle"),  # sides bowed in, as models draw them
+        (_concave_triangle(32, 36, 20, 0.2), "triangle"),  # sides bowed in, as models draw them
+        # a T, a Y and a chevron: three-armed shapes, as three-fold as a lopsided triangle, but no triangle
+        ([(16, 16), (48, 16), (48, 26), (37, 26), (37, 48), (27, 48), (27, 26), (16, 26)], None),  # T
+        ([(18, 14), (32, 28), (46, 14), (50, 20), (36, 34), (36, 50), (28, 50), (28, 34), (14, 20)], None),
+        ([(16, 20), (32, 30), (48, 20), (48, 30), (32, 44), (16, 30)], None),  # chevron
     ],
 )
 def test_outlines_beyond_the_four_shapes(points, shape):

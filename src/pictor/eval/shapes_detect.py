@@ -19,7 +19,7 @@ numpy only. The steps, with the choices the spec leaves open:
    5th Fourier harmonics single out triangles, squares and stars, and a profile with none of them is a
    circle. Unlike area / r_max^2 measures, harmonics survive the corner rounding of blurry outputs.
    Concave components whose profile is not five-fold (noise blobs, shapes with bites taken out of
-   them) get shape None and never match a prompt.
+   them) get shape None and never match a prompt, unless step 5 finds a triangle in them.
 5. Area moments check the outline's verdict where it is weak. The normalized complex moments
    |sum (z - c)^n| / A^(1 + n/2) over a component's pixels are 0 for a circle and fixed numbers for the
    other shapes at any rotation and size (n = 3 triangle, 4 square, 5 star), and n = 2 measures
@@ -61,14 +61,18 @@ SYMMETRY_MIN = 0.5  # strength (amplitude / reference) below which a convex blob
 # 5 star; 512 px renders, any rotation); a circle's are 0.
 MOMENT_REF = (0.0676, 0.0167, 0.0319)
 SMALL_DIAMETER = 12.0  # px (equal-area circle); below it the outline's pixel steps fake a square
-NO_SYMMETRY = 0.3  # moment strengths all below this: round as far as the area can tell
+# Moment strengths all below this: round as far as the area can tell. The smallest legal circles reach
+# 0.30-0.35 from their pixel steps, the smallest legal squares' 4-fold strength is >= 0.53 (48x48).
+NO_SYMMETRY = 0.45
+CONCAVE_TRIANGLE_SOLIDITY = 0.7  # a triangle with bowed-in sides or pixel steps keeps at least this
 CLEAR_TRIANGLE = 0.7  # 3-fold moment strength that overrules a square or star reading of the outline
 # |sum (z - c)^2| / A^2 above which a circle or square is too long to be one: an ellipse or rectangle
 # of about 1.6:1 (ellipse (a^2 - b^2) / (4 pi a b), rectangle (a^2 - b^2) / (12 a b)).
 MAX_ELONGATION = 0.08
 ROUND_ELONGATION = 0.03  # a small blob read as a circle despite its outline must be this round
 # A star keeps some of its notches even when blurred: clean renders <= 0.80 down to 48x48, the default
-# model's stars <= 0.896; a small clean circle whose outline looks five-fold has >= 0.905.
+# model's stars <= 0.896; the smallest clean circles whose outline looks five-fold have >= 0.905 at 64x64
+# (at 48x48 some have 0.88 and still read as stars, as before revision 2).
 STAR_MAX_SOLIDITY = 0.9
 
 
@@ -278,13 +282,18 @@ def classify(f: ShapeFeatures) -> str | None:
     if shape == "star" and f.solidity >= STAR_MAX_SOLIDITY:
         return None  # five-fold outline but no notches: a half disc, a lump; not a star
     convex = f.solidity >= STAR_SOLIDITY
-    if shape in ("square", "star") and convex and s3 >= CLEAR_TRIANGLE and max(s4, s5) < SYMMETRY_MIN:
-        return "triangle"  # a small triangle whose stepped outline looked four- or five-fold
+    # A small triangle whose stepped outline looked four- or five-fold; its steps can also give it a
+    # 4-fold strength up to ~0.9 (squares' 3-fold stays <= 0.2).
+    clear_triangle = s3 >= CLEAR_TRIANGLE and s3 > max(s4, s5) and s5 < SYMMETRY_MIN
+    if shape in ("square", "star") and convex and clear_triangle:
+        return "triangle"
     if shape is None and f.solidity >= MIN_SOLIDITY and s3 >= SYMMETRY_MIN and s3 == max(f.moments):
         # Concave but three-fold by area and by outline: a small triangle whose steps cost it its
-        # solidity, or a model's triangle with concave sides.
+        # solidity, or a model's triangle with sides bowed in. The solidity floor keeps out three-armed
+        # shapes (a Y 0.52, a chevron 0.67, a T 0.69), whose moments are as three-fold as a model's
+        # lopsided triangles (those keep >= 0.70, small clean triangles >= 0.71 down to 48x48).
         a = [h / ref for h, ref in zip(f.harmonics, HARMONIC_REF, strict=True)]
-        if a[0] == max(a):
+        if a[0] == max(a) and f.solidity >= CONCAVE_TRIANGLE_SOLIDITY:
             return "triangle"
     return shape
 

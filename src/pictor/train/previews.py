@@ -161,4 +161,5 @@ def score(specs: list[dict], images: np.ndarray, per_spec: int) -> dict:
 
     grouped = [list(images[i * per_spec : (i + 1) * per_spec]) for i in range(len(specs))]
     report = score_images(specs, grouped)
-    return {"overall": report["overall"], "per_tag": report["per_tag"], "n_images": report["n_images"]}
+    keep = ("overall", "per_tag", "n_images", "scorer_revision")  # the revision says which shape test
+    return {key: report[key] for key in keep}
