@@ -254,9 +254,14 @@ def shape_features(xs: np.ndarray, ys: np.ndarray) -> ShapeFeatures:
     return ShapeFeatures(solidity, _radial_harmonics(xs, ys), moments, elongation, diameter)
 
 
+def _harmonic_strengths(harmonics: tuple[float, float, float]) -> list[float]:
+    """The (a3, a4, a5) harmonics relative to those of the shapes they single out."""
+    return [h / ref for h, ref in zip(harmonics, HARMONIC_REF, strict=True)]
+
+
 def _outline_class(solidity: float, harmonics: tuple[float, float, float]) -> str | None:
     """Shape class from solidity and the (a3, a4, a5) radial harmonics; None for ragged blobs."""
-    strength = [h / ref for h, ref in zip(harmonics, HARMONIC_REF, strict=True)]
+    strength = _harmonic_strengths(harmonics)
     k = int(np.argmax(strength))
     if solidity < STAR_SOLIDITY:
         # Concave: a star when the profile is five-fold; otherwise a ragged blob (noise, a bitten shape).
@@ -292,7 +297,7 @@ def classify(f: ShapeFeatures) -> str | None:
         # solidity, or a model's triangle with sides bowed in. The solidity floor keeps out three-armed
         # shapes (a Y 0.52, a chevron 0.67, a T 0.69), whose moments are as three-fold as a model's
         # lopsided triangles (those keep >= 0.70, small clean triangles >= 0.71 down to 48x48).
-        a = [h / ref for h, ref in zip(f.harmonics, HARMONIC_REF, strict=True)]
+        a = _harmonic_strengths(f.harmonics)
         if a[0] == max(a) and f.solidity >= CONCAVE_TRIANGLE_SOLIDITY:
             return "triangle"
     return shape
