@@ -172,6 +172,17 @@ def test_a_prompt_longer_than_the_text_encoder_reads_says_what_is_left_out(pipe:
         pipe.generate(GenerationRequest(prompt, seed=1, steps=1))
 
 
+def test_prompt_notices_are_the_words_of_the_warnings(pipe: Pipeline) -> None:
+    """What the server shows its users (it cannot catch warnings in its worker thread)."""
+    prompt = " ".join(["a red circle"] * pipe.text_encoder.max_length) + " and a green star"
+    assert pipe.prompt_notices("a red circle", "") == [] and pipe.prompt_notices(None, None) == []
+    with pytest.warns(PictorWarning) as caught:
+        pipe.resolve_request(GenerationRequest(prompt, negative_prompt=prompt, seed=1, steps=1))
+    notices = pipe.prompt_notices(prompt, prompt)
+    assert [str(w.message) for w in caught if w.category is PictorWarning] == notices
+    assert notices[0].startswith("the prompt is") and notices[1].startswith("the negative prompt is")
+
+
 def test_progress_is_reported_and_can_cancel(pipe: Pipeline) -> None:
     seen: list[tuple[int, int]] = []
     pipe.generate(

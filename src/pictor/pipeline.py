@@ -171,14 +171,9 @@ class Pipeline:
                     f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
                     "save the file that holds it as UTF-8"
                 ) from None
-            dropped = self.text_encoder.cut_off(text) if text else ""
-            if dropped:  # as diffusers does: the image is made, but the user learns what was not read
-                warnings.warn(
-                    f"the {what} is longer than the text encoder's {self.text_encoder.max_length} tokens; "
-                    f"this end of it is not read: '{dropped}'",
-                    PictorWarning,
-                    stacklevel=3,
-                )
+        # As diffusers does: the image is made, but the user learns what was not read.
+        for notice in self.prompt_notices(r.prompt, r.negative_prompt):
+            warnings.warn(notice, PictorWarning, stacklevel=3)
         problem = settings_problem(
             self.patch,
             width=r.width,
@@ -238,6 +233,21 @@ class Pipeline:
                 "drop the negative prompt"
             )
         return r
+
+    def prompt_notices(self, prompt: str | None, negative_prompt: str | None = None) -> list[str]:
+        """What `resolve_request` warns about these texts: for each that is longer than the text encoder
+        reads, a sentence naming the end that is not read; empty when all of both is read. Public so that
+        a caller that cannot catch warnings safely (the server's worker thread: `warnings.catch_warnings`
+        is process-wide) can hand the same sentences to its user."""
+        notices = []
+        for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            dropped = self.text_encoder.cut_off(text) if text else ""
+            if dropped:
+                notices.append(
+                    f"the {what} is longer than the text encoder's {self.text_encoder.max_length} tokens; "
+                    f"this end of it is not read: '{dropped}'"
+                )
+        return notices
 
     def _check_guidance(self, r: GenerationRequest, asked: float | None) -> None:
         """Refuse guidance settings the model would not use: nothing asked for is silently dropped. (A

@@ -489,3 +489,32 @@ def test_generate_with_the_block_cache(browser: Any, live_server: Any) -> None:
     jobs = reproduce_twice(page, live.url, thumb, "a cached star (seed 5)")
     assert jobs[0]["request"]["cache_threshold"] == 0.12
     assert problems == [], problems
+
+
+@pytest.mark.filterwarnings("ignore::pictor.notices.PictorWarning")  # the server log's copy of the notice
+def test_the_page_says_which_end_of_a_long_prompt_was_not_read(
+    browser: Any, live_server: Any, tiny: Any
+) -> None:
+    """The job's warnings show under the status and in the viewer (as text, set by textContent)."""
+    from playwright.sync_api import expect
+
+    live = live_server()
+    page, problems = open_page(browser, live.url, height=900)
+    prompt = " ".join(["a red circle"] * tiny.text_encoder.max_length) + " and a green star"
+    fill_settings(page, prompt, 3, 1)
+    generate_one(page)
+    (warning,) = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]["warnings"]
+    assert warning.endswith("and a green star'")
+    expect(page.locator("#warnings li")).to_have_text([warning])
+
+    page.locator("#gallery img").first.click()
+    expect(page.locator("#viewer-warnings li")).to_have_text([warning])
+    page.get_by_role("button", name="Close").click()
+
+    page.get_by_label("Prompt", exact=True).fill("a short prompt")  # Settings is still open
+    page.get_by_label("Seed", exact=True).fill("4")
+    generate_one(page)
+    expect(page.locator("#warnings")).to_be_hidden()
+    page.get_by_role("img", name="a short prompt (seed 4)").click()
+    expect(page.locator("#viewer-warnings")).to_be_hidden()
+    assert problems == [], problems

@@ -52,6 +52,10 @@ def test_official_openai_client(shared: Any) -> None:
     image = httpx.get(url)  # signed: no Authorization header needed
     assert image.status_code == 200 and png_record(image.content)["steps"] == 3
 
+    # pictor's `warnings` (a prompt past the tiny text encoder's 16 tokens) reach the client as an extra field
+    long = client.images.generate(prompt="a red circle " * 20 + "and a green star", extra_body={"steps": 1})
+    assert (long.model_extra or {})["warnings"][0].endswith("and a green star'")
+
     source = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(source, format="PNG")
     edited = client.images.edit(

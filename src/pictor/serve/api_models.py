@@ -124,6 +124,11 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     job_id: str = Field(description="pictor: the history entry of this request (GET /v1/jobs/{id}).")
+    warnings: list[str] | None = Field(
+        None,
+        description="pictor: what the request's user should know, e.g. the end of a prompt longer than the "
+        "text encoder reads; absent when there is nothing to say.",
+    )
 
 
 class JobProgress(BaseModel):
@@ -152,6 +157,11 @@ class Job(BaseModel):
     attempts: int
     results: list[JobResult]
     error: ErrorBody | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the user should know about how the job ran, e.g. the end of a prompt longer than "
+        "the text encoder reads (set when the job starts to run; empty when there is nothing to say).",
+    )
 
 
 class JobList(BaseModel):

@@ -293,9 +293,15 @@ class JobManager:
     def _run_batch(self, batch: list[Live]) -> None:
         assert self.pipeline is not None
         started = time.time()
-        self.store.mark_running([live.job.id for live in batch], started)
+        params = batch[0].job.params
+        # The pipeline warns about a prompt longer than its text encoder reads, but a warning reaches only
+        # the server's log (and catching it here is no option: warnings.catch_warnings is process-wide). So
+        # the same sentences are asked for and kept with the jobs (merged jobs share prompts), where the API
+        # and the page show them; asked here, where the model is sure to be loaded.
+        notices = self.pipeline.prompt_notices(params.get("prompt"), params.get("negative_prompt"))
+        self.store.mark_running([live.job.id for live in batch], started, notices)
         for live in batch:
-            live.job.status, live.job.started = RUNNING, started
+            live.job.status, live.job.started, live.job.warnings = RUNNING, started, notices
             self.hub.publish(live.job.id, {"event": "status", "status": RUNNING})
         total_images = sum(live.job.n for live in batch)
         runs = {
@@ -305,7 +311,6 @@ class JobManager:
             "vae_tile": self.settings.vae_tile,
             "vae_tile_overlap": self.settings.vae_tile_overlap,
         }
-        params = batch[0].job.params
         if params.get("kind") == "edit":
             run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
         else:

@@ -112,7 +112,8 @@ async def finished_images(
             data.append(ImageData(b64_json=base64.b64encode(raw).decode("ascii")))
         else:
             data.append(ImageData(url=svc.image_url(request, r["image_id"])))
-    return ImagesResponse(created=int(job.created), data=data, job_id=job.id)
+    # OpenAI's clients ignore a field they do not know; left out when empty, as OpenAI's answers have none.
+    return ImagesResponse(created=int(job.created), data=data, job_id=job.id, warnings=job.warnings or None)
 
 
 @router.api_route("/images/generations", methods=OTHER_METHODS, include_in_schema=False)

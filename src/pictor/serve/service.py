@@ -198,6 +198,7 @@ class Service:
                 for r in job.results
             ],
             error=job.error,  # type: ignore[arg-type]
+            warnings=job.warnings,
         )
 
 

@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     user TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    results TEXT NOT NULL DEFAULT '[]'
+    results TEXT NOT NULL DEFAULT '[]',
+    warnings TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
@@ -64,6 +65,13 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_by_job ON images (job_id);
 """
+
+# Columns added to `jobs` since schema version 1 was first written, with their declarations. Each has a
+# default, and pictor names the columns it writes and reads rows by name, so a data dir with them is still
+# version 1: an older pictor opens it and ignores them, a newer one adds them to an older data dir.
+_ADDED_JOB_COLUMNS = {
+    "warnings": "TEXT NOT NULL DEFAULT '[]'",  # notices for the user, e.g. the end of a prompt not read
+}
 
 
 def new_id() -> str:
@@ -87,6 +95,9 @@ class JobRow:
     error: dict[str, Any] | None = None
     # [{"image_id": ..., "seed": ...}], in the order of the request's images
     results: list[dict[str, Any]] = field(default_factory=list)
+    # What the user should know about how the request was run (a prompt cut off by the text encoder):
+    # sentences the worker sets when the job starts to run.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def prompt(self) -> str:
@@ -135,7 +146,22 @@ class Store:
                     f"{SCHEMA_VERSION}; use another --data-dir"
                 )
             self._db.executescript(_SCHEMA)
+            self._add_columns()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _add_columns(self) -> None:
+        """Give a data dir written before a column was added that column (see _ADDED_JOB_COLUMNS)."""
+        # One write transaction: two servers opening the same old data dir at once cannot both add it.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in _ADDED_JOB_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -188,13 +214,15 @@ class Store:
         counts.update({r[0]: int(r[1]) for r in rows})
         return counts
 
-    def mark_running(self, job_ids: Iterable[str], started: float) -> None:
-        """Count the attempt before the work starts, so a crash during it is remembered."""
+    def mark_running(self, job_ids: Iterable[str], started: float, warnings: list[str] | None = None) -> None:
+        """Count the attempt before the work starts, so a crash during it is remembered; ``warnings`` are
+        the run's notices for its jobs' users (set anew on every attempt: the model may have changed)."""
+        notices = json.dumps(warnings or [])
         with self._lock:
             self._db.executemany(
-                "UPDATE jobs SET status = ?, started = ?, attempts = attempts + 1 "
+                "UPDATE jobs SET status = ?, started = ?, attempts = attempts + 1, warnings = ? "
                 "WHERE id = ? AND status = ?",
-                [(RUNNING, started, i, QUEUED) for i in job_ids],
+                [(RUNNING, started, notices, i, QUEUED) for i in job_ids],
             )
 
     def requeue(self, job_id: str) -> None:
@@ -315,4 +343,5 @@ def _job(row: sqlite3.Row) -> JobRow:
         attempts=row["attempts"],
         error=_sendable(json.loads(row["error"])) if row["error"] else None,
         results=json.loads(row["results"] or "[]"),
+        warnings=_sendable(json.loads(row["warnings"] or "[]")),
     )

@@ -149,6 +149,18 @@ function setError(text) {
   $("error").textContent = text || "";
 }
 
+// A job's warnings (e.g. the end of a prompt longer than the model reads): one list item each, as text.
+function showWarnings(list, warnings) {
+  list.replaceChildren(
+    ...(warnings || []).map((text) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      return item;
+    }),
+  );
+  list.hidden = list.children.length === 0;
+}
+
 function setBusy(busy) {
   $("generate-button").disabled = busy;
   $("cancel-button").hidden = !busy;
@@ -288,6 +300,7 @@ function showMode() {
 
 async function submit(body) {
   setError("");
+  showWarnings($("warnings"), []);
   setBusy(true);
   setStatus("Queued…");
   try {
@@ -301,6 +314,7 @@ async function submit(body) {
     const job = await apiJSON(request.path, request.options);
     currentJob = job.id;
     const final = await follow(job.id);
+    showWarnings($("warnings"), final.warnings);
     if (final.status === "succeeded") {
       setStatus(`Done: ${final.results.length} image${final.results.length === 1 ? "" : "s"}.`);
     } else if (final.status === "cancelled") {
@@ -401,7 +415,7 @@ function galleryItem(job, result) {
   caption.className = "caption";
   caption.textContent = job.request.prompt;
   button.append(img, caption);
-  button.addEventListener("click", () => openViewer(result.image_id));
+  button.addEventListener("click", () => openViewer(result.image_id, job.warnings));
   item.append(button);
   return item;
 }
@@ -418,7 +432,7 @@ function statusItem(job) {
 
 // -- the viewer ------------------------------------------------------------------------------------
 
-async function openViewer(imageId) {
+async function openViewer(imageId, warnings) {
   try {
     const meta = await apiJSON(`/v1/images/${imageId}/metadata`);
     viewed = meta;
@@ -426,6 +440,7 @@ async function openViewer(imageId) {
     $("viewer-image").alt = meta.record.prompt || "generated image";
     $("viewer-title").textContent = meta.record.prompt || "Image";
     $("viewer-parameters").textContent = meta.parameters;
+    showWarnings($("viewer-warnings"), warnings);
     $("viewer-record").textContent = JSON.stringify(meta.record, null, 2);
     // An edit is reproduced from its source image, which this page does not keep: no button for it.
     $("reproduce-button").hidden = Boolean(meta.record.source_image);
