@@ -13,14 +13,19 @@ second. The frozen parts of a t2i step (autoencoder encode, text encoder) are re
 counted in the MFU, as is customary. Peak bf16 dense FLOP/s: from `--peak-tflops`, else looked up by the
 GPU's name (H100/H200 SXM 989, A100 312).
 
+`--mixed-precision no,bf16` runs each stage once per setting, side by side in one report (on a CPU with
+AMX or AVX-512 BF16, bf16 autocast is what `pictor train --mixed-precision bf16` uses there).
+
     python benchmarks/bench_train.py [--stage both|autoencoder|t2i] [--preset shapes-small]
         [--batch-size 8] [--steps 6] [--warmup 2] [--device cpu|cuda] [--compile] [--workers N]
+        [--mixed-precision auto|bf16|no[,...]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import tempfile
 import time
@@ -109,6 +114,17 @@ def bench_stage(
     return result
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,7 +140,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--autoencoder", default=None, help="t2i: use this AE instead of a fresh one")
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        help="auto, bf16 or no; a comma list (no,bf16) measures each, side by side",
+    )
     args = parser.parse_args()
+    precisions = [p.strip() for p in args.mixed_precision.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in ("auto", "bf16", "no")]
+    if bad or not precisions:
+        parser.error(f"--mixed-precision: {bad or 'nothing'} is not auto, bf16 or no")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -133,6 +158,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "preset": args.preset,
         "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "peak_tflops": peak,
@@ -150,17 +176,24 @@ def main() -> None:
         "num_workers": args.workers,
         "compile": args.compile,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        ae = args.autoencoder
-        if args.stage in ("both", "autoencoder") or ae is None:
-            cfg = TrainConfig(stage="autoencoder", out=f"{tmp}/ae", **common)
-            report["autoencoder"] = bench_stage(cfg, info, args.warmup, peak)
-            ae = f"{tmp}/ae"
-        if args.stage in ("both", "t2i"):
-            cfg = TrainConfig(
-                stage="t2i", out=f"{tmp}/t2i", autoencoder_path=ae, latent_stats_images=64, **common
-            )
-            report["t2i"] = bench_stage(cfg, info, args.warmup, peak)
+    for precision in precisions:
+        results: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            ae = args.autoencoder
+            run = {**common, "mixed_precision": precision}
+            if args.stage in ("both", "autoencoder") or ae is None:
+                cfg = TrainConfig(stage="autoencoder", out=f"{tmp}/ae", **run)
+                results["autoencoder"] = bench_stage(cfg, info, args.warmup, peak)
+                ae = f"{tmp}/ae"
+            if args.stage in ("both", "t2i"):
+                cfg = TrainConfig(
+                    stage="t2i", out=f"{tmp}/t2i", autoencoder_path=ae, latent_stats_images=64, **run
+                )
+                results["t2i"] = bench_stage(cfg, info, args.warmup, peak)
+        if len(precisions) == 1:
+            report.update(results, mixed_precision=precision)
+        else:
+            report[f"mixed_precision={precision}"] = results
     print(json.dumps(report, indent=2))
 
 

@@ -271,6 +271,23 @@ def test_an_fp16_base_trains_like_the_fp32_one(world: dict[str, Path], tmp_path:
     assert adapters and all(t.dtype == torch.float32 for t in adapters.values())
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_bf16_autocast_on_the_cpu_trains_a_lora_alike(
+    world: dict[str, Path], tmp_path: Path, fp8: bool
+) -> None:
+    """--mixed-precision bf16 on the CPU: the matmuls in bf16 (fp16 or FP8 base), float32 adapters."""
+    half = cast_bundle(world["base"], tmp_path / "half", "fp16")
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        cfg = _lora_config(world, out, base=str(half), max_steps=2, fp8_base=fp8, mixed_precision=precision)
+        runs[precision] = (train(cfg), [r["loss"] for r in read_jsonl(out / "log.jsonl")])
+    (_, wide), (narrow_run, narrow) = runs["no"], runs["bf16"]
+    assert len(narrow) == 2 and narrow != wide
+    assert narrow == pytest.approx(wide, rel=0.05)
+    assert all(t.dtype == torch.float32 for t in read_safetensors(narrow_run.final).values())
+
+
 def test_gradient_checkpointing_trains_the_same_lora(world: dict[str, Path], tmp_path: Path) -> None:
     """Recomputing the blocks in the backward pass (dropout masks included) changes memory, not results."""
     with mock.patch("pictor.models.flux.checkpoint", wraps=torch.utils.checkpoint.checkpoint) as spy:

@@ -272,6 +272,35 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     assert run("full", 4, 1) == pytest.approx(run("accum", 2, 2), rel=1e-4)
 
 
+@pytest.mark.parametrize("stage", ["autoencoder", "t2i"])
+def test_bf16_on_the_cpu_computes_in_bf16_and_trains_alike(tmp_path: Path, ae_run: Path, stage: str) -> None:
+    def losses(precision: str) -> list[float]:
+        out = tmp_path / precision
+        extra = {"autoencoder_path": str(ae_run), "latent_stats_images": 16} if stage == "t2i" else {}
+        cfg = TrainConfig(
+            stage=stage,
+            out=str(out),
+            preset="tiny",
+            max_steps=3,
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=1,
+            save_every=0,
+            mixed_precision=precision,
+            device="cpu",
+            **extra,
+            **QUIET,
+        )
+        train(cfg)
+        return [r["loss"] for r in read_jsonl(out / "log.jsonl")]
+
+    wide, narrow = losses("no"), losses("bf16")
+    # The same samples and noise: bf16 autocast rounds the matmuls (so the losses are not float32's, as
+    # they were when --mixed-precision bf16 was silently ignored on the CPU) but trains the same model.
+    assert narrow != wide
+    assert narrow == pytest.approx(wide, rel=0.05)
+
+
 def test_t2i_outputs_bundle_samples_eval_and_logs(tmp_path: Path, ae_run: Path) -> None:
     cfg = TrainConfig(
         stage="t2i",

@@ -113,7 +113,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--eval-images", type=int, default=None, help="images per prompt in each eval (2)")
     t.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     t.add_argument("--num-workers", type=int, default=None, help="data loader processes")
-    t.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None)
+    t.add_argument(
+        "--mixed-precision",
+        choices=("auto", "bf16", "no"),
+        default=None,
+        help="auto (default): bf16 autocast on CUDA, float32 on the CPU; bf16: autocast on either (faster "
+        "on CPUs with AMX or AVX-512 BF16); no: float32",
+    )
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     t.add_argument(
         "--fp8-base",
