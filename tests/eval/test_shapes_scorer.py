@@ -35,7 +35,7 @@ def test_packaged_dev_split(specs):
     assert specs[0]["id"] == "single_object-000" and specs[0]["prompt"] == "a red circle"
 
 
-@pytest.mark.parametrize("size", [48, 64, 128, (96, 64)])
+@pytest.mark.parametrize("size", [32, 48, 64, 128, (96, 64)])
 def test_ground_truth_renders_score_high(specs, size):
     report = score_images(specs, ground_truth_images(specs, k=1, seed=0, size=size))
     assert set(report["per_tag"]) == set(TAGS)
@@ -45,10 +45,11 @@ def test_ground_truth_renders_score_high(specs, size):
     assert report["overall"] == pytest.approx(np.mean(list(report["per_tag"].values())))
 
 
-def test_noise_and_blank_images_score_low(specs):
+@pytest.mark.parametrize("size", [32, 64])
+def test_noise_and_blank_images_score_low(specs, size):
     rng = np.random.default_rng(0)
-    noise = [[rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] for _ in specs]
-    assert score_images(specs, noise)["overall"] <= 0.02
+    noise = [[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)] for _ in specs]
+    assert score_images(specs, noise)["overall"] <= 0.02  # 32 px is scored upscaled: no blobs from that
     blank = np.full((64, 64, 3), BACKGROUNDS["white"], dtype=np.uint8)
     report = score_images(specs, [[blank] for _ in specs])
     assert report["overall"] == 0.0 and set(report["per_tag"]) == set(TAGS)
@@ -69,9 +70,11 @@ def _scene_matches(scene: Scene, dets: list[Detection], w: int, h: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("size", "supersample", "blur"), [(64, 1, 0.0), (128, 1, 0.0), (64, 4, 0.0), (64, 4, 0.7)]
+    ("size", "supersample", "blur"), [(64, 1, 0.0), (128, 1, 0.0), (64, 4, 0.0), (64, 4, 0.7), (32, 1, 0.0)]
 )
 def test_detection_on_random_scenes(size, supersample, blur):
+    # At 32x32 (scored upscaled) the centroids must come back in the canvas's own pixels; 396 of 400
+    # scenes are right there (385 before upscaling: 5 px shapes' staircase outlines lose their class).
     rng = np.random.default_rng(5)
     ok = 0
     for _ in range(200):
@@ -83,9 +86,12 @@ def test_detection_on_random_scenes(size, supersample, blur):
     assert ok / 200 >= 0.98
 
 
-def test_the_smallest_legal_shapes_keep_their_class():
+@pytest.mark.parametrize(("canvas", "floor"), [(64, 100), (48, 97)])
+def test_the_smallest_legal_shapes_keep_their_class(canvas, floor):
     # Bounding boxes from SHAPES.md's floor of 15% of the side up to 20%: 10-13 px at 64x64, where the
-    # pixel steps of an outline alone read some circles as squares or stars and triangles as squares.
+    # pixel steps of an outline alone read some circles as squares or stars and triangles as squares;
+    # 7-10 px at 48x48, scored upscaled: circles 100, squares 100, triangles 99, stars 98 of 100 (before
+    # upscaling 96, 99, 91, 98).
     rng = np.random.default_rng(0)
     for shape in SHAPES:
         right = n = 0
@@ -96,9 +102,9 @@ def test_the_smallest_legal_shapes_keep_their_class():
             if 2 * min(half_extent(obj)) < 0.15:  # not a legal object: its bounding box is too small
                 continue
             n += 1
-            found = detect_objects(render(Scene([obj], list(BACKGROUNDS.values())[n % 6]), 64))
+            found = detect_objects(render(Scene([obj], list(BACKGROUNDS.values())[n % 6]), canvas))
             right += len(found) == 1 and found[0].shape == shape
-        assert right == 100, (shape, right)
+        assert right >= floor, (shape, right)
 
 
 def _polygon(points: list[tuple[float, float]], size: int = 64, ss: int = 8) -> np.ndarray:
