@@ -21,7 +21,7 @@ from pictor.eval.shapes import (
     score_image,
     score_images,
 )
-from pictor.eval.shapes_detect import SCORER_REVISION, assign_colors, label_components
+from pictor.eval.shapes_detect import SCORER_REVISION, _detect, assign_colors, label_components
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,12 @@ def test_ground_truth_renders_score_high(specs, size):
     assert report["overall"] == pytest.approx(np.mean(list(report["per_tag"].values())))
 
 
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_noise_and_blank_images_score_low(specs, size):
     rng = np.random.default_rng(0)
     noise = [[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)] for _ in specs]
-    assert score_images(specs, noise)["overall"] <= 0.02  # 32 px is scored upscaled: no blobs from that
+    # 32 px is scored upscaled, which must not smooth noise into objects; 16 px is not (it would: 0.063)
+    assert score_images(specs, noise)["overall"] <= 0.02
     blank = np.full((64, 64, 3), BACKGROUNDS["white"], dtype=np.uint8)
     report = score_images(specs, [[blank] for _ in specs])
     assert report["overall"] == 0.0 and set(report["per_tag"]) == set(TAGS)
@@ -84,6 +85,31 @@ def test_detection_on_random_scenes(size, supersample, blur):
             img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(blur)))
         ok += _scene_matches(scene, detect_objects(img), size, size)
     assert ok / 200 >= 0.98
+
+
+@pytest.mark.parametrize("size", [(48, 32), (32, 40), (63, 50)])
+def test_a_small_canvas_scored_upscaled_reports_in_its_own_pixels(size):
+    """Detections on a canvas under 64 px come from a 2x upscaled copy; their centroids, boxes and areas
+    are mapped back, so they agree with what the same pixels give unscaled (the scorer's own `_detect`)."""
+    rng = np.random.default_rng(2)
+    pairs = 0
+    for _ in range(30):
+        img = render(sample_scene(rng)[0], size)
+        native = {(d.color, d.bbox[:2]): d for d in _detect(img)}
+        for d in detect_objects(img):
+            n = native.get((d.color, d.bbox[:2]))
+            if n is None:
+                continue
+            pairs += 1
+            assert abs(d.x - n.x) < 0.5 and abs(d.y - n.y) < 0.5, (d, n)
+            assert d.bbox == n.bbox and abs(d.area / n.area - 1) < 0.15, (d, n)
+    assert pairs >= 40  # most objects were compared
+
+
+@pytest.mark.parametrize("bad", [np.zeros((32, 32, 3), np.float32), np.zeros((0, 32, 3), np.uint8)])
+def test_detect_objects_names_a_wrong_image(bad):
+    with pytest.raises(ValueError, match="RGB uint8 image"):
+        detect_objects(bad)
 
 
 @pytest.mark.parametrize(("canvas", "floor"), [(64, 100), (48, 97)])

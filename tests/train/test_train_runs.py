@@ -288,16 +288,25 @@ def test_bf16_on_the_cpu_computes_in_bf16_and_trains_alike(tmp_path: Path, ae_ru
             save_every=0,
             mixed_precision=precision,
             device="cpu",
+            # samples and shapes evals run under the same autocast: on, so they are exercised too
+            sample_every=3,
+            eval_every=3,
+            num_samples=2,
+            sample_steps=2,
+            eval_prompts=4,
+            eval_images_per_prompt=1,
+            progress=False,
             **extra,
-            **QUIET,
         )
         train(cfg)
+        assert (out / "samples" / "step-000003.png").is_file()
         return [r["loss"] for r in read_jsonl(out / "log.jsonl")]
 
-    wide, narrow = losses("no"), losses("bf16")
+    wide, narrow, auto = losses("no"), losses("bf16"), losses("auto")
     # The same samples and noise: bf16 autocast rounds the matmuls (so the losses are not float32's, as
-    # they were when --mixed-precision bf16 was silently ignored on the CPU) but trains the same model.
-    assert narrow != wide
+    # they were when --mixed-precision bf16 was silently ignored on the CPU) but trains the same model;
+    # auto on the CPU is float32, bit for bit.
+    assert narrow != wide and auto == wide
     assert narrow == pytest.approx(wide, rel=0.05)
 
 

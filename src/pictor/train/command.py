@@ -117,8 +117,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--mixed-precision",
         choices=("auto", "bf16", "no"),
         default=None,
-        help="auto (default): bf16 autocast on CUDA, float32 on the CPU; bf16: autocast on either (faster "
-        "on CPUs with AMX or AVX-512 BF16); no: float32",
+        help="auto (default): bf16 autocast on CUDA, float32 on the CPU; bf16: autocast on any device (on "
+        "the CPU faster with AMX or AVX-512 BF16, and norms and softmax run in bf16 there too); no: float32",
     )
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     t.add_argument(

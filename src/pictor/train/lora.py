@@ -117,8 +117,9 @@ class LoRAStage(T2IStage):
         # Without autocast (--mixed-precision no, or auto on the CPU) the model computes in float32 whatever
         # the bundle stores: fp16 weights would meet float32 adapters and inputs. Under bf16 autocast on
         # CUDA the transformer keeps its stored dtype (half the memory of a FLUX.1-size base); on the CPU it
-        # is float32 even then, since CPU autocast leaves elementwise ops (norm gains) in the weights' dtype.
-        # The autoencoder, small and fed float32 pixels, is float32 everywhere.
+        # stays float32 even then, as before CPU autocast was offered: a half-precision base under CPU
+        # autocast has not been measured against it. The autoencoder, small and fed float32 pixels, is
+        # float32 everywhere.
         base_dtype = None if self.amp and self.device.type == "cuda" else torch.float32
         self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder", torch.float32)
         self.ae.to(self.device)

@@ -23,9 +23,10 @@ from pictor.sampling import cfg, get_sampler, get_schedule
 
 
 def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
-    """bf16 autocast when enabled, on CUDA or the CPU (where `--mixed-precision bf16` asks for it: CPUs
-    with AMX or AVX-512 BF16 run the matmuls faster); a no-op when disabled (float32)."""
-    if enabled and device.type in ("cuda", "cpu"):
+    """bf16 autocast when enabled, on whatever device (on the CPU only when `--mixed-precision bf16` asks
+    for it: CPUs with AMX or AVX-512 BF16 run the matmuls faster; torch's CPU policy also leaves norms and
+    softmax in bf16, where CUDA's runs them in float32); float32 when disabled."""
+    if enabled:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
