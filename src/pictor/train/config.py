@@ -106,7 +106,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     ema_decay: float | None = None
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA tracks the weights
-    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on either
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on any device
     compile: bool = False  # torch.compile the transformer blocks (CUDA runs)
     # Recompute each transformer block in the backward pass instead of keeping its activations: the same
     # gradients, less memory, about one more forward pass of time (t2i, lora, layout, reference).
