@@ -241,9 +241,10 @@ def _area_moments(xs: np.ndarray, ys: np.ndarray) -> tuple[tuple[float, float, f
     return (strengths[0], strengths[1], strengths[2]), abs(complex(z2.sum())) / area**2
 
 
-def shape_features(xs: np.ndarray, ys: np.ndarray) -> ShapeFeatures:
+def shape_features(xs: np.ndarray, ys: np.ndarray, pixel: int = 1) -> ShapeFeatures:
     """The features of a component given its pixels in row-major order. Solidity counts holes as
-    filled, so a speckled object (noisy colours inside) keeps the solidity of its outline."""
+    filled, so a speckled object (noisy colours inside) keeps the solidity of its outline. `pixel`: the
+    side of a source pixel in these pixels (2 on an upscaled canvas); the diameter is in source pixels."""
     n = xs.size
     rows, first = np.unique(ys, return_index=True)
     last = np.append(first[1:], n) - 1
@@ -261,7 +262,7 @@ def shape_features(xs: np.ndarray, ys: np.ndarray) -> ShapeFeatures:
     if solidity < STAR_SOLIDITY:  # filling holes can only raise it, and only matters below the threshold
         solidity = _filled_area(xs, ys) / max(hull_area, 1.0)
     moments, elongation = _area_moments(xs, ys)
-    diameter = 2.0 * math.sqrt(n / math.pi)
+    diameter = 2.0 * math.sqrt(n / math.pi) / pixel
     return ShapeFeatures(solidity, _radial_harmonics(xs, ys), moments, elongation, diameter)
 
 
@@ -352,8 +353,7 @@ def _detect(img: np.ndarray, pixel: int = 1) -> list[Detection]:
     for j in np.flatnonzero(counts >= min_area):
         pix = where[inverse == j]
         ys, xs = pix // w, pix % w
-        features = shape_features(xs, ys)
-        features = replace(features, diameter=features.diameter / pixel)  # in source pixels
+        features = shape_features(xs, ys, pixel)
         found.append(
             Detection(
                 shape=classify(features),
