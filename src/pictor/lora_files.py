@@ -5,7 +5,8 @@ keys (native, diffusers/PEFT, kohya or LyCORIS layout; LoRA, LoHa or LoKr) onto 
 names, and :func:`apply_lora` installs them as a new, frozen adapter of :mod:`pictor.models.lora` (a
 :class:`~pictor.models.factored_adapter.FactoredAdapter` for LoKr and LoHa, a
 :class:`~pictor.models.dora_adapter.DoRAAdapter` for DoRA). Saving writes the native layout with
-rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them.
+rank and alpha in the header, so every tool that reads kohya's ``ss_network_*`` keys shows them; trained
+LoKr, LoHa and DoRA adapters are written in LyCORIS' kohya layout (:func:`save_lycoris`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pictor.models.lora_formats import (
     to_flux_updates,
 )
 from pictor.models.lora_updates import DoRAUpdate
+from pictor.models.lycoris_train import LycorisAdapter
 from pictor.notices import PictorWarning
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "lora_state_dict",
     "save_adapters",
     "save_lora",
+    "save_lycoris",
     "without_text_encoder",
 ]
 
@@ -245,6 +248,37 @@ def save_adapters(
         raise LoRAError("nothing to save: no LoRA adapters")
     tensors = {k: v.detach() for k, v in tree.state_dict().items()}
     meta = lora_metadata({p: a.rank for p, a in adapters.items()}, {p: a.alpha for p, a in adapters.items()})
+    return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
+
+
+def save_lycoris(
+    tree: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write a tree of :class:`~pictor.models.lycoris_train.LycorisAdapter` (or a copy of one, e.g. EMA
+    weights) as the LyCORIS file its state dict is (kohya names, ``alpha`` tensors), with kohya's
+    ``ss_network_*`` header keys as sd-scripts writes them for ``--network_module lycoris.kohya``; returns the
+    file's SHA-256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoRAError(f"{path}: LoRA files are written as .safetensors")
+    adapters = [m for m in tree.modules() if isinstance(m, LycorisAdapter)]
+    if not adapters:
+        raise LoRAError("nothing to save: no LyCORIS adapters")
+    first = adapters[0]
+    args = {"algo": "locon" if first.algo == "lora" else first.algo}  # LyCORIS calls a LoRA "locon"
+    if first.algo == "lokr":
+        args["factor"] = str(first.lokr_factor)
+    if first.dora_scale is not None:
+        args["dora_wd"] = "True"
+    meta = {
+        "format": "pt",
+        "lora_algo": first.algo + ("+dora" if first.dora_scale is not None else ""),
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(first.rank),
+        "ss_network_alpha": repr(float(first.alpha)),
+        "ss_network_args": json.dumps(args),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in tree.state_dict().items()}
     return write_safetensors(tensors, path, {**meta, **dict(metadata or {})})
 
 

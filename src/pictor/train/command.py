@@ -50,6 +50,8 @@ _FIELDS = {
     "alpha": "lora_alpha",
     "targets": "lora_targets",
     "lora_dropout": "lora_dropout",
+    "lora_algo": "lora_algo",
+    "lokr_factor": "lokr_factor",
 }
 
 
@@ -90,6 +92,22 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "FLUX module names (*.img_attn.qkv) or re:REGEX (default: blocks)",
     )
     t.add_argument("--lora-dropout", type=float, default=None, help="lora: dropout on the adapter input (0)")
+    t.add_argument(
+        "--lora-algo",
+        default=None,
+        help="lora: lora (default), lokr or loha (LyCORIS' LoKr / LoHa, saved in LyCORIS' kohya layout)",
+    )
+    t.add_argument(
+        "--dora",
+        action="store_true",
+        help="lora: weight-decomposed (DoRA, LyCORIS' dora_wd) adapters, with any --lora-algo",
+    )
+    t.add_argument(
+        "--lokr-factor",
+        type=int,
+        default=None,
+        help="lora --lora-algo lokr: LyCORIS' factor, the size of the small Kronecker factor (-1: balanced)",
+    )
     t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None, help="per process; x grad-accum x ranks per step")
@@ -167,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["gradient_checkpointing"] = True
     if args.fp8_base:
         overrides["fp8_base"] = True
+    if args.dora:
+        overrides["lora_dora"] = True
     if args.fsdp:
         overrides["fsdp"] = True
     if args.no_progress:

@@ -26,6 +26,7 @@ ADAPTER_STAGES = ("lora", "layout", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
+LORA_ALGOS = ("lora", "lokr", "loha")  # pictor.models.lycoris_train.ALGOS (not imported: no torch here)
 
 # Stage defaults for what differs between the two stages; everything else is shared.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -132,6 +133,11 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: = rank (scale 1)
     lora_targets: str = "blocks"  # groups / globs / re:regex over FLUX module names, comma-separated
     lora_dropout: float = 0.0
+    # LyCORIS' algorithms "lora", "lokr" or "loha", DoRA (weight-decomposed) on any of them, LoKr's split
+    # (-1: balanced); kohya: --network_module lycoris.kohya --network_args algo=.. factor=.. dora_wd=True.
+    lora_algo: str = "lora"
+    lora_dora: bool = False
+    lokr_factor: int = -1
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
     keep: int = 3
@@ -298,6 +304,24 @@ class TrainConfig:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        need(
+            self.lora_algo in LORA_ALGOS,
+            f"lora_algo (--lora-algo) must be one of {', '.join(LORA_ALGOS)}, got {self.lora_algo!r}",
+        )
+        need(
+            self.lokr_factor == -1 or self.lokr_factor >= 1,
+            "lokr_factor (--lokr-factor) must be -1 (as balanced as possible) or >= 1, "
+            f"got {self.lokr_factor}",
+        )
+        need(
+            self.lokr_factor == -1 or self.lora_algo == "lokr",
+            f"--lokr-factor applies to --lora-algo lokr, not {self.lora_algo}; drop it or choose lokr",
+        )
+        need(
+            self.lora_dropout == 0 or (self.lora_algo == "lora" and not self.lora_dora),
+            "--lora-dropout applies to a plain LoRA (LyCORIS' LoKr and LoHa have no input dropout, and DoRA "
+            "here has none either); drop --lora-dropout or train --lora-algo lora without --dora",
+        )
         if self.autoencoder is not None and self.image_size is not None:
             factor = 2 ** (len(self.autoencoder["ch_mult"]) - 1)
             # t2i and lora pack 2x2 latent patches; the AE stage only needs the AE's own factor.
@@ -352,4 +376,7 @@ TRAJECTORY_KEYS = (
     "lora_alpha",
     "lora_targets",
     "lora_dropout",
+    "lora_algo",
+    "lora_dora",
+    "lokr_factor",
 )

@@ -15,6 +15,7 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,11 @@ from pictor.checkpoint import (
     state_dict_hash,
 )
 from pictor.locate import resolve
-from pictor.lora_files import save_adapters
+from pictor.lora_files import save_adapters, save_lycoris
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora
+from pictor.models.lycoris_train import add_lycoris
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
 from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, store_fp8
 from pictor.train.config import TrainConfig
@@ -46,6 +48,10 @@ from pictor.train.state import STATE_FILE
 from pictor.train.t2i import T2IStage
 
 LORA_FILE = "lora.safetensors"
+# TrainConfig fields that shape a LoRA run's adapters, with their defaults (what older runs, which stored
+# none of the LyCORIS ones, had)
+_SHAPING = ("lora_algo", "lora_dora", "lokr_factor", "lora_rank", "lora_targets")
+ADAPTER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name in _SHAPING}
 ADAPTER = "default"
 TEXT_CACHE_BYTES = 1 << 30
 
@@ -155,6 +161,23 @@ class LoRAStage(T2IStage):
     def build_trainable(self) -> nn.Module:
         """The trained module beside the frozen base: here the LoRA adapter tree."""
         cfg = self.cfg
+        if self.lycoris:
+            # LoKr, LoHa, DoRA: LyCORIS' shapes and init (one factor at zero), drawn under the run's seed;
+            # their tree's state dict is the LyCORIS file (kohya names), float32 as LoRA's.
+            return seeded(
+                cfg.seed,
+                lambda: add_lycoris(
+                    self.flux,
+                    ADAPTER,
+                    cfg.lora_targets,
+                    cfg.lora_algo,
+                    cfg.lora_rank,
+                    cfg.lora_alpha,
+                    cfg.lora_dora,
+                    cfg.lokr_factor,
+                    dtype=torch.float32,
+                ),
+            )
         # A is drawn under the run's seed; B starts at zero, so step 0 is exactly the base model. The
         # adapters are float32 whatever the base's dtype (AdamW on bf16 weights loses small updates).
         return seeded(
@@ -170,8 +193,31 @@ class LoRAStage(T2IStage):
             ),
         )
 
+    @property
+    def lycoris(self) -> bool:
+        """Whether the run trains a LyCORIS adapter (LoKr, LoHa or any DoRA), saved in LyCORIS' layout."""
+        return self.cfg.lora_algo != "lora" or self.cfg.lora_dora
+
     def _check_same_base(self, checkpoint: Path) -> None:
-        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("stage", {})
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        # The adapter's kind and shape are fixed by these (older runs stored none: plain LoRA); another value
+        # would only surface as a state-dict mismatch.
+        before = {
+            **ADAPTER_DEFAULTS,
+            **{k: v for k, v in state.get("config", {}).items() if k in ADAPTER_DEFAULTS},
+        }
+        changed = {
+            k: (before[k], getattr(self.cfg, k))
+            for k in ADAPTER_DEFAULTS
+            if before[k] != getattr(self.cfg, k) and self.name == "lora"  # layout, reference: unused
+        }
+        if changed:
+            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise CheckpointError(
+                f"{checkpoint}: this run's adapters were built with other settings ({said}); resume with the "
+                "run's own --lora-algo, --dora, --lokr-factor, --rank and --targets, or start a new --out"
+            )
+        saved = state.get("stage", {})
         if saved.get("base_hash") not in (None, self.base_hash):
             raise CheckpointError(
                 f"{checkpoint}: this LoRA run was trained on base {saved.get('base')} "
@@ -185,6 +231,7 @@ class LoRAStage(T2IStage):
         c = self.cfg
         return {
             "lora_targets": c.lora_targets,
+            "lora_algo": c.lora_algo + ("+dora" if c.lora_dora else ""),
             "base_model": self.base_name,
             "base_model_hash": self.base_hash,
             "pictor_version": __version__,
@@ -195,7 +242,8 @@ class LoRAStage(T2IStage):
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        save_adapters(ema, folder / LORA_FILE, self.metadata(step))
+        save = save_lycoris if self.lycoris else save_adapters
+        save(ema, folder / LORA_FILE, self.metadata(step))
 
     def ema_weights(self, checkpoint: Path) -> dict[str, Tensor]:
         return read_safetensors(checkpoint / LORA_FILE)
@@ -217,6 +265,9 @@ class LoRAStage(T2IStage):
             "rank": c.lora_rank,
             "alpha": c.lora_alpha or c.lora_rank,
             "targets": c.lora_targets,
+            "algo": c.lora_algo,
+            "dora": c.lora_dora,
+            **({"lokr_factor": c.lokr_factor} if c.lora_algo == "lokr" else {}),
         }
 
     # -- previews with the EMA adapters ------------------------------------------------------------------
