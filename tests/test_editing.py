@@ -29,7 +29,7 @@ from pictor.models.flux import pack_latents
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record, save_png
 from pictor.reproduce import reproduce
-from pictor.sampling import SAMPLERS, get_schedule
+from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS, get_schedule
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,8 @@ def test_known_region_follows_its_noising_path_with_every_sampler() -> None:
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # some nonlinear "velocity"
         return torch.tanh(x @ weight) + t[:, None, None]
 
-    for name, sampler in SAMPLERS.items():
+    # The stochastic samplers renoise the known region; see test_sampling_ancestral for theirs.
+    for name, sampler in ((n, s) for n, s in SAMPLERS.items() if n not in STOCHASTIC_SAMPLERS):
         init = LatentInit(z0=z0, strength=0.6, mask=repaint)
         ts = get_schedule("linear", 5, image_seq_len=8, start=0.6)
         x = init.start(noise)

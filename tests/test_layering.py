@@ -35,6 +35,8 @@ LAYERS: dict[str, int] = {
     # the parts
     "flow": 1,
     "sampling": 1,
+    "sampling_steps": 1,
+    "sampling_multistep": 1,
     "checkpoint": 1,
     "convert": 1,
     "bundle_defaults": 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import Tensor
 from pictor import sampling as S
 from pictor.flow import interpolate
 
-NAMES = ("euler", "heun", "dpmpp_2m")
+NAMES = ("euler", "heun", "dpmpp_2m", "unipc")  # the deterministic samplers
 
 
 # Gaussian data x0 ~ N(MU, SD^2) per coordinate, noise ~ N(0, 1). x_t is Gaussian with mean (1 - t) MU and
@@ -44,11 +45,13 @@ def _observed_order(name: str, schedule: str, steps: tuple[int, ...] = (16, 32, 
 
 
 @pytest.mark.parametrize(
-    ("name", "low", "high"), [("euler", 0.8, 1.3), ("heun", 1.7, 2.4), ("dpmpp_2m", 1.6, 2.4)]
+    ("name", "low", "high"),
+    [("euler", 0.8, 1.3), ("heun", 1.7, 2.4), ("dpmpp_2m", 1.6, 2.4), ("unipc", 1.8, 2.6)],
 )
 def test_observed_convergence_order_on_gaussian_flow(name: str, low: float, high: float) -> None:
-    # Measured (linear schedule): euler 0.98, heun 2.05, dpmpp_2m 1.73. DPM++(2M) sits below 2 at these
-    # step counts: near t = 1 and t = 0 its log-SNR steps stay O(1) long, costing a log(steps) factor.
+    # Measured (linear schedule): euler 0.98, heun 2.05, dpmpp_2m 1.73, unipc 2.09. DPM++(2M) sits below 2
+    # at these step counts: near t = 1 and t = 0 its log-SNR steps stay O(1) long, costing a log(steps)
+    # factor. UniPC is that predictor plus its corrector.
     order = _observed_order(name, "linear")
     assert low < order < high, order
 
@@ -91,7 +94,19 @@ def test_img2img_start_below_one(name: str) -> None:
     torch.testing.assert_close(out, x0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _never(i: int) -> Tensor:
+    raise AssertionError(f"a deterministic sampler drew noise (step {i})")
+
+
+def _noise_for(name: str, like: Tensor) -> Callable[[int], Tensor]:
+    """What the tests pass as `noise`: real draws for a stochastic sampler, a tripwire for the others."""
+    if name not in S.STOCHASTIC_SAMPLERS:
+        return _never
+    g = torch.Generator().manual_seed(7)
+    return lambda i: torch.randn(like.shape, generator=g, dtype=like.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
 def test_callback_once_per_step_and_can_cancel(name: str) -> None:
     ts = S.schedule_linear(6)
     calls: list[dict] = []
@@ -104,7 +119,7 @@ def test_callback_once_per_step_and_can_cancel(name: str) -> None:
         return torch.ones_like(x)
 
     x = torch.zeros(2, 3)
-    S.get_sampler(name)(v, x, ts, calls.append)
+    S.get_sampler(name)(v, x, ts, calls.append, noise=_noise_for(name, x))
     assert [c["i"] for c in calls] == list(range(6))
     assert [c["t"] for c in calls] == pytest.approx(ts[:-1].tolist())
     assert [c["t_next"] for c in calls] == pytest.approx(ts[1:].tolist())
@@ -120,25 +135,25 @@ def test_callback_once_per_step_and_can_cancel(name: str) -> None:
 
     evals = 0
     with pytest.raises(Cancelled):
-        S.get_sampler(name)(v, x, ts, cancel_at_2)
+        S.get_sampler(name)(v, x, ts, cancel_at_2, noise=_noise_for(name, x))
     assert evals <= 3 * S.model_evals_per_step(name)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
 def test_samplers_keep_dtype_and_grad_mode(name: str) -> None:
     def v_fp32(x: Tensor, t: Tensor) -> Tensor:
         return (x.float() * 0.5 + t[:, None]).float()
 
-    out = S.get_sampler(name)(v_fp32, torch.randn(2, 3).bfloat16(), S.schedule_linear(3))
+    x = torch.randn(2, 3)
+    sampler, ts = S.get_sampler(name), S.schedule_linear(3)
+    out = sampler(v_fp32, x.bfloat16(), ts, noise=_noise_for(name, x))
     assert out.dtype == torch.bfloat16
 
     w = torch.tensor(0.3, requires_grad=True)
-    out = S.get_sampler(name)(lambda x, t: w * x, torch.randn(2, 3), S.schedule_linear(3))
+    out = sampler(lambda x, t: w * x, x, ts, noise=_noise_for(name, x))
     assert out.requires_grad
     with torch.no_grad():
-        assert not S.get_sampler(name)(
-            lambda x, t: w * x, torch.randn(2, 3), S.schedule_linear(3)
-        ).requires_grad
+        assert not sampler(lambda x, t: w * x, x, ts, noise=_noise_for(name, x)).requires_grad
 
 
 def test_dpmpp_2m_has_no_nan_at_t_one() -> None:
@@ -175,12 +190,22 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    assert set(S.SAMPLERS) == set(NAMES)
+    assert set(S.SAMPLERS) == {*NAMES, "euler_ancestral"}
+    assert frozenset({"euler_ancestral"}) == S.STOCHASTIC_SAMPLERS
+    assert S.is_stochastic("euler_ancestral") and not S.is_stochastic("unipc")
     assert S.get_sampler("heun") is S.sample_heun
-    with pytest.raises(ValueError, match=r"dpmpp_2m, euler, heun"):
+    with pytest.raises(ValueError, match=r"dpmpp_2m, euler, euler_ancestral, heun, unipc"):
         S.get_sampler("ddim")
-    assert {n: S.model_evals_per_step(n) for n in NAMES} == {"euler": 1, "heun": 2, "dpmpp_2m": 1}
-    assert S.model_evals("heun", 10) == 19
+    with pytest.raises(ValueError, match="unknown sampler"):
+        S.is_stochastic("ddim")
+    assert {n: S.model_evals_per_step(n) for n in S.SAMPLERS} == {
+        "euler": 1,
+        "heun": 2,
+        "dpmpp_2m": 1,
+        "unipc": 1,
+        "euler_ancestral": 1,
+    }
+    assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     with pytest.raises(ValueError, match="flux"):
         S.get_schedule("karras", 10, 256)
 

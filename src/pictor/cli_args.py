@@ -10,6 +10,7 @@ from typing import Any
 
 from pictor import __version__
 from pictor.cli_merge import add_merge_parser
+from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
 
 SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
@@ -37,6 +38,17 @@ def _expand(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _add_sampler(p: argparse.ArgumentParser) -> None:
+    stochastic = ", ".join(n for n in SAMPLERS if n in STOCHASTIC_SAMPLERS)
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=list(SAMPLERS),
+        help=f"{', '.join(SAMPLERS)} (default: the model's); {stochastic} adds fresh noise every step, "
+        "drawn from each image's seed",
+    )
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     """The settings generate and edit share."""
     p.add_argument("-n", "--num-images", type=int, default=1)
@@ -44,7 +56,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
-    p.add_argument("--sampler", default=None, help="euler, heun, dpmpp_2m")
+    _add_sampler(p)
     p.add_argument("--schedule", default=None, help="flux, linear, shifted")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
@@ -247,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--steps", type=int, default=None)
     es.add_argument("--guidance", type=float, default=None)
-    es.add_argument("--sampler", default=None)
+    _add_sampler(es)
     _add_cache_threshold(es)
     es.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     es.add_argument("--out", default=None, help="report.json (a contact sheet .png is written beside it)")
@@ -333,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--height", type=int, default=None)
     cg.add_argument("--steps", type=int, default=None)
     cg.add_argument("--guidance", type=float, default=None)
-    cg.add_argument("--sampler", default=None)
+    _add_sampler(cg)
     cg.add_argument("--schedule", default=None)
     train_command.add_train_parser(sub)
     _add_lora_parser(sub)

@@ -2,12 +2,20 @@
 
 The "blended latent" rule re-imposes x = m * x + (1 - m) * interpolate(z0, noise, t_next) after every step.
 For a binary mask that is the same as replacing the velocity in the known region by the velocity of the
-straight noising path, noise - z0 (`blend_velocity`): every sampler here (Euler, Heun, DPM++ 2M) maps a point
-on that straight line to the point at t_next exactly, so the known region stays on the path; and because the
-replacement happens inside the velocity callable, Heun's corrector and DPM++'s multistep history see
-consistent values too, which a post-step hook could not give. After decoding, the pixels are composited with
-the source so that everything outside the mask is byte-identical to the input (feathered only *inside* the
-mask).
+straight noising path, noise - z0 (`blend_velocity`): every deterministic sampler here (Euler, Heun,
+DPM++ 2M, UniPC) maps a point on that straight line to the point at t_next exactly, so the known region
+stays on the path; and because the replacement happens inside the velocity callable, Heun's and UniPC's
+correctors and the multistep histories see consistent values too, which a post-step hook could not give.
+
+A stochastic sampler (euler_ancestral) puts fresh noise into every step, so the known region cannot stay on
+the one path of the initial noise. There the known region gets the velocity (x - z0) / t instead
+(`anchored_velocity`), whose data prediction x - t v is exactly z0: the sampler treats it as perfectly
+denoised, and its ancestral steps keep it at z0 noised to the current t (with noise of their own). On the
+path both velocities are the same; the deterministic samplers keep the first, with which their earlier
+images were made, so those stay bit-exact.
+
+After decoding, the pixels are composited with the source so that everything outside the mask is
+byte-identical to the input (feathered only *inside* the mask).
 
 Layering: beside flow/sampling (numpy, torch, pictor.flow, pictor.models.flux); `pictor.pipeline` imports
 it together with `pictor.editing`, which prepares the inputs.
@@ -29,6 +37,7 @@ from pictor.sampling import VelocityFn
 
 __all__ = [
     "LatentInit",
+    "anchored_velocity",
     "blend_velocity",
     "composite",
     "feather_weights",
@@ -69,8 +78,13 @@ class LatentInit:
         """The sampler's first x: the source noised to t = strength (exactly the noise at strength 1)."""
         return interpolate(self.z0.expand_as(noise), noise, self.strength)
 
-    def velocity(self, fn: VelocityFn, noise: Tensor) -> VelocityFn:
-        return fn if self.mask is None else blend_velocity(fn, self.z0, noise, self.mask)
+    def velocity(self, fn: VelocityFn, noise: Tensor, anchored: bool = False) -> VelocityFn:
+        """`fn` with the known region kept (`blend_velocity`); `anchored` for a stochastic sampler."""
+        if self.mask is None:
+            return fn
+        if anchored:
+            return anchored_velocity(fn, self.z0, self.mask)
+        return blend_velocity(fn, self.z0, noise, self.mask)
 
     def finish(self, x: Tensor) -> Tensor:
         """Put the known region exactly at z0 (t = 0), undoing float drift along the path."""
@@ -92,6 +106,19 @@ def blend_velocity(fn: VelocityFn, z0: Tensor, noise: Tensor, mask: Tensor) -> V
         return torch.where(mask, v, path_v.to(v.dtype))
 
     return blended
+
+
+def anchored_velocity(fn: VelocityFn, z0: Tensor, mask: Tensor) -> VelocityFn:
+    """Where mask is False, the velocity (x - z0) / t, whose data prediction is z0 whatever x is: the
+    known region for samplers that renoise (module docstring). The model is never called at t = 0."""
+
+    def anchored(x: Tensor, t: Tensor) -> Tensor:
+        v = fn(x, t)
+        tb = t.reshape(-1, *([1] * (x.ndim - 1)))  # [B] -> [B, 1, ...], in t's (at least fp32) dtype
+        known_v = ((x - z0.to(x.dtype)) / tb).to(v.dtype)
+        return torch.where(mask, v, known_v)
+
+    return anchored
 
 
 # ------------------------------------------------------------------------------------------- pixels

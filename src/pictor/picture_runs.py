@@ -85,7 +85,11 @@ def run_hires_seeds(
     z0 = _encode(pipe, r, pixels, lambda: progress(steps, total))  # a tile of the upscaled first pass
     init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)
     second = replace(r, width=width, height=height, steps=r.hires_steps)
-    images = to_pil(pipe.sample(second, seeds, lambda i, _n: progress(steps + i, total), init, caches))
+    # noise_pass=1: a stochastic sampler's fresh noise here is not the first pass's drawn again
+    second_pass = pipe.sample(
+        second, seeds, lambda i, _n: progress(steps + i, total), init, caches, noise_pass=1
+    )
+    images = to_pil(second_pass)
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
     return [
         GeneratedImage(

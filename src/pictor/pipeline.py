@@ -7,11 +7,15 @@ Reproducibility rules:
   depend on the device or on how many images share its sampler run;
 - text is padded to the encoder's fixed length, so a prompt's conditioning never depends on its batch-mates;
 - the record of each image names the seeds of the sampler run it came from, so `reproduce` reruns exactly
-  that run and gets the same pixels on the same device and dtype.
+  that run and gets the same pixels on the same device and dtype;
+- a stochastic sampler's fresh noise (euler_ancestral) is drawn the same way, on the CPU per image, from
+  generators of its own (`step_noise_seed`), so the initial noise, and with it every image of the
+  deterministic samplers, is exactly what it was before stochastic samplers existed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import warnings
@@ -61,7 +65,7 @@ from pictor.reference_files import (
     open_reference_adapter,
     reference_pixels,
 )
-from pictor.sampling import get_sampler, get_schedule
+from pictor.sampling import NoiseFn, get_sampler, get_schedule, is_stochastic
 
 # Re-exported: callers import the request types from here, with the pipeline that runs them.
 __all__ = [
@@ -71,12 +75,27 @@ __all__ = [
     "GenerationRequest",
     "Pipeline",
     "ProgressFn",
+    "step_noise_seed",
     "to_pil",
 ]
 
 GUIDANCE_MODES = ("cfg", "distilled", "none")
 # An edit's size comes from its image (and expand), never from the request.
 _SIZE = ("width", "height")
+
+
+def step_noise_seed(seed: int, noise_pass: int, step: int) -> int:
+    """The CPU generator seed of image `seed`'s fresh noise at sampler step `step` of pass `noise_pass`
+    (0: the generation or edit, 1: the hires fix's second pass).
+
+    The first 8 bytes (little-endian) of SHA-256 of the text "pictor step noise {seed} {pass} {step}":
+    a pure function of the three, so each step's noise is the same whatever ran before it, and unrelated
+    to the initial noise, whose generator is seeded with `seed` itself. (A hash, not an offset such as
+    seed + 2**32: torch's CPU generator keeps only a seed's low 32 bits, so an offset could repeat the
+    initial noise's stream.)
+    """
+    text = f"pictor step noise {seed} {noise_pass} {step}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
 
 
 def _default_device() -> torch.device:
@@ -374,6 +393,22 @@ class Pipeline:
         ]
         return torch.cat(noise).to(self.device, self.dtype)
 
+    def step_noise(self, seeds: list[int], shape: tuple[int, ...], noise_pass: int = 0) -> NoiseFn:
+        """A stochastic sampler's fresh noise for this run: per image from CPU generators seeded by
+        `step_noise_seed`, so like the initial noise it depends on neither the device nor the batch-mates.
+        `shape` is one image's (packed) latent shape."""
+
+        def noise(step: int) -> torch.Tensor:
+            draws = [
+                torch.randn(
+                    shape, generator=torch.Generator("cpu").manual_seed(step_noise_seed(s, noise_pass, step))
+                )
+                for s in seeds
+            ]
+            return torch.stack(draws).to(self.device, self.dtype)
+
+        return noise
+
     def encode_text(self, prompts: list[str]) -> TextEmbeddings:
         emb = self.text_encoder.encode(prompts)
         return TextEmbeddings(
@@ -409,10 +444,12 @@ class Pipeline:
         progress: ProgressFn,
         init: LatentInit | None = None,
         caches: list[FirstBlockCache] | None = None,
+        noise_pass: int = 0,
     ) -> torch.Tensor:
         """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
         t = strength and keeps its known region; without it this is plain generation from t = 1. The run's
-        first-block cache, if it has one, is appended to `caches` (for the records' counts)."""
+        first-block cache, if it has one, is appended to `caches` (for the records' counts). `noise_pass`
+        tells a run's passes apart for a stochastic sampler's fresh noise (`step_noise_seed`)."""
         assert r.width and r.height and r.steps and r.sampler and r.schedule
         f = self.autoencoder.params.downsample_factor
         lat_h, lat_w = r.height // f, r.width // f
@@ -423,10 +460,17 @@ class Pipeline:
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
             fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches)
             if init is not None:
-                fn = init.velocity(fn, x)
+                fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)
             sampler = get_sampler(r.sampler)
-            x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps))
+            # Only a stochastic sampler gets `noise`: a sampler written to the older four-argument
+            # signature (a wrapper, a spy in a test) keeps working for the deterministic ones.
+            extra = (
+                {"noise": self.step_noise(seeds, tuple(x.shape[1:]), noise_pass)}
+                if is_stochastic(r.sampler)
+                else {}
+            )
+            x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps), **extra)
             if init is not None:
                 x = init.finish(x)
             if not bool(torch.isfinite(x).all()):  # else a black image would be saved as a success

@@ -25,7 +25,14 @@ PARAMETERS_KEY = "parameters"
 RECORD_KEY = "pictor"
 RENDER_KEY = "pictor-render"
 
-SAMPLER_DISPLAY = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
+# A1111's names, so tools that read its "parameters" text recognise the sampler
+SAMPLER_DISPLAY = {
+    "euler": "Euler",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "unipc": "UniPC",
+    "euler_ancestral": "Euler a",
+}
 
 
 class ProvenanceError(ValueError):

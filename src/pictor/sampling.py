@@ -2,7 +2,7 @@
 
 Samplers are free functions with one signature (k-diffusion style)::
 
-    sample_xxx(model_fn, x, ts, callback=None) -> Tensor
+    sample_xxx(model_fn, x, ts, callback=None, *, noise=None) -> Tensor
 
 - model_fn(x [B, ...], t [B]) -> v, the velocity dx/dt of `pictor.flow` (t = 1 noise, t = 0 data).
   t is passed as float32 on x's device (float64 when x is float64), so low-precision latents do not round
@@ -11,41 +11,60 @@ Samplers are free functions with one signature (k-diffusion style)::
   the schedule functions below build one.
 - callback, if given, gets dict(i, x, t, t_next, denoised) once per step before x is updated; it may raise
   to cancel sampling (the exception propagates unchanged).
+- noise, a NoiseFn: noise(i) returns fresh standard normal noise shaped like x for step i. Only the
+  stochastic samplers (`STOCHASTIC_SAMPLERS`) draw from it, and they refuse to run without it, so that no
+  sampler falls back on the global RNG, which would tie an image to its batch-mates and device. The
+  deterministic ones accept and ignore it, so a caller can always pass one.
 - Samplers keep x's dtype and run under the caller's grad mode (wrap the call in torch.no_grad() for
   inference).
+
+The multistep solvers (DPM-Solver++(2M), UniPC) live in `pictor.sampling_multistep`; the shared types and
+step helpers in `pictor.sampling_steps`. All are registered in `SAMPLERS` here.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pictor.flow import predict_x0, resolution_mu, time_shift
-
-VelocityFn = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[dict[str, Any]], None]
-SamplerFn = Callable[[VelocityFn, Tensor, Tensor, Callback | None], Tensor]
+from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
+from pictor.sampling_steps import (
+    Callback,
+    NoiseFn,
+    SamplerFn,
+    VelocityFn,
+    report,
+    report_v,
+    strictly_decreasing,
+    t_batch,
+    times,
+)
 
 __all__ = [
     "MODEL_EVALS_PER_STEP",
     "SAMPLERS",
     "SCHEDULES",
+    "STOCHASTIC_SAMPLERS",
     "Callback",
+    "NoiseFn",
     "SamplerFn",
     "VelocityFn",
     "cfg",
     "get_sampler",
     "get_schedule",
+    "is_stochastic",
     "model_evals",
     "model_evals_per_step",
     "sample_dpmpp_2m",
     "sample_euler",
+    "sample_euler_ancestral",
     "sample_heun",
+    "sample_unipc",
     "schedule_flux",
     "schedule_linear",
     "schedule_shifted",
@@ -55,98 +74,95 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- samplers
 
 
-def _times(ts: Tensor) -> list[float]:
-    """The schedule as Python floats: step sizes are then exact in float64 and no device sync per step."""
-    if ts.ndim != 1 or ts.numel() < 1:
-        raise ValueError(f"ts must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
-    return [float(t) for t in ts.tolist()]
-
-
-def _t_batch(t: float, x: Tensor) -> Tensor:
-    """t as a [B] tensor for the model: at least float32, never the (possibly bf16) dtype of x."""
-    return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-
-
-def _report(callback: Callback | None, i: int, x: Tensor, t: float, t_next: float, v: Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "t_next": t_next, "denoised": predict_x0(x, v, t)})
-
-
-def sample_euler(model_fn: VelocityFn, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
-    """First-order Euler: x <- x + (t_next - t) * v(x, t). One model call per step."""
-    times = _times(ts)
-    for i, (t, t_next) in enumerate(itertools.pairwise(times)):
-        v = model_fn(x, _t_batch(t, x))
-        _report(callback, i, x, t, t_next, v)
+def sample_euler(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """First-order Euler: x <- x + (t_next - t) * v(x, t). One model call per step. Ignores `noise`."""
+    for i, (t, t_next) in enumerate(itertools.pairwise(times(ts))):
+        v = model_fn(x, t_batch(t, x))
+        report_v(callback, i, x, t, t_next, v)
         x = (x + (t_next - t) * v).to(x.dtype)
     return x
 
 
-def sample_heun(model_fn: VelocityFn, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
-    """Heun's second-order method: Euler predictor, trapezoid corrector.
+def sample_heun(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """Heun's second-order method: Euler predictor, trapezoid corrector. Ignores `noise`.
 
     As in k-diffusion, the step that ends at t = 0 is a plain Euler step (it would need v at t = 0, which
     is the data itself and is where the model is least reliable): 2 * steps - 1 model calls for a schedule
     ending at 0; see `model_evals`.
     """
-    times = _times(ts)
-    for i, (t, t_next) in enumerate(itertools.pairwise(times)):
-        v = model_fn(x, _t_batch(t, x))
-        _report(callback, i, x, t, t_next, v)
+    for i, (t, t_next) in enumerate(itertools.pairwise(times(ts))):
+        v = model_fn(x, t_batch(t, x))
+        report_v(callback, i, x, t, t_next, v)
         dt = t_next - t
         x_euler = (x + dt * v).to(x.dtype)
         if t_next == 0:
             x = x_euler
             continue
-        v_next = model_fn(x_euler, _t_batch(t_next, x))
+        v_next = model_fn(x_euler, t_batch(t_next, x))
         x = (x + dt * 0.5 * (v + v_next)).to(x.dtype)
     return x
 
 
-def _lambda(t: float) -> float:
-    """Half log-SNR of the flow path, log(alpha / sigma) with alpha = 1 - t, sigma = t; +-inf at the ends."""
-    if t <= 0.0:
-        return math.inf
-    if t >= 1.0:
-        return -math.inf
-    return math.log1p(-t) - math.log(t)
+def sample_euler_ancestral(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """Euler ancestral for rectified flow (as ComfyUI's `sample_euler_ancestral_RF` with eta = 1).
 
+    Each step from t to t' (> 0) takes a deterministic Euler step to the lower time t_down = t'^2 / t and
+    then puts noise back up to t': x_t_down = (1 - t_down) D + t_down n is rescaled by
+    (1 - t') / (1 - t_down), which makes its data part (1 - t') D, and fresh noise is added with the
+    coefficient that makes the noise variance t'^2 again:
 
-def sample_dpmpp_2m(model_fn: VelocityFn, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), the multistep data-prediction solver, on the flow path.
+        renoise^2 = t'^2 - (t_down (1 - t') / (1 - t_down))^2,
 
-    With alpha_t = 1 - t, sigma_t = t, lambda = log(alpha / sigma) and D = x - t * v the data prediction,
-    the first-order (DDIM) update is
+    which is >= 0 because s / (1 - s) grows with s and t_down <= t'. The step to t' = 0 is the data
+    prediction itself and draws nothing. It is not an ODE solver: results depend on the noise, and more
+    steps converge in distribution, not to one image. One model call per step.
 
-        x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D,   h = lambda' - lambda,
-
-    and alpha' (1 - e^{-h}) = alpha' - alpha sigma'/sigma = 1 - t'/t, so on this path it is simply
-    x' = (t'/t) x + (1 - t'/t) D, which is the Euler step. It is finite at t = 1 (alpha = 0, lambda = -inf)
-    and gives x' = D at t' = 0, so no log-SNR is ever evaluated at the ends. The second-order update replaces
-    D by D + (D - D_prev) / (2 r), r = h_prev / h, using the data prediction of the previous step.
-
-    First order is used on the first step (no history) and on the step to t = 0 (h = inf there). A
-    previous step that started at t = 1 has h_prev = inf, so 1 / (2 r) -> 0: the second step is first order
-    too, which is exactly the limit of the formula; the global order stays two.
+    noise(i) is called once for every step i that does not end at 0; without it this raises a ValueError.
     """
-    times = _times(ts)
-    d_prev: Tensor | None = None
-    h_prev = math.nan
-    for i, (t, t_next) in enumerate(itertools.pairwise(times)):
-        v = model_fn(x, _t_batch(t, x))
+    if noise is None:
+        raise ValueError(
+            "euler_ancestral draws fresh noise every step: pass noise=fn, where fn(i) returns standard "
+            "normal noise shaped like x for step i (Pipeline derives it from each image's seed; for a "
+            "one-off run, noise=lambda i: torch.randn_like(x))"
+        )
+    ts_ = times(ts)
+    strictly_decreasing(ts_, "euler_ancestral")
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
         d = predict_x0(x, v, t)
-        if callback is not None:
-            callback({"i": i, "x": x, "t": t, "t_next": t_next, "denoised": d})
-        h = _lambda(t_next) - _lambda(t)
-        d_eff = d
-        if d_prev is not None and t_next > 0.0 and h_prev != 0.0:
-            # h / (2 h_prev) is 1 / (2 r); it is 0 when h_prev is infinite (previous step started at t = 1).
-            c = 0.5 * h / h_prev
-            if c != 0.0:
-                d_eff = d + c * (d - d_prev)
-        ratio = t_next / t if t != t_next else 1.0
-        x = (ratio * x + (1.0 - ratio) * d_eff).to(x.dtype)
-        d_prev, h_prev = d, h
+        report(callback, i, x, t, t_next, d)
+        if t_next == 0.0:
+            x = d
+            continue
+        t_down = t_next * t_next / t
+        scale = (1.0 - t_next) / (1.0 - t_down)
+        renoise = math.sqrt(max(t_next * t_next - (t_down * scale) ** 2, 0.0))  # max: rounding only
+        eps = noise(i)
+        if eps.shape != x.shape:
+            raise ValueError(f"noise({i}) has shape {tuple(eps.shape)}, but x has {tuple(x.shape)}")
+        x_down = x + (t_down - t) * v  # Euler to t_down: the same as (t_down/t) x + (1 - t_down/t) D
+        x = (scale * x_down + renoise * eps.to(x.device, x.dtype)).to(x.dtype)
     return x
 
 
@@ -154,9 +170,20 @@ SAMPLERS: dict[str, SamplerFn] = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
+    "euler_ancestral": sample_euler_ancestral,
 }
 
-MODEL_EVALS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "dpmpp_2m": 1}
+MODEL_EVALS_PER_STEP: dict[str, int] = {
+    "euler": 1,
+    "heun": 2,
+    "dpmpp_2m": 1,
+    "unipc": 1,
+    "euler_ancestral": 1,
+}
+
+# Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
+STOCHASTIC_SAMPLERS: frozenset[str] = frozenset({"euler_ancestral"})
 
 
 def get_sampler(name: str) -> SamplerFn:
@@ -165,6 +192,12 @@ def get_sampler(name: str) -> SamplerFn:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(SAMPLERS))}") from None
+
+
+def is_stochastic(name: str) -> bool:
+    """Whether sampler `name` draws fresh noise (from its `noise` argument) during sampling."""
+    get_sampler(name)
+    return name in STOCHASTIC_SAMPLERS
 
 
 def model_evals_per_step(name: str) -> int:

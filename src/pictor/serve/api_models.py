@@ -63,7 +63,11 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1, description="Sampler steps (the server's limit applies).")
     guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Guidance scale.")
     negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")
-    sampler: str | None = Field(None, description="euler, heun or dpmpp_2m.")
+    sampler: str | None = Field(
+        None,
+        description="euler, heun, dpmpp_2m, unipc or euler_ancestral (stochastic: fresh noise every step, "
+        "drawn from the image's seed, so the seed still reproduces it). The model card lists them.",
+    )
     schedule: str | None = Field(None, description="Timestep schedule: flux, linear or shifted.")
     layout: list[LayoutBox] | None = Field(
         None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."

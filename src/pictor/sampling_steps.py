@@ -1,0 +1,70 @@
+"""What every sampler shares: the signature's types and the small steps of reading a schedule.
+
+`pictor.sampling` (the registry, the one-step samplers, schedules, CFG) and `pictor.sampling_multistep`
+(the solvers that keep a history of model outputs) both build on this; it imports nothing of pictor's but
+`pictor.flow`, so neither of them imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from pictor.flow import predict_x0
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[dict[str, Any]], None]
+# NoiseFn(i) -> fresh standard normal noise shaped like x for step i (k-diffusion's `noise_sampler`).
+# Taking the step index, not the times, lets the caller make it a pure function of (seed, i): the same
+# image gets the same noise at any batch size and on any device (see `Pipeline.step_noise`).
+NoiseFn = Callable[[int], Tensor]
+
+
+class SamplerFn(Protocol):
+    """sample_xxx(model_fn, x, ts, callback=None, *, noise=None) -> x at ts[-1]."""
+
+    def __call__(
+        self,
+        model_fn: VelocityFn,
+        x: Tensor,
+        ts: Tensor,
+        callback: Callback | None = None,
+        *,
+        noise: NoiseFn | None = None,
+    ) -> Tensor: ...
+
+
+def times(ts: Tensor) -> list[float]:
+    """The schedule as Python floats: step sizes are then exact in float64 and no device sync per step."""
+    if ts.ndim != 1 or ts.numel() < 1:
+        raise ValueError(f"ts must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
+    return [float(t) for t in ts.tolist()]
+
+
+def strictly_decreasing(ts: list[float], sampler: str) -> None:
+    """Samplers whose coefficients divide by a step's length (in log-SNR or in t) need every step > 0."""
+    for t, t_next in itertools.pairwise(ts):
+        if not t > t_next:
+            raise ValueError(f"{sampler} needs strictly decreasing times, got {t} followed by {t_next}")
+    if ts and not (ts[-1] >= 0.0 and ts[0] <= 1.0):
+        raise ValueError(f"{sampler} needs times in [0, 1], got {ts[0]} .. {ts[-1]}")
+
+
+def t_batch(t: float, x: Tensor) -> Tensor:
+    """t as a [B] tensor for the model: at least float32, never the (possibly bf16) dtype of x."""
+    return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+def report(callback: Callback | None, i: int, x: Tensor, t: float, t_next: float, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "t": t, "t_next": t_next, "denoised": denoised})
+
+
+def report_v(callback: Callback | None, i: int, x: Tensor, t: float, t_next: float, v: Tensor) -> None:
+    """`report` with the data prediction computed from v only when someone listens."""
+    if callback is not None:
+        report(callback, i, x, t, t_next, predict_x0(x, v, t))
