@@ -130,7 +130,8 @@ def test_bad_requests_are_clear_errors(pipe: Pipeline, change: dict, message: st
 
 
 def test_the_last_seed_is_usable_and_records_must_keep_seed_and_batch_seeds_together(pipe: Pipeline) -> None:
-    (image,) = pipe.generate(GenerationRequest("x", seed=MAX_SEED, steps=1))
+    with pytest.warns(PictorWarning, match="low 32 bits"):
+        (image,) = pipe.generate(GenerationRequest("x", seed=MAX_SEED, steps=1))
     assert image.seed == MAX_SEED
     rec = pipe.generate(GenerationRequest("x", seed=4, steps=1, num_images=2))[1].record
     for field, value, words in [
@@ -143,6 +144,23 @@ def test_the_last_seed_is_usable_and_records_must_keep_seed_and_batch_seeds_toge
             reproduce(pipe, {**rec, field: value})
     with pytest.raises(GenerationError, match=r"made with none guidance, but the loaded model .* uses cfg"):
         reproduce(pipe, {**rec, "guidance_mode": "none"})
+
+
+def test_seeds_past_32_bits_repeat_smaller_ones_and_say_so(pipe: Pipeline) -> None:
+    """torch's CPU generator reads a seed's low 32 bits: seed 2**32 + 5 is seed 5's image, and the user is
+    told (naming the first such seed of the request); seeds below 2**32 are silent."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PictorWarning)
+        below = pipe.generate(GenerationRequest("x", seed=2**32 - 2, steps=2, num_images=2))
+    assert [g.seed for g in below] == [2**32 - 2, 2**32 - 1]
+    with pytest.warns(PictorWarning, match=r"seed 4294967296 gives the image of seed 0: .*low 32 bits"):
+        pipe.generate(GenerationRequest("x", seed=2**32 - 1, steps=1, num_images=2))
+    with pytest.warns(PictorWarning, match=r"seed 4294967301 gives the image of seed 5"):
+        (far,) = pipe.generate(GenerationRequest("x", seed=2**32 + 5, steps=2))
+    (near,) = pipe.generate(GenerationRequest("x", seed=5, steps=2))
+    np.testing.assert_array_equal(_px(far), _px(near))
 
 
 def test_images_made_with_settings_now_refused_still_reproduce(pipe: Pipeline) -> None:

@@ -17,6 +17,26 @@ from pictor.editing import ImageSource
 ProgressFn = Callable[[int, int], None]
 
 MAX_SEED = 2**63 - 1
+# torch's CPU generator (mt19937) keeps only a seed's low 32 bits, so the initial noise of seed s is that of
+# s mod 2**32 (as in every tool that seeds torch's CPU generator: diffusers, ComfyUI). Larger seeds are still
+# taken, since other tools' records carry them, but their users are told.
+NOISE_SEED_RANGE = 2**32
+
+
+def seed_notice(seed: int, num_images: int = 1) -> str | None:
+    """A sentence for a user whose seeds (seed .. seed + num_images - 1) reach NOISE_SEED_RANGE, whose
+    images repeat those of smaller seeds; None when every seed gives its own noise."""
+    last = seed + num_images - 1
+    if last < NOISE_SEED_RANGE:
+        return None
+    first = max(seed, NOISE_SEED_RANGE)
+    return (
+        f"seed {first} gives the image of seed {first % NOISE_SEED_RANGE}: the noise generator reads only a "
+        f"seed's low 32 bits, so seeds above {NOISE_SEED_RANGE - 1} repeat smaller ones; for images of their "
+        f"own, use seeds 0 to {NOISE_SEED_RANGE - 1}"
+    )
+
+
 # Images per request: far beyond any batch, short of lists of seeds that fill memory by themselves.
 MAX_IMAGES = 10_000
 # How the autoencoder is run in tiles: set together, recorded together (all absent when it runs whole).

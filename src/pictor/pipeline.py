@@ -43,6 +43,7 @@ from pictor.generation_request import (
     GenerationError,
     GenerationRequest,
     ProgressFn,
+    seed_notice,
 )
 from pictor.generation_settings import MAX_PIXELS, MAX_STEPS, resolve_tiling, settings_problem
 from pictor.guided_velocity import guided_velocity
@@ -75,6 +76,7 @@ __all__ = [
     "GenerationRequest",
     "Pipeline",
     "ProgressFn",
+    "seed_notice",
     "step_noise_seed",
     "to_pil",
 ]
@@ -224,6 +226,9 @@ class Pipeline:
         last = MAX_SEED - r.num_images + 1  # image i takes seed + i, up to MAX_SEED
         if not 0 <= r.seed <= last:
             raise GenerationError(f"seed must be between 0 and {last}, got {r.seed}")
+        aliased = seed_notice(r.seed, r.num_images)
+        if aliased:
+            warnings.warn(aliased, PictorWarning, stacklevel=3)
         if r.layout is not None:
             try:
                 r = replace(r, layout=parse_layout(r.layout))

@@ -114,3 +114,17 @@ def test_a_data_dir_from_before_warnings_opens_and_gains_them(tmp_path: Path) ->
     with sqlite3.connect(tmp_path / "pictor.db") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def test_a_job_whose_seeds_pass_32_bits_is_told_they_repeat_smaller_ones(client: TestClient) -> None:
+    """Seeds 2**32 and up give the images of seed mod 2**32 (the noise generator reads 32 bits); a job whose
+    seeds reach there is told; one whose seeds stay below is not."""
+    body = {"prompt": "a red circle", "steps": 1, "seed": 2**32 - 1, "n": 2, "response_format": "b64_json"}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    (warning,) = r.json()["warnings"]
+    assert warning.startswith("seed 4294967296 gives the image of seed 0") and "low 32 bits" in warning
+    assert client.get(f"/v1/jobs/{r.json()['job_id']}").json()["warnings"] == [warning]
+    fine = client.post("/v1/images/generations", json={**body, "seed": 2**32 - 2})
+    assert fine.status_code == 200, fine.text
+    assert "warnings" not in fine.json()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pictor.editing import EditError
-from pictor.pipeline import GenerationError, Pipeline
+from pictor.pipeline import GenerationError, Pipeline, seed_notice
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
 from pictor.serve.job_requests import batch_key, edit_request, generation_request
@@ -299,9 +299,12 @@ class JobManager:
         # the same sentences are asked for and kept with the jobs (merged jobs share prompts), where the API
         # and the page show them; asked here, where the model is sure to be loaded.
         notices = self.pipeline.prompt_notices(params.get("prompt"), params.get("negative_prompt"))
-        self.store.mark_running([live.job.id for live in batch], started, notices)
         for live in batch:
-            live.job.status, live.job.started, live.job.warnings = RUNNING, started, notices
+            # A job's own seeds can repeat smaller seeds' images (the generator reads 32 bits of a seed).
+            aliased = seed_notice(live.seed, live.job.n)
+            job_notices = [*notices, aliased] if aliased else notices
+            self.store.mark_running([live.job.id], started, job_notices)
+            live.job.status, live.job.started, live.job.warnings = RUNNING, started, job_notices
             self.hub.publish(live.job.id, {"event": "status", "status": RUNNING})
         total_images = sum(live.job.n for live in batch)
         runs = {
