@@ -61,7 +61,8 @@ def pictor_run(pipe: Pipeline, prompt: str, seed: int, threshold: float) -> tupl
         CountedCache.made.clear()
         start = time.perf_counter()
         fn = guided.guided_velocity(pipe, r, 1, lat_h, lat_w)
-        out = get_sampler(r.sampler)(fn, x, ts, None)
+        # noise: a stochastic sampler's step noise, as the pipeline draws it (the others ignore it)
+        out = get_sampler(r.sampler)(fn, x, ts, None, noise=pipe.step_noise([seed], tuple(x.shape[1:])))
         seconds = time.perf_counter() - start
     cache = CountedCache.made[0] if CountedCache.made else None
     return out, seconds, cache.full / cache.calls if cache else 1.0
@@ -102,7 +103,8 @@ def diffusers_run(
         x = pack_latents(pipe.initial_noise([seed], lat_h, lat_w))
         ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1])
         start = time.perf_counter()
-        out = get_sampler(r.sampler)(velocity, x, ts, None)
+        step_noise = pipe.step_noise([seed], tuple(x.shape[1:]))
+        out = get_sampler(r.sampler)(velocity, x, ts, None, noise=step_noise)
         seconds = time.perf_counter() - start
     if threshold > 0:
         ref.disable_cache()  # type: ignore[operator]

@@ -275,7 +275,8 @@ def save_lycoris(
         "lora_algo": first.algo + ("+dora" if first.dora_scale is not None else ""),
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(first.rank),
-        "ss_network_alpha": repr(float(first.alpha)),
+        # the alpha asked for, as sd-scripts writes it (a whole-matrix LoKr layer saves alpha = rank)
+        "ss_network_alpha": repr(first.network_alpha),
         "ss_network_args": json.dumps(args),
     }
     tensors = {k: v.detach().contiguous() for k, v in tree.state_dict().items()}

@@ -160,6 +160,8 @@ def test_the_file_drives_pictor_and_lycoris_as_the_trained_module(
     assert set(tensors) == set(tree.state_dict())
     assert meta["ss_network_module"] == "lycoris.kohya" and meta["extra"] == "kept"
     assert meta["lora_algo"] == algo + ("+dora" if dora else "")
+    # the alpha asked for (kohya's --network_alpha), though whole-matrix LoKr layers store alpha = rank
+    assert float(meta["ss_network_alpha"]) == CONFIGS[config][3]
 
     trained, plain = out(model), out(base_model())
     assert (trained - plain).abs().max() > 0.02  # the training moved the output: no match by doing nothing

@@ -184,6 +184,15 @@ def test_resume_continues_bit_identically(kind: str, world: dict[str, Path], tmp
         CheckpointError, match=r"other settings \(lora_(algo 'loha' -> 'lokr'|dora True -> False)\)"
     ):
         train(config(world, tmp_path / "split", kind, max_steps=8, **other), resume=True)
+    # alpha is a buffer in a LyCORIS file: loading the checkpoint would silently put the old one back
+    with pytest.raises(CheckpointError, match=r"other settings \(lora_alpha 1.0 -> 2.0\)"):
+        train(config(world, tmp_path / "split", kind, max_steps=8, lora_alpha=2.0), resume=True)
+    # the command line says so before anything runs (and before warning of a changed loss curve)
+    line = f"train lora --base {world['base']} --data {world['data']} --out {tmp_path / 'split'} --resume"
+    with pytest.raises(ConfigError, match=r"other settings \(lora_alpha 1.0 -> 2.0\)"):
+        _parse(f"{line} --alpha 2")
+    with pytest.raises(ConfigError, match=r"other settings \(lora_rank 2 -> 3\)"):
+        _parse(f"{line} --rank 3")
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

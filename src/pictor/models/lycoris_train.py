@@ -111,6 +111,7 @@ class LycorisAdapter(nn.Module):
         out_f, in_f = int(layer.out_features), int(layer.in_features)  # type: ignore[arg-type]
         device = layer.weight.device
         alpha = float(alpha) if alpha else float(rank)
+        self.network_alpha = alpha  # the run's alpha (kohya's --network_alpha), even where a layer's differs
         self.whole = False  # LoKr with both factors whole: scale 1
         if algo == "lokr":
             (a, c), (b, d) = factorization(out_f, factor), factorization(in_f, factor)

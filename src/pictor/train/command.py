@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pictor.train.config import STAGES, TRAJECTORY_KEYS, ConfigError, TrainConfig, data_path
+from pictor.train.config import (
+    STAGES,
+    TRAJECTORY_KEYS,
+    ConfigError,
+    TrainConfig,
+    data_path,
+    fixed_on_resume,
+)
 
 # flag dest -> TrainConfig field (flags whose value is None were not given)
 _FIELDS = {
@@ -207,6 +214,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{args.out} holds a '{saved.stage}' run; cannot resume it as '{args.stage}'")
         # A run from before --data was stored whole holds it as typed: compare the folders named.
         saved = dataclasses.replace(saved, data=data_path(saved.data))
+        # What fixes a LoRA run's adapters cannot change (pictor.train.lora checks it too, for the API).
+        refused = [f"{k} {getattr(saved, k)!r} -> {overrides[k]!r}" for k in fixed_on_resume(saved)
+                   if k in overrides and overrides[k] != getattr(saved, k)]  # fmt: skip
+        if refused:
+            raise ConfigError(
+                f"{latest}: this run's adapters were built with other settings ({', '.join(refused)}); "
+                "resume with the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a "
+                "LoKr, LoHa or DoRA run's --alpha), or start a new --out"
+            )
         changed = [k for k in TRAJECTORY_KEYS if k in overrides and overrides[k] != getattr(saved, k)]
         if changed:
             _note(

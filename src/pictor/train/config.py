@@ -355,6 +355,20 @@ def _bundle_preset(name: str, flag: str, why: str) -> dict[str, Any]:
 
 
 # Settings that change the loss curve; changing them on --resume is allowed but warned about.
+# What fixes a LoRA run's adapters (their kinds and shapes): `--resume` refuses to change these
+# (pictor.train.lora), rather than warn that the loss curve will differ. A LyCORIS run (LoKr, LoHa, DoRA)
+# stores its alpha in its weights too, so its alpha is fixed as well.
+LORA_SHAPE_KEYS = ("lora_algo", "lora_dora", "lokr_factor", "lora_rank", "lora_targets")
+
+
+def fixed_on_resume(cfg: TrainConfig) -> tuple[str, ...]:
+    """The settings of run `cfg` that `--resume` may not change (none outside the lora stage)."""
+    if cfg.stage != "lora":
+        return ()
+    lycoris = cfg.lora_algo != "lora" or cfg.lora_dora
+    return LORA_SHAPE_KEYS + (("lora_alpha",) if lycoris else ())
+
+
 TRAJECTORY_KEYS = (
     "data",
     "seed",

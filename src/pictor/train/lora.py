@@ -15,7 +15,6 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from pictor.models.lora import add_lora
 from pictor.models.lycoris_train import add_lycoris
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
 from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, store_fp8
-from pictor.train.config import TrainConfig
+from pictor.train.config import TrainConfig, fixed_on_resume
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
 from pictor.train.stages import Stage, seeded
@@ -48,10 +47,6 @@ from pictor.train.state import STATE_FILE
 from pictor.train.t2i import T2IStage
 
 LORA_FILE = "lora.safetensors"
-# TrainConfig fields that shape a LoRA run's adapters, with their defaults (what older runs, which stored
-# none of the LyCORIS ones, had)
-_SHAPING = ("lora_algo", "lora_dora", "lokr_factor", "lora_rank", "lora_targets")
-ADAPTER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name in _SHAPING}
 ADAPTER = "default"
 TEXT_CACHE_BYTES = 1 << 30
 
@@ -200,22 +195,21 @@ class LoRAStage(T2IStage):
 
     def _check_same_base(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        # The adapter's kind and shape are fixed by these (older runs stored none: plain LoRA); another value
-        # would only surface as a state-dict mismatch.
-        before = {
-            **ADAPTER_DEFAULTS,
-            **{k: v for k, v in state.get("config", {}).items() if k in ADAPTER_DEFAULTS},
-        }
+        # The adapter's kind and shape (and a LyCORIS adapter's alpha, a buffer in its weights, which loading
+        # the checkpoint would put back) are fixed (older runs stored the LyCORIS keys not: plain LoRA, the
+        # defaults); another value would only surface as a state-dict mismatch or be silently undone.
+        before = TrainConfig.from_dict(state["config"], str(checkpoint))
         changed = {
-            k: (before[k], getattr(self.cfg, k))
-            for k in ADAPTER_DEFAULTS
-            if before[k] != getattr(self.cfg, k) and self.name == "lora"  # layout, reference: unused
+            k: (getattr(before, k), getattr(self.cfg, k))
+            for k in fixed_on_resume(before)
+            if getattr(before, k) != getattr(self.cfg, k) and self.name == "lora"  # layout, reference: unused
         }
         if changed:
             said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise CheckpointError(
                 f"{checkpoint}: this run's adapters were built with other settings ({said}); resume with the "
-                "run's own --lora-algo, --dora, --lokr-factor, --rank and --targets, or start a new --out"
+                "run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA "
+                "run's --alpha), or start a new --out"
             )
         saved = state.get("stage", {})
         if saved.get("base_hash") not in (None, self.base_hash):
