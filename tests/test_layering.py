@@ -56,6 +56,7 @@ LAYERS: dict[str, int] = {
     "adapter_files": 1,
     "layout_files": 1,
     "reference_files": 1,
+    "context_images": 1,
     "data": 1,
     "notices": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/

@@ -259,6 +259,9 @@ class BundleConfig:
     hashes: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     pictor_version: str = __version__
+    # A FLUX.1 Kontext model: it reads a context image's tokens beside the noisy ones
+    # (`pictor.context_images`). Not in the weights' keys (Kontext has FLUX.1 [dev]'s), so the config says it.
+    kontext: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -273,6 +276,8 @@ class BundleConfig:
             "defaults": self.defaults,
             "hashes": self.hashes,
             "training": self.training,
+            # Written only when set, so every other bundle's config.json stays as it was.
+            **({"kontext": True} if self.kontext else {}),
         }
 
     @classmethod
@@ -280,6 +285,8 @@ class BundleConfig:
         for key in ("name", "model", "autoencoder", "text_encoder"):
             if key not in d:
                 raise CheckpointError(f"{where}: missing '{key}' — not a pictor bundle config")
+        if not isinstance(d.get("kontext", False), bool):
+            raise CheckpointError(f"{where}: 'kontext' is {d['kontext']!r}; it must be true or false")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -60,10 +60,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "layout": read_layout_arg(args.layout) if args.layout is not None else None,
         "reference": args.reference,
+        "context_image": _context_arg(args.context),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
         "cache_threshold": args.cache_threshold,
     }
+
+
+def _context_arg(paths: list[str] | None) -> str | list[str] | None:
+    """--context's one image; several are passed on as a list, which the pipeline refuses with the reason."""
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else paths
 
 
 def _progress_bar(total_hint: str):  # type: ignore[no-untyped-def]
@@ -214,6 +222,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         source=args.source,
         mask=args.mask,
         reference=args.reference,
+        context=args.context,
     )
     for path in _save([image], args.out):
         print(path)
@@ -341,7 +350,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         path = cast_bundle(args.bundle, args.out, args.dtype)
         print(f"{path}  ({args.dtype}: {before / 2**20:.1f} MiB -> {_folder_bytes(path) / 2**20:.1f} MiB)")
         return 0
-    path = convert_flux(args.transformer, args.ae, args.t5, args.clip, args.out, name=args.name)
+    path = convert_flux(
+        args.transformer, args.ae, args.t5, args.clip, args.out, name=args.name, kontext=args.kontext
+    )
     print(path)
     return 0
 

@@ -167,6 +167,18 @@ def _add_reference(p: argparse.ArgumentParser) -> None:
     _add_reference_adapter(p)
 
 
+def _add_context(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--context",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help='FLUX.1 Kontext: the picture the prompt\'s instruction edits (e.g. "make the circle blue"); '
+        "resized to the model's preferred size, which the output takes unless --size is given; needs a "
+        "Kontext model (`pictor convert flux --kontext`)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
@@ -179,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(g)
     _add_layout(g)
     _add_reference(g)
+    _add_context(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--hires",
@@ -213,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(ed)
     _add_layout(ed)
     _add_reference(ed)
+    _add_context(ed)
     ed.add_argument(
         "--mask",
         default=None,
@@ -240,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference", default=None, help="for an image made from a reference: that picture")
     _add_reference_adapter(r)
     r.add_argument("--source", default=None, help="for an edit: the image it was made from")
+    r.add_argument(
+        "--context", default=None, metavar="IMAGE", help="for a FLUX.1 Kontext image: its context image"
+    )
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
 
@@ -324,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
     cf.add_argument("--out", required=True)
     cf.add_argument("--name", default=None)
+    cf.add_argument(
+        "--kontext",
+        action="store_true",
+        help="the transformer is FLUX.1 Kontext [dev] (flux1-kontext-dev.safetensors): the bundle edits a "
+        "--context image by instruction",
+    )
     cd = csub.add_parser(
         "dtype", help="a bundle with its weights stored in another dtype (fp16 halves an fp32 bundle)"
     )

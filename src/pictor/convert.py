@@ -81,8 +81,10 @@ def convert_flux(
     clip: str | os.PathLike[str],
     out: str | os.PathLike[str],
     name: str | None = None,
+    kontext: bool = False,
 ) -> Path:
-    """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder."""
+    """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder. `kontext`: the
+    transformer is FLUX.1 Kontext [dev] (its keys are [dev]'s, so only the caller can say so)."""
     transformer, ae, out = Path(transformer), Path(ae), Path(out)
     check_bundle_out(out)  # never replace a folder that holds anything but a bundle
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
@@ -99,7 +101,15 @@ def convert_flux(
     params = infer_flux_params(shapes)
     with torch.device("meta"):
         check_keys(Flux(FluxParams.from_dict(params)), shapes, f"{transformer}")
-    preset = get_preset("flux-dev" if params["guidance_embed"] else "flux-schnell")
+    if kontext and not params["guidance_embed"]:
+        raise CheckpointError(
+            f"{transformer}: --kontext, but the file has no guidance_in (FLUX.1 Kontext [dev] is guidance-"
+            "distilled, like [dev]): give flux1-kontext-dev.safetensors, or drop --kontext"
+        )
+    preset_name = (
+        "flux-kontext-dev" if kontext else "flux-dev" if params["guidance_embed"] else "flux-schnell"
+    )
+    preset = get_preset(preset_name)
     ae_shapes = _shapes(ae, AE_PREFIXES)
     if "encoder.conv_in.weight" not in ae_shapes or "decoder.conv_out.weight" not in ae_shapes:
         raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
@@ -120,7 +130,7 @@ def convert_flux(
         text["clip"]["path"] = str(Path(clip).resolve())
         config = BundleConfig(
             name=name or transformer.stem,
-            preset="flux-dev" if params["guidance_embed"] else "flux-schnell",
+            preset=preset_name,
             model=params,
             autoencoder=ae_params,
             text_encoder=text,
@@ -128,6 +138,7 @@ def convert_flux(
             description=f"converted from {transformer.name} and {ae.name}"
             + (" (scaled FP8 widened to bf16)" if scaled else ""),
             hashes=hashes,
+            kontext=kontext,
         )
         write_json(config.to_dict(), tmp / CONFIG_NAME)
     return out

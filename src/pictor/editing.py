@@ -90,6 +90,7 @@ class EditRequest:
     batch_size: int | None = None
     layout: list[dict[str, Any]] | None = None
     reference: ImageSource | np.ndarray | None = None
+    context_image: ImageSource | np.ndarray | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
     cache_threshold: float | None = None

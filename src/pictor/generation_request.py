@@ -66,6 +66,11 @@ class GenerationRequest:
     # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
     # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
     reference: ImageSource | np.ndarray | None = None
+    # FLUX.1 Kontext: the picture to edit by the prompt's instruction (a path, a PIL image or uint8
+    # [H, W, 3]), read by the transformer in context (`pictor.context_images`); fitted to the model's
+    # preferred size, which the images take unless width or height is given. Only a Kontext model takes
+    # one. None: none.
+    context_image: ImageSource | np.ndarray | None = None
     # Decode (and, for edits, encode) through the autoencoder in tiles of this many image pixels, which
     # bounds its memory at large sizes; the result is close to, not equal to, the whole pass, so records
     # keep it. None: one pass over the whole image.

@@ -5,6 +5,8 @@ Classifier-free guidance batches the conditional and unconditional halves in one
 layout's residuals and the reference's conditioning depend on neither x nor t, so they are computed once
 per sampler run. Under CFG both halves get the layout (as GLIGEN), so guidance amplifies the prompt, not
 the layout; the reference goes with the conditional half only (as IP-Adapter), amplified like a prompt.
+A FLUX.1 Kontext context image goes with both halves (as diffusers' true CFG for Kontext), appended to the
+image tokens (`pictor.context_images`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pictor.context_images import context_tokens
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import FirstBlockCache
@@ -41,6 +44,7 @@ class Conditioned(Protocol):
     guidance: float | None
     layout: list[dict[str, Any]] | None
     reference: Any
+    context_image: Any
     cache_threshold: float | None
 
 
@@ -90,10 +94,25 @@ def guided_velocity(
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
-        return m.transformer(
-            x, ids, txt, txt_ids, t.to(m.dtype), vec, guidance=g, img_residuals=residuals, block_cache=cache
+        # Kontext: the context tokens ride after the noisy ones and their outputs are dropped.
+        x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
+        v = m.transformer(
+            x_in,
+            ids_in,
+            txt,
+            txt_ids,
+            t.to(m.dtype),
+            vec,
+            guidance=g,
+            img_residuals=residuals,
+            block_cache=cache,
         )
+        return v[:, : x.shape[1]]
 
+    kontext = None
+    if r.context_image is not None:  # encoded once per run, like the reference
+        assert isinstance(r.context_image, np.ndarray)
+        kontext = context_tokens(m.autoencoder, r.context_image, m.dtype)
     context = None
     if r.reference is not None:
         assert m.reference_adapter is not None and isinstance(r.reference, np.ndarray)

@@ -54,6 +54,7 @@ def pipeline_from_preset(
         defaults=preset["defaults"],
         trained=False,
         description=preset.get("description", ""),
+        kontext=bool(preset.get("kontext", False)),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

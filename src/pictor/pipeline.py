@@ -33,6 +33,7 @@ from pictor.checkpoint import (
     CheckpointError,
     model_hash,
 )
+from pictor.context_images import context_fields, resolve_context
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.generation_request import (
@@ -170,6 +171,9 @@ class Pipeline:
         existing image's record, so settings that would change nothing are not refused (the image was
         made with them, perhaps by a version that allowed them)."""
         d = self.defaults
+        request = resolve_context(
+            request, self.name, self.config.kontext, d["width"] * d["height"], self.patch
+        )
         r = replace(
             request,
             width=request.width if request.width is not None else d["width"],
@@ -538,6 +542,7 @@ class Pipeline:
             "loras": [dict(lo) for lo in self.loras],
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
             **(self._reference_fields(r) if r.reference is not None else {}),
+            **(context_fields(r.context_image) if r.context_image is not None else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }

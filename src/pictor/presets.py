@@ -143,6 +143,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "guidance_mode": "distilled",
         },
     },
+    # FLUX.1 Kontext [dev]: FLUX.1 [dev]'s architecture and keys, trained to edit a context image by
+    # instruction (`pictor.context_images`); guidance 2.5 is BFL's reference default for it.
+    "flux-kontext-dev": {
+        "description": "FLUX.1 Kontext [dev] (12B, edits a --context image); weights from local files",
+        "model": _flux_model(guidance_embed=True),
+        "autoencoder": _FLUX_AE,
+        "text_encoder": _FLUX_TEXT,
+        "defaults": {
+            "width": 1024,
+            "height": 1024,
+            "steps": 28,
+            "guidance": 2.5,
+            "sampler": "euler",
+            "schedule": "flux",
+            "guidance_mode": "distilled",
+        },
+        "kontext": True,
+    },
     "flux-schnell": {
         "description": "FLUX.1 [schnell] architecture (12B, 4 steps); weights from local files",
         "model": _flux_model(guidance_embed=False),

@@ -67,6 +67,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "layout_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
     "reference_image": (_optional(_hashed), "an object with the picture's sha256"),
     "reference_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
+    "context_image": (_optional(_hashed), "an object with the context image's sha256"),
     "guidance_mode": (lambda v: isinstance(v, str), "a guidance mode"),
     "mode": (lambda v: v in EDIT_MODES, f"one of {', '.join(EDIT_MODES)}"),
     "strength": (_number, "a number"),
@@ -121,7 +122,9 @@ def check_record(record: Any) -> None:
         )
 
 
-def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource | None) -> dict[str, Any]:
+def _settings(
+    record: dict[str, Any], seeds: list[int], reference: ImageSource | None, context: ImageSource | None
+) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
         "negative_prompt": record.get("negative_prompt", ""),
@@ -133,6 +136,7 @@ def _settings(record: dict[str, Any], seeds: list[int], reference: ImageSource |
         "num_images": len(seeds),
         "layout": record.get("layout"),
         "reference": reference,
+        "context_image": context,
         **{name: record.get(name) for name in TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
     }
@@ -179,6 +183,28 @@ def check_reference_pixels(record: dict[str, Any], r: GenerationRequest) -> None
         )
 
 
+def check_context(record: dict[str, Any], context: ImageSource | None) -> None:
+    """A FLUX.1 Kontext image's context picture is given exactly when the record has one."""
+    if record.get("context_image") and context is None:
+        raise GenerationError(
+            "this image was made from a context image (FLUX.1 Kontext); pass it with --context IMAGE"
+        )
+    if context is not None and not record.get("context_image"):
+        raise GenerationError("this image was made without a context image; drop --context")
+
+
+def check_context_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
+    if not record.get("context_image"):
+        return
+    want = record["context_image"]["sha256"]
+    got = pixel_sha256(r.context_image) if isinstance(r.context_image, np.ndarray) else ""
+    if want != got:
+        raise GenerationError(
+            f"the context image is not the one this image was made from (its fitted pixels hash to "
+            f"{got[:10]}, the record says {want[:10]}); pass the original context image"
+        )
+
+
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
     if not record.get("layout"):
         return
@@ -216,12 +242,13 @@ def reproduce(
     source: ImageSource | None = None,
     mask: ImageSource | None = None,
     reference: ImageSource | None = None,
+    context: ImageSource | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
-    An edit's record holds only hashes of its source image and mask, and a record with a reference only
-    the hash of that picture; pass those files as `source`, `mask` and `reference`, and they are checked
-    against the hashes before anything runs.
+    An edit's record holds only hashes of its source image and mask, and a record with a reference or a
+    (FLUX.1 Kontext) context image only the hash of that picture; pass those files as `source`, `mask`,
+    `reference` and `context`, and they are checked against the hashes before the sampler runs.
     """
     check_record(record)
     if "mode" not in record and (source is not None or mask is not None):
@@ -251,18 +278,20 @@ def reproduce(
     check_loras(pipe, record)
     check_layout_adapter(pipe, record)
     check_reference(pipe, record, reference)
+    check_context(record, context)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
-        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference)
+        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference, context)
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds, reference),
+        **_settings(record, seeds, reference, context),
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
     check_reference_pixels(record, r)
+    check_context_pixels(record, r)
     run = pipe.run_hires_seeds if r.hires_scale else pipe.run_seeds
     images = run(r, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
@@ -276,6 +305,7 @@ def _reproduce_edit(
     source: ImageSource | None,
     mask: ImageSource | None,
     reference: ImageSource | None,
+    context: ImageSource | None,
 ) -> GeneratedImage:
     mode = record["mode"]
     if source is None:
@@ -296,10 +326,11 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds, reference),
+        **_settings(record, seeds, reference, context),
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_reference_pixels(record, r)
+    check_context_pixels(record, r)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
     if want != got:
         raise GenerationError(

@@ -77,6 +77,12 @@ class ImageGenerationRequest(BaseModel):
         description="A reference picture whose content the images take: a PNG, JPEG or WebP file, base64 "
         "(or a data:image/...;base64, URL); needs a model with a reference adapter.",
     )
+    context_image: str | None = Field(
+        None,
+        description="FLUX.1 Kontext: the picture the prompt's instruction edits (e.g. 'make the circle "
+        "blue'): a PNG, JPEG or WebP file, base64 (or a data:image/...;base64, URL); resized to the model's "
+        "preferred size, which the images take unless size is given; needs a Kontext model.",
+    )
     hires_scale: float | None = Field(
         None,
         gt=1,

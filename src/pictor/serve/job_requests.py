@@ -1,6 +1,6 @@
 """A job's stored settings (its `params`) as the pipeline's requests, and which jobs may share one sampler
-run. Uploads (an edit's image and mask, a reference picture) are kept in the store under ids; the requests
-get their paths."""
+run. Uploads (an edit's image and mask, a reference picture, a Kontext context image) are kept in the store
+under ids; the requests get their paths."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ BATCH_KEYS = (
     "schedule",
     "layout",
     "reference",  # an upload id: new for every request, so jobs with a reference never merge
+    "context_image",  # likewise
     *HIRES_FIELDS,
     "cache_threshold",
 )
@@ -37,9 +38,10 @@ def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(params.get(k) for k in MERGE_KEYS)
 
 
-def _reference(params: dict[str, Any], store: Store | None) -> Any:
-    """A job's reference picture: the kept upload's path (None without one, or without a store to ask)."""
-    upload = params.get("reference")
+def _reference(params: dict[str, Any], store: Store | None, key: str = "reference") -> Any:
+    """A job's reference (or context) picture: the kept upload's path (None without one, or without a store
+    to ask)."""
+    upload = params.get(key)
     return store.upload_path(upload) if upload and store is not None else None
 
 
@@ -51,7 +53,10 @@ def generation_request(
     fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields.update(
-        seed=params.get("seed"), num_images=int(params.get("n", 1)), reference=_reference(params, store)
+        seed=params.get("seed"),
+        num_images=int(params.get("n", 1)),
+        reference=_reference(params, store),
+        context_image=_reference(params, store, "context_image"),
     )
     return GenerationRequest(**{**fields, **overrides})
 
@@ -61,6 +66,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height", *HIRES_FIELDS)}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields["reference"] = _reference(params, store)
+    fields["context_image"] = _reference(params, store, "context_image")
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
     )

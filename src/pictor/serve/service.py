@@ -25,8 +25,8 @@ from pictor.serve.settings import ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
 from pictor.serve.uploads import decode_base64_image
 
-# The job settings that name kept uploads (edit sources, masks, reference pictures).
-UPLOAD_KEYS = ("image", "mask", "reference")
+# The job settings that name kept uploads (edit sources, masks, reference pictures, context images).
+UPLOAD_KEYS = ("image", "mask", "reference", "context_image")
 
 
 @dataclass
@@ -80,6 +80,10 @@ class Service:
         if body.reference_image is not None:
             picture = decode_base64_image(body.reference_image, "reference_image", self.settings.limits)
             reference = picture.convert("RGB")
+        context = None
+        if body.context_image is not None:  # kept as sent (its fitting is the pipeline's, and recorded)
+            context = decode_base64_image(body.context_image, "context_image", self.settings.limits)
+            context = context.convert("RGB")
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -102,8 +106,8 @@ class Service:
         if pipe is None:  # still loading: the worker checks the rest when the job runs
             if body.hires_scale is not None:
                 self._check_hires_while_loading(body, n, width, height)
-            return self._keep_reference(params, reference)
-        request = generation_request(params, reference=reference)
+            return self._keep_reference(params, reference, context)
+        request = generation_request(params, reference=reference, context_image=context)
         try:
             r = pipe.resolve_request(request)
         except GenerationError as exc:
@@ -127,7 +131,7 @@ class Service:
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
         )
-        return self._keep_reference(params, reference)
+        return self._keep_reference(params, reference, context)
 
     def _check_hires(self, body: ImageGenerationRequest, n: int, width: int, height: int, steps: int) -> None:
         """The server's limits on the hires fix's second pass, named as such."""
@@ -155,9 +159,12 @@ class Service:
         bound = [math.ceil(side * body.hires_scale / 16) * 16 for side in (width, height)]
         self._check_hires(body, n, bound[0], bound[1], body.hires_steps or body.steps or 1)
 
-    def _keep_reference(self, params: dict[str, Any], reference: Image.Image | None) -> dict[str, Any]:
-        """The reference picture, once the request is valid, kept as an upload the job names."""
+    def _keep_reference(
+        self, params: dict[str, Any], reference: Image.Image | None, context: Image.Image | None = None
+    ) -> dict[str, Any]:
+        """The reference and context pictures, once the request is valid, kept as uploads the job names."""
         params["reference"] = self.store.write_upload(reference) if reference is not None else None
+        params["context_image"] = self.store.write_upload(context) if context is not None else None
         return params
 
     def submit(self, params: dict[str, Any], user: str | None) -> JobRow:
@@ -261,6 +268,8 @@ def param_of(message: str) -> str | None:
         return "layout"
     if message.startswith("reference") or "reference adapter" in message:
         return "reference_image"
+    if "context image" in message:
+        return "context_image"
     return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
 
 

@@ -612,6 +612,12 @@ document.addEventListener("DOMContentLoaded", async () => {
         "settings and choose the same picture under Reference picture.");
       return;
     }
+    if (viewed.record.context_image) {
+      // Likewise a FLUX.1 Kontext context image: without it the same settings would make another image.
+      setError("This image was made from a context image (FLUX.1 Kontext), which the page does not keep: " +
+        "run `pictor reproduce IMAGE --context PICTURE`, or send context_image to the API.");
+      return;
+    }
     submit(recordRequest(viewed.record));
   });
   await loadModel();
