@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -288,6 +289,27 @@ def test_the_flag_round_trips_and_is_checked(tmp_path: Path) -> None:
     assert BundleConfig.from_dict(_config(True).to_dict()).kontext is True
     with pytest.raises(CheckpointError, match="'kontext' is 'yes'; it must be true or false"):
         BundleConfig.from_dict({**_config(True).to_dict(), "kontext": "yes"})
+    plain = _config(True).to_dict()
+    plain["model"] = {**plain["model"], "guidance_embed": False}  # schnell-like: no Kontext model
+    with pytest.raises(CheckpointError, match="'kontext' is true, but the model has no guidance embedding"):
+        BundleConfig.from_dict(plain)
+
+
+def test_the_context_is_encoded_in_tiles_when_the_run_is(pipe: Pipeline) -> None:
+    """--vae-tile bounds the autoencoder's memory: the context's encode is tiled too (recorded as ever)."""
+    shapes: list[tuple[int, ...]] = []
+    hook = pipe.autoencoder.encoder.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        request = GenerationRequest("make it blue", seed=1, steps=1, context_image=_picture(0, (64, 40)))
+        pipe.generate(request)
+        whole = list(shapes)
+        shapes.clear()
+        (tiled,) = pipe.generate(replace(request, vae_tile=16, vae_tile_overlap=8))
+    finally:
+        hook.remove()
+    assert len(whole) == 1 and len(shapes) > 1, (whole, shapes)
+    assert max(h * w for *_, h, w in shapes) < whole[0][2] * whole[0][3]
+    assert tiled.record["vae_tile"] == 16
 
 
 def _flux_files(root: Path, guidance_embed: bool) -> list[Path]:

@@ -287,6 +287,11 @@ class BundleConfig:
                 raise CheckpointError(f"{where}: missing '{key}' — not a pictor bundle config")
         if not isinstance(d.get("kontext", False), bool):
             raise CheckpointError(f"{where}: 'kontext' is {d['kontext']!r}; it must be true or false")
+        if d.get("kontext") and isinstance(d["model"], dict) and not d["model"].get("guidance_embed"):
+            raise CheckpointError(
+                f"{where}: 'kontext' is true, but the model has no guidance embedding (FLUX.1 Kontext [dev] "
+                "is guidance-distilled, like [dev]); set 'kontext' to false, or give a Kontext model"
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -30,6 +30,7 @@ from PIL import Image
 from pictor.editing import EditError, ImageSource, image_info, load_image, to_rgb
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.autoencoder import AutoEncoder
+from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.flux import make_img_ids, pack_latents
 
 __all__ = [
@@ -178,11 +179,18 @@ class ContextTokens:
 
 
 @torch.inference_mode()
-def context_tokens(autoencoder: AutoEncoder, pixels: np.ndarray, dtype: torch.dtype) -> ContextTokens:
-    """Encode fitted context pixels (uint8 [H, W, 3]) once per sampler run."""
+def context_tokens(
+    autoencoder: AutoEncoder,
+    pixels: np.ndarray,
+    dtype: torch.dtype,
+    tile: int | None = None,
+    overlap: int | None = None,
+) -> ContextTokens:
+    """Encode fitted context pixels (uint8 [H, W, 3]) once per sampler run; in tiles of `tile` image
+    pixels when the run decodes in tiles (`--vae-tile`), which bounds this encode's memory too."""
     param = next(autoencoder.parameters())
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    z = autoencoder.encode(x.to(param.device, param.dtype))  # [1, C, h, w]: the mean, scaled and shifted
+    z = autoencoder_encode(autoencoder, x.to(param.device, param.dtype), tile, overlap)  # [1, C, h, w]
     ids = make_img_ids(1, z.shape[2], z.shape[3], device=param.device)
     ids[..., 0] = CONTEXT_INDEX
     return ContextTokens(tokens=pack_latents(z).to(dtype), ids=ids.to(dtype))

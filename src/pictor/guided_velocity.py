@@ -112,7 +112,7 @@ def guided_velocity(
     kontext = None
     if r.context_image is not None:  # encoded once per run, like the reference
         assert isinstance(r.context_image, np.ndarray)
-        kontext = context_tokens(m.autoencoder, r.context_image, m.dtype)
+        kontext = context_tokens(m.autoencoder, r.context_image, m.dtype, r.vae_tile, r.vae_tile_overlap)
     context = None
     if r.reference is not None:
         assert m.reference_adapter is not None and isinstance(r.reference, np.ndarray)

@@ -248,9 +248,9 @@ async def edit_form(
         # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.
         if upload is None:
             return None
-        return await run_in_threadpool(
-            decode_upload, await upload.read(limits.max_upload_bytes + 1), what, limits
-        )
+        data = await upload.read(limits.max_upload_bytes + 1)
+        # A reference picture is fitted before use: held to max_picture_pixels, not to the output limit.
+        return await run_in_threadpool(decode_upload, data, what, limits, what == "reference_image")
 
     source = await decoded(image, "image")
     assert source is not None

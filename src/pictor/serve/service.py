@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
+from pictor.editing import eight_bit
 from pictor.hires import hires_size
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.pipeline import GenerationError
@@ -27,6 +28,14 @@ from pictor.serve.uploads import decode_base64_image
 
 # The job settings that name kept uploads (edit sources, masks, reference pictures, context images).
 UPLOAD_KEYS = ("image", "mask", "reference", "context_image")
+
+
+def _within(width: int, height: int, max_pixels: int, multiple: int) -> str:
+    """A size of about width:height that keeps under max_pixels, in multiples of `multiple`."""
+    scale = (max_pixels / (width * height)) ** 0.5
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return f"{w}x{h}"
 
 
 @dataclass
@@ -78,12 +87,12 @@ class Service:
         require_prompt(body.prompt, body.reference_image is not None)
         reference = None
         if body.reference_image is not None:
-            picture = decode_base64_image(body.reference_image, "reference_image", self.settings.limits)
-            reference = picture.convert("RGB")
+            picture = decode_base64_image(body.reference_image, "reference_image", limits, fitted=True)
+            reference = eight_bit(picture).convert("RGB")  # 16-bit scaled, not clipped to white
         context = None
         if body.context_image is not None:  # kept as sent (its fitting is the pipeline's, and recorded)
-            context = decode_base64_image(body.context_image, "context_image", self.settings.limits)
-            context = context.convert("RGB")
+            picture = decode_base64_image(body.context_image, "context_image", limits, fitted=True)
+            context = eight_bit(picture).convert("RGB")
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -113,6 +122,18 @@ class Service:
         except GenerationError as exc:
             raise APIError(400, str(exc), code="invalid_parameters", param=param_of(str(exc))) from None
         assert r.width is not None and r.height is not None
+        if context is not None and width is None and r.width * r.height > limits.max_pixels:
+            # The size came from the context picture (FLUX.1 Kontext's resolutions reach 1568x672), not
+            # from the client, so say that rather than blame a size it never sent.
+            raise APIError(
+                400,
+                f"context_image is fitted to {r.width}x{r.height} = {r.width * r.height} pixels, which the "
+                f"output would take, over this server's limit of {limits.max_pixels}: give a size (e.g. "
+                f"{_within(r.width, r.height, limits.max_pixels, pipe.patch)}), or raise the server's "
+                "--max-pixels",
+                param="context_image",
+                code="size_too_large",
+            )
         check_limits(self.settings.limits, body.prompt, n, r.width, r.height, r.steps)
         if r.hires_scale is not None:  # the second pass is the larger and may take more steps
             assert r.hires_steps is not None

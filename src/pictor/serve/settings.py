@@ -21,6 +21,9 @@ class Limits:
     max_prompt_chars: int = 4000  # OpenAI's dall-e-3 limit
     max_body_bytes: int = 1 << 20  # a JSON body; uploads have their own cap
     max_upload_bytes: int = 8 << 20
+    # A reference or context picture is fitted down before use, so it may be larger than an output: a
+    # camera's photo, within the upload's byte limit
+    max_picture_pixels: int = 6000 * 4000
 
 
 @dataclass(frozen=True)

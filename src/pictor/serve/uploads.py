@@ -22,8 +22,11 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
-def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
-    """Bytes -> a loaded PIL image, or a 4xx that says what is wrong with them."""
+def decode_upload(data: bytes, what: str, limits: Limits, fitted: bool = False) -> Image.Image:
+    """Bytes -> a loaded PIL image, or a 4xx that says what is wrong with them. `fitted`: a picture the
+    pipeline resizes before use (a reference or context image), held to `max_picture_pixels` rather than to
+    the output limit `max_pixels`."""
+    cap = limits.max_picture_pixels if fitted else limits.max_pixels
     if len(data) > limits.max_upload_bytes:
         raise APIError(
             413,
@@ -36,11 +39,10 @@ def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
         try:
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 width, height = im.size  # from the header: nothing decoded yet
-                if width * height > limits.max_pixels:
+                if width * height > cap:
                     raise APIError(
                         400,
-                        f"{what} is {width}x{height} = {width * height} pixels; "
-                        f"the limit is {limits.max_pixels}",
+                        f"{what} is {width}x{height} = {width * height} pixels; the limit is {cap}",
                         param=what,
                         code="image_too_large",
                     )
@@ -69,7 +71,7 @@ def decode_upload(data: bytes, what: str, limits: Limits) -> Image.Image:
             ) from None
 
 
-def decode_base64_image(text: str, what: str, limits: Limits) -> Image.Image:
+def decode_base64_image(text: str, what: str, limits: Limits, fitted: bool = False) -> Image.Image:
     """A base64 image (plain, or a ``data:image/...;base64,`` URL) -> a loaded PIL image, or a 4xx."""
     # Whitespace is dropped: `base64` and many encoders wrap lines at 76 characters.
     body = "".join(_DATA_URL.sub("", text.strip(), count=1).split())
@@ -90,4 +92,4 @@ def decode_base64_image(text: str, what: str, limits: Limits) -> Image.Image:
             param=what,
             code="invalid_image",
         ) from None
-    return decode_upload(data, what, limits)
+    return decode_upload(data, what, limits, fitted)
