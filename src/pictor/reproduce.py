@@ -171,16 +171,21 @@ def check_reference(pipe: Pipeline, record: dict[str, Any], reference: ImageSour
         )
 
 
-def check_reference_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
-    if not record.get("reference_image"):
-        return
-    want = record["reference_image"]["sha256"]
-    got = pixel_sha256(r.reference) if isinstance(r.reference, np.ndarray) else ""
-    if want != got:
-        raise GenerationError(
-            f"the reference image is not the one this image was made from (its fitted pixels hash to "
-            f"{got[:10]}, the record says {want[:10]}); pass the original reference image"
-        )
+def check_picture_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
+    """The reference and context pictures, as fitted for this run, are the ones the record names."""
+    for key, pixels, what in (
+        ("reference_image", r.reference, "reference image"),
+        ("context_image", r.context_image, "context image"),
+    ):
+        if not record.get(key):
+            continue
+        want = record[key]["sha256"]
+        got = pixel_sha256(pixels) if isinstance(pixels, np.ndarray) else ""
+        if want != got:
+            raise GenerationError(
+                f"the {what} is not the one this image was made from (its fitted pixels hash to "
+                f"{got[:10]}, the record says {want[:10]}); pass the original {what}"
+            )
 
 
 def check_context(record: dict[str, Any], context: ImageSource | None) -> None:
@@ -191,18 +196,6 @@ def check_context(record: dict[str, Any], context: ImageSource | None) -> None:
         )
     if context is not None and not record.get("context_image"):
         raise GenerationError("this image was made without a context image; drop --context")
-
-
-def check_context_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
-    if not record.get("context_image"):
-        return
-    want = record["context_image"]["sha256"]
-    got = pixel_sha256(r.context_image) if isinstance(r.context_image, np.ndarray) else ""
-    if want != got:
-        raise GenerationError(
-            f"the context image is not the one this image was made from (its fitted pixels hash to "
-            f"{got[:10]}, the record says {want[:10]}); pass the original context image"
-        )
 
 
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
@@ -290,8 +283,7 @@ def reproduce(
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
-    check_reference_pixels(record, r)
-    check_context_pixels(record, r)
+    check_picture_pixels(record, r)
     run = pipe.run_hires_seeds if r.hires_scale else pipe.run_seeds
     images = run(r, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
@@ -329,8 +321,7 @@ def _reproduce_edit(
         **_settings(record, seeds, reference, context),
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
-    check_reference_pixels(record, r)
-    check_context_pixels(record, r)
+    check_picture_pixels(record, r)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
     if want != got:
         raise GenerationError(

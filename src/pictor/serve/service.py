@@ -22,12 +22,20 @@ from pictor.serve.jobs import JobManager
 from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
-from pictor.serve.settings import ServeSettings
+from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
 from pictor.serve.uploads import decode_base64_image
 
 # The job settings that name kept uploads (edit sources, masks, reference pictures, context images).
 UPLOAD_KEYS = ("image", "mask", "reference", "context_image")
+
+
+def _picture(text: str | None, what: str, limits: Limits) -> Image.Image | None:
+    """A base64 reference or context picture as 8-bit RGB (16-bit scaled, not clipped to white, as the CLI
+    reads it); None when absent."""
+    if text is None:
+        return None
+    return eight_bit(decode_base64_image(text, what, limits, fitted=True)).convert("RGB")
 
 
 def _within(width: int, height: int, max_pixels: int, multiple: int) -> str:
@@ -85,14 +93,9 @@ class Service:
         layout = checked_layout([b.model_dump() for b in body.layout] if body.layout is not None else None)
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
         require_prompt(body.prompt, body.reference_image is not None)
-        reference = None
-        if body.reference_image is not None:
-            picture = decode_base64_image(body.reference_image, "reference_image", limits, fitted=True)
-            reference = eight_bit(picture).convert("RGB")  # 16-bit scaled, not clipped to white
-        context = None
-        if body.context_image is not None:  # kept as sent (its fitting is the pipeline's, and recorded)
-            picture = decode_base64_image(body.context_image, "context_image", limits, fitted=True)
-            context = eight_bit(picture).convert("RGB")
+        # Kept as sent, made 8-bit RGB (their fitting is the pipeline's, and recorded).
+        reference = _picture(body.reference_image, "reference_image", limits)
+        context = _picture(body.context_image, "context_image", limits)
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,

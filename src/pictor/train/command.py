@@ -21,7 +21,7 @@ from pictor.train.config import (
     ConfigError,
     TrainConfig,
     data_path,
-    fixed_on_resume,
+    resume_refusal,
 )
 
 # flag dest -> TrainConfig field (flags whose value is None were not given)
@@ -215,14 +215,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # A run from before --data was stored whole holds it as typed: compare the folders named.
         saved = dataclasses.replace(saved, data=data_path(saved.data))
         # What fixes a LoRA run's adapters cannot change (pictor.train.lora checks it too, for the API).
-        refused = [f"{k} {getattr(saved, k)!r} -> {overrides[k]!r}" for k in fixed_on_resume(saved)
-                   if k in overrides and overrides[k] != getattr(saved, k)]  # fmt: skip
-        if refused:
-            raise ConfigError(
-                f"{latest}: this run's adapters were built with other settings ({', '.join(refused)}); "
-                "resume with the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a "
-                "LoKr, LoHa or DoRA run's --alpha), or start a new --out"
-            )
+        refusal = resume_refusal(saved, overrides, str(latest))
+        if refusal:
+            raise ConfigError(refusal)
         changed = [k for k in TRAJECTORY_KEYS if k in overrides and overrides[k] != getattr(saved, k)]
         if changed:
             _note(

@@ -369,6 +369,22 @@ def fixed_on_resume(cfg: TrainConfig) -> tuple[str, ...]:
     return LORA_SHAPE_KEYS + (("lora_alpha",) if lycoris else ())
 
 
+def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str | None:
+    """Why run `saved` cannot resume with the settings `new` (those given; others are kept), or None."""
+    refused = [
+        f"{k} {getattr(saved, k)!r} -> {new[k]!r}"
+        for k in fixed_on_resume(saved)
+        if k in new and new[k] != getattr(saved, k)
+    ]
+    if not refused:
+        return None
+    return (
+        f"{where}: this run's adapters were built with other settings ({', '.join(refused)}); resume with "
+        "the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA run's "
+        "--alpha), or start a new --out"
+    )
+
+
 TRAJECTORY_KEYS = (
     "data",
     "seed",

@@ -11,6 +11,7 @@ A resumed run checks that the base is the same model (SHA-256 of its transformer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,7 @@ from pictor.models.lora import add_lora
 from pictor.models.lycoris_train import add_lycoris
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
 from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, store_fp8
-from pictor.train.config import TrainConfig, fixed_on_resume
+from pictor.train.config import TrainConfig, resume_refusal
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
 from pictor.train.stages import Stage, seeded
@@ -198,19 +199,11 @@ class LoRAStage(T2IStage):
         # The adapter's kind and shape (and a LyCORIS adapter's alpha, a buffer in its weights, which loading
         # the checkpoint would put back) are fixed (older runs stored the LyCORIS keys not: plain LoRA, the
         # defaults); another value would only surface as a state-dict mismatch or be silently undone.
+        # (Layout and reference runs fix none of them: `fixed_on_resume` is empty outside the lora stage.)
         before = TrainConfig.from_dict(state["config"], str(checkpoint))
-        changed = {
-            k: (getattr(before, k), getattr(self.cfg, k))
-            for k in fixed_on_resume(before)
-            if getattr(before, k) != getattr(self.cfg, k) and self.name == "lora"  # layout, reference: unused
-        }
-        if changed:
-            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise CheckpointError(
-                f"{checkpoint}: this run's adapters were built with other settings ({said}); resume with the "
-                "run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA "
-                "run's --alpha), or start a new --out"
-            )
+        refusal = resume_refusal(before, dataclasses.asdict(self.cfg), str(checkpoint))
+        if refusal:
+            raise CheckpointError(refusal)
         saved = state.get("stage", {})
         if saved.get("base_hash") not in (None, self.base_hash):
             raise CheckpointError(
