@@ -80,25 +80,37 @@ def predict_noise(x_t: Tensor, v: Tensor, t: TimeLike) -> Tensor:
     return (x_t + (1 - tb) * v).to(x_t.dtype)
 
 
+TimestepKind = Literal["logit_normal", "uniform", "shift", "flux_shift"]
+
+
 def sample_t(
     batch: int,
-    kind: Literal["logit_normal", "uniform"] = "logit_normal",
+    kind: TimestepKind = "logit_normal",
     generator: torch.Generator | None = None,
     mean: float = 0.0,
     std: float = 1.0,
     device: torch.device | str | None = None,
+    shift: float = 1.0,
 ) -> Tensor:
     """Training timesteps, float32 [batch].
 
     "logit_normal" is sigmoid(N(mean, std)) as in SD3/FLUX training: it spends more samples on the middle
-    of the path, where the velocity is hardest to predict. "uniform" is U[0, 1). Draws happen on the
-    generator's device (CPU if none) so a seeded generator gives the same t on every device; the result is
-    then moved to `device`. A resolution shift can be applied afterwards with `time_shift`.
+    of the path, where the velocity is hardest to predict. "uniform" is U[0, 1). "shift" and "flux_shift"
+    are the logit-normal draw mapped by shift·t / (1 + (shift - 1)·t) (= `time_shift(log shift, 1, t)`),
+    which moves every t toward noise for shift > 1: kohya's FLUX.1 `--timestep_sampling shift` with
+    `--discrete_flow_shift shift`; for "flux_shift" the caller passes exp(resolution_mu(tokens)), the
+    shift FLUX.1's sampling schedule uses at that image size. Draws happen on the generator's device (CPU
+    if none) so a seeded generator gives the same t on every device; the result is then moved to `device`.
     """
     if batch < 0:
         raise ValueError(f"batch must be >= 0, got {batch}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
-    if kind == "logit_normal":
+    if kind in ("shift", "flux_shift"):
+        t = sample_t(batch, "logit_normal", generator, mean, std)
+        t = shift * t / (1 + (shift - 1) * t)
+    elif kind == "logit_normal":
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
         z = torch.randn(batch, generator=generator, device=draw_device, dtype=torch.float32)
@@ -106,7 +118,9 @@ def sample_t(
     elif kind == "uniform":
         t = torch.rand(batch, generator=generator, device=draw_device, dtype=torch.float32)
     else:
-        raise ValueError(f"unknown timestep distribution {kind!r}; known: 'logit_normal', 'uniform'")
+        raise ValueError(
+            f"unknown timestep distribution {kind!r}; known: 'logit_normal', 'uniform', 'shift', 'flux_shift'"
+        )
     return t.to(device) if device is not None else t
 
 

@@ -59,6 +59,12 @@ _FIELDS = {
     "lora_dropout": "lora_dropout",
     "lora_algo": "lora_algo",
     "lokr_factor": "lokr_factor",
+    "timestep_sampling": "timestep_sampling",
+    "timestep_shift": "timestep_shift",
+    "guidance_scale": "guidance_scale",
+    "keep_tokens": "keep_tokens",
+    "caption_tag_dropout": "caption_tag_dropout",
+    "caption_ext": "caption_ext",
 }
 
 
@@ -125,6 +131,48 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
     t.add_argument("--ema-decay", type=float, default=None)
     t.add_argument("--caption-dropout", type=float, default=None, help="t2i: P(caption -> '') (0.1)")
+    t.add_argument(
+        "--timestep-sampling",
+        choices=("logit_normal", "uniform", "shift", "flux_shift"),
+        default=None,
+        help="t2i, lora, layout, reference: training timesteps: logit_normal (default, SD3/FLUX), uniform, "
+        "shift (logit-normal pushed toward noise by --timestep-shift; kohya's --timestep_sampling shift) or "
+        "flux_shift (shifted by the image's token count, as FLUX.1 samples)",
+    )
+    t.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=None,
+        help="--timestep-sampling shift: the shift (3.0; kohya's --discrete_flow_shift, e.g. 3.1582)",
+    )
+    t.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="a guidance-distilled model (FLUX.1-dev): the value its guidance embedding gets while training "
+        "(1.0, as kohya's FLUX.1 recipe; diffusers' scripts use 3.5)",
+    )
+    t.add_argument(
+        "--flip-aug", action="store_true", help="image folders: mirror about half of the images left to right"
+    )
+    t.add_argument(
+        "--shuffle-caption",
+        action="store_true",
+        help="image folders: shuffle a caption's comma-separated tags per sample (kohya's --shuffle_caption)",
+    )
+    t.add_argument(
+        "--keep-tokens",
+        type=int,
+        default=None,
+        help="with --shuffle-caption or --caption-tag-dropout: the first N tags stay as they are (0)",
+    )
+    t.add_argument(
+        "--caption-tag-dropout",
+        type=float,
+        default=None,
+        help="image folders: drop each comma-separated tag (past --keep-tokens) with this probability (0)",
+    )
+    t.add_argument("--caption-ext", default=None, help="image folders: the caption file's extension (.txt)")
     t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")
     t.add_argument("--image-size", type=int, default=None, help="square training size (preset's)")
     t.add_argument("--seed", type=int, default=None)
@@ -196,6 +244,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["lora_dora"] = True
     if args.fsdp:
         overrides["fsdp"] = True
+    if args.flip_aug:
+        overrides["flip_aug"] = True
+    if args.shuffle_caption:
+        overrides["caption_shuffle"] = True
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily

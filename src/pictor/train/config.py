@@ -26,6 +26,10 @@ ADAPTER_STAGES = ("lora", "layout", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
+# What a guidance-distilled model's guidance embedding gets while training when --guidance-scale is not
+# given: kohya's FLUX.1 LoRA recipe (--guidance_scale 1.0); diffusers' training scripts default to 3.5.
+DISTILLED_TRAIN_GUIDANCE = 1.0
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "shift", "flux_shift")  # pictor.flow.sample_t
 LORA_ALGOS = ("lora", "lokr", "loha")  # pictor.models.lycoris_train.ALGOS (not imported: no torch here)
 
 # Stage defaults for what differs between the two stages; everything else is shared.
@@ -123,9 +127,22 @@ class TrainConfig:
     kl_weight: float = 1e-6  # LDM's weight: KL summed over the latent, recon summed over the pixels
     # t2i stage.
     caption_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
+    # "logit_normal" (SD3/FLUX), "uniform", "shift" (the logit-normal draw pushed toward noise by
+    # timestep_shift, as kohya's --timestep_sampling shift --discrete_flow_shift) or "flux_shift" (shifted by
+    # the image's token count, as FLUX.1's sampling schedule is; kohya's flux_shift).
     timestep_sampling: str = "logit_normal"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    timestep_shift: float = 3.0  # for timestep_sampling "shift"
+    # The value a guidance-distilled model (guidance_embed, as FLUX.1-dev) gets in its guidance embedding
+    # while it trains; None: DISTILLED_TRAIN_GUIDANCE there. Refused for a model without one.
+    guidance_scale: float | None = None
+    # Folder data augmentation, drawn per sample from (seed, sample index) so resumes and ranks agree.
+    flip_aug: bool = False  # mirror about half of the images left to right
+    caption_shuffle: bool = False  # shuffle a caption's comma-separated tags (kohya --shuffle_caption)
+    keep_tokens: int = 0  # with caption_shuffle: the first N tags stay in place (kohya --keep_tokens)
+    caption_tag_dropout: float = 0.0  # drop each tag past keep_tokens with this probability
+    caption_ext: str = ".txt"  # the caption file beside each image
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
     # LoRA stage: adapters on a frozen base bundle (architecture, autoencoder, text encoder: the base's).
     base: str | None = None
@@ -145,7 +162,9 @@ class TrainConfig:
     eval_every: int = 1000
     num_samples: int = 8  # images in a sample grid
     sample_steps: int = 20
-    sample_guidance: float = 4.0
+    # Sample grids and evals: None = the model's default guidance (its distilled guidance on FLUX.1-dev;
+    # 1, no CFG, where its defaults say guidance_mode 'none').
+    sample_guidance: float | None = None
     eval_prompts: int = 24  # dev prompts scored (spread over the six tags)
     eval_images_per_prompt: int = 2
     # Runtime (not part of the trajectory).
@@ -226,6 +245,8 @@ class TrainConfig:
             betas=list(self.betas) if self.betas is not None else list(stage["betas"]),
             ema_decay=self.ema_decay if self.ema_decay is not None else stage["ema_decay"],
         )
+        if c.sample_guidance is None:
+            c = dataclasses.replace(c, sample_guidance=_default_guidance(c.defaults or {}))
         c.validate()
         return c
 
@@ -285,8 +306,37 @@ class TrainConfig:
             f"caption_dropout must lie in [0, 1], got {self.caption_dropout}",
         )
         need(
-            self.timestep_sampling in ("logit_normal", "uniform"),
-            "timestep_sampling must be 'logit_normal' or 'uniform'",
+            self.timestep_sampling in TIMESTEP_SAMPLINGS,
+            f"timestep_sampling (--timestep-sampling) must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
+            f"got {self.timestep_sampling!r}",
+        )
+        need(self.timestep_std > 0, f"timestep_std must be > 0, got {self.timestep_std}")
+        need(
+            self.timestep_shift > 0,
+            f"timestep_shift (--timestep-shift) must be > 0, got {self.timestep_shift}",
+        )
+        need(
+            self.guidance_scale is None or self.guidance_scale >= 0,
+            f"guidance_scale (--guidance-scale) must be >= 0, got {self.guidance_scale}",
+        )
+        need(
+            self.guidance_scale is None or self.model is None or guidance_distilled(self.model),
+            f"--guidance-scale {self.guidance_scale}: this model has no guidance embedding (it is not "
+            "guidance-distilled as FLUX.1-dev is), so there is nothing to feed it; drop --guidance-scale "
+            "(classifier-free guidance is trained by --caption-dropout)",
+        )
+        need(
+            self.sample_guidance is None or self.sample_guidance >= 0,
+            f"sample_guidance must be >= 0, got {self.sample_guidance}",
+        )
+        need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
+        need(
+            0.0 <= self.caption_tag_dropout < 1.0,
+            f"caption_tag_dropout (--caption-tag-dropout) must lie in [0, 1), got {self.caption_tag_dropout}",
+        )
+        need(
+            self.caption_ext.startswith(".") and len(self.caption_ext) > 1,
+            f"caption_ext (--caption-ext) must be a file extension such as '.txt', got {self.caption_ext!r}",
         )
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -332,6 +382,18 @@ class TrainConfig:
                 f"image_size {self.image_size} must be a multiple of {multiple} "
                 f"(autoencoder factor {factor}{' x 2x2 latent patches' if packed else ''})",
             )
+
+
+def _default_guidance(defaults: dict[str, Any]) -> float:
+    """The guidance a model generates with by default: what sample grids and evals use."""
+    if defaults.get("guidance_mode") == "none":
+        return 1.0
+    return float(defaults.get("guidance", 4.0))
+
+
+def guidance_distilled(model: dict[str, Any] | None) -> bool:
+    """Whether a transformer config has a guidance embedding (guidance-distilled, as FLUX.1-dev)."""
+    return bool((model or {}).get("guidance_embed", False))
 
 
 def _bundle_preset(name: str, flag: str, why: str) -> dict[str, Any]:
@@ -409,4 +471,14 @@ TRAJECTORY_KEYS = (
     "lora_algo",
     "lora_dora",
     "lokr_factor",
+    "timestep_sampling",
+    "timestep_mean",
+    "timestep_std",
+    "timestep_shift",
+    "guidance_scale",
+    "flip_aug",
+    "caption_shuffle",
+    "keep_tokens",
+    "caption_tag_dropout",
+    "caption_ext",
 )

@@ -155,13 +155,21 @@ class SampleDraws:
     t_kind: str = "logit_normal"
     t_mean: float = 0.0
     t_std: float = 1.0
+    t_shift: float = 1.0  # "shift" / "flux_shift" timesteps: see pictor.flow.sample_t
 
     def __call__(self, k: int) -> dict[str, torch.Tensor]:
         g = sample_generator(self.seed, k)
         out = {}
         if self.timesteps:
             out["drop"] = torch.rand(1, generator=g) < self.caption_dropout
-            out["t"] = sample_t(1, self.t_kind, generator=g, mean=self.t_mean, std=self.t_std)  # type: ignore[arg-type]
+            out["t"] = sample_t(
+                1,
+                self.t_kind,  # type: ignore[arg-type]
+                generator=g,
+                mean=self.t_mean,
+                std=self.t_std,
+                shift=self.t_shift,
+            )
         out["noise"] = torch.randn(self.noise_shape, generator=g)
         return out
 

@@ -40,9 +40,12 @@ class LayoutForward(nn.Module):
         super().__init__()
         self.flux, self.adapter = flux, adapter
 
-    def forward(self, *inputs: Tensor, layout: tuple[Tensor, Tensor, tuple[int, int]]) -> Tensor:
+    def forward(
+        self, *inputs: Tensor, layout: tuple[Tensor, Tensor, tuple[int, int]], guidance: Tensor | None = None
+    ) -> Tensor:
         phrases, boxes, (grid_h, grid_w) = layout
-        return self.flux(*inputs, img_residuals=self.adapter(phrases, boxes, grid_h, grid_w))
+        residuals = self.adapter(phrases, boxes, grid_h, grid_w)
+        return self.flux(*inputs, guidance=guidance, img_residuals=residuals)
 
 
 class LayoutStage(FileAdapterStage):

@@ -72,8 +72,10 @@ def generate(
     ``residual_fn(slice of prompts)`` gives an adapter's per-block image residuals for those prompts (a
     layout adapter's); both CFG halves get them, as in the pipeline. ``context_fn(slice)`` gives what a
     reference adapter adds to those prompts (to their tokens and pooled vectors); as in the pipeline, the
-    conditional half only.
+    conditional half only. A guidance-distilled transformer (FLUX.1-dev) gets `guidance` in its guidance
+    embedding and one pass per step, as the pipeline runs it; any other gets CFG at `guidance`.
     """
+    distilled = bool(getattr(getattr(transformer, "params", None), "guidance_embed", False))
     was_training = transformer.training
     transformer.eval()
     f = autoencoder.params.downsample_factor
@@ -94,25 +96,27 @@ def generate(
             ).to(device)
             x = pack_latents(noise)
             cond = text_encoder.encode(chunk)
+            passes = 1 if distilled else 2  # CFG runs the prompts and the empty prompt in one batch
             uncond = text_encoder.encode([""] * n)
-            txt = torch.cat([cond.tokens, uncond.tokens]).to(device)
-            vec = torch.cat([cond.pooled, uncond.pooled]).to(device)
-            img_ids = make_img_ids(2 * n, lat, lat, device=device)
-            txt_ids = make_txt_ids(2 * n, txt.shape[1], device=device)
+            txt = torch.cat([cond.tokens, uncond.tokens][:passes]).to(device)
+            vec = torch.cat([cond.pooled, uncond.pooled][:passes]).to(device)
+            img_ids = make_img_ids(passes * n, lat, lat, device=device)
+            txt_ids = make_txt_ids(passes * n, txt.shape[1], device=device)
             if context_fn is not None:
                 ctx = context_fn(slice(start, start + n))  # [n, ...]: one picture per prompt
-                txt, vec = apply_reference(txt, vec, conditional_only(ctx, n))
+                txt, vec = apply_reference(txt, vec, ctx if distilled else conditional_only(ctx, n))
             res = None
             if residual_fn is not None:
-                res = [torch.cat([r, r]) for r in residual_fn(slice(start, start + n))]
+                res = [torch.cat([r] * passes) for r in residual_fn(slice(start, start + n))]
+            scale = torch.full((passes * n,), float(guidance), device=device) if distilled else None
 
-            def both(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+            def velocity(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
                 with autocast(device, amp):
-                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec, img_residuals=res)  # noqa: B023
+                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec, img_residuals=res, guidance=scale)  # noqa: B023
                 return v.float()
 
             ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)
-            x = get_sampler("euler")(cfg(both, guidance), x, ts, None)
+            x = get_sampler("euler")(velocity if distilled else cfg(velocity, guidance), x, ts, None)
             with autocast(device, amp):
                 pixels = autoencoder.decode(unpack_latents(x, lat, lat))
             out.append(to_uint8(pixels))

@@ -74,6 +74,7 @@ class ReferenceForward(nn.Module):
         y: Tensor,
         *,
         reference: tuple[Tensor, tuple[int, int], Tensor, Tensor],
+        guidance: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         latents, (grid_h, grid_w), target_tokens, target_pooled = reference
         out = self.adapter(latents, grid_h, grid_w)
@@ -82,7 +83,9 @@ class ReferenceForward(nn.Module):
         tokens_error = (tokens_error / target_tokens.square().sum((1, 2))).mean()
         pooled_error = (self.empty_pooled + out.pooled.float() - target_pooled).square().sum(-1).mean()
         txt, y = apply_reference(txt, y, out)
-        return self.flux(img, img_ids, txt, txt_ids, t, y), DIRECT_LOSS_WEIGHT * (tokens_error + pooled_error)
+        return self.flux(img, img_ids, txt, txt_ids, t, y, guidance), DIRECT_LOSS_WEIGHT * (
+            tokens_error + pooled_error
+        )
 
 
 class ReferenceStage(FileAdapterStage):

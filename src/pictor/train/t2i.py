@@ -27,13 +27,13 @@ from pictor.checkpoint import (
     read_safetensors,
     save_bundle,
 )
-from pictor.flow import flow_loss, interpolate
+from pictor.flow import flow_loss, interpolate, resolution_mu
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 from pictor.models.text import build_text_encoder
 from pictor.train import previews
-from pictor.train.config import TrainConfig
+from pictor.train.config import DISTILLED_TRAIN_GUIDANCE, TrainConfig, guidance_distilled
 from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float
 from pictor.train.distributed import DistInfo, broadcast
 from pictor.train.stages import Stage, holdout_images, load_autoencoder, seeded
@@ -176,9 +176,22 @@ class T2IStage(Stage):
             t_kind=c.timestep_sampling,
             t_mean=c.timestep_mean,
             t_std=c.timestep_std,
+            t_shift=self._timestep_shift(),
         )
 
+    def _timestep_shift(self) -> float:
+        """The shift of "shift" / "flux_shift" training timesteps (1: none): the configured one, or FLUX.1's
+        sampling shift at this run's token count (exp(mu), as `schedule_flux` shifts)."""
+        c = self.cfg
+        if c.timestep_sampling == "shift":
+            return c.timestep_shift
+        if c.timestep_sampling == "flux_shift":
+            _, h, w = self._latent_shape(self.ae)
+            return math.exp(resolution_mu((h // 2) * (w // 2)))
+        return 1.0
+
     def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.cfg
         drops = batch.draws["drop"].tolist()
         captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
         x = to_float(batch.images, self.device)
@@ -193,6 +206,11 @@ class T2IStage(Stage):
         img_ids = make_img_ids(b, h, w, device=self.device)
         txt_ids = make_txt_ids(b, emb.tokens.shape[1], device=self.device)
         extra = self.forward_extras(batch, (h // 2, w // 2))
+        if guidance_distilled(c.model):
+            # A guidance-distilled model (FLUX.1-dev) is trained at one guidance value, as kohya and
+            # diffusers train FLUX.1-dev LoRAs; its forward refuses to run without one.
+            scale = c.guidance_scale if c.guidance_scale is not None else DISTILLED_TRAIN_GUIDANCE
+            extra["guidance"] = torch.full((b,), float(scale), device=self.device)
         with previews.autocast(self.device, self.amp):
             txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
             out = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
