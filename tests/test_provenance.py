@@ -79,6 +79,18 @@ def test_quoted_values_parse_back() -> None:
     assert parsed["settings"]["Model"] == "shapes"
 
 
+def test_reference_and_context_pictures_are_named_by_hash() -> None:
+    """A1111 has no fields for them, but a reader should see that the image needs a picture, and which."""
+    rec = _record(
+        reference_image={"sha256": "ab" * 32, "width": 64, "height": 64},
+        context_image={"sha256": "cd" * 32, "width": 1024, "height": 1024},
+    )
+    settings = parse_parameters(parameters_text(rec))["settings"]
+    assert settings["Reference image hash"] == "ab" * 6
+    assert settings["Context image hash"] == "cd" * 6
+    assert "image hash" not in parameters_text(_record())
+
+
 def test_third_party_reader_sd_parsers(tmp_path: Path) -> None:
     from sd_parsers import ParserManager
 

@@ -89,6 +89,12 @@ def parameters_text(record: dict[str, Any]) -> str:
             ("Hires upscaler", str(hires.get("upscaler", "")).capitalize()),
             ("Denoising strength", _fmt_number(hires["strength"])),
         ]
+    # A1111 has no names for these; the short hash of the fitted pixels tells which picture the image
+    # needs (`pictor reproduce IMAGE --reference/--context PICTURE` checks the whole one).
+    for key, name in (("reference_image", "Reference image hash"), ("context_image", "Context image hash")):
+        picture = record.get(key)
+        if isinstance(picture, dict) and picture.get("sha256"):
+            fields.append((name, str(picture["sha256"])[:12]))
     if record.get("vae_tile"):
         fields += [
             ("VAE tile", record["vae_tile"]),
