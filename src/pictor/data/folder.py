@@ -3,11 +3,12 @@
     root/
       metadata.jsonl        optional: {"file_name": "a/b.png", "text": "..."} per line ("caption" works too)
       a/b.png
-      a/c.jpg  a/c.txt      a caption file beside the image, same stem
+      a/c.jpg  a/c.txt      a caption file beside the image, same stem (`caption_ext`: ".txt" by default)
 
-A caption comes from metadata.jsonl when it names the file, else from the .txt beside it, else it is ""
-(counted and reported once). metadata.jsonl files in subfolders also count; their file names are relative
-to their own folder, as in `imagefolder`. Hidden files and folders (".cache", ...) are not scanned.
+A caption comes from metadata.jsonl when it names the file, else from the caption file beside it, else
+it is "" (counted and reported once). metadata.jsonl files in subfolders also count; their file names are
+relative to their own folder, as in `imagefolder`. Hidden files and folders (".cache", ...) are not
+scanned.
 A metadata line may also give a "layout", boxes with phrases in fractions of the image (see
 `pictor.data.layouts`), for `pictor train layout`; items carry it moved with their crop and flip.
 
@@ -153,7 +154,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     resized to cover its target and centre-cropped. Items with min(w, h) < min_side are skipped.
     check: "fast" (default, see `_check_image`), "decode" (decode everything while scanning: slow but
     certain) or "header" (size only; a broken file then fails in __getitem__ with its path in the error).
+    caption_ext: the extension of the caption file beside each image (kohya's --caption_extension).
     hflip: mirror about half of the items, chosen per (seed, epoch, index); call `set_epoch` each epoch.
+    (The trainer leaves this off: it mirrors per sample of its data stream, whatever the epoch.)
 
     After construction: `paths`, `captions`, `sizes` (displayed w, h), `item_buckets` (one per item, for
     `BucketBatchSampler`), `available_buckets`, `skipped` [(path, reason)] and `missing_captions`.
@@ -295,7 +298,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             )
         if self.missing_captions:
             entries = [(p, "") for p in self.missing_captions]
-            msg = _summary(f"images in {self.root} have no caption (using '')", entries)
+            # Naming the extension looked for helps when the captions are there under another one.
+            what = f"images in {self.root} have no caption (no metadata.jsonl line, no {caption_ext} file;"
+            what += " using '')"
+            msg = _summary(what, entries)
             warnings.warn(msg, DatasetWarning, stacklevel=3)
         log.info("%s: %d images, %d skipped", self.root, len(self.paths), len(self.skipped))
         if not self.paths:

@@ -140,7 +140,7 @@ class TrainConfig:
     # Folder data augmentation, drawn per sample from (seed, sample index) so resumes and ranks agree.
     flip_aug: bool = False  # mirror about half of the images left to right
     caption_shuffle: bool = False  # shuffle a caption's comma-separated tags (kohya --shuffle_caption)
-    keep_tokens: int = 0  # with caption_shuffle: the first N tags stay in place (kohya --keep_tokens)
+    keep_tokens: int = 0  # the first N tags are neither shuffled nor dropped (kohya --keep_tokens)
     caption_tag_dropout: float = 0.0  # drop each tag past keep_tokens with this probability
     caption_ext: str = ".txt"  # the caption file beside each image
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors

@@ -7,12 +7,17 @@ Sample k of the stream is always the same image and caption, and every random nu
 depends only on the model state and the data position, never on wall time, worker timing, or how the
 global batch is split over ranks: a resumed run, or one on another number of processes, sees the same
 samples with the same noise.
+
+Augmentation of folder data (mirroring, caption tag shuffle and dropout; kohya's --flip_aug,
+--shuffle_caption, --keep_tokens, --caption_tag_dropout_rate) follows the same rule: it is applied to
+stream sample k, from a generator seeded by (run seed, STREAM_AUGMENT, k), never to a dataset index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +27,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pictor.data.captions import augment_tags
 from pictor.flow import sample_t
+from pictor.notices import PictorWarning
+from pictor.train.config import ConfigError
 
 # Separate seed streams, so that e.g. the noise of sample k is unrelated to its caption-dropout draw.
 STREAM_TRAIN = 1
 STREAM_HOLDOUT = 2
+STREAM_AUGMENT = 3  # a stream of its own: augmenting leaves a sample's noise and timestep as they were
 # Held-out items of an infinite dataset (previews, latent statistics) come from far beyond any run.
 HOLDOUT_OFFSET = 10**12
 
@@ -41,9 +50,79 @@ class ImageCaptionDataset(Protocol):
     def __getitem__(self, index: int) -> tuple[np.ndarray, str, Any]: ...
 
 
-def make_dataset(spec: str, size: int, seed: int) -> ImageCaptionDataset:
-    """``"shapes"`` (the procedural world) or an image folder with captions."""
+@dataclass(frozen=True)
+class Augment:
+    """Folder data augmentation, applied to stream sample k by `_StreamItems` (so a pure function of
+    (seed, k)). Every sample draws its mirror bit first, whether or not `flip` is on, so turning the flip
+    on or off leaves the caption draws of each sample as they were."""
+
+    flip: bool = False  # mirror about half of the images left to right (and their layouts with them)
+    shuffle: bool = False  # shuffle the comma-separated tags of the caption
+    keep_tokens: int = 0  # the first N tags stay in place and are never dropped
+    tag_dropout: float = 0.0  # drop each tag past keep_tokens with this probability
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.shuffle or self.tag_dropout > 0.0
+
+    def __call__(
+        self, seed: int, k: int, image: np.ndarray, caption: str, layout: list[dict[str, Any]] | None
+    ) -> tuple[np.ndarray, str, list[dict[str, Any]] | None]:
+        rng = np.random.default_rng([seed, STREAM_AUGMENT, k])
+        mirror = rng.random() < 0.5  # drawn even with flip off, so the caption draws come after it alike
+        if mirror and self.flip:
+            image = np.ascontiguousarray(image[:, ::-1])  # [H, W, 3]: the W axis reversed
+            layout = _mirror_layout(layout)
+        caption = augment_tags(
+            caption, rng, shuffle=self.shuffle, keep_tokens=self.keep_tokens, tag_dropout=self.tag_dropout
+        )
+        return image, caption, layout
+
+
+def _mirror_layout(layout: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Boxes (fractions [x0, y0, x1, y1]) of a mirrored image; their phrases stay as written."""
+    if layout is None:
+        return None
+    return [
+        {**item, "box": [1.0 - item["box"][2], item["box"][1], 1.0 - item["box"][0], item["box"][3]]}
+        for item in layout
+    ]
+
+
+def make_dataset(
+    spec: str,
+    size: int,
+    seed: int,
+    *,
+    caption_ext: str = ".txt",
+    flip: bool = False,
+    shuffle_caption: bool = False,
+    keep_tokens: int = 0,
+    tag_dropout: float = 0.0,
+) -> ImageCaptionDataset:
+    """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
+    each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`)."""
+    augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
+        # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
+        # tags: the options are for image folders, so say so rather than quietly train on something else.
+        given = [
+            flag
+            for flag, on in (
+                ("--flip-aug", flip),
+                ("--shuffle-caption", shuffle_caption),
+                ("--keep-tokens", keep_tokens != 0),
+                ("--caption-tag-dropout", tag_dropout != 0.0),
+                ("--caption-ext", caption_ext != ".txt"),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: for image folders only; the shapes world (--data shapes) is drawn "
+                "with exact captions and is not augmented. Drop the option(s), or give --data a folder of "
+                "images"
+            )
         from pictor.data.shapes import ShapesDataset
 
         return ShapesDataset(seed=seed, size=size)
@@ -53,16 +132,26 @@ def make_dataset(spec: str, size: int, seed: int) -> ImageCaptionDataset:
     from pictor.data.folder import ImageFolderDataset
 
     # One square size (no aspect buckets): every image is resized to cover size x size and centre-cropped.
-    return _FolderImages(ImageFolderDataset(path, size=size, buckets=False, seed=seed))
+    # The folder's own hflip stays off: it picks per (dataset index, epoch), which a stream does not follow.
+    folder = ImageFolderDataset(path, size=size, buckets=False, seed=seed, caption_ext=caption_ext)
+    if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
+        warnings.warn(
+            "--keep-tokens only keeps tags out of --shuffle-caption and --caption-tag-dropout, and neither "
+            "is on: captions are used as written",
+            PictorWarning,
+            stacklevel=2,
+        )
+    return _FolderImages(folder, augment if augment.active else None)
 
 
 class _FolderImages:
     """ImageFolderDataset items (float [-1, 1] tensors in dicts) as (uint8 [H, W, 3], caption, info)."""
 
-    def __init__(self, folder: Any) -> None:
+    def __init__(self, folder: Any, augment: Augment | None = None) -> None:
         if len(folder) == 0:
             raise ValueError(f"{folder.root}: no usable images found")
         self.folder = folder
+        self.augment = augment  # applied by the stream (`_StreamItems`), not here: it needs k, not index
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -213,12 +302,29 @@ class _StreamItems(Dataset):
 
     def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
+        self.augment = augmentation(ds)
 
     def __getitem__(self, k: int) -> _Item:
         image, caption, meta = self.ds[stream_index(self.len, k, self.seed)]
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
+        if self.augment is not None:
+            # The reference picture (the reference stage's) stays as it is: like the shapes world's
+            # pairs, it then carries what is in the image rather than where.
+            image, caption, layout = self.augment(self.seed, k, image, caption, layout)
         return image, caption, k, self.draws(k) if self.draws is not None else {}, layout, reference
+
+
+def augmentation(ds: ImageCaptionDataset) -> Augment | None:
+    """The augmentation `make_dataset` gave the data, looking through wrappers that keep the data they
+    wrap as ``.ds`` (a stage's, such as the reference stage's ReferencePairs); None when there is none."""
+    seen: Any = ds
+    while seen is not None:
+        found = getattr(seen, "augment", None)
+        if isinstance(found, Augment):
+            return found
+        seen = getattr(seen, "ds", None)
+    return None
 
 
 def _collate(items: list[_Item]) -> Batch:

@@ -122,7 +122,16 @@ class Trainer:
             raise TrainingError(f"{exc}; {_DAMAGED}") from exc
 
         assert cfg.image_size is not None
-        self.ds = make_dataset(cfg.data, cfg.image_size, cfg.seed)
+        self.ds = make_dataset(
+            cfg.data,
+            cfg.image_size,
+            cfg.seed,
+            caption_ext=cfg.caption_ext,
+            flip=cfg.flip_aug,
+            shuffle_caption=cfg.caption_shuffle,
+            keep_tokens=cfg.keep_tokens,
+            tag_dropout=cfg.caption_tag_dropout,
+        )
         self.data_print = data_fingerprint(self.ds)
         resume_path = ckpt.path if ckpt else None
         if cfg.stage == "lora":

@@ -139,7 +139,11 @@ class LoRAStage(T2IStage):
             self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer", base_dtype)
             self.flux.to(self.device)
         self.flux.requires_grad_(False)
-        self.text = CachedText(build_text_encoder(bundle.config.text_encoder).to(self.device))  # type: ignore[assignment]
+        text = build_text_encoder(bundle.config.text_encoder).to(self.device)
+        # Shuffled or thinned tags make nearly every caption new: a cache would only fill up (kohya refuses
+        # --cache_text_encoder_outputs with --shuffle_caption for the same reason).
+        varied = cfg.caption_shuffle or cfg.caption_tag_dropout > 0
+        self.text = text if varied else CachedText(text)  # type: ignore[assignment]
         self.ae_source = self.base_path
         multiple = 2 * self.ae.params.downsample_factor
         if int(cfg.image_size or 0) % multiple:
