@@ -172,6 +172,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="image folders: drop each comma-separated tag (past --keep-tokens) with this probability (0)",
     )
+    t.add_argument(
+        "--buckets",
+        action="store_true",
+        help="image folders: aspect-ratio buckets of about --image-size squared pixels instead of square "
+        "crops (kohya's --enable_bucket); each step's batch holds one bucket",
+    )
     t.add_argument("--caption-ext", default=None, help="image folders: the caption file's extension (.txt)")
     t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")
     t.add_argument("--image-size", type=int, default=None, help="square training size (preset's)")
@@ -248,6 +254,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["flip_aug"] = True
     if args.shuffle_caption:
         overrides["caption_shuffle"] = True
+    if args.buckets:
+        overrides["buckets"] = True
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily

@@ -143,6 +143,10 @@ class TrainConfig:
     keep_tokens: int = 0  # the first N tags are neither shuffled nor dropped (kohya --keep_tokens)
     caption_tag_dropout: float = 0.0  # drop each tag past keep_tokens with this probability
     caption_ext: str = ".txt"  # the caption file beside each image
+    # Aspect-ratio buckets (kohya's --enable_bucket): each image goes to the bucket of about image_size**2
+    # pixels nearest its aspect ratio (at most 2:1) instead of a square centre crop; every global
+    # micro-batch holds one bucket (pictor.train.bucket_stream).
+    buckets: bool = False
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
     # LoRA stage: adapters on a frozen base bundle (architecture, autoencoder, text encoder: the base's).
     base: str | None = None
@@ -329,6 +333,15 @@ class TrainConfig:
             self.sample_guidance is None or self.sample_guidance >= 0,
             f"sample_guidance must be >= 0, got {self.sample_guidance}",
         )
+        need(
+            not self.buckets or self.stage != "autoencoder",
+            "--buckets: the autoencoder stage trains on square crops; drop --buckets there",
+        )
+        need(
+            not self.buckets or self.data != "shapes",
+            "--buckets: the shapes world is drawn square; aspect-ratio buckets are for image folders "
+            "(--data FOLDER)",
+        )
         need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
         need(
             0.0 <= self.caption_tag_dropout < 1.0,
@@ -481,4 +494,5 @@ TRAJECTORY_KEYS = (
     "keep_tokens",
     "caption_tag_dropout",
     "caption_ext",
+    "buckets",
 )

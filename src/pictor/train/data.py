@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from pictor.data.captions import augment_tags
 from pictor.flow import sample_t
 from pictor.notices import PictorWarning
+from pictor.train.bucket_stream import bucket_stream
 from pictor.train.config import ConfigError
 
 # Separate seed streams, so that e.g. the noise of sample k is unrelated to its caption-dropout draw.
@@ -99,9 +100,13 @@ def make_dataset(
     shuffle_caption: bool = False,
     keep_tokens: int = 0,
     tag_dropout: float = 0.0,
+    buckets: bool = False,
+    multiple: int = 16,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
-    each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`)."""
+    each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
+    With `buckets`, folder images go to aspect-ratio buckets of about size**2 pixels whose sides are
+    multiples of `multiple` (the model's pixel multiple), else to size x size centre crops."""
     augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
         # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
@@ -114,6 +119,7 @@ def make_dataset(
                 ("--keep-tokens", keep_tokens != 0),
                 ("--caption-tag-dropout", tag_dropout != 0.0),
                 ("--caption-ext", caption_ext != ".txt"),
+                ("--buckets", buckets),
             )
             if on
         ]
@@ -131,9 +137,11 @@ def make_dataset(
         raise FileNotFoundError(f"--data {spec!r}: give 'shapes' or a folder of images with captions")
     from pictor.data.folder import ImageFolderDataset
 
-    # One square size (no aspect buckets): every image is resized to cover size x size and centre-cropped.
+    # Without buckets, one square size: every image is resized to cover size x size and centre-cropped.
     # The folder's own hflip stays off: it picks per (dataset index, epoch), which a stream does not follow.
-    folder = ImageFolderDataset(path, size=size, buckets=False, seed=seed, caption_ext=caption_ext)
+    folder = ImageFolderDataset(
+        path, size=size, buckets=buckets, multiple=multiple, seed=seed, caption_ext=caption_ext
+    )
     if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
         warnings.warn(
             "--keep-tokens only keeps tags out of --shuffle-caption and --caption-tag-dropout, and neither "
@@ -245,9 +253,15 @@ class SampleDraws:
     t_mean: float = 0.0
     t_std: float = 1.0
     t_shift: float = 1.0  # "shift" / "flux_shift" timesteps: see pictor.flow.sample_t
+    # Pixels per latent: with it, the noise takes each image's own latent size (aspect-ratio buckets);
+    # noise_shape's first entry is the latent channels. 0: always noise_shape.
+    latent_factor: int = 0
 
-    def __call__(self, k: int) -> dict[str, torch.Tensor]:
+    def __call__(self, k: int, image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         g = sample_generator(self.seed, k)
+        shape = self.noise_shape
+        if self.latent_factor and image_hw is not None:
+            shape = (shape[0], image_hw[0] // self.latent_factor, image_hw[1] // self.latent_factor)
         out = {}
         if self.timesteps:
             out["drop"] = torch.rand(1, generator=g) < self.caption_dropout
@@ -259,7 +273,7 @@ class SampleDraws:
                 std=self.t_std,
                 shift=self.t_shift,
             )
-        out["noise"] = torch.randn(self.noise_shape, generator=g)
+        out["noise"] = torch.randn(shape, generator=g)
         return out
 
 
@@ -300,19 +314,23 @@ _Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]
 class _StreamItems(Dataset):
     """Map-style view of the stream for DataLoader workers: item k is stream sample k."""
 
-    def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None) -> None:
+    def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None, group: int = 1) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
         self.augment = augmentation(ds)
+        # Bucketed folder data: each global micro-batch (`group` samples) is one bucket's images.
+        self.buckets = bucket_stream(ds, group, seed)
 
     def __getitem__(self, k: int) -> _Item:
-        image, caption, meta = self.ds[stream_index(self.len, k, self.seed)]
+        index = self.buckets.index(k) if self.buckets is not None else stream_index(self.len, k, self.seed)
+        image, caption, meta = self.ds[index]
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
         if self.augment is not None:
             # The reference picture (the reference stage's) stays as it is: like the shapes world's
             # pairs, it then carries what is in the image rather than where.
             image, caption, layout = self.augment(self.seed, k, image, caption, layout)
-        return image, caption, k, self.draws(k) if self.draws is not None else {}, layout, reference
+        draws = self.draws(k, image.shape[:2]) if self.draws is not None else {}
+        return image, caption, k, draws, layout, reference
 
 
 def augmentation(ds: ImageCaptionDataset) -> Augment | None:
@@ -373,7 +391,7 @@ def micro_batches(
     """This rank's micro-batches from `position` on. Workers prefetch, but DataLoader keeps the order, so
     the stream is the same with any number of workers."""
     loader = DataLoader(
-        _StreamItems(ds, seed, draws),
+        _StreamItems(ds, seed, draws, batch_size * world_size),
         batch_sampler=_MicroBatches(position, batch_size, rank, world_size),
         num_workers=num_workers,
         collate_fn=_collate,

@@ -36,6 +36,7 @@ from pictor.checkpoint import UnreadableFileError, replace_dir, state_dict_hash,
 from pictor.data.folder import DatasetWarning
 from pictor.models.flux import Flux
 from pictor.train import distributed
+from pictor.train.bucket_stream import bucket_stream, check_group
 from pictor.train.config import TrainConfig
 from pictor.train.data import (
     ImageCaptionDataset,
@@ -97,6 +98,25 @@ def seed_everything(seed: int, step: int) -> None:
     np.random.seed(s)
 
 
+def _pixel_multiple(cfg: TrainConfig) -> int:
+    """Image sides the transformer takes: 2x2 patches of latents of the autoencoder's factor."""
+    assert cfg.autoencoder is not None
+    return 2 * 2 ** (len(cfg.autoencoder["ch_mult"]) - 1)
+
+
+def _warn_small_buckets(ds: Any, group: int, seed: int) -> None:
+    stream = bucket_stream(ds, group, seed)
+    small = stream.small_buckets() if stream is not None else {}
+    if small:
+        names = ", ".join(f"{w}x{h} ({n})" for (w, h), n in small.items())
+        warnings.warn(
+            f"aspect-ratio buckets with fewer images than a micro-batch ({group}) repeat their images "
+            f"within a batch: {names}; a smaller --batch-size avoids it",
+            DatasetWarning,
+            stacklevel=3,
+        )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool = False) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
@@ -131,8 +151,12 @@ class Trainer:
             shuffle_caption=cfg.caption_shuffle,
             keep_tokens=cfg.keep_tokens,
             tag_dropout=cfg.caption_tag_dropout,
+            buckets=cfg.buckets,
+            multiple=_pixel_multiple(cfg),
         )
         self.data_print = data_fingerprint(self.ds)
+        if cfg.buckets and info.is_main:
+            _warn_small_buckets(self.ds, cfg.batch_size * info.world_size, cfg.seed)
         resume_path = ckpt.path if ckpt else None
         if cfg.stage == "lora":
             from pictor.train.lora import LoRAStage  # builds on the t2i stage
@@ -169,6 +193,7 @@ class Trainer:
                 raise TrainingError(f"{exc}; {_DAMAGED}") from exc
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
+            self._check_buckets(ckpt.state)
             change = data_change(ckpt.state.get("data"), self.data_print)
             if change and info.is_main:
                 warnings.warn(change, DatasetWarning, stacklevel=2)
@@ -183,6 +208,17 @@ class Trainer:
         self.forward = (
             self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
         )
+
+    def _check_buckets(self, state: dict[str, Any]) -> None:
+        """A bucketed run resumes only with the global micro-batch its stream was cut into."""
+        if not self.cfg.buckets:
+            return
+        saved = state.get("config", {})
+        group = int(saved.get("batch_size", 0)) * int(state.get("world_size", 1))
+        now = self.cfg.batch_size * self.info.world_size
+        refusal = check_group(group if saved.get("buckets") else None, now, self.position)
+        if refusal:
+            raise TrainingError(f"--resume: {refusal}")
 
     # -- the loop ---------------------------------------------------------------------------------------
 

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError
+from pictor.data.buckets import resize_to_bucket
 from pictor.data.reference_pairs import ReferencePairs
 from pictor.models.flux import pack_latents
 from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, apply_reference
@@ -172,8 +174,14 @@ class ReferenceStage(FileAdapterStage):
         n = self.cfg.num_samples
         if self.cfg.data == "shapes":
             refs = self._eval_references(previews.eval_specs(n), 1)
-        else:  # the first images of the folder
-            refs = np.stack([self.ds[holdout_index(dataset_length(self.ds), i)][0] for i in range(n)])
+        else:  # the first images of the folder, square as the grid's images (buckets give other shapes)
+            size = int(self.cfg.image_size or 64)
+            refs = np.stack(
+                [
+                    np.asarray(resize_to_bucket(Image.fromarray(image), (size, size)))
+                    for image in (self.ds[holdout_index(dataset_length(self.ds), i)][0] for i in range(n))
+                ]
+            )
         images = self._generate_with_references(ema, [""] * len(refs), refs, list(range(len(refs))))
         return previews.grid(np.concatenate([refs, images]), columns=len(refs))
 

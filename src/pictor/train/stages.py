@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,24 @@ def holdout_images(ds: ImageCaptionDataset, n: int) -> tuple[torch.Tensor, list[
     length = dataset_length(ds)
     items = [ds[holdout_index(length, i)] for i in range(n)]
     return to_tensor([it[0] for it in items]), [it[1] for it in items]
+
+
+def holdout_captions(ds: ImageCaptionDataset, n: int) -> list[str]:
+    length = dataset_length(ds)
+    return [ds[holdout_index(length, i)][1] for i in range(n)]
+
+
+def holdout_batches(ds: ImageCaptionDataset, n: int, batch: int) -> Iterator[torch.Tensor]:
+    """The first n held-out images as uint8 [B, 3, H, W] batches of at most `batch`, each of one size
+    (aspect-ratio buckets give images of several), in order of first appearance."""
+    length = dataset_length(ds)
+    by_size: dict[tuple[int, ...], list[Any]] = {}
+    for i in range(n):
+        image = ds[holdout_index(length, i)][0]
+        by_size.setdefault(tuple(image.shape), []).append(image)
+    for images in by_size.values():
+        for start in range(0, len(images), batch):
+            yield to_tensor(images[start : start + batch])
 
 
 class Stage:

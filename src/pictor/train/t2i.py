@@ -36,7 +36,7 @@ from pictor.train import previews
 from pictor.train.config import DISTILLED_TRAIN_GUIDANCE, TrainConfig, guidance_distilled
 from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float
 from pictor.train.distributed import DistInfo, broadcast
-from pictor.train.stages import Stage, holdout_images, load_autoencoder, seeded
+from pictor.train.stages import Stage, holdout_batches, holdout_captions, load_autoencoder, seeded
 
 
 def lineage_steps(training: dict[str, Any]) -> int:
@@ -146,9 +146,8 @@ class T2IStage(Stage):
     def _set_latent_stats(self) -> None:
         n = self.cfg.latent_stats_images
         total = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares
-        images, _ = holdout_images(self.ds, n)
-        for start in range(0, n, 64):
-            x = to_float(images[start : start + 64], self.device)
+        for images in holdout_batches(self.ds, n, 64):  # batches of one size (buckets differ)
+            x = to_float(images, self.device)
             mean, _ = self.ae.encode_moments(x)  # fp32: statistics deserve full precision
             m = mean.double().cpu()
             total += torch.stack(
@@ -177,6 +176,8 @@ class T2IStage(Stage):
             t_mean=c.timestep_mean,
             t_std=c.timestep_std,
             t_shift=self._timestep_shift(),
+            # buckets: each image's noise takes its own latent size
+            latent_factor=self.ae.params.downsample_factor if c.buckets else 0,
         )
 
     def _timestep_shift(self) -> float:
@@ -258,7 +259,7 @@ class T2IStage(Stage):
     def _prompts(self, n: int) -> list[str]:
         if self.cfg.data == "shapes":
             return [s["prompt"] for s in previews.eval_specs(n)]
-        return holdout_images(self.ds, n)[1]
+        return holdout_captions(self.ds, n)
 
     def sample_grid(self, ema: nn.Module) -> Any:
         c = self.cfg
