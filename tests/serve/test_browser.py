@@ -284,6 +284,7 @@ def test_generate_from_a_reference_picture(
 
     page.get_by_role("button", name="Generate").click()  # nothing to go on: said on the page, not sent
     expect(page.locator("#error")).to_contain_text("Write a prompt")
+    expect(page.locator("#context-settings")).to_be_hidden()  # not a Kontext model: nothing to offer
     picture = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")
     page.get_by_text("Reference picture", exact=True).first.click()
@@ -315,6 +316,36 @@ def test_generate_from_a_reference_picture(
     assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["reference"]
     with Image.open(io.BytesIO(httpx.get(edit_job["results"][0]["url"]).content)) as im:
         assert json.loads(im.text["pictor"])["reference_image"]["sha256"] == pixel_sha256(want)
+    assert problems == [], problems
+
+
+def test_a_kontext_model_offers_a_context_picture(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    """On a FLUX.1 Kontext model the page shows its context picture, which goes up with a generation (a
+    data: URL) and with an edit (a file in the multipart form); Reproduce says why it cannot."""
+    from playwright.sync_api import expect
+
+    from tests.test_kontext import _picture, _pipe
+
+    live = live_server(pipeline=_pipe(kontext=True))
+    page, problems = open_page(browser, live.url, height=900)
+    _picture(5).save(tmp_path / "context.png")
+    page.get_by_text("Context picture (FLUX.1 Kontext)", exact=True).click()
+    page.get_by_label("Context picture", exact=True).set_input_files(str(tmp_path / "context.png"))
+    fill_settings(page, "make the circle blue", 5, 2)
+    generate_one(page)
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["status"] == "succeeded" and job["request"]["context_image"]
+    assert (job["request"]["width"], job["request"]["height"]) == (40, 24)  # the fitted context's size
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.locator("#error")).to_contain_text("Context picture")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["context_image"]
     assert problems == [], problems
 
 

@@ -127,3 +127,14 @@ def test_a_context_larger_than_an_output_is_taken_and_a_fitted_size_over_the_lim
     small_cap = make_client(kontext, limits=Limits(max_pixels=1000, max_picture_pixels=50_000))
     r = small_cap.post("/v1/images/generations", json=_body(context_image=_data(big)))
     assert r.status_code == 400 and "the limit is 50000" in r.json()["error"]["message"], r.text
+
+
+def test_the_model_card_says_whether_the_model_is_kontext(
+    make_client: Callable[..., TestClient], kontext: Pipeline, client: TestClient
+) -> None:
+    """The web page offers its context picture only where the card says so (others refuse one)."""
+    ours = make_client(kontext)
+    (card,) = ours.get("/v1/models").json()["data"]
+    assert card["kontext"] is True
+    assert ours.get(f"/v1/models/{card['id']}").json()["kontext"] is True
+    assert client.get("/v1/models").json()["data"][0]["kontext"] is False

@@ -202,6 +202,10 @@ class ModelCard(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, int] = Field(default_factory=dict)
     samplers: list[str] = Field(default_factory=list)
+    kontext: bool = Field(
+        False,
+        description="A FLUX.1 Kontext model: it takes context_image (false while the model loads).",
+    )
 
 
 class ModelList(BaseModel):

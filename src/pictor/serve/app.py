@@ -49,6 +49,8 @@ DESCRIPTION = """Text-to-image generation with pictor.
 * `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `reference_image`,
   `context_image` (FLUX.1 Kontext) go in `extra_body`).
+* `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image` and
+  `context_image` as further files); `POST /v1/jobs/edits` queues it.
 * `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
   server-sent events of `GET /v1/jobs/{id}/events`.
 * With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.

@@ -10,8 +10,9 @@ Masks follow OpenAI: where the mask is fully transparent (alpha 0) the image is 
 an alpha channel follows pictor's convention instead: white repaints, black keeps. Without a mask, an
 image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
 
-pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON text, as a form field) and
-``reference_image`` (a third file, checked like the others); the prompt may be empty only with a reference.
+pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON text, as a form field),
+``reference_image`` and ``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model
+only), each a further file checked like the others; the prompt may be empty only with a reference.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def edit_params(
     mask: Image.Image | None,
     form: dict[str, Any],
     reference: Image.Image | None = None,
+    context: Image.Image | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings."""
     limits = svc.settings.limits
@@ -78,6 +80,7 @@ def edit_params(
     # 16-bit greyscale scaled by its depth first, as the CLI and library do (Pillow's conversions clip).
     source, mask = eight_bit(source), eight_bit(mask) if mask is not None else None
     reference = eight_bit(reference) if reference is not None else None
+    context = eight_bit(context) if context is not None else None
     if mask is not None:
         mask = _transparent(mask) or mask.convert("L")
     else:
@@ -86,6 +89,7 @@ def edit_params(
             mask = None  # alpha channel, but nothing transparent: plain img2img
     source = source.convert("RGB")
     reference = reference.convert("RGB") if reference is not None else None
+    context = context.convert("RGB") if context is not None else None
     keys = ("steps", "guidance", "sampler", "schedule", "seed", "strength", "cache_threshold")
     settings = {k: form[k] for k in keys}
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
@@ -100,6 +104,7 @@ def edit_params(
             negative_prompt=negative,
             num_images=n,
             reference=reference,
+            context_image=context,  # resolve_edit refuses it on a model that is not Kontext
             **settings,
         )
         try:
@@ -119,6 +124,8 @@ def edit_params(
         "image": svc.store.write_upload(source),
         "mask": svc.store.write_upload(mask) if mask is not None else None,
         "reference": svc.store.write_upload(reference) if reference is not None else None,
+        # The key job_requests.edit_request reads back, as for a JSON generation's context_image.
+        "context_image": svc.store.write_upload(context) if context is not None else None,
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -137,6 +144,7 @@ FORM_FIELDS = {
     "prompt",
     "mask",
     "reference_image",
+    "context_image",
     "layout",
     "loras",
     "n",
@@ -185,6 +193,7 @@ class EditForm:
     source: Image.Image
     mask: Image.Image | None
     reference: Image.Image | None
+    context: Image.Image | None
     fields: dict[str, Any]
     user: str | None
     response_format: str
@@ -202,6 +211,13 @@ async def edit_form(
     reference_image: Annotated[
         UploadFile | None,
         File(description="a picture whose content the images take; needs a model with a reference adapter"),
+    ] = None,
+    context_image: Annotated[
+        UploadFile | None,
+        File(
+            description="an image that a FLUX.1 Kontext model edits by the prompt's instruction; needs a "
+            "Kontext model"
+        ),
     ] = None,
     layout: Annotated[
         str | None,
@@ -249,13 +265,16 @@ async def edit_form(
         if upload is None:
             return None
         data = await upload.read(limits.max_upload_bytes + 1)
-        # A reference picture is fitted before use: held to max_picture_pixels, not to the output limit.
-        return await run_in_threadpool(decode_upload, data, what, limits, what == "reference_image")
+        # Reference and context pictures are fitted before use: held to max_picture_pixels, not to the
+        # output limit.
+        fitted = what in ("reference_image", "context_image")
+        return await run_in_threadpool(decode_upload, data, what, limits, fitted)
 
     source = await decoded(image, "image")
     assert source is not None
     mask_image = await decoded(mask, "mask")
     reference = await decoded(reference_image, "reference_image")
+    context = await decoded(context_image, "context_image")
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -272,12 +291,16 @@ async def edit_form(
         "layout": layout,
         "loras": loras,
     }
-    return EditForm(source, mask_image, reference, fields, user, response_format)
+    return EditForm(source, mask_image, reference, context, fields, user, response_format)
 
 
 async def submit_edit(svc: Service, form: EditForm) -> JobRow:
     """Validate, keep the uploads and queue the job; a refused job leaves no upload behind."""
-    params = await run_in_threadpool(edit_params, svc, form.source, form.mask, form.fields, form.reference)
+    # edit_params writes the uploads only once everything is valid; svc.submit deletes them (every key of
+    # UPLOAD_KEYS, context_image included) when the queue refuses the job.
+    params = await run_in_threadpool(
+        edit_params, svc, form.source, form.mask, form.fields, form.reference, form.context
+    )
     return await run_in_threadpool(svc.submit, params, form.user)
 
 

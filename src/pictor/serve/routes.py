@@ -147,6 +147,9 @@ def model_card(svc: Service) -> ModelCard:
             "size_multiple": pipe.patch if pipe is not None else 1,
         },
         samplers=list(SAMPLERS),
+        # From the bundle's config, as the pipeline decides (context_images.context_problem): so the page
+        # offers a context picture only where it would not be refused.
+        kontext=bool(pipe.config.kontext) if pipe is not None else False,
     )
 
 

@@ -175,6 +175,8 @@ function editFromForm(body) {
   form.append("image", $("edit-image").files[0]);
   if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
   if ($("reference-image").files.length) form.append("reference_image", $("reference-image").files[0]);
+  const context = contextFile();
+  if (context) form.append("context_image", context);
   const strength = $("strength").value.trim();
   if (strength !== "") form.append("strength", strength);
   for (const [name, value] of Object.entries(body)) {
@@ -287,7 +289,16 @@ function readAsDataURL(file) {
 async function withReference(body) {
   const files = $("reference-image").files;
   if (files.length) body.reference_image = await readAsDataURL(files[0]);
+  const context = contextFile();
+  if (context) body.context_image = await readAsDataURL(context);  // FLUX.1 Kontext's, the same way
   return body;
+}
+
+// The chosen context picture, or null. The input is disabled while the model is not a Kontext one, so a
+// file picked before is not sent to a model that would refuse it.
+function contextFile() {
+  const input = $("context-image");
+  return !input.disabled && input.files.length ? input.files[0] : null;
 }
 
 function editing() {
@@ -515,6 +526,9 @@ async function loadModel() {
     $("height").step = multiple;
     $("n").max = card.limits.max_images;
     $("steps").max = card.limits.max_steps;
+    // A context picture means something only to a FLUX.1 Kontext model (others refuse it): offered only then.
+    $("context-settings").hidden = !card.kontext;
+    $("context-image").disabled = !card.kontext;
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
@@ -567,6 +581,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("clear-reference-button").addEventListener("click", () => {
     $("reference-image").value = "";
   });
+  $("clear-context-button").addEventListener("click", () => {
+    $("context-image").value = "";
+  });
   $("edit-image").addEventListener("change", showMode);
   $("clear-edit-button").addEventListener("click", () => {
     $("edit-image").value = "";
@@ -615,7 +632,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     if (viewed.record.context_image) {
       // Likewise a FLUX.1 Kontext context image: without it the same settings would make another image.
       setError("This image was made from a context image (FLUX.1 Kontext), which the page does not keep: " +
-        "run `pictor reproduce IMAGE --context PICTURE`, or send context_image to the API.");
+        "use Reuse settings and choose the same picture under Context picture, or run " +
+        "`pictor reproduce IMAGE --context PICTURE`.");
       return;
     }
     submit(recordRequest(viewed.record));
