@@ -295,6 +295,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
 
+    def means(self, indices: Sequence[int], flip: bool = False) -> list[Tensor]:
+        """The latent means of items `indices`, mirrored if `flip` (whatever the dataset's own flips),
+        encoding any the cache lacks."""
+        items = self._items(indices, [flip] * len(indices))
+        return [entry["mean"] for entry in self._entries(items)]
+
     def precompute(
         self, batch_size: int = 16, both_flips: bool | None = None, progress: bool = False
     ) -> None:

@@ -64,18 +64,24 @@ class BucketStream:
         return {b: len(v) for b, v in self.buckets.items() if len(v) < self.group}
 
 
-def bucket_stream(ds: Any, group: int, seed: int) -> BucketStream | None:
-    """The bucketed stream of training data `ds` (looking through wrappers that keep the data they wrap as
-    ``.ds``, such as the reference stage's) when it is an image folder on more than one bucket; else None,
-    and the stream is the plain per-epoch permutation of `pictor.train.data.stream_index`."""
+def folder_of(ds: Any) -> Any:
+    """The image folder (`ImageFolderDataset`) behind training data `ds`, looking through wrappers that
+    keep the data they wrap as ``.ds`` (such as the reference stage's), or None (the shapes world)."""
     seen = ds
     while seen is not None:
         folder = getattr(seen, "folder", None)
         if folder is not None:
-            if len(getattr(folder, "available_buckets", ())) > 1:
-                return BucketStream(folder.item_buckets, group, seed)
-            return None
+            return folder
         seen = getattr(seen, "ds", None)
+    return None
+
+
+def bucket_stream(ds: Any, group: int, seed: int) -> BucketStream | None:
+    """The bucketed stream of training data `ds` when it is an image folder on more than one bucket; else
+    None, and the stream is the plain per-epoch permutation of `pictor.train.data.stream_index`."""
+    folder = folder_of(ds)
+    if folder is not None and len(getattr(folder, "available_buckets", ())) > 1:
+        return BucketStream(folder.item_buckets, group, seed)
     return None
 
 

@@ -173,6 +173,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="image folders: drop each comma-separated tag (past --keep-tokens) with this probability (0)",
     )
     t.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="image folders: encode every image once before training and train from the stored latents "
+        "(kohya's --cache_latents_to_disk); kept in OUT/latent-cache or --latent-cache DIR",
+    )
+    t.add_argument(
+        "--latent-cache",
+        default=None,
+        metavar="DIR",
+        help="with --cache-latents: where the latents are kept (shared by runs on the same images and "
+        "autoencoder)",
+    )
+    t.add_argument(
         "--buckets",
         action="store_true",
         help="image folders: aspect-ratio buckets of about --image-size squared pixels instead of square "
@@ -256,6 +269,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["caption_shuffle"] = True
     if args.buckets:
         overrides["buckets"] = True
+    if args.cache_latents:
+        overrides["cache_latents"] = True
+    if args.latent_cache is not None:
+        overrides["latent_cache_dir"] = args.latent_cache
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily

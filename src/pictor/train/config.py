@@ -147,6 +147,11 @@ class TrainConfig:
     # pixels nearest its aspect ratio (at most 2:1) instead of a square centre crop; every global
     # micro-batch holds one bucket (pictor.train.bucket_stream).
     buckets: bool = False
+    # Encode every image once before training and train from the stored latents (kohya's --cache_latents
+    # with --cache_latents_to_disk): safetensors shards under latent_cache_dir (None: OUT/latent-cache),
+    # keyed by the autoencoder's weights, so later runs and resumes on the same images encode nothing.
+    cache_latents: bool = False
+    latent_cache_dir: str | None = None
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
     # LoRA stage: adapters on a frozen base bundle (architecture, autoencoder, text encoder: the base's).
     base: str | None = None
@@ -342,6 +347,15 @@ class TrainConfig:
             "--buckets: the shapes world is drawn square; aspect-ratio buckets are for image folders "
             "(--data FOLDER)",
         )
+        need(
+            not self.cache_latents or (self.stage != "autoencoder" and self.data != "shapes"),
+            "--cache-latents: for image folders in the t2i, lora, layout and reference stages (the shapes "
+            "world is endless, and the autoencoder stage trains the encoder itself); drop it",
+        )
+        need(
+            self.latent_cache_dir is None or self.cache_latents,
+            "latent_cache_dir is set but cache_latents is off: pass --cache-latents too",
+        )
         need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
         need(
             0.0 <= self.caption_tag_dropout < 1.0,
@@ -495,4 +509,5 @@ TRAJECTORY_KEYS = (
     "caption_tag_dropout",
     "caption_ext",
     "buckets",
+    "cache_latents",
 )

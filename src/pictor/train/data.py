@@ -66,6 +66,10 @@ class Augment:
     def active(self) -> bool:
         return self.flip or self.shuffle or self.tag_dropout > 0.0
 
+    def mirrors(self, seed: int, k: int) -> bool:
+        """Whether stream sample k is mirrored (the first draw of its generator, as in `__call__`)."""
+        return self.flip and bool(np.random.default_rng([seed, STREAM_AUGMENT, k]).random() < 0.5)
+
     def __call__(
         self, seed: int, k: int, image: np.ndarray, caption: str, layout: list[dict[str, Any]] | None
     ) -> tuple[np.ndarray, str, list[dict[str, Any]] | None]:
@@ -314,8 +318,16 @@ _Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]
 class _StreamItems(Dataset):
     """Map-style view of the stream for DataLoader workers: item k is stream sample k."""
 
-    def __init__(self, ds: ImageCaptionDataset, seed: int, draws: SampleDraws | None, group: int = 1) -> None:
+    def __init__(
+        self,
+        ds: ImageCaptionDataset,
+        seed: int,
+        draws: SampleDraws | None,
+        group: int = 1,
+        latents: dict[tuple[int, bool], torch.Tensor] | None = None,
+    ) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
+        self.latents = latents  # --cache-latents: (dataset index, mirrored) -> latent mean
         self.augment = augmentation(ds)
         # Bucketed folder data: each global micro-batch (`group` samples) is one bucket's images.
         self.buckets = bucket_stream(ds, group, seed)
@@ -330,6 +342,9 @@ class _StreamItems(Dataset):
             # pairs, it then carries what is in the image rather than where.
             image, caption, layout = self.augment(self.seed, k, image, caption, layout)
         draws = self.draws(k, image.shape[:2]) if self.draws is not None else {}
+        if self.latents is not None:
+            mirrored = self.augment.mirrors(self.seed, k) if self.augment is not None else False
+            draws["latent"] = self.latents[(index, mirrored)]
         return image, caption, k, draws, layout, reference
 
 
@@ -387,11 +402,13 @@ def micro_batches(
     world_size: int = 1,
     num_workers: int = 0,
     draws: SampleDraws | None = None,
+    latents: dict[tuple[int, bool], torch.Tensor] | None = None,
 ) -> Iterator[Batch]:
     """This rank's micro-batches from `position` on. Workers prefetch, but DataLoader keeps the order, so
-    the stream is the same with any number of workers."""
+    the stream is the same with any number of workers. With `latents` (--cache-latents) each sample's
+    draws carry its stored latent mean as "latent"."""
     loader = DataLoader(
-        _StreamItems(ds, seed, draws, batch_size * world_size),
+        _StreamItems(ds, seed, draws, batch_size * world_size, latents),
         batch_sampler=_MicroBatches(position, batch_size, rank, world_size),
         num_workers=num_workers,
         collate_fn=_collate,

@@ -173,6 +173,7 @@ class Trainer:
         else:
             self.stage = build_stage(cfg, self.ds, info, resume_path)
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
+        self.latents = self._latent_table() if cfg.cache_latents else None
         self.model = self.stage.module
         assert cfg.ema_decay is not None
         self.ema: EMA | ShardedEMA
@@ -209,6 +210,29 @@ class Trainer:
             self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
         )
 
+    def _latent_table(self) -> dict[tuple[int, bool], torch.Tensor]:
+        """--cache-latents: every image (both ways round with --flip-aug) encoded once, then read."""
+        from pictor.train.latent_table import build_latent_table
+
+        assert isinstance(self.stage, T2IStage)  # TrainConfig.validate allows the cache for these only
+        cfg = self.cfg
+        folder = cfg.latent_cache_dir or str(self.out / "latent-cache")
+        table, cache = build_latent_table(
+            self.ds,
+            self.stage.ae,
+            folder,
+            both_flips=cfg.flip_aug,
+            info=self.info,
+            amp=self.stage.amp,
+            progress=cfg.progress and self.info.is_main,
+        )
+        if self.info.is_main:
+            print(
+                f"pictor train: latent cache {folder}: {len(table)} latents, {cache.encoded} encoded now",
+                file=sys.stderr,
+            )
+        return table
+
     def _check_buckets(self, state: dict[str, Any]) -> None:
         """A bucketed run resumes only with the global micro-batch its stream was cut into."""
         if not self.cfg.buckets:
@@ -234,6 +258,7 @@ class Trainer:
             info.world_size,
             workers,
             self.stage.draws(),
+            self.latents,
         )
         global_batch = cfg.global_batch(info.world_size)
         log = (

@@ -195,9 +195,13 @@ class T2IStage(Stage):
         c = self.cfg
         drops = batch.draws["drop"].tolist()
         captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
-        x = to_float(batch.images, self.device)
-        with torch.no_grad(), previews.autocast(self.device, self.amp):
-            z = self.ae.encode(x).float()  # [B, C, h, w], scaled and shifted
+        if "latent" in batch.draws:  # --cache-latents: the stored posterior means, scaled and shifted here
+            mean = batch.draws["latent"].to(self.device, non_blocking=True)
+            z = (self.ae.scale_factor * (mean - self.ae.shift_factor)).float()
+        else:
+            x = to_float(batch.images, self.device)
+            with torch.no_grad(), previews.autocast(self.device, self.amp):
+                z = self.ae.encode(x).float()  # [B, C, h, w], scaled and shifted
         noise = batch.draws["noise"].to(self.device, non_blocking=True)
         t = batch.draws["t"].to(self.device, non_blocking=True)
         emb = self.text.encode(captions)

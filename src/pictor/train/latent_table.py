@@ -1,0 +1,71 @@
+"""`--cache-latents`: every image of a folder encoded once, before training, and the stream's samples
+served from the stored latents instead of the autoencoder (kohya's --cache_latents_to_disk).
+
+The disk side is `pictor.data.latent_cache` (atomic safetensors shards, keyed by the autoencoder's
+weights, entries by file, size, mtime, bucket and mirror): rank 0 encodes what is missing, the other
+ranks wait, then every rank reads the whole table into memory, where the DataLoader's workers find it.
+A stream sample looks up the latent of its dataset index and mirror bit; its noise, timestep and
+caption are drawn as without the cache, so the losses differ only by the rounding of batched encodes.
+The table holds the raw posterior means: the loss applies the autoencoder's scale and shift, which a
+t2i run measures after the table is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pictor.checkpoint import state_dict_hash
+from pictor.data.latent_cache import CachedLatentDataset, LatentCache
+from pictor.models.autoencoder import AutoEncoder
+from pictor.train import distributed, previews
+from pictor.train.bucket_stream import folder_of
+from pictor.train.distributed import DistInfo
+
+LatentTable = dict[tuple[int, bool], Tensor]  # (dataset index, mirrored) -> latent mean [C, h, w]
+
+
+def build_latent_table(
+    ds: Any,
+    ae: AutoEncoder,
+    cache_dir: str | Path,
+    *,
+    both_flips: bool,
+    info: DistInfo,
+    amp: bool,
+    progress: bool = False,
+    batch_size: int = 16,
+) -> tuple[LatentTable, LatentCache]:
+    """Encode the folder behind `ds` into `cache_dir` where needed (rank 0), then read it all (every
+    rank). Returns the table and the cache (its counters say how much was encoded)."""
+    folder = folder_of(ds)
+    if folder is None:
+        raise ValueError("--cache-latents needs an image folder as --data")
+    device = next(ae.parameters()).device
+
+    @torch.no_grad()
+    def encode(x: Tensor) -> tuple[Tensor, Tensor]:
+        with previews.autocast(device, amp):  # as the uncached loss encodes
+            mean, logvar = ae.encode_moments(x.to(device))
+        return mean.float(), logvar.float()
+
+    was_training = ae.training
+    ae.eval()
+    cache = LatentCache(cache_dir, encode, key=f"pictor-ae-{state_dict_hash(ae.state_dict())}")
+    latents = CachedLatentDataset(folder, cache)
+    try:
+        if info.is_main:
+            latents.precompute(batch_size, both_flips=both_flips, progress=progress)
+        distributed.barrier(info)
+        table: LatentTable = {}
+        for flip in (False, True) if both_flips else (False,):
+            for start in range(0, len(folder), batch_size):
+                indices = list(range(start, min(start + batch_size, len(folder))))
+                for i, mean in zip(indices, latents.means(indices, flip), strict=True):
+                    table[(i, flip)] = mean.float()
+    finally:
+        ae.train(was_training)
+    return table, cache

@@ -1,0 +1,117 @@
+"""`--cache-latents`: a folder encoded once, before training, and the run trained from the stored latents.
+
+On the tiny preset: the losses are those of the uncached run (up to the rounding of batched encodes)
+while the autoencoder's `encode` is never called during the run; mirrored latents are cached with
+--flip-aug; a second run on the same cache encodes nothing; resumes are bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import save_bundle
+from pictor.models.autoencoder import AutoEncoder
+from pictor.train.config import ConfigError, TrainConfig
+from pictor.train.logs import read_jsonl
+from pictor.train.loop import train
+
+from tiny_bundle import tiny_models
+
+SIZE = 16
+COMMON = {
+    "image_size": SIZE,
+    "eval_every": 0,
+    "sample_every": 0,
+    "progress": False,
+    "warmup_steps": 0,
+    "batch_size": 2,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(40, 20), (20, 40), (30, 30), (32, 32), (40, 22), (22, 40)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture {i}, red, round")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config, flux, ae = tiny_models("base", trained=True)
+    path = tmp_path_factory.mktemp("base") / "base"
+    save_bundle(path, config, flux.state_dict(), ae.state_dict())
+    return path
+
+
+def _run(base: Path, data: Path, out: Path, steps: int, resume: bool = False, **settings: object) -> list:
+    cfg = TrainConfig(
+        stage="lora",
+        out=str(out),
+        base=str(base),
+        data=str(data),
+        max_steps=steps,
+        **{**COMMON, **settings},  # type: ignore[arg-type]
+    )
+    train(cfg, resume=resume)
+    return [row["loss"] for row in read_jsonl(out / "log.jsonl")]
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("ae-*/shard-*.safetensors"))
+
+
+def test_cached_latents_train_as_the_autoencoder_would(base: Path, folder: Path, tmp_path: Path) -> None:
+    plain = _run(base, folder, tmp_path / "plain", 4)
+    cache = tmp_path / "latents"
+    with mock.patch.object(AutoEncoder, "encode", side_effect=AssertionError("encode called in training")):
+        cached = _run(base, folder, tmp_path / "cached", 4, cache_latents=True, latent_cache_dir=str(cache))
+    np.testing.assert_allclose(cached, plain, rtol=1e-4)
+    shards = _shards(cache)
+    assert shards
+    again = _run(base, folder, tmp_path / "again", 4, cache_latents=True, latent_cache_dir=str(cache))
+    assert again == cached and _shards(cache) == shards  # nothing encoded the second time
+
+
+def test_mirrored_and_bucketed_latents_resume_bit_for_bit(base: Path, folder: Path, tmp_path: Path) -> None:
+    settings = {"cache_latents": True, "flip_aug": True, "buckets": True}
+    plain = _run(base, folder, tmp_path / "plain", 6, flip_aug=True, buckets=True)
+    whole = _run(base, folder, tmp_path / "whole", 6, **settings)
+    np.testing.assert_allclose(whole, plain, rtol=1e-4)  # the right latent for each mirrored sample
+    _run(base, folder, tmp_path / "parts", 3, save_every=3, **settings)
+    assert _run(base, folder, tmp_path / "parts", 6, resume=True, **settings) == whole
+    # both ways round for each of the 6 pictures, in the run's own folder by default
+    from safetensors import safe_open
+
+    names = set()
+    for shard in _shards(tmp_path / "whole" / "latent-cache"):
+        with safe_open(shard, "pt") as f:
+            names |= {k.split("/")[0] for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert len(names) == 12
+
+
+def test_the_cache_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
+    for settings, words in (
+        ({"stage": "t2i", "data": "shapes", "cache_latents": True}, "--cache-latents: for image folders"),
+        ({"stage": "autoencoder", "data": str(tmp_path), "cache_latents": True}, "--cache-latents"),
+        ({"stage": "t2i", "data": str(tmp_path), "latent_cache_dir": "x"}, "pass --cache-latents too"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig(out=str(tmp_path / "r"), preset="tiny", **settings).resolve()  # type: ignore[arg-type]
