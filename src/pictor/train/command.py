@@ -36,6 +36,7 @@ _FIELDS = {
     "batch_size": "batch_size",
     "grad_accum": "grad_accum",
     "lr": "lr",
+    "optimizer": "optimizer",
     "lr_schedule": "lr_schedule",
     "warmup_steps": "warmup_steps",
     "grad_clip": "grad_clip",
@@ -125,6 +126,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None, help="per process; x grad-accum x ranks per step")
     t.add_argument("--grad-accum", type=int, default=None)
+    t.add_argument(
+        "--optimizer",
+        choices=("adamw", "adafactor", "prodigy"),
+        default=None,
+        help="adamw (default), adafactor (factored: little state, for full fine-tunes) or prodigy (estimates "
+        "its own step size; --lr scales it, 1.0 by default; needs prodigyopt)",
+    )
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (stage default)")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None)
     t.add_argument("--warmup-steps", type=int, default=None)

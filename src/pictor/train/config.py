@@ -29,6 +29,7 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 # What a guidance-distilled model's guidance embedding gets while training when --guidance-scale is not
 # given: kohya's FLUX.1 LoRA recipe (--guidance_scale 1.0); diffusers' training scripts default to 3.5.
 DISTILLED_TRAIN_GUIDANCE = 1.0
+OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "shift", "flux_shift")  # pictor.flow.sample_t
 LORA_ALGOS = ("lora", "lokr", "loha")  # pictor.models.lycoris_train.ALGOS (not imported: no torch here)
 
@@ -101,7 +102,8 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float | None = None  # None: STAGE_DEFAULTS
+    optimizer: str = "adamw"  # adamw, adafactor or prodigy (pictor.train.optim.build_optimizer)
+    lr: float | None = None  # None: STAGE_DEFAULTS (1.0 for prodigy, whose estimate it scales)
     weight_decay: float | None = None
     betas: list[float] | None = None
     eps: float = 1e-8
@@ -249,7 +251,7 @@ class TrainConfig:
             text_encoder=self.text_encoder if self.text_encoder is not None else preset["text_encoder"],
             defaults=self.defaults if self.defaults is not None else preset["defaults"],
             image_size=self.image_size or int(preset["defaults"]["width"]),
-            lr=self.lr if self.lr is not None else stage["lr"],
+            lr=self.lr if self.lr is not None else (1.0 if self.optimizer == "prodigy" else stage["lr"]),
             weight_decay=self.weight_decay if self.weight_decay is not None else stage["weight_decay"],
             betas=list(self.betas) if self.betas is not None else list(stage["betas"]),
             ema_decay=self.ema_decay if self.ema_decay is not None else stage["ema_decay"],
@@ -298,6 +300,15 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr is not None and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer (--optimizer) must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        need(
+            not self.fsdp or self.optimizer == "adamw",
+            f"--fsdp trains with AdamW only: {self.optimizer} keeps statistics over whole tensors (Prodigy "
+            "over the whole model), which sharding would split; drop --fsdp or --optimizer",
+        )
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}")
         need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must lie in [0, 1]")
@@ -451,24 +462,27 @@ LORA_SHAPE_KEYS = ("lora_algo", "lora_dora", "lokr_factor", "lora_rank", "lora_t
 
 
 def fixed_on_resume(cfg: TrainConfig) -> tuple[str, ...]:
-    """The settings of run `cfg` that `--resume` may not change (none outside the lora stage)."""
+    """The settings of run `cfg` that `--resume` may not change: its optimizer (whose state the checkpoint
+    holds), and a LoRA run's adapter kinds and shapes."""
     if cfg.stage != "lora":
-        return ()
+        return ("optimizer",)
     lycoris = cfg.lora_algo != "lora" or cfg.lora_dora
-    return LORA_SHAPE_KEYS + (("lora_alpha",) if lycoris else ())
+    return ("optimizer", *LORA_SHAPE_KEYS, *(("lora_alpha",) if lycoris else ()))
 
 
 def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str | None:
     """Why run `saved` cannot resume with the settings `new` (those given; others are kept), or None."""
-    refused = [
-        f"{k} {getattr(saved, k)!r} -> {new[k]!r}"
-        for k in fixed_on_resume(saved)
-        if k in new and new[k] != getattr(saved, k)
-    ]
+    refused = [k for k in fixed_on_resume(saved) if k in new and new[k] != getattr(saved, k)]
+    if "optimizer" in refused:
+        return (
+            f"{where}: this run's optimizer state is {saved.optimizer}'s; resume with --optimizer "
+            f"{saved.optimizer}, or start a new --out (--init from a bundle to go on with other settings)"
+        )
     if not refused:
         return None
+    changes = ", ".join(f"{k} {getattr(saved, k)!r} -> {new[k]!r}" for k in refused)
     return (
-        f"{where}: this run's adapters were built with other settings ({', '.join(refused)}); resume with "
+        f"{where}: this run's adapters were built with other settings ({changes}); resume with "
         "the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA run's "
         "--alpha), or start a new --out"
     )
@@ -476,6 +490,7 @@ def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str |
 
 TRAJECTORY_KEYS = (
     "data",
+    "optimizer",
     "seed",
     "batch_size",
     "grad_accum",

@@ -194,6 +194,12 @@ class Trainer:
                 raise TrainingError(f"{exc}; {_DAMAGED}") from exc
             self.step = ckpt.step
             self.position = int(ckpt.state["data_position"])
+            saved_optimizer = ckpt.state.get("config", {}).get("optimizer", "adamw")
+            if saved_optimizer != cfg.optimizer:
+                raise TrainingError(
+                    f"{ckpt.path}: this run's optimizer state is {saved_optimizer}'s; resume with "
+                    f"--optimizer {saved_optimizer}, or start a new --out"
+                )
             self._check_buckets(ckpt.state)
             change = data_change(ckpt.state.get("data"), self.data_print)
             if change and info.is_main:

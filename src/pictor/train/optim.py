@@ -54,11 +54,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (the default), Adafactor (factored second moments: far less state, for full fine-tunes of
+    large models) or Prodigy (D-Adaptation: it estimates the step size itself, `--lr` scales it, 1.0 by
+    default; the usual LoRA choice in kohya's scripts). All take the same LR schedule and weight decay."""
     assert cfg.betas is not None and cfg.weight_decay is not None
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr_at(1, cfg), foreach=True)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ImportError(
+                "--optimizer prodigy needs the prodigyopt package: pip install 'pictor[prodigy]' (or "
+                "prodigyopt)"
+            ) from exc
+        # The Prodigy authors' advice for diffusion: decoupled decay, bias correction, and the safeguard
+        # whenever a warm-up runs.
+        return Prodigy(
+            groups,
+            lr=lr_at(1, cfg),
+            betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+            eps=cfg.eps,
+            decouple=True,
+            use_bias_correction=True,
+            safeguard_warmup=cfg.warmup_steps > 0,
+        )
     # foreach is deterministic and fast on both CPU and CUDA; fused would differ between devices.
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=lr_at(1, cfg),
         betas=(float(cfg.betas[0]), float(cfg.betas[1])),
         eps=cfg.eps,
