@@ -7,6 +7,7 @@ three shapes, resumes bit for bit, and refuses to resume with another micro-batc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +124,43 @@ def test_buckets_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=words):
             TrainConfig(out=str(tmp_path / "r"), preset="tiny", buckets=True, **settings).resolve()  # type: ignore[arg-type]
+
+
+def test_t2i_buckets_follow_the_autoencoder_it_trains_on(folder: Path, tmp_path: Path) -> None:
+    """--autoencoder may be deeper than the preset's (shapes-small's factor 4 under tiny's factor 2, the
+    same latent channels): the buckets must fit the autoencoder the run loads, or latents come out odd."""
+    from pictor.checkpoint import BundleConfig
+    from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+    from pictor.models.flux import Flux, FluxParams
+    from pictor.presets import get_preset
+
+    tiny, small = get_preset("tiny"), get_preset("shapes-small")
+    torch.manual_seed(0)
+    ae = AutoEncoder(AutoEncoderParams.from_dict(small["autoencoder"]))
+    flux = Flux(FluxParams.from_dict(tiny["model"]))
+    config = BundleConfig(
+        name="ae",
+        preset="shapes-small",
+        model=tiny["model"],
+        autoencoder=small["autoencoder"],
+        text_encoder=tiny["text_encoder"],
+        defaults=tiny["defaults"],
+        trained=True,
+    )
+    save_bundle(tmp_path / "ae", config, flux.state_dict(), ae.state_dict())
+    settings = {**COMMON, "image_size": 32, "batch_size": 1, "latent_stats_images": 4}
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        stage="t2i",
+        preset="tiny",
+        out=str(out),
+        data=str(folder),
+        autoencoder_path=str(tmp_path / "ae"),
+        buckets=True,
+        max_steps=3,
+        save_every=2,
+        **settings,  # type: ignore[arg-type]
+    )
+    train(cfg)
+    train(dataclasses.replace(cfg, max_steps=4), resume=True)  # from the checkpoint's autoencoder
+    assert len(read_jsonl(out / "log.jsonl")) == 4

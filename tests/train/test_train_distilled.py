@@ -116,9 +116,13 @@ def test_sample_guidance_defaults_to_the_model_default(distilled: Path, tmp_path
     assert shapes.sample_guidance == get_preset("tiny")["defaults"]["guidance"]
 
 
-def test_previews_of_a_distilled_model_are_the_pipelines_images(distilled: Path) -> None:
-    """Sample grids draw what `pictor generate` would: one pass per step with the guidance embedded."""
-    pipe = pictor.load(str(distilled), device="cpu")
+@pytest.mark.parametrize("kind", ["distilled", "no cfg"])
+def test_previews_are_the_pipelines_images(distilled: Path, tmp_path: Path, kind: str) -> None:
+    """Sample grids draw what `pictor generate` would: one pass per step, with the guidance embedded in a
+    distilled model, and without CFG at guidance 1 in another (a model whose defaults say no CFG)."""
+    model = distilled if kind == "distilled" else _bundle(tmp_path / "plain", guidance_embed=False)
+    guidance = 2.0 if kind == "distilled" else 1.0
+    pipe = pictor.load(str(model), device="cpu")
     prompts, seeds = ["a zorblax", "a red circle"], [3, 4]
     got = previews.generate(
         pipe.transformer,
@@ -128,12 +132,12 @@ def test_previews_of_a_distilled_model_are_the_pipelines_images(distilled: Path)
         seeds,
         SIZE,
         steps=4,
-        guidance=2.0,
+        guidance=guidance,
         device=torch.device("cpu"),
         amp=False,
     )
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-        request = GenerationRequest(prompt, seed=seed, steps=4, guidance=2.0, width=SIZE, height=SIZE)
+        request = GenerationRequest(prompt, seed=seed, steps=4, guidance=guidance, width=SIZE, height=SIZE)
         want = np.asarray(pipe.generate(request)[0].image).astype(np.int16)
         assert np.abs(got[i].astype(np.int16) - want).max() <= 1
 
@@ -210,3 +214,23 @@ def _folder_dataset(folder: Path):  # type: ignore[no-untyped-def]
     from pictor.train.data import make_dataset
 
     return make_dataset(str(folder), SIZE, 0)
+
+
+def test_settings_that_would_be_ignored_or_wrong_are_refused(distilled: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "r")
+    for settings, words in (
+        ({"timestep_shift": 5.0}, "--timestep-shift applies to --timestep-sampling shift, not logit_normal"),
+        (
+            {"timestep_sampling": "flux_shift", "timestep_shift": 5.0},
+            "flux_shift takes its shift from the image size",
+        ),
+        ({"caption_ext": ".png"}, "that is an image extension"),
+        ({"caption_ext": ".a/b"}, "must be a file extension"),
+        ({"preset": "flux-dev"}, "guidance-distilled architecture .* is made by distilling"),
+    ):
+        config = {"preset": "tiny", **settings}
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig(stage="t2i", out=out, **config).resolve()  # type: ignore[arg-type]
+    # fine-tuning a distilled bundle whole is allowed, and shift takes its default
+    resolved = TrainConfig(stage="t2i", out=out, init=str(distilled), timestep_sampling="shift").resolve()
+    assert resolved.timestep_shift is None and resolved.sample_guidance == 3.5

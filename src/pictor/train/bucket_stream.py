@@ -94,5 +94,9 @@ def check_group(saved: int | None, now: int, position: int) -> str | None:
             "resume with the run's own --batch-size and number of processes"
         )
     if position % now:
-        return f"data position {position} is not a multiple of the global micro-batch {now}"
+        return (
+            f"data position {position} is not a multiple of the global micro-batch {now}: the checkpoint "
+            "was not written by a bucketed run of this micro-batch; resume it without --buckets, or start a "
+            "new --out"
+        )
     return None

@@ -151,7 +151,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--timestep-shift",
         type=float,
         default=None,
-        help="--timestep-sampling shift: the shift (3.0; kohya's --discrete_flow_shift, e.g. 3.1582)",
+        help="with --timestep-sampling shift: the shift (3.0; kohya's --discrete_flow_shift, e.g. 3.1582)",
     )
     t.add_argument(
         "--guidance-scale",
@@ -201,7 +201,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     t.add_argument("--caption-ext", default=None, help="image folders: the caption file's extension (.txt)")
     t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")
-    t.add_argument("--image-size", type=int, default=None, help="square training size (preset's)")
+    t.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="training size: the side of the square, or with --buckets of the buckets' area (preset's)",
+    )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--save-every", type=int, default=None, help="checkpoint cadence in steps (0: end only)")
     t.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")

@@ -29,6 +29,9 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 # What a guidance-distilled model's guidance embedding gets while training when --guidance-scale is not
 # given: kohya's FLUX.1 LoRA recipe (--guidance_scale 1.0); diffusers' training scripts default to 3.5.
 DISTILLED_TRAIN_GUIDANCE = 1.0
+DEFAULT_TIMESTEP_SHIFT = 3.0  # kohya's --discrete_flow_shift default
+# Files a caption cannot be in: pictor.data.folder reads images with these extensions (and a few more).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "shift", "flux_shift")  # pictor.flow.sample_t
 LORA_ALGOS = ("lora", "lokr", "loha")  # pictor.models.lycoris_train.ALGOS (not imported: no torch here)
@@ -135,7 +138,7 @@ class TrainConfig:
     timestep_sampling: str = "logit_normal"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
-    timestep_shift: float = 3.0  # for timestep_sampling "shift"
+    timestep_shift: float | None = None  # timestep_sampling "shift" only; None: DEFAULT_TIMESTEP_SHIFT
     # The value a guidance-distilled model (guidance_embed, as FLUX.1-dev) gets in its guidance embedding
     # while it trains; None: DISTILLED_TRAIN_GUIDANCE there. Refused for a model without one.
     guidance_scale: float | None = None
@@ -332,8 +335,14 @@ class TrainConfig:
         )
         need(self.timestep_std > 0, f"timestep_std must be > 0, got {self.timestep_std}")
         need(
-            self.timestep_shift > 0,
+            self.timestep_shift is None or self.timestep_shift > 0,
             f"timestep_shift (--timestep-shift) must be > 0, got {self.timestep_shift}",
+        )
+        need(
+            self.timestep_shift is None or self.timestep_sampling == "shift",
+            f"--timestep-shift applies to --timestep-sampling shift, not {self.timestep_sampling} "
+            "(flux_shift takes its shift from the image size): add --timestep-sampling shift or drop "
+            "--timestep-shift",
         )
         need(
             self.guidance_scale is None or self.guidance_scale >= 0,
@@ -373,8 +382,22 @@ class TrainConfig:
             f"caption_tag_dropout (--caption-tag-dropout) must lie in [0, 1), got {self.caption_tag_dropout}",
         )
         need(
-            self.caption_ext.startswith(".") and len(self.caption_ext) > 1,
+            self.caption_ext.startswith(".")
+            and len(self.caption_ext) > 1
+            and not any(c in self.caption_ext for c in "/\\")
+            and self.caption_ext.count(".") == 1,
             f"caption_ext (--caption-ext) must be a file extension such as '.txt', got {self.caption_ext!r}",
+        )
+        need(
+            self.caption_ext.lower() not in IMAGE_EXTENSIONS,
+            f"--caption-ext {self.caption_ext}: that is an image extension, so each picture would be read as "
+            "its own caption; give the captions' extension (.txt, .caption)",
+        )
+        need(
+            not (self.stage == "t2i" and self.init is None and guidance_distilled(self.model)),
+            "a guidance-distilled architecture (guidance_embed, as FLUX.1-dev) is made by distilling a model "
+            "trained with classifier-free guidance, which pictor does not do: train from scratch on a "
+            "preset without guidance_embed, or fine-tune a distilled bundle with --init",
         )
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

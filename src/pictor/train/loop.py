@@ -49,7 +49,7 @@ from pictor.train.data import (
 from pictor.train.ema import EMA, ShardedEMA, meta_copy
 from pictor.train.logs import RunLog
 from pictor.train.optim import build_optimizer, lr_at, schedule_state, set_lr
-from pictor.train.stages import AutoencoderStage, Stage
+from pictor.train.stages import AutoencoderStage, Stage, find_autoencoder
 from pictor.train.state import (
     clean_leftovers,
     find_latest,
@@ -98,10 +98,16 @@ def seed_everything(seed: int, step: int) -> None:
     np.random.seed(s)
 
 
-def _pixel_multiple(cfg: TrainConfig) -> int:
-    """Image sides the transformer takes: 2x2 patches of latents of the autoencoder's factor."""
-    assert cfg.autoencoder is not None
-    return 2 * 2 ** (len(cfg.autoencoder["ch_mult"]) - 1)
+def _pixel_multiple(cfg: TrainConfig, checkpoint: Path | None) -> int:
+    """Image sides the transformer takes: 2x2 patches of latents of the autoencoder's factor. A t2i run's
+    autoencoder is its checkpoint's or --autoencoder's (--init's is already the config's), not the
+    preset's, and may be deeper or shallower."""
+    ae = cfg.autoencoder
+    source = checkpoint or (cfg.autoencoder_path if cfg.init is None else None)
+    if cfg.stage == "t2i" and source is not None:
+        ae = find_autoencoder(source)[0]
+    assert ae is not None
+    return 2 * 2 ** (len(ae["ch_mult"]) - 1)
 
 
 def _warn_small_buckets(ds: Any, group: int, seed: int) -> None:
@@ -152,7 +158,7 @@ class Trainer:
             keep_tokens=cfg.keep_tokens,
             tag_dropout=cfg.caption_tag_dropout,
             buckets=cfg.buckets,
-            multiple=_pixel_multiple(cfg),
+            multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         self.data_print = data_fingerprint(self.ds)
         if cfg.buckets and info.is_main:

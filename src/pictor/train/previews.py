@@ -96,7 +96,10 @@ def generate(
             ).to(device)
             x = pack_latents(noise)
             cond = text_encoder.encode(chunk)
-            passes = 1 if distilled else 2  # CFG runs the prompts and the empty prompt in one batch
+            # CFG runs the prompts and the empty prompt in one batch; at guidance 1 (a model whose defaults
+            # say no CFG, as FLUX.1-schnell) it is the conditional velocity alone, one pass as the pipeline
+            one_pass = distilled or guidance == 1.0
+            passes = 1 if one_pass else 2
             uncond = text_encoder.encode([""] * n)
             txt = torch.cat([cond.tokens, uncond.tokens][:passes]).to(device)
             vec = torch.cat([cond.pooled, uncond.pooled][:passes]).to(device)
@@ -104,7 +107,7 @@ def generate(
             txt_ids = make_txt_ids(passes * n, txt.shape[1], device=device)
             if context_fn is not None:
                 ctx = context_fn(slice(start, start + n))  # [n, ...]: one picture per prompt
-                txt, vec = apply_reference(txt, vec, ctx if distilled else conditional_only(ctx, n))
+                txt, vec = apply_reference(txt, vec, ctx if one_pass else conditional_only(ctx, n))
             res = None
             if residual_fn is not None:
                 res = [torch.cat([r] * passes) for r in residual_fn(slice(start, start + n))]
@@ -116,7 +119,7 @@ def generate(
                 return v.float()
 
             ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)
-            x = get_sampler("euler")(velocity if distilled else cfg(velocity, guidance), x, ts, None)
+            x = get_sampler("euler")(velocity if one_pass else cfg(velocity, guidance), x, ts, None)
             with autocast(device, amp):
                 pixels = autoencoder.decode(unpack_latents(x, lat, lat))
             out.append(to_uint8(pixels))

@@ -215,8 +215,9 @@ class AutoencoderStage(Stage):
         return result
 
 
-def load_autoencoder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], Path]:
-    """AE params and weights from a bundle, an AE checkpoint, or an AE training run's output folder."""
+def find_autoencoder(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The AE params and the folder holding its weights: a bundle, an AE checkpoint, or an AE training
+    run's output folder (its final/ or newest checkpoint). Reads no weights."""
     p = Path(path)
     if p.is_file():
         raise CheckpointError(
@@ -224,16 +225,21 @@ def load_autoencoder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
             "autoencoder run), not a single file"
         )
     if (p / AE_CONFIG).is_file():
-        record = json.loads((p / AE_CONFIG).read_text())
-        return record["autoencoder"], read_safetensors(p / AUTOENCODER_FILE), p
+        return json.loads((p / AE_CONFIG).read_text())["autoencoder"], p
     if is_bundle(p):
-        return read_bundle_config(p).autoencoder, read_safetensors(p / AUTOENCODER_FILE), p
+        return read_bundle_config(p).autoencoder, p
     from pictor.train.state import find_latest
 
     for candidate in (p / "final", find_latest(p)):
         if candidate is not None and candidate.is_dir() and (candidate / AUTOENCODER_FILE).is_file():
-            return load_autoencoder(candidate)
+            return find_autoencoder(candidate)
     raise CheckpointError(
         f"--autoencoder {p}: no autoencoder found (expected {AE_CONFIG} or config.json with "
         f"{AUTOENCODER_FILE}, or an autoencoder run's final/ or checkpoints/)"
     )
+
+
+def load_autoencoder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], Path]:
+    """AE params and weights from a bundle, an AE checkpoint, or an AE training run's output folder."""
+    params, folder = find_autoencoder(path)
+    return params, read_safetensors(folder / AUTOENCODER_FILE), folder

@@ -33,7 +33,12 @@ from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 from pictor.models.text import build_text_encoder
 from pictor.train import previews
-from pictor.train.config import DISTILLED_TRAIN_GUIDANCE, TrainConfig, guidance_distilled
+from pictor.train.config import (
+    DEFAULT_TIMESTEP_SHIFT,
+    DISTILLED_TRAIN_GUIDANCE,
+    TrainConfig,
+    guidance_distilled,
+)
 from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float
 from pictor.train.distributed import DistInfo, broadcast
 from pictor.train.stages import Stage, holdout_batches, holdout_captions, load_autoencoder, seeded
@@ -185,7 +190,7 @@ class T2IStage(Stage):
         sampling shift at this run's token count (exp(mu), as `schedule_flux` shifts)."""
         c = self.cfg
         if c.timestep_sampling == "shift":
-            return c.timestep_shift
+            return c.timestep_shift if c.timestep_shift is not None else DEFAULT_TIMESTEP_SHIFT
         if c.timestep_sampling == "flux_shift":
             _, h, w = self._latent_shape(self.ae)
             return math.exp(resolution_mu((h // 2) * (w // 2)))
