@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
+    "request_resolution": 2,
     "guided_velocity": 2,
     "picture_runs": 2,
     "loading": 2,

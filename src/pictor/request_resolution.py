@@ -1,0 +1,196 @@
+"""Request resolution: a GenerationRequest with the model's defaults filled in and every setting checked
+before anything runs; each error says what to change. `Pipeline.resolve_request` is this, on itself."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import replace
+from typing import Any, Protocol
+
+from pictor.checkpoint import BundleConfig
+from pictor.context_images import resolve_context
+from pictor.generation_request import (
+    MAX_IMAGES,
+    MAX_SEED,
+    TILING_FIELDS,
+    GenerationError,
+    GenerationRequest,
+    seed_notice,
+)
+from pictor.generation_settings import MAX_STEPS, resolve_tiling, settings_problem
+from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
+from pictor.layout_files import LayoutError, parse_layout
+from pictor.models.autoencoder import AutoEncoder
+from pictor.models.block_cache import cache_threshold_problem
+from pictor.models.flux import Flux
+from pictor.notices import PictorWarning
+from pictor.reference_files import ReferenceImageError, reference_pixels
+
+
+class ResolvingPipeline(Protocol):
+    """What resolution reads of a pipeline."""
+
+    config: BundleConfig
+    defaults: dict[str, Any]
+    patch: int
+    guidance_mode: str
+    autoencoder: AutoEncoder
+    transformer: Flux
+    layout_adapter: Any
+    reference_adapter: Any
+
+    @property
+    def name(self) -> str: ...
+
+    def prompt_notices(self, prompt: str | None, negative_prompt: str | None = None) -> list[str]: ...
+
+
+def resolve_request(
+    pipe: ResolvingPipeline, request: GenerationRequest, reproducing: bool = False
+) -> GenerationRequest:
+    """Fill defaults and validate; every error says what to change. `reproducing`: the request is an
+    existing image's record, so settings that would change nothing are not refused (the image was
+    made with them, perhaps by a version that allowed them)."""
+    d = pipe.defaults
+    request = resolve_context(request, pipe.name, pipe.config.kontext, d["width"] * d["height"], pipe.patch)
+    r = replace(
+        request,
+        width=request.width if request.width is not None else d["width"],
+        height=request.height if request.height is not None else d["height"],
+        steps=request.steps if request.steps is not None else d["steps"],
+        guidance=request.guidance if request.guidance is not None else d["guidance"],
+        sampler=request.sampler or d["sampler"],
+        schedule=request.schedule or d["schedule"],
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**32),
+    )
+    if not isinstance(r.prompt, str):
+        raise GenerationError("prompt must be a string")
+    if not isinstance(r.negative_prompt or "", str):
+        raise GenerationError("negative prompt must be a string")
+    for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: what Python makes of bytes that are not UTF-8
+            raise GenerationError(
+                f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
+                "save the file that holds it as UTF-8"
+            ) from None
+    # As diffusers does: the image is made, but the user learns what was not read.
+    for notice in pipe.prompt_notices(r.prompt, r.negative_prompt):
+        warnings.warn(notice, PictorWarning, stacklevel=4)
+    problem = settings_problem(
+        pipe.patch,
+        width=r.width,
+        height=r.height,
+        steps=r.steps,
+        guidance=r.guidance,
+        sampler=r.sampler,
+        schedule=r.schedule,
+    )
+    if problem:
+        raise GenerationError(problem)
+    if not reproducing:
+        _check_guidance(pipe, r, asked=request.guidance)
+    factor = pipe.autoencoder.params.downsample_factor
+    try:
+        tiling = resolve_tiling(factor, r.vae_tile, r.vae_tile_overlap)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from exc
+    r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
+    r = _resolve_cache(pipe, r)
+    r = _resolve_hires(pipe, r)
+    if not 1 <= r.num_images <= MAX_IMAGES:
+        raise GenerationError(
+            f"number of images must be between 1 and {MAX_IMAGES}, got {r.num_images}; for more, run "
+            "again with the next --seed"
+        )
+    if r.batch_size is not None and r.batch_size < 1:
+        raise GenerationError(f"batch size must be >= 1, got {r.batch_size}")
+    last = MAX_SEED - r.num_images + 1  # image i takes seed + i, up to MAX_SEED
+    if not 0 <= r.seed <= last:
+        raise GenerationError(f"seed must be between 0 and {last}, got {r.seed}")
+    aliased = seed_notice(r.seed, r.num_images)
+    if aliased:
+        warnings.warn(aliased, PictorWarning, stacklevel=4)
+    if r.layout is not None:
+        try:
+            r = replace(r, layout=parse_layout(r.layout))
+        except LayoutError as exc:
+            raise GenerationError(str(exc)) from exc
+        if pipe.layout_adapter is None:
+            raise GenerationError(
+                f"model '{pipe.name}' has no layout adapter, so it cannot follow a layout: pass one "
+                "with --layout-adapter FILE (train it with `pictor train layout --base MODEL`), or drop "
+                "the layout"
+            )
+    if r.reference is not None:
+        if pipe.reference_adapter is None:
+            raise GenerationError(
+                f"model '{pipe.name}' has no reference adapter, so it cannot take a reference image: "
+                "pass one with --reference-adapter FILE (train it with `pictor train reference --base "
+                "MODEL`), or drop the reference"
+            )
+        try:
+            r = replace(r, reference=reference_pixels(r.reference, r.width, r.height))
+        except ReferenceImageError as exc:
+            raise GenerationError(str(exc)) from exc
+    if r.negative_prompt and pipe.guidance_mode != "cfg":
+        raise GenerationError(
+            f"model '{pipe.name}' uses {pipe.guidance_mode} guidance, which has no negative prompt; "
+            "drop the negative prompt"
+        )
+    return r
+
+
+def _check_guidance(pipe: ResolvingPipeline, r: GenerationRequest, asked: float | None) -> None:
+    """Refuse guidance settings the model would not use: nothing asked for is silently dropped. (A
+    stored default the model ignores is no request: only a guidance asked for is refused.)"""
+    # A value equal to the model's default is no request either: the server fills defaults in.
+    if pipe.guidance_mode == "none" and asked and asked != pipe.defaults.get("guidance"):
+        raise GenerationError(
+            f"model '{pipe.name}' takes no guidance (guidance_mode none, as FLUX.1 [schnell]): "
+            f"guidance {asked:g} would change nothing; drop it or give 0"
+        )
+    if pipe.guidance_mode == "cfg" and r.negative_prompt and r.guidance == 1:
+        raise GenerationError(
+            "a negative prompt acts through classifier-free guidance, which is off at guidance 1: "
+            "raise the guidance (e.g. 4) or drop the negative prompt"
+        )
+
+
+def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
+    problem = cache_threshold_problem(r.cache_threshold)
+    if problem:
+        raise GenerationError(problem)
+    if not r.cache_threshold:
+        return replace(r, cache_threshold=None)  # 0 is off: recorded like a request without one
+    if not pipe.transformer.double_blocks:
+        raise GenerationError(
+            f"model '{pipe.name}' has no double blocks, which the first-block cache needs; drop "
+            "the cache threshold"
+        )
+    return replace(r, cache_threshold=float(r.cache_threshold))
+
+
+def _resolve_hires(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
+    problem = hires_problem(r.hires_scale, r.hires_strength, r.hires_steps, MAX_STEPS)
+    if problem:
+        raise GenerationError(problem)
+    if r.hires_scale is None:
+        return r
+    assert r.width and r.height
+    width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
+    if (width, height) == (r.width, r.height):
+        raise GenerationError(
+            f"hires scale {r.hires_scale:g} rounds {r.width}x{r.height} to the same size (sizes are "
+            f"multiples of {pipe.patch}); use a larger scale"
+        )
+    problem = settings_problem(pipe.patch, width=width, height=height)
+    if problem:
+        raise GenerationError(f"the hires size: {problem}")
+    return replace(
+        r,
+        hires_strength=DEFAULT_STRENGTH if r.hires_strength is None else r.hires_strength,
+        hires_steps=r.hires_steps or r.steps,
+    )
