@@ -76,12 +76,14 @@ def folder_of(ds: Any) -> Any:
     return None
 
 
-def bucket_stream(ds: Any, group: int, seed: int) -> BucketStream | None:
+def bucket_stream(ds: Any, group: int, seed: int, subset: Sequence[int] | None = None) -> BucketStream | None:
     """The bucketed stream of training data `ds` when it is an image folder on more than one bucket; else
-    None, and the stream is the plain per-epoch permutation of `pictor.train.data.stream_index`."""
+    None, and the stream is the plain per-epoch permutation of `pictor.train.data.stream_index`. With
+    `subset` (dataset indices) the stream walks those items, and its indices are positions in `subset`."""
     folder = folder_of(ds)
     if folder is not None and len(getattr(folder, "available_buckets", ())) > 1:
-        return BucketStream(folder.item_buckets, group, seed)
+        buckets = folder.item_buckets
+        return BucketStream([buckets[i] for i in subset] if subset is not None else buckets, group, seed)
     return None
 
 

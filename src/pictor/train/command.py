@@ -66,6 +66,7 @@ _FIELDS = {
     "keep_tokens": "keep_tokens",
     "caption_tag_dropout": "caption_tag_dropout",
     "caption_ext": "caption_ext",
+    "validation_split": "validation_split",
 }
 
 
@@ -179,6 +180,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="image folders: drop each comma-separated tag (past --keep-tokens) with this probability (0)",
+    )
+    t.add_argument(
+        "--validation-split",
+        type=float,
+        default=None,
+        help="image folders (t2i, lora): hold this fraction of the images out of training and log the flow "
+        "loss on them at fixed timesteps and noise every --eval-every steps (eval.jsonl: val_loss)",
     )
     t.add_argument(
         "--cache-latents",

@@ -157,6 +157,9 @@ class TrainConfig:
     # keyed by the autoencoder's weights, so later runs and resumes on the same images encode nothing.
     cache_latents: bool = False
     latent_cache_dir: str | None = None
+    # Hold this fraction of a folder's images out of training and report the flow loss on them at every
+    # eval (pictor.train.validation): a measure of fit for real data, where no shapes score exists.
+    validation_split: float = 0.0
     latent_stats_images: int = 256  # images encoded at the start of t2i to set scale/shift factors
     # LoRA stage: adapters on a frozen base bundle (architecture, autoencoder, text encoder: the base's).
     base: str | None = None
@@ -376,6 +379,15 @@ class TrainConfig:
             self.latent_cache_dir is None or self.cache_latents,
             "latent_cache_dir is set but cache_latents is off: pass --cache-latents too",
         )
+        need(
+            0.0 <= self.validation_split < 1.0,
+            f"validation_split (--validation-split) must lie in [0, 1), got {self.validation_split}",
+        )
+        need(
+            self.validation_split == 0 or (self.data != "shapes" and self.stage in ("t2i", "lora")),
+            "--validation-split: for image folders in the t2i and lora stages (the shapes world is scored "
+            "by its evals instead); drop it",
+        )
         need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
         need(
             0.0 <= self.caption_tag_dropout < 1.0,
@@ -548,4 +560,5 @@ TRAJECTORY_KEYS = (
     "caption_ext",
     "buckets",
     "cache_latents",
+    "validation_split",
 )

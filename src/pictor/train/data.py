@@ -32,6 +32,7 @@ from pictor.flow import sample_t
 from pictor.notices import PictorWarning
 from pictor.train.bucket_stream import bucket_stream
 from pictor.train.config import ConfigError
+from pictor.train.holdout_split import split_indices
 
 # Separate seed streams, so that e.g. the noise of sample k is unrelated to its caption-dropout draw.
 STREAM_TRAIN = 1
@@ -106,6 +107,7 @@ def make_dataset(
     tag_dropout: float = 0.0,
     buckets: bool = False,
     multiple: int = 16,
+    validation_split: float = 0.0,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
     each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
@@ -153,17 +155,29 @@ def make_dataset(
             PictorWarning,
             stacklevel=2,
         )
-    return _FolderImages(folder, augment if augment.active else None)
+    if len(folder) == 0:
+        raise ValueError(f"{folder.root}: no usable images found")
+    _, validation = split_indices(len(folder), validation_split, seed)
+    return _FolderImages(folder, augment if augment.active else None, validation if len(validation) else None)
 
 
 class _FolderImages:
     """ImageFolderDataset items (float [-1, 1] tensors in dicts) as (uint8 [H, W, 3], caption, info)."""
 
-    def __init__(self, folder: Any, augment: Augment | None = None) -> None:
+    def __init__(
+        self, folder: Any, augment: Augment | None = None, validation: np.ndarray | None = None
+    ) -> None:
         if len(folder) == 0:
             raise ValueError(f"{folder.root}: no usable images found")
         self.folder = folder
         self.augment = augment  # applied by the stream (`_StreamItems`), not here: it needs k, not index
+        # --validation-split: the items held out of the training stream (dataset indices), or None
+        self.validation = validation
+        self.training = (
+            None
+            if validation is None
+            else np.setdiff1d(np.arange(len(folder)), validation, assume_unique=True)
+        )
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -329,11 +343,15 @@ class _StreamItems(Dataset):
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
         self.latents = latents  # --cache-latents: (dataset index, mirrored) -> latent mean
         self.augment = augmentation(ds)
+        # --validation-split: the stream walks the training items only (dataset indices), else all.
+        self.subset = training_items(ds)
         # Bucketed folder data: each global micro-batch (`group` samples) is one bucket's images.
-        self.buckets = bucket_stream(ds, group, seed)
+        self.buckets = bucket_stream(ds, group, seed, self.subset)
 
     def __getitem__(self, k: int) -> _Item:
-        index = self.buckets.index(k) if self.buckets is not None else stream_index(self.len, k, self.seed)
+        length = len(self.subset) if self.subset is not None else self.len
+        j = self.buckets.index(k) if self.buckets is not None else stream_index(length, k, self.seed)
+        index = int(self.subset[j]) if self.subset is not None else j
         image, caption, meta = self.ds[index]
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
@@ -346,6 +364,25 @@ class _StreamItems(Dataset):
             mirrored = self.augment.mirrors(self.seed, k) if self.augment is not None else False
             draws["latent"] = self.latents[(index, mirrored)]
         return image, caption, k, draws, layout, reference
+
+
+def _split_of(ds: ImageCaptionDataset) -> tuple[np.ndarray | None, np.ndarray | None]:
+    seen: Any = ds
+    while seen is not None:
+        if isinstance(seen, _FolderImages):
+            return seen.training, seen.validation
+        seen = getattr(seen, "ds", None)
+    return None, None
+
+
+def training_items(ds: ImageCaptionDataset) -> np.ndarray | None:
+    """The dataset indices the training stream walks when a validation split holds some out, else None."""
+    return _split_of(ds)[0]
+
+
+def validation_items(ds: ImageCaptionDataset) -> np.ndarray | None:
+    """The dataset indices a validation split holds out of training (--validation-split), else None."""
+    return _split_of(ds)[1]
 
 
 def augmentation(ds: ImageCaptionDataset) -> Augment | None:

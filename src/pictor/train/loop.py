@@ -158,6 +158,7 @@ class Trainer:
             keep_tokens=cfg.keep_tokens,
             tag_dropout=cfg.caption_tag_dropout,
             buckets=cfg.buckets,
+            validation_split=cfg.validation_split,
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         self.data_print = data_fingerprint(self.ds)

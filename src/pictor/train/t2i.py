@@ -39,9 +39,10 @@ from pictor.train.config import (
     TrainConfig,
     guidance_distilled,
 )
-from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float
+from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float, validation_items
 from pictor.train.distributed import DistInfo, broadcast
 from pictor.train.stages import Stage, holdout_batches, holdout_captions, load_autoencoder, seeded
+from pictor.train.validation import validation_loss
 
 
 def lineage_steps(training: dict[str, Any]) -> int:
@@ -290,7 +291,8 @@ class T2IStage(Stage):
     def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
         c = self.cfg
         if c.data != "shapes":
-            return None
+            held_out = validation_items(self.ds)
+            return validation_loss(self, ema, self.ds, held_out) if held_out is not None else None
         specs = previews.eval_specs(c.eval_prompts)
         k = c.eval_images_per_prompt
         prompts = [s["prompt"] for s in specs for _ in range(k)]

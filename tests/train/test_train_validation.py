@@ -1,0 +1,156 @@
+"""`--validation-split`: a seeded part of a folder held out of training, and the flow loss on it at fixed
+timesteps and noise reported at every eval."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import save_bundle
+from pictor.train.config import ConfigError, TrainConfig
+from pictor.train.data import (
+    Batch,
+    SampleDraws,
+    make_dataset,
+    micro_batches,
+    sample_generator,
+    to_tensor,
+    validation_items,
+)
+from pictor.train.distributed import DistInfo
+from pictor.train.holdout_split import STREAM_VALIDATION, split_indices
+from pictor.train.logs import read_jsonl
+from pictor.train.loop import train
+from pictor.train.lora import LoRAStage
+from pictor.train.validation import VALIDATION_TIMESTEPS, validation_loss
+
+from tiny_bundle import tiny_models
+
+SIZE = 16
+COMMON = {
+    "image_size": SIZE,
+    "sample_every": 0,
+    "progress": False,
+    "warmup_steps": 0,
+    "batch_size": 2,
+    "lr": 1e-2,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        w, h = (32, 16) if i % 2 else (16, 32)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config, flux, ae = tiny_models("base", trained=True)
+    path = tmp_path_factory.mktemp("base") / "base"
+    save_bundle(path, config, flux.state_dict(), ae.state_dict())
+    return path
+
+
+def test_the_split_is_seeded_and_leaves_something_on_each_side() -> None:
+    train_a, val_a = split_indices(10, 0.2, seed=0)
+    _, val_b = split_indices(10, 0.2, seed=0)
+    assert val_a.tolist() == val_b.tolist() and len(val_a) == 2
+    assert sorted([*train_a.tolist(), *val_a.tolist()]) == list(range(10))
+    assert len(split_indices(10, 0.01, seed=0)[1]) == 1  # at least one held out
+    assert len(split_indices(10, 0.0, seed=0)[1]) == 0
+    with pytest.raises(ValueError, match="leaving none to train on"):
+        split_indices(1, 0.5, seed=0)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_the_training_stream_never_shows_a_held_out_image(folder: Path, buckets: bool) -> None:
+    ds = make_dataset(str(folder), SIZE, 0, buckets=buckets, multiple=4, validation_split=0.25)
+    held = set(validation_items(ds).tolist())
+    assert len(held) == 2
+    seen: set[str] = set()
+    batches = micro_batches(ds, 0, 0, 2, draws=SampleDraws(0, (4, 8, 8), timesteps=True, latent_factor=2))
+    for _ in range(24):  # 8 epochs of the 6 training images
+        seen |= set(next(batches).captions)
+    assert seen == {f"picture {i}" for i in range(8) if i not in held}
+
+
+def test_the_validation_loss_is_the_documented_mean(base: Path, folder: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        stage="lora",
+        out=str(tmp_path / "r"),
+        base=str(base),
+        data=str(folder),
+        validation_split=0.25,
+        **COMMON,
+    ).resolve()  # type: ignore[arg-type]
+    ds = make_dataset(str(folder), SIZE, 0, validation_split=0.25)
+    stage = LoRAStage(cfg, ds, DistInfo(0, 1, 0, torch.device("cpu")))
+    held = validation_items(ds)
+    got = validation_loss(stage, stage.flux, ds, held)
+    losses = []
+    for index in held.tolist():  # one sample at a time, by the module docstring's definition
+        image, caption, _ = ds[index]
+        for j, t in enumerate(VALIDATION_TIMESTEPS):
+            g = sample_generator(0, index * 16 + j, STREAM_VALIDATION)
+            noise = torch.randn((4, SIZE // 2, SIZE // 2), generator=g)[None]
+            draws = {"drop": torch.zeros(1, dtype=torch.bool), "t": torch.tensor([t]), "noise": noise}
+            with torch.no_grad():
+                loss, _ = stage.loss(stage.flux, Batch(to_tensor([image]), [caption], [index], draws))
+            losses.append(float(loss))
+    assert got["val_images"] == 2
+    assert got["val_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_a_run_reports_it_at_each_eval_and_resumes_to_the_same_numbers(
+    base: Path, folder: Path, tmp_path: Path
+) -> None:
+    def run(out: Path, steps: int, resume: bool = False) -> list[dict]:
+        cfg = TrainConfig(
+            stage="lora",
+            out=str(out),
+            base=str(base),
+            data=str(folder),
+            validation_split=0.25,
+            max_steps=steps,
+            eval_every=2,
+            save_every=2,
+            **COMMON,  # type: ignore[arg-type]
+        )
+        train(cfg, resume=resume)
+        return read_jsonl(out / "eval.jsonl")
+
+    whole = run(tmp_path / "whole", 4)
+    assert [e["step"] for e in whole] == [2, 4] and all(e["val_images"] == 2 for e in whole)
+    assert whole[0]["val_loss"] != whole[1]["val_loss"]  # the model moved
+    run(tmp_path / "parts", 2)
+    assert run(tmp_path / "parts", 4, resume=True) == whole
+
+
+def test_a_validation_split_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
+    for settings, words in (
+        ({"stage": "t2i", "data": "shapes"}, "--validation-split: for image folders"),
+        ({"stage": "layout", "data": str(tmp_path)}, "in the t2i and lora stages"),
+        ({"stage": "t2i", "data": str(tmp_path), "validation_split": 1.0}, "must lie in"),
+    ):
+        # resolved settings, so that validate() reaches the split (a layout stage would resolve a base)
+        config = {"validation_split": 0.1, "lr": 1e-4, "ema_decay": 0.0, "betas": [0.9, 0.99], **settings}
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig(out=str(tmp_path / "r"), preset="tiny", **config).validate()  # type: ignore[arg-type]
