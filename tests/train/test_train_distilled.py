@@ -234,3 +234,13 @@ def test_settings_that_would_be_ignored_or_wrong_are_refused(distilled: Path, tm
     # fine-tuning a distilled bundle whole is allowed, and shift takes its default
     resolved = TrainConfig(stage="t2i", out=out, init=str(distilled), timestep_sampling="shift").resolve()
     assert resolved.timestep_shift is None and resolved.sample_guidance == 3.5
+
+
+def test_a_stored_config_with_the_old_default_shift_still_resumes(tmp_path: Path) -> None:
+    """Configs stored while timestep_shift defaulted to 3.0 hold it whatever their sampling: no request."""
+    old = {"stage": "t2i", "out": str(tmp_path), "preset": "tiny", "timestep_shift": 3.0}
+    assert TrainConfig.from_dict(old).resolve().timestep_shift is None
+    shifted = TrainConfig.from_dict({**old, "timestep_sampling": "shift"}).resolve()
+    assert shifted.timestep_shift == 3.0
+    with pytest.raises(ConfigError, match="--timestep-shift applies to --timestep-sampling shift"):
+        TrainConfig.from_dict({**old, "timestep_shift": 4.0}).resolve()

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from prodigyopt import Prodigy
+from transformers.optimization import Adafactor
 
+from pictor.checkpoint import read_safetensors
 from pictor.train.command import add_train_parser, config_from_args
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
@@ -73,13 +75,26 @@ def test_each_optimizer_trains_and_resumes_bit_for_bit(
         _run(autoencoder, tmp_path / "parts", 6, resume=True)
 
 
+def test_adafactor_steps_by_the_learning_rate(autoencoder: Path, tmp_path: Path) -> None:
+    """--lr is Adafactor's step size as it is AdamW's: zero-initialised layers (the final layer here, LoRA's
+    B, adaLN-Zero) move as far (torch's Adafactor scales steps by max(1e-3, RMS(weight)): ~1000x less)."""
+    moved = {}
+    for optimizer in ("adamw", "adafactor"):
+        out = tmp_path / optimizer
+        _run(autoencoder, out, 4, optimizer=optimizer, save_every=4)
+        weights = read_safetensors(out / "checkpoints" / "step-000004" / "model.safetensors")
+        moved[optimizer] = float(weights["final_layer.linear.weight"].abs().max())
+    assert moved["adamw"] > 0
+    assert moved["adafactor"] > 0.1 * moved["adamw"], moved
+
+
 def test_the_optimizers_are_what_they_say(tmp_path: Path) -> None:
     model = torch.nn.Linear(4, 4)
     base = TrainConfig(stage="t2i", out=str(tmp_path), preset="tiny")
     assert isinstance(build_optimizer(model, base.resolve()), torch.optim.AdamW)
     assert isinstance(
         build_optimizer(model, TrainConfig(**{**base.to_dict(), "optimizer": "adafactor"}).resolve()),
-        torch.optim.Adafactor,
+        Adafactor,
     )
     prodigy = TrainConfig(**{**base.to_dict(), "optimizer": "prodigy"}).resolve()
     assert prodigy.lr == 1.0  # Prodigy's lr scales its own estimate

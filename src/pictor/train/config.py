@@ -213,6 +213,10 @@ class TrainConfig:
         missing = [k for k in ("stage", "out") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {missing}")
+        if d.get("timestep_shift") == 3.0 and d.get("timestep_sampling", "logit_normal") != "shift":
+            # Stored by a version whose timestep_shift defaulted to 3.0 whatever the sampling: that was no
+            # request, and keeping it would now be refused as a shift given without shift sampling.
+            d = {**d, "timestep_shift": None}
         hints = typing.get_type_hints(cls)
         for key, value in d.items():
             if not _fits(value, hints[key]):

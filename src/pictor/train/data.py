@@ -363,6 +363,8 @@ class _StreamItems(Dataset):
         if self.latents is not None:
             mirrored = self.augment.mirrors(self.seed, k) if self.augment is not None else False
             draws["latent"] = self.latents[(index, mirrored)]
+            if reference is not None:  # a folder's reference picture is its image, never mirrored
+                draws["reference_latent"] = self.latents[(index, False)]
         return image, caption, k, draws, layout, reference
 
 

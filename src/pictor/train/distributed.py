@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,15 @@ def teardown(info: DistInfo) -> None:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def patient_barrier(info: DistInfo, hours: float = 24.0) -> None:
+    """A barrier for waits longer than the process group's timeout (NCCL's is 10 minutes), such as ranks
+    encoding a large folder's latents at different speeds: on a gloo group of its own with a long one."""
+    if info.distributed:
+        group = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -2,8 +2,11 @@
 served from the stored latents instead of the autoencoder (kohya's --cache_latents_to_disk).
 
 The disk side is `pictor.data.latent_cache` (atomic safetensors shards, keyed by the autoencoder's
-weights, entries by file, size, mtime, bucket and mirror): rank 0 encodes what is missing, the other
-ranks wait, then every rank reads the whole table into memory, where the DataLoader's workers find it.
+weights and the precision it ran in, entries by file, size, mtime, bucket and mirror): each rank encodes
+its share of what is missing (image i on rank i mod world size), all wait for each other (on a barrier
+that outlasts NCCL's 10-minute timeout), then every rank reads the whole table into memory, where the
+DataLoader's workers find it (encoding what it cannot find, when OUT is not on a shared file system).
+Memory: a float32 latent per image (and per mirror), e.g. 1 MiB for FLUX.1 at 1024x1024, on every rank.
 A stream sample looks up the latent of its dataset index and mirror bit; its noise, timestep and
 caption are drawn as without the cache, so the losses differ only by the rounding of batched encodes.
 The table holds the raw posterior means: the loss applies the autoencoder's scale and shift, which a
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from pictor.checkpoint import state_dict_hash
 from pictor.data.latent_cache import CachedLatentDataset, LatentCache
@@ -54,14 +58,19 @@ def build_latent_table(
 
     was_training = ae.training
     ae.eval()
-    cache = LatentCache(cache_dir, encode, key=f"pictor-ae-{state_dict_hash(ae.state_dict())}")
+    # bf16 and float32 encodes differ (1e-3 of the loss), so a cache is for one precision
+    precision = "bf16" if amp else "fp32"
+    cache = LatentCache(cache_dir, encode, key=f"pictor-ae-{state_dict_hash(ae.state_dict())}-{precision}")
     latents = CachedLatentDataset(folder, cache)
+    flips = (False, True) if both_flips else (False,)
     try:
-        if info.is_main:
-            latents.precompute(batch_size, both_flips=both_flips, progress=progress)
-        distributed.barrier(info)
+        mine = list(range(info.rank, len(folder), info.world_size))
+        chunks = [(mine[s : s + batch_size], flip) for flip in flips for s in range(0, len(mine), batch_size)]
+        for indices, flip in tqdm(chunks, desc="encoding latents", unit="batch", disable=not progress):
+            latents.means(indices, flip)  # encodes what the cache lacks
+        distributed.patient_barrier(info)
         table: LatentTable = {}
-        for flip in (False, True) if both_flips else (False,):
+        for flip in flips:
             for start in range(0, len(folder), batch_size):
                 indices = list(range(start, min(start + batch_size, len(folder))))
                 for i, mean in zip(indices, latents.means(indices, flip), strict=True):

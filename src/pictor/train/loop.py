@@ -241,7 +241,8 @@ class Trainer:
         )
         if self.info.is_main:
             print(
-                f"pictor train: latent cache {folder}: {len(table)} latents, {cache.encoded} encoded now",
+                f"pictor train: latent cache {folder}: {len(table)} latents "
+                f"({cache.encoded} encoded here now)",
                 file=sys.stderr,
             )
         return table

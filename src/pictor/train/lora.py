@@ -203,7 +203,7 @@ class LoRAStage(T2IStage):
         # The adapter's kind and shape (and a LyCORIS adapter's alpha, a buffer in its weights, which loading
         # the checkpoint would put back) are fixed (older runs stored the LyCORIS keys not: plain LoRA, the
         # defaults); another value would only surface as a state-dict mismatch or be silently undone.
-        # (Layout and reference runs fix none of them: `fixed_on_resume` is empty outside the lora stage.)
+        # (Layout and reference runs fix only their optimizer: see `fixed_on_resume`.)
         before = TrainConfig.from_dict(state["config"], str(checkpoint))
         refusal = resume_refusal(before, dataclasses.asdict(self.cfg), str(checkpoint))
         if refusal:

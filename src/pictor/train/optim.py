@@ -55,13 +55,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the default), Adafactor (factored second moments: far less state, for full fine-tunes of
-    large models) or Prodigy (D-Adaptation: it estimates the step size itself, `--lr` scales it, 1.0 by
-    default; the usual LoRA choice in kohya's scripts). All take the same LR schedule and weight decay."""
+    """AdamW (the default), Adafactor (factored second moments and no momentum: far less state, for full
+    fine-tunes of large models; --lr is its step size) or Prodigy (D-Adaptation: it estimates the step
+    size itself, `--lr` scales it, 1.0 by default; the usual LoRA choice in kohya's scripts). All take the
+    same LR schedule and weight decay."""
     assert cfg.betas is not None and cfg.weight_decay is not None
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(groups, lr=lr_at(1, cfg), foreach=True)
+        # transformers' Adafactor with absolute steps, as kohya runs it (scale_parameter, relative_step and
+        # warmup_init off): --lr is the step size, as for AdamW. torch's own Adafactor always scales its
+        # step by each parameter's RMS (at least 1e-3), so zero-initialised layers (LoRA's B, adaLN-Zero)
+        # would barely move.
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            groups, lr=lr_at(1, cfg), scale_parameter=False, relative_step=False, warmup_init=False
+        )
     if cfg.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy

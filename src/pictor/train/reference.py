@@ -122,7 +122,12 @@ class ReferenceStage(FileAdapterStage):
         The reference stays when the caption is dropped: then it is all the model has to go on."""
         if batch.references is None or batch.reference_captions is None:
             raise CheckpointError("reference training: a batch without reference pictures reached the loss")
-        latents, grid = self._reference_tokens(batch.references)
+        if "reference_latent" in batch.draws:  # --cache-latents: the stored means, scaled and shifted here
+            mean = batch.draws["reference_latent"].to(self.device, non_blocking=True)
+            z = (self.ae.scale_factor * (mean - self.ae.shift_factor)).float()
+            latents, grid = pack_latents(z), (z.shape[2] // 2, z.shape[3] // 2)
+        else:
+            latents, grid = self._reference_tokens(batch.references)
         target = self.text.encode(batch.reference_captions)
         tokens, pooled = target.tokens.float().to(self.device), target.pooled.float().to(self.device)
         return {"reference": (latents, grid, tokens, pooled)}
