@@ -46,6 +46,8 @@ _FIELDS = {
     "save_every": "save_every",
     "keep": "keep",
     "sample_every": "sample_every",
+    "sample_steps": "sample_steps",
+    "sample_guidance": "sample_guidance",
     "eval_every": "eval_every",
     "eval_prompts": "eval_prompts",
     "eval_images": "eval_images_per_prompt",
@@ -219,6 +221,17 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=None, help="checkpoint cadence in steps (0: end only)")
     t.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")
     t.add_argument("--sample-every", type=int, default=None, help="sample-grid cadence (0: off)")
+    t.add_argument(
+        "--sample-prompts",
+        default=None,
+        metavar="FILE",
+        help="t2i, lora: the sample grids' prompts, one per line (kohya's --sample_prompts; # comments), "
+        "image i with seed i; default: the data's own captions",
+    )
+    t.add_argument("--sample-steps", type=int, default=None, help="sampler steps of the sample grids (20)")
+    t.add_argument(
+        "--sample-guidance", type=float, default=None, help="guidance of the sample grids (the model's)"
+    )
     t.add_argument("--eval-every", type=int, default=None, help="shapes-score cadence (0: off)")
     t.add_argument(
         "--eval-prompts", type=int, default=None, help="dev prompts per eval, spread over tags (24)"
@@ -274,6 +287,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if "data" in overrides:
         overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
+    if args.sample_prompts is not None:  # absolute, so that a resume from elsewhere finds it
+        overrides["sample_prompts"] = str(Path(args.sample_prompts).resolve())
     if args.compile:
         overrides["compile"] = True
     if args.gradient_checkpointing:

@@ -178,6 +178,9 @@ class TrainConfig:
     sample_every: int = 500
     eval_every: int = 1000
     num_samples: int = 8  # images in a sample grid
+    # A text file of prompts for the sample grids, one per line (kohya's --sample_prompts; blank lines and
+    # lines starting with # are skipped), image i with seed i; None: the data's own (t2i, lora).
+    sample_prompts: str | None = None
     sample_steps: int = 20
     # Sample grids and evals: None = the model's default guidance (its distilled guidance on FLUX.1-dev;
     # 1, no CFG, where its defaults say guidance_mode 'none').
@@ -392,6 +395,14 @@ class TrainConfig:
             "--validation-split: for image folders in the t2i and lora stages (the shapes world is scored "
             "by its evals instead); drop it",
         )
+        need(
+            self.sample_prompts is None or self.stage in ("t2i", "lora"),
+            f"--sample-prompts: for the t2i and lora stages (the {self.stage} stage's grids show its own "
+            "layouts or pictures); drop it",
+        )
+        if self.sample_prompts is not None:
+            read_sample_prompts(self.sample_prompts)  # a missing or empty file is an error now, not later
+        need(self.sample_steps >= 1, f"sample_steps (--sample-steps) must be >= 1, got {self.sample_steps}")
         need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
         need(
             0.0 <= self.caption_tag_dropout < 1.0,
@@ -459,6 +470,28 @@ class TrainConfig:
                 f"image_size {self.image_size} must be a multiple of {multiple} "
                 f"(autoencoder factor {factor}{' x 2x2 latent patches' if packed else ''})",
             )
+
+
+MAX_SAMPLE_PROMPTS = 64
+
+
+def read_sample_prompts(path: str | Path) -> list[str]:
+    """The prompts of a --sample-prompts file: one per line, blank lines and # comments skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--sample-prompts {path}: no such file; give a text file with one prompt per line")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--sample-prompts {path}: not UTF-8 text; save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"--sample-prompts {path}: no prompts in it (one per line; # starts a comment)")
+    if len(prompts) > MAX_SAMPLE_PROMPTS:
+        raise ConfigError(
+            f"--sample-prompts {path}: {len(prompts)} prompts; a grid takes at most {MAX_SAMPLE_PROMPTS}"
+        )
+    return prompts
 
 
 def _default_guidance(defaults: dict[str, Any]) -> float:

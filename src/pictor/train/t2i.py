@@ -38,6 +38,7 @@ from pictor.train.config import (
     DISTILLED_TRAIN_GUIDANCE,
     TrainConfig,
     guidance_distilled,
+    read_sample_prompts,
 )
 from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float, validation_items
 from pictor.train.distributed import DistInfo, broadcast
@@ -273,7 +274,7 @@ class T2IStage(Stage):
 
     def sample_grid(self, ema: nn.Module) -> Any:
         c = self.cfg
-        prompts = self._prompts(c.num_samples)
+        prompts = read_sample_prompts(c.sample_prompts) if c.sample_prompts else self._prompts(c.num_samples)
         images = previews.generate(
             ema,
             self.ae,
