@@ -8,7 +8,6 @@ three shapes, resumes bit for bit, and refuses to resume with another micro-batc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +22,12 @@ from pictor.train.logs import read_jsonl
 from pictor.train.loop import TrainingError, train
 from pictor.train.stages import holdout_batches
 
-from tiny_bundle import tiny_models
-
 SIZE = 16
 SHAPES = {"wide": (40, 20), "tall": (20, 40), "square": (30, 30)}
 COMMON = {"image_size": SIZE, "eval_every": 0, "sample_every": 0, "progress": False, "warmup_steps": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +39,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{kind}{i}.png")
             (root / f"{kind}{i}.txt").write_text(f"a {kind} picture")
     return root
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config, flux, ae = tiny_models("base", trained=True)
-    path = tmp_path_factory.mktemp("base") / "base"
-    save_bundle(path, config, flux.state_dict(), ae.state_dict())
-    return path
 
 
 def test_each_micro_batch_is_one_bucket_with_noise_of_its_latent_size(folder: Path) -> None:

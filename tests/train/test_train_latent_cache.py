@@ -7,22 +7,17 @@ while the autoencoder's `encode` is never called during the run; mirrored latent
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pictor.checkpoint import save_bundle
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
-
-from tiny_bundle import tiny_models
 
 SIZE = 16
 COMMON = {
@@ -35,12 +30,7 @@ COMMON = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +41,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text(f"picture {i}, red, round")
     return root
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config, flux, ae = tiny_models("base", trained=True)
-    path = tmp_path_factory.mktemp("base") / "base"
-    save_bundle(path, config, flux.state_dict(), ae.state_dict())
-    return path
 
 
 def _run(base: Path, data: Path, out: Path, steps: int, resume: bool = False, **settings: object) -> list:

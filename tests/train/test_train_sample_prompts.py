@@ -4,38 +4,25 @@ with seed i, as `pictor generate` would; a missing, empty or misplaced file is r
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import pictor
-from pictor.checkpoint import save_bundle
 from pictor.pipeline import GenerationRequest
 from pictor.train.command import add_train_parser, config_from_args
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.loop import train
 
-from tiny_bundle import tiny_models
-
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_grid_draws_the_files_prompts(tmp_path: Path) -> None:
-    config, flux, ae = tiny_models("base", trained=True)
-    base = tmp_path / "base"
-    save_bundle(base, config, flux.state_dict(), ae.state_dict())
+def test_the_grid_draws_the_files_prompts(base: Path, tmp_path: Path) -> None:
     data = tmp_path / "pictures"
     data.mkdir()
     rng = np.random.default_rng(0)

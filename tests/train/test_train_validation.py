@@ -3,7 +3,6 @@ timesteps and noise reported at every eval."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.checkpoint import save_bundle
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import (
     Batch,
@@ -29,8 +27,6 @@ from pictor.train.loop import train
 from pictor.train.lora import LoRAStage
 from pictor.train.validation import VALIDATION_TIMESTEPS, validation_loss
 
-from tiny_bundle import tiny_models
-
 SIZE = 16
 COMMON = {
     "image_size": SIZE,
@@ -42,12 +38,7 @@ COMMON = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +50,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text(f"picture {i}")
     return root
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config, flux, ae = tiny_models("base", trained=True)
-    path = tmp_path_factory.mktemp("base") / "base"
-    save_bundle(path, config, flux.state_dict(), ae.state_dict())
-    return path
 
 
 def test_the_split_is_seeded_and_leaves_something_on_each_side() -> None:
