@@ -108,8 +108,7 @@ def sample_t(
         raise ValueError(f"shift must be > 0, got {shift}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
     if kind in ("shift", "flux_shift"):
-        t = sample_t(batch, "logit_normal", generator, mean, std)
-        t = shift * t / (1 + (shift - 1) * t)
+        t = time_shift(math.log(shift), 1.0, sample_t(batch, "logit_normal", generator, mean, std))
     elif kind == "logit_normal":
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")

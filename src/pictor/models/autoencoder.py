@@ -290,7 +290,11 @@ class AutoEncoder(nn.Module):
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """x in [-1, 1] -> scaled latent `scale_factor * (latent - shift_factor)`."""
         mean, logvar = self.encode_moments(x)
-        latent = self._sample(mean, logvar, generator) if sample else mean
+        return self.scale_latent(self._sample(mean, logvar, generator) if sample else mean)
+
+    def scale_latent(self, latent: Tensor) -> Tensor:
+        """A raw latent (as `encode_moments` gives, e.g. a cached posterior mean) -> the scaled latent
+        `encode` returns."""
         return self.scale_factor * (latent - self.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

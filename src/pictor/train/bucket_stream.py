@@ -64,16 +64,23 @@ class BucketStream:
         return {b: len(v) for b, v in self.buckets.items() if len(v) < self.group}
 
 
-def folder_of(ds: Any) -> Any:
-    """The image folder (`ImageFolderDataset`) behind training data `ds`, looking through wrappers that
-    keep the data they wrap as ``.ds`` (such as the reference stage's), or None (the shapes world)."""
+def folder_view(ds: Any) -> Any:
+    """The view of an image folder behind training data `ds` (`pictor.train.data`'s, which holds the
+    `ImageFolderDataset` as ``.folder``), looking through wrappers that keep the data they wrap as
+    ``.ds`` (such as the reference stage's); None for the shapes world."""
     seen = ds
     while seen is not None:
-        folder = getattr(seen, "folder", None)
-        if folder is not None:
-            return folder
-        seen = getattr(seen, "ds", None)
+        inner = getattr(seen, "ds", None)
+        if inner is None:  # a wrapper may pass its data's folder through: the view is the innermost
+            return seen if getattr(seen, "folder", None) is not None else None
+        seen = inner
     return None
+
+
+def folder_of(ds: Any) -> Any:
+    """The image folder (`ImageFolderDataset`) behind training data `ds`, or None (the shapes world)."""
+    view = folder_view(ds)
+    return view.folder if view is not None else None
 
 
 def bucket_stream(ds: Any, group: int, seed: int, subset: Sequence[int] | None = None) -> BucketStream | None:

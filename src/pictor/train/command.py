@@ -69,6 +69,19 @@ _FIELDS = {
     "caption_tag_dropout": "caption_tag_dropout",
     "caption_ext": "caption_ext",
     "validation_split": "validation_split",
+    "latent_cache": "latent_cache_dir",
+}
+# on/off flag dest -> TrainConfig field it turns on
+_SWITCHES = {
+    "compile": "compile",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "fp8_base": "fp8_base",
+    "dora": "lora_dora",
+    "fsdp": "fsdp",
+    "flip_aug": "flip_aug",
+    "shuffle_caption": "caption_shuffle",
+    "buckets": "buckets",
+    "cache_latents": "cache_latents",
 }
 
 
@@ -289,26 +302,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
     if args.sample_prompts is not None:  # absolute, so that a resume from elsewhere finds it
         overrides["sample_prompts"] = str(Path(args.sample_prompts).resolve())
-    if args.compile:
-        overrides["compile"] = True
-    if args.gradient_checkpointing:
-        overrides["gradient_checkpointing"] = True
-    if args.fp8_base:
-        overrides["fp8_base"] = True
-    if args.dora:
-        overrides["lora_dora"] = True
-    if args.fsdp:
-        overrides["fsdp"] = True
-    if args.flip_aug:
-        overrides["flip_aug"] = True
-    if args.shuffle_caption:
-        overrides["caption_shuffle"] = True
-    if args.buckets:
-        overrides["buckets"] = True
-    if args.cache_latents:
-        overrides["cache_latents"] = True
-    if args.latent_cache is not None:
-        overrides["latent_cache_dir"] = args.latent_cache
+    overrides.update({field: True for dest, field in _SWITCHES.items() if getattr(args, dest)})
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from pictor.data.captions import augment_tags
 from pictor.flow import sample_t
 from pictor.notices import PictorWarning
-from pictor.train.bucket_stream import bucket_stream
+from pictor.train.bucket_stream import bucket_stream, folder_view
 from pictor.train.config import ConfigError
 from pictor.train.holdout_split import split_indices
 
@@ -155,29 +155,24 @@ def make_dataset(
             PictorWarning,
             stacklevel=2,
         )
-    if len(folder) == 0:
-        raise ValueError(f"{folder.root}: no usable images found")
-    _, validation = split_indices(len(folder), validation_split, seed)
-    return _FolderImages(folder, augment if augment.active else None, validation if len(validation) else None)
+    return _FolderImages(folder, augment if augment.active else None, validation_split, seed)
 
 
 class _FolderImages:
     """ImageFolderDataset items (float [-1, 1] tensors in dicts) as (uint8 [H, W, 3], caption, info)."""
 
     def __init__(
-        self, folder: Any, augment: Augment | None = None, validation: np.ndarray | None = None
+        self, folder: Any, augment: Augment | None = None, validation_split: float = 0.0, seed: int = 0
     ) -> None:
         if len(folder) == 0:
             raise ValueError(f"{folder.root}: no usable images found")
         self.folder = folder
         self.augment = augment  # applied by the stream (`_StreamItems`), not here: it needs k, not index
-        # --validation-split: the items held out of the training stream (dataset indices), or None
-        self.validation = validation
-        self.training = (
-            None
-            if validation is None
-            else np.setdiff1d(np.arange(len(folder)), validation, assume_unique=True)
-        )
+        # --validation-split: the items the training stream walks and those held out of it (dataset
+        # indices), or None for both when nothing is held out
+        training, validation = split_indices(len(folder), validation_split, seed)
+        self.training = training if len(validation) else None
+        self.validation = validation if len(validation) else None
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -368,35 +363,23 @@ class _StreamItems(Dataset):
         return image, caption, k, draws, layout, reference
 
 
-def _split_of(ds: ImageCaptionDataset) -> tuple[np.ndarray | None, np.ndarray | None]:
-    seen: Any = ds
-    while seen is not None:
-        if isinstance(seen, _FolderImages):
-            return seen.training, seen.validation
-        seen = getattr(seen, "ds", None)
-    return None, None
-
-
 def training_items(ds: ImageCaptionDataset) -> np.ndarray | None:
     """The dataset indices the training stream walks when a validation split holds some out, else None."""
-    return _split_of(ds)[0]
+    view = folder_view(ds)
+    return view.training if view is not None else None
 
 
 def validation_items(ds: ImageCaptionDataset) -> np.ndarray | None:
     """The dataset indices a validation split holds out of training (--validation-split), else None."""
-    return _split_of(ds)[1]
+    view = folder_view(ds)
+    return view.validation if view is not None else None
 
 
 def augmentation(ds: ImageCaptionDataset) -> Augment | None:
-    """The augmentation `make_dataset` gave the data, looking through wrappers that keep the data they
-    wrap as ``.ds`` (a stage's, such as the reference stage's ReferencePairs); None when there is none."""
-    seen: Any = ds
-    while seen is not None:
-        found = getattr(seen, "augment", None)
-        if isinstance(found, Augment):
-            return found
-        seen = getattr(seen, "ds", None)
-    return None
+    """The augmentation `make_dataset` gave the data (looking through a stage's wrappers, such as the
+    reference stage's ReferencePairs), or None when there is none."""
+    view = folder_view(ds)
+    return view.augment if view is not None else None
 
 
 def _collate(items: list[_Item]) -> Batch:

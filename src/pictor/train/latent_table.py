@@ -9,8 +9,8 @@ DataLoader's workers find it (encoding what it cannot find, when OUT is not on a
 Memory: a float32 latent per image (and per mirror), e.g. 1 MiB for FLUX.1 at 1024x1024, on every rank.
 A stream sample looks up the latent of its dataset index and mirror bit; its noise, timestep and
 caption are drawn as without the cache, so the losses differ only by the rounding of batched encodes.
-The table holds the raw posterior means: the loss applies the autoencoder's scale and shift, which a
-t2i run measures after the table is built.
+The table holds the raw posterior means: the loss applies the autoencoder's scale and shift (which a
+t2i run from scratch measures when it starts), so the table does not depend on them.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def build_latent_table(
     progress: bool = False,
     batch_size: int = 16,
 ) -> tuple[LatentTable, LatentCache]:
-    """Encode the folder behind `ds` into `cache_dir` where needed (rank 0), then read it all (every
-    rank). Returns the table and the cache (its counters say how much was encoded)."""
+    """Encode this rank's share of the folder behind `ds` into `cache_dir` where needed, wait for the
+    others, then read it all. Returns the table and the cache (its counters say what this rank encoded)."""
     folder = folder_of(ds)
     if folder is None:
         raise ValueError("--cache-latents needs an image folder as --data")

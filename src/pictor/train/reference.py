@@ -90,6 +90,11 @@ class ReferenceForward(nn.Module):
         )
 
 
+def _tokens(z: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Scaled latents [B, C, h, w] -> packed tokens [B, N, 4C] and their token grid."""
+    return pack_latents(z), (z.shape[2] // 2, z.shape[3] // 2)
+
+
 class ReferenceStage(FileAdapterStage):
     """A FileAdapterStage whose adapter is a reference adapter."""
 
@@ -115,7 +120,7 @@ class ReferenceStage(FileAdapterStage):
         """uint8 [B, 3, H, W] -> packed latents of the frozen autoencoder [B, N, 4C] and their token grid."""
         with previews.autocast(self.device, self.amp):
             z = self.ae.encode(to_float(pictures, self.device)).float()
-        return pack_latents(z), (z.shape[2] // 2, z.shape[3] // 2)
+        return _tokens(z)
 
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """The batch's reference pictures as latent tokens for the forward module, which runs the adapter.
@@ -124,8 +129,7 @@ class ReferenceStage(FileAdapterStage):
             raise CheckpointError("reference training: a batch without reference pictures reached the loss")
         if "reference_latent" in batch.draws:  # --cache-latents: the stored means, scaled and shifted here
             mean = batch.draws["reference_latent"].to(self.device, non_blocking=True)
-            z = (self.ae.scale_factor * (mean - self.ae.shift_factor)).float()
-            latents, grid = pack_latents(z), (z.shape[2] // 2, z.shape[3] // 2)
+            latents, grid = _tokens(self.ae.scale_latent(mean).float())
         else:
             latents, grid = self._reference_tokens(batch.references)
         target = self.text.encode(batch.reference_captions)

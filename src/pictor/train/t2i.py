@@ -204,7 +204,7 @@ class T2IStage(Stage):
         captions = ["" if drop else cap for drop, cap in zip(drops, batch.captions, strict=True)]
         if "latent" in batch.draws:  # --cache-latents: the stored posterior means, scaled and shifted here
             mean = batch.draws["latent"].to(self.device, non_blocking=True)
-            z = (self.ae.scale_factor * (mean - self.ae.shift_factor)).float()
+            z = self.ae.scale_latent(mean).float()
         else:
             x = to_float(batch.images, self.device)
             with torch.no_grad(), previews.autocast(self.device, self.amp):
