@@ -45,6 +45,7 @@ from pictor.train.data import (
     default_workers,
     make_dataset,
     micro_batches,
+    training_items,
 )
 from pictor.train.ema import EMA, ShardedEMA, meta_copy
 from pictor.train.logs import RunLog
@@ -111,7 +112,7 @@ def _pixel_multiple(cfg: TrainConfig, checkpoint: Path | None) -> int:
 
 
 def _warn_small_buckets(ds: Any, group: int, seed: int) -> None:
-    stream = bucket_stream(ds, group, seed)
+    stream = bucket_stream(ds, group, seed, training_items(ds))  # held-out images never come
     small = stream.small_buckets() if stream is not None else {}
     if small:
         names = ", ".join(f"{w}x{h} ({n})" for (w, h), n in small.items())
