@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from pictor.data.buckets import BucketBatchSampler
 from pictor.data.folder import DatasetWarning, ImageFolderDataset, collate
-from pictor.data.latent_cache import CachedLatentDataset, LatentCache
+from pictor.data.latent_cache import CachedLatentDataset, LatentCache, LatentCacheError
 
 from broken_images import undecodable_png
 
@@ -84,6 +84,29 @@ def test_cached_latent_is_the_encoders_output(folder: Path, tmp_path: Path) -> N
         assert torch.allclose(item["latent"], ref(ds[i]["image"][None])[0], atol=1e-6)
         assert item["caption"] == f"caption {ds.paths[i].stem}" and item["bucket"] == ds.item_buckets[i]
         assert "image" not in item and "logvar" not in item
+
+
+def test_entry_ids_encode_misses_read_nothing_and_read_mean_reads_one(folder: Path, tmp_path: Path) -> None:
+    """What a training run's latent table keeps: ids, each read from its shard when it is wanted."""
+    ds = ImageFolderDataset(folder, size=64)
+    enc = FakeEncoder()
+    cds = CachedLatentDataset(ds, LatentCache(tmp_path / "c", enc, key="k"))
+    ids = cds.entry_ids([0, 2, 5], flip=True)
+    assert enc.images == 3 and len(set(ids)) == 3
+
+    def no_reads(*_a: object) -> None:
+        raise AssertionError("entry_ids read a stored latent back")
+
+    cds.cache._read = no_reads  # type: ignore[method-assign]
+    assert cds.entry_ids([0, 2, 5], flip=True) == ids and enc.images == 3  # hits: neither read nor encoded
+    ref = FakeEncoder()
+    for i, eid in zip((0, 2, 5), ids, strict=True):
+        mirrored = ds.load_image(i, True)
+        assert torch.allclose(cds.cache.read_mean(eid), ref(mirrored[None])[0], atol=1e-6)
+    for shard in (tmp_path / "c").glob("ae-*/shard-*.safetensors"):
+        shard.unlink()  # a shard removed under a running trainer: a clear error, not a KeyError
+    with pytest.raises(LatentCacheError, match=r"shard-.*removed or damaged.*--resume"):
+        cds.cache.read_mean(ids[0])
 
 
 def test_persisted_and_keyed_by_autoencoder(folder: Path, tmp_path: Path) -> None:

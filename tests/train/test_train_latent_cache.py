@@ -8,16 +8,24 @@ while the autoencoder's `encode` is never called during the run; mirrored latent
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pictor.data.folder import ImageFolderDataset
+from pictor.data.latent_cache import LatentCacheError
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train.config import ConfigError, TrainConfig
+from pictor.train.distributed import DistInfo
+from pictor.train.latent_table import build_latent_table
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
+
+from tiny_bundle import tiny_models
 
 SIZE = 16
 COMMON = {
@@ -131,3 +139,22 @@ def test_a_cache_is_for_one_precision(base: Path, folder: Path, tmp_path: Path) 
         mixed_precision="no",
     )
     assert len(list(cache.glob("ae-*"))) == 2 and len(_shards(cache)) > len(first)
+
+
+def test_the_table_reads_each_latent_from_disk_when_it_is_wanted(folder: Path, tmp_path: Path) -> None:
+    """The table keeps entry ids, not latents (a folder's latents held on every rank would not fit): a
+    lookup reads the stored mean, which is the autoencoder's, and a shard gone from disk is named."""
+    ds = ImageFolderDataset(folder, size=SIZE)
+    ae = tiny_models()[2].eval()
+    view = SimpleNamespace(folder=ds)  # as pictor.train.data holds a folder
+    table, cache = build_latent_table(view, ae, tmp_path / "c", both_flips=True, info=DistInfo(), amp=False)
+    assert len(table) == 12 and cache.encoded == 12
+    assert not any(isinstance(v, torch.Tensor) for v in vars(table).values())
+    with torch.no_grad():
+        for i, flip in ((0, False), (1, True), (4, True)):
+            mean = ae.encode_moments(ds.load_image(i, flip)[None])[0][0]
+            torch.testing.assert_close(table[(i, flip)], mean, rtol=1e-5, atol=1e-5)
+    for shard in _shards(tmp_path / "c"):
+        shard.unlink()
+    with pytest.raises(LatentCacheError, match="removed or damaged"):
+        table[(2, False)]

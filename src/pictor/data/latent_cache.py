@@ -29,10 +29,10 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
@@ -40,7 +40,12 @@ from tqdm import tqdm
 from pictor.data.folder import UnreadableImageError
 
 FORMAT = "pictor-latent-cache-v1"
+T = TypeVar("T")
 Entry = dict[str, Tensor]  # {"mean": [C, h, w]} and, when the encoder gives it, "logvar"
+
+
+class LatentCacheError(RuntimeError):
+    """A cache entry that was indexed can no longer be read (its shard removed or damaged)."""
 
 
 def _file_sha256(path: Path) -> str:
@@ -179,8 +184,8 @@ class LatentCache:
             entries.append({k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in e.items()})
         return entries
 
-    def get_entries(self, items: Sequence[Mapping[str, Any]]) -> list[Entry]:
-        """One entry per item, in order; misses are encoded (one encode_fn call per image shape)."""
+    def _store_missing(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[str], dict[str, Entry]]:
+        """The items' entry ids, after encoding and storing those the cache lacks (returned too)."""
         ids = [self.entry_id(it) for it in items]
         if any(eid not in self._index for eid in ids):
             self.refresh()
@@ -202,6 +207,28 @@ class LatentCache:
                 new[ids[i]] = entry
         if new:
             self._write(new)
+        return ids, new
+
+    def ensure(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The items' entry ids, encoding what the cache lacks but reading nothing back (`read_mean`
+        reads one entry when it is wanted)."""
+        return self._store_missing(items)[0]
+
+    def read_mean(self, eid: str) -> Tensor:
+        """One stored entry's mean. Its shard is memory-mapped, so only this tensor is read."""
+        shard = self._index[eid]
+        try:
+            with safe_open(shard, framework="pt") as f:
+                return f.get_tensor(f"{eid}/mean")
+        except (OSError, SafetensorError) as exc:
+            raise LatentCacheError(
+                f"latent cache: {shard} was removed or damaged after it was indexed ({exc}); start "
+                "again (pictor train --resume): the cache re-encodes what it no longer holds"
+            ) from exc
+
+    def get_entries(self, items: Sequence[Mapping[str, Any]]) -> list[Entry]:
+        """One entry per item, in order; misses are encoded (one encode_fn call per image shape)."""
+        ids, new = self._store_missing(items)
         found = self._read([eid for eid in dict.fromkeys(ids) if eid not in new])
         found.update(new)
         entries = [found[eid] for eid in ids]
@@ -266,9 +293,13 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def _entries(self, items: list[dict[str, Any]]) -> list[Entry]:
         """The cache's entries for `items`; an item whose file does not decode takes the next decodable
         item of its bucket instead (`ImageFolderDataset.stand_ins`), as the dataset itself does."""
+        return self._stored(items, self.cache.get_entries)
+
+    def _stored(self, items: list[dict[str, Any]], fetch: Callable[[list[dict[str, Any]]], T]) -> T:
+        """`fetch(items)` (the cache's entries or ids), replacing undecodable items by stand-ins."""
         while True:
             try:
-                return self.cache.get_entries(items)
+                return fetch(items)
             except UnreadableImageError:
                 if not hasattr(self.dataset, "stand_ins"):
                     raise
@@ -300,6 +331,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         encoding any the cache lacks."""
         items = self._items(indices, [flip] * len(indices))
         return [entry["mean"] for entry in self._entries(items)]
+
+    def entry_ids(self, indices: Sequence[int], flip: bool = False) -> list[str]:
+        """The cache's entry ids for items `indices`, mirrored if `flip`, encoding any the cache lacks
+        but reading none (an undecodable file's id is its stand-in's): for `LatentCache.read_mean`."""
+        return self._stored(self._items(indices, [flip] * len(indices)), self.cache.ensure)
 
     def precompute(
         self, batch_size: int = 16, both_flips: bool | None = None, progress: bool = False

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -333,7 +333,7 @@ class _StreamItems(Dataset):
         seed: int,
         draws: SampleDraws | None,
         group: int = 1,
-        latents: dict[tuple[int, bool], torch.Tensor] | None = None,
+        latents: Mapping[tuple[int, bool], torch.Tensor] | None = None,
     ) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
         self.latents = latents  # --cache-latents: (dataset index, mirrored) -> latent mean
@@ -424,7 +424,7 @@ def micro_batches(
     world_size: int = 1,
     num_workers: int = 0,
     draws: SampleDraws | None = None,
-    latents: dict[tuple[int, bool], torch.Tensor] | None = None,
+    latents: Mapping[tuple[int, bool], torch.Tensor] | None = None,
 ) -> Iterator[Batch]:
     """This rank's micro-batches from `position` on. Workers prefetch, but DataLoader keeps the order, so
     the stream is the same with any number of workers. With `latents` (--cache-latents) each sample's

@@ -4,9 +4,10 @@ served from the stored latents instead of the autoencoder (kohya's --cache_laten
 The disk side is `pictor.data.latent_cache` (atomic safetensors shards, keyed by the autoencoder's
 weights and the precision it ran in, entries by file, size, mtime, bucket and mirror): each rank encodes
 its share of what is missing (image i on rank i mod world size), all wait for each other (on a barrier
-that outlasts NCCL's 10-minute timeout), then every rank reads the whole table into memory, where the
-DataLoader's workers find it (encoding what it cannot find, when OUT is not on a shared file system).
-Memory: a float32 latent per image (and per mirror), e.g. 1 MiB for FLUX.1 at 1024x1024, on every rank.
+that outlasts NCCL's 10-minute timeout), then every rank indexes the whole folder's entries (encoding what
+it cannot find, when OUT is not on a shared file system). The table holds entry ids, not latents: a
+lookup reads one latent from its memory-mapped shard, so a rank's memory does not grow with the folder
+(held in memory, 10,000 FLUX.1 latents at 1024x1024 and their mirrors would be 20 GiB on every rank).
 A stream sample looks up the latent of its dataset index and mirror bit; its noise, timestep and
 caption are drawn as without the cache, so the losses differ only by the rounding of batched encodes.
 The table holds the raw posterior means: the loss applies the autoencoder's scale and shift (which a
@@ -15,6 +16,7 @@ t2i run from scratch measures when it starts), so the table does not depend on t
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,21 @@ from pictor.train import distributed, previews
 from pictor.train.bucket_stream import folder_of
 from pictor.train.distributed import DistInfo
 
-LatentTable = dict[tuple[int, bool], Tensor]  # (dataset index, mirrored) -> latent mean [C, h, w]
+
+class LatentTable(Mapping[tuple[int, bool], Tensor]):
+    """(dataset index, mirrored) -> latent mean [C, h, w] in float32, read from the cache on lookup."""
+
+    def __init__(self, cache: LatentCache, ids: dict[tuple[int, bool], str]) -> None:
+        self.cache, self.ids = cache, ids
+
+    def __getitem__(self, key: tuple[int, bool]) -> Tensor:
+        return self.cache.read_mean(self.ids[key]).float()
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def build_latent_table(
@@ -67,14 +83,14 @@ def build_latent_table(
         mine = list(range(info.rank, len(folder), info.world_size))
         chunks = [(mine[s : s + batch_size], flip) for flip in flips for s in range(0, len(mine), batch_size)]
         for indices, flip in tqdm(chunks, desc="encoding latents", unit="batch", disable=not progress):
-            latents.means(indices, flip)  # encodes what the cache lacks
+            latents.entry_ids(indices, flip)  # encodes what the cache lacks
         distributed.patient_barrier(info)
-        table: LatentTable = {}
+        ids: dict[tuple[int, bool], str] = {}
         for flip in flips:
             for start in range(0, len(folder), batch_size):
                 indices = list(range(start, min(start + batch_size, len(folder))))
-                for i, mean in zip(indices, latents.means(indices, flip), strict=True):
-                    table[(i, flip)] = mean.float()
+                for i, eid in zip(indices, latents.entry_ids(indices, flip), strict=True):
+                    ids[(i, flip)] = eid
     finally:
         ae.train(was_training)
-    return table, cache
+    return LatentTable(cache, ids), cache

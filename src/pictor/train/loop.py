@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +224,7 @@ class Trainer:
             self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
         )
 
-    def _latent_table(self) -> dict[tuple[int, bool], torch.Tensor]:
+    def _latent_table(self) -> Mapping[tuple[int, bool], torch.Tensor]:
         """--cache-latents: every image (both ways round with --flip-aug) encoded once, then read."""
         from pictor.train.latent_table import build_latent_table
 
