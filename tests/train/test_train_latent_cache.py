@@ -7,6 +7,7 @@ while the autoencoder's `encode` is never called during the run; mirrored latent
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -150,6 +151,7 @@ def test_the_table_reads_each_latent_from_disk_when_it_is_wanted(folder: Path, t
     table, cache = build_latent_table(view, ae, tmp_path / "c", both_flips=True, info=DistInfo(), amp=False)
     assert len(table) == 12 and cache.encoded == 12
     assert not any(isinstance(v, torch.Tensor) for v in vars(table).values())
+    assert len(pickle.dumps(table)) < 4096  # paths and ids only: cheap to hand to spawned workers
     with torch.no_grad():
         for i, flip in ((0, False), (1, True), (4, True)):
             mean = ae.encode_moments(ds.load_image(i, flip)[None])[0][0]

@@ -78,6 +78,19 @@ def _split_output(out: Any) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"encode_fn must return a Tensor, (mean, logvar) or a distribution, got {type(out)}")
 
 
+def read_stored_mean(shard: Path, eid: str) -> Tensor:
+    """Entry `eid`'s mean from `shard`: the shard is memory-mapped, so only this tensor is read. A free
+    function of plain arguments, so that what calls it pickles into DataLoader workers of any start method."""
+    try:
+        with safe_open(shard, framework="pt") as f:
+            return f.get_tensor(f"{eid}/mean")
+    except (OSError, SafetensorError) as exc:
+        raise LatentCacheError(
+            f"latent cache: {shard} was removed or damaged after it was indexed ({exc}); start again "
+            "(pictor train --resume): the cache re-encodes what it no longer holds"
+        ) from exc
+
+
 class LatentCache:
     """get_or_encode(items) -> latent means [B, C, h, w]; every image is encoded at most once per key.
 
@@ -214,17 +227,13 @@ class LatentCache:
         reads one entry when it is wanted)."""
         return self._store_missing(items)[0]
 
+    def shard_of(self, eid: str) -> Path:
+        """The shard that holds stored entry `eid`."""
+        return self._index[eid]
+
     def read_mean(self, eid: str) -> Tensor:
-        """One stored entry's mean. Its shard is memory-mapped, so only this tensor is read."""
-        shard = self._index[eid]
-        try:
-            with safe_open(shard, framework="pt") as f:
-                return f.get_tensor(f"{eid}/mean")
-        except (OSError, SafetensorError) as exc:
-            raise LatentCacheError(
-                f"latent cache: {shard} was removed or damaged after it was indexed ({exc}); start "
-                "again (pictor train --resume): the cache re-encodes what it no longer holds"
-            ) from exc
+        """One stored entry's mean (see `read_stored_mean`)."""
+        return read_stored_mean(self._index[eid], eid)
 
     def get_entries(self, items: Sequence[Mapping[str, Any]]) -> list[Entry]:
         """One entry per item, in order; misses are encoded (one encode_fn call per image shape)."""

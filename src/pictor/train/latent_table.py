@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pictor.checkpoint import state_dict_hash
-from pictor.data.latent_cache import CachedLatentDataset, LatentCache
+from pictor.data.latent_cache import CachedLatentDataset, LatentCache, read_stored_mean
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train import distributed, previews
 from pictor.train.bucket_stream import folder_of
@@ -33,13 +33,14 @@ from pictor.train.distributed import DistInfo
 
 
 class LatentTable(Mapping[tuple[int, bool], Tensor]):
-    """(dataset index, mirrored) -> latent mean [C, h, w] in float32, read from the cache on lookup."""
+    """(dataset index, mirrored) -> latent mean [C, h, w] in float32, read from its shard on lookup. It
+    holds paths and ids only, so DataLoader workers get it cheaply whether they fork or spawn."""
 
-    def __init__(self, cache: LatentCache, ids: dict[tuple[int, bool], str]) -> None:
-        self.cache, self.ids = cache, ids
+    def __init__(self, ids: dict[tuple[int, bool], tuple[Path, str]]) -> None:
+        self.ids = ids  # (dataset index, mirrored) -> (shard, entry id)
 
     def __getitem__(self, key: tuple[int, bool]) -> Tensor:
-        return self.cache.read_mean(self.ids[key]).float()
+        return read_stored_mean(*self.ids[key]).float()
 
     def __iter__(self) -> Iterator[tuple[int, bool]]:
         return iter(self.ids)
@@ -85,12 +86,12 @@ def build_latent_table(
         for indices, flip in tqdm(chunks, desc="encoding latents", unit="batch", disable=not progress):
             latents.entry_ids(indices, flip)  # encodes what the cache lacks
         distributed.patient_barrier(info)
-        ids: dict[tuple[int, bool], str] = {}
+        ids: dict[tuple[int, bool], tuple[Path, str]] = {}
         for flip in flips:
             for start in range(0, len(folder), batch_size):
                 indices = list(range(start, min(start + batch_size, len(folder))))
                 for i, eid in zip(indices, latents.entry_ids(indices, flip), strict=True):
-                    ids[(i, flip)] = eid
+                    ids[(i, flip)] = (cache.shard_of(eid), eid)
     finally:
         ae.train(was_training)
-    return LatentTable(cache, ids), cache
+    return LatentTable(ids), cache
