@@ -17,15 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.data.folder import ImageFolderDataset
+from pictor.data.folder import DatasetWarning, ImageFolderDataset
 from pictor.data.latent_cache import LatentCacheError
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train.config import ConfigError, TrainConfig
+from pictor.train.data import make_dataset
 from pictor.train.distributed import DistInfo
 from pictor.train.latent_table import build_latent_table
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
 
+from broken_images import undecodable_png
 from tiny_bundle import tiny_models
 
 SIZE = 16
@@ -76,8 +78,9 @@ def test_cached_latents_train_as_the_autoencoder_would(base: Path, folder: Path,
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
     shards = _shards(cache)
     assert shards
-    again = _run(base, folder, tmp_path / "again", 4, cache_latents=True, latent_cache_dir=str(cache))
-    assert again == cached and _shards(cache) == shards  # nothing encoded the second time
+    with mock.patch.object(ImageFolderDataset, "load_image", side_effect=AssertionError("file decoded")):
+        again = _run(base, folder, tmp_path / "again", 4, cache_latents=True, latent_cache_dir=str(cache))
+    assert again == cached and _shards(cache) == shards  # nothing encoded, nor decoded, the second time
 
 
 def test_mirrored_and_bucketed_latents_resume_bit_for_bit(base: Path, folder: Path, tmp_path: Path) -> None:
@@ -86,7 +89,8 @@ def test_mirrored_and_bucketed_latents_resume_bit_for_bit(base: Path, folder: Pa
     whole = _run(base, folder, tmp_path / "whole", 6, **settings)
     np.testing.assert_allclose(whole, plain, rtol=1e-4)  # the right latent for each mirrored sample
     _run(base, folder, tmp_path / "parts", 3, save_every=3, **settings)
-    assert _run(base, folder, tmp_path / "parts", 6, resume=True, **settings) == whole
+    with mock.patch.object(ImageFolderDataset, "load_image", side_effect=AssertionError("file decoded")):
+        assert _run(base, folder, tmp_path / "parts", 6, resume=True, **settings) == whole
     # both ways round for each of the 6 pictures, in the run's own folder by default
     from safetensors import safe_open
 
@@ -160,3 +164,22 @@ def test_the_table_reads_each_latent_from_disk_when_it_is_wanted(folder: Path, t
         shard.unlink()
     with pytest.raises(LatentCacheError, match="removed or damaged"):
         table[(2, False)]
+
+
+def test_a_cached_sample_is_the_decoded_one_without_its_pixels(tmp_path: Path) -> None:
+    """With the cache the stream describes an item instead of decoding it: the same caption, layout and
+    size, the stand-in's for a file that does not decode, as its latent in the table is the stand-in's."""
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for i, (w, h) in enumerate([(32, 32), (40, 20), (32, 32), (20, 40)]):
+        Image.new("RGB", (w, h), (60 * i, 90, 30)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture {i}")
+    undecodable_png(root / "1b.png")  # square, so a square picture stands in for it
+    (root / "1b.txt").write_text("the broken one")
+    ds = make_dataset(str(root), 32, 0, buckets=True, multiple=8)
+    with pytest.warns(DatasetWarning, match=r"1b\.png"):
+        decoded = [ds[i] for i in range(len(ds))]
+    assert len(decoded) == 5 and "the broken one" not in [caption for _, caption, _ in decoded]
+    assert len({image.shape for image, _, _ in decoded}) == 3
+    for i, (image, caption, meta) in enumerate(decoded):
+        assert ds.describe(i) == (image.shape[:2], caption, meta)

@@ -72,12 +72,14 @@ class Augment:
         return self.flip and bool(np.random.default_rng([seed, STREAM_AUGMENT, k]).random() < 0.5)
 
     def __call__(
-        self, seed: int, k: int, image: np.ndarray, caption: str, layout: list[dict[str, Any]] | None
-    ) -> tuple[np.ndarray, str, list[dict[str, Any]] | None]:
+        self, seed: int, k: int, image: np.ndarray | None, caption: str, layout: list[dict[str, Any]] | None
+    ) -> tuple[np.ndarray | None, str, list[dict[str, Any]] | None]:
+        """The sample's image (None stays None: a cached latent comes mirrored), caption and layout."""
         rng = np.random.default_rng([seed, STREAM_AUGMENT, k])
         mirror = rng.random() < 0.5  # drawn even with flip off, so the caption draws come after it alike
         if mirror and self.flip:
-            image = np.ascontiguousarray(image[:, ::-1])  # [H, W, 3]: the W axis reversed
+            if image is not None:
+                image = np.ascontiguousarray(image[:, ::-1])  # [H, W, 3]: the W axis reversed
             layout = _mirror_layout(layout)
         caption = augment_tags(
             caption, rng, shuffle=self.shuffle, keep_tokens=self.keep_tokens, tag_dropout=self.tag_dropout
@@ -181,6 +183,14 @@ class _FolderImages:
         item = self.folder[index]
         pixels = ((item.pop("image") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact inverse
         return pixels.permute(1, 2, 0).numpy(), item["caption"], item
+
+    def describe(self, index: int) -> tuple[tuple[int, int], str, Any]:
+        """Item `index` as `__getitem__` gives it, without decoding the file: (height, width) in place of
+        the pixels. For --cache-latents, whose table already holds the stand-in of a file known not to
+        decode (the table's build met it), so the caption is taken from the same stand-in."""
+        item = self.folder.item_info(next(iter(self.folder.stand_ins(index)), index))
+        w, h = item["bucket"]
+        return (h, w), item["caption"], item
 
 
 def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
@@ -291,12 +301,13 @@ class SampleDraws:
 
 
 class Batch:
-    """One rank's micro-batch: images uint8 [B, 3, H, W], captions, the stream index of each sample, and
-    its random numbers stacked (e.g. draws["noise"] [B, ...], draws["t"] [B], draws["drop"] [B] bool)."""
+    """One rank's micro-batch: images uint8 [B, 3, H, W] (None when cached latents stand for them),
+    captions, the stream index of each sample, and its random numbers stacked (e.g. draws["noise"]
+    [B, ...], draws["t"] [B], draws["drop"] [B] bool)."""
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         captions: list[str],
         indices: list[int],
         draws: dict[str, torch.Tensor] | None = None,
@@ -319,9 +330,12 @@ class Batch:
         return len(self.indices)
 
 
-# (image, caption, stream index, random draws, layout or None, (reference picture, its caption) or None)
+# (image (None when a cached latent stands for it), caption, stream index, random draws, layout or None,
+# (reference picture, its caption) or None)
 _Reference = tuple[np.ndarray, str]
-_Item = tuple[np.ndarray, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, _Reference | None]
+_Item = tuple[
+    np.ndarray | None, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, _Reference | None
+]
 
 
 class _StreamItems(Dataset):
@@ -337,6 +351,9 @@ class _StreamItems(Dataset):
     ) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
         self.latents = latents  # --cache-latents: (dataset index, mirrored) -> latent mean
+        # With the cache, a plain folder's samples skip decoding their files (a stage's wrapper of the
+        # folder, such as the reference stage's pairs, still reads its items whole).
+        self.describe = getattr(ds, "describe", None) if latents is not None else None
         self.augment = augmentation(ds)
         # --validation-split: the stream walks the training items only (dataset indices), else all.
         self.subset = training_items(ds)
@@ -347,14 +364,18 @@ class _StreamItems(Dataset):
         length = len(self.subset) if self.subset is not None else self.len
         j = self.buckets.index(k) if self.buckets is not None else stream_index(length, k, self.seed)
         index = int(self.subset[j]) if self.subset is not None else j
-        image, caption, meta = self.ds[index]
+        if self.describe is not None:
+            image, (hw, caption, meta) = None, self.describe(index)
+        else:
+            image, caption, meta = self.ds[index]
+            hw = image.shape[:2]
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
         if self.augment is not None:
             # The reference picture (the reference stage's) stays as it is: like the shapes world's
             # pairs, it then carries what is in the image rather than where.
             image, caption, layout = self.augment(self.seed, k, image, caption, layout)
-        draws = self.draws(k, image.shape[:2]) if self.draws is not None else {}
+        draws = self.draws(k, hw) if self.draws is not None else {}
         if self.latents is not None:
             mirrored = self.augment.mirrors(self.seed, k) if self.augment is not None else False
             draws["latent"] = self.latents[(index, mirrored)]
@@ -386,8 +407,9 @@ def _collate(items: list[_Item]) -> Batch:
     draws = {key: torch.cat([i[3][key].unsqueeze(0) for i in items]) for key in items[0][3]}
     if "t" in draws:
         draws["t"], draws["drop"] = draws["t"].reshape(-1), draws["drop"].reshape(-1)
+    images = [i[0] for i in items if i[0] is not None]
     return Batch(
-        to_tensor([i[0] for i in items]),
+        to_tensor(images) if len(images) == len(items) else None,
         [i[1] for i in items],
         [i[2] for i in items],
         draws,

@@ -161,6 +161,7 @@ class AutoencoderStage(Stage):
         return SampleDraws(self.cfg.seed, self._latent_shape(self.module))
 
     def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        assert batch.images is not None  # the autoencoder stage never takes cached latents
         x = to_float(batch.images, self.device)
         noise = batch.draws["noise"].to(self.device, non_blocking=True)
         with previews.autocast(self.device, self.amp):

@@ -206,6 +206,7 @@ class T2IStage(Stage):
             mean = batch.draws["latent"].to(self.device, non_blocking=True)
             z = self.ae.scale_latent(mean).float()
         else:
+            assert batch.images is not None  # without cached latents the stream decodes every image
             x = to_float(batch.images, self.device)
             with torch.no_grad(), previews.autocast(self.device, self.amp):
                 z = self.ae.encode(x).float()  # [B, C, h, w], scaled and shifted
