@@ -67,8 +67,13 @@ def run(cfg: TrainConfig, info: distributed.DistInfo, warmup: int) -> dict[str, 
     shapes: set[tuple[int, int]] = set()
     loss = trainer.stage.loss
 
+    factor = trainer.stage.ae.params.downsample_factor
+
     def recording_loss(fwd: Any, batch: Any) -> Any:
-        shapes.add(tuple(batch.images.shape[2:]))
+        if batch.images is not None:
+            shapes.add(tuple(batch.images.shape[2:]))
+        else:  # --cache-latents: the batch carries its latents, not its pixels
+            shapes.add(tuple(side * factor for side in batch.draws["latent"].shape[2:]))
         return loss(fwd, batch)
 
     trainer.stage.loss = recording_loss  # type: ignore[method-assign]
