@@ -3,6 +3,8 @@ timesteps and noise reported at every eval."""
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,11 @@ from pictor.train.data import (
 )
 from pictor.train.distributed import DistInfo
 from pictor.train.holdout_split import STREAM_VALIDATION, split_indices
+from pictor.train.layout import LayoutStage
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
 from pictor.train.lora import LoRAStage
+from pictor.train.reference import ReferenceStage
 from pictor.train.validation import VALIDATION_TIMESTEPS, validation_loss
 
 SIZE = 16
@@ -130,10 +134,74 @@ def test_a_run_reports_it_at_each_eval_and_resumes_to_the_same_numbers(
 def test_a_validation_split_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     for settings, words in (
         ({"stage": "t2i", "data": "shapes"}, "--validation-split: for image folders"),
-        ({"stage": "layout", "data": str(tmp_path)}, "in the t2i and lora stages"),
+        ({"stage": "autoencoder", "data": str(tmp_path)}, "lora, layout and reference stages"),
         ({"stage": "t2i", "data": str(tmp_path), "validation_split": 1.0}, "must lie in"),
     ):
         # resolved settings, so that validate() reaches the split (a layout stage would resolve a base)
         config = {"validation_split": 0.1, "lr": 1e-4, "ema_decay": 0.0, "betas": [0.9, 0.99], **settings}
         with pytest.raises(ConfigError, match=words):
             TrainConfig(out=str(tmp_path / "r"), preset="tiny", **config).validate()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def boxed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pictures with captions and boxes in metadata.jsonl: data for the layout and reference stages."""
+    root = tmp_path_factory.mktemp("boxed")
+    rng = np.random.default_rng(4)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        box = [0.0, 0.0, 0.5, 1.0] if i % 2 else [0.5, 0.0, 1.0, 1.0]
+        layout = [{"box": box, "phrase": f"thing {i}"}]
+        lines.append({"file_name": f"{i}.png", "text": f"picture {i}", "layout": layout})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    return root
+
+
+@pytest.mark.parametrize("stage_name", ["layout", "reference"])
+def test_an_adapter_stage_is_measured_with_its_ema_adapter_and_conditions(
+    base: Path, boxed_folder: Path, tmp_path: Path, stage_name: str
+) -> None:
+    """The adapter stages' validation loss runs the base with the EMA adapter on each held-out image's
+    own layout or reference picture: the documented mean, computed here by hand, and a different adapter
+    gives a different number. The live adapter is left as it was."""
+    cfg = TrainConfig(
+        stage=stage_name,
+        out=str(tmp_path / "r"),
+        base=str(base),
+        data=str(boxed_folder),
+        validation_split=0.25,
+        **COMMON,
+    ).resolve()  # type: ignore[arg-type]
+    ds = make_dataset(str(boxed_folder), SIZE, 0, validation_split=0.25)
+    kind = LayoutStage if stage_name == "layout" else ReferenceStage
+    stage = kind(cfg, ds, DistInfo(0, 1, 0, torch.device("cpu")))
+    live = [p.detach().clone() for p in stage.module.parameters()]
+    ema = copy.deepcopy(stage.module)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    got = stage.evaluate(ema)
+    assert got is not None and got["val_images"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(live, stage.module.parameters(), strict=True))
+    assert stage.evaluate(stage.module)["val_loss"] != pytest.approx(got["val_loss"], rel=1e-4)
+    with torch.no_grad():
+        for p, e in zip(stage.module.parameters(), ema.parameters(), strict=True):
+            p.copy_(e)
+    stage.forward_module.eval()
+    losses = []
+    for index in validation_items(stage.ds).tolist():  # one sample at a time, with its own conditions
+        image, caption, meta = stage.ds[index]
+        reference = meta.get("reference")
+        refs = (to_tensor([reference[0]]), [reference[1]]) if reference is not None else (None, None)
+        assert (reference is not None) == (stage_name == "reference") and meta["layout"] is not None
+        for j, t in enumerate(VALIDATION_TIMESTEPS):
+            g = sample_generator(0, index * 16 + j, STREAM_VALIDATION)
+            noise = torch.randn((4, SIZE // 2, SIZE // 2), generator=g)[None]
+            draws = {"drop": torch.zeros(1, dtype=torch.bool), "t": torch.tensor([t]), "noise": noise}
+            batch = Batch(to_tensor([image]), [caption], [index], draws, [meta["layout"]], *refs)
+            with torch.no_grad():
+                loss, _ = stage.loss(stage.forward_module, batch)
+            losses.append(float(loss))
+    assert got["val_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from pictor import __version__
 from pictor.checkpoint import read_safetensors, staged_file
+from pictor.train.data import validation_items
 from pictor.train.lora import LoRAStage
 from pictor.train.t2i import T2IStage
+from pictor.train.validation import validation_loss
 
 
 class FileAdapterStage(LoRAStage):
@@ -52,6 +54,15 @@ class FileAdapterStage(LoRAStage):
         info = super(LoRAStage, self).training_info(step)  # the t2i fields, not LoRA's rank and targets
         return {**info, "stage": self.name}
 
-    # T2IStage's eval with the EMA adapter passed along, not LoRAStage's (which swaps adapters into the base);
-    # the stages' `eval_images` say how the adapter takes part.
-    evaluate = T2IStage.evaluate
+    def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
+        """On an image folder, the validation loss (--validation-split) through the forward module with
+        the EMA adapter swapped in; on the shapes world T2IStage's eval with the EMA adapter passed along,
+        not LoRAStage's (which swaps adapters into the base): the stages' `eval_images` say how the
+        adapter takes part."""
+        if self.cfg.data == "shapes":
+            return T2IStage.evaluate(self, ema)
+        held_out = validation_items(self.ds)
+        if held_out is None:
+            return None
+        with self._with(ema):
+            return validation_loss(self, self.forward_module, self.ds, held_out)

@@ -391,9 +391,9 @@ class TrainConfig:
             f"validation_split (--validation-split) must lie in [0, 1), got {self.validation_split}",
         )
         need(
-            self.validation_split == 0 or (self.data != "shapes" and self.stage in ("t2i", "lora")),
-            "--validation-split: for image folders in the t2i and lora stages (the shapes world is scored "
-            "by its evals instead); drop it",
+            self.validation_split == 0 or (self.data != "shapes" and self.stage != "autoencoder"),
+            "--validation-split: for image folders in the t2i, lora, layout and reference stages (the "
+            "shapes world is scored by its evals instead, and an autoencoder by its PSNR); drop it",
         )
         need(
             self.sample_prompts is None or self.stage in ("t2i", "lora"),

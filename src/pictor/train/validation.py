@@ -4,12 +4,14 @@ comparable across evals, resumes and runs with the same seed (the SD3 paper's me
 
 Each held-out image is scored at VALIDATION_TIMESTEPS (the midpoints of four equal bins of [0, 1], so
 easy and hard noise levels weigh alike, whatever the run's training timestep distribution), with noise
-drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its full caption and no mirror.
+drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its full caption and no mirror,
+and what the stage conditions on besides: its layout (layout stage) or its reference picture (reference
+stage; a folder's image is its own reference), so an adapter is measured on the task it learns.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,11 +28,13 @@ def validation_loss(stage: Any, fwd: nn.Module, ds: Any, indices: np.ndarray, ba
     """{"val_loss": mean flow loss, "val_images": n} of `stage.loss` through `fwd` on items `indices`."""
     factor = stage.ae.params.downsample_factor
     channels = stage.ae.params.z_channels
-    cases: dict[tuple[int, ...], list[tuple[np.ndarray, str, int, int]]] = {}
+    cases: dict[tuple[int, ...], list[_Case]] = {}
     for index in indices.tolist():
-        image, caption, _ = ds[index]
+        image, caption, meta = ds[index]
+        meta = meta if isinstance(meta, dict) else {}
         for j in range(len(VALIDATION_TIMESTEPS)):
-            cases.setdefault(tuple(image.shape), []).append((image, caption, index, j))
+            case = _Case(image, caption, index, j, meta.get("layout"), meta.get("reference"))
+            cases.setdefault(tuple(image.shape), []).append(case)
     total, count = 0.0, 0
     was_training = fwd.training
     fwd.eval()  # no adapter dropout while measuring
@@ -41,10 +45,21 @@ def validation_loss(stage: Any, fwd: nn.Module, ds: Any, indices: np.ndarray, ba
     return {"val_loss": total / count, "val_images": len(indices)}
 
 
+class _Case(NamedTuple):
+    """One held-out image at one of the VALIDATION_TIMESTEPS (number j), with its conditions."""
+
+    image: np.ndarray
+    caption: str
+    index: int
+    j: int
+    layout: list[dict[str, Any]] | None
+    reference: tuple[np.ndarray, str] | None
+
+
 def _score(
     stage: Any,
     fwd: nn.Module,
-    cases: dict[tuple[int, ...], list[tuple[np.ndarray, str, int, int]]],
+    cases: dict[tuple[int, ...], list[_Case]],
     batch_size: int,
     factor: int,
     channels: int,
@@ -58,17 +73,26 @@ def _score(
                 [
                     torch.randn(
                         noise_shape,
-                        generator=sample_generator(stage.cfg.seed, index * 16 + j, STREAM_VALIDATION),
+                        generator=sample_generator(stage.cfg.seed, c.index * 16 + c.j, STREAM_VALIDATION),
                     )
-                    for _, _, index, j in part
+                    for c in part
                 ]
             )
             draws = {
                 "drop": torch.zeros(len(part), dtype=torch.bool),
-                "t": torch.tensor([VALIDATION_TIMESTEPS[j] for *_, j in part], dtype=torch.float32),
+                "t": torch.tensor([VALIDATION_TIMESTEPS[c.j] for c in part], dtype=torch.float32),
                 "noise": noise,
             }
-            batch = Batch(to_tensor([p[0] for p in part]), [p[1] for p in part], [p[2] for p in part], draws)
+            references = [c.reference for c in part if c.reference is not None]
+            batch = Batch(
+                to_tensor([c.image for c in part]),
+                [c.caption for c in part],
+                [c.index for c in part],
+                draws,
+                [c.layout for c in part],
+                to_tensor([r[0] for r in references]) if len(references) == len(part) else None,
+                [r[1] for r in references] if len(references) == len(part) else None,
+            )
             loss, _ = stage.loss(fwd, batch)
             total += float(loss) * len(part)
             count += len(part)
