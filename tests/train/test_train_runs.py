@@ -21,6 +21,7 @@ from PIL import Image
 from pictor.checkpoint import CheckpointError, read_safetensors
 from pictor.convert import cast_bundle
 from pictor.data.folder import DatasetWarning
+from pictor.notices import PictorWarning
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import LOCK_FILE, TrainingError, run_lock, train
@@ -270,6 +271,39 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     # Same samples, same noise: losses and gradient norms agree up to summation order. (Weights are not
     # compared: Adam turns rounding-level differences of near-zero gradients into +-lr steps.)
     assert run("full", 4, 1) == pytest.approx(run("accum", 2, 2), rel=1e-4)
+
+
+def test_the_precision_a_run_trained_in_is_recorded_and_a_resume_in_another_is_named(tmp_path: Path) -> None:
+    """--mixed-precision auto leaves the precision to the device: the weights, checkpoints and summary
+    say which it was, and a resume in the other one warns (a CUDA run resumed on a CPU, say)."""
+    out = tmp_path / "run"
+
+    def run(steps: int, precision: str, resume: bool = False) -> None:
+        cfg = TrainConfig(
+            stage="autoencoder",
+            out=str(out),
+            preset="tiny",
+            batch_size=2,
+            max_steps=steps,
+            save_every=2,
+            mixed_precision=precision,
+            device="cpu",
+            **QUIET,
+        )
+        train(cfg, resume=resume)
+
+    run(2, "auto")
+
+    def read(name: str) -> dict:
+        return json.loads((out / name).read_text())
+
+    assert read("final/autoencoder.json")["training"]["precision"] == "fp32"
+    assert read("checkpoints/step-000002/trainer_state.json")["precision"] == "fp32"
+    with pytest.warns(PictorWarning, match=r"trained in fp32 and resumes in bf16 .*mixed-precision no keeps"):
+        run(3, "bf16", resume=True)
+    assert (
+        read("summary.json")["precision"] == read("final/autoencoder.json")["training"]["precision"] == "bf16"
+    )
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "t2i"])

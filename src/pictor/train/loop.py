@@ -35,6 +35,7 @@ from torch import nn
 from pictor.checkpoint import UnreadableFileError, replace_dir, state_dict_hash, write_json
 from pictor.data.folder import DatasetWarning
 from pictor.models.flux import Flux
+from pictor.notices import PictorWarning
 from pictor.train import distributed
 from pictor.train.bucket_stream import bucket_stream, check_group
 from pictor.train.config import TrainConfig
@@ -212,6 +213,16 @@ class Trainer:
             change = data_change(ckpt.state.get("data"), self.data_print)
             if change and info.is_main:
                 warnings.warn(change, DatasetWarning, stacklevel=2)
+            saved_precision = ckpt.state.get("precision")  # absent in checkpoints written before it was kept
+            if saved_precision not in (None, self.stage.precision) and info.is_main:
+                warnings.warn(
+                    f"this run trained in {saved_precision} and resumes in {self.stage.precision} "
+                    f"(--mixed-precision {cfg.mixed_precision} on {self.device.type}), so its loss curve "
+                    f"will differ from an uninterrupted run's; --mixed-precision "
+                    f"{'bf16' if saved_precision == 'bf16' else 'no'} keeps {saved_precision}",
+                    PictorWarning,
+                    stacklevel=2,
+                )
             self.elapsed = float(ckpt.state.get("elapsed", 0.0))
         self.resumed_from = self.step
         if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
@@ -400,6 +411,7 @@ class Trainer:
             "data_position": self.position,
             "data": self.data_print,
             "world_size": self.info.world_size,
+            "precision": self.stage.precision,
             "elapsed": self.elapsed,
             "config": cfg.to_dict(),
             "scheduler": schedule_state(self.step, cfg),
@@ -451,6 +463,7 @@ class Trainer:
                     "stage": self.cfg.stage,
                     "loss": loss if math.isfinite(loss) else None,  # None: a resume with no steps left
                     "world_size": self.info.world_size,
+                    "precision": self.stage.precision,
                     "fsdp": self.cfg.fsdp,
                     "global_batch": self.cfg.global_batch(self.info.world_size),
                     "resumed_from": self.resumed_from,

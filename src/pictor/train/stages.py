@@ -89,6 +89,12 @@ class Stage:
             cfg.mixed_precision == "auto" and self.device.type == "cuda"
         )
 
+    @property
+    def precision(self) -> str:
+        """What the steps run in, which `--mixed-precision auto` leaves to the device: "bf16" (autocast)
+        or "fp32". Recorded with the weights and in every checkpoint."""
+        return "bf16" if self.amp else "fp32"
+
     def loss(self, fwd: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
@@ -125,6 +131,7 @@ class Stage:
             "global_batch": c.global_batch(self.info.world_size),
             "lr": c.lr,
             "seed": c.seed,
+            "precision": self.precision,
         }
 
 
