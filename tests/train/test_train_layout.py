@@ -24,6 +24,9 @@ from pictor.checkpoint import CheckpointError, read_safetensors, read_safetensor
 from pictor.loading import load
 from pictor.pipeline import GenerationRequest
 from pictor.train.config import TrainConfig
+from pictor.train.data import make_dataset
+from pictor.train.distributed import DistInfo
+from pictor.train.layout import LayoutStage
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
 
@@ -245,3 +248,34 @@ def test_data_without_boxes_is_refused(world: dict[str, Path], tmp_path: Path) -
         )
     with pytest.raises(Exception, match="needs a base model"):
         train(TrainConfig(stage="layout", out=str(tmp_path / "y"), data="shapes", max_steps=1, **COMMON))
+
+
+def test_previews_of_a_bucketed_folder_take_the_boxes_of_a_square_crop(base: Path, tmp_path: Path) -> None:
+    """Previews are square: a wide picture's box is moved to where a square crop of it has the thing,
+    not left at its place in the wide bucket's crop."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    lines = []
+    for i, (w, h) in enumerate([(64, 32), (32, 32), (32, 64), (64, 32)]):
+        Image.new("RGB", (w, h), (200, 40, 40)).save(folder / f"{i}.png")
+        layout = [{"box": [0.3, 0.0, 0.7, 1.0], "phrase": "a red thing"}]
+        lines.append({"file_name": f"{i}.png", "text": f"picture {i}", "layout": layout})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    settings = {**COMMON, "image_size": 32, "buckets": True, "num_samples": 4}
+    cfg = TrainConfig(stage="layout", out=str(tmp_path / "r"), base=str(base), data=str(folder), **settings)
+    stage = LayoutStage(cfg.resolve(), make_dataset(str(folder), 32, 0, buckets=True, multiple=8), DistInfo())
+    seen: list = []
+
+    def generate(ema: object, prompts: list[str], layouts: list, seeds: list[int]) -> np.ndarray:
+        seen.extend(zip(prompts, layouts, strict=True))
+        return np.zeros((len(prompts), 32, 32, 3), np.uint8)
+
+    stage._generate_with_layouts = generate  # type: ignore[method-assign]
+    stage.sample_grid(stage.module)
+    assert [prompt for prompt, _ in seen] == [f"picture {i}" for i in range(4)]
+    boxes = [[item["box"] for item in layout] for _, layout in seen]
+    # 64x32 -> the middle 32x32: x 0.3..0.7 of the width (19.2..44.8 px) is 0.1..0.9 of the crop
+    assert boxes[0] == [pytest.approx([0.1, 0.0, 0.9, 1.0])] == boxes[3]
+    assert boxes[1] == [pytest.approx([0.3, 0.0, 0.7, 1.0])]
+    assert boxes[2] == [pytest.approx([0.3, 0.0, 0.7, 1.0])]  # 32x64 -> the middle 32x32: x unchanged
+    assert stage.ds[0][2]["layout"][0]["box"] != boxes[0][0]  # the wide bucket's own crop keeps more

@@ -21,11 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError
-from pictor.data.layouts import LAYOUT_EXAMPLE
+from pictor.data.buckets import cover_crop
+from pictor.data.layouts import LAYOUT_EXAMPLE, crop_layout
 from pictor.layout_files import LAYOUT_FILE, layout_params_for, layout_tensors, save_layout_adapter
 from pictor.models.layout import LayoutAdapter
 from pictor.train import previews
 from pictor.train.adapter_stage import FileAdapterStage
+from pictor.train.bucket_stream import folder_of
 from pictor.train.data import Batch, dataset_length, holdout_index
 from pictor.train.stages import seeded
 
@@ -132,11 +134,23 @@ class LayoutStage(FileAdapterStage):
         if self.cfg.data == "shapes":
             specs = previews.eval_specs(n)
             prompts, layouts = [s["prompt"] for s in specs], self._eval_layouts(specs, 1)
-        else:  # the first images of the folder, with their captions and layouts
-            items = [self.ds[holdout_index(dataset_length(self.ds), i)] for i in range(n)]
-            prompts, layouts = [it[1] for it in items], [it[2]["layout"] for it in items]
+        else:
+            prompts, layouts = self._folder_previews(n)
         images = self._generate_with_layouts(ema, prompts, layouts, list(range(len(prompts))))
         return previews.grid(images, columns=min(8, len(images)))
+
+    def _folder_previews(self, n: int) -> tuple[list[str], list[list[dict[str, Any]]]]:
+        """The first n images of the folder: their captions, and the boxes that a square crop of each has,
+        since previews are square (a bucketed item's own boxes are those of its bucket's crop)."""
+        folder = folder_of(self.ds)
+        size = int(self.cfg.image_size or 64)
+        prompts, layouts = [], []
+        for i in range(n):
+            index = holdout_index(dataset_length(self.ds), i)
+            resized, crop = cover_crop(folder.sizes[index], (size, size))
+            prompts.append(folder.captions[index])
+            layouts.append(crop_layout(folder.layouts[index] or [], resized, crop))
+        return prompts, layouts
 
     @torch.no_grad()
     def eval_images(
