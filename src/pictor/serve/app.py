@@ -28,7 +28,7 @@ from pictor.generation_settings import tiling_problem
 from pictor.lora_tools import model_linears
 from pictor.models.lora import linear_layers
 from pictor.pipeline import Pipeline
-from pictor.serve import edits
+from pictor.serve import edits, variations
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.head import HeadAsGet
@@ -51,6 +51,9 @@ DESCRIPTION = """Text-to-image generation with pictor.
   `context_image` (FLUX.1 Kontext) go in `extra_body`).
 * `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image` and
   `context_image` as further files); `POST /v1/jobs/edits` queues it.
+* `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
+  picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
+  reference adapter); `POST /v1/jobs/variations` queues it.
 * `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
   server-sent events of `GET /v1/jobs/{id}/events`.
 * With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.
@@ -99,6 +102,8 @@ def create_app(
     app.add_middleware(Guard, settings=settings)
     app.add_middleware(HeadAsGet)  # outermost: the guard and the routes see a GET
     _add_error_handlers(app)
+    # Variations first: their 405 routes must come before the main router's GET /v1/images/{image_id}.
+    app.include_router(variations.router)
     app.include_router(router)
     app.include_router(edits.router)
     _add_ops_routes(app, svc)
@@ -204,9 +209,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if await _image_list_sent(request, errors):
+            kind = "a variation" if request.url.path.endswith("/variations") else "an edit"
             return JSONResponse(
                 error_body(
-                    "an edit takes one image, as the field 'image'; lists of images (image[]) are not "
+                    f"{kind} takes one image, as the field 'image'; lists of images (image[]) are not "
                     "supported",
                     code="invalid_request",
                     param="image",
@@ -221,12 +227,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         message = str(exc.detail)
         if (status == 404 and exc.detail == "Not Found") or (
-            # POST /v1/images/variations & co. meet GET /v1/images/{image_id}: an endpoint that is not here
+            # POST /v1/images/upscale & co. meet GET /v1/images/{image_id}: an endpoint that is not here
             status == 405 and request.method == "POST" and request.url.path.startswith("/v1/images/")
         ):
             message = f"no such endpoint: {request.method} {request.url.path}"
             if request.url.path.startswith("/v1/images/"):
-                message += "; the image endpoints are POST /v1/images/generations and POST /v1/images/edits"
+                message += (
+                    "; the image endpoints are POST /v1/images/generations, POST /v1/images/edits and "
+                    "POST /v1/images/variations"
+                )
             return JSONResponse(error_body(message, code="not_found"), status_code=404)
         if status == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's words for a body json cannot read: bytes that are not UTF-8, an integer of more
@@ -251,7 +260,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 async def _image_list_sent(request: Request, errors: list[Any]) -> bool:
-    """Whether a multipart edit lacks 'image' because it sent 'image[]' (the openai client's list form)."""
+    """Whether a multipart edit (or variation) lacks 'image' because it sent 'image[]' (the openai client's
+    list form)."""
     missing_image = any(
         e.get("type") == "missing" and list(e.get("loc", ()))[-1:] == ["image"] for e in errors
     )

@@ -38,6 +38,7 @@ from pictor.serve.routes import (
 )
 from pictor.serve.security import check_limits, check_policy, check_text
 from pictor.serve.service import Service, check_names, checked_layout, param_of, require_prompt, service
+from pictor.serve.settings import Limits
 from pictor.serve.store import JobRow
 from pictor.serve.uploads import decode_upload
 
@@ -59,15 +60,17 @@ def edit_params(
     form: dict[str, Any],
     reference: Image.Image | None = None,
     context: Image.Image | None = None,
+    prompt_optional: bool = False,
 ) -> dict[str, Any]:
-    """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings."""
+    """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings.
+    `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image)."""
     limits = svc.settings.limits
     prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
     svc.check_model(form["model"])
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
     check_text(limits, prompt=prompt, negative_prompt=negative)
     check_names(form["sampler"], form["schedule"])
-    require_prompt(prompt, reference is not None)
+    require_prompt(prompt, reference is not None or prompt_optional)
     layout = checked_layout(form.get("layout"))
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
@@ -136,7 +139,21 @@ def edit_params(
     }
 
 
+# The form fields the edit and variation forms share, declared once so both validate them alike.
 Number = Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)]
+Count = Annotated[int, Form(ge=1)]
+SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+Size = Annotated[str | None, Form(pattern=SIZE_PATTERN)]
+ResponseFormat = Annotated[Literal["url", "b64_json"], Form()]
+Text = Annotated[str | None, Form()]
+User = Annotated[str | None, Form(max_length=256)]
+Fraction = Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)]
+Seed = Annotated[int | None, Form(ge=0, le=2**63 - 1)]
+Steps = Annotated[int | None, Form(ge=1)]
+Loras = Annotated[
+    str | None,
+    Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
+]
 
 # The form's fields: the parameters of `edit_form`, and OpenAI's that are accepted and ignored.
 FORM_FIELDS = {
@@ -166,21 +183,29 @@ FORM_FIELDS = {
 IGNORED_FIELDS = {"quality", "background", "moderation", "safety_identifier", "input_fidelity", "style"}
 
 
-def check_fields(names: set[str]) -> None:
-    """Unknown form fields are refused, as in the JSON endpoints: a typo ("step") must not be ignored."""
+def check_fields(
+    names: set[str],
+    known: set[str] = FORM_FIELDS,
+    ignored: set[str] = IGNORED_FIELDS,
+    kind: str = "edit",
+) -> None:
+    """Unknown form fields are refused, as in the JSON endpoints: a typo ("step") must not be ignored.
+    `known` and `ignored` are the form's fields; `kind` names the form in the messages."""
+    article = "an" if kind[0] in "aeiou" else "a"
     if "image[]" in names:
         raise APIError(
             400,
-            "an edit takes one image, as the field 'image'; lists of images (image[]) are not supported",
+            f"{article} {kind} takes one image, as the field 'image'; lists of images (image[]) are not "
+            "supported",
             param="image",
             code="invalid_parameters",
         )
-    unknown = sorted(names - FORM_FIELDS - IGNORED_FIELDS)
+    unknown = sorted(names - known - ignored)
     if unknown:
         raise APIError(
             400,
             f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)}; "
-            f"the edit form takes {', '.join(sorted(FORM_FIELDS))}",
+            f"the {kind} form takes {', '.join(sorted(known))}",
             param=unknown[0],
             code="invalid_request",
         )
@@ -197,6 +222,18 @@ class EditForm:
     fields: dict[str, Any]
     user: str | None
     response_format: str
+    prompt_optional: bool = False  # see edit_params
+
+
+async def read_image(
+    upload: UploadFile | None, what: str, limits: Limits, fitted: bool = False
+) -> Image.Image | None:
+    """An uploaded file as a loaded image (see `decode_upload`, and its `fitted`); None when absent."""
+    if upload is None:
+        return None
+    # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.
+    data = await upload.read(limits.max_upload_bytes + 1)
+    return await run_in_threadpool(decode_upload, data, what, limits, fitted)
 
 
 async def edit_form(
@@ -225,23 +262,20 @@ async def edit_form(
             description='boxes with phrases as JSON, e.g. [{"box": [0, 0, 0.5, 1], "phrase": "a red circle"}]'
         ),
     ] = None,
-    loras: Annotated[
-        str | None,
-        Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
-    ] = None,
-    n: Annotated[int, Form(ge=1)] = 1,
-    size: Annotated[str | None, Form(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] = None,
-    response_format: Annotated[Literal["url", "b64_json"], Form()] = "url",
-    model: Annotated[str | None, Form()] = None,
-    user: Annotated[str | None, Form(max_length=256)] = None,
-    strength: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
-    seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
-    steps: Annotated[int | None, Form(ge=1)] = None,
+    loras: Loras = None,
+    n: Count = 1,
+    size: Size = None,
+    response_format: ResponseFormat = "url",
+    model: Text = None,
+    user: User = None,
+    strength: Fraction = None,
+    seed: Seed = None,
+    steps: Steps = None,
     guidance: Number = None,
-    negative_prompt: Annotated[str | None, Form()] = None,
-    sampler: Annotated[str | None, Form()] = None,
-    schedule: Annotated[str | None, Form()] = None,
-    cache_threshold: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
+    negative_prompt: Text = None,
+    sampler: Text = None,
+    schedule: Text = None,
+    cache_threshold: Fraction = None,
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
     output_format: Annotated[str | None, Form(description="Only png.")] = None,
     stream: Annotated[str | None, Form(description="Only false.")] = None,
@@ -260,21 +294,13 @@ async def edit_form(
             code="invalid_parameters",
         )
 
-    async def decoded(upload: UploadFile | None, what: str) -> Image.Image | None:
-        # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.
-        if upload is None:
-            return None
-        data = await upload.read(limits.max_upload_bytes + 1)
-        # Reference and context pictures are fitted before use: held to max_picture_pixels, not to the
-        # output limit.
-        fitted = what in ("reference_image", "context_image")
-        return await run_in_threadpool(decode_upload, data, what, limits, fitted)
-
-    source = await decoded(image, "image")
+    # Reference and context pictures are fitted before use: held to max_picture_pixels, not to the output
+    # limit.
+    source = await read_image(image, "image", limits)
     assert source is not None
-    mask_image = await decoded(mask, "mask")
-    reference = await decoded(reference_image, "reference_image")
-    context = await decoded(context_image, "context_image")
+    mask_image = await read_image(mask, "mask", limits)
+    reference = await read_image(reference_image, "reference_image", limits, fitted=True)
+    context = await read_image(context_image, "context_image", limits, fitted=True)
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -299,7 +325,14 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
     # edit_params writes the uploads only once everything is valid; svc.submit deletes them (every key of
     # UPLOAD_KEYS, context_image included) when the queue refuses the job.
     params = await run_in_threadpool(
-        edit_params, svc, form.source, form.mask, form.fields, form.reference, form.context
+        edit_params,
+        svc,
+        form.source,
+        form.mask,
+        form.fields,
+        form.reference,
+        form.context,
+        form.prompt_optional,
     )
     return await run_in_threadpool(svc.submit, params, form.user)
 

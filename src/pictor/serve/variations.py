@@ -1,0 +1,261 @@
+"""``POST /v1/images/variations``: OpenAI's "create image variation" (``client.images.create_variation``), and
+``POST /v1/jobs/variations``: the same form queued as a job that answers at once (202), as
+``POST /v1/jobs/edits``.
+
+A variation is an img2img edit of the uploaded picture, and runs and is stored as an edit job (history,
+``GET /v1/images/{id}/metadata`` and ``pictor reproduce --source`` work as for edits):
+
+- The picture is noised to ``strength`` (default `VARIATION_STRENGTH`) and drawn back towards ``prompt``,
+  which may be empty here: the picture alone then says what to draw, and each seed draws it anew.
+- If the served model has a reference adapter, the picture also goes as the reference picture (an image
+  prompt), so the variations keep its content even where the noise has washed its pixels out.
+- No mask: transparency is not "repaint here" as on ``/v1/images/edits``. Transparent and partly
+  transparent pixels are flattened onto white, as viewers show them on a page (and as a reference picture
+  is flattened); the colour a file happens to store under alpha 0 is often black and was never meant to be
+  seen.
+- ``size``: absent, "" or "auto" keeps the picture's size; "WxH" resizes the flattened picture (Lanczos) to
+  exactly WxH first, so the images are WxH. The upload is therefore held to the larger limit of a picture
+  that is fitted before use (``max_picture_pixels``), and the output (WxH, or the picture's own size without
+  a size) to the server's pixel limit and the model's pixel multiple; a picture over the pixel limit sent
+  without a size is refused with a size to ask for.
+
+The picture the job keeps, and whose hash the images' records hold, is the one drawn from: flattened and
+resized. pictor's other fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``,
+``schedule``, ``cache_threshold``, ``loras``) mean what they mean on ``/v1/images/edits``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+
+from pictor.editing import eight_bit
+from pictor.generation_settings import settings_problem
+from pictor.serve.api_models import ImagesResponse, Job
+from pictor.serve.edits import (
+    SIZE_PATTERN,
+    Count,
+    EditForm,
+    Fraction,
+    Loras,
+    Number,
+    ResponseFormat,
+    Seed,
+    Steps,
+    Text,
+    User,
+    check_fields,
+    read_image,
+    submit_edit,
+)
+from pictor.serve.errors import APIError
+from pictor.serve.routes import (
+    COMMON_ERRORS,
+    OTHER_METHODS,
+    SUBMIT_ERRORS,
+    SYNC_ERRORS,
+    V1_DEPENDENCIES,
+    accepted,
+    finished_images,
+    post_only,
+)
+from pictor.serve.security import check_limits, check_text
+from pictor.serve.service import Service, service
+
+router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
+
+# How far the picture is noised before it is drawn back. At 1 it would be ignored (plain generation from
+# the prompt), near 0 every seed would give back the picture itself. 0.7 keeps its layout and colours while
+# shapes and details change from seed to seed; a little below img2img's 0.75 because a variation usually
+# has an empty prompt, so nothing but the picture holds its content. (A judgement, not a measurement.)
+VARIATION_STRENGTH = 0.7
+WHITE = (255, 255, 255, 255)
+
+# OpenAI's fields (image, n, size, response_format, model, user) and pictor's; there are no OpenAI fields
+# to accept and ignore here, as the variation endpoint has none beyond these.
+FORM_FIELDS = {
+    "image",
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "model",
+    "user",
+    "strength",
+    "seed",
+    "steps",
+    "guidance",
+    "negative_prompt",
+    "sampler",
+    "schedule",
+    "cache_threshold",
+    "loras",
+}
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency (an alpha channel, a palette's or greyscale's transparent colour)
+    composited onto white; opaque pixels keep their colour exactly."""
+    rgba = eight_bit(image).convert("RGBA")  # 16-bit grey scaled by its depth first: Pillow's clips
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+
+
+def requested_size(size: str | None) -> tuple[int, int] | None:
+    """``size`` as (width, height), or None for the picture's own size (absent, "" or "auto")."""
+    if size in (None, "", "auto"):
+        return None
+    assert size is not None  # the form's pattern: WxH
+    width, height = (int(v) for v in size.split("x"))
+    return width, height
+
+
+def drawn_from(
+    svc: Service, picture: Image.Image, size: tuple[int, int] | None
+) -> tuple[Image.Image, Image.Image | None]:
+    """The picture a variation starts from (flattened onto white, resized to `size`) and its reference
+    picture (the same one, on a model with a reference adapter; else None)."""
+    pipe = svc.manager.pipeline
+    assert pipe is not None  # variation_form answers 503 while the model loads
+    limits = svc.settings.limits
+    if size is None:
+        width, height = picture.size
+        if width * height > limits.max_pixels:
+            side = max(pipe.patch, int(limits.max_pixels**0.5) // pipe.patch * pipe.patch)
+            raise APIError(
+                400,
+                f"image is {width}x{height} = {width * height} pixels, more than this server makes "
+                f"({limits.max_pixels}); give a size (e.g. {side}x{side}) and the picture is resized to it",
+                param="image",
+                code="image_too_large",
+            )
+    else:
+        width, height = size
+        # Before the resize allocates anything: size may say 99999x99999.
+        check_limits(limits, "", 1, width, height, None)
+        problem = settings_problem(pipe.patch, width=width, height=height)
+        if problem:
+            raise APIError(400, f"size {width}x{height}: {problem}", param="size", code="invalid_parameters")
+    source = on_white(picture)
+    if source.size != (width, height):
+        source = source.resize((width, height), Image.Resampling.LANCZOS)
+    return source, source if pipe.reference_adapter is not None else None
+
+
+async def variation_form(
+    request: Request,
+    image: Annotated[
+        UploadFile,
+        File(description="PNG, JPEG or WebP; transparent pixels are flattened onto white (not a mask)"),
+    ],
+    prompt: Annotated[
+        str, Form(description="What to steer the variations towards; may be empty (the picture alone)")
+    ] = "",
+    n: Count = 1,
+    size: Annotated[
+        str | None,
+        Form(
+            pattern=SIZE_PATTERN,
+            description="WxH resizes the picture to that size first; absent or auto keeps its size",
+        ),
+    ] = None,
+    response_format: ResponseFormat = "url",
+    model: Text = None,
+    user: User = None,
+    strength: Annotated[
+        float | None,
+        Form(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description=f"How far the picture is noised: 0 keeps it, 1 ignores it (default "
+            f"{VARIATION_STRENGTH})",
+        ),
+    ] = None,
+    seed: Seed = None,
+    steps: Steps = None,
+    guidance: Number = None,
+    negative_prompt: Text = None,
+    sampler: Text = None,
+    schedule: Text = None,
+    cache_threshold: Fraction = None,
+    loras: Loras = None,
+) -> EditForm:
+    """The one multipart grammar of both variation endpoints (synchronous and queued), as an edit."""
+    svc = service(request)
+    limits = svc.settings.limits
+    check_fields(set((await request.form()).keys()), FORM_FIELDS, set(), "variation")
+    check_text(limits, user=user)
+    if svc.manager.load_error:
+        raise APIError(
+            503, f"the model failed to load: {svc.manager.load_error}", "server_error", "model_unavailable"
+        )
+    if svc.manager.pipeline is None:
+        # Whether the picture also goes as a reference depends on the model, which is not there yet.
+        raise APIError(
+            503,
+            f"the model is still loading, and what a variation does depends on it; retry after "
+            f"{svc.settings.retry_after} s",
+            "server_error",
+            "model_loading",
+            headers={"Retry-After": str(svc.settings.retry_after)},
+        )
+    # The picture may be resized before use, so it is held to the larger limit of a fitted picture (a
+    # camera's photo); drawn_from holds it to the output limit when no size asks for a resize.
+    picture = await read_image(image, "image", limits, fitted=True)
+    assert picture is not None
+    source, reference = await run_in_threadpool(drawn_from, svc, picture, requested_size(size))
+    fields = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "n": n,
+        "size": None,  # applied above: the source is the output's size
+        "model": model,
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": sampler,
+        "schedule": schedule,
+        "cache_threshold": cache_threshold,
+        "seed": seed,
+        "strength": VARIATION_STRENGTH if strength is None else strength,
+        "layout": None,
+        "loras": loras,
+    }
+    return EditForm(source, None, reference, None, fields, user, response_format, prompt_optional=True)
+
+
+@router.post(
+    "/images/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=SYNC_ERRORS,
+    summary="Create variations of an image (OpenAI Images API): img2img of the picture; waits for the job",
+)
+async def create_variation(
+    request: Request, form: Annotated[EditForm, Depends(variation_form)]
+) -> ImagesResponse:
+    svc = service(request)
+    job = await submit_edit(svc, form)
+    return await finished_images(svc, request, job.id, form.response_format)
+
+
+@router.post(
+    "/jobs/variations",
+    response_model=Job,
+    status_code=202,
+    responses=SUBMIT_ERRORS,
+    summary="Queue a variation job (the same multipart form as /v1/images/variations); returns at once",
+)
+async def create_variation_job(
+    request: Request, response: Response, form: Annotated[EditForm, Depends(variation_form)]
+) -> Job:
+    svc = service(request)
+    return accepted(svc, request, response, await submit_edit(svc, form))
+
+
+# Without these, GET /v1/images/variations would reach GET /v1/images/{image_id} (and /v1/jobs/variations
+# GET /v1/jobs/{job_id}): a 400 on the id instead of a 405. app.py includes this router before that one.
+router.api_route("/images/variations", methods=OTHER_METHODS, include_in_schema=False)(post_only)
+router.api_route("/jobs/variations", methods=OTHER_METHODS, include_in_schema=False)(post_only)
