@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pictor.presets import get_preset
+from pictor.train.sample_prompts import SamplePromptError, read_sample_prompts
 
 STAGES = ("autoencoder", "t2i", "lora", "layout", "reference")
 # Stages that train something beside a frozen base bundle (--base).
@@ -401,7 +402,10 @@ class TrainConfig:
             "layouts or pictures); drop it",
         )
         if self.sample_prompts is not None:
-            read_sample_prompts(self.sample_prompts)  # a missing or empty file is an error now, not later
+            try:  # a missing, empty or malformed file is an error now, not at the first grid
+                read_sample_prompts(self.sample_prompts)
+            except SamplePromptError as exc:
+                raise ConfigError(str(exc)) from None
         need(self.sample_steps >= 1, f"sample_steps (--sample-steps) must be >= 1, got {self.sample_steps}")
         need(self.keep_tokens >= 0, f"keep_tokens (--keep-tokens) must be >= 0, got {self.keep_tokens}")
         need(
@@ -470,28 +474,6 @@ class TrainConfig:
                 f"image_size {self.image_size} must be a multiple of {multiple} "
                 f"(autoencoder factor {factor}{' x 2x2 latent patches' if packed else ''})",
             )
-
-
-MAX_SAMPLE_PROMPTS = 64
-
-
-def read_sample_prompts(path: str | Path) -> list[str]:
-    """The prompts of a --sample-prompts file: one per line, blank lines and # comments skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--sample-prompts {path}: no such file; give a text file with one prompt per line")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"--sample-prompts {path}: not UTF-8 text; save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--sample-prompts {path}: no prompts in it (one per line; # starts a comment)")
-    if len(prompts) > MAX_SAMPLE_PROMPTS:
-        raise ConfigError(
-            f"--sample-prompts {path}: {len(prompts)} prompts; a grid takes at most {MAX_SAMPLE_PROMPTS}"
-        )
-    return prompts
 
 
 def _default_guidance(defaults: dict[str, Any]) -> float:

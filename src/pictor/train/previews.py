@@ -38,16 +38,17 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 def grid(images: np.ndarray | Sequence[np.ndarray], columns: int) -> Image.Image:
-    """Tile uint8 [H, W, 3] images into rows of `columns` with a 2-pixel white gutter."""
+    """Tile uint8 [H, W, 3] images into rows of `columns` with a 2-pixel white gutter; images of several
+    sizes each take the top left of a cell of the largest height and width."""
     images = list(images)
-    h, w = images[0].shape[:2]
+    h, w = max(img.shape[0] for img in images), max(img.shape[1] for img in images)
     columns = max(1, min(columns, len(images)))
     rows = -(-len(images) // columns)
     pad = 2
     sheet = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        sheet[y : y + h, x : x + w] = img
+        sheet[y : y + img.shape[0], x : x + img.shape[1]] = img
     return Image.fromarray(sheet)
 
 
@@ -58,7 +59,7 @@ def generate(
     text_encoder: TextEncoder,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    size: int,
+    size: int | tuple[int, int],
     steps: int,
     guidance: float,
     device: torch.device,
@@ -66,8 +67,10 @@ def generate(
     batch_size: int = 32,
     residual_fn: Callable[[slice], list[torch.Tensor]] | None = None,
     context_fn: Callable[[slice], ReferenceConditioning] | None = None,
+    negatives: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Text-to-image for prompt i with seed i: uint8 [N, size, size, 3].
+    """Text-to-image for prompt i with seed i: uint8 [N, height, width, 3] (`size`: a side, or (width,
+    height)), with CFG against `negatives[i]` (else the empty prompt).
 
     ``residual_fn(slice of prompts)`` gives an adapter's per-block image residuals for those prompts (a
     layout adapter's); both CFG halves get them, as in the pipeline. ``context_fn(slice)`` gives what a
@@ -79,7 +82,8 @@ def generate(
     was_training = transformer.training
     transformer.eval()
     f = autoencoder.params.downsample_factor
-    lat = size // f
+    width, height = (size, size) if isinstance(size, int) else size
+    lat_h, lat_w = height // f, width // f
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -89,7 +93,11 @@ def generate(
             noise = torch.cat(
                 [
                     torch.randn(
-                        1, autoencoder.params.z_channels, lat, lat, generator=torch.Generator().manual_seed(s)
+                        1,
+                        autoencoder.params.z_channels,
+                        lat_h,
+                        lat_w,
+                        generator=torch.Generator().manual_seed(s),
                     )
                     for s in chunk_seeds
                 ]
@@ -100,10 +108,10 @@ def generate(
             # say no CFG, as FLUX.1-schnell) it is the conditional velocity alone, one pass as the pipeline
             one_pass = distilled or guidance == 1.0
             passes = 1 if one_pass else 2
-            uncond = text_encoder.encode([""] * n)
+            uncond = text_encoder.encode(list(negatives[start : start + n]) if negatives else [""] * n)
             txt = torch.cat([cond.tokens, uncond.tokens][:passes]).to(device)
             vec = torch.cat([cond.pooled, uncond.pooled][:passes]).to(device)
-            img_ids = make_img_ids(passes * n, lat, lat, device=device)
+            img_ids = make_img_ids(passes * n, lat_h, lat_w, device=device)
             txt_ids = make_txt_ids(passes * n, txt.shape[1], device=device)
             if context_fn is not None:
                 ctx = context_fn(slice(start, start + n))  # [n, ...]: one picture per prompt
@@ -121,7 +129,7 @@ def generate(
             ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)
             x = get_sampler("euler")(velocity if one_pass else cfg(velocity, guidance), x, ts, None)
             with autocast(device, amp):
-                pixels = autoencoder.decode(unpack_latents(x, lat, lat))
+                pixels = autoencoder.decode(unpack_latents(x, lat_h, lat_w))
             out.append(to_uint8(pixels))
     finally:
         transformer.train(was_training)

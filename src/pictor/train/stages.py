@@ -40,6 +40,7 @@ from pictor.train.data import (
     to_tensor,
 )
 from pictor.train.distributed import DistInfo
+from pictor.train.sample_prompts import read_sample_prompts, report_ignored_options
 
 AE_CONFIG = "autoencoder.json"
 AE_FORMAT = "pictor-autoencoder"
@@ -88,6 +89,8 @@ class Stage:
         self.amp = cfg.mixed_precision == "bf16" or (
             cfg.mixed_precision == "auto" and self.device.type == "cuda"
         )
+        if cfg.sample_prompts and info.is_main:
+            report_ignored_options(read_sample_prompts(cfg.sample_prompts), cfg.sample_prompts)
 
     @property
     def precision(self) -> str:

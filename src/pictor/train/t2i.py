@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,10 +39,10 @@ from pictor.train.config import (
     DISTILLED_TRAIN_GUIDANCE,
     TrainConfig,
     guidance_distilled,
-    read_sample_prompts,
 )
 from pictor.train.data import Batch, ImageCaptionDataset, SampleDraws, to_float, validation_items
 from pictor.train.distributed import DistInfo, broadcast
+from pictor.train.sample_prompts import SamplePrompt, read_sample_prompts
 from pictor.train.stages import Stage, holdout_batches, holdout_captions, load_autoencoder, seeded
 from pictor.train.validation import validation_loss
 
@@ -275,7 +276,9 @@ class T2IStage(Stage):
 
     def sample_grid(self, ema: nn.Module) -> Any:
         c = self.cfg
-        prompts = read_sample_prompts(c.sample_prompts) if c.sample_prompts else self._prompts(c.num_samples)
+        if c.sample_prompts:
+            return previews.grid(self._file_samples(ema, read_sample_prompts(c.sample_prompts)), columns=8)
+        prompts = self._prompts(c.num_samples)
         images = previews.generate(
             ema,
             self.ae,
@@ -289,6 +292,35 @@ class T2IStage(Stage):
             self.amp,
         )
         return previews.grid(images, columns=min(8, len(images)))
+
+    def _file_samples(self, ema: nn.Module, lines: list[SamplePrompt]) -> list[np.ndarray]:
+        """The --sample-prompts file's images, line i with its own settings (seed i unless it gives one),
+        generated in groups of one size, steps and guidance."""
+        c = self.cfg
+        side = int(c.image_size or 64)
+        groups: dict[tuple[int, int, int, float], list[int]] = {}
+        for i, line in enumerate(lines):
+            steps = line.steps or c.sample_steps
+            guidance = line.guidance if line.guidance is not None else c.sample_guidance
+            groups.setdefault((line.width or side, line.height or side, steps, guidance), []).append(i)
+        images: list[np.ndarray] = [np.zeros(0)] * len(lines)
+        for (width, height, steps, guidance), members in groups.items():
+            drawn = previews.generate(
+                ema,
+                self.ae,
+                self.text,
+                [lines[i].prompt for i in members],
+                [i if lines[i].seed is None else lines[i].seed for i in members],
+                (width, height),
+                steps,
+                guidance,
+                self.device,
+                self.amp,
+                negatives=[lines[i].negative for i in members],
+            )
+            for i, image in zip(members, drawn, strict=True):
+                images[i] = image
+        return images
 
     def evaluate(self, ema: nn.Module) -> dict[str, Any] | None:
         c = self.cfg
