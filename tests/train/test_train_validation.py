@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pictor.data.folder import DatasetWarning
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import (
     Batch,
@@ -30,6 +31,8 @@ from pictor.train.loop import train
 from pictor.train.lora import LoRAStage
 from pictor.train.reference import ReferenceStage
 from pictor.train.validation import VALIDATION_TIMESTEPS, validation_loss
+
+from broken_images import undecodable_png
 
 SIZE = 16
 COMMON = {
@@ -202,6 +205,30 @@ def test_an_adapter_stage_is_measured_with_its_ema_adapter_and_conditions(
             draws = {"drop": torch.zeros(1, dtype=torch.bool), "t": torch.tensor([t]), "noise": noise}
             batch = Batch(to_tensor([image]), [caption], [index], draws, [meta["layout"]], *refs)
             with torch.no_grad():
-                loss, _ = stage.loss(stage.forward_module, batch)
-            losses.append(float(loss))
+                loss, parts = stage.loss(stage.forward_module, batch)
+            if stage_name == "reference":  # its adapter's own loss is part of training's, not of val_loss
+                assert float(parts["aux_loss"]) > 0.01 * float(loss)
+            losses.append(float(parts.get("flow_loss", loss)))
     assert got["val_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_a_broken_training_image_never_brings_a_held_out_one_into_training(tmp_path: Path) -> None:
+    """An undecodable file takes a stand-in from its own side of the split, not the next image of its
+    bucket when that one is held out."""
+    _, held = split_indices(10, 0.2, seed=0)
+    broken = next(t for t in range(10) if (t + 1) % 10 in held and t not in held)
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        if i == broken:
+            undecodable_png(tmp_path / f"{i}.png", size=SIZE)
+        else:
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"picture {i}")
+    ds = make_dataset(str(tmp_path), SIZE, 0, validation_split=0.2)
+    assert validation_items(ds).tolist() == held.tolist()
+    seen: set[str] = set()
+    batches = micro_batches(ds, 0, 0, 2, draws=SampleDraws(0, (4, 8, 8), timesteps=True))
+    with pytest.warns(DatasetWarning, match=f"{broken}.png"):
+        for _ in range(16):  # 4 epochs of the 8 training images
+            seen |= set(next(batches).captions)
+    assert seen == {f"picture {i}" for i in range(10) if i not in held and i != broken}

@@ -196,6 +196,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.skipped: list[tuple[str, str]] = []
         self.missing_captions: list[str] = []
         self._broken: set[int] = set()  # items found not to decode after the scan
+        # Per item, the part of a split it belongs to (a training run's --validation-split: 0 trains, 1 is
+        # held out), or None: an item stands in only for one of its own part, so that a broken training
+        # image never brings a held-out one into training.
+        self.parts: Sequence[int] | None = None
         self._scan(check, caption_ext, tuple(caption_keys))
 
     # -- scanning ------------------------------------------------------------------------------------
@@ -382,14 +386,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         warnings.warn(f"{error}; the next image of its bucket stands in for it", DatasetWarning, stacklevel=3)
 
     def stand_ins(self, index: int) -> Iterator[int]:
-        """`index` unless known broken, then the following items of its bucket (wrapping round) that are
-        not: the candidates for item `index`, in the order every reader tries them."""
+        """`index` unless known broken, then the following items of its bucket (wrapping round, and of its
+        part of a split when `parts` is set) that are not: the candidates for item `index`, in the order
+        every reader tries them."""
         if index not in self._broken:
             yield index
-        bucket, n = self.item_buckets[index], len(self.paths)
+        bucket, n, parts = self.item_buckets[index], len(self.paths), self.parts
         for step in range(1, n):
             j = (index + step) % n
-            if j not in self._broken and self.item_buckets[j] == bucket:
+            same_part = parts is None or parts[j] == parts[index]
+            if j not in self._broken and self.item_buckets[j] == bucket and same_part:
                 yield j
 
 

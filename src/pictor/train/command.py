@@ -200,8 +200,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--validation-split",
         type=float,
         default=None,
-        help="image folders (t2i, lora): hold this fraction of the images out of training and log the flow "
-        "loss on them at fixed timesteps and noise every --eval-every steps (eval.jsonl: val_loss)",
+        help="image folders (t2i, lora, layout, reference): hold this fraction of the images out of training "
+        "and log the flow loss on them at fixed timesteps and noise every --eval-every steps (eval.jsonl: "
+        "val_loss)",
     )
     t.add_argument(
         "--cache-latents",

@@ -175,6 +175,10 @@ class _FolderImages:
         training, validation = split_indices(len(folder), validation_split, seed)
         self.training = training if len(validation) else None
         self.validation = validation if len(validation) else None
+        if self.validation is not None:  # stand-ins for undecodable files stay on their side of the split
+            parts = np.zeros(len(folder), dtype=np.int64)
+            parts[self.validation] = 1
+            folder.parts = parts.tolist()
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -408,8 +412,10 @@ def _collate(items: list[_Item]) -> Batch:
     if "t" in draws:
         draws["t"], draws["drop"] = draws["t"].reshape(-1), draws["drop"].reshape(-1)
     images = [i[0] for i in items if i[0] is not None]
+    if images and len(images) != len(items):
+        raise ValueError("a micro-batch mixed decoded images with cached latents; that is a pictor bug")
     return Batch(
-        to_tensor(images) if len(images) == len(items) else None,
+        to_tensor(images) if images else None,
         [i[1] for i in items],
         [i[2] for i in items],
         draws,

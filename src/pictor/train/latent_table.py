@@ -92,6 +92,9 @@ def build_latent_table(
                 indices = list(range(start, min(start + batch_size, len(folder))))
                 for i, eid in zip(indices, latents.entry_ids(indices, flip), strict=True):
                     ids[(i, flip)] = (cache.shard_of(eid), eid)
+        # A rank that could not see the others' shards (OUT not shared between machines) encoded the rest
+        # just now; the others wait here rather than in DDP's first broadcast, under NCCL's timeout.
+        distributed.patient_barrier(info)
     finally:
         ae.train(was_training)
     return LatentTable(ids), cache

@@ -218,7 +218,8 @@ class Trainer:
                 warnings.warn(
                     f"this run trained in {saved_precision} and resumes in {self.stage.precision} "
                     f"(--mixed-precision {cfg.mixed_precision} on {self.device.type}), so its loss curve "
-                    f"will differ from an uninterrupted run's; --mixed-precision "
+                    "will differ from an uninterrupted run's (and --cache-latents encodes its latents "
+                    "again, as a cache is for one precision); --mixed-precision "
                     f"{'bf16' if saved_precision == 'bf16' else 'no'} keeps {saved_precision}",
                     PictorWarning,
                     stacklevel=2,

@@ -93,7 +93,10 @@ def _score(
                 to_tensor([r[0] for r in references]) if len(references) == len(part) else None,
                 [r[1] for r in references] if len(references) == len(part) else None,
             )
-            loss, _ = stage.loss(fwd, batch)
-            total += float(loss) * len(part)
+            loss, parts = stage.loss(fwd, batch)
+            # The flow loss alone: a stage with a loss of its own besides (the reference adapter's direct
+            # loss, which ignores noise and timestep) reports that in training, not here, so val_loss means
+            # the same in every stage.
+            total += float(parts.get("flow_loss", loss)) * len(part)
             count += len(part)
     return total, count
