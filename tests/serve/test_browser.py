@@ -266,6 +266,58 @@ def test_edit_an_image_from_the_viewer_with_a_mask(browser: Any, live_server: An
     assert problems == [], problems
 
 
+def test_make_variations_of_a_picture_from_disk(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    """Variations go to POST /v1/jobs/variations with an empty prompt and the chosen strength: an edit job of
+    that picture, whose images show in the history. The server's 400 shows on the page as errors do."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.editing import pixel_sha256
+
+    live = live_server()
+    page, problems = open_page(browser, live.url, height=900)
+    picture = np.random.default_rng(6).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    Image.fromarray(picture[:30, :30]).save(tmp_path / "odd.png")  # the tiny model takes multiples of 4
+
+    # Choosing a picture to vary puts an edit's source away: the button says which of the two it sends.
+    page.get_by_text("Edit an image", exact=True).click()
+    page.get_by_label("Source image", exact=True).set_input_files(str(tmp_path / "picture.png"))
+    page.get_by_text("Variations", exact=True).click()
+    expect(page.get_by_label("Variation strength")).to_have_attribute("placeholder", "0.7")
+    page.get_by_label("Picture to vary").set_input_files(str(tmp_path / "odd.png"))
+    expect(page.get_by_label("Source image", exact=True)).to_have_value("")
+    fill_settings(page, None, 3, 2)  # the prompt stays empty: the picture alone says what to draw
+    page.get_by_label("Images", exact=True).fill("2")
+    page.get_by_label("Variation strength").fill("0.55")
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#error")).to_contain_text("multiples of 4")
+
+    page.get_by_label("Picture to vary").set_input_files(str(tmp_path / "picture.png"))
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#status")).to_contain_text("Done: 2 images", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#gallery img")).to_have_count(2)
+    for thumb in page.locator("#gallery img").element_handles():
+        page.wait_for_function("img => img.complete && img.naturalWidth === 32", arg=thumb)
+
+    (listed,) = httpx.get(f"{live.url}/v1/jobs").json()["data"]  # the refused picture queued nothing
+    job = httpx.get(f"{live.url}/v1/jobs/{listed['id']}").json()
+    request = job["request"]
+    assert job["status"] == "succeeded" and request["kind"] == "edit" and request["mask"] is None
+    assert (request["prompt"], request["strength"], request["seed"]) == ("", 0.55, 3)
+    assert len(job["results"]) == 2
+    for result in job["results"]:
+        with Image.open(io.BytesIO(httpx.get(result["url"]).content)) as im:
+            record = json.loads(im.text["pictor"])
+        assert record["mode"] == "img2img" and record["strength"] == 0.55
+        assert record["source_image"]["sha256"] == pixel_sha256(picture)  # drawn from the uploaded picture
+    assert problems == [f"400 {live.url}/v1/jobs/variations"], problems
+
+
 def test_generate_from_a_reference_picture(
     browser: Any, live_server: Any, referenced: Any, tmp_path: Path
 ) -> None:

@@ -168,22 +168,35 @@ function setBusy(busy) {
   if (busy) $("progress").value = 0;
 }
 
-// An edit is the same request as multipart form data with the images, for POST /v1/jobs/edits.
-// The edit keeps the source's size, so width and height are not sent; a layout goes as its JSON text.
-function editFromForm(body) {
+// An edit or a variation is the same request as multipart form data: the picture it starts from, the
+// reference and context pictures when chosen, the fields as text (a layout and LoRAs as their JSON text),
+// and the strength of its own section.
+function multipartFromForm(image, strengthInput, body) {
   const form = new FormData();
-  form.append("image", $("edit-image").files[0]);
-  if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  form.append("image", image);
   if ($("reference-image").files.length) form.append("reference_image", $("reference-image").files[0]);
   const context = contextFile();
   if (context) form.append("context_image", context);
-  const strength = $("strength").value.trim();
+  const strength = strengthInput.value.trim();
   if (strength !== "") form.append("strength", strength);
   for (const [name, value] of Object.entries(body)) {
-    if (name === "size") continue;
-    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));  // layout, loras
+    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
   }
   return form;
+}
+
+// For POST /v1/jobs/edits. The edit keeps the source's size, so width and height are not sent.
+function editFromForm({ size, ...body }) {
+  const form = multipartFromForm($("edit-image").files[0], $("strength"), body);
+  if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  return form;
+}
+
+// For POST /v1/jobs/variations. Width and Height go as the size the picture is resized to first. What a
+// variation does not take (a layout, the hires fix, a reference picture) goes too, so that the server's
+// 400 names it on the page, rather than the page dropping a choice unseen.
+function variationFromForm(body) {
+  return multipartFromForm($("variation-image").files[0], $("variation-strength"), body);
 }
 
 // -- the layout editor: one list item per box, a phrase over its four edges ----------------------
@@ -301,28 +314,40 @@ function contextFile() {
   return !input.disabled && input.files.length ? input.files[0] : null;
 }
 
-function editing() {
-  return $("edit-image").files.length > 0;
+// What the form's button does: with a picture under Edit an image or Variations (one at a time, see
+// choosePicture) it edits or varies that picture instead of generating.
+function formMode() {
+  if ($("variation-image").files.length) return "variation";
+  return $("edit-image").files.length ? "edit" : "generate";
 }
+
+const BUTTON_TEXT = { generate: "Generate", edit: "Edit image", variation: "Make variations" };
 
 function showMode() {
-  $("generate-button").textContent = editing() ? "Edit image" : "Generate";
+  $("generate-button").textContent = BUTTON_TEXT[formMode()];
 }
 
-async function submit(body) {
+// An edit and a variation each start from a picture of their own: choosing one clears the other's, so the
+// button never sends a picture the user forgot was there. (A cancelled file dialog chooses nothing.)
+function choosePicture(kind) {
+  const [input, others] =
+    kind === "edit" ? ["edit-image", ["variation-image"]] : ["variation-image", ["edit-image", "edit-mask"]];
+  if ($(input).files.length) for (const id of others) $(id).value = "";
+  showMode();
+}
+
+// `body` is a generation's JSON for POST /v1/jobs, or an edit's or a variation's form data for `path`.
+async function submit(body, path = "/v1/jobs") {
   setError("");
   showWarnings($("warnings"), []);
   setBusy(true);
   setStatus("Queued…");
   try {
-    const request =
+    const options =
       body instanceof FormData
-        ? { path: "/v1/jobs/edits", options: { method: "POST", body } }
-        : {
-            path: "/v1/jobs",
-            options: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
-          };
-    const job = await apiJSON(request.path, request.options);
+        ? { method: "POST", body }
+        : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    const job = await apiJSON(path, options);
     currentJob = job.id;
     const final = await follow(job.id);
     showWarnings($("warnings"), final.warnings);
@@ -473,7 +498,7 @@ async function editViewed() {
   $("edit-image").files = files.files;
   $("edit-mask").value = "";
   $("edit-settings").open = true;
-  showMode();
+  choosePicture("edit");
 }
 
 function recordRequest(record) {
@@ -548,8 +573,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("generate-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = requestFromForm();
+    const mode = formMode();
     const reference = $("reference-image").files.length > 0;
-    if (!body.prompt.trim() && !reference) {
+    if (!body.prompt.trim() && !reference && mode !== "variation") {  // a variation's picture is enough
       setError("Write a prompt (or choose a reference picture).");
       return;
     }
@@ -560,7 +586,9 @@ document.addEventListener("DOMContentLoaded", async () => {
     }
     if (layout) body.layout = layout;
     try {
-      submit(editing() ? editFromForm(body) : await withReference(body));
+      if (mode === "variation") submit(variationFromForm(body), "/v1/jobs/variations");
+      else if (mode === "edit") submit(editFromForm(body), "/v1/jobs/edits");
+      else submit(await withReference(body));
     } catch (err) {
       setError(err.message);
     }
@@ -584,10 +612,15 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("clear-context-button").addEventListener("click", () => {
     $("context-image").value = "";
   });
-  $("edit-image").addEventListener("change", showMode);
+  $("edit-image").addEventListener("change", () => choosePicture("edit"));
+  $("variation-image").addEventListener("change", () => choosePicture("variation"));
   $("clear-edit-button").addEventListener("click", () => {
     $("edit-image").value = "";
     $("edit-mask").value = "";
+    showMode();
+  });
+  $("clear-variation-button").addEventListener("click", () => {
+    $("variation-image").value = "";
     showMode();
   });
   $("edit-this-button").addEventListener("click", async () => {
