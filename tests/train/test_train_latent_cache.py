@@ -114,11 +114,15 @@ def test_the_cache_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
 def test_the_reference_stage_takes_its_pictures_from_the_cache_too(
     base: Path, folder: Path, tmp_path: Path
 ) -> None:
-    settings = {"stage": "reference", "ema_decay": 0.0}
+    settings = {"stage": "reference", "ema_decay": 0.0, "cache_latents": False}
     plain = _run(base, folder, tmp_path / "plain", 3, **settings)
+    settings.update(cache_latents=True, latent_cache_dir=str(tmp_path / "latents"))
     with mock.patch.object(AutoEncoder, "encode", side_effect=AssertionError("encode called in training")):
-        cached = _run(base, folder, tmp_path / "cached", 3, cache_latents=True, **settings)
+        cached = _run(base, folder, tmp_path / "cached", 3, **settings)
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
+    # a second run on the same cache neither encodes nor decodes: its pictures are the cached latents
+    with mock.patch.object(ImageFolderDataset, "load_image", side_effect=AssertionError("file decoded")):
+        assert _run(base, folder, tmp_path / "again", 3, **settings) == cached
 
 
 def test_a_cache_is_for_one_precision(base: Path, folder: Path, tmp_path: Path) -> None:

@@ -43,3 +43,13 @@ class ReferencePairs:
         else:
             info["reference"] = (image, caption)
         return image, caption, info
+
+    def describe(self, index: int) -> tuple[tuple[int, int], str, dict[str, Any]]:
+        """An image folder's item as `__getitem__` gives it but without pixels ((height, width) in their
+        place), for --cache-latents: the reference picture is the image itself, whose cached latent stands
+        for it, so it is (None, caption)."""
+        describe = getattr(self.ds, "describe", None)
+        if describe is None:  # the shapes world draws its pictures; it has no latent cache to read
+            raise TypeError(f"{type(self.ds).__name__} items cannot be described without their pixels")
+        hw, caption, meta = describe(index)
+        return hw, caption, {**meta, "reference": (None, caption)}

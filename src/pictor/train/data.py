@@ -336,7 +336,7 @@ class Batch:
 
 # (image (None when a cached latent stands for it), caption, stream index, random draws, layout or None,
 # (reference picture, its caption) or None)
-_Reference = tuple[np.ndarray, str]
+_Reference = tuple[np.ndarray | None, str]  # the picture is None when its cached latent stands for it
 _Item = tuple[
     np.ndarray | None, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, _Reference | None
 ]
@@ -425,9 +425,14 @@ def _collate(items: list[_Item]) -> Batch:
 
 
 def _references(refs: list[_Reference | None]) -> tuple[torch.Tensor | None, list[str] | None]:
+    """The batch's reference pictures and captions; no pictures when cached latents stand for them."""
     if any(r is None for r in refs):
         return None, None
-    return to_tensor([r[0] for r in refs if r is not None]), [r[1] for r in refs if r is not None]
+    pairs = [r for r in refs if r is not None]
+    pictures = [picture for picture, _ in pairs if picture is not None]
+    if pictures and len(pictures) != len(pairs):
+        raise ValueError("a micro-batch mixed reference pictures with cached latents; that is a pictor bug")
+    return (to_tensor(pictures) if pictures else None), [caption for _, caption in pairs]
 
 
 class _MicroBatches:

@@ -125,13 +125,15 @@ class ReferenceStage(FileAdapterStage):
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """The batch's reference pictures as latent tokens for the forward module, which runs the adapter.
         The reference stays when the caption is dropped: then it is all the model has to go on."""
-        if batch.references is None or batch.reference_captions is None:
+        if batch.reference_captions is None:
             raise CheckpointError("reference training: a batch without reference pictures reached the loss")
         if "reference_latent" in batch.draws:  # --cache-latents: the stored means, scaled and shifted here
             mean = batch.draws["reference_latent"].to(self.device, non_blocking=True)
             latents, grid = _tokens(self.ae.scale_latent(mean).float())
-        else:
+        elif batch.references is not None:
             latents, grid = self._reference_tokens(batch.references)
+        else:
+            raise CheckpointError("reference training: a batch without reference pictures reached the loss")
         target = self.text.encode(batch.reference_captions)
         tokens, pooled = target.tokens.float().to(self.device), target.pooled.float().to(self.device)
         return {"reference": (latents, grid, tokens, pooled)}
