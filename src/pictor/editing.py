@@ -156,11 +156,16 @@ def load_image(source: ImageSource, what: str = "image") -> Image.Image:
 
 def eight_bit(image: Image.Image) -> Image.Image:
     """16-bit greyscale ("I;16", "I") as 8-bit "L", 65535 -> 255: Pillow's own conversion clips at 255,
-    which turns a 16-bit image (or mask) almost all white."""
+    which turns a 16-bit image (or mask) almost all white. A transparent grey level (a PNG's tRNS) becomes
+    an alpha channel ("LA"), as an 8-bit image's would be seen."""
     if not image.mode.startswith("I"):
         return image
-    grey = np.asarray(image).astype(np.float64) / 257.0
-    return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8), mode="L")
+    raw = np.asarray(image)
+    grey = Image.fromarray(np.clip(raw.astype(np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a PNG's transparent grey level: kept as an alpha channel ("LA")
+        grey.putalpha(Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), mode="L"))
+    return grey
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

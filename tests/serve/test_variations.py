@@ -24,6 +24,7 @@ from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import Pipeline
 from pictor.reference_files import reference_params_for, save_reference_adapter
 from pictor.reproduce import reproduce
+from pictor.serve.variations import on_white
 from tests.serve.conftest import wait_for
 
 # The strength the README and the module docstring promise; written out, not imported, so a changed
@@ -225,6 +226,25 @@ def test_bad_variations_are_400s_that_name_the_problem(client: TestClient) -> No
     assert not any(client.app.state.service.store.uploads_dir.iterdir())  # nothing kept from refusals
 
 
+def test_what_costs_nothing_is_checked_before_the_picture_is_decoded(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 56 KB PNG can decode to 24 megapixels: a request refused for its n, steps, prompt, names or model
+    is refused before the picture is read."""
+
+    def no_decoding(*_args: object) -> None:
+        raise AssertionError("the picture was decoded before the cheap checks")
+
+    monkeypatch.setattr("pictor.serve.edits.decode_upload", no_decoding)
+    good = png(picture())
+    error_of(vary(client, good, n=9), "at most 8 images", "n")
+    error_of(vary(client, good, sampler="nope"), "nope", "sampler")
+    error_of(vary(client, good, size="99999x99999"), "the limit is 4096", "size")
+    error_of(vary(client, good, prompt="x" * 100_000), "characters", "prompt")
+    response = vary(client, good, model="not-served")
+    assert response.status_code in (400, 404) and "not-served" in response.text
+
+
 def test_before_the_model_is_there_a_variation_is_a_503(
     make_client: Callable[..., TestClient], client: TestClient, tmp_path: Path
 ) -> None:
@@ -243,3 +263,17 @@ def test_before_the_model_is_there_a_variation_is_a_503(
     r = vary(broken, png(picture()))
     assert r.status_code == 503 and "the model failed to load" in r.json()["error"]["message"], r.text
     assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_a_16_bit_grey_pictures_transparent_level_is_flattened_onto_white_too(tmp_path: Path) -> None:
+    """A 16-bit grey PNG's tRNS level is transparency, as an 8-bit one's: white, not its stored black."""
+    raw = np.full((8, 8), 40000, dtype=np.uint16)
+    raw[:, :4] = 0
+    path = tmp_path / "grey16.png"
+    Image.fromarray(raw).save(path, transparency=0)  # uint16: mode I;16
+    with Image.open(path) as im:
+        im.load()
+        assert im.mode.startswith("I") and im.info.get("transparency") == 0
+        flat = np.asarray(on_white(im))
+    assert (flat[:, :4] == 255).all()
+    assert (flat[:, 4:] == round(40000 / 257)).all()

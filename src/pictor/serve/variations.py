@@ -63,7 +63,7 @@ from pictor.serve.routes import (
     post_only,
 )
 from pictor.serve.security import check_limits, check_text
-from pictor.serve.service import Service, service
+from pictor.serve.service import Service, check_names, service
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
@@ -99,6 +99,8 @@ FORM_FIELDS = {
 def on_white(image: Image.Image) -> Image.Image:
     """RGB, with any transparency (an alpha channel, a palette's or greyscale's transparent colour)
     composited onto white; opaque pixels keep their colour exactly."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return eight_bit(image).convert("RGB")  # nothing to flatten: no RGBA copies of a large photo
     rgba = eight_bit(image).convert("RGBA")  # 16-bit grey scaled by its depth first: Pillow's clips
     return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
 
@@ -188,6 +190,14 @@ async def variation_form(
     limits = svc.settings.limits
     check_fields(set((await request.form()).keys()), FORM_FIELDS, set(), "variation")
     check_text(limits, user=user)
+    # What costs nothing to check is checked before the picture is decoded, flattened and resized (up to
+    # max_picture_pixels: hundreds of MB for a small upload), so a request refused anyway costs little.
+    # edit_params checks these again with the rest.
+    wanted = requested_size(size)
+    check_limits(limits, prompt, n, *(wanted or (None, None)), steps)
+    check_text(limits, prompt=prompt, negative_prompt=negative_prompt or "")
+    check_names(sampler, schedule)
+    svc.check_model(model)
     if svc.manager.load_error:
         raise APIError(
             503, f"the model failed to load: {svc.manager.load_error}", "server_error", "model_unavailable"
@@ -206,7 +216,7 @@ async def variation_form(
     # camera's photo); drawn_from holds it to the output limit when no size asks for a resize.
     picture = await read_image(image, "image", limits, fitted=True)
     assert picture is not None
-    source, reference = await run_in_threadpool(drawn_from, svc, picture, requested_size(size))
+    source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
