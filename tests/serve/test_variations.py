@@ -114,7 +114,9 @@ def test_size_resizes_the_picture_first(make_client: Callable[..., TestClient], 
     huge = png(picture(128))
     ((small, _),) = decoded(vary(client, huge, size="16x16", strength=0))
     assert np.array_equal(small, np.asarray(picture(128).resize((16, 16), Image.Resampling.LANCZOS)))
-    error_of(vary(client, huge), "give a size (e.g. 64x64) and the picture is resized", "image")
+    error_of(vary(client, huge), "give a size (e.g. 64x64, its shape) and the picture is resized", "image")
+    wide = png(picture(128).resize((256, 64)))
+    error_of(vary(client, wide), "give a size (e.g. 128x32, its shape)", "image")  # 4096 pixels at most
 
 
 def test_transparency_is_flattened_onto_white_not_a_mask(client: TestClient) -> None:

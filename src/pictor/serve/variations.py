@@ -125,11 +125,14 @@ def drawn_from(
     if size is None:
         width, height = picture.size
         if width * height > limits.max_pixels:
-            side = max(pipe.patch, int(limits.max_pixels**0.5) // pipe.patch * pipe.patch)
+            # The suggestion keeps the picture's shape: size stretches to exactly WxH.
+            scale = (limits.max_pixels / (width * height)) ** 0.5
+            w, h = (max(pipe.patch, int(side * scale) // pipe.patch * pipe.patch) for side in (width, height))
             raise APIError(
                 400,
                 f"image is {width}x{height} = {width * height} pixels, more than this server makes "
-                f"({limits.max_pixels}); give a size (e.g. {side}x{side}) and the picture is resized to it",
+                f"({limits.max_pixels}); give a size (e.g. {w}x{h}, its shape) and the picture is resized "
+                "to it",
                 param="image",
                 code="image_too_large",
             )
