@@ -21,7 +21,7 @@ from pictor.data.folder import DatasetWarning, ImageFolderDataset
 from pictor.data.latent_cache import LatentCacheError
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train.config import ConfigError, TrainConfig
-from pictor.train.data import make_dataset
+from pictor.train.data import make_dataset, training_items
 from pictor.train.distributed import DistInfo
 from pictor.train.latent_table import build_latent_table
 from pictor.train.logs import read_jsonl
@@ -187,3 +187,19 @@ def test_a_cached_sample_is_the_decoded_one_without_its_pixels(tmp_path: Path) -
     assert len({image.shape for image, _, _ in decoded}) == 3
     for i, (image, caption, meta) in enumerate(decoded):
         assert ds.describe(i) == (image.shape[:2], caption, meta)
+
+
+def test_held_out_images_are_not_encoded(base: Path, folder: Path, tmp_path: Path) -> None:
+    """A validation split's held-out images are scored from their pixels, so the cache skips them; a run
+    with both trains and reports its validation loss."""
+    ds = make_dataset(str(folder), SIZE, 0, validation_split=0.34)
+    training = training_items(ds).tolist()
+    assert len(training) == 4
+    table, cache = build_latent_table(
+        ds, tiny_models()[2].eval(), tmp_path / "c", both_flips=True, info=DistInfo(), amp=False
+    )
+    assert sorted(table) == sorted((i, flip) for i in training for flip in (False, True))
+    assert cache.encoded == 8
+    settings = {"cache_latents": True, "flip_aug": True, "validation_split": 0.34, "eval_every": 2}
+    _run(base, folder, tmp_path / "run", 2, **settings)
+    assert [row["val_images"] for row in read_jsonl(tmp_path / "run" / "eval.jsonl")] == [2]

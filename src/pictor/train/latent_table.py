@@ -3,9 +3,10 @@ served from the stored latents instead of the autoencoder (kohya's --cache_laten
 
 The disk side is `pictor.data.latent_cache` (atomic safetensors shards, keyed by the autoencoder's
 weights and the precision it ran in, entries by file, size, mtime, bucket and mirror): each rank encodes
-its share of what is missing (image i on rank i mod world size), all wait for each other (on a barrier
-that outlasts NCCL's 10-minute timeout), then every rank indexes the whole folder's entries (encoding what
-it cannot find, when OUT is not on a shared file system). The table holds entry ids, not latents: a
+its share of what is missing (the i-th training image on rank i mod world size; the held-out images of a
+validation split are not encoded), all wait for each other (on a barrier that outlasts NCCL's 10-minute
+timeout), then every rank indexes the training images' entries (encoding what it cannot find, when OUT is
+not on a shared file system). The table holds entry ids, not latents: a
 lookup reads one latent from its memory-mapped shard, so a rank's memory does not grow with the folder
 (held in memory, 10,000 FLUX.1 latents at 1024x1024 and their mirrors would be 20 GiB on every rank).
 A stream sample looks up the latent of its dataset index and mirror bit; its noise, timestep and
@@ -28,7 +29,7 @@ from pictor.checkpoint import state_dict_hash
 from pictor.data.latent_cache import CachedLatentDataset, LatentCache, read_stored_mean
 from pictor.models.autoencoder import AutoEncoder
 from pictor.train import distributed, previews
-from pictor.train.bucket_stream import folder_of
+from pictor.train.bucket_stream import folder_of, folder_view
 from pictor.train.distributed import DistInfo
 
 
@@ -80,16 +81,21 @@ def build_latent_table(
     cache = LatentCache(cache_dir, encode, key=f"pictor-ae-{state_dict_hash(ae.state_dict())}-{precision}")
     latents = CachedLatentDataset(folder, cache)
     flips = (False, True) if both_flips else (False,)
+    # Only the images the stream trains on: a validation split's held-out images are scored by decoding
+    # them (pictor.train.validation), so their latents would never be read.
+    view = folder_view(ds)
+    training = getattr(view, "training", None)
+    wanted = list(range(len(folder))) if training is None else [int(i) for i in training]
     try:
-        mine = list(range(info.rank, len(folder), info.world_size))
+        mine = wanted[info.rank :: info.world_size]
         chunks = [(mine[s : s + batch_size], flip) for flip in flips for s in range(0, len(mine), batch_size)]
         for indices, flip in tqdm(chunks, desc="encoding latents", unit="batch", disable=not progress):
             latents.entry_ids(indices, flip)  # encodes what the cache lacks
         distributed.patient_barrier(info)
         ids: dict[tuple[int, bool], tuple[Path, str]] = {}
         for flip in flips:
-            for start in range(0, len(folder), batch_size):
-                indices = list(range(start, min(start + batch_size, len(folder))))
+            for start in range(0, len(wanted), batch_size):
+                indices = wanted[start : start + batch_size]
                 for i, eid in zip(indices, latents.entry_ids(indices, flip), strict=True):
                     ids[(i, flip)] = (cache.shard_of(eid), eid)
         # A rank that could not see the others' shards (OUT not shared between machines) encoded the rest
