@@ -24,17 +24,19 @@ SIZE = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_grid_draws_the_files_prompts(base: Path, tmp_path: Path) -> None:
-    data = tmp_path / "pictures"
-    data.mkdir()
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("pictures")
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text("a zorblax")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# what the grids show\na red circle\n\nzorblax, blue\n")
-    out = tmp_path / "run"
-    cfg = TrainConfig(
+    return data
+
+
+def _config(base: Path, data: Path, out: Path, prompts: Path) -> TrainConfig:
+    """One LoRA step with a sample grid at 3 steps and guidance 2."""
+    return TrainConfig(
         stage="lora",
         out=str(out),
         base=str(base),
@@ -50,7 +52,13 @@ def test_the_grid_draws_the_files_prompts(base: Path, tmp_path: Path) -> None:
         sample_prompts=str(prompts),
         lr=1e-12,  # one step this small leaves the adapters (B starts at zero) at the base's images
     )
-    train(cfg)
+
+
+def test_the_grid_draws_the_files_prompts(base: Path, pictures: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# what the grids show\na red circle\n\nzorblax, blue\n")
+    out = tmp_path / "run"
+    train(_config(base, pictures, out, prompts))
     grid = np.asarray(Image.open(out / "samples" / "step-000001.png").convert("RGB")).astype(np.int16)
     assert grid.shape == (SIZE + 4, 2 * (SIZE + 2) + 2, 3)  # two prompts, one row, 2-pixel gutters
     pipe = pictor.load(str(base), device="cpu")
@@ -82,39 +90,17 @@ def test_bad_files_and_stages_are_refused(tmp_path: Path) -> None:
     assert Path(config_from_args(args).sample_prompts or "").is_absolute()
 
 
-def test_kohyas_per_prompt_options_are_read_and_drawn(base: Path, tmp_path: Path) -> None:
+def test_kohyas_per_prompt_options_are_read_and_drawn(base: Path, pictures: Path, tmp_path: Path) -> None:
     """A line's --n, --d, --s, --l / --g, --w and --h give that image's negative prompt, seed, steps,
     guidance and size, as `pictor generate` draws them; kohya options pictor does not read are named in a
     warning and never become part of a prompt."""
-    data = tmp_path / "pictures"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a zorblax")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         "a red circle --n a blue square --d 7 --s 2 --l 3 --w 32 --h 16\nzorblax, blue --ss euler_a --g 1.5\n"
     )
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        stage="lora",
-        out=str(out),
-        base=str(base),
-        data=str(data),
-        image_size=SIZE,
-        batch_size=2,
-        max_steps=1,
-        sample_every=1,
-        sample_steps=3,
-        sample_guidance=2.0,
-        eval_every=0,
-        progress=False,
-        sample_prompts=str(prompts),
-        lr=1e-12,
-    )
     with pytest.warns(PictorWarning, match=r"--ss left out"):
-        train(cfg)
+        train(_config(base, pictures, out, prompts))
     grid = np.asarray(Image.open(out / "samples" / "step-000001.png").convert("RGB")).astype(np.int16)
     assert grid.shape == (16 + 4, 2 * (32 + 2) + 2, 3)  # cells of the largest height and width
     pipe = pictor.load(str(base), device="cpu")
