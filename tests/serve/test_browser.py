@@ -315,6 +315,23 @@ def test_make_variations_of_a_picture_from_disk(browser: Any, live_server: Any, 
             record = json.loads(im.text["pictor"])
         assert record["mode"] == "img2img" and record["strength"] == 0.55
         assert record["source_image"]["sha256"] == pixel_sha256(picture)  # drawn from the uploaded picture
+
+    # The viewer hands its PNG to the Variations section, as "Edit this image" does to the edit form.
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    expect(page.locator("#viewer")).to_be_hidden()
+    page.get_by_label("Images", exact=True).fill("1")
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    newest, first = httpx.get(f"{live.url}/v1/jobs").json()["data"][:2]
+    assert newest["request"]["kind"] == "edit" and newest["status"] == "succeeded"
+    with Image.open(io.BytesIO(httpx.get(newest["results"][0]["url"]).content)) as im:
+        source = json.loads(im.text["pictor"])["source_image"]["sha256"]
+    hashes = []
+    for result in first["results"]:
+        with Image.open(io.BytesIO(httpx.get(result["url"]).content)) as im:
+            hashes.append(pixel_sha256(np.asarray(im.convert("RGB"))))
+    assert source in hashes  # drawn from one of the first variations, as viewed
     assert problems == [f"400 {live.url}/v1/jobs/variations"], problems
 
 

@@ -488,17 +488,18 @@ async function openViewer(imageId, warnings) {
   }
 }
 
-// The viewed PNG becomes the edit's source: a File in the file input, as if the user had picked it.
-async function editViewed() {
+// The viewed PNG becomes the picture an edit or a variation starts from (`kind`): a File in that
+// section's file input, as if the user had picked it.
+async function useViewed(kind) {
   const response = await api(viewed.url);
   if (!response.ok) throw new Error(`image: ${response.status}`);
   const file = new File([await response.blob()], `pictor-${viewed.seed}.png`, { type: "image/png" });
   const files = new DataTransfer();
   files.items.add(file);
-  $("edit-image").files = files.files;
-  $("edit-mask").value = "";
-  $("edit-settings").open = true;
-  choosePicture("edit");
+  $(kind === "edit" ? "edit-image" : "variation-image").files = files.files;
+  if (kind === "edit") $("edit-mask").value = "";
+  $(kind === "edit" ? "edit-settings" : "variation-settings").open = true;
+  choosePicture(kind);
 }
 
 function recordRequest(record) {
@@ -623,16 +624,18 @@ document.addEventListener("DOMContentLoaded", async () => {
     $("variation-image").value = "";
     showMode();
   });
-  $("edit-this-button").addEventListener("click", async () => {
-    if (!viewed) return;
-    try {
-      await editViewed();
-      $("viewer").close();
-      $("prompt").focus();
-    } catch (err) {
-      setError(err.message);
-    }
-  });
+  for (const [button, kind] of [["edit-this-button", "edit"], ["vary-this-button", "variation"]]) {
+    $(button).addEventListener("click", async () => {
+      if (!viewed) return;
+      try {
+        await useViewed(kind);
+        $("viewer").close();
+        $("prompt").focus();
+      } catch (err) {
+        setError(err.message);
+      }
+    });
+  }
   $("cancel-button").addEventListener("click", async () => {
     if (!currentJob) return;
     try {
