@@ -35,6 +35,8 @@ def test_a_layout_reaches_the_pipeline_and_the_record(
     make_client: Callable[..., TestClient], laid_out: Pipeline
 ) -> None:
     client = make_client(laid_out)
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["layout"] is True and card["reference"] is False
     r = client.post("/v1/images/generations", json=_body(layout=LAYOUT))
     assert r.status_code == 200, r.text
     with Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))) as im:

@@ -160,6 +160,8 @@ def test_with_a_reference_adapter_the_picture_is_also_the_reference(
     make_client: Callable[..., TestClient], imaging: Pipeline
 ) -> None:
     client = make_client(imaging)
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["reference"] is True and card["layout"] is False  # clients can tell what a variation does
     source = picture(seed=5)
     response = vary(client, png(source), seed=2)
     ((pixels, record),) = decoded(response)

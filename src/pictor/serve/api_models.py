@@ -206,6 +206,14 @@ class ModelCard(BaseModel):
         False,
         description="A FLUX.1 Kontext model: it takes context_image (false while the model loads).",
     )
+    reference: bool = Field(
+        False,
+        description="The model has a reference adapter: it takes reference_image, and a variation's picture "
+        "is also its reference (false while the model loads).",
+    )
+    layout: bool = Field(
+        False, description="The model has a layout adapter: it takes layout (false while the model loads)."
+    )
 
 
 class ModelList(BaseModel):

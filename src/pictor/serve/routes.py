@@ -150,6 +150,8 @@ def model_card(svc: Service) -> ModelCard:
         # From the bundle's config, as the pipeline decides (context_images.context_problem): so the page
         # offers a context picture only where it would not be refused.
         kontext=bool(pipe.config.kontext) if pipe is not None else False,
+        reference=pipe is not None and pipe.reference_adapter is not None,
+        layout=pipe is not None and pipe.layout_adapter is not None,
     )
 
 
