@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import re
 import signal
@@ -17,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import save_file
 
 from pictor.layout_files import layout_params_for, save_layout_adapter
@@ -142,9 +147,9 @@ def laid_out(tmp_path: Path) -> Pipeline:
     return pipe
 
 
-@pytest.fixture
-def referenced(tmp_path: Path) -> Pipeline:
-    """The tiny model with a (zero-initialised) reference adapter."""
+def with_reference_adapter(folder: Path, out_std: float = 0.0) -> Pipeline:
+    """The tiny model with a reference adapter: zero-initialised output maps (the picture changes nothing),
+    or maps drawn with standard deviation `out_std`, so that a reference changes the images."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = pipeline_from_preset("tiny", device="cpu")
@@ -152,10 +157,31 @@ def referenced(tmp_path: Path) -> Pipeline:
     adapter = ReferenceAdapter(
         reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
     ).init_weights()
-    path = tmp_path / "reference.safetensors"
+    if out_std:
+        with torch.no_grad():
+            adapter.out.weight.normal_(0, out_std)
+            adapter.vec_out.weight.normal_(0, out_std)
+    path = folder / "reference.safetensors"
     save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
     pipe.set_reference_adapter(path)
     return pipe
+
+
+@pytest.fixture
+def referenced(tmp_path: Path) -> Pipeline:
+    """The tiny model with a (zero-initialised) reference adapter."""
+    return with_reference_adapter(tmp_path)
+
+
+def decode_images(response: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """A 200 answer's b64_json images as (RGB pixels, their pictor record)."""
+    assert response.status_code == 200, response.text
+    out = []
+    for item in response.json()["data"]:
+        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as im:
+            im.load()
+            out.append((np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])))
+    return out
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
@@ -18,6 +17,7 @@ from PIL import Image
 from pictor.editing import pixel_sha256
 from pictor.pipeline import Pipeline
 from pictor.serve.settings import Limits
+from tests.serve.conftest import decode_images
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -30,16 +30,6 @@ def source_image(size: int = 32) -> Image.Image:
     y, x = np.mgrid[0:size, 0:size]
     rgb = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1).astype(np.uint8)
     return Image.fromarray(rgb)
-
-
-def decode(response: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    assert response.status_code == 200, response.text
-    out = []
-    for item in response.json()["data"]:
-        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as im:
-            im.load()
-            out.append((np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])))
-    return out
 
 
 def edit(client: TestClient, image: bytes | None, prompt: str = "a red circle", mask: bytes | None = None,
@@ -55,20 +45,20 @@ def edit(client: TestClient, image: bytes | None, prompt: str = "a red circle", 
 
 def test_img2img_records_its_source(client: TestClient) -> None:
     source = source_image()
-    (pixels, record), second = decode(edit(client, png_bytes(source), strength=0.5, seed=3, n=2))
+    (pixels, record), second = decode_images(edit(client, png_bytes(source), strength=0.5, seed=3, n=2))
     assert record["mode"] == "img2img" and record["strength"] == 0.5 and record["seed"] == 3
     assert record["source_image"]["sha256"] == pixel_sha256(np.asarray(source))
     assert second[1]["seed"] == 4
     assert pixels.shape == (32, 32, 3)
     job = client.get("/v1/jobs").json()["data"][0]
     assert job["request"]["kind"] == "edit" and job["status"] == "succeeded"
-    kept = decode(edit(client, png_bytes(source), strength=0))[0][0]
+    kept = decode_images(edit(client, png_bytes(source), strength=0))[0][0]
     assert np.array_equal(kept, np.asarray(source))  # strength 0 keeps the image exactly
 
 
 def test_sixteen_bit_sources_and_masks_read_as_the_cli_reads_them(client: TestClient) -> None:
     grey = Image.fromarray(np.full((32, 32), 8000, np.uint16)).convert("I;16")  # 12 % grey
-    kept = decode(edit(client, png_bytes(grey), strength=0))[0][0]
+    kept = decode_images(edit(client, png_bytes(grey), strength=0))[0][0]
     assert kept[0, 0].tolist() == [31, 31, 31]  # scaled by its depth, not clipped to white
     dark_mask = Image.fromarray(np.full((32, 32), 30000, np.uint16)).convert("I;16")  # 46 %: keep all
     r = edit(client, png_bytes(source_image()), mask=png_bytes(dark_mask), steps=1)
@@ -114,7 +104,7 @@ def test_queued_edit_answers_at_once_and_runs_like_the_synchronous_one(
         record = json.loads(im.text["pictor"])
     assert record["mode"] == "inpaint" and record["seed"] == 3 and record["steps"] == 3
 
-    ((sync_pixels, sync_record),) = decode(edit(client, source, mask=png_bytes(mask), seed=3, steps=3))
+    ((sync_pixels, sync_record),) = decode_images(edit(client, source, mask=png_bytes(mask), seed=3, steps=3))
     assert np.array_equal(queued_pixels, sync_pixels)  # one grammar, one pipeline: the same image
     assert sync_record["source_image"] == record["source_image"]
 
@@ -123,19 +113,19 @@ def test_transparent_mask_repaints_only_there(client: TestClient) -> None:
     source = source_image()
     mask = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 16, 32))  # left half transparent: OpenAI's "edit here"
-    ((pixels, record),) = decode(edit(client, png_bytes(source), mask=png_bytes(mask), seed=1))
+    ((pixels, record),) = decode_images(edit(client, png_bytes(source), mask=png_bytes(mask), seed=1))
     assert record["mode"] == "inpaint"
     assert np.array_equal(pixels[:, 18:], np.asarray(source)[:, 18:])  # kept side untouched
     assert not np.array_equal(pixels[:, :14], np.asarray(source)[:, :14])
 
     grey = Image.new("L", (32, 32), 0)
     grey.paste(255, (16, 0, 32, 32))  # no alpha: white repaints (pictor's convention)
-    ((pixels, _),) = decode(edit(client, png_bytes(source), mask=png_bytes(grey), seed=1))
+    ((pixels, _),) = decode_images(edit(client, png_bytes(source), mask=png_bytes(grey), seed=1))
     assert np.array_equal(pixels[:, :14], np.asarray(source)[:, :14])
 
     holey = source.convert("RGBA")
     holey.paste((0, 0, 0, 0), (0, 0, 32, 8))  # no mask: the image's own transparency is the mask
-    ((pixels, record),) = decode(edit(client, png_bytes(holey), seed=1))
+    ((pixels, record),) = decode_images(edit(client, png_bytes(holey), seed=1))
     assert record["mode"] == "inpaint"
     assert np.array_equal(pixels[10:], np.asarray(source)[10:])
 

@@ -4,28 +4,21 @@ as its own reference on a model with a reference adapter, and stored so its imag
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from pictor.editing import EditRequest
-from pictor.loading import pipeline_from_preset
-from pictor.models.reference import ReferenceAdapter
 from pictor.pipeline import Pipeline
-from pictor.reference_files import reference_params_for, save_reference_adapter
 from pictor.reproduce import reproduce
 from pictor.serve.variations import on_white
-from tests.serve.conftest import wait_for
+from tests.serve.conftest import decode_images, wait_for, with_reference_adapter
 
 # The strength the README and the module docstring promise; written out, not imported, so a changed
 # default fails here.
@@ -52,16 +45,6 @@ def vary(client: TestClient, image: bytes | None, path: str = "/v1/images/variat
     return client.post(path, files=files, data=data)
 
 
-def decoded(response: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    assert response.status_code == 200, response.text
-    out = []
-    for item in response.json()["data"]:
-        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as im:
-            im.load()
-            out.append((np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])))
-    return out
-
-
 def error_of(response: Any, words: str, param: str) -> None:
     assert response.status_code == 400, (response.status_code, response.text)
     error = response.json()["error"]
@@ -72,7 +55,7 @@ def test_a_variation_is_an_img2img_edit_at_the_documented_strength(
     client: TestClient, tiny: Pipeline
 ) -> None:
     source = picture()
-    served = decoded(vary(client, png(source), n=2, seed=3))
+    served = decode_images(vary(client, png(source), n=2, seed=3))
     direct = tiny.edit(
         EditRequest(image=source, prompt="", strength=DOCUMENTED_STRENGTH, seed=3, steps=2, num_images=2)
     )
@@ -99,7 +82,7 @@ def test_a_variation_is_an_img2img_edit_at_the_documented_strength(
 def test_size_resizes_the_picture_first(make_client: Callable[..., TestClient], tiny: Pipeline) -> None:
     client = make_client(tiny)
     big = picture(64)
-    ((pixels, record),) = decoded(vary(client, png(big), size="32x16", seed=1))
+    ((pixels, record),) = decode_images(vary(client, png(big), size="32x16", seed=1))
     assert pixels.shape == (16, 32, 3) and (record["width"], record["height"]) == (32, 16)
     resized = big.resize((32, 16), Image.Resampling.LANCZOS)
     (direct,) = tiny.edit(
@@ -108,11 +91,11 @@ def test_size_resizes_the_picture_first(make_client: Callable[..., TestClient], 
     assert np.array_equal(pixels, np.asarray(direct.image))
     # absent, "" and "auto" keep the picture's size (strength 0: the picture itself comes back)
     for size in ("auto", "", "32x32"):
-        ((kept, _),) = decoded(vary(client, png(picture()), size=size, strength=0))
+        ((kept, _),) = decode_images(vary(client, png(picture()), size=size, strength=0))
         assert np.array_equal(kept, np.asarray(picture())), size
     # a picture larger than any output is fine when a size says what to make of it
     huge = png(picture(128))
-    ((small, _),) = decoded(vary(client, huge, size="16x16", strength=0))
+    ((small, _),) = decode_images(vary(client, huge, size="16x16", strength=0))
     assert np.array_equal(small, np.asarray(picture(128).resize((16, 16), Image.Resampling.LANCZOS)))
     error_of(vary(client, huge), "give a size (e.g. 64x64, its shape) and the picture is resized", "image")
     wide = png(picture(128).resize((256, 64)))
@@ -129,10 +112,10 @@ def test_transparency_is_flattened_onto_white_not_a_mask(client: TestClient) -> 
         (holey, np.full((32, 16, 3), 255)),
         (half, (source[:, :16].astype(int) * 128 + 255 * 127 + 127) // 255),
     ):
-        ((pixels, record),) = decoded(vary(client, png(image), strength=0))
+        ((pixels, record),) = decode_images(vary(client, png(image), strength=0))
         assert record["mode"] == "img2img" and "mask" not in record  # not inpainting
         assert np.abs(pixels[:, :16].astype(int) - expected_left).max() <= 1
-    ((pixels, _),) = decoded(vary(client, png(holey), strength=0))
+    ((pixels, _),) = decode_images(vary(client, png(holey), strength=0))
     assert np.array_equal(pixels[:, 16:], source[:, 16:])  # opaque pixels keep their colour exactly
 
 
@@ -140,20 +123,7 @@ def test_transparency_is_flattened_onto_white_not_a_mask(client: TestClient) -> 
 def imaging(tmp_path: Path) -> Pipeline:
     """The tiny model with a reference adapter whose output maps are not zero, so a reference changes the
     images (a freshly initialised adapter changes nothing)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_from_preset("tiny", device="cpu")
-    torch.manual_seed(0)
-    adapter = ReferenceAdapter(
-        reference_params_for(pipe.transformer.params, pipe.text_encoder.max_length)
-    ).init_weights()
-    with torch.no_grad():
-        adapter.out.weight.normal_(0, 0.5)
-        adapter.vec_out.weight.normal_(0, 0.5)
-    path = tmp_path / "reference.safetensors"
-    save_reference_adapter(adapter, adapter.params, path, {"base_model_hash": pipe.hash})
-    pipe.set_reference_adapter(path)
-    return pipe
+    return with_reference_adapter(tmp_path, out_std=0.5)
 
 
 def test_with_a_reference_adapter_the_picture_is_also_the_reference(
@@ -164,7 +134,7 @@ def test_with_a_reference_adapter_the_picture_is_also_the_reference(
     assert card["reference"] is True and card["layout"] is False  # clients can tell what a variation does
     source = picture(seed=5)
     response = vary(client, png(source), seed=2)
-    ((pixels, record),) = decoded(response)
+    ((pixels, record),) = decode_images(response)
     edit = EditRequest(image=source, prompt="", strength=DOCUMENTED_STRENGTH, seed=2, steps=2)
     (with_reference,) = imaging.edit(EditRequest(**{**vars(edit), "reference": source}))
     (without,) = imaging.edit(edit)
@@ -201,7 +171,7 @@ def test_queued_variation_answers_at_once_and_draws_the_same_images(
     (result,) = done["results"]
     with Image.open(io.BytesIO(client.get(result["url"]).content)) as im:
         queued = np.asarray(im.convert("RGB"))
-    ((sync, _),) = decoded(vary(client, png(holey), seed=7, prompt="a red circle", strength=0.5))
+    ((sync, _),) = decode_images(vary(client, png(holey), seed=7, prompt="a red circle", strength=0.5))
     assert np.array_equal(queued, sync)  # one grammar, one pipeline: the same image
 
     meta = client.get(f"/v1/images/{result['image_id']}/metadata").json()
@@ -230,7 +200,7 @@ def test_bad_variations_are_400s_that_name_the_problem(client: TestClient) -> No
     assert not any(client.app.state.service.store.uploads_dir.iterdir())  # nothing kept from refusals
 
 
-def test_what_costs_nothing_is_checked_before_the_picture_is_decoded(
+def test_what_costs_nothing_is_checked_before_the_picture_is_decode_images(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 56 KB PNG can decode to 24 megapixels: a request refused for its n, steps, prompt, names or model

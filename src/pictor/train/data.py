@@ -355,8 +355,8 @@ class _StreamItems(Dataset):
     ) -> None:
         self.ds, self.seed, self.len, self.draws = ds, seed, dataset_length(ds), draws
         self.latents = latents  # --cache-latents: (dataset index, mirrored) -> latent mean
-        # With the cache, a plain folder's samples skip decoding their files (a stage's wrapper of the
-        # folder, such as the reference stage's pairs, still reads its items whole).
+        # With the cache, a folder's samples are described rather than decoded (the folder view and the
+        # reference stage's pairs both describe their items; the shapes world has no cache).
         self.describe = getattr(ds, "describe", None) if latents is not None else None
         self.augment = augmentation(ds)
         # --validation-split: the stream walks the training items only (dataset indices), else all.
