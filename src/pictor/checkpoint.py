@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pictor import __version__
+from pictor.models.weight_storage import quantize_structure, quantized_formats
 
 CONFIG_NAME = "config.json"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -228,7 +229,17 @@ def load_into(
 
     The module takes the file's dtypes unless ``dtype`` is given: training passes float32, because a bundle
     may store half-precision weights (`pictor convert dtype`) and AdamW on those would lose small updates.
+    Layers whose weights the state dict holds in GGML blocks (``ggml_type`` keys) become
+    :class:`~pictor.models.weight_storage.QuantizedLinear` first; they cannot be cast to ``dtype``.
     """
+    formats = quantized_formats(state_dict)
+    if formats and dtype is not None:
+        kinds = "+".join(sorted(set(formats.values())))
+        raise CheckpointError(
+            f"{what}: {len(formats)} layers hold GGML-quantized weights ({kinds}), which cannot be trained; "
+            "widen them first (`pictor convert dtype BUNDLE --dtype bf16 --out NEW`), or train a LoRA on them"
+        )
+    quantize_structure(module, formats)
     check_keys(module, state_dict, what)
     if dtype is not None:
         state_dict = cast_floats(state_dict, dtype)
@@ -240,7 +251,7 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 
 
 def cast_floats(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating-point tensors in ``dtype``; integer tensors (none in pictor's models today) as they are."""
+    """Floating-point tensors in ``dtype``; integer tensors (GGML blocks and their types) as they are."""
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
@@ -306,6 +317,21 @@ class Bundle:
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def refuse_quantized(bundle: str | os.PathLike[str], doing: str) -> None:
+    """Refuse a bundle whose transformer layers are GGML blocks (a GGUF import, `convert dtype q4_0`) for work
+    on its weights' values (merging, extraction): read from the header, before anything is computed."""
+    path = Path(bundle) / TRANSFORMER_FILE
+    if not path.is_file():
+        return  # the caller's own checks name a missing file
+    with safe_open(str(path), framework="pt") as f:
+        n = sum(k.endswith(".ggml_type") for k in f.keys())  # noqa: SIM118
+    if n:
+        raise CheckpointError(
+            f"{bundle}: {n} transformer layers are GGML-quantized; {doing} needs dense weights. Widen the "
+            f"bundle first (`pictor convert dtype {bundle} --dtype bf16 --out WIDE`) and use that"
+        )
 
 
 def read_bundle_config(path: str | os.PathLike[str]) -> BundleConfig:

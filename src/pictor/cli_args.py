@@ -334,8 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="make a pictor bundle from other formats")
     csub = c.add_subparsers(dest="format", required=True)
-    cf = csub.add_parser("flux", help="FLUX.1 original single files -> bundle")
-    cf.add_argument("--transformer", required=True, help="flux1-dev.safetensors or flux1-schnell.safetensors")
+    cf = csub.add_parser("flux", help="FLUX.1 original single files (or a GGUF transformer) -> bundle")
+    cf.add_argument(
+        "--transformer",
+        required=True,
+        help="flux1-dev.safetensors or flux1-schnell.safetensors, or a GGUF file of one (e.g. "
+        "flux1-dev-Q4_K_S.gguf): its quantized layers stay quantized in memory",
+    )
     cf.add_argument("--ae", required=True, help="ae.safetensors")
     cf.add_argument("--t5", required=True, help="local folder of a T5 encoder (save_pretrained layout)")
     cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
@@ -354,9 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument(
         "--dtype",
         required=True,
-        choices=("fp16", "bf16", "fp32", "fp8"),
+        choices=("fp16", "bf16", "fp32", "fp8", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
         help="storage dtype; fp8: the transformer blocks' linear weights in float8 e4m3fn, kept FP8 in "
-        "memory and cast per layer as it runs (half of bf16's memory), the rest as stored",
+        "memory and cast per layer as it runs (half of bf16's memory), the rest as stored; q8_0 ... q4_0: "
+        "those weights in a GGML block format (8.5 to 4.5 bits a weight), dequantized per layer as it runs. "
+        "A GGUF-imported bundle given fp16/bf16/fp32 is widened (dequantized)",
     )
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
     cg = csub.add_parser(

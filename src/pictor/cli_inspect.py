@@ -64,6 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if target.is_dir() and is_bundle(target):
         shown = read_bundle_config(target).to_dict()
         shown["storage"] = _storage(target)
+        quantized = _quantized_layers(target)
+        if quantized:
+            shown["quantized_layers"] = quantized
         for kind in ("layout", "reference"):  # the bundle's adapters: their headers
             if (target / f"{kind}.safetensors").is_file():
                 shown[f"{kind}_adapter"] = _adapter_header(target / f"{kind}.safetensors")
@@ -93,6 +96,22 @@ def cmd_models(_args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         print(f"  {name:<16} {preset['description']}")
     return 0
+
+
+def _quantized_layers(bundle: Path) -> dict[str, int]:
+    """How many transformer layers are in each GGML block format (a GGUF import, or `convert dtype q4_0`):
+    only the small ``ggml_type`` tensors are read."""
+    from safetensors import safe_open
+
+    from pictor.models.ggml_quants import format_by_id
+    from pictor.models.weight_storage import GGML_TYPE_KEY
+
+    path = bundle / "transformer.safetensors"
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        names = [format_by_id(int(f.get_tensor(k))).name for k in f.keys() if k.endswith("." + GGML_TYPE_KEY)]  # noqa: SIM118
+    return {name: names.count(name) for name in sorted(set(names))}
 
 
 def _storage(bundle: Path) -> dict[str, dict[str, int]]:

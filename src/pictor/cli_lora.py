@@ -41,7 +41,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> tuple[dict[str, LoRAUpdate], LowRankReport]:
-    from pictor.checkpoint import CheckpointError, load_bundle
+    from pictor.checkpoint import CheckpointError, load_bundle, refuse_quantized
     from pictor.locate import resolve
 
     weights = []
@@ -52,6 +52,7 @@ def _extract(args: argparse.Namespace) -> tuple[dict[str, LoRAUpdate], LowRankRe
                 f"{flag} '{model}' is a preset: an untrained architecture with random weights, not a model "
                 "to extract from; pass a bundle folder or name"
             )
+        refuse_quantized(ref.path, f"extracting a LoRA ({flag})")
         weights.append({k: v.to(args.device) for k, v in load_bundle(ref.path).transformer.items()})
     return extract_lora(weights[0], weights[1], args.rank, args.energy)
 

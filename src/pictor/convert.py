@@ -1,5 +1,5 @@
-"""Turn weights made by other tools into pictor bundles (FLUX.1's original single files), and rewrite a
-bundle's weights in another storage dtype."""
+"""Turn weights made by other tools into pictor bundles (FLUX.1's original single files, GGUF files of
+quantized FLUX.1 transformers), and rewrite a bundle's weights in another storage dtype or GGML format."""
 
 from __future__ import annotations
 
@@ -30,21 +30,37 @@ from pictor.checkpoint import (
 from pictor.flux_files import (
     AE_PREFIXES,
     FLUX_PREFIXES,
+    flux_gguf_shapes,
+    gguf_flux_tensors,
     import_flux_autoencoder,
+    import_flux_gguf,
     import_flux_transformer,
     infer_autoencoder_params,
     infer_flux_params,
     is_scaled_fp8,
+    keeps_blocks,
     without_scales,
 )
+from pictor.gguf_files import is_gguf
 from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
-from pictor.models.weight_storage import FP8_STORAGE, STORED_PREFIXES, fp8_problem, is_fp8
+from pictor.models.ggml_quants import FORMATS, dequantize, quantize
+from pictor.models.weight_storage import (
+    FP8_STORAGE,
+    GGML_TYPE_KEY,
+    STORED_PREFIXES,
+    fp8_problem,
+    is_fp8,
+    quantized_formats,
+)
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
 
 BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
+# GGML block formats `pictor convert dtype` writes (llama.cpp's reference quantizers; the K-quants are read,
+# not written). Q8_0 takes 8.5 bits a weight, Q4_0 4.5.
+QUANTIZE_FORMATS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # Adapters a bundle may carry beside its weights; a cast copies them, so they are the bundle's own too.
 ADAPTER_FILES = (LAYOUT_FILE, REFERENCE_FILE)
 
@@ -84,7 +100,10 @@ def convert_flux(
     kontext: bool = False,
 ) -> Path:
     """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder. `kontext`: the
-    transformer is FLUX.1 Kontext [dev] (its keys are [dev]'s, so only the caller can say so)."""
+    transformer is FLUX.1 Kontext [dev] (its keys are [dev]'s, so only the caller can say so).
+
+    The transformer may be a GGUF file (ComfyUI-GGUF's quantized FLUX.1): its blocks' linear layers keep
+    their GGML blocks in the bundle and are dequantized one layer at a time as they run."""
     transformer, ae, out = Path(transformer), Path(ae), Path(out)
     check_bundle_out(out)  # never replace a folder that holds anything but a bundle
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
@@ -93,9 +112,17 @@ def convert_flux(
                 f"{folder}: not a {what} model folder (no config.json); give a local folder"
             )
     # Shapes first, from the headers only, then a strict key check against the model built on meta.
-    shapes = _shapes(transformer, FLUX_PREFIXES)
-    scaled = is_scaled_fp8(shapes)  # ComfyUI's scaled FP8: widened to bf16 on the way in
-    shapes = without_scales(shapes)
+    gguf = is_gguf(transformer)
+    kept: dict[str, str] = {}  # GGUF: {key: GGML format} of the weights that stay quantized
+    if gguf:
+        tensors = gguf_flux_tensors(transformer)
+        kept = {k: t.format for k, t in tensors.items() if keeps_blocks(k, t)}
+        shapes, scaled = flux_gguf_shapes(tensors), False
+        del tensors
+    else:
+        shapes = _shapes(transformer, FLUX_PREFIXES)
+        scaled = is_scaled_fp8(shapes)  # ComfyUI's scaled FP8: widened to bf16 on the way in
+        shapes = without_scales(shapes)
     if "img_in.weight" not in shapes:
         raise CheckpointError(f"{transformer}: not a FLUX.1 transformer in the original layout (no img_in)")
     params = infer_flux_params(shapes)
@@ -120,7 +147,11 @@ def convert_flux(
 
     with staged_dir(out) as tmp:
         hashes = {
-            TRANSFORMER_FILE: _place(
+            TRANSFORMER_FILE: write_safetensors(
+                import_flux_gguf(transformer), tmp / TRANSFORMER_FILE, {"format": "pt"}
+            )
+            if gguf
+            else _place(
                 transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer, rewrite=scaled
             ),
             AUTOENCODER_FILE: _place(ae, tmp / AUTOENCODER_FILE, AE_PREFIXES, import_flux_autoencoder),
@@ -136,7 +167,8 @@ def convert_flux(
             text_encoder=text,
             defaults=preset["defaults"],
             description=f"converted from {transformer.name} and {ae.name}"
-            + (" (scaled FP8 widened to bf16)" if scaled else ""),
+            + (" (scaled FP8 widened to bf16)" if scaled else "")
+            + (f" ({len(kept)} layers kept in GGML {'+'.join(sorted(set(kept.values())))})" if kept else ""),
             hashes=hashes,
             kontext=kontext,
         )
@@ -175,6 +207,36 @@ def _store_fp8_in_place(sd: dict[str, torch.Tensor], where: str) -> None:
         if problem:
             raise CheckpointError(f"{where}: {problem}; store this bundle as bf16 instead")
         sd[key] = tensor.to(FP8_STORAGE)
+
+
+def _widen_quantized_in_place(sd: dict[str, torch.Tensor]) -> None:
+    """GGML-quantized layers as float32 weights (exactly their dequantized values); the type keys go."""
+    for path, fmt in quantized_formats(sd).items():
+        blocks = sd[f"{path}.weight"]
+        spec = FORMATS[fmt]
+        cols = blocks.shape[1] // spec.type_size * spec.block_size
+        sd[f"{path}.weight"] = dequantize(blocks, fmt, (blocks.shape[0], cols), torch.float32)
+        del sd[f"{path}.{GGML_TYPE_KEY}"]
+
+
+def _quantize_in_place(sd: dict[str, torch.Tensor], fmt: str, where: str) -> int:
+    """The blocks' linear weights in a GGML block format, one by one; everything else as it was stored.
+    Layers whose rows are not a whole number of blocks (32 values) stay as they are. Returns how many."""
+    spec = FORMATS[fmt]
+    turned = 0
+    for key in list(sd):
+        tensor = sd[key]
+        if not (key.startswith(STORED_PREFIXES) and key.endswith(".weight") and tensor.ndim == 2):
+            continue
+        if tensor.shape[1] % spec.block_size:
+            continue
+        wide = tensor.float()
+        if not bool(torch.isfinite(wide).all()):
+            raise CheckpointError(f"{where}: {key} holds NaN or infinite values; it cannot be quantized")
+        sd[key] = quantize(wide, fmt)
+        sd[key[: -len("weight")] + GGML_TYPE_KEY] = torch.tensor(spec.type_id, dtype=torch.int32)
+        turned += 1
+    return turned
 
 
 def check_bundle_out(out: Path) -> None:
@@ -216,7 +278,9 @@ def copy_autoencoder(src: Path, dst: Path, config: BundleConfig) -> str:
 
 def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str) -> Path:
     """Rewrite a bundle's transformer and autoencoder weights in ``dtype`` (fp32, fp16 or bf16), or with
-    ``fp8`` only the transformer blocks' linear weights in float8 e4m3fn (kept FP8 in memory when loaded).
+    ``fp8`` only the transformer blocks' linear weights in float8 e4m3fn (kept FP8 in memory when loaded),
+    or with a GGML format (``q8_0``, ``q4_0``, ...) those weights in its blocks (kept so in memory too).
+    A bundle whose layers are GGML-quantized (a GGUF import) is widened: its blocks are dequantized first.
 
     Config, defaults and training record stay; the hashes are the new files'. The bundle's layout and
     reference adapters (layout.safetensors, reference.safetensors) are copied unchanged. Pictor computes
@@ -224,8 +288,9 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     bundle on disk at the cost of rounding each weight to 11 significant bits. Written atomically, so
     ``out`` may be ``src``; an ``out`` that holds anything but a bundle is refused, never replaced.
     """
-    if dtype not in (*STORAGE_DTYPES, "fp8"):
-        raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}, fp8")
+    if dtype not in (*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS):
+        choices = ", ".join((*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS))
+        raise CheckpointError(f"dtype {dtype!r}: choose one of {choices}")
     src, out = Path(src), Path(out)
     config = read_bundle_config(src)
     check_bundle_out(out)
@@ -233,7 +298,18 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
         hashes = {}
         for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time
             sd = read_bundle_file(src, fname, config, verify=True)
-            if dtype != "fp8":
+            formats = quantized_formats(sd)
+            if formats and dtype in QUANTIZE_FORMATS:
+                raise CheckpointError(
+                    f"{src / fname}: {len(formats)} layers are GGML-quantized already "
+                    f"({'+'.join(sorted(set(formats.values())))}); quantizing again compounds the rounding. "
+                    "Quantize the original wide bundle instead"
+                )
+            _widen_quantized_in_place(sd)
+            if dtype in QUANTIZE_FORMATS:
+                if fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype, as with FP8
+                    _quantize_in_place(sd, dtype.upper(), f"{src / fname}")
+            elif dtype != "fp8":
                 _cast_in_place(sd, STORAGE_DTYPES[dtype], f"{src / fname}")
             elif fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype: FP8 covers the blocks only
                 _store_fp8_in_place(sd, f"{src / fname}")

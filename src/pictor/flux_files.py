@@ -1,5 +1,6 @@
-"""FLUX.1 weights as other tools ship them: single safetensors files in the original (BFL / LDM) layout,
-read into pictor's key names, with the architecture read off the tensor shapes so that no config is needed.
+"""FLUX.1 weights as other tools ship them: single safetensors files in the original (BFL / LDM) layout, and
+GGUF files of quantized transformers (ComfyUI-GGUF's), read into pictor's key names, with the architecture
+read off the tensor shapes so that no config is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Any
 import torch
 
 from pictor.checkpoint import CheckpointError, read_safetensors, strip_prefixes
+from pictor.gguf_files import GGUFTensor, read_gguf
+from pictor.models.ggml_quants import FORMATS
+from pictor.models.weight_storage import GGML_TYPE_KEY, STORED_PREFIXES
 
 # Prefixes that other tools put in front of FLUX.1 transformer keys (ComfyUI / original checkpoints).
 FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -86,6 +90,48 @@ def import_flux_transformer(path: str | os.PathLike[str]) -> dict[str, torch.Ten
             "(A diffusers-format folder has keys like 'x_embedder.weight'; give the original single file.)"
         )
     return widen_scaled_fp8(sd, str(path)) if is_scaled_fp8(sd) else sd
+
+
+def gguf_flux_tensors(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
+    """A GGUF FLUX.1 transformer's tensors by pictor key (prefixes stripped), checked to be one."""
+    gguf = read_gguf(path)
+    tensors = {k: t for k, t in strip_prefixes(gguf.tensors, FLUX_PREFIXES).items()}  # type: ignore[arg-type]
+    if "img_in.weight" not in tensors:
+        arch = gguf.metadata.get("general.architecture", "unknown")
+        raise CheckpointError(
+            f"{path}: no 'img_in.weight' tensor (architecture {arch!r}) — not a FLUX.1 transformer; "
+            "pictor reads GGUF files of FLUX.1 transformers such as ComfyUI-GGUF's"
+        )
+    return tensors
+
+
+def flux_gguf_shapes(tensors: Mapping[str, GGUFTensor]) -> dict[str, torch.Tensor]:
+    """Meta tensors of each tensor's logical shape (what :func:`infer_flux_params` reads)."""
+    return {k: torch.empty(t.shape, device="meta") for k, t in tensors.items()}
+
+
+def keeps_blocks(key: str, t: GGUFTensor) -> bool:
+    """Whether a GGUF tensor stays in its GGML blocks in pictor: the quantized weights of the blocks' linear
+    layers (the 98% of FLUX.1 that GGUF files shrink). Anything else quantized is dequantized on import."""
+    return (
+        key.startswith(STORED_PREFIXES) and key.endswith(".weight") and len(t.shape) == 2 and not t.is_dense
+    )
+
+
+def import_flux_gguf(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A GGUF FLUX.1 transformer as a pictor state dict: block linears keep their GGML bytes (uint8
+    ``[out, bytes per row]``, beside ``ggml_type``); other tensors are F32/F16/BF16 as stored, or, if a file
+    quantized one, dequantized to float32 (exact: a block's scale times its small integers fits)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in gguf_flux_tensors(path).items():
+        if keeps_blocks(key, t):
+            out[key] = t.data.view(t.shape[0], -1)
+            out[key[: -len("weight")] + GGML_TYPE_KEY] = torch.tensor(
+                FORMATS[t.format].type_id, dtype=torch.int32
+            )
+        else:
+            out[key] = t.to_tensor()
+    return out
 
 
 def import_flux_autoencoder(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

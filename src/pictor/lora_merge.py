@@ -31,6 +31,7 @@ from pictor.checkpoint import (
     model_hash,
     read_bundle_config,
     read_bundle_file,
+    refuse_quantized,
     staged_dir,
     write_json,
     write_safetensors,
@@ -97,6 +98,7 @@ def merge_loras(
             "round back to the same FP8 value); merge into the bf16/fp16 bundle it came from (then `pictor "
             "convert dtype --dtype fp8` if you like), or apply the LoRA at generation (--lora): exact there"
         )
+    refuse_quantized(src, "merging a LoRA into it")  # the blocks would have to be quantized again
     linears = model_linears(src)
     per_layer: dict[str, list[tuple[LayerUpdate, float]]] = {}
     entries: list[dict[str, Any]] = []

@@ -29,6 +29,7 @@ from pictor.checkpoint import (
     LazySafetensors,
     model_hash,
     read_bundle_config,
+    refuse_quantized,
     sha256_file,
     staged_dir,
     write_json,
@@ -47,7 +48,9 @@ def _bundle(model: str | os.PathLike[str], flag: str) -> tuple[Path, BundleConfi
         raise CheckpointError(
             f"{flag} '{model}' is a preset: an untrained architecture; merge trained bundles"
         )
-    return ref.path, read_bundle_config(ref.path)
+    config = read_bundle_config(ref.path)
+    refuse_quantized(ref.path, f"blending it (model {flag})")
+    return ref.path, config
 
 
 def _same_architecture(a: BundleConfig, other: BundleConfig, flag: str) -> None:

@@ -57,7 +57,7 @@ from pictor.models.reference import (
     ReferenceAdapter,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
-from pictor.models.weight_storage import place, stored_dtype
+from pictor.models.weight_storage import place, storage_name
 from pictor.presets import get_preset
 from pictor.reference_files import (
     ReferenceImageError,
@@ -119,8 +119,8 @@ class Pipeline:
         # FP8-stored block weights stay FP8 (cast per layer as it runs); everything else takes the dtype.
         self.transformer = place(transformer, self.device, self.dtype).eval().requires_grad_(False)
         self.autoencoder = place(autoencoder, self.device, self.dtype).eval().requires_grad_(False)
-        narrow = stored_dtype(self.transformer)
-        self.weight_dtype = str(narrow).removeprefix("torch.") if narrow else None
+        # Recorded: "float8_e4m3fn", GGML formats ("Q4_K+Q6_K"), or None when nothing is stored narrow.
+        self.weight_dtype = storage_name(self.transformer)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.config = config
         self.hash = model_id_hash or model_hash(config) or ""

@@ -332,6 +332,26 @@ def test_an_fp8_base_trains_like_its_rounded_copy(world: dict[str, Path], tmp_pa
         TrainConfig(stage="t2i", out="O", fp8_base=True).resolve()
 
 
+def test_a_quantized_base_trains_like_its_dequantized_copy(world: dict[str, Path], tmp_path: Path) -> None:
+    """A GGML-quantized base (`convert dtype --dtype q4_0`, or a GGUF import) trains a LoRA with its layers
+    kept in blocks, dequantized per layer forward and backward: the losses of the widened copy."""
+    quantized = cast_bundle(world["base"], tmp_path / "q4", "q4_0")
+    widened = cast_bundle(quantized, tmp_path / "wide", "fp32")
+    runs = {
+        "quantized": _lora_config(world, tmp_path / "q", base=str(quantized), max_steps=3),
+        "widened": _lora_config(world, tmp_path / "w", base=str(widened), max_steps=3),
+    }
+    original = _NarrowWeightLinear.apply
+    with mock.patch.object(_NarrowWeightLinear, "apply", side_effect=original) as narrow:
+        losses = {}
+        for name, cfg in runs.items():
+            before = narrow.call_count
+            train(cfg)
+            losses[name] = [r["loss"] for r in read_jsonl(Path(cfg.out) / "log.jsonl")]
+            assert (narrow.call_count > before) == (name == "quantized")
+    assert all(abs(a - b) <= 1e-5 * a for a, b in zip(losses["widened"], losses["quantized"], strict=True))
+
+
 def test_cli_flags_reach_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pictor.models.lora_updates import dora_delta, dora_ratio
-from pictor.models.weight_storage import narrow_linear
+from pictor.models.weight_storage import dense, narrow_linear
 
 __all__ = ["DoRAAdapter"]
 
@@ -55,7 +55,9 @@ class DoRAAdapter(nn.Module):
         layer = self._layer[0]
         if layer.merged or self.magnitude.is_meta or layer.weight.is_meta:
             return  # a merged layer's weight is not its base; a meta one has no numbers yet
-        ratio = dora_ratio(self.magnitude, layer.weight.detach(), self.inner.delta_weight(), self.on_out)
+        ratio = dora_ratio(
+            self.magnitude, dense(layer.weight).detach(), self.inner.delta_weight(), self.on_out
+        )
         self.d = (ratio - 1).float().to(self.d.device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DoRAAdapter:
@@ -86,6 +88,6 @@ class DoRAAdapter(nn.Module):
     def delta_weight(self) -> Tensor:
         """The update to the layer's base weight (before any merge) at this strength, in float64."""
         layer = self._layer[0]
-        original = layer._original if layer._original is not None else layer.weight.detach()
+        original = layer._original if layer._original is not None else dense(layer.weight).detach()
         w = original.to(self.d.device)
         return self.scale * dora_delta(1 + self.d.double(), w, self.inner.delta_weight(), self.on_out)

@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pictor.models.ggml_quants import FORMATS
 from pictor.models.lora_formats import LoRAError
-from pictor.models.weight_storage import StoredLinear, is_fp8, narrow_linear
+from pictor.models.weight_storage import (
+    QuantizedLinear,
+    StoredLinear,
+    ggml_format,
+    is_fp8,
+    is_stored,
+    narrow_linear,
+)
 
 __all__ = [
     "TARGET_GROUPS",
@@ -160,8 +168,9 @@ def _refresh_adapters(module: nn.Module, incompatible: Any) -> None:
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype new adapter matrices take beside ``weight``: its own, but never FP8 (a stored format)."""
-    return torch.float32 if is_fp8(weight) else weight.dtype
+    """The dtype new adapter matrices take beside ``weight``: its own, but never FP8 or GGML blocks (stored
+    formats)."""
+    return torch.float32 if is_stored(weight) else weight.dtype
 
 
 class LoRALinear(nn.Module):
@@ -194,10 +203,21 @@ class LoRALinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's Parameters (adapters must be gone or unmerged); a
-        :class:`StoredLinear` when the weight is stored FP8, so it is still cast per call."""
-        kind = StoredLinear if is_fp8(self.weight) else nn.Linear
+        :class:`StoredLinear` when the weight is stored FP8, a :class:`QuantizedLinear` when it is GGML
+        blocks, so it is still widened per call."""
+        fmt = ggml_format(self.weight)
         with torch.device("meta"):
-            linear = kind(self.in_features, self.out_features, bias=self.bias is not None)
+            if fmt is not None:
+                linear: nn.Linear = QuantizedLinear(
+                    self.in_features, self.out_features, self.bias is not None, fmt
+                )
+            else:
+                kind = StoredLinear if is_fp8(self.weight) else nn.Linear
+                linear = kind(self.in_features, self.out_features, bias=self.bias is not None)
+        if fmt is not None:  # the type buffer is the layer's own; the weight and bias are this layer's
+            linear.ggml_type = torch.tensor(
+                FORMATS[fmt].type_id, dtype=torch.int32, device=self.weight.device
+            )
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
@@ -232,10 +252,11 @@ class LoRALinear(nn.Module):
 
     def check_merge(self, merged: set[str]) -> None:
         """Raise :class:`LoRAError` unless the adapters ``merged`` can be the merged ones."""
-        if merged - self.merged and is_fp8(self.weight):
+        if merged - self.merged and is_stored(self.weight):
+            kind = ggml_format(self.weight) or "FP8"
             raise LoRAError(
-                "a LoRA cannot be merged into FP8-stored weights (FP8 rounds most of its changes away); "
-                "keep it unmerged, which is exact, or widen the model first"
+                f"a LoRA cannot be merged into {kind}-stored weights (storing rounds most of its changes "
+                "away); keep it unmerged, which is exact, or widen the model first"
             )
         self._check_merged(merged)
 

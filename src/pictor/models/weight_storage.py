@@ -1,4 +1,4 @@
-"""Weights stored narrower than they compute: FP8 linear layers, upcast one layer at a time.
+"""Weights stored narrower than they compute: FP8 or GGML-quantized linear layers, widened layer by layer.
 
 FLUX.1's transformer is 11.9B parameters, 23.8 GB in bf16; its blocks' linear layers hold all but about
 1% of them. Stored as float8 (e4m3fn, the layout of the ``flux1-dev-fp8`` files ComfyUI and others
@@ -7,22 +7,35 @@ runs, so at most one layer's wide copy exists at a time (diffusers calls this la
 ComfyUI "weight dtype fp8"). Everything else (embedders, norms, biases, the final layer) stays in the
 compute dtype: they are small and the most sensitive to rounding.
 
-``store_fp8`` turns a model's block linears into :class:`StoredLinear`; ``place`` moves a model to a
+GGML's block formats (Q8_0, Q4_0, Q4_K, ... as in the GGUF files that ComfyUI-GGUF loads, e.g. city96's
+FLUX.1 conversions) go further: Q8_0 takes 8.5 bits a weight, Q4_K 4.5. A :class:`QuantizedLinear` keeps the
+blocks' bytes as a uint8 ``weight`` ([out, bytes per row]) beside a ``ggml_type`` buffer (the GGML type id),
+so a bundle's safetensors file says by itself which layers are quantized and how; the weight tensor carries
+its format as attributes (``ggml_format``, ``ggml_shape``) so that the code that only sees a layer's weight
+(LoRA and DoRA wrappers) can widen it.
+
+``store_fp8`` turns a model's block linears into :class:`StoredLinear`; ``quantize_structure`` turns named
+linears into :class:`QuantizedLinear` before a quantized state dict is loaded; ``place`` moves a model to a
 device and compute dtype while leaving stored weights in their storage dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pictor.models.ggml_quants import FORMATS, GGMLError, dequantize, format_by_id, row_bytes
+
 FP8_DTYPES: frozenset[torch.dtype] = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 FP8_STORAGE = torch.float8_e4m3fn  # what `pictor convert dtype --dtype fp8` writes
 FP8_MAX = float(torch.finfo(FP8_STORAGE).max)  # 448: torch saturates larger values silently
 STORED_PREFIXES = ("double_blocks.", "single_blocks.")
+GGML_TYPE_KEY = "ggml_type"  # the buffer beside a quantized layer's weight: its GGML type id
+DENSE_FORMATS = frozenset({"F32", "F16", "BF16"})  # GGML types that are plain floats, not blocks
 
 
 class _NarrowWeightLinear(torch.autograd.Function):
@@ -35,15 +48,20 @@ class _NarrowWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        out = F.linear(x, weight.to(_compute_dtype(x)), None if bias is None else bias.to(_compute_dtype(x)))
+        dtype = _compute_dtype(x)
+        out = F.linear(x, widen(weight, dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(weight)
+        # Saved tensors come back as new Python objects: a quantized weight's format travels beside it.
+        ctx.ggml = (ggml_format(weight), getattr(weight, "ggml_shape", None))
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         (weight,) = ctx.saved_tensors
-        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        fmt, shape = ctx.ggml
+        wide = weight.to(grad.dtype) if fmt is None else dequantize(weight, fmt, shape, grad.dtype)
+        grad_x = (grad @ wide).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
 
@@ -56,8 +74,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def narrow_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear``, with an FP8-stored weight cast per call (and kept narrow for the backward pass)."""
-    if not is_fp8(weight):
+    """``F.linear``, with an FP8-stored or quantized weight widened per call (and kept narrow for the backward
+    pass)."""
+    if not is_stored(weight):
         return F.linear(x, weight, bias)  # autocast handles mixed dtypes, as for any nn.Linear
     if torch.is_grad_enabled():
         if weight.requires_grad:
@@ -66,7 +85,40 @@ def narrow_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             )
         return _NarrowWeightLinear.apply(x, weight, bias)
     dtype = _compute_dtype(x)
-    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return F.linear(x, widen(weight, dtype), None if bias is None else bias.to(dtype))
+
+
+def ggml_format(t: Tensor) -> str | None:
+    """The GGML block format a quantized weight is stored in ("Q4_K"), or None for any other tensor."""
+    return getattr(t, "ggml_format", None)
+
+
+def is_quantized(t: Tensor) -> bool:
+    return ggml_format(t) is not None
+
+
+def is_stored(t: Tensor) -> bool:
+    """Stored narrower than it computes (FP8 or a GGML block format): widened per call, never trained."""
+    return is_fp8(t) or is_quantized(t)
+
+
+def widen(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight as a ``dtype`` matrix: FP8 cast, GGML blocks dequantized, anything else cast."""
+    fmt = ggml_format(weight)
+    if fmt is None:
+        return weight.to(dtype)
+    return dequantize(weight.detach(), fmt, weight.ggml_shape, dtype)  # type: ignore[attr-defined]
+
+
+def dense(weight: Tensor) -> Tensor:
+    """The weight's values as a tensor that arithmetic works on: a quantized one dequantized to float32,
+    anything else as it is (FP8 converts itself when it meets a wider dtype)."""
+    return widen(weight, torch.float32) if is_quantized(weight) else weight
+
+
+def _tag(weight: Tensor, fmt: str, shape: tuple[int, int]) -> None:
+    weight.ggml_format = fmt  # type: ignore[attr-defined]
+    weight.ggml_shape = shape  # type: ignore[attr-defined]
 
 
 class StoredLinear(nn.Linear):
@@ -80,6 +132,80 @@ class StoredLinear(nn.Linear):
 
 def is_fp8(t: Tensor) -> bool:
     return t.dtype in FP8_DTYPES
+
+
+class QuantizedLinear(StoredLinear):
+    """A linear layer whose weight is GGML blocks (uint8, [out, bytes per row]), dequantized per call.
+
+    Same keys as ``nn.Linear`` plus ``ggml_type``. A load (``assign=True`` puts the file's tensor in place of
+    the Parameter) tags the new weight with its format again, and refuses a file whose type disagrees.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str) -> None:
+        nn.Module.__init__(self)
+        if fmt not in FORMATS or fmt in DENSE_FORMATS:
+            raise GGMLError(f"{fmt!r} is not a GGML block format; choose one of {', '.join(block_formats())}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        size = (out_features, row_bytes(fmt, in_features))
+        self.weight = nn.Parameter(torch.empty(size, dtype=torch.uint8), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_buffer(GGML_TYPE_KEY, torch.tensor(FORMATS[fmt].type_id, dtype=torch.int32))
+        self.register_load_state_dict_post_hook(_retag_after_load)
+        self.tag()
+
+    def tag(self) -> None:
+        _tag(self.weight, self.fmt, (self.out_features, self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.fmt}"
+
+
+def _retag_after_load(module: nn.Module, incompatible: Any) -> None:
+    assert isinstance(module, QuantizedLinear)
+    stored = getattr(module, GGML_TYPE_KEY)
+    if not stored.is_meta and int(stored) != FORMATS[module.fmt].type_id:
+        raise GGMLError(
+            f"a {module.fmt} layer was given weights of GGML type {int(stored)} "
+            f"({format_by_id(int(stored)).name}); build the layers from the state dict's own ggml_type"
+        )
+    module.tag()
+
+
+def block_formats() -> list[str]:
+    """The GGML block formats a layer can be stored in (dequantized per call)."""
+    return [name for name in FORMATS if name not in DENSE_FORMATS]
+
+
+def quantized_formats(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    """{layer path: GGML format} for every quantized layer of a state dict (read off its ggml_type keys)."""
+    suffix = "." + GGML_TYPE_KEY
+    return {
+        key[: -len(suffix)]: format_by_id(int(value)).name
+        for key, value in state_dict.items()
+        if key.endswith(suffix)
+    }
+
+
+def quantize_structure(model: nn.Module, formats: Mapping[str, str]) -> None:
+    """Turn the named linear layers into :class:`QuantizedLinear` (on the model's device, usually meta),
+    so that a state dict holding their blocks loads strictly."""
+    for path, fmt in formats.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, nn.Linear):
+            raise GGMLError(f"{path} is quantized in the weights but is no linear layer in the model")
+        with torch.device(module.weight.device):
+            layer = QuantizedLinear(module.in_features, module.out_features, module.bias is not None, fmt)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def storage_name(model: nn.Module) -> str | None:
+    """How the model's narrow weights are stored, for records: an FP8 dtype name, the GGML formats
+    ("Q4_K+Q6_K"), both, or None when every weight is in the compute dtype."""
+    fp8 = stored_dtype(model)
+    formats = sorted({fmt for m in model.modules() if (fmt := ggml_format(getattr(m, "weight", None)))})
+    names = ([str(fp8).removeprefix("torch.")] if fp8 else []) + (["+".join(formats)] if formats else [])
+    return " ".join(names) or None
 
 
 def stored_linear_paths(model: nn.Module) -> list[str]:
@@ -115,8 +241,8 @@ def store_fp8(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     for path in stored_linear_paths(model):
         module = model.get_submodule(path)
         assert isinstance(module, nn.Linear)
-        if dtype is None and not is_fp8(module.weight):
-            continue
+        if is_quantized(module.weight) or (dtype is None and not is_fp8(module.weight)):
+            continue  # GGML blocks are narrower than FP8 already
         weight = module.weight.requires_grad_(False)  # FP8 weights are never trained
         if dtype is not None and weight.dtype != dtype:
             problem = fp8_problem(path + ".weight", weight.detach())
@@ -150,10 +276,20 @@ def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> n
         for module in model.modules()
         if getattr(module, "casts_weight", False) and is_fp8(module.weight)
     }
+    # A quantized weight is uint8, so it is never cast; its format is re-attached after the move, since a
+    # move may put a new Parameter in place of the old (torch's swap-on-conversion setting).
+    tagged = [
+        (module, ggml_format(module.weight), module.weight.ggml_shape)
+        for module in model.modules()
+        if isinstance(getattr(module, "weight", None), Tensor) and is_quantized(module.weight)
+    ]
 
     def move(t: Tensor) -> Tensor:
         if id(t) in keep:
             return t.to(device)
         return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
-    return model._apply(move)
+    model = model._apply(move)
+    for module, fmt, shape in tagged:
+        _tag(module.weight, fmt, shape)
+    return model

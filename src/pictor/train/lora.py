@@ -39,7 +39,7 @@ from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora
 from pictor.models.lycoris_train import add_lycoris
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
-from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, store_fp8
+from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, quantized_formats, store_fp8
 from pictor.train.config import TrainConfig, resume_refusal
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
@@ -126,9 +126,11 @@ class LoRAStage(T2IStage):
         self.ae = load_into(ae, bundle.autoencoder, f"{ref.path}: autoencoder", torch.float32)
         self.ae.to(self.device)
         self.ae.eval().requires_grad_(False)
-        if cfg.fp8_base or any(is_fp8(t) for t in bundle.transformer.values()):
+        stored = any(is_fp8(t) for t in bundle.transformer.values()) or quantized_formats(bundle.transformer)
+        if cfg.fp8_base or stored:
             # The blocks' weights stay (or become) FP8 and are widened one layer at a time, also for the
             # backward pass (kohya's --fp8_base): half of a bf16 base's memory; the rest computes wide.
+            # A GGUF base's quantized layers likewise stay in their GGML blocks (a QLoRA-style run).
             self.flux = load_into(flux, bundle.transformer, f"{ref.path}: transformer")
             try:
                 store_fp8(self.flux, FP8_STORAGE if cfg.fp8_base else None)
