@@ -20,9 +20,9 @@ from _memory import RssSampler, rss_now
 from safetensors.torch import load_file, save_file
 
 
-def parse_args(doc: str, runs: Sequence[str], repeats: int) -> argparse.Namespace:
+def parse_args(doc: str, runs: Sequence[str], repeats: int, hidden: Sequence[str] = ()) -> argparse.Namespace:
     """The flags of these benchmarks (a FLUX.1-width model of --double + --single blocks), and the hidden
-    ones the parent passes to each worker."""
+    ones the parent passes to each worker (``hidden``: a benchmark's own, e.g. where its files are)."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=2)
@@ -34,6 +34,8 @@ def parse_args(doc: str, runs: Sequence[str], repeats: int) -> argparse.Namespac
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run", choices=runs, help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
+    for flag in hidden:
+        ap.add_argument(f"--{flag}", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 

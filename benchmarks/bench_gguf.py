@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from _flux_reference import build_reference, diffusers_config, reference_forward
-from _fresh_runs import SHARED_FLAGS, emit, measure, rel_err, run_each
+from _fresh_runs import SHARED_FLAGS, emit, measure, parse_args, rel_err, run_each
 from bench_fp8 import flux_width_params, inputs, random_state
 
 from pictor.checkpoint import load_into, read_safetensors, write_safetensors
@@ -46,22 +46,6 @@ from pictor.models.weight_storage import STORED_PREFIXES, place
 RUNS = ("pictor_full", "pictor_q8_0", "pictor_q4_0", "diffusers_full", "diffusers_q8_0", "diffusers_q4_0")
 QUANTIZED = ("Q8_0", "Q4_0")
 TIMED_FORMATS = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
-
-
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=1024, help="image tokens (1024: a 512x512 picture)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
-    ap.add_argument("--save", help=argparse.SUPPRESS)
-    ap.add_argument("--files", help=argparse.SUPPRESS)
-    return ap.parse_args()
 
 
 def is_block_linear(key: str, t: torch.Tensor) -> bool:
@@ -192,7 +176,7 @@ def time_dequantize(threads: int, rows: int = 3072, cols: int = 12288, repeats: 
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__, RUNS, repeats=2, hidden=("files",))
     if args.worker:
         worker(args)
         return

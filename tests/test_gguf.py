@@ -3,6 +3,7 @@ stay quantized in memory, and give the outputs of the weights dequantized by lla
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def _quantized(path: Path, params: object) -> Flux:
     with torch.device("meta"):
         model = Flux(params)  # type: ignore[arg-type]
     return load_into(model, import_flux_gguf(path), str(path)).eval()
+
+
+def _tiny_bundle(folder: Path) -> tuple[Path, Flux]:
+    """The tiny preset's seeded random weights saved as an fp32 bundle (what `convert dtype` quantizes)."""
+    from pictor.checkpoint import save_bundle
+
+    from tiny_bundle import tiny_models
+
+    cfg, flux, ae = tiny_models()
+    save_bundle(folder, cfg, flux.state_dict(), ae.state_dict())
+    return folder, flux
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +218,9 @@ def test_pictor_quantizes_its_own_bundles(tmp_path: Path) -> None:
     generates nearly what the fp32 bundle does (Q8_0 closer than Q4_0)."""
     from gguf.quants import quantize as ref_quantize
 
-    from pictor.checkpoint import save_bundle
     from pictor.pipeline import GenerationRequest
 
-    from tiny_bundle import tiny_models
-
-    cfg, flux, ae = tiny_models()
-    src = tmp_path / "fp32"
-    save_bundle(src, cfg, flux.state_dict(), ae.state_dict())
+    src, flux = _tiny_bundle(tmp_path / "fp32")
     req = GenerationRequest(prompt="a red circle", width=32, height=32, steps=3, seed=1, num_images=1)
     base = np.asarray(pipeline_from_bundle(load_bundle(src), "cpu").generate(req)[0].image, np.float32)
     errors = {}
@@ -294,14 +301,9 @@ def test_the_command_line_quantizes_shows_generates_and_reproduces(
 ) -> None:
     import json
 
-    from pictor.checkpoint import save_bundle
     from pictor.cli import main
 
-    from tiny_bundle import tiny_models
-
-    cfg, flux, ae = tiny_models()
-    src = tmp_path / "src"
-    save_bundle(src, cfg, flux.state_dict(), ae.state_dict())
+    src, flux = _tiny_bundle(tmp_path / "src")
     assert main(["convert", "dtype", str(src), "--dtype", "q4_0", "--out", str(tmp_path / "q4")]) == 0
     assert "q4_0:" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "q4")]) == 0
@@ -323,15 +325,10 @@ def test_the_command_line_quantizes_shows_generates_and_reproduces(
 def test_merges_and_extraction_refuse_a_quantized_bundle_by_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pictor.checkpoint import save_bundle
     from pictor.cli import main
     from pictor.lora_files import save_lora
 
-    from tiny_bundle import tiny_models
-
-    cfg, flux, ae = tiny_models()
-    src = tmp_path / "src"
-    save_bundle(src, cfg, flux.state_dict(), ae.state_dict())
+    src, flux = _tiny_bundle(tmp_path / "src")
     q8 = cast_bundle(src, tmp_path / "q8", "q8_0")
     add_lora(flux, "x", rank=2)
     save_lora(flux, tmp_path / "l.safetensors", "x")
@@ -346,3 +343,67 @@ def test_merges_and_extraction_refuse_a_quantized_bundle_by_name(
         err = capsys.readouterr().err
         assert "GGML-quantized" in err and "--dtype bf16" in err, (what, err)
         assert not out.exists()
+
+
+def test_copies_loras_and_lycoris_dora_keep_quantized_layers_quantized(
+    gguf_model: tuple[Path, Flux, dict],
+) -> None:
+    """A deepcopy (EMA, skeletons) drops a tensor's Python attributes: the layer tags its weight again. A
+    LoRA-wrapped layer keeps `ggml_type` in the state dict. LyCORIS' DoRA reads the dequantized base."""
+    import copy
+
+    from pictor.models.lycoris_train import add_lycoris
+    from pictor.models.weight_storage import quantized_formats
+
+    path, model, meant = gguf_model
+    quantized = _quantized(path, model.params)
+    inputs = make_inputs(model.params)
+    with torch.no_grad():
+        want = quantized(**inputs)
+        torch.testing.assert_close(copy.deepcopy(quantized)(**inputs), want, rtol=0, atol=0)
+        wrapped = copy.deepcopy(quantized)
+        add_lora(wrapped, "x", rank=2)
+        state = wrapped.state_dict()
+        assert quantized_formats(state) == quantized_formats(quantized.state_dict())
+        torch.testing.assert_close(copy.deepcopy(wrapped)(**inputs), want, rtol=0, atol=0)
+    target = "double_blocks.0.img_attn.qkv"  # a Q4_K layer: DoRA's magnitudes are its dequantized rows
+    outs = []
+    for m in (_quantized(path, model.params), _dense(model.params, meant)):
+        tree = add_lycoris(m, "d", target, "lora", 4, 4.0, dora=True)
+        adapter = next(iter(tree.children()))
+        torch.testing.assert_close(
+            adapter.dora_scale[:, 0],
+            meant[f"{target}.weight"].double().norm(dim=1).float(),
+            rtol=1e-6,
+            atol=0,
+        )
+        with torch.no_grad():
+            outs.append(m(**inputs))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("general.alignment", "abc", "general.alignment is abc"),
+        ("general.alignment", 24, "power of two"),
+        ("comfy.gguf.orig_shape.w", 4, "not a list of positive sizes"),
+        ("comfy.gguf.orig_shape.w", [-2, -2, 4], "not a list of positive sizes"),
+        ("comfy.gguf.orig_shape.w", [3, 4], "does not fit"),
+    ],
+)
+def test_damaged_metadata_is_refused_by_name(tmp_path: Path, key: str, value: object, message: str) -> None:
+    writer = GGUFWriter(str(tmp_path / "m.gguf"), arch="flux")
+    if isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        writer.add_uint32(key, int(value))  # type: ignore[call-overload]
+    writer.add_tensor("w", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_gguf(tmp_path / "m.gguf")

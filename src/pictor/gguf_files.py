@@ -53,7 +53,10 @@ class GGUFTensor:
         to float32."""
         if self.is_dense:
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[self.format]
-            return self.data.view(dtype).reshape(self.shape)
+            data = self.data
+            if data.storage_offset() % dtype.itemsize:  # a file with general.alignment 1 may misalign it
+                data = data.clone()
+            return data.view(dtype).reshape(self.shape)
         return dequantize(self.data, self.format, self.shape, torch.float32)
 
 
@@ -135,8 +138,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
                 )
             dims = [r.scalar("Q") for _ in range(n_dims)]
             infos.append((name, dims, r.scalar("I"), r.scalar("Q")))
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
             raise CheckpointError(f"{where}: general.alignment is {alignment}; it must be a power of two")
         start = -(-f.tell() // alignment) * alignment
     size = path.stat().st_size
@@ -161,12 +164,21 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             )
         orig = metadata.get(ORIG_SHAPE_PREFIX + name)
         if orig is not None:
-            orig = tuple(int(d) for d in orig)
+            if not (isinstance(orig, list) and orig and all(_is_int(d) and d >= 1 for d in orig)):
+                raise CheckpointError(
+                    f"{where}: {ORIG_SHAPE_PREFIX}{name} is {orig!r}, not a list of positive sizes; "
+                    "the file is damaged"
+                )
+            orig = tuple(orig)
             if math.prod(orig) != math.prod(shape) or orig[-1] != shape[-1]:
                 raise CheckpointError(f"{where}: {ORIG_SHAPE_PREFIX}{name} {orig} does not fit {shape}")
             shape = orig
         tensors[name] = GGUFTensor(name, fmt, shape, data[begin : begin + nbytes])
     return GGUFFile(path, version, metadata, tensors)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:

@@ -33,12 +33,15 @@ from torch import Tensor, nn
 from pictor.models.ggml_quants import FORMATS
 from pictor.models.lora_formats import LoRAError
 from pictor.models.weight_storage import (
+    GGML_TYPE_KEY,
     QuantizedLinear,
     StoredLinear,
     ggml_format,
     is_fp8,
+    is_quantized,
     is_stored,
     narrow_linear,
+    tag_weight,
 )
 
 __all__ = [
@@ -170,7 +173,7 @@ def _refresh_adapters(module: nn.Module, incompatible: Any) -> None:
 def adapter_dtype(weight: Tensor) -> torch.dtype:
     """The dtype new adapter matrices take beside ``weight``: its own, but never FP8 or GGML blocks (stored
     formats)."""
-    return torch.float32 if is_stored(weight) else weight.dtype
+    return torch.float32 if is_stored(weight) or not weight.is_floating_point() else weight.dtype
 
 
 class LoRALinear(nn.Module):
@@ -181,8 +184,15 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        if isinstance(base, QuantizedLinear):
+            base.tag()  # a copied layer's weight may have lost its format
         self.register_parameter("weight", base.weight)
         self.register_parameter("bias", base.bias)
+        # A quantized base: its format, to tag the weight again after a copy or a load, and its type buffer,
+        # so that the wrapped model's state dict still says the layer is quantized.
+        self.ggml_format = ggml_format(base.weight)
+        if self.ggml_format is not None:
+            self.register_buffer(GGML_TYPE_KEY, getattr(base, GGML_TYPE_KEY))
         self.adapters = _HiddenAdapters()
         self.merged: set[str] = set()
         self._original: Tensor | None = None  # the weight before the first merge, on the CPU
@@ -190,7 +200,9 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_adapters)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = narrow_linear(x, self.weight, self.bias)  # F.linear, unless the weight is stored FP8
+        if self.ggml_format is not None and not is_quantized(self.weight):
+            tag_weight(self.weight, self.ggml_format, (self.out_features, self.in_features))
+        out = narrow_linear(x, self.weight, self.bias)  # F.linear, unless the weight is stored narrow
         for name, adapter in self.adapters.items():
             if name not in self.merged and adapter.scale != 0.0:
                 out = out + adapter(x)
@@ -205,7 +217,7 @@ class LoRALinear(nn.Module):
         """A plain ``nn.Linear`` holding this layer's Parameters (adapters must be gone or unmerged); a
         :class:`StoredLinear` when the weight is stored FP8, a :class:`QuantizedLinear` when it is GGML
         blocks, so it is still widened per call."""
-        fmt = ggml_format(self.weight)
+        fmt = self.ggml_format
         with torch.device("meta"):
             if fmt is not None:
                 linear: nn.Linear = QuantizedLinear(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pictor.models.lora import LoRAError, select_targets, wrap_linear
+from pictor.models.weight_storage import dense
 
 __all__ = ["ALGOS", "KOHYA_PREFIX", "LycorisAdapter", "add_lycoris", "factorization", "kohya_name"]
 
@@ -134,7 +135,7 @@ class LycorisAdapter(nn.Module):
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
         magnitude = None
         if dora:  # the base rows' norms (float64, kept float32 as LyCORIS keeps it): r = 1 at the start
-            norm = layer.weight.detach().to(torch.float64).norm(dim=1, keepdim=True)  # [out, 1]
+            norm = dense(layer.weight).detach().to(torch.float64).norm(dim=1, keepdim=True)  # [out, 1]
             magnitude = nn.Parameter(norm.to(device=device, dtype=torch.float32))
         self.register_parameter("dora_scale", magnitude)
         self.reset_parameters()
@@ -191,7 +192,7 @@ class LycorisAdapter(nn.Module):
     def _base_weight(self) -> Tensor:
         layer = self._ref.layer
         original = getattr(layer, "_original", None)  # the weight before any merge
-        return (original if original is not None else layer.weight).detach()
+        return (original if original is not None else dense(layer.weight)).detach()  # GGML blocks widened
 
     def _decomposed_delta(self) -> Tensor:
         """``W' - W`` with ``W' = m / (|W + dW| + eps) * (W + dW)`` per output row (float32)."""

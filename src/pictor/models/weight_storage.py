@@ -116,7 +116,8 @@ def dense(weight: Tensor) -> Tensor:
     return widen(weight, torch.float32) if is_quantized(weight) else weight
 
 
-def _tag(weight: Tensor, fmt: str, shape: tuple[int, int]) -> None:
+def tag_weight(weight: Tensor, fmt: str, shape: tuple[int, int]) -> None:
+    """Attach a quantized weight's format (what :func:`widen` reads)."""
     weight.ggml_format = fmt  # type: ignore[attr-defined]
     weight.ggml_shape = shape  # type: ignore[attr-defined]
 
@@ -154,7 +155,14 @@ class QuantizedLinear(StoredLinear):
         self.tag()
 
     def tag(self) -> None:
-        _tag(self.weight, self.fmt, (self.out_features, self.in_features))
+        tag_weight(self.weight, self.fmt, (self.out_features, self.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A copy (deepcopy, or a move that puts a new Parameter in place) drops Python attributes: the
+        # layer knows its format, so a weight without it is tagged again rather than read as numbers.
+        if not is_quantized(self.weight):
+            self.tag()
+        return narrow_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.fmt}"
@@ -291,5 +299,5 @@ def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> n
 
     model = model._apply(move)
     for module, fmt, shape in tagged:
-        _tag(module.weight, fmt, shape)
+        tag_weight(module.weight, fmt, shape)
     return model
