@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from torch import nn
 
 from pictor.checkpoint import CheckpointError, load_bundle, load_into
-from pictor.convert import cast_bundle, convert_flux
+from pictor.convert import cast_bundle, convert_flux, export_gguf
 from pictor.flux_files import import_flux_gguf
 from pictor.gguf_files import read_gguf
 from pictor.loading import pipeline_from_bundle
@@ -407,3 +407,75 @@ def test_damaged_metadata_is_refused_by_name(tmp_path: Path, key: str, value: ob
     writer.close()
     with pytest.raises(CheckpointError, match=re.escape(message)):
         read_gguf(tmp_path / "m.gguf")
+
+
+def test_export_writes_what_llama_cpps_reader_reads_and_round_trips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pictor convert gguf`: gguf's own reader sees FLUX.1's keys, the formats and the bytes pictor's
+    quantizer made; converting the file back gives a bundle that draws the same pictures."""
+    from gguf.quants import quantize as ref_quantize
+
+    from pictor.cli import main
+
+    src, flux = _tiny_bundle(tmp_path / "src")
+    out = tmp_path / "tiny-Q8_0.gguf"
+    assert main(["convert", "gguf", str(src), "--dtype", "q8_0", "--out", str(out)]) == 0
+    assert "MiB" in capsys.readouterr().out
+    ref = GGUFReader(str(out))
+    assert ref.fields["general.architecture"].contents() == "flux"
+    kinds = {t.name: t.tensor_type.name for t in ref.tensors}
+    blocks = block_linear_keys(flux)
+    assert kinds.keys() == flux.state_dict().keys()
+    assert {kinds[k] for k in blocks} == {"Q8_0"} and {kinds[k] for k in kinds if k not in blocks} == {"F32"}
+    for t in ref.tensors:
+        want = flux.state_dict()[t.name].numpy()
+        if t.name in blocks:
+            want = ref_quantize(want, GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
+
+    # Back: the imported bundle equals `convert dtype q8_0` of the same bundle, tensor for tensor.
+    back = convert_flux(out, src / "autoencoder.safetensors", *_text_folders(tmp_path), tmp_path / "back")
+    q8 = load_bundle(cast_bundle(src, tmp_path / "q8", "q8_0")).transformer
+    imported = load_bundle(back).transformer
+    assert imported.keys() == q8.keys() and all(torch.equal(imported[k], q8[k]) for k in q8)
+    # A quantized bundle exports its blocks as they are: the file holds the same bytes again.
+    again = tmp_path / "again.gguf"
+    assert main(["convert", "gguf", str(tmp_path / "q8"), "--out", str(again)]) == 0
+    again_tensors = read_gguf(again).tensors
+    for name, t in read_gguf(out).tensors.items():
+        assert torch.equal(again_tensors[name].data, t.data) and again_tensors[name].format == t.format
+    # Refusals: quantizing quantized weights, a name without .gguf; nothing written.
+    assert main(
+        ["convert", "gguf", str(tmp_path / "q8"), "--dtype", "q4_0", "--out", str(tmp_path / "x.gguf")]
+    )
+    assert "quantized already" in capsys.readouterr().err
+    assert main(["convert", "gguf", str(src), "--out", str(tmp_path / "x.safetensors")])
+    assert "ends in .gguf" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_gguf_import_exports_byte_for_byte(gguf_model: tuple[Path, Flux, dict], tmp_path: Path) -> None:
+    """K-quant blocks a file brought in go out unchanged (pictor cannot write K-quants, but keeps them)."""
+    path = gguf_model[0]
+    from safetensors.torch import save_file
+
+    ae = AutoEncoder(AutoEncoderParams.from_dict(get_preset("tiny")["autoencoder"]))
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, tmp_path / "ae.safetensors")
+    bundle = convert_flux(path, tmp_path / "ae.safetensors", *_text_folders(tmp_path), tmp_path / "b")
+    out = export_gguf(bundle, tmp_path / "out.gguf")
+    original, exported = read_gguf(path).tensors, read_gguf(out).tensors
+    assert original.keys() == exported.keys()
+    for name, t in original.items():
+        assert exported[name].format == t.format and exported[name].shape == t.shape
+        assert torch.equal(exported[name].data, t.data), name
+
+
+def _text_folders(root: Path) -> tuple[Path, Path]:
+    """Stand-in T5 and CLIP folders: convert_flux only checks that they are model folders."""
+    folders = []
+    for name in ("t5", "clip"):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "config.json").write_text("{}")
+        folders.append(root / name)
+    return folders[0], folders[1]

@@ -334,7 +334,7 @@ def _eval_distribution(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pictor.convert import cast_bundle, convert_flux
+    from pictor.convert import cast_bundle, convert_flux, export_gguf
 
     if args.format == "defaults":
         from pictor.bundle_defaults import SETTABLE, set_defaults
@@ -343,6 +343,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         for key in sorted(set(before) | set(after)):
             old, new = before.get(key), after.get(key)
             print(f"{key:<14} {old}" + (f" -> {new}" if new != old else ""))
+        return 0
+    if args.format == "gguf":
+        path = export_gguf(args.bundle, args.out, args.dtype)
+        print(f"{path}  ({path.stat().st_size / 2**20:.1f} MiB)")
         return 0
     if args.format == "dtype":
         src = Path(args.bundle)

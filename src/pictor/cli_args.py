@@ -366,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
         "A GGUF-imported bundle given fp16/bf16/fp32 is widened (dequantized)",
     )
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
+    cgg = csub.add_parser(
+        "gguf",
+        help="a bundle's transformer as a GGUF file (FLUX.1 layout), for ComfyUI-GGUF and llama.cpp's tools",
+    )
+    cgg.add_argument("bundle", help="the bundle folder to read")
+    cgg.add_argument("--out", required=True, help="the .gguf file to write")
+    cgg.add_argument(
+        "--dtype",
+        default=None,
+        choices=("q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
+        help="quantize the blocks' linear weights on the way (default: keep the bundle's storage)",
+    )
     cg = csub.add_parser(
         "defaults",
         help="show or set a bundle's generation defaults (config.json only; weights and hashes untouched)",

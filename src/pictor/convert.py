@@ -3,6 +3,7 @@ quantized FLUX.1 transformers), and rewrite a bundle's weights in another storag
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from pictor.checkpoint import (
     CheckpointError,
     check_keys,
     is_bundle,
+    model_hash,
     read_bundle_config,
     read_bundle_file,
     refuse_pickle,
@@ -30,7 +32,9 @@ from pictor.checkpoint import (
 from pictor.flux_files import (
     AE_PREFIXES,
     FLUX_PREFIXES,
+    PICTOR_CONFIG_KEY,
     flux_gguf_shapes,
+    gguf_flux_params,
     gguf_flux_tensors,
     import_flux_autoencoder,
     import_flux_gguf,
@@ -41,7 +45,7 @@ from pictor.flux_files import (
     keeps_blocks,
     without_scales,
 )
-from pictor.gguf_files import is_gguf
+from pictor.gguf_files import is_gguf, write_gguf
 from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
@@ -125,7 +129,7 @@ def convert_flux(
         shapes = without_scales(shapes)
     if "img_in.weight" not in shapes:
         raise CheckpointError(f"{transformer}: not a FLUX.1 transformer in the original layout (no img_in)")
-    params = infer_flux_params(shapes)
+    params = gguf_flux_params(transformer, shapes) if gguf else infer_flux_params(shapes)
     with torch.device("meta"):
         check_keys(Flux(FluxParams.from_dict(params)), shapes, f"{transformer}")
     if kontext and not params["guidance_embed"]:
@@ -237,6 +241,63 @@ def _quantize_in_place(sd: dict[str, torch.Tensor], fmt: str, where: str) -> int
         sd[key[: -len("weight")] + GGML_TYPE_KEY] = torch.tensor(spec.type_id, dtype=torch.int32)
         turned += 1
     return turned
+
+
+_GGUF_DENSE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str | None = None) -> Path:
+    """A bundle's transformer as a GGUF file in FLUX.1's original key layout (architecture ``flux``), the
+    format ComfyUI-GGUF's "Unet Loader (GGUF)" and city96's files use.
+
+    Quantized layers (a GGUF import, `convert dtype q4_0`) keep their blocks byte for byte; with ``dtype``
+    (``q8_0`` ... ``q4_0``) the blocks' linear weights of a wide bundle are quantized on the way. F32, F16
+    and BF16 tensors are written as they are stored; FP8 ones (GGUF has no FP8) as F16, which holds every
+    e4m3fn value exactly. The autoencoder stays in the bundle: GGUF files of FLUX.1 carry the transformer.
+    """
+    src, out = Path(src), Path(out)
+    if dtype is not None and dtype not in QUANTIZE_FORMATS:
+        raise CheckpointError(f"--dtype {dtype!r}: choose one of {', '.join(QUANTIZE_FORMATS)}")
+    if out.suffix != ".gguf":
+        raise CheckpointError(f"--out {out}: a GGUF file's name ends in .gguf")
+    if out.is_dir():
+        raise CheckpointError(f"--out {out}: is a folder; give a file name ending in .gguf")
+    config = read_bundle_config(src)
+    sd = read_bundle_file(src, TRANSFORMER_FILE, config, verify=True)
+    formats = quantized_formats(sd)
+    if dtype is not None:
+        if formats:
+            raise CheckpointError(
+                f"{src}: {len(formats)} layers are GGML-quantized already "
+                f"({'+'.join(sorted(set(formats.values())))}); quantizing again compounds the rounding. "
+                "Export without --dtype to keep them, or quantize the original wide bundle"
+            )
+        _quantize_in_place(sd, dtype.upper(), f"{src / TRANSFORMER_FILE}")
+        formats = quantized_formats(sd)
+    tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
+    for key, t in sd.items():
+        path = key[: -len(".weight")]
+        if key.endswith("." + GGML_TYPE_KEY):
+            continue
+        if path in formats:
+            spec = FORMATS[formats[path]]
+            cols = t.shape[1] // spec.type_size * spec.block_size
+            tensors[key] = (formats[path], (t.shape[0], cols), t)
+        elif t.dtype in _GGUF_DENSE:
+            tensors[key] = (_GGUF_DENSE[t.dtype], tuple(t.shape), t)
+        elif is_fp8(t):
+            tensors[key] = ("F16", tuple(t.shape), t.to(torch.float16))
+        else:
+            raise CheckpointError(f"{src / TRANSFORMER_FILE}: {key} is {t.dtype}, which GGUF cannot hold")
+    metadata = {
+        "general.architecture": "flux",
+        "general.name": config.name,
+        "general.quantization_version": 2,  # llama.cpp's block layouts of today (what pictor reads)
+        "pictor.model_hash": model_hash(config) or "",
+        PICTOR_CONFIG_KEY: json.dumps({"model": config.model, "defaults": config.defaults}),
+    }
+    write_gguf(out, tensors, metadata)
+    return out
 
 
 def check_bundle_out(out: Path) -> None:

@@ -5,6 +5,7 @@ read off the tensor shapes so that no config is needed.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -92,17 +93,43 @@ def import_flux_transformer(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     return widen_scaled_fp8(sd, str(path)) if is_scaled_fp8(sd) else sd
 
 
+# The architecture a GGUF file that pictor wrote records (`pictor convert gguf`): read back instead of
+# inferred from the shapes, which assume FLUX.1's head split (1:7:7) that small models need not have.
+PICTOR_CONFIG_KEY = "pictor.config"
+
+
 def gguf_flux_tensors(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
     """A GGUF FLUX.1 transformer's tensors by pictor key (prefixes stripped), checked to be one."""
+    return _gguf_flux(path)[0]
+
+
+def gguf_flux_params(path: str | os.PathLike[str], shapes: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The FluxParams of a GGUF FLUX.1 file: those pictor recorded when it wrote the file, else read off
+    the tensor shapes (:func:`infer_flux_params`)."""
+    recorded = _gguf_flux(path)[1].get(PICTOR_CONFIG_KEY)
+    if recorded is None:
+        return infer_flux_params(shapes)
+    try:
+        model = json.loads(recorded)["model"]
+        if not isinstance(model, dict):
+            raise TypeError
+    except (TypeError, ValueError, KeyError):
+        raise CheckpointError(
+            f"{path}: {PICTOR_CONFIG_KEY} is not pictor's JSON; the file is damaged"
+        ) from None
+    return model
+
+
+def _gguf_flux(path: str | os.PathLike[str]) -> tuple[dict[str, GGUFTensor], dict[str, Any]]:
     gguf = read_gguf(path)
-    tensors = {k: t for k, t in strip_prefixes(gguf.tensors, FLUX_PREFIXES).items()}  # type: ignore[arg-type]
+    tensors = strip_prefixes(gguf.tensors, FLUX_PREFIXES)  # type: ignore[arg-type]
     if "img_in.weight" not in tensors:
         arch = gguf.metadata.get("general.architecture", "unknown")
         raise CheckpointError(
             f"{path}: no 'img_in.weight' tensor (architecture {arch!r}) — not a FLUX.1 transformer; "
             "pictor reads GGUF files of FLUX.1 transformers such as ComfyUI-GGUF's"
         )
-    return tensors
+    return tensors, gguf.metadata  # type: ignore[return-value]
 
 
 def flux_gguf_shapes(tensors: Mapping[str, GGUFTensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ A GGUF file is a little-endian header (magic ``GGUF``, version, tensor and key-v
 key-value metadata, one record per tensor (name, dimensions innermost first, GGML type, offset), then the
 tensors' bytes, each aligned (``general.alignment``, 32 by default). :func:`read_gguf` parses the header
 with ``struct`` and maps the data with numpy's ``memmap``: each tensor is a uint8 view of its bytes, so a
-7 GB file costs no memory until a layer is read.
+7 GB file costs no memory until a layer is read. :func:`write_gguf` writes the same layout (version 3), so
+pictor's models go to ComfyUI-GGUF and llama.cpp's tools as they come from them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from pictor.checkpoint import CheckpointError
-from pictor.models.ggml_quants import GGMLError, dequantize, format_by_id, row_bytes
+from pictor.checkpoint import CheckpointError, sha256_file, staged_file
+from pictor.models.ggml_quants import FORMATS, GGMLError, dequantize, format_by_id, row_bytes
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -175,6 +176,70 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             shape = orig
         tensors[name] = GGUFTensor(name, fmt, shape, data[begin : begin + nbytes])
     return GGUFFile(path, version, metadata, tensors)
+
+
+def _pack_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def _pack_value(value: Any) -> bytes:
+    """A metadata value with its type: str, bool, int (uint32 when it fits, else int64), float (float32),
+    or a list of one of those."""
+    if isinstance(value, str):
+        return struct.pack("<I", _STRING) + _pack_string(value)
+    if isinstance(value, bool):
+        return struct.pack("<I?", 7, value)
+    if isinstance(value, int):
+        return struct.pack("<II", 4, value) if 0 <= value < 1 << 32 else struct.pack("<Iq", 11, value)
+    if isinstance(value, float):
+        return struct.pack("<If", 6, value)
+    if isinstance(value, list) and value:
+        items = [_pack_value(v) for v in value]
+        kinds = {item[:4] for item in items}
+        if len(kinds) != 1:
+            raise CheckpointError(f"GGUF metadata array {value!r} mixes types")
+        return struct.pack("<IIQ", _ARRAY, struct.unpack("<I", items[0][:4])[0], len(items)) + b"".join(
+            item[4:] for item in items
+        )
+    raise CheckpointError(f"GGUF metadata value {value!r}: use a string, bool, int, float or a list of one")
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]],
+    metadata: dict[str, Any],
+) -> str:
+    """Write a GGUF file (version 3, 32-byte alignment) atomically; returns its SHA-256.
+
+    ``tensors``: name -> (GGML format, torch-order shape, the bytes as uint8 or the values as a tensor of the
+    format's dtype). Metadata keys go first in the order given (put ``general.architecture`` first)."""
+    path = Path(path)
+    blobs: list[tuple[str, str, tuple[int, ...], torch.Tensor]] = []
+    for name, (fmt, shape, data) in tensors.items():
+        raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        expected = math.prod(shape[:-1]) * row_bytes(fmt, shape[-1])
+        if raw.numel() != expected:
+            raise CheckpointError(
+                f"{name}: {raw.numel()} bytes for a {fmt} tensor of shape {shape} ({expected})"
+            )
+        blobs.append((name, fmt, shape, raw))
+    header = bytearray(MAGIC + struct.pack("<IQQ", 3, len(blobs), len(metadata)))
+    for key, value in metadata.items():
+        header += _pack_string(key) + _pack_value(value)
+    offset = 0
+    for name, fmt, shape, raw in blobs:
+        header += _pack_string(name) + struct.pack("<I", len(shape))
+        header += struct.pack(f"<{len(shape)}Q", *reversed(shape))  # GGML lists dimensions innermost first
+        header += struct.pack("<IQ", FORMATS[fmt].type_id, offset)
+        offset += -(-raw.numel() // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        f.write(b"\0" * (-len(header) % DEFAULT_ALIGNMENT))
+        for _, _, _, raw in blobs:
+            f.write(raw.numpy().data)  # a view, not a copy of a layer
+            f.write(b"\0" * (-raw.numel() % DEFAULT_ALIGNMENT))
+    return sha256_file(path)
 
 
 def _is_int(value: Any) -> bool:
