@@ -479,3 +479,30 @@ def _text_folders(root: Path) -> tuple[Path, Path]:
         (root / name / "config.json").write_text("{}")
         folders.append(root / name)
     return folders[0], folders[1]
+
+
+def test_info_shows_a_gguf_files_header(
+    gguf_model: tuple[Path, Flux, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from pictor.cli import main
+
+    path, model, _ = gguf_model
+    assert main(["info", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metadata"]["general.architecture"] == "flux" and shown["gguf_version"] == 3
+    blocks = len(block_linear_keys(model))
+    assert sum(shown["formats"].values()) == shown["tensors"] == len(model.state_dict())
+    assert shown["formats"]["F32"] == len(model.state_dict()) - blocks
+    assert shown["parameters"] == sum(p.numel() for p in model.parameters())
+    assert shown["flux_transformer"].startswith("yes")
+    other = tmp_path / "llama.gguf"
+    writer = GGUFWriter(str(other), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert main(["info", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["flux_transformer"].startswith("no: ")

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", default="outputs")
 
     i = sub.add_parser("info", help="show an image's provenance or a model's config")
-    i.add_argument("target", help="a PNG, a bundle folder, or a preset name")
+    i.add_argument("target", help="a PNG, a bundle folder, a preset name, a LoRA or a GGUF file")
     i.add_argument("--json", action="store_true", help="print JSON only")
 
     sub.add_parser("models", help="list presets and local bundles")

@@ -40,6 +40,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print(json.dumps(lora_summary(target), indent=2, ensure_ascii=False))
         return 0
+    from pictor.gguf_files import is_gguf
+
+    if target.is_file() and is_gguf(target):  # a GGUF file (a quantized FLUX.1): its header
+        print(json.dumps(_gguf_summary(target), indent=2, ensure_ascii=False))
+        return 0
     if target.is_file():
         chunks = read_text_chunks(target)
         info: dict[str, Any] = {}
@@ -96,6 +101,37 @@ def cmd_models(_args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         print(f"  {name:<16} {preset['description']}")
     return 0
+
+
+def _gguf_summary(path: Path) -> dict[str, Any]:
+    """A GGUF file's header: its metadata (long arrays summarised), how many tensors of each format, the
+    parameter count, and whether pictor can convert it (a FLUX.1 transformer)."""
+    import math
+
+    from pictor.checkpoint import CheckpointError
+    from pictor.flux_files import gguf_flux_tensors
+    from pictor.gguf_files import read_gguf
+
+    gguf = read_gguf(path)
+    formats = [t.format for t in gguf.tensors.values()]
+    metadata = {
+        k: v if not isinstance(v, list) or len(v) <= 16 else f"[{len(v)} values]"
+        for k, v in gguf.metadata.items()
+    }
+    try:
+        gguf_flux_tensors(path)
+        flux = "yes: `pictor convert flux --transformer FILE ...` makes a bundle of it"
+    except CheckpointError as exc:
+        flux = f"no: {exc}"
+    return {
+        "file": path.name,
+        "gguf_version": gguf.version,
+        "metadata": metadata,
+        "tensors": len(formats),
+        "parameters": sum(math.prod(t.shape) for t in gguf.tensors.values()),
+        "formats": {f: formats.count(f) for f in sorted(set(formats))},
+        "flux_transformer": flux,
+    }
 
 
 def _quantized_layers(bundle: Path) -> dict[str, int]:
