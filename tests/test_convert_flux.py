@@ -68,3 +68,20 @@ def test_an_out_folder_that_is_not_a_bundle_is_never_replaced(tmp_path: Path) ->
     # A bundle may be converted over (the same command run again).
     out = convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "bundle")
     assert convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], out) == out
+
+
+def test_a_fill_transformer_becomes_a_flux_fill_bundle(tmp_path: Path) -> None:
+    """FLUX.1 Fill [dev] is known by its input width (noise, masked-picture latents and the folded mask:
+    2 x 64 + 256 channels at FLUX.1's scale); its bundle takes the flux-fill-dev preset's defaults."""
+    torch.manual_seed(0)
+    params = {**PARAMS, "guidance_embed": True}
+    params["in_channels"] = 2 * params["out_channels"] + 4 * 8 * 8  # FLUX.1's autoencoder factor 8
+    flux = Flux(FluxParams.from_dict(params))
+    f = _files(tmp_path)
+    save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, f["transformer"])
+    bundle = load_bundle(convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "fill"))
+    assert bundle.config.preset == "flux-fill-dev"
+    assert bundle.config.model["in_channels"] == params["in_channels"]
+    assert bundle.config.defaults["guidance"] == 30.0 and bundle.config.defaults["steps"] == 50
+    with pytest.raises(CheckpointError, match="no Kontext model"):
+        convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "k", kontext=True)

@@ -6,7 +6,6 @@ slicing of the output, the decode."""
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import numpy as np
@@ -21,61 +20,16 @@ from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationRequest, Pipeline
 
 from tiny_flux import load_benchmark_module, load_reference, random_flux
+from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, t5_folder
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
-_LETTERS = list(string.ascii_lowercase)
-CLIP_LEN, T5_LEN = 16, 20
-
-
-def _clip(folder: Path) -> None:
-    # BPE vocab with no merges: every word spelled letter by letter (as tests/models/test_text.py)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({c: i + 2 for i, c in enumerate(_LETTERS)})
-    vocab.update({c + "</w>": i + 2 + len(_LETTERS) for i, c in enumerate(_LETTERS)})
-    # model_max_length: diffusers pads CLIP prompts to it (77 for the real tokenizer)
-    transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_LEN).save_pretrained(folder)
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=24,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPTextModel(config).save_pretrained(folder)
-
-
-def _t5(folder: Path) -> None:
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in _LETTERS] + [("▁" + c, -2.5) for c in _LETTERS]
-    transformers.T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(folder)
-    config = transformers.T5Config(
-        vocab_size=len(pieces),
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(1)
-    transformers.T5EncoderModel(config).save_pretrained(folder)
-
 
 def test_flux_kontext_pipeline_and_pictor_make_the_same_image(tmp_path: Path) -> None:
-    _clip(tmp_path / "clip")
-    _t5(tmp_path / "t5")
+    clip_folder(tmp_path / "clip")
+    t5_folder(tmp_path / "t5")
     text = {
         "kind": "flux",
         "t5": {"kind": "t5", "path": str(tmp_path / "t5"), "max_length": T5_LEN},

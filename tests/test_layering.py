@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "generation_request": 1,
     "hires": 1,
     "flux_files": 1,
+    "fill_images": 1,
     "gguf_files": 1,
     "locate": 1,
     "presets": 1,

@@ -137,8 +137,17 @@ def convert_flux(
             f"{transformer}: --kontext, but the file has no guidance_in (FLUX.1 Kontext [dev] is guidance-"
             "distilled, like [dev]): give flux1-kontext-dev.safetensors, or drop --kontext"
         )
+    fill = params["in_channels"] != params["out_channels"]  # FLUX.1 Fill [dev]: 384 inputs, 64 outputs
+    if fill and kontext:
+        raise CheckpointError(f"{transformer}: a FLUX.1 Fill model (384 input channels) is no Kontext model")
     preset_name = (
-        "flux-kontext-dev" if kontext else "flux-dev" if params["guidance_embed"] else "flux-schnell"
+        "flux-kontext-dev"
+        if kontext
+        else "flux-fill-dev"
+        if fill
+        else "flux-dev"
+        if params["guidance_embed"]
+        else "flux-schnell"
     )
     preset = get_preset(preset_name)
     ae_shapes = _shapes(ae, AE_PREFIXES)
@@ -223,7 +232,7 @@ def _widen_quantized_in_place(sd: dict[str, torch.Tensor]) -> None:
         del sd[f"{path}.{GGML_TYPE_KEY}"]
 
 
-def _quantize_in_place(sd: dict[str, torch.Tensor], fmt: str, where: str) -> int:
+def quantize_block_linears(sd: dict[str, torch.Tensor], fmt: str, where: str) -> int:
     """The blocks' linear weights in a GGML block format, one by one; everything else as it was stored.
     Layers whose rows are not a whole number of blocks (32 values) stay as they are. Returns how many."""
     spec = FORMATS[fmt]
@@ -272,7 +281,7 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
                 f"({'+'.join(sorted(set(formats.values())))}); quantizing again compounds the rounding. "
                 "Export without --dtype to keep them, or quantize the original wide bundle"
             )
-        _quantize_in_place(sd, dtype.upper(), f"{src / TRANSFORMER_FILE}")
+        quantize_block_linears(sd, dtype.upper(), f"{src / TRANSFORMER_FILE}")
         formats = quantized_formats(sd)
     tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
     for key, t in sd.items():
@@ -369,7 +378,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
             _widen_quantized_in_place(sd)
             if dtype in QUANTIZE_FORMATS:
                 if fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype, as with FP8
-                    _quantize_in_place(sd, dtype.upper(), f"{src / fname}")
+                    quantize_block_linears(sd, dtype.upper(), f"{src / fname}")
             elif dtype != "fp8":
                 _cast_in_place(sd, STORAGE_DTYPES[dtype], f"{src / fname}")
             elif fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype: FP8 covers the blocks only

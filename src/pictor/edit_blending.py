@@ -73,6 +73,9 @@ class LatentInit:
     z0: Tensor  # packed source latents [1, N, 4C]
     strength: float  # the start time t, in (0, 1]
     mask: Tensor | None  # packed bool [1, N, 4C], True = repaint; None = repaint everything (img2img)
+    # FLUX.1 Fill: the masked picture and mask it reads beside the noise [1, N, 4C + 4f^2]
+    # (`pictor.fill_images`); it paints the region itself, so its run has no mask to blend with.
+    fill: Tensor | None = None
 
     def start(self, noise: Tensor) -> Tensor:
         """The sampler's first x: the source noised to t = strength (exactly the noise at strength 1)."""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pictor.edit_blending import LatentInit, composite, feather_weights, latent_mask, to_model_pixels, to_pil
 from pictor.editing import EditInputs, new_area
+from pictor.fill_images import check_fill_request, fill_conditioning
 from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
 from pictor.hires import hires_record, hires_size, upscale
 from pictor.models.autoencoder_tiling import autoencoder_encode
@@ -42,19 +43,25 @@ def run_edit_seeds(
     """One edit sampler run over exactly these seeds: the source noised to t = strength, the known region
     (outside the mask) kept on its path and composited back."""
     caches: list[FirstBlockCache] = []
+    if pipe.fill:
+        check_fill_request(r, has_mask=inputs.mask is not None)
     if inputs.strength == 0.0:
         # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
         images = [Image.fromarray(inputs.canvas) for _ in seeds]
     else:
         pixels = to_model_pixels(inputs.canvas, pipe.device, pipe.dtype)
         z0 = _encode(pipe, r, pixels, lambda: progress(0, int(r.steps or 0)))
-        mask = None
-        if inputs.mask is not None:
+        mask = fill = None
+        if pipe.fill:  # the model reads the masked picture and paints the region: nothing to blend
+            assert inputs.mask is not None
+            fill = fill_conditioning(
+                pipe.autoencoder, inputs.canvas, inputs.mask, pipe.dtype, r.vae_tile, r.vae_tile_overlap
+            )
+        elif inputs.mask is not None:
             ae = pipe.autoencoder.params
             mask = latent_mask(inputs.mask, ae.downsample_factor, ae.z_channels).to(pipe.device)
-        images = to_pil(
-            pipe.sample(r, seeds, progress, LatentInit(z0=z0, strength=inputs.strength, mask=mask), caches)
-        )
+        init = LatentInit(z0=z0, strength=inputs.strength, mask=mask, fill=fill)
+        images = to_pil(pipe.sample(r, seeds, progress, init, caches))
         if inputs.mask is not None:
             weights = feather_weights(inputs.mask, inputs.feather)
             if inputs.expand is not None:  # the new area has no pixels of its own to blend with

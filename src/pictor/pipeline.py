@@ -35,6 +35,7 @@ from pictor.checkpoint import (
 from pictor.context_images import context_fields
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
+from pictor.fill_images import check_fill_request, is_fill_model
 from pictor.generation_request import (
     MAX_SEED,
     TILING_FIELDS,
@@ -122,6 +123,8 @@ class Pipeline:
         # Recorded: "float8_e4m3fn", GGML formats ("Q4_K+Q6_K"), or None when nothing is stored narrow.
         self.weight_dtype = storage_name(self.transformer)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        # FLUX.1 Fill [dev] (known by its input width): it only repaints masked pictures (`pictor.edit`).
+        self.fill = is_fill_model(transformer.params, autoencoder.params.downsample_factor)
         self.config = config
         self.hash = model_id_hash or model_hash(config) or ""
         # How this model was asked for (bundle path, bundle name or preset); recorded so `reproduce`
@@ -188,6 +191,8 @@ class Pipeline:
         self, request: GenerationRequest, progress: ProgressFn | None = None
     ) -> list[GeneratedImage]:
         r = self.resolve_request(request)
+        if self.fill:
+            check_fill_request(r, has_mask=False)
         run = self.run_hires_seeds if r.hires_scale else self.run_seeds
         return self._in_runs(r, progress, lambda seeds, step: run(r, seeds, step))
 
@@ -324,7 +329,8 @@ class Pipeline:
             x = pack_latents(noise)
             start = 1.0 if init is None else init.strength
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches)
+            fill = init.fill if init is not None else None
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, fill)
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)

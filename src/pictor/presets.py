@@ -161,6 +161,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "kontext": True,
     },
+    # FLUX.1 Fill [dev]: [dev] with a wider input (the masked picture and the mask beside the noise,
+    # `pictor.fill_images`); it only repaints masked pictures. 50 steps and guidance 30 are the settings of
+    # diffusers' FluxFillPipeline example.
+    "flux-fill-dev": {
+        "description": "FLUX.1 Fill [dev] (12B, repaints masks with pictor edit); weights from local files",
+        "model": {**_flux_model(guidance_embed=True), "in_channels": 384},
+        "autoencoder": _FLUX_AE,
+        "text_encoder": _FLUX_TEXT,
+        "defaults": {
+            "width": 1024,
+            "height": 1024,
+            "steps": 50,
+            "guidance": 30.0,
+            "sampler": "euler",
+            "schedule": "flux",
+            "guidance_mode": "distilled",
+        },
+    },
     "flux-schnell": {
         "description": "FLUX.1 [schnell] architecture (12B, 4 steps); weights from local files",
         "model": _flux_model(guidance_embed=False),

@@ -214,6 +214,11 @@ class ModelCard(BaseModel):
     layout: bool = Field(
         False, description="The model has a layout adapter: it takes layout (false while the model loads)."
     )
+    fill: bool = Field(
+        False,
+        description="A FLUX.1 Fill model: it only repaints masked pictures (edits with a mask); generations "
+        "and variations are refused (false while the model loads).",
+    )
 
 
 class ModelList(BaseModel):

@@ -152,6 +152,7 @@ def model_card(svc: Service) -> ModelCard:
         kontext=bool(pipe.config.kontext) if pipe is not None else False,
         reference=pipe is not None and pipe.reference_adapter is not None,
         layout=pipe is not None and pipe.layout_adapter is not None,
+        fill=pipe is not None and pipe.fill,
     )
 
 
