@@ -418,6 +418,38 @@ def test_a_kontext_model_offers_a_context_picture(browser: Any, live_server: Any
     assert problems == [], problems
 
 
+def test_a_fill_model_says_what_it_needs_and_paints_a_mask(
+    browser: Any, live_server: Any, tmp_path: Path
+) -> None:
+    """On a FLUX.1 Fill model the page says it repaints masked pictures, refuses a plain generation itself
+    (no job is made), and an edit with a mask paints."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from tests.serve.test_edits import source_image
+    from tests.serve.test_fill_api import fill_pipeline
+
+    live = live_server(pipeline=fill_pipeline())
+    page, problems = open_page(browser, live.url, height=900)
+    expect(page.locator("#model-info")).to_contain_text("FLUX.1 Fill")
+    fill_settings(page, "a red circle", 5, 2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Choose a source image and a mask")
+    assert httpx.get(f"{live.url}/v1/jobs").json()["data"] == []
+    source_image().save(tmp_path / "source.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :16] = 255  # white = repaint: the left half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    page.get_by_label("Source image", exact=True).set_input_files(str(tmp_path / "source.png"))
+    page.get_by_label("Mask", exact=True).set_input_files(str(tmp_path / "mask.png"))
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    (job,) = httpx.get(f"{live.url}/v1/jobs").json()["data"]
+    assert job["status"] == "succeeded" and job["request"]["kind"] == "edit" and job["request"]["mask"]
+    assert problems == [], problems
+
+
 def test_generate_with_a_layout(browser: Any, live_server: Any, laid_out: Any) -> None:
     """Boxes from the layout editor go with the request (refused on the page when a box is incomplete),
     the record keeps them, Reuse settings puts them back and Reproduce makes the same image."""

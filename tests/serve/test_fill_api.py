@@ -26,6 +26,10 @@ from tiny_flux import random_flux
 
 @pytest.fixture(scope="module")
 def fill() -> Pipeline:
+    return fill_pipeline()
+
+
+def fill_pipeline() -> Pipeline:
     """The tiny preset widened to FLUX.1 Fill's input: noise, masked-picture latents and the folded mask."""
     p = get_preset("tiny")
     ae = AutoEncoderParams.from_dict(p["autoencoder"])

@@ -8,6 +8,7 @@ const PAGE_SIZE = 24;
 let galleryOffset = 0;
 let currentJob = null;
 let viewed = null; // {meta} of the image open in the viewer
+let fillModel = false; // the served model is FLUX.1 Fill: it only repaints masked pictures
 
 // -- API calls with the key ------------------------------------------------------------------------
 
@@ -543,7 +544,9 @@ async function loadModel() {
       `Model ${card.id}${card.trained === false && !card.id.includes("untrained") ? " (untrained)" : ""}` +
       (card.trained === false ? ": random weights, expect noise" : "") +
       (d.width ? `, default ${d.width}x${d.height}, ${d.steps} steps` : "") +
-      (card.ready ? "" : " (loading…)");
+      (card.ready ? "" : " (loading…)") +
+      (card.fill ? ". FLUX.1 Fill: it repaints the masked part of a picture (Edit, with a mask)" : "");
+    fillModel = Boolean(card.fill);
     for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
       if (d[key] !== undefined) $(id).placeholder = String(d[key]);
     }
@@ -575,6 +578,10 @@ document.addEventListener("DOMContentLoaded", async () => {
     event.preventDefault();
     const body = requestFromForm();
     const mode = formMode();
+    if (fillModel && mode !== "edit") {  // the server would refuse it: say what the model needs here
+      setError("This is a FLUX.1 Fill model: it repaints the masked part of a picture. Choose a source image and a mask under Edit.");
+      return;
+    }
     const reference = $("reference-image").files.length > 0;
     if (!body.prompt.trim() && !reference && mode !== "variation") {  // a variation's picture is enough
       setError("Write a prompt (or choose a reference picture).");
