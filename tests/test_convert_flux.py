@@ -75,7 +75,8 @@ def test_a_fill_transformer_becomes_a_flux_fill_bundle(tmp_path: Path) -> None:
     2 x 64 + 256 channels at FLUX.1's scale); its bundle takes the flux-fill-dev preset's defaults."""
     torch.manual_seed(0)
     params = {**PARAMS, "guidance_embed": True}
-    params["in_channels"] = 2 * params["out_channels"] + 4 * 8 * 8  # FLUX.1's autoencoder factor 8
+    factor = AutoEncoderParams.from_dict(get_preset("tiny")["autoencoder"]).downsample_factor  # _files' AE
+    params["in_channels"] = 2 * params["out_channels"] + 4 * factor * factor
     flux = Flux(FluxParams.from_dict(params))
     f = _files(tmp_path)
     save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, f["transformer"])
@@ -85,3 +86,19 @@ def test_a_fill_transformer_becomes_a_flux_fill_bundle(tmp_path: Path) -> None:
     assert bundle.config.defaults["guidance"] == 30.0 and bundle.config.defaults["steps"] == 50
     with pytest.raises(CheckpointError, match="no Kontext model"):
         convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "k", kontext=True)
+
+
+def test_a_transformer_with_other_extra_inputs_is_refused(tmp_path: Path) -> None:
+    """FLUX.1 Canny/Depth [dev] read a control picture's latents (twice the output width): not Fill, and not
+    something pictor can feed, so the conversion says so instead of labelling it Fill."""
+    torch.manual_seed(0)
+    params = {**PARAMS, "guidance_embed": True}
+    params["in_channels"] = 2 * params["out_channels"]
+    f = _files(tmp_path)
+    save_file(
+        {k: v.contiguous() for k, v in Flux(FluxParams.from_dict(params)).state_dict().items()},
+        f["transformer"],
+    )
+    with pytest.raises(CheckpointError, match="Canny or Depth"):
+        convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "canny")
+    assert not (tmp_path / "canny").exists()

@@ -16,7 +16,7 @@ from torch import nn
 from pictor.checkpoint import CheckpointError, load_bundle, load_into
 from pictor.convert import cast_bundle, convert_flux, export_gguf
 from pictor.flux_files import import_flux_gguf
-from pictor.gguf_files import read_gguf
+from pictor.gguf_files import read_gguf, write_gguf
 from pictor.loading import pipeline_from_bundle
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux
@@ -437,8 +437,13 @@ def test_export_writes_what_llama_cpps_reader_reads_and_round_trips(
     # Back: the imported bundle equals `convert dtype q8_0` of the same bundle, tensor for tensor.
     back = convert_flux(out, src / "autoencoder.safetensors", *_text_folders(tmp_path), tmp_path / "back")
     q8 = load_bundle(cast_bundle(src, tmp_path / "q8", "q8_0")).transformer
-    imported = load_bundle(back).transformer
+    rebuilt = load_bundle(back)
+    imported = rebuilt.transformer
     assert imported.keys() == q8.keys() and all(torch.equal(imported[k], q8[k]) for k in q8)
+    original = load_bundle(src).config  # what the file recorded comes back, not a FLUX.1 preset's
+    assert rebuilt.config.defaults == original.defaults and rebuilt.config.model == original.model
+    for key in ("scale_factor", "shift_factor"):
+        assert rebuilt.config.autoencoder[key] == original.autoencoder[key]
     # A quantized bundle exports its blocks as they are: the file holds the same bytes again.
     again = tmp_path / "again.gguf"
     assert main(["convert", "gguf", str(tmp_path / "q8"), "--out", str(again)]) == 0
@@ -506,3 +511,26 @@ def test_info_shows_a_gguf_files_header(
     writer.close()
     assert main(["info", str(other)]) == 0
     assert json.loads(capsys.readouterr().out)["flux_transformer"].startswith("no: ")
+
+
+@pytest.mark.parametrize(
+    "record",
+    ['{"model": {}}', '{"model": {"depth": "2"}}', "[1]", "not json", '{"model": null}'],
+)
+def test_a_damaged_pictor_record_is_refused_by_name(tmp_path: Path, record: str) -> None:
+    from pictor.flux_files import gguf_pictor_record
+
+    src, _ = _tiny_bundle(tmp_path / "src")
+    out = export_gguf(src, tmp_path / "m.gguf")
+    tensors = {name: (t.format, t.shape, t.data) for name, t in read_gguf(out).tensors.items()}
+    write_gguf(tmp_path / "bad.gguf", tensors, {"general.architecture": "flux", "pictor.config": record})
+    with pytest.raises(CheckpointError, match="not pictor's record"):
+        gguf_pictor_record(tmp_path / "bad.gguf")
+
+
+def test_write_gguf_refuses_what_gguf_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="0-d tensor"):
+        write_gguf(tmp_path / "x.gguf", {"s": ("F32", (), torch.zeros(()))}, {})
+    with pytest.raises(CheckpointError, match="at most 63"):
+        write_gguf(tmp_path / "x.gguf", {"n" * 64: ("F32", (1,), torch.zeros(1))}, {})
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temp file

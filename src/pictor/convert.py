@@ -29,13 +29,14 @@ from pictor.checkpoint import (
     write_json,
     write_safetensors,
 )
+from pictor.fill_images import is_fill_model
 from pictor.flux_files import (
     AE_PREFIXES,
     FLUX_PREFIXES,
     PICTOR_CONFIG_KEY,
     flux_gguf_shapes,
-    gguf_flux_params,
     gguf_flux_tensors,
+    gguf_pictor_record,
     import_flux_autoencoder,
     import_flux_gguf,
     import_flux_transformer,
@@ -129,15 +130,28 @@ def convert_flux(
         shapes = without_scales(shapes)
     if "img_in.weight" not in shapes:
         raise CheckpointError(f"{transformer}: not a FLUX.1 transformer in the original layout (no img_in)")
-    params = gguf_flux_params(transformer, shapes) if gguf else infer_flux_params(shapes)
+    # A file pictor wrote says what its bundle was (`export_gguf`); any other is read off its shapes.
+    record = gguf_pictor_record(transformer) if gguf else None
+    params = record["model"] if record else infer_flux_params(shapes)
+    kontext = kontext or bool(record and record["kontext"])
     with torch.device("meta"):
         check_keys(Flux(FluxParams.from_dict(params)), shapes, f"{transformer}")
+    ae_shapes = _shapes(ae, AE_PREFIXES)
+    if "encoder.conv_in.weight" not in ae_shapes or "decoder.conv_out.weight" not in ae_shapes:
+        raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
+    ae_factor = AutoEncoderParams.from_dict(infer_autoencoder_params(ae_shapes, 1.0, 0.0)).downsample_factor
+    fill = is_fill_model(FluxParams.from_dict(params), ae_factor)  # FLUX.1 Fill [dev]: 384 in, 64 out
+    if params["in_channels"] != params["out_channels"] and not fill:
+        raise CheckpointError(
+            f"{transformer}: the transformer reads {params['in_channels']} channels a token and writes "
+            f"{params['out_channels']}: a model with extra inputs that pictor does not know (FLUX.1 Canny "
+            "or Depth [dev] read a control picture's latents); FLUX.1 Fill [dev] and plain FLUX.1 are read"
+        )
     if kontext and not params["guidance_embed"]:
         raise CheckpointError(
             f"{transformer}: --kontext, but the file has no guidance_in (FLUX.1 Kontext [dev] is guidance-"
             "distilled, like [dev]): give flux1-kontext-dev.safetensors, or drop --kontext"
         )
-    fill = params["in_channels"] != params["out_channels"]  # FLUX.1 Fill [dev]: 384 inputs, 64 outputs
     if fill and kontext:
         raise CheckpointError(f"{transformer}: a FLUX.1 Fill model (384 input channels) is no Kontext model")
     preset_name = (
@@ -150,10 +164,7 @@ def convert_flux(
         else "flux-schnell"
     )
     preset = get_preset(preset_name)
-    ae_shapes = _shapes(ae, AE_PREFIXES)
-    if "encoder.conv_in.weight" not in ae_shapes or "decoder.conv_out.weight" not in ae_shapes:
-        raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
-    flux_ae = preset["autoencoder"]
+    flux_ae = {**preset["autoencoder"], **(record["autoencoder"] if record else {})}
     ae_params = infer_autoencoder_params(ae_shapes, flux_ae["scale_factor"], flux_ae["shift_factor"])
     with torch.device("meta"):
         check_keys(AutoEncoder(AutoEncoderParams.from_dict(ae_params)), ae_shapes, f"{ae}")
@@ -178,7 +189,7 @@ def convert_flux(
             model=params,
             autoencoder=ae_params,
             text_encoder=text,
-            defaults=preset["defaults"],
+            defaults=record["defaults"] if record and record["defaults"] else preset["defaults"],
             description=f"converted from {transformer.name} and {ae.name}"
             + (" (scaled FP8 widened to bf16)" if scaled else "")
             + (f" ({len(kept)} layers kept in GGML {'+'.join(sorted(set(kept.values())))})" if kept else ""),
@@ -303,7 +314,14 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
         "general.name": config.name,
         "general.quantization_version": 2,  # llama.cpp's block layouts of today (what pictor reads)
         "pictor.model_hash": model_hash(config) or "",
-        PICTOR_CONFIG_KEY: json.dumps({"model": config.model, "defaults": config.defaults}),
+        PICTOR_CONFIG_KEY: json.dumps(
+            {
+                "model": config.model,
+                "defaults": config.defaults,
+                "kontext": config.kontext,
+                "autoencoder": {k: config.autoencoder[k] for k in ("scale_factor", "shift_factor")},
+            }
+        ),
     }
     write_gguf(out, tensors, metadata)
     return out

@@ -14,6 +14,7 @@ import torch
 
 from pictor.checkpoint import CheckpointError, read_safetensors, strip_prefixes
 from pictor.gguf_files import GGUFTensor, read_gguf
+from pictor.models.flux import FluxParams
 from pictor.models.ggml_quants import FORMATS
 from pictor.models.weight_storage import GGML_TYPE_KEY, STORED_PREFIXES
 
@@ -103,21 +104,28 @@ def gguf_flux_tensors(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
     return _gguf_flux(path)[0]
 
 
-def gguf_flux_params(path: str | os.PathLike[str], shapes: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The FluxParams of a GGUF FLUX.1 file: those pictor recorded when it wrote the file, else read off
-    the tensor shapes (:func:`infer_flux_params`)."""
+def gguf_pictor_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What pictor recorded in a GGUF file it wrote (`pictor convert gguf`): the transformer's FluxParams
+    (``model``), the bundle's generation ``defaults``, ``kontext`` and the autoencoder's ``scale_factor`` and
+    ``shift_factor``, checked; None for a file pictor did not write."""
     recorded = _gguf_flux(path)[1].get(PICTOR_CONFIG_KEY)
     if recorded is None:
-        return infer_flux_params(shapes)
+        return None
     try:
-        model = json.loads(recorded)["model"]
-        if not isinstance(model, dict):
-            raise TypeError
-    except (TypeError, ValueError, KeyError):
+        record = json.loads(recorded)
+        FluxParams.from_dict(record["model"])  # the fields and their types, as a bundle's config is read
+        ae = record.get("autoencoder", {})
+        checked = {
+            "model": dict(record["model"]),
+            "defaults": dict(record.get("defaults", {})),
+            "kontext": bool(record.get("kontext", False)),
+            "autoencoder": {k: float(ae[k]) for k in ("scale_factor", "shift_factor") if k in ae},
+        }
+    except (TypeError, ValueError, KeyError, AttributeError):
         raise CheckpointError(
-            f"{path}: {PICTOR_CONFIG_KEY} is not pictor's JSON; the file is damaged"
+            f"{path}: {PICTOR_CONFIG_KEY} is not pictor's record; the file is damaged"
         ) from None
-    return model
+    return checked
 
 
 def _gguf_flux(path: str | os.PathLike[str]) -> tuple[dict[str, GGUFTensor], dict[str, Any]]:

@@ -26,6 +26,7 @@ from pictor.models.ggml_quants import FORMATS, GGMLError, dequantize, format_by_
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+GGML_MAX_NAME = 64  # llama.cpp's buffer for a tensor's name, its terminating zero included
 # ComfyUI-GGUF's converter stores a tensor of more than GGUF's four dimensions flattened and records its
 # shape under this key followed by the tensor's name.
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
@@ -217,6 +218,12 @@ def write_gguf(
     path = Path(path)
     blobs: list[tuple[str, str, tuple[int, ...], torch.Tensor]] = []
     for name, (fmt, shape, data) in tensors.items():
+        if not shape:
+            raise CheckpointError(f"{name}: a 0-d tensor; GGUF tensors have 1 to 4 dimensions")
+        if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+            raise CheckpointError(
+                f"{name}: {len(name)} characters; llama.cpp reads tensor names of at most 63"
+            )
         raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         expected = math.prod(shape[:-1]) * row_bytes(fmt, shape[-1])
         if raw.numel() != expected:
