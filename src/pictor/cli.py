@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from pictor.cli_args import build_parser
+from pictor.cli_grid import cmd_grid
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
@@ -395,6 +396,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "generate": cmd_generate,
+    "grid": lambda args: cmd_grid(args, _load, _settings, _progress_bar),
     "edit": cmd_edit,
     "reproduce": cmd_reproduce,
     "info": cmd_info,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pictor import __version__
+from pictor.cli_grid import add_grid_parser
 from pictor.cli_merge import add_merge_parser
 from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.add_train_parser(sub)
     _add_lora_parser(sub)
     add_merge_parser(sub)
+    add_grid_parser(sub)
     _add_serve_parser(sub)
     return parser
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pictor.image_grid import tile
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.reference import ReferenceConditioning, apply_reference, conditional_only
@@ -39,17 +40,8 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 def grid(images: np.ndarray | Sequence[np.ndarray], columns: int) -> Image.Image:
     """Tile uint8 [H, W, 3] images into rows of `columns` with a 2-pixel white gutter; images of several
-    sizes each take the top left of a cell of the largest height and width."""
-    images = list(images)
-    h, w = max(img.shape[0] for img in images), max(img.shape[1] for img in images)
-    columns = max(1, min(columns, len(images)))
-    rows = -(-len(images) // columns)
-    pad = 2
-    sheet = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        sheet[y : y + img.shape[0], x : x + img.shape[1]] = img
-    return Image.fromarray(sheet)
+    sizes each take the top left of a cell of the largest height and width (`pictor.image_grid.tile`)."""
+    return tile(list(images), columns)
 
 
 @torch.no_grad()

@@ -1,0 +1,332 @@
+"""The axes of an X/Y/Z plot (`pictor grid`, A1111's "X/Y/Z plot" script) and the cells they make.
+
+An axis is a setting and its values, ``steps=10,20,30``: values are comma-separated (CSV: a value holding
+a comma is written in double quotes). Each cell of the plot is the base request with one value of each axis
+applied; every cell keeps the base request's seed unless an axis is ``seed``, so cells differ only by the
+axis values. ``prompt`` is A1111's "Prompt S/R": its first value is a word or phrase of the prompt, and
+each value replaces it (so the first cell has the prompt as written).
+
+What needs no model is checked here, before anything loads (a value's syntax, a sampler's name, the S/R
+word in the prompt, the same axis twice, the number of cells); what depends on the model (a size's latent
+packing, a negative prompt under guidance 1, ...) is checked by the pipeline's request resolution, for
+every cell before the first image (`pictor.grid_runs`).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pictor.generation_request import MAX_SEED, NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
+from pictor.generation_settings import settings_problem
+from pictor.models.block_cache import cache_threshold_problem
+
+# Cells a grid may have unless the caller raises the limit (--max-cells): a typo such as steps=1,2,...,100
+# should not start hours of sampling.
+MAX_CELLS = 64
+
+_SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
+
+
+class GridError(ValueError):
+    """Axes or a grid that cannot be made; the message says what to change."""
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise GridError(f"'{text}' is not a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise GridError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise GridError(f"'{text}' is not a finite number")
+    return value
+
+
+def _checked(problem: str | None) -> None:
+    if problem:
+        raise GridError(problem)
+
+
+def _steps(text: str) -> int:
+    value = _whole(text)
+    # Sizes are the model's to check (its latent packing); these settings' rules hold for every model.
+    _checked(settings_problem(pixel_multiple=1, steps=value))
+    return value
+
+
+def _guidance(text: str) -> float:
+    value = _number(text)
+    _checked(settings_problem(pixel_multiple=1, guidance=value))
+    return value
+
+
+def _sampler(text: str) -> str:
+    _checked(settings_problem(pixel_multiple=1, sampler=text))
+    return text
+
+
+def _schedule(text: str) -> str:
+    _checked(settings_problem(pixel_multiple=1, schedule=text))
+    return text
+
+
+def _seed(text: str) -> int:
+    value = _whole(text)
+    if not 0 <= value <= MAX_SEED:
+        raise GridError(f"seed must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise GridError(f"size must be WIDTHxHEIGHT, e.g. 64x64; got '{text}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _lora(text: str) -> float:
+    return _number(text)
+
+
+def _cache_threshold(text: str) -> float:
+    value = _number(text)
+    _checked(cache_threshold_problem(value))
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class _Kind:
+    parse: Callable[[str], Any]
+    # The request fields a value sets (none: the pipeline's state, as the LoRA scale).
+    apply: Callable[[GenerationRequest, Any, Any], GenerationRequest]
+    example: str
+    empty_ok: bool = False  # may a value be empty text
+
+
+def _set(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest]:
+    return lambda r, value, _first: replace(r, **{name: value})
+
+
+AXES: dict[str, _Kind] = {
+    "steps": _Kind(_steps, _set("steps"), "steps=10,20,30"),
+    "guidance": _Kind(_guidance, _set("guidance"), "guidance=2,4,7"),
+    "sampler": _Kind(_sampler, _set("sampler"), "sampler=euler,heun"),
+    "schedule": _Kind(_schedule, _set("schedule"), "schedule=flux,linear"),
+    "seed": _Kind(_seed, _set("seed"), "seed=1,2,3"),
+    "size": _Kind(_size, lambda r, v, _f: replace(r, width=v[0], height=v[1]), "size=64x64,128x64"),
+    "negative": _Kind(_text, _set("negative_prompt"), 'negative=,blurry,"dark, blurry"', empty_ok=True),
+    # Prompt S/R: every occurrence of the first value is replaced by the cell's value.
+    "prompt": _Kind(
+        _text, lambda r, v, first: replace(r, prompt=r.prompt.replace(first, v)), "prompt=red,blue"
+    ),
+    "lora": _Kind(_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
+    "cache-threshold": _Kind(_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
+}
+ALIASES = {"cfg": "guidance", "cache_threshold": "cache-threshold", "prompt-sr": "prompt"}
+
+
+def _label(name: str, value: Any) -> str:
+    if name == "size":
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if name == "negative" and value == "":
+        return "(none)"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a grid: a setting (a name of AXES) and its values, with their labels."""
+
+    name: str
+    values: tuple[Any, ...]
+    labels: tuple[str, ...]
+
+    def caption(self, index: int) -> str:
+        """What the grid writes for value `index`, e.g. "steps: 20"."""
+        return f"{self.name}: {self.labels[index]}"
+
+    def as_dict(self) -> dict[str, Any]:
+        values = [list(v) if isinstance(v, tuple) else v for v in self.values]
+        return {"name": self.name, "values": values, "labels": list(self.labels)}
+
+
+def axis_names() -> str:
+    return ", ".join(AXES)
+
+
+def _axis_name(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in AXES:
+        near = difflib.get_close_matches(key, [*AXES, *ALIASES], n=1)
+        hint = f" (did you mean '{ALIASES.get(near[0], near[0])}'?)" if near else ""
+        raise GridError(f"unknown axis '{name}'{hint}; the axes are {axis_names()}")
+    return key
+
+
+def make_axis(name: str, values: list[Any] | tuple[Any, ...]) -> Axis:
+    """An axis from a name and its values (text as typed on the command line, or values of the setting's
+    own type: 20, 4.5, (64, 32)); GridError says what is wrong with them."""
+    key = _axis_name(name)
+    kind = AXES[key]
+    if not values:
+        raise GridError(f"axis {key} has no values; give at least one, e.g. {kind.example}")
+    parsed = []
+    for i, value in enumerate(values):
+        text = f"{value[0]}x{value[1]}" if isinstance(value, tuple) and key == "size" else str(value).strip()
+        if not text and not (kind.empty_ok or (key == "prompt" and i > 0)):
+            raise GridError(
+                f"axis {key}: value {i + 1} of {len(values)} is empty; remove the extra comma, e.g. "
+                f"{kind.example}"
+            )
+        try:
+            parsed.append(kind.parse(text))
+        except GridError as exc:
+            raise GridError(f"axis {key}: {exc}; e.g. {kind.example}") from None
+    return Axis(key, tuple(parsed), tuple(_label(key, v) for v in parsed))
+
+
+def parse_axis(text: str) -> Axis:
+    """``AXIS=V1,V2,...`` (CSV values: ``prompt=red,"dark, blue"``) -> Axis; GridError says what is wrong."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip():
+        raise GridError(
+            f"an axis is AXIS=V1,V2,..., e.g. steps=10,20,30; got '{text}' (axes: {axis_names()})"
+        )
+    _axis_name(name)  # an unknown name is named before its values
+    try:
+        values = next(csv.reader([rest], skipinitialspace=True), [])
+    except csv.Error as exc:
+        raise GridError(
+            f"axis {name.strip()}: the values '{rest}' are not a comma-separated list ({exc})"
+        ) from None
+    if not rest.strip():
+        values = []
+    return make_axis(name, values)
+
+
+@dataclass
+class GridCell:
+    """One cell: its place (x, y, z indices), its axis values, and the request that makes it. `image` is
+    filled in when it has run; `file` is its PNG's name in a grid folder; `box` is where its picture lies
+    in its grid ([x0, y0, x1, y1), filled in when the grid is drawn)."""
+
+    x: int
+    y: int
+    z: int
+    settings: dict[str, Any]
+    request: GenerationRequest
+    file: str
+    lora_scale: float | None = None
+    image: GeneratedImage | None = None
+    box: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class GridPlan:
+    """A grid's axes and its cells, z-major then y then x (the order they run in)."""
+
+    x: Axis
+    y: Axis | None
+    z: Axis | None
+    cells: list[GridCell] = field(default_factory=list)
+
+    @property
+    def axes(self) -> dict[str, Axis]:
+        return {k: a for k, a in (("x", self.x), ("y", self.y), ("z", self.z)) if a is not None}
+
+    def cell(self, x: int, y: int = 0, z: int = 0) -> GridCell:
+        columns, rows = len(self.x.values), len(self.y.values) if self.y else 1
+        return self.cells[(z * rows + y) * columns + x]
+
+    def grid_files(self) -> list[str]:
+        """grid.png, or one grid-zK.png per z value."""
+        return [f"grid-z{k}.png" for k in range(len(self.z.values))] if self.z else ["grid.png"]
+
+
+def _as_axis(axis: Axis | str | None) -> Axis | None:
+    return parse_axis(axis) if isinstance(axis, str) else axis
+
+
+def plan_grid(
+    request: GenerationRequest,
+    x: Axis | str,
+    y: Axis | str | None = None,
+    z: Axis | str | None = None,
+    max_cells: int = MAX_CELLS,
+) -> GridPlan:
+    """The cells of an X/Y/Z plot of `request` (axes as Axis or as "AXIS=V1,V2" text), checked as far as
+    no model is needed; GridError says what to change. A request without a seed gets one random seed for
+    all its cells."""
+    xa, ya, za = _as_axis(x), _as_axis(y), _as_axis(z)
+    if xa is None:
+        raise GridError("a grid needs an x axis, e.g. steps=10,20,30")
+    given = [(k, a) for k, a in (("x", xa), ("y", ya), ("z", za)) if a is not None]
+    seen: dict[str, str] = {}
+    for key, a in given:
+        if a.name in seen:
+            raise GridError(
+                f"axis {a.name} is both the {seen[a.name]} and the {key} axis; give each setting once "
+                "(put all its values on one axis)"
+            )
+        seen[a.name] = key
+    counts = [len(a.values) for _, a in given]
+    n = math.prod(counts)
+    if max_cells < 1:
+        raise GridError(f"max_cells (--max-cells) must be at least 1, got {max_cells}")
+    if n > max_cells:
+        raise GridError(
+            f"the grid has {n} cells ({' x '.join(map(str, counts))}), more than the {max_cells} allowed; "
+            "use fewer values or raise the limit (--max-cells N)"
+        )
+    if request.num_images != 1:
+        raise GridError(f"a grid makes one image per cell; ask for 1 image, not {request.num_images}")
+    if "prompt" in seen:
+        search = next(a.values[0] for _, a in given if a.name == "prompt")
+        if search not in request.prompt:
+            raise GridError(
+                f"axis prompt: its first value '{search}' is not in the prompt '{request.prompt}'; the "
+                "first value is the word or phrase each value replaces (A1111's Prompt S/R)"
+            )
+    seed = request.seed if request.seed is not None else secrets.randbelow(NOISE_SEED_RANGE)
+    base = replace(request, seed=seed, batch_size=None)
+    plan = GridPlan(xa, ya, za)
+    for k in range(len(za.values) if za else 1):
+        for j in range(len(ya.values) if ya else 1):
+            for i in range(len(xa.values)):
+                plan.cells.append(_cell(plan, base, i, j, k))
+    return plan
+
+
+def _cell(plan: GridPlan, base: GenerationRequest, i: int, j: int, k: int) -> GridCell:
+    request, settings, scale = base, {}, None
+    for key, index in (("x", i), ("y", j), ("z", k)):
+        a = plan.axes.get(key)
+        if a is None:
+            continue
+        value = a.values[index]
+        request = AXES[a.name].apply(request, value, a.values[0])
+        settings[a.name] = list(value) if isinstance(value, tuple) else value
+        if a.name == "lora":
+            scale = value
+    tags = [f"{key}{index}" for key, index in (("x", i), ("y", j), ("z", k)) if key in plan.axes]
+    return GridCell(i, j, k, settings, request, f"cell-{'-'.join(tags)}.png", scale)
