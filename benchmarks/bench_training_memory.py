@@ -1,5 +1,6 @@
 """Training memory on a frozen base: gradient checkpointing (pictor's against diffusers'
-`enable_gradient_checkpointing`) and pictor's FP8 base (`pictor train lora --fp8-base`).
+`enable_gradient_checkpointing`), pictor's FP8 base (`pictor train lora --fp8-base`) and its GGML-quantized
+bases (`train lora --base` of a GGUF import or a `convert dtype --dtype q8_0|q4_0` bundle).
 
 A FLUX.1-width transformer (hidden 3072, 24 heads, context 4096, guidance embedding) with --double double and
 --single single blocks, random weights, frozen; one training step's forward and backward of batch 1 with
@@ -7,7 +8,8 @@ A FLUX.1-width transformer (hidden 3072, 24 heads, context 4096, guidance embedd
 block's activations are needed exactly as when training a LoRA on a frozen base (the adapters' own memory is
 negligible). Six runs, each in a fresh process: pictor and diffusers (same weights, mapped by
 benchmarks/_flux_reference.py), each without and with checkpointing, and pictor with the blocks' weights in
-FP8 (widened per layer, forward and backward), without and with checkpointing.
+FP8 (widened per layer, forward and backward), without and with checkpointing; then pictor with them in Q8_0,
+and in Q4_0 without and with checkpointing (dequantized per layer, forward and backward).
 
 Per run: the highest memory while it steps (CPU: resident set polled every millisecond; CUDA:
 max_memory_allocated) and its rise over the moment before the first step (the built model), seconds per step
@@ -27,6 +29,8 @@ from _flux_reference import build_reference, reference_forward
 from _fresh_runs import emit, measure, parse_args, rel_err, run_each
 from bench_fp8 import N_TXT, flux_width_params, inputs, random_state
 
+from pictor.checkpoint import load_into
+from pictor.convert import quantize_block_linears
 from pictor.models.flux import Flux
 from pictor.models.weight_storage import FP8_STORAGE, store_fp8
 
@@ -37,6 +41,9 @@ RUNS = (
     "diffusers_checkpointed",
     "pictor_fp8",
     "pictor_fp8_checkpointed",
+    "pictor_q8_0",
+    "pictor_q4_0",
+    "pictor_q4_0_checkpointed",
 )
 
 
@@ -49,9 +56,12 @@ def worker(args: argparse.Namespace) -> None:
     sd = random_state(params, dtype)
     checkpointed = args.run.endswith("checkpointed")
     if args.run.startswith("pictor"):
+        quantized = next((f for f in ("q8_0", "q4_0") if f in args.run), None)
+        if quantized:  # as `convert dtype --dtype q4_0` stores them; load_into builds QuantizedLinear layers
+            quantize_block_linears(sd, quantized.upper(), "random weights")
         with torch.device("meta"):
             model: Any = Flux(params)
-        model.load_state_dict(sd, strict=True, assign=True)
+        load_into(model, sd, args.run)
         model.gradient_checkpointing = checkpointed
         if "fp8" in args.run:
             store_fp8(model, FP8_STORAGE)
@@ -86,7 +96,7 @@ def main() -> None:
     runs, grads = run_each(__file__, RUNS, args)
     for run, numbers in runs.items():
         numbers["grad_rel_err_vs_pictor"] = rel_err(grads[run], grads["pictor"])
-    for impl in ("pictor", "diffusers", "pictor_fp8"):
+    for impl in ("pictor", "diffusers", "pictor_fp8", "pictor_q4_0"):
         plain, ckpt = runs[impl], runs[f"{impl}_checkpointed"]
         plain["checkpointing_saves_gb"] = round(plain["rise_gb"] - ckpt["rise_gb"], 3)
         plain["checkpointing_time_factor"] = round(ckpt["seconds"] / plain["seconds"], 2)
