@@ -21,12 +21,11 @@ from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 
-from tiny_flux import load_benchmark_module, load_reference, random_flux
-from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, t5_folder
+from tiny_flux import random_flux
+from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, diffusers_components, t5_folder
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 from diffusers.pipelines.flux import pipeline_flux_fill  # noqa: E402
 
 AE = AutoEncoderParams(
@@ -111,29 +110,7 @@ def test_flux_fill_pipeline_and_pictor_edit_paint_the_same_picture(
     (ours,) = pipe.edit(request)
     got = np.asarray(ours.image).astype(int)
 
-    vae_config = load_benchmark_module("_ae_reference").diffusers_config(AE)
-    vae = diffusers.AutoencoderKL(**vae_config).eval()
-    vae.load_state_dict(
-        convert_ldm_vae_checkpoint(dict(pipe.autoencoder.state_dict()), vae_config), strict=True
-    )
-    transformer = load_reference().build_reference(
-        MODEL, {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    )
-    theirs_pipe = diffusers.FluxFillPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
-        vae=vae,
-        text_encoder=transformers.CLIPTextModel.from_pretrained(tmp_path / "clip"),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "clip"),
-        text_encoder_2=transformers.T5EncoderModel.from_pretrained(tmp_path / "t5"),
-        tokenizer_2=transformers.T5Tokenizer.from_pretrained(tmp_path / "t5"),
-        transformer=transformer,
-    )
+    theirs_pipe = diffusers.FluxFillPipeline(**diffusers_components(tmp_path, pipe))
     # diffusers draws the masked picture's latents from the encoder's distribution, pictor takes its mean.
     original = pipeline_flux_fill.retrieve_latents
     monkeypatch.setattr(

@@ -19,12 +19,11 @@ from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationRequest, Pipeline
 
-from tiny_flux import load_benchmark_module, load_reference, random_flux
-from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, t5_folder
+from tiny_flux import random_flux
+from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, diffusers_components, t5_folder
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 
 def test_flux_kontext_pipeline_and_pictor_make_the_same_image(tmp_path: Path) -> None:
@@ -89,27 +88,7 @@ def test_flux_kontext_pipeline_and_pictor_make_the_same_image(tmp_path: Path) ->
     # pictor's decoded pixels before rounding to 8 bits, in diffusers' "pt" range [0, 1]
     ours = (pipe.sample(r, [seed], lambda i, n: None)[0] / 2 + 0.5).clamp(0, 1)
 
-    vae_config = load_benchmark_module("_ae_reference").diffusers_config(ae_params)
-    vae = diffusers.AutoencoderKL(**vae_config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), vae_config), strict=True)
-    transformer = load_reference().build_reference(
-        model, {k: v.clone() for k, v in flux.state_dict().items()}
-    )
-    theirs_pipe = diffusers.FluxKontextPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
-        vae=vae,
-        text_encoder=transformers.CLIPTextModel.from_pretrained(tmp_path / "clip"),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "clip"),
-        text_encoder_2=transformers.T5EncoderModel.from_pretrained(tmp_path / "t5"),
-        tokenizer_2=transformers.T5Tokenizer.from_pretrained(tmp_path / "t5"),
-        transformer=transformer,
-    )
+    theirs_pipe = diffusers.FluxKontextPipeline(**diffusers_components(tmp_path, pipe))
     noise = pipe.initial_noise([seed], height // 2, width // 2)  # pictor's CPU noise, packed for diffusers
     theirs = theirs_pipe(
         image=fitted,

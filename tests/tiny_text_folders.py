@@ -1,10 +1,12 @@
-"""Tiny random CLIP and T5 text encoders saved as local folders (save_pretrained), for the tests that run
-whole diffusers pipelines beside pictor's (FLUX.1 Kontext, FLUX.1 Fill)."""
+"""Tiny random CLIP and T5 text encoders saved as local folders (save_pretrained), and the parts of a
+diffusers FLUX.1 pipeline that hold a pictor Pipeline's weights: for the tests that run whole diffusers
+pipelines beside pictor's (FLUX.1 Kontext, FLUX.1 Fill)."""
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -54,3 +56,38 @@ def t5_folder(folder: Path) -> None:
     )
     torch.manual_seed(1)
     transformers.T5EncoderModel(config).save_pretrained(folder)
+
+
+def diffusers_components(root: Path, pipe: Any) -> dict[str, Any]:
+    """What a diffusers FLUX.1 pipeline (FluxKontextPipeline, FluxFillPipeline) takes, holding a pictor
+    Pipeline's weights: its autoencoder and transformer mapped by diffusers' own converter and ours, the
+    text encoders from the folders under ``root`` (clip_folder, t5_folder), FLUX.1's scheduler settings."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from tiny_flux import load_benchmark_module, load_reference
+
+    vae_config = load_benchmark_module("_ae_reference").diffusers_config(pipe.autoencoder.params)
+    vae = diffusers.AutoencoderKL(**vae_config).eval()
+    vae.load_state_dict(
+        convert_ldm_vae_checkpoint(dict(pipe.autoencoder.state_dict()), vae_config), strict=True
+    )
+    params = pipe.transformer.params
+    transformer = load_reference().build_reference(
+        params, {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    )
+    return {
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        "vae": vae,
+        "text_encoder": transformers.CLIPTextModel.from_pretrained(root / "clip"),
+        "tokenizer": transformers.CLIPTokenizer.from_pretrained(root / "clip"),
+        "text_encoder_2": transformers.T5EncoderModel.from_pretrained(root / "t5"),
+        "tokenizer_2": transformers.T5Tokenizer.from_pretrained(root / "t5"),
+        "transformer": transformer,
+    }
