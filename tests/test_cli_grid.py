@@ -236,6 +236,8 @@ def _run_nothing(*_args: Any, **_kw: Any) -> Any:
             "cell negative='blurry': a negative prompt acts through",
         ),
         (["--x", "cache-threshold=0,5"], "cache threshold must be between 0 (off) and 1, got 5"),
+        (["--x", "steps=1,2", "--x", "sampler=euler,heun"], "--x is given twice"),
+        (["--x", 'prompt=red,"blue'], "open a double quote they do not close"),
     ],
 )
 def test_refusals_come_before_any_image_and_write_nothing(
@@ -251,7 +253,7 @@ def test_refusals_come_before_any_image_and_write_nothing(
     code, stdout, err = cli(capsys, "grid", PROMPT, "--model", str(bundle), *args, "-o", str(out))
     assert code == 2 and words in err, err
     assert len(err.strip().splitlines()[-1]) > 0 and "Traceback" not in err
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()  # refused before the first image: not even the folder is made
     assert stdout == ""
 
 
@@ -303,3 +305,29 @@ def test_an_interrupted_write_leaves_no_half_grid(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(KeyboardInterrupt):
         write_grid(result, tmp_path / "g", cells=False)
     assert list((tmp_path / "g").iterdir()) == []  # neither grid.png, nor its temp file, nor grid.json
+
+
+def test_long_row_labels_get_rows_tall_enough_to_hold_them() -> None:
+    """A row label that wraps to several lines makes its row that tall, so a label never runs into its
+    neighbours' rows or the title (32 px pictures beside a label of several lines)."""
+    from pictor.image_grid import MAX_ROW_LABEL, _font, _line_height, labelled_grid, wrap
+
+    small = [[np.zeros((32, 32, 3), np.uint8)] * 2 for _ in range(3)]
+    words = "a very long prompt replacement that wraps onto several lines of text"
+    g = labelled_grid(small, ["a", "b"], [words, "short", words], title="a title")
+    lines = len(wrap(words, _font(), MAX_ROW_LABEL))
+    assert lines >= 3 and g.cell[1] >= lines * _line_height(_font())
+    ink = np.asarray(g.image.convert("L")) < 128
+    inked = np.flatnonzero(ink[g.margin[1] :, : g.margin[0]].any(axis=1)) + g.margin[1]
+    rows = [
+        (box[0][1] - (g.cell[1] - 32) // 2 - 1, box[0][1] + 32 + (g.cell[1] - 32) // 2 + 1) for box in g.boxes
+    ]
+    assert inked.size and all(any(top <= y < bottom for top, bottom in rows) for y in inked)
+
+
+def test_a_fill_model_refuses_a_grid_before_any_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.serve.test_fill_api import fill_pipeline
+
+    monkeypatch.setattr(Pipeline, "generate", _run_nothing)
+    with pytest.raises(GridError, match=r"FLUX\.1 Fill model"):
+        run_grid(fill_pipeline(), GenerationRequest(PROMPT, seed=1), parse_axis("steps=1,2"))

@@ -56,6 +56,17 @@ def _axis(text: str) -> Axis:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Once(argparse.Action):
+    """An option given at most once: argparse would keep the last --x silently, dropping an axis."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} is given twice: give each of --x, --y and --z once (one axis each)")
+        setattr(namespace, self.dest, values)
+
+
 def add_grid_parser(sub: Any) -> None:
     """`pictor grid`, with `pictor generate`'s options (call after the generate parser is added)."""
     g = sub.add_parser(
@@ -67,9 +78,10 @@ def add_grid_parser(sub: Any) -> None:
     )
     g.add_argument("prompt")
     axes = f"axes: {', '.join(AXES)}; e.g. steps=10,20,30 or prompt=red,blue (Prompt S/R)"
-    g.add_argument("--x", required=True, type=_axis, metavar="AXIS=V1,V2,...", help=f"the columns ({axes})")
-    g.add_argument("--y", type=_axis, default=None, metavar="AXIS=V1,V2,...", help="the rows")
-    g.add_argument("--z", type=_axis, default=None, metavar="AXIS=V1,V2,...", help="one grid per value")
+    once = {"action": _Once, "type": _axis, "metavar": "AXIS=V1,V2,..."}
+    g.add_argument("--x", required=True, help=f"the columns ({axes})", **once)
+    g.add_argument("--y", default=None, help="the rows", **once)
+    g.add_argument("--z", default=None, help="one grid per value", **once)
     g.add_argument(
         "--max-cells",
         type=int,
@@ -125,10 +137,10 @@ def cmd_grid(
     }
     request = GenerationRequest(prompt=args.prompt, width=width, height=height, **settings(args), **hires)
     plan = plan_grid(request, args.x, args.y, args.z, args.max_cells)  # before the model loads
-    out.mkdir(parents=True, exist_ok=True)
     pipe = load(args)
 
-    def saved(cell: Any) -> None:
+    def saved(cell: Any) -> None:  # the folder is made with the first image: a refusal leaves none
+        out.mkdir(parents=True, exist_ok=True)
         print(write_cell(cell, out))
 
     result = run_plan(pipe, plan, progress=progress("grid"), on_cell=saved)

@@ -213,6 +213,8 @@ def parse_axis(text: str) -> Axis:
             f"an axis is AXIS=V1,V2,..., e.g. steps=10,20,30; got '{text}' (axes: {axis_names()})"
         )
     _axis_name(name)  # an unknown name is named before its values
+    if rest.count('"') % 2:  # the csv module would close an unclosed quote at the end, silently
+        raise GridError(f"axis {name.strip()}: the values '{rest}' open a double quote they do not close")
     try:
         values = next(csv.reader([rest], skipinitialspace=True), [])
     except csv.Error as exc:

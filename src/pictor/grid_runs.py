@@ -79,6 +79,10 @@ def _text(value: Any) -> str:
 def check_grid(pipe: Pipeline, plan: GridPlan) -> list[GenerationRequest]:
     """Every cell's request resolved by the pipeline (its defaults filled in); GridError, naming the cell
     where only some cells fail, for the first that the model would refuse. Nothing runs."""
+    if pipe.fill:  # FLUX.1 Fill repaints masked pictures only (pictor.fill_images)
+        raise GridError(
+            "a FLUX.1 Fill model repaints the masked part of a picture; a grid generates from text"
+        )
     if any(c.lora_scale is not None for c in plan.cells) and not pipe.loras:
         raise GridError("axis lora sets the scale of the first LoRA, but none is loaded: add --lora FILE")
     resolved: list[GenerationRequest] = []

@@ -123,7 +123,7 @@ def labelled_grid(
     size, with the column labels written above the columns, the row labels (if any) left of the rows and
     the title (if any) above everything; black on white, PIL's default font. Column labels wrap to the
     cell's width, which is widened to the longest word of any (small pictures keep their labels legible);
-    row labels wrap at MAX_ROW_LABEL pixels."""
+    row labels wrap at MAX_ROW_LABEL pixels, and the cell is made as tall as the longest of them."""
     columns = len(column_labels)
     if not rows or any(len(row) != columns for row in rows):
         raise ValueError(f"every row must hold {columns} pictures, one per column label")
@@ -135,11 +135,13 @@ def labelled_grid(
     line_h = _line_height(font)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     word = max(probe.textlength(w, font=font) for label in column_labels for w in [*label.split(), ""])
-    least = (int(np.ceil(word)) + LABEL_PAD, 0)  # labels of neighbouring columns must not touch
+    sides = [wrap(label, font, MAX_ROW_LABEL) for label in row_labels] if row_labels is not None else []
+    # Labels of neighbouring columns must not touch, and a row must be tall enough for its label's lines.
+    tallest = max((len(lines) for lines in sides), default=0) * line_h
+    least = (int(np.ceil(word)) + LABEL_PAD, tallest)
     (sheet_w, sheet_h), (cell_w, cell_h), corners = tile_layout(sizes, columns, pad, True, least)
 
     tops = [wrap(label, font, cell_w) for label in column_labels]
-    sides = [wrap(label, font, MAX_ROW_LABEL) for label in row_labels] if row_labels is not None else []
     side_w = max((probe.textlength(line, font=font) for lines in sides for line in lines), default=0)
     left = int(np.ceil(side_w)) + 2 * LABEL_PAD if sides else 0
     heading = wrap(title, font, max(left + sheet_w - 2 * LABEL_PAD, cell_w)) if title else []
