@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pictor import __version__
-from pictor.models.weight_storage import quantize_structure, quantized_formats
+from pictor.models.weight_storage import format_names, quantize_structure, quantized_formats
 
 CONFIG_NAME = "config.json"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -234,7 +234,7 @@ def load_into(
     """
     formats = quantized_formats(state_dict)
     if formats and dtype is not None:
-        kinds = "+".join(sorted(set(formats.values())))
+        kinds = format_names(formats)
         raise CheckpointError(
             f"{what}: {len(formats)} layers hold GGML-quantized weights ({kinds}), which cannot be trained; "
             "widen them first (`pictor convert dtype BUNDLE --dtype bf16 --out NEW`), or train a LoRA on them"

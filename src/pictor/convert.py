@@ -55,6 +55,7 @@ from pictor.models.weight_storage import (
     FP8_STORAGE,
     GGML_TYPE_KEY,
     STORED_PREFIXES,
+    format_names,
     fp8_problem,
     is_fp8,
     quantized_formats,
@@ -192,7 +193,7 @@ def convert_flux(
             defaults=record["defaults"] if record and record["defaults"] else preset["defaults"],
             description=f"converted from {transformer.name} and {ae.name}"
             + (" (scaled FP8 widened to bf16)" if scaled else "")
-            + (f" ({len(kept)} layers kept in GGML {'+'.join(sorted(set(kept.values())))})" if kept else ""),
+            + (f" ({len(kept)} layers kept in GGML {format_names(kept)})" if kept else ""),
             hashes=hashes,
             kontext=kontext,
         )
@@ -263,6 +264,13 @@ def quantize_block_linears(sd: dict[str, torch.Tensor], fmt: str, where: str) ->
     return turned
 
 
+def _refuse_requantizing(where: str, formats: dict[str, str], way: str) -> None:
+    raise CheckpointError(
+        f"{where}: {len(formats)} layers are GGML-quantized already ({format_names(formats)}); quantizing "
+        f"again compounds the rounding. {way} the original wide bundle instead"
+    )
+
+
 _GGUF_DENSE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -287,11 +295,7 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     formats = quantized_formats(sd)
     if dtype is not None:
         if formats:
-            raise CheckpointError(
-                f"{src}: {len(formats)} layers are GGML-quantized already "
-                f"({'+'.join(sorted(set(formats.values())))}); quantizing again compounds the rounding. "
-                "Export without --dtype to keep them, or quantize the original wide bundle"
-            )
+            _refuse_requantizing(f"{src}", formats, "Export without --dtype to keep them, or quantize")
         quantize_block_linears(sd, dtype.upper(), f"{src / TRANSFORMER_FILE}")
         formats = quantized_formats(sd)
     tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
@@ -388,11 +392,7 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
             sd = read_bundle_file(src, fname, config, verify=True)
             formats = quantized_formats(sd)
             if formats and dtype in QUANTIZE_FORMATS:
-                raise CheckpointError(
-                    f"{src / fname}: {len(formats)} layers are GGML-quantized already "
-                    f"({'+'.join(sorted(set(formats.values())))}); quantizing again compounds the rounding. "
-                    "Quantize the original wide bundle instead"
-                )
+                _refuse_requantizing(f"{src / fname}", formats, "Quantize")
             _widen_quantized_in_place(sd)
             if dtype in QUANTIZE_FORMATS:
                 if fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype, as with FP8

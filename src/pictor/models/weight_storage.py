@@ -194,6 +194,11 @@ def quantized_formats(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
     }
 
 
+def format_names(formats: Mapping[str, str]) -> str:
+    """The GGML formats of {layer: format} for messages and records: "Q4_K+Q6_K"."""
+    return "+".join(sorted(set(formats.values())))
+
+
 def quantize_structure(model: nn.Module, formats: Mapping[str, str]) -> None:
     """Turn the named linear layers into :class:`QuantizedLinear` (on the model's device, usually meta),
     so that a state dict holding their blocks loads strictly."""
