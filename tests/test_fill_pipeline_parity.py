@@ -22,7 +22,7 @@ from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 
 from tiny_flux import random_flux
-from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, diffusers_components, t5_folder
+from tiny_text_folders import T5_LEN, diffusers_components, flux_text_encoders
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -55,13 +55,7 @@ MODEL = FluxParams(
 
 
 def _pipeline(root: Path) -> Pipeline:
-    clip_folder(root / "clip")
-    t5_folder(root / "t5")
-    text = {
-        "kind": "flux",
-        "t5": {"kind": "t5", "path": str(root / "t5"), "max_length": T5_LEN},
-        "clip": {"kind": "clip", "path": str(root / "clip"), "max_length": CLIP_LEN},
-    }
+    text = flux_text_encoders(root)
     config = BundleConfig(
         name="tiny-fill",
         model=MODEL.to_dict(),

@@ -20,20 +20,14 @@ from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationRequest, Pipeline
 
 from tiny_flux import random_flux
-from tiny_text_folders import CLIP_LEN, T5_LEN, clip_folder, diffusers_components, t5_folder
+from tiny_text_folders import T5_LEN, diffusers_components, flux_text_encoders
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
 def test_flux_kontext_pipeline_and_pictor_make_the_same_image(tmp_path: Path) -> None:
-    clip_folder(tmp_path / "clip")
-    t5_folder(tmp_path / "t5")
-    text = {
-        "kind": "flux",
-        "t5": {"kind": "t5", "path": str(tmp_path / "t5"), "max_length": T5_LEN},
-        "clip": {"kind": "clip", "path": str(tmp_path / "clip"), "max_length": CLIP_LEN},
-    }
+    text = flux_text_encoders(tmp_path)
     model = FluxParams(
         in_channels=16,
         out_channels=16,

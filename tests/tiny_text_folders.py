@@ -58,6 +58,17 @@ def t5_folder(folder: Path) -> None:
     transformers.T5EncoderModel(config).save_pretrained(folder)
 
 
+def flux_text_encoders(root: Path) -> dict[str, Any]:
+    """Tiny CLIP and T5 folders under ``root`` and the FLUX.1 text-encoder config that reads them."""
+    clip_folder(root / "clip")
+    t5_folder(root / "t5")
+    return {
+        "kind": "flux",
+        "t5": {"kind": "t5", "path": str(root / "t5"), "max_length": T5_LEN},
+        "clip": {"kind": "clip", "path": str(root / "clip"), "max_length": CLIP_LEN},
+    }
+
+
 def diffusers_components(root: Path, pipe: Any) -> dict[str, Any]:
     """What a diffusers FLUX.1 pipeline (FluxKontextPipeline, FluxFillPipeline) takes, holding a pictor
     Pipeline's weights: its autoencoder and transformer mapped by diffusers' own converter and ours, the

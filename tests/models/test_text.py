@@ -16,9 +16,7 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
 from pictor.models.text import (
@@ -30,6 +28,8 @@ from pictor.models.text import (
     build_text_encoder,
     default_text_encoder_config,
 )
+
+from tiny_text_folders import t5_folder
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle", ""]
 LONG = " ".join(["big red circle"] * 200)  # far past every max_length used here
@@ -68,24 +68,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("t5")
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in _LETTERS] + [("▁" + c, -2.5) for c in _LETTERS]
-    T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(folder)
-    config = T5Config(
-        vocab_size=len(pieces),
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(1)
-    T5EncoderModel(config).save_pretrained(folder)
+    t5_folder(folder)  # the same tiny T5 as the pipeline parity tests'
     return folder
 
 
