@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "layout_files": 1,
     "reference_files": 1,
     "context_images": 1,
+    "edge_maps": 1,
     "data": 1,
     "notices": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/
