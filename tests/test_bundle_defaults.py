@@ -41,7 +41,7 @@ def test_set_defaults_changes_what_generation_uses_and_nothing_else(bundle: Path
     ("changes", "words"),
     [
         ({"sampler": "ddim"}, "unknown sampler 'ddim'"),
-        ({"schedule": "karras"}, "unknown schedule 'karras'"),
+        ({"schedule": "ddim_uniform"}, "unknown schedule 'ddim_uniform'"),
         ({"width": 30}, "multiple of 4"),
         ({"steps": 0}, "steps must be between 1 and"),
         ({"steps": 5000}, "steps must be between 1 and 1000"),  # no default that every request refuses

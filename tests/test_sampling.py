@@ -207,7 +207,7 @@ def test_registry_and_unknown_names() -> None:
     }
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     with pytest.raises(ValueError, match="flux"):
-        S.get_schedule("karras", 10, 256)
+        S.get_schedule("no_such_schedule", 10, 256)
 
 
 @pytest.mark.parametrize("name", S.SCHEDULES)

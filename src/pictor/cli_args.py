@@ -58,7 +58,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
     _add_sampler(p)
-    p.add_argument("--schedule", default=None, help="flux, linear, shifted")
+    p.add_argument("--schedule", default=None, help="flux, linear, shifted, karras, exponential or beta")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
     _add_cache_threshold(p)

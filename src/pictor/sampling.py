@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from pictor.flow import predict_x0, resolution_mu, time_shift
+from pictor.flow import predict_x0
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
+from pictor.sampling_schedules import (
+    SCHEDULES,
+    get_schedule,
+    schedule_beta,
+    schedule_exponential,
+    schedule_flux,
+    schedule_karras,
+    schedule_linear,
+    schedule_shifted,
+)
 from pictor.sampling_steps import (
     Callback,
     NoiseFn,
@@ -65,7 +74,10 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "sample_unipc",
+    "schedule_beta",
+    "schedule_exponential",
     "schedule_flux",
+    "schedule_karras",
     "schedule_linear",
     "schedule_shifted",
 ]
@@ -210,76 +222,6 @@ def model_evals(name: str, steps: int) -> int:
     """Exact model calls for a schedule of `steps` steps ending at 0 (Heun's last step is Euler)."""
     per = model_evals_per_step(name)
     return per * steps - (1 if name == "heun" and steps > 0 else 0)
-
-
-# --------------------------------------------------------------------------------------------- schedules
-
-
-def _check_steps(steps: int, start: float) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < start <= 1.0:
-        raise ValueError(f"start must lie in (0, 1], got {start}")
-
-
-def _shifted_schedule(steps: int, mu: float, start: float) -> Tensor:
-    """linspace in the unshifted time u, mapped through time_shift(mu, 1, u).
-
-    For start < 1 the linspace starts at the u that maps onto `start` (the inverse shift), so all `steps`
-    steps are spent in [0, start] with the same spacing the full schedule has there, and ts[0] == start.
-    """
-    u_start = time_shift(-mu, 1.0, start)
-    u = torch.linspace(u_start, 0.0, steps + 1, dtype=torch.float64)
-    ts = time_shift(mu, 1.0, u).float()
-    ts[0], ts[-1] = start, 0.0
-    return ts
-
-
-def schedule_linear(steps: int, start: float = 1.0) -> Tensor:
-    """Evenly spaced times from `start` to 0, float32 [steps + 1]."""
-    _check_steps(steps, start)
-    return _shifted_schedule(steps, 0.0, start)
-
-
-def schedule_flux(
-    steps: int,
-    image_seq_len: int,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-    shift: bool = True,
-    start: float = 1.0,
-) -> Tensor:
-    """FLUX.1's schedule (flux `sampling.get_schedule`): linspace(1, 0) then time_shift with the
-    resolution-dependent mu, so larger images spend more steps at high noise. shift=False gives the linear
-    schedule (as FLUX.1-schnell uses). For img2img, start < 1: see `_shifted_schedule`.
-    """
-    _check_steps(steps, start)
-    mu = resolution_mu(image_seq_len, base_shift=base_shift, max_shift=max_shift) if shift else 0.0
-    return _shifted_schedule(steps, mu, start)
-
-
-def schedule_shifted(steps: int, shift: float = 3.0, start: float = 1.0) -> Tensor:
-    """SD3-style constant shift t' = s t / (1 + (s - 1) t) of a linear schedule (time_shift with
-    mu = log s, sigma = 1). shift > 1 moves steps toward noise; SD3 uses 3.0.
-    """
-    _check_steps(steps, start)
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    return _shifted_schedule(steps, math.log(shift), start)
-
-
-SCHEDULES: tuple[str, ...] = ("flux", "linear", "shifted")
-
-
-def get_schedule(name: str, steps: int, image_seq_len: int, **kw: Any) -> Tensor:
-    """Build schedule `name` ("flux", "linear", "shifted"); image_seq_len is used by "flux" only."""
-    if name == "flux":
-        return schedule_flux(steps, image_seq_len, **kw)
-    if name == "linear":
-        return schedule_linear(steps, **kw)
-    if name == "shifted":
-        return schedule_shifted(steps, **kw)
-    raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
 
 
 # ------------------------------------------------------------------------------ classifier-free guidance

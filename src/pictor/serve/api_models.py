@@ -68,7 +68,9 @@ class ImageGenerationRequest(BaseModel):
         description="euler, heun, dpmpp_2m, unipc or euler_ancestral (stochastic: fresh noise every step, "
         "drawn from the image's seed, so the seed still reproduces it). The model card lists them.",
     )
-    schedule: str | None = Field(None, description="Timestep schedule: flux, linear or shifted.")
+    schedule: str | None = Field(
+        None, description="Timestep schedule: flux, linear, shifted, karras, exponential or beta."
+    )
     layout: list[LayoutBox] | None = Field(
         None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."
     )
