@@ -89,16 +89,16 @@ def test_a_fill_transformer_becomes_a_flux_fill_bundle(tmp_path: Path) -> None:
 
 
 def test_a_transformer_with_other_extra_inputs_is_refused(tmp_path: Path) -> None:
-    """FLUX.1 Canny/Depth [dev] read a control picture's latents (twice the output width): not Fill, and not
-    something pictor can feed, so the conversion says so instead of labelling it Fill."""
+    """An input width that is neither FLUX.1's, Fill's (2 x out + 4 f^2) nor Canny/Depth's (2 x out) is
+    something pictor cannot feed, so the conversion says so instead of labelling it as one of them."""
     torch.manual_seed(0)
     params = {**PARAMS, "guidance_embed": True}
-    params["in_channels"] = 2 * params["out_channels"]
+    params["in_channels"] = 2 * params["out_channels"] + 8  # tiny AE: Fill would be + 4 x 2^2 = 16
     f = _files(tmp_path)
     save_file(
         {k: v.contiguous() for k, v in Flux(FluxParams.from_dict(params)).state_dict().items()},
         f["transformer"],
     )
-    with pytest.raises(CheckpointError, match="Canny or Depth"):
-        convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "canny")
-    assert not (tmp_path / "canny").exists()
+    with pytest.raises(CheckpointError, match="extra inputs that pictor does not know"):
+        convert_flux(f["transformer"], f["ae"], f["t5"], f["clip"], tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     "layout_files": 1,
     "reference_files": 1,
     "context_images": 1,
+    "control_images": 1,
     "edge_maps": 1,
     "data": 1,
     "notices": 1,

@@ -273,6 +273,9 @@ class BundleConfig:
     # A FLUX.1 Kontext model: it reads a context image's tokens beside the noisy ones
     # (`pictor.context_images`). Not in the weights' keys (Kontext has FLUX.1 [dev]'s), so the config says it.
     kontext: bool = False
+    # A FLUX.1 Canny or Depth [dev] model ("canny" / "depth"): what its control pictures are
+    # (`pictor.control_images`). Its shapes say it reads one; only the config says which kind.
+    control: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -289,6 +292,7 @@ class BundleConfig:
             "training": self.training,
             # Written only when set, so every other bundle's config.json stays as it was.
             **({"kontext": True} if self.kontext else {}),
+            **({"control": self.control} if self.control else {}),
         }
 
     @classmethod
@@ -303,6 +307,17 @@ class BundleConfig:
                 f"{where}: 'kontext' is true, but the model has no guidance embedding (FLUX.1 Kontext [dev] "
                 "is guidance-distilled, like [dev]); set 'kontext' to false, or give a Kontext model"
             )
+        control = d.get("control")
+        if control is not None:
+            if control not in ("canny", "depth"):
+                raise CheckpointError(f'{where}: \'control\' is {control!r}; it must be "canny" or "depth"')
+            model = d["model"]
+            if isinstance(model, dict) and model.get("in_channels") != 2 * model.get("out_channels", 0):
+                raise CheckpointError(
+                    f"{where}: 'control' is {control!r}, but the model reads {model.get('in_channels')} "
+                    f"channels a token and writes {model.get('out_channels')}: a FLUX.1 Canny or Depth "
+                    "model reads twice what it writes (the noise and the control picture); drop 'control'"
+                )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -62,6 +62,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "layout": read_layout_arg(args.layout) if args.layout is not None else None,
         "reference": args.reference,
         "context_image": _context_arg(args.context),
+        "control_image": getattr(args, "control", None),
+        "control_canny": getattr(args, "control_canny", None),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
         "cache_threshold": args.cache_threshold,
@@ -224,6 +226,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         mask=args.mask,
         reference=args.reference,
         context=args.context,
+        control=args.control,
     )
     for path in _save([image], args.out):
         print(path)
@@ -356,7 +359,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"{path}  ({args.dtype}: {before / 2**20:.1f} MiB -> {_folder_bytes(path) / 2**20:.1f} MiB)")
         return 0
     path = convert_flux(
-        args.transformer, args.ae, args.t5, args.clip, args.out, name=args.name, kontext=args.kontext
+        args.transformer,
+        args.ae,
+        args.t5,
+        args.clip,
+        args.out,
+        name=args.name,
+        kontext=args.kontext,
+        control=args.control,
     )
     print(path)
     return 0

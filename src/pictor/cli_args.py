@@ -180,6 +180,38 @@ def _add_context(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _thresholds(text: str) -> tuple[float, float]:
+    """--canny LOW,HIGH: two numbers (the range is checked with the request)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 50,200), got '{text}'") from None
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control",
+        default=None,
+        metavar="IMAGE",
+        help="FLUX.1 Canny / Depth [dev]: the control picture whose structure the images follow (an edge "
+        "map for Canny, a depth map for Depth, near = bright); resized to the image size; needs such a model",
+    )
+    p.add_argument(
+        "--canny",
+        type=_thresholds,
+        nargs="?",
+        const=(50.0, 200.0),
+        default=None,
+        dest="control_canny",
+        metavar="LOW,HIGH",
+        help="draw the --control picture's Canny edges first (a photo for a Canny model), with OpenCV's "
+        "thresholds (default 50,200, as BFL's reference code)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
@@ -193,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout(g)
     _add_reference(g)
     _add_context(g)
+    _add_control(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--hires",
@@ -228,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout(ed)
     _add_reference(ed)
     _add_context(ed)
+    _add_control(ed)
     ed.add_argument(
         "--mask",
         default=None,
@@ -257,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", default=None, help="for an edit: the image it was made from")
     r.add_argument(
         "--context", default=None, metavar="IMAGE", help="for a FLUX.1 Kontext image: its context image"
+    )
+    r.add_argument(
+        "--control",
+        default=None,
+        metavar="IMAGE",
+        help="for a FLUX.1 Canny / Depth image: its control picture",
     )
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
@@ -352,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the transformer is FLUX.1 Kontext [dev] (flux1-kontext-dev.safetensors): the bundle edits a "
         "--context image by instruction",
+    )
+    cf.add_argument(
+        "--control",
+        choices=("canny", "depth"),
+        default=None,
+        help="for FLUX.1 Canny / Depth [dev] (known by their input width): which control pictures the "
+        "transformer reads; default: read off the file's name (flux1-canny-dev, flux1-depth-dev)",
     )
     cd = csub.add_parser(
         "dtype", help="a bundle with its weights stored in another dtype (fp16 halves an fp32 bundle)"

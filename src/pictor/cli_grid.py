@@ -32,6 +32,8 @@ SHARED = (
     "reference",
     "reference_adapter",
     "context",
+    "control",
+    "control_canny",
     "hires",
     "hires_strength",
     "hires_steps",

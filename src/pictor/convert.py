@@ -29,6 +29,7 @@ from pictor.checkpoint import (
     write_json,
     write_safetensors,
 )
+from pictor.control_images import CONTROL_KINDS, is_control_model
 from pictor.fill_images import is_fill_model
 from pictor.flux_files import (
     AE_PREFIXES,
@@ -104,9 +105,12 @@ def convert_flux(
     out: str | os.PathLike[str],
     name: str | None = None,
     kontext: bool = False,
+    control: str | None = None,
 ) -> Path:
     """FLUX.1 [dev] or [schnell] single files + local T5/CLIP folders -> a bundle folder. `kontext`: the
-    transformer is FLUX.1 Kontext [dev] (its keys are [dev]'s, so only the caller can say so).
+    transformer is FLUX.1 Kontext [dev] (its keys are [dev]'s, so only the caller can say so). `control`:
+    "canny" or "depth" for FLUX.1 Canny / Depth [dev] (known as control models by their input width, but
+    not which kind); None reads the kind off the file's name (flux1-canny-dev, flux1-depth-dev).
 
     The transformer may be a GGUF file (ComfyUI-GGUF's quantized FLUX.1): its blocks' linear layers keep
     their GGML blocks in the bundle and are dequantized one layer at a time as they run."""
@@ -142,12 +146,16 @@ def convert_flux(
         raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
     ae_factor = AutoEncoderParams.from_dict(infer_autoencoder_params(ae_shapes, 1.0, 0.0)).downsample_factor
     fill = is_fill_model(FluxParams.from_dict(params), ae_factor)  # FLUX.1 Fill [dev]: 384 in, 64 out
-    if params["in_channels"] != params["out_channels"] and not fill:
+    controlled = is_control_model(FluxParams.from_dict(params))  # FLUX.1 Canny / Depth [dev]: 128 in, 64 out
+    if params["in_channels"] != params["out_channels"] and not fill and not controlled:
         raise CheckpointError(
             f"{transformer}: the transformer reads {params['in_channels']} channels a token and writes "
-            f"{params['out_channels']}: a model with extra inputs that pictor does not know (FLUX.1 Canny "
-            "or Depth [dev] read a control picture's latents); FLUX.1 Fill [dev] and plain FLUX.1 are read"
+            f"{params['out_channels']}: a model with extra inputs that pictor does not know; FLUX.1 "
+            "[dev] and [schnell], Kontext, Fill, Canny and Depth [dev] are read"
         )
+    control = _control_kind(transformer, controlled, control or (record and record.get("control")))
+    if control and kontext:
+        raise CheckpointError(f"{transformer}: a FLUX.1 {control.capitalize()} model is no Kontext model")
     if kontext and not params["guidance_embed"]:
         raise CheckpointError(
             f"{transformer}: --kontext, but the file has no guidance_in (FLUX.1 Kontext [dev] is guidance-"
@@ -156,7 +164,9 @@ def convert_flux(
     if fill and kontext:
         raise CheckpointError(f"{transformer}: a FLUX.1 Fill model (384 input channels) is no Kontext model")
     preset_name = (
-        "flux-kontext-dev"
+        f"flux-{control}-dev"
+        if control
+        else "flux-kontext-dev"
         if kontext
         else "flux-fill-dev"
         if fill
@@ -196,9 +206,33 @@ def convert_flux(
             + (f" ({len(kept)} layers kept in GGML {format_names(kept)})" if kept else ""),
             hashes=hashes,
             kontext=kontext,
+            control=control,
         )
         write_json(config.to_dict(), tmp / CONFIG_NAME)
     return out
+
+
+def _control_kind(transformer: Path, controlled: bool, given: str | None) -> str | None:
+    """The kind of control picture a FLUX.1 Canny / Depth transformer reads: `given` (--control, or the
+    record of a GGUF file pictor wrote), else its file name's "canny" or "depth"; None for other models."""
+    if not controlled:
+        if given:
+            raise CheckpointError(
+                f"{transformer}: --control {given}, but the transformer reads no control picture (its input "
+                "is as wide as its output); give flux1-canny-dev or flux1-depth-dev, or drop --control"
+            )
+        return None
+    if given is not None:
+        if given not in CONTROL_KINDS:
+            raise CheckpointError(f"--control {given!r}: choose one of {', '.join(CONTROL_KINDS)}")
+        return given
+    named = [kind for kind in CONTROL_KINDS if kind in transformer.name.lower()]
+    if len(named) != 1:
+        raise CheckpointError(
+            f"{transformer}: a FLUX.1 control model (input twice its output), but its name does not say "
+            "whether it reads edge maps or depth maps; add --control canny or --control depth"
+        )
+    return named[0]
 
 
 def _cast_in_place(sd: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> None:
@@ -323,6 +357,7 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
                 "model": config.model,
                 "defaults": config.defaults,
                 "kontext": config.kontext,
+                **({"control": config.control} if config.control else {}),
                 "autoencoder": {k: config.autoencoder[k] for k in ("scale_factor", "shift_factor")},
             }
         ),

@@ -91,6 +91,8 @@ class EditRequest:
     layout: list[dict[str, Any]] | None = None
     reference: ImageSource | np.ndarray | None = None
     context_image: ImageSource | np.ndarray | None = None
+    control_image: ImageSource | np.ndarray | None = None
+    control_canny: tuple[float, float] | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
     cache_threshold: float | None = None

@@ -106,8 +106,8 @@ def gguf_flux_tensors(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
 
 def gguf_pictor_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What pictor recorded in a GGUF file it wrote (`pictor convert gguf`): the transformer's FluxParams
-    (``model``), the bundle's generation ``defaults``, ``kontext`` and the autoencoder's ``scale_factor`` and
-    ``shift_factor``, checked; None for a file pictor did not write."""
+    (``model``), the bundle's generation ``defaults``, ``kontext``, ``control`` and the autoencoder's
+    ``scale_factor`` and ``shift_factor``, checked; None for a file pictor did not write."""
     recorded = _gguf_flux(path)[1].get(PICTOR_CONFIG_KEY)
     if recorded is None:
         return None
@@ -119,8 +119,11 @@ def gguf_pictor_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             "model": dict(record["model"]),
             "defaults": dict(record.get("defaults", {})),
             "kontext": bool(record.get("kontext", False)),
+            "control": record.get("control"),
             "autoencoder": {k: float(ae[k]) for k in ("scale_factor", "shift_factor") if k in ae},
         }
+        if checked["control"] not in (None, "canny", "depth"):
+            raise ValueError(checked["control"])
     except (TypeError, ValueError, KeyError, AttributeError):
         raise CheckpointError(
             f"{path}: {PICTOR_CONFIG_KEY} is not pictor's record; the file is damaged"

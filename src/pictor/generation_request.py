@@ -71,6 +71,13 @@ class GenerationRequest:
     # preferred size, which the images take unless width or height is given. Only a Kontext model takes
     # one. None: none.
     context_image: ImageSource | np.ndarray | None = None
+    # FLUX.1 Canny / Depth [dev]: the control picture (an edge map or a depth map; a path, a PIL image or
+    # uint8 [H, W, 3]) read beside the noise (`pictor.control_images`), resized to the image's size. Only a
+    # control model takes one, and a control model needs one. None: none.
+    control_image: ImageSource | np.ndarray | None = None
+    # (low, high): draw the control picture's Canny edges first (OpenCV's thresholds; BFL uses 50, 200),
+    # for a photo given to a Canny model. None: the picture is read as it is.
+    control_canny: tuple[float, float] | None = None
     # Decode (and, for edits, encode) through the autoencoder in tiles of this many image pixels, which
     # bounds its memory at large sizes; the result is close to, not equal to, the whole pass, so records
     # keep it. None: one pass over the whole image.

@@ -74,7 +74,8 @@ def guided_velocity(
 ) -> Velocity:
     """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
     cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts.
-    `fill`: a FLUX.1 Fill model's conditioning [1, N, D], concatenated to every noisy token's channels."""
+    `fill`: tokens read beside the noise [1, N, D], concatenated to every noisy token's channels: a FLUX.1
+    Fill model's masked picture and mask, or a Canny / Depth model's control picture."""
     cond = m.encode_text([r.prompt])
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
@@ -101,7 +102,7 @@ def guided_velocity(
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
-        if fill is not None:  # Fill: the masked picture and the mask beside each noisy token
+        if fill is not None:  # Fill's masked picture and mask, or a control picture, beside each token
             x = torch.cat([x, fill.expand(n, -1, -1).to(x.dtype)], dim=-1)
         # Kontext: the context tokens ride after the noisy ones and their outputs are dropped.
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)

@@ -55,6 +55,7 @@ def pipeline_from_preset(
         trained=False,
         description=preset.get("description", ""),
         kontext=bool(preset.get("kontext", False)),
+        control=preset.get("control"),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

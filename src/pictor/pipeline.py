@@ -33,6 +33,7 @@ from pictor.checkpoint import (
     model_hash,
 )
 from pictor.context_images import context_fields
+from pictor.control_images import control_fields, control_tokens, is_control_model
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.fill_images import check_fill_request, is_fill_model
@@ -125,6 +126,8 @@ class Pipeline:
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         # FLUX.1 Fill [dev] (known by its input width): it only repaints masked pictures (`pictor.edit`).
         self.fill = is_fill_model(transformer.params, autoencoder.params.downsample_factor)
+        # FLUX.1 Canny / Depth [dev] (input twice the output): every image needs a control picture.
+        self.control = is_control_model(transformer.params)
         self.config = config
         self.hash = model_id_hash or model_hash(config) or ""
         # How this model was asked for (bundle path, bundle name or preset); recorded so `reproduce`
@@ -329,8 +332,19 @@ class Pipeline:
             x = pack_latents(noise)
             start = 1.0 if init is None else init.strength
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
-            fill = init.fill if init is not None else None
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, fill)
+            # Tokens read beside the noise: Fill's masked picture and mask, or a control picture's latents.
+            beside = init.fill if init is not None else None
+            if r.control_image is not None:
+                assert isinstance(r.control_image, np.ndarray)
+                beside = control_tokens(
+                    self.autoencoder,
+                    r.control_image,
+                    r.control_canny,
+                    self.dtype,
+                    r.vae_tile,
+                    r.vae_tile_overlap,
+                )
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside)
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)
@@ -406,6 +420,7 @@ class Pipeline:
             **({"layout": r.layout, "layout_adapter": dict(self.layout_info or {})} if r.layout else {}),
             **(self._reference_fields(r) if r.reference is not None else {}),
             **(context_fields(r.context_image) if r.context_image is not None else {}),
+            **(control_fields(r.control_image, r.control_canny) if r.control_image is not None else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }

@@ -179,6 +179,40 @@ PRESETS: dict[str, dict[str, Any]] = {
             "guidance_mode": "distilled",
         },
     },
+    # FLUX.1 Canny / Depth [dev]: [dev] reading a control picture's latents beside the noise
+    # (`pictor.control_images`). Steps and guidance are those of diffusers' FluxControlPipeline examples.
+    "flux-canny-dev": {
+        "description": "FLUX.1 Canny [dev] (12B, follows an edge map: --control); weights from local files",
+        "model": {**_flux_model(guidance_embed=True), "in_channels": 128},
+        "autoencoder": _FLUX_AE,
+        "text_encoder": _FLUX_TEXT,
+        "defaults": {
+            "width": 1024,
+            "height": 1024,
+            "steps": 50,
+            "guidance": 30.0,
+            "sampler": "euler",
+            "schedule": "flux",
+            "guidance_mode": "distilled",
+        },
+        "control": "canny",
+    },
+    "flux-depth-dev": {
+        "description": "FLUX.1 Depth [dev] (12B, follows a depth map: --control); weights from local files",
+        "model": {**_flux_model(guidance_embed=True), "in_channels": 128},
+        "autoencoder": _FLUX_AE,
+        "text_encoder": _FLUX_TEXT,
+        "defaults": {
+            "width": 1024,
+            "height": 1024,
+            "steps": 30,
+            "guidance": 10.0,
+            "sampler": "euler",
+            "schedule": "flux",
+            "guidance_mode": "distilled",
+        },
+        "control": "depth",
+    },
     "flux-schnell": {
         "description": "FLUX.1 [schnell] architecture (12B, 4 steps); weights from local files",
         "model": _flux_model(guidance_embed=False),

@@ -91,10 +91,17 @@ def parameters_text(record: dict[str, Any]) -> str:
         ]
     # A1111 has no names for these; the short hash of the fitted pixels tells which picture the image
     # needs (`pictor reproduce IMAGE --reference/--context PICTURE` checks the whole one).
-    for key, name in (("reference_image", "Reference image hash"), ("context_image", "Context image hash")):
+    for key, name in (
+        ("reference_image", "Reference image hash"),
+        ("context_image", "Context image hash"),
+        ("control_image", "Control image hash"),
+    ):
         picture = record.get(key)
         if isinstance(picture, dict) and picture.get("sha256"):
             fields.append((name, str(picture["sha256"])[:12]))
+    canny = record.get("control_canny")
+    if isinstance(canny, list) and len(canny) == 2:  # the control picture's edges were drawn by pictor
+        fields.append(("Control canny", f"{_fmt_number(canny[0])}/{_fmt_number(canny[1])}"))
     if record.get("vae_tile"):
         fields += [
             ("VAE tile", record["vae_tile"]),

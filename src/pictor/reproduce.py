@@ -68,6 +68,11 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "reference_image": (_optional(_hashed), "an object with the picture's sha256"),
     "reference_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
     "context_image": (_optional(_hashed), "an object with the context image's sha256"),
+    "control_image": (_optional(_hashed), "an object with the control picture's sha256"),
+    "control_canny": (
+        _optional(lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
+        "two numbers",
+    ),
     "guidance_mode": (lambda v: isinstance(v, str), "a guidance mode"),
     "mode": (lambda v: v in EDIT_MODES, f"one of {', '.join(EDIT_MODES)}"),
     "strength": (_number, "a number"),
@@ -123,7 +128,11 @@ def check_record(record: Any) -> None:
 
 
 def _settings(
-    record: dict[str, Any], seeds: list[int], reference: ImageSource | None, context: ImageSource | None
+    record: dict[str, Any],
+    seeds: list[int],
+    reference: ImageSource | None,
+    context: ImageSource | None,
+    control: ImageSource | None,
 ) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
@@ -137,6 +146,8 @@ def _settings(
         "layout": record.get("layout"),
         "reference": reference,
         "context_image": context,
+        "control_image": control,
+        "control_canny": tuple(record["control_canny"]) if record.get("control_canny") else None,
         **{name: record.get(name) for name in TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
     }
@@ -176,6 +187,7 @@ def check_picture_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
     for key, pixels, what in (
         ("reference_image", r.reference, "reference image"),
         ("context_image", r.context_image, "context image"),
+        ("control_image", r.control_image, "control picture"),
     ):
         if not record.get(key):
             continue
@@ -196,6 +208,16 @@ def check_context(record: dict[str, Any], context: ImageSource | None) -> None:
         )
     if context is not None and not record.get("context_image"):
         raise GenerationError("this image was made without a context image; drop --context")
+
+
+def check_control(record: dict[str, Any], control: ImageSource | None) -> None:
+    """A FLUX.1 Canny / Depth image's control picture is given exactly when the record has one."""
+    if record.get("control_image") and control is None:
+        raise GenerationError(
+            "this image was made from a control picture (FLUX.1 Canny / Depth); pass it with --control IMAGE"
+        )
+    if control is not None and not record.get("control_image"):
+        raise GenerationError("this image was made without a control picture; drop --control")
 
 
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
@@ -236,12 +258,14 @@ def reproduce(
     mask: ImageSource | None = None,
     reference: ImageSource | None = None,
     context: ImageSource | None = None,
+    control: ImageSource | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
     An edit's record holds only hashes of its source image and mask, and a record with a reference or a
-    (FLUX.1 Kontext) context image only the hash of that picture; pass those files as `source`, `mask`,
-    `reference` and `context`, and they are checked against the hashes before the sampler runs.
+    (FLUX.1 Kontext) context image or a (Canny / Depth) control picture only the hash of that picture; pass
+    those files as `source`, `mask`, `reference`, `context` and `control`, and they are checked against the
+    hashes before the sampler runs (a control picture's Canny edges are drawn again, as the record says).
     """
     check_record(record)
     if "mode" not in record and (source is not None or mask is not None):
@@ -272,14 +296,15 @@ def reproduce(
     check_layout_adapter(pipe, record)
     check_reference(pipe, record, reference)
     check_context(record, context)
+    check_control(record, control)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
-        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference, context)
+        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference, context, control)
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds, reference, context),
+        **_settings(record, seeds, reference, context, control),
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
@@ -298,6 +323,7 @@ def _reproduce_edit(
     mask: ImageSource | None,
     reference: ImageSource | None,
     context: ImageSource | None,
+    control: ImageSource | None,
 ) -> GeneratedImage:
     mode = record["mode"]
     if source is None:
@@ -318,7 +344,7 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds, reference, context),
+        **_settings(record, seeds, reference, context, control),
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_picture_pixels(record, r)

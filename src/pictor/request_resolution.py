@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from pictor.checkpoint import BundleConfig
 from pictor.context_images import resolve_context
+from pictor.control_images import resolve_control
 from pictor.generation_request import (
     MAX_IMAGES,
     MAX_SEED,
@@ -39,6 +40,7 @@ class ResolvingPipeline(Protocol):
     transformer: Flux
     layout_adapter: Any
     reference_adapter: Any
+    control: bool  # a FLUX.1 Canny / Depth model (`pictor.control_images.is_control_model`)
 
     @property
     def name(self) -> str: ...
@@ -100,6 +102,8 @@ def resolve_request(
     r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
+    # FLUX.1 Canny / Depth: the control picture is fitted to the image's size, now known.
+    r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
     if not 1 <= r.num_images <= MAX_IMAGES:
         raise GenerationError(
             f"number of images must be between 1 and {MAX_IMAGES}, got {r.num_images}; for more, run "
