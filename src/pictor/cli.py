@@ -8,6 +8,7 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         get_scorer(args.scorer)  # a wrong name fails before the model loads
         if args.num_images != 1:
             raise ValueError("--best-of N sets the number of images; drop -n")
+        if args.variants == "random":
+            raise ValueError(
+                "--best-of ranks candidates of one prompt, and --variants random gives each image its own; "
+                "use --variants all (each combination gets its own --best-of) or drop --best-of"
+            )
+    runs = _prompt_runs(args)  # a bad template or prompt file fails before the model loads
     _output_folder(args.out)
     pipe = _load(args)
     width, height = args.size or (None, None)
@@ -157,19 +164,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "hires_strength": args.hires_strength,
         "hires_steps": args.hires_steps,
     }
-    request = pl.GenerationRequest(prompt=args.prompt, width=width, height=height, **_settings(args), **hires)
-    if args.best_of is not None:
-        from pictor.rerank import generate_best_of
+    base = pl.GenerationRequest(prompt=runs[0].prompt, width=width, height=height, **_settings(args), **hires)
+    for k, run in enumerate(runs, 1):
+        if len(runs) > 1:
+            print(f"prompt {k}/{len(runs)}: {run.prompt}", file=sys.stderr)
+        texts = {"prompt": run.prompt, "negative_prompt": run.negative_prompt}
+        request = replace(base, **texts, seed=run.seed, num_images=run.num_images)
+        if args.best_of is not None:
+            from pictor.rerank import generate_best_of
 
-        ranked = generate_best_of(pipe, request, args.best_of, args.scorer, progress=_progress_bar("best-of"))
-        labels = [f"rank{g.record['best_of']['rank']}" for g in ranked]
-        for path, g in zip(_save(ranked, args.out, labels), ranked, strict=True):
-            print(f"{path}\tscore {g.record['best_of']['score']:g}")
-        return 0
-    images = pipe.generate(request, progress=_progress_bar("generate"))
-    for path in _save(images, args.out):
-        print(path)
+            bar = _progress_bar("best-of")
+            ranked = generate_best_of(pipe, request, args.best_of, args.scorer, progress=bar)
+            _keep_template(ranked, run, args.variants)
+            labels = [f"rank{g.record['best_of']['rank']}" for g in ranked]
+            for path, g in zip(_save(ranked, args.out, labels), ranked, strict=True):
+                print(f"{path}\tscore {g.record['best_of']['score']:g}")
+            continue
+        images = pipe.generate(request, progress=_progress_bar("generate"))
+        _keep_template(images, run, args.variants)
+        for path in _save(images, args.out):
+            print(path)
     return 0
+
+
+def _prompt_runs(args: argparse.Namespace) -> list[Any]:
+    """generate's requests: PROMPT or each line of --from-file, as written or, with --variants, resolved
+    (`pictor.prompt_variants.plan_runs`). Without --seed, every prompt shares one random seed."""
+    import secrets
+
+    from pictor.prompt_variants import plan_runs, read_prompt_file
+
+    if (args.prompt is None) == (args.from_file is None):
+        raise ValueError("give a PROMPT or --from-file FILE (one prompt per line), not both or neither")
+    prompts = [args.prompt] if args.from_file is None else read_prompt_file(args.from_file)
+    seed = args.seed
+    if seed is None and (args.variants or args.from_file):
+        seed = secrets.randbelow(2**32)  # as the pipeline draws one
+    return plan_runs(prompts, args.negative, seed, args.num_images, args.variants, args.wildcards)
+
+
+def _keep_template(images: list[Any], run: Any, variants: str | None) -> None:
+    """With --variants, each record keeps the templates its texts were resolved from, beside the resolved
+    prompt that `reproduce` uses (as --best-of keeps its rank)."""
+    if variants:
+        template = {"variants": variants, "prompt": run.template, "negative_prompt": run.negative_template}
+        for g in images:
+            g.record["prompt_template"] = template
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

@@ -212,13 +212,37 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prompt_variants(p: argparse.ArgumentParser) -> None:
+    """generate's prompt files and variants (`pictor.prompt_variants`)."""
+    p.add_argument(
+        "--from-file",
+        default=None,
+        metavar="FILE",
+        help="one prompt per line instead of PROMPT (blank and # lines skipped); each runs with the other "
+        "options",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        choices=("random", "all"),
+        help="read {a|b} and __wildcard__ in the prompts: random: each image draws its own variant from its "
+        "seed; all: every combination, -n images each (default: off, prompts as written)",
+    )
+    p.add_argument(
+        "--wildcards",
+        default=None,
+        metavar="DIR",
+        help="with --variants: the folder of the wildcard files (__colours__ is one line of DIR/colours.txt)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictor", description="pictor: text-to-image generation")
     parser.add_argument("--version", action="version", version=f"pictor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (or --from-file)")
     _add_model(g)
     _add_lora(g)
     _add_sampling(g)
@@ -251,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate N candidates (seeds seed..seed+N-1), save all best first with their scores",
     )
     g.add_argument("--scorer", default=None, help="scorer for --best-of (default: shapes)")
+    _add_prompt_variants(g)
 
     ed = sub.add_parser("edit", help="img2img, inpainting (--mask) or outpainting (--expand) of an image")
     ed.add_argument("image", help="the source image")
