@@ -29,8 +29,10 @@ def _load(  # type: ignore[no-untyped-def]
     loras: list[tuple[str, float]] | None = None,
     layout_adapter: str | None = None,
     reference_adapter: str | None = None,
+    redux: tuple[str, str] | None = None,
 ):
-    """The pipeline for a command: the model, then its LoRAs in order, then the adapters given."""
+    """The pipeline for a command: the model, then its LoRAs in order, then the adapters given (`redux`:
+    the Redux file and SigLIP folder, else --redux-model and --siglip)."""
     from pictor.loading import load
 
     pipe = load(model if model is not None else args.model, device=args.device)
@@ -42,6 +44,11 @@ def _load(  # type: ignore[no-untyped-def]
     reference = reference_adapter or getattr(args, "reference_adapter", None)
     if reference:
         pipe.set_reference_adapter(reference)
+    redux_model, siglip = redux or (getattr(args, "redux_model", None), getattr(args, "siglip", None))
+    if (redux_model is None) != (siglip is None):
+        raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip FOLDER")
+    if redux_model is not None and siglip is not None:
+        pipe.set_redux(redux_model, siglip)
     if not pipe.config.trained:
         print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     return pipe
@@ -65,6 +72,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "context_image": _context_arg(args.context),
         "control_image": getattr(args, "control", None),
         "control_canny": getattr(args, "control_canny", None),
+        "redux_image": getattr(args, "redux", None),
+        "redux_strength": getattr(args, "redux_strength", None),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
         "cache_threshold": args.cache_threshold,
@@ -244,6 +253,16 @@ def _recorded_file(record: dict[str, Any], key: str) -> str | None:
     return path if path and Path(path).is_file() else None
 
 
+def _recorded_redux(args: argparse.Namespace, record: dict[str, Any]) -> tuple[str, str] | None:
+    """The Redux file and SigLIP folder to reproduce with: the flags, else the record's, if still there."""
+    if args.redux_model or args.siglip:
+        return None  # _load reads the flags (and says so if one of the two is missing)
+    entry = record.get("redux") if isinstance(record.get("redux"), dict) else None
+    if not entry or not Path(str(entry.get("path"))).is_file() or not Path(str(entry.get("siglip"))).is_dir():
+        return None
+    return str(entry["path"]), str(entry["siglip"])
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
     from pictor.reproduce import check_record, pixel_report, reproduce
@@ -257,7 +276,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
     adapter = args.layout_adapter or _recorded_file(record, "layout_adapter")
     reference = args.reference_adapter or _recorded_file(record, "reference_adapter")
-    pipe = _load(args, model, loras, adapter, reference)
+    pipe = _load(args, model, loras, adapter, reference, _recorded_redux(args, record))
     image = reproduce(
         pipe,
         record,
@@ -267,6 +286,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         reference=args.reference,
         context=args.context,
         control=args.control,
+        redux=args.redux,
     )
     for path in _save([image], args.out):
         print(path)

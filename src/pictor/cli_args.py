@@ -212,6 +212,39 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_redux_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redux-model",
+        default=None,
+        metavar="FILE",
+        help="FLUX.1 Redux's embedder (flux1-redux-dev.safetensors), with --siglip",
+    )
+    p.add_argument(
+        "--siglip",
+        default=None,
+        metavar="DIR",
+        help="a local SigLIP folder for FLUX.1 Redux (google/siglip-so400m-patch14-384 as saved)",
+    )
+
+
+def _add_redux(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redux",
+        default=None,
+        metavar="IMAGE",
+        help="FLUX.1 Redux: a picture whose content and style the images take (its SigLIP features follow "
+        "the prompt's tokens); needs --redux-model and --siglip",
+    )
+    p.add_argument(
+        "--redux-strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how strongly the Redux picture speaks (its tokens times S; default 1, BFL's)",
+    )
+    _add_redux_model(p)
+
+
 def _add_prompt_variants(p: argparse.ArgumentParser) -> None:
     """generate's prompt files and variants (`pictor.prompt_variants`)."""
     p.add_argument(
@@ -250,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(g)
     _add_context(g)
     _add_control(g)
+    _add_redux(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--hires",
@@ -287,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(ed)
     _add_context(ed)
     _add_control(ed)
+    _add_redux(ed)
     ed.add_argument(
         "--mask",
         default=None,
@@ -323,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="for a FLUX.1 Canny / Depth image: its control picture",
     )
+    r.add_argument("--redux", default=None, metavar="IMAGE", help="for a FLUX.1 Redux image: its picture")
+    _add_redux_model(r)
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
 

@@ -93,6 +93,8 @@ class EditRequest:
     context_image: ImageSource | np.ndarray | None = None
     control_image: ImageSource | np.ndarray | None = None
     control_canny: tuple[float, float] | None = None
+    redux_image: ImageSource | np.ndarray | None = None
+    redux_strength: float | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
     cache_threshold: float | None = None

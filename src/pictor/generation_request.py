@@ -78,6 +78,11 @@ class GenerationRequest:
     # (low, high): draw the control picture's Canny edges first (OpenCV's thresholds; BFL uses 50, 200),
     # for a photo given to a Canny model. None: the picture is read as it is.
     control_canny: tuple[float, float] | None = None
+    # FLUX.1 Redux: a picture whose SigLIP features, projected by the Redux embedder, follow the prompt's
+    # tokens (`pictor.redux_images`); needs `Pipeline.set_redux`. None: none.
+    redux_image: ImageSource | np.ndarray | None = None
+    # How strongly the Redux picture speaks (its tokens are multiplied by it); None: 1, BFL's.
+    redux_strength: float | None = None
     # Decode (and, for edits, encode) through the autoencoder in tiles of this many image pixels, which
     # bounds its memory at large sizes; the result is close to, not equal to, the whole pass, so records
     # keep it. None: one pass over the whole image.

@@ -30,6 +30,7 @@ from pictor.models.reference import (
     conditional_only,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
+from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.sampling import cfg
 
@@ -45,6 +46,8 @@ class Conditioned(Protocol):
     layout: list[dict[str, Any]] | None
     reference: Any
     context_image: Any
+    redux_image: Any
+    redux_strength: float | None
     cache_threshold: float | None
 
 
@@ -59,6 +62,7 @@ class Models(Protocol):
     text_encoder: TextEncoder
     layout_adapter: LayoutAdapter | None
     reference_adapter: ReferenceAdapter | None
+    redux: ReduxModel | None
 
     def encode_text(self, prompts: list[str]) -> TextEmbeddings: ...
 
@@ -77,6 +81,17 @@ def guided_velocity(
     `fill`: tokens read beside the noise [1, N, D], concatenated to every noisy token's channels: a FLUX.1
     Fill model's masked picture and mask, or a Canny / Depth model's control picture."""
     cond = m.encode_text([r.prompt])
+    if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
+        assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
+        picture = redux_tokens(m.redux, r.redux_image, float(r.redux_strength or 0.0), m.dtype)
+        cond = TextEmbeddings(
+            tokens=torch.cat([cond.tokens, picture], dim=1),
+            mask=torch.cat(
+                [cond.mask, torch.ones(picture.shape[:2], dtype=cond.mask.dtype, device=cond.mask.device)],
+                dim=1,
+            ),
+            pooled=cond.pooled,
+        )
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0

@@ -61,6 +61,7 @@ from pictor.models.reference import (
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
 from pictor.presets import get_preset
+from pictor.redux_images import ReduxModel, open_redux, redux_fields
 from pictor.reference_files import (
     ReferenceImageError,
     open_reference_adapter,
@@ -141,6 +142,8 @@ class Pipeline:
         # Likewise the reference adapter (image prompts).
         self.reference_adapter: ReferenceAdapter | None = None
         self.reference_info: dict[str, Any] | None = None
+        # FLUX.1 Redux's embedder and SigLIP vision tower (`set_redux`), for requests with a Redux picture.
+        self.redux: ReduxModel | None = None
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -311,6 +314,13 @@ class Pipeline:
         self.reference_adapter, self.reference_info = adapter.to(self.device), info
         return info
 
+    def set_redux(self, path: str | os.PathLike[str], siglip: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load FLUX.1 Redux (flux1-redux-dev.safetensors and a local SigLIP folder) for requests with a
+        Redux picture; returns the entry records name."""
+        redux = open_redux(path, siglip, self.transformer.params.context_in_dim)
+        self.redux = redux.to(self.device, self.dtype)
+        return redux.info
+
     def sample(
         self,
         r: GenerationRequest,
@@ -421,9 +431,14 @@ class Pipeline:
             **(self._reference_fields(r) if r.reference is not None else {}),
             **(context_fields(r.context_image) if r.context_image is not None else {}),
             **(control_fields(r.control_image, r.control_canny) if r.control_image is not None else {}),
+            **(self._redux_fields(r) if r.redux_image is not None else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }
+
+    def _redux_fields(self, r: GenerationRequest) -> dict[str, Any]:
+        assert isinstance(r.redux_image, np.ndarray) and self.redux is not None
+        return redux_fields(r.redux_image, float(r.redux_strength or 0.0), self.redux.info)
 
     def _reference_fields(self, r: GenerationRequest) -> dict[str, Any]:
         """A record holds the hash of the reference's fitted pixels, not the picture, and the adapter."""

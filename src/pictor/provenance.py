@@ -95,10 +95,14 @@ def parameters_text(record: dict[str, Any]) -> str:
         ("reference_image", "Reference image hash"),
         ("context_image", "Context image hash"),
         ("control_image", "Control image hash"),
+        ("redux_image", "Redux image hash"),
     ):
         picture = record.get(key)
         if isinstance(picture, dict) and picture.get("sha256"):
             fields.append((name, str(picture["sha256"])[:12]))
+    redux = record.get("redux")
+    if isinstance(redux, dict) and isinstance(redux.get("strength"), int | float):
+        fields.append(("Redux strength", _fmt_number(redux["strength"])))
     canny = record.get("control_canny")
     if isinstance(canny, list) and len(canny) == 2:  # the control picture's edges were drawn by pictor
         fields.append(("Control canny", f"{_fmt_number(canny[0])}/{_fmt_number(canny[1])}"))

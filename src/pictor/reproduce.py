@@ -69,6 +69,11 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "reference_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
     "context_image": (_optional(_hashed), "an object with the context image's sha256"),
     "control_image": (_optional(_hashed), "an object with the control picture's sha256"),
+    "redux_image": (_optional(_hashed), "an object with the Redux picture's sha256"),
+    "redux": (
+        _optional(lambda v: _strings(v, "sha256", "path", "siglip") and _number(v.get("strength"))),
+        "an object with the Redux file's sha256 and the strength",
+    ),
     "control_canny": (
         _optional(lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
         "two numbers",
@@ -133,6 +138,7 @@ def _settings(
     reference: ImageSource | None,
     context: ImageSource | None,
     control: ImageSource | None,
+    redux: ImageSource | None = None,
 ) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
@@ -148,6 +154,8 @@ def _settings(
         "context_image": context,
         "control_image": control,
         "control_canny": tuple(record["control_canny"]) if record.get("control_canny") else None,
+        "redux_image": redux,
+        "redux_strength": record["redux"]["strength"] if record.get("redux") else None,
         **{name: record.get(name) for name in TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
     }
@@ -188,6 +196,7 @@ def check_picture_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
         ("reference_image", r.reference, "reference image"),
         ("context_image", r.context_image, "context image"),
         ("control_image", r.control_image, "control picture"),
+        ("redux_image", r.redux_image, "Redux picture"),
     ):
         if not record.get(key):
             continue
@@ -218,6 +227,28 @@ def check_control(record: dict[str, Any], control: ImageSource | None) -> None:
         )
     if control is not None and not record.get("control_image"):
         raise GenerationError("this image was made without a control picture; drop --control")
+
+
+def check_redux(pipe: Pipeline, record: dict[str, Any], redux: ImageSource | None) -> None:
+    """A FLUX.1 Redux image's picture is given exactly when the record has one, and the Redux file loaded
+    is the one it was made with."""
+    if not record.get("redux_image"):
+        if redux is not None:
+            raise GenerationError("this image was made without a Redux picture; drop --redux")
+        return
+    if redux is None:
+        raise GenerationError("this image was made from a Redux picture; pass it with --redux IMAGE")
+    want = (record.get("redux") or {}).get("sha256")
+    have = pipe.redux.info["sha256"] if pipe.redux is not None else None
+    if have is None:
+        raise GenerationError(
+            "the image was made with FLUX.1 Redux; load it with --redux-model FILE --siglip FOLDER"
+        )
+    if want and want != have:
+        raise GenerationError(
+            f"the image was made with Redux file {want[:10]}, but the loaded one is {have[:10]}; pass the "
+            "same file with --redux-model"
+        )
 
 
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
@@ -259,13 +290,15 @@ def reproduce(
     reference: ImageSource | None = None,
     context: ImageSource | None = None,
     control: ImageSource | None = None,
+    redux: ImageSource | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
     An edit's record holds only hashes of its source image and mask, and a record with a reference or a
     (FLUX.1 Kontext) context image or a (Canny / Depth) control picture only the hash of that picture; pass
     those files as `source`, `mask`, `reference`, `context` and `control`, and they are checked against the
-    hashes before the sampler runs (a control picture's Canny edges are drawn again, as the record says).
+    hashes before the sampler runs (a control picture's Canny edges are drawn again, as the record says);
+    likewise a FLUX.1 Redux picture as `redux`.
     """
     check_record(record)
     if "mode" not in record and (source is not None or mask is not None):
@@ -297,14 +330,17 @@ def reproduce(
     check_reference(pipe, record, reference)
     check_context(record, context)
     check_control(record, control)
+    check_redux(pipe, record, redux)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
-        return _reproduce_edit(pipe, record, seeds, progress, source, mask, reference, context, control)
+        return _reproduce_edit(
+            pipe, record, seeds, progress, source, mask, reference, context, control, redux
+        )
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds, reference, context, control),
+        **_settings(record, seeds, reference, context, control, redux),
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
@@ -324,6 +360,7 @@ def _reproduce_edit(
     reference: ImageSource | None,
     context: ImageSource | None,
     control: ImageSource | None,
+    redux: ImageSource | None,
 ) -> GeneratedImage:
     mode = record["mode"]
     if source is None:
@@ -344,7 +381,7 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds, reference, context, control),
+        **_settings(record, seeds, reference, context, control, redux),
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_picture_pixels(record, r)

@@ -26,6 +26,7 @@ from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import cache_threshold_problem
 from pictor.models.flux import Flux
 from pictor.notices import PictorWarning
+from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
 
 
@@ -41,6 +42,7 @@ class ResolvingPipeline(Protocol):
     layout_adapter: Any
     reference_adapter: Any
     control: bool  # a FLUX.1 Canny / Depth model (`pictor.control_images.is_control_model`)
+    redux: ReduxModel | None  # FLUX.1 Redux's embedder and SigLIP, once `Pipeline.set_redux` loaded them
 
     @property
     def name(self) -> str: ...
@@ -104,6 +106,12 @@ def resolve_request(
     r = _resolve_hires(pipe, r)
     # FLUX.1 Canny / Depth: the control picture is fitted to the image's size, now known.
     r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
+    problem = redux_problem(r, pipe.redux, pipe.guidance_mode)
+    if problem:
+        raise ReduxError(problem)
+    if r.redux_image is not None:  # the picture as RGB pixels, hashed into the record
+        strength = 1.0 if r.redux_strength is None else float(r.redux_strength)
+        r = replace(r, redux_image=redux_pixels(r.redux_image), redux_strength=strength)
     if not 1 <= r.num_images <= MAX_IMAGES:
         raise GenerationError(
             f"number of images must be between 1 and {MAX_IMAGES}, got {r.num_images}; for more, run "
