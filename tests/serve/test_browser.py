@@ -354,6 +354,7 @@ def test_generate_from_a_reference_picture(
     page.get_by_role("button", name="Generate").click()  # nothing to go on: said on the page, not sent
     expect(page.locator("#error")).to_contain_text("Write a prompt")
     expect(page.locator("#context-settings")).to_be_hidden()  # not a Kontext model: nothing to offer
+    expect(page.locator("#control-settings")).to_be_hidden()  # nor a Canny / Depth one
     picture = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")
     page.get_by_text("Reference picture", exact=True).first.click()
@@ -447,6 +448,93 @@ def test_a_fill_model_says_what_it_needs_and_paints_a_mask(
     expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
     (job,) = httpx.get(f"{live.url}/v1/jobs").json()["data"]
     assert job["status"] == "succeeded" and job["request"]["kind"] == "edit" and job["request"]["mask"]
+    assert problems == [], problems
+
+
+def test_a_control_model_asks_for_a_control_picture_and_sends_it(
+    browser: Any, live_server: Any, tmp_path: Path
+) -> None:
+    """On a FLUX.1 Canny model the page shows its control picture and "Draw Canny edges"; a Generate without
+    a picture is answered on the page (no job is made); with one, the generation (a data: URL) and an edit
+    (a file in the multipart form) send it and the thresholds; Reuse settings puts the thresholds back, and
+    Reproduce says why it cannot."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.control_images import DEFAULT_CANNY
+    from pictor.pipeline import GenerationRequest
+    from tests.serve.test_control_api import control_picture, control_pipeline
+
+    pipe = control_pipeline("canny")
+    live = live_server(pipeline=pipe)
+    page, problems = open_page(browser, live.url, height=1100)
+    expect(page.locator("#model-info")).to_contain_text("FLUX.1 Canny")
+    expect(page.locator("#control-settings")).to_be_visible()  # open from the start: every image needs it
+    expect(page.locator("#context-settings")).to_be_hidden()
+    fill_settings(page, "a robot in a library", 5, 2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Choose one under Control picture")
+    assert httpx.get(f"{live.url}/v1/jobs").json()["data"] == []
+
+    picture = control_picture()
+    picture.save(tmp_path / "control.png")
+    page.get_by_label("Control picture", exact=True).set_input_files(str(tmp_path / "control.png"))
+    page.get_by_label("Draw Canny edges").check()
+    generate_one(page)
+    expect(page.locator("#error")).to_be_empty()
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["status"] == "succeeded" and job["request"]["control_image"]
+    assert job["request"]["control_canny"] == [50.0, 200.0]
+    with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+        served = np.asarray(im.convert("RGB"))
+    (direct,) = pipe.generate(
+        GenerationRequest(
+            "a robot in a library", seed=5, steps=2, control_image=picture, control_canny=DEFAULT_CANNY
+        )
+    )
+    assert np.array_equal(served, np.asarray(direct.image))
+
+    page.get_by_label("Draw Canny edges").uncheck()
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("Draw Canny edges")).to_be_checked()
+    expect(page.get_by_label("Canny low threshold")).to_have_value("50")
+    expect(page.get_by_label("Canny high threshold")).to_have_value("200")
+    page.get_by_label("Canny low threshold").fill("30")  # the high one left at its value
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.locator("#error")).to_contain_text("Control picture")
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["control_image"]
+    assert edit_job["request"]["control_canny"] == [30.0, 200.0]
+    assert problems == [], problems
+
+
+def test_a_depth_control_model_offers_no_canny_edges(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    """A FLUX.1 Depth model takes a control picture (a depth map) but refuses Canny edges: the page does not
+    offer them, and a generation with a picture sends none."""
+    from playwright.sync_api import expect
+
+    from tests.serve.test_control_api import control_picture, control_pipeline
+
+    live = live_server(pipeline=control_pipeline("depth"))
+    page, problems = open_page(browser, live.url, height=900)
+    expect(page.locator("#model-info")).to_contain_text("FLUX.1 Depth")
+    expect(page.locator("#control-summary")).to_have_text("Control picture (FLUX.1 Depth)")
+    expect(page.locator("#canny-options")).to_be_hidden()
+    control_picture(2).save(tmp_path / "depth.png")
+    page.get_by_label("Control picture", exact=True).set_input_files(str(tmp_path / "depth.png"))
+    fill_settings(page, "a castle at dusk", 5, 2)
+    generate_one(page)
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["request"]["control_image"] and job["request"]["control_canny"] is None
     assert problems == [], problems
 
 

@@ -3,10 +3,12 @@ the OpenAPI document at /openapi.json is generated from these."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pictor.control_images import DEFAULT_CANNY
 from pictor.pipeline import MAX_SEED
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -39,6 +41,32 @@ class LoraChoice(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, description="A name from GET /v1/loras.")
     scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="Its weight (1: as trained).")
+
+
+def canny_setting(value: Any, form: bool = False) -> list[float] | None:
+    """``control_canny`` as sent (null or false: off; true: BFL's thresholds 50 and 200; [low, high]) as
+    [low, high] or None; a ValueError that says what it takes otherwise. Checked here, not only by the
+    pipeline, so that a request is refused while the model loads too, not failed when it runs. `form`: the
+    message words it as the multipart form field (`edits.canny_form`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return [float(v) for v in DEFAULT_CANNY]
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        low, high = float(value[0]), float(value[1])
+        if all(math.isfinite(v) and 0 <= v <= 10_000 for v in (low, high)):
+            return [low, high]
+        raise ValueError(f"the Canny thresholds must be numbers from 0 to 10000, got {text}")
+    off, pair = ("empty or false", "LOW,HIGH") if form else ("null", "[low, high]")
+    raise ValueError(
+        f"must be {off} (no edges drawn), true (draw the control picture's Canny edges with the thresholds "
+        f"{DEFAULT_CANNY[0]:g} and {DEFAULT_CANNY[1]:g}) or two thresholds {pair}, got {text}"
+    )
 
 
 class ImageGenerationRequest(BaseModel):
@@ -85,6 +113,18 @@ class ImageGenerationRequest(BaseModel):
         "blue'): a PNG, JPEG or WebP file, base64 (or a data:image/...;base64, URL); resized to the model's "
         "preferred size, which the images take unless size is given; needs a Kontext model.",
     )
+    control_image: str | None = Field(
+        None,
+        description="FLUX.1 Canny / Depth: the control picture whose structure the images follow (an edge "
+        "map for a Canny model, or a photo with control_canny; a depth map, near = bright, for a Depth "
+        "model): a PNG, JPEG or WebP file, base64 (or a data:image/...;base64, URL); resized to the images' "
+        "size; a control model needs one, other models refuse it.",
+    )
+    control_canny: bool | list[float] | None = Field(
+        None,
+        description="FLUX.1 Canny: draw control_image's Canny edges first (OpenCV's Canny): true for the "
+        "thresholds 50 and 200, or [low, high]; null or false: the picture is the edge map.",
+    )
     hires_scale: float | None = Field(
         None,
         gt=1,
@@ -116,6 +156,11 @@ class ImageGenerationRequest(BaseModel):
     safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     output_format: Literal["png"] | None = Field(None, description="Only png.")
     stream: Literal[False] | None = Field(None, description="Only false: follow a job with /v1/jobs events.")
+
+    @field_validator("control_canny", mode="before")
+    @classmethod
+    def _canny(cls, value: Any) -> Any:
+        return canny_setting(value)
 
     @field_validator("stream", mode="before")
     @classmethod
@@ -220,6 +265,12 @@ class ModelCard(BaseModel):
         False,
         description="A FLUX.1 Fill model: it only repaints masked pictures (edits with a mask); generations "
         "and variations are refused (false while the model loads).",
+    )
+    control: Literal["canny", "depth"] | None = Field(
+        None,
+        description="A FLUX.1 Canny or Depth model: what its control_image is, an edge map (canny) or a "
+        "depth map (depth); every image needs one, and control_canny goes with canny only (null for other "
+        "models, and while the model loads).",
     )
 
 

@@ -48,9 +48,11 @@ DESCRIPTION = """Text-to-image generation with pictor.
 
 * `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `reference_image`,
-  `context_image` (FLUX.1 Kontext) go in `extra_body`).
-* `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image` and
-  `context_image` as further files); `POST /v1/jobs/edits` queues it.
+  `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny / Depth) go in
+  `extra_body`).
+* `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image`,
+  `context_image` and `control_image` as further files, `control_canny` as a field); `POST /v1/jobs/edits`
+  queues it.
 * `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
   reference adapter); `POST /v1/jobs/variations` queues it.

@@ -11,12 +11,15 @@ an alpha channel follows pictor's convention instead: white repaints, black keep
 image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
 
 pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON text, as a form field),
-``reference_image`` and ``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model
-only), each a further file checked like the others; the prompt may be empty only with a reference.
+``reference_image``, ``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model
+only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control model needs one), each a
+further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw
+the control picture's Canny edges first); the prompt may be empty only with a reference.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -26,7 +29,7 @@ from PIL import Image
 
 from pictor.editing import EditError, EditRequest, eight_bit
 from pictor.pipeline import GenerationError
-from pictor.serve.api_models import ImagesResponse, Job
+from pictor.serve.api_models import ImagesResponse, Job, canny_setting
 from pictor.serve.errors import APIError
 from pictor.serve.routes import (
     COMMON_ERRORS,
@@ -37,7 +40,15 @@ from pictor.serve.routes import (
     finished_images,
 )
 from pictor.serve.security import check_limits, check_policy, check_text
-from pictor.serve.service import Service, check_names, checked_layout, param_of, require_prompt, service
+from pictor.serve.service import (
+    Service,
+    check_names,
+    checked_layout,
+    control_param,
+    param_of,
+    require_prompt,
+    service,
+)
 from pictor.serve.settings import Limits
 from pictor.serve.store import JobRow
 from pictor.serve.uploads import decode_upload
@@ -61,6 +72,7 @@ def edit_params(
     reference: Image.Image | None = None,
     context: Image.Image | None = None,
     prompt_optional: bool = False,
+    control: Image.Image | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings.
     `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image)."""
@@ -84,6 +96,7 @@ def edit_params(
     source, mask = eight_bit(source), eight_bit(mask) if mask is not None else None
     reference = eight_bit(reference) if reference is not None else None
     context = eight_bit(context) if context is not None else None
+    control = eight_bit(control) if control is not None else None
     if mask is not None:
         mask = _transparent(mask) or mask.convert("L")
     else:
@@ -93,10 +106,12 @@ def edit_params(
     source = source.convert("RGB")
     reference = reference.convert("RGB") if reference is not None else None
     context = context.convert("RGB") if context is not None else None
+    control = control.convert("RGB") if control is not None else None
     keys = ("steps", "guidance", "sampler", "schedule", "seed", "strength", "cache_threshold")
     settings = {k: form[k] for k in keys}
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["layout"] = layout
+    settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
     if pipe is not None:
@@ -108,12 +123,14 @@ def edit_params(
             num_images=n,
             reference=reference,
             context_image=context,  # resolve_edit refuses it on a model that is not Kontext
+            control_image=control,  # and this one on a model that is not FLUX.1 Canny / Depth
             **settings,
         )
         try:
             r, inputs = pipe.resolve_edit(request)
         except (EditError, GenerationError) as exc:
-            raise APIError(400, str(exc), param=param_of(str(exc)), code="invalid_parameters") from None
+            param = control_param(param_of(str(exc)), pipe.control, control is not None)
+            raise APIError(400, str(exc), param=param, code="invalid_parameters") from None
         settings.update(
             steps=r.steps,
             guidance=r.guidance,
@@ -129,6 +146,7 @@ def edit_params(
         "reference": svc.store.write_upload(reference) if reference is not None else None,
         # The key job_requests.edit_request reads back, as for a JSON generation's context_image.
         "context_image": svc.store.write_upload(context) if context is not None else None,
+        "control_image": svc.store.write_upload(control) if control is not None else None,
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -162,6 +180,8 @@ FORM_FIELDS = {
     "mask",
     "reference_image",
     "context_image",
+    "control_image",
+    "control_canny",
     "layout",
     "loras",
     "n",
@@ -223,6 +243,7 @@ class EditForm:
     user: str | None
     response_format: str
     prompt_optional: bool = False  # see edit_params
+    control: Image.Image | None = None  # FLUX.1 Canny / Depth's control picture
 
 
 async def read_image(
@@ -234,6 +255,26 @@ async def read_image(
     # One byte past the cap tells decode_upload that an upload is too large, without reading all of it.
     data = await upload.read(limits.max_upload_bytes + 1)
     return await run_in_threadpool(decode_upload, data, what, limits, fitted)
+
+
+def canny_form(text: str | None) -> list[float] | None:
+    """The control_canny form field: empty or ``false`` off, ``true`` the default thresholds, ``LOW,HIGH``
+    or ``[LOW, HIGH]`` (as the JSON field's list); a 400 naming the field otherwise."""
+    value: Any = None
+    stripped = (text or "").strip()
+    if stripped.lower() in ("true", "false"):
+        value = stripped.lower() == "true"
+    elif stripped:
+        try:
+            value = json.loads(stripped if stripped.startswith("[") else f"[{stripped}]")
+        except ValueError:
+            value = stripped
+    try:
+        return canny_setting(value, form=True)
+    except ValueError as exc:
+        raise APIError(
+            400, f"control_canny {exc}", param="control_canny", code="invalid_parameters"
+        ) from None
 
 
 async def edit_form(
@@ -254,6 +295,20 @@ async def edit_form(
         File(
             description="an image that a FLUX.1 Kontext model edits by the prompt's instruction; needs a "
             "Kontext model"
+        ),
+    ] = None,
+    control_image: Annotated[
+        UploadFile | None,
+        File(
+            description="FLUX.1 Canny / Depth: the control picture whose structure the images follow (an "
+            "edge map, or a photo with control_canny; a depth map); a control model needs one"
+        ),
+    ] = None,
+    control_canny: Annotated[
+        str | None,
+        Form(
+            description="FLUX.1 Canny: draw control_image's Canny edges first: true (thresholds 50 and 200) "
+            "or LOW,HIGH"
         ),
     ] = None,
     layout: Annotated[
@@ -301,6 +356,7 @@ async def edit_form(
     mask_image = await read_image(mask, "mask", limits)
     reference = await read_image(reference_image, "reference_image", limits, fitted=True)
     context = await read_image(context_image, "context_image", limits, fitted=True)
+    control = await read_image(control_image, "control_image", limits, fitted=True)
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -316,8 +372,9 @@ async def edit_form(
         "strength": strength,
         "layout": layout,
         "loras": loras,
+        "control_canny": canny_form(control_canny),
     }
-    return EditForm(source, mask_image, reference, context, fields, user, response_format)
+    return EditForm(source, mask_image, reference, context, fields, user, response_format, control=control)
 
 
 async def submit_edit(svc: Service, form: EditForm) -> JobRow:
@@ -333,6 +390,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
         form.reference,
         form.context,
         form.prompt_optional,
+        form.control,
     )
     return await run_in_threadpool(svc.submit, params, form.user)
 

@@ -1,6 +1,6 @@
 """A job's stored settings (its `params`) as the pipeline's requests, and which jobs may share one sampler
-run. Uploads (an edit's image and mask, a reference picture, a Kontext context image) are kept in the store
-under ids; the requests get their paths."""
+run. Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
+picture) are kept in the store under ids; the requests get their paths."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ BATCH_KEYS = (
     "layout",
     "reference",  # an upload id: new for every request, so jobs with a reference never merge
     "context_image",  # likewise
+    "control_image",  # likewise
+    "control_canny",
     *HIRES_FIELDS,
     "cache_threshold",
 )
@@ -39,8 +41,8 @@ def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _reference(params: dict[str, Any], store: Store | None, key: str = "reference") -> Any:
-    """A job's reference (or context) picture: the kept upload's path (None without one, or without a store
-    to ask)."""
+    """A job's reference (or context, or control) picture: the kept upload's path (None without one, or
+    without a store to ask)."""
     upload = params.get(key)
     return store.upload_path(upload) if upload and store is not None else None
 
@@ -57,6 +59,7 @@ def generation_request(
         num_images=int(params.get("n", 1)),
         reference=_reference(params, store),
         context_image=_reference(params, store, "context_image"),
+        control_image=_reference(params, store, "control_image"),
     )
     return GenerationRequest(**{**fields, **overrides})
 
@@ -67,6 +70,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields["reference"] = _reference(params, store)
     fields["context_image"] = _reference(params, store, "context_image")
+    fields["control_image"] = _reference(params, store, "control_image")
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
     )

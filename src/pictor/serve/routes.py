@@ -153,6 +153,8 @@ def model_card(svc: Service) -> ModelCard:
         reference=pipe is not None and pipe.reference_adapter is not None,
         layout=pipe is not None and pipe.layout_adapter is not None,
         fill=pipe is not None and pipe.fill,
+        # FLUX.1 Canny / Depth: known by the input width (`pipe.control`), the kind from the bundle's config.
+        control=pipe.config.control if pipe is not None and pipe.control else None,
     )
 
 

@@ -26,13 +26,14 @@ from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
 from pictor.serve.uploads import decode_base64_image
 
-# The job settings that name kept uploads (edit sources, masks, reference pictures, context images).
-UPLOAD_KEYS = ("image", "mask", "reference", "context_image")
+# The job settings that name kept uploads (edit sources, masks, reference pictures, context images, control
+# pictures).
+UPLOAD_KEYS = ("image", "mask", "reference", "context_image", "control_image")
 
 
 def _picture(text: str | None, what: str, limits: Limits) -> Image.Image | None:
-    """A base64 reference or context picture as 8-bit RGB (16-bit scaled, not clipped to white, as the CLI
-    reads it); None when absent."""
+    """A base64 reference, context or control picture as 8-bit RGB (16-bit scaled, not clipped to white, as
+    the CLI reads it); None when absent."""
     if text is None:
         return None
     return eight_bit(decode_base64_image(text, what, limits, fitted=True)).convert("RGB")
@@ -96,6 +97,7 @@ class Service:
         # Kept as sent, made 8-bit RGB (their fitting is the pipeline's, and recorded).
         reference = _picture(body.reference_image, "reference_image", limits)
         context = _picture(body.context_image, "context_image", limits)
+        control = _picture(body.control_image, "control_image", limits)
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -113,17 +115,22 @@ class Service:
             "hires_steps": body.hires_steps,
             "cache_threshold": body.cache_threshold or None,
             "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
+            # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
+            "control_canny": body.control_canny,
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
             if body.hires_scale is not None:
                 self._check_hires_while_loading(body, n, width, height)
-            return self._keep_reference(params, reference, context)
-        request = generation_request(params, reference=reference, context_image=context)
+            return self._keep_reference(params, reference, context, control)
+        request = generation_request(
+            params, reference=reference, context_image=context, control_image=control
+        )
         try:
             r = pipe.resolve_request(request)
         except GenerationError as exc:
-            raise APIError(400, str(exc), code="invalid_parameters", param=param_of(str(exc))) from None
+            param = control_param(param_of(str(exc)), pipe.control, control is not None)
+            raise APIError(400, str(exc), code="invalid_parameters", param=param) from None
         assert r.width is not None and r.height is not None
         if context is not None and width is None and r.width * r.height > limits.max_pixels:
             # The size came from the context picture (FLUX.1 Kontext's resolutions reach 1568x672), not
@@ -155,7 +162,7 @@ class Service:
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
         )
-        return self._keep_reference(params, reference, context)
+        return self._keep_reference(params, reference, context, control)
 
     def _check_hires(self, body: ImageGenerationRequest, n: int, width: int, height: int, steps: int) -> None:
         """The server's limits on the hires fix's second pass, named as such."""
@@ -184,11 +191,17 @@ class Service:
         self._check_hires(body, n, bound[0], bound[1], body.hires_steps or body.steps or 1)
 
     def _keep_reference(
-        self, params: dict[str, Any], reference: Image.Image | None, context: Image.Image | None = None
+        self,
+        params: dict[str, Any],
+        reference: Image.Image | None,
+        context: Image.Image | None = None,
+        control: Image.Image | None = None,
     ) -> dict[str, Any]:
-        """The reference and context pictures, once the request is valid, kept as uploads the job names."""
+        """The reference, context and control pictures, once the request is valid, kept as uploads the job
+        names."""
         params["reference"] = self.store.write_upload(reference) if reference is not None else None
         params["context_image"] = self.store.write_upload(context) if context is not None else None
+        params["control_image"] = self.store.write_upload(control) if control is not None else None
         return params
 
     def submit(self, params: dict[str, Any], user: str | None) -> JobRow:
@@ -294,7 +307,27 @@ def param_of(message: str) -> str | None:
         return "reference_image"
     if "context image" in message:
         return "context_image"
+    if message.startswith("the hires fix"):  # "the hires fix is not offered for FLUX.1 Canny models"
+        return "hires_scale"
+    # FLUX.1 Canny / Depth (control_images.control_problem): thresholds, --canny on a Depth model, what a
+    # control picture does not go with, and the control picture itself (missing, refused, unreadable).
+    if message.startswith("canny thresholds") or "--canny makes" in message:
+        return "control_canny"
+    if "beside its control picture" in message:
+        for words, name in (("a layout", "layout"), ("a reference picture", "reference_image")):
+            if f"take {words}" in message:
+                return name
+    if "control picture" in message:
+        return "control_image"
     return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
+
+
+def control_param(param: str | None, control_model: bool, has_picture: bool) -> str | None:
+    """The field to blame for a control error: a model that is not FLUX.1 Canny / Depth refuses
+    control_canny sent alone as "it cannot read a control picture", which names control_canny here."""
+    if param == "control_image" and not control_model and not has_picture:
+        return "control_canny"
+    return param
 
 
 def service(request: Request) -> Service:

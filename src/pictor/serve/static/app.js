@@ -9,6 +9,7 @@ let galleryOffset = 0;
 let currentJob = null;
 let viewed = null; // {meta} of the image open in the viewer
 let fillModel = false; // the served model is FLUX.1 Fill: it only repaints masked pictures
+let controlKind = null; // "canny" or "depth": the served model is FLUX.1 Canny / Depth and needs a control picture
 
 // -- API calls with the key ------------------------------------------------------------------------
 
@@ -140,6 +141,11 @@ function fillForm(record) {
   const scales = new Map((record.loras || []).map((entry) => [entry.name, entry.scale]));
   for (const input of loraInputs()) input.value = scales.get(input.dataset.name) ?? "";
   if (scales.size) $("lora-settings").open = true;
+  // The control picture itself is not kept (only its hash): the one chosen stays; its thresholds come back.
+  const canny = record.control_canny || null;
+  $("control-canny").checked = Boolean(canny);
+  $("canny-low").value = canny ? canny[0] : "";
+  $("canny-high").value = canny ? canny[1] : "";
 }
 
 function setStatus(text) {
@@ -186,10 +192,17 @@ function multipartFromForm(image, strengthInput, body) {
   return form;
 }
 
-// For POST /v1/jobs/edits. The edit keeps the source's size, so width and height are not sent.
+// For POST /v1/jobs/edits. The edit keeps the source's size, so width and height are not sent. A control
+// picture (FLUX.1 Canny / Depth) goes as a file, its Canny thresholds as "true" or "LOW,HIGH".
 function editFromForm({ size, ...body }) {
   const form = multipartFromForm($("edit-image").files[0], $("strength"), body);
   if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  const control = controlFile();
+  if (control) {
+    form.append("control_image", control);
+    const canny = cannySetting();
+    if (canny !== undefined) form.append("control_canny", canny === true ? "true" : canny.join(","));
+  }
   return form;
 }
 
@@ -305,8 +318,35 @@ async function withReference(body) {
   if (files.length) body.reference_image = await readAsDataURL(files[0]);
   const context = contextFile();
   if (context) body.context_image = await readAsDataURL(context);  // FLUX.1 Kontext's, the same way
+  const control = controlFile();
+  if (control) {  // FLUX.1 Canny / Depth's, the same way, with the Canny thresholds when edges are drawn
+    body.control_image = await readAsDataURL(control);
+    const canny = cannySetting();
+    if (canny !== undefined) body.control_canny = canny;
+  }
   return body;
 }
+
+// The chosen control picture, or null: like the context picture, sent only while the model takes one.
+function controlFile() {
+  const input = $("control-image");
+  return !input.disabled && input.files.length ? input.files[0] : null;
+}
+
+// "Draw Canny edges" (a Canny model only): true for the default thresholds, [low, high] when either is
+// given (the other's default filling in), undefined when off.
+function cannySetting() {
+  if (controlKind !== "canny" || !$("control-canny").checked) return undefined;
+  const low = $("canny-low").value.trim();
+  const high = $("canny-high").value.trim();
+  if (low === "" && high === "") return true;
+  return [Number(low === "" ? $("canny-low").placeholder : low), Number(high === "" ? $("canny-high").placeholder : high)];
+}
+
+const CONTROL_WORDS = {
+  canny: ["FLUX.1 Canny", "an edge map, or a photo with Draw Canny edges"],
+  depth: ["FLUX.1 Depth", "a depth map (near = bright)"],
+};
 
 // The chosen context picture, or null. The input is disabled while the model is not a Kontext one, so a
 // file picked before is not sent to a model that would refuse it.
@@ -545,19 +585,32 @@ async function loadModel() {
       (card.trained === false ? ": random weights, expect noise" : "") +
       (d.width ? `, default ${d.width}x${d.height}, ${d.steps} steps` : "") +
       (card.ready ? "" : " (loading…)") +
-      (card.fill ? ". FLUX.1 Fill: it repaints the masked part of a picture (Edit, with a mask)" : "");
+      (card.fill ? ". FLUX.1 Fill: it repaints the masked part of a picture (Edit, with a mask)" : "") +
+      (CONTROL_WORDS[card.control]
+        ? `. ${CONTROL_WORDS[card.control][0]}: it follows a control picture, ${CONTROL_WORDS[card.control][1]} (Control picture)`
+        : "");
     fillModel = Boolean(card.fill);
     for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
       if (d[key] !== undefined) $(id).placeholder = String(d[key]);
     }
     const multiple = card.limits.size_multiple || 1;
-    $("width").step = multiple;
-    $("height").step = multiple;
+    // The step counts from min: with min 1, a multiple of 4 such as 32 would be invalid (29, 33 are not).
+    for (const id of ["width", "height"]) Object.assign($(id), { min: multiple, step: multiple });
     $("n").max = card.limits.max_images;
     $("steps").max = card.limits.max_steps;
     // A context picture means something only to a FLUX.1 Kontext model (others refuse it): offered only then.
     $("context-settings").hidden = !card.kontext;
     $("context-image").disabled = !card.kontext;
+    // Likewise a control picture (FLUX.1 Canny / Depth, which need one: open from the start), and the Canny
+    // options only for a Canny model (a Depth model refuses them).
+    const kind = CONTROL_WORDS[card.control] ? card.control : null;
+    if (kind && kind !== controlKind) $("control-settings").open = true;
+    controlKind = kind;
+    $("control-settings").hidden = !kind;
+    $("control-image").disabled = !kind;
+    if (kind) $("control-summary").textContent = `Control picture (${CONTROL_WORDS[kind][0]})`;
+    $("canny-options").hidden = kind !== "canny";
+    for (const id of ["control-canny", "canny-low", "canny-high"]) $(id).disabled = kind !== "canny";
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
@@ -580,6 +633,15 @@ document.addEventListener("DOMContentLoaded", async () => {
     const mode = formMode();
     if (fillModel && mode !== "edit") {  // the server would refuse it: say what the model needs here
       setError("This is a FLUX.1 Fill model: it repaints the masked part of a picture. Choose a source image and a mask under Edit.");
+      return;
+    }
+    if (controlKind && !controlFile()) {  // the server would refuse it: say what the model needs here
+      const [model, picture] = CONTROL_WORDS[controlKind];
+      setError(
+        mode === "variation"
+          ? `This is a ${model} model: every image needs a control picture, which variations do not take. Use Generate or Edit with one.`
+          : `This is a ${model} model: it draws what a control picture shows. Choose one under Control picture: ${picture}.`,
+      );
       return;
     }
     const reference = $("reference-image").files.length > 0;
@@ -619,6 +681,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("clear-context-button").addEventListener("click", () => {
     $("context-image").value = "";
+  });
+  $("clear-control-button").addEventListener("click", () => {
+    $("control-image").value = "";
   });
   $("edit-image").addEventListener("change", () => choosePicture("edit"));
   $("variation-image").addEventListener("change", () => choosePicture("variation"));
@@ -677,6 +742,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("This image was made from a context image (FLUX.1 Kontext), which the page does not keep: " +
         "use Reuse settings and choose the same picture under Context picture, or run " +
         "`pictor reproduce IMAGE --context PICTURE`.");
+      return;
+    }
+    if (viewed.record.control_image) {
+      // And a FLUX.1 Canny / Depth control picture: Reuse settings brings back its Canny thresholds.
+      setError("This image was made from a control picture (FLUX.1 Canny / Depth), which the page does not " +
+        "keep: use Reuse settings and choose the same picture under Control picture, or run " +
+        "`pictor reproduce IMAGE --control PICTURE`.");
       return;
     }
     submit(recordRequest(viewed.record));
