@@ -559,6 +559,19 @@ def _add_lora_parser(sub: Any) -> None:
     _add_lora(mg)
     mg.add_argument("--name", default=None, help="the new bundle's name (default: model+lora names)")
     mg.add_argument("--out", required=True, help="the new bundle folder (may be the model's own)")
+    mg.add_argument(
+        "--control",
+        choices=["canny", "depth"],
+        default=None,
+        help="for BFL's Canny/Depth LoRA whose file name says neither: the kind of control picture the "
+        "merged model reads (default: from the name, e.g. flux1-canny-dev-lora)",
+    )
+    mg.add_argument(
+        "--keep-defaults",
+        action="store_true",
+        help="with BFL's Canny/Depth LoRA: keep the base's steps and guidance (default: flux-canny-dev's "
+        "50 / 30, flux-depth-dev's 30 / 10)",
+    )
 
 
 def _add_serve_parser(sub: Any) -> None:

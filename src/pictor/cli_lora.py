@@ -1,5 +1,6 @@
 """`pictor lora extract | resize | convert | merge`: :mod:`pictor.lora_tools` and :mod:`pictor.lora_merge` on
-the command line."""
+the command line. :func:`add_merge_options` adds `merge`'s options for BFL's Canny / Depth LoRAs (`--control`,
+`--keep-defaults`) to its parser."""
 
 from __future__ import annotations
 
@@ -72,7 +73,14 @@ def _print_report(report: LowRankReport) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from pictor.lora_merge import merge_loras
 
-    out, left_out = merge_loras(args.model, args.lora, args.out, args.name)
+    out, left_out = merge_loras(
+        args.model,
+        args.lora,
+        args.out,
+        args.name,
+        control=args.control,
+        keep_defaults=args.keep_defaults,
+    )
     _warn_text_keys("LoRA keys", "merged", left_out)
     print(out)
     return 0

@@ -44,6 +44,8 @@ from pictor.models.lora_formats import (
     LayerUpdate,
     LoRAError,
     LoRAUpdate,
+    control_lora_error,
+    control_lora_key,
     to_flux_updates,
 )
 from pictor.models.lora_updates import DoRAUpdate
@@ -138,6 +140,9 @@ def apply_lora(
         default = f"lora_{default}" if hasattr(nn.ModuleDict, default) else default
     else:
         sd, metadata, default = dict(lora), dict(metadata or {}), "lora"
+    control = control_lora_key(sd)
+    if control is not None:  # BFL's Canny / Depth LoRA widens img_in: only a merge can do that
+        raise control_lora_error(lora if isinstance(lora, (str, os.PathLike)) else "the LoRA", control)
     if not math.isfinite(scale):
         raise LoRAError(f"LoRA scale must be a finite number, got {scale}")
     bad = next(

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,16 +30,20 @@ from pictor.lora_files import (
     lora_metadata,
     without_text_encoder,
 )
+from pictor.models.control_lora import control_kind_in_name
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import linear_layers
 from pictor.models.lora_export import diffusers_keys, kohya_keys
 from pictor.models.lora_formats import (
+    CONTROL_NORM_SUFFIXES,
     KOHYA_TEXT_PREFIXES,
     DoRAUpdate,
     FactoredUpdate,
     LayerUpdate,
     LoRAError,
     LoRAUpdate,
+    control_lora_error,
+    control_lora_key,
     detect_format,
     module_kinds,
     to_flux_updates,
@@ -256,6 +261,9 @@ def read_lora(
     """A LoRA file in any layout pictor reads, as updates on the layers in ``linears``, and the keys left
     out: a text encoder's (kohya files often carry CLIP's). A key that names no layer at all is an error."""
     sd, meta = load_lora_file(path)
+    control = control_lora_key(sd)
+    if control is not None:
+        raise control_lora_error(path, control)
     sd, text = without_text_encoder(sd, path)
     updates, _ = to_flux_updates(sd, meta, linears)
     return updates, text
@@ -271,6 +279,8 @@ def lora_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     a text encoder's), their kinds (LoRA, LoHa, LoKr) and ranks, dtypes, hashes and header (kohya's
     ``ss_*`` training notes included). A LoKr of two whole factors has no rank to list."""
     sd, meta = load_lora_file(path)
+    if control_lora_key(sd) is not None:
+        return _control_summary(path, sd, meta)
     layout = detect_format(sd)  # a file that is no LoRA is an error naming a key
     modules = module_kinds(sd)
     return {
@@ -284,5 +294,27 @@ def lora_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
         "sha256": lora_file_hash(path),
         "a1111_hash": a1111_lora_hash(path),
+        "metadata": dict(sorted(meta.items())),
+    }
+
+
+def _control_summary(path: str | os.PathLike[str], sd: Mapping[str, Tensor], meta: Mapping[str, str]) -> dict:
+    """BFL's Canny / Depth LoRA: what it holds, and that it is merged, never applied."""
+    ranks = {int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_A.weight")}
+    return {
+        "file": str(path),
+        "kind": "FLUX.1 Canny/Depth [dev] LoRA (BFL)",
+        "layout": "bfl-control",
+        "control": control_kind_in_name(Path(path).name),
+        "algorithms": ["lora"],
+        "layers": sum(k.endswith(".lora_A.weight") for k in sd),
+        "biased_layers": sum(k.endswith(".lora_B.bias") for k in sd),
+        "replaced_norm_scales": sum(k.endswith(CONTROL_NORM_SUFFIXES) for k in sd),
+        "text_encoder_layers": 0,
+        "ranks": sorted(ranks),
+        "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
+        "sha256": lora_file_hash(path),
+        "a1111_hash": a1111_lora_hash(path),
+        "use": "merge it into a FLUX.1 [dev] bundle: pictor lora merge --model BUNDLE --lora FILE --out NEW",
         "metadata": dict(sorted(meta.items())),
     }

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +41,14 @@ from pictor.models.lora_updates import DoRAUpdate, FactoredUpdate, LayerUpdate, 
 from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_piece, lokr_piece
 
 __all__ = [
+    "CONTROL_NORM_SUFFIXES",
     "DoRAUpdate",
     "FactoredUpdate",
     "LayerUpdate",
     "LoRAError",
     "LoRAUpdate",
+    "control_lora_error",
+    "control_lora_key",
     "detect_format",
     "module_kinds",
     "to_flux_updates",
@@ -265,9 +268,45 @@ def _kind(module: str) -> str:
     return "unknown"
 
 
+# BFL's FLUX.1 Canny / Depth [dev] LoRAs (flux `modules/lora.py` LinearLora, `util.load_flow_model`): a
+# biased lora_B on every linear and whole qk-norm scales that replace the model's, on FLUX.1 names; they
+# widen img_in, so they can only be merged (`pictor.models.control_lora`).
+CONTROL_NORM_SUFFIXES = (".norm.query_norm.scale", ".norm.key_norm.scale")
+
+
+def control_lora_key(keys: Iterable[str]) -> str | None:
+    """A key that marks BFL's FLUX.1 Canny / Depth [dev] LoRA format (a qk-norm scale or a lora_B bias on a
+    FLUX.1 name, beside ``.lora_A.weight`` keys), or None for any other file. Read from the names alone."""
+    keys = [_strip(k, NATIVE_PREFIXES) for k in keys]
+    if not any(k.endswith(".lora_A.weight") for k in keys):
+        return None
+    return next(
+        (
+            k
+            for k in keys
+            if k.split(".")[0] in FLUX_ROOTS
+            and (k.endswith(CONTROL_NORM_SUFFIXES) or k.endswith(".lora_B.bias"))
+        ),
+        None,
+    )
+
+
+def control_lora_error(where: object, key: str) -> LoRAError:
+    """Why BFL's Canny / Depth LoRA cannot be applied as a LoRA, and what to do instead."""
+    return LoRAError(
+        f"{where}: BFL's FLUX.1 Canny/Depth [dev] LoRA (key '{key}': lora_B biases and qk-norm scales that "
+        "replace the model's): it widens the model's input (img_in) to read a control picture, which a LoRA "
+        "applied at run time cannot do; merge it into a FLUX.1 [dev] bundle with `pictor lora merge --model "
+        "BUNDLE --lora FILE --out NEW`, then generate with `--model NEW --control PICTURE`"
+    )
+
+
 def detect_format(sd: Mapping[str, Tensor]) -> str:
     """``"native"``, ``"diffusers"``, ``"kohya"`` or ``"flat"`` (LyCORIS' flattened names); a key of no known
-    layout, or a mix, is an error."""
+    layout, or a mix, is an error, and so is BFL's Canny / Depth LoRA (it can only be merged)."""
+    control = control_lora_key(sd)
+    if control is not None:
+        raise control_lora_error("the LoRA", control)
     groups = _group(sd)
     if not groups:
         raise LoRAError("the LoRA has no weights")
