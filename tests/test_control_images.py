@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pictor.checkpoint import BundleConfig, CheckpointError, load_bundle, save_bundle
-from pictor.control_images import ControlImageError, fit_control, is_control_model
+from pictor.control_images import ControlImageError, bfl_canny_input, fit_control, is_control_model
 from pictor.convert import convert_flux
 from pictor.editing import EditRequest
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
@@ -150,12 +150,21 @@ def test_flux_control_pipeline_and_pictor_paint_the_same_picture(
     assert np.abs(_px(other.image) - got).mean() > 2
 
 
-def test_canny_draws_opencv_edges_of_the_fitted_picture(pipe: Pipeline) -> None:
+def test_bfl_canny_input_is_bfls_float_round_trip() -> None:
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    x = torch.clamp(torch.from_numpy(pixels).float() / 127.5 - 1.0, -1.0, 1.0)  # prepare_control + encoder
+    want = ((x + 1.0) * 127.5).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(bfl_canny_input(pixels), want)
+    lowered = np.flatnonzero(bfl_canny_input(pixels)[..., 0].ravel() != np.arange(256))
+    assert lowered.tolist() == list(range(1, 64))  # what makes its edges differ from the plain picture's
+
+
+def test_canny_draws_bfls_opencv_edges_of_the_fitted_picture(pipe: Pipeline) -> None:
     cv2 = pytest.importorskip("cv2")
     photo = _picture(3, (48, 40))
     (drawn,) = pipe.generate(_request(control_image=photo, control_canny=(50, 200)))
     fitted = np.asarray(photo.resize((32, 32), Image.Resampling.LANCZOS))
-    edges = cv2.Canny(fitted, 50, 200)
+    edges = cv2.Canny(bfl_canny_input(fitted), 50, 200)
     assert 0 < (edges > 0).mean() < 0.5  # the picture has edges, and not everywhere
     (given,) = pipe.generate(_request(control_image=np.repeat(edges[..., None], 3, axis=2)))
     np.testing.assert_array_equal(_px(drawn.image), _px(given.image))
@@ -191,6 +200,8 @@ def test_reproduce_is_bit_exact_and_needs_the_same_control(pipe: Pipeline, tmp_p
         check_record({**record, "control_canny": [1]})
     with pytest.raises(ProvenanceError, match="'control_image' is 'x', not an object"):
         check_record({**record, "control_image": "x"})
+    with pytest.raises(ProvenanceError, match="Canny thresholds but no control picture"):
+        check_record({k: v for k, v in record.items() if k != "control_image"})
 
 
 def test_edits_of_a_control_model_take_the_control_and_reproduce(pipe: Pipeline, tmp_path: Path) -> None:
@@ -232,6 +243,13 @@ def test_misuse_is_refused_with_the_reason(pipe: Pipeline, tmp_path: Path) -> No
         pipe.generate(_request(control_image=broken))
     with pytest.raises(ControlImageError, match=r"uint8 \[H, W, 3\]"):
         fit_control(np.zeros((8, 8), np.float32), 8, 8)
+    with pytest.raises(ControlImageError, match="it is empty"):
+        fit_control(Image.new("RGB", (0, 0)), 8, 8)
+    with pytest.raises(ControlImageError, match="floating-point values"):
+        fit_control(Image.new("F", (8, 8), 0.5), 8, 8)
+    # numpy numbers are numbers
+    (ok,) = pipe.generate(_request(control_image=_picture(), control_canny=(np.float32(50), np.int64(200))))
+    assert ok.record["control_canny"] == [50.0, 200.0]
 
 
 def test_a_plain_model_refuses_a_control_picture(tmp_path: Path) -> None:
@@ -321,8 +339,19 @@ def test_cli_generate_with_control_and_reproduce(pipe: Pipeline, tmp_path: Path)
     assert wrong.returncode != 0 and "not the one this image was made from" in wrong.stderr
     missing = subprocess.run(base, capture_output=True, text=True)
     assert missing.returncode != 0 and "give an edge map, or a photo with --canny" in missing.stderr
-    bad = subprocess.run([*base, "--control", str(src), "--canny", "50"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*base, "--control", str(src), "--canny-thresholds", "50"], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "expected LOW,HIGH" in bad.stderr
+    # --canny is a flag: a prompt after it stays the prompt; --canny-thresholds sets them (and implies it)
+    after = [str(PICTOR), "generate", "--model", str(bundle), "--device", "cpu", "--steps", "1"]
+    run = subprocess.run(
+        [*after, "--control", str(src), "--canny-thresholds", "30,90", "-o", str(tmp_path / "t"), "a cat"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert read_record(Path(run.stdout.split()[0]))["control_canny"] == [30.0, 90.0]
 
 
 def test_the_control_is_encoded_in_tiles_when_the_run_is(pipe: Pipeline) -> None:

@@ -160,3 +160,19 @@ def test_shapes_nan_and_history(tmp_path: Path) -> None:
     config = json.loads((diff / "config.json").read_text())
     assert config["name"] == "a-b-minus-c-add-difference-0.5"
     assert config["training"]["base_training"] == json.loads((a / "config.json").read_text())["training"]
+
+
+def test_a_canny_and_a_depth_model_do_not_merge(tmp_path: Path) -> None:
+    """Both are control models of one architecture, but one reads edge maps and the other depth maps."""
+    made = []
+    for seed, kind in ((1, "canny"), (2, "depth")):
+        cfg, _, ae = tiny_models(name=kind)
+        cfg.model = {**cfg.model, "in_channels": 2 * cfg.model["out_channels"]}
+        cfg.control = kind
+        torch.manual_seed(seed)
+        save_bundle(tmp_path / kind, cfg, Flux(FluxParams.from_dict(cfg.model)).state_dict(), ae.state_dict())
+        made.append(tmp_path / kind)
+    with pytest.raises(CheckpointError, match="B depth reads depth control pictures, canny reads canny"):
+        merge_models(made[0], made[1], tmp_path / "out", 0.5)
+    out = merge_models(made[0], made[0], tmp_path / "same", 0.5)
+    assert json.loads((out / "config.json").read_text())["control"] == "canny"

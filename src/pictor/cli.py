@@ -71,13 +71,23 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "reference": args.reference,
         "context_image": _context_arg(args.context),
         "control_image": getattr(args, "control", None),
-        "control_canny": getattr(args, "control_canny", None),
+        "control_canny": _canny_arg(args),
         "redux_image": getattr(args, "redux", None),
         "redux_strength": getattr(args, "redux_strength", None),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
         "cache_threshold": args.cache_threshold,
     }
+
+
+def _canny_arg(args: argparse.Namespace) -> tuple[float, float] | None:
+    """--canny-thresholds (which implies --canny), else BFL's 50 and 200 with --canny, else None."""
+    from pictor.edge_maps import FLUX_CANNY_HIGH, FLUX_CANNY_LOW
+
+    thresholds = getattr(args, "canny_thresholds", None)
+    if thresholds is not None:
+        return thresholds
+    return (float(FLUX_CANNY_LOW), float(FLUX_CANNY_HIGH)) if getattr(args, "canny", False) else None
 
 
 def _context_arg(paths: list[str] | None) -> str | list[str] | None:

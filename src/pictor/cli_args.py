@@ -201,14 +201,16 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--canny",
+        action="store_true",
+        help="draw the --control picture's Canny edges first (a photo for a Canny model), as BFL's reference "
+        "code does (OpenCV's Canny, thresholds 50 and 200)",
+    )
+    p.add_argument(
+        "--canny-thresholds",
         type=_thresholds,
-        nargs="?",
-        const=(50.0, 200.0),
         default=None,
-        dest="control_canny",
         metavar="LOW,HIGH",
-        help="draw the --control picture's Canny edges first (a photo for a Canny model), with OpenCV's "
-        "thresholds (default 50,200, as BFL's reference code)",
+        help="--canny with these thresholds instead of 50,200",
     )
 
 

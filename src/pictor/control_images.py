@@ -12,7 +12,8 @@ both do), scaled to [-1, 1], encoded by the autoencoder (pictor takes its mean w
 it: their difference is the encoder's tiny posterior noise) and packed; the same tokens go beside every
 image of a run and both halves of classifier-free guidance. A Canny model reads an edge map: give one, or
 give a photo with ``canny`` thresholds and pictor draws its edges as BFL's ``CannyImageEncoder`` does
-(`pictor.edge_maps`: OpenCV's Canny, 50 and 200 by default). A Depth model reads a depth map (near =
+(`pictor.edge_maps`: OpenCV's Canny, 50 and 200 by default, of the picture after BFL's float round trip,
+which lowers pixel values 1 to 63 by one: `bfl_canny_input`). A Depth model reads a depth map (near =
 bright, as Depth Anything draws it); pictor ships no depth estimator, so the map is the user's.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ __all__ = [
     "CONTROL_KINDS",
     "DEFAULT_CANNY",
     "ControlImageError",
+    "bfl_canny_input",
     "check_control_kind",
     "control_fields",
     "control_picture",
@@ -77,7 +80,12 @@ def control_problem(model_name: str, control: bool, kind: str | None, r: Any) ->
     given = getattr(r, "control_image", None) is not None
     canny = getattr(r, "control_canny", None)
     if not control:
-        if given or canny is not None:
+        if canny is not None and not given:
+            return (
+                f"model '{model_name}' is not a FLUX.1 Canny or Depth model, so --canny (the edges of a "
+                "control picture) has nothing to draw for: drop --canny"
+            )
+        if given:
             return (
                 f"model '{model_name}' is not a FLUX.1 Canny or Depth model, so it cannot read a control "
                 "picture (its input has no room for one): drop --control, or use a control model (import "
@@ -100,10 +108,10 @@ def control_problem(model_name: str, control: bool, kind: str | None, r: Any) ->
         if (
             not isinstance(canny, list | tuple)
             or len(canny) != 2
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in canny)
+            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in canny)
         ):
             return f"canny thresholds must be two numbers LOW,HIGH (e.g. 50,200), got {canny!r}"
-        if not all(math.isfinite(v) and 0 <= v <= 10_000 for v in canny):
+        if not all(math.isfinite(float(v)) and 0 <= float(v) <= 10_000 for v in canny):
             return f"canny thresholds must be finite numbers between 0 and 10000, got {list(canny)}"
     for field, what in (
         ("layout", "a layout"),
@@ -137,7 +145,14 @@ def fit_control(source: ImageSource | np.ndarray, width: int, height: int) -> np
             im = load_image(source, "control picture")
         except EditError as exc:
             raise ControlImageError(str(exc)) from exc
+        if im.mode == "F":  # a float depth map: its range is unknown, so 8-bit conversion would clip it
+            raise ControlImageError(
+                "the control picture holds floating-point values (mode F); save the depth map as an 8- or "
+                "16-bit image, near = bright"
+            )
         im = Image.fromarray(to_rgb(im))
+    if min(im.size) < 1:
+        raise ControlImageError(f"the control picture is {im.size[0]}x{im.size[1]} pixels: it is empty")
     # Pillow returns a copy when the size is already right, so resolving twice changes nothing.
     return np.asarray(im.resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8).copy()
 
@@ -162,11 +177,22 @@ def resolve_control(
     return replace(r, control_image=fit_control(source, r.width, r.height), control_canny=canny)
 
 
+def bfl_canny_input(pixels: np.ndarray) -> np.ndarray:
+    """The uint8 picture BFL's CannyImageEncoder hands to cv2.Canny: the picture taken to [-1, 1] in
+    float32 (``/ 127.5 - 1``, as `prepare_control` does), clamped, and back with ``(x + 1) * 127.5`` cast
+    to uint8, which truncates: values 1 to 63 come back one lower. Edges of the untouched picture differ from
+    BFL's in thousands of pixels on a photo, so pictor follows the round trip (equal to torch's, tested)."""
+    x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    x = np.clip(x, np.float32(-1.0), np.float32(1.0))
+    return ((x + np.float32(1.0)) * np.float32(127.5)).astype(np.uint8)
+
+
 def control_picture(pixels: np.ndarray, canny: tuple[float, float] | None) -> np.ndarray:
-    """What the model reads: the fitted picture itself, or its Canny edges (0/255 in all three channels)."""
+    """What the model reads: the fitted picture itself, or the Canny edges BFL's code draws of it (0/255 in
+    all three channels)."""
     if canny is None:
         return pixels
-    return canny_control_picture(pixels, canny[0], canny[1])
+    return canny_control_picture(bfl_canny_input(pixels), canny[0], canny[1])
 
 
 def control_fields(pixels: np.ndarray, canny: tuple[float, float] | None) -> dict[str, Any]:

@@ -218,8 +218,9 @@ def _control_kind(transformer: Path, controlled: bool, given: str | None) -> str
     if not controlled:
         if given:
             raise CheckpointError(
-                f"{transformer}: --control {given}, but the transformer reads no control picture (its input "
-                "is as wide as its output); give flux1-canny-dev or flux1-depth-dev, or drop --control"
+                f"{transformer}: --control {given}, but the transformer reads no control picture (a FLUX.1 "
+                "Canny / Depth model's input is twice its output); give flux1-canny-dev or flux1-depth-dev, "
+                "or drop --control"
             )
         return None
     if given is not None:

@@ -63,6 +63,11 @@ def _same_architecture(a: BundleConfig, other: BundleConfig, flag: str) -> None:
                 f"{flag} {other.name} is another architecture than {a.name}: {part} {key} is "
                 f"{theirs.get(key)!r}, not {mine.get(key)!r}; only models of one architecture merge"
             )
+    if a.control != other.control:  # a Canny model and a Depth one read different pictures
+        raise CheckpointError(
+            f"{flag} {other.name} reads {other.control or 'no'} control pictures, {a.name} reads "
+            f"{a.control or 'none'}; only models of one kind of control merge"
+        )
 
 
 def _weights(path: Path, config: BundleConfig) -> Mapping[str, torch.Tensor]:

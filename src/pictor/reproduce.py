@@ -119,6 +119,11 @@ def check_record(record: Any) -> None:
                 f"the pictor record's '{name}' is {record[name]!r}, not {what}; the image's metadata was "
                 "edited or is damaged"
             )
+    if record.get("control_canny") and not record.get("control_image"):
+        raise ProvenanceError(
+            "the pictor record has Canny thresholds but no control picture; the image's metadata was edited "
+            "or is damaged"
+        )
     seeds = record.get("batch_seeds", [record["seed"]])
     if not 0 <= record.get("batch_index", 0) < len(seeds):
         raise ProvenanceError(
