@@ -291,3 +291,66 @@ def test_cli_generate_with_redux_and_reproduce(root: Path, pipe: Pipeline, tmp_p
         [*base, "--redux", str(src), "--redux-model", redux[1]], capture_output=True, text=True
     )
     assert half.returncode != 0 and "needs both --redux-model FILE and --siglip FOLDER" in half.stderr
+
+
+def test_siglip_folders_are_loaded_strictly_and_checked(root: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    redux_file = root / "flux1-redux-dev.safetensors"
+    # google/siglip-so400m-patch14-384 is a whole SiglipModel: its vision tower is what is read
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=SIGLIP_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=SIGLIP_SIZE, patch_size=4,
+    )  # fmt: skip
+    text = transformers.SiglipTextConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(3)
+    full = transformers.SiglipModel(
+        transformers.SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    )
+    full.save_pretrained(tmp_path / "full")
+    transformers.SiglipImageProcessorPil(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE}).save_pretrained(
+        tmp_path / "full"
+    )
+    redux = open_redux(redux_file, tmp_path / "full", MODEL.context_in_dim)
+    x = torch.randn(1, 3, SIGLIP_SIZE, SIGLIP_SIZE)
+    want = full.vision_model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(redux.siglip(pixel_values=x).last_hidden_state, want)
+    # a folder missing some of the vision tower's weights is refused, not filled with random ones
+    shutil.copytree(root / "siglip", tmp_path / "broken")
+    weights = load_file(tmp_path / "broken" / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if "layers.0.mlp" not in k},
+        tmp_path / "broken" / "model.safetensors",
+    )
+    with pytest.raises(ReduxError, match="missing or mismatches 4 weights"):
+        open_redux(redux_file, tmp_path / "broken", MODEL.context_in_dim)
+    # a processor that resizes to another size than the model reads
+    shutil.copytree(root / "siglip", tmp_path / "mixed")
+    size = {"height": 2 * SIGLIP_SIZE, "width": 2 * SIGLIP_SIZE}
+    transformers.SiglipImageProcessorPil(size=size).save_pretrained(tmp_path / "mixed")
+    with pytest.raises(ReduxError, match="resizes pictures to 64x64, but the model reads 32x32"):
+        open_redux(redux_file, tmp_path / "mixed", MODEL.context_in_dim)
+
+
+def test_reproduce_checks_the_siglip_weights_and_reference_is_refused(root: Path, tmp_path: Path) -> None:
+    pipe = _pipeline(root)
+    pipe.set_redux(root / "flux1-redux-dev.safetensors", root / "siglip")
+    (made,) = pipe.generate(_request(redux_image=_picture(9), steps=1))
+    other = _pipeline(root)
+    other.set_redux(root / "flux1-redux-dev.safetensors", _siglip_folder_seeded(tmp_path / "other", seed=4))
+    with pytest.raises(GenerationError, match="made with SigLIP weights"):
+        reproduce(other, made.record, redux=_picture(9))
+    with pytest.raises(ReduxError, match="Redux picture and a reference picture cannot be combined"):
+        pipe.generate(_request(redux_image=_picture(), reference=_picture()))
+
+
+def _siglip_folder_seeded(folder: Path, seed: int) -> Path:
+    _siglip_folder(folder)
+    weights = transformers.SiglipVisionModel.from_pretrained(folder)
+    torch.manual_seed(seed)
+    for p in weights.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    weights.save_pretrained(folder)
+    return folder

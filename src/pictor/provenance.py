@@ -103,6 +103,8 @@ def parameters_text(record: dict[str, Any]) -> str:
     redux = record.get("redux")
     if isinstance(redux, dict) and isinstance(redux.get("strength"), int | float):
         fields.append(("Redux strength", _fmt_number(redux["strength"])))
+        if redux.get("name") and redux.get("sha256"):  # as A1111 names a model: name and short hash
+            fields.append(("Redux model", f"{redux['name']} [{str(redux['sha256'])[:10]}]"))
     canny = record.get("control_canny")
     if isinstance(canny, list) and len(canny) == 2:  # the control picture's edges were drawn by pictor
         fields.append(("Control canny", f"{_fmt_number(canny[0])}/{_fmt_number(canny[1])}"))

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from pictor.checkpoint import sha256_file
+from pictor.checkpoint import sha256_file, state_dict_hash
 from pictor.editing import EditError, ImageSource, image_info, load_image, to_rgb
 from pictor.generation_request import GenerationError
 from pictor.models.redux import ReduxEncoder, redux_shapes
@@ -110,15 +110,38 @@ def _preprocess_config(folder: Path) -> SiglipPreprocess:
 
 def _load_siglip(folder: Path) -> nn.Module:
     from transformers import SiglipVisionModel
+    from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").is_file():
         raise ReduxError(f"{folder}: not a SigLIP model folder (no config.json); give a local folder")
+    # google/siglip-so400m-patch14-384 is saved as a whole SiglipModel: transformers would list each of its
+    # text tower's tensors as unexpected, on every load. Missing or mismatched ones are checked below.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        model = SiglipVisionModel.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
+        model, info = SiglipVisionModel.from_pretrained(
+            str(folder),
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            output_loading_info=True,
         )
     except Exception as exc:  # transformers raises many kinds; name the folder in every case
         raise ReduxError(f"could not load SigLIP's vision tower from {folder}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    # Strict, as every pictor load: transformers fills missing weights with random ones and only says so.
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise ReduxError(
+            f"{folder}: SigLIP's vision tower is missing or mismatches {len(bad)} weights "
+            f"({', '.join(bad[:4])}"
+            + (", ..." if len(bad) > 4 else "")
+            + "); the folder is damaged or holds another model"
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -149,6 +172,12 @@ def open_redux(path: str | os.PathLike[str], siglip: str | os.PathLike[str], con
         )
     preprocess = _preprocess_config(folder)
     vision = _load_siglip(folder)
+    size = getattr(vision.config, "image_size", None)
+    if isinstance(size, int) and (preprocess.width, preprocess.height) != (size, size):
+        raise ReduxError(
+            f"{folder}: its preprocessor_config.json resizes pictures to {preprocess.width}x"
+            f"{preprocess.height}, but the model reads {size}x{size}; the folder mixes two models"
+        )
     hidden = int(vision.config.hidden_size)
     if hidden != siglip_dim:
         raise ReduxError(
@@ -162,6 +191,8 @@ def open_redux(path: str | os.PathLike[str], siglip: str | os.PathLike[str], con
         "path": str(path.resolve()),
         "sha256": sha256_file(path),
         "siglip": str(folder.resolve()),
+        # The vision tower's weights (not the folder's files: a whole SiglipModel's text tower is not read).
+        "siglip_sha256": state_dict_hash(vision.state_dict()),
     }
     return ReduxModel(encoder=encoder.eval(), siglip=vision, preprocess=preprocess, info=info)
 
@@ -209,6 +240,9 @@ def redux_problem(r: Any, redux: ReduxModel | None, guidance_mode: str) -> str |
         if getattr(r, "redux_strength", None) is not None:
             return "a Redux strength was given without a Redux picture; add --redux IMAGE or drop it"
         return None
+    if getattr(r, "reference", None) is not None:
+        # A reference adapter adds one residual per prompt token; Redux's tokens are not prompt tokens.
+        return "a Redux picture and a reference picture cannot be combined; give one of them"
     if redux is None:
         return (
             "a Redux picture needs the Redux embedder and SigLIP's vision tower: pass --redux-model "

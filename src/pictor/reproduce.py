@@ -254,6 +254,14 @@ def check_redux(pipe: Pipeline, record: dict[str, Any], redux: ImageSource | Non
             f"the image was made with Redux file {want[:10]}, but the loaded one is {have[:10]}; pass the "
             "same file with --redux-model"
         )
+    want = (record.get("redux") or {}).get("siglip_sha256")
+    assert pipe.redux is not None
+    have = pipe.redux.info.get("siglip_sha256")
+    if want and want != have:
+        raise GenerationError(
+            f"the image was made with SigLIP weights {want[:10]}, but the loaded ones (--siglip "
+            f"{pipe.redux.info['siglip']}) are {str(have)[:10]}; pass the SigLIP folder it was made with"
+        )
 
 
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
