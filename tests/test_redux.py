@@ -8,6 +8,7 @@ vector at once. Then: strength, records, bit-exact reproduction, refusals, and t
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -354,3 +355,12 @@ def _siglip_folder_seeded(folder: Path, seed: int) -> Path:
         torch.nn.init.normal_(p, std=0.02)
     weights.save_pretrained(folder)
     return folder
+
+
+def test_pictor_info_says_what_a_redux_file_is(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.cli import main
+
+    assert main(["info", str(root / "flux1-redux-dev.safetensors")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "FLUX.1 Redux image embedder"
+    assert (shown["siglip_dim"], shown["context_dim"]) == (SIGLIP_DIM, MODEL.context_in_dim)

@@ -35,10 +35,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
 
     target = Path(args.target)
-    if target.is_file() and target.suffix.lower() == ".safetensors":  # a LoRA file: what it holds
+    if target.is_file() and target.suffix.lower() == ".safetensors":  # a LoRA or Redux file: what it holds
         from pictor.lora_tools import lora_summary
+        from pictor.redux_images import redux_file_summary
 
-        print(json.dumps(lora_summary(target), indent=2, ensure_ascii=False))
+        summary = redux_file_summary(target) or lora_summary(target)
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     from pictor.gguf_files import is_gguf
 

@@ -38,6 +38,7 @@ __all__ = [
     "ReduxModel",
     "open_redux",
     "redux_fields",
+    "redux_file_summary",
     "redux_pixels",
     "redux_problem",
     "redux_tokens",
@@ -195,6 +196,26 @@ def open_redux(path: str | os.PathLike[str], siglip: str | os.PathLike[str], con
         "siglip_sha256": state_dict_hash(vision.state_dict()),
     }
     return ReduxModel(encoder=encoder.eval(), siglip=vision, preprocess=preprocess, info=info)
+
+
+def redux_file_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What `pictor info` says of a FLUX.1 Redux file, or None for any other safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != {"redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"}:
+                return None
+            dims = redux_shapes({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    except (SafetensorError, OSError):
+        return None
+    if dims is None:
+        return None
+    return {
+        "kind": "FLUX.1 Redux image embedder",
+        "siglip_dim": dims[0],
+        "context_dim": dims[1],
+        "use": "pictor generate --redux IMAGE --redux-model THIS_FILE --siglip SIGLIP_FOLDER",
+        "sha256": sha256_file(path),
+    }
 
 
 def redux_pixels(source: ImageSource | np.ndarray) -> np.ndarray:
