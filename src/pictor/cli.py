@@ -470,6 +470,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vae_tile=args.vae_tile,
         vae_tile_overlap=args.vae_tile_overlap,
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+        redux_model=Path(args.redux_model) if args.redux_model else None,
+        siglip=Path(args.siglip) if args.siglip else None,
     )
     return serve(settings, log_level=args.log_level)
 

@@ -599,4 +599,5 @@ def _add_serve_parser(sub: Any) -> None:
     s.add_argument(
         "--lora-dir", default=None, help="folder of LoRA files requests may choose by name (loras)"
     )
+    _add_redux_model(s)  # FLUX.1 Redux for requests with redux_image, and for variations
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -355,6 +355,7 @@ def test_generate_from_a_reference_picture(
     expect(page.locator("#error")).to_contain_text("Write a prompt")
     expect(page.locator("#context-settings")).to_be_hidden()  # not a Kontext model: nothing to offer
     expect(page.locator("#control-settings")).to_be_hidden()  # nor a Canny / Depth one
+    expect(page.locator("#redux-settings")).to_be_hidden()  # nor a server with FLUX.1 Redux
     picture = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")
     page.get_by_text("Reference picture", exact=True).first.click()
@@ -535,6 +536,80 @@ def test_a_depth_control_model_offers_no_canny_edges(browser: Any, live_server: 
     generate_one(page)
     job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
     assert job["request"]["control_image"] and job["request"]["control_canny"] is None
+    assert problems == [], problems
+
+
+def test_a_redux_server_offers_a_redux_picture_and_varies_through_it(
+    browser: Any, live_server: Any, tmp_path: Path
+) -> None:
+    """With FLUX.1 Redux loaded the page shows a Redux picture and its strength: a generation (a data: URL,
+    the prompt may then be empty) and an edit (a file) send them; Reuse settings puts the strength back and
+    Reproduce says why it cannot; a variation has no img2img strength and draws from its picture through
+    Redux, and is not sent beside another Redux picture."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.pipeline import GenerationRequest
+    from tests.serve.test_redux_api import dev_pipeline, redux_files, redux_picture
+
+    pipe = dev_pipeline()
+    pipe.set_redux(*redux_files(tmp_path))
+    live = live_server(pipeline=pipe)
+    page, problems = open_page(browser, live.url, height=1300)
+    expect(page.locator("#model-info")).to_contain_text("FLUX.1 Redux")
+    page.get_by_text("Redux picture (FLUX.1 Redux)", exact=True).click()
+    page.get_by_role("button", name="Generate").click()  # nothing to go on: said on the page, not sent
+    expect(page.locator("#error")).to_contain_text("choose a reference or Redux picture")
+
+    picture = redux_picture()
+    picture.save(tmp_path / "redux.png")
+    page.get_by_label("Redux picture", exact=True).set_input_files(str(tmp_path / "redux.png"))
+    page.get_by_label("Redux strength", exact=True).fill("0.5")
+    fill_settings(page, None, 5, 2)
+    generate_one(page)
+    expect(page.locator("#error")).to_be_empty()
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["request"]["prompt"] == "" and job["request"]["redux_image"]
+    assert job["request"]["redux_strength"] == 0.5
+    with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+        served, record = np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+    (direct,) = pipe.generate(GenerationRequest("", seed=5, steps=2, redux_image=picture, redux_strength=0.5))
+    assert np.array_equal(served, np.asarray(direct.image)) and record["redux"]["strength"] == 0.5
+
+    page.get_by_label("Redux strength", exact=True).fill("")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("Redux strength", exact=True)).to_have_value("0.5")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.locator("#error")).to_contain_text("under Redux picture")
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["redux_image"]
+    assert edit_job["request"]["redux_strength"] == 0.5
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    expect(page.get_by_label("Variation strength")).to_be_disabled()
+    expect(page.locator("#variation-redux-help")).to_be_visible()
+    page.get_by_role("button", name="Make variations").click()  # beside a Redux picture: said, not sent
+    expect(page.locator("#error")).to_contain_text("A variation's picture is its Redux picture")
+    assert len(httpx.get(f"{live.url}/v1/jobs").json()["data"]) == 2
+    page.get_by_role("button", name="Clear Redux picture").click()
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    variation = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert "kind" not in variation["request"] and variation["request"]["redux_image"]
+    assert variation["request"]["redux_strength"] == 0.5
     assert problems == [], problems
 
 

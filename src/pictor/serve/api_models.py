@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pictor.control_images import DEFAULT_CANNY
 from pictor.pipeline import MAX_SEED
+from pictor.redux_images import MAX_STRENGTH
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -124,6 +125,19 @@ class ImageGenerationRequest(BaseModel):
         None,
         description="FLUX.1 Canny: draw control_image's Canny edges first (OpenCV's Canny): true for the "
         "thresholds 50 and 200, or [low, high]; null or false: the picture is the edge map.",
+    )
+    redux_image: str | None = Field(
+        None,
+        description="FLUX.1 Redux: a picture whose content and style the images take (SigLIP reads it; its "
+        "tokens follow the prompt's): a PNG, JPEG or WebP file, base64 (or a data:image/...;base64, URL); "
+        "the prompt may then be empty; needs a server with Redux loaded (the model card's redux).",
+    )
+    redux_strength: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_STRENGTH,
+        allow_inf_nan=False,
+        description="How strongly redux_image speaks: its tokens times this (default 1, BFL's).",
     )
     hires_scale: float | None = Field(
         None,
@@ -271,6 +285,12 @@ class ModelCard(BaseModel):
         description="A FLUX.1 Canny or Depth model: what its control_image is, an edge map (canny) or a "
         "depth map (depth); every image needs one, and control_canny goes with canny only (null for other "
         "models, and while the model loads).",
+    )
+
+    redux: bool = Field(
+        False,
+        description="The server has FLUX.1 Redux loaded: it takes redux_image and redux_strength, and a "
+        "variation is drawn from its picture through Redux (false while the model loads).",
     )
 
 

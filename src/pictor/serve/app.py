@@ -48,14 +48,15 @@ DESCRIPTION = """Text-to-image generation with pictor.
 
 * `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `reference_image`,
-  `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny / Depth) go in
-  `extra_body`).
+  `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny / Depth),
+  `redux_image` and `redux_strength` (FLUX.1 Redux) go in `extra_body`).
 * `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image`,
-  `context_image` and `control_image` as further files, `control_canny` as a field); `POST /v1/jobs/edits`
-  queues it.
+  `context_image`, `control_image` and `redux_image` as further files, `control_canny` and `redux_strength`
+  as fields); `POST /v1/jobs/edits` queues it.
 * `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
-  reference adapter); `POST /v1/jobs/variations` queues it.
+  reference adapter), or, on a server with FLUX.1 Redux loaded, a generation with the picture as its
+  `redux_image` (no img2img; `redux_strength` instead of `strength`); `POST /v1/jobs/variations` queues it.
 * `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
   server-sent events of `GET /v1/jobs/{id}/events`.
 * With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.
@@ -78,6 +79,8 @@ def create_app(
         problem = tiling_problem(factor, settings.vae_tile, settings.vae_tile_overlap)
         if problem:  # refused at load: the health check and every request say why
             raise ValueError(f"--vae-tile does not fit model '{pipe.name}': {problem}")
+        if settings.redux_model is not None and settings.siglip is not None:
+            pipe.set_redux(settings.redux_model, settings.siglip)  # a bad file: /readyz says why
         return pipe
 
     library = lora_library(settings, pipeline)

@@ -14,7 +14,9 @@ pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON te
 ``reference_image``, ``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model
 only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control model needs one), each a
 further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw
-the control picture's Canny edges first); the prompt may be empty only with a reference.
+the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on a server with Redux
+loaded) as a file too, with ``redux_strength``; the prompt may be empty only with a reference or Redux
+picture.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from PIL import Image
 
 from pictor.editing import EditError, EditRequest, eight_bit
 from pictor.pipeline import GenerationError
+from pictor.redux_images import MAX_STRENGTH
 from pictor.serve.api_models import ImagesResponse, Job, canny_setting
 from pictor.serve.errors import APIError
 from pictor.serve.routes import (
@@ -73,6 +76,7 @@ def edit_params(
     context: Image.Image | None = None,
     prompt_optional: bool = False,
     control: Image.Image | None = None,
+    redux: Image.Image | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings.
     `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image)."""
@@ -82,7 +86,7 @@ def edit_params(
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
     check_text(limits, prompt=prompt, negative_prompt=negative)
     check_names(form["sampler"], form["schedule"])
-    require_prompt(prompt, reference is not None or prompt_optional)
+    require_prompt(prompt, reference is not None or redux is not None or prompt_optional)
     layout = checked_layout(form.get("layout"))
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
@@ -97,6 +101,7 @@ def edit_params(
     reference = eight_bit(reference) if reference is not None else None
     context = eight_bit(context) if context is not None else None
     control = eight_bit(control) if control is not None else None
+    redux = eight_bit(redux).convert("RGB") if redux is not None else None
     if mask is not None:
         mask = _transparent(mask) or mask.convert("L")
     else:
@@ -112,6 +117,7 @@ def edit_params(
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["layout"] = layout
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
+    settings["redux_strength"] = form.get("redux_strength")
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
     if pipe is not None:
@@ -124,6 +130,7 @@ def edit_params(
             reference=reference,
             context_image=context,  # resolve_edit refuses it on a model that is not Kontext
             control_image=control,  # and this one on a model that is not FLUX.1 Canny / Depth
+            redux_image=redux,  # and this one without Redux loaded
             **settings,
         )
         try:
@@ -138,6 +145,7 @@ def edit_params(
             schedule=r.schedule,
             strength=inputs.strength,
             layout=r.layout,
+            redux_strength=r.redux_strength,
         )
     return {
         "kind": "edit",
@@ -147,6 +155,7 @@ def edit_params(
         # The key job_requests.edit_request reads back, as for a JSON generation's context_image.
         "context_image": svc.store.write_upload(context) if context is not None else None,
         "control_image": svc.store.write_upload(control) if control is not None else None,
+        "redux_image": svc.store.write_upload(redux) if redux is not None else None,
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -167,6 +176,15 @@ Text = Annotated[str | None, Form()]
 User = Annotated[str | None, Form(max_length=256)]
 Fraction = Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)]
 Seed = Annotated[int | None, Form(ge=0, le=2**63 - 1)]
+ReduxStrength = Annotated[
+    float | None,
+    Form(
+        ge=0,
+        le=MAX_STRENGTH,
+        allow_inf_nan=False,
+        description="FLUX.1 Redux: how strongly its picture speaks (its tokens times this; default 1)",
+    ),
+]
 Steps = Annotated[int | None, Form(ge=1)]
 Loras = Annotated[
     str | None,
@@ -182,6 +200,8 @@ FORM_FIELDS = {
     "context_image",
     "control_image",
     "control_canny",
+    "redux_image",
+    "redux_strength",
     "layout",
     "loras",
     "n",
@@ -244,6 +264,7 @@ class EditForm:
     response_format: str
     prompt_optional: bool = False  # see edit_params
     control: Image.Image | None = None  # FLUX.1 Canny / Depth's control picture
+    redux: Image.Image | None = None  # FLUX.1 Redux's picture
 
 
 async def read_image(
@@ -311,6 +332,14 @@ async def edit_form(
             "or LOW,HIGH"
         ),
     ] = None,
+    redux_image: Annotated[
+        UploadFile | None,
+        File(
+            description="FLUX.1 Redux: a picture whose content and style the images take; needs a server "
+            "with Redux loaded"
+        ),
+    ] = None,
+    redux_strength: ReduxStrength = None,
     layout: Annotated[
         str | None,
         Form(
@@ -357,6 +386,7 @@ async def edit_form(
     reference = await read_image(reference_image, "reference_image", limits, fitted=True)
     context = await read_image(context_image, "context_image", limits, fitted=True)
     control = await read_image(control_image, "control_image", limits, fitted=True)
+    redux = await read_image(redux_image, "redux_image", limits, fitted=True)
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -373,8 +403,11 @@ async def edit_form(
         "layout": layout,
         "loras": loras,
         "control_canny": canny_form(control_canny),
+        "redux_strength": redux_strength,
     }
-    return EditForm(source, mask_image, reference, context, fields, user, response_format, control=control)
+    return EditForm(
+        source, mask_image, reference, context, fields, user, response_format, control=control, redux=redux
+    )
 
 
 async def submit_edit(svc: Service, form: EditForm) -> JobRow:
@@ -391,6 +424,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
         form.context,
         form.prompt_optional,
         form.control,
+        form.redux,
     )
     return await run_in_threadpool(svc.submit, params, form.user)
 

@@ -1,6 +1,6 @@
 """A job's stored settings (its `params`) as the pipeline's requests, and which jobs may share one sampler
 run. Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
-picture) are kept in the store under ids; the requests get their paths."""
+picture, a Redux picture) are kept in the store under ids; the requests get their paths."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ BATCH_KEYS = (
     "context_image",  # likewise
     "control_image",  # likewise
     "control_canny",
+    "redux_image",  # an upload id too
+    "redux_strength",
     *HIRES_FIELDS,
     "cache_threshold",
 )
@@ -41,7 +43,7 @@ def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _reference(params: dict[str, Any], store: Store | None, key: str = "reference") -> Any:
-    """A job's reference (or context, or control) picture: the kept upload's path (None without one, or
+    """A job's reference (or context, control or Redux) picture: the kept upload's path (None without one, or
     without a store to ask)."""
     upload = params.get(key)
     return store.upload_path(upload) if upload and store is not None else None
@@ -60,6 +62,7 @@ def generation_request(
         reference=_reference(params, store),
         context_image=_reference(params, store, "context_image"),
         control_image=_reference(params, store, "control_image"),
+        redux_image=_reference(params, store, "redux_image"),
     )
     return GenerationRequest(**{**fields, **overrides})
 
@@ -71,6 +74,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["reference"] = _reference(params, store)
     fields["context_image"] = _reference(params, store, "context_image")
     fields["control_image"] = _reference(params, store, "control_image")
+    fields["redux_image"] = _reference(params, store, "redux_image")
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
     )

@@ -155,6 +155,7 @@ def model_card(svc: Service) -> ModelCard:
         fill=pipe is not None and pipe.fill,
         # FLUX.1 Canny / Depth: known by the input width (`pipe.control`), the kind from the bundle's config.
         control=pipe.config.control if pipe is not None and pipe.control else None,
+        redux=pipe is not None and pipe.redux is not None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -79,6 +80,12 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
         problem = tiling_problem(factor, settings.vae_tile, settings.vae_tile_overlap)
         if problem:
             raise ValueError(f"--vae-tile: {problem}")
+    for path, what, exists in (
+        (settings.redux_model, "--redux-model", Path.is_file),
+        (settings.siglip, "--siglip", Path.is_dir),
+    ):  # missing ones are named before anything listens; what is inside is checked when the model loads
+        if path is not None and not exists(path):
+            raise ValueError(f"{what} {path}: no such {'file' if what == '--redux-model' else 'folder'}")
     app = create_app(settings)
     library = app.state.service.library
     for name, why in library.unusable.items():

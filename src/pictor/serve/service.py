@@ -27,13 +27,13 @@ from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, St
 from pictor.serve.uploads import decode_base64_image
 
 # The job settings that name kept uploads (edit sources, masks, reference pictures, context images, control
-# pictures).
-UPLOAD_KEYS = ("image", "mask", "reference", "context_image", "control_image")
+# pictures, Redux pictures).
+UPLOAD_KEYS = ("image", "mask", "reference", "context_image", "control_image", "redux_image")
 
 
 def _picture(text: str | None, what: str, limits: Limits) -> Image.Image | None:
-    """A base64 reference, context or control picture as 8-bit RGB (16-bit scaled, not clipped to white, as
-    the CLI reads it); None when absent."""
+    """A base64 reference, context, control or Redux picture as 8-bit RGB (16-bit scaled, not clipped to
+    white, as the CLI reads it); None when absent."""
     if text is None:
         return None
     return eight_bit(decode_base64_image(text, what, limits, fitted=True)).convert("RGB")
@@ -79,8 +79,9 @@ class Service:
                 code="model_not_found",
             )
 
-    def params(self, body: ImageGenerationRequest) -> dict[str, Any]:
-        """Validate a request against the limits, the policy and the model; return the job's settings."""
+    def params(self, body: ImageGenerationRequest, redux: Image.Image | None = None) -> dict[str, Any]:
+        """Validate a request against the limits, the policy and the model; return the job's settings.
+        `redux`: a Redux picture already decoded (a variation's), in place of body.redux_image."""
         self.check_model(body.model)
         width = height = None
         if body.size and body.size != "auto":
@@ -93,11 +94,14 @@ class Service:
         check_names(body.sampler, body.schedule)
         layout = checked_layout([b.model_dump() for b in body.layout] if body.layout is not None else None)
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
-        require_prompt(body.prompt, body.reference_image is not None)
+        has_picture = body.reference_image is not None or body.redux_image is not None or redux is not None
+        require_prompt(body.prompt, has_picture)
         # Kept as sent, made 8-bit RGB (their fitting is the pipeline's, and recorded).
         reference = _picture(body.reference_image, "reference_image", limits)
         context = _picture(body.context_image, "context_image", limits)
         control = _picture(body.control_image, "control_image", limits)
+        if redux is None:
+            redux = _picture(body.redux_image, "redux_image", limits)
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -117,14 +121,15 @@ class Service:
             "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
             # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
             "control_canny": body.control_canny,
+            "redux_strength": body.redux_strength,
         }
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
             if body.hires_scale is not None:
                 self._check_hires_while_loading(body, n, width, height)
-            return self._keep_reference(params, reference, context, control)
+            return self._keep_reference(params, reference, context, control, redux)
         request = generation_request(
-            params, reference=reference, context_image=context, control_image=control
+            params, reference=reference, context_image=context, control_image=control, redux_image=redux
         )
         try:
             r = pipe.resolve_request(request)
@@ -161,8 +166,9 @@ class Service:
             layout=r.layout,
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
+            redux_strength=r.redux_strength,
         )
-        return self._keep_reference(params, reference, context, control)
+        return self._keep_reference(params, reference, context, control, redux)
 
     def _check_hires(self, body: ImageGenerationRequest, n: int, width: int, height: int, steps: int) -> None:
         """The server's limits on the hires fix's second pass, named as such."""
@@ -196,12 +202,14 @@ class Service:
         reference: Image.Image | None,
         context: Image.Image | None = None,
         control: Image.Image | None = None,
+        redux: Image.Image | None = None,
     ) -> dict[str, Any]:
-        """The reference, context and control pictures, once the request is valid, kept as uploads the job
-        names."""
+        """The reference, context, control and Redux pictures, once the request is valid, kept as uploads the
+        job names."""
         params["reference"] = self.store.write_upload(reference) if reference is not None else None
         params["context_image"] = self.store.write_upload(context) if context is not None else None
         params["control_image"] = self.store.write_upload(control) if control is not None else None
+        params["redux_image"] = self.store.write_upload(redux) if redux is not None else None
         return params
 
     def submit(self, params: dict[str, Any], user: str | None) -> JobRow:
@@ -270,12 +278,12 @@ def checked_layout(layout: Any) -> list[dict[str, Any]] | None:
 
 
 def require_prompt(prompt: str, has_reference: bool) -> None:
-    """An empty prompt is an error unless a reference picture says what to draw."""
+    """An empty prompt is an error unless a reference (or Redux) picture says what to draw."""
     if not prompt.strip() and not has_reference:
         raise APIError(
             400,
-            "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, "
-            "whose content the images then take)",
+            "prompt is empty: say what to draw (an empty prompt goes only with a reference_image or a "
+            "redux_image, whose content the images then take)",
             param="prompt",
             code="invalid_parameters",
         )
@@ -319,6 +327,12 @@ def param_of(message: str) -> str | None:
                 return name
     if "control picture" in message:
         return "control_image"
+    # FLUX.1 Redux (redux_images.redux_problem, redux_pixels): the strength, what it does not go with, and the
+    # picture itself (no Redux loaded, a CFG model, unreadable).
+    if "Redux strength" in message:
+        return "redux_strength"
+    if "Redux picture" in message or message.startswith("FLUX.1 Redux"):
+        return "reference_image" if "and a reference picture" in message else "redux_image"
     return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
 
 

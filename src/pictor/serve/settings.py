@@ -48,6 +48,11 @@ class ServeSettings:
     vae_tile_overlap: int | None = None
     # The folder of LoRA files requests may choose from by name (`loras`); None: no LoRAs offered.
     lora_dir: Path | None = None
+    # FLUX.1 Redux [dev]: its embedder file and a local SigLIP folder, both or neither; the loaded model gets
+    # them (`Pipeline.set_redux`), so requests may send redux_image and variations use it. A pipeline handed
+    # to `create_app` is served as it is.
+    redux_model: Path | None = None
+    siglip: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):
@@ -59,6 +64,8 @@ class ServeSettings:
             raise ValueError(f"vae-tile must be a positive number of pixels, got {self.vae_tile}")
         if self.vae_tile_overlap is not None and self.vae_tile is None:
             raise ValueError("vae-tile-overlap needs vae-tile: give the tile size too")
+        if (self.redux_model is None) != (self.siglip is None):
+            raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip DIR")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; pass a non-empty --api-key or none")
 

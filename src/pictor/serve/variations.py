@@ -22,19 +22,41 @@ A variation is an img2img edit of the uploaded picture, and runs and is stored a
 The picture the job keeps, and whose hash the images' records hold, is the one drawn from: flattened and
 resized. pictor's other fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``,
 ``schedule``, ``cache_threshold``, ``loras``) mean what they mean on ``/v1/images/edits``.
+
+With FLUX.1 Redux loaded (``pictor serve --redux-model FILE --siglip DIR``; the model card's ``redux``) a
+variation is what BFL made Redux for: a generation from noise whose Redux picture is the upload, and no
+img2img. The picture's SigLIP tokens then carry its content and style while composition and details come
+anew from each seed, where img2img would keep its layout. So:
+
+- The job is a generation job with ``redux_image`` (the picture flattened onto white, at its own size, as
+  SigLIP resizes it anyway) and ``redux_strength`` (default 1); the prompt, empty by default, is encoded as
+  BFL's ``prepare_redux`` does (T5 and CLIP of ""). Its images equal ``Pipeline.generate`` with that picture
+  as ``redux_image``, and ``pictor reproduce IMAGE --redux PICTURE`` works as for any Redux generation
+  (PICTURE: the upload itself for an opaque 8-bit picture, else the kept upload ``redux_image`` of the job).
+- ``size`` "WxH" sets the images' size only (the picture is not resized); absent, "" or "auto" gives the
+  picture's aspect ratio at the model's default number of pixels (within the server's limit), in multiples
+  of the model's pixel multiple, so a camera's photo needs no size.
+- ``strength`` (how far img2img noises the picture) has no meaning and is refused; ``redux_strength`` takes
+  its place. Without Redux, ``redux_strength`` is refused.
+- A reference adapter, if the model has one too, is not used: pictor refuses a reference picture beside a
+  Redux one.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
+from pydantic import ValidationError
 
 from pictor.editing import eight_bit
 from pictor.generation_settings import settings_problem
-from pictor.serve.api_models import ImagesResponse, Job
+from pictor.serve.api_models import ImageGenerationRequest, ImagesResponse, Job
 from pictor.serve.edits import (
     SIZE_PATTERN,
     Count,
@@ -42,6 +64,7 @@ from pictor.serve.edits import (
     Fraction,
     Loras,
     Number,
+    ReduxStrength,
     ResponseFormat,
     Seed,
     Steps,
@@ -64,6 +87,7 @@ from pictor.serve.routes import (
 )
 from pictor.serve.security import check_limits, check_text
 from pictor.serve.service import Service, check_names, service
+from pictor.serve.store import JobRow
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
@@ -93,7 +117,21 @@ FORM_FIELDS = {
     "schedule",
     "cache_threshold",
     "loras",
+    "redux_strength",
 }
+
+
+@dataclass
+class ReduxVariation:
+    """A variation on a server with FLUX.1 Redux: a generation whose Redux picture is the upload."""
+
+    body: ImageGenerationRequest  # the generation's fields, size filled in
+    picture: Image.Image  # flattened onto white, at its own size
+    loras: str | None  # the form's JSON text (`LoraLibrary.choose_text`)
+
+    @property
+    def response_format(self) -> str:
+        return self.body.response_format or "url"
 
 
 def on_white(image: Image.Image) -> Image.Image:
@@ -112,6 +150,32 @@ def requested_size(size: str | None) -> tuple[int, int] | None:
     assert size is not None  # the form's pattern: WxH
     width, height = (int(v) for v in size.split("x"))
     return width, height
+
+
+def redux_size(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
+    """A size of the picture's aspect ratio with about (at most) `area` pixels, in multiples of `multiple`."""
+    scale = math.sqrt(area / (width * height))
+    # The epsilon: a picture of exactly the default's aspect must give the default, not one multiple less.
+    w, h = (max(multiple, int(side * scale + 1e-6) // multiple * multiple) for side in (width, height))
+    return w, h
+
+
+def redux_variation(
+    svc: Service, picture: Image.Image, size: tuple[int, int] | None, loras: str | None, **fields: Any
+) -> ReduxVariation:
+    """The generation a variation is with Redux loaded (see the module's docstring): its size (given, or the
+    picture's aspect at the model's default area) and the picture flattened onto white."""
+    pipe = svc.manager.pipeline
+    assert pipe is not None and pipe.redux is not None
+    limits = svc.settings.limits
+    if size is None:
+        area = min(int(pipe.defaults["width"]) * int(pipe.defaults["height"]), limits.max_pixels)
+        size = redux_size(picture.width, picture.height, area, pipe.patch)
+    try:
+        body = ImageGenerationRequest(**fields, size=f"{size[0]}x{size[1]}")
+    except ValidationError as exc:  # the form's own bounds are the body's: a safety net, as a 400
+        raise RequestValidationError(exc.errors()) from None
+    return ReduxVariation(body, on_white(picture), loras)
 
 
 def drawn_from(
@@ -187,8 +251,10 @@ async def variation_form(
     schedule: Text = None,
     cache_threshold: Fraction = None,
     loras: Loras = None,
-) -> EditForm:
-    """The one multipart grammar of both variation endpoints (synchronous and queued), as an edit."""
+    redux_strength: ReduxStrength = None,
+) -> EditForm | ReduxVariation:
+    """The one multipart grammar of both variation endpoints (synchronous and queued): an edit, or with
+    FLUX.1 Redux loaded a generation from the picture's Redux tokens."""
     svc = service(request)
     limits = svc.settings.limits
     check_fields(set((await request.form()).keys()), FORM_FIELDS, set(), "variation")
@@ -215,10 +281,35 @@ async def variation_form(
             "model_loading",
             headers={"Retry-After": str(svc.settings.retry_after)},
         )
+    redux = svc.manager.pipeline.redux is not None  # the pipeline is there: 503 above while it loads
+    if redux and strength is not None:
+        raise APIError(
+            400,
+            "strength: with FLUX.1 Redux loaded a variation is drawn from noise with the picture as its "
+            "Redux prompt, not noised from the picture; leave strength out (redux_strength says how strongly "
+            "the picture speaks)",
+            param="strength",
+            code="invalid_parameters",
+        )
+    if not redux and redux_strength is not None:
+        raise APIError(
+            400,
+            "redux_strength: this server has no FLUX.1 Redux loaded (pictor serve --redux-model FILE "
+            "--siglip DIR), so a variation is an img2img edit of the picture, whose strength says how far it "
+            "is noised",
+            param="redux_strength",
+            code="invalid_parameters",
+        )
     # The picture may be resized before use, so it is held to the larger limit of a fitted picture (a
     # camera's photo); drawn_from holds it to the output limit when no size asks for a resize.
     picture = await read_image(image, "image", limits, fitted=True)
     assert picture is not None
+    if redux:
+        given = {"prompt": prompt, "negative_prompt": negative_prompt, "n": n, "model": model, "user": user}
+        given |= {"response_format": response_format, "steps": steps, "guidance": guidance, "seed": seed}
+        given |= {"sampler": sampler, "schedule": schedule, "cache_threshold": cache_threshold}
+        given |= {"redux_strength": redux_strength}
+        return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
         "prompt": prompt,
@@ -247,10 +338,10 @@ async def variation_form(
     summary="Create variations of an image (OpenAI Images API): img2img of the picture; waits for the job",
 )
 async def create_variation(
-    request: Request, form: Annotated[EditForm, Depends(variation_form)]
+    request: Request, form: Annotated[EditForm | ReduxVariation, Depends(variation_form)]
 ) -> ImagesResponse:
     svc = service(request)
-    job = await submit_edit(svc, form)
+    job = await submit_variation(svc, form)
     return await finished_images(svc, request, job.id, form.response_format)
 
 
@@ -262,10 +353,22 @@ async def create_variation(
     summary="Queue a variation job (the same multipart form as /v1/images/variations); returns at once",
 )
 async def create_variation_job(
-    request: Request, response: Response, form: Annotated[EditForm, Depends(variation_form)]
+    request: Request, response: Response, form: Annotated[EditForm | ReduxVariation, Depends(variation_form)]
 ) -> Job:
     svc = service(request)
-    return accepted(svc, request, response, await submit_edit(svc, form))
+    return accepted(svc, request, response, await submit_variation(svc, form))
+
+
+async def submit_variation(svc: Service, form: EditForm | ReduxVariation) -> JobRow:
+    """Validate and queue a variation: an edit job, or with Redux a generation job (see `ReduxVariation`)."""
+    if isinstance(form, EditForm):
+        return await submit_edit(svc, form)
+
+    def params() -> dict[str, Any]:
+        loras = svc.library.choose_text(form.loras)  # before svc.params keeps the picture as an upload
+        return {**svc.params(form.body, redux=form.picture), "loras": loras}
+
+    return await run_in_threadpool(svc.submit, await run_in_threadpool(params), form.body.user)
 
 
 # Without these, GET /v1/images/variations would reach GET /v1/images/{image_id} (and /v1/jobs/variations

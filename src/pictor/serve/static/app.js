@@ -10,6 +10,7 @@ let currentJob = null;
 let viewed = null; // {meta} of the image open in the viewer
 let fillModel = false; // the served model is FLUX.1 Fill: it only repaints masked pictures
 let controlKind = null; // "canny" or "depth": the served model is FLUX.1 Canny / Depth and needs a control picture
+let reduxModel = false; // the server has FLUX.1 Redux loaded: a Redux picture may prompt, variations use it
 
 // -- API calls with the key ------------------------------------------------------------------------
 
@@ -146,6 +147,9 @@ function fillForm(record) {
   $("control-canny").checked = Boolean(canny);
   $("canny-low").value = canny ? canny[0] : "";
   $("canny-high").value = canny ? canny[1] : "";
+  // Likewise the Redux picture (only its hash is kept): its strength comes back.
+  $("redux-strength").value = record.redux ? record.redux.strength : "";
+  if (record.redux_image && reduxModel) $("redux-settings").open = true;
 }
 
 function setStatus(text) {
@@ -184,7 +188,7 @@ function multipartFromForm(image, strengthInput, body) {
   if ($("reference-image").files.length) form.append("reference_image", $("reference-image").files[0]);
   const context = contextFile();
   if (context) form.append("context_image", context);
-  const strength = strengthInput.value.trim();
+  const strength = strengthInput.disabled ? "" : strengthInput.value.trim();
   if (strength !== "") form.append("strength", strength);
   for (const [name, value] of Object.entries(body)) {
     form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
@@ -203,14 +207,23 @@ function editFromForm({ size, ...body }) {
     const canny = cannySetting();
     if (canny !== undefined) form.append("control_canny", canny === true ? "true" : canny.join(","));
   }
+  const redux = reduxFile();
+  if (redux) {  // FLUX.1 Redux's picture as a file, its strength as a field
+    form.append("redux_image", redux);
+    if (reduxStrength() !== undefined) form.append("redux_strength", reduxStrength());
+  }
   return form;
 }
 
 // For POST /v1/jobs/variations. Width and Height go as the size the picture is resized to first. What a
 // variation does not take (a layout, the hires fix, a reference picture) goes too, so that the server's
 // 400 names it on the page, rather than the page dropping a choice unseen.
+// With FLUX.1 Redux the picture is the variation's Redux picture: its strength goes instead of img2img's
+// (whose input is disabled then).
 function variationFromForm(body) {
-  return multipartFromForm($("variation-image").files[0], $("variation-strength"), body);
+  const form = multipartFromForm($("variation-image").files[0], $("variation-strength"), body);
+  if (reduxModel && reduxStrength() !== undefined) form.append("redux_strength", reduxStrength());
+  return form;
 }
 
 // -- the layout editor: one list item per box, a phrase over its four edges ----------------------
@@ -324,7 +337,24 @@ async function withReference(body) {
     const canny = cannySetting();
     if (canny !== undefined) body.control_canny = canny;
   }
+  const redux = reduxFile();
+  if (redux) {  // FLUX.1 Redux's, the same way, with its strength
+    body.redux_image = await readAsDataURL(redux);
+    if (reduxStrength() !== undefined) body.redux_strength = Number(reduxStrength());
+  }
   return body;
+}
+
+// The chosen Redux picture, or null: sent only while the server has FLUX.1 Redux loaded.
+function reduxFile() {
+  const input = $("redux-image");
+  return !input.disabled && input.files.length ? input.files[0] : null;
+}
+
+// The Redux strength as typed, or undefined when empty (the server's 1 applies).
+function reduxStrength() {
+  const text = $("redux-strength").value.trim();
+  return $("redux-strength").disabled || text === "" ? undefined : text;
 }
 
 // The chosen control picture, or null: like the context picture, sent only while the model takes one.
@@ -588,7 +618,8 @@ async function loadModel() {
       (card.fill ? ". FLUX.1 Fill: it repaints the masked part of a picture (Edit, with a mask)" : "") +
       (CONTROL_WORDS[card.control]
         ? `. ${CONTROL_WORDS[card.control][0]}: it follows a control picture, ${CONTROL_WORDS[card.control][1]} (Control picture)`
-        : "");
+        : "") +
+      (card.redux ? ". FLUX.1 Redux: a picture can prompt the images (Redux picture), and variations draw from it" : "");
     fillModel = Boolean(card.fill);
     for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
       if (d[key] !== undefined) $(id).placeholder = String(d[key]);
@@ -611,6 +642,13 @@ async function loadModel() {
     if (kind) $("control-summary").textContent = `Control picture (${CONTROL_WORDS[kind][0]})`;
     $("canny-options").hidden = kind !== "canny";
     for (const id of ["control-canny", "canny-low", "canny-high"]) $(id).disabled = kind !== "canny";
+    // A Redux picture only where the server has FLUX.1 Redux (others refuse it); a variation is then drawn
+    // from the picture's Redux tokens, which takes no img2img strength.
+    reduxModel = Boolean(card.redux);
+    $("redux-settings").hidden = !reduxModel;
+    for (const id of ["redux-image", "redux-strength"]) $(id).disabled = !reduxModel;
+    $("variation-strength").disabled = reduxModel;
+    $("variation-redux-help").hidden = !reduxModel;
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
@@ -644,9 +682,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       );
       return;
     }
-    const reference = $("reference-image").files.length > 0;
+    if (mode === "variation" && reduxFile()) {  // the variation's own picture is its Redux picture
+      setError("A variation's picture is its Redux picture: clear the Redux picture to make variations, or clear the variation picture to generate from the Redux picture.");
+      return;
+    }
+    const reference = $("reference-image").files.length > 0 || reduxFile() !== null;
     if (!body.prompt.trim() && !reference && mode !== "variation") {  // a variation's picture is enough
-      setError("Write a prompt (or choose a reference picture).");
+      setError(reduxModel ? "Write a prompt (or choose a reference or Redux picture)." : "Write a prompt (or choose a reference picture).");
       return;
     }
     const { layout, error } = layoutFromForm();
@@ -684,6 +726,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("clear-control-button").addEventListener("click", () => {
     $("control-image").value = "";
+  });
+  $("clear-redux-button").addEventListener("click", () => {
+    $("redux-image").value = "";
   });
   $("edit-image").addEventListener("change", () => choosePicture("edit"));
   $("variation-image").addEventListener("change", () => choosePicture("variation"));
@@ -749,6 +794,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("This image was made from a control picture (FLUX.1 Canny / Depth), which the page does not " +
         "keep: use Reuse settings and choose the same picture under Control picture, or run " +
         "`pictor reproduce IMAGE --control PICTURE`.");
+      return;
+    }
+    if (viewed.record.redux_image) {
+      // And a FLUX.1 Redux picture (a variation's too): Reuse settings brings back its strength.
+      setError("This image was made from a Redux picture (FLUX.1 Redux), which the page does not keep: use " +
+        "Reuse settings and choose the same picture under Redux picture, or run " +
+        "`pictor reproduce IMAGE --redux PICTURE`.");
       return;
     }
     submit(recordRequest(viewed.record));
