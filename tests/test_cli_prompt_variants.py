@@ -146,6 +146,15 @@ def test_from_file_runs_every_line_and_numbers_on(
         (("{1|2|3|4|5|6|7|8|9|0}" * 4, "--variants", "all"), "would make 10000 prompts, more than 1000"),
         (("a", "--wildcards", "WILD"), "--wildcards is read by --variants"),
         (("a", "--variants", "random", "--best-of", "2"), "--best-of ranks candidates of one prompt"),
+        # the pipeline's limits, for the whole plan: random variants run one image at a time
+        (("{a|b}", "--variants", "random", "-n", "20000"), "number of images must be between 1 and 10000"),
+        (("{a|b}", "--variants", "all", "-n", "0"), "number of images must be between 1 and 10000"),
+        (
+            ("{a|b}", "--variants", "random", "-n", "2", "--seed", str(2**63 - 1)),
+            "seed must be between 0 and 9223372036854775806",
+        ),
+        (("{a|b}" * 2000, "--variants", "all"), "would make more than 10^15 prompts"),
+        (("__w0__", "--variants", "random", "--wildcards", "FANOUT"), "can resolve to a text of"),
     ],
 )
 def test_refusals_are_one_line_before_the_model_loads(
@@ -154,7 +163,16 @@ def test_refusals_are_one_line_before_the_model_loads(
     (tmp_path / "empty.txt").write_text("# nothing\n\n", encoding="utf-8")
     (tmp_path / "wild").mkdir()
     (tmp_path / "wild" / "loop.txt").write_text("a __loop__\n", encoding="utf-8")
-    named = {"EMPTY": str(tmp_path / "empty.txt"), "WILD": str(tmp_path / "wild")}
+    # a small folder whose texts grow fourfold with every file: w0 uses w1 four times, ...
+    (tmp_path / "fanout").mkdir()
+    for k in range(12):
+        (tmp_path / "fanout" / f"w{k}.txt").write_text(f"__w{k + 1}__ " * 4 + "\n", encoding="utf-8")
+    (tmp_path / "fanout" / "w12.txt").write_text("x\ny\n", encoding="utf-8")
+    named = {
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "WILD": str(tmp_path / "wild"),
+        "FANOUT": str(tmp_path / "fanout"),
+    }
     args = tuple(named.get(a, a) for a in args)
     out = tmp_path / "out"
     # no such model: a refusal that waited for the model would name it instead

@@ -11,6 +11,7 @@ import pytest
 from pictor.prompt_variants import (
     MAX_COMBINATIONS,
     MAX_DEPTH,
+    MAX_TEXT_SIZE,
     Choice,
     PromptRun,
     Text,
@@ -19,6 +20,7 @@ from pictor.prompt_variants import (
     WildcardFolder,
     count_combinations,
     expand_all,
+    largest_text,
     link,
     parse_template,
     pick,
@@ -96,7 +98,7 @@ def test_count_matches_expansion_and_stays_cheap() -> None:
     tree = link(parse_template("{a|b|{c|d}} {1|2|3} {|x}"), None)
     assert count_combinations(tree) == len(expand_all(tree)) == 24
     huge = link(parse_template("{0|1|2|3|4|5|6|7|8|9}" * 30), None)
-    assert count_combinations(huge) == 10**30  # counted, never listed
+    assert count_combinations(huge) == 10**15  # counted up to the ceiling, never listed
 
 
 def test_pick_is_seeded_weighted_and_leaves_the_global_rng_alone() -> None:
@@ -239,3 +241,41 @@ def test_plan_checks_every_prompt_first(tmp_path: Path) -> None:
     folder = wildcards(tmp_path, c="red")
     runs = plan_runs(["__c__ {x|y}"], "", 1, 1, "all", folder.root)
     assert [r.prompt for r in runs] == ["red x", "red y"]
+
+
+def test_files_drop_a_bom_split_only_at_line_breaks_and_number_lines_as_the_file(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeff# my prompts\r\na red circle\u2028on a square\n\n\rtwo stars\n".encode())
+    assert read_prompt_file(prompts) == ["a red circle\u2028on a square", "two stars"]
+    (tmp_path / "wild").mkdir()
+    (tmp_path / "wild" / "bad.txt").write_text("# head\n\nok\n# note\n\nbroken {\n", encoding="utf-8")
+    (tmp_path / "wild" / "dir.txt").mkdir()  # a folder named like a file is no wildcard
+    folder = WildcardFolder(tmp_path / "wild")
+    with pytest.raises(VariantError, match=r"bad\.txt line 6 'broken \{'"):
+        link(parse_template("__bad__"), folder)
+    assert "dir" not in folder.known() and "bad" in folder.known()
+
+
+def test_weights_that_overflow_are_refused() -> None:
+    with pytest.raises(VariantError, match=r"weights of the '\{' at character 1 are too large"):
+        parse_template("{" + "9" * 400 + "::a|0::b}")
+    with pytest.raises(VariantError, match="too large"):
+        parse_template("{" + "9" * 308 + "::a|" + "9" * 308 + "::b}")
+
+
+def test_fanning_wildcards_are_refused_before_anything_is_drawn(tmp_path: Path) -> None:
+    for k in range(20):
+        (tmp_path / f"w{k}.txt").write_text(f"__w{k + 1}__ " * 4, encoding="utf-8")
+    (tmp_path / "w20.txt").write_text("x\ny", encoding="utf-8")
+    template = link(parse_template("__w0__"), WildcardFolder(tmp_path))
+    # ints only: a failing assert would print the template, whose shared branches repr exponentially
+    size, count = largest_text(template), count_combinations(template)
+    del template
+    # a line of level k: four uses of level k + 1 (1 + its size each) and three spaces (1 + 1 each), so
+    # s_k = 4 s_(k+1) + 10 from s_20 = 2 ("x"), and the prompt is 1 + s_0
+    assert size == (16 * 4**20 - 7) // 3 and size > MAX_TEXT_SIZE and count == 10**15  # the count capped
+    for mode in ("random", "all"):
+        with pytest.raises(VariantError, match=r"can resolve to a text of [\d,]+ characters and pieces"):
+            plan_runs(["__w0__"], "", 7, 1, mode, tmp_path)
+    small = link(parse_template("{a|bb} c"), None)
+    assert largest_text(small) == max(len(t) for t in expand_all(small)) + 3  # + its 3 pieces

@@ -186,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = pl.GenerationRequest(prompt=runs[0].prompt, width=width, height=height, **_settings(args), **hires)
     for k, run in enumerate(runs, 1):
         if len(runs) > 1:
-            print(f"prompt {k}/{len(runs)}: {run.prompt}", file=sys.stderr)
+            print(f"run {k}/{len(runs)}: {run.prompt}", file=sys.stderr)
         texts = {"prompt": run.prompt, "negative_prompt": run.negative_prompt}
         request = replace(base, **texts, seed=run.seed, num_images=run.num_images)
         if args.best_of is not None:
@@ -215,7 +215,19 @@ def _prompt_runs(args: argparse.Namespace) -> list[Any]:
 
     if (args.prompt is None) == (args.from_file is None):
         raise ValueError("give a PROMPT or --from-file FILE (one prompt per line), not both or neither")
+    from pictor.generation_request import MAX_IMAGES, MAX_SEED
+
     prompts = [args.prompt] if args.from_file is None else read_prompt_file(args.from_file)
+    # The pipeline's own checks, for the whole plan: --variants random splits -n into runs of one image,
+    # each of which would pass them, and the run would stop halfway with images written.
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise ValueError(
+            f"number of images must be between 1 and {MAX_IMAGES}, got {args.num_images}; for more, run "
+            "again with the next --seed"
+        )
+    last = MAX_SEED - args.num_images + 1
+    if args.seed is not None and not 0 <= args.seed <= last:
+        raise ValueError(f"seed must be between 0 and {last}, got {args.seed}")
     seed = args.seed
     if seed is None and (args.variants or args.from_file):
         seed = secrets.randbelow(2**32)  # as the pipeline draws one

@@ -17,6 +17,7 @@ either drawn from (`pick`, one variant) or expanded (`expand_all`, every combina
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ MODES = ("random", "all")
 MAX_COMBINATIONS = 1000
 # Braces inside braces plus wildcards inside wildcards: deeper than this is a mistake, not a prompt.
 MAX_DEPTH = 24
+# A resolved text longer than this (characters plus the pieces it is built from) is refused before it is
+# built: wildcards that use each other several times multiply, and a text encoder reads ~2,000 characters
+# at most (T5's 512 tokens).
+MAX_TEXT_SIZE = 20_000
+# Counts are kept below this, so a template of thousands of braces is refused with a number, not a
+# 4,000-digit one.
+_COUNT_CEILING = 10**15
 
 _ESCAPABLE = "{}|_\\"
 _WILDCARD = re.compile(r"__([^\W_][\w\-./]*?)__")
@@ -129,6 +137,8 @@ class _Parser:
                 break
         weighted = [_weighted(option) for option in options]
         weights = tuple(w for w, _ in weighted)
+        if not math.isfinite(sum(weights)):  # float('9' * 400) is inf: every draw would be the last option
+            raise self.fail(f"the weights of the '{{' at character {start} are too large; use smaller ones")
         if not any(weights):
             raise self.fail(
                 f"every option of the '{{' at character {start} weighs 0; give one a weight above 0"
@@ -153,12 +163,19 @@ def parse_template(text: str, where: str | None = None) -> Template:
 
 def read_lines(path: Path) -> list[str]:
     """A file's options: its lines, stripped, without blank lines and ``#`` comments."""
+    return [line for _, line in numbered_lines(path)]
+
+
+def numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """A file's options with their line numbers in the file: stripped, without blank lines and ``#``
+    comments. A UTF-8 byte order mark (Notepad's) is dropped; only line breaks (\\n, \\r\\n, \\r) split
+    lines, not the other characters `str.splitlines` splits at (U+2028, form feeds)."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise VariantError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
-    lines = (line.strip() for line in raw.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    lines = ((k, line.strip()) for k, line in enumerate(re.split(r"\r\n|\n|\r", raw), 1))
+    return [(k, line) for k, line in lines if line and not line.startswith("#")]
 
 
 class WildcardFolder:
@@ -182,7 +199,8 @@ class WildcardFolder:
         return self.root.joinpath(*parts[:-1], f"{parts[-1]}.txt")
 
     def known(self, limit: int = 10) -> str:
-        names = sorted(p.relative_to(self.root).with_suffix("").as_posix() for p in self.root.rglob("*.txt"))
+        files = (p for p in self.root.rglob("*.txt") if p.is_file())
+        names = sorted(p.relative_to(self.root).with_suffix("").as_posix() for p in files)
         shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
         return f"it has {shown}" if names else "it has no .txt files"
 
@@ -195,13 +213,13 @@ class WildcardFolder:
                     f"unknown wildcard __{name}__: there is no {path.relative_to(self.root).as_posix()} in "
                     f"--wildcards {self.root} ({self.known()}); add the file or fix the name"
                 )
-            lines = read_lines(path)
+            lines = numbered_lines(path)
             if not lines:
                 raise VariantError(
                     f"wildcard file {path} has no options (only blank or # lines); put one option per line"
                 )
             self._cache[name] = tuple(
-                parse_template(line, f"{path} line {k} '{_excerpt(line)}'") for k, line in enumerate(lines, 1)
+                parse_template(line, f"{path} line {k} '{_excerpt(line)}'") for k, line in lines
             )
         return self._cache[name]
 
@@ -263,7 +281,8 @@ class _Linker:
 
 
 def count_combinations(template: Template) -> int:
-    """How many texts `expand_all` gives at most (options of weight 0 left out), without making them."""
+    """How many texts `expand_all` gives at most (options of weight 0 left out), without making them;
+    counts from 10^15 on are 10^15 (a template that large is refused anyway)."""
     memo: dict[int, int] = {}
 
     def seq(t: Template) -> int:
@@ -271,13 +290,46 @@ def count_combinations(template: Template) -> int:
         for node in t:
             if isinstance(node, Choice):
                 if id(node) not in memo:
-                    memo[id(node)] = sum(seq(o) for o, w in zip(node.options, node.weights, strict=True) if w)
-                n *= memo[id(node)]
+                    options = (seq(o) for o, w in zip(node.options, node.weights, strict=True) if w)
+                    memo[id(node)] = min(sum(options), _COUNT_CEILING)
+                n = min(n * memo[id(node)], _COUNT_CEILING)
             elif isinstance(node, Wildcard):
                 raise TypeError("count_combinations needs a linked template (see link)")
         return n
 
     return seq(template)
+
+
+def largest_text(template: Template) -> int:
+    """The most characters plus pieces a resolved text of a linked template can have, without making it
+    (each choice its largest option): what drawing or expanding one text costs."""
+    memo: dict[int, int] = {}
+
+    def seq(t: Template) -> int:
+        size = 0
+        for node in t:
+            if isinstance(node, Text):
+                size += 1 + len(node.text)
+            elif isinstance(node, Choice):
+                if id(node) not in memo:
+                    options = (seq(o) for o, w in zip(node.options, node.weights, strict=True) if w)
+                    memo[id(node)] = min(max(options, default=0), _COUNT_CEILING)
+                size = min(size + 1 + memo[id(node)], _COUNT_CEILING)
+            else:
+                raise TypeError("largest_text needs a linked template (see link)")
+        return size
+
+    return seq(template)
+
+
+def _check_size(template: Template, what: str) -> None:
+    size = largest_text(template)
+    if size > MAX_TEXT_SIZE:
+        shown = f"{size:,}" if size < _COUNT_CEILING else "more than 10^15"
+        raise VariantError(
+            f"{what} can resolve to a text of {shown} characters and pieces, more than {MAX_TEXT_SIZE:,}; "
+            "shorten it (wildcards that use each other several times multiply: use each fewer times)"
+        )
 
 
 def expand_all(template: Template) -> list[str]:
@@ -385,9 +437,13 @@ def plan_runs(
     folder = WildcardFolder(wildcards) if wildcards is not None else None
     linked = [link(parse_template(p), folder) for p in prompts]
     negative_linked = link(parse_template(negative, f"the negative prompt '{_excerpt(negative)}'"), folder)
+    for p, t in zip(prompts, linked, strict=True):  # before anything is drawn or expanded
+        _check_size(t, f"the prompt '{_excerpt(p)}'")
+    _check_size(negative_linked, f"the negative prompt '{_excerpt(negative)}'")
     if mode == "all":
-        total = sum(count_combinations(t) for t in linked) * count_combinations(negative_linked)
-        if total > max_combinations:
+        counts = sum(count_combinations(t) for t in linked) * count_combinations(negative_linked)
+        if counts > max_combinations:
+            total = f"{counts}" if counts < _COUNT_CEILING else "more than 10^15"
             raise VariantError(
                 f"--variants all would make {total} prompts, more than {max_combinations}; use "
                 "--variants random with -n, or fewer options"
