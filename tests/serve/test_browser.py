@@ -515,6 +515,13 @@ def test_a_control_model_asks_for_a_control_picture_and_sends_it(
     edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
     assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["control_image"]
     assert edit_job["request"]["control_canny"] == [30.0, 200.0]
+    # variations take no control picture: with one chosen, the page still answers them itself
+    jobs = len(httpx.get(f"{live.url}/v1/jobs").json()["data"])
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#error")).to_contain_text("which variations do not take")
+    assert len(httpx.get(f"{live.url}/v1/jobs").json()["data"]) == jobs
     assert problems == [], problems
 
 

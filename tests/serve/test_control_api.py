@@ -229,6 +229,9 @@ def test_misuse_is_a_400_that_names_the_field_and_keeps_nothing(
     layout = [{"box": [0, 0, 0.5, 1], "phrase": "a robot"}]
     _refused(ours.post(generations, json=_body(control_image=picture, layout=layout)), "layout", "beside")
     _refused(ours.post(generations, json=_body(control_image=picture, hires_scale=2)), "hires_scale", "hires")
+    # variations take no control picture
+    variation = ours.post("/v1/images/variations", files={"image": ("a.png", png(PICTURE), "image/png")})
+    _refused(variation, "image", "which variations do not take")
     for c in (ours, theirs, client):
         assert c.get("/v1/jobs").json()["total"] == 0
         assert _uploads(c) == []

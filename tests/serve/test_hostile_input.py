@@ -128,11 +128,19 @@ def test_signed_urls_say_when_they_are_stale(make_client: Callable[..., TestClie
     assert "invalid or has expired" in stale["message"]
 
 
-def test_multipart_limit_counts_three_images(make_client: Callable[..., TestClient], tiny: Pipeline) -> None:
-    client = make_client(tiny, limits=Limits(max_upload_bytes=1000, max_pixels=64 * 64))
+def test_body_limits_count_the_pictures_a_request_may_carry(
+    make_client: Callable[..., TestClient], tiny: Pipeline
+) -> None:
+    client = make_client(tiny, limits=Limits(max_upload_bytes=1000, max_pixels=64 * 64, max_body_bytes=500))
     headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(10**6)}
     error = error_of(client.post("/v1/images/edits", content=b"", headers=headers), 413)
-    assert "three images of at most 1000 bytes each" in error["message"]
+    assert "6 images of at most 1000 bytes each" in error["message"]
+    # JSON: the fields and four base64 pictures (reference, context, control, Redux): 500 + 4 x 1334 bytes
+    big = {"Content-Type": "application/json", "Content-Length": str(500 + 4 * 1334 + 1)}
+    error = error_of(client.post("/v1/images/generations", content=b"", headers=big), 413)
+    assert "the limit is 5836 bytes (500 for the fields, and up to 4 base64 pictures" in error["message"]
+    fits = {"Content-Type": "application/json", "Content-Length": str(500 + 4 * 1334)}
+    assert client.post("/v1/images/generations", content=b"{}", headers=fits).status_code != 413
 
 
 def test_names_are_checked_while_the_model_loads(

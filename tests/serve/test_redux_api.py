@@ -368,3 +368,15 @@ def test_a_variation_with_redux_is_a_generation_from_the_pictures_tokens(
 def test_a_variation_without_redux_refuses_redux_strength(client: TestClient) -> None:
     r = _vary(client, SOURCE, redux_strength=0.5)
     _refused(r, "redux_strength", "no FLUX.1 Redux loaded")
+
+
+def test_a_variations_size_stays_within_the_area_for_thin_pictures() -> None:
+    from pictor.serve.variations import redux_size
+
+    assert redux_size(4000, 1, 1024, 4) == (256, 4) and redux_size(1, 4000, 1024, 4) == (4, 256)
+    assert redux_size(20000, 3, 1024 * 1024, 16) == (65536, 16)
+    assert redux_size(1024, 1024, 1024 * 1024, 16) == (1024, 1024)  # the default's own aspect: the default
+    rng = np.random.default_rng(0)
+    for w, h in rng.integers(1, 5000, (200, 2)):
+        got = redux_size(int(w), int(h), 1024 * 1024, 16)
+        assert got[0] * got[1] <= 1024 * 1024 and got[0] % 16 == 0 and got[1] % 16 == 0, (w, h, got)

@@ -83,8 +83,18 @@ def _own_origin(scope: Scope) -> str:
     return f"{scheme}://{_header(scope, b'host') or ''}".lower()
 
 
+# The pictures one request may carry: an edit's source and mask, and a reference, context, control and Redux
+# picture; a generation's JSON the last four, base64 (4/3 of their bytes).
+MULTIPART_PICTURES = 6
+JSON_PICTURES = 4
+
+
 def multipart_limit(limits: Limits) -> int:
-    return 3 * limits.max_upload_bytes + 64 * 1024
+    return MULTIPART_PICTURES * limits.max_upload_bytes + 64 * 1024
+
+
+def json_limit(limits: Limits) -> int:
+    return limits.max_body_bytes + JSON_PICTURES * -(-4 * limits.max_upload_bytes // 3)
 
 
 class Guard:
@@ -139,16 +149,21 @@ class Guard:
             each = self.settings.limits.max_upload_bytes
             return (
                 f"request body too large: a multipart request may hold up to {limit} bytes in all "
-                f"(three images of at most {each} bytes each, and the form fields)"
+                f"({MULTIPART_PICTURES} images of at most {each} bytes each, and the form fields)"
             )
-        return f"request body too large: the limit is {limit} bytes"
+        return (
+            f"request body too large: the limit is {limit} bytes ({self.settings.limits.max_body_bytes} "
+            f"for the fields, and up to {JSON_PICTURES} base64 pictures of at most "
+            f"{self.settings.limits.max_upload_bytes} bytes each)"
+        )
 
     def _body_limit(self, scope: Scope) -> int:
         limits = self.settings.limits
         ctype = (_header(scope, b"content-type") or "").lower()
-        # multipart carries up to three images (an edit's source, mask and reference picture), each under
-        # the upload cap, plus room for the form fields
-        return multipart_limit(limits) if ctype.startswith("multipart/") else limits.max_body_bytes
+        # multipart carries up to six images (an edit's source and mask, and its reference, context, control
+        # and Redux pictures), each under the upload cap, plus room for the form fields; JSON the four
+        # pictures a generation takes, base64, beside its fields
+        return multipart_limit(limits) if ctype.startswith("multipart/") else json_limit(limits)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         method, path = scope["method"], scope["path"]

@@ -153,10 +153,16 @@ def requested_size(size: str | None) -> tuple[int, int] | None:
 
 
 def redux_size(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
-    """A size of the picture's aspect ratio with about (at most) `area` pixels, in multiples of `multiple`."""
+    """A size of the picture's aspect ratio with about (at most) `area` pixels, in multiples of `multiple`
+    (an extreme ratio is flattened to what fits: one multiple by the rest of the area)."""
     scale = math.sqrt(area / (width * height))
     # The epsilon: a picture of exactly the default's aspect must give the default, not one multiple less.
     w, h = (max(multiple, int(side * scale + 1e-6) // multiple * multiple) for side in (width, height))
+    # A very thin picture: its short side was raised to one multiple, so the long side gives way to keep
+    # the area (else a 4000x1 picture asked for 8 times the default area, past the server's pixel limit).
+    if w * h > area:
+        longest = max(multiple, area // min(w, h) // multiple * multiple)
+        w, h = (longest, h) if w > h else (w, longest)
     return w, h
 
 
@@ -280,6 +286,14 @@ async def variation_form(
             "server_error",
             "model_loading",
             headers={"Retry-After": str(svc.settings.retry_after)},
+        )
+    if svc.manager.pipeline.control:  # every image of a Canny / Depth model needs a control picture
+        raise APIError(
+            400,
+            "image: this is a FLUX.1 Canny / Depth model: every image needs a control picture, which "
+            "variations do not take; use /v1/images/generations or /v1/images/edits with control_image",
+            param="image",
+            code="invalid_parameters",
         )
     redux = svc.manager.pipeline.redux is not None  # the pipeline is there: 503 above while it loads
     if redux and strength is not None:

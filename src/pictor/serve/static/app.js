@@ -673,7 +673,7 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("This is a FLUX.1 Fill model: it repaints the masked part of a picture. Choose a source image and a mask under Edit.");
       return;
     }
-    if (controlKind && !controlFile()) {  // the server would refuse it: say what the model needs here
+    if (controlKind && (mode === "variation" || !controlFile())) {  // the server would refuse it: say what the model needs here
       const [model, picture] = CONTROL_WORDS[controlKind];
       setError(
         mode === "variation"
