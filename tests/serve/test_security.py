@@ -16,7 +16,7 @@ from PIL import Image
 from pictor.cli import main as cli_main
 from pictor.pipeline import Pipeline
 from pictor.serve.security import BlockList, sign_image
-from pictor.serve.settings import ServeSettings, is_loopback
+from pictor.serve.settings import Limits, ServeSettings, is_loopback
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -122,7 +122,10 @@ def test_path_tricks_never_leave_the_data_dir(client: TestClient, path: str) -> 
     assert b"SQLite" not in r.content and b"root:" not in r.content
 
 
-def test_body_size_cap(client: TestClient) -> None:
+def test_body_size_cap(make_client: Callable[..., TestClient], tiny: Pipeline) -> None:
+    # A JSON body may hold 1 MiB of fields and four base64 pictures of the upload size: 1 MiB + 4 x 1,334
+    # bytes here, so 2 MiB is over it.
+    client = make_client(tiny, limits=Limits(max_upload_bytes=1000))
     big = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
     error = error_of(client.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"}), 413)
     assert "too large" in error["message"]
