@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pictor.editing import EditError, ImageSource, image_info, load_image, to_rgb
+from pictor.editing import EditError, ImageSource, image_info, rgb_picture
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_encode
@@ -134,23 +134,10 @@ def context_pixels(source: ImageSource | np.ndarray, area: int, multiple: int) -
     """The context as uint8 [H, W, 3] at its `context_size`: any mode made RGB (an alpha channel is dropped,
     as BFL's `convert("RGB")` does), resized with Lanczos (aspect ratio as close as the list allows, no
     crop), as diffusers and BFL prepare it. Idempotent: fitted pixels come back unchanged."""
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ContextImageError(
-                f"a context image array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
-            )
-        im = Image.fromarray(source)
-    else:
-        if not isinstance(source, Image.Image | str) and not hasattr(source, "__fspath__"):
-            raise ContextImageError(
-                f"a context image must be a path, a PIL image or a uint8 [H, W, 3] array, got "
-                f"{type(source).__name__}"
-            )
-        try:
-            im = load_image(source, "context image")
-        except EditError as exc:
-            raise ContextImageError(str(exc)) from exc
-        im = Image.fromarray(to_rgb(im))
+    try:
+        im = Image.fromarray(rgb_picture(source, "context image"))
+    except EditError as exc:
+        raise ContextImageError(str(exc)) from exc
     if min(im.size) < 8:
         raise ContextImageError(f"context image is {im.size[0]}x{im.size[1]} pixels; give one at least 8x8")
     size = context_size(im.size[0], im.size[1], area, multiple)

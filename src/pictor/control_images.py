@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from pictor.edge_maps import FLUX_CANNY_HIGH, FLUX_CANNY_LOW, canny_control_picture
-from pictor.editing import EditError, ImageSource, image_info, load_image, to_rgb
+from pictor.editing import EditError, ImageSource, image_info, rgb_picture
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_encode
@@ -129,28 +129,15 @@ def fit_control(source: ImageSource | np.ndarray, width: int, height: int) -> np
     """The control picture as uint8 [height, width, 3]: any mode made RGB (alpha dropped, as BFL's
     ``convert("RGB")``), resized to the image's size with Lanczos, as BFL and diffusers prepare it.
     Idempotent: fitted pixels come back unchanged."""
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ControlImageError(
-                f"a control picture array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
-            )
-        im = Image.fromarray(source)
-    else:
-        if not isinstance(source, Image.Image | str) and not hasattr(source, "__fspath__"):
-            raise ControlImageError(
-                f"a control picture must be a path, a PIL image or a uint8 [H, W, 3] array, got "
-                f"{type(source).__name__}"
-            )
-        try:
-            im = load_image(source, "control picture")
-        except EditError as exc:
-            raise ControlImageError(str(exc)) from exc
-        if im.mode == "F":  # a float depth map: its range is unknown, so 8-bit conversion would clip it
-            raise ControlImageError(
-                "the control picture holds floating-point values (mode F); save the depth map as an 8- or "
-                "16-bit image, near = bright"
-            )
-        im = Image.fromarray(to_rgb(im))
+    # a float depth map's range is unknown, so 8-bit conversion would clip it
+    floats = (
+        "the control picture holds floating-point values (mode F); save the depth map as an 8- or "
+        "16-bit image, near = bright"
+    )
+    try:
+        im = Image.fromarray(rgb_picture(source, "control picture", floats))
+    except EditError as exc:
+        raise ControlImageError(str(exc)) from exc
     if min(im.size) < 1:
         raise ControlImageError(f"the control picture is {im.size[0]}x{im.size[1]} pixels: it is empty")
     # Pillow returns a copy when the size is already right, so resolving twice changes nothing.

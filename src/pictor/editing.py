@@ -177,6 +177,27 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(eight_bit(image).convert("RGB"), dtype=np.uint8).copy()
 
 
+def rgb_picture(source: ImageSource | np.ndarray, what: str, float_refusal: str | None = None) -> np.ndarray:
+    """A conditioning picture (a path, a PIL image or a uint8 [H, W, 3] array) as uint8 [H, W, 3]: any mode
+    made RGB (alpha dropped, as BFL's ``convert("RGB")``); an array is taken as it is. Errors are EditError
+    naming `what` ("context image", ...); `float_refusal`: the message for a floating-point (mode F) picture,
+    whose range 8-bit conversion would clip, else it is converted."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise EditError(
+                f"a {what} array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
+            )
+        return source
+    if not isinstance(source, Image.Image | str) and not hasattr(source, "__fspath__"):
+        raise EditError(
+            f"a {what} must be a path, a PIL image or a uint8 [H, W, 3] array, got {type(source).__name__}"
+        )
+    im = load_image(source, what)
+    if float_refusal is not None and im.mode == "F":
+        raise EditError(float_refusal)
+    return to_rgb(im)
+
+
 def pixel_sha256(pixels: np.ndarray) -> str:
     """SHA-256 of the pixel values and shape, so re-encoding or re-tagging a file does not change it."""
     arr = np.ascontiguousarray(pixels)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from pictor.checkpoint import sha256_file, state_dict_hash
-from pictor.editing import EditError, ImageSource, image_info, load_image, to_rgb
+from pictor.editing import EditError, ImageSource, image_info, rgb_picture
 from pictor.generation_request import GenerationError
 from pictor.models.redux import ReduxEncoder, redux_shapes
 
@@ -221,19 +221,8 @@ def redux_file_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def redux_pixels(source: ImageSource | np.ndarray) -> np.ndarray:
     """The Redux picture as uint8 [H, W, 3] at its own size (SigLIP's processor resizes it): any mode made
     RGB, as BFL's ``convert("RGB")``. Idempotent."""
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ReduxError(
-                f"a Redux picture array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
-            )
-        return source
-    if not isinstance(source, Image.Image | str) and not hasattr(source, "__fspath__"):
-        raise ReduxError(
-            "a Redux picture must be a path, a PIL image or a uint8 [H, W, 3] array, got "
-            f"{type(source).__name__}"
-        )
     try:
-        return to_rgb(load_image(source, "Redux picture"))
+        return rgb_picture(source, "Redux picture")
     except EditError as exc:
         raise ReduxError(str(exc)) from exc
 

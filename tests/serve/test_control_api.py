@@ -27,6 +27,7 @@ from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.presets import get_preset
 from pictor.serve.store import Store
 from tests.serve.conftest import GatedPipeline, decode_images
+from tests.serve.test_edits import png_bytes as png
 
 from tiny_flux import random_flux
 
@@ -69,12 +70,6 @@ def control_picture(seed: int = 0, size: tuple[int, int] = (40, 24)) -> Image.Im
     """Blocks of random colours (hard edges for Canny), of another size than the images: it is resized."""
     small = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.NEAREST)
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def b64(image: Image.Image) -> str:

@@ -6,7 +6,6 @@ Redux tokens, and every misuse is a 400 that names its field and keeps nothing."
 
 from __future__ import annotations
 
-import base64
 import io
 import threading
 import warnings
@@ -37,6 +36,8 @@ from pictor.serve.settings import ServeSettings
 from pictor.serve.store import Store
 from pictor.serve.variations import on_white
 from tests.serve.conftest import GatedPipeline, decode_images
+from tests.serve.test_control_api import b64
+from tests.serve.test_edits import png_bytes as png
 from tests.test_redux import SIGLIP_DIM, _siglip_folder
 
 from tiny_flux import random_flux
@@ -93,16 +94,6 @@ def redux_picture(seed: int = 0, size: tuple[int, int] = (40, 24)) -> Image.Imag
     """Blocks of random colours, of another size than the images (SigLIP resizes it)."""
     small = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(image: Image.Image) -> str:
-    return base64.b64encode(png(image)).decode("ascii")
 
 
 PICTURE = redux_picture()
