@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pictor.models.block_cache import FirstBlockCache
+from pictor.models.control_residuals import ControlResiduals
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -141,6 +142,7 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         img_residuals: Sequence[Tensor] | None = None,
         block_cache: FirstBlockCache | None = None,
+        control: ControlResiduals | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -152,6 +154,8 @@ class Flux(nn.Module):
         frozen model. None (FLUX.1's forward) adds nothing.
         block_cache: a sampler run's `FirstBlockCache`; rows whose first block changed little since their
         last full pass skip the remaining blocks (see `pictor.models.block_cache`). None: every block runs.
+        control: a ControlNet's residuals, added to the image stream *after* the blocks they are spread over
+        (diffusers' ``controlnet_block_samples``; see `pictor.models.control_residuals`).
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -169,26 +173,41 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         res = self._check_residuals(img_residuals, img)
+        ctrl = self._check_control(control, img)
         if block_cache is None:
-            img = self._blocks(img, txt, vec, pe, res, first=0)
+            img = self._blocks(img, txt, vec, pe, res, ctrl, first=0)
         else:
-            img = self._cached_blocks(block_cache, img, txt, vec, pe, res)
+            img = self._cached_blocks(block_cache, img, txt, vec, pe, res, ctrl)
         return self.final_layer(img, vec)  # [B, N, out_channels]
 
     def _blocks(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, res: Sequence[Tensor] | None, first: int
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        res: Sequence[Tensor] | None,
+        ctrl: ControlResiduals | None,
+        first: int,
     ) -> Tensor:
         """The blocks from double block `first` on (then every single block) -> the image stream."""
-        for i in range(first, len(self.double_blocks)):
+        depth, depth_single = len(self.double_blocks), len(self.single_blocks)
+        for i in range(first, depth):
             if res is not None:
                 img = img + res[i]
             img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe)
+            after = ctrl.after_double(i, depth) if ctrl is not None else None
+            if after is not None:
+                img = img + after
         x = torch.cat((txt, img), dim=1)
         n_txt = txt.shape[1]
         for j, block in enumerate(self.single_blocks):
             if res is not None:
-                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[len(self.double_blocks) + j]), dim=1)
+                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[depth + j]), dim=1)
             x = self._run(block, x, vec=vec, pe=pe)
+            after = ctrl.after_single(j, depth_single) if ctrl is not None else None
+            if after is not None:
+                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + after), dim=1)
         return x[:, n_txt:, ...]
 
     def _cached_blocks(
@@ -199,6 +218,7 @@ class Flux(nn.Module):
         vec: Tensor,
         pe: Tensor,
         res: Sequence[Tensor] | None,
+        ctrl: ControlResiduals | None,
     ) -> Tensor:
         """:meth:`_blocks` under a first-block cache: double block 0 always runs; the rest run only for the
         rows whose block-0 residual moved more than the cache's threshold, the others reuse theirs."""
@@ -208,10 +228,15 @@ class Flux(nn.Module):
             img = img + res[0]
         head_in = img
         img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe)
+        # A ControlNet's residual after block 0 counts as part of the head: the cache then compares what
+        # the rest of the model is given.
+        after = ctrl.after_double(0, len(self.double_blocks)) if ctrl is not None else None
+        if after is not None:
+            img = img + after
         head_residual = img - head_in
         full = cache.needs_full(head_residual)
         if bool(full.all()):
-            out = self._blocks(img, txt, vec, pe, res, first=1)
+            out = self._blocks(img, txt, vec, pe, res, ctrl, first=1)
         else:
             assert cache.tail_residual is not None  # a row is only skipped after a full pass
             out = img + cache.tail_residual
@@ -219,7 +244,8 @@ class Flux(nn.Module):
                 rows = full.nonzero().squeeze(1).to(img.device)
                 sub_pe = pe[rows] if pe.shape[0] > 1 else pe  # RoPE angles shared by the batch: [1, ...]
                 sub_res = [r[rows] for r in res] if res is not None else None
-                out[rows] = self._blocks(img[rows], txt[rows], vec[rows], sub_pe, sub_res, first=1)
+                sub_ctrl = ctrl.rows(rows) if ctrl is not None else None
+                out[rows] = self._blocks(img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, first=1)
         cache.update(full, head_residual, out - img if bool(full.any()) else None)
         return out
 
@@ -248,6 +274,25 @@ class Flux(nn.Module):
                     f"got {_shape(r)}"
                 )
         return residuals
+
+    def _check_control(self, control: ControlResiduals | None, img: Tensor) -> ControlResiduals | None:
+        if control is None:
+            return None
+        if not isinstance(control, ControlResiduals):
+            raise ValueError(f"Flux: control must be a ControlResiduals, got {type(control).__name__}")
+        if len(control.double) > len(self.double_blocks) or len(control.single) > len(self.single_blocks):
+            raise ValueError(
+                f"Flux: the ControlNet has {len(control.double)} double and {len(control.single)} single "
+                f"blocks, more than this model's {len(self.double_blocks)} and {len(self.single_blocks)}; "
+                "it was made for a larger model"
+            )
+        for r in [*control.double, *control.single]:
+            if not isinstance(r, Tensor) or r.shape != img.shape:
+                raise ValueError(
+                    f"Flux: each ControlNet residual must be {list(img.shape)} (the embedded image tokens), "
+                    f"got {_shape(r)}; was the ControlNet made for a model of another width?"
+                )
+        return control
 
     def _check_inputs(
         self,
