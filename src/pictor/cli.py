@@ -19,6 +19,7 @@ from pictor.cli_grid import cmd_grid
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
+from pictor.cli_preprocess import cmd_preprocess
 from pictor.notices import PictorWarning
 from pictor.train import command as train_command
 
@@ -30,9 +31,11 @@ def _load(  # type: ignore[no-untyped-def]
     layout_adapter: str | None = None,
     reference_adapter: str | None = None,
     redux: tuple[str, str] | None = None,
+    controlnets: list[str] | None = None,
 ):
     """The pipeline for a command: the model, then its LoRAs in order, then the adapters given (`redux`:
-    the Redux file and SigLIP folder, else --redux-model and --siglip)."""
+    the Redux file and SigLIP folder, else --redux-model and --siglip; `controlnets`: the ControlNet
+    files, else --controlnet's)."""
     from pictor.loading import load
 
     pipe = load(model if model is not None else args.model, device=args.device)
@@ -49,6 +52,8 @@ def _load(  # type: ignore[no-untyped-def]
         raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip FOLDER")
     if redux_model is not None and siglip is not None:
         pipe.set_redux(redux_model, siglip)
+    for path in controlnets if controlnets is not None else getattr(args, "controlnet", None) or []:
+        pipe.add_controlnet(path)
     if not pipe.config.trained:
         print(f"note: '{pipe.name}' is untrained: expect noise, not pictures", file=sys.stderr)
     return pipe
@@ -74,6 +79,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "control_canny": _canny_arg(args),
         "redux_image": getattr(args, "redux", None),
         "redux_strength": getattr(args, "redux_strength", None),
+        "controlnet_images": getattr(args, "controlnet_image", None),
+        "controlnet_scales": getattr(args, "controlnet_scale", None),
+        "controlnet_modes": getattr(args, "controlnet_mode", None),
+        "controlnet_start": getattr(args, "controlnet_start", None),
+        "controlnet_end": getattr(args, "controlnet_end", None),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
         "cache_threshold": args.cache_threshold,
@@ -298,7 +308,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
     adapter = args.layout_adapter or _recorded_file(record, "layout_adapter")
     reference = args.reference_adapter or _recorded_file(record, "reference_adapter")
-    pipe = _load(args, model, loras, adapter, reference, _recorded_redux(args, record))
+    from pictor.controlnet_runs import recorded_controlnet_paths
+
+    # Without --controlnet, the ControlNets named in the record, from where they were (hashes checked).
+    controlnets = args.controlnet or recorded_controlnet_paths(record) or []
+    pipe = _load(args, model, loras, adapter, reference, _recorded_redux(args, record), controlnets)
     image = reproduce(
         pipe,
         record,
@@ -309,6 +323,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         context=args.context,
         control=args.control,
         redux=args.redux,
+        controlnet_images=args.controlnet_image,
     )
     for path in _save([image], args.out):
         print(path)
@@ -500,6 +515,7 @@ COMMANDS = {
     "train": train_command.run_train,
     "lora": cmd_lora,
     "merge": cmd_merge,
+    "preprocess": cmd_preprocess,
     "serve": cmd_serve,
 }
 

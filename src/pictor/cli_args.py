@@ -11,6 +11,7 @@ from typing import Any
 from pictor import __version__
 from pictor.cli_grid import add_grid_parser
 from pictor.cli_merge import add_merge_parser
+from pictor.cli_preprocess import add_preprocess_parser
 from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
 
@@ -214,6 +215,59 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_controlnet_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="MODEL",
+        help="a FLUX.1 ControlNet (InstantX, Union or XLabs: a diffusers folder or a .safetensors file); "
+        "repeat for several, each with its --controlnet-image",
+    )
+    p.add_argument(
+        "--controlnet-image",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="the control picture of each --controlnet, in order (an edge map, depth map, pose, ...; "
+        "`pictor preprocess` draws edges and depth maps of a photo)",
+    )
+
+
+def _add_controlnets(p: argparse.ArgumentParser) -> None:
+    _add_controlnet_models(p)
+    p.add_argument(
+        "--controlnet-scale",
+        action="append",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how strongly the ControlNets speak (their residuals times S): one for all, or one each "
+        "(default 1)",
+    )
+    p.add_argument(
+        "--controlnet-mode",
+        action="append",
+        default=None,
+        metavar="MODE",
+        help="a Union ControlNet's picture kind: canny, tile, depth, blur, pose, gray, lq (one each)",
+    )
+    p.add_argument(
+        "--controlnet-start",
+        type=float,
+        default=None,
+        metavar="F",
+        help="the share of the steps before the ControlNets start (default 0)",
+    )
+    p.add_argument(
+        "--controlnet-end",
+        type=float,
+        default=None,
+        metavar="F",
+        help="the share of the steps after which the ControlNets stop (default 1)",
+    )
+
+
 def _add_redux_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redux-model",
@@ -285,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(g)
     _add_context(g)
     _add_control(g)
+    _add_controlnets(g)
     _add_redux(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
@@ -323,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(ed)
     _add_context(ed)
     _add_control(ed)
+    _add_controlnets(ed)
     _add_redux(ed)
     ed.add_argument(
         "--mask",
@@ -362,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--redux", default=None, metavar="IMAGE", help="for a FLUX.1 Redux image: its picture")
     _add_redux_model(r)
+    _add_controlnet_models(r)
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
 
@@ -504,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.add_train_parser(sub)
     _add_lora_parser(sub)
     add_merge_parser(sub)
+    add_preprocess_parser(sub)
     add_grid_parser(sub)
     _add_serve_parser(sub)
     return parser

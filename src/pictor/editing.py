@@ -95,6 +95,11 @@ class EditRequest:
     control_canny: tuple[float, float] | None = None
     redux_image: ImageSource | np.ndarray | None = None
     redux_strength: float | None = None
+    controlnet_images: list[ImageSource | np.ndarray] | None = None
+    controlnet_scales: list[float] | None = None
+    controlnet_modes: list[str | int | None] | None = None
+    controlnet_start: float | None = None
+    controlnet_end: float | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
     cache_threshold: float | None = None

@@ -83,6 +83,19 @@ class GenerationRequest:
     redux_image: ImageSource | np.ndarray | None = None
     # How strongly the Redux picture speaks (its tokens are multiplied by it); None: 1, BFL's.
     redux_strength: float | None = None
+    # FLUX.1 ControlNets (`pictor.controlnet_runs`; loaded by `Pipeline.add_controlnet`): one control
+    # picture per loaded ControlNet, in order (a path, a PIL image or uint8 [H, W, 3]), fitted to the
+    # image's size. None: none (and then no ControlNet may be loaded).
+    controlnet_images: list[ImageSource | np.ndarray] | None = None
+    # Each ControlNet's residuals are multiplied by its scale: one for all, or one each. None: 1.
+    controlnet_scales: list[float] | None = None
+    # A Union ControlNet's mode per ControlNet (canny, tile, depth, blur, pose, gray, lq, or a number);
+    # None where the ControlNet is not a Union one.
+    controlnet_modes: list[str | int | None] | None = None
+    # The share of the steps the ControlNets run in: from start to end (diffusers' control_guidance_start
+    # and _end). None: 0 and 1, every step.
+    controlnet_start: float | None = None
+    controlnet_end: float | None = None
     # Decode (and, for edits, encode) through the autoencoder in tiles of this many image pixels, which
     # bounds its memory at large sizes; the result is close to, not equal to, the whole pass, so records
     # keep it. None: one pass over the whole image.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pictor.context_images import context_tokens
+from pictor.controlnet_runs import ControlNetRun
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import FirstBlockCache
@@ -75,11 +76,13 @@ def guided_velocity(
     lat_w: int,
     caches: list[FirstBlockCache] | None = None,
     fill: torch.Tensor | None = None,
+    controlnets: ControlNetRun | None = None,
 ) -> Velocity:
     """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
     cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts.
     `fill`: tokens read beside the noise [1, N, D], concatenated to every noisy token's channels: a FLUX.1
-    Fill model's masked picture and mask, or a Canny / Depth model's control picture."""
+    Fill model's masked picture and mask, or a Canny / Depth model's control picture. `controlnets`: the
+    run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call."""
     cond = m.encode_text([r.prompt])
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
@@ -115,6 +118,14 @@ def guided_velocity(
         if m.guidance_mode == "distilled":
             g = torch.full((n,), guidance, device=m.device, dtype=m.dtype)
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
+        control = None
+        if controlnets is not None:  # the conditional half's residuals; a CFG negative half reuses them
+            k = batch
+            control = controlnets(
+                x[:k], t[:k] if t.ndim else t, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance
+            )
+            if control is not None and n != k:
+                control = control.tiled(n // k)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
         if fill is not None:  # Fill's masked picture and mask, or a control picture, beside each token
@@ -131,6 +142,7 @@ def guided_velocity(
             guidance=g,
             img_residuals=residuals,
             block_cache=cache,
+            control=control,
         )
         return v[:, : x.shape[1]]
 

@@ -34,6 +34,7 @@ from pictor.checkpoint import (
 )
 from pictor.context_images import context_fields
 from pictor.control_images import control_fields, control_tokens, is_control_model
+from pictor.controlnet_runs import ControlNetRun, ControlNetUnit, controlnet_fields, open_controlnet
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.fill_images import check_fill_request, is_fill_model
@@ -144,6 +145,8 @@ class Pipeline:
         self.reference_info: dict[str, Any] | None = None
         # FLUX.1 Redux's embedder and SigLIP vision tower (`set_redux`), for requests with a Redux picture.
         self.redux: ReduxModel | None = None
+        # FLUX.1 ControlNets (`add_controlnet`), in order; each request gives one picture per ControlNet.
+        self.controlnets: list[ControlNetUnit] = []
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -321,6 +324,13 @@ class Pipeline:
         self.redux = redux.to(self.device, self.dtype)
         return redux.info
 
+    def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load a FLUX.1 ControlNet (InstantX, Union or XLabs; a diffusers folder or a single file) beside
+        the transformer; returns the entry records name it by."""
+        unit = open_controlnet(path, self.transformer.params, self.device, self.dtype)
+        self.controlnets.append(unit)
+        return unit.info
+
     def sample(
         self,
         r: GenerationRequest,
@@ -354,7 +364,12 @@ class Pipeline:
                     r.vae_tile,
                     r.vae_tile_overlap,
                 )
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside)
+            nets = (
+                ControlNetRun(self.controlnets, r, self.autoencoder, self.dtype, ts, self.transformer.params)
+                if self.controlnets
+                else None
+            )
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets)
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)
@@ -432,6 +447,7 @@ class Pipeline:
             **(context_fields(r.context_image) if r.context_image is not None else {}),
             **(control_fields(r.control_image, r.control_canny) if r.control_image is not None else {}),
             **(self._redux_fields(r) if r.redux_image is not None else {}),
+            **(controlnet_fields(r, self.controlnets) if self.controlnets else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }

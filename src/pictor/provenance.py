@@ -105,6 +105,7 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields.append(("Redux strength", _fmt_number(redux["strength"])))
         if redux.get("name") and redux.get("sha256"):  # as A1111 names a model: name and short hash
             fields.append(("Redux model", f"{redux['name']} [{str(redux['sha256'])[:10]}]"))
+    fields += _controlnet_fields(record)
     canny = record.get("control_canny")
     if isinstance(canny, list) and len(canny) == 2:  # the control picture's edges were drawn by pictor
         fields.append(("Control canny", f"{_fmt_number(canny[0])}/{_fmt_number(canny[1])}"))
@@ -219,4 +220,29 @@ def _parse_settings(line: str) -> dict[str, str]:
             value, j = line[j:end], end
         out[key] = value
         i = j + 2 if line.startswith(", ", j) else n
+    return out
+
+
+def _controlnet_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A1111's ControlNet extension's "ControlNet N" entries: model with short hash, weight, window, and
+    pictor's picture hash and Union mode."""
+    entries = record.get("controlnets")
+    if not isinstance(entries, list):
+        return []
+    out: list[tuple[str, Any]] = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            continue
+        parts = [f"Model: {e.get('name')} [{str(e.get('sha256', ''))[:10]}]"]
+        if isinstance(e.get("scale"), int | float):
+            parts.append(f"Weight: {_fmt_number(e['scale'])}")
+        if isinstance(e.get("mode"), int):
+            parts.append(f"Mode: {e.get('mode_name') or e['mode']}")
+        for key, name in (("controlnet_start", "Guidance Start"), ("controlnet_end", "Guidance End")):
+            if isinstance(record.get(key), int | float):
+                parts.append(f"{name}: {_fmt_number(record[key])}")
+        picture = e.get("image")
+        if isinstance(picture, dict) and picture.get("sha256"):
+            parts.append(f"Image hash: {str(picture['sha256'])[:12]}")
+        out.append((f"ControlNet {i}", ", ".join(parts)))
     return out

@@ -12,6 +12,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pictor.controlnet_runs import (
+    check_controlnet_pixels,
+    check_recorded_controlnets,
+    recorded_controlnet_settings,
+)
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.generation_request import TILING_FIELDS
 from pictor.notices import PictorWarning
@@ -74,6 +79,18 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         _optional(lambda v: _strings(v, "sha256", "path", "siglip") and _number(v.get("strength"))),
         "an object with the Redux file's sha256 and the strength",
     ),
+    "controlnets": (
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                _hashed(e) and _number(e.get("scale")) and _hashed(e.get("image")) and _strings(e, "path")
+                for e in v
+            )
+        ),
+        "a list of ControlNet entries with sha256, path, scale and picture",
+    ),
+    "controlnet_start": (_number, "a number"),
+    "controlnet_end": (_number, "a number"),
     "control_canny": (
         _optional(lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
         "two numbers",
@@ -144,6 +161,7 @@ def _settings(
     context: ImageSource | None,
     control: ImageSource | None,
     redux: ImageSource | None = None,
+    controlnet_images: list[ImageSource] | None = None,
 ) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
@@ -163,6 +181,7 @@ def _settings(
         "redux_strength": record["redux"]["strength"] if record.get("redux") else None,
         **{name: record.get(name) for name in TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
+        **recorded_controlnet_settings(record, controlnet_images),
     }
 
 
@@ -304,6 +323,7 @@ def reproduce(
     context: ImageSource | None = None,
     control: ImageSource | None = None,
     redux: ImageSource | None = None,
+    controlnet_images: list[ImageSource] | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
@@ -311,7 +331,8 @@ def reproduce(
     (FLUX.1 Kontext) context image or a (Canny / Depth) control picture only the hash of that picture; pass
     those files as `source`, `mask`, `reference`, `context` and `control`, and they are checked against the
     hashes before the sampler runs (a control picture's Canny edges are drawn again, as the record says);
-    likewise a FLUX.1 Redux picture as `redux`.
+    likewise a FLUX.1 Redux picture as `redux` and ControlNet pictures, in order, as `controlnet_images`
+    (the pipeline must have the record's ControlNets loaded, in order).
     """
     check_record(record)
     if "mode" not in record and (source is not None or mask is not None):
@@ -344,20 +365,22 @@ def reproduce(
     check_context(record, context)
     check_control(record, control)
     check_redux(pipe, record, redux)
+    check_recorded_controlnets(pipe.controlnets, record, controlnet_images)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
         return _reproduce_edit(
-            pipe, record, seeds, progress, source, mask, reference, context, control, redux
+            pipe, record, seeds, progress, source, mask, reference, context, control, redux, controlnet_images
         )
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds, reference, context, control, redux),
+        **_settings(record, seeds, reference, context, control, redux, controlnet_images),
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
     check_picture_pixels(record, r)
+    check_controlnet_pixels(record, r)
     run = pipe.run_hires_seeds if r.hires_scale else pipe.run_seeds
     images = run(r, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
@@ -374,6 +397,7 @@ def _reproduce_edit(
     context: ImageSource | None,
     control: ImageSource | None,
     redux: ImageSource | None,
+    controlnet_images: list[ImageSource] | None,
 ) -> GeneratedImage:
     mode = record["mode"]
     if source is None:
@@ -394,10 +418,11 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds, reference, context, control, redux),
+        **_settings(record, seeds, reference, context, control, redux, controlnet_images),
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_picture_pixels(record, r)
+    check_controlnet_pixels(record, r)
     want, got = record["source_image"]["sha256"], inputs.source["sha256"]
     if want != got:
         raise GenerationError(

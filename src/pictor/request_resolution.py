@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from pictor.checkpoint import BundleConfig
 from pictor.context_images import resolve_context
 from pictor.control_images import resolve_control
+from pictor.controlnet_runs import ControlNetUnit, resolve_controlnets
 from pictor.generation_request import (
     MAX_IMAGES,
     MAX_SEED,
@@ -43,6 +44,7 @@ class ResolvingPipeline(Protocol):
     reference_adapter: Any
     control: bool  # a FLUX.1 Canny / Depth model (`pictor.control_images.is_control_model`)
     redux: ReduxModel | None  # FLUX.1 Redux's embedder and SigLIP, once `Pipeline.set_redux` loaded them
+    controlnets: list[ControlNetUnit]  # FLUX.1 ControlNets `Pipeline.add_controlnet` loaded, in order
 
     @property
     def name(self) -> str: ...
@@ -106,6 +108,8 @@ def resolve_request(
     r = _resolve_hires(pipe, r)
     # FLUX.1 Canny / Depth: the control picture is fitted to the image's size, now known.
     r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
+    # ControlNets: one picture each, fitted to the image's size; scales, modes and window spelled out.
+    r = resolve_controlnets(r, pipe.controlnets)
     problem = redux_problem(r, pipe.redux, pipe.guidance_mode)
     if problem:
         raise ReduxError(problem)

@@ -1,0 +1,398 @@
+"""FLUX.1 ControlNets in pictor's pipeline: the same pictures as diffusers' `FluxControlNetPipeline` on tiny
+random components (InstantX-like, Union, XLabs-like, two at once, a step window), and records, reproduction,
+edits and refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import BundleConfig
+from pictor.controlnet_runs import ControlNetError, kept_steps
+from pictor.editing import EditRequest
+from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.flux import FluxParams, pack_latents
+from pictor.models.text import build_text_encoder
+from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.provenance import parameters_text, read_record
+from pictor.reproduce import reproduce
+
+from tiny_flux import random_flux, randomize_
+from tiny_text_folders import T5_LEN, diffusers_components, flux_text_encoders
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
+
+PICTOR = shutil.which("pictor")
+
+
+def _ae(factor: int) -> AutoEncoderParams:
+    return AutoEncoderParams(
+        resolution=32,
+        in_channels=3,
+        ch=32,
+        out_ch=3,
+        ch_mult=[1, 2] if factor == 2 else [1, 1, 2, 2],  # 2: one downsampling; 8: three
+        num_res_blocks=1,
+        z_channels=4 if factor == 2 else 16,
+        scale_factor=0.3611,
+        shift_factor=0.1159,
+    )
+
+
+# Three blocks of each kind, so a two-block ControlNet's residuals are spread (0, 0, 1) or cycled (0, 1, 0).
+MODEL = FluxParams(
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=32,
+    context_in_dim=32,
+    hidden_size=32,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=3,
+    depth_single_blocks=3,
+    axes_dim=[4, 6, 6],
+    guidance_embed=True,
+)
+DEFAULTS = {
+    "width": 32,
+    "height": 32,
+    "steps": 3,
+    "guidance": 4.0,
+    "sampler": "euler",
+    "schedule": "flux",
+    "guidance_mode": "distilled",
+}
+
+
+def _pipeline(root: Path, factor: int = 2) -> Pipeline:
+    text = flux_text_encoders(root)
+    ae = _ae(factor)
+    # XLabs' ControlNets read 16 latent channels per pixel of the latents (64 per token), as FLUX.1's.
+    model = MODEL if factor == 2 else replace(MODEL, in_channels=64, out_channels=64)
+    config = BundleConfig(
+        name=f"tiny-f{factor}", model=model.to_dict(), autoencoder=ae.to_dict(), text_encoder=text,
+        defaults=DEFAULTS,
+    )  # fmt: skip
+    flux = random_flux(model, seed=0)
+    torch.manual_seed(0)
+    return Pipeline(flux, AutoEncoder(ae).eval(), build_text_encoder(text), config, device="cpu")
+
+
+def _controlnet(root: Path, name: str, seed: int, **config: Any) -> Path:
+    """A diffusers ControlNet folder with every weight random (its zero-initialised layers too)."""
+    kw: dict[str, Any] = {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": [4, 6, 6],
+        **config,
+    }
+    net = diffusers.FluxControlNetModel(**kw).eval()
+    with torch.no_grad():
+        randomize_(net, seed)
+    net.save_pretrained(root / name, safe_serialization=True)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("controlnet")
+
+
+@pytest.fixture(scope="module")
+def pipe(root: Path) -> Pipeline:
+    return _pipeline(root / "f2")
+
+
+@pytest.fixture(scope="module")
+def nets(root: Path) -> dict[str, Path]:
+    return {
+        "instantx": _controlnet(root, "instantx", 1),
+        "union": _controlnet(root, "union", 2, num_mode=3),
+        "other": _controlnet(root, "other", 3),
+        "small": _controlnet(root, "small", 7, num_layers=1, num_single_layers=1),
+    }
+
+
+def _with(pipe: Pipeline, *paths: Path) -> Pipeline:
+    pipe.controlnets = []
+    for path in paths:
+        pipe.add_controlnet(path)
+    return pipe
+
+
+def _picture(seed: int = 0, size: tuple[int, int] = (32, 32)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.NEAREST)
+
+
+def _px(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _diffusers(
+    pipe: Pipeline, root: Path, paths: list[Path], monkeypatch: pytest.MonkeyPatch, seed: int, **kw: Any
+) -> np.ndarray:
+    """diffusers' FluxControlNetPipeline on the pipeline's weights and these ControlNets -> uint8 pixels."""
+    loaded = [diffusers.FluxControlNetModel.from_pretrained(p).eval() for p in paths]
+    controlnet = loaded[0] if len(loaded) == 1 else diffusers.FluxMultiControlNetModel(loaded)
+    text_root = Path(pipe.config.text_encoder["clip"]["path"]).parent
+    theirs = diffusers.FluxControlNetPipeline(**diffusers_components(text_root, pipe), controlnet=controlnet)
+    # diffusers draws the control picture's latents from the encoder's distribution, pictor takes its mean.
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    width, height = kw.pop("width"), kw.pop("height")
+    f = pipe.autoencoder.params.downsample_factor
+    noise = pipe.initial_noise([seed], height // f, width // f)
+    out = theirs(
+        height=height,
+        width=width,
+        latents=pack_latents(noise),
+        max_sequence_length=T5_LEN,
+        output_type="pt",
+        **kw,
+    ).images[0]
+    return (out.permute(1, 2, 0).numpy() * 255).round().astype(int)
+
+
+def _close(got: Image.Image, want: np.ndarray) -> None:
+    diff = np.abs(_px(got).astype(int) - want).max()
+    assert diff <= 1, f"max |pictor - diffusers| = {diff} levels"
+
+
+@pytest.mark.parametrize(
+    ("kind", "pictor_kw", "diffusers_kw"),
+    [
+        ("instantx", {"controlnet_scales": [0.7]}, {"controlnet_conditioning_scale": 0.7}),
+        ("union", {"controlnet_modes": ["depth"]}, {"control_mode": 2}),
+        (
+            "instantx",
+            {"controlnet_start": 0.34, "controlnet_end": 1.0},  # 3 steps: only the last keeps it
+            {"control_guidance_start": 0.34, "control_guidance_end": 1.0},
+        ),
+    ],
+)
+def test_controlnet_pipeline_and_pictor_paint_the_same_picture(
+    pipe: Pipeline,
+    root: Path,
+    nets: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    pictor_kw: dict[str, Any],
+    diffusers_kw: dict[str, Any],
+) -> None:
+    width, height, seed, prompt = 32, 24, 7, "a red square"
+    control = _picture(1, (40, 20))  # another size and aspect: both resize it with Lanczos
+    _with(pipe, nets[kind])
+    request = GenerationRequest(
+        prompt, width=width, height=height, steps=3, seed=seed, controlnet_images=[control], **pictor_kw
+    )
+    (ours,) = pipe.generate(request)
+    want = _diffusers(
+        pipe, root, [nets[kind]], monkeypatch, seed, prompt=prompt, control_image=control, width=width,
+        height=height, num_inference_steps=3, guidance_scale=4.0, **diffusers_kw,
+    )  # fmt: skip
+    _close(ours.image, want)
+    # Not trivially equal: without the ControlNet the picture is another one.
+    plain = _with(pipe).generate(GenerationRequest(prompt, width=width, height=height, steps=3, seed=seed))
+    assert np.abs(_px(plain[0].image) - _px(ours.image)).mean() > 2
+
+
+def test_two_controlnets_add_up_as_diffusers_multi_controlnet(
+    pipe: Pipeline, root: Path, nets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pictures = [_picture(3), _picture(4)]
+    _with(pipe, nets["instantx"], nets["other"])
+    (ours,) = pipe.generate(
+        GenerationRequest(
+            "two shapes", width=32, height=32, steps=3, seed=2, controlnet_images=pictures,
+            controlnet_scales=[0.8, 0.5],
+        )
+    )  # fmt: skip
+    want = _diffusers(
+        pipe, root, [nets["instantx"], nets["other"]], monkeypatch, 2, prompt="two shapes",
+        control_image=pictures, width=32, height=32, num_inference_steps=3, guidance_scale=4.0,
+        controlnet_conditioning_scale=[0.8, 0.5],
+    )  # fmt: skip
+    _close(ours.image, want)
+
+
+def test_an_xlabs_controlnet_reads_pixels_and_cycles_its_blocks(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = _pipeline(root / "f8", factor=8)
+    net = _controlnet(
+        root,
+        "xlabs",
+        4,
+        patch_size=2,
+        in_channels=64,
+        conditioning_embedding_channels=16,
+        num_single_layers=0,
+    )
+    _with(pipe, net)
+    control = _picture(5, (64, 64))
+    (ours,) = pipe.generate(
+        GenerationRequest("a grey circle", width=64, height=64, steps=3, seed=3, controlnet_images=[control])
+    )
+    assert pipe.controlnets[0].info["kind"] == "xlabs"
+    want = _diffusers(
+        pipe, root, [net], monkeypatch, 3, prompt="a grey circle", control_image=control, width=64,
+        height=64, num_inference_steps=3, guidance_scale=4.0,
+    )  # fmt: skip
+    _close(ours.image, want)
+
+
+def test_the_step_window_follows_diffusers_keep_rule() -> None:
+    assert kept_steps(4, 0.0, 1.0) == [True] * 4
+    assert kept_steps(4, 0.25, 1.0) == [False, True, True, True]
+    assert kept_steps(4, 0.0, 0.5) == [True, True, False, False]
+    assert kept_steps(3, 0.34, 1.0) == [False, False, True]
+
+
+def test_records_name_the_controlnets_and_reproduce_bit_exact(pipe: Pipeline, nets: dict[str, Path]) -> None:
+    _with(pipe, nets["union"], nets["instantx"])
+    pictures = [_picture(6, (48, 48)), _picture(7)]
+    images = pipe.generate(
+        GenerationRequest(
+            "a blue square", seed=11, num_images=2, controlnet_images=pictures, controlnet_scales=[0.6],
+            controlnet_modes=["canny", None], controlnet_end=0.7,
+        )
+    )  # fmt: skip
+    record = images[1].record
+    first, second = record["controlnets"]
+    assert (first["kind"], first["mode"], first["scale"]) == ("union", 0, 0.6)
+    assert (second["kind"], second["scale"]) == ("instantx", 0.6) and "mode" not in second
+    assert record["controlnet_end"] == 0.7 and record["controlnet_start"] == 0.0
+    assert "ControlNet" in parameters_text(record)
+    again = reproduce(pipe, record, controlnet_images=pictures)
+    assert np.array_equal(_px(again.image), _px(images[1].image))
+    with pytest.raises(ControlNetError, match="pass the original picture"):
+        reproduce(pipe, record, controlnet_images=pictures[::-1])
+    with pytest.raises(ControlNetError, match="--controlnet-image"):
+        reproduce(pipe, record)
+    _with(pipe, nets["instantx"], nets["union"])
+    with pytest.raises(ControlNetError, match="same files, in order"):
+        reproduce(pipe, record, controlnet_images=pictures)
+
+
+def test_an_edit_takes_the_controlnet_and_reproduces(
+    pipe: Pipeline, nets: dict[str, Path], tmp_path: Path
+) -> None:
+    _with(pipe, nets["instantx"])
+    source = _picture(8)
+    (image,) = pipe.edit(
+        EditRequest(source, "a green circle", strength=0.6, seed=4, controlnet_images=[_picture(9)])
+    )
+    assert image.record["controlnets"][0]["kind"] == "instantx"
+    again = reproduce(pipe, image.record, source=source, controlnet_images=[_picture(9)])
+    assert np.array_equal(_px(again.image), _px(image.image))
+
+
+@pytest.mark.parametrize(
+    ("loaded", "kw", "message"),
+    [
+        ([], {"controlnet_images": ["x.png"]}, "no ControlNet is loaded"),
+        (["instantx"], {}, "--controlnet-image"),
+        (["instantx"], {"controlnet_images": [0, 0]}, "2 control pictures for 1 ControlNets"),
+        (["union"], {"controlnet_images": [0]}, "--controlnet-mode"),
+        (["instantx"], {"controlnet_images": [0], "controlnet_modes": ["canny"]}, "takes no mode"),
+        (["union"], {"controlnet_images": [0], "controlnet_modes": ["pose"]}, "modes 0 to 2"),
+        (["union"], {"controlnet_images": [0], "controlnet_modes": ["sketch"]}, "is not one of"),
+        (["instantx"], {"controlnet_images": [0], "controlnet_scales": [11]}, "from 0 to 10"),
+        (["instantx"], {"controlnet_images": [0], "controlnet_scales": [float("nan")]}, "from 0 to 10"),
+        (["instantx"], {"controlnet_images": [0], "controlnet_start": 0.5, "controlnet_end": 0.5}, "start <"),
+        (["instantx"], {"controlnet_images": [0], "hires_scale": 2.0}, "hires"),
+    ],
+)
+def test_misuse_is_refused_with_the_reason(
+    pipe: Pipeline, nets: dict[str, Path], loaded: list[str], kw: dict[str, Any], message: str
+) -> None:
+    _with(pipe, *(nets[name] for name in loaded))
+    if kw.get("controlnet_images"):
+        kw["controlnet_images"] = [_picture(i) for i in range(len(kw["controlnet_images"]))]
+    with pytest.raises(ControlNetError, match=message):
+        pipe.generate(GenerationRequest("a shape", **kw))
+
+
+def test_a_controlnet_for_another_model_is_refused(root: Path, pipe: Pipeline) -> None:
+    wide = _controlnet(root, "wide", 5, num_attention_heads=3)  # width 48, not 32
+    with pytest.raises(ControlNetError, match="width 48"):
+        _with(pipe, wide)
+    deep = _controlnet(root, "deep", 6, num_layers=4)
+    with pytest.raises(ControlNetError, match="more than"):
+        _with(pipe, deep)
+    with pytest.raises(ControlNetError):
+        _with(pipe, root / "nowhere")
+
+
+@pytest.mark.skipif(PICTOR is None, reason="the pictor console script is not installed")
+def test_cli_generate_with_a_controlnet_and_reproduce(
+    pipe: Pipeline, nets: dict[str, Path], root: Path, tmp_path: Path
+) -> None:
+    from pictor.checkpoint import save_bundle
+
+    bundle = tmp_path / "bundle"
+    save_bundle(bundle, pipe.config, pipe.transformer.state_dict(), pipe.autoencoder.state_dict())
+    control = tmp_path / "edges.png"
+    _picture(10).save(control)
+    run = [str(PICTOR), "generate", "a red circle", "--model", str(bundle), "--seed", "3", "--steps", "2"]
+    net = ["--controlnet", str(nets["union"]), "--controlnet-image", str(control)]
+    done = subprocess.run(
+        [*run, *net, "--controlnet-mode", "canny", "--controlnet-scale", "0.5", "-o", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    made = Path(done.stdout.split()[0])
+    assert read_record(made)["controlnets"][0]["mode"] == 0
+    # Reproduced from the record's ControlNet path, with the picture passed again.
+    again = subprocess.run(
+        [str(PICTOR), "reproduce", str(made), "--model", str(bundle), "--controlnet-image", str(control),
+         "-o", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "identical" in again.stderr, again.stderr
+    missing = subprocess.run([*run, *net[:2], "-o", str(tmp_path / "c")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "--controlnet-image" in missing.stderr
+
+
+def test_controlnets_of_different_sizes_add_block_by_block(pipe: Pipeline, nets: dict[str, Path]) -> None:
+    """diffusers' multi-ControlNet zips the residual lists, dropping the longer one's tail; pictor spreads
+    each ControlNet over the model's blocks first, so a one-block ControlNet beside a two-block one speaks
+    in every block, as it does alone."""
+    from pictor.models.control_residuals import ControlResiduals
+
+    a, b = torch.ones(1, 2, 3), 2 * torch.ones(1, 2, 3)
+    one = ControlResiduals([a], [a])
+    two = ControlResiduals([b, 3 * b], [])
+    total = one.spread(3, 3) + two.spread(3, 3)
+    assert [float(r[0, 0, 0]) for r in total.double] == [3.0, 3.0, 7.0]  # two's residuals stretch 0, 0, 1
+    assert [float(r[0, 0, 0]) for r in total.single] == [1.0, 1.0, 1.0]
+    cycled = ControlResiduals([a, b], [], repeat=True).spread(3, 3)
+    assert [float(r[0, 0, 0]) for r in cycled.double] == [1.0, 2.0, 1.0]
+    pictures = [_picture(3), _picture(4)]
+    _with(pipe, nets["small"], nets["instantx"])
+    both = pipe.generate(GenerationRequest("x", seed=1, steps=2, controlnet_images=pictures))[0]
+    _with(pipe, nets["instantx"])
+    alone = pipe.generate(GenerationRequest("x", seed=1, steps=2, controlnet_images=pictures[1:]))[0]
+    assert np.abs(_px(both.image) - _px(alone.image)).mean() > 1
