@@ -396,3 +396,90 @@ def test_controlnets_of_different_sizes_add_block_by_block(pipe: Pipeline, nets:
     _with(pipe, nets["instantx"])
     alone = pipe.generate(GenerationRequest("x", seed=1, steps=2, controlnet_images=pictures[1:]))[0]
     assert np.abs(_px(both.image) - _px(alone.image)).mean() > 1
+
+
+def test_info_describes_a_controlnet_folder_and_file(nets: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pictor.cli import main
+
+    def info(target: Path) -> dict[str, Any]:
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["info", str(target)]) == 0
+        return json.loads(out.getvalue())
+
+    shown = info(nets["union"])
+    assert (shown["model"], shown["kind"], shown["modes"]) == ("FLUX.1 ControlNet", "union", 3)
+    assert "--controlnet-mode" in shown["use"] and len(shown["sha256"]) == 64
+    single = tmp_path / "instantx.safetensors"
+    save_file(load_file(nets["instantx"] / "diffusion_pytorch_model.safetensors"), single)
+    shown = info(single)  # a tiny head has no FLUX.1 RoPE split to infer: the summary says what is missing
+    assert shown["model"] == "FLUX.1 ControlNet" and "axes_dim" in shown["error"]
+
+
+def test_a_single_file_controlnet_takes_the_models_rope_split(
+    pipe: Pipeline, nets: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "instantx.safetensors"
+    save_file(load_file(nets["instantx"] / "diffusion_pytorch_model.safetensors"), single)
+    request = GenerationRequest("x", seed=4, steps=2, controlnet_images=[_picture(1)])
+    folder = _with(pipe, nets["instantx"]).generate(request)[0]
+    file = _with(pipe, single).generate(request)[0]
+    assert np.array_equal(_px(folder.image), _px(file.image))
+
+
+def test_under_true_cfg_the_negative_half_reuses_the_positive_residuals(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model with real classifier-free guidance: diffusers' true CFG (true_cfg_scale, a negative prompt)
+    runs the ControlNet on the positive prompt only and adds its residuals to both passes; so does pictor."""
+    text = flux_text_encoders(root / "cfg")
+    ae = _ae(2)
+    model = replace(MODEL, guidance_embed=False)
+    config = BundleConfig(
+        name="tiny-cfg", model=model.to_dict(), autoencoder=ae.to_dict(), text_encoder=text,
+        defaults={**DEFAULTS, "guidance_mode": "cfg"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ae_model = AutoEncoder(ae).eval()
+    pipe = Pipeline(random_flux(model, seed=0), ae_model, build_text_encoder(text), config, device="cpu")
+    net = _controlnet(root, "cfg-net", 8, guidance_embeds=False)
+    _with(pipe, net)
+    control = _picture(2)
+    (ours,) = pipe.generate(
+        GenerationRequest(
+            "a red square", negative_prompt="a blue blur", width=32, height=32, steps=3, seed=6, guidance=3.0,
+            controlnet_images=[control], controlnet_scales=[0.9],
+        )
+    )  # fmt: skip
+    want = _diffusers(
+        pipe, root, [net], monkeypatch, 6, prompt="a red square", negative_prompt="a blue blur",
+        true_cfg_scale=3.0, control_image=control, width=32, height=32, num_inference_steps=3,
+        controlnet_conditioning_scale=0.9,
+    )  # fmt: skip
+    _close(ours.image, want)
+
+
+def test_the_first_block_cache_and_autoencoder_tiles_take_the_controlnet(
+    pipe: Pipeline, nets: dict[str, Path]
+) -> None:
+    _with(pipe, nets["instantx"])
+    pictures = [_picture(5, (64, 64))]
+    base = {"width": 64, "height": 64, "seed": 9, "steps": 4, "controlnet_images": pictures}
+    for extra in ({"cache_threshold": 0.3}, {"vae_tile": 32, "vae_tile_overlap": 8}):
+        (image,) = pipe.generate(GenerationRequest("a square", **base, **extra))  # type: ignore[arg-type]
+        again = reproduce(pipe, image.record, controlnet_images=pictures)
+        assert np.array_equal(_px(again.image), _px(image.image))
+        (plain,) = _with(pipe).generate(
+            GenerationRequest("a square", **{**base, "controlnet_images": None}, **extra)
+        )  # type: ignore[arg-type]
+        assert np.abs(_px(plain.image) - _px(image.image)).mean() > 1
+        _with(pipe, nets["instantx"])

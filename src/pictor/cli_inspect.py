@@ -35,11 +35,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
 
     target = Path(args.target)
-    if target.is_file() and target.suffix.lower() == ".safetensors":  # a LoRA or Redux file: what it holds
+    from pictor.controlnet_runs import controlnet_summary
+
+    if target.is_dir() and (net := controlnet_summary(target)) is not None:  # a diffusers ControlNet folder
+        print(json.dumps(net, indent=2, ensure_ascii=False))
+        return 0
+    if target.is_file() and target.suffix.lower() == ".safetensors":  # LoRA, Redux, ControlNet: what it holds
         from pictor.lora_tools import lora_summary
         from pictor.redux_images import redux_file_summary
 
-        summary = redux_file_summary(target) or lora_summary(target)
+        summary = redux_file_summary(target) or controlnet_summary(target) or lora_summary(target)
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     from pictor.gguf_files import is_gguf

@@ -50,6 +50,7 @@ __all__ = [
     "check_recorded_controlnets",
     "controlnet_fields",
     "controlnet_problem",
+    "controlnet_summary",
     "open_controlnet",
     "recorded_controlnet_paths",
     "recorded_controlnet_settings",
@@ -94,7 +95,8 @@ def open_controlnet(
 
     where = Path(path)
     try:
-        model = load_controlnet(where)
+        # A single file's shapes do not tell its RoPE split; it is the transformer's, whose tokens it reads.
+        model = load_controlnet(where, axes_dim=None if where.is_dir() else flux.axes_dim)
     except (CheckpointError, ValueError, OSError) as exc:
         raise ControlNetError(str(exc)) from exc
     p = model.params
@@ -405,3 +407,39 @@ def check_controlnet_pixels(record: dict[str, Any], r: GenerationRequest) -> Non
                 f"ControlNet picture {i + 1} is not the one this image was made from (its fitted pixels hash "
                 f"to {got[:10]}, the record says {str(want)[:10]}); pass the original picture"
             )
+
+
+def controlnet_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What `pictor info` says of a ControlNet file or diffusers folder, or None for anything else."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from pictor.controlnet_files import DIFFUSERS_CLASS, describe_controlnet, read_controlnet
+
+    where = Path(path)
+    if where.is_dir():
+        try:
+            config = json.loads((where / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict) or config.get("_class_name") != DIFFUSERS_CLASS:
+            return None
+    else:
+        try:
+            with safe_open(str(where), framework="pt") as f:
+                if not any(k.startswith("controlnet_blocks.") for k in f.keys()):  # noqa: SIM118
+                    return None
+        except (SafetensorError, OSError):
+            return None
+    try:
+        params, _ = read_controlnet(where)
+    except (CheckpointError, ValueError, OSError) as exc:
+        return {"model": "FLUX.1 ControlNet", "error": str(exc)}
+    return {
+        "model": "FLUX.1 ControlNet",
+        **describe_controlnet(params),
+        "use": "pictor generate PROMPT --controlnet THIS --controlnet-image PICTURE"
+        + (" --controlnet-mode MODE" if params.num_modes else ""),
+        "sha256": _weights_sha256(where),
+    }
