@@ -235,6 +235,14 @@ class Job(BaseModel):
     )
 
 
+class DeletedJob(BaseModel):
+    """A finished job deleted from the history, as OpenAI answers a deletion."""
+
+    id: str
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool = True
+
+
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Job]

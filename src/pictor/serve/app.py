@@ -149,7 +149,7 @@ def _add_ops_routes(app: FastAPI, svc: Service) -> None:
     )
     def readyz() -> Any:
         manager = svc.manager
-        if manager.load_error:
+        if manager.load_error and not manager.loading:  # loading again: "loading" below
             health = Health(status="error", detail=f"the model failed to load: {manager.load_error}")
         elif manager.draining:
             health = Health(status="draining", detail="shutting down; no new jobs")

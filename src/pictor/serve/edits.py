@@ -29,11 +29,11 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from pictor.editing import EditError, EditRequest, eight_bit
-from pictor.pipeline import GenerationError
+from pictor.editing import EditRequest, eight_bit
 from pictor.redux_images import MAX_STRENGTH
 from pictor.serve.api_models import ImagesResponse, Job, canny_setting
 from pictor.serve.errors import APIError
+from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
 from pictor.serve.routes import (
     COMMON_ERRORS,
     SUBMIT_ERRORS,
@@ -47,8 +47,6 @@ from pictor.serve.service import (
     Service,
     check_names,
     checked_layout,
-    control_param,
-    param_of,
     require_prompt,
     service,
 )
@@ -135,9 +133,9 @@ def edit_params(
         )
         try:
             r, inputs = pipe.resolve_edit(request)
-        except (EditError, GenerationError) as exc:
-            param = control_param(param_of(str(exc)), pipe.control, control is not None)
-            raise APIError(400, str(exc), param=param, code="invalid_parameters") from None
+        except REQUEST_ERRORS as exc:
+            message, param = request_error(exc)
+            raise APIError(400, message, param=param, code="invalid_parameters") from None
         settings.update(
             steps=r.steps,
             guidance=r.guidance,
@@ -147,15 +145,11 @@ def edit_params(
             layout=r.layout,
             redux_strength=r.redux_strength,
         )
+    # context_image: the key job_requests.edit_request reads back, as for a JSON generation's context_image.
+    pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
     return {
         "kind": "edit",
-        "image": svc.store.write_upload(source),
-        "mask": svc.store.write_upload(mask) if mask is not None else None,
-        "reference": svc.store.write_upload(reference) if reference is not None else None,
-        # The key job_requests.edit_request reads back, as for a JSON generation's context_image.
-        "context_image": svc.store.write_upload(context) if context is not None else None,
-        "control_image": svc.store.write_upload(control) if control is not None else None,
-        "redux_image": svc.store.write_upload(redux) if redux is not None else None,
+        **svc.keep_uploads({**pictures, "control_image": control, "redux_image": redux}),
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -413,7 +407,7 @@ async def edit_form(
 async def submit_edit(svc: Service, form: EditForm) -> JobRow:
     """Validate, keep the uploads and queue the job; a refused job leaves no upload behind."""
     # edit_params writes the uploads only once everything is valid; svc.submit deletes them (every key of
-    # UPLOAD_KEYS, context_image included) when the queue refuses the job.
+    # upload_retention.UPLOAD_KEYS, context_image included) when the job is not queued.
     params = await run_in_threadpool(
         edit_params,
         svc,

@@ -1,15 +1,18 @@
-"""A job's stored settings (its `params`) as the pipeline's requests, and which jobs may share one sampler
-run. Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
+"""A job's stored settings (its `params`) as the pipeline's requests, and which jobs share one sampler run.
+Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
 picture, a Redux picture) are kept in the store under ids; the requests get their paths."""
 
 from __future__ import annotations
 
+import secrets
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from pictor.editing import EditRequest
 from pictor.hires import HIRES_FIELDS
 from pictor.pipeline import GenerationRequest
-from pictor.serve.store import Store
+from pictor.serve.store import JobRow, Store
 
 # Settings that must be equal for two jobs to share one sampler run.
 BATCH_KEYS = (
@@ -80,3 +83,37 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     )
     mask = store.upload_path(params["mask"]) if params.get("mask") else None
     return EditRequest(image=store.upload_path(params["image"]), mask=mask, **{**fields, **overrides})
+
+
+@dataclass
+class Live:
+    """A job in the running batch: its in-memory progress and cancel flag."""
+
+    job: JobRow
+    seed: int
+    step: int = 0
+    total: int = 0
+    cancelled: bool = False
+
+
+def take_batch(queue: deque[JobRow], max_batch: int) -> list[Live]:
+    """The next sampler run: the queue's first job and the queued jobs that may share its run (equal
+    settings, up to `max_batch` images), taken off the queue. Image i of a run gets the seed ``seed + i``,
+    so a merged job must take the next seeds: one without a seed gets them (behind a head without a seed,
+    whose start seed is random), one with a seed joins only when its seed is the next one."""
+    head = queue.popleft()
+    fixed = head.params.get("seed") is not None
+    start = int(head.params["seed"]) if fixed else secrets.randbelow(2**32)
+    batch = [Live(head, start)]
+    cursor, total = start + head.n, head.n
+    key = batch_key(head.params)
+    for job in list(queue):
+        if total >= max_batch:
+            break
+        seed = job.params.get("seed")
+        fits = batch_key(job.params) == key and total + job.n <= max_batch
+        if fits and (seed == cursor if fixed else seed is None):
+            queue.remove(job)
+            batch.append(Live(job, cursor))
+            cursor, total = cursor + job.n, total + job.n
+    return batch

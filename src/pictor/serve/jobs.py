@@ -10,26 +10,28 @@
 - Durability: every state change is committed to the store before it is announced. On start, queued jobs
   and jobs that were running when the process died are queued again; a job that was running during
   ``max_attempts`` deaths is failed instead, so one poisonous job cannot crash-loop the server.
+- Loading: a model that fails to load fails the jobs queued for it (they would wait forever); jobs are then
+  refused (503) for ``load_retry`` seconds, and the first one after that is queued and loads the model again.
+- Uploads are deleted when nothing needs them any more (see `upload_retention`).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from pictor.editing import EditError
-from pictor.pipeline import GenerationError, Pipeline, seed_notice
+from pictor.pipeline import Pipeline, seed_notice
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
-from pictor.serve.job_requests import batch_key, edit_request, generation_request
+from pictor.serve.job_requests import Live, edit_request, generation_request, take_batch
 from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
 from pictor.serve.metrics import Metrics
+from pictor.serve.model_loading import LoadState
+from pictor.serve.pipeline_errors import REQUEST_ERRORS, job_error
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
     CANCELLED,
@@ -43,6 +45,7 @@ from pictor.serve.store import (
     Store,
     new_id,
 )
+from pictor.serve.upload_retention import delete_uploads, missing_upload, sweep_uploads, upload_ids
 
 log = logging.getLogger("pictor.serve")
 
@@ -53,17 +56,6 @@ class _Cancelled(Exception):
 
 class _TimedOut(Exception):
     pass
-
-
-@dataclass
-class Live:
-    """A job in the running batch: its in-memory progress and cancel flag."""
-
-    job: JobRow
-    seed: int
-    step: int = 0
-    total: int = 0
-    cancelled: bool = False
 
 
 class JobManager:
@@ -83,7 +75,8 @@ class JobManager:
         self.settings = settings
         self.metrics = metrics
         self.pipeline = pipeline
-        self.load_error: str | None = None
+        self._load = LoadState(settings.model, settings.load_retry)
+        self._reload_wanted = False  # a variation asked for the model after a failed load
         self.hub = Hub()
         self._loader = loader
         self._cond = threading.Condition()
@@ -102,8 +95,18 @@ class JobManager:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def loading(self) -> bool:
+        return self._load.loading
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the last load of the model failed; None once one succeeded."""
+        return self._load.error
+
     def start(self) -> None:
         self._recover()
+        self._sweep_uploads()
         # A daemon thread: if a sampler run hangs past the shutdown grace, the process still exits and
         # the job is resumed on the next start.
         self._thread = threading.Thread(target=self._work, name="pictor-worker", daemon=True)
@@ -136,12 +139,30 @@ class JobManager:
                         },
                     )
                     log.warning("job %s failed after %d interrupted attempts", job.id, job.attempts)
+                    delete_uploads(self.store, upload_ids(job.params))
                     continue
                 self.store.requeue(job.id)
                 job.status = QUEUED
             self._queue.append(job)
         if self._queue:
             log.info("resuming %d unfinished jobs from %s", len(self._queue), self.store.data_dir)
+
+    def _sweep_uploads(self) -> None:
+        """Before any request: delete the uploads no queued or succeeded job names (upload_retention)."""
+        keep = self._uploads_in_use()
+        for params in self.store.params_of(SUCCEEDED):
+            keep |= upload_ids(params)
+        sweep_uploads(self.store, keep)
+
+    def _uploads_in_use(self) -> set[str]:
+        with self._cond:
+            jobs = [*self._queue, *(live.job for live in self._running.values())]
+        return set().union(*(upload_ids(job.params) for job in jobs))
+
+    def _release(self, job: JobRow) -> None:
+        """Delete the uploads of a job that ended without images, none that a queued or running job names
+        (no two jobs share one; this keeps it so should that change)."""
+        delete_uploads(self.store, upload_ids(job.params) - self._uploads_in_use())
 
     # -- requests from the API -----------------------------------------------------------------------
 
@@ -157,10 +178,9 @@ class JobManager:
                     "shutting_down",
                     headers=retry,
                 )
-            if self.load_error:
-                raise APIError(
-                    503, f"the model failed to load: {self.load_error}", "server_error", "model_unavailable"
-                )
+            refusal = self.unavailable()
+            if refusal is not None:
+                raise refusal
             if len(self._queue) >= self.settings.queue_size:
                 self.metrics.reject("queue_full")
                 raise APIError(
@@ -183,9 +203,10 @@ class JobManager:
             if queued is not None:
                 self._queue.remove(queued)
                 self._finish(queued, CANCELLED)
+                self._release(queued)
             elif job_id in self._running and not self._running[job_id].cancelled:
                 # The sampler stops at its next step if no other job shares the run; either way this job's
-                # images are dropped and its state is final now.
+                # images are dropped and its state is final now. Its uploads go once the run has stopped.
                 self._running[job_id].cancelled = True
                 self._finish(self._running[job_id].job, CANCELLED)
             else:
@@ -199,6 +220,11 @@ class JobManager:
         job = self.store.get_job(job_id)
         assert job is not None
         return job
+
+    def busy(self, job_id: str) -> bool:
+        """Whether a job is queued, or in the running batch (a cancelled one too, until its run stops)."""
+        with self._cond:
+            return job_id in self._running or any(j.id == job_id for j in self._queue)
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
         with self._cond:
@@ -239,23 +265,32 @@ class JobManager:
 
     # -- the worker ------------------------------------------------------------------------------------
 
+    def unavailable(self) -> APIError | None:
+        """The 503 for new work while a failed load is not to be tried again yet (see `LoadState`)."""
+        with self._cond:
+            return self._load.refusal()
+
+    def request_load(self) -> None:
+        """Ask for the model after a failed load without queueing a job (a variation needs the model to be
+        checked at all); the worker loads it again unless `unavailable()` says it is too soon."""
+        with self._cond:
+            if self.pipeline is None and self._load.error is not None and self._load.refusal() is None:
+                self._reload_wanted = True
+                self._cond.notify_all()
+
     def _work(self) -> None:
-        if self.pipeline is None:
-            assert self._loader is not None
-            try:
-                self.pipeline = self._loader()
-            except Exception as exc:  # the server stays up to say why (readyz, 503s)
-                log.exception("loading the model failed")
-                self.load_error = f"{type(exc).__name__}: {exc}"
-                return
-            log.info("model '%s' loaded", self.pipeline.name)
         while True:
+            if self.pipeline is None and self._loader is not None:
+                self._load_model()
             with self._cond:
-                while not self._queue and not self._draining:
+                while not (self._draining or self._queue or (self._reload_wanted and self.pipeline is None)):
                     self._cond.wait()
                 if self._draining:
                     return
-                batch = self._take_batch()
+                self._reload_wanted = False
+                if self.pipeline is None and self._loader is not None:
+                    continue  # work came after a failed load (submit refused it until then): load again
+                batch = take_batch(self._queue, self.settings.max_batch)
                 self._running = {live.job.id: live for live in batch}
             try:
                 self._run_batch(batch)
@@ -271,24 +306,39 @@ class JobManager:
             finally:
                 with self._cond:
                     self._running = {}
+                self._release_ended(batch)
 
-    def _take_batch(self) -> list[Live]:
-        head = self._queue.popleft()
-        fixed = head.params.get("seed") is not None
-        start = int(head.params["seed"]) if fixed else secrets.randbelow(2**32)
-        batch = [Live(head, start)]
-        cursor, total = start + head.n, head.n
-        key = batch_key(head.params)
-        for job in list(self._queue):
-            if total >= self.settings.max_batch:
-                break
-            seed = job.params.get("seed")
-            fits = batch_key(job.params) == key and total + job.n <= self.settings.max_batch
-            if fits and (seed == cursor if fixed else seed is None):
-                self._queue.remove(job)
-                batch.append(Live(job, cursor))
-                cursor, total = cursor + job.n, total + job.n
-        return batch
+    def _release_ended(self, batch: list[Live]) -> None:
+        """After a run: the uploads of its jobs that failed or were cancelled, which it no longer reads."""
+        try:
+            for live in batch:
+                ended = self.store.get_job(live.job.id)
+                if ended is not None and ended.status in (FAILED, CANCELLED):
+                    self._release(ended)
+        except Exception:  # the worker goes on: the next start sweeps what is left
+            log.exception("deleting the uploads of ended jobs failed")
+
+    def _load_model(self) -> None:
+        """Load the model; on failure, fail the jobs queued for it (nothing else would end them) and refuse
+        new ones for a while. The server stays up to say why (readyz, the jobs' errors, 503s)."""
+        assert self._loader is not None
+        with self._cond:
+            self._load.loading = True
+        try:
+            pipeline = self._loader()
+        except Exception as exc:
+            log.exception("loading the model failed")
+            with self._cond:  # atomic with submit and cancel: no job is queued or cancelled in between
+                self._load.failed(exc)
+                while self._queue:
+                    job = self._queue.popleft()
+                    self._finish(job, FAILED, error=self._load.job_error())
+                    self._release(job)
+            return
+        with self._cond:
+            self.pipeline = pipeline
+            self._load.succeeded()
+        log.info("model '%s' loaded", pipeline.name)
 
     def _run_batch(self, batch: list[Live]) -> None:
         assert self.pipeline is not None
@@ -306,6 +356,11 @@ class JobManager:
             self.store.mark_running([live.job.id], started, job_notices)
             live.job.status, live.job.started, live.job.warnings = RUNNING, started, job_notices
             self.hub.publish(live.job.id, {"event": "status", "status": RUNNING})
+        gone = missing_upload(self.store, params)
+        if gone is not None:
+            for live in batch:
+                self._finish(live.job, FAILED, error=gone)
+            return
         total_images = sum(live.job.n for live in batch)
         runs = {
             "seed": batch[0].seed,
@@ -371,8 +426,8 @@ class JobManager:
         if isinstance(exc, _TimedOut):
             message = f"the job ran past its {self.settings.job_timeout:g} s limit and was stopped"
             return {"message": message, "type": "timeout_error", "code": "job_timeout"}
-        if isinstance(exc, GenerationError | EditError):
-            return {"message": str(exc), "type": "invalid_request_error", "code": "invalid_parameters"}
+        if isinstance(exc, REQUEST_ERRORS):
+            return job_error(exc)
         log.error("generation failed", exc_info=exc)
         message = f"generation failed: {type(exc).__name__}: {exc}"
         return {"message": message, "type": "server_error", "code": "generation_failed"}

@@ -16,6 +16,7 @@ from fastapi.security import HTTPBearer
 from pictor.provenance import PARAMETERS_KEY, RECORD_KEY, ProvenanceError, read_text_chunks
 from pictor.sampling import SAMPLERS
 from pictor.serve.api_models import (
+    DeletedJob,
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
@@ -104,7 +105,7 @@ async def finished_images(
     """Wait for a job and answer as OpenAI does: its images as URLs or base64 PNGs."""
     job = await svc.manager.wait(job_id)
     if job.status != SUCCEEDED:
-        raise failure(job)
+        raise failure(job, svc.settings)
     data = []
     for r in job.results:
         if response_format == "b64_json":
@@ -253,6 +254,16 @@ def get_job(job_id: JobId, request: Request) -> Job:
 def cancel_job(job_id: JobId, request: Request) -> Job:
     svc = service(request)
     return svc.view(request, svc.manager.cancel(job_id))
+
+
+@router.delete(
+    "/history/{job_id}",
+    response_model=DeletedJob,
+    responses={409: _err("The job has not finished (cancel it first)")},
+    summary="Delete a finished job from the history, with its images and its uploaded pictures",
+)
+def delete_history_entry(job_id: JobId, request: Request) -> DeletedJob:
+    return DeletedJob(id=service(request).forget(job_id).id)
 
 
 class EventStreamResponse(StreamingResponse):

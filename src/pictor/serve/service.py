@@ -13,7 +13,6 @@ from PIL import Image
 from pictor.editing import eight_bit
 from pictor.hires import hires_size
 from pictor.layout_files import LayoutError, parse_layout
-from pictor.pipeline import GenerationError
 from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
 from pictor.serve.errors import APIError, not_found
@@ -21,14 +20,12 @@ from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
 from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
+from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
 from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
+from pictor.serve.upload_retention import delete_uploads, upload_ids
 from pictor.serve.uploads import decode_base64_image
-
-# The job settings that name kept uploads (edit sources, masks, reference pictures, context images, control
-# pictures, Redux pictures).
-UPLOAD_KEYS = ("image", "mask", "reference", "context_image", "control_image", "redux_image")
 
 
 def _picture(text: str | None, what: str, limits: Limits) -> Image.Image | None:
@@ -133,9 +130,9 @@ class Service:
         )
         try:
             r = pipe.resolve_request(request)
-        except GenerationError as exc:
-            param = control_param(param_of(str(exc)), pipe.control, control is not None)
-            raise APIError(400, str(exc), code="invalid_parameters", param=param) from None
+        except REQUEST_ERRORS as exc:
+            message, param = request_error(exc)
+            raise APIError(400, message, code="invalid_parameters", param=param) from None
         assert r.width is not None and r.height is not None
         if context is not None and width is None and r.width * r.height > limits.max_pixels:
             # The size came from the context picture (FLUX.1 Kontext's resolutions reach 1568x672), not
@@ -206,21 +203,50 @@ class Service:
     ) -> dict[str, Any]:
         """The reference, context, control and Redux pictures, once the request is valid, kept as uploads the
         job names."""
-        params["reference"] = self.store.write_upload(reference) if reference is not None else None
-        params["context_image"] = self.store.write_upload(context) if context is not None else None
-        params["control_image"] = self.store.write_upload(control) if control is not None else None
-        params["redux_image"] = self.store.write_upload(redux) if redux is not None else None
-        return params
+        pictures = {"reference": reference, "context_image": context, "control_image": control}
+        return {**params, **self.keep_uploads({**pictures, "redux_image": redux})}
+
+    def keep_uploads(self, pictures: dict[str, Image.Image | None]) -> dict[str, str | None]:
+        """Write a request's pictures as uploads: {job setting: upload id, or None without a picture}. All or
+        none: when one cannot be written (a full disk) those written before it are deleted."""
+        ids: dict[str, str | None] = {}
+        try:
+            for key, picture in pictures.items():
+                ids[key] = self.store.write_upload(picture) if picture is not None else None
+        except BaseException:
+            delete_uploads(self.store, upload_ids(ids))
+            raise
+        return ids
 
     def submit(self, params: dict[str, Any], user: str | None) -> JobRow:
-        """Queue a job; a refused one (queue full, draining) leaves no upload behind."""
+        """Queue a job; one not queued (queue full, draining, the store failing) leaves no upload behind."""
         try:
             return self.manager.submit(params, user)
-        except APIError:
-            for key in UPLOAD_KEYS:
-                if params.get(key):
-                    self.store.upload_path(params[key]).unlink(missing_ok=True)
+        except BaseException:
+            delete_uploads(self.store, upload_ids(params))
             raise
+
+    def forget(self, job_id: str) -> JobRow:
+        """Delete a finished job from the history: its row, its images (rows and files) and its uploads."""
+        if self.manager.busy(job_id):
+            raise APIError(
+                409,
+                f"job '{job_id}' has not finished, or its cancelled run has not stopped yet; cancel it "
+                f"(DELETE /v1/jobs/{job_id}) and delete it once its status is final",
+                code="job_unfinished",
+                headers={"Retry-After": str(self.settings.retry_after)},
+            )
+        # A finished job is never queued again, so nothing can start using its files from here on.
+        gone = self.store.delete_job(job_id)
+        if gone is None:
+            if self.store.get_job(job_id) is None:
+                raise not_found("job", job_id)
+            raise APIError(409, f"job '{job_id}' has not finished; cancel it first", code="job_unfinished")
+        job, images = gone
+        for image_id in images:
+            self.store.image_path(image_id).unlink(missing_ok=True)
+        delete_uploads(self.store, upload_ids(job.params))
+        return job
 
     def image_url(self, request: Request, image_id: str) -> str:
         url = str(request.url_for("get_image", image_id=image_id))
@@ -289,61 +315,6 @@ def require_prompt(prompt: str, has_reference: bool) -> None:
         )
 
 
-def param_of(message: str) -> str | None:
-    """The request field a pipeline error names (its messages start with the setting)."""
-    first = message.split(" ", 1)[0]
-    fields = {"width": "size", "height": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
-    if first in fields:
-        return fields[first]
-    for name in ("sampler", "schedule"):  # "unknown sampler 'x'; choose one of ..."
-        if message.startswith(f"unknown {name}"):
-            return name
-    if message.startswith("the mask"):
-        return "mask"
-    if message.startswith("the image"):
-        return "image"
-    if message.startswith("strength"):
-        return "strength"
-    for name in ("hires scale", "hires strength", "hires steps"):
-        if message.startswith(name):
-            return name.replace(" ", "_")
-    if message.startswith("the hires size"):
-        return "hires_scale"
-    if message.startswith("layout") or "layout adapter" in message:
-        return "layout"
-    if message.startswith("reference") or "reference adapter" in message:
-        return "reference_image"
-    if "context image" in message:
-        return "context_image"
-    if message.startswith("the hires fix"):  # "the hires fix is not offered for FLUX.1 Canny models"
-        return "hires_scale"
-    # FLUX.1 Canny / Depth (control_images.control_problem): thresholds, --canny on a Depth model, what a
-    # control picture does not go with, and the control picture itself (missing, refused, unreadable).
-    if message.startswith("canny thresholds") or "--canny makes" in message:
-        return "control_canny"
-    if "beside its control picture" in message:
-        for words, name in (("a layout", "layout"), ("a reference picture", "reference_image")):
-            if f"take {words}" in message:
-                return name
-    if "control picture" in message:
-        return "control_image"
-    # FLUX.1 Redux (redux_images.redux_problem, redux_pixels): the strength, what it does not go with, and the
-    # picture itself (no Redux loaded, a CFG model, unreadable).
-    if "Redux strength" in message:
-        return "redux_strength"
-    if "Redux picture" in message or message.startswith("FLUX.1 Redux"):
-        return "reference_image" if "and a reference picture" in message else "redux_image"
-    return next((f for f in ("sampler", "schedule", "negative prompt") if f in message), None)
-
-
-def control_param(param: str | None, control_model: bool, has_picture: bool) -> str | None:
-    """The field to blame for a control error: a model that is not FLUX.1 Canny / Depth refuses
-    control_canny sent alone as "it cannot read a control picture", which names control_canny here."""
-    if param == "control_image" and not control_model and not has_picture:
-        return "control_canny"
-    return param
-
-
 def service(request: Request) -> Service:
     return request.app.state.service
 
@@ -355,10 +326,15 @@ def job_or_404(svc: Service, job_id: str) -> JobRow:
     return job
 
 
-def failure(job: JobRow) -> APIError:
+def failure(job: JobRow, settings: ServeSettings) -> APIError:
+    """The error answer of a synchronous request whose job did not succeed."""
     if job.status == CANCELLED:
         return APIError(409, f"job '{job.id}' was cancelled", code="job_cancelled")
     error = job.error or {}
-    kind = error.get("type", "server_error")
+    kind, code = error.get("type", "server_error"), error.get("code")
     status = {"invalid_request_error": 400, "timeout_error": 504}.get(kind, 500)
-    return APIError(status, error.get("message", "generation failed"), kind, error.get("code"))
+    headers = {}
+    if code == "model_unavailable":  # the model did not load: unavailable, not a fault of this request
+        status, headers = 503, {"Retry-After": str(math.ceil(settings.load_retry))}
+    message = error.get("message", "generation failed")
+    return APIError(status, message, kind, code, param=error.get("param"), headers=headers)

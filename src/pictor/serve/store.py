@@ -5,7 +5,8 @@ Layout::
     DATA_DIR/pictor.db            jobs, images (one row per PNG), schema version in user_version
     DATA_DIR/images/ab/abcd....png  one PNG per image id (uuid hex), written atomically by save_png
     DATA_DIR/uploads/abcd....png    images sent to /v1/images/edits (source, mask), reference pictures,
-                                  Kontext context, control and Redux pictures, kept for resumed jobs
+                                  Kontext context, control and Redux pictures, kept while their job is
+                                  unfinished or in the history as succeeded (serve/upload_retention.py)
 
 Every state change is committed before anyone is told about it (the 202, an event, a result), so a job that
 was accepted survives a crash: `unfinished()` gives it back on the next start.
@@ -22,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,37 @@ class Store:
                 [(RUNNING, started, notices, i, QUEUED) for i in job_ids],
             )
 
+    def params_of(self, status: str) -> Iterator[dict[str, Any]]:
+        """The settings of every job in `status` (for the upload sweep at start)."""
+        with self._lock:
+            rows = self._db.execute("SELECT params FROM jobs WHERE status = ?", (status,)).fetchall()
+        for row in rows:
+            yield json.loads(row["params"])
+
+    def delete_job(self, job_id: str) -> tuple[JobRow, list[str]] | None:
+        """Remove a finished job and its images' rows from the history; (the job, its image ids), or None
+        when there is no such finished job. The caller deletes the files."""
+        if not valid_id(job_id):
+            return None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    f"SELECT * FROM jobs WHERE id = ? AND status IN ({', '.join('?' * len(TERMINAL))})",
+                    (job_id, *sorted(TERMINAL)),
+                ).fetchone()
+                images = [
+                    r["id"] for r in self._db.execute("SELECT id FROM images WHERE job_id = ?", (job_id,))
+                ]
+                if row is not None:
+                    self._db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+                    self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return (_job(row), images) if row is not None else None
+
     def requeue(self, job_id: str) -> None:
         with self._lock:
             self._db.execute(
@@ -295,12 +327,16 @@ class Store:
         return self.uploads_dir / f"{upload_id}.png"
 
     def write_upload(self, image: Image.Image) -> str:
-        """Keep an uploaded image (as PNG) for as long as its job may need to run again."""
+        """Keep an uploaded image (as PNG) for its job: see `upload_retention` for how long."""
         upload_id = new_id()
         path = self.upload_path(upload_id)
         tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+        try:
+            image.save(tmp, format="PNG")
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+            raise
         return upload_id
 
     def get_image(self, image_id: str) -> ImageRow | None:

@@ -273,11 +273,11 @@ async def variation_form(
     check_text(limits, prompt=prompt, negative_prompt=negative_prompt or "")
     check_names(sampler, schedule)
     svc.check_model(model)
-    if svc.manager.load_error:
-        raise APIError(
-            503, f"the model failed to load: {svc.manager.load_error}", "server_error", "model_unavailable"
-        )
+    refusal = svc.manager.unavailable()
+    if refusal is not None:
+        raise refusal
     if svc.manager.pipeline is None:
+        svc.manager.request_load()  # after a failed load, once it may be tried again
         # Whether the picture also goes as a reference depends on the model, which is not there yet.
         raise APIError(
             503,

@@ -1,0 +1,149 @@
+"""The pipeline's errors about request values, in the API's words: which request field they are about, and
+their CLI wording (``--control IMAGE``, ``--redux-strength``...) replaced by the API's field names.
+
+The pipeline is shared with the CLI, so its messages name flags; an API client never typed one. Both tables
+are small and ordered (the first rule that matches wins); `tests/serve/test_serve_job_errors.py` runs them
+over the messages the pipeline really gives, so a reworded message that no rule matches any more fails a test
+rather than reaching a client unnamed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pictor.editing import EditError
+from pictor.layout_files import LayoutError
+from pictor.pipeline import GenerationError
+from pictor.reference_files import ReferenceImageError
+
+# What the pipeline raises for a request it cannot run as asked (a value, or a value this model refuses).
+REQUEST_ERRORS = (GenerationError, EditError, LayoutError, ReferenceImageError)
+
+# (a regex searched in the pipeline's message, the request field it is about); the first match wins. Most
+# messages start with the setting ("steps must be...", "the mask is..."); the rest are told apart by the
+# words they use for it.
+FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), field)
+    for pattern, field in (
+        (r"^(width|height|size) ", "size"),
+        (r"^steps ", "steps"),
+        (r"^guidance |takes no guidance", "guidance"),
+        (r"^seed ", "seed"),
+        (r"^number of images", "n"),
+        (r"^unknown sampler", "sampler"),
+        (r"^unknown schedule", "schedule"),
+        (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
+        (r"^the image", "image"),
+        (r"^strength", "strength"),
+        (r"^hires strength", "hires_strength"),
+        (r"^hires steps", "hires_steps"),
+        # "the hires fix cannot be combined with a context image; drop the hires scale"
+        (r"^hires scale|^the hires (size|fix)", "hires_scale"),
+        (r"^cache threshold|first-block cache", "cache_threshold"),
+        (r"^layout|layout adapter|take a layout\b", "layout"),
+        (
+            r"^reference|reference adapter|take a reference picture|Redux picture and a reference",
+            "reference_image",
+        ),
+        (r"context image", "context_image"),
+        # a Canny threshold, or control_canny where it has nothing to draw for (no control model, Depth)
+        (r"^canny thresholds|so --canny|--canny makes", "control_canny"),
+        (r"control picture", "control_image"),
+        (r"Redux strength", "redux_strength"),
+        (r"Redux picture|^FLUX\.1 Redux", "redux_image"),
+        (r"negative prompt", "negative_prompt"),
+    )
+)
+
+# Whole CLI phrases with an API equivalent, rewritten before single flags (see FLAG_FIELDS).
+PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), words)
+    for pattern, words in (
+        (r" \(`--control IMAGE`, the server's control_image\)", " as control_image"),
+        (
+            r"pass --redux-model (\S+) --siglip (\S+)",
+            r"this server was started without them (pictor serve --redux-model \1 --siglip \2); drop "
+            "redux_image",
+        ),
+        (
+            r"pass one with --layout-adapter FILE \(train it with `pictor train layout --base MODEL`\), "
+            "or drop the layout",
+            "drop layout (a server's layout adapter comes with the model it serves)",
+        ),
+        (
+            r"pass one with --reference-adapter FILE \(train it with `pictor train reference --base "
+            r"MODEL`\), or drop the reference",
+            "drop reference_image (a server's reference adapter comes with the model it serves)",
+        ),
+        (
+            r"`pictor edit --source IMG --mask MASK`, or the server's edits with a mask",
+            "POST /v1/images/edits",
+        ),
+        (r"run again with the next --seed", "send another request with the next seed"),
+    )
+)
+
+# Request flags of `pictor generate` / `pictor edit` -> the API's field. Flags of the server itself
+# (--redux-model, --siglip, --vae-tile, --lora-dir...) and of other commands stay: they tell the operator
+# what to change. A metavar after a flag (IMAGE, FILE) goes with it.
+FLAG_FIELDS = {
+    "canny": "control_canny",
+    "control": "control_image",
+    "context": "context_image",
+    "reference": "reference_image",
+    "redux": "redux_image",
+    "redux-strength": "redux_strength",
+    "source": "image",
+    "mask": "mask",
+    "strength": "strength",
+    "size": "size",
+    "width": "size",
+    "height": "size",
+    "steps": "steps",
+    "guidance": "guidance",
+    "sampler": "sampler",
+    "schedule": "schedule",
+    "seed": "seed",
+    "num-images": "n",
+    "negative-prompt": "negative_prompt",
+    "layout": "layout",
+    "hires": "hires_scale",
+    "hires-scale": "hires_scale",
+    "hires-strength": "hires_strength",
+    "hires-steps": "hires_steps",
+    "cache-threshold": "cache_threshold",
+}
+_FLAG = re.compile(r"`?--([a-z][a-z-]*)( [A-Z][A-Z_]*\b)?`?")
+
+
+def field_of(message: str) -> str | None:
+    """The request field a pipeline message is about, or None when it names none (a server setting)."""
+    return next((field for pattern, field in FIELD_RULES if pattern.search(message)), None)
+
+
+def api_message(message: str) -> str:
+    """A pipeline message with its CLI wording replaced by the API's field names."""
+    for pattern, words in PHRASES:
+        message = pattern.sub(words, message)
+
+    def field(match: re.Match[str]) -> str:
+        return FLAG_FIELDS.get(match.group(1), match.group(0))
+
+    return _FLAG.sub(field, message)
+
+
+def request_error(exc: Exception) -> tuple[str, str | None]:
+    """(the message in the API's words, the field it is about) for a pipeline error about a request."""
+    message = str(exc)
+    return api_message(message), field_of(message)
+
+
+def job_error(exc: Exception) -> dict[str, Any]:
+    """A job's error for a request the model refused when the job ran (accepted while the model loaded, or
+    queued before a restart with another model): its field in `param` and at the start of the message, as
+    the history shows the message without the request beside it."""
+    message, field = request_error(exc)
+    if field and not message.startswith(field):
+        message = f"{field}: {message}"
+    return {"message": message, "type": "invalid_request_error", "code": "invalid_parameters", "param": field}
