@@ -483,3 +483,27 @@ def test_the_first_block_cache_and_autoencoder_tiles_take_the_controlnet(
         )  # type: ignore[arg-type]
         assert np.abs(_px(plain.image) - _px(image.image)).mean() > 1
         _with(pipe, nets["instantx"])
+
+
+def test_grid_axes_for_the_controlnet_scale_and_end(pipe: Pipeline, nets: dict[str, Path]) -> None:
+    from pictor.grid_axes import GridError, parse_axis, plan_grid
+    from pictor.grid_runs import run_plan
+
+    _with(pipe, nets["instantx"])
+    base = GenerationRequest("a square", seed=3, steps=2, controlnet_images=[_picture(2)])
+    plan = plan_grid(base, "controlnet-scale=0,0.5", "controlnet_end=0.5,1")
+    cells = run_plan(pipe, plan).cells
+    assert len(cells) == 4
+    for cell in cells:
+        assert cell.request.controlnet_scales == [cell.settings["controlnet-scale"]]
+        assert cell.image is not None
+        (alone,) = pipe.generate(cell.request)
+        assert np.array_equal(_px(alone.image), _px(cell.image.image))
+    assert cells[0].image is not None and cells[0].image.record["controlnets"][0]["scale"] == 0.0
+    with pytest.raises(GridError, match="from 0 to 10"):
+        parse_axis("controlnet-scale=0.5,12")
+    with pytest.raises(GridError, match="from 0 to 1"):
+        parse_axis("controlnet-end=0.5,1.5")
+    _with(pipe)
+    with pytest.raises(GridError, match="no ControlNet is loaded"):
+        run_plan(pipe, plan_grid(GenerationRequest("a square", seed=3, steps=2), "controlnet-scale=0,1"))

@@ -39,6 +39,12 @@ SHARED = (
     "redux_strength",
     "redux_model",
     "siglip",
+    "controlnet",
+    "controlnet_image",
+    "controlnet_scale",
+    "controlnet_mode",
+    "controlnet_start",
+    "controlnet_end",
     "hires",
     "hires_strength",
     "hires_steps",
@@ -53,6 +59,9 @@ _AXIS_OPTIONS = {
     "size": ("size", "--size"),
     "negative": ("negative", "--negative"),
     "cache-threshold": ("cache_threshold", "--cache-threshold"),
+    "controlnet-scale": ("controlnet_scale", "--controlnet-scale"),
+    "controlnet-end": ("controlnet_end", "--controlnet-end"),
+    "redux-strength": ("redux_strength", "--redux-strength"),
 }
 
 

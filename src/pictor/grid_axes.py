@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pictor.controlnet_runs import MAX_SCALE as MAX_CONTROLNET_SCALE
 from pictor.generation_request import MAX_SEED, NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
 from pictor.generation_settings import settings_problem
 from pictor.models.block_cache import cache_threshold_problem
+from pictor.redux_images import MAX_STRENGTH as MAX_REDUX_STRENGTH
 
 # Cells a grid may have unless the caller raises the limit (--max-cells): a typo such as steps=1,2,...,100
 # should not start hours of sampling.
@@ -107,6 +109,16 @@ def _cache_threshold(text: str) -> float:
     return value
 
 
+def _bounded(low: float, high: float, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not low <= value <= high:
+            raise GridError(f"{what} must be from {low:g} to {high:g}, got {value:g}")
+        return value
+
+    return parse
+
+
 def _text(text: str) -> str:
     return text
 
@@ -138,8 +150,27 @@ AXES: dict[str, _Kind] = {
     ),
     "lora": _Kind(_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
     "cache-threshold": _Kind(_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
+    # The loaded ControlNets' scale (one for all of them) and the share of the steps they run in.
+    "controlnet-scale": _Kind(
+        _bounded(0.0, MAX_CONTROLNET_SCALE, "a ControlNet scale"),
+        lambda r, v, _f: replace(r, controlnet_scales=[v]),
+        "controlnet-scale=0.4,0.7,1",
+    ),
+    "controlnet-end": _Kind(
+        _bounded(0.0, 1.0, "a ControlNet end"), _set("controlnet_end"), "controlnet-end=0.5,0.8,1"
+    ),
+    "redux-strength": _Kind(
+        _bounded(0.0, MAX_REDUX_STRENGTH, "a Redux strength"), _set("redux_strength"), "redux-strength=0.5,1"
+    ),
 }
-ALIASES = {"cfg": "guidance", "cache_threshold": "cache-threshold", "prompt-sr": "prompt"}
+ALIASES = {
+    "cfg": "guidance",
+    "cache_threshold": "cache-threshold",
+    "prompt-sr": "prompt",
+    "controlnet_scale": "controlnet-scale",
+    "controlnet_end": "controlnet-end",
+    "redux_strength": "redux-strength",
+}
 
 
 def _label(name: str, value: Any) -> str:
