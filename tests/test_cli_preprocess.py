@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -26,7 +27,11 @@ def test_canny_is_opencvs_edges_at_the_pictures_size(
 ) -> None:
     photo = _photo(tmp_path / "photo.png")
     out = tmp_path / "sub" / "edges.png"
-    assert main(["preprocess", "canny", str(photo), "-o", str(out)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["preprocess", "canny", str(photo), "-o", str(out)]) == 0
+    finally:
+        os.umask(umask)
     assert capsys.readouterr().out.strip() == str(out)
     got = np.asarray(Image.open(out))
     want = cv2.Canny(np.asarray(Image.open(photo).convert("RGB")), 100, 200)
@@ -35,7 +40,8 @@ def test_canny_is_opencvs_edges_at_the_pictures_size(
     assert np.array_equal(
         np.asarray(Image.open(out))[..., 1], cv2.Canny(np.asarray(Image.open(photo)), 20, 60)
     )
-    assert not list(out.parent.glob(".preprocess-*"))  # no temporary file left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert out.stat().st_mode & 0o777 == 0o644  # the umask's mode, as every output pictor writes
 
 
 def test_depth_is_the_depth_map_of_the_local_model(
@@ -70,5 +76,11 @@ def test_bad_input_is_refused_with_the_reason(
         != 0
     )
     assert "config.json" in capsys.readouterr().err
+    # the output's name is checked before a model loads
+    assert (
+        main(["preprocess", "depth", str(photo), "--depth-model", "nowhere", "-o", str(tmp_path / "d.jpg")])
+        != 0
+    )
+    assert "name the file .png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["preprocess", "canny", str(photo), "-o", str(tmp_path / "a.png"), "--thresholds", "5"])

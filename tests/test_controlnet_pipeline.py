@@ -507,3 +507,60 @@ def test_grid_axes_for_the_controlnet_scale_and_end(pipe: Pipeline, nets: dict[s
     _with(pipe)
     with pytest.raises(GridError, match="no ControlNet is loaded"):
         run_plan(pipe, plan_grid(GenerationRequest("a square", seed=3, steps=2), "controlnet-scale=0,1"))
+
+
+def test_review_fixes_modes_window_sharing_hashes_and_early_refusals(
+    pipe: Pipeline, nets: dict[str, Path], root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import pictor.controlnet_files as files
+
+    # One mode beside a non-Union ControlNet is the Union one's; a list says 'none' for the other.
+    _with(pipe, nets["union"], nets["instantx"])
+    pictures = [_picture(1), _picture(2)]
+    one = pipe.generate(
+        GenerationRequest("x", seed=2, steps=2, controlnet_images=pictures, controlnet_modes=["depth"])
+    )
+    listed = pipe.generate(
+        GenerationRequest(
+            "x", seed=2, steps=2, controlnet_images=pictures, controlnet_modes=["depth", "none"]
+        )
+    )
+    assert [e.get("mode") for e in one[0].record["controlnets"]] == [2, None]
+    assert np.array_equal(_px(one[0].image), _px(listed[0].image))
+    # A window that holds no step is refused, not recorded as used.
+    _with(pipe, nets["instantx"])
+    with pytest.raises(ControlNetError, match="holds none of this run's 2 steps"):
+        pipe.generate(
+            GenerationRequest(
+                "x", steps=2, controlnet_images=[_picture(1)], controlnet_start=0.9, controlnet_end=0.95
+            )
+        )
+    # The same ControlNet twice (a Union one for two pictures) is loaded once.
+    _with(pipe, nets["union"], nets["union"])
+    assert pipe.controlnets[0].model is pipe.controlnets[1].model
+    # A folder's hash covers config.json and its weights, no other file.
+    folder = tmp_path / "net"
+    shutil.copytree(nets["instantx"], folder)
+    first = _with(pipe, folder).controlnets[0].info["sha256"]
+    (folder / "notes.safetensors").write_bytes(b"not weights")
+    assert _with(pipe, folder).controlnets[0].info["sha256"] == first
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "comment": "changed"}))
+    assert _with(pipe, folder).controlnets[0].info["sha256"] != first
+    # A transformer given as a ControlNet is refused before its weights are read.
+    monkeypatch.setattr(files, "read_safetensors", lambda *a, **k: pytest.fail("weights read before refusal"))
+    monkeypatch.setattr(files, "_read_shards", lambda *a, **k: pytest.fail("weights read before refusal"))
+    wrong = tmp_path / "transformer"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    (wrong / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 64)
+    with pytest.raises(ControlNetError, match="FluxTransformer2DModel"):
+        _with(pipe, wrong)
+    single = tmp_path / "flux.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"final_layer.linear.weight": torch.zeros(2, 2), "img_in.weight": torch.zeros(2, 2)}, single)
+    with pytest.raises(ControlNetError, match=r"FLUX\.1 transformer"):
+        _with(pipe, single)

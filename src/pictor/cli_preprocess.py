@@ -11,8 +11,6 @@ The picture keeps its size: pictor fits a control picture to the image's size wh
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -69,25 +67,31 @@ def add_preprocess_parser(sub: Any) -> None:
     )
 
 
-def _write_png(image: Image.Image, out: str) -> None:
-    """Written beside the target and renamed into place: an interrupted run leaves no half-written file."""
+def _target(out: str) -> Path:
+    """The PNG to write, checked before any model loads."""
     target = Path(out)
     if target.suffix.lower() != ".png":
-        raise ValueError(f"{out}: the control picture is written as PNG; name the file .png")
+        raise ValueError(f"-o {out}: the control picture is written as PNG; name the file .png")
     if target.is_dir():
-        raise ValueError(f"{out} is a folder; give a file name ending in .png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".preprocess-", suffix=".png")
-    os.close(fd)
+        raise ValueError(f"-o {out} is a folder; give a file name ending in .png")
+    return target
+
+
+def _write_png(image: Image.Image, target: Path) -> None:
+    """Written beside the target and renamed into place (with the umask's mode, as every output pictor
+    writes): an interrupted run leaves no half-written file."""
+    from pictor.checkpoint import staged_file
+
     try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(target) as tmp:
+            image.save(tmp, format="PNG")
+    except OSError as exc:
+        raise ValueError(f"-o {target}: cannot write the picture there ({exc.strerror or exc})") from None
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
+    target = _target(args.out)
     try:
         pixels = rgb_picture(args.picture, "picture")
     except EditError as exc:
@@ -102,6 +106,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         model = load_depth_model(args.depth_model)
         image = depth_map(Image.fromarray(pixels), model, rule=args.rule)
-    _write_png(image, args.out)
+    _write_png(image, target)
     print(args.out)
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from pictor.checkpoint import (
@@ -326,7 +327,7 @@ def _key_list(keys: Iterable[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _layout(sd: Mapping[str, Tensor], where: str) -> str:
+def _layout(sd: Mapping[str, Any], where: str) -> str:
     """``"diffusers"`` or ``"xlabs"`` (pictor's own names), after refusing what is no ControlNet."""
     keys = list(sd)
     if (
@@ -353,8 +354,8 @@ def _layout(sd: Mapping[str, Tensor], where: str) -> str:
     return "diffusers" if any(k.startswith(diffusers) for k in keys) else "xlabs"
 
 
-def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """config.json and the weights (one file or shards) of a diffusers model folder."""
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """A diffusers model folder's config.json, read (and so its class checked) before any weights."""
     config_path = folder / DIFFUSERS_CONFIG
     if not config_path.is_file():
         inner = folder / "controlnet" / DIFFUSERS_CONFIG
@@ -369,10 +370,16 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(f"{config_path}: not readable JSON ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def controlnet_files(folder: Path) -> list[Path]:
+    """The files a diffusers ControlNet folder is read from: config.json, then the weights (one file, or
+    the index and the shards it names); what a folder's hash covers."""
     if (folder / DIFFUSERS_WEIGHTS).is_file():
-        return config, read_safetensors(folder / DIFFUSERS_WEIGHTS)
+        return [folder / DIFFUSERS_CONFIG, folder / DIFFUSERS_WEIGHTS]
     if (folder / DIFFUSERS_INDEX).is_file():
-        return config, _read_shards(folder / DIFFUSERS_INDEX)
+        return [folder / DIFFUSERS_CONFIG, folder / DIFFUSERS_INDEX, *_shard_paths(folder / DIFFUSERS_INDEX)]
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         refuse_pickle(folder / pickles[0])  # raises, saying why and what to do
@@ -382,26 +389,49 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     )
 
 
-def _read_shards(index_path: Path) -> dict[str, Tensor]:
-    """The shards an index's ``weight_map`` names, merged; each key must come from the shard named for it."""
+def _folder_weights(folder: Path) -> dict[str, Tensor]:
+    files = controlnet_files(folder)
+    if files[1].name == DIFFUSERS_INDEX:
+        return _read_shards(files[1])
+    return read_safetensors(files[1])
+
+
+def _file_keys(path: Path) -> dict[str, None]:
+    """A safetensors file's key names, read from its header only (a whole transformer given by mistake is
+    refused before its gigabytes are read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict.fromkeys(f.keys())
+    except (SafetensorError, OSError):
+        return {}  # read_safetensors names the problem
+
+
+def _shard_paths(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not an object of file names")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: not a diffusers shard index ({exc!r})") from None
-    out: dict[str, Tensor] = {}
-    for name in sorted(set(weight_map.values())):
+    names = sorted(set(weight_map.values()))
+    for name in names:
         if Path(name).name != name or name in (".", ".."):  # the index must not point outside its folder
             raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name in this folder")
-        shard = read_safetensors(index_path.parent / name)
+    return [index_path.parent / name for name in names]
+
+
+def _read_shards(index_path: Path) -> dict[str, Tensor]:
+    """The shards an index's ``weight_map`` names, merged; each key must come from the shard named for it."""
+    paths = _shard_paths(index_path)  # checks the index first
+    weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    out: dict[str, Tensor] = {}
+    for shard_path in paths:
+        shard = read_safetensors(shard_path)
         clash = sorted(set(shard) & set(out))
         if clash:
-            raise CheckpointError(
-                f"{index_path.parent / name}: key(s) also in another shard: {_key_list(clash)}"
-            )
+            raise CheckpointError(f"{shard_path}: key(s) also in another shard: {_key_list(clash)}")
         out.update(shard)
-    absent = [k for k, name in weight_map.items() if k not in out]
+    absent = [k for k in weight_map if k not in out]
     if absent:
         raise CheckpointError(f"{index_path}: key(s) listed but in no shard: {_key_list(absent)}")
     return out
@@ -414,22 +444,25 @@ def read_controlnet(
     path = Path(path)
     refuse_pickle(path)
     if path.is_dir():
-        config, sd = _read_folder(path)
         where = str(path)
-        params = params_from_diffusers_config(config, f"{path / DIFFUSERS_CONFIG}")
+        params = params_from_diffusers_config(_folder_config(path), f"{path / DIFFUSERS_CONFIG}")
         if axes_dim is not None and list(axes_dim) != params.axes_dim:
             raise CheckpointError(
                 f"{path}: axes_dim={list(axes_dim)} disagrees with {DIFFUSERS_CONFIG}'s axes_dims_rope "
                 f"{params.axes_dim}; leave axes_dim out for a folder"
             )
+        sd = _folder_weights(path)
         layout = _layout(sd, where)
         if layout == "diffusers":
             sd = diffusers_controlnet_keys(sd, where)
         return params, sd
     if not path.exists():
         raise CheckpointError(f"{path}: no such ControlNet file or folder")
-    sd = read_safetensors(path)  # refuses anything but .safetensors
     where = str(path)
+    keys = _file_keys(path)
+    if keys:
+        _layout(keys, where)  # refuses a transformer, a LoRA, ... from the header alone
+    sd = read_safetensors(path)  # refuses anything but .safetensors
     if _layout(sd, where) == "diffusers":
         sd = diffusers_controlnet_keys(sd, where)
     return infer_controlnet_params(sd, where, axes_dim), sd

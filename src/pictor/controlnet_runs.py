@@ -78,11 +78,14 @@ class ControlNetUnit:
 
 
 def _weights_sha256(path: Path) -> str:
-    """A single file's SHA-256; for a diffusers folder, one over its weight files' names and hashes."""
+    """A single file's SHA-256; for a diffusers folder, one over the names and hashes of the files it is
+    read from (config.json, whose RoPE split counts, and the weights or shards; no other file)."""
+    from pictor.controlnet_files import controlnet_files
+
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
+    for f in controlnet_files(path):
         digest.update(f"{f.name}|{sha256_file(f)}|".encode())
     return digest.hexdigest()
 
@@ -96,7 +99,7 @@ def open_controlnet(
     where = Path(path)
     try:
         # A single file's shapes do not tell its RoPE split; it is the transformer's, whose tokens it reads.
-        model = load_controlnet(where, axes_dim=None if where.is_dir() else flux.axes_dim)
+        model = load_controlnet(where, dtype=dtype, axes_dim=None if where.is_dir() else flux.axes_dim)
     except (CheckpointError, ValueError, OSError) as exc:
         raise ControlNetError(str(exc)) from exc
     p = model.params
@@ -120,17 +123,16 @@ def open_controlnet(
             f"{where}: the ControlNet has {p.depth} double and {p.depth_single_blocks} single blocks, more "
             f"than this model's {flux.depth} and {flux.depth_single_blocks}; it was made for a larger model"
         )
-    kind = "xlabs" if p.hint else "union" if p.num_modes else "instantx"
     info = {
         "name": where.stem if where.is_file() else where.name,
         "path": str(where.resolve()),
         "sha256": _weights_sha256(where),
-        "kind": kind,
+        "kind": p.kind,
         "double_blocks": p.depth,
         "single_blocks": p.depth_single_blocks,
         **({"modes": p.num_modes} if p.num_modes else {}),
     }
-    return ControlNetUnit(model.to(device, dtype).eval().requires_grad_(False), info)
+    return ControlNetUnit(model.to(device).eval().requires_grad_(False), info)
 
 
 def _number(value: Any) -> bool:
@@ -143,15 +145,30 @@ def _as_list(value: Any) -> list[Any] | None:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _mode_id(mode: Any, modes: int | None, which: str) -> int | str | None:
-    """A Union mode as its number, or the reason it is unusable (a str starting with '!')."""
+# What a per-ControlNet list of modes holds for a ControlNet that is not a Union one.
+NO_MODE = ("", "-", "none")
+
+
+class _ModeProblem(Exception):
+    """A Union mode that cannot be used; the message says why."""
+
+
+def _mode_id(mode: Any, modes: int | None, which: str) -> int | None:
+    """A Union mode as its number (None for a ControlNet without modes); _ModeProblem says what is wrong."""
+    if isinstance(mode, str) and mode.strip().lower() in NO_MODE:
+        mode = None
     if modes is None:
         if mode is None:
             return None
-        return f"!{which} is not a Union ControlNet, so it takes no mode; leave --controlnet-mode out for it"
+        raise _ModeProblem(
+            f"{which} is not a Union ControlNet, so it takes no mode; leave --controlnet-mode out for it "
+            "(or give 'none' in its place)"
+        )
     if mode is None:
         names = ", ".join(k for k, v in UNION_MODES.items() if v < modes)
-        return f"!{which} is a Union ControlNet: say what its picture is with --controlnet-mode ({names})"
+        raise _ModeProblem(
+            f"{which} is a Union ControlNet: say what its picture is with --controlnet-mode ({names})"
+        )
     if isinstance(mode, str) and mode.strip().lower() in UNION_MODES:
         number = UNION_MODES[mode.strip().lower()]
     elif isinstance(mode, str) and mode.strip().isdigit():
@@ -159,10 +176,24 @@ def _mode_id(mode: Any, modes: int | None, which: str) -> int | str | None:
     elif isinstance(mode, int) and not isinstance(mode, bool):
         number = mode
     else:
-        return f"!{which}: mode {mode!r} is not one of {', '.join(UNION_MODES)} or a number"
+        raise _ModeProblem(f"{which}: mode {mode!r} is not one of {', '.join(UNION_MODES)} or a number")
     if not 0 <= number < modes:
-        return f"!{which}: mode {mode!r} is number {number}, but the ControlNet knows modes 0 to {modes - 1}"
+        raise _ModeProblem(
+            f"{which}: mode {mode!r} is number {number}, but the ControlNet knows modes 0 to {modes - 1}"
+        )
     return number
+
+
+def _mode_ids(modes: list[Any] | None, units: list[ControlNetUnit]) -> list[int | None]:
+    """Each ControlNet's mode number. One mode for several ControlNets is the Union ones' (the others take
+    none); a list gives one per ControlNet, 'none' for a ControlNet without modes."""
+    if modes is not None and len(modes) == 1 and len(units) > 1:
+        modes = [modes[0] if u.model.params.num_modes else None for u in units]
+    picked = modes if modes is not None else [None] * len(units)
+    return [
+        _mode_id(mode, unit.model.params.num_modes, f"ControlNet '{unit.info['name']}'")
+        for mode, unit in zip(picked, units, strict=True)
+    ]
 
 
 def controlnet_problem(r: GenerationRequest, units: list[ControlNetUnit]) -> str | None:
@@ -193,11 +224,10 @@ def controlnet_problem(r: GenerationRequest, units: list[ControlNetUnit]) -> str
     modes = _as_list(r.controlnet_modes)
     if modes is not None and len(modes) not in (1, n):
         return f"{len(modes)} ControlNet modes for {n} ControlNets; give one, or one per ControlNet"
-    for i, unit in enumerate(units):
-        mode = None if modes is None else modes[0 if len(modes) == 1 else i]
-        found = _mode_id(mode, unit.model.params.num_modes, f"ControlNet '{unit.info['name']}'")
-        if isinstance(found, str):
-            return found[1:]
+    try:
+        _mode_ids(modes, units)
+    except _ModeProblem as exc:
+        return str(exc)
     start = 0.0 if r.controlnet_start is None else r.controlnet_start
     end = 1.0 if r.controlnet_end is None else r.controlnet_end
     if not (_number(start) and _number(end) and 0.0 <= float(start) < float(end) <= 1.0):
@@ -236,9 +266,7 @@ def resolve_controlnets(r: GenerationRequest, units: list[ControlNetUnit]) -> Ge
     except ControlImageError as exc:
         raise ControlNetError(str(exc).replace("control picture", "ControlNet picture")) from exc
     scales = _as_list(r.controlnet_scales) or [1.0]
-    modes = _as_list(r.controlnet_modes)
-    picked = [None if modes is None else modes[0 if len(modes) == 1 else i] for i in range(n)]
-    mode_ids = [_mode_id(m, u.model.params.num_modes, "") for m, u in zip(picked, units, strict=True)]
+    mode_ids = _mode_ids(_as_list(r.controlnet_modes), units)
     return replace(
         r,
         controlnet_images=fitted,
@@ -306,7 +334,19 @@ class ControlNetRun:
                 tokens = control_tokens(autoencoder, pixels, None, dtype, r.vae_tile, r.vae_tile_overlap)
                 self.conds.append(tokens.to(param.device))
         self.times = [float(t) for t in ts.tolist()][:-1]  # each step's start; the last time is the end
-        self.keep = kept_steps(len(self.times), float(r.controlnet_start or 0.0), _end(r))
+        start, end = float(r.controlnet_start or 0.0), _end(r)
+        self.keep = kept_steps(len(self.times), start, end)
+        if not any(self.keep):  # else the records would name ControlNets that never spoke
+            raise ControlNetError(
+                f"the ControlNet window {start:g} to {end:g} holds none of this run's {len(self.times)} "
+                "steps (step i of N runs them unless i/N < start or (i+1)/N > end); widen it or take more "
+                "steps"
+            )
+        # Residuals of ControlNets of one shape add as they are; others are spread over the blocks first.
+        shapes = {
+            (u.model.params.depth, u.model.params.depth_single_blocks, u.model.params.hint) for u in units
+        }
+        self.spread = len(shapes) > 1
 
     def active(self, t: float) -> bool:
         """Whether the model call at time t belongs to a step the ControlNets run in."""
@@ -328,14 +368,17 @@ class ControlNetRun:
         if not self.active(float(t.reshape(-1)[0])):
             return None
         n = x.shape[0]
+        t = t.to(self.dtype)  # as the transformer gets it, so both embed the same time
         total: ControlResiduals | None = None
         for unit, cond, scale, mode in zip(self.units, self.conds, self.scales, self.modes, strict=True):
+            if scale == 0.0:  # it would add zeros
+                continue
             p = unit.model.params
             g = torch.full((n,), guidance, device=x.device, dtype=self.dtype) if p.guidance_embed else None
             m = torch.full((n,), int(mode), device=x.device, dtype=torch.long) if mode is not None else None
             batch_cond = cond.expand(n, *cond.shape[1:])
             out = unit.model(x, img_ids, batch_cond, txt, txt_ids, t, vec, guidance=g, mode=m).scaled(scale)
-            if len(self.units) > 1:  # ControlNets of different sizes add block by block
+            if self.spread:  # ControlNets of different sizes add block by block
                 out = out.spread(*self.depths)
             total = out if total is None else total + out
         return total

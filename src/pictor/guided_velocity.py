@@ -120,12 +120,9 @@ def guided_velocity(
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
         control = None
         if controlnets is not None:  # the conditional half's residuals; a CFG negative half reuses them
-            k = batch
-            control = controlnets(
-                x[:k], t[:k] if t.ndim else t, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance
-            )
-            if control is not None and n != k:
-                control = control.tiled(n // k)
+            k = batch  # (the transformer broadcasts them over both halves)
+            tk = t[:k] if t.ndim else t
+            control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
         if fill is not None:  # Fill's masked picture and mask, or a control picture, beside each token
@@ -142,7 +139,7 @@ def guided_velocity(
             guidance=g,
             img_residuals=residuals,
             block_cache=cache,
-            control=control,
+            controlnet=control,
         )
         return v[:, : x.shape[1]]
 

@@ -327,7 +327,11 @@ class Pipeline:
     def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a FLUX.1 ControlNet (InstantX, Union or XLabs; a diffusers folder or a single file) beside
         the transformer; returns the entry records name it by."""
-        unit = open_controlnet(path, self.transformer.params, self.device, self.dtype)
+        same = next((u for u in self.controlnets if u.info["path"] == str(Path(path).resolve())), None)
+        if same is not None:  # one Union ControlNet for two pictures: its weights once, as diffusers does
+            unit = ControlNetUnit(same.model, dict(same.info))
+        else:
+            unit = open_controlnet(path, self.transformer.params, self.device, self.dtype)
         self.controlnets.append(unit)
         return unit.info
 

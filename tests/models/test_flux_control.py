@@ -34,7 +34,7 @@ def test_control_residuals_land_where_diffusers_puts_them(double: int, single: i
     inputs = make_inputs(params)
     d, s = _residuals(inputs, double, single)
     with torch.no_grad():
-        ours = model(**inputs, control=ControlResiduals(d, s, repeat))
+        ours = model(**inputs, controlnet=ControlResiduals(d, s, repeat))
         theirs = ref(
             hidden_states=inputs["img"],
             encoder_hidden_states=inputs["txt"],
@@ -59,10 +59,10 @@ def test_the_first_block_cache_passes_the_control_on() -> None:
     inputs = make_inputs(params)
     control = ControlResiduals(*_residuals(inputs, 2, 2))
     with torch.no_grad():
-        want = model(**inputs, control=control)
+        want = model(**inputs, controlnet=control)
         cache = FirstBlockCache(0.05)
-        first = model(**inputs, control=control, block_cache=cache)  # a first call always runs in full
-        again = model(**inputs, control=control, block_cache=cache)  # nothing moved: the tail is reused
+        first = model(**inputs, controlnet=control, block_cache=cache)  # a first call always runs in full
+        again = model(**inputs, controlnet=control, block_cache=cache)  # nothing moved: the tail is reused
     assert (first - want).abs().max() < 1e-5 and (again - want).abs().max() < 1e-5
 
 
@@ -72,6 +72,6 @@ def test_a_wrong_control_is_refused() -> None:
     inputs = make_inputs(params)
     d, s = _residuals(inputs, 2, 0)
     with pytest.raises(ValueError, match="more than this model's"):
-        model(**inputs, control=ControlResiduals(d, s))
+        model(**inputs, controlnet=ControlResiduals(d, s))
     with pytest.raises(ValueError, match="embedded image tokens"):
-        model(**inputs, control=ControlResiduals([d[0][:, :3]], []))
+        model(**inputs, controlnet=ControlResiduals([d[0][:, :3]], []))

@@ -142,7 +142,7 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         img_residuals: Sequence[Tensor] | None = None,
         block_cache: FirstBlockCache | None = None,
-        control: ControlResiduals | None = None,
+        controlnet: ControlResiduals | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -154,8 +154,9 @@ class Flux(nn.Module):
         frozen model. None (FLUX.1's forward) adds nothing.
         block_cache: a sampler run's `FirstBlockCache`; rows whose first block changed little since their
         last full pass skip the remaining blocks (see `pictor.models.block_cache`). None: every block runs.
-        control: a ControlNet's residuals, added to the image stream *after* the blocks they are spread over
-        (diffusers' ``controlnet_block_samples``; see `pictor.models.control_residuals`).
+        controlnet: a ControlNet's residuals, added to the image stream *after* the blocks they are spread
+        over (diffusers' ``controlnet_block_samples``; see `pictor.models.control_residuals`). Their batch
+        may divide the image's: classifier-free guidance's halves then share them, broadcast, not copied.
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -173,7 +174,7 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         res = self._check_residuals(img_residuals, img)
-        ctrl = self._check_control(control, img)
+        ctrl = self._check_control(controlnet, img)
         if block_cache is None:
             img = self._blocks(img, txt, vec, pe, res, ctrl, first=0)
         else:
@@ -198,7 +199,7 @@ class Flux(nn.Module):
             img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe)
             after = ctrl.after_double(i, depth) if ctrl is not None else None
             if after is not None:
-                img = img + after
+                img = _plus(img, after)
         x = torch.cat((txt, img), dim=1)
         n_txt = txt.shape[1]
         for j, block in enumerate(self.single_blocks):
@@ -207,7 +208,7 @@ class Flux(nn.Module):
             x = self._run(block, x, vec=vec, pe=pe)
             after = ctrl.after_single(j, depth_single) if ctrl is not None else None
             if after is not None:
-                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + after), dim=1)
+                x = torch.cat((x[:, :n_txt], _plus(x[:, n_txt:], after)), dim=1)
         return x[:, n_txt:, ...]
 
     def _cached_blocks(
@@ -226,13 +227,15 @@ class Flux(nn.Module):
             raise ValueError("Flux: the first-block cache needs a model with at least one double block")
         if res is not None:
             img = img + res[0]
+        if ctrl is not None and ctrl.double and ctrl.double[0].shape[0] != img.shape[0]:
+            ctrl = ctrl.tiled(img.shape[0] // ctrl.double[0].shape[0])  # rows are picked below: one each
         head_in = img
         img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe)
         # A ControlNet's residual after block 0 counts as part of the head: the cache then compares what
         # the rest of the model is given.
         after = ctrl.after_double(0, len(self.double_blocks)) if ctrl is not None else None
         if after is not None:
-            img = img + after
+            img = _plus(img, after)
         head_residual = img - head_in
         full = cache.needs_full(head_residual)
         if bool(full.all()):
@@ -279,7 +282,7 @@ class Flux(nn.Module):
         if control is None:
             return None
         if not isinstance(control, ControlResiduals):
-            raise ValueError(f"Flux: control must be a ControlResiduals, got {type(control).__name__}")
+            raise ValueError(f"Flux: controlnet must be a ControlResiduals, got {type(control).__name__}")
         if len(control.double) > len(self.double_blocks) or len(control.single) > len(self.single_blocks):
             raise ValueError(
                 f"Flux: the ControlNet has {len(control.double)} double and {len(control.single)} single "
@@ -287,7 +290,13 @@ class Flux(nn.Module):
                 "it was made for a larger model"
             )
         for r in [*control.double, *control.single]:
-            if not isinstance(r, Tensor) or r.shape != img.shape:
+            if (
+                not isinstance(r, Tensor)
+                or r.ndim != 3
+                or r.shape[1:] != img.shape[1:]
+                or r.shape[0] < 1
+                or img.shape[0] % r.shape[0]
+            ):
                 raise ValueError(
                     f"Flux: each ControlNet residual must be {list(img.shape)} (the embedded image tokens), "
                     f"got {_shape(r)}; was the ControlNet made for a model of another width?"
@@ -380,6 +389,14 @@ class Flux(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _plus(x: Tensor, r: Tensor) -> Tensor:
+    """x + r, where r [b, N, D] may be the residuals of a batch that x [k b, N, D] repeats k times
+    (classifier-free guidance's halves): broadcast over the repeats instead of copied."""
+    if r.shape[0] == x.shape[0]:
+        return x + r
+    return (x.reshape(x.shape[0] // r.shape[0], *r.shape) + r).reshape(x.shape)
 
 
 def _shape(t: Any) -> str:
