@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "cli_lora": 3,
     "cli_merge": 3,
     "cli_grid": 3,
+    "cli_preprocess": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
@@ -69,6 +70,9 @@ LAYERS: dict[str, int] = {
     "context_images": 1,
     "control_images": 1,
     "edge_maps": 1,
+    "depth_maps": 1,
+    "controlnet_files": 1,
+    "controlnet_runs": 1,
     "data": 1,
     "notices": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/
