@@ -499,6 +499,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
         redux_model=Path(args.redux_model) if args.redux_model else None,
         siglip=Path(args.siglip) if args.siglip else None,
+        controlnets=tuple(Path(p) for p in args.controlnet or ()),
     )
     return serve(settings, log_level=args.log_level)
 

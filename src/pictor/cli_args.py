@@ -658,4 +658,13 @@ def _add_serve_parser(sub: Any) -> None:
         "--lora-dir", default=None, help="folder of LoRA files requests may choose by name (loras)"
     )
     _add_redux_model(s)  # FLUX.1 Redux for requests with redux_image, and for variations
+    s.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="MODEL",
+        help="a FLUX.1 ControlNet (InstantX, Union or XLabs: a diffusers folder or a .safetensors file) "
+        "loaded with the model; repeat for several (at most 4). Every request then gives one picture per "
+        "ControlNet, in this order (controlnet_images)",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -546,6 +546,92 @@ def test_a_depth_control_model_offers_no_canny_edges(browser: Any, live_server: 
     assert problems == [], problems
 
 
+def test_a_controlnet_server_asks_for_its_pictures_and_sends_them(
+    browser: Any, live_server: Any, tmp_path: Path
+) -> None:
+    """With two ControlNets (an InstantX-like and a Union one) the page shows a picture and scale each, and
+    the Union one's mode; a Generate without a picture, or without the Union one's mode, is answered on the
+    page (no job is made); with them, a generation (data: URLs) and an edit (the controlnet_image field
+    repeated) send the pictures, scales, modes and window; Reuse settings puts those back; Reproduce and
+    variations say why they cannot."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.pipeline import GenerationRequest
+    from tests.serve.test_controlnet_api import DEPTH, EDGES, controlnet_file, with_controlnets
+
+    nets = (
+        controlnet_file(tmp_path / "edges.safetensors", 1),
+        controlnet_file(tmp_path / "union.safetensors", 2, 3),
+    )
+    pipe = with_controlnets(*nets)
+    live = live_server(pipeline=pipe)
+    page, problems = open_page(browser, live.url, height=1300)
+    expect(page.locator("#model-info")).to_contain_text("FLUX.1 ControlNets: edges, union")
+    expect(page.locator("#controlnet-settings")).to_be_visible()  # open from the start: every image needs it
+    expect(page.locator("#controlnet-summary")).to_have_text("ControlNet pictures (edges, union)")
+    expect(page.get_by_label("ControlNet 1 mode")).to_have_count(0)  # not a Union ControlNet
+    fill_settings(page, "a robot in a library", 5, 2)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Choose ControlNet 1's picture (edges)")
+    EDGES.save(tmp_path / "edges.png")
+    DEPTH.save(tmp_path / "depth.png")
+    page.get_by_label("ControlNet 1 picture", exact=True).set_input_files(str(tmp_path / "edges.png"))
+    page.get_by_label("ControlNet 2 picture", exact=True).set_input_files(str(tmp_path / "depth.png"))
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("is a Union ControlNet: choose what its picture is")
+    assert httpx.get(f"{live.url}/v1/jobs").json()["data"] == []
+
+    page.get_by_label("ControlNet 2 mode").select_option("depth")
+    page.get_by_label("ControlNet 1 scale").fill("0.6")
+    page.get_by_label("ControlNet end").fill("0.5")
+    generate_one(page)
+    expect(page.locator("#error")).to_be_empty()
+    request = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]["request"]
+    assert len(request["controlnet_images"]) == 2 and request["controlnet_scales"] == [0.6, 1.0]
+    assert request["controlnet_modes"] == [None, 2] and request["controlnet_end"] == 0.5
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+        served = np.asarray(im.convert("RGB"))
+    settings = {"controlnet_scales": [0.6, 1.0], "controlnet_modes": [None, "depth"], "controlnet_end": 0.5}
+    (direct,) = pipe.generate(
+        GenerationRequest(
+            "a robot in a library", seed=5, steps=2, controlnet_images=[EDGES, DEPTH], **settings
+        )
+    )
+    assert np.array_equal(served, np.asarray(direct.image))
+
+    page.get_by_label("ControlNet 1 scale").fill("")
+    page.get_by_label("ControlNet 2 mode").select_option("")
+    page.get_by_label("ControlNet end").fill("")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("ControlNet 1 scale")).to_have_value("0.6")
+    expect(page.get_by_label("ControlNet 2 mode")).to_have_value("depth")
+    expect(page.get_by_label("ControlNet end")).to_have_value("0.5")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.locator("#error")).to_contain_text("under ControlNet pictures")
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    edit = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]["request"]
+    assert edit["kind"] == "edit" and len(edit["controlnet_images"]) == 2
+    assert edit["controlnet_scales"] == [0.6, 1.0] and edit["controlnet_modes"] == [None, 2]
+    assert edit["controlnet_end"] == 0.5
+    # variations take no ControlNet pictures: the page answers them itself
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#error")).to_contain_text("which variations do not take")
+    assert len(httpx.get(f"{live.url}/v1/jobs").json()["data"]) == 2
+    assert problems == [], problems
+
+
 def test_a_redux_server_offers_a_redux_picture_and_varies_through_it(
     browser: Any, live_server: Any, tmp_path: Path
 ) -> None:

@@ -9,8 +9,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pictor.control_images import DEFAULT_CANNY
+from pictor.controlnet_runs import MAX_SCALE
 from pictor.pipeline import MAX_SEED
 from pictor.redux_images import MAX_STRENGTH
+from pictor.serve.controlnets import json_modes, json_scales, too_many
+from pictor.serve.settings import MAX_CONTROLNETS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -139,6 +142,39 @@ class ImageGenerationRequest(BaseModel):
         allow_inf_nan=False,
         description="How strongly redux_image speaks: its tokens times this (default 1, BFL's).",
     )
+    controlnet_images: list[str] | None = Field(
+        None,
+        description="FLUX.1 ControlNets: one control picture per ControlNet the server loaded (GET "
+        "/v1/models lists them), in that order: an edge map, depth map, pose...; PNG, JPEG or WebP files, "
+        "base64 (or data:image/...;base64, URLs); each resized to the images' size. A server with "
+        "ControlNets needs "
+        f"them; at most {MAX_CONTROLNETS}.",
+    )
+    controlnet_scales: list[float] | None = Field(
+        None,
+        description="How strongly the ControlNets speak (their residuals times this; default 1): one number "
+        f"for all, or a list with one per ControlNet, each from 0 to {MAX_SCALE:g}.",
+    )
+    controlnet_modes: list[str | int | None] | None = Field(
+        None,
+        description="A Union ControlNet's mode (what its picture is: canny, tile, depth, blur, pose, gray, "
+        "lq, or the number; the model card lists each ControlNet's modes): one for all the Union "
+        "ControlNets, or a list with one per ControlNet, null for a ControlNet without modes.",
+    )
+    controlnet_start: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="The share of the steps from which the ControlNets run (default 0).",
+    )
+    controlnet_end: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="The share of the steps until which the ControlNets run (default 1).",
+    )
     hires_scale: float | None = Field(
         None,
         gt=1,
@@ -175,6 +211,24 @@ class ImageGenerationRequest(BaseModel):
     @classmethod
     def _canny(cls, value: Any) -> Any:
         return canny_setting(value)
+
+    @field_validator("controlnet_images", mode="before")
+    @classmethod
+    def _controlnet_count(cls, value: Any) -> Any:
+        # Before each picture is looked at: a body of many pictures is refused by its count.
+        if isinstance(value, list) and len(value) > MAX_CONTROLNETS:
+            raise ValueError(too_many(len(value), "controlnet_images").message.split(": ", 1)[1])
+        return value
+
+    @field_validator("controlnet_scales", mode="before")
+    @classmethod
+    def _controlnet_scales(cls, value: Any) -> Any:
+        return json_scales(value)
+
+    @field_validator("controlnet_modes", mode="before")
+    @classmethod
+    def _controlnet_modes(cls, value: Any) -> Any:
+        return json_modes(value)
 
     @field_validator("stream", mode="before")
     @classmethod
@@ -261,6 +315,21 @@ class ImageMetadata(BaseModel):
     record: dict[str, Any] = Field(description="The pictor JSON record stored in the PNG.")
 
 
+class ControlNetCard(BaseModel):
+    """A FLUX.1 ControlNet the server loaded (pictor serve --controlnet), in controlnet_images' order."""
+
+    name: str = Field(description="Its file's or folder's name.")
+    kind: Literal["instantx", "union", "xlabs"] = Field(
+        description="instantx (latents of its picture), union (the same, told what the picture is by a mode) "
+        "or xlabs (the picture's pixels)."
+    )
+    modes: list[str] | None = Field(
+        None,
+        description="A Union ControlNet's modes, by name (or number past the named ones); its "
+        "controlnet_modes entry is one of them. null: a ControlNet without modes (its entry is null).",
+    )
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -299,6 +368,12 @@ class ModelCard(BaseModel):
         False,
         description="The server has FLUX.1 Redux loaded: it takes redux_image and redux_strength, and a "
         "variation is drawn from its picture through Redux (false while the model loads).",
+    )
+    controlnets: list[ControlNetCard] = Field(
+        default_factory=list,
+        description="The FLUX.1 ControlNets the server loaded, in order: every generation and edit then "
+        "gives one picture each (controlnet_images; an edit's controlnet_image files), and variations are "
+        "refused (empty without ControlNets, and while the model loads).",
     )
 
 

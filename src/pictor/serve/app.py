@@ -49,10 +49,13 @@ DESCRIPTION = """Text-to-image generation with pictor.
 * `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `reference_image`,
   `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny / Depth),
-  `redux_image` and `redux_strength` (FLUX.1 Redux) go in `extra_body`).
+  `redux_image` and `redux_strength` (FLUX.1 Redux), `controlnet_images`, `controlnet_scales`,
+  `controlnet_modes`, `controlnet_start` and `controlnet_end` (FLUX.1 ControlNets, on a server started with
+  `--controlnet`) go in `extra_body`).
 * `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image`,
-  `context_image`, `control_image` and `redux_image` as further files, `control_canny` and `redux_strength`
-  as fields); `POST /v1/jobs/edits` queues it.
+  `context_image`, `control_image` and `redux_image` as further files, `controlnet_image` files (the field
+  repeated, one per ControlNet), `control_canny`, `redux_strength` and the ControlNet settings as fields);
+  `POST /v1/jobs/edits` queues it.
 * `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
   reference adapter), or, on a server with FLUX.1 Redux loaded, a generation with the picture as its
@@ -81,6 +84,13 @@ def create_app(
             raise ValueError(f"--vae-tile does not fit model '{pipe.name}': {problem}")
         if settings.redux_model is not None and settings.siglip is not None:
             pipe.set_redux(settings.redux_model, settings.siglip)  # a bad file: /readyz says why
+        for path in settings.controlnets:  # in order: requests give their pictures in this order
+            try:
+                pipe.add_controlnet(path)
+            except ValueError as exc:  # a bad file, or one made for another model: /readyz says which flag
+                message = str(exc)  # most name the file already
+                where = "" if message.startswith(str(path)) else f"{path}: "
+                raise ValueError(f"--controlnet {where}{message}") from exc
         return pipe
 
     library = lora_library(settings, pipeline)
@@ -104,7 +114,9 @@ def create_app(
 
     app = FastAPI(title="pictor", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = svc
-    app.add_middleware(Guard, settings=settings)
+    # Each loaded ControlNet is one more picture a request may carry, so the body caps grow by that many.
+    served = (getattr(pipeline, "controlnets", None) or []) if pipeline is not None else settings.controlnets
+    app.add_middleware(Guard, settings=settings, controlnets=len(served))
     app.add_middleware(HeadAsGet)  # outermost: the guard and the routes see a GET
     _add_error_handlers(app)
     # Variations first: their 405 routes must come before the main router's GET /v1/images/{image_id}.

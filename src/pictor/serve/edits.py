@@ -16,7 +16,9 @@ only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control m
 further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw
 the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on a server with Redux
 loaded) as a file too, with ``redux_strength``; the prompt may be empty only with a reference or Redux
-picture.
+picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files (the field repeated, one per
+ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``, ``controlnet_start`` and
+``controlnet_end`` (see `controlnets` for how a form sends a list).
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ from PIL import Image
 from pictor.editing import EditRequest, eight_bit
 from pictor.redux_images import MAX_STRENGTH
 from pictor.serve.api_models import ImagesResponse, Job, canny_setting
+from pictor.serve.controlnets import (
+    FORM_FILE,
+    FormEnd,
+    FormFiles,
+    FormModes,
+    FormScales,
+    FormStart,
+    form_field,
+    read_pictures,
+    resolved_settings,
+    window_problem,
+)
 from pictor.serve.errors import APIError
 from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
 from pictor.serve.routes import (
@@ -75,9 +89,11 @@ def edit_params(
     prompt_optional: bool = False,
     control: Image.Image | None = None,
     redux: Image.Image | None = None,
+    controlnets: list[Image.Image] | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings.
-    `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image)."""
+    `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image).
+    `controlnets`: the ControlNets' pictures, in order, already 8-bit RGB (`controlnets.read_pictures`)."""
     limits = svc.settings.limits
     prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
     svc.check_model(form["model"])
@@ -116,6 +132,9 @@ def edit_params(
     settings["layout"] = layout
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
     settings["redux_strength"] = form.get("redux_strength")
+    # ControlNets' settings as sent (lists, words checked), spelled out below once the model resolved them.
+    for key in ("controlnet_scales", "controlnet_modes", "controlnet_start", "controlnet_end"):
+        settings[key] = form.get(key)
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
     if pipe is not None:
@@ -129,13 +148,18 @@ def edit_params(
             context_image=context,  # resolve_edit refuses it on a model that is not Kontext
             control_image=control,  # and this one on a model that is not FLUX.1 Canny / Depth
             redux_image=redux,  # and this one without Redux loaded
+            controlnet_images=controlnets,  # and these without ControlNets loaded
             **settings,
         )
         try:
             r, inputs = pipe.resolve_edit(request)
         except REQUEST_ERRORS as exc:
-            message, param = request_error(exc)
+            message, param = request_error(exc, form=True)
             raise APIError(400, message, param=param, code="invalid_parameters") from None
+        window = window_problem(r)
+        if window is not None:
+            raise window
+        settings.update(**resolved_settings(r))
         settings.update(
             steps=r.steps,
             guidance=r.guidance,
@@ -149,7 +173,9 @@ def edit_params(
     pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
     return {
         "kind": "edit",
-        **svc.keep_uploads({**pictures, "control_image": control, "redux_image": redux}),
+        **svc.keep_uploads(
+            {**pictures, "control_image": control, "redux_image": redux, "controlnet_images": controlnets}
+        ),
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -185,6 +211,8 @@ Loras = Annotated[
     Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
 ]
 
+# Fields that hold a list: repeated, as `name[]` fields, JSON text or comma-separated (controlnets.form_list).
+LIST_FIELDS = ("controlnet_scales", "controlnet_modes")
 # The form's fields: the parameters of `edit_form`, and OpenAI's that are accepted and ignored.
 FORM_FIELDS = {
     "image",
@@ -196,6 +224,11 @@ FORM_FIELDS = {
     "control_canny",
     "redux_image",
     "redux_strength",
+    FORM_FILE,
+    *LIST_FIELDS,
+    *(f"{name}[]" for name in LIST_FIELDS),  # the openai client's lists in extra_body
+    "controlnet_start",
+    "controlnet_end",
     "layout",
     "loras",
     "n",
@@ -259,6 +292,7 @@ class EditForm:
     prompt_optional: bool = False  # see edit_params
     control: Image.Image | None = None  # FLUX.1 Canny / Depth's control picture
     redux: Image.Image | None = None  # FLUX.1 Redux's picture
+    controlnets: list[Image.Image] | None = None  # FLUX.1 ControlNets' pictures, in order
 
 
 async def read_image(
@@ -334,6 +368,11 @@ async def edit_form(
         ),
     ] = None,
     redux_strength: ReduxStrength = None,
+    controlnet_image: FormFiles = None,
+    controlnet_scales: FormScales = None,
+    controlnet_modes: FormModes = None,
+    controlnet_start: FormStart = None,
+    controlnet_end: FormEnd = None,
     layout: Annotated[
         str | None,
         Form(
@@ -360,7 +399,8 @@ async def edit_form(
 ) -> EditForm:
     """The one multipart grammar of both edit endpoints (synchronous and queued)."""
     limits = service(request).settings.limits
-    check_fields(set((await request.form()).keys()))
+    sent = await request.form()
+    check_fields(set(sent.keys()))
     check_text(limits, user=user)
     if output_format not in (None, "", "png"):
         raise APIError(400, "output_format: only png", param="output_format", code="invalid_parameters")
@@ -381,6 +421,8 @@ async def edit_form(
     context = await read_image(context_image, "context_image", limits, fitted=True)
     control = await read_image(control_image, "control_image", limits, fitted=True)
     redux = await read_image(redux_image, "redux_image", limits, fitted=True)
+    nets = await read_pictures(controlnet_image, limits)
+    lists = {"controlnet_scales": controlnet_scales, "controlnet_modes": controlnet_modes}
     fields = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -398,9 +440,21 @@ async def edit_form(
         "loras": loras,
         "control_canny": canny_form(control_canny),
         "redux_strength": redux_strength,
+        **{name: form_field(values, name, sent) for name, values in lists.items()},
+        "controlnet_start": controlnet_start,
+        "controlnet_end": controlnet_end,
     }
     return EditForm(
-        source, mask_image, reference, context, fields, user, response_format, control=control, redux=redux
+        source,
+        mask_image,
+        reference,
+        context,
+        fields,
+        user,
+        response_format,
+        control=control,
+        redux=redux,
+        controlnets=nets,
     )
 
 
@@ -419,6 +473,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
         form.prompt_optional,
         form.control,
         form.redux,
+        form.controlnets,
     )
     return await run_in_threadpool(svc.submit, params, form.user)
 

@@ -1,6 +1,7 @@
 """A job's stored settings (its `params`) as the pipeline's requests, and which jobs share one sampler run.
 Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
-picture, a Redux picture) are kept in the store under ids; the requests get their paths."""
+picture, a Redux picture, the ControlNets' pictures) are kept in the store under ids; the requests get their
+paths."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ BATCH_KEYS = (
     "control_canny",
     "redux_image",  # an upload id too
     "redux_strength",
+    "controlnet_images",  # a list of upload ids, new for every request too
+    "controlnet_scales",
+    "controlnet_modes",
+    "controlnet_start",
+    "controlnet_end",
     *HIRES_FIELDS,
     "cache_threshold",
 )
@@ -52,6 +58,13 @@ def _reference(params: dict[str, Any], store: Store | None, key: str = "referenc
     return store.upload_path(upload) if upload and store is not None else None
 
 
+def _controlnet_pictures(params: dict[str, Any], store: Store | None) -> list[Any] | None:
+    """A job's ControlNet pictures: the kept uploads' paths, in order (None without any, or without a store
+    to ask)."""
+    uploads = params.get("controlnet_images")
+    return [store.upload_path(u) for u in uploads] if uploads and store is not None else None
+
+
 def generation_request(
     params: dict[str, Any], store: Store | None = None, **overrides: Any
 ) -> GenerationRequest:
@@ -66,6 +79,7 @@ def generation_request(
         context_image=_reference(params, store, "context_image"),
         control_image=_reference(params, store, "control_image"),
         redux_image=_reference(params, store, "redux_image"),
+        controlnet_images=_controlnet_pictures(params, store),
     )
     return GenerationRequest(**{**fields, **overrides})
 
@@ -78,6 +92,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["context_image"] = _reference(params, store, "context_image")
     fields["control_image"] = _reference(params, store, "control_image")
     fields["redux_image"] = _reference(params, store, "redux_image")
+    fields["controlnet_images"] = _controlnet_pictures(params, store)
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")
     )

@@ -400,7 +400,7 @@ class JobManager:
         except _Cancelled:
             return  # every job of the run was cancelled, and is already final
         except Exception as exc:
-            error = self._error_of(exc)
+            error = self._error_of(exc, form=params.get("kind") == "edit")
             for live in batch:
                 if not live.cancelled:
                     self._finish(live.job, FAILED, error=error)
@@ -421,13 +421,14 @@ class JobManager:
                 for row in rows:
                     self.store.image_path(row.id).unlink(missing_ok=True)
 
-    def _error_of(self, exc: Exception) -> dict[str, Any]:
-        """The job error for what stopped a run: a timeout, a request the model refused, or a fault."""
+    def _error_of(self, exc: Exception, form: bool = False) -> dict[str, Any]:
+        """The job error for what stopped a run: a timeout, a request the model refused, or a fault. `form`:
+        the job came as a multipart form (an edit), whose field names an error about a request uses."""
         if isinstance(exc, _TimedOut):
             message = f"the job ran past its {self.settings.job_timeout:g} s limit and was stopped"
             return {"message": message, "type": "timeout_error", "code": "job_timeout"}
         if isinstance(exc, REQUEST_ERRORS):
-            return job_error(exc)
+            return job_error(exc, form)
         log.error("generation failed", exc_info=exc)
         message = f"generation failed: {type(exc).__name__}: {exc}"
         return {"message": message, "type": "server_error", "code": "generation_failed"}

@@ -20,6 +20,17 @@ from pictor.reference_files import ReferenceImageError
 # What the pipeline raises for a request it cannot run as asked (a value, or a value this model refuses).
 REQUEST_ERRORS = (GenerationError, EditError, LayoutError, ReferenceImageError)
 
+CONTROLNET_FIELDS = (
+    "controlnet_images",
+    "controlnet_scales",
+    "controlnet_modes",
+    "controlnet_start",
+    "controlnet_end",
+)
+
+# An edit's multipart field for the ControlNet pictures: one file each, the field repeated.
+FORM_CONTROLNET_FILE = "controlnet_image"
+
 # (a regex searched in the pipeline's message, the request field it is about); the first match wins. Most
 # messages start with the setting ("steps must be...", "the mask is..."); the rest are told apart by the
 # words they use for it.
@@ -47,6 +58,18 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "reference_image",
         ),
         (r"context image", "context_image"),
+        # FLUX.1 ControlNets (controlnet_runs): a field given without ControlNets names itself; the rest
+        # are told apart by their words, before "control picture" below takes them.
+        *((rf"^{name} was given but no ControlNet", name) for name in CONTROLNET_FIELDS),
+        (
+            r"ControlNets? (is|are) loaded: give|control pictures for \d+ ControlNets|ControlNet picture",
+            "controlnet_images",
+        ),
+        (r"ControlNet scale", "controlnet_scales"),
+        (r"ControlNet modes for|--controlnet-mode|^ControlNet '.*': mode ", "controlnet_modes"),
+        (r"ControlNet's start and end", "controlnet_start"),
+        (r"ControlNet window", "controlnet_end"),
+        (r"ControlNets are not combined with a reference", "reference_image"),
         # a Canny threshold, or control_canny where it has nothing to draw for (no control model, Depth)
         (r"^canny thresholds|so --canny|--canny makes", "control_canny"),
         (r"control picture", "control_image"),
@@ -81,6 +104,15 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "POST /v1/images/edits",
         ),
         (r"run again with the next --seed", "send another request with the next seed"),
+        (
+            r"load one with --controlnet MODEL",
+            "this server was started without ControlNets (pictor serve --controlnet MODEL); drop it",
+        ),
+        (
+            r" \(in the order of --controlnet\)",
+            " (one per ControlNet, in the order GET /v1/models lists them)",
+        ),
+        (r"\(or give 'none' in its place\)", "(or null in its place)"),
     )
 )
 
@@ -113,6 +145,11 @@ FLAG_FIELDS = {
     "hires-strength": "hires_strength",
     "hires-steps": "hires_steps",
     "cache-threshold": "cache_threshold",
+    "controlnet-image": "controlnet_images",
+    "controlnet-scale": "controlnet_scales",
+    "controlnet-mode": "controlnet_modes",
+    "controlnet-start": "controlnet_start",
+    "controlnet-end": "controlnet_end",
 }
 _FLAG = re.compile(r"`?--([a-z][a-z-]*)( [A-Z][A-Z_]*\b)?`?")
 
@@ -133,17 +170,23 @@ def api_message(message: str) -> str:
     return _FLAG.sub(field, message)
 
 
-def request_error(exc: Exception) -> tuple[str, str | None]:
-    """(the message in the API's words, the field it is about) for a pipeline error about a request."""
+def request_error(exc: Exception, form: bool = False) -> tuple[str, str | None]:
+    """(the message in the API's words, the field it is about) for a pipeline error about a request.
+    `form`: an edit's multipart form, whose ControlNet pictures are the repeated file field controlnet_image
+    (a JSON body's list is controlnet_images)."""
     message = str(exc)
-    return api_message(message), field_of(message)
+    text, field = api_message(message), field_of(message)
+    if form:
+        text = text.replace("controlnet_images", FORM_CONTROLNET_FILE)
+        field = FORM_CONTROLNET_FILE if field == "controlnet_images" else field
+    return text, field
 
 
-def job_error(exc: Exception) -> dict[str, Any]:
+def job_error(exc: Exception, form: bool = False) -> dict[str, Any]:
     """A job's error for a request the model refused when the job ran (accepted while the model loaded, or
     queued before a restart with another model): its field in `param` and at the start of the message, as
-    the history shows the message without the request beside it."""
-    message, field = request_error(exc)
+    the history shows the message without the request beside it. `form`: as for `request_error`."""
+    message, field = request_error(exc, form)
     if field and not message.startswith(field):
         message = f"{field}: {message}"
     return {"message": message, "type": "invalid_request_error", "code": "invalid_parameters", "param": field}

@@ -27,6 +27,7 @@ from pictor.serve.api_models import (
     ModelCard,
     ModelList,
 )
+from pictor.serve.controlnets import cards as controlnet_cards
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.service import Service, failure, job_or_404, service
 from pictor.serve.store import QUEUED, SUCCEEDED, TERMINAL, JobRow
@@ -157,6 +158,8 @@ def model_card(svc: Service) -> ModelCard:
         # FLUX.1 Canny / Depth: known by the input width (`pipe.control`), the kind from the bundle's config.
         control=pipe.config.control if pipe is not None and pipe.control else None,
         redux=pipe is not None and pipe.redux is not None,
+        # FLUX.1 ControlNets, in the order requests give their pictures; the page offers one input each.
+        controlnets=controlnet_cards(pipe) if pipe is not None else [],
     )
 
 

@@ -84,25 +84,29 @@ def _own_origin(scope: Scope) -> str:
 
 
 # The pictures one request may carry: an edit's source and mask, and a reference, context, control and Redux
-# picture; a generation's JSON the last four, base64 (4/3 of their bytes).
+# picture; a generation's JSON the last four, base64 (4/3 of their bytes). A server with ControlNets loaded
+# takes one more picture per ControlNet (at most settings.MAX_CONTROLNETS), and only such a server.
 MULTIPART_PICTURES = 6
 JSON_PICTURES = 4
 
 
-def multipart_limit(limits: Limits) -> int:
-    return MULTIPART_PICTURES * limits.max_upload_bytes + 64 * 1024
+def multipart_limit(limits: Limits, controlnets: int = 0) -> int:
+    return (MULTIPART_PICTURES + controlnets) * limits.max_upload_bytes + 64 * 1024
 
 
-def json_limit(limits: Limits) -> int:
-    return limits.max_body_bytes + JSON_PICTURES * -(-4 * limits.max_upload_bytes // 3)
+def json_limit(limits: Limits, controlnets: int = 0) -> int:
+    return limits.max_body_bytes + (JSON_PICTURES + controlnets) * -(-4 * limits.max_upload_bytes // 3)
 
 
 class Guard:
-    """API key on /v1, same-origin check for state changes, body size caps, security headers."""
+    """API key on /v1, same-origin check for state changes, body size caps, security headers.
 
-    def __init__(self, app: ASGIApp, settings: ServeSettings) -> None:
+    `controlnets`: how many ControlNets the served model has, each a further picture a request carries."""
+
+    def __init__(self, app: ASGIApp, settings: ServeSettings, controlnets: int = 0) -> None:
         self.app = app
         self.settings = settings
+        self.controlnets = controlnets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,16 +149,19 @@ class Guard:
         await self.app(scope, capped_receive, send_with_headers)
 
     def _too_large(self, scope: Scope, limit: int) -> str:
+        nets = self.controlnets
+        among = f", {nets} of them ControlNet pictures" if nets else ""
         if (_header(scope, b"content-type") or "").lower().startswith("multipart/"):
             each = self.settings.limits.max_upload_bytes
             return (
                 f"request body too large: a multipart request may hold up to {limit} bytes in all "
-                f"({MULTIPART_PICTURES} images of at most {each} bytes each, and the form fields)"
+                f"({MULTIPART_PICTURES + nets} images of at most {each} bytes each{among}, and the form "
+                "fields)"
             )
         return (
             f"request body too large: the limit is {limit} bytes ({self.settings.limits.max_body_bytes} "
-            f"for the fields, and up to {JSON_PICTURES} base64 pictures of at most "
-            f"{self.settings.limits.max_upload_bytes} bytes each)"
+            f"for the fields, and up to {JSON_PICTURES + nets} base64 pictures of at most "
+            f"{self.settings.limits.max_upload_bytes} bytes each{among})"
         )
 
     def _body_limit(self, scope: Scope) -> int:
@@ -162,8 +169,10 @@ class Guard:
         ctype = (_header(scope, b"content-type") or "").lower()
         # multipart carries up to six images (an edit's source and mask, and its reference, context, control
         # and Redux pictures), each under the upload cap, plus room for the form fields; JSON the four
-        # pictures a generation takes, base64, beside its fields
-        return multipart_limit(limits) if ctype.startswith("multipart/") else json_limit(limits)
+        # pictures a generation takes, base64, beside its fields; and each one picture per ControlNet
+        if ctype.startswith("multipart/"):
+            return multipart_limit(limits, self.controlnets)
+        return json_limit(limits, self.controlnets)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         method, path = scope["method"], scope["path"]

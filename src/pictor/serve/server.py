@@ -86,6 +86,9 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
     ):  # missing ones are named before anything listens; what is inside is checked when the model loads
         if path is not None and not exists(path):
             raise ValueError(f"{what} {path}: no such {'file' if what == '--redux-model' else 'folder'}")
+    for path in settings.controlnets:  # likewise: a ControlNet file or diffusers folder
+        if not path.exists():
+            raise ValueError(f"--controlnet {path}: no such file or folder")
     app = create_app(settings)
     library = app.state.service.library
     for name, why in library.unusable.items():

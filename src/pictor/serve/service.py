@@ -15,6 +15,7 @@ from pictor.hires import hires_size
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
+from pictor.serve.controlnets import decode_pictures, resolved_settings, window_problem
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
@@ -99,6 +100,7 @@ class Service:
         control = _picture(body.control_image, "control_image", limits)
         if redux is None:
             redux = _picture(body.redux_image, "redux_image", limits)
+        nets = decode_pictures(body.controlnet_images, limits)
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -119,20 +121,34 @@ class Service:
             # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
             "control_canny": body.control_canny,
             "redux_strength": body.redux_strength,
+            # FLUX.1 ControlNets: as sent (lists, words checked), spelled out once the model resolved them.
+            "controlnet_scales": body.controlnet_scales,
+            "controlnet_modes": body.controlnet_modes,
+            "controlnet_start": body.controlnet_start,
+            "controlnet_end": body.controlnet_end,
         }
+        pictures = (reference, context, control, redux, nets)
         pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
             if body.hires_scale is not None:
                 self._check_hires_while_loading(body, n, width, height)
-            return self._keep_reference(params, reference, context, control, redux)
+            return self._keep_reference(params, *pictures)
         request = generation_request(
-            params, reference=reference, context_image=context, control_image=control, redux_image=redux
+            params,
+            reference=reference,
+            context_image=context,
+            control_image=control,
+            redux_image=redux,
+            controlnet_images=nets,
         )
         try:
             r = pipe.resolve_request(request)
         except REQUEST_ERRORS as exc:
             message, param = request_error(exc)
             raise APIError(400, message, code="invalid_parameters", param=param) from None
+        window = window_problem(r)
+        if window is not None:
+            raise window
         assert r.width is not None and r.height is not None
         if context is not None and width is None and r.width * r.height > limits.max_pixels:
             # The size came from the context picture (FLUX.1 Kontext's resolutions reach 1568x672), not
@@ -164,8 +180,9 @@ class Service:
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
             redux_strength=r.redux_strength,
+            **resolved_settings(r),
         )
-        return self._keep_reference(params, reference, context, control, redux)
+        return self._keep_reference(params, *pictures)
 
     def _check_hires(self, body: ImageGenerationRequest, n: int, width: int, height: int, steps: int) -> None:
         """The server's limits on the hires fix's second pass, named as such."""
@@ -200,19 +217,32 @@ class Service:
         context: Image.Image | None = None,
         control: Image.Image | None = None,
         redux: Image.Image | None = None,
+        controlnets: list[Image.Image] | None = None,
     ) -> dict[str, Any]:
-        """The reference, context, control and Redux pictures, once the request is valid, kept as uploads the
-        job names."""
+        """The reference, context, control, Redux and ControlNet pictures, once the request is valid, kept as
+        uploads the job names."""
         pictures = {"reference": reference, "context_image": context, "control_image": control}
-        return {**params, **self.keep_uploads({**pictures, "redux_image": redux})}
+        return {
+            **params,
+            **self.keep_uploads({**pictures, "redux_image": redux, "controlnet_images": controlnets}),
+        }
 
-    def keep_uploads(self, pictures: dict[str, Image.Image | None]) -> dict[str, str | None]:
-        """Write a request's pictures as uploads: {job setting: upload id, or None without a picture}. All or
-        none: when one cannot be written (a full disk) those written before it are deleted."""
-        ids: dict[str, str | None] = {}
+    def keep_uploads(
+        self, pictures: dict[str, Image.Image | list[Image.Image] | None]
+    ) -> dict[str, str | list[str] | None]:
+        """Write a request's pictures as uploads: {job setting: upload id (a list of them for a list of
+        pictures), or None without a picture}. All or none: when one cannot be written (a full disk) those
+        written before it are deleted."""
+        ids: dict[str, str | list[str] | None] = {}
         try:
             for key, picture in pictures.items():
-                ids[key] = self.store.write_upload(picture) if picture is not None else None
+                if isinstance(picture, list):
+                    written: list[str] = []
+                    ids[key] = written
+                    for one in picture:  # each id noted as soon as it is written, so a failure deletes it
+                        written.append(self.store.write_upload(one))
+                else:
+                    ids[key] = self.store.write_upload(picture) if picture is not None else None
         except BaseException:
             delete_uploads(self.store, upload_ids(ids))
             raise

@@ -6,6 +6,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# ControlNet pictures one request may carry, and so ControlNets one server may load: each is a further
+# picture in every request's body, so the body caps grow by one upload per loaded ControlNet (security.py).
+MAX_CONTROLNETS = 4
+
 
 def default_data_dir() -> Path:
     return Path.home() / ".pictor" / "serve"
@@ -57,6 +61,10 @@ class ServeSettings:
     # to `create_app` is served as it is.
     redux_model: Path | None = None
     siglip: Path | None = None
+    # FLUX.1 ControlNets (files or diffusers folders), loaded with the model in this order
+    # (`Pipeline.add_controlnet`); every request then gives one picture per ControlNet (controlnet_images).
+    # A pipeline handed to `create_app` is served with the ControlNets it has.
+    controlnets: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):
@@ -72,6 +80,11 @@ class ServeSettings:
             raise ValueError("vae-tile-overlap needs vae-tile: give the tile size too")
         if (self.redux_model is None) != (self.siglip is None):
             raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip DIR")
+        if len(self.controlnets) > MAX_CONTROLNETS:
+            raise ValueError(
+                f"{len(self.controlnets)} --controlnet models given; a server loads at most "
+                f"{MAX_CONTROLNETS} (every request carries one picture per ControlNet)"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; pass a non-empty --api-key or none")
 

@@ -1,14 +1,14 @@
 """How long uploaded pictures are kept, and deleting them once nothing needs them.
 
-An upload (an edit's source and mask, a reference, context, control or Redux picture: the job settings of
-`UPLOAD_KEYS`) belongs to the one job whose settings name it: every request writes its own, so no two jobs
-share one. It is kept
+An upload (an edit's source and mask, a reference, context, control or Redux picture, the ControlNets'
+pictures: the job settings of `UPLOAD_KEYS`) belongs to the one job whose settings name it: every request
+writes its own, so no two jobs share one. It is kept
 
 - while its job is queued or running: the job reads it when it runs, and again if a restart resumes it;
 - while its job is in the history as succeeded: the images' records keep only the pictures' hashes, and
-  `pictor reproduce IMAGE --source/--mask/--reference/--context/--control/--redux PICTURE` needs the very
-  pictures, which for a variation (flattened, resized) or a mask made from transparency exist only here
-  (GET /v1/jobs/{id} names them).
+  `pictor reproduce IMAGE --source/--mask/--reference/--context/--control/--redux/--controlnet-image
+  PICTURE` needs the very pictures, which for a variation (flattened, resized) or a mask made from
+  transparency exist only here (GET /v1/jobs/{id} names them).
 
 It is deleted when its job fails or is cancelled (no image was made from it; a running job's only once its
 run has stopped reading it), when its history entry is deleted (DELETE /v1/history/{id}), and at start when no
@@ -27,8 +27,24 @@ from pictor.serve.store import Store, valid_id
 
 log = logging.getLogger("pictor.serve")
 
-# The job settings that name kept uploads.
-UPLOAD_KEYS = ("image", "mask", "reference", "context_image", "control_image", "redux_image")
+# The job settings that name kept uploads: an upload id each, or for controlnet_images a list of them (one
+# picture per ControlNet, in order).
+UPLOAD_KEYS = (
+    "image",
+    "mask",
+    "reference",
+    "context_image",
+    "control_image",
+    "redux_image",
+    "controlnet_images",
+)
+
+
+def _named(value: Any) -> list[str]:
+    """The upload ids a setting holds: one id, or a list of ids (controlnet_images)."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, str) and valid_id(v)]
+
 
 # What pictor writes under uploads/: ID.png, and .ID.png.tmp while writing it (see Store.write_upload).
 _UPLOAD_FILE = re.compile(r"^\.?(?P<id>[0-9a-f]{32})\.png(?P<tmp>\.tmp)?$")
@@ -36,7 +52,7 @@ _UPLOAD_FILE = re.compile(r"^\.?(?P<id>[0-9a-f]{32})\.png(?P<tmp>\.tmp)?$")
 
 def upload_ids(params: dict[str, Any]) -> set[str]:
     """The uploads a job's settings name."""
-    return {params[key] for key in UPLOAD_KEYS if isinstance(params.get(key), str) and valid_id(params[key])}
+    return {upload for key in UPLOAD_KEYS for upload in _named(params.get(key))}
 
 
 def delete_uploads(store: Store, ids: Iterable[str]) -> None:
@@ -69,10 +85,11 @@ def missing_upload(store: Store, params: dict[str, Any]) -> dict[str, Any] | Non
     """The error of a job whose upload is gone (deleted by hand), or None: the pipeline would blame the
     client for it and name the server's path."""
     for key in UPLOAD_KEYS:
-        if params.get(key) and not store.upload_path(params[key]).is_file():
-            message = (
-                f"{key}: the picture this job was sent with is no longer in the server's data dir "
-                f"(uploads/{params[key]}.png); send the request again"
-            )
-            return {"message": message, "type": "server_error", "code": "upload_missing", "param": key}
+        for upload in _named(params.get(key)):
+            if not store.upload_path(upload).is_file():
+                message = (
+                    f"{key}: the picture this job was sent with is no longer in the server's data dir "
+                    f"(uploads/{upload}.png); send the request again"
+                )
+                return {"message": message, "type": "server_error", "code": "upload_missing", "param": key}
     return None

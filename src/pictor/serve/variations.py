@@ -295,6 +295,15 @@ async def variation_form(
             param="image",
             code="invalid_parameters",
         )
+    if getattr(svc.manager.pipeline, "controlnets", None):  # every image needs the ControlNets' pictures
+        raise APIError(
+            400,
+            "image: this server has FLUX.1 ControlNets loaded: every image needs their pictures, which "
+            "variations do not take; use /v1/images/generations (controlnet_images) or /v1/images/edits "
+            "(controlnet_image files)",
+            param="image",
+            code="invalid_parameters",
+        )
     redux = svc.manager.pipeline.redux is not None  # the pipeline is there: 503 above while it loads
     if redux and strength is not None:
         raise APIError(

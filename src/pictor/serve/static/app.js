@@ -11,6 +11,7 @@ let viewed = null; // {meta} of the image open in the viewer
 let fillModel = false; // the served model is FLUX.1 Fill: it only repaints masked pictures
 let controlKind = null; // "canny" or "depth": the served model is FLUX.1 Canny / Depth and needs a control picture
 let reduxModel = false; // the server has FLUX.1 Redux loaded: a Redux picture may prompt, variations use it
+let controlnetCards = []; // the server's FLUX.1 ControlNets (GET /v1/models), in the order requests give their pictures
 
 // -- API calls with the key ------------------------------------------------------------------------
 
@@ -150,6 +151,15 @@ function fillForm(record) {
   // Likewise the Redux picture (only its hash is kept): its strength comes back.
   $("redux-strength").value = record.redux ? record.redux.strength : "";
   if (record.redux_image && reduxModel) $("redux-settings").open = true;
+  // And the ControlNet pictures (only their hashes are kept): their scales, modes and window come back.
+  for (const [i, entry] of (record.controlnets || []).entries()) {
+    if (!$(`controlnet-scale-${i}`)) break;  // a record of another server's ControlNets
+    $(`controlnet-scale-${i}`).value = entry.scale ?? "";
+    if ($(`controlnet-mode-${i}`)) $(`controlnet-mode-${i}`).value = entry.mode_name ?? "";
+  }
+  $("controlnet-start").value = record.controlnet_start ?? "";
+  $("controlnet-end").value = record.controlnet_end ?? "";
+  if (record.controlnets && controlnetCards.length) $("controlnet-settings").open = true;
 }
 
 function setStatus(text) {
@@ -197,9 +207,16 @@ function multipartFromForm(image, strengthInput, body) {
 }
 
 // For POST /v1/jobs/edits. The edit keeps the source's size, so width and height are not sent. A control
-// picture (FLUX.1 Canny / Depth) goes as a file, its Canny thresholds as "true" or "LOW,HIGH".
-function editFromForm({ size, ...body }) {
+// picture (FLUX.1 Canny / Depth) goes as a file, its Canny thresholds as "true" or "LOW,HIGH"; the ControlNets'
+// pictures (`nets`, see controlnetChoices) as the controlnet_image field repeated, their lists as JSON text.
+function editFromForm({ size, ...body }, nets) {
   const form = multipartFromForm($("edit-image").files[0], $("strength"), body);
+  if (nets) {
+    for (const file of nets.files) form.append("controlnet_image", file);
+    for (const [name, value] of Object.entries(controlnetFields(nets))) {
+      form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+    }
+  }
   if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
   const control = controlFile();
   if (control) {
@@ -326,7 +343,11 @@ function readAsDataURL(file) {
   });
 }
 
-async function withReference(body) {
+async function withReference(body, nets) {
+  if (nets) {  // the ControlNets' pictures the same way, in their order, with their settings
+    body.controlnet_images = await Promise.all(nets.files.map(readAsDataURL));
+    Object.assign(body, controlnetFields(nets));
+  }
   const files = $("reference-image").files;
   if (files.length) body.reference_image = await readAsDataURL(files[0]);
   const context = contextFile();
@@ -343,6 +364,89 @@ async function withReference(body) {
     if (reduxStrength() !== undefined) body.redux_strength = Number(reduxStrength());
   }
   return body;
+}
+
+// -- FLUX.1 ControlNets: a picture and a scale per ControlNet the server loaded, a mode for a Union one ------
+
+function controlnetLabel(id, text, title) {
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = text;
+  label.title = title;
+  return label;
+}
+
+// One row each (picture, mode, scale), built anew only when the server's ControlNets change, so pictures
+// chosen while the model loads stay.
+function showControlNets(cards) {
+  const changed = JSON.stringify(cards) !== JSON.stringify(controlnetCards);
+  controlnetCards = cards;
+  $("controlnet-settings").hidden = cards.length === 0;
+  for (const id of ["controlnet-start", "controlnet-end"]) $(id).disabled = cards.length === 0;
+  if (!changed) return;
+  if (cards.length) $("controlnet-settings").open = true;  // every image needs their pictures
+  $("controlnet-summary").textContent =
+    cards.length ? `ControlNet pictures (${cards.map((c) => c.name).join(", ")})` : "ControlNet pictures";
+  const rows = cards.flatMap((card, i) => {
+    const what = `${card.name} (${card.kind})`;
+    const picture = document.createElement("input");
+    Object.assign(picture, { id: `controlnet-image-${i}`, type: "file", title: what });
+    picture.accept = "image/png,image/jpeg,image/webp";
+    const items = [controlnetLabel(picture.id, `ControlNet ${i + 1} picture`, what), picture];
+    if (card.modes) {  // a Union ControlNet: what its picture is
+      const select = document.createElement("select");
+      select.id = `controlnet-mode-${i}`;
+      select.append(new Option("choose a mode", ""), ...card.modes.map((mode) => new Option(mode, mode)));
+      items.push(controlnetLabel(select.id, `ControlNet ${i + 1} mode`, what), select);
+    }
+    const scale = document.createElement("input");
+    Object.assign(scale, { id: `controlnet-scale-${i}`, type: "number", min: "0", max: "10", step: "any" });
+    Object.assign(scale, { placeholder: "1", inputMode: "decimal" });
+    items.push(controlnetLabel(scale.id, `ControlNet ${i + 1} scale`, what), scale);
+    return items;
+  });
+  $("controlnet-list").replaceChildren(...rows);
+}
+
+// The ControlNets' pictures and settings as chosen ({files, scales, modes, start, end}), or {error} saying
+// what is missing: every image needs a picture per ControlNet, and a Union ControlNet its mode.
+function controlnetChoices() {
+  const files = [];
+  const scales = [];
+  const modes = [];
+  for (const [i, card] of controlnetCards.entries()) {
+    const input = $(`controlnet-image-${i}`);
+    if (!input.files.length) {
+      return { error: `This server has FLUX.1 ControlNets: every image follows one picture each. Choose ControlNet ${i + 1}'s picture (${card.name}) under ControlNet pictures.` };
+    }
+    files.push(input.files[0]);
+    const mode = card.modes ? $(`controlnet-mode-${i}`).value : "";
+    if (card.modes && !mode) {
+      return { error: `ControlNet ${i + 1} (${card.name}) is a Union ControlNet: choose what its picture is under ControlNet ${i + 1} mode.` };
+    }
+    modes.push(mode || null);
+    scales.push($(`controlnet-scale-${i}`).value.trim());
+  }
+  const number = (id) => ($(id).value.trim() === "" ? undefined : Number($(id).value));
+  return {
+    files,
+    // An empty scale is 1, the server's default; none given: none sent.
+    scales: scales.some((s) => s !== "") ? scales.map((s) => (s === "" ? 1 : Number(s))) : undefined,
+    modes: modes.some((m) => m !== null) ? modes : undefined,  // null for a ControlNet without modes
+    start: number("controlnet-start"),
+    end: number("controlnet-end"),
+  };
+}
+
+// The request fields of the ControlNets' settings (not their pictures), those given only.
+function controlnetFields(nets) {
+  const fields = {
+    controlnet_scales: nets.scales,
+    controlnet_modes: nets.modes,
+    controlnet_start: nets.start,
+    controlnet_end: nets.end,
+  };
+  return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
 }
 
 // The chosen Redux picture, or null: sent only while the server has FLUX.1 Redux loaded.
@@ -619,7 +723,10 @@ async function loadModel() {
       (CONTROL_WORDS[card.control]
         ? `. ${CONTROL_WORDS[card.control][0]}: it follows a control picture, ${CONTROL_WORDS[card.control][1]} (Control picture)`
         : "") +
-      (card.redux ? ". FLUX.1 Redux: a picture can prompt the images (Redux picture), and variations draw from it" : "");
+      (card.redux ? ". FLUX.1 Redux: a picture can prompt the images (Redux picture), and variations draw from it" : "") +
+      ((card.controlnets || []).length
+        ? `. FLUX.1 ControlNets: ${card.controlnets.map((c) => c.name).join(", ")} (ControlNet pictures)`
+        : "");
     fillModel = Boolean(card.fill);
     for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
       if (d[key] !== undefined) $(id).placeholder = String(d[key]);
@@ -649,6 +756,7 @@ async function loadModel() {
     for (const id of ["redux-image", "redux-strength"]) $(id).disabled = !reduxModel;
     $("variation-strength").disabled = reduxModel;
     $("variation-redux-help").hidden = !reduxModel;
+    showControlNets(card.controlnets || []);
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));
@@ -682,6 +790,16 @@ document.addEventListener("DOMContentLoaded", async () => {
       );
       return;
     }
+    let nets = null;  // the ControlNets' pictures and settings, where the server has ControlNets
+    if (controlnetCards.length) {  // the server would refuse an image without their pictures: said here
+      nets = mode === "variation"
+        ? { error: "This server has FLUX.1 ControlNets: every image needs their pictures, which variations do not take. Use Generate or Edit with them." }
+        : controlnetChoices();
+      if (nets.error) {
+        setError(nets.error);
+        return;
+      }
+    }
     if (mode === "variation" && reduxFile()) {  // the variation's own picture is its Redux picture
       setError("A variation's picture is its Redux picture: clear the Redux picture to make variations, or clear the variation picture to generate from the Redux picture.");
       return;
@@ -699,8 +817,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     if (layout) body.layout = layout;
     try {
       if (mode === "variation") submit(variationFromForm(body), "/v1/jobs/variations");
-      else if (mode === "edit") submit(editFromForm(body), "/v1/jobs/edits");
-      else submit(await withReference(body));
+      else if (mode === "edit") submit(editFromForm(body, nets), "/v1/jobs/edits");
+      else submit(await withReference(body, nets));
     } catch (err) {
       setError(err.message);
     }
@@ -729,6 +847,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("clear-redux-button").addEventListener("click", () => {
     $("redux-image").value = "";
+  });
+  $("clear-controlnet-button").addEventListener("click", () => {
+    for (const input of document.querySelectorAll("#controlnet-list input[type=file]")) input.value = "";
   });
   $("edit-image").addEventListener("change", () => choosePicture("edit"));
   $("variation-image").addEventListener("change", () => choosePicture("variation"));
@@ -801,6 +922,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("This image was made from a Redux picture (FLUX.1 Redux), which the page does not keep: use " +
         "Reuse settings and choose the same picture under Redux picture, or run " +
         "`pictor reproduce IMAGE --redux PICTURE`.");
+      return;
+    }
+    if (viewed.record.controlnets) {
+      // And the ControlNets' pictures: Reuse settings brings back their scales, modes and window.
+      setError("This image was made from ControlNet pictures, which the page does not keep: use Reuse " +
+        "settings and choose the same pictures under ControlNet pictures, or run " +
+        "`pictor reproduce IMAGE --controlnet-image PICTURE ...`.");
       return;
     }
     submit(recordRequest(viewed.record));
