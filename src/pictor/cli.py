@@ -492,6 +492,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         job_timeout=args.job_timeout,
         max_attempts=args.max_attempts,
+        load_retry=args.load_retry,
         block_words=block,
         limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images),
         vae_tile=args.vae_tile,

@@ -649,6 +649,14 @@ def _add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-batch", type=int, default=4, help="images per sampler run, merging equal requests")
     s.add_argument("--job-timeout", type=float, default=600.0, help="seconds a job may run")
     s.add_argument("--max-attempts", type=int, default=3, help="runs cut short by crashes before a job fails")
+    s.add_argument(
+        "--load-retry",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="after the model failed to load, refuse jobs (503) this long, then load it again for the next "
+        "job (default 60)",
+    )
     s.add_argument("--block-words", default=None, help="file of blocked prompt words, one per line")
     s.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="width*height limit")
     s.add_argument("--max-steps", type=int, default=Limits.max_steps)

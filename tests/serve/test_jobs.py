@@ -317,9 +317,9 @@ def test_hires_limit_errors_name_the_hires_pass(
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "hires_steps", r.text
     assert error["message"] == "the hires pass: steps is 60; the limit is 50"
-    # the pipeline's own checks name the field too
+    # the pipeline's own checks name the field too: here the one missing
     r = client.post("/v1/jobs", json={"prompt": "x", "hires_strength": 0.5})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "hires_strength", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hires_scale", r.text
 
 
 def test_serve_refuses_a_tile_its_model_cannot_use(tmp_path: Path) -> None:

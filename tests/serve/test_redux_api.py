@@ -322,6 +322,7 @@ def test_a_variation_with_redux_is_a_generation_from_the_pictures_tokens(
     assert record["prompt"] == "" and "strength" not in record and "source" not in record
     job = client.get("/v1/jobs").json()["data"][0]
     assert "kind" not in job["request"] and "image" not in job["request"] and job["request"]["redux_image"]
+    assert job["request"]["variation"] is True  # its picture was sent as `image` (errors name that field)
     # `pictor reproduce IMAGE --redux PICTURE` with the uploaded file itself (an opaque picture)
     wide.save(tmp_path / "wide.png")
     assert np.array_equal(np.asarray(reproduce(dev, record, redux=tmp_path / "wide.png").image), pixels)

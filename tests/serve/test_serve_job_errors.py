@@ -83,12 +83,15 @@ CASES: list[tuple[str, Callable[[Pipeline], str], str | None]] = [
     ("sampler", lambda p: _generation_error(p, sampler="x"), "sampler"),
     ("schedule", lambda p: _generation_error(p, schedule="x"), "schedule"),
     ("seed", lambda p: _generation_error(p, seed=-1), "seed"),
+    ("n", lambda p: _generation_error(p, num_images=0), "n"),
     ("negative", lambda p: _generation_error(p, negative_prompt="x", guidance=1.0), "negative_prompt"),
     ("cache", lambda p: _generation_error(p, cache_threshold=-1.0), "cache_threshold"),
     ("hires scale", lambda p: _generation_error(p, hires_scale=9.0), "hires_scale"),
     ("hires same size", lambda p: _generation_error(p, hires_scale=1.01), "hires_scale"),
     ("hires strength", lambda p: _generation_error(p, hires_scale=2.0, hires_strength=2.0), "hires_strength"),
     ("hires steps", lambda p: _generation_error(p, hires_scale=2.0, hires_steps=0), "hires_steps"),
+    ("hires steps without scale", lambda p: _generation_error(p, hires_steps=3), "hires_scale"),
+    ("hires strength without scale", lambda p: _generation_error(p, hires_strength=0.5), "hires_scale"),
     ("no control model", lambda p: _generation_error(p, control_image=PICTURE), "control_image"),
     ("canny alone", lambda p: _generation_error(p, control_canny=[50, 200]), "control_canny"),
     ("layout", lambda p: _generation_error(p, layout=LAYOUT), "layout"),
@@ -133,7 +136,7 @@ def test_pipeline_messages_name_their_field_in_the_apis_words(
     error = job_error(GenerationError(text))
     # the field first, as the history shows the message without the request (said once, if it was already)
     assert error["param"] == field and error["message"] in (api, f"{field}: {api}"), error
-    assert error["message"].startswith(field), error
+    assert re.match(rf"{field}\b", error["message"]), error  # as a word: "n: number of...", not "number"
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_parameters"
 
 
@@ -148,6 +151,18 @@ def test_cli_wording_becomes_api_wording() -> None:
     assert "this server was started without them (pictor serve --redux-model" in no_redux
     assert no_redux.endswith("drop redux_image")
     assert "--vae-tile" in api_message("VAE tile 3 does not fit; set --vae-tile 8")  # a server setting stays
+
+
+def test_hires_settings_without_a_scale_name_the_scale(client: TestClient) -> None:
+    """hires_steps (or hires_strength) sent without hires_scale: the scale is what is missing, said in the
+    API's words."""
+    for extra in ({"hires_steps": 3}, {"hires_strength": 0.5}):
+        r = client.post("/v1/jobs", json={"prompt": "a", "steps": 2, **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "hires_scale", error
+        assert error["message"].startswith("hires_strength and hires_steps need hires_scale"), error
+        assert "give hires_scale too" in error["message"], error
 
 
 def test_a_synchronous_request_refused_when_its_job_ran_names_the_field(tmp_path: Any) -> None:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from pictor.cli import main as cli_main
+from pictor.cli_args import build_parser
 from pictor.pipeline import Pipeline
+from pictor.serve.settings import ServeSettings
+from pictor.serve.store import QUEUED, JobRow, Store
 from tests.serve.conftest import wait_for
 from tests.serve.test_edits import png_bytes, source_image
 
@@ -137,3 +142,125 @@ def test_a_variation_after_a_failed_load_asks_for_the_model_again(
     wait_for(lambda: manager.ready, what="the model to load again")
     assert load.calls == 2
     assert client.post("/v1/images/variations", files=files, data={"steps": "2"}).status_code == 200
+
+
+def test_a_hires_request_without_a_size_after_a_failed_load_asks_for_the_model_again(
+    make_client: Callable[..., TestClient], loads: Callable[[list[Any]], Loads], tiny: Pipeline
+) -> None:
+    """Without the model a hires request without a size cannot be checked: inside the pause it is refused as
+    every job is (model_unavailable), after it it asks for the model (queueing nothing) and says it loads."""
+    load = loads([BROKEN, tiny])
+    load.go.set()
+    client = make_client(None, model="tiny", load_retry=0.5)
+    manager = client.app.state.service.manager
+    wait_for(lambda: manager.load_error, what="the first load to fail")
+    hires = {"prompt": "a", "steps": 2, "hires_scale": 2}
+    soon = client.post("/v1/jobs", json=hires)
+    assert soon.status_code == 503 and soon.json()["error"]["code"] == "model_unavailable", soon.text
+    assert 0 < int(soon.headers["retry-after"]) <= 1
+    time.sleep(0.6)
+    later = client.post("/v1/jobs", json=hires)
+    assert later.status_code == 503 and later.json()["error"]["code"] == "model_loading", later.text
+    assert "give a size" in later.json()["error"]["message"]
+    wait_for(lambda: manager.ready, what="the model to load again")
+    assert load.calls == 2 and client.get("/readyz").json()["status"] == "ready"
+    assert client.post("/v1/jobs", json=hires).status_code == 202
+
+
+def test_requests_refused_anyway_are_refused_before_their_pictures_are_read(
+    make_client: Callable[..., TestClient], loads: Callable[[list[Any]], Loads]
+) -> None:
+    """While a failed load is not to be tried again (and while the server drains), generations, edits and
+    variations get the 503 before their pictures are decoded: unreadable pictures are not what is blamed."""
+    load = loads([BROKEN])
+    load.go.set()
+    client = make_client(None, model="tiny", load_retry=60)
+    manager = client.app.state.service.manager
+    wait_for(lambda: manager.load_error, what="the load to fail")
+    junk = "bm90IGEgcGljdHVyZQ=="  # base64, but no picture
+    garbage = {"image": ("source.png", b"not a picture", "image/png")}
+    answers = [
+        client.post("/v1/jobs", json={"prompt": "a", "reference_image": junk}),
+        client.post("/v1/images/generations", json={"prompt": "a", "controlnet_images": [junk]}),
+        client.post("/v1/jobs/edits", files=garbage, data={"prompt": "a"}),
+        client.post("/v1/images/edits", files=garbage, data={"prompt": "a"}),
+        client.post("/v1/jobs/variations", files=garbage),
+    ]
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "model_unavailable", answer.text
+    manager.begin_drain()
+    for answer in (
+        client.post("/v1/jobs/edits", files=garbage, data={"prompt": "a"}),
+        client.post("/v1/jobs", json={"prompt": "a", "reference_image": junk}),
+    ):
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down", answer.text
+    assert not any(client.app.state.service.store.uploads_dir.iterdir())
+
+
+def test_jobs_resumed_after_a_restart_wait_through_a_failed_load(
+    make_client: Callable[..., TestClient],
+    tiny: Pipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_job: Callable[..., Any],
+) -> None:
+    """A restart promises to run the unfinished jobs again: a failed load leaves them queued with their
+    uploads (a job sent since the start fails, its client told at once), the worker tries the load again
+    by itself after load_retry, and they run once it succeeds."""
+    first, second, calls = threading.Event(), threading.Event(), []
+
+    def load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        calls.append(model)
+        if len(calls) == 1:
+            assert first.wait(30)
+            raise BROKEN
+        assert second.wait(30)
+        return tiny
+
+    monkeypatch.setattr("pictor.loading.load", load)
+    store = Store(make_client.data_dir)
+    picture = store.write_upload(source_image())
+    edit = {"kind": "edit", "prompt": "a red circle", "steps": 2, "n": 1, "strength": 0.5, "image": picture}
+    store.add_job(JobRow("a" * 32, time.time(), QUEUED, edit))
+    store.add_job(JobRow("b" * 32, time.time(), QUEUED, {"prompt": "a red circle", "steps": 2, "n": 1}))
+    store.mark_running(["b" * 32], time.time())  # running when the server stopped
+    store.close()
+    try:
+        client = make_client(None, model="tiny", load_retry=1.0)
+        sent = client.post("/v1/jobs", json={"prompt": "sent since the start", "steps": 2})
+        assert sent.status_code == 202, sent.text
+        first.set()
+        failed = wait_job(client, sent.json()["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "model_unavailable", failed
+        for job_id in ("a" * 32, "b" * 32):
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "queued" and job["error"] is None, job
+        assert client.app.state.service.store.upload_path(picture).is_file()
+        assert len(calls) == 1  # not again at once
+        wait_for(lambda: len(calls) == 2, what="the worker to load the model again by itself")
+    finally:
+        second.set()
+    for job_id in ("a" * 32, "b" * 32):
+        assert wait_job(client, job_id)["status"] == "succeeded"
+    assert client.get("/readyz").json()["status"] == "ready"
+
+
+def test_serve_takes_load_retry_from_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`pictor serve --load-retry SECONDS` (the name its error message uses), checked."""
+    given: list[ServeSettings] = []
+
+    def serve(settings: ServeSettings, log_level: str = "info") -> int:
+        given.append(settings)
+        return 0
+
+    monkeypatch.setattr("pictor.serve.server.serve", serve)
+    base = ["serve", "--port", "0", "--data-dir", str(tmp_path)]
+    assert build_parser().parse_args(base).load_retry == ServeSettings().load_retry == 60
+    assert cli_main([*base, "--load-retry", "2.5"]) == 0
+    assert given[-1].load_retry == 2.5
+    for bad in ("-1", "nan", "inf"):
+        assert cli_main([*base, "--load-retry", bad]) == 2
+        assert "load-retry must be a number of seconds >= 0" in capsys.readouterr().err
+    assert len(given) == 1

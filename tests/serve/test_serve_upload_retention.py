@@ -4,8 +4,11 @@ history entry's go, and a restart sweeps what nothing names."""
 
 from __future__ import annotations
 
+import base64
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path, PosixPath
 from typing import Any
 
 import numpy as np
@@ -17,7 +20,8 @@ from pictor.pipeline import Pipeline
 from pictor.provenance import read_record
 from pictor.reproduce import reproduce
 from pictor.serve.store import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRow, Store
-from tests.serve.conftest import GatedPipeline, wait_for
+from pictor.serve.upload_retention import missing_upload
+from tests.serve.conftest import GatedPipeline, wait_for, with_reference_adapter
 from tests.serve.test_edits import png_bytes, source_image
 
 
@@ -250,3 +254,157 @@ def test_a_request_that_is_not_queued_leaves_no_upload(
     with pytest.raises(OSError, match="Input/output error"):
         queue_edit(client)
     assert not upload_files(client)
+
+
+def b64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def test_a_missing_upload_is_named_by_the_field_it_was_sent_as(
+    make_client: Callable[..., TestClient],
+    tiny: Pipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_job: Callable[..., Any],
+) -> None:
+    """upload_missing's `param` is the request's field, not the job's setting: reference_image (kept as
+    `reference`), controlnet_images or an edit's controlnet_image (the message says which picture), and a
+    variation's `image` whatever its picture became (a reference, a Redux picture)."""
+    loaded = threading.Event()
+
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        assert loaded.wait(30)
+        return tiny
+
+    monkeypatch.setattr("pictor.loading.load", slow_load)
+    client = make_client(None, model="tiny")  # while it loads, jobs are checked only when they run
+    store = client.app.state.service.store
+    picture = source_image()
+    try:
+        jobs = {
+            "reference_image": client.post(
+                "/v1/jobs", json={"prompt": "a", "steps": 2, "reference_image": b64(picture)}
+            ).json(),
+            "controlnet_images": client.post(
+                "/v1/jobs", json={"prompt": "a", "steps": 2, "controlnet_images": [b64(picture)] * 2}
+            ).json(),
+            "controlnet_image": client.post(
+                "/v1/jobs/edits",
+                files=[
+                    ("image", ("source.png", png_bytes(picture), "image/png")),
+                    *[("controlnet_image", (f"{i}.png", png_bytes(picture), "image/png")) for i in (0, 1)],
+                ],
+                data={"prompt": "a", "steps": "2"},
+            ).json(),
+        }
+        for field, job in jobs.items():
+            key = {"reference_image": "reference", "controlnet_image": "controlnet_images"}.get(field, field)
+            kept = job["request"][key]
+            store.upload_path(kept[1] if isinstance(kept, list) else kept).unlink()
+    finally:
+        loaded.set()
+    for field, job in jobs.items():
+        error = wait_job(client, job["id"])["error"]
+        assert error["code"] == "upload_missing" and error["param"] == field, error
+        assert error["message"].startswith(f"{field}[1]: " if "controlnet" in field else f"{field}: "), error
+
+    # A variation: its picture is also the reference on a model with a reference adapter.
+    gated = GatedPipeline(with_reference_adapter(make_client.data_dir.parent))
+    other = make_client(gated, data_dir=make_client.data_dir.parent / "other")
+    other.post("/v1/jobs", json={"prompt": "hold the worker", "steps": 2})
+    assert gated.gate.reached.wait(10)
+    files = {"image": ("picture.png", png_bytes(picture), "image/png")}
+    variation = other.post("/v1/jobs/variations", files=files, data={"steps": "2"}).json()
+    assert variation["request"]["variation"] is True and variation["request"]["reference"], variation
+    kept = other.app.state.service.store
+    kept.upload_path(variation["request"]["reference"]).unlink()
+    gated.gate.armed = False
+    gated.gate.release.set()
+    error = wait_job(other, variation["id"])["error"]
+    assert error["code"] == "upload_missing" and error["param"] == "image", error
+    # ... and a Redux variation's picture, kept as its redux_image (test_redux_api.py runs one)
+    redux = {"prompt": "", "redux_image": "f" * 32, "variation": True}
+    assert (missing_upload(kept, redux) or {})["param"] == "image"
+    assert (missing_upload(kept, {**redux, "variation": None}) or {})["param"] == "redux_image"
+
+
+def test_a_b64_answer_outrun_by_a_history_delete_says_so(
+    make_client: Callable[..., TestClient], tiny: Pipeline
+) -> None:
+    """DELETE /v1/history/{id} between a synchronous job's end and its b64_json answer: a 410 that says what
+    happened, not a 500."""
+    client = make_client(tiny)
+    svc = client.app.state.service
+    real_wait = svc.manager.wait
+
+    async def wait_then_deleted(job_id: str) -> Any:
+        job = await real_wait(job_id)
+        wait_for(lambda: not svc.manager.busy(job_id), what="the run to end")
+        svc.forget(job_id)  # another client's DELETE /v1/history/{id}
+        return job
+
+    svc.manager.wait = wait_then_deleted  # type: ignore[method-assign]
+    r = client.post("/v1/images/generations", json={"prompt": "a", "steps": 2, "response_format": "b64_json"})
+    assert r.status_code == 410, r.text
+    error = r.json()["error"]
+    assert error["code"] == "job_deleted" and "deleted from the history meanwhile" in error["message"], error
+
+
+def test_an_image_deleted_while_it_is_fetched(
+    make_client: Callable[..., TestClient],
+    tiny: Pipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_job: Callable[..., Any],
+) -> None:
+    """GET /v1/images/{id} racing DELETE /v1/history/{id}: deleted before the file is opened, a 404 that says
+    so; deleted once it is open (or was checked for), the whole PNG, not a 500 mid-answer."""
+    client = make_client(tiny)
+    svc = client.app.state.service
+    done = [
+        wait_job(client, client.post("/v1/jobs", json={"prompt": "a", "steps": 2}).json()["id"]) for _ in "ab"
+    ]
+    (first, second) = (job["results"][0]["image_id"] for job in done)
+
+    real_get = svc.store.get_image
+
+    def found_then_deleted(image_id: str) -> Any:
+        row = real_get(image_id)
+        monkeypatch.setattr(svc.store, "get_image", real_get)
+        svc.forget(done[0]["id"])
+        return row
+
+    monkeypatch.setattr(svc.store, "get_image", found_then_deleted)
+    r = client.get(f"/v1/images/{first}")
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "image_not_found"
+    assert "deleted from the history meanwhile" in r.json()["error"]["message"]
+
+    png = svc.store.image_path(second).read_bytes()
+    forgotten: list[str] = []
+
+    class DeletedOnceUsed(PosixPath):
+        """The image's path, whose job is deleted from the history as soon as the route checks for or opens
+        the file."""
+
+        def _deleted(self) -> None:
+            if not forgotten:
+                forgotten.append(done[1]["id"])
+                svc.forget(done[1]["id"])
+
+        def is_file(self) -> bool:  # type: ignore[override]
+            there = super().is_file()
+            self._deleted()
+            return there
+
+        def open(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            f = super().open(*args, **kwargs)
+            self._deleted()
+            return f
+
+    real_path = svc.store.image_path
+    monkeypatch.setattr(
+        svc.store, "image_path", lambda i: DeletedOnceUsed(real_path(i)) if i == second else real_path(i)
+    )
+    r = client.get(f"/v1/images/{second}")
+    assert forgotten and r.status_code == 200 and r.content == png
+    assert not Path(real_path(second)).exists()
+    assert client.get(f"/v1/images/{second}").status_code == 404

@@ -70,6 +70,10 @@ from pictor.serve.uploads import decode_upload
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
+# The setting that marks a job sent as a variation (an edit or, with FLUX.1 Redux, a generation): its pictures
+# all came from the form's one field `image`, which errors about them name (upload_retention.upload_field).
+VARIATION = {"variation": True}
+
 
 def _transparent(image: Image.Image) -> Image.Image | None:
     """White where the image is fully transparent (OpenAI's "edit here"), or None without alpha."""
@@ -293,6 +297,7 @@ class EditForm:
     control: Image.Image | None = None  # FLUX.1 Canny / Depth's control picture
     redux: Image.Image | None = None  # FLUX.1 Redux's picture
     controlnets: list[Image.Image] | None = None  # FLUX.1 ControlNets' pictures, in order
+    variation: bool = False  # sent to a variation endpoint, whose one picture is `image`
 
 
 async def read_image(
@@ -398,7 +403,8 @@ async def edit_form(
     stream: Annotated[str | None, Form(description="Only false.")] = None,
 ) -> EditForm:
     """The one multipart grammar of both edit endpoints (synchronous and queued)."""
-    limits = service(request).settings.limits
+    svc = service(request)
+    limits = svc.settings.limits
     sent = await request.form()
     check_fields(set(sent.keys()))
     check_text(limits, user=user)
@@ -412,6 +418,9 @@ async def edit_form(
             code="invalid_parameters",
         )
 
+    # A request refused anyway (shutting down, the model failed to load) is refused before any picture is
+    # decoded; submit checks again.
+    svc.manager.check_intake()
     # Reference and context pictures are fitted before use: held to max_picture_pixels, not to the output
     # limit.
     source = await read_image(image, "image", limits)
@@ -462,7 +471,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
     """Validate, keep the uploads and queue the job; a refused job leaves no upload behind."""
     # edit_params writes the uploads only once everything is valid; svc.submit deletes them (every key of
     # upload_retention.UPLOAD_KEYS, context_image included) when the job is not queued.
-    params = await run_in_threadpool(
+    kept = await run_in_threadpool(
         edit_params,
         svc,
         form.source,
@@ -475,6 +484,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
         form.redux,
         form.controlnets,
     )
+    params = {**kept, **VARIATION} if form.variation else kept
     return await run_in_threadpool(svc.submit, params, form.user)
 
 

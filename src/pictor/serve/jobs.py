@@ -10,8 +10,11 @@
 - Durability: every state change is committed to the store before it is announced. On start, queued jobs
   and jobs that were running when the process died are queued again; a job that was running during
   ``max_attempts`` deaths is failed instead, so one poisonous job cannot crash-loop the server.
-- Loading: a model that fails to load fails the jobs queued for it (they would wait forever); jobs are then
-  refused (503) for ``load_retry`` seconds, and the first one after that is queued and loads the model again.
+- Loading: a model that fails to load fails the jobs sent for it since the start (their clients are told at
+  once, rather than waiting for a fix that may never come); jobs are then refused (503) for ``load_retry``
+  seconds, and the first one after that is queued and loads the model again. Jobs resumed from before a
+  restart stay queued instead (a restart promises to run them): while they wait, the worker tries the load
+  again every ``load_retry`` seconds by itself, and they run once a load succeeds.
 - Uploads are deleted when nothing needs them any more (see `upload_retention`).
 """
 
@@ -76,7 +79,8 @@ class JobManager:
         self.metrics = metrics
         self.pipeline = pipeline
         self._load = LoadState(settings.model, settings.load_retry)
-        self._reload_wanted = False  # a variation asked for the model after a failed load
+        # Jobs resumed from the store at start: a failed load leaves them queued (see the module's docstring).
+        self._resumed: set[str] = set()
         self.hub = Hub()
         self._loader = loader
         self._cond = threading.Condition()
@@ -144,6 +148,7 @@ class JobManager:
                 self.store.requeue(job.id)
                 job.status = QUEUED
             self._queue.append(job)
+            self._resumed.add(job.id)
         if self._queue:
             log.info("resuming %d unfinished jobs from %s", len(self._queue), self.store.data_dir)
 
@@ -166,8 +171,10 @@ class JobManager:
 
     # -- requests from the API -----------------------------------------------------------------------
 
-    def submit(self, params: dict[str, Any], user: str | None = None) -> JobRow:
-        retry = {"Retry-After": str(self.settings.retry_after)}
+    def check_intake(self) -> None:
+        """Raise the 503 that new work gets now (shutting down; a failed load not to be tried again yet), so
+        that a request refused anyway is refused before its pictures are decoded and written. `submit`
+        checks again."""
         with self._cond:
             if self._draining:
                 self.metrics.reject("shutting_down")
@@ -176,11 +183,16 @@ class JobManager:
                     "the server is shutting down and takes no new jobs; retry shortly",
                     "server_error",
                     "shutting_down",
-                    headers=retry,
+                    headers={"Retry-After": str(self.settings.retry_after)},
                 )
-            refusal = self.unavailable()
+            refusal = self._load.refusal()
             if refusal is not None:
                 raise refusal
+
+    def submit(self, params: dict[str, Any], user: str | None = None) -> JobRow:
+        retry = {"Retry-After": str(self.settings.retry_after)}
+        with self._cond:
+            self.check_intake()
             if len(self._queue) >= self.settings.queue_size:
                 self.metrics.reject("queue_full")
                 raise APIError(
@@ -271,42 +283,54 @@ class JobManager:
             return self._load.refusal()
 
     def request_load(self) -> None:
-        """Ask for the model after a failed load without queueing a job (a variation needs the model to be
-        checked at all); the worker loads it again unless `unavailable()` says it is too soon."""
+        """Ask for the model after a failed load without queueing a job (a variation, a hires request without
+        a size: they need the model to be checked at all); the worker loads it again unless `unavailable()`
+        says it is too soon."""
         with self._cond:
-            if self.pipeline is None and self._load.error is not None and self._load.refusal() is None:
-                self._reload_wanted = True
+            if self.pipeline is None:
+                self._load.want()
                 self._cond.notify_all()
 
     def _work(self) -> None:
         while True:
-            if self.pipeline is None and self._loader is not None:
-                self._load_model()
+            batch = self._next_batch()
+            if batch is None:
+                return  # draining
+            self._run(batch)
+
+    def _next_batch(self) -> list[Live] | None:
+        """Wait for work, loading the model first where it is missing (see `LoadState.next_try` for when);
+        the next sampler run, taken off the queue, or None once the server drains."""
+        while True:
             with self._cond:
-                while not (self._draining or self._queue or (self._reload_wanted and self.pipeline is None)):
-                    self._cond.wait()
                 if self._draining:
-                    return
-                self._reload_wanted = False
-                if self.pipeline is None and self._loader is not None:
-                    continue  # work came after a failed load (submit refused it until then): load again
-                batch = take_batch(self._queue, self.settings.max_batch)
-                self._running = {live.job.id: live for live in batch}
-            try:
-                self._run_batch(batch)
-            except Exception:  # a bug here must not kill the worker and strand the queue
-                log.exception("worker error")
-                for live in batch:
-                    error = {
-                        "message": "internal error in the worker",
-                        "type": "server_error",
-                        "code": "internal",
-                    }
-                    self._finish(live.job, FAILED, error=error)
-            finally:
-                with self._cond:
-                    self._running = {}
-                self._release_ended(batch)
+                    return None
+                if self.pipeline is not None:
+                    if self._queue:
+                        batch = take_batch(self._queue, self.settings.max_batch)
+                        self._running = {live.job.id: live for live in batch}
+                        return batch
+                    self._cond.wait()
+                    continue
+                wait = self._load.next_try(bool(self._queue))
+                if wait is None or wait > 0:
+                    self._cond.wait(wait)  # for work, a request for the model, or the end of the pause
+                    continue
+                self._load.started()
+            self._load_model()
+
+    def _run(self, batch: list[Live]) -> None:
+        try:
+            self._run_batch(batch)
+        except Exception:  # a bug here must not kill the worker and strand the queue
+            log.exception("worker error")
+            error = {"message": "internal error in the worker", "type": "server_error", "code": "internal"}
+            for live in batch:
+                self._finish(live.job, FAILED, error=error)
+        finally:
+            with self._cond:
+                self._running = {}
+            self._release_ended(batch)
 
     def _release_ended(self, batch: list[Live]) -> None:
         """After a run: the uploads of its jobs that failed or were cancelled, which it no longer reads."""
@@ -319,25 +343,34 @@ class JobManager:
             log.exception("deleting the uploads of ended jobs failed")
 
     def _load_model(self) -> None:
-        """Load the model; on failure, fail the jobs queued for it (nothing else would end them) and refuse
-        new ones for a while. The server stays up to say why (readyz, the jobs' errors, 503s)."""
+        """Load the model (`LoadState.started` already said so); on failure, fail the jobs sent since the
+        start (their clients learn why at once) and refuse new ones for a while; jobs resumed from before a
+        restart stay queued for a later load. The server stays up to say why (readyz, the jobs' errors,
+        503s)."""
         assert self._loader is not None
-        with self._cond:
-            self._load.loading = True
         try:
             pipeline = self._loader()
         except Exception as exc:
             log.exception("loading the model failed")
             with self._cond:  # atomic with submit and cancel: no job is queued or cancelled in between
                 self._load.failed(exc)
-                while self._queue:
-                    job = self._queue.popleft()
+                stranded = [job for job in self._queue if job.id not in self._resumed]
+                for job in stranded:
+                    self._queue.remove(job)
                     self._finish(job, FAILED, error=self._load.job_error())
                     self._release(job)
+                if self._queue:
+                    log.warning(
+                        "%d jobs resumed from before the restart stay queued; the model is loaded again "
+                        "for them in %g s",
+                        len(self._queue),
+                        self.settings.load_retry,
+                    )
             return
         with self._cond:
             self.pipeline = pipeline
             self._load.succeeded()
+            self._resumed.clear()  # a loaded model is never unloaded: nothing is left to tell apart
         log.info("model '%s' loaded", pipeline.name)
 
     def _run_batch(self, batch: list[Live]) -> None:

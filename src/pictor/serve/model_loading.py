@@ -4,8 +4,10 @@ and when it may be tried again.
 A load that failed once (a missing or broken file, a LoRA, Redux or tiling setting that does not fit) mostly
 fails again, and a load can take minutes: reloading for every request would make each wait that long to be
 told the same. So after a failure jobs are refused (503, Retry-After) for ``ServeSettings.load_retry``
-seconds; the first job after that is queued and the model is loaded again for it, so a file fixed meanwhile
-is picked up without a restart. The owner (`JobManager`) guards an instance with its lock.
+seconds; after that the model is loaded again for the first job sent (or the first request that needs the
+model to be checked at all, `wanted`), and by itself while jobs resumed from before a restart wait, so a
+file fixed meanwhile is picked up without a restart. The owner (`JobManager`) guards an instance with its
+lock.
 """
 
 from __future__ import annotations
@@ -25,14 +27,36 @@ class LoadState:
     error: str | None = None  # why the last load failed; None once one succeeded (or before the first)
     loading: bool = False
     retry_at: float = 0.0  # time.monotonic() from which a failed load may be tried again
+    # A request that needs the model to be checked at all (a variation, a hires request without a size)
+    # asked for it after a failed load: load it although no job waits.
+    wanted: bool = False
+
+    def started(self) -> None:
+        self.loading, self.wanted = True, False
 
     def failed(self, exc: Exception) -> None:
         self.error = f"{type(exc).__name__}: {exc}"
         self.retry_at = time.monotonic() + self.retry_seconds
-        self.loading = False
+        self.loading = self.wanted = False
 
     def succeeded(self) -> None:
-        self.error, self.loading = None, False
+        self.error, self.loading, self.wanted = None, False, False
+
+    def want(self) -> None:
+        """Ask for the model without queueing a job; heeded once a failed load may be tried again (a first
+        load, or one under way, needs no asking)."""
+        if self.error is not None and self.refusal() is None and not self.loading:
+            self.wanted = True
+
+    def next_try(self, work_waiting: bool) -> float | None:
+        """For a worker without the model: seconds until it should load it (0: now), or None to wait for work.
+        The first load starts at once; after a failure, once jobs wait or a request asked for the model, and
+        no sooner than `retry_at`."""
+        if self.error is None:
+            return 0.0
+        if not (work_waiting or self.wanted):
+            return None
+        return max(0.0, self.retry_at - time.monotonic())
 
     def refusal(self) -> APIError | None:
         """The 503 for new work while a failed load is not to be tried again yet; None when work is taken

@@ -47,6 +47,8 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
         (r"^the image", "image"),
         (r"^strength", "strength"),
+        # "hires strength and steps need a hires scale": the scale is what is missing
+        (r"^hires strength and steps need a hires scale", "hires_scale"),
         (r"^hires strength", "hires_strength"),
         (r"^hires steps", "hires_steps"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
@@ -113,6 +115,8 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             " (one per ControlNet, in the order GET /v1/models lists them)",
         ),
         (r"\(or give 'none' in its place\)", "(or null in its place)"),
+        (r"^hires strength and steps need a hires scale", "hires_strength and hires_steps need hires_scale"),
+        (r"give the scale too$", "give hires_scale too"),
     )
 )
 
@@ -187,6 +191,7 @@ def job_error(exc: Exception, form: bool = False) -> dict[str, Any]:
     queued before a restart with another model): its field in `param` and at the start of the message, as
     the history shows the message without the request beside it. `form`: as for `request_error`."""
     message, field = request_error(exc, form)
-    if field and not message.startswith(field):
+    # The field as a word: "steps must be..." names it already, "number of images..." (n's) does not.
+    if field and not re.match(rf"{re.escape(field)}\b", message):
         message = f"{field}: {message}"
     return {"message": message, "type": "invalid_request_error", "code": "invalid_parameters", "param": field}

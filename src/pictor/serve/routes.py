@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
 from pictor.provenance import PARAMETERS_KEY, RECORD_KEY, ProvenanceError, read_text_chunks
@@ -110,12 +110,31 @@ async def finished_images(
     data = []
     for r in job.results:
         if response_format == "b64_json":
-            raw = await run_in_threadpool(svc.store.image_path(r["image_id"]).read_bytes)
+            raw = await run_in_threadpool(_image_bytes, svc, r["image_id"])
+            if raw is None:  # DELETE /v1/history/{id} came between the job's end and this answer
+                raise APIError(
+                    410,
+                    f"job '{job.id}' succeeded, but was deleted from the history meanwhile (DELETE "
+                    f"/v1/history/{job.id}), with its images; send the request again",
+                    code="job_deleted",
+                )
             data.append(ImageData(b64_json=base64.b64encode(raw).decode("ascii")))
         else:
             data.append(ImageData(url=svc.image_url(request, r["image_id"])))
     # OpenAI's clients ignore a field they do not know; left out when empty, as OpenAI's answers have none.
     return ImagesResponse(created=int(job.created), data=data, job_id=job.id, warnings=job.warnings or None)
+
+
+def _image_bytes(svc: Service, image_id: str) -> bytes | None:
+    """An image's PNG, or None when its history entry was deleted meanwhile. Read at once: a file is checked
+    for by opening it, as a check before the open could be outrun by a DELETE."""
+    try:
+        with svc.store.image_path(image_id).open("rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        if svc.store.get_image(image_id) is None:
+            return None
+        raise  # the row is there, the file is not: removed by hand from the data dir (a 500)
 
 
 @router.api_route("/images/generations", methods=OTHER_METHODS, include_in_schema=False)
@@ -323,7 +342,7 @@ async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
 
 @router.get(
     "/images/{image_id}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "The PNG with its provenance chunks"}},
     summary="An image as stored, with its provenance (A1111 parameters + pictor record)",
 )
@@ -332,15 +351,19 @@ def get_image(
     request: Request,
     exp: Annotated[int | None, Query(description="Signed URLs: expiry (unix time)")] = None,
     sig: Annotated[str | None, Query(max_length=64, description="Signed URLs: signature")] = None,
-) -> FileResponse:
+) -> Response:
     svc = service(request)
-    path = svc.store.image_path(image_id)
-    if svc.store.get_image(image_id) is None or not path.is_file():
+    if svc.store.get_image(image_id) is None:
         raise not_found("image", image_id)
-    return FileResponse(
-        path,
-        media_type="image/png",
-        headers={"Cache-Control": "private, max-age=31536000, immutable"},
+    try:
+        png = _image_bytes(svc, image_id)  # read before answering: a DELETE may come at any time
+    except FileNotFoundError:  # its file removed from the data dir by hand: as if it had never been
+        raise not_found("image", image_id) from None
+    if png is None:
+        message = f"image '{image_id}' was deleted from the history meanwhile"
+        raise APIError(404, message, code="image_not_found")
+    return Response(
+        png, media_type="image/png", headers={"Cache-Control": "private, max-age=31536000, immutable"}
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import Request
 from PIL import Image
@@ -94,6 +94,12 @@ class Service:
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
         has_picture = body.reference_image is not None or body.redux_image is not None or redux is not None
         require_prompt(body.prompt, has_picture)
+        # A request refused anyway (shutting down, the model failed to load) is refused before its pictures
+        # are decoded and written. The pipeline is read once: it never goes away once loaded.
+        self.manager.check_intake()
+        pipe = self.manager.pipeline
+        if pipe is None and body.hires_scale is not None:
+            self._check_hires_while_loading(body, n, width, height)
         # Kept as sent, made 8-bit RGB (their fitting is the pipeline's, and recorded).
         reference = _picture(body.reference_image, "reference_image", limits)
         context = _picture(body.context_image, "context_image", limits)
@@ -128,10 +134,7 @@ class Service:
             "controlnet_end": body.controlnet_end,
         }
         pictures = (reference, context, control, redux, nets)
-        pipe = self.manager.pipeline
         if pipe is None:  # still loading: the worker checks the rest when the job runs
-            if body.hires_scale is not None:
-                self._check_hires_while_loading(body, n, width, height)
             return self._keep_reference(params, *pictures)
         request = generation_request(
             params,
@@ -199,16 +202,30 @@ class Service:
         pass from above (every model rounds to a multiple of 16 or a divisor of it), or ask to come back."""
         assert body.hires_scale is not None
         if width is None or height is None:
-            raise APIError(
-                503,
-                "the model is still loading, and a hires request without a size can only be checked against "
-                f"the limits once it has; retry after {self.settings.retry_after} s or give a size",
-                "server_error",
-                "model_loading",
-                headers={"Retry-After": str(self.settings.retry_after)},
+            self.need_model(
+                "a hires request without a size can only be checked against the limits once it has",
+                "or give a size",
             )
         bound = [math.ceil(side * body.hires_scale / 16) * 16 for side in (width, height)]
         self._check_hires(body, n, bound[0], bound[1], body.hires_steps or body.steps or 1)
+
+    def need_model(self, why: str, instead: str = "") -> NoReturn:
+        """Refuse a request that cannot be checked without the model, which is not there: 503
+        model_unavailable while a failed load is not to be tried again yet, else 503 model_loading, having
+        asked the worker for the model (after a failed load nothing else would: no job is queued).
+        `why`: why the request needs the model; `instead`: what else the client may do."""
+        refusal = self.manager.unavailable()
+        if refusal is not None:
+            raise refusal
+        self.manager.request_load()
+        retry = self.settings.retry_after
+        raise APIError(
+            503,
+            f"the model is still loading, and {why}; retry after {retry} s{' ' + instead if instead else ''}",
+            "server_error",
+            "model_loading",
+            headers={"Retry-After": str(retry)},
+        )
 
     def _keep_reference(
         self,

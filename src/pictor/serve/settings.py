@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +47,10 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     url_ttl: int = 24 * 3600  # lifetime of signed image URLs (only used with an API key)
     retry_after: int = 5  # seconds, sent with 429 and 503
-    # After the model failed to load, jobs are refused (503) for this many seconds; the first job after that
-    # is queued and the model is loaded again for it, so a fixed model file is picked up without a restart
-    # while a broken one is not reloaded for every request.
+    # After the model failed to load, jobs are refused (503) for this many seconds (--load-retry); the first
+    # job after that is queued and the model is loaded again for it (jobs resumed from before a restart wait
+    # for it), so a fixed model file is picked up without a restart while a broken one is not reloaded for
+    # every request.
     load_retry: float = 60.0
     # Decode through the autoencoder in tiles of this many pixels (bounds its memory on large images; the
     # images' records keep it); None: whole. The overlap None: a quarter of the tile.
@@ -70,8 +72,8 @@ class ServeSettings:
         for name in ("queue_size", "max_batch", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.load_retry < 0:
-            raise ValueError(f"load-retry must be >= 0 seconds, got {self.load_retry}")
+        if not 0 <= self.load_retry < math.inf:  # NaN fails this too
+            raise ValueError(f"load-retry must be a number of seconds >= 0, got {self.load_retry}")
         if self.job_timeout <= 0:
             raise ValueError(f"job-timeout must be > 0 seconds, got {self.job_timeout}")
         if self.vae_tile is not None and self.vae_tile <= 0:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from pictor.serve.pipeline_errors import FORM_CONTROLNET_FILE
 from pictor.serve.store import Store, valid_id
 
 log = logging.getLogger("pictor.serve")
@@ -81,15 +82,31 @@ def sweep_uploads(store: Store, keep: set[str]) -> list[str]:
     return swept
 
 
+def upload_field(key: str, params: dict[str, Any]) -> str:
+    """The request field a job's upload setting came from: a variation's pictures (its source, reference or
+    Redux picture) all from `image`; a reference picture from `reference_image`; ControlNet pictures from a
+    JSON body's `controlnet_images` or an edit form's repeated `controlnet_image`; the rest as named."""
+    if params.get("variation"):
+        return "image"
+    if key == "reference":
+        return "reference_image"
+    if key == "controlnet_images" and params.get("kind") == "edit":
+        return FORM_CONTROLNET_FILE
+    return key
+
+
 def missing_upload(store: Store, params: dict[str, Any]) -> dict[str, Any] | None:
     """The error of a job whose upload is gone (deleted by hand), or None: the pipeline would blame the
-    client for it and name the server's path."""
+    client for it and name the server's path. Its `param` is the request field the picture was sent as."""
     for key in UPLOAD_KEYS:
-        for upload in _named(params.get(key)):
+        value = params.get(key)
+        for index, upload in enumerate(_named(value)):
             if not store.upload_path(upload).is_file():
+                field = upload_field(key, params)
+                which = f"{field}[{index}]" if isinstance(value, list) else field
                 message = (
-                    f"{key}: the picture this job was sent with is no longer in the server's data dir "
+                    f"{which}: the picture this job was sent with is no longer in the server's data dir "
                     f"(uploads/{upload}.png); send the request again"
                 )
-                return {"message": message, "type": "server_error", "code": "upload_missing", "param": key}
+                return {"message": message, "type": "server_error", "code": "upload_missing", "param": field}
     return None

@@ -59,6 +59,7 @@ from pictor.generation_settings import settings_problem
 from pictor.serve.api_models import ImageGenerationRequest, ImagesResponse, Job
 from pictor.serve.edits import (
     SIZE_PATTERN,
+    VARIATION,
     Count,
     EditForm,
     Fraction,
@@ -273,20 +274,10 @@ async def variation_form(
     check_text(limits, prompt=prompt, negative_prompt=negative_prompt or "")
     check_names(sampler, schedule)
     svc.check_model(model)
-    refusal = svc.manager.unavailable()
-    if refusal is not None:
-        raise refusal
+    svc.manager.check_intake()  # shutting down, or the model failed to load: before the picture is read
     if svc.manager.pipeline is None:
-        svc.manager.request_load()  # after a failed load, once it may be tried again
-        # Whether the picture also goes as a reference depends on the model, which is not there yet.
-        raise APIError(
-            503,
-            f"the model is still loading, and what a variation does depends on it; retry after "
-            f"{svc.settings.retry_after} s",
-            "server_error",
-            "model_loading",
-            headers={"Retry-After": str(svc.settings.retry_after)},
-        )
+        # Whether the picture also goes as a reference (or as a Redux picture) depends on the model.
+        svc.need_model("what a variation does depends on it")
     if svc.manager.pipeline.control:  # every image of a Canny / Depth model needs a control picture
         raise APIError(
             400,
@@ -350,7 +341,9 @@ async def variation_form(
         "layout": None,
         "loras": loras,
     }
-    return EditForm(source, None, reference, None, fields, user, response_format, prompt_optional=True)
+    return EditForm(
+        source, None, reference, None, fields, user, response_format, prompt_optional=True, variation=True
+    )
 
 
 @router.post(
@@ -389,7 +382,7 @@ async def submit_variation(svc: Service, form: EditForm | ReduxVariation) -> Job
 
     def params() -> dict[str, Any]:
         loras = svc.library.choose_text(form.loras)  # before svc.params keeps the picture as an upload
-        return {**svc.params(form.body, redux=form.picture), "loras": loras}
+        return {**svc.params(form.body, redux=form.picture), "loras": loras, **VARIATION}
 
     return await run_in_threadpool(svc.submit, await run_in_threadpool(params), form.body.user)
 
