@@ -71,6 +71,7 @@ LAYERS: dict[str, int] = {
     "control_images": 1,
     "edge_maps": 1,
     "depth_maps": 1,
+    "hf_folders": 1,
     "controlnet_files": 1,
     "controlnet_runs": 1,
     "data": 1,

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from pictor.checkpoint import state_dict_hash
 from pictor.editing import to_rgb
 from pictor.generation_request import GenerationError
+from pictor.hf_folders import load_pretrained_strict
 
 __all__ = [
     "DEPTH_RULES",
@@ -255,34 +256,8 @@ def load_depth_model(folder: str | os.PathLike[str]) -> DepthModel:
     preprocess = _preprocess_config(folder)
 
     from transformers import AutoModelForDepthEstimation
-    from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = AutoModelForDepthEstimation.from_pretrained(
-            str(folder),
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
-    except Exception as exc:  # transformers raises many kinds; name the folder in every case
-        raise DepthMapError(f"could not load a depth model from {folder}: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    # Strict, as every pictor load: transformers fills missing weights with random ones and only logs it.
-    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
-    if bad:
-        raise DepthMapError(
-            f"{folder}: the depth model is missing or mismatches {len(bad)} weights ({', '.join(bad[:4])}"
-            + (", ..." if len(bad) > 4 else "")
-            + "); the folder is damaged or holds another model"
-        )
-    model = model.eval().requires_grad_(False)
+    model = load_pretrained_strict(AutoModelForDepthEstimation, folder, "the depth model", DepthMapError)
     record = {
         "name": folder.resolve().name,
         "path": str(folder.resolve()),

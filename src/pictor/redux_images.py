@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from pictor.checkpoint import sha256_file, state_dict_hash
 from pictor.editing import EditError, ImageSource, image_info, rgb_picture
 from pictor.generation_request import GenerationError
+from pictor.hf_folders import load_pretrained_strict
 from pictor.models.redux import ReduxEncoder, redux_shapes
 
 __all__ = [
@@ -111,39 +112,10 @@ def _preprocess_config(folder: Path) -> SiglipPreprocess:
 
 def _load_siglip(folder: Path) -> nn.Module:
     from transformers import SiglipVisionModel
-    from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").is_file():
         raise ReduxError(f"{folder}: not a SigLIP model folder (no config.json); give a local folder")
-    # google/siglip-so400m-patch14-384 is saved as a whole SiglipModel: transformers would list each of its
-    # text tower's tensors as unexpected, on every load. Missing or mismatched ones are checked below.
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = SiglipVisionModel.from_pretrained(
-            str(folder),
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
-    except Exception as exc:  # transformers raises many kinds; name the folder in every case
-        raise ReduxError(f"could not load SigLIP's vision tower from {folder}: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    # Strict, as every pictor load: transformers fills missing weights with random ones and only says so.
-    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
-    if bad:
-        raise ReduxError(
-            f"{folder}: SigLIP's vision tower is missing or mismatches {len(bad)} weights "
-            f"({', '.join(bad[:4])}"
-            + (", ..." if len(bad) > 4 else "")
-            + "); the folder is damaged or holds another model"
-        )
-    return model.eval().requires_grad_(False)
+    return load_pretrained_strict(SiglipVisionModel, folder, "SigLIP's vision tower", ReduxError)
 
 
 def open_redux(path: str | os.PathLike[str], siglip: str | os.PathLike[str], context_dim: int) -> ReduxModel:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import TIME_EMBED_DIM
+from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -272,7 +273,7 @@ class FluxControlNet(nn.Module):
         p = self.params
         if not isinstance(img, Tensor) or img.ndim != 3 or img.shape[-1] != p.in_channels:
             raise ValueError(
-                f"FluxControlNet: img must be [B, N, {p.in_channels}] (packed latents), got {_shape(img)}"
+                f"FluxControlNet: img must be [B, N, {p.in_channels}] (packed latents), got {shape_of(img)}"
             )
         batch, n_img = img.shape[:2]
         if (
@@ -282,32 +283,32 @@ class FluxControlNet(nn.Module):
             or txt.shape[-1] != p.context_in_dim
         ):
             raise ValueError(
-                f"FluxControlNet: txt must be [{batch}, L, {p.context_in_dim}], got {_shape(txt)}"
+                f"FluxControlNet: txt must be [{batch}, L, {p.context_in_dim}], got {shape_of(txt)}"
             )
         self._check_cond(cond, batch, n_img)
-        img_ids = _batched_ids("img_ids", img_ids, batch, n_img)
-        txt_ids = _batched_ids("txt_ids", txt_ids, batch, txt.shape[1])
+        img_ids = batched_ids("FluxControlNet", "img_ids", img_ids, batch, n_img)
+        txt_ids = batched_ids("FluxControlNet", "txt_ids", txt_ids, batch, txt.shape[1])
         if img_ids.shape[0] != txt_ids.shape[0]:  # one shared, one per-sample: broadcast the shared one
             img_ids = img_ids.expand(batch, -1, -1)
             txt_ids = txt_ids.expand(batch, -1, -1)
         if not isinstance(y, Tensor) or y.ndim != 2 or y.shape[0] != batch or y.shape[1] != p.vec_in_dim:
             raise ValueError(
-                f"FluxControlNet: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {_shape(y)}"
+                f"FluxControlNet: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {shape_of(y)}"
             )
-        timesteps = _batched_scalar("timesteps", timesteps, batch)
+        timesteps = batched_scalar("FluxControlNet", "timesteps", timesteps, batch)
         if p.guidance_embed:
             if guidance is None:
                 raise ValueError(
                     "FluxControlNet: this ControlNet has guidance_embed=True (made for FLUX.1-dev); pass "
                     "guidance=[B] tensor of guidance scales, the same as the transformer gets"
                 )
-            guidance = _batched_scalar("guidance", guidance, batch)
+            guidance = batched_scalar("FluxControlNet", "guidance", guidance, batch)
         return img_ids, txt_ids, timesteps, guidance, self._check_mode(mode, batch)
 
     def _check_cond(self, cond: Tensor, batch: int, n_img: int) -> None:
         p = self.params
         if not isinstance(cond, Tensor):
-            raise ValueError(f"FluxControlNet: cond must be a tensor, got {_shape(cond)}")
+            raise ValueError(f"FluxControlNet: cond must be a tensor, got {shape_of(cond)}")
         if not p.hint:
             if (
                 cond.ndim != 3
@@ -316,7 +317,7 @@ class FluxControlNet(nn.Module):
             ):
                 raise ValueError(
                     f"FluxControlNet: cond must be the packed control latents [{batch}, {n_img}, "
-                    f"{p.in_channels}] (like img), got {_shape(cond)}"
+                    f"{p.in_channels}] (like img), got {shape_of(cond)}"
                 )
             return
         f = HINT_DOWNSCALE
@@ -331,7 +332,7 @@ class FluxControlNet(nn.Module):
             raise ValueError(
                 f"FluxControlNet: this XLabs ControlNet reads the control picture itself: cond must be "
                 f"[{batch}, 3, {f}*h, {f}*w] pixels in [-1, 1] with h*w = {n_img} (the number of latent "
-                f"tokens), got {_shape(cond)}"
+                f"tokens), got {shape_of(cond)}"
             )
         if cond.numel() and float(cond.detach().abs().amax()) > 1.0 + 1e-3:
             # Pictures in 0..255 (or 0..1 from some loaders) are the usual slip; 0..255 at least is caught.
@@ -358,45 +359,10 @@ class FluxControlNet(nn.Module):
             raise ValueError(
                 f"FluxControlNet: mode must be an integer tensor [{batch}] of mode ids, got {mode!r}"
             )
-        mode = _batched_scalar("mode", mode, batch)
+        mode = batched_scalar("FluxControlNet", "mode", mode, batch)
         if mode.numel() and (int(mode.min()) < 0 or int(mode.max()) >= n):
             raise ValueError(
                 f"FluxControlNet: mode ids must lie in 0..{n - 1} (this Union ControlNet has {n} modes), "
                 f"got {mode.tolist()}"
             )
         return mode.long()
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _shape(t: Any) -> str:
-    return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
-
-
-def _batched_ids(name: str, ids: Tensor, batch: int, length: int) -> Tensor:
-    """[L, 3] or [1|B, L, 3] -> [1|B, L, 3] (a leading 1 is broadcast later, never copied)."""
-    if not isinstance(ids, Tensor):
-        raise ValueError(
-            f"FluxControlNet: {name} must be a tensor [B, {length}, 3] or [{length}, 3], got {_shape(ids)}"
-        )
-    if ids.ndim == 2:
-        ids = ids.unsqueeze(0)
-    if ids.ndim != 3 or ids.shape[1] != length or ids.shape[2] != 3 or ids.shape[0] not in (1, batch):
-        raise ValueError(
-            f"FluxControlNet: {name} must be [{batch}, {length}, 3] or [{length}, 3], got {_shape(ids)}"
-        )
-    return ids
-
-
-def _batched_scalar(name: str, value: Tensor, batch: int) -> Tensor:
-    """[B] (or a scalar / [1], broadcast to the batch) -> [B]."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"FluxControlNet: {name} must be a tensor of shape [{batch}], got {_shape(value)}")
-    if value.ndim == 0 or (value.ndim == 1 and value.shape[0] == 1):
-        return value.reshape(1).expand(batch)
-    if value.ndim != 1 or value.shape[0] != batch:
-        raise ValueError(
-            f"FluxControlNet: {name} must be [{batch}] (one value per sample), got {_shape(value)}"
-        )
-    return value

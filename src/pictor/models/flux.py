@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.control_residuals import ControlResiduals
+from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -274,7 +275,7 @@ class Flux(nn.Module):
             if not isinstance(r, Tensor) or r.shape != img.shape:
                 raise ValueError(
                     f"Flux: each img_residuals tensor must be {list(img.shape)} (the embedded image tokens), "
-                    f"got {_shape(r)}"
+                    f"got {shape_of(r)}"
                 )
         return residuals
 
@@ -299,7 +300,7 @@ class Flux(nn.Module):
             ):
                 raise ValueError(
                     f"Flux: each ControlNet residual must be {list(img.shape)} (the embedded image tokens), "
-                    f"got {_shape(r)}; was the ControlNet made for a model of another width?"
+                    f"got {shape_of(r)}; was the ControlNet made for a model of another width?"
                 )
         return control
 
@@ -317,29 +318,29 @@ class Flux(nn.Module):
         p = self.params
         if img.ndim != 3 or img.shape[-1] != p.in_channels:
             raise ValueError(
-                f"Flux: img must be [B, N, {p.in_channels}] (packed latent tokens), got {_shape(img)}"
+                f"Flux: img must be [B, N, {p.in_channels}] (packed latent tokens), got {shape_of(img)}"
             )
         batch, n_img = img.shape[:2]
         if txt.ndim != 3 or txt.shape[0] != batch or txt.shape[-1] != p.context_in_dim:
-            raise ValueError(f"Flux: txt must be [{batch}, L, {p.context_in_dim}], got {_shape(txt)}")
+            raise ValueError(f"Flux: txt must be [{batch}, L, {p.context_in_dim}], got {shape_of(txt)}")
         n_txt = txt.shape[1]
-        img_ids = _batched_ids("img_ids", img_ids, batch, n_img)
-        txt_ids = _batched_ids("txt_ids", txt_ids, batch, n_txt)
+        img_ids = batched_ids("Flux", "img_ids", img_ids, batch, n_img)
+        txt_ids = batched_ids("Flux", "txt_ids", txt_ids, batch, n_txt)
         if img_ids.shape[0] != txt_ids.shape[0]:  # one shared, one per-sample: broadcast the shared one
             img_ids = img_ids.expand(batch, -1, -1)
             txt_ids = txt_ids.expand(batch, -1, -1)
         if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != p.vec_in_dim:
             raise ValueError(
-                f"Flux: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {_shape(y)}"
+                f"Flux: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {shape_of(y)}"
             )
-        timesteps = _batched_scalar("timesteps", timesteps, batch)
+        timesteps = batched_scalar("Flux", "timesteps", timesteps, batch)
         if p.guidance_embed:
             if guidance is None:
                 raise ValueError(
                     "Flux: this model has guidance_embed=True (guidance-distilled, like FLUX.1-dev); "
                     "pass guidance=[B] tensor of guidance scales"
                 )
-            guidance = _batched_scalar("guidance", guidance, batch)
+            guidance = batched_scalar("Flux", "guidance", guidance, batch)
         return img_ids, txt_ids, timesteps, guidance
 
     # -------------------------------------------------------------------------------------------- init
@@ -399,34 +400,6 @@ def _plus(x: Tensor, r: Tensor) -> Tensor:
     return (x.reshape(x.shape[0] // r.shape[0], *r.shape) + r).reshape(x.shape)
 
 
-def _shape(t: Any) -> str:
-    return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
-
-
-def _batched_ids(name: str, ids: Tensor, batch: int, length: int) -> Tensor:
-    """[L, 3] or [1|B, L, 3] -> [1|B, L, 3] (a leading 1 is broadcast later, never copied)."""
-    if not isinstance(ids, Tensor):
-        raise ValueError(
-            f"Flux: {name} must be a tensor [B, {length}, 3] or [{length}, 3], got {_shape(ids)}"
-        )
-    if ids.ndim == 2:
-        ids = ids.unsqueeze(0)
-    if ids.ndim != 3 or ids.shape[1] != length or ids.shape[2] != 3 or ids.shape[0] not in (1, batch):
-        raise ValueError(f"Flux: {name} must be [{batch}, {length}, 3] or [{length}, 3], got {_shape(ids)}")
-    return ids
-
-
-def _batched_scalar(name: str, value: Tensor, batch: int) -> Tensor:
-    """[B] (or a scalar / [1], broadcast to the batch) -> [B]."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"Flux: {name} must be a tensor of shape [{batch}], got {_shape(value)}")
-    if value.ndim == 0 or (value.ndim == 1 and value.shape[0] == 1):
-        return value.reshape(1).expand(batch)
-    if value.ndim != 1 or value.shape[0] != batch:
-        raise ValueError(f"Flux: {name} must be [{batch}] (one value per sample), got {_shape(value)}")
-    return value
-
-
 def _check_even(height: int, width: int) -> None:
     if height % 2 or width % 2:
         raise ValueError(
@@ -438,7 +411,7 @@ def _check_even(height: int, width: int) -> None:
 def pack_latents(z: Tensor) -> Tensor:
     """2x2 patchify: ``z [B, C, H, W]`` -> tokens ``[B, (H/2)(W/2), 4C]`` (row-major over patches)."""
     if z.ndim != 4:
-        raise ValueError(f"pack_latents: z must be [B, C, H, W], got {_shape(z)}")
+        raise ValueError(f"pack_latents: z must be [B, C, H, W], got {shape_of(z)}")
     _check_even(z.shape[2], z.shape[3])
     return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
 
@@ -449,7 +422,8 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     n = (height // 2) * (width // 2)
     if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % 4:
         raise ValueError(
-            f"unpack_latents: tokens must be [B, {n}, 4C] for a {height}x{width} latent, got {_shape(tokens)}"
+            f"unpack_latents: tokens must be [B, {n}, 4C] for a {height}x{width} latent, "
+            f"got {shape_of(tokens)}"
         )
     return rearrange(
         tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, w=width // 2, ph=2, pw=2
