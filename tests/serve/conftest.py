@@ -406,3 +406,21 @@ def lora_dir(tmp_path: Path) -> Path:
     )
     (folder / "notes.txt").write_text("not a LoRA")
     return folder
+
+
+def served_pixels(client: Any, job: dict[str, Any]) -> np.ndarray:
+    """A finished job's first image as the server serves it, RGB pixels."""
+    with Image.open(io.BytesIO(client.get(job["results"][0]["url"]).content)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def upload_names(client: Any) -> list[str]:
+    """The files in the server's upload folder now."""
+    return sorted(p.name for p in client.app.state.service.store.uploads_dir.iterdir())
+
+
+def assert_refused(response: Any, param: str, words: str) -> None:
+    """A 400 whose error names `param` and says `words`."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error

@@ -27,6 +27,8 @@ from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.presets import get_preset
 from pictor.serve.store import Store
 from tests.serve.conftest import GatedPipeline, decode_images
+from tests.serve.conftest import assert_refused as _refused
+from tests.serve.conftest import upload_names as _uploads
 from tests.serve.test_edits import png_bytes as png
 
 from tiny_flux import random_flux
@@ -102,16 +104,6 @@ def _edit(
 def _direct_edit(pipe: Pipeline, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
     (result,) = pipe.edit(EditRequest(SOURCE, PROMPT, strength=0.8, seed=3, steps=2, **kw))
     return np.asarray(result.image), result.record
-
-
-def _uploads(client: TestClient) -> list[str]:
-    return sorted(p.name for p in client.app.state.service.store.uploads_dir.iterdir())
-
-
-def _refused(response: Any, param: str, words: str) -> None:
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == param and words in error["message"], error
 
 
 def test_a_control_picture_draws_what_the_python_api_draws(

@@ -8,7 +8,6 @@ its field and keeps nothing."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,7 +33,14 @@ from pictor.serve.security import json_limit, multipart_limit
 from pictor.serve.server import serve
 from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import Store
-from tests.serve.conftest import GatedPipeline, decode_images, wait_for
+from tests.serve.conftest import (
+    GatedPipeline,
+    assert_refused,
+    decode_images,
+    served_pixels,
+    upload_names,
+    wait_for,
+)
 from tests.serve.test_edits import png_bytes as png
 
 from tiny_flux import randomize_
@@ -136,21 +142,6 @@ def _edit(
     return client.post(path, files=files, data=form)
 
 
-def _served(client: TestClient, job: dict[str, Any]) -> np.ndarray:
-    with Image.open(io.BytesIO(client.get(job["results"][0]["url"]).content)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _uploads(client: TestClient) -> list[str]:
-    return sorted(p.name for p in client.app.state.service.store.uploads_dir.iterdir())
-
-
-def _refused(response: Any, param: str, words: str) -> None:
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == param and words in error["message"], error
-
-
 def test_controlnet_pictures_draw_what_the_python_api_draws(
     make_client: Callable[..., TestClient], two: Pipeline
 ) -> None:
@@ -170,7 +161,7 @@ def test_controlnet_pictures_draw_what_the_python_api_draws(
     assert not np.array_equal(pixels, _direct(tiny_pipeline())[0])
     # the job keeps the pictures as uploads, in order, and the settings spelled out (one per ControlNet)
     request = client.get("/v1/jobs").json()["data"][0]["request"]
-    assert sorted(f"{u}.png" for u in request["controlnet_images"]) == _uploads(client)
+    assert sorted(f"{u}.png" for u in request["controlnet_images"]) == upload_names(client)
     assert request["controlnet_scales"] == [0.6, 0.8] and request["controlnet_modes"] == [None, 2]
     assert (request["controlnet_start"], request["controlnet_end"]) == (0.0, 1.0)
 
@@ -216,7 +207,7 @@ def test_an_edit_takes_controlnet_files_as_the_python_api_does(
     done = wait_job(client, r.json()["id"])
     assert done["status"] == "succeeded", done
     direct_pixels, _ = _direct_edit(two, controlnet_images=[EDGES, DEPTH], controlnet_modes=["depth"])
-    assert np.array_equal(_served(client, done), direct_pixels)
+    assert np.array_equal(served_pixels(client, done), direct_pixels)
 
 
 def test_the_model_card_lists_the_controlnets(
@@ -241,62 +232,74 @@ def test_misuse_is_a_400_that_names_the_field_and_keeps_nothing(
     union = {"controlnet_modes": [None, "depth"]}
     # No ControlNet loaded: the pictures, and settings alone, are refused, saying how the server gets one
     started_without = "started without ControlNets (pictor serve --controlnet MODEL)"
-    _refused(client.post(GENERATIONS, json=_body(**_pictures(EDGES))), "controlnet_images", started_without)
-    _refused(
+    assert_refused(
+        client.post(GENERATIONS, json=_body(**_pictures(EDGES))), "controlnet_images", started_without
+    )
+    assert_refused(
         client.post(GENERATIONS, json=_body(controlnet_scales=0.5)), "controlnet_scales", started_without
     )
-    _refused(_edit(client, [png(EDGES)]), "controlnet_image", started_without)
-    _refused(_edit(client, controlnet_end="0.5"), "controlnet_end", started_without)
+    assert_refused(_edit(client, [png(EDGES)]), "controlnet_image", started_without)
+    assert_refused(_edit(client, controlnet_end="0.5"), "controlnet_end", started_without)
     # Loaded: a picture each, in order
-    _refused(ours.post(GENERATIONS, json=_body()), "controlnet_images", "2 ControlNets are loaded")
-    _refused(
+    assert_refused(ours.post(GENERATIONS, json=_body()), "controlnet_images", "2 ControlNets are loaded")
+    assert_refused(
         ours.post(GENERATIONS, json=_body(**_pictures(EDGES), **union)), "controlnet_images", "1 control"
     )
-    _refused(_edit(ours, [png(EDGES)], **union), "controlnet_image", "give exactly one per ControlNet")
-    _refused(_edit(ours, **union), "controlnet_image", "2 ControlNets are loaded")
+    assert_refused(_edit(ours, [png(EDGES)], **union), "controlnet_image", "give exactly one per ControlNet")
+    assert_refused(_edit(ours, **union), "controlnet_image", "2 ControlNets are loaded")
     # Union modes: none for the Union one, one for the other, one it does not know, a word that is no mode
-    _refused(ours.post(GENERATIONS, json=_body(**pair)), "controlnet_modes", "is a Union ControlNet")
-    _refused(_edit(ours, [png(EDGES), png(DEPTH)]), "controlnet_modes", "is a Union ControlNet")
+    assert_refused(ours.post(GENERATIONS, json=_body(**pair)), "controlnet_modes", "is a Union ControlNet")
+    assert_refused(_edit(ours, [png(EDGES), png(DEPTH)]), "controlnet_modes", "is a Union ControlNet")
     modes = {"controlnet_modes": ["depth", "depth"]}
-    _refused(ours.post(GENERATIONS, json=_body(**pair, **modes)), "controlnet_modes", "not a Union")
+    assert_refused(ours.post(GENERATIONS, json=_body(**pair, **modes)), "controlnet_modes", "not a Union")
     modes = {"controlnet_modes": [None, 5]}
-    _refused(ours.post(GENERATIONS, json=_body(**pair, **modes)), "controlnet_modes", "modes 0 to 2")
+    assert_refused(ours.post(GENERATIONS, json=_body(**pair, **modes)), "controlnet_modes", "modes 0 to 2")
     for value in ("sketch", ["depth", True], [{"mode": 1}], ["x" * 40]):
         r = ours.post(GENERATIONS, json=_body(**pair, controlnet_modes=value))
-        _refused(r, "controlnet_modes", "not a ControlNet mode")
-    _refused(_edit(ours, [png(EDGES), png(DEPTH)], controlnet_modes="sketch"), "controlnet_modes", "sketch")
-    _refused(_edit(ours, [png(EDGES), png(DEPTH)], controlnet_modes="[none"), "controlnet_modes", "JSON list")
+        assert_refused(r, "controlnet_modes", "not a ControlNet mode")
+    assert_refused(
+        _edit(ours, [png(EDGES), png(DEPTH)], controlnet_modes="sketch"), "controlnet_modes", "sketch"
+    )
+    assert_refused(
+        _edit(ours, [png(EDGES), png(DEPTH)], controlnet_modes="[none"), "controlnet_modes", "JSON list"
+    )
     # Scales: how many, and what
     r = ours.post(GENERATIONS, json=_body(**pair, **union, controlnet_scales=[1, 1, 1]))
-    _refused(r, "controlnet_scales", "3 ControlNet scales for 2 ControlNets")
+    assert_refused(r, "controlnet_scales", "3 ControlNet scales for 2 ControlNets")
     for value in (11, -1, "1", [True], [1, 1, 1, 1, 1]):
         r = ours.post(GENERATIONS, json=_body(**pair, **union, controlnet_scales=value))
-        _refused(r, "controlnet_scales", "controlnet_scales")
+        assert_refused(r, "controlnet_scales", "controlnet_scales")
     for text in ("strong", "nan", "11", ["1", "x"]):
         r = _edit(ours, [png(EDGES), png(DEPTH)], **union, controlnet_scales=text)
-        _refused(r, "controlnet_scales", "a ControlNet scale is a number from 0 to 10")
+        assert_refused(r, "controlnet_scales", "a ControlNet scale is a number from 0 to 10")
     # The window: out of range (the schema), start >= end, one that holds none of the steps
     for field, value in (("controlnet_start", 1), ("controlnet_end", 0), ("controlnet_end", 1.5)):
-        _refused(ours.post(GENERATIONS, json=_body(**pair, **union, **{field: value})), field, field)
+        assert_refused(ours.post(GENERATIONS, json=_body(**pair, **union, **{field: value})), field, field)
     window = {"controlnet_start": 0.5, "controlnet_end": 0.5}
-    _refused(ours.post(GENERATIONS, json=_body(**pair, **union, **window)), "controlnet_start", "start < end")
+    assert_refused(
+        ours.post(GENERATIONS, json=_body(**pair, **union, **window)), "controlnet_start", "start < end"
+    )
     narrow = {"controlnet_start": 0.6, "controlnet_end": 0.7}
-    _refused(ours.post(GENERATIONS, json=_body(**pair, **union, **narrow)), "controlnet_end", "holds none")
-    _refused(_edit(ours, [png(EDGES), png(DEPTH)], **union, **narrow), "controlnet_end", "holds none")
+    assert_refused(
+        ours.post(GENERATIONS, json=_body(**pair, **union, **narrow)), "controlnet_end", "holds none"
+    )
+    assert_refused(_edit(ours, [png(EDGES), png(DEPTH)], **union, **narrow), "controlnet_end", "holds none")
     # Too many pictures, refused by their count before any is read; pictures that cannot be read
     five = {"controlnet_images": ["x"] * 5}
-    _refused(ours.post(GENERATIONS, json=_body(**five)), "controlnet_images", "at most 4")
-    _refused(_edit(ours, [b"x"] * 5), "controlnet_image", "at most 4")
+    assert_refused(ours.post(GENERATIONS, json=_body(**five)), "controlnet_images", "at most 4")
+    assert_refused(_edit(ours, [b"x"] * 5), "controlnet_image", "at most 4")
     bad = {"controlnet_images": [b64(EDGES), "not base64!"]}
-    _refused(ours.post(GENERATIONS, json=_body(**bad, **union)), "controlnet_images", "[1] (ControlNet 2's")
-    _refused(_edit(ours, [png(EDGES), b"GIF89a no"], **union), "controlnet_image", "not a readable PNG")
+    assert_refused(
+        ours.post(GENERATIONS, json=_body(**bad, **union)), "controlnet_images", "[1] (ControlNet 2's"
+    )
+    assert_refused(_edit(ours, [png(EDGES), b"GIF89a no"], **union), "controlnet_image", "not a readable PNG")
     # What does not go beside ControlNets, and variations, which take no ControlNet pictures
-    _refused(ours.post(GENERATIONS, json=_body(**pair, **union, hires_scale=2)), "hires_scale", "hires")
+    assert_refused(ours.post(GENERATIONS, json=_body(**pair, **union, hires_scale=2)), "hires_scale", "hires")
     variation = ours.post("/v1/images/variations", files={"image": ("a.png", png(SOURCE), "image/png")})
-    _refused(variation, "image", "variations do not take")
+    assert_refused(variation, "image", "variations do not take")
     for c in (ours, client):
         assert c.get("/v1/jobs").json()["total"] == 0
-        assert _uploads(c) == []
+        assert upload_names(c) == []
 
 
 def test_a_queued_job_keeps_its_controlnet_pictures_across_a_restart(
@@ -316,11 +319,11 @@ def test_a_queued_job_keeps_its_controlnet_pictures_across_a_restart(
     r = client.post("/v1/jobs", json=_body(**_pictures(EDGES, DEPTH), **settings, response_format=None))
     assert r.status_code == 202, r.text
     job = r.json()
-    kept = _uploads(client)
+    kept = upload_names(client)
     assert {f"{u}.png" for u in job["request"]["controlnet_images"]} <= set(kept) and len(kept) == 4
     full = client.post("/v1/jobs", json=_body(**_pictures(EDGES, DEPTH), **union, response_format=None))
     assert full.status_code == 429, full.text
-    assert _uploads(client) == kept
+    assert upload_names(client) == kept
     make_client.close(client)  # the running job finishes; the queued one stays queued
     store = Store(make_client.data_dir)
     try:
@@ -333,7 +336,7 @@ def test_a_queued_job_keeps_its_controlnet_pictures_across_a_restart(
     done = wait_job(again, job["id"])
     assert done["status"] == "succeeded", done
     want, direct = _direct(two, controlnet_images=[EDGES, DEPTH], **settings)
-    assert np.array_equal(_served(again, done), want)
+    assert np.array_equal(served_pixels(again, done), want)
     meta = again.get(f"/v1/images/{done['results'][0]['image_id']}/metadata").json()
     assert meta["record"]["controlnets"] == direct["controlnets"] and meta["record"]["controlnet_end"] == 0.5
     # what the kept uploads are for: `pictor reproduce IMAGE --controlnet-image PICTURE ...` with them
@@ -356,9 +359,9 @@ def test_uploads_go_when_the_job_is_cancelled_fails_or_is_deleted(
     lost = client.post("/v1/jobs", json=_body(**_pictures(EDGES, DEPTH), **union)).json()
     mine = {name: {f"{u}.png" for u in job["request"]["controlnet_images"]} for name, job in
             (("holder", holder), ("cancelled", cancelled), ("lost", lost))}  # fmt: skip
-    assert set(_uploads(client)) == set().union(*mine.values())
+    assert set(upload_names(client)) == set().union(*mine.values())
     assert client.delete(f"/v1/jobs/{cancelled['id']}").json()["status"] == "cancelled"
-    assert set(_uploads(client)) == mine["holder"] | mine["lost"]
+    assert set(upload_names(client)) == mine["holder"] | mine["lost"]
     # one of a job's pictures deleted by hand: the job fails as the server's fault, naming the field, and
     # its other picture goes too
     store = client.app.state.service.store
@@ -369,10 +372,10 @@ def test_uploads_go_when_the_job_is_cancelled_fails_or_is_deleted(
     assert failed["status"] == "failed" and failed["error"]["code"] == "upload_missing", failed
     assert failed["error"]["param"] == "controlnet_images"
     assert wait_job(client, holder["id"])["status"] == "succeeded"
-    wait_for(lambda: set(_uploads(client)) == mine["holder"], what="the failed job's uploads to go")
+    wait_for(lambda: set(upload_names(client)) == mine["holder"], what="the failed job's uploads to go")
     # a succeeded job keeps them (for pictor reproduce) until its history entry is deleted
     assert client.delete(f"/v1/history/{holder['id']}").status_code == 200
-    assert _uploads(client) == []
+    assert upload_names(client) == []
 
 
 def test_serve_loads_the_controlnets_into_the_model_it_loads(
@@ -399,12 +402,12 @@ def test_serve_loads_the_controlnets_into_the_model_it_loads(
     try:
         assert client.get("/v1/models").json()["data"][0]["controlnets"] == []  # still loading
         r = client.post("/v1/jobs", json=_body(**_pictures(EDGES, DEPTH), controlnet_modes="sketch"))
-        _refused(r, "controlnet_modes", "not a ControlNet mode")
+        assert_refused(r, "controlnet_modes", "not a ControlNet mode")
         good = _body(**_pictures(EDGES, DEPTH), controlnet_modes=[None, "depth"], response_format=None)
         r = client.post("/v1/jobs", json=good)
         assert r.status_code == 202, r.text  # checked when it runs; its pictures kept meanwhile
         assert r.json()["request"]["controlnet_modes"] == [None, "depth"]  # as sent until then
-        assert len(_uploads(client)) == 2
+        assert len(upload_names(client)) == 2
         one = client.post("/v1/jobs", json=_body(**_pictures(EDGES)))
         edit = _edit(client, [png(EDGES)], path="/v1/jobs/edits", controlnet_modes="depth")
         assert one.status_code == 202 and edit.status_code == 202, (one.text, edit.text)
@@ -417,13 +420,15 @@ def test_serve_loads_the_controlnets_into_the_model_it_loads(
         "union",
     ]
     want, _ = _direct(two, controlnet_images=[EDGES, DEPTH], controlnet_modes=[None, "depth"])
-    assert np.array_equal(_served(client, done), want)
+    assert np.array_equal(served_pixels(client, done), want)
     for job, field in ((one, "controlnet_images"), (edit, "controlnet_image")):
         failed = wait_job(client, job.json()["id"])
         error = failed["error"]
         assert failed["status"] == "failed" and error["param"] == field, failed
         assert error["message"].startswith(f"{field}: ") and "--controlnet-image" not in error["message"]
-    wait_for(lambda: len(_uploads(client)) == 2, what="the failed jobs' uploads to go")  # the succeeded job's
+    wait_for(
+        lambda: len(upload_names(client)) == 2, what="the failed jobs' uploads to go"
+    )  # the succeeded job's
 
 
 def test_a_bad_controlnet_fails_the_load_and_serve_checks_the_flags(

@@ -20,6 +20,7 @@ from pictor.editing import EditRequest
 from pictor.pipeline import Pipeline
 from pictor.serve.settings import Limits
 from tests.serve.conftest import GatedPipeline
+from tests.serve.conftest import upload_names as _uploads
 from tests.test_kontext import _picture, _pipe
 
 PROMPT = "make the circle blue"
@@ -64,10 +65,6 @@ def _direct(pipe: Pipeline, context: Image.Image | None) -> tuple[np.ndarray, di
         )
     )
     return np.asarray(result.image), result.record
-
-
-def _uploads(client: TestClient) -> list[str]:
-    return sorted(p.name for p in client.app.state.service.store.uploads_dir.iterdir())
 
 
 @pytest.fixture(scope="module")

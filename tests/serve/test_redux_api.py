@@ -6,7 +6,6 @@ Redux tokens, and every misuse is a 400 that names its field and keeps nothing."
 
 from __future__ import annotations
 
-import io
 import threading
 import warnings
 from collections.abc import Callable
@@ -36,6 +35,9 @@ from pictor.serve.settings import ServeSettings
 from pictor.serve.store import Store
 from pictor.serve.variations import on_white
 from tests.serve.conftest import GatedPipeline, decode_images
+from tests.serve.conftest import assert_refused as _refused
+from tests.serve.conftest import served_pixels as _served
+from tests.serve.conftest import upload_names as _uploads
 from tests.serve.test_control_api import b64
 from tests.serve.test_edits import png_bytes as png
 from tests.test_redux import SIGLIP_DIM, _siglip_folder
@@ -127,21 +129,6 @@ def _direct_edit(pipe: Pipeline, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]
 def _vary(client: TestClient, image: Image.Image, path: str = "/v1/images/variations", **data: object) -> Any:
     form = {"response_format": "b64_json", "seed": "3", "steps": "2", **{k: str(v) for k, v in data.items()}}
     return client.post(path, files={"image": ("picture.png", png(image), "image/png")}, data=form)
-
-
-def _served(client: TestClient, job: dict[str, Any]) -> np.ndarray:
-    with Image.open(io.BytesIO(client.get(job["results"][0]["url"]).content)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _uploads(client: TestClient) -> list[str]:
-    return sorted(p.name for p in client.app.state.service.store.uploads_dir.iterdir())
-
-
-def _refused(response: Any, param: str, words: str) -> None:
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == param and words in error["message"], error
 
 
 def test_a_redux_picture_draws_what_the_python_api_draws(
