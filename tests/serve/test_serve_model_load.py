@@ -264,3 +264,12 @@ def test_serve_takes_load_retry_from_the_command_line(
         assert cli_main([*base, "--load-retry", bad]) == 2
         assert "load-retry must be a number of seconds >= 0" in capsys.readouterr().err
     assert len(given) == 1
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_a_job_timeout_that_is_no_positive_number_is_refused(value: float) -> None:
+    from pictor.serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="job-timeout must be a number of seconds > 0"):
+        ServeSettings(job_timeout=value)
+    assert ServeSettings(job_timeout=float("inf")).job_timeout == float("inf")  # no limit stays possible

@@ -74,8 +74,8 @@ class ServeSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.load_retry < math.inf:  # NaN fails this too
             raise ValueError(f"load-retry must be a number of seconds >= 0, got {self.load_retry}")
-        if self.job_timeout <= 0:
-            raise ValueError(f"job-timeout must be > 0 seconds, got {self.job_timeout}")
+        if not self.job_timeout > 0:  # NaN fails this too: it would never time a job out, silently
+            raise ValueError(f"job-timeout must be a number of seconds > 0, got {self.job_timeout}")
         if self.vae_tile is not None and self.vae_tile <= 0:
             raise ValueError(f"vae-tile must be a positive number of pixels, got {self.vae_tile}")
         if self.vae_tile_overlap is not None and self.vae_tile is None:
