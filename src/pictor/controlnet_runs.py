@@ -235,6 +235,12 @@ def controlnet_problem(r: GenerationRequest, units: list[ControlNetUnit]) -> str
             "the ControlNet's start and end are fractions of the steps with 0 <= start < end <= 1, got "
             f"start {start!r} and end {end!r}"
         )
+    # An edit's schedule starts lower but has as many steps, so the request's count is the run's.
+    if r.steps and not any(kept_steps(r.steps, float(start), float(end))):  # else records name silent nets
+        return (
+            f"the ControlNet window {float(start):g} to {float(end):g} holds none of this run's {r.steps} "
+            "steps (step i of N runs them unless i/N < start or (i+1)/N > end); widen it or take more steps"
+        )
     for field, what in (
         ("reference", "a reference picture"),
         ("context_image", "a context image (FLUX.1 Kontext)"),
@@ -335,13 +341,7 @@ class ControlNetRun:
                 self.conds.append(tokens.to(param.device))
         self.times = [float(t) for t in ts.tolist()][:-1]  # each step's start; the last time is the end
         start, end = float(r.controlnet_start or 0.0), _end(r)
-        self.keep = kept_steps(len(self.times), start, end)
-        if not any(self.keep):  # else the records would name ControlNets that never spoke
-            raise ControlNetError(
-                f"the ControlNet window {start:g} to {end:g} holds none of this run's {len(self.times)} "
-                "steps (step i of N runs them unless i/N < start or (i+1)/N > end); widen it or take more "
-                "steps"
-            )
+        self.keep = kept_steps(len(self.times), start, end)  # not all False: `controlnet_problem` checked
         # Residuals of ControlNets of one shape add as they are; others are spread over the blocks first.
         shapes = {
             (u.model.params.depth, u.model.params.depth_single_blocks, u.model.params.hint) for u in units

@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from starlette.datastructures import FormData
 
-from pictor.controlnet_runs import MAX_SCALE, NO_MODE, UNION_MODES, kept_steps
+from pictor.controlnet_runs import MAX_SCALE, NO_MODE, UNION_MODES
 from pictor.editing import eight_bit
 from pictor.generation_request import GenerationRequest
 from pictor.serve.errors import APIError
@@ -245,27 +245,6 @@ def resolved_settings(r: GenerationRequest) -> dict[str, Any]:
     window spelled out), for the job's settings: equal requests then batch alike, and the history shows
     what ran."""
     return {name: getattr(r, name) for name in FIELDS if name != "controlnet_images"}
-
-
-def window_problem(r: GenerationRequest) -> APIError | None:
-    """A 400 for a ControlNet window that holds none of the run's steps (diffusers' rule: step i of N runs
-    the ControlNets unless i/N < start or (i+1)/N > end), which the pipeline finds only once the job runs.
-    An edit's run has as many steps as a generation's (its schedule starts lower): one check serves both."""
-    if not r.controlnet_images or not r.steps:
-        return None
-    start = float(r.controlnet_start or 0.0)
-    end = 1.0 if r.controlnet_end is None else float(r.controlnet_end)
-    if any(kept_steps(r.steps, start, end)):
-        return None
-    param = "controlnet_end" if end < 1.0 else "controlnet_start"
-    return APIError(
-        400,
-        f"{param}: the ControlNet window {start:g} to {end:g} holds none of the {r.steps} steps (step i of N "
-        "runs the ControlNets unless i/N < controlnet_start or (i+1)/N > controlnet_end); widen it or take "
-        "more steps",
-        param=param,
-        code="invalid_parameters",
-    )
 
 
 def cards(pipe: Any) -> list[dict[str, Any]]:

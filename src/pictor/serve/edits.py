@@ -44,7 +44,6 @@ from pictor.serve.controlnets import (
     form_field,
     read_pictures,
     resolved_settings,
-    window_problem,
 )
 from pictor.serve.errors import APIError
 from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
@@ -160,9 +159,6 @@ def edit_params(
         except REQUEST_ERRORS as exc:
             message, param = request_error(exc, form=True)
             raise APIError(400, message, param=param, code="invalid_parameters") from None
-        window = window_problem(r)
-        if window is not None:
-            raise window
         settings.update(**resolved_settings(r))
         settings.update(
             steps=r.steps,

@@ -15,7 +15,7 @@ from pictor.hires import hires_size
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
-from pictor.serve.controlnets import decode_pictures, resolved_settings, window_problem
+from pictor.serve.controlnets import decode_pictures, resolved_settings
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
@@ -149,9 +149,6 @@ class Service:
         except REQUEST_ERRORS as exc:
             message, param = request_error(exc)
             raise APIError(400, message, code="invalid_parameters", param=param) from None
-        window = window_problem(r)
-        if window is not None:
-            raise window
         assert r.width is not None and r.height is not None
         if context is not None and width is None and r.width * r.height > limits.max_pixels:
             # The size came from the context picture (FLUX.1 Kontext's resolutions reach 1568x672), not
