@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.control_residuals import ControlResiduals
 from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
+from pictor.models.ip_adapter import IPAttention
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -144,6 +145,7 @@ class Flux(nn.Module):
         img_residuals: Sequence[Tensor] | None = None,
         block_cache: FirstBlockCache | None = None,
         controlnet: ControlResiduals | None = None,
+        ip_adapter: IPAttention | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -158,6 +160,8 @@ class Flux(nn.Module):
         controlnet: a ControlNet's residuals, added to the image stream *after* the blocks they are spread
         over (diffusers' ``controlnet_block_samples``; see `pictor.models.control_residuals`). Their batch
         may divide the image's: classifier-free guidance's halves then share them, broadcast, not copied.
+        ip_adapter: an IP-Adapter's keys and values for the picture (`pictor.models.ip_adapter`), one
+        entry per double block, read by each double block's image queries.
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -176,10 +180,11 @@ class Flux(nn.Module):
 
         res = self._check_residuals(img_residuals, img)
         ctrl = self._check_control(controlnet, img)
+        ipa = self._check_ip_adapter(ip_adapter, img)
         if block_cache is None:
-            img = self._blocks(img, txt, vec, pe, res, ctrl, first=0)
+            img = self._blocks(img, txt, vec, pe, res, ctrl, ipa, first=0)
         else:
-            img = self._cached_blocks(block_cache, img, txt, vec, pe, res, ctrl)
+            img = self._cached_blocks(block_cache, img, txt, vec, pe, res, ctrl, ipa)
         return self.final_layer(img, vec)  # [B, N, out_channels]
 
     def _blocks(
@@ -190,6 +195,7 @@ class Flux(nn.Module):
         pe: Tensor,
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
+        ipa: IPAttention | None,
         first: int,
     ) -> Tensor:
         """The blocks from double block `first` on (then every single block) -> the image stream."""
@@ -197,7 +203,8 @@ class Flux(nn.Module):
         for i in range(first, depth):
             if res is not None:
                 img = img + res[i]
-            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe)
+            ip = ipa.block(i) if ipa is not None else None
+            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe, ip=ip)
             after = ctrl.after_double(i, depth) if ctrl is not None else None
             if after is not None:
                 img = _plus(img, after)
@@ -221,6 +228,7 @@ class Flux(nn.Module):
         pe: Tensor,
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
+        ipa: IPAttention | None,
     ) -> Tensor:
         """:meth:`_blocks` under a first-block cache: double block 0 always runs; the rest run only for the
         rows whose block-0 residual moved more than the cache's threshold, the others reuse theirs."""
@@ -231,7 +239,8 @@ class Flux(nn.Module):
         if ctrl is not None and ctrl.double and ctrl.double[0].shape[0] != img.shape[0]:
             ctrl = ctrl.tiled(img.shape[0] // ctrl.double[0].shape[0])  # rows are picked below: one each
         head_in = img
-        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe)
+        ip = ipa.block(0) if ipa is not None else None
+        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe, ip=ip)
         # A ControlNet's residual after block 0 counts as part of the head: the cache then compares what
         # the rest of the model is given.
         after = ctrl.after_double(0, len(self.double_blocks)) if ctrl is not None else None
@@ -240,7 +249,7 @@ class Flux(nn.Module):
         head_residual = img - head_in
         full = cache.needs_full(head_residual)
         if bool(full.all()):
-            out = self._blocks(img, txt, vec, pe, res, ctrl, first=1)
+            out = self._blocks(img, txt, vec, pe, res, ctrl, ipa, first=1)
         else:
             assert cache.tail_residual is not None  # a row is only skipped after a full pass
             out = img + cache.tail_residual
@@ -249,7 +258,10 @@ class Flux(nn.Module):
                 sub_pe = pe[rows] if pe.shape[0] > 1 else pe  # RoPE angles shared by the batch: [1, ...]
                 sub_res = [r[rows] for r in res] if res is not None else None
                 sub_ctrl = ctrl.rows(rows) if ctrl is not None else None
-                out[rows] = self._blocks(img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, first=1)
+                sub_ipa = ipa.rows(rows, img.shape[0]) if ipa is not None else None
+                out[rows] = self._blocks(
+                    img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, sub_ipa, first=1
+                )
         cache.update(full, head_residual, out - img if bool(full.any()) else None)
         return out
 
@@ -278,6 +290,26 @@ class Flux(nn.Module):
                     f"got {shape_of(r)}"
                 )
         return residuals
+
+    def _check_ip_adapter(self, ipa: IPAttention | None, img: Tensor) -> IPAttention | None:
+        if ipa is None:
+            return None
+        if not isinstance(ipa, IPAttention):
+            raise ValueError(f"Flux: ip_adapter must be an IPAttention, got {type(ipa).__name__}")
+        p = self.params
+        if len(ipa.keys) != len(self.double_blocks) or len(ipa.values) != len(self.double_blocks):
+            raise ValueError(
+                f"Flux: the IP-Adapter has keys for {len(ipa.keys)} double blocks, but this model has "
+                f"{len(self.double_blocks)}; it was made for another model"
+            )
+        want = (p.num_heads, p.head_dim)
+        for x in [*ipa.keys, *ipa.values]:
+            if x.ndim != 4 or tuple(x.shape[1:2]) + tuple(x.shape[3:]) != want or img.shape[0] % x.shape[0]:
+                raise ValueError(
+                    f"Flux: each IP-Adapter key and value must be [b, {p.num_heads}, T, {p.head_dim}] with b "
+                    f"dividing the batch {img.shape[0]}, got {shape_of(x)}"
+                )
+        return ipa
 
     def _check_control(self, control: ControlResiduals | None, img: Tensor) -> ControlResiduals | None:
         if control is None:

@@ -18,6 +18,7 @@ FLUX.1 weights load key for key. The arithmetic is the same; the layout differs 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -299,8 +300,18 @@ class DoubleStreamBlock(nn.Module):
             nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
         )
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        """img ``[B, N, dim]``, txt ``[B, L, dim]``, vec ``[B, dim]``, pe for the ``L + N`` joint tokens."""
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        ip: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """img ``[B, N, dim]``, txt ``[B, L, dim]``, vec ``[B, dim]``, pe for the ``L + N`` joint tokens.
+
+        ip: an IP-Adapter's attention for this block (`pictor.models.ip_adapter.IPAttention`): given the
+        image queries (QK-normed, before RoPE) it returns ``[B, N, dim]``, added after the MLP, ungated."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
@@ -317,6 +328,8 @@ class DoubleStreamBlock(nn.Module):
 
         img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
         img = torch.addcmul(img, img_mod2.gate, mlp(self.img_mlp, modulate(self.img_norm2(img), img_mod2)))
+        if ip is not None:
+            img = img + ip(img_q)
         txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
         txt = torch.addcmul(txt, txt_mod2.gate, mlp(self.txt_mlp, modulate(self.txt_norm2(txt), txt_mod2)))
         return img, txt
