@@ -67,6 +67,7 @@ LAYERS: dict[str, int] = {
     "layout_files": 1,
     "reference_files": 1,
     "redux_images": 1,
+    "ip_adapter_files": 1,
     "context_images": 1,
     "control_images": 1,
     "edge_maps": 1,

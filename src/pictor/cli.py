@@ -32,10 +32,12 @@ def _load(  # type: ignore[no-untyped-def]
     reference_adapter: str | None = None,
     redux: tuple[str, str] | None = None,
     controlnets: list[str] | None = None,
+    ip_adapter: tuple[str, str] | None = None,
 ):
     """The pipeline for a command: the model, then its LoRAs in order, then the adapters given (`redux`:
     the Redux file and SigLIP folder, else --redux-model and --siglip; `controlnets`: the ControlNet
-    files, else --controlnet's)."""
+    files, else --controlnet's; `ip_adapter`: the IP-Adapter file and CLIP folder, else
+    --ip-adapter-model and --clip-vision)."""
     from pictor.loading import load
 
     pipe = load(model if model is not None else args.model, device=args.device)
@@ -52,6 +54,14 @@ def _load(  # type: ignore[no-untyped-def]
         raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip FOLDER")
     if redux_model is not None and siglip is not None:
         pipe.set_redux(redux_model, siglip)
+    ip_model, clip = ip_adapter or (
+        getattr(args, "ip_adapter_model", None),
+        getattr(args, "clip_vision", None),
+    )
+    if (ip_model is None) != (clip is None):
+        raise ValueError("the IP-Adapter needs both --ip-adapter-model FILE and --clip-vision FOLDER")
+    if ip_model is not None and clip is not None:
+        pipe.set_ip_adapter(ip_model, clip)
     for path in controlnets if controlnets is not None else getattr(args, "controlnet", None) or []:
         pipe.add_controlnet(path)
     if not pipe.config.trained:
@@ -79,6 +89,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "control_canny": _canny_arg(args),
         "redux_image": getattr(args, "redux", None),
         "redux_strength": getattr(args, "redux_strength", None),
+        "ip_adapter_image": getattr(args, "ip_adapter", None),
+        "ip_adapter_scale": getattr(args, "ip_adapter_scale", None),
         "controlnet_images": getattr(args, "controlnet_image", None),
         "controlnet_scales": getattr(args, "controlnet_scale", None),
         "controlnet_modes": getattr(args, "controlnet_mode", None),
@@ -289,10 +301,22 @@ def _recorded_redux(args: argparse.Namespace, record: dict[str, Any]) -> tuple[s
     """The Redux file and SigLIP folder to reproduce with: the flags, else the record's, if still there."""
     if args.redux_model or args.siglip:
         return None  # _load reads the flags (and says so if one of the two is missing)
-    entry = record.get("redux") if isinstance(record.get("redux"), dict) else None
-    if not entry or not Path(str(entry.get("path"))).is_file() or not Path(str(entry.get("siglip"))).is_dir():
+    return _recorded_pair(record, "redux", "siglip")
+
+
+def _recorded_ip_adapter(args: argparse.Namespace, record: dict[str, Any]) -> tuple[str, str] | None:
+    """The IP-Adapter file and CLIP folder to reproduce with: the flags, else the record's, if still there."""
+    if args.ip_adapter_model or args.clip_vision:
+        return None  # _load reads the flags (and says so if one of the two is missing)
+    return _recorded_pair(record, "ip_adapter", "clip")
+
+
+def _recorded_pair(record: dict[str, Any], key: str, folder: str) -> tuple[str, str] | None:
+    """A record's file (`key`'s path) and the folder beside it (`key`'s `folder`), where both still are."""
+    entry = record.get(key) if isinstance(record.get(key), dict) else None
+    if not entry or not Path(str(entry.get("path"))).is_file() or not Path(str(entry.get(folder))).is_dir():
         return None
-    return str(entry["path"]), str(entry["siglip"])
+    return str(entry["path"]), str(entry[folder])
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -312,7 +336,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     # Without --controlnet, the ControlNets named in the record, from where they were (hashes checked).
     controlnets = args.controlnet or recorded_controlnet_paths(record) or []
-    pipe = _load(args, model, loras, adapter, reference, _recorded_redux(args, record), controlnets)
+    pipe = _load(
+        args,
+        model,
+        loras,
+        adapter,
+        reference,
+        _recorded_redux(args, record),
+        controlnets,
+        _recorded_ip_adapter(args, record),
+    )
     image = reproduce(
         pipe,
         record,
@@ -324,6 +357,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         control=args.control,
         redux=args.redux,
         controlnet_images=args.controlnet_image,
+        ip_adapter=args.ip_adapter,
     )
     for path in _save([image], args.out):
         print(path)
@@ -500,6 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
         redux_model=Path(args.redux_model) if args.redux_model else None,
         siglip=Path(args.siglip) if args.siglip else None,
+        ip_adapter_model=Path(args.ip_adapter_model) if args.ip_adapter_model else None,
+        clip_vision=Path(args.clip_vision) if args.clip_vision else None,
         controlnets=tuple(Path(p) for p in args.controlnet or ()),
     )
     return serve(settings, log_level=args.log_level)

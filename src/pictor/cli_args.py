@@ -301,6 +301,39 @@ def _add_redux(p: argparse.ArgumentParser) -> None:
     _add_redux_model(p)
 
 
+def _add_ip_adapter_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ip-adapter-model",
+        default=None,
+        metavar="FILE",
+        help="XLabs' FLUX.1 IP-Adapter (ip_adapter.safetensors), with --clip-vision",
+    )
+    p.add_argument(
+        "--clip-vision",
+        default=None,
+        metavar="DIR",
+        help="a local CLIP vision folder for the IP-Adapter (openai/clip-vit-large-patch14 as saved)",
+    )
+
+
+def _add_ip_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="IMAGE",
+        help="IP-Adapter: a picture whose look the images take (its CLIP embedding is attended to in the "
+        "double blocks); needs --ip-adapter-model and --clip-vision",
+    )
+    p.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how strongly the IP-Adapter picture speaks (default 1; XLabs suggest 0.5 to 1)",
+    )
+    _add_ip_adapter_model(p)
+
+
 def _add_prompt_variants(p: argparse.ArgumentParser) -> None:
     """generate's prompt files and variants (`pictor.prompt_variants`)."""
     p.add_argument(
@@ -341,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control(g)
     _add_controlnets(g)
     _add_redux(g)
+    _add_ip_adapter(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
         "--hires",
@@ -380,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control(ed)
     _add_controlnets(ed)
     _add_redux(ed)
+    _add_ip_adapter(ed)
     ed.add_argument(
         "--mask",
         default=None,
@@ -418,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--redux", default=None, metavar="IMAGE", help="for a FLUX.1 Redux image: its picture")
     _add_redux_model(r)
+    r.add_argument("--ip-adapter", default=None, metavar="IMAGE", help="for an IP-Adapter image: its picture")
+    _add_ip_adapter_model(r)
     _add_controlnet_models(r)
     r.add_argument("--mask", default=None, help="for an inpaint/outpaint edit with a mask: that mask")
     r.add_argument("-o", "--out", default="outputs")
@@ -666,6 +703,7 @@ def _add_serve_parser(sub: Any) -> None:
         "--lora-dir", default=None, help="folder of LoRA files requests may choose by name (loras)"
     )
     _add_redux_model(s)  # FLUX.1 Redux for requests with redux_image, and for variations
+    _add_ip_adapter_model(s)  # XLabs' FLUX.1 IP-Adapter for requests with ip_adapter_image
     s.add_argument(
         "--controlnet",
         action="append",

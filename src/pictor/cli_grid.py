@@ -39,6 +39,10 @@ SHARED = (
     "redux_strength",
     "redux_model",
     "siglip",
+    "ip_adapter",
+    "ip_adapter_scale",
+    "ip_adapter_model",
+    "clip_vision",
     "controlnet",
     "controlnet_image",
     "controlnet_scale",
@@ -62,6 +66,7 @@ _AXIS_OPTIONS = {
     "controlnet-scale": ("controlnet_scale", "--controlnet-scale"),
     "controlnet-end": ("controlnet_end", "--controlnet-end"),
     "redux-strength": ("redux_strength", "--redux-strength"),
+    "ip-adapter-scale": ("ip_adapter_scale", "--ip-adapter-scale"),
 }
 
 

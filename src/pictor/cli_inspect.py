@@ -40,11 +40,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     if target.is_dir() and (net := controlnet_summary(target)) is not None:  # a diffusers ControlNet folder
         print(json.dumps(net, indent=2, ensure_ascii=False))
         return 0
-    if target.is_file() and target.suffix.lower() == ".safetensors":  # LoRA, Redux, ControlNet: what it holds
+    if target.is_file() and target.suffix.lower() == ".safetensors":  # LoRA, Redux, IP-Adapter, ControlNet
+        from pictor.ip_adapter_files import ip_adapter_file_summary
         from pictor.lora_tools import lora_summary
         from pictor.redux_images import redux_file_summary
 
-        summary = redux_file_summary(target) or controlnet_summary(target) or lora_summary(target)
+        summary = (
+            redux_file_summary(target)
+            or ip_adapter_file_summary(target)
+            or controlnet_summary(target)
+            or lora_summary(target)
+        )
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     from pictor.gguf_files import is_gguf

@@ -95,6 +95,8 @@ class EditRequest:
     control_canny: tuple[float, float] | None = None
     redux_image: ImageSource | np.ndarray | None = None
     redux_strength: float | None = None
+    ip_adapter_image: ImageSource | np.ndarray | None = None
+    ip_adapter_scale: float | None = None
     controlnet_images: list[ImageSource | np.ndarray] | None = None
     controlnet_scales: list[float] | None = None
     controlnet_modes: list[str | int | None] | None = None

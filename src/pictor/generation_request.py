@@ -83,6 +83,11 @@ class GenerationRequest:
     redux_image: ImageSource | np.ndarray | None = None
     # How strongly the Redux picture speaks (its tokens are multiplied by it); None: 1, BFL's.
     redux_strength: float | None = None
+    # XLabs' FLUX.1 IP-Adapter: a picture whose CLIP image embedding the transformer's double blocks attend
+    # to (`pictor.ip_adapter_files`); needs `Pipeline.set_ip_adapter`. None: none.
+    ip_adapter_image: ImageSource | np.ndarray | None = None
+    # How strongly the IP-Adapter's attention speaks (diffusers' set_ip_adapter_scale); None: 1.
+    ip_adapter_scale: float | None = None
     # FLUX.1 ControlNets (`pictor.controlnet_runs`; loaded by `Pipeline.add_controlnet`): one control
     # picture per loaded ControlNet, in order (a path, a PIL image or uint8 [H, W, 3]), fitted to the
     # image's size. None: none (and then no ControlNet may be loaded).

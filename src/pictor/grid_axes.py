@@ -26,6 +26,7 @@ from typing import Any
 from pictor.controlnet_runs import MAX_SCALE as MAX_CONTROLNET_SCALE
 from pictor.generation_request import MAX_SEED, NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
 from pictor.generation_settings import settings_problem
+from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.models.block_cache import cache_threshold_problem
 from pictor.redux_images import MAX_STRENGTH as MAX_REDUX_STRENGTH
 
@@ -162,6 +163,11 @@ AXES: dict[str, _Kind] = {
     "redux-strength": _Kind(
         _bounded(0.0, MAX_REDUX_STRENGTH, "a Redux strength"), _set("redux_strength"), "redux-strength=0.5,1"
     ),
+    "ip-adapter-scale": _Kind(
+        _bounded(0.0, MAX_IP_ADAPTER_SCALE, "an IP-Adapter scale"),
+        _set("ip_adapter_scale"),
+        "ip-adapter-scale=0.5,0.8,1",
+    ),
 }
 ALIASES = {
     "cfg": "guidance",
@@ -170,6 +176,7 @@ ALIASES = {
     "controlnet_scale": "controlnet-scale",
     "controlnet_end": "controlnet-end",
     "redux_strength": "redux-strength",
+    "ip_adapter_scale": "ip-adapter-scale",
 }
 
 

@@ -5,6 +5,8 @@ Classifier-free guidance batches the conditional and unconditional halves in one
 layout's residuals and the reference's conditioning depend on neither x nor t, so they are computed once
 per sampler run. Under CFG both halves get the layout (as GLIGEN), so guidance amplifies the prompt, not
 the layout; the reference goes with the conditional half only (as IP-Adapter), amplified like a prompt.
+An IP-Adapter's picture goes with the conditional half and a black picture with the other (diffusers' and
+XLabs' default negative picture), its keys and values computed once per run too.
 A FLUX.1 Kontext context image goes with both halves (as diffusers' true CFG for Kontext), appended to the
 image tokens (`pictor.context_images`).
 """
@@ -19,10 +21,12 @@ import torch
 
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
+from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_embeds
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids
+from pictor.models.ip_adapter import IPAttention
 from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
     ReferenceAdapter,
@@ -43,12 +47,16 @@ class Conditioned(Protocol):
 
     prompt: str
     negative_prompt: str
+    width: int | None
+    height: int | None
     guidance: float | None
     layout: list[dict[str, Any]] | None
     reference: Any
     context_image: Any
     redux_image: Any
     redux_strength: float | None
+    ip_adapter_image: Any
+    ip_adapter_scale: float | None
     cache_threshold: float | None
 
 
@@ -64,6 +72,7 @@ class Models(Protocol):
     layout_adapter: LayoutAdapter | None
     reference_adapter: ReferenceAdapter | None
     redux: ReduxModel | None
+    ip_adapter: IPAdapterModel | None
 
     def encode_text(self, prompts: list[str]) -> TextEmbeddings: ...
 
@@ -110,6 +119,7 @@ def guided_velocity(
         ids: torch.Tensor,
         residuals: list[torch.Tensor] | None,
         context: ReferenceConditioning | None,
+        ipa: IPAttention | None,
     ) -> torch.Tensor:
         n = x.shape[0]
         txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
@@ -140,6 +150,7 @@ def guided_velocity(
             img_residuals=residuals,
             block_cache=cache,
             controlnet=control,
+            ip_adapter=ipa,
         )
         return v[:, : x.shape[1]]
 
@@ -156,8 +167,9 @@ def guided_velocity(
         assert m.layout_adapter is not None
         grid = (lat_h // 2, lat_w // 2)
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
+    ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
     if not use_cfg:
-        return lambda x, t: model(x, t, cond, img_ids, res, context)
+        return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
     uncond = m.encode_text([r.negative_prompt])
     both = TextEmbeddings(
@@ -167,4 +179,20 @@ def guided_velocity(
     )
     ids2 = torch.cat([img_ids, img_ids])
     context2 = conditional_only(context, batch) if context is not None else None
-    return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2), guidance)
+    return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2, ipa), guidance)
+
+
+def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:
+    """The IP-Adapter's keys and values for one run: the picture's for every image, or under classifier-free
+    guidance the picture's for the conditional half and a black picture's for the other (rows are
+    [conditional images, unconditional images], so b = 2 serves both halves)."""
+    assert m.ip_adapter is not None and isinstance(r.ip_adapter_image, np.ndarray)
+    embeds = clip_image_embeds(m.ip_adapter, r.ip_adapter_image)
+    if use_cfg:
+        assert r.width and r.height
+        embeds = torch.cat([embeds, clip_image_embeds(m.ip_adapter, blank_pixels(r.height, r.width))])
+    adapter = m.ip_adapter.adapter
+    with torch.inference_mode():
+        return adapter.attention(
+            embeds.to(m.dtype), float(r.ip_adapter_scale or 0.0), m.transformer.num_heads
+        )

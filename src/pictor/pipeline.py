@@ -50,6 +50,7 @@ from pictor.generation_request import (
 from pictor.generation_settings import MAX_PIXELS, settings_problem
 from pictor.guided_velocity import guided_velocity
 from pictor.hires import HIRES_FIELDS
+from pictor.ip_adapter_files import IPAdapterModel, ip_adapter_fields, open_ip_adapter
 from pictor.layout_files import LayoutError, open_layout_adapter
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_decode
@@ -145,6 +146,8 @@ class Pipeline:
         self.reference_info: dict[str, Any] | None = None
         # FLUX.1 Redux's embedder and SigLIP vision tower (`set_redux`), for requests with a Redux picture.
         self.redux: ReduxModel | None = None
+        # XLabs' FLUX.1 IP-Adapter and CLIP's vision tower (`set_ip_adapter`), for requests with its picture.
+        self.ip_adapter: IPAdapterModel | None = None
         # FLUX.1 ControlNets (`add_controlnet`), in order; each request gives one picture per ControlNet.
         self.controlnets: list[ControlNetUnit] = []
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
@@ -324,6 +327,13 @@ class Pipeline:
         self.redux = redux.to(self.device, self.dtype)
         return redux.info
 
+    def set_ip_adapter(self, path: str | os.PathLike[str], clip: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load XLabs' FLUX.1 IP-Adapter (ip_adapter.safetensors) and a local CLIP vision folder for requests
+        with an IP-Adapter picture; returns the entry records name them by."""
+        model = open_ip_adapter(path, clip, self.transformer.params)
+        self.ip_adapter = model.to(self.device, self.dtype)
+        return model.info
+
     def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a FLUX.1 ControlNet (InstantX, Union or XLabs; a diffusers folder or a single file) beside
         the transformer; returns the entry records name it by."""
@@ -451,6 +461,7 @@ class Pipeline:
             **(context_fields(r.context_image) if r.context_image is not None else {}),
             **(control_fields(r.control_image, r.control_canny) if r.control_image is not None else {}),
             **(self._redux_fields(r) if r.redux_image is not None else {}),
+            **(self._ip_adapter_fields(r) if r.ip_adapter_image is not None else {}),
             **(controlnet_fields(r, self.controlnets) if self.controlnets else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
@@ -459,6 +470,10 @@ class Pipeline:
     def _redux_fields(self, r: GenerationRequest) -> dict[str, Any]:
         assert isinstance(r.redux_image, np.ndarray) and self.redux is not None
         return redux_fields(r.redux_image, float(r.redux_strength or 0.0), self.redux.info)
+
+    def _ip_adapter_fields(self, r: GenerationRequest) -> dict[str, Any]:
+        assert isinstance(r.ip_adapter_image, np.ndarray) and self.ip_adapter is not None
+        return ip_adapter_fields(r.ip_adapter_image, float(r.ip_adapter_scale or 0.0), self.ip_adapter.info)
 
     def _reference_fields(self, r: GenerationRequest) -> dict[str, Any]:
         """A record holds the hash of the reference's fitted pixels, not the picture, and the adapter."""

@@ -96,6 +96,7 @@ def parameters_text(record: dict[str, Any]) -> str:
         ("context_image", "Context image hash"),
         ("control_image", "Control image hash"),
         ("redux_image", "Redux image hash"),
+        ("ip_adapter_image", "IP-Adapter image hash"),
     ):
         picture = record.get(key)
         if isinstance(picture, dict) and picture.get("sha256"):
@@ -105,6 +106,11 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields.append(("Redux strength", _fmt_number(redux["strength"])))
         if redux.get("name") and redux.get("sha256"):  # as A1111 names a model: name and short hash
             fields.append(("Redux model", f"{redux['name']} [{str(redux['sha256'])[:10]}]"))
+    ip = record.get("ip_adapter")
+    if isinstance(ip, dict) and isinstance(ip.get("scale"), int | float):
+        fields.append(("IP-Adapter scale", _fmt_number(ip["scale"])))
+        if ip.get("name") and ip.get("sha256"):
+            fields.append(("IP-Adapter model", f"{ip['name']} [{str(ip['sha256'])[:10]}]"))
     fields += _controlnet_fields(record)
     canny = record.get("control_canny")
     if isinstance(canny, list) and len(canny) == 2:  # the control picture's edges were drawn by pictor

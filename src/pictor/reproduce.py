@@ -79,6 +79,11 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         _optional(lambda v: _strings(v, "sha256", "path", "siglip") and _number(v.get("strength"))),
         "an object with the Redux file's sha256 and the strength",
     ),
+    "ip_adapter_image": (_optional(_hashed), "an object with the IP-Adapter picture's sha256"),
+    "ip_adapter": (
+        _optional(lambda v: _strings(v, "sha256", "path", "clip") and _number(v.get("scale"))),
+        "an object with the IP-Adapter file's sha256 and the scale",
+    ),
     "controlnets": (
         lambda v: (
             isinstance(v, list)
@@ -162,6 +167,7 @@ def _settings(
     control: ImageSource | None,
     redux: ImageSource | None = None,
     controlnet_images: list[ImageSource] | None = None,
+    ip_adapter: ImageSource | None = None,
 ) -> dict[str, Any]:
     """The sampler settings a generation record and an edit record share: one run over all its seeds."""
     return {
@@ -179,6 +185,8 @@ def _settings(
         "control_canny": tuple(record["control_canny"]) if record.get("control_canny") else None,
         "redux_image": redux,
         "redux_strength": record["redux"]["strength"] if record.get("redux") else None,
+        "ip_adapter_image": ip_adapter,
+        "ip_adapter_scale": record["ip_adapter"]["scale"] if record.get("ip_adapter") else None,
         **{name: record.get(name) for name in TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
         **recorded_controlnet_settings(record, controlnet_images),
@@ -221,6 +229,7 @@ def check_picture_pixels(record: dict[str, Any], r: GenerationRequest) -> None:
         ("context_image", r.context_image, "context image"),
         ("control_image", r.control_image, "control picture"),
         ("redux_image", r.redux_image, "Redux picture"),
+        ("ip_adapter_image", r.ip_adapter_image, "IP-Adapter picture"),
     ):
         if not record.get(key):
             continue
@@ -283,6 +292,35 @@ def check_redux(pipe: Pipeline, record: dict[str, Any], redux: ImageSource | Non
         )
 
 
+def check_ip_adapter(pipe: Pipeline, record: dict[str, Any], picture: ImageSource | None) -> None:
+    """An IP-Adapter image's picture is given exactly when the record has one, and the IP-Adapter file and
+    CLIP weights loaded are the ones it was made with."""
+    if not record.get("ip_adapter_image"):
+        if picture is not None:
+            raise GenerationError("this image was made without an IP-Adapter picture; drop --ip-adapter")
+        return
+    if picture is None:
+        raise GenerationError(
+            "this image was made from an IP-Adapter picture; pass it with --ip-adapter IMAGE"
+        )
+    if pipe.ip_adapter is None:
+        raise GenerationError(
+            "the image was made with an IP-Adapter; load it with --ip-adapter-model FILE --clip-vision FOLDER"
+        )
+    entry, info = record.get("ip_adapter") or {}, pipe.ip_adapter.info
+    for key, what, flag in (
+        ("sha256", "IP-Adapter file", "--ip-adapter-model FILE"),
+        ("clip_sha256", "CLIP vision weights", "--clip-vision FOLDER"),
+        ("clip_processor_sha256", "CLIP image processor settings", "--clip-vision FOLDER"),
+    ):
+        want, have = entry.get(key), info.get(key)
+        if want and want != have:
+            raise GenerationError(
+                f"the image was made with {what} {str(want)[:10]}, but the loaded ones are "
+                f"{str(have)[:10]}; pass the ones it was made with ({flag})"
+            )
+
+
 def check_layout_adapter(pipe: Pipeline, record: dict[str, Any]) -> None:
     if not record.get("layout"):
         return
@@ -324,6 +362,7 @@ def reproduce(
     control: ImageSource | None = None,
     redux: ImageSource | None = None,
     controlnet_images: list[ImageSource] | None = None,
+    ip_adapter: ImageSource | None = None,
 ) -> GeneratedImage:
     """Regenerate one image from its record: the same sampler run, the same pixels.
 
@@ -331,8 +370,9 @@ def reproduce(
     (FLUX.1 Kontext) context image or a (Canny / Depth) control picture only the hash of that picture; pass
     those files as `source`, `mask`, `reference`, `context` and `control`, and they are checked against the
     hashes before the sampler runs (a control picture's Canny edges are drawn again, as the record says);
-    likewise a FLUX.1 Redux picture as `redux` and ControlNet pictures, in order, as `controlnet_images`
-    (the pipeline must have the record's ControlNets loaded, in order).
+    likewise a FLUX.1 Redux picture as `redux`, an IP-Adapter picture as `ip_adapter` and ControlNet
+    pictures, in order, as `controlnet_images` (the pipeline must have the record's ControlNets loaded, in
+    order).
     """
     check_record(record)
     if "mode" not in record and (source is not None or mask is not None):
@@ -365,17 +405,17 @@ def reproduce(
     check_context(record, context)
     check_control(record, control)
     check_redux(pipe, record, redux)
+    check_ip_adapter(pipe, record, ip_adapter)
     check_recorded_controlnets(pipe.controlnets, record, controlnet_images)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
-        return _reproduce_edit(
-            pipe, record, seeds, progress, source, mask, reference, context, control, redux, controlnet_images
-        )
+        pictures = _settings(record, seeds, reference, context, control, redux, controlnet_images, ip_adapter)
+        return _reproduce_edit(pipe, record, progress, source, mask, pictures)
     request = GenerationRequest(
         prompt=record["prompt"],
         width=record["width"],
         height=record["height"],
-        **_settings(record, seeds, reference, context, control, redux, controlnet_images),
+        **_settings(record, seeds, reference, context, control, redux, controlnet_images, ip_adapter),
         **_hires(record),
     )
     r = pipe.resolve_request(request, reproducing=True)
@@ -389,16 +429,12 @@ def reproduce(
 def _reproduce_edit(
     pipe: Pipeline,
     record: dict[str, Any],
-    seeds: list[int],
     progress: ProgressFn | None,
     source: ImageSource | None,
     mask: ImageSource | None,
-    reference: ImageSource | None,
-    context: ImageSource | None,
-    control: ImageSource | None,
-    redux: ImageSource | None,
-    controlnet_images: list[ImageSource] | None,
+    settings: dict[str, Any],
 ) -> GeneratedImage:
+    """An edit's rerun; `settings`: `_settings`' request fields (the seeds and the pictures given)."""
     mode = record["mode"]
     if source is None:
         raise GenerationError(
@@ -418,7 +454,7 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
-        **_settings(record, seeds, reference, context, control, redux, controlnet_images),
+        **settings,
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
     check_picture_pixels(record, r)
@@ -433,6 +469,7 @@ def _reproduce_edit(
         raise GenerationError(
             "the mask is not the one this edit was made with (hash mismatch); pass the original mask"
         )
+    seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     images = pipe.run_edit_seeds(r, inputs, seeds, progress or (lambda i, n: None))
     return images[int(record.get("batch_index", 0))]
 

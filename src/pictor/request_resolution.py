@@ -22,6 +22,7 @@ from pictor.generation_request import (
 )
 from pictor.generation_settings import MAX_STEPS, resolve_tiling, settings_problem
 from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
+from pictor.ip_adapter_files import IPAdapterError, IPAdapterModel, ip_adapter_pixels, ip_adapter_problem
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import cache_threshold_problem
@@ -45,6 +46,9 @@ class ResolvingPipeline(Protocol):
     control: bool  # a FLUX.1 Canny / Depth model (`pictor.control_images.is_control_model`)
     redux: ReduxModel | None  # FLUX.1 Redux's embedder and SigLIP, once `Pipeline.set_redux` loaded them
     controlnets: list[ControlNetUnit]  # FLUX.1 ControlNets `Pipeline.add_controlnet` loaded, in order
+    ip_adapter: (
+        IPAdapterModel | None
+    )  # XLabs' IP-Adapter and CLIP, once `Pipeline.set_ip_adapter` loaded them
 
     @property
     def name(self) -> str: ...
@@ -116,6 +120,12 @@ def resolve_request(
     if r.redux_image is not None:  # the picture as RGB pixels, hashed into the record
         strength = 1.0 if r.redux_strength is None else float(r.redux_strength)
         r = replace(r, redux_image=redux_pixels(r.redux_image), redux_strength=strength)
+    problem = ip_adapter_problem(r, pipe.ip_adapter)
+    if problem:
+        raise IPAdapterError(problem)
+    if r.ip_adapter_image is not None:  # the picture as RGB pixels, hashed into the record
+        scale = 1.0 if r.ip_adapter_scale is None else float(r.ip_adapter_scale)
+        r = replace(r, ip_adapter_image=ip_adapter_pixels(r.ip_adapter_image), ip_adapter_scale=scale)
     if not 1 <= r.num_images <= MAX_IMAGES:
         raise GenerationError(
             f"number of images must be between 1 and {MAX_IMAGES}, got {r.num_images}; for more, run "

@@ -63,6 +63,11 @@ class ServeSettings:
     # to `create_app` is served as it is.
     redux_model: Path | None = None
     siglip: Path | None = None
+    # XLabs' FLUX.1 IP-Adapter: its ip_adapter.safetensors and a local CLIP vision folder, both or neither;
+    # the loaded model gets them (`Pipeline.set_ip_adapter`), so requests may send ip_adapter_image. A
+    # pipeline handed to `create_app` is served as it is.
+    ip_adapter_model: Path | None = None
+    clip_vision: Path | None = None
     # FLUX.1 ControlNets (files or diffusers folders), loaded with the model in this order
     # (`Pipeline.add_controlnet`); every request then gives one picture per ControlNet (controlnet_images).
     # A pipeline handed to `create_app` is served with the ControlNets it has.
@@ -82,6 +87,8 @@ class ServeSettings:
             raise ValueError("vae-tile-overlap needs vae-tile: give the tile size too")
         if (self.redux_model is None) != (self.siglip is None):
             raise ValueError("FLUX.1 Redux needs both --redux-model FILE and --siglip DIR")
+        if (self.ip_adapter_model is None) != (self.clip_vision is None):
+            raise ValueError("the IP-Adapter needs both --ip-adapter-model FILE and --clip-vision DIR")
         if len(self.controlnets) > MAX_CONTROLNETS:
             raise ValueError(
                 f"{len(self.controlnets)} --controlnet models given; a server loads at most "
