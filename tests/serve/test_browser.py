@@ -356,6 +356,7 @@ def test_generate_from_a_reference_picture(
     expect(page.locator("#context-settings")).to_be_hidden()  # not a Kontext model: nothing to offer
     expect(page.locator("#control-settings")).to_be_hidden()  # nor a Canny / Depth one
     expect(page.locator("#redux-settings")).to_be_hidden()  # nor a server with FLUX.1 Redux
+    expect(page.locator("#ip-adapter-settings")).to_be_hidden()  # nor one with the IP-Adapter
     picture = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")
     page.get_by_text("Reference picture", exact=True).first.click()
@@ -703,6 +704,80 @@ def test_a_redux_server_offers_a_redux_picture_and_varies_through_it(
     variation = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
     assert "kind" not in variation["request"] and variation["request"]["redux_image"]
     assert variation["request"]["redux_strength"] == 0.5
+    assert problems == [], problems
+
+
+def test_an_ip_adapter_server_offers_an_ip_adapter_picture(
+    browser: Any, live_server: Any, tmp_path: Path
+) -> None:
+    """With XLabs' FLUX.1 IP-Adapter loaded the page shows an IP-Adapter picture and its scale: a generation
+    (a data: URL, the prompt may then be empty) and an edit (a file) send them; Reuse settings puts the scale
+    back and Reproduce says why it cannot; a variation, which takes no IP-Adapter picture, is not sent beside
+    one."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from pictor.pipeline import GenerationRequest
+    from tests.serve.test_ip_adapter_api import ip_adapter_files, ip_picture
+    from tests.serve.test_redux_api import dev_pipeline
+
+    pipe = dev_pipeline()
+    pipe.set_ip_adapter(*ip_adapter_files(tmp_path))
+    live = live_server(pipeline=pipe)
+    page, problems = open_page(browser, live.url, height=1300)
+    expect(page.locator("#model-info")).to_contain_text("IP-Adapter")
+    expect(page.locator("#redux-settings")).to_be_hidden()  # no FLUX.1 Redux here
+    page.get_by_text("IP-Adapter picture (XLabs' FLUX.1 IP-Adapter)", exact=True).click()
+    page.get_by_role("button", name="Generate").click()  # nothing to go on: said on the page, not sent
+    expect(page.locator("#error")).to_contain_text("choose a reference or IP-Adapter picture")
+
+    picture = ip_picture()
+    picture.save(tmp_path / "ip.png")
+    page.get_by_label("IP-Adapter picture", exact=True).set_input_files(str(tmp_path / "ip.png"))
+    page.get_by_label("IP-Adapter scale", exact=True).fill("0.5")
+    fill_settings(page, None, 5, 2)
+    generate_one(page)
+    expect(page.locator("#error")).to_be_empty()
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["request"]["prompt"] == "" and job["request"]["ip_adapter_image"]
+    assert job["request"]["ip_adapter_scale"] == 0.5
+    with Image.open(io.BytesIO(httpx.get(job["results"][0]["url"]).content)) as im:
+        served, record = np.asarray(im.convert("RGB")), json.loads(im.text["pictor"])
+    request = GenerationRequest("", seed=5, steps=2, ip_adapter_image=picture, ip_adapter_scale=0.5)
+    (direct,) = pipe.generate(request)
+    assert np.array_equal(served, np.asarray(direct.image)) and record["ip_adapter"]["scale"] == 0.5
+
+    page.get_by_label("IP-Adapter scale", exact=True).fill("")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reuse settings").click()
+    expect(page.get_by_label("IP-Adapter scale", exact=True)).to_have_value("0.5")
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Reproduce").click()
+    expect(page.locator("#error")).to_contain_text("under IP-Adapter picture")
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Edit this image").click()
+    page.get_by_role("button", name="Edit image").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    edit_job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert edit_job["request"]["kind"] == "edit" and edit_job["request"]["ip_adapter_image"]
+    assert edit_job["request"]["ip_adapter_scale"] == 0.5
+
+    page.locator("#gallery img").first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    page.get_by_role("button", name="Make variations").click()  # beside an IP-Adapter picture: said, not sent
+    expect(page.locator("#error")).to_contain_text("Variations do not take an IP-Adapter picture")
+    assert len(httpx.get(f"{live.url}/v1/jobs").json()["data"]) == 2
+    page.get_by_role("button", name="Clear IP-Adapter picture").click()
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    expect(page.locator("#error")).to_be_empty()
+    variation = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert variation["request"]["kind"] == "edit" and not variation["request"].get("ip_adapter_image")
     assert problems == [], problems
 
 

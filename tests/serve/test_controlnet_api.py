@@ -457,18 +457,18 @@ def test_the_body_caps_grow_by_one_picture_per_loaded_controlnet(
     make_client: Callable[..., TestClient], two: Pipeline, tiny: Pipeline
 ) -> None:
     limits = Limits(max_upload_bytes=1000, max_pixels=64 * 64, max_body_bytes=500)
-    assert (multipart_limit(limits), json_limit(limits)) == (6 * 1000 + 65536, 500 + 4 * 1334)
+    assert (multipart_limit(limits), json_limit(limits)) == (7 * 1000 + 65536, 500 + 5 * 1334)
     ours, plain = make_client(two, limits=limits), make_client(tiny, limits=limits)
     multipart = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(10**6)}
     error = ours.post("/v1/images/edits", content=b"", headers=multipart).json()["error"]
-    assert "8 images of at most 1000 bytes each, 2 of them ControlNet pictures" in error["message"]
-    over = {"Content-Type": "application/json", "Content-Length": str(500 + 6 * 1334 + 1)}
+    assert "9 images of at most 1000 bytes each, 2 of them ControlNet pictures" in error["message"]
+    over = {"Content-Type": "application/json", "Content-Length": str(500 + 7 * 1334 + 1)}
     error = ours.post(GENERATIONS, content=b"", headers=over).json()["error"]
     assert (
-        "up to 6 base64 pictures of at most 1000 bytes each, 2 of them ControlNet pictures"
+        "up to 7 base64 pictures of at most 1000 bytes each, 2 of them ControlNet pictures"
         in error["message"]
     )
-    fits = {**over, "Content-Length": str(500 + 6 * 1334)}
+    fits = {**over, "Content-Length": str(500 + 7 * 1334)}
     assert ours.post(GENERATIONS, content=b"{}", headers=fits).status_code != 413
     # a server without ControlNets keeps its caps
     assert plain.post(GENERATIONS, content=b"{}", headers=fits).status_code == 413

@@ -134,12 +134,13 @@ def test_body_limits_count_the_pictures_a_request_may_carry(
     client = make_client(tiny, limits=Limits(max_upload_bytes=1000, max_pixels=64 * 64, max_body_bytes=500))
     headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(10**6)}
     error = error_of(client.post("/v1/images/edits", content=b"", headers=headers), 413)
-    assert "6 images of at most 1000 bytes each" in error["message"]
-    # JSON: the fields and four base64 pictures (reference, context, control, Redux): 500 + 4 x 1334 bytes
-    big = {"Content-Type": "application/json", "Content-Length": str(500 + 4 * 1334 + 1)}
+    assert "7 images of at most 1000 bytes each" in error["message"]
+    # JSON: the fields and five base64 pictures (reference, context, control, Redux, IP-Adapter):
+    # 500 + 5 x 1334 bytes
+    big = {"Content-Type": "application/json", "Content-Length": str(500 + 5 * 1334 + 1)}
     error = error_of(client.post("/v1/images/generations", content=b"", headers=big), 413)
-    assert "the limit is 5836 bytes (500 for the fields, and up to 4 base64 pictures" in error["message"]
-    fits = {"Content-Type": "application/json", "Content-Length": str(500 + 4 * 1334)}
+    assert "the limit is 7170 bytes (500 for the fields, and up to 5 base64 pictures" in error["message"]
+    fits = {"Content-Type": "application/json", "Content-Length": str(500 + 5 * 1334)}
     assert client.post("/v1/images/generations", content=b"{}", headers=fits).status_code != 413
 
 

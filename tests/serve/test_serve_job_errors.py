@@ -18,6 +18,7 @@ from pictor.context_images import context_problem
 from pictor.control_images import control_problem
 from pictor.editing import EditRequest
 from pictor.fill_images import check_fill_request
+from pictor.ip_adapter_files import ip_adapter_problem
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.redux_images import redux_problem
 from pictor.serve.pipeline_errors import api_message, field_of, job_error
@@ -31,7 +32,7 @@ PICTURE = Image.new("RGB", (32, 32), "red")
 LAYOUT = [{"box": [0, 0, 1, 1], "phrase": "a red circle"}]
 # Flags an API message may still name: the server's own, which tell its operator what to change, and
 # `pictor convert`'s, which say how to make the model that would take the request.
-SERVER_FLAGS = {"--redux-model", "--siglip", "--kontext"}
+SERVER_FLAGS = {"--redux-model", "--siglip", "--ip-adapter-model", "--clip-vision", "--kontext"}
 
 
 def _generation_error(pipe: Pipeline, **request: Any) -> str:
@@ -69,6 +70,11 @@ def _redux(redux: Any, guidance_mode: str = "distilled", **request: Any) -> str:
     return _problem(redux_problem(SimpleNamespace(**{**fields, **request}), redux, guidance_mode))
 
 
+def _ip_adapter(model: Any, **request: Any) -> str:
+    fields = {"ip_adapter_image": 1, "ip_adapter_scale": None}
+    return _problem(ip_adapter_problem(SimpleNamespace(**{**fields, **request}), model))
+
+
 def _context(**request: Any) -> str:
     return _problem(context_problem("k", True, GenerationRequest("a", context_image=1, **request)))
 
@@ -104,6 +110,10 @@ CASES: list[tuple[str, Callable[[Pipeline], str], str | None]] = [
         lambda p: _generation_error(p, redux_image=PICTURE, reference=PICTURE),
         "reference_image",
     ),
+    ("ip-adapter scale alone", lambda p: _generation_error(p, ip_adapter_scale=0.5), "ip_adapter_scale"),
+    ("no ip-adapter", lambda p: _generation_error(p, ip_adapter_image=PICTURE), "ip_adapter_image"),
+    ("edit without ip-adapter", lambda p: _edit_error(p, ip_adapter_image=PICTURE), "ip_adapter_image"),
+    ("ip-adapter scale range", lambda p: _ip_adapter(1, ip_adapter_scale=11.0), "ip_adapter_scale"),
     ("edit strength", lambda p: _edit_error(p, strength=2.0), "strength"),
     ("black mask", lambda p: _edit_error(p, mask=Image.new("L", (32, 32), 0)), "mask"),
     ("odd image", lambda p: _edit_error(p, image=Image.new("RGB", (33, 32))), "image"),
@@ -150,6 +160,11 @@ def test_cli_wording_becomes_api_wording() -> None:
     no_redux = api_message(_redux(None))
     assert "this server was started without them (pictor serve --redux-model" in no_redux
     assert no_redux.endswith("drop redux_image")
+    no_ip = api_message(_ip_adapter(None))
+    assert "this server was started without (pictor serve --ip-adapter-model FILE --clip-vision DIR)" in no_ip
+    assert no_ip.endswith("drop ip_adapter_image"), no_ip
+    alone = api_message(_ip_adapter(None, ip_adapter_image=None, ip_adapter_scale=0.5))
+    assert alone.endswith("add ip_adapter_image or drop it"), alone
     assert "--vae-tile" in api_message("VAE tile 3 does not fit; set --vae-tile 8")  # a server setting stays
 
 

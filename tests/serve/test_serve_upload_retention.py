@@ -75,7 +75,7 @@ def upload_files(client: TestClient) -> set[str]:
 
 def named(job: dict[str, Any]) -> set[str]:
     """The upload files a job's settings name."""
-    keys = ("image", "mask", "reference", "context_image", "control_image", "redux_image")
+    keys = ("image", "mask", "reference", "context_image", "control_image", "redux_image", "ip_adapter_image")
     return {f"{job['request'][k]}.png" for k in keys if job["request"].get(k)}
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pictor.control_images import DEFAULT_CANNY
 from pictor.controlnet_runs import MAX_SCALE
+from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.pipeline import MAX_SEED
 from pictor.redux_images import MAX_STRENGTH
 from pictor.serve.controlnets import json_modes, json_scales, too_many
@@ -80,7 +81,9 @@ class ImageGenerationRequest(BaseModel):
     # strict, so "n": "2" or "stream": 0 are errors as the schema says, not quietly converted.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="What to draw; may be empty only with a reference_image.")
+    prompt: str = Field(
+        description="What to draw; may be empty only with a reference_image, redux_image or ip_adapter_image."
+    )
     n: int | None = Field(1, ge=1, description="Number of images (the server's limit applies).")
     size: str | None = Field(
         None,
@@ -141,6 +144,21 @@ class ImageGenerationRequest(BaseModel):
         le=MAX_STRENGTH,
         allow_inf_nan=False,
         description="How strongly redux_image speaks: its tokens times this (default 1, BFL's).",
+    )
+    ip_adapter_image: str | None = Field(
+        None,
+        description="XLabs' FLUX.1 IP-Adapter: a picture whose look the images take (CLIP reads it; the "
+        "transformer's double blocks attend to its embedding): a PNG, JPEG or WebP file, base64 (or a "
+        "data:image/...;base64, URL); the prompt may then be empty; needs a server with the IP-Adapter "
+        "loaded (the model card's ip_adapter).",
+    )
+    ip_adapter_scale: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_IP_ADAPTER_SCALE,
+        allow_inf_nan=False,
+        description="How strongly ip_adapter_image speaks: its attention times this (default 1; XLabs "
+        "suggest 0.5 to 1).",
     )
     controlnet_images: list[str] | None = Field(
         None,
@@ -368,6 +386,11 @@ class ModelCard(BaseModel):
         False,
         description="The server has FLUX.1 Redux loaded: it takes redux_image and redux_strength, and a "
         "variation is drawn from its picture through Redux (false while the model loads).",
+    )
+    ip_adapter: bool = Field(
+        False,
+        description="The server has XLabs' FLUX.1 IP-Adapter loaded: it takes ip_adapter_image and "
+        "ip_adapter_scale (false while the model loads).",
     )
     controlnets: list[ControlNetCard] = Field(
         default_factory=list,

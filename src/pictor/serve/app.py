@@ -49,13 +49,14 @@ DESCRIPTION = """Text-to-image generation with pictor.
 * `POST /v1/images/generations` is OpenAI's Images API (the `openai` client works unchanged; pictor's
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `reference_image`,
   `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny / Depth),
-  `redux_image` and `redux_strength` (FLUX.1 Redux), `controlnet_images`, `controlnet_scales`,
-  `controlnet_modes`, `controlnet_start` and `controlnet_end` (FLUX.1 ControlNets, on a server started with
-  `--controlnet`) go in `extra_body`).
+  `redux_image` and `redux_strength` (FLUX.1 Redux), `ip_adapter_image` and `ip_adapter_scale` (XLabs'
+  FLUX.1 IP-Adapter, on a server started with `--ip-adapter-model` and `--clip-vision`), `controlnet_images`,
+  `controlnet_scales`, `controlnet_modes`, `controlnet_start` and `controlnet_end` (FLUX.1 ControlNets, on a
+  server started with `--controlnet`) go in `extra_body`).
 * `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; pictor's `reference_image`,
-  `context_image`, `control_image` and `redux_image` as further files, `controlnet_image` files (the field
-  repeated, one per ControlNet), `control_canny`, `redux_strength` and the ControlNet settings as fields);
-  `POST /v1/jobs/edits` queues it.
+  `context_image`, `control_image`, `redux_image` and `ip_adapter_image` as further files, `controlnet_image`
+  files (the field repeated, one per ControlNet), `control_canny`, `redux_strength`, `ip_adapter_scale` and
+  the ControlNet settings as fields); `POST /v1/jobs/edits` queues it.
 * `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
   reference adapter), or, on a server with FLUX.1 Redux loaded, a generation with the picture as its
@@ -84,6 +85,8 @@ def create_app(
             raise ValueError(f"--vae-tile does not fit model '{pipe.name}': {problem}")
         if settings.redux_model is not None and settings.siglip is not None:
             pipe.set_redux(settings.redux_model, settings.siglip)  # a bad file: /readyz says why
+        if settings.ip_adapter_model is not None and settings.clip_vision is not None:
+            pipe.set_ip_adapter(settings.ip_adapter_model, settings.clip_vision)  # likewise
         for path in settings.controlnets:  # in order: requests give their pictures in this order
             try:
                 pipe.add_controlnet(path)

@@ -15,10 +15,11 @@ pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON te
 only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control model needs one), each a
 further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw
 the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on a server with Redux
-loaded) as a file too, with ``redux_strength``; the prompt may be empty only with a reference or Redux
-picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files (the field repeated, one per
-ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``, ``controlnet_start`` and
-``controlnet_end`` (see `controlnets` for how a form sends a list).
+loaded) as a file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLUX.1 IP-Adapter's picture, on
+a server with the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the prompt may be empty only
+with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files
+(the field repeated, one per ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``,
+``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a list).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from pictor.editing import EditRequest, eight_bit
+from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
+from pictor.ip_adapter_files import ip_adapter_pixels
 from pictor.redux_images import MAX_STRENGTH
 from pictor.serve.api_models import ImagesResponse, Job, canny_setting
 from pictor.serve.controlnets import (
@@ -93,17 +96,20 @@ def edit_params(
     control: Image.Image | None = None,
     redux: Image.Image | None = None,
     controlnets: list[Image.Image] | None = None,
+    ip_adapter: Image.Image | None = None,
 ) -> dict[str, Any]:
     """Validate an edit (limits, policy, model, the pipeline's own checks); keep its images; job settings.
     `prompt_optional`: an empty prompt is fine without a reference too (a variation draws from the image).
-    `controlnets`: the ControlNets' pictures, in order, already 8-bit RGB (`controlnets.read_pictures`)."""
+    `controlnets`: the ControlNets' pictures, in order, already 8-bit RGB (`controlnets.read_pictures`).
+    `ip_adapter`: the IP-Adapter's picture."""
     limits = svc.settings.limits
     prompt, negative, n = form["prompt"], form["negative_prompt"] or "", form["n"]
     svc.check_model(form["model"])
     check_limits(limits, prompt, n, source.width, source.height, form["steps"])
     check_text(limits, prompt=prompt, negative_prompt=negative)
     check_names(form["sampler"], form["schedule"])
-    require_prompt(prompt, reference is not None or redux is not None or prompt_optional)
+    pictured = any(picture is not None for picture in (reference, redux, ip_adapter))
+    require_prompt(prompt, pictured or prompt_optional)
     layout = checked_layout(form.get("layout"))
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
     if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
@@ -119,6 +125,9 @@ def edit_params(
     context = eight_bit(context) if context is not None else None
     control = eight_bit(control) if control is not None else None
     redux = eight_bit(redux).convert("RGB") if redux is not None else None
+    # transparency on white, as CLIP's processor and the CLI take it (not dropped): the record's hash is then
+    # the original file's too
+    ip_adapter = Image.fromarray(ip_adapter_pixels(ip_adapter)) if ip_adapter is not None else None
     if mask is not None:
         mask = _transparent(mask) or mask.convert("L")
     else:
@@ -135,6 +144,7 @@ def edit_params(
     settings["layout"] = layout
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
     settings["redux_strength"] = form.get("redux_strength")
+    settings["ip_adapter_scale"] = form.get("ip_adapter_scale")
     # ControlNets' settings as sent (lists, words checked), spelled out below once the model resolved them.
     for key in ("controlnet_scales", "controlnet_modes", "controlnet_start", "controlnet_end"):
         settings[key] = form.get(key)
@@ -151,6 +161,7 @@ def edit_params(
             context_image=context,  # resolve_edit refuses it on a model that is not Kontext
             control_image=control,  # and this one on a model that is not FLUX.1 Canny / Depth
             redux_image=redux,  # and this one without Redux loaded
+            ip_adapter_image=ip_adapter,  # and this one without the IP-Adapter loaded
             controlnet_images=controlnets,  # and these without ControlNets loaded
             **settings,
         )
@@ -168,14 +179,14 @@ def edit_params(
             strength=inputs.strength,
             layout=r.layout,
             redux_strength=r.redux_strength,
+            ip_adapter_scale=r.ip_adapter_scale,
         )
     # context_image: the key job_requests.edit_request reads back, as for a JSON generation's context_image.
     pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
+    pictures |= {"control_image": control, "redux_image": redux, "ip_adapter_image": ip_adapter}
     return {
         "kind": "edit",
-        **svc.keep_uploads(
-            {**pictures, "control_image": control, "redux_image": redux, "controlnet_images": controlnets}
-        ),
+        **svc.keep_uploads({**pictures, "controlnet_images": controlnets}),
         "prompt": prompt,
         "negative_prompt": negative,
         "width": source.width,
@@ -205,6 +216,16 @@ ReduxStrength = Annotated[
         description="FLUX.1 Redux: how strongly its picture speaks (its tokens times this; default 1)",
     ),
 ]
+IPAdapterScale = Annotated[
+    float | None,
+    Form(
+        ge=0,
+        le=MAX_IP_ADAPTER_SCALE,
+        allow_inf_nan=False,
+        description="XLabs' FLUX.1 IP-Adapter: how strongly its picture speaks (its attention times this; "
+        "default 1)",
+    ),
+]
 Steps = Annotated[int | None, Form(ge=1)]
 Loras = Annotated[
     str | None,
@@ -224,6 +245,8 @@ FORM_FIELDS = {
     "control_canny",
     "redux_image",
     "redux_strength",
+    "ip_adapter_image",
+    "ip_adapter_scale",
     FORM_FILE,
     *LIST_FIELDS,
     *(f"{name}[]" for name in LIST_FIELDS),  # the openai client's lists in extra_body
@@ -292,6 +315,7 @@ class EditForm:
     prompt_optional: bool = False  # see edit_params
     control: Image.Image | None = None  # FLUX.1 Canny / Depth's control picture
     redux: Image.Image | None = None  # FLUX.1 Redux's picture
+    ip_adapter: Image.Image | None = None  # XLabs' FLUX.1 IP-Adapter's picture
     controlnets: list[Image.Image] | None = None  # FLUX.1 ControlNets' pictures, in order
     variation: bool = False  # sent to a variation endpoint, whose one picture is `image`
 
@@ -332,7 +356,9 @@ async def edit_form(
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; transparent pixels are repainted")],
     # Optional to FastAPI, which reads an empty form field as a missing one; require_prompt refuses an
     # empty prompt unless a reference picture says what to draw.
-    prompt: Annotated[str, Form(description="What to draw; may be empty only with a reference_image")] = "",
+    prompt: Annotated[
+        str, Form(description="What to draw; may be empty only with a reference, Redux or IP-Adapter picture")
+    ] = "",
     mask: Annotated[
         UploadFile | None, File(description="alpha 0 (or white, without alpha) = repaint")
     ] = None,
@@ -369,6 +395,14 @@ async def edit_form(
         ),
     ] = None,
     redux_strength: ReduxStrength = None,
+    ip_adapter_image: Annotated[
+        UploadFile | None,
+        File(
+            description="XLabs' FLUX.1 IP-Adapter: a picture whose look the images take; needs a server "
+            "with the IP-Adapter loaded"
+        ),
+    ] = None,
+    ip_adapter_scale: IPAdapterScale = None,
     controlnet_image: FormFiles = None,
     controlnet_scales: FormScales = None,
     controlnet_modes: FormModes = None,
@@ -426,6 +460,7 @@ async def edit_form(
     context = await read_image(context_image, "context_image", limits, fitted=True)
     control = await read_image(control_image, "control_image", limits, fitted=True)
     redux = await read_image(redux_image, "redux_image", limits, fitted=True)
+    ip_adapter = await read_image(ip_adapter_image, "ip_adapter_image", limits, fitted=True)
     nets = await read_pictures(controlnet_image, limits)
     lists = {"controlnet_scales": controlnet_scales, "controlnet_modes": controlnet_modes}
     fields = {
@@ -445,6 +480,7 @@ async def edit_form(
         "loras": loras,
         "control_canny": canny_form(control_canny),
         "redux_strength": redux_strength,
+        "ip_adapter_scale": ip_adapter_scale,
         **{name: form_field(values, name, sent) for name, values in lists.items()},
         "controlnet_start": controlnet_start,
         "controlnet_end": controlnet_end,
@@ -459,6 +495,7 @@ async def edit_form(
         response_format,
         control=control,
         redux=redux,
+        ip_adapter=ip_adapter,
         controlnets=nets,
     )
 
@@ -479,6 +516,7 @@ async def submit_edit(svc: Service, form: EditForm) -> JobRow:
         form.control,
         form.redux,
         form.controlnets,
+        form.ip_adapter,
     )
     params = {**kept, **VARIATION} if form.variation else kept
     return await run_in_threadpool(svc.submit, params, form.user)

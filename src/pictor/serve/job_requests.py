@@ -1,7 +1,7 @@
 """A job's stored settings (its `params`) as the pipeline's requests, and which jobs share one sampler run.
 Uploads (an edit's image and mask, a reference picture, a Kontext context image, a Canny / Depth control
-picture, a Redux picture, the ControlNets' pictures) are kept in the store under ids; the requests get their
-paths."""
+picture, a Redux picture, an IP-Adapter picture, the ControlNets' pictures) are kept in the store under ids;
+the requests get their paths."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ BATCH_KEYS = (
     "control_canny",
     "redux_image",  # an upload id too
     "redux_strength",
+    "ip_adapter_image",  # an upload id too
+    "ip_adapter_scale",
     "controlnet_images",  # a list of upload ids, new for every request too
     "controlnet_scales",
     "controlnet_modes",
@@ -52,8 +54,8 @@ def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _reference(params: dict[str, Any], store: Store | None, key: str = "reference") -> Any:
-    """A job's reference (or context, control or Redux) picture: the kept upload's path (None without one, or
-    without a store to ask)."""
+    """A job's reference (or context, control, Redux or IP-Adapter) picture: the kept upload's path (None
+    without one, or without a store to ask)."""
     upload = params.get(key)
     return store.upload_path(upload) if upload and store is not None else None
 
@@ -79,6 +81,7 @@ def generation_request(
         context_image=_reference(params, store, "context_image"),
         control_image=_reference(params, store, "control_image"),
         redux_image=_reference(params, store, "redux_image"),
+        ip_adapter_image=_reference(params, store, "ip_adapter_image"),
         controlnet_images=_controlnet_pictures(params, store),
     )
     return GenerationRequest(**{**fields, **overrides})
@@ -92,6 +95,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["context_image"] = _reference(params, store, "context_image")
     fields["control_image"] = _reference(params, store, "control_image")
     fields["redux_image"] = _reference(params, store, "redux_image")
+    fields["ip_adapter_image"] = _reference(params, store, "ip_adapter_image")
     fields["controlnet_images"] = _controlnet_pictures(params, store)
     fields.update(
         seed=params.get("seed"), num_images=int(params.get("n", 1)), strength=params.get("strength")

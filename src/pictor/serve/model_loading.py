@@ -1,13 +1,13 @@
 """Where the served model's load stands after a failure: why it failed, what the jobs it stranded are told,
 and when it may be tried again.
 
-A load that failed once (a missing or broken file, a LoRA, Redux or tiling setting that does not fit) mostly
-fails again, and a load can take minutes: reloading for every request would make each wait that long to be
-told the same. So after a failure jobs are refused (503, Retry-After) for ``ServeSettings.load_retry``
-seconds; after that the model is loaded again for the first job sent (or the first request that needs the
-model to be checked at all, `wanted`), and by itself while jobs resumed from before a restart wait, so a
-file fixed meanwhile is picked up without a restart. The owner (`JobManager`) guards an instance with its
-lock.
+A load that failed once (a missing or broken file, a LoRA, Redux, IP-Adapter or tiling setting that does not
+fit) mostly fails again, and a load can take minutes: reloading for every request would make each wait that
+long to be told the same. So after a failure jobs are refused (503, Retry-After) for
+``ServeSettings.load_retry`` seconds; after that the model is loaded again for the first job sent (or the
+first request that needs the model to be checked at all, `wanted`), and by itself while jobs resumed from
+before a restart wait, so a file fixed meanwhile is picked up without a restart. The owner (`JobManager`)
+guards an instance with its lock.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The pipeline's errors about request values, in the API's words: which request field they are about, and
-their CLI wording (``--control IMAGE``, ``--redux-strength``...) replaced by the API's field names.
+their CLI wording (``--control IMAGE``, ``--redux-strength``, ``--ip-adapter IMAGE``...) replaced by the
+API's field names.
 
 The pipeline is shared with the CLI, so its messages name flags; an API client never typed one. Both tables
 are small and ordered (the first rule that matches wins); `tests/serve/test_serve_job_errors.py` runs them
@@ -77,6 +78,9 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"control picture", "control_image"),
         (r"Redux strength", "redux_strength"),
         (r"Redux picture|^FLUX\.1 Redux", "redux_image"),
+        # XLabs' IP-Adapter: "an IP-Adapter scale without an IP-Adapter picture" is about the scale
+        (r"IP-Adapter scale", "ip_adapter_scale"),
+        (r"IP-Adapter picture", "ip_adapter_image"),
         (r"negative prompt", "negative_prompt"),
     )
 )
@@ -90,6 +94,16 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"pass --redux-model (\S+) --siglip (\S+)",
             r"this server was started without them (pictor serve --redux-model \1 --siglip \2); drop "
             "redux_image",
+        ),
+        (
+            r"needs --ip-adapter-model FILE and --clip-vision FOLDER \(([^)]*)\)",
+            r"needs the IP-Adapter (\1), which this server was started without (pictor serve "
+            "--ip-adapter-model FILE --clip-vision DIR); drop ip_adapter_image",
+        ),
+        (  # the same without the parenthesis, should the pipeline's words lose it
+            r"needs --ip-adapter-model FILE and --clip-vision FOLDER",
+            "needs the IP-Adapter, which this server was started without (pictor serve --ip-adapter-model "
+            "FILE --clip-vision DIR); drop ip_adapter_image",
         ),
         (
             r"pass one with --layout-adapter FILE \(train it with `pictor train layout --base MODEL`\), "
@@ -121,8 +135,8 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 
 # Request flags of `pictor generate` / `pictor edit` -> the API's field. Flags of the server itself
-# (--redux-model, --siglip, --vae-tile, --lora-dir...) and of other commands stay: they tell the operator
-# what to change. A metavar after a flag (IMAGE, FILE) goes with it.
+# (--redux-model, --siglip, --ip-adapter-model, --clip-vision, --vae-tile, --lora-dir...) and of other
+# commands stay: they tell the operator what to change. A metavar after a flag (IMAGE, FILE) goes with it.
 FLAG_FIELDS = {
     "canny": "control_canny",
     "control": "control_image",
@@ -130,6 +144,8 @@ FLAG_FIELDS = {
     "reference": "reference_image",
     "redux": "redux_image",
     "redux-strength": "redux_strength",
+    "ip-adapter": "ip_adapter_image",
+    "ip-adapter-scale": "ip_adapter_scale",
     "source": "image",
     "mask": "mask",
     "strength": "strength",

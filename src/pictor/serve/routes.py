@@ -177,6 +177,7 @@ def model_card(svc: Service) -> ModelCard:
         # FLUX.1 Canny / Depth: known by the input width (`pipe.control`), the kind from the bundle's config.
         control=pipe.config.control if pipe is not None and pipe.control else None,
         redux=pipe is not None and pipe.redux is not None,
+        ip_adapter=pipe is not None and pipe.ip_adapter is not None,
         # FLUX.1 ControlNets, in the order requests give their pictures; the page offers one input each.
         controlnets=controlnet_cards(pipe) if pipe is not None else [],
     )

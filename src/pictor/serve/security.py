@@ -83,11 +83,12 @@ def _own_origin(scope: Scope) -> str:
     return f"{scheme}://{_header(scope, b'host') or ''}".lower()
 
 
-# The pictures one request may carry: an edit's source and mask, and a reference, context, control and Redux
-# picture; a generation's JSON the last four, base64 (4/3 of their bytes). A server with ControlNets loaded
-# takes one more picture per ControlNet (at most settings.MAX_CONTROLNETS), and only such a server.
-MULTIPART_PICTURES = 6
-JSON_PICTURES = 4
+# The pictures one request may carry: an edit's source and mask, and a reference, context, control, Redux and
+# IP-Adapter picture; a generation's JSON the last five, base64 (4/3 of their bytes). A server with
+# ControlNets loaded takes one more picture per ControlNet (at most settings.MAX_CONTROLNETS), and only such a
+# server.
+MULTIPART_PICTURES = 7
+JSON_PICTURES = 5
 
 
 def multipart_limit(limits: Limits, controlnets: int = 0) -> int:
@@ -167,9 +168,10 @@ class Guard:
     def _body_limit(self, scope: Scope) -> int:
         limits = self.settings.limits
         ctype = (_header(scope, b"content-type") or "").lower()
-        # multipart carries up to six images (an edit's source and mask, and its reference, context, control
-        # and Redux pictures), each under the upload cap, plus room for the form fields; JSON the four
-        # pictures a generation takes, base64, beside its fields; and each one picture per ControlNet
+        # multipart carries up to seven images (an edit's source and mask, and its reference, context,
+        # control, Redux and IP-Adapter pictures), each under the upload cap, plus room for the form fields;
+        # JSON the five pictures a generation takes, base64, beside its fields; and each one picture per
+        # ControlNet
         if ctype.startswith("multipart/"):
             return multipart_limit(limits, self.controlnets)
         return json_limit(limits, self.controlnets)

@@ -83,9 +83,11 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
     for path, what, exists in (
         (settings.redux_model, "--redux-model", Path.is_file),
         (settings.siglip, "--siglip", Path.is_dir),
+        (settings.ip_adapter_model, "--ip-adapter-model", Path.is_file),
+        (settings.clip_vision, "--clip-vision", Path.is_dir),
     ):  # missing ones are named before anything listens; what is inside is checked when the model loads
         if path is not None and not exists(path):
-            raise ValueError(f"{what} {path}: no such {'file' if what == '--redux-model' else 'folder'}")
+            raise ValueError(f"{what} {path}: no such {'file' if exists is Path.is_file else 'folder'}")
     for path in settings.controlnets:  # likewise: a ControlNet file or diffusers folder
         if not path.exists():
             raise ValueError(f"--controlnet {path}: no such file or folder")

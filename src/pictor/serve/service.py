@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+import numpy as np
 from fastapi import Request
 from PIL import Image
 
 from pictor.editing import eight_bit
 from pictor.hires import hires_size
+from pictor.ip_adapter_files import ip_adapter_pixels
 from pictor.layout_files import LayoutError, parse_layout
 from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
@@ -29,12 +32,19 @@ from pictor.serve.upload_retention import delete_uploads, upload_ids
 from pictor.serve.uploads import decode_base64_image
 
 
-def _picture(text: str | None, what: str, limits: Limits) -> Image.Image | None:
-    """A base64 reference, context, control or Redux picture as 8-bit RGB (16-bit scaled, not clipped to
-    white, as the CLI reads it); None when absent."""
+def _picture(
+    text: str | None,
+    what: str,
+    limits: Limits,
+    flatten: Callable[[Image.Image], np.ndarray] | None = None,
+) -> Image.Image | None:
+    """A base64 reference, context, control, Redux or IP-Adapter picture as 8-bit RGB (16-bit scaled, not
+    clipped to white, as the CLI reads it); None when absent. `flatten`: how the picture is made RGB where
+    that is not dropping its alpha (the IP-Adapter's: transparency on white, as the CLI takes it)."""
     if text is None:
         return None
-    return eight_bit(decode_base64_image(text, what, limits, fitted=True)).convert("RGB")
+    picture = eight_bit(decode_base64_image(text, what, limits, fitted=True))
+    return Image.fromarray(flatten(picture)) if flatten is not None else picture.convert("RGB")
 
 
 def _within(width: int, height: int, max_pixels: int, multiple: int) -> str:
@@ -92,7 +102,9 @@ class Service:
         check_names(body.sampler, body.schedule)
         layout = checked_layout([b.model_dump() for b in body.layout] if body.layout is not None else None)
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
-        has_picture = body.reference_image is not None or body.redux_image is not None or redux is not None
+        # Each of these pictures says what to draw by itself, so the prompt may then be empty.
+        pictured = (body.reference_image, body.redux_image, redux, body.ip_adapter_image)
+        has_picture = any(picture is not None for picture in pictured)
         require_prompt(body.prompt, has_picture)
         # A request refused anyway (shutting down, the model failed to load) is refused before its pictures
         # are decoded and written. The pipeline is read once: it never goes away once loaded.
@@ -106,6 +118,7 @@ class Service:
         control = _picture(body.control_image, "control_image", limits)
         if redux is None:
             redux = _picture(body.redux_image, "redux_image", limits)
+        ip_adapter = _picture(body.ip_adapter_image, "ip_adapter_image", limits, flatten=ip_adapter_pixels)
         nets = decode_pictures(body.controlnet_images, limits)
         params: dict[str, Any] = {
             "prompt": body.prompt,
@@ -127,13 +140,14 @@ class Service:
             # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
             "control_canny": body.control_canny,
             "redux_strength": body.redux_strength,
+            "ip_adapter_scale": body.ip_adapter_scale,
             # FLUX.1 ControlNets: as sent (lists, words checked), spelled out once the model resolved them.
             "controlnet_scales": body.controlnet_scales,
             "controlnet_modes": body.controlnet_modes,
             "controlnet_start": body.controlnet_start,
             "controlnet_end": body.controlnet_end,
         }
-        pictures = (reference, context, control, redux, nets)
+        pictures = (reference, context, control, redux, nets, ip_adapter)
         if pipe is None:  # still loading: the worker checks the rest when the job runs
             return self._keep_reference(params, *pictures)
         request = generation_request(
@@ -142,6 +156,7 @@ class Service:
             context_image=context,
             control_image=control,
             redux_image=redux,
+            ip_adapter_image=ip_adapter,
             controlnet_images=nets,
         )
         try:
@@ -180,6 +195,7 @@ class Service:
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
             redux_strength=r.redux_strength,
+            ip_adapter_scale=r.ip_adapter_scale,
             **resolved_settings(r),
         )
         return self._keep_reference(params, *pictures)
@@ -232,14 +248,13 @@ class Service:
         control: Image.Image | None = None,
         redux: Image.Image | None = None,
         controlnets: list[Image.Image] | None = None,
+        ip_adapter: Image.Image | None = None,
     ) -> dict[str, Any]:
-        """The reference, context, control, Redux and ControlNet pictures, once the request is valid, kept as
-        uploads the job names."""
+        """The reference, context, control, Redux, ControlNet and IP-Adapter pictures, once the request is
+        valid, kept as uploads the job names."""
         pictures = {"reference": reference, "context_image": context, "control_image": control}
-        return {
-            **params,
-            **self.keep_uploads({**pictures, "redux_image": redux, "controlnet_images": controlnets}),
-        }
+        pictures |= {"redux_image": redux, "ip_adapter_image": ip_adapter}
+        return {**params, **self.keep_uploads({**pictures, "controlnet_images": controlnets})}
 
     def keep_uploads(
         self, pictures: dict[str, Image.Image | list[Image.Image] | None]
@@ -348,12 +363,12 @@ def checked_layout(layout: Any) -> list[dict[str, Any]] | None:
 
 
 def require_prompt(prompt: str, has_reference: bool) -> None:
-    """An empty prompt is an error unless a reference (or Redux) picture says what to draw."""
+    """An empty prompt is an error unless a reference (or Redux, or IP-Adapter) picture says what to draw."""
     if not prompt.strip() and not has_reference:
         raise APIError(
             400,
-            "prompt is empty: say what to draw (an empty prompt goes only with a reference_image or a "
-            "redux_image, whose content the images then take)",
+            "prompt is empty: say what to draw (an empty prompt goes only with a reference_image, a "
+            "redux_image or an ip_adapter_image, whose content the images then take)",
             param="prompt",
             code="invalid_parameters",
         )

@@ -5,8 +5,9 @@ Layout::
     DATA_DIR/pictor.db            jobs, images (one row per PNG), schema version in user_version
     DATA_DIR/images/ab/abcd....png  one PNG per image id (uuid hex), written atomically by save_png
     DATA_DIR/uploads/abcd....png    images sent to /v1/images/edits (source, mask), reference pictures,
-                                  Kontext context, control and Redux pictures, kept while their job is
-                                  unfinished or in the history as succeeded (serve/upload_retention.py)
+                                  Kontext context, control, Redux and IP-Adapter pictures, kept while their
+                                  job is unfinished or in the history as succeeded
+                                  (serve/upload_retention.py)
 
 Every state change is committed before anyone is told about it (the 202, an event, a result), so a job that
 was accepted survives a crash: `unfinished()` gives it back on the next start.

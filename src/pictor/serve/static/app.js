@@ -11,6 +11,7 @@ let viewed = null; // {meta} of the image open in the viewer
 let fillModel = false; // the served model is FLUX.1 Fill: it only repaints masked pictures
 let controlKind = null; // "canny" or "depth": the served model is FLUX.1 Canny / Depth and needs a control picture
 let reduxModel = false; // the server has FLUX.1 Redux loaded: a Redux picture may prompt, variations use it
+let ipAdapterModel = false; // the server has XLabs' FLUX.1 IP-Adapter loaded: an IP-Adapter picture may prompt
 let controlnetCards = []; // the server's FLUX.1 ControlNets (GET /v1/models), in the order requests give their pictures
 
 // -- API calls with the key ------------------------------------------------------------------------
@@ -151,6 +152,9 @@ function fillForm(record) {
   // Likewise the Redux picture (only its hash is kept): its strength comes back.
   $("redux-strength").value = record.redux ? record.redux.strength : "";
   if (record.redux_image && reduxModel) $("redux-settings").open = true;
+  // And the IP-Adapter picture (only its hash is kept): its scale comes back.
+  $("ip-adapter-scale").value = record.ip_adapter ? record.ip_adapter.scale : "";
+  if (record.ip_adapter_image && ipAdapterModel) $("ip-adapter-settings").open = true;
   // And the ControlNet pictures (only their hashes are kept): their scales, modes and window come back.
   for (const [i, entry] of (record.controlnets || []).entries()) {
     if (!$(`controlnet-scale-${i}`)) break;  // a record of another server's ControlNets
@@ -228,6 +232,11 @@ function editFromForm({ size, ...body }, nets) {
   if (redux) {  // FLUX.1 Redux's picture as a file, its strength as a field
     form.append("redux_image", redux);
     if (reduxStrength() !== undefined) form.append("redux_strength", reduxStrength());
+  }
+  const ipAdapter = ipAdapterFile();
+  if (ipAdapter) {  // the IP-Adapter's picture as a file, its scale as a field
+    form.append("ip_adapter_image", ipAdapter);
+    if (ipAdapterScale() !== undefined) form.append("ip_adapter_scale", ipAdapterScale());
   }
   return form;
 }
@@ -363,6 +372,11 @@ async function withReference(body, nets) {
     body.redux_image = await readAsDataURL(redux);
     if (reduxStrength() !== undefined) body.redux_strength = Number(reduxStrength());
   }
+  const ipAdapter = ipAdapterFile();
+  if (ipAdapter) {  // the IP-Adapter's, the same way, with its scale
+    body.ip_adapter_image = await readAsDataURL(ipAdapter);
+    if (ipAdapterScale() !== undefined) body.ip_adapter_scale = Number(ipAdapterScale());
+  }
   return body;
 }
 
@@ -459,6 +473,18 @@ function reduxFile() {
 function reduxStrength() {
   const text = $("redux-strength").value.trim();
   return $("redux-strength").disabled || text === "" ? undefined : text;
+}
+
+// The chosen IP-Adapter picture, or null: sent only while the server has the IP-Adapter loaded.
+function ipAdapterFile() {
+  const input = $("ip-adapter-image");
+  return !input.disabled && input.files.length ? input.files[0] : null;
+}
+
+// The IP-Adapter scale as typed, or undefined when empty (the server's 1 applies).
+function ipAdapterScale() {
+  const text = $("ip-adapter-scale").value.trim();
+  return $("ip-adapter-scale").disabled || text === "" ? undefined : text;
 }
 
 // The chosen control picture, or null: like the context picture, sent only while the model takes one.
@@ -724,6 +750,7 @@ async function loadModel() {
         ? `. ${CONTROL_WORDS[card.control][0]}: it follows a control picture, ${CONTROL_WORDS[card.control][1]} (Control picture)`
         : "") +
       (card.redux ? ". FLUX.1 Redux: a picture can prompt the images (Redux picture), and variations draw from it" : "") +
+      (card.ip_adapter ? ". IP-Adapter: a picture can lend the images its look (IP-Adapter picture)" : "") +
       ((card.controlnets || []).length
         ? `. FLUX.1 ControlNets: ${card.controlnets.map((c) => c.name).join(", ")} (ControlNet pictures)`
         : "");
@@ -756,6 +783,10 @@ async function loadModel() {
     for (const id of ["redux-image", "redux-strength"]) $(id).disabled = !reduxModel;
     $("variation-strength").disabled = reduxModel;
     $("variation-redux-help").hidden = !reduxModel;
+    // An IP-Adapter picture only where the server has XLabs' IP-Adapter loaded (others refuse it).
+    ipAdapterModel = Boolean(card.ip_adapter);
+    $("ip-adapter-settings").hidden = !ipAdapterModel;
+    for (const id of ["ip-adapter-image", "ip-adapter-scale"]) $(id).disabled = !ipAdapterModel;
     showControlNets(card.controlnets || []);
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
@@ -804,9 +835,15 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("A variation's picture is its Redux picture: clear the Redux picture to make variations, or clear the variation picture to generate from the Redux picture.");
       return;
     }
-    const reference = $("reference-image").files.length > 0 || reduxFile() !== null;
+    if (mode === "variation" && ipAdapterFile()) {  // the variation form takes no IP-Adapter picture
+      setError("Variations do not take an IP-Adapter picture: clear the IP-Adapter picture to make variations, or clear the variation picture to generate with it.");
+      return;
+    }
+    const reference = $("reference-image").files.length > 0 || reduxFile() !== null || ipAdapterFile() !== null;
     if (!body.prompt.trim() && !reference && mode !== "variation") {  // a variation's picture is enough
-      setError(reduxModel ? "Write a prompt (or choose a reference or Redux picture)." : "Write a prompt (or choose a reference picture).");
+      const pictures = ["a reference", reduxModel ? "Redux" : null, ipAdapterModel ? "IP-Adapter" : null].filter(Boolean);
+      const which = pictures.length > 1 ? `${pictures.slice(0, -1).join(", ")} or ${pictures.at(-1)}` : pictures[0];
+      setError(`Write a prompt (or choose ${which} picture).`);
       return;
     }
     const { layout, error } = layoutFromForm();
@@ -847,6 +884,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("clear-redux-button").addEventListener("click", () => {
     $("redux-image").value = "";
+  });
+  $("clear-ip-adapter-button").addEventListener("click", () => {
+    $("ip-adapter-image").value = "";
   });
   $("clear-controlnet-button").addEventListener("click", () => {
     for (const input of document.querySelectorAll("#controlnet-list input[type=file]")) input.value = "";
@@ -922,6 +962,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError("This image was made from a Redux picture (FLUX.1 Redux), which the page does not keep: use " +
         "Reuse settings and choose the same picture under Redux picture, or run " +
         "`pictor reproduce IMAGE --redux PICTURE`.");
+      return;
+    }
+    if (viewed.record.ip_adapter_image) {
+      // And an IP-Adapter picture: Reuse settings brings back its scale.
+      setError("This image was made from an IP-Adapter picture, which the page does not keep: use Reuse " +
+        "settings and choose the same picture under IP-Adapter picture, or run " +
+        "`pictor reproduce IMAGE --ip-adapter PICTURE`.");
       return;
     }
     if (viewed.record.controlnets) {
