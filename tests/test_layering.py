@@ -74,6 +74,7 @@ LAYERS: dict[str, int] = {
     "depth_maps": 1,
     "hf_folders": 1,
     "controlnet_files": 1,
+    "controlnet_writing": 1,
     "controlnet_runs": 1,
     "data": 1,
     "notices": 1,

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from pictor.models.control_residuals import ControlResiduals
-from pictor.models.flux import TIME_EMBED_DIM
+from pictor.models.flux import TIME_EMBED_DIM, Flux
 from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
 from pictor.models.layers import (
     DoubleStreamBlock,
@@ -39,8 +39,15 @@ from pictor.models.layers import (
     SingleStreamBlock,
     timestep_embedding,
 )
+from pictor.models.weight_storage import is_stored
 
-__all__ = ["HINT_CHANNELS", "HINT_DOWNSCALE", "ControlNetParams", "FluxControlNet"]
+__all__ = [
+    "HINT_CHANNELS",
+    "HINT_DOWNSCALE",
+    "ControlNetParams",
+    "FluxControlNet",
+    "controlnet_from_transformer",
+]
 
 # XLabs' pixel encoder: 16 channels wide, three stride-2 convs (8x) and then 2x2 patches (16x in all), so
 # one hint token covers the same 16x16 pixels as one packed FLUX.1 latent token.
@@ -366,3 +373,85 @@ class FluxControlNet(nn.Module):
                 f"got {mode.tolist()}"
             )
         return mode.long()
+
+
+# ------------------------------------------------------------------------------------- a fresh ControlNet
+
+# The parts a fresh ControlNet starts at zero (diffusers' ``zero_module``): the control input's embedding and
+# every residual projection, so that it adds nothing until training has taught it something.
+_ZERO_INIT = ("pos_embed_input.", "controlnet_blocks.", "controlnet_single_blocks.")
+_FROM_TRANSFORMER = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
+
+
+@torch.no_grad()
+def controlnet_from_transformer(
+    flux: Flux, depth: int, depth_single: int, num_modes: int | None = None
+) -> FluxControlNet:
+    """A fresh latent ControlNet (InstantX's kind; Union's with ``num_modes``) grown from ``flux`` to train.
+
+    As diffusers' ``FluxControlNetModel.from_transformer(transformer, num_layers=depth,
+    num_single_layers=depth_single, load_weights_from_transformer=True)``: the embedders and the first
+    ``depth`` double / ``depth_single`` single blocks are copies of the transformer's (its own, detached:
+    training the ControlNet leaves the transformer alone); ``pos_embed_input`` (diffusers'
+    ``controlnet_x_embedder``) and every ``controlnet_blocks`` / ``controlnet_single_blocks`` projection are
+    zero, so its residuals are zero and the transformer's output is unchanged until it is trained. The Union
+    mode embedding is ``nn.Embedding``'s N(0, 1), as diffusers' constructor leaves it. Shapes, RoPE axes,
+    theta, MLP ratio, q/k/v bias and guidance embedding are the transformer's; the control input is as wide
+    as ``img`` (``flux.params.in_channels``).
+
+    The ControlNet is float32 on the transformer's device (trainable master weights, whatever the
+    transformer is stored in); cast it with ``.to(dtype)`` for inference.
+    """
+    fp = flux.params
+    if depth > fp.depth or depth_single > fp.depth_single_blocks:
+        # diffusers would leave the blocks the transformer lacks at random init, which no one means to train.
+        raise ValueError(
+            f"controlnet_from_transformer: the ControlNet's {depth} double / {depth_single} single blocks "
+            f"are copied from the transformer's first ones, but it has only {fp.depth} / "
+            f"{fp.depth_single_blocks}"
+        )
+    params = ControlNetParams(
+        hidden_size=fp.hidden_size,
+        num_heads=fp.num_heads,
+        in_channels=fp.in_channels,
+        vec_in_dim=fp.vec_in_dim,
+        context_in_dim=fp.context_in_dim,
+        depth=depth,
+        depth_single_blocks=depth_single,
+        axes_dim=list(fp.axes_dim),
+        theta=fp.theta,
+        guidance_embed=fp.guidance_embed,
+        mlp_ratio=fp.mlp_ratio,
+        qkv_bias=fp.qkv_bias,
+        num_modes=num_modes,
+    )
+    copied: dict[str, Tensor] = {}
+    parts = [(name, getattr(flux, name)) for name in _FROM_TRANSFORMER]
+    parts += [(f"double_blocks.{i}", flux.double_blocks[i]) for i in range(depth)]
+    parts += [(f"single_blocks.{i}", flux.single_blocks[i]) for i in range(depth_single)]
+    for prefix, module in parts:
+        copied.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    narrow = sorted(k for k, v in copied.items() if is_stored(v) or not v.is_floating_point())
+    if narrow:
+        raise ValueError(
+            f"controlnet_from_transformer: the transformer's {narrow[0]} (and {len(narrow) - 1} more) is "
+            "stored quantized or in FP8, which a ControlNet cannot start training from; load the transformer "
+            "in bf16 or float32"
+        )
+    device = flux.img_in.weight.device
+    # copy=True: a ControlNet sharing storage with the frozen transformer would train it too.
+    sd = {k: v.detach().to(device=device, dtype=torch.float32, copy=True) for k, v in copied.items()}
+    # Built on the meta device: every tensor comes from `sd`, so no random init is computed and thrown away.
+    with torch.device("meta"):
+        net = FluxControlNet(params)
+    for key, meta in net.state_dict().items():
+        if key in sd:
+            continue
+        if key.startswith(_ZERO_INIT):
+            sd[key] = torch.zeros(meta.shape, device=device)
+        elif key.startswith("controlnet_mode_embedder."):
+            sd[key] = torch.randn(meta.shape, device=device)  # nn.Embedding.reset_parameters: N(0, 1)
+        else:  # a part added to FluxControlNet later must be given its init here, not left on meta
+            raise AssertionError(f"controlnet_from_transformer: no initialisation for {key}")
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net
