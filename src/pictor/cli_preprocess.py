@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pictor.edge_maps import CONTROLNET_CANNY
 from pictor.editing import EditError, rgb_picture
-
-CANNY_DEFAULT = (100.0, 200.0)  # diffusers' ControlNet examples: cv2.Canny(image, 100, 200)
 
 
 def _thresholds(text: str) -> tuple[float, float]:
@@ -45,7 +44,7 @@ def add_preprocess_parser(sub: Any) -> None:
     c.add_argument(
         "--thresholds",
         type=_thresholds,
-        default=CANNY_DEFAULT,
+        default=CONTROLNET_CANNY,
         metavar="LOW,HIGH",
         help="OpenCV's hysteresis thresholds (default 100,200)",
     )

@@ -32,6 +32,9 @@ _TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 # The reference recipe (flux repo, CannyImageEncoder) calls cv2.Canny(img, 50, 200).
 FLUX_CANNY_LOW = 50
 FLUX_CANNY_HIGH = 200
+# What ControlNets' edges are drawn with: diffusers' ControlNet examples' cv2.Canny(image, 100, 200) on the
+# picture as it is (`pictor preprocess canny`'s default, and what `pictor train controlnet` draws).
+CONTROLNET_CANNY = (100.0, 200.0)
 
 
 def _check_threshold(name: str, value: float) -> float:

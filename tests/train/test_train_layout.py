@@ -29,9 +29,8 @@ from pictor.train.distributed import DistInfo
 from pictor.train.layout import LayoutStage
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
+from tests.train.square_world import COMMON, blue_x, build_square_world, square
 
-SIZE = 16
-COMMON = {"preset": "tiny", "image_size": SIZE, "sample_every": 0, "eval_every": 0, "progress": False}
 LEFT, RIGHT = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
 
 
@@ -43,71 +42,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _square(rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
-    img = np.full((SIZE, SIZE, 3), (230, 230, 230), np.uint8)
-    side = 5
-    x0 = int(rng.integers(0, SIZE // 2 - side + 1)) + (SIZE // 2 if rng.random() < 0.5 else 0)
-    y0 = int(rng.integers(1, SIZE - side - 1))
-    img[y0 : y0 + side, x0 : x0 + side] = (40, 80, 230)
-    return img, [x0 / SIZE, y0 / SIZE, (x0 + side) / SIZE, (y0 + side) / SIZE]
-
-
-def blue_x(img: np.ndarray) -> float | None:
-    """The blue pixels' mean x as a fraction of the width; None when there is no blue."""
-    a = img.astype(int)
-    blue = (a[..., 2] - a[..., 0] > 80) & (a[..., 2] - a[..., 1] > 60)
-    if blue.sum() < 3:
-        return None
-    return float((np.nonzero(blue)[1].mean() + 0.5) / SIZE)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("layout-world")
-    folder = root / "squares"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(32):
-        img, box = _square(rng)
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
-        lines.append(
-            {
-                "file_name": f"{i:03d}.png",
-                "text": "a blue square",
-                "layout": [{"box": box, "phrase": "a blue square"}],
-            }
-        )
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    ae = train(
-        TrainConfig(
-            stage="autoencoder",
-            out=str(root / "ae"),
-            data=str(folder),
-            max_steps=100,
-            batch_size=4,
-            lr=4e-3,
-            warmup_steps=5,
-            save_every=0,
-            **COMMON,
-        )
-    )
-    base = train(
-        TrainConfig(
-            stage="t2i",
-            out=str(root / "base"),
-            data=str(folder),
-            autoencoder_path=str(ae.out),
-            max_steps=80,
-            batch_size=8,
-            lr=2e-3,
-            warmup_steps=5,
-            latent_stats_images=16,
-            save_every=0,
-            **COMMON,
-        )
-    )
-    return {"folder": folder, "base": base.final, "root": root}
+    return build_square_world(tmp_path_factory.mktemp("layout-world"))
 
 
 def _sides(pipe, box: list[float] | None, n: int = 16) -> list[float | None]:  # type: ignore[no-untyped-def]
@@ -233,7 +170,7 @@ def test_data_without_boxes_is_refused(world: dict[str, Path], tmp_path: Path) -
     folder = tmp_path / "plain"
     folder.mkdir()
     for i in range(2):
-        Image.fromarray(_square(np.random.default_rng(i))[0]).save(folder / f"{i}.png")
+        Image.fromarray(square(np.random.default_rng(i))[0]).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text("a blue square")
     with pytest.raises(CheckpointError, match=r"2 of 2 images .* have no layout"):
         train(

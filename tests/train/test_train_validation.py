@@ -137,7 +137,7 @@ def test_a_run_reports_it_at_each_eval_and_resumes_to_the_same_numbers(
 def test_a_validation_split_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     for settings, words in (
         ({"stage": "t2i", "data": "shapes"}, "--validation-split: for image folders"),
-        ({"stage": "autoencoder", "data": str(tmp_path)}, "lora, layout and reference stages"),
+        ({"stage": "autoencoder", "data": str(tmp_path)}, "layout, reference and controlnet stages"),
         ({"stage": "t2i", "data": str(tmp_path), "validation_split": 1.0}, "must lie in"),
     ):
         # resolved settings, so that validate() reaches the split (a layout stage would resolve a base)

@@ -51,9 +51,11 @@ def generate_for_specs(
     layouts: list[list[list[dict]]] | None = None,
     references: list[list[np.ndarray]] | None = None,
     empty_prompts: bool = False,
+    controls: list[list[np.ndarray]] | None = None,
 ) -> list[list[np.ndarray]]:
-    """K images per spec; with `layouts` or `references`, image j of spec i follows layouts[i][j] and takes
-    references[i][j] (one sampler run each, on the same seed as without). With `empty_prompts` the prompt
+    """K images per spec; with `layouts`, `references` or `controls`, image j of spec i follows
+    layouts[i][j], takes references[i][j] or gives controls[i][j] to the pipeline's ControlNet (one sampler
+    run each, on the same seed as without). With `empty_prompts` the prompt
     is "" (the spec still scores the image): what a reference alone carries, or the unconditional model."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
@@ -61,7 +63,7 @@ def generate_for_specs(
         base = GenerationRequest(
             prompt, steps=steps, guidance=guidance, sampler=sampler, cache_threshold=cache_threshold
         )
-        if layouts is None and references is None:
+        if layouts is None and references is None and controls is None:
             generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
         else:
             generated = [
@@ -71,6 +73,7 @@ def generate_for_specs(
                         seed=seed + i * k + j,
                         layout=layouts[i][j] if layouts is not None else None,
                         reference=references[i][j] if references is not None else None,
+                        controlnet_images=[controls[i][j]] if controls is not None else None,
                     )
                 )[0]
                 for j in range(k)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import TIME_EMBED_DIM, Flux
@@ -197,6 +198,9 @@ class FluxControlNet(nn.Module):
             nn.Embedding(p.num_modes, p.hidden_size) if p.num_modes is not None else None
         )
         self.input_hint_block: nn.Sequential | None = _hint_block() if p.hint else None
+        # Training only (`pictor train controlnet --gradient-checkpointing`): each block's activations are
+        # recomputed in the backward pass instead of kept, as `Flux.gradient_checkpointing`.
+        self.gradient_checkpointing = False
 
     @property
     def takes_pixels(self) -> bool:
@@ -245,17 +249,23 @@ class FluxControlNet(nn.Module):
 
         double: list[Tensor] = []
         for block, out in zip(self.double_blocks, self.controlnet_blocks, strict=True):
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = self._run(block, img=img, txt=txt, vec=vec, pe=pe)
             double.append(out(img))
         single: list[Tensor] = []
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for block, out in zip(self.single_blocks, self.controlnet_single_blocks, strict=True):
-            x = block(x, vec=vec, pe=pe)
+            x = self._run(block, x, vec=vec, pe=pe)
             single.append(out(x[:, n_txt:]))
         # XLabs' few residuals were trained cycled over the transformer's blocks (diffusers' pipeline sets
         # controlnet_blocks_repeat exactly for models with an input_hint_block).
         return ControlResiduals(double, single, repeat=p.hint)
+
+    def _run(self, block: nn.Module, *args: Tensor, **kwargs: Tensor) -> Any:
+        """A block, under activation checkpointing when training with it on (as `Flux._run`)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def _cond_tokens(self, cond: Tensor) -> Tensor:
         """The control input as ``[B|1, N, in_channels]`` tokens (pixels via the hint net, 2x2 patches)."""

@@ -1,6 +1,7 @@
-"""What the layout and reference stages share: an adapter module trained beside a frozen base bundle and
-kept in one safetensors file (OUT/checkpoints/step-N/FILE, OUT/final/FILE and a copy at OUT/FILE), whose
-header names the base it was trained on."""
+"""What the layout, reference and ControlNet stages share: an adapter module trained beside a frozen base
+bundle and kept in one safetensors file (OUT/checkpoints/step-N/FILE, OUT/final/FILE and a copy at OUT/FILE;
+a ControlNet's is a folder), whose header names the base it was trained on; and how their previews and evals
+are drawn."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from torch import Tensor, nn
 
 from pictor import __version__
 from pictor.checkpoint import read_safetensors, staged_file
-from pictor.train.data import validation_items
+from pictor.data.buckets import resize_to_bucket
+from pictor.train import previews
+from pictor.train.data import dataset_length, holdout_index, validation_items
 from pictor.train.lora import LoRAStage
 from pictor.train.t2i import T2IStage
 from pictor.train.validation import validation_loss
@@ -35,6 +40,31 @@ class FileAdapterStage(LoRAStage):
             "pictor_version": __version__,
             "pictor_training": json.dumps({**self.training_info(step), "base": str(self.base_path)}),
         }
+
+    def preview_images(self, prompts: list[str], seeds: list[int], **hooks: Any) -> np.ndarray:
+        """`previews.generate` of the frozen base at the run's image size, steps and guidance; `hooks`: how
+        the adapter takes part (residual_fn, context_fn or control_fn)."""
+        c = self.cfg
+        size = int(c.image_size or 64)
+        return previews.generate(
+            self.flux, self.ae, self.text, prompts, seeds, size, c.sample_steps, c.sample_guidance,
+            self.device, self.amp, batch_size=64, **hooks,
+        )  # fmt: skip
+
+    def eval_scenes(self, specs: list[dict], per_spec: int, seed: int) -> np.ndarray:
+        """Ground-truth scene j of spec i drawn from (seed, i, j), rendered at the run's size, flattened."""
+        from pictor.eval.shapes import ground_truth_images
+
+        rows = ground_truth_images(specs, per_spec, seed, int(self.cfg.image_size or 64))
+        return np.stack([im for row in rows for im in row])
+
+    def folder_previews(self, n: int) -> tuple[list[str], np.ndarray]:
+        """The captions and pictures of the folder's first n images (in held-out order), square as the grids'
+        images are (buckets give other shapes)."""
+        size = int(self.cfg.image_size or 64)
+        items = [self.ds[holdout_index(dataset_length(self.ds), i)] for i in range(n)]
+        pictures = [np.asarray(resize_to_bucket(Image.fromarray(it[0]), (size, size))) for it in items]
+        return [it[1] for it in items], np.stack(pictures)
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)

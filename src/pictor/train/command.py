@@ -1,4 +1,4 @@
-"""`pictor train autoencoder|t2i|lora|layout|reference ...`: arguments -> TrainConfig -> `train()`.
+"""`pictor train autoencoder|t2i|lora|layout|reference|controlnet ...`: arguments -> TrainConfig -> `train()`.
 
 Precedence: command-line flags > --config FILE > --preset and the stage defaults. With --resume the
 config stored in the newest checkpoint takes the place of --config, so `pictor train t2i --out DIR
@@ -62,6 +62,8 @@ _FIELDS = {
     "lora_dropout": "lora_dropout",
     "lora_algo": "lora_algo",
     "lokr_factor": "lokr_factor",
+    "controlnet_blocks": "controlnet_blocks",
+    "control": "control",
     "timestep_sampling": "timestep_sampling",
     "timestep_shift": "timestep_shift",
     "guidance_scale": "guidance_scale",
@@ -89,15 +91,17 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t = subparsers.add_parser(
         "train",
         help="train an autoencoder or a text-to-image model from scratch, or a LoRA, a layout or a "
-        "reference adapter",
+        "reference adapter, or a ControlNet",
         description="Train in two stages: first `autoencoder`, then `t2i --autoencoder AE_RUN`; or adapt a "
         "trained model with `lora --base BUNDLE --data FOLDER`, or teach it layouts (boxes with phrases) "
         "with `layout --base BUNDLE --data shapes`, or image prompts with `reference --base BUNDLE --data "
-        "shapes`. Runs under torchrun for several processes "
+        "shapes`, or a ControlNet that follows edge maps with `controlnet --base BUNDLE --data shapes`. "
+        "Runs under torchrun for several processes "
         "(DDP; or, for t2i, --fsdp to shard the model). Outputs: OUT/log.jsonl, OUT/tb, OUT/samples, "
         "OUT/eval.jsonl, OUT/checkpoints/step-N "
         "(+ OUT/latest), OUT/final (the bundle; for lora, layout and reference the adapter, also copied "
-        "to OUT/lora.safetensors, OUT/layout.safetensors or OUT/reference.safetensors).",
+        "to OUT/lora.safetensors, OUT/layout.safetensors or OUT/reference.safetensors; for controlnet a "
+        "diffusers ControlNet folder, also copied to OUT/controlnet).",
     )
     t.add_argument("stage", choices=STAGES)
     t.add_argument("--out", required=True, help="run folder (logs, samples, checkpoints, final/)")
@@ -137,6 +141,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="lora --lora-algo lokr: LyCORIS' factor, the size of the small Kronecker factor (-1: balanced)",
+    )
+    t.add_argument(
+        "--controlnet-blocks",
+        type=_block_counts,
+        default=None,
+        metavar="D,S",
+        help="controlnet: its double and single blocks, copied from the base's first ones (default 2,0)",
+    )
+    t.add_argument(
+        "--control",
+        default=None,
+        help="controlnet: what its control pictures are, drawn from each training image: canny (default; "
+        "OpenCV-exact edges, thresholds 100 and 200, as `pictor preprocess canny` draws them)",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     t.add_argument("--max-steps", type=int, default=None)
@@ -288,6 +305,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return t
+
+
+def _block_counts(text: str) -> list[int]:
+    """--controlnet-blocks D,S -> [D, S] (checked further by TrainConfig.validate)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two whole numbers D,S (double and single blocks), got {text!r}"
+        ) from None
 
 
 def _note(message: str) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 from pictor.presets import get_preset
 from pictor.train.sample_prompts import SamplePromptError, read_sample_prompts
 
-STAGES = ("autoencoder", "t2i", "lora", "layout", "reference")
+STAGES = ("autoencoder", "t2i", "lora", "layout", "reference", "controlnet")
 # Stages that train something beside a frozen base bundle (--base).
-ADAPTER_STAGES = ("lora", "layout", "reference")
+ADAPTER_STAGES = ("lora", "layout", "reference", "controlnet")
+# What a ControlNet run's control pictures are, drawn from each training image as it is cropped.
+CONTROL_KINDS = ("canny",)
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -47,7 +49,16 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "layout": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
     # Likewise a small image encoder from scratch beside a frozen base (as FLUX.1 Redux's).
     "reference": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
+    # A ControlNet grown from the base's first blocks (diffusers' train_controlnet_flux.py: lr 5e-6 at FLUX.1
+    # size; a small model from the shapes world takes a t2i-like one), with EMA.
+    "controlnet": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.999},
 }
+
+
+def default_controlnet_blocks(depth: int) -> list[int]:
+    """A ControlNet's double and single blocks when not given: 2 double (fewer where the base has fewer)
+    and no single ones, as XLabs' FLUX.1 ControlNets (diffusers' training script defaults to 4 and 4)."""
+    return [min(2, depth), 0]
 
 
 class ConfigError(ValueError):
@@ -173,6 +184,10 @@ class TrainConfig:
     lora_algo: str = "lora"
     lora_dora: bool = False
     lokr_factor: int = -1
+    # ControlNet stage: its double and single blocks, copied from the base's first ones (None: 2 and 0,
+    # fewer where the base has fewer), and what its control pictures are (CONTROL_KINDS).
+    controlnet_blocks: list[int] | None = None
+    control: str = "canny"
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
     keep: int = 3
@@ -272,6 +287,9 @@ class TrainConfig:
         )
         if c.sample_guidance is None:
             c = dataclasses.replace(c, sample_guidance=_default_guidance(c.defaults or {}))
+        if c.stage == "controlnet" and c.controlnet_blocks is None and c.model:
+            # Spelled out now, so that the run's config (and a resume's comparison) holds what was built.
+            c = dataclasses.replace(c, controlnet_blocks=default_controlnet_blocks(int(c.model["depth"])))
         c.validate()
         return c
 
@@ -393,8 +411,9 @@ class TrainConfig:
         )
         need(
             self.validation_split == 0 or (self.data != "shapes" and self.stage != "autoencoder"),
-            "--validation-split: for image folders in the t2i, lora, layout and reference stages (the "
-            "shapes world is scored by its evals instead, and an autoencoder by its PSNR); drop it",
+            "--validation-split: for image folders in the t2i, lora, layout, reference and controlnet "
+            "stages (the shapes world is scored by its evals instead, and an autoencoder by its PSNR); "
+            "drop it",
         )
         need(
             self.sample_prompts is None or self.stage in ("t2i", "lora"),
@@ -444,6 +463,31 @@ class TrainConfig:
             f"eval_images_per_prompt must be >= 1, got {self.eval_images_per_prompt}",
         )
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(
+            self.control in CONTROL_KINDS,
+            f"control (--control) must be one of {', '.join(CONTROL_KINDS)}, got {self.control!r}",
+        )
+        need(
+            self.controlnet_blocks is None
+            or (
+                isinstance(self.controlnet_blocks, list)
+                and len(self.controlnet_blocks) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in self.controlnet_blocks)
+                and min(self.controlnet_blocks) >= 0
+                and sum(self.controlnet_blocks) >= 1
+            ),
+            "controlnet_blocks (--controlnet-blocks D,S) must be two whole numbers >= 0, not both 0 (the "
+            f"ControlNet's double and single blocks), got {self.controlnet_blocks!r}",
+        )
+        need(
+            self.controlnet_blocks is None or self.stage == "controlnet",
+            "--controlnet-blocks is for controlnet training; drop it",
+        )
+        need(
+            not self.cache_latents or self.stage != "controlnet",
+            "--cache-latents: controlnet training draws each control picture from the training image as it "
+            "is cropped, so it needs the images, not their latents; drop --cache-latents",
+        )
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         need(
@@ -517,7 +561,9 @@ LORA_SHAPE_KEYS = ("lora_algo", "lora_dora", "lokr_factor", "lora_rank", "lora_t
 
 def fixed_on_resume(cfg: TrainConfig) -> tuple[str, ...]:
     """The settings of run `cfg` that `--resume` may not change: its optimizer (whose state the checkpoint
-    holds), and a LoRA run's adapter kinds and shapes."""
+    holds), a LoRA run's adapter kinds and shapes, and a ControlNet run's blocks and control kind."""
+    if cfg.stage == "controlnet":
+        return ("optimizer", "controlnet_blocks", "control")
     if cfg.stage != "lora":
         return ("optimizer",)
     lycoris = cfg.lora_algo != "lora" or cfg.lora_dora
@@ -535,6 +581,11 @@ def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str |
     if not refused:
         return None
     changes = ", ".join(f"{k} {getattr(saved, k)!r} -> {new[k]!r}" for k in refused)
+    if saved.stage == "controlnet":
+        return (
+            f"{where}: this run's ControlNet was built with other settings ({changes}); resume with the "
+            "run's own --controlnet-blocks and --control, or start a new --out"
+        )
     return (
         f"{where}: this run's adapters were built with other settings ({changes}); resume with "
         "the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA run's "

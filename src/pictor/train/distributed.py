@@ -101,7 +101,8 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # Every parameter gets a gradient every step in both stages, so no unused-parameter search.
+    # Every trained parameter gets a gradient every step in every stage (a ControlNet's that could not are
+    # frozen: `pictor.train.controlnet`), so no unused-parameter search.
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 

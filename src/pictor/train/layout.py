@@ -105,28 +105,13 @@ class LayoutStage(FileAdapterStage):
     def _generate_with_layouts(
         self, ema: nn.Module, prompts: list[str], layouts: list[list[dict]], seeds: list[int]
     ) -> np.ndarray:
-        c = self.cfg
-        size = int(c.image_size or 64)
-        grid = size // self.ae.params.downsample_factor // 2
+        grid = int(self.cfg.image_size or 64) // self.ae.params.downsample_factor // 2
 
         def residual_fn(part: slice) -> list[Tensor]:
             phrases, boxes = layout_tensors(self.text, layouts[part])
             return ema(phrases.to(self.device), boxes.to(self.device), grid, grid)
 
-        return previews.generate(
-            self.flux,
-            self.ae,
-            self.text,
-            prompts,
-            seeds,
-            size,
-            c.sample_steps,
-            c.sample_guidance,
-            self.device,
-            self.amp,
-            batch_size=64,
-            residual_fn=residual_fn,
-        )
+        return self.preview_images(prompts, seeds, residual_fn=residual_fn)
 
     @torch.no_grad()
     def sample_grid(self, ema: nn.Module) -> Any:

@@ -34,6 +34,7 @@ from torch import nn
 
 from pictor.checkpoint import UnreadableFileError, replace_dir, state_dict_hash, write_json
 from pictor.data.folder import DatasetWarning
+from pictor.models.controlnet import FluxControlNet
 from pictor.models.flux import Flux
 from pictor.notices import PictorWarning
 from pictor.train import distributed
@@ -179,6 +180,10 @@ class Trainer:
             from pictor.train.reference import ReferenceStage  # likewise, with image prompts
 
             self.stage = ReferenceStage(cfg, self.ds, info, resume_path)
+        elif cfg.stage == "controlnet":
+            from pictor.train.controlnet import ControlNetStage  # likewise, with control pictures
+
+            self.stage = ControlNetStage(cfg, self.ds, info, resume_path)
         else:
             self.stage = build_stage(cfg, self.ds, info, resume_path)
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
@@ -228,8 +233,8 @@ class Trainer:
         self.resumed_from = self.step
         if cfg.compile and self.device.type == "cuda" and hasattr(self.model, "compile"):
             self.model.compile()  # after the EMA copy: the shadow module stays a plain one
-        for module in self.stage.forward_module.modules():  # the trained model or the frozen base
-            if isinstance(module, Flux):
+        for module in self.stage.forward_module.modules():  # the trained model, the frozen base, a ControlNet
+            if isinstance(module, Flux | FluxControlNet):
                 module.gradient_checkpointing = cfg.gradient_checkpointing
         # FSDP already reduces gradients in its hooks; otherwise DDP (or nothing, on one process).
         self.forward = (

@@ -213,7 +213,7 @@ class LoRAStage(T2IStage):
         saved = state.get("stage", {})
         if saved.get("base_hash") not in (None, self.base_hash):
             raise CheckpointError(
-                f"{checkpoint}: this LoRA run was trained on base {saved.get('base')} "
+                f"{checkpoint}: this {self.name} run was trained on base {saved.get('base')} "
                 f"(transformer {saved['base_hash'][:12]}), but --base {self.cfg.base} has transformer "
                 f"{self.base_hash[:12]}; resume with the same base"
             )

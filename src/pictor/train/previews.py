@@ -14,9 +14,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from pictor.image_grid import tile
 from pictor.models.autoencoder import AutoEncoder
+from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.reference import ReferenceConditioning, apply_reference, conditional_only
 from pictor.models.text import TextEncoder
@@ -60,6 +62,7 @@ def generate(
     residual_fn: Callable[[slice], list[torch.Tensor]] | None = None,
     context_fn: Callable[[slice], ReferenceConditioning] | None = None,
     negatives: Sequence[str] | None = None,
+    control_fn: Callable[[slice], tuple[nn.Module, torch.Tensor]] | None = None,
 ) -> np.ndarray:
     """Text-to-image for prompt i with seed i: uint8 [N, height, width, 3] (`size`: a side, or (width,
     height)), with CFG against `negatives[i]` (else the empty prompt).
@@ -67,8 +70,10 @@ def generate(
     ``residual_fn(slice of prompts)`` gives an adapter's per-block image residuals for those prompts (a
     layout adapter's); both CFG halves get them, as in the pipeline. ``context_fn(slice)`` gives what a
     reference adapter adds to those prompts (to their tokens and pooled vectors); as in the pipeline, the
-    conditional half only. A guidance-distilled transformer (FLUX.1-dev) gets `guidance` in its guidance
-    embedding and one pass per step, as the pipeline runs it; any other gets CFG at `guidance`.
+    conditional half only. ``control_fn(slice)`` gives a ControlNet and those prompts' packed control
+    latents [n, N, C]: at each call it runs on the conditional half and both halves get its residuals, as in
+    the pipeline (`pictor.controlnet_runs`). A guidance-distilled transformer (FLUX.1-dev) gets `guidance` in
+    its guidance embedding and one pass per step, as the pipeline runs it; any other gets CFG at `guidance`.
     """
     distilled = bool(getattr(getattr(transformer, "params", None), "guidance_embed", False))
     was_training = transformer.training
@@ -112,10 +117,13 @@ def generate(
             if residual_fn is not None:
                 res = [torch.cat([r] * passes) for r in residual_fn(slice(start, start + n))]
             scale = torch.full((passes * n,), float(guidance), device=device) if distilled else None
+            control = control_fn(slice(start, start + n)) if control_fn is not None else None
 
             def velocity(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
                 with autocast(device, amp):
-                    v = transformer(x2, img_ids, txt, txt_ids, t2, vec, img_residuals=res, guidance=scale)  # noqa: B023
+                    inputs = (x2, img_ids, txt, txt_ids, t2, vec)  # noqa: B023 (this chunk's, used in it)
+                    ctrl = _control_residuals(control, *inputs, scale) if control is not None else None  # noqa: B023
+                    v = transformer(*inputs, img_residuals=res, guidance=scale, controlnet=ctrl)  # noqa: B023
                 return v.float()
 
             ts = get_schedule("flux", steps, image_seq_len=x.shape[1]).to(device)
@@ -126,6 +134,24 @@ def generate(
     finally:
         transformer.train(was_training)
     return np.concatenate(out)
+
+
+def _control_residuals(
+    control: tuple[nn.Module, torch.Tensor],
+    x: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt: torch.Tensor,
+    txt_ids: torch.Tensor,
+    t: torch.Tensor,
+    vec: torch.Tensor,
+    guidance: torch.Tensor | None,
+) -> ControlResiduals:
+    """The ControlNet's residuals for one call: run on the conditional half (the first k rows, k the
+    control latents' batch); the transformer broadcasts them over a CFG batch's other half."""
+    net, latents = control
+    k = latents.shape[0]
+    g = guidance[:k] if guidance is not None else None
+    return net(x[:k], img_ids[:k], latents, txt[:k], txt_ids[:k], t[:k] if t.ndim else t, vec[:k], g)
 
 
 @torch.no_grad()

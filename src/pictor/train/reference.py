@@ -21,11 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError
-from pictor.data.buckets import resize_to_bucket
 from pictor.data.reference_pairs import ReferencePairs
 from pictor.models.flux import pack_latents
 from pictor.models.reference import ReferenceAdapter, ReferenceConditioning, apply_reference
@@ -33,7 +31,7 @@ from pictor.reference_files import REFERENCE_FILE, reference_params_for, save_re
 from pictor.train import previews
 from pictor.train.adapter_stage import FileAdapterStage
 from pictor.train.config import TrainConfig
-from pictor.train.data import Batch, ImageCaptionDataset, dataset_length, holdout_index, to_float, to_tensor
+from pictor.train.data import Batch, ImageCaptionDataset, to_float, to_tensor
 from pictor.train.distributed import DistInfo
 from pictor.train.stages import seeded
 
@@ -151,33 +149,15 @@ class ReferenceStage(FileAdapterStage):
     def _generate_with_references(
         self, ema: nn.Module, prompts: list[str], pictures: np.ndarray, seeds: list[int]
     ) -> np.ndarray:
-        c = self.cfg
-
         def context_fn(part: slice) -> ReferenceConditioning:
             tokens, (gh, gw) = self._reference_tokens(to_tensor(list(pictures[part])))
             return ema(tokens, gh, gw)
 
-        return previews.generate(
-            self.flux,
-            self.ae,
-            self.text,
-            prompts,
-            seeds,
-            int(c.image_size or 64),
-            c.sample_steps,
-            c.sample_guidance,
-            self.device,
-            self.amp,
-            batch_size=64,
-            context_fn=context_fn,
-        )
+        return self.preview_images(prompts, seeds, context_fn=context_fn)
 
     def _eval_references(self, specs: list[dict], per_spec: int) -> np.ndarray:
         """Reference j of spec i: the ground-truth scene drawn from (EVAL_REFERENCE_SEED, i, j)."""
-        from pictor.eval.shapes import ground_truth_images
-
-        rows = ground_truth_images(specs, per_spec, EVAL_REFERENCE_SEED, int(self.cfg.image_size or 64))
-        return np.stack([im for row in rows for im in row])
+        return self.eval_scenes(specs, per_spec, EVAL_REFERENCE_SEED)
 
     @torch.no_grad()
     def sample_grid(self, ema: nn.Module) -> Any:
@@ -185,14 +165,8 @@ class ReferenceStage(FileAdapterStage):
         n = self.cfg.num_samples
         if self.cfg.data == "shapes":
             refs = self._eval_references(previews.eval_specs(n), 1)
-        else:  # the first images of the folder, square as the grid's images (buckets give other shapes)
-            size = int(self.cfg.image_size or 64)
-            refs = np.stack(
-                [
-                    np.asarray(resize_to_bucket(Image.fromarray(image), (size, size)))
-                    for image in (self.ds[holdout_index(dataset_length(self.ds), i)][0] for i in range(n))
-                ]
-            )
+        else:  # the first images of the folder
+            refs = self.folder_previews(n)[1]
         images = self._generate_with_references(ema, [""] * len(refs), refs, list(range(len(refs))))
         return previews.grid(np.concatenate([refs, images]), columns=len(refs))
 
