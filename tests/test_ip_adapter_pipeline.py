@@ -15,56 +15,26 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.checkpoint import BundleConfig, save_bundle
+from pictor.checkpoint import save_bundle
 from pictor.ip_adapter_files import IPAdapterError
-from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import FluxParams, pack_latents
-from pictor.models.text import build_text_encoder
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import ProvenanceError, parameters_text, read_record
 from pictor.reproduce import check_record, reproduce
+from tests.test_redux import MODEL as REDUX_MODEL
+from tests.test_redux import _picture, _px, _request
+from tests.test_redux import _pipeline as redux_pipeline
 
-from tiny_flux import random_flux
 from tiny_ip_adapter import clip_vision_folder, ip_adapter_file
-from tiny_text_folders import T5_LEN, diffusers_components, flux_text_encoders
+from tiny_text_folders import T5_LEN, diffusers_components
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 PICTOR = shutil.which("pictor")
-AE = AutoEncoderParams(
-    resolution=32,
-    in_channels=3,
-    ch=32,
-    out_ch=3,
-    ch_mult=[1, 2],
-    num_res_blocks=1,
-    z_channels=4,
-    scale_factor=0.3611,
-    shift_factor=0.1159,
-)
-MODEL = FluxParams(
-    in_channels=16,
-    out_channels=16,
-    vec_in_dim=32,
-    context_in_dim=32,  # the tiny T5's width: the picture's tokens are this wide too
-    hidden_size=32,
-    mlp_ratio=4.0,
-    num_heads=2,
-    depth=2,
-    depth_single_blocks=1,
-    axes_dim=[4, 6, 6],
-    guidance_embed=True,
-)
-DEFAULTS = {
-    "width": 32,
-    "height": 32,
-    "steps": 3,
-    "guidance": 2.5,
-    "sampler": "euler",
-    "schedule": "flux",
-    "guidance_mode": "distilled",
-}
+# Redux's tiny [dev]-like model (tests/test_redux.py) with two double blocks, so the adapter's blocks matter;
+# its text width is the tiny T5's: the picture's tokens are this wide too
+MODEL = replace(REDUX_MODEL, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +46,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pipeline(root: Path, model: FluxParams = MODEL, guidance_mode: str = "distilled") -> Pipeline:
-    text = flux_text_encoders(root)
-    config = BundleConfig(
-        name="tiny-dev", model=model.to_dict(), autoencoder=AE.to_dict(), text_encoder=text,
-        defaults={**DEFAULTS, "guidance_mode": guidance_mode},
-    )  # fmt: skip
-    flux = random_flux(model, seed=0)
-    torch.manual_seed(0)
-    ae = AutoEncoder(AE).eval()
-    return Pipeline(flux, ae, build_text_encoder(text), config, device="cpu", dtype=torch.float32)
+    return redux_pipeline(root, guidance_mode, model=model, t5_length=T5_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +54,6 @@ def pipe(root: Path) -> Pipeline:
     p = _pipeline(root)
     p.set_ip_adapter(root / "ip_adapter.safetensors", root / "clip-vision")
     return p
-
-
-def _picture(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize(size, Image.BILINEAR)
-
-
-def _px(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def _request(**kw: object) -> GenerationRequest:
-    return GenerationRequest(**{"prompt": "a cat", "seed": 5, "steps": 3, **kw})  # type: ignore[arg-type]
 
 
 def _diffusers_pipeline(root: Path, pipe: Pipeline, scale: float) -> object:

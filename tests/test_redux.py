@@ -106,14 +106,18 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _pipeline(root: Path, guidance_mode: str = "distilled") -> Pipeline:
+def _pipeline(
+    root: Path, guidance_mode: str = "distilled", *, model: FluxParams = MODEL, t5_length: int = 512
+) -> Pipeline:
+    """The tiny [dev]-like pipeline on `root`'s text folders (also tests/test_ip_adapter_pipeline.py's, with
+    its own `model` and the T5 folder's own length)."""
     text = flux_text_encoders(root)
-    text["t5"]["max_length"] = 512  # diffusers' Redux prior pads T5 to 512 tokens, as FLUX.1 [dev] does
+    text["t5"]["max_length"] = t5_length  # diffusers' Redux prior pads T5 to 512 tokens, as FLUX.1 [dev] does
     config = BundleConfig(
-        name="tiny-dev", model=MODEL.to_dict(), autoencoder=AE.to_dict(), text_encoder=text,
+        name="tiny-dev", model=model.to_dict(), autoencoder=AE.to_dict(), text_encoder=text,
         defaults={**DEFAULTS, "guidance_mode": guidance_mode},
     )  # fmt: skip
-    flux = random_flux(MODEL, seed=0)
+    flux = random_flux(model, seed=0)
     torch.manual_seed(0)
     ae = AutoEncoder(AE).eval()
     return Pipeline(flux, ae, build_text_encoder(text), config, device="cpu", dtype=torch.float32)

@@ -18,23 +18,29 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pictor.cli_args import build_parser
-from pictor.editing import EditRequest
-from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.pipeline import Pipeline
 from pictor.reproduce import reproduce
 from pictor.serve.server import serve
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import Store
-from tests.serve.conftest import GatedPipeline, decode_images
+from tests.serve.conftest import GatedPipeline, decode_images, wait_for
 from tests.serve.conftest import assert_refused as _refused
 from tests.serve.conftest import served_pixels as _served
 from tests.serve.conftest import upload_names as _uploads
 from tests.serve.test_control_api import b64
 from tests.serve.test_edits import png_bytes as png
-from tests.serve.test_redux_api import dev_pipeline
+from tests.serve.test_redux_api import (
+    PICTURE,
+    SOURCE,
+    _body,
+    _direct,
+    _direct_edit,
+    dev_pipeline,
+    picture_edit,
+    redux_picture,
+)
 
 from tiny_ip_adapter import clip_vision_folder, ip_adapter_file
-
-PROMPT = "a robot in a library"
 
 
 def ip_adapter_files(root: Path) -> tuple[Path, Path]:
@@ -59,38 +65,8 @@ def dev(files: tuple[Path, Path]) -> Pipeline:
     return pipe
 
 
-def ip_picture(seed: int = 0, size: tuple[int, int] = (40, 24)) -> Image.Image:
-    """Blocks of random colours, of another size than the images (CLIP's processor resizes it)."""
-    small = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
-
-
-PICTURE = ip_picture()
-SOURCE = ip_picture(7, (32, 32))
-
-
-def _body(**extra: object) -> dict[str, object]:
-    return {"prompt": PROMPT, "response_format": "b64_json", "seed": 3, "steps": 2, **extra}
-
-
-def _direct(pipe: Pipeline, prompt: str = PROMPT, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    (result,) = pipe.generate(GenerationRequest(prompt, seed=3, steps=2, **kw))
-    return np.asarray(result.image), result.record
-
-
-def _edit(
-    client: TestClient, picture: bytes | None = None, path: str = "/v1/images/edits", **data: object
-) -> Any:
-    files = {"image": ("source.png", png(SOURCE), "image/png")}
-    if picture is not None:
-        files["ip_adapter_image"] = ("ip.png", picture, "image/png")
-    form = {"prompt": PROMPT, "response_format": "b64_json", "seed": "3", "steps": "2", "strength": "0.8"}
-    return client.post(path, files=files, data={**form, **{k: str(v) for k, v in data.items()}})
-
-
-def _direct_edit(pipe: Pipeline, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    (result,) = pipe.edit(EditRequest(SOURCE, PROMPT, strength=0.8, seed=3, steps=2, **kw))
-    return np.asarray(result.image), result.record
+_edit = picture_edit("ip_adapter_image")
+ip_picture = redux_picture  # the same blocks of colour, by the name tests/serve/test_browser.py imports
 
 
 def test_an_ip_adapter_picture_draws_what_the_python_api_draws(
@@ -292,7 +268,8 @@ def test_a_job_refused_when_it_runs_names_the_field_and_deletes_its_picture(
     error = done["error"]
     assert error["param"] == "ip_adapter_image" and error["code"] == "invalid_parameters", error
     assert "--ip-adapter-model FILE --clip-vision DIR" in error["message"], error
-    assert _uploads(client) == []
+    # The job reads "failed" as soon as its run ends; its picture goes right after, as the run lets go of it
+    wait_for(lambda: _uploads(client) == [], timeout=10, what="the failed job's picture to be deleted")
 
 
 def test_a_queued_job_keeps_its_ip_adapter_picture_across_a_restart(

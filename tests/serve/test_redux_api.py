@@ -93,7 +93,8 @@ def dev(files: tuple[Path, Path]) -> Pipeline:
 
 
 def redux_picture(seed: int = 0, size: tuple[int, int] = (40, 24)) -> Image.Image:
-    """Blocks of random colours, of another size than the images (SigLIP resizes it)."""
+    """Blocks of random colours, of another size than the images (SigLIP, or the IP-Adapter's CLIP processor,
+    resizes it)."""
     small = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
 
@@ -111,14 +112,23 @@ def _direct(pipe: Pipeline, prompt: str = PROMPT, **kw: Any) -> tuple[np.ndarray
     return np.asarray(result.image), result.record
 
 
-def _edit(
-    client: TestClient, redux: bytes | None = None, path: str = "/v1/images/edits", **data: object
-) -> Any:
-    files = {"image": ("source.png", png(SOURCE), "image/png")}
-    if redux is not None:
-        files["redux_image"] = ("redux.png", redux, "image/png")
-    form = {"prompt": PROMPT, "response_format": "b64_json", "seed": "3", "steps": "2", "strength": "0.8"}
-    return client.post(path, files=files, data={**form, **{k: str(v) for k, v in data.items()}})
+def picture_edit(field: str) -> Callable[..., Any]:
+    """An edit of SOURCE posted with, when given, a picture file as `field` (`redux_image` here,
+    `ip_adapter_image` in test_ip_adapter_api.py) and any other form fields."""
+
+    def edit(
+        client: TestClient, picture: bytes | None = None, path: str = "/v1/images/edits", **data: object
+    ) -> Any:
+        files = {"image": ("source.png", png(SOURCE), "image/png")}
+        if picture is not None:
+            files[field] = (f"{field.removesuffix('_image')}.png", picture, "image/png")
+        form = {"prompt": PROMPT, "response_format": "b64_json", "seed": "3", "steps": "2", "strength": "0.8"}
+        return client.post(path, files=files, data={**form, **{k: str(v) for k, v in data.items()}})
+
+    return edit
+
+
+_edit = picture_edit("redux_image")
 
 
 def _direct_edit(pipe: Pipeline, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
