@@ -981,3 +981,78 @@ def test_the_page_says_which_end_of_a_long_prompt_was_not_read(
     page.get_by_role("img", name="a short prompt (seed 4)").click()
     expect(page.locator("#viewer-warnings")).to_be_hidden()
     assert problems == [], problems
+
+
+def test_delete_a_history_entry_from_the_page(browser: Any, live_server: Any, gated: Any) -> None:
+    """Each finished entry has a Delete button that asks first (dismissed: nothing is sent), then deletes the
+    job (DELETE /v1/history/{id}): its thumbnail leaves the page, the API's history and its image URL. The
+    server's refusals show on the page: a cancelled job whose run has not stopped yet (409) stays listed and
+    can be deleted once it has; an entry deleted meanwhile elsewhere (404) leaves the list."""
+    from playwright.sync_api import expect
+
+    from tests.serve.conftest import wait_for
+
+    gated.gate.armed = False  # the page's own images run through
+    live = live_server(pipeline=gated)
+    page, problems = open_page(browser, live.url, height=900)
+    fill_settings(page, "a doomed square", 3, 2)
+    generate_one(page)
+    page.get_by_label("Prompt", exact=True).fill("a kept circle")
+    generate_one(page)
+    kept, doomed = httpx.get(f"{live.url}/v1/jobs").json()["data"]  # newest first
+    image_url = doomed["results"][0]["url"]
+    assert httpx.get(image_url).status_code == 200
+
+    thumb = page.get_by_role("img", name="a doomed square (seed 3)")
+    delete = page.get_by_role("button", name="Delete a doomed square (seed 3) from the history")
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    delete.click()  # dismissed: nothing is sent
+    expect(thumb).to_be_visible()
+    assert asked == ['Delete "a doomed square" from the history, with its image? This cannot be undone.']
+    assert len(httpx.get(f"{live.url}/v1/jobs").json()["data"]) == 2
+
+    page.once("dialog", lambda d: d.accept())
+    delete.focus()
+    page.keyboard.press("Enter")  # the keyboard works as the mouse does
+    expect(thumb).to_have_count(0)
+    expect(page.locator("#status")).to_have_text('Deleted "a doomed square" from the history.')
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#gallery li").first.locator("button.thumb")).to_be_focused()  # not lost to <body>
+    assert [j["id"] for j in httpx.get(f"{live.url}/v1/jobs").json()["data"]] == [kept["id"]]
+    assert httpx.get(f"{live.url}/v1/jobs/{doomed['id']}").status_code == 404
+    assert httpx.get(image_url).status_code == 404
+
+    # A cancelled job whose run is still stopping: listed as cancelled, with a Delete button the server
+    # refuses (409) until the run has stopped.
+    gated.gate.armed = True
+    stuck = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "a stuck star", "steps": 3, "seed": 1}).json()
+    assert gated.gate.reached.wait(20)
+    assert httpx.delete(f"{live.url}/v1/jobs/{stuck['id']}").json()["status"] == "cancelled"
+    page.get_by_role("button", name="Search").click()
+    stuck_delete = page.get_by_role("button", name="Delete cancelled: a stuck star from the history")
+    page.on("dialog", lambda d: d.accept())
+    stuck_delete.click()
+    expect(page.locator("#error")).to_contain_text("its cancelled run has not stopped yet")
+    expect(stuck_delete).to_be_enabled()
+    expect(stuck_delete).to_be_focused()
+    expect(page.locator("#gallery li")).to_have_count(2)
+    gated.gate.armed = False
+    gated.gate.release.set()
+    manager = live.server.config.app.state.service.manager
+    wait_for(lambda: not manager.busy(stuck["id"]), what="the cancelled run to stop")
+    stuck_delete.click()
+    expect(page.locator("#gallery li")).to_have_count(1)
+    expect(page.locator("#error")).to_be_empty()
+
+    # Deleted elsewhere meanwhile: the server's 404 is said, and the entry leaves the list.
+    assert httpx.delete(f"{live.url}/v1/history/{kept['id']}").status_code == 200
+    page.get_by_role("button", name="Delete a kept circle (seed 3) from the history").click()
+    expect(page.locator("#error")).to_have_text(f"no job with id '{kept['id']}'")
+    expect(page.locator("#gallery-empty")).to_be_visible()
+    expect(page.get_by_label("Search prompts")).to_be_focused()
+    assert httpx.get(f"{live.url}/v1/jobs").json()["data"] == []
+    assert problems == [
+        f"409 {live.url}/v1/history/{stuck['id']}",
+        f"404 {live.url}/v1/history/{kept['id']}",
+    ], problems

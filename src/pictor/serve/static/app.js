@@ -48,13 +48,15 @@ async function api(path, options = {}) {
   throw new Error("the API key was refused");
 }
 
+// The message of a failed answer: the server's own words where it gave them.
+function errorMessage(response, body) {
+  return (body.error && body.error.message) || `${response.status} ${response.statusText}`;
+}
+
 async function apiJSON(path, options = {}) {
   const response = await api(path, options);
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    const message = (body.error && body.error.message) || `${response.status} ${response.statusText}`;
-    throw new Error(message);
-  }
+  if (!response.ok) throw new Error(errorMessage(response, body));
   return body;
 }
 
@@ -636,8 +638,11 @@ async function loadGallery(reset) {
   $("gallery-empty").hidden = $("gallery").children.length > 0;
 }
 
+const FINISHED = new Set(["succeeded", "failed", "cancelled"]); // the statuses a history entry may be deleted in
+
 function galleryItem(job, result) {
   const item = document.createElement("li");
+  item.dataset.job = job.id;
   const button = document.createElement("button");
   button.type = "button";
   button.className = "thumb";
@@ -654,17 +659,70 @@ function galleryItem(job, result) {
   button.append(img, caption);
   button.addEventListener("click", () => openViewer(result.image_id, job.warnings));
   item.append(button);
+  if (FINISHED.has(job.status)) item.append(deleteButton(job, img.alt));
   return item;
 }
 
 function statusItem(job) {
   const item = document.createElement("li");
   item.className = `placeholder ${job.status}`;
+  item.dataset.job = job.id;
   const text = document.createElement("span");
   text.textContent = `${job.status}: ${job.request.prompt}`;
   if (job.error) text.title = job.error.message;
   item.append(text);
+  if (FINISHED.has(job.status)) item.append(deleteButton(job, text.textContent));
   return item;
+}
+
+// -- deleting a history entry: DELETE /v1/history/{id} -----------------------------------------------
+
+// A finished job's entry (each of its thumbnails) has a Delete button, named after what it shows.
+function deleteButton(job, name) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "delete";
+  button.textContent = "Delete";
+  button.setAttribute("aria-label", `Delete ${name} from the history`);
+  button.addEventListener("click", () => deleteEntry(job, button));
+  return button;
+}
+
+// The job goes with all its images and the pictures uploaded for it, so the page asks first. An entry the
+// server no longer has (404: deleted elsewhere) leaves the list too; any other refusal (409: its cancelled
+// run has not stopped yet) keeps it, with the server's message.
+async function deleteEntry(job, button) {
+  const count = job.results.length;
+  const images = count === 1 ? ", with its image" : count > 1 ? `, with its ${count} images` : "";
+  const prompt = job.request.prompt ? `"${job.request.prompt}"` : "this job";
+  if (!window.confirm(`Delete ${prompt} from the history${images}? This cannot be undone.`)) return;
+  const hadFocus = document.activeElement === button;
+  setError("");
+  button.disabled = true;
+  try {
+    const response = await api(`/v1/history/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok || response.status === 404) removeEntry(job.id, hadFocus);
+    if (!response.ok) throw new Error(errorMessage(response, body));
+    setStatus(`Deleted ${prompt} from the history.`);
+  } catch (err) {
+    setError(err.message);
+  } finally {
+    button.disabled = false;
+    if (hadFocus && button.isConnected) button.focus();
+  }
+}
+
+// Every thumbnail of the job leaves the list. Focus, if it was on the Delete button, goes to the entry that
+// took its place (or the one before it), or to the search box when none is left.
+function removeEntry(jobId, hadFocus) {
+  const items = [...$("gallery").children].filter((item) => item.dataset.job === jobId);
+  if (!items.length) return;
+  const neighbour = items.at(-1).nextElementSibling || items[0].previousElementSibling;
+  for (const item of items) item.remove();
+  galleryOffset = Math.max(0, galleryOffset - 1); // one job fewer before "Show more"'s next page
+  $("gallery-empty").hidden = $("gallery").children.length > 0;
+  if (hadFocus) ((neighbour && neighbour.querySelector("button")) || $("search")).focus();
 }
 
 // -- the viewer ------------------------------------------------------------------------------------
