@@ -10,9 +10,6 @@ the Canny edges of each training image, must put it where the edges of another p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
 from tests.train.square_world import COMMON, SIZE, blue_x, build_square_world
+from tests.train.two_ranks import assert_ranks_follow_one_process, train_on_two_ranks
 
 FLUX_SHAPED = {**get_preset("tiny")["model"], "mlp_ratio": 4.0}
 
@@ -152,35 +150,16 @@ def test_torchrun_two_ranks_train_the_controlnet_as_one_process(
     process x batch 4 and end with identical weights."""
     single = train(_config(world, tmp_path / "one", save_every=0))
     out = tmp_path / "ddp"
-    flags = ["--base", str(world["base"]), "--data", str(world["folder"]), "--out", str(out)]
-    flags += ["--image-size", "16", "--batch-size", "2", "--max-steps", "6", "--lr", "3e-3"]
-    flags += ["--warmup-steps", "2", "--save-every", "0", "--sample-every", "0", "--eval-every", "0"]
-    flags += ["--no-progress", "--device", "cpu", "--gradient-checkpointing"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.run(
-        [*torchrun, "-m", "pictor.cli", "train", "controlnet", *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4
-    a, b = summary["weights_sha256_per_rank"]
-    assert a == b  # the ranks' ControlNets stayed identical
-    ddp = [r["loss"] for r in read_jsonl(out / "log.jsonl")]
-    assert ddp == pytest.approx([r["loss"] for r in read_jsonl(single.out / "log.jsonl")], rel=1e-3)
+    train_on_two_ranks("controlnet", world["base"], world["folder"], out, "--gradient-checkpointing")
+    assert_ranks_follow_one_process(out, single.out)
     name = "diffusion_pytorch_model.safetensors"
     w_ddp, w_one = read_safetensors(out / "controlnet" / name), read_safetensors(single.final / name)
+    # As the reference stage's: the zero-initialised projections get (near) zero gradients at first, where
+    # Adam's normalised step turns float noise into +-lr; a few elements may differ by a few lr.
     for key in w_one:
-        assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key
+        close = (w_ddp[key] - w_one[key]).abs() <= 1e-4
+        assert close.float().mean() >= 0.97, (key, close.float().mean())
+        assert (w_ddp[key] - w_one[key]).abs().mean() <= 1e-4, key
 
 
 def test_shapes_previews_and_evals_draw_from_edges(world: dict[str, Path], tmp_path: Path) -> None:

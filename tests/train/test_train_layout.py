@@ -9,9 +9,6 @@ layout adapter, trained from the boxes in metadata.jsonl, must put it in the box
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from pictor.train.layout import LayoutStage
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
 from tests.train.square_world import COMMON, blue_x, build_square_world, square
+from tests.train.two_ranks import assert_ranks_follow_one_process, train_on_two_ranks
 
 LEFT, RIGHT = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
 
@@ -124,43 +122,8 @@ def test_torchrun_two_ranks_train_the_adapter_as_one_process(world: dict[str, Pa
     2 ranks x batch 2 follow the loss curve of 1 process x batch 4 and end with identical weights."""
     single = train(_layout_config(world, tmp_path / "one", save_every=0))
     out = tmp_path / "ddp"
-    flags = ["--base", str(world["base"]), "--data", str(world["folder"]), "--out", str(out)]
-    flags += [
-        "--image-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "6",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "2",
-        "--save-every",
-        "0",
-    ]
-    flags += ["--sample-every", "0", "--eval-every", "0", "--no-progress", "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.run(
-        [*torchrun, "-m", "pictor.cli", "train", "layout", *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4
-    a, b = summary["weights_sha256_per_rank"]
-    assert a == b  # the ranks' adapters stayed identical
-    ddp = [r["loss"] for r in read_jsonl(out / "log.jsonl")]
-    assert ddp == pytest.approx([r["loss"] for r in read_jsonl(single.out / "log.jsonl")], rel=1e-3)
+    train_on_two_ranks("layout", world["base"], world["folder"], out)
+    assert_ranks_follow_one_process(out, single.out)
     w_ddp, w_one = read_safetensors(out / "layout.safetensors"), read_safetensors(single.final)
     for key in w_one:
         assert torch.allclose(w_ddp[key], w_one[key], atol=1e-4), key

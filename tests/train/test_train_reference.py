@@ -10,9 +10,6 @@ the colour of the reference picture; without one, an empty prompt cannot say whi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from pictor.pipeline import GenerationRequest
 from pictor.train.config import TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train
+from tests.train.two_ranks import assert_ranks_follow_one_process, train_on_two_ranks
 
 SIZE = 16
 COMMON = {"preset": "tiny", "image_size": SIZE, "sample_every": 0, "eval_every": 0, "progress": False}
@@ -205,31 +203,8 @@ def test_torchrun_two_ranks_train_the_adapter_as_one_process(world: dict[str, Pa
     2 ranks x batch 2 follow the loss curve of 1 process x batch 4 and end with identical weights."""
     single = train(_config(world, tmp_path / "one", save_every=0))
     out = tmp_path / "ddp"
-    flags = ["--base", str(world["base"]), "--data", str(world["folder"]), "--out", str(out)]
-    flags += ["--image-size", "16", "--batch-size", "2", "--max-steps", "6", "--lr", "3e-3"]
-    flags += ["--warmup-steps", "2", "--save-every", "0", "--sample-every", "0", "--eval-every", "0"]
-    flags += ["--no-progress", "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.run(
-        [*torchrun, "-m", "pictor.cli", "train", "reference", *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4
-    a, b = summary["weights_sha256_per_rank"]
-    assert a == b  # the ranks' adapters stayed identical
-    ddp = [r["loss"] for r in read_jsonl(out / "log.jsonl")]
-    assert ddp == pytest.approx([r["loss"] for r in read_jsonl(single.out / "log.jsonl")], rel=1e-3)
+    train_on_two_ranks("reference", world["base"], world["folder"], out)
+    assert_ranks_follow_one_process(out, single.out)
     w_ddp, w_one = read_safetensors(out / "reference.safetensors"), read_safetensors(single.final)
     # The output maps start at zero, so the layers behind them get (near) zero gradients in the first steps,
     # where Adam's normalised step turns float noise into +-lr: a few elements (measured: under 1.5% of any
