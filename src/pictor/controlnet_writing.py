@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -37,7 +37,13 @@ from pictor.controlnet_files import (
 )
 from pictor.models.controlnet import HINT_CHANNELS, ControlNetParams, FluxControlNet
 
-__all__ = ["controlnet_config_diffusers", "controlnet_state_dict_diffusers", "save_controlnet_folder"]
+__all__ = [
+    "BlockShape",
+    "controlnet_config_diffusers",
+    "controlnet_state_dict_diffusers",
+    "save_controlnet_folder",
+    "unrepresentable",
+]
 
 # The diffusers release written into config.json: one whose FluxControlNetModel has every field written here
 # (num_mode, conditioning_embedding_channels). diffusers reads it for information only.
@@ -66,9 +72,17 @@ _BLOCK_BACK: dict[str, tuple[str, dict[str, str], dict[str, str], dict[str, tupl
 }
 
 
-def _check_representable(p: ControlNetParams, what: str) -> None:
-    """diffusers' Flux blocks are fixed at FLUX.1's MLP ratio, biased q/k/v and RoPE theta: refuse the rest
-    rather than write a folder that diffusers builds differently from what the weights were trained as."""
+class BlockShape(Protocol):
+    """What of a ControlNet's (or the transformer it grows from) params diffusers' folder fixes."""
+
+    mlp_ratio: float
+    qkv_bias: bool
+    theta: int
+
+
+def unrepresentable(p: BlockShape) -> list[str]:
+    """How blocks of these params differ from diffusers' Flux blocks (fixed at FLUX.1's MLP ratio, biased
+    q/k/v and RoPE theta), each as "name=value (diffusers: value)"; empty when a folder can hold them."""
     odd = []
     if p.mlp_ratio != 4.0:
         odd.append(f"mlp_ratio={p.mlp_ratio} (diffusers: 4.0)")
@@ -76,6 +90,13 @@ def _check_representable(p: ControlNetParams, what: str) -> None:
         odd.append("qkv_bias=False (diffusers: True)")
     if p.theta != 10_000:
         odd.append(f"theta={p.theta} (diffusers: 10000)")
+    return odd
+
+
+def _check_representable(p: ControlNetParams, what: str) -> None:
+    """Refuse what diffusers' folder cannot hold rather than write a folder that diffusers builds differently
+    from what the weights were trained as."""
+    odd = unrepresentable(p)
     if odd:
         raise CheckpointError(
             f"{what}: diffusers' FluxControlNetModel cannot express this ControlNet: {', '.join(odd)}"

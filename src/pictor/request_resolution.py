@@ -46,9 +46,8 @@ class ResolvingPipeline(Protocol):
     control: bool  # a FLUX.1 Canny / Depth model (`pictor.control_images.is_control_model`)
     redux: ReduxModel | None  # FLUX.1 Redux's embedder and SigLIP, once `Pipeline.set_redux` loaded them
     controlnets: list[ControlNetUnit]  # FLUX.1 ControlNets `Pipeline.add_controlnet` loaded, in order
-    ip_adapter: (
-        IPAdapterModel | None
-    )  # XLabs' IP-Adapter and CLIP, once `Pipeline.set_ip_adapter` loaded them
+    # XLabs' IP-Adapter and CLIP's vision tower, once `Pipeline.set_ip_adapter` loaded them
+    ip_adapter: IPAdapterModel | None
 
     @property
     def name(self) -> str: ...

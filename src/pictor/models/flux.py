@@ -304,7 +304,7 @@ class Flux(nn.Module):
             )
         want = (p.num_heads, p.head_dim)
         for x in [*ipa.keys, *ipa.values]:
-            if x.ndim != 4 or tuple(x.shape[1:2]) + tuple(x.shape[3:]) != want or img.shape[0] % x.shape[0]:
+            if x.ndim != 4 or (x.shape[1], x.shape[3]) != want or img.shape[0] % x.shape[0]:
                 raise ValueError(
                     f"Flux: each IP-Adapter key and value must be [b, {p.num_heads}, T, {p.head_dim}] with b "
                     f"dividing the batch {img.shape[0]}, got {shape_of(x)}"

@@ -120,14 +120,10 @@ class IPAttention:
     def rows(self, rows: Tensor, batch: int) -> IPAttention:
         """The same for the chosen `rows` of a `batch`-row batch (the first-block cache's partial passes)."""
         return IPAttention(
-            keys=[self._rows(k, batch)[rows] for k in self.keys],
-            values=[self._rows(v, batch)[rows] for v in self.values],
+            keys=[_rows(k, batch)[rows] for k in self.keys],
+            values=[_rows(v, batch)[rows] for v in self.values],
             scale=self.scale,
         )
-
-    @staticmethod
-    def _rows(x: Tensor, n: int) -> Tensor:
-        return _rows(x, n)
 
 
 @dataclass

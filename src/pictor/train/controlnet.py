@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError, staged_dir
 from pictor.controlnet_files import load_controlnet
-from pictor.controlnet_writing import save_controlnet_folder
+from pictor.controlnet_writing import save_controlnet_folder, unrepresentable
 from pictor.edge_maps import CONTROLNET_CANNY, canny_control_picture
 from pictor.models.controlnet import FluxControlNet, controlnet_from_transformer
 from pictor.models.flux import pack_latents
@@ -89,12 +89,12 @@ class ControlNetStage(FileAdapterStage):
 
     def build_trainable(self) -> nn.Module:
         p = self.flux.params
-        if p.mlp_ratio != 4.0 or not p.qkv_bias or p.theta != 10_000:
-            # The folder is diffusers' layout, whose blocks are FLUX.1's: other bases cannot be written.
+        odd = unrepresentable(p)  # checked now, not when the first checkpoint is written
+        if odd:
             raise CheckpointError(
-                f"controlnet training: the base's blocks (mlp_ratio {p.mlp_ratio}, qkv_bias {p.qkv_bias}, "
-                f"theta {p.theta}) are not FLUX.1's (4.0, True, 10000), which the diffusers ControlNet "
-                "folder this stage writes requires; train on a FLUX.1-type base (as pictor's default model)"
+                f"controlnet training: the base's blocks are not FLUX.1's ({', '.join(odd)}), which the "
+                "diffusers ControlNet folder this stage writes requires; train on a FLUX.1-type base (as "
+                "pictor's default model)"
             )
         double, single = self.cfg.controlnet_blocks or default_controlnet_blocks(p.depth)
         if double > p.depth or single > p.depth_single_blocks:
