@@ -5,6 +5,7 @@ as its own reference on a model with a reference adapter, and stored so its imag
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -220,17 +221,24 @@ def test_what_costs_nothing_is_checked_before_the_picture_is_decode_images(
 
 
 def test_before_the_model_is_there_a_variation_is_a_503(
-    make_client: Callable[..., TestClient], client: TestClient, tmp_path: Path
+    make_client: Callable[..., TestClient], tiny: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Whether the picture also goes as the reference depends on the model, so nothing is queued without it.
-    manager = client.app.state.service.manager
-    pipe, manager.pipeline = manager.pipeline, None  # as while loading (the idle worker does not look)
+    loaded = threading.Event()
+
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+        assert loaded.wait(30)
+        return tiny
+
+    monkeypatch.setattr("pictor.loading.load", slow_load)
+    client = make_client(None, model="tiny")
     try:
         r = vary(client, png(picture()))
     finally:
-        manager.pipeline = pipe
+        loaded.set()
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading", r.text
     assert r.headers["retry-after"] == "5"
+    monkeypatch.undo()
     broken = make_client(None, model=str(tmp_path / "no-such-model"))
     manager = broken.app.state.service.manager
     wait_for(lambda: manager.load_error, what="the load to fail")

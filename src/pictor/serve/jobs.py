@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pictor.pipeline import Pipeline, seed_notice
@@ -159,15 +159,25 @@ class JobManager:
             keep |= upload_ids(params)
         sweep_uploads(self.store, keep)
 
-    def _uploads_in_use(self) -> set[str]:
+    def _uploads_in_use(self, besides: Collection[str] = ()) -> set[str]:
+        """The uploads that queued or running jobs name, but for the jobs whose ids are in `besides`."""
         with self._cond:
             jobs = [*self._queue, *(live.job for live in self._running.values())]
-        return set().union(*(upload_ids(job.params) for job in jobs))
+        return set().union(*(upload_ids(job.params) for job in jobs if job.id not in besides))
 
-    def _release(self, job: JobRow) -> None:
-        """Delete the uploads of a job that ended without images, none that a queued or running job names
-        (no two jobs share one; this keeps it so should that change)."""
-        delete_uploads(self.store, upload_ids(job.params) - self._uploads_in_use())
+    def _release(self, job: JobRow, besides: Collection[str] = ()) -> None:
+        """Delete the uploads of a job that ended without images, none that another queued or running job
+        names (no two jobs share one; this keeps it so should that change)."""
+        delete_uploads(self.store, upload_ids(job.params) - self._uploads_in_use({job.id, *besides}))
+
+    def _fail_run(self, batch: list[Live], error: dict[str, Any]) -> None:
+        """Fail the jobs of a run that stopped on an error. Nothing reads their pictures any more, so these go
+        first: a client that sees a job failed finds its uploads gone too."""
+        running = [live.job.id for live in batch]
+        for live in batch:
+            if not live.cancelled:  # a cancelled job's go after the run (`_release_ended`)
+                self._release(live.job, besides=running)
+                self._finish(live.job, FAILED, error=error)
 
     # -- requests from the API -----------------------------------------------------------------------
 
@@ -324,9 +334,9 @@ class JobManager:
             self._run_batch(batch)
         except Exception:  # a bug here must not kill the worker and strand the queue
             log.exception("worker error")
-            error = {"message": "internal error in the worker", "type": "server_error", "code": "internal"}
-            for live in batch:
-                self._finish(live.job, FAILED, error=error)
+            self._fail_run(
+                batch, {"message": "internal error in the worker", "type": "server_error", "code": "internal"}
+            )
         finally:
             with self._cond:
                 self._running = {}
@@ -357,8 +367,8 @@ class JobManager:
                 stranded = [job for job in self._queue if job.id not in self._resumed]
                 for job in stranded:
                     self._queue.remove(job)
+                    self._release(job)  # first: a client that sees the job failed finds its uploads gone
                     self._finish(job, FAILED, error=self._load.job_error())
-                    self._release(job)
                 if self._queue:
                     log.warning(
                         "%d jobs resumed from before the restart stay queued; the model is loaded again "
@@ -410,10 +420,7 @@ class JobManager:
         try:
             self.library.activate(self.pipeline, params.get("loras"))
         except LoraUnavailable as exc:  # gone, changed or broken since the server started: not the client's
-            error = {"message": str(exc), "type": "server_error", "code": "lora_unavailable"}
-            for live in batch:
-                if not live.cancelled:
-                    self._finish(live.job, FAILED, error=error)
+            self._fail_run(batch, {"message": str(exc), "type": "server_error", "code": "lora_unavailable"})
             return
 
         def progress(step: int, total: int) -> None:
@@ -433,10 +440,7 @@ class JobManager:
         except _Cancelled:
             return  # every job of the run was cancelled, and is already final
         except Exception as exc:
-            error = self._error_of(exc, form=params.get("kind") == "edit")
-            for live in batch:
-                if not live.cancelled:
-                    self._finish(live.job, FAILED, error=error)
+            self._fail_run(batch, self._error_of(exc, form=params.get("kind") == "edit"))
             return
         self.metrics.batch_done(len(images), time.time() - started)
         offset = 0
