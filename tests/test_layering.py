@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "cli_merge": 3,
     "cli_grid": 3,
     "cli_preprocess": 3,
+    "cli_upscale": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
@@ -76,6 +77,8 @@ LAYERS: dict[str, int] = {
     "controlnet_files": 1,
     "controlnet_writing": 1,
     "controlnet_runs": 1,
+    "upscaler_files": 1,
+    "upscaling": 1,
     "data": 1,
     "notices": 1,
     # pure torch.nn modules: no file I/O, so they import nothing of pictor's outside models/

@@ -20,6 +20,7 @@ from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
 from pictor.cli_preprocess import cmd_preprocess
+from pictor.cli_upscale import cmd_upscale, reproduce_upscale
 from pictor.notices import PictorWarning
 from pictor.train import command as train_command
 
@@ -197,13 +198,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "use --variants all (each combination gets its own --best-of) or drop --best-of"
             )
     runs = _prompt_runs(args)  # a bad template or prompt file fails before the model loads
+    if args.hires_upscaler and args.hires is None:
+        raise ValueError("--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE")
     _output_folder(args.out)
     pipe = _load(args)
+    if args.hires_upscaler:
+        pipe.set_upscaler(args.hires_upscaler)
     width, height = args.size or (None, None)
     hires = {
         "hires_scale": args.hires,
         "hires_strength": args.hires_strength,
         "hires_steps": args.hires_steps,
+        "hires_upscaler": pipe.upscaler.name if pipe.upscaler else None,
     }
     base = pl.GenerationRequest(prompt=runs[0].prompt, width=width, height=height, **_settings(args), **hires)
     for k, run in enumerate(runs, 1):
@@ -321,11 +327,25 @@ def _recorded_pair(record: dict[str, Any], key: str, folder: str) -> tuple[str, 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
-    from pictor.reproduce import check_record, pixel_report, reproduce
+    from pictor.reproduce import pixel_report
 
     record = read_record(args.image)
-    check_record(record)
     _output_folder(args.out)
+    if isinstance(record, dict) and "upscale" in record:  # `pictor upscale` made it
+        return reproduce_upscale(args, record, lambda base: _reproduced(args, base))
+    image = _reproduced(args, record)
+    for path in _save([image], args.out):
+        print(path)
+    print(f"pictor reproduce: {pixel_report(args.image, image.image)}", file=sys.stderr)
+    return 0
+
+
+def _reproduced(args: argparse.Namespace, record: Any) -> Any:
+    """The GeneratedImage of a generation or edit record, made again with the files the record or the
+    command line names."""
+    from pictor.reproduce import check_record, recorded_hires_upscaler, reproduce
+
+    check_record(record)
     model = args.model or record["model"].get("ref") or "default"
     # Without --lora, the LoRAs named in the record, from where they were (their hashes are checked).
     loras = args.lora or [(lo["path"], lo["scale"]) for lo in record.get("loras") or []]
@@ -346,7 +366,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         controlnets,
         _recorded_ip_adapter(args, record),
     )
-    image = reproduce(
+    _, hires_upscaler = recorded_hires_upscaler(record)
+    if hires_upscaler is not None:  # from where it was, unless given (its hash is checked)
+        pipe.set_upscaler(args.hires_upscaler or hires_upscaler["file"])
+    return reproduce(
         pipe,
         record,
         progress=_progress_bar("reproduce"),
@@ -359,10 +382,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         controlnet_images=args.controlnet_image,
         ip_adapter=args.ip_adapter,
     )
-    for path in _save([image], args.out):
-        print(path)
-    print(f"pictor reproduce: {pixel_report(args.image, image.image)}", file=sys.stderr)
-    return 0
 
 
 # Options that choose the model whose images are scored (flag -> argparse dest).
@@ -537,6 +556,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ip_adapter_model=Path(args.ip_adapter_model) if args.ip_adapter_model else None,
         clip_vision=Path(args.clip_vision) if args.clip_vision else None,
         controlnets=tuple(Path(p) for p in args.controlnet or ()),
+        upscaler=Path(args.upscaler) if args.upscaler else None,
     )
     return serve(settings, log_level=args.log_level)
 
@@ -554,6 +574,7 @@ COMMANDS = {
     "lora": cmd_lora,
     "merge": cmd_merge,
     "preprocess": cmd_preprocess,
+    "upscale": cmd_upscale,
     "serve": cmd_serve,
 }
 

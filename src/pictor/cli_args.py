@@ -12,6 +12,7 @@ from pictor import __version__
 from pictor.cli_grid import add_grid_parser
 from pictor.cli_merge import add_merge_parser
 from pictor.cli_preprocess import add_preprocess_parser
+from pictor.cli_upscale import add_upscale_parser
 from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
 
@@ -393,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)"
     )
     g.add_argument(
+        "--hires-upscaler",
+        default=None,
+        metavar="FILE",
+        help="enlarge the first pass with this upscale model (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... as "
+        ".safetensors) instead of Lanczos",
+    )
+    g.add_argument(
         "--best-of",
         type=int,
         default=None,
@@ -441,7 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_adapter(r)
     r.add_argument("--reference", default=None, help="for an image made from a reference: that picture")
     _add_reference_adapter(r)
-    r.add_argument("--source", default=None, help="for an edit: the image it was made from")
+    r.add_argument(
+        "--source",
+        default=None,
+        help="for an edit: the image it was made from; for an upscale of a picture pictor did not make: "
+        "that picture",
+    )
+    r.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="FILE",
+        help="for an upscaled image (`pictor upscale`): its upscale model, if not where its record says",
+    )
+    r.add_argument(
+        "--hires-upscaler",
+        default=None,
+        metavar="FILE",
+        help="for a hires image enlarged by an upscale model: that file, if not at the path its record names",
+    )
     r.add_argument(
         "--context", default=None, metavar="IMAGE", help="for a FLUX.1 Kontext image: its context image"
     )
@@ -599,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_parser(sub)
     add_merge_parser(sub)
     add_preprocess_parser(sub)
+    add_upscale_parser(sub)
     add_grid_parser(sub)
     _add_serve_parser(sub)
     return parser
@@ -712,5 +738,12 @@ def _add_serve_parser(sub: Any) -> None:
         help="a FLUX.1 ControlNet (InstantX, Union or XLabs: a diffusers folder or a .safetensors file) "
         "loaded with the model; repeat for several (at most 4). Every request then gives one picture per "
         "ControlNet, in this order (controlnet_images)",
+    )
+    s.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="FILE",
+        help="an upscale model (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... as .safetensors) loaded with the "
+        "model: POST /v1/images/upscale runs it, and generations may name it as their hires_upscaler",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

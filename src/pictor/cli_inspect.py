@@ -44,11 +44,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         from pictor.ip_adapter_files import ip_adapter_file_summary
         from pictor.lora_tools import lora_summary
         from pictor.redux_images import redux_file_summary
+        from pictor.upscaler_files import upscaler_file_summary
 
         summary = (
             redux_file_summary(target)
             or ip_adapter_file_summary(target)
             or controlnet_summary(target)
+            or upscaler_file_summary(target)
             or lora_summary(target)
         )
         print(json.dumps(summary, indent=2, ensure_ascii=False))

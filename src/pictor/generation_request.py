@@ -113,6 +113,9 @@ class GenerationRequest:
     hires_scale: float | None = None
     hires_strength: float | None = None
     hires_steps: int | None = None
+    # What enlarges the first pass: None (or "lanczos"): Lanczos; else the name of the upscale model that
+    # `Pipeline.set_upscaler` loaded (ESRGAN and the like: A1111's "Hires upscaler").
+    hires_upscaler: str | None = None
     # First-block cache (`pictor.models.block_cache`): on steps where the transformer's first block changed
     # by at most this share since its last full pass, the other blocks are skipped. None or 0: off.
     cache_threshold: float | None = None

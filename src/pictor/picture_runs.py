@@ -81,14 +81,16 @@ def run_edit_seeds(
 def run_hires_seeds(
     pipe: Pipeline, r: GenerationRequest, seeds: list[int], progress: ProgressFn
 ) -> list[GeneratedImage]:
-    """A hires-fix run over exactly these seeds: the first pass at the request's size, Lanczos-upscaled,
-    then image-to-image at the larger size from t = hires_strength with the same seeds."""
+    """A hires-fix run over exactly these seeds: the first pass at the request's size, upscaled (Lanczos,
+    or the pipeline's upscale model and then Lanczos), then image-to-image at the larger size from
+    t = hires_strength with the same seeds."""
     assert r.width and r.height and r.steps and r.hires_scale and r.hires_strength and r.hires_steps
     steps, total = r.steps, r.steps + r.hires_steps  # progress runs over both passes
     caches: list[FirstBlockCache] = []
     first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total), caches=caches))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
-    pixels = torch.from_numpy(upscale(first, width, height)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    model = pipe.upscaler if r.hires_upscaler else None  # resolution checked it is the one asked for
+    pixels = torch.from_numpy(upscale(first, width, height, model)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     z0 = _encode(pipe, r, pixels, lambda: progress(steps, total))  # a tile of the upscaled first pass
     init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)
     second = replace(r, width=width, height=height, steps=r.hires_steps)
@@ -97,7 +99,7 @@ def run_hires_seeds(
         second, seeds, lambda i, _n: progress(steps + i, total), init, caches, noise_pass=1
     )
     images = to_pil(second_pass)
-    extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height)}
+    extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height, model)}
     return [
         GeneratedImage(
             image, seed, {**pipe.record(r, seed, seeds, j), **extra, **cache_passes(caches, j, len(seeds))}

@@ -70,6 +70,7 @@ from pictor.reference_files import (
 )
 from pictor.request_resolution import resolve_request
 from pictor.sampling import NoiseFn, get_sampler, get_schedule, is_stochastic
+from pictor.upscaler_files import UpscalerFile, load_upscaler
 
 # Re-exported: callers import the request types from here, with the pipeline that runs them.
 __all__ = [
@@ -148,6 +149,7 @@ class Pipeline:
         self.redux: ReduxModel | None = None
         # XLabs' FLUX.1 IP-Adapter and CLIP's vision tower (`set_ip_adapter`), for requests with its picture.
         self.ip_adapter: IPAdapterModel | None = None
+        self.upscaler: UpscalerFile | None = None
         # FLUX.1 ControlNets (`add_controlnet`), in order; each request gives one picture per ControlNet.
         self.controlnets: list[ControlNetUnit] = []
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
@@ -333,6 +335,12 @@ class Pipeline:
         model = open_ip_adapter(path, clip, self.transformer.params)
         self.ip_adapter = model.to(self.device, self.dtype)
         return model.info
+
+    def set_upscaler(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load an upscale model (ESRGAN, Real-ESRGAN, ...) that the hires fix can enlarge the first pass
+        with (`GenerationRequest.hires_upscaler` = its name); returns what records say of it."""
+        self.upscaler = load_upscaler(path, self.device)
+        return self.upscaler.describe()
 
     def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a FLUX.1 ControlNet (InstantX, Union or XLabs; a diffusers folder or a single file) beside

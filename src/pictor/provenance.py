@@ -51,8 +51,28 @@ def _fmt_number(x: float) -> str:
     return f"{x:g}"
 
 
+def _upscaler_name(name: Any) -> str:
+    """A1111 writes its own Lanczos capitalised; a model keeps its file's name."""
+    return "Lanczos" if name == "lanczos" else str(name)
+
+
+def _upscale_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A1111's Extras-tab names for an upscale by a model (`pictor upscale`)."""
+    up = record.get("upscale")
+    if not isinstance(up, dict) or not isinstance(up.get("scale"), int | float):
+        return []
+    return [
+        ("Postprocess upscale by", _fmt_number(up["scale"])),
+        ("Postprocess upscaler", up.get("upscaler", "")),
+    ]
+
+
 def parameters_text(record: dict[str, Any]) -> str:
-    """The A1111 ``parameters`` text for a generation record."""
+    """The A1111 ``parameters`` text for a generation record (or an upscale of a picture pictor did not
+    make, which has only the upscale's fields)."""
+    if "prompt" not in record:
+        fields = [*_upscale_fields(record), ("Version", f"pictor {record.get('pictor_version', '')}".strip())]
+        return ", ".join(f"{k}: {quote(v)}" for k, v in fields if v != "")
     lines = [record["prompt"]]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
@@ -86,7 +106,7 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields += [
             ("Hires upscale", _fmt_number(hires["scale"])),
             ("Hires steps", hires["steps"]),
-            ("Hires upscaler", str(hires.get("upscaler", "")).capitalize()),
+            ("Hires upscaler", _upscaler_name(hires.get("upscaler", ""))),
             ("Denoising strength", _fmt_number(hires["strength"])),
         ]
     # A1111 has no names for these; the short hash of the fitted pixels tells which picture the image
@@ -127,6 +147,7 @@ def parameters_text(record: dict[str, Any]) -> str:
             fields.append(("First block cache full passes", f"{passes.get('full')}/{passes['total']}"))
     if record.get("batch_size", 1) > 1:
         fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
+    fields += _upscale_fields(record)
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields if v != ""))
     return "\n".join(lines)

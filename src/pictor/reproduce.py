@@ -146,6 +146,7 @@ def check_record(record: Any) -> None:
             "the pictor record has Canny thresholds but no control picture; the image's metadata was edited "
             "or is damaged"
         )
+    recorded_hires_upscaler(record)
     seeds = record.get("batch_seeds", [record["seed"]])
     if not 0 <= record.get("batch_index", 0) < len(seeds):
         raise ProvenanceError(
@@ -193,12 +194,48 @@ def _settings(
     }
 
 
-def _hires(record: dict[str, Any]) -> dict[str, Any]:
-    """A hires-fix record's second pass as request fields (none for other records)."""
+def _hires(record: dict[str, Any], pipe: Pipeline) -> dict[str, Any]:
+    """A hires-fix record's second pass as request fields (none for other records). An upscale model goes by
+    the loaded one's name: `check_hires_upscaler` found its hash to be the recorded one's, under any name."""
     hires = record.get("hires")
     if not hires:
         return {}
-    return {"hires_scale": hires["scale"], "hires_strength": hires["strength"], "hires_steps": hires["steps"]}
+    return {
+        "hires_scale": hires["scale"],
+        "hires_strength": hires["strength"],
+        "hires_steps": hires["steps"],
+        "hires_upscaler": pipe.upscaler.name
+        if recorded_hires_upscaler(record)[0] and pipe.upscaler
+        else None,
+    }
+
+
+def recorded_hires_upscaler(record: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The name and file entry (path, sha256) of the upscale model a hires image's first pass was enlarged
+    with; (None, None) for Lanczos or no hires fix."""
+    hires = record.get("hires")
+    if not isinstance(hires, dict) or hires.get("upscaler", "lanczos") == "lanczos":
+        return None, None
+    entry = hires.get("upscaler_file")
+    if not (_strings(entry, "file", "sha256") and isinstance(hires.get("upscaler"), str)):
+        raise ProvenanceError(
+            "the pictor record's hires fix names an upscale model but not its file and sha256; the image's "
+            "metadata was edited or is damaged"
+        )
+    return hires["upscaler"], entry
+
+
+def check_hires_upscaler(pipe: Pipeline, record: dict[str, Any]) -> None:
+    """The upscale model a hires image was made with must be the one loaded: its hash, not only its name."""
+    name, entry = recorded_hires_upscaler(record)
+    if entry is None:
+        return
+    if pipe.upscaler is None or pipe.upscaler.sha256 != entry["sha256"]:
+        got = f"{pipe.upscaler.path} (SHA-256 {pipe.upscaler.sha256[:10]})" if pipe.upscaler else "none"
+        raise GenerationError(
+            f"the image's hires fix enlarged its first pass with upscale model '{name}' (SHA-256 "
+            f"{entry['sha256'][:10]}), but the loaded one is {got}; pass that file with --hires-upscaler"
+        )
 
 
 def check_reference(pipe: Pipeline, record: dict[str, Any], reference: ImageSource | None) -> None:
@@ -406,6 +443,7 @@ def reproduce(
     check_control(record, control)
     check_redux(pipe, record, redux)
     check_ip_adapter(pipe, record, ip_adapter)
+    check_hires_upscaler(pipe, record)
     check_recorded_controlnets(pipe.controlnets, record, controlnet_images)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
@@ -416,7 +454,7 @@ def reproduce(
         width=record["width"],
         height=record["height"],
         **_settings(record, seeds, reference, context, control, redux, controlnet_images, ip_adapter),
-        **_hires(record),
+        **_hires(record, pipe),
     )
     r = pipe.resolve_request(request, reproducing=True)
     check_picture_pixels(record, r)

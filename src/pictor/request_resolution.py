@@ -30,6 +30,7 @@ from pictor.models.flux import Flux
 from pictor.notices import PictorWarning
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
+from pictor.upscaler_files import UpscalerFile
 
 
 class ResolvingPipeline(Protocol):
@@ -48,6 +49,7 @@ class ResolvingPipeline(Protocol):
     controlnets: list[ControlNetUnit]  # FLUX.1 ControlNets `Pipeline.add_controlnet` loaded, in order
     # XLabs' IP-Adapter and CLIP's vision tower, once `Pipeline.set_ip_adapter` loaded them
     ip_adapter: IPAdapterModel | None
+    upscaler: UpscalerFile | None  # the upscale model `Pipeline.set_upscaler` loaded, for the hires fix
 
     @property
     def name(self) -> str: ...
@@ -199,11 +201,18 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
 
 
 def _resolve_hires(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
-    problem = hires_problem(r.hires_scale, r.hires_strength, r.hires_steps, MAX_STEPS)
+    upscaler = None if (r.hires_upscaler or "lanczos").lower() == "lanczos" else r.hires_upscaler
+    problem = hires_problem(r.hires_scale, r.hires_strength, r.hires_steps, MAX_STEPS, upscaler)
     if problem:
         raise GenerationError(problem)
     if r.hires_scale is None:
         return r
+    if upscaler is not None and (pipe.upscaler is None or pipe.upscaler.name != upscaler):
+        loaded = f"'{pipe.upscaler.name}' is" if pipe.upscaler else "none is"
+        raise GenerationError(
+            f"hires upscaler '{upscaler}' is not loaded ({loaded}); load its file (--hires-upscaler FILE, "
+            "`pictor serve --upscaler FILE`), or use lanczos"
+        )
     assert r.width and r.height
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     if (width, height) == (r.width, r.height):
@@ -218,4 +227,5 @@ def _resolve_hires(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
         r,
         hires_strength=DEFAULT_STRENGTH if r.hires_strength is None else r.hires_strength,
         hires_steps=r.hires_steps or r.steps,
+        hires_upscaler=upscaler,
     )

@@ -1,0 +1,147 @@
+"""`pictor upscale PICTURE... --upscaler FILE`: enlarge pictures with an ESRGAN / Real-ESRGAN upscale model,
+as A1111's Extras tab and ComfyUI's "Upscale Image (using Model)" do; and `pictor reproduce` of what it wrote.
+
+An upscale of an image pictor generated keeps that image's record, with the upscale added (A1111's
+"Postprocess upscale by / upscaler" in its parameters text); `pictor reproduce` then generates the image
+again and upscales it with the recorded file (its SHA-256 checked). An upscale of any other picture records
+the picture's pixel hash instead, and its reproduction takes the picture as `--source`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE
+
+
+def add_upscale_parser(sub: Any) -> None:
+    u = sub.add_parser(
+        "upscale", help="enlarge pictures with an ESRGAN / Real-ESRGAN upscale model (.safetensors)"
+    )
+    u.add_argument("pictures", nargs="+", metavar="PICTURE")
+    u.add_argument(
+        "--upscaler",
+        required=True,
+        metavar="FILE",
+        help="an upscale model: ESRGAN-family RRDBNets (ESRGAN, BSRGAN, Real-ESRGAN x4plus/x2plus, "
+        "4x-UltraSharp, ...) or Real-ESRGAN's compact nets, as .safetensors",
+    )
+    u.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="the factor (default: the model's own); a smaller one is reached by Lanczos after the model, a "
+        "larger one by running the model again",
+    )
+    u.add_argument("--tile", type=int, default=DEFAULT_TILE, help="input pixels per tile side (memory)")
+    u.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="context pixels around each tile")
+    u.add_argument("-o", "--out", default="outputs", help="the folder for the upscaled PNGs")
+    u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _open_picture(path: str) -> tuple[Image.Image, dict[str, Any] | None]:
+    """The picture and its pictor record, if it has a usable one (any other picture is upscaled alone)."""
+    from pictor.editing import EditError, load_image
+    from pictor.provenance import ProvenanceError, read_record
+
+    try:
+        image = load_image(path, "picture")
+    except EditError as exc:
+        raise ValueError(str(exc)) from exc
+    from pictor.reproduce import check_record
+
+    try:
+        record: dict[str, Any] | None = read_record(path)
+        check_record(record)
+    except ProvenanceError as exc:
+        if "no pictor record" not in str(exc):  # a damaged one: the picture is upscaled as any other
+            print(
+                f"pictor upscale: warning: {exc}; upscaling {path} as a picture without a record",
+                file=sys.stderr,
+            )
+        record = None
+    return image, record
+
+
+def _target(out: Path, picture: str, scale: float) -> Path:
+    return out / f"{Path(picture).stem}-x{scale:g}.png"
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from pictor import __version__
+    from pictor.provenance import save_png
+    from pictor.upscaler_files import load_upscaler
+    from pictor.upscaling import upscale_image, upscale_problem, upscale_record, upscaled_record
+
+    problem = upscale_problem(args.scale, args.tile, args.overlap)
+    if problem:
+        raise ValueError(problem)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {args.out}: this is a file; give a folder for the upscaled pictures")
+    pictures = [(path, *_open_picture(path)) for path in args.pictures]  # all readable before any work
+    upscaler = load_upscaler(args.upscaler, _device(args.device))
+    scale = float(upscaler.scale) if args.scale is None else args.scale
+    out.mkdir(parents=True, exist_ok=True)
+    for path, image, record in pictures:
+        enlarged = upscale_image(upscaler, image, scale, args.tile, args.overlap)
+        up = upscale_record(upscaler, scale, args.tile, args.overlap)
+        up |= {"width": enlarged.width, "height": enlarged.height}
+        print(save_png(enlarged, upscaled_record(record, image, up, __version__), _target(out, path, scale)))
+    return 0
+
+
+def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate: Any) -> int:
+    """`pictor reproduce` of an upscaled picture: its source generated again (`generate(record)` returns the
+    GeneratedImage of a generation record) or checked (`--source`), then upscaled as the record says."""
+    from pictor.editing import image_info
+    from pictor.provenance import ProvenanceError, save_png
+    from pictor.reproduce import pixel_report
+    from pictor.upscaler_files import load_upscaler
+    from pictor.upscaling import picture_pixels, upscale_image
+
+    up = record["upscale"]
+    needed = {"file": str, "sha256": str, "scale": (int, float), "tile": int, "overlap": int}
+    for key, kind in needed.items():
+        if not isinstance(up.get(key), kind):
+            raise ProvenanceError(
+                f"the pictor record's upscale has no valid '{key}'; the image's metadata was edited or is "
+                "damaged"
+            )
+    upscaler = load_upscaler(args.upscaler or up["file"], _device(args.device))
+    if upscaler.sha256 != up["sha256"]:
+        raise ValueError(
+            f"{upscaler.path} is not the upscale model this image was made with (SHA-256 "
+            f"{upscaler.sha256[:10]}, the record says {up['sha256'][:10]}); pass that file with --upscaler"
+        )
+    if "prompt" in record:
+        base = {k: v for k, v in record.items() if k != "upscale"}
+        source = generate(base).image
+    else:
+        if not args.source:
+            raise ValueError(
+                "this image is an upscale of a picture pictor did not generate; pass it as --source"
+            )
+        source, _ = _open_picture(args.source)
+        want = record.get("source_image", {}).get("sha256")
+        if image_info(picture_pixels(source))["sha256"] != want:
+            raise ValueError(
+                f"--source {args.source} is not the picture this upscale was made from (its pixels' hash "
+                "differs from the record's); pass the original picture"
+            )
+    image = upscale_image(upscaler, source, float(up["scale"]), up["tile"], up["overlap"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(save_png(image, record, Path(args.out) / f"{Path(args.image).stem}-reproduced.png"))
+    print(f"pictor reproduce: {pixel_report(args.image, image)}", file=sys.stderr)
+    return 0
