@@ -91,10 +91,11 @@ def test_bodies_that_are_not_json_objects_say_so(client: TestClient) -> None:
 
 
 def test_image_endpoints_that_do_not_exist_are_404(client: TestClient) -> None:
-    for path in ("/v1/images/upscale", "/v1/images/anything"):
+    for path in ("/v1/images/inpaint", "/v1/images/anything"):
         error = error_of(client.post(path, json={"prompt": "x"}), 404)
         assert "no such endpoint" in error["message"]
         assert "/v1/images/edits" in error["message"] and "/v1/images/variations" in error["message"]
+        assert "/v1/images/upscale" in error["message"]
 
 
 def test_search_with_nul_is_refused(client: TestClient) -> None:

@@ -32,7 +32,7 @@ PICTURE = Image.new("RGB", (32, 32), "red")
 LAYOUT = [{"box": [0, 0, 1, 1], "phrase": "a red circle"}]
 # Flags an API message may still name: the server's own, which tell its operator what to change, and
 # `pictor convert`'s, which say how to make the model that would take the request.
-SERVER_FLAGS = {"--redux-model", "--siglip", "--ip-adapter-model", "--clip-vision", "--kontext"}
+SERVER_FLAGS = {"--redux-model", "--siglip", "--ip-adapter-model", "--clip-vision", "--kontext", "--upscaler"}
 
 
 def _generation_error(pipe: Pipeline, **request: Any) -> str:
@@ -98,6 +98,8 @@ CASES: list[tuple[str, Callable[[Pipeline], str], str | None]] = [
     ("hires steps", lambda p: _generation_error(p, hires_scale=2.0, hires_steps=0), "hires_steps"),
     ("hires steps without scale", lambda p: _generation_error(p, hires_steps=3), "hires_scale"),
     ("hires strength without scale", lambda p: _generation_error(p, hires_strength=0.5), "hires_scale"),
+    ("hires upscaler without scale", lambda p: _generation_error(p, hires_upscaler="x"), "hires_scale"),
+    ("hires upscaler", lambda p: _generation_error(p, hires_scale=2.0, hires_upscaler="x"), "hires_upscaler"),
     ("no control model", lambda p: _generation_error(p, control_image=PICTURE), "control_image"),
     ("canny alone", lambda p: _generation_error(p, control_canny=[50, 200]), "control_canny"),
     ("layout", lambda p: _generation_error(p, layout=LAYOUT), "layout"),
@@ -169,14 +171,14 @@ def test_cli_wording_becomes_api_wording() -> None:
 
 
 def test_hires_settings_without_a_scale_name_the_scale(client: TestClient) -> None:
-    """hires_steps (or hires_strength) sent without hires_scale: the scale is what is missing, said in the
-    API's words."""
-    for extra in ({"hires_steps": 3}, {"hires_strength": 0.5}):
+    """hires_steps (or hires_strength, or an upscale model as hires_upscaler) sent without hires_scale: the
+    scale is what is missing, said in the API's words."""
+    for extra in ({"hires_steps": 3}, {"hires_strength": 0.5}, {"hires_upscaler": "4x-UltraSharp"}):
         r = client.post("/v1/jobs", json={"prompt": "a", "steps": 2, **extra})
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "hires_scale", error
-        assert error["message"].startswith("hires_strength and hires_steps need hires_scale"), error
+        assert error["message"].startswith("hires_strength, hires_steps and hires_upscaler need hires_scale")
         assert "give hires_scale too" in error["message"], error
 
 

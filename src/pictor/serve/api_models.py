@@ -205,6 +205,14 @@ class ImageGenerationRequest(BaseModel):
         None, gt=0, le=1, allow_inf_nan=False, description="Share of the upscaled picture redrawn (0.3)."
     )
     hires_steps: int | None = Field(None, ge=1, description="Steps of the second pass (default: steps).")
+    hires_upscaler: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="What enlarges the first pass: lanczos (the default), or the name of the upscale model "
+        "the server loaded (pictor serve --upscaler FILE; the model card's upscaler.name), which enlarges it "
+        "before Lanczos brings it to the hires size.",
+    )
     cache_threshold: float | None = Field(
         None,
         ge=0,
@@ -348,6 +356,15 @@ class ControlNetCard(BaseModel):
     )
 
 
+class UpscalerCard(BaseModel):
+    """The upscale model the server loaded (pictor serve --upscaler FILE)."""
+
+    name: str = Field(description="Its file's name without the suffix: hires_upscaler names it so.")
+    architecture: str = Field(description="ESRGAN (RRDBNet) or Compact (Real-ESRGAN's SRVGGNet).")
+    scale: int = Field(description="Its own factor: one run makes a picture this many times as large.")
+    sha256: str = Field(description="Its file's SHA-256, which the records of its pictures keep.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -397,6 +414,12 @@ class ModelCard(BaseModel):
         description="The FLUX.1 ControlNets the server loaded, in order: every generation and edit then "
         "gives one picture each (controlnet_images; an edit's controlnet_image files), and variations are "
         "refused (empty without ControlNets, and while the model loads).",
+    )
+    upscaler: UpscalerCard | None = Field(
+        None,
+        description="The upscale model the server loaded: POST /v1/images/upscale (and /v1/jobs/upscales) "
+        "run it, and a generation's hires_upscaler may name it (null without one, and while the model "
+        "loads).",
     )
 
 

@@ -28,7 +28,7 @@ from pictor.generation_settings import tiling_problem
 from pictor.lora_tools import model_linears
 from pictor.models.lora import linear_layers
 from pictor.pipeline import Pipeline
-from pictor.serve import edits, variations
+from pictor.serve import edits, upscales, variations
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.head import HeadAsGet
@@ -61,6 +61,9 @@ DESCRIPTION = """Text-to-image generation with pictor.
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
   reference adapter), or, on a server with FLUX.1 Redux loaded, a generation with the picture as its
   `redux_image` (no img2img; `redux_strength` instead of `strength`); `POST /v1/jobs/variations` queues it.
+* `POST /v1/images/upscale` enlarges a picture with the server's upscale model (ESRGAN, Real-ESRGAN...; on a
+  server started with `--upscaler FILE`; multipart: `image`, `scale`, `tile`, `overlap`); `POST
+  /v1/jobs/upscales` queues it. Generations may name that model as their `hires_upscaler`.
 * `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
   server-sent events of `GET /v1/jobs/{id}/events`.
 * With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.
@@ -94,6 +97,13 @@ def create_app(
                 message = str(exc)  # most name the file already
                 where = "" if message.startswith(str(path)) else f"{path}: "
                 raise ValueError(f"--controlnet {where}{message}") from exc
+        if settings.upscaler is not None:  # a bad file fails the load, and /readyz names the flag and file
+            try:
+                pipe.set_upscaler(settings.upscaler)
+            except ValueError as exc:  # the loader's messages start with the file's path
+                message = str(exc)
+                where = "" if message.startswith(str(settings.upscaler)) else f"{settings.upscaler}: "
+                raise ValueError(f"--upscaler {where}{message}") from exc
         return pipe
 
     library = lora_library(settings, pipeline)
@@ -122,8 +132,10 @@ def create_app(
     app.add_middleware(Guard, settings=settings, controlnets=len(served))
     app.add_middleware(HeadAsGet)  # outermost: the guard and the routes see a GET
     _add_error_handlers(app)
-    # Variations first: their 405 routes must come before the main router's GET /v1/images/{image_id}.
+    # Variations and upscales first: their 405 routes must come before the main router's GET
+    # /v1/images/{image_id}.
     app.include_router(variations.router)
+    app.include_router(upscales.router)
     app.include_router(router)
     app.include_router(edits.router)
     _add_ops_routes(app, svc)
@@ -247,14 +259,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         message = str(exc.detail)
         if (status == 404 and exc.detail == "Not Found") or (
-            # POST /v1/images/upscale & co. meet GET /v1/images/{image_id}: an endpoint that is not here
+            # POST /v1/images/inpaint & co. meet GET /v1/images/{image_id}: an endpoint that is not here
             status == 405 and request.method == "POST" and request.url.path.startswith("/v1/images/")
         ):
             message = f"no such endpoint: {request.method} {request.url.path}"
             if request.url.path.startswith("/v1/images/"):
                 message += (
-                    "; the image endpoints are POST /v1/images/generations, POST /v1/images/edits and "
-                    "POST /v1/images/variations"
+                    "; the image endpoints are POST /v1/images/generations, POST /v1/images/edits, "
+                    "POST /v1/images/variations and POST /v1/images/upscale"
                 )
             return JSONResponse(error_body(message, code="not_found"), status_code=404)
         if status == 400 and exc.detail == "There was an error parsing the body":

@@ -49,6 +49,7 @@ from pictor.serve.store import (
     new_id,
 )
 from pictor.serve.upload_retention import delete_uploads, missing_upload, sweep_uploads, upload_ids
+from pictor.serve.upscale_runs import UpscalerUnavailable, run_upscale
 
 log = logging.getLogger("pictor.serve")
 
@@ -387,14 +388,17 @@ class JobManager:
         assert self.pipeline is not None
         started = time.time()
         params = batch[0].job.params
+        kind = params.get("kind")  # None (a generation), "edit" or "upscale"
         # The pipeline warns about a prompt longer than its text encoder reads, but a warning reaches only
         # the server's log (and catching it here is no option: warnings.catch_warnings is process-wide). So
         # the same sentences are asked for and kept with the jobs (merged jobs share prompts), where the API
         # and the page show them; asked here, where the model is sure to be loaded.
-        notices = self.pipeline.prompt_notices(params.get("prompt"), params.get("negative_prompt"))
+        notices: list[str] = []
+        if kind != "upscale":  # an upscale's prompt is its picture's record's, which nothing reads
+            notices = self.pipeline.prompt_notices(params.get("prompt"), params.get("negative_prompt"))
         for live in batch:
             # A job's own seeds can repeat smaller seeds' images (the generator reads 32 bits of a seed).
-            aliased = seed_notice(live.seed, live.job.n)
+            aliased = seed_notice(live.seed, live.job.n) if kind != "upscale" else None
             job_notices = [*notices, aliased] if aliased else notices
             self.store.mark_running([live.job.id], started, job_notices)
             live.job.status, live.job.started, live.job.warnings = RUNNING, started, job_notices
@@ -412,7 +416,10 @@ class JobManager:
             "vae_tile": self.settings.vae_tile,
             "vae_tile_overlap": self.settings.vae_tile_overlap,
         }
-        if params.get("kind") == "edit":
+        if kind == "upscale":  # one picture through the upscale model: never merged (its upload is its own)
+            pipe, store = self.pipeline, self.store
+            run, request = (lambda _r, p: run_upscale(pipe, params, store, p)), None
+        elif kind == "edit":
             run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
         else:
             run, request = self.pipeline.generate, generation_request(params, self.store, **runs)
@@ -440,7 +447,8 @@ class JobManager:
         except _Cancelled:
             return  # every job of the run was cancelled, and is already final
         except Exception as exc:
-            self._fail_run(batch, self._error_of(exc, form=params.get("kind") == "edit"))
+            what = "upscale" if kind == "upscale" else "generation"
+            self._fail_run(batch, self._error_of(exc, form=kind == "edit", what=what))
             return
         self.metrics.batch_done(len(images), time.time() - started)
         offset = 0
@@ -458,7 +466,7 @@ class JobManager:
                 for row in rows:
                     self.store.image_path(row.id).unlink(missing_ok=True)
 
-    def _error_of(self, exc: Exception, form: bool = False) -> dict[str, Any]:
+    def _error_of(self, exc: Exception, form: bool = False, what: str = "generation") -> dict[str, Any]:
         """The job error for what stopped a run: a timeout, a request the model refused, or a fault. `form`:
         the job came as a multipart form (an edit), whose field names an error about a request uses."""
         if isinstance(exc, _TimedOut):
@@ -466,8 +474,10 @@ class JobManager:
             return {"message": message, "type": "timeout_error", "code": "job_timeout"}
         if isinstance(exc, REQUEST_ERRORS):
             return job_error(exc, form)
-        log.error("generation failed", exc_info=exc)
-        message = f"generation failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, UpscalerUnavailable):  # the server's settings changed while the job waited
+            return {"message": str(exc), "type": "server_error", "code": "upscaler_unavailable"}
+        log.error("%s failed", what, exc_info=exc)
+        message = f"{what} failed: {type(exc).__name__}: {exc}"
         return {"message": message, "type": "server_error", "code": "generation_failed"}
 
     def _finish(

@@ -48,13 +48,18 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
         (r"^the image", "image"),
         (r"^strength", "strength"),
-        # "hires strength and steps need a hires scale": the scale is what is missing
-        (r"^hires strength and steps need a hires scale", "hires_scale"),
+        # "hires strength, steps and upscaler need a hires scale": the scale is what is missing
+        (r"^hires strength,? (and )?steps( and upscaler)? need a hires scale", "hires_scale"),
         (r"^hires strength", "hires_strength"),
         (r"^hires steps", "hires_steps"),
+        (r"^hires upscaler", "hires_upscaler"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
         (r"^cache threshold|first-block cache", "cache_threshold"),
+        # an upscale job's settings (upscaling.upscale_problem), checked again when the job runs
+        (r"^the upscale factor", "scale"),
+        (r"^the tile size", "tile"),
+        (r"^the tile overlap", "overlap"),
         (r"^layout|layout adapter|take a layout\b", "layout"),
         (
             r"^reference|reference adapter|take a reference picture|Redux picture and a reference",
@@ -83,6 +88,12 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"IP-Adapter picture", "ip_adapter_image"),
         (r"negative prompt", "negative_prompt"),
     )
+)
+
+# What a request may send as hires_upscaler, said where one names an upscale model that is not loaded.
+HIRES_UPSCALER_HELP = (
+    "send lanczos or the name of the upscale model the server loaded (GET /v1/models: upscaler; a server "
+    "loads one with pictor serve --upscaler FILE)"
 )
 
 # Whole CLI phrases with an API equivalent, rewritten before single flags (see FLAG_FIELDS).
@@ -130,6 +141,15 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         ),
         (r"\(or give 'none' in its place\)", "(or null in its place)"),
         (r"^hires strength and steps need a hires scale", "hires_strength and hires_steps need hires_scale"),
+        (
+            r"^hires strength, steps and upscaler need a hires scale",
+            "hires_strength, hires_steps and hires_upscaler need hires_scale",
+        ),
+        (r"^hires upscaler '", "hires_upscaler '"),
+        (
+            r"load its file \(--hires-upscaler FILE, `pictor serve --upscaler FILE`\), or use lanczos",
+            HIRES_UPSCALER_HELP,
+        ),
         (r"give the scale too$", "give hires_scale too"),
     )
 )
@@ -164,6 +184,7 @@ FLAG_FIELDS = {
     "hires-scale": "hires_scale",
     "hires-strength": "hires_strength",
     "hires-steps": "hires_steps",
+    "hires-upscaler": "hires_upscaler",
     "cache-threshold": "cache_threshold",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",

@@ -26,6 +26,7 @@ from pictor.serve.api_models import (
     JobList,
     ModelCard,
     ModelList,
+    UpscalerCard,
 )
 from pictor.serve.controlnets import cards as controlnet_cards
 from pictor.serve.errors import APIError, not_found
@@ -180,6 +181,17 @@ def model_card(svc: Service) -> ModelCard:
         ip_adapter=pipe is not None and pipe.ip_adapter is not None,
         # FLUX.1 ControlNets, in the order requests give their pictures; the page offers one input each.
         controlnets=controlnet_cards(pipe) if pipe is not None else [],
+        upscaler=upscaler_card(pipe),
+    )
+
+
+def upscaler_card(pipe: Any) -> UpscalerCard | None:
+    """What the model card says of the loaded upscale model; None without one (or while the model loads)."""
+    upscaler = getattr(pipe, "upscaler", None) if pipe is not None else None
+    if upscaler is None:
+        return None
+    return UpscalerCard(
+        name=upscaler.name, architecture=upscaler.architecture, scale=upscaler.scale, sha256=upscaler.sha256
     )
 
 

@@ -85,6 +85,7 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
         (settings.siglip, "--siglip", Path.is_dir),
         (settings.ip_adapter_model, "--ip-adapter-model", Path.is_file),
         (settings.clip_vision, "--clip-vision", Path.is_dir),
+        (settings.upscaler, "--upscaler", Path.is_file),
     ):  # missing ones are named before anything listens; what is inside is checked when the model loads
         if path is not None and not exists(path):
             raise ValueError(f"{what} {path}: no such {'file' if exists is Path.is_file else 'folder'}")

@@ -24,7 +24,7 @@ from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
 from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
-from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
+from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
 from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
@@ -112,6 +112,8 @@ class Service:
         pipe = self.manager.pipeline
         if pipe is None and body.hires_scale is not None:
             self._check_hires_while_loading(body, n, width, height)
+        if pipe is None:
+            self._check_hires_upscaler_while_loading(body.hires_upscaler)
         # Kept as sent, made 8-bit RGB (their fitting is the pipeline's, and recorded).
         reference = _picture(body.reference_image, "reference_image", limits)
         context = _picture(body.context_image, "context_image", limits)
@@ -135,6 +137,8 @@ class Service:
             "hires_scale": body.hires_scale,
             "hires_strength": body.hires_strength,
             "hires_steps": body.hires_steps,
+            # "lanczos", the loaded upscale model's name, or None; resolved below: None for Lanczos
+            "hires_upscaler": body.hires_upscaler,
             "cache_threshold": body.cache_threshold or None,
             "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
             # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
@@ -194,6 +198,7 @@ class Service:
             layout=r.layout,
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
+            hires_upscaler=r.hires_upscaler if r.hires_scale is not None else None,
             redux_strength=r.redux_strength,
             ip_adapter_scale=r.ip_adapter_scale,
             **resolved_settings(r),
@@ -221,6 +226,21 @@ class Service:
             )
         bound = [math.ceil(side * body.hires_scale / 16) * 16 for side in (width, height)]
         self._check_hires(body, n, bound[0], bound[1], body.hires_steps or body.steps or 1)
+
+    def _check_hires_upscaler_while_loading(self, name: str | None) -> None:
+        """Before the model is there, the upscale model it loads with is known by its file (--upscaler): a
+        hires_upscaler that names another is refused now, as the loaded model would refuse it."""
+        if name is None or name.lower() == "lanczos":
+            return
+        path = self.settings.upscaler
+        if path is None or name != path.stem:
+            loaded = f"'{path.stem}' is" if path is not None else "none is"
+            raise APIError(
+                400,
+                f"hires_upscaler '{name}' is not loaded ({loaded}); {HIRES_UPSCALER_HELP}",
+                param="hires_upscaler",
+                code="invalid_parameters",
+            )
 
     def need_model(self, why: str, instead: str = "") -> NoReturn:
         """Refuse a request that cannot be checked without the model, which is not there: 503
@@ -315,6 +335,8 @@ class Service:
         step, total = (0, 0)
         if job.status == RUNNING:
             step, total = self.manager.progress(job.id) or (0, 0)
+        elif job.status == SUCCEEDED and job.params.get("kind") == "upscale":
+            total = step = int(job.params.get("tiles") or 1)  # an upscale's steps are its model's tiles
         elif job.status == SUCCEEDED:
             steps = int(job.params.get("steps") or 0)
             hires = int(job.params.get("hires_steps") or steps) if job.params.get("hires_scale") else 0

@@ -72,6 +72,10 @@ class ServeSettings:
     # (`Pipeline.add_controlnet`); every request then gives one picture per ControlNet (controlnet_images).
     # A pipeline handed to `create_app` is served with the ControlNets it has.
     controlnets: tuple[Path, ...] = ()
+    # An upscale model (ESRGAN, Real-ESRGAN...: `pictor.upscaler_files`), loaded with the model
+    # (`Pipeline.set_upscaler`): POST /v1/images/upscale and /v1/jobs/upscales run it, and generations may
+    # name it as their hires_upscaler. A pipeline handed to `create_app` is served with the one it has.
+    upscaler: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):

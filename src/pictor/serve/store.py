@@ -5,9 +5,9 @@ Layout::
     DATA_DIR/pictor.db            jobs, images (one row per PNG), schema version in user_version
     DATA_DIR/images/ab/abcd....png  one PNG per image id (uuid hex), written atomically by save_png
     DATA_DIR/uploads/abcd....png    images sent to /v1/images/edits (source, mask), reference pictures,
-                                  Kontext context, control, Redux and IP-Adapter pictures, kept while their
-                                  job is unfinished or in the history as succeeded
-                                  (serve/upload_retention.py)
+                                  Kontext context, control, Redux and IP-Adapter pictures, pictures to
+                                  upscale (with their pictor record), kept while their job is unfinished or
+                                  in the history as succeeded (serve/upload_retention.py)
 
 Every state change is committed before anyone is told about it (the 202, an event, a result), so a job that
 was accepted survives a crash: `unfinished()` gives it back on the next start.
@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from pictor.provenance import save_png
+from pictor.provenance import png_info, save_png
 
 SCHEMA_VERSION = 1
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -327,13 +327,15 @@ class Store:
             raise ValueError(f"upload id must be 32 lowercase hex characters, got {upload_id!r}")
         return self.uploads_dir / f"{upload_id}.png"
 
-    def write_upload(self, image: Image.Image) -> str:
-        """Keep an uploaded image (as PNG) for its job: see `upload_retention` for how long."""
+    def write_upload(self, image: Image.Image, record: dict[str, Any] | None = None) -> str:
+        """Keep an uploaded image (as PNG) for its job: see `upload_retention` for how long. `record`: its
+        pictor record, kept in it as in the images pictor writes (a picture sent to be upscaled)."""
         upload_id = new_id()
         path = self.upload_path(upload_id)
         tmp = path.with_name(f".{path.name}.tmp")
+        info = png_info(record) if record is not None else None
         try:
-            image.save(tmp, format="PNG")
+            image.save(tmp, format="PNG", pnginfo=info)
             tmp.replace(path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind

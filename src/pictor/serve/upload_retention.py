@@ -1,14 +1,14 @@
 """How long uploaded pictures are kept, and deleting them once nothing needs them.
 
 An upload (an edit's source and mask, a reference, context, control, Redux or IP-Adapter picture, the
-ControlNets' pictures: the job settings of `UPLOAD_KEYS`) belongs to the one job whose settings name it:
-every request writes its own, so no two jobs share one. It is kept
+ControlNets' pictures, a picture to upscale: the job settings of `UPLOAD_KEYS`) belongs to the one job whose
+settings name it: every request writes its own, so no two jobs share one. It is kept
 
 - while its job is queued or running: the job reads it when it runs, and again if a restart resumes it;
 - while its job is in the history as succeeded: the images' records keep only the pictures' hashes, and
   `pictor reproduce IMAGE --source/--mask/--reference/--context/--control/--redux/--ip-adapter/
-  --controlnet-image PICTURE` needs the very pictures, which for a variation (flattened, resized) or a mask
-  made from transparency exist only here (GET /v1/jobs/{id} names them).
+  --controlnet-image PICTURE` needs the very pictures (an upscale's `--source` too), which for a variation
+  (flattened, resized) or a mask made from transparency exist only here (GET /v1/jobs/{id} names them).
 
 It is deleted when its job fails or is cancelled (no image was made from it; a running job's only once its
 run has stopped reading it), when its history entry is deleted (DELETE /v1/history/{id}), and at start when no

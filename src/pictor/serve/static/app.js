@@ -13,6 +13,8 @@ let controlKind = null; // "canny" or "depth": the served model is FLUX.1 Canny 
 let reduxModel = false; // the server has FLUX.1 Redux loaded: a Redux picture may prompt, variations use it
 let ipAdapterModel = false; // the server has XLabs' FLUX.1 IP-Adapter loaded: an IP-Adapter picture may prompt
 let controlnetCards = []; // the server's FLUX.1 ControlNets (GET /v1/models), in the order requests give their pictures
+let galleryShown = false; // the history has been listed once
+let upscalerCard = null; // the server's upscale model (GET /v1/models: upscaler), or null: history images get an Upscale button
 
 // -- API calls with the key ------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ function requestFromForm() {
     values.hires_scale = hiresScale;
     values.hires_strength = number("hires_strength", Number);
     values.hires_steps = number("hires_steps", Number);
+    values.hires_upscaler = $("hires_upscaler").value || undefined;  // empty: Lanczos, the server's default
   }
   const loras = lorasFromForm();
   if (loras.length) values.loras = loras;
@@ -142,6 +145,9 @@ function fillForm(record) {
   $("hires_scale").value = hires.scale ?? "";
   $("hires_strength").value = hires.strength ?? "";
   $("hires_steps").value = hires.steps ?? "";
+  // An upscale model the server does not have (or Lanczos) leaves the choice at Lanczos.
+  const upscalerOption = [...$("hires_upscaler").options].some((o) => o.value && o.value === hires.upscaler);
+  $("hires_upscaler").value = upscalerOption ? hires.upscaler : "";
   if (record.hires) $("hires-settings").open = true;
   const scales = new Map((record.loras || []).map((entry) => [entry.name, entry.scale]));
   for (const input of loraInputs()) input.value = scales.get(input.dataset.name) ?? "";
@@ -636,6 +642,7 @@ async function loadGallery(reset) {
   }
   $("more-button").hidden = !list.has_more;
   $("gallery-empty").hidden = $("gallery").children.length > 0;
+  galleryShown = true;
 }
 
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]); // the statuses a history entry may be deleted in
@@ -646,21 +653,29 @@ function galleryItem(job, result) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = "thumb";
-  button.title = job.request.prompt;
+  button.title = entryText(job);
   const img = document.createElement("img");
   img.src = result.url;
-  img.alt = `${job.request.prompt} (seed ${result.seed})`;
+  img.alt = `${entryText(job)} (seed ${result.seed})`;
   img.loading = "lazy";
   img.width = job.request.width || 64;
   img.height = job.request.height || 64;
   const caption = document.createElement("span");
   caption.className = "caption";
-  caption.textContent = job.request.prompt;
+  caption.textContent = entryText(job);
   button.append(img, caption);
   button.addEventListener("click", () => openViewer(result.image_id, job.warnings));
   item.append(button);
+  if (upscalerCard && job.status === "succeeded") item.append(upscaleButton(result, img.alt));
   if (FINISHED.has(job.status)) item.append(deleteButton(job, img.alt));
   return item;
+}
+
+// What a history entry's caption says: the prompt, and for an upscale job its factor first.
+function entryText(job) {
+  if (job.request.kind !== "upscale") return job.request.prompt;
+  const factor = job.request.scale ?? job.request.upscaler_scale;
+  return `Upscaled x${factor}${job.request.prompt ? `: ${job.request.prompt}` : ""}`;
 }
 
 function statusItem(job) {
@@ -668,11 +683,56 @@ function statusItem(job) {
   item.className = `placeholder ${job.status}`;
   item.dataset.job = job.id;
   const text = document.createElement("span");
-  text.textContent = `${job.status}: ${job.request.prompt}`;
+  text.textContent = `${job.status}: ${entryText(job)}`;
   if (job.error) text.title = job.error.message;
   item.append(text);
   if (FINISHED.has(job.status)) item.append(deleteButton(job, text.textContent));
   return item;
+}
+
+// -- upscaling a history image: POST /v1/jobs/upscales ---------------------------------------------
+
+// The server's upscale model: the Upscale buttons and the hires fix's upscaler choice, only where it has one.
+function showUpscaler(card) {
+  const changed = JSON.stringify(card) !== JSON.stringify(upscalerCard);
+  upscalerCard = card;
+  $("hires-upscaler-row").hidden = !card;
+  const select = $("hires_upscaler");
+  const chosen = select.value;
+  select.replaceChildren(new Option("Lanczos", ""), ...(card ? [new Option(`${card.name} (x${card.scale})`, card.name)] : []));
+  select.value = card && chosen === card.name ? chosen : "";
+  // The buttons come and go with it (the first listing comes after the model card: see the start).
+  if (changed && galleryShown) loadGallery(true).catch((err) => setError(err.message));
+}
+
+// A finished image's Upscale button, named after what it shows.
+function upscaleButton(result, name) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "upscale";
+  button.textContent = "Upscale";
+  button.title = upscalerCard ? `Enlarge with ${upscalerCard.name} (x${upscalerCard.scale})` : "";
+  button.setAttribute("aria-label", `Upscale ${name}`);
+  button.addEventListener("click", () => upscaleEntry(result));
+  return button;
+}
+
+// The image's PNG (with its record, which the upscale keeps) goes to POST /v1/jobs/upscales at the model's
+// own factor; the job is followed as any other and its picture joins the history.
+async function upscaleEntry(result) {
+  if ($("generate-button").disabled) {  // one job at a time from this page
+    setError("Wait for the running job to finish (or cancel it) before upscaling.");
+    return;
+  }
+  try {
+    const response = await api(result.url);
+    if (!response.ok) throw new Error(`image: ${response.status}`);
+    const form = new FormData();
+    form.append("image", new File([await response.blob()], `pictor-${result.image_id}.png`, { type: "image/png" }));
+    await submit(form, "/v1/jobs/upscales");
+  } catch (err) {
+    setError(err.message);
+  }
 }
 
 // -- deleting a history entry: DELETE /v1/history/{id} -----------------------------------------------
@@ -694,7 +754,7 @@ function deleteButton(job, name) {
 async function deleteEntry(job, button) {
   const count = job.results.length;
   const images = count === 1 ? ", with its image" : count > 1 ? `, with its ${count} images` : "";
-  const prompt = job.request.prompt ? `"${job.request.prompt}"` : "this job";
+  const prompt = entryText(job) ? `"${entryText(job)}"` : "this job";
   if (!window.confirm(`Delete ${prompt} from the history${images}? This cannot be undone.`)) return;
   const hadFocus = document.activeElement === button;
   setError("");
@@ -738,7 +798,9 @@ async function openViewer(imageId, warnings) {
     showWarnings($("viewer-warnings"), warnings);
     $("viewer-record").textContent = JSON.stringify(meta.record, null, 2);
     // An edit is reproduced from its source image, which this page does not keep: no button for it.
-    $("reproduce-button").hidden = Boolean(meta.record.source_image);
+    // Nor an upscale, which `pictor reproduce IMAGE` runs again (with --source for a picture pictor did not
+    // make).
+    $("reproduce-button").hidden = Boolean(meta.record.source_image || meta.record.upscale);
     $("download-link").href = meta.url;
     $("download-link").download = `pictor-${meta.seed}.png`;
     $("viewer").showModal();
@@ -779,6 +841,7 @@ function recordRequest(record) {
     body.hires_scale = record.hires.scale;
     body.hires_strength = record.hires.strength;
     body.hires_steps = record.hires.steps;
+    if (record.hires.upscaler && record.hires.upscaler !== "lanczos") body.hires_upscaler = record.hires.upscaler;
   }
   if (record.loras && record.loras.length) {
     body.loras = record.loras.map((entry) => ({ name: entry.name, scale: entry.scale }));
@@ -811,6 +874,9 @@ async function loadModel() {
       (card.ip_adapter ? ". IP-Adapter: a picture can lend the images its look (IP-Adapter picture)" : "") +
       ((card.controlnets || []).length
         ? `. FLUX.1 ControlNets: ${card.controlnets.map((c) => c.name).join(", ")} (ControlNet pictures)`
+        : "") +
+      (card.upscaler
+        ? `. Upscale model ${card.upscaler.name} (x${card.upscaler.scale}): Upscale under a history image, or the hires fix's upscaler`
         : "");
     fillModel = Boolean(card.fill);
     for (const [id, key] of [["width", "width"], ["height", "height"], ["steps", "steps"], ["guidance", "guidance"]]) {
@@ -846,6 +912,7 @@ async function loadModel() {
     $("ip-adapter-settings").hidden = !ipAdapterModel;
     for (const id of ["ip-adapter-image", "ip-adapter-scale"]) $(id).disabled = !ipAdapterModel;
     showControlNets(card.controlnets || []);
+    showUpscaler(card.upscaler || null);
     if (!card.ready) {
       // The server answers while its model loads: ask again until it is ready, or say why it never will be.
       const health = await api("/readyz").then((r) => r.json()).catch(() => ({}));

@@ -1,0 +1,127 @@
+"""An upscale job (``POST /v1/images/upscale``, ``POST /v1/jobs/upscales``) as the worker runs it, and the
+checks its settings get both when it is sent and when it runs.
+
+The kept picture goes through the server's upscale model with `upscaling.upscale_image`, the function `pictor
+upscale` runs, so the pixels are the CLI's. Progress is one step per tile the model runs (a forward hook on
+the net counts them), so a cancel or the job timeout stops the job between two tiles, as a sampler run
+stops between two steps. The result's record is `upscaling.upscaled_record`'s: a picture pictor generated
+keeps its own record with the upscale added (its pictor chunk is kept with the upload, see
+`Store.write_upload`), any other picture is named by its pixels' hash, so that `pictor reproduce RESULT
+--source UPLOAD` checks and upscales the kept upload again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from PIL import Image
+
+from pictor import __version__
+from pictor.editing import load_image
+from pictor.pipeline import GeneratedImage, GenerationError, Pipeline
+from pictor.provenance import ProvenanceError, png_info, read_record
+from pictor.reproduce import check_record
+from pictor.serve.store import Store
+from pictor.upscaler_files import UpscalerFile
+from pictor.upscaling import passes_for, upscale_image, upscale_problem, upscale_record, upscaled_record
+
+
+class UpscalerUnavailable(Exception):
+    """The server has no upscale model now, or another one than the job was sent for: not the client's
+    fault (the server was restarted with other settings while the job waited)."""
+
+
+def usable_record(record: Any) -> dict[str, Any] | None:
+    """A picture's pictor record as its upscale keeps it: a generation (or edit) record that `pictor
+    reproduce` can run again and whose A1111 text can be written; None for anything else (an upscale's
+    record, a damaged or hand-made one), whose upscale then names the picture's pixels instead."""
+    if not isinstance(record, dict) or "prompt" not in record or "upscale" in record:
+        return None
+    try:
+        check_record(record)
+        png_info(record)  # its PNG chunks, as the result's file holds them: a record they cannot hold is none
+    except Exception:  # untrusted JSON from an uploaded file: any failure means "not usable"
+        return None
+    return record
+
+
+def sizes(upscaler: UpscalerFile, width: int, height: int, scale: float | None) -> tuple[int, int, int]:
+    """(width, height) of the result, as `upscale_image` makes it, and the pixels of the largest picture the
+    model makes on the way (its last run's output, before Lanczos brings it to the size)."""
+    factor = float(upscaler.scale) if scale is None else scale
+    runs = passes_for(factor, upscaler.scale)
+    largest = width * height * upscaler.scale ** (2 * runs)
+    w, h = max(1, round(width * factor)), max(1, round(height * factor))
+    return w, h, max(largest, w * h)
+
+
+def tile_count(upscaler: UpscalerFile, width: int, height: int, scale: float | None, tile: int) -> int:
+    """How many times the model runs (tiles, over all its runs) to upscale a width x height picture: the
+    job's progress total. As `upscaling.run_tiled` cuts them: one tile when the picture fits in one, else a
+    grid of tile-sized squares on the net's pixel-unshuffle grid."""
+    factor = float(upscaler.scale) if scale is None else scale
+    multiple = getattr(upscaler.net.params, "unshuffle", 1)
+    step = -(-tile // multiple) * multiple
+    total = 0
+    for _ in range(passes_for(factor, upscaler.scale)):
+        total += 1 if width <= tile and height <= tile else math.ceil(height / step) * math.ceil(width / step)
+        width, height = width * upscaler.scale, height * upscaler.scale
+    return total
+
+
+def check_upscaler(pipe: Pipeline, params: dict[str, Any]) -> UpscalerFile:
+    """The loaded upscale model, if it is the one the job was sent for (by its hash)."""
+    upscaler = pipe.upscaler
+    sent_for = params.get("upscaler_sha256")
+    if upscaler is None:
+        raise UpscalerUnavailable(
+            f"this upscale job was sent for the upscale model '{params.get('upscaler')}', but the server has "
+            "none loaded now (it was restarted without --upscaler); start it with --upscaler FILE and send "
+            "the job again"
+        )
+    if sent_for is not None and upscaler.sha256 != sent_for:
+        raise UpscalerUnavailable(
+            f"this upscale job was sent for the upscale model '{params.get('upscaler')}' (SHA-256 "
+            f"{str(sent_for)[:10]}), but the server has '{upscaler.name}' (SHA-256 {upscaler.sha256[:10]}) "
+            "loaded now; send the job again"
+        )
+    return upscaler
+
+
+def picture_and_record(path: Any) -> tuple[Image.Image, dict[str, Any] | None]:
+    """A kept upload: the picture as the job upscales it, and its usable pictor record (or None)."""
+    picture = load_image(path, "image")
+    try:
+        record = read_record(path)
+    except ProvenanceError:
+        record = None
+    return picture, usable_record(record)
+
+
+def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: Any) -> list[GeneratedImage]:
+    """Run an upscale job: its one image, with its record (and seed: its source's, or 0)."""
+    upscaler = check_upscaler(pipe, params)
+    scale, tile, overlap = params.get("scale"), int(params["tile"]), int(params["overlap"])
+    # Checked when it was sent; again here, for a job sent to another server's settings before a restart.
+    problem = upscale_problem(scale, tile, overlap)
+    if problem:
+        raise GenerationError(problem)
+    factor = float(upscaler.scale) if scale is None else float(scale)
+    picture, source_record = picture_and_record(store.upload_path(params["image"]))
+    total, done = tile_count(upscaler, picture.width, picture.height, factor, tile), 0
+
+    def tile_done(*_: Any) -> None:
+        nonlocal done
+        done += 1
+        progress(done, max(total, done))  # the server's callback: raises to cancel or time the job out
+
+    hook = upscaler.net.register_forward_hook(tile_done)
+    try:
+        image = upscale_image(upscaler, picture, factor, tile, overlap)
+    finally:
+        hook.remove()
+    upscale = upscale_record(upscaler, factor, tile, overlap) | {"width": image.width, "height": image.height}
+    record = upscaled_record(source_record, picture, upscale, __version__)
+    seed = record.get("seed")
+    return [GeneratedImage(image, seed if isinstance(seed, int) and seed >= 0 else 0, record)]
