@@ -60,9 +60,10 @@ def test_a_generated_image_keeps_its_record_and_reproduces(
         128,
     )
     assert up["file"] == str(upscaler) and (up["tile"], up["overlap"]) == (512, 32)
-    text = read_text_chunks(out)["parameters"]
-    assert text.startswith("a red circle\n") and "Seed: 7" in text
-    assert "Postprocess upscale by: 4, Postprocess upscaler: 4x-tiny" in text
+    chunks = read_text_chunks(out)  # as A1111's Extras tab: the source's text as it was, its own beside it
+    assert chunks["parameters"] == read_text_chunks(source)["parameters"]
+    post = "Postprocess upscale by: 4, Postprocess upscaler: 4x-tiny"
+    assert chunks["postprocessing"] == chunks["extras"] == post
 
     # The source generated again, then upscaled with the recorded file: the same pixels.
     assert main(["reproduce", str(out), "--model", "tiny", "-o", str(tmp_path / "again")]) == 0
@@ -73,7 +74,7 @@ def test_a_generated_image_keeps_its_record_and_reproduces(
     # The model moved: reproduce says where to pass it, and takes it from there.
     moved = str(shutil.move(upscaler, tmp_path / "4x-tiny.safetensors"))
     assert main(["reproduce", str(out), "--model", "tiny", "-o", str(tmp_path / "again")]) == 2
-    assert "no such weight file" in capsys.readouterr().err
+    assert "is not there; pass it with --upscaler FILE" in capsys.readouterr().err
     assert (
         main(["reproduce", str(out), "--model", "tiny", "--upscaler", moved, "-o", str(tmp_path / "a")]) == 0
     )
@@ -99,8 +100,12 @@ def test_any_other_picture_is_named_by_its_pixels_and_reproduces_from_it(
     assert set(record) == {"upscale", "source_image", "pictor_version"}
     assert (record["source_image"]["width"], record["source_image"]["height"]) == (21, 13)
     assert (record["upscale"]["scale"], record["upscale"]["tile"], record["upscale"]["overlap"]) == (2, 32, 4)
-    text = read_text_chunks(out)["parameters"]
-    assert text.startswith("Postprocess upscale by: 2, Postprocess upscaler: 4x-tiny, Version: pictor ")
+    chunks = read_text_chunks(out)
+    assert "parameters" not in chunks  # no generation to tell
+    assert chunks["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: 4x-tiny"
+    assert main(["info", "--json", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["postprocessing"] == chunks["postprocessing"] and shown["pictor"] == read_record(out)
 
     assert main(["reproduce", str(out), "-o", str(tmp_path / "again")]) == 2
     assert "pass it as --source" in capsys.readouterr().err
@@ -171,7 +176,7 @@ def test_hires_upscaler_through_the_cli(
     assert "the pixels are identical" in capsys.readouterr().err
     moved = str(shutil.move(upscaler, tmp_path / "moved.safetensors"))
     assert main(["reproduce", str(out), "--model", "tiny", "-o", str(tmp_path / "again")]) == 2
-    assert "no such weight file" in capsys.readouterr().err
+    assert "is not there; pass it with --hires-upscaler FILE" in capsys.readouterr().err
     again = ["reproduce", str(out), "--model", "tiny", "--hires-upscaler", moved, "-o", str(tmp_path / "a")]
     assert main(again) == 0
     assert "the pixels are identical" in capsys.readouterr().err
@@ -202,3 +207,53 @@ def test_16_bit_grey_and_damaged_records_are_upscaled_as_what_they_are(
     )
     record = read_record(Path(captured.out.strip()))
     assert "prompt" not in record and record["source_image"]["width"] == 21
+
+
+def test_outputs_never_overwrite_and_records_name_the_model_from_anywhere(
+    tmp_path: Path, upscaler: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _picture(tmp_path / "a" / "p.png"), _picture(tmp_path / "b" / "p.png", size=(5, 6))
+    monkeypatch.chdir(tmp_path)
+    relative = str(upscaler.relative_to(tmp_path))  # models/4x-tiny.safetensors
+    assert main(["upscale", "a/p.png", "b/p.png", "--upscaler", relative, "-o", "up"]) == 0
+    assert main(["upscale", "a/p.png", "--upscaler", relative, "-o", "up"]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == ["up/p-x4.png", "up/p-x4-1.png", "up/p-x4-2.png"]
+    assert [_pixels(tmp_path / w).shape[:2] for w in written] == [(52, 84), (24, 20), (52, 84)]
+    assert read_record(tmp_path / written[0])["upscale"]["file"] == str(upscaler)  # absolute
+    monkeypatch.chdir(tmp_path / "b")  # elsewhere, the recorded path still finds the model
+    assert main(["reproduce", str(tmp_path / written[1]), "--source", str(second), "-o", "r"]) == 0
+    assert "the pixels are identical" in capsys.readouterr().err
+    del first
+
+
+def test_pictures_too_large_to_read_back_and_float_pictures_are_refused(
+    tmp_path: Path, upscaler: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    picture = _picture(tmp_path / "photo.png")  # 21x13
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 21 * 13 * 16 - 1)  # x4 makes 16 times the pixels
+    assert main(["upscale", str(picture), "--upscaler", str(upscaler), "-o", str(tmp_path / "o")]) == 2
+    assert "makes 0 million pixels, more than the 0 million" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
+    # x3 from a x4 model: the model's own x4 output is what must fit, not only the x3 result
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 21 * 13 * 10)
+    assert (
+        main(["upscale", str(picture), "--upscaler", str(upscaler), "--scale", "3", "-o", str(tmp_path)]) == 2
+    )
+    assert "1 run(s) of the x4 model" in capsys.readouterr().err
+    monkeypatch.undo()
+    floats = tmp_path / "float.tif"
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(floats)
+    assert main(["upscale", str(floats), "--upscaler", str(upscaler), "-o", str(tmp_path / "f")]) == 2
+    assert "floating-point (mode F) picture" in capsys.readouterr().err
+
+
+def test_a_model_file_named_lanczos_is_refused_for_the_hires_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lanczos = make_upscaler(tmp_path / "Lanczos.safetensors")
+    gen = ["generate", "a", "--model", "tiny", "--steps", "2", "--size", "32x32", "--hires", "2"]
+    assert main([*gen, "--hires-upscaler", str(lanczos), "-o", str(tmp_path / "o")]) == 2
+    assert "would be taken for Lanczos; rename it" in capsys.readouterr().err

@@ -368,6 +368,11 @@ def _reproduced(args: argparse.Namespace, record: Any) -> Any:
     )
     _, hires_upscaler = recorded_hires_upscaler(record)
     if hires_upscaler is not None:  # from where it was, unless given (its hash is checked)
+        if not args.hires_upscaler and not Path(hires_upscaler["file"]).is_file():
+            raise ValueError(
+                f"the hires fix's upscale model, {hires_upscaler['file']}, is not there; pass it with "
+                "--hires-upscaler FILE"
+            )
         pipe.set_upscaler(args.hires_upscaler or hires_upscaler["file"])
     return reproduce(
         pipe,

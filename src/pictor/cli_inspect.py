@@ -32,7 +32,7 @@ def _adapter_header(path: Path) -> dict[str, Any]:
 def cmd_info(args: argparse.Namespace) -> int:
     from pictor.checkpoint import is_bundle, read_bundle_config
     from pictor.presets import PRESETS
-    from pictor.provenance import RENDER_KEY, parse_parameters, read_text_chunks
+    from pictor.provenance import POSTPROCESSING_KEYS, RENDER_KEY, parse_parameters, read_text_chunks
 
     target = Path(args.target)
     from pictor.controlnet_runs import controlnet_summary
@@ -67,6 +67,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["pictor"] = _json_chunk(target, "pictor", chunks["pictor"])
         if "parameters" in chunks:
             info["parameters"] = parse_parameters(chunks["parameters"])
+        if POSTPROCESSING_KEYS[0] in chunks:  # an upscale's A1111 Extras text
+            info["postprocessing"] = chunks[POSTPROCESSING_KEYS[0]]
         if RENDER_KEY in chunks:
             info["render"] = _json_chunk(target, RENDER_KEY, chunks[RENDER_KEY])
         if not info:
@@ -75,8 +77,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info, indent=2, ensure_ascii=False))
         else:
-            if "parameters" in chunks:
-                print(chunks["parameters"])
+            for key in ("parameters", POSTPROCESSING_KEYS[0]):
+                if key in chunks:
+                    print(chunks[key])
             for key in ("pictor", "render"):
                 if key in info:
                     print(json.dumps(info[key], indent=2, ensure_ascii=False))

@@ -1,10 +1,10 @@
 """`pictor upscale PICTURE... --upscaler FILE`: enlarge pictures with an ESRGAN / Real-ESRGAN upscale model,
 as A1111's Extras tab and ComfyUI's "Upscale Image (using Model)" do; and `pictor reproduce` of what it wrote.
 
-An upscale of an image pictor generated keeps that image's record, with the upscale added (A1111's
-"Postprocess upscale by / upscaler" in its parameters text); `pictor reproduce` then generates the image
-again and upscales it with the recorded file (its SHA-256 checked). An upscale of any other picture records
-the picture's pixel hash instead, and its reproduction takes the picture as `--source`.
+An upscale of an image pictor generated keeps that image's record, with the upscale added (and A1111's
+"Postprocess upscale by / upscaler" in chunks of their own, as its Extras tab writes); `pictor reproduce`
+then generates the image again and upscales it with the recorded file (its SHA-256 checked). An upscale of
+any other picture records the picture's pixel hash instead, and its reproduction takes it as `--source`.
 """
 
 from __future__ import annotations
@@ -74,15 +74,34 @@ def _open_picture(path: str) -> tuple[Image.Image, dict[str, Any] | None]:
     return image, record
 
 
-def _target(out: Path, picture: str, scale: float) -> Path:
-    return out / f"{Path(picture).stem}-x{scale:g}.png"
+def _picture_size(path: str) -> tuple[int, int]:
+    """The picture's size from its header, so that every picture is checked before the first is decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such picture") from None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: not a readable picture ({exc})") from None
+
+
+def _target(out: Path, picture: str, scale: float, taken: set[Path]) -> Path:
+    """STEM-xSCALE.png in `out`, numbered (STEM-xSCALE-1.png, ...) past files already there and names this
+    run gives: an upscale never overwrites an earlier one (another model, another picture of that name)."""
+    base = f"{Path(picture).stem}-x{scale:g}"
+    target, n = out / f"{base}.png", 0
+    while target in taken or target.exists():
+        n += 1
+        target = out / f"{base}-{n}.png"
+    taken.add(target)
+    return target
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from pictor import __version__
     from pictor.provenance import save_png
     from pictor.upscaler_files import load_upscaler
-    from pictor.upscaling import upscale_image, upscale_problem, upscale_record, upscaled_record
+    from pictor.upscaling import size_problem, upscale_image, upscale_problem, upscale_record, upscaled_record
 
     problem = upscale_problem(args.scale, args.tile, args.overlap)
     if problem:
@@ -90,15 +109,22 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {args.out}: this is a file; give a folder for the upscaled pictures")
-    pictures = [(path, *_open_picture(path)) for path in args.pictures]  # all readable before any work
+    sizes = {path: _picture_size(path) for path in args.pictures}  # all readable before any work
     upscaler = load_upscaler(args.upscaler, _device(args.device))
     scale = float(upscaler.scale) if args.scale is None else args.scale
+    for path, (width, height) in sizes.items():  # and none too large to write and read back
+        problem = size_problem(width, height, scale, upscaler.scale)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
-    for path, image, record in pictures:
+    taken: set[Path] = set()
+    for path in args.pictures:  # decoded one at a time: a long list never sits in memory at once
+        image, record = _open_picture(path)
         enlarged = upscale_image(upscaler, image, scale, args.tile, args.overlap)
         up = upscale_record(upscaler, scale, args.tile, args.overlap)
         up |= {"width": enlarged.width, "height": enlarged.height}
-        print(save_png(enlarged, upscaled_record(record, image, up, __version__), _target(out, path, scale)))
+        target = _target(out, path, scale, taken)
+        print(save_png(enlarged, upscaled_record(record, image, up, __version__), target))
     return 0
 
 
@@ -112,6 +138,10 @@ def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate
     from pictor.upscaling import picture_pixels, upscale_image
 
     up = record["upscale"]
+    if not isinstance(up, dict) or (
+        "prompt" not in record and not isinstance(record.get("source_image"), dict)
+    ):
+        raise ProvenanceError("the pictor record's upscale is damaged; the image's metadata was edited")
     needed = {"file": str, "sha256": str, "scale": (int, float), "tile": int, "overlap": int}
     for key, kind in needed.items():
         if not isinstance(up.get(key), kind):
@@ -119,6 +149,11 @@ def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate
                 f"the pictor record's upscale has no valid '{key}'; the image's metadata was edited or is "
                 "damaged"
             )
+    if not args.upscaler and not Path(up["file"]).is_file():
+        raise ValueError(
+            f"the upscale model this image was made with, {up['file']}, is not there; pass it with "
+            "--upscaler FILE"
+        )
     upscaler = load_upscaler(args.upscaler or up["file"], _device(args.device))
     if upscaler.sha256 != up["sha256"]:
         raise ValueError(

@@ -339,6 +339,12 @@ class Pipeline:
     def set_upscaler(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load an upscale model (ESRGAN, Real-ESRGAN, ...) that the hires fix can enlarge the first pass
         with (`GenerationRequest.hires_upscaler` = its name); returns what records say of it."""
+        if (
+            Path(path).stem.lower() == "lanczos"
+        ):  # requests name a model by its stem, and "lanczos" means none
+            raise GenerationError(
+                f"{path}: an upscale model named 'lanczos' would be taken for Lanczos; rename it"
+            )
         self.upscaler = load_upscaler(path, self.device)
         return self.upscaler.describe()
 

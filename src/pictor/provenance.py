@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 PARAMETERS_KEY = "parameters"
+POSTPROCESSING_KEYS = ("postprocessing", "extras")  # A1111's Extras tab writes its text under both
 RECORD_KEY = "pictor"
 RENDER_KEY = "pictor-render"
 
@@ -56,23 +57,21 @@ def _upscaler_name(name: Any) -> str:
     return "Lanczos" if name == "lanczos" else str(name)
 
 
-def _upscale_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
-    """A1111's Extras-tab names for an upscale by a model (`pictor upscale`)."""
+def postprocessing_text(record: dict[str, Any]) -> str | None:
+    """A1111's Extras-tab text for an upscale by a model (`pictor upscale`), which it writes in PNG chunks of
+    its own ("postprocessing", "extras") beside the source's unchanged "parameters"; None for no upscale."""
     up = record.get("upscale")
     if not isinstance(up, dict) or not isinstance(up.get("scale"), int | float):
-        return []
-    return [
+        return None
+    fields = [
         ("Postprocess upscale by", _fmt_number(up["scale"])),
-        ("Postprocess upscaler", up.get("upscaler", "")),
+        ("Postprocess upscaler", up.get("upscaler")),
     ]
+    return ", ".join(f"{k}: {quote(v)}" for k, v in fields)
 
 
 def parameters_text(record: dict[str, Any]) -> str:
-    """The A1111 ``parameters`` text for a generation record (or an upscale of a picture pictor did not
-    make, which has only the upscale's fields)."""
-    if "prompt" not in record:
-        fields = [*_upscale_fields(record), ("Version", f"pictor {record.get('pictor_version', '')}".strip())]
-        return ", ".join(f"{k}: {quote(v)}" for k, v in fields if v != "")
+    """The A1111 ``parameters`` text for a generation record."""
     lines = [record["prompt"]]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
@@ -147,7 +146,6 @@ def parameters_text(record: dict[str, Any]) -> str:
             fields.append(("First block cache full passes", f"{passes.get('full')}/{passes['total']}"))
     if record.get("batch_size", 1) > 1:
         fields += [("Batch size", record["batch_size"]), ("Batch pos", record["batch_index"])]
-    fields += _upscale_fields(record)
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields if v != ""))
     return "\n".join(lines)
@@ -156,7 +154,12 @@ def parameters_text(record: dict[str, Any]) -> str:
 def png_info(record: dict[str, Any]) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     # iTXt is UTF-8; tEXt is Latin-1 only, and prompts are often not.
-    info.add_itxt(PARAMETERS_KEY, parameters_text(record))
+    if "prompt" in record:  # an upscale of a picture pictor did not make has no generation to tell
+        info.add_itxt(PARAMETERS_KEY, parameters_text(record))
+    post = postprocessing_text(record)
+    if post is not None:
+        for key in POSTPROCESSING_KEYS:
+            info.add_itxt(key, post)
     info.add_itxt(RECORD_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
     return info
 

@@ -154,7 +154,18 @@ def identify(sd: Mapping[str, Tensor], where: str) -> tuple[str, dict[str, Tenso
 
 
 def _params(architecture: str, weights: Mapping[str, Tensor], where: str) -> RRDBParams | CompactParams:
-    return _rrdb_params(weights, where) if architecture == "ESRGAN" else _compact_params(weights, where)
+    try:
+        params = _rrdb_params(weights, where) if architecture == "ESRGAN" else _compact_params(weights, where)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, ValueError) as exc:  # a layer the keys promised is missing or mis-shaped
+        raise CheckpointError(
+            f"{where}: the keys of an {architecture} upscaler, but not its layers ({type(exc).__name__}: "
+            f"{exc}); the file is incomplete or of another architecture"
+        ) from exc
+    if params.scale < 1:
+        raise CheckpointError(f"{where}: an {architecture} net whose factor works out below 1; not supported")
+    return params
 
 
 def upscaler_file_summary(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -193,7 +204,7 @@ def load_upscaler(
     path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> UpscalerFile:
     """Read, identify and load an upscale model; errors name the file and what to do."""
-    path = Path(path)
+    path = Path(path).resolve()  # records name it from any folder, as they do LoRAs and ControlNets
     sd = read_safetensors(path)
     architecture, net = upscaler_from_state_dict(sd, str(path), device, dtype)  # an fp16 file runs in `dtype`
     return UpscalerFile(net, path, sha256_file(path), architecture)

@@ -24,6 +24,25 @@ from pictor.upscaler_files import UpscalerFile
 DEFAULT_TILE = 512  # input pixels per tile side: RRDBNet x4 at 512 peaks near 6 GiB in fp32 on a GPU
 DEFAULT_OVERLAP = 32
 MAX_SCALE = 16.0  # a x2 model runs four times for it
+ALPHA_MODES = ("RGBA", "LA", "PA")  # not "A" in getbands(): a LAB picture's "a" is a colour channel
+
+
+def size_problem(width: int, height: int, scale: float, model_scale: int) -> str | None:
+    """An upscale whose result, or the model's last run before Lanczos, holds more pixels than Pillow reads
+    back without a decompression-bomb error (so pictor could not read what it wrote)."""
+    passes = passes_for(scale, model_scale)
+    largest = max(
+        width * height * model_scale ** (2 * passes),
+        max(1, round(width * scale)) * max(1, round(height * scale)),
+    )
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and largest > limit:
+        return (
+            f"a {width}x{height} picture at x{scale:g} ({passes} run(s) of the x{model_scale} model) makes "
+            f"{largest / 1e6:.0f} million pixels, more than the {limit / 1e6:.0f} million a picture may "
+            "have; use a smaller scale"
+        )
+    return None
 
 
 def upscale_problem(scale: float | None, tile: int, overlap: int) -> str | None:
@@ -80,18 +99,22 @@ def upscale_image(
     scale = float(upscaler.scale) if scale is None else scale
     passes = passes_for(scale, upscaler.scale)
     image = with_alpha(image)
+    problem = size_problem(image.width, image.height, scale, upscaler.scale)
+    if problem:
+        raise ValueError(problem)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     param = next(upscaler.net.parameters())
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
     x = pixels.permute(2, 0, 1)[None].to(param.device, param.dtype)
     with torch.inference_mode():
         for _ in range(passes):
-            x = run_tiled(upscaler.net, x, tile, overlap).clamp(0, 1)
-    array = (x[0].permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
+            x = run_tiled(upscaler.net, x, tile, overlap).clamp_(0, 1)
+        x = x[0].float().mul_(255.0).round_().to(torch.uint8)  # in place: no more float copies of the picture
+    array = x.permute(1, 2, 0).cpu().numpy()
     out = Image.fromarray(array)
     if out.size != size:
         out = out.resize(size, Image.LANCZOS)
-    if "A" in image.getbands():
+    if image.mode in ALPHA_MODES:
         out.putalpha(image.getchannel("A").resize(size, Image.LANCZOS))
     return out
 
@@ -116,7 +139,7 @@ def upscaled_record(
     """The record of an upscaled picture. A picture pictor generated keeps its own record, which `pictor
     reproduce` reruns before the upscale; any other picture (an upscale of an upscale too) is named by its
     pixels' hash, so that a reproduction can check the source it is given."""
-    if source_record is not None and "prompt" in source_record and "upscale" not in source_record:
+    if isinstance(source_record, dict) and "prompt" in source_record and "upscale" not in source_record:
         return {**source_record, "upscale": upscale}
     return {"upscale": upscale, "source_image": image_info(picture_pixels(source)), "pictor_version": version}
 
@@ -125,6 +148,10 @@ def with_alpha(image: Image.Image) -> Image.Image:
     """The picture in 8 bits a channel (16-bit grey scaled, not clipped white as Pillow's conversion does),
     and one whose transparency is a colour key ("transparency" in its info) as RGBA, so that the upscale
     keeps it as it keeps an alpha band."""
+    if image.mode == "F":
+        raise ValueError(
+            "a floating-point (mode F) picture has no 0-255 range to upscale; save it with 8 or 16 bits"
+        )
     image = eight_bit(image)
     return image.convert("RGBA") if "transparency" in image.info else image
 
@@ -132,4 +159,4 @@ def with_alpha(image: Image.Image) -> Image.Image:
 def picture_pixels(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3], or [H, W, 4] for a picture with alpha (the upscale keeps it): what its hash covers."""
     image = with_alpha(image)
-    return np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
+    return np.asarray(image.convert("RGBA" if image.mode in ALPHA_MODES else "RGB"))

@@ -253,7 +253,8 @@ def test_an_upscale_draws_what_upscale_image_draws(
     (item,) = r.json()["data"]
     assert set(item) == {"url"} and client.get(item["url"]).status_code == 200
     meta = client.get(f"/v1/images/{job_of(client, r)['results'][0]['image_id']}/metadata").json()
-    assert f"Postprocess upscale by: 2, Postprocess upscaler: {NAME}" in meta["parameters"]
+    assert meta["postprocessing"] == f"Postprocess upscale by: 2, Postprocess upscaler: {NAME}"
+    assert meta["parameters"] == ""  # a picture pictor did not make: no generation to tell
 
 
 def test_transparency_is_kept_and_sixteen_bit_pictures_are_scaled_not_clipped(

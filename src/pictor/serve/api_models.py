@@ -338,6 +338,10 @@ class ImageMetadata(BaseModel):
     seed: int
     url: str
     parameters: str = Field(description="The A1111 'parameters' text stored in the PNG.")
+    postprocessing: str = Field(
+        "",
+        description="A1111's Extras text of an upscaled image ('Postprocess upscale by: ...'), else empty.",
+    )
     record: dict[str, Any] = Field(description="The pictor JSON record stored in the PNG.")
 
 

@@ -13,7 +13,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
-from pictor.provenance import PARAMETERS_KEY, RECORD_KEY, ProvenanceError, read_text_chunks
+from pictor.provenance import (
+    PARAMETERS_KEY,
+    POSTPROCESSING_KEYS,
+    RECORD_KEY,
+    ProvenanceError,
+    read_text_chunks,
+)
 from pictor.sampling import SAMPLERS
 from pictor.serve.api_models import (
     DeletedJob,
@@ -397,5 +403,6 @@ def get_image_metadata(image_id: ImageId, request: Request) -> ImageMetadata:
         seed=row.seed,
         url=svc.image_url(request, image_id),
         parameters=chunks.get(PARAMETERS_KEY, ""),
+        postprocessing=chunks.get(POSTPROCESSING_KEYS[0], ""),
         record=record,
     )

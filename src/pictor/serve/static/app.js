@@ -794,7 +794,8 @@ async function openViewer(imageId, warnings) {
     $("viewer-image").src = meta.url;
     $("viewer-image").alt = meta.record.prompt || "generated image";
     $("viewer-title").textContent = meta.record.prompt || "Image";
-    $("viewer-parameters").textContent = meta.parameters;
+    // an upscale keeps its source's A1111 text and adds the Extras tab's (none for a foreign picture)
+    $("viewer-parameters").textContent = [meta.parameters, meta.postprocessing].filter(Boolean).join("\n");
     showWarnings($("viewer-warnings"), warnings);
     $("viewer-record").textContent = JSON.stringify(meta.record, null, 2);
     // An edit is reproduced from its source image, which this page does not keep: no button for it.
