@@ -176,10 +176,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         caption_keys: Sequence[str] = CAPTION_KEYS,
         hflip: bool = False,
         seed: int = 0,
+        control_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
+        # A ControlNet's training pictures (kohya's conditioning_data_dir): for IMAGE at REL/STEM.EXT in the
+        # folder, the picture at REL/STEM.* in this one, cropped and mirrored with the image.
+        self.control_dir = Path(control_dir) if control_dir is not None else None
+        if self.control_dir is not None and not self.control_dir.is_dir():
+            raise FileNotFoundError(f"control picture folder not found: {self.control_dir}")
+        self.controls: list[Path] = []
         if check not in ("fast", "decode", "header"):
             raise ValueError(f"check must be 'fast', 'decode' or 'header', got {check!r}")
         self.size, self.min_side, self.hflip, self.seed, self.epoch = size, min_side, hflip, seed, 0
@@ -209,8 +216,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seen: set[str] = set()  # real paths of folders walked: a link back up must not loop
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen:
-                dirnames[:] = []
+            if real in seen or (self.control_dir is not None and real == os.path.realpath(self.control_dir)):
+                dirnames[:] = []  # a control folder inside the data folder holds no training images
                 continue
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -284,6 +291,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if min(w, h) < self.min_side:
                 self.skipped.append((str(path), f"too small: {w}x{h} < {self.min_side} px"))
                 continue
+            control = self._control_of(path)
+            if self.control_dir is not None and control is None:
+                rel = path.relative_to(self.root).with_suffix("")
+                self.skipped.append((str(path), f"no control picture {rel}.* in {self.control_dir}"))
+                continue
             caption = meta_captions.get(path.resolve())
             txt = path.with_suffix(caption_ext)
             if caption is None and txt.is_file():
@@ -292,6 +304,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self.missing_captions.append(str(path))
                 caption = ""
             self.paths.append(path)
+            if control is not None:
+                self.controls.append(control)
             self.captions.append(caption)
             self.layouts.append(self._meta_layouts.get(path.resolve()))
             self.sizes.append((w, h))
@@ -351,6 +365,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(im)
 
+    def _control_of(self, path: Path) -> Path | None:
+        """The control picture of the image at `path` (same relative path and stem, any image extension)."""
+        if self.control_dir is None:
+            return None
+        stem = self.control_dir / path.relative_to(self.root).with_suffix("")
+        found = [stem.with_suffix(ext) for ext in sorted(IMAGE_EXTENSIONS) if stem.with_suffix(ext).is_file()]
+        return found[0] if found else None
+
+    def load_control(self, index: int, flip: bool = False) -> torch.Tensor:
+        """Item `index`'s control picture as float32 [3, H, W] in [-1, 1]: resized to its image's size (a
+        depth map or pose drawn at another resolution) and then cropped and mirrored exactly as the image."""
+        path = self.controls[index]
+        try:
+            with Image.open(path) as im:
+                im = to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise UnreadableImageError(f"cannot decode control picture {path} ({_reason(exc)})") from exc
+        if im.size != self.sizes[index]:
+            im = im.resize(self.sizes[index], Image.Resampling.BICUBIC)
+        im = resize_to_bucket(im, self.item_buckets[index])
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image_to_tensor(im)
+
     def item_info(self, index: int) -> dict[str, Any]:
         """Everything about an item except its pixels; a layout is moved with the item's crop and flip."""
         info = {
@@ -374,6 +412,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             item = self.item_info(candidate)
             try:
                 item["image"] = self.load_image(candidate, item["flip"])
+                if self.control_dir is not None:
+                    item["control"] = self.load_control(candidate, item["flip"])
             except UnreadableImageError as exc:
                 self.mark_broken(candidate, exc)
                 continue

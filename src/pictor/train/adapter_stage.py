@@ -58,12 +58,14 @@ class FileAdapterStage(LoRAStage):
         rows = ground_truth_images(specs, per_spec, seed, int(self.cfg.image_size or 64))
         return np.stack([im for row in rows for im in row])
 
-    def folder_previews(self, n: int) -> tuple[list[str], np.ndarray]:
+    def folder_previews(self, n: int, picture: str | None = None) -> tuple[list[str], np.ndarray]:
         """The captions and pictures of the folder's first n images (in held-out order), square as the grids'
-        images are (buckets give other shapes)."""
+        images are (buckets give other shapes); `picture`: the key of another picture of each item's info to
+        give instead of the image (a ControlNet's "control")."""
         size = int(self.cfg.image_size or 64)
         items = [self.ds[holdout_index(dataset_length(self.ds), i)] for i in range(n)]
-        pictures = [np.asarray(resize_to_bucket(Image.fromarray(it[0]), (size, size))) for it in items]
+        chosen = [it[0] if picture is None else it[2][picture] for it in items]
+        pictures = [np.asarray(resize_to_bucket(Image.fromarray(p), (size, size))) for p in chosen]
         return [it[1] for it in items], np.stack(pictures)
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:

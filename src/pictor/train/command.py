@@ -64,6 +64,7 @@ _FIELDS = {
     "lokr_factor": "lokr_factor",
     "controlnet_blocks": "controlnet_blocks",
     "control": "control",
+    "control_dir": "control_dir",
     "timestep_sampling": "timestep_sampling",
     "timestep_shift": "timestep_shift",
     "guidance_scale": "guidance_scale",
@@ -152,8 +153,17 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument(
         "--control",
         default=None,
-        help="controlnet: what its control pictures are, drawn from each training image: canny (default; "
-        "OpenCV-exact edges, thresholds 100 and 200, as `pictor preprocess canny` draws them)",
+        help="controlnet: what its control pictures are: canny (default; drawn from each training image, "
+        "OpenCV-exact edges, thresholds 100 and 200, as `pictor preprocess canny` draws them) or folder "
+        "(read from --control-dir)",
+    )
+    t.add_argument(
+        "--control-dir",
+        default=None,
+        metavar="DIR",
+        help="controlnet on an image folder: its control pictures (depth maps, poses, edges, ...), one per "
+        "image at the same relative path and stem (kohya's conditioning_data_dir); cropped and mirrored with "
+        "their images; images without one are skipped",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     t.add_argument("--max-steps", type=int, default=None)
@@ -333,6 +343,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
     if args.sample_prompts is not None:  # absolute, so that a resume from elsewhere finds it
         overrides["sample_prompts"] = str(Path(args.sample_prompts).resolve())
+    if args.control_dir is not None:  # absolute too; and its pictures are what the ControlNet follows
+        overrides["control_dir"] = str(Path(args.control_dir).resolve())
+        overrides.setdefault("control", "folder")
     overrides.update({field: True for dest, field in _SWITCHES.items() if getattr(args, dest)})
     if args.no_progress:
         overrides["progress"] = False

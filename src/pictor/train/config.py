@@ -24,8 +24,9 @@ from pictor.train.sample_prompts import SamplePromptError, read_sample_prompts
 STAGES = ("autoencoder", "t2i", "lora", "layout", "reference", "controlnet")
 # Stages that train something beside a frozen base bundle (--base).
 ADAPTER_STAGES = ("lora", "layout", "reference", "controlnet")
-# What a ControlNet run's control pictures are, drawn from each training image as it is cropped.
-CONTROL_KINDS = ("canny",)
+# What a ControlNet run's control pictures are: canny, drawn from each training image as it is cropped;
+# folder, read from --control-dir beside each image (depth maps, poses, ...: what the ControlNet follows).
+CONTROL_KINDS = ("canny", "folder")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -188,6 +189,7 @@ class TrainConfig:
     # fewer where the base has fewer), and what its control pictures are (CONTROL_KINDS).
     controlnet_blocks: list[int] | None = None
     control: str = "canny"
+    control_dir: str | None = None  # control "folder": the pictures, paired with --data's by relative path
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
     keep: int = 3
@@ -484,6 +486,16 @@ class TrainConfig:
             "--controlnet-blocks is for controlnet training; drop it",
         )
         need(
+            self.control_dir is None or (self.stage == "controlnet" and self.data != "shapes"),
+            "--control-dir is for controlnet training on an image folder (its control pictures, paired with "
+            "--data's images by relative path); drop it",
+        )
+        need(
+            (self.control == "folder") == (self.control_dir is not None),
+            "--control folder reads its pictures from --control-dir DIR, and --control-dir needs --control "
+            "folder (the default with it); give both or neither",
+        )
+        need(
             not self.cache_latents or self.stage != "controlnet",
             "--cache-latents: controlnet training draws each control picture from the training image as it "
             "is cropped, so it needs the images, not their latents; drop --cache-latents",
@@ -631,4 +643,5 @@ TRAJECTORY_KEYS = (
     "buckets",
     "cache_latents",
     "validation_split",
+    "control_dir",
 )

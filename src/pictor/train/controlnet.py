@@ -6,17 +6,17 @@ its control embedder and residual projections zero, so it starts by changing not
 with the ControlNet's residuals added after its blocks is the loss, and only the ControlNet learns. Each
 training image's control picture is drawn from the image itself as it was cropped (``--control canny``:
 OpenCV's Canny edges with thresholds 100 and 200, as diffusers' ControlNet examples and `pictor preprocess
-canny` draw them), encoded by the base's autoencoder as the
-pipeline encodes a control picture. The caption is dropped with --caption-dropout as usual; the control
-picture stays. Outputs: OUT/checkpoints/step-N/controlnet/ (+ optimizer, RNG state for resume),
-OUT/final/controlnet/ and a copy at OUT/controlnet/, each a diffusers ControlNet folder (config.json +
-diffusion_pytorch_model.safetensors, whose header names the base it was trained on) that
-`pictor generate --controlnet OUT/controlnet --controlnet-image EDGES` and diffusers'
+canny` draw them), or read from ``--control-dir`` beside it (``--control folder``: a depth map, pose or mask
+of the user's, cropped and mirrored with the image by the data, `pictor.data.folder`); either is encoded by
+the base's autoencoder as the pipeline encodes a control picture. The caption is dropped with
+--caption-dropout as usual; the control picture stays. Outputs: OUT/checkpoints/step-N/controlnet/ (+
+optimizer, RNG state for resume), OUT/final/controlnet/ and a copy at OUT/controlnet/, each a diffusers
+ControlNet folder (config.json + diffusion_pytorch_model.safetensors, whose header names the base it was
+trained on) that `pictor generate --controlnet OUT/controlnet --controlnet-image EDGES` and diffusers'
 `FluxControlNetModel.from_pretrained` load.
 
-Periodic evals on the shapes world generate each dev prompt from the edges of a ground-truth scene of its
-spec and score the images against the spec: how far the edges carry counts and positions the base alone
-misses.
+Periodic evals on the shapes world generate each dev prompt from the edges of a ground-truth scene of its spec
+and score the images against the spec: how far the edges carry counts and positions the base alone misses.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ class ControlNetForward(nn.Module):
 
 
 def control_pictures(images: np.ndarray, kind: str) -> np.ndarray:
-    """uint8 [B, H, W, 3] training images -> their control pictures, uint8 [B, H, W, 3]."""
+    """uint8 [B, H, W, 3] training images -> their control pictures, uint8 [B, H, W, 3], where they are
+    drawn from the images (kind "canny"; a "folder" run reads its own, which come with the batch)."""
     if kind != "canny":  # TrainConfig.validate admits CONTROL_KINDS only
-        raise CheckpointError(f"controlnet training: unknown control kind {kind!r}")
+        raise CheckpointError(f"controlnet training: control {kind!r} pictures are not drawn from images")
     low, high = CONTROLNET_CANNY
     return np.stack([canny_control_picture(np.ascontiguousarray(im), low, high) for im in images])
 
@@ -119,15 +120,23 @@ class ControlNetStage(FileAdapterStage):
 
     @torch.no_grad()
     def _control_tokens(self, images: np.ndarray) -> Tensor:
-        """uint8 [B, H, W, 3] images -> their control pictures' packed latents [B, N, 4C], encoded by the
-        frozen autoencoder (its scaled mean, as the pipeline encodes a control picture)."""
-        pictures = to_tensor(list(control_pictures(images, self.cfg.control)))
+        """uint8 [B, H, W, 3] images -> their control pictures' packed latents [B, N, 4C]."""
+        return self._encode_controls(to_tensor(list(control_pictures(images, self.cfg.control))))
+
+    @torch.no_grad()
+    def _encode_controls(self, pictures: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] control pictures -> packed latents [B, N, 4C], encoded by the frozen autoencoder
+        (its scaled mean, as the pipeline encodes a control picture)."""
         with previews.autocast(self.device, self.amp):
             z = self.ae.encode(to_float(pictures, self.device)).float()
         return pack_latents(z)
 
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """The batch's control pictures, drawn from its images as cropped, for the forward module."""
+        if (
+            batch.controls is not None
+        ):  # --control-dir: the folder's own, cropped and mirrored with the images
+            return {"control": self._encode_controls(batch.controls)}
         if batch.images is None:  # TrainConfig refuses --cache-latents for this stage
             raise CheckpointError("controlnet training: a batch without its images reached the loss")
         images = batch.images.permute(0, 2, 3, 1).numpy()
@@ -170,6 +179,8 @@ class ControlNetStage(FileAdapterStage):
         training."""
 
         def control_fn(part: slice) -> tuple[nn.Module, Tensor]:
+            if self.cfg.control == "folder":  # `images` are the control pictures themselves
+                return ema, self._encode_controls(to_tensor(list(images[part])))
             return ema, self._control_tokens(images[part])
 
         return self.preview_images(prompts, seeds, control_fn=control_fn)
@@ -181,10 +192,10 @@ class ControlNetStage(FileAdapterStage):
         if self.cfg.data == "shapes":
             specs = previews.eval_specs(n)
             prompts, scenes = [s["prompt"] for s in specs], self.eval_scenes(specs, 1, EVAL_CONTROL_SEED)
-        else:  # the first images of the folder and their captions
-            prompts, scenes = self.folder_previews(n)
+        else:  # the first images of the folder (or their control pictures) and their captions
+            prompts, scenes = self.folder_previews(n, "control" if self.cfg.control == "folder" else None)
         images = self._generate_with_controls(ema, prompts, scenes, list(range(len(prompts))))
-        controls = control_pictures(scenes, self.cfg.control)
+        controls = scenes if self.cfg.control == "folder" else control_pictures(scenes, self.cfg.control)
         return previews.grid(np.concatenate([controls, images]), columns=len(prompts))
 
     @torch.no_grad()

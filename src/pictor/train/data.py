@@ -110,11 +110,14 @@ def make_dataset(
     buckets: bool = False,
     multiple: int = 16,
     validation_split: float = 0.0,
+    control_dir: str | None = None,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
     each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
     With `buckets`, folder images go to aspect-ratio buckets of about size**2 pixels whose sides are
-    multiples of `multiple` (the model's pixel multiple), else to size x size centre crops."""
+    multiples of `multiple` (the model's pixel multiple), else to size x size centre crops. `control_dir`:
+    a folder of control pictures paired with the folder's images by relative path (a ControlNet's), each
+    item's in its info as "control", cropped and mirrored with the image."""
     augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
         # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
@@ -148,7 +151,13 @@ def make_dataset(
     # Without buckets, one square size: every image is resized to cover size x size and centre-cropped.
     # The folder's own hflip stays off: it picks per (dataset index, epoch), which a stream does not follow.
     folder = ImageFolderDataset(
-        path, size=size, buckets=buckets, multiple=multiple, seed=seed, caption_ext=caption_ext
+        path,
+        size=size,
+        buckets=buckets,
+        multiple=multiple,
+        seed=seed,
+        caption_ext=caption_ext,
+        control_dir=control_dir,
     )
     if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
         warnings.warn(
@@ -185,8 +194,9 @@ class _FolderImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str, Any]:
         item = self.folder[index]
-        pixels = ((item.pop("image") + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact inverse
-        return pixels.permute(1, 2, 0).numpy(), item["caption"], item
+        if "control" in item:  # a ControlNet's control picture, as uint8 [H, W, 3] like the image
+            item["control"] = _uint8(item["control"])
+        return _uint8(item.pop("image")), item["caption"], item
 
     def describe(self, index: int) -> tuple[tuple[int, int], str, Any]:
         """Item `index` as `__getitem__` gives it, without decoding the file: (height, width) in place of
@@ -195,6 +205,11 @@ class _FolderImages:
         item = self.folder.item_info(next(iter(self.folder.stand_ins(index)), index))
         w, h = item["bucket"]
         return (h, w), item["caption"], item
+
+
+def _uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float [3, H, W] in [-1, 1] -> uint8 [H, W, 3], the exact inverse of the folder's conversion."""
+    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
@@ -318,6 +333,7 @@ class Batch:
         layouts: list[list[dict[str, Any]] | None] | None = None,
         references: torch.Tensor | None = None,
         reference_captions: list[str] | None = None,
+        controls: torch.Tensor | None = None,
     ) -> None:
         self.images = images
         self.captions = captions
@@ -329,16 +345,25 @@ class Batch:
         # (the reference stage's data), and a caption of each; else None.
         self.references = references
         self.reference_captions = reference_captions
+        # uint8 [B, 3, H, W]: each sample's control picture where the data has them (a ControlNet's folder
+        # with --control-dir), cropped and mirrored with its image; else None.
+        self.controls = controls
 
     def __len__(self) -> int:
         return len(self.indices)
 
 
 # (image (None when a cached latent stands for it), caption, stream index, random draws, layout or None,
-# (reference picture, its caption) or None)
+# (reference picture, its caption) or None, control picture or None)
 _Reference = tuple[np.ndarray | None, str]  # the picture is None when its cached latent stands for it
 _Item = tuple[
-    np.ndarray | None, str, int, dict[str, torch.Tensor], list[dict[str, Any]] | None, _Reference | None
+    np.ndarray | None,
+    str,
+    int,
+    dict[str, torch.Tensor],
+    list[dict[str, Any]] | None,
+    _Reference | None,
+    np.ndarray | None,
 ]
 
 
@@ -375,6 +400,9 @@ class _StreamItems(Dataset):
             hw = image.shape[:2]
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
+        control = meta.pop("control", None) if isinstance(meta, dict) else None
+        if control is not None and self.augment is not None and self.augment.mirrors(self.seed, k):
+            control = np.ascontiguousarray(control[:, ::-1])  # mirrored with its image, below
         if self.augment is not None:
             # The reference picture (the reference stage's) stays as it is: like the shapes world's
             # pairs, it then carries what is in the image rather than where.
@@ -385,7 +413,7 @@ class _StreamItems(Dataset):
             draws["latent"] = self.latents[(index, mirrored)]
             if reference is not None:  # a folder's reference picture is its image, never mirrored
                 draws["reference_latent"] = self.latents[(index, False)]
-        return image, caption, k, draws, layout, reference
+        return image, caption, k, draws, layout, reference, control
 
 
 def training_items(ds: ImageCaptionDataset) -> np.ndarray | None:
@@ -421,7 +449,19 @@ def _collate(items: list[_Item]) -> Batch:
         draws,
         [i[4] for i in items],
         *_references([i[5] for i in items]),
+        _controls([i[6] for i in items]),
     )
+
+
+def _controls(controls: list[np.ndarray | None]) -> torch.Tensor | None:
+    """The batch's control pictures, where every sample has one."""
+    if all(c is None for c in controls):
+        return None
+    if any(c is None for c in controls):
+        raise ValueError(
+            "a micro-batch mixed samples with and without control pictures; that is a pictor bug"
+        )
+    return to_tensor([c for c in controls if c is not None])
 
 
 def _references(refs: list[_Reference | None]) -> tuple[torch.Tensor | None, list[str] | None]:

@@ -162,6 +162,7 @@ class Trainer:
             tag_dropout=cfg.caption_tag_dropout,
             buckets=cfg.buckets,
             validation_split=cfg.validation_split,
+            control_dir=cfg.control_dir,
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         self.data_print = data_fingerprint(self.ds)

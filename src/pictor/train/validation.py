@@ -5,8 +5,9 @@ comparable across evals, resumes and runs with the same seed (the SD3 paper's me
 Each held-out image is scored at VALIDATION_TIMESTEPS (the midpoints of four equal bins of [0, 1], so
 easy and hard noise levels weigh alike, whatever the run's training timestep distribution), with noise
 drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its full caption and no mirror,
-and what the stage conditions on besides: its layout (layout stage) or its reference picture (reference
-stage; a folder's image is its own reference), so an adapter is measured on the task it learns.
+and what the stage conditions on besides: its layout (layout stage), its reference picture (reference
+stage; a folder's image is its own reference) or its control picture (a ControlNet's --control-dir), so an
+adapter is measured on the task it learns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def validation_loss(stage: Any, fwd: nn.Module, ds: Any, indices: np.ndarray, ba
         image, caption, meta = ds[index]
         meta = meta if isinstance(meta, dict) else {}
         for j in range(len(VALIDATION_TIMESTEPS)):
-            case = _Case(image, caption, index, j, meta.get("layout"), meta.get("reference"))
+            case = _Case(
+                image, caption, index, j, meta.get("layout"), meta.get("reference"), meta.get("control")
+            )
             cases.setdefault(tuple(image.shape), []).append(case)
     total, count = 0.0, 0
     was_training = fwd.training
@@ -54,6 +57,7 @@ class _Case(NamedTuple):
     j: int
     layout: list[dict[str, Any]] | None
     reference: tuple[np.ndarray, str] | None
+    control: np.ndarray | None
 
 
 def _score(
@@ -92,6 +96,7 @@ def _score(
                 [c.layout for c in part],
                 to_tensor([r[0] for r in references]) if len(references) == len(part) else None,
                 [r[1] for r in references] if len(references) == len(part) else None,
+                to_tensor([c.control for c in part]) if all(c.control is not None for c in part) else None,
             )
             loss, parts = stage.loss(fwd, batch)
             # The flow loss alone: a stage with a loss of its own besides (the reference adapter's direct
