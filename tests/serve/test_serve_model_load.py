@@ -112,11 +112,12 @@ def test_a_failed_load_is_tried_again_for_a_later_job(
     without a restart, by the first job after the pause."""
     load = loads([BROKEN, tiny])
     load.go.set()
-    client = make_client(None, model="tiny", load_retry=0.5)
+    # a pause long enough that a loaded machine still asks within it (0.5 s was not, under load)
+    client = make_client(None, model="tiny", load_retry=2.0)
     manager = client.app.state.service.manager
     wait_for(lambda: manager.load_error, what="the first load to fail")
     assert client.post("/v1/jobs", json={"prompt": "too soon"}).status_code == 503
-    time.sleep(0.6)
+    time.sleep(2.1)
     job = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 2})
     assert job.status_code == 202, job.text
     assert wait_job(client, job.json()["id"])["status"] == "succeeded"
@@ -130,13 +131,13 @@ def test_a_variation_after_a_failed_load_asks_for_the_model_again(
     answers 503 model_loading, as while the model first loads."""
     load = loads([BROKEN, tiny])
     load.go.set()
-    client = make_client(None, model="tiny", load_retry=0.5)
+    client = make_client(None, model="tiny", load_retry=2.0)  # as above: room for a loaded machine
     manager = client.app.state.service.manager
     wait_for(lambda: manager.load_error, what="the first load to fail")
     files = {"image": ("picture.png", png_bytes(source_image()), "image/png")}
     soon = client.post("/v1/images/variations", files=files)
     assert soon.status_code == 503 and soon.json()["error"]["code"] == "model_unavailable", soon.text
-    time.sleep(0.6)
+    time.sleep(2.1)
     later = client.post("/v1/images/variations", files=files)
     assert later.status_code == 503 and later.json()["error"]["code"] == "model_loading", later.text
     wait_for(lambda: manager.ready, what="the model to load again")

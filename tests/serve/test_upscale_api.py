@@ -472,6 +472,7 @@ def test_bad_fields_and_pictures_are_refused_by_name_and_keep_nothing(
         ({"tile": "16"}, "tile", "the tile size must be at least 32 pixels"),
         ({"tile": "2.5"}, "tile", "valid integer"),
         ({"tile": str(10**30)}, "tile", "less than or equal"),
+        ({"tile": "1025"}, "tile", "less than or equal to 1024"),
         ({"overlap": "256"}, "overlap", "under half the tile (256)"),
         ({"tile": "64", "overlap": "-1"}, "overlap", "at least 0"),
         ({"response_format": "jpeg"}, "response_format", "'url' or 'b64_json'"),
@@ -483,7 +484,6 @@ def test_bad_fields_and_pictures_are_refused_by_name_and_keep_nothing(
     for data, param, words in (
         (None, "image", "'image' is required"),
         (b"not a picture", "image", "not a readable PNG, JPEG or WebP image"),
-        (png(picture(65)), "image", "image is 65x65 = 4225 pixels; the limit is 4096"),  # as an edit's source
     ):
         assert_refused(upscale(client, data), param, words)
     lists = client.post(
@@ -496,6 +496,10 @@ def test_bad_fields_and_pictures_are_refused_by_name_and_keep_nothing(
 
     # the result, and the largest picture the model makes on the way, within max_picture_pixels
     small = make_client(upscaling, limits=dataclasses.replace(TEST_LIMITS, max_picture_pixels=100 * 100))
+    # the picture itself: to max_picture_pixels (the server's hires and upscaled images exceed max_pixels)
+    assert_refused(
+        upscale(small, png(picture(101))), "image", "image is 101x101 = 10201 pixels; the limit is 10000"
+    )
     fits = upscale(small, png(picture(48)))  # 96x96 = 9216
     assert fits.status_code == 200, fits.text
     assert_refused(upscale(small, png(picture(64))), "scale", "upscaled to 128x128 is 16384 pixels, more")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pictor import __version__
 from pictor.editing import load_image
-from pictor.pipeline import GeneratedImage, GenerationError, Pipeline
+from pictor.pipeline import MAX_SEED, GeneratedImage, GenerationError, Pipeline
 from pictor.provenance import ProvenanceError, png_info, read_record
 from pictor.reproduce import check_record
 from pictor.serve.store import Store
@@ -40,6 +40,9 @@ def usable_record(record: Any) -> dict[str, Any] | None:
         return None
     try:
         check_record(record)
+        seed = record.get("seed")
+        if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):  # the store keeps it as a SQLite INTEGER
+            return None
         png_info(record)  # its PNG chunks, as the result's file holds them: a record they cannot hold is none
     except Exception:  # untrusted JSON from an uploaded file: any failure means "not usable"
         return None
@@ -124,4 +127,4 @@ def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: 
     upscale = upscale_record(upscaler, factor, tile, overlap) | {"width": image.width, "height": image.height}
     record = upscaled_record(source_record, picture, upscale, __version__)
     seed = record.get("seed")
-    return [GeneratedImage(image, seed if isinstance(seed, int) and seed >= 0 else 0, record)]
+    return [GeneratedImage(image, seed if isinstance(seed, int) and 0 <= seed <= MAX_SEED else 0, record)]

@@ -50,6 +50,10 @@ from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_SCALE, upscale_p
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
+# One tile is one uninterruptible net call (cancel and the job timeout act between tiles) whose activations
+# grow with it: RRDBNet x4 needs ~15 KiB per input pixel, so a 1024-pixel tile peaks near 15 GiB.
+MAX_SERVER_TILE = 1024
+
 FORM_FIELDS = {"image", "scale", "tile", "overlap", "response_format", "user"}
 
 NO_UPSCALER = (
@@ -102,7 +106,10 @@ def sent_record(picture: Image.Image) -> dict[str, Any] | None:
         return None
     try:
         return usable_record(json.loads(text))
-    except ValueError:  # not JSON: a picture like any other
+    except (
+        ValueError,
+        RecursionError,
+    ):  # not JSON, or nested past the parser's depth: a picture like any other
         return None
 
 
@@ -120,7 +127,13 @@ async def upscale_form(
         ),
     ] = None,
     tile: Annotated[
-        int, Form(le=1 << 20, description=f"Input pixels per tile side (at least 32; default {DEFAULT_TILE})")
+        int,
+        Form(
+            le=MAX_SERVER_TILE,
+            description=(
+                f"Input pixels per tile side (at least 32, at most {MAX_SERVER_TILE}; default {DEFAULT_TILE})"
+            ),
+        ),
     ] = DEFAULT_TILE,
     overlap: Annotated[
         int,
@@ -143,7 +156,9 @@ async def upscale_form(
         raise refused(f"{field_of(problem)}: {problem}", field_of(problem))
     svc.manager.check_intake()  # shutting down, or the model failed to load: before the picture is read
     served_upscaler(svc)
-    picture = await read_image(image, "image", limits)
+    # Held to max_picture_pixels, not max_pixels: the server's own hires and upscaled images are larger than
+    # max_pixels, and the result's check (`upscale_params`) bounds the work anyway.
+    picture = await read_image(image, "image", limits, fitted=True)
     assert picture is not None
     return UpscaleForm(picture, scale, tile, overlap, user, response_format)
 
