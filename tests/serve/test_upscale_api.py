@@ -363,14 +363,20 @@ def test_an_upscale_of_a_pictor_image_keeps_its_record_and_reproduces(
     assert "prompt" not in again and again["source_image"] == image_info(np.asarray(first))
     ((_, again),) = decode_images(upscale(client, result.read_bytes()))  # ...this keeps them
     assert "prompt" not in again and again["source_image"] == image_info(np.asarray(first))
-    damaged = io.BytesIO()
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt("pictor", json.dumps({**source_record, "seed": "five"}))
-    source.save(damaged, format="PNG", pnginfo=info)
-    r = upscale(client, damaged.getvalue())
-    ((_, again),) = decode_images(r)
-    assert "prompt" not in again and again["source_image"] == image_info(np.asarray(source))
-    assert job_of(client, r)["request"]["prompt"] == ""
+    limit = client.app.state.service.settings.limits.max_prompt_chars
+    for unusable in (  # damaged, or a prompt longer than a request may send (the history would show it)
+        {**source_record, "seed": "five"},
+        {**source_record, "prompt": "a" * (limit + 1)},
+        {**source_record, "negative_prompt": "b" * (limit + 1)},
+    ):
+        damaged = io.BytesIO()
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("pictor", json.dumps(unusable))
+        source.save(damaged, format="PNG", pnginfo=info)
+        r = upscale(client, damaged.getvalue())
+        ((_, again),) = decode_images(r)
+        assert "prompt" not in again and again["source_image"] == image_info(np.asarray(source))
+        assert job_of(client, r)["request"]["prompt"] == ""
 
 
 def test_a_generation_names_the_upscaler_as_its_hires_upscaler(
@@ -599,9 +605,12 @@ def test_a_restart_resumes_a_queued_upscale_and_keeps_a_succeeded_ones_picture(
     fourth.post("/v1/jobs", json={"prompt": "hold the worker", "steps": 2})
     assert gated.gate.reached.wait(10)
     stranded = upscale(fourth, png(source), path=JOBS).json()
+    hires = {"prompt": "a", "steps": 2, "hires_scale": 2, "hires_upscaler": NAME}
+    stranded_hires = fourth.post("/v1/jobs", json=hires).json()  # a generation that needs it too
     make_client.close(fourth)
     fifth = make_client(tiny)
-    failed = wait_job(fifth, stranded["id"])
-    assert failed["status"] == "failed" and failed["error"]["code"] == "upscaler_unavailable", failed
-    assert failed["error"]["type"] == "server_error" and "--upscaler" in failed["error"]["message"]
+    for job in (stranded, stranded_hires):
+        failed = wait_job(fifth, job["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "upscaler_unavailable", failed
+        assert failed["error"]["type"] == "server_error" and "--upscaler" in failed["error"]["message"]
     wait_for(lambda: not upload_names(fifth), what="the stranded upscale's picture to go")

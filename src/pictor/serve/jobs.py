@@ -49,7 +49,7 @@ from pictor.serve.store import (
     new_id,
 )
 from pictor.serve.upload_retention import delete_uploads, missing_upload, sweep_uploads, upload_ids
-from pictor.serve.upscale_runs import UpscalerUnavailable, run_upscale
+from pictor.serve.upscale_runs import UpscalerUnavailable, check_hires_upscaler, run_upscale
 
 log = logging.getLogger("pictor.serve")
 
@@ -422,7 +422,13 @@ class JobManager:
         elif kind == "edit":
             run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
         else:
-            run, request = self.pipeline.generate, generation_request(params, self.store, **runs)
+            pipe, generate = self.pipeline, self.pipeline.generate
+
+            def run(r: Any, p: Any) -> Any:  # a hires upscale model must still be the one loaded
+                check_hires_upscaler(pipe, params)
+                return generate(r, p)
+
+            request = generation_request(params, self.store, **runs)
         deadline = time.monotonic() + self.settings.job_timeout
         try:
             self.library.activate(self.pipeline, params.get("loras"))

@@ -99,18 +99,18 @@ def upscaled_picture(picture: Image.Image) -> Image.Image:
     return picture.convert("RGBA" if alpha else "RGB")
 
 
-def sent_record(picture: Image.Image) -> dict[str, Any] | None:
-    """The pictor record an uploaded PNG carries, if pictor can use it (`upscale_runs.usable_record`)."""
+def sent_record(picture: Image.Image, max_prompt_chars: int) -> dict[str, Any] | None:
+    """The pictor record an uploaded PNG carries, if pictor can use it (`upscale_runs.usable_record`) and
+    its prompts are no longer than the server takes in a request (the history shows them)."""
     text = picture.info.get(RECORD_KEY)
     if not isinstance(text, str):
         return None
     try:
-        return usable_record(json.loads(text))
-    except (
-        ValueError,
-        RecursionError,
-    ):  # not JSON, or nested past the parser's depth: a picture like any other
+        record = usable_record(json.loads(text))
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: a plain picture
         return None
+    texts = (record or {}).get("prompt", ""), (record or {}).get("negative_prompt", "")
+    return record if all(len(str(t)) <= max_prompt_chars for t in texts) else None
 
 
 async def upscale_form(
@@ -176,7 +176,7 @@ def upscale_params(svc: Service, form: UpscaleForm) -> dict[str, Any]:
             f"than this server makes ({limits.max_picture_pixels}); ask for a smaller scale",
             "scale",
         )
-    record = sent_record(form.picture)
+    record = sent_record(form.picture, limits.max_prompt_chars)
     upload = svc.store.write_upload(picture, record)
     return {
         "kind": "upscale",
