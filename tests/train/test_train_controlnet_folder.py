@@ -19,7 +19,7 @@ from pictor.pipeline import GenerationRequest
 from pictor.train import controlnet as controlnet_stage
 from pictor.train.command import config_from_args
 from pictor.train.config import ConfigError
-from pictor.train.data import make_dataset, micro_batches
+from pictor.train.data import data_fingerprint, make_dataset, micro_batches
 from pictor.train.loop import train
 from tests.train.square_world import SIZE, blue_x
 from tests.train.test_train_controlnet import _config, one_thread, world  # noqa: F401  (fixtures)
@@ -79,6 +79,10 @@ def test_control_pictures_are_cropped_and_mirrored_with_their_images(tmp_path: P
     held_out = ds.validation  # type: ignore[attr-defined]
     image, _, info = ds[int(held_out[0])]
     assert np.array_equal(info["control"], 255 - image)  # the validation loss reads them too
+    # the control pictures are data too: a resume notices when they change
+    before = data_fingerprint(ds)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(controls / "sub" / "0.png")
+    assert data_fingerprint(make_dataset(str(images), 32, seed=3, control_dir=str(controls))) != before
 
 
 def test_a_controlnet_follows_the_masks_of_its_control_folder(
@@ -138,3 +142,42 @@ def test_control_dir_is_refused_where_it_cannot_be_used(
     args = ["train", "controlnet", "--out", str(tmp_path), "--control-dir", str(masks)]
     cfg = config_from_args(build_parser().parse_args(args))
     assert cfg.control == "folder" and cfg.control_dir == str(masks.resolve())
+
+
+def test_controls_are_found_by_full_stem_any_case_and_checked_at_the_scan(tmp_path: Path) -> None:
+    images, controls = tmp_path / "images", tmp_path / "controls"
+    images.mkdir()
+    controls.mkdir()
+    grey = {"cat.png": 10, "cat.v1.png": 20, "dog.png": 30, "fox.png": 40, "owl.png": 50, "yak.png": 60}
+    for name, value in grey.items():
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(images / name)
+    Image.fromarray(np.full((32, 32, 3), 110, np.uint8)).save(controls / "cat.png")
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(controls / "cat.v1.png")  # not cat.png's
+    Image.fromarray(np.full((32, 32, 3), 130, np.uint8)).save(controls / "dog.PNG")  # upper-case extension
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3], rgba[:16, :, 3] = 140, 255  # the top half opaque, the bottom transparent
+    Image.fromarray(rgba).save(controls / "fox.png")
+    (controls / "owl.png").write_bytes(b"not a picture")  # unreadable: owl is skipped at the scan
+    Image.fromarray(np.full((16, 48, 3), 150, np.uint8)).save(controls / "yak.png")  # another aspect ratio
+    from pictor.data.folder import ImageFolderDataset
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = ImageFolderDataset(images, size=32, buckets=False, control_dir=controls)
+    said = " ".join(str(w.message) for w in caught)
+    assert "owl.png" in said and "control picture" in said and "stretched" in said and "48x16" in said
+    controls_of = {Path(folder.paths[i]).name: folder.load_control(i) for i in range(len(folder))}
+    assert set(controls_of) == {"cat.png", "cat.v1.png", "dog.png", "fox.png", "yak.png"}
+
+    def level(name: str) -> float:
+        return float(((controls_of[name] + 1) * 127.5).mean())
+
+    assert (
+        round(level("cat.png")) == 110
+        and round(level("cat.v1.png")) == 120
+        and round(level("dog.png")) == 130
+    )
+    fox = (controls_of["fox.png"] + 1) * 127.5
+    assert torch.allclose(fox, torch.full_like(fox, 140), atol=0.5)  # alpha dropped, not put on white
+    with pytest.raises(ValueError, match="is the image folder itself"):
+        ImageFolderDataset(images, size=32, control_dir=images)

@@ -186,7 +186,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.control_dir = Path(control_dir) if control_dir is not None else None
         if self.control_dir is not None and not self.control_dir.is_dir():
             raise FileNotFoundError(f"control picture folder not found: {self.control_dir}")
+        if self.control_dir is not None and os.path.realpath(self.control_dir) == os.path.realpath(self.root):
+            raise ValueError(
+                f"the control picture folder is the image folder itself ({self.root}): put the control "
+                "pictures in a folder of their own, with the images' relative paths and stems"
+            )
         self.controls: list[Path] = []
+        self._control_listings: dict[Path, dict[str, list[Path]]] = {}
+        self._control_twins: list[tuple[str, str]] = []
         if check not in ("fast", "decode", "header"):
             raise ValueError(f"check must be 'fast', 'decode' or 'header', got {check!r}")
         self.size, self.min_side, self.hflip, self.seed, self.epoch = size, min_side, hflip, seed, 0
@@ -280,6 +287,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _scan(self, check: str, caption_ext: str, keys: tuple[str, ...]) -> None:
         images, metas = self._walk()
+        stretched: list[tuple[str, str]] = []  # control pictures of another aspect ratio than their image
         meta_captions = self._read_metadata(metas, keys)
         for path in images:
             try:
@@ -296,6 +304,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 rel = path.relative_to(self.root).with_suffix("")
                 self.skipped.append((str(path), f"no control picture {rel}.* in {self.control_dir}"))
                 continue
+            if control is not None:
+                try:
+                    cw, ch = _check_image(control, "header")
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                    self.skipped.append((str(path), f"control picture {control}: {_reason(exc)}"))
+                    continue
+                if abs(cw / ch - w / h) > 0.02 * (w / h) + 1.0 / min(ch, h):
+                    stretched.append((str(control), f"{cw}x{ch} for a {w}x{h} image (EXIF rotation?)"))
             caption = meta_captions.get(path.resolve())
             txt = path.with_suffix(caption_ext)
             if caption is None and txt.is_file():
@@ -314,6 +330,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             warnings.warn(
                 _summary(f"images skipped in {self.root}", self.skipped), DatasetWarning, stacklevel=3
             )
+        if stretched:
+            what = "control pictures of another aspect ratio than their image, stretched to it"
+            warnings.warn(_summary(what, stretched), DatasetWarning, stacklevel=3)
+        if self._control_twins:
+            what = "images with more than one control picture (same stem, other extensions)"
+            warnings.warn(_summary(what, self._control_twins), DatasetWarning, stacklevel=3)
         if self.missing_captions:
             entries = [(p, "") for p in self.missing_captions]
             # Naming the extension looked for helps when the captions are there under another one.
@@ -366,11 +388,32 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return image_to_tensor(im)
 
     def _control_of(self, path: Path) -> Path | None:
-        """The control picture of the image at `path` (same relative path and stem, any image extension)."""
+        """The control picture of the image at `path`: the same relative folder and stem (`Path.stem`, so
+        "a.v2.png" pairs with "a.v2.*", never "a.*"), any image extension in any case."""
         if self.control_dir is None:
             return None
-        stem = self.control_dir / path.relative_to(self.root).with_suffix("")
-        found = [stem.with_suffix(ext) for ext in sorted(IMAGE_EXTENSIONS) if stem.with_suffix(ext).is_file()]
+        rel = path.relative_to(self.root)
+        folder = self.control_dir / rel.parent
+        listing = self._control_listings.get(folder)
+        if listing is None:
+            listing = {}
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            for name in names:
+                q = folder / name
+                if not name.startswith(".") and q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file():
+                    listing.setdefault(q.stem, []).append(q)
+            self._control_listings[folder] = listing
+        found = listing.get(path.stem, [])
+        if len(found) > 1:
+            self._control_twins.append(
+                (
+                    str(path),
+                    "control pictures " + ", ".join(q.name for q in found) + f": using {found[0].name}",
+                )
+            )
         return found[0] if found else None
 
     def load_control(self, index: int, flip: bool = False) -> torch.Tensor:
@@ -379,7 +422,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path = self.controls[index]
         try:
             with Image.open(path) as im:
-                im = to_rgb(ImageOps.exif_transpose(im))
+                # alpha dropped, not composited: as `pictor generate --controlnet-image` reads one
+                im = eight_bit(ImageOps.exif_transpose(im)).convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise UnreadableImageError(f"cannot decode control picture {path} ({_reason(exc)})") from exc
         if im.size != self.sizes[index]:

@@ -497,8 +497,8 @@ class TrainConfig:
         )
         need(
             not self.cache_latents or self.stage != "controlnet",
-            "--cache-latents: controlnet training draws each control picture from the training image as it "
-            "is cropped, so it needs the images, not their latents; drop --cache-latents",
+            "--cache-latents: controlnet training crops each control picture with its training image (or "
+            "draws it from the image), so it needs the images, not their latents; drop --cache-latents",
         )
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")

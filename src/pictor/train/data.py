@@ -220,7 +220,11 @@ def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
         return None
     digest = hashlib.sha256()
     for i, (path, caption) in enumerate(zip(folder.paths, folder.captions, strict=True)):
-        digest.update(f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}\n".encode())
+        line = f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}"
+        if getattr(folder, "controls", None):  # --control-dir: its pictures are data too
+            control = folder.controls[i]
+            line += f"\t{control.relative_to(folder.control_dir).as_posix()}\t{control.stat().st_size}"
+        digest.update(f"{line}\n".encode())
     return {"images": len(folder), "sha256": digest.hexdigest()}
 
 
