@@ -257,3 +257,24 @@ def test_a_model_file_named_lanczos_is_refused_for_the_hires_fix(
     gen = ["generate", "a", "--model", "tiny", "--steps", "2", "--size", "32x32", "--hires", "2"]
     assert main([*gen, "--hires-upscaler", str(lanczos), "-o", str(tmp_path / "o")]) == 2
     assert "would be taken for Lanczos; rename it" in capsys.readouterr().err
+
+
+def test_a_folder_upscales_the_pictures_directly_in_it(
+    tmp_path: Path, upscaler: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = tmp_path / "batch"
+    (batch / "deeper").mkdir(parents=True)
+    _picture(batch / "b.png", size=(5, 4))
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(batch / "a.JPG")
+    _picture(batch / "deeper" / "c.png")  # not in it directly
+    (batch / "notes.txt").write_text("not a picture")
+    (batch / ".hidden.png").write_bytes(b"")
+    one = _picture(tmp_path / "one.png", size=(2, 2))
+    assert (
+        main(["upscale", str(batch), str(one), "--upscaler", str(upscaler), "-o", str(tmp_path / "o")]) == 0
+    )
+    names = [Path(p).name for p in capsys.readouterr().out.split()]
+    assert names == ["a-x4.png", "b-x4.png", "one-x4.png"]
+    (tmp_path / "empty").mkdir()
+    assert main(["upscale", str(tmp_path / "empty"), "--upscaler", str(upscaler), "-o", str(tmp_path)]) == 2
+    assert "no pictures in this folder" in capsys.readouterr().err

@@ -23,7 +23,12 @@ def add_upscale_parser(sub: Any) -> None:
     u = sub.add_parser(
         "upscale", help="enlarge pictures with an ESRGAN / Real-ESRGAN upscale model (.safetensors)"
     )
-    u.add_argument("pictures", nargs="+", metavar="PICTURE")
+    u.add_argument(
+        "pictures",
+        nargs="+",
+        metavar="PICTURE",
+        help="picture files, or folders: every picture directly in one",
+    )
     u.add_argument(
         "--upscaler",
         required=True,
@@ -74,6 +79,27 @@ def _open_picture(path: str) -> tuple[Image.Image, dict[str, Any] | None]:
     return image, record
 
 
+def _expand(paths: list[str]) -> list[str]:
+    """The pictures to upscale: files as given, and for a folder the pictures directly in it, sorted (A1111's
+    "Batch from directory"); a folder with none is an error rather than nothing done."""
+    from pictor.data.folder import IMAGE_EXTENSIONS
+
+    pictures: list[str] = []
+    for path in paths:
+        if not Path(path).is_dir():
+            pictures.append(path)
+            continue
+        found = sorted(
+            str(p)
+            for p in Path(path).iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            raise ValueError(f"{path}: no pictures in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        pictures += found
+    return pictures
+
+
 def _picture_size(path: str) -> tuple[int, int]:
     """The picture's size from its header, so that every picture is checked before the first is decoded."""
     try:
@@ -109,7 +135,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {args.out}: this is a file; give a folder for the upscaled pictures")
-    sizes = {path: _picture_size(path) for path in args.pictures}  # all readable before any work
+    pictures = _expand(args.pictures)
+    sizes = {path: _picture_size(path) for path in pictures}  # all readable before any work
     upscaler = load_upscaler(args.upscaler, _device(args.device))
     scale = float(upscaler.scale) if args.scale is None else args.scale
     for path, (width, height) in sizes.items():  # and none too large to write and read back
@@ -118,7 +145,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     taken: set[Path] = set()
-    for path in args.pictures:  # decoded one at a time: a long list never sits in memory at once
+    for path in pictures:  # decoded one at a time: a long list never sits in memory at once
         image, record = _open_picture(path)
         enlarged = upscale_image(upscaler, image, scale, args.tile, args.overlap)
         up = upscale_record(upscaler, scale, args.tile, args.overlap)
