@@ -46,7 +46,7 @@ from pictor.serve.service import Service, service
 from pictor.serve.store import JobRow
 from pictor.serve.upscale_runs import sizes, tile_count, usable_record
 from pictor.upscaler_files import UpscalerFile
-from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_SCALE, upscale_problem
+from pictor.upscaling import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MAX_SCALE, upscale_problem
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
@@ -95,7 +95,7 @@ def upscaled_picture(picture: Image.Image) -> Image.Image:
     """The picture as the job keeps and upscales it: 8-bit (16-bit scaled by its depth, as pictor reads
     pictures everywhere), RGB, or RGBA where it has transparency, which the upscale keeps."""
     picture = eight_bit(picture)
-    alpha = "A" in picture.getbands() or "transparency" in picture.info
+    alpha = picture.mode in ALPHA_MODES or "transparency" in picture.info
     return picture.convert("RGBA" if alpha else "RGB")
 
 
