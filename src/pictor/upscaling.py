@@ -29,14 +29,18 @@ MAX_SCALE = 16.0  # a x2 model runs four times for it
 ALPHA_MODES = ("RGBA", "LA", "PA")  # not "A" in getbands(): a LAB picture's "a" is a colour channel
 
 
+def upscaled_size(width: int, height: int, scale: float, model_scale: int) -> tuple[int, int, int]:
+    """(width, height) of a width x height picture upscaled by `scale` as `upscale_image` makes it, and the
+    pixels of the largest picture on the way (the model's last run, before Lanczos; or the result)."""
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    return w, h, max(width * height * model_scale ** (2 * passes_for(scale, model_scale)), w * h)
+
+
 def size_problem(width: int, height: int, scale: float, model_scale: int) -> str | None:
     """An upscale whose result, or the model's last run before Lanczos, holds more pixels than Pillow reads
     back without a decompression-bomb error (so pictor could not read what it wrote)."""
     passes = passes_for(scale, model_scale)
-    largest = max(
-        width * height * model_scale ** (2 * passes),
-        max(1, round(width * scale)) * max(1, round(height * scale)),
-    )
+    largest = upscaled_size(width, height, scale, model_scale)[2]
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and largest > limit:
         return (
@@ -63,16 +67,35 @@ def _multiple(net: Upscaler) -> int:
     return getattr(net.params, "unshuffle", 1)
 
 
+def _tile_starts(net: Upscaler, height: int, width: int, tile: int) -> tuple[range, range, int]:
+    """Where `run_tiled` starts its tiles (rows, columns) and their side, on the net's unshuffle grid."""
+    k = _multiple(net)
+    step = -(-tile // k) * k
+    return range(0, height, step), range(0, width, step), step
+
+
+def tile_count(net: Upscaler, width: int, height: int, scale: float, tile: int) -> int:
+    """How many net calls (tiles, over all its runs) `upscale_image` makes for a width x height picture: a
+    job's progress total."""
+    total = 0
+    for _ in range(passes_for(scale, net.scale)):
+        rows, columns, _ = _tile_starts(net, height, width, tile)
+        total += 1 if width <= tile and height <= tile else len(rows) * len(columns)
+        width, height = width * net.scale, height * net.scale
+    return total
+
+
 def run_tiled(net: Upscaler, pixels: Tensor, tile: int, overlap: int) -> Tensor:
     """[B, 3, H, W] in [0, 1] -> [B, 3, H*s, W*s] (unclamped), `tile`-pixel squares at a time."""
     h, w = pixels.shape[-2:]
     if h <= tile and w <= tile:
         return net(pixels)
     k, s = _multiple(net), net.scale
-    tile, overlap = -(-tile // k) * k, -(-overlap // k) * k
+    rows, columns, tile = _tile_starts(net, h, w, tile)
+    overlap = -(-overlap // k) * k
     out = pixels.new_empty(*pixels.shape[:-2], h * s, w * s)
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
+    for y0 in rows:
+        for x0 in columns:
             y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
             cy0, cx0 = max(0, y0 - overlap), max(0, x0 - overlap)
             part = net(pixels[..., cy0 : min(h, y1 + overlap), cx0 : min(w, x1 + overlap)])
@@ -158,7 +181,12 @@ def with_alpha(image: Image.Image) -> Image.Image:
     return image.convert("RGBA") if "transparency" in image.info else image
 
 
+def upscale_input(image: Image.Image) -> Image.Image:
+    """The picture as an upscale reads it: 8-bit RGB, or RGBA where it has transparency (kept)."""
+    image = with_alpha(image)
+    return image.convert("RGBA" if image.mode in ALPHA_MODES else "RGB")
+
+
 def picture_pixels(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3], or [H, W, 4] for a picture with alpha (the upscale keeps it): what its hash covers."""
-    image = with_alpha(image)
-    return np.asarray(image.convert("RGBA" if image.mode in ALPHA_MODES else "RGB"))
+    return np.asarray(upscale_input(image))

@@ -12,7 +12,6 @@ keeps its own record with the upscale added (its pictor chunk is kept with the u
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from PIL import Image
@@ -24,7 +23,7 @@ from pictor.provenance import ProvenanceError, png_info, read_record
 from pictor.reproduce import check_record
 from pictor.serve.store import Store
 from pictor.upscaler_files import UpscalerFile
-from pictor.upscaling import passes_for, upscale_image, upscale_problem, upscale_record, upscaled_record
+from pictor.upscaling import tile_count, upscale_image, upscale_problem, upscale_record, upscaled_record
 
 
 class UpscalerUnavailable(Exception):
@@ -47,30 +46,6 @@ def usable_record(record: Any) -> dict[str, Any] | None:
     except Exception:  # untrusted JSON from an uploaded file: any failure means "not usable"
         return None
     return record
-
-
-def sizes(upscaler: UpscalerFile, width: int, height: int, scale: float | None) -> tuple[int, int, int]:
-    """(width, height) of the result, as `upscale_image` makes it, and the pixels of the largest picture the
-    model makes on the way (its last run's output, before Lanczos brings it to the size)."""
-    factor = float(upscaler.scale) if scale is None else scale
-    runs = passes_for(factor, upscaler.scale)
-    largest = width * height * upscaler.scale ** (2 * runs)
-    w, h = max(1, round(width * factor)), max(1, round(height * factor))
-    return w, h, max(largest, w * h)
-
-
-def tile_count(upscaler: UpscalerFile, width: int, height: int, scale: float | None, tile: int) -> int:
-    """How many times the model runs (tiles, over all its runs) to upscale a width x height picture: the
-    job's progress total. As `upscaling.run_tiled` cuts them: one tile when the picture fits in one, else a
-    grid of tile-sized squares on the net's pixel-unshuffle grid."""
-    factor = float(upscaler.scale) if scale is None else scale
-    multiple = getattr(upscaler.net.params, "unshuffle", 1)
-    step = -(-tile // multiple) * multiple
-    total = 0
-    for _ in range(passes_for(factor, upscaler.scale)):
-        total += 1 if width <= tile and height <= tile else math.ceil(height / step) * math.ceil(width / step)
-        width, height = width * upscaler.scale, height * upscaler.scale
-    return total
 
 
 def check_upscaler(pipe: Pipeline, params: dict[str, Any]) -> UpscalerFile:
@@ -125,7 +100,7 @@ def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: 
         raise GenerationError(problem)
     factor = float(upscaler.scale) if scale is None else float(scale)
     picture, source_record = picture_and_record(store.upload_path(params["image"]))
-    total, done = tile_count(upscaler, picture.width, picture.height, factor, tile), 0
+    total, done = tile_count(upscaler.net, picture.width, picture.height, factor, tile), 0
 
     def tile_done(*_: Any) -> None:
         nonlocal done

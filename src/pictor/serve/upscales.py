@@ -25,7 +25,6 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from pictor.editing import eight_bit
 from pictor.provenance import RECORD_KEY
 from pictor.serve.api_models import ImagesResponse, Job
 from pictor.serve.edits import ResponseFormat, User, check_fields, read_image
@@ -44,9 +43,17 @@ from pictor.serve.routes import (
 from pictor.serve.security import check_text
 from pictor.serve.service import Service, service
 from pictor.serve.store import JobRow
-from pictor.serve.upscale_runs import sizes, tile_count, usable_record
+from pictor.serve.upscale_runs import usable_record
 from pictor.upscaler_files import UpscalerFile
-from pictor.upscaling import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, MAX_SCALE, upscale_problem
+from pictor.upscaling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    MAX_SCALE,
+    tile_count,
+    upscale_input,
+    upscale_problem,
+    upscaled_size,
+)
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
@@ -89,14 +96,6 @@ def served_upscaler(svc: Service) -> UpscalerFile:
     if upscaler is None:
         raise APIError(400, NO_UPSCALER, code="no_upscaler")
     return upscaler
-
-
-def upscaled_picture(picture: Image.Image) -> Image.Image:
-    """The picture as the job keeps and upscales it: 8-bit (16-bit scaled by its depth, as pictor reads
-    pictures everywhere), RGB, or RGBA where it has transparency, which the upscale keeps."""
-    picture = eight_bit(picture)
-    alpha = picture.mode in ALPHA_MODES or "transparency" in picture.info
-    return picture.convert("RGBA" if alpha else "RGB")
 
 
 def sent_record(picture: Image.Image, max_prompt_chars: int) -> dict[str, Any] | None:
@@ -167,8 +166,9 @@ def upscale_params(svc: Service, form: UpscaleForm) -> dict[str, Any]:
     """Check the result's size, keep the picture (with its record) and give the job's settings."""
     upscaler = served_upscaler(svc)
     limits = svc.settings.limits
-    picture = upscaled_picture(form.picture)
-    width, height, largest = sizes(upscaler, picture.width, picture.height, form.scale)
+    picture = upscale_input(form.picture)  # as `pictor upscale` reads it: what the job keeps and upscales
+    factor = float(upscaler.scale) if form.scale is None else form.scale
+    width, height, largest = upscaled_size(picture.width, picture.height, factor, upscaler.scale)
     if largest > limits.max_picture_pixels:
         on_the_way = "" if largest == width * height else f" (and {largest} pixels on the way, in its runs)"
         raise refused(
@@ -194,7 +194,7 @@ def upscale_params(svc: Service, form: UpscaleForm) -> dict[str, Any]:
         "upscaler": upscaler.name,
         "upscaler_sha256": upscaler.sha256,
         "upscaler_scale": upscaler.scale,
-        "tiles": tile_count(upscaler, picture.width, picture.height, form.scale, form.tile),
+        "tiles": tile_count(upscaler.net, picture.width, picture.height, factor, form.tile),
     }
 
 
