@@ -11,6 +11,10 @@ relative to their own folder, as in `imagefolder`. Hidden files and folders (".c
 scanned.
 A metadata line may also give a "layout", boxes with phrases in fractions of the image (see
 `pictor.data.layouts`), for `pictor train layout`; items carry it moved with their crop and flip.
+For a ControlNet (`control_metadata`), a line names its image's control picture as Hugging Face's
+`imagefolder` names a second image column, "conditioning_image_file_name", or as the datasets of diffusers'
+train_controlnet scripts do, "conditioning_image" (a path relative to the metadata file's folder, like
+"file_name"); the pictures so named are controls, not training images, wherever they lie.
 
 The folder is scanned once, up front, reading headers only (size, EXIF orientation) plus a cheap
 integrity check, so broken files are reported at construction rather than mid-epoch. Pixels are decoded
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_KEYS = ("text", "caption")
+# metadata.jsonl keys naming an image's control picture: datasets' second image column, then diffusers'.
+CONTROL_KEYS = ("conditioning_image_file_name", "conditioning_image")
 _EXIF_ORIENTATION = 0x0112
 _SHOWN = 5  # paths quoted in a summary warning
 
@@ -110,6 +116,25 @@ def _png_exif_chunk(path: Path) -> bytes | None:
     return None
 
 
+def _control_entry(rec: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the control picture a metadata line names, or None; a problem with the line, or None)."""
+    given = {key: rec[key] for key in CONTROL_KEYS if key in rec}
+    if not given:
+        return None, None
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            return None, f"{key} must be a path string, got {value!r}"
+    if len({os.path.normpath(value) for value in given.values()}) > 1:
+        return None, f"{' and '.join(given)} name different pictures; keep one"
+    return next(iter(given.values())), None
+
+
+def _as_written(path: Path) -> str:
+    """A path as the folder's walk spells it, normalised ("a/./b" and "a/x/../b" alike) but not resolved:
+    a Hugging Face cache links files of equal contents to one blob, and they must stay different files."""
+    return os.path.normpath(path)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, Image.DecompressionBombError):
         return f"decompression bomb: {exc}"
@@ -177,6 +202,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         hflip: bool = False,
         seed: int = 0,
         control_dir: str | os.PathLike[str] | None = None,
+        control_metadata: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -191,6 +217,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 f"the control picture folder is the image folder itself ({self.root}): put the control "
                 "pictures in a folder of their own, with the images' relative paths and stems"
             )
+        # Or the control picture each metadata.jsonl line names (CONTROL_KEYS), for a folder laid out as
+        # Hugging Face's ControlNet datasets are (images/ and conditioning_images/ side by side).
+        if control_metadata and self.control_dir is not None:
+            raise ValueError(
+                "control pictures come from a control folder or from metadata.jsonl's "
+                f"{CONTROL_KEYS[0]}, not both: drop one"
+            )
+        self.control_metadata = control_metadata
+        # Image (as the walk spells it, `_as_written`) -> its control picture; and every picture a line names.
+        self._meta_controls: dict[str, Path] = {}
+        self._named_controls: set[str] = set()
         self.controls: list[Path] = []
         self._control_listings: dict[Path, dict[str, list[Path]]] = {}
         self._control_twins: list[tuple[str, str]] = []
@@ -244,6 +281,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._meta_layouts: dict[Path, list[dict[str, Any]]] = {}
         bad: list[tuple[str, str]] = []
         twice: list[tuple[str, str]] = []
+        controls_twice: list[tuple[str, str]] = []
         for meta in metas:
             raw = meta.read_bytes()
             for n, data in enumerate(raw.splitlines(), 1):
@@ -273,6 +311,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     if target in captions and captions[target] != text:
                         twice.append((f"{meta}:{n}", f"{name}: used instead of {where[target]}'s"))
                     captions[target], where[target] = text, f"{meta}:{n}"
+                if self.control_metadata:
+                    control, problem = _control_entry(rec)
+                    if problem is not None:
+                        bad.append((f"{meta}:{n}", f"{problem} (its image is skipped)"))
+                    elif control is not None:
+                        image, picture = _as_written(meta.parent / name), meta.parent / control
+                        earlier = self._meta_controls.get(image)
+                        if earlier is not None and _as_written(earlier) != _as_written(picture):
+                            entry = (f"{meta}:{n}", f"{name}: {control} used instead of {earlier}")
+                            controls_twice.append(entry)
+                        self._meta_controls[image] = picture
+                        self._named_controls.add(_as_written(picture))
                 if "layout" in rec:  # boxes with phrases, for layout training (pictor.data.layouts)
                     try:
                         self._meta_layouts[target] = parse_layout(rec["layout"])
@@ -283,12 +333,28 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if twice:
             what = "images captioned twice in metadata.jsonl (the later line wins)"
             warnings.warn(_summary(what, twice), DatasetWarning, stacklevel=4)
+        if controls_twice:
+            what = "images given a control picture twice in metadata.jsonl (the later line wins)"
+            warnings.warn(_summary(what, controls_twice), DatasetWarning, stacklevel=4)
         return captions
 
     def _scan(self, check: str, caption_ext: str, keys: tuple[str, ...]) -> None:
         images, metas = self._walk()
         stretched: list[tuple[str, str]] = []  # control pictures of another aspect ratio than their image
         meta_captions = self._read_metadata(metas, keys)
+        if self.control_metadata:  # the pictures lines name as controls are not training images
+            kept = []
+            for path in images:
+                written = _as_written(path)
+                if written not in self._named_controls:
+                    kept.append(path)
+                elif written in self._meta_controls:  # an image with a control, and a control
+                    if _as_written(self._meta_controls[written]) == written:
+                        why = "names itself as its control picture; name another picture"
+                    else:
+                        why = "named as a control picture in metadata.jsonl too; an image is not a control"
+                    self.skipped.append((str(path), why))
+            images = kept
         for path in images:
             try:
                 w, h = _check_image(path, check)
@@ -303,6 +369,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if self.control_dir is not None and control is None:
                 rel = path.relative_to(self.root).with_suffix("")
                 self.skipped.append((str(path), f"no control picture {rel}.* in {self.control_dir}"))
+                continue
+            if self.control_metadata and control is None:
+                reason = f"no control picture: no metadata.jsonl line names one ({' or '.join(CONTROL_KEYS)})"
+                self.skipped.append((str(path), reason))
                 continue
             if control is not None:
                 try:
@@ -387,9 +457,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(im)
 
+    @property
+    def has_controls(self) -> bool:
+        """Whether every item comes with a control picture (a control folder's, or metadata.jsonl's)."""
+        return self.control_dir is not None or self.control_metadata
+
+    def control_name(self, index: int) -> str:
+        """Item `index`'s control picture as a stable name, in "/" form: relative to its control folder, else
+        to the data folder as written (with ".." where it lies outside, so a moved pair of folders keeps its
+        names)."""
+        path = self.controls[index]
+        if self.control_dir is not None:
+            return path.relative_to(self.control_dir).as_posix()
+        return Path(os.path.relpath(_as_written(path), _as_written(self.root))).as_posix()
+
     def _control_of(self, path: Path) -> Path | None:
-        """The control picture of the image at `path`: the same relative folder and stem (`Path.stem`, so
-        "a.v2.png" pairs with "a.v2.*", never "a.*"), any image extension in any case."""
+        """The control picture of the image at `path`: the one its metadata.jsonl line names, or in the
+        control folder the same relative folder and stem (`Path.stem`, so "a.v2.png" pairs with "a.v2.*",
+        never "a.*"), any image extension in any case."""
+        if self.control_metadata:
+            return self._meta_controls.get(_as_written(path))
         if self.control_dir is None:
             return None
         rel = path.relative_to(self.root)
@@ -456,7 +543,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             item = self.item_info(candidate)
             try:
                 item["image"] = self.load_image(candidate, item["flip"])
-                if self.control_dir is not None:
+                if self.has_controls:
                     item["control"] = self.load_control(candidate, item["flip"])
             except UnreadableImageError as exc:
                 self.mark_broken(candidate, exc)

@@ -154,8 +154,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--control",
         default=None,
         help="controlnet: what its control pictures are: canny (default; drawn from each training image, "
-        "OpenCV-exact edges, thresholds 100 and 200, as `pictor preprocess canny` draws them) or folder "
-        "(read from --control-dir)",
+        "OpenCV-exact edges, thresholds 100 and 200, as `pictor preprocess canny` draws them), folder "
+        "(read from --control-dir) or metadata (the picture each image's metadata.jsonl line names with "
+        "conditioning_image_file_name, as Hugging Face's imagefolder names a second image, or "
+        "conditioning_image, as diffusers' train_controlnet datasets do)",
     )
     t.add_argument(
         "--control-dir",

@@ -25,8 +25,11 @@ STAGES = ("autoencoder", "t2i", "lora", "layout", "reference", "controlnet")
 # Stages that train something beside a frozen base bundle (--base).
 ADAPTER_STAGES = ("lora", "layout", "reference", "controlnet")
 # What a ControlNet run's control pictures are: canny, drawn from each training image as it is cropped;
-# folder, read from --control-dir beside each image (depth maps, poses, ...: what the ControlNet follows).
-CONTROL_KINDS = ("canny", "folder")
+# folder, read from --control-dir beside each image (depth maps, poses, ...: what the ControlNet follows);
+# metadata, the picture each image's metadata.jsonl line names (Hugging Face's ControlNet dataset layout).
+CONTROL_KINDS = ("canny", "folder", "metadata")
+# The kinds whose pictures come with the data (read, not drawn from the training images).
+CONTROLS_FROM_DATA = ("folder", "metadata")
 LR_SCHEDULES = ("constant", "cosine")
 RECON_LOSSES = ("l1", "l2", "l1+l2")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -189,7 +192,8 @@ class TrainConfig:
     # fewer where the base has fewer), and what its control pictures are (CONTROL_KINDS).
     controlnet_blocks: list[int] | None = None
     control: str = "canny"
-    control_dir: str | None = None  # control "folder": the pictures, paired with --data's by relative path
+    # control "folder": the pictures, paired with --data's by relative path ("metadata" names them per line)
+    control_dir: str | None = None
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
     keep: int = 3
@@ -494,6 +498,11 @@ class TrainConfig:
             (self.control == "folder") == (self.control_dir is not None),
             "--control folder reads its pictures from --control-dir DIR, and --control-dir needs --control "
             "folder (the default with it); give both or neither",
+        )
+        need(
+            self.control != "metadata" or (self.stage == "controlnet" and self.data != "shapes"),
+            "--control metadata is for controlnet training on an image folder whose metadata.jsonl names "
+            "each image's control picture (conditioning_image_file_name or conditioning_image); drop it",
         )
         need(
             not self.cache_latents or self.stage != "controlnet",

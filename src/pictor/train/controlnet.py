@@ -7,8 +7,9 @@ with the ControlNet's residuals added after its blocks is the loss, and only the
 training image's control picture is drawn from the image itself as it was cropped (``--control canny``:
 OpenCV's Canny edges with thresholds 100 and 200, as diffusers' ControlNet examples and `pictor preprocess
 canny` draw them), or read from ``--control-dir`` beside it (``--control folder``: a depth map, pose or mask
-of the user's, cropped and mirrored with the image by the data, `pictor.data.folder`); either is encoded by
-the base's autoencoder as the pipeline encodes a control picture. The caption is dropped with
+of the user's, cropped and mirrored with the image by the data, `pictor.data.folder`) or from where its
+metadata.jsonl line names it (``--control metadata``, Hugging Face's ControlNet dataset layout); either is
+encoded by the base's autoencoder as the pipeline encodes a control picture. The caption is dropped with
 --caption-dropout as usual; the control picture stays. Outputs: OUT/checkpoints/step-N/controlnet/ (+
 optimizer, RNG state for resume), OUT/final/controlnet/ and a copy at OUT/controlnet/, each a diffusers
 ControlNet folder (config.json + diffusion_pytorch_model.safetensors, whose header names the base it was
@@ -37,7 +38,7 @@ from pictor.models.controlnet import FluxControlNet, controlnet_from_transformer
 from pictor.models.flux import pack_latents
 from pictor.train import previews
 from pictor.train.adapter_stage import FileAdapterStage
-from pictor.train.config import default_controlnet_blocks
+from pictor.train.config import CONTROLS_FROM_DATA, default_controlnet_blocks
 from pictor.train.data import Batch, to_float, to_tensor
 from pictor.train.stages import seeded
 
@@ -71,7 +72,8 @@ class ControlNetForward(nn.Module):
 
 def control_pictures(images: np.ndarray, kind: str) -> np.ndarray:
     """uint8 [B, H, W, 3] training images -> their control pictures, uint8 [B, H, W, 3], where they are
-    drawn from the images (kind "canny"; a "folder" run reads its own, which come with the batch)."""
+    drawn from the images (kind "canny"; "folder" and "metadata" runs read their own, which come with the
+    batch)."""
     if kind != "canny":  # TrainConfig.validate admits CONTROL_KINDS only
         raise CheckpointError(f"controlnet training: control {kind!r} pictures are not drawn from images")
     low, high = CONTROLNET_CANNY
@@ -133,9 +135,7 @@ class ControlNetStage(FileAdapterStage):
 
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """The batch's control pictures, drawn from its images as cropped, for the forward module."""
-        if (
-            batch.controls is not None
-        ):  # --control-dir: the folder's own, cropped and mirrored with the images
+        if batch.controls is not None:  # the data's own, cropped and mirrored with the images
             return {"control": self._encode_controls(batch.controls)}
         if batch.images is None:  # TrainConfig refuses --cache-latents for this stage
             raise CheckpointError("controlnet training: a batch without its images reached the loss")
@@ -179,7 +179,7 @@ class ControlNetStage(FileAdapterStage):
         training."""
 
         def control_fn(part: slice) -> tuple[nn.Module, Tensor]:
-            if self.cfg.control == "folder":  # `images` are the control pictures themselves
+            if self.cfg.control in CONTROLS_FROM_DATA:  # `images` are the control pictures themselves
                 return ema, self._encode_controls(to_tensor(list(images[part])))
             return ema, self._control_tokens(images[part])
 
@@ -193,9 +193,11 @@ class ControlNetStage(FileAdapterStage):
             specs = previews.eval_specs(n)
             prompts, scenes = [s["prompt"] for s in specs], self.eval_scenes(specs, 1, EVAL_CONTROL_SEED)
         else:  # the first images of the folder (or their control pictures) and their captions
-            prompts, scenes = self.folder_previews(n, "control" if self.cfg.control == "folder" else None)
+            from_data = self.cfg.control in CONTROLS_FROM_DATA
+            prompts, scenes = self.folder_previews(n, "control" if from_data else None)
         images = self._generate_with_controls(ema, prompts, scenes, list(range(len(prompts))))
-        controls = scenes if self.cfg.control == "folder" else control_pictures(scenes, self.cfg.control)
+        from_data = self.cfg.control in CONTROLS_FROM_DATA
+        controls = scenes if from_data else control_pictures(scenes, self.cfg.control)
         return previews.grid(np.concatenate([controls, images]), columns=len(prompts))
 
     @torch.no_grad()

@@ -111,13 +111,15 @@ def make_dataset(
     multiple: int = 16,
     validation_split: float = 0.0,
     control_dir: str | None = None,
+    control_metadata: bool = False,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
     each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
     With `buckets`, folder images go to aspect-ratio buckets of about size**2 pixels whose sides are
     multiples of `multiple` (the model's pixel multiple), else to size x size centre crops. `control_dir`:
     a folder of control pictures paired with the folder's images by relative path (a ControlNet's), each
-    item's in its info as "control", cropped and mirrored with the image."""
+    item's in its info as "control", cropped and mirrored with the image; `control_metadata`: the control
+    pictures that the folder's metadata.jsonl lines name instead (`pictor.data.folder.CONTROL_KEYS`)."""
     augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
         # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
@@ -158,6 +160,7 @@ def make_dataset(
         seed=seed,
         caption_ext=caption_ext,
         control_dir=control_dir,
+        control_metadata=control_metadata,
     )
     if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
         warnings.warn(
@@ -221,9 +224,8 @@ def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
     digest = hashlib.sha256()
     for i, (path, caption) in enumerate(zip(folder.paths, folder.captions, strict=True)):
         line = f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}"
-        if getattr(folder, "controls", None):  # --control-dir: its pictures are data too
-            control = folder.controls[i]
-            line += f"\t{control.relative_to(folder.control_dir).as_posix()}\t{control.stat().st_size}"
+        if getattr(folder, "controls", None):  # a ControlNet's control pictures are data too
+            line += f"\t{folder.control_name(i)}\t{folder.controls[i].stat().st_size}"
         digest.update(f"{line}\n".encode())
     return {"images": len(folder), "sha256": digest.hexdigest()}
 

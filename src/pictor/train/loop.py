@@ -163,6 +163,7 @@ class Trainer:
             buckets=cfg.buckets,
             validation_split=cfg.validation_split,
             control_dir=cfg.control_dir,
+            control_metadata=cfg.control == "metadata",
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         self.data_print = data_fingerprint(self.ds)

@@ -6,8 +6,8 @@ Each held-out image is scored at VALIDATION_TIMESTEPS (the midpoints of four equ
 easy and hard noise levels weigh alike, whatever the run's training timestep distribution), with noise
 drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its full caption and no mirror,
 and what the stage conditions on besides: its layout (layout stage), its reference picture (reference
-stage; a folder's image is its own reference) or its control picture (a ControlNet's --control-dir), so an
-adapter is measured on the task it learns.
+stage; a folder's image is its own reference) or its control picture (a ControlNet's, read with the
+data), so an adapter is measured on the task it learns.
 """
 
 from __future__ import annotations
