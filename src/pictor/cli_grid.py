@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pictor.generation_request import GenerationRequest
-from pictor.grid_axes import AXES, MAX_CELLS, Axis, GridError, parse_axis, plan_grid
+from pictor.grid_axes import AXES, MAX_CELLS, Axis, GridError, has_hires, parse_axis, plan_grid
 
 # The options of `pictor generate` that a grid takes as they are (argparse dests). Left out: -n, --batch-size
 # (one image per cell), --best-of and --scorer (one image per cell), -o (a grid's folder is required).
@@ -52,6 +53,7 @@ SHARED = (
     "hires",
     "hires_strength",
     "hires_steps",
+    "hires_upscaler",
 )
 # An axis that sets what an option sets: both given, the option would be silently dropped.
 _AXIS_OPTIONS = {
@@ -67,6 +69,10 @@ _AXIS_OPTIONS = {
     "controlnet-end": ("controlnet_end", "--controlnet-end"),
     "redux-strength": ("redux_strength", "--redux-strength"),
     "ip-adapter-scale": ("ip_adapter_scale", "--ip-adapter-scale"),
+    "hires": ("hires", "--hires"),
+    "hires-strength": ("hires_strength", "--hires-strength"),
+    "hires-steps": ("hires_steps", "--hires-steps"),
+    "hires-upscaler": ("hires_upscaler", "--hires-upscaler"),
 }
 
 
@@ -149,6 +155,11 @@ def cmd_grid(
             )
     if any(a.name == "lora" for a in axes) and not args.lora:
         raise ValueError("the lora axis sets the scale of the first --lora; add --lora FILE")
+    if args.hires_upscaler and args.hires is None and not has_hires(GenerationRequest(""), axes):
+        raise ValueError(
+            "--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE or a hires axis "
+            "with a scale (e.g. --x hires=1.5,2)"
+        )
     out = _empty_folder(args.out)
     width, height = args.size or (None, None)
     hires = {
@@ -159,6 +170,13 @@ def cmd_grid(
     request = GenerationRequest(prompt=args.prompt, width=width, height=height, **settings(args), **hires)
     plan = plan_grid(request, args.x, args.y, args.z, args.max_cells)  # before the model loads
     pipe = load(args)
+    if args.hires_upscaler:
+        pipe.set_upscaler(args.hires_upscaler)
+        # Requests name the model as the pipeline does (as `pictor generate` writes it); cells without a
+        # hires fix (hires=off) have no upscaler to name.
+        for cell in plan.cells:
+            if cell.request.hires_scale is not None:
+                cell.request = replace(cell.request, hires_upscaler=pipe.upscaler.name)
 
     def saved(cell: Any) -> None:  # the folder is made with the first image: a refusal leaves none
         out.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,13 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from pictor.controlnet_runs import MAX_SCALE as MAX_CONTROLNET_SCALE
 from pictor.generation_request import MAX_SEED, NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
-from pictor.generation_settings import settings_problem
+from pictor.generation_settings import MAX_STEPS, settings_problem
+from pictor.hires import UPSCALER, hires_problem
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.models.block_cache import cache_threshold_problem
 from pictor.redux_images import MAX_STRENGTH as MAX_REDUX_STRENGTH
@@ -124,6 +126,56 @@ def _text(text: str) -> str:
     return text
 
 
+# The hires axis's value for a cell without the hires fix (one pass; its request's hires_scale is None).
+HIRES_OFF = "off"
+# A valid scale to check a hires strength or steps value by `hires_problem`, the pipeline's own rules, alone.
+_SOME_SCALE = 2.0
+
+
+def _hires(text: str) -> float | None:
+    if text.lower() == HIRES_OFF:
+        return None
+    value = _number(text)
+    problem = hires_problem(value, None, None, MAX_STEPS)
+    if problem:
+        raise GridError(f"{problem} (or {HIRES_OFF}: no hires fix)")
+    return value
+
+
+def _hires_strength(text: str) -> float:
+    value = _number(text)
+    _checked(hires_problem(_SOME_SCALE, value, None, MAX_STEPS))
+    return value
+
+
+def _hires_steps(text: str) -> int:
+    value = _whole(text)
+    _checked(hires_problem(_SOME_SCALE, None, value, MAX_STEPS))
+    return value
+
+
+def _hires_upscaler(text: str) -> str:
+    """Lanczos ("lanczos") or the absolute path of an upscale model file, read when the grid runs."""
+    if text.lower() == UPSCALER:
+        return UPSCALER
+    path = Path(text)
+    if not path.is_file():
+        raise GridError(
+            f"'{text}' is not a file; give an upscale model (ESRGAN, Real-ESRGAN, ... as .safetensors) or "
+            f"{UPSCALER}"
+        )
+    # Resolved as `Pipeline.set_upscaler` resolves it, so the stem is the name the pipeline gives the model.
+    path = path.resolve()
+    if path.stem.lower() == UPSCALER:
+        raise GridError(f"'{text}': a model named '{UPSCALER}' would be taken for Lanczos; rename it")
+    return str(path)
+
+
+def _upscaler_name(value: str) -> str | None:
+    """A hires-upscaler value as a request names it: None for Lanczos, else the model file's stem."""
+    return None if value == UPSCALER else Path(value).stem
+
+
 @dataclass(frozen=True)
 class _Kind:
     parse: Callable[[str], Any]
@@ -168,7 +220,18 @@ AXES: dict[str, _Kind] = {
         _set("ip_adapter_scale"),
         "ip-adapter-scale=0.5,0.8,1",
     ),
+    # The hires fix (`pictor.hires`): its scale (off: one pass), second pass and what enlarges the first.
+    "hires": _Kind(_hires, _set("hires_scale"), "hires=off,1.5,2"),
+    "hires-strength": _Kind(_hires_strength, _set("hires_strength"), "hires-strength=0.3,0.5,0.7"),
+    "hires-steps": _Kind(_hires_steps, _set("hires_steps"), "hires-steps=5,10,20"),
+    "hires-upscaler": _Kind(
+        _hires_upscaler,
+        lambda r, v, _f: replace(r, hires_upscaler=_upscaler_name(v)),
+        "hires-upscaler=lanczos,4x-UltraSharp.safetensors",
+    ),
 }
+# Axes that set the hires fix's second pass: they need a hires scale (the request's, or a hires axis).
+_HIRES_PARTS = ("hires-strength", "hires-steps", "hires-upscaler")
 ALIASES = {
     "cfg": "guidance",
     "cache_threshold": "cache-threshold",
@@ -177,6 +240,12 @@ ALIASES = {
     "controlnet_end": "controlnet-end",
     "redux_strength": "redux-strength",
     "ip_adapter_scale": "ip-adapter-scale",
+    "hires-scale": "hires",
+    "hires_scale": "hires",
+    "hires_strength": "hires-strength",
+    "denoising": "hires-strength",  # A1111's axis name
+    "hires_steps": "hires-steps",
+    "hires_upscaler": "hires-upscaler",
 }
 
 
@@ -187,6 +256,10 @@ def _label(name: str, value: Any) -> str:
         return f"{value:g}"
     if name == "negative" and value == "":
         return "(none)"
+    if name == "hires" and value is None:
+        return HIRES_OFF
+    if name == "hires-upscaler" and value != UPSCALER:
+        return Path(value).name
     return str(value)
 
 
@@ -230,6 +303,8 @@ def make_axis(name: str, values: list[Any] | tuple[Any, ...]) -> Axis:
         raise GridError(f"axis {key} has no values; give at least one, e.g. {kind.example}")
     parsed = []
     for i, value in enumerate(values):
+        if key == "hires" and value is None:  # a hires=off cell as grid.json and `Axis.values` hold it
+            value = HIRES_OFF
         text = f"{value[0]}x{value[1]}" if isinstance(value, tuple) and key == "size" else str(value).strip()
         if not text and not (kind.empty_ok or (key == "prompt" and i > 0)):
             raise GridError(
@@ -240,7 +315,26 @@ def make_axis(name: str, values: list[Any] | tuple[Any, ...]) -> Axis:
             parsed.append(kind.parse(text))
         except GridError as exc:
             raise GridError(f"axis {key}: {exc}; e.g. {kind.example}") from None
-    return Axis(key, tuple(parsed), tuple(_label(key, v) for v in parsed))
+    labels = tuple(_label(key, v) for v in parsed)
+    if key == "hires-upscaler":
+        _distinct_files(parsed, labels)
+    return Axis(key, tuple(parsed), labels)
+
+
+def _distinct_files(paths: list[str], labels: tuple[str, ...]) -> None:
+    """Records name an upscale model by its file's stem (`_upscaler_name`): two files of one stem, even with
+    their suffixes in other cases, would read as one model."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        if path == UPSCALER:
+            continue
+        name = _upscaler_name(path) or ""
+        other = seen.setdefault(name, path)
+        if other != path:
+            raise GridError(
+                f"axis hires-upscaler: {other} and {path} are both named {name}, and cells' records name a "
+                "model by its file's name; rename one (or copy it under another name)"
+            )
 
 
 def parse_axis(text: str) -> Axis:
@@ -268,7 +362,8 @@ def parse_axis(text: str) -> Axis:
 class GridCell:
     """One cell: its place (x, y, z indices), its axis values, and the request that makes it. `image` is
     filled in when it has run; `file` is its PNG's name in a grid folder; `box` is where its picture lies
-    in its grid ([x0, y0, x1, y1), filled in when the grid is drawn)."""
+    in its grid ([x0, y0, x1, y1), filled in when the grid is drawn). `lora_scale` and `upscaler` (the upscale
+    model file of a hires-upscaler axis) are pipeline state that the cell sets before it runs."""
 
     x: int
     y: int
@@ -277,6 +372,7 @@ class GridCell:
     request: GenerationRequest
     file: str
     lora_scale: float | None = None
+    upscaler: str | None = None
     image: GeneratedImage | None = None
     box: tuple[int, int, int, int] | None = None
 
@@ -347,6 +443,12 @@ def plan_grid(
                 f"axis prompt: its first value '{search}' is not in the prompt '{request.prompt}'; the "
                 "first value is the word or phrase each value replaces (A1111's Prompt S/R)"
             )
+    parts = [a.name for _, a in given if a.name in _HIRES_PARTS]
+    if parts and not has_hires(request, [a for _, a in given]):
+        raise GridError(
+            f"axis {parts[0]} sets the hires fix's second pass, but the grid has no hires fix: add --hires "
+            "SCALE (a hires_scale) or a hires axis, e.g. hires=1.5,2"
+        )
     seed = request.seed if request.seed is not None else secrets.randbelow(NOISE_SEED_RANGE)
     base = replace(request, seed=seed, batch_size=None)
     plan = GridPlan(xa, ya, za)
@@ -357,8 +459,14 @@ def plan_grid(
     return plan
 
 
+def has_hires(request: GenerationRequest, axes: list[Axis]) -> bool:
+    """Whether some cell of a grid has the hires fix: the request's scale, or a hires axis value not off."""
+    values = [v for a in axes if a.name == "hires" for v in a.values]
+    return request.hires_scale is not None or any(v is not None for v in values)
+
+
 def _cell(plan: GridPlan, base: GenerationRequest, i: int, j: int, k: int) -> GridCell:
-    request, settings, scale = base, {}, None
+    request, settings, scale, upscaler = base, {}, None, None
     for key, index in (("x", i), ("y", j), ("z", k)):
         a = plan.axes.get(key)
         if a is None:
@@ -368,5 +476,12 @@ def _cell(plan: GridPlan, base: GenerationRequest, i: int, j: int, k: int) -> Gr
         settings[a.name] = list(value) if isinstance(value, tuple) else value
         if a.name == "lora":
             scale = value
+        if a.name == "hires-upscaler" and value != UPSCALER:
+            upscaler = value
+    if any(a.name == "hires" for a in plan.axes.values()) and request.hires_scale is None:
+        # A hires=off cell has one pass, so no second pass to set: the pipeline refuses a hires strength,
+        # steps or upscaler without a scale (whichever axis came first).
+        request = replace(request, hires_strength=None, hires_steps=None, hires_upscaler=None)
+        upscaler = None
     tags = [f"{key}{index}" for key, index in (("x", i), ("y", j), ("z", k)) if key in plan.axes]
-    return GridCell(i, j, k, settings, request, f"cell-{'-'.join(tags)}.png", scale)
+    return GridCell(i, j, k, settings, request, f"cell-{'-'.join(tags)}.png", scale, upscaler)

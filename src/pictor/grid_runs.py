@@ -27,13 +27,14 @@ from PIL import PngImagePlugin
 from pictor import __version__
 from pictor.checkpoint import staged_file, write_json
 from pictor.generation_request import GenerationError, GenerationRequest, ProgressFn
-from pictor.grid_axes import MAX_CELLS, Axis, GridCell, GridError, GridPlan, plan_grid
+from pictor.grid_axes import HIRES_OFF, MAX_CELLS, Axis, GridCell, GridError, GridPlan, plan_grid
 from pictor.image_grid import LabelledGrid, labelled_grid
 from pictor.models.lora import set_lora_scale
 from pictor.provenance import save_png
 
 if TYPE_CHECKING:
     from pictor.pipeline import Pipeline
+    from pictor.upscaler_files import UpscalerFile
 
 GRID_JSON = "grid.json"
 # The PNG text chunk of a grid image: its part of grid.json (a grid is no one generation, so it has no
@@ -71,6 +72,8 @@ def _where(cell: GridCell) -> str:
 
 
 def _text(value: Any) -> str:
+    if value is None:  # the one axis value that is None: hires=off
+        return HIRES_OFF
     if isinstance(value, list):
         return "x".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
@@ -78,7 +81,16 @@ def _text(value: Any) -> str:
 
 def check_grid(pipe: Pipeline, plan: GridPlan) -> list[GenerationRequest]:
     """Every cell's request resolved by the pipeline (its defaults filled in); GridError, naming the cell
-    where only some cells fail, for the first that the model would refuse. Nothing runs."""
+    where only some cells fail, for the first that the model would refuse. No image is made; the upscale
+    models of a hires-upscaler axis are read (to check their files), and the pipeline's is kept."""
+    before = pipe.upscaler
+    try:
+        return _check(pipe, plan, _load_upscalers(pipe, plan))
+    finally:
+        pipe.upscaler = before
+
+
+def _check(pipe: Pipeline, plan: GridPlan, upscalers: dict[str, UpscalerFile]) -> list[GenerationRequest]:
     if pipe.fill:  # FLUX.1 Fill repaints masked pictures only (pictor.fill_images)
         raise GridError(
             "a FLUX.1 Fill model repaints the masked part of a picture; a grid generates from text"
@@ -88,6 +100,7 @@ def check_grid(pipe: Pipeline, plan: GridPlan) -> list[GenerationRequest]:
     resolved: list[GenerationRequest] = []
     failures: list[tuple[GridCell, str]] = []
     for cell in plan.cells:
+        _use_upscaler(pipe, cell, upscalers)  # resolution checks the request's upscaler is the loaded one
         try:
             resolved.append(pipe.resolve_request(cell.request))
         except GenerationError as exc:
@@ -98,6 +111,28 @@ def check_grid(pipe: Pipeline, plan: GridPlan) -> list[GenerationRequest]:
             raise GridError(message)  # not the axes' doing: every cell fails alike
         raise GridError(f"{_where(cell)}: {message}")
     return resolved
+
+
+def _load_upscalers(pipe: Pipeline, plan: GridPlan) -> dict[str, UpscalerFile]:
+    """The upscale model of each distinct file of a hires-upscaler axis, read once (cells switch between
+    them); leaves the last one loaded on the pipeline."""
+    loaded: dict[str, UpscalerFile] = {}
+    for cell in plan.cells:
+        if cell.upscaler is None or cell.upscaler in loaded:
+            continue
+        try:
+            pipe.set_upscaler(cell.upscaler)
+        except (ValueError, OSError) as exc:
+            raise GridError(f"axis hires-upscaler: {exc}") from None
+        assert pipe.upscaler is not None
+        loaded[cell.upscaler] = pipe.upscaler
+    return loaded
+
+
+def _use_upscaler(pipe: Pipeline, cell: GridCell, upscalers: dict[str, UpscalerFile]) -> None:
+    """The cell's upscale model on the pipeline, as if loaded by itself (records name it and its file)."""
+    if cell.upscaler is not None:
+        pipe.upscaler = upscalers[cell.upscaler]
 
 
 def _set_lora_scale(pipe: Pipeline, scale: float) -> None:
@@ -114,15 +149,19 @@ def run_plan(
     on_cell: Callable[[GridCell], None] | None = None,
 ) -> GridResult:
     """Check every cell (`check_grid`), then generate them in order, calling `on_cell` as each is made;
-    `progress(step, total)` runs over all cells' steps. The first LoRA's scale is restored afterwards."""
-    resolved = check_grid(pipe, plan)
-    passes = [int(r.steps or 0) + int(r.hires_steps or 0) for r in resolved]
-    total, done = sum(passes), 0
+    `progress(step, total)` runs over all cells' steps. The first LoRA's scale and the pipeline's upscale
+    model are restored afterwards."""
     scale = pipe.loras[0]["scale"] if pipe.loras else None
+    upscaler = pipe.upscaler
     try:
+        upscalers = _load_upscalers(pipe, plan)
+        resolved = _check(pipe, plan, upscalers)
+        passes = [int(r.steps or 0) + int(r.hires_steps or 0) for r in resolved]
+        total, done = sum(passes), 0
         for cell, steps in zip(plan.cells, passes, strict=True):
             if cell.lora_scale is not None:
                 _set_lora_scale(pipe, cell.lora_scale)
+            _use_upscaler(pipe, cell, upscalers)
 
             def step(i: int, _n: int, _offset: int = done) -> None:
                 if progress is not None:
@@ -133,6 +172,7 @@ def run_plan(
             if on_cell is not None:
                 on_cell(cell)
     finally:
+        pipe.upscaler = upscaler
         if scale is not None and any(c.lora_scale is not None for c in plan.cells):
             _set_lora_scale(pipe, scale)
     return GridResult(plan, draw_grids(plan))
