@@ -104,7 +104,13 @@ def test_job_timeout_stops_the_run(
     make_client: Callable[..., TestClient], gated: Any, wait_job: Callable[..., Any]
 ) -> None:
     client = make_client(gated, job_timeout=0.2)
-    threading.Timer(0.5, gated.gate.release.set).start()  # hold step 1 past the limit
+
+    def hold_past_the_limit() -> None:  # counted from step 1, not from the request: a slow start is no race
+        if gated.gate.reached.wait(30):
+            time.sleep(0.5)
+        gated.gate.release.set()
+
+    threading.Thread(target=hold_past_the_limit, daemon=True).start()
     r = client.post("/v1/images/generations", json={"prompt": "slow", "steps": 50})
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "job_timeout"
