@@ -21,7 +21,7 @@ from pictor.editing import EditRequest
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.text import build_text_encoder
-from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
 
@@ -483,6 +483,16 @@ def test_the_first_block_cache_and_autoencoder_tiles_take_the_controlnet(
         )  # type: ignore[arg-type]
         assert np.abs(_px(plain.image) - _px(image.image)).mean() > 1
         _with(pipe, nets["instantx"])
+
+
+def test_denoise_tiles_are_refused_with_a_controlnet(pipe: Pipeline, nets: dict[str, Path]) -> None:
+    """A ControlNet's residuals cover the whole image's tokens; windows of them are not built (yet)."""
+    _with(pipe, nets["instantx"])
+    request = GenerationRequest(
+        "a square", width=64, height=64, steps=2, controlnet_images=[_picture(5, (64, 64))], denoise_tile=32
+    )
+    with pytest.raises(GenerationError, match="denoise tiles do not run ControlNets"):
+        pipe.generate(request)
 
 
 def test_grid_axes_for_the_controlnet_scale_and_end(pipe: Pipeline, nets: dict[str, Path]) -> None:

@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "eval": 2,
     # the parts
     "flow": 1,
+    "denoise_tiles": 1,
     "sampling": 1,
     "sampling_steps": 1,
     "sampling_multistep": 1,

@@ -99,6 +99,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "controlnet_end": getattr(args, "controlnet_end", None),
         "vae_tile": args.vae_tile,
         "vae_tile_overlap": args.vae_tile_overlap,
+        "denoise_tile": getattr(args, "denoise_tile", None),
+        "denoise_tile_overlap": getattr(args, "denoise_tile_overlap", None),
         "cache_threshold": args.cache_threshold,
     }
 

@@ -65,6 +65,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
     _add_cache_threshold(p)
     _add_vae_tiling(p)
+    _add_denoise_tiling(p)
 
 
 def _add_cache_threshold(p: argparse.ArgumentParser) -> None:
@@ -94,6 +95,27 @@ def _add_vae_tiling(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PX",
         help="pixels tiles blend over (default: tile/4)",
+    )
+
+
+def _add_denoise_tiling(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--denoise-tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="run the transformer over windows of PX pixels a side at each step and blend them "
+        "(MultiDiffusion, A1111's Tiled Diffusion): less memory for large images (faster only at very "
+        "large sizes); it applies to every pass, but windows do not coordinate a composition, so it is for "
+        "refining (edits, --hires's second pass); a pass no larger than one window runs whole (default: "
+        "whole)",
+    )
+    p.add_argument(
+        "--denoise-tile-overlap",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels windows blend over (default: tile/4)",
     )
 
 

@@ -28,6 +28,8 @@ SHARED = (
     "cache_threshold",
     "vae_tile",
     "vae_tile_overlap",
+    "denoise_tile",
+    "denoise_tile_overlap",
     "layout",
     "layout_adapter",
     "reference",

@@ -104,6 +104,8 @@ class EditRequest:
     controlnet_end: float | None = None
     vae_tile: int | None = None
     vae_tile_overlap: int | None = None
+    denoise_tile: int | None = None
+    denoise_tile_overlap: int | None = None
     cache_threshold: float | None = None
 
     @property

@@ -41,6 +41,8 @@ def seed_notice(seed: int, num_images: int = 1) -> str | None:
 MAX_IMAGES = 10_000
 # How the autoencoder is run in tiles: set together, recorded together (all absent when it runs whole).
 TILING_FIELDS = ("vae_tile", "vae_tile_overlap")
+# How the transformer runs in windows of tokens (`pictor.denoise_tiles`): likewise set and recorded together.
+DENOISE_TILING_FIELDS = ("denoise_tile", "denoise_tile_overlap")
 
 
 class GenerationError(ValueError):
@@ -107,6 +109,13 @@ class GenerationRequest:
     vae_tile: int | None = None
     # Pixels neighbouring tiles share and blend over; None: a quarter of the tile.
     vae_tile_overlap: int | None = None
+    # Run the transformer over windows of this many image pixels a side at each step, blending their
+    # velocities (`pictor.denoise_tiles`: MultiDiffusion, A1111's Tiled Diffusion), which bounds its memory
+    # and time at large sizes; for refining (img2img, a hires fix's second pass), since windows do not
+    # coordinate a composition. A pass no larger than one window runs whole. None: every pass whole.
+    denoise_tile: int | None = None
+    # Pixels neighbouring windows share and blend over; None: a quarter of the window.
+    denoise_tile_overlap: int | None = None
     # Hires fix (`pictor.hires`): after the first pass at width x height, upscale by this factor and redraw
     # that share (strength) of each picture in hires_steps steps. None: one pass. Defaults: strength 0.3,
     # the request's steps.

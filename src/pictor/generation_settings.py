@@ -83,3 +83,43 @@ def tiling_problem(factor: int, tile: int | None, overlap: int | None) -> str | 
             f"({tile // 2 // factor * factor}); the default is {default_tile_overlap(tile, factor)}"
         )
     return None
+
+
+def denoise_tiling_problem(patch: int, tile: int | None, overlap: int | None) -> str | None:
+    """What is wrong with a denoise tile and overlap in image pixels (`pictor.denoise_tiles`) for a model
+    whose tokens are `patch` pixels a side; None when they are fine or not given."""
+    if tile is None:
+        return "a denoise tile overlap needs a tile size: give the tile too" if overlap is not None else None
+    least = 4 * patch
+    for name, value in (("denoise tile", tile), ("denoise tile overlap", overlap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{name} must be a whole number of pixels, got {value!r}"
+    if tile < least or tile % patch:
+        whole = isinstance(tile, int) and not isinstance(tile, bool)
+        near = max(least, tile // patch * patch) if whole else least
+        return (
+            f"denoise tile {tile} must be a multiple of {patch} pixels (the model's token size) and at least "
+            f"{least}; try {near}"
+        )
+    if overlap is not None and (
+        isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0 or overlap % patch
+        or overlap > tile // 2
+    ):  # fmt: skip
+        return (
+            f"denoise tile overlap {overlap} must be a multiple of {patch} pixels from 0 to half the tile "
+            f"({tile // 2 // patch * patch}); the default is {default_tile_overlap(tile, patch)}"
+        )
+    return None
+
+
+def resolve_denoise_tiling(
+    patch: int, tile: int | None, overlap: int | None
+) -> tuple[int | None, int | None]:
+    """A request's denoise tile and overlap with the default overlap (a quarter of the tile) filled in,
+    both None without a tile; ValueError says what is wrong with them."""
+    problem = denoise_tiling_problem(patch, tile, overlap)
+    if problem:
+        raise ValueError(problem)
+    if tile is None:
+        return None, None
+    return tile, default_tile_overlap(tile, patch) if overlap is None else overlap

@@ -9,6 +9,8 @@ An IP-Adapter's picture goes with the conditional half and a black picture with 
 XLabs' default negative picture), its keys and values computed once per run too.
 A FLUX.1 Kontext context image goes with both halves (as diffusers' true CFG for Kontext), appended to the
 image tokens (`pictor.context_images`).
+With denoise windows (`pictor.denoise_tiles`), each call runs the transformer on one window of the image
+tokens at a time, with that window's ids, layout residuals and tokens beside the noise, and blends them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
+from pictor.denoise_tiles import TokenWindow, tiled_call
 from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_embeds
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
@@ -86,12 +89,15 @@ def guided_velocity(
     caches: list[FirstBlockCache] | None = None,
     fill: torch.Tensor | None = None,
     controlnets: ControlNetRun | None = None,
+    windows: list[TokenWindow] | None = None,
 ) -> Velocity:
     """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
     cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts.
     `fill`: tokens read beside the noise [1, N, D], concatenated to every noisy token's channels: a FLUX.1
     Fill model's masked picture and mask, or a Canny / Depth model's control picture. `controlnets`: the
-    run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call."""
+    run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call. `windows`:
+    the token windows the transformer runs on one at a time (None: all tokens at once); request resolution
+    refuses them with ControlNets and the first-block cache, which follow the whole image's tokens."""
     cond = m.encode_text([r.prompt])
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
@@ -121,6 +127,33 @@ def guided_velocity(
         context: ReferenceConditioning | None,
         ipa: IPAttention | None,
     ) -> torch.Tensor:
+        if windows is None:
+            return window_model(x, t, emb, ids, residuals, context, ipa, fill)
+
+        def part(index: torch.Tensor) -> torch.Tensor:  # the tokens at `index` alone, where they lie
+            return window_model(
+                x[:, index],
+                t,
+                emb,
+                ids[:, index],
+                [v[:, index] for v in residuals] if residuals is not None else None,
+                context,
+                ipa,
+                fill[:, index] if fill is not None else None,
+            )
+
+        return tiled_call(windows, x, part)
+
+    def window_model(
+        x: torch.Tensor,
+        t: torch.Tensor,
+        emb: TextEmbeddings,
+        ids: torch.Tensor,
+        residuals: list[torch.Tensor] | None,
+        context: ReferenceConditioning | None,
+        ipa: IPAttention | None,
+        beside: torch.Tensor | None,
+    ) -> torch.Tensor:
         n = x.shape[0]
         txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
         vec = emb.pooled.expand(n, -1) if emb.pooled.shape[0] == 1 else emb.pooled
@@ -135,8 +168,8 @@ def guided_velocity(
             control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
-        if fill is not None:  # Fill's masked picture and mask, or a control picture, beside each token
-            x = torch.cat([x, fill.expand(n, -1, -1).to(x.dtype)], dim=-1)
+        if beside is not None:  # Fill's masked picture and mask, or a control picture, beside each token
+            x = torch.cat([x, beside.expand(n, -1, -1).to(x.dtype)], dim=-1)
         # Kontext: the context tokens ride after the noisy ones and their outputs are dropped.
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
         v = m.transformer(

@@ -35,10 +35,12 @@ from pictor.checkpoint import (
 from pictor.context_images import context_fields
 from pictor.control_images import control_fields, control_tokens, is_control_model
 from pictor.controlnet_runs import ControlNetRun, ControlNetUnit, controlnet_fields, open_controlnet
+from pictor.denoise_tiles import plan_windows
 from pictor.edit_blending import LatentInit, to_pil
 from pictor.editing import EditInputs, EditRequest, image_info, prepare_edit
 from pictor.fill_images import check_fill_request, is_fill_model
 from pictor.generation_request import (
+    DENOISE_TILING_FIELDS,
     MAX_SEED,
     TILING_FIELDS,
     GeneratedImage,
@@ -62,6 +64,7 @@ from pictor.models.reference import (
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
+from pictor.notices import PictorWarning
 from pictor.presets import get_preset
 from pictor.redux_images import ReduxModel, open_redux, redux_fields
 from pictor.reference_files import (
@@ -397,7 +400,21 @@ class Pipeline:
                 if self.controlnets
                 else None
             )
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets)
+            windows = None
+            if r.denoise_tile is not None:  # the transformer in windows of tokens (pictor.denoise_tiles)
+                assert r.denoise_tile_overlap is not None
+                size, overlap = r.denoise_tile // self.patch, r.denoise_tile_overlap // self.patch
+                windows = plan_windows(lat_h // 2, lat_w // 2, size, overlap, self.device)
+                if windows is not None and init is None:  # from noise: no composition to keep
+                    warnings.warn(
+                        f"denoise tiles: this {r.width}x{r.height} pass starts from noise, and its "
+                        f"{len(windows)} windows each draw their own part; for one composition, run the "
+                        "first pass whole (a hires fix from a size no larger than one window, or an edit "
+                        "of a picture)",
+                        PictorWarning,
+                        stacklevel=4,
+                    )
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows)
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)
@@ -478,6 +495,7 @@ class Pipeline:
             **(self._ip_adapter_fields(r) if r.ip_adapter_image is not None else {}),
             **(controlnet_fields(r, self.controlnets) if self.controlnets else {}),
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
+            **({name: getattr(r, name) for name in DENOISE_TILING_FIELDS} if r.denoise_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
         }
 

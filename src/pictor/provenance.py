@@ -139,6 +139,11 @@ def parameters_text(record: dict[str, Any]) -> str:
             ("VAE tile", record["vae_tile"]),
             ("VAE tile overlap", record.get("vae_tile_overlap", "")),
         ]
+    if record.get("denoise_tile"):
+        fields += [
+            ("Denoise tile", record["denoise_tile"]),
+            ("Denoise tile overlap", record.get("denoise_tile_overlap", "")),
+        ]
     if record.get("cache_threshold"):
         fields.append(("First block cache", _fmt_number(record["cache_threshold"])))
         passes = record.get("cache_passes")

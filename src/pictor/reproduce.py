@@ -18,7 +18,7 @@ from pictor.controlnet_runs import (
     recorded_controlnet_settings,
 )
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
-from pictor.generation_request import TILING_FIELDS
+from pictor.generation_request import DENOISE_TILING_FIELDS, TILING_FIELDS
 from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
@@ -109,6 +109,8 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "feather": (_int, "an integer"),
     "vae_tile": (_optional(_int), "an integer"),
     "vae_tile_overlap": (_optional(_int), "an integer"),
+    "denoise_tile": (_optional(_int), "an integer"),
+    "denoise_tile_overlap": (_optional(_int), "an integer"),
     "cache_threshold": (_optional(_number), "a number"),
     "hires": (
         lambda v: (
@@ -189,6 +191,7 @@ def _settings(
         "ip_adapter_image": ip_adapter,
         "ip_adapter_scale": record["ip_adapter"]["scale"] if record.get("ip_adapter") else None,
         **{name: record.get(name) for name in TILING_FIELDS},
+        **{name: record.get(name) for name in DENOISE_TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
         **recorded_controlnet_settings(record, controlnet_images),
     }

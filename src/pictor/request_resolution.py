@@ -13,6 +13,7 @@ from pictor.context_images import resolve_context
 from pictor.control_images import resolve_control
 from pictor.controlnet_runs import ControlNetUnit, resolve_controlnets
 from pictor.generation_request import (
+    DENOISE_TILING_FIELDS,
     MAX_IMAGES,
     MAX_SEED,
     TILING_FIELDS,
@@ -20,7 +21,7 @@ from pictor.generation_request import (
     GenerationRequest,
     seed_notice,
 )
-from pictor.generation_settings import MAX_STEPS, resolve_tiling, settings_problem
+from pictor.generation_settings import MAX_STEPS, resolve_denoise_tiling, resolve_tiling, settings_problem
 from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
 from pictor.ip_adapter_files import IPAdapterError, IPAdapterModel, ip_adapter_pixels, ip_adapter_problem
 from pictor.layout_files import LayoutError, parse_layout
@@ -109,12 +110,18 @@ def resolve_request(
     except ValueError as exc:
         raise GenerationError(str(exc)) from exc
     r = replace(r, **dict(zip(TILING_FIELDS, tiling, strict=True)))
+    try:
+        windows = resolve_denoise_tiling(pipe.patch, r.denoise_tile, r.denoise_tile_overlap)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from exc
+    r = replace(r, **dict(zip(DENOISE_TILING_FIELDS, windows, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
     # FLUX.1 Canny / Depth: the control picture is fitted to the image's size, now known.
     r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
     # ControlNets: one picture each, fitted to the image's size; scales, modes and window spelled out.
     r = resolve_controlnets(r, pipe.controlnets)
+    _check_denoise_tiles(pipe, r)
     problem = redux_problem(r, pipe.redux, pipe.guidance_mode)
     if problem:
         raise ReduxError(problem)
@@ -183,6 +190,23 @@ def _check_guidance(pipe: ResolvingPipeline, r: GenerationRequest, asked: float 
         raise GenerationError(
             "a negative prompt acts through classifier-free guidance, which is off at guidance 1: "
             "raise the guidance (e.g. 4) or drop the negative prompt"
+        )
+
+
+def _check_denoise_tiles(pipe: ResolvingPipeline, r: GenerationRequest) -> None:
+    """Denoise windows run the transformer on part of the image's tokens; what follows all of them at once
+    cannot run in them."""
+    if r.denoise_tile is None:
+        return
+    if pipe.controlnets:
+        raise GenerationError(
+            "denoise tiles do not run ControlNets (their residuals cover the whole image): drop the denoise "
+            "tile, or the ControlNet"
+        )
+    if r.cache_threshold:
+        raise GenerationError(
+            "denoise tiles and the first-block cache do not go together (the cache compares each call with "
+            "the last, and windows follow one another): drop one of them"
         )
 
 

@@ -221,6 +221,19 @@ class ImageGenerationRequest(BaseModel):
         description="First-block cache: skip the model's later blocks on steps where its first block changed "
         "by at most this share (0.05-0.2: fewer full passes, small changes; 0 or absent: off).",
     )
+    denoise_tile: int | None = Field(
+        None,
+        description="Denoise tiles (MultiDiffusion, A1111's Tiled Diffusion): run the model at each step "
+        "over windows of this many pixels a side and blend them, for refining large images (img2img, a "
+        "hires fix's second pass); a multiple of the model's token size (the model card's "
+        "limits.size_multiple), at least 4 tokens; a pass no larger than one window runs whole. Not with "
+        "cache_threshold or ControlNets. Absent: the model runs on the whole image.",
+    )
+    denoise_tile_overlap: int | None = Field(
+        None,
+        description="Pixels neighbouring denoise tiles share and blend over: a multiple of the model's token "
+        "size up to half the tile (default a quarter of it); needs denoise_tile.",
+    )
     loras: list[LoraChoice] | None = Field(
         None, max_length=8, description="LoRAs of the server's folder (GET /v1/loras) with their scales."
     )

@@ -33,6 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from pictor.editing import EditRequest, eight_bit
+from pictor.generation_request import DENOISE_TILING_FIELDS
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.ip_adapter_files import ip_adapter_pixels
 from pictor.redux_images import MAX_STRENGTH
@@ -140,6 +141,7 @@ def edit_params(
     control = control.convert("RGB") if control is not None else None
     keys = ("steps", "guidance", "sampler", "schedule", "seed", "strength", "cache_threshold")
     settings = {k: form[k] for k in keys}
+    settings |= {k: form.get(k) for k in DENOISE_TILING_FIELDS}  # pixels, or None
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["layout"] = layout
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
@@ -180,6 +182,8 @@ def edit_params(
             layout=r.layout,
             redux_strength=r.redux_strength,
             ip_adapter_scale=r.ip_adapter_scale,
+            denoise_tile=r.denoise_tile,  # the overlap's default filled in: equal edits read alike
+            denoise_tile_overlap=r.denoise_tile_overlap,
         )
     # context_image: the key job_requests.edit_request reads back, as for a JSON generation's context_image.
     pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
@@ -227,6 +231,19 @@ IPAdapterScale = Annotated[
     ),
 ]
 Steps = Annotated[int | None, Form(ge=1)]
+# Denoise tiles, in pixels: checked by the pipeline (multiples of the model's token size), which names them.
+DenoiseTile = Annotated[
+    int | None,
+    Form(
+        description="Denoise tiles (MultiDiffusion): run the model at each step over windows of this many "
+        "pixels a side and blend them, for refining large images; a multiple of the model's token size; "
+        "not with cache_threshold. Absent: whole"
+    ),
+]
+DenoiseTileOverlap = Annotated[
+    int | None,
+    Form(description="Pixels neighbouring denoise tiles blend over, up to half the tile (default a quarter)"),
+]
 Loras = Annotated[
     str | None,
     Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
@@ -267,6 +284,8 @@ FORM_FIELDS = {
     "sampler",
     "schedule",
     "cache_threshold",
+    "denoise_tile",
+    "denoise_tile_overlap",
     "output_format",
     "stream",
 }
@@ -428,6 +447,8 @@ async def edit_form(
     sampler: Text = None,
     schedule: Text = None,
     cache_threshold: Fraction = None,
+    denoise_tile: DenoiseTile = None,
+    denoise_tile_overlap: DenoiseTileOverlap = None,
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
     output_format: Annotated[str | None, Form(description="Only png.")] = None,
     stream: Annotated[str | None, Form(description="Only false.")] = None,
@@ -474,6 +495,8 @@ async def edit_form(
         "sampler": sampler,
         "schedule": schedule,
         "cache_threshold": cache_threshold,
+        "denoise_tile": denoise_tile,
+        "denoise_tile_overlap": denoise_tile_overlap,
         "seed": seed,
         "strength": strength,
         "layout": layout,

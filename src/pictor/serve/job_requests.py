@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pictor.editing import EditRequest
+from pictor.generation_request import DENOISE_TILING_FIELDS
 from pictor.hires import HIRES_FIELDS
 from pictor.pipeline import GenerationRequest
 from pictor.serve.store import JobRow, Store
@@ -41,6 +42,8 @@ BATCH_KEYS = (
     "controlnet_end",
     *HIRES_FIELDS,
     "cache_threshold",
+    # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
+    *DENOISE_TILING_FIELDS,
 )
 
 

@@ -55,6 +55,11 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^hires upscaler", "hires_upscaler"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
+        # denoise tiles (generation_settings.denoise_tiling_problem, request_resolution): before the cache's
+        # rule, which "denoise tiles and the first-block cache do not go together" would meet; an overlap
+        # without a tile is about the tile, which is missing (as hires settings without a scale are)
+        (r"^denoise tile overlap ", "denoise_tile_overlap"),
+        (r"^denoise tiles? |^a denoise tile overlap needs a tile", "denoise_tile"),
         (r"^cache threshold|first-block cache", "cache_threshold"),
         # an upscale job's settings (upscaling.upscale_problem), checked again when the job runs
         (r"^the upscale factor", "scale"),
@@ -151,6 +156,14 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             HIRES_UPSCALER_HELP,
         ),
         (r"give the scale too$", "give hires_scale too"),
+        (
+            r"^a denoise tile overlap needs a tile size: give the tile too$",
+            "denoise_tile_overlap needs denoise_tile: give denoise_tile too",
+        ),
+        (
+            r"drop the denoise tile, or the ControlNet$",
+            "drop denoise_tile (this server's ControlNets run on every request)",
+        ),
     )
 )
 
@@ -186,6 +199,8 @@ FLAG_FIELDS = {
     "hires-steps": "hires_steps",
     "hires-upscaler": "hires_upscaler",
     "cache-threshold": "cache_threshold",
+    "denoise-tile": "denoise_tile",
+    "denoise-tile-overlap": "denoise_tile_overlap",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

@@ -140,6 +140,9 @@ class Service:
             # "lanczos", the loaded upscale model's name, or None; resolved below: None for Lanczos
             "hires_upscaler": body.hires_upscaler,
             "cache_threshold": body.cache_threshold or None,
+            # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
+            "denoise_tile": body.denoise_tile,
+            "denoise_tile_overlap": body.denoise_tile_overlap,
             "loras": self.library.choose([c.model_dump() for c in body.loras] if body.loras else None),
             # FLUX.1 Canny: [low, high] (`true` made the default thresholds by the schema), or None.
             "control_canny": body.control_canny,
@@ -201,6 +204,8 @@ class Service:
             hires_upscaler=r.hires_upscaler if r.hires_scale is not None else None,
             redux_strength=r.redux_strength,
             ip_adapter_scale=r.ip_adapter_scale,
+            denoise_tile=r.denoise_tile,
+            denoise_tile_overlap=r.denoise_tile_overlap,
             **resolved_settings(r),
         )
         return self._keep_reference(params, *pictures)

@@ -21,7 +21,8 @@ A variation is an img2img edit of the uploaded picture, and runs and is stored a
 
 The picture the job keeps, and whose hash the images' records hold, is the one drawn from: flattened and
 resized. pictor's other fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``,
-``schedule``, ``cache_threshold``, ``loras``) mean what they mean on ``/v1/images/edits``.
+``schedule``, ``cache_threshold``, ``denoise_tile``, ``denoise_tile_overlap``, ``loras``) mean what they mean
+on ``/v1/images/edits``.
 
 With FLUX.1 Redux loaded (``pictor serve --redux-model FILE --siglip DIR``; the model card's ``redux``) a
 variation is what BFL made Redux for: a generation from noise whose Redux picture is the upload, and no
@@ -61,6 +62,8 @@ from pictor.serve.edits import (
     SIZE_PATTERN,
     VARIATION,
     Count,
+    DenoiseTile,
+    DenoiseTileOverlap,
     EditForm,
     Fraction,
     Loras,
@@ -117,6 +120,8 @@ FORM_FIELDS = {
     "sampler",
     "schedule",
     "cache_threshold",
+    "denoise_tile",
+    "denoise_tile_overlap",
     "loras",
     "redux_strength",
 }
@@ -257,6 +262,8 @@ async def variation_form(
     sampler: Text = None,
     schedule: Text = None,
     cache_threshold: Fraction = None,
+    denoise_tile: DenoiseTile = None,
+    denoise_tile_overlap: DenoiseTileOverlap = None,
     loras: Loras = None,
     redux_strength: ReduxStrength = None,
 ) -> EditForm | ReduxVariation:
@@ -322,6 +329,7 @@ async def variation_form(
         given = {"prompt": prompt, "negative_prompt": negative_prompt, "n": n, "model": model, "user": user}
         given |= {"response_format": response_format, "steps": steps, "guidance": guidance, "seed": seed}
         given |= {"sampler": sampler, "schedule": schedule, "cache_threshold": cache_threshold}
+        given |= {"denoise_tile": denoise_tile, "denoise_tile_overlap": denoise_tile_overlap}
         given |= {"redux_strength": redux_strength}
         return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
@@ -336,6 +344,8 @@ async def variation_form(
         "sampler": sampler,
         "schedule": schedule,
         "cache_threshold": cache_threshold,
+        "denoise_tile": denoise_tile,
+        "denoise_tile_overlap": denoise_tile_overlap,
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,

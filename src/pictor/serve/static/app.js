@@ -81,6 +81,9 @@ function requestFromForm() {
     seed: number("seed", Number),
     n: number("n", Number),
     cache_threshold: number("cache_threshold", Number),
+    // sent as typed, an overlap without a tile too: the server's 400 then says what is missing
+    denoise_tile: number("denoise_tile", Number),
+    denoise_tile_overlap: number("denoise_tile_overlap", Number),
   };
   const hiresScale = number("hires_scale", Number);
   if (hiresScale !== undefined) {  // the strength and steps belong to the hires fix: sent only with it
@@ -140,6 +143,8 @@ function fillForm(record) {
   $("seed").value = record.seed ?? "";
   $("n").value = 1;
   $("cache_threshold").value = record.cache_threshold ?? "";
+  $("denoise_tile").value = record.denoise_tile ?? "";
+  $("denoise_tile_overlap").value = record.denoise_tile_overlap ?? "";
   $("settings").open = true;
   const hires = record.hires || {};
   $("hires_scale").value = hires.scale ?? "";
@@ -838,6 +843,10 @@ function recordRequest(record) {
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
+  if (record.denoise_tile) {  // recorded together: the overlap is the one that ran
+    body.denoise_tile = record.denoise_tile;
+    body.denoise_tile_overlap = record.denoise_tile_overlap;
+  }
   if (record.hires) {  // the record's size is the first pass's; the hires fix is its own part
     body.hires_scale = record.hires.scale;
     body.hires_strength = record.hires.strength;
