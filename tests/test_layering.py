@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "generation_settings": 1,
     "generation_request": 1,
     "grid_axes": 1,
+    "grid_values": 1,
     "prompt_variants": 1,
     "hires": 1,
     "image_grid": 1,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import difflib
 import math
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,155 +24,33 @@ from pathlib import Path
 from typing import Any
 
 from pictor.controlnet_runs import MAX_SCALE as MAX_CONTROLNET_SCALE
-from pictor.generation_request import MAX_SEED, NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
-from pictor.generation_settings import MAX_STEPS, settings_problem
-from pictor.hires import UPSCALER, hires_problem
+from pictor.generation_request import NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
+from pictor.grid_values import (
+    HIRES_OFF,
+    GridError,
+    bounded,
+    parse_cache_threshold,
+    parse_guidance,
+    parse_hires,
+    parse_hires_steps,
+    parse_hires_strength,
+    parse_hires_upscaler,
+    parse_lora,
+    parse_sampler,
+    parse_schedule,
+    parse_seed,
+    parse_size,
+    parse_steps,
+    parse_text,
+    upscaler_name,
+)
+from pictor.hires import UPSCALER
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
-from pictor.models.block_cache import cache_threshold_problem
 from pictor.redux_images import MAX_STRENGTH as MAX_REDUX_STRENGTH
 
 # Cells a grid may have unless the caller raises the limit (--max-cells): a typo such as steps=1,2,...,100
 # should not start hours of sampling.
 MAX_CELLS = 64
-
-_SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
-
-
-class GridError(ValueError):
-    """Axes or a grid that cannot be made; the message says what to change."""
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise GridError(f"'{text}' is not a whole number") from None
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise GridError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise GridError(f"'{text}' is not a finite number")
-    return value
-
-
-def _checked(problem: str | None) -> None:
-    if problem:
-        raise GridError(problem)
-
-
-def _steps(text: str) -> int:
-    value = _whole(text)
-    # Sizes are the model's to check (its latent packing); these settings' rules hold for every model.
-    _checked(settings_problem(pixel_multiple=1, steps=value))
-    return value
-
-
-def _guidance(text: str) -> float:
-    value = _number(text)
-    _checked(settings_problem(pixel_multiple=1, guidance=value))
-    return value
-
-
-def _sampler(text: str) -> str:
-    _checked(settings_problem(pixel_multiple=1, sampler=text))
-    return text
-
-
-def _schedule(text: str) -> str:
-    _checked(settings_problem(pixel_multiple=1, schedule=text))
-    return text
-
-
-def _seed(text: str) -> int:
-    value = _whole(text)
-    if not 0 <= value <= MAX_SEED:
-        raise GridError(f"seed must be between 0 and {MAX_SEED}, got {value}")
-    return value
-
-
-def _size(text: str) -> tuple[int, int]:
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise GridError(f"size must be WIDTHxHEIGHT, e.g. 64x64; got '{text}'")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _lora(text: str) -> float:
-    return _number(text)
-
-
-def _cache_threshold(text: str) -> float:
-    value = _number(text)
-    _checked(cache_threshold_problem(value))
-    return value
-
-
-def _bounded(low: float, high: float, what: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not low <= value <= high:
-            raise GridError(f"{what} must be from {low:g} to {high:g}, got {value:g}")
-        return value
-
-    return parse
-
-
-def _text(text: str) -> str:
-    return text
-
-
-# The hires axis's value for a cell without the hires fix (one pass; its request's hires_scale is None).
-HIRES_OFF = "off"
-# A valid scale to check a hires strength or steps value by `hires_problem`, the pipeline's own rules, alone.
-_SOME_SCALE = 2.0
-
-
-def _hires(text: str) -> float | None:
-    if text.lower() == HIRES_OFF:
-        return None
-    value = _number(text)
-    problem = hires_problem(value, None, None, MAX_STEPS)
-    if problem:
-        raise GridError(f"{problem} (or {HIRES_OFF}: no hires fix)")
-    return value
-
-
-def _hires_strength(text: str) -> float:
-    value = _number(text)
-    _checked(hires_problem(_SOME_SCALE, value, None, MAX_STEPS))
-    return value
-
-
-def _hires_steps(text: str) -> int:
-    value = _whole(text)
-    _checked(hires_problem(_SOME_SCALE, None, value, MAX_STEPS))
-    return value
-
-
-def _hires_upscaler(text: str) -> str:
-    """Lanczos ("lanczos") or the absolute path of an upscale model file, read when the grid runs."""
-    if text.lower() == UPSCALER:
-        return UPSCALER
-    path = Path(text)
-    if not path.is_file():
-        raise GridError(
-            f"'{text}' is not a file; give an upscale model (ESRGAN, Real-ESRGAN, ... as .safetensors) or "
-            f"{UPSCALER}"
-        )
-    # Resolved as `Pipeline.set_upscaler` resolves it, so the stem is the name the pipeline gives the model.
-    path = path.resolve()
-    if path.stem.lower() == UPSCALER:
-        raise GridError(f"'{text}': a model named '{UPSCALER}' would be taken for Lanczos; rename it")
-    return str(path)
-
-
-def _upscaler_name(value: str) -> str | None:
-    """A hires-upscaler value as a request names it: None for Lanczos, else the model file's stem."""
-    return None if value == UPSCALER else Path(value).stem
 
 
 @dataclass(frozen=True)
@@ -190,43 +67,43 @@ def _set(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest
 
 
 AXES: dict[str, _Kind] = {
-    "steps": _Kind(_steps, _set("steps"), "steps=10,20,30"),
-    "guidance": _Kind(_guidance, _set("guidance"), "guidance=2,4,7"),
-    "sampler": _Kind(_sampler, _set("sampler"), "sampler=euler,heun"),
-    "schedule": _Kind(_schedule, _set("schedule"), "schedule=flux,linear"),
-    "seed": _Kind(_seed, _set("seed"), "seed=1,2,3"),
-    "size": _Kind(_size, lambda r, v, _f: replace(r, width=v[0], height=v[1]), "size=64x64,128x64"),
-    "negative": _Kind(_text, _set("negative_prompt"), 'negative=,blurry,"dark, blurry"', empty_ok=True),
+    "steps": _Kind(parse_steps, _set("steps"), "steps=10,20,30"),
+    "guidance": _Kind(parse_guidance, _set("guidance"), "guidance=2,4,7"),
+    "sampler": _Kind(parse_sampler, _set("sampler"), "sampler=euler,heun"),
+    "schedule": _Kind(parse_schedule, _set("schedule"), "schedule=flux,linear"),
+    "seed": _Kind(parse_seed, _set("seed"), "seed=1,2,3"),
+    "size": _Kind(parse_size, lambda r, v, _f: replace(r, width=v[0], height=v[1]), "size=64x64,128x64"),
+    "negative": _Kind(parse_text, _set("negative_prompt"), 'negative=,blurry,"dark, blurry"', empty_ok=True),
     # Prompt S/R: every occurrence of the first value is replaced by the cell's value.
     "prompt": _Kind(
-        _text, lambda r, v, first: replace(r, prompt=r.prompt.replace(first, v)), "prompt=red,blue"
+        parse_text, lambda r, v, first: replace(r, prompt=r.prompt.replace(first, v)), "prompt=red,blue"
     ),
-    "lora": _Kind(_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
-    "cache-threshold": _Kind(_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
+    "lora": _Kind(parse_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
+    "cache-threshold": _Kind(parse_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
     # The loaded ControlNets' scale (one for all of them) and the share of the steps they run in.
     "controlnet-scale": _Kind(
-        _bounded(0.0, MAX_CONTROLNET_SCALE, "a ControlNet scale"),
+        bounded(0.0, MAX_CONTROLNET_SCALE, "a ControlNet scale"),
         lambda r, v, _f: replace(r, controlnet_scales=[v]),
         "controlnet-scale=0.4,0.7,1",
     ),
     "controlnet-end": _Kind(
-        _bounded(0.0, 1.0, "a ControlNet end"), _set("controlnet_end"), "controlnet-end=0.5,0.8,1"
+        bounded(0.0, 1.0, "a ControlNet end"), _set("controlnet_end"), "controlnet-end=0.5,0.8,1"
     ),
     "redux-strength": _Kind(
-        _bounded(0.0, MAX_REDUX_STRENGTH, "a Redux strength"), _set("redux_strength"), "redux-strength=0.5,1"
+        bounded(0.0, MAX_REDUX_STRENGTH, "a Redux strength"), _set("redux_strength"), "redux-strength=0.5,1"
     ),
     "ip-adapter-scale": _Kind(
-        _bounded(0.0, MAX_IP_ADAPTER_SCALE, "an IP-Adapter scale"),
+        bounded(0.0, MAX_IP_ADAPTER_SCALE, "an IP-Adapter scale"),
         _set("ip_adapter_scale"),
         "ip-adapter-scale=0.5,0.8,1",
     ),
     # The hires fix (`pictor.hires`): its scale (off: one pass), second pass and what enlarges the first.
-    "hires": _Kind(_hires, _set("hires_scale"), "hires=off,1.5,2"),
-    "hires-strength": _Kind(_hires_strength, _set("hires_strength"), "hires-strength=0.3,0.5,0.7"),
-    "hires-steps": _Kind(_hires_steps, _set("hires_steps"), "hires-steps=5,10,20"),
+    "hires": _Kind(parse_hires, _set("hires_scale"), "hires=off,1.5,2"),
+    "hires-strength": _Kind(parse_hires_strength, _set("hires_strength"), "hires-strength=0.3,0.5,0.7"),
+    "hires-steps": _Kind(parse_hires_steps, _set("hires_steps"), "hires-steps=5,10,20"),
     "hires-upscaler": _Kind(
-        _hires_upscaler,
-        lambda r, v, _f: replace(r, hires_upscaler=_upscaler_name(v)),
+        parse_hires_upscaler,
+        lambda r, v, _f: replace(r, hires_upscaler=upscaler_name(v)),
         "hires-upscaler=lanczos,4x-UltraSharp.safetensors",
     ),
 }
@@ -322,13 +199,13 @@ def make_axis(name: str, values: list[Any] | tuple[Any, ...]) -> Axis:
 
 
 def _distinct_files(paths: list[str], labels: tuple[str, ...]) -> None:
-    """Records name an upscale model by its file's stem (`_upscaler_name`): two files of one stem, even with
+    """Records name an upscale model by its file's stem (`upscaler_name`): two files of one stem, even with
     their suffixes in other cases, would read as one model."""
     seen: dict[str, str] = {}
     for path in paths:
         if path == UPSCALER:
             continue
-        name = _upscaler_name(path) or ""
+        name = upscaler_name(path) or ""
         other = seen.setdefault(name, path)
         if other != path:
             raise GridError(
