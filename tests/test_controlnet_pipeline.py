@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
+import pictor.pipeline as pipeline_module
 from pictor.checkpoint import BundleConfig
 from pictor.controlnet_runs import ControlNetError, kept_steps
 from pictor.editing import EditRequest
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.text import build_text_encoder
+from pictor.notices import PictorWarning
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
@@ -32,6 +36,9 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 
 PICTOR = shutil.which("pictor")
+
+
+UNPACK = pipeline_module.unpack_latents  # before any test's spy stands in for it
 
 
 def _ae(factor: int) -> AutoEncoderParams:
@@ -468,13 +475,14 @@ def test_under_true_cfg_the_negative_half_reuses_the_positive_residuals(
     _close(ours.image, want)
 
 
-def test_the_first_block_cache_and_autoencoder_tiles_take_the_controlnet(
+def test_the_first_block_cache_autoencoder_tiles_and_denoise_tiles_take_the_controlnet(
     pipe: Pipeline, nets: dict[str, Path]
 ) -> None:
     _with(pipe, nets["instantx"])
     pictures = [_picture(5, (64, 64))]
     base = {"width": 64, "height": 64, "seed": 9, "steps": 4, "controlnet_images": pictures}
-    for extra in ({"cache_threshold": 0.3}, {"vae_tile": 32, "vae_tile_overlap": 8}):
+    tiles = {"denoise_tile": 32, "denoise_tile_overlap": 8}
+    for extra in ({"cache_threshold": 0.3}, {"vae_tile": 32, "vae_tile_overlap": 8}, tiles):
         (image,) = pipe.generate(GenerationRequest("a square", **base, **extra))  # type: ignore[arg-type]
         again = reproduce(pipe, image.record, controlnet_images=pictures)
         assert np.array_equal(_px(again.image), _px(image.image))
@@ -485,13 +493,155 @@ def test_the_first_block_cache_and_autoencoder_tiles_take_the_controlnet(
         _with(pipe, nets["instantx"])
 
 
-def test_denoise_tiles_are_refused_with_a_controlnet(pipe: Pipeline, nets: dict[str, Path]) -> None:
-    """A ControlNet's residuals cover the whole image's tokens; windows of them are not built (yet)."""
-    _with(pipe, nets["instantx"])
-    request = GenerationRequest(
-        "a square", width=64, height=64, steps=2, controlnet_images=[_picture(5, (64, 64))], denoise_tile=32
+def _cfg_pipeline(root: Path) -> Pipeline:
+    """The tiny model with real classifier-free guidance (a negative half) instead of distilled guidance."""
+    text = flux_text_encoders(root / "cfg")
+    ae = _ae(2)
+    model = replace(MODEL, guidance_embed=False)
+    config = BundleConfig(
+        name="tiny-cfg", model=model.to_dict(), autoencoder=ae.to_dict(), text_encoder=text,
+        defaults={**DEFAULTS, "guidance_mode": "cfg"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Pipeline(
+        random_flux(model, seed=0), AutoEncoder(ae).eval(), build_text_encoder(text), config, "cpu"
     )
-    with pytest.raises(GenerationError, match="denoise tiles do not run ControlNets"):
+
+
+def _token_wise(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch, shapes: list[tuple[int, ...]]) -> None:
+    """Stand-ins whose outputs per token depend only on that token and what every window shares: each
+    ControlNet's residual (double and single) on the token's control token, noise, position, the prompt and
+    the Union mode; the transformer's velocity on the token's noise, the prompt row and its residuals. For
+    them a run in denoise windows must equal the whole run: any token read from the wrong place, or the
+    ControlNet fed the negative half, shows."""
+
+    def net(
+        img: torch.Tensor, img_ids: torch.Tensor, cond: torch.Tensor, txt: torch.Tensor, *_: Any, **kw: Any
+    ) -> ControlResiduals:
+        assert cond.shape[1] == img.shape[1]
+        r = (
+            torch.tanh(cond.float()).mean(-1, keepdim=True)
+            + 0.1 * torch.sin(img_ids.float().sum(-1))[..., None]
+            + 0.3 * torch.tanh(img.float()).mean(-1, keepdim=True)
+            + 0.2 * txt.float().mean((1, 2))[:, None, None]
+        )
+        if kw.get("mode") is not None:
+            r = r + 0.05 * kw["mode"].float()[:, None, None]
+        r = r.expand(-1, -1, 4).to(img.dtype)
+        return ControlResiduals([r], [0.5 * r])
+
+    out = pipe.transformer.params.out_channels
+
+    def flux(img: torch.Tensor, _ids: torch.Tensor, txt: torch.Tensor, *_: Any, **kw: Any) -> torch.Tensor:
+        v = torch.tanh(img[..., :out]) * 0.7 + 0.1 * txt.float().mean((1, 2))[:, None, None]
+        control = kw.get("controlnet")
+        if control is not None:
+            d, s = control.double[0], control.single[0]
+            shapes.append((img.shape[0], img.shape[1], d.shape[0], d.shape[1], s.shape[1]))
+            k = img.shape[0] // d.shape[0]  # under CFG the conditional half's residuals serve both halves
+            v = v + (d.float().mean(-1, keepdim=True) + s.float().mean(-1, keepdim=True)).repeat(k, 1, 1)
+        return v.to(img.dtype)
+
+    for unit in pipe.controlnets:
+        monkeypatch.setattr(unit.model, "forward", net)
+    monkeypatch.setattr(pipe.transformer, "forward", flux)
+
+
+def _final_latents(monkeypatch: pytest.MonkeyPatch, run: Any) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+
+    def spy(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        seen.append(x.clone())
+        return UNPACK(x, h, w)
+
+    monkeypatch.setattr(pipeline_module, "unpack_latents", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PictorWarning)  # a pass from noise in windows is warned about
+        run()
+    assert len(seen) == 1
+    return seen[0]
+
+
+WINDOWS = {"denoise_tile": 32, "denoise_tile_overlap": 8}
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_denoise_windows_under_true_cfg_give_the_controlnet_its_window_of_the_conditional_half(
+    root: Path, monkeypatch: pytest.MonkeyPatch, num_images: int
+) -> None:
+    pipe = _cfg_pipeline(root)
+    _with(pipe, _controlnet(root, "cfg-net-windows", 8, guidance_embeds=False))
+    shapes: list[tuple[int, ...]] = []
+    _token_wise(pipe, monkeypatch, shapes)
+    base = {
+        "negative_prompt": "a blue blur", "width": 64, "height": 48, "steps": 3, "seed": 2, "guidance": 3.0,
+        "num_images": num_images, "controlnet_images": [_picture(5, (64, 48))],
+    }  # fmt: skip
+    tiled = _final_latents(
+        monkeypatch, lambda: pipe.generate(GenerationRequest("a red square", **WINDOWS, **base))
+    )
+    windowed = list(shapes)
+    whole = _final_latents(monkeypatch, lambda: pipe.generate(GenerationRequest("a red square", **base)))
+    # windows of the image's tokens, both CFG halves in the transformer, the conditional half's residuals
+    assert {w[0] for w in windowed} == {2 * num_images} and {w[2] for w in windowed} == {num_images}
+    assert max(w[1] for w in windowed) < shapes[-1][1] and all(w[1] == w[3] == w[4] for w in windowed)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_denoise_windows_take_union_modes_mixed_sizes_and_a_step_window(
+    pipe: Pipeline, nets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with(pipe, nets["union"], nets["small"], nets["union"])
+    _token_wise(pipe, monkeypatch, [])
+    pictures = [_picture(i, (64, 48)) for i in (5, 6, 7)]
+    base = {
+        "width": 64, "height": 48, "steps": 4, "seed": 2, "num_images": 2, "controlnet_images": pictures,
+        "controlnet_modes": ["canny", None, "depth"], "controlnet_scales": [0.5, 0.7, 0.3],
+        "controlnet_start": 0.25, "controlnet_end": 0.75,
+    }  # fmt: skip
+    tiled = _final_latents(monkeypatch, lambda: pipe.generate(GenerationRequest("x", **WINDOWS, **base)))
+    whole = _final_latents(monkeypatch, lambda: pipe.generate(GenerationRequest("x", **base)))
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_denoise_windows_take_a_controlnet_in_an_edit(
+    pipe: Pipeline, nets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _with(pipe, nets["instantx"])
+    _token_wise(pipe, monkeypatch, [])
+    _picture(8, (64, 48)).save(tmp_path / "source.png")
+    for settings in (
+        {"strength": 0.6, "controlnet_images": [_picture(9, (64, 48))]},
+        {"expand": (0, 0, 16, 0), "controlnet_images": [_picture(9, (80, 48))]},  # outpainting: a mask
+    ):
+        request = {"image": tmp_path / "source.png", "prompt": "a", "seed": 4, **settings}
+        tiled = _final_latents(monkeypatch, lambda r=request: pipe.edit(EditRequest(**r, **WINDOWS)))
+        whole = _final_latents(monkeypatch, lambda r=request: pipe.edit(EditRequest(**r)))
+        torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_denoise_tiles_are_refused_with_an_xlabs_controlnet(root: Path) -> None:
+    """XLabs' ControlNets read the control picture's pixels through a convolution stack, not per token."""
+    pipe = _pipeline(root / "f8-windows", factor=8)
+    net = _controlnet(
+        root,
+        "xlabs-w",
+        4,
+        patch_size=2,
+        in_channels=64,
+        conditioning_embedding_channels=16,
+        num_single_layers=0,
+    )
+    _with(pipe, net)
+    request = GenerationRequest(
+        "a square",
+        width=128,
+        height=128,
+        steps=2,
+        controlnet_images=[_picture(5, (128, 128))],
+        denoise_tile=64,
+    )
+    with pytest.raises(GenerationError, match=r"denoise tiles do not run XLabs ControlNets yet \(xlabs-w\)"):
         pipe.generate(request)
 
 

@@ -362,9 +362,12 @@ class ControlNetRun:
         txt_ids: torch.Tensor,
         vec: torch.Tensor,
         guidance: float,
+        index: torch.Tensor | None = None,
     ) -> ControlResiduals | None:
         """The summed, scaled residuals of every ControlNet for the noisy tokens x [B, N, C] at time t
-        ([B] or a scalar) with the prompt's tokens and pooled vector, or None in a step left out."""
+        ([B] or a scalar) with the prompt's tokens and pooled vector, or None in a step left out. `index`:
+        where x's tokens lie in the image's (a denoise window, `pictor.denoise_tiles`), so each ControlNet
+        reads the control tokens of the same place; None: x is the whole image."""
         if not self.active(float(t.reshape(-1)[0])):
             return None
         n = x.shape[0]
@@ -376,6 +379,9 @@ class ControlNetRun:
             p = unit.model.params
             g = torch.full((n,), guidance, device=x.device, dtype=self.dtype) if p.guidance_embed else None
             m = torch.full((n,), int(mode), device=x.device, dtype=torch.long) if mode is not None else None
+            if index is not None:  # request resolution refuses windows for a pixel-reading ControlNet
+                assert not unit.model.takes_pixels
+                cond = cond[:, index]
             batch_cond = cond.expand(n, *cond.shape[1:])
             out = unit.model(x, img_ids, batch_cond, txt, txt_ids, t, vec, guidance=g, mode=m).scaled(scale)
             if self.spread:  # ControlNets of different sizes add block by block

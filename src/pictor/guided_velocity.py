@@ -9,8 +9,9 @@ An IP-Adapter's picture goes with the conditional half and a black picture with 
 XLabs' default negative picture), its keys and values computed once per run too.
 A FLUX.1 Kontext context image goes with both halves (as diffusers' true CFG for Kontext), appended to the
 image tokens (`pictor.context_images`).
-With denoise windows (`pictor.denoise_tiles`), each call runs the transformer on one window of the image
-tokens at a time, with that window's ids, layout residuals and tokens beside the noise, and blends them.
+With denoise windows (`pictor.denoise_tiles`), each call runs the transformer (and the ControlNets) on one
+window of the image tokens at a time, with that window's ids, layout residuals, tokens beside the noise and
+control tokens, and blends them.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def guided_velocity(
     `fill`: tokens read beside the noise [1, N, D], concatenated to every noisy token's channels: a FLUX.1
     Fill model's masked picture and mask, or a Canny / Depth model's control picture. `controlnets`: the
     run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call. `windows`:
-    the token windows the transformer runs on one at a time (None: all tokens at once); request resolution
-    refuses them with ControlNets and the first-block cache, which follow the whole image's tokens."""
+    the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
+    same window of its control tokens; request resolution refuses them with the first-block cache, which
+    compares each call with the last, and with XLabs' ControlNets, which read the picture's pixels."""
     cond = m.encode_text([r.prompt])
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
@@ -128,7 +130,7 @@ def guided_velocity(
         ipa: IPAttention | None,
     ) -> torch.Tensor:
         if windows is None:
-            return window_model(x, t, emb, ids, residuals, context, ipa, fill)
+            return window_model(x, t, emb, ids, residuals, context, ipa, fill, None)
 
         def part(index: torch.Tensor) -> torch.Tensor:  # the tokens at `index` alone, where they lie
             return window_model(
@@ -140,6 +142,7 @@ def guided_velocity(
                 context,
                 ipa,
                 fill[:, index] if fill is not None else None,
+                index,
             )
 
         return tiled_call(windows, x, part)
@@ -153,6 +156,7 @@ def guided_velocity(
         context: ReferenceConditioning | None,
         ipa: IPAttention | None,
         beside: torch.Tensor | None,
+        index: torch.Tensor | None,
     ) -> torch.Tensor:
         n = x.shape[0]
         txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
@@ -165,7 +169,7 @@ def guided_velocity(
         if controlnets is not None:  # the conditional half's residuals; a CFG negative half reuses them
             k = batch  # (the transformer broadcasts them over both halves)
             tk = t[:k] if t.ndim else t
-            control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance)
+            control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance, index)
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
         if beside is not None:  # Fill's masked picture and mask, or a control picture, beside each token

@@ -198,10 +198,12 @@ def _check_denoise_tiles(pipe: ResolvingPipeline, r: GenerationRequest) -> None:
     cannot run in them."""
     if r.denoise_tile is None:
         return
-    if pipe.controlnets:
+    names = list(dict.fromkeys(str(u.info.get("name")) for u in pipe.controlnets if u.model.takes_pixels))
+    if names:  # (not yet: their hint tokens would have to be made once per run, then sliced per window)
+        which = "that ControlNet" if len(names) == 1 else "those ControlNets"
         raise GenerationError(
-            "denoise tiles do not run ControlNets (their residuals cover the whole image): drop the denoise "
-            "tile, or the ControlNet"
+            f"denoise tiles do not run XLabs ControlNets yet ({', '.join(names)}), which read the control "
+            f"picture's pixels: drop the denoise tile, or {which}"
         )
     if r.cache_threshold:
         raise GenerationError(

@@ -147,7 +147,8 @@ def _generation_error(pipe: Pipeline, **request: Any) -> str:
 
 def _controlnet_error() -> str:
     with pytest.raises(GenerationError) as info:
-        _check_denoise_tiles(SimpleNamespace(controlnets=[object()]), GenerationRequest("a", denoise_tile=32))
+        xlabs = SimpleNamespace(model=SimpleNamespace(takes_pixels=True), info={"name": "xlabs-canny"})
+        _check_denoise_tiles(SimpleNamespace(controlnets=[xlabs]), GenerationRequest("a", denoise_tile=32))
     return str(info.value)
 
 
@@ -173,7 +174,7 @@ def test_the_pipelines_messages_name_their_field(
     text = message(tiny)
     assert field_of(text) == field, text
     api = api_message(text)
-    assert "--" not in api and "the denoise tile, or the ControlNet" not in api, api
+    assert "--" not in api and "the denoise tile, or that ControlNet" not in api, api
     error = job_error(GenerationError(text))
     assert error["param"] == field and error["message"] in (api, f"{field}: {api}"), error
 

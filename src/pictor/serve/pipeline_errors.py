@@ -161,7 +161,7 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "denoise_tile_overlap needs denoise_tile: give denoise_tile too",
         ),
         (
-            r"drop the denoise tile, or the ControlNet$",
+            r"drop the denoise tile, or th(at ControlNet|ose ControlNets)$",
             "drop denoise_tile (this server's ControlNets run on every request)",
         ),
     )
