@@ -25,7 +25,7 @@ from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import FluxParams, pack_latents
 from pictor.models.text import build_text_encoder
 from pictor.notices import PictorWarning
-from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
+from pictor.pipeline import GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
 
@@ -620,8 +620,11 @@ def test_denoise_windows_take_a_controlnet_in_an_edit(
         torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
 
-def test_denoise_tiles_are_refused_with_an_xlabs_controlnet(root: Path) -> None:
-    """XLabs' ControlNets read the control picture's pixels through a convolution stack, not per token."""
+def test_denoise_windows_take_an_xlabs_controlnets_hint_tokens(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XLabs' hint net reads the control picture's pixels; its tokens are made once per run, so each window
+    reads its own. A real run in windows reproduces; with the token-wise stand-ins it equals the whole run."""
     pipe = _pipeline(root / "f8-windows", factor=8)
     net = _controlnet(
         root,
@@ -633,16 +636,31 @@ def test_denoise_tiles_are_refused_with_an_xlabs_controlnet(root: Path) -> None:
         num_single_layers=0,
     )
     _with(pipe, net)
-    request = GenerationRequest(
-        "a square",
-        width=128,
-        height=128,
-        steps=2,
-        controlnet_images=[_picture(5, (128, 128))],
-        denoise_tile=64,
+    base = {"width": 128, "height": 96, "steps": 3, "seed": 5, "controlnet_images": [_picture(5, (128, 96))]}
+    hints: list[int] = []
+    hint = pipe.controlnets[0].model.input_hint_block
+    assert hint is not None
+    hint.register_forward_hook(lambda *_: hints.append(1))
+    with pytest.warns(PictorWarning, match="starts from noise"):
+        (tiled,) = pipe.generate(GenerationRequest("a grey circle", denoise_tile=64, **base))
+    assert len(hints) == 1  # once per run, not once per model call
+    assert tiled.record["denoise_tile"] == 64 and tiled.record["controlnets"][0]["kind"] == "xlabs"
+    again = reproduce(pipe, tiled.record, controlnet_images=base["controlnet_images"])
+    assert np.array_equal(_px(again.image), _px(tiled.image))
+    (whole,) = pipe.generate(GenerationRequest("a grey circle", **base))
+    assert not np.array_equal(_px(whole.image), _px(tiled.image))
+
+    _token_wise(pipe, monkeypatch, [])
+    tiled_latents = _final_latents(
+        monkeypatch,
+        lambda: pipe.generate(GenerationRequest("x", denoise_tile=64, denoise_tile_overlap=16, **base)),
     )
-    with pytest.raises(GenerationError, match=r"denoise tiles do not run XLabs ControlNets yet \(xlabs-w\)"):
-        pipe.generate(request)
+    torch.testing.assert_close(
+        tiled_latents,
+        _final_latents(monkeypatch, lambda: pipe.generate(GenerationRequest("x", **base))),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_grid_axes_for_the_controlnet_scale_and_end(pipe: Pipeline, nets: dict[str, Path]) -> None:

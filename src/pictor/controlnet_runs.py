@@ -333,9 +333,9 @@ class ControlNetRun:
         for unit, pixels in zip(units, r.controlnet_images or [], strict=True):
             assert isinstance(pixels, np.ndarray)
             param = next(unit.model.parameters())
-            if unit.model.takes_pixels:  # XLabs: the picture itself, [1, 3, H, W] in [-1, 1]
+            if unit.model.takes_pixels:  # XLabs: the picture through its hint net, once per run
                 x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-                self.conds.append(x.to(param.device, dtype))
+                self.conds.append(unit.model.cond_tokens(x.to(param.device, dtype)))
             else:  # the picture's packed latents, [1, N, 4 C]
                 tokens = control_tokens(autoencoder, pixels, None, dtype, r.vae_tile, r.vae_tile_overlap)
                 self.conds.append(tokens.to(param.device))
@@ -379,11 +379,21 @@ class ControlNetRun:
             p = unit.model.params
             g = torch.full((n,), guidance, device=x.device, dtype=self.dtype) if p.guidance_embed else None
             m = torch.full((n,), int(mode), device=x.device, dtype=torch.long) if mode is not None else None
-            if index is not None:  # request resolution refuses windows for a pixel-reading ControlNet
-                assert not unit.model.takes_pixels
+            if index is not None:  # every ControlNet's cond is tokens [1, N, C] here
                 cond = cond[:, index]
             batch_cond = cond.expand(n, *cond.shape[1:])
-            out = unit.model(x, img_ids, batch_cond, txt, txt_ids, t, vec, guidance=g, mode=m).scaled(scale)
+            out = unit.model(
+                x,
+                img_ids,
+                batch_cond,
+                txt,
+                txt_ids,
+                t,
+                vec,
+                guidance=g,
+                mode=m,
+                hint_tokens=unit.model.takes_pixels,
+            ).scaled(scale)
             if self.spread:  # ControlNets of different sizes add block by block
                 out = out.spread(*self.depths)
             total = out if total is None else total + out

@@ -99,7 +99,7 @@ def guided_velocity(
     run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call. `windows`:
     the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
     same window of its control tokens; request resolution refuses them with the first-block cache, which
-    compares each call with the last, and with XLabs' ControlNets, which read the picture's pixels."""
+    compares each call with the last."""
     cond = m.encode_text([r.prompt])
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)

@@ -121,7 +121,7 @@ def resolve_request(
     r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
     # ControlNets: one picture each, fitted to the image's size; scales, modes and window spelled out.
     r = resolve_controlnets(r, pipe.controlnets)
-    _check_denoise_tiles(pipe, r)
+    _check_denoise_tiles(r)
     problem = redux_problem(r, pipe.redux, pipe.guidance_mode)
     if problem:
         raise ReduxError(problem)
@@ -193,18 +193,11 @@ def _check_guidance(pipe: ResolvingPipeline, r: GenerationRequest, asked: float 
         )
 
 
-def _check_denoise_tiles(pipe: ResolvingPipeline, r: GenerationRequest) -> None:
-    """Denoise windows run the transformer on part of the image's tokens; what follows all of them at once
-    cannot run in them."""
+def _check_denoise_tiles(r: GenerationRequest) -> None:
+    """Denoise windows follow one another at each step; the first-block cache, which compares each call with
+    the last, cannot run in them."""
     if r.denoise_tile is None:
         return
-    names = list(dict.fromkeys(str(u.info.get("name")) for u in pipe.controlnets if u.model.takes_pixels))
-    if names:  # (not yet: their hint tokens would have to be made once per run, then sliced per window)
-        which = "that ControlNet" if len(names) == 1 else "those ControlNets"
-        raise GenerationError(
-            f"denoise tiles do not run XLabs ControlNets yet ({', '.join(names)}), which read the control "
-            f"picture's pixels: drop the denoise tile, or {which}"
-        )
     if r.cache_threshold:
         raise GenerationError(
             "denoise tiles and the first-block cache do not go together (the cache compares each call with "

@@ -220,25 +220,29 @@ class FluxControlNet(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         mode: Tensor | None = None,
+        *,
+        hint_tokens: bool = False,
     ) -> ControlResiduals:
         """Unscaled residuals for the transformer's image stream (scale them with ``.scaled``).
 
         img ``[B, N, in_channels]`` packed noisy latents; img_ids ``[B, N, 3]`` or ``[N, 3]``; cond: packed
         control latents ``[B|1, N, in_channels]``, or for a hint (XLabs) ControlNet the control picture
-        ``[B|1, 3, 16h, 16w]`` in [-1, 1] with ``h * w = N``; txt ``[B, L, context_in_dim]``; txt_ids
-        ``[B, L, 3]`` or ``[L, 3]``; timesteps ``[B]`` in [0, 1]; y ``[B, vec_in_dim]``; guidance ``[B]``,
-        required iff ``params.guidance_embed``; mode ``[B]`` integer mode ids, required iff a Union model.
+        ``[B|1, 3, 16h, 16w]`` in [-1, 1] with ``h * w = N`` (or with ``hint_tokens`` its ``cond_tokens``);
+        txt ``[B, L, context_in_dim]``; txt_ids ``[B, L, 3]`` or ``[L, 3]``; timesteps ``[B]`` in [0, 1]; y
+        ``[B, vec_in_dim]``; guidance ``[B]``, required iff ``params.guidance_embed``; mode ``[B]`` integer
+        mode ids, required iff a Union model.
         """
         p = self.params
         img_ids, txt_ids, timesteps, guidance, mode = self._check_inputs(
-            img, img_ids, cond, txt, txt_ids, timesteps, y, guidance, mode
+            img, img_ids, cond, txt, txt_ids, timesteps, y, guidance, mode, hint_tokens
         )
         vec = self.time_in(timestep_embedding(timesteps.float(), TIME_EMBED_DIM).to(img.dtype))
         if p.guidance_embed:
             assert guidance is not None  # _check_inputs demands it
             vec = vec + self.guidance_in(timestep_embedding(guidance.float(), TIME_EMBED_DIM).to(img.dtype))
         vec = vec + self.vector_in(y)
-        img = self.img_in(img) + self.pos_embed_input(self._cond_tokens(cond.to(img.dtype)))
+        tokens = cond.to(img.dtype) if hint_tokens else self.cond_tokens(cond.to(img.dtype))
+        img = self.img_in(img) + self.pos_embed_input(tokens)
         txt = self.txt_in(txt)
         if mode is not None and self.controlnet_mode_embedder is not None:  # _check_inputs pairs them
             # Union: the mode's token goes in front of the text, at the first text token's position (zeros
@@ -267,8 +271,10 @@ class FluxControlNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def _cond_tokens(self, cond: Tensor) -> Tensor:
-        """The control input as ``[B|1, N, in_channels]`` tokens (pixels via the hint net, 2x2 patches)."""
+    def cond_tokens(self, cond: Tensor) -> Tensor:
+        """The control input as ``[B|1, N, in_channels]`` tokens (pixels via the hint net, 2x2 patches). A
+        hint net's depend on the picture alone, so a sampler run makes them once and passes them as ``cond``
+        with ``hint_tokens`` (which also lets a denoise window take its own)."""
         if self.input_hint_block is None:
             return cond
         hint = self.input_hint_block(cond)  # [B, 16, 2h, 2w]
@@ -285,6 +291,7 @@ class FluxControlNet(nn.Module):
         y: Tensor,
         guidance: Tensor | None,
         mode: Tensor | None,
+        hint_tokens: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """Validate shapes (errors name the argument) and bring ids / t / guidance / mode to batched form."""
         p = self.params
@@ -302,7 +309,7 @@ class FluxControlNet(nn.Module):
             raise ValueError(
                 f"FluxControlNet: txt must be [{batch}, L, {p.context_in_dim}], got {shape_of(txt)}"
             )
-        self._check_cond(cond, batch, n_img)
+        self._check_cond(cond, batch, n_img, hint_tokens)
         img_ids = batched_ids("FluxControlNet", "img_ids", img_ids, batch, n_img)
         txt_ids = batched_ids("FluxControlNet", "txt_ids", txt_ids, batch, txt.shape[1])
         if img_ids.shape[0] != txt_ids.shape[0]:  # one shared, one per-sample: broadcast the shared one
@@ -322,11 +329,11 @@ class FluxControlNet(nn.Module):
             guidance = batched_scalar("FluxControlNet", "guidance", guidance, batch)
         return img_ids, txt_ids, timesteps, guidance, self._check_mode(mode, batch)
 
-    def _check_cond(self, cond: Tensor, batch: int, n_img: int) -> None:
+    def _check_cond(self, cond: Tensor, batch: int, n_img: int, hint_tokens: bool = False) -> None:
         p = self.params
         if not isinstance(cond, Tensor):
             raise ValueError(f"FluxControlNet: cond must be a tensor, got {shape_of(cond)}")
-        if not p.hint:
+        if not p.hint or hint_tokens:  # control latents, or a hint net's tokens made beforehand
             if (
                 cond.ndim != 3
                 or cond.shape[0] not in (1, batch)

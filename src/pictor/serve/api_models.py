@@ -227,7 +227,7 @@ class ImageGenerationRequest(BaseModel):
         "over windows of this many pixels a side and blend them, for refining large images (img2img, a "
         "hires fix's second pass); a multiple of the model's token size (the model card's "
         "limits.size_multiple), at least 4 tokens; a pass no larger than one window runs whole. Not with "
-        "cache_threshold or XLabs ControlNets. Absent: the model runs on the whole image.",
+        "cache_threshold. Absent: the model runs on the whole image.",
     )
     denoise_tile_overlap: int | None = Field(
         None,

@@ -160,10 +160,6 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"^a denoise tile overlap needs a tile size: give the tile too$",
             "denoise_tile_overlap needs denoise_tile: give denoise_tile too",
         ),
-        (
-            r"drop the denoise tile, or th(at ControlNet|ose ControlNets)$",
-            "drop denoise_tile (this server's ControlNets run on every request)",
-        ),
     )
 )
 
