@@ -157,7 +157,7 @@ def cmd_grid(
             )
     if any(a.name == "lora" for a in axes) and not args.lora:
         raise ValueError("the lora axis sets the scale of the first --lora; add --lora FILE")
-    if args.hires_upscaler and args.hires is None and not has_hires(GenerationRequest(""), axes):
+    if args.hires_upscaler and not has_hires(args.hires, axes):
         raise ValueError(
             "--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE or a hires axis "
             "with a scale (e.g. --x hires=1.5,2)"

@@ -50,66 +50,31 @@ def settings_problem(
 
 
 def default_tile_overlap(tile: int, factor: int) -> int:
-    """A quarter of the tile (what diffusers and ComfyUI blend over), on the autoencoder's latent grid."""
+    """A quarter of the tile (what diffusers and ComfyUI blend over), in whole `factor`s (the autoencoder's
+    latent pixels, or a model's tokens)."""
     return tile // 4 // factor * factor
 
 
 def resolve_tiling(factor: int, tile: int | None, overlap: int | None) -> tuple[int | None, int | None]:
     """A request's VAE tile and overlap with the default overlap filled in (both None without a tile);
     ValueError says what is wrong with them."""
-    problem = tiling_problem(factor, tile, overlap)
-    if problem:
-        raise ValueError(problem)
-    if tile is None:
-        return None, None
-    return tile, default_tile_overlap(tile, factor) if overlap is None else overlap
+    return _resolved(tiling_problem(factor, tile, overlap), factor, tile, overlap)
 
 
 def tiling_problem(factor: int, tile: int | None, overlap: int | None) -> str | None:
     """What is wrong with a VAE tile size and overlap in image pixels (`pictor.models.autoencoder_tiling`)
     for an autoencoder with downsample `factor`; None when they are fine or not given."""
-    if tile is None:
-        return "a VAE tile overlap needs a tile size: give the tile too" if overlap is not None else None
-    least = 4 * factor
-    if tile < least or tile % factor:
-        near = max(least, tile // factor * factor)
-        return (
-            f"VAE tile {tile} must be a multiple of {factor} pixels (the autoencoder's factor) and at least "
-            f"{least}; try {near}"
-        )
-    if overlap is not None and (overlap < 0 or overlap % factor or overlap > tile // 2):
-        return (
-            f"VAE tile overlap {overlap} must be a multiple of {factor} pixels from 0 to half the tile "
-            f"({tile // 2 // factor * factor}); the default is {default_tile_overlap(tile, factor)}"
-        )
-    return None
+    return _tile_problem("VAE tile", factor, "the autoencoder's factor", tile, overlap)
 
 
 def denoise_tiling_problem(patch: int, tile: int | None, overlap: int | None) -> str | None:
     """What is wrong with a denoise tile and overlap in image pixels (`pictor.denoise_tiles`) for a model
     whose tokens are `patch` pixels a side; None when they are fine or not given."""
-    if tile is None:
-        return "a denoise tile overlap needs a tile size: give the tile too" if overlap is not None else None
-    least = 4 * patch
     for name, value in (("denoise tile", tile), ("denoise tile overlap", overlap)):
+        # a request from Python or JSON may hold 64.0 or True, which the checks below would take for 64 or 1
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             return f"{name} must be a whole number of pixels, got {value!r}"
-    if tile < least or tile % patch:
-        whole = isinstance(tile, int) and not isinstance(tile, bool)
-        near = max(least, tile // patch * patch) if whole else least
-        return (
-            f"denoise tile {tile} must be a multiple of {patch} pixels (the model's token size) and at least "
-            f"{least}; try {near}"
-        )
-    if overlap is not None and (
-        isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0 or overlap % patch
-        or overlap > tile // 2
-    ):  # fmt: skip
-        return (
-            f"denoise tile overlap {overlap} must be a multiple of {patch} pixels from 0 to half the tile "
-            f"({tile // 2 // patch * patch}); the default is {default_tile_overlap(tile, patch)}"
-        )
-    return None
+    return _tile_problem("denoise tile", patch, "the model's token size", tile, overlap)
 
 
 def resolve_denoise_tiling(
@@ -117,9 +82,33 @@ def resolve_denoise_tiling(
 ) -> tuple[int | None, int | None]:
     """A request's denoise tile and overlap with the default overlap (a quarter of the tile) filled in,
     both None without a tile; ValueError says what is wrong with them."""
-    problem = denoise_tiling_problem(patch, tile, overlap)
+    return _resolved(denoise_tiling_problem(patch, tile, overlap), patch, tile, overlap)
+
+
+def _tile_problem(what: str, unit: int, unit_is: str, tile: int | None, overlap: int | None) -> str | None:
+    """The rules both kinds of tile follow, in pixels: a multiple of `unit` (`unit_is` says what it is), at
+    least 4 units, an overlap of whole units up to half the tile, and no overlap without a tile."""
+    if tile is None:
+        return f"a {what} overlap needs a tile size: give the tile too" if overlap is not None else None
+    least = 4 * unit
+    if tile < least or tile % unit:
+        near = max(least, tile // unit * unit)
+        return (
+            f"{what} {tile} must be a multiple of {unit} pixels ({unit_is}) and at least {least}; try {near}"
+        )
+    if overlap is not None and (overlap < 0 or overlap % unit or overlap > tile // 2):
+        return (
+            f"{what} overlap {overlap} must be a multiple of {unit} pixels from 0 to half the tile "
+            f"({tile // 2 // unit * unit}); the default is {default_tile_overlap(tile, unit)}"
+        )
+    return None
+
+
+def _resolved(
+    problem: str | None, unit: int, tile: int | None, overlap: int | None
+) -> tuple[int | None, int | None]:
     if problem:
         raise ValueError(problem)
     if tile is None:
         return None, None
-    return tile, default_tile_overlap(tile, patch) if overlap is None else overlap
+    return tile, default_tile_overlap(tile, unit) if overlap is None else overlap

@@ -321,7 +321,7 @@ def plan_grid(
                 "first value is the word or phrase each value replaces (A1111's Prompt S/R)"
             )
     parts = [a.name for _, a in given if a.name in _HIRES_PARTS]
-    if parts and not has_hires(request, [a for _, a in given]):
+    if parts and not has_hires(request.hires_scale, [a for _, a in given]):
         raise GridError(
             f"axis {parts[0]} sets the hires fix's second pass, but the grid has no hires fix: add --hires "
             "SCALE (a hires_scale) or a hires axis, e.g. hires=1.5,2"
@@ -336,10 +336,10 @@ def plan_grid(
     return plan
 
 
-def has_hires(request: GenerationRequest, axes: list[Axis]) -> bool:
-    """Whether some cell of a grid has the hires fix: the request's scale, or a hires axis value not off."""
+def has_hires(scale: float | None, axes: list[Axis]) -> bool:
+    """Whether some cell of a grid has the hires fix: the base `scale`, or a hires axis value not off."""
     values = [v for a in axes if a.name == "hires" for v in a.values]
-    return request.hires_scale is not None or any(v is not None for v in values)
+    return scale is not None or any(v is not None for v in values)
 
 
 def _cell(plan: GridPlan, base: GenerationRequest, i: int, j: int, k: int) -> GridCell:
