@@ -281,8 +281,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--fill sets how --expand's new area starts; add --expand L,T,R,B or drop --fill")
     if args.feather is not None and args.mask is None:  # an expanded area is always wholly new
         raise ValueError("--feather blends the edge of a --mask; add --mask or drop --feather")
+    if args.upscaler and args.upscale is None:
+        raise ValueError("--upscaler enlarges the image for --upscale; add --upscale SCALE (e.g. 2)")
     _output_folder(args.out)
     pipe = _load(args)
+    if args.upscaler:
+        pipe.set_upscaler(args.upscaler)
     request = EditRequest(
         image=args.image,
         prompt=args.prompt,
@@ -291,6 +295,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         expand=args.expand,
         fill=args.fill or "edge",
         feather=DEFAULT_FEATHER if args.feather is None else args.feather,
+        upscale=args.upscale,
+        upscaler=pipe.upscaler.name if pipe.upscaler else None,
         **_settings(args),
     )
     images = pipe.edit(request, progress=_progress_bar(request.mode))
@@ -345,7 +351,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def _reproduced(args: argparse.Namespace, record: Any) -> Any:
     """The GeneratedImage of a generation or edit record, made again with the files the record or the
     command line names."""
-    from pictor.reproduce import check_record, recorded_hires_upscaler, reproduce
+    from pictor.reproduce import check_record, recorded_upscaler, reproduce, upscaler_flag
 
     check_record(record)
     model = args.model or record["model"].get("ref") or "default"
@@ -368,14 +374,13 @@ def _reproduced(args: argparse.Namespace, record: Any) -> Any:
         controlnets,
         _recorded_ip_adapter(args, record),
     )
-    _, hires_upscaler = recorded_hires_upscaler(record)
-    if hires_upscaler is not None:  # from where it was, unless given (its hash is checked)
-        if not args.hires_upscaler and not Path(hires_upscaler["file"]).is_file():
-            raise ValueError(
-                f"the hires fix's upscale model, {hires_upscaler['file']}, is not there; pass it with "
-                "--hires-upscaler FILE"
-            )
-        pipe.set_upscaler(args.hires_upscaler or hires_upscaler["file"])
+    _, upscaler = recorded_upscaler(record)
+    if upscaler is not None:  # from where it was, unless given (its hash is checked)
+        flag = upscaler_flag(record)
+        given = args.hires_upscaler if flag == "--hires-upscaler" else args.upscaler
+        if not given and not Path(upscaler["file"]).is_file():
+            raise ValueError(f"the upscale model, {upscaler['file']}, is not there; pass it with {flag} FILE")
+        pipe.set_upscaler(given or upscaler["file"])
     return reproduce(
         pipe,
         record,

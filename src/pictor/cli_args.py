@@ -454,7 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=None,
-        help="0 keeps the image, 1 ignores it (default: 0.75 for img2img, 1 with a mask or --expand)",
+        help="0 keeps the image, 1 ignores it (default: 0.75 for img2img, 0.3 with --upscale, 1 with a mask "
+        "or --expand)",
+    )
+    ed.add_argument(
+        "--upscale",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="enlarge the image (and mask) by SCALE (above 1, at most 4; rounded to the model's pixel "
+        "multiple) and redraw its details at that size (A1111's SD upscale); add --denoise-tile and "
+        "--vae-tile for large results",
+    )
+    ed.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="FILE",
+        help="enlarge with this upscale model (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... as .safetensors) "
+        "instead of Lanczos",
     )
     ed.add_argument(
         "--expand", type=_expand, default=None, metavar="L,T,R,B", help="grow the canvas by these pixels"
@@ -481,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--upscaler",
         default=None,
         metavar="FILE",
-        help="for an upscaled image (`pictor upscale`): its upscale model, if not where its record says",
+        help="for an upscaled image (`pictor upscale`) or an edit that enlarged its source: its upscale "
+        "model, if not where its record says",
     )
     r.add_argument(
         "--hires-upscaler",

@@ -10,6 +10,10 @@ keep a "known" region on its exact noising path while the rest is repainted.
 - outpaint: the canvas is extended by (left, top, right, bottom) pixels, pre-filled from the edge pixels
   (or noise); the new area is the mask, together with any mask given for the original image.
 
+An img2img or inpainting edit may first enlarge its source (`upscale`, with Lanczos or an upscale model):
+A1111's "SD upscale", ComfyUI's upscale followed by a KSampler at low denoise. The enlarged canvas is made
+when a sampler run first needs it, so validating a request (as the server does) stays cheap.
+
 How the known region is kept while sampling and after decoding is `pictor.edit_blending`.
 
 Layering: this module checks and prepares the inputs with numpy and PIL only (no torch); `pictor.pipeline`
@@ -19,8 +23,11 @@ imports it, never the other way round.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,10 @@ EDIT_MODES = ("img2img", "inpaint", "outpaint")
 FILLS = ("edge", "noise")
 # A1111's default denoising strength for img2img; inpainting and outpainting repaint fully by default.
 DEFAULT_IMG2IMG_STRENGTH = 0.75
+# An upscaling img2img only adds detail, as the hires fix's second pass does (pictor.hires' default).
+DEFAULT_UPSCALE_STRENGTH = 0.3
+MAX_UPSCALE = 4.0
+LANCZOS = "lanczos"  # the upscaler without a model: PIL's LANCZOS filter
 DEFAULT_FEATHER = 2
 MASK_THRESHOLD = 128
 # The noise fill is part of the input, not of the sample: a fixed seed keeps it reproducible from the record.
@@ -40,11 +51,13 @@ NOISE_FILL_SEED = 0
 
 __all__ = [
     "DEFAULT_IMG2IMG_STRENGTH",
+    "DEFAULT_UPSCALE_STRENGTH",
     "EDIT_MODES",
     "FILLS",
     "EditError",
     "EditInputs",
     "EditRequest",
+    "SourceUpscaler",
     "expand_canvas",
     "image_info",
     "load_image",
@@ -52,6 +65,7 @@ __all__ = [
     "mask_sha256",
     "pixel_sha256",
     "prepare_edit",
+    "scaled_size",
 ]
 
 
@@ -80,6 +94,12 @@ class EditRequest:
     expand: tuple[int, int, int, int] | None = None
     fill: str = "edge"  # how the expanded area starts: "edge" (replicated border pixels) or "noise"
     feather: int = DEFAULT_FEATHER  # pixels of blending inside the mask edge; 0 = hard edge
+    # Enlarge the source (and mask) by this factor, above 1 and at most MAX_UPSCALE, before the edit; the
+    # size rounds to the model's pixel multiple. img2img's default strength is then DEFAULT_UPSCALE_STRENGTH.
+    upscale: float | None = None
+    # With `upscale`: the name of the upscale model the pipeline loaded (`Pipeline.set_upscaler`), or
+    # None / "lanczos" for Lanczos.
+    upscaler: str | None = None
     negative_prompt: str = ""
     steps: int | None = None
     guidance: float | None = None
@@ -115,19 +135,62 @@ class EditRequest:
         return "inpaint" if self.mask is not None else "img2img"
 
 
+Enlarge = Callable[[np.ndarray, int, int], np.ndarray]  # uint8 [h, w, 3], width, height -> [H, W, 3]
+
+
+@dataclass(frozen=True)
+class SourceUpscaler:
+    """An upscale model an edit may enlarge its source with (the pipeline's, from `Pipeline.set_upscaler`):
+    its name, what records keep of its file, and the enlarging itself."""
+
+    name: str
+    entry: dict[str, Any]  # path, sha256, ... (pictor.upscaling.upscale_record)
+    enlarge: Enlarge
+
+
+def _lanczos(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+
+
 @dataclass
 class EditInputs:
     """A validated edit: the canvas the sampler starts from and what to keep of it."""
 
     mode: str
     strength: float
-    canvas: np.ndarray  # uint8 [H, W, 3], the source (expanded and pre-filled for outpainting)
+    picture: np.ndarray  # uint8 [h, w, 3], the source (expanded and pre-filled for outpainting), not enlarged
     mask: np.ndarray | None  # bool [H, W] on the canvas, True = repaint; None for img2img
     expand: tuple[int, int, int, int] | None
     fill: str
     feather: int
     source: dict[str, Any]  # {"sha256", "width", "height"} of the original image
     mask_info: dict[str, Any] | None  # {"sha256"} of the thresholded mask at the original size
+    # An upscaling edit's enlargement as records keep it ({"scale", "upscaler", "width", "height"[,
+    # "upscaler_file"]}) and the function that makes it; None for an edit at the source's size.
+    upscale: dict[str, Any] | None = None
+    enlarge: Enlarge | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The canvas's (width, height), known without making an enlarged canvas."""
+        if self.upscale is not None:
+            return int(self.upscale["width"]), int(self.upscale["height"])
+        return int(self.picture.shape[1]), int(self.picture.shape[0])
+
+    @cached_property
+    def canvas(self) -> np.ndarray:
+        """uint8 [H, W, 3], what the sampler starts from: the picture, enlarged for an upscaling edit (made
+        once, on first use: an upscale model's run can take a while)."""
+        if self.upscale is None or self.enlarge is None:
+            return self.picture
+        width, height = self.size
+        canvas = self.enlarge(self.picture, width, height)
+        if canvas.shape != (height, width, 3) or canvas.dtype != np.uint8:
+            raise EditError(  # a bug of the enlarging function, not of the request
+                f"enlarging the source gave {canvas.dtype} {list(canvas.shape)}, not uint8 "
+                f"[{height}, {width}, 3]"
+            )
+        return canvas
 
     def record_fields(self) -> dict[str, Any]:
         """What an edit adds to a generation record."""
@@ -137,6 +200,8 @@ class EditInputs:
             "source_image": dict(self.source),
             "expand": list(self.expand) if self.expand else None,
         }
+        if self.upscale is not None:
+            fields["source_upscale"] = dict(self.upscale)
         if self.mask_info is not None:
             fields["mask"] = dict(self.mask_info)
         if self.mask is not None:
@@ -285,6 +350,77 @@ def _check_expand(expand: tuple[int, int, int, int], multiple: int) -> tuple[int
     return values  # type: ignore[return-value]
 
 
+def scaled_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """(width, height) times ``scale``, each side rounded (halves up) to the nearest multiple of
+    ``multiple``, at least one."""
+    w, h = (max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (width, height))
+    return w, h
+
+
+def _upscale_plan(
+    request: EditRequest,
+    width: int,
+    height: int,
+    multiple: int,
+    max_pixels: int,
+    upscaler: SourceUpscaler | None,
+) -> tuple[dict[str, Any] | None, Enlarge | None]:
+    """An upscaling edit's record entry and enlarging function ((None, None) without `upscale`), checked
+    before anything is enlarged."""
+    scale, name = request.upscale, request.upscaler
+    model = None if name is None or name.lower() == LANCZOS else name
+    if scale is None:
+        if model is not None:
+            raise EditError(
+                f"upscaler '{name}' enlarges the source for an upscaling edit; give the upscale factor too "
+                "(e.g. 2)"
+            )
+        return None, None
+    number = isinstance(scale, int | float) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and 1.0 < scale <= MAX_UPSCALE):
+        raise EditError(
+            f"upscale must be a number above 1 and at most {MAX_UPSCALE:g} (e.g. 2), got {scale!r}"
+        )
+    if request.expand is not None and any(request.expand):
+        raise EditError(
+            "an edit either enlarges its source (upscale) or grows its canvas (expand), not both: outpaint "
+            "first, then upscale the result in a second edit"
+        )
+    if model is not None and (upscaler is None or upscaler.name != model):
+        loaded = f"'{upscaler.name}' is" if upscaler else "none is"
+        raise EditError(
+            f"upscaler '{model}' is not loaded ({loaded}); load its file (--upscaler FILE, `pictor serve "
+            "--upscaler FILE`), or use lanczos"
+        )
+    new_w, new_h = scaled_size(width, height, float(scale), multiple)
+    if (new_w, new_h) == (width, height):
+        raise EditError(
+            f"upscale {scale:g} rounds {width}x{height} to the same size (sizes are multiples of "
+            f"{multiple}); use a larger factor"
+        )
+    if new_w * new_h > max_pixels:  # before anything is enlarged: memory
+        raise EditError(
+            f"upscale {scale:g} makes the {width}x{height} image {new_w}x{new_h}, {new_w * new_h:,} pixels; "
+            f"the most pictor makes is {max_pixels:,}: use a smaller factor"
+        )
+    record: dict[str, Any] = {
+        "scale": float(scale),
+        "upscaler": LANCZOS if model is None else model,
+        "width": new_w,
+        "height": new_h,
+    }
+    if model is not None and upscaler is not None:
+        record["upscaler_file"] = dict(upscaler.entry)  # where it was and what it hashed to, for reproduce
+        return record, upscaler.enlarge
+    return record, _lanczos
+
+
+def _enlarged_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A mask at the enlarged canvas's size (nearest: it stays a hard mask, and no white area vanishes)."""
+    grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD
+
+
 # -------------------------------------------------------------------------------------------- canvas
 
 
@@ -319,17 +455,23 @@ def expand_canvas(
 
 
 def prepare_edit(
-    request: EditRequest, multiple: int, max_pixels: int = 4096 * 4096, reproducing: bool = False
+    request: EditRequest,
+    multiple: int,
+    max_pixels: int = 4096 * 4096,
+    reproducing: bool = False,
+    upscaler: SourceUpscaler | None = None,
 ) -> EditInputs:
     """Load and validate an edit's image and mask; errors say what to change. `max_pixels` bounds an
-    expanded canvas, checked before it is allocated (the pipeline passes its MAX_PIXELS). `reproducing`:
-    an existing image's record, so a setting that changes nothing is not refused."""
+    expanded or enlarged canvas, checked before it is allocated (the pipeline passes its MAX_PIXELS).
+    `reproducing`: an existing image's record, so a setting that changes nothing is not refused.
+    `upscaler`: the upscale model `request.upscaler` may name."""
     mode = request.mode
-    strength = _check_strength(
-        request.strength
-        if request.strength is not None
-        else (DEFAULT_IMG2IMG_STRENGTH if mode == "img2img" else 1.0)
-    )
+    if request.strength is not None:
+        strength = _check_strength(request.strength)
+    elif mode == "img2img":
+        strength = DEFAULT_UPSCALE_STRENGTH if request.upscale is not None else DEFAULT_IMG2IMG_STRENGTH
+    else:
+        strength = 1.0
     if request.feather < 0:
         raise EditError(f"feather must be >= 0 pixels, got {request.feather}")
     if request.fill not in FILLS:
@@ -342,7 +484,9 @@ def prepare_edit(
         )
     pixels = to_rgb(load_image(request.image))
     height, width = pixels.shape[:2]
-    _check_multiple(width, height, multiple)
+    upscale, enlarge = _upscale_plan(request, width, height, multiple, max_pixels, upscaler)
+    if upscale is None:  # an enlarged canvas is rounded to the multiple
+        _check_multiple(width, height, multiple)
     if expand is not None:  # before the canvas is allocated: a huge expand must not fill memory first
         grown_w, grown_h = width + expand[0] + expand[2], height + expand[1] + expand[3]
         if grown_w * grown_h > max_pixels:
@@ -366,14 +510,18 @@ def prepare_edit(
             left, top = expand[0], expand[1]
             new[top : top + height, left : left + width] |= mask
         mask = new
+    if upscale is not None and mask is not None:
+        mask = _enlarged_mask(mask, upscale["width"], upscale["height"])
     return EditInputs(
         mode=mode,
         strength=strength,
-        canvas=canvas,
+        picture=canvas,
         mask=mask,
         expand=expand,
         fill=request.fill,
         feather=int(request.feather),
         source=source,
         mask_info=mask_info,
+        upscale=upscale,
+        enlarge=enlarge,
     )

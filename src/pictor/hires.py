@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pictor.editing import SourceUpscaler, scaled_size
 from pictor.upscaler_files import UpscalerFile
 from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale_image, upscale_record
 
@@ -51,8 +52,7 @@ def hires_problem(
 def hires_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
     """The second pass's size: the first's times ``scale``, rounded (halves up) to the nearest size the
     model packs."""
-    w, h = (max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (width, height))
-    return w, h
+    return scaled_size(width, height, scale, multiple)
 
 
 def upscale(
@@ -63,6 +63,15 @@ def upscale(
     if model is not None:
         images = [upscale_image(model, im, max(width / im.width, height / im.height)) for im in images]
     return np.stack([np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS)) for im in images])
+
+
+def source_upscaler(model: UpscalerFile) -> SourceUpscaler:
+    """An upscale model as an upscaling edit's enlarger: the same enlarging as the hires fix's."""
+
+    def enlarge(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+        return upscale([Image.fromarray(pixels)], width, height, model)[0]
+
+    return SourceUpscaler(model.name, upscale_record(model, None, DEFAULT_TILE, DEFAULT_OVERLAP), enlarge)
 
 
 def hires_record(
@@ -78,5 +87,5 @@ def hires_record(
         "height": height,
     }
     if model is not None:  # where the file was and what it hashed to, for `pictor reproduce`
-        record["upscaler_file"] = upscale_record(model, None, DEFAULT_TILE, DEFAULT_OVERLAP)
+        record["upscaler_file"] = source_upscaler(model).entry
     return record

@@ -51,7 +51,7 @@ from pictor.generation_request import (
 )
 from pictor.generation_settings import MAX_PIXELS, settings_problem
 from pictor.guided_velocity import guided_velocity
-from pictor.hires import HIRES_FIELDS
+from pictor.hires import HIRES_FIELDS, source_upscaler
 from pictor.ip_adapter_files import IPAdapterModel, ip_adapter_fields, open_ip_adapter
 from pictor.layout_files import LayoutError, open_layout_adapter
 from pictor.models.autoencoder import AutoEncoder
@@ -258,8 +258,9 @@ class Pipeline:
             }
         except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
             raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
-        inputs = prepare_edit(request, self.patch, MAX_PIXELS, reproducing)
-        height, width = inputs.canvas.shape[:2]
+        upscaler = source_upscaler(self.upscaler) if self.upscaler else None  # what request.upscaler names
+        inputs = prepare_edit(request, self.patch, MAX_PIXELS, reproducing, upscaler)
+        width, height = inputs.size
         shared_request = GenerationRequest(**{**shared, "width": width, "height": height})
         r = self.resolve_request(shared_request, reproducing)
         return r, inputs

@@ -108,6 +108,12 @@ def parameters_text(record: dict[str, Any]) -> str:
             ("Hires upscaler", _upscaler_name(hires.get("upscaler", ""))),
             ("Denoising strength", _fmt_number(hires["strength"])),
         ]
+    enlarged = record.get("source_upscale")
+    if isinstance(enlarged, dict):  # an upscaling edit (A1111 writes none for its SD upscale script)
+        fields += [
+            ("Source upscale", _fmt_number(enlarged["scale"])),
+            ("Source upscaler", _upscaler_name(enlarged.get("upscaler", ""))),
+        ]
     # A1111 has no names for these; the short hash of the fitted pixels tells which picture the image
     # needs (`pictor reproduce IMAGE --reference/--context PICTURE` checks the whole one).
     for key, name in (

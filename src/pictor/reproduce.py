@@ -121,6 +121,10 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         ),
         "an object with the hires fix's scale, strength and steps",
     ),
+    "source_upscale": (
+        lambda v: isinstance(v, dict) and _number(v.get("scale")) and isinstance(v.get("upscaler"), str),
+        "an object with the upscaling edit's scale and upscaler",
+    ),
 }
 
 
@@ -148,7 +152,7 @@ def check_record(record: Any) -> None:
             "the pictor record has Canny thresholds but no control picture; the image's metadata was edited "
             "or is damaged"
         )
-    recorded_hires_upscaler(record)
+    recorded_upscaler(record)
     seeds = record.get("batch_seeds", [record["seed"]])
     if not 0 <= record.get("batch_index", 0) < len(seeds):
         raise ProvenanceError(
@@ -207,37 +211,51 @@ def _hires(record: dict[str, Any], pipe: Pipeline) -> dict[str, Any]:
         "hires_scale": hires["scale"],
         "hires_strength": hires["strength"],
         "hires_steps": hires["steps"],
-        "hires_upscaler": pipe.upscaler.name
-        if recorded_hires_upscaler(record)[0] and pipe.upscaler
-        else None,
+        "hires_upscaler": pipe.upscaler.name if recorded_upscaler(record)[0] and pipe.upscaler else None,
     }
 
 
-def recorded_hires_upscaler(record: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
-    """The name and file entry (path, sha256) of the upscale model a hires image's first pass was enlarged
-    with; (None, None) for Lanczos or no hires fix."""
-    hires = record.get("hires")
-    if not isinstance(hires, dict) or hires.get("upscaler", "lanczos") == "lanczos":
-        return None, None
-    entry = hires.get("upscaler_file")
-    if not (_strings(entry, "file", "sha256") and isinstance(hires.get("upscaler"), str)):
-        raise ProvenanceError(
-            "the pictor record's hires fix names an upscale model but not its file and sha256; the image's "
-            "metadata was edited or is damaged"
-        )
-    return hires["upscaler"], entry
+# Where a record keeps an enlargement by an upscale model, what it enlarged, and the flag that gives the file.
+_ENLARGED = {
+    "hires": ("hires fix enlarged its first pass", "--hires-upscaler"),
+    "source_upscale": ("upscaling edit enlarged its source", "--upscaler"),
+}
 
 
-def check_hires_upscaler(pipe: Pipeline, record: dict[str, Any]) -> None:
-    """The upscale model a hires image was made with must be the one loaded: its hash, not only its name."""
-    name, entry = recorded_hires_upscaler(record)
+def recorded_upscaler(record: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The name and file entry (path, sha256) of the upscale model a hires image's first pass, or an
+    upscaling edit's source, was enlarged with; (None, None) for Lanczos or neither."""
+    for key in _ENLARGED:
+        enlarged = record.get(key)
+        if not isinstance(enlarged, dict) or enlarged.get("upscaler", "lanczos") == "lanczos":
+            continue
+        entry = enlarged.get("upscaler_file")
+        if not (_strings(entry, "file", "sha256") and isinstance(enlarged.get("upscaler"), str)):
+            raise ProvenanceError(
+                f"the pictor record's '{key}' names an upscale model but not its file and sha256; the "
+                "image's metadata was edited or is damaged"
+            )
+        return enlarged["upscaler"], entry
+    return None, None
+
+
+def upscaler_flag(record: dict[str, Any]) -> str:
+    """The `pictor reproduce` option that gives the upscale model a record names."""
+    return next((flag for key, (_, flag) in _ENLARGED.items() if key in record), "--upscaler")
+
+
+def check_upscaler(pipe: Pipeline, record: dict[str, Any]) -> None:
+    """The upscale model an image was made with (hires fix, upscaling edit) must be the one loaded: its
+    hash, not only its name."""
+    name, entry = recorded_upscaler(record)
     if entry is None:
         return
     if pipe.upscaler is None or pipe.upscaler.sha256 != entry["sha256"]:
         got = f"{pipe.upscaler.path} (SHA-256 {pipe.upscaler.sha256[:10]})" if pipe.upscaler else "none"
+        what, flag = next(_ENLARGED[key] for key in _ENLARGED if key in record)
         raise GenerationError(
-            f"the image's hires fix enlarged its first pass with upscale model '{name}' (SHA-256 "
-            f"{entry['sha256'][:10]}), but the loaded one is {got}; pass that file with --hires-upscaler"
+            f"the image's {what} with upscale model '{name}' (SHA-256 {entry['sha256'][:10]}), but the "
+            f"loaded one is {got}; pass that file with {flag}"
         )
 
 
@@ -446,7 +464,7 @@ def reproduce(
     check_control(record, control)
     check_redux(pipe, record, redux)
     check_ip_adapter(pipe, record, ip_adapter)
-    check_hires_upscaler(pipe, record)
+    check_upscaler(pipe, record)
     check_recorded_controlnets(pipe.controlnets, record, controlnet_images)
     seeds = [int(s) for s in record.get("batch_seeds", [record["seed"]])]
     if "mode" in record:
@@ -487,6 +505,7 @@ def _reproduce_edit(
     if mask is not None and not record.get("mask"):
         raise GenerationError(f"this {mode} used no mask; drop --mask")
     expand = record.get("expand")
+    enlarged = record.get("source_upscale") or {}
     request = EditRequest(
         image=source,
         prompt=record["prompt"],
@@ -495,6 +514,9 @@ def _reproduce_edit(
         expand=tuple(expand) if expand else None,  # type: ignore[arg-type]
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
+        upscale=enlarged.get("scale"),
+        # the loaded model's name: check_upscaler found its hash to be the recorded one's, under any name
+        upscaler=pipe.upscaler.name if recorded_upscaler(record)[0] and pipe.upscaler else None,
         **settings,
     )
     r, inputs = pipe.resolve_edit(request, reproducing=True)
