@@ -102,6 +102,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "denoise_tile": getattr(args, "denoise_tile", None),
         "denoise_tile_overlap": getattr(args, "denoise_tile_overlap", None),
         "cache_threshold": args.cache_threshold,
+        "prompt_weights": getattr(args, "prompt_weights", False),
     }
 
 

@@ -62,6 +62,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     _add_sampler(p)
     p.add_argument("--schedule", default=None, help="flux, linear, shifted, karras, exponential or beta")
     p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument(
+        "--prompt-weights",
+        action="store_true",
+        help="read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), (words) = "
+        "1.1, [words] = 1/1.1, nesting multiplies; \\( \\) are brackets (default: brackets are text)",
+    )
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
     _add_cache_threshold(p)
     _add_vae_tiling(p)

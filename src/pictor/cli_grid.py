@@ -24,6 +24,7 @@ SHARED = (
     "sampler",
     "schedule",
     "negative",
+    "prompt_weights",
     "size",
     "cache_threshold",
     "vae_tile",

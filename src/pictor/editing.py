@@ -127,6 +127,7 @@ class EditRequest:
     denoise_tile: int | None = None
     denoise_tile_overlap: int | None = None
     cache_threshold: float | None = None
+    prompt_weights: bool = False
 
     @property
     def mode(self) -> str:

@@ -78,7 +78,7 @@ class Models(Protocol):
     redux: ReduxModel | None
     ip_adapter: IPAdapterModel | None
 
-    def encode_text(self, prompts: list[str]) -> TextEmbeddings: ...
+    def encode_text(self, prompts: list[str], weighted: bool = False) -> TextEmbeddings: ...
 
 
 def guided_velocity(
@@ -100,7 +100,7 @@ def guided_velocity(
     the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
     same window of its control tokens; request resolution refuses them with the first-block cache, which
     compares each call with the last."""
-    cond = m.encode_text([r.prompt])
+    cond = m.encode_text([r.prompt], r.prompt_weights)
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
         picture = redux_tokens(m.redux, r.redux_image, float(r.redux_strength or 0.0), m.dtype)
@@ -208,7 +208,7 @@ def guided_velocity(
     if not use_cfg:
         return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-    uncond = m.encode_text([r.negative_prompt])
+    uncond = m.encode_text([r.negative_prompt], r.prompt_weights)
     both = TextEmbeddings(
         tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
         mask=torch.cat([cond.mask.expand(batch, -1), uncond.mask.expand(batch, -1)]),

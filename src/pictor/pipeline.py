@@ -66,6 +66,7 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
 from pictor.notices import PictorWarning
 from pictor.presets import get_preset
+from pictor.prompt_weights import parse_weights, plain_text
 from pictor.redux_images import ReduxModel, open_redux, redux_fields
 from pictor.reference_files import (
     ReferenceImageError,
@@ -189,14 +190,17 @@ class Pipeline:
         made with them, perhaps by a version that allowed them). See `pictor.request_resolution`."""
         return resolve_request(self, request, reproducing)
 
-    def prompt_notices(self, prompt: str | None, negative_prompt: str | None = None) -> list[str]:
+    def prompt_notices(
+        self, prompt: str | None, negative_prompt: str | None = None, weighted: bool = False
+    ) -> list[str]:
         """What `resolve_request` warns about these texts: for each that is longer than the text encoder
         reads, a sentence naming the end that is not read; empty when all of both is read. Public so that
         a caller that cannot catch warnings safely (the server's worker thread: `warnings.catch_warnings`
-        is process-wide) can hand the same sentences to its user."""
+        is process-wide) can hand the same sentences to its user. `weighted`: the texts carry prompt
+        weights, which the encoder does not read."""
         notices = []
         for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            dropped = self.text_encoder.cut_off(text) if text else ""
+            dropped = self.text_encoder.cut_off(plain_text(text, weighted)) if text else ""
             if dropped:
                 notices.append(
                     f"the {what} is longer than the text encoder's {self.text_encoder.max_length} tokens; "
@@ -298,8 +302,12 @@ class Pipeline:
 
         return noise
 
-    def encode_text(self, prompts: list[str]) -> TextEmbeddings:
-        emb = self.text_encoder.encode(prompts)
+    def encode_text(self, prompts: list[str], weighted: bool = False) -> TextEmbeddings:
+        """The prompts' token states; `weighted`: read for prompt weights (`pictor.prompt_weights`)."""
+        if weighted:
+            emb = self.text_encoder.encode_weighted([parse_weights(p).pieces for p in prompts])
+        else:
+            emb = self.text_encoder.encode(prompts)
         return TextEmbeddings(
             tokens=emb.tokens.to(self.device, self.dtype),
             mask=emb.mask.to(self.device),
@@ -498,6 +506,7 @@ class Pipeline:
             **({name: getattr(r, name) for name in TILING_FIELDS} if r.vae_tile else {}),
             **({name: getattr(r, name) for name in DENOISE_TILING_FIELDS} if r.denoise_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
+            **({"prompt_weights": True} if r.prompt_weights else {}),
         }
 
     def _redux_fields(self, r: GenerationRequest) -> dict[str, Any]:

@@ -112,6 +112,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "denoise_tile": (_optional(_int), "an integer"),
     "denoise_tile_overlap": (_optional(_int), "an integer"),
     "cache_threshold": (_optional(_number), "a number"),
+    "prompt_weights": (lambda v: isinstance(v, bool), "true or false"),
     "hires": (
         lambda v: (
             isinstance(v, dict)
@@ -197,6 +198,7 @@ def _settings(
         **{name: record.get(name) for name in TILING_FIELDS},
         **{name: record.get(name) for name in DENOISE_TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
+        "prompt_weights": record.get("prompt_weights", False),
         **recorded_controlnet_settings(record, controlnet_images),
     }
 

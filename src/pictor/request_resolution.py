@@ -28,7 +28,9 @@ from pictor.layout_files import LayoutError, parse_layout
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import cache_threshold_problem
 from pictor.models.flux import Flux
+from pictor.models.text_encoder import TextEncoder
 from pictor.notices import PictorWarning
+from pictor.prompt_weights import PromptWeightError, parse_weights
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
 from pictor.upscaler_files import UpscalerFile
@@ -55,7 +57,11 @@ class ResolvingPipeline(Protocol):
     @property
     def name(self) -> str: ...
 
-    def prompt_notices(self, prompt: str | None, negative_prompt: str | None = None) -> list[str]: ...
+    text_encoder: TextEncoder
+
+    def prompt_notices(
+        self, prompt: str | None, negative_prompt: str | None = None, weighted: bool = False
+    ) -> list[str]: ...
 
 
 def resolve_request(
@@ -88,8 +94,10 @@ def resolve_request(
                 f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
                 "save the file that holds it as UTF-8"
             ) from None
+    if r.prompt_weights:
+        _check_prompt_weights(pipe, r)
     # As diffusers does: the image is made, but the user learns what was not read.
-    for notice in pipe.prompt_notices(r.prompt, r.negative_prompt):
+    for notice in pipe.prompt_notices(r.prompt, r.negative_prompt, r.prompt_weights):
         warnings.warn(notice, PictorWarning, stacklevel=4)
     problem = settings_problem(
         pipe.patch,
@@ -217,6 +225,19 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
             "the cache threshold"
         )
     return replace(r, cache_threshold=float(r.cache_threshold))
+
+
+def _check_prompt_weights(pipe: ResolvingPipeline, r: GenerationRequest) -> None:
+    """Both texts' weights read (errors say where), and a text encoder that can weigh tokens."""
+    for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+        try:
+            parse_weights(text or "")
+        except PromptWeightError as exc:
+            raise GenerationError(f"the {what}: {exc}") from None
+    try:
+        pipe.text_encoder.token_spans([""])
+    except ValueError as exc:
+        raise GenerationError(f"{exc}; drop prompt weights") from None
 
 
 def _resolve_hires(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:

@@ -183,6 +183,17 @@ class WordPieceTokenizer:
             return ""
         return self.whole.decode(ids[self.max_length - 1 : -1])
 
+    def spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each prompt's tokens (as `__call__` makes them) as character offsets; [CLS], [SEP] and padding
+        span nothing."""
+        return [
+            [
+                (s, e) if special == 0 else (0, 0)
+                for (s, e), special in zip(enc.offsets, enc.special_tokens_mask, strict=True)
+            ]
+            for enc in self.tokenizer.encode_batch(prompts)
+        ]
+
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         enc = self.tokenizer.encode_batch(prompts)
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long)

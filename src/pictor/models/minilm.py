@@ -75,6 +75,9 @@ class MiniLMTextEncoder(TextEncoder):
     def cut_off(self, prompt: str) -> str:
         return self.tokenizer.cut_off(prompt)
 
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        return self.tokenizer.spans(prompts)
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         if not prompts:
             ids = torch.zeros(0, self.max_length, dtype=torch.long)

@@ -49,6 +49,38 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> TextEmbeddings:
         return self.encode(prompts)
 
+    def encode_weighted(self, prompts: Sequence[Sequence[tuple[str, float]]]) -> TextEmbeddings:
+        """Prompts given as pieces with weights (`pictor.prompt_weights`): the pieces' texts joined are
+        encoded as any prompt, then each token's state is moved from the empty prompt's state at its place
+        by its piece's weight, ``empty + w * (state - empty)``, as ComfyUI weighs prompts (so a weight of 0
+        says nothing there, and 1 leaves the state as it is). Special tokens, padding and the pooled vector
+        are not weighted. Prompts whose weights are all 1 give `encode`'s result exactly."""
+        texts = ["".join(text for text, _ in pieces) for pieces in prompts]
+        emb = self.encode(texts)
+        if all(w == 1.0 for pieces in prompts for _, w in pieces):
+            return emb
+        weights = torch.ones(emb.mask.shape, dtype=torch.float32)
+        for b, (text, pieces, spans) in enumerate(zip(texts, prompts, self.token_spans(texts), strict=True)):
+            at_char = [w for piece, w in pieces for _ in piece]  # each character's weight
+            for i, (start, end) in enumerate(spans):
+                # a token's weight is that of its first visible character (a token may take the space
+                # before its word, which belongs to the piece before); special tokens span nothing
+                chars = [c for c in range(start, min(end, len(text))) if not text[c].isspace()]
+                if chars:
+                    weights[b, i] = at_char[chars[0]]
+        with torch.no_grad():
+            empty = self.encode([""]).tokens
+            w = weights.to(emb.tokens.device, emb.tokens.dtype).unsqueeze(-1)
+            # weight 1 keeps a state bit for bit (empty + (state - empty) is not always state in floats)
+            tokens = torch.where(w == 1.0, emb.tokens, empty + w * (emb.tokens - empty))
+        return TextEmbeddings(tokens=tokens, mask=emb.mask, pooled=emb.pooled)
+
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each prompt's tokens as `encode` makes them (max_length of them), as (start, end) character
+        offsets into the prompt; special tokens and padding span nothing (start == end). What
+        `encode_weighted` needs; a kind without it cannot weigh prompts."""
+        raise ValueError(f"text encoder '{self.kind}' cannot weigh prompts (it gives no token offsets)")
+
     def cut_off(self, prompt: str) -> str:
         """The end of `prompt` that does not fit in `max_length` tokens, and so is not encoded ("" when
         it all fits), so that callers can say so instead of dropping it silently. Every kind here says;

@@ -64,6 +64,31 @@ def _tokenize(
     return ids, mask
 
 
+def _spans(tokenizer: Any, prompts: list[str], max_length: int) -> list[list[tuple[int, int]]]:
+    """Character offsets of the tokens `_tokenize` makes (special tokens and padding: (0, 0))."""
+    try:
+        batch = tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+    except NotImplementedError as exc:  # a slow (Python) tokenizer has no offsets
+        raise ValueError(
+            "prompt weights need a fast tokenizer (a tokenizer.json in the tokenizer folder): this one gives "
+            f"no token offsets ({exc})"
+        ) from exc
+    return [
+        [
+            (int(s), int(e)) if not special else (0, 0)
+            for (s, e), special in zip(offsets, specials, strict=True)
+        ]
+        for offsets, specials in zip(batch["offset_mapping"], batch["special_tokens_mask"], strict=True)
+    ]
+
+
 def _cut_off(tokenizer: Any, prompt: str, max_length: int) -> str:
     """What `_tokenize` truncates away: the tokens past max_length, less the closing special token."""
     ids = tokenizer(prompt, truncation=False, verbose=False)["input_ids"]  # no "sequence too long" notice
@@ -122,6 +147,9 @@ class CLIPTextEncoder(TextEncoder):
     def cut_off(self, prompt: str) -> str:
         return _cut_off(self.tokenizer, prompt, self.max_length)
 
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        return _spans(self.tokenizer, prompts, self.max_length)
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = _tokenize(self.tokenizer, prompts, self.max_length, self._device())
         out = self.model(input_ids=ids)
@@ -178,6 +206,9 @@ class T5TextEncoder(TextEncoder):
     def cut_off(self, prompt: str) -> str:
         return _cut_off(self.tokenizer, prompt, self.max_length)
 
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        return _spans(self.tokenizer, prompts, self.max_length)
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = _tokenize(self.tokenizer, prompts, self.max_length, self._device())
         attention_mask = mask.long() if self.mask_padding else None
@@ -220,6 +251,9 @@ class FluxTextEncoder(TextEncoder):
     def cut_off(self, prompt: str) -> str:
         # T5 carries the tokens; CLIP's 77 only bound the pooled vector (a summary), as in FLUX.1 itself.
         return self.t5.cut_off(prompt)
+
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        return self.t5.token_spans(prompts)  # the tokens are T5's; CLIP's pooled vector is not weighted
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         t5 = self.t5._encode(prompts)
