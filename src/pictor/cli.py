@@ -276,6 +276,7 @@ def _keep_template(images: list[Any], run: Any, variants: str | None) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from pictor.editing import DEFAULT_FEATHER, EditRequest
+    from pictor.inpaint_area import DEFAULT_MASK_PADDING
 
     # Options that shape only an expanded or masked area: without one they would change nothing.
     if args.fill is not None and args.expand is None:
@@ -284,6 +285,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--feather blends the edge of a --mask; add --mask or drop --feather")
     if args.upscaler and args.upscale is None:
         raise ValueError("--upscaler enlarges the image for --upscale; add --upscale SCALE (e.g. 2)")
+    if (args.mask_padding is not None or args.inpaint_size) and args.inpaint_area != "masked":
+        raise ValueError("--mask-padding and --inpaint-size shape --inpaint-area masked; add it or drop them")
     _output_folder(args.out)
     pipe = _load(args)
     if args.upscaler:
@@ -298,6 +301,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         feather=DEFAULT_FEATHER if args.feather is None else args.feather,
         upscale=args.upscale,
         upscaler=pipe.upscaler.name if pipe.upscaler else None,
+        inpaint_area=args.inpaint_area or "whole",
+        mask_padding=DEFAULT_MASK_PADDING if args.mask_padding is None else args.mask_padding,
+        inpaint_size=args.inpaint_size,
         **_settings(args),
     )
     images = pipe.edit(request, progress=_progress_bar(request.mode))

@@ -486,6 +486,29 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument(
         "--feather", type=int, default=None, help="pixels of blending inside the mask edge (default: 2)"
     )
+    ed.add_argument(
+        "--inpaint-area",
+        choices=("whole", "masked"),
+        default=None,
+        help="with --mask: 'whole' repaints on the whole image (default); 'masked' cuts out the mask's "
+        "box, draws it at the model's own resolution and blends it back (A1111's 'Only masked'): for small "
+        "areas of large images",
+    )
+    ed.add_argument(
+        "--mask-padding",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="--inpaint-area masked: pixels of context around the mask's box (default 32)",
+    )
+    ed.add_argument(
+        "--inpaint-size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="--inpaint-area masked: the size the area is drawn at (default: the model's default number "
+        "of pixels, in the box's aspect ratio)",
+    )
 
     r = sub.add_parser("reproduce", help="regenerate an image from its own metadata")
     r.add_argument("image")

@@ -23,9 +23,7 @@ imports it, never the other way round.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,18 +32,30 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pictor.edit_common import MASK_THRESHOLD, EditError, scaled_size
+from pictor.edit_upscale import (
+    DEFAULT_UPSCALE_STRENGTH,
+    Enlarge,
+    SourceUpscaler,
+    enlarged_mask,
+    upscale_plan,
+)
+from pictor.inpaint_area import (
+    DEFAULT_MASK_PADDING,
+    INPAINT_AREAS,
+    MaskedArea,
+    cut_out,
+    cut_out_mask,
+    plan_masked_area,
+)
+
 ImageSource = Image.Image | str | os.PathLike[str]
 
 EDIT_MODES = ("img2img", "inpaint", "outpaint")
 FILLS = ("edge", "noise")
 # A1111's default denoising strength for img2img; inpainting and outpainting repaint fully by default.
 DEFAULT_IMG2IMG_STRENGTH = 0.75
-# An upscaling img2img only adds detail, as the hires fix's second pass does (pictor.hires' default).
-DEFAULT_UPSCALE_STRENGTH = 0.3
-MAX_UPSCALE = 4.0
-LANCZOS = "lanczos"  # the upscaler without a model: PIL's LANCZOS filter
 DEFAULT_FEATHER = 2
-MASK_THRESHOLD = 128
 # The noise fill is part of the input, not of the sample: a fixed seed keeps it reproducible from the record.
 NOISE_FILL_SEED = 0
 
@@ -67,10 +77,6 @@ __all__ = [
     "prepare_edit",
     "scaled_size",
 ]
-
-
-class EditError(ValueError):
-    """An edit that cannot run as asked; the message says what to change."""
 
 
 @dataclass
@@ -100,6 +106,12 @@ class EditRequest:
     # With `upscale`: the name of the upscale model the pipeline loaded (`Pipeline.set_upscaler`), or
     # None / "lanczos" for Lanczos.
     upscaler: str | None = None
+    # Inpainting: "whole" repaints the mask on the whole image; "masked" cuts the mask's box (grown by
+    # `mask_padding` pixels) out, inpaints it at `inpaint_size` (None: the model's default pixel count in
+    # the box's aspect ratio) and blends it back (`pictor.inpaint_area`).
+    inpaint_area: str = "whole"
+    mask_padding: int = DEFAULT_MASK_PADDING
+    inpaint_size: tuple[int, int] | None = None
     negative_prompt: str = ""
     steps: int | None = None
     guidance: float | None = None
@@ -136,23 +148,6 @@ class EditRequest:
         return "inpaint" if self.mask is not None else "img2img"
 
 
-Enlarge = Callable[[np.ndarray, int, int], np.ndarray]  # uint8 [h, w, 3], width, height -> [H, W, 3]
-
-
-@dataclass(frozen=True)
-class SourceUpscaler:
-    """An upscale model an edit may enlarge its source with (the pipeline's, from `Pipeline.set_upscaler`):
-    its name, what records keep of its file, and the enlarging itself."""
-
-    name: str
-    entry: dict[str, Any]  # path, sha256, ... (pictor.upscaling.upscale_record)
-    enlarge: Enlarge
-
-
-def _lanczos(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
-
-
 @dataclass
 class EditInputs:
     """A validated edit: the canvas the sampler starts from and what to keep of it."""
@@ -170,18 +165,25 @@ class EditInputs:
     # "upscaler_file"]}) and the function that makes it; None for an edit at the source's size.
     upscale: dict[str, Any] | None = None
     enlarge: Enlarge | None = None
+    # Inpainting only the masked area: where it is cut out and the size it is inpainted at; `mask` is then
+    # the area's, at that size.
+    area: MaskedArea | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         """The canvas's (width, height), known without making an enlarged canvas."""
         if self.upscale is not None:
             return int(self.upscale["width"]), int(self.upscale["height"])
+        if self.area is not None:
+            return self.area.width, self.area.height
         return int(self.picture.shape[1]), int(self.picture.shape[0])
 
     @cached_property
     def canvas(self) -> np.ndarray:
         """uint8 [H, W, 3], what the sampler starts from: the picture, enlarged for an upscaling edit (made
-        once, on first use: an upscale model's run can take a while)."""
+        once, on first use: an upscale model's run can take a while), or the masked area cut out."""
+        if self.area is not None:
+            return cut_out(self.picture, self.area)
         if self.upscale is None or self.enlarge is None:
             return self.picture
         width, height = self.size
@@ -203,6 +205,8 @@ class EditInputs:
         }
         if self.upscale is not None:
             fields["source_upscale"] = dict(self.upscale)
+        if self.area is not None:
+            fields.update(self.area.record())
         if self.mask_info is not None:
             fields["mask"] = dict(self.mask_info)
         if self.mask is not None:
@@ -351,77 +355,6 @@ def _check_expand(expand: tuple[int, int, int, int], multiple: int) -> tuple[int
     return values  # type: ignore[return-value]
 
 
-def scaled_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
-    """(width, height) times ``scale``, each side rounded (halves up) to the nearest multiple of
-    ``multiple``, at least one."""
-    w, h = (max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (width, height))
-    return w, h
-
-
-def _upscale_plan(
-    request: EditRequest,
-    width: int,
-    height: int,
-    multiple: int,
-    max_pixels: int,
-    upscaler: SourceUpscaler | None,
-) -> tuple[dict[str, Any] | None, Enlarge | None]:
-    """An upscaling edit's record entry and enlarging function ((None, None) without `upscale`), checked
-    before anything is enlarged."""
-    scale, name = request.upscale, request.upscaler
-    model = None if name is None or name.lower() == LANCZOS else name
-    if scale is None:
-        if model is not None:
-            raise EditError(
-                f"upscaler '{name}' enlarges the source for an upscaling edit; give the upscale factor too "
-                "(e.g. 2)"
-            )
-        return None, None
-    number = isinstance(scale, int | float) and not isinstance(scale, bool)
-    if not (number and math.isfinite(scale) and 1.0 < scale <= MAX_UPSCALE):
-        raise EditError(
-            f"upscale must be a number above 1 and at most {MAX_UPSCALE:g} (e.g. 2), got {scale!r}"
-        )
-    if request.expand is not None and any(request.expand):
-        raise EditError(
-            "an edit either enlarges its source (upscale) or grows its canvas (expand), not both: outpaint "
-            "first, then upscale the result in a second edit"
-        )
-    if model is not None and (upscaler is None or upscaler.name != model):
-        loaded = f"'{upscaler.name}' is" if upscaler else "none is"
-        raise EditError(
-            f"upscaler '{model}' is not loaded ({loaded}); load its file (--upscaler FILE, `pictor serve "
-            "--upscaler FILE`), or use lanczos"
-        )
-    new_w, new_h = scaled_size(width, height, float(scale), multiple)
-    if (new_w, new_h) == (width, height):
-        raise EditError(
-            f"upscale {scale:g} rounds {width}x{height} to the same size (sizes are multiples of "
-            f"{multiple}); use a larger factor"
-        )
-    if new_w * new_h > max_pixels:  # before anything is enlarged: memory
-        raise EditError(
-            f"upscale {scale:g} makes the {width}x{height} image {new_w}x{new_h}, {new_w * new_h:,} pixels; "
-            f"the most pictor makes is {max_pixels:,}: use a smaller factor"
-        )
-    record: dict[str, Any] = {
-        "scale": float(scale),
-        "upscaler": LANCZOS if model is None else model,
-        "width": new_w,
-        "height": new_h,
-    }
-    if model is not None and upscaler is not None:
-        record["upscaler_file"] = dict(upscaler.entry)  # where it was and what it hashed to, for reproduce
-        return record, upscaler.enlarge
-    return record, _lanczos
-
-
-def _enlarged_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A mask at the enlarged canvas's size (nearest: it stays a hard mask, and no white area vanishes)."""
-    grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD
-
-
 # -------------------------------------------------------------------------------------------- canvas
 
 
@@ -455,18 +388,59 @@ def expand_canvas(
     return canvas, new
 
 
+def _check_area(request: EditRequest, reproducing: bool) -> None:
+    """`inpaint_area` and its settings: known, with what they need, and not with what they cannot take."""
+    if request.inpaint_area not in INPAINT_AREAS:
+        raise EditError(
+            f"unknown inpaint area '{request.inpaint_area}'; choose one of {', '.join(INPAINT_AREAS)}"
+        )
+    if request.inpaint_area == "whole":
+        if not reproducing and (request.mask_padding != DEFAULT_MASK_PADDING or request.inpaint_size):
+            raise EditError(
+                "mask padding and inpaint size shape inpainting only the masked area; add inpaint area "
+                "'masked' or drop them"
+            )
+        return
+    if request.mode != "inpaint":
+        raise EditError(
+            "inpaint area 'masked' inpaints around a mask: give a mask (and no expand; outpaint first)"
+        )
+    if request.upscale is not None:
+        raise EditError(
+            "an edit either enlarges its source (upscale) or inpaints only the masked area, not both: the "
+            "masked area is already drawn at the model's own resolution"
+        )
+    spatial = [
+        name
+        for name, value in (
+            ("layout boxes", request.layout),
+            ("a control picture", request.control_image),
+            ("ControlNet pictures", request.controlnet_images),
+        )
+        if value
+    ]
+    if spatial:
+        raise EditError(
+            f"{' and '.join(spatial)} cover the whole image, but inpaint area 'masked' draws only the masked "
+            "area: inpaint the whole image (inpaint area 'whole')"
+        )
+
+
 def prepare_edit(
     request: EditRequest,
     multiple: int,
     max_pixels: int = 4096 * 4096,
     reproducing: bool = False,
     upscaler: SourceUpscaler | None = None,
+    work_pixels: int = 1024 * 1024,
 ) -> EditInputs:
     """Load and validate an edit's image and mask; errors say what to change. `max_pixels` bounds an
     expanded or enlarged canvas, checked before it is allocated (the pipeline passes its MAX_PIXELS).
     `reproducing`: an existing image's record, so a setting that changes nothing is not refused.
-    `upscaler`: the upscale model `request.upscaler` may name."""
+    `upscaler`: the upscale model `request.upscaler` may name. `work_pixels`: how many pixels a masked
+    area is inpainted at when no size is given (the pipeline passes its model's default size's)."""
     mode = request.mode
+    _check_area(request, reproducing)
     if request.strength is not None:
         strength = _check_strength(request.strength)
     elif mode == "img2img":
@@ -485,7 +459,10 @@ def prepare_edit(
         )
     pixels = to_rgb(load_image(request.image))
     height, width = pixels.shape[:2]
-    upscale, enlarge = _upscale_plan(request, width, height, multiple, max_pixels, upscaler)
+    expanding = request.expand is not None and any(request.expand)
+    upscale, enlarge = upscale_plan(
+        request.upscale, request.upscaler, expanding, width, height, multiple, max_pixels, upscaler
+    )
     if upscale is None:  # an enlarged canvas is rounded to the multiple
         _check_multiple(width, height, multiple)
     if expand is not None:  # before the canvas is allocated: a huge expand must not fill memory first
@@ -512,7 +489,13 @@ def prepare_edit(
             new[top : top + height, left : left + width] |= mask
         mask = new
     if upscale is not None and mask is not None:
-        mask = _enlarged_mask(mask, upscale["width"], upscale["height"])
+        mask = enlarged_mask(mask, upscale["width"], upscale["height"])
+    area = None
+    if request.inpaint_area == "masked" and mask is not None:
+        area = plan_masked_area(
+            mask, request.mask_padding, multiple, work_pixels, request.inpaint_size, max_pixels
+        )
+        mask = cut_out_mask(area)
     return EditInputs(
         mode=mode,
         strength=strength,
@@ -525,4 +508,5 @@ def prepare_edit(
         mask_info=mask_info,
         upscale=upscale,
         enlarge=enlarge,
+        area=area,
     )

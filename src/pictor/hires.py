@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pictor.editing import SourceUpscaler, scaled_size
+from pictor.edit_common import scaled_size
+from pictor.edit_upscale import SourceUpscaler
 from pictor.upscaler_files import UpscalerFile
 from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale_image, upscale_record
 

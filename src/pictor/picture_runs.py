@@ -17,6 +17,7 @@ from pictor.editing import EditInputs, new_area
 from pictor.fill_images import check_fill_request, fill_conditioning
 from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
 from pictor.hires import hires_record, hires_size, upscale
+from pictor.inpaint_area import back_to_box
 from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.block_cache import FirstBlockCache, cache_passes
 from pictor.models.flux import pack_latents
@@ -47,7 +48,8 @@ def run_edit_seeds(
         check_fill_request(r, has_mask=inputs.mask is not None)
     if inputs.strength == 0.0:
         # Nothing is repainted: the input itself, not a lossy autoencoder round trip.
-        images = [Image.fromarray(inputs.canvas) for _ in seeds]
+        kept = inputs.picture if inputs.area is not None else inputs.canvas
+        images = [Image.fromarray(kept) for _ in seeds]
     else:
         pixels = to_model_pixels(inputs.canvas, pipe.device, pipe.dtype)
         z0 = _encode(pipe, r, pixels, lambda: progress(0, int(r.steps or 0)))
@@ -62,7 +64,9 @@ def run_edit_seeds(
             mask = latent_mask(inputs.mask, ae.downsample_factor, ae.z_channels).to(pipe.device)
         init = LatentInit(z0=z0, strength=inputs.strength, mask=mask, fill=fill)
         images = to_pil(pipe.sample(r, seeds, progress, init, caches))
-        if inputs.mask is not None:
+        if inputs.area is not None:  # only the masked area was drawn: back into the whole picture
+            images = [Image.fromarray(_stitch(np.asarray(im), inputs)) for im in images]
+        elif inputs.mask is not None:
             weights = feather_weights(inputs.mask, inputs.feather)
             if inputs.expand is not None:  # the new area has no pixels of its own to blend with
                 weights = np.maximum(weights, new_area(inputs.canvas.shape[:2], inputs.expand))
@@ -76,6 +80,19 @@ def run_edit_seeds(
         )
         for j, (image, seed) in enumerate(zip(images, seeds, strict=True))
     ]
+
+
+def _stitch(generated: np.ndarray, inputs: EditInputs) -> np.ndarray:
+    """An inpainted masked area (at the size it was drawn at) resized back to its box and blended into the
+    whole picture inside the mask, feathered at the picture's own size: outside the mask, the picture's
+    pixels, exactly."""
+    area = inputs.area
+    assert area is not None
+    x0, y0, x1, y1 = area.box
+    weights = feather_weights(area.picture_mask, inputs.feather)[y0:y1, x0:x1]
+    out = inputs.picture.copy()
+    out[y0:y1, x0:x1] = composite(back_to_box(generated, area), inputs.picture[y0:y1, x0:x1], weights)
+    return out
 
 
 def run_hires_seeds(

@@ -263,7 +263,8 @@ class Pipeline:
         except AttributeError as exc:  # a GenerationRequest field EditRequest lacks: a bug, not user error
             raise TypeError(f"EditRequest is missing a GenerationRequest field: {exc}") from exc
         upscaler = source_upscaler(self.upscaler) if self.upscaler else None  # what request.upscaler names
-        inputs = prepare_edit(request, self.patch, MAX_PIXELS, reproducing, upscaler)
+        work_pixels = self.defaults["width"] * self.defaults["height"]  # a masked area's, by default
+        inputs = prepare_edit(request, self.patch, MAX_PIXELS, reproducing, upscaler, work_pixels)
         width, height = inputs.size
         shared_request = GenerationRequest(**{**shared, "width": width, "height": height})
         r = self.resolve_request(shared_request, reproducing)

@@ -108,6 +108,8 @@ def parameters_text(record: dict[str, Any]) -> str:
             ("Hires upscaler", _upscaler_name(hires.get("upscaler", ""))),
             ("Denoising strength", _fmt_number(hires["strength"])),
         ]
+    if record.get("inpaint_area") == "masked":  # A1111's names; its Size is the size the area was drawn at
+        fields += [("Inpaint area", "Only masked"), ("Masked area padding", record.get("mask_padding", ""))]
     enlarged = record.get("source_upscale")
     if isinstance(enlarged, dict):  # an upscaling edit (A1111 writes none for its SD upscale script)
         fields += [

@@ -19,6 +19,7 @@ from pictor.controlnet_runs import (
 )
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.generation_request import DENOISE_TILING_FIELDS, TILING_FIELDS
+from pictor.inpaint_area import DEFAULT_MASK_PADDING, INPAINT_AREAS
 from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
@@ -113,6 +114,8 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "denoise_tile_overlap": (_optional(_int), "an integer"),
     "cache_threshold": (_optional(_number), "a number"),
     "prompt_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "inpaint_area": (lambda v: v in INPAINT_AREAS, f"one of {', '.join(INPAINT_AREAS)}"),
+    "mask_padding": (_int, "an integer"),
     "hires": (
         lambda v: (
             isinstance(v, dict)
@@ -517,6 +520,10 @@ def _reproduce_edit(
         fill=record.get("fill", "edge"),
         feather=int(record.get("feather", 0)),
         upscale=enlarged.get("scale"),
+        inpaint_area=record.get("inpaint_area", "whole"),
+        mask_padding=record.get("mask_padding", DEFAULT_MASK_PADDING),
+        # the size the masked area was drawn at: the record's, whatever the model's defaults are now
+        inpaint_size=(record["width"], record["height"]) if record.get("inpaint_area") == "masked" else None,
         # the loaded model's name: check_upscaler found its hash to be the recorded one's, under any name
         upscaler=pipe.upscaler.name if recorded_upscaler(record)[0] and pipe.upscaler else None,
         **settings,
