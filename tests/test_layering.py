@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "sampling": 1,
     "sampling_steps": 1,
     "sampling_multistep": 1,
+    "sampling_deis": 1,
     "sampling_schedules": 1,
     "checkpoint": 1,
     "convert": 1,

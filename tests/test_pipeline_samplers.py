@@ -1,5 +1,5 @@
 """The samplers through Pipeline: euler_ancestral's fresh noise keeps images seeded, batch-independent and
-reproducible (generation, hires fix, first-block cache, inpainting); unipc runs and reproduces."""
+reproducible (generation, hires fix, first-block cache, inpainting); unipc and deis run and reproduce."""
 
 from __future__ import annotations
 
@@ -66,13 +66,13 @@ def test_ancestral_noise_changes_the_image_and_leaves_the_initial_noise_alone(pi
     assert step_noise_seed(3, 0, 0) != step_noise_seed(3, 0, 1) != step_noise_seed(3, 1, 1)
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "unipc"])
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "unipc", "deis"])
 def test_new_samplers_reproduce_bit_exactly_from_png(pipe: Pipeline, sampler: str, tmp_path: Path) -> None:
     images = pipe.generate(
         GenerationRequest("two yellow stars", seed=5, num_images=3, steps=3, sampler=sampler)
     )
     assert images[2].record["sampler"] == sampler
-    display = {"euler_ancestral": "Euler a", "unipc": "UniPC"}[sampler]  # A1111's names
+    display = {"euler_ancestral": "Euler a", "unipc": "UniPC", "deis": "DEIS"}[sampler]  # A1111's names
     assert f"Sampler: {display}," in parameters_text(images[2].record)
     _reproduces(pipe, images[2].image, images[2].record, tmp_path / "x.png")
 

@@ -32,6 +32,7 @@ SAMPLER_DISPLAY = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "unipc": "UniPC",
+    "deis": "DEIS",
     "euler_ancestral": "Euler a",
 }
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pictor.flow import predict_x0
+from pictor.sampling_deis import sample_deis
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
 from pictor.sampling_schedules import (
     SCHEDULES,
@@ -183,6 +184,7 @@ SAMPLERS: dict[str, SamplerFn] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "unipc": sample_unipc,
+    "deis": sample_deis,
     "euler_ancestral": sample_euler_ancestral,
 }
 
@@ -191,6 +193,7 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "heun": 2,
     "dpmpp_2m": 1,
     "unipc": 1,
+    "deis": 1,
     "euler_ancestral": 1,
 }
 
