@@ -98,10 +98,15 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1, description="Sampler steps (the server's limit applies).")
     guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Guidance scale.")
     negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")
+    prompt_weights: bool = Field(
+        False,
+        description="Read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), "
+        "(words) = 1.1, [words] = 1/1.1, nesting multiplies; false: brackets are text.",
+    )
     sampler: str | None = Field(
         None,
-        description="euler, heun, dpmpp_2m, unipc or euler_ancestral (stochastic: fresh noise every step, "
-        "drawn from the image's seed, so the seed still reproduces it). The model card lists them.",
+        description="euler, heun, dpmpp_2m, unipc, deis or euler_ancestral (stochastic: fresh noise every "
+        "step, drawn from the image's seed, so the seed still reproduces it). The model card lists them.",
     )
     schedule: str | None = Field(
         None, description="Timestep schedule: flux, linear, shifted, karras, exponential or beta."

@@ -25,6 +25,7 @@ with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -50,7 +51,8 @@ from pictor.serve.controlnets import (
     resolved_settings,
 )
 from pictor.serve.errors import APIError
-from pictor.serve.pipeline_errors import REQUEST_ERRORS, request_error
+from pictor.serve.job_requests import EDIT_KEYS
+from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
 from pictor.serve.routes import (
     COMMON_ERRORS,
     SUBMIT_ERRORS,
@@ -113,13 +115,21 @@ def edit_params(
     require_prompt(prompt, pictured or prompt_optional)
     layout = checked_layout(form.get("layout"))
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
-    if form["size"] not in (None, "", "auto", f"{source.width}x{source.height}"):
-        raise APIError(
-            400,
-            f"an edit keeps the image's size ({source.width}x{source.height}); omit size",
-            param="size",
-            code="invalid_parameters",
+    upscale = form.get("upscale")
+    if form["size"] not in (None, "", "auto") and (
+        upscale is not None or form["size"] != f"{source.width}x{source.height}"
+    ):
+        keeps = (
+            "an upscaling edit's size follows from upscale"
+            if upscale is not None
+            else (f"an edit keeps the image's size ({source.width}x{source.height})")
         )
+        raise APIError(400, f"{keeps}; omit size", param="size", code="invalid_parameters")
+    if upscale is not None:  # bound the enlarged size now: before the model is there, from above
+        bound = [math.ceil(side * upscale / 16) * 16 for side in (source.width, source.height)]
+        _check_larger(limits, prompt, n, bound, form.get("steps"), "upscale")
+    if form.get("inpaint_size") is not None:
+        _check_larger(limits, prompt, n, form["inpaint_size"], form.get("steps"), "inpaint_size")
     # 16-bit greyscale scaled by its depth first, as the CLI and library do (Pillow's conversions clip).
     source, mask = eight_bit(source), eight_bit(mask) if mask is not None else None
     reference = eight_bit(reference) if reference is not None else None
@@ -143,6 +153,13 @@ def edit_params(
     settings = {k: form[k] for k in keys}
     settings |= {k: form.get(k) for k in DENOISE_TILING_FIELDS}  # pixels, or None
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
+    settings["prompt_weights"] = bool(form.get("prompt_weights"))
+    # an edit's own settings, as EditRequest names them; absent ones take its defaults
+    edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
+    if str(edit_settings.get("upscaler", "")).lower() == "lanczos":
+        del edit_settings["upscaler"]  # None means Lanczos, so equal edits read alike
+    if svc.manager.pipeline is None:  # read again below: it never goes away once loaded
+        _check_upscaler_while_loading(svc, edit_settings.get("upscaler"))
     settings["layout"] = layout
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
     settings["redux_strength"] = form.get("redux_strength")
@@ -152,6 +169,7 @@ def edit_params(
         settings[key] = form.get(key)
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
+    width, height = source.width, source.height  # the output's: an upscaling edit's is larger
     if pipe is not None:
         request = EditRequest(
             image=source,
@@ -166,6 +184,7 @@ def edit_params(
             ip_adapter_image=ip_adapter,  # and this one without the IP-Adapter loaded
             controlnet_images=controlnets,  # and these without ControlNets loaded
             **settings,
+            **{k: tuple(v) if k == "inpaint_size" else v for k, v in edit_settings.items()},
         )
         try:
             r, inputs = pipe.resolve_edit(request)
@@ -185,6 +204,9 @@ def edit_params(
             denoise_tile=r.denoise_tile,  # the overlap's default filled in: equal edits read alike
             denoise_tile_overlap=r.denoise_tile_overlap,
         )
+        if "upscale" in edit_settings:  # the output is the enlarged picture: the server's limits apply to it
+            _check_larger(limits, prompt, n, list(inputs.size), r.steps, "upscale")
+            width, height = inputs.size
     # context_image: the key job_requests.edit_request reads back, as for a JSON generation's context_image.
     pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
     pictures |= {"control_image": control, "redux_image": redux, "ip_adapter_image": ip_adapter}
@@ -193,12 +215,39 @@ def edit_params(
         **svc.keep_uploads({**pictures, "controlnet_images": controlnets}),
         "prompt": prompt,
         "negative_prompt": negative,
-        "width": source.width,
-        "height": source.height,
+        "width": width,
+        "height": height,
         "n": n,
         "loras": loras,
         **settings,
+        **edit_settings,
     }
+
+
+def _check_larger(
+    limits: Limits, prompt: str, n: int, size: list[int], steps: int | None, field: str
+) -> None:
+    """The server's limits on the size an upscaling edit makes (or a masked area is drawn at), named by the
+    field that sets it."""
+    try:
+        check_limits(limits, prompt, n, size[0], size[1], steps)
+    except APIError as exc:
+        message = f"{field} makes {size[0]}x{size[1]}: {exc.message}"
+        raise APIError(400, message, code=exc.code, param=field) from None
+
+
+def _check_upscaler_while_loading(svc: Service, name: str | None) -> None:
+    """Before the model is there, the upscale model it loads with is known by its file (--upscaler): an
+    upscaler that names another is refused now, as the loaded model would refuse it."""
+    path = svc.settings.upscaler
+    if name is not None and (path is None or name != path.stem):
+        loaded = f"'{path.stem}' is" if path is not None else "none is"
+        raise APIError(
+            400,
+            f"upscaler '{name}' is not loaded ({loaded}); {HIRES_UPSCALER_HELP}",
+            param="upscaler",
+            code="invalid_parameters",
+        )
 
 
 # The form fields the edit and variation forms share, declared once so both validate them alike.
@@ -248,6 +297,53 @@ Loras = Annotated[
     str | None,
     Form(description='LoRAs of GET /v1/loras as JSON, e.g. [{"name": "style", "scale": 0.8}]'),
 ]
+PromptWeights = Annotated[
+    bool,
+    Form(
+        description="Read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), "
+        "(words) = 1.1, [words] = 1/1.1; false: brackets are text"
+    ),
+]
+Upscale = Annotated[
+    float | None,
+    Form(
+        allow_inf_nan=False,
+        description="Enlarge the image (and mask) by this factor (above 1, at most 4; rounded to the model's "
+        "pixel multiple) and redraw it there (A1111's SD upscale; strength defaults to 0.3). The output "
+        "is that larger size",
+    ),
+]
+Upscaler = Annotated[
+    str | None,
+    Form(
+        description="With upscale: lanczos (default) or the name of the upscale model the server loaded "
+        "(GET /v1/models: upscaler)"
+    ),
+]
+InpaintArea = Annotated[
+    Literal["whole", "masked"] | None,
+    Form(
+        description="With a mask: whole (default) repaints on the whole image; masked cuts out the mask's "
+        "box, draws it at the model's own resolution and blends it back (A1111's Only masked)"
+    ),
+]
+MaskPadding = Annotated[
+    int | None, Form(ge=0, description="inpaint_area masked: pixels of context around the mask (default 32)")
+]
+InpaintSize = Annotated[
+    str | None,
+    Form(
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description="inpaint_area masked: the size the area is drawn at, WxH (default: the model's default "
+        "number of pixels, in the box's aspect ratio)",
+    ),
+]
+
+
+def _inpaint_size(text: str | None) -> list[int] | None:
+    """The inpaint_size field (WxH, its pattern checked) as [width, height], or None."""
+    return [int(v) for v in text.split("x")] if text else None
+
 
 # Fields that hold a list: repeated, as `name[]` fields, JSON text or comma-separated (controlnets.form_list).
 LIST_FIELDS = ("controlnet_scales", "controlnet_modes")
@@ -286,6 +382,12 @@ FORM_FIELDS = {
     "cache_threshold",
     "denoise_tile",
     "denoise_tile_overlap",
+    "prompt_weights",
+    "upscale",
+    "upscaler",
+    "inpaint_area",
+    "mask_padding",
+    "inpaint_size",
     "output_format",
     "stream",
 }
@@ -449,6 +551,12 @@ async def edit_form(
     cache_threshold: Fraction = None,
     denoise_tile: DenoiseTile = None,
     denoise_tile_overlap: DenoiseTileOverlap = None,
+    prompt_weights: PromptWeights = False,
+    upscale: Upscale = None,
+    upscaler: Upscaler = None,
+    inpaint_area: InpaintArea = None,
+    mask_padding: MaskPadding = None,
+    inpaint_size: InpaintSize = None,
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
     output_format: Annotated[str | None, Form(description="Only png.")] = None,
     stream: Annotated[str | None, Form(description="Only false.")] = None,
@@ -497,6 +605,12 @@ async def edit_form(
         "cache_threshold": cache_threshold,
         "denoise_tile": denoise_tile,
         "denoise_tile_overlap": denoise_tile_overlap,
+        "prompt_weights": prompt_weights,
+        "upscale": upscale,
+        "upscaler": upscaler or None,
+        "inpaint_area": inpaint_area or None,
+        "mask_padding": mask_padding,
+        "inpaint_size": _inpaint_size(inpaint_size),
         "seed": seed,
         "strength": strength,
         "layout": layout,

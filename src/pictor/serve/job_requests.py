@@ -42,6 +42,7 @@ BATCH_KEYS = (
     "controlnet_end",
     *HIRES_FIELDS,
     "cache_threshold",
+    "prompt_weights",
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
 )
@@ -49,7 +50,9 @@ BATCH_KEYS = (
 
 # Edits also need the same source image: upload ids are new for every request, so edits never merge.
 # The chosen LoRAs (not a request field: the worker applies them to the model before the run) likewise.
-MERGE_KEYS = (*BATCH_KEYS, "kind", "image", "mask", "strength", "loras")
+# An edit's own settings beside the generation's (pictor.editing.EditRequest's names).
+EDIT_KEYS = ("upscale", "upscaler", "inpaint_area", "mask_padding", "inpaint_size")
+MERGE_KEYS = (*BATCH_KEYS, *EDIT_KEYS, "kind", "image", "mask", "strength", "loras")
 
 
 def batch_key(params: dict[str, Any]) -> tuple[Any, ...]:
@@ -77,6 +80,7 @@ def generation_request(
     reference picture comes from the store's uploads."""
     fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
+    fields["prompt_weights"] = bool(fields["prompt_weights"])  # absent from jobs queued before it existed
     fields.update(
         seed=params.get("seed"),
         num_images=int(params.get("n", 1)),
@@ -94,6 +98,11 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     """An edit job's settings as the pipeline's EditRequest; the images come from the store's uploads."""
     fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height", *HIRES_FIELDS)}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
+    fields["prompt_weights"] = bool(fields["prompt_weights"])
+    # absent from jobs queued before they existed: EditRequest's defaults
+    fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
+    if fields.get("inpaint_size") is not None:  # JSON keeps it as a list
+        fields["inpaint_size"] = tuple(fields["inpaint_size"])
     fields["reference"] = _reference(params, store)
     fields["context_image"] = _reference(params, store, "context_image")
     fields["control_image"] = _reference(params, store, "control_image")

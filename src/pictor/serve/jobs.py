@@ -395,7 +395,9 @@ class JobManager:
         # and the page show them; asked here, where the model is sure to be loaded.
         notices: list[str] = []
         if kind != "upscale":  # an upscale's prompt is its picture's record's, which nothing reads
-            notices = self.pipeline.prompt_notices(params.get("prompt"), params.get("negative_prompt"))
+            notices = self.pipeline.prompt_notices(
+                params.get("prompt"), params.get("negative_prompt"), bool(params.get("prompt_weights"))
+            )
         for live in batch:
             # A job's own seeds can repeat smaller seeds' images (the generator reads 32 bits of a seed).
             aliased = seed_notice(live.seed, live.job.n) if kind != "upscale" else None
@@ -420,7 +422,13 @@ class JobManager:
             pipe, store = self.pipeline, self.store
             run, request = (lambda _r, p: run_upscale(pipe, params, store, p)), None
         elif kind == "edit":
-            run, request = self.pipeline.edit, edit_request(params, self.store, **runs)
+            pipe, edit = self.pipeline, self.pipeline.edit
+
+            def run(r: Any, p: Any) -> Any:  # an upscaling edit's model must still be the one loaded
+                check_hires_upscaler(pipe, params, "upscaler")
+                return edit(r, p)
+
+            request = edit_request(params, self.store, **runs)
         else:
             pipe, generate = self.pipeline, self.pipeline.generate
 

@@ -45,6 +45,19 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^number of images", "n"),
         (r"^unknown sampler", "sampler"),
         (r"^unknown schedule", "schedule"),
+        # prompt weights: a text encoder without token offsets, or a weight that is no number
+        (r"cannot weigh prompts|prompt weights need a fast tokenizer", "prompt_weights"),
+        (r"^the negative prompt: prompt weight", "negative_prompt"),
+        (r"^the prompt: prompt weight", "prompt"),
+        # upscaling edits (edit_upscale): a model named without a factor is about the missing factor
+        (r"^upscaler '.*' enlarges the source", "upscale"),
+        (r"^upscaler '", "upscaler"),
+        # inpainting only the masked area (inpaint_area, editing._check_area)
+        (r"or inpaints only the masked area", "inpaint_area"),
+        (r"^upscale |^an edit either enlarges its source", "upscale"),
+        (r"^mask padding", "mask_padding"),
+        (r"^the inpaint size", "inpaint_size"),
+        (r"inpaint area", "inpaint_area"),
         (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
         (r"^the image", "image"),
         (r"^strength", "strength"),
@@ -157,6 +170,12 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         ),
         (r"give the scale too$", "give hires_scale too"),
         (
+            r"load its file \(--upscaler FILE, `pictor serve --upscaler FILE`\), or use lanczos",
+            HIRES_UPSCALER_HELP,
+        ),
+        (r"; drop prompt weights$", "; send prompt_weights false"),
+        (r"add inpaint area 'masked' or drop them", "send inpaint_area masked or drop them"),
+        (
             r"^a denoise tile overlap needs a tile size: give the tile too$",
             "denoise_tile_overlap needs denoise_tile: give denoise_tile too",
         ),
@@ -197,6 +216,11 @@ FLAG_FIELDS = {
     "cache-threshold": "cache_threshold",
     "denoise-tile": "denoise_tile",
     "denoise-tile-overlap": "denoise_tile_overlap",
+    "upscale": "upscale",  # (--upscaler is also the server's own flag: kept)
+    "inpaint-area": "inpaint_area",
+    "mask-padding": "mask_padding",
+    "inpaint-size": "inpaint_size",
+    "prompt-weights": "prompt_weights",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

@@ -140,6 +140,7 @@ class Service:
             # "lanczos", the loaded upscale model's name, or None; resolved below: None for Lanczos
             "hires_upscaler": body.hires_upscaler,
             "cache_threshold": body.cache_threshold or None,
+            "prompt_weights": body.prompt_weights,
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,
             "denoise_tile_overlap": body.denoise_tile_overlap,

@@ -67,16 +67,20 @@ def check_upscaler(pipe: Pipeline, params: dict[str, Any]) -> UpscalerFile:
     return upscaler
 
 
-def check_hires_upscaler(pipe: Pipeline, params: dict[str, Any]) -> None:
-    """A generation sent with a hires upscale model runs only where that model is loaded; a server restarted
-    without it (or with another) is the server's fault, not the request's, so this is no request error."""
-    wanted = params.get("hires_upscaler")
-    if not wanted or (pipe.upscaler is not None and pipe.upscaler.name == wanted):
+def check_hires_upscaler(pipe: Pipeline, params: dict[str, Any], key: str = "hires_upscaler") -> None:
+    """A generation sent with a hires upscale model (or an upscaling edit with one: `key` "upscaler") runs
+    only where that model is loaded; a server restarted without it (or with another) is the server's fault,
+    not the request's, so this is no request error."""
+    wanted = params.get(key)
+    if not wanted or wanted.lower() == "lanczos":
+        return
+    if pipe.upscaler is not None and pipe.upscaler.name == wanted:
         return
     now = f"'{pipe.upscaler.name}'" if pipe.upscaler is not None else "none"
+    what = "hires upscale model" if key == "hires_upscaler" else "upscale model"
     raise UpscalerUnavailable(
-        f"this job was sent for the hires upscale model '{wanted}', but the server has {now} loaded now (it "
-        "was restarted with other settings); start it with --upscaler FILE and send the job again"
+        f"this job was sent for the {what} '{wanted}', but the server has {now} loaded now (it was restarted "
+        "with other settings); start it with --upscaler FILE and send the job again"
     )
 
 

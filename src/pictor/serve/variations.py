@@ -68,6 +68,7 @@ from pictor.serve.edits import (
     Fraction,
     Loras,
     Number,
+    PromptWeights,
     ReduxStrength,
     ResponseFormat,
     Seed,
@@ -122,6 +123,7 @@ FORM_FIELDS = {
     "cache_threshold",
     "denoise_tile",
     "denoise_tile_overlap",
+    "prompt_weights",
     "loras",
     "redux_strength",
 }
@@ -264,6 +266,7 @@ async def variation_form(
     cache_threshold: Fraction = None,
     denoise_tile: DenoiseTile = None,
     denoise_tile_overlap: DenoiseTileOverlap = None,
+    prompt_weights: PromptWeights = False,
     loras: Loras = None,
     redux_strength: ReduxStrength = None,
 ) -> EditForm | ReduxVariation:
@@ -330,7 +333,7 @@ async def variation_form(
         given |= {"response_format": response_format, "steps": steps, "guidance": guidance, "seed": seed}
         given |= {"sampler": sampler, "schedule": schedule, "cache_threshold": cache_threshold}
         given |= {"denoise_tile": denoise_tile, "denoise_tile_overlap": denoise_tile_overlap}
-        given |= {"redux_strength": redux_strength}
+        given |= {"redux_strength": redux_strength, "prompt_weights": prompt_weights}
         return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
@@ -346,6 +349,7 @@ async def variation_form(
         "cache_threshold": cache_threshold,
         "denoise_tile": denoise_tile,
         "denoise_tile_overlap": denoise_tile_overlap,
+        "prompt_weights": prompt_weights,
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,

@@ -75,6 +75,7 @@ function requestFromForm() {
   if (width !== undefined && height !== undefined) body.size = `${width}x${height}`;
   const values = {
     negative_prompt: $("negative_prompt").value || undefined,
+    prompt_weights: $("prompt_weights").checked || undefined,  // unchecked: not sent (the server's false)
     steps: number("steps", Number),
     guidance: number("guidance", Number),
     sampler: $("sampler").value || undefined,
@@ -135,6 +136,7 @@ function fillForm(record) {
   drawLayout();
   if (record.layout) $("layout-settings").open = true;
   $("negative_prompt").value = record.negative_prompt || "";
+  $("prompt_weights").checked = Boolean(record.prompt_weights);
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
   $("steps").value = record.steps ?? "";
@@ -235,6 +237,16 @@ function editFromForm({ size, ...body }, nets) {
     }
   }
   if ($("edit-mask").files.length) form.append("mask", $("edit-mask").files[0]);
+  // An upscaling edit, and inpainting only the masked area: sent when set, so the server's 400 names a
+  // setting that does not go with the rest (a masked area without a mask, say).
+  const upscale = $("edit-upscale").value.trim();
+  if (upscale !== "") {
+    form.append("upscale", upscale);
+    if ($("edit-upscaler").value) form.append("upscaler", $("edit-upscaler").value);
+  }
+  if ($("inpaint-area").value) form.append("inpaint_area", $("inpaint-area").value);
+  const padding = $("mask-padding").value.trim();
+  if (padding !== "") form.append("mask_padding", padding);
   const control = controlFile();
   if (control) {
     form.append("control_image", control);
@@ -702,10 +714,12 @@ function showUpscaler(card) {
   const changed = JSON.stringify(card) !== JSON.stringify(upscalerCard);
   upscalerCard = card;
   $("hires-upscaler-row").hidden = !card;
-  const select = $("hires_upscaler");
-  const chosen = select.value;
-  select.replaceChildren(new Option("Lanczos", ""), ...(card ? [new Option(`${card.name} (x${card.scale})`, card.name)] : []));
-  select.value = card && chosen === card.name ? chosen : "";
+  $("edit-upscaler-row").hidden = !card;
+  for (const select of [$("hires_upscaler"), $("edit-upscaler")]) {
+    const chosen = select.value;
+    select.replaceChildren(new Option("Lanczos", ""), ...(card ? [new Option(`${card.name} (x${card.scale})`, card.name)] : []));
+    select.value = card && chosen === card.name ? chosen : "";
+  }
   // The buttons come and go with it (the first listing comes after the model card: see the start).
   if (changed && galleryShown) loadGallery(true).catch((err) => setError(err.message));
 }
@@ -840,6 +854,7 @@ function recordRequest(record) {
     n: 1,
   };
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
+  if (record.prompt_weights) body.prompt_weights = true;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
