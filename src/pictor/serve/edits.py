@@ -33,6 +33,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
+from pictor.edit_upscale import MAX_UPSCALE
 from pictor.editing import EditRequest, eight_bit
 from pictor.generation_request import DENOISE_TILING_FIELDS
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
@@ -125,9 +126,8 @@ def edit_params(
             else (f"an edit keeps the image's size ({source.width}x{source.height})")
         )
         raise APIError(400, f"{keeps}; omit size", param="size", code="invalid_parameters")
-    if upscale is not None:  # bound the enlarged size now: before the model is there, from above
-        bound = [math.ceil(side * upscale / 16) * 16 for side in (source.width, source.height)]
-        _check_larger(limits, prompt, n, bound, form.get("steps"), "upscale")
+    if upscale is not None and svc.manager.pipeline is None:  # the loaded model's own size is checked below
+        _check_upscale_while_loading(limits, prompt, n, upscale, source.size, form.get("steps"))
     if form.get("inpaint_size") is not None:
         _check_larger(limits, prompt, n, form["inpaint_size"], form.get("steps"), "inpaint_size")
     # 16-bit greyscale scaled by its depth first, as the CLI and library do (Pillow's conversions clip).
@@ -169,7 +169,8 @@ def edit_params(
         settings[key] = form.get(key)
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
-    width, height = source.width, source.height  # the output's: an upscaling edit's is larger
+    # The output's size: an upscaling edit's is larger, and known once the model is (its pixel multiple).
+    width, height = (None, None) if "upscale" in edit_settings else (source.width, source.height)
     if pipe is not None:
         request = EditRequest(
             image=source,
@@ -234,6 +235,23 @@ def _check_larger(
     except APIError as exc:
         message = f"{field} makes {size[0]}x{size[1]}: {exc.message}"
         raise APIError(400, message, code=exc.code, param=field) from None
+
+
+def _check_upscale_while_loading(
+    limits: Limits, prompt: str, n: int, scale: float, size: tuple[int, int], steps: int | None
+) -> None:
+    """Before the model is there, its pixel multiple is not known: the factor is checked as the pipeline
+    checks it, and the enlarged size bounded from above (every model rounds to a multiple of 16 or a divisor
+    of it), so that no job the limits refuse is queued."""
+    if not 1 < scale <= MAX_UPSCALE:
+        raise APIError(
+            400,
+            f"upscale must be a number above 1 and at most {MAX_UPSCALE:g} (e.g. 2), got {scale:g}",
+            param="upscale",
+            code="invalid_parameters",
+        )
+    bound = [math.ceil(side * scale / 16) * 16 for side in size]
+    _check_larger(limits, prompt, n, bound, steps, "upscale")
 
 
 def _check_upscaler_while_loading(svc: Service, name: str | None) -> None:
@@ -310,7 +328,7 @@ Upscale = Annotated[
         allow_inf_nan=False,
         description="Enlarge the image (and mask) by this factor (above 1, at most 4; rounded to the model's "
         "pixel multiple) and redraw it there (A1111's SD upscale; strength defaults to 0.3). The output "
-        "is that larger size",
+        "is that larger size, which the server's pixel limit applies to; leave size out",
     ),
 ]
 Upscaler = Annotated[
