@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "grid_values": 1,
     "prompt_variants": 1,
     "prompt_weights": 1,
+    "settings_import": 1,
     "hires": 1,
     "image_grid": 1,
     "flux_files": 1,

@@ -200,6 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--best-of ranks candidates of one prompt, and --variants random gives each image its own; "
                 "use --variants all (each combination gets its own --best-of) or drop --best-of"
             )
+    if args.settings_from:
+        _take_settings(args)
     runs = _prompt_runs(args)  # a bad template or prompt file fails before the model loads
     if args.hires_upscaler and args.hires is None:
         raise ValueError("--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE")
@@ -235,6 +237,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for path in _save(images, args.out):
             print(path)
     return 0
+
+
+def _take_settings(args: argparse.Namespace) -> None:
+    """--settings-from IMAGE: the image's settings (`pictor.settings_import`) for every option the command
+    line left unset; what is not taken is said on stderr."""
+    from pictor.sampling import SAMPLERS
+    from pictor.settings_import import settings_from_image
+
+    imported = settings_from_image(args.settings_from)
+    for notice in imported.notices:
+        print(f"pictor generate: {notice}", file=sys.stderr)
+    if imported.sampler_name and args.sampler is None:
+        raise ValueError(
+            f"the image's sampler '{imported.sampler_name}' has no pictor equivalent; choose one with "
+            f"--sampler ({', '.join(SAMPLERS)})"
+        )
+    if imported.hires_upscaler_name and args.hires is None and not args.hires_upscaler:
+        file = imported.hires_upscaler_file
+        if not (file and Path(file).is_file()):
+            raise ValueError(
+                f"the image's hires fix enlarged with upscale model '{imported.hires_upscaler_name}'; pass "
+                "its file with --hires-upscaler FILE (or give --hires SCALE for Lanczos)"
+            )
+        args.hires_upscaler = file
+    for dest, value in imported.values.items():
+        if dest == "prompt" and (args.prompt is not None or args.from_file is not None):
+            continue
+        current = getattr(args, dest)
+        unset = current is None or (dest in ("negative", "prompt_weights") and not current)
+        if unset:
+            setattr(args, dest, value)
 
 
 def _prompt_runs(args: argparse.Namespace) -> list[Any]:

@@ -393,7 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt", nargs="?", default=None, help="the prompt (or --from-file)")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (or --from-file, or --settings-from)")
+    g.add_argument(
+        "--settings-from",
+        default=None,
+        metavar="IMAGE",
+        help="take the prompt and settings of IMAGE (its pictor record, or A1111's parameters text of A1111, "
+        "Forge, ComfyUI...; A1111's send to txt2img) for every option not given here",
+    )
     _add_model(g)
     _add_lora(g)
     _add_sampling(g)

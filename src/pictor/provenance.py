@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,18 @@ def postprocessing_text(record: dict[str, Any]) -> str | None:
     return ", ".join(f"{k}: {quote(v)}" for k, v in fields)
 
 
+def a1111_prompt(text: str, weighted: bool) -> str:
+    """A prompt as A1111's text holds it: A1111 reads brackets as weights, so a prompt pictor read as plain
+    text has its brackets (and backslashes) escaped; a weighted one is already in A1111's syntax."""
+    return text if weighted else re.sub(r"([\\()\[\]])", r"\\\1", text)
+
+
 def parameters_text(record: dict[str, Any]) -> str:
     """The A1111 ``parameters`` text for a generation record."""
-    lines = [record["prompt"]]
+    weighted = bool(record.get("prompt_weights"))
+    lines = [a1111_prompt(record["prompt"], weighted)]
     if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
+        lines.append(f"Negative prompt: {a1111_prompt(record['negative_prompt'], weighted)}")
     fields: list[tuple[str, Any]] = [
         ("Steps", record["steps"]),
         ("Sampler", SAMPLER_DISPLAY.get(record["sampler"], record["sampler"])),

@@ -1,0 +1,231 @@
+"""Another image's settings as `pictor generate`'s options: A1111's "PNG Info, send to txt2img" for any PNG
+with A1111's `parameters` text (A1111, Forge, Fooocus, ComfyUI savers that write it, pictor) or a pictor
+record.
+
+A pictor record gives its own fields as they were. A1111's text gives what pictor has an equivalent for:
+prompt, negative prompt, steps, CFG scale (or Forge's "Distilled CFG Scale"), sampler (A1111's names;
+"DPM++ 2M Karras" style names carry the schedule too), schedule type, seed, size, the hires fix (scale,
+steps, denoising strength, a Lanczos or named model upscaler) and pictor's tile and cache settings. A1111
+always reads its emphasis syntax, so a prompt from its text is read with prompt weights; `<lora:name:w>`
+tags are taken out of it (LoRAs are files here: --lora FILE:SCALE). Anything else it holds is listed in a
+notice, not silently dropped; a sampler or upscaler pictor cannot run is an error unless the command line
+gives its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pictor.provenance import (
+    PARAMETERS_KEY,
+    RECORD_KEY,
+    SAMPLER_DISPLAY,
+    ProvenanceError,
+    parse_parameters,
+    read_text_chunks,
+)
+from pictor.sampling import SAMPLERS, SCHEDULES
+
+# A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
+SAMPLER_NAMES = {shown.lower(): name for name, shown in SAMPLER_DISPLAY.items()} | {n: n for n in SAMPLERS}
+SCHEDULE_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
+# A1111's "Schedule type" values with a pictor schedule; "Automatic" is the model's own (pictor's default).
+SCHEDULE_NAMES = {"karras": "karras", "exponential": "exponential", "beta": "beta", "automatic": None}
+LANCZOS_NAMES = {"lanczos", "none", ""}
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
+# Keys that say nothing about how to draw (A1111's own version, batch bookkeeping): not worth a notice.
+QUIET = {"Version", "Batch size", "Batch pos", "First block cache full passes"}
+
+
+class SettingsImportError(ValueError):
+    """An image whose settings cannot be taken as asked; the message says what to give instead."""
+
+
+@dataclass
+class ImportedSettings:
+    """`pictor generate` option values (argparse dests) and what could not be taken, in words."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    # The upscale model the image's hires fix used: a file (a pictor record's) or only a name (A1111's),
+    # which the command line must then give with --hires-upscaler.
+    hires_upscaler_file: str | None = None
+    hires_upscaler_name: str | None = None
+    sampler_name: str | None = None  # the image's sampler when pictor has none of that name
+
+
+def settings_from_image(path: str | Path) -> ImportedSettings:
+    """The settings of the image at `path`: its pictor record if it has one, else its A1111 text."""
+    chunks = read_text_chunks(path)
+    if RECORD_KEY in chunks:
+        import json
+
+        try:
+            return settings_from_record(json.loads(chunks[RECORD_KEY]))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+            raise SettingsImportError(f"{path}: its pictor record is damaged ({exc})") from None
+    if PARAMETERS_KEY not in chunks:
+        raise SettingsImportError(
+            f"{path}: no A1111 parameters and no pictor record in this image, so it names no settings"
+        )
+    return settings_from_parameters(chunks[PARAMETERS_KEY])
+
+
+def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
+    """A pictor record's settings, as they were."""
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ProvenanceError("the pictor record has no prompt")
+    out = ImportedSettings()
+    v = out.values
+    v["prompt"] = record["prompt"]
+    v["negative"] = record.get("negative_prompt") or ""
+    for key in ("steps", "guidance", "sampler", "schedule", "seed", "cache_threshold"):
+        if record.get(key) is not None:
+            v[key] = record[key]
+    for key in ("vae_tile", "vae_tile_overlap", "denoise_tile", "denoise_tile_overlap"):
+        if record.get(key):
+            v[key] = record[key]
+    v["prompt_weights"] = bool(record.get("prompt_weights"))
+    if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
+        v["size"] = (record["width"], record["height"])
+    hires = record.get("hires")
+    if isinstance(hires, dict):
+        v["hires"], v["hires_strength"], v["hires_steps"] = hires["scale"], hires["strength"], hires["steps"]
+        if hires.get("upscaler", "lanczos") != "lanczos":
+            entry = hires.get("upscaler_file") or {}
+            out.hires_upscaler_name = str(hires["upscaler"])
+            out.hires_upscaler_file = entry.get("file")
+    if "mode" in record:  # an edit's settings, at its canvas's size, without its source picture
+        out.notices.append(
+            f"the image is an edit ({record['mode']}) of another picture: its prompt and settings are taken, "
+            "not the picture (pictor edit takes one)"
+        )
+    for key, words in (
+        ("loras", "LoRAs"),
+        ("layout", "a layout"),
+        ("reference_image", "a reference picture"),
+        ("control_image", "a control picture"),
+        ("controlnets", "ControlNets"),
+        ("redux", "a Redux picture"),
+        ("ip_adapter", "an IP-Adapter picture"),
+        ("context_image", "a context image"),
+    ):
+        if record.get(key):
+            out.notices.append(f"the image was made with {words}, which are not taken: give them as options")
+    return out
+
+
+def settings_from_parameters(text: str) -> ImportedSettings:
+    """A1111 `parameters` text's settings (module docstring)."""
+    parsed = parse_parameters(text)
+    settings: dict[str, str] = dict(parsed["settings"])
+    out = ImportedSettings()
+    v = out.values
+    prompt, loras = _without_lora_tags(parsed["prompt"])
+    negative, _ = _without_lora_tags(parsed["negative_prompt"])
+    v["prompt"], v["negative"], v["prompt_weights"] = prompt, negative, True
+    if loras:
+        out.notices.append(
+            f"the prompt's LoRA tags ({', '.join(loras)}) are taken out: give the files with --lora "
+            "FILE:SCALE"
+        )
+    used: set[str] = set()
+
+    def take(key: str, dest: str, parse: Any) -> None:
+        if key in settings:
+            used.add(key)
+            try:
+                v[dest] = parse(settings[key])
+            except ValueError:
+                raise SettingsImportError(f"the image's {key} '{settings[key]}' is not readable") from None
+
+    take("Steps", "steps", int)
+    take("Seed", "seed", int)
+    take("CFG scale", "guidance", float)
+    take("Distilled CFG Scale", "guidance", float)  # Forge's FLUX.1 guidance: what a distilled model reads
+    take("Size", "size", _size)
+    take("VAE tile", "vae_tile", int)
+    take("VAE tile overlap", "vae_tile_overlap", int)
+    take("Denoise tile", "denoise_tile", int)
+    take("Denoise tile overlap", "denoise_tile_overlap", int)
+    take("First block cache", "cache_threshold", float)
+    if "Sampler" in settings:
+        used.add("Sampler")
+        _sampler(settings["Sampler"], out)
+    if "Schedule type" in settings:
+        used.add("Schedule type")
+        _schedule(settings["Schedule type"], out)
+    if "Hires upscale" in settings:
+        used.update({"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"})
+        _hires(settings, out)
+    skipped = [k for k in settings if k not in used and k not in QUIET]
+    if "Model" in settings or "Model hash" in settings:
+        name = settings.get("Model") or settings.get("Model hash")
+        out.notices.append(f"the image was made by model '{name}'; this run uses the one you load (--model)")
+        skipped = [k for k in skipped if k not in ("Model", "Model hash")]
+    if skipped:
+        out.notices.append(f"not taken (no pictor equivalent, or given another way): {', '.join(skipped)}")
+    return out
+
+
+def _without_lora_tags(text: str) -> tuple[str, list[str]]:
+    names = LORA_TAG.findall(text)
+    return re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text)).strip(), names
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+def _sampler(text: str, out: ImportedSettings) -> None:
+    name = text.strip().lower()
+    for suffix, schedule in SCHEDULE_SUFFIXES.items():
+        if name.endswith(suffix) and name.removesuffix(suffix) in SAMPLER_NAMES:
+            name = name.removesuffix(suffix)
+            out.values["schedule"] = schedule
+    if name in SAMPLER_NAMES:
+        out.values["sampler"] = SAMPLER_NAMES[name]
+    else:
+        out.sampler_name = text.strip()
+
+
+def _schedule(text: str, out: ImportedSettings) -> None:
+    name = text.strip().lower()
+    if name in SCHEDULES:
+        out.values["schedule"] = name
+    elif name in SCHEDULE_NAMES:
+        if SCHEDULE_NAMES[name] is not None:
+            out.values["schedule"] = SCHEDULE_NAMES[name]
+    else:
+        out.notices.append(
+            f"the image's schedule type '{text}' has no pictor equivalent: the model's own is used "
+            f"(--schedule {', '.join(SCHEDULES)})"
+        )
+
+
+def _hires(settings: dict[str, str], out: ImportedSettings) -> None:
+    """A1111's hires fix: its scale, steps (0: the first pass's), denoising strength and upscaler."""
+    try:
+        out.values["hires"] = float(settings["Hires upscale"])
+        steps = int(settings.get("Hires steps") or 0)
+        if steps:
+            out.values["hires_steps"] = steps
+        if "Denoising strength" in settings:
+            out.values["hires_strength"] = float(settings["Denoising strength"])
+    except ValueError:
+        raise SettingsImportError(
+            f"the image's hires settings are not readable: {settings.get('Hires upscale')!r}, "
+            f"{settings.get('Hires steps')!r}, {settings.get('Denoising strength')!r}"
+        ) from None
+    upscaler = settings.get("Hires upscaler", "").strip()
+    if upscaler.lower().startswith("latent"):
+        out.notices.append(
+            f"the image's hires upscaler '{upscaler}' enlarges latents, which pictor does not: Lanczos is "
+            "used"
+        )
+    elif upscaler.lower() not in LANCZOS_NAMES:
+        out.hires_upscaler_name = upscaler
