@@ -59,7 +59,11 @@ class ImportedSettings:
 
 def settings_from_image(path: str | Path) -> ImportedSettings:
     """The settings of the image at `path`: its pictor record if it has one, else its A1111 text."""
-    chunks = read_text_chunks(path)
+    return settings_from_chunks(read_text_chunks(path), str(path))
+
+
+def settings_from_chunks(chunks: dict[str, str], path: str = "the image") -> ImportedSettings:
+    """The settings of an image's text chunks (`settings_from_image`); `path` names it in errors."""
     if RECORD_KEY in chunks:
         import json
 

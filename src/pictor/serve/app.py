@@ -28,7 +28,7 @@ from pictor.generation_settings import tiling_problem
 from pictor.lora_tools import model_linears
 from pictor.models.lora import linear_layers
 from pictor.pipeline import Pipeline
-from pictor.serve import edits, upscales, variations
+from pictor.serve import edits, settings_from, upscales, variations
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.head import HeadAsGet
@@ -64,6 +64,8 @@ DESCRIPTION = """Text-to-image generation with pictor.
 * `POST /v1/images/upscale` enlarges a picture with the server's upscale model (ESRGAN, Real-ESRGAN...; on a
   server started with `--upscaler FILE`; multipart: `image`, `scale`, `tile`, `overlap`); `POST
   /v1/jobs/upscales` queues it. Generations may name that model as their `hires_upscaler`.
+* `POST /v1/images/settings` reads an uploaded image's pictor record or A1111 parameters text and answers
+  its prompt and settings as a generation body (A1111's PNG Info; nothing is kept).
 * `POST /v1/jobs` queues the same request and returns at once; follow it with `GET /v1/jobs/{id}` or the
   server-sent events of `GET /v1/jobs/{id}/events`.
 * With an API key, every `/v1` request needs `Authorization: Bearer KEY`; image URLs carry a signature.
@@ -136,6 +138,7 @@ def create_app(
     # /v1/images/{image_id}.
     app.include_router(variations.router)
     app.include_router(upscales.router)
+    app.include_router(settings_from.router)
     app.include_router(router)
     app.include_router(edits.router)
     _add_ops_routes(app, svc)

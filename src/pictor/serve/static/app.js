@@ -129,6 +129,23 @@ async function loadLoras(listing) {
   $("lora-settings").hidden = !listing.refreshable;  // a server with a LoRA folder, even an empty one
 }
 
+// A PNG's metadata (its pictor record, or A1111's parameters text) into the form: POST /v1/images/settings
+// gives a generation body, which the form takes as it takes a record; what it leaves is shown below.
+async function settingsFromImage(file) {
+  const form = new FormData();
+  form.append("image", file);
+  const answer = await apiJSON("/v1/images/settings", { method: "POST", body: form });
+  const s = answer.settings;
+  const [width, height] = s.size ? s.size.split("x").map(Number) : [undefined, undefined];
+  const hires = s.hires_scale === undefined ? undefined
+    : { scale: s.hires_scale, strength: s.hires_strength, steps: s.hires_steps, upscaler: s.hires_upscaler };
+  fillForm({ ...s, width, height, hires });
+  const notices = $("settings-notices");
+  notices.textContent = answer.notices.join(" ");
+  notices.hidden = answer.notices.length === 0;
+  setError("");
+}
+
 function fillForm(record) {
   $("prompt").value = record.prompt || "";
   $("layout-boxes").replaceChildren();
@@ -1078,6 +1095,10 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("more-button").addEventListener("click", () => loadGallery(false).catch((err) => setError(err.message)));
   $("close-button").addEventListener("click", () => $("viewer").close());
+  $("settings-image").addEventListener("change", () => {
+    const file = $("settings-image").files[0];
+    if (file) settingsFromImage(file).catch((err) => setError(err.message));
+  });
   $("reuse-button").addEventListener("click", () => {
     if (!viewed) return;
     fillForm(viewed.record);

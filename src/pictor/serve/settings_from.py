@@ -1,0 +1,103 @@
+"""``POST /v1/images/settings``: the settings of an uploaded image (its pictor record, or A1111's parameters
+text of A1111, Forge, ComfyUI...), as a body for ``POST /v1/images/generations``: A1111's PNG Info, and
+`pictor generate --settings-from` (`pictor.settings_import`) on the server. Nothing is kept or queued."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from pictor.provenance import RECORD_KEY
+from pictor.serve.errors import APIError
+from pictor.serve.routes import COMMON_ERRORS, OTHER_METHODS, V1_DEPENDENCIES, post_only
+from pictor.serve.service import service
+from pictor.serve.uploads import decode_upload
+from pictor.settings_import import ImportedSettings, SettingsImportError, settings_from_chunks
+
+router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
+
+# `pictor generate`'s option names (argparse dests) -> the generation body's fields.
+BODY_FIELDS = {
+    "prompt": "prompt",
+    "negative": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "sampler": "sampler",
+    "schedule": "schedule",
+    "seed": "seed",
+    "prompt_weights": "prompt_weights",
+    "hires": "hires_scale",
+    "hires_strength": "hires_strength",
+    "hires_steps": "hires_steps",
+    "denoise_tile": "denoise_tile",
+    "denoise_tile_overlap": "denoise_tile_overlap",
+    "cache_threshold": "cache_threshold",
+}
+SERVER_SETTINGS = ("vae_tile", "vae_tile_overlap")  # the server's own (pictor serve --vae-tile)
+
+
+class ImageSettings(BaseModel):
+    """What an image's metadata says to draw, in the generation body's terms."""
+
+    settings: dict[str, Any] = Field(
+        description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
+        "sampler, schedule, seed, prompt_weights, the hires fix, denoise tiles, cache_threshold (those the "
+        "image names)"
+    )
+    notices: list[str] = Field(description="What the image holds that is not taken, in words.")
+    source: str = Field(description="pictor (its record) or a1111 (A1111's parameters text)")
+
+
+def _text_chunks(data: bytes) -> dict[str, str]:
+    """A PNG's (or WebP's, JPEG's) text chunks; the picture was checked by `read_image` first."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # chunks after the image data are read with the pixels
+        return {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
+
+
+def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]]:
+    """The imported settings as generation body fields, and the notices (with what the API cannot take)."""
+    values, notices = imported.values, list(imported.notices)
+    body = {BODY_FIELDS[k]: v for k, v in values.items() if k in BODY_FIELDS and v not in (None, "")}
+    if values.get("size"):
+        body["size"] = f"{values['size'][0]}x{values['size'][1]}"
+    if imported.hires_upscaler_name:
+        body["hires_upscaler"] = imported.hires_upscaler_name  # checked against the server's when sent
+    if imported.sampler_name:
+        notices.append(f"the image's sampler '{imported.sampler_name}' has no pictor equivalent: choose one")
+    kept = [k for k in SERVER_SETTINGS if values.get(k)]
+    if kept:
+        notices.append(f"{', '.join(kept)}: the server's own settings (pictor serve --vae-tile), not taken")
+    return body, notices
+
+
+@router.post(
+    "/images/settings",
+    response_model=ImageSettings,
+    summary="The prompt and settings an image's metadata names (A1111's PNG Info), as a generation body",
+)
+async def image_settings(
+    request: Request,
+    image: Annotated[UploadFile, File(description="a PNG with a pictor record or A1111 parameters text")],
+) -> ImageSettings:
+    limits = service(request).settings.limits
+    data = await image.read(limits.max_upload_bytes + 1)  # one byte more: too large is then seen
+    await run_in_threadpool(decode_upload, data, "image", limits, True)  # size, format and bomb checks
+    chunks = await run_in_threadpool(_text_chunks, data)
+    try:
+        imported = settings_from_chunks(chunks, "image")
+    except (SettingsImportError, ValueError) as exc:
+        raise APIError(400, str(exc), param="image", code="invalid_parameters") from None
+    body, notices = body_settings(imported)
+    source = "pictor" if RECORD_KEY in chunks else "a1111"
+    return ImageSettings(settings=body, notices=notices, source=source)
+
+
+# Without this, GET /v1/images/settings would reach GET /v1/images/{image_id}: a 400 on the id, not a 405.
+# app.py includes this router before that one.
+router.api_route("/images/settings", methods=OTHER_METHODS, include_in_schema=False)(post_only)

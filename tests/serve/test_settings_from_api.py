@@ -1,0 +1,120 @@
+"""`POST /v1/images/settings` (A1111's PNG Info on the server) and the web page's "Settings from an image":
+an image's pictor record or A1111 text as a generation body, which gives the same picture again."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image, PngImagePlugin
+
+from tests.serve import test_browser
+from tests.serve.conftest import assert_refused, decode_images
+from tests.serve.test_browser import open_page
+
+browser = test_browser.browser  # the browser tests' Chromium (skipped where it is missing, as there)
+
+FORGE = (
+    "a (red:1.3) circle <lora:style:0.7>\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M Karras, "
+    "CFG scale: 4, Seed: 11, Size: 32x32, Clip skip: 2, Model: flux1-dev, VAE tile: 64, Version: f2.0.1"
+)
+
+
+def png_with(text: str | None = None, pixels: np.ndarray | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_itxt("parameters", text)
+    out = io.BytesIO()
+    Image.fromarray(pixels if pixels is not None else np.zeros((8, 8, 3), np.uint8)).save(
+        out, "PNG", pnginfo=info
+    )
+    return out.getvalue()
+
+
+def settings_of(client: TestClient, data: bytes) -> Any:
+    return client.post("/v1/images/settings", files={"image": ("x.png", data, "image/png")})
+
+
+def test_a1111_text_becomes_a_generation_body(client: TestClient) -> None:
+    r = settings_of(client, png_with(FORGE))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["source"] == "a1111"
+    assert answer["settings"] == {
+        "prompt": "a (red:1.3) circle",
+        "negative_prompt": "blurry",
+        "prompt_weights": True,
+        "steps": 3,
+        "seed": 11,
+        "guidance": 4.0,
+        "size": "32x32",
+        "sampler": "dpmpp_2m",
+        "schedule": "karras",
+    }
+    notices = " ".join(answer["notices"])
+    assert (
+        "LoRA tags (style)" in notices and "Clip skip" in notices and "vae_tile: the server's own" in notices
+    )
+    made = client.post("/v1/images/generations", json={**answer["settings"], "response_format": "b64_json"})
+    ((_, record),) = decode_images(made)
+    assert record["prompt_weights"] is True and record["sampler"] == "dpmpp_2m" and record["seed"] == 11
+
+
+def test_a_servers_own_image_gives_its_picture_again(client: TestClient) -> None:
+    body = {
+        "prompt": "a (blue) square",
+        "size": "32x32",
+        "steps": 2,
+        "seed": 3,
+        "response_format": "b64_json",
+    }
+    ((pixels, _),) = decode_images(client.post("/v1/images/generations", json=body))
+    job = client.get("/v1/jobs").json()["data"][0]
+    png = client.get(f"/v1/images/{job['results'][0]['image_id']}").content
+    answer = settings_of(client, png).json()
+    assert answer["source"] == "pictor" and answer["settings"]["prompt_weights"] is False
+    ((again, _),) = decode_images(
+        client.post("/v1/images/generations", json={**answer["settings"], "response_format": "b64_json"})
+    )
+    assert np.array_equal(again, pixels)
+    # its A1111 text alone (brackets escaped, read back with weights) gives the same picture too
+    with Image.open(io.BytesIO(png)) as im:
+        text = im.text["parameters"]
+    assert text.startswith("a \\(blue\\) square")
+    alone = settings_of(client, png_with(text, pixels)).json()
+    ((from_text, _),) = decode_images(
+        client.post("/v1/images/generations", json={**alone["settings"], "response_format": "b64_json"})
+    )
+    assert np.array_equal(from_text, pixels)
+
+
+def test_images_without_settings_and_other_methods_are_refused(client: TestClient) -> None:
+    assert_refused(settings_of(client, png_with()), "image", "no A1111 parameters and no pictor record")
+    assert_refused(settings_of(client, b"not a picture"), "image", "image")
+    assert client.get("/v1/images/settings").status_code == 405
+
+
+def test_the_page_fills_its_form_from_an_image(browser: Any, live_server: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    live = live_server()
+    page, problems = open_page(browser, live.url, height=900)
+    (tmp_path / "forge.png").write_bytes(png_with(FORGE))
+    page.locator("#settings").evaluate("d => d.open = true")
+    page.get_by_label("Settings from an image").set_input_files(str(tmp_path / "forge.png"))
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a (red:1.3) circle")
+    expect(page.get_by_label("Negative prompt")).to_have_value("blurry")
+    expect(page.get_by_label("Prompt weights")).to_be_checked()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("11")
+    expect(page.get_by_label("Width")).to_have_value("32")
+    expect(page.locator("#settings-notices")).to_contain_text("Clip skip")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    job = httpx.get(f"{live.url}/v1/jobs").json()["data"][0]
+    assert job["request"]["prompt_weights"] is True and job["request"]["seed"] == 11
+    assert job["request"]["sampler"] == "dpmpp_2m"
+    assert problems == [], problems
