@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "prompt_variants": 1,
     "prompt_weights": 1,
     "settings_import": 1,
+    "picture_files": 1,
     "hires": 1,
     "image_grid": 1,
     "flux_files": 1,

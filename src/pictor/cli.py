@@ -320,28 +320,55 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--upscaler enlarges the image for --upscale; add --upscale SCALE (e.g. 2)")
     if (args.mask_padding is not None or args.inpaint_size) and args.inpaint_area != "masked":
         raise ValueError("--mask-padding and --inpaint-size shape --inpaint-area masked; add it or drop them")
+    from pictor.picture_files import masks_for, pictures_in
+
+    # A folder is a batch (A1111's img2img batch): every picture directly in it, each with the mask of its
+    # name from a --mask folder; all checked before the model loads or anything is written.
+    batch = Path(args.image).is_dir()
+    if args.mask is not None and Path(args.mask).is_dir() and not batch:
+        raise ValueError("--mask is a folder of masks for a folder of pictures; give the one mask file")
+    sources = pictures_in([args.image])
+    masks = masks_for(sources, args.mask)
     _output_folder(args.out)
     pipe = _load(args)
     if args.upscaler:
         pipe.set_upscaler(args.upscaler)
-    request = EditRequest(
-        image=args.image,
-        prompt=args.prompt,
-        mask=args.mask,
-        strength=args.strength,
-        expand=args.expand,
-        fill=args.fill or "edge",
-        feather=DEFAULT_FEATHER if args.feather is None else args.feather,
-        upscale=args.upscale,
-        upscaler=pipe.upscaler.name if pipe.upscaler else None,
-        inpaint_area=args.inpaint_area or "whole",
-        mask_padding=DEFAULT_MASK_PADDING if args.mask_padding is None else args.mask_padding,
-        inpaint_size=args.inpaint_size,
-        **_settings(args),
-    )
-    images = pipe.edit(request, progress=_progress_bar(request.mode))
-    for path in _save(images, args.out):
-        print(path)
+    settings = _settings(args)
+    if batch and settings["seed"] is None:  # one random seed for the batch, as for --from-file
+        import secrets
+
+        settings["seed"] = secrets.randbelow(2**32)
+    requests = [
+        EditRequest(
+            image=source,
+            prompt=args.prompt,
+            mask=mask,
+            strength=args.strength,
+            expand=args.expand,
+            fill=args.fill or "edge",
+            feather=DEFAULT_FEATHER if args.feather is None else args.feather,
+            upscale=args.upscale,
+            upscaler=pipe.upscaler.name if pipe.upscaler else None,
+            inpaint_area=args.inpaint_area or "whole",
+            mask_padding=DEFAULT_MASK_PADDING if args.mask_padding is None else args.mask_padding,
+            inpaint_size=args.inpaint_size,
+            **settings,
+        )
+        for source, mask in zip(sources, masks, strict=True)
+    ]
+    if batch:  # a bad picture or mask is found before any is edited
+        for request in requests:
+            try:
+                pipe.resolve_edit(request)
+            except ValueError as exc:
+                raise ValueError(f"{Path(str(request.image)).name}: {exc}") from None
+    for k, request in enumerate(requests, 1):
+        if batch:
+            print(f"picture {k}/{len(requests)}: {request.image}", file=sys.stderr)
+        images = pipe.edit(request, progress=_progress_bar(request.mode))
+        labels = [Path(str(request.image)).stem] * len(images) if batch else None
+        for path in _save(images, args.out, labels):
+            print(path)
     return 0
 
 

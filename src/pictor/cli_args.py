@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_variants(g)
 
     ed = sub.add_parser("edit", help="img2img, inpainting (--mask) or outpainting (--expand) of an image")
-    ed.add_argument("image", help="the source image")
+    ed.add_argument(
+        "image", help="the source image, or a folder: each picture directly in it is edited (a batch)"
+    )
     ed.add_argument("prompt")
     _add_model(ed)
     _add_lora(ed)
@@ -461,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument(
         "--mask",
         default=None,
-        help="white = repaint, black = keep; the image's size or its aspect ratio (resized to fit)",
+        help="white = repaint, black = keep; the image's size or its aspect ratio (resized to fit); for a "
+        "folder of pictures, one mask for all or a folder with the mask of each picture's name",
     )
     ed.add_argument(
         "--strength",

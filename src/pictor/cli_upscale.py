@@ -80,24 +80,10 @@ def _open_picture(path: str) -> tuple[Image.Image, dict[str, Any] | None]:
 
 
 def _expand(paths: list[str]) -> list[str]:
-    """The pictures to upscale: files as given, and for a folder the pictures directly in it, sorted (A1111's
-    "Batch from directory"); a folder with none is an error rather than nothing done."""
-    from pictor.data.folder import IMAGE_EXTENSIONS
+    """The pictures to upscale (`pictor.picture_files.pictures_in`)."""
+    from pictor.picture_files import pictures_in
 
-    pictures: list[str] = []
-    for path in paths:
-        if not Path(path).is_dir():
-            pictures.append(path)
-            continue
-        found = sorted(
-            str(p)
-            for p in Path(path).iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not found:
-            raise ValueError(f"{path}: no pictures in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        pictures += found
-    return pictures
+    return pictures_in(paths)
 
 
 def _picture_size(path: str) -> tuple[int, int]:
