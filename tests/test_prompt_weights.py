@@ -12,7 +12,7 @@ import torch
 
 import pictor
 from pictor.cli import main
-from pictor.models.text_encoder import TextEncoder
+from pictor.models.text_encoder import TextEmbeddings, TextEncoder
 from pictor.models.text_folders import CLIPTextEncoder, FluxTextEncoder, T5TextEncoder
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.prompt_weights import PromptWeightError, parse_weights, plain_text
@@ -37,7 +37,7 @@ R, S = 1.1, 1 / 1.1
         ("a [red", [("a ", 1.0), ("red", S)]),
         ("x) y] z", [("x) y] z", 1.0)]),  # closers without an opener are text
         (r"\(red\) \[x\] a\\b", [("(red) [x] a\\b", 1.0)]),
-        (r"a \b", [(r"a \b", 1.0)]),  # another backslash is text
+        (r"a \b", [("a b", 1.0)]),  # any other backslash is dropped, as A1111 drops it
         ("(style: ink)", [("style: ink", R)]),  # not a number: text, as A1111 reads it
         ("a:1.5) b", [("a:1.5) b", 1.0)]),  # a weight without its "(" is text
         ("(red: .5 )", [("red", 0.5)]),
@@ -60,9 +60,9 @@ def test_the_parse_follows_a1111(prompt: str, pieces: list[tuple[str, float]]) -
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ("(red:1.2.3)", r"prompt weight '1\.2\.3' at character 4 is not a number"),
-        ("a (red:.)", r"prompt weight '\.' at character 6 is not a number"),
-        ("(red:11)", r"prompt weight 11 at character 4 is outside \[-10, 10\]"),
+        ("(red:1.2.3)", r"prompt weight '1\.2\.3' at character 6 is not a number"),  # counted from 1
+        ("a (red: .)", r"prompt weight '\.' at character 9 is not a number"),
+        ("(red:11)", r"prompt weight 11 at character 6 is outside \[-10, 10\]"),
         ("(red:-20)", r"outside \[-10, 10\]"),
     ],
 )
@@ -170,12 +170,64 @@ def test_the_negative_prompt_is_weighed_too(pipe: Pipeline, monkeypatch: pytest.
     request = GenerationRequest("a circle", negative_prompt="(blue:1.4)", guidance=3.0, steps=2, seed=1)
     pipe.generate(GenerationRequest(**{**request.__dict__, "prompt_weights": True}))
     assert [("blue", 1.4)] in seen and [("a circle", 1.0)] in seen
-    with pytest.raises(GenerationError, match=r"the negative prompt: prompt weight '1\.\.5' at character 5"):
+    with pytest.raises(GenerationError, match=r"the negative prompt: prompt weight '1\.\.5' at character 7"):
         pipe.generate(
             GenerationRequest(
                 "a circle", negative_prompt="(blue:1..5)", steps=2, guidance=3.0, prompt_weights=True
             )
         )
+
+
+def test_prompts_of_a_batch_are_weighed_each_by_its_own_pieces(pipe: Pipeline) -> None:
+    prompts = ["a (red:1.5) circle left of a big blue square", "(star:0.5)", "two green circles"]
+    pieces = [parse_weights(p).pieces for p in prompts]
+    together = pipe.text_encoder.encode_weighted(pieces)
+    for k, one in enumerate(pieces):
+        alone = pipe.text_encoder.encode_weighted([one])
+        torch.testing.assert_close(together.tokens[k], alone.tokens[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(together.pooled[k], alone.pooled[0], rtol=0, atol=1e-6)
+
+
+def test_a_token_whose_offsets_take_the_space_before_it_weighs_by_its_word() -> None:
+    """Some tokenizers (sentencepiece's "▁word") may count the space before a word as the token's; that space
+    belongs to the piece before, so the word's first visible character decides."""
+
+    class Spaced(TextEncoder):
+        kind = "spaced"
+        max_length, context_dim, pooled_dim = 4, 2, 2
+
+        def _device(self) -> torch.device:
+            return torch.device("cpu")
+
+        def _encode(self, prompts: list[str]) -> TextEmbeddings:
+            tokens = torch.stack([torch.full((4, 2), float(len(p))) for p in prompts])
+            return TextEmbeddings(
+                tokens, torch.ones(len(prompts), 4, dtype=torch.bool), torch.zeros(len(prompts), 2)
+            )
+
+        def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+            return [[(0, 0), (0, 1), (1, 5), (0, 0)] for _ in prompts]  # "a", " red" (space included)
+
+    got = Spaced().encode_weighted([parse_weights("a (red:2)").pieces]).tokens[0, :, 0]
+    assert got.tolist() == [5.0, 5.0, 10.0, 5.0]  # "red": 0 + 2 * (5 - 0); "a" not weighed by the space
+
+
+def test_the_empty_prompt_is_encoded_once(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = pipe.text_encoder
+    encoder.__dict__.pop("_empty_cache", None)
+    seen: list[list[str]] = []
+    original = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda prompts: seen.append(list(prompts)) or original(prompts))
+    for _ in range(3):
+        encoder.encode_weighted([parse_weights("a (red:1.5) circle").pieces])
+    assert seen.count([""]) == 1 and len(seen) == 4
+
+
+def test_a_weight_that_cannot_be_read_gives_no_length_notice_but_an_error(pipe: Pipeline) -> None:
+    # The server asks for notices before it resolves a job queued while the model loaded: they must not fail.
+    assert pipe.prompt_notices("(a:1.2.3)", "(b:x)", weighted=True) == []
+    with pytest.raises(GenerationError, match=r"the prompt: prompt weight '1\.2\.3'"):
+        pipe.resolve_request(GenerationRequest("(a:1.2.3)", prompt_weights=True))
 
 
 def test_cut_off_notices_count_the_text_the_encoder_reads(pipe: Pipeline) -> None:

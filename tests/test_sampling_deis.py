@@ -11,8 +11,9 @@ from tests.test_sampling import MU, SD, _z, gaussian_velocity
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers
-@pytest.mark.parametrize("steps", [4, 8, 20])  # below 15: lower orders at the end, as diffusers does
-def test_deis_matches_diffusers_multistep_scheduler(steps: int) -> None:
+@pytest.mark.parametrize("start", [None, 0.6])  # None: diffusers' flow sigmas from just below 1; 0.6: img2img
+@pytest.mark.parametrize("steps", [4, 8, 12, 15, 20])  # below 15: lower orders at the end, as diffusers does
+def test_deis_matches_diffusers_multistep_scheduler(steps: int, start: float | None) -> None:
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DEISMultistepScheduler(
         use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, solver_order=3
@@ -21,6 +22,8 @@ def test_deis_matches_diffusers_multistep_scheduler(steps: int) -> None:
     # diffusers' flow sigmas end with a step of length 0 (the last sigma repeated), which would make its
     # "last step" a no-op; a real last step (to 0.02) keeps its lower-order ending where ours is.
     ts = torch.cat([sched.sigmas[:-1].double(), torch.tensor([0.02], dtype=torch.float64)])
+    if start is not None:  # the same number of steps on an img2img range, evenly from `start`
+        ts = torch.linspace(start, 0.02, steps + 1, dtype=torch.float64)
     sched.sigmas = ts  # float64 coefficients, so the two agree to rounding
     z = _z(4)
     x = z.clone()
@@ -45,7 +48,7 @@ def test_basis_integrals_integrate_polynomials_in_log_rho_exactly() -> None:
     assert exact == pytest.approx(numeric, rel=1e-6)
 
 
-def test_deis_from_t_one_is_finite_and_third_order_inside() -> None:
+def test_deis_from_t_one_is_finite_and_beats_euler_tenfold() -> None:
     z = _z()
     exact = MU + SD * z
     ts = S.schedule_flux(32, 1024)  # starts at exactly t = 1 (rho infinite) and ends at 0

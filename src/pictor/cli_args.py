@@ -65,7 +65,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-weights",
         action="store_true",
-        help="read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), (words) = "
+        help="read A1111's weights in the prompt and negative prompt: (words:1.5), (words) = "
         "1.1, [words] = 1/1.1, nesting multiplies; \\( \\) are brackets (default: brackets are text)",
     )
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")

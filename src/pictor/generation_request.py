@@ -128,7 +128,7 @@ class GenerationRequest:
     # First-block cache (`pictor.models.block_cache`): on steps where the transformer's first block changed
     # by at most this share since its last full pass, the other blocks are skipped. None or 0: off.
     cache_threshold: float | None = None
-    # Read the prompt and negative prompt for A1111's / ComfyUI's weights, "(words:1.5)", "(words)",
+    # Read the prompt and negative prompt for A1111's weights, "(words:1.5)", "(words)",
     # "[words]" (`pictor.prompt_weights`); off: brackets are text like any other.
     prompt_weights: bool = False
 

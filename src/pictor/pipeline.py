@@ -66,7 +66,7 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
 from pictor.notices import PictorWarning
 from pictor.presets import get_preset
-from pictor.prompt_weights import parse_weights, plain_text
+from pictor.prompt_weights import PromptWeightError, parse_weights, plain_text
 from pictor.redux_images import ReduxModel, open_redux, redux_fields
 from pictor.reference_files import (
     ReferenceImageError,
@@ -200,7 +200,11 @@ class Pipeline:
         weights, which the encoder does not read."""
         notices = []
         for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            dropped = self.text_encoder.cut_off(plain_text(text, weighted)) if text else ""
+            try:
+                read = plain_text(text or "", weighted)
+            except PromptWeightError:  # resolution refuses it, naming the weight; nothing to say here
+                continue
+            dropped = self.text_encoder.cut_off(read) if read else ""
             if dropped:
                 notices.append(
                     f"the {what} is longer than the text encoder's {self.text_encoder.max_length} tokens; "

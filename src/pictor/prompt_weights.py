@@ -1,12 +1,15 @@
-"""Prompt weights in A1111's and ComfyUI's syntax: ``(words)`` weighs them 1.1, ``((words))`` 1.21,
-``[words]`` 1/1.1, ``(words:1.5)`` 1.5; brackets nest and multiply; ``\\(``, ``\\)``, ``\\[``, ``\\]`` and
-``\\\\`` are those characters.
+"""Prompt weights in A1111's syntax: ``(words)`` weighs them 1.1, ``((words))`` 1.21, ``[words]`` 1/1.1,
+``(words:1.5)`` 1.5; brackets nest and multiply; ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are those
+characters, and any other backslash is dropped, as A1111 drops it. ComfyUI's own syntax differs: there an
+explicit weight replaces the outer ones (``((red:1.5))`` is 1.5, here 1.65), ``[words]`` and an unclosed
+``(`` are text. A1111's prompt editing (``[a:b:0.5]``), alternation (``[a|b]``), ``AND`` and ``BREAK`` are
+not read: they are text (inside ``[ ]`` weighed 1/1.1).
 
 The syntax is read only when a request asks for it (`prompt_weights`), as A1111 reads it always: a bracket
 without its partner is text (a ``)`` or ``]``), or, for an opening one, weighs the rest of the prompt, as
 A1111 does, so prompts written for it read the same; ``(style: ink)`` is text weighed 1.1, as there. A
-weight of digits and dots that is not a number (``1.2.3``), or lies outside [-MAX_WEIGHT, MAX_WEIGHT], is an
-error that says where it is.
+weight of digits and dots that is not a number (``1.2.3``), or is written outside [-MAX_WEIGHT, MAX_WEIGHT],
+is an error that says where it is (nesting multiplies written weights, and that is not bounded).
 
 The parse gives the prompt as the text encoder reads it (the brackets and weights taken out) and its
 pieces with their weights; `pictor.models.text_encoder.TextEncoder.encode_weighted` weighs each token's
@@ -27,7 +30,7 @@ MAX_WEIGHT = 10.0
 _PARTS = re.compile(
     r"""
     \\[()\[\]\\]          # an escaped bracket or backslash
-    | \\                  # any other backslash: text
+    | \\                  # any other backslash: dropped, as A1111 drops it
     | \(                  # open round
     | \[                  # open square
     | :\s*([+-]?[.\d]+)\s*\)   # ":1.5)": closes a round bracket with its weight
@@ -71,14 +74,14 @@ def parse_weights(prompt: str) -> WeightedPrompt:
 
     for match in _PARTS.finditer(prompt):
         part, weight = match.group(0), match.group(1)
-        if part.startswith("\\") and len(part) == 2:
-            pieces.append([part[1], 1.0])
+        if part.startswith("\\"):  # A1111 keeps what follows the backslash: nothing for a lone one
+            pieces.append([part[1:], 1.0])
         elif part == "(":
             round_open.append(len(pieces))
         elif part == "[":
             square_open.append(len(pieces))
         elif weight is not None and round_open:
-            weigh(round_open.pop(), _weight(weight, match.start(), prompt))
+            weigh(round_open.pop(), _weight(weight, match.start(1) + 1))
         elif part == ")" and round_open:
             weigh(round_open.pop(), ROUND)
         elif part == "]" and square_open:
@@ -100,8 +103,8 @@ def parse_weights(prompt: str) -> WeightedPrompt:
     return WeightedPrompt("".join(t for t, _ in merged), tuple(merged))
 
 
-def _weight(text: str, at: int, prompt: str) -> float:
-    """A ``(words:W)`` weight; errors say where in the prompt it is."""
+def _weight(text: str, at: int) -> float:
+    """A ``(words:W)`` weight; errors say where in the prompt it is (`at`: its first character, from 1)."""
     if not _NUMBER.match(text):
         raise PromptWeightError(
             f"prompt weight '{text}' at character {at} is not a number: write it as (words:1.2), or escape "

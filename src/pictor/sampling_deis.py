@@ -1,6 +1,6 @@
 """DEIS (Zhang & Chen 2022): the third-order multistep exponential integrator with log-rho polynomials, on
 the flow path; diffusers' DEISMultistepScheduler (solver_order=3, algorithm_type="deis", solver_type="logrho",
-lower_order_final) and ComfyUI's "deis" sampler.
+lower_order_final); ComfyUI's "deis" is another variant (tabulated coefficients, no lower-order final).
 
 DEIS integrates the noise prediction eps = x + (1 - t) v in rho = sigma / alpha = t / (1 - t):
 

@@ -147,7 +147,7 @@ def test_prompt_weights_in_generations_edits_and_jobs(
     )
     assert record["prompt_weights"] is True
     r = client.post("/v1/images/generations", json={**body, "negative_prompt": "(x:1.2.3)"})
-    assert_refused(r, "negative_prompt", "prompt weight '1.2.3' at character 2 is not a number")
+    assert_refused(r, "negative_prompt", "prompt weight '1.2.3' at character 4 is not a number")
     r = client.post("/v1/images/generations", json={**body, "prompt": "(x:99)"})
     assert_refused(r, "prompt", "outside [-10, 10]")
 

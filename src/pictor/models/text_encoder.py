@@ -54,7 +54,9 @@ class TextEncoder(nn.Module):
         encoded as any prompt, then each token's state is moved from the empty prompt's state at its place
         by its piece's weight, ``empty + w * (state - empty)``, as ComfyUI weighs prompts (so a weight of 0
         says nothing there, and 1 leaves the state as it is). Special tokens, padding and the pooled vector
-        are not weighted. Prompts whose weights are all 1 give `encode`'s result exactly."""
+        are not weighted. Prompts whose weights are all 1 give `encode`'s result exactly. A token takes the
+        weight of its first visible character: a piece inside one token (``photo(graph:2)``, one token
+        "photograph") weighs it only if the token starts in it."""
         texts = ["".join(text for text, _ in pieces) for pieces in prompts]
         emb = self.encode(texts)
         if all(w == 1.0 for pieces in prompts for _, w in pieces):
@@ -69,11 +71,20 @@ class TextEncoder(nn.Module):
                 if chars:
                     weights[b, i] = at_char[chars[0]]
         with torch.no_grad():
-            empty = self.encode([""]).tokens
+            empty = self._empty_tokens()
             w = weights.to(emb.tokens.device, emb.tokens.dtype).unsqueeze(-1)
             # weight 1 keeps a state bit for bit (empty + (state - empty) is not always state in floats)
             tokens = torch.where(w == 1.0, emb.tokens, empty + w * (emb.tokens - empty))
         return TextEmbeddings(tokens=tokens, mask=emb.mask, pooled=emb.pooled)
+
+    def _empty_tokens(self) -> Tensor:
+        """The empty prompt's token states [1, L, D], which weighed states move from: encoded once per device
+        (a FLUX.1 T5 pass is not small), then kept."""
+        cache: dict[str, Tensor] = self.__dict__.setdefault("_empty_cache", {})
+        key = str(self._device())
+        if key not in cache:
+            cache[key] = self.encode([""]).tokens
+        return cache[key]
 
     def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
         """Each prompt's tokens as `encode` makes them (max_length of them), as (start, end) character

@@ -255,6 +255,9 @@ class FluxTextEncoder(TextEncoder):
     def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
         return self.t5.token_spans(prompts)  # the tokens are T5's; CLIP's pooled vector is not weighted
 
+    def _empty_tokens(self) -> Tensor:
+        return self.t5._empty_tokens()  # T5's alone: CLIP's part of the empty prompt would go unused
+
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         t5 = self.t5._encode(prompts)
         clip = self.clip._encode(prompts)

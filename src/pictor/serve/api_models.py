@@ -100,7 +100,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")
     prompt_weights: bool = Field(
         False,
-        description="Read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), "
+        description="Read A1111's weights in the prompt and negative prompt: (words:1.5), "
         "(words) = 1.1, [words] = 1/1.1, nesting multiplies; false: brackets are text.",
     )
     sampler: str | None = Field(

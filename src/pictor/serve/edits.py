@@ -318,7 +318,7 @@ Loras = Annotated[
 PromptWeights = Annotated[
     bool,
     Form(
-        description="Read A1111's / ComfyUI's weights in the prompt and negative prompt: (words:1.5), "
+        description="Read A1111's weights in the prompt and negative prompt: (words:1.5), "
         "(words) = 1.1, [words] = 1/1.1; false: brackets are text"
     ),
 ]
