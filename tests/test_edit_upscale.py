@@ -13,6 +13,7 @@ from PIL import Image
 
 import pictor
 from pictor.cli import main
+from pictor.edit_upscale import upscale_size
 from pictor.editing import (
     DEFAULT_UPSCALE_STRENGTH,
     EditError,
@@ -59,7 +60,9 @@ def test_lanczos_upscale_enlarges_the_source_and_defaults_to_a_low_strength(pipe
     (image,) = pipe.edit(EditRequest(src, "a red circle", upscale=2, seed=1, steps=4))
     record = image.record
     assert image.image.size == (64, 64) and record["width"] == 64 and record["height"] == 64
-    assert record["strength"] == DEFAULT_UPSCALE_STRENGTH and record["mode"] == "img2img"
+    assert (
+        record["strength"] == DEFAULT_UPSCALE_STRENGTH == 0.3 and record["mode"] == "img2img"
+    )  # the hires fix's
     assert record["source_upscale"] == {"scale": 2.0, "upscaler": "lanczos", "width": 64, "height": 64}
     assert record["source_image"]["width"] == 30  # the original's hash and size: what reproduce is given
     # it redraws the enlarged picture from t = 0.3: nearer to it than a redraw from noise is
@@ -115,7 +118,9 @@ def test_an_upscale_model_enlarges_and_reproduces_bit_exactly(pipe: Pipeline, tm
 
         # Another file under the same name is not the same model: its hash is what counts.
         pipe.set_upscaler(make_upscaler(tmp_path / "other" / "4x-tiny.safetensors", seed=5, scale=2))
-        with pytest.raises(GenerationError, match=r"enlarged its source .* pass that file with --upscaler"):
+        with pytest.raises(
+            GenerationError, match=r"enlarged its source .* pass that file with --source-upscaler"
+        ):
             reproduce(pipe, read_record(path), source=src)
         pipe.upscaler = None
         with pytest.raises(GenerationError, match="loaded one is none"):
@@ -168,7 +173,7 @@ def test_the_enlarged_canvas_is_made_once_and_only_when_a_run_needs_it() -> None
         ({"upscale": True}, "upscale must be a number above 1"),
         ({"upscale": "2"}, "upscale must be a number above 1"),
         ({"upscaler": "4x-tiny"}, "give the upscale factor too"),
-        ({"upscale": 1.1}, "rounds 16x16 to the same size .* use a larger factor"),
+        ({"upscale": 2, "upscaler": 5}, "upscaler must be a name"),
         ({"upscale": 2, "expand": (0, 0, 8, 0)}, "outpaint first, then upscale"),
         ({"upscale": 4}, "makes the 16x16 image 64x64, 4,096 pixels; the most pictor makes is 2,048"),
     ],
@@ -184,8 +189,13 @@ def test_lanczos_by_name_needs_no_model_and_damaged_records_are_refused(pipe: Pi
     record = image.record
     assert record["source_upscale"]["upscaler"] == "lanczos"
     check_record(record)
-    record["source_upscale"] = {"scale": 2.0, "upscaler": "4x-tiny"}  # a model named without its file
-    with pytest.raises(ProvenanceError, match="'source_upscale' names an upscale model but not its file"):
+    named = {"scale": 2.0, "upscaler": "4x-tiny", "width": 32, "height": 32}
+    for entry in (None, {}, {"file": None, "sha256": None}, {"file": "x.safetensors"}):  # no usable file
+        record["source_upscale"] = {**named, "upscaler_file": entry} if entry is not None else named
+        with pytest.raises(ProvenanceError, match="'source_upscale' names an upscale model but not its file"):
+            check_record(record)
+    record["source_upscale"] = {**named, "scale": 9.0}  # beyond what an edit takes: damaged
+    with pytest.raises(ProvenanceError, match="'source_upscale' is"):
         check_record(record)
     record["source_upscale"] = {"scale": "2", "upscaler": "lanczos"}
     with pytest.raises(ProvenanceError, match="'source_upscale' is"):
@@ -218,6 +228,96 @@ def test_upscaling_edit_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFi
     moved = tmp_path / "moved.safetensors"
     file.rename(moved)
     assert main([*reproduce_args, "-o", str(tmp_path / "again")]) == 2
-    assert "is not there; pass it with --upscaler FILE" in capsys.readouterr().err
-    assert main([*reproduce_args, "--upscaler", str(moved), "-o", str(tmp_path / "again2")]) == 0
+    assert "is not there; pass it with --source-upscaler FILE" in capsys.readouterr().err
+    assert main([*reproduce_args, "--source-upscaler", str(moved), "-o", str(tmp_path / "again2")]) == 0
     assert "the pixels are identical" in capsys.readouterr().err
+
+
+def test_no_side_shrinks_and_a_mask_drawn_at_either_size_is_kept(pipe: Pipeline) -> None:
+    # each side rounds UP to the multiple: 64x19 at 1.05 is 72x24 (rounding to the nearest made it 64x16)
+    assert upscale_size(64, 19, 1.05, 8) == (72, 24) and upscale_size(40, 44, 1.5, 4) == (60, 68)
+    row = np.zeros((19, 64), np.uint8)
+    row[9] = 255  # one row: nearest to the larger size keeps it
+    inputs = prepare_edit(EditRequest(_source((64, 19)), "x", mask=Image.fromarray(row), upscale=1.05), 8)
+    assert inputs.size == (72, 24) and inputs.mask is not None and inputs.mask.any()
+    # a mask with an edge between pixels is enlarged with nearest, not a smoothing filter
+    mask = np.zeros((24, 24), np.uint8)
+    mask[5:16, 3:14] = 255
+    inputs = prepare_edit(EditRequest(_source((24, 24)), "x", mask=Image.fromarray(mask), upscale=1.5), 8)
+    want = np.asarray(Image.fromarray(mask).resize((40, 40), Image.Resampling.NEAREST)) >= 128
+    np.testing.assert_array_equal(inputs.mask, want)
+    # a mask drawn on the enlarged picture is taken as drawn: a one-pixel row there stays
+    drawn = np.zeros((48, 48), np.uint8)
+    drawn[11] = 255
+    inputs = prepare_edit(EditRequest(_source((24, 24)), "x", mask=Image.fromarray(drawn), upscale=2), 8)
+    assert np.flatnonzero(inputs.mask.any(axis=1)).tolist() == [11]
+
+
+def test_fractional_scales_with_a_mask_reproduce(pipe: Pipeline, tmp_path: Path) -> None:
+    src, mask = _source((24, 24), seed=9), np.zeros((24, 24), np.uint8)
+    mask[3:11, 7:20] = 255
+    request = EditRequest(src, "a red circle", mask=Image.fromarray(mask), upscale=1.5, seed=6, steps=3)
+    (image,) = pipe.edit(request)
+    assert image.image.size == (40, 40) and image.record["strength"] == 1.0  # a mask repaints fully
+    path = save_png(image.image, image.record, tmp_path / "m.png")
+    again = reproduce(pipe, read_record(path), source=src, mask=Image.fromarray(mask))
+    np.testing.assert_array_equal(_px(again.image), _px(image.image))
+    record = read_record(path)
+    record["width"] = 48  # a size its source and settings do not make: damaged, not run
+    with pytest.raises(ProvenanceError, match="size 48x40 is not the 40x40 its source and settings make"):
+        reproduce(pipe, record, source=src, mask=Image.fromarray(mask))
+
+
+def test_an_upscale_of_an_upscaling_edit_reproduces_with_both_model_files_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _source((24, 24), seed=2).save(tmp_path / "src.png")
+    model_a = make_upscaler(tmp_path / "models" / "2x-A.safetensors", seed=1, scale=2)
+    model_b = make_upscaler(tmp_path / "models" / "2x-B.safetensors", seed=2, scale=2)
+    edit = ["edit", str(tmp_path / "src.png"), "x", "--model", "tiny", "--steps", "2", "--seed", "1"]
+    assert main([*edit, "--upscale", "2", "--upscaler", str(model_a), "-o", str(tmp_path / "e")]) == 0
+    edited = capsys.readouterr().out.split()[0]
+    assert main(["upscale", edited, "--upscaler", str(model_b), "-o", str(tmp_path / "u")]) == 0
+    upscaled = capsys.readouterr().out.split()[0]
+    moved_a, moved_b = model_a.rename(tmp_path / "A.safetensors"), model_b.rename(tmp_path / "B.safetensors")
+    again = [
+        "reproduce",
+        upscaled,
+        "--model",
+        "tiny",
+        "--source",
+        str(tmp_path / "src.png"),
+        "-o",
+        str(tmp_path),
+    ]
+    assert main([*again, "--upscaler", str(moved_b), "--source-upscaler", str(moved_a)]) == 0
+    assert "the pixels are identical" in capsys.readouterr().err
+    # a file for a part the image did not use is refused, not silently unused
+    assert main(["reproduce", edited, "--model", "tiny", "--hires-upscaler", str(moved_a)]) == 2
+    assert (
+        "--hires-upscaler: the image is not a hires fix enlarged by an upscale model"
+        in capsys.readouterr().err
+    )
+    assert main(["reproduce", edited, "--model", "tiny", "--upscaler", str(moved_b)]) == 2
+    assert "--upscaler: the image is not made by pictor upscale; drop --upscaler" in capsys.readouterr().err
+
+
+def test_the_command_line_takes_lanczos_by_name_and_refuses_expand_early(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _source((24, 24)).save(tmp_path / "src.png")
+    edit = [
+        "edit",
+        str(tmp_path / "src.png"),
+        "x",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "-o",
+        str(tmp_path / "e"),
+    ]
+    assert main([*edit, "--upscale", "2", "--upscaler", "lanczos"]) == 0
+    assert read_record(Path(capsys.readouterr().out.split()[0]))["source_upscale"]["upscaler"] == "lanczos"
+    assert main([*edit, "--upscale", "2", "--expand", "0,0,8,0", "--model", "no-such-model"]) == 2
+    assert "--upscale and --expand do not go together" in capsys.readouterr().err  # before any model loads

@@ -316,8 +316,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--fill sets how --expand's new area starts; add --expand L,T,R,B or drop --fill")
     if args.feather is not None and args.mask is None:  # an expanded area is always wholly new
         raise ValueError("--feather blends the edge of a --mask; add --mask or drop --feather")
+    if args.upscaler and args.upscaler.lower() == "lanczos":
+        args.upscaler = None  # the default: no file to load
     if args.upscaler and args.upscale is None:
         raise ValueError("--upscaler enlarges the image for --upscale; add --upscale SCALE (e.g. 2)")
+    if args.upscale is not None and args.expand is not None:
+        raise ValueError(
+            "--upscale and --expand do not go together: outpaint first, then upscale the result in a "
+            "second edit"
+        )
     if (args.mask_padding is not None or args.inpaint_size) and args.inpaint_area != "masked":
         raise ValueError("--mask-padding and --inpaint-size shape --inpaint-area masked; add it or drop them")
     from pictor.picture_files import masks_for, pictures_in
@@ -400,11 +407,35 @@ def _recorded_pair(record: dict[str, Any], key: str, folder: str) -> tuple[str, 
     return str(entry["path"]), str(entry[folder])
 
 
+def _check_upscaler_flags(args: argparse.Namespace, record: Any) -> None:
+    """An upscale model file given for a part of the image that used none would be silently unused: refused,
+    naming the flag."""
+    from pictor.reproduce import recorded_upscaler
+
+    if not isinstance(record, dict):
+        return
+
+    def used(key: str) -> bool:  # a pictor upscale's record holds its source's keys beside its own
+        entry = record.get(key)
+        return isinstance(entry, dict) and entry.get("upscaler", "lanczos") != "lanczos"
+
+    checks = (
+        (args.upscaler, "--upscaler", "upscale" in record, "made by pictor upscale"),
+        (args.hires_upscaler, "--hires-upscaler", used("hires"), "a hires fix enlarged by an upscale model"),
+        (args.source_upscaler, "--source-upscaler", used("source_upscale"), "an upscaling edit by a model"),
+    )
+    for given, flag, applies, what in checks:
+        if given and not applies:
+            raise ValueError(f"{flag}: the image is not {what}; drop {flag}")
+    recorded_upscaler(record)  # a damaged entry is named before anything loads
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pictor.provenance import read_record
     from pictor.reproduce import pixel_report
 
     record = read_record(args.image)
+    _check_upscaler_flags(args, record)
     _output_folder(args.out)
     if isinstance(record, dict) and "upscale" in record:  # `pictor upscale` made it
         return reproduce_upscale(args, record, lambda base: _reproduced(args, base))
@@ -444,7 +475,7 @@ def _reproduced(args: argparse.Namespace, record: Any) -> Any:
     _, upscaler = recorded_upscaler(record)
     if upscaler is not None:  # from where it was, unless given (its hash is checked)
         flag = upscaler_flag(record)
-        given = args.hires_upscaler if flag == "--hires-upscaler" else args.upscaler
+        given = args.hires_upscaler if flag == "--hires-upscaler" else args.source_upscaler
         if not given and not Path(upscaler["file"]).is_file():
             raise ValueError(f"the upscale model, {upscaler['file']}, is not there; pass it with {flag} FILE")
         pipe.set_upscaler(given or upscaler["file"])

@@ -471,14 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="0 keeps the image, 1 ignores it (default: 0.75 for img2img, 0.3 with --upscale, 1 with a mask "
-        "or --expand)",
+        "(with --upscale too) or --expand)",
     )
     ed.add_argument(
         "--upscale",
         type=float,
         default=None,
         metavar="SCALE",
-        help="enlarge the image (and mask) by SCALE (above 1, at most 4; rounded to the model's pixel "
+        help="enlarge the image (and mask) by SCALE (above 1, at most 4; rounded up to the model's pixel "
         "multiple) and redraw its details at that size (A1111's SD upscale); add --denoise-tile and "
         "--vae-tile for large results",
     )
@@ -537,14 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--upscaler",
         default=None,
         metavar="FILE",
-        help="for an upscaled image (`pictor upscale`) or an edit that enlarged its source: its upscale "
-        "model, if not where its record says",
+        help="for an upscaled image (`pictor upscale`): its upscale model, if not where its record says",
     )
     r.add_argument(
         "--hires-upscaler",
         default=None,
         metavar="FILE",
         help="for a hires image enlarged by an upscale model: that file, if not at the path its record names",
+    )
+    r.add_argument(
+        "--source-upscaler",
+        default=None,
+        metavar="FILE",
+        help="for an upscaling edit (pictor edit --upscale) whose source an upscale model enlarged: that "
+        "file, if not at the path its record names",
     )
     r.add_argument(
         "--context", default=None, metavar="IMAGE", help="for a FLUX.1 Kontext image: its context image"

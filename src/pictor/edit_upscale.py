@@ -5,6 +5,7 @@ enlarges its source and mask. Numpy and PIL only; an upscale model comes in as a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pictor.edit_common import MASK_THRESHOLD, EditError, scaled_size
+from pictor.edit_common import MASK_THRESHOLD, EditError
 
 # An upscaling img2img only adds detail, as the hires fix's second pass does (pictor.hires' default).
 DEFAULT_UPSCALE_STRENGTH = 0.3
@@ -49,6 +50,8 @@ def upscale_plan(
 ) -> tuple[dict[str, Any] | None, Enlarge | None]:
     """An upscaling edit's record entry and enlarging function ((None, None) without `upscale`), checked
     before anything is enlarged."""
+    if name is not None and not isinstance(name, str):
+        raise EditError(f"upscaler must be a name (lanczos, or the loaded upscale model's), got {name!r}")
     model = None if name is None or name.lower() == LANCZOS else name
     if scale is None:
         if model is not None:
@@ -57,7 +60,7 @@ def upscale_plan(
                 "(e.g. 2)"
             )
         return None, None
-    number = isinstance(scale, int | float) and not isinstance(scale, bool)
+    number = isinstance(scale, numbers.Real) and not isinstance(scale, bool)  # numpy's numbers too
     if not (number and math.isfinite(scale) and 1.0 < scale <= MAX_UPSCALE):
         raise EditError(
             f"upscale must be a number above 1 and at most {MAX_UPSCALE:g} (e.g. 2), got {scale!r}"
@@ -73,12 +76,7 @@ def upscale_plan(
             f"upscaler '{model}' is not loaded ({loaded}); load its file (--upscaler FILE, `pictor serve "
             "--upscaler FILE`), or use lanczos"
         )
-    new_w, new_h = scaled_size(width, height, float(scale), multiple)
-    if (new_w, new_h) == (width, height):
-        raise EditError(
-            f"upscale {scale:g} rounds {width}x{height} to the same size (sizes are multiples of "
-            f"{multiple}); use a larger factor"
-        )
+    new_w, new_h = upscale_size(width, height, float(scale), multiple)
     if new_w * new_h > max_pixels:  # before anything is enlarged: memory
         raise EditError(
             f"upscale {scale:g} makes the {width}x{height} image {new_w}x{new_h}, {new_w * new_h:,} pixels; "
@@ -96,7 +94,15 @@ def upscale_plan(
     return record, lanczos
 
 
+def upscale_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """An upscaling edit's size: each side times `scale`, rounded UP to the model's multiple, so that no side
+    shrinks or stays (the hires fix rounds halves up instead, which its records keep)."""
+    w, h = (multiple * math.ceil(side * scale / multiple - 1e-9) for side in (width, height))
+    return w, h
+
+
 def enlarged_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A mask at the enlarged canvas's size (nearest: it stays a hard mask, and no white area vanishes)."""
+    """A mask at the enlarged canvas's size (nearest: it stays a hard mask, and since every side grows no
+    white row or column vanishes)."""
     grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
     return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD

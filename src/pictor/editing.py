@@ -86,15 +86,16 @@ class EditRequest:
     The generation fields (negative_prompt ... batch_size) mean what they mean in
     `pictor.pipeline.GenerationRequest` and carry the same names: `Pipeline.edit` copies them over by name,
     so a field added there must be added here too (tests/test_editing.py checks). Width and height are not
-    among them: an edit keeps the image's size (plus `expand`).
+    among them: an edit keeps the image's size (plus `expand`, or times `upscale`).
     """
 
     image: ImageSource
     prompt: str
     # White (>= 128 after conversion to grey) = repaint, black = keep; same size as `image` (or a scaled
-    # copy with the same aspect ratio, resized with nearest).
+    # copy with the same aspect ratio, resized with nearest); with `upscale`, also the enlarged size.
     mask: ImageSource | None = None
-    # None: 1.0 for inpainting/outpainting, DEFAULT_IMG2IMG_STRENGTH for img2img.
+    # None: 1.0 for inpainting/outpainting (with upscale too), DEFAULT_IMG2IMG_STRENGTH for img2img,
+    # DEFAULT_UPSCALE_STRENGTH for an upscaling img2img.
     strength: float | None = None
     # Pixels added on the (left, top, right, bottom); each a multiple of the model's pixel multiple.
     expand: tuple[int, int, int, int] | None = None
@@ -474,7 +475,13 @@ def prepare_edit(
             )
     source = image_info(pixels)
 
-    mask = load_mask(request.mask, width, height) if request.mask is not None else None
+    mask, drawn_enlarged = None, False
+    if request.mask is not None and upscale is not None:  # drawn on the source, or on the enlarged picture
+        size = (upscale["width"], upscale["height"])
+        drawn_enlarged = load_image(request.mask, "mask").size == size
+        mask = load_mask(request.mask, *size) if drawn_enlarged else load_mask(request.mask, width, height)
+    elif request.mask is not None:
+        mask = load_mask(request.mask, width, height)
     mask_info = {"sha256": mask_sha256(mask)} if mask is not None else None
     if mode == "inpaint" and mask is not None and not mask.any():
         raise EditError(
@@ -488,7 +495,7 @@ def prepare_edit(
             left, top = expand[0], expand[1]
             new[top : top + height, left : left + width] |= mask
         mask = new
-    if upscale is not None and mask is not None:
+    if upscale is not None and mask is not None and not drawn_enlarged:
         mask = enlarged_mask(mask, upscale["width"], upscale["height"])
     area = None
     if request.inpaint_area == "masked" and mask is not None:

@@ -355,7 +355,8 @@ class Pipeline:
 
     def set_upscaler(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load an upscale model (ESRGAN, Real-ESRGAN, ...) that the hires fix can enlarge the first pass
-        with (`GenerationRequest.hires_upscaler` = its name); returns what records say of it."""
+        with (`GenerationRequest.hires_upscaler` = its name) and an upscaling edit its source
+        (`EditRequest.upscaler`); returns what records say of it."""
         if (
             Path(path).stem.lower() == "lanczos"
         ):  # requests name a model by its stem, and "lanczos" means none

@@ -126,8 +126,15 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         "an object with the hires fix's scale, strength and steps",
     ),
     "source_upscale": (
-        lambda v: isinstance(v, dict) and _number(v.get("scale")) and isinstance(v.get("upscaler"), str),
-        "an object with the upscaling edit's scale and upscaler",
+        lambda v: (
+            isinstance(v, dict)
+            and _number(v.get("scale"))
+            and 1.0 < v["scale"] <= 4.0
+            and isinstance(v.get("upscaler"), str)
+            and _int(v.get("width"))
+            and _int(v.get("height"))
+        ),
+        "an object with the upscaling edit's scale (above 1, at most 4), upscaler, width and height",
     ),
 }
 
@@ -208,7 +215,7 @@ def _settings(
 
 def _hires(record: dict[str, Any], pipe: Pipeline) -> dict[str, Any]:
     """A hires-fix record's second pass as request fields (none for other records). An upscale model goes by
-    the loaded one's name: `check_hires_upscaler` found its hash to be the recorded one's, under any name."""
+    the loaded one's name: `check_upscaler` found its hash to be the recorded one's, under any name."""
     hires = record.get("hires")
     if not hires:
         return {}
@@ -223,7 +230,7 @@ def _hires(record: dict[str, Any], pipe: Pipeline) -> dict[str, Any]:
 # Where a record keeps an enlargement by an upscale model, what it enlarged, and the flag that gives the file.
 _ENLARGED = {
     "hires": ("hires fix enlarged its first pass", "--hires-upscaler"),
-    "source_upscale": ("upscaling edit enlarged its source", "--upscaler"),
+    "source_upscale": ("upscaling edit enlarged its source", "--source-upscaler"),
 }
 
 
@@ -235,7 +242,8 @@ def recorded_upscaler(record: dict[str, Any]) -> tuple[str | None, dict[str, Any
         if not isinstance(enlarged, dict) or enlarged.get("upscaler", "lanczos") == "lanczos":
             continue
         entry = enlarged.get("upscaler_file")
-        if not (_strings(entry, "file", "sha256") and isinstance(enlarged.get("upscaler"), str)):
+        named = isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("file", "sha256"))
+        if not (named and isinstance(enlarged.get("upscaler"), str)):
             raise ProvenanceError(
                 f"the pictor record's '{key}' names an upscale model but not its file and sha256; the "
                 "image's metadata was edited or is damaged"
@@ -536,6 +544,12 @@ def _reproduce_edit(
         raise GenerationError(
             f"the source image is not the one this edit was made from (its pixels hash to {got[:10]}, "
             f"the record says {want[:10]}); pass the original source image"
+        )
+    if inputs.size != (record.get("width"), record.get("height")):  # what the source and settings make
+        raise ProvenanceError(
+            f"the pictor record's size {record.get('width')}x{record.get('height')} is not the "
+            f"{inputs.size[0]}x{inputs.size[1]} its source and settings make; the image's metadata was "
+            "edited or is damaged"
         )
     if record.get("mask") and inputs.mask_info and record["mask"]["sha256"] != inputs.mask_info["sha256"]:
         raise GenerationError(

@@ -326,9 +326,9 @@ Upscale = Annotated[
     float | None,
     Form(
         allow_inf_nan=False,
-        description="Enlarge the image (and mask) by this factor (above 1, at most 4; rounded to the model's "
-        "pixel multiple) and redraw it there (A1111's SD upscale; strength defaults to 0.3). The output "
-        "is that larger size, which the server's pixel limit applies to; leave size out",
+        description="Enlarge the image (and mask) by this factor (above 1, at most 4; rounded up to the "
+        "model's pixel multiple) and redraw it there (A1111's SD upscale; strength defaults to 0.3). The "
+        "output is that larger size, which the server's pixel limit applies to; leave size out",
     ),
 ]
 Upscaler = Annotated[
