@@ -31,15 +31,21 @@ def _mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
 def test_the_box_is_the_mask_grown_by_the_padding_then_to_the_work_aspect() -> None:
     mask = _mask((256, 256), (60, 100, 90, 140))  # 30 x 40
     area = plan_masked_area(mask, 32, 8, 64 * 64)
-    # 94 x 104 with the padding; drawn at 64x64 (4,096 pixels, rounded), so grown to 104 x 104 around it
-    assert (area.width, area.height) == (64, 64) and area.box == (23, 68, 127, 172)
+    # 94 x 104 with the padding; drawn at 56x64 (at most 4,096 pixels: each side rounded down), so the box
+    # grows to 94 x 107 around it, one row up and two down
+    assert (area.width, area.height) == (56, 64) and area.box == (28, 67, 122, 174)
+    # a thin mask is drawn no more than 4 times as tall as wide (or wide as tall), the box grown to that
+    pole = plan_masked_area(_mask((1024, 1024), (500, 300, 520, 875)), 32, 16, 1024 * 1024)
+    assert (pole.width, pole.height) == (512, 2048) and pole.box == (430, 268, 590, 907)
+    strip = plan_masked_area(_mask((1024, 1024), (0, 600, 1024, 610)), 32, 16, 1024 * 1024)
+    assert (strip.width, strip.height) == (2048, 512) and strip.box == (0, 477, 1024, 733)
     assert plan_masked_area(mask, 0, 8, 64 * 64, size=(48, 64)).box == (60, 100, 90, 140)  # 30:40 is 48:64
     tall = plan_masked_area(mask, 0, 8, 64 * 64, size=(32, 64))
     assert tall.box == (60, 90, 90, 150)  # 30 wide: 60 tall for 1:2
     # at the picture's edge the box shifts inward instead of leaving the picture
     corner = plan_masked_area(_mask((100, 200), (0, 0, 10, 10)), 4, 8, 64 * 64, size=(64, 32))
     assert corner.box == (0, 0, 28, 14)
-    assert plan_masked_area(_mask((40, 40), (0, 0, 40, 10)), 0, 8, 64 * 64, size=(8, 64)).box == (
+    assert plan_masked_area(_mask((40, 40), (0, 0, 40, 10)), 0, 8, 64 * 64, size=(16, 64)).box == (
         0,
         0,
         40,
@@ -54,6 +60,8 @@ def test_the_box_is_the_mask_grown_by_the_padding_then_to_the_work_aspect() -> N
         ({"padding": 2.5}, "mask padding must be a whole number"),
         ({"size": (60, 64)}, "the inpaint size 60x64 must have both sides multiples of 8"),
         ({"size": (4096, 8192)}, "the most pictor makes is"),
+        ({"size": (8, 64)}, "more than 4 times as wide as tall \\(or tall as wide\\)"),
+        ({"size": (64,)}, "the inpaint size must be two whole numbers"),
     ],
 )
 def test_bad_area_settings_are_clear_errors(kwargs: dict, message: str) -> None:
@@ -81,8 +89,8 @@ def test_the_area_is_drawn_at_the_model_size_and_stitched_back(
     drawn: list[np.ndarray] = []
     stitch = picture_runs._stitch
 
-    def spy(generated: np.ndarray, inputs):  # type: ignore[no-untyped-def]
-        drawn.append(generated)
+    def spy(generated: list[Image.Image], inputs):  # type: ignore[no-untyped-def]
+        drawn.extend(np.asarray(g) for g in generated)
         return stitch(generated, inputs)
 
     monkeypatch.setattr(picture_runs, "_stitch", spy)
@@ -98,8 +106,8 @@ def test_the_area_is_drawn_at_the_model_size_and_stitched_back(
     record = image.record
     assert record["inpaint_area"] == "masked" and record["mask_padding"] == padding
     area = plan_masked_area(mask, padding, pipe.patch, 64 * 64)
-    # drawn at 4,096 pixels in the box's aspect ratio: 64x64 for the padded box, 56x72 for the bare 30 x 40
-    assert (area.width, area.height) == ((64, 64) if padding else (56, 72))
+    # at most 4,096 pixels in the box's aspect ratio: 56x64 for the padded box, 48x72 for the bare 30 x 40
+    assert (area.width, area.height) == ((56, 64) if padding else (48, 72))
     assert (record["width"], record["height"]) == (area.width, area.height)  # A1111's Size is it too
     assert record["crop"] == list(area.box) and drawn[0].shape == (area.height, area.width, 3)
 
@@ -124,8 +132,8 @@ def test_strength_0_keeps_the_picture_and_records_reproduce(pipe: Pipeline, tmp_
 
     (image,) = pipe.edit(EditRequest(picture, "a blue square", mask_padding=8, **settings))
     path = save_png(image.image, image.record, tmp_path / "area.png")
-    text = read_text_chunks(path)["parameters"]  # 56 x 36 with the padding: drawn at 80x48 (4,096 pixels)
-    assert "Size: 80x48" in text and "Inpaint area: Only masked, Masked area padding: 8" in text
+    text = read_text_chunks(path)["parameters"]  # 56 x 36 with the padding: drawn at 72x48 (3,456 pixels)
+    assert "Size: 72x48" in text and "Inpaint area: Only masked, Masked area padding: 8" in text
     defaults = dict(pipe.defaults)
     try:  # the size it was drawn at comes from the record, not from the model's defaults of today
         pipe.defaults.update(width=128, height=128)
@@ -145,8 +153,9 @@ def test_strength_0_keeps_the_picture_and_records_reproduce(pipe: Pipeline, tmp_
         ({"upscale": 2}, "either enlarges its source \\(upscale\\) or inpaints only the masked area"),
         ({"layout": [{"box": [0, 0, 1, 1], "phrase": "x"}]}, "layout boxes cover the whole image"),
         ({"inpaint_area": "box"}, "unknown inpaint area 'box'; choose one of whole, masked"),
-        ({"inpaint_area": "whole", "mask_padding": 8}, "add inpaint area 'masked' or drop them"),
-        ({"inpaint_area": "whole", "inpaint_size": (64, 64)}, "add inpaint area 'masked' or drop them"),
+        ({"inpaint_area": "whole", "mask_padding": 8}, "^mask padding shapes .* add inpaint area 'masked'"),
+        ({"inpaint_area": "whole", "inpaint_size": (64, 64)}, "^inpaint size shapes .* or drop it"),
+        ({"context_image": np.zeros((8, 8, 3), np.uint8)}, "a context image cover the whole image"),
     ],
 )
 def test_what_it_cannot_take_is_refused(pipe: Pipeline, change: dict, message: str) -> None:
@@ -173,3 +182,29 @@ def test_inpaint_area_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     again = ["reproduce", str(out), "--model", "tiny", "--source", str(tmp_path / "src.png")]
     assert main([*again, "--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "r")]) == 0
     assert "the pixels are identical" in capsys.readouterr().err
+
+
+def test_a_thin_stroke_on_a_large_picture_is_kept_when_the_area_shrinks(pipe: Pipeline) -> None:
+    """The box is larger than the size it is drawn at: a masked pixel there is one where any pixel under it
+    is, so a one-pixel line is drawn (nearest would skip it and repaint nothing)."""
+    mask = np.zeros((256, 256), bool)
+    mask[128, 40:220] = True
+    mask[40:220, 128] = True
+    area = plan_masked_area(mask, 0, 8, 64 * 64)
+    drawn = cut_out_mask(area)
+    assert area.width < area.box[2] - area.box[0] and drawn.any(axis=0).all() and drawn.any(axis=1).all()
+    picture = Image.fromarray(np.asarray(_picture(256)))
+    settings = {"mask": Image.fromarray(mask.astype(np.uint8) * 255), "inpaint_area": "masked", "steps": 2}
+    (a,) = pipe.edit(EditRequest(picture, "a red circle", seed=1, mask_padding=0, **settings))
+    (b,) = pipe.edit(EditRequest(picture, "a blue square", seed=2, mask_padding=0, **settings))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(b.image))  # the line was drawn, differently
+
+
+def test_any_picture_size_takes_a_masked_area(pipe: Pipeline) -> None:
+    """Only the cut-out reaches the model, at a size it takes: the picture need not fit its multiple."""
+    picture = Image.fromarray(np.asarray(_picture(150))[:100])  # 150 x 100: not a multiple of 8
+    mask = Image.fromarray(_mask((100, 150), (40, 30, 70, 60)).astype(np.uint8) * 255)
+    (image,) = pipe.edit(EditRequest(picture, "x", mask=mask, inpaint_area="masked", steps=2, seed=1))
+    assert image.image.size == (150, 100)
+    with pytest.raises(EditError, match="multiples of 8"):
+        pipe.edit(EditRequest(picture, "x", mask=mask, steps=2, seed=1))

@@ -309,7 +309,6 @@ def _keep_template(images: list[Any], run: Any, variants: str | None) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from pictor.editing import DEFAULT_FEATHER, EditRequest
-    from pictor.inpaint_area import DEFAULT_MASK_PADDING
 
     # Options that shape only an expanded or masked area: without one they would change nothing.
     if args.fill is not None and args.expand is None:
@@ -357,7 +356,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             upscale=args.upscale,
             upscaler=pipe.upscaler.name if pipe.upscaler else None,
             inpaint_area=args.inpaint_area or "whole",
-            mask_padding=DEFAULT_MASK_PADDING if args.mask_padding is None else args.mask_padding,
+            mask_padding=args.mask_padding,
             inpaint_size=args.inpaint_size,
             **settings,
         )

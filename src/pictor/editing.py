@@ -111,7 +111,7 @@ class EditRequest:
     # `mask_padding` pixels) out, inpaints it at `inpaint_size` (None: the model's default pixel count in
     # the box's aspect ratio) and blends it back (`pictor.inpaint_area`).
     inpaint_area: str = "whole"
-    mask_padding: int = DEFAULT_MASK_PADDING
+    mask_padding: int | None = None  # None: DEFAULT_MASK_PADDING
     inpaint_size: tuple[int, int] | None = None
     negative_prompt: str = ""
     steps: int | None = None
@@ -396,10 +396,12 @@ def _check_area(request: EditRequest, reproducing: bool) -> None:
             f"unknown inpaint area '{request.inpaint_area}'; choose one of {', '.join(INPAINT_AREAS)}"
         )
     if request.inpaint_area == "whole":
-        if not reproducing and (request.mask_padding != DEFAULT_MASK_PADDING or request.inpaint_size):
+        settings = (("mask padding", request.mask_padding), ("inpaint size", request.inpaint_size))
+        given = [name for name, value in settings if value is not None]
+        if given and not reproducing:
             raise EditError(
-                "mask padding and inpaint size shape inpainting only the masked area; add inpaint area "
-                "'masked' or drop them"
+                f"{' and '.join(given)} shape{'s' if len(given) == 1 else ''} inpainting only the masked "
+                "area; add inpaint area 'masked' or drop it"
             )
         return
     if request.mode != "inpaint":
@@ -417,8 +419,9 @@ def _check_area(request: EditRequest, reproducing: bool) -> None:
             ("layout boxes", request.layout),
             ("a control picture", request.control_image),
             ("ControlNet pictures", request.controlnet_images),
+            ("a context image", request.context_image),  # Kontext's tokens lie over the whole picture
         )
-        if value
+        if value is not None and (not isinstance(value, list) or value)
     ]
     if spatial:
         raise EditError(
@@ -464,7 +467,7 @@ def prepare_edit(
     upscale, enlarge = upscale_plan(
         request.upscale, request.upscaler, expanding, width, height, multiple, max_pixels, upscaler
     )
-    if upscale is None:  # an enlarged canvas is rounded to the multiple
+    if upscale is None and request.inpaint_area != "masked":  # those canvases are sized to the multiple
         _check_multiple(width, height, multiple)
     if expand is not None:  # before the canvas is allocated: a huge expand must not fill memory first
         grown_w, grown_h = width + expand[0] + expand[2], height + expand[1] + expand[3]
@@ -500,7 +503,12 @@ def prepare_edit(
     area = None
     if request.inpaint_area == "masked" and mask is not None:
         area = plan_masked_area(
-            mask, request.mask_padding, multiple, work_pixels, request.inpaint_size, max_pixels
+            mask,
+            DEFAULT_MASK_PADDING if request.mask_padding is None else request.mask_padding,
+            multiple,
+            work_pixels,
+            request.inpaint_size,
+            max_pixels,
         )
         mask = cut_out_mask(area)
     return EditInputs(

@@ -10,16 +10,18 @@ the mask stays the picture's, exactly. Numpy and PIL only: `pictor.picture_runs`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pictor.edit_common import MASK_THRESHOLD, EditError, scaled_size
+from pictor.edit_common import MASK_THRESHOLD, EditError
 
 INPAINT_AREAS = ("whole", "masked")
 DEFAULT_MASK_PADDING = 32  # A1111's "Only masked padding, pixels"
+MAX_ASPECT = 4.0  # the widest (or tallest) an area is drawn at: models do badly far from their trained shapes
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,19 @@ def plan_masked_area(
     max_pixels: int = 4096 * 4096,
 ) -> MaskedArea:
     """The box around `mask`'s white pixels grown by `padding`, then to the aspect ratio of the size it is
-    inpainted at: `size` if given, else the box's aspect ratio at `work_pixels` pixels, rounded to
-    `multiple` (A1111 grows the box likewise, so nothing is stretched where the picture has room)."""
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+    inpainted at: `size` if given, else the box's aspect ratio (kept within 1:MAX_ASPECT) at no more than
+    `work_pixels` pixels, each side rounded down to `multiple` (A1111 grows the box likewise, so nothing is
+    stretched where the picture has room)."""
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise EditError(f"mask padding must be a whole number of pixels >= 0, got {padding!r}")
+    padding = int(padding)
     height, width = mask.shape
     ys, xs = np.nonzero(mask)
     x0, x1 = max(0, int(xs.min()) - padding), min(width, int(xs.max()) + 1 + padding)
     y0, y1 = max(0, int(ys.min()) - padding), min(height, int(ys.max()) + 1 + padding)
     if size is not None:
+        if len(size) != 2 or not all(isinstance(v, numbers.Integral) for v in size):
+            raise EditError(f"the inpaint size must be two whole numbers (width, height), got {size!r}")
         work_w, work_h = (int(v) for v in size)
         bad = [v for v in (work_w, work_h) if v < multiple or v % multiple]
         if bad:
@@ -82,9 +88,17 @@ def plan_masked_area(
                 f"the inpaint size {work_w}x{work_h} is {work_w * work_h:,} pixels; the most pictor makes is "
                 f"{max_pixels:,}"
             )
+        if max(work_w / work_h, work_h / work_w) > MAX_ASPECT:
+            raise EditError(
+                f"the inpaint size {work_w}x{work_h} is more than {MAX_ASPECT:g} times as wide as tall (or "
+                "tall as wide); give a squarer size (the box grows to it)"
+            )
     else:
-        scale = math.sqrt(work_pixels / ((x1 - x0) * (y1 - y0)))
-        work_w, work_h = scaled_size(x1 - x0, y1 - y0, scale, multiple)
+        aspect = min(max((x1 - x0) / (y1 - y0), 1 / MAX_ASPECT), MAX_ASPECT)
+        work_w, work_h = (
+            max(multiple, math.floor(math.sqrt(work_pixels * a) / multiple) * multiple)
+            for a in (aspect, 1 / aspect)
+        )
     aspect = work_w / work_h
     box_w, box_h = x1 - x0, y1 - y0
     if box_w / box_h < aspect:  # too narrow for the work size: wider, where the picture has room
@@ -102,10 +116,14 @@ def cut_out(picture: np.ndarray, area: MaskedArea) -> np.ndarray:
 
 
 def cut_out_mask(area: MaskedArea) -> np.ndarray:
-    """bool [height, width]: the area's mask at the size it is inpainted at (nearest: it stays hard)."""
+    """bool [height, width]: the area's mask at the size it is inpainted at. Enlarged with nearest (it stays
+    hard); shrunk, a pixel is masked where any pixel under it is, so thin strokes are not lost."""
     x0, y0, x1, y1 = area.box
     grey = Image.fromarray(area.picture_mask[y0:y1, x0:x1].astype(np.uint8) * 255, mode="L")
-    return np.asarray(grey.resize((area.width, area.height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD
+    size = (area.width, area.height)
+    if area.width < x1 - x0 or area.height < y1 - y0:
+        return np.asarray(grey.resize(size, Image.Resampling.BOX)) > 0
+    return np.asarray(grey.resize(size, Image.Resampling.NEAREST)) >= MASK_THRESHOLD
 
 
 def back_to_box(generated: np.ndarray, area: MaskedArea) -> np.ndarray:

@@ -65,7 +65,7 @@ def run_edit_seeds(
         init = LatentInit(z0=z0, strength=inputs.strength, mask=mask, fill=fill)
         images = to_pil(pipe.sample(r, seeds, progress, init, caches))
         if inputs.area is not None:  # only the masked area was drawn: back into the whole picture
-            images = [Image.fromarray(_stitch(np.asarray(im), inputs)) for im in images]
+            images = _stitch(images, inputs)
         elif inputs.mask is not None:
             weights = feather_weights(inputs.mask, inputs.feather)
             if inputs.expand is not None:  # the new area has no pixels of its own to blend with
@@ -82,16 +82,20 @@ def run_edit_seeds(
     ]
 
 
-def _stitch(generated: np.ndarray, inputs: EditInputs) -> np.ndarray:
-    """An inpainted masked area (at the size it was drawn at) resized back to its box and blended into the
-    whole picture inside the mask, feathered at the picture's own size: outside the mask, the picture's
-    pixels, exactly."""
+def _stitch(generated: list[Image.Image], inputs: EditInputs) -> list[Image.Image]:
+    """Inpainted masked areas (at the size they were drawn at) resized back to their box and blended into
+    the whole picture inside the mask, feathered at the picture's own size (once for all): outside the mask,
+    the picture's pixels, exactly."""
     area = inputs.area
     assert area is not None
     x0, y0, x1, y1 = area.box
     weights = feather_weights(area.picture_mask, inputs.feather)[y0:y1, x0:x1]
-    out = inputs.picture.copy()
-    out[y0:y1, x0:x1] = composite(back_to_box(generated, area), inputs.picture[y0:y1, x0:x1], weights)
+    out = []
+    for image in generated:
+        stitched = inputs.picture.copy()
+        region = back_to_box(np.asarray(image), area)
+        stitched[y0:y1, x0:x1] = composite(region, inputs.picture[y0:y1, x0:x1], weights)
+        out.append(Image.fromarray(stitched))
     return out
 
 

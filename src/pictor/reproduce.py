@@ -19,7 +19,7 @@ from pictor.controlnet_runs import (
 )
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.generation_request import DENOISE_TILING_FIELDS, TILING_FIELDS
-from pictor.inpaint_area import DEFAULT_MASK_PADDING, INPAINT_AREAS
+from pictor.inpaint_area import INPAINT_AREAS
 from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
@@ -529,7 +529,7 @@ def _reproduce_edit(
         feather=int(record.get("feather", 0)),
         upscale=enlarged.get("scale"),
         inpaint_area=record.get("inpaint_area", "whole"),
-        mask_padding=record.get("mask_padding", DEFAULT_MASK_PADDING),
+        mask_padding=record.get("mask_padding"),
         # the size the masked area was drawn at: the record's, whatever the model's defaults are now
         inpaint_size=(record["width"], record["height"]) if record.get("inpaint_area") == "masked" else None,
         # the loaded model's name: check_upscaler found its hash to be the recorded one's, under any name
@@ -544,6 +544,12 @@ def _reproduce_edit(
         raise GenerationError(
             f"the source image is not the one this edit was made from (its pixels hash to {got[:10]}, "
             f"the record says {want[:10]}); pass the original source image"
+        )
+    crop = record.get("crop")
+    if inputs.area is not None and crop is not None and list(inputs.area.box) != crop:
+        raise ProvenanceError(
+            f"the pictor record's crop {crop} is not the box {list(inputs.area.box)} its mask and settings "
+            "make (another pictor version's arithmetic, or edited metadata); it cannot be made again exactly"
         )
     if inputs.size != (record.get("width"), record.get("height")):  # what the source and settings make
         raise ProvenanceError(

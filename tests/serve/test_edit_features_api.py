@@ -17,6 +17,7 @@ from PIL import Image
 from pictor.editing import EditError, EditRequest
 from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.serve.pipeline_errors import api_message, field_of
+from pictor.serve.settings import Limits
 from tests.serve import test_upscale_api
 from tests.serve.conftest import assert_refused, decode_images
 from tests.serve.test_upscale_api import NAME
@@ -174,3 +175,25 @@ def test_the_new_edit_messages_name_their_field_in_api_words(tiny: Pipeline) -> 
     with pytest.raises(GenerationError) as info:
         tiny.generate(GenerationRequest("(a:1.2.3)", steps=1, prompt_weights=True))
     assert field_of(str(info.value)) == "prompt"
+
+
+def test_a_masked_area_is_drawn_within_the_servers_pixel_limit(
+    make_client: Callable[..., TestClient], tiny: Pipeline
+) -> None:
+    """A masked area is drawn at the model's default pixel count when no inpaint_size is given: a server whose
+    limit is lower refuses it, naming inpaint_area, as it would refuse that size sent."""
+    client = make_client(tiny, limits=Limits(max_pixels=16 * 16, max_steps=2000, max_images=8))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    r = _edit(client, _source(16), mask=mask, inpaint_area="masked")
+    assert_refused(r, "inpaint_area", "inpaint_area makes 32x32")
+    r = _edit(client, _source(16), mask=mask, inpaint_area="masked", inpaint_size="16x16")
+    assert r.status_code == 200, r.text
+
+
+def test_variations_take_prompt_weights(client: TestClient) -> None:
+    data = {"prompt": "a (red:1.5) circle", "prompt_weights": "true", "seed": "1", "steps": "2"}
+    files = {"image": ("source.png", png(_source()), "image/png")}
+    r = client.post("/v1/images/variations", data={**data, "response_format": "b64_json"}, files=files)
+    ((_, record),) = decode_images(r)
+    assert record["prompt_weights"] is True

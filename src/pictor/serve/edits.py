@@ -208,6 +208,9 @@ def edit_params(
         if "upscale" in edit_settings:  # the output is the enlarged picture: the server's limits apply to it
             _check_larger(limits, prompt, n, list(inputs.size), r.steps, "upscale")
             width, height = inputs.size
+        if inputs.area is not None:  # a masked area is drawn at its own size: the limits apply to that
+            field = "inpaint_size" if "inpaint_size" in edit_settings else "inpaint_area"
+            _check_larger(limits, prompt, n, list(inputs.size), r.steps, field)
     # context_image: the key job_requests.edit_request reads back, as for a JSON generation's context_image.
     pictures = {"image": source, "mask": mask, "reference": reference, "context_image": context}
     pictures |= {"control_image": control, "redux_image": redux, "ip_adapter_image": ip_adapter}

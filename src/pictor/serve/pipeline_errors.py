@@ -56,7 +56,7 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"or inpaints only the masked area", "inpaint_area"),
         (r"^upscale |^an edit either enlarges its source", "upscale"),
         (r"^mask padding", "mask_padding"),
-        (r"^the inpaint size", "inpaint_size"),
+        (r"^the inpaint size|^inpaint size", "inpaint_size"),
         (r"inpaint area", "inpaint_area"),
         (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
         (r"^the image", "image"),
@@ -174,7 +174,7 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             HIRES_UPSCALER_HELP,
         ),
         (r"; drop prompt weights$", "; send prompt_weights false"),
-        (r"add inpaint area 'masked' or drop them", "send inpaint_area masked or drop them"),
+        (r"add inpaint area 'masked' or drop it", "send inpaint_area masked or drop it"),
         (
             r"^a denoise tile overlap needs a tile size: give the tile too$",
             "denoise_tile_overlap needs denoise_tile: give denoise_tile too",
