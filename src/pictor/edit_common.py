@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from PIL import Image
+
 # A mask pixel is white (repaint) from this grey level up.
 MASK_THRESHOLD = 128
+
+
+def nearest_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A bool mask resized to width x height with nearest, so it stays a hard mask."""
+    grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD
 
 
 class EditError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pictor.edit_common import MASK_THRESHOLD, EditError
+from pictor.edit_common import EditError
 
 # An upscaling img2img only adds detail, as the hires fix's second pass does (pictor.hires' default).
 DEFAULT_UPSCALE_STRENGTH = 0.3
@@ -99,10 +99,3 @@ def upscale_size(width: int, height: int, scale: float, multiple: int) -> tuple[
     shrinks or stays (the hires fix rounds halves up instead, which its records keep)."""
     w, h = (multiple * math.ceil(side * scale / multiple - 1e-9) for side in (width, height))
     return w, h
-
-
-def enlarged_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A mask at the enlarged canvas's size (nearest: it stays a hard mask, and since every side grows no
-    white row or column vanishes)."""
-    grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= MASK_THRESHOLD

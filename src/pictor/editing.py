@@ -32,12 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pictor.edit_common import MASK_THRESHOLD, EditError, scaled_size
+from pictor.edit_common import MASK_THRESHOLD, EditError, nearest_mask, scaled_size
 from pictor.edit_upscale import (
     DEFAULT_UPSCALE_STRENGTH,
     Enlarge,
     SourceUpscaler,
-    enlarged_mask,
     upscale_plan,
 )
 from pictor.inpaint_area import (
@@ -481,8 +480,9 @@ def prepare_edit(
     mask, drawn_enlarged = None, False
     if request.mask is not None and upscale is not None:  # drawn on the source, or on the enlarged picture
         size = (upscale["width"], upscale["height"])
-        drawn_enlarged = load_image(request.mask, "mask").size == size
-        mask = load_mask(request.mask, *size) if drawn_enlarged else load_mask(request.mask, width, height)
+        picture = load_image(request.mask, "mask")  # read once, whichever size it was drawn at
+        drawn_enlarged = picture.size == size
+        mask = load_mask(picture, *size) if drawn_enlarged else load_mask(picture, width, height)
     elif request.mask is not None:
         mask = load_mask(request.mask, width, height)
     mask_info = {"sha256": mask_sha256(mask)} if mask is not None else None
@@ -499,7 +499,7 @@ def prepare_edit(
             new[top : top + height, left : left + width] |= mask
         mask = new
     if upscale is not None and mask is not None and not drawn_enlarged:
-        mask = enlarged_mask(mask, upscale["width"], upscale["height"])
+        mask = nearest_mask(mask, upscale["width"], upscale["height"])  # every side grows: no row is lost
     area = None
     if request.inpaint_area == "masked" and mask is not None:
         area = plan_masked_area(

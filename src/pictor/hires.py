@@ -88,5 +88,5 @@ def hires_record(
         "height": height,
     }
     if model is not None:  # where the file was and what it hashed to, for `pictor reproduce`
-        record["upscaler_file"] = source_upscaler(model).entry
+        record["upscaler_file"] = upscale_record(model, None, DEFAULT_TILE, DEFAULT_OVERLAP)
     return record

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pictor.edit_common import MASK_THRESHOLD, EditError
+from pictor.edit_common import EditError, nearest_mask
 
 INPAINT_AREAS = ("whole", "masked")
 DEFAULT_MASK_PADDING = 32  # A1111's "Only masked padding, pixels"
@@ -119,11 +119,11 @@ def cut_out_mask(area: MaskedArea) -> np.ndarray:
     """bool [height, width]: the area's mask at the size it is inpainted at. Enlarged with nearest (it stays
     hard); shrunk, a pixel is masked where any pixel under it is, so thin strokes are not lost."""
     x0, y0, x1, y1 = area.box
-    grey = Image.fromarray(area.picture_mask[y0:y1, x0:x1].astype(np.uint8) * 255, mode="L")
-    size = (area.width, area.height)
+    mask = area.picture_mask[y0:y1, x0:x1]
     if area.width < x1 - x0 or area.height < y1 - y0:
-        return np.asarray(grey.resize(size, Image.Resampling.BOX)) > 0
-    return np.asarray(grey.resize(size, Image.Resampling.NEAREST)) >= MASK_THRESHOLD
+        grey = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+        return np.asarray(grey.resize((area.width, area.height), Image.Resampling.BOX)) > 0
+    return nearest_mask(mask, area.width, area.height)
 
 
 def back_to_box(generated: np.ndarray, area: MaskedArea) -> np.ndarray:
