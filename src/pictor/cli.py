@@ -103,6 +103,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "denoise_tile_overlap": getattr(args, "denoise_tile_overlap", None),
         "cache_threshold": args.cache_threshold,
         "prompt_weights": getattr(args, "prompt_weights", False),
+        "variation_seed": args.variation_seed,
+        "variation_strength": args.variation_strength,
+        "seed_resize_from": getattr(args, "seed_resize_from", None),
     }
 
 
@@ -666,6 +669,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         clip_vision=Path(args.clip_vision) if args.clip_vision else None,
         controlnets=tuple(Path(p) for p in args.controlnet or ()),
         upscaler=Path(args.upscaler) if args.upscaler else None,
+        previews=args.previews,
     )
     return serve(settings, log_level=args.log_level)
 

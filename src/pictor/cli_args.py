@@ -57,6 +57,21 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default: all)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    p.add_argument(
+        "--variation-strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="variation seeds (A1111's): every image keeps --seed and blends its noise with that of "
+        "variation seed V+i by S (0-1; 0.1-0.3: small variations of one picture)",
+    )
+    p.add_argument(
+        "--variation-seed",
+        type=int,
+        default=None,
+        metavar="V",
+        help="the first variation seed, with --variation-strength (default: random)",
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
     _add_sampler(p)
@@ -412,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redux(g)
     _add_ip_adapter(g)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
+    g.add_argument(
+        "--seed-resize-from",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="draw each image's noise as for a WxH image and centre it (A1111's resize seed from): the "
+        "composition of a seed at WxH carries over to a nearby --size",
+    )
     g.add_argument(
         "--hires",
         type=float,
@@ -830,5 +853,13 @@ def _add_serve_parser(sub: Any) -> None:
         metavar="FILE",
         help="an upscale model (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... as .safetensors) loaded with the "
         "model: POST /v1/images/upscale runs it, and generations may name it as their hires_upscaler",
+    )
+    s.add_argument(
+        "--previews",
+        choices=["approx", "full", "off"],
+        default="approx",
+        help="live previews of running jobs (GET /v1/jobs/ID/preview, the page): approx (a linear map of "
+        "the latents, nearly free), full (the autoencoder decodes every step: exact, a decode per step) "
+        "or off (default approx)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -131,6 +131,14 @@ class GenerationRequest:
     # Read the prompt and negative prompt for A1111's weights, "(words:1.5)", "(words)",
     # "[words]" (`pictor.prompt_weights`); off: brackets are text like any other.
     prompt_weights: bool = False
+    # Variation seeds (`pictor.noise_variation`, A1111's): with a strength above 0 (at most 1), every image
+    # keeps `seed` and image i blends its noise with that of variation seed `variation_seed + i` (None: a
+    # random one). A variation seed needs a strength; strength None or 0: off.
+    variation_seed: int | None = None
+    variation_strength: float | None = None
+    # A1111's "resize seed from" (width, height pixels): the first pass's noise is drawn for an image of this
+    # size and centred on the image's own, so a composition carries over to a nearby size. None: off.
+    seed_resize_from: tuple[int, int] | None = None
 
 
 @dataclass

@@ -72,6 +72,11 @@ AXES: dict[str, _Kind] = {
     "sampler": _Kind(parse_sampler, _set("sampler"), "sampler=euler,heun"),
     "schedule": _Kind(parse_schedule, _set("schedule"), "schedule=flux,linear"),
     "seed": _Kind(parse_seed, _set("seed"), "seed=1,2,3"),
+    # Variation seeds (`pictor.noise_variation`): a seed axis needs a strength (the request's or an axis)
+    "variation-seed": _Kind(parse_seed, _set("variation_seed"), "variation-seed=1,2,3"),
+    "variation-strength": _Kind(
+        bounded(0.0, 1.0, "a variation strength"), _set("variation_strength"), "variation-strength=0,0.1,0.3"
+    ),
     "size": _Kind(parse_size, lambda r, v, _f: replace(r, width=v[0], height=v[1]), "size=64x64,128x64"),
     "negative": _Kind(parse_text, _set("negative_prompt"), 'negative=,blurry,"dark, blurry"', empty_ok=True),
     # Prompt S/R: every occurrence of the first value is replaced by the cell's value.
@@ -328,6 +333,15 @@ def plan_grid(
         )
     seed = request.seed if request.seed is not None else secrets.randbelow(NOISE_SEED_RANGE)
     base = replace(request, seed=seed, batch_size=None)
+    varied = request.variation_strength or "variation-strength" in seen
+    if "variation-seed" in seen and not varied:
+        raise GridError(
+            "axis variation-seed changes nothing without a variation strength: add --variation-strength S "
+            "(e.g. 0.2) or a variation-strength axis"
+        )
+    if varied and request.variation_seed is None and "variation-seed" not in seen:
+        # likewise one variation seed for all cells, or each cell would draw its own
+        base = replace(base, variation_seed=secrets.randbelow(NOISE_SEED_RANGE))
     plan = GridPlan(xa, ya, za)
     for k in range(len(za.values) if za else 1):
         for j in range(len(ya.values) if ya else 1):

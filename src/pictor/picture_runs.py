@@ -18,6 +18,7 @@ from pictor.fill_images import check_fill_request, fill_conditioning
 from pictor.generation_request import GeneratedImage, GenerationRequest, ProgressFn
 from pictor.hires import hires_record, hires_size, upscale
 from pictor.inpaint_area import back_to_box
+from pictor.latent_preview import Previews
 from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.block_cache import FirstBlockCache, cache_passes
 from pictor.models.flux import pack_latents
@@ -39,7 +40,12 @@ def _encode(
 
 
 def run_edit_seeds(
-    pipe: Pipeline, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
+    pipe: Pipeline,
+    r: GenerationRequest,
+    inputs: EditInputs,
+    seeds: list[int],
+    progress: ProgressFn,
+    previews: Previews | None = None,
 ) -> list[GeneratedImage]:
     """One edit sampler run over exactly these seeds: the source noised to t = strength, the known region
     (outside the mask) kept on its path and composited back."""
@@ -63,7 +69,7 @@ def run_edit_seeds(
             ae = pipe.autoencoder.params
             mask = latent_mask(inputs.mask, ae.downsample_factor, ae.z_channels).to(pipe.device)
         init = LatentInit(z0=z0, strength=inputs.strength, mask=mask, fill=fill)
-        images = to_pil(pipe.sample(r, seeds, progress, init, caches))
+        images = to_pil(pipe.sample(r, seeds, progress, init, caches, previews=previews))
         if inputs.area is not None:  # only the masked area was drawn: back into the whole picture
             images = _stitch(images, inputs)
         elif inputs.mask is not None:
@@ -100,7 +106,11 @@ def _stitch(generated: list[Image.Image], inputs: EditInputs) -> list[Image.Imag
 
 
 def run_hires_seeds(
-    pipe: Pipeline, r: GenerationRequest, seeds: list[int], progress: ProgressFn
+    pipe: Pipeline,
+    r: GenerationRequest,
+    seeds: list[int],
+    progress: ProgressFn,
+    previews: Previews | None = None,
 ) -> list[GeneratedImage]:
     """A hires-fix run over exactly these seeds: the first pass at the request's size, upscaled (Lanczos,
     or the pipeline's upscale model and then Lanczos), then image-to-image at the larger size from
@@ -108,7 +118,7 @@ def run_hires_seeds(
     assert r.width and r.height and r.steps and r.hires_scale and r.hires_strength and r.hires_steps
     steps, total = r.steps, r.steps + r.hires_steps  # progress runs over both passes
     caches: list[FirstBlockCache] = []
-    first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total), caches=caches))
+    first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total), caches=caches, previews=previews))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     model = pipe.upscaler if r.hires_upscaler else None  # resolution checked it is the one asked for
     pixels = torch.from_numpy(upscale(first, width, height, model)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -117,7 +127,7 @@ def run_hires_seeds(
     second = replace(r, width=width, height=height, steps=r.hires_steps)
     # noise_pass=1: a stochastic sampler's fresh noise here is not the first pass's drawn again
     second_pass = pipe.sample(
-        second, seeds, lambda i, _n: progress(steps + i, total), init, caches, noise_pass=1
+        second, seeds, lambda i, _n: progress(steps + i, total), init, caches, noise_pass=1, previews=previews
     )
     images = to_pil(second_pass)
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height, model)}

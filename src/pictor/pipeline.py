@@ -19,7 +19,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from pictor.generation_settings import MAX_PIXELS, settings_problem
 from pictor.guided_velocity import guided_velocity
 from pictor.hires import HIRES_FIELDS, source_upscaler
 from pictor.ip_adapter_files import IPAdapterModel, ip_adapter_fields, open_ip_adapter
+from pictor.latent_preview import LatentColours, Previews, preview_pictures
 from pictor.layout_files import LayoutError, open_layout_adapter
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_decode
@@ -64,6 +65,7 @@ from pictor.models.reference import (
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
+from pictor.noise_variation import variation_fields, varied_noise
 from pictor.notices import PictorWarning
 from pictor.presets import get_preset
 from pictor.prompt_weights import PromptWeightError, parse_weights, plain_text
@@ -156,6 +158,9 @@ class Pipeline:
         self.upscaler: UpscalerFile | None = None
         # FLUX.1 ControlNets (`add_controlnet`), in order; each request gives one picture per ControlNet.
         self.controlnets: list[ControlNetUnit] = []
+        # The approx previews' latent -> colour map of this autoencoder (`pictor.latent_preview`), fitted
+        # from the pictures of runs that asked for previews.
+        self.preview_colours = LatentColours(autoencoder.params.z_channels)
         self.defaults = {**get_preset("shapes-small")["defaults"], **config.defaults}
         mode = self.defaults.get("guidance_mode", "cfg")
         if mode not in GUIDANCE_MODES:
@@ -213,23 +218,32 @@ class Pipeline:
         return notices
 
     def generate(
-        self, request: GenerationRequest, progress: ProgressFn | None = None
+        self,
+        request: GenerationRequest,
+        progress: ProgressFn | None = None,
+        previews: Previews | None = None,
     ) -> list[GeneratedImage]:
+        """The request's images; `previews`: pictures while the sampler runs (`pictor.latent_preview`)."""
         r = self.resolve_request(request)
         if self.fill:
             check_fill_request(r, has_mask=False)
         run = self.run_hires_seeds if r.hires_scale else self.run_seeds
-        return self._in_runs(r, progress, lambda seeds, step: run(r, seeds, step))
+        return self._in_runs(r, progress, previews, run)
 
     def _in_runs(
         self,
         r: GenerationRequest,
         progress: ProgressFn | None,
-        run: Callable[[list[int], ProgressFn], list[GeneratedImage]],
+        previews: Previews | None,
+        run: Callable[[GenerationRequest, list[int], ProgressFn, Previews | None], list[GeneratedImage]],
     ) -> list[GeneratedImage]:
-        """Split a request's seeds into sampler runs of batch_size and report progress over all of them."""
+        """Split a request's seeds into sampler runs of batch_size and report progress over all of them
+        (and previews, each run's naming the request's index of its first image). Each run gets the
+        request with its own first variation seed: image j of a run takes `variation_seed + j`."""
         assert r.seed is not None
-        seeds = [r.seed + i for i in range(r.num_images)]
+        varied = bool(r.variation_strength)
+        # image i takes seed + i; varied, every image keeps the seed (its variation seed counts instead)
+        seeds = [r.seed + (0 if varied else i) for i in range(r.num_images)]
         size = r.batch_size or len(seeds)
         runs = [seeds[i : i + size] for i in range(0, len(seeds), size)]
         per_run = int(r.steps or 0) + int(r.hires_steps or 0)  # a hires run has two sampler passes
@@ -242,22 +256,37 @@ class Pipeline:
                 if progress is not None:
                     progress(_offset + step, total)
 
-            out += run(run_seeds, step_progress)
+            shown = replace(previews, first_index=len(out)) if previews is not None else None
+            run_r = replace(r, variation_seed=r.variation_seed + len(out)) if varied else r
+            assert not varied or r.variation_seed is not None  # resolution draws one
+            out += run(run_r, run_seeds, step_progress, shown)
             done += per_run
         return out
 
     # -- editing --------------------------------------------------------------------------------------
 
-    def edit(self, request: EditRequest, progress: ProgressFn | None = None) -> list[GeneratedImage]:
+    def edit(
+        self, request: EditRequest, progress: ProgressFn | None = None, previews: Previews | None = None
+    ) -> list[GeneratedImage]:
         """img2img, inpainting or outpainting (see `pictor.editing`); image i uses seed + i."""
         r, inputs = self.resolve_edit(request)
-        return self._in_runs(r, progress, lambda seeds, step: self.run_edit_seeds(r, inputs, seeds, step))
+        return self._in_runs(
+            r,
+            progress,
+            previews,
+            lambda run_r, seeds, step, shown: self.run_edit_seeds(run_r, inputs, seeds, step, shown),
+        )
 
     def resolve_edit(
         self, request: EditRequest, reproducing: bool = False
     ) -> tuple[GenerationRequest, EditInputs]:
         """Validate an edit: its image and mask, and the generation settings at the canvas size
         (`reproducing` as for `resolve_request`)."""
+        if request.seed_resize_from is not None:
+            raise GenerationError(
+                "seed resize from keeps a composition drawn from noise at another size; an edit's "
+                "composition is its picture's, so drop it (variation seeds do work on edits)"
+            )
         try:
             shared = {
                 f.name: getattr(request, f.name)
@@ -275,21 +304,49 @@ class Pipeline:
         return r, inputs
 
     def run_edit_seeds(
-        self, r: GenerationRequest, inputs: EditInputs, seeds: list[int], progress: ProgressFn
+        self,
+        r: GenerationRequest,
+        inputs: EditInputs,
+        seeds: list[int],
+        progress: ProgressFn,
+        previews: Previews | None = None,
     ) -> list[GeneratedImage]:
         """One edit sampler run over exactly these seeds (what `reproduce` reruns)."""
-        return picture_runs.run_edit_seeds(self, r, inputs, seeds, progress)
+        return picture_runs.run_edit_seeds(self, r, inputs, seeds, progress, previews)
 
     # -- the sampler run --------------------------------------------------------------------------
 
-    def initial_noise(self, seeds: list[int], lat_h: int, lat_w: int) -> torch.Tensor:
-        """Per-image noise from CPU generators: identical on every device and at every batch size."""
+    def initial_noise(
+        self,
+        seeds: list[int],
+        lat_h: int,
+        lat_w: int,
+        r: GenerationRequest | None = None,
+        noise_pass: int = 0,
+    ) -> torch.Tensor:
+        """Per-image noise from CPU generators: identical on every device and at every batch size. With
+        `r`, its variation seeds and (on the first pass, `noise_pass` 0) its seed resize apply
+        (`pictor.noise_variation`)."""
         channels = self.autoencoder.params.z_channels
-        noise = [
-            torch.randn(1, channels, lat_h, lat_w, generator=torch.Generator("cpu").manual_seed(s))
-            for s in seeds
-        ]
-        return torch.cat(noise).to(self.device, self.dtype)
+
+        def draw(draw_seeds: list[int], h: int, w: int) -> torch.Tensor:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in draw_seeds]
+            return torch.cat([torch.randn(1, channels, h, w, generator=g) for g in gens])
+
+        if r is None:
+            return draw(seeds, lat_h, lat_w).to(self.device, self.dtype)
+        f = self.autoencoder.params.downsample_factor
+        resize = r.seed_resize_from if noise_pass == 0 else None
+        noise = varied_noise(
+            draw,
+            seeds,
+            lat_h,
+            lat_w,
+            r.variation_seed,
+            r.variation_strength,
+            (resize[0] // f, resize[1] // f) if resize else None,
+        )
+        return noise.to(self.device, self.dtype)
 
     def step_noise(self, seeds: list[int], shape: tuple[int, ...], noise_pass: int = 0) -> NoiseFn:
         """A stochastic sampler's fresh noise for this run: per image from CPU generators seeded by
@@ -385,16 +442,18 @@ class Pipeline:
         init: LatentInit | None = None,
         caches: list[FirstBlockCache] | None = None,
         noise_pass: int = 0,
+        previews: Previews | None = None,
     ) -> torch.Tensor:
         """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
         t = strength and keeps its known region; without it this is plain generation from t = 1. The run's
         first-block cache, if it has one, is appended to `caches` (for the records' counts). `noise_pass`
-        tells a run's passes apart for a stochastic sampler's fresh noise (`step_noise_seed`)."""
+        tells a run's passes apart for a stochastic sampler's fresh noise (`step_noise_seed`). `previews`
+        get the pictures of the sampler's prediction as it goes."""
         assert r.width and r.height and r.steps and r.sampler and r.schedule
         f = self.autoencoder.params.downsample_factor
         lat_h, lat_w = r.height // f, r.width // f
         with torch.inference_mode():
-            noise = self.initial_noise(seeds, lat_h, lat_w)
+            noise = self.initial_noise(seeds, lat_h, lat_w, r, noise_pass)
             x = pack_latents(noise)
             start = 1.0 if init is None else init.strength
             ts = get_schedule(r.schedule, r.steps, image_seq_len=x.shape[1], start=start).to(self.device)
@@ -441,7 +500,7 @@ class Pipeline:
                 if is_stochastic(r.sampler)
                 else {}
             )
-            x = sampler(fn, x, ts, callback=lambda info: progress(int(info["i"]) + 1, r.steps), **extra)
+            x = sampler(fn, x, ts, callback=self._step_callback(r, progress, previews, lat_h, lat_w), **extra)
             if init is not None:
                 x = init.finish(x)
             if not bool(torch.isfinite(x).all()):  # else a black image would be saved as a success
@@ -454,12 +513,40 @@ class Pipeline:
             def on_tile() -> None:  # a job can be cancelled between tiles too, not only between steps
                 progress(r.steps, r.steps)
 
-            return autoencoder_decode(self.autoencoder, latents, r.vae_tile, r.vae_tile_overlap, on_tile)
+            pixels = autoencoder_decode(self.autoencoder, latents, r.vae_tile, r.vae_tile_overlap, on_tile)
+            if previews is not None:  # pairs the approx previews' colours learn from, decoded anyway
+                self.preview_colours.add(latents, pixels, f)
+            return pixels
 
-    def run_seeds(self, r: GenerationRequest, seeds: list[int], progress: ProgressFn) -> list[GeneratedImage]:
+    def _step_callback(
+        self, r: GenerationRequest, progress: ProgressFn, previews: Previews | None, lat_h: int, lat_w: int
+    ) -> Callable[[dict[str, Any]], None]:
+        """The sampler's per-step callback: progress, and previews of its prediction when asked for."""
+        assert r.steps
+
+        def on_step(info: dict[str, Any]) -> None:
+            step = int(info["i"]) + 1
+            progress(step, r.steps)
+            if previews is not None and (step % previews.every == 0 or step == r.steps):
+                latents = unpack_latents(info["denoised"], lat_h, lat_w)
+                pictures = preview_pictures(
+                    latents,
+                    self.autoencoder,
+                    self.preview_colours,
+                    previews.method,
+                    r.vae_tile,
+                    r.vae_tile_overlap,
+                )
+                previews.on_frame(pictures, previews.first_index)
+
+        return on_step
+
+    def run_seeds(
+        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, previews: Previews | None = None
+    ) -> list[GeneratedImage]:
         """One sampler run over exactly these seeds (what `reproduce` reruns)."""
         caches: list[FirstBlockCache] = []
-        images = to_pil(self.sample(r, seeds, progress, caches=caches))
+        images = to_pil(self.sample(r, seeds, progress, caches=caches, previews=previews))
         return [
             GeneratedImage(
                 image, seed, {**self.record(r, seed, seeds, j), **cache_passes(caches, j, len(seeds))}
@@ -468,10 +555,10 @@ class Pipeline:
         ]
 
     def run_hires_seeds(
-        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn
+        self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, previews: Previews | None = None
     ) -> list[GeneratedImage]:
         """A hires-fix run over exactly these seeds (what `reproduce` reruns)."""
-        return picture_runs.run_hires_seeds(self, r, seeds, progress)
+        return picture_runs.run_hires_seeds(self, r, seeds, progress, previews)
 
     # -- provenance ----------------------------------------------------------------------------------
 
@@ -513,6 +600,7 @@ class Pipeline:
             **({name: getattr(r, name) for name in DENOISE_TILING_FIELDS} if r.denoise_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
             **({"prompt_weights": True} if r.prompt_weights else {}),
+            **variation_fields(r, index),
         }
 
     def _redux_fields(self, r: GenerationRequest) -> dict[str, Any]:

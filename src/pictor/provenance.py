@@ -104,6 +104,13 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields.append(("Model hash", model["hash"][:10]))
     if model.get("name"):
         fields.append(("Model", model["name"]))
+    if record.get("variation_strength"):  # A1111's names and place
+        fields += [
+            ("Variation seed", record["variation_seed"]),
+            ("Variation seed strength", _fmt_number(record["variation_strength"])),
+        ]
+    if record.get("seed_resize_from"):
+        fields.append(("Seed resize from", "x".join(str(v) for v in record["seed_resize_from"])))
     if record.get("strength") is not None:
         fields.append(("Denoising strength", _fmt_number(record["strength"])))
     loras = record.get("loras") or []

@@ -62,6 +62,12 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "height": (_int, "an integer"),
     "batch_seeds": (lambda v: isinstance(v, list) and v and all(_int(s) for s in v), "a list of seeds"),
     "batch_index": (_int, "an integer"),
+    "variation_seed": (_int, "an integer"),
+    "variation_strength": (_number, "a number"),
+    "seed_resize_from": (
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_int(x) for x in v),
+        "a size [width, height]",
+    ),
     "loras": (
         lambda v: (
             isinstance(v, list)
@@ -163,6 +169,11 @@ def check_record(record: Any) -> None:
             "the pictor record has Canny thresholds but no control picture; the image's metadata was edited "
             "or is damaged"
         )
+    if record.get("variation_strength") and "variation_seed" not in record:
+        raise ProvenanceError(
+            "the pictor record has a variation strength but no variation seed; the image's metadata was "
+            "edited or is damaged"
+        )
     recorded_upscaler(record)
     seeds = record.get("batch_seeds", [record["seed"]])
     if not 0 <= record.get("batch_index", 0) < len(seeds):
@@ -210,7 +221,20 @@ def _settings(
         "cache_threshold": record.get("cache_threshold"),
         "prompt_weights": record.get("prompt_weights", False),
         **recorded_controlnet_settings(record, controlnet_images),
+        **_variation(record),
     }
+
+
+def _variation(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's variation seeds as request fields: the run's first image's variation seed (image j of a
+    run takes the first's + j), the strength and the seed resize."""
+    fields: dict[str, Any] = {}
+    if record.get("variation_strength"):
+        first = int(record["variation_seed"]) - int(record.get("batch_index", 0))
+        fields |= {"variation_seed": first, "variation_strength": record["variation_strength"]}
+    if record.get("seed_resize_from"):
+        fields["seed_resize_from"] = tuple(record["seed_resize_from"])
+    return fields
 
 
 def _hires(record: dict[str, Any], pipe: Pipeline) -> dict[str, Any]:

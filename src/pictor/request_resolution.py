@@ -21,7 +21,13 @@ from pictor.generation_request import (
     GenerationRequest,
     seed_notice,
 )
-from pictor.generation_settings import MAX_STEPS, resolve_denoise_tiling, resolve_tiling, settings_problem
+from pictor.generation_settings import (
+    MAX_PIXELS,
+    MAX_STEPS,
+    resolve_denoise_tiling,
+    resolve_tiling,
+    settings_problem,
+)
 from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
 from pictor.ip_adapter_files import IPAdapterError, IPAdapterModel, ip_adapter_pixels, ip_adapter_problem
 from pictor.layout_files import LayoutError, parse_layout
@@ -29,6 +35,7 @@ from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import cache_threshold_problem
 from pictor.models.flux import Flux
 from pictor.models.text_encoder import TextEncoder
+from pictor.noise_variation import variation_problem
 from pictor.notices import PictorWarning
 from pictor.prompt_weights import PromptWeightError, parse_weights
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
@@ -155,6 +162,7 @@ def resolve_request(
     aliased = seed_notice(r.seed, r.num_images)
     if aliased:
         warnings.warn(aliased, PictorWarning, stacklevel=4)
+    r = _resolve_variation(r, factor)
     if r.layout is not None:
         try:
             r = replace(r, layout=parse_layout(r.layout))
@@ -183,6 +191,26 @@ def resolve_request(
             "drop the negative prompt"
         )
     return r
+
+
+def _resolve_variation(r: GenerationRequest, factor: int) -> GenerationRequest:
+    """Variation seeds and seed resize checked (`pictor.noise_variation`); a strength without a variation
+    seed draws one, as a request without a seed draws its seed."""
+    resize: tuple[int, int] | None = None
+    if r.seed_resize_from is not None:
+        if len(r.seed_resize_from) != 2:
+            raise GenerationError(f"seed resize from must be a size WxH, got {r.seed_resize_from!r}")
+        resize = (r.seed_resize_from[0], r.seed_resize_from[1])  # a list from JSON: a tuple
+    problem = variation_problem(
+        r.num_images, r.variation_seed, r.variation_strength, resize, factor, MAX_PIXELS, MAX_SEED
+    )
+    if problem:
+        raise GenerationError(problem)
+    strength = float(r.variation_strength) if r.variation_strength is not None else None
+    seed = r.variation_seed
+    if strength and seed is None:
+        seed = secrets.randbelow(2**32)
+    return replace(r, variation_seed=seed, variation_strength=strength, seed_resize_from=resize)
 
 
 def _check_guidance(pipe: ResolvingPipeline, r: GenerationRequest, asked: float | None) -> None:

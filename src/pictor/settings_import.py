@@ -1,15 +1,21 @@
 """Another image's settings as `pictor generate`'s options: A1111's "PNG Info, send to txt2img" for any PNG
-with A1111's `parameters` text (A1111, Forge, Fooocus, ComfyUI savers that write it, pictor) or a pictor
-record.
+with A1111's `parameters` text (A1111, Forge, Fooocus, ComfyUI savers that write it, pictor), a pictor
+record, or ComfyUI's own graph (its `prompt` chunk). An image with several is read by the first of these:
+pictor record, A1111 text, ComfyUI graph.
 
 A pictor record gives its own fields as they were. A1111's text gives what pictor has an equivalent for:
 prompt, negative prompt, steps, CFG scale (or Forge's "Distilled CFG Scale"), sampler (A1111's names;
-"DPM++ 2M Karras" style names carry the schedule too), schedule type, seed, size, the hires fix (scale,
+"DPM++ 2M Karras" style names carry the schedule too), schedule type, seed, variation seed and strength,
+seed resize, size, the hires fix (scale,
 steps, denoising strength, a Lanczos or named model upscaler) and pictor's tile and cache settings. A1111
 always reads its emphasis syntax, so a prompt from its text is read with prompt weights; `<lora:name:w>`
 tags are taken out of it (LoRAs are files here: --lora FILE:SCALE). Anything else it holds is listed in a
 notice, not silently dropped; a sampler or upscaler pictor cannot run is an error unless the command line
 gives its own.
+
+A ComfyUI graph is read by `pictor.comfy_workflow`, in ComfyUI's terms, and mapped here the way A1111's text
+is: its sampler and scheduler names onto pictor's, FLUX guidance (FluxGuidance) where the graph sets it,
+else the sampler's CFG, and its prompt's weight syntax (ComfyUI's) rewritten in A1111's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pictor.comfy_graph import ComfyGraphError
+from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, comfy_prompt_as_a1111, read_comfy_graph
+from pictor.generation_request import MAX_SEED
 from pictor.provenance import (
     PARAMETERS_KEY,
     RECORD_KEY,
@@ -36,6 +45,27 @@ SCHEDULE_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
 SCHEDULE_NAMES = {"karras": "karras", "exponential": "exponential", "beta": "beta", "automatic": None}
 LANCZOS_NAMES = {"lanczos", "none", ""}
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
+# ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
+# uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice.
+COMFY_SAMPLERS = {
+    "euler": "euler",
+    "euler_ancestral": "euler_ancestral",
+    "heun": "heun",
+    "dpmpp_2m": "dpmpp_2m",
+    "uni_pc": "unipc",
+    "uni_pc_bh2": "unipc",
+    "deis": "deis",
+}
+# ComfyUI's schedulers with a pictor schedule. simple, normal and sgm_uniform all space the model's own
+# (shifted) times evenly: the model's own schedule, pictor's default (None).
+COMFY_SCHEDULERS = {
+    "simple": None,
+    "normal": None,
+    "sgm_uniform": None,
+    "karras": "karras",
+    "exponential": "exponential",
+    "beta": "beta",
+}
 # Keys that say nothing about how to draw (A1111's own version, batch bookkeeping): not worth a notice.
 QUIET = {"Version", "Batch size", "Batch pos", "First block cache full passes"}
 
@@ -55,10 +85,12 @@ class ImportedSettings:
     hires_upscaler_file: str | None = None
     hires_upscaler_name: str | None = None
     sampler_name: str | None = None  # the image's sampler when pictor has none of that name
+    source: str = "pictor"  # what the settings were read from: pictor (its record), a1111 or comfyui
 
 
 def settings_from_image(path: str | Path) -> ImportedSettings:
-    """The settings of the image at `path`: its pictor record if it has one, else its A1111 text."""
+    """The settings of the image at `path`: its pictor record if it has one, else its A1111 text, else its
+    ComfyUI graph."""
     return settings_from_chunks(read_text_chunks(path), str(path))
 
 
@@ -71,11 +103,17 @@ def settings_from_chunks(chunks: dict[str, str], path: str = "the image") -> Imp
             return settings_from_record(json.loads(chunks[RECORD_KEY]))
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
             raise SettingsImportError(f"{path}: its pictor record is damaged ({exc})") from None
-    if PARAMETERS_KEY not in chunks:
-        raise SettingsImportError(
-            f"{path}: no A1111 parameters and no pictor record in this image, so it names no settings"
-        )
-    return settings_from_parameters(chunks[PARAMETERS_KEY])
+    if PARAMETERS_KEY in chunks:
+        return settings_from_parameters(chunks[PARAMETERS_KEY])
+    if PROMPT_KEY in chunks:
+        try:
+            return settings_from_comfy(chunks[PROMPT_KEY])
+        except ComfyGraphError as exc:
+            raise SettingsImportError(f"{path}: its ComfyUI graph (the 'prompt' chunk): {exc}") from None
+    raise SettingsImportError(
+        f"{path}: no A1111 parameters and no pictor record in this image (nor a ComfyUI graph), so it names "
+        "no settings"
+    )
 
 
 def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
@@ -93,6 +131,10 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
         if record.get(key):
             v[key] = record[key]
     v["prompt_weights"] = bool(record.get("prompt_weights"))
+    if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
+        v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
+    if record.get("seed_resize_from"):
+        v["seed_resize_from"] = tuple(record["seed_resize_from"])
     if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
         v["size"] = (record["width"], record["height"])
     hires = record.get("hires")
@@ -126,7 +168,7 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     """A1111 `parameters` text's settings (module docstring)."""
     parsed = parse_parameters(text)
     settings: dict[str, str] = dict(parsed["settings"])
-    out = ImportedSettings()
+    out = ImportedSettings(source="a1111")
     v = out.values
     prompt, loras = _without_lora_tags(parsed["prompt"])
     negative, _ = _without_lora_tags(parsed["negative_prompt"])
@@ -156,6 +198,9 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     take("Denoise tile", "denoise_tile", int)
     take("Denoise tile overlap", "denoise_tile_overlap", int)
     take("First block cache", "cache_threshold", float)
+    take("Variation seed", "variation_seed", int)
+    take("Variation seed strength", "variation_strength", float)
+    take("Seed resize from", "seed_resize_from", _size)
     if "Sampler" in settings:
         used.add("Sampler")
         _sampler(settings["Sampler"], out)
@@ -173,6 +218,85 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     if skipped:
         out.notices.append(f"not taken (no pictor equivalent, or given another way): {', '.join(skipped)}")
     return out
+
+
+def settings_from_comfy(text: str) -> ImportedSettings:
+    """A ComfyUI graph's settings (`pictor.comfy_workflow`), mapped as A1111's text is (module docstring)."""
+    graph = read_comfy_graph(text)
+    out = ImportedSettings(notices=list(graph.notices), source="comfyui")
+    v = out.values
+    if graph.prompt is not None:
+        v["prompt"] = comfy_prompt_as_a1111(graph.prompt)
+    v["negative"] = comfy_prompt_as_a1111(graph.negative or "")
+    v["prompt_weights"] = True  # ComfyUI, like A1111, always reads its brackets as weights
+    for dest, value in (("steps", graph.steps), ("size", graph.size)):
+        if value is not None:
+            v[dest] = value
+    _comfy_seed(graph.seed, out)
+    _comfy_guidance(graph, out)
+    if graph.sampler_name is not None:
+        _comfy_sampler(graph.sampler_name, out)
+    if graph.scheduler is not None:
+        _comfy_schedule(graph.scheduler, out)
+    if graph.batch_size is not None and graph.batch_size > 1:
+        # ComfyUI draws a batch's noise from one seed, so the graph does not say which of its pictures this
+        # file is (A1111's text gives each picture its own seed, so its Batch size goes unsaid).
+        out.notices.append(
+            f"the graph drew a batch of {graph.batch_size} from one seed: this run draws -n images (one by "
+            "default), each from its own seed"
+        )
+    return out
+
+
+def _comfy_seed(seed: int | None, out: ImportedSettings) -> None:
+    if seed is None:
+        return
+    if 0 <= seed <= MAX_SEED:
+        out.values["seed"] = seed
+        return
+    # ComfyUI's seeds run to 2**64 - 1; torch's CPU generator (both seed it) keeps the low 32 bits
+    low = seed % 2**32
+    out.values["seed"] = low
+    out.notices.append(
+        f"the graph's seed {seed} is beyond pictor's; {low}, its low 32 bits, draws the same noise in "
+        "torch's generator and is taken"
+    )
+
+
+def _comfy_guidance(graph: ComfySettings, out: ImportedSettings) -> None:
+    """FLUX guidance where the graph sets it (as Forge's Distilled CFG Scale is taken), else the CFG."""
+    if graph.guidance is None:
+        if graph.cfg is not None:
+            out.values["guidance"] = graph.cfg
+        return
+    out.values["guidance"] = graph.guidance
+    if graph.cfg is not None and graph.cfg != 1:
+        out.notices.append(
+            f"the graph's FLUX guidance {graph.guidance:g} is taken as --guidance; its sampler's CFG "
+            f"{graph.cfg:g} (real CFG on top) is not"
+        )
+
+
+def _comfy_sampler(name: str, out: ImportedSettings) -> None:
+    if name in COMFY_SAMPLERS:
+        out.values["sampler"] = COMFY_SAMPLERS[name]
+        if name == "uni_pc":
+            out.notices.append(
+                "the graph's sampler uni_pc is UniPC's bh1 variant; pictor's unipc (bh2) is taken for it"
+            )
+    else:
+        out.sampler_name = name
+
+
+def _comfy_schedule(name: str, out: ImportedSettings) -> None:
+    if name in COMFY_SCHEDULERS:
+        if COMFY_SCHEDULERS[name] is not None:
+            out.values["schedule"] = COMFY_SCHEDULERS[name]
+    else:
+        out.notices.append(
+            f"the graph's scheduler '{name}' has no pictor equivalent: the model's own is used "
+            f"(--schedule {', '.join(SCHEDULES)})"
+        )
 
 
 def _without_lora_tags(text: str) -> tuple[str, list[str]]:

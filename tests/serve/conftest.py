@@ -77,7 +77,7 @@ class GatedPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def generate(self, request: Any, progress: Any = None) -> Any:
+    def generate(self, request: Any, progress: Any = None, previews: Any = None) -> Any:
         self.calls.append(request)
         steps: list[int] = []
         self.steps.append(steps)
@@ -88,7 +88,7 @@ class GatedPipeline:
             steps.append(step)
             self.gate(step, total)
 
-        return self._inner.generate(request, gated)
+        return self._inner.generate(request, gated, previews)
 
 
 @pytest.fixture

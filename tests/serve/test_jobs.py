@@ -210,10 +210,10 @@ class ExplodingPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def generate(self, request: Any, progress: Any = None) -> Any:
+    def generate(self, request: Any, progress: Any = None, previews: Any = None) -> Any:
         if "boom" in request.prompt:
             raise RuntimeError("CUDA error: device-side assert (simulated)")
-        return self._inner.generate(request, progress)
+        return self._inner.generate(request, progress, previews)
 
 
 def test_a_model_fault_fails_the_job_not_the_server(

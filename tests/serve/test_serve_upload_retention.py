@@ -28,13 +28,13 @@ from tests.serve.test_edits import png_bytes, source_image
 class GatedEdits(GatedPipeline):
     """The tiny pipeline with the gate in edits' progress too: an edit that is certainly running."""
 
-    def edit(self, request: Any, progress: Any = None) -> Any:
+    def edit(self, request: Any, progress: Any = None, previews: Any = None) -> Any:
         def gated(step: int, total: int) -> None:
             if progress is not None:
                 progress(step, total)
             self.gate(step, total)
 
-        return self._inner.edit(request, gated)
+        return self._inner.edit(request, gated, previews)
 
 
 class FailingEdits:
@@ -46,7 +46,7 @@ class FailingEdits:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def edit(self, request: Any, progress: Any = None) -> Any:
+    def edit(self, request: Any, progress: Any = None, previews: Any = None) -> Any:
         raise RuntimeError("the accelerator fell over")
 
 

@@ -118,3 +118,36 @@ def test_the_page_fills_its_form_from_an_image(browser: Any, live_server: Any, t
     assert job["request"]["prompt_weights"] is True and job["request"]["seed"] == 11
     assert job["request"]["sampler"] == "dpmpp_2m"
     assert problems == [], problems
+
+
+def test_a_comfyui_graph_becomes_a_generation_body(client: TestClient) -> None:
+    """ComfyUI's own PNGs carry their API graph (`prompt` chunk), read as `generate --settings-from` is."""
+    import json
+
+    from tests.test_comfy_workflow_import import flux_ksampler_graph
+
+    graph = flux_ksampler_graph()
+    graph["27"]["inputs"] |= {"width": 32, "height": 32}
+    graph["3"]["inputs"] |= {"steps": 2, "seed": 4, "sampler_name": "euler"}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(graph))
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, "PNG", pnginfo=info)
+    r = settings_of(client, data.getvalue())
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["source"] == "comfyui"
+    assert answer["settings"] == {
+        "prompt": "a (red:1.2) circle \\[left\\] of a blue square",
+        "prompt_weights": True,
+        "steps": 2,
+        "seed": 4,
+        "guidance": 3.5,
+        "size": "32x32",
+        "sampler": "euler",
+        "schedule": "karras",
+    }
+    assert any("model 'flux1-dev-fp8.safetensors'" in n for n in answer["notices"])
+    made = client.post("/v1/images/generations", json={**answer["settings"], "response_format": "b64_json"})
+    ((_, record),) = decode_images(made)
+    assert record["seed"] == 4 and record["guidance"] == 3.5 and record["schedule"] == "karras"

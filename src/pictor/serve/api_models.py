@@ -95,6 +95,29 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(None, max_length=256, description="End-user id, stored with the job.")
     # pictor's fields, sent by the openai client through extra_body
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i gets seed+i; absent: random.")
+    variation_strength: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Variation seeds (A1111's): above 0, every image keeps seed and blends its noise with "
+        "that of variation seed variation_seed+i by this much (0.1-0.3: small variations of one picture; "
+        "1: the variation seed's picture); 0 or absent: off.",
+    )
+    variation_seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="The first image's variation seed (image i takes variation_seed+i); needs "
+        "variation_strength; absent: random (the records keep it).",
+    )
+    seed_resize_from: str | None = Field(
+        None,
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description="A1111's resize seed from, WIDTHxHEIGHT: each image's noise is drawn as for an image of "
+        "that size and centred on its own, so a seed's composition at that size carries over to a nearby "
+        "size; absent: off.",
+    )
     steps: int | None = Field(None, ge=1, description="Sampler steps (the server's limit applies).")
     guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="Guidance scale.")
     negative_prompt: str | None = Field(None, description="What to steer away from (CFG models).")

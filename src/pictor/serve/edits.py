@@ -19,7 +19,9 @@ loaded) as a file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLU
 a server with the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the prompt may be empty only
 with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files
 (the field repeated, one per ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``,
-``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a list).
+``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a list). Variation seeds
+(``variation_seed``, ``variation_strength``) go as on a generation; ``seed_resize_from`` is refused (an edit's
+composition is its picture's).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_
 # The setting that marks a job sent as a variation (an edit or, with FLUX.1 Redux, a generation): its pictures
 # all came from the form's one field `image`, which errors about them name (upload_retention.upload_field).
 VARIATION = {"variation": True}
+
+# Variation seeds (`pictor.noise_variation`): an edit takes them as a generation does, but not
+# seed_resize_from (an edit's composition is its picture's), and a variation takes none.
+VARIATION_SEED_FIELDS = ("variation_seed", "variation_strength")
 
 
 def _transparent(image: Image.Image) -> Image.Image | None:
@@ -151,6 +157,8 @@ def edit_params(
     control = control.convert("RGB") if control is not None else None
     keys = ("steps", "guidance", "sampler", "schedule", "seed", "strength", "cache_threshold")
     settings = {k: form[k] for k in keys}
+    # variation seeds (the pipeline checks them: a variation seed needs a strength); absent from a variation
+    settings |= {k: form.get(k) for k in VARIATION_SEED_FIELDS}
     settings |= {k: form.get(k) for k in DENOISE_TILING_FIELDS}  # pixels, or None
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["prompt_weights"] = bool(form.get("prompt_weights"))
@@ -281,6 +289,25 @@ Text = Annotated[str | None, Form()]
 User = Annotated[str | None, Form(max_length=256)]
 Fraction = Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)]
 Seed = Annotated[int | None, Form(ge=0, le=2**63 - 1)]
+VariationSeed = Annotated[
+    int | None,
+    Form(
+        ge=0,
+        le=2**63 - 1,
+        description="The first image's variation seed (image i takes variation_seed+i); needs "
+        "variation_strength; absent: random",
+    ),
+]
+VariationStrength = Annotated[
+    float | None,
+    Form(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Variation seeds (A1111's): above 0, every image keeps seed and blends its noise with "
+        "that of variation seed variation_seed+i by this much; 0 or absent: off",
+    ),
+]
 ReduxStrength = Annotated[
     float | None,
     Form(
@@ -395,6 +422,8 @@ FORM_FIELDS = {
     "user",
     "strength",
     "seed",
+    "variation_seed",
+    "variation_strength",
     "steps",
     "guidance",
     "negative_prompt",
@@ -564,6 +593,8 @@ async def edit_form(
     user: User = None,
     strength: Fraction = None,
     seed: Seed = None,
+    variation_seed: VariationSeed = None,
+    variation_strength: VariationStrength = None,
     steps: Steps = None,
     guidance: Number = None,
     negative_prompt: Text = None,
@@ -586,6 +617,14 @@ async def edit_form(
     svc = service(request)
     limits = svc.settings.limits
     sent = await request.form()
+    if "seed_resize_from" in sent:  # a generation's field: said so, rather than "unknown field"
+        raise APIError(
+            400,
+            "seed_resize_from keeps a composition drawn from noise at another size; an edit's composition is "
+            "its picture's, so drop it (variation_seed and variation_strength do work on edits)",
+            param="seed_resize_from",
+            code="invalid_parameters",
+        )
     check_fields(set(sent.keys()))
     check_text(limits, user=user)
     if output_format not in (None, "", "png"):
@@ -633,6 +672,8 @@ async def edit_form(
         "mask_padding": mask_padding,
         "inpaint_size": _inpaint_size(inpaint_size),
         "seed": seed,
+        "variation_seed": variation_seed,
+        "variation_strength": variation_strength,
         "strength": strength,
         "layout": layout,
         "loras": loras,

@@ -45,6 +45,10 @@ BATCH_KEYS = (
     "prompt_weights",
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
+    # variation seeds (`pictor.noise_variation`): a job with a strength runs alone (see take_batch)
+    "variation_seed",
+    "variation_strength",
+    "seed_resize_from",  # [width, height], or None
 )
 
 
@@ -125,17 +129,25 @@ class Live:
     step: int = 0
     total: int = 0
     cancelled: bool = False
+    # The newest live preview (JPEG bytes) and the step it shows; None before the first (`serve.previews`).
+    preview: bytes | None = None
+    preview_step: int = 0
 
 
 def take_batch(queue: deque[JobRow], max_batch: int) -> list[Live]:
     """The next sampler run: the queue's first job and the queued jobs that may share its run (equal
     settings, up to `max_batch` images), taken off the queue. Image i of a run gets the seed ``seed + i``,
     so a merged job must take the next seeds: one without a seed gets them (behind a head without a seed,
-    whose start seed is random), one with a seed joins only when its seed is the next one."""
+    whose start seed is random), one with a seed joins only when its seed is the next one. A job with a
+    variation strength runs alone: its images all keep its seed and count its variation seed instead, which
+    a merged job's images would take from the run's first (its variation strength is in the batch key, so
+    no job without one joins it either)."""
     head = queue.popleft()
     fixed = head.params.get("seed") is not None
     start = int(head.params["seed"]) if fixed else secrets.randbelow(2**32)
     batch = [Live(head, start)]
+    if head.params.get("variation_strength"):
+        return batch
     cursor, total = start + head.n, head.n
     key = batch_key(head.params)
     for job in list(queue):

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
+from pictor.latent_preview import Previews
 from pictor.pipeline import Pipeline, seed_notice
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
@@ -35,6 +36,7 @@ from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
 from pictor.serve.metrics import Metrics
 from pictor.serve.model_loading import LoadState
 from pictor.serve.pipeline_errors import REQUEST_ERRORS, job_error
+from pictor.serve.previews import frame_handler
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
     CANCELLED,
@@ -254,6 +256,23 @@ class JobManager:
             live = self._running.get(job_id)
             return (live.step, live.total) if live else None
 
+    def preview(self, job_id: str) -> tuple[bytes, int, int] | None:
+        """A running job's newest live preview (JPEG), the step it shows and the steps in all; None while
+        it has none (queued, finished, before its first step, or previews off)."""
+        with self._cond:
+            live = self._running.get(job_id)
+            if live is None or live.cancelled or live.preview is None:
+                return None
+            return live.preview, live.preview_step, live.total
+
+    def _keep_preview(self, live: Live, jpeg: bytes) -> None:
+        with self._cond:
+            if live.cancelled:  # cancelled since the frame was made
+                return
+            live.preview, live.preview_step = jpeg, live.step
+        event = {"event": "preview", "step": live.step, "total": live.total, "jpeg": jpeg}
+        self.hub.publish(live.job.id, event)
+
     def queue_position(self, job_id: str) -> int | None:
         with self._cond:
             return next((i for i, j in enumerate(self._queue) if j.id == job_id), None)
@@ -281,7 +300,7 @@ class JobManager:
                         "shutting_down",
                         headers={"Retry-After": str(self.settings.retry_after)},
                     )
-                while (await events.get())["event"] == "progress":
+                while (await events.get())["event"] in ("progress", "preview"):
                     pass
         finally:
             self.hub.unsubscribe(job_id, events)
@@ -418,6 +437,9 @@ class JobManager:
             "vae_tile": self.settings.vae_tile,
             "vae_tile_overlap": self.settings.vae_tile_overlap,
         }
+        previews = None  # an upscale has no sampler steps to show
+        if kind != "upscale" and self.settings.previews != "off":
+            previews = Previews(frame_handler(batch, self._keep_preview), self.settings.previews)
         if kind == "upscale":  # one picture through the upscale model: never merged (its upload is its own)
             pipe, store = self.pipeline, self.store
             run, request = (lambda _r, p: run_upscale(pipe, params, store, p)), None
@@ -426,7 +448,7 @@ class JobManager:
 
             def run(r: Any, p: Any) -> Any:  # an upscaling edit's model must still be the one loaded
                 check_hires_upscaler(pipe, params, "upscaler")
-                return edit(r, p)
+                return edit(r, p, previews)
 
             request = edit_request(params, self.store, **runs)
         else:
@@ -434,7 +456,7 @@ class JobManager:
 
             def run(r: Any, p: Any) -> Any:  # a hires upscale model must still be the one loaded
                 check_hires_upscaler(pipe, params)
-                return generate(r, p)
+                return generate(r, p, previews)
 
             request = generation_request(params, self.store, **runs)
         deadline = time.monotonic() + self.settings.job_timeout
@@ -502,6 +524,10 @@ class JobManager:
         images: list[ImageRow] | None = None,
     ) -> bool:
         finished = time.time()
+        with self._cond:  # a finished job shows no live preview any more (it may wait for its run's end)
+            live = self._running.get(job.id)
+            if live is not None:
+                live.preview = None
         if not self.store.finish(job.id, status, error=error, images=images, finished=finished):
             return False
         self.metrics.job_finished(status, finished - job.created)

@@ -41,6 +41,12 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^(width|height|size) ", "size"),
         (r"^steps ", "steps"),
         (r"^guidance |takes no guidance", "guidance"),
+        # variation seeds (noise_variation.variation_problem; an edit's refusal of seed resize): before
+        # "seed ", which "seed resize from..." would meet; a variation seed without a strength is about the
+        # strength, which is missing (as hires settings without a scale are)
+        (r"^seed resize from", "seed_resize_from"),
+        (r"^variation strength|without a variation strength", "variation_strength"),
+        (r"^variation seed", "variation_seed"),
         (r"^seed ", "seed"),
         (r"^number of images", "n"),
         (r"^unknown sampler", "sampler"),
@@ -205,6 +211,9 @@ FLAG_FIELDS = {
     "sampler": "sampler",
     "schedule": "schedule",
     "seed": "seed",
+    "variation-seed": "variation_seed",
+    "variation-strength": "variation_strength",
+    "seed-resize-from": "seed_resize_from",
     "num-images": "n",
     "negative-prompt": "negative_prompt",
     "layout": "layout",

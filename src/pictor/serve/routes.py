@@ -319,7 +319,7 @@ def _sse(event: str, data: Any) -> str:
     "/jobs/{job_id}/events",
     response_class=EventStreamResponse,
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
-    summary="Server-sent events: status, progress ... done (the final job)",
+    summary="Server-sent events: status, progress, preview (a data URL) ... done (the final job)",
 )
 async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
     svc = service(request)
@@ -341,10 +341,14 @@ async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
                 except TimeoutError:
                     yield ": keep-alive\n\n"  # keeps proxies from closing a quiet stream
                     continue
-                if event["event"] == "progress":
+                if event["event"] in ("progress", "preview"):
                     step, total = event["step"], event["total"]
                     progress = {"id": job_id, "step": step, "total": total, "fraction": step / total}
-                    yield _sse("progress", progress)
+                    if "jpeg" in event:  # inline, so a listener needs no second request (nor a race with it)
+                        progress["image"] = (
+                            "data:image/jpeg;base64," + base64.b64encode(event["jpeg"]).decode()
+                        )
+                    yield _sse(event["event"], progress)
                     continue
                 job = job_or_404(svc, job_id)
                 if job.status not in TERMINAL:
@@ -354,6 +358,32 @@ async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
             svc.manager.hub.unsubscribe(job_id, events)
 
     return EventStreamResponse(stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get(
+    "/jobs/{job_id}/preview",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "The newest preview of the running job"},
+        404: _err("No such job, or no preview of it now"),
+    },
+    summary="A running job's newest live preview (JPEG; X-Preview-Step says which step it shows)",
+)
+def get_job_preview(job_id: JobId, request: Request) -> Response:
+    svc = service(request)
+    job = job_or_404(svc, job_id)
+    shown = svc.manager.preview(job_id)
+    if shown is None:
+        if svc.settings.previews == "off":
+            why = "previews are off on this server (pictor serve --previews)"
+        elif job.params.get("kind") == "upscale":
+            why = "an upscale runs no sampler, so it has no steps to preview"
+        else:
+            why = f"the job is {job.status}; a job has a preview while it runs, from its first step"
+        raise APIError(404, f"job '{job_id}' has no preview now: {why}", code="no_preview")
+    jpeg, step, total = shown
+    headers = {"Cache-Control": "no-store", "X-Preview-Step": str(step), "X-Preview-Total": str(total)}
+    return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
 # -- images --------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class Service:
             redux = _picture(body.redux_image, "redux_image", limits)
         ip_adapter = _picture(body.ip_adapter_image, "ip_adapter_image", limits, flatten=ip_adapter_pixels)
         nets = decode_pictures(body.controlnet_images, limits)
+        resize_from = [int(v) for v in body.seed_resize_from.split("x")] if body.seed_resize_from else None
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -133,6 +134,10 @@ class Service:
             "schedule": body.schedule,
             "seed": body.seed,
             "n": n,
+            # Variation seeds: the variation seed as sent (absent: drawn when the job runs, as the seed is).
+            "variation_seed": body.variation_seed,
+            "variation_strength": body.variation_strength,
+            "seed_resize_from": resize_from,  # [width, height] (the pattern checked), or None
             "layout": layout,
             "hires_scale": body.hires_scale,
             "hires_strength": body.hires_strength,
@@ -207,6 +212,7 @@ class Service:
             ip_adapter_scale=r.ip_adapter_scale,
             denoise_tile=r.denoise_tile,
             denoise_tile_overlap=r.denoise_tile_overlap,
+            variation_strength=r.variation_strength,
             **resolved_settings(r),
         )
         return self._keep_reference(params, *pictures)

@@ -10,6 +10,8 @@ from pathlib import Path
 # ControlNet pictures one request may carry, and so ControlNets one server may load: each is a further
 # picture in every request's body, so the body caps grow by one upload per loaded ControlNet (security.py).
 MAX_CONTROLNETS = 4
+# How running jobs are previewed (`ServeSettings.previews`).
+PREVIEW_CHOICES = ("approx", "full", "off")
 
 
 def default_data_dir() -> Path:
@@ -76,6 +78,10 @@ class ServeSettings:
     # (`Pipeline.set_upscaler`): POST /v1/images/upscale and /v1/jobs/upscales run it, and generations may
     # name it as their hires_upscaler. A pipeline handed to `create_app` is served with the one it has.
     upscaler: Path | None = None
+    # Live previews of running jobs (`pictor.latent_preview`): "approx" (a linear map of the latents, for
+    # the cost of a matrix product), "full" (the autoencoder decodes each step's prediction: exact, as
+    # costly as a final decode per step) or "off".
+    previews: str = "approx"
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_batch", "max_attempts"):
@@ -98,6 +104,8 @@ class ServeSettings:
                 f"{len(self.controlnets)} --controlnet models given; a server loads at most "
                 f"{MAX_CONTROLNETS} (every request carries one picture per ControlNet)"
             )
+        if self.previews not in PREVIEW_CHOICES:
+            raise ValueError(f"previews must be one of {', '.join(PREVIEW_CHOICES)}, got '{self.previews}'")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; pass a non-empty --api-key or none")
 

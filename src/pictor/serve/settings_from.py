@@ -12,7 +12,6 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from pictor.provenance import RECORD_KEY
 from pictor.serve.errors import APIError
 from pictor.serve.routes import COMMON_ERRORS, OTHER_METHODS, V1_DEPENDENCIES, post_only
 from pictor.serve.service import service
@@ -37,6 +36,8 @@ BODY_FIELDS = {
     "denoise_tile": "denoise_tile",
     "denoise_tile_overlap": "denoise_tile_overlap",
     "cache_threshold": "cache_threshold",
+    "variation_seed": "variation_seed",
+    "variation_strength": "variation_strength",
 }
 SERVER_SETTINGS = ("vae_tile", "vae_tile_overlap")  # the server's own (pictor serve --vae-tile)
 
@@ -50,7 +51,9 @@ class ImageSettings(BaseModel):
         "image names)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
-    source: str = Field(description="pictor (its record) or a1111 (A1111's parameters text)")
+    source: str = Field(
+        description="pictor (its record), a1111 (A1111's parameters text) or comfyui (ComfyUI's prompt graph)"
+    )
 
 
 def _text_chunks(data: bytes) -> dict[str, str]:
@@ -64,8 +67,9 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     """The imported settings as generation body fields, and the notices (with what the API cannot take)."""
     values, notices = imported.values, list(imported.notices)
     body = {BODY_FIELDS[k]: v for k, v in values.items() if k in BODY_FIELDS and v not in (None, "")}
-    if values.get("size"):
-        body["size"] = f"{values['size'][0]}x{values['size'][1]}"
+    for key in ("size", "seed_resize_from"):  # WxH text, as the body takes them
+        if values.get(key):
+            body[key] = f"{values[key][0]}x{values[key][1]}"
     if imported.hires_upscaler_name:
         body["hires_upscaler"] = imported.hires_upscaler_name  # checked against the server's when sent
     if imported.sampler_name:
@@ -83,7 +87,9 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
 )
 async def image_settings(
     request: Request,
-    image: Annotated[UploadFile, File(description="a PNG with a pictor record or A1111 parameters text")],
+    image: Annotated[
+        UploadFile, File(description="a PNG with a pictor record, A1111 parameters text or a ComfyUI graph")
+    ],
 ) -> ImageSettings:
     limits = service(request).settings.limits
     data = await image.read(limits.max_upload_bytes + 1)  # one byte more: too large is then seen
@@ -94,8 +100,7 @@ async def image_settings(
     except (SettingsImportError, ValueError) as exc:
         raise APIError(400, str(exc), param="image", code="invalid_parameters") from None
     body, notices = body_settings(imported)
-    source = "pictor" if RECORD_KEY in chunks else "a1111"
-    return ImageSettings(settings=body, notices=notices, source=source)
+    return ImageSettings(settings=body, notices=notices, source=imported.source)
 
 
 # Without this, GET /v1/images/settings would reach GET /v1/images/{image_id}: a 400 on the id, not a 405.

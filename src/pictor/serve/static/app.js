@@ -80,6 +80,11 @@ function requestFromForm() {
     guidance: number("guidance", Number),
     sampler: $("sampler").value || undefined,
     seed: number("seed", Number),
+    // variation seeds: sent as typed, a variation seed without a strength too (the server's 400 says what is
+    // missing); seed resize from as WxH text, which the server checks (an edit refuses it)
+    variation_strength: number("variation_seed_strength", Number),
+    variation_seed: number("variation_seed", Number),
+    seed_resize_from: $("seed_resize_from").value.trim() || undefined,
     n: number("n", Number),
     cache_threshold: number("cache_threshold", Number),
     // sent as typed, an overlap without a tile too: the server's 400 then says what is missing
@@ -160,6 +165,11 @@ function fillForm(record) {
   $("guidance").value = record.guidance ?? "";
   $("sampler").value = record.sampler || "";
   $("seed").value = record.seed ?? "";
+  // A record's variation seed is its own image's (its run's first + its index), which n = 1 draws again.
+  $("variation_seed_strength").value = record.variation_strength || "";
+  $("variation_seed").value = record.variation_strength ? (record.variation_seed ?? "") : "";
+  const resize = record.seed_resize_from;  // a record's [w, h], or a settings body's "WxH"
+  $("seed_resize_from").value = Array.isArray(resize) ? resize.join("x") : (resize || "");
   $("n").value = 1;
   $("cache_threshold").value = record.cache_threshold ?? "";
   $("denoise_tile").value = record.denoise_tile ?? "";
@@ -198,6 +208,25 @@ function fillForm(record) {
   if (record.controlnets && controlnetCards.length) $("controlnet-settings").open = true;
 }
 
+// Reuse settings, beside fillForm: an edit's own settings (the source and mask themselves are not kept, only
+// their hashes; "Settings from an image" leaves the edit section as it is): its strength,
+// the upscaling (source_upscale) and inpainting only the masked area. A masked area's record keeps the size
+// it was drawn at as its width and height, which Inpaint size takes back as WxH, so the area is drawn at
+// that size again even where it was the model's default. A record without them (a generation's) clears them.
+function fillEditSettings(record) {
+  $("strength").value = record.source_image ? (record.strength ?? "") : "";
+  const upscale = record.source_upscale || {};
+  $("edit-upscale").value = upscale.scale ?? "";
+  // An upscale model the server does not have (or Lanczos) leaves the choice at Lanczos, as the hires fix's.
+  const upscalerOption = [...$("edit-upscaler").options].some((o) => o.value && o.value === upscale.upscaler);
+  $("edit-upscaler").value = upscalerOption ? upscale.upscaler : "";
+  const masked = record.inpaint_area === "masked";
+  $("inpaint-area").value = masked ? "masked" : "";
+  $("mask-padding").value = masked ? (record.mask_padding ?? "") : "";
+  $("inpaint-size").value = masked && record.width && record.height ? `${record.width}x${record.height}` : "";
+  if (record.source_image) $("edit-settings").open = true;
+}
+
 function setStatus(text) {
   $("status").textContent = text;
 }
@@ -223,6 +252,23 @@ function setBusy(busy) {
   $("cancel-button").hidden = !busy;
   $("progress").hidden = !busy;
   if (busy) $("progress").value = 0;
+  if (!busy) hidePreview();
+}
+
+// -- live previews ---------------------------------------------------------------------------------
+
+// A "preview" event carries the running job's newest preview as a data URL (no second request, which
+// could race the job's end).
+function showPreview(data) {
+  $("live-preview").src = data.image;
+  $("live-preview").dataset.step = String(data.step);
+  $("live-preview").hidden = false;
+}
+
+function hidePreview() {
+  $("live-preview").hidden = true;
+  $("live-preview").removeAttribute("src");
+  delete $("live-preview").dataset.step;
 }
 
 // An edit or a variation is the same request as multipart form data: the picture it starts from, the
@@ -245,6 +291,8 @@ function multipartFromForm(image, strengthInput, body) {
 // For POST /v1/jobs/edits. The edit keeps the source's size, so width and height are not sent. A control
 // picture (FLUX.1 Canny / Depth) goes as a file, its Canny thresholds as "true" or "LOW,HIGH"; the ControlNets'
 // pictures (`nets`, see controlnetChoices) as the controlnet_image field repeated, their lists as JSON text.
+// The variation seed and strength go as for a generation; Seed resize from goes too, so the server's 400 names
+// it (an edit's composition is its picture's) rather than the page dropping it unseen.
 function editFromForm({ size, ...body }, nets) {
   const form = multipartFromForm($("edit-image").files[0], $("strength"), body);
   if (nets) {
@@ -264,6 +312,8 @@ function editFromForm({ size, ...body }, nets) {
   if ($("inpaint-area").value) form.append("inpaint_area", $("inpaint-area").value);
   const padding = $("mask-padding").value.trim();
   if (padding !== "") form.append("mask_padding", padding);
+  const inpaintSize = $("inpaint-size").value.trim();  // WxH as typed: the server checks its form and size
+  if (inpaintSize !== "") form.append("inpaint_size", inpaintSize);
   const control = controlFile();
   if (control) {
     form.append("control_image", control);
@@ -633,6 +683,8 @@ async function follow(jobId) {
       if (event.name === "progress") {
         $("progress").value = event.data.fraction;
         setStatus(`Step ${event.data.step} of ${event.data.total}`);
+      } else if (event.name === "preview") {
+        showPreview(event.data);
       } else if (event.name === "status") {
         last = event.data;
         if (last.status === "queued") setStatus(`Queued (position ${(last.queue_position ?? 0) + 1})`);
@@ -875,6 +927,11 @@ function recordRequest(record) {
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
+  if (record.variation_strength) {  // this image's own variation seed: with n = 1, the same noise
+    body.variation_strength = record.variation_strength;
+    body.variation_seed = record.variation_seed;
+  }
+  if (record.seed_resize_from) body.seed_resize_from = record.seed_resize_from.join("x");
   if (record.denoise_tile) {  // recorded together: the overlap is the one that ran
     body.denoise_tile = record.denoise_tile;
     body.denoise_tile_overlap = record.denoise_tile_overlap;
@@ -1099,11 +1156,25 @@ document.addEventListener("DOMContentLoaded", async () => {
     const file = $("settings-image").files[0];
     if (file) settingsFromImage(file).catch((err) => setError(err.message));
   });
-  $("reuse-button").addEventListener("click", () => {
+  $("reuse-button").addEventListener("click", async () => {
     if (!viewed) return;
-    fillForm(viewed.record);
+    const shown = viewed;
+    fillForm(shown.record);
     $("viewer").close();
     $("prompt").focus();
+    // A variation's record reads like an img2img edit's: only its job says it was a variation, whose
+    // strength belongs in the Variations section, not the edit's.
+    let variation = false;
+    try {
+      variation = Boolean((await apiJSON(`/v1/jobs/${shown.job_id}`)).request.variation);
+    } catch (err) {
+      // the job is gone from the history: its record is taken as an edit's
+    }
+    fillEditSettings(variation ? {} : shown.record);
+    if (variation) {
+      $("variation-strength").value = shown.record.strength ?? "";
+      $("variation-settings").open = true;
+    }
   });
   $("reproduce-button").addEventListener("click", () => {
     if (!viewed) return;
