@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "cli_grid": 3,
     "cli_preprocess": 3,
     "cli_upscale": 3,
+    "cli_preview": 3,
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,

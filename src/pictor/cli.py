@@ -20,6 +20,7 @@ from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
 from pictor.cli_preprocess import cmd_preprocess
+from pictor.cli_preview import preview_writer
 from pictor.cli_upscale import cmd_upscale, reproduce_upscale
 from pictor.notices import PictorWarning
 from pictor.train import command as train_command
@@ -206,6 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.settings_from:
         _take_settings(args)
     runs = _prompt_runs(args)  # a bad template or prompt file fails before the model loads
+    previews = preview_writer(args)
     if args.hires_upscaler and args.hires is None:
         raise ValueError("--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE")
     _output_folder(args.out)
@@ -235,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for path, g in zip(_save(ranked, args.out, labels), ranked, strict=True):
                 print(f"{path}\tscore {g.record['best_of']['score']:g}")
             continue
-        images = pipe.generate(request, progress=_progress_bar("generate"))
+        images = pipe.generate(request, progress=_progress_bar("generate"), previews=previews)
         _keep_template(images, run, args.variants)
         for path in _save(images, args.out):
             print(path)
@@ -338,6 +340,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--mask is a folder of masks for a folder of pictures; give the one mask file")
     sources = pictures_in([args.image])
     masks = masks_for(sources, args.mask)
+    previews = preview_writer(args)
     _output_folder(args.out)
     pipe = _load(args)
     if args.upscaler:
@@ -374,7 +377,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     for k, request in enumerate(requests, 1):
         if batch:
             print(f"picture {k}/{len(requests)}: {request.image}", file=sys.stderr)
-        images = pipe.edit(request, progress=_progress_bar(request.mode))
+        images = pipe.edit(request, progress=_progress_bar(request.mode), previews=previews)
         labels = [Path(str(request.image)).stem] * len(images) if batch else None
         for path in _save(images, args.out, labels):
             print(path)

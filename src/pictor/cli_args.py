@@ -12,6 +12,7 @@ from pictor import __version__
 from pictor.cli_grid import add_grid_parser
 from pictor.cli_merge import add_merge_parser
 from pictor.cli_preprocess import add_preprocess_parser
+from pictor.cli_preview import add_preview_options
 from pictor.cli_upscale import add_upscale_parser
 from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
@@ -57,6 +58,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default: all)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    add_preview_options(p)
     p.add_argument(
         "--variation-strength",
         type=float,
