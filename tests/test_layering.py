@@ -73,6 +73,7 @@ LAYERS: dict[str, int] = {
     "inpaint_area": 1,
     "edit_blending": 1,
     "latent_preview": 1,
+    "prompt_editing": 1,
     "noise_variation": 1,
     "lora_files": 1,
     "lora_tools": 1,

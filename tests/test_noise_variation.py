@@ -94,3 +94,14 @@ def test_seed_resize_centres_noise_of_another_size(src: tuple[int, int], size: t
     torch.testing.assert_close(got[0], want.float(), atol=1e-5, rtol=0)
     plain = varied_noise(draw, [11], *size, resize_from=(src[1], src[0]))
     torch.testing.assert_close(plain[0], a1111_noise(11, 0, 0.0, (C, *size), src).float(), atol=0, rtol=0)
+
+
+def test_columns_whose_slerp_is_undefined_are_blended_straight() -> None:
+    """(Found in review: noise one row high made every column's vectors parallel or opposite, and the slerp
+    divided 0 by 0.) A one-row noise, and a few-row one, stay finite; A1111's maths is unchanged elsewhere."""
+    one_row = varied_noise(draw, [3], 4, 4, variation_seed=9, variation_strength=0.3, resize_from=(1, 1))
+    assert torch.isfinite(one_row).all()
+    low, high = draw([3], 1, 6), draw([9], 1, 6)
+    torch.testing.assert_close(slerp(0.3, low, high), 0.7 * low + 0.3 * high)
+    few = slerp(0.3, draw([1], 2, 64), draw([2], 2, 64))
+    assert torch.isfinite(few).all()

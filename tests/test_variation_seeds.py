@@ -125,7 +125,8 @@ def test_hires_and_edits_vary_and_reproduce(pipe: Pipeline) -> None:
         ({"variation_strength": 1.5}, r"from 0 \(off\) to 1"),
         ({"variation_strength": float("nan")}, r"from 0 \(off\) to 1"),
         ({"variation_seed": -1, "variation_strength": 0.2}, "variation seed must be between 0 and"),
-        ({"seed_resize_from": (1, 16)}, "at least"),
+        ({"seed_resize_from": (1, 16)}, "positive multiples of 4"),
+        ({"seed_resize_from": (6, 16)}, "positive multiples of 4"),
         ({"seed_resize_from": (16,)}, "a size WxH"),
         ({"seed_resize_from": (8192, 4096)}, "pixels; give a smaller size"),
     ],
@@ -237,3 +238,36 @@ def _text_chunk(key: str, text: str) -> PngInfo:
     info = PngInfo()
     info.add_text(key, text)
     return info
+
+
+def test_runs_of_several_prompts_or_pictures_share_one_variation_seed(
+    capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path
+) -> None:
+    """(Found in review: --from-file and an edit folder drew one seed for all but a variation seed each, and
+    --variants random varied nothing.)"""
+    fast = ("--model", str(bundle), "--steps", "2", "--size", "16x16", "--device", "cpu")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    code, stdout, err = cli(
+        capsys, "generate", "--from-file", str(prompts), "--variation-strength", "0.3", *fast,
+        "-o", str(tmp_path / "many"),
+    )  # fmt: skip
+    assert code == 0, err
+    records = [read_record(p) for p in stdout.split()]
+    assert len({(r["seed"], r["variation_seed"]) for r in records}) == 1
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for k in range(2):
+        Image.new("RGB", (16, 16), (40 * k, 90, 200)).save(pictures / f"{k}.png")
+    code, stdout, err = cli(
+        capsys, "edit", str(pictures), PROMPT, "--variation-strength", "0.3", "--strength", "0.6",
+        "--model", str(bundle), "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "edits"),
+    )  # fmt: skip
+    assert code == 0, err
+    records = [read_record(p) for p in stdout.split()]
+    assert len(records) == 2 and len({(r["seed"], r["variation_seed"]) for r in records}) == 1
+    code, _, err = cli(
+        capsys, "generate", "a {red|blue} circle", "--variants", "random", "--variation-strength", "0.3",
+        *fast, "-o", str(tmp_path / "random"),
+    )  # fmt: skip
+    assert code != 0 and "--variants all" in err and "Traceback" not in err

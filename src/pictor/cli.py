@@ -103,7 +103,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "denoise_tile": getattr(args, "denoise_tile", None),
         "denoise_tile_overlap": getattr(args, "denoise_tile_overlap", None),
         "cache_threshold": args.cache_threshold,
-        "prompt_weights": getattr(args, "prompt_weights", False),
+        # prompt editing reads A1111's whole syntax, its weights included
+        "prompt_weights": getattr(args, "prompt_weights", False) or getattr(args, "prompt_editing", False),
+        "prompt_editing": getattr(args, "prompt_editing", False),
         "variation_seed": args.variation_seed,
         "variation_strength": args.variation_strength,
         "seed_resize_from": getattr(args, "seed_resize_from", None),
@@ -270,7 +272,7 @@ def _take_settings(args: argparse.Namespace) -> None:
         if dest == "prompt" and (args.prompt is not None or args.from_file is not None):
             continue
         current = getattr(args, dest)
-        unset = current is None or (dest in ("negative", "prompt_weights") and not current)
+        unset = current is None or (dest in ("negative", "prompt_weights", "prompt_editing") and not current)
         if unset:
             setattr(args, dest, value)
 
@@ -297,9 +299,16 @@ def _prompt_runs(args: argparse.Namespace) -> list[Any]:
     last = MAX_SEED - args.num_images + 1
     if args.seed is not None and not 0 <= args.seed <= last:
         raise ValueError(f"seed must be between 0 and {last}, got {args.seed}")
+    if args.variants == "random" and args.variation_strength:
+        raise ValueError(
+            "--variants random gives each image its own prompt and seed, and variation seeds vary one "
+            "picture: use --variants all (each combination gets its variations) or drop --variation-strength"
+        )
     seed = args.seed
     if seed is None and (args.variants or args.from_file):
         seed = secrets.randbelow(2**32)  # as the pipeline draws one
+    if args.variation_strength and args.variation_seed is None and (args.variants or args.from_file):
+        args.variation_seed = secrets.randbelow(2**32)  # likewise one variation seed for every prompt
     return plan_runs(prompts, args.negative, seed, args.num_images, args.variants, args.wildcards)
 
 
@@ -350,6 +359,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         import secrets
 
         settings["seed"] = secrets.randbelow(2**32)
+    if batch and settings["variation_strength"] and settings["variation_seed"] is None:
+        import secrets
+
+        settings["variation_seed"] = secrets.randbelow(2**32)  # likewise one variation seed for all
     requests = [
         EditRequest(
             image=source,

@@ -85,6 +85,13 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
         help="read A1111's weights in the prompt and negative prompt: (words:1.5), (words) = "
         "1.1, [words] = 1/1.1, nesting multiplies; \\( \\) are brackets (default: brackets are text)",
     )
+    p.add_argument(
+        "--prompt-editing",
+        action="store_true",
+        help="A1111's prompt editing too (implies --prompt-weights): [from:to:when] reads from until step "
+        "when (below 1: a share of the steps) and to after it, [to:when] adds, [from::when] drops, [a|b] "
+        "alternates every step",
+    )
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
     _add_cache_threshold(p)
     _add_vae_tiling(p)

@@ -28,6 +28,7 @@ SHARED = (
     "schedule",
     "negative",
     "prompt_weights",
+    "prompt_editing",
     "size",
     "cache_threshold",
     "vae_tile",

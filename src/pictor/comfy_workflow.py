@@ -12,6 +12,7 @@ The graph is data: nothing in it is run or evaluated, and only the node classes 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,9 +24,12 @@ from pictor.comfy_graph import (
     ComfyGraphError,
     final_sampler,
     id_order,
+    listed,
     parse_graph,
     picture_path,
+    shortened,
 )
+from pictor.prompt_weights import MAX_WEIGHT
 
 PROMPT_KEY = "prompt"
 # Empty latents that say the picture's size: EmptyLatentImage, EmptySD3LatentImage (FLUX.1's, in ComfyUI's
@@ -36,11 +40,13 @@ MODEL_INPUTS = ("ckpt_name", "unet_name")
 COMPONENT_INPUTS = ("clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4", "vae_name")
 # Nodes that only carry the latent to the saved file: decoding, and saving or showing the picture.
 PLUMBING = {"VAEDecode", "VAEDecodeTiled", "SaveImage", "PreviewImage"}
-# ModelSamplingFlux's defaults are FLUX.1's resolution-dependent shift, which pictor's own (`flux`)
-# schedule applies too; other values are a schedule pictor does not have.
+# ModelSamplingFlux's defaults, at the picture's own size, are FLUX.1's resolution-dependent shift, which
+# pictor's own (`flux`) schedule applies too; other values are a schedule pictor does not have. (Graphs
+# carry the editor's float steps: 1.1500000000000001.)
 FLUX_SHIFT_DEFAULTS = {"max_shift": 1.15, "base_shift": 0.5}
 MAX_HOPS = 64  # links followed along one chain: more is a loop, or a graph not worth following
-MAX_NESTING = 64  # prompt brackets inside brackets (ComfyUI reads them recursively, as here)
+# A prompt's units, as ComfyUI's weight reading sees them (an escaped bracket is text).
+_TEXT, _OPEN, _CLOSE = 0, 1, 2
 
 
 @dataclass
@@ -57,6 +63,9 @@ class ComfySettings:
     scheduler: str | None = None  # ComfyUI's name, or the class of the node that made the sigmas
     size: tuple[int, int] | None = None
     batch_size: int | None = None
+    # whether a ModelSampling... node (ModelSamplingFlux...) sets the schedule's shift on the model's way to
+    # the sampler; without one, ComfyUI's FLUX.1 [dev] shifts by a constant 1.15 at every size
+    model_sampling: bool = False
     notices: list[str] = field(default_factory=list)
 
 
@@ -81,25 +90,59 @@ def read_comfy_graph(text: str) -> ComfySettings:
     if wiring.negative is not None:
         out.negative, _ = _conditioning(graph, wiring.negative, "negative prompt", out.notices)
     _latent(graph, wiring.latent, out)
-    scope = graph.ancestors(sampler) | picture_path(graph, sampler, saved)
+    before = graph.ancestors(sampler)
+    out.model_sampling = any(graph.cls(n).startswith("ModelSampling") for n in before)
+    scope = before | picture_path(graph, sampler, saved)
     out.notices.extend(_file_notices(graph, scope))
+    out.notices.extend(_shift_notices(graph, scope, out.size))
     out.notices.extend(_leftover_notice(graph, scope))
     return out
 
 
-def comfy_prompt_as_a1111(text: str) -> str:
+def comfy_prompt_as_a1111(text: str, notices: list[str] | None = None, role: str = "prompt") -> str:
     """A prompt as ComfyUI's text encoders read its weights, written in A1111's syntax (pictor's).
 
     ComfyUI reads ``(words)`` as 1.1 and ``(words:1.5)`` as 1.5, and there an explicit weight replaces the
     outer ones; ``[words]``, an unclosed ``(`` and a backslash other than ``\\(`` / ``\\)`` are text. So
     each piece is written out with its weight, and its brackets and backslashes escaped: pictor then reads
-    the same pieces with the same weights.
+    the same pieces with the same weights. A weight beyond pictor's [-10, 10] (``(red:12)``, or 26
+    brackets deep) is taken as 10 (or -10), said in `notices`; one that is not a number (``(red:inf)``,
+    ``(red:nan)``, which ComfyUI reads too) is a ComfyGraphError. Linear in the prompt's length, at any
+    depth of brackets (`_comfy_weights`).
     """
-    hidden = text.replace("\\(", "\0").replace("\\)", "\1")  # ComfyUI's escapes are text, not brackets
-    written = []
-    for piece, weight in _comfy_pieces(hidden, 1.0):
-        plain = re.sub(r"([\\()\[\]])", r"\\\1", piece).replace("\0", "\\(").replace("\1", "\\)")
+    chars, weights = _comfy_weights(text)
+    written: list[str] = []
+    beyond: list[str] = []
+    run: list[str] = []
+    run_weight: float | None = None
+
+    def flush() -> None:
+        if not run or run_weight is None:
+            return
+        piece, weight = "".join(run), run_weight
+        if not math.isfinite(weight):
+            raise ComfyGraphError(f"its {role} weighs '{shortened(piece)}' {weight}, not a finite weight")
+        if abs(weight) > MAX_WEIGHT:
+            beyond.append(f"{shortened(piece)!r} {weight:g}")
+            weight = math.copysign(MAX_WEIGHT, weight)
+        plain = re.sub(r"([\\()\[\]])", r"\\\1", piece)
         written.append(plain if weight == 1.0 else f"({plain}:{_weight_text(weight)})")
+
+    for char, weight in zip(chars, weights, strict=True):
+        if weight is None:  # a group's brackets, and its ":weight"
+            continue
+        if weight != run_weight and not (  # nan != nan: a nan piece is one run too
+            math.isnan(weight) and run_weight is not None and math.isnan(run_weight)
+        ):
+            flush()
+            run, run_weight = [], weight
+        run.append(char)
+    flush()
+    if beyond and notices is not None:
+        notices.append(
+            f"the {role} weighs {listed(beyond, 'pieces')} in ComfyUI, beyond pictor's [-{MAX_WEIGHT:g}, "
+            f"{MAX_WEIGHT:g}]: taken as {MAX_WEIGHT:g} (or -{MAX_WEIGHT:g})"
+        )
     return "".join(written)
 
 
@@ -187,7 +230,8 @@ def _guider(graph: ComfyGraph, value: Any, out: ComfySettings) -> _Wiring:
     if cls == "CFGGuider":
         out.cfg = graph.value(node, "cfg", float, out.notices)
         return _Wiring(inputs.get("positive"), inputs.get("negative"))
-    if cls == "BasicGuider":
+    if cls == "BasicGuider":  # ComfyUI's Guider_Basic: a CFGGuider at its CFG 1, with no negative
+        out.cfg = 1.0
         return _Wiring(inputs.get("conditioning"))
     graph.used.discard(node)  # listed with what is not taken
     out.notices.append(f"the guider is {graph.name(node)}, which pictor does not read: no prompt or CFG")
@@ -317,22 +361,23 @@ def _file_notices(graph: ComfyGraph, scope: set[str]) -> list[str]:
     models = _file_names(graph, scope, MODEL_INPUTS)
     parts = _file_names(graph, scope, COMPONENT_INPUTS)
     if models or parts:
-        name = ", ".join(f"'{m}'" for m in models or parts)
-        beside = f" (with {', '.join(repr(p) for p in parts)})" if models and parts else ""
+        name = listed([f"'{m}'" for m in models or parts], "files")
+        beside = f" (with {listed([repr(p) for p in parts], 'files')})" if models and parts else ""
         notices.append(
             f"the image was made by model {name}{beside}; this run uses the one you load (--model)"
         )
     loras = [_lora_text(graph, n) for n in sorted(scope, key=id_order) if "lora_name" in graph.inputs(n)]
     if loras:
         notices.append(
-            f"the graph's LoRAs ({', '.join(loras)}) are not taken: give the files with --lora FILE:SCALE"
+            f"the graph's LoRAs ({listed(loras, 'LoRAs')}) are not taken: give the files with --lora "
+            "FILE:SCALE"
         )
     return notices
 
 
 def _file_names(graph: ComfyGraph, scope: Iterable[str], keys: tuple[str, ...]) -> list[str]:
     return [
-        str(graph.inputs(n)[k])
+        shortened(str(graph.inputs(n)[k]))
         for n in sorted(scope, key=id_order)
         for k in keys
         if isinstance(graph.inputs(n).get(k), str)
@@ -343,7 +388,7 @@ def _lora_text(graph: ComfyGraph, node: str) -> str:
     """'name:0.8', or 'name: model 0.8, text encoder 1' where LoraLoader weighs the two differently."""
     inputs = graph.inputs(node)
     model, clip = _number_text(inputs.get("strength_model")), _number_text(inputs.get("strength_clip"))
-    name = str(inputs.get("lora_name"))
+    name = shortened(str(inputs.get("lora_name")))
     if clip is None or clip == model:
         return f"{name}:{model}" if model is not None else name
     return f"{name}: model {model}, text encoder {clip}"
@@ -352,7 +397,7 @@ def _lora_text(graph: ComfyGraph, node: str) -> str:
 def _number_text(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:g}"
-    return None if value is None else repr(value)
+    return None if value is None else shortened(repr(value))
 
 
 def _leftover_notice(graph: ComfyGraph, scope: set[str]) -> list[str]:
@@ -361,64 +406,148 @@ def _leftover_notice(graph: ComfyGraph, scope: set[str]) -> list[str]:
     left = [
         graph.name(n)
         for n in sorted(scope - graph.used, key=id_order)
-        if graph.cls(n) not in PLUMBING
-        and not any(k in graph.inputs(n) for k in file_inputs)
-        and not _default_flux_shift(graph, n)
+        if graph.cls(n) not in PLUMBING and not any(k in graph.inputs(n) for k in file_inputs)
     ]
-    return [f"not taken (no pictor equivalent, or given another way): {', '.join(left)}"] if left else []
+    if not left:
+        return []
+    return [f"not taken (no pictor equivalent, or given another way): {listed(left, 'nodes')}"]
 
 
-def _default_flux_shift(graph: ComfyGraph, node: str) -> bool:
-    inputs = graph.inputs(node)
-    return graph.cls(node) == "ModelSamplingFlux" and all(
-        inputs.get(k) == v for k, v in FLUX_SHIFT_DEFAULTS.items()
-    )
-
-
-def _comfy_pieces(text: str, weight: float, depth: int = 0) -> list[tuple[str, float]]:
-    """ComfyUI's reading of prompt weights: each top-level ``( )`` group weighs its inside 1.1 more, or,
-    ending in ``:number``, that number; text outside groups keeps `weight`."""
-    if depth > MAX_NESTING:
-        raise ComfyGraphError(f"its prompt nests brackets more than {MAX_NESTING} deep")
-    pieces: list[tuple[str, float]] = []
-    for group in _comfy_groups(text):
-        if not (len(group) >= 2 and group.startswith("(") and group.endswith(")")):
-            pieces.append((group, weight))
+def _shift_notices(graph: ComfyGraph, scope: set[str], size: tuple[int, int] | None) -> list[str]:
+    """ModelSamplingFlux at its defaults for the picture's own size is pictor's `flux` schedule: said
+    nothing of; at other values or for another size, what it sets is said (and it is not taken)."""
+    notices = []
+    for node in sorted(scope, key=id_order):
+        if graph.cls(node) != "ModelSamplingFlux":
             continue
-        inside, inner = group[1:-1], weight * 1.1
-        colon = inside.rfind(":")
-        if colon > 0:
-            try:
-                inner = float(inside[colon + 1 :])
-                inside = inside[:colon]
-            except ValueError:  # "(a:b)": text weighed 1.1, as ComfyUI reads it
-                pass
-        pieces.extend(_comfy_pieces(inside, inner, depth + 1))
-    return pieces
+        graph.used.add(node)  # said here, or quietly pictor's own: not listed with what is not taken
+        values = {k: _plain_number(graph, node, k) for k in (*FLUX_SHIFT_DEFAULTS, "width", "height")}
+        shifts = all(_close(values[k], v) for k, v in FLUX_SHIFT_DEFAULTS.items())
+        at_size = size is None or (values["width"], values["height"]) == size  # unknown size: no telling
+        if shifts and at_size:
+            continue
+        written = ", ".join(f"{k} {'?' if v is None else format(v, 'g')}" for k, v in values.items())
+        why = "for another size than the picture's" if shifts else "other than FLUX.1's own"
+        notices.append(
+            f"{graph.name(node)} shifts the schedule ({written}) {why}, where pictor's own (flux) schedule "
+            "shifts FLUX.1's way for the image's size: not taken"
+        )
+    return notices
 
 
-def _comfy_groups(text: str) -> list[str]:
-    """`text` cut into top-level bracket groups and the runs between them, as ComfyUI cuts it: a ``)``
-    with nothing open is text, and an unclosed group runs to the end (and is text there)."""
-    groups: list[str] = []
-    current, depth = "", 0
-    for char in text:
-        if char == "(" and depth == 0:
-            if current:
-                groups.append(current)
-            current = ""
-        if char == ")":
+def _close(value: float | None, default: float) -> bool:
+    return value is not None and math.isclose(value, default, rel_tol=1e-6)
+
+
+def _plain_number(graph: ComfyGraph, node: str, name: str) -> float | None:
+    """An input of `node` as a number (as written, or from a node holding only it), else None; quietly."""
+    raw = graph.inputs(node).get(name)
+    try:
+        ref = graph.link(raw)
+    except ComfyGraphError:
+        return None
+    if ref is not None:
+        held = list(graph.inputs(ref[0]).values())
+        raw = held[0] if len(held) == 1 else None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
+        return float(raw)
+    return None
+
+
+def _comfy_weights(text: str) -> tuple[list[str], list[float | None]]:
+    """ComfyUI's reading of prompt weights (its `token_weights`), as each character's weight (None for the
+    brackets and ``:weight`` it takes out), in one pass however deep the brackets nest.
+
+    ComfyUI cuts a text into top-level runs and ``( )`` groups (a ``)`` with nothing open is text, an
+    unclosed group runs to the end), reads each group's inside again at 1.1 times the weight, or, where it
+    ends in ``:number`` after its first character, at that number, and keeps everything else at the weight.
+    Read again and again, that is quadratic in the depth; here brackets are matched once, and each group is
+    read once: inside a closed group the matched pairs are the groups; an unclosed one, cut short at its
+    last ``)``, holds matched pairs and, from its first bracket left open, the next unclosed one. ``\\(``
+    and ``\\)`` are text (ComfyUI's escapes); every other character is itself.
+    """
+    chars: list[str] = []
+    kinds: list[int] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 2] in ("(", ")"):
+            chars.append(text[i + 1])
+            kinds.append(_TEXT)
+            i += 2
+            continue
+        chars.append(text[i])
+        kinds.append(_OPEN if text[i] == "(" else _CLOSE if text[i] == ")" else _TEXT)
+        i += 1
+    n = len(chars)
+    match = [-1] * n  # each ( 's ), matched as a stack matches them (a ) with nothing open matches none)
+    opened: list[int] = []
+    for i, kind in enumerate(kinds):
+        if kind == _OPEN:
+            opened.append(i)
+        elif kind == _CLOSE and opened:
+            match[opened.pop()] = i
+    last_colon = [-1] * n  # the last ":" at or before each place
+    next_bracket = [n] * (n + 1)  # the first bracket at or after each place
+    for i in range(n):
+        last_colon[i] = i if chars[i] == ":" and kinds[i] == _TEXT else last_colon[i - 1] if i else -1
+    for i in range(n - 1, -1, -1):
+        next_bracket[i] = i if kinds[i] != _TEXT else next_bracket[i + 1]
+    weights: list[float | None] = [None] * n
+    groups: list[tuple[int, int, float]] = []  # (its "(", its ")", the weight around it), to read
+
+    def cut(start: int, end: int, weight: float) -> None:
+        """ComfyUI's cut of the inside start..end (no ")" at its top level): its runs are weighed and its
+        groups queued; an unclosed group runs to the end, a group where it ends in ")", else text."""
+        i = start
+        while i < end:
+            if kinds[i] != _OPEN:
+                j = max(i + 1, min(next_bracket[i], end))
+                weights[i:j] = [weight] * (j - i)
+                i = j
+            elif i < match[i] < end:
+                groups.append((i, match[i], weight))
+                i = match[i] + 1
+            else:
+                if end - i >= 2 and kinds[end - 1] == _CLOSE:
+                    groups.append((i, end - 1, weight))
+                else:
+                    weights[i:end] = [weight] * (end - i)
+                i = end
+
+    depth, start = 0, 0  # the top level, cut as ComfyUI cuts it (a ")" with nothing open is text)
+    for i, kind in enumerate(kinds):
+        if kind == _OPEN:
+            if depth == 0:
+                weights[start:i] = [1.0] * (i - start)
+                start = i
+            depth += 1
+        elif kind == _CLOSE:
             depth -= 1
             if depth == 0:
-                groups.append(current + char)
-                current = ""
-                continue
-        elif char == "(":
-            depth += 1
-        current += char
-    if current:
-        groups.append(current)
-    return groups
+                groups.append((start, i, 1.0))
+                start = i + 1
+    if start < n and kinds[start] == _OPEN:  # a group left open at the end: read as any inside's end is
+        cut(start, n, 1.0)
+    elif start < n:  # text (a ")" with nothing open makes the rest of the run text, brackets and all)
+        weights[start:n] = [1.0] * (n - start)
+    while groups:
+        opening, closing, weight = groups.pop()
+        inner, end = weight * 1.1, closing
+        colon = last_colon[closing - 1]
+        if colon > opening + 1 and next_bracket[colon + 1] >= closing:  # ComfyUI: "(text:number)"
+            number = _python_float("".join(chars[colon + 1 : closing]))
+            if number is not None:  # else "(a:b)": text weighed 1.1
+                inner, end = number, colon
+        cut(opening + 1, end, inner)
+    return chars, weights
+
+
+def _python_float(text: str) -> float | None:
+    """`text` as float() reads it, as ComfyUI reads a weight ("1.5", " 2 ", "1e1", "inf"), else None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _weight_text(weight: float) -> str:

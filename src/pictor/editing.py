@@ -120,6 +120,7 @@ class EditRequest:
     seed: int | None = None
     num_images: int = 1
     batch_size: int | None = None
+    prompt_editing: bool = False
     variation_seed: int | None = None
     variation_strength: float | None = None
     seed_resize_from: tuple[int, int] | None = None  # refused: an edit's composition is its picture's

@@ -23,17 +23,18 @@ MAX_SEED = 2**63 - 1
 NOISE_SEED_RANGE = 2**32
 
 
-def seed_notice(seed: int, num_images: int = 1) -> str | None:
+def seed_notice(seed: int, num_images: int = 1, what: str = "seed") -> str | None:
     """A sentence for a user whose seeds (seed .. seed + num_images - 1) reach NOISE_SEED_RANGE, whose
-    images repeat those of smaller seeds; None when every seed gives its own noise."""
+    images repeat those of smaller seeds; None when every seed gives its own noise. `what`: "seed", or
+    "variation seed" for those (`pictor.noise_variation`)."""
     last = seed + num_images - 1
     if last < NOISE_SEED_RANGE:
         return None
     first = max(seed, NOISE_SEED_RANGE)
     return (
-        f"seed {first} gives the image of seed {first % NOISE_SEED_RANGE}: the noise generator reads only a "
-        f"seed's low 32 bits, so seeds above {NOISE_SEED_RANGE - 1} repeat smaller ones; for images of their "
-        f"own, use seeds 0 to {NOISE_SEED_RANGE - 1}"
+        f"{what} {first} gives the image of {what} {first % NOISE_SEED_RANGE}: the noise generator reads "
+        f"only a seed's low 32 bits, so seeds above {NOISE_SEED_RANGE - 1} repeat smaller ones; for images "
+        f"of their own, use seeds 0 to {NOISE_SEED_RANGE - 1}"
     )
 
 
@@ -131,6 +132,10 @@ class GenerationRequest:
     # Read the prompt and negative prompt for A1111's weights, "(words:1.5)", "(words)",
     # "[words]" (`pictor.prompt_weights`); off: brackets are text like any other.
     prompt_weights: bool = False
+    # A1111's prompt editing in the prompt and negative prompt, "[from:to:when]", "[to:when]",
+    # "[from::when]", "[a|b]" (`pictor.prompt_editing`): the text changes during sampling. Needs
+    # prompt_weights (A1111 reads its weights in every text). Off: brackets are read as prompt_weights says.
+    prompt_editing: bool = False
     # Variation seeds (`pictor.noise_variation`, A1111's): with a strength above 0 (at most 1), every image
     # keeps `seed` and image i blends its noise with that of variation seed `variation_seed + i` (None: a
     # random one). A variation seed needs a strength; strength None or 0: off.

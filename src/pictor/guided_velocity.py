@@ -17,6 +17,7 @@ control tokens, and blends them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +40,7 @@ from pictor.models.reference import (
     conditional_only,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
+from pictor.prompt_editing import PromptSchedule, prompt_schedule, step_of_time, text_at
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.sampling import cfg
@@ -62,6 +64,8 @@ class Conditioned(Protocol):
     ip_adapter_image: Any
     ip_adapter_scale: float | None
     cache_threshold: float | None
+    prompt_weights: bool
+    prompt_editing: bool
 
 
 class Models(Protocol):
@@ -91,6 +95,7 @@ def guided_velocity(
     fill: torch.Tensor | None = None,
     controlnets: ControlNetRun | None = None,
     windows: list[TokenWindow] | None = None,
+    ts: torch.Tensor | None = None,
 ) -> Velocity:
     """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
     cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts.
@@ -99,19 +104,27 @@ def guided_velocity(
     run's ControlNets, which run on the conditional half's noisy tokens and prompt at each call. `windows`:
     the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
     same window of its control tokens; request resolution refuses them with the first-block cache, which
-    compares each call with the last."""
-    cond = m.encode_text([r.prompt], r.prompt_weights)
+    compares each call with the last. `ts`: the run's step times, with which a prompt with prompt editing
+    (`pictor.prompt_editing`) picks each call's text."""
+    picture = None
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
         picture = redux_tokens(m.redux, r.redux_image, float(r.redux_strength or 0.0), m.dtype)
-        cond = TextEmbeddings(
-            tokens=torch.cat([cond.tokens, picture], dim=1),
-            mask=torch.cat(
-                [cond.mask, torch.ones(picture.shape[:2], dtype=cond.mask.dtype, device=cond.mask.device)],
-                dim=1,
-            ),
-            pooled=cond.pooled,
+
+    def conditional(text: str) -> TextEmbeddings:
+        emb = m.encode_text([text], r.prompt_weights)
+        if picture is None:
+            return emb
+        ones = torch.ones(picture.shape[:2], dtype=emb.mask.dtype, device=emb.mask.device)
+        return TextEmbeddings(
+            tokens=torch.cat([emb.tokens, picture], dim=1),
+            mask=torch.cat([emb.mask, ones], dim=1),
+            pooled=emb.pooled,
         )
+
+    texts = _schedules(r, ts)
+    conds = _each_once(conditional, texts.prompt)
+    cond = conds[0]
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
@@ -206,17 +219,63 @@ def guided_velocity(
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
     ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
     if not use_cfg:
-        return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
+        if len(conds) == 1:
+            return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
+        return lambda x, t: model(x, t, conds[texts.at(t)[0]], img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-    uncond = m.encode_text([r.negative_prompt], r.prompt_weights)
-    both = TextEmbeddings(
-        tokens=torch.cat([cond.tokens.expand(batch, -1, -1), uncond.tokens.expand(batch, -1, -1)]),
-        mask=torch.cat([cond.mask.expand(batch, -1), uncond.mask.expand(batch, -1)]),
-        pooled=torch.cat([cond.pooled.expand(batch, -1), uncond.pooled.expand(batch, -1)]),
-    )
+    unconds = _each_once(lambda text: m.encode_text([text], r.prompt_weights), texts.negative)
+    pairs: dict[tuple[int, int], TextEmbeddings] = {}
+
+    def both(k: tuple[int, int]) -> TextEmbeddings:  # the halves' texts at a step, built once each
+        if k not in pairs:
+            c, u = conds[k[0]], unconds[k[1]]
+            pairs[k] = TextEmbeddings(
+                tokens=torch.cat([c.tokens.expand(batch, -1, -1), u.tokens.expand(batch, -1, -1)]),
+                mask=torch.cat([c.mask.expand(batch, -1), u.mask.expand(batch, -1)]),
+                pooled=torch.cat([c.pooled.expand(batch, -1), u.pooled.expand(batch, -1)]),
+            )
+        return pairs[k]
+
     ids2 = torch.cat([img_ids, img_ids])
     context2 = conditional_only(context, batch) if context is not None else None
-    return cfg(lambda x2, t2: model(x2, t2, both, ids2, res2, context2, ipa), guidance)
+    if len(conds) == 1 and len(unconds) == 1:
+        fixed = both((0, 0))
+        return cfg(lambda x2, t2: model(x2, t2, fixed, ids2, res2, context2, ipa), guidance)
+    return cfg(lambda x2, t2: model(x2, t2, both(texts.at(t2)), ids2, res2, context2, ipa), guidance)
+
+
+def _each_once(encode: Callable[[str], TextEmbeddings], schedule: PromptSchedule) -> list[TextEmbeddings]:
+    """A schedule's texts encoded, each distinct text once (an alternation repeats its options)."""
+    done: dict[str, TextEmbeddings] = {}
+    for _, text in schedule:
+        if text not in done:
+            done[text] = encode(text)
+    return [done[text] for _, text in schedule]
+
+
+@dataclass
+class _Texts:
+    """The prompt's and the negative prompt's texts over a run (one each without prompt editing) and the
+    run's step times, which say which a model call at time t reads."""
+
+    prompt: PromptSchedule
+    negative: PromptSchedule
+    ts: torch.Tensor | None
+
+    def at(self, t: torch.Tensor) -> tuple[int, int]:
+        assert self.ts is not None
+        step = step_of_time(self.ts, float(t.reshape(-1)[0]))
+        return text_at(self.prompt, step), text_at(self.negative, step)
+
+
+def _schedules(r: Conditioned, ts: torch.Tensor | None) -> _Texts:
+    if not r.prompt_editing:
+        return _Texts([(0, r.prompt)], [(0, r.negative_prompt)], None)
+    if ts is None:
+        raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
+    steps = len(ts) - 1
+    times = ts.detach().float().cpu()
+    return _Texts(prompt_schedule(r.prompt, steps), prompt_schedule(r.negative_prompt, steps), times)
 
 
 def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:

@@ -26,23 +26,34 @@ NoiseDraw = Callable[[list[int], int, int], Tensor]
 
 # A1111's slerp falls back to a straight blend when the two noises point (almost) the same way.
 _PARALLEL = 0.9995
+# sin(omega) below this: a column's vectors are (anti)parallel and its slerp undefined (see `slerp`).
+_DEGENERATE = 1e-6
 
 
 def slerp(strength: float, low: Tensor, high: Tensor) -> Tensor:
-    """A1111's slerp of two images' noise [B, C, H, W], along the rows' axis of each image's [C, H, W]."""
+    """A1111's slerp of two images' noise [B, C, H, W], along the rows' axis of each image's [C, H, W].
+
+    Two guards A1111 lacks, which change nothing where its maths is defined: the cosine is clamped to
+    [-1, 1] (rounding can leave it just outside, and acos would give NaN), and a column whose two vectors
+    are (anti)parallel, where the slerp divides by sin(omega) = 0 (a noise one row high always is), is
+    blended straight. A1111's own straight branch (the whole image nearly parallel) is written the
+    right way round here: it is reached only by (nearly) equal noises, where both orders agree."""
     low_norm = low / torch.norm(low, dim=2, keepdim=True)
     high_norm = high / torch.norm(high, dim=2, keepdim=True)
-    dot = (low_norm * high_norm).sum(2)  # [B, C, W]
+    dot = (low_norm * high_norm).sum(2).clamp(-1.0, 1.0)  # [B, C, W]
     out = torch.empty_like(low)
+    straight = low * (1.0 - strength) + high * strength
     for b in range(low.shape[0]):  # A1111 decides the straight blend per image, from its mean
         if dot[b].mean() > _PARALLEL:
-            out[b] = low[b] * (1.0 - strength) + high[b] * strength
+            out[b] = straight[b]
             continue
         omega = torch.acos(dot[b])
         so = torch.sin(omega)
+        degenerate = so < _DEGENERATE
+        so = torch.where(degenerate, torch.ones_like(so), so)
         a = (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1)
         c = (torch.sin(strength * omega) / so).unsqueeze(1)
-        out[b] = a * low[b] + c * high[b]
+        out[b] = torch.where(degenerate.unsqueeze(1), straight[b], a * low[b] + c * high[b])
     return out
 
 
@@ -82,12 +93,12 @@ def variation_problem(
     variation_seed: int | None,
     variation_strength: float | None,
     resize_from: tuple[int, int] | None,
-    factor: int,
+    multiple: int,
     max_pixels: int,
     max_seed: int,
 ) -> str | None:
-    """What is wrong with a request's variation settings, in words (None: nothing). `factor`: the
-    autoencoder's pixels per latent pixel."""
+    """What is wrong with a request's variation settings, in words (None: nothing). `multiple`: what image
+    sides are multiples of (the model's pixels per token side), which a seed resize's sides must be too."""
     if variation_strength is not None:
         if isinstance(variation_strength, bool) or not isinstance(variation_strength, (int, float)):
             return f"variation strength must be a number from 0 to 1, got {variation_strength!r}"
@@ -109,8 +120,11 @@ def variation_problem(
             return f"variation seed must be between 0 and {last}, got {variation_seed}"
     if resize_from is not None:
         w, h = resize_from
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (w, h)) or w < factor or h < factor:
-            return f"seed resize from must be a size WxH of at least {factor}x{factor} pixels, got {w}x{h}"
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < multiple or v % multiple for v in (w, h)):
+            return (
+                f"seed resize from must be a size WxH whose sides are positive multiples of {multiple}, "
+                f"as an image's are, got {w}x{h}"
+            )
         if w * h > max_pixels:
             return f"seed resize from {w}x{h} is more than {max_pixels} pixels; give a smaller size"
     return None

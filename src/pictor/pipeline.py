@@ -257,8 +257,8 @@ class Pipeline:
                     progress(_offset + step, total)
 
             shown = replace(previews, first_index=len(out)) if previews is not None else None
-            run_r = replace(r, variation_seed=r.variation_seed + len(out)) if varied else r
             assert not varied or r.variation_seed is not None  # resolution draws one
+            run_r = replace(r, variation_seed=r.variation_seed + len(out)) if varied else r
             out += run(run_r, run_seeds, step_progress, shown)
             done += per_run
         return out
@@ -488,7 +488,7 @@ class Pipeline:
                         PictorWarning,
                         stacklevel=4,
                     )
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows)
+            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows, ts)
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)
@@ -600,6 +600,7 @@ class Pipeline:
             **({name: getattr(r, name) for name in DENOISE_TILING_FIELDS} if r.denoise_tile else {}),
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
             **({"prompt_weights": True} if r.prompt_weights else {}),
+            **({"prompt_editing": True} if r.prompt_editing else {}),
             **variation_fields(r, index),
         }
 

@@ -120,6 +120,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "denoise_tile_overlap": (_optional(_int), "an integer"),
     "cache_threshold": (_optional(_number), "a number"),
     "prompt_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "prompt_editing": (lambda v: isinstance(v, bool), "true or false"),
     "inpaint_area": (lambda v: v in INPAINT_AREAS, f"one of {', '.join(INPAINT_AREAS)}"),
     "mask_padding": (_int, "an integer"),
     "hires": (
@@ -220,6 +221,7 @@ def _settings(
         **{name: record.get(name) for name in DENOISE_TILING_FIELDS},
         "cache_threshold": record.get("cache_threshold"),
         "prompt_weights": record.get("prompt_weights", False),
+        "prompt_editing": record.get("prompt_editing", False),
         **recorded_controlnet_settings(record, controlnet_images),
         **_variation(record),
     }

@@ -37,6 +37,7 @@ from pictor.models.flux import Flux
 from pictor.models.text_encoder import TextEncoder
 from pictor.noise_variation import variation_problem
 from pictor.notices import PictorWarning
+from pictor.prompt_editing import texts_read
 from pictor.prompt_weights import PromptWeightError, parse_weights
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
@@ -101,10 +102,16 @@ def resolve_request(
                 f"the {what} is not valid text (it holds bytes that are not UTF-8); type it again or "
                 "save the file that holds it as UTF-8"
             ) from None
+    if r.prompt_editing and not r.prompt_weights:
+        raise GenerationError(
+            "prompt editing reads A1111's prompt syntax, whose weights are part of it: turn prompt weights "
+            "on too (--prompt-weights; --prompt-editing on the command line does)"
+        )
+    texts = _read_texts(r)
     if r.prompt_weights:
-        _check_prompt_weights(pipe, r)
+        _check_prompt_weights(pipe, texts)
     # As diffusers does: the image is made, but the user learns what was not read.
-    for notice in pipe.prompt_notices(r.prompt, r.negative_prompt, r.prompt_weights):
+    for notice in text_notices(pipe, texts, r.prompt_weights):
         warnings.warn(notice, PictorWarning, stacklevel=4)
     problem = settings_problem(
         pipe.patch,
@@ -159,10 +166,15 @@ def resolve_request(
     last = MAX_SEED - r.num_images + 1  # image i takes seed + i, up to MAX_SEED
     if not 0 <= r.seed <= last:
         raise GenerationError(f"seed must be between 0 and {last}, got {r.seed}")
-    aliased = seed_notice(r.seed, r.num_images)
-    if aliased:
-        warnings.warn(aliased, PictorWarning, stacklevel=4)
-    r = _resolve_variation(r, factor)
+    r = _resolve_variation(r, pipe.patch)
+    varied = bool(r.variation_strength)  # every image keeps the seed; the variation seeds count
+    aliased = [seed_notice(r.seed, 1 if varied else r.num_images)]
+    if varied:
+        assert r.variation_seed is not None
+        aliased.append(seed_notice(r.variation_seed, r.num_images, "variation seed"))
+    for notice in aliased:
+        if notice:
+            warnings.warn(notice, PictorWarning, stacklevel=4)
     if r.layout is not None:
         try:
             r = replace(r, layout=parse_layout(r.layout))
@@ -193,7 +205,7 @@ def resolve_request(
     return r
 
 
-def _resolve_variation(r: GenerationRequest, factor: int) -> GenerationRequest:
+def _resolve_variation(r: GenerationRequest, multiple: int) -> GenerationRequest:
     """Variation seeds and seed resize checked (`pictor.noise_variation`); a strength without a variation
     seed draws one, as a request without a seed draws its seed."""
     resize: tuple[int, int] | None = None
@@ -202,7 +214,7 @@ def _resolve_variation(r: GenerationRequest, factor: int) -> GenerationRequest:
             raise GenerationError(f"seed resize from must be a size WxH, got {r.seed_resize_from!r}")
         resize = (r.seed_resize_from[0], r.seed_resize_from[1])  # a list from JSON: a tuple
     problem = variation_problem(
-        r.num_images, r.variation_seed, r.variation_strength, resize, factor, MAX_PIXELS, MAX_SEED
+        r.num_images, r.variation_seed, r.variation_strength, resize, multiple, MAX_PIXELS, MAX_SEED
     )
     if problem:
         raise GenerationError(problem)
@@ -255,9 +267,24 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
     return replace(r, cache_threshold=float(r.cache_threshold))
 
 
-def _check_prompt_weights(pipe: ResolvingPipeline, r: GenerationRequest) -> None:
-    """Both texts' weights read (errors say where), and a text encoder that can weigh tokens."""
-    for what, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+def _read_texts(r: GenerationRequest) -> list[tuple[str, str]]:
+    """The texts the model reads of a request (`pictor.prompt_editing.texts_read`), for both passes' steps."""
+    steps = [s for s in (r.steps, r.hires_steps) if s]
+    return texts_read(r.prompt, r.negative_prompt or "", r.prompt_editing, steps)
+
+
+def text_notices(pipe: ResolvingPipeline, texts: list[tuple[str, str]], weighted: bool) -> list[str]:
+    """`prompt_notices` of each text (`texts_read`'s pairs), each sentence once."""
+    notices: list[str] = []
+    for what, text in texts:
+        prompt, negative = (text, None) if what == "prompt" else (None, text)
+        notices += [n for n in pipe.prompt_notices(prompt, negative, weighted) if n not in notices]
+    return notices
+
+
+def _check_prompt_weights(pipe: ResolvingPipeline, texts: list[tuple[str, str]]) -> None:
+    """The texts' weights read (errors say where), and a text encoder that can weigh tokens."""
+    for what, text in texts:
         try:
             parse_weights(text or "")
         except PromptWeightError as exc:

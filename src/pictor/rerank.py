@@ -84,7 +84,8 @@ def generate_best_of(
     scorer: Scorer | str = "shapes",
     progress: ProgressFn | None = None,
 ) -> list[GeneratedImage]:
-    """Generate n candidates (seeds seed .. seed + n - 1) and return them sorted best first.
+    """Generate n candidates (seeds seed .. seed + n - 1; with a variation strength, the seed's variations
+    of variation seeds v .. v + n - 1) and return them sorted best first.
 
     Each record gets "best_of": {"n", "rank" (1 = best), "score", "scorer"}; the rest of the record is the
     plain generation record, so `reproduce` still regenerates each candidate. Ties keep seed order.

@@ -14,8 +14,11 @@ notice, not silently dropped; a sampler or upscaler pictor cannot run is an erro
 gives its own.
 
 A ComfyUI graph is read by `pictor.comfy_workflow`, in ComfyUI's terms, and mapped here the way A1111's text
-is: its sampler and scheduler names onto pictor's, FLUX guidance (FluxGuidance) where the graph sets it,
-else the sampler's CFG, and its prompt's weight syntax (ComfyUI's) rewritten in A1111's.
+is: its sampler and scheduler names onto pictor's (with a notice where ComfyUI's of that name differs in
+detail), FLUX guidance (FluxGuidance) where the graph sets it, else a CFG other than 1 (CFG 1 without
+FluxGuidance leaves the model's own default, as ComfyUI gives FLUX.1 its default guidance), the negative
+prompt only where ComfyUI used it (real CFG, not 1), and its prompt's weight syntax (ComfyUI's) rewritten in
+A1111's. Whatever the graph holds that cannot be read is an error that names the image.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pictor.comfy_graph import ComfyGraphError
+from pictor.comfy_graph import ComfyGraphError, shortened
 from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, comfy_prompt_as_a1111, read_comfy_graph
+from pictor.flow import resolution_mu
 from pictor.generation_request import MAX_SEED
+from pictor.prompt_editing import has_editing
 from pictor.provenance import (
     PARAMETERS_KEY,
     RECORD_KEY,
@@ -56,8 +61,30 @@ COMFY_SAMPLERS = {
     "uni_pc_bh2": "unipc",
     "deis": "deis",
 }
-# ComfyUI's schedulers with a pictor schedule. simple, normal and sgm_uniform all space the model's own
-# (shifted) times evenly: the model's own schedule, pictor's default (None).
+# Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
+# at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
+# tabulated coefficients (`pictor.sampling_deis`).
+_UNIPC = (
+    "ComfyUI runs UniPC at order 3 (and its KSampler drops the second-to-last step for it), where pictor's "
+    "unipc is bh2 at order 2"
+)
+COMFY_SAMPLER_NOTICES = {
+    "uni_pc": (
+        f"the graph's sampler uni_pc is UniPC's bh1 variant; pictor's unipc (bh2) is taken for it ({_UNIPC})"
+    ),
+    "uni_pc_bh2": (
+        f"the graph's sampler uni_pc_bh2 is taken as pictor's unipc, which differs in detail: {_UNIPC}"
+    ),
+    "deis": (
+        "the graph's sampler deis is taken as pictor's deis, which differs in detail: ComfyUI's is another "
+        "DEIS variant (tabulated coefficients, no lower-order final steps), pictor's is diffusers' "
+        "third-order log-rho DEIS"
+    ),
+}
+# ComfyUI's schedulers with a pictor schedule. simple and sgm_uniform space the model's own (shifted) times
+# evenly, as pictor's own schedule does (its default, None); normal does too but stops at the model's
+# smallest sigma and then steps to 0, and karras, exponential and beta space ComfyUI's table of the model's
+# sigmas, not diffusers' FLUX.1 sigmas as pictor's of those names: taken, with a notice.
 COMFY_SCHEDULERS = {
     "simple": None,
     "normal": None,
@@ -66,6 +93,30 @@ COMFY_SCHEDULERS = {
     "exponential": "exponential",
     "beta": "beta",
 }
+COMFY_SCHEDULER_NOTICES = {
+    "normal": (
+        "the graph's scheduler normal is taken as the model's own schedule, which differs: ComfyUI's normal "
+        "runs evenly down to the model's smallest sigma (about 0.0003) and then steps to 0, pictor's evenly "
+        "down to 0 (most different at few steps)"
+    ),
+    **{
+        name: (
+            f"the graph's scheduler {name} is taken as pictor's {name} schedule, which differs: ComfyUI's "
+            f"{name} spaces its table of the model's sigmas{to}, pictor's spaces diffusers' FLUX.1 sigmas "
+            "(the last before 0 at the shifted 1/N): the steps differ"
+        )
+        for name, to in (
+            ("karras", " (down to about 0.0003)"),
+            ("exponential", " (down to about 0.0003)"),
+            ("beta", ""),
+        )
+    },
+}
+# ComfyUI's FLUX.1 [dev] without a ModelSamplingFlux node: this shift (mu) at every size; pictor's own
+# schedule shifts by the image's size, and agrees where its shift is this close (about 4096 patches).
+COMFY_FLUX_SHIFT = 1.15
+SHIFT_CLOSE = 0.02
+COMFY_MAX_SEED = 2**64 - 1  # ComfyUI's seeds (torch.manual_seed takes no more)
 # Keys that say nothing about how to draw (A1111's own version, batch bookkeeping): not worth a notice.
 QUIET = {"Version", "Batch size", "Batch pos", "First block cache full passes"}
 
@@ -106,10 +157,7 @@ def settings_from_chunks(chunks: dict[str, str], path: str = "the image") -> Imp
     if PARAMETERS_KEY in chunks:
         return settings_from_parameters(chunks[PARAMETERS_KEY])
     if PROMPT_KEY in chunks:
-        try:
-            return settings_from_comfy(chunks[PROMPT_KEY])
-        except ComfyGraphError as exc:
-            raise SettingsImportError(f"{path}: its ComfyUI graph (the 'prompt' chunk): {exc}") from None
+        return settings_from_comfy(chunks[PROMPT_KEY], path)
     raise SettingsImportError(
         f"{path}: no A1111 parameters and no pictor record in this image (nor a ComfyUI graph), so it names "
         "no settings"
@@ -131,6 +179,7 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
         if record.get(key):
             v[key] = record[key]
     v["prompt_weights"] = bool(record.get("prompt_weights"))
+    v["prompt_editing"] = bool(record.get("prompt_editing"))
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
     if record.get("seed_resize_from"):
@@ -173,6 +222,8 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     prompt, loras = _without_lora_tags(parsed["prompt"])
     negative, _ = _without_lora_tags(parsed["negative_prompt"])
     v["prompt"], v["negative"], v["prompt_weights"] = prompt, negative, True
+    # A1111 reads prompt editing always; on only where the texts use it, so records say what ran
+    v["prompt_editing"] = has_editing(prompt) or has_editing(negative)
     if loras:
         out.notices.append(
             f"the prompt's LoRA tags ({', '.join(loras)}) are taken out: give the files with --lora "
@@ -220,14 +271,27 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     return out
 
 
-def settings_from_comfy(text: str) -> ImportedSettings:
-    """A ComfyUI graph's settings (`pictor.comfy_workflow`), mapped as A1111's text is (module docstring)."""
+def settings_from_comfy(text: str, path: str = "the image") -> ImportedSettings:
+    """A ComfyUI graph's settings (`pictor.comfy_workflow`), mapped as A1111's text is (module docstring);
+    `path` names the image in errors."""
+    where = f"{path}: its ComfyUI graph (the 'prompt' chunk)"
+    try:
+        return _comfy_settings(text)
+    except ComfyGraphError as exc:
+        raise SettingsImportError(f"{where}: {exc}") from None
+    except Exception as exc:  # a graph no rule here foresaw; the cause is kept, so a bug still shows
+        raise SettingsImportError(
+            f"{where} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+
+
+def _comfy_settings(text: str) -> ImportedSettings:
     graph = read_comfy_graph(text)
     out = ImportedSettings(notices=list(graph.notices), source="comfyui")
     v = out.values
     if graph.prompt is not None:
-        v["prompt"] = comfy_prompt_as_a1111(graph.prompt)
-    v["negative"] = comfy_prompt_as_a1111(graph.negative or "")
+        v["prompt"] = comfy_prompt_as_a1111(graph.prompt, out.notices)
+    v["negative"] = comfy_prompt_as_a1111(_comfy_negative(graph, out), out.notices, "negative prompt")
     v["prompt_weights"] = True  # ComfyUI, like A1111, always reads its brackets as weights
     for dest, value in (("steps", graph.steps), ("size", graph.size)):
         if value is not None:
@@ -238,6 +302,7 @@ def settings_from_comfy(text: str) -> ImportedSettings:
         _comfy_sampler(graph.sampler_name, out)
     if graph.scheduler is not None:
         _comfy_schedule(graph.scheduler, out)
+    _comfy_shift(graph, out)
     if graph.batch_size is not None and graph.batch_size > 1:
         # ComfyUI draws a batch's noise from one seed, so the graph does not say which of its pictures this
         # file is (A1111's text gives each picture its own seed, so its Batch size goes unsaid).
@@ -248,10 +313,27 @@ def settings_from_comfy(text: str) -> ImportedSettings:
     return out
 
 
+def _comfy_negative(graph: ComfySettings, out: ImportedSettings) -> str:
+    """The negative prompt where ComfyUI used it: at CFG 1 it never evaluates one (comfy/samplers.py's
+    sampling_function), and with FLUX guidance taken the real CFG it acts through is not."""
+    negative = graph.negative or ""
+    if not negative or graph.cfg is None or (graph.cfg != 1 and graph.guidance is None):
+        return negative
+    why = (
+        "ComfyUI does not use it at CFG 1"
+        if graph.cfg == 1
+        else f"it acts through the sampler's CFG {graph.cfg:g}, which is not taken"
+    )
+    out.notices.append(f"the graph's negative prompt '{shortened(negative)}' is not taken: {why}")
+    return ""
+
+
 def _comfy_seed(seed: int | None, out: ImportedSettings) -> None:
     if seed is None:
         return
-    if 0 <= seed <= MAX_SEED:
+    if not 0 <= seed <= COMFY_MAX_SEED:
+        raise ComfyGraphError(f"its seed {seed} is outside ComfyUI's seeds (0 to 2**64 - 1)")
+    if seed <= MAX_SEED:
         out.values["seed"] = seed
         return
     # ComfyUI's seeds run to 2**64 - 1; torch's CPU generator (both seed it) keeps the low 32 bits
@@ -264,26 +346,34 @@ def _comfy_seed(seed: int | None, out: ImportedSettings) -> None:
 
 
 def _comfy_guidance(graph: ComfySettings, out: ImportedSettings) -> None:
-    """FLUX guidance where the graph sets it (as Forge's Distilled CFG Scale is taken), else the CFG."""
-    if graph.guidance is None:
-        if graph.cfg is not None:
-            out.values["guidance"] = graph.cfg
+    """FLUX guidance where the graph sets it (as Forge's Distilled CFG Scale is taken); else a CFG other
+    than 1, as real CFG (A1111's CFG scale); else nothing: without FluxGuidance, ComfyUI's FLUX.1 [dev]
+    takes its default guidance 3.5 (comfy/model_base.py), and the model's own default is used here."""
+    if graph.guidance is not None:
+        out.values["guidance"] = graph.guidance
+        if graph.cfg is not None and graph.cfg != 1:
+            out.notices.append(
+                f"the graph's FLUX guidance {graph.guidance:g} is taken as --guidance; its sampler's CFG "
+                f"{graph.cfg:g} (real CFG on top, which pictor does not run beside distilled guidance) is not"
+            )
         return
-    out.values["guidance"] = graph.guidance
-    if graph.cfg is not None and graph.cfg != 1:
-        out.notices.append(
-            f"the graph's FLUX guidance {graph.guidance:g} is taken as --guidance; its sampler's CFG "
-            f"{graph.cfg:g} (real CFG on top) is not"
-        )
+    if graph.cfg is None:
+        return
+    if graph.cfg != 1:
+        out.values["guidance"] = graph.cfg
+        return
+    out.notices.append(
+        "the graph sets no FLUX guidance (no FluxGuidance node) and samples at CFG 1: ComfyUI then gives a "
+        "FLUX.1 [dev] model its default guidance 3.5 (FLUX.1 [schnell] takes none), so no guidance is taken "
+        "and the model's own default is used (--guidance 3.5 for a FLUX.1 [dev] model)"
+    )
 
 
 def _comfy_sampler(name: str, out: ImportedSettings) -> None:
     if name in COMFY_SAMPLERS:
         out.values["sampler"] = COMFY_SAMPLERS[name]
-        if name == "uni_pc":
-            out.notices.append(
-                "the graph's sampler uni_pc is UniPC's bh1 variant; pictor's unipc (bh2) is taken for it"
-            )
+        if name in COMFY_SAMPLER_NOTICES:
+            out.notices.append(COMFY_SAMPLER_NOTICES[name])
     else:
         out.sampler_name = name
 
@@ -292,11 +382,29 @@ def _comfy_schedule(name: str, out: ImportedSettings) -> None:
     if name in COMFY_SCHEDULERS:
         if COMFY_SCHEDULERS[name] is not None:
             out.values["schedule"] = COMFY_SCHEDULERS[name]
+        if name in COMFY_SCHEDULER_NOTICES:
+            out.notices.append(COMFY_SCHEDULER_NOTICES[name])
     else:
         out.notices.append(
             f"the graph's scheduler '{name}' has no pictor equivalent: the model's own is used "
             f"(--schedule {', '.join(SCHEDULES)})"
         )
+
+
+def _comfy_shift(graph: ComfySettings, out: ImportedSettings) -> None:
+    """Without a ModelSampling node ComfyUI's FLUX.1 [dev] shifts its schedule by a constant 1.15, where
+    pictor's own shifts by the image's size (`pictor.flow.resolution_mu`): said where they differ."""
+    if graph.model_sampling or graph.size is None:
+        return
+    width, height = graph.size
+    mu = resolution_mu((width // 16) * (height // 16))
+    if abs(mu - COMFY_FLUX_SHIFT) <= SHIFT_CLOSE:
+        return
+    out.notices.append(
+        f"the graph has no ModelSamplingFlux node: ComfyUI then shifts a FLUX.1 [dev] model's schedule by a "
+        f"constant {COMFY_FLUX_SHIFT:g} at every size, where pictor's schedules shift by the image's size "
+        f"({mu:.2f} at {width}x{height}; {COMFY_FLUX_SHIFT:g} at 1024x1024): the steps differ"
+    )
 
 
 def _without_lora_tags(text: str) -> tuple[str, list[str]]:

@@ -151,3 +151,66 @@ def test_a_comfyui_graph_becomes_a_generation_body(client: TestClient) -> None:
     made = client.post("/v1/images/generations", json={**answer["settings"], "response_format": "b64_json"})
     ((_, record),) = decode_images(made)
     assert record["seed"] == 4 and record["guidance"] == 3.5 and record["schedule"] == "karras"
+
+
+def comfy_png(text: str) -> bytes:
+    """A PNG with `text` as its ComfyUI `prompt` chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", text)
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, "PNG", pnginfo=info)
+    return data.getvalue()
+
+
+def test_a_comfyui_graph_nested_too_deep_or_with_an_infinite_number_is_a_400(client: TestClient) -> None:
+    """json.loads' RecursionError and JSON's Infinity were a 500 (or taken as guidance inf)."""
+    import json
+
+    from tests.test_comfy_workflow_import import flux_ksampler_graph
+
+    assert_refused(settings_of(client, comfy_png("[" * 5000 + "]" * 5000)), "image", "nests too deep")
+    text = json.dumps(flux_ksampler_graph()).replace('"guidance": 3.5', '"guidance": Infinity')
+    assert_refused(settings_of(client, comfy_png(text)), "image", "guidance is inf, not a finite number")
+
+
+def test_the_settings_are_read_off_the_event_loop(client: TestClient, monkeypatch: Any) -> None:
+    """A large graph takes a while to read: it is read in the thread pool, as the picture is decoded, so
+    one upload does not hold up every other request."""
+    import asyncio
+    import json
+
+    from pictor.serve import settings_from
+    from pictor.settings_import import settings_from_chunks
+    from tests.test_comfy_workflow_import import flux_ksampler_graph
+
+    loops: list[bool] = []
+
+    def reading(chunks: dict[str, str], path: str) -> Any:
+        try:
+            asyncio.get_running_loop()
+            loops.append(True)
+        except RuntimeError:  # no event loop runs in this thread
+            loops.append(False)
+        return settings_from_chunks(chunks, path)
+
+    monkeypatch.setattr(settings_from, "settings_from_chunks", reading)
+    r = settings_of(client, comfy_png(json.dumps(flux_ksampler_graph())))
+    assert r.status_code == 200, r.text
+    assert loops == [False]
+
+
+def test_prompt_editing_and_variation_seeds_become_body_fields(client: TestClient) -> None:
+    text = (
+        "a [red:blue:0.5] circle\nSteps: 2, Seed: 5, Size: 32x32, Variation seed: 9, "
+        "Variation seed strength: 0.3, Seed resize from: 16x32"
+    )
+    answer = settings_of(client, png_with(text)).json()
+    settings = answer["settings"]
+    assert settings["prompt_editing"] is True and settings["prompt_weights"] is True
+    assert (settings["variation_seed"], settings["variation_strength"]) == (9, 0.3)
+    assert settings["seed_resize_from"] == "16x32"
+    made = client.post("/v1/images/generations", json={**settings, "response_format": "b64_json"})
+    ((_, record),) = decode_images(made)
+    assert record["prompt_editing"] is True and record["variation_seed"] == 9
+    plain = settings_of(client, png_with("a red circle\nSteps: 2, Seed: 5")).json()["settings"]
+    assert "prompt_editing" not in plain

@@ -126,6 +126,12 @@ class ImageGenerationRequest(BaseModel):
         description="Read A1111's weights in the prompt and negative prompt: (words:1.5), "
         "(words) = 1.1, [words] = 1/1.1, nesting multiplies; false: brackets are text.",
     )
+    prompt_editing: bool = Field(
+        False,
+        description="A1111's prompt editing: words that change during sampling. [from:to:when] reads from "
+        "until step when and to after it, [to:when] adds to after it, [from::when] drops from after it "
+        "(when below 1: a share of the steps); [a|b] alternates a and b every step. Needs prompt_weights.",
+    )
     sampler: str | None = Field(
         None,
         description="euler, heun, dpmpp_2m, unipc, deis or euler_ancestral (stochastic: fresh noise every "

@@ -162,6 +162,7 @@ def edit_params(
     settings |= {k: form.get(k) for k in DENOISE_TILING_FIELDS}  # pixels, or None
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["prompt_weights"] = bool(form.get("prompt_weights"))
+    settings["prompt_editing"] = bool(form.get("prompt_editing"))
     # an edit's own settings, as EditRequest names them; absent ones take its defaults
     edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
     if str(edit_settings.get("upscaler", "")).lower() == "lanczos":
@@ -352,6 +353,14 @@ PromptWeights = Annotated[
         "(words) = 1.1, [words] = 1/1.1; false: brackets are text"
     ),
 ]
+PromptEditing = Annotated[
+    bool,
+    Form(
+        description="A1111's prompt editing: [from:to:when] reads from until step when and to after it, "
+        "[to:when] adds to after it, [from::when] drops from after it (when below 1: a share of the steps); "
+        "[a|b] alternates every step. Needs prompt_weights"
+    ),
+]
 Upscale = Annotated[
     float | None,
     Form(
@@ -433,6 +442,7 @@ FORM_FIELDS = {
     "denoise_tile",
     "denoise_tile_overlap",
     "prompt_weights",
+    "prompt_editing",
     "upscale",
     "upscaler",
     "inpaint_area",
@@ -604,6 +614,7 @@ async def edit_form(
     denoise_tile: DenoiseTile = None,
     denoise_tile_overlap: DenoiseTileOverlap = None,
     prompt_weights: PromptWeights = False,
+    prompt_editing: PromptEditing = False,
     upscale: Upscale = None,
     upscaler: Upscaler = None,
     inpaint_area: InpaintArea = None,
@@ -666,6 +677,7 @@ async def edit_form(
         "denoise_tile": denoise_tile,
         "denoise_tile_overlap": denoise_tile_overlap,
         "prompt_weights": prompt_weights,
+        "prompt_editing": prompt_editing,
         "upscale": upscale,
         "upscaler": upscaler or None,
         "inpaint_area": inpaint_area or None,

@@ -43,6 +43,7 @@ BATCH_KEYS = (
     *HIRES_FIELDS,
     "cache_threshold",
     "prompt_weights",
+    "prompt_editing",  # scheduled texts (`pictor.prompt_editing`)
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
     # variation seeds (`pictor.noise_variation`): a job with a strength runs alone (see take_batch)
@@ -84,7 +85,9 @@ def generation_request(
     reference picture comes from the store's uploads."""
     fields: dict[str, Any] = {k: params.get(k) for k in BATCH_KEYS}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
-    fields["prompt_weights"] = bool(fields["prompt_weights"])  # absent from jobs queued before it existed
+    # absent from jobs queued before they existed
+    fields["prompt_weights"] = bool(fields["prompt_weights"])
+    fields["prompt_editing"] = bool(fields["prompt_editing"])
     fields.update(
         seed=params.get("seed"),
         num_images=int(params.get("n", 1)),
@@ -103,6 +106,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields = {k: params.get(k) for k in BATCH_KEYS if k not in ("width", "height", *HIRES_FIELDS)}
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields["prompt_weights"] = bool(fields["prompt_weights"])
+    fields["prompt_editing"] = bool(fields["prompt_editing"])
     # absent from jobs queued before they existed: EditRequest's defaults
     fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
     if fields.get("inpaint_size") is not None:  # JSON keeps it as a list

@@ -29,6 +29,8 @@ from typing import Any
 
 from pictor.latent_preview import Previews
 from pictor.pipeline import Pipeline, seed_notice
+from pictor.prompt_editing import texts_read
+from pictor.request_resolution import text_notices
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
 from pictor.serve.job_requests import Live, edit_request, generation_request, take_batch
@@ -62,6 +64,20 @@ class _Cancelled(Exception):
 
 class _TimedOut(Exception):
     pass
+
+
+def prompt_notices(pipeline: Pipeline, params: dict[str, Any]) -> list[str]:
+    """What the pipeline warns about a job's texts (`Pipeline.prompt_notices`), asked of the texts its
+    resolution checks (`pictor.prompt_editing.texts_read`): with prompt editing, each text its schedules
+    reach over the job's steps and hires steps, whose editing brackets the text encoder never reads."""
+    steps = [s for s in (params.get("steps") or pipeline.defaults["steps"], params.get("hires_steps")) if s]
+    texts = texts_read(
+        params.get("prompt") or "",
+        params.get("negative_prompt") or "",
+        bool(params.get("prompt_editing")),
+        steps,
+    )
+    return text_notices(pipeline, texts, bool(params.get("prompt_weights")))
 
 
 class JobManager:
@@ -414,9 +430,7 @@ class JobManager:
         # and the page show them; asked here, where the model is sure to be loaded.
         notices: list[str] = []
         if kind != "upscale":  # an upscale's prompt is its picture's record's, which nothing reads
-            notices = self.pipeline.prompt_notices(
-                params.get("prompt"), params.get("negative_prompt"), bool(params.get("prompt_weights"))
-            )
+            notices = prompt_notices(self.pipeline, params)
         for live in batch:
             # A job's own seeds can repeat smaller seeds' images (the generator reads 32 bits of a seed).
             aliased = seed_notice(live.seed, live.job.n) if kind != "upscale" else None

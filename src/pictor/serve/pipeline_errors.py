@@ -53,6 +53,8 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^unknown schedule", "schedule"),
         # prompt weights: a text encoder without token offsets, or a weight that is no number
         (r"cannot weigh prompts|prompt weights need a fast tokenizer", "prompt_weights"),
+        # prompt editing without prompt weights: the weights are what is missing
+        (r"^prompt editing reads A1111's prompt syntax", "prompt_weights"),
         (r"^the negative prompt: prompt weight", "negative_prompt"),
         (r"^the prompt: prompt weight", "prompt"),
         # upscaling edits (edit_upscale): a model named without a factor is about the missing factor
@@ -180,6 +182,10 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             HIRES_UPSCALER_HELP,
         ),
         (r"; drop prompt weights$", "; send prompt_weights false"),
+        (
+            r"turn prompt weights on too \(--prompt-weights; --prompt-editing on the command line does\)$",
+            "send prompt_weights true with prompt_editing",
+        ),
         (r"add inpaint area 'masked' or drop it", "send inpaint_area masked or drop it"),
         (
             r"^a denoise tile overlap needs a tile size: give the tile too$",
@@ -230,6 +236,7 @@ FLAG_FIELDS = {
     "mask-padding": "mask_padding",
     "inpaint-size": "inpaint_size",
     "prompt-weights": "prompt_weights",
+    "prompt-editing": "prompt_editing",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

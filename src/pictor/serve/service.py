@@ -123,6 +123,16 @@ class Service:
         ip_adapter = _picture(body.ip_adapter_image, "ip_adapter_image", limits, flatten=ip_adapter_pixels)
         nets = decode_pictures(body.controlnet_images, limits)
         resize_from = [int(v) for v in body.seed_resize_from.split("x")] if body.seed_resize_from else None
+        if resize_from and resize_from[0] * resize_from[1] > limits.max_pixels:  # noise is drawn that large
+            raise APIError(
+                400,
+                f"seed_resize_from {body.seed_resize_from} is {resize_from[0] * resize_from[1]} pixels; the "
+                f"limit is {limits.max_pixels}, as for size",
+                param="seed_resize_from",
+                code="size_too_large",
+            )
+        # a strength of 0 is no variation: its seed would only keep the job from sharing a run
+        varied = body.variation_strength != 0
         params: dict[str, Any] = {
             "prompt": body.prompt,
             "negative_prompt": negative,
@@ -135,8 +145,8 @@ class Service:
             "seed": body.seed,
             "n": n,
             # Variation seeds: the variation seed as sent (absent: drawn when the job runs, as the seed is).
-            "variation_seed": body.variation_seed,
-            "variation_strength": body.variation_strength,
+            "variation_seed": body.variation_seed if varied else None,
+            "variation_strength": body.variation_strength if varied else None,
             "seed_resize_from": resize_from,  # [width, height] (the pattern checked), or None
             "layout": layout,
             "hires_scale": body.hires_scale,
@@ -146,6 +156,7 @@ class Service:
             "hires_upscaler": body.hires_upscaler,
             "cache_threshold": body.cache_threshold or None,
             "prompt_weights": body.prompt_weights,
+            "prompt_editing": body.prompt_editing,
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,
             "denoise_tile_overlap": body.denoise_tile_overlap,

@@ -30,6 +30,7 @@ BODY_FIELDS = {
     "schedule": "schedule",
     "seed": "seed",
     "prompt_weights": "prompt_weights",
+    "prompt_editing": "prompt_editing",
     "hires": "hires_scale",
     "hires_strength": "hires_strength",
     "hires_steps": "hires_steps",
@@ -47,7 +48,8 @@ class ImageSettings(BaseModel):
 
     settings: dict[str, Any] = Field(
         description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
-        "sampler, schedule, seed, prompt_weights, the hires fix, denoise tiles, cache_threshold (those the "
+        "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
+        "prompt_editing, the hires fix, denoise tiles, cache_threshold (those the "
         "image names)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
@@ -67,6 +69,8 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     """The imported settings as generation body fields, and the notices (with what the API cannot take)."""
     values, notices = imported.values, list(imported.notices)
     body = {BODY_FIELDS[k]: v for k, v in values.items() if k in BODY_FIELDS and v not in (None, "")}
+    if not body.get("prompt_editing"):  # off is the default: said only when on
+        body.pop("prompt_editing", None)
     for key in ("size", "seed_resize_from"):  # WxH text, as the body takes them
         if values.get(key):
             body[key] = f"{values[key][0]}x{values[key][1]}"
@@ -96,7 +100,8 @@ async def image_settings(
     await run_in_threadpool(decode_upload, data, "image", limits, True)  # size, format and bomb checks
     chunks = await run_in_threadpool(_text_chunks, data)
     try:
-        imported = settings_from_chunks(chunks, "image")
+        # off the event loop, as the decode: a large graph or prompt takes a while to read
+        imported = await run_in_threadpool(settings_from_chunks, chunks, "image")
     except (SettingsImportError, ValueError) as exc:
         raise APIError(400, str(exc), param="image", code="invalid_parameters") from None
     body, notices = body_settings(imported)

@@ -68,6 +68,7 @@ from pictor.serve.edits import (
     Fraction,
     Loras,
     Number,
+    PromptEditing,
     PromptWeights,
     ReduxStrength,
     ResponseFormat,
@@ -124,6 +125,7 @@ FORM_FIELDS = {
     "denoise_tile",
     "denoise_tile_overlap",
     "prompt_weights",
+    "prompt_editing",
     "loras",
     "redux_strength",
 }
@@ -267,6 +269,7 @@ async def variation_form(
     denoise_tile: DenoiseTile = None,
     denoise_tile_overlap: DenoiseTileOverlap = None,
     prompt_weights: PromptWeights = False,
+    prompt_editing: PromptEditing = False,
     loras: Loras = None,
     redux_strength: ReduxStrength = None,
 ) -> EditForm | ReduxVariation:
@@ -334,6 +337,7 @@ async def variation_form(
         given |= {"sampler": sampler, "schedule": schedule, "cache_threshold": cache_threshold}
         given |= {"denoise_tile": denoise_tile, "denoise_tile_overlap": denoise_tile_overlap}
         given |= {"redux_strength": redux_strength, "prompt_weights": prompt_weights}
+        given["prompt_editing"] = prompt_editing
         return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
@@ -350,6 +354,7 @@ async def variation_form(
         "denoise_tile": denoise_tile,
         "denoise_tile_overlap": denoise_tile_overlap,
         "prompt_weights": prompt_weights,
+        "prompt_editing": prompt_editing,
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,

@@ -76,6 +76,7 @@ function requestFromForm() {
   const values = {
     negative_prompt: $("negative_prompt").value || undefined,
     prompt_weights: $("prompt_weights").checked || undefined,  // unchecked: not sent (the server's false)
+    prompt_editing: $("prompt_editing").checked || undefined,  // likewise
     steps: number("steps", Number),
     guidance: number("guidance", Number),
     sampler: $("sampler").value || undefined,
@@ -159,6 +160,7 @@ function fillForm(record) {
   if (record.layout) $("layout-settings").open = true;
   $("negative_prompt").value = record.negative_prompt || "";
   $("prompt_weights").checked = Boolean(record.prompt_weights);
+  $("prompt_editing").checked = Boolean(record.prompt_editing);
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
   $("steps").value = record.steps ?? "";
@@ -924,6 +926,7 @@ function recordRequest(record) {
   };
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
   if (record.prompt_weights) body.prompt_weights = true;
+  if (record.prompt_editing) body.prompt_editing = true;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
@@ -1114,6 +1117,14 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("clear-controlnet-button").addEventListener("click", () => {
     for (const input of document.querySelectorAll("#controlnet-list input[type=file]")) input.value = "";
+  });
+  // Prompt editing reads A1111's syntax, whose weights are part of it (as --prompt-editing implies
+  // --prompt-weights): checking it checks Prompt weights, and unchecking those unchecks it.
+  $("prompt_editing").addEventListener("change", () => {
+    if ($("prompt_editing").checked) $("prompt_weights").checked = true;
+  });
+  $("prompt_weights").addEventListener("change", () => {
+    if (!$("prompt_weights").checked) $("prompt_editing").checked = false;
   });
   $("edit-image").addEventListener("change", () => choosePicture("edit"));
   $("variation-image").addEventListener("change", () => choosePicture("variation"));
