@@ -4,12 +4,13 @@
    against `full` (the autoencoder's decode, then pictures), for the shipped model's autoencoder and for
    FLUX.1's (random weights: the architecture sets the cost) at the --sizes given, --frames frames each after
    one warm-up (the approx map is fitted on that warm-up's decode).
-2. Generating with the shipped model (--images images, its default 20 steps, one sampler run): seconds with
-   previews off, approx and full (every step), the slowdown against off, and the largest pixel difference of
-   the results against off (previews never change an image: expected 0).
+2. Generating with the shipped model (--images images, its default 20 steps, one sampler run): the median
+   seconds of --repeats rounds, each running previews off, approx and full (every step) in turn, the
+   slowdown against off, and the largest pixel difference of the results against off (previews never change
+   an image: expected 0).
 
 Prints JSON. Usage: python benchmarks/bench_previews.py [--sizes 256,512] [--frames 5] [--images 4]
-       [--device cpu] [--threads 2] [--out FILE]
+       [--repeats 5] [--device cpu] [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -52,32 +53,44 @@ def frame_seconds(ae: AutoEncoder, size: int, frames: int, device: torch.device)
     return out
 
 
-def generate_seconds(images: int, device: str) -> dict[str, Any]:
+def generate_seconds(images: int, device: str, repeats: int) -> dict[str, Any]:
+    """Median seconds of `repeats` rounds, each running off, approx and full in turn (so a busy machine
+    slows every mode alike)."""
     pipe = pictor.load("default", device=device)
     request = GenerationRequest(PROMPT, seed=1, num_images=images)
     pipe.generate(request)  # warm-up
+    modes: tuple[str | None, ...] = (None, "approx", "full")
+    times: dict[str, list[float]] = {m or "off": [] for m in modes}
+    frames: dict[str, list[int]] = {m or "off": [] for m in modes}
+    pixels: dict[str, list[np.ndarray]] = {}
+    for _ in range(repeats):
+        for method in modes:
+            name = method or "off"
+            seen: list[int] = []
+            previews = Previews(lambda _p, _i, seen=seen: seen.append(1), method) if method else None
+            start = time.perf_counter()
+            result = pipe.generate(request, previews=previews)
+            times[name].append(time.perf_counter() - start)
+            frames[name].append(len(seen))
+            pixels[name] = [np.asarray(g.image).astype(np.int16) for g in result]
     runs: dict[str, Any] = {}
-    baseline: list[np.ndarray] = []
-    for method in (None, "approx", "full"):
-        frames: list[int] = []
-        previews = Previews(lambda _p, _i, seen=frames: seen.append(1), method) if method else None
-        start = time.perf_counter()
-        result = pipe.generate(request, previews=previews)
-        seconds = time.perf_counter() - start
-        pixels = [np.asarray(g.image).astype(np.int16) for g in result]
-        if method is None:
-            baseline = pixels
-        name = method or "off"
+    for name in times:
+        difference = max(int(np.abs(a - b).max()) for a, b in zip(pixels[name], pixels["off"], strict=True))
         runs[name] = {
-            "seconds": round(seconds, 3),
-            "frames": len(frames),
-            "max_pixel_difference_to_off": int(
-                max(np.abs(a - b).max() for a, b in zip(pixels, baseline, strict=True))
-            ),
+            "seconds_median": round(statistics.median(times[name]), 3),
+            "seconds_all": [round(t, 3) for t in times[name]],
+            "frames": frames[name][0],
+            "max_pixel_difference_to_off": difference,
         }
     for name in ("approx", "full"):
-        runs[name]["slowdown"] = round(runs[name]["seconds"] / runs["off"]["seconds"], 3)
-    return {"model": "default", "images": images, "steps": pipe.defaults["steps"], "runs": runs}
+        runs[name]["slowdown"] = round(runs[name]["seconds_median"] / runs["off"]["seconds_median"], 3)
+    return {
+        "model": "default",
+        "images": images,
+        "steps": pipe.defaults["steps"],
+        "repeats": repeats,
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -85,6 +98,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512", help="FLUX.1 autoencoder picture sizes")
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
@@ -108,7 +122,7 @@ def main() -> None:
                 ),
             ],
         }
-    report["generate"] = generate_seconds(args.images, args.device)
+    report["generate"] = generate_seconds(args.images, args.device, args.repeats)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
