@@ -22,7 +22,8 @@ from tests.test_cli_prompt_variants import cli
 
 from tiny_bundle import tiny_models
 
-# A1111's doctests of get_learned_conditioning_prompt_schedules (10 steps), as (prompt, schedule)
+# A1111's doctests of get_learned_conditioning_prompt_schedules (10 steps; A1111 1.6 and later): (prompt,
+# schedule)
 A1111_EXAMPLES = [
     ("test", [(10, "test")]),
     ("a [b:3]", [(3, "a "), (10, "a b")]),
@@ -35,7 +36,11 @@ A1111_EXAMPLES = [
     ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
     ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
     ("[a|(b:1.1)]", [(k, "a" if k % 2 else "(b:1.1)") for k in range(1, 11)]),
+    ("[fe|]male", [(k, "female" if k % 2 else "male") for k in range(1, 11)]),
+    ("[fe|||]male", [(k, "female" if k % 4 == 1 else "male") for k in range(1, 11)]),
 ]
+# ... and those of a hires fix's second pass of 10 steps after a first of 10
+A1111_SECOND_PASS = [("a [b:.5] c", [(10, "a b c")]), ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")])]
 
 
 @pytest.mark.parametrize(("prompt", "schedule"), A1111_EXAMPLES)
@@ -43,11 +48,21 @@ def test_schedules_are_a1111s(prompt: str, schedule: list[tuple[int, str]]) -> N
     assert prompt_schedule(prompt, 10) == schedule
 
 
+@pytest.mark.parametrize(("prompt", "schedule"), A1111_SECOND_PASS)
+def test_a_second_pass_counts_on(prompt: str, schedule: list[tuple[int, str]]) -> None:
+    assert prompt_schedule(prompt, 10, first_pass_steps=10) == schedule
+
+
 @pytest.mark.parametrize(
     ("prompt", "schedule"),
     [
         ("a [b::0.3] c", [(3, "a b c"), (10, "a  c")]),  # dropped after 30%
         ("[x:y:25]", [(10, "x")]),  # past the last step: never switches
+        ("[x:y:1.0]", [(10, "x")]),  # a dot makes it a share: all of the steps (A1111 since 1.6)
+        ("[x:y:2.5]", [(10, "x")]),
+        ("[x:y:0]", [(10, "y")]),  # at or before step 0: the later text throughout
+        ("[x:y:5e-1]", [(10, "y")]),  # no dot: a step number, 0.5, so 0
+        ("[x:y:5 ]", [(5, "x"), (10, "y")]),  # a space before the bracket
         ("(a [b:c:2]:1.2) d", [(2, "(a b:1.2) d"), (10, "(a c:1.2) d")]),  # inside a weight
         ("a | b", [(10, "a | b")]),  # a bar outside brackets: the prompt as written
         ("a [b:c] \\[d:e:1\\]", [(10, "a [b:c] \\[d:e:1\\]")]),  # no number; escaped brackets
@@ -66,8 +81,17 @@ def test_which_text_a_step_reads() -> None:
     schedule = prompt_schedule("[x:y:2]", 5)
     assert [schedule[text_at(schedule, i)][1] for i in range(5)] == ["x", "x", "x", "y", "y"]
     ts = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert [step_of_time(ts, t) for t in (1.0, 0.75, 0.6, 0.5, 0.25, 0.1)] == [0, 1, 1, 2, 3, 3]
+    # the nearest step time (calls run at step times; bf16 rounding must not move one to the step before)
+    assert [step_of_time(ts, t) for t in (1.0, 0.7505, 0.7495, 0.5, 0.251, 0.249)] == [0, 1, 1, 2, 3, 3]
     assert has_editing("a [b:c:0.5]") and has_editing("[a|b]") and not has_editing("a (b:1.2) [c]")
+    # (found in review) what switches nothing, or only past 100 steps, is still editing syntax
+    assert has_editing("a [cat|cat] on a mat") and has_editing("a castle[ at night:120]")
+
+
+def test_brackets_nested_too_deep_to_follow_are_kept_whole() -> None:
+    """(Found in review: a recursive reader ran out of stack on ~500 unclosed brackets.)"""
+    deep = "a [" * 2000
+    assert prompt_schedule(deep, 4) == [(4, deep)] and not has_editing(deep)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +156,9 @@ def test_the_pipeline_reads_each_steps_text(pipe: Pipeline, monkeypatch: pytest.
     seen.clear()
     _image(pipe, f"[{a}:{b}:1]", guidance=1.0)  # guidance 1: no CFG, one half
     assert seen == [a, a, b, b]
+    seen.clear()  # a hires fix's second pass counts on: 1.5 is half way through it
+    _image(pipe, f"[{a}:{b}:1.5]", hires_scale=2.0, hires_steps=4, hires_strength=0.5)
+    assert seen == [a] * 4 + [a, a, a, b]
 
 
 def test_records_reproduce_and_the_a1111_text(pipe: Pipeline) -> None:

@@ -269,8 +269,8 @@ def _take_settings(args: argparse.Namespace) -> None:
             )
         args.hires_upscaler = file
     for dest, value in imported.values.items():
-        if dest == "prompt" and (args.prompt is not None or args.from_file is not None):
-            continue
+        if dest in ("prompt", "prompt_editing") and (args.prompt is not None or args.from_file is not None):
+            continue  # a prompt of one's own: whether it uses prompt editing is the command line's
         current = getattr(args, dest)
         unset = current is None or (dest in ("negative", "prompt_weights", "prompt_editing") and not current)
         if unset:

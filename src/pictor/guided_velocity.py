@@ -96,6 +96,7 @@ def guided_velocity(
     controlnets: ControlNetRun | None = None,
     windows: list[TokenWindow] | None = None,
     ts: torch.Tensor | None = None,
+    first_pass_steps: int | None = None,
 ) -> Velocity:
     """The velocity callable for one sampler run of `batch` images on a lat_h x lat_w latent grid. With a
     cache threshold, the run's first-block cache is appended to `caches` (when given) for its counts.
@@ -105,7 +106,8 @@ def guided_velocity(
     the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
     same window of its control tokens; request resolution refuses them with the first-block cache, which
     compares each call with the last. `ts`: the run's step times, with which a prompt with prompt editing
-    (`pictor.prompt_editing`) picks each call's text."""
+    (`pictor.prompt_editing`) picks each call's text; `first_pass_steps`: this run is a hires fix's second
+    pass, whose schedule counts on from a first pass of that many steps."""
     picture = None
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
@@ -122,7 +124,7 @@ def guided_velocity(
             pooled=emb.pooled,
         )
 
-    texts = _schedules(r, ts)
+    texts = _schedules(r, ts, first_pass_steps)
     conds = _each_once(conditional, texts.prompt)
     cond = conds[0]
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
@@ -245,12 +247,9 @@ def guided_velocity(
 
 
 def _each_once(encode: Callable[[str], TextEmbeddings], schedule: PromptSchedule) -> list[TextEmbeddings]:
-    """A schedule's texts encoded, each distinct text once (an alternation repeats its options)."""
-    done: dict[str, TextEmbeddings] = {}
-    for _, text in schedule:
-        if text not in done:
-            done[text] = encode(text)
-    return [done[text] for _, text in schedule]
+    """A schedule's distinct texts encoded, in order of first use (an alternation repeats its options;
+    `_Texts.at` maps a step to its text's place here)."""
+    return [encode(text) for text in dict.fromkeys(text for _, text in schedule)]
 
 
 @dataclass
@@ -263,19 +262,31 @@ class _Texts:
     ts: torch.Tensor | None
 
     def at(self, t: torch.Tensor) -> tuple[int, int]:
+        """The distinct texts' places (as `_each_once` encodes them) of a call at time t: so CFG pairs are
+        keyed by text, not by schedule entry, and an alternation builds two pairs, not one per step."""
         assert self.ts is not None
         step = step_of_time(self.ts, float(t.reshape(-1)[0]))
-        return text_at(self.prompt, step), text_at(self.negative, step)
+        return _place(self.prompt, text_at(self.prompt, step)), _place(
+            self.negative, text_at(self.negative, step)
+        )
 
 
-def _schedules(r: Conditioned, ts: torch.Tensor | None) -> _Texts:
+def _place(schedule: PromptSchedule, entry: int) -> int:
+    return list(dict.fromkeys(text for _, text in schedule)).index(schedule[entry][1])
+
+
+def _schedules(r: Conditioned, ts: torch.Tensor | None, first_pass_steps: int | None) -> _Texts:
     if not r.prompt_editing:
         return _Texts([(0, r.prompt)], [(0, r.negative_prompt)], None)
     if ts is None:
         raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
     steps = len(ts) - 1
     times = ts.detach().float().cpu()
-    return _Texts(prompt_schedule(r.prompt, steps), prompt_schedule(r.negative_prompt, steps), times)
+    return _Texts(
+        prompt_schedule(r.prompt, steps, first_pass_steps),
+        prompt_schedule(r.negative_prompt, steps, first_pass_steps),
+        times,
+    )
 
 
 def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:

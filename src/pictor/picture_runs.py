@@ -127,7 +127,14 @@ def run_hires_seeds(
     second = replace(r, width=width, height=height, steps=r.hires_steps)
     # noise_pass=1: a stochastic sampler's fresh noise here is not the first pass's drawn again
     second_pass = pipe.sample(
-        second, seeds, lambda i, _n: progress(steps + i, total), init, caches, noise_pass=1, previews=previews
+        second,
+        seeds,
+        lambda i, _n: progress(steps + i, total),
+        init,
+        caches,
+        noise_pass=1,
+        previews=previews,
+        first_pass_steps=steps,
     )
     images = to_pil(second_pass)
     extra = {"hires": hires_record(r.hires_scale, r.hires_strength, r.hires_steps, width, height, model)}

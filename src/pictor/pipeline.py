@@ -443,12 +443,14 @@ class Pipeline:
         caches: list[FirstBlockCache] | None = None,
         noise_pass: int = 0,
         previews: Previews | None = None,
+        first_pass_steps: int | None = None,
     ) -> torch.Tensor:
         """One sampler run -> decoded pixels [B, 3, H, W]. `init` starts from an edit's source latents at
         t = strength and keeps its known region; without it this is plain generation from t = 1. The run's
         first-block cache, if it has one, is appended to `caches` (for the records' counts). `noise_pass`
         tells a run's passes apart for a stochastic sampler's fresh noise (`step_noise_seed`). `previews`
-        get the pictures of the sampler's prediction as it goes."""
+        get the pictures of the sampler's prediction as it goes. `first_pass_steps`: this is a hires fix's
+        second pass after a first of that many steps (prompt editing counts on from it)."""
         assert r.width and r.height and r.steps and r.sampler and r.schedule
         f = self.autoencoder.params.downsample_factor
         lat_h, lat_w = r.height // f, r.width // f
@@ -488,7 +490,9 @@ class Pipeline:
                         PictorWarning,
                         stacklevel=4,
                     )
-            fn = guided_velocity(self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows, ts)
+            fn = guided_velocity(
+                self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows, ts, first_pass_steps
+            )
             if init is not None:
                 fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
                 x = init.start(x)

@@ -107,12 +107,6 @@ def resolve_request(
             "prompt editing reads A1111's prompt syntax, whose weights are part of it: turn prompt weights "
             "on too (--prompt-weights; --prompt-editing on the command line does)"
         )
-    texts = _read_texts(r)
-    if r.prompt_weights:
-        _check_prompt_weights(pipe, texts)
-    # As diffusers does: the image is made, but the user learns what was not read.
-    for notice in text_notices(pipe, texts, r.prompt_weights):
-        warnings.warn(notice, PictorWarning, stacklevel=4)
     problem = settings_problem(
         pipe.patch,
         width=r.width,
@@ -139,6 +133,13 @@ def resolve_request(
     r = replace(r, **dict(zip(DENOISE_TILING_FIELDS, windows, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
+    # The texts once the steps are known good (with prompt editing, each text its schedules reach).
+    texts = _read_texts(r)
+    if r.prompt_weights:
+        _check_prompt_weights(pipe, texts)
+    # As diffusers does: the image is made, but the user learns what was not read.
+    for notice in text_notices(pipe, texts, r.prompt_weights):
+        warnings.warn(notice, PictorWarning, stacklevel=4)
     # FLUX.1 Canny / Depth: the control picture is fitted to the image's size, now known.
     r = resolve_control(r, pipe.name, pipe.control, pipe.config.control)
     # ControlNets: one picture each, fitted to the image's size; scales, modes and window spelled out.
@@ -269,8 +270,9 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
 
 def _read_texts(r: GenerationRequest) -> list[tuple[str, str]]:
     """The texts the model reads of a request (`pictor.prompt_editing.texts_read`), for both passes' steps."""
-    steps = [s for s in (r.steps, r.hires_steps) if s]
-    return texts_read(r.prompt, r.negative_prompt or "", r.prompt_editing, steps)
+    assert r.steps
+    hires_steps = (r.hires_steps or r.steps) if r.hires_scale else None
+    return texts_read(r.prompt, r.negative_prompt or "", r.prompt_editing, r.steps, hires_steps)
 
 
 def text_notices(pipe: ResolvingPipeline, texts: list[tuple[str, str]], weighted: bool) -> list[str]:

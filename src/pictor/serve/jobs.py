@@ -70,12 +70,14 @@ def prompt_notices(pipeline: Pipeline, params: dict[str, Any]) -> list[str]:
     """What the pipeline warns about a job's texts (`Pipeline.prompt_notices`), asked of the texts its
     resolution checks (`pictor.prompt_editing.texts_read`): with prompt editing, each text its schedules
     reach over the job's steps and hires steps, whose editing brackets the text encoder never reads."""
-    steps = [s for s in (params.get("steps") or pipeline.defaults["steps"], params.get("hires_steps")) if s]
+    steps = int(params.get("steps") or pipeline.defaults["steps"])
+    hires_steps = (params.get("hires_steps") or steps) if params.get("hires_scale") else None
     texts = texts_read(
         params.get("prompt") or "",
         params.get("negative_prompt") or "",
         bool(params.get("prompt_editing")),
         steps,
+        hires_steps,
     )
     return text_notices(pipeline, texts, bool(params.get("prompt_weights")))
 
