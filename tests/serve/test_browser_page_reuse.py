@@ -5,7 +5,6 @@ Variations section's strength, not the edit's; "Settings from an image" leaves t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +14,7 @@ from PIL import Image
 
 from pictor.pipeline import Pipeline
 from tests.serve.test_browser import browser, fill_settings, open_page  # noqa: F401
-
-
-class SlowOrFailing:
-    """The tiny pipeline, a pause after each step, and a fault at step 4 of a prompt with "boom"."""
-
-    def __init__(self, inner: Pipeline, pause: float) -> None:
-        self._inner = inner
-        self.pause = pause
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def generate(self, request: Any, progress: Any = None, previews: Any = None) -> Any:
-        def slow(step: int, total: int) -> None:
-            if progress is not None:
-                progress(step, total)
-            if "boom" in request.prompt and step == 4:
-                raise RuntimeError("simulated fault")
-            time.sleep(self.pause)
-
-        return self._inner.generate(request, slow, previews)
+from tests.serve.test_browser_previews import SlowSteps
 
 
 def test_the_preview_is_hidden_after_a_cancel_and_a_failure(
@@ -45,7 +24,7 @@ def test_the_preview_is_hidden_after_a_cancel_and_a_failure(
 ) -> None:
     from playwright.sync_api import expect
 
-    live = live_server(pipeline=SlowOrFailing(tiny, 0.3))
+    live = live_server(pipeline=SlowSteps(tiny, 0.3, fail_word="boom"))
     page, problems = open_page(browser, live.url, 900)
     shown = page.locator("#live-preview")
     fill_settings(page, "cancel me", seed=3, steps=30)

@@ -12,11 +12,13 @@ from tests.serve.test_browser import browser, fill_settings, open_page  # noqa: 
 
 
 class SlowSteps:
-    """The tiny pipeline with a pause after each sampler step, so a job runs long enough to be watched."""
+    """The tiny pipeline with a pause after each sampler step, so a job runs long enough to be watched, and,
+    with `fail_word`, a fault at step 4 of a prompt holding that word."""
 
-    def __init__(self, inner: Pipeline, pause: float) -> None:
+    def __init__(self, inner: Pipeline, pause: float, fail_word: str | None = None) -> None:
         self._inner = inner
         self.pause = pause
+        self.fail_word = fail_word
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -25,6 +27,8 @@ class SlowSteps:
         def slow(step: int, total: int) -> None:
             if progress is not None:
                 progress(step, total)
+            if self.fail_word and self.fail_word in request.prompt and step == 4:
+                raise RuntimeError("simulated fault")
             time.sleep(self.pause)
 
         return self._inner.generate(request, slow, previews)
