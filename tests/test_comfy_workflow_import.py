@@ -910,3 +910,20 @@ def test_links_with_a_float_output_or_a_number_as_node_id_are_followed() -> None
     assert (got.values["guidance"], got.values["size"]) == (3.5, (64, 48))
     graph["3"]["inputs"]["positive"] = ["35", 0.5]
     assert "a link to node 35 has output 0.5, not a whole number" in str(settings_error(graph))
+
+
+def test_integers_past_any_float_are_said_not_overflowed() -> None:
+    """(Found in review: a JSON integer like 10**400 raised OverflowError, which only the catch-all caught.)
+    A setting that is read refuses the graph in its own words; one only named in a notice still gives the
+    settings."""
+    huge = 10**400
+    graph = flux_ksampler_graph()
+    graph["3"]["inputs"]["cfg"] = huge
+    error = settings_error(graph)
+    assert "not a finite number" in str(error) and "could not be read" not in str(error)
+    graph = flux_ksampler_graph()
+    model = graph["3"]["inputs"]["model"]
+    graph["90"] = node("LoraLoaderModelOnly", lora_name="x.safetensors", strength_model=huge, model=model)
+    graph["3"]["inputs"]["model"] = ["90", 0]
+    taken = comfy(graph)
+    assert any("x.safetensors" in n for n in taken.notices)

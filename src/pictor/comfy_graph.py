@@ -256,7 +256,10 @@ def _as(kind: type, raw: Any, where: str) -> Any:
     if isinstance(raw, float) and not math.isfinite(raw):  # JSON's Infinity and NaN, which ComfyUI reads
         raise ComfyGraphError(f"its {where} is {raw!r}, not a finite number")
     if kind is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
+        try:
+            return float(raw)
+        except OverflowError:  # a JSON integer past any float (10**400)
+            raise ComfyGraphError(f"its {where} is {_SHORT.repr(raw)}, not a finite number") from None
     if kind is int and isinstance(raw, float) and raw.is_integer():
         return int(raw)
     if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):

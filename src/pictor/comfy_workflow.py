@@ -396,7 +396,10 @@ def _lora_text(graph: ComfyGraph, node: str) -> str:
 
 def _number_text(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:g}"
+        try:
+            return f"{value:g}"
+        except OverflowError:  # an integer past any float: its digits, cut short
+            return shortened(repr(value))
     return None if value is None else shortened(repr(value))
 
 
@@ -449,8 +452,11 @@ def _plain_number(graph: ComfyGraph, node: str, name: str) -> float | None:
     if ref is not None:
         held = list(graph.inputs(ref[0]).values())
         raw = held[0] if len(held) == 1 else None
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
-        return float(raw)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        try:
+            return float(raw) if math.isfinite(raw) else None
+        except OverflowError:  # an integer past any float: no number to take
+            return None
     return None
 
 

@@ -159,7 +159,7 @@ function fillForm(record) {
   drawLayout();
   if (record.layout) $("layout-settings").open = true;
   $("negative_prompt").value = record.negative_prompt || "";
-  $("prompt_weights").checked = Boolean(record.prompt_weights);
+  $("prompt_weights").checked = Boolean(record.prompt_weights || record.prompt_editing); // editing reads weights too
   $("prompt_editing").checked = Boolean(record.prompt_editing);
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
