@@ -125,7 +125,7 @@ def guided_velocity(
         )
 
     texts = _schedules(r, ts, first_pass_steps)
-    conds = _each_once(conditional, texts.prompt)
+    conds = [conditional(text) for text in texts.prompt]
     cond = conds[0]
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
@@ -225,7 +225,7 @@ def guided_velocity(
             return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
         return lambda x, t: model(x, t, conds[texts.at(t)[0]], img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-    unconds = _each_once(lambda text: m.encode_text([text], r.prompt_weights), texts.negative)
+    unconds = [m.encode_text([text], r.prompt_weights) for text in texts.negative]
     pairs: dict[tuple[int, int], TextEmbeddings] = {}
 
     def both(k: tuple[int, int]) -> TextEmbeddings:  # the halves' texts at a step, built once each
@@ -246,47 +246,39 @@ def guided_velocity(
     return cfg(lambda x2, t2: model(x2, t2, both(texts.at(t2)), ids2, res2, context2, ipa), guidance)
 
 
-def _each_once(encode: Callable[[str], TextEmbeddings], schedule: PromptSchedule) -> list[TextEmbeddings]:
-    """A schedule's distinct texts encoded, in order of first use (an alternation repeats its options;
-    `_Texts.at` maps a step to its text's place here)."""
-    return [encode(text) for text in dict.fromkeys(text for _, text in schedule)]
-
-
 @dataclass
 class _Texts:
-    """The prompt's and the negative prompt's texts over a run (one each without prompt editing) and the
-    run's step times, which say which a model call at time t reads."""
+    """The prompt's and the negative prompt's distinct texts over a run (one each without prompt editing),
+    each encoded once, and which of them each step reads, worked out once per run: a model call finds its
+    step by its time. Keyed by distinct text, so CFG pairs are built per pair of texts (an alternation
+    builds two, not one per step)."""
 
-    prompt: PromptSchedule
-    negative: PromptSchedule
+    prompt: list[str]
+    negative: list[str]
     ts: torch.Tensor | None
+    by_step: list[tuple[int, int]]  # step (from 0) -> (its prompt's place, its negative's place)
 
     def at(self, t: torch.Tensor) -> tuple[int, int]:
-        """The distinct texts' places (as `_each_once` encodes them) of a call at time t: so CFG pairs are
-        keyed by text, not by schedule entry, and an alternation builds two pairs, not one per step."""
         assert self.ts is not None
-        step = step_of_time(self.ts, float(t.reshape(-1)[0]))
-        return _place(self.prompt, text_at(self.prompt, step)), _place(
-            self.negative, text_at(self.negative, step)
-        )
+        return self.by_step[step_of_time(self.ts, float(t.reshape(-1)[0]))]
 
 
-def _place(schedule: PromptSchedule, entry: int) -> int:
-    return list(dict.fromkeys(text for _, text in schedule)).index(schedule[entry][1])
+def _distinct(schedule: PromptSchedule, steps: int) -> tuple[list[str], list[int]]:
+    """A schedule's distinct texts in order of first use, and each step's place among them."""
+    texts = list(dict.fromkeys(text for _, text in schedule))
+    return texts, [texts.index(schedule[text_at(schedule, i)][1]) for i in range(steps + 1)]
 
 
 def _schedules(r: Conditioned, ts: torch.Tensor | None, first_pass_steps: int | None) -> _Texts:
     if not r.prompt_editing:
-        return _Texts([(0, r.prompt)], [(0, r.negative_prompt)], None)
+        return _Texts([r.prompt], [r.negative_prompt], None, [(0, 0)])
     if ts is None:
         raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
     steps = len(ts) - 1
-    times = ts.detach().float().cpu()
-    return _Texts(
-        prompt_schedule(r.prompt, steps, first_pass_steps),
-        prompt_schedule(r.negative_prompt, steps, first_pass_steps),
-        times,
-    )
+    prompt, prompt_steps = _distinct(prompt_schedule(r.prompt, steps, first_pass_steps), steps)
+    negative, negative_steps = _distinct(prompt_schedule(r.negative_prompt, steps, first_pass_steps), steps)
+    by_step = list(zip(prompt_steps, negative_steps, strict=True))
+    return _Texts(prompt, negative, ts.detach().float().cpu(), by_step)
 
 
 def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:
