@@ -74,6 +74,8 @@ LAYERS: dict[str, int] = {
     "edit_blending": 1,
     "latent_preview": 1,
     "prompt_editing": 1,
+    "regional_prompts": 1,
+    "composable_prompts": 1,
     "noise_variation": 1,
     "lora_files": 1,
     "lora_tools": 1,

@@ -33,6 +33,7 @@ def test_a1111_text_gives_its_settings_and_says_what_it_leaves() -> None:
         "negative": "(blurry:1.3), text",
         "prompt_weights": True,  # A1111 always reads its brackets as weights
         "prompt_editing": False,  # its prompt edits nothing (on only where the text does)
+        "composable": False,  # nor has it AND
         "steps": 12,
         "seed": 42,
         "guidance": 3.5,

@@ -74,6 +74,7 @@ def _load(  # type: ignore[no-untyped-def]
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings that generate and edit share."""
     from pictor.layout_files import read_layout_arg
+    from pictor.regional_prompts import read_regions_arg
 
     return {
         "negative_prompt": args.negative,
@@ -85,6 +86,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "batch_size": args.batch_size,
         "layout": read_layout_arg(args.layout) if args.layout is not None else None,
+        "regions": read_regions_arg(args.regions) if getattr(args, "regions", None) is not None else None,
         "reference": args.reference,
         "context_image": _context_arg(args.context),
         "control_image": getattr(args, "control", None),
@@ -106,6 +108,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         # prompt editing reads A1111's whole syntax, its weights included
         "prompt_weights": getattr(args, "prompt_weights", False) or getattr(args, "prompt_editing", False),
         "prompt_editing": getattr(args, "prompt_editing", False),
+        "composable": getattr(args, "composable", False),
         "variation_seed": args.variation_seed,
         "variation_strength": args.variation_strength,
         "seed_resize_from": getattr(args, "seed_resize_from", None),
@@ -269,10 +272,13 @@ def _take_settings(args: argparse.Namespace) -> None:
             )
         args.hires_upscaler = file
     for dest, value in imported.values.items():
-        if dest in ("prompt", "prompt_editing") and (args.prompt is not None or args.from_file is not None):
-            continue  # a prompt of one's own: whether it uses prompt editing is the command line's
+        if dest in ("prompt", "prompt_editing", "composable") and (
+            args.prompt is not None or args.from_file is not None
+        ):
+            continue  # a prompt of one's own: whether it uses prompt editing or AND is the command line's
         current = getattr(args, dest)
-        unset = current is None or (dest in ("negative", "prompt_weights", "prompt_editing") and not current)
+        flags = ("negative", "prompt_weights", "prompt_editing", "composable")
+        unset = current is None or (dest in flags and not current)
         if unset:
             setattr(args, dest, value)
 

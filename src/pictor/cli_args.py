@@ -92,6 +92,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
         "when (below 1: a share of the steps) and to after it, [to:when] adds, [from::when] drops, [a|b] "
         "alternates every step",
     )
+    p.add_argument(
+        "--composable",
+        action="store_true",
+        help="A1111's composable diffusion: the prompt's parts joined by AND, each with an optional :weight "
+        "('a red circle AND a blue square:0.8'), each one transformer pass a step, guided together",
+    )
     p.add_argument("-o", "--out", default="outputs", help="output folder (default: outputs)")
     _add_cache_threshold(p)
     _add_vae_tiling(p)
@@ -199,6 +205,14 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
         "(fractions of the image; y grows downward); needs a layout adapter",
     )
     _add_layout_adapter(p)
+    p.add_argument(
+        "--regions",
+        default=None,
+        metavar="FILE|JSON",
+        help='regional prompts: boxes each with a prompt of its own, e.g. \'[{"box": [0, 0, 0.5, 1], '
+        '"prompt": "a red circle", "strength": 1}]\' (fractions of the image; any model, no adapter; '
+        "each region is one more transformer pass a step; a layout file reads as regions)",
+    )
 
 
 def _add_reference_adapter(p: argparse.ArgumentParser) -> None:

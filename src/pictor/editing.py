@@ -121,10 +121,12 @@ class EditRequest:
     num_images: int = 1
     batch_size: int | None = None
     prompt_editing: bool = False
+    composable: bool = False
     variation_seed: int | None = None
     variation_strength: float | None = None
     seed_resize_from: tuple[int, int] | None = None  # refused: an edit's composition is its picture's
     layout: list[dict[str, Any]] | None = None
+    regions: list[dict[str, Any]] | None = None
     reference: ImageSource | np.ndarray | None = None
     context_image: ImageSource | np.ndarray | None = None
     control_image: ImageSource | np.ndarray | None = None
@@ -420,6 +422,7 @@ def _check_area(request: EditRequest, reproducing: bool) -> None:
         name
         for name, value in (
             ("layout boxes", request.layout),
+            ("regions", request.regions),
             ("a control picture", request.control_image),
             ("ControlNet pictures", request.controlnet_images),
             ("a context image", request.context_image),  # Kontext's tokens lie over the whole picture

@@ -66,6 +66,9 @@ class GenerationRequest:
     batch_size: int | None = None
     # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.
     layout: list[dict[str, Any]] | None = None
+    # Regional prompts (`pictor.regional_prompts.parse_regions`): boxes, each with a prompt of its own and a
+    # strength, followed with no adapter by one more transformer pass each per step. None: none.
+    regions: list[dict[str, Any]] | None = None
     # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
     # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
     reference: ImageSource | np.ndarray | None = None
@@ -136,6 +139,9 @@ class GenerationRequest:
     # "[from::when]", "[a|b]" (`pictor.prompt_editing`): the text changes during sampling. Needs
     # prompt_weights (A1111 reads its weights in every text). Off: brackets are read as prompt_weights says.
     prompt_editing: bool = False
+    # A1111's composable diffusion (`pictor.composable_prompts`): the prompt's parts joined by "AND", each
+    # with an optional ":weight", each run as a pass of its own and guided together. Off: AND is a word.
+    composable: bool = False
     # Variation seeds (`pictor.noise_variation`, A1111's): with a strength above 0 (at most 1), every image
     # keeps `seed` and image i blends its noise with that of variation seed `variation_seed + i` (None: a
     # random one). A variation seed needs a strength; strength None or 0: off.

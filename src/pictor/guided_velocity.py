@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pictor.composable_prompts import compose, split_and
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
 from pictor.denoise_tiles import TokenWindow, tiled_call
@@ -43,6 +44,7 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.prompt_editing import PromptSchedule, prompt_schedule, step_of_time, text_at
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
+from pictor.regional_prompts import region_weights
 from pictor.sampling import cfg
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,6 +68,8 @@ class Conditioned(Protocol):
     cache_threshold: float | None
     prompt_weights: bool
     prompt_editing: bool
+    regions: list[dict[str, Any]] | None
+    composable: bool
 
 
 class Models(Protocol):
@@ -125,8 +129,8 @@ def guided_velocity(
         )
 
     texts = _schedules(r, ts, first_pass_steps)
-    conds = [conditional(text) for text in texts.prompt]
-    cond = conds[0]
+    composed = _parts(r, lat_h // 2, lat_w // 2)  # regions or AND: a pass per prompt, below
+    conds = [conditional(text) for text in texts.prompt] if composed is None else []
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
@@ -220,8 +224,34 @@ def guided_velocity(
         grid = (lat_h // 2, lat_w // 2)
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
     ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
+    if composed is not None:  # one pass per prompt; request resolution refused what those passes skip
+        negative = m.encode_text([r.negative_prompt], r.prompt_weights) if use_cfg else None
+        texts_p, weights = composed
+        parts = [conditional(text) for text in texts_p]
+        weights = weights.to(m.device)
+        rows = parts + ([negative] if negative is not None else [])
+        k = len(rows)
+        emb_k = _stacked(rows, batch)
+        ids_k = img_ids.repeat(k, 1, 1)
+        res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
+        context_k = context
+        if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's
+            halves = conditional_only(context, batch)
+            context_k = ReferenceConditioning(
+                torch.cat([halves.tokens[:batch]] * len(parts) + [halves.tokens[batch:]]),
+                torch.cat([halves.pooled[:batch]] * len(parts) + [halves.pooled[batch:]]),
+            )
+        g = guidance if use_cfg else None
+
+        def composed_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t_k = t.repeat(k) if t.ndim else t
+            out = model(x.repeat(k, 1, 1), t_k, emb_k, ids_k, res_k, context_k, None)
+            return compose(out.view(k, *x.shape), weights, g)
+
+        return composed_velocity
     if not use_cfg:
         if len(conds) == 1:
+            cond = conds[0]
             return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
         return lambda x, t: model(x, t, conds[texts.at(t)[0]], img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
@@ -230,12 +260,7 @@ def guided_velocity(
 
     def both(k: tuple[int, int]) -> TextEmbeddings:  # the halves' texts at a step, built once each
         if k not in pairs:
-            c, u = conds[k[0]], unconds[k[1]]
-            pairs[k] = TextEmbeddings(
-                tokens=torch.cat([c.tokens.expand(batch, -1, -1), u.tokens.expand(batch, -1, -1)]),
-                mask=torch.cat([c.mask.expand(batch, -1), u.mask.expand(batch, -1)]),
-                pooled=torch.cat([c.pooled.expand(batch, -1), u.pooled.expand(batch, -1)]),
-            )
+            pairs[k] = _stacked([conds[k[0]], unconds[k[1]]], batch)
         return pairs[k]
 
     ids2 = torch.cat([img_ids, img_ids])
@@ -244,6 +269,30 @@ def guided_velocity(
         fixed = both((0, 0))
         return cfg(lambda x2, t2: model(x2, t2, fixed, ids2, res2, context2, ipa), guidance)
     return cfg(lambda x2, t2: model(x2, t2, both(texts.at(t2)), ids2, res2, context2, ipa), guidance)
+
+
+def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor] | None:
+    """The prompts that run as passes of their own and each one's weight per image token ([P, N]): the
+    whole prompt and each region's (`pictor.regional_prompts`), or an A1111 prompt's parts joined by AND
+    (`pictor.composable_prompts`). None: the prompt runs as one text."""
+    if r.regions:
+        texts = [r.prompt] + [region["prompt"] for region in r.regions]
+        return texts, region_weights(r.regions, grid_h, grid_w)
+    if r.composable:
+        parts = split_and(r.prompt)
+        if len(parts) > 1 or parts[0][1] != 1.0:
+            weights = torch.tensor([w for _, w in parts], dtype=torch.float32)
+            return [text for text, _ in parts], weights[:, None].expand(-1, grid_h * grid_w)
+    return None
+
+
+def _stacked(rows: list[TextEmbeddings], batch: int) -> TextEmbeddings:
+    """Texts of one row each as one batch, each text repeated for the `batch` images, in order."""
+    return TextEmbeddings(
+        tokens=torch.cat([e.tokens.expand(batch, -1, -1) for e in rows]),
+        mask=torch.cat([e.mask.expand(batch, -1) for e in rows]),
+        pooled=torch.cat([e.pooled.expand(batch, -1) for e in rows]),
+    )
 
 
 @dataclass

@@ -605,6 +605,8 @@ class Pipeline:
             **({"cache_threshold": r.cache_threshold} if r.cache_threshold else {}),
             **({"prompt_weights": True} if r.prompt_weights else {}),
             **({"prompt_editing": True} if r.prompt_editing else {}),
+            **({"regions": r.regions} if r.regions else {}),
+            **({"composable": True} if r.composable else {}),
             **variation_fields(r, index),
         }
 

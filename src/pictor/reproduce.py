@@ -76,6 +76,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         "a list of LoRA entries with path, sha256 and scale",
     ),
     "layout": (_optional(lambda v: isinstance(v, list)), "a list of boxes"),
+    "regions": (_optional(lambda v: isinstance(v, list)), "a list of regions"),
     "layout_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
     "reference_image": (_optional(_hashed), "an object with the picture's sha256"),
     "reference_adapter": (_optional(lambda v: _strings(v, "sha256")), "an object with the adapter's sha256"),
@@ -121,6 +122,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "cache_threshold": (_optional(_number), "a number"),
     "prompt_weights": (lambda v: isinstance(v, bool), "true or false"),
     "prompt_editing": (lambda v: isinstance(v, bool), "true or false"),
+    "composable": (lambda v: isinstance(v, bool), "true or false"),
     "inpaint_area": (lambda v: v in INPAINT_AREAS, f"one of {', '.join(INPAINT_AREAS)}"),
     "mask_padding": (_int, "an integer"),
     "hires": (
@@ -209,6 +211,7 @@ def _settings(
         "seed": seeds[0],
         "num_images": len(seeds),
         "layout": record.get("layout"),
+        "regions": record.get("regions"),
         "reference": reference,
         "context_image": context,
         "control_image": control,
@@ -222,6 +225,7 @@ def _settings(
         "cache_threshold": record.get("cache_threshold"),
         "prompt_weights": record.get("prompt_weights", False),
         "prompt_editing": record.get("prompt_editing", False),
+        "composable": record.get("composable", False),
         **recorded_controlnet_settings(record, controlnet_images),
         **_variation(record),
     }

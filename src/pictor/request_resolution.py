@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from pictor.checkpoint import BundleConfig
+from pictor.composable_prompts import MAX_PARTS, split_and, uses_and
 from pictor.context_images import resolve_context
 from pictor.control_images import resolve_control
 from pictor.controlnet_runs import ControlNetUnit, resolve_controlnets
@@ -41,6 +42,7 @@ from pictor.prompt_editing import texts_read
 from pictor.prompt_weights import PromptWeightError, parse_weights
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
+from pictor.regional_prompts import RegionError, parse_regions
 from pictor.upscaler_files import UpscalerFile
 
 
@@ -133,8 +135,12 @@ def resolve_request(
     r = replace(r, **dict(zip(DENOISE_TILING_FIELDS, windows, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
-    # The texts once the steps are known good (with prompt editing, each text its schedules reach).
+    r = _resolve_regions(pipe, r)
+    # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
+    # regions or AND, each pass's).
     texts = _read_texts(r)
+    passes = [(text, r.negative_prompt or "") for text in _pass_texts(r)]
+    texts = passes if r.composable and passes else texts + passes  # AND's parts stand for the prompt
     if r.prompt_weights:
         _check_prompt_weights(pipe, texts)
     # As diffusers does: the image is made, but the user learns what was not read.
@@ -252,6 +258,66 @@ def _check_denoise_tiles(r: GenerationRequest) -> None:
             "denoise tiles and the first-block cache do not go together (the cache compares each call with "
             "the last, and windows follow one another): drop one of them"
         )
+
+
+def _resolve_regions(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
+    """Regional prompts and AND (composable diffusion), checked; refused with what their passes of one
+    prompt each do not run with yet."""
+    anded = r.composable and uses_and(r.prompt)
+    if r.regions is None and not anded:
+        return r
+    what = "regional prompts"
+    if r.regions is not None:
+        if r.composable:
+            raise GenerationError(
+                "regional prompts and AND (composable diffusion) do not go together: give each part of the "
+                "prompt a region of its own, or drop the regions"
+            )
+        try:
+            r = replace(r, regions=parse_regions(r.regions))
+        except RegionError as exc:
+            raise GenerationError(str(exc)) from exc
+    else:
+        what = "AND (composable diffusion)"
+        parts = split_and(r.prompt)
+        if len(parts) > MAX_PARTS:
+            raise GenerationError(
+                f"the prompt has {len(parts)} parts joined by AND; at most {MAX_PARTS} (each is one more "
+                "transformer pass a step)"
+            )
+        guided = pipe.guidance_mode == "cfg" and r.guidance != 1.0
+        if not guided and sum(w for _, w in parts) <= 0:
+            raise GenerationError(
+                "without classifier-free guidance the AND parts' velocities are averaged by their weights, "
+                "which here sum to 0 or less: give the parts weights with a positive sum"
+            )
+    others = [
+        words
+        for words, given in (
+            ("prompt editing", r.prompt_editing),
+            ("the first-block cache", r.cache_threshold),
+            ("denoise tiles", r.denoise_tile is not None),
+            ("an IP-Adapter picture", r.ip_adapter_image is not None),
+            ("ControlNets", bool(pipe.controlnets)),
+        )
+        if given
+    ]
+    if others:
+        raise GenerationError(
+            f"{what} {'do' if r.regions else 'does'} not run with {' or '.join(others)} yet (each prompt is "
+            f"a pass of its own, which those do not follow): drop the {'regions' if r.regions else 'AND'} or "
+            "those"
+        )
+    return r
+
+
+def _pass_texts(r: GenerationRequest) -> list[str]:
+    """The texts of the passes regions or AND add (the whole prompt's text is read anyway)."""
+    if r.regions:
+        return [region["prompt"] for region in r.regions]
+    if r.composable and uses_and(r.prompt):
+        return [text for text, _ in split_and(r.prompt)]
+    return []
 
 
 def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:

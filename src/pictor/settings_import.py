@@ -30,6 +30,7 @@ from typing import Any
 
 from pictor.comfy_graph import ComfyGraphError, shortened
 from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, comfy_prompt_as_a1111, read_comfy_graph
+from pictor.composable_prompts import uses_and
 from pictor.flow import resolution_mu
 from pictor.generation_request import MAX_SEED
 from pictor.prompt_editing import has_editing
@@ -180,6 +181,7 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
             v[key] = record[key]
     v["prompt_weights"] = bool(record.get("prompt_weights"))
     v["prompt_editing"] = bool(record.get("prompt_editing"))
+    v["composable"] = bool(record.get("composable"))
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
     if record.get("seed_resize_from"):
@@ -201,6 +203,7 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
     for key, words in (
         ("loras", "LoRAs"),
         ("layout", "a layout"),
+        ("regions", "regional prompts"),
         ("reference_image", "a reference picture"),
         ("control_image", "a control picture"),
         ("controlnets", "ControlNets"),
@@ -224,6 +227,7 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     v["prompt"], v["negative"], v["prompt_weights"] = prompt, negative, True
     # A1111 reads prompt editing always; on only where the texts use it, so records say what ran
     v["prompt_editing"] = has_editing(prompt) or has_editing(negative)
+    v["composable"] = uses_and(prompt)  # likewise AND (A1111 never splits the negative prompt)
     if loras:
         out.notices.append(
             f"the prompt's LoRA tags ({', '.join(loras)}) are taken out: give the files with --lora "

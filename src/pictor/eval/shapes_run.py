@@ -52,18 +52,20 @@ def generate_for_specs(
     references: list[list[np.ndarray]] | None = None,
     empty_prompts: bool = False,
     controls: list[list[np.ndarray]] | None = None,
+    regions: list[list[list[dict]]] | None = None,
 ) -> list[list[np.ndarray]]:
     """K images per spec; with `layouts`, `references` or `controls`, image j of spec i follows
-    layouts[i][j], takes references[i][j] or gives controls[i][j] to the pipeline's ControlNet (one sampler
-    run each, on the same seed as without). With `empty_prompts` the prompt
-    is "" (the spec still scores the image): what a reference alone carries, or the unconditional model."""
+    layouts[i][j], takes references[i][j], gives controls[i][j] to the pipeline's ControlNet or takes
+    regional prompts regions[i][j] (one sampler run each, on the same seed as without). With
+    `empty_prompts` the prompt is "" (the spec still scores the image): what a reference alone carries, or
+    the unconditional model."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
         prompt = "" if empty_prompts else spec["prompt"]
         base = GenerationRequest(
             prompt, steps=steps, guidance=guidance, sampler=sampler, cache_threshold=cache_threshold
         )
-        if layouts is None and references is None and controls is None:
+        if layouts is None and references is None and controls is None and regions is None:
             generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
         else:
             generated = [
@@ -74,6 +76,7 @@ def generate_for_specs(
                         layout=layouts[i][j] if layouts is not None else None,
                         reference=references[i][j] if references is not None else None,
                         controlnet_images=[controls[i][j]] if controls is not None else None,
+                        regions=regions[i][j] if regions is not None else None,
                     )
                 )[0]
                 for j in range(k)

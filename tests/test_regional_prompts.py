@@ -1,0 +1,242 @@
+"""Regional prompts (`pictor.regional_prompts`): the regions' reading, their weights per token, the velocity
+they give (checked against passes of each prompt alone), records, reproduce, refusals and the CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import save_bundle
+from pictor.editing import EditRequest
+from pictor.generation_request import GenerationError, GenerationRequest
+from pictor.guided_velocity import guided_velocity
+from pictor.loading import load, pipeline_from_preset
+from pictor.pipeline import Pipeline
+from pictor.provenance import read_record
+from pictor.regional_prompts import RegionError, parse_regions, read_regions_arg, region_weights
+from pictor.reproduce import reproduce
+from tests.test_cli_prompt_variants import cli
+
+from tiny_bundle import tiny_models
+
+LEFT = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle"}
+RIGHT = {"box": [0.5, 0.25, 1.0, 0.75], "prompt": "a blue square", "strength": 3}
+
+
+def test_regions_are_read_and_normalised() -> None:
+    regions = parse_regions(json.dumps([LEFT, {**RIGHT, "prompt": "  a blue square "}]))
+    assert regions == [
+        {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle", "strength": 1.0},
+        {"box": [0.5, 0.25, 1.0, 0.75], "prompt": "a blue square", "strength": 3.0},
+    ]
+    # a layout's boxes read as regions: the phrase is the prompt
+    assert parse_regions([{"box": [0, 0, 1, 1], "phrase": "a star"}])[0]["prompt"] == "a star"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[", "not valid JSON"),
+        ("[]", "non-empty list"),
+        ({"box": [0, 0, 1, 1], "prompt": "x"}, "non-empty list"),
+        ([LEFT] * 9, "at most 8 regions"),
+        ([{"box": [0, 0, 1, 1]}], "'prompt' must be a non-empty string"),
+        ([{"box": [0, 0, 1, 1], "prompt": "  "}], "'prompt' must be a non-empty string"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "phrase": "y"}], "not both"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "weight": 2}], "optionally 'strength'"),
+        ([{"box": [0, 0, 1], "prompt": "x"}], "four numbers"),
+        ([{"box": [0, 0, True, 1], "prompt": "x"}], "four numbers"),
+        ([{"box": [0.5, 0, 0.5, 1], "prompt": "x"}], "0 <= x0 < x1 <= 1"),
+        ([{"box": [0, 0, 2, 1], "prompt": "x"}], "divide pixel coordinates"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "strength": 0}], "above 0 and at most 10"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "strength": 11}], "above 0 and at most 10"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "strength": float("nan")}], "above 0 and at most 10"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x", "strength": "2"}], "above 0 and at most 10"),
+        ([{"box": [0, 0, 1, 1], "prompt": "x" * 2001}], "the limit is 2000"),
+        ([{"box": [0, 0, 1, 1], "prompt": "\ud800"}], "lone surrogate"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_bad_regions_say_what_is_wrong(value: Any, message: str) -> None:
+    with pytest.raises(RegionError, match=message):
+        parse_regions(value)
+
+
+def test_regions_from_the_command_line_text(tmp_path: Path) -> None:
+    path = tmp_path / "regions.json"
+    path.write_text(json.dumps([LEFT]), encoding="utf-8")
+    assert read_regions_arg(str(path)) == read_regions_arg(json.dumps([LEFT])) == parse_regions([LEFT])
+    with pytest.raises(RegionError, match="no such file"):
+        read_regions_arg(str(tmp_path / "missing.json"))
+    path.write_bytes(b"\xff\xfe[")
+    with pytest.raises(RegionError, match="not UTF-8"):
+        read_regions_arg(str(path))
+
+
+def test_weights_follow_boxes_and_strengths() -> None:
+    w = region_weights(parse_regions([LEFT, RIGHT]), 4, 4).reshape(3, 4, 4)
+    assert torch.allclose(w.sum(0), torch.ones(4, 4))
+    # left half: the whole prompt and the left region share equally (strength 1)
+    assert torch.allclose(w[0, :, :2], torch.full((4, 2), 0.5)) and torch.allclose(w[1, :, :2], w[0, :, :2])
+    # right middle rows: strength 3 against the whole prompt's 1
+    assert torch.allclose(w[2, 1:3, 2:], torch.full((2, 2), 0.75))
+    # right top and bottom rows: no box, the whole prompt alone
+    assert torch.equal(w[0, [0, 3], 2:], torch.ones(2, 2)) and not w[1:, [0, 3], 2:].any()
+    # a box edge inside a cell weighs by the covered share: 1/4 of a cell at strength 1 -> 0.25 / 1.25
+    (row,) = region_weights(parse_regions([{"box": [0, 0, 0.125, 1], "prompt": "x"}]), 1, 2)[1:]
+    assert torch.allclose(row, torch.tensor([0.2, 0.0]))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("regions") / "tiny"
+    cfg, flux, ae = tiny_models("tiny-regions", trained=True)
+    save_bundle(path, cfg, flux.state_dict(), ae.state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle: Path) -> Pipeline:
+    return load(str(bundle), device="cpu")
+
+
+def _velocity(pipe: Pipeline, prompt: str, **kw: Any) -> Any:
+    r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
+    return guided_velocity(pipe, r, 2, 8, 8)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_the_velocity_blends_each_prompts_own_pass(pipe: Pipeline, guidance: float) -> None:
+    """Each token's velocity is the passes' mean by its weights, each pass what the prompt alone gives;
+    under CFG the blend is guided away from the negative prompt's pass."""
+    regions = parse_regions([LEFT, RIGHT])
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 16, 16), torch.tensor([0.7, 0.4])  # two images, each at its own time
+    with torch.inference_mode():
+        negative_prompt = "blurry" if guidance != 1.0 else ""  # (a negative prompt needs CFG)
+        v = _velocity(
+            pipe, "two shapes", guidance=guidance, negative_prompt=negative_prompt, regions=regions
+        )(x, t)
+        alone = [
+            _velocity(pipe, p, guidance=1.0)(x, t) for p in ("two shapes", LEFT["prompt"], RIGHT["prompt"])
+        ]
+        negative = _velocity(pipe, "blurry", guidance=1.0)(x, t)
+    w = region_weights(regions, 4, 4)[:, None, :, None]
+    blend = (w * torch.stack(alone)).sum(0)
+    want = negative + guidance * (blend - negative) if guidance != 1.0 else blend
+    assert torch.allclose(v, want, atol=1e-5), (v - want).abs().max()
+    assert not torch.allclose(v, alone[0] if guidance == 1.0 else want * 0, atol=1e-3)  # the regions count
+
+
+def test_images_records_and_reproduce(pipe: Pipeline) -> None:
+    def generate(**kw: Any) -> list[Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tiny encoder's notices about its vocabulary
+            return pipe.generate(GenerationRequest("two shapes", seed=5, steps=4, num_images=2, **kw))
+
+    plain = generate()
+    regional = generate(regions=[LEFT, RIGHT])
+    assert regional[0].record["regions"] == parse_regions([LEFT, RIGHT])
+    assert "regions" not in plain[0].record
+    for p, g in zip(plain, regional, strict=True):
+        a, b = (np.asarray(im.image).astype(np.int16) for im in (p, g))
+        assert np.abs(a - b).max() > 1  # the regions' prompts change the picture (beyond rounding, below)
+        assert np.array_equal(np.asarray(reproduce(pipe, g.record).image), b)
+    # regions whose prompt is the whole prompt change nothing but float rounding
+    same = generate(regions=[{"box": [0, 0, 0.5, 1], "prompt": "two shapes", "strength": 2}])
+    for p, g in zip(plain, same, strict=True):
+        assert np.abs(np.asarray(p.image).astype(np.int16) - np.asarray(g.image)).max() <= 1
+
+
+def test_edits_take_regions(pipe: Pipeline) -> None:
+    source = Image.new("RGB", (32, 32), (128, 128, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (g,) = pipe.edit(EditRequest(source, "two shapes", strength=0.8, steps=4, seed=2, regions=[LEFT]))
+    assert g.record["regions"] == parse_regions([LEFT]) and g.record["mode"] == "img2img"
+    assert np.array_equal(np.asarray(reproduce(pipe, g.record, source=source).image), np.asarray(g.image))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    request = EditRequest(source, "x", mask=mask, inpaint_area="masked", steps=2, regions=[LEFT])
+    with pytest.raises(ValueError, match="regions cover the whole image"):
+        pipe.edit(request)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"prompt_editing": True, "prompt_weights": True}, "prompt editing"),
+        ({"cache_threshold": 0.1}, "the first-block cache"),
+        ({"denoise_tile": 16}, "denoise tiles"),
+    ],
+)
+def test_what_regions_do_not_run_with_is_refused(
+    pipe: Pipeline, settings: dict[str, Any], named: str
+) -> None:
+    request = GenerationRequest("x", steps=2, regions=[LEFT], **settings)
+    with pytest.raises(GenerationError, match=f"regional prompts do not run with {named}"):
+        pipe.generate(request)
+    with pytest.raises(GenerationError, match="'box' must be four numbers"):
+        pipe.generate(GenerationRequest("x", steps=2, regions=[{"box": [0, 1], "prompt": "x"}]))
+
+
+def test_the_command_line(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path) -> None:
+    regions = tmp_path / "regions.json"
+    regions.write_text(json.dumps([LEFT, RIGHT]), encoding="utf-8")
+    out = tmp_path / "out"
+    code, _, err = cli(
+        capsys, "generate", "two shapes", "--regions", str(regions), "--model", str(bundle),
+        "--steps", "2", "--device", "cpu", "--seed", "3", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    assert read_record(png)["regions"] == parse_regions([LEFT, RIGHT])
+    code, _, err = cli(
+        capsys, "generate", "two shapes", "--regions", '[{"box": [0, 0, 1, 1]}]', "--model", str(bundle),
+        "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert code != 0 and "'prompt' must be a non-empty string" in err and "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:model 'tiny:UserWarning")
+def test_with_a_layout_and_a_reference_picture() -> None:
+    """The layout's residuals go with every pass, the reference picture with the prompts' passes and not
+    the negative prompt's (as without regions)."""
+    from tests.test_layout_generation import _adapter as layout_adapter
+    from tests.test_reference_generation import _adapter as reference_adapter
+    from tests.test_reference_generation import _picture
+
+    pipe = pipeline_from_preset("tiny", device="cpu")
+    torch.manual_seed(0)
+    for module in pipe.transformer.modules():  # (as test_reference_generation: the text reaches the image)
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    pipe.layout_adapter, pipe.reference_adapter = layout_adapter(pipe), reference_adapter(pipe)
+    layout = [{"box": [0.0, 0.5, 1.0, 1.0], "phrase": "grass"}]
+    picture = np.asarray(_picture())
+    regions = parse_regions([LEFT, RIGHT])
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 16, 16), torch.tensor([0.8, 0.3])
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny preset's untrained-model notices
+        v = _velocity(
+            pipe, "two shapes", guidance=3.0, negative_prompt="blurry", regions=regions, layout=layout,
+            reference=picture,
+        )(x, t)  # fmt: skip
+        alone = [
+            _velocity(pipe, p, guidance=1.0, layout=layout, reference=picture)(x, t)
+            for p in ("two shapes", LEFT["prompt"], RIGHT["prompt"])
+        ]
+        negative = _velocity(pipe, "blurry", guidance=1.0, layout=layout)(x, t)
+        without = _velocity(pipe, "blurry", guidance=1.0)(x, t)
+    assert not torch.allclose(negative, without, atol=1e-3)  # the layout speaks in this model
+    blend = (region_weights(regions, 4, 4)[:, None, :, None] * torch.stack(alone)).sum(0)
+    want = negative + 3.0 * (blend - negative)
+    assert torch.allclose(v, want, atol=1e-5), (v - want).abs().max()
