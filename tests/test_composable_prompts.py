@@ -17,6 +17,7 @@ from pictor.composable_prompts import compose, split_and, uses_and
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.guided_velocity import guided_velocity
 from pictor.loading import load
+from pictor.notices import PictorWarning
 from pictor.pipeline import Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
@@ -139,3 +140,17 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_
     assert code == 0, err
     (png,) = out.glob("*.png")
     assert read_record(png)["composable"] is True
+
+
+def test_parts_are_checked_and_measured(pipe: Pipeline) -> None:
+    """Each AND part is read as a prompt (its cut-off end said, named by its part); the whole prompt,
+    never read as one text, is not measured."""
+    long = " ".join(["word"] * 40) + " end"
+    request = GenerationRequest(f"a AND {long}", steps=2, composable=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe.resolve_request(request)
+    said = [str(w.message) for w in seen if issubclass(w.category, PictorWarning)]
+    assert len(said) == 1 and said[0].startswith("the prompt's AND part 2 is longer than"), said
+    with pytest.raises(GenerationError, match="the prompt's AND part 1: "):
+        pipe.resolve_request(GenerationRequest("(a:99) AND b", steps=2, composable=True, prompt_weights=True))

@@ -18,6 +18,7 @@ from pictor.editing import EditRequest
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.guided_velocity import guided_velocity
 from pictor.loading import load, pipeline_from_preset
+from pictor.notices import PictorWarning
 from pictor.pipeline import Pipeline
 from pictor.provenance import read_record
 from pictor.regional_prompts import RegionError, parse_regions, read_regions_arg, region_weights
@@ -240,3 +241,17 @@ def test_with_a_layout_and_a_reference_picture() -> None:
     blend = (region_weights(regions, 4, 4)[:, None, :, None] * torch.stack(alone)).sum(0)
     want = negative + 3.0 * (blend - negative)
     assert torch.allclose(v, want, atol=1e-5), (v - want).abs().max()
+
+
+def test_region_prompts_are_checked_and_measured(pipe: Pipeline) -> None:
+    """Each region's prompt is read as the prompt is: its weights are checked and a cut-off end is said,
+    named by its region."""
+    long = "a " + " ".join(["word"] * 40) + " end"
+    request = GenerationRequest("x", steps=2, regions=[LEFT, {"box": [0, 0, 1, 1], "prompt": long}])
+    with pytest.warns(PictorWarning, match="the prompt of region 1 is longer than the text encoder's"):
+        pipe.resolve_request(request)
+    weighted = GenerationRequest(
+        "x", steps=2, prompt_weights=True, regions=[{"box": [0, 0, 1, 1], "prompt": "(a:99)"}]
+    )
+    with pytest.raises(GenerationError, match="the prompt of region 0: "):
+        pipe.resolve_request(weighted)

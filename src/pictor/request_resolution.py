@@ -138,9 +138,7 @@ def resolve_request(
     r = _resolve_regions(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
     # regions or AND, each pass's).
-    texts = _read_texts(r)
-    passes = [(text, r.negative_prompt or "") for text in _pass_texts(r)]
-    texts = passes if r.composable and passes else texts + passes  # AND's parts stand for the prompt
+    texts = with_pass_texts(_read_texts(r), r.prompt, r.regions, r.composable)
     if r.prompt_weights:
         _check_prompt_weights(pipe, texts)
     # As diffusers does: the image is made, but the user learns what was not read.
@@ -311,13 +309,18 @@ def _resolve_regions(pipe: ResolvingPipeline, r: GenerationRequest) -> Generatio
     return r
 
 
-def _pass_texts(r: GenerationRequest) -> list[str]:
-    """The texts of the passes regions or AND add (the whole prompt's text is read anyway)."""
-    if r.regions:
-        return [region["prompt"] for region in r.regions]
-    if r.composable and uses_and(r.prompt):
-        return [text for text, _ in split_and(r.prompt)]
-    return []
+def with_pass_texts(
+    texts: list[tuple[str, str]], prompt: str, regions: list[dict[str, Any]] | None, composable: bool
+) -> list[tuple[str, str]]:
+    """`texts_read`'s ("prompt" or "negative prompt", text) pairs with the texts regions or AND run as passes
+    of their own: each region's prompt beside the prompt, or each AND part in the prompt's place (the
+    prompt is then never read as one text)."""
+    if regions:
+        return texts + [(f"prompt of region {i}", region["prompt"]) for i, region in enumerate(regions)]
+    if composable and uses_and(prompt):
+        parts = [(f"prompt's AND part {i + 1}", text) for i, (text, _) in enumerate(split_and(prompt))]
+        return [(what, text) for what, text in texts if what != "prompt"] + parts
+    return texts
 
 
 def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
@@ -345,8 +348,12 @@ def text_notices(pipe: ResolvingPipeline, texts: list[tuple[str, str]], weighted
     """`prompt_notices` of each text (`texts_read`'s pairs), each sentence once."""
     notices: list[str] = []
     for what, text in texts:
-        prompt, negative = (text, None) if what == "prompt" else (None, text)
-        notices += [n for n in pipe.prompt_notices(prompt, negative, weighted) if n not in notices]
+        if what == "negative prompt":
+            said = pipe.prompt_notices(None, text, weighted)
+        else:  # the prompt, a region's or an AND part: encoded as the prompt is, named as what it is
+            said = pipe.prompt_notices(text, None, weighted)
+            said = [n.replace("the prompt", f"the {what}", 1) for n in said]
+        notices += [n for n in said if n not in notices]
     return notices
 
 

@@ -7,12 +7,15 @@ import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from pictor.control_images import DEFAULT_CANNY
 from pictor.controlnet_runs import MAX_SCALE
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.pipeline import MAX_SEED
 from pictor.redux_images import MAX_STRENGTH
+from pictor.regional_prompts import MAX_REGIONS, RegionError, parse_regions
+from pictor.regional_prompts import MAX_STRENGTH as MAX_REGION_STRENGTH
 from pictor.serve.controlnets import json_modes, json_scales, too_many
 from pictor.serve.settings import MAX_CONTROLNETS
 
@@ -37,6 +40,23 @@ class LayoutBox(BaseModel):
 
     box: list[float] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1], fractions 0..1.")
     phrase: str = Field(min_length=1, description="What to draw in the box, e.g. 'a red circle'.")
+
+
+class Region(BaseModel):
+    """One regional prompt: where (fractions of the image, y down), what to draw there and how strongly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    box: list[float] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1], fractions 0..1.")
+    prompt: str = Field(min_length=1, description="What to draw in the box, e.g. 'a red circle'.")
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_REGION_STRENGTH,
+        allow_inf_nan=False,
+        description="How much the region's prompt outweighs the whole prompt in its box (absent: 1, equal "
+        "shares; 2: twice the whole prompt's weight).",
+    )
 
 
 class LoraChoice(BaseModel):
@@ -142,6 +162,14 @@ class ImageGenerationRequest(BaseModel):
     )
     layout: list[LayoutBox] | None = Field(
         None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."
+    )
+    regions: list[Region] | None = Field(
+        None,
+        max_length=MAX_REGIONS,
+        description="Regional prompts, with any model (no adapter): a prompt of its own for each box, "
+        "blended with the whole prompt where the box lies (ComfyUI's ConditioningSetMask, A1111's Regional "
+        f"Prompter); at most {MAX_REGIONS}, each one more transformer pass per step. Not with "
+        "prompt_editing, cache_threshold, denoise_tile, ip_adapter_image, or on a server with ControlNets.",
     )
     reference_image: str | None = Field(
         None,
@@ -302,6 +330,20 @@ class ImageGenerationRequest(BaseModel):
     @classmethod
     def _controlnet_modes(cls, value: Any) -> Any:
         return json_modes(value)
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_count(cls, value: Any) -> Any:
+        # Before each region is looked at, in the words of `parse_regions` (which says why there is a limit);
+        # the field's name is said once, by the error's place. A custom error, as pydantic starts a
+        # ValueError's message with "Value error, ".
+        if isinstance(value, list) and len(value) > MAX_REGIONS:
+            try:
+                parse_regions(value)
+            except RegionError as exc:
+                reason = str(exc).removeprefix("regions: ")
+                raise PydanticCustomError("too_many_regions", "{reason}", {"reason": reason}) from None
+        return value
 
     @field_validator("stream", mode="before")
     @classmethod

@@ -10,18 +10,18 @@ Masks follow OpenAI: where the mask is fully transparent (alpha 0) the image is 
 an alpha channel follows pictor's convention instead: white repaints, black keeps. Without a mask, an
 image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
 
-pictor's own fields go as in ``/v1/images/generations``: ``layout`` (its JSON text, as a form field),
-``reference_image``, ``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model
-only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control model needs one), each a
-further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw
-the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on a server with Redux
-loaded) as a file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLUX.1 IP-Adapter's picture, on
-a server with the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the prompt may be empty only
-with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files
-(the field repeated, one per ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``,
-``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a list). Variation seeds
-(``variation_seed``, ``variation_strength``) go as on a generation; ``seed_resize_from`` is refused (an edit's
-composition is its picture's).
+pictor's own fields go as in ``/v1/images/generations``: ``layout`` and ``regions`` (regional prompts) as
+their JSON text in form fields, ``reference_image``, ``context_image`` (FLUX.1 Kontext's picture to edit by
+instruction; a Kontext model only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control
+model needs one), each a further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH``
+or ``[LOW, HIGH]``: draw the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on
+a server with Redux loaded) as a file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLUX.1
+IP-Adapter's picture, on a server with the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the
+prompt may be empty only with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets,
+``controlnet_image`` files (the field repeated, one per ControlNet, in order) with ``controlnet_scales``,
+``controlnet_modes``, ``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a
+list). Variation seeds (``variation_seed``, ``variation_strength``) go as on a generation;
+``seed_resize_from`` is refused (an edit's composition is its picture's).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from pictor.serve.service import (
     Service,
     check_names,
     checked_layout,
+    checked_regions,
     require_prompt,
     service,
 )
@@ -121,7 +122,8 @@ def edit_params(
     pictured = any(picture is not None for picture in (reference, redux, ip_adapter))
     require_prompt(prompt, pictured or prompt_optional)
     layout = checked_layout(form.get("layout"))
-    check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []])
+    regions = checked_regions(form.get("regions"), limits)
+    check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []], regions)
     upscale = form.get("upscale")
     if form["size"] not in (None, "", "auto") and (
         upscale is not None or form["size"] != f"{source.width}x{source.height}"
@@ -170,6 +172,7 @@ def edit_params(
     if svc.manager.pipeline is None:  # read again below: it never goes away once loaded
         _check_upscaler_while_loading(svc, edit_settings.get("upscaler"))
     settings["layout"] = layout
+    settings["regions"] = regions
     settings["control_canny"] = form.get("control_canny")  # [low, high] or None (canny_form)
     settings["redux_strength"] = form.get("redux_strength")
     settings["ip_adapter_scale"] = form.get("ip_adapter_scale")
@@ -209,6 +212,7 @@ def edit_params(
             schedule=r.schedule,
             strength=inputs.strength,
             layout=r.layout,
+            regions=r.regions,
             redux_strength=r.redux_strength,
             ip_adapter_scale=r.ip_adapter_scale,
             denoise_tile=r.denoise_tile,  # the overlap's default filled in: equal edits read alike
@@ -423,6 +427,7 @@ FORM_FIELDS = {
     "controlnet_start",
     "controlnet_end",
     "layout",
+    "regions",
     "loras",
     "n",
     "size",
@@ -595,6 +600,13 @@ async def edit_form(
             description='boxes with phrases as JSON, e.g. [{"box": [0, 0, 0.5, 1], "phrase": "a red circle"}]'
         ),
     ] = None,
+    regions: Annotated[
+        str | None,
+        Form(
+            description="regional prompts as JSON, a prompt of its own for each box (any model), e.g. "
+            '[{"box": [0, 0, 0.5, 1], "prompt": "a red circle", "strength": 1}]; strength optional (1)'
+        ),
+    ] = None,
     loras: Loras = None,
     n: Count = 1,
     size: Size = None,
@@ -688,6 +700,7 @@ async def edit_form(
         "variation_strength": variation_strength,
         "strength": strength,
         "layout": layout,
+        "regions": regions,
         "loras": loras,
         "control_canny": canny_form(control_canny),
         "redux_strength": redux_strength,

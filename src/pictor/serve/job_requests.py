@@ -27,6 +27,9 @@ BATCH_KEYS = (
     "sampler",
     "schedule",
     "layout",
+    # regional prompts (`pictor.regional_prompts`), normalised when the job was taken: equal lists merge,
+    # and a job without them (or queued before they existed) reads None
+    "regions",
     "reference",  # an upload id: new for every request, so jobs with a reference never merge
     "context_image",  # likewise
     "control_image",  # likewise

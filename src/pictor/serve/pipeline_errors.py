@@ -17,9 +17,10 @@ from pictor.editing import EditError
 from pictor.layout_files import LayoutError
 from pictor.pipeline import GenerationError
 from pictor.reference_files import ReferenceImageError
+from pictor.regional_prompts import RegionError
 
 # What the pipeline raises for a request it cannot run as asked (a value, or a value this model refuses).
-REQUEST_ERRORS = (GenerationError, EditError, LayoutError, ReferenceImageError)
+REQUEST_ERRORS = (GenerationError, EditError, LayoutError, ReferenceImageError, RegionError)
 
 CONTROLNET_FIELDS = (
     "controlnet_images",
@@ -76,6 +77,11 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^hires upscaler", "hires_upscaler"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
+        # regional prompts (regional_prompts.parse_regions, request_resolution._resolve_regions): before the
+        # cache's, denoise tiles' and IP-Adapter's rules, which "regional prompts do not run with the
+        # first-block cache..." would meet; after inpaint_area's, whose "regions ... cover the whole image,
+        # but inpaint area 'masked'" is about the area (as for layout boxes)
+        (r"^regional prompts|^regions?\b|^region \d+:", "regions"),
         # denoise tiles (generation_settings.denoise_tiling_problem, request_resolution): before the cache's
         # rule, which "denoise tiles and the first-block cache do not go together" would meet; an overlap
         # without a tile is about the tile, which is missing (as hires settings without a scale are)
@@ -223,6 +229,7 @@ FLAG_FIELDS = {
     "num-images": "n",
     "negative-prompt": "negative_prompt",
     "layout": "layout",
+    "regions": "regions",
     "hires": "hires_scale",
     "hires-scale": "hires_scale",
     "hires-strength": "hires_strength",

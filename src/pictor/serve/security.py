@@ -313,14 +313,20 @@ class BlockList:
 
 
 def check_policy(
-    policy: PromptPolicy | None, prompt: str, negative_prompt: str, phrases: Sequence[str] = ()
+    policy: PromptPolicy | None,
+    prompt: str,
+    negative_prompt: str,
+    phrases: Sequence[str] = (),
+    regions: Sequence[dict[str, Any]] | None = None,
 ) -> None:
-    """Refuse a request the policy refuses: its prompt, or any layout phrase (a phrase steers the image
-    through the layout adapter as the prompt does)."""
+    """Refuse a request the policy refuses: its prompt, any layout phrase (a phrase steers the image
+    through the layout adapter as the prompt does) or any region's prompt (`parse_regions`' dicts: each is
+    the prompt of its part of the image)."""
     if policy is None:
         return
     checks = [("prompt", "", prompt, negative_prompt)]
     checks += [("layout", f"layout box {i}: ", phrase, "") for i, phrase in enumerate(phrases)]
+    checks += [("regions", f"region {i}: ", region["prompt"], "") for i, region in enumerate(regions or ())]
     for param, where, text, negative in checks:
         reason = policy(text, negative)
         if reason:

@@ -16,6 +16,7 @@ from pictor.editing import eight_bit
 from pictor.hires import hires_size
 from pictor.ip_adapter_files import ip_adapter_pixels
 from pictor.layout_files import LayoutError, parse_layout
+from pictor.regional_prompts import RegionError, parse_regions
 from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
 from pictor.serve.controlnets import decode_pictures, resolved_settings
@@ -101,7 +102,10 @@ class Service:
         check_text(limits, prompt=body.prompt, negative_prompt=negative, user=body.user)
         check_names(body.sampler, body.schedule)
         layout = checked_layout([b.model_dump() for b in body.layout] if body.layout is not None else None)
-        check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []])
+        # An absent strength is left out, not sent as null: parse_regions then gives the default.
+        sent = [r.model_dump(exclude_none=True) for r in body.regions] if body.regions is not None else None
+        regions = checked_regions(sent, limits)
+        check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []], regions)
         # Each of these pictures says what to draw by itself, so the prompt may then be empty.
         pictured = (body.reference_image, body.redux_image, redux, body.ip_adapter_image)
         has_picture = any(picture is not None for picture in pictured)
@@ -149,6 +153,7 @@ class Service:
             "variation_strength": body.variation_strength if varied else None,
             "seed_resize_from": resize_from,  # [width, height] (the pattern checked), or None
             "layout": layout,
+            "regions": regions,  # checked and normalised (each with its strength), as the records keep them
             "hires_scale": body.hires_scale,
             "hires_strength": body.hires_strength,
             "hires_steps": body.hires_steps,
@@ -216,6 +221,7 @@ class Service:
             sampler=r.sampler,
             schedule=r.schedule,
             layout=r.layout,
+            regions=r.regions,
             hires_strength=r.hires_strength,
             hires_steps=r.hires_steps,
             hires_upscaler=r.hires_upscaler if r.hires_scale is not None else None,
@@ -405,6 +411,28 @@ def checked_layout(layout: Any) -> list[dict[str, Any]] | None:
         return parse_layout(layout)
     except LayoutError as exc:
         raise APIError(400, str(exc), param="layout", code="invalid_parameters") from None
+
+
+def checked_regions(regions: Any, limits: Limits) -> list[dict[str, Any]] | None:
+    """Regional prompts (a list of regions, or its JSON text) checked and normalised, each with its
+    strength; None when absent. Each region's prompt is held to the server's prompt limit too, since it is
+    encoded as the prompt is."""
+    if regions is None or (isinstance(regions, str) and not regions.strip()):
+        return None
+    try:
+        parsed = parse_regions(regions)
+    except RegionError as exc:
+        raise APIError(400, str(exc), param="regions", code="invalid_parameters") from None
+    for i, region in enumerate(parsed):
+        if len(region["prompt"]) > limits.max_prompt_chars:
+            raise APIError(
+                400,
+                f"region {i}: 'prompt' is {len(region['prompt'])} characters; this server's limit is "
+                f"{limits.max_prompt_chars}",
+                param="regions",
+                code="prompt_too_long",
+            )
+    return parsed
 
 
 def require_prompt(prompt: str, has_reference: bool) -> None:

@@ -358,6 +358,7 @@ async def variation_form(
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,
+        "regions": None,  # the variation form takes neither: the picture says where things go
         "loras": loras,
     }
     return EditForm(

@@ -154,10 +154,8 @@ async function settingsFromImage(file) {
 
 function fillForm(record) {
   $("prompt").value = record.prompt || "";
-  $("layout-boxes").replaceChildren();
-  for (const item of record.layout || []) addBox(item.box, item.phrase);
-  drawLayout();
-  if (record.layout) $("layout-settings").open = true;
+  fillBoxes("layout", record.layout);
+  fillBoxes("regions", record.regions);  // normalised in a record: each with its strength
   $("negative_prompt").value = record.negative_prompt || "";
   $("prompt_weights").checked = Boolean(record.prompt_weights || record.prompt_editing); // editing reads weights too
   $("prompt_editing").checked = Boolean(record.prompt_editing);
@@ -274,8 +272,8 @@ function hidePreview() {
 }
 
 // An edit or a variation is the same request as multipart form data: the picture it starts from, the
-// reference and context pictures when chosen, the fields as text (a layout and LoRAs as their JSON text),
-// and the strength of its own section.
+// reference and context pictures when chosen, the fields as text (a layout, regions and LoRAs as their JSON
+// text), and the strength of its own section.
 function multipartFromForm(image, strengthInput, body) {
   const form = new FormData();
   form.append("image", image);
@@ -336,8 +334,8 @@ function editFromForm({ size, ...body }, nets) {
 }
 
 // For POST /v1/jobs/variations. Width and Height go as the size the picture is resized to first. What a
-// variation does not take (a layout, the hires fix, a reference picture) goes too, so that the server's
-// 400 names it on the page, rather than the page dropping a choice unseen.
+// variation does not take (a layout, regions, the hires fix, a reference picture) goes too, so that the
+// server's 400 names it on the page, rather than the page dropping a choice unseen.
 // With FLUX.1 Redux the picture is the variation's Redux picture: its strength goes instead of img2img's
 // (whose input is disabled then).
 function variationFromForm(body) {
@@ -346,83 +344,136 @@ function variationFromForm(body) {
   return form;
 }
 
-// -- the layout editor: one list item per box, a phrase over its four edges ----------------------
+// -- box editors: Layout (a phrase per box, for a layout adapter) and Regions (a prompt and a strength per
+// box, regional prompts with any model). One list item per box, its text over its four edges, and a preview
+// of where the boxes go; both are built, read and checked by the same functions, told apart by BOX_EDITORS.
 
 const EDGES = ["left", "top", "right", "bottom"];
+// Per editor: the ids of its list, preview and section; `noun`, how the page names one box ("Box 2",
+// "Region 2"); `text`, the API's key of a box's text; `strength`, the most a box's strength may be (regions
+// only: pictor.regional_prompts.MAX_STRENGTH); `max`, how many boxes the API takes (regions: MAX_REGIONS).
+const BOX_EDITORS = {
+  layout: { list: "layout-boxes", preview: "layout-preview", section: "layout-settings", noun: "Box", text: "phrase" },
+  regions: {
+    list: "region-boxes",
+    preview: "region-preview",
+    section: "regions-settings",
+    noun: "Region",
+    text: "prompt",
+    strength: 10,
+    max: 8,
+  },
+};
 
-function addBox(box = [0.1, 0.1, 0.5, 0.5], phrase = "") {
+// A labelled input of a box row: the label's visible word, and the input's class (nameBoxes names it).
+function boxField(word, className, attrs, value) {
+  const label = document.createElement("label");
+  label.textContent = word;
+  const input = document.createElement("input");
+  Object.assign(input, attrs);
+  input.className = className;
+  input.value = value;
+  label.append(input);
+  return label;
+}
+
+function addBox(editor, box = [0.1, 0.1, 0.5, 0.5], text = "", strength = undefined) {
+  const kind = BOX_EDITORS[editor];
   const item = document.createElement("li");
   const row = document.createElement("div");
-  row.className = "layout-box";
-  const phraseLabel = document.createElement("label");
-  phraseLabel.className = "phrase";
-  phraseLabel.textContent = "Phrase";
-  const phraseInput = document.createElement("input");
-  phraseInput.type = "text";
-  phraseInput.className = "box-phrase";
-  phraseInput.placeholder = "a red circle";
-  phraseInput.value = phrase;
-  phraseLabel.append(phraseInput);
-  row.append(phraseLabel);
+  row.className = kind.strength ? "layout-box with-strength" : "layout-box";
+  const word = kind.text[0].toUpperCase() + kind.text.slice(1);
+  const textLabel = boxField(word, "box-text", { type: "text", placeholder: "a red circle" }, text);
+  textLabel.className = "phrase";
+  row.append(textLabel);
   EDGES.forEach((edge, i) => {
-    const label = document.createElement("label");
-    label.textContent = edge[0].toUpperCase() + edge.slice(1);
-    const input = document.createElement("input");
-    // No min/max and step "any": a layout from the API or CLI may hold any fraction, and the page's own
-    // check (layoutFromForm) names the box that is wrong, where the browser's bubble would not.
-    Object.assign(input, { type: "number", step: "any", inputMode: "decimal" });
-    input.className = `box-${edge}`;
-    input.value = String(box[i]);
-    label.append(input);
-    row.append(label);
+    // No min/max and step "any": boxes from the API or CLI may hold any fraction, and the page's own check
+    // (boxesFromForm) names the box that is wrong, where the browser's bubble would not.
+    const attrs = { type: "number", step: "any", inputMode: "decimal" };
+    row.append(boxField(edge[0].toUpperCase() + edge.slice(1), `box-${edge}`, attrs, String(box[i])));
   });
+  if (kind.strength) {  // empty: the server's default (1, the region and the whole prompt weigh alike)
+    const attrs = { type: "number", step: "any", inputMode: "decimal", placeholder: "1" };
+    row.append(boxField("Strength", "box-strength", attrs, strength === undefined ? "" : String(strength)));
+  }
   const remove = document.createElement("button");
   remove.type = "button";
   remove.className = "box-remove";
   remove.textContent = "Remove";
   remove.addEventListener("click", () => {
     item.remove();
-    nameBoxes();
-    drawLayout();
+    nameBoxes(editor);
+    drawBoxes(editor);
   });
   row.append(remove);
-  row.addEventListener("input", drawLayout);
+  row.addEventListener("input", () => drawBoxes(editor));
   item.append(row);
-  $("layout-boxes").append(item);
-  nameBoxes();
-  drawLayout();
+  $(kind.list).append(item);
+  nameBoxes(editor);
+  drawBoxes(editor);
 }
 
-// Each box's inputs are named by its number ("Box 2 left"), so screen readers and tests can tell them apart.
-function nameBoxes() {
-  [...$("layout-boxes").children].forEach((item, i) => {
-    item.querySelector(".box-phrase").setAttribute("aria-label", `Box ${i + 1} phrase`);
-    for (const edge of EDGES) item.querySelector(`.box-${edge}`).setAttribute("aria-label", `Box ${i + 1} ${edge}`);
-    item.querySelector(".box-remove").setAttribute("aria-label", `Remove box ${i + 1}`);
+// The editor's boxes from a record or settings body (a layout's or regions' list; none clears them).
+function fillBoxes(editor, items) {
+  const kind = BOX_EDITORS[editor];
+  $(kind.list).replaceChildren();
+  for (const item of items || []) addBox(editor, item.box, item[kind.text], item.strength);
+  drawBoxes(editor);
+  if (items && items.length) $(kind.section).open = true;
+}
+
+// Each box's inputs are named by its number ("Box 2 left", "Region 1 strength"), so screen readers and tests
+// can tell them apart.
+function nameBoxes(editor) {
+  const kind = BOX_EDITORS[editor];
+  [...$(kind.list).children].forEach((item, i) => {
+    const name = `${kind.noun} ${i + 1}`;
+    item.querySelector(".box-text").setAttribute("aria-label", `${name} ${kind.text}`);
+    for (const edge of EDGES) item.querySelector(`.box-${edge}`).setAttribute("aria-label", `${name} ${edge}`);
+    const strength = item.querySelector(".box-strength");
+    if (strength) strength.setAttribute("aria-label", `${name} strength`);
+    item.querySelector(".box-remove").setAttribute("aria-label", `Remove ${name.toLowerCase()}`);
   });
 }
 
-// The boxes as the API's layout ([{box: [x0, y0, x1, y1], phrase}]), or an error that names the box.
-function layoutFromForm() {
-  const layout = [];
-  for (const [i, item] of [...$("layout-boxes").children].entries()) {
-    const phrase = item.querySelector(".box-phrase").value.trim();
+// The boxes as the API takes them ([{box: [x0, y0, x1, y1], phrase}] for a layout, [{box, prompt,
+// strength}] for regions, an empty strength left out), as {items}, or {error} naming the box that is wrong.
+function boxesFromForm(editor) {
+  const kind = BOX_EDITORS[editor];
+  const rows = [...$(kind.list).children];
+  if (kind.max && rows.length > kind.max) {
+    return { error: `At most ${kind.max} ${editor}: each is one more pass of the model at every step. Remove ${rows.length - kind.max}.` };
+  }
+  const items = [];
+  for (const [i, item] of rows.entries()) {
+    const name = `${kind.noun} ${i + 1}`;
+    const text = item.querySelector(".box-text").value.trim();
     const box = EDGES.map((edge) => Number(item.querySelector(`.box-${edge}`).value.trim() || NaN));
-    if (!phrase) return { error: `Box ${i + 1}: write what to draw in it.` };
+    if (!text) return { error: `${name}: write what to draw in it.` };
     const [x0, y0, x1, y1] = box;
     if (!box.every(Number.isFinite) || !(0 <= x0 && x0 < x1 && x1 <= 1 && 0 <= y0 && y0 < y1 && y1 <= 1)) {
-      return { error: `Box ${i + 1}: left must be less than right and top less than bottom, all from 0 to 1.` };
+      return { error: `${name}: left must be less than right and top less than bottom, all from 0 to 1.` };
     }
-    layout.push({ box, phrase });
+    const entry = { box, [kind.text]: text };
+    const strength = item.querySelector(".box-strength");
+    if (strength && strength.value.trim() !== "") {
+      const value = Number(strength.value.trim());
+      if (!(Number.isFinite(value) && value > 0 && value <= kind.strength)) {
+        return { error: `${name}: the strength must be above 0 and at most ${kind.strength} (empty: 1, the region's prompt and the whole prompt weigh alike).` };
+      }
+      entry.strength = value;
+    }
+    items.push(entry);
   }
-  return { layout: layout.length ? layout : undefined };
+  return { items: items.length ? items : undefined };
 }
 
-function drawLayout() {
-  const svg = $("layout-preview");
+function drawBoxes(editor) {
+  const kind = BOX_EDITORS[editor];
+  const svg = $(kind.preview);
   const ns = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
-  for (const item of $("layout-boxes").children) {
+  for (const item of $(kind.list).children) {
     const [x0, y0, x1, y1] = EDGES.map((edge) => Number(item.querySelector(`.box-${edge}`).value));
     if (![x0, y0, x1, y1].every(Number.isFinite) || x1 <= x0 || y1 <= y0) continue;
     const rect = document.createElementNS(ns, "rect");
@@ -431,7 +482,7 @@ function drawLayout() {
     const text = document.createElementNS(ns, "text");
     text.setAttribute("x", String(x0 * 100 + 1.5));
     text.setAttribute("y", String(y0 * 100 + 7));
-    text.textContent = item.querySelector(".box-phrase").value;
+    text.textContent = item.querySelector(".box-text").value;
     svg.append(rect, text);
   }
 }
@@ -929,6 +980,7 @@ function recordRequest(record) {
   if (record.prompt_editing) body.prompt_editing = true;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
+  if (record.regions) body.regions = record.regions;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
   if (record.variation_strength) {  // this image's own variation seed: with n = 1, the same noise
     body.variation_strength = record.variation_strength;
@@ -1073,12 +1125,14 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError(`Write a prompt (or choose ${which} picture).`);
       return;
     }
-    const { layout, error } = layoutFromForm();
-    if (error) {
-      setError(error);
+    const layout = boxesFromForm("layout");
+    const regions = boxesFromForm("regions");
+    if (layout.error || regions.error) {
+      setError(layout.error || regions.error);
       return;
     }
-    if (layout) body.layout = layout;
+    if (layout.items) body.layout = layout.items;
+    if (regions.items) body.regions = regions.items;
     try {
       if (mode === "variation") submit(variationFromForm(body), "/v1/jobs/variations");
       else if (mode === "edit") submit(editFromForm(body, nets), "/v1/jobs/edits");
@@ -1087,7 +1141,8 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError(err.message);
     }
   });
-  $("add-box-button").addEventListener("click", () => addBox());
+  $("add-box-button").addEventListener("click", () => addBox("layout"));
+  $("add-region-button").addEventListener("click", () => addBox("regions"));
   $("reread-loras-button").addEventListener("click", async () => {
     setError("");
     try {
@@ -1096,10 +1151,8 @@ document.addEventListener("DOMContentLoaded", async () => {
       setError(err.message);
     }
   });
-  $("clear-layout-button").addEventListener("click", () => {
-    $("layout-boxes").replaceChildren();
-    drawLayout();
-  });
+  $("clear-layout-button").addEventListener("click", () => fillBoxes("layout", []));
+  $("clear-regions-button").addEventListener("click", () => fillBoxes("regions", []));
   $("clear-reference-button").addEventListener("click", () => {
     $("reference-image").value = "";
   });
