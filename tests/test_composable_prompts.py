@@ -96,7 +96,7 @@ def test_the_velocity_follows_each_parts_own_pass(pipe: Pipeline, guidance: floa
 def _generate(pipe: Pipeline, prompt: str, **kw: Any) -> list[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny encoder's notices about its vocabulary
-        return pipe.generate(GenerationRequest(prompt, seed=4, steps=4, num_images=2, **kw))
+        return pipe.generate(GenerationRequest(prompt, seed=4, steps=4, **{"num_images": 2, **kw}))
 
 
 def test_images_records_reproduce_and_the_a1111_text(pipe: Pipeline) -> None:
@@ -154,3 +154,11 @@ def test_parts_are_checked_and_measured(pipe: Pipeline) -> None:
     assert len(said) == 1 and said[0].startswith("the prompt's AND part 2 is longer than"), said
     with pytest.raises(GenerationError, match="the prompt's AND part 1: "):
         pipe.resolve_request(GenerationRequest("(a:99) AND b", steps=2, composable=True, prompt_weights=True))
+
+
+def test_a_prompt_without_and_takes_regions(pipe: Pipeline) -> None:
+    """Composable on for a prompt without AND reads it as one text, which regions go with."""
+    regions = [{"box": [0, 0, 0.5, 1], "prompt": "a red circle"}]
+    (on,) = _generate(pipe, "two shapes", composable=True, regions=regions, num_images=1)
+    (off,) = _generate(pipe, "two shapes", regions=regions, num_images=1)
+    assert np.array_equal(np.asarray(on.image), np.asarray(off.image))

@@ -266,7 +266,7 @@ def _resolve_regions(pipe: ResolvingPipeline, r: GenerationRequest) -> Generatio
         return r
     what = "regional prompts"
     if r.regions is not None:
-        if r.composable:
+        if anded:  # (composable on for a prompt without AND reads it as one text: regions go with that)
             raise GenerationError(
                 "regional prompts and AND (composable diffusion) do not go together: give each part of the "
                 "prompt a region of its own, or drop the regions"

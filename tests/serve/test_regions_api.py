@@ -377,3 +377,9 @@ def test_the_schema_documents_regions(client: TestClient) -> None:
     form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
     fields = schema["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
     assert "regional prompts as JSON" in fields["regions"]["description"], fields["regions"]
+
+
+def test_a_bad_weight_in_a_regions_prompt_is_a_400_naming_regions(client: TestClient) -> None:
+    regions = [{"box": [0, 0, 1, 1], "prompt": "(a red circle:99)"}]
+    r = client.post(GENERATIONS, json={**BODY, "prompt_weights": True, "regions": regions})
+    assert_refused(r, "regions", "the prompt of region 0: prompt weight")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from pictor.composable_prompts import MAX_PARTS
 from pictor.control_images import DEFAULT_CANNY
 from pictor.controlnet_runs import MAX_SCALE
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
@@ -151,6 +152,14 @@ class ImageGenerationRequest(BaseModel):
         description="A1111's prompt editing: words that change during sampling. [from:to:when] reads from "
         "until step when and to after it, [to:when] adds to after it, [from::when] drops from after it "
         "(when below 1: a share of the steps); [a|b] alternates a and b every step. Needs prompt_weights.",
+    )
+    composable: bool = Field(
+        False,
+        description="A1111's composable diffusion: the prompt's parts joined by AND (upper case), each with "
+        "an optional trailing :weight (a red circle AND a blue square:0.8), each part one more transformer "
+        f"pass per step, guided together; at most {MAX_PARTS} parts. Not with regions, prompt_editing, "
+        "cache_threshold, denoise_tile, ip_adapter_image, or on a server with ControlNets; false: AND is a "
+        "word.",
     )
     sampler: str | None = Field(
         None,

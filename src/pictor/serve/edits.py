@@ -35,6 +35,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
+from pictor.composable_prompts import MAX_PARTS
 from pictor.edit_upscale import MAX_UPSCALE
 from pictor.editing import EditRequest, eight_bit
 from pictor.generation_request import DENOISE_TILING_FIELDS
@@ -165,6 +166,7 @@ def edit_params(
     settings["cache_threshold"] = settings["cache_threshold"] or None  # 0 is off: batches with absent
     settings["prompt_weights"] = bool(form.get("prompt_weights"))
     settings["prompt_editing"] = bool(form.get("prompt_editing"))
+    settings["composable"] = bool(form.get("composable"))
     # an edit's own settings, as EditRequest names them; absent ones take its defaults
     edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
     if str(edit_settings.get("upscaler", "")).lower() == "lanczos":
@@ -365,6 +367,15 @@ PromptEditing = Annotated[
         "[a|b] alternates every step. Needs prompt_weights"
     ),
 ]
+Composable = Annotated[
+    bool,
+    Form(
+        description="A1111's composable diffusion: the prompt's parts joined by AND (upper case), each "
+        "with an optional trailing :weight (a red circle AND a blue square:0.8), each one more transformer "
+        f"pass per step; at most {MAX_PARTS} parts. Not with regions, prompt_editing, cache_threshold, "
+        "denoise_tile or ip_adapter_image; false: AND is a word"
+    ),
+]
 Upscale = Annotated[
     float | None,
     Form(
@@ -448,6 +459,7 @@ FORM_FIELDS = {
     "denoise_tile_overlap",
     "prompt_weights",
     "prompt_editing",
+    "composable",
     "upscale",
     "upscaler",
     "inpaint_area",
@@ -627,6 +639,7 @@ async def edit_form(
     denoise_tile_overlap: DenoiseTileOverlap = None,
     prompt_weights: PromptWeights = False,
     prompt_editing: PromptEditing = False,
+    composable: Composable = False,
     upscale: Upscale = None,
     upscaler: Upscaler = None,
     inpaint_area: InpaintArea = None,
@@ -690,6 +703,7 @@ async def edit_form(
         "denoise_tile_overlap": denoise_tile_overlap,
         "prompt_weights": prompt_weights,
         "prompt_editing": prompt_editing,
+        "composable": composable,
         "upscale": upscale,
         "upscaler": upscaler or None,
         "inpaint_area": inpaint_area or None,

@@ -47,6 +47,8 @@ BATCH_KEYS = (
     "cache_threshold",
     "prompt_weights",
     "prompt_editing",  # scheduled texts (`pictor.prompt_editing`)
+    # AND parts as passes of their own (`pictor.composable_prompts`): with it the same prompt is other passes
+    "composable",
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
     # variation seeds (`pictor.noise_variation`): a job with a strength runs alone (see take_batch)
@@ -91,6 +93,7 @@ def generation_request(
     # absent from jobs queued before they existed
     fields["prompt_weights"] = bool(fields["prompt_weights"])
     fields["prompt_editing"] = bool(fields["prompt_editing"])
+    fields["composable"] = bool(fields["composable"])
     fields.update(
         seed=params.get("seed"),
         num_images=int(params.get("n", 1)),
@@ -110,6 +113,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["negative_prompt"] = fields["negative_prompt"] or ""
     fields["prompt_weights"] = bool(fields["prompt_weights"])
     fields["prompt_editing"] = bool(fields["prompt_editing"])
+    fields["composable"] = bool(fields["composable"])
     # absent from jobs queued before they existed: EditRequest's defaults
     fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
     if fields.get("inpaint_size") is not None:  # JSON keeps it as a list

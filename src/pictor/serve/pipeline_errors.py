@@ -58,6 +58,9 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^prompt editing reads A1111's prompt syntax", "prompt_weights"),
         (r"^the negative prompt: prompt weight", "negative_prompt"),
         (r"^the prompt: prompt weight", "prompt"),
+        # a weight in one of the prompt's AND parts (composable diffusion reads each part as a text)
+        (r"^the prompt's AND part \d+: prompt weight", "prompt"),
+        (r"^the prompt of region \d+: prompt weight", "regions"),
         # upscaling edits (edit_upscale): a model named without a factor is about the missing factor
         (r"^upscaler '.*' enlarges the source", "upscale"),
         (r"^upscaler '", "upscaler"),
@@ -77,6 +80,15 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^hires upscaler", "hires_upscaler"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
+        # AND (composable diffusion; request_resolution._resolve_regions): before the regions' rule, which
+        # "regional prompts and AND ... do not go together" would meet, and the cache's and IP-Adapter's,
+        # which "AND ... does not run with the first-block cache..." would. Regions are refused with a prompt
+        # that composable splits at AND, so composable is the field to blame: regions are fine on their own.
+        (
+            r"^regional prompts and AND|^AND \(composable diffusion\)|parts joined by AND|the AND parts' "
+            "velocities",
+            "composable",
+        ),
         # regional prompts (regional_prompts.parse_regions, request_resolution._resolve_regions): before the
         # cache's, denoise tiles' and IP-Adapter's rules, which "regional prompts do not run with the
         # first-block cache..." would meet; after inpaint_area's, whose "regions ... cover the whole image,
@@ -189,6 +201,11 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         ),
         (r"; drop prompt weights$", "; send prompt_weights false"),
         (
+            r"give each part of the prompt a region of its own, or drop the regions$",
+            "give each part of the prompt a region of its own and send composable false, or drop the regions",
+        ),
+        (r"drop the AND or those$", "drop the AND (or send composable false) or those"),
+        (
             r"turn prompt weights on too \(--prompt-weights; --prompt-editing on the command line does\)$",
             "send prompt_weights true with prompt_editing",
         ),
@@ -244,6 +261,7 @@ FLAG_FIELDS = {
     "inpaint-size": "inpaint_size",
     "prompt-weights": "prompt_weights",
     "prompt-editing": "prompt_editing",
+    "composable": "composable",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

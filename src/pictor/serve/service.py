@@ -162,6 +162,7 @@ class Service:
             "cache_threshold": body.cache_threshold or None,
             "prompt_weights": body.prompt_weights,
             "prompt_editing": body.prompt_editing,
+            "composable": body.composable,  # the prompt's AND parts as passes of their own
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,
             "denoise_tile_overlap": body.denoise_tile_overlap,

@@ -31,6 +31,7 @@ BODY_FIELDS = {
     "seed": "seed",
     "prompt_weights": "prompt_weights",
     "prompt_editing": "prompt_editing",
+    "composable": "composable",
     "hires": "hires_scale",
     "hires_strength": "hires_strength",
     "hires_steps": "hires_steps",
@@ -49,8 +50,8 @@ class ImageSettings(BaseModel):
     settings: dict[str, Any] = Field(
         description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
         "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
-        "prompt_editing, the hires fix, denoise tiles, cache_threshold (those the "
-        "image names)"
+        "prompt_editing, composable (A1111 always reads AND: true for its text whose prompt has it), the "
+        "hires fix, denoise tiles, cache_threshold (those the image names)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
     source: str = Field(
@@ -69,8 +70,9 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     """The imported settings as generation body fields, and the notices (with what the API cannot take)."""
     values, notices = imported.values, list(imported.notices)
     body = {BODY_FIELDS[k]: v for k, v in values.items() if k in BODY_FIELDS and v not in (None, "")}
-    if not body.get("prompt_editing"):  # off is the default: said only when on
-        body.pop("prompt_editing", None)
+    for key in ("prompt_editing", "composable"):  # off is the default: said only when on
+        if not body.get(key):
+            body.pop(key, None)
     for key in ("size", "seed_resize_from"):  # WxH text, as the body takes them
         if values.get(key):
             body[key] = f"{values[key][0]}x{values[key][1]}"

@@ -21,8 +21,8 @@ A variation is an img2img edit of the uploaded picture, and runs and is stored a
 
 The picture the job keeps, and whose hash the images' records hold, is the one drawn from: flattened and
 resized. pictor's other fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``,
-``schedule``, ``cache_threshold``, ``denoise_tile``, ``denoise_tile_overlap``, ``loras``) mean what they mean
-on ``/v1/images/edits``.
+``schedule``, ``cache_threshold``, ``denoise_tile``, ``denoise_tile_overlap``, ``prompt_weights``,
+``prompt_editing``, ``composable``, ``loras``) mean what they mean on ``/v1/images/edits``.
 
 With FLUX.1 Redux loaded (``pictor serve --redux-model FILE --siglip DIR``; the model card's ``redux``) a
 variation is what BFL made Redux for: a generation from noise whose Redux picture is the upload, and no
@@ -61,6 +61,7 @@ from pictor.serve.api_models import ImageGenerationRequest, ImagesResponse, Job
 from pictor.serve.edits import (
     SIZE_PATTERN,
     VARIATION,
+    Composable,
     Count,
     DenoiseTile,
     DenoiseTileOverlap,
@@ -126,6 +127,7 @@ FORM_FIELDS = {
     "denoise_tile_overlap",
     "prompt_weights",
     "prompt_editing",
+    "composable",
     "loras",
     "redux_strength",
 }
@@ -270,6 +272,7 @@ async def variation_form(
     denoise_tile_overlap: DenoiseTileOverlap = None,
     prompt_weights: PromptWeights = False,
     prompt_editing: PromptEditing = False,
+    composable: Composable = False,
     loras: Loras = None,
     redux_strength: ReduxStrength = None,
 ) -> EditForm | ReduxVariation:
@@ -337,7 +340,7 @@ async def variation_form(
         given |= {"sampler": sampler, "schedule": schedule, "cache_threshold": cache_threshold}
         given |= {"denoise_tile": denoise_tile, "denoise_tile_overlap": denoise_tile_overlap}
         given |= {"redux_strength": redux_strength, "prompt_weights": prompt_weights}
-        given["prompt_editing"] = prompt_editing
+        given |= {"prompt_editing": prompt_editing, "composable": composable}
         return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
@@ -355,6 +358,7 @@ async def variation_form(
         "denoise_tile_overlap": denoise_tile_overlap,
         "prompt_weights": prompt_weights,
         "prompt_editing": prompt_editing,
+        "composable": composable,
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,

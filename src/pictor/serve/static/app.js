@@ -77,6 +77,7 @@ function requestFromForm() {
     negative_prompt: $("negative_prompt").value || undefined,
     prompt_weights: $("prompt_weights").checked || undefined,  // unchecked: not sent (the server's false)
     prompt_editing: $("prompt_editing").checked || undefined,  // likewise
+    composable: $("composable").checked || undefined,  // likewise
     steps: number("steps", Number),
     guidance: number("guidance", Number),
     sampler: $("sampler").value || undefined,
@@ -159,6 +160,7 @@ function fillForm(record) {
   $("negative_prompt").value = record.negative_prompt || "";
   $("prompt_weights").checked = Boolean(record.prompt_weights || record.prompt_editing); // editing reads weights too
   $("prompt_editing").checked = Boolean(record.prompt_editing);
+  $("composable").checked = Boolean(record.composable);  // a record says it only when on
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
   $("steps").value = record.steps ?? "";
@@ -978,6 +980,7 @@ function recordRequest(record) {
   if (record.negative_prompt) body.negative_prompt = record.negative_prompt;
   if (record.prompt_weights) body.prompt_weights = true;
   if (record.prompt_editing) body.prompt_editing = true;
+  if (record.composable) body.composable = true;
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.regions) body.regions = record.regions;
