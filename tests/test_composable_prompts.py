@@ -34,6 +34,7 @@ from tiny_bundle import tiny_models
         ("a AND b", [("a", 1.0), (" b", 1.0)]),
         ("a red circle AND a blue square:0.8", [("a red circle", 1.0), (" a blue square", 0.8)]),
         ("a:1.5", [("a", 1.5)]),
+        ("a red circle:1", [("a red circle", 1.0)]),  # read as "a red circle", as A1111 does
         ("a : -0.5  AND b:+2", [("a", -0.5), (" b", 2.0)]),
         ("x:.5 AND y:5.", [("x", 0.5), (" y", 5.0)]),
         ("a and b", [("a and b", 1.0)]),  # only the upper-case word

@@ -5,6 +5,7 @@ text."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,3 +150,47 @@ def test_prompts_read_as_text_are_escaped_for_a1111_and_weighted_ones_are_not() 
     assert parameters_text({**record, "prompt_weights": True}).startswith(
         "a (red) \\ [x]\nNegative prompt: (y)"
     )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "flags", "kept"),
+    [
+        ("a [red:blue:1] circle", ["--prompt-editing"], {"prompt_editing": True}),
+        ("a red circle AND a blue square:0.5", ["--composable"], {"composable": True}),
+        (
+            "two shapes",
+            ["--regions", '[{"box": [0, 0, 0.5, 1], "prompt": "a red circle", "strength": 2}]'],
+            {"regions": [{"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle", "strength": 2.0}]},
+        ),
+    ],
+)
+def test_prompt_syntax_and_regions_are_taken_unless_a_prompt_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prompt: str, flags: list[str], kept: dict[str, Any]
+) -> None:
+    """The image's prompt editing, AND and regions come with its prompt (from its record, and the first two
+    from A1111's text alone, where A1111 always reads them); a prompt of one's own leaves them to the
+    command line."""
+    args = ["generate", prompt, *flags, "--model", "tiny", "--steps", "2", "--seed", "3", "--size", "32x32"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    first = Path(capsys.readouterr().out.split()[0])
+    sources = [first] + ([_only_parameters(first, tmp_path / "foreign.png")] if "regions" not in kept else [])
+    for i, source in enumerate(sources):
+        again = ["generate", "--settings-from", str(source), "--model", "tiny", "-o", str(tmp_path / f"b{i}")]
+        assert main(again) == 0
+        second = Path(capsys.readouterr().out.split()[0])
+        record = read_record(second)
+        assert {k: record.get(k) for k in kept} == kept, source
+        np.testing.assert_array_equal(_pixels(second), _pixels(first))
+    own = [
+        "generate",
+        "--settings-from",
+        str(first),
+        "two shapes",
+        "--model",
+        "tiny",
+        "-o",
+        str(tmp_path / "c"),
+    ]
+    assert main(own) == 0
+    record = read_record(Path(capsys.readouterr().out.split()[0]))
+    assert not any(record.get(k) for k in kept), record

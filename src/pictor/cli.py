@@ -271,11 +271,12 @@ def _take_settings(args: argparse.Namespace) -> None:
                 "its file with --hires-upscaler FILE (or give --hires SCALE for Lanczos)"
             )
         args.hires_upscaler = file
+    # Asked before the loop, which sets args.prompt from the image: a prompt of one's own is the command
+    # line's, and so are whether it uses prompt editing or AND and the regions that go with it.
+    own_prompt = args.prompt is not None or args.from_file is not None
     for dest, value in imported.values.items():
-        if dest in ("prompt", "prompt_editing", "composable") and (
-            args.prompt is not None or args.from_file is not None
-        ):
-            continue  # a prompt of one's own: whether it uses prompt editing or AND is the command line's
+        if dest in ("prompt", "prompt_editing", "composable", "regions") and own_prompt:
+            continue
         current = getattr(args, dest)
         flags = ("negative", "prompt_weights", "prompt_editing", "composable")
         unset = current is None or (dest in flags and not current)

@@ -39,8 +39,7 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 
 def uses_and(prompt: str) -> bool:
     """Whether composable diffusion reads the prompt otherwise than as one text of weight 1."""
-    parts = split_and(prompt)
-    return len(parts) > 1 or parts[0][1] != 1.0
+    return split_and(prompt) != [(prompt, 1.0)]  # ("x:1" reads as "x")
 
 
 def compose(out: torch.Tensor, weights: torch.Tensor, guidance: float | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pictor.composable_prompts import compose, split_and
+from pictor.composable_prompts import compose, split_and, uses_and
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
 from pictor.denoise_tiles import TokenWindow, tiled_call
@@ -278,11 +278,10 @@ def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.T
     if r.regions:
         texts = [r.prompt] + [region["prompt"] for region in r.regions]
         return texts, region_weights(r.regions, grid_h, grid_w)
-    if r.composable:
+    if r.composable and uses_and(r.prompt):
         parts = split_and(r.prompt)
-        if len(parts) > 1 or parts[0][1] != 1.0:
-            weights = torch.tensor([w for _, w in parts], dtype=torch.float32)
-            return [text for text, _ in parts], weights[:, None].expand(-1, grid_h * grid_w)
+        weights = torch.tensor([w for _, w in parts], dtype=torch.float32)
+        return [text for text, _ in parts], weights[:, None].expand(-1, grid_h * grid_w)
     return None
 
 

@@ -23,6 +23,7 @@ A1111's. Whatever the graph holds that cannot be read is an error that names the
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,8 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
     v["prompt_weights"] = bool(record.get("prompt_weights"))
     v["prompt_editing"] = bool(record.get("prompt_editing"))
     v["composable"] = bool(record.get("composable"))
+    if record.get("regions"):  # plain JSON, as --regions takes it: nothing to load
+        v["regions"] = json.dumps(record["regions"])
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
     if record.get("seed_resize_from"):
@@ -203,7 +206,6 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
     for key, words in (
         ("loras", "LoRAs"),
         ("layout", "a layout"),
-        ("regions", "regional prompts"),
         ("reference_image", "a reference picture"),
         ("control_image", "a control picture"),
         ("controlnets", "ControlNets"),

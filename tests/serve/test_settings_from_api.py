@@ -214,3 +214,16 @@ def test_prompt_editing_and_variation_seeds_become_body_fields(client: TestClien
     assert record["prompt_editing"] is True and record["variation_seed"] == 9
     plain = settings_of(client, png_with("a red circle\nSteps: 2, Seed: 5")).json()["settings"]
     assert "prompt_editing" not in plain
+
+
+def test_a_servers_image_with_regions_gives_them_back(client: TestClient) -> None:
+    regions = [{"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle", "strength": 2.0}]
+    body = {"prompt": "two shapes", "size": "32x32", "steps": 2, "seed": 3, "response_format": "b64_json"}
+    ((pixels, _),) = decode_images(client.post("/v1/images/generations", json={**body, "regions": regions}))
+    job = client.get("/v1/jobs").json()["data"][0]
+    png = client.get(f"/v1/images/{job['results'][0]['image_id']}").content
+    answer = settings_of(client, png).json()
+    assert answer["settings"]["regions"] == regions and not answer["notices"], answer
+    made = client.post("/v1/images/generations", json={**answer["settings"], "response_format": "b64_json"})
+    ((again, _),) = decode_images(made)
+    assert np.array_equal(again, pixels)

@@ -5,6 +5,7 @@ text of A1111, Forge, ComfyUI...), as a body for ``POST /v1/images/generations``
 from __future__ import annotations
 
 import io
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, UploadFile
@@ -51,7 +52,7 @@ class ImageSettings(BaseModel):
         description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
         "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
         "prompt_editing, composable (A1111 always reads AND: true for its text whose prompt has it), the "
-        "hires fix, denoise tiles, cache_threshold (those the image names)"
+        "hires fix, denoise tiles, cache_threshold, regions (those the image names)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
     source: str = Field(
@@ -73,6 +74,8 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     for key in ("prompt_editing", "composable"):  # off is the default: said only when on
         if not body.get(key):
             body.pop(key, None)
+    if values.get("regions"):  # JSON text, as --regions takes it; the body takes the list
+        body["regions"] = json.loads(values["regions"])
     for key in ("size", "seed_resize_from"):  # WxH text, as the body takes them
         if values.get(key):
             body[key] = f"{values[key][0]}x{values[key][1]}"
