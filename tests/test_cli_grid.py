@@ -331,3 +331,20 @@ def test_a_fill_model_refuses_a_grid_before_any_image(monkeypatch: pytest.Monkey
     monkeypatch.setattr(Pipeline, "generate", _run_nothing)
     with pytest.raises(GridError, match=r"FLUX\.1 Fill model"):
         run_grid(fill_pipeline(), GenerationRequest(PROMPT, seed=1), parse_axis("steps=1,2"))
+
+
+def test_regions_and_and_go_with_every_cell(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bundle: Path, pipe: Pipeline
+) -> None:
+    regions = [{"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a blue square", "strength": 2.0}]
+    common = ("--seed", "4", "--steps", "2", "--size", "32x32")
+    grid(capsys, bundle, tmp_path / "r", *common, "--regions", json.dumps(regions), "--x", "guidance=1,5")
+    grid(capsys, bundle, tmp_path / "a", *common, "--composable", "--x", "prompt=circle,circle AND a star")
+    for i, guidance in enumerate([1.0, 5.0]):
+        cell = tmp_path / "r" / f"cell-x{i}.png"
+        assert read_record(cell)["regions"] == regions
+        np.testing.assert_array_equal(pixels(cell), made(pipe, guidance=guidance, regions=regions))
+    for i, prompt in enumerate([PROMPT, "a red circle AND a star"]):
+        cell = tmp_path / "a" / f"cell-x{i}.png"
+        assert read_record(cell)["composable"] is True
+        np.testing.assert_array_equal(pixels(cell), made(pipe, prompt=prompt, composable=True))

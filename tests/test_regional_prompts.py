@@ -29,6 +29,7 @@ from tiny_bundle import tiny_models
 
 LEFT = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle"}
 RIGHT = {"box": [0.5, 0.25, 1.0, 0.75], "prompt": "a blue square", "strength": 3}
+WEIGHTED = {"prompt_weights": True}  # (every text read for A1111's weights: the negative prompt's too)
 
 
 def test_regions_are_read_and_normalised() -> None:
@@ -121,14 +122,18 @@ def test_the_velocity_blends_each_prompts_own_pass(pipe: Pipeline, guidance: flo
     torch.manual_seed(0)
     x, t = torch.randn(2, 16, 16), torch.tensor([0.7, 0.4])  # two images, each at its own time
     with torch.inference_mode():
-        negative_prompt = "blurry" if guidance != 1.0 else ""  # (a negative prompt needs CFG)
+        negative_prompt = "(blurry:1.3)" if guidance != 1.0 else ""  # (a negative prompt needs CFG)
         v = _velocity(
-            pipe, "two shapes", guidance=guidance, negative_prompt=negative_prompt, regions=regions
+            pipe,
+            "two shapes",
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            regions=regions,
+            **WEIGHTED,
         )(x, t)
-        alone = [
-            _velocity(pipe, p, guidance=1.0)(x, t) for p in ("two shapes", LEFT["prompt"], RIGHT["prompt"])
-        ]
-        negative = _velocity(pipe, "blurry", guidance=1.0)(x, t)
+        texts = ("two shapes", LEFT["prompt"], RIGHT["prompt"])
+        alone = [_velocity(pipe, p, guidance=1.0, **WEIGHTED)(x, t) for p in texts]
+        negative = _velocity(pipe, "(blurry:1.3)", guidance=1.0, **WEIGHTED)(x, t)
     w = region_weights(regions, 4, 4)[:, None, :, None]
     blend = (w * torch.stack(alone)).sum(0)
     want = negative + guidance * (blend - negative) if guidance != 1.0 else blend
