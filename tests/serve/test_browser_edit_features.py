@@ -46,17 +46,24 @@ def test_prompt_weights_are_sent_kept_and_put_back(browser: Any, live_server: An
     assert problems == [], problems
 
 
+def edit_a_new_image(browser: Any, live_server: Any, prompt: str) -> tuple[Any, Any, list[str]]:
+    """A live server, its page and the page's problems, with one image generated from `prompt` (seed 5, 3
+    steps) open in the edit section."""
+    live = live_server()
+    page, problems = open_page(browser, live.url, height=900)
+    fill_settings(page, prompt, 5, 3)
+    generate_one(page)
+    page.get_by_role("img", name=f"{prompt} (seed 5)").click()
+    page.get_by_role("button", name="Edit this image").click()
+    return live, page, problems
+
+
 def test_an_upscaling_edit_and_an_only_masked_inpaint_from_the_page(
     browser: Any, live_server: Any, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect
 
-    live = live_server()
-    page, problems = open_page(browser, live.url, height=900)
-    fill_settings(page, "a source to enlarge", 5, 3)
-    generate_one(page)
-    page.get_by_role("img", name="a source to enlarge (seed 5)").click()
-    page.get_by_role("button", name="Edit this image").click()
+    live, page, problems = edit_a_new_image(browser, live_server, "a source to enlarge")
     page.get_by_label("Upscale source by").fill("2")
     page.get_by_label("Prompt", exact=True).fill("an enlarged source")
     page.get_by_role("button", name="Edit image").click()

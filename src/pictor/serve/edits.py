@@ -22,6 +22,13 @@ prompt may be empty only with a reference, Redux or IP-Adapter picture. On a ser
 ``controlnet_modes``, ``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a
 list). Variation seeds (``variation_seed``, ``variation_strength``) go as on a generation;
 ``seed_resize_from`` is refused (an edit's composition is its picture's).
+
+An edit's own settings go as `pictor.editing.EditRequest` names them: ``upscale`` and ``upscaler`` (enlarge
+the source first), ``inpaint_area``, ``mask_padding`` and ``inpaint_size`` (inpaint only the masked area),
+and ``expand`` (outpainting: ``L,T,R,B`` pixels added around the image, its new area repainted with the
+mask's, if any), ``fill`` (how that area starts: ``edge`` or ``noise``) and ``feather`` (pixels of blending
+inside a mask's edge; see `edit_outpaint`). An upscaling or outpainting edit's output is the larger size,
+which the server's pixel limit applies to.
 """
 
 from __future__ import annotations
@@ -54,8 +61,16 @@ from pictor.serve.controlnets import (
     read_pictures,
     resolved_settings,
 )
+from pictor.serve.edit_outpaint import (
+    Expand,
+    Feather,
+    Fill,
+    check_outpaint_fields,
+    expand_form,
+    expanded_size,
+)
 from pictor.serve.errors import APIError
-from pictor.serve.job_requests import EDIT_KEYS
+from pictor.serve.job_requests import EDIT_KEYS, TUPLE_KEYS
 from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
 from pictor.serve.routes import (
     COMMON_ERRORS,
@@ -126,14 +141,19 @@ def edit_params(
     regions = checked_regions(form.get("regions"), limits)
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []], regions)
     upscale = form.get("upscale")
-    if form["size"] not in (None, "", "auto") and (
-        upscale is not None or form["size"] != f"{source.width}x{source.height}"
-    ):
-        keeps = (
-            "an upscaling edit's size follows from upscale"
-            if upscale is not None
-            else (f"an edit keeps the image's size ({source.width}x{source.height})")
-        )
+    # An outpainting edit's output is the grown canvas, known without the model: the limits apply to it
+    # before anything is allocated or queued.
+    expanded = expanded_size(form.get("expand"), source.size)
+    if expanded is not None:
+        _check_larger(limits, prompt, n, list(expanded), form["steps"], "expand")
+    out_w, out_h = expanded or source.size
+    if form["size"] not in (None, "", "auto") and (upscale is not None or form["size"] != f"{out_w}x{out_h}"):
+        if upscale is not None:
+            keeps = "an upscaling edit's size follows from upscale"
+        elif expanded is not None:
+            keeps = f"an outpainting edit's size is the image's plus expand ({out_w}x{out_h})"
+        else:
+            keeps = f"an edit keeps the image's size ({source.width}x{source.height})"
         raise APIError(400, f"{keeps}; omit size", param="size", code="invalid_parameters")
     if upscale is not None and svc.manager.pipeline is None:  # the loaded model's own size is checked below
         _check_upscale_while_loading(limits, prompt, n, upscale, source.size, form.get("steps"))
@@ -154,6 +174,7 @@ def edit_params(
         mask = _transparent(source)
         if mask is not None and not mask.getbbox():
             mask = None  # alpha channel, but nothing transparent: plain img2img
+    check_outpaint_fields(form, masked=mask is not None)
     source = source.convert("RGB")
     reference = reference.convert("RGB") if reference is not None else None
     context = context.convert("RGB") if context is not None else None
@@ -183,8 +204,9 @@ def edit_params(
         settings[key] = form.get(key)
     loras = svc.library.choose_text(form.get("loras"))
     pipe = svc.manager.pipeline
-    # The output's size: an upscaling edit's is larger, and known once the model is (its pixel multiple).
-    width, height = (None, None) if "upscale" in edit_settings else (source.width, source.height)
+    # The output's size: an outpainting's is the grown canvas; an upscaling edit's is larger, and known once
+    # the model is (its pixel multiple).
+    width, height = (None, None) if "upscale" in edit_settings else (out_w, out_h)
     if pipe is not None:
         request = EditRequest(
             image=source,
@@ -199,7 +221,7 @@ def edit_params(
             ip_adapter_image=ip_adapter,  # and this one without the IP-Adapter loaded
             controlnet_images=controlnets,  # and these without ControlNets loaded
             **settings,
-            **{k: tuple(v) if k == "inpaint_size" else v for k, v in edit_settings.items()},
+            **{k: tuple(v) if k in TUPLE_KEYS else v for k, v in edit_settings.items()},
         )
         try:
             r, inputs = pipe.resolve_edit(request)
@@ -460,11 +482,7 @@ FORM_FIELDS = {
     "prompt_weights",
     "prompt_editing",
     "composable",
-    "upscale",
-    "upscaler",
-    "inpaint_area",
-    "mask_padding",
-    "inpaint_size",
+    *EDIT_KEYS,  # an edit's own settings (upscaling, the masked area, outpainting, feather)
     "output_format",
     "stream",
 }
@@ -645,6 +663,9 @@ async def edit_form(
     inpaint_area: InpaintArea = None,
     mask_padding: MaskPadding = None,
     inpaint_size: InpaintSize = None,
+    expand: Expand = None,
+    fill: Fill = None,
+    feather: Feather = None,
     # OpenAI's fields with no meaning here: accepted so OpenAI clients work unchanged.
     output_format: Annotated[str | None, Form(description="Only png.")] = None,
     stream: Annotated[str | None, Form(description="Only false.")] = None,
@@ -709,6 +730,9 @@ async def edit_form(
         "inpaint_area": inpaint_area or None,
         "mask_padding": mask_padding,
         "inpaint_size": _inpaint_size(inpaint_size),
+        "expand": expand_form(expand),
+        "fill": fill or None,
+        "feather": feather,
         "seed": seed,
         "variation_seed": variation_seed,
         "variation_strength": variation_strength,

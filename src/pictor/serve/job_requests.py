@@ -60,8 +60,20 @@ BATCH_KEYS = (
 
 # Edits also need the same source image: upload ids are new for every request, so edits never merge.
 # The chosen LoRAs (not a request field: the worker applies them to the model before the run) likewise.
-# An edit's own settings beside the generation's (pictor.editing.EditRequest's names).
-EDIT_KEYS = ("upscale", "upscaler", "inpaint_area", "mask_padding", "inpaint_size")
+# An edit's own settings beside the generation's (pictor.editing.EditRequest's names): upscaling, inpainting
+# only the masked area, outpainting and the mask's feather.
+EDIT_KEYS = (
+    "upscale",
+    "upscaler",
+    "inpaint_area",
+    "mask_padding",
+    "inpaint_size",
+    "expand",
+    "fill",
+    "feather",
+)
+# Those EditRequest takes as tuples, which the job's params (JSON) keep as lists.
+TUPLE_KEYS = ("inpaint_size", "expand")
 MERGE_KEYS = (*BATCH_KEYS, *EDIT_KEYS, "kind", "image", "mask", "strength", "loras")
 
 
@@ -116,8 +128,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["composable"] = bool(fields["composable"])
     # absent from jobs queued before they existed: EditRequest's defaults
     fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
-    if fields.get("inpaint_size") is not None:  # JSON keeps it as a list
-        fields["inpaint_size"] = tuple(fields["inpaint_size"])
+    fields |= {k: tuple(fields[k]) for k in TUPLE_KEYS if fields.get(k) is not None}
     fields["reference"] = _reference(params, store)
     fields["context_image"] = _reference(params, store, "context_image")
     fields["control_image"] = _reference(params, store, "control_image")

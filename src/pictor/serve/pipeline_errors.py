@@ -70,6 +70,13 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^mask padding", "mask_padding"),
         (r"^the inpaint size|^inpaint size", "inpaint_size"),
         (r"inpaint area", "inpaint_area"),
+        # outpainting (editing._check_expand, prepare_edit): a side, or the grown canvas; the mask's blend
+        # and how the added area starts ("unknown fill '...'"; FLUX.1 Fill, a model, is named with its
+        # "FLUX.1"). "strength 0 keeps the image ..., so the expanded area would stay its raw fill" is about
+        # the strength (below)
+        (r"^expand |^the expanded canvas", "expand"),
+        (r"^feather ", "feather"),
+        (r"^unknown fill ", "fill"),
         (r"^the mask|FLUX\.1 Fill model: it repaints", "mask"),
         (r"^the image", "image"),
         (r"^strength", "strength"),
@@ -259,6 +266,9 @@ FLAG_FIELDS = {
     "inpaint-area": "inpaint_area",
     "mask-padding": "mask_padding",
     "inpaint-size": "inpaint_size",
+    "expand": "expand",
+    "fill": "fill",
+    "feather": "feather",
     "prompt-weights": "prompt_weights",
     "prompt-editing": "prompt_editing",
     "composable": "composable",

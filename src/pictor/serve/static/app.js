@@ -211,10 +211,11 @@ function fillForm(record) {
 }
 
 // Reuse settings, beside fillForm: an edit's own settings (the source and mask themselves are not kept, only
-// their hashes; "Settings from an image" leaves the edit section as it is): its strength,
-// the upscaling (source_upscale) and inpainting only the masked area. A masked area's record keeps the size
-// it was drawn at as its width and height, which Inpaint size takes back as WxH, so the area is drawn at
-// that size again even where it was the model's default. A record without them (a generation's) clears them.
+// their hashes; "Settings from an image" leaves the edit section as it is): its strength, the upscaling
+// (source_upscale), inpainting only the masked area, and outpainting and the mask's feather. A masked area's
+// record keeps the size it was drawn at as its width and height, which Inpaint size takes back as WxH, so the
+// area is drawn at that size again even where it was the model's default. A record without them (a
+// generation's) clears them.
 function fillEditSettings(record) {
   $("strength").value = record.source_image ? (record.strength ?? "") : "";
   const upscale = record.source_upscale || {};
@@ -226,6 +227,12 @@ function fillEditSettings(record) {
   $("inpaint-area").value = masked ? "masked" : "";
   $("mask-padding").value = masked ? (record.mask_padding ?? "") : "";
   $("inpaint-size").value = masked && record.width && record.height ? `${record.width}x${record.height}` : "";
+  // An outpainting's expand as L,T,R,B, and its fill when not the default edge. A record says its feather
+  // whenever the pipeline had a mask, an outpainting's own added area included; only an edit sent with a
+  // mask (its hash is in the record) takes it back: sent without one, the server refuses a feather.
+  $("edit-expand").value = Array.isArray(record.expand) ? record.expand.join(",") : "";
+  $("edit-fill").value = record.expand && record.fill === "noise" ? "noise" : "";
+  $("edit-feather").value = record.mask ? (record.feather ?? "") : "";
   if (record.source_image) $("edit-settings").open = true;
 }
 
@@ -316,6 +323,13 @@ function editFromForm({ size, ...body }, nets) {
   if (padding !== "") form.append("mask_padding", padding);
   const inpaintSize = $("inpaint-size").value.trim();  // WxH as typed: the server checks its form and size
   if (inpaintSize !== "") form.append("inpaint_size", inpaintSize);
+  // Outpainting and the mask's feather, likewise sent when set: L,T,R,B as typed (the server says what is
+  // wrong with it), and a fill or feather without an expand or a mask is refused there by name, not dropped.
+  const expand = $("edit-expand").value.trim();
+  if (expand !== "") form.append("expand", expand);
+  if ($("edit-fill").value) form.append("fill", $("edit-fill").value);
+  const feather = $("edit-feather").value.trim();
+  if (feather !== "") form.append("feather", feather);
   const control = controlFile();
   if (control) {
     form.append("control_image", control);
