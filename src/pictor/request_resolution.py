@@ -135,7 +135,7 @@ def resolve_request(
     r = replace(r, **dict(zip(DENOISE_TILING_FIELDS, windows, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
-    r = _resolve_regions(pipe, r)
+    r = _resolve_passes(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
     # regions or AND, each pass's).
     texts = with_pass_texts(_read_texts(r), r.prompt, r.regions, r.composable)
@@ -258,7 +258,7 @@ def _check_denoise_tiles(r: GenerationRequest) -> None:
         )
 
 
-def _resolve_regions(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
+def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
     """Regional prompts and AND (composable diffusion), checked; refused with what their passes of one
     prompt each do not run with yet."""
     anded = r.composable and uses_and(r.prompt)

@@ -87,7 +87,7 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^hires upscaler", "hires_upscaler"),
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
-        # AND (composable diffusion; request_resolution._resolve_regions): before the regions' rule, which
+        # AND (composable diffusion; request_resolution._resolve_passes): before the regions' rule, which
         # "regional prompts and AND ... do not go together" would meet, and the cache's and IP-Adapter's,
         # which "AND ... does not run with the first-block cache..." would. Regions are refused with a prompt
         # that composable splits at AND, so composable is the field to blame: regions are fine on their own.
@@ -96,7 +96,7 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "velocities",
             "composable",
         ),
-        # regional prompts (regional_prompts.parse_regions, request_resolution._resolve_regions): before the
+        # regional prompts (regional_prompts.parse_regions, request_resolution._resolve_passes): before the
         # cache's, denoise tiles' and IP-Adapter's rules, which "regional prompts do not run with the
         # first-block cache..." would meet; after inpaint_area's, whose "regions ... cover the whole image,
         # but inpaint area 'masked'" is about the area (as for layout boxes)
