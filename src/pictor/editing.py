@@ -457,8 +457,16 @@ def prepare_edit(
         strength = DEFAULT_UPSCALE_STRENGTH if request.upscale is not None else DEFAULT_IMG2IMG_STRENGTH
     else:
         strength = 1.0
-    if request.feather < 0:
-        raise EditError(f"feather must be >= 0 pixels, got {request.feather}")
+    feather = request.feather
+    if (
+        isinstance(feather, bool)
+        or not isinstance(feather, int | float)
+        or feather < 0
+        or feather != int(feather)
+    ):
+        raise EditError(f"feather must be a whole number of pixels >= 0, got {feather!r}")
+    if request.expand is not None and not any(request.expand):  # not silently an img2img
+        raise EditError("expand 0,0,0,0 adds nothing: give the pixels to add on some side, or drop expand")
     if request.fill not in FILLS:
         raise EditError(f"unknown fill '{request.fill}'; choose one of {', '.join(FILLS)}")
     expand = _check_expand(request.expand, multiple) if mode == "outpaint" and request.expand else None
