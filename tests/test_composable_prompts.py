@@ -121,7 +121,6 @@ def test_images_records_reproduce_and_the_a1111_text(pipe: Pipeline) -> None:
     ("prompt", "settings", "words"),
     [
         ("a AND b", {"regions": [{"box": [0, 0, 1, 1], "prompt": "x"}]}, "do not go together"),
-        ("a AND [b:1]", {"prompt_editing": True, "prompt_weights": True}, "not run with prompt editing"),
         ("a AND b", {"cache_threshold": 0.1}, "does not run with the first-block cache"),
         (" AND ".join("abcdefghi"), {}, "the prompt has 9 parts joined by AND; at most 8"),
         ("a:-1 AND b:0.5", {"guidance": 1.0}, "sum to 0 or less"),
@@ -163,3 +162,24 @@ def test_a_prompt_without_and_takes_regions(pipe: Pipeline) -> None:
     (on,) = _generate(pipe, "two shapes", composable=True, regions=regions, num_images=1)
     (off,) = _generate(pipe, "two shapes", regions=regions, num_images=1)
     assert np.array_equal(np.asarray(on.image), np.asarray(off.image))
+
+
+def test_prompt_editing_in_the_parts(pipe: Pipeline) -> None:
+    """Each AND part reads its own schedule (A1111 splits at AND first, then reads each part's editing)."""
+    prompt = "[a red circle:a blue square:2] AND [a star|two shapes]:0.5"
+    r = pipe.resolve_request(
+        GenerationRequest(prompt, width=32, height=32, steps=4, composable=True, prompt_editing=True,
+                          prompt_weights=True)
+    )  # fmt: skip
+    ts = torch.linspace(1.0, 0.0, 5)
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 16)
+    with torch.inference_mode():
+        v = guided_velocity(pipe, r, 2, 8, 8, ts=ts)
+        for step, first, second in ((1, "a red circle", " a star"), (2, "a red circle", " two shapes"),
+                                    (4, "a blue square", " two shapes")):  # fmt: skip
+            t = ts[step].expand(2)
+            c = [_velocity(pipe, p, guidance=1.0, prompt_weights=True)(x, t) for p in (first, second)]
+            u = _velocity(pipe, "", guidance=1.0)(x, t)
+            want = u + r.guidance * ((c[0] - u) + 0.5 * (c[1] - u))
+            assert torch.allclose(v(x, t), want, atol=1e-5), (step, (v(x, t) - want).abs().max())

@@ -178,7 +178,6 @@ def test_edits_take_regions(pipe: Pipeline) -> None:
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        ({"prompt_editing": True, "prompt_weights": True}, "prompt editing"),
         ({"cache_threshold": 0.1}, "the first-block cache"),
         ({"denoise_tile": 16}, "denoise tiles"),
     ],
@@ -260,3 +259,27 @@ def test_region_prompts_are_checked_and_measured(pipe: Pipeline) -> None:
     )
     with pytest.raises(GenerationError, match="the prompt of region 0: "):
         pipe.resolve_request(weighted)
+
+
+def test_prompt_editing_in_the_whole_prompt_and_the_regions(pipe: Pipeline) -> None:
+    """With prompt editing each pass reads its own text's schedule: at each step the velocity is the blend of
+    passes of the texts that step reads (4 steps: "[x:y:2]" reads x at steps 0 to 2, then y; "[a|b]" a, a,
+    b, a, b)."""
+    regions = parse_regions([{"box": [0, 0, 0.5, 1], "prompt": "[a red circle|a blue square]"}])
+    editing = {"prompt_weights": True, "prompt_editing": True}
+    r = pipe.resolve_request(
+        GenerationRequest("[two shapes:a star:2]", width=32, height=32, steps=4, regions=regions, **editing)
+    )
+    ts = torch.linspace(1.0, 0.0, 5)
+    torch.manual_seed(2)
+    x = torch.randn(2, 16, 16)
+    w = region_weights(regions, 4, 4)[:, None, :, None]
+    with torch.inference_mode():
+        v = guided_velocity(pipe, r, 2, 8, 8, ts=ts)
+        for step, whole, region in ((0, "two shapes", "a red circle"), (2, "two shapes", "a blue square"),
+                                    (3, "a star", "a red circle")):  # fmt: skip
+            t = ts[step].expand(2)
+            alone = [_velocity(pipe, p, guidance=1.0, prompt_weights=True)(x, t) for p in (whole, region)]
+            u = _velocity(pipe, "", guidance=1.0)(x, t)
+            want = u + r.guidance * ((w * torch.stack(alone)).sum(0) - u)
+            assert torch.allclose(v(x, t), want, atol=1e-5), (step, (v(x, t) - want).abs().max())

@@ -128,9 +128,9 @@ def guided_velocity(
             pooled=emb.pooled,
         )
 
-    texts = _schedules(r, ts, first_pass_steps)
+    texts = _pass_schedules([r.prompt, r.negative_prompt], r, ts, first_pass_steps)
     composed = _parts(r, lat_h // 2, lat_w // 2)  # regions or AND: a pass per prompt, below
-    conds = [conditional(text) for text in texts.prompt] if composed is None else []
+    conds = [conditional(text) for text in texts.texts[0]] if composed is None else []
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
@@ -225,27 +225,38 @@ def guided_velocity(
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
     ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
     if composed is not None:  # one pass per prompt; request resolution refused what those passes skip
-        negative = m.encode_text([r.negative_prompt], r.prompt_weights) if use_cfg else None
         texts_p, weights = composed
-        parts = [conditional(text) for text in texts_p]
+        parts = len(texts_p)
         weights = weights.to(m.device)
-        rows = parts + ([negative] if negative is not None else [])
-        k = len(rows)
-        emb_k = _stacked(rows, batch)
+        # each pass's texts (with prompt editing, each its schedule reaches), encoded once per run
+        passes = _pass_schedules(texts_p + ([r.negative_prompt] if use_cfg else []), r, ts, first_pass_steps)
+        encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
+        encoded += [
+            [m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]
+        ]
+        k = len(encoded)
+        stacks: dict[tuple[int, ...], TextEmbeddings] = {}
+
+        def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
+            key = passes.at(t)
+            if key not in stacks:
+                stacks[key] = _stacked([texts[i] for texts, i in zip(encoded, key, strict=True)], batch)
+            return stacks[key]
+
         ids_k = img_ids.repeat(k, 1, 1)
         res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
         context_k = context
         if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's
             halves = conditional_only(context, batch)
             context_k = ReferenceConditioning(
-                torch.cat([halves.tokens[:batch]] * len(parts) + [halves.tokens[batch:]]),
-                torch.cat([halves.pooled[:batch]] * len(parts) + [halves.pooled[batch:]]),
+                torch.cat([halves.tokens[:batch]] * parts + [halves.tokens[batch:]]),
+                torch.cat([halves.pooled[:batch]] * parts + [halves.pooled[batch:]]),
             )
         g = guidance if use_cfg else None
 
         def composed_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_k = t.repeat(k) if t.ndim else t
-            out = model(x.repeat(k, 1, 1), t_k, emb_k, ids_k, res_k, context_k, None)
+            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, None)
             return compose(out.view(k, *x.shape), weights, g)
 
         return composed_velocity
@@ -255,10 +266,10 @@ def guided_velocity(
             return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
         return lambda x, t: model(x, t, conds[texts.at(t)[0]], img_ids, res, context, ipa)
     res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-    unconds = [m.encode_text([text], r.prompt_weights) for text in texts.negative]
-    pairs: dict[tuple[int, int], TextEmbeddings] = {}
+    unconds = [m.encode_text([text], r.prompt_weights) for text in texts.texts[1]]
+    pairs: dict[tuple[int, ...], TextEmbeddings] = {}
 
-    def both(k: tuple[int, int]) -> TextEmbeddings:  # the halves' texts at a step, built once each
+    def both(k: tuple[int, ...]) -> TextEmbeddings:  # the halves' texts at a step, built once each
         if k not in pairs:
             pairs[k] = _stacked([conds[k[0]], unconds[k[1]]], batch)
         return pairs[k]
@@ -295,38 +306,42 @@ def _stacked(rows: list[TextEmbeddings], batch: int) -> TextEmbeddings:
 
 
 @dataclass
-class _Texts:
-    """The prompt's and the negative prompt's distinct texts over a run (one each without prompt editing),
-    each encoded once, and which of them each step reads, worked out once per run: a model call finds its
-    step by its time. Keyed by distinct text, so CFG pairs are built per pair of texts (an alternation
-    builds two, not one per step)."""
+class _PassTexts:
+    """Each pass's distinct texts over a run (one each without prompt editing; the passes: the prompt and
+    the negative prompt, or the passes of regions or AND and the negative prompt), each encoded once, and
+    which of them each step reads, worked out once per run: a model call finds its step by its time. Keyed
+    by distinct texts, so stacks are built per combination of texts (an alternation builds two, not one
+    per step)."""
 
-    prompt: list[str]
-    negative: list[str]
+    texts: list[list[str]]
     ts: torch.Tensor | None
-    by_step: list[tuple[int, int]]  # step (from 0) -> (its prompt's place, its negative's place)
+    by_step: list[tuple[int, ...]]  # step (from 0) -> each pass's place among its texts
 
-    def at(self, t: torch.Tensor) -> tuple[int, int]:
-        assert self.ts is not None
+    def at(self, t: torch.Tensor) -> tuple[int, ...]:
+        if self.ts is None:
+            return self.by_step[0]
         return self.by_step[step_of_time(self.ts, float(t.reshape(-1)[0]))]
+
+
+def _pass_schedules(
+    texts: list[str], r: Conditioned, ts: torch.Tensor | None, first_pass_steps: int | None
+) -> _PassTexts:
+    """The passes' texts over a run of `ts` (with prompt editing, each text's A1111 schedule; a hires fix's
+    second pass counts on from `first_pass_steps`)."""
+    if not r.prompt_editing:
+        return _PassTexts([[text] for text in texts], None, [(0,) * len(texts)])
+    if ts is None:
+        raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
+    steps = len(ts) - 1
+    schedules = [_distinct(prompt_schedule(text, steps, first_pass_steps), steps) for text in texts]
+    by_step = list(zip(*(places for _, places in schedules), strict=True))
+    return _PassTexts([distinct for distinct, _ in schedules], ts.detach().float().cpu(), by_step)
 
 
 def _distinct(schedule: PromptSchedule, steps: int) -> tuple[list[str], list[int]]:
     """A schedule's distinct texts in order of first use, and each step's place among them."""
     texts = list(dict.fromkeys(text for _, text in schedule))
     return texts, [texts.index(schedule[text_at(schedule, i)][1]) for i in range(steps + 1)]
-
-
-def _schedules(r: Conditioned, ts: torch.Tensor | None, first_pass_steps: int | None) -> _Texts:
-    if not r.prompt_editing:
-        return _Texts([r.prompt], [r.negative_prompt], None, [(0, 0)])
-    if ts is None:
-        raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
-    steps = len(ts) - 1
-    prompt, prompt_steps = _distinct(prompt_schedule(r.prompt, steps, first_pass_steps), steps)
-    negative, negative_steps = _distinct(prompt_schedule(r.negative_prompt, steps, first_pass_steps), steps)
-    by_step = list(zip(prompt_steps, negative_steps, strict=True))
-    return _Texts(prompt, negative, ts.detach().float().cpu(), by_step)
 
 
 def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -138,7 +139,10 @@ def resolve_request(
     r = _resolve_passes(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
     # regions or AND, each pass's).
-    texts = with_pass_texts(_read_texts(r), r.prompt, r.regions, r.composable)
+    assert r.steps
+    hires_steps = (r.hires_steps or r.steps) if r.hires_scale else None
+    read = pass_reader(r.prompt_editing, r.steps, hires_steps)
+    texts = with_pass_texts(_read_texts(r), r.prompt, r.regions, r.composable, read)
     if r.prompt_weights:
         _check_prompt_weights(pipe, texts)
     # As diffusers does: the image is made, but the user learns what was not read.
@@ -292,7 +296,6 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
     others = [
         words
         for words, given in (
-            ("prompt editing", r.prompt_editing),
             ("the first-block cache", r.cache_threshold),
             ("denoise tiles", r.denoise_tile is not None),
             ("an IP-Adapter picture", r.ip_adapter_image is not None),
@@ -310,17 +313,24 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
 
 
 def with_pass_texts(
-    texts: list[tuple[str, str]], prompt: str, regions: list[dict[str, Any]] | None, composable: bool
+    texts: list[tuple[str, str]],
+    prompt: str,
+    regions: list[dict[str, Any]] | None,
+    composable: bool,
+    read: Callable[[str], list[str]] = lambda text: [text],
 ) -> list[tuple[str, str]]:
     """`texts_read`'s ("prompt" or "negative prompt", text) pairs with the texts regions or AND run as passes
     of their own: each region's prompt beside the prompt, or each AND part in the prompt's place (the
-    prompt is then never read as one text)."""
+    prompt is then never read as one text); `read`: the texts a pass reads of its text (with prompt editing,
+    each its schedule reaches)."""
     if regions:
-        return texts + [(f"prompt of region {i}", region["prompt"]) for i, region in enumerate(regions)]
-    if composable and uses_and(prompt):
-        parts = [(f"prompt's AND part {i + 1}", text) for i, (text, _) in enumerate(split_and(prompt))]
-        return [(what, text) for what, text in texts if what != "prompt"] + parts
-    return texts
+        named = [(f"prompt of region {i}", region["prompt"]) for i, region in enumerate(regions)]
+    elif composable and uses_and(prompt):
+        named = [(f"prompt's AND part {i + 1}", text) for i, (text, _) in enumerate(split_and(prompt))]
+        texts = [(what, text) for what, text in texts if what != "prompt"]
+    else:
+        return texts
+    return texts + list(dict.fromkeys((what, read_text) for what, text in named for read_text in read(text)))
 
 
 def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
@@ -335,6 +345,14 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
             "the cache threshold"
         )
     return replace(r, cache_threshold=float(r.cache_threshold))
+
+
+def pass_reader(editing: bool, steps: int, hires_steps: int | None) -> Callable[[str], list[str]]:
+    """The texts a pass reads of its text: as written, or with prompt editing each text its schedules reach
+    over `steps` and a hires fix's second pass of `hires_steps` (`texts_read`)."""
+    return lambda text: [
+        t for what, t in texts_read(text, "", editing, steps, hires_steps) if what == "prompt"
+    ]
 
 
 def _read_texts(r: GenerationRequest) -> list[tuple[str, str]]:

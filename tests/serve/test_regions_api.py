@@ -155,7 +155,6 @@ def test_a_region_prompt_longer_than_the_servers_limit_is_refused(
 @pytest.mark.parametrize(
     ("extra", "what"),
     [
-        ({"prompt_weights": True, "prompt_editing": True}, "prompt editing"),
         ({"cache_threshold": 0.1}, "the first-block cache"),
         ({"denoise_tile": 16}, "denoise tiles"),
     ],
@@ -202,7 +201,6 @@ def test_the_pipelines_messages_about_regions_name_the_field(tiny: Pipeline) -> 
     """The messages the pipeline really gives (it is shared with the CLI), through the server's table."""
     messages = []
     for extra in (
-        {"prompt_weights": True, "prompt_editing": True},
         {"cache_threshold": 0.1},
         {"denoise_tile": 16},
     ):
@@ -383,3 +381,15 @@ def test_a_bad_weight_in_a_regions_prompt_is_a_400_naming_regions(client: TestCl
     regions = [{"box": [0, 0, 1, 1], "prompt": "(a red circle:99)"}]
     r = client.post(GENERATIONS, json={**BODY, "prompt_weights": True, "regions": regions})
     assert_refused(r, "regions", "the prompt of region 0: prompt weight")
+
+
+def test_regions_with_prompt_editing_are_the_pipelines(client: TestClient, tiny: Pipeline) -> None:
+    editing = {"prompt_weights": True, "prompt_editing": True}
+    regions = [{"box": [0.0, 0.0, 0.5, 1.0], "prompt": "[a red circle|a blue square]", "strength": 1.0}]
+    body = {**BODY, "prompt": "[two shapes:a star:1]", "regions": regions, **editing}
+    ((pixels, record),) = decode_images(client.post(GENERATIONS, json=body))
+    assert record["regions"] == regions and record["prompt_editing"] is True
+    request = GenerationRequest(
+        "[two shapes:a star:1]", width=32, height=32, steps=2, seed=3, regions=regions, **editing
+    )
+    assert np.array_equal(pixels, _px(tiny.generate(request)[0].image))
