@@ -252,11 +252,18 @@ def guided_velocity(
                 torch.cat([halves.tokens[:batch]] * parts + [halves.tokens[batch:]]),
                 torch.cat([halves.pooled[:batch]] * parts + [halves.pooled[batch:]]),
             )
+        ipa_k = ipa
+        if ipa is not None and use_cfg:  # the picture with the prompts' passes, the blank with the negative's
+            ipa_k = IPAttention(
+                keys=[torch.cat([key[:1]] * parts + [key[1:]]) for key in ipa.keys],
+                values=[torch.cat([value[:1]] * parts + [value[1:]]) for value in ipa.values],
+                scale=ipa.scale,
+            )
         g = guidance if use_cfg else None
 
         def composed_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_k = t.repeat(k) if t.ndim else t
-            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, None)
+            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k)
             return compose(out.view(k, *x.shape), weights, g)
 
         return composed_velocity

@@ -1,7 +1,7 @@
 """A1111's composable diffusion (`pictor.composable_prompts`) through the server: the JSON generations, the
 edit and variation forms and the job queue take `composable`; the records keep it and the pictures are the
-pipeline's; what AND does not run with (regions, prompt editing, the cache, denoise tiles, an IP-Adapter
-picture, ControlNets, too many parts, weights that cannot be averaged) are 400s naming `composable` in the
+pipeline's; what AND does not run with (regions, the cache, denoise tiles, ControlNets, too many parts,
+weights that cannot be averaged) are 400s naming `composable` in the
 API's words; jobs that differ in it never share a sampler run; A1111 text with AND comes back from
 /v1/images/settings with it. The page: tests/serve/test_browser_composable.py."""
 
@@ -153,20 +153,15 @@ def test_regions_with_composable_in_an_edit_form_name_composable(client: TestCli
     assert r.status_code == 200, r.text
 
 
-def test_and_beside_an_ip_adapter_picture_or_on_a_controlnet_server_is_a_400_naming_composable(
+def test_and_on_a_controlnet_server_is_a_400_naming_composable(
     client: TestClient, make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
-    """AND is what is refused, before the picture (here on a server without the IP-Adapter), so the client is
-    not told to load an IP-Adapter only to be refused for AND then; nothing is kept."""
+    """AND goes with an IP-Adapter picture (every part's pass reads it: on a server without the IP-Adapter the
+    picture is what is refused, and nothing is kept), not yet with ControlNets."""
     picture = base64.b64encode(png_bytes(source_image())).decode("ascii")
     r = client.post(GENERATIONS, json={**BODY, "composable": True, "ip_adapter_image": picture})
-    assert_refused(r, "composable", "AND (composable diffusion) does not run with an IP-Adapter picture yet")
-    assert not any(client.app.state.service.store.uploads_dir.iterdir())
-    # Without AND in the prompt, composable changes nothing and nothing refuses it.
-    r = client.post(
-        GENERATIONS, json={**BODY, "prompt": "a red circle", "composable": True, "ip_adapter_image": picture}
-    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image", r.text
+    assert not any(client.app.state.service.store.uploads_dir.iterdir())
 
     nets = make_client(with_controlnets(controlnet_file(tmp_path / "net.safetensors", 1)))
     r = nets.post(GENERATIONS, json={**BODY, "composable": True, "controlnet_images": [picture]})

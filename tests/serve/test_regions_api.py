@@ -174,12 +174,12 @@ def test_regions_beside_what_their_passes_do_not_follow_are_400s_naming_regions(
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
-def test_regions_beside_an_ip_adapter_picture_are_a_400_naming_regions(client: TestClient) -> None:
-    """The regions are what is refused, before the picture (here on a server without the IP-Adapter), so the
-    client is not told to load an IP-Adapter only to be refused for the regions then; nothing is kept."""
+def test_regions_go_with_an_ip_adapter_picture(client: TestClient) -> None:
+    """Regions do not refuse an IP-Adapter picture (every prompt's pass reads it): on a server without the
+    IP-Adapter the picture is what is refused; nothing is kept."""
     picture = base64.b64encode(png_bytes(source_image())).decode("ascii")
     r = client.post(GENERATIONS, json={**BODY, "regions": SENT, "ip_adapter_image": picture})
-    assert_refused(r, "regions", "regional prompts do not run with an IP-Adapter picture yet")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image", r.text
     assert not any(client.app.state.service.store.uploads_dir.iterdir())
 
 
@@ -223,7 +223,7 @@ def test_the_pipelines_messages_about_regions_name_the_field(tiny: Pipeline) -> 
     # Messages about other fields keep theirs, even where they name regions.
     masked = "regions cover the whole image, but inpaint area 'masked' draws only the masked area"
     assert field_of(masked) == "inpaint_area"
-    assert field_of("regional prompts do not run with an IP-Adapter picture or ControlNets yet") == "regions"
+    assert field_of("regional prompts do not run with the first-block cache or ControlNets yet") == "regions"
 
 
 def test_the_prompt_policy_reads_each_regions_prompt(
