@@ -31,6 +31,7 @@ from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_emb
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import FirstBlockCache
+from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import Flux, make_img_ids, make_txt_ids
 from pictor.models.ip_adapter import IPAttention
 from pictor.models.layout import LayoutAdapter
@@ -147,9 +148,12 @@ def guided_velocity(
         residuals: list[torch.Tensor] | None,
         context: ReferenceConditioning | None,
         ipa: IPAttention | None,
+        prompt_rows: int = batch,
     ) -> torch.Tensor:
+        """The transformer on x's rows: the first `prompt_rows` are the prompts' passes (the conditional half,
+        or regions' and AND's passes), which a ControlNet runs on; the rest reuse the first pass's."""
         if windows is None:
-            return window_model(x, t, emb, ids, residuals, context, ipa, fill, None)
+            return window_model(x, t, emb, ids, residuals, context, ipa, fill, None, prompt_rows)
 
         def part(index: torch.Tensor) -> torch.Tensor:  # the tokens at `index` alone, where they lie
             return window_model(
@@ -162,6 +166,7 @@ def guided_velocity(
                 ipa,
                 fill[:, index] if fill is not None else None,
                 index,
+                prompt_rows,
             )
 
         return tiled_call(windows, x, part)
@@ -176,6 +181,7 @@ def guided_velocity(
         ipa: IPAttention | None,
         beside: torch.Tensor | None,
         index: torch.Tensor | None,
+        prompt_rows: int,
     ) -> torch.Tensor:
         n = x.shape[0]
         txt = emb.tokens.expand(n, -1, -1) if emb.tokens.shape[0] == 1 else emb.tokens
@@ -185,10 +191,16 @@ def guided_velocity(
             g = torch.full((n,), guidance, device=m.device, dtype=m.dtype)
         txt_ids = make_txt_ids(n, txt.shape[1]).to(m.device, m.dtype)
         control = None
-        if controlnets is not None:  # the conditional half's residuals; a CFG negative half reuses them
-            k = batch  # (the transformer broadcasts them over both halves)
+        if controlnets is not None:  # the prompts' passes' residuals; a CFG negative pass reuses the first's
+            k = prompt_rows  # (the transformer broadcasts a conditional half's over both halves)
             tk = t[:k] if t.ndim else t
             control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance, index)
+            if control is not None and k > batch and n > k:  # regions' or AND's passes, then the negative's
+                control = ControlResiduals(
+                    [torch.cat([r, r[:batch]]) for r in control.double],
+                    [torch.cat([r, r[:batch]]) for r in control.single],
+                    control.repeat,
+                )
         if context is not None:
             txt, vec = apply_reference(txt, vec, context)
         if beside is not None:  # Fill's masked picture and mask, or a control picture, beside each token
@@ -263,7 +275,7 @@ def guided_velocity(
 
         def composed_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_k = t.repeat(k) if t.ndim else t
-            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k)
+            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
             return compose(out.view(k, *x.shape), weights, g)
 
         return composed_velocity

@@ -298,7 +298,6 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
         for words, given in (
             ("the first-block cache", r.cache_threshold),
             ("denoise tiles", r.denoise_tile is not None),
-            ("ControlNets", bool(pipe.controlnets)),
         )
         if given
     ]

@@ -1,7 +1,7 @@
 """A1111's composable diffusion (`pictor.composable_prompts`) through the server: the JSON generations, the
 edit and variation forms and the job queue take `composable`; the records keep it and the pictures are the
-pipeline's; what AND does not run with (regions, the cache, denoise tiles, ControlNets, too many parts,
-weights that cannot be averaged) are 400s naming `composable` in the
+pipeline's; what AND does not run with (regions, the cache, denoise tiles, too many parts, weights that
+cannot be averaged) are 400s naming `composable` in the
 API's words; jobs that differ in it never share a sampler run; A1111 text with AND comes back from
 /v1/images/settings with it. The page: tests/serve/test_browser_composable.py."""
 
@@ -153,11 +153,11 @@ def test_regions_with_composable_in_an_edit_form_name_composable(client: TestCli
     assert r.status_code == 200, r.text
 
 
-def test_and_on_a_controlnet_server_is_a_400_naming_composable(
+def test_and_goes_with_an_ip_adapter_picture_and_controlnets(
     client: TestClient, make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
     """AND goes with an IP-Adapter picture (every part's pass reads it: on a server without the IP-Adapter the
-    picture is what is refused, and nothing is kept), not yet with ControlNets."""
+    picture is what is refused, and nothing is kept) and with ControlNets (every part's pass runs them)."""
     picture = base64.b64encode(png_bytes(source_image())).decode("ascii")
     r = client.post(GENERATIONS, json={**BODY, "composable": True, "ip_adapter_image": picture})
     assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image", r.text
@@ -165,7 +165,8 @@ def test_and_on_a_controlnet_server_is_a_400_naming_composable(
 
     nets = make_client(with_controlnets(controlnet_file(tmp_path / "net.safetensors", 1)))
     r = nets.post(GENERATIONS, json={**BODY, "composable": True, "controlnet_images": [picture]})
-    assert_refused(r, "composable", "AND (composable diffusion) does not run with ControlNets yet")
+    ((_, record),) = decode_images(r)
+    assert record["composable"] is True and len(record["controlnets"]) == 1, record
 
 
 def test_the_pipelines_messages_about_and_name_composable(tiny: Pipeline) -> None:
