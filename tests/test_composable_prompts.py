@@ -121,7 +121,6 @@ def test_images_records_reproduce_and_the_a1111_text(pipe: Pipeline) -> None:
     ("prompt", "settings", "words"),
     [
         ("a AND b", {"regions": [{"box": [0, 0, 1, 1], "prompt": "x"}]}, "do not go together"),
-        ("a AND b", {"cache_threshold": 0.1}, "does not run with the first-block cache"),
         (" AND ".join("abcdefghi"), {}, "the prompt has 9 parts joined by AND; at most 8"),
         ("a:-1 AND b:0.5", {"guidance": 1.0}, "sum to 0 or less"),
     ],

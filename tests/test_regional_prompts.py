@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pictor.checkpoint import save_bundle
+from pictor.denoise_tiles import plan_windows
 from pictor.editing import EditRequest
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.guided_velocity import guided_velocity
@@ -175,21 +176,56 @@ def test_edits_take_regions(pipe: Pipeline) -> None:
         pipe.edit(request)
 
 
-@pytest.mark.parametrize(
-    ("settings", "named"),
-    [
-        ({"cache_threshold": 0.1}, "the first-block cache"),
-        ({"denoise_tile": 16}, "denoise tiles"),
-    ],
-)
-def test_what_regions_do_not_run_with_is_refused(
-    pipe: Pipeline, settings: dict[str, Any], named: str
-) -> None:
-    request = GenerationRequest("x", steps=2, regions=[LEFT], **settings)
-    with pytest.raises(GenerationError, match=f"regional prompts do not run with {named}"):
-        pipe.generate(request)
+def test_bad_regions_are_refused_by_the_pipeline(pipe: Pipeline) -> None:
     with pytest.raises(GenerationError, match="'box' must be four numbers"):
         pipe.generate(GenerationRequest("x", steps=2, regions=[{"box": [0, 1], "prompt": "x"}]))
+
+
+def test_the_first_block_cache_counts_every_pass(pipe: Pipeline) -> None:
+    """The cache decides per row, and each pass is a row of its own: regions of the whole prompt make the
+    same decisions and picture as none, and the record counts the passes (3 a step: two prompts' and the
+    negative prompt's)."""
+    same = [{"box": [0, 0, 0.5, 1], "prompt": "two shapes", "strength": 2}]
+    cached = {"seed": 5, "steps": 6, "cache_threshold": 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (plain,) = pipe.generate(GenerationRequest("two shapes", **cached))
+        (regional,) = pipe.generate(GenerationRequest("two shapes", regions=same, **cached))
+    assert np.abs(np.asarray(plain.image).astype(np.int16) - np.asarray(regional.image)).max() <= 1
+    full, total = plain.record["cache_passes"]["full"], plain.record["cache_passes"]["total"]
+    assert 0 < full < total == 2 * 6  # some steps skipped; the prompt's and the negative's row each step
+    assert regional.record["cache_passes"] == {"full": full * 3 // 2, "total": 3 * 6}
+    assert np.array_equal(np.asarray(reproduce(pipe, regional.record).image), np.asarray(regional.image))
+
+
+def test_denoise_tiles_blend_each_passes_windows(pipe: Pipeline) -> None:
+    """Windows and regions both blend linearly per token, so a composed run in windows is the regions' blend
+    of each prompt's windowed pass (a 32x32 picture: 4x4 tokens, windows of 2 tokens overlapping by 1)."""
+    regions = parse_regions([LEFT, RIGHT])
+    windows = plan_windows(4, 4, 2, 1)
+    assert windows is not None and len(windows) > 1
+    torch.manual_seed(4)
+    x, t = torch.randn(2, 16, 16), torch.tensor([0.5, 0.2])
+
+    def velocity(prompt: str, **kw: Any) -> torch.Tensor:
+        r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
+        with torch.inference_mode():
+            return guided_velocity(pipe, r, 2, 8, 8, windows=windows)(x, t)
+
+    got = velocity("two shapes", regions=regions, negative_prompt="blurry")
+    alone = [velocity(p, guidance=1.0) for p in ("two shapes", LEFT["prompt"], RIGHT["prompt"])]
+    u = velocity("blurry", guidance=1.0)
+    g = float(pipe.defaults["guidance"])
+    want = u + g * ((region_weights(regions, 4, 4)[:, None, :, None] * torch.stack(alone)).sum(0) - u)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # and through generate: windows of 16 pixels (2 tokens), regions of the whole prompt change nothing
+    tiles = {"seed": 5, "steps": 3, "denoise_tile": 16, "denoise_tile_overlap": 8}
+    same = [{"box": [0, 0, 0.5, 1], "prompt": "two shapes"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a pass from noise in windows is warned about)
+        (plain,) = pipe.generate(GenerationRequest("two shapes", **tiles))
+        (regional,) = pipe.generate(GenerationRequest("two shapes", regions=same, **tiles))
+    assert np.abs(np.asarray(plain.image).astype(np.int16) - np.asarray(regional.image)).max() <= 1
 
 
 def test_the_command_line(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path) -> None:

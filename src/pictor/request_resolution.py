@@ -263,12 +263,10 @@ def _check_denoise_tiles(r: GenerationRequest) -> None:
 
 
 def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
-    """Regional prompts and AND (composable diffusion), checked; refused with what their passes of one
-    prompt each do not run with yet."""
+    """Regional prompts and AND (composable diffusion), checked: each runs a transformer pass per prompt."""
     anded = r.composable and uses_and(r.prompt)
     if r.regions is None and not anded:
         return r
-    what = "regional prompts"
     if r.regions is not None:
         if anded:  # (composable on for a prompt without AND reads it as one text: regions go with that)
             raise GenerationError(
@@ -280,7 +278,6 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
         except RegionError as exc:
             raise GenerationError(str(exc)) from exc
     else:
-        what = "AND (composable diffusion)"
         parts = split_and(r.prompt)
         if len(parts) > MAX_PARTS:
             raise GenerationError(
@@ -293,20 +290,6 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
                 "without classifier-free guidance the AND parts' velocities are averaged by their weights, "
                 "which here sum to 0 or less: give the parts weights with a positive sum"
             )
-    others = [
-        words
-        for words, given in (
-            ("the first-block cache", r.cache_threshold),
-            ("denoise tiles", r.denoise_tile is not None),
-        )
-        if given
-    ]
-    if others:
-        raise GenerationError(
-            f"{what} {'do' if r.regions else 'does'} not run with {' or '.join(others)} yet (each prompt is "
-            f"a pass of its own, which those do not follow): drop the {'regions' if r.regions else 'AND'} or "
-            "those"
-        )
     return r
 
 

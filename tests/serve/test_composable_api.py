@@ -113,8 +113,6 @@ def test_a_redux_variation_takes_composable(make_client: Callable[..., TestClien
             "regional prompts and AND (composable diffusion) do not go together: give each part of the "
             "prompt a region of its own and send composable false, or drop the regions",
         ),
-        ({"cache_threshold": 0.1}, "does not run with the first-block cache yet"),
-        ({"denoise_tile": 16}, "does not run with denoise tiles yet"),
         ({"prompt": " AND ".join("abcdefghi")}, "the prompt has 9 parts joined by AND; at most 8"),
         # guidance 1 on a CFG model: no classifier-free guidance, so the parts are averaged by their weights
         ({"prompt": "a AND b:-1", "guidance": 1.0}, "which here sum to 0 or less"),
@@ -175,8 +173,6 @@ def test_the_pipelines_messages_about_and_name_composable(tiny: Pipeline) -> Non
     messages = []
     for extra in (
         {"regions": REGIONS},
-        {"cache_threshold": 0.1},
-        {"denoise_tile": 16},
         {"prompt": " AND ".join("abcdefghi")},
         {"prompt": "a AND b:-2", "guidance": 1.0},
     ):
@@ -190,7 +186,7 @@ def test_the_pipelines_messages_about_and_name_composable(tiny: Pipeline) -> Non
         assert not re.findall(r"--[a-z]", api_message(text)), api_message(text)
         error = job_error(GenerationError(text))
         assert error["param"] == "composable" and error["message"].startswith("composable: "), error
-    assert api_message(messages[1]).endswith("drop the AND (or send composable false) or those")
+    assert api_message(messages[0]).endswith("send composable false, or drop the regions")
     # A bad weight in one AND part is about the prompt, which holds it.
     with pytest.raises(GenerationError) as info:
         tiny.resolve_request(

@@ -152,26 +152,15 @@ def test_a_region_prompt_longer_than_the_servers_limit_is_refused(
     assert_refused(r, "regions", "region 1: 'prompt' is 51 characters")
 
 
-@pytest.mark.parametrize(
-    ("extra", "what"),
-    [
-        ({"cache_threshold": 0.1}, "the first-block cache"),
-        ({"denoise_tile": 16}, "denoise tiles"),
-    ],
-)
-def test_regions_beside_what_their_passes_do_not_follow_are_400s_naming_regions(
-    client: TestClient, extra: dict[str, Any], what: str
+def test_regions_with_the_cache_and_denoise_tiles_are_the_pipelines(
+    client: TestClient, tiny: Pipeline
 ) -> None:
-    words = f"regional prompts do not run with {what} yet"
-    for path in (GENERATIONS, "/v1/jobs"):
-        r = client.post(path, json={**BODY, "regions": SENT, **extra})
-        assert_refused(r, "regions", words)
-        assert r.json()["error"]["code"] == "invalid_parameters"
-    form = {k: str(v).lower() for k, v in extra.items()}
-    for path in ("/v1/images/edits", "/v1/jobs/edits"):
-        r = edit(client, png_bytes(source_image()), "two shapes", path=path, regions=json.dumps(SENT), **form)
-        assert_refused(r, "regions", words)
-    assert client.get("/v1/jobs").json()["total"] == 0
+    """Each prompt's pass is a row of its own for the first-block cache and windows blend per token, so both
+    go with regions."""
+    for extra in ({"cache_threshold": 0.5}, {"denoise_tile": 16, "denoise_tile_overlap": 8}):
+        ((pixels, record),) = decode_images(client.post(GENERATIONS, json={**BODY, "regions": SENT, **extra}))
+        assert record["regions"] == KEPT and all(record[k] == v for k, v in extra.items()), record
+        assert np.array_equal(pixels, _direct(tiny, KEPT, **extra))
 
 
 def test_regions_go_with_an_ip_adapter_picture(client: TestClient) -> None:
@@ -200,13 +189,10 @@ def test_an_edit_of_only_the_masked_area_refuses_regions_naming_the_area(client:
 def test_the_pipelines_messages_about_regions_name_the_field(tiny: Pipeline) -> None:
     """The messages the pipeline really gives (it is shared with the CLI), through the server's table."""
     messages = []
-    for extra in (
-        {"cache_threshold": 0.1},
-        {"denoise_tile": 16},
-    ):
-        with pytest.raises(GenerationError) as info:
-            tiny.resolve_request(GenerationRequest("a", steps=2, regions=SENT, **extra))
-        messages.append(str(info.value))
+    weighted = [{"box": [0, 0, 1, 1], "prompt": "(a red circle:99)"}]
+    with pytest.raises(GenerationError) as info:  # a bad weight in a region's prompt
+        tiny.resolve_request(GenerationRequest("a", steps=2, regions=weighted, prompt_weights=True))
+    messages.append(str(info.value))
     for regions in (
         [],
         [{"box": [0, 0, 2, 1], "prompt": "x"}],
@@ -329,8 +315,10 @@ def test_a_job_refused_only_when_it_runs_names_regions(
         # a bad box is refused while the model loads too
         bad = client.post("/v1/jobs", json={**BODY, "regions": [{"box": [0, 0, 2, 1], "prompt": "x"}]})
         assert_refused(bad, "regions", "region 0: 'box'")
-        r = client.post("/v1/jobs", json={**BODY, "regions": SENT, "cache_threshold": 0.1})
-        assert r.status_code == 202 and r.json()["request"]["regions"] == KEPT, r.text
+        # a region prompt's weights are read with the model's text encoder: when the job runs
+        weighted = [{"box": [0, 0, 1, 1], "prompt": "(a red circle:99)"}]
+        r = client.post("/v1/jobs", json={**BODY, "regions": weighted, "prompt_weights": True})
+        assert r.status_code == 202 and r.json()["request"]["regions"][0]["prompt"] == "(a red circle:99)"
         manager = client.app.state.service.manager
         wait_for(lambda: manager.queue_depth() == 1, what="the job to queue")
     finally:
@@ -338,9 +326,7 @@ def test_a_job_refused_only_when_it_runs_names_regions(
     job = wait_job(client, r.json()["id"])
     error = job["error"]
     assert job["status"] == "failed" and error["param"] == "regions" and error["code"] == "invalid_parameters"
-    assert error["message"].startswith("regions: regional prompts do not run with the first-block cache"), (
-        error
-    )
+    assert error["message"].startswith("regions: the prompt of region 0: prompt weight"), error
 
 
 @pytest.mark.filterwarnings("ignore::pictor.notices.PictorWarning")  # the server log's copy

@@ -98,10 +98,11 @@ class FirstBlockCache:
 
     def image_passes(self, index: int, batch: int) -> tuple[int, int]:
         """(passes that ran every block, passes) for image `index` of a run of `batch` images: its row, and
-        under classifier-free guidance (twice the rows) its unconditional row too."""
+        its row of every other pass in the batch (under classifier-free guidance the unconditional one; with
+        regions or AND each prompt's, `pictor.composable_prompts`)."""
         if self.row_full is None:
             return 0, 0
-        rows = [index] if self.row_full.shape[0] == batch else [index, index + batch]
+        rows = list(range(index, self.row_full.shape[0], batch))
         return int(self.row_full[rows].sum()), self.row_calls * len(rows)
 
     def stats(self) -> dict[str, int | float]:

@@ -158,7 +158,7 @@ class ImageGenerationRequest(BaseModel):
         description="A1111's composable diffusion: the prompt's parts joined by AND (upper case), each with "
         "an optional trailing :weight (a red circle AND a blue square:0.8), each part one more transformer "
         f"pass per step, guided together (with prompt_editing, each part reads its own); at most {MAX_PARTS} "
-        "parts. Not with regions, cache_threshold or denoise_tile; false: AND is a word.",
+        "parts. Not with regions; false: AND is a word.",
     )
     sampler: str | None = Field(
         None,
@@ -177,7 +177,7 @@ class ImageGenerationRequest(BaseModel):
         description="Regional prompts, with any model (no adapter): a prompt of its own for each box, "
         "blended with the whole prompt where the box lies (ComfyUI's ConditioningSetMask, A1111's Regional "
         f"Prompter); at most {MAX_REGIONS}, each one more transformer pass per step (with prompt_editing, "
-        "each region's prompt is edited too). Not with cache_threshold or denoise_tile.",
+        "each region's prompt is edited too). Not with a prompt that composable splits at AND.",
     )
     reference_image: str | None = Field(
         None,

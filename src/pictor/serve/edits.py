@@ -394,8 +394,8 @@ Composable = Annotated[
     Form(
         description="A1111's composable diffusion: the prompt's parts joined by AND (upper case), each "
         "with an optional trailing :weight (a red circle AND a blue square:0.8), each one more transformer "
-        f"pass per step; at most {MAX_PARTS} parts. Not with regions, cache_threshold or "
-        "denoise_tile; false: AND is a word"
+        f"pass per step; at most {MAX_PARTS} parts. Not with regions; false: AND is "
+        "a word"
     ),
 ]
 Upscale = Annotated[

@@ -88,18 +88,11 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # "the hires fix cannot be combined with a context image; drop the hires scale"
         (r"^hires scale|^the hires (size|fix)", "hires_scale"),
         # AND (composable diffusion; request_resolution._resolve_passes): before the regions' rule, which
-        # "regional prompts and AND ... do not go together" would meet, and the cache's and IP-Adapter's,
-        # which "AND ... does not run with the first-block cache..." would. Regions are refused with a prompt
+        # "regional prompts and AND ... do not go together" would meet. Regions are refused with a prompt
         # that composable splits at AND, so composable is the field to blame: regions are fine on their own.
-        (
-            r"^regional prompts and AND|^AND \(composable diffusion\)|parts joined by AND|the AND parts' "
-            "velocities",
-            "composable",
-        ),
-        # regional prompts (regional_prompts.parse_regions, request_resolution._resolve_passes): before the
-        # cache's, denoise tiles' and IP-Adapter's rules, which "regional prompts do not run with the
-        # first-block cache..." would meet; after inpaint_area's, whose "regions ... cover the whole image,
-        # but inpaint area 'masked'" is about the area (as for layout boxes)
+        (r"^regional prompts and AND|parts joined by AND|the AND parts' velocities", "composable"),
+        # regional prompts (regional_prompts.parse_regions): after inpaint_area's, whose "regions ... cover
+        # the whole image, but inpaint area 'masked'" is about the area (as for layout boxes)
         (r"^regional prompts|^regions?\b|^region \d+:", "regions"),
         # denoise tiles (generation_settings.denoise_tiling_problem, request_resolution): before the cache's
         # rule, which "denoise tiles and the first-block cache do not go together" would meet; an overlap
@@ -211,7 +204,6 @@ PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"give each part of the prompt a region of its own, or drop the regions$",
             "give each part of the prompt a region of its own and send composable false, or drop the regions",
         ),
-        (r"drop the AND or those$", "drop the AND (or send composable false) or those"),
         (
             r"turn prompt weights on too \(--prompt-weights; --prompt-editing on the command line does\)$",
             "send prompt_weights true with prompt_editing",
