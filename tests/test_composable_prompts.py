@@ -35,6 +35,7 @@ from tiny_bundle import tiny_models
         ("a red circle AND a blue square:0.8", [("a red circle", 1.0), (" a blue square", 0.8)]),
         ("a:1.5", [("a", 1.5)]),
         ("a red circle:1", [("a red circle", 1.0)]),  # read as "a red circle", as A1111 does
+        ("two shapes \n", [("two shapes", 1.0)]),
         ("a : -0.5  AND b:+2", [("a", -0.5), (" b", 2.0)]),
         ("x:.5 AND y:5.", [("x", 0.5), (" y", 5.0)]),
         ("a and b", [("a and b", 1.0)]),  # only the upper-case word
@@ -47,7 +48,10 @@ from tiny_bundle import tiny_models
 )
 def test_parts_are_a1111s(prompt: str, parts: list[tuple[str, float]]) -> None:
     assert split_and(prompt) == parts
-    assert uses_and(prompt) == (parts != [(prompt, 1.0)])
+    assert uses_and(prompt) == (parts != [(prompt.rstrip(), 1.0)])
+    assert uses_and(prompt) == (
+        prompt not in ("a red circle", "a and b", "a:b", "(a red circle:1.2)", "two shapes \n")
+    )
 
 
 def test_compose() -> None:
@@ -158,9 +162,10 @@ def test_parts_are_checked_and_measured(pipe: Pipeline) -> None:
 def test_a_prompt_without_and_takes_regions(pipe: Pipeline) -> None:
     """Composable on for a prompt without AND reads it as one text, which regions go with."""
     regions = [{"box": [0, 0, 0.5, 1], "prompt": "a red circle"}]
-    (on,) = _generate(pipe, "two shapes", composable=True, regions=regions, num_images=1)
     (off,) = _generate(pipe, "two shapes", regions=regions, num_images=1)
-    assert np.array_equal(np.asarray(on.image), np.asarray(off.image))
+    for prompt in ("two shapes", "two shapes \n"):  # (trailing white space is no part of A1111's syntax)
+        (on,) = _generate(pipe, prompt, composable=True, regions=regions, num_images=1)
+        assert np.array_equal(np.asarray(on.image), np.asarray(off.image))
 
 
 def test_prompt_editing_in_the_parts(pipe: Pipeline) -> None:

@@ -300,9 +300,9 @@ def test_region_prompts_are_checked_and_measured(pipe: Pipeline) -> None:
 def test_prompt_editing_in_the_whole_prompt_and_the_regions(pipe: Pipeline) -> None:
     """With prompt editing each pass reads its own text's schedule: at each step the velocity is the blend of
     passes of the texts that step reads (4 steps: "[x:y:2]" reads x at steps 0 to 2, then y; "[a|b]" a, a,
-    b, a, b)."""
+    b, a, b), and the negative prompt's pass its own ("[blurry:dark:1]": blurry at steps 0 and 1)."""
     regions = parse_regions([{"box": [0, 0, 0.5, 1], "prompt": "[a red circle|a blue square]"}])
-    editing = {"prompt_weights": True, "prompt_editing": True}
+    editing = {"prompt_weights": True, "prompt_editing": True, "negative_prompt": "[blurry:dark:1]"}
     r = pipe.resolve_request(
         GenerationRequest("[two shapes:a star:2]", width=32, height=32, steps=4, regions=regions, **editing)
     )
@@ -312,10 +312,23 @@ def test_prompt_editing_in_the_whole_prompt_and_the_regions(pipe: Pipeline) -> N
     w = region_weights(regions, 4, 4)[:, None, :, None]
     with torch.inference_mode():
         v = guided_velocity(pipe, r, 2, 8, 8, ts=ts)
-        for step, whole, region in ((0, "two shapes", "a red circle"), (2, "two shapes", "a blue square"),
-                                    (3, "a star", "a red circle")):  # fmt: skip
+        for step, whole, region, negative in ((0, "two shapes", "a red circle", "blurry"),
+                                              (2, "two shapes", "a blue square", "dark"),
+                                              (3, "a star", "a red circle", "dark")):  # fmt: skip
             t = ts[step].expand(2)
             alone = [_velocity(pipe, p, guidance=1.0, prompt_weights=True)(x, t) for p in (whole, region)]
-            u = _velocity(pipe, "", guidance=1.0)(x, t)
+            u = _velocity(pipe, negative, guidance=1.0, prompt_weights=True)(x, t)
             want = u + r.guidance * ((w * torch.stack(alone)).sum(0) - u)
             assert torch.allclose(v(x, t), want, atol=1e-5), (step, (v(x, t) - want).abs().max())
+
+
+def test_a_regions_scheduled_texts_are_measured(pipe: Pipeline) -> None:
+    """With prompt editing a region's prompt is measured as each text its schedule reaches, not as written."""
+    words = " ".join(["word"] * 40)
+    regions = [{"box": [0, 0, 1, 1], "prompt": f"[{words} end:x:2]"}]
+    request = GenerationRequest("x", steps=4, regions=regions, prompt_weights=True, prompt_editing=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe.resolve_request(request)
+    said = [str(w.message) for w in seen if issubclass(w.category, PictorWarning)]
+    assert len(said) == 1 and said[0].endswith(" end'"), said

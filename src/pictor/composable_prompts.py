@@ -39,7 +39,8 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 
 def uses_and(prompt: str) -> bool:
     """Whether composable diffusion reads the prompt otherwise than as one text of weight 1."""
-    return split_and(prompt) != [(prompt, 1.0)]  # ("x:1" reads as "x")
+    # ("x:1" reads as "x"; trailing white space, which A1111 drops from every part, changes nothing)
+    return split_and(prompt) != [(prompt.rstrip(), 1.0)]
 
 
 def compose(out: torch.Tensor, weights: torch.Tensor, guidance: float | None) -> torch.Tensor:

@@ -80,13 +80,15 @@ def test_regions_are_sent_kept_reused_and_reproduced(
     page.get_by_label("Region 2 strength").fill("2")
     expect(page.locator("#region-preview rect")).to_have_count(2)
     expect(page.locator("#region-preview text").nth(1)).to_have_text("a blue square")
-    # The server's refusal of regions beside the block cache is shown, in its words.
-    page.get_by_label("Block cache").fill("0.1")
+    # The server's refusal of regions beside a prompt with AND is shown, in its words.
+    page.get_by_label("Prompt", exact=True).fill("a red circle AND a blue square")
+    page.get_by_label("Composable (AND)").check()
     page.get_by_role("button", name="Generate").click()
-    expect(error).to_contain_text("regional prompts do not run with the first-block cache")
+    expect(error).to_contain_text("regional prompts and AND (composable diffusion) do not go together")
     assert sent[-1]["regions"] == SENT and problems == [f"400 {live.url}/v1/jobs"], (sent, problems)
     problems.clear()
-    page.get_by_label("Block cache").fill("")
+    page.get_by_label("Composable (AND)").uncheck()
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
 
     generate_one(page)
     expect(error).to_be_empty()
