@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from pictor.adapter_files import AdapterKind
 from pictor.checkpoint import (
     sha256_file,
 )
-from pictor.data.layouts import LAYOUT_EXAMPLE, LayoutError, parse_layout
+from pictor.data.layouts import LAYOUT_EXAMPLE, LayoutError, json_arg_text, parse_layout
 from pictor.models.flux import FluxParams
 from pictor.models.layout import LayoutAdapter, LayoutParams
 
@@ -45,18 +44,7 @@ LAYOUT_FILE = "layout.safetensors"
 
 def read_layout_arg(text: str) -> list[dict[str, Any]]:
     """A layout from the command line: a path to a JSON file, or the JSON itself."""
-    stripped = text.strip()
-    if not stripped.startswith(("[", "{")):  # JSON (parse_layout explains a lone object), else a file
-        path = Path(text)
-        if not path.is_file():
-            raise LayoutError(
-                f"--layout {text!r}: no such file; give a JSON file or JSON like {LAYOUT_EXAMPLE}"
-            )
-        try:
-            stripped = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise LayoutError(f"--layout {path}: not UTF-8 text ({exc.reason}); give a JSON file") from None
-    return parse_layout(stripped)
+    return parse_layout(json_arg_text(text, "--layout", LAYOUT_EXAMPLE, LayoutError))
 
 
 def layout_tensors(

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from pictor.data.layouts import box_problem, json_arg_text
 from pictor.models.layout import box_coverage
 
 __all__ = [
@@ -87,20 +87,9 @@ def _region(i: int, item: Any) -> dict[str, Any]:
         raise RegionError(
             f"{where}: 'prompt' is not valid Unicode text (a lone surrogate at character {exc.start})"
         ) from None
-    box = item["box"]
-    if (
-        not isinstance(box, list | tuple)
-        or len(box) != 4
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
-        or not all(math.isfinite(v) for v in box)
-    ):
-        raise RegionError(f"{where}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        raise RegionError(
-            f"{where}: 'box' {list(box)} must be fractions of the image with 0 <= x0 < x1 <= 1 and "
-            "0 <= y0 < y1 <= 1 (y grows downward); divide pixel coordinates by the width and height"
-        )
+    problem = box_problem(item["box"])
+    if problem:
+        raise RegionError(f"{where}: {problem}")
     strength = item.get("strength", 1.0)
     if (
         not isinstance(strength, int | float)
@@ -112,23 +101,12 @@ def _region(i: int, item: Any) -> dict[str, Any]:
             f"{where}: 'strength' must be a number above 0 and at most {MAX_STRENGTH:g} (how much the "
             f"region's prompt outweighs the whole prompt in its box; 1 shares equally), got {strength!r}"
         )
-    return {"box": [x0, y0, x1, y1], "prompt": prompt.strip(), "strength": float(strength)}
+    return {"box": [float(v) for v in item["box"]], "prompt": prompt.strip(), "strength": float(strength)}
 
 
 def read_regions_arg(text: str) -> list[dict[str, Any]]:
     """Regions from the command line: a path to a JSON file, or the JSON itself."""
-    stripped = text.strip()
-    if not stripped.startswith(("[", "{")):  # JSON (parse_regions explains a lone object), else a file
-        path = Path(text)
-        if not path.is_file():
-            raise RegionError(
-                f"--regions {text!r}: no such file; give a JSON file or JSON like {REGIONS_EXAMPLE}"
-            )
-        try:
-            stripped = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise RegionError(f"--regions {path}: not UTF-8 text ({exc.reason}); give a JSON file") from None
-    return parse_regions(stripped)
+    return parse_regions(json_arg_text(text, "--regions", REGIONS_EXAMPLE, RegionError))
 
 
 def region_weights(regions: list[dict[str, Any]], grid_h: int, grid_w: int) -> torch.Tensor:

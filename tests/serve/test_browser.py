@@ -62,6 +62,19 @@ def open_page(browser: Any, url: str, height: int) -> tuple[Any, list[str]]:
     return page, problems
 
 
+def open_page_sending(browser: Any, url: str, height: int) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """`open_page`, and the list that collects the JSON bodies of the page's generations as it sends them."""
+    page, problems = open_page(browser, url, height)
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: (
+            sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/jobs") else None
+        ),
+    )
+    return page, problems, sent
+
+
 def fill_settings(page: Any, prompt: str | None, seed: int, steps: int) -> None:
     """The prompt (unless None: left as it is), and the seed and steps under Settings."""
     if prompt is not None:

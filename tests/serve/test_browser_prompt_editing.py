@@ -20,7 +20,7 @@ from tests.serve.test_browser import (  # noqa: F401
     browser,
     fill_settings,
     generate_one,
-    open_page,
+    open_page_sending,
     reproduce_twice,
 )
 
@@ -52,14 +52,7 @@ def test_prompt_editing_is_sent_kept_reused_and_reproduced(
     from playwright.sync_api import expect
 
     live = live_server()
-    page, problems = open_page(browser, live.url, height=900)
-    sent: list[dict[str, Any]] = []  # the JSON bodies of the page's generations
-    page.on(
-        "request",
-        lambda r: (
-            sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/jobs") else None
-        ),
-    )
+    page, problems, sent = open_page_sending(browser, live.url, height=900)
     weights = page.get_by_label("Prompt weights", exact=True)
     editing = page.get_by_label("Prompt editing", exact=True)
 

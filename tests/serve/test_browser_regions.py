@@ -16,7 +16,7 @@ from tests.serve.test_browser import (  # noqa: F401
     browser,
     fill_settings,
     generate_one,
-    open_page,
+    open_page_sending,
     reproduce_twice,
 )
 from tests.serve.test_browser_prompt_editing import _newest
@@ -50,14 +50,7 @@ def test_regions_are_sent_kept_reused_and_reproduced(
     from playwright.sync_api import expect
 
     live = live_server()
-    page, problems = open_page(browser, live.url, height=1000)
-    sent: list[dict[str, Any]] = []  # the JSON bodies of the page's generations
-    page.on(
-        "request",
-        lambda r: (
-            sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/jobs") else None
-        ),
-    )
+    page, problems, sent = open_page_sending(browser, live.url, height=1000)
     error = page.locator("#error")
     rows = page.locator("#region-boxes li")
 

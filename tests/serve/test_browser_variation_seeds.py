@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pictor.pipeline import GenerationRequest, Pipeline
-from tests.serve.test_browser import browser, fill_settings, generate_one, open_page  # noqa: F401
+from tests.serve.test_browser import browser, fill_settings, generate_one, open_page_sending  # noqa: F401
 
 FIELDS = ("Variation seed strength", "Variation seed", "Seed resize from")
 KEYS = ("variation_strength", "variation_seed", "seed_resize_from")
@@ -51,14 +51,7 @@ def test_variation_seeds_are_sent_kept_reused_and_left_out_when_empty(
     from playwright.sync_api import expect
 
     live = live_server()
-    page, problems = open_page(browser, live.url, height=900)
-    sent: list[dict[str, Any]] = []  # the JSON bodies of the page's generations
-    page.on(
-        "request",
-        lambda r: (
-            sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/jobs") else None
-        ),
-    )
+    page, problems, sent = open_page_sending(browser, live.url, height=900)
 
     # A generation with variation seeds: seed 5 blended with variation seed 9 by 0.3, noise drawn at 24x32.
     fill_settings(page, "a varied circle", seed=5, steps=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 MAX_PHRASE_CHARS = 1000  # the text encoder reads far fewer tokens; longer is a mistake or an attack
@@ -51,20 +52,29 @@ def _box(i: int, item: Any) -> dict[str, Any]:
             raise LayoutError(
                 f"{where}: 'phrase' is not valid Unicode text (a lone surrogate at character {exc.start})"
             ) from None
+    problem = box_problem(box)
+    if problem:
+        raise LayoutError(f"{where}: {problem}")
+    return {"box": [float(v) for v in box], "phrase": phrase.strip()}
+
+
+def box_problem(box: Any) -> str | None:
+    """What is wrong with a box [x0, y0, x1, y1] in fractions of the image (y down), or None (shared by
+    layouts and `pictor.regional_prompts`' regions)."""
     if (
         not isinstance(box, list | tuple)
         or len(box) != 4
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
         or not all(math.isfinite(v) for v in box)
     ):
-        raise LayoutError(f"{where}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
+        return f"'box' must be four numbers [x0, y0, x1, y1], got {box!r}"
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        raise LayoutError(
-            f"{where}: 'box' {list(box)} must be fractions of the image with 0 <= x0 < x1 <= 1 and "
-            "0 <= y0 < y1 <= 1 (y grows downward); divide pixel coordinates by the width and height"
+        return (
+            f"'box' {list(box)} must be fractions of the image with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+            "(y grows downward); divide pixel coordinates by the width and height"
         )
-    return {"box": [x0, y0, x1, y1], "phrase": phrase.strip()}
+    return None
 
 
 def crop_layout(
@@ -89,3 +99,19 @@ def crop_layout(
             bx = [1.0 - bx[1], 1.0 - bx[0]]
         out.append({"box": [bx[0], by[0], bx[1], by[1]], "phrase": item["phrase"]})
     return out
+
+
+def json_arg_text(text: str, option: str, example: str, error: type[ValueError]) -> str:
+    """The JSON a command-line option gives: the text itself when it starts like JSON (the parser then says
+    what is wrong with it), else the UTF-8 text of the file it names; `error` says what is missing, with
+    `example` (shared by --layout and --regions)."""
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        return stripped
+    path = Path(text)
+    if not path.is_file():
+        raise error(f"{option} {text!r}: no such file; give a JSON file or JSON like {example}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{option} {path}: not UTF-8 text ({exc.reason}); give a JSON file") from None
