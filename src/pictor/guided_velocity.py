@@ -12,6 +12,9 @@ image tokens (`pictor.context_images`).
 With denoise windows (`pictor.denoise_tiles`), each call runs the transformer (and the ControlNets) on one
 window of the image tokens at a time, with that window's ids, layout residuals, tokens beside the noise and
 control tokens, and blends them.
+Regional prompts and A1111's AND (`pictor.regional_prompts`, `pictor.composable_prompts`) run every prompt as
+a pass of its own in one batch (after them the negative prompt's, under CFG), each with the inputs above
+arranged as the passes are, and `compose` makes one velocity of them.
 """
 
 from __future__ import annotations
@@ -236,7 +239,7 @@ def guided_velocity(
         grid = (lat_h // 2, lat_w // 2)
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
     ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
-    if composed is not None:  # one pass per prompt; request resolution refused what those passes skip
+    if composed is not None:  # regions or AND: one pass per prompt, all in one batch, then `compose`
         texts_p, weights = composed
         parts = len(texts_p)
         weights = weights.to(m.device)
