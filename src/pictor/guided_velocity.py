@@ -49,7 +49,6 @@ from pictor.prompt_editing import PromptSchedule, prompt_schedule, step_of_time,
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.regional_prompts import region_weights
-from pictor.sampling import cfg
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -132,9 +131,6 @@ def guided_velocity(
             pooled=emb.pooled,
         )
 
-    texts = _pass_schedules([r.prompt, r.negative_prompt], r, ts, first_pass_steps)
-    composed = _parts(r, lat_h // 2, lat_w // 2)  # regions or AND: a pass per prompt, below
-    conds = [conditional(text) for text in texts.texts[0]] if composed is None else []
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
@@ -239,75 +235,54 @@ def guided_velocity(
         grid = (lat_h // 2, lat_w // 2)
         res = layout_residuals(m.layout_adapter, m.text_encoder, r.layout, batch, grid, m.dtype)
     ipa = ip_attention(m, r, use_cfg) if r.ip_adapter_image is not None and r.ip_adapter_scale else None
-    if composed is not None:  # regions or AND: one pass per prompt, all in one batch, then `compose`
-        texts_p, weights = composed
-        parts = len(texts_p)
-        weights = weights.to(m.device)
-        # each pass's texts (with prompt editing, each its schedule reaches), encoded once per run
-        passes = _pass_schedules(texts_p + ([r.negative_prompt] if use_cfg else []), r, ts, first_pass_steps)
-        encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
-        encoded += [
-            [m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]
-        ]
-        k = len(encoded)
-        stacks: dict[tuple[int, ...], TextEmbeddings] = {}
+    # one pass per prompt (the prompt alone, or regions' or AND's), in one batch after which, under CFG,
+    # the negative prompt's; `compose` makes one velocity of them
+    texts_p, weights = _parts(r, lat_h // 2, lat_w // 2)
+    parts = len(texts_p)
+    weights = weights.to(m.device)
+    # each pass's texts (with prompt editing, each its schedule reaches), encoded once per run
+    passes = _pass_schedules(texts_p + ([r.negative_prompt] if use_cfg else []), r, ts, first_pass_steps)
+    encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
+    encoded += [[m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]]
+    k = len(encoded)
+    stacks: dict[tuple[int, ...], TextEmbeddings] = {}
 
-        def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
-            key = passes.at(t)
-            if key not in stacks:
-                stacks[key] = _stacked([texts[i] for texts, i in zip(encoded, key, strict=True)], batch)
-            return stacks[key]
+    def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
+        key = passes.at(t)
+        if key not in stacks:
+            stacks[key] = _stacked([texts[i] for texts, i in zip(encoded, key, strict=True)], batch)
+        return stacks[key]
 
-        ids_k = img_ids.repeat(k, 1, 1)
-        res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
-        context_k = context
-        if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's
-            halves = conditional_only(context, batch)
-            context_k = ReferenceConditioning(
-                torch.cat([halves.tokens[:batch]] * parts + [halves.tokens[batch:]]),
-                torch.cat([halves.pooled[:batch]] * parts + [halves.pooled[batch:]]),
-            )
-        ipa_k = ipa
-        if ipa is not None and use_cfg:  # the picture with the prompts' passes, the blank with the negative's
-            ipa_k = IPAttention(
-                keys=[torch.cat([key[:1]] * parts + [key[1:]]) for key in ipa.keys],
-                values=[torch.cat([value[:1]] * parts + [value[1:]]) for value in ipa.values],
-                scale=ipa.scale,
-            )
-        g = guidance if use_cfg else None
+    ids_k = img_ids.repeat(k, 1, 1)
+    res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
+    context_k = context
+    if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's
+        halves = conditional_only(context, batch)
+        context_k = ReferenceConditioning(
+            torch.cat([halves.tokens[:batch]] * parts + [halves.tokens[batch:]]),
+            torch.cat([halves.pooled[:batch]] * parts + [halves.pooled[batch:]]),
+        )
+    ipa_k = ipa
+    if ipa is not None and use_cfg:  # the picture with the prompts' passes, the blank with the negative's
+        ipa_k = IPAttention(
+            keys=[torch.cat([key[:1]] * parts + [key[1:]]) for key in ipa.keys],
+            values=[torch.cat([value[:1]] * parts + [value[1:]]) for value in ipa.values],
+            scale=ipa.scale,
+        )
+    g = guidance if use_cfg else None
 
-        def composed_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t_k = t.repeat(k) if t.ndim else t
-            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
-            return compose(out.view(k, *x.shape), weights, g)
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_k = t.repeat(k) if t.ndim else t
+        out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
+        return compose(out.view(k, *x.shape), weights, g)
 
-        return composed_velocity
-    if not use_cfg:
-        if len(conds) == 1:
-            cond = conds[0]
-            return lambda x, t: model(x, t, cond, img_ids, res, context, ipa)
-        return lambda x, t: model(x, t, conds[texts.at(t)[0]], img_ids, res, context, ipa)
-    res2 = [torch.cat([v, v]) for v in res] if res is not None else None
-    unconds = [m.encode_text([text], r.prompt_weights) for text in texts.texts[1]]
-    pairs: dict[tuple[int, ...], TextEmbeddings] = {}
-
-    def both(k: tuple[int, ...]) -> TextEmbeddings:  # the halves' texts at a step, built once each
-        if k not in pairs:
-            pairs[k] = _stacked([conds[k[0]], unconds[k[1]]], batch)
-        return pairs[k]
-
-    ids2 = torch.cat([img_ids, img_ids])
-    context2 = conditional_only(context, batch) if context is not None else None
-    if len(conds) == 1 and len(unconds) == 1:
-        fixed = both((0, 0))
-        return cfg(lambda x2, t2: model(x2, t2, fixed, ids2, res2, context2, ipa), guidance)
-    return cfg(lambda x2, t2: model(x2, t2, both(texts.at(t2)), ids2, res2, context2, ipa), guidance)
+    return velocity
 
 
-def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor] | None:
+def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor]:
     """The prompts that run as passes of their own and each one's weight per image token ([P, N]): the
-    whole prompt and each region's (`pictor.regional_prompts`), or an A1111 prompt's parts joined by AND
-    (`pictor.composable_prompts`). None: the prompt runs as one text."""
+    whole prompt and each region's (`pictor.regional_prompts`), an A1111 prompt's parts joined by AND
+    (`pictor.composable_prompts`), or the prompt alone with weight 1 (classifier-free guidance then)."""
     if r.regions:
         texts = [r.prompt] + [region["prompt"] for region in r.regions]
         return texts, region_weights(r.regions, grid_h, grid_w)
@@ -315,7 +290,7 @@ def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.T
         parts = split_and(r.prompt)
         weights = torch.tensor([w for _, w in parts], dtype=torch.float32)
         return [text for text, _ in parts], weights[:, None].expand(-1, grid_h * grid_w)
-    return None
+    return [r.prompt], torch.ones(1, grid_h * grid_w)
 
 
 def _stacked(rows: list[TextEmbeddings], batch: int) -> TextEmbeddings:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -141,8 +140,9 @@ def resolve_request(
     # regions or AND, each pass's).
     assert r.steps
     hires_steps = (r.hires_steps or r.steps) if r.hires_scale else None
-    read = pass_reader(r.prompt_editing, r.steps, hires_steps)
-    texts = with_pass_texts(_read_texts(r), r.prompt, r.regions, r.composable, read)
+    texts = request_texts(
+        r.prompt, r.negative_prompt or "", r.prompt_editing, r.steps, hires_steps, r.regions, r.composable
+    )
     if r.prompt_weights:
         _check_prompt_weights(pipe, texts)
     # As diffusers does: the image is made, but the user learns what was not read.
@@ -293,17 +293,21 @@ def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> Generation
     return r
 
 
-def with_pass_texts(
-    texts: list[tuple[str, str]],
+def request_texts(
     prompt: str,
+    negative: str,
+    editing: bool,
+    steps: int,
+    hires_steps: int | None,
     regions: list[dict[str, Any]] | None,
     composable: bool,
-    read: Callable[[str], list[str]] = lambda text: [text],
 ) -> list[tuple[str, str]]:
-    """`texts_read`'s ("prompt" or "negative prompt", text) pairs with the texts regions or AND run as passes
-    of their own: each region's prompt beside the prompt, or each AND part in the prompt's place (the
-    prompt is then never read as one text); `read`: the texts a pass reads of its text (with prompt editing,
-    each its schedule reaches)."""
+    """(what, text) for every text the model reads of a request: the prompt's and the negative prompt's
+    (`texts_read`: with prompt editing each text their schedules reach over `steps` and a hires fix's second
+    pass of `hires_steps`), and those regions or AND run as passes of their own, read likewise: each
+    region's prompt beside the prompt, or each AND part in the prompt's place (the prompt is then never
+    read as one text)."""
+    texts = texts_read(prompt, negative, editing, steps, hires_steps)
     if regions:
         named = [(f"prompt of region {i}", region["prompt"]) for i, region in enumerate(regions)]
     elif composable and uses_and(prompt):
@@ -311,7 +315,13 @@ def with_pass_texts(
         texts = [(what, text) for what, text in texts if what != "prompt"]
     else:
         return texts
-    return texts + list(dict.fromkeys((what, read_text) for what, text in named for read_text in read(text)))
+    passes = [
+        (what, read)
+        for what, text in named
+        for kind, read in texts_read(text, "", editing, steps, hires_steps)
+        if kind == "prompt"
+    ]
+    return texts + list(dict.fromkeys(passes))
 
 
 def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
@@ -326,21 +336,6 @@ def _resolve_cache(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationR
             "the cache threshold"
         )
     return replace(r, cache_threshold=float(r.cache_threshold))
-
-
-def pass_reader(editing: bool, steps: int, hires_steps: int | None) -> Callable[[str], list[str]]:
-    """The texts a pass reads of its text: as written, or with prompt editing each text its schedules reach
-    over `steps` and a hires fix's second pass of `hires_steps` (`texts_read`)."""
-    return lambda text: [
-        t for what, t in texts_read(text, "", editing, steps, hires_steps) if what == "prompt"
-    ]
-
-
-def _read_texts(r: GenerationRequest) -> list[tuple[str, str]]:
-    """The texts the model reads of a request (`pictor.prompt_editing.texts_read`), for both passes' steps."""
-    assert r.steps
-    hires_steps = (r.hires_steps or r.steps) if r.hires_scale else None
-    return texts_read(r.prompt, r.negative_prompt or "", r.prompt_editing, r.steps, hires_steps)
 
 
 def text_notices(pipe: ResolvingPipeline, texts: list[tuple[str, str]], weighted: bool) -> list[str]:

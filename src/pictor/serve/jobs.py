@@ -29,8 +29,7 @@ from typing import Any
 
 from pictor.latent_preview import Previews
 from pictor.pipeline import Pipeline, seed_notice
-from pictor.prompt_editing import texts_read
-from pictor.request_resolution import pass_reader, text_notices, with_pass_texts
+from pictor.request_resolution import request_texts, text_notices
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
 from pictor.serve.job_requests import Live, edit_request, generation_request, take_batch
@@ -68,16 +67,20 @@ class _TimedOut(Exception):
 
 def prompt_notices(pipeline: Pipeline, params: dict[str, Any]) -> list[str]:
     """What the pipeline warns about a job's texts (`Pipeline.prompt_notices`), asked of the texts its
-    resolution checks (`pictor.prompt_editing.texts_read`): with prompt editing, each text its schedules
-    reach over the job's steps and hires steps, whose editing brackets the text encoder never reads; and
-    each region's prompt or AND part (`with_pass_texts`)."""
+    resolution checks (`pictor.request_resolution.request_texts`): with prompt editing, each text its
+    schedules reach over the job's steps and hires steps, whose editing brackets the text encoder never
+    reads; and each region's prompt or AND part."""
     steps = int(params.get("steps") or pipeline.defaults["steps"])
     hires_steps = (params.get("hires_steps") or steps) if params.get("hires_scale") else None
-    editing, prompt = bool(params.get("prompt_editing")), params.get("prompt") or ""
-    texts = texts_read(prompt, params.get("negative_prompt") or "", editing, steps, hires_steps)
-    # each region's prompt or AND part is encoded as the prompt is, so its end may go unread too
-    read = pass_reader(editing, steps, hires_steps)
-    texts = with_pass_texts(texts, prompt, params.get("regions"), bool(params.get("composable")), read)
+    texts = request_texts(
+        params.get("prompt") or "",
+        params.get("negative_prompt") or "",
+        bool(params.get("prompt_editing")),
+        steps,
+        hires_steps,
+        params.get("regions"),
+        bool(params.get("composable")),
+    )
     return text_notices(pipeline, texts, bool(params.get("prompt_weights")))
 
 
