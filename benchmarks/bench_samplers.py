@@ -4,13 +4,15 @@ For --prompts shapes-dev prompts (spread over the file; prompt k uses seed k), e
 at each of --steps (default 10 and 20) with the model's defaults otherwise (flux schedule, CFG 4, 64x64),
 and is compared with a --reference-steps (100) Euler image of the same prompt and seed: the mean absolute
 pixel difference (0-255 scale), averaged over the prompts. For the deterministic samplers this measures how
-close a few steps come to the ODE's solution. euler_ancestral solves no ODE: its images follow its own
-fresh noise, so its distance does not go to 0 and measures how far it strays, not its error. Seconds per
-image are the median wall time of the whole `Pipeline.generate` (text, sampling, decode) at batch 1 (the
-median: a shared machine's slow moments do not move it); all four samplers make one model call per step.
+close a few steps come to the ODE's solution. The stochastic samplers (euler_ancestral, dpmpp_2m_sde, lcm)
+solve no ODE: their images follow their own fresh noise, so their distance does not go to 0 and measures
+how far they stray, not their error. Seconds per image are the median wall time of the whole
+`Pipeline.generate` (text, sampling, decode) at batch 1 (the median: a shared machine's slow moments do not
+move it); every sampler listed by default makes one model call per step.
 
 Usage: python benchmarks/bench_samplers.py [--prompts 12] [--steps 10,20] [--reference-steps 100]
-    [--samplers euler,dpmpp_2m,unipc,euler_ancestral] [--threads 2] [--out FILE]
+    [--samplers euler,dpmpp_2m,unipc,deis,ipndm,res_multistep,euler_ancestral,dpmpp_2m_sde,lcm]
+    [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--steps", default="10,20")
     parser.add_argument("--reference-steps", type=int, default=100)
-    parser.add_argument("--samplers", default="euler,dpmpp_2m,unipc,euler_ancestral")
+    parser.add_argument(
+        "--samplers", default="euler,dpmpp_2m,unipc,deis,ipndm,res_multistep,euler_ancestral,dpmpp_2m_sde,lcm"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()

@@ -390,13 +390,13 @@ def test_an_unknown_sampler_is_refused_unless_the_command_line_gives_one(
 ) -> None:
     graph = flux_ksampler_graph()
     graph["27"]["inputs"] |= {"width": 32, "height": 32}
-    graph["3"]["inputs"] |= {"steps": 2, "sampler_name": "dpmpp_2m_sde"}
+    graph["3"]["inputs"] |= {"steps": 2, "sampler_name": "dpmpp_3m_sde"}
     png = comfy_png(tmp_path / "sde.png", graph)
-    assert comfy(graph).sampler_name == "dpmpp_2m_sde"
+    assert comfy(graph).sampler_name == "dpmpp_3m_sde"
     base = ["generate", "--settings-from", str(png), "--model", "tiny"]
     assert main([*base, "-o", str(tmp_path / "a")]) == 2
     assert (
-        "sampler 'dpmpp_2m_sde' has no pictor equivalent; choose one with --sampler"
+        "sampler 'dpmpp_3m_sde' has no pictor equivalent; choose one with --sampler"
         in capsys.readouterr().err
     )
     assert main([*base, "--sampler", "heun", "-o", str(tmp_path / "b")]) == 0
@@ -873,6 +873,24 @@ def test_samplers_comfyui_runs_otherwise_in_detail_are_taken_with_a_notice(sampl
     assert got.values["sampler"] == ("deis" if sampler == "deis" else "unipc")
     (said,) = [n for n in got.notices if f"sampler {sampler} is" in n]
     assert ("another DEIS variant" if sampler == "deis" else "UniPC at order 3") in said
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [
+        ("dpmpp_2m_sde", "dpmpp_2m_sde"),
+        ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde"),  # the same sampler, its Brownian-tree noise on the GPU
+        ("ipndm", "ipndm"),
+        ("res_multistep", "res_multistep"),
+        ("lcm", "lcm"),
+    ],
+)
+def test_samplers_comfyui_runs_as_pictor_does_are_taken_as_they_are(name: str, ours: str) -> None:
+    graph = flux_ksampler_graph()
+    graph["3"]["inputs"]["sampler_name"] = name
+    got = comfy(graph)
+    assert got.values["sampler"] == ours and got.sampler_name is None
+    assert not [n for n in got.notices if "sampler" in n and name in n]
 
 
 @pytest.mark.parametrize("seed", [-5, 2**64, 2**70, 1e30])

@@ -1,5 +1,6 @@
-"""The samplers through Pipeline: euler_ancestral's fresh noise keeps images seeded, batch-independent and
-reproducible (generation, hires fix, first-block cache, inpainting); unipc and deis run and reproduce."""
+"""The samplers through Pipeline: the stochastic ones' fresh noise (euler_ancestral, dpmpp_2m_sde, lcm) keeps
+images seeded, batch-independent and reproducible (generation, hires fix, first-block cache, inpainting);
+the deterministic multistep ones (unipc, deis, ipndm, res_multistep) run and reproduce."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pictor.editing import EditRequest
 from pictor.pipeline import GenerationRequest, Pipeline, step_noise_seed
 from pictor.provenance import parameters_text, read_record, save_png
 from pictor.reproduce import reproduce
+from pictor.sampling import STOCHASTIC_SAMPLERS
+
+STOCHASTIC = sorted(STOCHASTIC_SAMPLERS)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +37,16 @@ def _reproduces(pipe: Pipeline, image: Image.Image, record: dict, path: Path, **
     np.testing.assert_array_equal(np.asarray(Image.open(saved)), np.asarray(again.image))
 
 
-def test_ancestral_image_i_is_the_same_alone_and_in_a_batch(pipe: Pipeline) -> None:
-    kw = dict(prompt="a red circle", negative_prompt="a blue square", steps=4, sampler="euler_ancestral")
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_stochastic_image_i_is_the_same_alone_and_in_a_batch(pipe: Pipeline, sampler: str) -> None:
+    kw = dict(prompt="a red circle", negative_prompt="a blue square", steps=4, sampler=sampler)
     batched = pipe.generate(GenerationRequest(seed=10, num_images=3, **kw))  # type: ignore[arg-type]
     singles = [pipe.generate(GenerationRequest(seed=10 + i, **kw))[0] for i in range(3)]  # type: ignore[arg-type]
     for g, single in zip(batched, singles, strict=True):
         # as tests/test_pipeline.py: only BLAS rounding may differ between batch shapes
         diff = np.abs(_px(g.image) - _px(single.image))
         assert diff.max() <= 1 and (diff == 0).mean() >= 0.995
-        assert g.record["sampler"] == "euler_ancestral"
+        assert g.record["sampler"] == sampler
     assert np.abs(_px(singles[0].image) - _px(singles[1].image)).mean() > 5  # different seeds
     again = pipe.generate(GenerationRequest(seed=10, num_images=3, **kw))  # type: ignore[arg-type]
     for a, b in zip(batched, again, strict=True):  # the same seed: the same pixels
@@ -51,8 +56,10 @@ def test_ancestral_image_i_is_the_same_alone_and_in_a_batch(pipe: Pipeline) -> N
 def test_ancestral_noise_changes_the_image_and_leaves_the_initial_noise_alone(pipe: Pipeline) -> None:
     base = dict(prompt="two green stars", seed=3, steps=4)
     euler = _px(pipe.generate(GenerationRequest(**base))[0].image)  # type: ignore[arg-type]
-    ancestral = _px(pipe.generate(GenerationRequest(**base, sampler="euler_ancestral"))[0].image)  # type: ignore[arg-type]
-    assert np.abs(euler - ancestral).mean() > 1
+    stochastic = {s: _px(pipe.generate(GenerationRequest(**base, sampler=s))[0].image) for s in STOCHASTIC}  # type: ignore[arg-type]
+    for name, image in stochastic.items():
+        assert np.abs(euler - image).mean() > 1, name
+    assert np.abs(stochastic["dpmpp_2m_sde"] - stochastic["lcm"]).mean() > 1
     # The step noise is per image, per pass and per step, and is not the initial noise of any of them.
     shape = (16, 8)
     both = pipe.step_noise([3, 4], shape)
@@ -66,31 +73,47 @@ def test_ancestral_noise_changes_the_image_and_leaves_the_initial_noise_alone(pi
     assert step_noise_seed(3, 0, 0) != step_noise_seed(3, 0, 1) != step_noise_seed(3, 1, 1)
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "unipc", "deis"])
+# A1111's names (IPNDM and RES Multistep reForge's)
+DISPLAY = {
+    "euler_ancestral": "Euler a",
+    "unipc": "UniPC",
+    "deis": "DEIS",
+    "ipndm": "IPNDM",
+    "res_multistep": "RES Multistep",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lcm": "LCM",
+}
+
+
+@pytest.mark.parametrize("sampler", list(DISPLAY))
 def test_new_samplers_reproduce_bit_exactly_from_png(pipe: Pipeline, sampler: str, tmp_path: Path) -> None:
     images = pipe.generate(
-        GenerationRequest("two yellow stars", seed=5, num_images=3, steps=3, sampler=sampler)
+        GenerationRequest("two yellow stars", seed=5, num_images=3, steps=5, sampler=sampler)
     )
     assert images[2].record["sampler"] == sampler
-    display = {"euler_ancestral": "Euler a", "unipc": "UniPC", "deis": "DEIS"}[sampler]  # A1111's names
+    display = DISPLAY[sampler]
     assert f"Sampler: {display}," in parameters_text(images[2].record)
     _reproduces(pipe, images[2].image, images[2].record, tmp_path / "x.png")
 
 
-def test_ancestral_hires_and_block_cache_reproduce(pipe: Pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_stochastic_hires_and_block_cache_reproduce(pipe: Pipeline, sampler: str, tmp_path: Path) -> None:
     request = GenerationRequest(
-        "a blue square", seed=8, num_images=2, steps=3, sampler="euler_ancestral", hires_scale=1.5
+        "a blue square", seed=8, num_images=2, steps=3, sampler=sampler, hires_scale=1.5
     )
     images = pipe.generate(request)
     _reproduces(pipe, images[1].image, images[1].record, tmp_path / "hires.png")
     cached = pipe.generate(
-        GenerationRequest("a blue square", seed=8, steps=4, sampler="euler_ancestral", cache_threshold=0.3)
+        GenerationRequest("a blue square", seed=8, steps=4, sampler=sampler, cache_threshold=0.3)
     )
     assert cached[0].record["cache_threshold"] == 0.3
     _reproduces(pipe, cached[0].image, cached[0].record, tmp_path / "cached.png")
 
 
-def test_ancestral_inpainting_keeps_the_outside_and_reproduces(pipe: Pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_stochastic_inpainting_keeps_the_outside_and_reproduces(
+    pipe: Pipeline, sampler: str, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(0)
     src = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     mask_px = np.zeros((32, 32), np.uint8)
@@ -99,7 +122,7 @@ def test_ancestral_inpainting_keeps_the_outside_and_reproduces(pipe: Pipeline, t
     src.save(tmp_path / "src.png")
     mask.save(tmp_path / "mask.png")
     out = pipe.edit(
-        EditRequest(src, "a red circle", mask=mask, strength=0.8, seed=2, steps=4, sampler="euler_ancestral")
+        EditRequest(src, "a red circle", mask=mask, strength=0.8, seed=2, steps=4, sampler=sampler)
     )
     keep = mask_px == 0
     np.testing.assert_array_equal(_px(out[0].image)[keep], _px(src)[keep])

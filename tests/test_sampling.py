@@ -13,7 +13,7 @@ from torch import Tensor
 from pictor import sampling as S
 from pictor.flow import interpolate
 
-NAMES = ("euler", "heun", "dpmpp_2m", "unipc", "deis")  # the deterministic samplers
+NAMES = ("euler", "heun", "dpmpp_2m", "unipc", "deis", "ipndm", "res_multistep")  # the deterministic samplers
 
 
 # Gaussian data x0 ~ N(MU, SD^2) per coordinate, noise ~ N(0, 1). x_t is Gaussian with mean (1 - t) MU and
@@ -52,10 +52,13 @@ def _observed_order(name: str, schedule: str, steps: tuple[int, ...] = (16, 32, 
         ("dpmpp_2m", 1.6, 2.4),
         ("unipc", 1.8, 2.6),
         ("deis", 1.7, 2.6),
+        ("ipndm", 1.8, 2.4),
+        ("res_multistep", 1.8, 2.4),
     ],
 )
 def test_observed_convergence_order_on_gaussian_flow(name: str, low: float, high: float) -> None:
-    # Measured (linear schedule): euler 0.98, heun 2.05, dpmpp_2m 1.73, unipc 2.09, deis 1.97. DPM++(2M) sits
+    # Measured (linear schedule): euler 0.98, heun 2.05, dpmpp_2m 1.73, unipc 2.09, deis 1.97, ipndm 2.08,
+    # res_multistep 2.01 (ipndm's fourth-order steps are held at 2 by its Euler warm-up). DPM++(2M) sits
     # below 2 at these step counts: near t = 1 and t = 0 its log-SNR steps stay O(1) long, costing a
     # log(steps) factor. UniPC is that predictor plus its corrector. DEIS's steps are third order once it has
     # two earlier points, but its first-order warm-up caps the global order at 2 (2.1 measured on 0.9 -> 0.1).
@@ -197,11 +200,14 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    assert set(S.SAMPLERS) == {*NAMES, "euler_ancestral"}
-    assert frozenset({"euler_ancestral"}) == S.STOCHASTIC_SAMPLERS
-    assert S.is_stochastic("euler_ancestral") and not S.is_stochastic("unipc")
-    assert S.get_sampler("heun") is S.sample_heun
-    with pytest.raises(ValueError, match=r"deis, dpmpp_2m, euler, euler_ancestral, heun, unipc"):
+    assert set(S.SAMPLERS) == {*NAMES, "euler_ancestral", "dpmpp_2m_sde", "lcm"}
+    assert frozenset({"euler_ancestral", "dpmpp_2m_sde", "lcm"}) == S.STOCHASTIC_SAMPLERS
+    assert S.is_stochastic("euler_ancestral") and S.is_stochastic("lcm") and not S.is_stochastic("unipc")
+    assert S.get_sampler("heun") is S.sample_heun and S.get_sampler("ipndm") is S.sample_ipndm
+    with pytest.raises(
+        ValueError,
+        match=r"deis, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, ipndm, lcm, res_multistep, unipc",
+    ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
         S.is_stochastic("ddim")
@@ -211,7 +217,11 @@ def test_registry_and_unknown_names() -> None:
         "dpmpp_2m": 1,
         "unipc": 1,
         "deis": 1,
+        "ipndm": 1,
+        "res_multistep": 1,
         "euler_ancestral": 1,
+        "dpmpp_2m_sde": 1,
+        "lcm": 1,
     }
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     with pytest.raises(ValueError, match="flux"):

@@ -62,6 +62,28 @@ def test_forge_text_gives_distilled_guidance_and_the_hires_fix() -> None:
         settings_from_parameters(FORGE.replace("Steps: 20", "Steps: many"))
 
 
+@pytest.mark.parametrize(
+    ("shown", "sampler", "schedule"),
+    [
+        ("DPM++ 2M SDE", "dpmpp_2m_sde", None),  # A1111's and Forge's names
+        ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras"),  # A1111's before its Schedule type field
+        ("DPM++ 2M SDE Exponential", "dpmpp_2m_sde", "exponential"),
+        ("LCM", "lcm", None),
+        ("IPNDM", "ipndm", None),  # reForge's names
+        ("iPNDM", "ipndm", None),
+        ("RES Multistep", "res_multistep", None),
+        ("res_multistep", "res_multistep", None),  # pictor's own
+    ],
+)
+def test_a1111_names_of_the_newer_samplers(shown: str, sampler: str, schedule: str | None) -> None:
+    got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {shown}"))
+    assert got.values["sampler"] == sampler and got.values.get("schedule") == schedule
+    assert got.sampler_name is None
+    assert settings_from_parameters(
+        FORGE.replace("Sampler: Euler", "Sampler: DPM++ 2M SDE Heun")
+    ).sampler_name
+
+
 def _only_parameters(source: Path, out: Path) -> Path:
     """A copy of a pictor PNG with A1111's text and no pictor record, as other tools' images are."""
     info = PngImagePlugin.PngInfo()

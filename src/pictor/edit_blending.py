@@ -3,16 +3,18 @@
 The "blended latent" rule re-imposes x = m * x + (1 - m) * interpolate(z0, noise, t_next) after every step.
 For a binary mask that is the same as replacing the velocity in the known region by the velocity of the
 straight noising path, noise - z0 (`blend_velocity`): every deterministic sampler here (Euler, Heun,
-DPM++ 2M, UniPC) maps a point on that straight line to the point at t_next exactly, so the known region
-stays on the path; and because the replacement happens inside the velocity callable, Heun's and UniPC's
-correctors and the multistep histories see consistent values too, which a post-step hook could not give.
+DPM++ 2M, UniPC, DEIS, iPNDM, RES multistep) maps a point on that straight line to the point at t_next
+exactly (tests/test_editing.py runs each), so the known region stays on the path; and because the
+replacement happens inside the velocity callable, Heun's and UniPC's correctors and the multistep
+histories see consistent values too, which a post-step hook could not give.
 
-A stochastic sampler (euler_ancestral) puts fresh noise into every step, so the known region cannot stay on
-the one path of the initial noise. There the known region gets the velocity (x - z0) / t instead
-(`anchored_velocity`), whose data prediction x - t v is exactly z0: the sampler treats it as perfectly
-denoised, and its ancestral steps keep it at z0 noised to the current t (with noise of their own). On the
-path both velocities are the same; the deterministic samplers keep the first, with which their earlier
-images were made, so those stay bit-exact.
+A stochastic sampler (euler_ancestral, dpmpp_2m_sde, lcm) puts fresh noise into every step, so the known
+region cannot stay on the one path of the initial noise. There the known region gets the velocity
+(x - z0) / t instead (`anchored_velocity`), whose data prediction x - t v is exactly z0: the sampler treats
+it as perfectly denoised, and its steps keep it at z0 noised to the current t with noise of their own
+(each maps (1 - t) z0 + t n, n standard normal, to (1 - t') z0 + t' n' when its data prediction is z0;
+tests/test_sampling_sde.py checks all three). On the path both velocities are the same; the deterministic
+samplers keep the first, with which their earlier images were made, so those stay bit-exact.
 
 After decoding, the pixels are composited with the source so that everything outside the mask is
 byte-identical to the input (feathered only *inside* the mask).

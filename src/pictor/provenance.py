@@ -27,14 +27,19 @@ POSTPROCESSING_KEYS = ("postprocessing", "extras")  # A1111's Extras tab writes 
 RECORD_KEY = "pictor"
 RENDER_KEY = "pictor-render"
 
-# A1111's names, so tools that read its "parameters" text recognise the sampler
+# A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS and RES
+# Multistep are reForge's, the A1111 fork that has them; LCM is A1111's own)
 SAMPLER_DISPLAY = {
     "euler": "Euler",
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "unipc": "UniPC",
     "deis": "DEIS",
+    "ipndm": "IPNDM",
+    "res_multistep": "RES Multistep",
     "euler_ancestral": "Euler a",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lcm": "LCM",
 }
 
 

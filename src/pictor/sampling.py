@@ -18,8 +18,11 @@ Samplers are free functions with one signature (k-diffusion style)::
 - Samplers keep x's dtype and run under the caller's grad mode (wrap the call in torch.no_grad() for
   inference).
 
-The multistep solvers (DPM-Solver++(2M), UniPC) live in `pictor.sampling_multistep`; the shared types and
-step helpers in `pictor.sampling_steps`. All are registered in `SAMPLERS` here.
+The multistep solvers live in modules of their own: DPM-Solver++(2M) and UniPC in
+`pictor.sampling_multistep`, DEIS in `sampling_deis`, iPNDM (Adams-Bashforth) in `sampling_adams`, RES
+multistep in `sampling_res`; the stochastic DPM-Solver++(2M) SDE in `sampling_sde` and LCM in
+`sampling_lcm`. The shared types and step helpers are in `pictor.sampling_steps`. All are registered in
+`SAMPLERS` here.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ import torch
 from torch import Tensor
 
 from pictor.flow import predict_x0
+from pictor.sampling_adams import sample_ipndm
 from pictor.sampling_deis import sample_deis
+from pictor.sampling_lcm import sample_lcm
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
+from pictor.sampling_res import sample_res_multistep
 from pictor.sampling_schedules import (
     SCHEDULES,
     get_schedule,
@@ -43,13 +49,16 @@ from pictor.sampling_schedules import (
     schedule_linear,
     schedule_shifted,
 )
+from pictor.sampling_sde import sample_dpmpp_2m_sde
 from pictor.sampling_steps import (
     Callback,
     NoiseFn,
     SamplerFn,
     VelocityFn,
+    draw,
     report,
     report_v,
+    require_noise,
     strictly_decreasing,
     t_batch,
     times,
@@ -70,10 +79,15 @@ __all__ = [
     "is_stochastic",
     "model_evals",
     "model_evals_per_step",
+    "sample_deis",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_ipndm",
+    "sample_lcm",
+    "sample_res_multistep",
     "sample_unipc",
     "schedule_beta",
     "schedule_exponential",
@@ -153,12 +167,7 @@ def sample_euler_ancestral(
 
     noise(i) is called once for every step i that does not end at 0; without it this raises a ValueError.
     """
-    if noise is None:
-        raise ValueError(
-            "euler_ancestral draws fresh noise every step: pass noise=fn, where fn(i) returns standard "
-            "normal noise shaped like x for step i (Pipeline derives it from each image's seed; for a "
-            "one-off run, noise=lambda i: torch.randn_like(x))"
-        )
+    noise = require_noise(noise, "euler_ancestral")
     ts_ = times(ts)
     strictly_decreasing(ts_, "euler_ancestral")
     for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
@@ -171,11 +180,9 @@ def sample_euler_ancestral(
         t_down = t_next * t_next / t
         scale = (1.0 - t_next) / (1.0 - t_down)
         renoise = math.sqrt(max(t_next * t_next - (t_down * scale) ** 2, 0.0))  # max: rounding only
-        eps = noise(i)
-        if eps.shape != x.shape:
-            raise ValueError(f"noise({i}) has shape {tuple(eps.shape)}, but x has {tuple(x.shape)}")
+        eps = draw(noise, i, x)
         x_down = x + (t_down - t) * v  # Euler to t_down: the same as (t_down/t) x + (1 - t_down/t) D
-        x = (scale * x_down + renoise * eps.to(x.device, x.dtype)).to(x.dtype)
+        x = (scale * x_down + renoise * eps).to(x.dtype)
     return x
 
 
@@ -185,7 +192,11 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "unipc": sample_unipc,
     "deis": sample_deis,
+    "ipndm": sample_ipndm,
+    "res_multistep": sample_res_multistep,
     "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "lcm": sample_lcm,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -194,11 +205,15 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "dpmpp_2m": 1,
     "unipc": 1,
     "deis": 1,
+    "ipndm": 1,
+    "res_multistep": 1,
     "euler_ancestral": 1,
+    "dpmpp_2m_sde": 1,
+    "lcm": 1,
 }
 
 # Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
-STOCHASTIC_SAMPLERS: frozenset[str] = frozenset({"euler_ancestral"})
+STOCHASTIC_SAMPLERS: frozenset[str] = frozenset({"euler_ancestral", "dpmpp_2m_sde", "lcm"})
 
 
 def get_sampler(name: str) -> SamplerFn:

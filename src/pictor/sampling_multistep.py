@@ -22,18 +22,21 @@ import math
 from torch import Tensor
 
 from pictor.flow import predict_x0
-from pictor.sampling_steps import Callback, NoiseFn, VelocityFn, report, strictly_decreasing, t_batch, times
+from pictor.sampling_steps import (
+    Callback,
+    NoiseFn,
+    VelocityFn,
+    half_log_snr,
+    report,
+    strictly_decreasing,
+    t_batch,
+    times,
+)
 
 __all__ = ["sample_dpmpp_2m", "sample_unipc"]
 
 
-def _lambda(t: float) -> float:
-    """Half log-SNR of the flow path, log(alpha / sigma) with alpha = 1 - t, sigma = t; +-inf at the ends."""
-    if t <= 0.0:
-        return math.inf
-    if t >= 1.0:
-        return -math.inf
-    return math.log1p(-t) - math.log(t)
+_lambda = half_log_snr  # log(alpha / sigma) with alpha = 1 - t, sigma = t; +-inf at the ends
 
 
 def sample_dpmpp_2m(

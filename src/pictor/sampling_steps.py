@@ -1,13 +1,15 @@
 """What every sampler shares: the signature's types and the small steps of reading a schedule.
 
-`pictor.sampling` (the registry, the one-step samplers, schedules, CFG) and `pictor.sampling_multistep`
-(the solvers that keep a history of model outputs) both build on this; it imports nothing of pictor's but
-`pictor.flow`, so neither of them imports the other's internals.
+`pictor.sampling` (the registry, the one-step samplers, schedules, CFG) and the modules of the other
+samplers (`pictor.sampling_multistep`, `sampling_deis`, `sampling_sde`, `sampling_adams`, `sampling_lcm`,
+`sampling_res`) all build on this; it imports nothing of pictor's but `pictor.flow`, so none of them
+imports another's internals.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,6 +54,34 @@ def strictly_decreasing(ts: list[float], sampler: str) -> None:
             raise ValueError(f"{sampler} needs strictly decreasing times, got {t} followed by {t_next}")
     if ts and not (ts[-1] >= 0.0 and ts[0] <= 1.0):
         raise ValueError(f"{sampler} needs times in [0, 1], got {ts[0]} .. {ts[-1]}")
+
+
+def half_log_snr(t: float) -> float:
+    """lambda = log(alpha / sigma) of the flow path (alpha = 1 - t, sigma = t); -inf at t = 1, +inf at 0."""
+    if t <= 0.0:
+        return math.inf
+    if t >= 1.0:
+        return -math.inf
+    return math.log1p(-t) - math.log(t)
+
+
+def require_noise(noise: NoiseFn | None, sampler: str) -> NoiseFn:
+    """A stochastic sampler's `noise`, or a ValueError that says how to give one (never the global RNG)."""
+    if noise is None:
+        raise ValueError(
+            f"{sampler} draws fresh noise every step: pass noise=fn, where fn(i) returns standard "
+            "normal noise shaped like x for step i (Pipeline derives it from each image's seed; for a "
+            "one-off run, noise=lambda i: torch.randn_like(x))"
+        )
+    return noise
+
+
+def draw(noise: NoiseFn, i: int, x: Tensor) -> Tensor:
+    """noise(i), checked against x's shape and moved to x's device and dtype."""
+    eps = noise(i)
+    if eps.shape != x.shape:
+        raise ValueError(f"noise({i}) has shape {tuple(eps.shape)}, but x has {tuple(x.shape)}")
+    return eps.to(x.device, x.dtype)
 
 
 def t_batch(t: float, x: Tensor) -> Tensor:

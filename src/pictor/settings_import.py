@@ -53,15 +53,22 @@ SCHEDULE_NAMES = {"karras": "karras", "exponential": "exponential", "beta": "bet
 LANCZOS_NAMES = {"lanczos", "none", ""}
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 # ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
-# uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice.
+# uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice. dpmpp_2m_sde_gpu
+# is dpmpp_2m_sde with its Brownian-tree noise drawn on the GPU: the same sampler (pictor draws its own
+# noise from the seed either way, as for every stochastic sampler).
 COMFY_SAMPLERS = {
     "euler": "euler",
     "euler_ancestral": "euler_ancestral",
     "heun": "heun",
     "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_sde": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",
     "deis": "deis",
+    "ipndm": "ipndm",
+    "res_multistep": "res_multistep",
+    "lcm": "lcm",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with

@@ -162,8 +162,9 @@ class ImageGenerationRequest(BaseModel):
     )
     sampler: str | None = Field(
         None,
-        description="euler, heun, dpmpp_2m, unipc, deis or euler_ancestral (stochastic: fresh noise every "
-        "step, drawn from the image's seed, so the seed still reproduces it). The model card lists them.",
+        description="euler, heun, dpmpp_2m, unipc, deis, ipndm, res_multistep, or the stochastic "
+        "euler_ancestral, dpmpp_2m_sde and lcm (fresh noise every step, drawn from the image's seed, so the "
+        "seed still reproduces it). The model card lists them.",
     )
     schedule: str | None = Field(
         None, description="Timestep schedule: flux, linear, shifted, karras, exponential or beta."
