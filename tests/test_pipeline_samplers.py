@@ -5,6 +5,7 @@ the deterministic multistep ones (unipc, deis, ipndm, res_multistep) run and rep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,13 +74,13 @@ def test_ancestral_noise_changes_the_image_and_leaves_the_initial_noise_alone(pi
     assert step_noise_seed(3, 0, 0) != step_noise_seed(3, 0, 1) != step_noise_seed(3, 1, 1)
 
 
-# A1111's names (IPNDM and RES Multistep reForge's)
+# A1111's names (IPNDM and Res Multistep reForge's)
 DISPLAY = {
     "euler_ancestral": "Euler a",
     "unipc": "UniPC",
     "deis": "DEIS",
     "ipndm": "IPNDM",
-    "res_multistep": "RES Multistep",
+    "res_multistep": "Res Multistep",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lcm": "LCM",
 }
@@ -112,8 +113,21 @@ def test_stochastic_hires_and_block_cache_reproduce(pipe: Pipeline, sampler: str
 
 @pytest.mark.parametrize("sampler", STOCHASTIC)
 def test_stochastic_inpainting_keeps_the_outside_and_reproduces(
-    pipe: Pipeline, sampler: str, tmp_path: Path
+    pipe: Pipeline, sampler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The pipeline gives a renoising sampler the anchored velocity: in the known region its data prediction
+    # x - t v is the source's latents at any x (the straight path's blend would not be, off the path).
+    from pictor.edit_blending import LatentInit
+
+    seen: list[tuple[LatentInit, Any]] = []
+    velocity = LatentInit.velocity
+
+    def spy(self: LatentInit, fn: Any, noise: torch.Tensor, anchored: bool = False) -> Any:
+        out = velocity(self, fn, noise, anchored)
+        seen.append((self, out))
+        return out
+
+    monkeypatch.setattr(LatentInit, "velocity", spy)
     rng = np.random.default_rng(0)
     src = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     mask_px = np.zeros((32, 32), np.uint8)
@@ -124,6 +138,11 @@ def test_stochastic_inpainting_keeps_the_outside_and_reproduces(
     out = pipe.edit(
         EditRequest(src, "a red circle", mask=mask, strength=0.8, seed=2, steps=4, sampler=sampler)
     )
+    (init, fn), x = seen[0], torch.randn_like(seen[0][0].z0)
+    assert init.mask is not None and bool((~init.mask).any())
+    with torch.inference_mode():
+        predicted = x - 0.5 * fn(x, torch.tensor([0.5]))
+    assert torch.allclose(predicted[~init.mask], init.z0[~init.mask], atol=1e-5)
     keep = mask_px == 0
     np.testing.assert_array_equal(_px(out[0].image)[keep], _px(src)[keep])
     assert np.abs(_px(out[0].image)[~keep] - _px(src)[~keep]).mean() > 5

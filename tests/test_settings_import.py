@@ -71,6 +71,7 @@ def test_forge_text_gives_distilled_guidance_and_the_hires_fix() -> None:
         ("LCM", "lcm", None),
         ("IPNDM", "ipndm", None),  # reForge's names
         ("iPNDM", "ipndm", None),
+        ("Res Multistep", "res_multistep", None),  # (reForge's spelling; read in any case)
         ("RES Multistep", "res_multistep", None),
         ("res_multistep", "res_multistep", None),  # pictor's own
     ],

@@ -8,9 +8,9 @@ Reproducibility rules:
 - text is padded to the encoder's fixed length, so a prompt's conditioning never depends on its batch-mates;
 - the record of each image names the seeds of the sampler run it came from, so `reproduce` reruns exactly
   that run and gets the same pixels on the same device and dtype;
-- a stochastic sampler's fresh noise (euler_ancestral) is drawn the same way, on the CPU per image, from
-  generators of its own (`step_noise_seed`), so the initial noise, and with it every image of the
-  deterministic samplers, is exactly what it was before stochastic samplers existed.
+- a stochastic sampler's fresh noise (euler_ancestral, dpmpp_2m_sde, lcm) is drawn the same way, on the CPU
+  per image, from generators of its own (`step_noise_seed`), so the initial noise, and with it every image
+  of the deterministic samplers, is exactly what it was before stochastic samplers existed.
 """
 
 from __future__ import annotations

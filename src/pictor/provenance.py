@@ -27,8 +27,9 @@ POSTPROCESSING_KEYS = ("postprocessing", "extras")  # A1111's Extras tab writes 
 RECORD_KEY = "pictor"
 RENDER_KEY = "pictor-render"
 
-# A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS and RES
-# Multistep are reForge's, the A1111 fork that has them; LCM is A1111's own)
+# A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS and Res
+# Multistep are reForge's, the A1111 fork that has them, spelt as its case-sensitive lookup reads them; LCM is
+# A1111's own)
 SAMPLER_DISPLAY = {
     "euler": "Euler",
     "heun": "Heun",
@@ -36,7 +37,7 @@ SAMPLER_DISPLAY = {
     "unipc": "UniPC",
     "deis": "DEIS",
     "ipndm": "IPNDM",
-    "res_multistep": "RES Multistep",
+    "res_multistep": "Res Multistep",
     "euler_ancestral": "Euler a",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lcm": "LCM",
