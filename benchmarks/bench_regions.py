@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--strengths", default="1,10", help="the regions' strengths, one row each")
     ap.add_argument("--limit", type=int, default=None, help="only the first N dev prompts")
     ap.add_argument("--no-layout", action="store_true", help="leave out the layout-adapter row")
+    ap.add_argument(
+        "--attention-strengths",
+        default="1,4",
+        help="the regions' strengths under regional attention (one pass, masked), one row each; '' for none",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -50,8 +55,11 @@ def main() -> None:
     layouts = ground_truth_layouts(specs, k, args.seed)
     result = run_header(pipe, len(specs), k, args.seed, layout_adapter=pipe.layout_info)
     rows: list[tuple[str, dict[str, Any]]] = [("prompt only", {})]
-    for strength in (float(s) for s in args.strengths.split(",")):
+    for strength in (float(s) for s in args.strengths.split(",") if s):
         rows.append((f"prompt + regions (strength {strength:g})", {"regions": as_regions(layouts, strength)}))
+    for strength in (float(s) for s in args.attention_strengths.split(",") if s):
+        given = {"regions": as_regions(layouts, strength), "regional_attention": True}
+        rows.append((f"prompt + regional attention (strength {strength:g})", given))
     if not args.no_layout and pipe.layout_adapter is not None:
         rows.append(("prompt + layout adapter", {"layouts": layouts}))
     for name, given in rows:

@@ -79,6 +79,7 @@ LAYERS: dict[str, int] = {
     "latent_preview": 1,
     "prompt_editing": 1,
     "regional_prompts": 1,
+    "regional_attention": 1,
     "composable_prompts": 1,
     "noise_variation": 1,
     "lora_files": 1,

@@ -109,6 +109,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_weights": getattr(args, "prompt_weights", False) or getattr(args, "prompt_editing", False),
         "prompt_editing": getattr(args, "prompt_editing", False),
         "composable": getattr(args, "composable", False),
+        "regional_attention": getattr(args, "regional_attention", False),
         "variation_seed": args.variation_seed,
         "variation_strength": args.variation_strength,
         "seed_resize_from": getattr(args, "seed_resize_from", None),
@@ -275,10 +276,10 @@ def _take_settings(args: argparse.Namespace) -> None:
     # line's, and so are whether it uses prompt editing or AND and the regions that go with it.
     own_prompt = args.prompt is not None or args.from_file is not None
     for dest, value in imported.values.items():
-        if dest in ("prompt", "prompt_editing", "composable", "regions") and own_prompt:
+        if dest in ("prompt", "prompt_editing", "composable", "regions", "regional_attention") and own_prompt:
             continue
         current = getattr(args, dest)
-        flags = ("negative", "prompt_weights", "prompt_editing", "composable")
+        flags = ("negative", "prompt_weights", "prompt_editing", "composable", "regional_attention")
         unset = current is None or (dest in flags and not current)
         if unset:
             setattr(args, dest, value)

@@ -48,7 +48,7 @@ def _add_sampler(p: argparse.ArgumentParser) -> None:
         "--sampler",
         default=None,
         choices=list(SAMPLERS),
-        help=f"{', '.join(SAMPLERS)} (default: the model's); {stochastic} adds fresh noise every step, "
+        help=f"{', '.join(SAMPLERS)} (default: the model's); {stochastic} add fresh noise every step, "
         "drawn from each image's seed",
     )
 
@@ -212,6 +212,12 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
         help='regional prompts: boxes each with a prompt of its own, e.g. \'[{"box": [0, 0, 0.5, 1], '
         '"prompt": "a red circle", "strength": 1}]\' (fractions of the image; any model, no adapter; '
         "each region is one more transformer pass a step; a layout file reads as regions)",
+    )
+    p.add_argument(
+        "--regional-attention",
+        action="store_true",
+        help="run --regions as one transformer pass whose attention lets each region's prompt reach only its "
+        "box (Regional-Prompting-FLUX's mask), not a pass per region",
     )
 
 

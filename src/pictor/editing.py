@@ -127,6 +127,7 @@ class EditRequest:
     seed_resize_from: tuple[int, int] | None = None  # refused: an edit's composition is its picture's
     layout: list[dict[str, Any]] | None = None
     regions: list[dict[str, Any]] | None = None
+    regional_attention: bool = False
     reference: ImageSource | np.ndarray | None = None
     context_image: ImageSource | np.ndarray | None = None
     control_image: ImageSource | np.ndarray | None = None

@@ -69,6 +69,9 @@ class GenerationRequest:
     # Regional prompts (`pictor.regional_prompts.parse_regions`): boxes, each with a prompt of its own and a
     # strength, followed with no adapter by one more transformer pass each per step. None: none.
     regions: list[dict[str, Any]] | None = None
+    # Regions as one pass with masked attention (`pictor.regional_attention`): the regions' prompts join the
+    # prompt's tokens and each reaches only its box. Off: a pass per region, their velocities blended.
+    regional_attention: bool = False
     # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
     # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
     reference: ImageSource | np.ndarray | None = None

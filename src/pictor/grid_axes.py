@@ -36,6 +36,7 @@ from pictor.grid_values import (
     parse_hires_strength,
     parse_hires_upscaler,
     parse_lora,
+    parse_regions_mode,
     parse_sampler,
     parse_schedule,
     parse_seed,
@@ -85,6 +86,12 @@ AXES: dict[str, _Kind] = {
     ),
     "lora": _Kind(parse_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
     "cache-threshold": _Kind(parse_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
+    # How --regions run: a pass each, blended, or one pass with regional attention (needs regions).
+    "regions-mode": _Kind(
+        parse_regions_mode,
+        lambda r, v, _f: replace(r, regional_attention=v == "attention"),
+        "regions-mode=blend,attention",
+    ),
     # The loaded ControlNets' scale (one for all of them) and the share of the steps they run in.
     "controlnet-scale": _Kind(
         bounded(0.0, MAX_CONTROLNET_SCALE, "a ControlNet scale"),
@@ -117,6 +124,7 @@ _HIRES_PARTS = ("hires-strength", "hires-steps", "hires-upscaler")
 ALIASES = {
     "cfg": "guidance",
     "cache_threshold": "cache-threshold",
+    "regions_mode": "regions-mode",
     "prompt-sr": "prompt",
     "controlnet_scale": "controlnet-scale",
     "controlnet_end": "controlnet-end",

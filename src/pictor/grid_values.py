@@ -105,6 +105,18 @@ def parse_text(text: str) -> str:
     return text
 
 
+# How a request's regions run (`pictor.regional_prompts`, `pictor.regional_attention`).
+REGIONS_MODES = ("blend", "attention")
+
+
+def parse_regions_mode(text: str) -> str:
+    if text not in REGIONS_MODES:
+        raise GridError(
+            f"regions-mode is blend (a pass per region) or attention (one pass, masked), got {text!r}"
+        )
+    return text
+
+
 # The hires axis's value for a cell without the hires fix (one pass; its request's hires_scale is None).
 HIRES_OFF = "off"
 # A valid scale to check a hires strength or steps value by `hires_problem`, the pipeline's own rules, alone.

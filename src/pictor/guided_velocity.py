@@ -14,7 +14,9 @@ window of the image tokens at a time, with that window's ids, layout residuals, 
 control tokens, and blends them.
 Regional prompts and A1111's AND (`pictor.regional_prompts`, `pictor.composable_prompts`) run every prompt as
 a pass of its own in one batch (after them the negative prompt's, under CFG), each with the inputs above
-arranged as the passes are, and `compose` makes one velocity of them.
+arranged as the passes are, and `compose` makes one velocity of them. With regional attention
+(`pictor.regional_attention`) the regions' prompts instead follow the prompt's tokens in one pass, under an
+attention bias that lets each reach only its box; a ControlNet then reads the whole prompt alone.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.prompt_editing import PromptSchedule, prompt_schedule, step_of_time, text_at
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
-from pictor.regional_prompts import region_weights
+from pictor.regional_attention import RegionalAttention
+from pictor.regional_prompts import region_cover, region_weights
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,6 +75,7 @@ class Conditioned(Protocol):
     prompt_weights: bool
     prompt_editing: bool
     regions: list[dict[str, Any]] | None
+    regional_attention: bool
     composable: bool
 
 
@@ -193,7 +197,10 @@ def guided_velocity(
         if controlnets is not None:  # the prompts' passes' residuals; a CFG negative pass reuses the first's
             k = prompt_rows  # (the transformer broadcasts a conditional half's over both halves)
             tk = t[:k] if t.ndim else t
-            control = controlnets(x[:k], tk, ids[:k], txt[:k], txt_ids[:k], vec[:k], guidance, index)
+            c_txt, c_ids = txt[:k], txt_ids[:k]
+            if attend is not None:  # regional attention: a ControlNet reads the whole prompt alone
+                c_txt, c_ids = c_txt[:, : attend.base_len], c_ids[:, : attend.base_len]
+            control = controlnets(x[:k], tk, ids[:k], c_txt, c_ids, vec[:k], guidance, index)
             if control is not None and k > batch and n > k:  # regions' or AND's passes, then the negative's
                 control = ControlResiduals(
                     [torch.cat([r, r[:batch]]) for r in control.double],
@@ -206,6 +213,9 @@ def guided_velocity(
             x = torch.cat([x, beside.expand(n, -1, -1).to(x.dtype)], dim=-1)
         # Kontext: the context tokens ride after the noisy ones and their outputs are dropped.
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
+        mask = None
+        if attend is not None:
+            mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask[0])
         v = m.transformer(
             x_in,
             ids_in,
@@ -218,6 +228,7 @@ def guided_velocity(
             block_cache=cache,
             controlnet=control,
             ip_adapter=ipa,
+            attn_mask=mask,
         )
         return v[:, : x.shape[1]]
 
@@ -242,19 +253,34 @@ def guided_velocity(
     weights = weights.to(m.device)
     # each pass's texts (with prompt editing, each its schedule reaches), encoded once per run
     passes = _pass_schedules(texts_p + ([r.negative_prompt] if use_cfg else []), r, ts, first_pass_steps)
-    encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
-    encoded += [[m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]]
-    k = len(encoded)
+    attend = None
+    if r.regions and r.regional_attention:  # regions' prompts ride with the prompt's (no picture tokens)
+        encoded = [[conditional(text) for text in passes.texts[0]]]
+        encoded += [[m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[1:]]
+        grid = (lat_h // 2, lat_w // 2)
+        cover = region_cover(r.regions, *grid)
+        strength = torch.tensor([region["strength"] for region in r.regions], dtype=torch.float64)
+        attend = RegionalAttention(cover, strength, encoded, use_cfg, m.dtype, m.device)
+        parts, weights = 1, torch.ones(1, cover.shape[1], device=m.device)
+    else:
+        encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
+        encoded += [
+            [m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]
+        ]
+    k = parts + (1 if use_cfg else 0)
     stacks: dict[tuple[int, ...], TextEmbeddings] = {}
 
     def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
         key = passes.at(t)
         if key not in stacks:
-            stacks[key] = _stacked([texts[i] for texts, i in zip(encoded, key, strict=True)], batch)
+            rows = [texts[i] for texts, i in zip(encoded, key, strict=True)]
+            stacks[key] = _stacked(attend.rows(rows) if attend is not None else rows, batch)
         return stacks[key]
 
     ids_k = img_ids.repeat(k, 1, 1)
     res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
+    if context is not None and attend is not None:  # the reference's residuals go to the prompt's tokens
+        context = ReferenceConditioning(attend.pad_text(context.tokens), context.pooled)
     context_k = context
     if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's
         halves = conditional_only(context, batch)

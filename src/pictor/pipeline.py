@@ -606,6 +606,7 @@ class Pipeline:
             **({"prompt_weights": True} if r.prompt_weights else {}),
             **({"prompt_editing": True} if r.prompt_editing else {}),
             **({"regions": r.regions} if r.regions else {}),
+            **({"regional_attention": True} if r.regions and r.regional_attention else {}),
             **({"composable": True} if r.composable else {}),
             **variation_fields(r, index),
         }

@@ -32,6 +32,7 @@ __all__ = [
     "RegionError",
     "parse_regions",
     "read_regions_arg",
+    "region_cover",
     "region_weights",
 ]
 
@@ -109,11 +110,17 @@ def read_regions_arg(text: str) -> list[dict[str, Any]]:
     return parse_regions(json_arg_text(text, "--regions", REGIONS_EXAMPLE, RegionError))
 
 
+def region_cover(regions: list[dict[str, Any]], grid_h: int, grid_w: int) -> torch.Tensor:
+    """The share of each image token's cell that each region's box covers, ``[len(regions), grid_h *
+    grid_w]`` in float64 (row-major tokens, as `pack_latents`)."""
+    boxes = torch.tensor([[region["box"] for region in regions]], dtype=torch.float64)
+    return box_coverage(boxes, grid_h, grid_w)[0].double()
+
+
 def region_weights(regions: list[dict[str, Any]], grid_h: int, grid_w: int) -> torch.Tensor:
     """Each prompt's weight at each image token, ``[1 + len(regions), grid_h * grid_w]`` (row-major tokens,
     as `pack_latents`): row 0 the whole prompt's, then one row per region; every column sums to 1."""
-    boxes = torch.tensor([[region["box"] for region in regions]], dtype=torch.float64)
-    cover = box_coverage(boxes, grid_h, grid_w)[0].double()  # [R, N]
+    cover = region_cover(regions, grid_h, grid_w)  # [R, N]
     strength = torch.tensor([region["strength"] for region in regions], dtype=torch.float64)
     weights = torch.cat([torch.ones(1, grid_h * grid_w, dtype=torch.float64), cover * strength[:, None]])
     return (weights / weights.sum(0, keepdim=True)).float()

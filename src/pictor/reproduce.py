@@ -123,6 +123,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "prompt_weights": (lambda v: isinstance(v, bool), "true or false"),
     "prompt_editing": (lambda v: isinstance(v, bool), "true or false"),
     "composable": (lambda v: isinstance(v, bool), "true or false"),
+    "regional_attention": (lambda v: isinstance(v, bool), "true or false"),
     "inpaint_area": (lambda v: v in INPAINT_AREAS, f"one of {', '.join(INPAINT_AREAS)}"),
     "mask_padding": (_int, "an integer"),
     "hires": (
@@ -212,6 +213,7 @@ def _settings(
         "num_images": len(seeds),
         "layout": record.get("layout"),
         "regions": record.get("regions"),
+        "regional_attention": record.get("regional_attention", False),
         "reference": reference,
         "context_image": context,
         "control_image": control,

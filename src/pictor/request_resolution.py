@@ -265,6 +265,11 @@ def _check_denoise_tiles(r: GenerationRequest) -> None:
 def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
     """Regional prompts and AND (composable diffusion), checked: each runs a transformer pass per prompt."""
     anded = r.composable and uses_and(r.prompt)
+    if r.regional_attention and r.regions is None:
+        raise GenerationError(
+            "regional attention is a way to run regions: give regions (boxes with prompts) with it, or "
+            "drop it"
+        )
     if r.regions is None and not anded:
         return r
     if r.regions is not None:

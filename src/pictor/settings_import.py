@@ -192,6 +192,7 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
     v["composable"] = bool(record.get("composable"))
     if record.get("regions"):  # plain JSON, as --regions takes it: nothing to load
         v["regions"] = json.dumps(record["regions"])
+        v["regional_attention"] = bool(record.get("regional_attention"))
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
     if record.get("seed_resize_from"):

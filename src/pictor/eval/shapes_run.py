@@ -53,10 +53,12 @@ def generate_for_specs(
     empty_prompts: bool = False,
     controls: list[list[np.ndarray]] | None = None,
     regions: list[list[list[dict]]] | None = None,
+    regional_attention: bool = False,
 ) -> list[list[np.ndarray]]:
     """K images per spec; with `layouts`, `references` or `controls`, image j of spec i follows
     layouts[i][j], takes references[i][j], gives controls[i][j] to the pipeline's ControlNet or takes
-    regional prompts regions[i][j] (one sampler run each, on the same seed as without). With
+    regional prompts regions[i][j] (one sampler run each, on the same seed as without; `regional_attention`:
+    run them as one pass with masked attention, `pictor.regional_attention`). With
     `empty_prompts` the prompt is "" (the spec still scores the image): what a reference alone carries, or
     the unconditional model."""
     images: list[list[np.ndarray]] = []
@@ -77,6 +79,7 @@ def generate_for_specs(
                         reference=references[i][j] if references is not None else None,
                         controlnet_images=[controls[i][j]] if controls is not None else None,
                         regions=regions[i][j] if regions is not None else None,
+                        regional_attention=regional_attention and regions is not None,
                     )
                 )[0]
                 for j in range(k)

@@ -146,6 +146,7 @@ class Flux(nn.Module):
         block_cache: FirstBlockCache | None = None,
         controlnet: ControlResiduals | None = None,
         ip_adapter: IPAttention | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -162,6 +163,9 @@ class Flux(nn.Module):
         may divide the image's: classifier-free guidance's halves then share them, broadcast, not copied.
         ip_adapter: an IP-Adapter's keys and values for the picture (`pictor.models.ip_adapter`), one
         entry per double block, read by each double block's image queries.
+        attn_mask: a float bias ``[B or 1, 1, L + N, L + N]`` added to every block's attention logits over
+        the joint ``[txt, img]`` tokens (-inf: not seen; `pictor.regional_attention`). None: every token
+        sees every other, as FLUX.1.
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -181,10 +185,11 @@ class Flux(nn.Module):
         res = self._check_residuals(img_residuals, img)
         ctrl = self._check_control(controlnet, img)
         ipa = self._check_ip_adapter(ip_adapter, img)
+        mask = self._check_mask(attn_mask, img, txt)
         if block_cache is None:
-            img = self._blocks(img, txt, vec, pe, res, ctrl, ipa, first=0)
+            img = self._blocks(img, txt, vec, pe, res, ctrl, ipa, mask, first=0)
         else:
-            img = self._cached_blocks(block_cache, img, txt, vec, pe, res, ctrl, ipa)
+            img = self._cached_blocks(block_cache, img, txt, vec, pe, res, ctrl, ipa, mask)
         return self.final_layer(img, vec)  # [B, N, out_channels]
 
     def _blocks(
@@ -196,6 +201,7 @@ class Flux(nn.Module):
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
         ipa: IPAttention | None,
+        mask: Tensor | None,
         first: int,
     ) -> Tensor:
         """The blocks from double block `first` on (then every single block) -> the image stream."""
@@ -204,7 +210,7 @@ class Flux(nn.Module):
             if res is not None:
                 img = img + res[i]
             ip = ipa.block(i) if ipa is not None else None
-            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe, ip=ip)
+            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=mask)
             after = ctrl.after_double(i, depth) if ctrl is not None else None
             if after is not None:
                 img = _plus(img, after)
@@ -213,7 +219,7 @@ class Flux(nn.Module):
         for j, block in enumerate(self.single_blocks):
             if res is not None:
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[depth + j]), dim=1)
-            x = self._run(block, x, vec=vec, pe=pe)
+            x = self._run(block, x, vec=vec, pe=pe, mask=mask)
             after = ctrl.after_single(j, depth_single) if ctrl is not None else None
             if after is not None:
                 x = torch.cat((x[:, :n_txt], _plus(x[:, n_txt:], after)), dim=1)
@@ -229,6 +235,7 @@ class Flux(nn.Module):
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
         ipa: IPAttention | None,
+        mask: Tensor | None,
     ) -> Tensor:
         """:meth:`_blocks` under a first-block cache: double block 0 always runs; the rest run only for the
         rows whose block-0 residual moved more than the cache's threshold, the others reuse theirs."""
@@ -240,7 +247,7 @@ class Flux(nn.Module):
             ctrl = ctrl.tiled(img.shape[0] // ctrl.double[0].shape[0])  # rows are picked below: one each
         head_in = img
         ip = ipa.block(0) if ipa is not None else None
-        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe, ip=ip)
+        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=mask)
         # A ControlNet's residual after block 0 counts as part of the head: the cache then compares what
         # the rest of the model is given.
         after = ctrl.after_double(0, len(self.double_blocks)) if ctrl is not None else None
@@ -249,7 +256,7 @@ class Flux(nn.Module):
         head_residual = img - head_in
         full = cache.needs_full(head_residual)
         if bool(full.all()):
-            out = self._blocks(img, txt, vec, pe, res, ctrl, ipa, first=1)
+            out = self._blocks(img, txt, vec, pe, res, ctrl, ipa, mask, first=1)
         else:
             assert cache.tail_residual is not None  # a row is only skipped after a full pass
             out = img + cache.tail_residual
@@ -259,13 +266,14 @@ class Flux(nn.Module):
                 sub_res = [r[rows] for r in res] if res is not None else None
                 sub_ctrl = ctrl.rows(rows) if ctrl is not None else None
                 sub_ipa = ipa.rows(rows, img.shape[0]) if ipa is not None else None
+                sub_mask = mask[rows] if mask is not None and mask.shape[0] > 1 else mask
                 out[rows] = self._blocks(
-                    img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, sub_ipa, first=1
+                    img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, sub_ipa, sub_mask, first=1
                 )
         cache.update(full, head_residual, out - img if bool(full.any()) else None)
         return out
 
-    def _run(self, block: nn.Module, *args: Tensor, **kwargs: Tensor) -> Any:
+    def _run(self, block: nn.Module, *args: Tensor, **kwargs: Any) -> Any:
         """A block, under activation checkpointing when it is on and gradients are being recorded.
 
         Non-reentrant checkpointing (use_reentrant=False): gradients reach parameters inside the block
@@ -290,6 +298,24 @@ class Flux(nn.Module):
                     f"got {shape_of(r)}"
                 )
         return residuals
+
+    def _check_mask(self, mask: Tensor | None, img: Tensor, txt: Tensor) -> Tensor | None:
+        if mask is None:
+            return None
+        b, s = img.shape[0], txt.shape[1] + img.shape[1]
+        if (
+            not isinstance(mask, Tensor)
+            or mask.ndim != 4
+            or mask.shape[0] not in (1, b)
+            or mask.shape[1:] != (1, s, s)
+        ):
+            raise ValueError(
+                f"Flux: attn_mask must be [{b} or 1, 1, {s}, {s}] (a bias over the text and image tokens), "
+                f"got {shape_of(mask)}"
+            )
+        if not mask.is_floating_point():
+            raise ValueError(f"Flux: attn_mask must be a float bias (-inf: not seen), got {mask.dtype}")
+        return mask
 
     def _check_ip_adapter(self, ipa: IPAttention | None, img: Tensor) -> IPAttention | None:
         if ipa is None:

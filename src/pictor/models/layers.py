@@ -105,9 +105,14 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """RoPE + SDPA on head-major tensors: q, k, v ``[B, H, L, D]`` -> ``[B, H, L, D]`` (heads not merged)."""
-    return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+    """RoPE + SDPA on head-major tensors: q, k, v ``[B, H, L, D]`` -> ``[B, H, L, D]`` (heads not merged).
+
+    mask: None (every token sees every token, FLUX.1's attention), or a float bias ``[B, 1, L, L]`` added
+    to the attention logits (-inf: not seen), as regional attention (`pictor.regional_attention`) gives."""
+    if mask is None:
+        return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+    return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask.to(q.dtype))
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -307,8 +312,10 @@ class DoubleStreamBlock(nn.Module):
         vec: Tensor,
         pe: Tensor,
         ip: Callable[[Tensor], Tensor] | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """img ``[B, N, dim]``, txt ``[B, L, dim]``, vec ``[B, dim]``, pe for the ``L + N`` joint tokens.
+        """img ``[B, N, dim]``, txt ``[B, L, dim]``, vec ``[B, dim]``, pe for the ``L + N`` joint tokens;
+        mask: an attention bias over them (`attention`), None for FLUX.1's.
 
         ip: an IP-Adapter's attention for this block (`pictor.models.ip_adapter.IPAttention`): given the
         image queries (QK-normed, before RoPE) it returns ``[B, N, dim]``, added after the MLP, ungated."""
@@ -322,7 +329,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe)  # [B, H, L + N, D]
+        attn = attention(q, k, v, pe, mask)  # [B, H, L + N, D]
         n_txt = txt.shape[1]
         txt_attn, img_attn = merge_heads(attn[:, :, :n_txt]), merge_heads(attn[:, :, n_txt:])
 
@@ -354,13 +361,14 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        """x ``[B, L, dim]`` (text and image tokens joined) -> same shape."""
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x ``[B, L, dim]`` (text and image tokens joined) -> same shape; mask: an attention bias
+        (`attention`), None for FLUX.1's."""
         mod, _ = self.modulation(vec)
         h = self.hidden_size
         fused = self.linear1(modulate(self.pre_norm(x), mod))  # [B, L, 3h + mlp]
         q, k, v = split_qkv(fused[..., : 3 * h], self.num_heads, self.norm)
-        attn = attention(q, k, v, pe)  # [B, H, L, D]
+        attn = attention(q, k, v, pe, mask)  # [B, H, L, D]
 
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or fused.stride(-1) != 1:
             # Autograd needs v and the GELU input intact (and inductor fuses the cat on its own).

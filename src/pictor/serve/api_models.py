@@ -180,6 +180,13 @@ class ImageGenerationRequest(BaseModel):
         f"Prompter); at most {MAX_REGIONS}, each one more transformer pass per step (with prompt_editing, "
         "each region's prompt is edited too). Not with a prompt that composable splits at AND.",
     )
+    regional_attention: bool = Field(
+        False,
+        description="Run the regions as one transformer pass with a masked joint attention (each region's "
+        "prompt reaches only its box; Regional-Prompting-FLUX's mask, ComfyUI's attention couple) instead "
+        "of one more pass per region: the cost grows with the regions' tokens, not their number. Needs "
+        "regions; false: a pass per region, their velocities blended.",
+    )
     reference_image: str | None = Field(
         None,
         description="A reference picture whose content the images take: a PNG, JPEG or WebP file, base64 "

@@ -84,6 +84,7 @@ from pictor.serve.security import check_limits, check_policy, check_text
 from pictor.serve.service import (
     Service,
     check_names,
+    check_regional_attention,
     checked_layout,
     checked_regions,
     require_prompt,
@@ -139,6 +140,7 @@ def edit_params(
     require_prompt(prompt, pictured or prompt_optional)
     layout = checked_layout(form.get("layout"))
     regions = checked_regions(form.get("regions"), limits)
+    check_regional_attention(bool(form.get("regional_attention")), regions)
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []], regions)
     upscale = form.get("upscale")
     # An outpainting edit's output is the grown canvas, known without the model: the limits apply to it
@@ -188,6 +190,7 @@ def edit_params(
     settings["prompt_weights"] = bool(form.get("prompt_weights"))
     settings["prompt_editing"] = bool(form.get("prompt_editing"))
     settings["composable"] = bool(form.get("composable"))
+    settings["regional_attention"] = bool(form.get("regional_attention"))  # absent from a variation's form
     # an edit's own settings, as EditRequest names them; absent ones take its defaults
     edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
     if str(edit_settings.get("upscaler", "")).lower() == "lanczos":
@@ -398,6 +401,14 @@ Composable = Annotated[
         "a word"
     ),
 ]
+RegionalAttention = Annotated[
+    bool,
+    Form(
+        description="run the regions as one transformer pass with a masked joint attention (each region's "
+        "prompt reaches only its box) instead of one more pass per region. Needs regions; false: a pass per "
+        "region"
+    ),
+]
 Upscale = Annotated[
     float | None,
     Form(
@@ -461,6 +472,7 @@ FORM_FIELDS = {
     "controlnet_end",
     "layout",
     "regions",
+    "regional_attention",
     "loras",
     "n",
     "size",
@@ -658,6 +670,7 @@ async def edit_form(
     prompt_weights: PromptWeights = False,
     prompt_editing: PromptEditing = False,
     composable: Composable = False,
+    regional_attention: RegionalAttention = False,
     upscale: Upscale = None,
     upscaler: Upscaler = None,
     inpaint_area: InpaintArea = None,
@@ -739,6 +752,7 @@ async def edit_form(
         "strength": strength,
         "layout": layout,
         "regions": regions,
+        "regional_attention": regional_attention,
         "loras": loras,
         "control_canny": canny_form(control_canny),
         "redux_strength": redux_strength,

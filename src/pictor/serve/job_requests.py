@@ -49,6 +49,8 @@ BATCH_KEYS = (
     "prompt_editing",  # scheduled texts (`pictor.prompt_editing`)
     # AND parts as passes of their own (`pictor.composable_prompts`): with it the same prompt is other passes
     "composable",
+    # the regions as one pass with masked attention (`pictor.regional_attention`): other passes, other images
+    "regional_attention",
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
     # variation seeds (`pictor.noise_variation`): a job with a strength runs alone (see take_batch)
@@ -106,6 +108,7 @@ def generation_request(
     fields["prompt_weights"] = bool(fields["prompt_weights"])
     fields["prompt_editing"] = bool(fields["prompt_editing"])
     fields["composable"] = bool(fields["composable"])
+    fields["regional_attention"] = bool(fields["regional_attention"])
     fields.update(
         seed=params.get("seed"),
         num_images=int(params.get("n", 1)),
@@ -126,6 +129,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["prompt_weights"] = bool(fields["prompt_weights"])
     fields["prompt_editing"] = bool(fields["prompt_editing"])
     fields["composable"] = bool(fields["composable"])
+    fields["regional_attention"] = bool(fields["regional_attention"])
     # absent from jobs queued before they existed: EditRequest's defaults
     fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
     fields |= {k: tuple(fields[k]) for k in TUPLE_KEYS if fields.get(k) is not None}

@@ -91,6 +91,9 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # "regional prompts and AND ... do not go together" would meet. Regions are refused with a prompt
         # that composable splits at AND, so composable is the field to blame: regions are fine on their own.
         (r"^regional prompts and AND|parts joined by AND|the AND parts' velocities", "composable"),
+        # regional attention without regions (request_resolution._resolve_passes): the switch is what is
+        # wrong, not the regions it asks for (the server refuses it before queueing too, service.py)
+        (r"^regional attention", "regional_attention"),
         # regional prompts (regional_prompts.parse_regions): after inpaint_area's, whose "regions ... cover
         # the whole image, but inpaint area 'masked'" is about the area (as for layout boxes)
         (r"^regional prompts|^regions?\b|^region \d+:", "regions"),
@@ -264,6 +267,7 @@ FLAG_FIELDS = {
     "prompt-weights": "prompt_weights",
     "prompt-editing": "prompt_editing",
     "composable": "composable",
+    "regional-attention": "regional_attention",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

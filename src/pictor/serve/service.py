@@ -105,6 +105,7 @@ class Service:
         # An absent strength is left out, not sent as null: parse_regions then gives the default.
         sent = [r.model_dump(exclude_none=True) for r in body.regions] if body.regions is not None else None
         regions = checked_regions(sent, limits)
+        check_regional_attention(body.regional_attention, regions)
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []], regions)
         # Each of these pictures says what to draw by itself, so the prompt may then be empty.
         pictured = (body.reference_image, body.redux_image, redux, body.ip_adapter_image)
@@ -163,6 +164,7 @@ class Service:
             "prompt_weights": body.prompt_weights,
             "prompt_editing": body.prompt_editing,
             "composable": body.composable,  # the prompt's AND parts as passes of their own
+            "regional_attention": body.regional_attention,  # the regions as one masked pass (checked above)
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,
             "denoise_tile_overlap": body.denoise_tile_overlap,
@@ -434,6 +436,22 @@ def checked_regions(regions: Any, limits: Limits) -> list[dict[str, Any]] | None
                 code="prompt_too_long",
             )
     return parsed
+
+
+# The pipeline's words (`pictor.request_resolution`), which say nothing of the CLI; a test holds them equal.
+REGIONAL_ATTENTION_WITHOUT_REGIONS = (
+    "regional attention is a way to run regions: give regions (boxes with prompts) with it, or drop it"
+)
+
+
+def check_regional_attention(on: bool, regions: list[dict[str, Any]] | None) -> None:
+    """Regional attention runs regions as one masked pass: without regions it means nothing, which is known
+    without the model, so refused before anything is kept or queued (also while the model loads), as the
+    pipeline refuses it."""
+    if on and not regions:
+        raise APIError(
+            400, REGIONAL_ATTENTION_WITHOUT_REGIONS, param="regional_attention", code="invalid_parameters"
+        )
 
 
 def require_prompt(prompt: str, has_reference: bool) -> None:

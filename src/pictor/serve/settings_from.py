@@ -33,6 +33,7 @@ BODY_FIELDS = {
     "prompt_weights": "prompt_weights",
     "prompt_editing": "prompt_editing",
     "composable": "composable",
+    "regional_attention": "regional_attention",  # taken only with the regions it runs
     "hires": "hires_scale",
     "hires_strength": "hires_strength",
     "hires_steps": "hires_steps",
@@ -52,7 +53,8 @@ class ImageSettings(BaseModel):
         description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
         "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
         "prompt_editing, composable (A1111 always reads AND: true for its text whose prompt has it), the "
-        "hires fix, denoise tiles, cache_threshold, regions (those the image names)"
+        "hires fix, denoise tiles, cache_threshold, regions (those the image names) and regional_attention "
+        "(with them, when the image ran them as one pass)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
     source: str = Field(
@@ -71,7 +73,8 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     """The imported settings as generation body fields, and the notices (with what the API cannot take)."""
     values, notices = imported.values, list(imported.notices)
     body = {BODY_FIELDS[k]: v for k, v in values.items() if k in BODY_FIELDS and v not in (None, "")}
-    for key in ("prompt_editing", "composable"):  # off is the default: said only when on
+    # off is the default: said only when on
+    for key in ("prompt_editing", "composable", "regional_attention"):
         if not body.get(key):
             body.pop(key, None)
     if values.get("regions"):  # JSON text, as --regions takes it; the body takes the list

@@ -161,6 +161,7 @@ function fillForm(record) {
   $("prompt_weights").checked = Boolean(record.prompt_weights || record.prompt_editing); // editing reads weights too
   $("prompt_editing").checked = Boolean(record.prompt_editing);
   $("composable").checked = Boolean(record.composable);  // a record says it only when on
+  $("regional_attention").checked = Boolean(record.regional_attention);  // likewise, and only with regions
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
   $("steps").value = record.steps ?? "";
@@ -998,6 +999,7 @@ function recordRequest(record) {
   if (record.schedule) body.schedule = record.schedule;
   if (record.layout) body.layout = record.layout;
   if (record.regions) body.regions = record.regions;
+  if (record.regions && record.regional_attention) body.regional_attention = true;
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
   if (record.variation_strength) {  // this image's own variation seed: with n = 1, the same noise
     body.variation_strength = record.variation_strength;
@@ -1150,6 +1152,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     }
     if (layout.items) body.layout = layout.items;
     if (regions.items) body.regions = regions.items;
+    // regional attention is a way to run regions: sent only with them (the server refuses it alone)
+    if (regions.items && $("regional_attention").checked) body.regional_attention = true;
     try {
       if (mode === "variation") submit(variationFromForm(body), "/v1/jobs/variations");
       else if (mode === "edit") submit(editFromForm(body, nets), "/v1/jobs/edits");

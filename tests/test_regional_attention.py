@@ -1,0 +1,342 @@
+"""Regional attention (`pictor.regional_attention`): the attention bias against its rules written out token by
+token, the transformer under a bias against diffusers' under the same mask, the velocity against one masked
+pass built here from the prompts' own encodings, records, reproduce, refusals and the command line."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictor.checkpoint import save_bundle
+from pictor.editing import EditRequest
+from pictor.generation_request import GenerationError, GenerationRequest
+from pictor.guided_velocity import guided_velocity
+from pictor.loading import load
+from pictor.models.flux import make_img_ids, make_txt_ids
+from pictor.pipeline import Pipeline
+from pictor.provenance import read_record
+from pictor.regional_attention import RegionalAttention, padded_text_bias, regional_bias
+from pictor.regional_prompts import parse_regions, region_cover
+from pictor.reproduce import reproduce
+from tests.test_cli_prompt_variants import cli
+
+from tiny_bundle import tiny_models
+from tiny_flux import load_reference, make_inputs, random_flux, tiny_params
+
+LEFT = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle"}
+RIGHT = {"box": [0.5, 0.25, 1.0, 0.75], "prompt": "a blue square", "strength": 3}
+INF = -math.inf
+
+
+def _rules(
+    cover: torch.Tensor, strength: list[float], base: int, lengths: list[int], extra: int
+) -> torch.Tensor:
+    """The bias by its rules, one query and key at a time (what `regional_bias` vectorises)."""
+    n = cover.shape[1]
+    text = base + sum(lengths)
+    owner = [-1] * base + [i for i, length in enumerate(lengths) for _ in range(length)]
+    size = text + n + extra
+    out = torch.empty(size, size)
+    for q in range(size):
+        for k in range(size):
+            q_text, k_text = q < text, k < text
+            if q_text and k_text:  # text sees text of its own prompt only
+                out[q, k] = 0.0 if owner[q] == owner[k] else INF
+            elif q_text:  # the prompt's words see every image token, a region's words its box
+                covered = k < text + n and cover[owner[q], k - text] > 0
+                out[q, k] = 0.0 if owner[q] == -1 or covered else INF
+            elif k_text:  # image tokens see the prompt, and a region where its box covers them
+                if owner[k] == -1:
+                    out[q, k] = 0.0
+                elif q < text + n and cover[owner[k], q - text] > 0:
+                    out[q, k] = math.log(float(cover[owner[k], q - text]) * strength[owner[k]])
+                else:
+                    out[q, k] = INF
+            else:
+                out[q, k] = 0.0
+    return out
+
+
+def test_the_bias_follows_its_rules() -> None:
+    cover = torch.tensor([[1.0, 0.5, 0.0, 0.25], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    strength = [1.0, 2.0]
+    got = regional_bias(cover, torch.tensor(strength), 3, [2, 1], extra=2)
+    want = _rules(cover, strength, 3, [2, 1], 2)
+    assert got.shape == (3 + 3 + 4 + 2,) * 2
+    assert torch.equal(got.isinf(), want.isinf())
+    assert torch.allclose(got[~got.isinf()], want[~want.isinf()])
+    assert bool((~got.isinf()).any(1).all())  # every token sees something (no row of SDPA is empty)
+    assert got[6 + 1, 3] == pytest.approx(math.log(0.5)) and got[6 + 2, 5] == pytest.approx(math.log(2.0))
+
+
+def test_the_padded_negative_prompt_is_the_negative_alone() -> None:
+    """Padding that sees only itself and that nothing sees changes nothing of the other tokens."""
+    params = tiny_params(depth=2)
+    model = random_flux(params)
+    inputs = make_inputs(params)
+    txt = inputs["txt"]
+    assert isinstance(txt, torch.Tensor)
+    padded = torch.cat([txt, torch.randn(txt.shape[0], 5, txt.shape[2])], dim=1)
+    n_img = inputs["img"].shape[1]  # type: ignore[union-attr]
+    bias = padded_text_bias(txt.shape[1], txt.shape[1] + 5, n_img)[None, None]
+    with torch.no_grad():
+        alone = model(**inputs)
+        masked = model(
+            **{**inputs, "txt": padded, "txt_ids": make_txt_ids(2, padded.shape[1])}, attn_mask=bias
+        )
+        unmasked = model(**{**inputs, "txt": padded, "txt_ids": make_txt_ids(2, padded.shape[1])})
+        zeros = model(**inputs, attn_mask=torch.zeros(1, 1, 7 + n_img, 7 + n_img))
+    assert torch.allclose(masked, alone, atol=1e-5), (masked - alone).abs().max()
+    assert (unmasked - alone).abs().max() > 1e-3  # the padding would count without the bias
+    assert torch.allclose(zeros, alone, atol=1e-5)  # a bias of zeros is FLUX.1's attention
+
+
+def test_a_biased_transformer_matches_diffusers_under_the_same_mask() -> None:
+    ref_mod = load_reference()
+    params = tiny_params(depth=2)
+    model = random_flux(params)
+    ref = ref_mod.build_reference(params, {k: v.clone() for k, v in model.state_dict().items()})
+    inputs = make_inputs(params)
+    gen = torch.Generator().manual_seed(3)
+    cover = torch.rand(2, 15, generator=gen, dtype=torch.float64)
+    cover[cover < 0.4] = 0.0
+    bias = regional_bias(cover, torch.tensor([1.0, 3.0]), 3, [2, 2])  # 7 text tokens, 3x5 image tokens
+    mask = bias[None, None].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        got = model(**inputs, attn_mask=mask)
+        ids = inputs["img_ids"][0], inputs["txt_ids"][0]  # type: ignore[index]
+        want = ref(
+            hidden_states=inputs["img"],
+            encoder_hidden_states=inputs["txt"],
+            pooled_projections=inputs["y"],
+            timestep=inputs["timesteps"],
+            img_ids=ids[0],
+            txt_ids=ids[1],
+            joint_attention_kwargs={"attention_mask": mask},
+            return_dict=False,
+        )[0]
+        plain = model(**inputs)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert (got - plain).abs().max() > 1e-2  # the mask changes the output
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        model(**inputs, attn_mask=bias)  # [S, S]: no batch and head axes
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("regional-attention") / "tiny"
+    cfg, flux, ae = tiny_models("tiny-regional-attention", trained=True)
+    save_bundle(path, cfg, flux.state_dict(), ae.state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle: Path) -> Pipeline:
+    return load(str(bundle), device="cpu")
+
+
+def _velocity(pipe: Pipeline, prompt: str, **kw: Any) -> Any:
+    r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
+    return guided_velocity(pipe, r, 2, 8, 8)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_the_velocity_is_one_masked_pass(pipe: Pipeline, guidance: float) -> None:
+    """The conditional pass reads the prompt's tokens and each region's real tokens under the bias; CFG then
+    guides it away from the negative prompt's own pass."""
+    regions = parse_regions([LEFT, RIGHT])
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 16, 16), torch.tensor([0.7, 0.4])
+    negative = "blurry" if guidance != 1.0 else ""
+    with torch.inference_mode():
+        v = _velocity(
+            pipe,
+            "two shapes",
+            guidance=guidance,
+            negative_prompt=negative,
+            regions=regions,
+            regional_attention=True,
+        )(x, t)
+        blend = _velocity(pipe, "two shapes", guidance=guidance, negative_prompt=negative, regions=regions)(
+            x, t
+        )
+        prompt = pipe.encode_text(["two shapes"])
+        words = [pipe.encode_text([region["prompt"]]) for region in regions]
+        real = [int(e.mask[0].sum()) for e in words]
+        assert all(n < e.mask.shape[1] for n, e in zip(real, words, strict=True))  # (padding is left out)
+        txt = torch.cat([prompt.tokens] + [e.tokens[:, :n] for e, n in zip(words, real, strict=True)], dim=1)
+        cover = region_cover(regions, 4, 4)
+        bias = _rules(cover, [1.0, 3.0], prompt.tokens.shape[1], real, 0)
+        v_cond = pipe.transformer(
+            x,
+            make_img_ids(2, 8, 8),
+            txt.expand(2, -1, -1),
+            make_txt_ids(2, txt.shape[1]),
+            t,
+            prompt.pooled.expand(2, -1),
+            attn_mask=bias[None, None],
+        )
+        want = v_cond
+        if guidance != 1.0:
+            v_neg = _velocity(pipe, negative, guidance=1.0)(x, t)
+            want = v_neg + guidance * (v_cond - v_neg)
+    assert torch.allclose(v, want, atol=1e-5), (v - want).abs().max()
+    assert (v - blend).abs().max() > 1e-3  # not the blend of passes
+
+
+def test_a_controlnet_reads_the_whole_prompt_alone(pipe: Pipeline) -> None:
+    seen: list[int] = []
+
+    def controlnets(x: Any, t: Any, ids: Any, txt: torch.Tensor, txt_ids: torch.Tensor, *rest: Any) -> None:
+        assert txt.shape[1] == txt_ids.shape[1]
+        seen.append(txt.shape[1])
+
+    with torch.inference_mode():
+        r = pipe.resolve_request(
+            GenerationRequest(
+                "two shapes", width=32, height=32, steps=4, regions=[LEFT], regional_attention=True
+            )
+        )
+        guided_velocity(pipe, r, 1, 8, 8, controlnets=controlnets)(
+            torch.randn(1, 16, 16), torch.tensor([0.5])
+        )
+    assert seen == [pipe.text_encoder.max_length]
+
+
+def test_padding_of_a_shorter_prompt_editing_stage_is_hidden() -> None:
+    """A region whose stages differ in length: the shorter stage's padding in its slot sees only itself."""
+    from pictor.models.text_encoder import TextEmbeddings
+
+    def emb(real: int) -> TextEmbeddings:
+        mask = torch.zeros(1, 6, dtype=torch.bool)
+        mask[0, :real] = True
+        return TextEmbeddings(torch.randn(1, 6, 4), mask, torch.randn(1, 3))
+
+    cover = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    attend = RegionalAttention(
+        cover, torch.tensor([1.0]), [[emb(6)], [emb(4), emb(2)]], False, torch.float32, "cpu"
+    )
+    assert attend.region_len == [4]
+    long_row, short_row = attend.rows([emb(6), emb(4)]), attend.rows([emb(6), emb(2)])
+    assert long_row[0].tokens.shape[1] == short_row[0].tokens.shape[1] == 10
+    full = attend.mask(1, None, 0, long_row[0].mask[0])[0, 0]
+    short = attend.mask(1, None, 0, short_row[0].mask[0])[0, 0]
+    assert torch.equal(full, regional_bias(cover, torch.tensor([1.0]), 6, [4]))
+    hidden = [8, 9]  # the short stage's padding in the region's slot
+    assert bool(short[:, hidden].isinf().sum(0).eq(short.shape[0] - 1).all())  # only itself sees it
+    assert short[8, 8] == 0 and short[9, 9] == 0 and bool(short[8, :8].isinf().all())
+    keep = [i for i in range(12) if i not in hidden]
+    assert torch.equal(short[keep][:, keep], full[keep][:, keep])
+
+
+def test_images_records_reproduce_and_edits(pipe: Pipeline) -> None:
+    def generate(**kw: Any) -> list[Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tiny encoder's notices about its vocabulary
+            return pipe.generate(GenerationRequest("two shapes", seed=5, steps=4, num_images=2, **kw))
+
+    blend = generate(regions=[LEFT, RIGHT])
+    attend = generate(regions=[LEFT, RIGHT], regional_attention=True)
+    assert attend[0].record["regional_attention"] is True and "regional_attention" not in blend[0].record
+    for b, a in zip(blend, attend, strict=True):
+        assert np.abs(np.asarray(a.image).astype(np.int16) - np.asarray(b.image)).max() > 1
+        assert np.array_equal(np.asarray(reproduce(pipe, a.record).image), np.asarray(a.image))
+    source = Image.new("RGB", (32, 32), (128, 128, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (g,) = pipe.edit(
+            EditRequest(
+                source, "two shapes", strength=0.8, steps=4, seed=2, regions=[LEFT], regional_attention=True
+            )
+        )
+    assert g.record["regional_attention"] is True
+    assert np.array_equal(np.asarray(reproduce(pipe, g.record, source=source).image), np.asarray(g.image))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"steps": 6, "cache_threshold": 0.5},
+        {"steps": 3, "denoise_tile": 16, "denoise_tile_overlap": 8},
+        {"steps": 3, "hires_scale": 1.5, "hires_steps": 2},
+    ],
+    ids=["first-block cache", "denoise tiles", "hires fix"],
+)
+def test_cache_tiles_and_hires_run_and_reproduce(pipe: Pipeline, kw: dict[str, Any]) -> None:
+    request = GenerationRequest("two shapes", seed=5, regions=[LEFT, RIGHT], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (blend,) = pipe.generate(request)
+        (g,) = pipe.generate(replace(request, regional_attention=True))
+    assert g.record["regional_attention"] is True
+    assert np.abs(np.asarray(g.image).astype(np.int16) - np.asarray(blend.image)).max() > 1
+    assert np.array_equal(np.asarray(reproduce(pipe, g.record).image), np.asarray(g.image))
+    if "cache_threshold" in kw:  # one row for the prompt and its regions, one for the negative prompt
+        assert g.record["cache_passes"]["total"] == 2 * 6 < blend.record["cache_passes"]["total"]
+
+
+def test_regional_attention_needs_regions(pipe: Pipeline) -> None:
+    with pytest.raises(GenerationError, match="give regions"):
+        pipe.generate(GenerationRequest("x", steps=2, regional_attention=True))
+
+
+def test_the_command_line(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = cli(
+        capsys, "generate", "two shapes", "--regions", '[{"box": [0, 0, 0.5, 1], "prompt": "a red circle"}]',
+        "--regional-attention", "--model", str(bundle), "--steps", "2", "--device", "cpu", "--seed", "3",
+        "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    record = read_record(png)
+    assert record["regional_attention"] is True and record["regions"][0]["prompt"] == "a red circle"
+    again = tmp_path / "again"
+    code, _, err = cli(
+        capsys, "generate", "--settings-from", str(png), "--model", str(bundle), "--device", "cpu",
+        "-o", str(again),
+    )  # fmt: skip
+    assert code == 0, err
+    (copy,) = again.glob("*.png")
+    assert read_record(copy)["regional_attention"] is True
+    assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(png)))
+    code, _, err = cli(
+        capsys, "generate", "x", "--regional-attention", "--model", str(bundle), "--steps", "2",
+        "--device", "cpu", "-o", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert code != 0 and "give regions" in err and "Traceback" not in err
+
+
+def test_a_grid_compares_the_two_ways(pipe: Pipeline, bundle: Path, tmp_path: Path, capsys: Any) -> None:
+    from pictor.grid_axes import GridError, parse_axis
+    from pictor.grid_runs import run_grid
+
+    request = GenerationRequest("two shapes", seed=4, steps=3, regions=[LEFT, RIGHT])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_grid(pipe, request, "regions-mode=blend,attention")
+        (blend,) = pipe.generate(request)
+        (attend,) = pipe.generate(replace(request, regional_attention=True))
+    cells = [c.image for c in result.cells]
+    assert [c is not None and c.record.get("regional_attention", False) for c in cells] == [False, True]
+    for cell, want in zip(cells, (blend, attend), strict=True):
+        assert cell is not None and np.array_equal(np.asarray(cell.image), np.asarray(want.image))
+    with pytest.raises(GridError, match=r"blend .* or attention"):
+        parse_axis("regions-mode=blend,masked")
+    code, _, err = cli(
+        capsys, "grid", "two shapes", "--regions", '[{"box": [0, 0, 0.5, 1], "prompt": "a red circle"}]',
+        "--regional-attention", "--x", "regions-mode=blend,attention", "--model", str(bundle), "--steps", "2",
+        "--device", "cpu", "-o", str(tmp_path / "grid"),
+    )  # fmt: skip
+    assert code != 0 and "--regional-attention" in err and "Traceback" not in err
