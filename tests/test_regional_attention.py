@@ -16,13 +16,17 @@ import torch
 from PIL import Image
 
 from pictor.checkpoint import save_bundle
+from pictor.context_images import context_tokens
+from pictor.denoise_tiles import plan_windows, tiled_call
 from pictor.editing import EditRequest
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.guided_velocity import guided_velocity
-from pictor.loading import load
+from pictor.loading import load, pipeline_from_preset
+from pictor.models.block_cache import FirstBlockCache
 from pictor.models.flux import make_img_ids, make_txt_ids
 from pictor.pipeline import Pipeline
 from pictor.provenance import read_record
+from pictor.reference_files import reference_context
 from pictor.regional_attention import RegionalAttention, padded_text_bias, regional_bias
 from pictor.regional_prompts import parse_regions, region_cover
 from pictor.reproduce import reproduce
@@ -230,8 +234,8 @@ def test_padding_of_a_shorter_prompt_editing_stage_is_hidden() -> None:
     assert attend.region_len == [4]
     long_row, short_row = attend.rows([emb(6), emb(4)]), attend.rows([emb(6), emb(2)])
     assert long_row[0].tokens.shape[1] == short_row[0].tokens.shape[1] == 10
-    full = attend.mask(1, None, 0, long_row[0].mask[0])[0, 0]
-    short = attend.mask(1, None, 0, short_row[0].mask[0])[0, 0]
+    full = attend.mask(1, None, 0, long_row[0].mask)[0, 0]
+    short = attend.mask(1, None, 0, short_row[0].mask)[0, 0]
     assert torch.equal(full, regional_bias(cover, torch.tensor([1.0]), 6, [4]))
     hidden = [8, 9]  # the short stage's padding in the region's slot
     assert bool(short[:, hidden].isinf().sum(0).eq(short.shape[0] - 1).all())  # only itself sees it
@@ -340,3 +344,169 @@ def test_a_grid_compares_the_two_ways(pipe: Pipeline, bundle: Path, tmp_path: Pa
         "--device", "cpu", "-o", str(tmp_path / "grid"),
     )  # fmt: skip
     assert code != 0 and "--regional-attention" in err and "Traceback" not in err
+
+
+# ------------------------------------------- windows, Kontext, a reference and the cache (review, helper-110)
+# Each against a masked pass built here from `_rules`.
+
+REGIONS = parse_regions([LEFT, RIGHT])
+
+
+def _texts(pipe: Pipeline) -> tuple[Any, list[int], torch.Tensor]:
+    prompt = pipe.encode_text(["two shapes"])
+    words = [pipe.encode_text([r["prompt"]]) for r in REGIONS]
+    real = [int(e.mask[0].sum()) for e in words]
+    txt = torch.cat([prompt.tokens] + [e.tokens[:, :n] for e, n in zip(words, real, strict=True)], dim=1)
+    return prompt, real, txt
+
+
+def _open(pipe: Pipeline) -> Pipeline:
+    torch.manual_seed(0)
+    for m in pipe.transformer.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    return pipe
+
+
+@pytest.mark.filterwarnings("ignore:model 'tiny:UserWarning")
+def test_windows_index_the_cover() -> None:
+    pipe = _open(pipeline_from_preset("tiny", device="cpu"))
+    r = pipe.resolve_request(
+        GenerationRequest(
+            "two shapes",
+            width=32,
+            height=32,
+            steps=4,
+            seed=1,
+            guidance=1.0,
+            regions=REGIONS,
+            regional_attention=True,
+        )
+    )
+    windows = plan_windows(4, 4, 2, 1)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 16), torch.tensor([0.6])
+    prompt, real, txt = _texts(pipe)
+    cover = region_cover(REGIONS, 4, 4)
+    ids = make_img_ids(1, 8, 8)
+    with torch.inference_mode():
+        got = guided_velocity(pipe, r, 1, 8, 8, windows=windows)(x, t)
+
+        def part(index: torch.Tensor) -> torch.Tensor:
+            bias = _rules(cover[:, index], [1.0, 3.0], prompt.tokens.shape[1], real, 0)
+            return pipe.transformer(
+                x[:, index],
+                ids[:, index],
+                txt,
+                make_txt_ids(1, txt.shape[1]),
+                t,
+                prompt.pooled,
+                attn_mask=bias[None, None],
+            )
+
+        want = tiled_call(windows, x, part)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_kontext_tokens_are_global() -> None:
+    import test_kontext as tk
+
+    pipe = _open(tk._pipe(kontext=True))
+    r = pipe.resolve_request(
+        GenerationRequest(
+            "two shapes",
+            width=32,
+            height=32,
+            steps=4,
+            seed=1,
+            context_image=tk._picture(0, (32, 32)),
+            regions=REGIONS,
+            regional_attention=True,
+        )
+    )
+    ctx = context_tokens(pipe.autoencoder, r.context_image, pipe.dtype)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 16), torch.tensor([0.6])
+    prompt, real, txt = _texts(pipe)
+    bias = _rules(region_cover(REGIONS, 4, 4), [1.0, 3.0], prompt.tokens.shape[1], real, ctx.tokens.shape[1])
+    with torch.inference_mode():
+        got = guided_velocity(pipe, r, 1, 8, 8)(x, t)
+        x_in, ids_in = ctx.extend(x, make_img_ids(1, 8, 8))
+        want = pipe.transformer(
+            x_in,
+            ids_in,
+            txt,
+            make_txt_ids(1, txt.shape[1]),
+            t,
+            prompt.pooled,
+            guidance=torch.full((1,), float(r.guidance)),
+            attn_mask=bias[None, None],
+        )[:, :16]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:model 'tiny:UserWarning")
+def test_a_reference_goes_to_the_whole_prompt_under_cfg(tmp_path: Path) -> None:
+    import test_reference_generation as trg
+
+    pipe = _open(pipeline_from_preset("tiny", device="cpu"))
+    pipe.set_reference_adapter(trg._save(trg._adapter(pipe), tmp_path / "r.safetensors", pipe.hash))
+    r = pipe.resolve_request(
+        GenerationRequest(
+            "two shapes",
+            width=32,
+            height=32,
+            steps=4,
+            seed=1,
+            guidance=4.0,
+            negative_prompt="blurry",
+            reference=trg._picture(),
+            regions=REGIONS,
+            regional_attention=True,
+        )
+    )
+    ref = reference_context(pipe.reference_adapter, pipe.autoencoder, r.reference, pipe.dtype)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 16), torch.tensor([0.6])
+    prompt, real, txt = _texts(pipe)
+    base = prompt.tokens.shape[1]
+    bias = _rules(region_cover(REGIONS, 4, 4), [1.0, 3.0], base, real, 0)
+    ids = make_img_ids(1, 8, 8)
+    with torch.inference_mode():
+        got = guided_velocity(pipe, r, 1, 8, 8)(x, t)
+        txt_r = txt.clone()
+        txt_r[:, :base] += ref.tokens
+        cond = pipe.transformer(
+            x,
+            ids,
+            txt_r,
+            make_txt_ids(1, txt.shape[1]),
+            t,
+            prompt.pooled + ref.pooled,
+            attn_mask=bias[None, None],
+        )
+        neg_e = pipe.encode_text(["blurry"])
+        neg = pipe.transformer(x, ids, neg_e.tokens, make_txt_ids(1, base), t, neg_e.pooled)
+        want = neg + 4.0 * (cond - neg)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_the_cache_recomputes_a_row_under_its_own_mask() -> None:
+    params = tiny_params(depth=2)
+    model = random_flux(params)
+    inp = make_inputs(params)
+    n, length = inp["img"].shape[1], inp["txt"].shape[1]
+    cover = torch.rand(1, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cover[cover < 0.5] = 0
+    mask = torch.stack(
+        [regional_bias(cover, torch.tensor([2.0]), length - 2, [2]), padded_text_bias(length - 3, length, n)]
+    )[:, None]
+    with torch.no_grad():
+        cache = FirstBlockCache(0.05)
+        model(**inp, attn_mask=mask, block_cache=cache)
+        x = inp["img"].clone()
+        x[1] += 0.5  # only row 1 moves: it alone runs the rest of the blocks
+        out = model(**{**inp, "img": x}, attn_mask=mask, block_cache=cache)
+        assert cache.skipped == 1
+        want = model(**{**inp, "img": x}, attn_mask=mask)
+    assert torch.allclose(out[1], want[1], atol=1e-5), (out[1] - want[1]).abs().max()

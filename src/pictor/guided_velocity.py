@@ -215,7 +215,7 @@ def guided_velocity(
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
         mask = None
         if attend is not None:
-            mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask[0])
+            mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask)
         v = m.transformer(
             x_in,
             ids_in,
@@ -280,6 +280,11 @@ def guided_velocity(
     ids_k = img_ids.repeat(k, 1, 1)
     res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
     if context is not None and attend is not None:  # the reference's residuals go to the prompt's tokens
+        if context.tokens.shape[1] != attend.base_len:  # (apply_reference's check, before the padding)
+            raise ValueError(
+                f"the reference adapter makes {context.tokens.shape[1]} token residuals, but the prompt has "
+                f"{attend.base_len} tokens: it was made for a text encoder with another max_length"
+            )
         context = ReferenceConditioning(attend.pad_text(context.tokens), context.pooled)
     context_k = context
     if context is not None and use_cfg:  # the picture with the prompts' passes, not the negative's

@@ -315,7 +315,7 @@ class Flux(nn.Module):
             )
         if not mask.is_floating_point():
             raise ValueError(f"Flux: attn_mask must be a float bias (-inf: not seen), got {mask.dtype}")
-        return mask
+        return mask.to(img.dtype)  # once here, not in every block
 
     def _check_ip_adapter(self, ipa: IPAttention | None, img: Tensor) -> IPAttention | None:
         if ipa is None:

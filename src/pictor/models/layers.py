@@ -108,11 +108,12 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
     """RoPE + SDPA on head-major tensors: q, k, v ``[B, H, L, D]`` -> ``[B, H, L, D]`` (heads not merged).
 
-    mask: None (every token sees every token, FLUX.1's attention), or a float bias ``[B, 1, L, L]`` added
-    to the attention logits (-inf: not seen), as regional attention (`pictor.regional_attention`) gives."""
+    mask: None (every token sees every token, FLUX.1's attention), or a float bias ``[B, 1, L, L]`` in q's
+    dtype added to the attention logits (-inf: not seen), as regional attention (`pictor.regional_attention`)
+    gives; `Flux` casts it once per forward, not once per block."""
     if mask is None:
         return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
-    return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask.to(q.dtype))
+    return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
 
 
 def merge_heads(x: Tensor) -> Tensor:
