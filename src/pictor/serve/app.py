@@ -28,7 +28,7 @@ from pictor.generation_settings import tiling_problem
 from pictor.lora_tools import model_linears
 from pictor.models.lora import linear_layers
 from pictor.pipeline import Pipeline
-from pictor.serve import edits, settings_from, upscales, variations
+from pictor.serve import a1111_api, edits, settings_from, upscales, variations
 from pictor.serve.api_models import Health
 from pictor.serve.errors import APIError, error_body
 from pictor.serve.head import HeadAsGet
@@ -154,6 +154,7 @@ def create_app(
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    a1111_api.install(app)  # /sdapi/v1: AUTOMATIC1111's API (after the document's hook, which it extends)
     return app
 
 

@@ -6,6 +6,8 @@ cross-site request learns nothing about the API and costs no JSON parsing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs
 
 from starlette.exceptions import HTTPException
 
+from pictor.serve.a1111_errors import a1111_body, a1111_status, is_a1111_path
 from pictor.serve.errors import APIError
 from pictor.serve.settings import Limits, ServeSettings
 
@@ -100,7 +103,8 @@ def json_limit(limits: Limits, controlnets: int = 0) -> int:
 
 
 class Guard:
-    """API key on /v1, same-origin check for state changes, body size caps, security headers.
+    """API key on /v1 and /sdapi (there as HTTP Basic's password too), same-origin check for state changes,
+    body size caps, security headers.
 
     `controlnets`: how many ControlNets the served model has, each a further picture a request carries."""
 
@@ -113,14 +117,17 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        a1111 = is_a1111_path(scope["path"])  # /sdapi answers in A1111's error shape
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _send_error(send, refusal)
+            await _send_error(send, refusal, a1111)
             return
         limit = self._body_limit(scope)
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await _send_error(send, APIError(413, self._too_large(scope, limit), code="body_too_large"))
+            await _send_error(
+                send, APIError(413, self._too_large(scope, limit), code="body_too_large"), a1111
+            )
             return
         received = 0
 
@@ -188,14 +195,29 @@ class Guard:
                 code="cross_origin",
             )
         key = self.settings.api_key
+        a1111 = is_a1111_path(path)
         # /metrics tells job counts and rejections to whoever asks, so with a key it needs the key too
         # (Prometheus sends it with `authorization: {credentials: KEY}`); probes and the page stay open.
-        if key is None or not (path in ("/v1", "/metrics") or path.startswith("/v1/")):
+        if key is None or not (path in ("/v1", "/metrics") or path.startswith("/v1/") or a1111):
             return None
         auth = _header(scope, b"authorization") or ""
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
             return None
+        # A1111's clients authenticate with HTTP Basic (its --api-auth USER:PASSWORD): the key is the password
+        if a1111 and scheme.lower() == "basic" and hmac.compare_digest(_basic_password(token), key.encode()):
+            return None
+        if a1111:
+            message = (
+                "invalid API key: send the server's key as the HTTP Basic password, or as the Bearer token"
+            )
+            if not auth:
+                message = (
+                    "missing API key: send the server's key as the password of HTTP Basic auth (any user "
+                    "name; A1111's --api-auth), or the header 'Authorization: Bearer YOUR_KEY'"
+                )
+            headers = {"WWW-Authenticate": 'Basic realm="pictor", charset="UTF-8"'}
+            return APIError(401, message, code="invalid_api_key", headers=headers)
         m = SIGNED_IMAGE.match(path)
         if (
             method in ("GET", "HEAD")
@@ -214,11 +236,23 @@ class Guard:
         return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _send_error(send: Send, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
+def _basic_password(token: str) -> bytes:
+    """The password of an HTTP Basic credential (base64 of USER:PASSWORD, UTF-8), or b"" when it is none."""
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+    _user, colon, password = decoded.partition(b":")
+    return password if colon else b""
+
+
+async def _send_error(send: Send, error: APIError, a1111: bool = False) -> None:
+    """`error` as the answer; `a1111`: in A1111's error shape (a request to /sdapi)."""
+    body = json.dumps(a1111_body(error) if a1111 else error.body()).encode()
+    status = a1111_status(error) if a1111 else error.status
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
