@@ -804,18 +804,20 @@ def test_at_cfg_1_no_negative_and_no_guidance_comfyui_did_not_use_are_taken() ->
     [
         ("simple", None, None),  # the model's own times, evenly: pictor's own schedule
         ("sgm_uniform", None, None),
-        ("normal", None, "scheduler normal is taken as the model's own schedule, which differs"),
+        ("normal", "normal", None),  # ComfyUI's on FLUX.1 (tests/test_schedules_comfy.py)
         ("karras", "karras", "scheduler karras is taken as pictor's karras schedule, which differs"),
         ("exponential", "exponential", "scheduler exponential is taken as pictor's exponential schedule"),
         ("beta", "beta", "scheduler beta is taken as pictor's beta schedule, which differs"),
+        ("kl_optimal", "kl_optimal", None),
+        ("linear_quadratic", "linear_quadratic", None),
     ],
 )
 def test_comfyui_schedulers_map_by_name_and_those_that_differ_are_said(
     scheduler: str, schedule: str | None, said: str | None
 ) -> None:
-    """ComfyUI's normal ends with a step from the model's smallest sigma to 0 (up to 0.51 apart from the
-    model's own at 4 steps), and its karras, exponential and beta space its own table of sigmas: mapped, and
-    said; simple and sgm_uniform are the model's own. At 1024x1024 ComfyUI's constant shift is pictor's."""
+    """ComfyUI's karras, exponential and beta space its own table of sigmas: mapped, and said; simple and
+    sgm_uniform are the model's own, and normal, kl_optimal and linear_quadratic pictor's of those names,
+    unsaid. At 1024x1024 ComfyUI's constant shift is pictor's."""
     graph = flux_ksampler_graph()
     graph["27"]["inputs"] |= {"width": 1024, "height": 1024}
     graph["3"]["inputs"]["scheduler"] = scheduler

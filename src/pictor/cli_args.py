@@ -14,7 +14,7 @@ from pictor.cli_merge import add_merge_parser
 from pictor.cli_preprocess import add_preprocess_parser
 from pictor.cli_preview import add_preview_options
 from pictor.cli_upscale import add_upscale_parser
-from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS
+from pictor.sampling import SAMPLERS, SCHEDULES, STOCHASTIC_SAMPLERS
 from pictor.train import command as train_command
 
 SIZE_RE = re.compile(r"^(\d+)[xX](\d+)$")
@@ -77,7 +77,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
     _add_sampler(p)
-    p.add_argument("--schedule", default=None, help="flux, linear, shifted, karras, exponential or beta")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help=f"{', '.join(SCHEDULES)} (default: the model's)",
+    )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
         "--prompt-weights",

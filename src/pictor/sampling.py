@@ -46,7 +46,10 @@ from pictor.sampling_schedules import (
     schedule_exponential,
     schedule_flux,
     schedule_karras,
+    schedule_kl_optimal,
     schedule_linear,
+    schedule_linear_quadratic,
+    schedule_normal,
     schedule_shifted,
 )
 from pictor.sampling_sde import sample_dpmpp_2m_sde
@@ -93,7 +96,10 @@ __all__ = [
     "schedule_exponential",
     "schedule_flux",
     "schedule_karras",
+    "schedule_kl_optimal",
     "schedule_linear",
+    "schedule_linear_quadratic",
+    "schedule_normal",
     "schedule_shifted",
 ]
 

@@ -48,8 +48,25 @@ from pictor.sampling import SAMPLERS, SCHEDULES
 # A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
 SAMPLER_NAMES = {shown.lower(): name for name, shown in SAMPLER_DISPLAY.items()} | {n: n for n in SAMPLERS}
 SCHEDULE_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
-# A1111's "Schedule type" values with a pictor schedule; "Automatic" is the model's own (pictor's default).
-SCHEDULE_NAMES = {"karras": "karras", "exponential": "exponential", "beta": "beta", "automatic": None}
+# A1111's "Schedule type" values (its names; its labels are read with spaces as "_", "KL Optimal" as
+# kl_optimal) with a pictor schedule; "Automatic" is the model's own (pictor's default).
+SCHEDULE_NAMES = {
+    "karras": "karras",
+    "exponential": "exponential",
+    "beta": "beta",
+    "kl_optimal": "kl_optimal",
+    "normal": "normal",
+    "automatic": None,
+}
+# Those of A1111's that pictor's of that name (ComfyUI's) runs otherwise: taken, with a notice. A1111's KL
+# Optimal lays N + 1 sigmas out down to the model's smallest and stops there, without a step to 0.
+SCHEDULE_NOTICES = {
+    "kl_optimal": (
+        "the image's schedule type KL Optimal is taken as pictor's kl_optimal (ComfyUI's), which differs: "
+        "A1111's spaces all its steps evenly in arctan(sigma) down to the model's smallest sigma and ends "
+        "there, ComfyUI's and pictor's all but the last, which steps to 0 (most different at few steps)"
+    ),
+}
 LANCZOS_NAMES = {"lanczos", "none", ""}
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 # ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
@@ -91,35 +108,31 @@ COMFY_SAMPLER_NOTICES = {
     ),
 }
 # ComfyUI's schedulers with a pictor schedule. simple and sgm_uniform space the model's own (shifted) times
-# evenly, as pictor's own schedule does (its default, None); normal does too but stops at the model's
-# smallest sigma and then steps to 0, and karras, exponential and beta space ComfyUI's table of the model's
-# sigmas, not diffusers' FLUX.1 sigmas as pictor's of those names: taken, with a notice.
+# evenly, as pictor's own schedule does (its default, None); karras, exponential and beta space ComfyUI's
+# table of the model's sigmas, not diffusers' FLUX.1 sigmas as pictor's of those names: taken, with a
+# notice. kl_optimal, linear_quadratic and normal are ComfyUI's on a FLUX.1 model
+# (pictor.sampling_schedules): taken as they are.
 COMFY_SCHEDULERS = {
     "simple": None,
-    "normal": None,
+    "normal": "normal",
     "sgm_uniform": None,
     "karras": "karras",
     "exponential": "exponential",
     "beta": "beta",
+    "kl_optimal": "kl_optimal",
+    "linear_quadratic": "linear_quadratic",
 }
 COMFY_SCHEDULER_NOTICES = {
-    "normal": (
-        "the graph's scheduler normal is taken as the model's own schedule, which differs: ComfyUI's normal "
-        "runs evenly down to the model's smallest sigma (about 0.0003) and then steps to 0, pictor's evenly "
-        "down to 0 (most different at few steps)"
-    ),
-    **{
-        name: (
-            f"the graph's scheduler {name} is taken as pictor's {name} schedule, which differs: ComfyUI's "
-            f"{name} spaces its table of the model's sigmas{to}, pictor's spaces diffusers' FLUX.1 sigmas "
-            "(the last before 0 at the shifted 1/N): the steps differ"
-        )
-        for name, to in (
-            ("karras", " (down to about 0.0003)"),
-            ("exponential", " (down to about 0.0003)"),
-            ("beta", ""),
-        )
-    },
+    name: (
+        f"the graph's scheduler {name} is taken as pictor's {name} schedule, which differs: ComfyUI's "
+        f"{name} spaces its table of the model's sigmas{to}, pictor's spaces diffusers' FLUX.1 sigmas "
+        "(the last before 0 at the shifted 1/N): the steps differ"
+    )
+    for name, to in (
+        ("karras", " (down to about 0.0003)"),
+        ("exponential", " (down to about 0.0003)"),
+        ("beta", ""),
+    )
 }
 # ComfyUI's FLUX.1 [dev] without a ModelSamplingFlux node: this shift (mu) at every size; pictor's own
 # schedule shifts by the image's size, and agrees where its shift is this close (about 4096 patches).
@@ -445,11 +458,17 @@ def _sampler(text: str, out: ImportedSettings) -> None:
 
 def _schedule(text: str, out: ImportedSettings) -> None:
     name = text.strip().lower()
-    if name in SCHEDULES:
+    if name in SCHEDULES:  # pictor's own name, as pictor writes it
         out.values["schedule"] = name
-    elif name in SCHEDULE_NAMES:
+        return
+    name = name.replace(" ", "_")  # A1111's labels ("KL Optimal") as its names
+    if name in SCHEDULE_NAMES:
         if SCHEDULE_NAMES[name] is not None:
             out.values["schedule"] = SCHEDULE_NAMES[name]
+        if name in SCHEDULE_NOTICES:
+            out.notices.append(SCHEDULE_NOTICES[name])
+    elif name in SCHEDULES:  # pictor's own under a label ("Linear Quadratic")
+        out.values["schedule"] = name
     else:
         out.notices.append(
             f"the image's schedule type '{text}' has no pictor equivalent: the model's own is used "

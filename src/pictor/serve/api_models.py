@@ -167,7 +167,9 @@ class ImageGenerationRequest(BaseModel):
         "seed still reproduces it). The model card lists them.",
     )
     schedule: str | None = Field(
-        None, description="Timestep schedule: flux, linear, shifted, karras, exponential or beta."
+        None,
+        description="Timestep schedule: flux, linear, shifted, karras, exponential, beta, or ComfyUI's "
+        "normal, kl_optimal and linear_quadratic.",
     )
     layout: list[LayoutBox] | None = Field(
         None, max_length=32, description="Boxes with phrases; needs a model with a layout adapter."
