@@ -8,9 +8,12 @@ server may merge into one sampler run) and measures:
 - p50_s, p95_s: per-request latency (submit -> images back), client side;
 - mean_batch: images per sampler run, from the server's /metrics.
 
-"batching": --max-batch 1 (off) vs --max-batch B (on). Prints one JSON document.
+"batching": --max-batch 1 (off) vs --max-batch B (on). With --apis openai,a1111 each round runs again through
+A1111's POST /sdapi/v1/txt2img with the same settings (its answer carries every image as base64 PNG and an
+`info` text: what an A1111 client pays), side by side. Prints one JSON document.
 
 Usage: python benchmarks/bench_serve.py [--model tiny] [--cores 2] [--requests 8] [--max-batch 8]
+                                        [--apis openai,a1111]
 """
 
 from __future__ import annotations
@@ -78,7 +81,22 @@ def batch_stats(url: str) -> tuple[float, float]:
     return float(values["pictor_batch_images_sum"]), float(values["pictor_batch_images_count"])
 
 
-def run_round(url: str, clients: int, requests: int, body: dict[str, Any]) -> dict[str, Any]:
+# Where each API's requests go, and the A1111 body for the same settings as the OpenAI one.
+ROUTES = {"openai": "/v1/images/generations", "a1111": "/sdapi/v1/txt2img"}
+
+
+def a1111_body(body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt": body["prompt"], "batch_size": body.get("n", 1)}
+    if "steps" in body:
+        out["steps"] = body["steps"]
+    if "size" in body:
+        out["width"], out["height"] = (int(v) for v in body["size"].split("x"))
+    return out
+
+
+def run_round(
+    url: str, clients: int, requests: int, body: dict[str, Any], api: str = "openai"
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -87,7 +105,7 @@ def run_round(url: str, clients: int, requests: int, body: dict[str, Any]) -> di
         with httpx.Client(base_url=url, timeout=600) as http:
             for _ in range(requests):
                 t0 = time.perf_counter()
-                r = http.post("/v1/images/generations", json=body)
+                r = http.post(ROUTES[api], json=body if api == "openai" else a1111_body(body))
                 dt = time.perf_counter() - t0
                 with lock:
                     if r.status_code == 200:
@@ -107,6 +125,7 @@ def run_round(url: str, clients: int, requests: int, body: dict[str, Any]) -> di
     latencies.sort()
     n = len(latencies)
     return {
+        "api": api,
         "clients": clients,
         "requests": clients * requests,
         "ok": n,
@@ -128,7 +147,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="the batching-on setting")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT; default: the model's")
+    parser.add_argument("--apis", default="openai", help="openai, a1111 or both (comma-separated)")
     args = parser.parse_args()
+    apis = args.apis.split(",")
+    if not apis or set(apis) - set(ROUTES):
+        parser.error(f"--apis takes {' and '.join(ROUTES)}, comma-separated")
     body: dict[str, Any] = {"prompt": "a red circle left of a blue square", "response_format": "url"}
     if args.steps:
         body["steps"] = args.steps
@@ -144,9 +167,10 @@ def main() -> None:
                 for _ in range(3):  # warm-up: first-call allocations, caches
                     httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
                 for clients in (int(c) for c in args.clients.split(",")):
-                    row = run_round(url, clients, args.requests, body)
-                    results.append({"batching": batching, "max_batch": max_batch, **row})
-                    print(json.dumps(results[-1]), file=sys.stderr)
+                    for api in apis:
+                        row = run_round(url, clients, args.requests, body, api)
+                        results.append({"batching": batching, "max_batch": max_batch, **row})
+                        print(json.dumps(results[-1]), file=sys.stderr)
                 card = httpx.get(f"{url}/v1/models").json()["data"][0]
             finally:
                 proc.terminate()

@@ -261,8 +261,8 @@ def test_inpainting_equals_the_openai_edit(client: TestClient) -> None:
     want = openai_edit(client, source, mask, prompt="a red circle", strength=0.8, feather=3, steps=3, seed=7,
                        inpaint_area="masked", mask_padding=8, inpaint_size="32x32")  # fmt: skip
     assert np.array_equal(pixels(masked["images"][0]), pixels(want[0]))
-    # fills pictor does not start from are refused below strength 1
-    fill = {**body, "mask": b64_png(mask), "inpainting_fill": 0}
+    # fills pictor does not start from are refused below strength 1 (0, A1111's default, is taken as 1)
+    fill = {**body, "mask": b64_png(mask), "inpainting_fill": 3}
     refused(client.post("/sdapi/v1/img2img", json=fill), 422, "inpainting_fill", "original")
     uneven = {**body, "mask": b64_png(mask), "mask_blur": None, "mask_blur_x": 2, "mask_blur_y": 5}
     refused(client.post("/sdapi/v1/img2img", json=uneven), 422, "mask_blur_x", "")
@@ -293,7 +293,7 @@ def test_refusals_are_clear_and_queue_nothing(client: TestClient) -> None:
         ({"negative_prompt": "<lora:style:1>"}, 422, "negative_prompt", "LoRA"),
         ({"cfg_scale": 1, "negative_prompt": "blue"}, 422, "negative_prompt", "guidance 1"),
         ({"batch_size": 4, "n_iter": 3}, 422, "batch_size", "at most 8"),
-        ({"steps": "20"}, 422, "steps", "integer"),
+        ({"steps": 2.5}, 422, "steps", "integer"),
     ]
     for extra, status, field, words in cases:
         path = "img2img" if "init_images" in extra else "txt2img"

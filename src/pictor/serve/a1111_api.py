@@ -5,7 +5,12 @@ txt2img and img2img are jobs like any other: queued, batched, kept in the histor
 provenance, cancelled by ``DELETE /v1/jobs/{id}``; they make the pixels the OpenAI endpoints make with the
 same settings (`a1111_requests` maps the fields). progress, interrupt and skip look at the jobs sent here.
 Errors answer in A1111's shape (`a1111_errors`). With an API key, a request needs it as the Bearer token or
-as the password of HTTP Basic auth (A1111's ``--api-auth``), any user name (`security.Guard`).
+as the password of HTTP Basic auth (A1111's ``--api-auth``), any user name: the guard alone decides
+(`security.Guard`), so no route dependency parses the Basic header; the document declares the scheme
+(`install`).
+
+A request that needs the model to be mapped (its kind of guidance, its default size) while the model loads
+waits for it, as a /v1 job waits in the queue, instead of a 503 (`a1111_loading.when_loaded`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPBasic
 
 from pictor.provenance import PARAMETERS_KEY
 from pictor.serve.a1111_errors import A1111Error, A1111Route, field_error
 from pictor.serve.a1111_info import info_of, parameters_fields, png_text
+from pictor.serve.a1111_loading import when_loaded
 from pictor.serve.a1111_models import (
     A1111Common,
     A1111Images,
@@ -47,10 +52,13 @@ from pictor.serve.service import Service, service
 from pictor.serve.store import JobRow
 from pictor.serve.uploads import decode_base64_image
 
-basic = HTTPBasic(
-    auto_error=False,
-    description="The server's API key as the password (any user name), as A1111's --api-auth.",
-)
+# Declared in the document only (`install`): FastAPI's HTTPBasic dependency would answer 401 itself for a
+# Basic header it cannot parse (no colon, a user name that is not ASCII), even on a server without a key.
+BASIC_SCHEME = {
+    "type": "http",
+    "scheme": "basic",
+    "description": "The server's API key as the password (any user name, UTF-8), as A1111's --api-auth.",
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": A1111Error, "description": description}
     for status, description in (
@@ -69,7 +77,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(
     prefix="/sdapi/v1",
     route_class=A1111Route,
-    dependencies=[Depends(bearer), Depends(basic)],
+    dependencies=[Depends(bearer)],
     responses=ERRORS,
     tags=["A1111-compatible"],
 )
@@ -90,7 +98,7 @@ SAME_VAE = {"", "automatic", "none", "auto"}
 @router.post("/txt2img", response_model=A1111Images, summary="A1111's txt2img, as a pictor job; waits")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images:
     svc = service(request)
-    generation, mapped = await run_in_threadpool(txt2img_request, svc, body)
+    generation, mapped = await when_loaded(svc, request, lambda: txt2img_request(svc, body))
     try:
         params = await run_in_threadpool(svc.params, generation)  # as POST /v1/images/generations checks it
     except APIError as exc:
@@ -104,7 +112,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Images:
 )
 async def img2img(body: Img2ImgRequest, request: Request) -> A1111Images:
     svc = service(request)
-    source, mask, mapped = await run_in_threadpool(img2img_inputs, svc, body)
+    source, mask, mapped = await when_loaded(svc, request, lambda: img2img_inputs(svc, body))
     try:  # as POST /v1/images/edits checks it; the prompt may be empty: the picture says what to draw
         kept = await run_in_threadpool(edit_params, svc, source, mask, mapped.fields, prompt_optional=True)
     except APIError as exc:
@@ -133,7 +141,8 @@ async def answer(
     texts = [png_text(base64.b64decode(b)) for b in images]
     finished = svc.store.get_job(job.id) or job
     info = info_of(svc, body, finished, texts, mapped)
-    parameters = body.model_dump(mode="json")
+    # A1111 echoes its own fields only: a field it has not (SillyTavern's `auth`, "user:KEY") is not sent back
+    parameters = body.model_dump(mode="json", exclude=set(body.model_extra or {}))
     return A1111Images(
         images=images if body.send_images is not False else [], parameters=parameters, info=info
     )
@@ -353,14 +362,17 @@ def internal_ping() -> dict[str, Any]:
 
 
 def install(app: FastAPI) -> None:
-    """Serve /sdapi/v1 on `app`, and keep its 422s in the OpenAPI document (which drops FastAPI's own)."""
+    """Serve /sdapi/v1 on `app`, and keep its 422s in the OpenAPI document (which drops FastAPI's own), with
+    HTTP Basic beside the Bearer key as a way in (the guard checks both)."""
     app.include_router(router)
     app.include_router(probe)
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
-        schema = plain()
+        schema = plain()  # FastAPI's, made once and kept: what is added here is added once
         content = {"application/json": {"schema": {"$ref": "#/components/schemas/A1111Error"}}}
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes.setdefault("HTTPBasic", BASIC_SCHEME)
         for path, operations in schema.get("paths", {}).items():
             if path.startswith("/sdapi/"):
                 for operation in operations.values():
@@ -368,6 +380,9 @@ def install(app: FastAPI) -> None:
                     responses.setdefault(
                         "422", {"description": "A field pictor cannot take", "content": content}
                     )
+                    security = operation.setdefault("security", [])
+                    if {"HTTPBasic": []} not in security:
+                        security.append({"HTTPBasic": []})
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

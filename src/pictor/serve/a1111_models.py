@@ -4,25 +4,45 @@ unchanged.
 
 Field names, types and the defaults that mean the same here are A1111's. Where A1111's default suits Stable
 Diffusion 1.5 rather than the served model (512x512, 50 steps, CFG 7, Euler) the default is null: the
-served model's own. Fields are typed strictly (``"steps": "20"`` is a 422, as the schema says), and fields
-A1111 does not have are accepted and ignored, as A1111 does (the answer's ``info`` lists them).
+served model's own. Fields are read as A1111's (lax) pydantic models read them: ``"steps": "20"``, ``"seed":
+"-1"`` and ``"width": 512.0`` are numbers, true and false are 1 and 0; a fractional number for a whole one,
+NaN and infinities are refused. Fields A1111 does not have are accepted and ignored, as A1111 does (the
+answer's ``info`` lists them; they are not echoed back).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from pictor.generation_request import MAX_SEED
 
-Flag = bool | Literal[0, 1]  # A1111's web UI sends some switches as 0 / 1; both are taken
+FLAG_WORDS: dict[str, bool | int] = {"0": 0, "1": 1, "false": False, "true": True}
+
+
+def _switch(value: Any) -> Any:
+    """A1111's switches sent as 0 / 1 (its web UI's) or false / true, kept as sent (the answer echoes them);
+    anything else is refused in those words, not as a failed union of types."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise PydanticCustomError(
+        "switch", "must be 0 or 1 (or false / true), not {value}", {"value": repr(value)}
+    )
+
+
+Flag = Annotated[bool | Literal[0, 1], BeforeValidator(_switch)]  # A1111's web UI sends some as 0 / 1
 
 
 class A1111Common(BaseModel):
     """What A1111's txt2img and img2img bodies share."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow")
 
     prompt: str | None = Field(
         "", description="What to draw; `<lora:NAME:WEIGHT>` tags choose LoRAs of --lora-dir (null: empty)."
@@ -87,7 +107,8 @@ class A1111Common(BaseModel):
         ge=0,
         le=1,
         allow_inf_nan=False,
-        description="img2img: the share redrawn; txt2img: the hires fix's (null: pictor's defaults).",
+        description="img2img: the share redrawn (null: 0.75, 1 with a mask); txt2img: the hires fix's (null: "
+        "0.75, A1111's).",
     )
 
     @model_validator(mode="after")
@@ -127,12 +148,18 @@ class Img2ImgRequest(A1111Common):
     resize_mode: int | None = Field(0, ge=0, le=3, description="0: just resize to width x height.")
     image_cfg_scale: float | None = Field(None, allow_inf_nan=False, description="Ignored (pix2pix only).")
     mask: str | None = Field(None, description="base64 picture: white repaints (or opaque, with alpha).")
-    mask_blur: int | None = Field(None, ge=0, le=256, description="Pixels: pictor's feather.")
+    mask_blur: int | None = Field(
+        None, ge=0, le=256, description="Pixels: pictor's feather (null: mask_blur_x / _y, else 4, A1111's)."
+    )
     mask_blur_x: int | None = Field(None, ge=0, le=256)
     mask_blur_y: int | None = Field(None, ge=0, le=256)
     mask_round: bool | None = Field(True, description="Refused when false: pictor's masks are binary.")
     inpainting_fill: int | None = Field(
-        None, ge=0, le=3, description="1 original (null too); 0, 2, 3 only at denoising_strength 1."
+        None,
+        ge=0,
+        le=3,
+        description="1 original (null too); 0 (fill, A1111's default) is taken as 1 and listed in info's "
+        "ignored_fields; 2, 3 only at denoising_strength 1.",
     )
     inpaint_full_res: Flag | None = Field(True, description="true: only the masked area (A1111's default).")
     inpaint_full_res_padding: int | None = Field(0, ge=0, le=65535, description="Pixels around the mask.")

@@ -10,6 +10,7 @@ listed in the answer's ``info`` (``ignored_fields``).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,8 @@ def _lora(tag: re.Match[str]) -> dict[str, Any]:
         unet = float(positional[1] if len(positional) > 1 else named.get("unet", te))
     except ValueError:
         raise field_error("prompt", f"{tag.group(0)}: its weight is not a number") from None
+    if not (math.isfinite(te) and math.isfinite(unet)):
+        raise field_error("prompt", f"{tag.group(0)}: its weight must be a finite number (e.g. 0.8)")
     if te != unet:
         raise field_error(
             "prompt",

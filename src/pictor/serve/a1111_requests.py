@@ -18,16 +18,21 @@ from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from pictor.editing import eight_bit
-from pictor.hires import hires_size
+from pictor.hires import MAX_SCALE, hires_size
 from pictor.serve.a1111_errors import field_error
 from pictor.serve.a1111_models import Img2ImgRequest, Txt2ImgRequest
 from pictor.serve.a1111_names import LANCZOS, check_checkpoint, sampler_of, schedule_of
-from pictor.serve.a1111_params import Mapped, common_fields, validation_message
+from pictor.serve.a1111_params import Mapped, common_fields, translated, validation_message
 from pictor.serve.api_models import ImageGenerationRequest
+from pictor.serve.errors import APIError
+from pictor.serve.security import check_limits
 from pictor.serve.service import Service
 from pictor.serve.uploads import decode_base64_image
 
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+# A1111's defaults where pictor's own differ: the hires pass's denoising strength, a mask's blur (pixels).
+HIRES_STRENGTH = 0.75
+MASK_BLUR = 4
 # A1111's hires fields that must say what the first pass says, and the first pass's field.
 HIRES_SAME = {
     "hr_prompt": "prompt",
@@ -88,13 +93,15 @@ def hires_fields(
         value = getattr(body, name)
         if value not in (None, "") and value != getattr(body, first):
             raise field_error(name, f"pictor's hires pass takes the first pass's {first}; leave {name} out")
-    if body.denoising_strength == 0:
+    strength = body.denoising_strength
+    if strength == 0:
         raise field_error(
-            "denoising_strength", "0 redraws nothing in the hires pass; send 0.1 to 1 (pictor's default 0.3)"
+            "denoising_strength",
+            f"0 redraws nothing in the hires pass; send 0.1 to 1 (left out: {HIRES_STRENGTH:g}, A1111's)",
         )
     return {
         "hires_scale": hires_scale(svc, body, names),
-        "hires_strength": body.denoising_strength,
+        "hires_strength": HIRES_STRENGTH if strength is None else strength,
         "hires_steps": body.hr_second_pass_steps or None,
         "hires_upscaler": upscaler_of(body.hr_upscaler),
     }
@@ -134,8 +141,17 @@ def hires_scale(svc: Service, body: Txt2ImgRequest, names: dict[str, str]) -> fl
     if pipe is None:
         svc.need_model("hr_resize_x and hr_resize_y are checked against the model's size multiple")
     width, height = body.width or pipe.defaults["width"], body.height or pipe.defaults["height"]
-    scale = x / width if x else y / height
-    names["hires_scale"] = "hr_resize_x" if x else "hr_resize_y"
+    name, side, first, what = (
+        ("hr_resize_x", x, width, "width") if x else ("hr_resize_y", y, height, "height")
+    )
+    scale = side / first
+    names["hires_scale"] = name
+    if not 1 < scale <= MAX_SCALE:
+        raise field_error(
+            name,
+            f"{side} is the hires pass's {what}: it must be larger than the first pass's {what} ({first}) "
+            f"and at most {MAX_SCALE:g} times it ({int(first * MAX_SCALE)}); or send hr_scale",
+        )
     if x and y and hires_size(width, height, scale, pipe.patch) != (x, y):
         raise field_error(
             "hr_resize_x",
@@ -171,6 +187,11 @@ def img2img_inputs(svc: Service, body: Img2ImgRequest) -> tuple[Image.Image, Ima
     sized = body.width is not None or body.height is not None
     size = (body.width or source.width, body.height or source.height)
     fields = mapped.fields
+    if sized:  # the server's limits before anything is drawn at that size (a resize, an inpainted area)
+        try:
+            check_limits(limits, fields["prompt"], fields["n"], *size, fields["steps"])
+        except APIError as exc:
+            raise translated(exc, mapped.names) from None
     if mask is not None and body.inpaint_full_res:
         fields["inpaint_area"] = "masked"
         fields["mask_padding"] = body.inpaint_full_res_padding or 0
@@ -185,7 +206,7 @@ def img2img_inputs(svc: Service, body: Img2ImgRequest) -> tuple[Image.Image, Ima
         source = source.resize(size, Image.LANCZOS)
         mask = mask.resize(size, Image.NEAREST) if mask is not None else None
     if mask is not None:
-        check_fill(body)
+        check_fill(body, mapped.ignored)
         fields["feather"] = mask_blur(body)
     fields["loras"] = json.dumps(fields["loras"]) if fields["loras"] else None
     fields |= {"size": None, "model": None, "cache_threshold": None, "strength": body.denoising_strength}
@@ -226,23 +247,27 @@ def a1111_mask(image: Image.Image, invert: Any) -> Image.Image:
     return ImageOps.invert(mask) if invert else mask
 
 
-def check_fill(body: Img2ImgRequest) -> None:
+def check_fill(body: Img2ImgRequest, ignored: list[str]) -> None:
     """pictor's inpainting starts the masked area from the picture noised to the strength (A1111's
-    "original"); at strength 1 it starts from noise alone, where every fill is the same."""
+    "original"); at strength 1 it starts from noise alone, where every fill is the same. A1111's default,
+    0 (fill), is taken as 1 and listed in `ignored` (clients send it unasked); 2 and 3 are refused."""
     fill = body.inpainting_fill
     if fill in (None, 1) or body.denoising_strength in (None, 1):
+        return
+    if fill == 0:
+        ignored.append("inpainting_fill")
         return
     raise field_error(
         "inpainting_fill",
         f"{fill} ({FILLS[fill]}) is not how pictor starts the masked area: pictor's inpainting starts it "
-        "from the picture (1, original); send inpainting_fill 1, or denoising_strength 1 (the area then "
-        "starts from noise alone, and every fill is the same)",
+        "from the picture (1, original; 0 is taken as 1); send inpainting_fill 1, or denoising_strength 1 "
+        "(the area then starts from noise alone, and every fill is the same)",
     )
 
 
-def mask_blur(body: Img2ImgRequest) -> int | None:
+def mask_blur(body: Img2ImgRequest) -> int:
     """mask_blur (or mask_blur_x / _y, equal) as pictor's feather: pixels of blending inside the mask's
-    edge, so pixels outside the mask stay the picture's. None: pictor's default."""
+    edge, so pixels outside the mask stay the picture's. Left out: 4, A1111's."""
     if body.mask_blur is not None:
         return body.mask_blur
     x, y = body.mask_blur_x, body.mask_blur_y
@@ -250,4 +275,4 @@ def mask_blur(body: Img2ImgRequest) -> int | None:
         raise field_error(
             "mask_blur_x", f"pictor blurs a mask's edge alike both ways; send one mask_blur ({x} or {y})"
         )
-    return x if x is not None else y
+    return x if x is not None else y if y is not None else MASK_BLUR

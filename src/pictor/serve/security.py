@@ -205,7 +205,7 @@ class Guard:
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
             return None
         # A1111's clients authenticate with HTTP Basic (its --api-auth USER:PASSWORD): the key is the password
-        if a1111 and scheme.lower() == "basic" and hmac.compare_digest(_basic_password(token), key.encode()):
+        if a1111 and scheme.lower() == "basic" and _basic_key(_basic_password(token), key):
             return None
         if a1111:
             message = (
@@ -244,6 +244,17 @@ def _basic_password(token: str) -> bytes:
         return b""
     _user, colon, password = decoded.partition(b":")
     return password if colon else b""
+
+
+def _basic_key(password: bytes, key: str) -> bool:
+    """Whether a Basic password is the key: its UTF-8 bytes (httpx, browsers, Open WebUI), or its Latin-1 ones
+    (Python's requests, which webuiapi uses, encodes a password so) when the key has them."""
+    match = hmac.compare_digest(password, key.encode())
+    try:
+        latin = key.encode("latin-1")
+    except UnicodeEncodeError:
+        return match
+    return hmac.compare_digest(password, latin) or match
 
 
 async def _send_error(send: Send, error: APIError, a1111: bool = False) -> None:
