@@ -2,8 +2,8 @@
 side by side in one run, for 1 to 8 regions on the same model, size, seed and steps. Prints JSON; --out
 writes it.
 
-Each setting's time is the median of --rounds runs, the two ways interleaved round by round so that other
-work on the machine weighs on both alike.
+Each setting's time is the median of --rounds runs after one untimed warm-up run, the two ways interleaved
+round by round so that other work on the machine weighs on both alike.
 
     python benchmarks/bench_regional_attention.py [--model default] [--size 64] [--regions 2,4,8] [--rounds 3]
 """
@@ -57,13 +57,14 @@ def main() -> None:
             "shapes", width=args.size, height=args.size, steps=args.steps, seed=1, regions=strips(count)
         )
         times: dict[str, list[float]] = {"blend": [], "attention": []}
-        for _ in range(args.rounds):
+        for rounds in range(args.rounds + 1):  # round 0 warms up (first-call allocations), not timed
             for way in times:
                 start = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pipe.generate(replace(request, regional_attention=way == "attention"))
-                times[way].append(time.perf_counter() - start)
+                if rounds:
+                    times[way].append(time.perf_counter() - start)
         blend, attention = (statistics.median(times[w]) for w in ("blend", "attention"))
         row = {
             "regions": count,

@@ -17,9 +17,9 @@ image in the same pass. The cost grows with the text (the regions' tokens), not 
 
 A region's prompt brings only its own tokens, not the encoder's padding after them: a box that also saw a
 region's padding (64 tokens for the default model) would spread its attention over them, and on the
-shipped model that cut the share of boxes holding their object from 0.34 to 0.13 (60 dev prompts,
-benchmarks/bench_regions.py). Padding that a region's shorter prompt-editing stage leaves within its slot is
-hidden (seen by nothing, it sees only itself).
+shipped model that cut the share of boxes holding their object from 0.34 to 0.13 (60 dev prompts, one
+image each; benchmarks/results/regional-attention-padding.json). Padding that a region's shorter
+prompt-editing stage leaves within its slot is hidden (seen by nothing, it sees only itself).
 
 Anything else in the sequence is global: tokens after the image (a Kontext context image) are seen and see
 as image tokens outside every box. The negative prompt's pass (classifier-free guidance) is padded with
