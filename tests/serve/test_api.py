@@ -189,6 +189,19 @@ def test_health_ready_models_metrics(client: TestClient) -> None:
     assert "pictor_job_latency_seconds_count 1" in metrics
 
 
+def test_the_model_card_lists_every_schedule_and_each_runs(client: TestClient) -> None:
+    from pictor.sampling import SCHEDULES
+
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["schedules"] == list(SCHEDULES), card["schedules"]  # the page's Schedule select, in order
+    for name in card["schedules"]:  # every one listed is one a request may name: its record says it ran
+        body = {"prompt": PROMPT, "seed": 3, "steps": 2, "schedule": name, "response_format": "b64_json"}
+        answer = client.post("/v1/images/generations", json=body)
+        assert answer.status_code == 200, (name, answer.text)
+        _, chunks = png_chunks(base64.b64decode(answer.json()["data"][0]["b64_json"]))
+        assert json.loads(chunks["pictor"])["schedule"] == name
+
+
 def test_model_that_fails_to_load_is_reported(make_client: Callable[..., TestClient]) -> None:
     client = make_client(None, model="no-such-model")  # no pipeline: the worker loads settings.model
     deadline = time.monotonic() + 20

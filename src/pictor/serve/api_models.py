@@ -486,6 +486,10 @@ class ModelCard(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, int] = Field(default_factory=dict)
     samplers: list[str] = Field(default_factory=list)
+    schedules: list[str] = Field(
+        default_factory=list,
+        description="The timestep schedules a request's schedule may name (without one: the model's own).",
+    )
     kontext: bool = Field(
         False,
         description="A FLUX.1 Kontext model: it takes context_image (false while the model loads).",

@@ -20,7 +20,7 @@ from pictor.provenance import (
     ProvenanceError,
     read_text_chunks,
 )
-from pictor.sampling import SAMPLERS
+from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import (
     DeletedJob,
     ErrorResponse,
@@ -175,6 +175,7 @@ def model_card(svc: Service) -> ModelCard:
             "size_multiple": pipe.patch if pipe is not None else 1,
         },
         samplers=list(SAMPLERS),
+        schedules=list(SCHEDULES),
         # From the bundle's config, as the pipeline decides (context_images.context_problem): so the page
         # offers a context picture only where it would not be refused.
         kontext=bool(pipe.config.kontext) if pipe is not None else False,

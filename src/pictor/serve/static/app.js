@@ -81,6 +81,7 @@ function requestFromForm() {
     steps: number("steps", Number),
     guidance: number("guidance", Number),
     sampler: $("sampler").value || undefined,
+    schedule: $("schedule").value || undefined,  // "model default": not sent (the model's own)
     seed: number("seed", Number),
     // variation seeds: sent as typed, a variation seed without a strength too (the server's 400 says what is
     // missing); seed resize from as WxH text, which the server checks (an edit refuses it)
@@ -167,6 +168,7 @@ function fillForm(record) {
   $("steps").value = record.steps ?? "";
   $("guidance").value = record.guidance ?? "";
   $("sampler").value = record.sampler || "";
+  $("schedule").value = record.schedule || "";  // a record names the one that ran, the model's own too
   $("seed").value = record.seed ?? "";
   // A record's variation seed is its own image's (its run's first + its index), which n = 1 draws again.
   $("variation_seed_strength").value = record.variation_strength || "";
@@ -1028,11 +1030,14 @@ async function loadModel() {
   try {
     const models = await apiJSON("/v1/models");
     const card = models.data[0];
-    const select = $("sampler");
-    const chosen = select.value; // kept when the card is read again while the model loads
-    const placeholder = new Option("model default", "");
-    select.replaceChildren(placeholder, ...card.samplers.map((s) => new Option(s, s)));
-    select.value = chosen;
+    // The sampler and schedule selects, each with "model default" (sends nothing) first.
+    for (const [id, names] of [["sampler", card.samplers], ["schedule", card.schedules || []]]) {
+      const select = $(id);
+      const chosen = select.value; // kept when the card is read again while the model loads
+      const placeholder = new Option("model default", "");
+      select.replaceChildren(placeholder, ...names.map((s) => new Option(s, s)));
+      select.value = chosen;
+    }
     const d = card.defaults || {};
     $("model-info").textContent =
       `Model ${card.id}${card.trained === false && !card.id.includes("untrained") ? " (untrained)" : ""}` +
