@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from pictor.checkpoint import save_bundle
 from pictor.composable_prompts import compose, split_and, uses_and
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.guided_velocity import guided_velocity
@@ -24,7 +23,8 @@ from pictor.reproduce import reproduce
 from pictor.settings_import import settings_from_parameters
 from tests.test_cli_prompt_variants import cli
 
-from tiny_bundle import tiny_models
+from tiny_bundle import saved_tiny_bundle
+from tiny_bundle import velocity_32 as _velocity
 
 
 @pytest.mark.parametrize(
@@ -65,20 +65,12 @@ def test_compose() -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("composable") / "tiny"
-    cfg, flux, ae = tiny_models("tiny-composable", trained=True)
-    save_bundle(path, cfg, flux.state_dict(), ae.state_dict())
-    return path
+    return saved_tiny_bundle(tmp_path_factory.mktemp("composable"), "tiny-composable")
 
 
 @pytest.fixture(scope="module")
 def pipe(bundle: Path) -> Pipeline:
     return load(str(bundle), device="cpu")
-
-
-def _velocity(pipe: Pipeline, prompt: str, **kw: Any) -> Any:
-    r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
-    return guided_velocity(pipe, r, 2, 8, 8)
 
 
 @pytest.mark.parametrize("guidance", [5.0, 1.0])

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.checkpoint import save_bundle
 from pictor.context_images import context_tokens
 from pictor.denoise_tiles import plan_windows, tiled_call
 from pictor.editing import EditRequest
@@ -32,7 +31,8 @@ from pictor.regional_prompts import parse_regions, region_cover
 from pictor.reproduce import reproduce
 from tests.test_cli_prompt_variants import cli
 
-from tiny_bundle import tiny_models
+from tiny_bundle import saved_tiny_bundle
+from tiny_bundle import velocity_32 as _velocity
 from tiny_flux import load_reference, make_inputs, random_flux, tiny_params
 
 LEFT = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle"}
@@ -139,20 +139,12 @@ def test_a_biased_transformer_matches_diffusers_under_the_same_mask() -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("regional-attention") / "tiny"
-    cfg, flux, ae = tiny_models("tiny-regional-attention", trained=True)
-    save_bundle(path, cfg, flux.state_dict(), ae.state_dict())
-    return path
+    return saved_tiny_bundle(tmp_path_factory.mktemp("regional-attention"), "tiny-regional-attention")
 
 
 @pytest.fixture(scope="module")
 def pipe(bundle: Path) -> Pipeline:
     return load(str(bundle), device="cpu")
-
-
-def _velocity(pipe: Pipeline, prompt: str, **kw: Any) -> Any:
-    r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
-    return guided_velocity(pipe, r, 2, 8, 8)
 
 
 @pytest.mark.parametrize("guidance", [4.0, 1.0])

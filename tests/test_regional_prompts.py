@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pictor.checkpoint import save_bundle
 from pictor.denoise_tiles import plan_windows
 from pictor.editing import EditRequest
 from pictor.generation_request import GenerationError, GenerationRequest
@@ -26,7 +25,8 @@ from pictor.regional_prompts import RegionError, parse_regions, read_regions_arg
 from pictor.reproduce import reproduce
 from tests.test_cli_prompt_variants import cli
 
-from tiny_bundle import tiny_models
+from tiny_bundle import saved_tiny_bundle
+from tiny_bundle import velocity_32 as _velocity
 
 LEFT = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a red circle"}
 RIGHT = {"box": [0.5, 0.25, 1.0, 0.75], "prompt": "a blue square", "strength": 3}
@@ -99,20 +99,12 @@ def test_weights_follow_boxes_and_strengths() -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("regions") / "tiny"
-    cfg, flux, ae = tiny_models("tiny-regions", trained=True)
-    save_bundle(path, cfg, flux.state_dict(), ae.state_dict())
-    return path
+    return saved_tiny_bundle(tmp_path_factory.mktemp("regions"), "tiny-regions")
 
 
 @pytest.fixture(scope="module")
 def pipe(bundle: Path) -> Pipeline:
     return load(str(bundle), device="cpu")
-
-
-def _velocity(pipe: Pipeline, prompt: str, **kw: Any) -> Any:
-    r = pipe.resolve_request(GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, **kw))
-    return guided_velocity(pipe, r, 2, 8, 8)
 
 
 @pytest.mark.parametrize("guidance", [4.0, 1.0])

@@ -111,8 +111,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None =
     mask: None (every token sees every token, FLUX.1's attention), or a float bias ``[B, 1, L, L]`` in q's
     dtype added to the attention logits (-inf: not seen), as regional attention (`pictor.regional_attention`)
     gives; `Flux` casts it once per forward, not once per block."""
-    if mask is None:
-        return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
     return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
 
 
