@@ -9,6 +9,8 @@ A caption comes from metadata.jsonl when it names the file, else from the captio
 it is "" (counted and reported once). metadata.jsonl files in subfolders also count; their file names are
 relative to their own folder, as in `imagefolder`. Hidden files and folders (".cache", ...) are not
 scanned.
+With `folder_repeats`, subfolders named as kohya names them, ``<repeats>_<class tokens>``, say how many
+times their images come each epoch and caption those without a caption (`pictor.data.repeat_folders`).
 A metadata line may also give a "layout", boxes with phrases in fractions of the image (see
 `pictor.data.layouts`), for `pictor train layout`; items carry it moved with their crop and flip.
 For a ControlNet (`control_metadata`), a line names its image's control picture as Hugging Face's
@@ -38,6 +40,7 @@ from PIL import Image, ImageOps
 
 from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
 from pictor.data.layouts import LayoutError, crop_layout, parse_layout
+from pictor.data.repeat_folders import folder_repeats
 from pictor.editing import eight_bit
 from pictor.notices import PictorWarning
 
@@ -182,9 +185,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     caption_ext: the extension of the caption file beside each image (kohya's --caption_extension).
     hflip: mirror about half of the items, chosen per (seed, epoch, index); call `set_epoch` each epoch.
     (The trainer leaves this off: it mirrors per sample of its data stream, whatever the epoch.)
+    repeat_folders: read kohya's ``<repeats>_<class tokens>`` subfolders (`pictor.data.repeat_folders`):
+    `repeats` gives each item's count (which the trainer's stream follows; the items stay one per file),
+    and an image without a caption takes its folder's class tokens (listed in `class_captions`).
 
     After construction: `paths`, `captions`, `sizes` (displayed w, h), `item_buckets` (one per item, for
-    `BucketBatchSampler`), `available_buckets`, `skipped` [(path, reason)] and `missing_captions`.
+    `BucketBatchSampler`), `available_buckets`, `skipped` [(path, reason)], `missing_captions` and `repeats`
+    (one per item: 1 each without `repeat_folders`).
     """
 
     def __init__(
@@ -203,8 +210,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seed: int = 0,
         control_dir: str | os.PathLike[str] | None = None,
         control_metadata: bool = False,
+        repeat_folders: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.repeat_folders = repeat_folders
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         # A ControlNet's training pictures (kohya's conditioning_data_dir): for IMAGE at REL/STEM.EXT in the
@@ -246,6 +255,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.item_buckets: list[Bucket] = []
         self.skipped: list[tuple[str, str]] = []
         self.missing_captions: list[str] = []
+        self.repeats: list[int] = []
+        self.class_captions: list[str] = []  # images captioned by their repeat folder's class tokens
         self._broken: set[int] = set()  # items found not to decode after the scan
         # Per item, the part of a split it belongs to (a training run's --validation-split: 0 trains, 1 is
         # held out), or None: an item stands in only for one of its own part, so that a broken training
@@ -355,7 +366,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                         why = "named as a control picture in metadata.jsonl too; an image is not a control"
                     self.skipped.append((str(path), why))
             images = kept
+        in_repeat_folders = 0
         for path in images:
+            repeats, tokens, named = 1, None, False
+            if self.repeat_folders:
+                try:
+                    repeats, tokens, named = folder_repeats(path.relative_to(self.root))
+                except ValueError as exc:
+                    self.skipped.append((str(path), str(exc)))
+                    continue
             try:
                 w, h = _check_image(path, check)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -386,6 +405,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             txt = path.with_suffix(caption_ext)
             if caption is None and txt.is_file():
                 caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            if caption is None and tokens is not None:  # kohya's class tokens, from the folder's name
+                caption = tokens
+                self.class_captions.append(str(path))
             if caption is None:
                 self.missing_captions.append(str(path))
                 caption = ""
@@ -393,6 +415,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if control is not None:
                 self.controls.append(control)
             self.captions.append(caption)
+            self.repeats.append(repeats)
+            in_repeat_folders += named
             self.layouts.append(self._meta_layouts.get(path.resolve()))
             self.sizes.append((w, h))
             self.item_buckets.append(assign_bucket(w, h, self.available_buckets))
@@ -414,6 +438,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             msg = _summary(what, entries)
             warnings.warn(msg, DatasetWarning, stacklevel=3)
         log.info("%s: %d images, %d skipped", self.root, len(self.paths), len(self.skipped))
+        if self.repeat_folders and self.paths and not in_repeat_folders:
+            # on, but no folder named so: most likely named another way ("dog_10", "10-dog")
+            warnings.warn(
+                f"repeat folders: no image under {self.root} is in a subfolder named <repeats>_<class "
+                "tokens> (kohya's '10_sks dog'), so every image comes once an epoch",
+                DatasetWarning,
+                stacklevel=3,
+            )
         if not self.paths:
             # Fail here, naming the folder, rather than as an empty DataLoader deep inside a trainer.
             why = "; ".join(f"{Path(p).name}: {reason}" for p, reason in self.skipped[:3])

@@ -84,6 +84,7 @@ _SWITCHES = {
     "flip_aug": "flip_aug",
     "shuffle_caption": "caption_shuffle",
     "buckets": "buckets",
+    "folder_repeats": "folder_repeats",
     "cache_latents": "cache_latents",
 }
 
@@ -251,6 +252,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="image folders: aspect-ratio buckets of about --image-size squared pixels instead of square "
         "crops (kohya's --enable_bucket); each step's batch holds one bucket",
+    )
+    t.add_argument(
+        "--folder-repeats",
+        action="store_true",
+        help="image folders: subfolders named <repeats>_<class tokens> (kohya's '10_sks dog') come that many "
+        "times an epoch, and their images without a caption are captioned with the class tokens",
     )
     t.add_argument("--caption-ext", default=None, help="image folders: the caption file's extension (.txt)")
     t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")

@@ -168,6 +168,9 @@ class TrainConfig:
     # pixels nearest its aspect ratio (at most 2:1) instead of a square centre crop; every global
     # micro-batch holds one bucket (pictor.train.bucket_stream).
     buckets: bool = False
+    # kohya's repeat folders: subfolders named <repeats>_<class tokens> ("10_sks dog") weight the stream by
+    # their repeats and caption their uncaptioned images with the class tokens (pictor.data.repeat_folders)
+    folder_repeats: bool = False
     # Encode every image once before training and train from the stored latents (kohya's --cache_latents
     # with --cache_latents_to_disk): safetensors shards under latent_cache_dir (None: OUT/latent-cache),
     # keyed by the autoencoder's weights, so later runs and resumes on the same images encode nothing.
@@ -403,6 +406,11 @@ class TrainConfig:
             "(--data FOLDER)",
         )
         need(
+            not self.folder_repeats or self.data != "shapes",
+            "--folder-repeats: kohya's <repeats>_<class tokens> subfolders are for image folders (--data "
+            "FOLDER); the shapes world is drawn endlessly, each scene once; drop it",
+        )
+        need(
             not self.cache_latents or (self.stage != "autoencoder" and self.data != "shapes"),
             "--cache-latents: for image folders in the t2i, lora, layout and reference stages (the shapes "
             "world is endless, and the autoencoder stage trains the encoder itself); drop it",
@@ -616,6 +624,7 @@ def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str |
 
 TRAJECTORY_KEYS = (
     "data",
+    "folder_repeats",
     "optimizer",
     "seed",
     "batch_size",

@@ -112,6 +112,7 @@ def make_dataset(
     validation_split: float = 0.0,
     control_dir: str | None = None,
     control_metadata: bool = False,
+    repeat_folders: bool = False,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
     each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
@@ -119,7 +120,9 @@ def make_dataset(
     multiples of `multiple` (the model's pixel multiple), else to size x size centre crops. `control_dir`:
     a folder of control pictures paired with the folder's images by relative path (a ControlNet's), each
     item's in its info as "control", cropped and mirrored with the image; `control_metadata`: the control
-    pictures that the folder's metadata.jsonl lines name instead (`pictor.data.folder.CONTROL_KEYS`)."""
+    pictures that the folder's metadata.jsonl lines name instead (`pictor.data.folder.CONTROL_KEYS`);
+    `repeat_folders`: kohya's ``<repeats>_<class tokens>`` subfolders weight the stream
+    (`pictor.data.repeat_folders`)."""
     augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
         # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
@@ -133,6 +136,7 @@ def make_dataset(
                 ("--caption-tag-dropout", tag_dropout != 0.0),
                 ("--caption-ext", caption_ext != ".txt"),
                 ("--buckets", buckets),
+                ("--folder-repeats", repeat_folders),
             )
             if on
         ]
@@ -161,6 +165,7 @@ def make_dataset(
         caption_ext=caption_ext,
         control_dir=control_dir,
         control_metadata=control_metadata,
+        repeat_folders=repeat_folders,
     )
     if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
         warnings.warn(
@@ -185,8 +190,13 @@ class _FolderImages:
         # --validation-split: the items the training stream walks and those held out of it (dataset
         # indices), or None for both when nothing is held out
         training, validation = split_indices(len(folder), validation_split, seed)
-        self.training = training if len(validation) else None
         self.validation = validation if len(validation) else None
+        # kohya's repeat folders: an image comes `repeats` times an epoch, so it stands in the stream's
+        # items that many times (the held-out images are measured once each, as they are)
+        repeats = np.asarray(getattr(folder, "repeats", None) or [1] * len(folder), dtype=np.int64)
+        if (repeats[training] != 1).any():
+            training = np.repeat(training, repeats[training])
+        self.training = training if len(validation) or len(training) != len(folder) else None
         if self.validation is not None:  # stand-ins for undecodable files stay on their side of the split
             parts = np.zeros(len(folder), dtype=np.int64)
             parts[self.validation] = 1
@@ -226,6 +236,9 @@ def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
         line = f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}"
         if getattr(folder, "controls", None):  # a ControlNet's control pictures are data too
             line += f"\t{folder.control_name(i)}\t{folder.controls[i].stat().st_size}"
+        repeats = getattr(folder, "repeats", None)
+        if repeats and repeats[i] != 1:  # the stream follows them (a folder without any: as before)
+            line += f"\t{repeats[i]}x"
         digest.update(f"{line}\n".encode())
     return {"images": len(folder), "sha256": digest.hexdigest()}
 
@@ -236,8 +249,8 @@ def data_change(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str
         return None
     return (
         f"the data folder changed since this checkpoint ({saved['images']} images then, {now['images']} "
-        "now, or their names, sizes or captions differ): the run goes on with the folder as it is, so its "
-        "loss curve will differ from an uninterrupted run's"
+        "now, or their names, sizes, captions or repeats differ): the run goes on with the folder as it is, "
+        "so its loss curve will differ from an uninterrupted run's"
     )
 
 

@@ -164,6 +164,7 @@ class Trainer:
             validation_split=cfg.validation_split,
             control_dir=cfg.control_dir,
             control_metadata=cfg.control == "metadata",
+            repeat_folders=cfg.folder_repeats,
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         self.data_print = data_fingerprint(self.ds)
