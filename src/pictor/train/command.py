@@ -73,6 +73,8 @@ _FIELDS = {
     "caption_ext": "caption_ext",
     "validation_split": "validation_split",
     "latent_cache": "latent_cache_dir",
+    "max_epochs": "max_epochs",
+    "save_every_epochs": "save_every_epochs",
 }
 # on/off flag dest -> TrainConfig field it turns on
 _SWITCHES = {
@@ -170,6 +172,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="image folders: train this many epochs instead (kohya's --max_train_epochs); the steps are "
+        "worked out from the folder (with its repeats and buckets) at the start",
+    )
     t.add_argument("--batch-size", type=int, default=None, help="per process; x grad-accum x ranks per step")
     t.add_argument("--grad-accum", type=int, default=None)
     t.add_argument(
@@ -269,6 +278,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--save-every", type=int, default=None, help="checkpoint cadence in steps (0: end only)")
+    t.add_argument(
+        "--save-every-epochs",
+        type=int,
+        default=None,
+        help="image folders: a checkpoint every this many epochs instead (kohya's --save_every_n_epochs)",
+    )
     t.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")
     t.add_argument("--sample-every", type=int, default=None, help="sample-grid cadence (0: off)")
     t.add_argument(
@@ -356,6 +371,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["control_dir"] = str(Path(args.control_dir).resolve())
         overrides.setdefault("control", "folder")
     overrides.update({field: True for dest, field in _SWITCHES.items() if getattr(args, dest)})
+    for steps, epochs in (("max_steps", "max_epochs"), ("save_every", "save_every_epochs")):
+        if steps in overrides and epochs in overrides:
+            raise ConfigError(
+                f"--{steps.replace('_', '-')} or --{epochs.replace('_', '-')}: give one of them"
+            )
+        if steps in overrides:  # a count in steps replaces one in epochs (a resumed run's too)
+            overrides[epochs] = None
     if args.no_progress:
         overrides["progress"] = False
     from pictor.train.state import STATE_FILE, find_latest  # torch-importing; the CLI loads this lazily
@@ -387,7 +409,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # Nor sharding: a checkpoint is whole, so it resumes with or without --fsdp.
         cfg = dataclasses.replace(saved, out=args.out, **{"max_minutes": None, "fsdp": False, **overrides})
         _note(f"resuming from {latest}")
-        if int(state.get("step", 0)) >= cfg.max_steps:
+        if cfg.max_epochs is None and int(state.get("step", 0)) >= cfg.max_steps:
             _note(
                 f"{args.out} is already at step {state.get('step')} of --max-steps {cfg.max_steps}: nothing "
                 "to train (raise --max-steps to go on); final/ is written from the last checkpoint"

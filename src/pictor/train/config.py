@@ -119,6 +119,9 @@ class TrainConfig:
     seed: int = 0
     # Optimization.
     max_steps: int = 1000
+    # In epochs of an image folder's training stream instead (kohya's --max_train_epochs): max_steps is
+    # worked out from the folder at the start of the run (pictor.train.epochs)
+    max_epochs: int | None = None
     batch_size: int = 32
     grad_accum: int = 1
     optimizer: str = "adamw"  # adamw, adafactor or prodigy (pictor.train.optim.build_optimizer)
@@ -199,6 +202,7 @@ class TrainConfig:
     control_dir: str | None = None
     # Cadence (0 disables); checkpoints also at the end of the run.
     save_every: int = 500
+    save_every_epochs: int | None = None  # kohya's --save_every_n_epochs: sets save_every likewise
     keep: int = 3
     sample_every: int = 500
     eval_every: int = 1000
@@ -327,6 +331,15 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("max_epochs", "save_every_epochs"):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            need(value is None or value >= 1, f"{name} ({flag}) must be >= 1, got {value}")
+            need(
+                value is None or self.data != "shapes",
+                f"{flag}: the shapes world is endless and has no epochs; give --max-steps and --save-every "
+                "instead",
+            )
         need(
             self.max_minutes is None or self.max_minutes > 0,
             f"max_minutes must be > 0 (or unset), got {self.max_minutes}",

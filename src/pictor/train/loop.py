@@ -50,6 +50,7 @@ from pictor.train.data import (
     training_items,
 )
 from pictor.train.ema import EMA, ShardedEMA, meta_copy
+from pictor.train.epochs import with_epochs
 from pictor.train.logs import RunLog
 from pictor.train.optim import build_optimizer, lr_at, schedule_state, set_lr
 from pictor.train.stages import AutoencoderStage, Stage, find_autoencoder
@@ -167,6 +168,10 @@ class Trainer:
             repeat_folders=cfg.folder_repeats,
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
+        cfg, epochs = with_epochs(cfg, self.ds, info.world_size)  # --max-epochs, --save-every-epochs
+        self.cfg = cfg
+        if epochs is not None and info.is_main:
+            print(f"pictor train: {epochs}", file=sys.stderr, flush=True)
         self.data_print = data_fingerprint(self.ds)
         if cfg.buckets and info.is_main:
             _warn_small_buckets(self.ds, cfg.batch_size * info.world_size, cfg.seed)
