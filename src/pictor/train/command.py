@@ -60,6 +60,7 @@ _FIELDS = {
     "alpha": "lora_alpha",
     "targets": "lora_targets",
     "lora_dropout": "lora_dropout",
+    "lora_init": "lora_init",
     "lora_algo": "lora_algo",
     "lokr_factor": "lokr_factor",
     "controlnet_blocks": "controlnet_blocks",
@@ -130,6 +131,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "FLUX module names (*.img_attn.qkv) or re:REGEX (default: blocks)",
     )
     t.add_argument("--lora-dropout", type=float, default=None, help="lora: dropout on the adapter input (0)")
+    t.add_argument(
+        "--lora-init",
+        default=None,
+        metavar="FILE",
+        help="lora: start the adapters from this LoRA file (pictor's, kohya's or diffusers' layout; kohya's "
+        "--network_weights) instead of from zero; --rank at least the file's",
+    )
     t.add_argument(
         "--lora-algo",
         default=None,
@@ -367,6 +375,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
     if args.sample_prompts is not None:  # absolute, so that a resume from elsewhere finds it
         overrides["sample_prompts"] = str(Path(args.sample_prompts).resolve())
+    if args.lora_init is not None:  # absolute too, as the run records where it started from
+        overrides["lora_init"] = str(Path(args.lora_init).resolve())
     if args.control_dir is not None:  # absolute too; and its pictures are what the ControlNet follows
         overrides["control_dir"] = str(Path(args.control_dir).resolve())
         overrides.setdefault("control", "folder")

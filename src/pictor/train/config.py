@@ -189,6 +189,8 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: = rank (scale 1)
     lora_targets: str = "blocks"  # groups / globs / re:regex over FLUX module names, comma-separated
     lora_dropout: float = 0.0
+    # A LoRA file the adapters start from instead of B = 0 (kohya's --network_weights; pictor.train.lora_init)
+    lora_init: str | None = None
     # LyCORIS' algorithms "lora", "lokr" or "loha", DoRA (weight-decomposed) on any of them, LoKr's split
     # (-1: balanced); kohya: --network_module lycoris.kohya --network_args algo=.. factor=.. dora_wd=True.
     lora_algo: str = "lora"
@@ -544,6 +546,13 @@ class TrainConfig:
         need(
             self.lokr_factor == -1 or self.lora_algo == "lokr",
             f"--lokr-factor applies to --lora-algo lokr, not {self.lora_algo}; drop it or choose lokr",
+        )
+        need(
+            self.lora_init is None
+            or (self.stage == "lora" and self.lora_algo == "lora" and not self.lora_dora),
+            "--lora-init starts a plain LoRA run (stage lora, --lora-algo lora, no --dora) from a LoRA file; "
+            f"drop it for this {self.stage} run"
+            + ("" if self.stage != "lora" else f" ({self.lora_algo}{' + DoRA' if self.lora_dora else ''})"),
         )
         need(
             self.lora_dropout == 0 or (self.lora_algo == "lora" and not self.lora_dora),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, quantized_f
 from pictor.train.config import TrainConfig, resume_refusal
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo
+from pictor.train.lora_init import init_adapters
 from pictor.train.stages import Stage, seeded
 from pictor.train.state import STATE_FILE
 from pictor.train.t2i import T2IStage
@@ -156,6 +158,10 @@ class LoRAStage(T2IStage):
         self._check_dims(self.flux.params)
 
         self.module = self.build_trainable()
+        if cfg.lora_init is not None and resume is None:  # a resumed run's adapters are its checkpoint's
+            note = init_adapters(self.flux, ADAPTER, cfg.lora_init)
+            if info.is_main:
+                print(f"pictor train: {note}", file=sys.stderr, flush=True)
         self.forward_module = self.flux
         if cfg.compile and self.device.type == "cuda":
             self.flux.compile()
