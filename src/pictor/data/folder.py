@@ -40,6 +40,7 @@ from PIL import Image, ImageOps
 
 from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
 from pictor.data.layouts import LayoutError, crop_layout, parse_layout
+from pictor.data.loss_masks import MASK_KINDS, MaskKind, fitted_mask, read_mask
 from pictor.data.repeat_folders import folder_repeats
 from pictor.editing import eight_bit
 from pictor.notices import PictorWarning
@@ -185,6 +186,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     caption_ext: the extension of the caption file beside each image (kohya's --caption_extension).
     hflip: mirror about half of the items, chosen per (seed, epoch, index); call `set_epoch` each epoch.
     (The trainer leaves this off: it mirrors per sample of its data stream, whatever the epoch.)
+    loss_mask: "alpha" or "folder" gives every item a loss mask (`pictor.data.loss_masks`): its alpha
+    channel, or the picture at the same relative folder and stem in `mask_dir` (an image without one is
+    trained whole and listed in `unmasked`).
     repeat_folders: read kohya's ``<repeats>_<class tokens>`` subfolders (`pictor.data.repeat_folders`):
     `repeats` gives each item's count (which the trainer's stream follows; the items stay one per file),
     and an image without a caption takes its folder's class tokens (listed in `class_captions`).
@@ -211,9 +215,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         control_dir: str | os.PathLike[str] | None = None,
         control_metadata: bool = False,
         repeat_folders: bool = False,
+        loss_mask: MaskKind | None = None,
+        mask_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.repeat_folders = repeat_folders
+        if loss_mask is not None and loss_mask not in MASK_KINDS:
+            raise ValueError(f"loss_mask must be one of {', '.join(MASK_KINDS)} or None, got {loss_mask!r}")
+        if (loss_mask == "folder") != (mask_dir is not None):
+            raise ValueError("a mask folder goes with loss_mask='folder', and loss_mask='folder' needs one")
+        self.loss_mask, self.mask_dir = loss_mask, Path(mask_dir) if mask_dir is not None else None
+        if self.mask_dir is not None and not self.mask_dir.is_dir():
+            raise FileNotFoundError(f"mask folder not found: {self.mask_dir}")
+        if self.mask_dir is not None and os.path.realpath(self.mask_dir) == os.path.realpath(self.root):
+            raise ValueError(
+                f"the mask folder is the image folder itself ({self.root}): put the masks in a folder of "
+                "their own, with the images' relative paths and stems"
+            )
+        self.masks: list[Path | None] = []  # loss_mask "folder": each item's mask picture, or None
+        self.unmasked: list[str] = []
+        self._mask_twins: list[tuple[str, str]] = []
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         # A ControlNet's training pictures (kohya's conditioning_data_dir): for IMAGE at REL/STEM.EXT in the
@@ -271,8 +292,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seen: set[str] = set()  # real paths of folders walked: a link back up must not loop
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen or (self.control_dir is not None and real == os.path.realpath(self.control_dir)):
-                dirnames[:] = []  # a control folder inside the data folder holds no training images
+            beside = [d for d in (self.control_dir, self.mask_dir) if d is not None]
+            if real in seen or any(real == os.path.realpath(d) for d in beside):
+                dirnames[:] = []  # a control or mask folder inside the data folder holds no training images
                 continue
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -411,6 +433,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if caption is None:
                 self.missing_captions.append(str(path))
                 caption = ""
+            if self.mask_dir is not None:
+                mask = self._same_stem(self.mask_dir, path, "masks", self._mask_twins)
+                self.masks.append(mask)
+                if mask is None:
+                    self.unmasked.append(str(path))
             self.paths.append(path)
             if control is not None:
                 self.controls.append(control)
@@ -430,6 +457,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self._control_twins:
             what = "images with more than one control picture (same stem, other extensions)"
             warnings.warn(_summary(what, self._control_twins), DatasetWarning, stacklevel=3)
+        if self._mask_twins:
+            what = "images with more than one mask (same stem, other extensions)"
+            warnings.warn(_summary(what, self._mask_twins), DatasetWarning, stacklevel=3)
+        if self.unmasked:
+            what = f"images have no mask in {self.mask_dir} (same relative folder and stem): trained whole"
+            warnings.warn(_summary(what, [(p, "") for p in self.unmasked]), DatasetWarning, stacklevel=3)
         if self.missing_captions:
             entries = [(p, "") for p in self.missing_captions]
             # Naming the extension looked for helps when the captions are there under another one.
@@ -511,8 +544,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return self._meta_controls.get(_as_written(path))
         if self.control_dir is None:
             return None
+        return self._same_stem(self.control_dir, path, "control pictures", self._control_twins)
+
+    def _same_stem(self, base: Path, path: Path, what: str, twins: list[tuple[str, str]]) -> Path | None:
+        """The picture in folder `base` at the image's relative folder and stem (`Path.stem`, so "a.v2.png"
+        pairs with "a.v2.*", never "a.*"), any image extension in any case; more than one is noted in
+        `twins` (the first, by name, is used)."""
         rel = path.relative_to(self.root)
-        folder = self.control_dir / rel.parent
+        folder = base / rel.parent
         listing = self._control_listings.get(folder)
         if listing is None:
             listing = {}
@@ -527,12 +566,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self._control_listings[folder] = listing
         found = listing.get(path.stem, [])
         if len(found) > 1:
-            self._control_twins.append(
-                (
-                    str(path),
-                    "control pictures " + ", ".join(q.name for q in found) + f": using {found[0].name}",
-                )
-            )
+            names = ", ".join(q.name for q in found)
+            twins.append((str(path), f"{what} {names}: using {found[0].name}"))
         return found[0] if found else None
 
     def load_control(self, index: int, flip: bool = False) -> torch.Tensor:
@@ -551,6 +586,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(im)
+
+    def load_mask(self, index: int, flip: bool = False) -> torch.Tensor:
+        """Item `index`'s loss mask as uint8 [1, H, W] on its bucket, mirrored if `flip` (all 255 for an
+        image without a mask picture, or without transparency under "alpha")."""
+        bucket = self.item_buckets[index]
+        path = self.paths[index] if self.loss_mask == "alpha" else self.masks[index]
+        if path is None:
+            return torch.full((1, bucket[1], bucket[0]), 255, dtype=torch.uint8)
+        assert self.loss_mask is not None
+        try:
+            mask = read_mask(path, self.loss_mask)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise UnreadableImageError(f"cannot decode the mask {path} ({_reason(exc)})") from exc
+        return fitted_mask(mask, self.sizes[index], bucket, flip)
 
     def item_info(self, index: int) -> dict[str, Any]:
         """Everything about an item except its pixels; a layout is moved with the item's crop and flip."""
@@ -577,6 +626,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 item["image"] = self.load_image(candidate, item["flip"])
                 if self.has_controls:
                     item["control"] = self.load_control(candidate, item["flip"])
+                if self.loss_mask is not None:
+                    item["mask"] = self.load_mask(candidate, item["flip"])
             except UnreadableImageError as exc:
                 self.mark_broken(candidate, exc)
                 continue

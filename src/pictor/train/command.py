@@ -88,6 +88,7 @@ _SWITCHES = {
     "shuffle_caption": "caption_shuffle",
     "buckets": "buckets",
     "folder_repeats": "folder_repeats",
+    "alpha_mask": "alpha_mask",
     "cache_latents": "cache_latents",
 }
 
@@ -276,6 +277,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="image folders: subfolders named <repeats>_<class tokens> (kohya's '10_sks dog') come that many "
         "times an epoch, and their images without a caption are captioned with the class tokens",
     )
+    t.add_argument(
+        "--alpha-mask",
+        action="store_true",
+        help="t2i, lora on image folders: weight the loss by each picture's alpha channel (kohya's "
+        "--alpha_mask)",
+    )
+    t.add_argument(
+        "--mask-dir",
+        default=None,
+        metavar="DIR",
+        help="t2i, lora on image folders: weight the loss by a grey mask per picture (white counts), at the "
+        "picture's relative folder and stem in DIR (kohya's --masked_loss)",
+    )
     t.add_argument("--caption-ext", default=None, help="image folders: the caption file's extension (.txt)")
     t.add_argument("--kl-weight", type=float, default=None, help="autoencoder: KL weight (1e-6)")
     t.add_argument(
@@ -375,6 +389,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["data"] = data_path(overrides["data"])  # as the run stores it, to compare on resume
     if args.sample_prompts is not None:  # absolute, so that a resume from elsewhere finds it
         overrides["sample_prompts"] = str(Path(args.sample_prompts).resolve())
+    if args.mask_dir is not None:  # absolute too; its masks are data
+        overrides["mask_dir"] = str(Path(args.mask_dir).resolve())
     if args.lora_init is not None:  # absolute too, as the run records where it started from
         overrides["lora_init"] = str(Path(args.lora_init).resolve())
     if args.control_dir is not None:  # absolute too; and its pictures are what the ControlNet follows

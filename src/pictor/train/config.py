@@ -174,6 +174,10 @@ class TrainConfig:
     # kohya's repeat folders: subfolders named <repeats>_<class tokens> ("10_sks dog") weight the stream by
     # their repeats and caption their uncaptioned images with the class tokens (pictor.data.repeat_folders)
     folder_repeats: bool = False
+    # Loss masks (kohya's --alpha_mask, --masked_loss): the flow loss weighted by each image's alpha channel,
+    # or by a mask picture beside it in mask_dir (same relative folder and stem); pictor.data.loss_masks
+    alpha_mask: bool = False
+    mask_dir: str | None = None
     # Encode every image once before training and train from the stored latents (kohya's --cache_latents
     # with --cache_latents_to_disk): safetensors shards under latent_cache_dir (None: OUT/latent-cache),
     # keyed by the autoencoder's weights, so later runs and resumes on the same images encode nothing.
@@ -420,6 +424,17 @@ class TrainConfig:
             "--buckets: the shapes world is drawn square; aspect-ratio buckets are for image folders "
             "(--data FOLDER)",
         )
+        for given, flag in ((self.alpha_mask, "--alpha-mask"), (self.mask_dir is not None, "--mask-dir")):
+            need(
+                not given or (self.data != "shapes" and self.stage in ("t2i", "lora")),
+                f"{flag}: loss masks are for image folders (--data FOLDER) in the t2i and lora stages; drop "
+                "it",
+            )
+        need(
+            not (self.alpha_mask and self.mask_dir is not None),
+            "--alpha-mask and --mask-dir: the loss mask comes from the pictures' alpha channel or from a "
+            "mask folder, not both; drop one",
+        )
         need(
             not self.folder_repeats or self.data != "shapes",
             "--folder-repeats: kohya's <repeats>_<class tokens> subfolders are for image folders (--data "
@@ -647,6 +662,8 @@ def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str |
 TRAJECTORY_KEYS = (
     "data",
     "folder_repeats",
+    "alpha_mask",
+    "mask_dir",
     "optimizer",
     "seed",
     "batch_size",

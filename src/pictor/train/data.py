@@ -113,6 +113,8 @@ def make_dataset(
     control_dir: str | None = None,
     control_metadata: bool = False,
     repeat_folders: bool = False,
+    loss_mask: str | None = None,
+    mask_dir: str | None = None,
 ) -> ImageCaptionDataset:
     """``"shapes"`` (the procedural world) or an image folder with captions (in metadata.jsonl, or beside
     each image as ``<stem><caption_ext>``), augmented per stream sample as the options say (`Augment`).
@@ -122,7 +124,8 @@ def make_dataset(
     item's in its info as "control", cropped and mirrored with the image; `control_metadata`: the control
     pictures that the folder's metadata.jsonl lines name instead (`pictor.data.folder.CONTROL_KEYS`);
     `repeat_folders`: kohya's ``<repeats>_<class tokens>`` subfolders weight the stream
-    (`pictor.data.repeat_folders`)."""
+    (`pictor.data.repeat_folders`); `loss_mask` ("alpha", or "folder" with `mask_dir`): each sample's loss
+    mask in its draws as "mask", uint8 [1, H, W] (`pictor.data.loss_masks`)."""
     augment = Augment(flip, shuffle_caption, keep_tokens, tag_dropout)
     if spec == "shapes":
         # Mirroring would make "a square left of a circle" false, and its captions are sentences, not
@@ -137,6 +140,8 @@ def make_dataset(
                 ("--caption-ext", caption_ext != ".txt"),
                 ("--buckets", buckets),
                 ("--folder-repeats", repeat_folders),
+                ("--alpha-mask", loss_mask == "alpha"),
+                ("--mask-dir", mask_dir is not None),
             )
             if on
         ]
@@ -166,6 +171,8 @@ def make_dataset(
         control_dir=control_dir,
         control_metadata=control_metadata,
         repeat_folders=repeat_folders,
+        loss_mask=loss_mask,  # type: ignore[arg-type]
+        mask_dir=mask_dir,
     )
     if keep_tokens and not (shuffle_caption or tag_dropout > 0.0):
         warnings.warn(
@@ -215,7 +222,10 @@ class _FolderImages:
         """Item `index` as `__getitem__` gives it, without decoding the file: (height, width) in place of
         the pixels. For --cache-latents, whose table already holds the stand-in of a file known not to
         decode (the table's build met it), so the caption is taken from the same stand-in."""
-        item = self.folder.item_info(next(iter(self.folder.stand_ins(index)), index))
+        stand_in = next(iter(self.folder.stand_ins(index)), index)
+        item = self.folder.item_info(stand_in)
+        if self.folder.loss_mask is not None:  # read from its file: the table holds latents only
+            item["mask"] = self.folder.load_mask(stand_in)
         w, h = item["bucket"]
         return (h, w), item["caption"], item
 
@@ -236,6 +246,9 @@ def data_fingerprint(ds: ImageCaptionDataset) -> dict[str, Any] | None:
         line = f"{folder.rel_path(i)}\t{path.stat().st_size}\t{caption}"
         if getattr(folder, "controls", None):  # a ControlNet's control pictures are data too
             line += f"\t{folder.control_name(i)}\t{folder.controls[i].stat().st_size}"
+        masks = getattr(folder, "masks", None)
+        if masks:  # a mask folder's pictures are data too
+            line += f"\t{masks[i].name}\t{masks[i].stat().st_size}" if masks[i] is not None else "\t-"
         repeats = getattr(folder, "repeats", None)
         if repeats and repeats[i] != 1:  # the stream follows them (a folder without any: as before)
             line += f"\t{repeats[i]}x"
@@ -420,13 +433,17 @@ class _StreamItems(Dataset):
         layout = meta.get("layout") if isinstance(meta, dict) else None
         reference = meta.get("reference") if isinstance(meta, dict) else None
         control = meta.pop("control", None) if isinstance(meta, dict) else None
-        if control is not None and self.augment is not None and self.augment.mirrors(self.seed, k):
-            control = np.ascontiguousarray(control[:, ::-1])  # mirrored with its image, below
+        mask = meta.pop("mask", None) if isinstance(meta, dict) else None  # uint8 [1, H, W]
+        if self.augment is not None and self.augment.mirrors(self.seed, k):  # mirrored with the image, below
+            control = np.ascontiguousarray(control[:, ::-1]) if control is not None else None
+            mask = mask.flip(-1) if mask is not None else None
         if self.augment is not None:
             # The reference picture (the reference stage's) stays as it is: like the shapes world's
             # pairs, it then carries what is in the image rather than where.
             image, caption, layout = self.augment(self.seed, k, image, caption, layout)
         draws = self.draws(k, hw) if self.draws is not None else {}
+        if mask is not None:  # a micro-batch is one bucket's, so the masks stack like the noise
+            draws["mask"] = mask
         if self.latents is not None:
             mirrored = self.augment.mirrors(self.seed, k) if self.augment is not None else False
             draws["latent"] = self.latents[(index, mirrored)]

@@ -166,6 +166,8 @@ class Trainer:
             control_dir=cfg.control_dir,
             control_metadata=cfg.control == "metadata",
             repeat_folders=cfg.folder_repeats,
+            loss_mask="alpha" if cfg.alpha_mask else "folder" if cfg.mask_dir is not None else None,
+            mask_dir=cfg.mask_dir,
             multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         cfg, epochs = with_epochs(cfg, self.ds, info.world_size)  # --max-epochs, --save-every-epochs

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from pictor.checkpoint import (
     TRANSFORMER_FILE,
@@ -52,6 +53,14 @@ def lineage_steps(training: dict[str, Any]) -> int:
     init = training.get("init")
     before = lineage_steps(init.get("training") or {}) if init else 0
     return int(training.get("step") or 0) + before
+
+
+def _weighted_flow_loss(pred: Tensor, x0: Tensor, eps: Tensor, weights: Tensor | None) -> Tensor:
+    """The flow loss, each value weighted by its loss mask where there are masks (kohya's masked loss: the
+    weighted mean over all values, so a mask that leaves half an image out halves its loss)."""
+    if weights is None:
+        return flow_loss(pred, x0, eps)
+    return (flow_loss(pred, x0, eps, reduction="none") * weights).mean()
 
 
 class T2IStage(Stage):
@@ -228,12 +237,21 @@ class T2IStage(Stage):
         with previews.autocast(self.device, self.amp):
             txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
             out = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
+        weights = self._mask_weights(batch, z) if "mask" in batch.draws else None
         if isinstance(out, Tensor):
-            return flow_loss(out, x0, eps), {}
+            return _weighted_flow_loss(out, x0, eps, weights), {}
         # (velocity, auxiliary loss): a forward module that trains an adapter with a loss of its own too
         pred, aux = out
-        flow = flow_loss(pred, x0, eps)
+        flow = _weighted_flow_loss(pred, x0, eps, weights)
         return flow + aux, {"flow_loss": flow.detach(), "aux_loss": aux.detach()}
+
+    def _mask_weights(self, batch: Batch, z: Tensor) -> Tensor:
+        """The loss masks (`pictor.data.loss_masks`, uint8 [B, 1, H, W]) as weights of each packed latent
+        value [B, N, 4C]: each mask averaged over the pixels of a latent pixel (kohya's area interpolation),
+        the same for every channel."""
+        mask = batch.draws["mask"].to(self.device, non_blocking=True).float().div_(255.0)
+        mask = F.interpolate(mask, size=z.shape[2:], mode="area")  # [B, 1, h, w]
+        return pack_latents(mask.expand(-1, z.shape[1], -1, -1))
 
     def forward_extras(self, batch: Batch, grid: tuple[int, int]) -> dict[str, Any]:
         """More keyword inputs of the forward module for this batch (the layout stage's boxes); none here."""

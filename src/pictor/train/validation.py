@@ -7,7 +7,8 @@ easy and hard noise levels weigh alike, whatever the run's training timestep dis
 drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its full caption and no mirror,
 and what the stage conditions on besides: its layout (layout stage), its reference picture (reference
 stage; a folder's image is its own reference) or its control picture (a ControlNet's, read with the
-data), so an adapter is measured on the task it learns.
+data), so an adapter is measured on the task it learns; with loss masks (`pictor.data.loss_masks`), under
+its mask, as it would train.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ def validation_loss(stage: Any, fwd: nn.Module, ds: Any, indices: np.ndarray, ba
         meta = meta if isinstance(meta, dict) else {}
         for j in range(len(VALIDATION_TIMESTEPS)):
             case = _Case(
-                image, caption, index, j, meta.get("layout"), meta.get("reference"), meta.get("control")
+                image,
+                caption,
+                index,
+                j,
+                meta.get("layout"),
+                meta.get("reference"),
+                meta.get("control"),
+                meta.get("mask"),
             )
             cases.setdefault(tuple(image.shape), []).append(case)
     total, count = 0.0, 0
@@ -58,6 +66,7 @@ class _Case(NamedTuple):
     layout: list[dict[str, Any]] | None
     reference: tuple[np.ndarray, str] | None
     control: np.ndarray | None
+    mask: torch.Tensor | None  # uint8 [1, H, W]: the loss mask, where the data has them
 
 
 def _score(
@@ -87,6 +96,8 @@ def _score(
                 "t": torch.tensor([VALIDATION_TIMESTEPS[c.j] for c in part], dtype=torch.float32),
                 "noise": noise,
             }
+            if all(c.mask is not None for c in part):
+                draws["mask"] = torch.stack([c.mask for c in part])  # type: ignore[misc]
             references = [c.reference for c in part if c.reference is not None]
             batch = Batch(
                 to_tensor([c.image for c in part]),
