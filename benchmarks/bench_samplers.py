@@ -4,14 +4,16 @@ For --prompts shapes-dev prompts (spread over the file; prompt k uses seed k), e
 at each of --steps (default 10 and 20) with the model's defaults otherwise (flux schedule, CFG 4, 64x64),
 and is compared with a --reference-steps (100) Euler image of the same prompt and seed: the mean absolute
 pixel difference (0-255 scale), averaged over the prompts. For the deterministic samplers this measures how
-close a few steps come to the ODE's solution. The stochastic samplers (euler_ancestral, dpmpp_2m_sde, lcm)
-solve no ODE: their images follow their own fresh noise, so their distance does not go to 0 and measures
-how far they stray, not their error. Seconds per image are the median wall time of the whole
-`Pipeline.generate` (text, sampling, decode) at batch 1 (the median: a shared machine's slow moments do not
-move it); every sampler listed by default makes one model call per step.
+close a few steps come to the ODE's solution. The stochastic samplers (euler_ancestral, dpmpp_2m_sde, lcm,
+dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde) solve no ODE: their images
+follow their own fresh noise, so their distance does not go to 0 and measures how far they stray, not their
+error. Seconds per image are the median wall time of the whole `Pipeline.generate` (text, sampling, decode)
+at batch 1 (the median: a shared machine's slow moments do not move it); each row gives the sampler's model
+calls per image (before CFG doubling): dpm_2, heunpp2 and the two-call stochastic samplers make more than
+one per step.
 
 Usage: python benchmarks/bench_samplers.py [--prompts 12] [--steps 10,20] [--reference-steps 100]
-    [--samplers euler,dpmpp_2m,unipc,deis,ipndm,res_multistep,euler_ancestral,dpmpp_2m_sde,lcm]
+    [--samplers euler,dpmpp_2m,...] (default: every sampler but heun)
     [--threads 2] [--out FILE]
 """
 
@@ -29,6 +31,7 @@ import torch
 import pictor
 from pictor.eval.shapes import load_prompts
 from pictor.pipeline import GenerationRequest, Pipeline
+from pictor.sampling import SAMPLERS, model_evals
 
 
 def _image(pipe: Pipeline, prompt: str, seed: int, steps: int, sampler: str) -> tuple[np.ndarray, float]:
@@ -43,9 +46,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--steps", default="10,20")
     parser.add_argument("--reference-steps", type=int, default=100)
-    parser.add_argument(
-        "--samplers", default="euler,dpmpp_2m,unipc,deis,ipndm,res_multistep,euler_ancestral,dpmpp_2m_sde,lcm"
-    )
+    parser.add_argument("--samplers", default=",".join(n for n in SAMPLERS if n != "heun"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -74,6 +75,7 @@ def main() -> None:
                 "mean_abs_pixel_diff_vs_reference": round(float(np.mean(dists)), 3),
                 "max_over_prompts": round(float(np.max(dists)), 3),
                 "median_seconds_per_image": round(float(np.median(secs)), 4),
+                "model_calls_per_image": model_evals(sampler, steps),
             }
         results[sampler] = row
     report = {

@@ -390,13 +390,13 @@ def test_an_unknown_sampler_is_refused_unless_the_command_line_gives_one(
 ) -> None:
     graph = flux_ksampler_graph()
     graph["27"]["inputs"] |= {"width": 32, "height": 32}
-    graph["3"]["inputs"] |= {"steps": 2, "sampler_name": "dpmpp_3m_sde"}
+    graph["3"]["inputs"] |= {"steps": 2, "sampler_name": "dpm_adaptive"}
     png = comfy_png(tmp_path / "sde.png", graph)
-    assert comfy(graph).sampler_name == "dpmpp_3m_sde"
+    assert comfy(graph).sampler_name == "dpm_adaptive"
     base = ["generate", "--settings-from", str(png), "--model", "tiny"]
     assert main([*base, "-o", str(tmp_path / "a")]) == 2
     assert (
-        "sampler 'dpmpp_3m_sde' has no pictor equivalent; choose one with --sampler"
+        "sampler 'dpm_adaptive' has no pictor equivalent; choose one with --sampler"
         in capsys.readouterr().err
     )
     assert main([*base, "--sampler", "heun", "-o", str(tmp_path / "b")]) == 0
@@ -885,6 +885,18 @@ def test_samplers_comfyui_runs_otherwise_in_detail_are_taken_with_a_notice(sampl
         ("ipndm", "ipndm"),
         ("res_multistep", "res_multistep"),
         ("lcm", "lcm"),
+        ("lms", "lms"),
+        ("dpm_2", "dpm_2"),
+        ("dpm_2_ancestral", "dpm_2_ancestral"),
+        ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral"),
+        ("dpmpp_sde", "dpmpp_sde"),
+        ("dpmpp_sde_gpu", "dpmpp_sde"),
+        ("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun"),
+        ("dpmpp_2m_sde_heun_gpu", "dpmpp_2m_sde_heun"),
+        ("dpmpp_3m_sde", "dpmpp_3m_sde"),
+        ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde"),
+        ("heunpp2", "heunpp2"),
+        ("gradient_estimation", "gradient_estimation"),
     ],
 )
 def test_samplers_comfyui_runs_as_pictor_does_are_taken_as_they_are(name: str, ours: str) -> None:

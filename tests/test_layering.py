@@ -49,6 +49,8 @@ LAYERS: dict[str, int] = {
     "sampling_adams": 1,
     "sampling_lcm": 1,
     "sampling_res": 1,
+    "sampling_stages": 1,
+    "sampling_ancestral": 1,
     "sampling_schedules": 1,
     "checkpoint": 1,
     "convert": 1,

@@ -1,6 +1,7 @@
-"""The samplers through Pipeline: the stochastic ones' fresh noise (euler_ancestral, dpmpp_2m_sde, lcm) keeps
+"""The samplers through Pipeline: the stochastic ones' fresh noise (all of STOCHASTIC_SAMPLERS) keeps
 images seeded, batch-independent and reproducible (generation, hires fix, first-block cache, inpainting);
-the deterministic multistep ones (unipc, deis, ipndm, res_multistep) run and reproduce."""
+the deterministic multistep ones (unipc, deis, ipndm, res_multistep, lms, dpm_2, heunpp2,
+gradient_estimation) run, inpaint and reproduce."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_ancestral_noise_changes_the_image_and_leaves_the_initial_noise_alone(pi
     assert step_noise_seed(3, 0, 0) != step_noise_seed(3, 0, 1) != step_noise_seed(3, 1, 1)
 
 
-# A1111's names (IPNDM and Res Multistep reForge's)
+# A1111's names (IPNDM, Res Multistep and HeunPP2 reForge's)
 DISPLAY = {
     "euler_ancestral": "Euler a",
     "unipc": "UniPC",
@@ -83,7 +84,19 @@ DISPLAY = {
     "res_multistep": "Res Multistep",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lcm": "LCM",
+    "lms": "LMS",
+    "dpm_2": "DPM2",
+    "heunpp2": "HeunPP2",
+    "gradient_estimation": "Gradient Estimation",
+    "dpm_2_ancestral": "DPM2 a",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
 }
+# The deterministic samplers added with the k-diffusion set: their inpainting blends the known region
+# along its noising path (`blend_velocity`), which every consistent step keeps exactly.
+NEW_DETERMINISTIC = ("lms", "dpm_2", "heunpp2", "gradient_estimation")
 
 
 @pytest.mark.parametrize("sampler", list(DISPLAY))
@@ -146,6 +159,34 @@ def test_stochastic_inpainting_keeps_the_outside_and_reproduces(
     keep = mask_px == 0
     np.testing.assert_array_equal(_px(out[0].image)[keep], _px(src)[keep])
     assert np.abs(_px(out[0].image)[~keep] - _px(src)[~keep]).mean() > 5
+    _reproduces(
+        pipe,
+        out[0].image,
+        out[0].record,
+        tmp_path / "edit.png",
+        source=tmp_path / "src.png",
+        mask=tmp_path / "mask.png",
+    )
+
+
+@pytest.mark.parametrize("sampler", NEW_DETERMINISTIC)
+def test_new_deterministic_samplers_inpaint_and_reproduce(
+    pipe: Pipeline, sampler: str, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(1)
+    src = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask_px = np.zeros((32, 32), np.uint8)
+    mask_px[4:20, 6:26] = 255
+    mask = Image.fromarray(mask_px)
+    src.save(tmp_path / "src.png")
+    mask.save(tmp_path / "mask.png")
+    out = pipe.edit(
+        EditRequest(src, "a red circle", mask=mask, strength=0.8, seed=3, steps=4, sampler=sampler)
+    )
+    keep = mask_px == 0
+    np.testing.assert_array_equal(_px(out[0].image)[keep], _px(src)[keep])
+    assert np.abs(_px(out[0].image)[~keep] - _px(src)[~keep]).mean() > 5
+    assert out[0].record["sampler"] == sampler
     _reproduces(
         pipe,
         out[0].image,

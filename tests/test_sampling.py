@@ -13,7 +13,30 @@ from torch import Tensor
 from pictor import sampling as S
 from pictor.flow import interpolate
 
-NAMES = ("euler", "heun", "dpmpp_2m", "unipc", "deis", "ipndm", "res_multistep")  # the deterministic samplers
+# the deterministic samplers
+NAMES = (
+    "euler",
+    "heun",
+    "dpmpp_2m",
+    "unipc",
+    "deis",
+    "ipndm",
+    "res_multistep",
+    "lms",
+    "dpm_2",
+    "heunpp2",
+    "gradient_estimation",
+)
+STOCHASTIC = (
+    "euler_ancestral",
+    "dpmpp_2m_sde",
+    "lcm",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde",
+)
 
 
 # Gaussian data x0 ~ N(MU, SD^2) per coordinate, noise ~ N(0, 1). x_t is Gaussian with mean (1 - t) MU and
@@ -200,13 +223,15 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    assert set(S.SAMPLERS) == {*NAMES, "euler_ancestral", "dpmpp_2m_sde", "lcm"}
-    assert frozenset({"euler_ancestral", "dpmpp_2m_sde", "lcm"}) == S.STOCHASTIC_SAMPLERS
+    assert set(S.SAMPLERS) == {*NAMES, *STOCHASTIC}
+    assert frozenset(STOCHASTIC) == S.STOCHASTIC_SAMPLERS
     assert S.is_stochastic("euler_ancestral") and S.is_stochastic("lcm") and not S.is_stochastic("unipc")
     assert S.get_sampler("heun") is S.sample_heun and S.get_sampler("ipndm") is S.sample_ipndm
     with pytest.raises(
         ValueError,
-        match=r"deis, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, ipndm, lcm, res_multistep, unipc",
+        match=r"deis, dpm_2, dpm_2_ancestral, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_ancestral, "
+        r"dpmpp_3m_sde, dpmpp_sde, euler, euler_ancestral, gradient_estimation, heun, heunpp2, ipndm, lcm, "
+        r"lms, res_multistep, unipc",
     ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
@@ -219,11 +244,22 @@ def test_registry_and_unknown_names() -> None:
         "deis": 1,
         "ipndm": 1,
         "res_multistep": 1,
+        "lms": 1,
+        "dpm_2": 2,
+        "heunpp2": 3,
+        "gradient_estimation": 1,
         "euler_ancestral": 1,
         "dpmpp_2m_sde": 1,
         "lcm": 1,
+        "dpm_2_ancestral": 2,
+        "dpmpp_2s_ancestral": 2,
+        "dpmpp_sde": 2,
+        "dpmpp_2m_sde_heun": 1,
+        "dpmpp_3m_sde": 1,
     }
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
+    assert S.model_evals("dpm_2", 10) == 19 and S.model_evals("dpmpp_sde", 10) == 19
+    assert [S.model_evals("heunpp2", n) for n in (1, 2, 3, 10)] == [1, 3, 6, 27]
     with pytest.raises(ValueError, match="flux"):
         S.get_schedule("no_such_schedule", 10, 256)
 

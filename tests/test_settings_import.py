@@ -74,15 +74,30 @@ def test_forge_text_gives_distilled_guidance_and_the_hires_fix() -> None:
         ("Res Multistep", "res_multistep", None),  # (reForge's spelling; read in any case)
         ("RES Multistep", "res_multistep", None),
         ("res_multistep", "res_multistep", None),  # pictor's own
+        ("LMS", "lms", None),  # A1111's k-diffusion samplers
+        ("LMS Karras", "lms", "karras"),
+        ("DPM2", "dpm_2", None),
+        ("DPM2 Karras", "dpm_2", "karras"),
+        ("DPM2 a", "dpm_2_ancestral", None),
+        ("DPM2 a Karras", "dpm_2_ancestral", "karras"),
+        ("DPM++ 2S a", "dpmpp_2s_ancestral", None),
+        ("DPM++ 2S a Karras", "dpmpp_2s_ancestral", "karras"),
+        ("DPM++ SDE", "dpmpp_sde", None),
+        ("DPM++ SDE Karras", "dpmpp_sde", "karras"),
+        ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", None),
+        ("DPM++ 2M SDE Heun Exponential", "dpmpp_2m_sde_heun", "exponential"),
+        ("DPM++ 3M SDE", "dpmpp_3m_sde", None),
+        ("DPM++ 3M SDE Karras", "dpmpp_3m_sde", "karras"),
+        ("DPM++ 3M SDE Exponential", "dpmpp_3m_sde", "exponential"),
+        ("HeunPP2", "heunpp2", None),  # reForge's
+        ("Gradient Estimation", "gradient_estimation", None),
     ],
 )
 def test_a1111_names_of_the_newer_samplers(shown: str, sampler: str, schedule: str | None) -> None:
     got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {shown}"))
     assert got.values["sampler"] == sampler and got.values.get("schedule") == schedule
     assert got.sampler_name is None
-    assert settings_from_parameters(
-        FORGE.replace("Sampler: Euler", "Sampler: DPM++ 2M SDE Heun")
-    ).sampler_name
+    assert settings_from_parameters(FORGE.replace("Sampler: Euler", "Sampler: Restart")).sampler_name
 
 
 def _only_parameters(source: Path, out: Path) -> Path:

@@ -27,9 +27,9 @@ POSTPROCESSING_KEYS = ("postprocessing", "extras")  # A1111's Extras tab writes 
 RECORD_KEY = "pictor"
 RENDER_KEY = "pictor-render"
 
-# A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS and Res
-# Multistep are reForge's, the A1111 fork that has them, spelt as its case-sensitive lookup reads them; LCM is
-# A1111's own)
+# A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS, Res Multistep
+# and HeunPP2 are reForge's, the A1111 fork that has them, spelt as its case-sensitive lookup reads them;
+# Gradient Estimation is ComfyUI's display name, no A1111 fork's verified; LCM is A1111's own)
 SAMPLER_DISPLAY = {
     "euler": "Euler",
     "heun": "Heun",
@@ -38,9 +38,18 @@ SAMPLER_DISPLAY = {
     "deis": "DEIS",
     "ipndm": "IPNDM",
     "res_multistep": "Res Multistep",
+    "lms": "LMS",
+    "dpm_2": "DPM2",
+    "heunpp2": "HeunPP2",
+    "gradient_estimation": "Gradient Estimation",
     "euler_ancestral": "Euler a",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "lcm": "LCM",
+    "dpm_2_ancestral": "DPM2 a",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
 }
 
 

@@ -19,8 +19,10 @@ Samplers are free functions with one signature (k-diffusion style)::
   inference).
 
 The multistep solvers live in modules of their own: DPM-Solver++(2M) and UniPC in
-`pictor.sampling_multistep`, DEIS in `sampling_deis`, iPNDM (Adams-Bashforth) in `sampling_adams`, RES
-multistep in `sampling_res`; the stochastic DPM-Solver++(2M) SDE in `sampling_sde` and LCM in
+`pictor.sampling_multistep`, DEIS in `sampling_deis`, iPNDM (Adams-Bashforth), LMS and gradient estimation
+(linear multistep on v) in `sampling_adams`, RES multistep in `sampling_res`, DPM2 and Heun++ (several model
+calls per step) in `sampling_stages`; the stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in
+`sampling_sde`, DPM2 ancestral, DPM++(2S) ancestral and DPM++ SDE in `sampling_ancestral`, and LCM in
 `sampling_lcm`. The shared types and step helpers are in `pictor.sampling_steps`. All are registered in
 `SAMPLERS` here.
 """
@@ -34,7 +36,8 @@ import torch
 from torch import Tensor
 
 from pictor.flow import predict_x0
-from pictor.sampling_adams import sample_ipndm
+from pictor.sampling_adams import sample_gradient_estimation, sample_ipndm, sample_lms
+from pictor.sampling_ancestral import sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from pictor.sampling_deis import sample_deis
 from pictor.sampling_lcm import sample_lcm
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
@@ -52,7 +55,8 @@ from pictor.sampling_schedules import (
     schedule_normal,
     schedule_shifted,
 )
-from pictor.sampling_sde import sample_dpmpp_2m_sde
+from pictor.sampling_sde import sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_3m_sde
+from pictor.sampling_stages import sample_dpm_2, sample_heunpp2
 from pictor.sampling_steps import (
     Callback,
     NoiseFn,
@@ -83,13 +87,22 @@ __all__ = [
     "model_evals",
     "model_evals_per_step",
     "sample_deis",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_heun",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_gradient_estimation",
     "sample_heun",
+    "sample_heunpp2",
     "sample_ipndm",
     "sample_lcm",
+    "sample_lms",
     "sample_res_multistep",
     "sample_unipc",
     "schedule_beta",
@@ -200,9 +213,18 @@ SAMPLERS: dict[str, SamplerFn] = {
     "deis": sample_deis,
     "ipndm": sample_ipndm,
     "res_multistep": sample_res_multistep,
+    "lms": sample_lms,
+    "dpm_2": sample_dpm_2,
+    "heunpp2": sample_heunpp2,
+    "gradient_estimation": sample_gradient_estimation,
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "lcm": sample_lcm,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -213,13 +235,42 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "deis": 1,
     "ipndm": 1,
     "res_multistep": 1,
+    "lms": 1,
+    "dpm_2": 2,
+    "heunpp2": 3,
+    "gradient_estimation": 1,
     "euler_ancestral": 1,
     "dpmpp_2m_sde": 1,
     "lcm": 1,
+    "dpm_2_ancestral": 2,
+    "dpmpp_2s_ancestral": 2,
+    "dpmpp_sde": 2,
+    "dpmpp_2m_sde_heun": 1,
+    "dpmpp_3m_sde": 1,
+}
+# Calls a schedule ending at 0 saves on its last steps, where a sampler takes a cheaper step: the step to 0
+# (Euler, or the data prediction) of the two-call samplers, and Heun++'s last two steps (1 and 2 calls).
+_SAVED_AT_END: dict[str, int] = {
+    "heun": 1,
+    "dpm_2": 1,
+    "dpm_2_ancestral": 1,
+    "dpmpp_2s_ancestral": 1,
+    "dpmpp_sde": 1,
 }
 
 # Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
-STOCHASTIC_SAMPLERS: frozenset[str] = frozenset({"euler_ancestral", "dpmpp_2m_sde", "lcm"})
+STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
+    {
+        "euler_ancestral",
+        "dpmpp_2m_sde",
+        "lcm",
+        "dpm_2_ancestral",
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_2m_sde_heun",
+        "dpmpp_3m_sde",
+    }
+)
 
 
 def get_sampler(name: str) -> SamplerFn:
@@ -243,9 +294,14 @@ def model_evals_per_step(name: str) -> int:
 
 
 def model_evals(name: str, steps: int) -> int:
-    """Exact model calls for a schedule of `steps` steps ending at 0 (Heun's last step is Euler)."""
+    """Exact model calls for a schedule of `steps` steps ending at 0 (the last step of Heun, DPM2 and the
+    two-call stochastic samplers is a one-call step; Heun++'s last two take 1 and 2 calls)."""
     per = model_evals_per_step(name)
-    return per * steps - (1 if name == "heun" and steps > 0 else 0)
+    if steps <= 0:
+        return 0
+    if name == "heunpp2":
+        return 1 if steps == 1 else per * steps - 3
+    return per * steps - _SAVED_AT_END.get(name, 0)
 
 
 # ------------------------------------------------------------------------------ classifier-free guidance

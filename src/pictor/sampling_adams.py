@@ -16,18 +16,42 @@ straight path to one data point) is followed exactly.
 The Euler warm-up step's error, O(h^2), does not shrink with the number of later steps: in the limit the
 global order is 2, while at the step counts people use the fourth-order steps dominate and iPNDM lands far
 closer to the ODE's solution than Euler (tests/test_sampling_adams.py measures both).
+
+Two more linear multistep methods on v live here:
+
+- `sample_lms`, k-diffusion's LMS (A1111's "LMS", ComfyUI's `lms`): Adams-Bashforth of order up to 4 with
+  the weights of the actual, uneven times. The step from t_i to t_{i+1} integrates the polynomial through
+  the velocities at t_i, t_{i-1}, ... exactly: weight_j = integral over [t_i, t_{i+1}] of the Lagrange
+  basis polynomial of node t_{i-j}. k-diffusion integrates it with scipy's adaptive quadrature (to 1e-4
+  relative, which on a cubic is exact in practice); here Gauss-Legendre with 4 nodes, exact for these
+  polynomials (degree at most 3). The step to t' = 0 is the data prediction, as in k-diffusion.
+- `sample_gradient_estimation` (Permenter & Yuan, "Interpreting and improving diffusion models from an
+  optimization perspective"; ComfyUI's `gradient_estimation` with its default gamma 2): the Euler step
+  with the velocity v extrapolated by (gamma - 1) (v - v_prev), i.e. 2 v - v_prev. Its weights (2, -1)
+  are not Adams-Bashforth's (3/2, -1/2): the local error stays O(h^2), so it is first order (measured in
+  tests/test_sampling_adams.py), trading accuracy for the paper's denoiser-error correction. The first step
+  is Euler, the step to t' = 0 the data prediction.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 from torch import Tensor
 
 from pictor.flow import predict_x0
-from pictor.sampling_steps import Callback, NoiseFn, VelocityFn, report, t_batch, times
+from pictor.sampling_steps import Callback, NoiseFn, VelocityFn, report, strictly_decreasing, t_batch, times
 
-__all__ = ["ADAMS_BASHFORTH", "MAX_ORDER", "sample_ipndm"]
+__all__ = [
+    "ADAMS_BASHFORTH",
+    "MAX_ORDER",
+    "lms_weights",
+    "sample_gradient_estimation",
+    "sample_ipndm",
+    "sample_lms",
+]
 
 MAX_ORDER = 4
 # Adams-Bashforth weights by order, of the newest velocity first.
@@ -62,4 +86,76 @@ def sample_ipndm(
             slope = slope + w * v_old
         x = (x + (t_next - t) * slope).to(x.dtype)
         history = [v, *history[: MAX_ORDER - 2]]
+    return x
+
+
+# Gauss-Legendre nodes and weights on [-1, 1]: exact for polynomials of degree up to 7.
+_GL_NODES, _GL_WEIGHTS = (tuple(float(v) for v in a) for a in np.polynomial.legendre.leggauss(4))
+
+
+def lms_weights(nodes: list[float], t: float, t_next: float) -> list[float]:
+    """The weights of the velocities at `nodes` (newest first, nodes[0] = t) for the step from t to t_next:
+    the integrals over [t, t_next] of their Lagrange basis polynomials (signed: t_next < t)."""
+    half, mid = 0.5 * (t_next - t), 0.5 * (t_next + t)
+    weights = []
+    for j, t_j in enumerate(nodes):
+        total = 0.0
+        for u, w in zip(_GL_NODES, _GL_WEIGHTS, strict=True):
+            tau = mid + half * u
+            total += w * math.prod((tau - t_k) / (t_j - t_k) for k, t_k in enumerate(nodes) if k != j)
+        weights.append(half * total)
+    return weights
+
+
+def sample_lms(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """k-diffusion's LMS, order up to 4 on the actual times (module docstring). One model call per step.
+    Deterministic: `noise` is accepted for the common signature and ignored."""
+    del noise
+    ts_ = times(ts)
+    strictly_decreasing(ts_, "lms")
+    history: list[tuple[float, Tensor]] = []  # (time, velocity), newest first, at most MAX_ORDER
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
+        report(callback, i, x, t, t_next, predict_x0(x, v, t))
+        history = [(t, v), *history[: MAX_ORDER - 1]]
+        if t_next == 0.0:
+            x = (x - t * v).to(x.dtype)  # the data prediction
+            continue
+        weights = lms_weights([s for s, _ in history], t, t_next)
+        step = weights[0] * v
+        for w, (_, v_old) in zip(weights[1:], history[1:], strict=True):
+            step = step + w * v_old
+        x = (x + step).to(x.dtype)
+    return x
+
+
+def sample_gradient_estimation(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """Gradient estimation, gamma 2 (module docstring): x' = x + (t' - t)(2 v - v_prev). One model call per
+    step. Deterministic: `noise` is accepted for the common signature and ignored."""
+    del noise
+    gamma = 2.0
+    v_prev: Tensor | None = None
+    for i, (t, t_next) in enumerate(itertools.pairwise(times(ts))):
+        v = model_fn(x, t_batch(t, x))
+        report(callback, i, x, t, t_next, predict_x0(x, v, t))
+        if t_next == 0.0:
+            x = (x - t * v).to(x.dtype)
+        else:
+            slope = v if v_prev is None else v + (gamma - 1.0) * (v - v_prev)
+            x = (x + (t_next - t) * slope).to(x.dtype)
+        v_prev = v
     return x

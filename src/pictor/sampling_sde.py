@@ -1,5 +1,7 @@
 """DPM-Solver++(2M) SDE (Lu et al. 2022) on the flow path: ComfyUI's `dpmpp_2m_sde` for a flow model (eta 1,
-midpoint), and diffusers' DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++" on flow sigmas.
+midpoint), and diffusers' DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++" on flow sigmas;
+with its Heun-type correction (`dpmpp_2m_sde_heun`) and at third order (`dpmpp_3m_sde`), which share its
+first-order step, noise and limits (`_multistep_sde`).
 
 In the half log-SNR lambda = log(alpha / sigma) of alpha_t = 1 - t, sigma_t = t (`half_log_snr`), with the
 data prediction D = x - t v and h = lambda' - lambda > 0, a step from t to t' solves the data-prediction
@@ -48,7 +50,78 @@ from pictor.sampling_steps import (
     times,
 )
 
-__all__ = ["sample_dpmpp_2m_sde"]
+__all__ = ["sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde"]
+
+
+def _phi2(x: float) -> float:
+    """1 - (1 - e^{-x}) / x, the weight of a linear term in an exponential step of length x (1 at inf)."""
+    return 1.0 if math.isinf(x) else 1.0 + math.expm1(-x) / x
+
+
+def _multistep_sde(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None,
+    noise: NoiseFn | None,
+    *,
+    name: str,
+    order: int,
+    solver: str,
+    eta: float,
+) -> Tensor:
+    """DPM-Solver++ multistep SDE of order 2 (`solver` midpoint or heun) or 3 (heun-type terms, as
+    k-diffusion's 3M SDE), with eta scaling the noise (0: the ODE solver DPM-Solver++(2M) / (3M)).
+
+    With h = lambda' - lambda and h_eta = (1 + eta) h, a step from t to t' > 0 is
+
+        x' = (t'/t) e^{-eta h} x + (1 - t') (1 - e^{-h_eta}) D + corrections + t' sqrt(1 - e^{-2 eta h}) eps,
+
+    the corrections built from the earlier data predictions (module docstring; the 3M terms as the k-diffusion
+    / DPM-Solver++ third-order multistep formula: phi_2 d1 - phi_3 d2). Any difference whose step length is
+    infinite (a step from t = 1) weighs 0: the limits of the formula, as diffusers takes them.
+    """
+    noise = require_noise(noise, name)
+    ts_ = times(ts)
+    strictly_decreasing(ts_, name)
+    ds: list[Tensor] = []  # earlier data predictions, newest first
+    hs: list[float] = []  # their steps' lengths in lambda, newest first
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
+        d = predict_x0(x, v, t)
+        report(callback, i, x, t, t_next, d)
+        if t_next == 0.0:
+            x = d.to(x.dtype)
+            continue
+        h = half_log_snr(t_next) - half_log_snr(t)  # inf from t = 1
+        h_eta = (1.0 + eta) * h
+        kept = math.exp(-eta * h) if eta > 0.0 else 1.0  # 0 from t = 1 (eta > 0)
+        alpha = 1.0 - t_next
+        fresh = -math.expm1(-h_eta)  # 1 - e^{-h_eta}: 1 from t = 1
+        out = (t_next / t) * kept * x + alpha * fresh * d
+        # the usable history: differences over finite earlier steps only (from t = 1 they weigh 0)
+        usable = 0
+        while usable < min(order - 1, len(hs)) and not math.isinf(hs[usable]):
+            usable += 1
+        if usable >= 1:
+            r0 = hs[0] / h
+            d1_0 = (d - ds[0]) / r0
+            if usable >= 2:
+                r1 = hs[1] / h
+                d1_1 = (ds[0] - ds[1]) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi2 = _phi2(h_eta)
+                out = out + (alpha * phi2) * d1 - (alpha * (phi2 / h_eta - 0.5)) * d2
+            elif solver == "midpoint":
+                out = out + (0.5 * alpha * fresh) * d1_0
+            else:
+                out = out + (alpha * _phi2(h_eta)) * d1_0
+        if eta > 0.0:
+            out = out + (t_next * math.sqrt(-math.expm1(-2.0 * eta * h))) * draw(noise, i, x)
+        x = out.to(x.dtype)
+        ds, hs = [d, *ds[: order - 2]], [h, *hs[: order - 2]]
+    return x
 
 
 def sample_dpmpp_2m_sde(
@@ -58,33 +131,59 @@ def sample_dpmpp_2m_sde(
     callback: Callback | None = None,
     *,
     noise: NoiseFn | None = None,
+    eta: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE, eta 1, midpoint (module docstring). One model call per step.
 
     noise(i) is called once for every step i that does not end at 0; without it this raises a ValueError.
-    Like euler_ancestral it converges in distribution, not to one image.
+    Like euler_ancestral it converges in distribution, not to one image. At eta = 0 it is DPM-Solver++(2M).
     """
-    noise = require_noise(noise, "dpmpp_2m_sde")
-    ts_ = times(ts)
-    strictly_decreasing(ts_, "dpmpp_2m_sde")
-    d_prev: Tensor | None = None
-    h_prev = math.nan
-    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
-        v = model_fn(x, t_batch(t, x))
-        d = predict_x0(x, v, t)
-        report(callback, i, x, t, t_next, d)
-        if t_next == 0.0:
-            x = d.to(x.dtype)
-            continue
-        h = half_log_snr(t_next) - half_log_snr(t)  # inf from t = 1
-        kept = math.exp(-h)  # 0 from t = 1
-        fresh = -math.expm1(-2.0 * h)  # 1 - e^{-2h}: 1 from t = 1
-        d_eff = d
-        if d_prev is not None and not math.isinf(h_prev):  # an h_prev of inf weighs D - D_prev by 0
-            d_eff = d + (0.5 * h / h_prev) * (d - d_prev)
-        eps = draw(noise, i, x)
-        x = ((t_next / t) * kept * x + (1.0 - t_next) * fresh * d_eff + t_next * math.sqrt(fresh) * eps).to(
-            x.dtype
-        )
-        d_prev, h_prev = d, h
-    return x
+    return _multistep_sde(
+        model_fn, x, ts, callback, noise, name="dpmpp_2m_sde", order=2, solver="midpoint", eta=eta
+    )
+
+
+def sample_dpmpp_2m_sde_heun(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE with the Heun-type second-order term (ComfyUI's `dpmpp_2m_sde_heun`, A1111's
+    "DPM++ 2M SDE Heun"; diffusers' sde-dpmsolver++ with solver_type "heun"): the correction
+    (1 - t') phi_2(2h) (h / h_prev) (D - D_prev), phi_2(x) = 1 - (1 - e^{-x}) / x, in place of the
+    midpoint's (1 - t') (1 - e^{-2h}) (h / (2 h_prev)) (D - D_prev). Otherwise as `sample_dpmpp_2m_sde`."""
+    return _multistep_sde(
+        model_fn, x, ts, callback, noise, name="dpmpp_2m_sde_heun", order=2, solver="heun", eta=eta
+    )
+
+
+def sample_dpmpp_3m_sde(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE, eta 1 (ComfyUI's `dpmpp_3m_sde` on a flow model, A1111's "DPM++ 3M SDE").
+    One model call per step.
+
+    With the data predictions of the two steps before (lengths h_1, h_2 in lambda, r_k = h_k / h) it adds
+    to the first-order SDE step (1 - t') [phi_2 d1 - phi_3 d2], phi_2 = phi_2(h_eta), phi_3 = phi_2 / h_eta
+    - 1/2, d1_0 = (D - D_1) / r_1, d1_1 = (D_1 - D_2) / r_2, d1 = d1_0 + (d1_0 - d1_1) r_1 / (r_1 + r_2),
+    d2 = (d1_0 - d1_1) / (r_1 + r_2); its second step (one earlier prediction) adds (1 - t') phi_2 d1_0, as
+    `sample_dpmpp_2m_sde_heun`. At eta = 0 it is DPM-Solver++(3M), diffusers' DPMSolverMultistepScheduler
+    with solver_order=3. From t = 1 it takes the formula's limits, as `sample_dpmpp_2m_sde` does (ComfyUI
+    starts 3.2e-5 below 1 for FLUX). ComfyUI draws its noise from a Brownian tree, one increment per step
+    over disjoint intervals: independent standard normals, which pictor draws as noise(i), from the image's
+    seed. noise(i) is called once for every step i that does not end at 0; without it this raises a
+    ValueError.
+    """
+    return _multistep_sde(
+        model_fn, x, ts, callback, noise, name="dpmpp_3m_sde", order=3, solver="heun", eta=eta
+    )

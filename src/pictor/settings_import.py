@@ -70,9 +70,9 @@ SCHEDULE_NOTICES = {
 LANCZOS_NAMES = {"lanczos", "none", ""}
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 # ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
-# uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice. dpmpp_2m_sde_gpu
-# is dpmpp_2m_sde with its Brownian-tree noise drawn on the GPU: the same sampler (pictor draws its own
-# noise from the seed either way, as for every stochastic sampler).
+# uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice. The *_gpu ones
+# (dpmpp_2m_sde_gpu, dpmpp_sde_gpu, ...) are the same samplers with their Brownian-tree noise drawn on the
+# GPU (pictor draws its own noise from the seed either way, as for every stochastic sampler).
 COMFY_SAMPLERS = {
     "euler": "euler",
     "euler_ancestral": "euler_ancestral",
@@ -86,6 +86,18 @@ COMFY_SAMPLERS = {
     "ipndm": "ipndm",
     "res_multistep": "res_multistep",
     "lcm": "lcm",
+    "lms": "lms",
+    "dpm_2": "dpm_2",
+    "dpm_2_ancestral": "dpm_2_ancestral",
+    "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
+    "dpmpp_sde": "dpmpp_sde",
+    "dpmpp_sde_gpu": "dpmpp_sde",
+    "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde": "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+    "heunpp2": "heunpp2",
+    "gradient_estimation": "gradient_estimation",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with

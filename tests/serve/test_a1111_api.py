@@ -161,6 +161,11 @@ def test_sampler_and_schedule_names(client: TestClient) -> None:
     assert ran(sampler_name="UniPC", scheduler="Beta") == ("unipc", "beta")
     assert ran() == ("euler", "flux")  # left out: the model's defaults
     assert sampler_of("dpm++ 2m sde exponential") == ("dpmpp_2m_sde", "exponential")
+    assert ran(sampler_name="DPM++ SDE Karras") == ("dpmpp_sde", "karras")
+    assert ran(sampler_name="DPM++ 3M SDE Exponential") == ("dpmpp_3m_sde", "exponential")
+    assert sampler_of("LMS Karras") == ("lms", "karras") and sampler_of("k_dpm_2") == ("dpm_2", None)
+    assert sampler_of("DPM2 a") == ("dpm_2_ancestral", None)
+    assert sampler_of("DPM++ 2S a Karras") == ("dpmpp_2s_ancestral", "karras")
     assert schedule_of("SGM Uniform") is None and schedule_of("karras") == "karras"
     refused(
         client.post("/sdapi/v1/txt2img", json={**BASE, "sampler_name": "DDIM"}), 422, "sampler_name", "DDIM"
@@ -365,6 +370,9 @@ def test_info_endpoints_have_a1111s_shapes(client: TestClient) -> None:
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "UniPC", "Heun", "DEIS", "LCM"} <= {
         s["name"] for s in samplers
     }
+    k_diffusion = {"LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
+    assert k_diffusion <= {s["name"] for s in samplers}
+    assert next(s for s in samplers if s["name"] == "DPM2 a")["aliases"] == ["dpm_2_ancestral", "k_dpm_2_a"]
     assert all(set(s) == {"name", "aliases", "options"} and sampler_of(s["name"])[0] for s in samplers)
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert {"automatic", "karras", "exponential", "beta"} <= {s["name"] for s in schedulers}

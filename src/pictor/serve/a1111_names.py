@@ -25,6 +25,13 @@ SAMPLER_ALIASES = {
     "k_dpmpp_2m": "dpmpp_2m",
     "k_dpmpp_2m_sde": "dpmpp_2m_sde",
     "k_lcm": "lcm",
+    "k_lms": "lms",
+    "k_dpm_2": "dpm_2",
+    "k_dpm_2_a": "dpm_2_ancestral",
+    "k_dpmpp_2s_a": "dpmpp_2s_ancestral",
+    "k_dpmpp_sde": "dpmpp_sde",
+    "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "k_dpmpp_3m_sde": "dpmpp_3m_sde",
 }
 # A1111's schedule types (name: label) with a pictor schedule; None is the model's own. Forge's Simple and
 # SGM Uniform space the model's own shifted times evenly, as pictor's own schedule does (settings_import).

@@ -162,9 +162,10 @@ class ImageGenerationRequest(BaseModel):
     )
     sampler: str | None = Field(
         None,
-        description="euler, heun, dpmpp_2m, unipc, deis, ipndm, res_multistep, or the stochastic "
-        "euler_ancestral, dpmpp_2m_sde and lcm (fresh noise every step, drawn from the image's seed, so the "
-        "seed still reproduces it). The model card lists them.",
+        description="euler, heun, dpmpp_2m, unipc, deis, ipndm, res_multistep, lms, dpm_2, heunpp2, "
+        "gradient_estimation, or the stochastic euler_ancestral, dpmpp_2m_sde, lcm, dpm_2_ancestral, "
+        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun and dpmpp_3m_sde (fresh noise every step, drawn "
+        "from the image's seed, so the seed still reproduces it). The model card lists them.",
     )
     schedule: str | None = Field(
         None,
