@@ -171,19 +171,56 @@ def shift_t(
     return time_shift(mu, 1.0, t)
 
 
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential")
+
+
+def huber_threshold(t: Tensor, c: float, schedule: str = "constant", scale: float = 1.0) -> Tensor:
+    """kohya's Huber threshold per sample [B] at times t [B]: ``c * scale`` ("constant"), or ``scale * c**t``
+    ("exponential": kohya's exp(-alpha * timestep) with alpha = -ln(c) / 1000 on FLUX.1's timesteps t *
+    1000), so the loss is quadratic over a wide range of errors at t = 0 and narrows to c at pure noise.
+    (kohya's "snr" schedule needs a DDPM scheduler's alphas and refuses FLUX.1; so does pictor.)"""
+    if schedule == "constant":
+        return torch.full_like(t, c * scale, dtype=torch.float32)
+    if schedule == "exponential":
+        return scale * torch.pow(torch.tensor(c, dtype=torch.float32, device=t.device), t.float())
+    raise ValueError(f"unknown Huber schedule {schedule!r}; known: {', '.join(HUBER_SCHEDULES)}")
+
+
 def flow_loss(
     pred_v: Tensor,
     x0: Tensor,
     noise: Tensor,
     reduction: Literal["mean", "sum", "none", "per_sample"] = "mean",
+    loss_type: str = "l2",
+    huber_c: Tensor | None = None,
 ) -> Tensor:
-    """MSE between the predicted velocity and noise - x0, computed in fp32 whatever the input dtype.
+    """The error between the predicted velocity and noise - x0, computed in fp32 whatever the input dtype:
+    squared ("l2", the flow loss), absolute ("l1"), or kohya's pseudo-Huber ``2 c (sqrt(d^2 + c^2) - c)``
+    ("huber") and ``2 (sqrt(d^2 + c^2) - c)`` ("smooth_l1") with each sample's threshold c from `huber_c`
+    [B] (`huber_threshold`): quadratic for errors well under c, linear past it.
 
     reduction: "mean" (scalar), "sum" (scalar), "none" (elementwise) or "per_sample" (mean over all but the
     batch axis, [B]; for loss weighting or logging loss against t).
     """
     target = velocity_target(x0.float(), noise.float())
-    err = (pred_v.float() - target).square()
+    diff = pred_v.float() - target
+    if loss_type == "l2":
+        err = diff.square()
+    elif loss_type == "l1":
+        err = diff.abs()
+    elif loss_type in ("huber", "smooth_l1"):
+        if huber_c is None:
+            raise ValueError(f"loss_type {loss_type!r} needs each sample's threshold huber_c [B]")
+        c = huber_c.float().view(-1, *([1] * (diff.ndim - 1)))
+        # sqrt(d^2 + c^2) - c, written as d^2 / (sqrt(d^2 + c^2) + c): the same number without float32's
+        # cancellation for errors far under c (kohya's direct form loses most digits there)
+        squared = diff.square()
+        err = 2 * squared / (torch.sqrt(squared + c.square()) + c)
+        if loss_type == "huber":
+            err = c * err
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; known: {', '.join(LOSS_TYPES)}")
     if reduction == "mean":
         return err.mean()
     if reduction == "sum":

@@ -67,6 +67,10 @@ _FIELDS = {
     "control": "control",
     "control_dir": "control_dir",
     "timestep_sampling": "timestep_sampling",
+    "loss_type": "loss_type",
+    "huber_c": "huber_c",
+    "huber_schedule": "huber_schedule",
+    "huber_scale": "huber_scale",
     "timestep_shift": "timestep_shift",
     "guidance_scale": "guidance_scale",
     "keep_tokens": "keep_tokens",
@@ -203,6 +207,24 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
     t.add_argument("--ema-decay", type=float, default=None)
     t.add_argument("--caption-dropout", type=float, default=None, help="t2i: P(caption -> '') (0.1)")
+    t.add_argument(
+        "--loss-type",
+        choices=("l2", "l1", "huber", "smooth_l1"),
+        default=None,
+        help="t2i, lora, layout, reference, controlnet: the flow loss's error: l2 (default), l1, or kohya's "
+        "pseudo-Huber huber / smooth_l1 (quadratic under --huber-c, linear past it; kohya's --loss_type)",
+    )
+    t.add_argument("--huber-c", type=float, default=None, help="huber, smooth_l1: the threshold (0.1)")
+    t.add_argument(
+        "--huber-schedule",
+        choices=("constant", "exponential"),
+        default=None,
+        help="huber, smooth_l1: the threshold constant (default) or --huber-scale x c**t, wide at t = 0 "
+        "and c at pure noise (kohya's exponential)",
+    )
+    t.add_argument(
+        "--huber-scale", type=float, default=None, help="huber, smooth_l1: scales the threshold (1)"
+    )
     t.add_argument(
         "--timestep-sampling",
         choices=("logit_normal", "uniform", "shift", "flux_shift"),

@@ -41,6 +41,8 @@ DEFAULT_TIMESTEP_SHIFT = 3.0  # kohya's --discrete_flow_shift default
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "shift", "flux_shift")  # pictor.flow.sample_t
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # pictor.flow.LOSS_TYPES (not imported: no torch here)
+HUBER_SCHEDULES = ("constant", "exponential")  # pictor.flow.HUBER_SCHEDULES
 LORA_ALGOS = ("lora", "lokr", "loha")  # pictor.models.lycoris_train.ALGOS (not imported: no torch here)
 
 # Stage defaults for what differs between the two stages; everything else is shared.
@@ -148,6 +150,12 @@ class TrainConfig:
     fsdp: bool = False
     # Autoencoder stage.
     recon_loss: str = "l1"
+    # The flow loss's error (kohya's --loss_type): l2 (the flow loss), l1, or kohya's pseudo-Huber "huber" /
+    # "smooth_l1" with threshold huber_c, constant or decaying toward pure noise (pictor.flow.huber_threshold)
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "constant"
+    huber_scale: float = 1.0
     kl_weight: float = 1e-6  # LDM's weight: KL summed over the latent, recon summed over the pixels
     # t2i stage.
     caption_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
@@ -380,6 +388,25 @@ class TrainConfig:
         need(self.betas is not None and len(self.betas) == 2, "betas must be two numbers")
         need(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
         need(self.recon_loss in RECON_LOSSES, f"recon_loss must be one of {RECON_LOSSES}")
+        need(
+            self.loss_type in LOSS_TYPES,
+            f"loss_type (--loss-type) must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}",
+        )
+        need(
+            self.loss_type == "l2" or self.stage != "autoencoder",
+            f"--loss-type {self.loss_type}: the flow loss's error, for the stages that train on it; the "
+            "autoencoder stage's is --recon-loss",
+        )
+        need(
+            self.huber_schedule in HUBER_SCHEDULES,
+            f"huber_schedule (--huber-schedule) must be one of {', '.join(HUBER_SCHEDULES)}, got "
+            f"{self.huber_schedule!r} (kohya's 'snr' needs a DDPM scheduler and refuses FLUX.1 too)",
+        )
+        need(
+            0 < self.huber_c <= 1 and self.huber_scale > 0,
+            f"huber_c (--huber-c) must lie in (0, 1] and huber_scale (--huber-scale) above 0, got "
+            f"{self.huber_c} and {self.huber_scale}",
+        )
         need(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
         need(
             0.0 <= self.caption_dropout <= 1.0,
@@ -677,6 +704,10 @@ TRAJECTORY_KEYS = (
     "ema_decay",
     "caption_dropout",
     "recon_loss",
+    "loss_type",
+    "huber_c",
+    "huber_schedule",
+    "huber_scale",
     "kl_weight",
     "image_size",
     "base",

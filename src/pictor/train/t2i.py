@@ -29,7 +29,7 @@ from pictor.checkpoint import (
     read_safetensors,
     save_bundle,
 )
-from pictor.flow import flow_loss, interpolate, resolution_mu
+from pictor.flow import flow_loss, huber_threshold, interpolate, resolution_mu
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
@@ -55,12 +55,15 @@ def lineage_steps(training: dict[str, Any]) -> int:
     return int(training.get("step") or 0) + before
 
 
-def _weighted_flow_loss(pred: Tensor, x0: Tensor, eps: Tensor, weights: Tensor | None) -> Tensor:
-    """The flow loss, each value weighted by its loss mask where there are masks (kohya's masked loss: the
-    weighted mean over all values, so a mask that leaves half an image out halves its loss)."""
+def _weighted_flow_loss(
+    pred: Tensor, x0: Tensor, eps: Tensor, weights: Tensor | None, kind: str, huber_c: Tensor | None
+) -> Tensor:
+    """The flow loss of error `kind` (`pictor.flow.flow_loss`), each value weighted by its loss mask where
+    there are masks (kohya's masked loss: the weighted mean over all values, so a mask that leaves half an
+    image out halves its loss)."""
     if weights is None:
-        return flow_loss(pred, x0, eps)
-    return (flow_loss(pred, x0, eps, reduction="none") * weights).mean()
+        return flow_loss(pred, x0, eps, loss_type=kind, huber_c=huber_c)
+    return (flow_loss(pred, x0, eps, reduction="none", loss_type=kind, huber_c=huber_c) * weights).mean()
 
 
 class T2IStage(Stage):
@@ -238,11 +241,14 @@ class T2IStage(Stage):
             txt, vec = emb.tokens.to(self.device), emb.pooled.to(self.device)
             out = fwd(x_t, img_ids, txt, txt_ids, t, vec, **extra)
         weights = self._mask_weights(batch, z) if "mask" in batch.draws else None
+        huber = None
+        if c.loss_type in ("huber", "smooth_l1"):
+            huber = huber_threshold(t, c.huber_c, c.huber_schedule, c.huber_scale)
         if isinstance(out, Tensor):
-            return _weighted_flow_loss(out, x0, eps, weights), {}
+            return _weighted_flow_loss(out, x0, eps, weights, c.loss_type, huber), {}
         # (velocity, auxiliary loss): a forward module that trains an adapter with a loss of its own too
         pred, aux = out
-        flow = _weighted_flow_loss(pred, x0, eps, weights)
+        flow = _weighted_flow_loss(pred, x0, eps, weights, c.loss_type, huber)
         return flow + aux, {"flow_loss": flow.detach(), "aux_loss": aux.detach()}
 
     def _mask_weights(self, batch: Batch, z: Tensor) -> Tensor:
