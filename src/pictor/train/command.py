@@ -61,6 +61,7 @@ _FIELDS = {
     "targets": "lora_targets",
     "lora_dropout": "lora_dropout",
     "lora_init": "lora_init",
+    "loraplus_lr_ratio": "loraplus_lr_ratio",
     "lora_algo": "lora_algo",
     "lokr_factor": "lokr_factor",
     "controlnet_blocks": "controlnet_blocks",
@@ -136,6 +137,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "FLUX module names (*.img_attn.qkv) or re:REGEX (default: blocks)",
     )
     t.add_argument("--lora-dropout", type=float, default=None, help="lora: dropout on the adapter input (0)")
+    t.add_argument(
+        "--loraplus-lr-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="lora: LoRA+, the B matrices learn R times faster than the A ones (kohya's loraplus_lr_ratio; "
+        "16 is the paper's suggestion)",
+    )
     t.add_argument(
         "--lora-init",
         default=None,

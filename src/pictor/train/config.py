@@ -203,6 +203,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     # A LoRA file the adapters start from instead of B = 0 (kohya's --network_weights; pictor.train.lora_init)
     lora_init: str | None = None
+    # LoRA+ (kohya's loraplus_lr_ratio): the B ("up") matrices learn this many times faster than the A ones
+    loraplus_lr_ratio: float | None = None
     # LyCORIS' algorithms "lora", "lokr" or "loha", DoRA (weight-decomposed) on any of them, LoKr's split
     # (-1: balanced); kohya: --network_module lycoris.kohya --network_args algo=.. factor=.. dora_wd=True.
     lora_algo: str = "lora"
@@ -597,6 +599,16 @@ class TrainConfig:
             + ("" if self.stage != "lora" else f" ({self.lora_algo}{' + DoRA' if self.lora_dora else ''})"),
         )
         need(
+            self.loraplus_lr_ratio is None or (self.stage == "lora" and self.lora_algo == "lora"),
+            "--loraplus-lr-ratio: LoRA+ speeds up a LoRA's B matrices, for --lora-algo lora runs (with or "
+            f"without --dora); drop it for this {self.stage} run"
+            + (f" ({self.lora_algo})" if self.stage == "lora" else ""),
+        )
+        need(
+            self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+            f"--loraplus-lr-ratio must be above 0 (16 is LoRA+'s suggestion), got {self.loraplus_lr_ratio}",
+        )
+        need(
             self.lora_dropout == 0 or (self.lora_algo == "lora" and not self.lora_dora),
             "--lora-dropout applies to a plain LoRA (LyCORIS' LoKr and LoHa have no input dropout, and DoRA "
             "here has none either); drop --lora-dropout or train --lora-algo lora without --dora",
@@ -660,7 +672,8 @@ def fixed_on_resume(cfg: TrainConfig) -> tuple[str, ...]:
     if cfg.stage != "lora":
         return ("optimizer",)
     lycoris = cfg.lora_algo != "lora" or cfg.lora_dora
-    return ("optimizer", *LORA_SHAPE_KEYS, *(("lora_alpha",) if lycoris else ()))
+    # LoRA+ splits the optimizer's groups, whose state the checkpoint holds
+    return ("optimizer", "loraplus_lr_ratio", *LORA_SHAPE_KEYS, *(("lora_alpha",) if lycoris else ()))
 
 
 def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str | None:
@@ -681,8 +694,8 @@ def resume_refusal(saved: TrainConfig, new: dict[str, Any], where: str) -> str |
         )
     return (
         f"{where}: this run's adapters were built with other settings ({changes}); resume with "
-        "the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets (and a LoKr, LoHa or DoRA run's "
-        "--alpha), or start a new --out"
+        "the run's own --lora-algo, --dora, --lokr-factor, --rank, --targets, --loraplus-lr-ratio (and a "
+        "LoKr, LoHa or DoRA run's --alpha), or start a new --out"
     )
 
 

@@ -41,14 +41,27 @@ def schedule_state(step: int, cfg: TrainConfig) -> dict[str, float | int | str]:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norm gains and 1-D parameters keep their scale (nanoGPT's split)."""
-    decay, no_decay = [], []
-    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+# The names a LoRA's B ("up") matrices end with: pictor's own adapters, and kohya's / LyCORIS' layout
+UP_MATRICES = ("lora_B.weight", "lora_up.weight")
+
+
+def param_groups(model: nn.Module, weight_decay: float, up_ratio: float | None = None) -> list[dict]:
+    """Decay matrices only: biases, norm gains and 1-D parameters keep their scale (nanoGPT's split).
+    With `up_ratio` (LoRA+, Hayou et al. 2024; kohya's loraplus_lr_ratio) a LoRA's B matrices are a group
+    of their own whose learning rate is the schedule's times the ratio ("lr_scale", which `set_lr` reads)."""
+    decay, up, no_decay = [], [], []
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+        if p.ndim < 2:
+            no_decay.append(p)
+        elif up_ratio is not None and name.endswith(UP_MATRICES):
+            up.append(p)
+        else:
+            decay.append(p)
+    groups: list[dict] = [{"params": decay, "weight_decay": weight_decay}]
+    if up_ratio is not None:
+        groups.append({"params": up, "weight_decay": weight_decay, "lr_scale": float(up_ratio)})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
@@ -60,7 +73,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     size itself, `--lr` scales it, 1.0 by default; the usual LoRA choice in kohya's scripts). All take the
     same LR schedule and weight decay."""
     assert cfg.betas is not None and cfg.weight_decay is not None
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.loraplus_lr_ratio)
     if cfg.optimizer == "adafactor":
         # transformers' Adafactor with absolute steps, as kohya runs it (scale_parameter, relative_step and
         # warmup_init off): --lr is the step size, as for AdamW. torch's own Adafactor always scales its
@@ -102,4 +115,4 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+'s B matrices: the schedule's times the ratio
