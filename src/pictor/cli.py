@@ -73,6 +73,7 @@ def _load(  # type: ignore[no-untyped-def]
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings that generate and edit share."""
+    from pictor.cli_guidance import guidance_method_arg
     from pictor.layout_files import read_layout_arg
     from pictor.regional_prompts import read_regions_arg
 
@@ -80,6 +81,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "negative_prompt": args.negative,
         "steps": args.steps,
         "guidance": args.guidance,
+        "guidance_method": guidance_method_arg(args),
         "sampler": args.sampler,
         "schedule": args.schedule,
         "seed": args.seed,
@@ -283,6 +285,37 @@ def _take_settings(args: argparse.Namespace) -> None:
         unset = current is None or (dest in flags and not current)
         if unset:
             setattr(args, dest, value)
+    _take_guidance_method(args)
+
+
+def _take_guidance_method(args: argparse.Namespace) -> None:
+    """--settings-from: the image record's guidance method (`pictor.guidance_methods`), unless the command
+    line gives guidance-method options of its own."""
+    import json
+
+    from pictor.cli_guidance import DESTS
+    from pictor.guidance_methods import GuidanceMethod
+    from pictor.provenance import RECORD_KEY, read_text_chunks
+
+    if any(getattr(args, dest, None) is not None for dest in DESTS):
+        return
+    try:
+        record = json.loads(read_text_chunks(args.settings_from).get(RECORD_KEY, "{}"))
+        recorded = record.get("guidance_method")
+        method = GuidanceMethod.from_record(recorded) if recorded else None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{args.settings_from}: its record's guidance method is damaged ({exc})") from None
+    if method is None:
+        return
+    args.guidance_method = method.method
+    args.guidance_rescale = method.rescale
+    args.guidance_interval = [method.start, method.stop]
+    if method.method == "apg":
+        args.apg_eta = method.eta
+        args.apg_norm_threshold = method.norm_threshold
+        args.apg_momentum = method.momentum
+    if method.method == "cfg-zero-star":
+        args.zero_init_steps = method.zero_init_steps
 
 
 def _prompt_runs(args: argparse.Namespace) -> list[Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pictor import __version__
 from pictor.cli_grid import add_grid_parser
+from pictor.cli_guidance import add_guidance_options
 from pictor.cli_merge import add_merge_parser
 from pictor.cli_preprocess import add_preprocess_parser
 from pictor.cli_preview import add_preview_options
@@ -76,6 +77,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", "--cfg", type=float, default=None, dest="guidance")
+    add_guidance_options(p)
     _add_sampler(p)
     p.add_argument(
         "--schedule",

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pictor.cli_guidance import DESTS as GUIDANCE_METHOD_DESTS
 from pictor.generation_request import GenerationRequest
 from pictor.grid_axes import AXES, MAX_CELLS, Axis, GridError, has_hires, parse_axis, plan_grid
 
@@ -64,6 +65,7 @@ SHARED = (
     "hires_strength",
     "hires_steps",
     "hires_upscaler",
+    *GUIDANCE_METHOD_DESTS,
 )
 # An axis that sets what an option sets: both given, the option would be silently dropped.
 _AXIS_OPTIONS = {
@@ -77,6 +79,11 @@ _AXIS_OPTIONS = {
     "size": ("size", "--size"),
     "negative": ("negative", "--negative"),
     "cache-threshold": ("cache_threshold", "--cache-threshold"),
+    "guidance-method": ("guidance_method", "--guidance-method"),
+    "guidance-rescale": ("guidance_rescale", "--guidance-rescale"),
+    "guidance-start": ("guidance_interval", "--guidance-interval"),
+    "guidance-stop": ("guidance_interval", "--guidance-interval"),
+    "apg-eta": ("apg_eta", "--apg-eta"),
     "regions-mode": ("regional_attention", "--regional-attention"),
     "controlnet-scale": ("controlnet_scale", "--controlnet-scale"),
     "controlnet-end": ("controlnet_end", "--controlnet-end"),
@@ -173,6 +180,8 @@ def cmd_grid(
             "--hires-upscaler enlarges the first pass of the hires fix; add --hires SCALE or a hires axis "
             "with a scale (e.g. --x hires=1.5,2)"
         )
+    # APG's or CFG-Zero*'s options go with a guidance-method axis that names the method in some cells
+    args.guidance_method_axis = any(a.name == "guidance-method" for a in axes)
     out = _empty_folder(args.out)
     width, height = args.size or (None, None)
     hires = {

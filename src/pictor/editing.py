@@ -39,6 +39,7 @@ from pictor.edit_upscale import (
     SourceUpscaler,
     upscale_plan,
 )
+from pictor.guidance_methods import GuidanceMethod
 from pictor.inpaint_area import (
     DEFAULT_MASK_PADDING,
     INPAINT_AREAS,
@@ -119,6 +120,7 @@ class EditRequest:
     schedule: str | None = None
     seed: int | None = None
     num_images: int = 1
+    guidance_method: GuidanceMethod | None = None  # `GenerationRequest.guidance_method`
     batch_size: int | None = None
     prompt_editing: bool = False
     composable: bool = False

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pictor.editing import ImageSource
+from pictor.guidance_methods import GuidanceMethod
 
 # (step, total) -> None; raising from it cancels the generation.
 ProgressFn = Callable[[int, int], None]
@@ -62,6 +63,9 @@ class GenerationRequest:
     schedule: str | None = None
     seed: int | None = None
     num_images: int = 1
+    # How classifier-free guidance combines the predictions (`pictor.guidance_methods`: CFG rescale, a
+    # guidance interval, APG, CFG-Zero*, Tangential CFG). None (or plain CFG): compose's CFG on every step.
+    guidance_method: GuidanceMethod | None = None
     # Images per sampler run; None runs all images of the request together.
     batch_size: int | None = None
     # Boxes with phrases for the model's layout adapter (`pictor.layout_files.parse_layout`); None: none.

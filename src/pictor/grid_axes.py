@@ -31,6 +31,7 @@ from pictor.grid_values import (
     bounded,
     parse_cache_threshold,
     parse_guidance,
+    parse_guidance_method,
     parse_hires,
     parse_hires_steps,
     parse_hires_strength,
@@ -45,6 +46,7 @@ from pictor.grid_values import (
     parse_text,
     upscaler_name,
 )
+from pictor.guidance_methods import GuidanceMethod, GuidanceMethodError
 from pictor.hires import UPSCALER
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.redux_images import MAX_STRENGTH as MAX_REDUX_STRENGTH
@@ -67,6 +69,19 @@ def _set(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest
     return lambda r, value, _first: replace(r, **{name: value})
 
 
+def _method(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest]:
+    """Sets one field of the request's guidance method (`pictor.guidance_methods`; none: plain CFG's)."""
+
+    def apply(r: GenerationRequest, value: Any, _first: Any) -> GenerationRequest:
+        try:
+            method = replace(r.guidance_method or GuidanceMethod(), **{name: value})
+        except GuidanceMethodError as exc:  # e.g. a stop at or below the request's start
+            raise GridError(str(exc)) from None
+        return replace(r, guidance_method=method)
+
+    return apply
+
+
 AXES: dict[str, _Kind] = {
     "steps": _Kind(parse_steps, _set("steps"), "steps=10,20,30"),
     "guidance": _Kind(parse_guidance, _set("guidance"), "guidance=2,4,7"),
@@ -86,6 +101,14 @@ AXES: dict[str, _Kind] = {
     ),
     "lora": _Kind(parse_lora, lambda r, _v, _f: r, "lora=0,0.5,1"),
     "cache-threshold": _Kind(parse_cache_threshold, _set("cache_threshold"), "cache-threshold=0,0.1,0.2"),
+    # The guidance method and its settings (`pictor.guidance_methods`); apg-eta needs apg in some cell.
+    "guidance-method": _Kind(parse_guidance_method, _method("method"), "guidance-method=cfg,apg,tcfg"),
+    "guidance-rescale": _Kind(
+        bounded(0.0, 1.0, "a guidance rescale"), _method("rescale"), "guidance-rescale=0,0.5,0.7"
+    ),
+    "guidance-start": _Kind(bounded(0.0, 0.99, "a guidance start"), _method("start"), "guidance-start=0,0.2"),
+    "guidance-stop": _Kind(bounded(0.01, 1.0, "a guidance stop"), _method("stop"), "guidance-stop=1,0.7,0.5"),
+    "apg-eta": _Kind(bounded(0.0, 1.0, "an APG eta"), _method("eta"), "apg-eta=0,0.5,1"),
     # How --regions run: a pass each, blended, or one pass with regional attention (needs regions).
     "regions-mode": _Kind(
         parse_regions_mode,
@@ -124,6 +147,12 @@ _HIRES_PARTS = ("hires-strength", "hires-steps", "hires-upscaler")
 ALIASES = {
     "cfg": "guidance",
     "cache_threshold": "cache-threshold",
+    "guidance_method": "guidance-method",
+    "guidance_rescale": "guidance-rescale",
+    "cfg-rescale": "guidance-rescale",
+    "guidance_start": "guidance-start",
+    "guidance_stop": "guidance-stop",
+    "apg_eta": "apg-eta",
     "regions_mode": "regions-mode",
     "prompt-sr": "prompt",
     "controlnet_scale": "controlnet-scale",
@@ -338,6 +367,13 @@ def plan_grid(
         raise GridError(
             f"axis {parts[0]} sets the hires fix's second pass, but the grid has no hires fix: add --hires "
             "SCALE (a hires_scale) or a hires axis, e.g. hires=1.5,2"
+        )
+    methods = {request.guidance_method.method if request.guidance_method else "cfg"}
+    methods |= {v for _, a in given if a.name == "guidance-method" for v in a.values}
+    if "apg-eta" in seen and "apg" not in methods:
+        raise GridError(
+            "axis apg-eta sets APG's eta, but no cell uses APG: add --guidance-method apg or a "
+            "guidance-method axis with apg"
         )
     seed = request.seed if request.seed is not None else secrets.randbelow(NOISE_SEED_RANGE)
     base = replace(request, seed=seed, batch_size=None)

@@ -48,6 +48,7 @@ _SETTINGS = (
     "height",
     "steps",
     "guidance",
+    "guidance_method",  # (only where not plain CFG)
     "sampler",
     "schedule",
     "seed",

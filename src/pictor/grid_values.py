@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pictor.generation_request import MAX_SEED
 from pictor.generation_settings import MAX_STEPS, settings_problem
+from pictor.guidance_methods import METHODS
 from pictor.hires import UPSCALER, hires_problem
 from pictor.models.block_cache import cache_threshold_problem
 
@@ -102,6 +103,13 @@ def bounded(low: float, high: float, what: str) -> Callable[[str], float]:
 
 
 def parse_text(text: str) -> str:
+    return text
+
+
+def parse_guidance_method(text: str) -> str:
+    """A guidance method's name (`pictor.guidance_methods`)."""
+    if text not in METHODS:
+        raise GridError(f"guidance-method is one of {', '.join(METHODS)}, got {text!r}")
     return text
 
 

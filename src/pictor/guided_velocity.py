@@ -17,12 +17,14 @@ a pass of its own in one batch (after them the negative prompt's, under CFG), ea
 arranged as the passes are, and `compose` makes one velocity of them. With regional attention
 (`pictor.regional_attention`) the regions' prompts instead follow the prompt's tokens in one pass, under an
 attention bias that lets each reach only its box; a ControlNet then reads the whole prompt alone.
+A guidance method other than plain CFG (`pictor.guidance_methods`) combines the prompts' prediction (what
+`compose` gives at guidance 1) with the negative prompt's per step, and on steps outside its guidance
+interval runs the prompts' passes alone, without the negative pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,6 +34,7 @@ from pictor.composable_prompts import compose, split_and, uses_and
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
 from pictor.denoise_tiles import TokenWindow, tiled_call
+from pictor.guidance_methods import GuidanceMethod, Guider, StepClock
 from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_embeds
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
@@ -47,11 +50,12 @@ from pictor.models.reference import (
     conditional_only,
 )
 from pictor.models.text import TextEmbeddings, TextEncoder
-from pictor.prompt_editing import PromptSchedule, prompt_schedule, step_of_time, text_at
+from pictor.pass_texts import pass_schedules
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.regional_attention import RegionalAttention
 from pictor.regional_prompts import region_cover, region_weights
+from pictor.sampling import MODEL_EVALS_PER_STEP
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,6 +68,8 @@ class Conditioned(Protocol):
     width: int | None
     height: int | None
     guidance: float | None
+    sampler: str | None
+    guidance_method: GuidanceMethod | None
     layout: list[dict[str, Any]] | None
     reference: Any
     context_image: Any
@@ -117,8 +123,9 @@ def guided_velocity(
     the token windows the transformer runs on one at a time (None: all tokens at once), a ControlNet on the
     same window of its control tokens; request resolution refuses them with the first-block cache, which
     compares each call with the last. `ts`: the run's step times, with which a prompt with prompt editing
-    (`pictor.prompt_editing`) picks each call's text; `first_pass_steps`: this run is a hires fix's second
-    pass, whose schedule counts on from a first pass of that many steps."""
+    (`pictor.prompt_editing`) picks each call's text and a guidance method finds each call's step;
+    `first_pass_steps`: this run is a hires fix's second pass, whose schedule counts on from a first pass of
+    that many steps."""
     picture = None
     if r.redux_image is not None:  # FLUX.1 Redux: the picture's tokens follow the prompt's (conditional only)
         assert m.redux is not None and isinstance(r.redux_image, np.ndarray)
@@ -138,10 +145,18 @@ def guided_velocity(
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
-    # One cache per sampler run: it compares each call with this run's earlier ones.
-    cache = FirstBlockCache(r.cache_threshold) if r.cache_threshold else None
-    if cache is not None and caches is not None:
-        caches.append(cache)
+    # One cache per sampler run (and per number of rows: a guidance interval's steps without the negative
+    # pass keep their own): it compares each call with this run's earlier ones.
+    row_caches: dict[int, FirstBlockCache] = {}
+
+    def cache_for(rows: int) -> FirstBlockCache | None:
+        if not r.cache_threshold:
+            return None
+        if rows not in row_caches:
+            row_caches[rows] = FirstBlockCache(r.cache_threshold)
+            if caches is not None:
+                caches.append(row_caches[rows])
+        return row_caches[rows]
 
     def model(
         x: torch.Tensor,
@@ -215,7 +230,7 @@ def guided_velocity(
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
         mask = None
         if attend is not None:
-            mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask)
+            mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask, negative=n > prompt_rows)
         v = m.transformer(
             x_in,
             ids_in,
@@ -225,7 +240,7 @@ def guided_velocity(
             vec,
             guidance=g,
             img_residuals=residuals,
-            block_cache=cache,
+            block_cache=cache_for(n),
             controlnet=control,
             ip_adapter=ipa,
             attn_mask=mask,
@@ -252,7 +267,9 @@ def guided_velocity(
     parts = len(texts_p)
     weights = weights.to(m.device)
     # each pass's texts (with prompt editing, each its schedule reaches), encoded once per run
-    passes = _pass_schedules(texts_p + ([r.negative_prompt] if use_cfg else []), r, ts, first_pass_steps)
+    passes = pass_schedules(
+        texts_p + ([r.negative_prompt] if use_cfg else []), r.prompt_editing, ts, first_pass_steps
+    )
     attend = None
     if r.regions and r.regional_attention:  # regions' prompts ride with the prompt's (no picture tokens)
         encoded = [[conditional(text) for text in passes.texts[0]]]
@@ -268,6 +285,7 @@ def guided_velocity(
             [m.encode_text([text], r.prompt_weights) for text in texts] for texts in passes.texts[parts:]
         ]
     k = parts + (1 if use_cfg else 0)
+    cache_for(k * batch)  # the run's cache, made up front (its counts are recorded even for no call)
     stacks: dict[tuple[int, ...], TextEmbeddings] = {}
 
     def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
@@ -307,7 +325,46 @@ def guided_velocity(
         out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
         return compose(out.view(k, *x.shape), weights, g)
 
-    return velocity
+    method = r.guidance_method
+    if not use_cfg or method is None or method.is_default:
+        return velocity
+    if ts is None:
+        raise ValueError("a guidance method needs the run's step times (ts) to know each call's step")
+    guider = Guider(method, guidance, len(ts) - 1)
+    clock = StepClock(ts, MODEL_EVALS_PER_STEP.get(r.sampler or "", 1))
+    plain = parts == 1 and bool((weights == 1).all())  # the prompt's pass is the conditional prediction
+    rows = parts * batch  # the prompts' passes, without the negative one
+    cond_stacks: dict[int, TextEmbeddings] = {}
+
+    def cond_emb(t: torch.Tensor) -> TextEmbeddings:  # the prompts' rows of a step's stack
+        full = emb_at(t)
+        if id(full) not in cond_stacks:
+            cond_stacks[id(full)] = TextEmbeddings(full.tokens[:rows], full.mask[:rows], full.pooled[:rows])
+        return cond_stacks[id(full)]
+
+    ctx_c = None
+    if context_k is not None:
+        ctx_c = ReferenceConditioning(context_k.tokens[:rows], context_k.pooled[:rows])
+    ipa_c = None
+    if ipa_k is not None:
+        ipa_c = IPAttention([v[:parts] for v in ipa_k.keys], [v[:parts] for v in ipa_k.values], ipa_k.scale)
+    res_c = [v[:rows] for v in res_k] if res_k is not None else None
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = clock(float(t.reshape(-1)[0]))
+        if guider.zeroed(step):  # CFG-Zero*'s first steps: zero whatever the model says, so no call
+            return torch.zeros_like(x)
+        if guider.guides(step):
+            t_k = t.repeat(k) if t.ndim else t
+            out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, rows)
+            out = out.view(k, *x.shape)
+            cond = out[0] if plain else compose(out, weights, 1.0)
+            return guider(step, cond, out[parts])
+        t_p = t.repeat(parts) if t.ndim else t
+        out = model(x.repeat(parts, 1, 1), t_p, cond_emb(t), ids_k[:rows], res_c, ctx_c, ipa_c, rows)
+        return guider(step, compose(out.view(parts, *x.shape), weights, None), None)
+
+    return guided
 
 
 def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor]:
@@ -331,45 +388,6 @@ def _stacked(rows: list[TextEmbeddings], batch: int) -> TextEmbeddings:
         mask=torch.cat([e.mask.expand(batch, -1) for e in rows]),
         pooled=torch.cat([e.pooled.expand(batch, -1) for e in rows]),
     )
-
-
-@dataclass
-class _PassTexts:
-    """Each pass's distinct texts over a run (one each without prompt editing; the passes: the prompt and
-    the negative prompt, or the passes of regions or AND and the negative prompt), each encoded once, and
-    which of them each step reads, worked out once per run: a model call finds its step by its time. Keyed
-    by distinct texts, so stacks are built per combination of texts (an alternation builds two, not one
-    per step)."""
-
-    texts: list[list[str]]
-    ts: torch.Tensor | None
-    by_step: list[tuple[int, ...]]  # step (from 0) -> each pass's place among its texts
-
-    def at(self, t: torch.Tensor) -> tuple[int, ...]:
-        if self.ts is None:
-            return self.by_step[0]
-        return self.by_step[step_of_time(self.ts, float(t.reshape(-1)[0]))]
-
-
-def _pass_schedules(
-    texts: list[str], r: Conditioned, ts: torch.Tensor | None, first_pass_steps: int | None
-) -> _PassTexts:
-    """The passes' texts over a run of `ts` (with prompt editing, each text's A1111 schedule; a hires fix's
-    second pass counts on from `first_pass_steps`)."""
-    if not r.prompt_editing:
-        return _PassTexts([[text] for text in texts], None, [(0,) * len(texts)])
-    if ts is None:
-        raise ValueError("prompt editing needs the run's step times (ts) to know each call's step")
-    steps = len(ts) - 1
-    schedules = [_distinct(prompt_schedule(text, steps, first_pass_steps), steps) for text in texts]
-    by_step = list(zip(*(places for _, places in schedules), strict=True))
-    return _PassTexts([distinct for distinct, _ in schedules], ts.detach().float().cpu(), by_step)
-
-
-def _distinct(schedule: PromptSchedule, steps: int) -> tuple[list[str], list[int]]:
-    """A schedule's distinct texts in order of first use, and each step's place among them."""
-    texts = list(dict.fromkeys(text for _, text in schedule))
-    return texts, [texts.index(schedule[text_at(schedule, i)][1]) for i in range(steps + 1)]
 
 
 def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:

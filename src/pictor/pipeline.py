@@ -583,6 +583,7 @@ class Pipeline:
             "steps": r.steps,
             "guidance": r.guidance,
             "guidance_mode": self.guidance_mode,
+            **({"guidance_method": r.guidance_method.record()} if r.guidance_method is not None else {}),
             "sampler": r.sampler,
             "schedule": r.schedule,
             "seed": seed,

@@ -110,6 +110,7 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields += [("CFG scale", 1), ("Distilled CFG Scale", _fmt_number(record["guidance"]))]
     else:
         fields.append(("CFG scale", _fmt_number(record["guidance"])))
+    fields += _guidance_method_fields(record.get("guidance_method"))
     fields += [
         ("Seed", record["seed"]),
         ("Size", f"{record['width']}x{record['height']}"),
@@ -193,6 +194,27 @@ def parameters_text(record: dict[str, Any]) -> str:
     fields.append(("Version", f"pictor {record.get('pictor_version', '')}".strip()))
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields if v != ""))
     return "\n".join(lines)
+
+
+def _guidance_method_fields(method: Any) -> list[tuple[str, Any]]:
+    """A record's guidance method (`pictor.guidance_methods`), in pictor's own names (A1111 has none)."""
+    if not isinstance(method, dict) or not isinstance(method.get("method"), str):
+        return []
+    fields: list[tuple[str, Any]] = [("Guidance method", method["method"])]
+    if method.get("rescale"):
+        fields.append(("Guidance rescale", _fmt_number(method["rescale"])))
+    start, stop = method.get("start", 0.0), method.get("stop", 1.0)
+    if (start, stop) != (0.0, 1.0):
+        fields.append(("Guidance interval", f"{_fmt_number(start)}-{_fmt_number(stop)}"))
+    for key, name in (
+        ("eta", "APG eta"),
+        ("norm_threshold", "APG norm threshold"),
+        ("momentum", "APG momentum"),
+        ("zero_init_steps", "Zero init steps"),
+    ):
+        if key in method:
+            fields.append((name, _fmt_number(method[key])))
+    return fields
 
 
 def png_info(record: dict[str, Any]) -> PngImagePlugin.PngInfo:

@@ -154,21 +154,25 @@ class RegionalAttention:
         pad = tokens.new_zeros(tokens.shape[0], self.text_len - tokens.shape[1], tokens.shape[2])
         return torch.cat([tokens, pad], dim=1)
 
-    def mask(self, rows: int, index: Tensor | None, extra: int, text_mask: Tensor) -> Tensor:
+    def mask(
+        self, rows: int, index: Tensor | None, extra: int, text_mask: Tensor, negative: bool = True
+    ) -> Tensor:
         """The bias ``[rows or 1, 1, S, S]`` for a call on `rows` rows (conditional rows first, then as many
         negative ones under CFG), on the image tokens at `index` (a denoise window; None: all), with `extra`
         tokens after them (a Kontext context image). text_mask ``[rows, T]``: the call's `TextEmbeddings.mask`
         (the first row the conditional one's real tokens), by which a region's padding is hidden.
+        `negative` False: a call on conditional rows only (a step outside a guidance interval,
+        `pictor.guidance_methods`).
 
         Only the two distinct ``[S, S]`` biases are kept (per window and set of hidden tokens); the rows are
         laid out per call and dropped after it: at FLUX.1's 1024x1024 with 4 regions one bias is about 44 MB
         in bf16, and a cache of every call's rows would hold one copy per image and CFG half for the run."""
-        cond, negative = self._biases(index, extra, text_mask)
-        if negative is None:
+        cond, negative_bias = self._biases(index, extra, text_mask)
+        if negative_bias is None or not negative:
             return cond[None, None]  # one bias for every row: broadcast, not copied
         half = rows // 2
         return torch.cat(
-            [cond[None, None].expand(half, -1, -1, -1), negative[None, None].expand(half, -1, -1, -1)]
+            [cond[None, None].expand(half, -1, -1, -1), negative_bias[None, None].expand(half, -1, -1, -1)]
         )
 
     def _biases(self, index: Tensor | None, extra: int, text_mask: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -19,6 +19,7 @@ from pictor.controlnet_runs import (
 )
 from pictor.editing import EDIT_MODES, EditRequest, ImageSource, pixel_sha256
 from pictor.generation_request import DENOISE_TILING_FIELDS, TILING_FIELDS
+from pictor.guidance_methods import GuidanceMethod
 from pictor.inpaint_area import INPAINT_AREAS
 from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
@@ -44,6 +45,15 @@ def _strings(v: Any, *keys: str) -> bool:
 
 def _optional(check: Any) -> Any:
     return lambda v: v is None or check(v)
+
+
+def _guidance_method(v: Any) -> bool:
+    """A record's guidance method (`GuidanceMethod.record`), readable back."""
+    try:
+        GuidanceMethod.from_record(v)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 # name -> (check, what it must be); the first group every record has, the second only edits'
@@ -109,6 +119,7 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
         "two numbers",
     ),
     "guidance_mode": (lambda v: isinstance(v, str), "a guidance mode"),
+    "guidance_method": (_guidance_method, "an object with a guidance method and its parameters"),
     "mode": (lambda v: v in EDIT_MODES, f"one of {', '.join(EDIT_MODES)}"),
     "strength": (_number, "a number"),
     "source_image": (_hashed, "an object with the source's sha256"),
@@ -207,6 +218,9 @@ def _settings(
         "negative_prompt": record.get("negative_prompt", ""),
         "steps": record["steps"],
         "guidance": record["guidance"],
+        "guidance_method": (
+            GuidanceMethod.from_record(record["guidance_method"]) if record.get("guidance_method") else None
+        ),
         "sampler": record["sampler"],
         "schedule": record.get("schedule"),
         "seed": seeds[0],

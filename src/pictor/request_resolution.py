@@ -29,6 +29,7 @@ from pictor.generation_settings import (
     resolve_tiling,
     settings_problem,
 )
+from pictor.guidance_methods import resolve_guidance_method
 from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
 from pictor.ip_adapter_files import IPAdapterError, IPAdapterModel, ip_adapter_pixels, ip_adapter_problem
 from pictor.layout_files import LayoutError, parse_layout
@@ -135,6 +136,14 @@ def resolve_request(
     r = replace(r, **dict(zip(DENOISE_TILING_FIELDS, windows, strict=True)))
     r = _resolve_cache(pipe, r)
     r = _resolve_hires(pipe, r)
+    passes = {"the sampler run": r.steps}
+    if r.hires_steps:
+        passes["the hires fix's second pass"] = r.hires_steps
+    try:  # (pictor.guidance_methods: None for plain CFG, so its records are unchanged)
+        method = resolve_guidance_method(r.guidance_method, pipe.guidance_mode, r.guidance, passes)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    r = replace(r, guidance_method=method)
     r = _resolve_passes(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
     # regions or AND, each pass's).

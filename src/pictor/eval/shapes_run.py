@@ -31,6 +31,7 @@ from pictor.eval.shapes import (
     score_images,
 )
 from pictor.generation_request import MAX_IMAGES, MAX_SEED
+from pictor.guidance_methods import GuidanceMethod
 from pictor.pipeline import GenerationRequest, Pipeline, to_pil
 from pictor.provenance import save_png, save_render_png
 
@@ -54,18 +55,25 @@ def generate_for_specs(
     controls: list[list[np.ndarray]] | None = None,
     regions: list[list[list[dict]]] | None = None,
     regional_attention: bool = False,
+    guidance_method: GuidanceMethod | None = None,
 ) -> list[list[np.ndarray]]:
     """K images per spec; with `layouts`, `references` or `controls`, image j of spec i follows
     layouts[i][j], takes references[i][j], gives controls[i][j] to the pipeline's ControlNet or takes
     regional prompts regions[i][j] (one sampler run each, on the same seed as without; `regional_attention`:
     run them as one pass with masked attention, `pictor.regional_attention`). With
     `empty_prompts` the prompt is "" (the spec still scores the image): what a reference alone carries, or
-    the unconditional model."""
+    the unconditional model. `guidance_method`: how guidance combines the predictions
+    (`pictor.guidance_methods`; None: plain CFG)."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
         prompt = "" if empty_prompts else spec["prompt"]
         base = GenerationRequest(
-            prompt, steps=steps, guidance=guidance, sampler=sampler, cache_threshold=cache_threshold
+            prompt,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            cache_threshold=cache_threshold,
+            guidance_method=guidance_method,
         )
         if layouts is None and references is None and controls is None and regions is None:
             generated = pipe.generate(replace(base, seed=seed + i * k, num_images=k))
