@@ -19,6 +19,7 @@ from pictor.cli_grid import cmd_grid
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
+from pictor.cli_caption import cmd_caption
 from pictor.cli_preprocess import cmd_preprocess
 from pictor.cli_preview import preview_writer
 from pictor.cli_upscale import cmd_upscale, reproduce_upscale
@@ -744,6 +745,7 @@ COMMANDS = {
     "lora": cmd_lora,
     "merge": cmd_merge,
     "preprocess": cmd_preprocess,
+    "caption": cmd_caption,
     "upscale": cmd_upscale,
     "serve": cmd_serve,
 }

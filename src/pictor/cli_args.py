@@ -12,6 +12,7 @@ from pictor import __version__
 from pictor.cli_grid import add_grid_parser
 from pictor.cli_guidance import add_guidance_options
 from pictor.cli_merge import add_merge_parser
+from pictor.cli_caption import add_caption_parser
 from pictor.cli_preprocess import add_preprocess_parser
 from pictor.cli_preview import add_preview_options
 from pictor.cli_upscale import add_upscale_parser
@@ -767,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_parser(sub)
     add_merge_parser(sub)
     add_preprocess_parser(sub)
+    add_caption_parser(sub)
     add_upscale_parser(sub)
     add_grid_parser(sub)
     _add_serve_parser(sub)
