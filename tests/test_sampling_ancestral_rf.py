@@ -278,6 +278,29 @@ def test_dpmpp_sde_first_step_from_t_one_is_its_limit() -> None:
     torch.testing.assert_close(seen[2], (1 - t1) * d_mid + t1 * draws[0])
 
 
+@pytest.mark.parametrize("schedule", ["tiny first step", "beta, 400 steps"])
+def test_dpmpp_sde_from_t_one_with_a_first_step_above_the_fixed_midpoint(schedule: str) -> None:
+    """A first step from t = 1 that ends above 0.9999 (long schedules: beta at 400 steps) takes its midpoint
+    halfway in lambda from ComfyUI's start just below 1, inside the step, instead of failing."""
+    if schedule == "tiny first step":
+        ts = torch.tensor([1.0, 0.99995, 0.5, 0.0], dtype=torch.float64)
+    else:
+        ts = S.get_schedule("beta", 400, 4096).double()
+        assert float(ts[1]) > 0.9999
+    draws = _draws(2 * (len(ts) - 1))
+    seen: list[float] = []
+
+    def spy(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(float(t.reshape(-1)[0]))
+        return toy_velocity(x, t)
+
+    out = S.sample_dpmpp_sde(spy, _start(torch.float64), ts, noise=lambda i: draws[i])
+    assert bool(torch.isfinite(out).all())
+    start = 1 - 1e-4 * math.exp(-1.15)
+    s = math.sqrt(start / (1 - start) * float(ts[1]) / (1 - float(ts[1])))
+    assert seen[1] == pytest.approx(s / (1 + s), abs=1e-12) and float(ts[1]) < seen[1] < 1.0
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 20])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_multistep_sdes_are_comfyuis_loops(steps: int, eta: float) -> None:

@@ -264,5 +264,7 @@ def text_at(schedule: PromptSchedule, step: int) -> int:
 
 def step_of_time(ts: torch.Tensor, t: float) -> int:
     """The sampler step (from 0) of a model call at time `t` on schedule `ts`: the step whose time is
-    nearest (every sampler here calls the model at step times; rounding cannot move a call to a neighbour)."""
+    nearest. A call at a step time reads that step's text; a sampler's call between step times (DPM2's and
+    DPM2 a's midpoints, DPM++ 2S a's and DPM++ SDE's) reads the text of the step time nearest it, often the
+    next step's (A1111 counts model calls instead, so its DPM2 runs a schedule at twice its pace)."""
     return int(torch.argmin((ts - t).abs()).item())

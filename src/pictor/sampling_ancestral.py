@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 FIRST_MIDPOINT = 0.9999  # the intermediate time of a step from t = 1, where lambda's midpoint is t = 1
+# Where ComfyUI starts DPM++ SDE's half-log-SNR arithmetic instead of t = 1 on a FLUX.1 model
+# (offset_first_sigma_for_snr: 1e-4 * e^-1.15 below 1), for a first step that ends above FIRST_MIDPOINT
+SDE_FIRST_START = 1.0 - 1e-4 * math.exp(-1.15)
 
 
 def rf_ancestral_step(t: float, t_next: float, eta: float) -> tuple[float, float, float]:
@@ -201,6 +204,9 @@ def sample_dpmpp_sde(
             x = d.to(x.dtype)
             continue
         t_mid = _lambda_midpoint(t, t_next)
+        if not t_next < t_mid < t:  # from t = 1, a first step that ends above FIRST_MIDPOINT (long schedules)
+            start = SDE_FIRST_START
+            t_mid = _lambda_midpoint(start, t_next) if t_next < start else 0.5 * (t + t_next)
         eps_step = eps_mid = None
         if eta > 0.0:
             rho = math.sqrt((t - t_mid) / (t - t_next))
