@@ -566,6 +566,8 @@ _MODEL_FLAGS = {
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.suite == "distribution":
         return _eval_distribution(args)
+    if args.suite == "clip-score":
+        return _eval_clip_score(args)
     from pictor.eval.shapes_run import check_shapes_eval, run_shapes_eval
 
     pipe = None
@@ -652,6 +654,22 @@ def _eval_distribution(args: argparse.Namespace) -> int:
     print(f"recall     {report['recall']:.3f}  (k={report['nearest_k']})")
     for note in report["notes"]:
         print(f"note: {note}")
+    if args.out:
+        print(f"report: {args.out}")
+    return 0
+
+
+def _eval_clip_score(args: argparse.Namespace) -> int:
+    from pictor.eval.clip_score import run_clip_score
+
+    report = run_clip_score(
+        args.folder, args.clip, args.device, args.batch_size, args.out, progress=_progress_bar("clip score")
+    )
+    for entry in report["skipped"]:
+        print(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    print(f"model       {report['model']}")
+    print(f"images      {report['images']}")
+    print(f"CLIP score  {report['clip_score']:.3f} (std {report['std']:.3f})")
     if args.out:
         print(f"report: {args.out}")
     return 0

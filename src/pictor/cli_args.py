@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from pictor import __version__
+from pictor.cli_caption import add_caption_parser
 from pictor.cli_grid import add_grid_parser
 from pictor.cli_guidance import add_guidance_options
 from pictor.cli_merge import add_merge_parser
-from pictor.cli_caption import add_caption_parser
 from pictor.cli_preprocess import add_preprocess_parser
 from pictor.cli_preview import add_preview_options
 from pictor.cli_upscale import add_upscale_parser
@@ -699,6 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds")
     ed.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     ed.add_argument("--out", default=None, help="report.json")
+
+    ec = esub.add_parser(
+        "clip-score",
+        help="CLIP score of each image against the prompt it was made from (its record, A1111 text or "
+        "caption)",
+    )
+    ec.add_argument("folder", help="folder of images (searched recursively)")
+    ec.add_argument("--clip", required=True, metavar="DIR", help="a local CLIPModel folder (safetensors)")
+    ec.add_argument("--device", default="cpu", help="where CLIP runs (cpu, cuda, ...)")
+    ec.add_argument("--batch-size", type=int, default=32)
+    ec.add_argument("--out", default=None, help="report.json (the mean, and each image's score)")
 
     c = sub.add_parser("convert", help="make a pictor bundle from other formats")
     csub = c.add_subparsers(dest="format", required=True)

@@ -99,6 +99,21 @@ def test_clip_features_equal_transformers_processor_and_model(tmp_path: Path) ->
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_a_processor_saved_whole_gives_its_image_settings(tmp_path: Path) -> None:
+    """transformers 5's CLIPProcessor.save_pretrained keeps the image processor's settings under
+    processor_config.json's "image_processor", with no preprocessor_config.json: read them there."""
+    _tiny_clip(tmp_path / "clip", with_processor=True)
+    images = _images(2, 3, size=(48, 64))
+    separate = build_extractor(f"clip:{tmp_path / 'clip'}")(images)
+    settings = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
+    (tmp_path / "clip" / "preprocessor_config.json").unlink()
+    whole = {"image_processor": settings, "processor_class": "CLIPProcessor"}
+    (tmp_path / "clip" / "processor_config.json").write_text(json.dumps(whole))
+    assert torch.equal(build_extractor(f"clip:{tmp_path / 'clip'}")(images), separate)
+    (tmp_path / "clip" / "processor_config.json").unlink()  # and without either: the defaults, not these
+    assert not torch.allclose(build_extractor(f"clip:{tmp_path / 'clip'}")(images), separate, atol=1e-3)
+
+
 def test_clip_legacy_integer_size_is_the_shorter_side_as_in_transformers(tmp_path: Path) -> None:
     from transformers import CLIPImageProcessorPil
 

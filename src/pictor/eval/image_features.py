@@ -94,6 +94,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _preprocessor_config(folder: Path) -> dict[str, Any]:
+    """The image processor's settings: preprocessor_config.json, or where a processor was saved whole
+    (transformers 5's ``CLIPProcessor.save_pretrained``) processor_config.json's "image_processor"."""
+    pre = _read_json(folder / "preprocessor_config.json")
+    if not pre:
+        nested = _read_json(folder / "processor_config.json").get("image_processor")
+        pre = nested if isinstance(nested, dict) else {}
+    return pre
+
+
 def _side(value: Any) -> tuple[int, int] | None:
     """(height, width) from a preprocessor size entry: an int, {"height", "width"} or {"shortest_edge"}."""
     if isinstance(value, int):
@@ -115,7 +125,7 @@ class VisionModelFeatures:
         self.kind = kind
         self.device = torch.device(device)
         self.model = self._load(kind, folder).to(self.device)
-        pre = _read_json(folder / "preprocessor_config.json")
+        pre = _preprocessor_config(folder)
         if kind == "clip":
             vision = config.get("vision_config", config)
             side = int(vision.get("image_size", 224))
