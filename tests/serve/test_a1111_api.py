@@ -410,7 +410,7 @@ def test_info_endpoints_have_a1111s_shapes(client: TestClient) -> None:
     assert (info["parameters"]["Size-1"], info["parameters"]["Size-2"]) == ("32", "32")
     refused(client.post("/sdapi/v1/png-info", json={"image": "%%%"}), 422, "image", "base64")
     # what pictor has not, in A1111's shape
-    missing = client.post("/sdapi/v1/extra-single-image", json={})
+    missing = client.post("/sdapi/v1/interrogate", json={})
     assert missing.status_code == 404 and "txt2img" in missing.json()["detail"]
     wrong = client.get("/sdapi/v1/txt2img")
     assert (

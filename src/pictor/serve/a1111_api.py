@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from pictor.provenance import PARAMETERS_KEY
 from pictor.serve.a1111_errors import A1111Error, A1111Route, field_error
+from pictor.serve.a1111_extras import router as extras_router
 from pictor.serve.a1111_info import info_of, parameters_fields, png_text
 from pictor.serve.a1111_loading import when_loaded
 from pictor.serve.a1111_models import (
@@ -333,7 +334,7 @@ def not_here(rest: str, request: Request) -> None:
     path = f"/sdapi/v1/{rest}"
     allowed = sorted(
         m
-        for route in router.routes
+        for route in [*extras_router.routes, *router.routes]
         if getattr(route, "path", None) == path
         for m in getattr(route, "methods", ())
     )
@@ -347,7 +348,8 @@ def not_here(rest: str, request: Request) -> None:
     raise APIError(
         404,
         f"no such endpoint: {request.method} {path}; pictor's A1111 API has txt2img, img2img, progress, "
-        "interrupt, skip, options, sd-models, samplers, schedulers, upscalers, loras and png-info",
+        "interrupt, skip, options, sd-models, samplers, schedulers, upscalers, loras, png-info, "
+        "extra-single-image and extra-batch-images",
         code="not_found",
     )
 
@@ -364,6 +366,8 @@ def internal_ping() -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     """Serve /sdapi/v1 on `app`, and keep its 422s in the OpenAPI document (which drops FastAPI's own), with
     HTTP Basic beside the Bearer key as a way in (the guard checks both)."""
+    # before `router`, whose last route answers every other /sdapi path
+    app.include_router(extras_router, responses=ERRORS)
     app.include_router(router)
     app.include_router(probe)
     plain = app.openapi

@@ -21,6 +21,7 @@ from pictor.editing import load_image
 from pictor.pipeline import MAX_SEED, GeneratedImage, GenerationError, Pipeline
 from pictor.provenance import ProvenanceError, png_info, read_record
 from pictor.reproduce import check_record
+from pictor.serve.a1111_postprocess import finish
 from pictor.serve.store import Store
 from pictor.upscaler_files import UpscalerFile
 from pictor.upscaling import tile_count, upscale_image, upscale_problem, upscale_record, upscaled_record
@@ -116,7 +117,10 @@ def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: 
         image = upscale_image(upscaler, picture, factor, tile, overlap)
     finally:
         hook.remove()
-    upscale = upscale_record(upscaler, factor, tile, overlap) | {"width": image.width, "height": image.height}
+    upscale = upscale_record(upscaler, factor, tile, overlap)
+    if isinstance(params.get("a1111_extras"), dict):  # sent by /sdapi/v1/extra-*: A1111's size, crop, blend
+        image, upscale["a1111_extras"] = finish(picture, image, params["a1111_extras"])
+    upscale |= {"width": image.width, "height": image.height}
     record = upscaled_record(source_record, picture, upscale, __version__)
     seed = record.get("seed")
     return [GeneratedImage(image, seed if isinstance(seed, int) and 0 <= seed <= MAX_SEED else 0, record)]
