@@ -28,6 +28,7 @@ from pictor.guidance_methods import (
 )
 from pictor.guided_velocity import guided_velocity
 from pictor.loading import load
+from pictor.models.block_cache import FirstBlockCache
 from pictor.pipeline import Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
@@ -245,10 +246,11 @@ def pipe(bundle: Path) -> Pipeline:
 
 
 def _generate(pipe: Pipeline, method: GuidanceMethod | None = None, **kw: Any) -> list[Any]:
+    prompt = kw.pop("prompt_override", "a red circle")
     settings = {"seed": 4, "steps": 4, "num_images": 2, "negative_prompt": "blue", **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny encoder's notices about its vocabulary
-        return pipe.generate(GenerationRequest("a red circle", guidance_method=method, **settings))
+        return pipe.generate(GenerationRequest(prompt, guidance_method=method, **settings))
 
 
 def _px(image: Any) -> np.ndarray:
@@ -305,7 +307,7 @@ def test_unguided_steps_are_the_prompts_own_prediction(pipe: Pipeline) -> None:
     x = torch.randn(2, 16, 16)
     regions = [{"box": [0, 0, 0.5, 1], "prompt": "a blue square", "strength": 2.0}]
     for kw in ({}, {"regions": regions, "regional_attention": True}, {"composable": True}):
-        prompt = "a red circle AND two shapes:0.5" if kw.get("composable") else "a red circle"
+        prompt = "a red circle:0.5 AND two shapes:0.5" if kw.get("composable") else "a red circle"
         method = GuidanceMethod(stop=0.5)
         r = pipe.resolve_request(
             GenerationRequest(prompt, width=32, height=32, steps=4, seed=1, guidance_method=method, **kw)
@@ -386,6 +388,36 @@ def test_edits_and_the_hires_fix_take_a_method(pipe: Pipeline, monkeypatch: pyte
     assert np.array_equal(_px(reproduce(pipe, hires.record)), _px(hires))
 
 
+def test_an_interval_with_and_weights_that_do_not_add_up_to_1_is_refused(pipe: Pipeline) -> None:
+    """Outside the interval there is no negative pass, and A1111's AND guidance needs one unless the
+    weights add up to 1; a method without an interval takes any weights (its guided steps have the pass)."""
+    with pytest.raises(GenerationError, match=r"AND weights that add up to 1\.5: .* scale the weights"):
+        _generate(pipe, GuidanceMethod(stop=0.5), composable=True, prompt_override="a red circle AND a b:0.5")
+    _generate(pipe, GuidanceMethod(stop=0.5), composable=True, prompt_override="a red circle:0.5 AND b:0.5")
+    _generate(pipe, GuidanceMethod("apg"), composable=True, prompt_override="a red circle AND a b:0.5")
+
+
+def test_after_a_guided_stretch_the_prompt_only_cache_runs_in_full(pipe: Pipeline) -> None:
+    """Steps without the negative pass keep a cache of their own; its last call before a guided stretch is
+    many steps old by the next such step, so that one runs every block, even at the loosest threshold."""
+    method = GuidanceMethod(start=0.34, stop=0.67)
+    settings = {"width": 32, "height": 32, "steps": 6, "seed": 1, "negative_prompt": "blue"}
+    r = pipe.resolve_request(
+        GenerationRequest("a red circle", guidance_method=method, cache_threshold=1.0, **settings)
+    )
+    ts = torch.linspace(1, 0, 7)
+    torch.manual_seed(2)
+    x = torch.randn(2, 16, 16)
+    caches: list[FirstBlockCache] = []
+    with torch.inference_mode():
+        v = guided_velocity(pipe, r, 2, 8, 8, caches=caches, ts=ts)
+        for t in ts[:-1]:  # steps 0, 1 alone, 2, 3 guided, 4, 5 alone
+            v(x, t.expand(2))
+    alone = next(c for c in caches if c.row_full is not None and c.row_full.shape == (2,))
+    assert alone.row_calls == 4
+    assert alone.row_full.tolist() == [2, 2]  # steps 0 and 4 in full; 1 and 5 reuse (threshold 1)
+
+
 def test_the_first_block_cache_counts_the_passes_that_ran(pipe: Pipeline) -> None:
     """Steps without the negative pass keep a cache of their own; each image counts the passes it made."""
     images = _generate(pipe, GuidanceMethod(stop=0.5), cache_threshold=0.2, steps=4)
@@ -460,6 +492,21 @@ def _open(path: Path) -> Any:
 
     with Image.open(path) as im:
         return im.convert("RGB").copy()
+
+
+def test_a_grid_cell_sets_its_interval_whole() -> None:
+    """A cell's start and stop axes apply together: a start below the cell's stop is fine even where it is
+    not below the request's stop, in either axis order."""
+    request = GenerationRequest("x", guidance=4.0, guidance_method=GuidanceMethod(start=0.8))
+    for x, y in (
+        ("guidance-stop=0.5,1", "guidance-start=0.1,0.2"),
+        ("guidance-start=0.1,0.2", "guidance-stop=0.5,1"),
+    ):
+        cells = plan_grid(request, x, y).cells
+        got = sorted((c.request.guidance_method.start, c.request.guidance_method.stop) for c in cells)  # type: ignore[union-attr]
+        assert got == [(0.1, 0.5), (0.1, 1.0), (0.2, 0.5), (0.2, 1.0)]
+    with pytest.raises(GridError, match=r"start 0\.6 must be below its stop 0\.5"):
+        plan_grid(request, "guidance-stop=0.5,1", "guidance-start=0.1,0.6")
 
 
 def test_grid_axes(pipe: Pipeline, capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path) -> None:

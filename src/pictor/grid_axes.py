@@ -69,17 +69,30 @@ def _set(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest
     return lambda r, value, _first: replace(r, **{name: value})
 
 
+def _with_method(r: GenerationRequest, fields: dict[str, Any]) -> GenerationRequest:
+    """The request with these fields of its guidance method (`pictor.guidance_methods`; none: plain CFG's)
+    set together, and checked once they all are."""
+    try:
+        method = replace(r.guidance_method or GuidanceMethod(), **fields)
+    except GuidanceMethodError as exc:  # e.g. a stop at or below the cell's start
+        raise GridError(str(exc)) from None
+    return replace(r, guidance_method=method)
+
+
 def _method(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequest]:
-    """Sets one field of the request's guidance method (`pictor.guidance_methods`; none: plain CFG's)."""
+    """Sets one field of the request's guidance method (a cell sets all its axes' fields at once)."""
+    return lambda r, value, _first: _with_method(r, {name: value})
 
-    def apply(r: GenerationRequest, value: Any, _first: Any) -> GenerationRequest:
-        try:
-            method = replace(r.guidance_method or GuidanceMethod(), **{name: value})
-        except GuidanceMethodError as exc:  # e.g. a stop at or below the request's start
-            raise GridError(str(exc)) from None
-        return replace(r, guidance_method=method)
 
-    return apply
+# Axes that set a field of the guidance method: a cell applies them together, since one alone may not yet
+# make a valid method (a start above the request's stop, which the cell's stop axis lowers too).
+METHOD_FIELDS = {
+    "guidance-method": "method",
+    "guidance-rescale": "rescale",
+    "guidance-start": "start",
+    "guidance-stop": "stop",
+    "apg-eta": "eta",
+}
 
 
 AXES: dict[str, _Kind] = {
@@ -402,17 +415,23 @@ def has_hires(scale: float | None, axes: list[Axis]) -> bool:
 
 def _cell(plan: GridPlan, base: GenerationRequest, i: int, j: int, k: int) -> GridCell:
     request, settings, scale, upscaler = base, {}, None, None
+    method_fields: dict[str, Any] = {}
     for key, index in (("x", i), ("y", j), ("z", k)):
         a = plan.axes.get(key)
         if a is None:
             continue
         value = a.values[index]
-        request = AXES[a.name].apply(request, value, a.values[0])
+        if a.name in METHOD_FIELDS:
+            method_fields[METHOD_FIELDS[a.name]] = value
+        else:
+            request = AXES[a.name].apply(request, value, a.values[0])
         settings[a.name] = list(value) if isinstance(value, tuple) else value
         if a.name == "lora":
             scale = value
         if a.name == "hires-upscaler" and value != UPSCALER:
             upscaler = value
+    if method_fields:
+        request = _with_method(request, method_fields)
     if any(a.name == "hires" for a in plan.axes.values()) and request.hires_scale is None:
         # A hires=off cell has one pass, so no second pass to set: the pipeline refuses a hires strength,
         # steps or upscaler without a scale (whichever axis came first).

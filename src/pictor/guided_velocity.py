@@ -349,17 +349,23 @@ def guided_velocity(
     if ipa_k is not None:
         ipa_c = IPAttention([v[:parts] for v in ipa_k.keys], [v[:parts] for v in ipa_k.values], ipa_k.scale)
     res_c = [v[:rows] for v in res_k] if res_k is not None else None
+    after_guided = [False]  # whether the last call ran the negative pass
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = clock(float(t.reshape(-1)[0]))
         if guider.zeroed(step):  # CFG-Zero*'s first steps: zero whatever the model says, so no call
             return torch.zeros_like(x)
         if guider.guides(step):
+            after_guided[0] = True
             t_k = t.repeat(k) if t.ndim else t
             out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, rows)
             out = out.view(k, *x.shape)
             cond = out[0] if plain else compose(out, weights, 1.0)
             return guider(step, cond, out[parts])
+        prompt_cache = cache_for(rows)
+        if after_guided[0] and prompt_cache is not None:  # its last call is from before the guided steps
+            prompt_cache.forget()
+        after_guided[0] = False
         t_p = t.repeat(parts) if t.ndim else t
         out = model(x.repeat(parts, 1, 1), t_p, cond_emb(t), ids_k[:rows], res_c, ctx_c, ipa_c, rows)
         return guider(step, compose(out.view(parts, *x.shape), weights, None), None)

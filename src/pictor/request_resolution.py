@@ -143,6 +143,16 @@ def resolve_request(
         method = resolve_guidance_method(r.guidance_method, pipe.guidance_mode, r.guidance, passes)
     except ValueError as exc:
         raise GenerationError(str(exc)) from None
+    if method is not None and (method.start > 0 or method.stop < 1) and r.composable and uses_and(r.prompt):
+        total = sum(weight for _, weight in split_and(r.prompt))
+        if abs(total - 1.0) > 1e-6:
+            # Outside the interval no negative pass runs, and A1111's AND guidance (negative + sum of w_i
+            # (v_i - negative)) cannot be formed without it: the velocity would jump at the interval's edges.
+            raise GenerationError(
+                f"a guidance interval with AND weights that add up to {total:g}: outside the interval no "
+                "negative pass runs, so only weights that add up to 1 give the same velocity there as "
+                "guidance 1; scale the weights to add up to 1 (e.g. 'a:0.5 AND b:0.5'), or drop the interval"
+            )
     r = replace(r, guidance_method=method)
     r = _resolve_passes(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with

@@ -64,6 +64,11 @@ class FirstBlockCache:
     def skipped(self) -> int:
         return self.calls - self.full
 
+    def forget(self) -> None:
+        """Drop the kept residuals (the counts stay): the next call runs every block. For calls that resume
+        after others this cache did not see (a guidance interval's steps without the negative pass)."""
+        self.head_residual = self.tail_residual = None
+
     def needs_full(self, head_residual: Tensor) -> Tensor:
         """bool ``[B]`` on the CPU: which rows must run the remaining blocks this call."""
         if torch.is_grad_enabled():
