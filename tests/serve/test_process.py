@@ -220,3 +220,28 @@ def test_sigterm_finishes_running_job_and_keeps_queued(serve_process: Any, tmp_p
     (sync_job,) = httpx.get(f"{second.url}/v1/jobs", params={"q": "sync at stop"}).json()["data"]
     for job_id in (queued, sync_job["id"]):
         wait_until(lambda j=job_id: job(second.url, j)["status"] == "succeeded")
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(serve_process: Any, tmp_path: Path) -> None:
+    """It would take the first one's running jobs for a crash's leftovers and run them again: it stops before
+    opening the history, naming the server that holds the folder, and the first goes on serving."""
+    import subprocess
+
+    from tests.serve.conftest import SERVE_COMMAND
+
+    data = tmp_path / "data"
+    first = serve_process(data)
+    second = subprocess.run(
+        [*SERVE_COMMAND, "--data-dir", str(data), "--log-level", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode != 0
+    assert f"another pictor server is using it (pid {first.proc.pid}, {first.url}/)" in second.stderr
+    assert httpx.get(f"{first.url}/healthz").status_code == 200
+    job_id = submit(first.url, prompt="still here")
+    wait_until(lambda: job(first.url, job_id)["status"] == "succeeded")
+    first.terminate()
+    third = serve_process(data)  # the lock went with the first server
+    assert job(third.url, job_id)["status"] == "succeeded"

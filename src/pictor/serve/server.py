@@ -1,12 +1,14 @@
-"""Run the app on uvicorn: bind, say where, drain on SIGTERM."""
+"""Run the app on uvicorn: claim the data dir, bind, say where, drain on SIGTERM."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import uvicorn
 
@@ -61,6 +63,42 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+LOCK_FILE = "server.lock"
+
+
+def claim_data_dir(data_dir: Path) -> IO[str] | None:
+    """An exclusive lock on the data dir for as long as this process runs (the OS drops it when the process
+    ends, SIGKILL too), so that a second server on the same folder is refused before it opens the history:
+    it would take the first one's running jobs for a crash's leftovers and run them again, and clear uploads
+    the first still reads. None where the platform has no flock (the folder is then not guarded)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks of this kind
+        return None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held until the server ends)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "pid unknown"
+        handle.close()
+        raise ValueError(
+            f"--data-dir {data_dir}: another pictor server is using it ({holder}); stop that one, or give "
+            "this one another --data-dir"
+        ) from None
+    return handle
+
+
+def _note_holder(handle: IO[str] | None, text: str) -> None:
+    """Who holds the lock, for the message a refused second server prints."""
+    if handle is not None:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(text + "\n")
+        handle.flush()
+
+
 def serve(settings: ServeSettings, log_level: str = "info") -> int:
     """Blocks until the server is stopped. Bad settings raise ValueError with the reason."""
     from pictor.checkpoint import read_bundle_config
@@ -92,6 +130,15 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
     for path in settings.controlnets:  # likewise: a ControlNet file or diffusers folder
         if not path.exists():
             raise ValueError(f"--controlnet {path}: no such file or folder")
+    lock = claim_data_dir(Path(settings.data_dir).expanduser())  # before the history is opened
+    try:
+        return _serve(settings, log_level, lock)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _serve(settings: ServeSettings, log_level: str, lock: IO[str] | None) -> int:
     app = create_app(settings)
     library = app.state.service.library
     for name, why in library.unusable.items():
@@ -103,6 +150,7 @@ def serve(settings: ServeSettings, log_level: str = "info") -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     # One line a script (or a test using --port 0) can read to find the server.
     print(f"pictor serve: listening on http://{host}:{port}/ (data dir {settings.data_dir})", flush=True)
+    _note_holder(lock, f"pid {os.getpid()}, http://{host}:{port}/")
     if settings.api_key is None:
         print("pictor serve: no API key: anyone on this machine can use the server", file=sys.stderr)
     grace = max(5, int(settings.job_timeout) + 5)
