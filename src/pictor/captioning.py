@@ -3,12 +3,12 @@
 `pictor caption FOLDER --model DIR` reads an image-captioning model from a local Hugging Face folder (BLIP,
 BLIP-2, GIT and the other models transformers' ``AutoModelForImageTextToText`` and ``AutoProcessor`` load;
 config.json, safetensors weights, the processor's and tokenizer's files; nothing downloaded, nothing
-unpickled, loaded strictly: `pictor.hf_folders`) and writes one caption file beside each picture, as
-`pictor train --data FOLDER` reads them (``<stem>.txt``, or `--caption-ext`'s). The captions are the model's
-greedy (or beam) decoding, so the same folder and model give the same files; an optional prefix (a trigger
-word, "sks dog, ") goes in front. A picture that already has a caption file keeps it unless asked to
-overwrite; one that does not decode, or that the model gives an empty caption, is reported and skipped; every file is written whole (to a temporary
-name, then renamed), so an interrupted run leaves no half caption.
+unpickled, loaded strictly: `pictor.hf_folders`) and writes one caption file beside each picture, as `pictor
+train --data FOLDER` reads them (``<stem>.txt``, or `--caption-ext`'s). The captions are the model's greedy
+(or beam) decoding, so the same folder and model give the same files; an optional prefix (a trigger word,
+"sks dog, ") goes in front. A picture that already has a caption file keeps it unless asked to overwrite;
+one that does not decode, or that the model gives an empty caption, is reported and skipped; every file is
+written whole (to a temporary name, then renamed), so an interrupted run leaves no half caption.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from typing import Any
 from PIL import Image
 
 from pictor.cli_args import build_parser
+from pictor.cli_caption import cmd_caption
 from pictor.cli_grid import cmd_grid
 from pictor.cli_inspect import cmd_info, cmd_models
 from pictor.cli_lora import cmd_lora
 from pictor.cli_merge import cmd_merge
-from pictor.cli_caption import cmd_caption
 from pictor.cli_preprocess import cmd_preprocess
 from pictor.cli_preview import preview_writer
 from pictor.cli_upscale import cmd_upscale, reproduce_upscale
@@ -257,7 +257,7 @@ def _take_settings(args: argparse.Namespace) -> None:
     """--settings-from IMAGE: the image's settings (`pictor.settings_import`) for every option the command
     line left unset; what is not taken is said on stderr."""
     from pictor.sampling import SAMPLERS
-    from pictor.settings_import import settings_from_image
+    from pictor.settings_import import GUIDANCE_DESTS, settings_from_image
 
     imported = settings_from_image(args.settings_from)
     for notice in imported.notices:
@@ -278,45 +278,19 @@ def _take_settings(args: argparse.Namespace) -> None:
     # Asked before the loop, which sets args.prompt from the image: a prompt of one's own is the command
     # line's, and so are whether it uses prompt editing or AND and the regions that go with it.
     own_prompt = args.prompt is not None or args.from_file is not None
+    # The image's guidance method (settings_import: its record's, or its A1111 text's) is taken whole, or
+    # not at all where the command line gives guidance-method options of its own.
+    own_method = any(getattr(args, dest, None) is not None for dest in GUIDANCE_DESTS)
     for dest, value in imported.values.items():
         if dest in ("prompt", "prompt_editing", "composable", "regions", "regional_attention") and own_prompt:
+            continue
+        if dest in GUIDANCE_DESTS and own_method:
             continue
         current = getattr(args, dest)
         flags = ("negative", "prompt_weights", "prompt_editing", "composable", "regional_attention")
         unset = current is None or (dest in flags and not current)
         if unset:
             setattr(args, dest, value)
-    _take_guidance_method(args)
-
-
-def _take_guidance_method(args: argparse.Namespace) -> None:
-    """--settings-from: the image record's guidance method (`pictor.guidance_methods`), unless the command
-    line gives guidance-method options of its own."""
-    import json
-
-    from pictor.cli_guidance import DESTS
-    from pictor.guidance_methods import GuidanceMethod
-    from pictor.provenance import RECORD_KEY, read_text_chunks
-
-    if any(getattr(args, dest, None) is not None for dest in DESTS):
-        return
-    try:
-        record = json.loads(read_text_chunks(args.settings_from).get(RECORD_KEY, "{}"))
-        recorded = record.get("guidance_method")
-        method = GuidanceMethod.from_record(recorded) if recorded else None
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{args.settings_from}: its record's guidance method is damaged ({exc})") from None
-    if method is None:
-        return
-    args.guidance_method = method.method
-    args.guidance_rescale = method.rescale
-    args.guidance_interval = [method.start, method.stop]
-    if method.method == "apg":
-        args.apg_eta = method.eta
-        args.apg_norm_threshold = method.norm_threshold
-        args.apg_momentum = method.momentum
-    if method.method == "cfg-zero-star":
-        args.zero_init_steps = method.zero_init_steps
 
 
 def _prompt_runs(args: argparse.Namespace) -> list[Any]:

@@ -66,6 +66,9 @@ class ComfySettings:
     # whether a ModelSampling... node (ModelSamplingFlux...) sets the schedule's shift on the model's way to
     # the sampler; without one, ComfyUI's FLUX.1 [dev] shifts by a constant 1.15 at every size
     model_sampling: bool = False
+    # whether a TCFG node (Tangential Damping CFG) patches the model on its way to the sampler: pictor's
+    # tcfg guidance method (see GUIDANCE_NODES)
+    tcfg: bool = False
     notices: list[str] = field(default_factory=list)
 
 
@@ -76,6 +79,38 @@ class _Wiring:
     positive: Any = None
     negative: Any = None
     latent: Any = None
+
+
+# ComfyUI's model patches that change how CFG combines its predictions (comfy_extras), against pictor's
+# guidance methods (`pictor.guidance_methods`, diffusers' guiders, on the velocity of a flow model, whose
+# denoised prediction ComfyUI forms as x0 = x - sigma v). Only TCFG is the same: it projects the
+# unconditional x - x0 = sigma v on the first right singular vector of its pair with the conditional one,
+# which sigma does not change, and CFG is linear, so it is pictor's tcfg at the same scale. The others are
+# said, with why they are not taken.
+TCFG_NODE = "TCFG"
+GUIDANCE_NODES = {
+    "APG": (
+        "ComfyUI's APG is not pictor's apg (diffusers'): it projects the guidance on the denoised (x0) "
+        "prediction, not the velocity, clips the norm of the x0 difference (sigma times the velocity's), and "
+        "adds it to the conditional prediction (cond + cfg x update) where diffusers add it to the "
+        "unconditional one (uncond + cfg x update)"
+    ),
+    "CFGZeroStar": (
+        "ComfyUI's CFGZeroStar is not pictor's cfg-zero-star (diffusers'): it scales the unconditional "
+        "denoised (x0) prediction by the optimized scale, where diffusers scale the unconditional "
+        "velocity (on a flow model the two differ by x (1 - scale)(1 - cfg) / sigma in the velocity at "
+        "every step), and it has no zero-init steps"
+    ),
+    "RescaleCFG": (
+        "ComfyUI's RescaleCFG is not pictor's guidance rescale: it rescales a v-prediction formed as for a "
+        "model whose noisy latent is x0 + sigma noise (x / (sigma^2 + 1)), which a flow model's "
+        "(1 - sigma) x0 + sigma noise is not, so its spreads are not those of the velocity pictor rescales"
+    ),
+    "CFGNorm": (
+        "ComfyUI's CFGNorm (the CFG result's norm over channels capped at the conditional one's) has no "
+        "pictor equivalent"
+    ),
+}
 
 
 def read_comfy_graph(text: str) -> ComfySettings:
@@ -92,9 +127,12 @@ def read_comfy_graph(text: str) -> ComfySettings:
     _latent(graph, wiring.latent, out)
     before = graph.ancestors(sampler)
     out.model_sampling = any(graph.cls(n).startswith("ModelSampling") for n in before)
+    out.tcfg = any(graph.cls(n) == TCFG_NODE for n in before)
+    graph.used.update(n for n in before if graph.cls(n) == TCFG_NODE)  # taken, or said, by settings_import
     scope = before | picture_path(graph, sampler, saved)
     out.notices.extend(_file_notices(graph, scope))
     out.notices.extend(_shift_notices(graph, scope, out.size))
+    out.notices.extend(_guidance_notices(graph, before))
     out.notices.extend(_leftover_notice(graph, scope))
     return out
 
@@ -401,6 +439,18 @@ def _number_text(value: Any) -> str | None:
         except OverflowError:  # an integer past any float: its digits, cut short
             return shortened(repr(value))
     return None if value is None else shortened(repr(value))
+
+
+def _guidance_notices(graph: ComfyGraph, before: set[str]) -> list[str]:
+    """ComfyUI's guidance patches on the model's way to the sampler that pictor does not take, each with
+    why (GUIDANCE_NODES)."""
+    notices = []
+    for node in sorted(before, key=id_order):
+        why = GUIDANCE_NODES.get(graph.cls(node))
+        if why is not None:
+            graph.used.add(node)  # said here, not again with what is not taken
+            notices.append(f"{graph.name(node)} is not taken: {why}")
+    return notices
 
 
 def _leftover_notice(graph: ComfyGraph, scope: set[str]) -> list[str]:

@@ -7,7 +7,9 @@ A pictor record gives its own fields as they were. A1111's text gives what picto
 prompt, negative prompt, steps, CFG scale (or Forge's "Distilled CFG Scale"), sampler (A1111's names;
 "DPM++ 2M Karras" style names carry the schedule too), schedule type, seed, variation seed and strength,
 seed resize, size, the hires fix (scale,
-steps, denoising strength, a Lanczos or named model upscaler) and pictor's tile and cache settings. A1111
+steps, denoising strength, a Lanczos or named model upscaler), pictor's tile and cache settings and its
+guidance method ("Guidance method: apg, Guidance rescale: 0.7, Guidance interval: 0-0.7, APG eta: 0, ...",
+which a record gives too, both through `_take_guidance_method`). A1111
 always reads its emphasis syntax, so a prompt from its text is read with prompt weights; `<lora:name:w>`
 tags are taken out of it (LoRAs are files here: --lora FILE:SCALE). Anything else it holds is listed in a
 notice, not silently dropped; a sampler or upscaler pictor cannot run is an error unless the command line
@@ -34,6 +36,7 @@ from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, comfy_prompt_as_a11
 from pictor.composable_prompts import uses_and
 from pictor.flow import resolution_mu
 from pictor.generation_request import MAX_SEED
+from pictor.guidance_methods import GuidanceMethod, GuidanceMethodError
 from pictor.prompt_editing import has_editing
 from pictor.provenance import (
     PARAMETERS_KEY,
@@ -155,6 +158,30 @@ COMFY_MAX_SEED = 2**64 - 1  # ComfyUI's seeds (torch.manual_seed takes no more)
 QUIET = {"Version", "Batch size", "Batch pos", "First block cache full passes"}
 
 
+# pictor's own A1111-text fields of a guidance method (`provenance._guidance_method_fields`) -> its field
+GUIDANCE_KEYS = {
+    "Guidance method": "method",
+    "Guidance rescale": "rescale",
+    "Guidance interval": "interval",
+    "APG eta": "eta",
+    "APG norm threshold": "norm_threshold",
+    "APG momentum": "momentum",
+    "Zero init steps": "zero_init_steps",
+}
+# `pictor generate`'s options for them (cli_guidance.OPTIONS' dests; the interval is one, [start, stop])
+GUIDANCE_DESTS = (
+    "guidance_method",
+    "guidance_rescale",
+    "guidance_interval",
+    "apg_eta",
+    "apg_norm_threshold",
+    "apg_momentum",
+    "zero_init_steps",
+)
+# "0-0.7", "0.25-1", "1e-05-0.5": the start, a dash, the stop (a dash inside an exponent is not the split)
+_INTERVAL = re.compile(r"^\s*(.*?[^eE\s])\s*-\s*(\S.*?)\s*$")
+
+
 class SettingsImportError(ValueError):
     """An image whose settings cannot be taken as asked; the message says what to give instead."""
 
@@ -170,6 +197,9 @@ class ImportedSettings:
     hires_upscaler_file: str | None = None
     hires_upscaler_name: str | None = None
     sampler_name: str | None = None  # the image's sampler when pictor has none of that name
+    # The image's guidance method (`pictor.guidance_methods`), not plain CFG; `values` hold it as the
+    # guidance-method options (GUIDANCE_DESTS), all or none of which the command line takes.
+    guidance_method: GuidanceMethod | None = None
     source: str = "pictor"  # what the settings were read from: pictor (its record), a1111 or comfyui
 
 
@@ -220,6 +250,8 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
         v["regional_attention"] = bool(record.get("regional_attention"))
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
+    if record.get("guidance_method"):  # its record (ValueError when damaged: the record is damaged)
+        _take_guidance_method(GuidanceMethod.from_record(record["guidance_method"]), out)
     if record.get("seed_resize_from"):
         v["seed_resize_from"] = tuple(record["seed_resize_from"])
     if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
@@ -300,6 +332,9 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     if "Hires upscale" in settings:
         used.update({"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"})
         _hires(settings, out)
+    if any(key in settings for key in GUIDANCE_KEYS):
+        used.update(GUIDANCE_KEYS)
+        _take_guidance_method(_guidance_from_text(settings), out)
     skipped = [k for k in settings if k not in used and k not in QUIET]
     if "Model" in settings or "Model hash" in settings:
         name = settings.get("Model") or settings.get("Model hash")
@@ -337,6 +372,7 @@ def _comfy_settings(text: str) -> ImportedSettings:
             v[dest] = value
     _comfy_seed(graph.seed, out)
     _comfy_guidance(graph, out)
+    _comfy_tcfg(graph, out)
     if graph.sampler_name is not None:
         _comfy_sampler(graph.sampler_name, out)
     if graph.scheduler is not None:
@@ -408,6 +444,22 @@ def _comfy_guidance(graph: ComfySettings, out: ImportedSettings) -> None:
     )
 
 
+def _comfy_tcfg(graph: ComfySettings, out: ImportedSettings) -> None:
+    """ComfyUI's TCFG node is pictor's tcfg (`comfy_workflow.GUIDANCE_NODES`) where the graph's real CFG is
+    taken; it does nothing at CFG 1, and acts through a CFG that is not taken beside FLUX guidance."""
+    if not graph.tcfg:
+        return
+    if graph.guidance is None and graph.cfg is not None and graph.cfg != 1:
+        _take_guidance_method(GuidanceMethod("tcfg"), out)
+        return
+    why = (
+        f"it acts through the sampler's CFG {graph.cfg:g}, which is not taken beside the FLUX guidance"
+        if graph.guidance is not None and graph.cfg is not None and graph.cfg != 1
+        else "ComfyUI runs no negative pass at CFG 1, so it did nothing"
+    )
+    out.notices.append(f"the graph's TCFG (pictor's --guidance-method tcfg) is not taken: {why}")
+
+
 def _comfy_sampler(name: str, out: ImportedSettings) -> None:
     if name in COMFY_SAMPLERS:
         out.values["sampler"] = COMFY_SAMPLERS[name]
@@ -444,6 +496,54 @@ def _comfy_shift(graph: ComfySettings, out: ImportedSettings) -> None:
         f"constant {COMFY_FLUX_SHIFT:g} at every size, where pictor's schedules shift by the image's size "
         f"({mu:.2f} at {width}x{height}; {COMFY_FLUX_SHIFT:g} at 1024x1024): the steps differ"
     )
+
+
+def _take_guidance_method(method: GuidanceMethod, out: ImportedSettings) -> None:
+    """A guidance method read from a record or A1111's text, as the request's and as `pictor generate`'s
+    options (GUIDANCE_DESTS, each parameter the method reads): the one path both take. Plain CFG over every
+    step is what runs without one: nothing is taken."""
+    if method.is_default:
+        return
+    method = method.normalized()
+    out.guidance_method = method
+    v = out.values
+    v["guidance_method"], v["guidance_rescale"] = method.method, method.rescale
+    v["guidance_interval"] = [method.start, method.stop]
+    if method.method == "apg":
+        v["apg_eta"], v["apg_norm_threshold"] = method.eta, method.norm_threshold
+        v["apg_momentum"] = method.momentum
+    if method.method == "cfg-zero-star":
+        v["zero_init_steps"] = method.zero_init_steps
+
+
+def _guidance_from_text(settings: dict[str, str]) -> GuidanceMethod:
+    """pictor's own A1111-text fields of a guidance method (GUIDANCE_KEYS; absent ones take their
+    defaults); an unreadable or out-of-range value is an error that names its key."""
+    values: dict[str, Any] = {}
+    for key, name in GUIDANCE_KEYS.items():
+        if key not in settings:
+            continue
+        text = settings[key].strip()
+        try:
+            if name == "method":
+                values[name] = text.lower()
+            elif name == "interval":
+                match = _INTERVAL.match(text)
+                if match is None:
+                    raise ValueError(text)
+                values["start"], values["stop"] = float(match[1]), float(match[2])
+            elif name == "zero_init_steps":
+                values[name] = int(text)
+            else:
+                values[name] = float(text)
+        except ValueError:
+            raise SettingsImportError(f"the image's {key} '{settings[key]}' is not readable") from None
+    try:
+        return GuidanceMethod(**values)
+    except GuidanceMethodError as exc:
+        field = "interval" if exc.field in ("start", "stop") else exc.field
+        key = next(k for k, n in GUIDANCE_KEYS.items() if n == field)
+        raise SettingsImportError(f"the image's {key} '{settings.get(key, '')}': {exc}") from None
 
 
 def _without_lora_tags(text: str) -> tuple[str, list[str]]:

@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 from pictor.composable_prompts import MAX_PARTS
 from pictor.control_images import DEFAULT_CANNY
 from pictor.controlnet_runs import MAX_SCALE
+from pictor.guidance_methods import METHODS
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.pipeline import MAX_SEED
 from pictor.redux_images import MAX_STRENGTH
@@ -67,6 +68,59 @@ class LoraChoice(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, description="A name from GET /v1/loras.")
     scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="Its weight (1: as trained).")
+
+
+class GuidanceMethodBody(BaseModel):
+    """How classifier-free guidance combines the prompt's and the negative prompt's predictions
+    (`pictor.guidance_methods`, diffusers' guiders): the method and its parameters, each left out at its
+    default. Checked by pictor's GuidanceMethod: a bad value is a 400 naming guidance_method.<field>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Any = Field(
+        None,
+        description="cfg (classifier-free guidance, the default), apg (Adaptive Projected Guidance), "
+        "cfg-zero-star (CFG-Zero*) or tcfg (Tangential CFG); the model card's guidance_methods.",
+        json_schema_extra={"type": "string", "enum": list(METHODS)},
+    )
+    rescale: Any = Field(
+        None,
+        description="CFG rescale, any method (0 off to 1; 0.7 is the paper's): the guided prediction's "
+        "spread pulled toward the prompt's, against overexposure at high guidance.",
+        json_schema_extra={"type": "number"},
+    )
+    start: Any = Field(
+        None,
+        description="Guide only from this share of the steps (0 to below 1; default 0).",
+        json_schema_extra={"type": "number"},
+    )
+    stop: Any = Field(
+        None,
+        description="... to this one (above start, at most 1; default 1); elsewhere the prompt's prediction "
+        "alone, and the negative prompt's pass does not run.",
+        json_schema_extra={"type": "number"},
+    )
+    eta: Any = Field(
+        None,
+        description="apg: how much of the guidance parallel to the prediction stays, 0 to 1 (default 0).",
+        json_schema_extra={"type": "number"},
+    )
+    norm_threshold: Any = Field(
+        None,
+        description="apg: the guidance's L2 norm per image is clipped to this; 0 off (default 15).",
+        json_schema_extra={"type": "number"},
+    )
+    momentum: Any = Field(
+        None,
+        description="apg: running average of the guidance over the steps, above -1 and below 1 (default 0, "
+        "off; the paper uses negative values).",
+        json_schema_extra={"type": "number"},
+    )
+    zero_init_steps: Any = Field(
+        None,
+        description="cfg-zero-star: the first steps predict zero velocity (default 1).",
+        json_schema_extra={"type": "integer"},
+    )
 
 
 def canny_setting(value: Any, form: bool = False) -> list[float] | None:
@@ -159,6 +213,13 @@ class ImageGenerationRequest(BaseModel):
         "an optional trailing :weight (a red circle AND a blue square:0.8), each part one more transformer "
         f"pass per step, guided together (with prompt_editing, each part reads its own); at most {MAX_PARTS} "
         "parts. Not with regions; false: AND is a word.",
+    )
+    guidance_method: GuidanceMethodBody | None = Field(
+        None,
+        description="How guidance combines the prompt's and the negative prompt's predictions, for models "
+        'with real CFG: {"method": "apg", "eta": 0, "rescale": 0.7, "start": 0, "stop": 0.7, ...} (see '
+        "GuidanceMethodBody; absent: plain CFG over every step). Refused on a guidance-distilled model, at "
+        "guidance 1, and with an interval that holds none of the steps.",
     )
     sampler: str | None = Field(
         None,
@@ -490,6 +551,11 @@ class ModelCard(BaseModel):
     schedules: list[str] = Field(
         default_factory=list,
         description="The timestep schedules a request's schedule may name (without one: the model's own).",
+    )
+    guidance_methods: list[str] = Field(
+        default_factory=list,
+        description="The guidance methods a request's guidance_method.method may name (plain cfg first); "
+        "they act on real CFG, so a guidance-distilled model refuses all but plain cfg.",
     )
     kontext: bool = Field(
         False,

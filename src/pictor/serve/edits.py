@@ -10,18 +10,19 @@ Masks follow OpenAI: where the mask is fully transparent (alpha 0) the image is 
 an alpha channel follows pictor's convention instead: white repaints, black keeps. Without a mask, an
 image with transparent pixels is repainted there (OpenAI's dall-e-2 rule); otherwise the edit is img2img.
 
-pictor's own fields go as in ``/v1/images/generations``: ``layout`` and ``regions`` (regional prompts) as
-their JSON text in form fields, ``reference_image``, ``context_image`` (FLUX.1 Kontext's picture to edit by
-instruction; a Kontext model only) and ``control_image`` (FLUX.1 Canny / Depth's control picture; a control
-model needs one), each a further file checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH``
-or ``[LOW, HIGH]``: draw the control picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on
-a server with Redux loaded) as a file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLUX.1
-IP-Adapter's picture, on a server with the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the
-prompt may be empty only with a reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets,
-``controlnet_image`` files (the field repeated, one per ControlNet, in order) with ``controlnet_scales``,
-``controlnet_modes``, ``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a
-list). Variation seeds (``variation_seed``, ``variation_strength``) go as on a generation;
-``seed_resize_from`` is refused (an edit's composition is its picture's).
+pictor's own fields go as in ``/v1/images/generations``: ``layout``, ``regions`` (regional prompts) and
+``guidance_method`` (`guidance_fields`) as their JSON text in form fields, ``reference_image``,
+``context_image`` (FLUX.1 Kontext's picture to edit by instruction; a Kontext model only) and
+``control_image`` (FLUX.1 Canny / Depth's control picture; a control model needs one), each a further file
+checked like the others, and ``control_canny`` (``true``, ``LOW,HIGH`` or ``[LOW, HIGH]``: draw the control
+picture's Canny edges first); ``redux_image`` (FLUX.1 Redux's picture, on a server with Redux loaded) as a
+file too, with ``redux_strength``; ``ip_adapter_image`` (XLabs' FLUX.1 IP-Adapter's picture, on a server with
+the IP-Adapter loaded) as a file too, with ``ip_adapter_scale``; the prompt may be empty only with a
+reference, Redux or IP-Adapter picture. On a server with FLUX.1 ControlNets, ``controlnet_image`` files (the
+field repeated, one per ControlNet, in order) with ``controlnet_scales``, ``controlnet_modes``,
+``controlnet_start`` and ``controlnet_end`` (see `controlnets` for how a form sends a list). Variation seeds
+(``variation_seed``, ``variation_strength``) go as on a generation; ``seed_resize_from`` is refused (an edit's
+composition is its picture's).
 
 An edit's own settings go as `pictor.editing.EditRequest` names them: ``upscale`` and ``upscaler`` (enlarge
 the source first), ``inpaint_area``, ``mask_padding`` and ``inpaint_size`` (inpaint only the masked area),
@@ -70,6 +71,7 @@ from pictor.serve.edit_outpaint import (
     expanded_size,
 )
 from pictor.serve.errors import APIError
+from pictor.serve.guidance_fields import checked_guidance_method, guidance_method_of
 from pictor.serve.job_requests import EDIT_KEYS, TUPLE_KEYS
 from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
 from pictor.serve.routes import (
@@ -141,6 +143,7 @@ def edit_params(
     layout = checked_layout(form.get("layout"))
     regions = checked_regions(form.get("regions"), limits)
     check_regional_attention(bool(form.get("regional_attention")), regions)
+    method = checked_guidance_method(form.get("guidance_method"))  # JSON text, checked by the dataclass
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []], regions)
     upscale = form.get("upscale")
     # An outpainting edit's output is the grown canvas, known without the model: the limits apply to it
@@ -191,6 +194,7 @@ def edit_params(
     settings["prompt_editing"] = bool(form.get("prompt_editing"))
     settings["composable"] = bool(form.get("composable"))
     settings["regional_attention"] = bool(form.get("regional_attention"))  # absent from a variation's form
+    settings["guidance_method"] = method  # its record, or None for plain CFG (guidance_fields)
     # an edit's own settings, as EditRequest names them; absent ones take its defaults
     edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
     if str(edit_settings.get("upscaler", "")).lower() == "lanczos":
@@ -223,7 +227,7 @@ def edit_params(
             redux_image=redux,  # and this one without Redux loaded
             ip_adapter_image=ip_adapter,  # and this one without the IP-Adapter loaded
             controlnet_images=controlnets,  # and these without ControlNets loaded
-            **settings,
+            **{**settings, "guidance_method": guidance_method_of(settings)},
             **{k: tuple(v) if k in TUPLE_KEYS else v for k, v in edit_settings.items()},
         )
         try:
@@ -401,6 +405,14 @@ Composable = Annotated[
         "a word"
     ),
 ]
+GuidanceMethodForm = Annotated[
+    str | None,
+    Form(
+        description="how guidance combines the prompt's and the negative prompt's predictions, as JSON: "
+        '{"method": "apg", "eta": 0, "rescale": 0.7, "start": 0, "stop": 0.7} (the fields of the JSON '
+        "body's guidance_method; absent: plain CFG)"
+    ),
+]
 RegionalAttention = Annotated[
     bool,
     Form(
@@ -473,6 +485,7 @@ FORM_FIELDS = {
     "layout",
     "regions",
     "regional_attention",
+    "guidance_method",
     "loras",
     "n",
     "size",
@@ -671,6 +684,7 @@ async def edit_form(
     prompt_editing: PromptEditing = False,
     composable: Composable = False,
     regional_attention: RegionalAttention = False,
+    guidance_method: GuidanceMethodForm = None,
     upscale: Upscale = None,
     upscaler: Upscaler = None,
     inpaint_area: InpaintArea = None,
@@ -753,6 +767,7 @@ async def edit_form(
         "layout": layout,
         "regions": regions,
         "regional_attention": regional_attention,
+        "guidance_method": guidance_method,
         "loras": loras,
         "control_canny": canny_form(control_canny),
         "redux_strength": redux_strength,

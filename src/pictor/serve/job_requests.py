@@ -14,6 +14,7 @@ from pictor.editing import EditRequest
 from pictor.generation_request import DENOISE_TILING_FIELDS
 from pictor.hires import HIRES_FIELDS
 from pictor.pipeline import GenerationRequest
+from pictor.serve.guidance_fields import guidance_method_of
 from pictor.serve.store import JobRow, Store
 
 # Settings that must be equal for two jobs to share one sampler run.
@@ -51,6 +52,9 @@ BATCH_KEYS = (
     "composable",
     # the regions as one pass with masked attention (`pictor.regional_attention`): other passes, other images
     "regional_attention",
+    # how guidance combines the predictions (`pictor.guidance_methods`): the method's record, None for plain
+    # CFG (and for jobs queued before it existed); another method is another run
+    "guidance_method",
     # the transformer in windows (pixels): the whole run takes them, so jobs that differ never merge
     *DENOISE_TILING_FIELDS,
     # variation seeds (`pictor.noise_variation`): a job with a strength runs alone (see take_batch)
@@ -109,6 +113,7 @@ def generation_request(
     fields["prompt_editing"] = bool(fields["prompt_editing"])
     fields["composable"] = bool(fields["composable"])
     fields["regional_attention"] = bool(fields["regional_attention"])
+    fields["guidance_method"] = guidance_method_of(params)  # the record as the request's GuidanceMethod
     fields.update(
         seed=params.get("seed"),
         num_images=int(params.get("n", 1)),
@@ -130,6 +135,7 @@ def edit_request(params: dict[str, Any], store: Store, **overrides: Any) -> Edit
     fields["prompt_editing"] = bool(fields["prompt_editing"])
     fields["composable"] = bool(fields["composable"])
     fields["regional_attention"] = bool(fields["regional_attention"])
+    fields["guidance_method"] = guidance_method_of(params)
     # absent from jobs queued before they existed: EditRequest's defaults
     fields |= {k: params[k] for k in EDIT_KEYS if params.get(k) is not None}
     fields |= {k: tuple(fields[k]) for k in TUPLE_KEYS if fields.get(k) is not None}

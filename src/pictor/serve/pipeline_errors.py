@@ -41,6 +41,13 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     for pattern, field in (
         (r"^(width|height|size) ", "size"),
         (r"^steps ", "steps"),
+        # guidance methods (guidance_methods.guidance_method_problem): before guidance's rule, which "guidance
+        # method ..." and "guidance interval ..." would meet. A method on a distilled model or at guidance 1
+        # is about the method; an interval that holds none of the steps about its stop (usually too low); the
+        # request's own values are checked before that, by the dataclass (serve/guidance_fields.py)
+        (r"^guidance method ", "guidance_method"),
+        (r"^guidance interval ", "guidance_method.stop"),
+        (r"^zero init steps ", "guidance_method.zero_init_steps"),
         (r"^guidance |takes no guidance", "guidance"),
         # variation seeds (noise_variation.variation_problem; an edit's refusal of seed resize): before
         # "seed ", which "seed resize from..." would meet; a variation seed without a strength is about the

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
+from pictor.guidance_methods import METHODS
 from pictor.provenance import (
     PARAMETERS_KEY,
     POSTPROCESSING_KEYS,
@@ -176,6 +177,7 @@ def model_card(svc: Service) -> ModelCard:
         },
         samplers=list(SAMPLERS),
         schedules=list(SCHEDULES),
+        guidance_methods=list(METHODS),  # (pictor.guidance_methods) the page's Guidance method select
         # From the bundle's config, as the pipeline decides (context_images.context_problem): so the page
         # offers a context picture only where it would not be refused.
         kontext=bool(pipe.config.kontext) if pipe is not None else False,

@@ -21,6 +21,7 @@ from pictor.sampling import SAMPLERS, SCHEDULES
 from pictor.serve.api_models import ImageGenerationRequest, Job, JobProgress, JobResult
 from pictor.serve.controlnets import decode_pictures, resolved_settings
 from pictor.serve.errors import APIError, not_found
+from pictor.serve.guidance_fields import checked_guidance_method
 from pictor.serve.job_requests import generation_request
 from pictor.serve.jobs import JobManager
 from pictor.serve.lora_library import LoraLibrary
@@ -106,6 +107,11 @@ class Service:
         sent = [r.model_dump(exclude_none=True) for r in body.regions] if body.regions is not None else None
         regions = checked_regions(sent, limits)
         check_regional_attention(body.regional_attention, regions)
+        # checked by the dataclass (a 400 naming guidance_method.<field>); the model's refusals come below
+        sent_method = body.guidance_method
+        method = checked_guidance_method(
+            sent_method.model_dump(exclude_unset=True) if sent_method is not None else None
+        )
         check_policy(self.policy, body.prompt, negative, [box["phrase"] for box in layout or []], regions)
         # Each of these pictures says what to draw by itself, so the prompt may then be empty.
         pictured = (body.reference_image, body.redux_image, redux, body.ip_adapter_image)
@@ -165,6 +171,7 @@ class Service:
             "prompt_editing": body.prompt_editing,
             "composable": body.composable,  # the prompt's AND parts as passes of their own
             "regional_attention": body.regional_attention,  # the regions as one masked pass (checked above)
+            "guidance_method": method,  # its record, or None for plain CFG (guidance_fields)
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,
             "denoise_tile_overlap": body.denoise_tile_overlap,

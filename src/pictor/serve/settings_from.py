@@ -53,8 +53,9 @@ class ImageSettings(BaseModel):
         description="A body for POST /v1/images/generations: prompt, negative_prompt, size, steps, guidance, "
         "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
         "prompt_editing, composable (A1111 always reads AND: true for its text whose prompt has it), the "
-        "hires fix, denoise tiles, cache_threshold, regions (those the image names) and regional_attention "
-        "(with them, when the image ran them as one pass)"
+        "hires fix, denoise tiles, cache_threshold, regions (those the image names), regional_attention "
+        "(with them, when the image ran them as one pass) and guidance_method (the method and the "
+        "parameters it reads, when the image's was not plain CFG)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
     source: str = Field(
@@ -82,6 +83,8 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
     for key in ("size", "seed_resize_from"):  # WxH text, as the body takes them
         if values.get(key):
             body[key] = f"{values[key][0]}x{values[key][1]}"
+    if imported.guidance_method is not None:  # the method's record: the body's guidance_method object
+        body["guidance_method"] = imported.guidance_method.record()
     if imported.hires_upscaler_name:
         body["hires_upscaler"] = imported.hires_upscaler_name  # checked against the server's when sent
     if imported.sampler_name:

@@ -101,10 +101,52 @@ function requestFromForm() {
     values.hires_steps = number("hires_steps", Number);
     values.hires_upscaler = $("hires_upscaler").value || undefined;  // empty: Lanczos, the server's default
   }
+  values.guidance_method = guidanceMethodFromForm(number);
   const loras = lorasFromForm();
   if (loras.length) values.loras = loras;
   for (const [name, value] of Object.entries(values)) if (value !== undefined) body[name] = value;
   return body;
+}
+
+// -- the guidance method (pictor.guidance_methods): the select, rescale, the interval, and the chosen
+// method's own parameters, the others hidden. Sent as the guidance_method object with the fields typed (an
+// edit's form takes its JSON text); plain CFG with nothing typed is not sent (the server's own).
+
+const GUIDANCE_FIELDS = {  // input id -> the object's field, and the method it belongs to (none: any)
+  guidance_rescale: ["rescale"],
+  guidance_start: ["start"],
+  guidance_stop: ["stop"],
+  apg_eta: ["eta", "apg"],
+  apg_norm_threshold: ["norm_threshold", "apg"],
+  apg_momentum: ["momentum", "apg"],
+  zero_init_steps: ["zero_init_steps", "cfg-zero-star"],
+};
+
+function guidanceMethodFromForm(number) {
+  const method = $("guidance_method").value || "cfg";
+  const chosen = { method };
+  for (const [id, [field, owner]] of Object.entries(GUIDANCE_FIELDS)) {
+    if (owner && owner !== method) continue;  // another method's: hidden, not sent
+    const value = number(id, Number);
+    if (value !== undefined) chosen[field] = value;
+  }
+  return method === "cfg" && Object.keys(chosen).length === 1 ? undefined : chosen;
+}
+
+function showGuidanceMethod() {
+  const method = $("guidance_method").value || "cfg";
+  for (const element of document.querySelectorAll("[data-guidance-method]")) {
+    element.hidden = element.dataset.guidanceMethod !== method;
+  }
+}
+
+// A record's (or a settings body's) guidance_method into the form: the method and each parameter it names.
+function fillGuidanceMethod(kept) {
+  const method = (kept && kept.method) || "cfg";
+  $("guidance_method").value = method;
+  for (const [id, [field]] of Object.entries(GUIDANCE_FIELDS)) $(id).value = kept?.[field] ?? "";
+  showGuidanceMethod();
+  if (kept) $("guidance-settings").open = true;  // (closed, it keeps the settings short)
 }
 
 // -- LoRAs: one scale field per LoRA the server offers (GET /v1/loras); empty is off ----------------
@@ -169,6 +211,7 @@ function fillForm(record) {
   $("guidance").value = record.guidance ?? "";
   $("sampler").value = record.sampler || "";
   $("schedule").value = record.schedule || "";  // a record names the one that ran, the model's own too
+  fillGuidanceMethod(record.guidance_method);  // a record says it only when not plain CFG
   $("seed").value = record.seed ?? "";
   // A record's variation seed is its own image's (its run's first + its index), which n = 1 draws again.
   $("variation_seed_strength").value = record.variation_strength || "";
@@ -999,6 +1042,7 @@ function recordRequest(record) {
   if (record.prompt_editing) body.prompt_editing = true;
   if (record.composable) body.composable = true;
   if (record.schedule) body.schedule = record.schedule;
+  if (record.guidance_method) body.guidance_method = record.guidance_method;
   if (record.layout) body.layout = record.layout;
   if (record.regions) body.regions = record.regions;
   if (record.regions && record.regional_attention) body.regional_attention = true;
@@ -1205,6 +1249,8 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("prompt_weights").addEventListener("change", () => {
     if (!$("prompt_weights").checked) $("prompt_editing").checked = false;
   });
+  $("guidance_method").addEventListener("change", showGuidanceMethod);
+  showGuidanceMethod();
   $("edit-image").addEventListener("change", () => choosePicture("edit"));
   $("variation-image").addEventListener("change", () => choosePicture("variation"));
   $("clear-edit-button").addEventListener("click", () => {
