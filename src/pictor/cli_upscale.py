@@ -148,7 +148,7 @@ def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate
     from pictor.provenance import ProvenanceError, save_png
     from pictor.reproduce import pixel_report
     from pictor.upscaler_files import load_upscaler
-    from pictor.upscaling import picture_pixels, upscale_image
+    from pictor.upscaling import picture_pixels, upscale_image, with_alpha
 
     up = record["upscale"]
     if not isinstance(up, dict) or (
@@ -173,6 +173,9 @@ def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate
             f"{upscaler.path} is not the upscale model this image was made with (SHA-256 "
             f"{upscaler.sha256[:10]}, the record says {up['sha256'][:10]}); pass that file with --upscaler"
         )
+    extras = up.get("a1111_extras")  # sent by /sdapi/v1/extra-*: the RGB picture, A1111's runs and finish
+    if extras is not None and not isinstance(extras, dict):
+        raise ProvenanceError("the pictor record's upscale is damaged; the image's metadata was edited")
     if "prompt" in record:
         base = {k: v for k, v in record.items() if k != "upscale"}
         source = generate(base).image
@@ -182,14 +185,44 @@ def reproduce_upscale(args: argparse.Namespace, record: dict[str, Any], generate
                 "this image is an upscale of a picture pictor did not generate; pass it as --source"
             )
         source, _ = _open_picture(args.source)
+        if extras is not None:  # A1111's Extras upscale RGB: the job kept (and hashed) the RGB picture
+            source = with_alpha(source).convert("RGB")
         want = record.get("source_image", {}).get("sha256")
         if image_info(picture_pixels(source))["sha256"] != want:
             raise ValueError(
                 f"--source {args.source} is not the picture this upscale was made from (its pixels' hash "
                 "differs from the record's); pass the original picture"
             )
-    image = upscale_image(upscaler, source, float(up["scale"]), up["tile"], up["overlap"])
+    if extras is None:
+        image = upscale_image(upscaler, source, float(up["scale"]), up["tile"], up["overlap"])
+    else:
+        image = extras_upscale(upscaler, source, up, extras)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     print(save_png(image, record, Path(args.out) / f"{Path(args.image).stem}-reproduced.png"))
     print(f"pictor reproduce: {pixel_report(args.image, image)}", file=sys.stderr)
     return 0
+
+
+def extras_upscale(
+    upscaler: Any, source: Image.Image, up: dict[str, Any], extras: dict[str, Any]
+) -> Image.Image:
+    """An Extras upscale (`a1111_extras`) again: the model's runs, then A1111's Lanczos, crop and blend, by
+    the functions the server's job runs (`upscale_runs`), so that the pixels are the answered ones."""
+    from pictor.provenance import ProvenanceError
+    from pictor.serve.a1111_postprocess import MAX_RUNS, finish, model_picture
+    from pictor.upscaling import upscale_image
+
+    source = source.convert("RGB")
+    runs = extras.get("runs")
+    try:
+        if runs is None:  # an Extras job from before the runs were recorded: the factor, in one call
+            made = upscale_image(upscaler, source, float(up["scale"]), up["tile"], up["overlap"])
+        elif isinstance(runs, int) and not isinstance(runs, bool) and 1 <= runs <= MAX_RUNS:
+            made = model_picture(upscaler, source, runs, up["tile"], up["overlap"])
+        else:
+            raise ProvenanceError("the pictor record's upscale has no valid 'a1111_extras' model runs")
+        return finish(source, made, extras)[0]
+    except (KeyError, TypeError) as exc:  # a hand-edited spec
+        raise ProvenanceError(
+            f"the pictor record's upscale has damaged 'a1111_extras' ({exc}); the image's metadata was edited"
+        ) from None

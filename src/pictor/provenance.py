@@ -80,6 +80,9 @@ def postprocessing_text(record: dict[str, Any]) -> str | None:
     up = record.get("upscale")
     if not isinstance(up, dict) or not isinstance(up.get("scale"), int | float):
         return None
+    extras = up.get("a1111_extras")  # made through /sdapi/v1/extra-*: A1111's own text of its settings
+    if isinstance(extras, dict) and isinstance(extras.get("infotext"), str):
+        return extras["infotext"]
     fields = [
         ("Postprocess upscale by", _fmt_number(up["scale"])),
         ("Postprocess upscaler", up.get("upscaler")),

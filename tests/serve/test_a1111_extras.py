@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 from pictor.models.upscalers import CompactNet, CompactParams
@@ -132,6 +132,10 @@ def test_resize_mode_1_covers_the_target_and_crops_to_it_as_a1111(client: TestCl
     assert np.array_equal(got[:, 2:98], np.asarray(upscaled)[2:62])
     out = extras(client, src, **body, upscaling_crop=False)
     assert np.array_equal(pixels(out["image"]), np.asarray(upscaled))
+    # A1111's web UI sends its switches as 0 / 1: 0 is false here too
+    assert np.array_equal(
+        pixels(extras(client, src, **body, upscaling_crop=0)["image"]), np.asarray(upscaled)
+    )
     assert out["html_info"] == "<p>Postprocess upscale to: 100x60, Postprocess upscaler: Lanczos</p>"
     cropped = extras(client, src, **body)["html_info"]
     assert cropped == (
@@ -268,3 +272,162 @@ def test_openapi_lists_the_extras(client: TestClient) -> None:
         assert "422" in operation["responses"] and {"HTTPBasic": []} in operation["security"]
     unknown = client.post("/sdapi/v1/extra-nothing", json={})
     assert unknown.status_code == 404 and "extra-batch-images" in unknown.json()["detail"]
+
+
+# -- review fixes: transparency, runs, caps, the pixel budget, interrupts ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upscaling_x4(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The tiny model with a tiny random x4 compact net: A1111 runs it up to 3 times (x64)."""
+    torch.manual_seed(1)
+    net = CompactNet(CompactParams(features=8, convs=2, scale=4))
+    path = tmp_path_factory.mktemp("upscaler4") / "tiny-x4.safetensors"
+    save_file(net.state_dict(), path)
+    pipe = new_tiny()
+    pipe.set_upscaler(path)
+    return pipe
+
+
+def limited_client(make_client: Callable[..., TestClient], pipe: Pipeline | None, pixels: int) -> TestClient:
+    return make_client(pipe, limits=Limits(**{**TEST_LIMITS.__dict__, "max_picture_pixels": pixels}))
+
+
+def with_alpha_picture(width: int, height: int) -> Image.Image:
+    rgba = picture(width, height, seed=5).convert("RGBA")
+    alpha = np.asarray(picture(width, height, seed=6))[..., 0]
+    rgba.putalpha(Image.fromarray(alpha))
+    return rgba
+
+
+def test_transparent_source_answers_rgb_and_reproduces_from_the_original(
+    model_client: TestClient, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pictor.cli import main
+
+    src = with_alpha_picture(40, 60)
+    buf = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat, Steps: 20")
+    src.save(buf, format="PNG", pnginfo=info)
+    data = base64.b64encode(buf.getvalue()).decode()
+    rgb = src.convert("RGB")
+    # Lanczos: RGB, as A1111's Extras, the source's own text kept
+    r = model_client.post("/sdapi/v1/extra-single-image", json={"image": data, "upscaler_1": "Lanczos"})
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))) as im:
+        assert im.mode == "RGB" and im.text["parameters"] == "a cat, Steps: 20"
+        assert np.array_equal(np.asarray(im), np.asarray(rgb.resize((80, 120), LANCZOS)))
+    # the model, to 50x36 cropped: the answer (and the history's PNG) RGB, with A1111's own text
+    body = {"image": data, "upscaler_1": NAME, "resize_mode": 1, "upscaling_resize_w": 50}
+    r = model_client.post("/sdapi/v1/extra-single-image", json={**body, "upscaling_resize_h": 36})
+    assert r.status_code == 200, r.text
+    out = r.json()["image"]
+    with Image.open(io.BytesIO(base64.b64decode(out))) as im:
+        assert im.mode == "RGB" and im.size == (50, 36)
+    text = chunks(out)
+    want = f"Postprocess upscale to: 50x36, Postprocess crop to: 50x36, Postprocess upscaler: {NAME}"
+    assert text["postprocessing"] == want and text["extras"] == want
+    # `pictor reproduce --source ORIGINAL` takes the transparent original and makes the answered pixels
+    original, result = tmp_path / "original.png", tmp_path / "result.png"
+    original.write_bytes(buf.getvalue())
+    result.write_bytes(base64.b64decode(out))
+    capsys.readouterr()
+    assert main(["reproduce", str(result), "--source", str(original), "-o", str(tmp_path / "again")]) == 0
+    captured = capsys.readouterr()
+    assert "the pixels are identical" in captured.err
+    with Image.open(captured.out.strip()) as im:
+        assert im.size == (50, 36) and np.array_equal(np.asarray(im.convert("RGB")), pixels(out))
+
+
+def test_a_batch_whose_second_picture_is_too_large_queues_nothing(
+    make_client: Callable[..., TestClient], upscaling: Pipeline
+) -> None:
+    limited = limited_client(make_client, upscaling, 100 * 100)
+    items = [{"data": b64_png(picture(16, 16)), "name": "a"}, {"data": b64_png(picture(48, 48)), "name": "b"}]
+    body = {"imageList": items, "upscaler_1": NAME, "upscaling_resize": 2}  # 96x96 fits, its run 96x96 too
+    assert limited.post("/sdapi/v1/extra-batch-images", json=body).status_code == 200
+    before = len(jobs(limited))
+    body["upscaling_resize"] = 2.5  # 16x16 -> 40x40 fits; 48x48 -> 120x120 (two runs: 192x192) does not
+    refused(limited.post("/sdapi/v1/extra-batch-images", json=body), 422, "upscaling_resize", "10000")
+    assert len(jobs(limited)) == before
+
+
+def test_an_interrupted_model_job_is_a_409(model_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = model_client.app.state.service  # type: ignore[attr-defined]
+    submit = svc.submit
+
+    def submit_and_interrupt(params: dict[str, Any], user: str | None) -> Any:
+        job = submit(params, user)
+        svc.manager.cancel(job.id)
+        return job
+
+    monkeypatch.setattr(svc, "submit", submit_and_interrupt)
+    body = {"image": b64_png(picture(32, 32)), "upscaler_1": NAME}
+    r = model_client.post("/sdapi/v1/extra-single-image", json=body)
+    assert r.status_code == 409, r.text
+    assert "interrupted" in r.json()["detail"]
+
+
+def test_the_model_to_a_smaller_target_resizes_without_a_job(model_client: TestClient) -> None:
+    src = picture(32, 32, seed=3)
+    before = len(jobs(model_client))
+    body = {"upscaler_1": NAME, "resize_mode": 1, "upscaling_resize_w": 16, "upscaling_resize_h": 16}
+    out = extras(model_client, src, **body)
+    assert np.array_equal(pixels(out["image"]), np.asarray(src.resize((16, 16), LANCZOS)))
+    assert len(jobs(model_client)) == before  # A1111 does not run the model below scale 1
+
+
+def test_an_x4_model_runs_three_times_as_a1111(
+    make_client: Callable[..., TestClient], upscaling_x4: Pipeline
+) -> None:
+    client = make_client(upscaling_x4)
+    src = picture(4, 4, seed=4)
+    body = {"upscaler_1": "tiny-x4", "resize_mode": 1, "upscaling_resize_w": 200, "upscaling_resize_h": 200}
+    out = extras(client, src, **body)  # x50: 16x16, 64x64 and 256x256 (x64, past pictor's x16), to 200x200
+    once = Image.fromarray(model_upscale(client, src, 4))
+    twice = Image.fromarray(model_upscale(client, once, 4))
+    thrice = Image.fromarray(model_upscale(client, twice, 4))
+    assert np.array_equal(pixels(out["image"]), np.asarray(thrice.resize((200, 200), LANCZOS)))
+    job = next(j for j in jobs(client) if j["request"].get("a1111_extras"))
+    assert job["request"]["a1111_extras"]["runs"] == 3 and job["request"]["scale"] == 64
+    record = json.loads(chunks(out["image"])["pictor"])["upscale"]
+    assert record["scale"] == 64 and record["a1111_extras"]["runs"] == 3
+
+
+def test_the_batch_cap_and_the_pixel_budget(
+    make_client: Callable[..., TestClient], client: TestClient
+) -> None:
+    item = {"data": b64_png(picture(32, 32)), "name": "a"}
+    path = "/sdapi/v1/extra-batch-images"
+    body = {"imageList": [item] * TEST_LIMITS.max_images, "upscaler_1": "Lanczos"}
+    assert client.post(path, json=body).status_code == 200
+    body["imageList"] = [item] * (TEST_LIMITS.max_images + 1)
+    refused(client.post(path, json=body), 422, "imageList", f"max_images, {TEST_LIMITS.max_images}")
+    # each 32x32 at x2 reads 1024 and makes 4096 pixels; the budget is twice max_picture_pixels (20000)
+    limited = limited_client(make_client, None, 100 * 100)
+    body = {"imageList": [item] * 3, "upscaler_1": "Lanczos"}
+    assert limited.post(path, json=body).status_code == 200
+    body["imageList"] = [item] * 4
+    refused(limited.post(path, json=body), 422, "imageList", "imageList[3].data read and make 20480 pixels")
+
+
+def test_pictures_on_the_way_are_held_to_the_limit(
+    make_client: Callable[..., TestClient], upscaling: Pipeline
+) -> None:
+    path = "/sdapi/v1/extra-single-image"
+    # Lanczos at x3 makes 99x99 (9801 pixels) on its way to 96x96 (9216)
+    limited = limited_client(make_client, upscaling, 96 * 96)
+    body = {"image": b64_png(picture(33, 33)), "upscaler_1": "Lanczos", "upscaling_resize": 3}
+    refused(limited.post(path, json=body), 422, "upscaling_resize", "9801 pixels (on the way)")
+    # the x2 model runs twice for x2.5 on 30x30 (120x120, 14400 pixels) on its way to 72x72 (5184)
+    limited = limited_client(make_client, upscaling, 80 * 80)
+    body = {"image": b64_png(picture(30, 30)), "upscaler_1": NAME, "upscaling_resize": 2.5}
+    refused(limited.post(path, json=body), 422, "upscaling_resize", "14400 pixels (on the way, 2 run(s)")
+    assert jobs(limited) == []
+
+
+def test_names_are_checked_before_the_picture_and_quotes_keep_unicode(client: TestClient) -> None:
+    path = "/sdapi/v1/extra-single-image"
+    refused(client.post(path, json={"image": "%%%", "upscaler_1": "Bogus"}), 422, "upscaler_1", "Bogus")
+    refused(client.post(path, json={"image": "%%%", "gfpgan_visibility": 1}), 422, "gfpgan_visibility", "")
+    assert post._quote("café, au lait") == '"café, au lait"'

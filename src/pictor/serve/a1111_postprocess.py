@@ -158,6 +158,18 @@ def extras_spec(
     }
 
 
+def model_picture(upscaler: Any, source: Image.Image, runs: int, tile: int, overlap: int) -> Image.Image:
+    """The upscale model's `runs` runs on `source`, each at its own factor and back to 8 bits, as A1111's
+    Upscaler.upscale runs it on a picture each time (no factor past pictor's x16 to fit: the pixel limit,
+    checked when the job is sent, bounds the work)."""
+    from pictor.upscaling import upscale_image  # torch: only where a model runs
+
+    image = source
+    for _ in range(runs):
+        image = upscale_image(upscaler, image, None, tile, overlap)
+    return image
+
+
 def finish(
     source: Image.Image, model_image: Image.Image, spec: dict[str, Any]
 ) -> tuple[Image.Image, dict[str, Any]]:
@@ -170,7 +182,11 @@ def finish(
 def _quote(value: Any) -> Any:
     """A1111's `infotext_utils.quote`."""
     text = str(value)
-    return value if "," not in text and "\n" not in text and ":" not in text else json.dumps(text)
+    return (
+        value
+        if "," not in text and "\n" not in text and ":" not in text
+        else json.dumps(text, ensure_ascii=False)
+    )
 
 
 def infotext(spec: dict[str, Any]) -> str:

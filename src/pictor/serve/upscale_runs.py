@@ -21,7 +21,7 @@ from pictor.editing import load_image
 from pictor.pipeline import MAX_SEED, GeneratedImage, GenerationError, Pipeline
 from pictor.provenance import ProvenanceError, png_info, read_record
 from pictor.reproduce import check_record
-from pictor.serve.a1111_postprocess import finish
+from pictor.serve.a1111_postprocess import MAX_RUNS, finish, model_picture
 from pictor.serve.store import Store
 from pictor.upscaler_files import UpscalerFile
 from pictor.upscaling import tile_count, upscale_image, upscale_problem, upscale_record, upscaled_record
@@ -95,17 +95,38 @@ def picture_and_record(path: Any) -> tuple[Image.Image, dict[str, Any] | None]:
     return picture, usable_record(record)
 
 
+def extras_runs(spec: dict[str, Any]) -> int:
+    """The model runs of an Extras job (`a1111_extras.plan`: 1 to 3)."""
+    runs = spec.get("runs")
+    if not isinstance(runs, int) or isinstance(runs, bool) or not 1 <= runs <= MAX_RUNS:
+        raise GenerationError(
+            f"this Extras upscale job has no valid model runs (1 to {MAX_RUNS}); send it again"
+        )
+    return runs
+
+
 def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: Any) -> list[GeneratedImage]:
     """Run an upscale job: its one image, with its record (and seed: its source's, or 0)."""
     upscaler = check_upscaler(pipe, params)
     scale, tile, overlap = params.get("scale"), int(params["tile"]), int(params["overlap"])
+    extras = params.get("a1111_extras") if isinstance(params.get("a1111_extras"), dict) else None
+    runs = extras_runs(extras) if extras is not None and "runs" in extras else None  # None: older jobs
     # Checked when it was sent; again here, for a job sent to another server's settings before a restart.
-    problem = upscale_problem(scale, tile, overlap)
+    # An Extras job runs the model A1111's number of times, bounded by the pixel limit, not by pictor's x16.
+    problem = upscale_problem(None if runs is not None else scale, tile, overlap)
     if problem:
         raise GenerationError(problem)
-    factor = float(upscaler.scale) if scale is None else float(scale)
+    factor = float(upscaler.scale) if scale is None or runs is not None else float(scale)
     picture, source_record = picture_and_record(store.upload_path(params["image"]))
-    total, done = tile_count(upscaler.net, picture.width, picture.height, factor, tile), 0
+    if runs is None:
+        total = tile_count(upscaler.net, picture.width, picture.height, factor, tile)
+    else:
+        s = upscaler.scale
+        total = sum(
+            tile_count(upscaler.net, picture.width * s**i, picture.height * s**i, s, tile)
+            for i in range(runs)
+        )
+    done = 0
 
     def tile_done(*_: Any) -> None:
         nonlocal done
@@ -114,12 +135,15 @@ def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: 
 
     hook = upscaler.net.register_forward_hook(tile_done)
     try:
-        image = upscale_image(upscaler, picture, factor, tile, overlap)
+        if runs is None:
+            image = upscale_image(upscaler, picture, factor, tile, overlap)
+        else:  # sent by /sdapi/v1/extra-*: A1111's runs, then its size, crop and blend
+            image = model_picture(upscaler, picture, runs, tile, overlap)
     finally:
         hook.remove()
-    upscale = upscale_record(upscaler, factor, tile, overlap)
-    if isinstance(params.get("a1111_extras"), dict):  # sent by /sdapi/v1/extra-*: A1111's size, crop, blend
-        image, upscale["a1111_extras"] = finish(picture, image, params["a1111_extras"])
+    upscale = upscale_record(upscaler, factor ** (runs or 1), tile, overlap)
+    if extras is not None:
+        image, upscale["a1111_extras"] = finish(picture, image, extras)
     upscale |= {"width": image.width, "height": image.height}
     record = upscaled_record(source_record, picture, upscale, __version__)
     seed = record.get("seed")
