@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,26 @@ def test_settings_from_an_images_a1111_text_alone_takes_its_method(
     assert read_record(again)["guidance_method"] == want
     with Image.open(png) as a, Image.open(again) as b:
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
-    # guidance-method options of the command line's own are taken whole, the image's not mixed in
-    code, _, err = cli(capsys, "generate", "--settings-from", str(text_only), "--model", str(bundle),
-                       "--device", "cpu", "--guidance-method", "tcfg", "-o", str(tmp_path / "c"))  # fmt: skip
-    assert code == 0, err
-    (own,) = (tmp_path / "c").glob("*.png")
-    assert read_record(own)["guidance_method"] == GuidanceMethod("tcfg").record()
+    # each guidance option the command line gives overrides that one field of the image's method (its
+    # record's or its A1111 text's), as every other option does; the rest are the image's
+    apg = GuidanceMethod("apg", eta=0.25, start=0.0, stop=0.7)
+    for i, (image, own, got) in enumerate(
+        [
+            (png, ["--guidance-rescale", "0.5"], replace(apg, rescale=0.5)),
+            (text_only, ["--guidance-rescale", "0.5"], replace(apg, rescale=0.5)),
+            (png, ["--apg-eta", "0.2"], replace(apg, eta=0.2)),
+            (text_only, ["--apg-eta", "0.2", "--apg-momentum", "-0.5"], replace(apg, eta=0.2, momentum=-0.5)),
+            # another method: the image's interval and rescale, not its APG parameters
+            (text_only, ["--guidance-method", "tcfg"], GuidanceMethod("tcfg", start=0.0, stop=0.7)),
+            (png, ["--guidance-method", "cfg-zero-star"], GuidanceMethod("cfg-zero-star", stop=0.7)),
+        ]
+    ):
+        out = tmp_path / f"c{i}"
+        code, _, err = cli(capsys, "generate", "--settings-from", str(image), "--model", str(bundle),
+                           "--device", "cpu", *own, "-o", str(out))  # fmt: skip
+        assert code == 0, err
+        (made,) = out.glob("*.png")
+        assert read_record(made)["guidance_method"] == got.normalized().record(), own
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI

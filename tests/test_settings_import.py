@@ -100,6 +100,38 @@ def test_a1111_names_of_the_newer_samplers(shown: str, sampler: str, schedule: s
     assert settings_from_parameters(FORGE.replace("Sampler: Euler", "Sampler: Restart")).sampler_name
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (A1111.replace("DPM++ 2M Karras", "DPM2"), True),
+        (A1111.replace("DPM++ 2M Karras", "DPM2 Karras"), True),
+        (A1111.replace("DPM++ 2M Karras", "DPM2 a"), True),
+        (A1111.replace("DPM++ 2M Karras", "DPM2 a Karras"), True),
+        (A1111.replace("DPM++ 2M Karras", "DPM++ 3M SDE"), True),
+        (A1111.replace("DPM++ 2M Karras", "DPM++ 3M SDE Exponential"), True),
+        (FORGE.replace("Sampler: Euler", "Sampler: DPM2 a").replace("Simple", "Karras"), True),  # its field
+        (FORGE.replace("Sampler: Euler", "Sampler: DPM++ 3M SDE").replace("Simple", "Automatic"), True),
+        (A1111, False),  # DPM++ 2M: the whole schedule in A1111 too
+        (A1111.replace("DPM++ 2M Karras", "DPM++ 2M SDE Karras"), False),
+        # pictor's own text (its schedule's own name, or none): pictor made it with the whole schedule
+        (FORGE.replace("Sampler: Euler", "Sampler: DPM2").replace("Simple", "karras"), False),
+        (FORGE.replace("Sampler: Euler", "Sampler: DPM++ 3M SDE").replace("Simple", ""), False),
+    ],
+)
+def test_a1111s_samplers_that_drop_the_next_to_last_sigma_are_said(text: str, said: bool) -> None:
+    """A1111 runs DPM2, DPM2 a and DPM++ 3M SDE without its schedule's next-to-last sigma
+    (samplers_k_diffusion's discard_next_to_last_sigma); pictor runs the whole schedule."""
+    got = settings_from_parameters(text)
+    assert got.values["sampler"] in ("dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde", "dpmpp_2m", "dpmpp_2m_sde")
+    notices = [n for n in got.notices if "next-to-last" in n]
+    assert len(notices) == int(said), got.notices
+    if said:
+        assert "runs the whole schedule" in notices[0]
+    record = {"prompt": "a", "steps": 4, "sampler": "dpm_2", "schedule": "karras", "guidance": 3, "seed": 1}
+    own = settings_from_parameters(parameters_text({**record, "width": 64, "height": 64}))
+    assert own.values["sampler"] == "dpm_2" and not any("next-to-last" in n for n in own.notices)
+
+
 def _only_parameters(source: Path, out: Path) -> Path:
     """A copy of a pictor PNG with A1111's text and no pictor record, as other tools' images are."""
     info = PngImagePlugin.PngInfo()

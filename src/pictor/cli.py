@@ -257,7 +257,7 @@ def _take_settings(args: argparse.Namespace) -> None:
     """--settings-from IMAGE: the image's settings (`pictor.settings_import`) for every option the command
     line left unset; what is not taken is said on stderr."""
     from pictor.sampling import SAMPLERS
-    from pictor.settings_import import GUIDANCE_DESTS, settings_from_image
+    from pictor.settings_import import GUIDANCE_DESTS, GUIDANCE_METHOD_OF, settings_from_image
 
     imported = settings_from_image(args.settings_from)
     for notice in imported.notices:
@@ -278,13 +278,15 @@ def _take_settings(args: argparse.Namespace) -> None:
     # Asked before the loop, which sets args.prompt from the image: a prompt of one's own is the command
     # line's, and so are whether it uses prompt editing or AND and the regions that go with it.
     own_prompt = args.prompt is not None or args.from_file is not None
-    # The image's guidance method (settings_import: its record's, or its A1111 text's) is taken whole, or
-    # not at all where the command line gives guidance-method options of its own.
-    own_method = any(getattr(args, dest, None) is not None for dest in GUIDANCE_DESTS)
+    # The image's guidance method (settings_import: its record's, or its A1111 text's) fills each
+    # guidance-method option the command line left unset, as every other option is, the method built from
+    # them after (cli_guidance): but a method's own parameters (APG's, CFG-Zero*'s) only where the method
+    # run is still the image's, not one the command line names instead.
+    method = args.guidance_method or imported.values.get("guidance_method")
     for dest, value in imported.values.items():
         if dest in ("prompt", "prompt_editing", "composable", "regions", "regional_attention") and own_prompt:
             continue
-        if dest in GUIDANCE_DESTS and own_method:
+        if dest in GUIDANCE_DESTS and GUIDANCE_METHOD_OF.get(dest, method) != method:
             continue
         current = getattr(args, dest)
         flags = ("negative", "prompt_weights", "prompt_editing", "composable", "regional_attention")

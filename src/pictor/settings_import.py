@@ -70,6 +70,9 @@ SCHEDULE_NOTICES = {
         "there, ComfyUI's and pictor's all but the last, which steps to 0 (most different at few steps)"
     ),
 }
+# A1111's samplers that drop its schedule's next-to-last sigma (its samplers_k_diffusion's
+# discard_next_to_last_sigma, with every schedule type); pictor's of that name run the whole schedule.
+DISCARDING_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"}
 LANCZOS_NAMES = {"lanczos", "none", ""}
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 # ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
@@ -178,6 +181,13 @@ GUIDANCE_DESTS = (
     "apg_momentum",
     "zero_init_steps",
 )
+# Those that set one method's own parameters -> that method (the rest, method, rescale and interval, any's)
+GUIDANCE_METHOD_OF = {
+    "apg_eta": "apg",
+    "apg_norm_threshold": "apg",
+    "apg_momentum": "apg",
+    "zero_init_steps": "cfg-zero-star",
+}
 # "0-0.7", "0.25-1", "1e-05-0.5": the start, a dash, the stop (a dash inside an exponent is not the split)
 _INTERVAL = re.compile(r"^\s*(.*?[^eE\s])\s*-\s*(\S.*?)\s*$")
 
@@ -198,7 +208,7 @@ class ImportedSettings:
     hires_upscaler_name: str | None = None
     sampler_name: str | None = None  # the image's sampler when pictor has none of that name
     # The image's guidance method (`pictor.guidance_methods`), not plain CFG; `values` hold it as the
-    # guidance-method options (GUIDANCE_DESTS), all or none of which the command line takes.
+    # guidance-method options (GUIDANCE_DESTS), each of which fills the command line's where it has none.
     guidance_method: GuidanceMethod | None = None
     source: str = "pictor"  # what the settings were read from: pictor (its record), a1111 or comfyui
 
@@ -329,6 +339,14 @@ def settings_from_parameters(text: str) -> ImportedSettings:
     if "Schedule type" in settings:
         used.add("Schedule type")
         _schedule(settings["Schedule type"], out)
+    # pictor's own text names its schedule as pictor does ("karras", or nothing); A1111's by its labels
+    pictors = settings.get("Schedule type", "").strip() in ("", *SCHEDULES) and "Schedule type" in settings
+    if v.get("sampler") in DISCARDING_SAMPLERS and not pictors:
+        out.notices.append(
+            f"the image's sampler {settings['Sampler'].strip()} is taken as pictor's {v['sampler']}, which "
+            "runs the whole schedule: A1111 drops the schedule's next-to-last step for DPM2, DPM2 a and "
+            "DPM++ 3M SDE (with every schedule type), so the steps differ"
+        )
     if "Hires upscale" in settings:
         used.update({"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"})
         _hires(settings, out)

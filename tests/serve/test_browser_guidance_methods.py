@@ -102,6 +102,16 @@ def test_the_chosen_method_is_sent_kept_reused_reproduced_and_edited_with(
     tcfg = GuidanceMethod("tcfg", rescale=0.5, stop=0.7).record()
     assert job["request"]["kind"] == "edit" and job["request"]["guidance_method"] == tcfg, job["request"]
     assert record["guidance_method"] == tcfg and record["mode"] == "img2img", record
+
+    # Variations take no guidance method (the variation form would refuse the field): left out, not sent.
+    thumb.first.click()
+    page.get_by_role("button", name="Vary this image").click()
+    page.get_by_role("button", name="Make variations").click()
+    expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
+    job, _, record = _newest(live.url)
+    assert job["request"]["kind"] == "edit" and job["request"].get("guidance_method") is None, job["request"]
+    assert "guidance_method" not in record and record["mode"] == "img2img", record
+    page.get_by_label("Picture to vary").set_input_files([])
     page.get_by_role("button", name="Clear images").click()
 
     # Plain CFG with nothing typed sends none.

@@ -399,8 +399,9 @@ function editFromForm({ size, ...body }, nets) {
 // variation does not take (a layout, regions, the hires fix, a reference picture) goes too, so that the
 // server's 400 names it on the page, rather than the page dropping a choice unseen.
 // With FLUX.1 Redux the picture is the variation's Redux picture: its strength goes instead of img2img's
-// (whose input is disabled then).
-function variationFromForm(body) {
+// (whose input is disabled then). The guidance method is a setting of every request the page sends, not
+// one a variation was asked with: the variation form takes none, so it is left out.
+function variationFromForm({ guidance_method: _guidanceMethod, ...body }) {
   const form = multipartFromForm($("variation-image").files[0], $("variation-strength"), body);
   if (reduxModel && reduxStrength() !== undefined) form.append("redux_strength", reduxStrength());
   return form;
