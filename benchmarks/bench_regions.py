@@ -9,6 +9,10 @@ how many boxes hold an object of their phrase's colour and shape at its centroid
 JSON; --out writes it.
 
     python benchmarks/bench_regions.py [--model default] [-k 2] [--strengths 1,10] [--limit N] [--no-layout]
+
+--attention-settings adds, for each regional attention strength, a row per Regional-Prompting-FLUX setting
+(`pictor.regional_attention.RegionalOptions`): "steps=0.4,base_ratio=0.2;single=2" (keys steps, double,
+single, base_ratio).
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ def as_regions(layouts: list[list[list[dict]]], strength: float) -> list[list[li
     ]
 
 
+def settings_fields(setting: str) -> dict[str, Any]:
+    """'steps=0.4,base_ratio=0.2' -> the request's regional attention fields."""
+    names = {
+        "steps": "regional_steps",
+        "double": "regional_double_interval",
+        "single": "regional_single_interval",
+        "base_ratio": "regional_base_ratio",
+    }
+    out: dict[str, Any] = {}
+    for part in setting.split(","):
+        key, value = part.split("=")
+        number = float(value)
+        out[names[key.strip()]] = int(number) if key.strip() in ("double", "single") else number
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -45,6 +65,12 @@ def main() -> None:
         "--attention-strengths",
         default="1,4",
         help="the regions' strengths under regional attention (one pass, masked), one row each; '' for none",
+    )
+    ap.add_argument(
+        "--attention-settings",
+        default="",
+        help="regional attention's RPF settings, one row each per strength: "
+        "'steps=0.4,base_ratio=0.2;single=2' (';' between rows)",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -60,6 +86,10 @@ def main() -> None:
     for strength in (float(s) for s in args.attention_strengths.split(",") if s):
         given = {"regions": as_regions(layouts, strength), "regional_attention": True}
         rows.append((f"prompt + regional attention (strength {strength:g})", given))
+        for setting in (s for s in args.attention_settings.split(";") if s):
+            options = settings_fields(setting)
+            name = f"prompt + regional attention (strength {strength:g}, {setting})"
+            rows.append((name, {**given, "regional_options": options}))
     if not args.no_layout and pipe.layout_adapter is not None:
         rows.append(("prompt + layout adapter", {"layouts": layouts}))
     for name, given in rows:

@@ -314,6 +314,36 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_
     assert code != 0 and "give regions" in err and "Traceback" not in err
 
 
+def test_the_command_line_takes_the_rpf_controls(
+    capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = cli(
+        capsys, "generate", "two shapes", "--regions", '[{"box": [0, 0, 0.5, 1], "prompt": "a red circle"}]',
+        "--regional-attention", "--regional-steps", "0.5", "--regional-single-interval", "2",
+        "--regional-base-ratio", "0.2", "--model", str(bundle), "--steps", "4", "--device", "cpu",
+        "--seed", "3", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    record = read_record(png)
+    assert (record["regional_steps"], record["regional_single_interval"], record["regional_base_ratio"]) == (
+        0.5,
+        2,
+        0.2,
+    )
+    assert "regional_double_interval" not in record
+    again = tmp_path / "again"
+    code, _, err = cli(
+        capsys, "generate", "--settings-from", str(png), "--model", str(bundle), "--device", "cpu",
+        "-o", str(again),
+    )  # fmt: skip
+    assert code == 0, err
+    (copy,) = again.glob("*.png")
+    assert read_record(copy)["regional_base_ratio"] == 0.2
+    assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(png)))
+
+
 def test_a_grid_compares_the_two_ways(pipe: Pipeline, bundle: Path, tmp_path: Path, capsys: Any) -> None:
     from pictor.grid_axes import GridError, parse_axis
     from pictor.grid_runs import run_grid
@@ -483,7 +513,10 @@ def test_a_reference_goes_to_the_whole_prompt_under_cfg(tmp_path: Path) -> None:
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-def test_the_cache_recomputes_a_row_under_its_own_mask() -> None:
+@pytest.mark.parametrize("per_block", [False, True], ids=["one bias", "RPF's per block"])
+def test_the_cache_recomputes_a_row_under_its_own_mask(per_block: bool) -> None:
+    from pictor.models.block_bias import BlockBias
+
     params = tiny_params(depth=2)
     model = random_flux(params)
     inp = make_inputs(params)
@@ -493,6 +526,10 @@ def test_the_cache_recomputes_a_row_under_its_own_mask() -> None:
     mask = torch.stack(
         [regional_bias(cover, torch.tensor([2.0]), length - 2, [2]), padded_text_bias(length - 3, length, n)]
     )[:, None]
+    if per_block:  # the second row's bias differs from the first's in both (so each row must get its own)
+        base = mask.clone()
+        base[0, 0, length:, length - 2 : length] = INF
+        mask = BlockBias(mask, base, 2, 1, 0.3, length)  # type: ignore[assignment]
     with torch.no_grad():
         cache = FirstBlockCache(0.05)
         model(**inp, attn_mask=mask, block_cache=cache)
@@ -502,3 +539,249 @@ def test_the_cache_recomputes_a_row_under_its_own_mask() -> None:
         assert cache.skipped == 1
         want = model(**{**inp, "img": x}, attn_mask=mask)
     assert torch.allclose(out[1], want[1], atol=1e-5), (out[1] - want[1]).abs().max()
+
+
+# ------------------------------------ Regional-Prompting-FLUX's controls: steps, block intervals, base ratio
+
+
+def _biases(n_img: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """A regional bias over 3 prompt tokens, two regions of 2 tokens and n_img image tokens, and its
+    unmasked one (the regions' tokens hidden from the image's), as `RegionalAttention` makes them."""
+    gen = torch.Generator().manual_seed(3)
+    cover = torch.rand(2, n_img, generator=gen, dtype=torch.float64)
+    cover[cover < 0.4] = 0.0
+    masked = regional_bias(cover, torch.tensor([1.0, 3.0]), 3, [2, 2])
+    base = masked.clone()
+    base[7:, 3:7] = INF
+    return masked[None, None], base[None, None]
+
+
+def test_the_base_ratio_blends_by_rpf_formula() -> None:
+    """RPF: hidden_states = hidden_states*(1-base_ratio) + hidden_states_base*base_ratio (image rows)."""
+    from pictor.models.block_bias import BlendedBias
+    from pictor.models.layers import attention
+
+    masked, base = _biases()
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 22, 8, generator=gen) for _ in range(3))
+    pe = torch.zeros(1, 1, 22, 4, 2)
+    pe[..., 0] = 1.0  # RoPE by angles of 0 (cos 1, sin 0): q and k as they are
+    got = attention(q, k, v, pe, BlendedBias(masked, base, 0.3, 7))
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masked)
+    b = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=base)
+    want = a.clone()
+    want[:, :, 7:] = a[:, :, 7:] * (1 - 0.3) + b[:, :, 7:] * 0.3
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    assert torch.equal(got[:, :, :7], a[:, :, :7])  # the text rows are the masked attention's
+    assert (got - a).abs().max() > 1e-3
+
+
+def test_each_block_gets_its_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked in blocks i % interval == 0 (RPF's rule), unmasked in the others, blended where a ratio is."""
+    from pictor.models import layers
+    from pictor.models.block_bias import BlendedBias, BlockBias
+
+    params = tiny_params(depth=3)
+    params = type(params).from_dict({**params.to_dict(), "depth_single_blocks": 3})
+    model = random_flux(params)
+    inputs = make_inputs(params)
+    masked, base = _biases()
+    seen: list[str] = []
+    real = layers.attention
+
+    def spy(q: Any, k: Any, v: Any, pe: Any, mask: Any = None) -> Any:
+        if isinstance(mask, BlendedBias):
+            seen.append(f"blend {mask.ratio}")
+        else:
+            seen.append("masked" if torch.equal(mask, masked) else "base" if torch.equal(mask, base) else "?")
+        return real(q, k, v, pe, mask)
+
+    monkeypatch.setattr(layers, "attention", spy)
+    with torch.no_grad():
+        plain = model(**inputs, attn_mask=masked)
+        assert seen == ["masked"] * 6
+        seen.clear()
+        same = model(**inputs, attn_mask=BlockBias(masked, base))  # the defaults: the one bias everywhere
+        assert torch.equal(same, plain) and seen == ["masked"] * 6
+        seen.clear()
+        model(**inputs, attn_mask=BlockBias(masked, base, double_interval=2, single_interval=3))
+        assert seen == ["masked", "base", "masked", "masked", "base", "base"]
+        seen.clear()
+        model(**inputs, attn_mask=BlockBias(masked, base, 1, 2, base_ratio=0.25, start=7))
+        assert seen == ["blend 0.25"] * 3 + ["blend 0.25", "base", "blend 0.25"]
+
+
+def test_the_unmasked_bias_is_the_prompt_alone() -> None:
+    """In a block without the mask the regions' tokens are hidden: the image tokens compute what they would
+    with the prompt's tokens alone and no bias."""
+    params = tiny_params(depth=2)
+    model = random_flux(params)
+    inputs = make_inputs(params)  # 7 text tokens: 3 the prompt's, then two regions' 2
+    _, base = _biases()
+    alone = {**inputs, "txt": inputs["txt"][:, :3], "txt_ids": inputs["txt_ids"][:, :3]}
+    with torch.no_grad():
+        got = model(**inputs, attn_mask=base)
+        want = model(**alone)
+        masked = model(**inputs)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert (masked - want).abs().max() > 1e-3
+
+
+def _run_velocity(pipe: Pipeline, guidance: float, **kw: Any) -> Any:
+    r = pipe.resolve_request(
+        GenerationRequest("two shapes", width=32, height=32, steps=4, seed=1, guidance=guidance, **kw)
+    )
+    ts = torch.linspace(1.0, 0.0, 5)
+    fn = guided_velocity(pipe, r, 2, 8, 8, ts=ts)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 16)
+    return [fn(x, ts[i].expand(2)) for i in range(4)]
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_steps_past_the_window_are_the_prompt_alone(pipe: Pipeline, guidance: float) -> None:
+    """RPF's mask_inject_steps: the mask's steps are regional attention's, the steps after them exactly the
+    request without regions (RPF runs the prompt's embeddings alone there)."""
+    regions = [LEFT, RIGHT]
+    neg = {"negative_prompt": "blurry"} if guidance != 1.0 else {}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        window = _run_velocity(
+            pipe, guidance, regions=regions, regional_attention=True, regional_steps=0.5, **neg
+        )
+        every = _run_velocity(pipe, guidance, regions=regions, regional_attention=True, **neg)
+        alone = _run_velocity(pipe, guidance, **neg)
+        counted = _run_velocity(
+            pipe, guidance, regions=regions, regional_attention=True, regional_steps=2, **neg
+        )
+    for i in range(4):
+        assert torch.equal(counted[i], window[i])  # 2 steps of 4: a share of 0.5
+        if i < 2:
+            assert torch.equal(window[i], every[i])
+            assert (window[i] - alone[i]).abs().max() > 1e-3
+        else:
+            assert torch.equal(window[i], alone[i])
+
+
+def _generate(pipe: Pipeline, **kw: Any) -> list[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe.generate(
+            GenerationRequest("two shapes", seed=5, **{"steps": 4, **kw}, regions=[LEFT, RIGHT])
+        )
+
+
+RPF = {"regional_steps": 0.5, "regional_double_interval": 2, "regional_base_ratio": 0.3}
+
+
+def test_rpf_options_record_reproduce_and_default(pipe: Pipeline) -> None:
+    (plain,) = _generate(pipe, regional_attention=True)
+    assert not any(name.startswith("regional_") and name != "regional_attention" for name in plain.record)
+    (same,) = _generate(
+        pipe,
+        regional_attention=True,
+        regional_steps=4,
+        regional_double_interval=1,
+        regional_single_interval=1,
+        regional_base_ratio=0.0,
+    )  # the defaults written out: the same pixels
+    assert np.array_equal(np.asarray(same.image), np.asarray(plain.image))
+    assert same.record["regional_steps"] == 4 and "regional_base_ratio" not in same.record
+    options_list = (RPF, {"regional_base_ratio": 0.5}, {"regional_steps": 1}, {"regional_single_interval": 2})
+    for options in options_list:
+        (g,) = _generate(pipe, regional_attention=True, **options)
+        for name, value in options.items():
+            assert g.record[name] == value
+        if "regional_single_interval" not in options:  # (the tiny model has one single block: block 0's)
+            assert np.abs(np.asarray(g.image).astype(np.int16) - np.asarray(plain.image)).max() > 1
+        assert np.array_equal(np.asarray(reproduce(pipe, g.record).image), np.asarray(g.image))
+    source = Image.new("RGB", (32, 32), (128, 128, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (e,) = pipe.edit(
+            EditRequest(
+                source,
+                "two shapes",
+                strength=0.8,
+                steps=4,
+                seed=2,
+                regions=[LEFT],
+                regional_attention=True,
+                **RPF,
+            )
+        )
+    assert e.record["regional_base_ratio"] == 0.3
+    assert np.array_equal(np.asarray(reproduce(pipe, e.record, source=source).image), np.asarray(e.image))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"steps": 6, "cache_threshold": 0.5},
+        {"denoise_tile": 16, "denoise_tile_overlap": 8},
+        {"guidance": 4.0, "negative_prompt": "blurry", "guidance_method": "apg"},
+        {"guidance": 4.0, "negative_prompt": "blurry", "guidance_method": "interval"},
+    ],
+    ids=["first-block cache", "denoise tiles", "apg", "guidance interval"],
+)
+def test_rpf_options_with_cache_tiles_and_guidance_methods(pipe: Pipeline, kw: dict[str, Any]) -> None:
+    from pictor.guidance_methods import GuidanceMethod
+
+    kw = dict(kw)
+    if kw.get("guidance_method") == "apg":
+        kw["guidance_method"] = GuidanceMethod(method="apg")
+    elif kw.get("guidance_method") == "interval":
+        kw["guidance_method"] = GuidanceMethod(start=0.0, stop=0.5)
+    (plain,) = _generate(pipe, regional_attention=True, **kw)
+    (g,) = _generate(pipe, regional_attention=True, **RPF, **kw)
+    assert np.abs(np.asarray(g.image).astype(np.int16) - np.asarray(plain.image)).max() > 1
+    assert np.array_equal(np.asarray(reproduce(pipe, g.record).image), np.asarray(g.image))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"regional_steps": 0}, "regional_steps must be"),
+        ({"regional_steps": 1.5}, "regional_steps must be"),
+        ({"regional_double_interval": 0}, "regional_double_interval must be"),
+        ({"regional_single_interval": 1.5}, "regional_single_interval must be"),
+        ({"regional_base_ratio": 1.5}, "regional_base_ratio must be"),
+        ({"regional_base_ratio": -0.1}, "regional_base_ratio must be"),
+    ],
+)
+def test_rpf_options_are_checked(pipe: Pipeline, options: dict[str, Any], match: str) -> None:
+    with pytest.raises(GenerationError, match=match):
+        _generate(pipe, regional_attention=True, **options)
+
+
+def test_rpf_options_need_regional_attention(pipe: Pipeline) -> None:
+    with pytest.raises(GenerationError, match="regional_base_ratio shapes regional attention"):
+        _generate(pipe, regional_base_ratio=0.2)
+
+
+def test_the_attention_gives_the_unmasked_bias_per_block() -> None:
+    """With RPF's options `RegionalAttention.mask` gives a `BlockBias`: the regional bias, and the same with
+    the regions' tokens hidden from the image's (the prompt's never see them)."""
+    from pictor.models.block_bias import BlockBias
+    from pictor.models.text_encoder import TextEmbeddings
+    from pictor.regional_attention import RegionalOptions
+
+    def emb(real: int) -> TextEmbeddings:
+        mask = torch.zeros(1, 6, dtype=torch.bool)
+        mask[0, :real] = True
+        return TextEmbeddings(torch.randn(1, 6, 4), mask, torch.randn(1, 3))
+
+    cover = torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64)
+    texts = [[emb(6)], [emb(3)]]
+    options = RegionalOptions(double_interval=2, base_ratio=0.2)
+    attend = RegionalAttention(cover, torch.tensor([2.0]), texts, False, torch.float32, "cpu", options)
+    row = attend.rows([texts[0][0], texts[1][0]])[0]
+    got = attend.mask(1, None, 1, row.mask)
+    assert isinstance(got, BlockBias) and (got.double_interval, got.base_ratio, got.start) == (2, 0.2, 9)
+    want = regional_bias(cover, torch.tensor([2.0]), 6, [3], extra=1)
+    assert torch.equal(got.masked[0, 0], want)
+    base = want.clone()
+    base[9:, 6:9] = INF
+    assert torch.equal(got.base[0, 0], base)
+    plain = RegionalAttention(cover, torch.tensor([2.0]), texts, False, torch.float32, "cpu")
+    assert torch.equal(plain.mask(1, None, 1, row.mask)[0, 0], want)  # the defaults: one tensor, as before

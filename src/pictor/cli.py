@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from pictor.cli_args import build_parser
+from pictor.cli_args import build_parser, regional_option_args
 from pictor.cli_caption import cmd_caption
 from pictor.cli_grid import cmd_grid
 from pictor.cli_inspect import cmd_info, cmd_models
@@ -113,6 +113,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_editing": getattr(args, "prompt_editing", False),
         "composable": getattr(args, "composable", False),
         "regional_attention": getattr(args, "regional_attention", False),
+        **regional_option_args(args),
         "variation_seed": args.variation_seed,
         "variation_strength": args.variation_strength,
         "seed_resize_from": getattr(args, "seed_resize_from", None),
@@ -257,7 +258,12 @@ def _take_settings(args: argparse.Namespace) -> None:
     """--settings-from IMAGE: the image's settings (`pictor.settings_import`) for every option the command
     line left unset; what is not taken is said on stderr."""
     from pictor.sampling import SAMPLERS
-    from pictor.settings_import import GUIDANCE_DESTS, GUIDANCE_METHOD_OF, settings_from_image
+    from pictor.settings_import import (
+        GUIDANCE_DESTS,
+        GUIDANCE_METHOD_OF,
+        REGIONAL_OPTIONS,
+        settings_from_image,
+    )
 
     imported = settings_from_image(args.settings_from)
     for notice in imported.notices:
@@ -285,6 +291,8 @@ def _take_settings(args: argparse.Namespace) -> None:
     method = args.guidance_method or imported.values.get("guidance_method")
     for dest, value in imported.values.items():
         if dest in ("prompt", "prompt_editing", "composable", "regions", "regional_attention") and own_prompt:
+            continue
+        if dest in REGIONAL_OPTIONS and own_prompt:  # they go with the image's regions
             continue
         if dest in GUIDANCE_DESTS and GUIDANCE_METHOD_OF.get(dest, method) != method:
             continue

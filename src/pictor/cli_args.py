@@ -226,6 +226,53 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
         help="run --regions as one transformer pass whose attention lets each region's prompt reach only its "
         "box (Regional-Prompting-FLUX's mask), not a pass per region",
     )
+    p.add_argument(
+        "--regional-steps",
+        type=float,
+        default=None,
+        metavar="N|SHARE",
+        help="with --regional-attention: the mask in the first N steps only (a share below 1: that share of "
+        "the steps; RPF's mask_inject_steps); the later steps run the prompt alone. Default: every step",
+    )
+    p.add_argument(
+        "--regional-double-interval",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --regional-attention: the mask in every K-th double block only (RPF's "
+        "double_inject_blocks_interval); the others see no region's words. Default: 1, every block",
+    )
+    p.add_argument(
+        "--regional-single-interval",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --regional-attention: the mask in every K-th single block only (RPF's "
+        "single_inject_blocks_interval). Default: 1, every block",
+    )
+    p.add_argument(
+        "--regional-base-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="with --regional-attention: the share (0 to 1) of the image's attention in masked blocks taken "
+        "from the prompt alone's, unmasked (RPF's base_ratio, e.g. 0.2). Default: 0",
+    )
+
+
+def regional_option_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of --regional-steps, --regional-double-interval, --regional-single-interval and
+    --regional-base-ratio (`GenerationRequest.regional_steps` and the like; None where not given). A whole
+    --regional-steps is a count of steps."""
+    steps = getattr(args, "regional_steps", None)
+    if steps is not None and steps >= 1 and float(steps).is_integer():
+        steps = int(steps)
+    return {
+        "regional_steps": steps,
+        "regional_double_interval": getattr(args, "regional_double_interval", None),
+        "regional_single_interval": getattr(args, "regional_single_interval", None),
+        "regional_base_ratio": getattr(args, "regional_base_ratio", None),
+    }
 
 
 def _add_reference_adapter(p: argparse.ArgumentParser) -> None:

@@ -130,6 +130,10 @@ class EditRequest:
     layout: list[dict[str, Any]] | None = None
     regions: list[dict[str, Any]] | None = None
     regional_attention: bool = False
+    regional_steps: float | None = None  # `GenerationRequest.regional_steps` and the like
+    regional_double_interval: int | None = None
+    regional_single_interval: int | None = None
+    regional_base_ratio: float | None = None
     reference: ImageSource | np.ndarray | None = None
     context_image: ImageSource | np.ndarray | None = None
     control_image: ImageSource | np.ndarray | None = None

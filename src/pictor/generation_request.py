@@ -76,6 +76,14 @@ class GenerationRequest:
     # Regions as one pass with masked attention (`pictor.regional_attention`): the regions' prompts join the
     # prompt's tokens and each reaches only its box. Off: a pass per region, their velocities blended.
     regional_attention: bool = False
+    # Regional-Prompting-FLUX's controls of regional attention (`pictor.regional_attention.RegionalOptions`):
+    # the steps the mask applies in from the first (a count, or a share below 1; None: every step); the mask
+    # in every k-th double / single block only (None: 1, every block; the others see no region's words);
+    # the share of the image tokens' attention taken from the unmasked attention in masked blocks (None: 0).
+    regional_steps: float | None = None
+    regional_double_interval: int | None = None
+    regional_single_interval: int | None = None
+    regional_base_ratio: float | None = None
     # A picture whose content the model's reference adapter carries into the images (a path, a PIL image
     # or uint8 [H, W, 3]); it is fitted to the image size. None: none.
     reference: ImageSource | np.ndarray | None = None

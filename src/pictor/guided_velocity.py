@@ -53,7 +53,7 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.pass_texts import pass_schedules
 from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
-from pictor.regional_attention import RegionalAttention
+from pictor.regional_attention import RegionalAttention, RegionalOptions
 from pictor.regional_prompts import region_cover, region_weights
 from pictor.sampling import MODEL_EVALS_PER_STEP
 
@@ -82,6 +82,10 @@ class Conditioned(Protocol):
     prompt_editing: bool
     regions: list[dict[str, Any]] | None
     regional_attention: bool
+    regional_steps: float | None
+    regional_double_interval: int | None
+    regional_single_interval: int | None
+    regional_base_ratio: float | None
     composable: bool
 
 
@@ -147,16 +151,20 @@ def guided_velocity(
     use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
     # One cache per sampler run (and per number of rows: a guidance interval's steps without the negative
     # pass keep their own): it compares each call with this run's earlier ones.
-    row_caches: dict[int, FirstBlockCache] = {}
+    # Regional attention's steps after its window (`RegionalOptions.steps`) run without the regions and keep
+    # their own, too.
+    row_caches: dict[tuple[int, bool], FirstBlockCache] = {}
+    masked = [True]  # whether this call is in regional attention's window (the velocity sets it per call)
 
     def cache_for(rows: int) -> FirstBlockCache | None:
         if not r.cache_threshold:
             return None
-        if rows not in row_caches:
-            row_caches[rows] = FirstBlockCache(r.cache_threshold)
+        key = (rows, masked[0])
+        if key not in row_caches:
+            row_caches[key] = FirstBlockCache(r.cache_threshold)
             if caches is not None:
-                caches.append(row_caches[rows])
-        return row_caches[rows]
+                caches.append(row_caches[key])
+        return row_caches[key]
 
     def model(
         x: torch.Tensor,
@@ -223,13 +231,15 @@ def guided_velocity(
                     control.repeat,
                 )
         if context is not None:
+            if attend is not None and not masked[0]:  # past the window: the prompt's tokens alone
+                context = ReferenceConditioning(context.tokens[:, : attend.base_len], context.pooled)
             txt, vec = apply_reference(txt, vec, context)
         if beside is not None:  # Fill's masked picture and mask, or a control picture, beside each token
             x = torch.cat([x, beside.expand(n, -1, -1).to(x.dtype)], dim=-1)
         # Kontext: the context tokens ride after the noisy ones and their outputs are dropped.
         x_in, ids_in = kontext.extend(x, ids) if kontext is not None else (x, ids)
         mask = None
-        if attend is not None:
+        if attend is not None and masked[0]:
             mask = attend.mask(n, index, x_in.shape[1] - x.shape[1], emb.mask, negative=n > prompt_rows)
         v = m.transformer(
             x_in,
@@ -277,7 +287,7 @@ def guided_velocity(
         grid = (lat_h // 2, lat_w // 2)
         cover = region_cover(r.regions, *grid)
         strength = torch.tensor([region["strength"] for region in r.regions], dtype=torch.float64)
-        attend = RegionalAttention(cover, strength, encoded, use_cfg, m.dtype, m.device)
+        attend = RegionalAttention(cover, strength, encoded, use_cfg, m.dtype, m.device, regional_options(r))
         parts, weights = 1, torch.ones(1, cover.shape[1], device=m.device)
     else:
         encoded = [[conditional(text) for text in texts] for texts in passes.texts[:parts]]
@@ -289,11 +299,23 @@ def guided_velocity(
     stacks: dict[tuple[int, ...], TextEmbeddings] = {}
 
     def emb_at(t: torch.Tensor) -> TextEmbeddings:  # the passes' texts at a step, stacked once each
-        key = passes.at(t)
+        key = (*passes.at(t), masked[0])
         if key not in stacks:
-            rows = [texts[i] for texts, i in zip(encoded, key, strict=True)]
-            stacks[key] = _stacked(attend.rows(rows) if attend is not None else rows, batch)
+            rows = [texts[i] for texts, i in zip(encoded, key[:-1], strict=True)]
+            if attend is not None and masked[0]:
+                rows = attend.rows(rows)
+            elif attend is not None:  # past regional attention's window: the prompt's (and negative's) alone
+                rows = [rows[0], *rows[1 + len(attend.region_len) :]]
+            stacks[key] = _stacked(rows, batch)
         return stacks[key]
+
+    # regional attention's window: which calls are in it (by their step, `StepClock`)
+    window = None
+    if attend is not None and attend.options.steps is not None:
+        if ts is None:
+            raise ValueError("regional attention's steps need the run's step times (ts) to know each call's")
+        window = attend.options.window(len(ts) - 1)
+    evals = MODEL_EVALS_PER_STEP.get(r.sampler or "", 1)
 
     ids_k = img_ids.repeat(k, 1, 1)
     res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None
@@ -320,7 +342,11 @@ def guided_velocity(
         )
     g = guidance if use_cfg else None
 
+    regional_clock = StepClock(ts, evals) if window is not None and ts is not None else None
+
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if regional_clock is not None and window is not None:
+            masked[0] = regional_clock(float(t.reshape(-1)[0])) < window
         t_k = t.repeat(k) if t.ndim else t
         out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
         return compose(out.view(k, *x.shape), weights, g)
@@ -331,7 +357,7 @@ def guided_velocity(
     if ts is None:
         raise ValueError("a guidance method needs the run's step times (ts) to know each call's step")
     guider = Guider(method, guidance, len(ts) - 1)
-    clock = StepClock(ts, MODEL_EVALS_PER_STEP.get(r.sampler or "", 1))
+    clock = StepClock(ts, evals)
     plain = parts == 1 and bool((weights == 1).all())  # the prompt's pass is the conditional prediction
     rows = parts * batch  # the prompts' passes, without the negative one
     cond_stacks: dict[int, TextEmbeddings] = {}
@@ -353,6 +379,8 @@ def guided_velocity(
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = clock(float(t.reshape(-1)[0]))
+        if window is not None:
+            masked[0] = step < window
         if guider.zeroed(step):  # CFG-Zero*'s first steps: zero whatever the model says, so no call
             return torch.zeros_like(x)
         if guider.guides(step):
@@ -371,6 +399,16 @@ def guided_velocity(
         return guider(step, compose(out.view(parts, *x.shape), weights, None), None)
 
     return guided
+
+
+def regional_options(r: Conditioned) -> RegionalOptions:
+    """A request's Regional-Prompting-FLUX controls of regional attention (None fields: the defaults)."""
+    return RegionalOptions(
+        steps=getattr(r, "regional_steps", None),
+        double_interval=getattr(r, "regional_double_interval", None) or 1,
+        single_interval=getattr(r, "regional_single_interval", None) or 1,
+        base_ratio=float(getattr(r, "regional_base_ratio", None) or 0.0),
+    )
 
 
 def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor]:

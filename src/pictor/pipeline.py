@@ -74,6 +74,7 @@ from pictor.reference_files import (
     ReferenceImageError,
     open_reference_adapter,
 )
+from pictor.regional_attention import regional_record_fields
 from pictor.request_resolution import resolve_request
 from pictor.sampling import NoiseFn, get_sampler, get_schedule, is_stochastic
 from pictor.upscaler_files import UpscalerFile, load_upscaler
@@ -608,6 +609,7 @@ class Pipeline:
             **({"prompt_editing": True} if r.prompt_editing else {}),
             **({"regions": r.regions} if r.regions else {}),
             **({"regional_attention": True} if r.regions and r.regional_attention else {}),
+            **regional_record_fields(r),
             **({"composable": True} if r.composable else {}),
             **variation_fields(r, index),
         }

@@ -24,6 +24,7 @@ from pictor.inpaint_area import INPAINT_AREAS
 from pictor.notices import PictorWarning
 from pictor.pipeline import GeneratedImage, GenerationError, GenerationRequest, Pipeline, ProgressFn
 from pictor.provenance import ProvenanceError
+from pictor.regional_attention import REGIONAL_OPTION_FIELDS
 
 
 def _int(v: Any) -> bool:
@@ -135,6 +136,10 @@ _OPTIONAL: dict[str, tuple[Any, str]] = {
     "prompt_editing": (lambda v: isinstance(v, bool), "true or false"),
     "composable": (lambda v: isinstance(v, bool), "true or false"),
     "regional_attention": (lambda v: isinstance(v, bool), "true or false"),
+    "regional_steps": (_number, "a number"),
+    "regional_double_interval": (_int, "an integer"),
+    "regional_single_interval": (_int, "an integer"),
+    "regional_base_ratio": (_number, "a number"),
     "inpaint_area": (lambda v: v in INPAINT_AREAS, f"one of {', '.join(INPAINT_AREAS)}"),
     "mask_padding": (_int, "an integer"),
     "hires": (
@@ -228,6 +233,7 @@ def _settings(
         "layout": record.get("layout"),
         "regions": record.get("regions"),
         "regional_attention": record.get("regional_attention", False),
+        **{name: record.get(name) for name in REGIONAL_OPTION_FIELDS},
         "reference": reference,
         "context_image": context,
         "control_image": control,

@@ -43,6 +43,7 @@ from pictor.prompt_editing import texts_read
 from pictor.prompt_weights import PromptWeightError, parse_weights
 from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_problem
 from pictor.reference_files import ReferenceImageError, reference_pixels
+from pictor.regional_attention import check_regional_options
 from pictor.regional_prompts import RegionError, parse_regions
 from pictor.upscaler_files import UpscalerFile
 
@@ -284,6 +285,9 @@ def _check_denoise_tiles(r: GenerationRequest) -> None:
 def _resolve_passes(pipe: ResolvingPipeline, r: GenerationRequest) -> GenerationRequest:
     """Regional prompts and AND (composable diffusion), checked: each runs a transformer pass per prompt."""
     anded = r.composable and uses_and(r.prompt)
+    problem = check_regional_options(r)
+    if problem is not None:
+        raise GenerationError(problem)
     if r.regional_attention and r.regions is None:
         raise GenerationError(
             "regional attention is a way to run regions: give regions (boxes with prompts) with it, or "

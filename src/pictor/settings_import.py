@@ -213,6 +213,15 @@ class ImportedSettings:
     source: str = "pictor"  # what the settings were read from: pictor (its record), a1111 or comfyui
 
 
+# Regional attention's options (`pictor.regional_attention`), taken with the regions they shape
+REGIONAL_OPTIONS = (
+    "regional_steps",
+    "regional_double_interval",
+    "regional_single_interval",
+    "regional_base_ratio",
+)
+
+
 def settings_from_image(path: str | Path) -> ImportedSettings:
     """The settings of the image at `path`: its pictor record if it has one, else its A1111 text, else its
     ComfyUI graph."""
@@ -258,6 +267,9 @@ def settings_from_record(record: dict[str, Any]) -> ImportedSettings:
     if record.get("regions"):  # plain JSON, as --regions takes it: nothing to load
         v["regions"] = json.dumps(record["regions"])
         v["regional_attention"] = bool(record.get("regional_attention"))
+        for key in REGIONAL_OPTIONS:  # Regional-Prompting-FLUX's controls, recorded where not the defaults
+            if record.get(key) is not None:
+                v[key] = record[key]
     if record.get("variation_strength"):  # the image's own variation seed: image 0 of the new run is it
         v["variation_seed"], v["variation_strength"] = record["variation_seed"], record["variation_strength"]
     if record.get("guidance_method"):  # its record (ValueError when damaged: the record is damaged)

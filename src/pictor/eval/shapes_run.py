@@ -56,6 +56,7 @@ def generate_for_specs(
     regions: list[list[list[dict]]] | None = None,
     regional_attention: bool = False,
     guidance_method: GuidanceMethod | None = None,
+    regional_options: dict[str, Any] | None = None,
 ) -> list[list[np.ndarray]]:
     """K images per spec; with `layouts`, `references` or `controls`, image j of spec i follows
     layouts[i][j], takes references[i][j], gives controls[i][j] to the pipeline's ControlNet or takes
@@ -63,7 +64,8 @@ def generate_for_specs(
     run them as one pass with masked attention, `pictor.regional_attention`). With
     `empty_prompts` the prompt is "" (the spec still scores the image): what a reference alone carries, or
     the unconditional model. `guidance_method`: how guidance combines the predictions
-    (`pictor.guidance_methods`; None: plain CFG)."""
+    (`pictor.guidance_methods`; None: plain CFG). `regional_options`: regional attention's request fields
+    (`GenerationRequest.regional_steps` and the like)."""
     images: list[list[np.ndarray]] = []
     for i, spec in enumerate(specs):
         prompt = "" if empty_prompts else spec["prompt"]
@@ -88,6 +90,7 @@ def generate_for_specs(
                         controlnet_images=[controls[i][j]] if controls is not None else None,
                         regions=regions[i][j] if regions is not None else None,
                         regional_attention=regional_attention and regions is not None,
+                        **(regional_options or {}),
                     )
                 )[0]
                 for j in range(k)

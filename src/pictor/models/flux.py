@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pictor.models.block_bias import BlendedBias, BlockBias
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.control_residuals import ControlResiduals
 from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
@@ -146,7 +147,7 @@ class Flux(nn.Module):
         block_cache: FirstBlockCache | None = None,
         controlnet: ControlResiduals | None = None,
         ip_adapter: IPAttention | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | BlockBias | None = None,
     ) -> Tensor:
         """Velocity ``[B, N, out_channels]`` for packed latent tokens ``img [B, N, in_channels]``.
 
@@ -165,7 +166,8 @@ class Flux(nn.Module):
         entry per double block, read by each double block's image queries.
         attn_mask: a float bias ``[B or 1, 1, L + N, L + N]`` added to every block's attention logits over
         the joint ``[txt, img]`` tokens (-inf: not seen; `pictor.regional_attention`). None: every token
-        sees every other, as FLUX.1.
+        sees every other, as FLUX.1. A `pictor.models.block_bias.BlockBias`: a bias per block (a masked one
+        in every k-th block, blended with the unmasked one by a base ratio).
         """
         img_ids, txt_ids, timesteps, guidance = self._check_inputs(
             img, img_ids, txt, txt_ids, timesteps, y, guidance
@@ -201,7 +203,7 @@ class Flux(nn.Module):
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
         ipa: IPAttention | None,
-        mask: Tensor | None,
+        mask: Tensor | BlockBias | None,
         first: int,
     ) -> Tensor:
         """The blocks from double block `first` on (then every single block) -> the image stream."""
@@ -210,7 +212,9 @@ class Flux(nn.Module):
             if res is not None:
                 img = img + res[i]
             ip = ipa.block(i) if ipa is not None else None
-            img, txt = self._run(self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=mask)
+            img, txt = self._run(
+                self.double_blocks[i], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=_double(mask, i)
+            )
             after = ctrl.after_double(i, depth) if ctrl is not None else None
             if after is not None:
                 img = _plus(img, after)
@@ -219,7 +223,7 @@ class Flux(nn.Module):
         for j, block in enumerate(self.single_blocks):
             if res is not None:
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + res[depth + j]), dim=1)
-            x = self._run(block, x, vec=vec, pe=pe, mask=mask)
+            x = self._run(block, x, vec=vec, pe=pe, mask=_single(mask, j))
             after = ctrl.after_single(j, depth_single) if ctrl is not None else None
             if after is not None:
                 x = torch.cat((x[:, :n_txt], _plus(x[:, n_txt:], after)), dim=1)
@@ -235,7 +239,7 @@ class Flux(nn.Module):
         res: Sequence[Tensor] | None,
         ctrl: ControlResiduals | None,
         ipa: IPAttention | None,
-        mask: Tensor | None,
+        mask: Tensor | BlockBias | None,
     ) -> Tensor:
         """:meth:`_blocks` under a first-block cache: double block 0 always runs; the rest run only for the
         rows whose block-0 residual moved more than the cache's threshold, the others reuse theirs."""
@@ -247,7 +251,9 @@ class Flux(nn.Module):
             ctrl = ctrl.tiled(img.shape[0] // ctrl.double[0].shape[0])  # rows are picked below: one each
         head_in = img
         ip = ipa.block(0) if ipa is not None else None
-        img, txt = self._run(self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=mask)
+        img, txt = self._run(
+            self.double_blocks[0], img=img, txt=txt, vec=vec, pe=pe, ip=ip, mask=_double(mask, 0)
+        )
         # A ControlNet's residual after block 0 counts as part of the head: the cache then compares what
         # the rest of the model is given.
         after = ctrl.after_double(0, len(self.double_blocks)) if ctrl is not None else None
@@ -266,7 +272,11 @@ class Flux(nn.Module):
                 sub_res = [r[rows] for r in res] if res is not None else None
                 sub_ctrl = ctrl.rows(rows) if ctrl is not None else None
                 sub_ipa = ipa.rows(rows, img.shape[0]) if ipa is not None else None
-                sub_mask = mask[rows] if mask is not None and mask.shape[0] > 1 else mask
+                sub_mask = mask
+                if isinstance(mask, BlockBias):
+                    sub_mask = mask.rows(rows)
+                elif mask is not None and mask.shape[0] > 1:
+                    sub_mask = mask[rows]
                 out[rows] = self._blocks(
                     img[rows], txt[rows], vec[rows], sub_pe, sub_res, sub_ctrl, sub_ipa, sub_mask, first=1
                 )
@@ -299,9 +309,15 @@ class Flux(nn.Module):
                 )
         return residuals
 
-    def _check_mask(self, mask: Tensor | None, img: Tensor, txt: Tensor) -> Tensor | None:
+    def _check_mask(
+        self, mask: Tensor | BlockBias | None, img: Tensor, txt: Tensor
+    ) -> Tensor | BlockBias | None:
         if mask is None:
             return None
+        if isinstance(mask, BlockBias):
+            self._check_mask(mask.masked, img, txt)
+            self._check_mask(mask.base, img, txt)
+            return mask.cast(img.dtype)
         b, s = img.shape[0], txt.shape[1] + img.shape[1]
         if (
             not isinstance(mask, Tensor)
@@ -448,6 +464,16 @@ class Flux(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _double(mask: Tensor | BlockBias | None, i: int) -> Tensor | BlendedBias | None:
+    """Double block i's attention bias."""
+    return mask.double(i) if isinstance(mask, BlockBias) else mask
+
+
+def _single(mask: Tensor | BlockBias | None, j: int) -> Tensor | BlendedBias | None:
+    """Single block j's attention bias."""
+    return mask.single(j) if isinstance(mask, BlockBias) else mask
 
 
 def _plus(x: Tensor, r: Tensor) -> Tensor:

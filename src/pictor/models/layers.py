@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pictor.models.block_bias import BlendedBias
+
 __all__ = [
     "DoubleStreamBlock",
     "EmbedND",
@@ -105,13 +107,18 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | BlendedBias | None = None
+) -> Tensor:
     """RoPE + SDPA on head-major tensors: q, k, v ``[B, H, L, D]`` -> ``[B, H, L, D]`` (heads not merged).
 
     mask: None (every token sees every token, FLUX.1's attention), or a float bias ``[B, 1, L, L]`` in q's
     dtype added to the attention logits (-inf: not seen), as regional attention (`pictor.regional_attention`)
-    gives; `Flux` casts it once per forward, not once per block."""
-    return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
+    gives; `Flux` casts it once per forward, not once per block. A `pictor.models.block_bias.BlendedBias`
+    (anything with ``attend(q, k, v)``): its blend of a masked and an unmasked attention."""
+    if mask is None or isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
+    return mask.attend(apply_rope(q, pe), apply_rope(k, pe), v)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -311,7 +318,7 @@ class DoubleStreamBlock(nn.Module):
         vec: Tensor,
         pe: Tensor,
         ip: Callable[[Tensor], Tensor] | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | BlendedBias | None = None,
     ) -> tuple[Tensor, Tensor]:
         """img ``[B, N, dim]``, txt ``[B, L, dim]``, vec ``[B, dim]``, pe for the ``L + N`` joint tokens;
         mask: an attention bias over them (`attention`), None for FLUX.1's.
@@ -360,7 +367,7 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | BlendedBias | None = None) -> Tensor:
         """x ``[B, L, dim]`` (text and image tokens joined) -> same shape; mask: an attention bias
         (`attention`), None for FLUX.1's."""
         mod, _ = self.modulation(vec)
