@@ -91,6 +91,7 @@ def test_it_is_refused_where_it_cannot_apply_and_fixed_on_resume(
         ({"stage": "t2i", "loraplus_lr_ratio": 4.0}, "drop it for this t2i run"),
         ({"stage": "lora", "lora_algo": "lokr", "loraplus_lr_ratio": 4.0}, r"this lora run \(lokr\)"),
         ({"stage": "lora", "loraplus_lr_ratio": 0.0}, "must be above 0"),
+        ({"stage": "lora", "loraplus_lr_ratio": 16.0, "optimizer": "prodigy"}, "Prodigy estimates one step"),
     ):
         with pytest.raises(ConfigError, match=words):
             TrainConfig(out=str(tmp_path / "r"), preset="tiny", **{**config, **settings}).validate()  # type: ignore[arg-type]

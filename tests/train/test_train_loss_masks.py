@@ -4,6 +4,7 @@ mirrored with it, as kohya's --alpha_mask and --masked_loss weigh it."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pictor.data import folder as folder_module
 from pictor.data.folder import DatasetWarning, ImageFolderDataset
 from pictor.data.loss_masks import alpha_band, fitted_mask, read_mask
 from pictor.models.flux import pack_latents
@@ -237,3 +239,46 @@ def test_the_options_reach_the_run_and_are_refused_where_they_cannot_apply(tmp_p
         settings = {"stage": "t2i", "data": str(tmp_path), **config, **settings}
         with pytest.raises(ConfigError, match=words):
             TrainConfig(out=str(tmp_path / "r"), preset="tiny", **settings).validate()  # type: ignore[arg-type]
+
+
+def test_a_mask_that_does_not_decode_trains_its_image_whole(tmp_path: Path) -> None:
+    """Found by the scan: listed, the image trained whole; found later (the quick check passed, or the file
+    changed): reported once, the image still its own (no stand-in), the run going on."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(3):
+        Image.new("RGB", (SIZE, SIZE), (40 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"picture {i}")
+        Image.new("L", (SIZE, SIZE), 0).save(masks / f"{i}.png")
+    (masks / "1.png").write_bytes((masks / "1.png").read_bytes()[:40])  # truncated
+    with pytest.warns(DatasetWarning, match=r"(?s)mask pictures that do not decode .*1\.png"):
+        ds = ImageFolderDataset(images, SIZE, loss_mask="folder", mask_dir=masks)
+    assert len(ds) == 3 and ds.masks[1] is None and str(images / "1.png") in ds.unmasked
+    assert int(ds.load_mask(1).min()) == 255 and int(ds.load_mask(0).max()) == 0
+    (masks / "2.png").write_bytes(b"\x89PNG\r\n\x1a\nno longer a picture")  # after the scan
+    with pytest.warns(DatasetWarning, match=r"cannot decode the mask .*2\.png.*trained whole"):
+        item = ds[2]
+    assert item["rel_path"] == "2.png" and int(item["mask"].min()) == 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once
+        assert ds[2]["rel_path"] == "2.png"
+
+
+def test_alpha_masks_open_only_pictures_with_transparency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Image.new("RGB", (SIZE, SIZE), "red").save(tmp_path / "opaque.jpg")
+    _half_transparent(SIZE, SIZE, 0).save(tmp_path / "cut.png")
+    for name in ("opaque", "cut"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    ds = ImageFolderDataset(tmp_path, SIZE, loss_mask="alpha")
+    opened: list[str] = []
+    real = folder_module.read_mask
+    monkeypatch.setattr(
+        folder_module, "read_mask", lambda path, kind: opened.append(path.name) or real(path, kind)
+    )
+    masks = {ds.rel_path(i): ds.load_mask(i) for i in range(len(ds))}
+    assert (
+        opened == ["cut.png"] and int(masks["opaque.jpg"].min()) == 255 and int(masks["cut.png"].min()) == 0
+    )

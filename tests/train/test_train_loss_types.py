@@ -150,3 +150,33 @@ def test_the_options_reach_a_run_and_are_refused_where_they_cannot_apply(
         settings = {"stage": "t2i", "data": "shapes", **config, **settings}
         with pytest.raises(ConfigError, match=words):
             TrainConfig(out=str(tmp_path / "r"), preset="tiny", **settings).validate()  # type: ignore[arg-type]
+
+
+def test_the_validation_loss_is_measured_with_the_runs_loss_type(base: Path, tmp_path: Path) -> None:
+    """As kohya's validation: the held-out images' error is the one the run trains on (l1 is no l2)."""
+    from pictor.train.data import validation_items
+    from pictor.train.validation import validation_loss
+
+    root = tmp_path / "pictures"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture {i}")
+
+    def val(**settings: object) -> float:
+        cfg = TrainConfig(
+            stage="lora",
+            out=str(tmp_path / "r"),
+            base=str(base),
+            data=str(root),
+            image_size=SIZE,
+            **settings,  # type: ignore[arg-type]
+        ).resolve()
+        ds = make_dataset(str(root), SIZE, 0, validation_split=0.5)
+        stage = LoRAStage(cfg, ds, DistInfo(0, 1, 0, torch.device("cpu")))
+        return float(validation_loss(stage, stage.flux, ds, validation_items(ds))["val_loss"])
+
+    l2 = val()
+    assert val(loss_type="huber", huber_c=1.0, huber_scale=1e4) == pytest.approx(l2, rel=1e-4)
+    assert val(loss_type="l1") != pytest.approx(l2, rel=1e-2)

@@ -7,6 +7,7 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def kohya_folder(tmp_path: Path) -> Path:
         ("10_sks dog/a.png", (10, "sks dog", True)),
         ("12_sks_dog/deeper/a.png", (12, "sks_dog", True)),  # kohya keeps the underscores
         ("3_/a.png", (3, None, True)),
+        ("10/a.png", (10, None, True)),  # kohya's name.split("_"): a number alone is a repeat folder
         ("dog/a.png", (1, None, False)),
         ("dog_10/a.png", (1, None, False)),
         ("10_x.png", (1, None, False)),  # a file at the top is in no folder
@@ -222,3 +224,65 @@ def test_a_lora_run_keeps_the_option_and_resumes_with_it(
     whole = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000004" / "model.safetensors"))
     parts = load_file(str(tmp_path / "parts" / "checkpoints" / "step-000004" / "model.safetensors"))
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+def test_the_latent_cache_encodes_each_repeated_picture_once(
+    base: Path, kohya_folder: Path, tmp_path: Path
+) -> None:
+    """Each rank encodes its share of the pictures, each once: with repeats the training items name a
+    picture once per repeat, and a rank's share of those would be every picture."""
+    from unittest import mock
+
+    from pictor.checkpoint import load_bundle
+    from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
+    from pictor.train.latent_table import build_latent_table
+
+    bundle = load_bundle(base)
+    ae = AutoEncoder(AutoEncoderParams.from_dict(dict(bundle.config.autoencoder)))
+    ae.load_state_dict(bundle.autoencoder)
+    ds = make_dataset(str(kohya_folder), SIZE, 0, repeat_folders=True)
+    rows: list[int] = []
+    real = AutoEncoder.encode_moments
+
+    def counting(self: AutoEncoder, x: torch.Tensor) -> Any:
+        rows.append(int(x.shape[0]))
+        return real(self, x)
+
+    class Shared(Exception):  # stop at the barrier: what is encoded by then is this rank's own share
+        pass
+
+    def stop(info: DistInfo) -> None:
+        raise Shared
+
+    with (
+        mock.patch.object(AutoEncoder, "encode_moments", counting),
+        mock.patch("pictor.train.latent_table.distributed.patient_barrier", stop),
+    ):
+        for rank in (0, 1):
+            with pytest.raises(Shared):
+                build_latent_table(
+                    ds, ae, tmp_path / "cache", both_flips=False, info=DistInfo(rank, 2, rank, CPU), amp=False
+                )
+    assert rows == [3, 3]  # each rank its 3 pictures once, not all 6 (their 15 repeats) on each
+
+
+def test_an_epoch_past_the_streams_limit_is_refused(
+    kohya_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pictor.train.data.MAX_EPOCH_SAMPLES", 10)
+    with pytest.raises(ValueError, match=r"make an epoch of 15 samples, more than the 10 pictor streams"):
+        make_dataset(str(kohya_folder), SIZE, 0, repeat_folders=True)
+
+
+def test_a_bucket_of_fewer_pictures_than_a_batch_is_named_whatever_their_repeats(tmp_path: Path) -> None:
+    """Its batches repeat one picture: the repeats do not make it more pictures."""
+    from pictor.train.loop import _warn_small_buckets
+
+    _picture(tmp_path / "4_wide" / "w.png", 0, (32, 16))  # one wide picture, 4 times an epoch
+    for i in range(4):
+        _picture(tmp_path / "1_square" / f"s{i}.png", i + 1)
+    for path in tmp_path.rglob("*.png"):
+        path.with_suffix(".txt").write_text(path.stem)
+    ds = make_dataset(str(tmp_path), SIZE, 0, repeat_folders=True, buckets=True, multiple=4)
+    with pytest.warns(DatasetWarning, match=r"fewer images than a micro-batch \(4\).*\(1\)"):
+        _warn_small_buckets(ds, 4, 0)

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
 from pictor.data.layouts import LayoutError, crop_layout, parse_layout
-from pictor.data.loss_masks import MASK_KINDS, MaskKind, fitted_mask, read_mask
+from pictor.data.loss_masks import MASK_KINDS, MaskKind, fitted_mask, has_transparency, read_mask
 from pictor.data.repeat_folders import folder_repeats
 from pictor.editing import eight_bit
 from pictor.notices import PictorWarning
@@ -235,6 +235,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.masks: list[Path | None] = []  # loss_mask "folder": each item's mask picture, or None
         self.unmasked: list[str] = []
         self._mask_twins: list[tuple[str, str]] = []
+        self._bad_masks: list[tuple[str, str]] = []  # mask pictures that do not decode (found by the scan)
+        self._failed_masks: set[Path] = set()  # and those found later, reported once each
+        self._alpha: list[bool] = []  # loss_mask "alpha": whether each picture has transparency
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         # A ControlNet's training pictures (kohya's conditioning_data_dir): for IMAGE at REL/STEM.EXT in the
@@ -435,6 +438,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 caption = ""
             if self.mask_dir is not None:
                 mask = self._same_stem(self.mask_dir, path, "masks", self._mask_twins)
+                if mask is not None:
+                    try:
+                        _check_image(mask, check)
+                    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                        self._bad_masks.append((str(mask), _reason(exc)))
+                        mask = None  # its image is trained whole, not dropped
                 self.masks.append(mask)
                 if mask is None:
                     self.unmasked.append(str(path))
@@ -443,6 +452,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self.controls.append(control)
             self.captions.append(caption)
             self.repeats.append(repeats)
+            # (read from the header now, so that pictures without transparency are never opened for a mask)
+            self._alpha.append(self.loss_mask == "alpha" and has_transparency(path))
             in_repeat_folders += named
             self.layouts.append(self._meta_layouts.get(path.resolve()))
             self.sizes.append((w, h))
@@ -457,6 +468,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self._control_twins:
             what = "images with more than one control picture (same stem, other extensions)"
             warnings.warn(_summary(what, self._control_twins), DatasetWarning, stacklevel=3)
+        if self._bad_masks:
+            what = "mask pictures that do not decode (their images are trained whole)"
+            warnings.warn(_summary(what, self._bad_masks), DatasetWarning, stacklevel=3)
         if self._mask_twins:
             what = "images with more than one mask (same stem, other extensions)"
             warnings.warn(_summary(what, self._mask_twins), DatasetWarning, stacklevel=3)
@@ -591,14 +605,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """Item `index`'s loss mask as uint8 [1, H, W] on its bucket, mirrored if `flip` (all 255 for an
         image without a mask picture, or without transparency under "alpha")."""
         bucket = self.item_buckets[index]
+        whole = torch.full((1, bucket[1], bucket[0]), 255, dtype=torch.uint8)
         path = self.paths[index] if self.loss_mask == "alpha" else self.masks[index]
-        if path is None:
-            return torch.full((1, bucket[1], bucket[0]), 255, dtype=torch.uint8)
+        if path is None or (self.loss_mask == "alpha" and not self._alpha[index]):
+            return whole  # no mask picture, or a picture without transparency: all of it counts
         assert self.loss_mask is not None
         try:
             mask = read_mask(path, self.loss_mask)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise UnreadableImageError(f"cannot decode the mask {path} ({_reason(exc)})") from exc
+            # A mask the scan's quick check passed: train the image whole rather than drop it (its pixels
+            # decode, or load_image reports them) or stop the run.
+            if path not in self._failed_masks:
+                self._failed_masks.add(path)
+                warnings.warn(
+                    f"cannot decode the mask {path} ({_reason(exc)}); its image is trained whole",
+                    DatasetWarning,
+                    stacklevel=3,
+                )
+            return whole
         return fitted_mask(mask, self.sizes[index], bucket, flip)
 
     def item_info(self, index: int) -> dict[str, Any]:

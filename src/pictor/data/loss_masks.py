@@ -35,6 +35,15 @@ def alpha_band(image: Image.Image) -> Image.Image | None:
     return image.convert("RGBA").getchannel("A")
 
 
+def has_transparency(path: Path) -> bool:
+    """Whether the picture at `path` has transparency, from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode in _ALPHA_MODES or "transparency" in im.info
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False  # the scan reports a picture that does not open
+
+
 def read_mask(path: Path, kind: MaskKind) -> Image.Image:
     """The mask of the picture at `path` ("alpha") or the mask picture at `path` ("folder"), as "L", upright
     (EXIF orientation applied, as the picture itself is read)."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 from pathlib import PurePath
 
-_REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
-MAX_REPEATS = 10_000  # more is a typo (a date?), not a weighting
+_REPEAT_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")  # kohya's name.split("_"): "10" alone is 10 repeats
+# More is a typo, not a weighting (a "2024" or "2024_trip" folder is 2024 repeats, as in kohya).
+MAX_REPEATS = 10_000
+MAX_EPOCH_SAMPLES = 2_000_000  # an epoch's stream past this (every process holds its index) is refused
 
 
 def folder_repeats(rel: PurePath) -> tuple[int, str | None, bool]:
@@ -38,5 +40,5 @@ def folder_repeats(rel: PurePath) -> tuple[int, str | None, bool]:
             f"repeat folder {folder!r} asks for {repeats} repeats; a repeat folder's number is how many "
             f"times its images come each epoch, from 1 to {MAX_REPEATS}: rename the folder"
         )
-    tokens = match.group(2).strip()  # as kohya reads it: "10_sks_dog" is "sks_dog", underscores kept
+    tokens = (match.group(2) or "").strip()  # as kohya reads it: "10_sks_dog" is "sks_dog", underscores kept
     return repeats, tokens or None, True

@@ -605,6 +605,12 @@ class TrainConfig:
             + (f" ({self.lora_algo})" if self.stage == "lora" else ""),
         )
         need(
+            self.loraplus_lr_ratio is None or self.optimizer != "prodigy",
+            "--loraplus-lr-ratio with --optimizer prodigy: Prodigy estimates one step size for all its "
+            "parameter groups and refuses groups with their own learning rates; use adamw or adafactor, or "
+            "drop the ratio",
+        )
+        need(
             self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
             f"--loraplus-lr-ratio must be above 0 (16 is LoRA+'s suggestion), got {self.loraplus_lr_ratio}",
         )

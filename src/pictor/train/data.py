@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pictor.data.captions import augment_tags
+from pictor.data.repeat_folders import MAX_EPOCH_SAMPLES
 from pictor.flow import sample_t
 from pictor.notices import PictorWarning
 from pictor.train.bucket_stream import bucket_stream, folder_view
@@ -202,6 +203,13 @@ class _FolderImages:
         # items that many times (the held-out images are measured once each, as they are)
         repeats = np.asarray(getattr(folder, "repeats", None) or [1] * len(folder), dtype=np.int64)
         if (repeats[training] != 1).any():
+            total = int(repeats[training].sum())
+            if total > MAX_EPOCH_SAMPLES:  # every process (and loader worker) holds this index
+                raise ValueError(
+                    f"the repeat folders make an epoch of {total} samples, more than the {MAX_EPOCH_SAMPLES} "
+                    "pictor streams; lower the repeats (a folder named like a year, '2024_trip', is 2024 "
+                    "repeats in kohya's naming too)"
+                )
             training = np.repeat(training, repeats[training])
         self.training = training if len(validation) or len(training) != len(folder) else None
         if self.validation is not None:  # stand-ins for undecodable files stay on their side of the split

@@ -85,7 +85,8 @@ def build_latent_table(
     # them (pictor.train.validation), so their latents would never be read.
     view = folder_view(ds)
     training = getattr(view, "training", None)
-    wanted = list(range(len(folder))) if training is None else [int(i) for i in training]
+    # (each picture once: with --folder-repeats the training items name a picture once per repeat)
+    wanted = list(range(len(folder))) if training is None else sorted({int(i) for i in training})
     try:
         mine = wanted[info.rank :: info.world_size]
         chunks = [(mine[s : s + batch_size], flip) for flip in flips for s in range(0, len(mine), batch_size)]

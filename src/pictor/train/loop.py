@@ -115,7 +115,8 @@ def _pixel_multiple(cfg: TrainConfig, checkpoint: Path | None) -> int:
 
 
 def _warn_small_buckets(ds: Any, group: int, seed: int) -> None:
-    stream = bucket_stream(ds, group, seed, training_items(ds))  # held-out images never come
+    items = training_items(ds)  # held-out images never come; each picture once, whatever its repeats
+    stream = bucket_stream(ds, group, seed, None if items is None else np.unique(items))
     small = stream.small_buckets() if stream is not None else {}
     if small:
         names = ", ".join(f"{w}x{h} ({n})" for (w, h), n in small.items())

@@ -30,7 +30,7 @@ def init_adapters(model: nn.Module, adapter: str, path: str | os.PathLike[str]) 
     if not os.path.isfile(path):  # checked here, not in the config: a resumed run no longer needs the file
         raise LoRAError(f"--lora-init {path}: no such file; give the LoRA .safetensors file to start from")
     sd, metadata = load_lora_file(path)
-    sd, _text = without_text_encoder(sd, path)  # CLIP's keys of a kohya file: pictor trains the transformer
+    sd, text = without_text_encoder(sd, path)  # CLIP's keys of a kohya file: pictor trains the transformer
     linears = {p: (m.in_features, m.out_features) for p, m in linear_layers(model).items()}
     updates, _ = to_flux_updates(sd, metadata, linears, strict=True)
     tree = adapter_tree(model, adapter)
@@ -66,6 +66,11 @@ def init_adapters(model: nn.Module, adapter: str, path: str | os.PathLike[str]) 
             b[:, :r].copy_((update.B.double() * ratio).to(b.dtype))
     fresh = len(adapters) - len(plan)
     ranks = sorted({u.rank for _, u in plan})
-    return f"--lora-init: {len(plan)} layer(s) start from {path} (rank {', '.join(map(str, ranks))})" + (
-        f"; {fresh} layer(s) the file has not start fresh" if fresh else ""
-    )
+    note = f"--lora-init: {len(plan)} layer(s) start from {path} (rank {', '.join(map(str, ranks))})"
+    if fresh:
+        note += f"; {fresh} layer(s) the file has not start fresh"
+    if text:  # a kohya file's CLIP layers: the trained file will not have them, so say so
+        note += (
+            f"; its {len(text)} text-encoder tensor(s) (lora_te*) are left out: pictor trains the transformer"
+        )
+    return note

@@ -8,7 +8,7 @@ drawn from its own generator (seed, STREAM_VALIDATION, image, timestep), its ful
 and what the stage conditions on besides: its layout (layout stage), its reference picture (reference
 stage; a folder's image is its own reference) or its control picture (a ControlNet's, read with the
 data), so an adapter is measured on the task it learns; with loss masks (`pictor.data.loss_masks`), under
-its mask, as it would train.
+its mask, as it would train, and with the run's loss type (`--loss-type`), as kohya's validation is.
 """
 
 from __future__ import annotations
