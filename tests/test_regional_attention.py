@@ -785,3 +785,24 @@ def test_the_attention_gives_the_unmasked_bias_per_block() -> None:
     assert torch.equal(got.base[0, 0], base)
     plain = RegionalAttention(cover, torch.tensor([2.0]), texts, False, torch.float32, "cpu")
     assert torch.equal(plain.mask(1, None, 1, row.mask)[0, 0], want)  # the defaults: one tensor, as before
+
+
+def test_the_window_rounds_a_share_up_and_blend_cells_drop_the_rpf_options(pipe: Pipeline) -> None:
+    from pictor.grid_axes import plan_grid
+    from pictor.regional_attention import RegionalOptions
+    from pictor.serve.settings_from import body_settings
+    from pictor.settings_import import settings_from_record
+
+    assert [RegionalOptions(steps=s).window(4) for s in (0.3, 0.5, 0.26, 0.99)] == [2, 2, 2, 4]
+    assert RegionalOptions(steps=3).window(10) == 3 and RegionalOptions(steps=30).window(10) == 10
+    request = GenerationRequest(
+        "two shapes", seed=4, steps=3, regions=[LEFT, RIGHT], regional_attention=True, regional_steps=0.5,
+        regional_base_ratio=0.2,
+    )  # fmt: skip
+    blend, attend = (c.request for c in plan_grid(request, "regions-mode=blend,attention").cells)
+    assert (blend.regional_attention, blend.regional_steps, blend.regional_base_ratio) == (False, None, None)
+    assert (attend.regional_steps, attend.regional_base_ratio) == (0.5, 0.2)
+    pipe.resolve_request(blend)  # a blend cell is a valid request
+    record = {"prompt": "two shapes", "regions": [LEFT], "regional_attention": True, "regional_steps": 0.4}
+    body, notices = body_settings(settings_from_record(record))
+    assert "regional_steps" not in body and any("regional_steps" in n and "not taken" in n for n in notices)

@@ -84,6 +84,21 @@ def _method(name: str) -> Callable[[GenerationRequest, Any, Any], GenerationRequ
     return lambda r, value, _first: _with_method(r, {name: value})
 
 
+def _regions_mode(r: GenerationRequest, mode: str) -> GenerationRequest:
+    """A cell's regions as passes of their own (blend), or in one pass with regional attention, which keeps
+    the request's Regional-Prompting-FLUX options (a blend cell has no use for them)."""
+    if mode == "attention":
+        return replace(r, regional_attention=True)
+    return replace(
+        r,
+        regional_attention=False,
+        regional_steps=None,
+        regional_double_interval=None,
+        regional_single_interval=None,
+        regional_base_ratio=None,
+    )
+
+
 # Axes that set a field of the guidance method: a cell applies them together, since one alone may not yet
 # make a valid method (a start above the request's stop, which the cell's stop axis lowers too).
 METHOD_FIELDS = {
@@ -125,7 +140,7 @@ AXES: dict[str, _Kind] = {
     # How --regions run: a pass each, blended, or one pass with regional attention (needs regions).
     "regions-mode": _Kind(
         parse_regions_mode,
-        lambda r, v, _f: replace(r, regional_attention=v == "attention"),
+        lambda r, v, _f: _regions_mode(r, v),
         "regions-mode=blend,attention",
     ),
     # The loaded ControlNets' scale (one for all of them) and the share of the steps they run in.

@@ -43,7 +43,9 @@ transformer_flux.py):
   unmasked one's (the image and the prompt's tokens alone, RPF's base prompt branch). pictor's prompt
   tokens already see only the prompt and the image, as RPF's separate base text stream does, so one pass
   holds both; the blend is taken before the attention's output projection, which is linear, so it is
-  RPF's after it.
+  RPF's after it. That holds in the double blocks; in the single blocks RPF carries a second copy of the
+  image tokens (its base stream) through each block, where pictor takes the unmasked attention from the one
+  blended stream: an approximation without a second pass.
 
 Their defaults (every step, every block, ratio 0) give the one bias of every block, as before them.
 """

@@ -17,7 +17,12 @@ from pictor.serve.errors import APIError
 from pictor.serve.routes import COMMON_ERRORS, OTHER_METHODS, V1_DEPENDENCIES, post_only
 from pictor.serve.service import service
 from pictor.serve.uploads import decode_upload
-from pictor.settings_import import ImportedSettings, SettingsImportError, settings_from_chunks
+from pictor.settings_import import (
+    REGIONAL_OPTIONS,
+    ImportedSettings,
+    SettingsImportError,
+    settings_from_chunks,
+)
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
 
@@ -89,6 +94,9 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
         body["hires_upscaler"] = imported.hires_upscaler_name  # checked against the server's when sent
     if imported.sampler_name:
         notices.append(f"the image's sampler '{imported.sampler_name}' has no pictor equivalent: choose one")
+    rpf = [k for k in REGIONAL_OPTIONS if values.get(k) is not None]
+    if rpf:  # the server has no fields for them yet: said, so the page's re-run is not taken for the image's
+        notices.append(f"{', '.join(rpf)}: regional attention's options are command-line only, not taken")
     kept = [k for k in SERVER_SETTINGS if values.get(k)]
     if kept:
         notices.append(f"{', '.join(kept)}: the server's own settings (pictor serve --vae-tile), not taken")
