@@ -1017,13 +1017,15 @@ async function openViewer(imageId, warnings) {
 // The viewed PNG becomes the picture an edit or a variation starts from (`kind`): a File in that
 // section's file input, as if the user had picked it.
 async function useViewed(kind) {
+  const oldMask = $("edit-mask").files[0];
   const response = await api(viewed.url);
   if (!response.ok) throw new Error(`image: ${response.status}`);
   const file = new File([await response.blob()], `pictor-${viewed.seed}.png`, { type: "image/png" });
   const files = new DataTransfer();
   files.items.add(file);
   $(kind === "edit" ? "edit-image" : "variation-image").files = files.files;
-  if (kind === "edit") $("edit-mask").value = "";
+  // The old picture's mask goes with it, but not a mask picked while this picture loaded: that one is for it.
+  if (kind === "edit" && $("edit-mask").files[0] === oldMask) $("edit-mask").value = "";
   $(kind === "edit" ? "edit-settings" : "variation-settings").open = true;
   choosePicture(kind);
 }
