@@ -19,7 +19,6 @@ no face restorer.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import io
 import warnings
@@ -43,8 +42,7 @@ from pictor.serve.errors import APIError
 from pictor.serve.routes import bearer, finished_images
 from pictor.serve.service import Service, service
 from pictor.serve.store import JobRow
-from pictor.serve.uploads import _DATA_URL as DATA_URL
-from pictor.serve.uploads import FORMATS, decode_base64_image, decode_upload
+from pictor.serve.uploads import FORMATS, base64_bytes, decode_upload
 from pictor.serve.upscales import UpscaleForm, served_upscaler, upscale_params
 from pictor.upscaler_files import UpscalerFile
 from pictor.upscaling import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_SCALE, tile_count, with_alpha
@@ -269,21 +267,8 @@ def picture_bytes(svc: Service, text: str | None, field: str) -> bytes:
     """The bytes of a base64 picture (or a data: URL), the upload's size limit and base64 checked."""
     if not (text or "").strip():
         raise field_error(field, "send a picture, base64 (or a data:image/png;base64,... URL)")
-    limits = svc.settings.limits
-    body = "".join(DATA_URL.sub("", (text or "").strip(), count=1).split())
     try:
-        if len(body) > 4 * (limits.max_upload_bytes // 3 + 1):
-            raise APIError(
-                413,
-                f"{field} is too large: the upload limit is {limits.max_upload_bytes} bytes",
-                param=field,
-                code="upload_too_large",
-            )
-        try:
-            return base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            decode_base64_image(body, field, limits, fitted=True)  # raises the upload's own 400
-            raise
+        return base64_bytes(text or "", field, svc.settings.limits)
     except APIError as exc:
         exc.param = field.split("[")[0]  # the request's field: imageList for imageList[2].data
         raise

@@ -73,6 +73,12 @@ def decode_upload(data: bytes, what: str, limits: Limits, fitted: bool = False) 
 
 def decode_base64_image(text: str, what: str, limits: Limits, fitted: bool = False) -> Image.Image:
     """A base64 image (plain, or a ``data:image/...;base64,`` URL) -> a loaded PIL image, or a 4xx."""
+    return decode_upload(base64_bytes(text, what, limits), what, limits, fitted)
+
+
+def base64_bytes(text: str, what: str, limits: Limits) -> bytes:
+    """The bytes of a base64 upload (plain, or a ``data:image/...;base64,`` URL), held to the upload limit
+    before decoding; a 413 or 400 naming `what` otherwise."""
     # Whitespace is dropped: `base64` and many encoders wrap lines at 76 characters.
     body = "".join(_DATA_URL.sub("", text.strip(), count=1).split())
     if len(body) > 4 * (limits.max_upload_bytes // 3 + 1):
@@ -92,4 +98,4 @@ def decode_base64_image(text: str, what: str, limits: Limits, fitted: bool = Fal
             param=what,
             code="invalid_image",
         ) from None
-    return decode_upload(data, what, limits, fitted)
+    return data
