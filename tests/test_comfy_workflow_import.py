@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from pictor.cli import main
 from pictor.comfy_graph import ComfyGraph
-from pictor.comfy_workflow import comfy_prompt_as_a1111
+from pictor.comfy_prompt_weights import comfy_prompt_as_a1111
 from pictor.loading import pipeline_from_preset
 from pictor.pipeline import GenerationRequest
 from pictor.prompt_weights import parse_weights

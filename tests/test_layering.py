@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "settings_import": 1,
     "comfy_workflow": 1,
     "comfy_graph": 1,
+    "comfy_prompt_weights": 1,
     "picture_files": 1,
     "hires": 1,
     "image_grid": 1,

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pictor.comfy_graph import ComfyGraphError, shortened
-from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, comfy_prompt_as_a1111, read_comfy_graph
+from pictor.comfy_prompt_weights import comfy_prompt_as_a1111
+from pictor.comfy_workflow import PROMPT_KEY, ComfySettings, read_comfy_graph
 from pictor.composable_prompts import uses_and
 from pictor.flow import resolution_mu
 from pictor.generation_request import MAX_SEED
