@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pictor.models.lora_formats import CONTROL_NORM_SUFFIXES, NATIVE_PREFIXES
+from pictor.models.lora_formats import CONTROL_NORM_SUFFIXES
+from pictor.models.lora_names import NATIVE_PREFIXES
 from pictor.models.lora_updates import LoRAError
 
 __all__ = ["BiasedLoRA", "ControlLoRA", "control_kind_in_name", "control_weights", "read_control_lora"]

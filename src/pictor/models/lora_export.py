@@ -6,16 +6,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pictor.models.lora_formats import (
+from pictor.models.lora_names import (
     DIFFUSERS_DOUBLE,
     DIFFUSERS_SINGLE,
     DIFFUSERS_TOP,
     KOHYA_PREFIX,
     SWAP_HALVES,
-    LoRAError,
-    LoRAUpdate,
     fused_split_sizes,
 )
+from pictor.models.lora_updates import LoRAError, LoRAUpdate
 
 
 def _in_block() -> dict[tuple[str, str], list[tuple[str, int | None]]]:

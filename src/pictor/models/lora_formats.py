@@ -37,7 +37,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pictor.models.lora_updates import DoRAUpdate, FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate, Piece
+from pictor.models.lora_fusing import fuse_parts, swapped_halves
+from pictor.models.lora_names import (
+    DIFFUSERS_ROOTS,
+    FLAT_PREFIXES,
+    FLUX_ROOTS,
+    KOHYA_PREFIX,
+    KOHYA_TEXT_PREFIXES,
+    NATIVE_PREFIXES,
+    SWAP_HALVES,
+    diffusers_target,
+    flat_names,
+    fused_split_sizes,
+    strip_prefix,
+)
+from pictor.models.lora_updates import DoRAUpdate, FactoredUpdate, LayerUpdate, LoRAError, LoRAUpdate
 from pictor.models.lycoris import LOHA_ROLES, LOKR_ROLES, loha_piece, lokr_piece
 
 __all__ = [
@@ -81,73 +95,6 @@ _UNSUPPORTED = {
     ".oft_diag": "OFT",
     ".weight_bias": "IA3",
 }
-NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-FLUX_ROOTS = frozenset(
-    {
-        "double_blocks",
-        "single_blocks",
-        "img_in",
-        "txt_in",
-        "time_in",
-        "vector_in",
-        "guidance_in",
-        "final_layer",
-    }
-)
-DIFFUSERS_ROOTS = frozenset(
-    {
-        "transformer_blocks",
-        "single_transformer_blocks",
-        "x_embedder",
-        "context_embedder",
-        "time_text_embed",
-        "norm_out",
-        "proj_out",
-    }
-)
-KOHYA_PREFIX = "lora_unet_"
-FLAT_PREFIXES = ("lycoris_", "lora_transformer_")  # LyCORIS / SimpleTuner, OneTrainer
-KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
-
-# diffusers module (inside a block) -> (FLUX module inside the block, part index of a fused layer or None)
-DIFFUSERS_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0),
-    "attn.to_k": ("img_attn.qkv", 1),
-    "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0),
-    "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", None),
-    "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.net.0.proj": ("img_mlp.0", None),
-    "ff.net.2": ("img_mlp.2", None),
-    "ff_context.net.0.proj": ("txt_mlp.0", None),
-    "ff_context.net.2": ("txt_mlp.2", None),
-    "norm1.linear": ("img_mod.lin", None),
-    "norm1_context.linear": ("txt_mod.lin", None),
-}
-DIFFUSERS_SINGLE = {
-    "attn.to_q": ("linear1", 0),
-    "attn.to_k": ("linear1", 1),
-    "attn.to_v": ("linear1", 2),
-    "proj_mlp": ("linear1", 3),
-    "proj_out": ("linear2", None),
-    "norm.linear": ("modulation.lin", None),
-}
-DIFFUSERS_TOP = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-    "proj_out": "final_layer.linear",
-}
-SWAP_HALVES = frozenset({"final_layer.adaLN_modulation.1"})  # diffusers (scale, shift) vs FLUX (shift, scale)
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -248,19 +195,12 @@ def module_kinds(sd: Mapping[str, Tensor]) -> dict[str, tuple[str, int | None]]:
     }
 
 
-def _strip(name: str, prefixes: tuple[str, ...]) -> str:
-    for prefix in prefixes:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
-
-
 def _kind(module: str) -> str:
     if module.startswith(KOHYA_PREFIX) or module.startswith(KOHYA_TEXT_PREFIXES):
         return "kohya"
     if module.startswith(FLAT_PREFIXES):
         return "flat"
-    root = _strip(module, NATIVE_PREFIXES).split(".")[0]
+    root = strip_prefix(module, NATIVE_PREFIXES).split(".")[0]
     if root in FLUX_ROOTS:
         return "native"
     if root in DIFFUSERS_ROOTS:
@@ -277,7 +217,7 @@ CONTROL_NORM_SUFFIXES = (".norm.query_norm.scale", ".norm.key_norm.scale")
 def control_lora_key(keys: Iterable[str]) -> str | None:
     """A key that marks BFL's FLUX.1 Canny / Depth [dev] LoRA format (a qk-norm scale or a lora_B bias on a
     FLUX.1 name, beside ``.lora_A.weight`` keys), or None for any other file. Read from the names alone."""
-    keys = [_strip(k, NATIVE_PREFIXES) for k in keys]
+    keys = [strip_prefix(k, NATIVE_PREFIXES) for k in keys]
     if not any(k.endswith(".lora_A.weight") for k in keys):
         return None
     return next(
@@ -380,77 +320,8 @@ def _check(update: LayerUpdate, path: str, shape: tuple[int, int]) -> None:
         )
 
 
-def _fuse(parts: dict[int, tuple[str, Tensor, Tensor, float]], sizes: list[int], path: str) -> LoRAUpdate:
-    """Split parts (index -> key, A, B, alpha) -> one update of the fused layer, scales folded into B."""
-    keys = [p[0] for p in parts.values()]
-    for i, (key, _a, b, _alpha) in parts.items():
-        if b.shape[0] != sizes[i]:
-            raise LoRAError(
-                f"LoRA key '{key}': has {b.shape[0]} output rows, but part {i} of '{path}' has {sizes[i]}"
-            )
-    scaled = {i: (a.float(), b.float() * (alpha / a.shape[0])) for i, (_k, a, b, alpha) in parts.items()}
-    first_a = next(iter(scaled.values()))[0]
-    if all(a.shape == first_a.shape and torch.equal(a, first_a) for a, _ in scaled.values()):
-        # The parts share one A (a fused LoRA that a converter split): keep the rank, stack the B's.
-        rank = first_a.shape[0]
-        rows = [
-            scaled[i][1] if i in scaled else first_a.new_zeros(size, rank) for i, size in enumerate(sizes)
-        ]
-        return LoRAUpdate(first_a, torch.cat(rows), float(rank), keys[0])
-    a_cat = torch.cat([a for a, _ in scaled.values()])  # [sum r_i, in]
-    b_diag = first_a.new_zeros(sum(sizes), a_cat.shape[0])
-    col = 0
-    for i, (a, b) in scaled.items():
-        row = sum(sizes[:i])
-        b_diag[row : row + sizes[i], col : col + a.shape[0]] = b
-        col += a.shape[0]
-    return LoRAUpdate(a_cat, b_diag, float(a_cat.shape[0]), keys[0])
-
-
-def _diffusers_target(module: str) -> tuple[str, int | None] | None:
-    name = _strip(module, ("transformer.",))
-    if name in DIFFUSERS_TOP:
-        return DIFFUSERS_TOP[name], None
-    m = _BLOCK.match(name)
-    if m is None:
-        return None
-    kind, index, rest = m.groups()
-    table, ours = (
-        (DIFFUSERS_DOUBLE, "double_blocks")
-        if kind == "transformer_blocks"
-        else (DIFFUSERS_SINGLE, "single_blocks")
-    )
-    if rest not in table:
-        return None
-    inner, part = table[rest]
-    return f"{ours}.{index}.{inner}", part
-
-
-def fused_split_sizes(path: str, shape: tuple[int, int]) -> list[int]:
-    in_f, out_f = shape
-    if path.endswith(".linear1"):  # [q | k | v | mlp_in], q/k/v as wide as the hidden size (= in)
-        return [in_f, in_f, in_f, out_f - 3 * in_f]
-    return [out_f // 3] * 3  # qkv
-
-
 def _unmatched(key: str, where: str) -> LoRAError:
     return LoRAError(f"LoRA key '{key}' matches no layer of the model ({where})")
-
-
-def _flat_names(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, str]]:
-    """LyCORIS' flattened module names -> ("native", FLUX path) or ("diffusers", diffusers name), for every
-    layer of the model under both namings (dots as underscores, as LyCORIS writes them)."""
-    table = {path.replace(".", "_"): ("native", path) for path in linears}
-    names = list(DIFFUSERS_TOP)
-    for path in linears:
-        kind, index = path.split(".")[:2] if "." in path else (path, "")
-        if kind in ("double_blocks", "single_blocks"):
-            inner = DIFFUSERS_DOUBLE if kind == "double_blocks" else DIFFUSERS_SINGLE
-            block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
-            names += [f"{block}.{index}.{name}" for name in inner]
-    for name in names:
-        table.setdefault(name.replace(".", "_"), ("diffusers", name))
-    return table
 
 
 def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
@@ -489,72 +360,6 @@ def _layer_update(mod: _Module, lora_alpha: float | None) -> LayerUpdate:
     )
 
 
-def _swapped(update: LayerUpdate) -> LayerUpdate:
-    """diffusers' (scale, shift) output rows -> FLUX's (shift, scale)."""
-    if isinstance(update, DoRAUpdate):
-        magnitude = update.magnitude
-        if update.on_out:
-            scale, shift = magnitude.chunk(2, dim=0)
-            magnitude = torch.cat([shift, scale])
-        inner = _swapped(update.inner)
-        assert not isinstance(inner, DoRAUpdate)
-        return DoRAUpdate(inner, magnitude, update.on_out)
-    if isinstance(update, LoRAUpdate):
-        scale, shift = update.B.chunk(2, dim=0)
-        return LoRAUpdate(update.A, torch.cat([shift, scale]), update.alpha, update.source)
-    half = update.out_features // 2
-    perm = torch.cat([torch.arange(half, update.out_features), torch.arange(half)])
-    return FactoredUpdate(update.pieces, update.out_features, update.source, perm)
-
-
-def _fuse_parts(parts: dict[int, LayerUpdate], sizes: list[int], path: str) -> LayerUpdate:
-    """Updates of parts of a fused layer (q, k, v ...) -> one update of the layer. Parts with DoRA scales
-    per output row keep them on their rows (the norm of a row is the row's alone); a part's DoRA per input
-    column spans only that part's rows, which the fused layer cannot express, so it is refused."""
-    dora = {i: u for i, u in parts.items() if isinstance(u, DoRAUpdate)}
-    if dora:
-        column = next((u for u in dora.values() if not u.on_out), None)
-        if column is not None:
-            raise LoRAError(
-                f"LoRA key '{column.source}': a DoRA scale per input column on a part of '{path}' (diffusers "
-                "splits q/k/v) cannot be applied to FLUX's fused layer; only per-output-row DoRA scales can"
-            )
-        inner = _fuse_parts(
-            {i: u.inner if isinstance(u, DoRAUpdate) else u for i, u in parts.items()}, sizes, path
-        )
-        assert not isinstance(inner, DoRAUpdate)
-        magnitude = torch.full((sum(sizes), 1), float("nan"))
-        for i, u in dora.items():
-            row = sum(sizes[:i])
-            magnitude[row : row + sizes[i]] = u.magnitude
-        return DoRAUpdate(inner, magnitude, on_out=True)
-    kinds = {u.kind if isinstance(u, FactoredUpdate) else "lora" for u in parts.values()}
-    if len(kinds) > 1:
-        raise LoRAError(
-            f"LoRA key '{next(iter(parts.values())).source}': the parts of '{path}' mix "
-            f"{' and '.join(sorted(kinds))} updates"
-        )
-    widths = {u.shape[1] for u in parts.values()}
-    if len(widths) > 1:
-        keys = ", ".join(f"'{u.source}' ({u.shape[1]})" for u in parts.values())
-        raise LoRAError(f"the parts of '{path}' take inputs of different widths: {keys}; the file is broken")
-    if kinds == {"lora"}:
-        lora = {i: u for i, u in parts.items() if isinstance(u, LoRAUpdate)}
-        return _fuse({i: (u.source, u.A, u.B, u.alpha) for i, u in lora.items()}, sizes, path)
-    pieces: list[Piece] = []
-    for i, u in parts.items():
-        assert isinstance(u, FactoredUpdate) and len(u.pieces) == 1 and u.perm is None
-        piece = u.pieces[0]
-        if piece.rows != sizes[i]:
-            raise LoRAError(
-                f"LoRA key '{u.source}': has {piece.rows} output rows, but part {i} of '{path}' has "
-                f"{sizes[i]}"
-            )
-        piece.offset = sum(sizes[:i])
-        pieces.append(piece)
-    return FactoredUpdate(pieces, sum(sizes), next(iter(parts.values())).source)
-
-
 def to_flux_updates(
     sd: Mapping[str, Tensor],
     metadata: Mapping[str, str],
@@ -569,7 +374,7 @@ def to_flux_updates(
     fmt = detect_format(sd)
     groups = _group(sd)
     kohya = {KOHYA_PREFIX + path.replace(".", "_"): path for path in linears}
-    flat = _flat_names(linears) if fmt == "flat" else {}
+    flat = flat_names(linears) if fmt == "flat" else {}
     whole: dict[str, LayerUpdate] = {}
     parts: dict[str, dict[int, LayerUpdate]] = {}
     sources: dict[tuple[str, int | None], str] = {}
@@ -592,7 +397,7 @@ def to_flux_updates(
             miss(mod, "text encoder")
             continue
         if fmt == "flat":
-            found = flat.get(_strip(module, FLAT_PREFIXES))
+            found = flat.get(strip_prefix(module, FLAT_PREFIXES))
             if found is None:
                 miss(mod, "no FLUX or diffusers layer of the model has this flattened name")
                 continue
@@ -603,18 +408,18 @@ def to_flux_updates(
                 continue
             path, part, default = kohya[module], None, None
         elif kind == "native":
-            path, part = _strip(name, NATIVE_PREFIXES), None
+            path, part = strip_prefix(name, NATIVE_PREFIXES), None
             if path not in linears:
                 miss(mod, f"the model has no linear layer '{path}'")
                 continue
             default = _native_alpha(path, rank, metadata) if fmt == "native" else None
         else:
-            target = _diffusers_target(name)
+            target = diffusers_target(name)
             if target is None or target[0] not in linears:
                 miss(mod, "no FLUX layer corresponds to this diffusers module")
                 continue
             path, part = target
-            dotted = _strip(name, ("transformer.",))
+            dotted = strip_prefix(name, ("transformer.",))
             default = _diffusers_alpha(dotted, rank, metadata) if fmt == "diffusers" else None
         clash = [k for (p, q), k in sources.items() if p == path and (q == part or None in (q, part))]
         if clash:
@@ -624,11 +429,11 @@ def to_flux_updates(
         sources[(path, part)] = mod.key
         update = _layer_update(mod, default)
         if part is None:
-            whole[path] = _swapped(update) if kind == "diffusers" and path in SWAP_HALVES else update
+            whole[path] = swapped_halves(update) if kind == "diffusers" and path in SWAP_HALVES else update
         else:
             parts.setdefault(path, {})[part] = update
     for path, fused in parts.items():
-        whole[path] = _fuse_parts(dict(sorted(fused.items())), fused_split_sizes(path, linears[path]), path)
+        whole[path] = fuse_parts(dict(sorted(fused.items())), fused_split_sizes(path, linears[path]), path)
     for path, update in whole.items():
         _check(update, path, linears[path])
     return whole, skipped
