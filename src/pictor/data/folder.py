@@ -21,150 +21,50 @@ train_controlnet scripts do, "conditioning_image" (a path relative to the metada
 The folder is scanned once, up front, reading headers only (size, EXIF orientation) plus a cheap
 integrity check, so broken files are reported at construction rather than mid-epoch. Pixels are decoded
 in `__getitem__`. Pillow's decompression-bomb guard stays on: a bomb is a skipped file, not a crash.
+
+The scan lives in `pictor.data.folder_scan`, metadata.jsonl's reading in `pictor.data.folder_metadata`
+and the per-file checks and conversions in `pictor.data.folder_files`; this module keeps the dataset's
+items (decoding, cropping, stand-ins for broken files) and `collate`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pictor.data.buckets import Bucket, assign_bucket, cover_crop, make_buckets, resize_to_bucket
-from pictor.data.layouts import LayoutError, crop_layout, parse_layout
-from pictor.data.loss_masks import MASK_KINDS, MaskKind, fitted_mask, has_transparency, read_mask
-from pictor.data.repeat_folders import folder_repeats
+from pictor.data.buckets import Bucket, cover_crop, make_buckets, resize_to_bucket
+from pictor.data.folder_files import (
+    IMAGE_EXTENSIONS,
+    DatasetWarning,
+    UnreadableImageError,
+    _reason,
+    image_to_tensor,
+    to_rgb,
+)
+from pictor.data.folder_metadata import CAPTION_KEYS, CONTROL_KEYS, _as_written
+from pictor.data.folder_scan import scan
+from pictor.data.layouts import crop_layout
+from pictor.data.loss_masks import MASK_KINDS, MaskKind, fitted_mask, read_mask
 from pictor.editing import eight_bit
-from pictor.notices import PictorWarning
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-CAPTION_KEYS = ("text", "caption")
-# metadata.jsonl keys naming an image's control picture: datasets' second image column, then diffusers'.
-CONTROL_KEYS = ("conditioning_image_file_name", "conditioning_image")
-_EXIF_ORIENTATION = 0x0112
-_SHOWN = 5  # paths quoted in a summary warning
-
-
-class DatasetWarning(PictorWarning):
-    """Problems found while scanning a dataset folder (skipped images, missing captions)."""
-
-
-class UnreadableImageError(ValueError):
-    """An image that passed the scan but does not decode (the fast scan reads headers, not every pixel)."""
-
-
-def _summary(what: str, entries: Sequence[tuple[str, str]]) -> str:
-    lines = [f"  {p}: {r}" if r else f"  {p}" for p, r in entries[:_SHOWN]]
-    more = f"\n  ... and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else ""
-    return f"{len(entries)} {what}:\n" + "\n".join(lines) + more
-
-
-def _check_image(path: Path, check: str) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after EXIF orientation. Raises on a file that will not decode.
-
-    "fast" never decodes a whole PNG or JPEG: PNG verify() walks every chunk's CRC (catches truncation
-    and corruption), and a JPEG is fully decoded only when it lacks the end-of-image marker, the usual
-    sign of truncation. Other formats are small in practice and have no cheap check, so they are decoded.
-    """
-    with Image.open(path) as im:
-        w, h = im.size
-        fmt = im.format
-        if check == "decode" or (check == "fast" and fmt not in ("PNG", "JPEG")):
-            im.load()
-        if fmt == "PNG" and check != "decode":
-            # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the pixels;
-            # walking the chunk headers finds one there without decoding anything.
-            exif = Image.Exif()
-            raw = im.info.get("exif") or _png_exif_chunk(path)
-            if raw:
-                exif.load(raw)
-        else:
-            exif = im.getexif()
-        if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # 90-degree turns swap the sides
-            w, h = h, w
-    if check == "fast" and fmt == "PNG":
-        with Image.open(path) as im:  # verify() leaves the image unusable, hence a second open
-            im.verify()
-    elif check == "fast" and fmt == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 64))
-            tail = f.read().rstrip(b"\x00\r\n ")
-        if not tail.endswith(b"\xff\xd9"):
-            with Image.open(path) as im:
-                im.load()
-    return w, h
-
-
-def _png_exif_chunk(path: Path) -> bytes | None:
-    """The data of a PNG's eXIf chunk wherever it sits (the standard allows it after the image data),
-    reading only chunk headers; None when there is none."""
-    with open(path, "rb") as f:
-        f.seek(8)  # the signature
-        while len(head := f.read(8)) == 8:
-            length, kind = struct.unpack(">I4s", head)
-            if kind == b"eXIf":
-                return f.read(length)
-            if kind == b"IEND":
-                break
-            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-    return None
-
-
-def _control_entry(rec: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(the control picture a metadata line names, or None; a problem with the line, or None)."""
-    given = {key: rec[key] for key in CONTROL_KEYS if key in rec}
-    if not given:
-        return None, None
-    for key, value in given.items():
-        if not isinstance(value, str) or not value:
-            return None, f"{key} must be a path string, got {value!r}"
-    if len({os.path.normpath(value) for value in given.values()}) > 1:
-        return None, f"{' and '.join(given)} name different pictures; keep one"
-    return next(iter(given.values())), None
-
-
-def _as_written(path: Path) -> str:
-    """A path as the folder's walk spells it, normalised ("a/./b" and "a/x/../b" alike) but not resolved:
-    a Hugging Face cache links files of equal contents to one blob, and they must stay different files."""
-    return os.path.normpath(path)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"decompression bomb: {exc}"
-    if isinstance(exc, Image.UnidentifiedImageError):
-        return "unreadable: not an image Pillow can identify"
-    text = str(exc) or type(exc).__name__
-    return f"truncated: {text}" if "truncated" in text.lower() else f"unreadable: {text}"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; transparency is composited on white (not dropped to black)."""
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
-        image = image.convert("RGBA")  # a palette entry or a colour key that means "transparent"
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if image.mode.startswith("I"):  # 16-bit greyscale, the only "I" images of the formats read here
-        return eight_bit(image).convert("RGB")
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
-    arr = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # [H, W, 3]
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+# The names of the modules split off this one stay importable from here, where callers import them.
+__all__ = [
+    "CAPTION_KEYS",
+    "CONTROL_KEYS",
+    "IMAGE_EXTENSIONS",
+    "DatasetWarning",
+    "ImageFolderDataset",
+    "UnreadableImageError",
+    "collate",
+    "image_to_tensor",
+    "to_rgb",
+]
 
 
 def _splitmix64(x: int) -> int:
@@ -261,6 +161,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # Image (as the walk spells it, `_as_written`) -> its control picture; and every picture a line names.
         self._meta_controls: dict[str, Path] = {}
         self._named_controls: set[str] = set()
+        # Image (resolved) -> its layout from metadata.jsonl; all three filled by the scan.
+        self._meta_layouts: dict[Path, list[dict[str, Any]]] = {}
         self.controls: list[Path] = []
         self._control_listings: dict[Path, dict[str, list[Path]]] = {}
         self._control_twins: list[tuple[str, str]] = []
@@ -286,221 +188,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # held out), or None: an item stands in only for one of its own part, so that a broken training
         # image never brings a held-out one into training.
         self.parts: Sequence[int] | None = None
-        self._scan(check, caption_ext, tuple(caption_keys))
-
-    # -- scanning ------------------------------------------------------------------------------------
-
-    def _walk(self) -> tuple[list[Path], list[Path]]:
-        images, metas = [], []
-        seen: set[str] = set()  # real paths of folders walked: a link back up must not loop
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            real = os.path.realpath(dirpath)
-            beside = [d for d in (self.control_dir, self.mask_dir) if d is not None]
-            if real in seen or any(real == os.path.realpath(d) for d in beside):
-                dirnames[:] = []  # a control or mask folder inside the data folder holds no training images
-                continue
-            seen.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                p = Path(dirpath, name)
-                if name == "metadata.jsonl":
-                    metas.append(p)
-                elif p.suffix.lower() in IMAGE_EXTENSIONS:
-                    images.append(p)
-        return images, metas
-
-    def _read_metadata(self, metas: list[Path], keys: tuple[str, ...]) -> dict[Path, str]:
-        captions: dict[Path, str] = {}
-        where: dict[Path, str] = {}  # the line each caption came from, to name both sides of a conflict
-        self._meta_layouts: dict[Path, list[dict[str, Any]]] = {}
-        bad: list[tuple[str, str]] = []
-        twice: list[tuple[str, str]] = []
-        controls_twice: list[tuple[str, str]] = []
-        for meta in metas:
-            raw = meta.read_bytes()
-            for n, data in enumerate(raw.splitlines(), 1):
-                if n == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors)
-                    data = data[3:]
-                if not data.strip():
-                    continue
-                try:
-                    line = data.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    byte = exc.object[exc.start]
-                    bad.append((f"{meta}:{n}", f"not UTF-8 (byte {byte:#x}); save the file as UTF-8"))
-                    continue
-                try:
-                    rec = json.loads(line)
-                    name = rec["file_name"]
-                    text = next((rec[k] for k in keys if k in rec), None)
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    bad.append((f"{meta}:{n}", f"bad line ({type(exc).__name__})"))
-                    continue
-                if not isinstance(name, str) or not name:
-                    bad.append((f"{meta}:{n}", f"file_name must be a path string, got {name!r}"))
-                    continue
-                target = (meta.parent / name).resolve()
-                if text is not None:
-                    text = str(text).strip()
-                    if target in captions and captions[target] != text:
-                        twice.append((f"{meta}:{n}", f"{name}: used instead of {where[target]}'s"))
-                    captions[target], where[target] = text, f"{meta}:{n}"
-                if self.control_metadata:
-                    control, problem = _control_entry(rec)
-                    if problem is not None:
-                        bad.append((f"{meta}:{n}", f"{problem} (its image is skipped)"))
-                    elif control is not None:
-                        image, picture = _as_written(meta.parent / name), meta.parent / control
-                        earlier = self._meta_controls.get(image)
-                        if earlier is not None and _as_written(earlier) != _as_written(picture):
-                            entry = (f"{meta}:{n}", f"{name}: {control} used instead of {earlier}")
-                            controls_twice.append(entry)
-                        self._meta_controls[image] = picture
-                        self._named_controls.add(_as_written(picture))
-                if "layout" in rec:  # boxes with phrases, for layout training (pictor.data.layouts)
-                    try:
-                        self._meta_layouts[target] = parse_layout(rec["layout"])
-                    except LayoutError as exc:
-                        bad.append((f"{meta}:{n}", f"layout ignored: {exc}"))
-        if bad:
-            warnings.warn(_summary("metadata.jsonl lines ignored", bad), DatasetWarning, stacklevel=4)
-        if twice:
-            what = "images captioned twice in metadata.jsonl (the later line wins)"
-            warnings.warn(_summary(what, twice), DatasetWarning, stacklevel=4)
-        if controls_twice:
-            what = "images given a control picture twice in metadata.jsonl (the later line wins)"
-            warnings.warn(_summary(what, controls_twice), DatasetWarning, stacklevel=4)
-        return captions
-
-    def _scan(self, check: str, caption_ext: str, keys: tuple[str, ...]) -> None:
-        images, metas = self._walk()
-        stretched: list[tuple[str, str]] = []  # control pictures of another aspect ratio than their image
-        meta_captions = self._read_metadata(metas, keys)
-        if self.control_metadata:  # the pictures lines name as controls are not training images
-            kept = []
-            for path in images:
-                written = _as_written(path)
-                if written not in self._named_controls:
-                    kept.append(path)
-                elif written in self._meta_controls:  # an image with a control, and a control
-                    if _as_written(self._meta_controls[written]) == written:
-                        why = "names itself as its control picture; name another picture"
-                    else:
-                        why = "named as a control picture in metadata.jsonl too; an image is not a control"
-                    self.skipped.append((str(path), why))
-            images = kept
-        in_repeat_folders = 0
-        for path in images:
-            repeats, tokens, named = 1, None, False
-            if self.repeat_folders:
-                try:
-                    repeats, tokens, named = folder_repeats(path.relative_to(self.root))
-                except ValueError as exc:
-                    self.skipped.append((str(path), str(exc)))
-                    continue
-            try:
-                w, h = _check_image(path, check)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                # SyntaxError and ValueError are what some Pillow plugins raise on malformed headers.
-                self.skipped.append((str(path), _reason(exc)))
-                continue
-            if min(w, h) < self.min_side:
-                self.skipped.append((str(path), f"too small: {w}x{h} < {self.min_side} px"))
-                continue
-            control = self._control_of(path)
-            if self.control_dir is not None and control is None:
-                rel = path.relative_to(self.root).with_suffix("")
-                self.skipped.append((str(path), f"no control picture {rel}.* in {self.control_dir}"))
-                continue
-            if self.control_metadata and control is None:
-                reason = f"no control picture: no metadata.jsonl line names one ({' or '.join(CONTROL_KEYS)})"
-                self.skipped.append((str(path), reason))
-                continue
-            if control is not None:
-                try:
-                    cw, ch = _check_image(control, "header")
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                    self.skipped.append((str(path), f"control picture {control}: {_reason(exc)}"))
-                    continue
-                if abs(cw / ch - w / h) > 0.02 * (w / h) + 1.0 / min(ch, h):
-                    stretched.append((str(control), f"{cw}x{ch} for a {w}x{h} image (EXIF rotation?)"))
-            caption = meta_captions.get(path.resolve())
-            txt = path.with_suffix(caption_ext)
-            if caption is None and txt.is_file():
-                caption = txt.read_text(encoding="utf-8", errors="replace").strip()
-            if caption is None and tokens is not None:  # kohya's class tokens, from the folder's name
-                caption = tokens
-                self.class_captions.append(str(path))
-            if caption is None:
-                self.missing_captions.append(str(path))
-                caption = ""
-            if self.mask_dir is not None:
-                mask = self._same_stem(self.mask_dir, path, "masks", self._mask_twins)
-                if mask is not None:
-                    try:
-                        _check_image(mask, check)
-                    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                        self._bad_masks.append((str(mask), _reason(exc)))
-                        mask = None  # its image is trained whole, not dropped
-                self.masks.append(mask)
-                if mask is None:
-                    self.unmasked.append(str(path))
-            self.paths.append(path)
-            if control is not None:
-                self.controls.append(control)
-            self.captions.append(caption)
-            self.repeats.append(repeats)
-            # (read from the header now, so that pictures without transparency are never opened for a mask)
-            self._alpha.append(self.loss_mask == "alpha" and has_transparency(path))
-            in_repeat_folders += named
-            self.layouts.append(self._meta_layouts.get(path.resolve()))
-            self.sizes.append((w, h))
-            self.item_buckets.append(assign_bucket(w, h, self.available_buckets))
-        if self.skipped:
-            warnings.warn(
-                _summary(f"images skipped in {self.root}", self.skipped), DatasetWarning, stacklevel=3
-            )
-        if stretched:
-            what = "control pictures of another aspect ratio than their image, stretched to it"
-            warnings.warn(_summary(what, stretched), DatasetWarning, stacklevel=3)
-        if self._control_twins:
-            what = "images with more than one control picture (same stem, other extensions)"
-            warnings.warn(_summary(what, self._control_twins), DatasetWarning, stacklevel=3)
-        if self._bad_masks:
-            what = "mask pictures that do not decode (their images are trained whole)"
-            warnings.warn(_summary(what, self._bad_masks), DatasetWarning, stacklevel=3)
-        if self._mask_twins:
-            what = "images with more than one mask (same stem, other extensions)"
-            warnings.warn(_summary(what, self._mask_twins), DatasetWarning, stacklevel=3)
-        if self.unmasked:
-            what = f"images have no mask in {self.mask_dir} (same relative folder and stem): trained whole"
-            warnings.warn(_summary(what, [(p, "") for p in self.unmasked]), DatasetWarning, stacklevel=3)
-        if self.missing_captions:
-            entries = [(p, "") for p in self.missing_captions]
-            # Naming the extension looked for helps when the captions are there under another one.
-            what = f"images in {self.root} have no caption (no metadata.jsonl line, no {caption_ext} file;"
-            what += " using '')"
-            msg = _summary(what, entries)
-            warnings.warn(msg, DatasetWarning, stacklevel=3)
-        log.info("%s: %d images, %d skipped", self.root, len(self.paths), len(self.skipped))
-        if self.repeat_folders and self.paths and not in_repeat_folders:
-            # on, but no folder named so: most likely named another way ("dog_10", "10-dog")
-            warnings.warn(
-                f"repeat folders: no image under {self.root} is in a subfolder named <repeats>_<class "
-                "tokens> (kohya's '10_sks dog'), so every image comes once an epoch",
-                DatasetWarning,
-                stacklevel=3,
-            )
-        if not self.paths:
-            # Fail here, naming the folder, rather than as an empty DataLoader deep inside a trainer.
-            why = "; ".join(f"{Path(p).name}: {reason}" for p, reason in self.skipped[:3])
-            raise ValueError(
-                f"no usable images under {self.root} ({len(self.skipped)} skipped"
-                + (f": {why}{' ...' if len(self.skipped) > 3 else ''}" if why else "")
-                + f"; extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
+        scan(self, check, caption_ext, tuple(caption_keys))
 
     # -- items ---------------------------------------------------------------------------------------
 
