@@ -4,7 +4,8 @@ method" select (CFG, APG, CFG-Zero*, Tangential CFG) shows the chosen method's o
 rescale and the interval; APG with an interval is sent as `guidance_method` (the job and its image's record
 keep it, and the pixels are Pipeline.generate's with it), plain CFG sends none, "Reuse settings" and
 "Settings from an image" put a record's back, "Reproduce" sends it, and an edit from the page sends it (its
-JSON text). The API: tests/serve/test_guidance_methods_api.py."""
+JSON text), as do variations. The API: tests/serve/test_guidance_methods_api.py and
+tests/serve/test_variation_guidance_api.py."""
 
 from __future__ import annotations
 
@@ -103,14 +104,15 @@ def test_the_chosen_method_is_sent_kept_reused_reproduced_and_edited_with(
     assert job["request"]["kind"] == "edit" and job["request"]["guidance_method"] == tcfg, job["request"]
     assert record["guidance_method"] == tcfg and record["mode"] == "img2img", record
 
-    # Variations take no guidance method (the variation form would refuse the field): left out, not sent.
+    # Variations send it too (its JSON text, as an edit's form): the variation's job and record keep it.
     thumb.first.click()
     page.get_by_role("button", name="Vary this image").click()
     page.get_by_role("button", name="Make variations").click()
     expect(page.locator("#status")).to_contain_text("Done: 1 image", timeout=30_000)
     job, _, record = _newest(live.url)
-    assert job["request"]["kind"] == "edit" and job["request"].get("guidance_method") is None, job["request"]
-    assert "guidance_method" not in record and record["mode"] == "img2img", record
+    assert job["request"]["kind"] == "edit" and job["request"]["variation"] is True, job["request"]
+    assert job["request"]["guidance_method"] == tcfg, job["request"]
+    assert record["guidance_method"] == tcfg and record["mode"] == "img2img", record
     page.get_by_label("Picture to vary").set_input_files([])
     page.get_by_role("button", name="Clear images").click()
 

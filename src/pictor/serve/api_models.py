@@ -19,6 +19,7 @@ from pictor.redux_images import MAX_STRENGTH
 from pictor.regional_prompts import MAX_REGIONS, RegionError, parse_regions
 from pictor.regional_prompts import MAX_STRENGTH as MAX_REGION_STRENGTH
 from pictor.serve.controlnets import json_modes, json_scales, too_many
+from pictor.serve.regional_fields import DESCRIPTIONS as REGIONAL_DESCRIPTIONS
 from pictor.serve.settings import MAX_CONTROLNETS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -250,6 +251,20 @@ class ImageGenerationRequest(BaseModel):
         "prompt reaches only its box; Regional-Prompting-FLUX's mask, ComfyUI's attention couple) instead "
         "of one more pass per region: the cost grows with the regions' tokens, not their number. Needs "
         "regions; false: a pass per region, their velocities blended.",
+    )
+    # Regional-Prompting-FLUX's controls of regional attention (`serve.regional_fields`): they need
+    # regional_attention and regions; checked by the pipeline's rules, a 400 naming the field.
+    regional_steps: float | None = Field(
+        None, allow_inf_nan=False, description=REGIONAL_DESCRIPTIONS["regional_steps"]
+    )
+    regional_double_interval: int | None = Field(
+        None, description=REGIONAL_DESCRIPTIONS["regional_double_interval"]
+    )
+    regional_single_interval: int | None = Field(
+        None, description=REGIONAL_DESCRIPTIONS["regional_single_interval"]
+    )
+    regional_base_ratio: float | None = Field(
+        None, allow_inf_nan=False, description=REGIONAL_DESCRIPTIONS["regional_base_ratio"]
     )
     reference_image: str | None = Field(
         None,

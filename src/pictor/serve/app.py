@@ -50,8 +50,10 @@ DESCRIPTION = """Text-to-image generation with pictor.
   `seed`, `steps`, `guidance`, `negative_prompt`, `sampler`, `schedule`, `layout`, `regions` (regional
   prompts: `[{"box": [x0, y0, x1, y1], "prompt": "...", "strength": 1}]`, any model), `regional_attention`
   (`true` runs the regions as one pass with a masked attention, each region's prompt reaching only its box,
-  instead of a pass per region; needs `regions`), `composable` (A1111's composable diffusion: `true` runs
-  the prompt's parts joined by AND, each with an optional `:weight`, as passes guided together, any model),
+  instead of a pass per region; needs `regions`; Regional-Prompting-FLUX's controls of it: `regional_steps`,
+  `regional_double_interval`, `regional_single_interval`, `regional_base_ratio`), `composable` (A1111's
+  composable diffusion: `true` runs the prompt's parts joined by AND, each with an optional `:weight`, as
+  passes guided together, any model),
   `reference_image`, `context_image` (FLUX.1 Kontext), `control_image` and `control_canny` (FLUX.1 Canny /
   Depth), `redux_image` and `redux_strength` (FLUX.1 Redux), `ip_adapter_image` and `ip_adapter_scale` (XLabs'
   FLUX.1 IP-Adapter, on a server started with `--ip-adapter-model` and `--clip-vision`), `controlnet_images`,
@@ -60,8 +62,8 @@ DESCRIPTION = """Text-to-image generation with pictor.
 * `POST /v1/images/edits` is OpenAI's image edit (multipart: `image`, `mask`; `layout` and `regions` as
   their JSON text; pictor's `reference_image`, `context_image`, `control_image`, `redux_image` and
   `ip_adapter_image` as further files, `controlnet_image` files (the field repeated, one per ControlNet),
-  `control_canny`, `redux_strength`, `ip_adapter_scale`, `composable`, `regional_attention` and the
-  ControlNet settings as fields); `POST /v1/jobs/edits` queues it.
+  `control_canny`, `redux_strength`, `ip_adapter_scale`, `composable`, `regional_attention` (and its four
+  controls) and the ControlNet settings as fields); `POST /v1/jobs/edits` queues it.
 * `POST /v1/images/variations` is OpenAI's image variation (multipart: `image`): an img2img edit of the
   picture (strength 0.7, an optional `prompt`; the picture is also the reference on a model with a
   reference adapter), or, on a server with FLUX.1 Redux loaded, a generation with the picture as its

@@ -74,6 +74,14 @@ from pictor.serve.errors import APIError
 from pictor.serve.guidance_fields import checked_guidance_method, guidance_method_of
 from pictor.serve.job_requests import EDIT_KEYS, TUPLE_KEYS
 from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
+from pictor.serve.regional_fields import FIELDS as REGIONAL_FIELDS
+from pictor.serve.regional_fields import (
+    RegionalBaseRatio,
+    RegionalDoubleInterval,
+    RegionalSingleInterval,
+    RegionalSteps,
+    checked_regional_options,
+)
 from pictor.serve.routes import (
     COMMON_ERRORS,
     SUBMIT_ERRORS,
@@ -143,6 +151,7 @@ def edit_params(
     layout = checked_layout(form.get("layout"))
     regions = checked_regions(form.get("regions"), limits)
     check_regional_attention(bool(form.get("regional_attention")), regions)
+    rpf = checked_regional_options(form, bool(form.get("regional_attention")), regions)  # None where absent
     method = checked_guidance_method(form.get("guidance_method"))  # JSON text, checked by the dataclass
     check_policy(svc.policy, prompt, negative, [box["phrase"] for box in layout or []], regions)
     upscale = form.get("upscale")
@@ -194,6 +203,7 @@ def edit_params(
     settings["prompt_editing"] = bool(form.get("prompt_editing"))
     settings["composable"] = bool(form.get("composable"))
     settings["regional_attention"] = bool(form.get("regional_attention"))  # absent from a variation's form
+    settings |= rpf  # its RPF controls (regional_fields), absent from a variation's form too
     settings["guidance_method"] = method  # its record, or None for plain CFG (guidance_fields)
     # an edit's own settings, as EditRequest names them; absent ones take its defaults
     edit_settings = {k: form[k] for k in EDIT_KEYS if form.get(k) is not None}
@@ -485,6 +495,7 @@ FORM_FIELDS = {
     "layout",
     "regions",
     "regional_attention",
+    *REGIONAL_FIELDS,
     "guidance_method",
     "loras",
     "n",
@@ -684,6 +695,10 @@ async def edit_form(
     prompt_editing: PromptEditing = False,
     composable: Composable = False,
     regional_attention: RegionalAttention = False,
+    regional_steps: RegionalSteps = None,
+    regional_double_interval: RegionalDoubleInterval = None,
+    regional_single_interval: RegionalSingleInterval = None,
+    regional_base_ratio: RegionalBaseRatio = None,
     guidance_method: GuidanceMethodForm = None,
     upscale: Upscale = None,
     upscaler: Upscaler = None,
@@ -767,6 +782,10 @@ async def edit_form(
         "layout": layout,
         "regions": regions,
         "regional_attention": regional_attention,
+        "regional_steps": regional_steps,
+        "regional_double_interval": regional_double_interval,
+        "regional_single_interval": regional_single_interval,
+        "regional_base_ratio": regional_base_ratio,
         "guidance_method": guidance_method,
         "loras": loras,
         "control_canny": canny_form(control_canny),

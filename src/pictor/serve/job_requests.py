@@ -14,6 +14,7 @@ from pictor.editing import EditRequest
 from pictor.generation_request import DENOISE_TILING_FIELDS
 from pictor.hires import HIRES_FIELDS
 from pictor.pipeline import GenerationRequest
+from pictor.regional_attention import REGIONAL_OPTION_FIELDS
 from pictor.serve.guidance_fields import guidance_method_of
 from pictor.serve.store import JobRow, Store
 
@@ -52,6 +53,9 @@ BATCH_KEYS = (
     "composable",
     # the regions as one pass with masked attention (`pictor.regional_attention`): other passes, other images
     "regional_attention",
+    # its Regional-Prompting-FLUX controls (`serve.regional_fields`): other masks, other images; None where
+    # absent (and for jobs queued before they existed), the pipeline's defaults
+    *REGIONAL_OPTION_FIELDS,
     # how guidance combines the predictions (`pictor.guidance_methods`): the method's record, None for plain
     # CFG (and for jobs queued before it existed); another method is another run
     "guidance_method",

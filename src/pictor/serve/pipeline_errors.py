@@ -17,6 +17,7 @@ from pictor.editing import EditError
 from pictor.layout_files import LayoutError
 from pictor.pipeline import GenerationError
 from pictor.reference_files import ReferenceImageError
+from pictor.regional_attention import REGIONAL_OPTION_FIELDS
 from pictor.regional_prompts import RegionError
 
 # What the pipeline raises for a request it cannot run as asked (a value, or a value this model refuses).
@@ -100,6 +101,10 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^regional prompts and AND|parts joined by AND|the AND parts' velocities", "composable"),
         # regional attention without regions (request_resolution._resolve_passes): the switch is what is
         # wrong, not the regions it asks for (the server refuses it before queueing too, service.py)
+        # its Regional-Prompting-FLUX controls (regional_attention.check_regional_options): each message
+        # starts with the field it is about ("regional_steps must be ...", "regional_base_ratio shapes
+        # regional attention: ..."); the first named when several are given without regional attention
+        *((rf"^{name}\b", name) for name in REGIONAL_OPTION_FIELDS),
         (r"^regional attention", "regional_attention"),
         # regional prompts (regional_prompts.parse_regions): after inpaint_area's, whose "regions ... cover
         # the whole image, but inpaint area 'masked'" is about the area (as for layout boxes)
@@ -275,6 +280,10 @@ FLAG_FIELDS = {
     "prompt-editing": "prompt_editing",
     "composable": "composable",
     "regional-attention": "regional_attention",
+    "regional-steps": "regional_steps",
+    "regional-double-interval": "regional_double_interval",
+    "regional-single-interval": "regional_single_interval",
+    "regional-base-ratio": "regional_base_ratio",
     "controlnet-image": "controlnet_images",
     "controlnet-scale": "controlnet_scales",
     "controlnet-mode": "controlnet_modes",

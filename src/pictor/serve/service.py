@@ -27,6 +27,8 @@ from pictor.serve.jobs import JobManager
 from pictor.serve.lora_library import LoraLibrary
 from pictor.serve.metrics import Metrics
 from pictor.serve.pipeline_errors import HIRES_UPSCALER_HELP, REQUEST_ERRORS, request_error
+from pictor.serve.regional_fields import FIELDS as REGIONAL_FIELDS
+from pictor.serve.regional_fields import checked_regional_options
 from pictor.serve.security import PromptPolicy, check_limits, check_policy, check_text, signed_query
 from pictor.serve.settings import Limits, ServeSettings
 from pictor.serve.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRow, Store
@@ -107,6 +109,9 @@ class Service:
         sent = [r.model_dump(exclude_none=True) for r in body.regions] if body.regions is not None else None
         regions = checked_regions(sent, limits)
         check_regional_attention(body.regional_attention, regions)
+        # RPF's controls of regional attention: by the pipeline's rules, each None where absent
+        sent_rpf = {name: getattr(body, name) for name in REGIONAL_FIELDS}
+        rpf = checked_regional_options(sent_rpf, body.regional_attention, regions)
         # checked by the dataclass (a 400 naming guidance_method.<field>); the model's refusals come below
         sent_method = body.guidance_method
         method = checked_guidance_method(
@@ -171,6 +176,7 @@ class Service:
             "prompt_editing": body.prompt_editing,
             "composable": body.composable,  # the prompt's AND parts as passes of their own
             "regional_attention": body.regional_attention,  # the regions as one masked pass (checked above)
+            **rpf,  # regional_steps, regional_double_interval, regional_single_interval, regional_base_ratio
             "guidance_method": method,  # its record, or None for plain CFG (guidance_fields)
             # Denoise tiles (pixels); the overlap's default is filled in below once the model resolved it.
             "denoise_tile": body.denoise_tile,

@@ -39,6 +39,8 @@ BODY_FIELDS = {
     "prompt_editing": "prompt_editing",
     "composable": "composable",
     "regional_attention": "regional_attention",  # taken only with the regions it runs
+    # its Regional-Prompting-FLUX controls: recorded (and so taken) only with regional attention on
+    **{name: name for name in REGIONAL_OPTIONS},
     "hires": "hires_scale",
     "hires_strength": "hires_strength",
     "hires_steps": "hires_steps",
@@ -59,8 +61,9 @@ class ImageSettings(BaseModel):
         "sampler, schedule, seed, variation_seed, variation_strength, seed_resize_from, prompt_weights, "
         "prompt_editing, composable (A1111 always reads AND: true for its text whose prompt has it), the "
         "hires fix, denoise tiles, cache_threshold, regions (those the image names), regional_attention "
-        "(with them, when the image ran them as one pass) and guidance_method (the method and the "
-        "parameters it reads, when the image's was not plain CFG)"
+        "(with them, when the image ran them as one pass) with its regional_steps, regional_double_interval, "
+        "regional_single_interval and regional_base_ratio (those the image's record names), and "
+        "guidance_method (the method and the parameters it reads, when the image's was not plain CFG)"
     )
     notices: list[str] = Field(description="What the image holds that is not taken, in words.")
     source: str = Field(
@@ -94,9 +97,6 @@ def body_settings(imported: ImportedSettings) -> tuple[dict[str, Any], list[str]
         body["hires_upscaler"] = imported.hires_upscaler_name  # checked against the server's when sent
     if imported.sampler_name:
         notices.append(f"the image's sampler '{imported.sampler_name}' has no pictor equivalent: choose one")
-    rpf = [k for k in REGIONAL_OPTIONS if values.get(k) is not None]
-    if rpf:  # the server has no fields for them yet: said, so the page's re-run is not taken for the image's
-        notices.append(f"{', '.join(rpf)}: regional attention's options are command-line only, not taken")
     kept = [k for k in SERVER_SETTINGS if values.get(k)]
     if kept:
         notices.append(f"{', '.join(kept)}: the server's own settings (pictor serve --vae-tile), not taken")

@@ -22,7 +22,8 @@ A variation is an img2img edit of the uploaded picture, and runs and is stored a
 The picture the job keeps, and whose hash the images' records hold, is the one drawn from: flattened and
 resized. pictor's other fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``,
 ``schedule``, ``cache_threshold``, ``denoise_tile``, ``denoise_tile_overlap``, ``prompt_weights``,
-``prompt_editing``, ``composable``, ``loras``) mean what they mean on ``/v1/images/edits``.
+``prompt_editing``, ``composable``, ``guidance_method`` (its JSON text), ``loras``) mean what they mean on
+``/v1/images/edits``.
 
 With FLUX.1 Redux loaded (``pictor serve --redux-model FILE --siglip DIR``; the model card's ``redux``) a
 variation is what BFL made Redux for: a generation from noise whose Redux picture is the upload, and no
@@ -67,6 +68,7 @@ from pictor.serve.edits import (
     DenoiseTileOverlap,
     EditForm,
     Fraction,
+    GuidanceMethodForm,
     Loras,
     Number,
     PromptEditing,
@@ -82,6 +84,7 @@ from pictor.serve.edits import (
     submit_edit,
 )
 from pictor.serve.errors import APIError
+from pictor.serve.guidance_fields import checked_guidance_method
 from pictor.serve.routes import (
     COMMON_ERRORS,
     OTHER_METHODS,
@@ -128,6 +131,7 @@ FORM_FIELDS = {
     "prompt_weights",
     "prompt_editing",
     "composable",
+    "guidance_method",
     "loras",
     "redux_strength",
 }
@@ -273,6 +277,7 @@ async def variation_form(
     prompt_weights: PromptWeights = False,
     prompt_editing: PromptEditing = False,
     composable: Composable = False,
+    guidance_method: GuidanceMethodForm = None,
     loras: Loras = None,
     redux_strength: ReduxStrength = None,
 ) -> EditForm | ReduxVariation:
@@ -289,6 +294,8 @@ async def variation_form(
     check_limits(limits, prompt, n, *(wanted or (None, None)), steps)
     check_text(limits, prompt=prompt, negative_prompt=negative_prompt or "")
     check_names(sampler, schedule)
+    # its JSON text, checked by the dataclass (a 400 naming guidance_method.<field>), before the picture too
+    method = checked_guidance_method(guidance_method)
     svc.check_model(model)
     svc.manager.check_intake()  # shutting down, or the model failed to load: before the picture is read
     if svc.manager.pipeline is None:
@@ -341,6 +348,7 @@ async def variation_form(
         given |= {"denoise_tile": denoise_tile, "denoise_tile_overlap": denoise_tile_overlap}
         given |= {"redux_strength": redux_strength, "prompt_weights": prompt_weights}
         given |= {"prompt_editing": prompt_editing, "composable": composable}
+        given["guidance_method"] = method  # the method's record (the body's object), or None for plain CFG
         return await run_in_threadpool(redux_variation, svc, picture, wanted, loras, **given)
     source, reference = await run_in_threadpool(drawn_from, svc, picture, wanted)
     fields = {
@@ -359,6 +367,7 @@ async def variation_form(
         "prompt_weights": prompt_weights,
         "prompt_editing": prompt_editing,
         "composable": composable,
+        "guidance_method": guidance_method,  # its JSON text, as an edit form's (edit_params reads it)
         "seed": seed,
         "strength": VARIATION_STRENGTH if strength is None else strength,
         "layout": None,

@@ -140,6 +140,37 @@ function showGuidanceMethod() {
   }
 }
 
+// -- regional attention's Regional-Prompting-FLUX options (the server's regional_steps and the like): four
+// numbers under Regions, each sent as typed (the server checks them and names a bad one) and only with
+// Regional attention checked and regions, as the server takes them; empty: the default.
+
+const REGIONAL_OPTIONS = [
+  "regional_steps",
+  "regional_double_interval",
+  "regional_single_interval",
+  "regional_base_ratio",
+];
+
+function regionalOptionsFromForm() {
+  const chosen = {};
+  for (const name of REGIONAL_OPTIONS) {
+    const text = $(name).value.trim();
+    if (text !== "") chosen[name] = Number(text);
+  }
+  return chosen;
+}
+
+// A record's (or a settings body's) options into the form; the section opens when it names any.
+function fillRegionalOptions(record) {
+  let named = false;
+  for (const name of REGIONAL_OPTIONS) {
+    const value = record.regional_attention ? record[name] : undefined;
+    $(name).value = value ?? "";
+    named ||= value !== undefined && value !== null;
+  }
+  if (named) $("regional-options").open = true;
+}
+
 // A record's (or a settings body's) guidance_method into the form: the method and each parameter it names.
 function fillGuidanceMethod(kept) {
   const method = (kept && kept.method) || "cfg";
@@ -205,6 +236,7 @@ function fillForm(record) {
   $("prompt_editing").checked = Boolean(record.prompt_editing);
   $("composable").checked = Boolean(record.composable);  // a record says it only when on
   $("regional_attention").checked = Boolean(record.regional_attention);  // likewise, and only with regions
+  fillRegionalOptions(record);  // its options, recorded only when not their defaults
   $("width").value = record.width ?? "";
   $("height").value = record.height ?? "";
   $("steps").value = record.steps ?? "";
@@ -399,9 +431,8 @@ function editFromForm({ size, ...body }, nets) {
 // variation does not take (a layout, regions, the hires fix, a reference picture) goes too, so that the
 // server's 400 names it on the page, rather than the page dropping a choice unseen.
 // With FLUX.1 Redux the picture is the variation's Redux picture: its strength goes instead of img2img's
-// (whose input is disabled then). The guidance method is a setting of every request the page sends, not
-// one a variation was asked with: the variation form takes none, so it is left out.
-function variationFromForm({ guidance_method: _guidanceMethod, ...body }) {
+// (whose input is disabled then). The guidance method goes as its JSON text, as an edit's.
+function variationFromForm(body) {
   const form = multipartFromForm($("variation-image").files[0], $("variation-strength"), body);
   if (reduxModel && reduxStrength() !== undefined) form.append("redux_strength", reduxStrength());
   return form;
@@ -1048,7 +1079,10 @@ function recordRequest(record) {
   if (record.guidance_method) body.guidance_method = record.guidance_method;
   if (record.layout) body.layout = record.layout;
   if (record.regions) body.regions = record.regions;
-  if (record.regions && record.regional_attention) body.regional_attention = true;
+  if (record.regions && record.regional_attention) {
+    body.regional_attention = true;
+    for (const name of REGIONAL_OPTIONS) if (record[name] !== undefined) body[name] = record[name];
+  }
   if (record.cache_threshold) body.cache_threshold = record.cache_threshold;
   if (record.variation_strength) {  // this image's own variation seed: with n = 1, the same noise
     body.variation_strength = record.variation_strength;
@@ -1204,8 +1238,12 @@ document.addEventListener("DOMContentLoaded", async () => {
     }
     if (layout.items) body.layout = layout.items;
     if (regions.items) body.regions = regions.items;
-    // regional attention is a way to run regions: sent only with them (the server refuses it alone)
-    if (regions.items && $("regional_attention").checked) body.regional_attention = true;
+    // regional attention is a way to run regions: sent only with them (the server refuses it alone), and
+    // its Regional-Prompting-FLUX options only with it (likewise)
+    if (regions.items && $("regional_attention").checked) {
+      body.regional_attention = true;
+      Object.assign(body, regionalOptionsFromForm());
+    }
     try {
       if (mode === "variation") submit(variationFromForm(body), "/v1/jobs/variations");
       else if (mode === "edit") submit(editFromForm(body, nets), "/v1/jobs/edits");
