@@ -5,7 +5,8 @@ at each of --steps (default 10 and 20) with the model's defaults otherwise (flux
 and is compared with a --reference-steps (100) Euler image of the same prompt and seed: the mean absolute
 pixel difference (0-255 scale), averaged over the prompts. For the deterministic samplers this measures how
 close a few steps come to the ODE's solution. The stochastic samplers (euler_ancestral, dpmpp_2m_sde, lcm,
-dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde) solve no ODE: their images
+dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, res_multistep_ancestral,
+er_sde) solve no ODE: their images
 follow their own fresh noise, so their distance does not go to 0 and measures how far they stray, not their
 error. Seconds per image are the median wall time of the whole `Pipeline.generate` (text, sampling, decode)
 at batch 1 (the median: a shared machine's slow moments do not move it); each row gives the sampler's model
@@ -13,8 +14,10 @@ calls per image (before CFG doubling): dpm_2, heunpp2 and the two-call stochasti
 one per step.
 
 Usage: python benchmarks/bench_samplers.py [--prompts 12] [--steps 10,20] [--reference-steps 100]
-    [--samplers euler,dpmpp_2m,...] (default: every sampler but heun)
-    [--threads 2] [--out FILE]
+    [--samplers euler,dpmpp_2m,...] (default: every sampler but heun, the new ipndm_v,
+    res_multistep_ancestral and er_sde among them) [--threads 2] [--out FILE]
+(A run of a few samplers prints only their rows; benchmarks/results/samplers.json merges such runs, all on
+the same prompts, seeds and reference.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The samplers through Pipeline: the stochastic ones' fresh noise (all of STOCHASTIC_SAMPLERS) keeps
 images seeded, batch-independent and reproducible (generation, hires fix, first-block cache, inpainting);
 the deterministic multistep ones (unipc, deis, ipndm, res_multistep, lms, dpm_2, heunpp2,
-gradient_estimation) run, inpaint and reproduce."""
+gradient_estimation, ipndm_v) run, inpaint and reproduce."""
 
 from __future__ import annotations
 
@@ -93,10 +93,13 @@ DISPLAY = {
     "dpmpp_sde": "DPM++ SDE",
     "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "ipndm_v": "IPNDM_V",
+    "res_multistep_ancestral": "Res Multistep Ancestral",
+    "er_sde": "Extended Reverse-Time SDE",
 }
 # The deterministic samplers added with the k-diffusion set: their inpainting blends the known region
 # along its noising path (`blend_velocity`), which every consistent step keeps exactly.
-NEW_DETERMINISTIC = ("lms", "dpm_2", "heunpp2", "gradient_estimation")
+NEW_DETERMINISTIC = ("lms", "dpm_2", "heunpp2", "gradient_estimation", "ipndm_v")
 
 
 @pytest.mark.parametrize("sampler", list(DISPLAY))

@@ -26,6 +26,7 @@ NAMES = (
     "dpm_2",
     "heunpp2",
     "gradient_estimation",
+    "ipndm_v",
 )
 STOCHASTIC = (
     "euler_ancestral",
@@ -36,6 +37,8 @@ STOCHASTIC = (
     "dpmpp_sde",
     "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde",
+    "res_multistep_ancestral",
+    "er_sde",
 )
 
 
@@ -97,7 +100,9 @@ def test_second_order_samplers_beat_euler_on_flux_schedule() -> None:
     assert err["heun"] < err["euler"] / 10 and err["dpmpp_2m"] < err["euler"] / 10, err
 
 
-@pytest.mark.parametrize("name", NAMES)
+# ipndm_v's fourth-order weights sum to 1 only on even (or geometric) steps, as ComfyUI's: on this uneven
+# schedule it is off the straight path by O(h^3) per step (tests/test_sampling_ipndm_v.py measures it).
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "ipndm_v"])
 def test_straight_line_flow_is_integrated_exactly(name: str) -> None:
     # One data point x0: v(x, t) = (x - x0) / t is the straight path from the noise to x0; every sampler's
     # update is exact on it (Euler along a constant velocity; DPM++ sees a constant data prediction).
@@ -230,8 +235,8 @@ def test_registry_and_unknown_names() -> None:
     with pytest.raises(
         ValueError,
         match=r"deis, dpm_2, dpm_2_ancestral, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_ancestral, "
-        r"dpmpp_3m_sde, dpmpp_sde, euler, euler_ancestral, gradient_estimation, heun, heunpp2, ipndm, lcm, "
-        r"lms, res_multistep, unipc",
+        r"dpmpp_3m_sde, dpmpp_sde, er_sde, euler, euler_ancestral, gradient_estimation, heun, heunpp2, "
+        r"ipndm, ipndm_v, lcm, lms, res_multistep, res_multistep_ancestral, unipc",
     ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
@@ -256,6 +261,9 @@ def test_registry_and_unknown_names() -> None:
         "dpmpp_sde": 2,
         "dpmpp_2m_sde_heun": 1,
         "dpmpp_3m_sde": 1,
+        "ipndm_v": 1,
+        "res_multistep_ancestral": 1,
+        "er_sde": 1,
     }
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     assert S.model_evals("dpm_2", 10) == 19 and S.model_evals("dpmpp_sde", 10) == 19

@@ -29,7 +29,9 @@ RENDER_KEY = "pictor-render"
 
 # A1111's names, so tools that read its "parameters" text recognise the sampler (IPNDM, DEIS, Res Multistep
 # and HeunPP2 are reForge's, the A1111 fork that has them, spelt as its case-sensitive lookup reads them;
-# Gradient Estimation is ComfyUI's display name, no A1111 fork's verified; LCM is A1111's own)
+# Gradient Estimation is ComfyUI's display name, no A1111 fork's verified; LCM is A1111's own; IPNDM_V is
+# reForge's spelling, Extended Reverse-Time SDE Forge's (its alter samplers), Res Multistep Ancestral
+# follows reForge's Res Multistep, no fork's verified)
 SAMPLER_DISPLAY = {
     "euler": "Euler",
     "heun": "Heun",
@@ -50,6 +52,9 @@ SAMPLER_DISPLAY = {
     "dpmpp_sde": "DPM++ SDE",
     "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "ipndm_v": "IPNDM_V",
+    "res_multistep_ancestral": "Res Multistep Ancestral",
+    "er_sde": "Extended Reverse-Time SDE",
 }
 
 

@@ -19,12 +19,12 @@ Samplers are free functions with one signature (k-diffusion style)::
   inference).
 
 The multistep solvers live in modules of their own: DPM-Solver++(2M) and UniPC in
-`pictor.sampling_multistep`, DEIS in `sampling_deis`, iPNDM (Adams-Bashforth), LMS and gradient estimation
-(linear multistep on v) in `sampling_adams`, RES multistep in `sampling_res`, DPM2 and Heun++ (several model
-calls per step) in `sampling_stages`; the stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in
-`sampling_sde`, DPM2 ancestral, DPM++(2S) ancestral and DPM++ SDE in `sampling_ancestral`, and LCM in
-`sampling_lcm`. The shared types and step helpers are in `pictor.sampling_steps`. All are registered in
-`SAMPLERS` here.
+`pictor.sampling_multistep`, DEIS in `sampling_deis`, iPNDM (Adams-Bashforth), its variable-step iPNDM_v,
+LMS and gradient estimation (linear multistep on v) in `sampling_adams`, RES multistep and its ancestral
+variant in `sampling_res`, DPM2 and Heun++ (several model calls per step) in `sampling_stages`; the
+stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in `sampling_sde`, DPM2 ancestral, DPM++(2S)
+ancestral and DPM++ SDE in `sampling_ancestral`, ER-SDE in `sampling_er_sde`, and LCM in `sampling_lcm`.
+The shared types and step helpers are in `pictor.sampling_steps`. All are registered in `SAMPLERS` here.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 
 from pictor.flow import predict_x0
-from pictor.sampling_adams import sample_gradient_estimation, sample_ipndm, sample_lms
+from pictor.sampling_adams import sample_gradient_estimation, sample_ipndm, sample_ipndm_v, sample_lms
 from pictor.sampling_ancestral import sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from pictor.sampling_deis import sample_deis
+from pictor.sampling_er_sde import sample_er_sde
 from pictor.sampling_lcm import sample_lcm
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
-from pictor.sampling_res import sample_res_multistep
+from pictor.sampling_res import sample_res_multistep, sample_res_multistep_ancestral
 from pictor.sampling_schedules import (
     SCHEDULES,
     get_schedule,
@@ -95,15 +96,18 @@ __all__ = [
     "sample_dpmpp_2s_ancestral",
     "sample_dpmpp_3m_sde",
     "sample_dpmpp_sde",
+    "sample_er_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_gradient_estimation",
     "sample_heun",
     "sample_heunpp2",
     "sample_ipndm",
+    "sample_ipndm_v",
     "sample_lcm",
     "sample_lms",
     "sample_res_multistep",
+    "sample_res_multistep_ancestral",
     "sample_unipc",
     "schedule_beta",
     "schedule_exponential",
@@ -225,6 +229,9 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "ipndm_v": sample_ipndm_v,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "er_sde": sample_er_sde,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -247,6 +254,9 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "dpmpp_sde": 2,
     "dpmpp_2m_sde_heun": 1,
     "dpmpp_3m_sde": 1,
+    "ipndm_v": 1,
+    "res_multistep_ancestral": 1,
+    "er_sde": 1,
 }
 # Calls a schedule ending at 0 saves on its last steps, where a sampler takes a cheaper step: the step to 0
 # (Euler, or the data prediction) of the two-call samplers, and Heun++'s last two steps (1 and 2 calls).
@@ -269,6 +279,8 @@ STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
         "dpmpp_sde",
         "dpmpp_2m_sde_heun",
         "dpmpp_3m_sde",
+        "res_multistep_ancestral",
+        "er_sde",
     }
 )
 

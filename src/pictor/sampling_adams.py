@@ -31,6 +31,27 @@ Two more linear multistep methods on v live here:
   are not Adams-Bashforth's (3/2, -1/2): the local error stays O(h^2), so it is first order (measured in
   tests/test_sampling_adams.py), trading accuracy for the paper's denoiser-error correction. The first step
   is Euler, the step to t' = 0 the data prediction.
+- `sample_ipndm_v`, iPNDM_v (ComfyUI's `ipndm_v`, from zju-pi/diff-sampler's `ipndm_v_sampler`): iPNDM with
+  weights that depend on the actual step lengths. With h = t' - t and the earlier steps' lengths
+  h1 = t - t_{i-1}, h2 = t_{i-1} - t_{i-2}, h3 = t_{i-2} - t_{i-3} (all negative), the slope is
+
+      v + (h / h1) / 2 * (v - v1) + c3 * [(v - v1) - b (v1 - v2)] + c4 * [v - (1 + b + q) v1
+        + (b + q (1 + h2 / h3)) v2 - q b v3],
+      b = h1 / h2,   q = h1 (h1 + h2) / (h2 (h2 + h3)),
+      c3 = (1 - h^2 / (3 h1 (h1 + h2))) / 2,
+      c4 = [(1 - h / (3 (h + h1))) / 2 + (1 - h / (2 (h + h1))) h / (6 (h + h1 + h2))]
+           * h (h + h1) (h + h1 + h2) / (h1 (h1 + h2) (h1 + h2 + h3)),
+
+  the second-order term from the second step on, the c3 term from the third, the c4 term from the fourth:
+  ComfyUI's coefficients (which are diff-sampler's), regrouped. The second-order weights are the
+  variable-step Adams-Bashforth ones (LMS's); the third-order ones are Adams-Bashforth's only on even steps
+  (on uneven steps they differ from `lms_weights`); the fourth-order ones are not Adams-Bashforth's even on
+  even steps, where they are (57, -65, 43, -11) / 24 (c4 = 11/24 where AB4 has 3/8), and the c4 bracket
+  vanishes on a constant velocity only if h1 / h2 = h2 / h3: the fourth-order weights sum to
+  1 + c4 q (h2 / h3 - h1 / h2), 1 only on even or geometric steps (2e-3 off on a 20-step FLUX.1 schedule,
+  0.045 at 5 steps). That is the method as ComfyUI runs it; its error is still O(h^3) per step (order 2
+  measured, tests/test_sampling_ipndm_v.py). The first step is Euler, the step to t' = 0 the data
+  prediction.
 """
 
 from __future__ import annotations
@@ -47,9 +68,11 @@ from pictor.sampling_steps import Callback, NoiseFn, VelocityFn, report, strictl
 __all__ = [
     "ADAMS_BASHFORTH",
     "MAX_ORDER",
+    "ipndm_v_slope",
     "lms_weights",
     "sample_gradient_estimation",
     "sample_ipndm",
+    "sample_ipndm_v",
     "sample_lms",
 ]
 
@@ -86,6 +109,61 @@ def sample_ipndm(
             slope = slope + w * v_old
         x = (x + (t_next - t) * slope).to(x.dtype)
         history = [v, *history[: MAX_ORDER - 2]]
+    return x
+
+
+def ipndm_v_slope(velocities: list[Tensor], times_: list[float], t_next: float) -> Tensor:
+    """iPNDM_v's slope for the step from times_[0] to t_next (module docstring): velocities and their times
+    newest first, velocities[0] at times_[0]; as many as there are (at most MAX_ORDER) set the order."""
+    v = velocities[0]
+    if len(velocities) == 1:
+        return v
+    t = times_[0]
+    h, h1 = t_next - t, t - times_[1]
+    slope = v + (0.5 * h / h1) * (v - velocities[1])
+    if len(velocities) == 2:
+        return slope
+    h2 = times_[1] - times_[2]
+    b = h1 / h2
+    c3 = 0.5 * (1.0 - h * h / (3.0 * h1 * (h1 + h2)))
+    slope = slope + c3 * ((v - velocities[1]) - b * (velocities[1] - velocities[2]))
+    if len(velocities) == 3:
+        return slope
+    h3 = times_[2] - times_[3]
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    s1, s2 = h + h1, h + h1 + h2
+    c4 = (0.5 * (1.0 - h / (3.0 * s1)) + (1.0 - h / (2.0 * s1)) * h / (6.0 * s2)) * (
+        h * s1 * s2 / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    )
+    third = (
+        v - (1.0 + b + q) * velocities[1] + (b + q * (1.0 + h2 / h3)) * velocities[2] - q * b * velocities[3]
+    )
+    return slope + c4 * third
+
+
+def sample_ipndm_v(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """iPNDM_v, variable-step iPNDM up to order 4 on v (module docstring). One model call per step.
+    Deterministic: `noise` is accepted for the common signature and ignored."""
+    del noise
+    ts_ = times(ts)
+    strictly_decreasing(ts_, "ipndm_v")
+    history: list[tuple[float, Tensor]] = []  # (time, velocity), newest first, at most MAX_ORDER
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
+        report(callback, i, x, t, t_next, predict_x0(x, v, t))
+        history = [(t, v), *history[: MAX_ORDER - 1]]
+        if t_next == 0.0:
+            x = (x - t * v).to(x.dtype)  # the data prediction
+            continue
+        slope = ipndm_v_slope([u for _, u in history], [s for s, _ in history], t_next)
+        x = (x + (t_next - t) * slope).to(x.dtype)
     return x
 
 

@@ -16,6 +16,18 @@ the first two terms being the Euler step. The first step (no history) and the st
 steps, the latter landing on D. Its time variable is log t, not DPM-Solver++'s log-SNR log((1 - t) / t), so
 t = 1 is an ordinary point here (s = 0) and nothing needs a limit. The phi functions are evaluated with
 expm1 and, for very short steps, their series, so they keep full precision at any step length.
+
+`sample_res_multistep_ancestral` (ComfyUI's `res_multistep_ancestral`, eta 1) takes that step down to a
+lower time t_down and puts fresh noise back up to t'. ComfyUI's loop splits the step with its
+variance-exploding `get_ancestral_step` on every model, which on a flow model leaves x off the flow path
+(data part 1 - t_down where the model expects 1 - t' at t'; with the exact velocity of Gaussian data
+N(0.5, 2^2) its samples come out near N(2.0, 5.7^2), tests/test_sampling_res_ancestral.py). Here, as in
+pictor's other ancestral samplers and ComfyUI's `_RF` ancestral ones on a CONST (flow) model, the split is
+the rectified-flow one (`pictor.sampling_ancestral.rf_ancestral_step`): t_down = t'^2 / t at eta 1, then
+x <- (1 - t') / (1 - t_down) x + renoise * eps with renoise^2 = t'^2 - (t_down (1 - t') / (1 - t_down))^2.
+The rest is ComfyUI's: the deterministic step is the RES step above from t to t_down (h = log(t / t_down)),
+and its second-order term divides by the previous step's own h (log of its t over its t_down), as ComfyUI's
+uses the previous sigma_down. At eta 0 it is `sample_res_multistep` exactly.
 """
 
 from __future__ import annotations
@@ -26,9 +38,20 @@ import math
 from torch import Tensor
 
 from pictor.flow import predict_x0
-from pictor.sampling_steps import Callback, NoiseFn, VelocityFn, report, strictly_decreasing, t_batch, times
+from pictor.sampling_ancestral import rf_ancestral_step
+from pictor.sampling_steps import (
+    Callback,
+    NoiseFn,
+    VelocityFn,
+    draw,
+    report,
+    require_noise,
+    strictly_decreasing,
+    t_batch,
+    times,
+)
 
-__all__ = ["sample_res_multistep"]
+__all__ = ["sample_res_multistep", "sample_res_multistep_ancestral"]
 
 
 def _h2_phi2(h: float) -> float:
@@ -42,6 +65,39 @@ def _h2_phi2(h: float) -> float:
     return h + math.expm1(-h)
 
 
+def _res_multistep(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None,
+    noise: NoiseFn | None,
+    eta: float,
+    name: str,
+) -> Tensor:
+    """The RES multistep loop (module docstring), ancestral for eta > 0 (then `noise` is drawn from)."""
+    ts_ = times(ts)
+    strictly_decreasing(ts_, name)
+    d_prev: Tensor | None = None
+    h_prev = math.nan
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
+        d = predict_x0(x, v, t)
+        report(callback, i, x, t, t_next, d)
+        if t_next == 0.0:
+            x, d_prev = d.to(x.dtype), d  # the Euler step to 0 lands on the data prediction
+            continue
+        t_down, scale, renoise = rf_ancestral_step(t, t_next, eta)
+        ratio = t_down / t
+        x_new = ratio * x + (1.0 - ratio) * d
+        h = math.log(t / t_down)
+        if d_prev is not None:
+            x_new = x_new + (_h2_phi2(h) / h_prev) * (d - d_prev)
+        if eta > 0.0:
+            x_new = scale * x_new + renoise * draw(require_noise(noise, name), i, x)
+        x, d_prev, h_prev = x_new.to(x.dtype), d, h
+    return x
+
+
 def sample_res_multistep(
     model_fn: VelocityFn,
     x: Tensor,
@@ -53,20 +109,23 @@ def sample_res_multistep(
     """RES multistep, second order, eta 0 (module docstring). Deterministic: `noise` is accepted for the
     common signature and ignored."""
     del noise
-    ts_ = times(ts)
-    strictly_decreasing(ts_, "res_multistep")
-    d_prev: Tensor | None = None
-    h_prev = math.nan
-    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
-        v = model_fn(x, t_batch(t, x))
-        d = predict_x0(x, v, t)
-        report(callback, i, x, t, t_next, d)
-        ratio = t_next / t
-        x_new = ratio * x + (1.0 - ratio) * d
-        if t_next > 0.0:
-            h = math.log(t / t_next)
-            if d_prev is not None:
-                x_new = x_new + (_h2_phi2(h) / h_prev) * (d - d_prev)
-            h_prev = h
-        x, d_prev = x_new.to(x.dtype), d
-    return x
+    return _res_multistep(model_fn, x, ts, callback, None, 0.0, "res_multistep")
+
+
+def sample_res_multistep_ancestral(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """RES multistep ancestral (module docstring): the RES step down to t_down, then the rectified-flow
+    renoise up to t'. One model call per step.
+
+    noise(i) is called once for every step i that does not end at 0 (eta > 0); without it this raises a
+    ValueError.
+    """
+    noise = require_noise(noise, "res_multistep_ancestral")
+    return _res_multistep(model_fn, x, ts, callback, noise, eta, "res_multistep_ancestral")

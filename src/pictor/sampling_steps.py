@@ -2,8 +2,8 @@
 
 `pictor.sampling` (the registry, the one-step samplers, schedules, CFG) and the modules of the other
 samplers (`pictor.sampling_multistep`, `sampling_deis`, `sampling_sde`, `sampling_adams`, `sampling_lcm`,
-`sampling_res`) all build on this; it imports nothing of pictor's but `pictor.flow`, so none of them
-imports another's internals.
+`sampling_res`, `sampling_er_sde`) all build on this; it imports nothing of pictor's but `pictor.flow`, so
+none of them imports another's internals.
 """
 
 from __future__ import annotations

@@ -105,6 +105,9 @@ COMFY_SAMPLERS = {
     "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
     "heunpp2": "heunpp2",
     "gradient_estimation": "gradient_estimation",
+    "ipndm_v": "ipndm_v",
+    "res_multistep_ancestral": "res_multistep_ancestral",
+    "er_sde": "er_sde",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
