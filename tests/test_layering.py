@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "serve": 3,
     # what wires the parts together
     "pipeline": 2,
+    "pipeline_offload": 2,
     "request_resolution": 2,
     "guided_velocity": 2,
     "picture_runs": 2,

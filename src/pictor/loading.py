@@ -16,6 +16,7 @@ from pictor.models.flux import Flux, FluxParams
 from pictor.models.text import build_text_encoder
 from pictor.models.weight_storage import store_fp8
 from pictor.pipeline import Pipeline
+from pictor.pipeline_offload import check_offload
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
 
@@ -27,7 +28,11 @@ def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:
 
 
 def pipeline_from_bundle(
-    bundle: Bundle, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    bundle: Bundle,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    offload: str | None = None,
+    blocks_on_device: int = 0,
 ) -> Pipeline:
     config = bundle.config
     with torch.device("meta"):
@@ -37,11 +42,25 @@ def pipeline_from_bundle(
     store_fp8(transformer)  # an FP8 bundle's block weights stay FP8 in memory, cast per layer
     load_into(autoencoder, bundle.autoencoder, f"{where}: autoencoder")
     text = build_text_encoder(config.text_encoder)
-    return Pipeline(transformer, autoencoder, text, config, device, dtype)
+    return Pipeline(
+        transformer,
+        autoencoder,
+        text,
+        config,
+        device,
+        dtype,
+        offload=offload,
+        blocks_on_device=blocks_on_device,
+    )
 
 
 def pipeline_from_preset(
-    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, seed: int = 0
+    name: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    offload: str | None = None,
+    blocks_on_device: int = 0,
 ) -> Pipeline:
     """An untrained model with a preset's architecture; seeded, so the same every time."""
     preset = get_preset(name)
@@ -62,22 +81,41 @@ def pipeline_from_preset(
         transformer, autoencoder = build_models(config)
     digest = state_dict_hash({**transformer.state_dict(), **autoencoder.state_dict()})
     text = build_text_encoder(config.text_encoder)
-    return Pipeline(transformer, autoencoder, text, config, device, dtype, model_id_hash=digest)
+    return Pipeline(
+        transformer,
+        autoencoder,
+        text,
+        config,
+        device,
+        dtype,
+        model_id_hash=digest,
+        offload=offload,
+        blocks_on_device=blocks_on_device,
+    )
 
 
 def load(
     model: str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    offload: str | None = None,
+    blocks_on_device: int = 0,
 ) -> Pipeline:
-    """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name."""
+    """A ready Pipeline from a bundle folder, a local bundle name, ``default``, or a preset name.
+
+    `offload`: None (every model on `device`), "model" (each model moved onto `device` only while it runs)
+    or "blocks" (the transformer's blocks too, one at a time; its first `blocks_on_device` stay in while it
+    runs); see `Pipeline.set_offload`."""
+    check_offload(offload, blocks_on_device)  # before a FLUX.1-size model is read for nothing
     ref = resolve(model)
     if ref.kind == "preset":
-        pipe = pipeline_from_preset(ref.name, device, dtype)
+        pipe = pipeline_from_preset(
+            ref.name, device, dtype, offload=offload, blocks_on_device=blocks_on_device
+        )
         pipe.ref = ref.name
     else:
         assert ref.path is not None
-        pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype)
+        pipe = pipeline_from_bundle(load_bundle(ref.path), device, dtype, offload, blocks_on_device)
         pipe.ref = str(ref.path.resolve()) if model not in (None, "default") else "default"
         # A bundle may carry its layout adapter (`pictor train layout` output copied beside its weights).
         if (ref.path / LAYOUT_FILE).is_file():

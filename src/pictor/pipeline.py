@@ -60,6 +60,7 @@ from pictor.models.autoencoder_tiling import autoencoder_decode
 from pictor.models.block_cache import FirstBlockCache, cache_passes
 from pictor.models.flux import Flux, pack_latents, unpack_latents
 from pictor.models.layout import LayoutAdapter
+from pictor.models.offload import Mover, Offload
 from pictor.models.reference import (
     ReferenceAdapter,
 )
@@ -67,6 +68,7 @@ from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import place, storage_name
 from pictor.noise_variation import variation_fields, varied_noise
 from pictor.notices import PictorWarning
+from pictor.pipeline_offload import check_offload, home_device, make_offload, offload_groups
 from pictor.presets import get_preset
 from pictor.prompt_weights import PromptWeightError, parse_weights, plain_text
 from pictor.redux_images import ReduxModel, open_redux, redux_fields
@@ -125,16 +127,25 @@ class Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         model_id_hash: str | None = None,
+        offload: str | None = None,
+        blocks_on_device: int = 0,
     ) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
         # bf16 on accelerators (FLUX.1 is trained in it); fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # CPU offload (`set_offload`): checked before anything moves, so a bad mode never fills the GPU.
+        check_offload(offload, blocks_on_device)
+        self.offload: str | None = offload
+        self._offload: Offload | None = None
+        # Under offload the models are placed in CPU memory from the start: a FLUX.1-size transformer
+        # placed on a small GPU first would not fit.
+        home = home_device(self.device, offload)
         # FP8-stored block weights stay FP8 (cast per layer as it runs); everything else takes the dtype.
-        self.transformer = place(transformer, self.device, self.dtype).eval().requires_grad_(False)
-        self.autoencoder = place(autoencoder, self.device, self.dtype).eval().requires_grad_(False)
+        self.transformer = place(transformer, home, self.dtype).eval().requires_grad_(False)
+        self.autoencoder = place(autoencoder, home, self.dtype).eval().requires_grad_(False)
         # Recorded: "float8_e4m3fn", GGML formats ("Q4_K+Q6_K"), or None when nothing is stored narrow.
         self.weight_dtype = storage_name(self.transformer)
-        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(home).eval().requires_grad_(False)
         # FLUX.1 Fill [dev] (known by its input width): it only repaints masked pictures (`pictor.edit`).
         self.fill = is_fill_model(transformer.params, autoencoder.params.downsample_factor)
         # FLUX.1 Canny / Depth [dev] (input twice the output): every image needs a control picture.
@@ -183,10 +194,49 @@ class Pipeline:
                 "its images are noise-like. Train one with `pictor train` or pass --model.",
                 stacklevel=2,
             )
+        if offload is not None:
+            self.set_offload(offload, blocks_on_device)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    # -- CPU offload ----------------------------------------------------------------------------------
+
+    def set_offload(self, mode: str | None, blocks_on_device: int = 0, mover: Mover | None = None) -> None:
+        """CPU offload (`pictor.models.offload`): "model" keeps every model in CPU memory and moves each onto
+        the device only while it runs, one at a time (diffusers' enable_model_cpu_offload); "blocks" also
+        moves the transformer's double and single blocks in one at a time around their forward, keeping its
+        small top layers and its first `blocks_on_device` blocks in while it runs (block swap / group
+        offload); None turns it off and moves every model to the device. `mover(module, device)` replaces
+        the move (tests record moves with it). Images are the same pixels in every mode."""
+        check_offload(mode, blocks_on_device)
+        if self._offload is not None:
+            self._offload.detach()
+        self._offload = make_offload(mode, self.device, blocks_on_device, mover)
+        self.offload = mode
+        if self._offload is None:  # off: every model back where a pipeline without offload keeps it
+            for group in offload_groups(self).values():
+                for module in group:
+                    place(module, self.device)
+        self._sync_offload()
+
+    def _sync_offload(self) -> None:
+        """(Re)install offload's hooks over the models as they are now: after an adapter is loaded or a LoRA
+        wraps layers of the transformer (new modules need hooks too)."""
+        if self._offload is not None:
+            self._offload.attach(offload_groups(self), self.transformer)
+
+    def release_offload(self) -> None:
+        """Move whatever offload has on the device back to CPU memory (after every sampler run, so nothing
+        stays on the device between requests; diffusers' maybe_free_model_hooks)."""
+        if self._offload is not None:
+            self._offload.release()
+
+    @property
+    def _home(self) -> torch.device:
+        """Where a newly loaded model waits: CPU memory under offload, else the execution device."""
+        return home_device(self.device, self.offload)
 
     # -- request handling -------------------------------------------------------------------------
 
@@ -313,7 +363,10 @@ class Pipeline:
         previews: Previews | None = None,
     ) -> list[GeneratedImage]:
         """One edit sampler run over exactly these seeds (what `reproduce` reruns)."""
-        return picture_runs.run_edit_seeds(self, r, inputs, seeds, progress, previews)
+        try:
+            return picture_runs.run_edit_seeds(self, r, inputs, seeds, progress, previews)
+        finally:
+            self.release_offload()
 
     # -- the sampler run --------------------------------------------------------------------------
 
@@ -383,7 +436,8 @@ class Pipeline:
             adapter, info = open_layout_adapter(path, self.transformer.params, self.text_encoder, self.hash)
         except LayoutError as exc:
             raise GenerationError(str(exc)) from exc
-        self.layout_adapter, self.layout_info = adapter.to(self.device), info
+        self.layout_adapter, self.layout_info = adapter.to(self._home), info
+        self._sync_offload()
         return info
 
     def set_reference_adapter(self, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -394,21 +448,24 @@ class Pipeline:
             )
         except ReferenceImageError as exc:
             raise GenerationError(str(exc)) from exc
-        self.reference_adapter, self.reference_info = adapter.to(self.device), info
+        self.reference_adapter, self.reference_info = adapter.to(self._home), info
+        self._sync_offload()
         return info
 
     def set_redux(self, path: str | os.PathLike[str], siglip: str | os.PathLike[str]) -> dict[str, Any]:
         """Load FLUX.1 Redux (flux1-redux-dev.safetensors and a local SigLIP folder) for requests with a
         Redux picture; returns the entry records name."""
         redux = open_redux(path, siglip, self.transformer.params.context_in_dim)
-        self.redux = redux.to(self.device, self.dtype)
+        self.redux = redux.to(self._home, self.dtype)
+        self._sync_offload()
         return redux.info
 
     def set_ip_adapter(self, path: str | os.PathLike[str], clip: str | os.PathLike[str]) -> dict[str, Any]:
         """Load XLabs' FLUX.1 IP-Adapter (ip_adapter.safetensors) and a local CLIP vision folder for requests
         with an IP-Adapter picture; returns the entry records name them by."""
         model = open_ip_adapter(path, clip, self.transformer.params)
-        self.ip_adapter = model.to(self.device, self.dtype)
+        self.ip_adapter = model.to(self._home, self.dtype)
+        self._sync_offload()
         return model.info
 
     def set_upscaler(self, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -421,7 +478,8 @@ class Pipeline:
             raise GenerationError(
                 f"{path}: an upscale model named 'lanczos' would be taken for Lanczos; rename it"
             )
-        self.upscaler = load_upscaler(path, self.device)
+        self.upscaler = load_upscaler(path, self._home)
+        self._sync_offload()
         return self.upscaler.describe()
 
     def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -431,8 +489,9 @@ class Pipeline:
         if same is not None:  # one Union ControlNet for two pictures: its weights once, as diffusers does
             unit = ControlNetUnit(same.model, dict(same.info))
         else:
-            unit = open_controlnet(path, self.transformer.params, self.device, self.dtype)
+            unit = open_controlnet(path, self.transformer.params, self._home, self.dtype)
         self.controlnets.append(unit)
+        self._sync_offload()
         return unit.info
 
     def sample(
@@ -551,7 +610,10 @@ class Pipeline:
     ) -> list[GeneratedImage]:
         """One sampler run over exactly these seeds (what `reproduce` reruns)."""
         caches: list[FirstBlockCache] = []
-        images = to_pil(self.sample(r, seeds, progress, caches=caches, previews=previews))
+        try:
+            images = to_pil(self.sample(r, seeds, progress, caches=caches, previews=previews))
+        finally:
+            self.release_offload()
         return [
             GeneratedImage(
                 image, seed, {**self.record(r, seed, seeds, j), **cache_passes(caches, j, len(seeds))}
@@ -563,7 +625,10 @@ class Pipeline:
         self, r: GenerationRequest, seeds: list[int], progress: ProgressFn, previews: Previews | None = None
     ) -> list[GeneratedImage]:
         """A hires-fix run over exactly these seeds (what `reproduce` reruns)."""
-        return picture_runs.run_hires_seeds(self, r, seeds, progress, previews)
+        try:
+            return picture_runs.run_hires_seeds(self, r, seeds, progress, previews)
+        finally:
+            self.release_offload()
 
     # -- provenance ----------------------------------------------------------------------------------
 
@@ -634,8 +699,10 @@ class Pipeline:
         """Apply a LoRA file (pictor, diffusers/PEFT or kohya format) to the transformer."""
         from pictor.lora_files import a1111_lora_hash, apply_lora, lora_file_hash
 
+        self.release_offload()  # the LoRA's layers are made beside the transformer's, in CPU memory
         name = apply_lora(self.transformer, path, scale=scale)
-        place(self.transformer, self.device, self.dtype).requires_grad_(False)
+        place(self.transformer, self._home, self.dtype).requires_grad_(False)
+        self._sync_offload()  # the LoRA's new layers need offload's hooks too
         entry = {
             "name": name,
             "path": str(Path(path).resolve()),

@@ -281,9 +281,11 @@ def stored_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
     """``model.to(device, dtype)``, except that the FP8 weights of layers that cast per call stay FP8
-    (``Module.to`` would widen them: FP8 counts as floating point). Any other FP8 tensor is widened."""
+    (``Module.to`` would widen them: FP8 counts as floating point). Any other FP8 tensor is widened.
+    Without ``dtype`` only the device changes, every tensor keeping its dtype (what CPU offload's moves
+    need: a model moved out and back must compute exactly as before)."""
     keep = {
         id(module.weight)
         for module in model.modules()
@@ -298,7 +300,7 @@ def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> n
     ]
 
     def move(t: Tensor) -> Tensor:
-        if id(t) in keep:
+        if id(t) in keep or dtype is None:
             return t.to(device)
         return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
