@@ -46,7 +46,7 @@ from pictor.serve.a1111_models import (
 from pictor.serve.a1111_names import check_checkpoint, sampler_list, scheduler_list, served_model
 from pictor.serve.a1111_params import API_MARK, Mapped, translated
 from pictor.serve.a1111_requests import img2img_inputs, txt2img_request
-from pictor.serve.edits import edit_params
+from pictor.serve.edit_validation import edit_params
 from pictor.serve.errors import APIError
 from pictor.serve.routes import bearer, finished_images
 from pictor.serve.service import Service, service

@@ -1,7 +1,7 @@
 """A1111's request fields as pictor's: seeds, guidance, LoRA tags, prompts, and what is refused or ignored
 (names: `a1111_names`; the hires fix and img2img: `a1111_requests`). `a1111_api` answers with it; the
-generation itself is pictor's own (`Service.params` / `edits.edit_params`), so the images are those the OpenAI
-endpoints make with the same settings.
+generation itself is pictor's own (`Service.params` / `edit_validation.edit_params`), so the images are
+those the OpenAI endpoints make with the same settings.
 
 A field that would change the picture in a way pictor cannot draw is refused, naming the field and what to
 send instead; settings that change nothing here (saving, sampler noise knobs, UI options) are ignored and

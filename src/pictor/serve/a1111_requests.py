@@ -1,5 +1,5 @@
 """A1111's txt2img and img2img bodies as pictor's requests: a generation request (with the hires fix) for
-`Service.params`, and an edit's picture, mask and form fields for `edits.edit_params`.
+`Service.params`, and an edit's picture, mask and form fields for `edit_validation.edit_params`.
 
 img2img: the one init image is flattened onto white (A1111's img2img background) and, when width and height
 differ from its size, resized to them (A1111's resize mode 0, Lanczos). A mask is read as A1111 reads it
@@ -23,8 +23,8 @@ from pictor.serve.a1111_errors import field_error
 from pictor.serve.a1111_models import Img2ImgRequest, Txt2ImgRequest
 from pictor.serve.a1111_names import LANCZOS, check_checkpoint, sampler_of, schedule_of
 from pictor.serve.a1111_params import Mapped, common_fields, translated, validation_message
-from pictor.serve.api_models import ImageGenerationRequest
 from pictor.serve.errors import APIError
+from pictor.serve.generation_body import ImageGenerationRequest
 from pictor.serve.security import check_limits
 from pictor.serve.service import Service
 from pictor.serve.uploads import decode_base64_image
@@ -166,7 +166,7 @@ def hires_scale(svc: Service, body: Txt2ImgRequest, names: dict[str, str]) -> fl
 
 def img2img_inputs(svc: Service, body: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None, Mapped]:
     """An img2img body as an edit: its picture (flattened, resized as A1111 does), its mask (A1111's
-    reading) and `edits.edit_params`' form fields."""
+    reading) and `edit_validation.edit_params`' form fields."""
     mapped = common_fields(svc, body, edit=True)
     refused_img2img(body)
     pictures = body.init_images or []

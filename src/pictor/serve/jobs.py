@@ -16,6 +16,9 @@
   restart stay queued instead (a restart promises to run them): while they wait, the worker tries the load
   again every ``load_retry`` seconds by itself, and they run once a load succeeds.
 - Uploads are deleted when nothing needs them any more (see `upload_retention`).
+
+What a run does with its batch (the pipeline call for its kind, the notices kept with its jobs, the error
+for what stopped it) is in `job_runs`; this module keeps the queue, the worker and the jobs' states.
 """
 
 from __future__ import annotations
@@ -27,17 +30,14 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
-from pictor.latent_preview import Previews
 from pictor.pipeline import Pipeline, seed_notice
-from pictor.request_resolution import request_texts, text_notices
 from pictor.serve.errors import APIError, not_found
 from pictor.serve.events import Hub
-from pictor.serve.job_requests import Live, edit_request, generation_request, take_batch
+from pictor.serve.job_requests import Live, take_batch
+from pictor.serve.job_runs import RunCancelled, RunTimedOut, batch_run, prompt_notices, run_error
 from pictor.serve.lora_library import LoraLibrary, LoraUnavailable
 from pictor.serve.metrics import Metrics
 from pictor.serve.model_loading import LoadState
-from pictor.serve.pipeline_errors import REQUEST_ERRORS, job_error
-from pictor.serve.previews import frame_handler
 from pictor.serve.settings import ServeSettings
 from pictor.serve.store import (
     CANCELLED,
@@ -52,36 +52,8 @@ from pictor.serve.store import (
     new_id,
 )
 from pictor.serve.upload_retention import delete_uploads, missing_upload, sweep_uploads, upload_ids
-from pictor.serve.upscale_runs import UpscalerUnavailable, check_hires_upscaler, run_upscale
 
 log = logging.getLogger("pictor.serve")
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _TimedOut(Exception):
-    pass
-
-
-def prompt_notices(pipeline: Pipeline, params: dict[str, Any]) -> list[str]:
-    """What the pipeline warns about a job's texts (`Pipeline.prompt_notices`), asked of the texts its
-    resolution checks (`pictor.request_resolution.request_texts`): with prompt editing, each text its
-    schedules reach over the job's steps and hires steps, whose editing brackets the text encoder never
-    reads; and each region's prompt or AND part."""
-    steps = int(params.get("steps") or pipeline.defaults["steps"])
-    hires_steps = (params.get("hires_steps") or steps) if params.get("hires_scale") else None
-    texts = request_texts(
-        params.get("prompt") or "",
-        params.get("negative_prompt") or "",
-        bool(params.get("prompt_editing")),
-        steps,
-        hires_steps,
-        params.get("regions"),
-        bool(params.get("composable")),
-    )
-    return text_notices(pipeline, texts, bool(params.get("prompt_weights")))
 
 
 class JobManager:
@@ -447,36 +419,7 @@ class JobManager:
             for live in batch:
                 self._finish(live.job, FAILED, error=gone)
             return
-        total_images = sum(live.job.n for live in batch)
-        runs = {
-            "seed": batch[0].seed,
-            "num_images": total_images,
-            "batch_size": min(total_images, self.settings.max_batch),
-            "vae_tile": self.settings.vae_tile,
-            "vae_tile_overlap": self.settings.vae_tile_overlap,
-        }
-        previews = None  # an upscale has no sampler steps to show
-        if kind != "upscale" and self.settings.previews != "off":
-            previews = Previews(frame_handler(batch, self._keep_preview), self.settings.previews)
-        if kind == "upscale":  # one picture through the upscale model: never merged (its upload is its own)
-            pipe, store = self.pipeline, self.store
-            run, request = (lambda _r, p: run_upscale(pipe, params, store, p)), None
-        elif kind == "edit":
-            pipe, edit = self.pipeline, self.pipeline.edit
-
-            def run(r: Any, p: Any) -> Any:  # an upscaling edit's model must still be the one loaded
-                check_hires_upscaler(pipe, params, "upscaler")
-                return edit(r, p, previews)
-
-            request = edit_request(params, self.store, **runs)
-        else:
-            pipe, generate = self.pipeline, self.pipeline.generate
-
-            def run(r: Any, p: Any) -> Any:  # a hires upscale model must still be the one loaded
-                check_hires_upscaler(pipe, params)
-                return generate(r, p, previews)
-
-            request = generation_request(params, self.store, **runs)
+        run, request = batch_run(self.pipeline, batch, self.store, self.settings, self._keep_preview)
         deadline = time.monotonic() + self.settings.job_timeout
         try:
             self.library.activate(self.pipeline, params.get("loras"))
@@ -490,19 +433,20 @@ class JobManager:
                 for live in alive:
                     live.step, live.total = step, total
             if not alive:
-                raise _Cancelled
+                raise RunCancelled
             for live in alive:
                 self.hub.publish(live.job.id, {"event": "progress", "step": step, "total": total})
             if time.monotonic() > deadline:
-                raise _TimedOut
+                raise RunTimedOut
 
         try:
             images = run(request, progress)
-        except _Cancelled:
+        except RunCancelled:
             return  # every job of the run was cancelled, and is already final
         except Exception as exc:
             what = "upscale" if kind == "upscale" else "generation"
-            self._fail_run(batch, self._error_of(exc, form=kind == "edit", what=what))
+            error = run_error(exc, self.settings.job_timeout, form=kind == "edit", what=what)
+            self._fail_run(batch, error)
             return
         self.metrics.batch_done(len(images), time.time() - started)
         offset = 0
@@ -519,20 +463,6 @@ class JobManager:
             if not self._finish(live.job, SUCCEEDED, images=rows):  # cancelled while saving
                 for row in rows:
                     self.store.image_path(row.id).unlink(missing_ok=True)
-
-    def _error_of(self, exc: Exception, form: bool = False, what: str = "generation") -> dict[str, Any]:
-        """The job error for what stopped a run: a timeout, a request the model refused, or a fault. `form`:
-        the job came as a multipart form (an edit), whose field names an error about a request uses."""
-        if isinstance(exc, _TimedOut):
-            message = f"the job ran past its {self.settings.job_timeout:g} s limit and was stopped"
-            return {"message": message, "type": "timeout_error", "code": "job_timeout"}
-        if isinstance(exc, REQUEST_ERRORS):
-            return job_error(exc, form)
-        if isinstance(exc, UpscalerUnavailable):  # the server's settings changed while the job waited
-            return {"message": str(exc), "type": "server_error", "code": "upscaler_unavailable"}
-        log.error("%s failed", what, exc_info=exc)
-        message = f"{what} failed: {type(exc).__name__}: {exc}"
-        return {"message": message, "type": "server_error", "code": "generation_failed"}
 
     def _finish(
         self,

@@ -28,14 +28,14 @@ from pictor.lora_tools import finite_update, read_lora
 from pictor.models.lora import remove_lora, set_lora_scale
 from pictor.models.lora_formats import LoRAError
 from pictor.pipeline import Pipeline
-from pictor.serve.api_models import LoraChoice
 from pictor.serve.errors import APIError
+from pictor.serve.generation_parts import LoraChoice
 
 log = logging.getLogger("pictor.serve")
 _CHOICES = TypeAdapter(Annotated[list[LoraChoice], Field(max_length=8)])
 
 
-MAX_NAME = 200  # what a request's name may be (api_models.LoraChoice)
+MAX_NAME = 200  # what a request's name may be (generation_parts.LoraChoice)
 
 
 def _stat(path: Path) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from pictor.serve.errors import APIError
 
 FIELDS = REGIONAL_OPTION_FIELDS
 
-# The fields' descriptions, shared by the JSON body (api_models) and the edit form.
+# The fields' descriptions, shared by the JSON body (generation_body) and the edit form.
 DESCRIPTIONS = {
     "regional_steps": "With regional_attention: the regions' mask in the first N steps only (a share below "
     "1: that share of the steps, rounded up; Regional-Prompting-FLUX's mask_inject_steps); the later steps "

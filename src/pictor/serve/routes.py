@@ -26,7 +26,6 @@ from pictor.serve.api_models import (
     DeletedJob,
     ErrorResponse,
     ImageData,
-    ImageGenerationRequest,
     ImageMetadata,
     ImagesResponse,
     Job,
@@ -37,6 +36,7 @@ from pictor.serve.api_models import (
 )
 from pictor.serve.controlnets import cards as controlnet_cards
 from pictor.serve.errors import APIError, not_found
+from pictor.serve.generation_body import ImageGenerationRequest
 from pictor.serve.service import Service, failure, job_or_404, service
 from pictor.serve.store import QUEUED, SUCCEEDED, TERMINAL, JobRow
 

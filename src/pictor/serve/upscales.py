@@ -27,7 +27,8 @@ from PIL import Image
 
 from pictor.provenance import RECORD_KEY
 from pictor.serve.api_models import ImagesResponse, Job
-from pictor.serve.edits import ResponseFormat, User, check_fields, read_image
+from pictor.serve.edit_form_fields import ResponseFormat, User, check_fields
+from pictor.serve.edits import read_image
 from pictor.serve.errors import APIError
 from pictor.serve.pipeline_errors import field_of
 from pictor.serve.routes import (

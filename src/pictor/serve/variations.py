@@ -58,15 +58,13 @@ from pydantic import ValidationError
 
 from pictor.editing import eight_bit
 from pictor.generation_settings import settings_problem
-from pictor.serve.api_models import ImageGenerationRequest, ImagesResponse, Job
-from pictor.serve.edits import (
+from pictor.serve.api_models import ImagesResponse, Job
+from pictor.serve.edit_form_fields import (
     SIZE_PATTERN,
-    VARIATION,
     Composable,
     Count,
     DenoiseTile,
     DenoiseTileOverlap,
-    EditForm,
     Fraction,
     GuidanceMethodForm,
     Loras,
@@ -80,11 +78,12 @@ from pictor.serve.edits import (
     Text,
     User,
     check_fields,
-    read_image,
-    submit_edit,
 )
+from pictor.serve.edits import VARIATION, EditForm, read_image, submit_edit
 from pictor.serve.errors import APIError
+from pictor.serve.generation_body import ImageGenerationRequest
 from pictor.serve.guidance_fields import checked_guidance_method
+from pictor.serve.request_checks import check_names
 from pictor.serve.routes import (
     COMMON_ERRORS,
     OTHER_METHODS,
@@ -96,7 +95,7 @@ from pictor.serve.routes import (
     post_only,
 )
 from pictor.serve.security import check_limits, check_text
-from pictor.serve.service import Service, check_names, service
+from pictor.serve.service import Service, service
 from pictor.serve.store import JobRow
 
 router = APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=COMMON_ERRORS)
