@@ -745,6 +745,10 @@ def test_rpf_options_with_cache_tiles_and_guidance_methods(pipe: Pipeline, kw: d
         ({"regional_steps": 1.5}, "regional_steps must be"),
         ({"regional_double_interval": 0}, "regional_double_interval must be"),
         ({"regional_single_interval": 1.5}, "regional_single_interval must be"),
+        ({"regional_steps": 10_001}, r"regional_steps must be .* \(1 to 10000\), got 10001"),
+        ({"regional_steps": 1e300}, "regional_steps must be"),  # a record's number stays small
+        ({"regional_double_interval": 10**21}, "regional_double_interval must be .* from 1 to 1000"),
+        ({"regional_single_interval": 1001}, "regional_single_interval must be .* from 1 to 1000"),
         ({"regional_base_ratio": 1.5}, "regional_base_ratio must be"),
         ({"regional_base_ratio": -0.1}, "regional_base_ratio must be"),
     ],

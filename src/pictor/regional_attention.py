@@ -170,6 +170,13 @@ def _whole(v: Any) -> bool:
     return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
+# Bounds past any real use (FLUX.1 has 19 double and 38 single blocks; generation_settings.MAX_STEPS is
+# 1000): a window or interval beyond them means the same as them, and a bound keeps records and the
+# page's JSON numbers small (JavaScript writes 1e21 and up in exponent form, which integer fields refuse).
+MAX_WINDOW_STEPS = 10_000
+MAX_BLOCK_INTERVAL = 1_000
+
+
 def check_regional_options(r: Any) -> str | None:
     """What is wrong with a request's regional attention options (`RegionalOptions`), naming the field;
     None: nothing. They need regional attention (and regions) to apply to."""
@@ -186,15 +193,18 @@ def check_regional_options(r: Any) -> str | None:
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps):
             return f"regional_steps must be a number, got {steps!r}"
-        if steps <= 0 or (steps >= 1 and not _whole(steps)):
+        if steps <= 0 or (steps >= 1 and not _whole(steps)) or steps > MAX_WINDOW_STEPS:
             return (
                 "regional_steps must be a share of the steps above 0 and below 1, or a whole number of steps "
-                f"(1 or more), got {steps!r}"
+                f"(1 to {MAX_WINDOW_STEPS}), got {steps!r}"
             )
     for name in ("regional_double_interval", "regional_single_interval"):
         v = getattr(r, name)
-        if v is not None and (not _whole(v) or v < 1):
-            return f"{name} must be a whole number, 1 or more (the mask in every that many blocks), got {v!r}"
+        if v is not None and (not _whole(v) or not 1 <= v <= MAX_BLOCK_INTERVAL):
+            return (
+                f"{name} must be a whole number from 1 to {MAX_BLOCK_INTERVAL} (the mask in every that many "
+                f"blocks), got {v!r}"
+            )
     ratio = r.regional_base_ratio
     if ratio is not None and (
         isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1

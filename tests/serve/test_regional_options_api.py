@@ -180,7 +180,7 @@ def test_bad_values_are_refused_while_the_model_loads_and_good_ones_run_once_it_
 ) -> None:
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 
@@ -194,7 +194,7 @@ def test_bad_values_are_refused_while_the_model_loads_and_good_ones_run_once_it_
         assert_refused(r, "regional_steps", "shapes regional attention")
         form = {"path": "/v1/jobs/edits", "regions": json.dumps(SENT), "regional_attention": "true"}
         r = edit(client, png_bytes(source_image()), regional_double_interval="0", **form)
-        assert_refused(r, "regional_double_interval", "1 or more")
+        assert_refused(r, "regional_double_interval", "from 1 to 1000")
         r = client.post("/v1/jobs", json={**REGIONAL, **RPF})
         assert r.status_code == 202 and r.json()["request"]["regional_base_ratio"] == 0.3, r.text
         manager = client.app.state.service.manager
