@@ -145,6 +145,43 @@ def add_model(p: argparse.ArgumentParser) -> None:
         "--model", "-m", default=None, help="bundle folder, local bundle name, preset, or 'default' (default)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument(
+        "--offload",
+        choices=["none", "model", "blocks"],
+        default="none",
+        help="for models larger than the GPU: keep them in CPU memory and move each onto the GPU only while "
+        "it runs ('model'), or also the transformer's blocks one at a time ('blocks'); the same pixels",
+    )
+    p.add_argument(
+        "--blocks-on-device",
+        type=_whole_number,
+        default=0,
+        metavar="N",
+        help="with --offload blocks: keep the transformer's first N blocks on the GPU while it runs",
+    )
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return value
+
+
+def offload_settings(args: argparse.Namespace) -> tuple[str | None, int]:
+    """--offload and --blocks-on-device as `pictor.load` takes them; a block count without block offload is
+    an error that names both flags (before any weights are read)."""
+    mode = getattr(args, "offload", "none")
+    blocks = getattr(args, "blocks_on_device", 0)
+    if blocks and mode != "blocks":
+        raise ValueError(
+            f"--blocks-on-device {blocks} keeps blocks of --offload blocks on the GPU, but --offload is "
+            f"'{mode}'; add --offload blocks or drop --blocks-on-device"
+        )
+    return (None if mode == "none" else mode), blocks
 
 
 def _lora_spec(text: str) -> tuple[str, float]:

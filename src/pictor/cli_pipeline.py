@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from pictor.cli_conditioning_options import regional_option_args
+from pictor.cli_options import offload_settings
 
 
 def load_pipeline(  # type: ignore[no-untyped-def]
@@ -27,7 +28,13 @@ def load_pipeline(  # type: ignore[no-untyped-def]
     --ip-adapter-model and --clip-vision)."""
     from pictor.loading import load
 
-    pipe = load(model if model is not None else args.model, device=args.device)
+    offload, blocks_on_device = offload_settings(args)
+    pipe = load(
+        model if model is not None else args.model,
+        device=args.device,
+        offload=offload,
+        blocks_on_device=blocks_on_device,
+    )
     for path, scale in args.lora if loras is None else loras:
         pipe.add_lora(path, scale)
     adapter = layout_adapter or getattr(args, "layout_adapter", None)

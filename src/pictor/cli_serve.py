@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pictor.cli_conditioning_options import add_ip_adapter_model, add_redux_model
-from pictor.cli_options import add_model, add_vae_tiling
+from pictor.cli_options import add_model, add_vae_tiling, offload_settings
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -78,10 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pictor.serve.server import serve
     from pictor.serve.settings import Limits, ServeSettings, default_data_dir
 
+    offload, blocks_on_device = offload_settings(args)  # refused before the server starts
     block = BlockList.from_file(args.block_words).words if args.block_words else ()
     settings = ServeSettings(
         model=args.model,
         device=args.device,
+        offload=offload,
+        blocks_on_device=blocks_on_device,
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get("PICTOR_API_KEY") or None,

@@ -226,7 +226,7 @@ def test_a1111_requests_wait_for_a_loading_model(
     the model loads such a request waits for it, as a /v1 job waits in the queue, instead of a 503."""
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return new_tiny()
 
@@ -267,7 +267,7 @@ def test_a_load_that_fails_ends_the_wait(
 ) -> None:
     loading = threading.Event()
 
-    def broken_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def broken_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         raise ValueError("the weights are gone")
 

@@ -189,7 +189,7 @@ def test_the_page_waits_for_a_loading_model(
 
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(60), "the test never let the model load"
         return tiny
 
@@ -218,7 +218,7 @@ def test_the_page_says_why_the_model_failed_to_load(
 ) -> None:
     from playwright.sync_api import expect
 
-    def broken_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def broken_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         raise ValueError("weights.safetensors: not a readable safetensors file")
 
     monkeypatch.setattr("pictor.loading.load", broken_load)

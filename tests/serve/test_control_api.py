@@ -267,7 +267,7 @@ def test_control_fields_are_checked_and_kept_while_the_model_loads(
     job's control picture and thresholds are kept for the worker."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         loaded.wait(30)
         raise ValueError("not needed")
 

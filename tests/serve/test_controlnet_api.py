@@ -393,7 +393,7 @@ def test_serve_loads_the_controlnets_into_the_model_it_loads(
     assert args.controlnet == [str(nets[0]), str(nets[1])]
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return tiny_pipeline()
 
@@ -436,7 +436,9 @@ def test_a_bad_controlnet_fails_the_load_and_serve_checks_the_flags(
 ) -> None:
     lora = tmp_path / "style.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 32)}, lora)
-    monkeypatch.setattr("pictor.loading.load", lambda model=None, device=None, dtype=None: tiny_pipeline())
+    monkeypatch.setattr(
+        "pictor.loading.load", lambda model=None, device=None, dtype=None, **_k: tiny_pipeline()
+    )
     client = make_client(None, model="tiny", controlnets=(lora,))
 
     def failed() -> Any:

@@ -206,7 +206,7 @@ def test_while_the_model_loads_the_upscaler_and_the_limit_are_checked_at_once(
     range; the file's own name is queued (its size not known yet) and runs once the model loaded."""
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return new_tiny()
 

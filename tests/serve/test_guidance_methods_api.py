@@ -200,7 +200,7 @@ def test_bad_values_are_refused_while_the_model_loads_and_good_ones_run_once_it_
 ) -> None:
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

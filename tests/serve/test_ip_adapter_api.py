@@ -138,7 +138,7 @@ def test_serve_loads_the_ip_adapter_into_the_model_it_loads(
     assert (args.ip_adapter_model, args.clip_vision) == (str(adapter), str(clip))
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return dev_pipeline()
 

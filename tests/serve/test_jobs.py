@@ -291,7 +291,7 @@ def test_hires_limits_hold_while_the_model_loads(
     cannot be bounded and is asked to come back."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         loaded.wait(30)
         raise ValueError("not needed")
 

@@ -166,7 +166,7 @@ def test_while_the_model_loads_the_grown_canvas_is_checked_and_the_job_keeps_it(
     the job when it runs, naming expand."""
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return new_tiny()
 

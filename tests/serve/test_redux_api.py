@@ -203,7 +203,7 @@ def test_serve_loads_redux_into_the_model_it_loads(
     assert (args.redux_model, args.siglip) == (str(redux), str(siglip))
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return dev_pipeline()
 

@@ -118,7 +118,7 @@ def test_without_regions_it_is_refused_while_the_model_loads_too(
     """Known without the model: a 400 at once, not a job that fails when the model is there."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

@@ -305,7 +305,7 @@ def test_a_job_refused_only_when_it_runs_names_regions(
     when it runs: the job's error names regions, in the API's words."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

@@ -202,7 +202,7 @@ def test_jobs_refused_when_they_run_name_the_field(
     """Jobs accepted while the model loads are checked against it only when they run."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

@@ -29,8 +29,10 @@ class Loads:
         self.outcomes = outcomes
         self.go = threading.Event()
         self.calls = 0
+        self.options: list[dict[str, Any]] = []  # the keyword options of each call (offload ...)
 
-    def __call__(self, model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def __call__(self, model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
+        self.options.append(options)
         assert self.go.wait(30)
         outcome = self.outcomes[min(self.calls, len(self.outcomes) - 1)]
         self.calls += 1
@@ -211,7 +213,7 @@ def test_jobs_resumed_after_a_restart_wait_through_a_failed_load(
     by itself after load_retry, and they run once it succeeds."""
     first, second, calls = threading.Event(), threading.Event(), []
 
-    def load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         calls.append(model)
         if len(calls) == 1:
             assert first.wait(30)
@@ -275,3 +277,37 @@ def test_a_job_timeout_that_is_no_positive_number_is_refused(value: float) -> No
     with pytest.raises(ValueError, match="job-timeout must be a number of seconds > 0"):
         ServeSettings(job_timeout=value)
     assert ServeSettings(job_timeout=float("inf")).job_timeout == float("inf")  # no limit stays possible
+
+
+def test_serve_loads_the_model_with_the_offload_given_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    make_client: Callable[..., TestClient],
+    loads: Callable[[list[Any]], Loads],
+    tiny: Pipeline,
+) -> None:
+    """`pictor serve --offload blocks --blocks-on-device 2` reaches the settings, and the server's load of
+    the model takes them; a block count without block offload is refused before the server starts."""
+    given: list[ServeSettings] = []
+
+    def serve(settings: ServeSettings, log_level: str = "info") -> int:
+        given.append(settings)
+        return 0
+
+    monkeypatch.setattr("pictor.serve.server.serve", serve)
+    base = ["serve", "--port", "0", "--data-dir", str(tmp_path)]
+    assert cli_main(base) == 0
+    assert (given[-1].offload, given[-1].blocks_on_device) == (None, 0)
+    assert cli_main([*base, "--offload", "blocks", "--blocks-on-device", "2"]) == 0
+    assert (given[-1].offload, given[-1].blocks_on_device) == ("blocks", 2)
+    assert cli_main([*base, "--offload", "model", "--blocks-on-device", "2"]) == 2
+    assert "add --offload blocks or drop --blocks-on-device" in capsys.readouterr().err
+    assert len(given) == 2
+
+    load = loads([tiny])
+    load.go.set()
+    client = make_client(None, model="tiny", offload="blocks", blocks_on_device=2)
+    wait_for(lambda: load.calls == 1, what="the model to load")
+    assert load.options == [{"offload": "blocks", "blocks_on_device": 2}]
+    assert client.get("/healthz").status_code == 200

@@ -271,7 +271,7 @@ def test_a_missing_upload_is_named_by_the_field_it_was_sent_as(
     variation's `image` whatever its picture became (a reference, a Redux picture)."""
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

@@ -166,7 +166,7 @@ def test_serve_loads_the_upscaler_with_the_model(
     assert build_parser().parse_args(["serve"]).upscaler is None
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return new_tiny()
 
@@ -452,7 +452,7 @@ def test_without_an_upscaler_the_endpoints_say_which_flag_loads_one(
     # while a model without one loads: said at once, not after the load
     loading = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loading.wait(30)
         return tiny
 

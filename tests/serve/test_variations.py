@@ -226,7 +226,7 @@ def test_before_the_model_is_there_a_variation_is_a_503(
     # Whether the picture also goes as the reference depends on the model, so nothing is queued without it.
     loaded = threading.Event()
 
-    def slow_load(model: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    def slow_load(model: Any = None, device: Any = None, dtype: Any = None, **options: Any) -> Any:
         assert loaded.wait(30)
         return tiny
 

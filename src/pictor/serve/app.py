@@ -90,7 +90,12 @@ def create_app(
     def load_model() -> Pipeline:
         from pictor.loading import load
 
-        pipe = load(settings.model, device=settings.device)
+        pipe = load(
+            settings.model,
+            device=settings.device,
+            offload=settings.offload,
+            blocks_on_device=settings.blocks_on_device,
+        )
         factor = pipe.autoencoder.params.downsample_factor
         problem = tiling_problem(factor, settings.vae_tile, settings.vae_tile_overlap)
         if problem:  # refused at load: the health check and every request say why

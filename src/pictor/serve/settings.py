@@ -37,6 +37,8 @@ class Limits:
 class ServeSettings:
     model: str | None = None
     device: str | None = None
+    offload: str | None = None  # CPU offload: None, "model" or "blocks" (`Pipeline.set_offload`)
+    blocks_on_device: int = 0  # with offload "blocks": the transformer's first N blocks stay in
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
