@@ -65,7 +65,8 @@ def add_eval_parser(sub: Any) -> None:
 
     ed = esub.add_parser(
         "distribution",
-        help="FD, KID, precision and recall between two image folders (generated vs real)",
+        help="FD, KID, precision and recall (and CMMD with CLIP features) between two image folders "
+        "(generated vs real)",
     )
     ed.add_argument("real", help="folder of reference images (searched recursively)")
     ed.add_argument("fake", help="folder of generated images")
@@ -192,6 +193,8 @@ def _eval_distribution(args: argparse.Namespace) -> int:
     print(f"KID        {kid:.5f} +- {std:.5f} (subsets of {size})")
     print(f"precision  {report['precision']:.3f}")
     print(f"recall     {report['recall']:.3f}  (k={report['nearest_k']})")
+    if "cmmd" in report:
+        print(f"CMMD       {report['cmmd']:.4f}")
     for note in report["notes"]:
         print(f"note: {note}")
     if args.out:

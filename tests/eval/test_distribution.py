@@ -9,6 +9,8 @@ import scipy.linalg
 import torch
 
 from pictor.eval.distribution import (
+    _rbf_kernel_mean,
+    cmmd,
     compare,
     frechet_distance,
     kernel_distance,
@@ -127,3 +129,33 @@ def test_bad_features_are_refused_with_the_reason(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         compare(real, fake)
+
+
+def _paper_cmmd(x: np.ndarray, y: np.ndarray) -> float:
+    """CMMD as the paper's code computes it (google-research cmmd: embeddings L2-normalised, then
+    `distance.mmd` with sigma 10 and scale 1000), written out with numpy in float64."""
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=-1, keepdims=True)
+    gamma = 1 / (2 * 10**2)
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        sq = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2 * a @ b.T
+        return float(np.mean(np.exp(-gamma * sq)))
+
+    return 1000 * (k(x, x) + k(y, y) - 2 * k(x, y))
+
+
+def test_cmmd_equals_the_papers_formula_and_is_zero_for_one_set() -> None:
+    real, fake = _correlated(70, 12, seed=1), _correlated(45, 12, seed=2, shift=0.3)
+    assert cmmd(real, fake) == pytest.approx(_paper_cmmd(real.numpy(), fake.numpy()), rel=1e-12)
+    assert cmmd(real, real) == pytest.approx(0.0, abs=1e-9)
+    # the kernel means in blocks of rows equal the whole matrix's
+    a, b = real / real.norm(dim=1, keepdim=True), fake / fake.norm(dim=1, keepdim=True)
+    assert _rbf_kernel_mean(a, b, 0.005, rows=7) == pytest.approx(_rbf_kernel_mean(a, b, 0.005), rel=1e-13)
+
+
+def test_cmmd_reads_direction_not_length_and_sees_a_shift() -> None:
+    real, same = _correlated(200, 16, seed=3), _correlated(200, 16, seed=4)
+    shifted = _correlated(200, 16, seed=4, shift=0.5)
+    assert cmmd(real, same * 7.0) == pytest.approx(cmmd(real, same), rel=1e-12)  # unit length first
+    assert cmmd(real, shifted) > 5 * cmmd(real, same)

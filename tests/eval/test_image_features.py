@@ -204,3 +204,21 @@ def test_cli_compares_folders_and_writes_the_report(
     assert same["fd"] * 5 < other["fd"] and same["kid"] < other["kid"]
     assert same["recall"] > other["recall"]
     assert main([*args, str(real), str(tmp_path / "nowhere")]) == 2
+
+
+def test_cli_reports_cmmd_with_clip_features_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.eval.distribution import cmmd
+
+    _tiny_clip(tmp_path / "clip", with_processor=True)
+    real = _write(tmp_path / "real", _images(6, 1, size=(40, 40)))
+    fake = _write(tmp_path / "fake", _images(5, 2, size=(40, 40)))
+    out = tmp_path / "r.json"
+    args = ["eval", "distribution", str(real), str(fake), "--kid-subset-size", "4", "--kid-subsets", "2"]
+    assert main([*args, "--features", f"clip:{tmp_path / 'clip'}", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    extractor = build_extractor(f"clip:{tmp_path / 'clip'}")
+    want = cmmd(*(featurize_folder(f, extractor)[0] for f in (real, fake)))
+    assert report["cmmd"] == pytest.approx(want, rel=1e-9) and report["cmmd"] > 0
+    assert "CMMD" in capsys.readouterr().out
+    assert main([*args, "--out", str(out)]) == 0  # shapes features: CMMD's bandwidth means nothing there
+    assert "cmmd" not in json.loads(out.read_text()) and "CMMD" not in capsys.readouterr().out

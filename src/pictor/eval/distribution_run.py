@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pictor.checkpoint import write_json
-from pictor.eval.distribution import KID_SUBSET_SIZE, KID_SUBSETS, NEAREST_K, compare
+from pictor.eval.distribution import KID_SUBSET_SIZE, KID_SUBSETS, NEAREST_K, cmmd, compare
 from pictor.eval.image_features import build_extractor, featurize_folder
 
 
@@ -51,6 +51,8 @@ def run_distribution_eval(
         "fake": str(fake),
         "features": extractor.name,
         **compare(feats["real"], feats["fake"], kid_subsets, kid_subset_size, nearest_k, seed),
+        # CMMD's kernel bandwidth is set for unit-length CLIP embeddings; on other features it means nothing
+        **({"cmmd": cmmd(feats["real"], feats["fake"])} if extractor.name.startswith("clip:") else {}),
         "seed": seed,
         "skipped": {name: [{"path": p, "reason": r} for p, r in s] for name, s in skipped.items()},
     }
