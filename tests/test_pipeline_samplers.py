@@ -98,7 +98,8 @@ DISPLAY = {
     "er_sde": "Extended Reverse-Time SDE",
 }
 # The deterministic samplers added with the k-diffusion set: their inpainting blends the known region
-# along its noising path (`blend_velocity`), which every consistent step keeps exactly.
+# along its noising path (`blend_velocity`), which every consistent step keeps exactly; ipndm_v's uneven
+# steps do not, and it puts the region back on the path after each step (`keep_known`).
 NEW_DETERMINISTIC = ("lms", "dpm_2", "heunpp2", "gradient_estimation", "ipndm_v")
 
 

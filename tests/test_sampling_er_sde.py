@@ -160,3 +160,14 @@ def test_er_sde_is_finite_just_below_one() -> None:
     ts = torch.tensor([1 - 1e-12, 0.9, 0.5, 0.2, 0.0], dtype=torch.float64)
     out = S.sample_er_sde(toy_velocity, x, ts, noise=_seeded_noise((4, 6), 2))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("ts", [[1.0], [0.6]])
+def test_er_sde_with_no_step_returns_x(ts: list[float]) -> None:
+    # one time is no step: x as it is, as every other sampler gives it (no lam at t = 1)
+    x = _start(torch.float64)
+
+    def never(*_: object) -> Tensor:
+        raise AssertionError("called without a step to take")
+
+    assert S.sample_er_sde(never, x, torch.tensor(ts, dtype=torch.float64), noise=never) is x

@@ -28,7 +28,9 @@ def test_comfyui_sampler_names_are_taken_as_they_are(name: str) -> None:
     graph["3"]["inputs"]["sampler_name"] = name
     got = comfy(graph)
     assert got.values["sampler"] == name and got.sampler_name is None
-    assert not [n for n in got.notices if "sampler" in n and name in n]
+    said = [n for n in got.notices if "sampler" in n and name in n]
+    # pictor's res_multistep_ancestral renoises along the flow path, ComfyUI's as a VE model: said
+    assert len(said) == (name == "res_multistep_ancestral")
 
 
 @pytest.mark.parametrize(("name", "shown"), sorted(NEW.items()))
@@ -37,3 +39,30 @@ def test_a1111_text_names_read_back(name: str, shown: str) -> None:
     for text in (shown, shown.lower(), name):
         got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {text}"))
         assert got.values["sampler"] == name and got.sampler_name is None
+
+
+@pytest.mark.parametrize("text", ["ER SDE", "Extended Reverse SDE", "er sde", "Extended Reverse SDE Karras"])
+def test_other_forks_er_sde_labels_read_back(text: str) -> None:
+    got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {text}"))
+    assert got.values["sampler"] == "er_sde" and got.sampler_name is None
+    assert got.values.get("schedule") == ("karras" if text.endswith("Karras") else None)
+    assert SAMPLER_DISPLAY["er_sde"] == "Extended Reverse-Time SDE"  # what pictor writes stays Forge's
+
+
+def test_the_server_names_every_sampler_and_stochastic_ones_as_such() -> None:
+    """The API's `sampler` description lists each sampler (the OpenAPI page is where API users look), the
+    stochastic ones after "or the stochastic"."""
+    import re
+
+    from pictor.sampling import SAMPLERS, is_stochastic
+    from pictor.serve.generation_body import ImageGenerationRequest
+
+    text = ImageGenerationRequest.model_fields["sampler"].description or ""
+    plain, _, stochastic = text.partition("or the stochastic")
+    named = {
+        name: part
+        for part, names in (("plain", plain), ("stochastic", stochastic.split("(")[0]))
+        for name in re.findall(r"[a-z0-9_]+", names)
+    }
+    for name in SAMPLERS:
+        assert named.get(name) == ("stochastic" if is_stochastic(name) else "plain"), name

@@ -3,10 +3,13 @@
 The "blended latent" rule re-imposes x = m * x + (1 - m) * interpolate(z0, noise, t_next) after every step.
 For a binary mask that is the same as replacing the velocity in the known region by the velocity of the
 straight noising path, noise - z0 (`blend_velocity`): every deterministic sampler here (Euler, Heun,
-DPM++ 2M, UniPC, DEIS, iPNDM, RES multistep) maps a point on that straight line to the point at t_next
-exactly (tests/test_editing.py runs each), so the known region stays on the path; and because the
+DPM++ 2M, UniPC, DEIS, iPNDM, RES multistep, LMS...) maps a point on that straight line to the point at
+t_next exactly (tests/test_editing.py runs each), so the known region stays on the path; and because the
 replacement happens inside the velocity callable, Heun's and UniPC's correctors and the multistep
-histories see consistent values too, which a post-step hook could not give.
+histories see consistent values too, which a post-step hook alone could not give. iPNDM_v's weights sum
+to 1 only on even steps, so on a schedule's uneven ones it would leave the path (by about 1e-2): it also
+re-imposes the path after each of its steps, through the `keep_known` attribute `blend_velocity` gives its
+velocity (`pictor.sampling_steps.keep_known`), which puts it on the path exactly.
 
 A stochastic sampler (euler_ancestral, dpmpp_2m_sde, lcm) puts fresh noise into every step, so the known
 region cannot stay on the one path of the initial noise. There the known region gets the velocity
@@ -36,6 +39,7 @@ from torch import Tensor
 from pictor.flow import interpolate
 from pictor.models.flux import pack_latents
 from pictor.sampling import VelocityFn
+from pictor.sampling_steps import KEEP_KNOWN
 
 __all__ = [
     "LatentInit",
@@ -110,6 +114,10 @@ def blend_velocity(fn: VelocityFn, z0: Tensor, noise: Tensor, mask: Tensor) -> V
         v = fn(x, t)
         return torch.where(mask, v, path_v.to(v.dtype))
 
+    def keep(x: Tensor, t: float) -> Tensor:  # for a sampler that does not keep the path (`keep_known`)
+        return torch.where(mask, x, interpolate(z0.to(x.dtype), noise.to(x.dtype), t))
+
+    setattr(blended, KEEP_KNOWN, keep)
     return blended
 
 

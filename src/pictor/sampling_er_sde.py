@@ -103,8 +103,10 @@ def sample_er_sde(
     noise = require_noise(noise, "er_sde")
     ts_ = times(ts)
     strictly_decreasing(ts_, "er_sde")
+    if len(ts_) < 2:  # no step to take (and no lam at t = 1 to compute): x as it is, as the others do
+        return x
     starts = list(ts_)  # the times of the solver's arithmetic: ts_ with ComfyUI's start below 1
-    if ts_[0] >= 1.0 and len(ts_) > 1:
+    if ts_[0] >= 1.0:
         # halfway to the next time should a schedule step less than that from 1
         starts[0] = FIRST_START if ts_[1] < FIRST_START else 0.5 * (1.0 + ts_[1])
     lams = [_nsr(t) for t in starts]

@@ -89,6 +89,19 @@ def t_batch(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
+# The attribute of an edit's velocity (`pictor.edit_blending.blend_velocity`) that puts its known region back
+# on the noising path: (x, t) -> x. A sampler that does not map that path onto itself (iPNDM_v, whose
+# weights sum to 1 only on even steps) calls it after each step through `keep_known`.
+KEEP_KNOWN = "keep_known"
+
+
+def keep_known(model_fn: VelocityFn, x: Tensor, t: float) -> Tensor:
+    """x at time t with an edit's known region back on its noising path, where `model_fn` is an edit's
+    blended velocity; x itself for any other velocity (a plain generation)."""
+    keep: Callable[[Tensor, float], Tensor] | None = getattr(model_fn, KEEP_KNOWN, None)
+    return x if keep is None else keep(x, t)
+
+
 def report(callback: Callback | None, i: int, x: Tensor, t: float, t_next: float, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "x": x, "t": t, "t_next": t_next, "denoised": denoised})

@@ -49,8 +49,15 @@ from pictor.provenance import (
 )
 from pictor.sampling import SAMPLERS, SCHEDULES
 
+# Other A1111 forks' labels for a pictor sampler, read back but never written (SAMPLER_DISPLAY is what
+# pictor writes): ER-SDE is "ER SDE" and "Extended Reverse SDE" in some forks.
+SAMPLER_ALIASES = {"er sde": "er_sde", "extended reverse sde": "er_sde"}
 # A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
-SAMPLER_NAMES = {shown.lower(): name for name, shown in SAMPLER_DISPLAY.items()} | {n: n for n in SAMPLERS}
+SAMPLER_NAMES = (
+    {shown.lower(): name for name, shown in SAMPLER_DISPLAY.items()}
+    | SAMPLER_ALIASES
+    | {n: n for n in SAMPLERS}
+)
 SCHEDULE_SUFFIXES = {" karras": "karras", " exponential": "exponential"}
 # A1111's "Schedule type" values (its names; its labels are read with spaces as "_", "KL Optimal" as
 # kl_optimal) with a pictor schedule; "Automatic" is the model's own (pictor's default).
@@ -111,7 +118,9 @@ COMFY_SAMPLERS = {
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
-# tabulated coefficients (`pictor.sampling_deis`).
+# tabulated coefficients (`pictor.sampling_deis`); its res_multistep_ancestral renoises with the
+# variance-exploding ancestral split on a flow model too, pictor's with the rectified-flow one
+# (`pictor.sampling_res`).
 _UNIPC = (
     "ComfyUI runs UniPC at order 3 (and its KSampler drops the second-to-last step for it), where pictor's "
     "unipc is bh2 at order 2"
@@ -127,6 +136,12 @@ COMFY_SAMPLER_NOTICES = {
         "the graph's sampler deis is taken as pictor's deis, which differs in detail: ComfyUI's is another "
         "DEIS variant (tabulated coefficients, no lower-order final steps), pictor's is diffusers' "
         "third-order log-rho DEIS"
+    ),
+    "res_multistep_ancestral": (
+        "the graph's sampler res_multistep_ancestral is taken as pictor's, which differs in its renoising: "
+        "ComfyUI's splits each step as for a variance-exploding model also on a flow model, which leaves the "
+        "sample off the flow path; pictor's renoises with the rectified-flow ancestral step (as its "
+        "euler_ancestral), so the images differ"
     ),
 }
 # ComfyUI's schedulers with a pictor schedule. simple and sgm_uniform space the model's own (shifted) times

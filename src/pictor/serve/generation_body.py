@@ -95,10 +95,11 @@ class ImageGenerationRequest(BaseModel):
     )
     sampler: str | None = Field(
         None,
-        description="euler, heun, dpmpp_2m, unipc, deis, ipndm, res_multistep, lms, dpm_2, heunpp2, "
+        description="euler, heun, dpmpp_2m, unipc, deis, ipndm, ipndm_v, res_multistep, lms, dpm_2, heunpp2, "
         "gradient_estimation, or the stochastic euler_ancestral, dpmpp_2m_sde, lcm, dpm_2_ancestral, "
-        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun and dpmpp_3m_sde (fresh noise every step, drawn "
-        "from the image's seed, so the seed still reproduces it). The model card lists them.",
+        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, res_multistep_ancestral and er_sde "
+        "(fresh noise every step, drawn from the image's seed, so the seed still reproduces it). The model "
+        "card lists them.",
     )
     schedule: str | None = Field(
         None,
