@@ -13,6 +13,13 @@ kaiming-uniform, B at zero, so a fresh adapter changes nothing (microsoft/LoRA, 
 Merging writes ``W + scale * alpha / rank * B @ A`` (computed in float64) into the weight and keeps the
 weight from before the first merge (on the CPU), so unmerging restores it bit for bit.
 
+Two of kohya's regularisers act on plain adapters while they train (``self.training`` and gradients on;
+never in eval mode, under ``no_grad`` / ``inference_mode``, nor in saved files): rank dropout zeroes each
+sample's rank channels of ``A x`` with probability ``rank_dropout`` and divides the factor by
+``1 - rank_dropout``, module dropout leaves the whole adapter out of a layer's forward with probability
+``module_dropout`` (kohya's ``LoRAModule.forward`` in ``networks/lora_flux.py``). :func:`max_norm_adapters`
+is kohya's max-norm regularisation (``--scale_weight_norms``), applied after an optimizer step.
+
 Files (apply, save, hashes): :mod:`pictor.lora_files`; the native, diffusers/PEFT and kohya key
 layouts: :mod:`pictor.models.lora_formats`.
 """
@@ -55,6 +62,7 @@ __all__ = [
     "check_adapter_name",
     "linear_layers",
     "list_loras",
+    "max_norm_adapters",
     "merge_lora",
     "remove_lora",
     "select_targets",
@@ -102,7 +110,14 @@ class _Factor(nn.Module):
 
 
 class LoRAAdapter(nn.Module):
-    """``scale * alpha / rank * B (A dropout(x))`` with A ``[rank, in]`` and B ``[out, rank]``."""
+    """``scale * alpha / rank * B (A dropout(x))`` with A ``[rank, in]`` and B ``[out, rank]``.
+
+    ``rank_dropout`` and ``module_dropout`` (kohya's network_args of the same names) are training-time
+    settings, not state: they are in no state dict or file. While training, the draws come from torch's
+    global RNG in this order: the layer's module-dropout draw ``torch.rand(1)`` (CPU; see
+    :meth:`LoRALinear.forward`), the input dropout's mask, then the rank mask ``torch.rand(batch, rank)`` on
+    the input's device.
+    """
 
     def __init__(
         self,
@@ -114,6 +129,8 @@ class LoRAAdapter(nn.Module):
         dropout: float = 0.0,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -124,6 +141,8 @@ class LoRAAdapter(nn.Module):
         self.lora_A = _Factor(rank, in_features, device, dtype)
         self.lora_B = _Factor(out_features, rank, device, dtype)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank_dropout = float(rank_dropout)
+        self.module_dropout = float(module_dropout)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -135,11 +154,29 @@ class LoRAAdapter(nn.Module):
     def factor(self) -> float:
         return self.scale * self.alpha / self.rank
 
+    def training_draws(self) -> bool:
+        """Whether kohya's rank and module dropout act now: training mode with gradients on (a preview,
+        an eval or a pipeline runs without them, whatever mode a module was left in)."""
+        return self.training and torch.is_grad_enabled()
+
+    def dropped(self) -> bool:
+        """Module dropout: whether this forward leaves the adapter out (kohya: ``torch.rand(1) < p``)."""
+        p = self.module_dropout
+        return p > 0 and self.training_draws() and bool(torch.rand(1) < p)
+
     def forward(self, x: Tensor) -> Tensor:
         # Adapters may be kept in float32 on a bf16 base (training); the casts are no-ops otherwise.
         # The factor multiplies the rank-wide intermediate: the cheapest place for it.
-        h = F.linear(self.dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight) * self.factor
-        return F.linear(h, self.lora_B.weight).to(x.dtype)
+        factor = self.factor
+        h = F.linear(self.dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight)  # [..., rank]
+        p = self.rank_dropout
+        if p > 0 and self.training_draws():
+            # kohya's rank dropout: one mask per sample over the rank channels (shared by its tokens), and
+            # the factor divided by 1 - p "as if the rank were changed", so the update's mean is kept.
+            keep = torch.rand((h.shape[0], self.rank), device=h.device) > p  # [B, rank]
+            h = h * keep.view(h.shape[0], *([1] * (h.ndim - 2)), self.rank).to(h.dtype)
+            factor = factor / (1.0 - p)
+        return F.linear(h * factor, self.lora_B.weight).to(x.dtype)
 
     def delta_weight(self) -> Tensor:
         """The update to the base weight, in float64: ``factor * B @ A`` ``[out, in]``."""
@@ -205,7 +242,9 @@ class LoRALinear(nn.Module):
         out = narrow_linear(x, self.weight, self.bias)  # F.linear, unless the weight is stored narrow
         for name, adapter in self.adapters.items():
             if name not in self.merged and adapter.scale != 0.0:
-                out = out + adapter(x)
+                dropped = getattr(adapter, "dropped", None)  # kohya's module dropout (plain LoRA only)
+                if dropped is None or not dropped():
+                    out = out + adapter(x)
         return out
 
     def extra_repr(self) -> str:
@@ -359,11 +398,14 @@ def add_lora(
     dropout: float = 0.0,
     scale: float = 1.0,
     dtype: torch.dtype | None = None,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
 ) -> nn.Module:
     """Add a fresh, trainable adapter to the targeted layers; returns its :func:`adapter_tree`.
 
     The new matrices live on the base weights' device, in ``dtype`` (default: the base weights'; train
-    in float32 on a bf16 base). A is drawn from torch's global RNG.
+    in float32 on a bf16 base). A is drawn from torch's global RNG. ``rank_dropout`` and
+    ``module_dropout``: kohya's, while training only (see :class:`LoRAAdapter`).
     """
     check_adapter_name(model, name)
     for path in select_targets(model, targets):
@@ -378,8 +420,45 @@ def add_lora(
             dropout,
             w.device,
             dtype or adapter_dtype(w),
+            rank_dropout,
+            module_dropout,
         )
     return adapter_tree(model, name)
+
+
+@torch.no_grad()
+def max_norm_adapters(module: nn.Module, max_norm: float) -> tuple[int, float, float]:
+    """kohya's max-norm regularisation (``--scale_weight_norms``; ``apply_max_norm_regularization`` in
+    sd-scripts' ``networks/lora_flux.py``) on every :class:`LoRAAdapter` in ``module``, in place.
+
+    Each adapter's update ``alpha / rank * B @ A`` (its strength ``scale`` left out, as kohya leaves out the
+    multiplier) has its Frobenius norm capped at ``max_norm``: past it, A and B are both multiplied by
+    ``sqrt(max_norm / norm)``. Returns kohya's three numbers: how many adapters were scaled, and the mean
+    and the largest norm after the step. The norm is ``sqrt(sum((A A^T) * (B^T B)))``, in float64: the same
+    number as ``||B @ A||`` without forming the ``[out, in]`` product.
+    """
+    if not max_norm > 0:
+        raise LoRAError(f"max_norm must be > 0, got {max_norm}")
+    scaled, norms = 0, []
+    for adapter in module.modules():
+        if not isinstance(adapter, LoRAAdapter):
+            continue
+        a, b = adapter.lora_A.weight, adapter.lora_B.weight
+        a64, b64 = a.detach().double(), b.detach().double()
+        gram = ((a64 @ a64.T) * (b64.T @ b64)).sum().clamp(min=0.0)
+        norm = float(gram.sqrt()) * adapter.alpha / adapter.rank
+        # kohya: norm clamped below at max / 2, desired = min(norm, max), ratio = desired / norm: 1 up to
+        # the cap, max / norm past it
+        clamped = max(norm, max_norm / 2)
+        ratio = min(clamped, max_norm) / clamped
+        if ratio != 1:
+            scaled += 1
+            a.mul_(ratio**0.5)
+            b.mul_(ratio**0.5)
+        norms.append(norm * ratio)
+    if not norms:
+        raise LoRAError("max-norm regularisation: no LoRA adapters (lora_A / lora_B) to scale")
+    return scaled, sum(norms) / len(norms), max(norms)
 
 
 def check_adapter_name(model: nn.Module, name: str) -> None:

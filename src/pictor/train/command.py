@@ -60,6 +60,9 @@ _FIELDS = {
     "alpha": "lora_alpha",
     "targets": "lora_targets",
     "lora_dropout": "lora_dropout",
+    "rank_dropout": "rank_dropout",
+    "module_dropout": "module_dropout",
+    "scale_weight_norms": "scale_weight_norms",
     "lora_init": "lora_init",
     "loraplus_lr_ratio": "loraplus_lr_ratio",
     "lora_algo": "lora_algo",
@@ -136,7 +139,38 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="lora: layers to adapt, comma-separated groups (attn, mlp, mod, blocks, all), globs over "
         "FLUX module names (*.img_attn.qkv) or re:REGEX (default: blocks)",
     )
-    t.add_argument("--lora-dropout", type=float, default=None, help="lora: dropout on the adapter input (0)")
+    t.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=None,
+        help="lora: dropout on the adapter input (0; PEFT's lora_dropout: kohya's network_dropout drops the "
+        "down projection's output instead)",
+    )
+    t.add_argument(
+        "--rank-dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="lora: while training, drop each sample's rank channels of the down projection with "
+        "probability P, scaling the rest by 1/(1-P) (kohya's network_args rank_dropout; plain LoRA) (0)",
+    )
+    t.add_argument(
+        "--module-dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="lora: while training, leave each adapter out of a forward pass with probability P (kohya's "
+        "network_args module_dropout; plain LoRA) (0)",
+    )
+    t.add_argument(
+        "--scale-weight-norms",
+        type=float,
+        default=None,
+        metavar="MAX",
+        help="lora: max-norm regularisation, after each step scale every adapter whose update "
+        "alpha/rank * up @ down has a norm above MAX back to MAX (kohya's --scale_weight_norms; 1 is a "
+        "good start; plain LoRA); logs max_norm/keys_scaled, max_norm/max_key_norm, norm/avg_key_norm",
+    )
     t.add_argument(
         "--loraplus-lr-ratio",
         type=float,

@@ -205,6 +205,14 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: = rank (scale 1)
     lora_targets: str = "blocks"  # groups / globs / re:regex over FLUX module names, comma-separated
     lora_dropout: float = 0.0
+    # kohya's network_args rank_dropout / module_dropout (plain LoRA, while training only): each sample's rank
+    # channels of A x dropped with this probability (the rest scaled by 1 / (1 - p)), or a whole adapter
+    # left out of a forward pass with this one (pictor.models.lora.LoRAAdapter)
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    # kohya's --scale_weight_norms: after each optimizer step every adapter's update alpha / rank * B @ A is
+    # scaled back to this Frobenius norm where it is larger (pictor.models.lora.max_norm_adapters)
+    scale_weight_norms: float | None = None
     # A LoRA file the adapters start from instead of B = 0 (kohya's --network_weights; pictor.train.lora_init)
     lora_init: str | None = None
     # LoRA+ (kohya's loraplus_lr_ratio): the B ("up") matrices learn this many times faster than the A ones

@@ -305,6 +305,29 @@ def check_config(cfg: TrainConfig) -> None:
         "--lora-dropout applies to a plain LoRA (LyCORIS' LoKr and LoHa have no input dropout, and DoRA "
         "here has none either); drop --lora-dropout or train --lora-algo lora without --dora",
     )
+    for name, flag in (("rank_dropout", "--rank-dropout"), ("module_dropout", "--module-dropout")):
+        value = getattr(cfg, name)
+        need(0.0 <= value < 1.0, f"{name} ({flag}) must lie in [0, 1), got {value}")
+    need(
+        cfg.scale_weight_norms is None or cfg.scale_weight_norms > 0,
+        f"scale_weight_norms (--scale-weight-norms) must be above 0 (kohya suggests 1 to start), got "
+        f"{cfg.scale_weight_norms}",
+    )
+    for given, flag in (
+        (cfg.rank_dropout > 0, "--rank-dropout"),
+        (cfg.module_dropout > 0, "--module-dropout"),
+        (cfg.scale_weight_norms is not None, "--scale-weight-norms"),
+    ):
+        need(
+            not given or cfg.stage == "lora",
+            f"{flag}: kohya's LoRA regulariser, for lora training; drop it for this {cfg.stage} run",
+        )
+        need(
+            not given or (cfg.lora_algo == "lora" and not cfg.lora_dora),
+            f"{flag} applies to a plain LoRA's down and up matrices (as kohya's networks.lora_flux does), "
+            f"not to {cfg.lora_algo}{' with DoRA' if cfg.lora_dora else ''}: drop {flag} or train "
+            "--lora-algo lora without --dora",
+        )
     if cfg.autoencoder is not None and cfg.image_size is not None:
         factor = 2 ** (len(cfg.autoencoder["ch_mult"]) - 1)
         # t2i and lora pack 2x2 latent patches; the AE stage only needs the AE's own factor.

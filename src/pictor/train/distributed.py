@@ -94,16 +94,19 @@ def patient_barrier(info: DistInfo, hours: float = 24.0) -> None:
         dist.destroy_process_group(group)
 
 
-def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP for more than one rank; the bare module otherwise."""
+def wrap(model: nn.Module, info: DistInfo, unused: bool = False) -> nn.Module:
+    """DDP for more than one rank; the bare module otherwise. ``unused``: some trained parameters may get no
+    gradient in a step (a LoRA run's --module-dropout), so DDP searches for them after each forward."""
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # Every trained parameter gets a gradient every step in every stage (a ControlNet's that could not are
-    # frozen: `pictor.train.controlnet`), so no unused-parameter search.
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # Otherwise every trained parameter gets a gradient every step in every stage (a ControlNet's that
+    # could not are frozen: `pictor.train.controlnet`), so no unused-parameter search.
+    return DistributedDataParallel(
+        model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused
+    )
 
 
 def shard(model: nn.Module, units: Iterable[nn.Module], device: torch.device) -> nn.Module:

@@ -248,8 +248,11 @@ class Trainer:
             if isinstance(module, Flux | FluxControlNet):
                 module.gradient_checkpointing = cfg.gradient_checkpointing
         # FSDP already reduces gradients in its hooks; otherwise DDP (or nothing, on one process).
+        # --module-dropout leaves adapters out of a step (kohya's): DDP must not wait for their gradients.
         self.forward = (
-            self.stage.forward_module if cfg.fsdp else distributed.wrap(self.stage.forward_module, info)
+            self.stage.forward_module
+            if cfg.fsdp
+            else distributed.wrap(self.stage.forward_module, info, unused=cfg.module_dropout > 0)
         )
 
     def _latent_table(self) -> Mapping[tuple[int, bool], torch.Tensor]:
@@ -335,6 +338,7 @@ class Trainer:
                 grad_norm = distributed.full_tensor(grad_norm)  # a DTensor under FSDP
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                after = self.stage.after_step()  # --scale-weight-norms: the same numbers on every rank
                 self.ema.update(self.model, self.step)
                 means = distributed.mean(torch.stack(list(sums.values())), info).tolist()
                 values = dict(zip(sums, means, strict=True))
@@ -354,6 +358,7 @@ class Trainer:
                         "images_per_s": global_batch / max(now - t0, 1e-9),
                         "time": now - started,
                         **{k: v for k, v in values.items() if k != "loss"},
+                        **after,
                     }
                     log.step(record)
                 self.elapsed = now - started

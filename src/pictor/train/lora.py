@@ -37,7 +37,7 @@ from pictor.locate import resolve
 from pictor.lora_files import save_adapters, save_lycoris
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
-from pictor.models.lora import add_lora
+from pictor.models.lora import add_lora, max_norm_adapters
 from pictor.models.lycoris_train import add_lycoris
 from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
 from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, quantized_formats, store_fp8
@@ -198,6 +198,8 @@ class LoRAStage(T2IStage):
                 cfg.lora_alpha,
                 cfg.lora_dropout,
                 dtype=torch.float32,
+                rank_dropout=cfg.rank_dropout,
+                module_dropout=cfg.module_dropout,
             ),
         )
 
@@ -224,20 +226,44 @@ class LoRAStage(T2IStage):
                 f"{self.base_hash[:12]}; resume with the same base"
             )
 
+    def after_step(self) -> dict[str, float]:
+        """kohya's --scale_weight_norms after the optimizer step, logged under kohya's names."""
+        if self.cfg.scale_weight_norms is None:
+            return {}
+        scaled, mean, largest = max_norm_adapters(self.module, self.cfg.scale_weight_norms)
+        return {"max_norm/keys_scaled": scaled, "max_norm/max_key_norm": largest, "norm/avg_key_norm": mean}
+
     # -- outputs ---------------------------------------------------------------------------------------
 
     def metadata(self, step: int) -> dict[str, str]:
         c = self.cfg
-        return {
+        training = {
+            **self.training_info(step),
+            "base": str(self.base_path),
+            "lora_dropout": c.lora_dropout,
+            "rank_dropout": c.rank_dropout,
+            "module_dropout": c.module_dropout,
+            "scale_weight_norms": c.scale_weight_norms,
+        }
+        meta = {
             "lora_targets": c.lora_targets,
             "lora_algo": c.lora_algo + ("+dora" if c.lora_dora else ""),
             "base_model": self.base_name,
             "base_model_hash": self.base_hash,
             "pictor_version": __version__,
-            "pictor_training": json.dumps(
-                {**self.training_info(step), "base": str(self.base_path), "lora_dropout": c.lora_dropout}
-            ),
+            "pictor_training": json.dumps(training),
         }
+        # kohya's header keys for its regularisers, as sd-scripts writes them (network_args as strings)
+        if c.scale_weight_norms is not None:
+            meta["ss_scale_weight_norms"] = str(c.scale_weight_norms)
+        args = {
+            k: str(v)
+            for k, v in (("rank_dropout", c.rank_dropout), ("module_dropout", c.module_dropout))
+            if v
+        }
+        if args and not self.lycoris:  # a LyCORIS file has its own ss_network_args (these are refused there)
+            meta["ss_network_args"] = json.dumps(args)
+        return meta
 
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)

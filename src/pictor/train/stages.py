@@ -109,6 +109,11 @@ class Stage:
         side = int(self.cfg.image_size or 64) // ae.params.downsample_factor
         return (ae.params.z_channels, side, side)
 
+    def after_step(self) -> dict[str, float]:
+        """After each optimizer step, before the EMA update: a change to the trained weights (the LoRA
+        stage's max-norm regularisation) and the numbers it logs."""
+        return {}
+
     def write_weights(self, folder: Path, ema: nn.Module, step: int) -> None:
         raise NotImplementedError
 
