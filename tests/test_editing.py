@@ -30,6 +30,9 @@ from pictor.pipeline import GenerationError, GenerationRequest, Pipeline
 from pictor.provenance import parameters_text, read_record, save_png
 from pictor.reproduce import reproduce
 from pictor.sampling import SAMPLERS, STOCHASTIC_SAMPLERS, get_schedule
+from pictor.sampling_steps import with_uncond
+
+from cfg_pp_velocity import with_cfg
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,11 @@ def test_known_region_follows_its_noising_path_with_every_sampler(schedule: str)
             on_path = interpolate(z0, noise, info["t"])
             torch.testing.assert_close(info["x"][:, :3], on_path[:, :3], atol=1e-5, rtol=0, msg=name)
 
-        out = sampler(blend_velocity(model, z0, noise, repaint), x, ts, check)
+        # under CFG with the unconditional velocity blended too, as the pipeline does, for the CFG++ samplers
+        guided = with_cfg(model, lambda x, t: 0.5 * torch.tanh(x @ weight.T) - t[:, None, None], 2.0)
+        blend = blend_velocity(guided, z0, noise, repaint)
+        blend = with_uncond(blend, guided, lambda u: blend_velocity(u, z0, noise, repaint))
+        out = sampler(blend, x, ts, check)
         torch.testing.assert_close(out[:, :3], z0[:, :3], atol=1e-5, rtol=0)
         assert (out[:, 3:] - z0[:, 3:]).abs().mean() > 0.1  # the rest was sampled
         assert torch.equal(init.finish(out)[:, :3], z0[:, :3])

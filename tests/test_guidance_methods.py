@@ -35,6 +35,7 @@ from pictor.reproduce import reproduce
 from pictor.sampling import MODEL_EVALS_PER_STEP, SAMPLERS, STOCHASTIC_SAMPLERS, get_schedule
 from tests.test_cli_prompt_variants import cli
 
+from cfg_pp_velocity import own_uncond
 from tiny_bundle import saved_tiny_bundle, velocity_32
 
 diffusers_guiders = pytest.importorskip("diffusers.guiders")
@@ -187,7 +188,7 @@ def test_every_samplers_calls_find_their_steps(name: str) -> None:
 
     noise = {"noise": lambda i: torch.randn(1, 4, 3)} if name in STOCHASTIC_SAMPLERS else {}
     torch.manual_seed(0)
-    SAMPLERS[name](velocity, torch.randn(1, 4, 3), ts, **noise)
+    SAMPLERS[name](own_uncond(velocity), torch.randn(1, 4, 3), ts, **noise)
     clock = StepClock(ts, MODEL_EVALS_PER_STEP[name])
     steps = [clock(t) for t in times]
     assert sorted(set(steps)) == list(range(6)) and steps == sorted(steps), steps

@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "sampling_adams": 1,
     "sampling_lcm": 1,
     "sampling_res": 1,
+    "sampling_cfg_pp": 1,
     "sampling_er_sde": 1,
     "sampling_stages": 1,
     "sampling_ancestral": 1,

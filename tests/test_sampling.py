@@ -13,6 +13,8 @@ from torch import Tensor
 from pictor import sampling as S
 from pictor.flow import interpolate
 
+from cfg_pp_velocity import own_uncond
+
 # the deterministic samplers
 NAMES = (
     "euler",
@@ -157,7 +159,7 @@ def test_callback_once_per_step_and_can_cancel(name: str) -> None:
         return torch.ones_like(x)
 
     x = torch.zeros(2, 3)
-    S.get_sampler(name)(v, x, ts, calls.append, noise=_noise_for(name, x))
+    S.get_sampler(name)(own_uncond(v), x, ts, calls.append, noise=_noise_for(name, x))
     assert [c["i"] for c in calls] == list(range(6))
     assert [c["t"] for c in calls] == pytest.approx(ts[:-1].tolist())
     assert [c["t_next"] for c in calls] == pytest.approx(ts[1:].tolist())
@@ -173,7 +175,7 @@ def test_callback_once_per_step_and_can_cancel(name: str) -> None:
 
     evals = 0
     with pytest.raises(Cancelled):
-        S.get_sampler(name)(v, x, ts, cancel_at_2, noise=_noise_for(name, x))
+        S.get_sampler(name)(own_uncond(v), x, ts, cancel_at_2, noise=_noise_for(name, x))
     assert evals <= 3 * S.model_evals_per_step(name)
 
 
@@ -184,14 +186,14 @@ def test_samplers_keep_dtype_and_grad_mode(name: str) -> None:
 
     x = torch.randn(2, 3)
     sampler, ts = S.get_sampler(name), S.schedule_linear(3)
-    out = sampler(v_fp32, x.bfloat16(), ts, noise=_noise_for(name, x))
+    out = sampler(own_uncond(v_fp32), x.bfloat16(), ts, noise=_noise_for(name, x))
     assert out.dtype == torch.bfloat16
 
     w = torch.tensor(0.3, requires_grad=True)
-    out = sampler(lambda x, t: w * x, x, ts, noise=_noise_for(name, x))
+    out = sampler(own_uncond(lambda x, t: w * x), x, ts, noise=_noise_for(name, x))
     assert out.requires_grad
     with torch.no_grad():
-        assert not sampler(lambda x, t: w * x, x, ts, noise=_noise_for(name, x)).requires_grad
+        assert not sampler(own_uncond(lambda x, t: w * x), x, ts, noise=_noise_for(name, x)).requires_grad
 
 
 def test_dpmpp_2m_has_no_nan_at_t_one() -> None:
@@ -228,15 +230,21 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    assert set(S.SAMPLERS) == {*NAMES, *STOCHASTIC}
-    assert frozenset(STOCHASTIC) == S.STOCHASTIC_SAMPLERS
+    cfg_pp = {"euler_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp"}  # the deterministic CFG++ ones
+    stochastic_cfg_pp = {f"{name}_cfg_pp" for name in ("euler_ancestral", "dpmpp_2s_ancestral")}
+    stochastic_cfg_pp.add("res_multistep_ancestral_cfg_pp")
+    assert set(S.SAMPLERS) == {*NAMES, *STOCHASTIC, *cfg_pp, *stochastic_cfg_pp}
+    assert frozenset({*STOCHASTIC, *stochastic_cfg_pp}) == S.STOCHASTIC_SAMPLERS
+    assert {*cfg_pp, *stochastic_cfg_pp} == S.CFG_PP_SAMPLERS
     assert S.is_stochastic("euler_ancestral") and S.is_stochastic("lcm") and not S.is_stochastic("unipc")
     assert S.get_sampler("heun") is S.sample_heun and S.get_sampler("ipndm") is S.sample_ipndm
     with pytest.raises(
         ValueError,
-        match=r"deis, dpm_2, dpm_2_ancestral, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_ancestral, "
-        r"dpmpp_3m_sde, dpmpp_sde, er_sde, euler, euler_ancestral, gradient_estimation, heun, heunpp2, "
-        r"ipndm, ipndm_v, lcm, lms, res_multistep, res_multistep_ancestral, unipc",
+        match=r"deis, dpm_2, dpm_2_ancestral, dpmpp_2m, dpmpp_2m_cfg_pp, dpmpp_2m_sde, dpmpp_2m_sde_heun, "
+        r"dpmpp_2s_ancestral, dpmpp_2s_ancestral_cfg_pp, dpmpp_3m_sde, dpmpp_sde, er_sde, euler, "
+        r"euler_ancestral, euler_ancestral_cfg_pp, euler_cfg_pp, gradient_estimation, heun, heunpp2, ipndm, "
+        r"ipndm_v, lcm, lms, res_multistep, res_multistep_ancestral, res_multistep_ancestral_cfg_pp, "
+        r"res_multistep_cfg_pp, unipc",
     ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
@@ -264,7 +272,14 @@ def test_registry_and_unknown_names() -> None:
         "ipndm_v": 1,
         "res_multistep_ancestral": 1,
         "er_sde": 1,
+        "euler_cfg_pp": 1,
+        "euler_ancestral_cfg_pp": 1,
+        "dpmpp_2m_cfg_pp": 1,
+        "dpmpp_2s_ancestral_cfg_pp": 2,
+        "res_multistep_cfg_pp": 1,
+        "res_multistep_ancestral_cfg_pp": 1,
     }
+    assert S.model_evals("dpmpp_2s_ancestral_cfg_pp", 10) == 19
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     assert S.model_evals("dpm_2", 10) == 19 and S.model_evals("dpmpp_sde", 10) == 19
     assert [S.model_evals("heunpp2", n) for n in (1, 2, 3, 10)] == [1, 3, 6, 27]

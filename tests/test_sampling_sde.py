@@ -13,6 +13,8 @@ from pictor.edit_blending import LatentInit
 from tests.test_sampling_ancestral import MU, SD, _seeded_noise, gaussian_velocity
 from tests.test_sampling_unipc import _start, toy_velocity
 
+from cfg_pp_velocity import own_uncond
+
 NEW_STOCHASTIC = ("dpmpp_2m_sde", "lcm")
 
 
@@ -237,7 +239,7 @@ def test_inpainting_keeps_the_known_region_denoised_and_at_its_noise_level(name:
     seen: list[dict] = []
     ts = S.get_schedule("linear", 6, image_seq_len=64, start=0.7)
     out = S.get_sampler(name)(
-        init.velocity(model, noise, anchored=True),
+        own_uncond(init.velocity(model, noise, anchored=True)),
         init.start(noise),
         ts,
         seen.append,

@@ -20,6 +20,12 @@ attention bias that lets each reach only its box; a ControlNet then reads the wh
 A guidance method other than plain CFG (`pictor.guidance_methods`) combines the prompts' prediction (what
 `compose` gives at guidance 1) with the negative prompt's per step, and on steps outside its guidance
 interval runs the prompts' passes alone, without the negative pass.
+A CFG++ sampler (`pictor.sampling.CFG_PP_SAMPLERS`) also reads each call's unconditional velocity, the
+negative prompt's raw prediction (under any guidance method, as ComfyUI's post-CFG hook reads
+`uncond_denoised`), through the velocity's `pictor.sampling_steps.UNCOND` attribute. For one the negative pass
+runs at guidance 1 too (ComfyUI's disable_cfg1_optimization); a guidance-distilled or unguided model, which
+has no negative pass, and a guidance interval, whose steps outside it run none, are refused with a
+ValueError that names the sampler; CFG-Zero*'s zeroed steps call no model and give zero for both.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.regional_attention import RegionalAttention, RegionalOptions
 from pictor.regional_prompts import region_cover, region_weights
-from pictor.sampling import MODEL_EVALS_PER_STEP
+from pictor.sampling import CFG_PP_SAMPLERS, MODEL_EVALS_PER_STEP
+from pictor.sampling_steps import UNCOND
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -148,7 +155,10 @@ def guided_velocity(
 
     img_ids = make_img_ids(batch, lat_h, lat_w).to(m.device, m.dtype)
     guidance = float(r.guidance or 0.0)
-    use_cfg = m.guidance_mode == "cfg" and guidance != 1.0
+    cfg_pp = r.sampler in CFG_PP_SAMPLERS
+    if cfg_pp:
+        _check_cfg_pp(m, r)
+    use_cfg = m.guidance_mode == "cfg" and (guidance != 1.0 or cfg_pp)
     # One cache per sampler run (and per number of rows: a guidance interval's steps without the negative
     # pass keep their own): it compares each call with this run's earlier ones.
     # Regional attention's steps after its window (`RegionalOptions.steps`) run without the regions and keep
@@ -344,13 +354,28 @@ def guided_velocity(
 
     regional_clock = StepClock(ts, evals) if window is not None and ts is not None else None
 
+    # the last call's unconditional velocity (the negative pass's), for a CFG++ sampler
+    last_uncond: list[torch.Tensor | None] = [None]
+
+    def uncond(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if last_uncond[0] is None:
+            raise RuntimeError(
+                f"{r.sampler} asked for the unconditional velocity before calling the velocity"
+            )
+        return last_uncond[0]
+
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if regional_clock is not None and window is not None:
             masked[0] = regional_clock(float(t.reshape(-1)[0])) < window
         t_k = t.repeat(k) if t.ndim else t
         out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, parts * batch)
-        return compose(out.view(k, *x.shape), weights, g)
+        out = out.view(k, *x.shape)
+        if use_cfg:
+            last_uncond[0] = out[parts]
+        return compose(out, weights, g)
 
+    if use_cfg:
+        setattr(velocity, UNCOND, uncond)
     method = r.guidance_method
     if not use_cfg or method is None or method.is_default:
         return velocity
@@ -382,23 +407,50 @@ def guided_velocity(
         if window is not None:
             masked[0] = step < window
         if guider.zeroed(step):  # CFG-Zero*'s first steps: zero whatever the model says, so no call
+            last_uncond[0] = torch.zeros_like(x)
             return torch.zeros_like(x)
         if guider.guides(step):
             after_guided[0] = True
             t_k = t.repeat(k) if t.ndim else t
             out = model(x.repeat(k, 1, 1), t_k, emb_at(t), ids_k, res_k, context_k, ipa_k, rows)
             out = out.view(k, *x.shape)
+            last_uncond[0] = out[parts]
             cond = out[0] if plain else compose(out, weights, 1.0)
             return guider(step, cond, out[parts])
         prompt_cache = cache_for(rows)
         if after_guided[0] and prompt_cache is not None:  # its last call is from before the guided steps
             prompt_cache.forget()
         after_guided[0] = False
+        last_uncond[0] = None  # (refused for CFG++ up front: `_check_cfg_pp`)
         t_p = t.repeat(parts) if t.ndim else t
         out = model(x.repeat(parts, 1, 1), t_p, cond_emb(t), ids_k[:rows], res_c, ctx_c, ipa_c, rows)
         return guider(step, compose(out.view(parts, *x.shape), weights, None), None)
 
+    setattr(guided, UNCOND, uncond)
     return guided
+
+
+def _check_cfg_pp(m: Models, r: Conditioned) -> None:
+    """A ValueError where a CFG++ sampler would find no unconditional prediction (module docstring)."""
+    why = None
+    if m.guidance_mode != "cfg":
+        kind = (
+            "guidance-distilled (guidance is an input of the model)"
+            if m.guidance_mode == "distilled"
+            else "unguided"
+        )
+        why = f"this model is {kind} and runs no negative pass: use the sampler without _cfg_pp"
+    method = r.guidance_method
+    if why is None and method is not None and (method.start > 0.0 or method.stop < 1.0):
+        why = (
+            f"the guidance interval {method.start:g}-{method.stop:g} runs no negative pass outside it: drop "
+            "the interval (start 0, stop 1) or use the sampler without _cfg_pp"
+        )
+    if why is not None:
+        raise ValueError(
+            f"sampler {r.sampler} is a CFG++ sampler: it steps with the guided prediction and renoises with "
+            f"the unconditional (negative prompt's) one, but {why}"
+        )
 
 
 def regional_options(r: Conditioned) -> RegionalOptions:

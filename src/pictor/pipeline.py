@@ -79,6 +79,7 @@ from pictor.reference_files import (
 from pictor.regional_attention import regional_record_fields
 from pictor.request_resolution import resolve_request
 from pictor.sampling import NoiseFn, get_sampler, get_schedule, is_stochastic
+from pictor.sampling_steps import with_uncond
 from pictor.upscaler_files import UpscalerFile, load_upscaler
 
 # Re-exported: callers import the request types from here, with the pipeline that runs them.
@@ -554,7 +555,10 @@ class Pipeline:
                 self, r, len(seeds), lat_h, lat_w, caches, beside, nets, windows, ts, first_pass_steps
             )
             if init is not None:
-                fn = init.velocity(fn, x, anchored=is_stochastic(r.sampler))
+                anchored = is_stochastic(r.sampler)
+                inner, fn = fn, init.velocity(fn, x, anchored=anchored)
+                # a CFG++ sampler's unconditional velocity keeps the known region as the guided one does
+                fn = with_uncond(fn, inner, lambda u: init.velocity(u, x, anchored=anchored))
                 x = init.start(x)
             sampler = get_sampler(r.sampler)
             # Only a stochastic sampler gets `noise`: a sampler written to the older four-argument

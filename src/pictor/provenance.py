@@ -55,6 +55,13 @@ SAMPLER_DISPLAY = {
     "ipndm_v": "IPNDM_V",
     "res_multistep_ancestral": "Res Multistep Ancestral",
     "er_sde": "Extended Reverse-Time SDE",
+    # reForge's names for ComfyUI's CFG++ samplers (the RES ones follow their pattern)
+    "euler_cfg_pp": "Euler CFG++",
+    "euler_ancestral_cfg_pp": "Euler Ancestral CFG++",
+    "dpmpp_2m_cfg_pp": "DPM++ 2M CFG++",
+    "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S Ancestral CFG++",
+    "res_multistep_cfg_pp": "Res Multistep CFG++",
+    "res_multistep_ancestral_cfg_pp": "Res Multistep Ancestral CFG++",
 }
 
 

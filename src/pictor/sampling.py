@@ -24,6 +24,9 @@ LMS and gradient estimation (linear multistep on v) in `sampling_adams`, RES mul
 variant in `sampling_res`, DPM2 and Heun++ (several model calls per step) in `sampling_stages`; the
 stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in `sampling_sde`, DPM2 ancestral, DPM++(2S)
 ancestral and DPM++ SDE in `sampling_ancestral`, ER-SDE in `sampling_er_sde`, and LCM in `sampling_lcm`.
+The CFG++ samplers (`CFG_PP_SAMPLERS`: Euler, Euler ancestral, DPM++(2M), DPM++(2S) ancestral in
+`sampling_cfg_pp`, RES multistep and its ancestral variant in `sampling_res`) also read the unconditional
+velocity of each call from the velocity callable (`pictor.sampling_steps.UNCOND`).
 The shared types and step helpers are in `pictor.sampling_steps`. All are registered in `SAMPLERS` here.
 """
 
@@ -38,11 +41,22 @@ from torch import Tensor
 from pictor.flow import predict_x0
 from pictor.sampling_adams import sample_gradient_estimation, sample_ipndm, sample_ipndm_v, sample_lms
 from pictor.sampling_ancestral import sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
+from pictor.sampling_cfg_pp import (
+    sample_dpmpp_2m_cfg_pp,
+    sample_dpmpp_2s_ancestral_cfg_pp,
+    sample_euler_ancestral_cfg_pp,
+    sample_euler_cfg_pp,
+)
 from pictor.sampling_deis import sample_deis
 from pictor.sampling_er_sde import sample_er_sde
 from pictor.sampling_lcm import sample_lcm
 from pictor.sampling_multistep import sample_dpmpp_2m, sample_unipc
-from pictor.sampling_res import sample_res_multistep, sample_res_multistep_ancestral
+from pictor.sampling_res import (
+    sample_res_multistep,
+    sample_res_multistep_ancestral,
+    sample_res_multistep_ancestral_cfg_pp,
+    sample_res_multistep_cfg_pp,
+)
 from pictor.sampling_schedules import (
     SCHEDULES,
     get_schedule,
@@ -73,6 +87,7 @@ from pictor.sampling_steps import (
 )
 
 __all__ = [
+    "CFG_PP_SAMPLERS",
     "MODEL_EVALS_PER_STEP",
     "SAMPLERS",
     "SCHEDULES",
@@ -84,6 +99,7 @@ __all__ = [
     "cfg",
     "get_sampler",
     "get_schedule",
+    "is_cfg_pp",
     "is_stochastic",
     "model_evals",
     "model_evals_per_step",
@@ -91,14 +107,18 @@ __all__ = [
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_cfg_pp",
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_2m_sde_heun",
     "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_2s_ancestral_cfg_pp",
     "sample_dpmpp_3m_sde",
     "sample_dpmpp_sde",
     "sample_er_sde",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_euler_ancestral_cfg_pp",
+    "sample_euler_cfg_pp",
     "sample_gradient_estimation",
     "sample_heun",
     "sample_heunpp2",
@@ -108,6 +128,8 @@ __all__ = [
     "sample_lms",
     "sample_res_multistep",
     "sample_res_multistep_ancestral",
+    "sample_res_multistep_ancestral_cfg_pp",
+    "sample_res_multistep_cfg_pp",
     "sample_unipc",
     "schedule_beta",
     "schedule_exponential",
@@ -232,6 +254,12 @@ SAMPLERS: dict[str, SamplerFn] = {
     "ipndm_v": sample_ipndm_v,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
     "er_sde": sample_er_sde,
+    "euler_cfg_pp": sample_euler_cfg_pp,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -257,6 +285,12 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "ipndm_v": 1,
     "res_multistep_ancestral": 1,
     "er_sde": 1,
+    "euler_cfg_pp": 1,
+    "euler_ancestral_cfg_pp": 1,
+    "dpmpp_2m_cfg_pp": 1,
+    "dpmpp_2s_ancestral_cfg_pp": 2,
+    "res_multistep_cfg_pp": 1,
+    "res_multistep_ancestral_cfg_pp": 1,
 }
 # Calls a schedule ending at 0 saves on its last steps, where a sampler takes a cheaper step: the step to 0
 # (Euler, or the data prediction) of the two-call samplers, and Heun++'s last two steps (1 and 2 calls).
@@ -266,6 +300,7 @@ _SAVED_AT_END: dict[str, int] = {
     "dpm_2_ancestral": 1,
     "dpmpp_2s_ancestral": 1,
     "dpmpp_sde": 1,
+    "dpmpp_2s_ancestral_cfg_pp": 1,
 }
 
 # Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
@@ -281,6 +316,22 @@ STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
         "dpmpp_3m_sde",
         "res_multistep_ancestral",
         "er_sde",
+        "euler_ancestral_cfg_pp",
+        "dpmpp_2s_ancestral_cfg_pp",
+        "res_multistep_ancestral_cfg_pp",
+    }
+)
+
+# CFG++ samplers: they need each call's unconditional velocity beside the guided one (module docstring);
+# the pipeline runs the negative pass for them even at guidance 1 (as ComfyUI's disable_cfg1_optimization).
+CFG_PP_SAMPLERS: frozenset[str] = frozenset(
+    {
+        "euler_cfg_pp",
+        "euler_ancestral_cfg_pp",
+        "dpmpp_2m_cfg_pp",
+        "dpmpp_2s_ancestral_cfg_pp",
+        "res_multistep_cfg_pp",
+        "res_multistep_ancestral_cfg_pp",
     }
 )
 
@@ -297,6 +348,12 @@ def is_stochastic(name: str) -> bool:
     """Whether sampler `name` draws fresh noise (from its `noise` argument) during sampling."""
     get_sampler(name)
     return name in STOCHASTIC_SAMPLERS
+
+
+def is_cfg_pp(name: str) -> bool:
+    """Whether sampler `name` is a CFG++ sampler, which needs the unconditional prediction of every call."""
+    get_sampler(name)
+    return name in CFG_PP_SAMPLERS
 
 
 def model_evals_per_step(name: str) -> int:

@@ -28,6 +28,14 @@ x <- (1 - t') / (1 - t_down) x + renoise * eps with renoise^2 = t'^2 - (t_down (
 The rest is ComfyUI's: the deterministic step is the RES step above from t to t_down (h = log(t / t_down)),
 and its second-order term divides by the previous step's own h (log of its t over its t_down), as ComfyUI's
 uses the previous sigma_down. At eta 0 it is `sample_res_multistep` exactly.
+
+`sample_res_multistep_cfg_pp` and `sample_res_multistep_ancestral_cfg_pp` (ComfyUI's `res_multistep` with
+cfg_pp, `pictor.sampling_cfg_pp` for CFG++) take the step above with the unconditional data prediction U in
+place of D (and U as the history, as ComfyUI keeps), and then put the guided D in U's place at the step's
+landing time: + (1 - t_down) (D - U) before the rescale, which makes it (1 - t') (D - U) at t'. ComfyUI's
+loop, written for alpha = 1 (no CONST branch), adds D - U with weight 1 on its Euler steps and t'/t on its
+second-order ones; on the flow path the data part of x at t' is (1 - t') times the prediction, hence
+1 - t' here, as ComfyUI's own flow (RF) CFG++ sampler, DPM++(2S) ancestral CFG++, weighs it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from torch import Tensor
 
 from pictor.flow import predict_x0
 from pictor.sampling_ancestral import rf_ancestral_step
+from pictor.sampling_cfg_pp import predictions
 from pictor.sampling_steps import (
     Callback,
     NoiseFn,
@@ -51,7 +60,12 @@ from pictor.sampling_steps import (
     times,
 )
 
-__all__ = ["sample_res_multistep", "sample_res_multistep_ancestral"]
+__all__ = [
+    "sample_res_multistep",
+    "sample_res_multistep_ancestral",
+    "sample_res_multistep_ancestral_cfg_pp",
+    "sample_res_multistep_cfg_pp",
+]
 
 
 def _h2_phi2(h: float) -> float:
@@ -73,28 +87,34 @@ def _res_multistep(
     noise: NoiseFn | None,
     eta: float,
     name: str,
+    cfg_pp: bool = False,
 ) -> Tensor:
-    """The RES multistep loop (module docstring), ancestral for eta > 0 (then `noise` is drawn from)."""
+    """The RES multistep loop (module docstring), ancestral for eta > 0 (then `noise` is drawn from),
+    CFG++ with `cfg_pp`."""
     ts_ = times(ts)
     strictly_decreasing(ts_, name)
     d_prev: Tensor | None = None
     h_prev = math.nan
     for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
-        v = model_fn(x, t_batch(t, x))
-        d = predict_x0(x, v, t)
+        if cfg_pp:
+            d, u, _ = predictions(model_fn, x, t, name)
+        else:
+            d = u = predict_x0(x, model_fn(x, t_batch(t, x)), t)
         report(callback, i, x, t, t_next, d)
         if t_next == 0.0:
-            x, d_prev = d.to(x.dtype), d  # the Euler step to 0 lands on the data prediction
+            x, d_prev = d.to(x.dtype), u  # the Euler step to 0 lands on the data prediction
             continue
         t_down, scale, renoise = rf_ancestral_step(t, t_next, eta)
         ratio = t_down / t
-        x_new = ratio * x + (1.0 - ratio) * d
+        x_new = ratio * x + (1.0 - ratio) * u
         h = math.log(t / t_down)
         if d_prev is not None:
-            x_new = x_new + (_h2_phi2(h) / h_prev) * (d - d_prev)
+            x_new = x_new + (_h2_phi2(h) / h_prev) * (u - d_prev)
+        if cfg_pp:
+            x_new = x_new + (1.0 - t_down) * (d - u)
         if eta > 0.0:
             x_new = scale * x_new + renoise * draw(require_noise(noise, name), i, x)
-        x, d_prev, h_prev = x_new.to(x.dtype), d, h
+        x, d_prev, h_prev = x_new.to(x.dtype), u, h
     return x
 
 
@@ -129,3 +149,35 @@ def sample_res_multistep_ancestral(
     """
     noise = require_noise(noise, "res_multistep_ancestral")
     return _res_multistep(model_fn, x, ts, callback, noise, eta, "res_multistep_ancestral")
+
+
+def sample_res_multistep_cfg_pp(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """RES multistep CFG++ (module docstring). One model call per step. Ignores `noise`."""
+    del noise
+    return _res_multistep(model_fn, x, ts, callback, None, 0.0, "res_multistep_cfg_pp", cfg_pp=True)
+
+
+def sample_res_multistep_ancestral_cfg_pp(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """RES multistep ancestral CFG++ (module docstring). One model call per step.
+
+    noise(i) is called once for every step i that does not end at 0 (eta > 0); without it this raises a
+    ValueError.
+    """
+    name = "res_multistep_ancestral_cfg_pp"
+    noise = require_noise(noise, name)
+    return _res_multistep(model_fn, x, ts, callback, noise, eta, name, cfg_pp=True)

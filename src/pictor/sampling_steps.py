@@ -102,6 +102,40 @@ def keep_known(model_fn: VelocityFn, x: Tensor, t: float) -> Tensor:
     return x if keep is None else keep(x, t)
 
 
+# The attribute of a guided velocity (`pictor.guided_velocity`) that gives its last call's unconditional
+# (negative prompt's) velocity: (x, t) -> v_uncond, called right after the velocity at the same (x, t). The
+# CFG++ samplers (`pictor.sampling_cfg_pp`) step with the guided prediction and renoise with this one. A
+# wrapper of a velocity (an edit's blending) wraps this the same way (`pictor.pipeline.Pipeline.sample`).
+UNCOND = "uncond"
+
+
+def uncond_velocity(model_fn: VelocityFn, x: Tensor, t: Tensor, sampler: str) -> Tensor:
+    """The unconditional velocity of `model_fn`'s last call, at (x, t); a ValueError naming `sampler` where
+    the velocity has none (a guidance-distilled or unguided model, a plain callable)."""
+    uncond: VelocityFn | None = getattr(model_fn, UNCOND, None)
+    if uncond is None:
+        raise ValueError(
+            f"{sampler} is a CFG++ sampler: it steps with the guided prediction and renoises with the "
+            "unconditional (negative prompt's) one, and this velocity gives no unconditional prediction "
+            "(a guidance-distilled or unguided model runs no negative pass); use a model with "
+            f"classifier-free guidance, or the sampler without _cfg_pp (give model_fn an {UNCOND!r} "
+            "attribute, (x, t) -> the last call's unconditional velocity, to call it directly)"
+        )
+    return uncond(x, t)
+
+
+def with_uncond(
+    wrapped: VelocityFn, inner: VelocityFn, wrap: Callable[[VelocityFn], VelocityFn]
+) -> VelocityFn:
+    """`wrapped` (a wrapper of `inner`, such as an edit's blending) given `inner`'s unconditional velocity
+    wrapped by the same `wrap`, so that a CFG++ sampler sees both predictions treated alike."""
+    uncond: VelocityFn | None = getattr(inner, UNCOND, None)
+    if uncond is None or wrapped is inner:
+        return wrapped
+    setattr(wrapped, UNCOND, wrap(uncond))
+    return wrapped
+
+
 def report(callback: Callback | None, i: int, x: Tensor, t: float, t_next: float, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "x": x, "t": t, "t_next": t_next, "denoised": denoised})
