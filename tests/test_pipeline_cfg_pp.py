@@ -190,3 +190,40 @@ def test_refusals(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipe, "guidance_mode", "distilled")
     with pytest.raises(ValueError, match=r"dpmpp_2m_cfg_pp is a CFG\+\+ sampler.*guidance-distilled"):
         _generate(pipe, sampler="dpmpp_2m_cfg_pp", negative_prompt="", guidance=3.5)
+
+
+def test_refused_when_the_request_is_resolved_and_named_for_the_server(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused by request resolution, before anything runs or a server queues the job, and the server's
+    error names the `sampler` field."""
+    from pictor.generation_request import GenerationError
+    from pictor.serve.pipeline_errors import field_of
+
+    settings = {"width": 32, "height": 32, "steps": 4, "sampler": "euler_cfg_pp"}
+    with pytest.raises(GenerationError, match=r"guidance interval 0\.25-1") as refused:
+        pipe.resolve_request(GenerationRequest("a", **settings, guidance_method=GuidanceMethod(start=0.25)))
+    assert field_of(str(refused.value)) == "sampler"
+    monkeypatch.setattr(pipe, "guidance_mode", "distilled")
+    with pytest.raises(GenerationError, match="guidance-distilled"):
+        pipe.resolve_request(GenerationRequest("a", **settings))
+
+
+def test_a_negative_prompt_at_guidance_1_is_what_the_renoise_reads(pipe: Pipeline) -> None:
+    """Plain samplers refuse a negative prompt at guidance 1 (no negative pass runs); a CFG++ sampler runs
+    that pass and renoises with it, so it takes the negative prompt there."""
+    from pictor.generation_request import GenerationError
+
+    with pytest.raises(GenerationError, match="off at guidance 1"):
+        _generate(pipe, sampler="euler", guidance=1.0, negative_prompt="blue")
+    ts = get_schedule("flux", 4, image_seq_len=16)
+    fn = _velocity(pipe, ts, sampler="euler_cfg_pp", guidance=1.0, negative_prompt="blue")
+    negative = _velocity(pipe, ts, sampler="euler", prompt="blue", negative_prompt="", guidance=1.0)
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.8)
+    with torch.inference_mode():
+        fn(x, t)  # the call whose negative pass the renoise reads
+        torch.testing.assert_close(getattr(fn, UNCOND)(x, t), negative(x, t), rtol=1e-4, atol=1e-5)
+    a = _generate(pipe, sampler="euler_cfg_pp", guidance=1.0, negative_prompt="blue")[0]
+    b = _generate(pipe, sampler="euler_cfg_pp", guidance=1.0, negative_prompt="")[0]
+    assert a.record["negative_prompt"] == "blue" and not np.array_equal(_px(a.image), _px(b.image))

@@ -232,6 +232,29 @@ def resolve_guidance_method(
     return method.normalized()
 
 
+def cfg_pp_problem(sampler: str, guidance_mode: str, method: GuidanceMethod | None) -> str | None:
+    """Why CFG++ sampler `sampler` (`pictor.sampling.is_cfg_pp`) would find no unconditional prediction in
+    a run of this model and method (None: it finds one). It steps with the guided prediction and renoises
+    with the negative pass's, so a model without that pass, or steps outside a guidance interval, leave it
+    nothing to renoise with."""
+    why = None
+    if guidance_mode != "cfg":
+        distilled = guidance_mode == "distilled"
+        kind = "guidance-distilled (guidance is an input of the model)" if distilled else "unguided"
+        why = f"this model is {kind} and runs no negative pass: use the sampler without _cfg_pp"
+    elif method is not None and (method.start > 0.0 or method.stop < 1.0):
+        why = (
+            f"the guidance interval {method.start:g}-{method.stop:g} runs no negative pass outside it: drop "
+            "the interval (start 0, stop 1) or use the sampler without _cfg_pp"
+        )
+    if why is None:
+        return None
+    return (
+        f"sampler {sampler} is a CFG++ sampler: it steps with the guided prediction and renoises with the "
+        f"unconditional (negative prompt's) one, but {why}"
+    )
+
+
 def rescale_noise_cfg(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     """Lin et al.'s CFG rescale (diffusers' `rescale_noise_cfg`): the guided prediction's std per image pulled
     toward the conditional one's by `rescale`."""

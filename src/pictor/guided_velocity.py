@@ -40,7 +40,7 @@ from pictor.composable_prompts import compose, split_and, uses_and
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
 from pictor.denoise_tiles import TokenWindow, tiled_call
-from pictor.guidance_methods import GuidanceMethod, Guider, StepClock
+from pictor.guidance_methods import GuidanceMethod, Guider, StepClock, cfg_pp_problem
 from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_embeds
 from pictor.layout_files import layout_residuals
 from pictor.models.autoencoder import AutoEncoder
@@ -431,26 +431,11 @@ def guided_velocity(
 
 
 def _check_cfg_pp(m: Models, r: Conditioned) -> None:
-    """A ValueError where a CFG++ sampler would find no unconditional prediction (module docstring)."""
-    why = None
-    if m.guidance_mode != "cfg":
-        kind = (
-            "guidance-distilled (guidance is an input of the model)"
-            if m.guidance_mode == "distilled"
-            else "unguided"
-        )
-        why = f"this model is {kind} and runs no negative pass: use the sampler without _cfg_pp"
-    method = r.guidance_method
-    if why is None and method is not None and (method.start > 0.0 or method.stop < 1.0):
-        why = (
-            f"the guidance interval {method.start:g}-{method.stop:g} runs no negative pass outside it: drop "
-            "the interval (start 0, stop 1) or use the sampler without _cfg_pp"
-        )
-    if why is not None:
-        raise ValueError(
-            f"sampler {r.sampler} is a CFG++ sampler: it steps with the guided prediction and renoises with "
-            f"the unconditional (negative prompt's) one, but {why}"
-        )
+    """A ValueError where a CFG++ sampler would find no unconditional prediction (`cfg_pp_problem`; request
+    resolution refuses the same requests first, with the same words)."""
+    problem = cfg_pp_problem(r.sampler, m.guidance_mode, r.guidance_method)
+    if problem:
+        raise ValueError(problem)
 
 
 def regional_options(r: Conditioned) -> RegionalOptions:

@@ -29,7 +29,7 @@ from pictor.generation_settings import (
     resolve_tiling,
     settings_problem,
 )
-from pictor.guidance_methods import resolve_guidance_method
+from pictor.guidance_methods import cfg_pp_problem, resolve_guidance_method
 from pictor.hires import DEFAULT_STRENGTH, hires_problem, hires_size
 from pictor.ip_adapter_files import IPAdapterError, IPAdapterModel, ip_adapter_pixels, ip_adapter_problem
 from pictor.layout_files import LayoutError, parse_layout
@@ -45,6 +45,7 @@ from pictor.redux_images import ReduxError, ReduxModel, redux_pixels, redux_prob
 from pictor.reference_files import ReferenceImageError, reference_pixels
 from pictor.regional_attention import check_regional_options
 from pictor.regional_prompts import RegionError, parse_regions
+from pictor.sampling import is_cfg_pp
 from pictor.upscaler_files import UpscalerFile
 
 
@@ -155,6 +156,10 @@ def resolve_request(
                 "guidance 1; scale the weights to add up to 1 (e.g. 'a:0.5 AND b:0.5'), or drop the interval"
             )
     r = replace(r, guidance_method=method)
+    if is_cfg_pp(r.sampler):  # refused before anything runs or is queued, not when the velocity is built
+        problem = cfg_pp_problem(r.sampler, pipe.guidance_mode, method)
+        if problem:
+            raise GenerationError(problem)
     r = _resolve_passes(pipe, r)
     # The texts once the steps are known good (with prompt editing, each text its schedules reach; with
     # regions or AND, each pass's).
@@ -263,7 +268,8 @@ def _check_guidance(pipe: ResolvingPipeline, r: GenerationRequest, asked: float 
             f"model '{pipe.name}' takes no guidance (guidance_mode none, as FLUX.1 [schnell]): "
             f"guidance {asked:g} would change nothing; drop it or give 0"
         )
-    if pipe.guidance_mode == "cfg" and r.negative_prompt and r.guidance == 1:
+    # (A CFG++ sampler runs the negative pass at guidance 1 too and renoises with it: the negative acts.)
+    if pipe.guidance_mode == "cfg" and r.negative_prompt and r.guidance == 1 and not is_cfg_pp(r.sampler):
         raise GenerationError(
             "a negative prompt acts through classifier-free guidance, which is off at guidance 1: "
             "raise the guidance (e.g. 4) or drop the negative prompt"

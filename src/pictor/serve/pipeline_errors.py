@@ -59,6 +59,8 @@ FIELD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^seed ", "seed"),
         (r"^number of images", "n"),
         (r"^unknown sampler", "sampler"),
+        # a CFG++ sampler on a model or guidance interval without a negative pass (guidance_methods)
+        (r"^sampler \S+ is a CFG\+\+ sampler", "sampler"),
         (r"^unknown schedule", "schedule"),
         # prompt weights: a text encoder without token offsets, or a weight that is no number
         (r"cannot weigh prompts|prompt weights need a fast tokenizer", "prompt_weights"),
