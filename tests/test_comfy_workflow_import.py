@@ -515,12 +515,12 @@ def test_a_graph_no_rule_foresaw_is_refused_naming_the_image_with_its_cause_kept
 ) -> None:
     """The last guard: an unexpected exception while reading the graph is a SettingsImportError naming the
     image, with the exception as its cause (so a bug still shows its traceback)."""
-    import pictor.settings_import as settings_import
+    import pictor.comfy_settings_import as comfy_settings_import
 
     def broken(text: str) -> Any:
         raise KeyError("class_type")
 
-    monkeypatch.setattr(settings_import, "read_comfy_graph", broken)
+    monkeypatch.setattr(comfy_settings_import, "read_comfy_graph", broken)
     with pytest.raises(SettingsImportError) as caught:
         settings_from_chunks({"prompt": json.dumps(flux_ksampler_graph())}, "x.png")
     assert str(caught.value) == (

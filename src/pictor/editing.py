@@ -14,7 +14,8 @@ An img2img or inpainting edit may first enlarge its source (`upscale`, with Lanc
 A1111's "SD upscale", ComfyUI's upscale followed by a KSampler at low denoise. The enlarged canvas is made
 when a sampler run first needs it, so validating a request (as the server does) stays cheap.
 
-How the known region is kept while sampling and after decoding is `pictor.edit_blending`.
+How the known region is kept while sampling and after decoding is `pictor.edit_blending`; the request
+is `pictor.edit_request.EditRequest`, and how its pictures and masks are read `pictor.edit_images`.
 
 Layering: this module checks and prepares the inputs with numpy and PIL only (no torch); `pictor.pipeline`
 imports it, never the other way round.
@@ -22,24 +23,31 @@ imports it, never the other way round.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pictor.edit_common import MASK_THRESHOLD, EditError, nearest_mask, scaled_size
+from pictor.edit_common import EditError, nearest_mask, scaled_size
+from pictor.edit_images import (
+    ImageSource,
+    eight_bit,
+    image_info,
+    load_image,
+    load_mask,
+    mask_sha256,
+    pixel_sha256,
+    rgb_picture,
+    to_rgb,
+)
+from pictor.edit_request import DEFAULT_FEATHER, EditRequest
 from pictor.edit_upscale import (
     DEFAULT_UPSCALE_STRENGTH,
     Enlarge,
     SourceUpscaler,
     upscale_plan,
 )
-from pictor.guidance_methods import GuidanceMethod
 from pictor.inpaint_area import (
     DEFAULT_MASK_PADDING,
     INPAINT_AREAS,
@@ -49,17 +57,15 @@ from pictor.inpaint_area import (
     plan_masked_area,
 )
 
-ImageSource = Image.Image | str | os.PathLike[str]
-
 EDIT_MODES = ("img2img", "inpaint", "outpaint")
 FILLS = ("edge", "noise")
 # A1111's default denoising strength for img2img; inpainting and outpainting repaint fully by default.
 DEFAULT_IMG2IMG_STRENGTH = 0.75
-DEFAULT_FEATHER = 2
 # The noise fill is part of the input, not of the sample: a fixed seed keeps it reproducible from the record.
 NOISE_FILL_SEED = 0
 
 __all__ = [
+    "DEFAULT_FEATHER",
     "DEFAULT_IMG2IMG_STRENGTH",
     "DEFAULT_UPSCALE_STRENGTH",
     "EDIT_MODES",
@@ -67,7 +73,9 @@ __all__ = [
     "EditError",
     "EditInputs",
     "EditRequest",
+    "ImageSource",
     "SourceUpscaler",
+    "eight_bit",
     "expand_canvas",
     "image_info",
     "load_image",
@@ -75,90 +83,10 @@ __all__ = [
     "mask_sha256",
     "pixel_sha256",
     "prepare_edit",
+    "rgb_picture",
     "scaled_size",
+    "to_rgb",
 ]
-
-
-@dataclass
-class EditRequest:
-    """An edit of `image` towards `prompt`.
-
-    The generation fields (negative_prompt ... batch_size) mean what they mean in
-    `pictor.pipeline.GenerationRequest` and carry the same names: `Pipeline.edit` copies them over by name,
-    so a field added there must be added here too (tests/test_editing.py checks). Width and height are not
-    among them: an edit keeps the image's size (plus `expand`, or times `upscale`).
-    """
-
-    image: ImageSource
-    prompt: str
-    # White (>= 128 after conversion to grey) = repaint, black = keep; same size as `image` (or a scaled
-    # copy with the same aspect ratio, resized with nearest); with `upscale`, also the enlarged size.
-    mask: ImageSource | None = None
-    # None: 1.0 for inpainting/outpainting (with upscale too), DEFAULT_IMG2IMG_STRENGTH for img2img,
-    # DEFAULT_UPSCALE_STRENGTH for an upscaling img2img.
-    strength: float | None = None
-    # Pixels added on the (left, top, right, bottom); each a multiple of the model's pixel multiple.
-    expand: tuple[int, int, int, int] | None = None
-    fill: str = "edge"  # how the expanded area starts: "edge" (replicated border pixels) or "noise"
-    feather: int = DEFAULT_FEATHER  # pixels of blending inside the mask edge; 0 = hard edge
-    # Enlarge the source (and mask) by this factor, above 1 and at most MAX_UPSCALE, before the edit; the
-    # size rounds to the model's pixel multiple. img2img's default strength is then DEFAULT_UPSCALE_STRENGTH.
-    upscale: float | None = None
-    # With `upscale`: the name of the upscale model the pipeline loaded (`Pipeline.set_upscaler`), or
-    # None / "lanczos" for Lanczos.
-    upscaler: str | None = None
-    # Inpainting: "whole" repaints the mask on the whole image; "masked" cuts the mask's box (grown by
-    # `mask_padding` pixels) out, inpaints it at `inpaint_size` (None: the model's default pixel count in
-    # the box's aspect ratio) and blends it back (`pictor.inpaint_area`).
-    inpaint_area: str = "whole"
-    mask_padding: int | None = None  # None: DEFAULT_MASK_PADDING
-    inpaint_size: tuple[int, int] | None = None
-    negative_prompt: str = ""
-    steps: int | None = None
-    guidance: float | None = None
-    sampler: str | None = None
-    schedule: str | None = None
-    seed: int | None = None
-    num_images: int = 1
-    guidance_method: GuidanceMethod | None = None  # `GenerationRequest.guidance_method`
-    batch_size: int | None = None
-    prompt_editing: bool = False
-    composable: bool = False
-    variation_seed: int | None = None
-    variation_strength: float | None = None
-    seed_resize_from: tuple[int, int] | None = None  # refused: an edit's composition is its picture's
-    layout: list[dict[str, Any]] | None = None
-    regions: list[dict[str, Any]] | None = None
-    regional_attention: bool = False
-    regional_steps: float | None = None  # `GenerationRequest.regional_steps` and the like
-    regional_double_interval: int | None = None
-    regional_single_interval: int | None = None
-    regional_base_ratio: float | None = None
-    reference: ImageSource | np.ndarray | None = None
-    context_image: ImageSource | np.ndarray | None = None
-    control_image: ImageSource | np.ndarray | None = None
-    control_canny: tuple[float, float] | None = None
-    redux_image: ImageSource | np.ndarray | None = None
-    redux_strength: float | None = None
-    ip_adapter_image: ImageSource | np.ndarray | None = None
-    ip_adapter_scale: float | None = None
-    controlnet_images: list[ImageSource | np.ndarray] | None = None
-    controlnet_scales: list[float] | None = None
-    controlnet_modes: list[str | int | None] | None = None
-    controlnet_start: float | None = None
-    controlnet_end: float | None = None
-    vae_tile: int | None = None
-    vae_tile_overlap: int | None = None
-    denoise_tile: int | None = None
-    denoise_tile_overlap: int | None = None
-    cache_threshold: float | None = None
-    prompt_weights: bool = False
-
-    @property
-    def mode(self) -> str:
-        if self.expand is not None and any(self.expand):
-            return "outpaint"
-        return "inpaint" if self.mask is not None else "img2img"
 
 
 @dataclass
@@ -227,103 +155,6 @@ class EditInputs:
         if self.mode == "outpaint":
             fields["fill"] = self.fill
         return fields
-
-
-# ------------------------------------------------------------------------------------- loading and hashes
-
-
-def load_image(source: ImageSource, what: str = "image") -> Image.Image:
-    """A PIL image from a path or an image; errors name the file and what is wrong with it."""
-    if isinstance(source, Image.Image):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        raise EditError(f"{what} {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            # Camera JPEGs store rotation as a tag; edit the image as viewers show it.
-            return ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise EditError(
-            f"{what} {path}: not a readable image ({exc}); give a PNG, JPEG or WebP file"
-        ) from exc
-
-
-def eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit greyscale ("I;16", "I") as 8-bit "L", 65535 -> 255: Pillow's own conversion clips at 255,
-    which turns a 16-bit image (or mask) almost all white. A transparent grey level (a PNG's tRNS) becomes
-    an alpha channel ("LA"), as an 8-bit image's would be seen."""
-    if not image.mode.startswith("I"):
-        return image
-    raw = np.asarray(image)
-    grey = Image.fromarray(np.clip(raw.astype(np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    key = image.info.get("transparency")
-    if isinstance(key, int):  # a PNG's transparent grey level: kept as an alpha channel ("LA")
-        grey.putalpha(Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), mode="L"))
-    return grey
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """uint8 [H, W, 3]; an alpha channel is dropped (the visible colours are what gets edited)."""
-    return np.asarray(eight_bit(image).convert("RGB"), dtype=np.uint8).copy()
-
-
-def rgb_picture(source: ImageSource | np.ndarray, what: str, float_refusal: str | None = None) -> np.ndarray:
-    """A conditioning picture (a path, a PIL image or a uint8 [H, W, 3] array) as uint8 [H, W, 3]: any mode
-    made RGB (alpha dropped, as BFL's ``convert("RGB")``); an array is taken as it is. Errors are EditError
-    naming `what` ("context image", ...); `float_refusal`: the message for a floating-point (mode F) picture,
-    whose range 8-bit conversion would clip, else it is converted."""
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise EditError(
-                f"a {what} array must be uint8 [H, W, 3], got {source.dtype} {list(source.shape)}"
-            )
-        return source
-    if not isinstance(source, Image.Image | str) and not hasattr(source, "__fspath__"):
-        raise EditError(
-            f"a {what} must be a path, a PIL image or a uint8 [H, W, 3] array, got {type(source).__name__}"
-        )
-    im = load_image(source, what)
-    if float_refusal is not None and im.mode == "F":
-        raise EditError(float_refusal)
-    return to_rgb(im)
-
-
-def pixel_sha256(pixels: np.ndarray) -> str:
-    """SHA-256 of the pixel values and shape, so re-encoding or re-tagging a file does not change it."""
-    arr = np.ascontiguousarray(pixels)
-    h = hashlib.sha256(f"{arr.dtype.str}{list(arr.shape)}".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def image_info(pixels: np.ndarray) -> dict[str, Any]:
-    return {"sha256": pixel_sha256(pixels), "width": int(pixels.shape[1]), "height": int(pixels.shape[0])}
-
-
-def mask_sha256(mask: np.ndarray) -> str:
-    """Hash of the thresholded mask (bool [H, W]): equivalent masks (any mode, any grey >= 128) agree."""
-    return pixel_sha256(mask.astype(np.uint8))
-
-
-def load_mask(source: ImageSource, width: int, height: int) -> np.ndarray:
-    """bool [height, width], True = repaint: any mode, converted to grey, thresholded at 128.
-
-    A mask of another resolution but the same aspect ratio is resized with nearest; any other size is an
-    error (it was most likely drawn for a different image).
-    """
-    image = load_image(source, "mask")
-    mw, mh = image.size
-    if (mw, mh) != (width, height):
-        if mw * height != mh * width:
-            raise EditError(
-                f"the mask is {mw}x{mh} but the image is {width}x{height}; the mask must have the image's "
-                "size (when the canvas is expanded for outpainting: the size of the original image)"
-            )
-        image = image.resize((width, height), Image.Resampling.NEAREST)
-    grey = np.asarray(eight_bit(image).convert("L"))
-    return grey >= MASK_THRESHOLD
 
 
 # ---------------------------------------------------------------------------------------- validation
