@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pictor.provenance import SAMPLER_DISPLAY
-from pictor.sampling import SAMPLERS
+from pictor.sampling import CFG_PP_SAMPLERS, SAMPLERS
 from pictor.settings_import import settings_from_parameters
 from tests.test_comfy_workflow_import import comfy, flux_ksampler_graph
 from tests.test_settings_import import FORGE
@@ -66,3 +66,24 @@ def test_the_server_names_every_sampler_and_stochastic_ones_as_such() -> None:
     }
     for name in SAMPLERS:
         assert named.get(name) == ("stochastic" if is_stochastic(name) else "plain"), name
+
+
+CFG_PP_DIFFERENT = {"dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp"}
+
+
+@pytest.mark.parametrize("name", sorted(CFG_PP_SAMPLERS))
+def test_comfyui_cfg_pp_names_are_taken_with_a_notice_where_pictors_differ(name: str) -> None:
+    graph = flux_ksampler_graph()
+    graph["3"]["inputs"]["sampler_name"] = name
+    got = comfy(graph)
+    assert got.values["sampler"] == name and got.sampler_name is None
+    said = [n for n in got.notices if "sampler" in n and name in n]
+    assert len(said) == (name in CFG_PP_DIFFERENT)
+    assert all("1 - t'" in n for n in said)
+
+
+@pytest.mark.parametrize("text", [*(SAMPLER_DISPLAY[n] for n in sorted(CFG_PP_SAMPLERS)), "Euler a CFG++"])
+def test_a1111_cfg_pp_names_read_back(text: str) -> None:
+    got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {text}"))
+    assert got.values["sampler"] in CFG_PP_SAMPLERS and got.sampler_name is None
+    assert SAMPLER_DISPLAY[got.values["sampler"]] == text or text == "Euler a CFG++"

@@ -56,12 +56,19 @@ COMFY_SAMPLERS = {
     "ipndm_v": "ipndm_v",
     "res_multistep_ancestral": "res_multistep_ancestral",
     "er_sde": "er_sde",
+    "euler_cfg_pp": "euler_cfg_pp",
+    "euler_ancestral_cfg_pp": "euler_ancestral_cfg_pp",
+    "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
+    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp",
+    "res_multistep_cfg_pp": "res_multistep_cfg_pp",
+    "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
 # tabulated coefficients (`pictor.sampling_deis`); its res_multistep_ancestral renoises with the
 # variance-exploding ancestral split on a flow model too, pictor's with the rectified-flow one
-# (`pictor.sampling_res`).
+# (`pictor.sampling_res`); its DPM++ 2M and RES CFG++ are written for a signal scale of 1
+# (`pictor.sampling_cfg_pp`).
 _UNIPC = (
     "ComfyUI runs UniPC at order 3 (and its KSampler drops the second-to-last step for it), where pictor's "
     "unipc is bh2 at order 2"
@@ -84,6 +91,16 @@ COMFY_SAMPLER_NOTICES = {
         "sample off the flow path; pictor's renoises with the rectified-flow ancestral step (as its "
         "euler_ancestral), so the images differ"
     ),
+    **{
+        name: (
+            f"the graph's sampler {name} is taken as pictor's, which differs: ComfyUI writes it for a "
+            "signal scale of 1, so on a flow model its guidance term enters with weight 1 where the flow "
+            "path's data part is 1 - t'; pictor's weighs it by 1 - t' (README: CFG++)"
+            + (", and renoises with the rectified-flow ancestral step" if "ancestral" in name else "")
+            + ", so the images differ"
+        )
+        for name in ("dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp")
+    },
 }
 # ComfyUI's schedulers with a pictor schedule. simple and sgm_uniform space the model's own (shifted) times
 # evenly, as pictor's own schedule does (its default, None); karras, exponential and beta space ComfyUI's

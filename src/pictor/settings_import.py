@@ -43,8 +43,13 @@ from pictor.provenance import (
 from pictor.sampling import SAMPLERS, SCHEDULES
 
 # Other A1111 forks' labels for a pictor sampler, read back but never written (SAMPLER_DISPLAY is what
-# pictor writes): ER-SDE is "ER SDE" and "Extended Reverse SDE" in some forks.
-SAMPLER_ALIASES = {"er sde": "er_sde", "extended reverse sde": "er_sde"}
+# pictor writes): ER-SDE is "ER SDE" and "Extended Reverse SDE" in some forks, Euler ancestral CFG++
+# "Euler a CFG++".
+SAMPLER_ALIASES = {
+    "er sde": "er_sde",
+    "extended reverse sde": "er_sde",
+    "euler a cfg++": "euler_ancestral_cfg_pp",
+}
 # A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
 SAMPLER_NAMES = (
     {shown.lower(): name for name, shown in SAMPLER_DISPLAY.items()}
