@@ -64,7 +64,7 @@ def _open_picture(path: str) -> tuple[Image.Image, dict[str, Any] | None]:
         image = load_image(path, "picture")
     except EditError as exc:
         raise ValueError(str(exc)) from exc
-    from pictor.reproduce import check_record
+    from pictor.record_checks import check_record
 
     try:
         record: dict[str, Any] | None = read_record(path)
