@@ -32,6 +32,7 @@ from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.flux import make_img_ids, pack_latents
+from pictor.models.offload import bring_in
 
 __all__ = [
     "KONTEXT_RESOLUTIONS",
@@ -175,9 +176,10 @@ def context_tokens(
 ) -> ContextTokens:
     """Encode fitted context pixels (uint8 [H, W, 3]) once per sampler run; in tiles of `tile` image
     pixels when the run decodes in tiles (`--vae-tile`), which bounds this encode's memory too."""
-    param = next(autoencoder.parameters())
+    # the autoencoder's run device (under CPU offload: brought in, not CPU memory where it waits)
+    device, dtype_in = bring_in(autoencoder), next(autoencoder.parameters()).dtype
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    z = autoencoder_encode(autoencoder, x.to(param.device, param.dtype), tile, overlap)  # [1, C, h, w]
-    ids = make_img_ids(1, z.shape[2], z.shape[3], device=param.device)
+    z = autoencoder_encode(autoencoder, x.to(device, dtype_in), tile, overlap)  # [1, C, h, w]
+    ids = make_img_ids(1, z.shape[2], z.shape[3], device=z.device)  # beside the tokens, wherever they are
     ids[..., 0] = CONTEXT_INDEX
     return ContextTokens(tokens=pack_latents(z).to(dtype), ids=ids.to(dtype))

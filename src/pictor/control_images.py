@@ -34,6 +34,7 @@ from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.autoencoder import AutoEncoder
 from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.flux import FluxParams, pack_latents
+from pictor.models.offload import bring_in
 
 __all__ = [
     "CONTROL_KINDS",
@@ -203,8 +204,10 @@ def control_tokens(
     """The tokens a control model reads beside the noise: the packed latents of the control picture
     (fitted uint8 [H, W, 3], its edges drawn first when `canny` is given): [1, N, 4 C]. In tiles of
     `tile` pixels when the run decodes in tiles (`--vae-tile`), which bounds this encode's memory too."""
-    param = next(autoencoder.parameters())
+    # the autoencoder's run device (under CPU offload: brought in, not CPU memory where it waits; a tiled
+    # encode builds its result where x is)
+    device, dtype_in = bring_in(autoencoder), next(autoencoder.parameters()).dtype
     picture = control_picture(pixels, canny)
     x = torch.from_numpy(picture).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    z = autoencoder_encode(autoencoder, x.to(param.device, param.dtype), tile, overlap)
+    z = autoencoder_encode(autoencoder, x.to(device, dtype_in), tile, overlap)
     return pack_latents(z).to(dtype)

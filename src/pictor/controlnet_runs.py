@@ -36,6 +36,7 @@ from pictor.editing import image_info
 from pictor.generation_request import GenerationError, GenerationRequest
 from pictor.models.control_residuals import ControlResiduals
 from pictor.models.flux import FluxParams
+from pictor.models.offload import bring_in
 
 if TYPE_CHECKING:
     from pictor.models.controlnet import FluxControlNet
@@ -332,13 +333,15 @@ class ControlNetRun:
         self.conds: list[torch.Tensor] = []
         for unit, pixels in zip(units, r.controlnet_images or [], strict=True):
             assert isinstance(pixels, np.ndarray)
-            param = next(unit.model.parameters())
             if unit.model.takes_pixels:  # XLabs: the picture through its hint net, once per run
+                # its run device; under CPU offload its group (the transformer's) is brought in first
+                device = bring_in(unit.model)
                 x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-                self.conds.append(unit.model.cond_tokens(x.to(param.device, dtype)))
-            else:  # the picture's packed latents, [1, N, 4 C]
+                self.conds.append(unit.model.cond_tokens(x.to(device, dtype)))
+            else:  # the picture's packed latents, [1, N, 4 C], on the device the autoencoder ran on,
+                # which is the ControlNet's too (not its parameters' CPU memory under offload)
                 tokens = control_tokens(autoencoder, pixels, None, dtype, r.vae_tile, r.vae_tile_overlap)
-                self.conds.append(tokens.to(param.device))
+                self.conds.append(tokens)
         self.times = [float(t) for t in ts.tolist()][:-1]  # each step's start; the last time is the end
         start, end = float(r.controlnet_start or 0.0), _end(r)
         self.keep = kept_steps(len(self.times), start, end)  # not all False: `controlnet_problem` checked

@@ -22,6 +22,7 @@ from pictor.latent_preview import Previews
 from pictor.models.autoencoder_tiling import autoencoder_encode
 from pictor.models.block_cache import FirstBlockCache, cache_passes
 from pictor.models.flux import pack_latents
+from pictor.models.offload import bring_in
 
 if TYPE_CHECKING:
     from pictor.pipeline import Pipeline
@@ -62,6 +63,7 @@ def run_edit_seeds(
         mask = fill = None
         if pipe.fill:  # the model reads the masked picture and paints the region: nothing to blend
             assert inputs.mask is not None
+            bring_in(pipe.autoencoder)  # under offload: in before the helper reads where it is
             fill = fill_conditioning(
                 pipe.autoencoder, inputs.canvas, inputs.mask, pipe.dtype, r.vae_tile, r.vae_tile_overlap
             )
@@ -121,6 +123,8 @@ def run_hires_seeds(
     first = to_pil(pipe.sample(r, seeds, lambda i, _n: progress(i, total), caches=caches, previews=previews))
     width, height = hires_size(r.width, r.height, r.hires_scale, pipe.patch)
     model = pipe.upscaler if r.hires_upscaler else None  # resolution checked it is the one asked for
+    if model is not None:
+        bring_in(model.net)  # under offload: in before the upscale reads where it is (its input, its tiles)
     pixels = torch.from_numpy(upscale(first, width, height, model)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     z0 = _encode(pipe, r, pixels, lambda: progress(steps, total))  # a tile of the upscaled first pass
     init = LatentInit(z0=z0, strength=r.hires_strength, mask=None)

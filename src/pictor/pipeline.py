@@ -168,7 +168,7 @@ class Pipeline:
         self.redux: ReduxModel | None = None
         # XLabs' FLUX.1 IP-Adapter and CLIP's vision tower (`set_ip_adapter`), for requests with its picture.
         self.ip_adapter: IPAdapterModel | None = None
-        self.upscaler: UpscalerFile | None = None
+        self._upscaler: UpscalerFile | None = None  # `upscaler`: setting it re-syncs offload's groups
         # FLUX.1 ControlNets (`add_controlnet`), in order; each request gives one picture per ControlNet.
         self.controlnets: list[ControlNetUnit] = []
         # The approx previews' latent -> colour map of this autoencoder (`pictor.latent_preview`), fitted
@@ -233,6 +233,19 @@ class Pipeline:
         stays on the device between requests; diffusers' maybe_free_model_hooks)."""
         if self._offload is not None:
             self._offload.release()
+
+    @property
+    def upscaler(self) -> UpscalerFile | None:
+        """The upscale model (`set_upscaler`) of the hires fix and of upscaling edits."""
+        return self._upscaler
+
+    @upscaler.setter
+    def upscaler(self, upscaler: UpscalerFile | None) -> None:
+        # Set directly too (a grid's hires-upscaler axis switches between loaded files): offload's groups
+        # must follow, or the new model's runs would go unmanaged and the old one's group stay in them.
+        if upscaler is not self._upscaler:
+            self._upscaler = upscaler
+            self._sync_offload()
 
     @property
     def _home(self) -> torch.device:
@@ -479,9 +492,8 @@ class Pipeline:
             raise GenerationError(
                 f"{path}: an upscale model named 'lanczos' would be taken for Lanczos; rename it"
             )
-        self.upscaler = load_upscaler(path, self._home)
-        self._sync_offload()
-        return self.upscaler.describe()
+        self.upscaler = upscaler = load_upscaler(path, self._home)  # the setter syncs offload's groups
+        return upscaler.describe()
 
     def add_controlnet(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a FLUX.1 ControlNet (InstantX, Union or XLabs; a diffusers folder or a single file) beside

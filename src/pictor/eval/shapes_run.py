@@ -155,11 +155,14 @@ def autoencoder_roundtrip(pipe: Pipeline, images: list[list[np.ndarray]]) -> lis
     """Each image encoded to latents and decoded again by the model's autoencoder (latent means, no
     sampling): what the transformer would have to produce exactly to score as the renders do."""
     out = []
-    with torch.inference_mode():
-        for row in images:
-            x = torch.cat([to_model_pixels(img, pipe.device, pipe.dtype) for img in row])
-            decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x))
-            out.append([np.asarray(im) for im in to_pil(decoded)])
+    try:
+        with torch.inference_mode():
+            for row in images:
+                x = torch.cat([to_model_pixels(img, pipe.device, pipe.dtype) for img in row])
+                decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x))
+                out.append([np.asarray(im) for im in to_pil(decoded)])
+    finally:
+        pipe.release_offload()  # no sampler run after it releases the autoencoder (under CPU offload)
     return out
 
 

@@ -17,8 +17,17 @@ small top-level layers (embedders, final layer) and its first ``blocks_on_device
 and single block is moved in by a pre-hook just before it runs and out by a post-hook right after. Peak
 memory is then the top layers, the kept blocks, one swapped block, and the activations.
 
-Moving goes through an injectable ``mover(module, device, inward)``; the default is ``weight_storage.place``
-without a dtype, which moves tensors as they are, so FP8-stored and GGML-quantized weights stay narrow.
+Code that runs a model other than through its ``forward`` often first reads where the model is, to put
+its inputs (token ids, masks, position ids, a blend of tiles) on that device: ``next(model.parameters())``
+while the model waits in CPU memory says CPU, and those tensors then meet the model's results on the
+execution device. Such code asks `bring_in(model)` instead: under offload it makes the model's group the
+resident one first and answers the execution device; without offload it answers the parameters' device.
+The forward hooks stay as the safety net for everything that goes through a forward.
+
+Moving goes through an injectable ``mover(module, device, inward)``; the default, `KeepingMover`, moves in
+with ``weight_storage.place`` without a dtype, which moves tensors as they are, so FP8-stored and
+GGML-quantized weights stay narrow, and keeps each weight's CPU tensor while its copy is in: moving out
+points the weight back at it instead of copying device-to-host.
 ``inward`` says whether ``device`` is the execution device: on a CPU-only machine both devices are the CPU,
 and a mover that records moves (the tests') tells in from out by it.
 
@@ -28,7 +37,8 @@ offload ``use_stream=True``). Moves are synchronous, which costs time, never cor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +47,16 @@ from torch.utils.hooks import RemovableHandle
 
 from pictor.models.weight_storage import place
 
-__all__ = ["BLOCK_LISTS", "OFFLOAD_MODES", "Mover", "Offload", "move_module", "offload_mode_problem"]
+__all__ = [
+    "BLOCK_LISTS",
+    "OFFLOAD_MODES",
+    "KeepingMover",
+    "Mover",
+    "Offload",
+    "bring_in",
+    "move_module",
+    "offload_mode_problem",
+]
 
 OFFLOAD_MODES = ("model", "blocks")
 # The transformer's block lists (FLUX.1's names); everything else of it counts as its small top layers.
@@ -45,11 +64,94 @@ BLOCK_LISTS = ("double_blocks", "single_blocks")
 
 Mover = Callable[[nn.Module, torch.device, bool], None]
 
+# Every module of an attached group (each submodule too) -> its Offload (weakly: the Offload holds the
+# modules, and a strong reference here would keep a dropped pipeline's models alive) and group name.
+_GROUP_OF: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[Offload], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def bring_in(module: nn.Module) -> torch.device:
+    """The device `module` runs on, made ready for it: under offload its group is made the resident one
+    (moved onto the execution device, the resident one out) and the execution device is returned; a module
+    offload does not manage answers its first parameter's device (CPU for one without any). What code that
+    is about to run a model outside its ``forward`` (an ``encode``, a tiled decode, a conditioning helper)
+    asks instead of reading ``next(model.parameters()).device``, which under offload is CPU memory."""
+    entry = _GROUP_OF.get(module)
+    offload = entry[0]() if entry is not None else None
+    if offload is not None and entry is not None:
+        name = entry[1]
+        if name in offload.groups:
+            offload.activate(name)
+            return offload.execution_device
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
 
 def move_module(module: nn.Module, device: torch.device, inward: bool = True) -> None:
-    """The default mover: every tensor of `module` to `device`, in its own dtype (FP8 and GGML blocks stay
-    narrow; `place` re-tags quantized weights after the move)."""
+    """A plain mover: every tensor of `module` to `device`, in its own dtype (FP8 and GGML blocks stay
+    narrow; `place` re-tags quantized weights after the move), copying both ways (the default,
+    `KeepingMover`, points back at the CPU tensors on the way out instead)."""
     place(module, device)
+
+
+class KeepingMover:
+    """The default mover: in, every tensor to the execution device in its own dtype (`place`: FP8 and GGML
+    weights stay narrow, GGML formats stay tagged), and the CPU tensor each one replaced is kept; out, each
+    tensor is pointed back at its kept CPU tensor, so no weight is copied device-to-host and no CPU memory
+    is allocated (diffusers' group offload does the same). A tensor that changed while in (an in-place
+    change moved its version counter, or its data was replaced) is copied back instead, as is one with
+    nothing kept. Weights stay in CPU memory while their copies are in: CPU memory holds every model
+    throughout, as it does between uses anyway."""
+
+    def __init__(self) -> None:
+        # (id(module), "p" | "b", name) -> (the CPU tensor, the device tensor's data_ptr and version)
+        self._kept: dict[tuple[int, str, str], tuple[Tensor, int, int]] = {}
+
+    def __call__(self, module: nn.Module, device: torch.device, inward: bool) -> None:
+        if inward:
+            before = {key: t.detach() for key, t in _slots(module) if t.device != device}
+            place(module, device)
+            for key, t in _slots(module):
+                if key in before and t.device == device:
+                    self._kept[key] = (before[key], t.data_ptr(), t._version)
+            return
+        for (sub, kind, name), t in _slots(module, with_module=True):
+            kept = self._kept.pop((id(sub), kind, name), None)
+            if kept is None or t.device == kept[0].device:
+                continue
+            home, ptr, version = kept
+            if t.data_ptr() != ptr or t._version != version:  # changed while in: its values go back
+                continue
+            if kind == "p":
+                _point_back(sub, name, home)
+            else:
+                sub._buffers[name] = home
+        place(module, device)  # anything not pointed back (none, normally): moved, tags kept
+
+
+def _point_back(module: nn.Module, name: str, home: Tensor) -> None:
+    """Parameter `name` of `module` pointed back at its CPU tensor: the same Parameter where torch allows
+    swapping its data across the two devices (CUDA and CPU, as ``Module.to`` does), else a new Parameter
+    with the old one's attributes (a GGML format tag, `weight_storage`) carried over (meta, the tests')."""
+    param = module._parameters[name]
+    assert param is not None
+    try:
+        param.data = home
+    except RuntimeError:  # "incompatible tensor type": a new Parameter in its place
+        new = nn.Parameter(home, requires_grad=param.requires_grad)
+        new.__dict__.update(param.__dict__)
+        module._parameters[name] = new
+
+
+def _slots(module: nn.Module, with_module: bool = False) -> Iterator[tuple[Any, Tensor]]:
+    """Every parameter and buffer of `module` and its submodules, keyed (id(module), "p" | "b", name), or
+    (module, kind, name) with `with_module`."""
+    for sub in module.modules():
+        for kind, store in (("p", sub._parameters), ("b", sub._buffers)):
+            for name, t in store.items():
+                if t is not None:
+                    yield ((sub if with_module else id(sub)), kind, name), t
 
 
 def offload_mode_problem(mode: Any, blocks_on_device: Any = 0) -> str | None:
@@ -118,7 +220,7 @@ class Offload:
         self.mode = mode
         self.execution_device = torch.device(execution_device)
         self.offload_device = torch.device(offload_device)
-        self.mover: Mover = mover or move_module
+        self.mover: Mover = mover or KeepingMover()
         self.blocks_on_device = blocks_on_device
         self.groups: dict[str, list[nn.Module]] = {}
         self.resident: str | None = None  # the group on the execution device, if any
@@ -155,6 +257,8 @@ class Offload:
         for name, modules in self.groups.items():
             for module in modules:
                 self._hook_group(name, module)
+                for sub in module.modules():
+                    _GROUP_OF[sub] = (weakref.ref(self), name)
         if self._swapped is not None:
             for block in _blocks(self._swapped)[self.blocks_on_device :]:
                 self._handles.append(block.register_forward_pre_hook(self._block_in))
@@ -190,6 +294,9 @@ class Offload:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for sub, (owner, _name) in list(_GROUP_OF.items()):
+            if owner() is self:
+                del _GROUP_OF[sub]
 
     # -- scheduling -----------------------------------------------------------------------------------
 
@@ -209,9 +316,11 @@ class Offload:
         if self.resident == name:
             return
         self.release()
+        # Resident before the first move, so that a move that fails half way (out of device memory) leaves
+        # a group `release` moves back, its moved parts included, instead of weights stranded on the device.
+        self.resident = name
         for module in self.parts(name):
             self._move(module, self.execution_device, True)
-        self.resident = name
 
     def release(self) -> None:
         """Move the resident group (and any swapped block left in by an error mid-forward) out."""
@@ -231,9 +340,10 @@ class Offload:
             self.mover(module, device, inward)
 
     def _block_in(self, block: nn.Module, args: tuple[Any, ...]) -> None:
-        # The group hook (registered first, so it ran first) brought the top layers in.
-        self._move(block, self.execution_device, True)
+        # The group hook (registered first, so it ran first) brought the top layers in. Recorded before the
+        # move, so that `release` moves a block back that failed half way in.
         self._blocks_in[id(block)] = block
+        self._move(block, self.execution_device, True)
 
     def _block_out(self, block: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._move(block, self.offload_device, False)

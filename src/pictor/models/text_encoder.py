@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from pictor.models.offload import bring_in
+
 
 @dataclass
 class TextEmbeddings:
@@ -113,7 +115,10 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where token ids and masks go: the encoder's device. Under CPU offload `encode` is no forward, so
+        this brings the encoder's group onto the execution device first (`bring_in`): its parameters' own
+        device is CPU memory until then, and ids put there would meet states computed on the device."""
+        return bring_in(self)
 
 
 # --- checks every kind shares --------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from PIL import Image
 
 from pictor import __version__
 from pictor.editing import load_image
+from pictor.models.offload import bring_in
 from pictor.pipeline import MAX_SEED, GeneratedImage, GenerationError, Pipeline
 from pictor.provenance import ProvenanceError, png_info, read_record
-from pictor.reproduce import check_record
+from pictor.record_checks import check_record
 from pictor.serve.a1111_postprocess import MAX_RUNS, finish, model_picture
 from pictor.serve.store import Store
 from pictor.upscaler_files import UpscalerFile
@@ -135,12 +136,14 @@ def run_upscale(pipe: Pipeline, params: dict[str, Any], store: Store, progress: 
 
     hook = upscaler.net.register_forward_hook(tile_done)
     try:
+        bring_in(upscaler.net)  # under CPU offload: in before the upscale puts its input where it is
         if runs is None:
             image = upscale_image(upscaler, picture, factor, tile, overlap)
         else:  # sent by /sdapi/v1/extra-*: A1111's runs, then its size, crop and blend
             image = model_picture(upscaler, picture, runs, tile, overlap)
     finally:
         hook.remove()
+        pipe.release_offload()  # no sampler run released it: the model must not stay on the device
     upscale = upscale_record(upscaler, factor ** (runs or 1), tile, overlap)
     if extras is not None:
         image, upscale["a1111_extras"] = finish(picture, image, extras)
