@@ -246,6 +246,9 @@ def test_misuse_is_refused_with_the_reason(root: Path, tmp_path: Path) -> None:
     cfg.set_redux(root / "flux1-redux-dev.safetensors", root / "siglip")
     with pytest.raises(ReduxError, match="classifier-free guidance"):
         cfg.generate(_request(redux_image=_picture(), guidance=4.0))
+    # a CFG++ sampler would add a negative pass at guidance 1, which has no place for the picture's tokens
+    with pytest.raises(GenerationError, match=r"euler_cfg_pp is a CFG\+\+ sampler.*Redux picture"):
+        cfg.resolve_request(_request(redux_image=_picture(), guidance=1.0, sampler="euler_cfg_pp"))
     redux_file, siglip = root / "flux1-redux-dev.safetensors", root / "siglip"
     with pytest.raises(ReduxError, match="this model reads 64-wide text tokens"):
         open_redux(redux_file, siglip, 64)

@@ -87,3 +87,20 @@ def test_a1111_cfg_pp_names_read_back(text: str) -> None:
     got = settings_from_parameters(FORGE.replace("Sampler: Euler", f"Sampler: {text}"))
     assert got.values["sampler"] in CFG_PP_SAMPLERS and got.sampler_name is None
     assert SAMPLER_DISPLAY[got.values["sampler"]] == text or text == "Euler a CFG++"
+
+
+def test_a_cfg_pp_graph_at_cfg_1_keeps_its_negative_prompt_and_guidance_1() -> None:
+    """ComfyUI's CFG++ samplers run the negative pass at CFG 1 (disable_cfg1_optimization), as pictor's do:
+    the graph's negative prompt and CFG 1 are taken; TCFG there is said not to be (pictor's guidance methods
+    act above guidance 1). A plain sampler at CFG 1 still drops the negative prompt."""
+    graph = flux_ksampler_graph()
+    del graph["35"]  # no FluxGuidance: real CFG
+    graph["3"]["inputs"].update(sampler_name="euler_cfg_pp", positive=["6", 0])
+    graph["7"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}}
+    got = comfy(graph)
+    assert got.values["sampler"] == "euler_cfg_pp"
+    assert got.values["negative"] == "blurry" and got.values["guidance"] == 1
+    graph["3"]["inputs"]["sampler_name"] = "euler"
+    got = comfy(graph)
+    assert got.values["negative"] == "" and "guidance" not in got.values
+    assert any("negative prompt 'blurry' is not taken" in n for n in got.notices)

@@ -4,8 +4,9 @@
 The graph is read by `pictor.comfy_workflow`, in ComfyUI's terms, and mapped here the way A1111's text is:
 its sampler and scheduler names onto pictor's (with a notice where ComfyUI's of that name differs in detail),
 FLUX guidance (FluxGuidance) where the graph sets it, else a CFG other than 1 (CFG 1 without FluxGuidance
-leaves the model's own default, as ComfyUI gives FLUX.1 its default guidance), the negative prompt only
-where ComfyUI used it (real CFG, not 1), and its prompt's weight syntax (ComfyUI's) rewritten in A1111's.
+leaves the model's own default, as ComfyUI gives FLUX.1 its default guidance; a CFG++ sampler's CFG 1 is
+guidance 1), the negative prompt only where ComfyUI used it (real CFG, not 1, or a CFG++ sampler at CFG
+1), and its prompt's weight syntax (ComfyUI's) rewritten in A1111's.
 Whatever the graph holds that cannot be read is an error that names the image.
 
 Separate from `pictor.settings_import` (the A1111 text and pictor record side, which calls
@@ -22,7 +23,7 @@ from pictor.flow import resolution_mu
 from pictor.generation_request import MAX_SEED
 from pictor.guidance_methods import GuidanceMethod
 from pictor.imported_settings import ImportedSettings, SettingsImportError, take_guidance_method
-from pictor.sampling import SCHEDULES
+from pictor.sampling import CFG_PP_SAMPLERS, SCHEDULES
 
 # ComfyUI's sampler names (KSampler's sampler_name) -> pictor's. uni_pc is UniPC's bh1 variant and
 # uni_pc_bh2 the bh2 one, which is pictor's unipc: the first is taken too, with a notice. The *_gpu ones
@@ -179,11 +180,24 @@ def _comfy_settings(text: str) -> ImportedSettings:
     return out
 
 
+def _cfg_pp_at_1(graph: ComfySettings) -> bool:
+    """A CFG++ sampler at CFG 1 without FLUX guidance: ComfyUI's CFG++ samplers turn off its skipping of
+    the negative pass at CFG 1 (disable_cfg1_optimization) and renoise with it, as pictor's do."""
+    sampler = COMFY_SAMPLERS.get(graph.sampler_name or "")
+    return sampler in CFG_PP_SAMPLERS and graph.cfg == 1 and graph.guidance is None
+
+
 def _comfy_negative(graph: ComfySettings, out: ImportedSettings) -> str:
     """The negative prompt where ComfyUI used it: at CFG 1 it never evaluates one (comfy/samplers.py's
-    sampling_function), and with FLUX guidance taken the real CFG it acts through is not."""
+    sampling_function) but for a CFG++ sampler, and with FLUX guidance taken the real CFG it acts through
+    is not."""
     negative = graph.negative or ""
-    if not negative or graph.cfg is None or (graph.cfg != 1 and graph.guidance is None):
+    if (
+        not negative
+        or graph.cfg is None
+        or (graph.cfg != 1 and graph.guidance is None)
+        or _cfg_pp_at_1(graph)
+    ):
         return negative
     why = (
         "ComfyUI does not use it at CFG 1"
@@ -225,7 +239,7 @@ def _comfy_guidance(graph: ComfySettings, out: ImportedSettings) -> None:
         return
     if graph.cfg is None:
         return
-    if graph.cfg != 1:
+    if graph.cfg != 1 or _cfg_pp_at_1(graph):  # a CFG++ sampler's CFG 1 runs the negative pass too
         out.values["guidance"] = graph.cfg
         return
     out.notices.append(
@@ -242,10 +256,19 @@ def _comfy_tcfg(graph: ComfySettings, out: ImportedSettings) -> None:
         return
     if graph.guidance is None and graph.cfg is not None and graph.cfg != 1:
         take_guidance_method(GuidanceMethod("tcfg"), out)
+        if COMFY_SAMPLERS.get(graph.sampler_name or "") in CFG_PP_SAMPLERS:
+            out.notices.append(
+                "the graph's TCFG with a CFG++ sampler is taken as pictor's tcfg, which differs in the "
+                "renoise: ComfyUI's TCFG damps the unconditional prediction before CFG, so its CFG++ sampler "
+                "renoises with the damped one; pictor's renoises with the negative pass's own"
+            )
         return
     why = (
         f"it acts through the sampler's CFG {graph.cfg:g}, which is not taken beside the FLUX guidance"
         if graph.guidance is not None and graph.cfg is not None and graph.cfg != 1
+        else "pictor's guidance methods act above guidance 1 only (ComfyUI's CFG++ sampler runs the negative "
+        "pass at CFG 1, where TCFG damps what it renoises with)"
+        if _cfg_pp_at_1(graph)
         else "ComfyUI runs no negative pass at CFG 1, so it did nothing"
     )
     out.notices.append(f"the graph's TCFG (pictor's --guidance-method tcfg) is not taken: {why}")

@@ -22,7 +22,8 @@ A guidance method other than plain CFG (`pictor.guidance_methods`) combines the 
 interval runs the prompts' passes alone, without the negative pass.
 A CFG++ sampler (`pictor.sampling.CFG_PP_SAMPLERS`) also reads each call's unconditional velocity, the
 negative prompt's raw prediction (under any guidance method, as ComfyUI's post-CFG hook reads
-`uncond_denoised`), through the velocity's `pictor.sampling_steps.UNCOND` attribute. For one the negative pass
+`uncond_denoised`; its TCFG, a pre-CFG hook, damps it first: README), through the velocity's
+`pictor.sampling_steps.UNCOND` attribute. For one the negative pass
 runs at guidance 1 too (ComfyUI's disable_cfg1_optimization); a guidance-distilled or unguided model, which
 has no negative pass, and a guidance interval, whose steps outside it run none, are refused with a
 ValueError that names the sampler; CFG-Zero*'s zeroed steps call no model and give zero for both.

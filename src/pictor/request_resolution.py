@@ -158,6 +158,14 @@ def resolve_request(
     r = replace(r, guidance_method=method)
     if is_cfg_pp(r.sampler):  # refused before anything runs or is queued, not when the velocity is built
         problem = cfg_pp_problem(r.sampler, pipe.guidance_mode, method)
+        if problem is None and r.redux_image is not None and pipe.guidance_mode == "cfg":
+            # Redux runs on a CFG model at guidance 1 with the prompt's pass alone: its picture's tokens
+            # have no place in the negative pass a CFG++ sampler would add there
+            problem = (
+                f"sampler {r.sampler} is a CFG++ sampler: it runs a negative pass beside the prompt's, but a "
+                "Redux picture on a model with real CFG runs at guidance 1 with the prompt's pass alone; use "
+                "the sampler without _cfg_pp"
+            )
         if problem:
             raise GenerationError(problem)
     r = _resolve_passes(pipe, r)

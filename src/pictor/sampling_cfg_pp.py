@@ -36,8 +36,8 @@ so where the guided prediction equals the unconditional one (no guidance) each i
   + (1 - t') (D - U) with the first call's D and U. Two model calls per step, one on the step to 0 (D).
 
 Guidance methods (APG, CFG-Zero*, TCFG, CFG rescale) make the guided velocity; the unconditional one is the
-negative prompt's raw prediction, as ComfyUI's post-CFG hook reads `uncond_denoised` (see
-`pictor.guided_velocity`).
+negative prompt's raw prediction, as ComfyUI's post-CFG hook reads `uncond_denoised` (ComfyUI's TCFG
+damps it before CFG, so TCFG with CFG++ renoises differently there; see `pictor.guided_velocity`).
 """
 
 from __future__ import annotations
