@@ -316,3 +316,21 @@ def test_a_png_of_a_graph_with_tcfg_gives_the_method(tmp_path: Path) -> None:
     with Image.open(io.BytesIO(out.getvalue())) as im:
         got = settings_from_chunks(dict(im.text), "x.png")
     assert got.source == "comfyui" and got.guidance_method == GuidanceMethod("tcfg")
+
+
+def test_comfyui_tcfg_with_a_cfg_pp_sampler_says_where_the_renoise_differs() -> None:
+    """ComfyUI's TCFG damps the unconditional prediction before CFG, which its CFG++ samplers renoise with;
+    pictor's renoise reads the raw one: taken, with a notice. At CFG 1 (a CFG++ sampler's negative pass
+    runs there) it is said not to be taken."""
+    graph = flux_ksampler_graph()
+    del graph["35"]  # no FluxGuidance: real CFG
+    graph["3"]["inputs"].update(positive=["6", 0], cfg=3.0, sampler_name="euler_cfg_pp")
+    graph["50"] = node("TCFG", model=["4", 0])
+    graph["3"]["inputs"]["model"] = ["50", 0]
+    got = comfy(graph)
+    assert got.guidance_method == GuidanceMethod("tcfg")
+    assert any("TCFG with a CFG++ sampler" in n and "damped" in n for n in got.notices), got.notices
+    graph["3"]["inputs"]["cfg"] = 1.0
+    got = comfy(graph)
+    assert got.guidance_method is None and got.values["guidance"] == 1
+    assert any("act above guidance 1 only" in n for n in got.notices), got.notices
