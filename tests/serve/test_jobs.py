@@ -116,7 +116,9 @@ def test_job_timeout_stops_the_run(
     assert r.json()["error"]["code"] == "job_timeout"
     job = client.get("/v1/jobs").json()["data"][0]
     assert job["status"] == "failed" and job["error"]["type"] == "timeout_error"
-    assert gated.steps[0] == [1]  # stopped at the first step after the deadline
+    # Stopped at the first step after the deadline: step 1, held past it; or, on a loaded machine where
+    # text encoding alone outlasts the 0.2 s, step 1 itself (its callback raises before the gate counts it).
+    assert gated.steps[0] in ([1], [])
     # The worker carries on. The next job gets a limit it can meet on a busy machine: at 0.2 s a whole
     # run of the tiny model sometimes timed out too under CI's load (a wall-clock race, not the point).
     manager = client.app.state.service.manager
