@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pictor.pipeline as pipeline_module
+from pictor import pipeline_sampling
 from pictor.checkpoint import BundleConfig
 from pictor.controlnet_runs import ControlNetError, kept_steps
 from pictor.editing import EditRequest
@@ -38,7 +38,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # no
 PICTOR = shutil.which("pictor")
 
 
-UNPACK = pipeline_module.unpack_latents  # before any test's spy stands in for it
+UNPACK = pipeline_sampling.unpack_latents  # before any test's spy stands in for it
 
 
 def _ae(factor: int) -> AutoEncoderParams:
@@ -554,7 +554,7 @@ def _final_latents(monkeypatch: pytest.MonkeyPatch, run: Any) -> torch.Tensor:
         seen.append(x.clone())
         return UNPACK(x, h, w)
 
-    monkeypatch.setattr(pipeline_module, "unpack_latents", spy)
+    monkeypatch.setattr(pipeline_sampling, "unpack_latents", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PictorWarning)  # a pass from noise in windows is warned about
         run()

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 import pictor
-import pictor.pipeline as pipeline_module
+from pictor import pipeline_sampling
 from pictor.editing import EditRequest
 from pictor.loading import pipeline_from_preset
 from pictor.pipeline import GenerationRequest, Pipeline
 from tests import test_control_images, test_fill_pipeline_parity, test_kontext, test_layout_generation
 
 CONTEXT_OUTPUT = 1e6  # what the stand-in says for a Kontext context token: it must never reach the latents
-UNPACK = pipeline_module.unpack_latents
+UNPACK = pipeline_sampling.unpack_latents
 
 
 def _tokenwise(pipe: Pipeline, calls: list[int]) -> None:
@@ -72,7 +72,7 @@ def _latents(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> list[to
         seen.append(x.clone())
         return UNPACK(x, h, w)
 
-    monkeypatch.setattr(pipeline_module, "unpack_latents", spy)
+    monkeypatch.setattr(pipeline_sampling, "unpack_latents", spy)
     run()
     return seen
 

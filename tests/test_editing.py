@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pictor.pipeline
+import pictor.pipeline_sampling
 from pictor.edit_blending import (
     LatentInit,
     blend_velocity,
@@ -99,7 +99,7 @@ def test_partial_strength_depends_on_the_input(pipe: Pipeline) -> None:
 
 def test_img2img_starts_at_strength_on_the_schedule(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, torch.Tensor] = {}
-    real = pictor.pipeline.get_sampler
+    real = pictor.pipeline_sampling.get_sampler
 
     def spy(name: str):  # type: ignore[no-untyped-def]
         def sampler(fn, x, ts, callback=None):  # type: ignore[no-untyped-def]
@@ -108,7 +108,7 @@ def test_img2img_starts_at_strength_on_the_schedule(pipe: Pipeline, monkeypatch:
 
         return sampler
 
-    monkeypatch.setattr(pictor.pipeline, "get_sampler", spy)
+    monkeypatch.setattr(pictor.pipeline_sampling, "get_sampler", spy)
     src = _source()
     record = pipe.edit(EditRequest(src, "x", seed=4, steps=4))[0].record
     assert record["strength"] == 0.75  # the img2img default
@@ -123,7 +123,7 @@ def test_inpainting_sees_the_kept_region(pipe: Pipeline, monkeypatch: pytest.Mon
     """Two sources that differ only outside the mask give different repainted latents: the model saw the
     kept region at every step (not just pasted back at the end)."""
     outputs: list[torch.Tensor] = []
-    real = pictor.pipeline.get_sampler
+    real = pictor.pipeline_sampling.get_sampler
 
     def spy(name: str):  # type: ignore[no-untyped-def]
         def sampler(fn, x, ts, callback=None):  # type: ignore[no-untyped-def]
@@ -132,7 +132,7 @@ def test_inpainting_sees_the_kept_region(pipe: Pipeline, monkeypatch: pytest.Mon
 
         return sampler
 
-    monkeypatch.setattr(pictor.pipeline, "get_sampler", spy)
+    monkeypatch.setattr(pictor.pipeline_sampling, "get_sampler", spy)
     mask = _box_mask(8, 8, 24, 24)
     inside = np.asarray(mask) > 0
     a = np.asarray(_source(0)).copy()

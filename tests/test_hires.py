@@ -121,13 +121,13 @@ def test_hires_with_a_reference_carries_it_into_both_passes_and_reproduces(
     picture[16:48, 16:48] = (220, 30, 30)  # a red square
     request = GenerationRequest("", seed=3, steps=6, hires_scale=2.0, hires_steps=4, reference=picture)
     passes: list[tuple[int | None, bool]] = []
-    real = pictor.pipeline.guided_velocity
+    real = pictor.pipeline_sampling.guided_velocity
 
     def spy(m: Any, r: GenerationRequest, *args: Any) -> Any:
         passes.append((r.width, r.reference is not None))
         return real(m, r, *args)
 
-    monkeypatch.setattr(pictor.pipeline, "guided_velocity", spy)
+    monkeypatch.setattr(pictor.pipeline_sampling, "guided_velocity", spy)
     (big,) = pipe.generate(request)
     monkeypatch.undo()
     assert passes == [(64, True), (128, True)]

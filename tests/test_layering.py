@@ -41,6 +41,11 @@ LAYERS: dict[str, int] = {
     # what wires the parts together
     "pipeline": 2,
     "pipeline_offload": 2,
+    "pipeline_sampling": 2,
+    "pipeline_records": 2,
+    "pipeline_addons": 2,
+    "pipeline_text": 2,
+    "edit_resolution": 2,
     "request_resolution": 2,
     "guided_velocity": 2,
     "picture_runs": 2,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import pictor.pipeline
+import pictor.pipeline_sampling
 from pictor.context_images import context_tokens
 from pictor.control_images import control_tokens
 from pictor.loading import pipeline_from_preset
@@ -103,7 +103,7 @@ def test_a_run_prepares_everything_on_the_execution_device(
 ) -> None:
     pipe = _tiny()
     meta_offload(pipe, mode)
-    monkeypatch.setattr(pictor.pipeline, "get_sampler", _stop_sampler)
+    monkeypatch.setattr(pictor.pipeline_sampling, "get_sampler", _stop_sampler)
     request = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 2, "seed": 1, **extra}
     with DevCheck() as check, pytest.raises(Reached, match="meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starting from noise in windows

@@ -153,12 +153,12 @@ def test_t2i_buckets_follow_the_autoencoder_it_trains_on(folder: Path, tmp_path:
 
 def test_the_small_bucket_warning_counts_the_images_that_train(folder: Path) -> None:
     """A validation split takes images out of the stream: a bucket is small by what is left of it."""
-    from pictor.train.loop import _warn_small_buckets
+    from pictor.train.run_data import warn_small_buckets
 
     ds = make_dataset(str(folder), SIZE, 0, buckets=True, multiple=4, validation_split=0.25)
     held = [ds.folder.item_buckets[i] for i in validation_items(ds)]
     with pytest.warns(DatasetWarning, match="repeat their images") as caught:
-        _warn_small_buckets(ds, 4, 0)
+        warn_small_buckets(ds, 4, 0)
     for w, h in set(held):
         left = ds.folder.item_buckets.count((w, h)) - held.count((w, h))
         assert f"{w}x{h} ({left})" in str(caught[0].message)

@@ -276,7 +276,7 @@ def test_an_epoch_past_the_streams_limit_is_refused(
 
 def test_a_bucket_of_fewer_pictures_than_a_batch_is_named_whatever_their_repeats(tmp_path: Path) -> None:
     """Its batches repeat one picture: the repeats do not make it more pictures."""
-    from pictor.train.loop import _warn_small_buckets
+    from pictor.train.run_data import warn_small_buckets
 
     _picture(tmp_path / "4_wide" / "w.png", 0, (32, 16))  # one wide picture, 4 times an epoch
     for i in range(4):
@@ -285,4 +285,4 @@ def test_a_bucket_of_fewer_pictures_than_a_batch_is_named_whatever_their_repeats
         path.with_suffix(".txt").write_text(path.stem)
     ds = make_dataset(str(tmp_path), SIZE, 0, repeat_folders=True, buckets=True, multiple=4)
     with pytest.warns(DatasetWarning, match=r"fewer images than a micro-batch \(4\).*\(1\)"):
-        _warn_small_buckets(ds, 4, 0)
+        warn_small_buckets(ds, 4, 0)

@@ -18,11 +18,10 @@ import fcntl
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pictor.checkpoint import UnreadableFileError, replace_dir, state_dict_hash, write_json
+from pictor.checkpoint import UnreadableFileError
 from pictor.data.folder import DatasetWarning
 from pictor.models.controlnet import FluxControlNet
 from pictor.models.flux import Flux
 from pictor.notices import PictorWarning
-from pictor.train import distributed
-from pictor.train.bucket_stream import bucket_stream, check_group
+from pictor.train import distributed, run_outputs
+from pictor.train.bucket_stream import check_group
 from pictor.train.config import TrainConfig
 from pictor.train.data import (
     ImageCaptionDataset,
@@ -47,26 +46,15 @@ from pictor.train.data import (
     default_workers,
     make_dataset,
     micro_batches,
-    training_items,
 )
 from pictor.train.ema import EMA, ShardedEMA, meta_copy
 from pictor.train.epochs import with_epochs
 from pictor.train.logs import RunLog
-from pictor.train.optim import build_optimizer, lr_at, schedule_state, set_lr
-from pictor.train.stages import AutoencoderStage, Stage, find_autoencoder
-from pictor.train.state import (
-    clean_leftovers,
-    find_latest,
-    optimizer_to_flat,
-    read_checkpoint,
-    restore,
-    step_name,
-    write_checkpoint,
-)
+from pictor.train.optim import build_optimizer, lr_at, set_lr
+from pictor.train.run_data import cached_latent_table, pixel_multiple, warn_small_buckets
+from pictor.train.stages import AutoencoderStage, Stage
+from pictor.train.state import clean_leftovers, find_latest, read_checkpoint, restore
 from pictor.train.t2i import T2IStage
-
-FINAL = "final"
-SUMMARY = "summary.json"
 
 
 def build_stage(
@@ -100,32 +88,6 @@ def seed_everything(seed: int, step: int) -> None:
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s)
-
-
-def _pixel_multiple(cfg: TrainConfig, checkpoint: Path | None) -> int:
-    """Image sides the transformer takes: 2x2 patches of latents of the autoencoder's factor. A t2i run's
-    autoencoder is its checkpoint's or --autoencoder's (--init's is already the config's), not the
-    preset's, and may be deeper or shallower."""
-    ae = cfg.autoencoder
-    source = checkpoint or (cfg.autoencoder_path if cfg.init is None else None)
-    if cfg.stage == "t2i" and source is not None:
-        ae = find_autoencoder(source)[0]
-    assert ae is not None
-    return 2 * 2 ** (len(ae["ch_mult"]) - 1)
-
-
-def _warn_small_buckets(ds: Any, group: int, seed: int) -> None:
-    items = training_items(ds)  # held-out images never come; each picture once, whatever its repeats
-    stream = bucket_stream(ds, group, seed, None if items is None else np.unique(items))
-    small = stream.small_buckets() if stream is not None else {}
-    if small:
-        names = ", ".join(f"{w}x{h} ({n})" for (w, h), n in small.items())
-        warnings.warn(
-            f"aspect-ratio buckets with fewer images than a micro-batch ({group}) repeat their images "
-            f"within a batch: {names}; a smaller --batch-size avoids it",
-            DatasetWarning,
-            stacklevel=3,
-        )
 
 
 class Trainer:
@@ -169,7 +131,7 @@ class Trainer:
             repeat_folders=cfg.folder_repeats,
             loss_mask="alpha" if cfg.alpha_mask else "folder" if cfg.mask_dir is not None else None,
             mask_dir=cfg.mask_dir,
-            multiple=_pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
+            multiple=pixel_multiple(cfg, ckpt.path if ckpt else None) if cfg.buckets else 16,
         )
         cfg, epochs = with_epochs(cfg, self.ds, info.world_size)  # --max-epochs, --save-every-epochs
         self.cfg = cfg
@@ -177,7 +139,7 @@ class Trainer:
             print(f"pictor train: {epochs}", file=sys.stderr, flush=True)
         self.data_print = data_fingerprint(self.ds)
         if cfg.buckets and info.is_main:
-            _warn_small_buckets(self.ds, cfg.batch_size * info.world_size, cfg.seed)
+            warn_small_buckets(self.ds, cfg.batch_size * info.world_size, cfg.seed)
         resume_path = ckpt.path if ckpt else None
         if cfg.stage == "lora":
             from pictor.train.lora import LoRAStage  # builds on the t2i stage
@@ -198,7 +160,7 @@ class Trainer:
         else:
             self.stage = build_stage(cfg, self.ds, info, resume_path)
         self.ds = self.stage.ds  # a stage may pair its data with more (the reference stage's pictures)
-        self.latents = self._latent_table() if cfg.cache_latents else None
+        self.latents = cached_latent_table(self) if cfg.cache_latents else None
         self.model = self.stage.module
         assert cfg.ema_decay is not None
         self.ema: EMA | ShardedEMA
@@ -254,30 +216,6 @@ class Trainer:
             if cfg.fsdp
             else distributed.wrap(self.stage.forward_module, info, unused=cfg.module_dropout > 0)
         )
-
-    def _latent_table(self) -> Mapping[tuple[int, bool], torch.Tensor]:
-        """--cache-latents: every image (both ways round with --flip-aug) encoded once, then read."""
-        from pictor.train.latent_table import build_latent_table
-
-        assert isinstance(self.stage, T2IStage)  # TrainConfig.validate allows the cache for these only
-        cfg = self.cfg
-        folder = cfg.latent_cache_dir or str(self.out / "latent-cache")
-        table, cache = build_latent_table(
-            self.ds,
-            self.stage.ae,
-            folder,
-            both_flips=cfg.flip_aug,
-            info=self.info,
-            amp=self.stage.amp,
-            progress=cfg.progress and self.info.is_main,
-        )
-        if self.info.is_main:
-            print(
-                f"pictor train: latent cache {folder}: {len(table)} latents "
-                f"({cache.encoded} encoded here now)",
-                file=sys.stderr,
-            )
-        return table
 
     def _check_buckets(self, state: dict[str, Any]) -> None:
         """A bucketed run resumes only with the global micro-batch its stream was cut into."""
@@ -374,8 +312,8 @@ class Trainer:
                     break
             self.save()  # the end of the run is always a checkpoint (a no-op if this step has one)
             with self.ema.whole(keep=info.is_main) as ema:  # every rank: under FSDP a gather
-                final = self._write_final(ema)
-                self._write_summary(loss_value, stopped_by, ema)
+                final = run_outputs.write_final(self, ema)
+                run_outputs.write_summary(self, loss_value, stopped_by, ema)
         finally:
             if log is not None:
                 log.close()
@@ -405,97 +343,14 @@ class Trainer:
                 if result is not None:
                     log.eval({"step": step, **result})
 
-    # -- outputs ----------------------------------------------------------------------------------------
+    # -- outputs (`pictor.train.run_outputs`) -----------------------------------------------------------
 
     def save(self) -> Path | None:
         """Checkpoint this step (rank 0 writes; every rank waits so none runs ahead of a half-written one)."""
-        path = self.out / "checkpoints" / step_name(self.step)
-        distributed.barrier(self.info)
-        # Rank 0's answer for all: ranks on other machines may not see its folders.
-        here = torch.tensor([float(path.is_dir())], device=self.device)
-        exists = bool(distributed.broadcast(here, self.info).item())
-        if not exists:  # every rank gathers (FSDP shards: collectives); rank 0 keeps and writes
-            main = self.info.is_main
-            weights = distributed.full_state(self.model, keep=main)
-            optimizer_state = optimizer_to_flat(self.optimizer, self.model, keep=main)
-            with self.ema.whole(keep=main) as ema:
-                if ema is not None:
-                    self._write_checkpoint(ema, weights, optimizer_state)
-        distributed.barrier(self.info)
-        return path if self.info.is_main else None
-
-    def _write_checkpoint(
-        self, ema: nn.Module, weights: dict[str, Any], optimizer_state: dict[str, Any]
-    ) -> None:
-        cfg = self.cfg
-        state: dict[str, Any] = {
-            "step": self.step,
-            "data_position": self.position,
-            "data": self.data_print,
-            "world_size": self.info.world_size,
-            "precision": self.stage.precision,
-            "elapsed": self.elapsed,
-            "config": cfg.to_dict(),
-            "scheduler": schedule_state(self.step, cfg),
-            "ema": {"decay": self.ema.decay, "warmup": self.ema.warmup},
-            "stage": self.stage.state(),
-        }
-        write_checkpoint(
-            self.out,
-            self.step,
-            lambda folder: self.stage.write_weights(folder, ema, self.step),
-            weights,
-            optimizer_state,
-            state,
-            cfg.keep,
-        )
+        return run_outputs.save(self)
 
     def samples(self, ema: nn.Module) -> Path:
-        folder = self.out / "samples"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{step_name(self.step)}.png"
-        self.stage.sample_grid(ema).save(path)
-        return path
-
-    def _write_final(self, ema: nn.Module | None) -> Path:
-        final = self.out / FINAL
-        distributed.barrier(self.info)
-        if ema is not None:  # rank 0
-            tmp = self.out / f".{FINAL}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.stage.write_weights(tmp, ema, self.step)
-            replace_dir(tmp, final)
-            # A stage may hand out one file instead of the folder (OUT/lora.safetensors, OUT/layout...).
-            publish = getattr(self.stage, "publish", None)
-            if publish is not None:
-                final = publish(final)
-        distributed.barrier(self.info)
-        return final
-
-    def _write_summary(self, loss: float, stopped_by: str, ema: nn.Module | None) -> None:
-        """Per-rank checksums of the raw weights: DDP ranks must hold identical models; FSDP ranks hold
-        their own shards."""
-        digest = state_dict_hash(distributed.local_state(self.model))
-        local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
-        sums = [bytes(t.cpu().tolist()).hex() for t in distributed.gather(local, self.info)]
-        if ema is not None:  # rank 0
-            write_json(
-                {
-                    "step": self.step,
-                    "stage": self.cfg.stage,
-                    "loss": loss if math.isfinite(loss) else None,  # None: a resume with no steps left
-                    "world_size": self.info.world_size,
-                    "precision": self.stage.precision,
-                    "fsdp": self.cfg.fsdp,
-                    "global_batch": self.cfg.global_batch(self.info.world_size),
-                    "resumed_from": self.resumed_from,
-                    "stopped_by": stopped_by,  # max_steps, or max_minutes (then --resume continues)
-                    "final": FINAL,
-                    "weights_sha256_per_rank": sums,
-                    "ema_sha256": state_dict_hash(ema.state_dict()),
-                },
-                self.out / SUMMARY,
-            )
+        return run_outputs.samples(self, ema)
 
 
 @contextmanager
