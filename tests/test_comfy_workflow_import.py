@@ -281,10 +281,15 @@ def test_several_samplers_the_one_that_made_the_saved_picture_is_taken() -> None
     graph["8"]["inputs"]["samples"] = ["51", 0]
     graph["52"] = node("VAEDecode", samples=["3", 0], vae=["4", 2])
     graph["53"] = node("PreviewImage", images=["52", 0])
+    # a hires fix: its first pass's settings, the second as --hires (tests/test_comfy_hires_import.py)
+    got = comfy(graph)
+    assert (got.values["seed"], got.values["steps"], got.values["hires"]) == (42, 12, 1.5)
+    # through a node the hires reading does not know, only the last pass is taken, as before
+    graph["50"] = node("LatentSharpen", sharpen_radius=1, samples=["3", 0])
     got = comfy(graph)
     assert (got.values["seed"], got.values["steps"]) == (2, 5) and "size" not in got.values
     notices = " | ".join(got.notices)
-    assert "starts from another sampler's output (through LatentUpscaleBy (node 50))" in notices
+    assert "starts from another sampler's output (through LatentSharpen (node 50))" in notices
     assert "KSampler (node 51) denoises 0.5 of the way" in notices
     assert (
         "not taken (no pictor equivalent, or given another way): KSampler (node 3), EmptySD3LatentImage"

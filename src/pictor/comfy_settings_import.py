@@ -17,6 +17,7 @@ its own: the A1111 side never reads them.
 from __future__ import annotations
 
 from pictor.comfy_graph import ComfyGraphError, shortened
+from pictor.comfy_passes import take_hires
 from pictor.comfy_prompt_weights import comfy_prompt_as_a1111
 from pictor.comfy_workflow import ComfySettings, read_comfy_graph
 from pictor.flow import resolution_mu
@@ -170,6 +171,7 @@ def _comfy_settings(text: str) -> ImportedSettings:
     if graph.scheduler is not None:
         _comfy_schedule(graph.scheduler, out)
     _comfy_shift(graph, out)
+    take_hires(graph.hires, out)  # a two-pass graph's second pass (pictor.comfy_passes)
     if graph.batch_size is not None and graph.batch_size > 1:
         # ComfyUI draws a batch's noise from one seed, so the graph does not say which of its pictures this
         # file is (A1111's text gives each picture its own seed, so its Batch size goes unsaid).

@@ -4,8 +4,10 @@ ComfyUI's SaveImage writes the graph that ran as a `prompt` text chunk, in its A
 (`pictor.comfy_graph`; its `workflow` chunk, the editor's layout of the same graph, says nothing more here).
 `read_comfy_graph` finds the sampling node whose latent became the saved picture, follows its links to the
 prompt, seed, steps, CFG, FLUX guidance, sampler, scheduler and size, and gives them in ComfyUI's own terms
-(`ComfySettings`); `pictor.settings_import` maps those onto `pictor generate`'s options. Every other node on
-the saved picture's path is named in a notice, not silently dropped.
+(`ComfySettings`); `pictor.settings_import` maps those onto `pictor generate`'s options. Each sampling pass
+is read by `pictor.comfy_sampling_nodes`; a two-pass graph (a hires fix, or one run split in two) by
+`pictor.comfy_passes`, which gives its first pass's settings with the second as `ComfySettings.hires`. Every
+other node on the saved picture's path is named in a notice, not silently dropped.
 
 The graph is data: nothing in it is run or evaluated, and only the node classes named here are understood.
 """
@@ -13,9 +15,7 @@ The graph is data: nothing in it is run or evaluated, and only the node classes 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pictor.comfy_graph import (
@@ -29,11 +29,17 @@ from pictor.comfy_graph import (
     picture_path,
     shortened,
 )
+from pictor.comfy_passes import model_way, read_two_passes
+from pictor.comfy_sampling_nodes import (
+    ComfySettings,
+    empty_latent,
+    pass_notices,
+    read_pass,
+)
+
+__all__ = ["PROMPT_KEY", "ComfySettings", "read_comfy_graph"]
 
 PROMPT_KEY = "prompt"
-# Empty latents that say the picture's size: EmptyLatentImage, EmptySD3LatentImage (FLUX.1's, in ComfyUI's
-# own FLUX workflows), EmptyHunyuanLatentImage and the like all hold width, height and batch_size.
-EMPTY_LATENT = re.compile(r"^Empty\w*Latent\w*$")
 # Inputs that name a model file: the model itself, and the text encoders and autoencoder beside it.
 MODEL_INPUTS = ("ckpt_name", "unet_name")
 COMPONENT_INPUTS = ("clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4", "vae_name")
@@ -43,39 +49,6 @@ PLUMBING = {"VAEDecode", "VAEDecodeTiled", "SaveImage", "PreviewImage"}
 # pictor's own (`flux`) schedule applies too; other values are a schedule pictor does not have. (Graphs
 # carry the editor's float steps: 1.1500000000000001.)
 FLUX_SHIFT_DEFAULTS = {"max_shift": 1.15, "base_shift": 0.5}
-MAX_HOPS = 64  # links followed along one chain: more is a loop, or a graph not worth following
-
-
-@dataclass
-class ComfySettings:
-    """What a ComfyUI graph says about its saved picture, in ComfyUI's terms (None: it does not say)."""
-
-    prompt: str | None = None  # as ComfyUI's text encoder read it: its own weight syntax
-    negative: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    cfg: float | None = None
-    guidance: float | None = None  # FLUX.1's distilled guidance (FluxGuidance, CLIPTextEncodeFlux)
-    sampler_name: str | None = None  # ComfyUI's name: KSampler's sampler_name, or a sampler node's class
-    scheduler: str | None = None  # ComfyUI's name, or the class of the node that made the sigmas
-    size: tuple[int, int] | None = None
-    batch_size: int | None = None
-    # whether a ModelSampling... node (ModelSamplingFlux...) sets the schedule's shift on the model's way to
-    # the sampler; without one, ComfyUI's FLUX.1 [dev] shifts by a constant 1.15 at every size
-    model_sampling: bool = False
-    # whether a TCFG node (Tangential Damping CFG) patches the model on its way to the sampler: pictor's
-    # tcfg guidance method (see GUIDANCE_NODES)
-    tcfg: bool = False
-    notices: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Wiring:
-    """The links into the sampling node that lead to its prompts and its starting latent."""
-
-    positive: Any = None
-    negative: Any = None
-    latent: Any = None
 
 
 # ComfyUI's model patches that change how CFG combines its predictions (comfy_extras), against pictor's
@@ -113,224 +86,65 @@ GUIDANCE_NODES = {
 def read_comfy_graph(text: str) -> ComfySettings:
     """The settings of the picture a ComfyUI API graph (its `prompt` chunk) saved (module docstring)."""
     graph = parse_graph(text)
-    out = ComfySettings()
-    sampler, saved = final_sampler(graph, out.notices)
-    graph.used.add(sampler)
-    read = _read_ksampler if graph.cls(sampler).startswith("KSampler") else _read_custom_sampler
-    wiring = read(graph, sampler, out)
-    out.prompt, out.guidance = _conditioning(graph, wiring.positive, "prompt", out.notices)
-    if wiring.negative is not None:
-        out.negative, _ = _conditioning(graph, wiring.negative, "negative prompt", out.notices)
-    _latent(graph, wiring.latent, out)
+    notices: list[str] = []
+    sampler, saved = final_sampler(graph, notices)
+    out, latent = read_pass(graph, sampler)
+    out.notices[:0] = notices
+    two = read_two_passes(graph, out, latent)  # a hires fix, or a run split in two: its first pass
+    first_way = None  # a hires fix's first pass's model's way: its shift is the one taken
+    if two is not None:
+        two.notices = [_taken_notice(graph, n, sampler, two) for n in two.notices]
+        out = two
+        if out.hires is not None:
+            first_way = model_way(graph, out.sampler_node)
+    else:
+        pass_notices(graph, out)
+        _latent(graph, latent, out)
     before = graph.ancestors(sampler)
-    out.model_sampling = any(graph.cls(n).startswith("ModelSampling") for n in before)
+    shifts = before if first_way is None else first_way
+    out.model_sampling = any(graph.cls(n).startswith("ModelSampling") for n in shifts)
     out.tcfg = any(graph.cls(n) == TCFG_NODE for n in before)
     graph.used.update(n for n in before if graph.cls(n) == TCFG_NODE)  # taken, or said, by settings_import
     scope = before | picture_path(graph, sampler, saved)
     out.notices.extend(_file_notices(graph, scope))
-    out.notices.extend(_shift_notices(graph, scope, out.size))
+    out.notices.extend(_shift_notices(graph, scope, out.size, first_way))
     out.notices.extend(_guidance_notices(graph, before))
     out.notices.extend(_leftover_notice(graph, scope))
     return out
 
 
-def _read_ksampler(graph: ComfyGraph, node: str, out: ComfySettings) -> _Wiring:
-    """KSampler, and KSamplerAdvanced (its seed is noise_seed; it may add no noise or run part of the
-    steps, which are said in notices)."""
-    notices = out.notices
-    advanced = graph.cls(node) == "KSamplerAdvanced"
-    out.steps = graph.value(node, "steps", int, notices)
-    out.cfg = graph.value(node, "cfg", float, notices)
-    out.sampler_name = graph.value(node, "sampler_name", str, notices)
-    out.scheduler = graph.value(node, "scheduler", str, notices)
-    if advanced:
-        if graph.value(node, "add_noise", str, notices) == "disable":
-            notices.append(f"{graph.name(node)} adds no noise (a later pass): its seed is not taken")
-        else:
-            out.seed = graph.value(node, "noise_seed", int, notices)
-        _part_of_the_steps(graph, node, out)
-    else:
-        out.seed = graph.value(node, "seed", int, notices)
-        _denoise(graph, node, notices)
-    inputs = graph.inputs(node)
-    return _Wiring(inputs.get("positive"), inputs.get("negative"), inputs.get("latent_image"))
-
-
-def _part_of_the_steps(graph: ComfyGraph, node: str, out: ComfySettings) -> None:
-    start = graph.value(node, "start_at_step", int, out.notices) or 0
-    end = graph.value(node, "end_at_step", int, out.notices)
-    if start > 0 or (end is not None and out.steps is not None and end < out.steps):
-        out.notices.append(
-            f"{graph.name(node)} runs steps {start} to {end} of {out.steps}, which pictor does not: the "
-            "step count is taken, and all of its steps run"
-        )
-
-
-def _denoise(graph: ComfyGraph, node: str, notices: list[str]) -> None:
-    denoise = graph.value(node, "denoise", float, notices)
-    if denoise is not None and denoise < 1:
-        notices.append(
-            f"{graph.name(node)} denoises {denoise:g} of the way (img2img strength), which pictor's generate "
-            "does not: the whole schedule runs (pictor edit --strength takes it, with a picture)"
-        )
-
-
-def _read_custom_sampler(graph: ComfyGraph, node: str, out: ComfySettings) -> _Wiring:
-    """SamplerCustom (seed and CFG its own) and SamplerCustomAdvanced (a noise and a guider node)."""
-    notices = out.notices
-    inputs = graph.inputs(node)
-    if graph.cls(node) == "SamplerCustom":
-        if graph.value(node, "add_noise", bool, notices) is False:
-            notices.append(f"{graph.name(node)} adds no noise (a later pass): its seed is not taken")
-        else:
-            out.seed = graph.value(node, "noise_seed", int, notices)
-        out.cfg = graph.value(node, "cfg", float, notices)
-        wiring = _Wiring(inputs.get("positive"), inputs.get("negative"))
-    else:
-        _noise(graph, inputs.get("noise"), out)
-        wiring = _guider(graph, inputs.get("guider"), out)
-    wiring.latent = inputs.get("latent_image")
-    _sampler_node(graph, inputs.get("sampler"), out)
-    _sigmas(graph, inputs.get("sigmas"), out)
-    return wiring
-
-
-def _noise(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
-    ref = graph.follow(value)
-    if ref is None:
-        return
-    cls = graph.cls(ref[0])
-    if cls == "RandomNoise":
-        out.seed = graph.value(ref[0], "noise_seed", int, out.notices)
-    elif cls == "DisableNoise":
-        out.notices.append(f"the sampler adds no noise ({graph.name(ref[0])}): no seed is taken")
-    else:
-        out.notices.append(f"the noise comes from {graph.name(ref[0])}, which pictor does not read: no seed")
-
-
-def _guider(graph: ComfyGraph, value: Any, out: ComfySettings) -> _Wiring:
-    """CFGGuider (CFG, positive and negative) or BasicGuider (one conditioning: no CFG, no negative)."""
-    ref = graph.follow(value)
-    if ref is None:
-        return _Wiring()
-    node, cls = ref[0], graph.cls(ref[0])
-    inputs = graph.inputs(node)
-    if cls == "CFGGuider":
-        out.cfg = graph.value(node, "cfg", float, out.notices)
-        return _Wiring(inputs.get("positive"), inputs.get("negative"))
-    if cls == "BasicGuider":  # ComfyUI's Guider_Basic: a CFGGuider at its CFG 1, with no negative
-        out.cfg = 1.0
-        return _Wiring(inputs.get("conditioning"))
-    graph.used.discard(node)  # listed with what is not taken
-    out.notices.append(f"the guider is {graph.name(node)}, which pictor does not read: no prompt or CFG")
-    return _Wiring()
-
-
-def _sampler_node(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
-    ref = graph.follow(value)
-    if ref is None:
-        return
-    if graph.cls(ref[0]) == "KSamplerSelect":
-        out.sampler_name = graph.value(ref[0], "sampler_name", str, out.notices)
-    else:  # a sampler node with settings of its own (SamplerEulerAncestral's eta...): not one of pictor's
-        out.sampler_name = graph.cls(ref[0])
-
-
-def _sigmas(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
-    """BasicScheduler gives its scheduler, steps and denoise; other sigma nodes their steps, if any."""
-    ref = graph.follow(value)
-    if ref is None:
-        return
-    node = ref[0]
-    if graph.cls(node) == "BasicScheduler":
-        out.scheduler = graph.value(node, "scheduler", str, out.notices)
-        out.steps = graph.value(node, "steps", int, out.notices)
-        _denoise(graph, node, out.notices)
-        return
-    out.scheduler = graph.cls(node)
-    if isinstance(graph.inputs(node).get("steps"), int):
-        out.steps = graph.value(node, "steps", int, out.notices)
-
-
-def _conditioning(
-    graph: ComfyGraph, value: Any, role: str, notices: list[str]
-) -> tuple[str | None, float | None]:
-    """The text a conditioning was encoded from, and the FLUX guidance set on the way (the outermost
-    FluxGuidance: the last one applied). Nodes that only pass a conditioning on (ControlNet, style model,
-    timestep range...) are followed, and listed as not taken; anything else stops with a notice."""
-    guidance: float | None = None
-    for _ in range(MAX_HOPS):
-        ref = graph.follow(value)
-        if ref is None:
-            return None, guidance
-        node, cls = ref[0], graph.cls(ref[0])
-        inputs = graph.inputs(node)
-        if cls == "FluxGuidance":
-            if guidance is None:
-                guidance = graph.value(node, "guidance", float, notices)
-            value = inputs.get("conditioning")
-        elif cls == "CLIPTextEncode":
-            return graph.value(node, "text", str, notices), guidance
-        elif cls == "CLIPTextEncodeFlux":
-            return _flux_text(graph, node, notices), (
-                guidance if guidance is not None else graph.value(node, "guidance", float, notices)
-            )
-        elif cls == "ConditioningZeroOut":  # FLUX graphs' "no negative": an empty one
-            return "", guidance
-        elif (passed := _passed_on(inputs, ref[1])) is not None:
-            graph.used.discard(node)  # its own part is not taken: listed with the rest
-            value = inputs[passed]
-        else:
-            graph.used.discard(node)
-            notices.append(f"the {role} comes from {graph.name(node)}, which pictor does not read: not taken")
-            return None, guidance
-    notices.append(f"the {role}'s conditioning passes through more than {MAX_HOPS} nodes: not taken")
-    return None, guidance
-
-
-def _flux_text(graph: ComfyGraph, node: str, notices: list[str]) -> str | None:
-    """CLIPTextEncodeFlux's T5 text (pictor encodes one prompt; FLUX.1's T5 reads most of it)."""
-    t5 = graph.value(node, "t5xxl", str, notices)
-    clip_l = graph.value(node, "clip_l", str, notices)
-    if clip_l and t5 is not None and clip_l.strip() != t5.strip():
-        notices.append(
-            f"{graph.name(node)}'s CLIP-L text differs from its T5 text, which is taken as the prompt: "
-            f"'{clip_l}' is not taken"
-        )
-    return t5
-
-
-def _passed_on(inputs: dict[str, Any], output: int) -> str | None:
-    """The input a conditioning node passes on to its output `output`: its one `conditioning`, or, for a
-    node with positive and negative in and out (ControlNetApplyAdvanced...), the one of that output."""
-    if "positive" in inputs and "negative" in inputs and output in (0, 1):
-        return ("positive", "negative")[output]
-    if "conditioning" in inputs and not any(k.startswith("conditioning_") for k in inputs):
-        return "conditioning"
-    return None
+def _taken_notice(graph: ComfyGraph, notice: str, sampler: str, two: ComfySettings) -> str:
+    """final_sampler's notice of which sampler's picture is taken, saying whose settings that gives where
+    it and the pass before it are read as one (a hires fix, or a run split in two)."""
+    head, said, tail = notice.partition("; the settings of ")
+    name = graph.name(sampler)
+    if not said or not tail.startswith(name) or two.sampler_node is None:
+        return notice
+    why = tail[len(name) :].removesuffix(" are taken").strip()
+    whose = graph.name(two.sampler_node)
+    gives = (
+        f"those of {whose} with a hires fix" if two.hires is not None else f"those of the run {whose} began"
+    )
+    return f"{head}; the picture of {name} {why} is taken to be this one: its settings are {gives}"
 
 
 def _latent(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
     """The size from an empty latent; a picture encoded into the latent (img2img) or another sampler's
-    output (a later pass) is said in a notice."""
+    output through nodes `pictor.comfy_passes` does not read (a later pass) is said in a notice."""
     ref = graph.follow(value)
     if ref is None:
         return
-    node, cls = ref[0], graph.cls(ref[0])
-    if EMPTY_LATENT.match(cls):
-        width = graph.value(node, "width", int, out.notices)
-        height = graph.value(node, "height", int, out.notices)
-        if width is not None and height is not None:
-            out.size = (width, height)
-        out.batch_size = graph.value(node, "batch_size", int, out.notices)
+    node = ref[0]
+    if empty_latent(graph, node, out):
         return
     graph.used.discard(node)
     source = graph.ancestors(node) | {node}
     pictures = [n for n in sorted(source, key=id_order) if graph.cls(n) == "LoadImage"]
     if any(graph.cls(n) in SAMPLER_CLASSES for n in source):
         out.notices.append(
-            f"the sampler starts from another sampler's output (through {graph.name(node)}): a later pass, "
-            "like a hires fix; only its own settings are taken (pictor's --hires SCALE runs a second pass)"
+            f"the sampler starts from another sampler's output (through {graph.name(node)}), in a way pictor "
+            "does not read as a hires fix: only its own settings are taken (pictor's --hires SCALE runs a "
+            "second pass)"
         )
     elif pictures:
         graph.used.update({node, *pictures})  # said here, not again with what is not taken
@@ -416,14 +230,20 @@ def _leftover_notice(graph: ComfyGraph, scope: set[str]) -> list[str]:
     return [f"not taken (no pictor equivalent, or given another way): {listed(left, 'nodes')}"]
 
 
-def _shift_notices(graph: ComfyGraph, scope: set[str], size: tuple[int, int] | None) -> list[str]:
+def _shift_notices(
+    graph: ComfyGraph, scope: set[str], size: tuple[int, int] | None, first_way: set[str] | None
+) -> list[str]:
     """ModelSamplingFlux at its defaults for the picture's own size is pictor's `flux` schedule: said
-    nothing of; at other values or for another size, what it sets is said (and it is not taken)."""
+    nothing of; at other values or for another size, what it sets is said (and it is not taken). In a hires
+    fix (`first_way`: its first pass's model's way) one on the second pass's way alone is said by
+    `pictor.comfy_passes`, which compares its shift with the hires pass's."""
     notices = []
     for node in sorted(scope, key=id_order):
         if graph.cls(node) != "ModelSamplingFlux":
             continue
         graph.used.add(node)  # said here, or quietly pictor's own: not listed with what is not taken
+        if first_way is not None and node not in first_way:
+            continue
         values = {k: _plain_number(graph, node, k) for k in (*FLUX_SHIFT_DEFAULTS, "width", "height")}
         shifts = all(_close(values[k], v) for k, v in FLUX_SHIFT_DEFAULTS.items())
         at_size = size is None or (values["width"], values["height"]) == size  # unknown size: no telling
