@@ -6,12 +6,12 @@ and is compared with a --reference-steps (100) Euler image of the same prompt an
 pixel difference (0-255 scale), averaged over the prompts. For the deterministic samplers this measures how
 close a few steps come to the ODE's solution. The stochastic samplers (euler_ancestral, dpmpp_2m_sde, lcm,
 dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, res_multistep_ancestral,
-er_sde) solve no ODE: their images
+er_sde, seeds_2, seeds_3, exp_heun_2_x0_sde and the ancestral CFG++ ones) solve no ODE: their images
 follow their own fresh noise, so their distance does not go to 0 and measures how far they stray, not their
 error. Seconds per image are the median wall time of the whole `Pipeline.generate` (text, sampling, decode)
 at batch 1 (the median: a shared machine's slow moments do not move it); each row gives the sampler's model
-calls per image (before CFG doubling): dpm_2, heunpp2 and the two-call stochastic samplers make more than
-one per step.
+calls per image (before CFG doubling): dpm_2, heunpp2, seeds_2, seeds_3, exp_heun_2_x0(_sde) and the
+two-call stochastic samplers make more than one per step.
 
 Usage: python benchmarks/bench_samplers.py [--prompts 12] [--steps 10,20] [--reference-steps 100]
     [--samplers euler,dpmpp_2m,...] (default: every sampler but heun, the new ipndm_v,

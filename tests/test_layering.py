@@ -69,6 +69,7 @@ LAYERS: dict[str, int] = {
     "sampling_res": 1,
     "sampling_cfg_pp": 1,
     "sampling_er_sde": 1,
+    "sampling_seeds": 1,
     "sampling_stages": 1,
     "sampling_ancestral": 1,
     "sampling_schedules": 1,

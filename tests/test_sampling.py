@@ -41,7 +41,14 @@ STOCHASTIC = (
     "dpmpp_3m_sde",
     "res_multistep_ancestral",
     "er_sde",
+    "seeds_2",
+    "seeds_3",
+    "exp_heun_2_x0_sde",
 )
+# Deterministic, but from t = 1 it starts its arithmetic at ComfyUI's 1 - 3.2e-5 (pictor.sampling_seeds),
+# so it follows a straight path only to that offset and stays out of NAMES' exactness tests
+# (tests/test_sampling_comfy_ports2.py tests it against ComfyUI's loop and its order).
+OFFSET_START = ("exp_heun_2_x0",)
 
 
 # Gaussian data x0 ~ N(MU, SD^2) per coordinate, noise ~ N(0, 1). x_t is Gaussian with mean (1 - t) MU and
@@ -230,10 +237,11 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    cfg_pp = {"euler_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp"}  # the deterministic CFG++ ones
+    # the deterministic CFG++ ones
+    cfg_pp = {"euler_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"}
     stochastic_cfg_pp = {f"{name}_cfg_pp" for name in ("euler_ancestral", "dpmpp_2s_ancestral")}
     stochastic_cfg_pp.add("res_multistep_ancestral_cfg_pp")
-    assert set(S.SAMPLERS) == {*NAMES, *STOCHASTIC, *cfg_pp, *stochastic_cfg_pp}
+    assert set(S.SAMPLERS) == {*NAMES, *OFFSET_START, *STOCHASTIC, *cfg_pp, *stochastic_cfg_pp}
     assert frozenset({*STOCHASTIC, *stochastic_cfg_pp}) == S.STOCHASTIC_SAMPLERS
     assert {*cfg_pp, *stochastic_cfg_pp} == S.CFG_PP_SAMPLERS
     assert S.is_stochastic("euler_ancestral") and S.is_stochastic("lcm") and not S.is_stochastic("unipc")
@@ -242,9 +250,10 @@ def test_registry_and_unknown_names() -> None:
         ValueError,
         match=r"deis, dpm_2, dpm_2_ancestral, dpmpp_2m, dpmpp_2m_cfg_pp, dpmpp_2m_sde, dpmpp_2m_sde_heun, "
         r"dpmpp_2s_ancestral, dpmpp_2s_ancestral_cfg_pp, dpmpp_3m_sde, dpmpp_sde, er_sde, euler, "
-        r"euler_ancestral, euler_ancestral_cfg_pp, euler_cfg_pp, gradient_estimation, heun, heunpp2, ipndm, "
+        r"euler_ancestral, euler_ancestral_cfg_pp, euler_cfg_pp, exp_heun_2_x0, exp_heun_2_x0_sde, "
+        r"gradient_estimation, gradient_estimation_cfg_pp, heun, heunpp2, ipndm, "
         r"ipndm_v, lcm, lms, res_multistep, res_multistep_ancestral, res_multistep_ancestral_cfg_pp, "
-        r"res_multistep_cfg_pp, unipc",
+        r"res_multistep_cfg_pp, seeds_2, seeds_3, unipc",
     ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
@@ -278,8 +287,14 @@ def test_registry_and_unknown_names() -> None:
         "dpmpp_2s_ancestral_cfg_pp": 2,
         "res_multistep_cfg_pp": 1,
         "res_multistep_ancestral_cfg_pp": 1,
+        "gradient_estimation_cfg_pp": 1,
+        "exp_heun_2_x0": 2,
+        "exp_heun_2_x0_sde": 2,
+        "seeds_2": 2,
+        "seeds_3": 3,
     }
     assert S.model_evals("dpmpp_2s_ancestral_cfg_pp", 10) == 19
+    assert S.model_evals("seeds_3", 10) == 28 and S.model_evals("exp_heun_2_x0", 10) == 19
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     assert S.model_evals("dpm_2", 10) == 19 and S.model_evals("dpmpp_sde", 10) == 19
     assert [S.model_evals("heunpp2", n) for n in (1, 2, 3, 10)] == [1, 3, 6, 27]

@@ -25,6 +25,7 @@ PLAIN = {
     "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral",
     "res_multistep_cfg_pp": "res_multistep",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral",
+    "gradient_estimation_cfg_pp": "gradient_estimation",
 }
 SCALE = 3.0
 
@@ -212,6 +213,27 @@ def comfy_dpmpp_2s_ancestral_rf_cfg_pp(model: ComfyModel, x, sigmas, eta, noise)
     return x
 
 
+def comfy_gradient_estimation_cfg_pp(model: ComfyModel, x, sigmas, noise, ge_gamma=2.0):
+    """ComfyUI's sample_gradient_estimation(cfg_pp=True), its Euler CFG++ line moved onto the flow path."""
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = to_d(x, sigmas[i], model.uncond_denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            # ComfyUI: x = denoised + d * sigmas[i + 1] (guidance term D - U at weight 1); pictor's weighs it
+            # by the flow path's 1 - t', as for DPM++(2M) CFG++
+            x = denoised + d * sigmas[i + 1] - sigmas[i + 1] * (denoised - model.uncond_denoised)
+            if i >= 1:
+                d_bar = (ge_gamma - 1) * (d - old_d)
+                x = x + d_bar * dt
+        old_d = d
+    return x
+
+
 COMFY = {
     "euler_cfg_pp": lambda m, x, s, n: comfy_euler_ancestral_cfg_pp(m, x, s, 0.0, n),
     "euler_ancestral_cfg_pp": lambda m, x, s, n: comfy_euler_ancestral_cfg_pp(m, x, s, 1.0, n),
@@ -219,6 +241,7 @@ COMFY = {
     "dpmpp_2s_ancestral_cfg_pp": lambda m, x, s, n: comfy_dpmpp_2s_ancestral_rf_cfg_pp(m, x, s, 1.0, n),
     "res_multistep_cfg_pp": lambda m, x, s, n: comfy_res_multistep_cfg_pp(m, x, s, 0.0, n),
     "res_multistep_ancestral_cfg_pp": lambda m, x, s, n: comfy_res_multistep_cfg_pp(m, x, s, 1.0, n),
+    "gradient_estimation_cfg_pp": comfy_gradient_estimation_cfg_pp,
 }
 
 

@@ -68,7 +68,12 @@ def test_the_server_names_every_sampler_and_stochastic_ones_as_such() -> None:
         assert named.get(name) == ("stochastic" if is_stochastic(name) else "plain"), name
 
 
-CFG_PP_DIFFERENT = {"dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp"}
+CFG_PP_DIFFERENT = {
+    "dpmpp_2m_cfg_pp",
+    "res_multistep_cfg_pp",
+    "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation_cfg_pp",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CFG_PP_SAMPLERS))

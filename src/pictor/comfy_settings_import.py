@@ -64,13 +64,19 @@ COMFY_SAMPLERS = {
     "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp",
     "res_multistep_cfg_pp": "res_multistep_cfg_pp",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
+    "exp_heun_2_x0": "exp_heun_2_x0",
+    "exp_heun_2_x0_sde": "exp_heun_2_x0_sde",
+    "seeds_2": "seeds_2",
+    "seeds_3": "seeds_3",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
 # tabulated coefficients (`pictor.sampling_deis`); its res_multistep_ancestral renoises with the
 # variance-exploding ancestral split on a flow model too, pictor's with the rectified-flow one
-# (`pictor.sampling_res`); its DPM++ 2M and RES CFG++ are written for a signal scale of 1
-# (`pictor.sampling_cfg_pp`).
+# (`pictor.sampling_res`); its DPM++ 2M, RES and gradient estimation CFG++ are written for a signal scale
+# of 1 (`pictor.sampling_cfg_pp`). No pictor sampler (left as an unknown `sampler_name`): sa_solver and
+# sa_solver_pece (SA-Solver's stochastic Adams steps), dpm_fast, dpm_adaptive, ddpm and ddim.
 _UNIPC = (
     "ComfyUI runs UniPC at order 3 (and its KSampler drops the second-to-last step for it), where pictor's "
     "unipc is bh2 at order 2"
@@ -101,7 +107,12 @@ COMFY_SAMPLER_NOTICES = {
             + (", and renoises with the rectified-flow ancestral step" if "ancestral" in name else "")
             + ", so the images differ"
         )
-        for name in ("dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp")
+        for name in (
+            "dpmpp_2m_cfg_pp",
+            "res_multistep_cfg_pp",
+            "res_multistep_ancestral_cfg_pp",
+            "gradient_estimation_cfg_pp",
+        )
     },
 }
 # ComfyUI's schedulers with a pictor schedule. simple and sgm_uniform space the model's own (shifted) times

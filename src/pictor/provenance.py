@@ -62,6 +62,12 @@ SAMPLER_DISPLAY = {
     "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S Ancestral CFG++",
     "res_multistep_cfg_pp": "Res Multistep CFG++",
     "res_multistep_ancestral_cfg_pp": "Res Multistep Ancestral CFG++",
+    # ComfyUI's samplers of 2025, which no A1111 fork verified here lists: its names in the spelling above
+    "gradient_estimation_cfg_pp": "Gradient Estimation CFG++",
+    "exp_heun_2_x0": "Exp Heun 2 X0",
+    "exp_heun_2_x0_sde": "Exp Heun 2 X0 SDE",
+    "seeds_2": "SEEDS 2",
+    "seeds_3": "SEEDS 3",
 }
 
 

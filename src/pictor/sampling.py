@@ -23,29 +23,34 @@ The multistep solvers live in modules of their own: DPM-Solver++(2M) and UniPC i
 LMS and gradient estimation (linear multistep on v) in `sampling_adams`, RES multistep and its ancestral
 variant in `sampling_res`, DPM2 and Heun++ (several model calls per step) in `sampling_stages`; the
 stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in `sampling_sde`, DPM2 ancestral, DPM++(2S)
-ancestral and DPM++ SDE in `sampling_ancestral`, ER-SDE in `sampling_er_sde`, and LCM in `sampling_lcm`.
-The CFG++ samplers (`CFG_PP_SAMPLERS`: Euler, Euler ancestral, DPM++(2M), DPM++(2S) ancestral in
-`sampling_cfg_pp`, RES multistep and its ancestral variant in `sampling_res`) also read the unconditional
-velocity of each call from the velocity callable (`pictor.sampling_steps.UNCOND`).
+ancestral, DPM++ SDE and Euler ancestral in `sampling_ancestral`, ER-SDE in `sampling_er_sde`, SEEDS-2/3 and
+the exponential Heun method (ODE and SDE) in `sampling_seeds`, and LCM in `sampling_lcm`.
+The CFG++ samplers (`CFG_PP_SAMPLERS`: Euler, Euler ancestral, DPM++(2M), DPM++(2S) ancestral, gradient
+estimation in `sampling_cfg_pp`, RES multistep and its ancestral variant in `sampling_res`) also read the
+unconditional velocity of each call from the velocity callable (`pictor.sampling_steps.UNCOND`).
 The shared types and step helpers are in `pictor.sampling_steps`. All are registered in `SAMPLERS` here.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 from torch import Tensor
 
-from pictor.flow import predict_x0
 from pictor.sampling_adams import sample_gradient_estimation, sample_ipndm, sample_ipndm_v, sample_lms
-from pictor.sampling_ancestral import sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
+from pictor.sampling_ancestral import (
+    sample_dpm_2_ancestral,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
+    sample_euler_ancestral,
+)
 from pictor.sampling_cfg_pp import (
     sample_dpmpp_2m_cfg_pp,
     sample_dpmpp_2s_ancestral_cfg_pp,
     sample_euler_ancestral_cfg_pp,
     sample_euler_cfg_pp,
+    sample_gradient_estimation_cfg_pp,
 )
 from pictor.sampling_deis import sample_deis
 from pictor.sampling_er_sde import sample_er_sde
@@ -71,17 +76,19 @@ from pictor.sampling_schedules import (
     schedule_shifted,
 )
 from pictor.sampling_sde import sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_3m_sde
+from pictor.sampling_seeds import (
+    sample_exp_heun_2_x0,
+    sample_exp_heun_2_x0_sde,
+    sample_seeds_2,
+    sample_seeds_3,
+)
 from pictor.sampling_stages import sample_dpm_2, sample_heunpp2
 from pictor.sampling_steps import (
     Callback,
     NoiseFn,
     SamplerFn,
     VelocityFn,
-    draw,
-    report,
     report_v,
-    require_noise,
-    strictly_decreasing,
     t_batch,
     times,
 )
@@ -119,7 +126,10 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_euler_ancestral_cfg_pp",
     "sample_euler_cfg_pp",
+    "sample_exp_heun_2_x0",
+    "sample_exp_heun_2_x0_sde",
     "sample_gradient_estimation",
+    "sample_gradient_estimation_cfg_pp",
     "sample_heun",
     "sample_heunpp2",
     "sample_ipndm",
@@ -130,6 +140,8 @@ __all__ = [
     "sample_res_multistep_ancestral",
     "sample_res_multistep_ancestral_cfg_pp",
     "sample_res_multistep_cfg_pp",
+    "sample_seeds_2",
+    "sample_seeds_3",
     "sample_unipc",
     "schedule_beta",
     "schedule_exponential",
@@ -189,48 +201,6 @@ def sample_heun(
     return x
 
 
-def sample_euler_ancestral(
-    model_fn: VelocityFn,
-    x: Tensor,
-    ts: Tensor,
-    callback: Callback | None = None,
-    *,
-    noise: NoiseFn | None = None,
-) -> Tensor:
-    """Euler ancestral for rectified flow (as ComfyUI's `sample_euler_ancestral_RF` with eta = 1).
-
-    Each step from t to t' (> 0) takes a deterministic Euler step to the lower time t_down = t'^2 / t and
-    then puts noise back up to t': x_t_down = (1 - t_down) D + t_down n is rescaled by
-    (1 - t') / (1 - t_down), which makes its data part (1 - t') D, and fresh noise is added with the
-    coefficient that makes the noise variance t'^2 again:
-
-        renoise^2 = t'^2 - (t_down (1 - t') / (1 - t_down))^2,
-
-    which is >= 0 because s / (1 - s) grows with s and t_down <= t'. The step to t' = 0 is the data
-    prediction itself and draws nothing. It is not an ODE solver: results depend on the noise, and more
-    steps converge in distribution, not to one image. One model call per step.
-
-    noise(i) is called once for every step i that does not end at 0; without it this raises a ValueError.
-    """
-    noise = require_noise(noise, "euler_ancestral")
-    ts_ = times(ts)
-    strictly_decreasing(ts_, "euler_ancestral")
-    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
-        v = model_fn(x, t_batch(t, x))
-        d = predict_x0(x, v, t)
-        report(callback, i, x, t, t_next, d)
-        if t_next == 0.0:
-            x = d
-            continue
-        t_down = t_next * t_next / t
-        scale = (1.0 - t_next) / (1.0 - t_down)
-        renoise = math.sqrt(max(t_next * t_next - (t_down * scale) ** 2, 0.0))  # max: rounding only
-        eps = draw(noise, i, x)
-        x_down = x + (t_down - t) * v  # Euler to t_down: the same as (t_down/t) x + (1 - t_down/t) D
-        x = (scale * x_down + renoise * eps).to(x.dtype)
-    return x
-
-
 SAMPLERS: dict[str, SamplerFn] = {
     "euler": sample_euler,
     "heun": sample_heun,
@@ -260,6 +230,11 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
     "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
+    "exp_heun_2_x0": sample_exp_heun_2_x0,
+    "exp_heun_2_x0_sde": sample_exp_heun_2_x0_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -291,9 +266,15 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "dpmpp_2s_ancestral_cfg_pp": 2,
     "res_multistep_cfg_pp": 1,
     "res_multistep_ancestral_cfg_pp": 1,
+    "gradient_estimation_cfg_pp": 1,
+    "exp_heun_2_x0": 2,
+    "exp_heun_2_x0_sde": 2,
+    "seeds_2": 2,
+    "seeds_3": 3,
 }
 # Calls a schedule ending at 0 saves on its last steps, where a sampler takes a cheaper step: the step to 0
-# (Euler, or the data prediction) of the two-call samplers, and Heun++'s last two steps (1 and 2 calls).
+# (Euler, or the data prediction) of the two- and three-call samplers, and Heun++'s last two steps (1 and 2
+# calls).
 _SAVED_AT_END: dict[str, int] = {
     "heun": 1,
     "dpm_2": 1,
@@ -301,6 +282,10 @@ _SAVED_AT_END: dict[str, int] = {
     "dpmpp_2s_ancestral": 1,
     "dpmpp_sde": 1,
     "dpmpp_2s_ancestral_cfg_pp": 1,
+    "exp_heun_2_x0": 1,
+    "exp_heun_2_x0_sde": 1,
+    "seeds_2": 1,
+    "seeds_3": 2,
 }
 
 # Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
@@ -319,6 +304,9 @@ STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
         "euler_ancestral_cfg_pp",
         "dpmpp_2s_ancestral_cfg_pp",
         "res_multistep_ancestral_cfg_pp",
+        "exp_heun_2_x0_sde",
+        "seeds_2",
+        "seeds_3",
     }
 )
 
@@ -332,6 +320,7 @@ CFG_PP_SAMPLERS: frozenset[str] = frozenset(
         "dpmpp_2s_ancestral_cfg_pp",
         "res_multistep_cfg_pp",
         "res_multistep_ancestral_cfg_pp",
+        "gradient_estimation_cfg_pp",
     }
 )
 
@@ -363,8 +352,9 @@ def model_evals_per_step(name: str) -> int:
 
 
 def model_evals(name: str, steps: int) -> int:
-    """Exact model calls for a schedule of `steps` steps ending at 0 (the last step of Heun, DPM2 and the
-    two-call stochastic samplers is a one-call step; Heun++'s last two take 1 and 2 calls)."""
+    """Exact model calls for a schedule of `steps` steps ending at 0 (the last step of Heun, DPM2, SEEDS,
+    exponential Heun and the two-call stochastic samplers is a one-call step; Heun++'s last two take 1 and
+    2 calls)."""
     per = model_evals_per_step(name)
     if steps <= 0:
         return 0

@@ -1,5 +1,7 @@
 """Stochastic samplers with two model calls per step, as ComfyUI runs them on a flow model (its CONST model
-sampling): DPM2 ancestral, DPM-Solver++(2S) ancestral and DPM-Solver++ SDE.
+sampling): DPM2 ancestral, DPM-Solver++(2S) ancestral and DPM-Solver++ SDE; and the one-call Euler ancestral
+(`sample_euler_ancestral`), whose rectified-flow step the others share (kept here, beside them, so that
+`pictor.sampling` stays the registry).
 
 Notation: t the noise level (alpha = 1 - t, sigma = t), v the velocity, D = x - t v the data prediction,
 s = t / (1 - t) the noise-to-signal ratio (exp(-lambda), lambda the half log-SNR; s = inf at t = 1).
@@ -66,6 +68,7 @@ __all__ = [
     "sample_dpm_2_ancestral",
     "sample_dpmpp_2s_ancestral",
     "sample_dpmpp_sde",
+    "sample_euler_ancestral",
 ]
 
 FIRST_MIDPOINT = 0.9999  # the intermediate time of a step from t = 1, where lambda's midpoint is t = 1
@@ -215,4 +218,46 @@ def sample_dpmpp_sde(
         x_mid = _sde_stage(x, d, t, t_mid, eta, eps_mid).to(x.dtype)
         d_mid = predict_x0(x_mid, model_fn(x_mid, t_batch(t_mid, x)), t_mid)
         x = _sde_stage(x, d_mid, t, t_next, eta, eps_step).to(x.dtype)
+    return x
+
+
+def sample_euler_ancestral(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """Euler ancestral for rectified flow (as ComfyUI's `sample_euler_ancestral_RF` with eta = 1).
+
+    Each step from t to t' (> 0) takes a deterministic Euler step to the lower time t_down = t'^2 / t and
+    then puts noise back up to t': x_t_down = (1 - t_down) D + t_down n is rescaled by
+    (1 - t') / (1 - t_down), which makes its data part (1 - t') D, and fresh noise is added with the
+    coefficient that makes the noise variance t'^2 again:
+
+        renoise^2 = t'^2 - (t_down (1 - t') / (1 - t_down))^2,
+
+    which is >= 0 because s / (1 - s) grows with s and t_down <= t'. The step to t' = 0 is the data
+    prediction itself and draws nothing. It is not an ODE solver: results depend on the noise, and more
+    steps converge in distribution, not to one image. One model call per step.
+
+    noise(i) is called once for every step i that does not end at 0; without it this raises a ValueError.
+    """
+    noise = require_noise(noise, "euler_ancestral")
+    ts_ = times(ts)
+    strictly_decreasing(ts_, "euler_ancestral")
+    for i, (t, t_next) in enumerate(itertools.pairwise(ts_)):
+        v = model_fn(x, t_batch(t, x))
+        d = predict_x0(x, v, t)
+        report(callback, i, x, t, t_next, d)
+        if t_next == 0.0:
+            x = d
+            continue
+        t_down = t_next * t_next / t
+        scale = (1.0 - t_next) / (1.0 - t_down)
+        renoise = math.sqrt(max(t_next * t_next - (t_down * scale) ** 2, 0.0))  # max: rounding only
+        eps = draw(noise, i, x)
+        x_down = x + (t_down - t) * v  # Euler to t_down: the same as (t_down/t) x + (1 - t_down/t) D
+        x = (scale * x_down + renoise * eps).to(x.dtype)
     return x

@@ -34,6 +34,11 @@ so where the guided prediction equals the unconditional one (no guidance) each i
   midpoint of t and t_down (0.9999 from t = 1), the model's unconditional prediction U2 there (its guided
   one is not used), the first-order step to t_down with U2, rescale and renoise to t', and then
   + (1 - t') (D - U) with the first call's D and U. Two model calls per step, one on the step to 0 (D).
+- Gradient estimation CFG++: ComfyUI's `sample_gradient_estimation(cfg_pp=True)`, x' = D + t' v_u +
+  (gamma - 1)(t' - t)(v_u - v_u_prev) (gamma 2; its d is to_d with U, which on a flow model is v_u), is
+  also written for alpha = 1: its guidance term D - U enters with weight 1. Here it is weighed by 1 - t',
+  x' = (1 - t') D + t' (U + v_u) + (t' - t)(v_u - v_u_prev), which is `gradient_estimation` with U where
+  D = U; the step to 0 lands on D. One model call per step.
 
 Guidance methods (APG, CFG-Zero*, TCFG, CFG rescale) make the guided velocity; the unconditional one is the
 negative prompt's raw prediction, as ComfyUI's post-CFG hook reads `uncond_denoised` (ComfyUI's TCFG
@@ -69,6 +74,7 @@ __all__ = [
     "sample_dpmpp_2s_ancestral_cfg_pp",
     "sample_euler_ancestral_cfg_pp",
     "sample_euler_cfg_pp",
+    "sample_gradient_estimation_cfg_pp",
 ]
 
 
@@ -211,4 +217,32 @@ def sample_dpmpp_2s_ancestral_cfg_pp(
         if eta > 0.0:
             x_new = scale * x_new + renoise * draw(noise, i, x)
         x = (x_new + (1.0 - t_next) * (d - u)).to(x.dtype)
+    return x
+
+
+def sample_gradient_estimation_cfg_pp(
+    model_fn: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    callback: Callback | None = None,
+    *,
+    noise: NoiseFn | None = None,
+) -> Tensor:
+    """Gradient estimation CFG++, gamma 2 (module docstring). One model call per step. Ignores `noise`."""
+    del noise
+    name = "gradient_estimation_cfg_pp"
+    gamma = 2.0
+    v_u_prev: Tensor | None = None
+    for i, (t, t_next) in enumerate(itertools.pairwise(times(ts))):
+        d, u, v_u = predictions(model_fn, x, t, name)
+        report(callback, i, x, t, t_next, d)
+        if t_next == 0.0:
+            x = d.to(x.dtype)
+        else:
+            # ComfyUI's D + t' v_u with its guidance term D - U weighed by the flow path's 1 - t'
+            x_new = (1.0 - t_next) * d + t_next * (u + v_u)
+            if v_u_prev is not None:  # ComfyUI's i >= 1, also after a step that was not to 0
+                x_new = x_new + ((gamma - 1.0) * (t_next - t)) * (v_u - v_u_prev)
+            x = x_new.to(x.dtype)
+        v_u_prev = v_u
     return x

@@ -44,11 +44,14 @@ from pictor.sampling import SAMPLERS, SCHEDULES
 
 # Other A1111 forks' labels for a pictor sampler, read back but never written (SAMPLER_DISPLAY is what
 # pictor writes): ER-SDE is "ER SDE" and "Extended Reverse SDE" in some forks, Euler ancestral CFG++
-# "Euler a CFG++".
+# "Euler a CFG++" and DPM++ 2S ancestral CFG++ "DPM++ 2S a CFG++" (A1111's short "a" for ancestral), iPNDM_v
+# "IPNDM V" (the name other tools' ComfyUI-to-A1111 tables give it).
 SAMPLER_ALIASES = {
     "er sde": "er_sde",
     "extended reverse sde": "er_sde",
     "euler a cfg++": "euler_ancestral_cfg_pp",
+    "dpm++ 2s a cfg++": "dpmpp_2s_ancestral_cfg_pp",
+    "ipndm v": "ipndm_v",
 }
 # A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
 SAMPLER_NAMES = (
