@@ -10,6 +10,10 @@ from typing import Any
 
 from pictor.cli_options import add_sampler
 
+# GGML block formats pictor writes, widest first (pictor.convert.QUANTIZE_FORMATS; kept here as plain names
+# so that building the parser imports no torch): 8.5, 6.5625, 5.5, 6, 5.5, 4.5, 5, 4.5, 3.4375, 2.625 bits.
+_GGML_DTYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")
+
 
 def add_convert_parser(sub: Any) -> None:
     """`pictor convert` and its four formats."""
@@ -47,10 +51,11 @@ def add_convert_parser(sub: Any) -> None:
     cd.add_argument(
         "--dtype",
         required=True,
-        choices=("fp16", "bf16", "fp32", "fp8", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
+        choices=("fp16", "bf16", "fp32", "fp8", *_GGML_DTYPES),
         help="storage dtype; fp8: the transformer blocks' linear weights in float8 e4m3fn, kept FP8 in "
-        "memory and cast per layer as it runs (half of bf16's memory), the rest as stored; q8_0 ... q4_0: "
-        "those weights in a GGML block format (8.5 to 4.5 bits a weight), dequantized per layer as it runs. "
+        "memory and cast per layer as it runs (half of bf16's memory), the rest as stored; q8_0 ... q2_k: "
+        "those weights in a GGML block format (8.5 to 2.625 bits a weight; the K-quants q6_k ... q2_k need "
+        "rows of a multiple of 256 values, as FLUX.1's have), dequantized per layer as it runs. "
         "A GGUF-imported bundle given fp16/bf16/fp32 is widened (dequantized)",
     )
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
@@ -63,7 +68,7 @@ def add_convert_parser(sub: Any) -> None:
     cgg.add_argument(
         "--dtype",
         default=None,
-        choices=("q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
+        choices=_GGML_DTYPES,
         help="quantize the blocks' linear weights on the way (default: keep the bundle's storage)",
     )
     cg = csub.add_parser(

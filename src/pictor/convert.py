@@ -65,9 +65,9 @@ from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
 
 BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
-# GGML block formats `pictor convert dtype` writes (llama.cpp's reference quantizers; the K-quants are read,
-# not written). Q8_0 takes 8.5 bits a weight, Q4_0 4.5.
-QUANTIZE_FORMATS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# GGML block formats `pictor convert dtype` writes (llama.cpp's reference quantizers, byte for byte): from
+# Q8_0's 8.5 bits a weight down to Q2_K's 2.625. The K-quants need rows of whole 256-value super-blocks.
+QUANTIZE_FORMATS = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")
 # Adapters a bundle may carry beside its weights; a cast copies them, so they are the bundle's own too.
 ADAPTER_FILES = (LAYOUT_FILE, REFERENCE_FILE)
 
@@ -281,15 +281,27 @@ def _widen_quantized_in_place(sd: dict[str, torch.Tensor]) -> None:
 
 def quantize_block_linears(sd: dict[str, torch.Tensor], fmt: str, where: str) -> int:
     """The blocks' linear weights in a GGML block format, one by one; everything else as it was stored.
-    Layers whose rows are not a whole number of blocks (32 values) stay as they are. Returns how many."""
+    Layers whose rows are not a whole number of 32-value blocks stay as they are. Returns how many.
+
+    A K-quant (256-value super-blocks) refuses a layer whose rows are whole 32-value blocks but not whole
+    super-blocks, naming it and the formats that fit: llama.cpp would silently store such a layer in
+    another format (Q4_K as Q5_0, ...), which would make `--dtype q4_k` mean different things for different
+    models. Every FLUX.1 block linear has rows of 3072, 12288 or 15360 values, all whole super-blocks."""
     spec = FORMATS[fmt]
     turned = 0
     for key in list(sd):
         tensor = sd[key]
         if not (key.startswith(STORED_PREFIXES) and key.endswith(".weight") and tensor.ndim == 2):
             continue
-        if tensor.shape[1] % spec.block_size:
+        cols = tensor.shape[1]
+        if cols % 32:
             continue
+        if cols % spec.block_size:
+            fits = ", ".join(f for f in QUANTIZE_FORMATS if cols % FORMATS[f.upper()].block_size == 0)
+            raise CheckpointError(
+                f"{where}: {key} has rows of {cols} values, not a multiple of {spec.block_size}, so it "
+                f"cannot be stored as {fmt}; formats that fit: {fits}"
+            )
         wide = tensor.float()
         if not bool(torch.isfinite(wide).all()):
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values; it cannot be quantized")
@@ -314,7 +326,7 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     format ComfyUI-GGUF's "Unet Loader (GGUF)" and city96's files use.
 
     Quantized layers (a GGUF import, `convert dtype q4_0`) keep their blocks byte for byte; with ``dtype``
-    (``q8_0`` ... ``q4_0``) the blocks' linear weights of a wide bundle are quantized on the way. F32, F16
+    (``q8_0`` ... ``q2_k``) the blocks' linear weights of a wide bundle are quantized on the way. F32, F16
     and BF16 tensors are written as they are stored; FP8 ones (GGUF has no FP8) as F16, which holds every
     e4m3fn value exactly. The autoencoder stays in the bundle: GGUF files of FLUX.1 carry the transformer.
     """

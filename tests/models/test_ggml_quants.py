@@ -256,7 +256,11 @@ def test_unsupported_type_id(type_id: int, name: str) -> None:
         dequantize(torch.zeros(136, dtype=torch.uint8), "IQ4_XS", (1, 256))
 
 
-def test_quantize_to_k_quants_is_refused() -> None:
+def test_quantize_to_k_quants_decodes_as_gguf_does() -> None:
+    # the K-quants are written too (their bytes are checked against llama.cpp in test_ggml_kquants.py)
+    x = torch.randn(2, 512, generator=_gen(4))
     for fmt in K_QUANTS:
-        with pytest.raises(GGMLError, match=f"quantizing to {fmt} is not supported.*dequantized"):
-            quantize(torch.zeros(1, 256), fmt)
+        data = quantize(x, fmt)
+        torch.testing.assert_close(
+            dequantize(data, fmt, x.shape), _gguf_dequantize(data, fmt), rtol=0, atol=0
+        )

@@ -3,7 +3,7 @@
 GGUF checkpoints of FLUX.1 (city96's, as loaded by ComfyUI-GGUF) keep each weight as raw bytes in one of a
 handful of GGML block formats: a row of `cols` values is cut into blocks of 32 (or 256-value "super-blocks"
 for the K-quants), and each block stores small integers plus one or two float16 scales. `dequantize` turns
-such bytes back into a float tensor; `quantize` writes the simple formats.
+such bytes back into a float tensor; `quantize` writes them all (the K-quants through `ggml_kquants`).
 
 Everything here is bit-exact with gguf-py's numpy reference (`gguf.quants`), which in turn follows
 llama.cpp's reference C code: quantizing gives identical bytes, dequantizing gives identical float32 values
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from pictor.models.ggml_kquants import KQUANT_ENCODERS, quantize_k
 
 __all__ = [
     "FORMATS",
@@ -101,7 +103,7 @@ _OTHER_TYPE_NAMES: dict[int, str] = {
     40: "NVFP4",
 }
 
-_QUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+_QUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", *KQUANT_ENCODERS)
 
 
 def _supported() -> str:
@@ -450,13 +452,13 @@ def quantize(t: torch.Tensor, fmt: str) -> torch.Tensor:
     """Encode a float tensor [..., cols] as `fmt` bytes: uint8 [..., row_bytes(fmt, cols)] on t's device.
 
     Values are taken as float32 first, as gguf-py does (for F16 it rounds float64 directly instead). The
-    bytes equal gguf-py's, except that a NaN written as F16 is torch's canonical quiet NaN (still a NaN).
+    bytes equal gguf-py's, except that a NaN written as F16 is torch's canonical quiet NaN (still a NaN); the
+    K-quants, which gguf-py does not write, equal llama.cpp's reference quantizers' (`ggml_kquants`).
     """
     f = _format(fmt)
     if f.name not in _QUANTIZABLE:
         raise GGMLError(
-            f"quantizing to {f.name} is not supported (K-quants can be dequantized, not written); "
-            f"quantizable types: {', '.join(_QUANTIZABLE)}"
+            f"quantizing to {f.name} is not supported; quantizable types: {', '.join(_QUANTIZABLE)}"
         )
     if t.dim() == 0 or not t.is_floating_point():
         raise GGMLError(
@@ -471,6 +473,8 @@ def quantize(t: torch.Tensor, fmt: str) -> torch.Tensor:
         out = x.to(torch.float16).view(torch.uint8)
     elif f.name == "BF16":
         out = _bf16_bytes(x)
+    elif f.name in KQUANT_ENCODERS:  # llama.cpp's K-quant searches, byte-exact (see ggml_kquants)
+        out = quantize_k(x.view(-1, f.block_size), f.name)
     else:
         out = _ENCODERS[f.name](x.view(-1, f.block_size))
     return out.reshape(out_shape)
