@@ -84,6 +84,7 @@ LAYERS: dict[str, int] = {
     "prompt_variants": 1,
     "prompt_weights": 1,
     "settings_import": 1,
+    "a1111_denoise": 1,
     "imported_settings": 1,
     "comfy_settings_import": 1,
     "comfy_workflow": 1,

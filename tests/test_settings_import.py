@@ -51,7 +51,8 @@ def test_a1111_text_gives_its_settings_and_says_what_it_leaves() -> None:
 def test_forge_text_gives_distilled_guidance_and_the_hires_fix() -> None:
     got = settings_from_parameters(FORGE)
     assert got.values["guidance"] == 3.5  # Forge's Distilled CFG Scale, what a distilled model reads
-    assert (got.values["hires"], got.values["hires_steps"], got.values["hires_strength"]) == (1.5, 10, 0.35)
+    # Forge's Denoising strength 0.35 over 10 steps starts at 0.637 (tests/test_a1111_denoise_strength.py)
+    assert (got.values["hires"], got.values["hires_steps"], got.values["hires_strength"]) == (1.5, 10, 0.637)
     assert got.values["sampler"] == "euler" and "schedule" not in got.values
     assert got.hires_upscaler_name == "4x-UltraSharp" and got.hires_upscaler_file is None
     assert any("schedule type 'Simple' has no pictor equivalent" in n for n in got.notices)

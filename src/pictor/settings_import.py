@@ -7,7 +7,8 @@ A pictor record gives its own fields as they were. A1111's text gives what picto
 prompt, negative prompt, steps, CFG scale (or Forge's "Distilled CFG Scale"), sampler (A1111's names;
 "DPM++ 2M Karras" style names carry the schedule too), schedule type, seed, variation seed and strength,
 seed resize, size, the hires fix (scale,
-steps, denoising strength, a Lanczos or named model upscaler), pictor's tile and cache settings and its
+steps, denoising strength (as the noise level A1111's pass starts at: `pictor.a1111_denoise`), a Lanczos or
+named model upscaler), pictor's tile and cache settings and its
 guidance method ("Guidance method: apg, Guidance rescale: 0.7, Guidance interval: 0-0.7, APG eta: 0, ...",
 which a record gives too, both through `imported_settings.take_guidance_method`). A1111
 always reads its emphasis syntax, so a prompt from its text is read with prompt weights; `<lora:name:w>`
@@ -26,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pictor.a1111_denoise import hires_start, is_pictors
 from pictor.comfy_settings_import import settings_from_comfy
 from pictor.comfy_workflow import PROMPT_KEY
 from pictor.composable_prompts import uses_and
@@ -353,14 +355,19 @@ def _schedule(text: str, out: ImportedSettings) -> None:
 
 
 def _hires(settings: dict[str, str], out: ImportedSettings) -> None:
-    """A1111's hires fix: its scale, steps (0: the first pass's), denoising strength and upscaler."""
+    """A1111's hires fix: its scale, steps (0: the first pass's), denoising strength (as the noise level the
+    pass starts at, `pictor.a1111_denoise`) and upscaler."""
     try:
         out.values["hires"] = float(settings["Hires upscale"])
         steps = int(settings.get("Hires steps") or 0)
         if steps:
             out.values["hires_steps"] = steps
         if "Denoising strength" in settings:
-            out.values["hires_strength"] = float(settings["Denoising strength"])
+            denoise = float(settings["Denoising strength"])
+            out.values["hires_strength"] = denoise  # pictor's own text: its start level, as written
+            if not is_pictors(settings):  # A1111's and Forge's: a step fraction, not the level (module)
+                out.values["hires_strength"], notice = hires_start(settings, denoise)
+                out.notices.append(notice)
     except ValueError:
         raise SettingsImportError(
             f"the image's hires settings are not readable: {settings.get('Hires upscale')!r}, "
