@@ -32,7 +32,13 @@ from pictor.models.block_cache import FirstBlockCache
 from pictor.pipeline import Pipeline
 from pictor.provenance import parameters_text, read_record
 from pictor.reproduce import reproduce
-from pictor.sampling import MODEL_EVALS_PER_STEP, SAMPLERS, STOCHASTIC_SAMPLERS, get_schedule
+from pictor.sampling import (
+    MODEL_EVALS_PER_STEP,
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    clock_calls_per_step,
+    get_schedule,
+)
 from tests.test_cli_prompt_variants import cli
 
 from cfg_pp_velocity import own_uncond
@@ -189,9 +195,12 @@ def test_every_samplers_calls_find_their_steps(name: str) -> None:
     noise = {"noise": lambda i: torch.randn(1, 4, 3)} if name in STOCHASTIC_SAMPLERS else {}
     torch.manual_seed(0)
     SAMPLERS[name](own_uncond(velocity), torch.randn(1, 4, 3), ts, **noise)
-    clock = StepClock(ts, MODEL_EVALS_PER_STEP[name])
+    clock = StepClock(ts, clock_calls_per_step(name))  # as guided_velocity makes it
     steps = [clock(t) for t in times]
     assert sorted(set(steps)) == list(range(6)) and steps == sorted(steps), steps
+    if name == "sa_solver_pece":  # both calls of a step at its own time (ComfyUI's loop iteration there)
+        assert steps == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], steps
+        assert all(abs(t - float(ts[s])) < 1e-6 for t, s in zip(times, steps, strict=True))
     for step in range(6):
         first = steps.index(step)
         assert abs(times[first] - float(ts[step])) < 1e-6

@@ -70,6 +70,8 @@ LAYERS: dict[str, int] = {
     "sampling_cfg_pp": 1,
     "sampling_er_sde": 1,
     "sampling_seeds": 1,
+    "sampling_sa_solver": 1,
+    "sampling_sa_solver_coeffs": 1,
     "sampling_stages": 1,
     "sampling_ancestral": 1,
     "sampling_schedules": 1,

@@ -44,6 +44,8 @@ STOCHASTIC = (
     "seeds_2",
     "seeds_3",
     "exp_heun_2_x0_sde",
+    "sa_solver",
+    "sa_solver_pece",
 )
 # Deterministic, but from t = 1 it starts its arithmetic at ComfyUI's 1 - 3.2e-5 (pictor.sampling_seeds),
 # so it follows a straight path only to that offset and stays out of NAMES' exactness tests
@@ -253,7 +255,7 @@ def test_registry_and_unknown_names() -> None:
         r"euler_ancestral, euler_ancestral_cfg_pp, euler_cfg_pp, exp_heun_2_x0, exp_heun_2_x0_sde, "
         r"gradient_estimation, gradient_estimation_cfg_pp, heun, heunpp2, ipndm, "
         r"ipndm_v, lcm, lms, res_multistep, res_multistep_ancestral, res_multistep_ancestral_cfg_pp, "
-        r"res_multistep_cfg_pp, seeds_2, seeds_3, unipc",
+        r"res_multistep_cfg_pp, sa_solver, sa_solver_pece, seeds_2, seeds_3, unipc",
     ):
         S.get_sampler("ddim")
     with pytest.raises(ValueError, match="unknown sampler"):
@@ -292,9 +294,12 @@ def test_registry_and_unknown_names() -> None:
         "exp_heun_2_x0_sde": 2,
         "seeds_2": 2,
         "seeds_3": 3,
+        "sa_solver": 1,
+        "sa_solver_pece": 2,
     }
     assert S.model_evals("dpmpp_2s_ancestral_cfg_pp", 10) == 19
     assert S.model_evals("seeds_3", 10) == 28 and S.model_evals("exp_heun_2_x0", 10) == 19
+    assert S.model_evals("sa_solver", 10) == 10 and S.model_evals("sa_solver_pece", 10) == 19
     assert S.model_evals("heun", 10) == 19 and S.model_evals("unipc", 10) == 10
     assert S.model_evals("dpm_2", 10) == 19 and S.model_evals("dpmpp_sde", 10) == 19
     assert [S.model_evals("heunpp2", n) for n in (1, 2, 3, 10)] == [1, 3, 6, 27]

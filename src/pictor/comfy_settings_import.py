@@ -69,14 +69,18 @@ COMFY_SAMPLERS = {
     "exp_heun_2_x0_sde": "exp_heun_2_x0_sde",
     "seeds_2": "seeds_2",
     "seeds_3": "seeds_3",
+    "sa_solver": "sa_solver",
+    "sa_solver_pece": "sa_solver_pece",
 }
 # Those ComfyUI runs otherwise in detail: taken, with a notice. ComfyUI's UniPC (comfy/extra_samplers) runs
 # at order 3, and its KSampler drops the second-to-last sigma for uni_pc samplers; its deis is DEIS with
 # tabulated coefficients (`pictor.sampling_deis`); its res_multistep_ancestral renoises with the
 # variance-exploding ancestral split on a flow model too, pictor's with the rectified-flow one
 # (`pictor.sampling_res`); its DPM++ 2M, RES and gradient estimation CFG++ are written for a signal scale
-# of 1 (`pictor.sampling_cfg_pp`). No pictor sampler (left as an unknown `sampler_name`): sa_solver and
-# sa_solver_pece (SA-Solver's stochastic Adams steps), dpm_fast, dpm_adaptive, ddpm and ddim.
+# of 1 (`pictor.sampling_cfg_pp`); its sa_solver(_pece) sets its SDE interval through the model's shift,
+# which pictor takes at FLUX.1's 1.15 (`pictor.sampling_sa_solver`): said where the graph's shift differs
+# (`_comfy_sa_solver`). No pictor sampler (left as an unknown `sampler_name`): dpm_fast, dpm_adaptive, ddpm
+# and ddim.
 _UNIPC = (
     "ComfyUI runs UniPC at order 3 (and its KSampler drops the second-to-last step for it), where pictor's "
     "unipc is bh2 at order 2"
@@ -182,6 +186,7 @@ def _comfy_settings(text: str) -> ImportedSettings:
     if graph.scheduler is not None:
         _comfy_schedule(graph.scheduler, out)
     _comfy_shift(graph, out)
+    _comfy_sa_solver(graph, out)
     take_hires(graph.hires, out)  # a two-pass graph's second pass (pictor.comfy_passes)
     if graph.batch_size is not None and graph.batch_size > 1:
         # ComfyUI draws a batch's noise from one seed, so the graph does not say which of its pictures this
@@ -294,6 +299,26 @@ def _comfy_sampler(name: str, out: ImportedSettings) -> None:
             out.notices.append(COMFY_SAMPLER_NOTICES[name])
     else:
         out.sampler_name = name
+
+
+def _comfy_sa_solver(graph: ComfySettings, out: ImportedSettings) -> None:
+    """ComfyUI's sa_solver(_pece) adds noise where the step lands between its model's percent_to_sigma of
+    0.2 and 0.8 (and starts from t = 1 at that of 1e-4): on a FLUX.1 model a time shift by the model's mu,
+    1.15 without a ModelSamplingFlux node, as pictor's; a ModelSamplingFlux node shifts by the size's mu."""
+    if COMFY_SAMPLERS.get(graph.sampler_name or "") not in ("sa_solver", "sa_solver_pece"):
+        return
+    if not graph.model_sampling or graph.size is None:
+        return
+    width, height = graph.size
+    mu = resolution_mu((width // 16) * (height // 16))
+    if abs(mu - COMFY_FLUX_SHIFT) <= SHIFT_CLOSE:
+        return
+    out.notices.append(
+        f"the graph's sampler {graph.sampler_name} adds noise on the steps landing in its SDE interval (20% "
+        "to 80% of the model's times), which ComfyUI places by the model's shift: its ModelSamplingFlux "
+        f"shifts by {mu:.2f} at {width}x{height}, where pictor's {graph.sampler_name} places it at FLUX.1's "
+        f"{COMFY_FLUX_SHIFT:g} (t = 0.93 to 0.44): which steps add noise can differ"
+    )
 
 
 def _comfy_schedule(name: str, out: ImportedSettings) -> None:

@@ -62,7 +62,7 @@ from pictor.redux_images import ReduxModel, redux_tokens
 from pictor.reference_files import reference_context
 from pictor.regional_attention import RegionalAttention, RegionalOptions
 from pictor.regional_prompts import region_cover, region_weights
-from pictor.sampling import CFG_PP_SAMPLERS, MODEL_EVALS_PER_STEP
+from pictor.sampling import CFG_PP_SAMPLERS, clock_calls_per_step
 from pictor.sampling_steps import UNCOND
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -326,7 +326,7 @@ def guided_velocity(
         if ts is None:
             raise ValueError("regional attention's steps need the run's step times (ts) to know each call's")
         window = attend.options.window(len(ts) - 1)
-    evals = MODEL_EVALS_PER_STEP.get(r.sampler or "", 1)
+    evals = clock_calls_per_step(r.sampler) if r.sampler else 1
 
     ids_k = img_ids.repeat(k, 1, 1)
     res_k = [v.repeat(k, 1, 1) for v in res] if res is not None else None

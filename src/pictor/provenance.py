@@ -68,6 +68,10 @@ SAMPLER_DISPLAY = {
     "exp_heun_2_x0_sde": "Exp Heun 2 X0 SDE",
     "seeds_2": "SEEDS 2",
     "seeds_3": "SEEDS 3",
+    # reForge's (modules_forge/forge_alter_samplers.py), as its lookup reads them; others' "SA-Solver PECE"
+    # is read back too (`pictor.settings_import.SAMPLER_ALIASES`)
+    "sa_solver": "SA-Solver",
+    "sa_solver_pece": "SA-Solver-Pece",
 }
 
 

@@ -24,7 +24,8 @@ LMS and gradient estimation (linear multistep on v) in `sampling_adams`, RES mul
 variant in `sampling_res`, DPM2 and Heun++ (several model calls per step) in `sampling_stages`; the
 stochastic DPM-Solver++(2M) SDE, its Heun variant and (3M) SDE in `sampling_sde`, DPM2 ancestral, DPM++(2S)
 ancestral, DPM++ SDE and Euler ancestral in `sampling_ancestral`, ER-SDE in `sampling_er_sde`, SEEDS-2/3 and
-the exponential Heun method (ODE and SDE) in `sampling_seeds`, and LCM in `sampling_lcm`.
+the exponential Heun method (ODE and SDE) in `sampling_seeds`, SA-Solver (stochastic Adams, and its PECE
+mode) in `sampling_sa_solver`, and LCM in `sampling_lcm`.
 The CFG++ samplers (`CFG_PP_SAMPLERS`: Euler, Euler ancestral, DPM++(2M), DPM++(2S) ancestral, gradient
 estimation in `sampling_cfg_pp`, RES multistep and its ancestral variant in `sampling_res`) also read the
 unconditional velocity of each call from the velocity callable (`pictor.sampling_steps.UNCOND`).
@@ -62,6 +63,7 @@ from pictor.sampling_res import (
     sample_res_multistep_ancestral_cfg_pp,
     sample_res_multistep_cfg_pp,
 )
+from pictor.sampling_sa_solver import sample_sa_solver, sample_sa_solver_pece
 from pictor.sampling_schedules import (
     SCHEDULES,
     get_schedule,
@@ -104,6 +106,7 @@ __all__ = [
     "SamplerFn",
     "VelocityFn",
     "cfg",
+    "clock_calls_per_step",
     "get_sampler",
     "get_schedule",
     "is_cfg_pp",
@@ -140,6 +143,8 @@ __all__ = [
     "sample_res_multistep_ancestral",
     "sample_res_multistep_ancestral_cfg_pp",
     "sample_res_multistep_cfg_pp",
+    "sample_sa_solver",
+    "sample_sa_solver_pece",
     "sample_seeds_2",
     "sample_seeds_3",
     "sample_unipc",
@@ -235,6 +240,8 @@ SAMPLERS: dict[str, SamplerFn] = {
     "exp_heun_2_x0_sde": sample_exp_heun_2_x0_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
 }
 
 MODEL_EVALS_PER_STEP: dict[str, int] = {
@@ -271,10 +278,12 @@ MODEL_EVALS_PER_STEP: dict[str, int] = {
     "exp_heun_2_x0_sde": 2,
     "seeds_2": 2,
     "seeds_3": 3,
+    "sa_solver": 1,
+    "sa_solver_pece": 2,
 }
 # Calls a schedule ending at 0 saves on its last steps, where a sampler takes a cheaper step: the step to 0
 # (Euler, or the data prediction) of the two- and three-call samplers, and Heun++'s last two steps (1 and 2
-# calls).
+# calls); SA-Solver PECE's saved call is its first step's, which has nothing to correct (on any schedule).
 _SAVED_AT_END: dict[str, int] = {
     "heun": 1,
     "dpm_2": 1,
@@ -286,6 +295,7 @@ _SAVED_AT_END: dict[str, int] = {
     "exp_heun_2_x0_sde": 1,
     "seeds_2": 1,
     "seeds_3": 2,
+    "sa_solver_pece": 1,
 }
 
 # Samplers that draw from `noise`: their images depend on it, so callers must make it reproducible.
@@ -307,6 +317,8 @@ STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
         "exp_heun_2_x0_sde",
         "seeds_2",
         "seeds_3",
+        "sa_solver",
+        "sa_solver_pece",
     }
 )
 
@@ -351,10 +363,18 @@ def model_evals_per_step(name: str) -> int:
     return MODEL_EVALS_PER_STEP[name]
 
 
+def clock_calls_per_step(name: str) -> int:
+    """The calls a step may have for `pictor.guidance_methods.StepClock`, which gives a step's calls after
+    its first to it while their times go down. SA-Solver PECE calls the model twice at each step's own time
+    (on the predicted sample, then on the corrected one), ComfyUI's loop iteration at that sigma, so its
+    clock counts one call a step and each call goes to the step whose time it is at."""
+    return 1 if name == "sa_solver_pece" else model_evals_per_step(name)
+
+
 def model_evals(name: str, steps: int) -> int:
     """Exact model calls for a schedule of `steps` steps ending at 0 (the last step of Heun, DPM2, SEEDS,
     exponential Heun and the two-call stochastic samplers is a one-call step; Heun++'s last two take 1 and
-    2 calls)."""
+    2 calls; SA-Solver PECE's first step takes 1)."""
     per = model_evals_per_step(name)
     if steps <= 0:
         return 0

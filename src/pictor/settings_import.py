@@ -54,6 +54,7 @@ SAMPLER_ALIASES = {
     "euler a cfg++": "euler_ancestral_cfg_pp",
     "dpm++ 2s a cfg++": "dpmpp_2s_ancestral_cfg_pp",
     "ipndm v": "ipndm_v",
+    "sa-solver pece": "sa_solver_pece",  # reForge's is "SA-Solver-Pece"; A1111 extensions' this
 }
 # A1111's sampler names (and pictor's own) -> pictor's; "DPM++ 2M Karras"-style names end in a schedule.
 SAMPLER_NAMES = (

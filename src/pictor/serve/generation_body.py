@@ -99,8 +99,8 @@ class ImageGenerationRequest(BaseModel):
         "gradient_estimation, exp_heun_2_x0, euler_cfg_pp, dpmpp_2m_cfg_pp, res_multistep_cfg_pp, "
         "gradient_estimation_cfg_pp, or the stochastic euler_ancestral, dpmpp_2m_sde, lcm, dpm_2_ancestral, "
         "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, res_multistep_ancestral, er_sde, "
-        "seeds_2, seeds_3, exp_heun_2_x0_sde, euler_ancestral_cfg_pp, dpmpp_2s_ancestral_cfg_pp and "
-        "res_multistep_ancestral_cfg_pp (fresh noise every step, drawn from "
+        "seeds_2, seeds_3, exp_heun_2_x0_sde, sa_solver, sa_solver_pece, euler_ancestral_cfg_pp, "
+        "dpmpp_2s_ancestral_cfg_pp and res_multistep_ancestral_cfg_pp (fresh noise every step, drawn from "
         "the image's seed, so the seed still reproduces it). The *_cfg_pp ones are CFG++: they renoise with "
         "the negative prompt's prediction, so they need a model with real CFG, run its negative pass at "
         "guidance 1 too, and refuse a guidance interval. The model card lists them.",
