@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pictor import __version__
-from pictor.models.weight_storage import format_names, quantize_structure, quantized_formats
+from pictor.models.weight_storage import format_names, quantize_structure, quantized_formats, quantized_kind
 
 CONFIG_NAME = "config.json"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -234,10 +234,11 @@ def load_into(
     """
     formats = quantized_formats(state_dict)
     if formats and dtype is not None:
-        kinds = format_names(formats)
+        kind, names = quantized_kind(formats), format_names(formats)
+        kind = kind if names in kind else f"{kind} ({names})"  # the 4-bit kind names its formats itself
         raise CheckpointError(
-            f"{what}: {len(formats)} layers hold GGML-quantized weights ({kinds}), which cannot be trained; "
-            "widen them first (`pictor convert dtype BUNDLE --dtype bf16 --out NEW`), or train a LoRA on them"
+            f"{what}: {len(formats)} layers hold {kind} weights, which cannot be trained; widen them first "
+            "(`pictor convert dtype BUNDLE --dtype bf16 --out NEW`), or train a LoRA on them"
         )
     quantize_structure(module, formats)
     check_keys(module, state_dict, what)
@@ -335,16 +336,18 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
 
 
 def refuse_quantized(bundle: str | os.PathLike[str], doing: str) -> None:
-    """Refuse a bundle whose transformer layers are GGML blocks (a GGUF import, `convert dtype q4_0`) for work
-    on its weights' values (merging, extraction): read from the header, before anything is computed."""
+    """Refuse a bundle whose transformer layers are GGML blocks (a GGUF import, `convert dtype q4_0`) or
+    bitsandbytes 4-bit rows (an NF4 import) for work on its weights' values (merging, extraction): only the
+    small ``ggml_type`` tensors are read, before anything is computed."""
     path = Path(bundle) / TRANSFORMER_FILE
     if not path.is_file():
         return  # the caller's own checks name a missing file
     with safe_open(str(path), framework="pt") as f:
-        n = sum(k.endswith(".ggml_type") for k in f.keys())  # noqa: SIM118
-    if n:
+        formats = quantized_formats({k: f.get_tensor(k) for k in f.keys() if k.endswith(".ggml_type")})  # noqa: SIM118
+    if formats:
         raise CheckpointError(
-            f"{bundle}: {n} transformer layers are GGML-quantized; {doing} needs dense weights. Widen the "
+            f"{bundle}: {len(formats)} transformer layers are {quantized_kind(formats)}; {doing} needs dense "
+            "weights. Widen the "
             f"bundle first (`pictor convert dtype {bundle} --dtype bf16 --out WIDE`) and use that"
         )
 

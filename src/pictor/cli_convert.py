@@ -19,14 +19,22 @@ def add_convert_parser(sub: Any) -> None:
     """`pictor convert` and its four formats."""
     c = sub.add_parser("convert", help="make a pictor bundle from other formats")
     csub = c.add_subparsers(dest="format", required=True)
-    cf = csub.add_parser("flux", help="FLUX.1 original single files (or a GGUF transformer) -> bundle")
+    cf = csub.add_parser(
+        "flux", help="FLUX.1 original single files (or a GGUF / bitsandbytes NF4 transformer) -> bundle"
+    )
     cf.add_argument(
         "--transformer",
         required=True,
         help="flux1-dev.safetensors or flux1-schnell.safetensors, or a GGUF file of one (e.g. "
-        "flux1-dev-Q4_K_S.gguf): its quantized layers stay quantized in memory",
+        "flux1-dev-Q4_K_S.gguf), or a bitsandbytes 4-bit one (Forge's flux1-dev-bnb-nf4.safetensors, or "
+        "diffusers' 4-bit transformer file): its quantized layers stay quantized in memory",
     )
-    cf.add_argument("--ae", required=True, help="ae.safetensors")
+    cf.add_argument(
+        "--ae",
+        default=None,
+        help="ae.safetensors; may be left out when --transformer is an all-in-one file holding the "
+        "autoencoder (Forge's flux1-dev-bnb-nf4)",
+    )
     cf.add_argument("--t5", required=True, help="local folder of a T5 encoder (save_pretrained layout)")
     cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
     cf.add_argument("--out", required=True)
@@ -51,12 +59,14 @@ def add_convert_parser(sub: Any) -> None:
     cd.add_argument(
         "--dtype",
         required=True,
-        choices=("fp16", "bf16", "fp32", "fp8", *_GGML_DTYPES),
+        choices=("fp16", "bf16", "fp32", "fp8", *_GGML_DTYPES, "nf4", "fp4"),
         help="storage dtype; fp8: the transformer blocks' linear weights in float8 e4m3fn, kept FP8 in "
         "memory and cast per layer as it runs (half of bf16's memory), the rest as stored; q8_0 ... q2_k: "
         "those weights in a GGML block format (8.5 to 2.625 bits a weight; the K-quants q6_k ... q2_k need "
         "rows of a multiple of 256 values, as FLUX.1's have), dequantized per layer as it runs. "
-        "A GGUF-imported bundle given fp16/bf16/fp32 is widened (dequantized)",
+        "nf4 / fp4: those weights in bitsandbytes' 4-bit NF4 / FP4 (its quantizer's values; 4.5 bits a "
+        "weight in pictor's rows), kept 4-bit in memory. A GGUF- or NF4-imported bundle given fp16/bf16/fp32 "
+        "is widened (dequantized)",
     )
     cd.add_argument("--out", required=True, help="the new bundle folder (may be the same folder)")
     cgg = csub.add_parser(

@@ -41,6 +41,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(net, indent=2, ensure_ascii=False))
         return 0
     if target.is_file() and target.suffix.lower() == ".safetensors":  # LoRA, Redux, IP-Adapter, ControlNet
+        from pictor.bnb_files import bnb_file_summary
         from pictor.ip_adapter_files import ip_adapter_file_summary
         from pictor.lora_tools import lora_summary
         from pictor.redux_images import redux_file_summary
@@ -51,6 +52,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             or ip_adapter_file_summary(target)
             or controlnet_summary(target)
             or upscaler_file_summary(target)
+            or bnb_file_summary(target)  # a bitsandbytes NF4 / FP4 FLUX.1 file (Forge's, diffusers')
             or lora_summary(target)
         )
         print(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -153,18 +155,17 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
 
 
 def _quantized_layers(bundle: Path) -> dict[str, int]:
-    """How many transformer layers are in each GGML block format (a GGUF import, or `convert dtype q4_0`):
-    only the small ``ggml_type`` tensors are read."""
+    """How many transformer layers are in each stored block format (a GGUF or bitsandbytes import, or
+    `convert dtype q4_0`): only the small ``ggml_type`` tensors are read."""
     from safetensors import safe_open
 
-    from pictor.models.ggml_quants import format_by_id
-    from pictor.models.weight_storage import GGML_TYPE_KEY
+    from pictor.models.weight_storage import GGML_TYPE_KEY, format_of_type_id
 
     path = bundle / "transformer.safetensors"
     if not path.is_file():
         return {}
     with safe_open(str(path), framework="pt") as f:
-        names = [format_by_id(int(f.get_tensor(k))).name for k in f.keys() if k.endswith("." + GGML_TYPE_KEY)]  # noqa: SIM118
+        names = [format_of_type_id(int(f.get_tensor(k))) for k in f.keys() if k.endswith("." + GGML_TYPE_KEY)]  # noqa: SIM118
     return {name: names.count(name) for name in sorted(set(names))}
 
 

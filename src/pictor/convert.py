@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pictor.bnb_files import bnb_transformer, quantize_block_linears_4bit, read_vae
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
@@ -51,15 +52,19 @@ from pictor.gguf_files import is_gguf, write_gguf
 from pictor.layout_files import LAYOUT_FILE
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
-from pictor.models.ggml_quants import FORMATS, dequantize, quantize
+from pictor.models.ggml_quants import FORMATS, quantize
 from pictor.models.weight_storage import (
+    FOUR_BIT_TYPE_IDS,
     FP8_STORAGE,
     GGML_TYPE_KEY,
     STORED_PREFIXES,
+    dequantize_stored,
     format_names,
     fp8_problem,
     is_fp8,
     quantized_formats,
+    quantized_kind,
+    stored_columns,
 )
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
@@ -68,6 +73,8 @@ BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
 # GGML block formats `pictor convert dtype` writes (llama.cpp's reference quantizers, byte for byte): from
 # Q8_0's 8.5 bits a weight down to Q2_K's 2.625. The K-quants need rows of whole 256-value super-blocks.
 QUANTIZE_FORMATS = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")
+# bitsandbytes' 4-bit formats `pictor convert dtype` writes, in pictor's rows (4.5 bits a weight).
+FOUR_BIT_DTYPES = ("nf4", "fp4")
 # Adapters a bundle may carry beside its weights; a cast copies them, so they are the bundle's own too.
 ADAPTER_FILES = (LAYOUT_FILE, REFERENCE_FILE)
 
@@ -99,7 +106,7 @@ def _place(src: Path, dst: Path, prefixes: tuple[str, ...], load, rewrite: bool 
 
 def convert_flux(
     transformer: str | os.PathLike[str],
-    ae: str | os.PathLike[str],
+    ae: str | os.PathLike[str] | None,
     t5: str | os.PathLike[str],
     clip: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -113,8 +120,11 @@ def convert_flux(
     not which kind); None reads the kind off the file's name (flux1-canny-dev, flux1-depth-dev).
 
     The transformer may be a GGUF file (ComfyUI-GGUF's quantized FLUX.1): its blocks' linear layers keep
-    their GGML blocks in the bundle and are dequantized one layer at a time as they run."""
-    transformer, ae, out = Path(transformer), Path(ae), Path(out)
+    their GGML blocks in the bundle and are dequantized one layer at a time as they run. It may be a
+    bitsandbytes 4-bit file (Forge's flux1-dev-bnb-nf4, or diffusers' 4-bit FluxTransformer2DModel): its
+    blocks' linears stay NF4 / FP4 the same way; ``ae`` may then be None when the file holds the
+    autoencoder (Forge's all-in-one files)."""
+    transformer, out = Path(transformer), Path(out)
     check_bundle_out(out)  # never replace a folder that holds anything but a bundle
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
         if not (folder / "config.json").is_file():
@@ -123,8 +133,11 @@ def convert_flux(
             )
     # Shapes first, from the headers only, then a strict key check against the model built on meta.
     gguf = is_gguf(transformer)
+    bnb = None if gguf else bnb_transformer(transformer)  # bitsandbytes NF4 / FP4 (Forge, diffusers)
     kept: dict[str, str] = {}  # GGUF: {key: GGML format} of the weights that stay quantized
-    if gguf:
+    if bnb is not None:
+        kept, shapes, scaled = bnb.kept, bnb.shapes, False
+    elif gguf:
         tensors = gguf_flux_tensors(transformer)
         kept = {k: t.format for k, t in tensors.items() if keeps_blocks(k, t)}
         shapes, scaled = flux_gguf_shapes(tensors), False
@@ -141,7 +154,15 @@ def convert_flux(
     kontext = kontext or bool(record and record["kontext"])
     with torch.device("meta"):
         check_keys(Flux(FluxParams.from_dict(params)), shapes, f"{transformer}")
-    ae_shapes = _shapes(ae, AE_PREFIXES)
+    ae_in_file = None  # an all-in-one file's own autoencoder, when no --ae is given
+    if ae is None:
+        if bnb is None or bnb.vae_prefix is None:
+            raise CheckpointError(f"{transformer}: holds no autoencoder; give --ae ae.safetensors")
+        ae_in_file = read_vae(transformer, bnb.vae_prefix)
+        ae, ae_shapes = transformer, {k: torch.empty(v.shape, device="meta") for k, v in ae_in_file.items()}
+    else:
+        ae = Path(ae)
+        ae_shapes = _shapes(ae, AE_PREFIXES)
     if "encoder.conv_in.weight" not in ae_shapes or "decoder.conv_out.weight" not in ae_shapes:
         raise CheckpointError(f"{ae}: not an LDM/FLUX autoencoder (no encoder.conv_in / decoder.conv_out)")
     ae_factor = AutoEncoderParams.from_dict(infer_autoencoder_params(ae_shapes, 1.0, 0.0)).downsample_factor
@@ -183,13 +204,17 @@ def convert_flux(
     with staged_dir(out) as tmp:
         hashes = {
             TRANSFORMER_FILE: write_safetensors(
-                import_flux_gguf(transformer), tmp / TRANSFORMER_FILE, {"format": "pt"}
+                import_flux_gguf(transformer) if gguf else bnb.tensors,  # type: ignore[union-attr]
+                tmp / TRANSFORMER_FILE,
+                {"format": "pt"},
             )
-            if gguf
+            if gguf or bnb is not None
             else _place(
                 transformer, tmp / TRANSFORMER_FILE, FLUX_PREFIXES, import_flux_transformer, rewrite=scaled
             ),
-            AUTOENCODER_FILE: _place(ae, tmp / AUTOENCODER_FILE, AE_PREFIXES, import_flux_autoencoder),
+            AUTOENCODER_FILE: write_safetensors(ae_in_file, tmp / AUTOENCODER_FILE, {"format": "pt"})
+            if ae_in_file is not None
+            else _place(ae, tmp / AUTOENCODER_FILE, AE_PREFIXES, import_flux_autoencoder),
         }
         text = preset["text_encoder"]
         text["t5"]["path"] = str(Path(t5).resolve())
@@ -201,9 +226,16 @@ def convert_flux(
             autoencoder=ae_params,
             text_encoder=text,
             defaults=record["defaults"] if record and record["defaults"] else preset["defaults"],
-            description=f"converted from {transformer.name} and {ae.name}"
+            description=f"converted from {transformer.name}"
+            + (" (with its autoencoder)" if ae_in_file is not None else f" and {ae.name}")
             + (" (scaled FP8 widened to bf16)" if scaled else "")
-            + (f" ({len(kept)} layers kept in GGML {format_names(kept)})" if kept else ""),
+            + (
+                f" ({len(kept)} layers kept 4-bit, bitsandbytes {format_names(kept)})"
+                if kept and bnb is not None
+                else f" ({len(kept)} layers kept in GGML {format_names(kept)})"
+                if kept
+                else ""
+            ),
             hashes=hashes,
             kontext=kontext,
             control=control,
@@ -270,12 +302,12 @@ def _store_fp8_in_place(sd: dict[str, torch.Tensor], where: str) -> None:
 
 
 def _widen_quantized_in_place(sd: dict[str, torch.Tensor]) -> None:
-    """GGML-quantized layers as float32 weights (exactly their dequantized values); the type keys go."""
+    """GGML-quantized (or NF4 / FP4) layers as float32 weights (exactly their dequantized values); the type
+    keys go."""
     for path, fmt in quantized_formats(sd).items():
         blocks = sd[f"{path}.weight"]
-        spec = FORMATS[fmt]
-        cols = blocks.shape[1] // spec.type_size * spec.block_size
-        sd[f"{path}.weight"] = dequantize(blocks, fmt, (blocks.shape[0], cols), torch.float32)
+        cols = stored_columns(fmt, blocks.shape[1])
+        sd[f"{path}.weight"] = dequantize_stored(blocks, fmt, (blocks.shape[0], cols), torch.float32)
         del sd[f"{path}.{GGML_TYPE_KEY}"]
 
 
@@ -313,8 +345,17 @@ def quantize_block_linears(sd: dict[str, torch.Tensor], fmt: str, where: str) ->
 
 def _refuse_requantizing(where: str, formats: dict[str, str], way: str) -> None:
     raise CheckpointError(
-        f"{where}: {len(formats)} layers are GGML-quantized already ({format_names(formats)}); quantizing "
+        f"{where}: {len(formats)} layers are {_already(formats)}; quantizing "
         f"again compounds the rounding. {way} the original wide bundle instead"
+    )
+
+
+def _already(formats: dict[str, str]) -> str:
+    kind = quantized_kind(formats)
+    return (
+        f"GGML-quantized already ({format_names(formats)})"
+        if kind == "GGML-quantized"
+        else f"quantized already ({kind})"
     )
 
 
@@ -340,6 +381,13 @@ def export_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     config = read_bundle_config(src)
     sd = read_bundle_file(src, TRANSFORMER_FILE, config, verify=True)
     formats = quantized_formats(sd)
+    four_bit = {path: fmt for path, fmt in formats.items() if fmt in FOUR_BIT_TYPE_IDS}
+    if four_bit:  # pictor's own rows: no GGUF reader knows them, and re-quantizing compounds the rounding
+        raise CheckpointError(
+            f"{src}: {len(four_bit)} transformer layers are {quantized_kind(four_bit)}, e.g. "
+            f"{min(four_bit)}, which GGUF has no type for. Widen the bundle (`pictor convert dtype {src} "
+            "--dtype bf16 --out WIDE`) and export that, with --dtype q4_k (or another GGML type) if you like"
+        )
     if dtype is not None:
         if formats:
             _refuse_requantizing(f"{src}", formats, "Export without --dtype to keep them, or quantize")
@@ -428,8 +476,8 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
     bundle on disk at the cost of rounding each weight to 11 significant bits. Written atomically, so
     ``out`` may be ``src``; an ``out`` that holds anything but a bundle is refused, never replaced.
     """
-    if dtype not in (*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS):
-        choices = ", ".join((*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS))
+    if dtype not in (*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS, *FOUR_BIT_DTYPES):
+        choices = ", ".join((*STORAGE_DTYPES, "fp8", *QUANTIZE_FORMATS, *FOUR_BIT_DTYPES))
         raise CheckpointError(f"dtype {dtype!r}: choose one of {choices}")
     src, out = Path(src), Path(out)
     config = read_bundle_config(src)
@@ -439,10 +487,13 @@ def cast_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
         for fname in (TRANSFORMER_FILE, AUTOENCODER_FILE):  # one part in memory at a time
             sd = read_bundle_file(src, fname, config, verify=True)
             formats = quantized_formats(sd)
-            if formats and dtype in QUANTIZE_FORMATS:
+            if formats and dtype in (*QUANTIZE_FORMATS, *FOUR_BIT_DTYPES):
                 _refuse_requantizing(f"{src / fname}", formats, "Quantize")
             _widen_quantized_in_place(sd)
-            if dtype in QUANTIZE_FORMATS:
+            if dtype in FOUR_BIT_DTYPES:
+                if fname == TRANSFORMER_FILE:  # NF4 / FP4 as bitsandbytes quantizes, kept so in memory
+                    quantize_block_linears_4bit(sd, dtype.upper(), f"{src / fname}")
+            elif dtype in QUANTIZE_FORMATS:
                 if fname == TRANSFORMER_FILE:  # the autoencoder keeps its dtype, as with FP8
                     quantize_block_linears(sd, dtype.upper(), f"{src / fname}")
             elif dtype != "fp8":

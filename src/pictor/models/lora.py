@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pictor.models.ggml_quants import FORMATS
 from pictor.models.lora_formats import LoRAError
 from pictor.models.weight_storage import (
     GGML_TYPE_KEY,
@@ -49,6 +48,7 @@ from pictor.models.weight_storage import (
     is_stored,
     narrow_linear,
     tag_weight,
+    type_id_of,
 )
 
 __all__ = [
@@ -266,9 +266,7 @@ class LoRALinear(nn.Module):
                 kind = StoredLinear if is_fp8(self.weight) else nn.Linear
                 linear = kind(self.in_features, self.out_features, bias=self.bias is not None)
         if fmt is not None:  # the type buffer is the layer's own; the weight and bias are this layer's
-            linear.ggml_type = torch.tensor(
-                FORMATS[fmt].type_id, dtype=torch.int32, device=self.weight.device
-            )
+            linear.ggml_type = torch.tensor(type_id_of(fmt), dtype=torch.int32, device=self.weight.device)
         linear.weight = self.weight
         linear.bias = self.bias
         return linear

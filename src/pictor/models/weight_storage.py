@@ -14,6 +14,11 @@ so a bundle's safetensors file says by itself which layers are quantized and how
 its format as attributes (``ggml_format``, ``ggml_shape``) so that the code that only sees a layer's weight
 (LoRA and DoRA wrappers) can widen it.
 
+bitsandbytes' 4-bit weights (Forge's and diffusers' NF4 / FP4 files) are kept the same way, as formats
+``NF4`` and ``FP4`` in pictor's own row layout (:mod:`pictor.models.bnb_quants`, 4.5 bits a weight); their
+``ggml_type`` holds a pictor id outside GGML's range (:data:`FOUR_BIT_TYPE_IDS`), so the same buffer says
+which layers are 4-bit and a GGML reader never mistakes them for one of its types.
+
 ``store_fp8`` turns a model's block linears into :class:`StoredLinear`; ``quantize_structure`` turns named
 linears into :class:`QuantizedLinear` before a quantized state dict is loaded; ``place`` moves a model to a
 device and compute dtype while leaving stored weights in their storage dtype.
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pictor.models import bnb_quants
 from pictor.models.ggml_quants import FORMATS, GGMLError, dequantize, format_by_id, row_bytes
 
 FP8_DTYPES: frozenset[torch.dtype] = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
@@ -36,6 +42,38 @@ FP8_MAX = float(torch.finfo(FP8_STORAGE).max)  # 448: torch saturates larger val
 STORED_PREFIXES = ("double_blocks.", "single_blocks.")
 GGML_TYPE_KEY = "ggml_type"  # the buffer beside a quantized layer's weight: its GGML type id
 DENSE_FORMATS = frozenset({"F32", "F16", "BF16"})  # GGML types that are plain floats, not blocks
+# bitsandbytes' 4-bit formats in pictor's rows: ids far past GGML's (about 40 types), never reused by it.
+FOUR_BIT_TYPE_IDS = {"NF4": 1004, "FP4": 1005}
+_FOUR_BIT_BY_ID = {v: k for k, v in FOUR_BIT_TYPE_IDS.items()}
+
+
+def type_id_of(fmt: str) -> int:
+    """The ``ggml_type`` value of a stored format: GGML's id, or pictor's for NF4 / FP4."""
+    return FOUR_BIT_TYPE_IDS[fmt] if fmt in FOUR_BIT_TYPE_IDS else FORMATS[fmt].type_id
+
+
+def format_of_type_id(type_id: int) -> str:
+    """The stored format a ``ggml_type`` value names (raises GGMLError for an unknown id)."""
+    return _FOUR_BIT_BY_ID.get(type_id) or format_by_id(type_id).name
+
+
+def stored_row_bytes(fmt: str, cols: int) -> int:
+    """Bytes a row of ``cols`` values takes in a stored block format."""
+    return bnb_quants.row_bytes(cols) if fmt in FOUR_BIT_TYPE_IDS else row_bytes(fmt, cols)
+
+
+def stored_columns(fmt: str, nbytes: int) -> int:
+    """How many values a stored row of ``nbytes`` bytes holds (the inverse of :func:`stored_row_bytes`)."""
+    if fmt in FOUR_BIT_TYPE_IDS:
+        return nbytes // bnb_quants.ROW_BLOCK_BYTES * bnb_quants.ROW_BLOCK
+    return nbytes // FORMATS[fmt].type_size * FORMATS[fmt].block_size
+
+
+def dequantize_stored(blocks: Tensor, fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A stored layer's blocks (GGML or pictor's NF4 / FP4 rows) as a ``dtype`` matrix."""
+    if fmt in FOUR_BIT_TYPE_IDS:
+        return bnb_quants.dequantize_rows(blocks, fmt, shape, dtype)
+    return dequantize(blocks, fmt, shape, dtype)
 
 
 class _NarrowWeightLinear(torch.autograd.Function):
@@ -60,7 +98,7 @@ class _NarrowWeightLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         (weight,) = ctx.saved_tensors
         fmt, shape = ctx.ggml
-        wide = weight.to(grad.dtype) if fmt is None else dequantize(weight, fmt, shape, grad.dtype)
+        wide = weight.to(grad.dtype) if fmt is None else dequantize_stored(weight, fmt, shape, grad.dtype)
         grad_x = (grad @ wide).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
@@ -107,7 +145,7 @@ def widen(weight: Tensor, dtype: torch.dtype) -> Tensor:
     fmt = ggml_format(weight)
     if fmt is None:
         return weight.to(dtype)
-    return dequantize(weight.detach(), fmt, weight.ggml_shape, dtype)  # type: ignore[attr-defined]
+    return dequantize_stored(weight.detach(), fmt, weight.ggml_shape, dtype)  # type: ignore[attr-defined]
 
 
 def dense(weight: Tensor) -> Tensor:
@@ -136,7 +174,8 @@ def is_fp8(t: Tensor) -> bool:
 
 
 class QuantizedLinear(StoredLinear):
-    """A linear layer whose weight is GGML blocks (uint8, [out, bytes per row]), dequantized per call.
+    """A linear layer whose weight is GGML blocks (uint8, [out, bytes per row]), dequantized per call; or
+    bitsandbytes' NF4 / FP4 values in pictor's rows (``fmt`` "NF4" / "FP4"), the same way.
 
     Same keys as ``nn.Linear`` plus ``ggml_type``. A load (``assign=True`` puts the file's tensor in place of
     the Parameter) tags the new weight with its format again, and refuses a file whose type disagrees.
@@ -144,13 +183,14 @@ class QuantizedLinear(StoredLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str) -> None:
         nn.Module.__init__(self)
-        if fmt not in FORMATS or fmt in DENSE_FORMATS:
-            raise GGMLError(f"{fmt!r} is not a GGML block format; choose one of {', '.join(block_formats())}")
+        if (fmt not in FORMATS or fmt in DENSE_FORMATS) and fmt not in FOUR_BIT_TYPE_IDS:
+            choices = ", ".join([*block_formats(), *FOUR_BIT_TYPE_IDS])
+            raise GGMLError(f"{fmt!r} is not a GGML block format or NF4 / FP4; choose one of {choices}")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        size = (out_features, row_bytes(fmt, in_features))
+        size = (out_features, stored_row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(size, dtype=torch.uint8), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.register_buffer(GGML_TYPE_KEY, torch.tensor(FORMATS[fmt].type_id, dtype=torch.int32))
+        self.register_buffer(GGML_TYPE_KEY, torch.tensor(type_id_of(fmt), dtype=torch.int32))
         self.register_load_state_dict_post_hook(_retag_after_load)
         self.tag()
 
@@ -171,10 +211,10 @@ class QuantizedLinear(StoredLinear):
 def _retag_after_load(module: nn.Module, incompatible: Any) -> None:
     assert isinstance(module, QuantizedLinear)
     stored = getattr(module, GGML_TYPE_KEY)
-    if not stored.is_meta and int(stored) != FORMATS[module.fmt].type_id:
+    if not stored.is_meta and int(stored) != type_id_of(module.fmt):
         raise GGMLError(
             f"a {module.fmt} layer was given weights of GGML type {int(stored)} "
-            f"({format_by_id(int(stored)).name}); build the layers from the state dict's own ggml_type"
+            f"({format_of_type_id(int(stored))}); build the layers from the state dict's own ggml_type"
         )
     module.tag()
 
@@ -185,10 +225,11 @@ def block_formats() -> list[str]:
 
 
 def quantized_formats(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
-    """{layer path: GGML format} for every quantized layer of a state dict (read off its ggml_type keys)."""
+    """{layer path: GGML format, or NF4 / FP4} for every quantized layer of a state dict (read off its
+    ggml_type keys)."""
     suffix = "." + GGML_TYPE_KEY
     return {
-        key[: -len(suffix)]: format_by_id(int(value)).name
+        key[: -len(suffix)]: format_of_type_id(int(value))
         for key, value in state_dict.items()
         if key.endswith(suffix)
     }
@@ -197,6 +238,18 @@ def quantized_formats(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
 def format_names(formats: Mapping[str, str]) -> str:
     """The GGML formats of {layer: format} for messages and records: "Q4_K+Q6_K"."""
     return "+".join(sorted(set(formats.values())))
+
+
+def quantized_kind(formats: Mapping[str, str]) -> str:
+    """What a message calls layers of these formats: "GGML-quantized", or "bitsandbytes 4-bit (NF4)"."""
+    names = format_names(formats)
+    if not set(formats.values()) & FOUR_BIT_TYPE_IDS.keys():
+        return "GGML-quantized"
+    return (
+        f"bitsandbytes 4-bit ({names})"
+        if set(formats.values()) <= FOUR_BIT_TYPE_IDS.keys()
+        else f"quantized ({names})"
+    )
 
 
 def quantize_structure(model: nn.Module, formats: Mapping[str, str]) -> None:
