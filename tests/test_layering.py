@@ -101,6 +101,7 @@ LAYERS: dict[str, int] = {
     "flux_files": 1,
     "fill_images": 1,
     "gguf_files": 1,
+    "t5_gguf_files": 1,
     "bnb_files": 1,
     "locate": 1,
     "presets": 1,

@@ -35,7 +35,12 @@ def add_convert_parser(sub: Any) -> None:
         help="ae.safetensors; may be left out when --transformer is an all-in-one file holding the "
         "autoencoder (Forge's flux1-dev-bnb-nf4)",
     )
-    cf.add_argument("--t5", required=True, help="local folder of a T5 encoder (save_pretrained layout)")
+    cf.add_argument(
+        "--t5",
+        required=True,
+        help="local folder of a T5 encoder (save_pretrained layout), or a T5 encoder GGUF file "
+        "(t5-v1_1-xxl-encoder-Q8_0.gguf, as ComfyUI-GGUF uses; its tokenizer is rebuilt from the file)",
+    )
     cf.add_argument("--clip", required=True, help="local folder of a CLIP text model")
     cf.add_argument("--out", required=True)
     cf.add_argument("--name", default=None)

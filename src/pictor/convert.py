@@ -68,6 +68,7 @@ from pictor.models.weight_storage import (
 )
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
+from pictor.t5_gguf_files import check_t5_gguf
 
 BUNDLE_FILES = (CONFIG_NAME, TRANSFORMER_FILE, AUTOENCODER_FILE)
 # GGML block formats `pictor convert dtype` writes (llama.cpp's reference quantizers, byte for byte): from
@@ -126,8 +127,10 @@ def convert_flux(
     autoencoder (Forge's all-in-one files)."""
     transformer, out = Path(transformer), Path(out)
     check_bundle_out(out)  # never replace a folder that holds anything but a bundle
+    if Path(t5).is_file():  # a T5 encoder GGUF (ComfyUI-GGUF's t5-v1_1-xxl-encoder-Q8_0.gguf): checked here
+        check_t5_gguf(t5)
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
-        if not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file() and not (what == "T5" and folder.is_file()):
             raise CheckpointError(
                 f"{folder}: not a {what} model folder (no config.json); give a local folder"
             )

@@ -13,12 +13,12 @@ from pictor.layout_files import LAYOUT_FILE
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
-from pictor.models.text import build_text_encoder
 from pictor.models.weight_storage import store_fp8
 from pictor.pipeline import Pipeline
 from pictor.pipeline_offload import check_offload
 from pictor.presets import get_preset
 from pictor.reference_files import REFERENCE_FILE
+from pictor.t5_gguf_files import build_text_encoder
 
 
 def build_models(config: BundleConfig) -> tuple[Flux, AutoEncoder]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from pictor.models.text_encoder import (
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+# Reads a T5 GGUF file: (path, compute dtype, tokenizer folder or None) -> (T5EncoderModel, tokenizer). GGUF
+# parsing lives above models (pictor.t5_gguf_files), which passes its loader in.
+GGUFLoader = Callable[[str, torch.dtype, "str | PathLike[str] | None"], tuple[nn.Module, Any]]
 
 
 def _dtype(kind: str, name: str) -> torch.dtype:
@@ -29,7 +33,7 @@ def _dtype(kind: str, name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _load_tokenizer(path: Path, what: str) -> Any:
+def load_tokenizer(path: Path, what: str) -> Any:
     from transformers import AutoTokenizer
 
     if not path.is_dir():
@@ -140,7 +144,7 @@ class CLIPTextEncoder(TextEncoder):
         self.max_length = check_max_length(
             self.kind, max_length, text_config.get("max_position_embeddings", 77)
         )
-        self.tokenizer = _load_tokenizer(tok_folder, "CLIP")
+        self.tokenizer = load_tokenizer(tok_folder, "CLIP")
         self.model = _load_model(CLIPTextModel, folder, _dtype(self.kind, dtype))
         self.context_dim = self.pooled_dim = int(self.model.config.hidden_size)
 
@@ -190,17 +194,27 @@ class T5TextEncoder(TextEncoder):
         tokenizer_path: str | PathLike[str] | None = None,
         dtype: str = "float32",
         mask_padding: bool = False,
+        load_gguf: GGUFLoader | None = None,
     ) -> None:
         from transformers import T5EncoderModel
 
         super().__init__()
         self._path, self._tokenizer_path, self._dtype = str(path), tokenizer_path, dtype
         self.mask_padding = bool(mask_padding)
-        folder, tok_folder = _folders(path, tokenizer_path)
-        model_folder_config(folder, {"t5"}, "T5 text encoder")
         self.max_length = check_max_length(self.kind, max_length, None)  # relative positions: no limit
-        self.tokenizer = _load_tokenizer(tok_folder, "T5")
-        self.model = _load_model(T5EncoderModel, folder, _dtype(self.kind, dtype))
+        # A file: FLUX.1's T5-XXL as ComfyUI-GGUF users have it (t5-v1_1-xxl-encoder-Q8_0.gguf).
+        if Path(path).is_file():
+            if load_gguf is None:
+                raise ValueError(
+                    f"T5 text encoder {path} is a file: a T5 GGUF file is read through "
+                    "pictor.t5_gguf_files.build_text_encoder (or give a save_pretrained() folder)"
+                )
+            self.model, self.tokenizer = load_gguf(str(path), _dtype(self.kind, dtype), tokenizer_path)
+        else:
+            folder, tok_folder = _folders(path, tokenizer_path)
+            model_folder_config(folder, {"t5"}, "T5 text encoder")
+            self.tokenizer = load_tokenizer(tok_folder, "T5")
+            self.model = _load_model(T5EncoderModel, folder, _dtype(self.kind, dtype))
         self.context_dim = self.pooled_dim = int(self.model.config.d_model)
 
     def cut_off(self, prompt: str) -> str:
@@ -222,7 +236,8 @@ class T5TextEncoder(TextEncoder):
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> T5TextEncoder:
+    def from_config(cls, config: dict[str, Any], load_gguf: GGUFLoader | None = None) -> T5TextEncoder:
+        """``load_gguf``: how to read a ``path`` that is a GGUF file (see :data:`GGUFLoader`)."""
         check_config_keys(
             cls.kind, config, {"path"}, {"max_length", "tokenizer_path", "dtype", "mask_padding"}
         )
@@ -232,6 +247,7 @@ class T5TextEncoder(TextEncoder):
             tokenizer_path=config.get("tokenizer_path"),
             dtype=config.get("dtype", "float32"),
             mask_padding=config.get("mask_padding", False),
+            load_gguf=load_gguf,
         )
 
 
@@ -267,12 +283,15 @@ class FluxTextEncoder(TextEncoder):
         return {"kind": self.kind, "t5": self.t5.config(), "clip": self.clip.config()}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FluxTextEncoder:
+    def from_config(cls, config: dict[str, Any], load_gguf: GGUFLoader | None = None) -> FluxTextEncoder:
+        """``load_gguf``: how to read a T5 ``path`` that is a GGUF file (see :data:`GGUFLoader`)."""
         check_config_keys(cls.kind, config, {"t5", "clip"}, set())
-        parts = {}
-        for name, part_cls in (("t5", T5TextEncoder), ("clip", CLIPTextEncoder)):
-            part = dict(config[name])
-            if part.setdefault("kind", name) != name:
-                raise ValueError(f"text encoder 'flux': its '{name}' part has kind {part['kind']!r}")
-            parts[name] = part_cls.from_config(part)
-        return cls(t5=parts["t5"], clip=parts["clip"])
+        parts: dict[str, dict[str, Any]] = {}
+        for name in ("t5", "clip"):
+            parts[name] = dict(config[name])
+            if parts[name].setdefault("kind", name) != name:
+                raise ValueError(f"text encoder 'flux': its '{name}' part has kind {parts[name]['kind']!r}")
+        return cls(
+            t5=T5TextEncoder.from_config(parts["t5"], load_gguf=load_gguf),
+            clip=CLIPTextEncoder.from_config(parts["clip"]),
+        )

@@ -39,8 +39,9 @@ from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams
 from pictor.models.lora import add_lora, max_norm_adapters
 from pictor.models.lycoris_train import add_lycoris
-from pictor.models.text import TextEmbeddings, TextEncoder, build_text_encoder
+from pictor.models.text import TextEmbeddings, TextEncoder
 from pictor.models.weight_storage import FP8_STORAGE, is_fp8, place, quantized_formats, store_fp8
+from pictor.t5_gguf_files import build_text_encoder
 from pictor.train.config import TrainConfig, resume_refusal
 from pictor.train.data import ImageCaptionDataset
 from pictor.train.distributed import DistInfo

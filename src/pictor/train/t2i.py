@@ -33,7 +33,7 @@ from pictor.flow import flow_loss, huber_threshold, interpolate, resolution_mu
 from pictor.locate import resolve
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
-from pictor.models.text import build_text_encoder
+from pictor.t5_gguf_files import build_text_encoder
 from pictor.train import previews
 from pictor.train.config import (
     DEFAULT_TIMESTEP_SHIFT,
