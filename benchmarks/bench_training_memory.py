@@ -29,8 +29,8 @@ from _flux_reference import build_reference, reference_forward
 from _fresh_runs import emit, measure, parse_args, rel_err, run_each
 from bench_fp8 import N_TXT, flux_width_params, inputs, random_state
 
+from pictor.bundle_storage import quantize_block_linears
 from pictor.checkpoint import load_into
-from pictor.convert import quantize_block_linears
 from pictor.models.flux import Flux
 from pictor.models.weight_storage import FP8_STORAGE, store_fp8
 

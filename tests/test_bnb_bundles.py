@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from pictor.bnb_files import read_bnb_flux
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import CheckpointError, load_bundle, save_bundle
-from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.models.flux import Flux
 from pictor.models.lora import LoRAError, add_lora, merge_lora
@@ -147,8 +147,8 @@ def test_convert_dtype_nf4_quantizes_as_bitsandbytes_and_refuses_twice(
 
 
 def test_export_gguf_refuses_4bit_layers_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pictor.bundle_storage import export_gguf
     from pictor.cli import main
-    from pictor.convert import export_gguf
 
     save_bundle(tmp_path / "wide", _bundle_config(), _flux().state_dict(), _ae().state_dict())
     cast_bundle(tmp_path / "wide", tmp_path / "nf4", "nf4")

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from pictor.bnb_files import read_bnb_flux
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import CheckpointError, load_bundle
-from pictor.convert import cast_bundle, convert_flux
+from pictor.convert import convert_flux
 from pictor.models.bnb_quants import read_quant_state
 from pictor.models.flux import Flux
 from pictor.models.weight_storage import FOUR_BIT_TYPE_IDS, STORED_PREFIXES, QuantizedLinear, storage_name

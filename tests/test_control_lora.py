@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     TRANSFORMER_FILE,
@@ -30,7 +31,6 @@ from pictor.checkpoint import (
 )
 from pictor.cli import main
 from pictor.control_images import ControlImageError
-from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.lora_files import apply_lora, lora_file_hash, save_lora
 from pictor.lora_merge import control_settings, merge_loras

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     TRANSFORMER_FILE,
@@ -19,7 +20,7 @@ from pictor.checkpoint import (
     save_bundle,
 )
 from pictor.cli import main
-from pictor.convert import cast_bundle, convert_flux
+from pictor.convert import convert_flux
 from pictor.loading import load
 from pictor.lora_files import save_lora
 from pictor.models.flux import Flux, FluxParams

@@ -13,8 +13,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from torch import nn
 
+from pictor.bundle_storage import cast_bundle, export_gguf
 from pictor.checkpoint import CheckpointError, load_bundle, load_into
-from pictor.convert import cast_bundle, convert_flux, export_gguf
+from pictor.convert import convert_flux
 from pictor.flux_files import import_flux_gguf
 from pictor.gguf_files import read_gguf, write_gguf
 from pictor.loading import pipeline_from_bundle

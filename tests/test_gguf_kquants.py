@@ -14,9 +14,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import BundleConfig, CheckpointError, load_bundle, save_bundle
 from pictor.cli import main
-from pictor.convert import cast_bundle, convert_flux
+from pictor.convert import convert_flux
 from pictor.loading import pipeline_from_bundle
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams
 from pictor.models.flux import Flux, FluxParams

@@ -77,6 +77,8 @@ LAYERS: dict[str, int] = {
     "sampling_schedules": 1,
     "checkpoint": 1,
     "convert": 1,
+    "bundle_folders": 1,
+    "bundle_storage": 1,
     "bundle_defaults": 1,
     "generation_settings": 1,
     "generation_request": 1,

@@ -217,7 +217,7 @@ def test_cli_generate_with_a_bundles_layout_adapter_and_reproduce(tmp_path: Path
     info = json.loads(shown.stdout)["layout_adapter"]
     assert info["format"] == "pictor-layout" and info["layout_params"]["num_blocks"] == 2
     # `pictor convert dtype` keeps the bundle's adapter.
-    from pictor.convert import cast_bundle
+    from pictor.bundle_storage import cast_bundle
 
     cast_bundle(bundle, tmp_path / "fp16", "fp16")
     assert (tmp_path / "fp16" / "layout.safetensors").read_bytes() == (

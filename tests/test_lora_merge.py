@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     TRANSFORMER_FILE,
@@ -19,7 +20,6 @@ from pictor.checkpoint import (
     save_bundle,
 )
 from pictor.cli import main
-from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.lora_files import lora_file_hash, save_lora
 from pictor.lora_merge import merge_loras

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     TRANSFORMER_FILE,
@@ -17,7 +18,6 @@ from pictor.checkpoint import (
     save_bundle,
 )
 from pictor.cli import main
-from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.model_merge import merge_models
 from pictor.models.autoencoder import AutoEncoder, AutoEncoderParams

@@ -275,7 +275,7 @@ def test_cli_generate_with_a_bundles_reference_adapter_and_reproduce(tmp_path: P
     info = json.loads(shown.stdout)["reference_adapter"]
     assert info["format"] == "pictor-reference" and info["reference_params"]["context_dim"] == 384
     # `pictor convert dtype` keeps the bundle's adapter, also in place.
-    from pictor.convert import cast_bundle
+    from pictor.bundle_storage import cast_bundle
 
     cast_bundle(bundle, tmp_path / "fp16", "fp16")
     assert (tmp_path / "fp16" / "reference.safetensors").read_bytes() == (

@@ -10,8 +10,9 @@ from typing import Any
 
 from pictor.cli_options import add_sampler
 
-# GGML block formats pictor writes, widest first (pictor.convert.QUANTIZE_FORMATS; kept here as plain names
-# so that building the parser imports no torch): 8.5, 6.5625, 5.5, 6, 5.5, 4.5, 5, 4.5, 3.4375, 2.625 bits.
+# GGML block formats pictor writes, widest first (pictor.bundle_storage.QUANTIZE_FORMATS; kept here as plain
+# names so that building the parser imports no torch): 8.5, 6.5625, 5.5, 6, 5.5, 4.5, 5, 4.5, 3.4375, 2.625
+# bits.
 _GGML_DTYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")
 
 
@@ -100,7 +101,8 @@ def add_convert_parser(sub: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pictor.convert import cast_bundle, convert_flux, export_gguf
+    from pictor.bundle_storage import cast_bundle, export_gguf
+    from pictor.convert import convert_flux
 
     if args.format == "defaults":
         from pictor.bundle_defaults import SETTABLE, set_defaults

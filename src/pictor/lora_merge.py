@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from pictor.bundle_folders import ADAPTER_FILES, check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
@@ -43,7 +44,6 @@ from pictor.checkpoint import (
     write_safetensors,
 )
 from pictor.control_images import check_control_kind, is_control_model
-from pictor.convert import ADAPTER_FILES, check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.lora_files import a1111_lora_hash, load_lora_file, lora_file_hash
 from pictor.lora_tools import finite_update, model_linears, read_lora

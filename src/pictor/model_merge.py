@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from pictor.bundle_folders import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.checkpoint import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
@@ -35,7 +36,6 @@ from pictor.checkpoint import (
     write_json,
     write_safetensors,
 )
-from pictor.convert import check_bundle_out, copy_adapters, copy_autoencoder
 from pictor.locate import resolve
 from pictor.models.weight_storage import fp8_problem, is_fp8
 

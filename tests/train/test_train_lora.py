@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import (
     CheckpointError,
     load_bundle,
@@ -31,7 +32,6 @@ from pictor.checkpoint import (
     read_safetensors_metadata,
     save_bundle,
 )
-from pictor.convert import cast_bundle
 from pictor.loading import load
 from pictor.lora_files import apply_lora
 from pictor.models.lora import remove_lora

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pictor.bundle_storage import cast_bundle
 from pictor.checkpoint import CheckpointError, read_safetensors
-from pictor.convert import cast_bundle
 from pictor.data.folder import DatasetWarning
 from pictor.notices import PictorWarning
 from pictor.train.config import ConfigError, TrainConfig
