@@ -96,6 +96,7 @@ LAYERS: dict[str, int] = {
     "comfy_prompt_weights": 1,
     "comfy_passes": 1,
     "comfy_sampling_nodes": 1,
+    "comfy_sampler_settings": 1,
     "comfy_upscale_nodes": 1,
     "picture_files": 1,
     "hires": 1,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pictor.comfy_graph import ComfyGraph
+from pictor.comfy_sampler_settings import read_sampler_node
 
 if TYPE_CHECKING:
     from pictor.comfy_passes import ComfyHires
@@ -193,13 +194,11 @@ def _guider(graph: ComfyGraph, value: Any, out: ComfySettings) -> _Wiring:
 
 
 def _sampler_node(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
+    """KSamplerSelect's sampler, or that of a sampler node with settings of its own (SamplerEulerAncestral's
+    eta...: `pictor.comfy_sampler_settings`, which says the settings pictor does not run)."""
     ref = graph.follow(value)
-    if ref is None:
-        return
-    if graph.cls(ref[0]) == "KSamplerSelect":
-        out.sampler_name = graph.value(ref[0], "sampler_name", str, out.notices)
-    else:  # a sampler node with settings of its own (SamplerEulerAncestral's eta...): not one of pictor's
-        out.sampler_name = graph.cls(ref[0])
+    if ref is not None:
+        out.sampler_name = read_sampler_node(graph, ref[0], out.notices)
 
 
 def _sigmas(graph: ComfyGraph, value: Any, out: ComfySettings) -> None:
