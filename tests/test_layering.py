@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "edit_resolution": 2,
     "request_resolution": 2,
     "guided_velocity": 2,
+    "guided_inputs": 2,
     "picture_runs": 2,
     "grid_runs": 2,
     "loading": 2,

@@ -27,91 +27,52 @@ negative prompt's raw prediction (under any guidance method, as ComfyUI's post-C
 runs at guidance 1 too (ComfyUI's disable_cfg1_optimization); a guidance-distilled or unguided model, which
 has no negative pass, and a guidance interval, whose steps outside it run none, are refused with a
 ValueError that names the sampler; CFG-Zero*'s zeroed steps call no model and give zero for both.
+What the velocity reads of a request and a pipeline (`Conditioned`, `Models`) and the conditioning it builds
+once per run (the passes' prompts and weights, stacked texts, IP-Adapter keys and values) live in
+`pictor.guided_inputs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from pictor.composable_prompts import compose, split_and, uses_and
+from pictor.composable_prompts import compose
 from pictor.context_images import context_tokens
 from pictor.controlnet_runs import ControlNetRun
 from pictor.denoise_tiles import TokenWindow, tiled_call
-from pictor.guidance_methods import GuidanceMethod, Guider, StepClock, cfg_pp_problem
-from pictor.ip_adapter_files import IPAdapterModel, blank_pixels, clip_image_embeds
+from pictor.guidance_methods import Guider, StepClock
+from pictor.guided_inputs import (
+    Conditioned,
+    Models,
+    _check_cfg_pp,
+    _parts,
+    _stacked,
+    ip_attention,
+    regional_options,
+)
 from pictor.layout_files import layout_residuals
-from pictor.models.autoencoder import AutoEncoder
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.control_residuals import ControlResiduals
-from pictor.models.flux import Flux, make_img_ids, make_txt_ids
+from pictor.models.flux import make_img_ids, make_txt_ids
 from pictor.models.ip_adapter import IPAttention
-from pictor.models.layout import LayoutAdapter
 from pictor.models.reference import (
-    ReferenceAdapter,
     ReferenceConditioning,
     apply_reference,
     conditional_only,
 )
-from pictor.models.text import TextEmbeddings, TextEncoder
+from pictor.models.text import TextEmbeddings
 from pictor.pass_texts import pass_schedules
-from pictor.redux_images import ReduxModel, redux_tokens
+from pictor.redux_images import redux_tokens
 from pictor.reference_files import reference_context
-from pictor.regional_attention import RegionalAttention, RegionalOptions
-from pictor.regional_prompts import region_cover, region_weights
+from pictor.regional_attention import RegionalAttention
+from pictor.regional_prompts import region_cover
 from pictor.sampling import CFG_PP_SAMPLERS, clock_calls_per_step
 from pictor.sampling_steps import UNCOND
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class Conditioned(Protocol):
-    """What of a request the velocity reads (a resolved `GenerationRequest`)."""
-
-    prompt: str
-    negative_prompt: str
-    width: int | None
-    height: int | None
-    guidance: float | None
-    sampler: str | None
-    guidance_method: GuidanceMethod | None
-    layout: list[dict[str, Any]] | None
-    reference: Any
-    context_image: Any
-    redux_image: Any
-    redux_strength: float | None
-    ip_adapter_image: Any
-    ip_adapter_scale: float | None
-    cache_threshold: float | None
-    prompt_weights: bool
-    prompt_editing: bool
-    regions: list[dict[str, Any]] | None
-    regional_attention: bool
-    regional_steps: float | None
-    regional_double_interval: int | None
-    regional_single_interval: int | None
-    regional_base_ratio: float | None
-    composable: bool
-
-
-class Models(Protocol):
-    """What of a pipeline the velocity calls (`pictor.pipeline.Pipeline`)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    guidance_mode: str
-    transformer: Flux
-    autoencoder: AutoEncoder
-    text_encoder: TextEncoder
-    layout_adapter: LayoutAdapter | None
-    reference_adapter: ReferenceAdapter | None
-    redux: ReduxModel | None
-    ip_adapter: IPAdapterModel | None
-
-    def encode_text(self, prompts: list[str], weighted: bool = False) -> TextEmbeddings: ...
 
 
 def guided_velocity(
@@ -429,60 +390,3 @@ def guided_velocity(
 
     setattr(guided, UNCOND, uncond)
     return guided
-
-
-def _check_cfg_pp(m: Models, r: Conditioned) -> None:
-    """A ValueError where a CFG++ sampler would find no unconditional prediction (`cfg_pp_problem`; request
-    resolution refuses the same requests first, with the same words)."""
-    problem = cfg_pp_problem(r.sampler, m.guidance_mode, r.guidance_method)
-    if problem:
-        raise ValueError(problem)
-
-
-def regional_options(r: Conditioned) -> RegionalOptions:
-    """A request's Regional-Prompting-FLUX controls of regional attention (None fields: the defaults)."""
-    return RegionalOptions(
-        steps=getattr(r, "regional_steps", None),
-        double_interval=getattr(r, "regional_double_interval", None) or 1,
-        single_interval=getattr(r, "regional_single_interval", None) or 1,
-        base_ratio=float(getattr(r, "regional_base_ratio", None) or 0.0),
-    )
-
-
-def _parts(r: Conditioned, grid_h: int, grid_w: int) -> tuple[list[str], torch.Tensor]:
-    """The prompts that run as passes of their own and each one's weight per image token ([P, N]): the
-    whole prompt and each region's (`pictor.regional_prompts`), an A1111 prompt's parts joined by AND
-    (`pictor.composable_prompts`), or the prompt alone with weight 1 (classifier-free guidance then)."""
-    if r.regions:
-        texts = [r.prompt] + [region["prompt"] for region in r.regions]
-        return texts, region_weights(r.regions, grid_h, grid_w)
-    if r.composable and uses_and(r.prompt):
-        parts = split_and(r.prompt)
-        weights = torch.tensor([w for _, w in parts], dtype=torch.float32)
-        return [text for text, _ in parts], weights[:, None].expand(-1, grid_h * grid_w)
-    return [r.prompt], torch.ones(1, grid_h * grid_w)
-
-
-def _stacked(rows: list[TextEmbeddings], batch: int) -> TextEmbeddings:
-    """Texts of one row each as one batch, each text repeated for the `batch` images, in order."""
-    return TextEmbeddings(
-        tokens=torch.cat([e.tokens.expand(batch, -1, -1) for e in rows]),
-        mask=torch.cat([e.mask.expand(batch, -1) for e in rows]),
-        pooled=torch.cat([e.pooled.expand(batch, -1) for e in rows]),
-    )
-
-
-def ip_attention(m: Models, r: Conditioned, use_cfg: bool) -> IPAttention:
-    """The IP-Adapter's keys and values for one run: the picture's for every image, or under classifier-free
-    guidance the picture's for the conditional half and a black picture's for the other (rows are
-    [conditional images, unconditional images], so b = 2 serves both halves)."""
-    assert m.ip_adapter is not None and isinstance(r.ip_adapter_image, np.ndarray)
-    embeds = clip_image_embeds(m.ip_adapter, r.ip_adapter_image)
-    if use_cfg:
-        assert r.width and r.height
-        embeds = torch.cat([embeds, clip_image_embeds(m.ip_adapter, blank_pixels(r.height, r.width))])
-    adapter = m.ip_adapter.adapter
-    with torch.inference_mode():
-        return adapter.attention(
-            embeds.to(m.dtype), float(r.ip_adapter_scale or 0.0), m.transformer.num_heads
-        )

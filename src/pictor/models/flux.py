@@ -1,8 +1,11 @@
-"""The FLUX.1 rectified-flow transformer (black-forest-labs/flux ``src/flux/model.py``), plus latent packing.
+"""The FLUX.1 rectified-flow transformer (black-forest-labs/flux ``src/flux/model.py``): FluxParams + Flux.
 
 Module names match FLUX.1 so official weights load key for key. Time convention: ``timesteps`` in [0, 1]
 with t=1 pure noise; the 1000x scaling lives only inside :func:`~pictor.models.layers.timestep_embedding`.
 The model returns the velocity for the packed latent tokens.
+The blocks live in `pictor.models.layers`, the checks of the forward's arguments in
+`pictor.models.flux_inputs`, and latent packing (`pack_latents`, `make_img_ids`, ...) in
+`pictor.models.latent_packing`.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pictor.models.block_bias import BlendedBias, BlockBias
 from pictor.models.block_cache import FirstBlockCache
 from pictor.models.control_residuals import ControlResiduals
-from pictor.models.input_checks import batched_ids, batched_scalar, shape_of
+from pictor.models.flux_inputs import FluxInputChecks
 from pictor.models.ip_adapter import IPAttention
+
+# Re-exported: the packing functions lived here and some fifty modules, tests and benchmarks import them
+# from `pictor.models.flux` beside Flux; their home is `pictor.models.latent_packing`.
+from pictor.models.latent_packing import make_img_ids, make_txt_ids, pack_latents, unpack_latents
 from pictor.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -95,7 +101,7 @@ class FluxParams:
         return cls(**d)
 
 
-class Flux(nn.Module):
+class Flux(FluxInputChecks, nn.Module):
     """FLUX.1 transformer: ``depth`` double-stream then ``depth_single_blocks`` single-stream blocks."""
 
     def __init__(self, params: FluxParams) -> None:
@@ -293,130 +299,6 @@ class Flux(nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def _check_residuals(self, residuals: Sequence[Tensor] | None, img: Tensor) -> Sequence[Tensor] | None:
-        if residuals is None:
-            return None
-        n = len(self.double_blocks) + len(self.single_blocks)
-        if len(residuals) != n:
-            raise ValueError(
-                f"Flux: img_residuals must hold one tensor per block ({n}), got {len(residuals)}"
-            )
-        for r in residuals:
-            if not isinstance(r, Tensor) or r.shape != img.shape:
-                raise ValueError(
-                    f"Flux: each img_residuals tensor must be {list(img.shape)} (the embedded image tokens), "
-                    f"got {shape_of(r)}"
-                )
-        return residuals
-
-    def _check_mask(
-        self, mask: Tensor | BlockBias | None, img: Tensor, txt: Tensor
-    ) -> Tensor | BlockBias | None:
-        if mask is None:
-            return None
-        if isinstance(mask, BlockBias):
-            self._check_mask(mask.masked, img, txt)
-            self._check_mask(mask.base, img, txt)
-            return mask.cast(img.dtype)
-        b, s = img.shape[0], txt.shape[1] + img.shape[1]
-        if (
-            not isinstance(mask, Tensor)
-            or mask.ndim != 4
-            or mask.shape[0] not in (1, b)
-            or mask.shape[1:] != (1, s, s)
-        ):
-            raise ValueError(
-                f"Flux: attn_mask must be [{b} or 1, 1, {s}, {s}] (a bias over the text and image tokens), "
-                f"got {shape_of(mask)}"
-            )
-        if not mask.is_floating_point():
-            raise ValueError(f"Flux: attn_mask must be a float bias (-inf: not seen), got {mask.dtype}")
-        return mask.to(img.dtype)  # once here, not in every block
-
-    def _check_ip_adapter(self, ipa: IPAttention | None, img: Tensor) -> IPAttention | None:
-        if ipa is None:
-            return None
-        if not isinstance(ipa, IPAttention):
-            raise ValueError(f"Flux: ip_adapter must be an IPAttention, got {type(ipa).__name__}")
-        p = self.params
-        if len(ipa.keys) != len(self.double_blocks) or len(ipa.values) != len(self.double_blocks):
-            raise ValueError(
-                f"Flux: the IP-Adapter has keys for {len(ipa.keys)} double blocks, but this model has "
-                f"{len(self.double_blocks)}; it was made for another model"
-            )
-        want = (p.num_heads, p.head_dim)
-        for x in [*ipa.keys, *ipa.values]:
-            if x.ndim != 4 or (x.shape[1], x.shape[3]) != want or img.shape[0] % x.shape[0]:
-                raise ValueError(
-                    f"Flux: each IP-Adapter key and value must be [b, {p.num_heads}, T, {p.head_dim}] with b "
-                    f"dividing the batch {img.shape[0]}, got {shape_of(x)}"
-                )
-        return ipa
-
-    def _check_control(self, control: ControlResiduals | None, img: Tensor) -> ControlResiduals | None:
-        if control is None:
-            return None
-        if not isinstance(control, ControlResiduals):
-            raise ValueError(f"Flux: controlnet must be a ControlResiduals, got {type(control).__name__}")
-        if len(control.double) > len(self.double_blocks) or len(control.single) > len(self.single_blocks):
-            raise ValueError(
-                f"Flux: the ControlNet has {len(control.double)} double and {len(control.single)} single "
-                f"blocks, more than this model's {len(self.double_blocks)} and {len(self.single_blocks)}; "
-                "it was made for a larger model"
-            )
-        for r in [*control.double, *control.single]:
-            if (
-                not isinstance(r, Tensor)
-                or r.ndim != 3
-                or r.shape[1:] != img.shape[1:]
-                or r.shape[0] < 1
-                or img.shape[0] % r.shape[0]
-            ):
-                raise ValueError(
-                    f"Flux: each ControlNet residual must be {list(img.shape)} (the embedded image tokens), "
-                    f"got {shape_of(r)}; was the ControlNet made for a model of another width?"
-                )
-        return control
-
-    def _check_inputs(
-        self,
-        img: Tensor,
-        img_ids: Tensor,
-        txt: Tensor,
-        txt_ids: Tensor,
-        timesteps: Tensor,
-        y: Tensor,
-        guidance: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Validate shapes (errors name the argument) and bring ids / t / guidance to batched form."""
-        p = self.params
-        if img.ndim != 3 or img.shape[-1] != p.in_channels:
-            raise ValueError(
-                f"Flux: img must be [B, N, {p.in_channels}] (packed latent tokens), got {shape_of(img)}"
-            )
-        batch, n_img = img.shape[:2]
-        if txt.ndim != 3 or txt.shape[0] != batch or txt.shape[-1] != p.context_in_dim:
-            raise ValueError(f"Flux: txt must be [{batch}, L, {p.context_in_dim}], got {shape_of(txt)}")
-        n_txt = txt.shape[1]
-        img_ids = batched_ids("Flux", "img_ids", img_ids, batch, n_img)
-        txt_ids = batched_ids("Flux", "txt_ids", txt_ids, batch, n_txt)
-        if img_ids.shape[0] != txt_ids.shape[0]:  # one shared, one per-sample: broadcast the shared one
-            img_ids = img_ids.expand(batch, -1, -1)
-            txt_ids = txt_ids.expand(batch, -1, -1)
-        if y.ndim != 2 or y.shape[0] != batch or y.shape[1] != p.vec_in_dim:
-            raise ValueError(
-                f"Flux: y must be [{batch}, {p.vec_in_dim}] (pooled text vector), got {shape_of(y)}"
-            )
-        timesteps = batched_scalar("Flux", "timesteps", timesteps, batch)
-        if p.guidance_embed:
-            if guidance is None:
-                raise ValueError(
-                    "Flux: this model has guidance_embed=True (guidance-distilled, like FLUX.1-dev); "
-                    "pass guidance=[B] tensor of guidance scales"
-                )
-            guidance = batched_scalar("Flux", "guidance", guidance, batch)
-        return img_ids, txt_ids, timesteps, guidance
-
     # -------------------------------------------------------------------------------------------- init
 
     @torch.no_grad()
@@ -482,48 +364,3 @@ def _plus(x: Tensor, r: Tensor) -> Tensor:
     if r.shape[0] == x.shape[0]:
         return x + r
     return (x.reshape(x.shape[0] // r.shape[0], *r.shape) + r).reshape(x.shape)
-
-
-def _check_even(height: int, width: int) -> None:
-    if height % 2 or width % 2:
-        raise ValueError(
-            f"latent height and width must be even for FLUX's 2x2 packing, got {height}x{width} "
-            "(choose an image size that is a multiple of 2 * the autoencoder's downsampling factor)"
-        )
-
-
-def pack_latents(z: Tensor) -> Tensor:
-    """2x2 patchify: ``z [B, C, H, W]`` -> tokens ``[B, (H/2)(W/2), 4C]`` (row-major over patches)."""
-    if z.ndim != 4:
-        raise ValueError(f"pack_latents: z must be [B, C, H, W], got {shape_of(z)}")
-    _check_even(z.shape[2], z.shape[3])
-    return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
-
-
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
-    """Inverse of :func:`pack_latents`; ``height``/``width`` are the latent (not packed) size."""
-    _check_even(height, width)
-    n = (height // 2) * (width // 2)
-    if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % 4:
-        raise ValueError(
-            f"unpack_latents: tokens must be [B, {n}, 4C] for a {height}x{width} latent, "
-            f"got {shape_of(tokens)}"
-        )
-    return rearrange(
-        tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, w=width // 2, ph=2, pw=2
-    )
-
-
-def make_img_ids(batch: int, lat_h: int, lat_w: int, device: torch.device | str | None = None) -> Tensor:
-    """Position ids ``[B, (H/2)(W/2), 3]`` for packed tokens: axis 0 = 0, axis 1 = row, axis 2 = column."""
-    _check_even(lat_h, lat_w)
-    h, w = lat_h // 2, lat_w // 2
-    ids = torch.zeros(h, w, 3, device=device)
-    ids[..., 1] = torch.arange(h, device=device)[:, None]
-    ids[..., 2] = torch.arange(w, device=device)[None, :]
-    return ids.reshape(1, h * w, 3).repeat(batch, 1, 1)
-
-
-def make_txt_ids(batch: int, length: int, device: torch.device | str | None = None) -> Tensor:
-    """Text tokens all sit at position 0 on every axis (FLUX.1): ``zeros [B, L, 3]``."""
-    return torch.zeros(batch, length, 3, device=device)
