@@ -125,12 +125,14 @@ def cmd_models(_args: argparse.Namespace) -> int:
 
 def _gguf_summary(path: Path) -> dict[str, Any]:
     """A GGUF file's header: its metadata (long arrays summarised), how many tensors of each format, the
-    parameter count, and whether pictor can convert it (a FLUX.1 transformer)."""
+    parameter count, and whether pictor can convert it (a FLUX.1 transformer), or, for a T5 encoder, its
+    config and whether ``--t5`` takes it."""
     import math
 
     from pictor.checkpoint import CheckpointError
     from pictor.flux_files import gguf_flux_tensors
     from pictor.gguf_files import read_gguf
+    from pictor.t5_gguf_files import t5_gguf_summary
 
     gguf = read_gguf(path)
     formats = [t.format for t in gguf.tensors.values()]
@@ -138,20 +140,23 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
         k: v if not isinstance(v, list) or len(v) <= 16 else f"[{len(v)} values]"
         for k, v in gguf.metadata.items()
     }
-    try:
-        gguf_flux_tensors(path)
-        flux = "yes: `pictor convert flux --transformer FILE ...` makes a bundle of it"
-    except CheckpointError as exc:
-        flux = f"no: {exc}"
-    return {
+    summary = {
         "file": path.name,
         "gguf_version": gguf.version,
         "metadata": metadata,
         "tensors": len(formats),
         "parameters": sum(math.prod(t.shape) for t in gguf.tensors.values()),
         "formats": {f: formats.count(f) for f in sorted(set(formats))},
-        "flux_transformer": flux,
     }
+    t5 = t5_gguf_summary(gguf)  # a T5 encoder (city96's t5-v1_1-xxl-encoder-Q8_0.gguf): for --t5, not FLUX
+    if t5 is not None:
+        return {**summary, "t5_encoder": t5}
+    try:
+        gguf_flux_tensors(path)
+        flux = "yes: `pictor convert flux --transformer FILE ...` makes a bundle of it"
+    except CheckpointError as exc:
+        flux = f"no: {exc}"
+    return {**summary, "flux_transformer": flux}
 
 
 def _quantized_layers(bundle: Path) -> dict[str, int]:

@@ -100,10 +100,13 @@ def convert_flux(
     autoencoder (Forge's all-in-one files)."""
     transformer, out = Path(transformer), Path(out)
     check_bundle_out(out)  # never replace a folder that holds anything but a bundle
-    if Path(t5).is_file():  # a T5 encoder GGUF (ComfyUI-GGUF's t5-v1_1-xxl-encoder-Q8_0.gguf): checked here
+    # A T5 encoder GGUF (ComfyUI-GGUF's t5-v1_1-xxl-encoder-Q8_0.gguf) is checked here; a missing .gguf is
+    # said as a missing file, not as a folder without config.json
+    t5_file = Path(t5).is_file() or Path(t5).suffix.lower() == ".gguf"
+    if t5_file:
         check_t5_gguf(t5)
     for folder, what in ((Path(t5), "T5"), (Path(clip), "CLIP")):
-        if not (folder / "config.json").is_file() and not (what == "T5" and folder.is_file()):
+        if not (folder / "config.json").is_file() and not (what == "T5" and t5_file):
             raise CheckpointError(
                 f"{folder}: not a {what} model folder (no config.json); give a local folder"
             )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from pictor.checkpoint import CheckpointError
-from pictor.gguf_files import GGUFFile, read_gguf
+from pictor.gguf_files import GGUFFile, is_gguf, read_gguf
 from pictor.models.t5_gguf import LINEAR_NAMES, build_t5_encoder
 from pictor.models.text import build_text_encoder as build_folder_text_encoder
 from pictor.models.text_encoder import TextEncoder
@@ -109,6 +109,15 @@ def t5_config(gguf: GGUFFile) -> dict[str, Any]:
         gguf.metadata.get(f"{arch}.attention.layer_norm_epsilon", 1e-6),
     )
     gated = any(name.endswith(".ffn_gate.weight") for name in gguf.tensors)
+    # T5 (v1.1) has one relative position bias, in block 0 (llama.cpp writes enc.blk.0.attn_rel_b only);
+    # UMT5 (Wan's umt5-xxl-encoder GGUFs, same architecture name) has one per block, which T5 cannot hold.
+    own_bias = [n for n in gguf.tensors if n.startswith("enc.blk.") and ".attn_rel_b." in n]
+    if any(not n.startswith("enc.blk.0.") for n in own_bias):
+        raise CheckpointError(
+            f"{gguf.path}: a relative attention bias in {len(own_bias)} blocks, not only in block 0: a UMT5 "
+            "encoder (as Wan's umt5-xxl-encoder-*.gguf), not T5 v1.1; FLUX.1 needs its T5-XXL encoder "
+            "(t5-v1_1-xxl-encoder-*.gguf)"
+        )
     return {
         "vocab_size": gguf.tensors["token_embd.weight"].shape[0],
         "d_model": d_model,
@@ -125,17 +134,27 @@ def t5_config(gguf: GGUFFile) -> dict[str, Any]:
     }
 
 
-def t5_weights(gguf: GGUFFile, gated: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """{transformers key: tensor} and {linear path: GGML format} of the layers kept in blocks. Block formats
-    outside the linears (a quantized token embedding, as llama.cpp writes) are dequantized here."""
-    tensors: dict[str, Tensor] = {}
-    formats: dict[str, str] = {}
-    for name, t in gguf.tensors.items():
+def encoder_keys(gguf: GGUFFile, gated: bool) -> dict[str, str]:
+    """{llama.cpp name: transformers key} of the file's encoder tensors; a tensor that is neither an
+    encoder's nor a whole T5's decoder or head is refused by name."""
+    keys = {}
+    for name in gguf.tensors:
         if name.startswith("dec.") or name == "output.weight":
             continue  # a whole T5's decoder and head: not used by the encoder
         key = hf_name(name, gated)
         if key is None:
             raise CheckpointError(f"{gguf.path}: tensor {name!r} is not a T5 encoder tensor llama.cpp writes")
+        keys[name] = key
+    return keys
+
+
+def t5_weights(gguf: GGUFFile, gated: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """{transformers key: tensor} and {linear path: GGML format} of the layers kept in blocks. Block formats
+    outside the linears (a quantized token embedding, as llama.cpp writes) are dequantized here."""
+    tensors: dict[str, Tensor] = {}
+    formats: dict[str, str] = {}
+    for name, key in encoder_keys(gguf, gated).items():
+        t = gguf.tensors[name]
         linear = key.endswith(".weight") and key.rsplit(".", 2)[1] in LINEAR_NAMES
         if linear and t.format not in DENSE_FORMATS and len(t.shape) == 2:
             tensors[key], formats[key.removesuffix(".weight")] = t.data.view(t.shape[0], -1), t.format
@@ -149,9 +168,10 @@ def t5_tokenizer(gguf: GGUFFile) -> Any:
     with the pipeline of transformers' T5Tokenizer (precompiled normalizer, whitespace split, Metaspace,
     ``</s>`` appended), as a transformers fast tokenizer.
 
-    llama.cpp pads the vocabulary to the embedding's rows with unused pieces (``[PAD32000]``...: T5's
-    sentinels, absent from spiece.model); those keep their ids but can never be produced (their text holds
-    a space, which the pre-tokenizer removes) and do not lower the unknown piece's score.
+    llama.cpp pads the vocabulary to the embedding's rows with unused pieces (``[PAD32000]``...): the first
+    100 become T5's sentinels at transformers' ids (:func:`_sentinels`); the rest keep their ids but can
+    never be produced (their text holds a space, which the pre-tokenizer removes) and do not lower the
+    unknown piece's score.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
@@ -181,8 +201,13 @@ def t5_tokenizer(gguf: GGUFFile) -> Any:
         return i
 
     eos, unk, pad = special("eos", "</s>"), special("unknown", "<unk>"), special("padding", "<pad>")
+    sentinels = _sentinels(tokens, types)
     vocab, specials = [], []
     for i, (piece, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        if i in sentinels:
+            vocab.append((sentinels[i], 0.0))
+            specials.append(sentinels[i])
+            continue
         if kind == _UNUSED:
             vocab.append((f"<unused {i}>", 0.0))
             continue
@@ -213,12 +238,29 @@ def t5_tokenizer(gguf: GGUFFile) -> Any:
     )
 
 
+def _sentinels(tokens: list[str], types: list[int]) -> dict[int, str]:
+    """{id: text} of T5's 100 sentinels where the file has llama.cpp's padding pieces in their place.
+
+    transformers' T5 tokenizer puts ``<extra_id_99>`` ... ``<extra_id_0>`` right after spiece.model's pieces
+    (32000..32099 for T5 v1.1); llama.cpp's converter writes ``[PAD{i}]`` unused pieces there (it adds the
+    sentinels only from an added_tokens.json, which google/t5-v1_1-xxl does not have). A file that names its
+    sentinels keeps them as they are."""
+    if any(str(t).startswith("<extra_id_") for t in tokens):
+        return {}
+    first = next((i for i, t in enumerate(tokens) if types[i] == _UNUSED and t == f"[PAD{i}]"), None)
+    if first is None or first + 100 > len(tokens):
+        return {}
+    if any(types[i] != _UNUSED or tokens[i] != f"[PAD{i}]" for i in range(first, first + 100)):
+        return {}
+    return {i: f"<extra_id_{first + 99 - i}>" for i in range(first, first + 100)}
+
+
 def load_t5_gguf(
     path: str | os.PathLike[str], dtype: torch.dtype, tokenizer_path: str | os.PathLike[str] | None = None
 ) -> tuple[nn.Module, Any]:
     """(T5EncoderModel, tokenizer) of a T5 encoder GGUF file; the tokenizer from ``tokenizer_path`` (a
     folder with T5's tokenizer files) when given, else rebuilt from the file's metadata."""
-    gguf = read_gguf(path)
+    gguf = _read(path)
     config = t5_config(gguf)
     tensors, formats = t5_weights(gguf, config["feed_forward_proj"] == "gated-gelu")
     missing = _missing(config, set(tensors))
@@ -234,6 +276,19 @@ def load_t5_gguf(
     return model, tokenizer
 
 
+def _read(path: str | os.PathLike[str]) -> GGUFFile:
+    """The file's header; a file that is no GGUF (ComfyUI's single-file t5xxl_fp16.safetensors) refused with
+    what to give instead."""
+    if Path(path).is_file() and not is_gguf(path):
+        raise CheckpointError(
+            f"{path}: not a GGUF file; a T5 given as one file must be a T5 encoder GGUF (city96's "
+            "t5-v1_1-xxl-encoder-Q8_0.gguf). A single-file T5 in safetensors (ComfyUI's "
+            "t5xxl_fp16.safetensors) is not read: give a save_pretrained() folder (diffusers' FLUX.1 "
+            "text_encoder_2/, tokenizer_2/)"
+        )
+    return read_gguf(path)
+
+
 def _missing(config: dict[str, Any], keys: set[str]) -> list[str]:
     """llama.cpp's names of the tensors a T5 encoder of ``config`` needs that are not in ``keys``."""
     from transformers import T5Config, T5EncoderModel
@@ -247,15 +302,30 @@ def _missing(config: dict[str, Any], keys: set[str]) -> list[str]:
 def check_t5_gguf(path: str | os.PathLike[str]) -> None:
     """Refuse, by reason, a GGUF file that is no T5 encoder with all its tensors and a tokenizer that can be
     rebuilt (headers only: no weight is read)."""
-    gguf = read_gguf(path)
+    gguf = _read(path)
     config = t5_config(gguf)
     t5_tokenizer(gguf)
     gated = config["feed_forward_proj"] == "gated-gelu"
-    missing = _missing(config, {k for n in gguf.tensors if (k := hf_name(n, gated))})
+    missing = _missing(config, set(encoder_keys(gguf, gated).values()))
     if missing:
         raise CheckpointError(
             f"{gguf.path}: a T5 encoder of {config['num_layers']} blocks lacks tensors {missing}"
         )
+
+
+def t5_gguf_summary(gguf: GGUFFile) -> dict[str, Any] | None:
+    """What ``pictor info`` says of a T5 encoder GGUF file (None for a file of another architecture): its
+    T5 config, and whether ``--t5`` takes it (or why not)."""
+    if gguf.metadata.get("general.architecture") not in T5_ARCHS:
+        return None
+    try:
+        config = t5_config(gguf)
+        check_t5_gguf(gguf.path)
+        use = "yes: `pictor convert flux ... --t5 THIS_FILE` uses it as FLUX.1's T5 encoder"
+    except CheckpointError as exc:
+        return {"usable": f"no: {exc}"}
+    keys = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size", "feed_forward_proj")
+    return {"config": {k: config[k] for k in keys}, "usable": use}
 
 
 def build_text_encoder(config: dict[str, Any]) -> TextEncoder:

@@ -203,6 +203,11 @@ class T5TextEncoder(TextEncoder):
         self.mask_padding = bool(mask_padding)
         self.max_length = check_max_length(self.kind, max_length, None)  # relative positions: no limit
         # A file: FLUX.1's T5-XXL as ComfyUI-GGUF users have it (t5-v1_1-xxl-encoder-Q8_0.gguf).
+        if Path(path).suffix.lower() == ".gguf" and not Path(path).is_file():
+            raise FileNotFoundError(
+                f"T5 text encoder file {path} does not exist (moved or renamed?): put the T5 encoder GGUF "
+                "file's path in config.json's text_encoder.t5.path (or a save_pretrained() folder)"
+            )
         if Path(path).is_file():
             if load_gguf is None:
                 raise ValueError(
