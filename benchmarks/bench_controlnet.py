@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _flux_reference import build_reference, reference_forward
 from bench_flux_gpu import default_dtype
 
-from pictor.controlnet_files import diffusers_controlnet_keys, params_from_diffusers_config
+from pictor.controlnet_keys import diffusers_controlnet_keys, params_from_diffusers_config
 from pictor.models.controlnet import FluxControlNet
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
 from pictor.presets import get_preset

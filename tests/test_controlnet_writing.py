@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 import pictor.checkpoint
 from pictor.checkpoint import CheckpointError, read_safetensors, read_safetensors_metadata
-from pictor.controlnet_files import diffusers_controlnet_keys, load_controlnet, params_from_diffusers_config
+from pictor.controlnet_files import load_controlnet
+from pictor.controlnet_keys import diffusers_controlnet_keys, params_from_diffusers_config
 from pictor.controlnet_writing import (
     controlnet_config_diffusers,
     controlnet_state_dict_diffusers,

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from pictor.checkpoint import CheckpointError, refuse_pickle
-from pictor.controlnet_files import _target as diffusers_target  # diffusers' FLUX.1 block names -> ours
+from pictor.controlnet_keys import diffusers_target  # diffusers' FLUX.1 block names -> ours
 from pictor.models.bnb_quants import (
     FORMAT_OF,
     STATE_PREFIX,

@@ -153,7 +153,7 @@ def _reproduced(args: argparse.Namespace, record: Any) -> Any:
     # Likewise the layout adapter named in the record (its hash is checked), unless the bundle has one.
     adapter = args.layout_adapter or _recorded_file(record, "layout_adapter")
     reference = args.reference_adapter or _recorded_file(record, "reference_adapter")
-    from pictor.controlnet_runs import recorded_controlnet_paths
+    from pictor.controlnet_requests import recorded_controlnet_paths
 
     # Without --controlnet, the ControlNets named in the record, from where they were (hashes checked).
     controlnets = args.controlnet or recorded_controlnet_paths(record) or []

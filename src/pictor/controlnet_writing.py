@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from pictor.checkpoint import CheckpointError, staged_dir, write_json, write_safetensors
-from pictor.controlnet_files import (
+from pictor.controlnet_files import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
+from pictor.controlnet_keys import (
     _DOUBLE,
     _DOUBLE_FUSED,
     _DOUBLE_NORMS,
@@ -32,8 +33,6 @@ from pictor.controlnet_files import (
     _SINGLE_NORMS,
     _TOP,
     DIFFUSERS_CLASS,
-    DIFFUSERS_CONFIG,
-    DIFFUSERS_WEIGHTS,
 )
 from pictor.models.controlnet import HINT_CHANNELS, ControlNetParams, FluxControlNet
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pictor.controlnet_runs import MAX_SCALE as MAX_CONTROLNET_SCALE
+from pictor.controlnet_requests import MAX_SCALE as MAX_CONTROLNET_SCALE
 from pictor.generation_request import NOISE_SEED_RANGE, GeneratedImage, GenerationRequest
 from pictor.grid_values import (
     HIRES_OFF,

@@ -12,7 +12,7 @@ import numpy as np
 from pictor import __version__
 from pictor.context_images import context_fields
 from pictor.control_images import control_fields
-from pictor.controlnet_runs import controlnet_fields
+from pictor.controlnet_requests import controlnet_fields
 from pictor.editing import image_info
 from pictor.generation_request import DENOISE_TILING_FIELDS, TILING_FIELDS, GenerationRequest
 from pictor.ip_adapter_files import ip_adapter_fields

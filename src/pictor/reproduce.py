@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pictor.controlnet_runs import (
+from pictor.controlnet_requests import (
     check_controlnet_pixels,
     check_recorded_controlnets,
     recorded_controlnet_settings,

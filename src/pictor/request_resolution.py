@@ -12,7 +12,8 @@ from pictor.checkpoint import BundleConfig
 from pictor.composable_prompts import MAX_PARTS, split_and, uses_and
 from pictor.context_images import resolve_context
 from pictor.control_images import resolve_control
-from pictor.controlnet_runs import ControlNetUnit, resolve_controlnets
+from pictor.controlnet_requests import resolve_controlnets
+from pictor.controlnet_runs import ControlNetUnit
 from pictor.generation_request import (
     DENOISE_TILING_FIELDS,
     MAX_IMAGES,

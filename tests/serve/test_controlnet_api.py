@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pictor.cli_args import build_parser
-from pictor.controlnet_runs import controlnet_problem
+from pictor.controlnet_requests import controlnet_problem
 from pictor.editing import EditRequest
 from pictor.loading import pipeline_from_preset
 from pictor.models.controlnet import ControlNetParams, FluxControlNet

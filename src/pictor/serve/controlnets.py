@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from starlette.datastructures import FormData
 
-from pictor.controlnet_runs import MAX_SCALE, NO_MODE, UNION_MODES
+from pictor.controlnet_requests import MAX_SCALE, NO_MODE, UNION_MODES
 from pictor.editing import eight_bit
 from pictor.generation_request import GenerationRequest
 from pictor.serve.errors import APIError

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from pictor.composable_prompts import MAX_PARTS
-from pictor.controlnet_runs import MAX_SCALE
+from pictor.controlnet_requests import MAX_SCALE
 from pictor.ip_adapter_files import MAX_SCALE as MAX_IP_ADAPTER_SCALE
 from pictor.pipeline import MAX_SEED
 from pictor.redux_images import MAX_STRENGTH
