@@ -39,7 +39,8 @@ from pictor.lora_files import apply_lora
 from pictor.models.dora_adapter import DoRAAdapter
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
-from pictor.models.lora import LoRAAdapter, LoRALinear, merge_lora, remove_lora
+from pictor.models.lora import merge_lora, remove_lora
+from pictor.models.lora_layers import LoRAAdapter, LoRALinear
 from pictor.presets import get_preset
 
 WIDE = FluxParams.from_dict({**get_preset("flux-dev")["model"], "depth": 1, "depth_single_blocks": 1})

@@ -1,7 +1,7 @@
 """The command line's grammar: the `pictor` parser with every subcommand, in the order `pictor --help` lists
 them, and the arguments of `pictor generate` and `pictor lora`. The other commands add their own, each
 from its module (:mod:`pictor.cli_edit`, :mod:`pictor.cli_eval`, ...; `pictor train` from
-:mod:`pictor.train.command`); :mod:`pictor.cli` runs what is parsed here."""
+:mod:`pictor.train.command_flags`); :mod:`pictor.cli` runs what is parsed here."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pictor.cli_preprocess import add_preprocess_parser
 from pictor.cli_reproduce import add_reproduce_parser
 from pictor.cli_serve import add_serve_parser
 from pictor.cli_upscale import add_upscale_parser
-from pictor.train import command as train_command
+from pictor.train.command_flags import add_train_parser
 
 
 def _add_prompt_variants(p: argparse.ArgumentParser) -> None:
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_convert_parser(sub)
-    train_command.add_train_parser(sub)
+    add_train_parser(sub)
     _add_lora_parser(sub)
     add_merge_parser(sub)
     add_preprocess_parser(sub)

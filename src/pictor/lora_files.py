@@ -27,9 +27,6 @@ from pictor.checkpoint import read_safetensors, read_safetensors_metadata, refus
 from pictor.models.dora_adapter import DoRAAdapter
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.lora import (
-    LoRAAdapter,
-    LoRALinear,
-    adapter_dtype,
     adapter_tree,
     check_adapter_name,
     linear_layers,
@@ -48,6 +45,7 @@ from pictor.models.lora_formats import (
     control_lora_key,
     to_flux_updates,
 )
+from pictor.models.lora_layers import LoRAAdapter, LoRALinear, adapter_dtype
 from pictor.models.lora_updates import DoRAUpdate
 from pictor.models.lycoris_train import LycorisAdapter
 from pictor.notices import PictorWarning

@@ -25,7 +25,6 @@ from pictor.lora_files import (
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
 from pictor.models.lora import (
     LoRAError,
-    LoRALinear,
     adapter_tree,
     add_lora,
     list_loras,
@@ -35,6 +34,7 @@ from pictor.models.lora import (
     set_lora_scale,
     unmerge_lora,
 )
+from pictor.models.lora_layers import LoRALinear
 
 import tiny_flux
 from tiny_flux import LAT_C, load_reference, random_flux

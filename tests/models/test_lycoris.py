@@ -23,8 +23,9 @@ from pictor.lora_merge import merge_loras
 from pictor.lora_tools import lora_summary, read_lora, resize_lora, write_lora
 from pictor.models.factored_adapter import FactoredAdapter
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
-from pictor.models.lora import LoRALinear, list_loras, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from pictor.models.lora import list_loras, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from pictor.models.lora_formats import FactoredUpdate, LoRAError, to_flux_updates
+from pictor.models.lora_layers import LoRALinear
 from pictor.pipeline import GenerationRequest
 
 import tiny_flux

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pictor.data.reference_pairs import ReferencePairs
 from pictor.notices import PictorWarning
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import (
     Augment,

@@ -188,7 +188,8 @@ def test_sample_draws_keep_their_old_numbers_without_a_shift() -> None:
 def test_timestep_flags_reach_the_config(tmp_path: Path) -> None:
     import argparse
 
-    from pictor.train.command import add_train_parser, config_from_args
+    from pictor.train.command import config_from_args
+    from pictor.train.command_flags import add_train_parser
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import make_dataset
 from pictor.train.epochs import epoch_samples, with_epochs

@@ -37,7 +37,8 @@ from pictor.lora_files import apply_lora
 from pictor.models.lora import remove_lora
 from pictor.models.weight_storage import FP8_STORAGE, STORED_PREFIXES, _NarrowWeightLinear
 from pictor.pipeline import GenerationRequest
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train

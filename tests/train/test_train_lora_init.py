@@ -14,9 +14,10 @@ from pictor.checkpoint import load_bundle, write_safetensors
 from pictor.lora_files import apply_lora
 from pictor.lora_tools import lora_tensors, write_lora
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids
-from pictor.models.lora import LoRAAdapter
+from pictor.models.lora_layers import LoRAAdapter
 from pictor.models.lora_updates import LoRAError, LoRAUpdate
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import make_dataset
 from pictor.train.distributed import DistInfo

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 from pictor.checkpoint import read_safetensors, read_safetensors_metadata
 from pictor.loading import load
 from pictor.lora_files import apply_lora
-from pictor.models.lora import LoRAAdapter, LoRALinear, add_lora, max_norm_adapters
+from pictor.models.lora import add_lora, max_norm_adapters
+from pictor.models.lora_layers import LoRAAdapter, LoRALinear
 from pictor.pipeline import GenerationRequest
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import TRAJECTORY_KEYS, ConfigError, TrainConfig, resume_refusal
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig, resume_refusal
 from pictor.train.loop import train
 from pictor.train.optim import param_groups, set_lr

@@ -16,7 +16,8 @@ from pictor.data import folder as folder_module
 from pictor.data.folder import DatasetWarning, ImageFolderDataset
 from pictor.data.loss_masks import alpha_band, fitted_mask, read_mask
 from pictor.models.flux import pack_latents
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import SampleDraws, data_fingerprint, make_dataset, micro_batches, validation_items
 from pictor.train.distributed import DistInfo

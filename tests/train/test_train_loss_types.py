@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from pictor.flow import flow_loss, huber_threshold
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import SampleDraws, make_dataset, micro_batches
 from pictor.train.distributed import DistInfo

@@ -34,7 +34,8 @@ from pictor.checkpoint import (
 )
 from pictor.lora_files import apply_lora
 from pictor.models.flux import Flux, FluxParams, make_img_ids, make_txt_ids, pack_latents
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import train

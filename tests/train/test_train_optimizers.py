@@ -13,7 +13,8 @@ from prodigyopt import Prodigy
 from transformers.optimization import Adafactor
 
 from pictor.checkpoint import read_safetensors
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.logs import read_jsonl
 from pictor.train.loop import TrainingError, train

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from pictor.data.folder import DatasetWarning, ImageFolderDataset
 from pictor.data.repeat_folders import MAX_REPEATS, folder_repeats
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.data import (
     SampleDraws,

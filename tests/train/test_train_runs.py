@@ -177,7 +177,8 @@ def test_a_run_that_stored_its_data_folder_as_typed_resumes_without_a_false_warn
     same --data must not warn that the data changed."""
     import argparse
 
-    from pictor.train.command import add_train_parser, config_from_args
+    from pictor.train.command import config_from_args
+    from pictor.train.command_flags import add_train_parser
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "images").mkdir()

@@ -13,7 +13,8 @@ from PIL import Image
 import pictor
 from pictor.notices import PictorWarning
 from pictor.pipeline import GenerationRequest
-from pictor.train.command import add_train_parser, config_from_args
+from pictor.train.command import config_from_args
+from pictor.train.command_flags import add_train_parser
 from pictor.train.config import ConfigError, TrainConfig
 from pictor.train.loop import train
 from pictor.train.sample_prompts import SamplePrompt, SamplePromptError, parse_line

@@ -1,4 +1,4 @@
-"""A DoRA (weight-decomposed) update as an adapter of :class:`pictor.models.lora.LoRALinear`.
+"""A DoRA (weight-decomposed) update as an adapter of :class:`pictor.models.lora_layers.LoRALinear`.
 
 At strength s the layer's weight becomes ``W + s * (r * (W + dW) - W)``, ``r = m / |W + dW|`` per output row
 or per input column (see :class:`pictor.models.lora_updates.DoRAUpdate`; strength 0 is the base layer, 1 the
@@ -10,7 +10,8 @@ decomposed weight, as ComfyUI applies ``dora_scale``). Unmerged, the change of t
 so it costs one more product with the layer's weight (merge it for full speed). ``r`` is computed once, when
 the file is applied, against the layer's base weight: each DoRA is decomposed against the base, whatever other
 adapters the layer carries. Hence on a layer with a DoRA the adapters are merged all together or not at all
-(:meth:`pictor.models.lora.LoRALinear.merge` says so), so that the weight the forward reads is the base.
+(:meth:`pictor.models.lora_layers.LoRALinear.merge` says so), so that the weight the forward reads is the
+base.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A LyCORIS LoKr or LoHa update as an adapter of :class:`pictor.models.lora.LoRALinear`, run from its
+"""A LyCORIS LoKr or LoHa update as an adapter of :class:`pictor.models.lora_layers.LoRALinear`, run from its
 factors.
 
 LoKr's ``kron(w1, w2)`` is computed as ``w1 X w2^T`` on the input viewed as a matrix X, never as the product

@@ -1,5 +1,5 @@
 """Trainable LyCORIS adapters: LoKr, LoHa, and DoRA on any of them or on a plain LoRA, for
-:class:`pictor.models.lora.LoRALinear`, with the shapes, initialisation and scales LyCORIS gives them.
+:class:`pictor.models.lora_layers.LoRALinear`, with the shapes, initialisation and scales LyCORIS gives them.
 
 Each adapter's parameters are named as LyCORIS (and kohya's sd-scripts with ``--network_module
 lycoris.kohya``) saves them (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a/_b``, ``hada_w1_a`` ...,

@@ -207,7 +207,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     # kohya's network_args rank_dropout / module_dropout (plain LoRA, while training only): each sample's rank
     # channels of A x dropped with this probability (the rest scaled by 1 / (1 - p)), or a whole adapter
-    # left out of a forward pass with this one (pictor.models.lora.LoRAAdapter)
+    # left out of a forward pass with this one (pictor.models.lora_layers.LoRAAdapter)
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     # kohya's --scale_weight_norms: after each optimizer step every adapter's update alpha / rank * B @ A is

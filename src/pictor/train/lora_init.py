@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from pictor.lora_files import load_lora_file, without_text_encoder
-from pictor.models.lora import LoRAAdapter, adapter_tree, linear_layers
+from pictor.models.lora import adapter_tree, linear_layers
 from pictor.models.lora_formats import to_flux_updates
+from pictor.models.lora_layers import LoRAAdapter
 from pictor.models.lora_updates import LoRAError, LoRAUpdate
 
 
